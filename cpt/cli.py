@@ -1,0 +1,51 @@
+"""The `cpt` command line: `cpt <command> [args]`. Each command lives in `cpt/commands/<name>.py`.
+
+Commands are imported only when run, so `cpt --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    "demo": "Run the offline demo: pre-train a tiny base model on corpus A, then continually pre-train on B with replay.",
+    "prepare": "Tokenize raw text (jsonl/parquet/txt/datasets) into token shards with a manifest.",
+    "train": "Train from a YAML run config (continual pre-training, LoRA, anneal branches, resume).",
+    "schedule": "Print and plot the learning-rate plan of a config before training.",
+    "eval": "Held-out loss and lm-eval tasks on a saved checkpoint or adapter.",
+    "report": "Plots and an HTML page from one or more run directories.",
+    "merge": "Merge a LoRA adapter into its base model and save a plain HF model.",
+    "average": "Uniformly average several checkpoints.",
+    "interpolate": "Interpolate base and CPT weights and report upstream/downstream loss per alpha.",
+    "experiment": "Run the replay x schedule grid against a re-training baseline.",
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: cpt <command> [options]   (cpt <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from cpt import __version__
+
+        print(f"cpt {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"cpt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"cpt.commands.{name}")
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `cpt` sub-command; each exposes main(argv) -> exit code."""

@@ -1,0 +1,317 @@
+"""The typed run configuration: one pydantic model per run, loaded from YAML, overridable from the CLI.
+
+Each component owns the config of its own concern (schedules, data sources, adapters, ...);
+this module composes them into :class:`RunConfig` and handles YAML, ``--set`` overrides and
+error reporting. A bad config fails before any work with one message naming every bad field.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from cpt.adapters import FreezeConfig, LoraConfig
+from cpt.configbase import Strict
+from cpt.data.sources import HeldoutConfig, SourceConfig
+from cpt.schedules import ScheduleConfig
+from cpt.vocab import VocabConfig
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used. The message names every bad field."""
+
+
+class RunSection(Strict):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 1234
+
+
+class ModelConfig(Strict):
+    # A hub id, a local `save_pretrained` directory, or None to build from `arch` (random init).
+    name_or_path: str | None = None
+    # transformers config kwargs for a model built from scratch, e.g. {model_type: llama, hidden_size: 256, ...}
+    arch: dict[str, Any] | None = None
+    # Tokenizer: a hub id or local directory; defaults to name_or_path.
+    tokenizer: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    liger_kernel: bool = False  # Liger fused kernels (fused linear cross-entropy...) when installed
+    lora: LoraConfig | None = None
+    freeze: FreezeConfig | None = None
+    vocab: VocabConfig | None = None
+
+    @model_validator(mode="after")
+    def _source_given(self) -> "ModelConfig":
+        if self.name_or_path is None and self.arch is None:
+            raise ValueError("set model.name_or_path (pretrained model) or model.arch (build from scratch)")
+        if self.name_or_path is None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is required when the model is built from model.arch")
+        return self
+
+
+class DataConfig(Strict):
+    seq_len: int = Field(2048, gt=0)
+    sources: list[SourceConfig] = Field(min_length=1)
+    heldout: list[HeldoutConfig] = Field(default_factory=list)
+    # warn when a source is seen more than this many epochs (repeated data hurts; see docs)
+    max_epochs_warning: float = Field(4.0, gt=0)
+    verify_checksums: bool = True
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        for kind, items in (("sources", self.sources), ("heldout", self.heldout)):
+            names = [s.name for s in items]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"data.{kind}: duplicate names {dup}")
+        return self
+
+
+class StageConfig(Strict):
+    """One stage of a continual pre-training plan: its length, data mix and LR schedule."""
+
+    name: str = "stage"
+    steps: int = Field(gt=0)
+    # source name -> share of every global batch; shares are normalised to sum to 1
+    mix: dict[str, float]
+    # optional: a replay share that follows a linear ramp within the stage {source: [start, end]}
+    mix_ramp: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    reset_optimizer: bool = False
+
+    @field_validator("mix")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("mix must name at least one source")
+        bad = {k: s for k, s in v.items() if s < 0}
+        if bad:
+            raise ValueError(f"negative shares {bad}")
+        if sum(v.values()) <= 0:
+            raise ValueError("shares must not all be zero")
+        return v
+
+
+class OptimConfig(Strict):
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = Field(1.0, gt=0)
+    fused: bool | None = None  # None: fused AdamW when on CUDA
+    # module-name regex -> LR multiplier, e.g. {"embed_tokens": 0.1, "lm_head": 0.5}
+    lr_multipliers: dict[str, float] = Field(default_factory=dict)
+    # LR multiplier for layers with index < K: {"below": K, "multiplier": m}
+    lower_layers: dict[str, float] | None = None
+
+
+class TrainConfig(Strict):
+    global_batch_size: int = Field(64, gt=0)  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = Field(8, gt=0)  # sequences per forward pass per rank
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    log_every: int = Field(10, gt=0)
+    max_nonfinite_in_a_row: int = Field(5, gt=0)
+    # start weights (and optionally optimizer) from this checkpoint/run dir, not its data position
+    init_from: str | None = None
+    init_optimizer: bool = False
+    # anneal branch: from `init_from`, anneal for this many steps (see `cpt train --anneal`)
+    anneal_steps: int | None = Field(None, gt=0)
+    anneal_shape: Literal["linear", "cosine", "exponential", "1-sqrt"] = "linear"
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    progress_bar: bool = True
+    peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
+
+
+class LmEvalConfig(Strict):
+    tasks: list[str] = Field(default_factory=list)
+    every: int | None = Field(None, gt=0)  # steps; None: only at the end
+    at_end: bool = True
+    limit: int | None = None
+    include_path: str | None = None  # folder of task YAMLs; default: eval_harness/tasks
+    batch_size: int = 8
+
+
+class EvalConfig(Strict):
+    every: int = Field(100, gt=0)
+    at_start: bool = True
+    # evaluate every `dense_every` steps during the first `dense_steps` steps of each stage (stability gap)
+    dense_steps: int = Field(0, ge=0)
+    dense_every: int = Field(10, gt=0)
+    tokens_per_set: int = Field(262144, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+
+
+class CheckpointConfig(Strict):
+    every: int | None = Field(None, gt=0)  # resume checkpoints every N steps
+    keep: int = Field(2, gt=0)
+    export_every: int | None = Field(None, gt=0)  # HF exports every N steps (always at the end)
+    export_at_end: bool = True
+    resume: bool = False  # take the latest valid checkpoint in output_dir
+
+
+class WandbConfig(Strict):
+    enabled: bool = False
+    project: str = "cpt"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] | None = None  # None: wandb's default / WANDB_MODE
+    log_exports_as_artifacts: bool = False
+
+
+class LoggingConfig(Strict):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    plot: bool = True  # write plots (PNG) at the end of the run
+
+
+class RunConfig(Strict):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelConfig
+    data: DataConfig
+    stages: list[StageConfig] = Field(min_length=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        names = {s.name for s in self.data.sources}
+        errors = []
+        for i, st in enumerate(self.stages):
+            unknown = sorted(set(st.mix) - names)
+            if unknown:
+                errors.append(f"stages.{i}.mix: unknown sources {unknown} (data.sources has {sorted(names)})")
+            unknown = sorted(set(st.mix_ramp) - set(st.mix))
+            if unknown:
+                errors.append(f"stages.{i}.mix_ramp: sources {unknown} are not in the stage's mix")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            errors.append(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.train.micro_batch_size})"
+            )
+        if self.train.anneal_steps is not None and self.train.init_from is None:
+            errors.append("train.anneal_steps needs train.init_from (the checkpoint to branch from)")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+SECRET_KEYS = ("api_key", "token", "password", "secret")
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML (so 3e-4, true, [a, b], {x: 1} all work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; list items are addressed by index (``stages.0.steps=10``)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.global_batch_size=32")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for j, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                idx = _index(part, node, key)
+                node = node[idx]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[: j + 1])} is not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(last, node, key)] = _parse_value(value)
+        else:
+            node[last] = _parse_value(value)
+    return data
+
+
+def _index(part: str, node: list, key: str) -> int:
+    try:
+        idx = int(part)
+        node[idx]
+        return idx
+    except (ValueError, IndexError):
+        raise ConfigError(f"override {key!r}: {part!r} is not a valid index into a list of {len(node)}") from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = [f"invalid config ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config (or start from ``base``), apply overrides, validate."""
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (run, model, data, ...)")
+        data.update(loaded)
+    data = apply_overrides(data, overrides or [])
+    return validate(data)
+
+
+def redact(obj: Any) -> Any:
+    """Drop secret-looking keys (API keys, tokens) before anything is written or logged."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if any(s in str(k).lower() for s in SECRET_KEYS) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return redact(cfg.model_dump(mode="json"))
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

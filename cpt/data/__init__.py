@@ -1,0 +1,1 @@
+"""The data path: prepare -> token shards -> packed streams -> the replay mixer."""
