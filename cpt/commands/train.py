@@ -1,0 +1,51 @@
+"""`cpt train CONFIG [--set key=value ...] [--resume] [--from CKPT [--anneal N]]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cpt.config import ConfigError, load_config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpt train", description="Train from a YAML run config.")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.global_batch_size=32 --set stages.0.steps=500")
+    p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in run.output_dir")
+    p.add_argument("--from", dest="init_from", metavar="CKPT",
+                   help="start from this checkpoint, run directory or HF model (sets train.init_from)")
+    p.add_argument("--anneal", type=int, metavar="STEPS",
+                   help="with --from: branch an anneal of STEPS steps off the checkpoint into a new run directory")
+    p.add_argument("--anneal-shape", choices=["linear", "cosine", "exponential", "1-sqrt"])
+    p.add_argument("--output-dir", help="sets run.output_dir")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
+    if args.anneal:
+        overrides.append(f"train.anneal_steps={args.anneal}")
+    if args.anneal_shape:
+        overrides.append(f"train.anneal_shape={args.anneal_shape}")
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"cpt train: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from cpt.train import TrainingError, train
+
+    try:
+        result = train(cfg, resume=args.resume or None)
+    except TrainingError as e:
+        print(f"cpt train: {e}", file=sys.stderr)
+        return 1
+    return 0 if result.stopped_early is None else 0

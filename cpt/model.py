@@ -1,0 +1,149 @@
+"""Build or load the model and tokenizer, then apply the CPT options (vocab extension, freezing, LoRA, kernels)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from cpt.config import ModelConfig
+
+log = logging.getLogger("cpt.model")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: a local `save_pretrained` directory or a hub id (never remote code unless asked)."""
+    name = cfg.tokenizer or cfg.name_or_path
+    tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer {name!r} has no eos_token: packing needs one to separate documents")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None) -> PreTrainedModel:
+    """The model in fp32 (mixed precision is applied by accelerate's autocast).
+
+    `weights_from` (an HF export directory) overrides `cfg.name_or_path`: it is how a run continues
+    from the model of an earlier run or stage.
+    """
+    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    source = weights_from or cfg.name_or_path
+    if source is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=None if weights_from else cfg.revision, dtype=torch.float32, use_safetensors=_prefers_safetensors(source), **common
+        )
+    else:
+        arch = dict(cfg.arch or {})
+        model_type = arch.pop("model_type", "llama")
+        arch.setdefault("vocab_size", len(tokenizer))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            arch.setdefault(key, getattr(tokenizer, key, None))
+        config = AutoConfig.for_model(model_type, **arch)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+            f"{model.get_input_embeddings().weight.shape[0]} rows: use model.vocab to extend the vocabulary"
+        )
+    return model
+
+
+def _prefers_safetensors(source: str) -> bool | None:
+    """Local directories must hold safetensors weights (no pickles); hub ids use transformers' default."""
+    p = Path(source)
+    if p.is_dir():
+        if any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")):
+            return True
+        raise ValueError(f"{source}: no *.safetensors weights found (cpt loads weights from safetensors only)")
+    return None
+
+
+def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):
+    """Apply vocab extension -> freezing -> LoRA -> kernels -> activation checkpointing, in that order.
+
+    Returns (model, tokenizer, new_token_ids).
+    """
+    new_ids: list[int] = []
+    if cfg.vocab is not None:
+        from cpt.vocab import extend_vocabulary
+
+        model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab)
+    if cfg.freeze is not None:
+        from cpt.adapters import apply_freeze
+
+        apply_freeze(model, cfg.freeze)
+    if cfg.lora is not None:
+        from cpt.adapters import apply_lora
+
+        model = apply_lora(model, cfg.lora)
+    if cfg.liger_kernel:
+        _apply_liger(model, log_fn)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:
+            model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+    log_fn(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+    return model, tokenizer, new_ids
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _apply_liger(model: torch.nn.Module, log_fn) -> None:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log_fn("model.liger_kernel: liger-kernel is not installed; continuing without fused kernels")
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(model=base)
+    log_fn("model.liger_kernel: Liger fused kernels applied")
+
+
+def model_shape(model: torch.nn.Module) -> dict[str, int]:
+    """Numbers needed for FLOP accounting: parameter count (non-embedding too), layers, hidden size."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    n_params = sum(p.numel() for p in base.parameters())
+    emb = base.get_input_embeddings().weight.numel()
+    return {
+        "n_params": int(n_params),
+        "n_params_non_embedding": int(n_params - emb),
+        "n_layers": int(getattr(cfg, "num_hidden_layers", 0)),
+        "hidden": int(getattr(cfg, "hidden_size", 0)),
+    }
+
+
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path:
+    """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load.
+
+    Works from DDP, FSDP and DeepSpeed ZeRO-3 states: `accelerator.get_state_dict` gathers the full
+    state on the main process (every rank must call this function).
+    """
+    out = Path(out_dir)
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    accelerator.wait_for_everyone()
+    return out
