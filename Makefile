@@ -1,0 +1,33 @@
+# cpt: two commands set everything up.
+#   make demo   install into .venv and run the offline continual pre-training demo
+#   make test   install into .venv and run the test suite
+# torch is pinned to the CPU wheel by default; on a GPU machine use e.g.
+#   make install TORCH_SPEC="torch>=2.4"        (or any CUDA build you already have)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cpt-installed
+PYTEST_ARGS ?=
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[all]"
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/cpt demo
+
+test: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs
