@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -213,7 +214,8 @@ class RunConfig(Strict):
 
 # ---------------------------------------------------------------- loading, overrides, errors
 
-SECRET_KEYS = ("api_key", "token", "password", "secret")
+# keys like api_key, hub_token, access_token, password, secret (not max_tokens, tokens_per_set)
+SECRET_KEY = re.compile(r"(^|_)(api_?key|token|password|secret)$", re.IGNORECASE)
 
 
 def _parse_value(text: str) -> Any:
@@ -300,7 +302,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def redact(obj: Any) -> Any:
     """Drop secret-looking keys (API keys, tokens) before anything is written or logged."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(s in str(k).lower() for s in SECRET_KEYS) else redact(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

@@ -1,0 +1,43 @@
+"""The `cpt` command line: help lists every command, unknown commands fail, bad configs give one clear error."""
+
+import subprocess
+import sys
+
+import yaml
+
+from cpt.cli import COMMANDS, main
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "prepare", "train", "schedule", "eval", "report", "merge"):
+        assert name in out and name in COMMANDS
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "cpt.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "commands:" in out
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_every_command_module_has_main():
+    import importlib
+
+    for name in COMMANDS:
+        mod = importlib.import_module(f"cpt.commands.{name}")
+        assert callable(mod.main), name
+
+
+def test_train_bad_config_fails_before_any_work(tmp_path, capsys):
+    cfg = {"model": {"arch": {"hidden_size": 8}}, "data": {"sources": []}, "stages": [], "bogus": 1}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "invalid config" in err and "bogus" in err and "data.sources" in err and "stages" in err
+    assert not (tmp_path / "run").exists()

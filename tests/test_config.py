@@ -1,0 +1,93 @@
+"""Run config: YAML loading, --set overrides, one error naming every bad field, secrets never saved."""
+
+import pytest
+import yaml
+
+from cpt.config import ConfigError, apply_overrides, load_config, save_config
+
+GOOD = {
+    "run": {"name": "t", "output_dir": "runs/t"},
+    "model": {"tokenizer": "tok", "arch": {"model_type": "llama", "hidden_size": 64}},
+    "data": {"seq_len": 64, "sources": [{"name": "a", "path": "data/a"}, {"name": "b", "path": "data/b", "replay": True}],
+             "heldout": [{"name": "a", "path": "data/a/heldout", "tag": "upstream"}]},
+    "stages": [{"name": "s1", "steps": 10, "mix": {"a": 0.95, "b": 0.05}}],
+    "train": {"global_batch_size": 8, "micro_batch_size": 4},
+}
+
+
+def write(tmp_path, data):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_good_config_loads_with_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.data.sources[1].replay is True
+    assert cfg.stages[0].schedule.type == "cosine"
+    assert cfg.total_steps == 10
+    assert cfg.optim.weight_decay == 0.1
+
+
+def test_overrides_types_and_list_indices(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["train.global_batch_size=16", "stages.0.steps=25",
+                                               "stages.0.schedule.max_lr=3e-4", "logging.wandb.enabled=true",
+                                               "logging.wandb.tags=[a, b]"])
+    assert cfg.train.global_batch_size == 16
+    assert cfg.stages[0].steps == 25
+    assert cfg.stages[0].schedule.max_lr == pytest.approx(3e-4)
+    assert cfg.logging.wandb.enabled is True and cfg.logging.wandb.tags == ["a", "b"]
+
+
+def test_every_bad_field_named_in_one_error(tmp_path):
+    bad = yaml.safe_load(yaml.safe_dump(GOOD))
+    bad["train"]["global_batch_size"] = -1
+    bad["train"]["precison"] = "bf16"  # typo
+    bad["data"]["seq_len"] = 0
+    bad["stages"][0]["steps"] = 0
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, bad))
+    msg = str(e.value)
+    for field in ("train.global_batch_size", "train.precison", "data.seq_len", "stages.0.steps"):
+        assert field in msg, msg
+    assert "unknown field" in msg
+    assert msg.startswith("invalid config (4 problems)")
+
+
+def test_cross_field_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.0.mix: unknown sources \['c'\]"):
+        load_config(write(tmp_path, GOOD), ["stages.0.mix={a: 0.5, c: 0.5}"])
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
+        load_config(write(tmp_path, GOOD), ["train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match="duplicate names"):
+        load_config(write(tmp_path, GOOD), ["data.sources.1.name=a"])
+    with pytest.raises(ConfigError, match="model.tokenizer is required"):
+        load_config(write(tmp_path, GOOD), ["model.tokenizer=null"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(write(tmp_path, GOOD), ["train.global_batch_size"])
+    with pytest.raises(ConfigError, match="not a valid index"):
+        load_config(write(tmp_path, GOOD), ["stages.5.steps=3"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_apply_overrides_creates_sections():
+    out = apply_overrides({}, ["logging.wandb.project=x"])
+    assert out == {"logging": {"wandb": {"project": "x"}}}
+
+
+def test_saved_config_round_trips_and_redacts_secrets(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(tmp_path / "out" / "config.yaml")
+    assert again == cfg
+    from cpt.config import redact
+
+    assert redact({"wandb": {"api_key": "SECRET", "project": "p"}, "hub_token": "x"}) == {
+        "wandb": {"api_key": "<redacted>", "project": "p"}, "hub_token": "<redacted>"}
