@@ -1,24 +1,335 @@
-"""LoRA (peft) and partial-parameter training (layer freezing) for continual pre-training."""
+"""LoRA (peft) and partial-parameter training (layer freezing) for continual pre-training.
+
+Order of application when a run uses several of these (see docs/adapters.md):
+
+1. vocabulary extension (:func:`cpt.vocab.extend_vocabulary`), so that LoRA sees the final embedding size;
+2. LoRA (:func:`apply_lora`), which freezes every base weight and adds the adapter;
+3. freezing (:func:`apply_freeze`), which can further freeze parts (also adapter weights, e.g. the LoRA
+   weights of the bottom layers) — without LoRA it freezes parts of the full model.
+
+All of it must happen before the optimizer is built and before ``accelerator.prepare``.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
 
 from cpt.configbase import Strict
+
+ADAPTER_SIDECAR = "cpt_adapter.json"
+_NAMED_LAYER_SETS = ("bottom_half", "top_half", "every_other")
 
 
 class LoraConfig(Strict):
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # "all-linear" (peft's shortcut) or a list of module names
+    # "all-linear" (peft's shortcut: every Linear layer except the output head) or a list of module names
     target_modules: str | list[str] = "all-linear"
-    # modules trained in full next to the adapter, e.g. [embed_tokens, lm_head] for new tokens
+    # modules trained in full next to the adapter, e.g. [embed_tokens, lm_head]; saved inside the adapter
     modules_to_save: list[str] = Field(default_factory=list)
+    # also train every normalisation layer in full (RMSNorm/LayerNorm; a few thousand parameters per layer)
+    train_norms: bool = False
+    # rank-stabilised LoRA scaling (alpha / sqrt(r) instead of alpha / r); helps at high rank (MoRA's concern)
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules must name at least one module (or be 'all-linear')")
+        return v
 
 
 class FreezeConfig(Strict):
-    # freeze decoder layers with index in [start, end) ("0-6"), or "bottom_half" (HFT-style)
+    # freeze decoder layers: "0-6" (indices 0..5, end exclusive), "0-4,10,12-14", "bottom_half",
+    # "top_half", "every_other" (even indices); negative indices count from the top ("-4--1")
     layers: str | None = None
-    # freeze parameters whose name matches any of these regexes
+    # freeze parameters whose name matches any of these regexes (re.search), e.g. ["embed_tokens", "lm_head"]
     patterns: list[str] = Field(default_factory=list)
+    # if set: freeze everything whose name matches none of these regexes (applied first)
+    train_only: list[str] = Field(default_factory=list)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str | None) -> str | None:
+        if v is not None and v not in _NAMED_LAYER_SETS:
+            _parse_ranges(v, None)  # syntax check only
+        return v
+
+    @field_validator("patterns", "train_only")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regex: {e}") from None
+        return v
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def _numel(p: torch.Tensor) -> int:
+    # DeepSpeed ZeRO-3 replaces parameters by empty placeholders and keeps the real size in ds_numel
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied (shared) parameters are counted once."""
+    trainable = total = 0
+    for p in model.parameters():  # .parameters() already de-duplicates shared tensors
+        n = _numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """The line every run prints and logs: ``trainable params: X of Y (Z%)``."""
+    trainable, total = count_parameters(model)
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} of {total:,} ({pct:.2f}%)"
+
+
+def trainable_metrics(model: nn.Module) -> dict[str, float]:
+    """The same numbers as a metrics dict, for the run's logger."""
+    trainable, total = count_parameters(model)
+    return {"params/trainable": trainable, "params/total": total,
+            "params/trainable_fraction": trainable / total if total else 0.0}
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, int]:
+    """The qualified name of the decoder-layer ``ModuleList`` and its length.
+
+    Looks for the longest ``nn.ModuleList`` whose name ends in ``layers``, ``h``, ``blocks`` or ``block``
+    (Llama/Mistral/Qwen: ``model.layers``; GPT-2: ``transformer.h``; GPT-NeoX: ``gpt_neox.layers``), so it also
+    works through a peft wrapper (``base_model.model.model.layers``).
+    """
+    best: tuple[str, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            last = name.rsplit(".", 1)[-1]
+            if last in ("layers", "h", "blocks", "block") and (best is None or len(module) > best[1]):
+                best = (name, len(module))
+    if best is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
+                         "(no ModuleList named layers/h/blocks); freeze by `patterns` instead")
+    return best
+
+
+def _parse_ranges(spec: str, n: int | None) -> list[int]:
+    """'0-6' -> 0..5; '0-4,10' -> 0..3,10; negative numbers count from the end when n is known."""
+    out: list[int] = []
+    for part in (x.strip() for x in spec.split(",")):
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not m:
+            raise ValueError(f"bad layer spec {part!r} in {spec!r}: use 'a-b' (end exclusive), an index, "
+                             f"or one of {', '.join(_NAMED_LAYER_SETS)}")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else None
+        if n is not None:
+            a = a + n if a < 0 else a
+            if b is not None:
+                b = b + n if b < 0 else b
+        if b is None:
+            b = a + 1
+        if n is not None and not (0 <= a < b <= n):
+            raise ValueError(f"layer spec {part!r} is out of range for a model with {n} layers")
+        if n is None and b <= a and a >= 0 and b >= 0:
+            raise ValueError(f"layer spec {part!r}: empty range (the end is exclusive)")
+        out.extend(range(a, b))
+    return sorted(set(out))
+
+
+def layer_indices(spec: str, num_layers: int) -> list[int]:
+    """The layer indices a ``FreezeConfig.layers`` spec selects in a model with ``num_layers`` layers."""
+    if spec == "bottom_half":
+        return list(range(num_layers // 2))
+    if spec == "top_half":
+        return list(range(num_layers - num_layers // 2, num_layers))
+    if spec == "every_other":
+        return list(range(0, num_layers, 2))
+    return _parse_ranges(spec, num_layers)
+
+
+def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> list[str]:
+    """Set ``requires_grad=False`` on the selected parameters; returns the names it froze.
+
+    Only freezes, never unfreezes: with LoRA the base weights stay frozen whatever the config says.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    selected: set[str] = set()
+    if cfg.train_only:
+        keep = [re.compile(p) for p in cfg.train_only]
+        selected |= {n for n in names if not any(r.search(n) for r in keep)}
+    if cfg.layers is not None:
+        list_name, n_layers = find_decoder_layers(model)
+        idx = layer_indices(cfg.layers, n_layers)
+        prefixes = tuple(f"{list_name}.{i}." for i in idx)
+        selected |= {n for n in names if n.startswith(prefixes)}
+    if cfg.patterns:
+        pats = [re.compile(p) for p in cfg.patterns]
+        selected |= {n for n in names if any(r.search(n) for r in pats)}
+    for n, p in model.named_parameters():
+        if n in selected:
+            p.requires_grad_(False)
+    if names and len(selected) == len(names):
+        raise ValueError("the freeze config freezes every trainable parameter; nothing would be trained")
+    return sorted(selected)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def norm_module_names(model: nn.Module) -> list[str]:
+    """Qualified names of every normalisation module (class name contains 'Norm')."""
+    return [n for n, m in model.named_modules() if n and "norm" in type(m).__name__.lower()]
+
+
+def _embedding_names(model: nn.Module) -> tuple[str, str | None, bool]:
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    tied = out is not None and out.weight is emb.weight
+    return names[id(emb)], (names[id(out)] if out is not None else None), tied
+
+
+def new_row_ids(model: nn.Module, new_token_ids: Iterable[int]) -> list[int]:
+    """The embedding rows a vocabulary extension created: the new tokens' ids plus every row after the
+    largest of them (padding rows from ``pad_to_multiple_of``; they feed the softmax, so they are trained too)."""
+    ids = sorted(set(int(i) for i in new_token_ids))
+    if not ids:
+        return []
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    return sorted(set(ids) | set(range(ids[-1] + 1, n_rows)))
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None):
+    """Wrap ``model`` in a peft LoRA adapter (a ``PeftModel``); every base weight becomes frozen.
+
+    ``new_token_ids`` (from :func:`cpt.vocab.extend_vocabulary`): the rows of the new tokens stay trainable
+    through peft's ``trainable_token_indices`` (input embeddings, and the output head when untied) and are
+    saved in the adapter — unless ``embed_tokens`` is already trained in full through ``modules_to_save``.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    modules_to_save = list(cfg.modules_to_save)
+    if cfg.train_norms:
+        modules_to_save += [n for n in norm_module_names(model) if n not in modules_to_save]
+    kwargs = {}
+    rows = new_row_ids(model, new_token_ids or [])
+    if rows:
+        emb_name, out_name, tied = _embedding_names(model)
+        emb_short = emb_name.rsplit(".", 1)[-1]
+        full = {m.rsplit(".", 1)[-1] for m in modules_to_save}
+        if emb_short not in full:
+            tti = {emb_short: rows}
+            if out_name is not None and not tied:
+                out_short = out_name.rsplit(".", 1)[-1]
+                if out_short not in full:
+                    tti[out_short] = rows
+            kwargs["trainable_token_indices"] = tti
+        elif out_name is not None and not tied and out_name.rsplit(".", 1)[-1] not in full:
+            modules_to_save.append(out_name.rsplit(".", 1)[-1])
+    targets = cfg.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]
+    pcfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save or None,
+        use_rslora=cfg.use_rslora,
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+    peft_model = get_peft_model(model, pcfg)
+    peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
+    return peft_model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+    """Save a LoRA run's adapter in peft format (``adapter_model.safetensors`` + ``adapter_config.json``),
+    the tokenizer, and ``cpt_adapter.json`` (embedding size, so that ``cpt merge`` can resize the base).
+
+    ``state_dict``: pass the full (gathered) state dict under FSDP / ZeRO-3, e.g.
+    ``accelerator.get_state_dict(model)``; call on the main process only.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # never let peft guess by looking the base model up on the hub (network); embeddings resized by a
+    # vocabulary extension are saved through trainable_token_indices / modules_to_save instead
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    base = model.get_base_model()
+    sidecar = {
+        "num_embeddings": int(base.get_input_embeddings().weight.shape[0]),
+        "new_rows": list(getattr(model, "_cpt_new_rows", [])),
+        "base_model_name_or_path": model.peft_config[model.active_adapter].base_model_name_or_path,
+    }
+    (out / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    return out
+
+
+def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: torch.dtype | None = None):
+    """Load base model + adapter as a ``PeftModel`` (and the tokenizer: the adapter's own if saved, else the base's).
+
+    The base's embeddings are resized to the size recorded in ``cpt_adapter.json`` (vocabulary extension);
+    the new rows' values come from the adapter.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adir = Path(adapter_dir)
+    cfg_path = adir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{adir} is not a peft adapter directory (no adapter_config.json)")
+    acfg = json.loads(cfg_path.read_text())
+    base = base or acfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{cfg_path} names no base model; pass base=... (cpt merge --base)")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", trust_remote_code=False)
+    tok_src = adir if (adir / "tokenizer_config.json").is_file() else Path(base)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False)
+    sidecar = adir / ADAPTER_SIDECAR
+    n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
+    if n_rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(n_rows, mean_resizing=False)
+    peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    return peft_model, tokenizer
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
+    peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
+    merged = peft_model.merge_and_unload()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

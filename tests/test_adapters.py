@@ -1,0 +1,186 @@
+"""LoRA through peft, adapter save/merge, and partial freezing (cpt/adapters.py, `cpt merge`)."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cpt.adapters import (
+    FreezeConfig,
+    LoraConfig,
+    apply_freeze,
+    apply_lora,
+    count_parameters,
+    describe_trainable,
+    find_decoder_layers,
+    layer_indices,
+    merge_adapter,
+    save_adapter,
+)
+
+CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"] * 10
+
+
+def tiny_tokenizer():
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(CORPUS, tr)
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+
+
+def tiny_model(vocab=300, tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=128, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    d = tmp_path / "base"
+    tiny_model().save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def _perturb_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "trainable_tokens_delta" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_lora_all_linear_targets_every_projection_but_not_lm_head():
+    model = apply_lora(tiny_model(), LoraConfig(r=4, alpha=8))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    targeted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in n for n in trainable)
+    t, total = count_parameters(model)
+    # per layer: 4 attention (64->64) + 3 mlp (64<->128) projections, each r*(in+out)
+    per_layer = 4 * 4 * (64 + 64) + 3 * 4 * (64 + 128)
+    assert t == 4 * per_layer
+    assert total == count_parameters(tiny_model())[1] + t
+    assert describe_trainable(model) == f"trainable params: {t:,} of {total:,} ({100 * t / total:.2f}%)"
+
+
+def test_lora_modules_to_save_and_norms_are_trained_in_full():
+    model = apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                modules_to_save=["embed_tokens", "lm_head"], train_norms=True))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("embed_tokens.modules_to_save" in n for n in trainable)
+    assert any("lm_head.modules_to_save" in n for n in trainable)
+    assert sum("layernorm.modules_to_save" in n for n in trainable) == 8  # 2 norms x 4 layers
+    assert any(n.endswith("model.norm.modules_to_save.default.weight") for n in trainable)
+    assert not any("k_proj.lora" in n or "mlp" in n and "lora" in n for n in trainable)
+
+
+def test_adapter_saved_in_peft_format_and_merge_matches_base_plus_adapter(base_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tok = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    model = apply_lora(base, LoraConfig(r=4, alpha=8, modules_to_save=["lm_head"]))
+    _perturb_lora(model)
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.1)
+    adapter = save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    files = set(os.listdir(adapter))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "cpt_adapter.json"} <= files
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert acfg["peft_type"] == "LORA" and acfg["r"] == 4 and acfg["base_model_name_or_path"] == str(base_dir)
+
+    ids = torch.tensor([tok("To be, or not to be: the question")["input_ids"]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()(ids).logits
+    assert (expected - plain).abs().max() > 1e-3  # the adapter really changes the model
+
+    out = merge_adapter(adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        got = merged(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_merge_with_explicit_base(base_dir, tmp_path):
+    from cpt.commands.merge import main
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(r=2))
+    _perturb_lora(model, seed=3)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "/nonexistent"  # --base must win
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main([str(adapter), "--out", str(tmp_path / "m"), "--base", str(base_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    ids = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_specs():
+    assert layer_indices("0-6", 12) == [0, 1, 2, 3, 4, 5]
+    assert layer_indices("bottom_half", 12) == list(range(6))
+    assert layer_indices("top_half", 5) == [3, 4]
+    assert layer_indices("every_other", 5) == [0, 2, 4]
+    assert layer_indices("0-2,7", 10) == [0, 1, 7]
+    assert layer_indices("-2-10", 10) == [8, 9]
+    with pytest.raises(ValueError):
+        layer_indices("0-13", 12)
+    with pytest.raises(ValueError):
+        FreezeConfig(layers="first four")
+    with pytest.raises(ValueError):
+        FreezeConfig(patterns=["("])
+
+
+def _layer_params(model, i):
+    return sum(p.numel() for n, p in model.named_parameters() if f"layers.{i}." in n)
+
+
+def test_freeze_bottom_half_counts():
+    model = tiny_model()
+    total = count_parameters(model)[1]
+    frozen = apply_freeze(model, FreezeConfig(layers="bottom_half"))
+    assert all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in frozen)
+    t, tot = count_parameters(model)
+    assert tot == total and t == total - _layer_params(model, 0) - _layer_params(model, 1)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "layers.3." in n or "lm_head" in n)
+
+
+def test_freeze_range_and_patterns_and_train_only():
+    model = tiny_model()
+    apply_freeze(model, FreezeConfig(layers="1-3", patterns=[r"embed_tokens", r"mlp\.down_proj"]))
+    state = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not state["model.embed_tokens.weight"] and state["lm_head.weight"]
+    assert not state["model.layers.1.self_attn.q_proj.weight"] and not state["model.layers.2.mlp.up_proj.weight"]
+    assert state["model.layers.0.self_attn.q_proj.weight"] and not state["model.layers.0.mlp.down_proj.weight"]
+    assert state["model.layers.3.mlp.up_proj.weight"] and not state["model.layers.3.mlp.down_proj.weight"]
+
+    model = tiny_model()
+    apply_freeze(model, FreezeConfig(train_only=[r"layers\.3\.", r"lm_head"]))
+    t, _ = count_parameters(model)
+    assert t == _layer_params(model, 3) + model.lm_head.weight.numel()
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        apply_freeze(tiny_model(), FreezeConfig(patterns=[".*"]))
+
+
+def test_freeze_after_lora_freezes_the_bottom_adapters():
+    model = apply_lora(tiny_model(), LoraConfig(r=2))
+    assert find_decoder_layers(model) == ("base_model.model.model.layers", 4)
+    before = count_parameters(model)[0]
+    apply_freeze(model, FreezeConfig(layers="bottom_half"))
+    after = count_parameters(model)[0]
+    assert after == before // 2
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "layers.0." in n)
