@@ -1,57 +1,565 @@
-"""Learning-rate schedules as pure functions of the optimizer step, composed into a stage plan.
+"""Learning-rate schedules as pure functions of the optimizer step, composed into a multi-stage plan.
 
-(First version: cosine with warmup. The full set — WSD, inverse-sqrt, linear, infinite with
-anneal branches, re-warm from the previous stage — is built on the same interface.)
+Step convention
+---------------
+``step`` is the index of an optimizer update, starting at 0: ``plan.lr(0)`` is the LR of the first
+update, and a checkpoint "at step s" has done updates ``0 .. s-1`` (its next update is ``s``).
+
+Every phase of ``L`` updates moves from a start value ``v0`` to an end value ``v1`` and its
+``j``-th update (``j = 0 .. L-1``) uses progress ``x = (j + 1) / L``: the first update is one
+increment past ``v0`` and the **last update is exactly** ``v1``. So a linear warmup from 0 never
+uses LR 0 (``lr(s) = max_lr * (s + 1) / warmup_steps``), a warmup ends exactly at ``max_lr``, a
+decay ends exactly at ``min_lr``, and the next phase starts one increment later (no plateau, no
+jump). With ``warmup_steps: 0`` a decaying stage therefore starts one increment below ``max_lr``.
+
+Shapes (``x`` in (0, 1]; value = ``v0 + (v1 - v0) * p(x)`` unless noted):
+
+==============  ==============================================================
+``linear``      ``p = x``
+``cosine``      ``p = (1 - cos(pi x)) / 2``
+``1-sqrt``      ``p = sqrt(x)`` (Hägele et al. 2024: ``lr = max * (1 - sqrt(x))`` to 0)
+``exponential`` geometric: ``v0 * (v1 / v0) ** x`` (needs ``v1 > 0``)
+==============  ==============================================================
+
+Inverse square root (``type: inverse_sqrt``, no fixed end): after warmup,
+``lr = min_lr + (max_lr - min_lr) / sqrt(1 + t / timescale)`` with ``t = s + 1 - warmup_steps``
+updates since the warmup. With ``timescale = warmup_steps`` and ``min_lr = 0`` this is the classic
+``max_lr * min((s + 1) / W, sqrt(W / (s + 1)))``.
+
+Schedule types (one :class:`ScheduleConfig` per stage of ``N`` steps, ``W`` warmup steps):
+
+* ``constant``: warmup -> ``max_lr`` for the rest of the stage.
+* ``cosine`` / ``linear``: warmup -> decay to ``min_lr`` over the remaining ``N - W`` steps
+  (``linear`` with ``min_lr: 0`` is linear-to-zero).
+* ``wsd``: warmup -> stable at ``max_lr`` -> decay to ``min_lr`` over the last ``decay_steps``
+  (or ``decay_fraction * N``) steps with ``decay_shape``.
+* ``inverse_sqrt``: warmup -> inverse square root decay towards ``min_lr`` (see above).
+* ``infinite`` (Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually Pre-train
+  LLMs"): warmup to ``max_lr`` -> cooldown to ``constant_lr`` over ``cooldown_steps``
+  (``cosine``, or ``inverse_sqrt``: ``v0 + (v1 - v0) * h(j + 1) / h(L)`` with
+  ``h(t) = 1 - 1 / sqrt(1 + t / timescale)``) -> constant at ``constant_lr`` with no fixed end ->
+  optionally, only when ``anneal_steps`` is set, an anneal to ``min_lr`` over the stage's last
+  ``anneal_steps`` steps with ``anneal_shape``.
+
+Stages: stage ``i`` occupies global steps ``[starts[i], starts[i] + steps_i)`` and runs its own
+schedule on a local clock starting at 0 (a re-warm and re-decay per stage). Its warmup starts from
+``warmup_from``: a number, or ``"previous"`` = the previous stage's final LR (computed in closed
+form). An ``infinite`` stage with ``continue_trunk: true`` does not restart its clock: it continues
+the previous (infinite, not annealed) stage's warmup/cooldown/constant trunk where it stopped, so
+the constant phase carries across stages with no re-warm.
+
+Past the end of a plan the final LR is held: ``lr(s) = lr(total_steps - 1)`` for
+``s >= total_steps`` (for an infinite trunk this is simply its constant phase going on).
+
+Anneal branches: ``plan.anneal_branch(from_step, steps, shape)`` is the plan of a branch that
+takes the trunk's checkpoint at ``from_step`` (in a constant or stable phase) and anneals from that
+constant LR to the stage's ``min_lr`` over ``steps`` updates, the last one exactly at ``min_lr``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from bisect import bisect_right
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cpt.configbase import Strict
 
+if TYPE_CHECKING:  # pragma: no cover
+    from cpt.config import RunConfig
+
+ScheduleType = Literal["constant", "cosine", "linear", "wsd", "inverse_sqrt", "infinite"]
+DecayShape = Literal["linear", "cosine", "1-sqrt", "exponential"]
+CooldownShape = Literal["cosine", "inverse_sqrt"]
+DECAY_SHAPES: tuple[str, ...] = ("linear", "cosine", "1-sqrt", "exponential")
+
+DEFAULT_DECAY_FRACTION = 0.2
+
+# Fields that only some schedule types use; setting one on another type is an error (a typo guard).
+_TYPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "decay_fraction": ("wsd",),
+    "decay_steps": ("wsd",),
+    "decay_shape": ("wsd",),
+    "timescale": ("inverse_sqrt", "infinite"),
+    "cooldown_steps": ("infinite",),
+    "cooldown_shape": ("infinite",),
+    "constant_lr": ("infinite",),
+    "anneal_steps": ("infinite",),
+    "anneal_shape": ("infinite",),
+    "continue_trunk": ("infinite",),
+}
+# The trunk of an infinite schedule: a stage with continue_trunk must repeat these unchanged.
+_TRUNK_FIELDS = ("max_lr", "warmup_steps", "warmup_from", "cooldown_steps", "cooldown_shape", "constant_lr", "timescale")
+
 
 class ScheduleConfig(Strict):
-    type: Literal["constant", "cosine", "linear", "wsd", "inverse_sqrt", "infinite"] = "cosine"
-    max_lr: float = Field(3e-4, gt=0)
+    """The LR schedule of one stage (see the module docstring for the exact formulas)."""
+
+    type: ScheduleType = "cosine"
+    max_lr: float = Field(3e-4, gt=0)  # peak LR, reached on the last warmup step
+    # the decay target (cosine, linear, wsd), inverse_sqrt's asymptote, the anneal target (infinite,
+    # and of anneal branches from a constant/stable phase)
     min_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     # where the warmup starts: a number, or "previous" = the previous stage's final LR (re-warm)
-    warmup_from: float | Literal["previous"] = 0.0
+    warmup_from: Annotated[float, Field(ge=0)] | Literal["previous"] = 0.0
+    # wsd: the decay takes the last decay_steps steps, or decay_fraction of the stage (default 0.2)
+    decay_fraction: float | None = Field(None, gt=0, le=1)
+    decay_steps: int | None = Field(None, gt=0)
+    decay_shape: DecayShape = "1-sqrt"
+    # inverse_sqrt (and infinite's inverse_sqrt cooldown): steps; default warmup_steps
+    timescale: float | None = Field(None, gt=0)
+    # infinite
+    cooldown_steps: int = Field(0, ge=0)
+    cooldown_shape: CooldownShape = "cosine"
+    constant_lr: float | None = Field(None, gt=0)
+    anneal_steps: int | None = Field(None, gt=0)  # None: no anneal (the constant phase lasts to the stage end)
+    anneal_shape: DecayShape = "exponential"
+    continue_trunk: bool = False  # continue the previous infinite stage's trunk: no re-warm, no new cooldown
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ScheduleConfig":
+        errors = []
+        for name, types in _TYPE_FIELDS.items():
+            if self.type not in types and getattr(self, name) != type(self).model_fields[name].default:
+                errors.append(f"{name}: only used by type {' or '.join(types)} (this schedule's type is {self.type})")
+        if self.min_lr > self.max_lr:
+            errors.append(f"min_lr ({self.min_lr:g}) must not exceed max_lr ({self.max_lr:g})")
+        if isinstance(self.warmup_from, float) and self.warmup_from > self.max_lr:
+            errors.append(f"warmup_from ({self.warmup_from:g}) must not exceed max_lr ({self.max_lr:g})")
+        if self.type == "wsd":
+            if self.decay_steps is not None and self.decay_fraction is not None:
+                errors.append("decay_steps: set decay_steps or decay_fraction, not both")
+            if self.decay_shape == "exponential" and self.min_lr <= 0:
+                errors.append("min_lr: must be > 0 when decay_shape is exponential (a geometric decay never reaches 0)")
+        if self.needs_timescale and self.timescale is None and self.warmup_steps == 0:
+            errors.append("timescale: required when warmup_steps is 0 (it defaults to warmup_steps)")
+        if self.type == "infinite":
+            if self.constant_lr is None:
+                errors.append("constant_lr: required for type infinite (the LR of the constant phase)")
+            else:
+                if self.constant_lr > self.max_lr:
+                    errors.append(f"constant_lr ({self.constant_lr:g}) must not exceed max_lr ({self.max_lr:g})")
+                if self.min_lr > self.constant_lr:
+                    errors.append(f"min_lr ({self.min_lr:g}) must not exceed constant_lr ({self.constant_lr:g})")
+                if self.cooldown_steps == 0 and self.constant_lr < self.max_lr:
+                    errors.append("cooldown_steps: must be > 0 when constant_lr < max_lr (or set constant_lr = max_lr)")
+            if self.anneal_steps is not None and self.anneal_shape == "exponential" and self.min_lr <= 0:
+                errors.append("min_lr: must be > 0 when anneal_shape is exponential (a geometric anneal never reaches 0)")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def needs_timescale(self) -> bool:
+        return self.type == "inverse_sqrt" or (self.type == "infinite" and self.cooldown_shape == "inverse_sqrt")
+
+    @property
+    def effective_timescale(self) -> float:
+        return self.timescale if self.timescale is not None else float(max(self.warmup_steps, 1))
+
+    def decay_length(self, steps: int) -> int:
+        """wsd: the number of decay steps in a stage of ``steps`` steps (at least 1)."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        fraction = self.decay_fraction if self.decay_fraction is not None else DEFAULT_DECAY_FRACTION
+        return max(1, round(fraction * steps))
+
+    def problems(self, steps: int, where: str = "schedule", trunk_offset: int = 0) -> list[str]:
+        """What is wrong with this schedule for a stage of ``steps`` steps (messages name ``where.<field>``).
+
+        ``trunk_offset`` is the clock position the stage starts at (non-zero only for ``continue_trunk``).
+        """
+        if steps <= 0:
+            return [f"{where}: the stage must have a positive number of steps (got {steps})"]
+        out = []
+        W = self.warmup_steps
+        if self.continue_trunk:
+            W = max(0, W - trunk_offset)  # the part of the trunk's warmup still to come in this stage
+        if self.type in ("cosine", "linear") and W >= steps:
+            out.append(f"{where}.warmup_steps: {W} leaves no decay step in a stage of {steps} steps (must be < {steps})")
+        elif W > steps:
+            out.append(f"{where}.warmup_steps: {W} is longer than the stage ({steps} steps)")
+        if self.type == "wsd":
+            D = self.decay_length(steps)
+            field = "decay_steps" if self.decay_steps is not None else "decay_fraction"
+            if D > steps:
+                out.append(f"{where}.decay_steps: {D} is longer than the stage ({steps} steps)")
+            elif W + D > steps:
+                out.append(f"{where}.{field}: warmup ({W}) + decay ({D}) is longer than the stage ({steps} steps)")
+        if self.type == "infinite" and self.anneal_steps is not None:
+            A = self.anneal_steps
+            trunk_end = self.warmup_steps + self.cooldown_steps  # clock position where the constant phase starts
+            if A > steps:
+                out.append(f"{where}.anneal_steps: {A} is longer than the stage ({steps} steps)")
+            elif trunk_offset + steps - A < trunk_end:
+                out.append(
+                    f"{where}.anneal_steps: the anneal ({A} steps) would start before the constant phase: warmup "
+                    f"({self.warmup_steps}) + cooldown ({self.cooldown_steps}) must end by step {trunk_offset + steps - A} "
+                    f"of the trunk"
+                )
+        return out
+
+    def validate_for(self, steps: int, where: str = "schedule", trunk_offset: int = 0) -> None:
+        """Raise ``ValueError`` naming the field if this schedule cannot run for ``steps`` steps."""
+        errors = self.problems(steps, where, trunk_offset)
+        if errors:
+            raise ValueError("; ".join(errors))
+
+
+# ----------------------------------------------------------------------------- phase functions
+# Pure functions of (position in the phase, phase length, values). Positions are 0-based update
+# indices j; progress x = (j + 1) / length is in (0, 1].
+
+
+def warmup(j: int, length: int, start: float, peak: float) -> float:
+    """Linear warmup: ``start + (peak - start) * (j + 1) / length``; never ``start`` itself, exactly ``peak`` at the end."""
+    return start + (peak - start) * (j + 1) / length
+
+
+def linear(x: float, v0: float, v1: float) -> float:
+    return v0 + (v1 - v0) * x
+
+
+def cosine(x: float, v0: float, v1: float) -> float:
+    return v1 + (v0 - v1) * 0.5 * (1.0 + math.cos(math.pi * x))
+
+
+def one_minus_sqrt(x: float, v0: float, v1: float) -> float:
+    return v1 + (v0 - v1) * (1.0 - math.sqrt(x))
+
+
+def exponential(x: float, v0: float, v1: float) -> float:
+    """Geometric interpolation ``v0 * (v1 / v0) ** x`` (both values > 0)."""
+    return v0 * (v1 / v0) ** x
+
+
+def inverse_sqrt(t: float, v0: float, v_inf: float, timescale: float) -> float:
+    """``v_inf + (v0 - v_inf) / sqrt(1 + t / timescale)``: ``v0`` at ``t = 0``, towards ``v_inf`` as ``t`` grows."""
+    return v_inf + (v0 - v_inf) / math.sqrt(1.0 + t / timescale)
+
+
+def inverse_sqrt_cooldown(j: int, length: int, v0: float, v1: float, timescale: float) -> float:
+    """An inverse-sqrt shaped move from ``v0`` to ``v1`` that ends exactly at ``v1`` on update ``length - 1``."""
+
+    def h(t: float) -> float:
+        return 1.0 - 1.0 / math.sqrt(1.0 + t / timescale)
+
+    return v0 + (v1 - v0) * h(j + 1) / h(length)
+
+
+_SHAPES = {"linear": linear, "cosine": cosine, "1-sqrt": one_minus_sqrt, "exponential": exponential}
+
+
+def decay(j: int, length: int, v0: float, v1: float, shape: str) -> float:
+    """Update ``j`` of a ``length``-step move from ``v0`` to ``v1`` with ``shape`` (exactly ``v1`` at the end)."""
+    if j + 1 >= length:
+        return v1
+    return _SHAPES[shape]((j + 1) / length, v0, v1)
+
+
+# ------------------------------------------------------------------------------------- phases
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A piece of a plan: updates ``start .. start + steps - 1`` of one phase.
+
+    ``kind``: "warmup", "constant", "decay" (with ``shape``), "inverse_sqrt" or "cooldown_inverse_sqrt".
+    A trunk phase continued across stages is split into pieces; ``offset`` is the position of this
+    piece's first update inside the whole phase of ``length`` updates (``None``: no fixed end).
+    """
+
+    start: int
+    steps: int
+    stage: int
+    kind: str
+    label: str
+    v0: float
+    v1: float
+    length: int | None
+    offset: int = 0
+    shape: str = "linear"
+    timescale: float = 1.0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+    def value(self, step: int) -> float:
+        j = step - self.start + self.offset
+        if self.kind == "constant":
+            return self.v0
+        if self.kind == "warmup":
+            return self.v1 if j + 1 >= self.length else warmup(j, self.length, self.v0, self.v1)
+        if self.kind == "decay":
+            return decay(j, self.length, self.v0, self.v1, self.shape)
+        if self.kind == "inverse_sqrt":
+            return inverse_sqrt(j + 1, self.v0, self.v1, self.timescale)
+        if self.kind == "cooldown_inverse_sqrt":
+            return self.v1 if j + 1 >= self.length else inverse_sqrt_cooldown(j, self.length, self.v0, self.v1, self.timescale)
+        raise AssertionError(f"unknown phase kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class _ClockPhase:
+    """A phase on a stage's own clock: positions ``[begin, begin + length)`` (``length`` None: to the stage end)."""
+
+    begin: int
+    length: int | None
+    kind: str
+    label: str
+    v0: float
+    v1: float
+    shape: str = "linear"
+    timescale: float = 1.0
+
+
+def _clock_phases(cfg: ScheduleConfig, steps: int, trunk_offset: int, warm_start: float) -> list[_ClockPhase]:
+    """The phases of one stage on its clock; the stage covers clock positions ``[trunk_offset, trunk_offset + steps)``."""
+    W, peak = cfg.warmup_steps, cfg.max_lr
+    out = [_ClockPhase(0, W, "warmup", "warmup", warm_start, peak)] if W > 0 else []
+    end = trunk_offset + steps
+    if cfg.type == "constant":
+        out.append(_ClockPhase(W, None, "constant", "constant", peak, peak))
+    elif cfg.type in ("cosine", "linear"):
+        out.append(_ClockPhase(W, end - W, "decay", f"{cfg.type} decay", peak, cfg.min_lr, shape=cfg.type))
+    elif cfg.type == "wsd":
+        D = cfg.decay_length(steps)
+        out.append(_ClockPhase(W, end - D - W, "constant", "stable", peak, peak))
+        out.append(_ClockPhase(end - D, D, "decay", f"decay ({cfg.decay_shape})", peak, cfg.min_lr, shape=cfg.decay_shape))
+    elif cfg.type == "inverse_sqrt":
+        out.append(_ClockPhase(W, None, "inverse_sqrt", "inverse-sqrt decay", peak, cfg.min_lr, timescale=cfg.effective_timescale))
+    elif cfg.type == "infinite":
+        C, const = cfg.cooldown_steps, cfg.constant_lr
+        if C > 0:
+            kind = "cooldown_inverse_sqrt" if cfg.cooldown_shape == "inverse_sqrt" else "decay"
+            out.append(_ClockPhase(W, C, kind, f"cooldown ({cfg.cooldown_shape})", peak, const, shape="cosine",
+                                   timescale=cfg.effective_timescale))
+        A = cfg.anneal_steps or 0
+        out.append(_ClockPhase(W + C, None if A == 0 else end - A - W - C, "constant", "constant", const, const))
+        if A:
+            out.append(_ClockPhase(end - A, A, "decay", f"anneal ({cfg.anneal_shape})", const, cfg.min_lr, shape=cfg.anneal_shape))
+    else:  # pragma: no cover - the Literal type rules this out
+        raise AssertionError(cfg.type)
+    return out
+
+
+def _stage_pieces(stage: int, start: int, steps: int, cfg: ScheduleConfig, trunk_offset: int, warm_start: float) -> list[Phase]:
+    """Cut the stage's clock phases to its window and place them at global steps."""
+    lo, hi = trunk_offset, trunk_offset + steps
+    pieces = []
+    for cp in _clock_phases(cfg, steps, trunk_offset, warm_start):
+        c_end = hi if cp.length is None else cp.begin + cp.length
+        a, b = max(cp.begin, lo), min(c_end, hi)
+        if a >= b:
+            continue
+        label = cp.label + (" (trunk continues)" if a > cp.begin and a == lo else "")
+        pieces.append(Phase(start=start + a - lo, steps=b - a, stage=stage, kind=cp.kind, label=label, v0=cp.v0, v1=cp.v1,
+                            length=cp.length, offset=a - cp.begin, shape=cp.shape, timescale=cp.timescale))
+    return pieces
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def _plan_problems(stages: Sequence[tuple[int, ScheduleConfig]], where: str = "stages") -> list[str]:
+    """Every problem of a stage plan that needs the stage lengths or the neighbouring stages."""
+    errors = []
+    offset = 0
+    for i, (steps, cfg) in enumerate(stages):
+        here = f"{where}.{i}.schedule"
+        if i == 0 and cfg.warmup_from == "previous":
+            errors.append(f"{here}.warmup_from: 'previous' needs a previous stage (use a number for the first stage)")
+        if cfg.continue_trunk:
+            if i == 0:
+                errors.append(f"{here}.continue_trunk: the first stage has no trunk to continue")
+                offset = 0
+            else:
+                prev_steps, prev = stages[i - 1]
+                if prev.type != "infinite":
+                    errors.append(f"{here}.continue_trunk: the previous stage ({where}.{i - 1}) is {prev.type}, not infinite")
+                elif prev.anneal_steps is not None:
+                    errors.append(
+                        f"{here}.continue_trunk: the previous stage ({where}.{i - 1}) ends with an anneal "
+                        f"(anneal_steps set); a trunk can only be continued from its constant phase"
+                    )
+                else:
+                    for name in _TRUNK_FIELDS:
+                        mine, theirs = getattr(cfg, name), getattr(prev, name)
+                        if mine != theirs:
+                            errors.append(
+                                f"{here}.{name}: must equal {where}.{i - 1}.schedule.{name} ({theirs!r}) when continue_trunk "
+                                f"is true (got {mine!r})"
+                            )
+                offset += prev_steps
+        else:
+            offset = 0
+        errors += cfg.problems(steps, here, trunk_offset=offset)
+    return errors
+
+
+def validate_stage_schedules(stages: Iterable[Any], anneal_steps: int | None = None) -> list[str]:
+    """Errors (``stages.<i>.schedule.<field>: ...``) of the stages' schedules; empty when the plan is valid.
+
+    ``stages``: objects with ``.steps`` and ``.schedule`` (``cpt.config.StageConfig``). With
+    ``anneal_steps`` (``train.anneal_steps``), also checks that some stage has a constant or stable
+    phase an anneal branch could start from.
+    """
+    pairs = [(s.steps, s.schedule) for s in stages]
+    errors = _plan_problems(pairs)
+    if not errors and anneal_steps is not None:
+        plan = LRPlan(pairs)
+        if not any(p.kind == "constant" for p in plan.phases):
+            types = ", ".join(cfg.type for _, cfg in pairs)
+            errors.append(
+                f"train.anneal_steps: no stage has a constant or stable phase to branch from (schedule types: {types}); "
+                f"use constant, wsd or infinite"
+            )
+    return errors
+
+
+# ---------------------------------------------------------------------------------- the plan
 
 
 class LRPlan:
-    """The LR of every optimizer step of a multi-stage run: ``plan.lr(step)``."""
+    """The LR of every optimizer step of a multi-stage run: ``plan.lr(step)``.
 
-    def __init__(self, stages: list[tuple[int, ScheduleConfig]]):
-        self.stages = stages
-        self.starts = []
-        t = 0
-        for steps, _ in stages:
-            self.starts.append(t)
+    ``LRPlan([(steps, ScheduleConfig), ...])``: stage ``i`` covers steps ``starts[i] .. starts[i] +
+    steps_i - 1``. ``lr`` is a pure function of the step (a binary search over the phases), so a
+    resumed run gets exactly the LRs of an uninterrupted one. Raises ``ValueError`` naming
+    ``stages.<i>.schedule.<field>`` if the plan is invalid.
+    """
+
+    def __init__(self, stages: Sequence[tuple[int, ScheduleConfig]]):
+        stages = [(int(n), cfg) for n, cfg in stages]
+        if not stages:
+            raise ValueError("stages: a plan needs at least one stage")
+        errors = _plan_problems(stages)
+        if errors:
+            raise ValueError("; ".join(errors))
+        pieces: list[Phase] = []
+        starts, warm_starts = [], []
+        t = offset = 0
+        for i, (steps, cfg) in enumerate(stages):
+            starts.append(t)
+            offset = offset + stages[i - 1][0] if cfg.continue_trunk else 0
+            if cfg.continue_trunk:
+                warm_start = warm_starts[-1]  # the trunk's warmup started where the trunk's first stage said
+            elif cfg.warmup_from == "previous":
+                warm_start = pieces[-1].value(t - 1)  # the previous stage's final LR, in closed form
+            else:
+                warm_start = float(cfg.warmup_from)
+            warm_starts.append(warm_start)
+            pieces += _stage_pieces(i, t, steps, cfg, offset, warm_start)
             t += steps
-        self.total_steps = t
+        self._init(stages, starts, pieces, t)
 
-    def stage_index(self, step: int) -> int:
-        for i in reversed(range(len(self.starts))):
-            if step >= self.starts[i]:
-                return i
-        return 0
+    def _init(self, stages, starts, pieces, total_steps, branch_from: int | None = None) -> None:
+        self.stages: list[tuple[int, ScheduleConfig]] = stages
+        self.starts: list[int] = starts
+        self.phases: tuple[Phase, ...] = tuple(pieces)
+        self.total_steps: int = total_steps
+        self.branch_from: int | None = branch_from  # set on anneal branches: the trunk step they start from
+        self._piece_starts = [p.start for p in pieces]
+
+    # -- queries
+
+    def _piece(self, step: int) -> Phase:
+        if step < 0:
+            raise ValueError(f"step must be >= 0 (got {step})")
+        step = min(step, self.total_steps - 1)
+        return self.phases[bisect_right(self._piece_starts, step) - 1]
 
     def lr(self, step: int) -> float:
-        i = self.stage_index(step)
-        steps, cfg = self.stages[i]
-        s = step - self.starts[i]
-        start = cfg.warmup_from
-        if start == "previous":
-            start = self.lr(self.starts[i] - 1) if i > 0 else 0.0
-        if s < cfg.warmup_steps:
-            return start + (cfg.max_lr - start) * (s + 1) / cfg.warmup_steps
-        if cfg.type == "constant":
-            return cfg.max_lr
-        frac = (s - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps - 1)
-        frac = min(1.0, frac)
-        return cfg.min_lr + 0.5 * (cfg.max_lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+        """The LR of update ``step`` (0-based); past the end of the plan, the final LR is held."""
+        step = int(step)
+        return self._piece(step).value(min(step, self.total_steps - 1))
+
+    def phase_at(self, step: int) -> Phase:
+        """The phase that update ``step`` belongs to (the last one past the end)."""
+        return self._piece(int(step))
+
+    def stage_index(self, step: int) -> int:
+        """The stage of update ``step`` (the last stage past the end)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0 (got {step})")
+        return bisect_right(self.starts, int(step)) - 1
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr(self.total_steps - 1)
+
+    def boundaries(self) -> list[tuple[int, float, str]]:
+        """``(step, lr, label)`` at the first and the last update of every phase, in step order."""
+        out = []
+        for p in self.phases:
+            out.append((p.start, p.value(p.start), f"{p.label} begins"))
+            if p.steps > 1:
+                out.append((p.end - 1, p.value(p.end - 1), f"{p.label} ends"))
+        return out
+
+    # -- anneal branches
+
+    def anneal_branch(self, from_step: int, steps: int, shape: str = "linear", min_lr: float | None = None) -> "LRPlan":
+        """The plan of an anneal branch from the trunk's checkpoint at ``from_step``.
+
+        The checkpoint must lie in a constant or stable phase: update ``from_step`` is in one, or
+        update ``from_step - 1`` was the last of one (a checkpoint at the end of a constant phase).
+        The branch's updates ``from_step .. from_step + steps - 1`` anneal from that constant LR to
+        ``min_lr`` (default: the ``min_lr`` of the constant phase's stage) with ``shape``, the last
+        one exactly at ``min_lr``; earlier steps are the trunk's. Stage indices are the trunk's
+        (past the trunk's end: its last stage), so data mixes follow the trunk's stage plan.
+        """
+        from_step, steps = int(from_step), int(steps)
+        if steps <= 0:
+            raise ValueError(f"anneal_steps: must be > 0 (got {steps})")
+        if from_step < 0:
+            raise ValueError(f"anneal_branch: from_step must be >= 0 (got {from_step})")
+        if shape not in DECAY_SHAPES:
+            raise ValueError(f"anneal_shape: {shape!r} is not one of {list(DECAY_SHAPES)}")
+        source = None
+        for s in (from_step, from_step - 1):
+            if s >= 0 and self.phase_at(s).kind == "constant":
+                source = self.phase_at(s)
+                break
+        if source is None:
+            p = self.phase_at(from_step)
+            raise ValueError(
+                f"anneal_branch: step {from_step} is in the {p.label!r} phase of stage {p.stage} "
+                f"({self.stages[p.stage][1].type} schedule), not in a constant or stable phase; an anneal branch needs "
+                f"a constant LR to start from (use type constant, wsd or infinite, and branch before the decay)"
+            )
+        target = self.stages[source.stage][1].min_lr if min_lr is None else float(min_lr)
+        if target > source.v0:
+            raise ValueError(f"min_lr: the anneal target ({target:g}) is above the constant LR ({source.v0:g})")
+        if shape == "exponential" and target <= 0:
+            raise ValueError(f"min_lr: an exponential anneal needs min_lr > 0 (stage {source.stage} has {target:g})")
+        end = from_step + steps
+        kept = [p for p in self.phases if p.start < from_step]
+        if kept and kept[-1].end != from_step:
+            # cut the piece that holds from_step; or, branching past the trunk's end, let its final constant run on
+            kept[-1] = replace(kept[-1], steps=from_step - kept[-1].start)
+        branch_stage = self.stage_index(from_step)
+        kept.append(Phase(start=from_step, steps=steps, stage=branch_stage, kind="decay", label=f"anneal branch ({shape})",
+                          v0=source.v0, v1=target, length=steps, shape=shape))
+        starts = [s for s in self.starts if s < end]
+        stages = [(min(n, end - s), cfg) for (n, cfg), s in zip(self.stages, self.starts) if s < end]
+        stages[-1] = (end - starts[-1], stages[-1][1])
+        branch = LRPlan.__new__(LRPlan)
+        branch._init(stages, starts, kept, end, branch_from=from_step)
+        return branch
+
+    def __repr__(self) -> str:
+        kind = f"anneal branch from {self.branch_from}, " if self.branch_from is not None else ""
+        return f"LRPlan({kind}{len(self.stages)} stages, {self.total_steps} steps, {len(self.phases)} phases)"
+
+
+def plan_for_run(cfg: "RunConfig", anneal_from: int | None = None) -> LRPlan:
+    """The LR plan of a run config; with ``anneal_from`` and ``train.anneal_steps``, the anneal branch's plan."""
+    plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
+    if anneal_from is not None and cfg.train.anneal_steps:
+        plan = plan.anneal_branch(anneal_from, cfg.train.anneal_steps, cfg.train.anneal_shape)
+    return plan

@@ -1,0 +1,146 @@
+"""Parameter groups and the AdamW optimizer.
+
+* No weight decay for biases, norm weights and every other parameter with fewer than 2 dimensions
+  (and, optionally, for embeddings).
+* Optional LR multipliers: ``{regex: multiplier}`` matched with ``re.search`` against full
+  parameter names (``model.embed_tokens.weight``, ``lm_head.weight``, ``model.layers.3.mlp...``),
+  and ``{"below": K, "multiplier": m}`` for decoder layers with index ``< K``. When several apply,
+  they multiply. A tied weight matches through any of its names (``lm_head.weight`` and
+  ``model.embed_tokens.weight`` are one tensor: both patterns apply to it). Each group carries ``lr_mult``; :func:`set_lr` sets ``lr = plan_lr * lr_mult``.
+
+Group order is a pure function of the model's parameter order, so optimizer state dicts line up
+on resume.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+# "model.layers.3.", "transformer.h.3.", "encoder.layer.3.", "blocks.3." -> 3
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+NORM_NAME = re.compile(r"norm", re.IGNORECASE)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a parameter name (``model.layers.3.mlp.up_proj.weight`` -> 3), else None."""
+    m = LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def is_no_decay(name: str, param: torch.Tensor, embedding_ids: set[int] = frozenset(), decay_embeddings: bool = True) -> bool:
+    """Biases, norms and other <2-D parameters take no weight decay; embeddings only if ``decay_embeddings`` is False."""
+    if param.ndim < 2 or name.endswith(".bias") or name == "bias" or NORM_NAME.search(name):
+        return True
+    return not decay_embeddings and id(param) in embedding_ids
+
+
+def _check_lower_layers(lower_layers: Mapping[str, float] | None) -> tuple[int, float] | None:
+    if lower_layers is None:
+        return None
+    keys = set(lower_layers)
+    if keys != {"below", "multiplier"}:
+        raise ValueError(f"optim.lower_layers: expected keys 'below' and 'multiplier' (got {sorted(keys)})")
+    below, mult = lower_layers["below"], float(lower_layers["multiplier"])
+    if below != int(below) or below < 0:
+        raise ValueError(f"optim.lower_layers.below: must be a non-negative whole number of layers (got {below})")
+    if mult < 0:
+        raise ValueError(f"optim.lower_layers.multiplier: must be >= 0 (got {mult:g})")
+    return int(below), mult
+
+
+def _compile_multipliers(lr_multipliers: Mapping[str, float] | None) -> list[tuple[str, re.Pattern, float]]:
+    out = []
+    for pattern, mult in (lr_multipliers or {}).items():
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"optim.lr_multipliers: {pattern!r} is not a valid regex ({e})") from None
+        if float(mult) < 0:
+            raise ValueError(f"optim.lr_multipliers.{pattern}: must be >= 0 (got {mult})")
+        out.append((pattern, rx, float(mult)))
+    return out
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_multipliers: Mapping[str, float] | None = None,
+    lower_layers: Mapping[str, float] | None = None,
+    decay_embeddings: bool = True,
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups for the trainable parameters of ``model``.
+
+    Returns ``[{"params", "param_names", "weight_decay", "lr_mult"}, ...]``, one group per distinct
+    (decay, multiplier) pair, in order of first appearance. Raises ``ValueError`` naming the
+    ``optim.*`` field when a multiplier pattern matches no parameter at all (frozen ones count) or
+    ``lower_layers`` applies to a model without numbered layers.
+    """
+    rules = _compile_multipliers(lr_multipliers)
+    lower = _check_lower_layers(lower_layers)
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    named = list(model.named_parameters())  # deduplicated: a tied weight appears once, under its first name
+    aliases: dict[int, list[str]] = {}  # every name of each tensor (tied lm_head/embeddings share one)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+
+    for pattern, rx, _ in rules:
+        if not any(rx.search(n) for names in aliases.values() for n in names):
+            raise ValueError(f"optim.lr_multipliers: pattern {pattern!r} matches no parameter of the model")
+    if lower is not None and not any(layer_index(n) is not None for n, _ in named):
+        raise ValueError("optim.lower_layers: the model has no numbered layers (expected names like 'model.layers.3.')")
+
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        mult = 1.0
+        for _, rx, m in rules:
+            if any(rx.search(n) for n in aliases[id(p)]):
+                mult *= m
+        if lower is not None:
+            idx = layer_index(name)
+            if idx is not None and idx < lower[0]:
+                mult *= lower[1]
+        decay = not is_no_decay(name, p, embedding_ids, decay_embeddings)
+        group = groups.setdefault(
+            (decay, mult), {"params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0, "lr_mult": mult}
+        )
+        group["params"].append(p)
+        group["param_names"].append(name)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, optim_cfg: Any, device_type: str = "cpu", lr: float = 0.0,
+                    decay_embeddings: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` from a ``cpt.config.OptimConfig``.
+
+    ``lr`` is the initial base LR (the loop sets the LR of every step with :func:`set_lr`).
+    ``optim_cfg.fused``: None = fused kernels on CUDA, True = fused (CUDA or CPU), False = foreach.
+    ``decay_embeddings`` (None: ``optim_cfg.decay_embeddings`` if the config has it, else True).
+    """
+    if decay_embeddings is None:
+        decay_embeddings = bool(getattr(optim_cfg, "decay_embeddings", True))
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.lr_multipliers, optim_cfg.lower_layers, decay_embeddings)
+    for g in groups:
+        g["lr"] = lr * g["lr_mult"]
+    fused = optim_cfg.fused
+    if fused is None:
+        fused = device_type == "cuda" and torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's LR to ``lr * group["lr_mult"]`` (groups without a multiplier take ``lr``).
+
+    Works through wrappers that expose ``param_groups`` (accelerate's AcceleratedOptimizer).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
