@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Single-node multi-GPU training with accelerate.
+#   scripts/launch.sh CONFIG.yaml [ddp|fsdp|zero2|zero3|zero2_offload|zero3_offload] [cpt train options...]
+# NUM_GPUS defaults to every visible GPU.
+set -euo pipefail
+config=${1:?usage: scripts/launch.sh CONFIG.yaml [strategy] [cpt train options]}; shift
+strategy=${1:-ddp}; [ $# -gt 0 ] && shift
+here=$(cd "$(dirname "$0")/.." && pwd)
+ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
+exec accelerate launch --config_file "$here/configs/accelerate/$strategy.yaml" --num_processes "$ngpu" \
+  -m cpt.cli train "$config" "$@"

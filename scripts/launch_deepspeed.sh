@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# DeepSpeed ZeRO training through accelerate's DeepSpeed integration.
+#   scripts/launch_deepspeed.sh CONFIG.yaml [2|3] [offload] [cpt train options...]
+# e.g. scripts/launch_deepspeed.sh configs/my-run.yaml 3 offload --resume
+set -euo pipefail
+config=${1:?usage: scripts/launch_deepspeed.sh CONFIG.yaml [2|3] [offload] [cpt train options]}; shift
+stage=${1:-2}; [ $# -gt 0 ] && shift
+name=zero$stage
+if [ "${1:-}" = "offload" ]; then name=${name}_offload; shift; fi
+here=$(cd "$(dirname "$0")/.." && pwd)
+ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
+exec accelerate launch --config_file "$here/configs/accelerate/$name.yaml" --num_processes "$ngpu" \
+  -m cpt.cli train "$config" "$@"
