@@ -1,10 +1,35 @@
-"""Vocabulary extension for new domains and languages."""
+"""Vocabulary extension for new domains and languages.
+
+Two ways to get new tokens:
+
+* ``add_tokens_file``: one token per line (the line as written, only the newline removed: a leading space
+  is part of the token). Added with ``tokenizer.add_tokens`` — they are matched in the raw text before
+  pre-tokenization, like HF's added tokens.
+* ``learn_from`` + ``learn_tokens``: continue the tokenizer's own BPE training on the new corpus — every word
+  starts from its segmentation by the old tokenizer and the most frequent adjacent pair is merged, N times.
+  The merges are appended after the old ones (lowest priority), so old text tokenizes exactly as before
+  except where a new merge applies, and the new tokens respect the pre-tokenizer like every other token.
+  For tokenizers that are not BPE, the most useful whole pre-tokens (count x pieces saved) are added as
+  added tokens instead. Deterministic: same tokenizer + corpus + N gives the same tokens in the same order,
+  so ``cpt prepare`` and ``cpt train`` can build the same extended tokenizer independently.
+
+New embedding rows (input and, when untied, output) are initialised as the mean of the old rows of the token's
+subtokens under the old tokenizer (``init: mean_of_subtokens``), falling back to the mean of all old rows; old
+rows are left untouched.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, model_validator
+from torch import nn
 
 from cpt.configbase import Strict
 
@@ -12,7 +37,393 @@ from cpt.configbase import Strict
 class VocabConfig(Strict):
     # a text file with one new token per line, or learn `learn_tokens` new tokens from `learn_from`
     add_tokens_file: str | None = None
+    # a text file, a .jsonl file (field `text_field`), or a directory of such files (read recursively)
     learn_from: str | None = None
     learn_tokens: int = Field(0, ge=0)
+    learn_max_chars: int = Field(20_000_000, gt=0)  # read at most this much of `learn_from`
+    text_field: str = "text"
     init: Literal["mean_of_subtokens", "mean"] = "mean_of_subtokens"
+    # pad the embedding matrix to a multiple of this (tensor-core friendly shapes); None: exact size
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+    # the new rows learn this many times faster (or slower) than the rest: see NewRowsLR
     new_rows_lr_multiplier: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _something_to_add(self) -> "VocabConfig":
+        if self.add_tokens_file is None and self.learn_from is None:
+            raise ValueError("set add_tokens_file and/or learn_from (with learn_tokens > 0)")
+        if self.learn_from is not None and self.learn_tokens == 0:
+            raise ValueError("learn_from is set but learn_tokens is 0")
+        if self.learn_tokens > 0 and self.learn_from is None:
+            raise ValueError("learn_tokens > 0 needs learn_from (the new corpus)")
+        return self
+
+
+@dataclass
+class VocabPlan:
+    """What an extension adds: the new vocabulary entries and, for each, its subtoken ids under the old tokenizer."""
+
+    old_size: int  # len(old tokenizer)
+    tokens: list[str] = field(default_factory=list)  # as they appear in the new vocabulary, in id order
+    subtokens: list[list[int]] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"old_size": self.old_size, "tokens": self.tokens, "ids": self.ids, "subtokens": self.subtokens}
+
+
+# ----------------------------------------------------------------------------- corpus reading
+
+
+def read_texts(path: str | Path, max_chars: int = 20_000_000, text_field: str = "text") -> Iterator[str]:
+    """Documents from a .txt file (one document), a .jsonl file, or a directory of such files (sorted, recursive)."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"vocab.learn_from: nothing to read at {p}")
+    left = max_chars
+    for f in files:
+        if left <= 0:
+            return
+        if f.suffix == ".jsonl":
+            with f.open(encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if left <= 0:
+                        return
+                    line = line.strip()
+                    if line:
+                        text = str(json.loads(line).get(text_field, ""))[:left]
+                        left -= len(text)
+                        yield text
+        else:
+            try:
+                text = f.read_text(encoding="utf-8")[:left]
+            except UnicodeDecodeError:
+                continue
+            left -= len(text)
+            yield text
+
+
+def read_token_file(path: str | Path) -> list[str]:
+    """One token per line; only the line break is removed (leading/trailing spaces are part of the token)."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    out, seen = [], set()
+    for line in lines:
+        tok = line.rstrip("\r")
+        if tok and tok not in seen:
+            seen.add(tok)
+            out.append(tok)
+    return out
+
+
+# ----------------------------------------------------------------------------- learning new tokens
+
+
+def _backend_json(tokenizer) -> dict:
+    return json.loads(tokenizer.backend_tokenizer.to_str())
+
+
+def _pretokens(tokenizer, texts: Iterable[str]) -> Counter:
+    """Counts of pre-tokens (in the tokenizer model's alphabet, e.g. 'Ġdef' for byte-level BPE)."""
+    bt = tokenizer.backend_tokenizer
+    counts: Counter = Counter()
+    for text in texts:
+        if bt.normalizer is not None:
+            text = bt.normalizer.normalize_str(text)
+        if bt.pre_tokenizer is not None:
+            counts.update(piece for piece, _ in bt.pre_tokenizer.pre_tokenize_str(text))
+        else:
+            counts.update(text.split())
+    return counts
+
+
+def learn_bpe_merges(tokenizer, texts: Iterable[str], n: int, min_count: int = 2) -> list[tuple[str, str]]:
+    """Continue BPE training on ``texts``: up to ``n`` new merges, most frequent pair first (ties by string)."""
+    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+    model = tokenizer.backend_tokenizer.model
+    words: list[list[str]] = []
+    freqs: list[int] = []
+    for word, c in sorted(_pretokens(tokenizer, texts).items()):
+        if c < min_count:
+            continue
+        pieces = [t.value for t in model.tokenize(word)]
+        if len(pieces) >= 2:
+            words.append(pieces)
+            freqs.append(c)
+    pair_counts: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, (w, c) in enumerate(zip(words, freqs)):
+        for a, b in zip(w, w[1:]):
+            pair_counts[(a, b)] += c
+            where[(a, b)].add(i)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n and pair_counts:
+        best_count = max(pair_counts.values())
+        if best_count < min_count:
+            break
+        best = min(p for p, c in pair_counts.items() if c == best_count)
+        a, b = best
+        merged = a + b
+        merges.append(best)
+        for i in sorted(where.pop(best, ())):
+            w, c = words[i], freqs[i]
+            for x, y in zip(w, w[1:]):  # remove the word's old pairs
+                pair_counts[(x, y)] -= c
+                if pair_counts[(x, y)] <= 0:
+                    del pair_counts[(x, y)]
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+            for x, y in zip(out, out[1:]):
+                pair_counts[(x, y)] += c
+                where[(x, y)].add(i)
+        pair_counts.pop(best, None)
+        if merged in vocab:  # already a token (reachable another way): the merge is still valid, no new row
+            continue
+    return merges
+
+
+def _is_bpe(tokenizer) -> bool:
+    return _backend_json(tokenizer)["model"].get("type") == "BPE"
+
+
+def learn_new_tokens(tokenizer, texts: Iterable[str], n: int) -> list[str]:
+    """``n`` new tokens learned from ``texts`` (deterministic), in the tokenizer model's alphabet.
+
+    BPE tokenizers: the results of continued BPE merges (see :func:`learn_bpe_merges`); other tokenizers:
+    the whole pre-tokens the old tokenizer splits into two or more pieces, ranked by count x (pieces - 1).
+    """
+    if _is_bpe(tokenizer):
+        vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+        out, seen = [], set()
+        for a, b in learn_bpe_merges(tokenizer, texts, n):
+            t = a + b
+            if t not in vocab and t not in seen:
+                seen.add(t)
+                out.append(t)
+        return out
+    model = tokenizer.backend_tokenizer.model
+    scored = []
+    for word, c in _pretokens(tokenizer, texts).items():
+        k = len(model.tokenize(word))
+        if k >= 2 and c >= 2:
+            scored.append((-(c * (k - 1)), word))
+    return [w for _, w in sorted(scored)[:n]]
+
+
+# ----------------------------------------------------------------------------- the extended tokenizer
+
+
+def _with_merges(tokenizer, merges: list[tuple[str, str]]):
+    """A copy of ``tokenizer`` whose BPE model has ``merges`` appended (new vocabulary entries get new ids)."""
+    from tokenizers import Tokenizer
+
+    data = _backend_json(tokenizer)
+    model = data["model"]
+    vocab: dict[str, int] = model["vocab"]
+    used = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
+    next_id = max(used) + 1 if used else 0
+    as_strings = bool(model["merges"]) and isinstance(model["merges"][0], str)
+    for a, b in merges:
+        if a + b not in vocab:
+            vocab[a + b] = next_id
+            next_id += 1
+        model["merges"].append(f"{a} {b}" if as_strings else [a, b])
+    new = copy.deepcopy(tokenizer)
+    new._tokenizer = Tokenizer.from_str(json.dumps(data))
+    return new
+
+
+def build_extended_tokenizer(tokenizer, cfg: VocabConfig, texts: Iterable[str] | None = None):
+    """The extended tokenizer (a new object; ``tokenizer`` is not modified) and the :class:`VocabPlan`.
+
+    ``texts``: the new corpus; default: read from ``cfg.learn_from``.
+    """
+    old_vocab = tokenizer.get_vocab()
+    plan = VocabPlan(old_size=len(tokenizer))
+    new_tok = tokenizer
+    if cfg.learn_tokens > 0:
+        if texts is None:
+            texts = read_texts(cfg.learn_from, cfg.learn_max_chars, cfg.text_field)
+        texts = list(texts)
+        if _is_bpe(tokenizer):
+            merges = learn_bpe_merges(tokenizer, texts, cfg.learn_tokens)
+            new_tok = _with_merges(tokenizer, merges)
+            model = tokenizer.backend_tokenizer.model
+            for a, b in merges:
+                t = a + b
+                if t in old_vocab or t in plan.tokens:
+                    continue
+                plan.tokens.append(t)
+                plan.subtokens.append([x.id for x in model.tokenize(t)])
+        else:
+            learned = learn_new_tokens(tokenizer, texts, cfg.learn_tokens)
+            new_tok = copy.deepcopy(tokenizer)
+            model = tokenizer.backend_tokenizer.model
+            decoded = [tokenizer.backend_tokenizer.decoder.decode([w]) if tokenizer.backend_tokenizer.decoder
+                       else w for w in learned]
+            for w, raw in zip(learned, decoded):
+                plan.tokens.append(raw)
+                plan.subtokens.append([x.id for x in model.tokenize(w)])
+            _add_raw_tokens(new_tok, decoded)
+    if cfg.add_tokens_file is not None:
+        if new_tok is tokenizer:
+            new_tok = copy.deepcopy(tokenizer)
+        current = new_tok.get_vocab()
+        raw = [t for t in read_token_file(cfg.add_tokens_file) if t not in current]
+        # skip strings that the tokenizer already encodes as one token (nothing to gain)
+        raw = [t for t in raw if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+        for t in raw:
+            plan.tokens.append(t)
+            plan.subtokens.append(list(tokenizer(t, add_special_tokens=False)["input_ids"]))
+        _add_raw_tokens(new_tok, raw)
+    vocab = new_tok.get_vocab()
+    plan.ids = [vocab[t] for t in plan.tokens]
+    return new_tok, plan
+
+
+def _add_raw_tokens(tokenizer, tokens: list[str]) -> None:
+    from tokenizers import AddedToken
+
+    if tokens:
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in tokens])
+
+
+# ----------------------------------------------------------------------------- the model side
+
+
+@torch.no_grad()
+def init_new_rows(weight: torch.Tensor, old_rows: int, plan: VocabPlan, init: str) -> None:
+    """Set the rows of ``plan.ids`` (mean of subtoken rows or of all old rows) and every other row >= ``old_rows``
+    (padding: mean of all old rows). Rows < ``old_rows`` that are not in ``plan.ids`` are not touched."""
+    old = weight[:old_rows].float()
+    mean_all = old.mean(dim=0)
+    for r in range(old_rows, weight.shape[0]):
+        weight[r] = mean_all.to(weight.dtype)
+    for i, subs in zip(plan.ids, plan.subtokens):
+        subs = [s for s in subs if 0 <= s < old_rows]
+        row = old[subs].mean(dim=0) if (init == "mean_of_subtokens" and subs) else mean_all
+        weight[i] = row.to(weight.dtype)
+
+
+def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iterable[str] | None = None):
+    """Extend the tokenizer (see module doc), resize the model's embeddings and initialise the new rows.
+
+    Returns ``(model, tokenizer, new_token_ids)``: the same model (resized in place), the extended tokenizer
+    (a new object) and the ids of the added tokens. :func:`cpt.adapters.new_row_ids` adds the padding rows.
+    """
+    new_tok, plan = build_extended_tokenizer(tokenizer, cfg, texts)
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is emb.weight
+    old_rows = emb.weight.shape[0]
+    # the model may already have spare rows (padded vocab): new ids below old_rows reuse them
+    target = max(len(new_tok), old_rows)
+    if cfg.pad_to_multiple_of:
+        m = cfg.pad_to_multiple_of
+        target = (target + m - 1) // m * m
+    old_tok_rows = min(plan.old_size, old_rows)
+    if target != old_rows:
+        model.resize_token_embeddings(target, mean_resizing=False)
+    emb = model.get_input_embeddings()
+    init_new_rows(emb.weight, old_rows, plan, cfg.init)
+    # subtoken means must only ever read rows of real old tokens
+    assert all(s < old_tok_rows for subs in plan.subtokens for s in subs)
+    out = model.get_output_embeddings()
+    if out is not None and not tied:
+        init_new_rows(out.weight, old_rows, plan, cfg.init)
+        if getattr(out, "bias", None) is not None and out.bias.shape[0] > old_rows:
+            with torch.no_grad():
+                out.bias[old_rows:] = out.bias[:old_rows].float().mean().to(out.bias.dtype)
+    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    model._cpt_vocab_plan = plan
+    return model, new_tok, plan.ids
+
+
+def save_plan(plan: VocabPlan, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(plan.to_json(), indent=1, ensure_ascii=False))
+
+
+# ----------------------------------------------------------------------------- LR multiplier for new rows
+
+
+class NewRowsLR:
+    """An LR multiplier for some rows of some parameters (the new embedding rows), for any torch optimizer.
+
+    A gradient hook cannot do this with Adam-type optimizers (Adam divides the gradient by its own running RMS, so
+    scaling the gradient leaves the step unchanged), and a parameter group cannot hold part of a tensor. Instead,
+    a step pre-hook remembers the selected rows and a step post-hook rescales their update:
+    ``p[rows] = before + m * (p[rows] - before)``. For SGD (with momentum), Adam and AdamW (decoupled weight decay
+    included) the update is linear in the LR and the optimizer state does not depend on it, so this is exactly an
+    LR of ``m * lr`` for those rows — the test checks it against two parameter groups.
+
+    ``targets``: ``[(param, rows)]`` with ``rows`` a list of row indices or ``None`` (the whole tensor, e.g. peft's
+    ``trainable_tokens_delta``). Works on a single device and with DDP; not with ZeRO/FSDP sharding (the
+    optimizer updates flat shards, not these tensors) — :meth:`attach` refuses parameters it cannot see whole.
+    """
+
+    def __init__(self, targets: list[tuple[torch.Tensor, list[int] | None]], multiplier: float):
+        self.targets = [(p, None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=p.device))
+                        for p, rows in targets]
+        self.multiplier = float(multiplier)
+        self._before: list[torch.Tensor] = []
+        self._handles = []
+
+    @classmethod
+    def for_model(cls, model: nn.Module, new_token_ids: Iterable[int], multiplier: float) -> "NewRowsLR":
+        """Targets the new rows of a (possibly peft-wrapped) model: the embedding rows, the untied output rows,
+        or peft's ``trainable_tokens_delta`` parameters when LoRA trains them."""
+        from cpt.adapters import new_row_ids
+
+        targets = []
+        deltas = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+        if deltas:
+            targets = [(p, None) for p in deltas]
+        else:
+            rows = new_row_ids(model, new_token_ids)
+            emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+            for mod in (emb, out):
+                if mod is None or getattr(mod, "weight", None) is None:
+                    continue
+                w = mod.weight
+                if w.requires_grad and all(w is not t for t, _ in targets):
+                    targets.append((w, rows))
+        if not targets:
+            raise ValueError("no trainable new rows found (are the embeddings frozen?)")
+        return cls(targets, multiplier)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "NewRowsLR":
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+        for p, _ in self.targets:
+            if id(p) not in in_opt or p.numel() == 0 or type(p.data) is not torch.Tensor:
+                raise RuntimeError("NewRowsLR needs the optimizer to update the embedding tensors themselves "
+                                   "(single device or DDP); with ZeRO/FSDP sharding use a per-parameter LR instead")
+        self._handles.append(opt.register_step_pre_hook(self._pre))
+        self._handles.append(opt.register_step_post_hook(self._post))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def _pre(self, *_):
+        self._before = [(p.detach()[rows] if rows is not None else p.detach()).clone() for p, rows in self.targets]
+
+    @torch.no_grad()
+    def _post(self, *_):
+        m = self.multiplier
+        for (p, rows), before in zip(self.targets, self._before):
+            if rows is None:
+                p.copy_(before + m * (p - before))
+            else:
+                p[rows] = before + m * (p[rows] - before)
+        self._before = []
