@@ -1,0 +1,212 @@
+"""Vocabulary extension: tokenizer extension, embedding resize and initialisation, LoRA, new-row LR (cpt/vocab.py)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cpt.adapters import LoraConfig, apply_lora, merge_adapter, new_row_ids, save_adapter
+from cpt.vocab import NewRowsLR, VocabConfig, build_extended_tokenizer, extend_vocabulary, learn_new_tokens
+
+OLD = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+       "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles"] * 20
+NEW = ["def forward(self, inputs):\n    return isinstance(inputs, list) and self.forward(inputs)\n",
+       "import numpy as np\ndef main(self):\n    values = np.zeros(3)\n    return isinstance(values, dict)\n",
+       "class Model:\n    def forward(self, x):\n        return self.layer(x) if isinstance(x, int) else x\n"] * 5
+
+
+def tiny_tokenizer():
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(OLD, tr)
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+
+
+def tiny_model(vocab, tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_learned_tokens_are_deterministic_and_compress_the_new_corpus(tok):
+    a = learn_new_tokens(tok, NEW, 30)
+    b = learn_new_tokens(tiny_tokenizer(), list(NEW), 30)
+    assert a == b and len(a) == 30
+    vocab = tok.get_vocab()
+    assert not any(t in vocab for t in a)
+    new_tok, plan = build_extended_tokenizer(tok, VocabConfig(learn_from="unused", learn_tokens=30), texts=NEW)
+    assert plan.tokens == a and plan.ids == list(range(len(tok), len(tok) + 30))
+    text = NEW[0] + NEW[1]
+    old_ids = tok(text)["input_ids"]
+    new_ids = new_tok(text)["input_ids"]
+    assert len(new_ids) < len(old_ids)
+    assert new_tok.decode(new_ids) == text  # lossless
+    assert max(new_ids) >= len(tok)
+    # old-domain text still tokenizes to old ids only where no new merge applies: it must round-trip
+    assert new_tok.decode(new_tok(OLD[0])["input_ids"]) == OLD[0]
+    # the original tokenizer object is not modified
+    assert len(tok) == len(tiny_tokenizer()) and tok(text)["input_ids"] == old_ids
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_old_rows_unchanged_and_new_rows_are_mean_of_subtokens(tok, tmp_path, tie):
+    f = tmp_path / "tokens.txt"
+    f.write_text(" isinstance\n forward\nnumpy\n")
+    model = tiny_model(len(tok), tie=tie)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    cfg = VocabConfig(add_tokens_file=str(f), learn_from="unused", learn_tokens=5, pad_to_multiple_of=8)
+    model, new_tok, ids = extend_vocabulary(model, tok, cfg, texts=NEW)
+    n_old = len(tok)
+    assert len(new_tok) == n_old + 8 and len(ids) == 8
+    emb = model.get_input_embeddings().weight.detach()
+    out = model.get_output_embeddings().weight.detach()
+    assert emb.shape[0] % 8 == 0 and emb.shape[0] >= len(new_tok) and model.config.vocab_size == emb.shape[0]
+    assert torch.equal(emb[:n_old], old_in)
+    assert torch.equal(out[:n_old], old_out)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
+    for t in [" isinstance", " forward", "numpy"]:
+        i = new_tok.convert_tokens_to_ids(t)
+        assert i >= n_old
+        subs = tok(t, add_special_tokens=False)["input_ids"]
+        assert len(subs) >= 2
+        torch.testing.assert_close(emb[i], old_in[subs].mean(0))
+        torch.testing.assert_close(out[i], old_out[subs].mean(0))
+        # the file's tokens are matched in raw text
+        assert i in new_tok(f"x ={t}(y)")["input_ids"]
+    for i in ids:  # every new row is the mean of its token's old subtokens (learned tokens included)
+        token = new_tok.convert_ids_to_tokens(i)
+        subs = [x.id for x in tok.backend_tokenizer.model.tokenize(token)] if token in new_tok.backend_tokenizer.get_vocab(with_added_tokens=False) else tok(token, add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(emb[i], old_in[subs].mean(0))
+    # padding rows (beyond the tokenizer) are the mean of all old rows
+    for r in range(len(new_tok), emb.shape[0]):
+        torch.testing.assert_close(emb[r], old_in.mean(0))
+
+
+def test_mean_init_fallback(tok, tmp_path):
+    f = tmp_path / "tokens.txt"
+    f.write_text(" isinstance\n")
+    model = tiny_model(len(tok))
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    model, new_tok, ids = extend_vocabulary(model, tok, VocabConfig(add_tokens_file=str(f), init="mean"))
+    torch.testing.assert_close(model.get_input_embeddings().weight[ids[0]], old_in.mean(0))
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) + 1
+
+
+def test_model_with_spare_rows_reuses_them_and_keeps_old_rows(tok, tmp_path):
+    f = tmp_path / "tokens.txt"
+    f.write_text(" isinstance\n")
+    model = tiny_model(len(tok) + 16)  # padded vocabulary, as many released models have
+    before = model.get_input_embeddings().weight.detach().clone()
+    model, new_tok, ids = extend_vocabulary(model, tok, VocabConfig(add_tokens_file=str(f)))
+    w = model.get_input_embeddings().weight.detach()
+    assert w.shape[0] == len(tok) + 16 and ids == [len(tok)]
+    assert torch.equal(w[: len(tok)], before[: len(tok)])
+    subs = tok(" isinstance", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(w[ids[0]], before[subs].mean(0))
+
+
+def test_with_lora_new_rows_are_trainable_and_survive_merge(tok, tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_model(len(tok)).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model, new_tok, ids = extend_vocabulary(model, tok, VocabConfig(learn_from="x", learn_tokens=6,
+                                                                    pad_to_multiple_of=4), texts=NEW)
+    rows = new_row_ids(model, ids)
+    assert rows[: len(ids)] == ids and rows[-1] == model.get_input_embeddings().weight.shape[0] - 1
+    pm = apply_lora(model, LoraConfig(r=2), new_token_ids=ids)
+    deltas = {n: p for n, p in pm.named_parameters() if "trainable_tokens_delta" in n}
+    assert len(deltas) == 2 and all(p.requires_grad and p.shape[0] == len(rows) for p in deltas.values())
+    # train a few steps: only the new rows (and LoRA) move; old rows of the effective embedding do not
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    batch = torch.tensor([new_tok(NEW[0])["input_ids"][:40]])
+    assert max(batch[0]) >= len(tok)
+    emb_before = pm.get_input_embeddings()(torch.arange(len(new_tok))).detach().clone()
+    pm.train()
+    for _ in range(3):
+        loss = pm(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    emb_after = pm.get_input_embeddings()(torch.arange(len(new_tok))).detach()
+    assert torch.equal(emb_after[: len(tok)], emb_before[: len(tok)])
+    assert not torch.allclose(emb_after[ids], emb_before[ids])
+    with torch.no_grad():
+        expected = pm(batch).logits
+    adapter = save_adapter(pm, tmp_path / "adapter", tokenizer=new_tok)
+    merged_dir = merge_adapter(adapter, tmp_path / "merged")
+    merged = LlamaForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert merged.get_input_embeddings().weight.shape[0] == len(rows) + len(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert len(PreTrainedTokenizerFast.from_pretrained(merged_dir)) == len(new_tok)
+
+
+def _quadratic_loss(w, target):
+    return ((w - target) ** 2 * torch.arange(1, w.shape[0] + 1).unsqueeze(1)).sum()
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+def test_new_rows_lr_multiplier_equals_a_separate_lr(opt_name):
+    torch.manual_seed(0)
+    w0 = torch.randn(10, 4)
+    target = torch.randn(10, 4)
+    rows, m, lr = [7, 8, 9], 0.1 if opt_name == "adamw" else 3.0, 0.05
+    make = (lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=0.1)) if opt_name == "adamw" else \
+        (lambda groups: torch.optim.SGD(groups, lr=lr, momentum=0.9))
+
+    w = torch.nn.Parameter(w0.clone())
+    opt = make([w])
+    hook = NewRowsLR([(w, rows)], m).attach(opt)
+    # reference: old rows and new rows as two tensors in two parameter groups, the second at m * lr
+    a = torch.nn.Parameter(w0[:7].clone())
+    b = torch.nn.Parameter(w0[7:].clone())
+    ref = make([{"params": [a]}, {"params": [b], "lr": lr * m}])
+    plain = torch.nn.Parameter(w0.clone())
+    popt = make([plain])
+    for _ in range(5):
+        for o, loss in ((opt, _quadratic_loss(w, target)), (ref, _quadratic_loss(torch.cat([a, b]), target)),
+                        (popt, _quadratic_loss(plain, target))):
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    torch.testing.assert_close(w.detach(), torch.cat([a, b]).detach(), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(w.detach()[7:], plain.detach()[7:], atol=1e-4)  # the multiplier had an effect
+    torch.testing.assert_close(w.detach()[:7], plain.detach()[:7])  # other rows: untouched by the hook
+    hook.detach()
+
+
+def test_new_rows_lr_for_model_targets_embeddings(tok, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text(" isinstance\n")
+    model, new_tok, ids = extend_vocabulary(tiny_model(len(tok)), tok, VocabConfig(add_tokens_file=str(f)))
+    h = NewRowsLR.for_model(model, ids, 0.5)
+    assert [p is model.get_input_embeddings().weight or p is model.get_output_embeddings().weight
+            for p, _ in h.targets] == [True, True]
+    with pytest.raises(RuntimeError):
+        h.attach(torch.optim.AdamW([model.model.layers[0].mlp.up_proj.weight]))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        VocabConfig()
+    with pytest.raises(ValueError):
+        VocabConfig(learn_from="x")
+    with pytest.raises(ValueError):
+        VocabConfig(add_tokens_file="x", learn_tokens=3)
