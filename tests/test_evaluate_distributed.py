@@ -1,0 +1,119 @@
+"""Held-out evaluation over 2 CPU processes equals single-process evaluation (DDP, and ZeRO-3 when
+DeepSpeed is installed), with an uneven split so the dummy-batch padding is exercised."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cpt.config import EvalConfig
+from cpt.evaluate import HeldoutEvaluator, HeldoutSet, heldout_loss
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from cpt.config import EvalConfig
+    from cpt.evaluate import HeldoutEvaluator, HeldoutSet, heldout_loss
+
+    out, mode = sys.argv[1], sys.argv[2]
+    acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(0, 97, (7, 16), generator=g)  # 7 rows over 2 ranks: 4 + 3
+    toks2 = torch.randint(0, 97, (3, 16), generator=g)
+    if mode == "zero3":
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 2
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, opt = acc.prepare(model, opt)
+        # really sharded: this rank holds only part of the embedding
+        shard = model.module.model.embed_tokens.weight.ds_tensor.numel()
+        assert shard < 97 * 64, shard
+    else:
+        model = acc.prepare(model)
+    loss = heldout_loss(model, toks, batch_size=2, accelerator=acc)
+    ev = HeldoutEvaluator([HeldoutSet("old", "upstream", toks), HeldoutSet("new", "downstream", toks2)],
+                          EvalConfig(batch_size=2), acc)
+    metrics = ev.evaluate(model, step=0)
+    result = {"rank": acc.process_index, "num_processes": acc.num_processes, "loss": loss, "metrics": metrics,
+              "distributed_type": str(acc.distributed_type)}
+    with open(f"{out}.{acc.process_index}.json", "w") as f:
+        json.dump(result, f)
+    """
+)
+
+
+def single_process_values():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(0, 97, (7, 16), generator=g)
+    toks2 = torch.randint(0, 97, (3, 16), generator=g)
+    loss = heldout_loss(model, toks, batch_size=2)
+    ev = HeldoutEvaluator([HeldoutSet("old", "upstream", toks), HeldoutSet("new", "downstream", toks2)],
+                          EvalConfig(batch_size=2))
+    return loss, ev.evaluate(model, step=0)
+
+
+def launch(tmp_path: Path, mode: str) -> list[dict]:
+    script = tmp_path / "dist_eval.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / f"result_{mode}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    args = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if mode == "zero3":  # (ACCELERATE_USE_CPU=1 would silently turn DeepSpeed into plain DDP)
+        args += ["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "1"]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        args += ["--multi_gpu"]
+    args += [str(script), str(out), mode]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+
+
+def check(results, expected_loss, expected_metrics):
+    for r in results:
+        assert r["num_processes"] == 2, r  # really two synchronised processes
+        assert r["loss"] == pytest.approx(expected_loss, rel=1e-5)
+        assert r["metrics"].keys() == expected_metrics.keys()
+        for k, v in expected_metrics.items():
+            assert r["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    # both ranks report the same reduced value
+    assert results[0]["loss"] == results[1]["loss"]
+
+
+def test_ddp_two_processes_equal_single_process(tmp_path):
+    loss, metrics = single_process_values()
+    results = launch(tmp_path, "ddp")
+    assert "MULTI_CPU" in results[0]["distributed_type"]
+    check(results, loss, metrics)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_zero3_two_processes_equal_single_process(tmp_path):
+    loss, metrics = single_process_values()
+    results = launch(tmp_path, "zero3")
+    assert "DEEPSPEED" in results[0]["distributed_type"]
+    check(results, loss, metrics)
