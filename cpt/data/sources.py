@@ -24,6 +24,8 @@ class SourceConfig(Strict):
     split: str = "train"
     text_field: str = "text"
     streaming: bool = True
+    # type "hf": a seeded `datasets` shuffle buffer of this many examples (0: dataset order; exact resume)
+    shuffle_buffer: int = Field(0, ge=0)
 
 
 class HeldoutConfig(Strict):

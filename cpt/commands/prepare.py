@@ -1,0 +1,62 @@
+"""`cpt prepare INPUT... --tokenizer TOK --out DIR`: tokenize raw text into token shards (see cpt.data.prepare)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cpt prepare",
+        description="Tokenize jsonl (plain/.gz/.zst), parquet, text files or folders, or a `datasets` spec (--hf) "
+        "into token shards with a manifest.json. Bad records are skipped and counted.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or fsspec URLs; with --hf: load_dataset paths")
+    p.add_argument("--tokenizer", required=True, help="hub id or local folder of a fast tokenizer")
+    p.add_argument("--out", required=True, help="output folder (local)")
+    p.add_argument("--text-field", default="text", help="JSON/parquet/dataset field holding the text (default: text)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default: 100M)")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--heldout-docs", type=int, help="hold out this many documents into OUT/heldout")
+    held.add_argument("--heldout-fraction", type=float, help="hold out this fraction of documents into OUT/heldout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out selection (default: 0)")
+    p.add_argument("--num-proc", type=int, default=1,
+                   help="tokenizer processes; 1 (default) uses the tokenizer's own threads on all cores")
+    p.add_argument("--max-doc-tokens", type=int, help="documents longer than this are truncated (or skipped, --long-docs skip)")
+    p.add_argument("--long-docs", choices=["truncate", "skip"], default="truncate")
+    p.add_argument("--add-bos", action="store_true", help="also put BOS before each document (EOS always follows each)")
+    p.add_argument("--glob", help="only files whose name matches this pattern when an input is a folder, e.g. '*.jsonl.zst'")
+    p.add_argument("--hf", action="store_true", help="inputs are datasets.load_dataset paths (hub ids, folders, 'json', ...)")
+    p.add_argument("--dataset-name", help="--hf: the dataset configuration name")
+    p.add_argument("--split", default="train", help="--hf: split (default: train)")
+    p.add_argument("--data-files", nargs="+", help="--hf: data_files for builders such as json/parquet/text")
+    p.add_argument("--streaming", action="store_true", help="--hf: stream the dataset instead of downloading it")
+    p.add_argument("--force", action="store_true", help="re-tokenize even when OUT is up to date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from cpt.data.prepare import PrepareError, format_summary, prepare
+
+    try:
+        manifest = prepare(
+            args.inputs, args.tokenizer, args.out, text_field=args.text_field, shard_tokens=args.shard_tokens,
+            heldout_docs=args.heldout_docs, heldout_fraction=args.heldout_fraction, seed=args.seed,
+            num_proc=args.num_proc, max_doc_tokens=args.max_doc_tokens, long_docs=args.long_docs,
+            add_bos=args.add_bos, glob=args.glob, hf=args.hf, dataset_name=args.dataset_name, split=args.split,
+            data_files=args.data_files, streaming=args.streaming, force=args.force,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except PrepareError as e:
+        print(f"cpt prepare: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cpt prepare: interrupted; no manifest was written, the previous one (if any) was kept or removed", file=sys.stderr)
+        return 130
+    print(format_summary(manifest, args.out))
+    return 0

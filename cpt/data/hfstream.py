@@ -1,0 +1,181 @@
+"""Source type ``hf``: stream a `datasets` dataset, tokenize on the fly, pack into fixed-length sequences.
+
+For users who do not pre-tokenize. Packing is the same as for prepared shards: documents, each
+followed by EOS, are concatenated and cut into ``seq_len`` sequences, in the dataset's order (with
+``shuffle_buffer > 0`` a seeded `datasets` shuffle buffer, re-seeded per epoch via ``set_epoch``).
+
+Resume: the state is (epoch, the `datasets` ``IterableDataset.state_dict()`` taken just before the
+document holding the next unread token, and how many tokens of that document were already used).
+Loading it re-opens the dataset at that document (datasets resumes by shard and example offset)
+and re-tokenizes only that one document. With a shuffle buffer, datasets does not restore the
+buffer's contents, so the order after a resume differs from an uninterrupted run; use prepared
+shards (`cpt prepare`) for exact resume at scale.
+
+The stream is global (it has no rank split): in the mixer every rank reads it whole and keeps its
+own rows, so global batches do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter, deque
+from typing import Any
+
+import numpy as np
+
+from cpt.data.shards import _backend, dtype_for_vocab, tokenizer_fingerprint, vocab_size
+
+logger = logging.getLogger("cpt.data")
+
+
+class HFSourceError(ValueError):
+    """A `datasets` source that cannot be loaded or holds no usable text."""
+
+
+class HFTokenStream:
+    """Sequential packed sequences from a `datasets` source; ``next_sequences(n)`` returns the next ``n``."""
+
+    def __init__(self, cfg: Any, tokenizer: Any, seq_len: int, seed: int = 0, batch_docs: int = 64):
+        self.cfg, self.seq_len, self.seed, self.batch_docs = cfg, seq_len, seed, batch_docs
+        self.name = cfg.name
+        self._backend = _backend(tokenizer)
+        self.eos_id = getattr(tokenizer, "eos_token_id", None)
+        if self.eos_id is None:
+            raise HFSourceError(f"source {self.name!r}: the tokenizer has no EOS token")
+        self.dtype = dtype_for_vocab(vocab_size(tokenizer))
+        self.tokenizer_hash = tokenizer_fingerprint(tokenizer)
+        self._ds = self._load()
+        self.epoch = 0
+        self.sequences_read = 0
+        self.skipped: Counter = Counter()
+        self._reset(epoch=0, ds_state=None, used=0)
+
+    # ------------------------------------------------------------ dataset
+
+    def _load(self) -> Any:
+        import datasets
+
+        c = self.cfg
+        try:
+            ds = datasets.load_dataset(c.path, name=c.hf_name, data_files=c.data_files, split=c.split, streaming=c.streaming)
+        except Exception as e:  # datasets raises many exception types for missing/unreachable data
+            raise HFSourceError(f"source {self.name!r}: datasets.load_dataset({c.path!r}) failed: {e}") from None
+        if not isinstance(ds, datasets.IterableDataset):
+            ds = ds.to_iterable_dataset()
+        buffer = getattr(c, "shuffle_buffer", 0) or 0
+        if buffer > 0:
+            ds = ds.shuffle(seed=self.seed, buffer_size=buffer)
+        return ds
+
+    def _reset(self, epoch: int, ds_state: dict | None, used: int) -> None:
+        """Start reading at the document described by ``ds_state`` (None: the epoch's start), skipping ``used`` tokens."""
+        self.epoch = epoch
+        self._ds.set_epoch(epoch)
+        if ds_state is not None:
+            self._ds.load_state_dict(copy.deepcopy(ds_state))
+        else:
+            self._ds.load_state_dict(self._fresh_state)
+        self._it = iter(self._ds)
+        self._docs: deque = deque()  # (epoch, ds state before the doc, tokens)
+        self._used = 0
+        self._available = 0
+        self._empty_epoch = True
+        if used:
+            self._fill(used + 1)
+            self._take(used)
+
+    @property
+    def _fresh_state(self) -> dict:
+        if not hasattr(self, "_initial_state"):
+            self._initial_state = copy.deepcopy(self._ds.state_dict())
+        return copy.deepcopy(self._initial_state)
+
+    def _pull_docs(self) -> bool:
+        """Read and tokenize up to ``batch_docs`` documents; False at the end of the epoch."""
+        states, texts = [], []
+        field = self.cfg.text_field
+        ended = False
+        while len(texts) < self.batch_docs:
+            state = self._ds.state_dict()
+            try:
+                example = next(self._it)
+            except StopIteration:
+                ended = True
+                break
+            value = example.get(field)
+            if value is None:
+                self.skipped["missing_field"] += 1
+            elif not isinstance(value, str):
+                self.skipped["not_text"] += 1
+            elif not value.strip():
+                self.skipped["empty"] += 1
+            else:
+                states.append(state)
+                texts.append(value)
+        if texts:
+            self._empty_epoch = False
+            encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
+            for state, enc in zip(states, encode(texts, add_special_tokens=False)):
+                tokens = np.array(enc.ids + [self.eos_id], dtype=self.dtype)
+                self._docs.append((self.epoch, state, tokens))
+                self._available += len(tokens)
+        return bool(texts) or not ended
+
+    def _next_epoch(self) -> None:
+        if self._empty_epoch:
+            raise HFSourceError(
+                f"source {self.name!r}: no usable text in field {self.cfg.text_field!r} ({dict(self.skipped)} skipped)"
+            )
+        self.epoch += 1
+        self._ds.set_epoch(self.epoch)
+        self._ds.load_state_dict(self._fresh_state)
+        self._it = iter(self._ds)
+        self._empty_epoch = True
+
+    def _fill(self, need: int) -> None:
+        while self._available - self._used < need:
+            if not self._pull_docs():
+                self._next_epoch()
+
+    def _take(self, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=self.dtype)
+        done = 0
+        while done < n:
+            _, _, tokens = self._docs[0]
+            k = min(len(tokens) - self._used, n - done)
+            out[done : done + k] = tokens[self._used : self._used + k]
+            done += k
+            self._used += k
+            if self._used == len(tokens):
+                self._docs.popleft()
+                self._available -= len(tokens)
+                self._used = 0
+        return out
+
+    # ------------------------------------------------------------ public
+
+    def next_sequences(self, n: int) -> np.ndarray:
+        """The next ``n`` packed sequences, ``[n, seq_len]``."""
+        self._fill(n * self.seq_len)
+        out = self._take(n * self.seq_len).reshape(n, self.seq_len)
+        self.sequences_read += n
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._docs:
+            epoch, ds_state, _ = self._docs[0]
+            return {"epoch": epoch, "ds_state": copy.deepcopy(ds_state), "used": self._used,
+                    "sequences_read": self.sequences_read, "skipped": dict(self.skipped)}
+        return {"epoch": self.epoch, "ds_state": self._ds.state_dict(), "used": 0,
+                "sequences_read": self.sequences_read, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved document and offset (re-tokenizes at most one batch of documents)."""
+        self._reset(int(state["epoch"]), state["ds_state"], int(state["used"]))
+        self.sequences_read = int(state["sequences_read"])
+        self.skipped = Counter(state.get("skipped", {}))
+
+    def fingerprint(self) -> str:
+        c = self.cfg
+        return f"hf:{c.path}:{c.hf_name}:{c.data_files}:{c.split}:{c.text_field}:{self.tokenizer_hash}"

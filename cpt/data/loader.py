@@ -1,0 +1,183 @@
+"""What the training loop calls: this rank's rows of every global batch, resume state and data metrics.
+
+Global batch ``step`` (the same for any world size):
+
+1. the :class:`~cpt.data.mixer.Mixer` gives the rows of each source (exact shares, error-carrying);
+2. source ``j`` contributes the next ``n_j`` positions of its stream (positions are global counters:
+   shard sources map them to sequences through their per-epoch permutation, ``hf`` sources read
+   them in order);
+3. the rows are interleaved by a permutation seeded with ``(seed, step)``, so every rank and
+   micro-batch sees the mix, and rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)``.
+
+Shard sources only read this rank's rows; ``hf`` sources are read whole by every rank.
+The state (step, mixer errors and row counts, per-source positions, ``hf`` dataset states) is a
+few numbers: ``load_state_dict`` is O(1) and independent of the world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cpt.data.hfstream import HFTokenStream
+from cpt.data.mixer import Mixer, MixPlan
+from cpt.data.shards import ShardError, TokenShards, tokenizer_fingerprint
+from cpt.data.stream import PackedStream
+
+logger = logging.getLogger("cpt.data")
+
+STATE_VERSION = 1
+
+
+class RepeatedDataWarning(UserWarning):
+    """A source has been repeated more epochs than ``data.max_epochs_warning``."""
+
+
+class CPTDataLoader:
+    """Deterministic, resumable mixed batches; see the module docstring for the semantics."""
+
+    def __init__(self, data_cfg: Any, stages: Sequence[Any], tokenizer: Any, global_batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if global_batch_size % world_size:
+            raise ValueError(f"global_batch_size ({global_batch_size}) must be divisible by world_size ({world_size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.cfg, self.seq_len, self.seed = data_cfg, int(data_cfg.seq_len), int(seed)
+        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
+        self.max_epochs_warning = float(getattr(data_cfg, "max_epochs_warning", 4.0))
+        used = {n for st in stages for n, w in st.mix.items() if w > 0 or n in (getattr(st, "mix_ramp", None) or {})}
+        self.sources = [s for s in data_cfg.sources if s.name in used]
+        self.source_names = [s.name for s in self.sources]
+        missing = sorted(used - set(self.source_names))
+        if missing:
+            raise ValueError(f"stages mix unknown sources {missing}; data.sources has {[s.name for s in data_cfg.sources]}")
+        self.plan = MixPlan(stages, self.source_names)
+        self.mixer = Mixer(self.plan, global_batch_size)
+        tok_hash = tokenizer_fingerprint(tokenizer)
+        verify = bool(getattr(data_cfg, "verify_checksums", True))
+        self.streams: list[PackedStream | HFTokenStream] = [
+            self._open(s, tokenizer, tok_hash, verify) for s in self.sources
+        ]
+        self.positions = [0] * len(self.sources)
+        self.warned: set[str] = set()
+
+    def _open(self, src: Any, tokenizer: Any, tok_hash: str, verify: bool) -> PackedStream | HFTokenStream:
+        if src.type == "hf":
+            return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed)
+        try:
+            shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify)
+        except ShardError as e:
+            raise ShardError(f"data source {src.name!r}: {e}") from None
+        return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
+
+    # ------------------------------------------------------------ batches
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of global batch ``step``: ``input_ids`` [B/W, seq_len] and ``source`` [B/W]."""
+        counts = self.mixer.counts(step)
+        B, W = self.global_batch_size, self.world_size
+        row_source = np.repeat(np.arange(len(counts)), counts)
+        row_source = row_source[np.random.default_rng([self.seed, step]).permutation(B)]
+        # the k-th row of source j (in batch order) is that source's stream position positions[j] + k
+        rank_rows = slice(self.rank * B // W, (self.rank + 1) * B // W)
+        mine = row_source[rank_rows]
+        out = np.empty((len(mine), self.seq_len), dtype=np.int64)
+        for j, n in enumerate(counts):
+            if n == 0:
+                continue
+            stream = self.streams[j]
+            rows_j = np.flatnonzero(row_source == j)  # batch rows of source j, in order
+            if isinstance(stream, HFTokenStream):
+                seqs = stream.next_sequences(n)  # every rank reads the whole share of an hf source
+                mask = (rows_j >= rank_rows.start) & (rows_j < rank_rows.stop)
+                out[mine == j] = seqs[mask]
+            else:
+                k = np.flatnonzero((rows_j >= rank_rows.start) & (rows_j < rank_rows.stop))
+                if len(k):
+                    out[mine == j] = stream.sequences(self.positions[j] + k)
+            self.positions[j] += n
+        self._check_epochs()
+        return {"input_ids": torch.from_numpy(out), "source": torch.from_numpy(mine.astype(np.int64))}
+
+    # ------------------------------------------------------------ metrics and warnings
+
+    def epochs(self) -> dict[str, float]:
+        """Epochs of every source consumed so far (fractional for shards, completed ones for ``hf``)."""
+        out = {}
+        for name, stream, pos in zip(self.source_names, self.streams, self.positions):
+            out[name] = stream.epoch_of(pos) if isinstance(stream, PackedStream) else float(stream.epoch)
+        return out
+
+    def _check_epochs(self) -> None:
+        for name, e in self.epochs().items():
+            if e > self.max_epochs_warning and name not in self.warned:
+                self.warned.add(name)
+                msg = (f"data source {name!r} is now in epoch {e:.2f}, past data.max_epochs_warning="
+                       f"{self.max_epochs_warning:g}: repeated data gives diminishing and then negative returns")
+                logger.warning(msg)
+                warnings.warn(msg, RepeatedDataWarning, stacklevel=3)
+
+    def metrics(self) -> dict[str, float]:
+        """``data/tokens/<src>`` (global, cumulative), ``data/share/<src>`` (share at the last step), ``data/epochs/<src>``."""
+        out: dict[str, float] = {}
+        epochs = self.epochs()
+        for j, name in enumerate(self.source_names):
+            out[f"data/tokens/{name}"] = float(self.mixer.rows[j] * self.seq_len)
+            out[f"data/share/{name}"] = float(self.mixer.last_shares[j])
+            out[f"data/epochs/{name}"] = epochs[name]
+        return out
+
+    # ------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "mixer": self.mixer.state_dict(),
+            "sources": self.source_names,
+            "positions": list(self.positions),
+            "hf": {n: s.state_dict() for n, s in zip(self.source_names, self.streams) if isinstance(s, HFTokenStream)},
+            "warned": sorted(self.warned),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position after the last batch served (O(1); any world size)."""
+        if state.get("sources") != self.source_names:
+            raise ValueError(f"data state is for sources {state.get('sources')}, this run has {self.source_names}")
+        self.mixer.load_state_dict(state["mixer"])
+        self.positions = [int(p) for p in state["positions"]]
+        for name, stream in zip(self.source_names, self.streams):
+            if isinstance(stream, HFTokenStream):
+                stream.load_state_dict(state["hf"][name])
+        self.warned = set(state.get("warned", []))
+
+    def fingerprint(self) -> str:
+        """Identity of the data this loader reads (manifests, seq_len, seed); checked on resume."""
+        parts = {"seq_len": self.seq_len, "seed": self.seed}
+        for name, stream in zip(self.source_names, self.streams):
+            parts[name] = stream.fingerprint() if isinstance(stream, HFTokenStream) else stream.shards.fingerprint()
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = True) -> torch.Tensor:
+    """The first ``max_tokens`` tokens of a held-out set as ``LongTensor[n, seq_len]`` (no shuffle).
+
+    ``cfg.max_tokens``, when set, overrides ``max_tokens``. The set's tokenizer hash must match the
+    run's tokenizer; a set shorter than one sequence is an error.
+    """
+    limit = getattr(cfg, "max_tokens", None) or max_tokens
+    try:
+        shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify)
+    except ShardError as e:
+        raise ShardError(f"held-out set {cfg.name!r}: {e}") from None
+    n_tokens = shards.num_tokens if limit is None else min(int(limit), shards.num_tokens)
+    n = n_tokens // seq_len
+    if n == 0:
+        raise ValueError(f"held-out set {cfg.name!r} ({cfg.path}) has {shards.num_tokens} tokens, fewer than one sequence of {seq_len}")
+    tokens = shards.read(0, n * seq_len).astype(np.int64).reshape(n, seq_len)
+    return torch.from_numpy(tokens)

@@ -1,0 +1,316 @@
+"""The token-shard format written by `cpt prepare` and read by the packed streams.
+
+A prepared source is a directory (local or any fsspec URL: s3://, gs://, hf://, http(s)://, memory://)::
+
+    manifest.json          written last, atomically: the directory is valid iff this file exists
+    shard_00000.bin        flat token array (little-endian uint16 if the vocabulary fits, else uint32)
+    shard_00000.idx        uint64 start offsets (within the shard) of the documents that start in it
+    ...
+
+Documents are concatenated in order, each followed by the EOS token, so the shards together form
+one token stream; a document may continue from one shard into the next. The manifest records the
+tokenizer (name and :func:`tokenizer_fingerprint`), dtype, token and document counts, the
+per-shard counts and per-file checksums (xxh3-64), and what `cpt prepare` skipped and why.
+
+Local shards are read through ``np.memmap``; remote shards through fsspec range reads
+(``cat_ranges``), so only the bytes of the requested sequences travel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("cpt.data")
+
+MANIFEST = "manifest.json"
+FORMAT_NAME = "cpt-token-shards"
+FORMAT_VERSION = 1
+CHECKSUM_ALGO = "xxh3_64"
+_CHUNK = 16 << 20
+
+
+class ShardError(ValueError):
+    """A prepared source that cannot be used: missing, corrupt, or made with another tokenizer."""
+
+
+# ---------------------------------------------------------------- tokenizer identity
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer (or the object itself)."""
+    return getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None) or tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the tokenizer's vocabulary (token -> id, added tokens included): ``sha256:<hex16>``.
+
+    Two tokenizers with the same fingerprint map every token string to the same id, so token
+    shards made with one can be trained with the other.
+    """
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else _backend(tokenizer).get_vocab()
+    items = sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))
+    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return f"sha256:{digest[:16]}"
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def vocab_size(tokenizer: Any) -> int:
+    """Number of ids the tokenizer can produce (base vocabulary plus added tokens)."""
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return int(_backend(tokenizer).get_vocab_size(with_added_tokens=True))
+
+
+def dtype_for_vocab(n: int) -> np.dtype:
+    """uint16 when every id fits (vocabulary <= 65,536), else uint32."""
+    return np.dtype("<u2") if n <= 1 << 16 else np.dtype("<u4")
+
+
+# ---------------------------------------------------------------- checksums and paths
+
+
+def new_hasher() -> Any:
+    import xxhash
+
+    return xxhash.xxh3_64()
+
+
+def checksum_bytes(data: bytes | memoryview) -> str:
+    h = new_hasher()
+    h.update(data)
+    return h.hexdigest()
+
+
+def checksum_stream(f: Any) -> str:
+    h = new_hasher()
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def is_remote(path: str) -> bool:
+    """True for fsspec URLs other than plain local paths (file:// counts as remote: read via fsspec)."""
+    return "://" in str(path)
+
+
+def join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if is_remote(base) else os.path.join(base, name)
+
+
+def shard_names(i: int) -> tuple[str, str]:
+    return f"shard_{i:05d}.bin", f"shard_{i:05d}.idx"
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class _Shard:
+    tokens_file: str
+    docs_file: str
+    num_tokens: int
+    num_documents: int
+    start: int  # global token offset of this shard's first token
+
+
+class TokenShards:
+    """Random access to the token stream of one prepared source.
+
+    ``read(start, length)`` returns tokens ``[start, start + length)`` of the concatenated stream
+    (crossing shard boundaries as needed); ``read_many(starts, length)`` returns a 2-D array of
+    several such windows with one batched range request on remote storage.
+    """
+
+    def __init__(self, path: str, manifest: dict, fs: Any = None, root: str | None = None):
+        self.path = path
+        self.manifest = manifest
+        self._fs = fs  # None: local memmaps
+        self._root = root if root is not None else path
+        self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+        self.num_tokens = int(manifest["num_tokens"])
+        self.num_documents = int(manifest["num_documents"])
+        self.tokenizer_hash = manifest["tokenizer"]["hash"]
+        self.eos_token_id = manifest["tokenizer"].get("eos_token_id")
+        self._shards: list[_Shard] = []
+        start = 0
+        for s in manifest["shards"]:
+            self._shards.append(_Shard(s["tokens_file"], s["docs_file"], int(s["num_tokens"]), int(s["num_documents"]), start))
+            start += int(s["num_tokens"])
+        if start != self.num_tokens:
+            raise ShardError(f"{path}: manifest shards hold {start} tokens but num_tokens says {self.num_tokens}")
+        self._starts = np.array([s.start for s in self._shards] + [start], dtype=np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, expected_tokenizer_hash: str | None = None, verify: bool = True) -> "TokenShards":
+        """Open a prepared source (local directory or fsspec URL).
+
+        Raises :class:`ShardError` when the manifest is missing or unreadable, a shard file is
+        missing or has the wrong size, a checksum differs (``verify=True``), or the manifest's
+        tokenizer hash differs from ``expected_tokenizer_hash`` (the message names both).
+        """
+        path = str(path)
+        fs, root = None, path
+        if is_remote(path):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(path)
+        manifest = cls._load_manifest(path, fs, root)
+        got = manifest["tokenizer"]["hash"]
+        if expected_tokenizer_hash is not None and got != expected_tokenizer_hash:
+            raise ShardError(
+                f"{path}: prepared with tokenizer {manifest['tokenizer'].get('name')!r} (vocabulary hash {got}), "
+                f"but this run's tokenizer has vocabulary hash {expected_tokenizer_hash}; "
+                "re-run `cpt prepare` with the run's tokenizer"
+            )
+        shards = cls(path, manifest, fs, root)
+        shards._check_files(verify)
+        return shards
+
+    @staticmethod
+    def _load_manifest(path: str, fs: Any, root: str) -> dict:
+        mpath = f"{root.rstrip('/')}/{MANIFEST}" if fs is not None else os.path.join(path, MANIFEST)
+        try:
+            if fs is not None:
+                with fs.open(mpath, "rb") as f:
+                    text = f.read().decode("utf-8")
+            else:
+                with open(mpath, encoding="utf-8") as f:
+                    text = f.read()
+        except FileNotFoundError:
+            raise ShardError(f"{path}: no {MANIFEST} (not a prepared source; run `cpt prepare`, or it was interrupted)") from None
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{path}/{MANIFEST}: not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT_NAME:
+            raise ShardError(f"{path}/{MANIFEST}: not a {FORMAT_NAME} manifest")
+        if int(manifest.get("version", 0)) > FORMAT_VERSION:
+            raise ShardError(f"{path}: format version {manifest['version']} is newer than this cpt reads ({FORMAT_VERSION})")
+        return manifest
+
+    def _file(self, name: str) -> str:
+        return f"{self._root.rstrip('/')}/{name}" if self._fs is not None else os.path.join(self.path, name)
+
+    def _size(self, name: str) -> int:
+        p = self._file(name)
+        try:
+            return int(self._fs.size(p)) if self._fs is not None else os.path.getsize(p)
+        except FileNotFoundError:
+            raise ShardError(f"{self.path}: shard file {name} is missing") from None
+
+    def _check_files(self, verify: bool) -> None:
+        """Sizes always (cheap); checksums of every file when ``verify``."""
+        itemsize = self.dtype.itemsize
+        for meta, sh in zip(self.manifest["shards"], self._shards):
+            for name, expected in ((sh.tokens_file, sh.num_tokens * itemsize), (sh.docs_file, sh.num_documents * 8)):
+                size = self._size(name)
+                if size != expected:
+                    raise ShardError(f"{self.path}: {name} has {size} bytes, the manifest expects {expected} (truncated or replaced)")
+            if verify:
+                for name, key in ((sh.tokens_file, "tokens_checksum"), (sh.docs_file, "docs_checksum")):
+                    with self._open_file(name) as f:
+                        got = checksum_stream(f)
+                    if got != meta[key]:
+                        raise ShardError(
+                            f"{self.path}: checksum mismatch for {name} ({CHECKSUM_ALGO} {got}, manifest {meta[key]}); "
+                            "the file is corrupt or was changed after `cpt prepare` (verify_checksums=false skips this check)"
+                        )
+
+    def _open_file(self, name: str) -> Any:
+        return self._fs.open(self._file(name), "rb") if self._fs is not None else open(self._file(name), "rb")
+
+    # ------------------------------------------------------------ reading
+
+    def _memmap(self, i: int) -> np.ndarray:
+        m = self._maps.get(i)
+        if m is None:
+            sh = self._shards[i]
+            if sh.num_tokens == 0:
+                m = np.zeros(0, dtype=self.dtype)
+            else:
+                m = np.memmap(self._file(sh.tokens_file), dtype=self.dtype, mode="r", shape=(sh.num_tokens,))
+            self._maps[i] = m
+        return m
+
+    def _pieces(self, start: int, length: int) -> list[tuple[int, int, int, int]]:
+        """(shard, offset in shard, count, offset in output) for the window [start, start+length)."""
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) out of range [0, {self.num_tokens})")
+        out, pos, done = [], start, 0
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while done < length:
+            sh = self._shards[i]
+            off = pos - sh.start
+            n = min(sh.num_tokens - off, length - done)
+            if n > 0:
+                out.append((i, off, n, done))
+                done += n
+                pos += n
+            i += 1
+        return out
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the stream, as a new array of the shard dtype."""
+        return self.read_many(np.array([start], dtype=np.int64), length)[0]
+
+    def read_many(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Windows of ``length`` tokens at each start: an array ``[len(starts), length]``."""
+        starts = np.asarray(starts, dtype=np.int64)
+        out = np.empty((len(starts), length), dtype=self.dtype)
+        pieces = [(row, p) for row, s in enumerate(starts.tolist()) for p in self._pieces(s, length)]
+        if self._fs is None:
+            for row, (i, off, n, at) in pieces:
+                out[row, at : at + n] = self._memmap(i)[off : off + n]
+            return out
+        itemsize = self.dtype.itemsize
+        paths = [self._file(self._shards[i].tokens_file) for _, (i, _, _, _) in pieces]
+        begins = [off * itemsize for _, (_, off, _, _) in pieces]
+        ends = [(off + n) * itemsize for _, (_, off, n, _) in pieces]
+        blobs = self._fs.cat_ranges(paths, begins, ends)
+        for (row, (_, _, n, at)), blob in zip(pieces, blobs):
+            if isinstance(blob, Exception):
+                raise ShardError(f"{self.path}: range read failed: {blob}")
+            out[row, at : at + n] = np.frombuffer(blob, dtype=self.dtype, count=n)
+        return out
+
+    def document_starts(self) -> np.ndarray:
+        """Global token offsets of every document start (reads the .idx files; for tests and tools)."""
+        parts = []
+        for sh in self._shards:
+            with self._open_file(sh.docs_file) as f:
+                parts.append(np.frombuffer(f.read(), dtype="<u8").astype(np.int64) + sh.start)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        """Identity of the data: tokenizer hash plus every file checksum."""
+        h = hashlib.sha256(self.tokenizer_hash.encode())
+        for s in self.manifest["shards"]:
+            h.update(f"{s['tokens_checksum']}:{s['docs_checksum']}:{s['num_tokens']}".encode())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"TokenShards({self.path!r}, tokens={self.num_tokens:,}, documents={self.num_documents:,}, shards={len(self._shards)})"

@@ -1,0 +1,183 @@
+"""Packed streams: a prepared source seen as fixed-length sequences in a deterministic order.
+
+Packing: the source's token stream (documents joined by EOS, see :mod:`cpt.data.shards`) is cut into
+``N = num_tokens // seq_len`` sequences; sequence ``i`` is tokens ``[i * seq_len, (i + 1) * seq_len)``
+(the last partial sequence is dropped). Documents longer than ``seq_len`` continue in the next sequence.
+
+Order: the stream is an endless list of *positions* ``p = 0, 1, 2, ...``; position ``p`` is epoch
+``p // N`` and sequence ``perm(seed, name, epoch)[p % N]``. The permutation is a keyed Feistel
+bijection on ``[0, N)`` (cycle walking), so it needs O(1) memory for any corpus size, any position
+is computed directly, and every epoch has its own order: a pure function of (seed, source name, epoch).
+
+Splits: ``PackedStream`` is also a torch ``IterableDataset``; rank ``r`` of ``W`` with dataloader
+worker ``w`` of ``K`` reads positions ``p ≡ r*K + w (mod W*K)``: disjoint, and together every
+sequence once per epoch. Its state is the next position, so ``load_state_dict`` is O(1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from cpt.data.shards import TokenShards
+
+_M64 = (1 << 64) - 1
+_ROUNDS = 6
+
+
+def _key(seed: int, name: str, epoch: int) -> int:
+    data = f"{seed}\x00{name}\x00{epoch}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _mix(x: np.ndarray, k: np.uint64) -> np.ndarray:
+    """A splitmix64-style round function on uint64 arrays (wrapping arithmetic)."""
+    z = (x + k) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class Permutation:
+    """A keyed bijection of ``[0, n)``: ``perm(idx)`` for arrays of indices, O(1) memory.
+
+    A balanced Feistel network on ``2 * half`` bits (the smallest even width covering ``n``) with
+    cycle walking: values that land outside ``[0, n)`` are permuted again until they fall inside,
+    which keeps it a bijection of ``[0, n)`` (at most four tries on average).
+    """
+
+    def __init__(self, n: int, key: int):
+        if n <= 0:
+            raise ValueError(f"cannot permute an empty range (n={n})")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        bits += bits % 2
+        self.half = bits // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        rng = np.random.Generator(np.random.PCG64(key))
+        self.keys = [np.uint64(k) for k in rng.integers(0, 2**63, size=_ROUNDS, dtype=np.int64)]
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half)
+        left, right = x >> h, x & self.mask
+        with np.errstate(over="ignore"):
+            for k in self.keys:
+                left, right = right, left ^ (_mix(right, k) & self.mask)
+        return (left << h) | right
+
+    def __call__(self, idx: np.ndarray | int) -> np.ndarray:
+        x = np.asarray(idx, dtype=np.uint64).copy()
+        if x.size and (x.max() >= self.n):
+            raise IndexError(f"index out of range [0, {self.n})")
+        x = self._feistel(x)
+        out = x >= np.uint64(self.n)
+        while out.any():
+            x[out] = self._feistel(x[out])
+            out = x >= np.uint64(self.n)
+        return x.astype(np.int64)
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """Fixed-length sequences of one prepared source, in a deterministic, resumable order.
+
+    ``sequences(positions)`` gives the sequences at any positions (random access, used by the
+    mixer); iterating yields this rank/worker's slice from the current position on.
+    """
+
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int = 0, name: str = "",
+                 rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be positive (got {seq_len})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.shards, self.seq_len, self.seed, self.name = shards, seq_len, seed, name
+        self.rank, self.world_size = rank, world_size
+        self.num_sequences = shards.num_tokens // seq_len
+        if self.num_sequences == 0:
+            raise ValueError(
+                f"source {name or shards.path!r} has {shards.num_tokens} tokens, fewer than one sequence of {seq_len}"
+            )
+        self.position = 0  # next position this stream's iterator yields (global, before rank/worker split)
+        self._perms: dict[int, Permutation] = {}
+
+    # ------------------------------------------------------------ random access
+
+    def permutation(self, epoch: int) -> Permutation:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            perm = self._perms[epoch] = Permutation(self.num_sequences, _key(self.seed, self.name, epoch))
+        return perm
+
+    def sequence_ids(self, positions: np.ndarray) -> np.ndarray:
+        """The sequence index (into the packed source) at each stream position."""
+        positions = np.asarray(positions, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_sequences)
+        out = np.empty(len(positions), dtype=np.int64)
+        for e in np.unique(epochs).tolist():
+            sel = epochs == e
+            out[sel] = self.permutation(int(e))(offsets[sel])
+        return out
+
+    def sequences(self, positions: np.ndarray) -> np.ndarray:
+        """Token arrays ``[len(positions), seq_len]`` (shard dtype) for the given stream positions."""
+        ids = self.sequence_ids(positions)
+        return self.shards.read_many(ids * self.seq_len, self.seq_len)
+
+    def epoch_of(self, position: int) -> float:
+        """Epochs completed (fractional) after consuming ``position`` sequences."""
+        return position / self.num_sequences
+
+    # ------------------------------------------------------------ iteration (rank x worker slices)
+
+    def _slice(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.world_size * workers, self.rank * workers + worker
+
+    def iter_positions(self, epochs: int | None = None) -> Iterator[int]:
+        """Positions of this rank/worker from ``self.position`` on (forever, or until ``epochs`` are done)."""
+        stride, offset = self._slice()
+        start = self.position + (offset - self.position) % stride
+        end = None if epochs is None else epochs * self.num_sequences
+        p = start
+        while end is None or p < end:
+            yield p
+            p += stride
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield ``{"input_ids", "position"}``; in-process (no workers), ``position`` advances as ranks do in
+        lockstep: after yielding position ``p`` the state points at the next round, ``p - offset + stride``."""
+        stride, offset = self._slice()
+        in_process = torch.utils.data.get_worker_info() is None
+        for p in self.iter_positions(self._epochs_limit):
+            tokens = self.sequences(np.array([p]))[0]
+            if in_process:
+                self.position = p - offset + stride
+            yield {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "position": p}
+
+    _epochs_limit: int | None = None
+
+    def limit_epochs(self, epochs: int | None) -> "PackedStream":
+        """Make iteration stop after ``epochs`` epochs (None: endless)."""
+        self._epochs_limit = epochs
+        return self
+
+    # ------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "seed": self.seed, "num_sequences": self.num_sequences}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position: O(1), nothing is re-read. The packing must be the same."""
+        if state.get("num_sequences", self.num_sequences) != self.num_sequences:
+            raise ValueError(
+                f"stream {self.name!r}: the saved state has {state['num_sequences']} sequences per epoch, "
+                f"this data has {self.num_sequences} (different data or seq_len)"
+            )
+        self.position = int(state["position"])
