@@ -1,0 +1,398 @@
+"""Weight averaging: an EMA of the weights during training, uniform checkpoint averaging, base-CPT interpolation.
+
+* :class:`EMA`: ``shadow = decay * shadow + (1 - decay) * param`` after every optimizer step, in fp32, over the
+  trainable parameters only (with LoRA: the adapter). ``with ema.swapped(model): evaluate(model)`` evaluates or
+  exports the averaged weights and restores the live ones afterwards.
+* :func:`average_checkpoints`: the uniform (or weighted) mean of HF checkpoints (or peft adapters) with identical
+  keys, streamed tensor by tensor from safetensors.
+* :func:`interpolate` / :func:`interpolation_sweep`: ``(1 - alpha) * base + alpha * cpt``; the sweep reports the
+  upstream and downstream held-out loss at each alpha (MagMax-style trade-off between adaptation and forgetting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / accelerate wrappers keep the real model in .module; names then match the unwrapped model's
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+class EMA:
+    """Exponential moving average of a model's trainable parameters (fp32 shadow copies).
+
+    Call :meth:`update` after every ``optimizer.step()``. ``warmup=True`` uses the decay
+    ``min(decay, (1 + n) / (10 + n))`` at update ``n`` (the EMA does not remember the random start for long).
+    Supported on one device, DDP, ZeRO-1/2 and FSDP with ``use_orig_params`` and unsharded parameters; for
+    ZeRO-3 / sharded FSDP gather the parameters around :meth:`update` or keep the EMA off.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.num_updates = 0
+        self.shadow: dict[str, torch.Tensor] = {
+            n: p.detach().float().clone() for n, p in _unwrap(model).named_parameters() if p.requires_grad
+        }
+        if not self.shadow:
+            raise ValueError("EMA: the model has no trainable parameters")
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    def _params(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        params = dict(_unwrap(model).named_parameters())
+        missing = [n for n in self.shadow if n not in params]
+        if missing:
+            raise KeyError(f"EMA: the model has no parameters named {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for n in self.shadow:
+            yield n, params[n]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for n, p in self._params(model):
+            s = self.shadow[n]
+            if s.device != p.device:
+                self.shadow[n] = s = s.to(p.device)
+            s.lerp_(p.detach().float(), 1.0 - d)  # s = d * s + (1 - d) * p
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the EMA weights into ``model`` (cast to each parameter's dtype)."""
+        for n, p in self._params(model):
+            p.copy_(self.shadow[n].to(device=p.device, dtype=p.dtype))
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module):
+        """Temporarily load the EMA weights (for evaluation or export); the live weights come back afterwards,
+        also when the body raises."""
+        backup = {n: p.detach().clone() for n, p in self._params(model)}
+        try:
+            self.copy_to(model)
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in self._params(model):
+                    p.copy_(backup[n])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": {n: t.detach().cpu().clone() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        keys, mine = set(state["shadow"]), set(self.shadow)
+        if keys != mine:
+            raise KeyError(f"EMA state does not match the model: missing {sorted(mine - keys)[:5]}, "
+                           f"unexpected {sorted(keys - mine)[:5]}")
+        self.decay = float(state["decay"])
+        self.warmup = bool(state.get("warmup", False))
+        self.num_updates = int(state["num_updates"])
+        for n, t in state["shadow"].items():
+            self.shadow[n] = t.detach().float().to(self.shadow[n].device).clone()
+
+    def save(self, path: str | Path) -> None:
+        """Write the shadow weights as safetensors (metadata: decay, warmup, num_updates)."""
+        from safetensors.torch import save_file
+
+        meta = {"decay": repr(self.decay), "warmup": str(int(self.warmup)), "num_updates": str(self.num_updates)}
+        save_file({n: t.detach().cpu().contiguous() for n, t in self.shadow.items()}, str(path), metadata=meta)
+
+    def load(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            shadow = {k: f.get_tensor(k) for k in f.keys()}
+        self.load_state_dict({"decay": float(meta["decay"]), "warmup": meta.get("warmup") == "1",
+                              "num_updates": int(meta["num_updates"]), "shadow": shadow})
+
+
+# ----------------------------------------------------------------------------- reading HF checkpoints
+
+_WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
+_INDEX_FILE = "model.safetensors.index.json"
+_SKIP_COPY = {"model.safetensors", "adapter_model.safetensors", _INDEX_FILE}
+
+
+def weight_files(ckpt: str | Path) -> tuple[str, dict[str, Path]]:
+    """The kind of a checkpoint directory ('model' or 'adapter') and a map tensor name -> file holding it."""
+    d = Path(ckpt)
+    from safetensors import safe_open
+
+    if (d / _INDEX_FILE).is_file():
+        index = json.loads((d / _INDEX_FILE).read_text())
+        return "model", {k: d / v for k, v in index["weight_map"].items()}
+    for kind, fname in (("model", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
+        if (d / fname).is_file():
+            with safe_open(str(d / fname), framework="pt") as f:
+                return kind, {k: d / fname for k in f.keys()}
+    raise FileNotFoundError(f"{d}: no model.safetensors, model.safetensors.index.json or adapter_model.safetensors "
+                            "(only safetensors checkpoints are read)")
+
+
+class _Reader:
+    """Lazily opened safetensors files of one checkpoint."""
+
+    def __init__(self, ckpt: str | Path):
+        self.kind, self.where = weight_files(ckpt)
+        self._open: dict[Path, object] = {}
+        self._stack = contextlib.ExitStack()
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.where[name]
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        return self._open[path].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """config, generation config, tokenizer files, adapter config: everything that is not a weight file."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in _SKIP_COPY and not (f.name.startswith("model-") and f.suffix == ".safetensors"):
+            shutil.copy2(f, dst / f.name)
+
+
+def _write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, kind: str,
+                   total_bytes: int, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    if kind == "adapter" or total_bytes <= max_shard_bytes:
+        fname = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
+        save_file(dict(tensors), str(out / fname), metadata={"format": "pt"})
+        return
+    n_shards = math.ceil(total_bytes / max_shard_bytes)
+    shard: dict[str, torch.Tensor] = {}
+    size, i, weight_map = 0, 0, {}
+
+    def flush():
+        nonlocal shard, size, i
+        if shard:
+            i += 1
+            name = f"model-{i:05d}-of-{n_shards:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for k, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        shard[k] = t
+        size += nbytes
+    flush()
+    if i != n_shards:  # fix up the names if the greedy packing needed a different count
+        for old in sorted(set(weight_map.values())):
+            j = int(old.split("-")[1])
+            new = f"model-{j:05d}-of-{i:05d}.safetensors"
+            (out / old).rename(out / new)
+            weight_map = {k: (new if v == old else v) for k, v in weight_map.items()}
+    (out / _INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+                                              indent=2))
+
+
+# ----------------------------------------------------------------------------- checkpoint averaging
+
+
+def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: list[float] | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Average HF checkpoints (or peft adapters) with identical tensor names and shapes, tensor by tensor.
+
+    The mean is computed in fp32 and stored in each tensor's original dtype; config and tokenizer files are
+    copied from the first checkpoint. ``weights`` (normalised to sum 1) turns the uniform mean into a weighted one.
+    """
+    if len(paths) < 2:
+        raise ValueError("average_checkpoints needs at least two checkpoints")
+    w = [1.0] * len(paths) if weights is None else [float(x) for x in weights]
+    if len(w) != len(paths) or any(x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError("weights: one non-negative weight per checkpoint, not all zero")
+    w = [x / sum(w) for x in w]
+    readers = [_Reader(p) for p in paths]
+    try:
+        kinds = {r.kind for r in readers}
+        if len(kinds) != 1:
+            raise ValueError("cannot average a full model with an adapter")
+        keys = sorted(readers[0].where)
+        for p, r in zip(paths[1:], readers[1:]):
+            if set(r.where) != set(keys):
+                diff = sorted(set(r.where) ^ set(keys))
+                raise ValueError(f"{p} has different tensors than {paths[0]}: {diff[:5]}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def averaged() -> Iterator[tuple[str, torch.Tensor]]:
+            for k in keys:
+                first = readers[0].get(k)
+                acc = first.float() * w[0]
+                for p, r, wi in zip(paths[1:], readers[1:], w[1:]):
+                    t = r.get(k)
+                    if t.shape != first.shape:
+                        raise ValueError(f"{k}: shape {tuple(t.shape)} in {p} vs {tuple(first.shape)} in {paths[0]}")
+                    acc += t.float() * wi
+                yield k, (acc.to(first.dtype) if first.is_floating_point() else first).contiguous()
+
+        total = 0
+        for k in keys:
+            t = readers[0].get(k)
+            total += t.numel() * t.element_size()
+        _write_sharded(averaged(), out, readers[0].kind, total, max_shard_bytes)
+    finally:
+        for r in readers:
+            r.close()
+    _copy_side_files(Path(paths[0]), out)
+    return out
+
+
+# ----------------------------------------------------------------------------- interpolation
+
+
+def interpolate_state_dicts(base: dict[str, torch.Tensor], cpt: dict[str, torch.Tensor],
+                            alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * base + alpha * cpt`` for every tensor (fp32 math, CPT dtype).
+
+    Tensors that the CPT model grew along dim 0 (vocabulary extension) interpolate the shared rows and take the
+    extra rows from the CPT model (the base has no such tokens). Integer buffers are taken from the CPT model.
+    """
+    if set(base) != set(cpt):
+        diff = sorted(set(base) ^ set(cpt))
+        raise ValueError(f"base and CPT models have different tensors: {diff[:5]}")
+    out = {}
+    for k, c in cpt.items():
+        b = base[k]
+        if not c.is_floating_point():
+            out[k] = c.clone()
+            continue
+        if b.shape == c.shape:
+            out[k] = torch.lerp(b.float(), c.float(), alpha).to(c.dtype)
+        elif b.dim() == c.dim() and b.shape[1:] == c.shape[1:] and b.shape[0] < c.shape[0]:
+            t = c.float().clone()
+            n = b.shape[0]
+            t[:n] = torch.lerp(b.float(), c[:n].float(), alpha)
+            out[k] = t.to(c.dtype)
+        else:
+            raise ValueError(f"{k}: base shape {tuple(b.shape)} vs CPT shape {tuple(c.shape)}")
+    return out
+
+
+def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
+    """(model, tokenizer) from an HF model directory, or from a peft adapter directory (merged in memory)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        from cpt.adapters import load_adapter_model
+
+        peft_model, tok = load_adapter_model(p, dtype=dtype)
+        return peft_model.merge_and_unload(), tok
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    return model, tok
+
+
+def _as_model(x, dtype=torch.float32):
+    if isinstance(x, nn.Module):
+        return x, None
+    return load_model_dir(x, dtype=dtype)
+
+
+def interpolate(base, cpt, alpha: float, out_dir: str | Path | None = None):
+    """The model ``(1 - alpha) * base + alpha * cpt`` (alpha 0: the base, 1: the CPT model).
+
+    ``base``/``cpt``: models or directories (HF model or peft adapter). Returns a model with the CPT model's
+    architecture (the CPT model object itself is modified when a model is passed); with ``out_dir`` it is saved
+    there (safetensors) with the CPT tokenizer.
+    """
+    base_model, _ = _as_model(base)
+    cpt_model, cpt_tok = _as_model(cpt)
+    sd = interpolate_state_dicts(base_model.state_dict(), cpt_model.state_dict(), alpha)
+    cpt_model.load_state_dict(sd)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cpt_model.save_pretrained(out, safe_serialization=True)
+        if cpt_tok is not None:
+            cpt_tok.save_pretrained(out)
+    return cpt_model
+
+
+def default_loss_fn(model: nn.Module, tokens: torch.Tensor) -> float:
+    from cpt.evaluate import heldout_loss
+
+    return float(heldout_loss(model, tokens, batch_size=8))
+
+
+def interpolation_sweep(base_model: nn.Module, cpt_model: nn.Module, alphas: list[float],
+                        sets: dict[str, tuple[str, torch.Tensor]],
+                        loss_fn: Callable[[nn.Module, torch.Tensor], float] | None = None) -> list[dict]:
+    """Held-out loss of every set at every alpha: ``[{"alpha": a, "loss/<name>": x, "tag/<name>": t, ...,
+    "upstream_mean": ..., "downstream_mean": ...}]``. ``sets``: name -> (tag, tokens[n, L]).
+
+    The CPT model object is used as the working copy and holds the CPT weights again at the end.
+    """
+    loss_fn = loss_fn or default_loss_fn
+    for name, (tag, _) in sets.items():
+        if tag not in ("upstream", "downstream"):
+            raise ValueError(f"held-out set {name!r}: tag must be upstream or downstream, not {tag!r}")
+    base_sd = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    cpt_sd = {k: v.detach().clone() for k, v in cpt_model.state_dict().items()}
+    rows = []
+    was_training = cpt_model.training
+    cpt_model.eval()
+    try:
+        for a in alphas:
+            cpt_model.load_state_dict(interpolate_state_dicts(base_sd, cpt_sd, float(a)))
+            row: dict = {"alpha": float(a)}
+            by_tag: dict[str, list[float]] = {"upstream": [], "downstream": []}
+            with torch.no_grad():
+                for name, (tag, tokens) in sets.items():
+                    loss = float(loss_fn(cpt_model, tokens))
+                    row[f"loss/{name}"] = loss
+                    row[f"tag/{name}"] = tag
+                    by_tag[tag].append(loss)
+            for tag, vals in by_tag.items():
+                if vals:
+                    row[f"{tag}_mean"] = sum(vals) / len(vals)
+            rows.append(row)
+    finally:
+        cpt_model.load_state_dict(cpt_sd)
+        cpt_model.train(was_training)
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    """A plain-text table: alpha, then each set's loss (upstream sets first), then the per-tag means."""
+    if not rows:
+        return ""
+    names = [k[5:] for k in rows[0] if k.startswith("loss/")]
+    names.sort(key=lambda n: (rows[0][f"tag/{n}"] != "upstream", n))
+    cols = ["alpha"] + [f"{n} ({rows[0][f'tag/{n}'][:2]})" for n in names]
+    cols += [c for c in ("upstream_mean", "downstream_mean") if c in rows[0]]
+    lines = ["  ".join(f"{c:>14}" for c in cols)]
+    for r in rows:
+        vals = [r["alpha"]] + [r[f"loss/{n}"] for n in names]
+        vals += [r[c] for c in ("upstream_mean", "downstream_mean") if c in r]
+        lines.append("  ".join(f"{v:>14.4f}" for v in vals))
+    return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""`cpt average OUT CKPT1 CKPT2 ...`: uniform (or weighted) average of HF checkpoints or peft adapters."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpt average", description=__doc__)
+    p.add_argument("out", help="output directory")
+    p.add_argument("checkpoints", nargs="+", help="two or more HF export (or adapter) directories with identical tensors")
+    p.add_argument("--weights", default=None, help="comma-separated weights, one per checkpoint (default: uniform)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard the output above this size")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.checkpoints) < 2:
+        build_parser().error("give at least two checkpoints")
+    from cpt.averaging import average_checkpoints
+
+    weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+    out = average_checkpoints(args.checkpoints, args.out, weights=weights,
+                              max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"averaged {len(args.checkpoints)} checkpoints into {out}")
+    return 0

@@ -1,0 +1,205 @@
+"""EMA, checkpoint averaging and base-CPT interpolation (cpt/averaging.py, `cpt average`, `cpt interpolate`)."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cpt.averaging import (
+    EMA,
+    average_checkpoints,
+    format_sweep,
+    interpolate,
+    interpolate_state_dicts,
+    interpolation_sweep,
+)
+
+
+def tiny_model(seed, vocab=64, tie=False):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_tokenizer():
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=64, special_tokens=["<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>")
+
+
+def save(model, d, tok=True):
+    model.save_pretrained(d)
+    if tok:
+        tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def test_ema_math_on_known_values():
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    ema = EMA(lin, decay=0.5)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0, 6.0]]))
+    ema.update(lin)  # 0.5 * [1, 2] + 0.5 * [3, 6]
+    torch.testing.assert_close(ema.shadow["weight"], torch.tensor([[2.0, 4.0]]))
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 0.0]]))
+    ema.update(lin)
+    torch.testing.assert_close(ema.shadow["weight"], torch.tensor([[1.0, 2.0]]))
+    assert ema.num_updates == 2
+
+
+def test_ema_warmup_and_trainable_only_and_fp32_shadow():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)).to(torch.bfloat16)
+    model[0].requires_grad_(False)
+    ema = EMA(model, decay=0.999, warmup=True)
+    assert set(ema.shadow) == {"1.weight", "1.bias"}
+    assert all(t.dtype == torch.float32 for t in ema.shadow.values())
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    before = ema.shadow["1.weight"].clone()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["1.weight"], 0.1 * before + 0.9 * model[1].weight.float())
+
+
+def test_ema_swapped_loads_then_restores_and_state_roundtrip(tmp_path):
+    model = tiny_model(0)
+    ema = EMA(model, decay=0.9)
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.swapped(model):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, ema.shadow[n])
+            assert not torch.equal(p, live[n])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, live[n])
+    with pytest.raises(RuntimeError):
+        with ema.swapped(model):
+            raise RuntimeError("evaluation failed")
+    assert all(torch.equal(p, live[n]) for n, p in model.named_parameters())
+
+    ema.save(tmp_path / "ema.safetensors")
+    other = EMA(tiny_model(1), decay=0.5)
+    other.load(tmp_path / "ema.safetensors")
+    assert other.decay == 0.9 and other.num_updates == 1
+    assert all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    sd = ema.state_dict()
+    third = EMA(tiny_model(2), decay=0.5)
+    third.load_state_dict(sd)
+    assert all(torch.equal(third.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    with pytest.raises(KeyError):
+        EMA(torch.nn.Linear(2, 2), 0.9).load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------- averaging
+
+
+def test_average_of_two_checkpoints_is_the_elementwise_mean(tmp_path):
+    a = save(tiny_model(0), tmp_path / "a")
+    b = save(tiny_model(1), tmp_path / "b", tok=False)
+    from cpt.commands.average import main
+
+    assert main([str(tmp_path / "avg"), str(a), str(b)]) == 0
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    avg = load_file(tmp_path / "avg" / "model.safetensors")
+    assert set(avg) == set(sa)
+    for k in sa:
+        torch.testing.assert_close(avg[k], (sa[k] + sb[k]) / 2)
+    assert (tmp_path / "avg" / "config.json").is_file() and (tmp_path / "avg" / "tokenizer.json").is_file()
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "avg")  # loads as a normal HF model
+    torch.testing.assert_close(m.lm_head.weight, (sa["lm_head.weight"] + sb["lm_head.weight"]) / 2)
+
+    # weighted, and sharded output with an index
+    out = average_checkpoints([a, b], tmp_path / "w", weights=[3, 1], max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    m = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(m.model.embed_tokens.weight,
+                               0.75 * sa["model.embed_tokens.weight"] + 0.25 * sb["model.embed_tokens.weight"])
+
+
+def test_average_refuses_mismatched_checkpoints(tmp_path):
+    a = save(tiny_model(0), tmp_path / "a")
+    c = save(tiny_model(0, vocab=72), tmp_path / "c")
+    with pytest.raises(ValueError, match="shape"):
+        average_checkpoints([a, c], tmp_path / "x")
+    with pytest.raises(ValueError):
+        average_checkpoints([a], tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------- interpolation
+
+
+def test_interpolation_endpoints_and_midpoint(tmp_path):
+    base = save(tiny_model(0), tmp_path / "base")
+    cpt = save(tiny_model(1), tmp_path / "cpt")
+    sb = load_file(base / "model.safetensors")
+    sc = load_file(cpt / "model.safetensors")
+    for alpha, expect in ((0.0, sb), (1.0, sc)):
+        m = interpolate(base, cpt, alpha)
+        sd = m.state_dict()
+        for k in sb:
+            torch.testing.assert_close(sd[k], expect[k], atol=0, rtol=0)
+    m = interpolate(base, cpt, 0.25, out_dir=tmp_path / "mid")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "mid").state_dict()
+    for k in sb:
+        torch.testing.assert_close(saved[k], 0.75 * sb[k] + 0.25 * sc[k])
+    assert (tmp_path / "mid" / "tokenizer.json").is_file()
+
+
+def test_interpolation_with_an_extended_vocabulary_keeps_the_new_rows():
+    base = {"emb": torch.zeros(4, 2), "w": torch.zeros(2)}
+    cpt = {"emb": torch.ones(6, 2), "w": torch.ones(2)}
+    out = interpolate_state_dicts(base, cpt, 0.5)
+    torch.testing.assert_close(out["emb"][:4], torch.full((4, 2), 0.5))
+    torch.testing.assert_close(out["emb"][4:], torch.ones(2, 2))
+    with pytest.raises(ValueError):
+        interpolate_state_dicts({"w": torch.zeros(3)}, {"w": torch.zeros(2)}, 0.5)
+
+
+def _mean_token_loss(model, tokens):
+    with torch.no_grad():
+        return float(model(tokens, labels=tokens).loss)
+
+
+def test_interpolation_sweep_table():
+    base, cpt = tiny_model(0), tiny_model(1)
+    g = torch.Generator().manual_seed(0)
+    sets = {"old": ("upstream", torch.randint(0, 64, (3, 16), generator=g)),
+            "new": ("downstream", torch.randint(0, 64, (3, 16), generator=g))}
+    cpt_before = {k: v.clone() for k, v in cpt.state_dict().items()}
+    rows = interpolation_sweep(base, cpt, [0, 0.5, 1], sets, loss_fn=_mean_token_loss)
+    assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
+    for name, (tag, toks) in sets.items():
+        assert rows[0][f"loss/{name}"] == pytest.approx(_mean_token_loss(base, toks), rel=1e-6)
+        assert rows[2][f"loss/{name}"] == pytest.approx(_mean_token_loss(cpt, toks), rel=1e-6)
+        assert rows[0][f"tag/{name}"] == tag
+    assert rows[1]["upstream_mean"] == rows[1]["loss/old"] and rows[1]["downstream_mean"] == rows[1]["loss/new"]
+    assert rows[1]["loss/old"] not in (rows[0]["loss/old"], rows[2]["loss/old"])
+    assert all(torch.equal(v, cpt_before[k]) for k, v in cpt.state_dict().items())  # CPT weights restored
+    table = format_sweep(rows).splitlines()
+    assert len(table) == 4 and "old (up)" in table[0] and "new (do)" in table[0]
+    assert table[0].index("old") < table[0].index("new")  # upstream sets first
+    assert table[2].split()[0] == "0.5000"
+    with pytest.raises(ValueError):
+        interpolation_sweep(base, cpt, [0.5], {"x": ("sideways", sets["old"][1])}, loss_fn=_mean_token_loss)
