@@ -203,3 +203,37 @@ def test_interpolation_sweep_table():
     assert table[2].split()[0] == "0.5000"
     with pytest.raises(ValueError):
         interpolation_sweep(base, cpt, [0.5], {"x": ("sideways", sets["old"][1])}, loss_fn=_mean_token_loss)
+
+
+def test_cli_interpolate_end_to_end(tmp_path, capsys):
+    """`cpt interpolate` over real prepared held-out shards, with the real held-out loss."""
+    pytest.importorskip("cpt.data.prepare")
+    from cpt.commands.interpolate import main
+    from cpt.data.prepare import prepare
+    from cpt.evaluate import heldout_loss
+
+    base = save(tiny_model(0), tmp_path / "base")
+    cpt = save(tiny_model(1), tmp_path / "cpt")
+    tok = PreTrainedTokenizerFast.from_pretrained(cpt)
+    sets = {}
+    for name, text in (("old", "hello world, hello there. "), ("new", "low hell row old wood. ")):
+        src = tmp_path / f"{name}.txt"
+        src.write_text(text * 200)
+        prepare(str(src), tok, str(tmp_path / f"shards_{name}"))
+        sets[name] = str(tmp_path / f"shards_{name}")
+    rc = main([str(base), str(cpt), "--alphas", "0,0.5,1", "--seq-len", "16", "--max-tokens", "256",
+               "--heldout", f"old={sets['old']}:upstream", "--heldout", f"new={sets['new']}:downstream",
+               "--save-alpha", "0.5", "--out", str(tmp_path / "half")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "old (up)" in printed and "new (do)" in printed
+    result = json.loads((tmp_path / "half" / "interpolation.json").read_text())
+    assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+
+    toks = load_heldout(HeldoutConfig(name="old", path=sets["old"], tag="upstream"), tok, 16, 256)
+    base_loss = heldout_loss(AutoModelForCausalLM.from_pretrained(base), toks, 8)
+    assert result["rows"][0]["loss/old"] == pytest.approx(base_loss, rel=1e-5)
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "half")
+    assert result["rows"][1]["loss/old"] == pytest.approx(heldout_loss(half, toks, 8), rel=1e-4)

@@ -1,0 +1,87 @@
+"""`cpt interpolate BASE CPT --heldout NAME=PATH:TAG ...`: upstream/downstream loss of (1-a)*base + a*cpt per alpha.
+
+BASE and CPT are HF model directories (or hub ids for BASE); CPT may also be a peft adapter directory (merged in
+memory). Each held-out set is a prepared shard directory tagged `upstream` (old distribution: forgetting) or
+`downstream` (new distribution: adaptation); it is tokenized with the CPT model's tokenizer. Prints a table and
+writes JSON; `--save-alpha A --out DIR` also saves the model at that alpha.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def parse_alphas(text: str) -> list[float]:
+    out = []
+    for x in text.split(","):
+        a = float(x)
+        if not 0.0 <= a <= 1.0:
+            raise argparse.ArgumentTypeError(f"alpha {a} is outside [0, 1]")
+        out.append(a)
+    if not out:
+        raise argparse.ArgumentTypeError("no alphas")
+    return out
+
+
+def parse_heldout(text: str) -> tuple[str, str, str]:
+    m = re.fullmatch(r"([^=]+)=(.+):(upstream|downstream)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"--heldout {text!r}: expected NAME=PATH:upstream|downstream")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpt interpolate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", help="the base model (before CPT)")
+    p.add_argument("cpt", help="the CPT model (HF directory or peft adapter)")
+    p.add_argument("--alphas", type=parse_alphas, default=parse_alphas("0,0.25,0.5,0.75,1"),
+                   help="comma-separated alphas in [0, 1] (0 = base, 1 = CPT)")
+    p.add_argument("--heldout", type=parse_heldout, action="append", required=True,
+                   metavar="NAME=PATH:TAG", help="a held-out set (repeat); TAG is upstream or downstream")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=262144, help="tokens per held-out set")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", default=None, help="where to write the table (default: OUT/interpolation.json or "
+                                                "./interpolation.json)")
+    p.add_argument("--save-alpha", type=float, default=None, help="also save the model at this alpha (needs --out)")
+    p.add_argument("--out", default=None, help="output directory for --save-alpha")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.save_alpha is None) != (args.out is None):
+        parser.error("--save-alpha and --out go together")
+    import torch
+
+    from cpt.averaging import format_sweep, interpolate, interpolation_sweep, load_model_dir
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+    from cpt.evaluate import heldout_loss
+
+    base_model, _ = load_model_dir(args.base, dtype=torch.float32)
+    cpt_model, tokenizer = load_model_dir(args.cpt, dtype=torch.float32)
+    sets = {}
+    for name, path, tag in args.heldout:
+        hcfg = HeldoutConfig(name=name, path=path, tag=tag, max_tokens=args.max_tokens)
+        sets[name] = (tag, load_heldout(hcfg, tokenizer, args.seq_len, args.max_tokens))
+
+    def loss_fn(model, tokens):
+        return heldout_loss(model, tokens, args.batch_size)
+
+    rows = interpolation_sweep(base_model, cpt_model, args.alphas, sets, loss_fn)
+    print(format_sweep(rows))
+    json_path = Path(args.json) if args.json else (Path(args.out) if args.out else Path(".")) / "interpolation.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"base": args.base, "cpt": args.cpt, "rows": rows}, indent=2))
+    print(f"wrote {json_path}")
+    if args.save_alpha is not None:
+        interpolate(base_model, cpt_model, args.save_alpha, out_dir=args.out)
+        tokenizer.save_pretrained(args.out)
+        print(f"saved the model at alpha={args.save_alpha} to {args.out}")
+    return 0
