@@ -94,36 +94,37 @@ class EMA:
                 for n, p in self._params(model):
                     p.copy_(backup[n])
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "shadow": {n: t.detach().cpu().clone() for n, t in self.shadow.items()}}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A flat dict of tensors (safetensors-ready): ``shadow.<param name>`` plus ``decay``, ``warmup`` and
+        ``num_updates`` as 0-d tensors."""
+        sd = {f"shadow.{n}": t.detach().cpu().clone() for n, t in self.shadow.items()}
+        sd["decay"] = torch.tensor(self.decay, dtype=torch.float64)
+        sd["warmup"] = torch.tensor(int(self.warmup), dtype=torch.int64)
+        sd["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
+        return sd
 
-    def load_state_dict(self, state: dict) -> None:
-        keys, mine = set(state["shadow"]), set(self.shadow)
-        if keys != mine:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        shadow = {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}
+        keys, mine = set(shadow), set(self.shadow)
+        if keys != mine or "num_updates" not in state:
             raise KeyError(f"EMA state does not match the model: missing {sorted(mine - keys)[:5]}, "
                            f"unexpected {sorted(keys - mine)[:5]}")
         self.decay = float(state["decay"])
-        self.warmup = bool(state.get("warmup", False))
+        self.warmup = bool(int(state.get("warmup", torch.tensor(0))))
         self.num_updates = int(state["num_updates"])
-        for n, t in state["shadow"].items():
+        for n, t in shadow.items():
             self.shadow[n] = t.detach().float().to(self.shadow[n].device).clone()
 
     def save(self, path: str | Path) -> None:
-        """Write the shadow weights as safetensors (metadata: decay, warmup, num_updates)."""
+        """Write :meth:`state_dict` as a safetensors file."""
         from safetensors.torch import save_file
 
-        meta = {"decay": repr(self.decay), "warmup": str(int(self.warmup)), "num_updates": str(self.num_updates)}
-        save_file({n: t.detach().cpu().contiguous() for n, t in self.shadow.items()}, str(path), metadata=meta)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
 
     def load(self, path: str | Path) -> None:
-        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            shadow = {k: f.get_tensor(k) for k in f.keys()}
-        self.load_state_dict({"decay": float(meta["decay"]), "warmup": meta.get("warmup") == "1",
-                              "num_updates": int(meta["num_updates"]), "shadow": shadow})
+        self.load_state_dict(load_file(str(path)))
 
 
 # ----------------------------------------------------------------------------- reading HF checkpoints

@@ -415,7 +415,12 @@ class NewRowsLR:
         self._handles.clear()
 
     @torch.no_grad()
-    def _pre(self, *_):
+    def _pre(self, optimizer, *_):
+        # DeepSpeed / FSDP swap the optimizer's parameters for flat shards after attach(): refuse, never ignore
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if any(id(p) not in in_opt for p, _ in self.targets):
+            raise RuntimeError("NewRowsLR: the optimizer no longer updates the embedding tensors (ZeRO/FSDP "
+                               "sharding?); new_rows_lr_multiplier needs a single device or DDP")
         self._before = [(p.detach()[rows] if rows is not None else p.detach()).clone() for p, rows in self.targets]
 
     @torch.no_grad()
@@ -427,3 +432,10 @@ class NewRowsLR:
             else:
                 p[rows] = before + m * (p[rows] - before)
         self._before = []
+
+
+def scale_new_rows_updates(model: nn.Module, optimizer: torch.optim.Optimizer, new_token_ids: Iterable[int],
+                           multiplier: float) -> NewRowsLR:
+    """Give the new rows ``multiplier`` x the LR of the rest (see :class:`NewRowsLR`); returns the attached hook.
+    Call after building the optimizer, with the (unwrapped, possibly peft) model."""
+    return NewRowsLR.for_model(model, new_token_ids, multiplier).attach(optimizer)

@@ -103,6 +103,7 @@ def test_ema_swapped_loads_then_restores_and_state_roundtrip(tmp_path):
     assert other.decay == 0.9 and other.num_updates == 1
     assert all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ema.shadow)
     sd = ema.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())  # checkpoint.py stores it with safetensors
     third = EMA(tiny_model(2), decay=0.5)
     third.load_state_dict(sd)
     assert all(torch.equal(third.shadow[n], ema.shadow[n]) for n in ema.shadow)

@@ -201,6 +201,14 @@ def test_new_rows_lr_for_model_targets_embeddings(tok, tmp_path):
             for p, _ in h.targets] == [True, True]
     with pytest.raises(RuntimeError):
         h.attach(torch.optim.AdamW([model.model.layers[0].mlp.up_proj.weight]))
+    # an optimizer whose parameters are swapped for flat copies after attach (as ZeRO does) is refused at step time
+    from cpt.vocab import scale_new_rows_updates
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scale_new_rows_updates(model, opt, ids, 0.5)
+    opt.param_groups[0]["params"] = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(RuntimeError, match="no longer updates"):
+        opt.step()
 
 
 def test_config_validation():
