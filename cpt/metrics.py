@@ -1,0 +1,344 @@
+"""Metric sinks (JSONL always, W&B optional), throughput and MFU.
+
+``MetricsLogger`` writes one JSON object per line to ``<run_dir>/metrics.jsonl`` on the main process,
+whether or not W&B is enabled, and mirrors every record to W&B when ``logging.wandb.enabled``.
+Every record carries ``step`` (optimizer steps done) and ``train/tokens`` (tokens seen so far);
+W&B uses ``train/tokens`` as the x axis of every metric (``define_metric``), so runs with different
+batch sizes overlay. On resume, call ``truncate_after(step)`` so the curves stay consistent with
+the restored state (the lines written after the checkpoint, before the crash, are dropped), and the
+same W&B run is continued (its id is kept in ``<run_dir>/wandb_run_id``).
+
+MFU follows the llm-foundry convention (see :func:`model_flops_per_token`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from cpt.config import RunConfig, config_to_dict
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item") and callable(v.item):  # torch / numpy scalars
+        try:
+            v = v.item()
+        except (ValueError, RuntimeError):
+            return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl file (or of ``<run_dir>/metrics.jsonl``); a torn last line is skipped."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    records = []
+    with open(p) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+    return records
+
+
+def mix_summary(cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """Normalised data mix per stage: ``{"<i>:<stage name>": {source: share}}``."""
+    out = {}
+    for i, st in enumerate(cfg.stages):
+        total = sum(st.mix.values())
+        out[f"{i}:{st.name}"] = {k: v / total for k, v in st.mix.items()}
+    return out
+
+
+class MetricsLogger:
+    """JSONL (always) and W&B (when enabled) sink. Only the main process writes; other ranks no-op.
+
+    ``resume``: keep the existing metrics.jsonl and continue the W&B run whose id is stored in the run
+    directory (default: ``cfg.checkpoint.resume``). Without resume an existing metrics.jsonl is moved
+    aside to ``metrics.jsonl.<n>`` rather than mixed with the new run's lines.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: RunConfig, accelerator=None, resume: bool | None = None):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.is_main = accelerator is None or accelerator.is_main_process
+        self.resume = cfg.checkpoint.resume if resume is None else resume
+        self.path = self.run_dir / METRICS_FILE
+        self.wandb_run = None
+        self._file = None
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume and self.path.exists() and self.path.stat().st_size > 0:
+            n = 1
+            while self.path.with_name(f"{METRICS_FILE}.{n}").exists():
+                n += 1
+            self.path.rename(self.path.with_name(f"{METRICS_FILE}.{n}"))
+        self._file = open(self.path, "a")
+        if cfg.logging.wandb.enabled:
+            self._init_wandb()
+
+    # -- W&B
+    def _init_wandb(self) -> None:
+        import wandb
+
+        w = self.cfg.logging.wandb
+        id_file = self.run_dir / WANDB_ID_FILE
+        run_id = None
+        if self.resume and id_file.exists():
+            run_id = id_file.read_text().strip() or None
+        if run_id is None:
+            from wandb.sdk.lib.runid import generate_id
+
+            run_id = generate_id()
+        config = config_to_dict(self.cfg)  # secrets redacted
+        config["data_mix"] = mix_summary(self.cfg)
+        self.wandb_run = wandb.init(
+            project=w.project,
+            entity=w.entity,
+            group=w.group,
+            tags=list(w.tags) or None,
+            name=self.cfg.run.name,
+            dir=str(self.run_dir),
+            config=config,
+            mode=w.mode,
+            id=run_id,
+            resume="allow",
+        )
+        id_file.write_text(self.wandb_run.id)
+        run = self.wandb_run
+        run.define_metric("train/tokens")
+        run.define_metric("*", step_metric="train/tokens")
+        self._log_mix_table()
+
+    def _log_mix_table(self) -> None:
+        import wandb
+
+        rows = []
+        for i, st in enumerate(self.cfg.stages):
+            total = sum(st.mix.values())
+            replay = {s.name for s in self.cfg.data.sources if s.replay}
+            for src, share in st.mix.items():
+                ramp = st.mix_ramp.get(src)
+                rows.append([i, st.name, st.steps, src, share / total, src in replay, str(list(ramp)) if ramp else ""])
+        table = wandb.Table(columns=["stage", "stage_name", "steps", "source", "share", "replay", "ramp"], data=rows)
+        self.wandb_run.log({"data/mix": table, "train/tokens": 0})
+
+    # -- records
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Write one record. ``metrics`` must hold ``train/tokens`` (the x axis of every curve)."""
+        if "train/tokens" not in metrics:
+            raise ValueError("every metrics record needs 'train/tokens' (the x axis); got keys " + ", ".join(sorted(metrics)))
+        if not self.is_main:
+            return
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb_run is not None:
+            data = {k: v for k, v in record.items() if k != "time" and (isinstance(v, (int, float)) and not isinstance(v, bool))}
+            self.wandb_run.log(data)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the lines with ``step`` > ``step`` (written after the checkpoint being resumed). Returns how many."""
+        if not self.is_main or not self.path.exists():
+            return 0
+        self._file.close()
+        kept, dropped = [], 0
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    dropped += 1  # a torn last line
+                    continue
+                if int(rec.get("step", 0)) > step:
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path.with_name(METRICS_FILE + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        return dropped
+
+    def log_artifact(self, path: str | os.PathLike, name: str, type: str = "model") -> bool:
+        """Upload a file or directory (e.g. an HF export) as a W&B artifact, when W&B is enabled and
+        ``logging.wandb.log_exports_as_artifacts`` is set. Returns whether it was logged."""
+        if not self.is_main or self.wandb_run is None or not self.cfg.logging.wandb.log_exports_as_artifacts:
+            return False
+        import wandb
+
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "export"
+        art = wandb.Artifact(safe, type=type)
+        p = Path(path)
+        if p.is_dir():
+            art.add_dir(str(p))
+        else:
+            art.add_file(str(p))
+        self.wandb_run.log_artifact(art)
+        return True
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- throughput, FLOPs, MFU
+
+
+class Throughput:
+    """Tokens per second over a sliding window of the last ``window`` updates.
+
+    ``update(tokens, seconds)``: ``tokens`` processed by all ranks together in ``seconds`` of wall time.
+    """
+
+    def __init__(self, num_devices: int = 1, window: int = 20):
+        if num_devices <= 0 or window <= 0:
+            raise ValueError("num_devices and window must be positive")
+        self.num_devices = num_devices
+        self._window: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def update(self, tokens: int | float, seconds: float) -> None:
+        if seconds < 0 or tokens < 0:
+            raise ValueError("tokens and seconds must not be negative")
+        self._window.append((float(tokens), float(seconds)))
+
+    @property
+    def tokens_per_s(self) -> float:
+        secs = sum(s for _, s in self._window)
+        return sum(t for t, _ in self._window) / secs if secs > 0 else 0.0
+
+    @property
+    def tokens_per_s_per_device(self) -> float:
+        return self.tokens_per_s / self.num_devices
+
+    def metrics(self, flops_per_token: float | None = None, peak_flops: float | None = None) -> dict[str, float]:
+        """``perf/tokens_per_s``, ``perf/tokens_per_s_per_device`` and, when both FLOPs numbers are
+        known, ``perf/tflops_per_device`` and ``perf/mfu``."""
+        out = {"perf/tokens_per_s": self.tokens_per_s, "perf/tokens_per_s_per_device": self.tokens_per_s_per_device}
+        if flops_per_token:
+            out["perf/tflops_per_device"] = self.tokens_per_s_per_device * flops_per_token / 1e12
+            if peak_flops:
+                out["perf/mfu"] = mfu(self.tokens_per_s_per_device, flops_per_token, peak_flops)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": list(self._window)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._window.clear()
+        self._window.extend((float(t), float(s)) for t, s in state.get("window", []))
+
+
+def model_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token, llm-foundry convention (forward + backward = 3 x forward):
+
+        flops_per_token = 6 * n_params + 12 * n_layers * hidden * seq_len
+
+    6N: 2 FLOPs per parameter per token in the forward matmuls, 3x for forward + backward.
+    12 * n_layers * hidden * seq_len: the attention score and value matmuls (QK^T and AV, each
+    2 * hidden * seq_len FLOPs per token and layer in the forward pass), 3x for the backward, counted
+    without the causal-mask halving (as llm-foundry does). ``n_params`` is every parameter the
+    forward pass multiplies with (llm-foundry counts all of them, embeddings included); with LoRA
+    the backward skips the frozen weights' gradients, so this overstates the work a little.
+    """
+    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+# bf16 dense peak FLOP/s per device (no sparsity), from the vendors' data sheets
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("h200", 989e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM / HBM3
+    ("a100", 312e12),
+    ("a10g", 125e12),
+    ("l40s", 362e12),
+    ("l40", 181e12),
+    ("l4", 121e12),
+    ("rtx 4090", 165e12),
+]
+
+
+def peak_flops_for(device_name: str | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s for a device name (e.g. ``torch.cuda.get_device_name()``); None when
+    unknown or a CPU. Without a name, the current CUDA device's name is used (None without CUDA).
+    Override with ``train.peak_flops`` for devices not in :data:`PEAK_BF16_FLOPS`."""
+    if device_name is None:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return None
+            device_name = torch.cuda.get_device_name()
+        except Exception:  # pragma: no cover
+            return None
+    name = " ".join(device_name.lower().replace("nvidia", " ").replace("geforce", " ").split())
+    if "cpu" in name.split():
+        return None
+    for key, flops in PEAK_BF16_FLOPS:
+        if key == "l4":  # not L40/L40S (matched above)
+            if re.search(r"\bl4\b", name):
+                return flops
+        elif key == "h100 pcie":
+            if "h100" in name and "pcie" in name:
+                return flops
+        elif key in name:
+            return flops
+    return None
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s per device over the device's peak. None
+    without a peak (e.g. CPU)."""
+    if not peak_flops:
+        return None
+    return tokens_per_s_per_device * flops_per_token / peak_flops
+
+
+def peak_memory_gb() -> float:
+    """Peak memory in GB (1e9 bytes): CUDA ``max_memory_allocated`` of the current device when CUDA is
+    in use, else the process's peak resident set size (host memory)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.max_memory_allocated() / 1e9
+    except Exception:  # pragma: no cover
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9

@@ -1,0 +1,217 @@
+"""MetricsLogger (JSONL and W&B offline, read back from the run files), throughput, FLOPs and MFU."""
+
+import glob
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from cpt.config import validate
+from cpt.metrics import (
+    METRICS_FILE,
+    MetricsLogger,
+    Throughput,
+    mfu,
+    model_flops_per_token,
+    peak_flops_for,
+    peak_memory_gb,
+    read_metrics,
+)
+
+
+def make_cfg(wandb: bool = False, resume: bool = False, **wandb_kw):
+    return validate({
+        "run": {"name": "metrics-test"},
+        "model": {"arch": {"model_type": "llama"}, "tokenizer": "tok"},
+        "data": {"sources": [{"name": "new", "path": "new"}, {"name": "old", "path": "old", "replay": True}]},
+        "stages": [{"name": "s1", "steps": 10, "mix": {"new": 3, "old": 1}}],
+        "checkpoint": {"resume": resume},
+        "logging": {"wandb": {"enabled": wandb, "mode": "offline", **wandb_kw}},
+    })
+
+
+class Rank:
+    def __init__(self, main):
+        self.is_main_process = main
+
+
+def test_jsonl_always_written_with_step_and_tokens(tmp_path):
+    lg = MetricsLogger(tmp_path, make_cfg())
+    lg.log({"train/tokens": 0, "eval/a/loss": 4.5}, step=0)
+    lg.log({"train/tokens": 128, "train/loss": 4.0, "perf/mfu": None}, step=1)
+    with pytest.raises(ValueError, match="train/tokens"):
+        lg.log({"train/loss": 3.0}, step=2)
+    # flushed: readable before close
+    recs = read_metrics(tmp_path)
+    assert [(r["step"], r["train/tokens"]) for r in recs] == [(0, 0), (1, 128)]
+    assert recs[0]["eval/a/loss"] == 4.5 and recs[1]["train/loss"] == 4.0 and recs[1]["perf/mfu"] is None
+    lg.close()
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_only_the_main_process_writes(tmp_path):
+    lg = MetricsLogger(tmp_path / "r", make_cfg(wandb=True), accelerator=Rank(False))
+    lg.log({"train/tokens": 1}, step=1)
+    lg.close()
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_truncates_later_lines_and_new_run_moves_old_file_aside(tmp_path):
+    lg = MetricsLogger(tmp_path, make_cfg())
+    for s in range(6):
+        lg.log({"train/tokens": 10 * s, "train/loss": 6.0 - s}, step=s)
+    lg.close()
+    # the run crashed after step 5; the last checkpoint is step 3
+    lg = MetricsLogger(tmp_path, make_cfg(resume=True))
+    assert lg.truncate_after(3) == 2
+    lg.log({"train/tokens": 40, "train/loss": 1.5}, step=4)
+    lg.close()
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
+    assert recs[-1]["train/loss"] == 1.5
+    # a fresh run in the same directory does not mix its lines with the old ones
+    lg = MetricsLogger(tmp_path, make_cfg(resume=False))
+    lg.log({"train/tokens": 0}, step=0)
+    lg.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0]
+    assert len(read_metrics(tmp_path / f"{METRICS_FILE}.1")) == 5
+
+
+# ---- W&B offline, read back from the binary run file
+
+
+def read_wandb_records(run_file: Path):
+    """Parse a .wandb file: a ':W&B' header then leveldb-log framed protobuf Records (32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and magic == 0xBEE1
+    block, pos, buf, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        buf = payload if kind in (1, 2) else buf + payload  # FULL/FIRST start a record
+        if kind in (1, 4):  # FULL/LAST end it
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+    return records
+
+
+def history_rows(records):
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_metrics_config_and_x_axis(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "local-abcdefghijklmnopqrstuvwxyz0123456789abcd")
+    cfg = make_cfg(wandb=True, project="cpt-tests", group="grid", tags=["replay", "cosine"])
+    lg = MetricsLogger(tmp_path, cfg)
+    for s in range(4):
+        lg.log({"train/tokens": 256 * s, "train/loss": 5.0 - s, "forgetting/old": 0.1 * s}, step=s)
+    lg.close()
+
+    run_files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(run_files) == 1
+    records = read_wandb_records(Path(run_files[0]))
+    rows = [r for r in history_rows(records) if "train/loss" in r]
+    assert [(r["step"], r["train/tokens"], r["train/loss"]) for r in rows] == [
+        (s, 256 * s, 5.0 - s) for s in range(4)
+    ]
+    assert rows[2]["forgetting/old"] == pytest.approx(0.2)
+    metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "*" and m.step_metric == "train/tokens" for m in metrics)
+    assert any(m.name == "train/tokens" for m in metrics)
+
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.project == "cpt-tests" and run.display_name == "metrics-test"
+    assert run.run_group == "grid" and list(run.tags) == ["replay", "cosine"]
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["run"]["name"] == "metrics-test"
+    assert config["data_mix"] == {"0:s1": {"new": 0.75, "old": 0.25}}
+    mix_rows = [r for r in history_rows(records) if "data/mix/_type" in r]
+    assert mix_rows and mix_rows[0]["data/mix/nrows"] == 2
+
+    # resume continues the same W&B run id
+    first_id = (tmp_path / "wandb_run_id").read_text()
+    assert first_id == run.run_id
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True, resume=True))
+    assert lg.wandb_run.id == first_id
+    lg.close()
+    # the API key is never written into the run directory
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert b"abcdefghijklmnopqrstuvwxyz0123456789abcd" not in p.read_bytes(), p
+
+
+def test_artifact_only_when_enabled(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    lg = MetricsLogger(tmp_path / "a", make_cfg())
+    assert lg.log_artifact(export, "final") is False
+    lg.close()
+    lg = MetricsLogger(tmp_path / "b", make_cfg(wandb=True, log_exports_as_artifacts=True))
+    assert lg.log_artifact(export, "export step 10") is True
+    lg.close()
+    records = read_wandb_records(Path(glob.glob(str(tmp_path / "b" / "wandb" / "offline-run-*" / "run-*.wandb"))[0]))
+    arts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert any(a.name == "export-step-10" and a.type == "model" for a in arts)
+
+
+# ---- throughput, FLOPs, MFU
+
+
+def test_flops_per_token_llm_foundry_convention():
+    n, layers, d, L = 124_000_000, 12, 768, 1024
+    # llm-foundry: (2*N*L + n_layers*2*2*d*L^2) * 3 FLOPs per sequence of L tokens
+    per_seq = (2 * n * L + layers * 2 * 2 * d * L**2) * 3
+    assert model_flops_per_token(n, layers, d, L) == pytest.approx(per_seq / L)
+    assert model_flops_per_token(n, layers, d, L) == 6 * 124e6 + 12 * 12 * 768 * 1024
+
+
+def test_mfu_on_known_numbers():
+    # 7B-like: 6*7e9 + 12*32*4096*4096 = 4.2e10 + 6.442e9 FLOPs/token; 3000 tok/s/GPU on an H100 SXM
+    fpt = model_flops_per_token(7_000_000_000, 32, 4096, 4096)
+    assert fpt == pytest.approx(4.8442450944e10)
+    assert mfu(3000, fpt, 989e12) == pytest.approx(3000 * 4.8442450944e10 / 989e12)
+    assert mfu(3000, fpt, 989e12) == pytest.approx(0.14694, rel=1e-4)
+    assert mfu(3000, fpt, None) is None
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 125e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 4090", 165e12), ("cpu", None), ("Some NPU", None),
+])
+def test_peak_flops_by_device_name(name, peak):
+    assert peak_flops_for(name) == peak
+
+
+def test_throughput_window_and_metrics():
+    t = Throughput(num_devices=4, window=2)
+    t.update(1000, 1.0)
+    t.update(3000, 1.0)
+    assert t.tokens_per_s == 2000 and t.tokens_per_s_per_device == 500
+    t.update(5000, 2.0)  # the first update leaves the window
+    assert t.tokens_per_s == pytest.approx(8000 / 3)
+    m = t.metrics(flops_per_token=1e9, peak_flops=1e12)
+    assert m["perf/mfu"] == pytest.approx((8000 / 3 / 4) * 1e9 / 1e12)
+    assert m["perf/tflops_per_device"] == pytest.approx((8000 / 3 / 4) * 1e9 / 1e12)
+    assert "perf/mfu" not in Throughput().metrics(flops_per_token=1e9)
+    s = Throughput(4, 2)
+    s.load_state_dict(t.state_dict())
+    assert s.tokens_per_s == t.tokens_per_s
+    assert 0 < peak_memory_gb() < 1000
