@@ -32,6 +32,7 @@ import contextlib
 import fnmatch
 import hashlib
 import heapq
+import io
 import json
 import logging
 import multiprocessing
@@ -158,9 +159,16 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
 
 
 def _open_binary(path: str) -> Any:
+    """A buffered binary file (decompressed by suffix) that iterates by lines."""
     import fsspec
 
-    return fsspec.open(path, "rb", compression=_compression(path)).open()
+    compression = _compression(path)
+    if compression == "zstd":  # fsspec's zstd file cannot iterate lines: decompress as a stream ourselves
+        import zstandard
+
+        raw = fsspec.open(path, "rb").open()
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), buffer_size=1 << 20)
+    return fsspec.open(path, "rb", compression=compression).open()
 
 
 def _field_text(record: Any, text_field: str, counts: _Counts) -> str | None:

@@ -1,0 +1,80 @@
+"""Shared helpers for the data tests (no tests here): a tiny trained tokenizer, documents, config builders."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the river bank holds water while the old king walks home and the quick brown fox jumps over "
+         "lazy dogs def class return import numpy tensor shard stream mixer replay token batch").split()
+
+
+def make_docs(n: int, seed: int = 0, min_words: int = 3, max_words: int = 60) -> list[str]:
+    """``n`` distinct documents of varied length (each starts with its index, so all differ)."""
+    rng = random.Random(seed)
+    return [f"doc{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for i in range(n)]
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE trained in well under a second, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(make_docs(400, seed=123), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def write_jsonl(path: Path, records: list, compress: str | None = None) -> Path:
+    """Records (dicts, or raw bytes/str lines) as a jsonl file, optionally gzip or zstd compressed."""
+    lines = []
+    for r in records:
+        if isinstance(r, bytes):
+            lines.append(r)
+        elif isinstance(r, str):
+            lines.append(r.encode())
+        else:
+            lines.append(json.dumps(r).encode())
+    data = b"\n".join(lines) + b"\n"
+    path = Path(path)
+    if compress == "gz":
+        data = gzip.compress(data)
+    elif compress == "zst":
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def expected_stream(tokenizer, docs: list[str]) -> list[int]:
+    """The token stream `cpt prepare` must write: each document's ids followed by EOS."""
+    out: list[int] = []
+    for d in docs:
+        out += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return out
+
+
+def data_config(sources: list[dict], seq_len: int = 16, **kw):
+    from cpt.config import DataConfig
+
+    return DataConfig(seq_len=seq_len, sources=sources, **kw)
+
+
+def stage(steps: int, mix: dict, ramp: dict | None = None, name: str = "stage"):
+    from cpt.config import StageConfig
+
+    return StageConfig(name=name, steps=steps, mix=mix, mix_ramp=ramp or {})

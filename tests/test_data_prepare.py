@@ -1,0 +1,262 @@
+"""`cpt prepare`: every input format, EOS between documents, manifest, held-out split, bad input, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cpt.data import prepare as prep_mod
+from cpt.data.prepare import PrepareError, prepare
+from cpt.data.shards import ShardError, TokenShards, dtype_for_vocab, tokenizer_fingerprint
+from test_data_common import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401  (fixture)
+
+
+def stream_of(path) -> list[int]:
+    s = TokenShards.open(path)
+    return s.read(0, s.num_tokens).tolist()
+
+
+def docs_of(path, tokenizer) -> list[list[int]]:
+    """The documents of a prepared folder as token lists (EOS stripped)."""
+    s = TokenShards.open(path)
+    toks = s.read(0, s.num_tokens)
+    starts = list(s.document_starts()) + [s.num_tokens]
+    return [toks[a : b - 1].tolist() for a, b in zip(starts[:-1], starts[1:])]
+
+
+def test_jsonl_stream_manifest_and_shards(tmp_path, tokenizer):
+    docs = make_docs(300)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs)])
+    m = prepare([str(src)], tokenizer, tmp_path / "out", shard_tokens=1000)
+    want = expected_stream(tokenizer, docs)
+    assert stream_of(tmp_path / "out") == want  # every document in order, each followed by EOS
+    assert m["num_tokens"] == len(want) and m["num_documents"] == 300
+    assert m["dtype"] == "uint16" and m["tokenizer"]["hash"] == tokenizer_fingerprint(tokenizer)
+    assert m["tokenizer"]["eos_token_id"] == tokenizer.eos_token_id
+    assert len(m["shards"]) == -(-len(want) // 1000)
+    assert all(s["num_tokens"] == 1000 for s in m["shards"][:-1])
+    assert all(len(s["tokens_checksum"]) == 16 and len(s["docs_checksum"]) == 16 for s in m["shards"])
+    starts = TokenShards.open(tmp_path / "out").document_starts()
+    lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs]
+    assert starts.tolist() == np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["num_tokens"] == m["num_tokens"] and on_disk["stats"]["documents_kept"] == 300
+
+
+def test_all_formats_give_the_same_stream(tmp_path, tokenizer):
+    docs = make_docs(60, seed=1)
+    want = expected_stream(tokenizer, docs)
+    recs = [{"text": d} for d in docs]
+    paths = {
+        "gz": write_jsonl(tmp_path / "a.jsonl.gz", recs, "gz"),
+        "zst": write_jsonl(tmp_path / "a.jsonl.zst", recs, "zst"),
+    }
+    pq.write_table(pa.table({"text": docs, "n": list(range(60))}), tmp_path / "a.parquet", row_group_size=17)
+    paths["parquet"] = tmp_path / "a.parquet"
+    for name, p in paths.items():
+        prepare([str(p)], tokenizer, tmp_path / name)
+        assert stream_of(tmp_path / name) == want, name
+    # a folder of plain text files: one document per file, in sorted path order, hidden files ignored
+    folder = tmp_path / "txt"
+    (folder / "sub").mkdir(parents=True)
+    for i, d in enumerate(docs[:5]):
+        (folder / ("sub" if i % 2 else "") / f"{i:02d}.txt").write_text(d)
+    (folder / ".hidden.txt").write_text("not me")
+    order = sorted(str(folder / ("sub" if i % 2 else "") / f"{i:02d}.txt") for i in range(5))
+    prepare([str(folder)], tokenizer, tmp_path / "txt_out")
+    assert stream_of(tmp_path / "txt_out") == expected_stream(tokenizer, [open(p).read() for p in order])
+
+
+def test_datasets_spec_plain_and_streaming(tmp_path, tokenizer):
+    docs = make_docs(50, seed=2)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"body": d} for d in docs])
+    want = expected_stream(tokenizer, docs)
+    for streaming in (False, True):
+        out = tmp_path / f"hf{streaming}"
+        prepare(["json"], tokenizer, out, hf=True, data_files=str(src), text_field="body", streaming=streaming)
+        assert stream_of(out) == want
+    with pytest.raises(PrepareError, match="no field 'text'"):
+        prepare(["json"], tokenizer, tmp_path / "x", hf=True, data_files=str(src))
+
+
+def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer, capsys):
+    good = make_docs(5, seed=3)
+    records = [
+        {"text": good[0]},
+        "{not json",                             # malformed JSON
+        b'{"text": "caf\xe9 latin-1"}',          # not UTF-8
+        {"text": good[1]},
+        {"text": ""}, {"text": "   \n\t "},      # empty, whitespace only
+        {"body": "no text field"}, {"text": None},  # missing field (absent, null)
+        {"text": 42}, {"text": ["a"]},          # not text
+        '{"text": "lone \\ud800 surrogate"}',   # decodes to a string that is not valid UTF-8
+        "[1, 2]",                               # JSON but not an object
+        {"text": good[2]}, {"text": good[3]}, {"text": good[4]},
+    ]
+    src = write_jsonl(tmp_path / "bad.jsonl", records)
+    from cpt.commands.prepare import main
+
+    rc = main([str(src), "--tokenizer", _save(tokenizer, tmp_path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["stats"]["skipped"] == {"malformed_json": 2, "non_utf8": 2, "missing_field": 2, "not_text": 2,
+                                     "empty": 2, "too_long": 0}
+    assert m["stats"]["records_read"] == len(records) and m["stats"]["documents_kept"] == 5
+    assert stream_of(tmp_path / "out") == expected_stream(tokenizer, good)
+    out = capsys.readouterr().out
+    assert "malformed_json 2" in out and "non_utf8 2" in out and "5 documents kept" in out
+
+
+def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"\xff\xfe binary junk \x80")
+    (folder / "b.txt").write_text("a fine document")
+    (folder / "c.txt").write_text("  \n")
+    m = prepare([str(folder)], tokenizer, tmp_path / "out")
+    assert m["stats"]["skipped"]["non_utf8"] == 1 and m["stats"]["skipped"]["empty"] == 1 and m["num_documents"] == 1
+    pq.write_table(pa.table({"content": ["x", "y"]}), tmp_path / "p.parquet")
+    with pytest.raises(PrepareError, match=r"missing_field: 2"):
+        prepare([str(tmp_path / "p.parquet")], tokenizer, tmp_path / "out2")
+
+
+def test_long_documents_truncated_or_skipped(tmp_path, tokenizer):
+    docs = make_docs(40, seed=4, min_words=1, max_words=80)
+    lens = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs]
+    cap = int(np.median(lens))
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    m = prepare([str(src)], tokenizer, tmp_path / "t", max_doc_tokens=cap)
+    assert m["stats"]["truncated"] == sum(n > cap for n in lens) > 0
+    assert [len(d) for d in docs_of(tmp_path / "t", tokenizer)] == [min(n, cap) for n in lens]
+    m = prepare([str(src)], tokenizer, tmp_path / "s", max_doc_tokens=cap, long_docs="skip")
+    assert m["stats"]["skipped"]["too_long"] == sum(n > cap for n in lens)
+    assert m["num_documents"] == sum(n <= cap for n in lens)
+    # without a limit a very long document is kept whole (packing splits it across sequences)
+    big = " ".join(["tensor"] * 20000)
+    write_jsonl(tmp_path / "big.jsonl", [{"text": big}])
+    m = prepare([str(tmp_path / "big.jsonl")], tokenizer, tmp_path / "b", shard_tokens=3000)
+    assert m["num_documents"] == 1 and m["num_tokens"] == len(tokenizer(big, add_special_tokens=False)["input_ids"]) + 1
+    assert len(m["shards"]) > 1 and sum(s["num_documents"] for s in m["shards"]) == 1
+
+
+def test_nothing_valid_is_a_clear_error(tmp_path, tokenizer, capsys):
+    src = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"text": " "}, {"other": "x"}])
+    with pytest.raises(PrepareError, match=r"no valid documents.*malformed_json: 1, missing_field: 1, empty: 1"):
+        prepare([str(src)], tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    from cpt.commands.prepare import main
+
+    tok_dir = _save(tokenizer, tmp_path)
+    assert main([str(src), "--tokenizer", tok_dir, "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "cpt prepare: error: no valid documents" in err and "Traceback" not in err
+    assert main([str(tmp_path / "missing.jsonl"), "--tokenizer", tok_dir, "--out", str(tmp_path / "o")]) == 1
+    assert "input not found" in capsys.readouterr().err
+    with pytest.raises(PrepareError, match="cannot load tokenizer"):
+        prepare([str(src)], str(tmp_path / "no-tokenizer"), tmp_path / "o")
+
+
+def test_heldout_split_by_document_is_deterministic(tmp_path, tokenizer):
+    docs = make_docs(200, seed=5)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    all_docs = {tuple(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs}
+    m = prepare([str(src)], tokenizer, tmp_path / "a", heldout_docs=7, seed=3, shard_tokens=500)
+    train = docs_of(tmp_path / "a", tokenizer)
+    held = docs_of(tmp_path / "a" / "heldout", tokenizer)
+    assert len(held) == 7 and m["heldout"]["num_documents"] == 7 and len(train) == 193
+    assert set(map(tuple, train)) | set(map(tuple, held)) == all_docs and not set(map(tuple, train)) & set(map(tuple, held))
+    prepare([str(src)], tokenizer, tmp_path / "b", heldout_docs=7, seed=3, shard_tokens=500)
+    assert docs_of(tmp_path / "b" / "heldout", tokenizer) == held and docs_of(tmp_path / "b", tokenizer) == train
+    prepare([str(src)], tokenizer, tmp_path / "c", heldout_docs=7, seed=4)
+    assert docs_of(tmp_path / "c" / "heldout", tokenizer) != held  # the seed picks the documents
+    m = prepare([str(src)], tokenizer, tmp_path / "f", heldout_fraction=0.1)
+    n = m["heldout"]["num_documents"]
+    assert 5 <= n <= 40 and n + m["num_documents"] == 200
+    assert TokenShards.open(tmp_path / "f" / "heldout").manifest["split"] == "heldout"
+
+
+def test_rerun_is_idempotent_and_changes_replace_old_shards(tmp_path, tokenizer):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(100, seed=6)])
+    out = tmp_path / "out"
+    m1 = prepare([str(src)], tokenizer, out, shard_tokens=400, heldout_docs=3)
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    m2 = prepare([str(src)], tokenizer, out, shard_tokens=400, heldout_docs=3)
+    assert m2["up_to_date"] and m2["prepare_key"] == m1["prepare_key"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamp
+    m3 = prepare([str(src)], tokenizer, out, shard_tokens=100000)  # other options: redone, old shards removed
+    assert not m3.get("up_to_date") and len(m3["shards"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.bin", "shard_00000.idx"]
+    TokenShards.open(out)  # checksums verify
+
+
+def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, tokenizer, monkeypatch):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(300, seed=7)])
+    out = tmp_path / "out"
+    old = prepare([str(src)], tokenizer, out, shard_tokens=300)
+    calls = {"n": 0}
+    real_add = prep_mod.ShardWriter.add
+
+    def crash_midway(self, flat, lengths):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real_add(self, flat, lengths)
+
+    monkeypatch.setattr(prep_mod.ShardWriter, "add", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], tokenizer, out, shard_tokens=250, batch_docs=16)
+    monkeypatch.undo()
+    assert TokenShards.open(out).manifest["prepare_key"] == old["prepare_key"]  # old data intact, verified
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+
+    def crash_while_moving(src_dir, dst_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep_mod, "_move_shards", crash_while_moving)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], tokenizer, out, shard_tokens=250)
+    with pytest.raises(ShardError, match="no manifest.json"):
+        TokenShards.open(out)  # the old manifest went first: nothing points at replaced shards
+    monkeypatch.undo()
+    m = prepare([str(src)], tokenizer, out, shard_tokens=250)
+    assert not m.get("up_to_date") and TokenShards.open(out).num_tokens == old["num_tokens"]
+
+
+def test_num_proc_gives_identical_shards(tmp_path, tokenizer):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(500, seed=8)])
+    a = prepare([str(src)], tokenizer, tmp_path / "a", shard_tokens=2000, heldout_docs=5, batch_docs=50)
+    b = prepare([str(src)], tokenizer, tmp_path / "b", shard_tokens=2000, heldout_docs=5, batch_docs=50, num_proc=2)
+    assert [s["tokens_checksum"] for s in a["shards"]] == [s["tokens_checksum"] for s in b["shards"]]
+    assert stream_of(tmp_path / "a" / "heldout") == stream_of(tmp_path / "b" / "heldout")
+
+
+def test_bos_option_and_dtype_choice(tmp_path, tokenizer):
+    docs = make_docs(3, seed=9)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    m = prepare([str(src)], tokenizer, tmp_path / "o", add_bos=True)
+    want = []
+    for d in docs:
+        want += [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert stream_of(tmp_path / "o") == want and m["bos_before_each_document"]
+    assert dtype_for_vocab(65536) == np.uint16 and dtype_for_vocab(65537) == np.uint32
+    with pytest.raises(PrepareError, match="either heldout_docs or heldout_fraction"):
+        prepare([str(src)], tokenizer, tmp_path / "x", heldout_docs=1, heldout_fraction=0.1)
+
+
+def _save(tokenizer, tmp_path) -> str:
+    d = tmp_path / "tok"
+    if not d.exists():
+        tokenizer.save_pretrained(d)
+    return str(d)
+
+
+def test_saved_tokenizer_has_the_same_fingerprint(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(_save(tokenizer, tmp_path))) == tokenizer_fingerprint(tokenizer)
+    assert os.path.exists(os.path.join(_save(tokenizer, tmp_path), "tokenizer.json"))
