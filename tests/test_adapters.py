@@ -184,3 +184,22 @@ def test_freeze_after_lora_freezes_the_bottom_adapters():
     after = count_parameters(model)[0]
     assert after == before // 2
     assert all(not p.requires_grad for n, p in model.named_parameters() if "layers.0." in n)
+
+
+@pytest.mark.parametrize("name", ["full-cpt", "lora-cpt", "freeze-cpt"])
+def test_shipped_configs_validate_and_apply(name):
+    from pathlib import Path
+
+    from cpt.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    model = tiny_model()
+    total = count_parameters(model)[1]
+    if cfg.model.lora is not None:
+        model = apply_lora(model, cfg.model.lora)
+    if cfg.model.freeze is not None:
+        apply_freeze(model, cfg.model.freeze)
+    trainable = count_parameters(model)[0]
+    expected = {"full-cpt": (total, total), "lora-cpt": (1, total // 2), "freeze-cpt": (total // 3, total - 1)}
+    lo, hi = expected[name]
+    assert lo <= trainable <= hi
