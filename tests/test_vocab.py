@@ -218,3 +218,31 @@ def test_config_validation():
         VocabConfig(learn_from="x")
     with pytest.raises(ValueError):
         VocabConfig(add_tokens_file="x", learn_tokens=3)
+
+
+def test_shards_prepared_with_the_extended_tokenizer(tok, tmp_path):
+    """Prepare and train build the same extended tokenizer from the same corpus file; the shards carry new ids."""
+    import json as _json
+
+    from cpt.data.loader import load_heldout
+    from cpt.data.prepare import prepare
+    from cpt.data.shards import ShardError, TokenShards, tokenizer_fingerprint
+    from cpt.data.sources import HeldoutConfig
+
+    corpus = tmp_path / "new.jsonl"
+    corpus.write_text("".join(_json.dumps({"text": t}) + "\n" for t in NEW))
+    cfg = VocabConfig(learn_from=str(corpus), learn_tokens=20)
+    ext1, plan1 = build_extended_tokenizer(tok, cfg)
+    ext2, plan2 = build_extended_tokenizer(tiny_tokenizer(), cfg)
+    assert plan1.tokens == plan2.tokens and len(plan1.tokens) == 20
+    assert tokenizer_fingerprint(ext1) == tokenizer_fingerprint(ext2) != tokenizer_fingerprint(tok)
+    ext1.save_pretrained(tmp_path / "tok")
+    reloaded = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
+    assert tokenizer_fingerprint(reloaded) == tokenizer_fingerprint(ext1)
+    prepare(str(corpus), reloaded, str(tmp_path / "shards"))
+    shards = TokenShards.open(str(tmp_path / "shards"))
+    assert int(shards.read(0, shards.num_tokens).max()) >= len(tok)
+    h = HeldoutConfig(name="py", path=str(tmp_path / "shards"), tag="downstream")
+    assert load_heldout(h, ext2, 8).shape[1] == 8
+    with pytest.raises(ShardError):
+        load_heldout(h, tok, 8)  # the old tokenizer does not match these shards
