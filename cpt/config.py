@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from cpt.adapters import FreezeConfig, LoraConfig
 from cpt.configbase import Strict
 from cpt.data.sources import HeldoutConfig, SourceConfig
-from cpt.schedules import ScheduleConfig
+from cpt.schedules import ScheduleConfig, validate_stage_schedules
 from cpt.vocab import VocabConfig
 
 
@@ -108,6 +108,7 @@ class OptimConfig(Strict):
     eps: float = 1e-8
     grad_clip: float | None = Field(1.0, gt=0)
     fused: bool | None = None  # None: fused AdamW when on CUDA
+    decay_embeddings: bool = True  # apply weight decay to embedding matrices
     # module-name regex -> LR multiplier, e.g. {"embed_tokens": 0.1, "lm_head": 0.5}
     lr_multipliers: dict[str, float] = Field(default_factory=dict)
     # LR multiplier for layers with index < K: {"below": K, "multiplier": m}
@@ -203,6 +204,7 @@ class RunConfig(Strict):
             )
         if self.train.anneal_steps is not None and self.train.init_from is None:
             errors.append("train.anneal_steps needs train.init_from (the checkpoint to branch from)")
+        errors += validate_stage_schedules(self.stages, anneal_steps=self.train.anneal_steps)
         if errors:
             raise ValueError("; ".join(errors))
         return self
