@@ -1,0 +1,233 @@
+"""The mixer and CPTDataLoader: exact shares, stages and ramps, world-size independence, resume, metrics."""
+
+from __future__ import annotations
+
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from cpt.data.loader import CPTDataLoader, RepeatedDataWarning, load_heldout
+from cpt.data.mixer import Mixer, MixPlan
+from cpt.data.prepare import prepare
+from cpt.data.shards import ShardError
+from cpt.data.sources import HeldoutConfig
+from test_data_common import data_config, make_docs, make_tokenizer, stage, tokenizer, write_jsonl  # noqa: F401
+
+L = 8
+
+
+def run_counts(stages, sources, B, steps):
+    m = Mixer(MixPlan(stages, sources), B)
+    return np.array([m.counts(s) for s in range(steps)])
+
+
+def test_five_percent_replay_is_exact_over_every_20_steps():
+    c = run_counts([stage(1000, {"new": 0.95, "old": 0.05})], ["new", "old"], 64, 1000)
+    assert (c.sum(axis=1) == 64).all()
+    assert c[:, 1].sum() == 3200 and set(c[:, 1]) == {3, 4}
+    windows = np.convolve(c[:, 1], np.ones(20, dtype=int), mode="valid")
+    assert (windows == 64).all()  # every 20 consecutive steps: exactly 5% of 1280 rows
+    cum = np.cumsum(c[:, 1])
+    target = 64 * 0.05 * np.arange(1, 1001)
+    assert np.abs(cum - target).max() < 1
+
+
+def test_three_equal_sources_are_exact():
+    c = run_counts([stage(1000, {"a": 1, "b": 1, "c": 1})], ["a", "b", "c"], 64, 1000)
+    assert (c.sum(axis=1) == 64).all()
+    for j in range(3):
+        windows = np.convolve(c[:, j], np.ones(3, dtype=int), mode="valid")
+        assert (windows == 64).all()
+        cum = np.cumsum(c[:, j]) * 3
+        assert np.abs(cum - 64 * np.arange(1, 1001)).max() < 3  # within one row of 64/3 per step
+    assert c[:, 0].sum() + c[:, 1].sum() + c[:, 2].sum() == 64000
+
+
+def test_stages_and_ramps():
+    stages = [stage(100, {"new": 0.9, "old": 0.1}), stage(50, {"new": 1, "old": 3}, ramp={"old": (0.1, 0.5)}),
+              stage(30, {"other": 1.0})]
+    plan = MixPlan(stages, ["new", "old", "other"])
+    assert plan.starts == [0, 100, 150] and plan.stage_index(99) == 0 and plan.stage_index(100) == 1
+    assert plan.shares(100) == [Fraction(9, 10), Fraction(1, 10), 0]
+    assert plan.shares(149) == [Fraction(1, 2), Fraction(1, 2), 0]
+    assert plan.shares(200) == [0, 0, 1]  # past the end: the last stage
+    c = run_counts(stages, ["new", "old", "other"], 32, 180)
+    assert c[:100, 1].sum() == 320 and (c[150:, 2] == 32).all()
+    cum_target = np.cumsum([32 * float(plan.shares(s)[1]) for s in range(100, 150)])
+    assert np.abs(np.cumsum(c[100:150, 1]) - cum_target).max() < 1  # the ramp is followed exactly
+    with pytest.raises(ValueError, match="unknown sources"):
+        MixPlan([stage(5, {"x": 1})], ["a"])
+
+
+def test_mixer_state_round_trip():
+    stages = [stage(37, {"a": 0.7, "b": 0.3}), stage(40, {"a": 0.2, "b": 0.8}, ramp={"a": (0.2, 0.05)})]
+    full = run_counts(stages, ["a", "b"], 48, 77)
+    m = Mixer(MixPlan(stages, ["a", "b"]), 48)
+    for s in range(23):
+        m.counts(s)
+    m2 = Mixer(MixPlan(stages, ["a", "b"]), 48)
+    m2.load_state_dict(m.state_dict())
+    assert np.array([m2.counts(s) for s in range(23, 77)]).tolist() == full[23:].tolist()
+    with pytest.raises(ValueError, match="expected step 77"):
+        m2.counts(80)
+
+
+# ------------------------------------------------------------------ the loader over real shards
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    tok = make_tokenizer()
+    root = tmp_path_factory.mktemp("sources")
+    for name, n, seed in (("new", 300, 31), ("old", 120, 32), ("tiny", 4, 33)):
+        write_jsonl(root / f"{name}.jsonl", [{"text": d} for d in make_docs(n, seed=seed)])
+        prepare([str(root / f"{name}.jsonl")], tok, root / name, shard_tokens=1500, heldout_docs=3 if n > 10 else None)
+    return root
+
+
+def cfg(root, **kw):
+    return data_config([{"name": "new", "path": str(root / "new")}, {"name": "old", "path": str(root / "old"), "replay": True},
+                        {"name": "tiny", "path": str(root / "tiny")}], seq_len=L, **kw)
+
+
+STAGES = [stage(20, {"new": 0.75, "old": 0.25}), stage(30, {"new": 0.5, "old": 0.2, "tiny": 0.3}, ramp={"old": (0.2, 0.4)})]
+
+
+def batches(loader, start, stop):
+    return [loader.batch(s) for s in range(start, stop)]
+
+
+def global_batches(root, tok, world, start, stop, state=None, B=16):
+    """Global batches [start, stop) assembled from `world` ranks (each optionally resumed from `state`)."""
+    ranks = []
+    for r in range(world):
+        ld = CPTDataLoader(cfg(root), STAGES, tok, B, seed=9, rank=r, world_size=world)
+        if state is not None:
+            ld.load_state_dict(state)
+        ranks.append(batches(ld, start, stop))
+    return [{k: torch.cat([ranks[r][i][k] for r in range(world)]) for k in ("input_ids", "source")}
+            for i in range(stop - start)]
+
+
+def test_global_batches_do_not_depend_on_world_size(sources, tokenizer):
+    one = global_batches(sources, tokenizer, 1, 0, 50)
+    for world in (2, 4):
+        other = global_batches(sources, tokenizer, world, 0, 50)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["source"], b["source"]) for a, b in zip(one, other))
+    assert one[0]["input_ids"].shape == (16, L) and one[0]["input_ids"].dtype == torch.long
+    assert [int((b["source"] == 1).sum()) for b in one[:20]] == [4] * 20  # 25% of 16
+    plan = MixPlan(STAGES, ["new", "old", "tiny"])  # stage 2: old ramps 0.2 -> 0.4, new and tiny share the rest 5:3
+    target = sum(16 * plan.shares(s)[2] for s in range(20, 50))
+    assert abs(int(torch.cat([b["source"] for b in one[20:]]).eq(2).sum()) - target) < 1
+
+
+def test_resume_at_any_step_and_across_world_sizes(sources, tokenizer):
+    full = global_batches(sources, tokenizer, 1, 0, 50)
+    for k, world in ((13, 1), (20, 2), (31, 4)):
+        ld = CPTDataLoader(cfg(sources), STAGES, tokenizer, 16, seed=9, rank=0, world_size=2)
+        batches(ld, 0, k)  # a 2-rank run saved at step k ...
+        resumed = global_batches(sources, tokenizer, world, k, 50, state=ld.state_dict())  # ... resumed on `world` ranks
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[k:], resumed)), (k, world)
+
+
+def test_ranks_are_disjoint_and_a_full_share_covers_every_sequence(sources, tokenizer):
+    from collections import Counter
+
+    from cpt.data.stream import PackedStream
+
+    stages = [stage(100, {"old": 1.0})]
+    lds = [CPTDataLoader(cfg(sources), stages, tokenizer, 8, seed=1, rank=r, world_size=2) for r in range(2)]
+    shards = lds[0].streams[0].shards
+    n = lds[0].streams[0].num_sequences
+    steps = -(-n // 8)  # one epoch, rounded up to whole batches
+    rows = [torch.cat([ld.batch(s)["input_ids"] for s in range(steps)]) for ld in lds]
+    ref = PackedStream(shards, L, seed=1, name="old")
+    ids = ref.sequence_ids(np.arange(steps * 8))
+    assert sorted(ids[:n].tolist()) == list(range(n))  # the first n positions are every sequence once
+    expected = Counter(tuple(shards.read(i * L, L).tolist()) for i in ids)
+    got = Counter(tuple(r) for r in torch.cat(rows).tolist())
+    assert got == expected  # the two ranks together: exactly those sequences, each as often as its position says
+    # and the ranks' rows are disjoint slices of the same global batches
+    single = CPTDataLoader(cfg(sources), stages, tokenizer, 8, seed=1)
+    for s in range(steps):
+        g = single.batch(s)["input_ids"]
+        assert torch.equal(g[:4], rows[0][4 * s : 4 * s + 4]) and torch.equal(g[4:], rows[1][4 * s : 4 * s + 4])
+
+
+def test_metrics_tokens_shares_epochs_and_repeat_warning(sources, tokenizer):
+    ld = CPTDataLoader(cfg(sources, max_epochs_warning=1.5), STAGES, tokenizer, 16, seed=9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches(ld, 0, 50)
+    m = ld.metrics()
+    assert set(m) == {f"data/{k}/{s}" for k in ("tokens", "share", "epochs") for s in ("new", "old", "tiny")}
+    assert m["data/tokens/new"] + m["data/tokens/old"] + m["data/tokens/tiny"] == 50 * 16 * L
+    assert m["data/share/old"] == pytest.approx(0.4) and m["data/share/tiny"] == pytest.approx(0.6 * 3 / 8)
+    tiny = ld.streams[2]
+    assert m["data/epochs/tiny"] == pytest.approx(m["data/tokens/tiny"] / L / tiny.num_sequences) and m["data/epochs/tiny"] > 1.5
+    repeated = [w for w in caught if issubclass(w.category, RepeatedDataWarning)]
+    assert len(repeated) == 1 and "'tiny'" in str(repeated[0].message)
+    state = ld.state_dict()
+    ld2 = CPTDataLoader(cfg(sources, max_epochs_warning=1.5), STAGES + [stage(10, {"tiny": 1})], tokenizer, 16, seed=9)
+    ld2.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches(ld2, 50, 55)
+    assert not [w for w in caught if issubclass(w.category, RepeatedDataWarning)]  # warned once, also after resume
+    assert ld2.metrics()["data/tokens/tiny"] == m["data/tokens/tiny"] + 5 * 16 * L
+
+
+def test_fingerprint_and_tokenizer_mismatch(sources, tokenizer):
+    a = CPTDataLoader(cfg(sources), STAGES, tokenizer, 16, seed=9)
+    assert a.fingerprint() == CPTDataLoader(cfg(sources), STAGES, tokenizer, 16, seed=9, rank=1, world_size=2).fingerprint()
+    shorter = data_config([{"name": n, "path": str(sources / n)} for n in ("new", "old", "tiny")], seq_len=4)
+    assert a.fingerprint() != CPTDataLoader(shorter, STAGES, tokenizer, 16, seed=9).fingerprint()
+    swapped = data_config([{"name": n, "path": str(sources / p)} for n, p in (("new", "old"), ("old", "new"), ("tiny", "tiny"))], seq_len=L)
+    assert a.fingerprint() != CPTDataLoader(swapped, STAGES, tokenizer, 16, seed=9).fingerprint()
+    other = make_tokenizer(vocab_size=300)
+    with pytest.raises(ShardError, match=r"data source 'new'.*vocabulary hash sha256:\w+.*vocabulary hash sha256:\w+"):
+        CPTDataLoader(cfg(sources), STAGES, other, 16, seed=9)
+    with pytest.raises(ValueError, match="divisible by world_size"):
+        CPTDataLoader(cfg(sources), STAGES, tokenizer, 15, seed=9, world_size=2)
+
+
+def test_hf_source_in_the_loader_is_world_size_independent_and_resumable(sources, tokenizer, tmp_path):
+    write_jsonl(tmp_path / "web.jsonl", [{"text": d} for d in make_docs(30, seed=34)])
+    dc = data_config([{"name": "new", "path": str(sources / "new")},
+                      {"name": "web", "type": "hf", "path": "json", "data_files": str(tmp_path / "web.jsonl")}], seq_len=L)
+    st = [stage(40, {"new": 0.5, "web": 0.5})]
+
+    def run(world, start, stop, state=None):
+        out = []
+        for r in range(world):
+            ld = CPTDataLoader(dc, st, tokenizer, 8, seed=2, rank=r, world_size=world)
+            if state:
+                ld.load_state_dict(state)
+            out.append(torch.cat([ld.batch(s)["input_ids"] for s in range(start, stop)]))
+        return torch.cat([o.view(stop - start, -1, L) for o in out], dim=1)
+
+    full = run(1, 0, 25)
+    assert torch.equal(full, run(2, 0, 25))
+    ld = CPTDataLoader(dc, st, tokenizer, 8, seed=2)
+    for s in range(11):
+        ld.batch(s)
+    assert torch.equal(full[11:], run(2, 11, 25, ld.state_dict()))
+
+
+def test_load_heldout(sources, tokenizer):
+    h = HeldoutConfig(name="old", path=str(sources / "old" / "heldout"), tag="upstream")
+    x = load_heldout(h, tokenizer, L, max_tokens=40)
+    assert x.shape == (5, L) and x.dtype == torch.long
+    from cpt.data.shards import TokenShards
+
+    assert x.reshape(-1).tolist() == TokenShards.open(h.path).read(0, 40).tolist()  # the start, not shuffled
+    full = load_heldout(h, tokenizer, L, max_tokens=None)
+    assert full.shape[0] == TokenShards.open(h.path).num_tokens // L
+    assert load_heldout(h.model_copy(update={"max_tokens": 16}), tokenizer, L, max_tokens=40).shape == (2, L)
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        load_heldout(h, tokenizer, 100000, max_tokens=None)
+    with pytest.raises(ShardError, match="held-out set 'old'.*vocabulary hash"):
+        load_heldout(h, make_tokenizer(vocab_size=300), L, 40)

@@ -1,0 +1,142 @@
+"""Packed streams: permutation, epochs, rank x worker slices, O(1) resume; the on-the-fly `datasets` source."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cpt.data.hfstream import HFSourceError, HFTokenStream
+from cpt.data.prepare import prepare
+from cpt.data.shards import TokenShards
+from cpt.data.sources import SourceConfig
+from cpt.data.stream import PackedStream, Permutation
+from test_data_common import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401
+
+L = 16
+
+
+@pytest.fixture
+def shards(tmp_path, tokenizer):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(200, seed=21)])
+    prepare([str(src)], tokenizer, tmp_path / "s", shard_tokens=900)
+    return TokenShards.open(tmp_path / "s")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
+def test_permutation_is_a_keyed_bijection(n):
+    p = Permutation(n, key=42)
+    out = p(np.arange(n))
+    assert sorted(out.tolist()) == list(range(n))
+    assert out.tolist() == Permutation(n, key=42)(np.arange(n)).tolist()  # pure function of the key
+    if n >= 17:
+        assert out.tolist() != Permutation(n, key=43)(np.arange(n)).tolist()
+        assert out.tolist() != list(range(n))
+        assert p(np.array([5, 3])).tolist() == [out[5], out[3]]  # random access
+
+
+def test_each_epoch_is_a_new_order_covering_every_sequence(shards):
+    s = PackedStream(shards, L, seed=7, name="a")
+    n = s.num_sequences
+    assert n == shards.num_tokens // L
+    e0 = s.sequence_ids(np.arange(n))
+    e1 = s.sequence_ids(np.arange(n, 2 * n))
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(n))
+    assert e0.tolist() != e1.tolist()
+    assert e0.tolist() == PackedStream(shards, L, seed=7, name="a").sequence_ids(np.arange(n)).tolist()
+    assert e0.tolist() != PackedStream(shards, L, seed=8, name="a").sequence_ids(np.arange(n)).tolist()
+    assert e0.tolist() != PackedStream(shards, L, seed=7, name="b").sequence_ids(np.arange(n)).tolist()
+    tokens = shards.read(0, shards.num_tokens)
+    seqs = s.sequences(np.array([0, 1, n + 2]))
+    for row, i in zip(seqs, [e0[0], e0[1], e1[2]]):
+        assert row.tolist() == tokens[i * L : (i + 1) * L].tolist()  # packing: consecutive tokens of the stream
+
+
+def test_ranks_and_workers_are_disjoint_and_cover_an_epoch(shards):
+    seen = {}
+    for rank in range(2):
+        ds = PackedStream(shards, L, seed=3, name="a", rank=rank, world_size=2).limit_epochs(1)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+        seen[rank] = [(int(item["position"]), item["input_ids"]) for item in loader]
+    positions = [p for r in seen.values() for p, _ in r]
+    n = PackedStream(shards, L, seed=3, name="a").num_sequences
+    assert len(positions) == len(set(positions)) == n and set(positions) == set(range(n))
+    assert not {p for p, _ in seen[0]} & {p for p, _ in seen[1]}
+    ref = PackedStream(shards, L, seed=3, name="a")
+    for p, ids in seen[0][:5] + seen[1][-5:]:
+        assert ids.tolist() == ref.sequences(np.array([p]))[0].tolist()
+    # every sequence index (not just every position) appears exactly once
+    assert sorted(ref.sequence_ids(np.array(positions)).tolist()) == list(range(n))
+
+
+def test_state_dict_resumes_in_constant_time(shards, monkeypatch):
+    a = PackedStream(shards, L, seed=5, name="a", rank=1, world_size=2)
+    it = iter(a)
+    for _ in range(37):
+        next(it)
+    state = a.state_dict()
+    expected = [next(it)["input_ids"].tolist() for _ in range(10)]
+    b = PackedStream(shards, L, seed=5, name="a", rank=1, world_size=2)
+    monkeypatch.setattr(shards, "read_many", lambda *a, **k: pytest.fail("load_state_dict must not read data"))
+    b.load_state_dict(state)
+    monkeypatch.undo()
+    assert [item["input_ids"].tolist() for _, item in zip(range(10), b)] == expected
+    with pytest.raises(ValueError, match="sequences per epoch"):
+        PackedStream(shards, L * 2, seed=5).load_state_dict(state)
+
+
+def test_too_small_source_is_a_clear_error(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "tiny"}])
+    prepare([str(tmp_path / "t.jsonl")], tokenizer, tmp_path / "t")
+    with pytest.raises(ValueError, match="fewer than one sequence of 4096"):
+        PackedStream(TokenShards.open(tmp_path / "t"), 4096, name="t")
+
+
+# ------------------------------------------------------------------ the on-the-fly `datasets` source
+
+
+def hf_source(path, **kw) -> SourceConfig:
+    return SourceConfig(name="web", type="hf", path="json", data_files=str(path), **kw)
+
+
+def test_hf_stream_packs_like_prepared_shards(tmp_path, tokenizer):
+    docs = make_docs(60, seed=22)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    want = np.array(expected_stream(tokenizer, docs))
+    s = HFTokenStream(hf_source(path), tokenizer, L, batch_docs=7)
+    n = len(want) // L
+    got = np.concatenate([s.next_sequences(3) for _ in range(n // 3)]).reshape(-1)
+    assert got.tolist() == want[: len(got)].tolist()
+    # past the end: the next epoch continues right after the leftover tokens of the first
+    more = s.next_sequences(n).reshape(-1)
+    assert s.epoch == 1
+    assert np.concatenate([got, more]).tolist() == np.concatenate([want, want])[: len(got) + len(more)].tolist()
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hf_stream_resumes_exactly(tmp_path, tokenizer, streaming):
+    docs = make_docs(12, seed=23)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    a = HFTokenStream(hf_source(path, streaming=streaming), tokenizer, L, batch_docs=5)
+    states, outs = [], []
+    for k in range(30):  # crosses at least one epoch boundary
+        states.append(a.state_dict())
+        outs.append(a.next_sequences(3))
+    assert a.epoch >= 1
+    for k in (0, 7, 19, 29):
+        b = HFTokenStream(hf_source(path, streaming=streaming), tokenizer, L, batch_docs=5)
+        b.load_state_dict(states[k])
+        assert np.concatenate([b.next_sequences(3) for _ in range(30 - k)]).tolist() == np.concatenate(outs[k:]).tolist()
+
+
+def test_hf_stream_skips_bad_records_and_errors_when_nothing_is_usable(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}, {"text": " "}, {"text": None}, {"text": 5},
+                                              {"text": "the river bank"}])
+    s = HFTokenStream(hf_source(path), tokenizer, 4)
+    s.next_sequences(2)
+    assert s.skipped["empty"] >= 1 and s.skipped["missing_field"] >= 1 and s.skipped["not_text"] >= 1
+    path = write_jsonl(tmp_path / "b.jsonl", [{"text": " "}, {"text": ""}])
+    with pytest.raises(HFSourceError, match="no usable text"):
+        HFTokenStream(hf_source(path), tokenizer, 4).next_sequences(1)
+    with pytest.raises(HFSourceError, match="load_dataset"):
+        HFTokenStream(hf_source(tmp_path / "missing.jsonl"), tokenizer, 4)
