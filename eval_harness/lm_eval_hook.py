@@ -1,0 +1,314 @@
+"""lm-eval over the live model during training, and over saved checkpoints.
+
+``run_lm_eval(model, tokenizer, tasks, ...)`` wraps the model being trained in lm-eval's ``HFLM`` and
+returns flat metrics ``{"lm_eval/<task>/<metric>": value}``. The local tasks in ``eval_harness/tasks``
+(tag ``cpt_local``) run offline from any working directory; other task names go through lm-eval's
+default task registry (hub datasets: they need the network).
+
+Several processes: lm-eval with a pre-built model assumes one process, so the hook chooses one of
+two strategies, neither of which can leave a rank waiting in a collective the others never reach:
+
+* ``data_parallel`` (DDP, DeepSpeed ZeRO-1/2, multi-CPU: every rank holds the full weights). lm-eval's
+  own data-parallel path is switched on for the live model (``rank``/``world_size``/``accelerator`` of
+  the ``HFLM``): each rank scores a disjoint share of the requests with the *unwrapped* module, whose
+  forward runs no collective, and lm-eval's gathers (request counts, per-sample metrics) are
+  called symmetrically by every rank. Results are computed on rank 0 and broadcast to all ranks.
+* ``replicated`` (FSDP, DeepSpeed ZeRO-3: weights are sharded, so every forward pass is a collective).
+  Every rank runs the *whole* evaluation on the wrapped model in lock-step: the requests, their
+  order and their batches are a pure function of the task data and the seeds, so every rank makes
+  exactly the same sequence of forward passes and the parameter all-gathers always match.
+  Generation tasks get ``synced_gpus=True`` so ``generate`` keeps all ranks stepping together even
+  if their outputs were to differ. It costs world-size times the compute of a data-parallel
+  evaluation, but it needs no export and no extra memory, and no rank idles in a barrier while
+  another evaluates (a rank-0-only evaluation would risk the collective timeout on long task lists).
+
+For a saved checkpoint (an HF export, or a LoRA adapter with its base), see
+:func:`run_lm_eval_on_checkpoint` and ``cpt eval``.
+
+lm-eval seeds Python, NumPy and torch; the hook restores the previous RNG states afterwards so
+that an evaluation in the middle of training does not change the rest of the run, and it restores
+the model's train/eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("cpt.lm_eval")
+
+LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+# ---------------------------------------------------------------- task registry
+
+
+def _include_paths(include_path: str | Path | list | None) -> list[str]:
+    paths = [str(LOCAL_TASKS_DIR)]
+    if include_path:
+        extra = include_path if isinstance(include_path, (list, tuple)) else [include_path]
+        paths += [str(Path(p).resolve()) for p in extra if Path(p).resolve() != LOCAL_TASKS_DIR]
+    return paths
+
+
+def make_task_manager(tasks: list[str], include_path: str | Path | list | None = None):
+    """A ``TaskManager`` that knows the local tasks (and ``include_path``). lm-eval's built-in tasks are
+    indexed only when a requested name is not local (indexing them costs seconds; running them
+    needs the network)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = _include_paths(include_path)
+    local = TaskManager(include_path=paths, include_defaults=False)
+    known = set(local.all_tasks) | set(local.all_groups) | set(local.all_tags)
+    if all(t in known for t in tasks):
+        return local
+    missing = [t for t in tasks if t not in known]
+    log.info("lm-eval: %s not local, indexing lm-eval's built-in tasks", missing)
+    return TaskManager(include_path=paths, include_defaults=True)
+
+
+def local_task_names(include_path: str | Path | list | None = None) -> list[str]:
+    from lm_eval.tasks import TaskManager
+
+    return sorted(TaskManager(include_path=_include_paths(include_path), include_defaults=False).all_tasks)
+
+
+# ---------------------------------------------------------------- results
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def flatten_results(results: dict[str, Any]) -> dict[str, float]:
+    """``{"results": {task: {"acc,none": x, ...}}}`` -> ``{"lm_eval/<task>/acc": x, ...}``.
+
+    The ``none`` filter is dropped from the name; another filter is kept as ``<metric>@<filter>``.
+    Standard errors become ``<metric>_stderr`` (when lm-eval computed them). Non-numbers are skipped.
+    """
+    flat: dict[str, float] = {}
+    for section in ("results", "groups"):
+        for task, metrics in (results.get(section) or {}).items():
+            for key, value in metrics.items():
+                if not _is_number(value) or key in ("samples",):
+                    continue
+                metric, _, filt = key.partition(",")
+                name = metric if filt in ("", "none") else f"{metric}@{filt}"
+                flat[f"lm_eval/{task}/{name}"] = float(value)
+    return flat
+
+
+# ---------------------------------------------------------------- distributed strategy
+
+
+def choose_strategy(accelerator) -> str:
+    """``single``, ``data_parallel`` (full weights on every rank) or ``replicated`` (sharded weights)."""
+    if accelerator is None or accelerator.num_processes <= 1:
+        return "single"
+    from accelerate.utils import DistributedType
+
+    dt = accelerator.distributed_type
+    if dt == DistributedType.FSDP:
+        return "replicated"
+    if dt == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
+        return "replicated" if stage == 3 else "data_parallel"
+    if dt.name.startswith("MULTI_"):  # DDP on GPUs/CPUs/other devices
+        return "data_parallel"
+    return "replicated"  # anything else (tensor/pipeline parallel...): lock-step is the safe choice
+
+
+def _module_for(model, strategy: str, accelerator):
+    if strategy == "single":
+        return accelerator.unwrap_model(model) if accelerator is not None else model
+    if strategy == "data_parallel":
+        return accelerator.unwrap_model(model)  # DDP / DeepSpeed engine removed: no collectives in forward
+    # replicated: keep the sharding wrapper (its forward gathers the parameters) but not a DeepSpeed
+    # engine, whose ZeRO-3 hooks live on the inner module anyway
+    try:
+        from deepspeed import DeepSpeedEngine
+
+        if isinstance(model, DeepSpeedEngine):
+            return model.module
+    except ImportError:
+        pass
+    return model
+
+
+@contextlib.contextmanager
+def preserved_rng_and_mode(model):
+    """Restore Python/NumPy/torch (CPU and CUDA) RNG states and the model's training mode on exit."""
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    was_training = model.training
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def run_lm_eval_detailed(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    include_path: str | Path | list | None = None,
+    accelerator=None,
+    max_length: int | None = None,
+    bootstrap_iters: int = 0,
+    num_fewshot: int | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Like :func:`run_lm_eval`, also returning lm-eval's results dict (``results``, ``configs``,
+    ``versions``, ``n-samples``; JSON-serialisable). Both are the same on every rank."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    if not tasks:
+        raise ValueError("no lm-eval tasks given")
+    strategy = choose_strategy(accelerator)
+    module = _module_for(model, strategy, accelerator)
+    task_manager = make_task_manager(list(tasks), include_path)
+    gen_kwargs = {"synced_gpus": True} if strategy == "replicated" else None
+
+    with preserved_rng_and_mode(module), torch.no_grad():
+        lm = HFLM(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        if strategy == "data_parallel":
+            # lm-eval's own data-parallel evaluation (what it does under `accelerate launch` with a
+            # model name), enabled for the live model
+            lm.accelerator = accelerator
+            lm._rank = accelerator.process_index
+            lm._world_size = accelerator.num_processes
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            limit=limit,
+            num_fewshot=num_fewshot,
+            task_manager=task_manager,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            gen_kwargs=gen_kwargs,
+        )
+    if strategy != "single":
+        # rank 0 holds the results (lm-eval returns None elsewhere, and on LOCAL_RANK != 0)
+        from accelerate.utils import broadcast_object_list
+
+        payload = [_clean(results) if accelerator.is_main_process else None]
+        broadcast_object_list(payload, from_process=0)
+        results = payload[0]
+    else:
+        results = _clean(results)
+    if results is None:
+        raise RuntimeError("lm-eval returned no results")
+    return flatten_results(results), results
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    include_path: str | Path | list | None = None,
+    accelerator=None,
+    max_length: int | None = None,
+) -> dict[str, float]:
+    """Run lm-eval ``tasks`` on the live ``model`` and return ``{"lm_eval/<task>/<metric>": value}``.
+
+    Call it on every rank (see the module docstring for the multi-process strategies); every rank gets
+    the same dict. ``limit`` caps the examples per task; ``include_path`` adds task YAML folders to the
+    bundled ``eval_harness/tasks``; ``max_length`` caps the context (default: the model config's).
+    """
+    flat, _ = run_lm_eval_detailed(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
+                                   include_path=include_path, accelerator=accelerator, max_length=max_length)
+    return flat
+
+
+def _clean(results: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Keep the JSON-friendly parts of lm-eval's output."""
+    if results is None:
+        return None
+    keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+    out = {k: results[k] for k in keep if k in results}
+    return _jsonable(out)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item"):
+        try:
+            return _jsonable(obj.item())
+        except (ValueError, RuntimeError):
+            pass
+    return str(obj)
+
+
+def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str | None = None,
+                  dtype: str | torch.dtype | None = None):
+    """Load ``(model, tokenizer)`` from an HF export directory, or from a LoRA adapter directory
+    (``adapter_config.json``) on top of ``base`` (default: the adapter's ``base_model_name_or_path``).
+    The tokenizer is taken from the checkpoint (or adapter) directory when it has one, else from the base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(checkpoint)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if (path / "adapter_config.json").exists():
+        import json
+
+        from peft import PeftModel
+
+        base_name = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ValueError(f"{path}: adapter_config.json names no base model; pass --base")
+        base_model = AutoModelForCausalLM.from_pretrained(base_name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else base_name)
+        if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
+            base_model.resize_token_embeddings(len(tokenizer))  # the adapter was trained with an extended vocabulary
+        model = PeftModel.from_pretrained(base_model, str(path))
+    elif (path / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else (base or str(path)))
+    else:
+        raise FileNotFoundError(f"{path}: neither an HF model directory (config.json) nor a LoRA adapter (adapter_config.json)")
+    if device:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def run_lm_eval_on_checkpoint(checkpoint: str | Path, tasks: list[str], base: str | None = None,
+                              limit: int | float | None = None, batch_size: int = 8,
+                              include_path: str | Path | list | None = None, device: str | None = None,
+                              max_length: int | None = None, bootstrap_iters: int = 1000,
+                              ) -> tuple[dict[str, float], dict[str, Any]]:
+    """lm-eval on a saved HF export or LoRA adapter, in this process. Returns ``(flat, results)``."""
+    model, tokenizer = load_for_eval(checkpoint, base=base, device=device)
+    return run_lm_eval_detailed(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
+                                include_path=include_path, max_length=max_length, bootstrap_iters=bootstrap_iters)

@@ -1,0 +1,140 @@
+"""lm-eval hook on a tiny model with a real (tiny, trained here) byte-level BPE tokenizer."""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+pytest.importorskip("lm_eval")
+
+from eval_harness.lm_eval_hook import (  # noqa: E402
+    LOCAL_TASKS_DIR,
+    choose_strategy,
+    flatten_results,
+    local_task_names,
+    run_lm_eval,
+    run_lm_eval_detailed,
+)
+
+MC, PPL = "cpt_arith_mc", "cpt_shakespeare_ppl"
+
+
+def corpus_lines():
+    lines = []
+    for f in sorted((LOCAL_TASKS_DIR / "data").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            lines.append(row.get("text") or (row["question"] + " " + " ".join(row["choices"])))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus_lines(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    path = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+def test_local_tasks_are_registered_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data paths must not depend on the current directory
+    names = local_task_names()
+    assert {"cpt_arith_mc", "cpt_python_mc", "cpt_shakespeare_mc", "cpt_python_ppl", "cpt_shakespeare_ppl"} <= set(names)
+
+
+def test_hook_returns_results_for_local_mc_and_perplexity_tasks(model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model.train()
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    expect_py, expect_np, expect_torch = random.random(), np.random.rand(), torch.rand(1)
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+
+    flat, raw = run_lm_eval_detailed(model, tokenizer, [MC, PPL], limit=8, batch_size=4, max_length=128)
+
+    # the training process's RNG streams and train mode are untouched
+    assert (random.random(), np.random.rand(), torch.rand(1)) == (expect_py, expect_np, expect_torch)
+    assert model.training
+
+    acc = flat[f"lm_eval/{MC}/acc"]
+    assert 0.0 <= acc <= 1.0 and acc * 8 == round(acc * 8)  # 8 examples
+    assert 0.0 <= flat[f"lm_eval/{MC}/acc_norm"] <= 1.0
+    # a random model over a 512-token vocabulary: a few bits per byte, finite perplexities
+    assert 1.0 < flat[f"lm_eval/{PPL}/bits_per_byte"] < 20.0
+    assert flat[f"lm_eval/{PPL}/word_perplexity"] > flat[f"lm_eval/{PPL}/byte_perplexity"] > 1.0
+    assert raw["n-samples"][MC]["effective"] == 8
+    json.dumps(raw)  # serialisable as it is
+
+    # same model, same data: the same numbers again
+    again = run_lm_eval(model, tokenizer, [MC, PPL], limit=8, batch_size=2, max_length=128)
+    assert again[f"lm_eval/{MC}/acc"] == acc
+    assert again[f"lm_eval/{PPL}/bits_per_byte"] == pytest.approx(flat[f"lm_eval/{PPL}/bits_per_byte"], rel=1e-5)
+
+
+def test_training_changes_the_perplexity_result(model, tokenizer):
+    """The hook evaluates the live weights, not a copy taken earlier."""
+    before = run_lm_eval(model, tokenizer, [PPL], limit=4, batch_size=4, max_length=128)
+    text = json.loads((LOCAL_TASKS_DIR / "data" / "cpt_shakespeare_ppl.jsonl").read_text().splitlines()[0])["text"]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :128]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = run_lm_eval(model, tokenizer, [PPL], limit=4, batch_size=4, max_length=128)
+    key = f"lm_eval/{PPL}/bits_per_byte"
+    assert after[key] < before[key] - 0.05
+
+
+def test_flatten_results_names():
+    flat = flatten_results({"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A",
+                                              "exact_match,strict-match": 0.25, "bits_per_byte,none": 1.5}}})
+    assert flat == {"lm_eval/t/acc": 0.5, "lm_eval/t/exact_match@strict-match": 0.25, "lm_eval/t/bits_per_byte": 1.5}
+
+
+def test_strategy_choice():
+    from accelerate.utils import DistributedType
+
+    class Plugin:
+        def __init__(self, stage):
+            self.zero_stage = stage
+
+    class Acc:
+        def __init__(self, n, dt, stage=None):
+            self.num_processes, self.distributed_type = n, dt
+            self.state = type("S", (), {"deepspeed_plugin": Plugin(stage) if stage else None})()
+
+    assert choose_strategy(None) == "single"
+    assert choose_strategy(Acc(1, DistributedType.NO)) == "single"
+    assert choose_strategy(Acc(2, DistributedType.MULTI_GPU)) == "data_parallel"
+    assert choose_strategy(Acc(2, DistributedType.MULTI_CPU)) == "data_parallel"
+    assert choose_strategy(Acc(2, DistributedType.DEEPSPEED, 2)) == "data_parallel"
+    assert choose_strategy(Acc(2, DistributedType.DEEPSPEED, 3)) == "replicated"
+    assert choose_strategy(Acc(2, DistributedType.FSDP)) == "replicated"
