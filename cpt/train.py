@@ -48,7 +48,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
-    from cpt.metrics import MetricsLogger, Throughput, model_flops_per_token, mfu, peak_flops_for, peak_memory_gb
+    from cpt.metrics import MetricsLogger, Throughput, model_flops_per_token, peak_flops_for, peak_memory_gb
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
     from cpt.optim import build_optimizer, set_lr
     from cpt.schedules import LRPlan
@@ -131,12 +131,12 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     # --- logging, throughput accounting, preemption
     if acc.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg, acc)
-    if start_ckpt is not None and resume_ckpt is not None:
-        logger.truncate_after(step)
+    logger = MetricsLogger(run_dir, cfg, acc, resume=resume_ckpt is not None)
+    if resume_ckpt is not None:
+        logger.truncate_after(step)  # a killed run may have logged steps past its last checkpoint
     flops_per_token = model_flops_per_token(shape["n_params_non_embedding"], shape["n_layers"], shape["hidden"], L)
     peak = cfg.train.peak_flops or peak_flops_for(_device_name(acc))
-    meter = Throughput(world_size=acc.num_processes)
+    meter = Throughput(num_devices=acc.num_processes)
     stop = PreemptionFlag()
     stop.install()
 
@@ -148,7 +148,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     bar = _progress_bar(cfg, acc, step, total_steps)
     model.train()
     nonfinite_in_a_row, export_dir, stopped = 0, None, None
-    loss_sum, loss_count, last_log = torch.zeros((), device=acc.device), 0, time.perf_counter()
+    loss_sum, loss_count = torch.zeros((), device=acc.device), 0
     while step < total_steps:
         # stage switch: shares change inside the data loader; optionally reset the optimizer state
         stage = plan.stage_index(step)
@@ -191,19 +191,15 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         # log
         if step % cfg.train.log_every == 0 or step == total_steps:
             mean_loss = acc.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
-            tps = meter.tokens_per_s()
+            tps = meter.tokens_per_s
             record = {
                 "train/tokens": tokens, "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                "stage": stage, "train/nonfinite_skipped": nonfinite_total,
-                "perf/tokens_per_s": tps, "perf/tokens_per_s_per_device": tps / acc.num_processes,
-                "perf/peak_mem_gb": peak_memory_gb(acc.device), "perf/elapsed_s": time.perf_counter() - last_log,
-                **data.metrics(),
+                "stage": stage, "train/nonfinite_skipped": nonfinite_total, "perf/peak_mem_gb": peak_memory_gb(),
+                **meter.metrics(flops_per_token, peak), **data.metrics(),
             }
-            if peak:
-                record["perf/mfu"] = mfu(tps / acc.num_processes, flops_per_token, peak)
             logger.log(record, step=step)
             loss_sum.zero_()
-            loss_count, last_log = 0, time.perf_counter()
+            loss_count = 0
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
         if bar is not None:
@@ -276,7 +272,7 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     kwargs = []
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))  # CPU multi-process (tests, laptops)
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
     acc = Accelerator(
@@ -362,9 +358,6 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run.output_dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()  # a fresh run never appends to an old run's curves
 
 
 def _device_name(acc) -> str:
