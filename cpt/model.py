@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -64,38 +65,30 @@ def _prefers_safetensors(source: str) -> bool | None:
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):
-    """Apply vocab extension -> freezing -> LoRA -> kernels -> activation checkpointing, in that order.
+    """Apply vocab extension -> LoRA -> freezing -> kernels -> activation checkpointing, in that order.
 
-    Returns (model, tokenizer, new_token_ids).
+    (Freezing after LoRA: peft freezes the whole base model, so a freeze spec then selects among the
+    adapter and modules_to_save.) Returns (model, tokenizer, new_token_ids).
     """
+    from cpt.adapters import apply_freeze, apply_lora, describe_trainable
+
     new_ids: list[int] = []
     if cfg.vocab is not None:
         from cpt.vocab import extend_vocabulary
 
         model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab)
-    if cfg.freeze is not None:
-        from cpt.adapters import apply_freeze
-
-        apply_freeze(model, cfg.freeze)
     if cfg.lora is not None:
-        from cpt.adapters import apply_lora
-
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None)
+    if cfg.freeze is not None:
+        apply_freeze(model, cfg.freeze)
     if cfg.liger_kernel:
         _apply_liger(model, log_fn)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora is not None:
             model.enable_input_require_grads()
-    trainable, total = count_parameters(model)
-    log_fn(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+    log_fn(describe_trainable(model))
     return model, tokenizer, new_ids
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
 
 
 def _apply_liger(model: torch.nn.Module, log_fn) -> None:
@@ -135,14 +128,15 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
     if accelerator.is_main_process:
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            import shutil
+        if hasattr(unwrapped, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
+            from cpt.adapters import save_adapter
 
+            save_adapter(unwrapped, tmp, tokenizer, state_dict=state_dict)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     accelerator.wait_for_everyone()
