@@ -1,0 +1,104 @@
+"""lm-eval hook under 2 CPU processes: DDP (data-parallel requests) and DeepSpeed ZeRO-3 (lock-step
+replicated evaluation) give the single-process results on every rank and do not hang."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TASKS = ["cpt_arith_mc", "cpt_python_ppl"]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from eval_harness.lm_eval_hook import run_lm_eval
+
+    out, mode, tasks = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = [f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)] + ["def f(x):\\n    return x"] * 10
+    tok.train_from_iterator(words, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                             max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    acc = None
+    if mode != "single":
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+        acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        if mode == "zero3":
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 2
+            model, _ = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        else:
+            model = acc.prepare(model)
+    res = run_lm_eval(model, tokenizer, tasks, limit=7, batch_size=2, accelerator=acc, max_length=64)
+    rank = acc.process_index if acc else 0
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump({"n": acc.num_processes if acc else 1, "res": res}, f)
+    """
+)
+
+
+def run(tmp_path: Path, mode: str) -> list[dict]:
+    script = tmp_path / "dist_lm_eval.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / f"res_{mode}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if mode == "single":
+        args = [sys.executable, str(script)]
+    else:
+        args = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if mode == "zero3":
+            args += ["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "1"]
+        else:
+            env["ACCELERATE_USE_CPU"] = "1"
+            args += ["--multi_gpu"]
+        args += [str(script)]
+    proc = subprocess.run(args + [str(out), mode, ",".join(TASKS)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    n = 1 if mode == "single" else 2
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    (r,) = run(tmp_path_factory.mktemp("single"), "single")
+    assert r["res"]["lm_eval/cpt_arith_mc/acc"] * 7 == round(r["res"]["lm_eval/cpt_arith_mc/acc"] * 7)
+    return r["res"]
+
+
+def check(results, single):
+    for r in results:
+        assert r["n"] == 2
+        assert r["res"].keys() == single.keys()
+        for k, v in single.items():
+            assert r["res"][k] == pytest.approx(v, rel=1e-4), k
+
+
+def test_ddp_data_parallel_equals_single_process(tmp_path, single):
+    check(run(tmp_path, "ddp"), single)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_zero3_lock_step_equals_single_process(tmp_path, single):
+    check(run(tmp_path, "zero3"), single)
