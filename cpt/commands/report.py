@@ -1,0 +1,29 @@
+"""`cpt report RUN_DIR [RUN_DIR ...] [--out DIR]`: plots and one self-contained HTML page."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cpt report",
+        description="Plots (PNG) and a self-contained report.html from one or more run directories: upstream/"
+        "downstream held-out loss, LR, data shares and throughput against tokens, runs overlaid, and a table of "
+        "step-0, final and worst values per held-out set.",
+    )
+    parser.add_argument("run_dirs", nargs="+", help="run directories (each with a metrics.jsonl)")
+    parser.add_argument("--out", default=None, help="output folder (default: <first run>/report)")
+    args = parser.parse_args(argv)
+    from cpt.report import write_report
+
+    try:
+        page = write_report(args.run_dirs, args.out)
+    except FileNotFoundError as e:
+        print(f"cpt report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {page}")
+    for png in sorted(page.parent.glob("*.png")):
+        print(f"      {png}")
+    return 0

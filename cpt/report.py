@@ -1,0 +1,280 @@
+"""Plots and a self-contained HTML page from one or more run directories (their metrics.jsonl).
+
+``write_report(run_dirs, out_dir)`` writes, with ``train/tokens`` on every x axis and one colour per run:
+
+    upstream.png      eval/<name>/loss of upstream sets (forgetting), one line style per set
+    downstream.png    eval/<name>/loss of downstream sets (adaptation)
+    train_loss.png    train/loss
+    lr.png            train/lr
+    data_shares.png   data/share/<source>
+    throughput.png    perf/tokens_per_s
+    lm_eval.png       lm_eval/<task>/<metric> (when logged)
+    report.html       all of the above embedded (base64) + a table per run: step-0, final and worst
+                      loss per held-out set with forgetting/adaptation, and the final lm-eval values
+
+Stage switches (where the logged ``stage`` index changes) are drawn as vertical dotted lines.
+A set is upstream when the run logged ``forgetting/<name>``, downstream when ``adaptation/<name>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpt.metrics import METRICS_FILE, read_metrics
+
+LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+@dataclass
+class RunData:
+    label: str
+    path: Path
+    records: list[dict[str, Any]]
+    keys: set[str] = field(default_factory=set)
+
+    def series(self, key: str) -> tuple[list[float], list[float], list[int]]:
+        """(tokens, values, steps) of the records that hold ``key`` (numbers only), in step order,
+        the last record winning when a step was logged twice."""
+        by_step: dict[int, tuple[float, float]] = {}
+        for r in self.records:
+            v = r.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                by_step[int(r.get("step", 0))] = (float(r.get("train/tokens", 0)), float(v))
+        steps = sorted(by_step)
+        return [by_step[s][0] for s in steps], [by_step[s][1] for s in steps], steps
+
+    def stage_switches(self) -> list[float]:
+        """Tokens at which the ``stage`` index changes."""
+        toks, stages, _ = self.series("stage")
+        out = []
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                out.append(toks[i])
+        return out
+
+    def sets(self, tag: str) -> list[str]:
+        prefix = "forgetting/" if tag == "upstream" else "adaptation/"
+        return sorted(k[len(prefix):] for k in self.keys if k.startswith(prefix))
+
+
+def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunData:
+    path = Path(run_dir)
+    metrics = path / METRICS_FILE if path.is_dir() else path
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE}")
+    records = read_metrics(metrics)
+    keys = set().union(*(r.keys() for r in records)) if records else set()
+    run_label = label or (path.name if path.is_dir() else path.parent.name)
+    return RunData(run_label, path, records, keys)
+
+
+def _unique_labels(dirs: list[Path]) -> list[str]:
+    labels = [d.name or str(d) for d in dirs]
+    if len(set(labels)) == len(labels):
+        return labels
+    return [f"{d.parent.name}/{d.name}" if labels.count(d.name) > 1 else d.name for d in dirs]
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def heldout_summary(run: RunData) -> list[dict[str, Any]]:
+    """Per held-out set: name, tag, step0, final, change (forgetting or adaptation at the end),
+    worst (highest loss), worst_step, worst_tokens, max_forgetting (upstream)."""
+    rows = []
+    for tag in ("upstream", "downstream"):
+        for name in run.sets(tag):
+            toks, losses, steps = run.series(f"eval/{name}/loss")
+            if not losses:
+                continue
+            step0, final = losses[0], losses[-1]
+            i_worst = max(range(len(losses)), key=lambda i: losses[i])
+            row = {
+                "name": name, "tag": tag, "step0": step0, "step0_step": steps[0], "final": final,
+                "final_step": steps[-1], "change": final - step0 if tag == "upstream" else step0 - final,
+                "worst": losses[i_worst], "worst_step": steps[i_worst], "worst_tokens": toks[i_worst],
+            }
+            if tag == "upstream":
+                row["max_forgetting"] = losses[i_worst] - step0
+            rows.append(row)
+    return rows
+
+
+def lm_eval_summary(run: RunData) -> list[dict[str, Any]]:
+    rows = []
+    for key in sorted(k for k in run.keys if k.startswith("lm_eval/")):
+        _, values, steps = run.series(key)
+        if values:
+            rows.append({"metric": key[len("lm_eval/"):], "first": values[0], "first_step": steps[0],
+                         "final": values[-1], "final_step": steps[-1]})
+    return rows
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _plot(runs: list[RunData], groups: list[tuple[str, list[tuple[RunData, str, str]]]], title: str,
+          ylabel: str, path: Path, logy: bool = False) -> Path | None:
+    """groups: one entry per series name: (style key, [(run, metric key, legend)])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = 0
+    for gi, (_, members) in enumerate(groups):
+        for run, key, legend in members:
+            toks, vals, _ = run.series(key)
+            if not vals:
+                continue
+            ri = runs.index(run)
+            ax.plot(toks, vals, color=colours[ri % len(colours)], linestyle=LINESTYLES[gi % len(LINESTYLES)],
+                    marker=MARKERS[gi % len(MARKERS)] if len(vals) <= 60 else None, markersize=3, label=legend)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ri, run in enumerate(runs):
+        for x in run.stage_switches():
+            ax.axvline(x, color=colours[ri % len(colours)], linestyle=":", alpha=0.6, linewidth=1)
+    ax.set_xlabel("tokens seen (train/tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _by_name(runs: list[RunData], names: list[str], key_fmt: str, multi: bool) -> list[tuple[str, list]]:
+    groups = []
+    for name in names:
+        members = [(r, key_fmt.format(name), f"{r.label}: {name}" if multi else name) for r in runs
+                   if key_fmt.format(name) in r.keys]
+        if members:
+            groups.append((name, members))
+    return groups
+
+
+def make_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    multi = len(runs) > 1
+    plots: dict[str, Path] = {}
+
+    def add(name, *args, **kw):
+        p = _plot(runs, *args, path=out_dir / f"{name}.png", **kw)
+        if p is not None:
+            plots[name] = p
+
+    for tag in ("upstream", "downstream"):
+        names = sorted({n for r in runs for n in r.sets(tag)})
+        what = "forgetting: old distribution" if tag == "upstream" else "adaptation: new distribution"
+        add(tag, _by_name(runs, names, "eval/{}/loss", multi), f"{tag} held-out loss ({what})", "loss (nats/token)")
+    single = [("", [(r, "train/loss", r.label) for r in runs])]
+    add("train_loss", single, "training loss", "loss (nats/token)")
+    add("lr", [("", [(r, "train/lr", r.label) for r in runs])], "learning rate", "lr")
+    sources = sorted({k[len("data/share/"):] for r in runs for k in r.keys if k.startswith("data/share/")})
+    add("data_shares", _by_name(runs, sources, "data/share/{}", True), "data shares per source", "share of tokens")
+    add("throughput", [("", [(r, "perf/tokens_per_s", r.label) for r in runs])], "throughput", "tokens/s")
+    lm_keys = sorted({k[len("lm_eval/"):] for r in runs for k in r.keys if k.startswith("lm_eval/") and not k.endswith("_stderr")})
+    add("lm_eval", _by_name(runs, lm_keys, "lm_eval/{}", True), "lm-eval tasks", "value")
+    return plots
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _f(v: Any, signed: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:+.4f}" if signed else f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def _table(headers: list[str], rows: list[list[str]], cls: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>cpt report</title><style>",
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
+        "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.bad{color:#b00}.good{color:#070}",
+        "</style></head><body><h1>Continual pre-training report</h1>",
+        "<p>Runs: " + ", ".join(f"<b>{html.escape(r.label)}</b> (<code>{html.escape(str(r.path))}</code>)" for r in runs)
+        + ". x axes: tokens seen; dotted vertical lines: stage switches.</p>",
+        "<h2>Held-out sets</h2><p>step 0 = first evaluation (the base model); worst = highest loss seen "
+        "(the stability gap); forgetting = final − step 0 (upstream), adaptation = step 0 − final (downstream).</p>",
+    ]
+    for r in runs:
+        parts.append(f"<h3>{html.escape(r.label)}</h3>")
+        rows = []
+        for s in heldout_summary(r):
+            kind = "forgetting" if s["tag"] == "upstream" else "adaptation"
+            good = (s["change"] <= 0) if s["tag"] == "upstream" else (s["change"] >= 0)
+            rows.append([
+                html.escape(s["name"]), s["tag"], _f(s["step0"]), _f(s["final"]),
+                f'<span class="{"good" if good else "bad"}">{kind} {_f(s["change"], True)}</span>',
+                _f(s["worst"]), f'{s["worst_step"]} ({s["worst_tokens"]:.3g} tok)',
+                _f(s.get("max_forgetting"), True) if s["tag"] == "upstream" else "–",
+            ])
+        if rows:
+            parts.append(_table(["set", "tag", "step 0", "final", "change", "worst", "worst at step",
+                                 "max forgetting"], rows, "heldout"))
+        else:
+            parts.append("<p>no held-out evaluations logged</p>")
+        lm = lm_eval_summary(r)
+        if lm:
+            parts.append(_table(["lm-eval metric", "first", "first step", "final", "final step"],
+                                [[html.escape(x["metric"]), _f(x["first"]), str(x["first_step"]), _f(x["final"]),
+                                  str(x["final_step"])] for x in lm], "lmeval"))
+        last = r.records[-1] if r.records else {}
+        facts = [("steps", last.get("step")), ("tokens", last.get("train/tokens"))]
+        _, tps, _ = r.series("perf/tokens_per_s")
+        if tps:
+            facts.append(("median tokens/s", sorted(tps)[len(tps) // 2]))
+        _, mfu, _ = r.series("perf/mfu")
+        if mfu:
+            facts.append(("median MFU", sorted(mfu)[len(mfu) // 2]))
+        parts.append("<p>" + "; ".join(f"{k}: {_f(v) if isinstance(v, float) else html.escape(str(v))}" for k, v in facts) + "</p>")
+    titles = {"upstream": "Upstream loss", "downstream": "Downstream loss", "train_loss": "Training loss",
+              "lr": "Learning rate", "data_shares": "Data shares", "throughput": "Throughput", "lm_eval": "lm-eval"}
+    parts.append("<h2>Curves</h2>")
+    for name, p in plots.items():
+        data = base64.b64encode(p.read_bytes()).decode()
+        parts.append(f"<h3>{titles.get(name, name)}</h3><img alt='{name}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike | None = None) -> Path:
+    """Write PNGs and ``report.html`` for ``run_dirs`` into ``out_dir`` (default: ``<first run>/report``).
+    Returns the path of report.html."""
+    if not run_dirs:
+        raise ValueError("no run directories given")
+    dirs = [Path(d) for d in run_dirs]
+    labels = _unique_labels(dirs)
+    runs = [load_run(d, label) for d, label in zip(dirs, labels)]
+    out = Path(out_dir) if out_dir is not None else dirs[0] / "report"
+    plots = make_plots(runs, out)
+    page = out / "report.html"
+    page.write_text(render_html(runs, plots))
+    return page

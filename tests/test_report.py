@@ -1,0 +1,69 @@
+"""`cpt report` on two synthetic runs: PNGs and a self-contained HTML page with the right numbers."""
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cpt.commands.report import main as report_main
+from cpt.report import heldout_summary, load_run, write_report
+
+
+def write_run(run_dir: Path, bump: float, tokens_per_step: int):
+    """Two stages (switch at step 10); upstream loss rises after the switch then recovers partly."""
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(0, 21):
+            tokens = step * tokens_per_step
+            stage = 0 if step < 10 else 1
+            rec = {"step": step, "train/tokens": tokens, "stage": stage, "train/loss": 5.0 - 0.1 * step,
+                   "train/lr": 1e-4 if step < 10 else 3e-4, "perf/tokens_per_s": 1000.0 + step,
+                   "data/share/new": 0.0 if stage == 0 else 0.9, "data/share/old": 1.0 if stage == 0 else 0.1}
+            f.write(json.dumps(rec) + "\n")
+            if step % 5 == 0 or 10 <= step <= 13:
+                up = 3.0 + (bump if step == 12 else 0.0) + 0.01 * step
+                down = 6.0 - 0.1 * step
+                f.write(json.dumps({"step": step, "train/tokens": tokens, "eval/old/loss": up,
+                                    "forgetting/old": up - 3.0, "eval/new/loss": down,
+                                    "adaptation/new": 6.0 - down}) + "\n")
+        f.write(json.dumps({"step": 20, "train/tokens": 20 * tokens_per_step, "lm_eval/cpt_arith_mc/acc": 0.25 + bump}) + "\n")
+        f.write('{"step": 21, "train/tok')  # a torn last line (killed mid-write) is skipped
+
+
+def test_report_renders_two_runs(tmp_path):
+    write_run(tmp_path / "replay5", bump=0.5, tokens_per_step=100)
+    write_run(tmp_path / "replay25", bump=0.2, tokens_per_step=200)
+    out = tmp_path / "rep"
+    assert report_main([str(tmp_path / "replay5"), str(tmp_path / "replay25"), "--out", str(out)]) == 0
+    page = out / "report.html"
+    for name in ("upstream", "downstream", "train_loss", "lr", "data_shares", "throughput", "lm_eval"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    text = page.read_text()
+    # self-contained: every image is embedded, nothing is linked
+    imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
+    assert len(imgs) == 7 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
+    assert "src='http" not in text and ".png'" not in text
+
+    # the table: step 0, final, worst (the bump after the switch at step 12) per set, per run
+    rows = {r["name"]: r for r in heldout_summary(load_run(tmp_path / "replay5"))}
+    old, new = rows["old"], rows["new"]
+    assert old["tag"] == "upstream" and new["tag"] == "downstream"
+    assert old["step0"] == pytest.approx(3.0) and old["final"] == pytest.approx(3.2)
+    assert (old["worst"], old["worst_step"], old["worst_tokens"]) == (pytest.approx(3.62), 12, 1200)
+    assert old["change"] == pytest.approx(0.2) and old["max_forgetting"] == pytest.approx(0.62)
+    assert new["change"] == pytest.approx(2.0) and new["final"] == pytest.approx(4.0)
+    for cell in ("3.0000", "3.2000", "3.6200", "forgetting +0.2000", "adaptation +2.0000", "+0.6200",
+                 "12 (1.2e+03 tok)", "3.3200", "+0.3200", "12 (2.4e+03 tok)", "replay5", "replay25"):
+        assert cell in text, cell
+    assert "cpt_arith_mc/acc" in text and "0.7500" in text and "0.4500" in text
+
+
+def test_stage_switches_and_missing_runs(tmp_path):
+    write_run(tmp_path / "a", bump=0.1, tokens_per_step=50)
+    assert load_run(tmp_path / "a").stage_switches() == [500.0]
+    assert report_main([str(tmp_path / "nope")]) == 2
+    page = write_report([tmp_path / "a"])  # default output folder: <run>/report
+    assert page == tmp_path / "a" / "report" / "report.html" and page.exists()
