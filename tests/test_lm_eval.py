@@ -138,3 +138,52 @@ def test_strategy_choice():
     assert choose_strategy(Acc(2, DistributedType.DEEPSPEED, 2)) == "data_parallel"
     assert choose_strategy(Acc(2, DistributedType.DEEPSPEED, 3)) == "replicated"
     assert choose_strategy(Acc(2, DistributedType.FSDP)) == "replicated"
+
+
+# ---- cpt eval on saved checkpoints (HF export and LoRA adapter)
+
+
+def test_cpt_eval_on_export_and_lora_adapter(model, tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from cpt.commands.eval import main as eval_main
+    from cpt.commands.eval import text_heldout_tokens
+    from cpt.evaluate import heldout_loss
+
+    base_dir = tmp_path / "run" / "export"
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    text = tmp_path / "shk.jsonl"
+    text.write_text((LOCAL_TASKS_DIR / "data" / "cpt_shakespeare_ppl.jsonl").read_text())
+
+    out = tmp_path / "base.json"
+    args = ["--tasks", MC, "--limit", "4", "--heldout", f"shk={text}:upstream", "--seq-len", "32",
+            "--max-tokens", "512", "--bootstrap-iters", "0", "--device", "cpu"]
+    assert eval_main([str(tmp_path / "run"), *args, "--out", str(out)]) == 0  # a run dir: uses run/export
+    base = json.loads(out.read_text())
+    toks = text_heldout_tokens(text, tokenizer, 32, 512)
+    assert base["heldout"]["shk"]["loss"] == pytest.approx(heldout_loss(model, toks, 8), rel=1e-5)
+    assert base["heldout"]["shk"]["tokens"] == 512 and base["heldout"]["shk"]["tag"] == "upstream"
+    assert 0 <= base["lm_eval"][f"lm_eval/{MC}/acc"] <= 1
+    assert base["lm_eval_results"]["n-samples"][MC]["effective"] == 4
+
+    # a LoRA adapter whose B matrices are not zero, so it really changes the model
+    torch.manual_seed(3)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    out = tmp_path / "lora.json"
+    assert eval_main([str(adapter_dir), *args, "--out", str(out)]) == 0  # base from adapter_config.json
+    lora = json.loads(out.read_text())
+    expected = heldout_loss(peft_model, toks, 8)
+    assert lora["heldout"]["shk"]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(lora["heldout"]["shk"]["loss"] - base["heldout"]["shk"]["loss"]) > 1e-3
+
+    assert eval_main([str(tmp_path / "nothing-here"), "--tasks", MC]) == 2
+    assert eval_main([str(base_dir), "--heldout", "x=foo"]) == 2

@@ -1,0 +1,154 @@
+"""`cpt eval CHECKPOINT`: held-out loss and lm-eval tasks on a saved model or LoRA adapter.
+
+CHECKPOINT is an HF export directory (config.json), a LoRA adapter directory (adapter_config.json;
+the base model comes from --base or the adapter's base_model_name_or_path), or a run directory, in
+which case its final export (<run_dir>/export) is used.
+
+    cpt eval runs/cpt/export --tasks cpt_local --limit 50
+    cpt eval runs/lora/export --base runs/base/export --heldout shakespeare=data/shk/heldout:upstream \\
+        --heldout python=data/py/heldout:downstream --tasks cpt_arith_mc,hellaswag --out results.json
+
+--heldout NAME=PATH:TAG: PATH is a prepared shard directory (`cpt prepare`; its tokenizer must match) or a
+text file (.txt, or .jsonl / .jsonl.gz with a "text" field) that is tokenized here, documents joined with EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def parse_heldout(spec: str) -> tuple[str, str, str]:
+    """``NAME=PATH:TAG`` -> (name, path, tag); PATH may itself hold ':' (URLs)."""
+    if "=" not in spec:
+        raise ValueError(f"--heldout {spec!r}: expected NAME=PATH:TAG")
+    name, rest = spec.split("=", 1)
+    path, sep, tag = rest.rpartition(":")
+    if not sep or tag not in ("upstream", "downstream"):
+        raise ValueError(f"--heldout {spec!r}: expected NAME=PATH:TAG with TAG upstream or downstream")
+    if not name or not path:
+        raise ValueError(f"--heldout {spec!r}: empty name or path")
+    return name, path, tag
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    p = Path(path)
+    if (p / "config.json").exists() or (p / "adapter_config.json").exists():
+        return p
+    if (p / "export").is_dir():
+        return resolve_checkpoint(p / "export")
+    raise FileNotFoundError(
+        f"{p}: not an HF model directory (config.json), a LoRA adapter (adapter_config.json), "
+        "or a run directory with an export/ folder"
+    )
+
+
+def _read_texts(path: Path, text_field: str = "text") -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        if ".jsonl" in path.suffixes or path.name.endswith(".jsonl"):
+            return [json.loads(line)[text_field] for line in f if line.strip()]
+        return [f.read()]
+
+
+def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """Tokenize a text/jsonl file into ``LongTensor[n, seq_len]`` (documents joined with EOS)."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in _read_texts(path):
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def load_heldout_tokens(name: str, path: str, tag: str, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    p = Path(path)
+    if p.is_file():
+        return text_heldout_tokens(p, tokenizer, seq_len, max_tokens)
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+
+    return load_heldout(HeldoutConfig(name=name, path=path, tag=tag), tokenizer, seq_len, max_tokens)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    for name, h in result.get("heldout", {}).items():
+        print(f"heldout {name:<20} {h['tag']:<10} loss {h['loss']:.4f}  ppl {h['ppl']:.2f}  ({h['tokens']} tokens)")
+    for key, value in sorted(result.get("lm_eval", {}).items()):
+        print(f"{key:<50} {value:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cpt eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("checkpoint", help="HF export dir, LoRA adapter dir, or run dir (uses <run_dir>/export)")
+    parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks or tags (e.g. cpt_local, cpt_arith_mc, hellaswag)")
+    parser.add_argument("--heldout", action="append", default=[], metavar="NAME=PATH:TAG", help="held-out set (repeatable)")
+    parser.add_argument("--limit", type=float, default=None, help="examples per lm-eval task (int), or a fraction < 1")
+    parser.add_argument("--out", default=None, help="write results to this JSON file (default: print only)")
+    parser.add_argument("--base", default=None, help="base model for a LoRA adapter (default: adapter_config.json's)")
+    parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=None, help="held-out sequence length (default: min(1024, model context))")
+    parser.add_argument("--max-tokens", type=int, default=262144, help="token budget per held-out set")
+    parser.add_argument("--max-length", type=int, default=None, help="lm-eval context length (default: the model's)")
+    parser.add_argument("--num-fewshot", type=int, default=None)
+    parser.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval stderr bootstrap (0: none)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        heldouts = [parse_heldout(s) for s in args.heldout]
+        ckpt = resolve_checkpoint(args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"cpt eval: {e}", file=sys.stderr)
+        return 2
+    if not tasks and not heldouts:
+        print("cpt eval: nothing to do: give --tasks and/or --heldout", file=sys.stderr)
+        return 2
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    from cpt.evaluate import heldout_loss
+    from eval_harness.lm_eval_hook import load_for_eval, run_lm_eval_detailed
+
+    model, tokenizer = load_for_eval(ckpt, base=args.base, device=device, dtype=args.dtype)
+    result: dict[str, Any] = {"checkpoint": str(ckpt), "base": args.base, "heldout": {}, "lm_eval": {}}
+    if heldouts:
+        context = getattr(model.config, "max_position_embeddings", None) or 1024
+        seq_len = args.seq_len or min(1024, int(context))
+        for name, path, tag in heldouts:
+            toks = load_heldout_tokens(name, path, tag, tokenizer, seq_len, args.max_tokens)
+            loss = heldout_loss(model, toks, args.batch_size)
+            result["heldout"][name] = {"tag": tag, "path": path, "loss": loss, "ppl": math.exp(min(loss, 80.0)),
+                                       "tokens": int(toks.numel()), "seq_len": seq_len}
+    if tasks:
+        flat, raw = run_lm_eval_detailed(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size,
+                                         include_path=args.include_path, max_length=args.max_length,
+                                         bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot)
+        result["lm_eval"] = flat
+        result["lm_eval_results"] = raw
+    _print_summary(result)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+    return 0
