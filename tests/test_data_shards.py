@@ -113,3 +113,22 @@ def test_fingerprint_tracks_content(prepared, tmp_path, tokenizer):
     prepare([str(src)], tokenizer, tmp_path / "other", shard_tokens=700)
     assert TokenShards.open(out).fingerprint() == TokenShards.open(out).fingerprint()
     assert TokenShards.open(out).fingerprint() != TokenShards.open(tmp_path / "other").fingerprint()
+
+
+def test_loader_reads_remote_sources_like_local_ones(prepared, tokenizer):
+    import torch
+
+    from cpt.data.loader import CPTDataLoader
+    from test_data_common import data_config, stage
+
+    out, _ = prepared
+    url = to_memory(out, "/bucket/loader")
+    stages = [stage(10, {"a": 0.7, "b": 0.3})]
+    local = CPTDataLoader(data_config([{"name": "a", "path": str(out)}, {"name": "b", "path": str(out)}], seq_len=8),
+                          stages, tokenizer, 8, seed=0)
+    remote = CPTDataLoader(data_config([{"name": "a", "path": url}, {"name": "b", "path": url}], seq_len=8),
+                           stages, tokenizer, 8, seed=0)
+    assert remote.streams[0].shards._fs is not None
+    for s in range(10):
+        assert torch.equal(local.batch(s)["input_ids"], remote.batch(s)["input_ids"])
+    assert local.fingerprint() == remote.fingerprint()

@@ -28,6 +28,7 @@ options finds the manifest's ``prepare_key`` unchanged and does nothing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fnmatch
 import hashlib
@@ -42,7 +43,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
@@ -414,11 +415,28 @@ def _prefetch(it: Iterator[Any], depth: int = 4) -> Iterator[Any]:
                 q.get_nowait()
 
 
+def _ordered(pool: Any, fn: Any, items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``map(fn, items)`` in order, with up to ``depth`` calls in flight on ``pool``."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 @contextlib.contextmanager
 def _encoded_stream(batches: Iterator[list[str]], encoder: Encoder, num_proc: int) -> Iterator[Iterator[EncodedBatch]]:
-    """Encoded batches in input order: in-process (Rust threads) or over ``num_proc`` worker processes."""
+    """Encoded batches in input order.
+
+    ``num_proc == 1``: two threads in this process, so that one batch's Rust encoding (multithreaded,
+    GIL released) overlaps the other's conversion to arrays. ``num_proc > 1``: worker processes with
+    one tokenizer thread each.
+    """
     if num_proc <= 1:
-        yield (encoder(b) for b in batches)
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="cpt-encode") as pool:
+            yield _ordered(pool, encoder, batches, depth=3)
         return
     args = (encoder.eos_id, encoder.bos_id, encoder.dtype, encoder.max_doc_tokens, encoder.long_docs)
     ctx = multiprocessing.get_context("spawn")
@@ -676,6 +694,7 @@ def prepare(
     data_files: Any = None,
     streaming: bool = False,
     batch_docs: int = 1024,
+    batch_chars: int = 1 << 20,
     force: bool = False,
     progress: bool = False,
     echo: Callable[[str], Any] | None = None,
@@ -716,8 +735,8 @@ def prepare(
     _remove_stale_staging(out)
     staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        result = _run(inputs, tok, out, staging, key, tok_hash, dtype, bos_id, options, num_proc, batch_docs, progress,
-                      streaming)
+        result = _run(inputs, tok, out, staging, key, tok_hash, dtype, bos_id, options, num_proc, batch_docs, batch_chars,
+                      progress, streaming)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if echo is not None:
@@ -764,7 +783,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _run(inputs: list[str], tok: Any, out: str, staging: str, key: str, tok_hash: str, dtype: np.dtype,
-         bos_id: int | None, options: dict, num_proc: int, batch_docs: int, progress: bool, streaming: bool) -> dict:
+         bos_id: int | None, options: dict, num_proc: int, batch_docs: int, batch_chars: int, progress: bool,
+         streaming: bool) -> dict:
     t0 = time.perf_counter()
     counts = _Counts()
     train = ShardWriter(staging, dtype, options["shard_tokens"])
@@ -778,7 +798,7 @@ def _run(inputs: list[str], tok: Any, out: str, staging: str, key: str, tok_hash
     skipped: Counter = Counter()
     truncated = 0
     bar = _progress_bar(progress)
-    with _encoded_stream(_prefetch(_batches(docs, batch_docs, 8 << 20)), encoder, num_proc) as encoded:
+    with _encoded_stream(_prefetch(_batches(docs, batch_docs, batch_chars)), encoder, num_proc) as encoded:
         for enc in encoded:
             skipped.update(enc.skipped)
             truncated += enc.truncated
