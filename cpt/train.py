@@ -134,7 +134,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     logger = MetricsLogger(run_dir, cfg, acc, resume=resume_ckpt is not None)
     if resume_ckpt is not None:
         logger.truncate_after(step)  # a killed run may have logged steps past its last checkpoint
-    flops_per_token = model_flops_per_token(shape["n_params_non_embedding"], shape["n_layers"], shape["hidden"], L)
+    flops_per_token = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
     peak = cfg.train.peak_flops or peak_flops_for(_device_name(acc))
     meter = Throughput(num_devices=acc.num_processes)
     stop = PreemptionFlag()
@@ -371,7 +371,7 @@ def _lm_eval(cfg: RunConfig, acc, model, tokenizer) -> dict[str, float]:
 
     lm = cfg.eval.lm_eval
     return run_lm_eval(model, tokenizer, lm.tasks, limit=lm.limit, batch_size=lm.batch_size,
-                       include_path=lm.include_path, accelerator=acc)
+                       include_path=lm.include_path, accelerator=acc, max_length=cfg.data.seq_len)
 
 
 def _progress_bar(cfg, acc, step, total):

@@ -1,0 +1,303 @@
+"""The training engine on CPU: exact resume (SIGTERM and kill -9), atomic checkpoints, non-finite steps,
+anneal branches, new stages from checkpoints. Real text, tiny model, fp32."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_run_config
+from cpt.checkpoint import latest_valid_checkpoint, list_checkpoints
+from cpt.config import load_config
+from cpt.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def losses(run_dir) -> dict[int, float]:
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        return {}
+    return {r["step"]: r["train/loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "train/loss" in r}
+
+
+def write_cfg(path, cfg) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cpt_train(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, "-m", "cpt.cli", "train", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cpt_data, tmp_path_factory):
+    """An uninterrupted 16-step run, every loss logged."""
+    from cpt.train import train
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 4, "keep": 2})
+    cfg["stages"][0]["steps"] = 16
+    result = train(load_config(base=cfg), echo=lambda *a: None)
+    assert result.step == 16
+    return cfg, losses(out)
+
+
+def test_reference_run_outputs(reference):
+    cfg, ref = reference
+    run = Path(cfg["run"]["output_dir"])
+    assert sorted(ref) == list(range(1, 17))
+    assert all(torch.isfinite(torch.tensor(v)) for v in ref.values())
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000012", "step_00000016"]  # keep: 2
+    assert (run / "config.yaml").is_file() and (run / "export" / "model.safetensors").is_file()
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_after_sigterm_is_exact(reference, tmp_path):
+    cfg, ref = reference
+    cfg = json.loads(json.dumps(cfg))
+    out = tmp_path / "run"
+    cfg["run"]["output_dir"] = str(out)
+    cfg["checkpoint"]["every"] = 100  # only the preemption save
+    path = write_cfg(tmp_path / "c.yaml", cfg)
+    proc = cpt_train(path)
+    wait_for(lambda: len(losses(out)) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    assert "preemption" in log
+    ckpt = latest_valid_checkpoint(out)
+    k = int(ckpt.name.split("_")[1])
+    assert 5 <= k < 16
+    proc = cpt_train(path, "--resume")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    got = losses(out)
+    assert sorted(got) == list(range(1, 17))
+    for s in range(1, 17):
+        assert got[s] == ref[s], (s, got[s], ref[s])  # bitwise: fp32 on CPU
+
+
+def test_resume_after_kill9_is_exact(reference, tmp_path):
+    cfg, ref = reference
+    cfg = json.loads(json.dumps(cfg))
+    out = tmp_path / "run"
+    cfg["run"]["output_dir"] = str(out)
+    cfg["checkpoint"]["every"] = 3
+    path = write_cfg(tmp_path / "c.yaml", cfg)
+    proc = cpt_train(path)
+    wait_for(lambda: any(int(p.name[5:]) >= 6 for p in list_checkpoints(out)), proc)
+    proc.kill()  # SIGKILL: maybe mid-step or mid-save
+    proc.wait()
+    proc = cpt_train(path, "--resume")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    assert "resumed" in log
+    got = losses(out)
+    assert sorted(got) == list(range(1, 17))  # lines past the checkpoint were dropped and re-logged once
+    for s in range(1, 17):
+        assert got[s] == ref[s], (s, got[s], ref[s])
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
+    import shutil
+
+    cfg, _ = reference
+    run = Path(cfg["run"]["output_dir"])
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    last = list_checkpoints(copy)[-1]
+    weights = next(last.glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.warns(UserWarning, match="not usable"):
+        assert latest_valid_checkpoint(copy).name == "step_00000012"
+    (list_checkpoints(copy)[0] / "CHECKSUMS.json").unlink()  # incomplete save
+    with pytest.warns(UserWarning):
+        assert latest_valid_checkpoint(copy) is None
+
+
+def test_save_failure_keeps_previous_checkpoint(tiny_cpt_data, tmp_path, monkeypatch):
+    """Disk full while saving: reported, partial save removed, previous checkpoint intact, training goes on."""
+    from accelerate import Accelerator
+
+    from cpt.train import train
+
+    real = Accelerator.save_state
+    calls = {"n": 0}
+
+    def flaky(self, output_dir=None, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", flaky)
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2, "keep": 5})
+    cfg["stages"][0]["steps"] = 6
+    with pytest.warns(UserWarning, match="FAILED.*No space left"):
+        result = train(load_config(base=cfg), echo=lambda *a: None)
+    assert result.step == 6
+    names = [p.name for p in list_checkpoints(out)]
+    assert names == ["step_00000002", "step_00000006"]  # step 4 failed; 2 intact; the end saved
+    assert latest_valid_checkpoint(out).name == "step_00000006"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def _nan_after(monkeypatch, bad_calls):
+    """Make the loss NaN on the given forward calls (counted from 1)."""
+    import transformers.loss.loss_utils as lu
+
+    real = lu.fixed_cross_entropy
+    count = {"n": 0}
+
+    def fake(*a, **k):
+        count["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if bad_calls(count["n"]) else loss
+
+    monkeypatch.setattr(lu, "fixed_cross_entropy", fake)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_cpt_data, tmp_path, monkeypatch):
+    from cpt.train import train
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out)
+    cfg["stages"][0]["steps"] = 8
+    cfg["eval"]["at_start"] = False
+    cfg["data"]["heldout"] = []
+    micro_per_step = cfg["train"]["global_batch_size"] // cfg["train"]["micro_batch_size"]
+    _nan_after(monkeypatch, lambda n: (n - 1) // micro_per_step in (2, 3))  # steps 3 and 4 (1-based) are bad
+    result = train(load_config(base=cfg), echo=lambda *a: None)
+    assert result.step == 8
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert recs[-1]["train/nonfinite_skipped"] == 2
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in recs)
+
+
+def test_too_many_nonfinite_steps_stop_with_checkpoint(tiny_cpt_data, tmp_path, monkeypatch):
+    from cpt.train import TrainingError, train
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out)
+    cfg["train"]["max_nonfinite_in_a_row"] = 3
+    cfg["eval"]["at_start"] = False
+    micro_per_step = cfg["train"]["global_batch_size"] // cfg["train"]["micro_batch_size"]
+    _nan_after(monkeypatch, lambda n: n > 2 * micro_per_step)  # steps 1-2 fine, then always NaN
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        train(load_config(base=cfg), echo=lambda *a: None)
+    ckpt = latest_valid_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step_00000005"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["nonfinite_total"] == 3
+
+
+def test_resume_cost_does_not_grow_with_step(tiny_cpt_data):
+    """Restoring the data position is arithmetic: the reads needed for the next batch are the same at step 3 and 300."""
+    from unittest import mock
+
+    from cpt.data.loader import CPTDataLoader
+    from cpt.data.shards import TokenShards
+    from cpt.model import load_tokenizer
+
+    cfg = load_config(base=tiny_run_config(tiny_cpt_data, "unused"))
+    tok = load_tokenizer(cfg.model)
+
+    def loader():
+        return CPTDataLoader(cfg.data, cfg.stages, tok, cfg.train.global_batch_size, cfg.run.seed)
+
+    reads = []
+    for k in (3, 300):
+        a = loader()
+        for s in range(k):
+            a.batch(s)
+        state = json.loads(json.dumps(a.state_dict()))  # through JSON, as in trainer_state.json
+        expected = a.batch(k)["input_ids"]
+        b = loader()
+        with mock.patch.object(TokenShards, "read_many", autospec=True, side_effect=TokenShards.read_many) as spy:
+            b.load_state_dict(state)
+            got = b.batch(k)["input_ids"]
+        assert torch.equal(got, expected)
+        reads.append(sum(len(call.args[1]) for call in spy.call_args_list))  # sequences read from disk
+    assert reads[0] == reads[1] == cfg.train.global_batch_size, reads
+
+
+def test_anneal_branch_from_infinite_trunk(tiny_cpt_data, tmp_path):
+    """Infinite trunk (no anneal) with checkpoints; `cpt train --from CKPT --anneal N` writes an annealed model
+    to a new run directory and leaves the trunk untouched."""
+    from cpt.checkpoint import verify_checkpoint
+
+    trunk = tmp_path / "trunk"
+    cfg = tiny_run_config(tiny_cpt_data, trunk, checkpoint={"every": 6, "keep": 3})
+    cfg["stages"][0]["steps"] = 12
+    cfg["stages"][0]["schedule"] = {"type": "infinite", "max_lr": 2e-3, "warmup_steps": 2, "cooldown_steps": 2,
+                                    "constant_lr": 1e-3, "min_lr": 1e-5}
+    path = write_cfg(tmp_path / "trunk.yaml", cfg)
+    proc = cpt_train(path)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    ckpt = trunk / "checkpoints" / "step_00000006"
+    before = (ckpt / "CHECKSUMS.json").read_text()
+    proc = cpt_train(path, "--from", ckpt, "--anneal", 4, "--output-dir", tmp_path / "branch")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    recs = [r for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "train/lr" in r and "train/loss" in r]
+    assert [r["step"] for r in recs] == [7, 8, 9, 10]
+    assert recs[0]["train/lr"] < 1e-3 and recs[-1]["train/lr"] == pytest.approx(1e-5)
+    assert (tmp_path / "branch" / "export" / "model.safetensors").is_file()
+    assert verify_checkpoint(ckpt) is None and (ckpt / "CHECKSUMS.json").read_text() == before
+    # the branch starts exactly where the trunk was: its first loss equals the trunk's loss at step 7
+    trunk_losses = losses(trunk)
+    assert recs[0]["train/loss"] == trunk_losses[7]
+
+
+def test_anneal_from_a_decaying_phase_is_rejected(tiny_cpt_data, tmp_path, reference):
+    cfg, _ = reference
+    ckpt = Path(cfg["run"]["output_dir"]) / "checkpoints" / "step_00000012"
+    path = write_cfg(tmp_path / "c.yaml", cfg)
+    proc = cpt_train(path, "--from", ckpt, "--anneal", 3, "--output-dir", tmp_path / "b")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    assert "constant" in log or "stable" in log, log
+
+
+def test_new_stage_from_checkpoint_loads_weights_not_position(reference, tmp_path):
+    """train.init_from a cpt checkpoint: same weights, fresh data position and step counter."""
+    from cpt.evaluate import heldout_loss
+    from cpt.train import train
+
+    cfg, _ = reference
+    ckpt = Path(cfg["run"]["output_dir"]) / "checkpoints" / "step_00000016"
+    new = json.loads(json.dumps(cfg))
+    new["run"]["output_dir"] = str(tmp_path / "stage2")
+    new["train"]["init_from"] = str(ckpt)
+    new["stages"][0]["steps"] = 3
+    new["checkpoint"] = {"every": None}
+    result = train(load_config(base=new), echo=lambda *a: None)
+    assert result.step == 3
+    recs = read_metrics(tmp_path / "stage2" / "metrics.jsonl")
+    step0 = [r for r in recs if r["step"] == 0 and "eval/python/loss" in r][0]
+    ref_final = [r for r in read_metrics(Path(cfg["run"]["output_dir"]) / "metrics.jsonl") if "eval/python/loss" in r][-1]
+    assert step0["eval/python/loss"] == pytest.approx(ref_final["eval/python/loss"], abs=1e-5)
+    first = [r for r in recs if "data/tokens/python" in r][0]
+    assert first["data/tokens/python"] <= cfg["train"]["global_batch_size"] * cfg["data"]["seq_len"]
