@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/cpt-bench")
     ap.add_argument("--quick", action="store_true", help="smaller corpora (a smoke run)")
     ap.add_argument("--part", choices=["all", "stream", "prepare"], default="all")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the prepare benchmark")
     args = ap.parse_args()
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     work = Path(args.workdir)
@@ -155,7 +156,7 @@ def main() -> int:
     tok = train_tokenizer(texts, work / "tokenizer")
     results = {"cpu": _cpu_name(), "cores": os.cpu_count()}
     if args.part in ("all", "prepare"):
-        results["prepare"] = bench_prepare(work, tok, texts, repeats=1 if args.quick else 3)
+        results["prepare"] = bench_prepare(work, tok, texts, repeats=1 if args.quick else args.repeats)
         print(json.dumps(results["prepare"], indent=2), flush=True)
     if args.part in ("all", "stream"):
         # in a child process so that pinning to one core does not affect the prepare benchmark

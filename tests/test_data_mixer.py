@@ -231,3 +231,12 @@ def test_load_heldout(sources, tokenizer):
         load_heldout(h, tokenizer, 100000, max_tokens=None)
     with pytest.raises(ShardError, match="held-out set 'old'.*vocabulary hash"):
         load_heldout(h, make_tokenizer(vocab_size=300), L, 40)
+
+
+def test_zero_share_sources_and_unused_sources(sources, tokenizer):
+    ld = CPTDataLoader(cfg(sources), [stage(5, {"new": 1.0, "old": 0.0})], tokenizer, 8, seed=0)
+    assert ld.source_names == ["new", "old"]  # "tiny" is in no stage: not opened
+    assert all((ld.batch(s)["source"] == 0).all() for s in range(5))
+    assert ld.metrics()["data/tokens/old"] == 0 and ld.metrics()["data/share/old"] == 0
+    with pytest.raises(ValueError, match="unknown sources"):
+        CPTDataLoader(cfg(sources), [stage(5, {"nope": 1.0})], tokenizer, 8, seed=0)

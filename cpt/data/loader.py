@@ -51,7 +51,7 @@ class CPTDataLoader:
         self.cfg, self.seq_len, self.seed = data_cfg, int(data_cfg.seq_len), int(seed)
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.max_epochs_warning = float(getattr(data_cfg, "max_epochs_warning", 4.0))
-        used = {n for st in stages for n, w in st.mix.items() if w > 0 or n in (getattr(st, "mix_ramp", None) or {})}
+        used = {n for st in stages for n in st.mix}  # sources no stage mentions are not opened
         self.sources = [s for s in data_cfg.sources if s.name in used]
         self.source_names = [s.name for s in self.sources]
         missing = sorted(used - set(self.source_names))
