@@ -23,9 +23,9 @@ EOS = "<|endoftext|>"
 
 # Size presets: "default" is the README demo (<10 min on 2 cores); "tiny" is the test-suite smoke run.
 SCALES: dict[str, dict[str, Any]] = {
-    "default": dict(python_mb=6.0, shakespeare_mb=None, vocab=4096, hidden=256, layers=4, heads=4, seq_len=256,
-                    batch=16, micro=16, base_steps=300, cpt_steps=300, eval_every=25, eval_tokens=32768,
-                    heldout_docs=40, max_lr=2e-3, cpt_lr=1e-3),
+    "default": dict(python_mb=4.0, shakespeare_mb=None, vocab=2048, hidden=192, layers=4, heads=4, seq_len=256,
+                    batch=16, micro=16, base_steps=240, cpt_steps=200, eval_every=20, eval_tokens=32768,
+                    heldout_docs=40, max_lr=3e-3, cpt_lr=1.5e-3),
     "tiny": dict(python_mb=0.4, shakespeare_mb=0.4, vocab=1024, hidden=64, layers=2, heads=4, seq_len=64,
                  batch=8, micro=4, base_steps=30, cpt_steps=20, eval_every=10, eval_tokens=4096,
                  heldout_docs=8, max_lr=3e-3, cpt_lr=2e-3),
@@ -177,6 +177,9 @@ def run_demo(root: str | Path = "runs/demo", scale: str = "default", overrides: 
 
     echo("[4/5] base model: pre-training on Shakespeare")
     base = train(load_config(base=base_config(root, s), overrides=overrides), echo=echo)
+    if base.stopped_early:
+        echo(f"base pre-training stopped early ({base.stopped_early}); the demo stops here")
+        return {"base": base, "cpt": None, "minutes": (time.perf_counter() - t_start) / 60}
 
     echo("[5/5] continual pre-training on Python with 25% Shakespeare replay, LR re-warmed and re-decayed")
     cpt = train(load_config(base=cpt_config(root, s), overrides=overrides), echo=echo)
