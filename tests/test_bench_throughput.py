@@ -1,0 +1,41 @@
+"""scripts/bench_throughput.py stays runnable: the tiny CPU shape end to end, both frameworks, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_throughput_tiny_cpu(tmp_path):
+    out = tmp_path / "out.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_throughput.py"), "--shapes", "tiny", "--steps", "4", "--warmup", "2",
+         "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cpt/Trainer" in proc.stdout  # the table was printed
+
+    report = json.loads(out.read_text())
+    by = {r["framework"]: r for r in report["results"] if r["shape"] == "tiny"}
+    assert set(by) == {"trainer", "cpt"}
+    for fw, r in by.items():
+        assert "error" not in r, (fw, r)
+        assert r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 and r["step_time_s"] > 0
+        assert r["mfu"] is None  # no peak FLOP/s on a CPU
+        assert r["n_params"] == by["trainer"]["n_params"]  # the same model shape on both sides
+        assert abs(r["final_loss"] - 6.238) < 0.2  # ln(512): random tokens, random init
+    assert by["cpt"]["cpt_logged_tokens_per_s"] > 0  # read from cpt's metrics.jsonl
+    ratio = report["ratio_cpt_over_trainer"]["tiny"]
+    assert ratio == pytest.approx(by["cpt"]["tokens_per_s"] / by["trainer"]["tokens_per_s"])
+
+    s = report["settings"]["tiny"]
+    assert (s["seq_len"], s["micro_batch"], s["global_batch"], s["precision"]) == (128, 4, 8, "fp32")
+    assert report["versions"]["torch"] and report["device"].startswith("cpu")
