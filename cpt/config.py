@@ -149,6 +149,8 @@ class EvalConfig(Strict):
     dense_every: int = Field(10, gt=0)
     tokens_per_set: int = Field(262144, gt=0)
     batch_size: int = Field(8, gt=0)
+    # also evaluate the EMA weights (train.ema_decay) on the held-out sets: ema/eval/<name>/loss
+    ema: bool = False
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
 
@@ -202,6 +204,8 @@ class RunConfig(Strict):
                 f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.train.micro_batch_size})"
             )
+        if self.eval.ema and self.train.ema_decay is None:
+            errors.append("eval.ema: evaluating the EMA needs train.ema_decay")
         if self.train.anneal_steps is not None and self.train.init_from is None:
             errors.append("train.anneal_steps needs train.init_from (the checkpoint to branch from)")
         errors += validate_stage_schedules(self.stages, anneal_steps=self.train.anneal_steps)

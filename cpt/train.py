@@ -142,7 +142,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     # --- step-0 evaluation: the base model's losses anchor forgetting and adaptation
     if step == 0 and cfg.eval.at_start and heldout:
-        metrics = evaluator.evaluate(model, 0)
+        metrics = {**evaluator.evaluate(model, 0), **_ema_eval(cfg, ema, acc, model, heldout)}
         logger.log({"train/tokens": 0, "stage": 0, "train/lr": plan.lr(0), **metrics}, step=0)
 
     bar = _progress_bar(cfg, acc, step, total_steps)
@@ -214,7 +214,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
         # evaluate: every N steps, densely after each stage switch (the stability gap), and at the end
         if heldout and (evaluator.should_evaluate(step, plan.starts) or step == total_steps):
-            logger.log({"train/tokens": tokens, **evaluator.evaluate(model, step)}, step=step)
+            logger.log({"train/tokens": tokens, **evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout)}, step=step)
         if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.every and step % cfg.eval.lm_eval.every == 0 and step < total_steps:
             logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
 
@@ -364,6 +364,16 @@ def _device_name(acc) -> str:
     if acc.device.type == "cuda":
         return torch.cuda.get_device_name(acc.device)
     return acc.device.type
+
+
+def _ema_eval(cfg: RunConfig, ema, acc, model, heldout) -> dict[str, float]:
+    """Held-out losses of the EMA weights (eval.ema), without touching the evaluator's step-0/worst bookkeeping."""
+    if ema is None or not cfg.eval.ema:
+        return {}
+    from cpt.evaluate import heldout_loss
+
+    with ema.swapped(acc.unwrap_model(model)):
+        return {f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc) for h in heldout}
 
 
 def _lm_eval(cfg: RunConfig, acc, model, tokenizer) -> dict[str, float]:
