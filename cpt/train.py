@@ -280,6 +280,13 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         kwargs_handlers=kwargs,
     )
+    if acc.num_processes > 1 and acc.distributed_type.value == "NO":
+        # e.g. `accelerate launch --use_fsdp` or --multi_gpu without GPUs: N processes that never synchronise
+        raise TrainingError(
+            f"{acc.num_processes} processes were launched but accelerate set up no distributed backend "
+            "(distributed_type NO): they would train unsynchronised copies. On CPU, launch DDP with ACCELERATE_USE_CPU=1 "
+            "or use DeepSpeed; FSDP needs GPUs."
+        )
     ds = getattr(acc.state, "deepspeed_plugin", None)
     if ds is not None:  # no prepared dataloader: tell DeepSpeed the batch geometry and clipping ourselves
         ds_cfg = ds.deepspeed_config
