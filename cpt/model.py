@@ -46,10 +46,12 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
             arch.setdefault(key, getattr(tokenizer, key, None))
         config = AutoConfig.for_model(model_type, **arch)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 (zero.Init) leaves an empty placeholder
+    if rows < len(tokenizer):
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
-            f"{model.get_input_embeddings().weight.shape[0]} rows: use model.vocab to extend the vocabulary"
+            f"{rows} rows: use model.vocab to extend the vocabulary"
         )
     return model
 
@@ -106,8 +108,9 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
     """Numbers needed for FLOP accounting: parameter count (non-embedding too), layers, hidden size."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    n_params = sum(p.numel() for p in base.parameters())
-    emb = base.get_input_embeddings().weight.numel()
+    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731 - ZeRO-3 placeholders are empty
+    n_params = sum(numel(p) for p in base.parameters())
+    emb = numel(base.get_input_embeddings().weight)
     return {
         "n_params": int(n_params),
         "n_params_non_embedding": int(n_params - emb),
