@@ -1,0 +1,273 @@
+"""The real `cpt train` under 2 CPU processes (`accelerate launch`, gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3
+(full and LoRA) give the per-step losses of a 1-process run of the same global batch; the ZeRO-3 HF export
+loads and reproduces the last logged held-out loss; DDP resumes exactly after SIGTERM; FSDP without GPUs is
+refused instead of silently training unsynchronised copies.
+
+Tolerances: everything is fp32 and the data of every step is the same whatever the world size (rank r takes
+rows [r*B/W, (r+1)*B/W) of the global batch), so runs differ only in the order of floating-point sums
+(gradient all-reduce / reduce-scatter, micro-batch split, loss reduction). Measured: DDP and ZeRO-3 ~1e-7
+relative, ZeRO-2 equal to the last digit or ~1e-7. REL = 1e-5 is 100x that, and still catches real bugs: the
+weight decay that ZeRO-3 drops (see the xfail below) moves the loss by 5e-6 at step 2 and 4e-5 by step 6.
+The held-out evaluation uses the same tolerance; the ZeRO-3 export is compared at 1e-5 absolute.
+"""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_run_config
+from cpt.config import load_config
+from cpt.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+REL = 1e-5
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+
+LAUNCH = {
+    "ddp": ["--multi_gpu"],
+    "zero2": ["--use_deepspeed", "--zero_stage", "2"],
+    "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true"],
+    "fsdp": ["--use_fsdp", "--fsdp_version", "2"],
+}
+
+
+def records(run_dir) -> list[dict]:
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def losses(run_dir) -> dict[int, float]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return {r["step"]: r["train/loss"] for r in read_metrics(p) if "train/loss" in r} if p.is_file() else {}
+
+
+def evals(run_dir, name="python") -> dict[int, float]:
+    return {r["step"]: r[f"eval/{name}/loss"] for r in records(run_dir) if f"eval/{name}/loss" in r}
+
+
+def world_sizes(run_dir) -> set[int]:
+    """perf/tokens_per_s is the total, perf/tokens_per_s_per_device the total / accelerator.num_processes."""
+    return {round(r["perf/tokens_per_s"] / r["perf/tokens_per_s_per_device"]) for r in records(run_dir) if "perf/tokens_per_s" in r}
+
+
+def launch(mode: str, cfg_path: Path, *extra, wait=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))  # DeepSpeed's JIT ops, built once
+    if mode == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        env.pop("ACCELERATE_USE_CPU", None)
+    args = [str(VENV_BIN / "accelerate"), "launch", *LAUNCH[mode], "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cpt.cli", "train", str(cfg_path), *map(str, extra)]
+    proc = subprocess.Popen(args, cwd=cfg_path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out = proc.communicate(timeout=600)[0]
+    return proc.returncode, out
+
+
+def assert_close(got: dict, ref: dict, rel=REL):
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=rel), (k, got[k], ref[k])
+
+
+def max_rel(got: dict, ref: dict) -> float:
+    return max(abs(got[k] - ref[k]) / abs(ref[k]) for k in ref)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def base(tiny_cpt_data, tmp_path_factory) -> Path:
+    from cpt.train import train
+
+    out = tmp_path_factory.mktemp("dbase") / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": None})
+    cfg["stages"][0]["steps"] = 10
+    cfg["data"]["heldout"] = []
+    train(load_config(base=cfg), echo=lambda *a: None)
+    return out / "export"
+
+
+def make_cfg(tiny_cpt_data, base, out: Path, lora=False, weight_decay=0.1) -> dict:
+    """12 steps of 8 sequences; 2 micro-batches of 2 per rank on 2 ranks, 4 micro-batches on 1."""
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
+    cfg["model"] = {"name_or_path": str(base)}
+    if lora:
+        cfg["model"]["lora"] = {"r": 8, "alpha": 16}
+    cfg["stages"][0]["steps"] = 12
+    cfg["train"].update(global_batch_size=8, micro_batch_size=2)
+    cfg["optim"]["weight_decay"] = weight_decay
+    return cfg
+
+
+def write(cfg: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(tiny_cpt_data, base, tmp_path_factory):
+    """1-process references (in-process), keyed by (lora, weight_decay)."""
+    from cpt.train import train
+
+    cache = {}
+
+    def get(lora=False, weight_decay=0.1):
+        key = (lora, weight_decay)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("single") / "run"
+            train(load_config(base=make_cfg(tiny_cpt_data, base, out, lora, weight_decay)), echo=lambda *a: None)
+            assert world_sizes(out) == {1}
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_cpt_data, base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, d / "run"), d / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    return d / "run"
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_ddp_matches_single_process(ddp_run, single):
+    ref = single()
+    assert world_sizes(ddp_run) == {2}
+    assert max_rel(losses(ddp_run), losses(ref)) < REL
+    assert_close(losses(ddp_run), losses(ref))
+    assert_close(evals(ddp_run), evals(ref))
+
+
+def test_ddp_resume_after_sigterm_is_exact(ddp_run, tiny_cpt_data, base, tmp_path):
+    """SIGTERM to the workers (as a cluster scheduler does): checkpoint on every rank, clean exit; --resume gives
+    the uninterrupted DDP run's losses exactly."""
+    out = tmp_path / "run"
+    cfg = write(make_cfg(tiny_cpt_data, base, out), tmp_path / "c.yaml")
+    proc = launch("ddp", cfg, wait=False)
+    t0 = time.time()
+    while len(losses(out)) < 3:
+        assert proc.poll() is None, proc.stdout.read()[-5000:]
+        assert time.time() - t0 < 300, "timed out"
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "preemption" in log, log[-5000:]
+    k = int(sorted((out / "checkpoints").glob("step_*"))[-1].name[5:])
+    assert 3 <= k < 12
+    rc, log = launch("ddp", cfg, "--resume")
+    assert rc == 0 and "resumed" in log, log[-5000:]
+    assert losses(out) == losses(ddp_run)  # same world size, same reduction order: bitwise
+    assert world_sizes(out) == {2}
+
+
+@needs_deepspeed
+def test_zero2_matches_single_process(tiny_cpt_data, base, single, tmp_path):
+    rc, log = launch("zero2", write(make_cfg(tiny_cpt_data, base, tmp_path / "run"), tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out, ref = tmp_path / "run", single()
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(ref))
+    assert_close(evals(out), evals(ref))
+    assert max(r["train/nonfinite_skipped"] for r in records(out) if "train/loss" in r) == 0
+
+
+@needs_deepspeed
+def test_zero3_matches_single_process_and_export_loads(tiny_cpt_data, base, single, tmp_path):
+    """The model is loaded partitioned (zero.Init); the gathered HF export reproduces the last logged held-out loss.
+    weight_decay 0: see test_zero3_placeholders_keep_weight_decay (known bug in cpt/optim.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+    from cpt.evaluate import heldout_loss
+
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", weight_decay=0.0)
+    rc, log = launch("zero3", write(cfg, tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out, ref = tmp_path / "run", single(weight_decay=0.0)
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(ref))
+    assert_close(evals(out), evals(ref))
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    for name in ("python", "shakespeare"):
+        h = HeldoutConfig(name=name, path=str(tiny_cpt_data / "data" / name / "heldout"), tag="upstream")
+        tokens = load_heldout(h, tok, cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"])
+        assert heldout_loss(model, tokens, 16) == pytest.approx(evals(out, name)[12], abs=1e-5), name
+
+
+@needs_deepspeed
+def test_zero3_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rc, log = launch("zero3", write(make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0), tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0)
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(ref))
+    assert_close(evals(out), evals(ref))
+    assert (out / "export" / "adapter_model.safetensors").is_file()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out / "export"))
+
+
+@needs_deepspeed
+def test_ema_under_zero3_is_refused(tiny_cpt_data, base, tmp_path):
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
+    cfg["train"]["ema_decay"] = 0.9
+    cfg["stages"][0]["steps"] = 4
+    rc, log = launch("zero3", write(cfg, tmp_path / "c.yaml"))
+    assert rc != 0 and "EMA" in log and "ZeRO-3" in log, log[-3000:]
+
+
+def test_fsdp_without_gpus_is_refused(tiny_cpt_data, base, tmp_path):
+    """accelerate 1.x sets distributed_type NO for --use_fsdp on a machine without GPUs (and, with
+    ACCELERATE_USE_CPU=1, falls back to plain CPU DDP): the loop must not train 2 unsynchronised copies."""
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
+    cfg["stages"][0]["steps"] = 4
+    rc, log = launch("fsdp", write(cfg, tmp_path / "c.yaml"))
+    assert rc != 0 and "unsynchronised" in log, log[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="cpt/optim.py::is_no_decay reads param.ndim, which is 1 for ZeRO-3 "
+                   "placeholders (zero.Init): every parameter lands in the no-decay group under ZeRO-3")
+def test_zero3_placeholders_keep_weight_decay():
+    import torch
+
+    from cpt.optim import is_no_decay
+
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = torch.Size([64, 64])  # what deepspeed.zero.Init leaves on a 2-D weight
+    placeholder.ds_numel = 64 * 64
+    assert not is_no_decay("model.layers.0.mlp.up_proj.weight", placeholder)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` that run python (the worker ranks started by torch's elastic agent)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids = (task / "children").read_text().split()
+        out += [int(k) for k in kids]
+    return sorted(k for k in out if "cpt.cli" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace"))
