@@ -31,13 +31,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _refuse_partitioned(named_params) -> None:
+    """ZeRO-3 (and sharded FSDP) leave placeholders instead of the weights: an EMA of those would be silently wrong."""
+    for n, p in named_params:
+        if hasattr(p, "ds_id") or (p.numel() == 0 and getattr(p, "ds_numel", 0)):
+            raise RuntimeError(
+                f"EMA: parameter {n} is partitioned by DeepSpeed ZeRO-3, so the EMA cannot read it; use ZeRO-1/2, "
+                "DDP or one device for train.ema_decay, or average exports afterwards (cpt average)")
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            raise RuntimeError(f"EMA: parameter {n} is sharded (FSDP2 DTensor); use DDP, ZeRO-1/2 or one device "
+                               "for train.ema_decay, or average exports afterwards (cpt average)")
+
+
 class EMA:
     """Exponential moving average of a model's trainable parameters (fp32 shadow copies).
 
     Call :meth:`update` after every ``optimizer.step()``. ``warmup=True`` uses the decay
     ``min(decay, (1 + n) / (10 + n))`` at update ``n`` (the EMA does not remember the random start for long).
-    Supported on one device, DDP, ZeRO-1/2 and FSDP with ``use_orig_params`` and unsharded parameters; for
-    ZeRO-3 / sharded FSDP gather the parameters around :meth:`update` or keep the EMA off.
+    Supported on one device, DDP and ZeRO-1/2; ZeRO-3 and sharded FSDP (placeholders / DTensor shards instead
+    of the weights) are refused with an error at construction or at the first :meth:`update`.
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
@@ -46,9 +58,9 @@ class EMA:
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.num_updates = 0
-        self.shadow: dict[str, torch.Tensor] = {
-            n: p.detach().float().clone() for n, p in _unwrap(model).named_parameters() if p.requires_grad
-        }
+        params = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+        _refuse_partitioned(params)
+        self.shadow: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params}
         if not self.shadow:
             raise ValueError("EMA: the model has no trainable parameters")
 
@@ -68,6 +80,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
+        if self.num_updates == 0:  # parameters may have been partitioned by accelerate.prepare since __init__
+            _refuse_partitioned(self._params(model))
         for n, p in self._params(model):
             s = self.shadow[n]
             if s.device != p.device:
