@@ -288,6 +288,25 @@ def build_extended_tokenizer(tokenizer, cfg: VocabConfig, texts: Iterable[str] |
     return new_tok, plan
 
 
+def extended_tokenizer_for_run(run, save_to: str | Path | None = None):
+    """The extended tokenizer that ``cpt train`` builds for a run config (a YAML path or a ``RunConfig``):
+    ``model.tokenizer`` (or ``model.name_or_path``) loaded as the loop loads it, extended by ``model.vocab``.
+
+    ``cpt prepare --extend-vocab RUN.yaml`` tokenizes with it, so the shards' tokenizer hash matches the one the
+    training loop checks. ``save_to``: also ``save_pretrained`` it there (e.g. for other tools).
+    """
+    from cpt.config import RunConfig, load_config
+    from cpt.model import load_tokenizer
+
+    cfg = run if isinstance(run, RunConfig) else load_config(run)
+    if cfg.model.vocab is None:
+        raise ValueError("the run config has no model.vocab section: there is nothing to extend")
+    tokenizer, _ = build_extended_tokenizer(load_tokenizer(cfg.model), cfg.model.vocab)
+    if save_to is not None:
+        tokenizer.save_pretrained(str(save_to))
+    return tokenizer
+
+
 def _add_raw_tokens(tokenizer, tokens: list[str]) -> None:
     from tokenizers import AddedToken
 
@@ -318,6 +337,10 @@ def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iter
     Returns ``(model, tokenizer, new_token_ids)``: the same model (resized in place), the extended tokenizer
     (a new object) and the ids of the added tokens. :func:`cpt.adapters.new_row_ids` adds the padding rows.
     """
+    if hasattr(model.get_input_embeddings().weight, "ds_id"):
+        raise RuntimeError("model.vocab with DeepSpeed ZeRO-3: the embeddings are already partitioned (zero.Init) and "
+                           "cannot be resized and initialised here; use ZeRO-2, DDP or FSDP for runs that extend the "
+                           "vocabulary, or extend once and continue from that export with ZeRO-3")
     new_tok, plan = build_extended_tokenizer(tokenizer, cfg, texts)
     emb = model.get_input_embeddings()
     out = model.get_output_embeddings()

@@ -14,7 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
         "into token shards with a manifest.json. Bad records are skipped and counted.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or fsspec URLs; with --hf: load_dataset paths")
-    p.add_argument("--tokenizer", required=True, help="hub id or local folder of a fast tokenizer")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", help="hub id or local folder of a fast tokenizer")
+    tok.add_argument("--extend-vocab", metavar="RUN.yaml",
+                     help="use the extended tokenizer that `cpt train RUN.yaml` builds (its model.tokenizer + model.vocab)")
     p.add_argument("--out", required=True, help="output folder (local)")
     p.add_argument("--text-field", default="text", help="JSON/parquet/dataset field holding the text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default: 100M)")
@@ -43,9 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from cpt.data.prepare import PrepareError, format_summary, prepare
 
+    tokenizer = args.tokenizer
+    if args.extend_vocab:
+        from cpt.vocab import extended_tokenizer_for_run
+
+        try:
+            tokenizer = extended_tokenizer_for_run(args.extend_vocab)
+        except (ValueError, OSError) as e:  # ConfigError is a ValueError
+            print(f"cpt prepare: error: --extend-vocab {args.extend_vocab}: {e}", file=sys.stderr)
+            return 1
     try:
         manifest = prepare(
-            args.inputs, args.tokenizer, args.out, text_field=args.text_field, shard_tokens=args.shard_tokens,
+            args.inputs, tokenizer, args.out, text_field=args.text_field, shard_tokens=args.shard_tokens,
             heldout_docs=args.heldout_docs, heldout_fraction=args.heldout_fraction, seed=args.seed,
             num_proc=args.num_proc, max_doc_tokens=args.max_doc_tokens, long_docs=args.long_docs,
             add_bos=args.add_bos, glob=args.glob, hf=args.hf, dataset_name=args.dataset_name, split=args.split,
