@@ -1,0 +1,410 @@
+"""The CPT modes end to end through the real training loop, on a tiny model and real text, using the shipped
+configs (configs/{full,lora,freeze}-cpt.yaml) with only paths and sizes changed:
+
+* full CPT with an EMA of the weights (export-ema/, EMA held-out eval, EMA state across resume);
+* LoRA CPT: peft adapter export, `cpt merge` == base + adapter, exact resume after SIGTERM, held-out eval,
+  lm-eval in the loop;
+* partial freezing: frozen weights unchanged, trainable count printed;
+* vocabulary extension: shards prepared with `cpt prepare --extend-vocab RUN.yaml`, full and LoRA runs.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_run_config
+from cpt.config import load_config
+from cpt.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+# strings the tiny 1024-token BPE splits into several tokens, frequent in the Python corpus
+NEW_TOKENS = ["    def __init__(self", "    return self.", " isinstance(", "raise ValueError(", " is not None"]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def records(run_dir) -> list[dict]:
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def losses(run_dir) -> dict[int, float]:
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        return {}
+    return {r["step"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}
+
+
+def shipped(name: str, data_root: Path, base: Path, out: Path, steps: int = 6, data: Path | None = None, **sections) -> dict:
+    """configs/<name>-cpt.yaml as shipped, with the demo paths pointed at the tiny data and base model and the
+    sizes shrunk (sequence length, batch, steps, eval set size). Everything else (the mode) is left as shipped."""
+    cfg = yaml.safe_load((ROOT / "configs" / f"{name}-cpt.yaml").read_text())
+    d = data or data_root / "data"
+    cfg["run"]["output_dir"] = str(out)
+    cfg["model"]["name_or_path"] = str(base)
+    cfg["data"]["seq_len"] = 64
+    cfg["data"]["sources"] = [{"name": "python", "path": str(d / "python")},
+                              {"name": "shakespeare", "path": str(d / "shakespeare"), "replay": True}]
+    cfg["data"]["heldout"] = [{"name": "shakespeare", "path": str(d / "shakespeare" / "heldout"), "tag": "upstream"},
+                              {"name": "python", "path": str(d / "python" / "heldout"), "tag": "downstream"}]
+    stage = cfg["stages"][0]
+    stage["steps"] = steps
+    stage["schedule"]["warmup_steps"] = 2
+    cfg["train"].update(global_batch_size=8, micro_batch_size=4, log_every=1, progress_bar=False)
+    cfg["eval"].update(every=3, dense_steps=0, tokens_per_set=2048, batch_size=8)
+    cfg["checkpoint"].update(every=None)
+    cfg["logging"] = {"plot": False}
+    for section, value in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **value}
+    return cfg
+
+
+def run(cfg: dict, **kw):
+    from cpt.train import train
+
+    lines: list[str] = []
+    result = train(load_config(base=cfg), echo=lambda *a, **k: lines.append(" ".join(map(str, a))), **kw)
+    return result, "\n".join(lines)
+
+
+def cpt_cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, "-m", "cpt.cli", *map(str, args)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def heldout_tokens(data_root: Path, name: str, tokenizer, n_tokens=2048):
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+
+    h = HeldoutConfig(name=name, path=str(data_root / name / "heldout"), tag="downstream")
+    return load_heldout(h, tokenizer, 64, n_tokens)
+
+
+def step0(run_dir) -> dict:
+    return next(r for r in records(run_dir) if r["step"] == 0 and "eval/python/loss" in r)
+
+
+def last_eval(run_dir) -> dict:
+    return [r for r in records(run_dir) if "eval/python/loss" in r][-1]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def base(tiny_cpt_data, tmp_path_factory) -> Path:
+    """A tiny base model (the role of `cpt demo`'s runs/demo/base/export): 10 steps from scratch."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": None})
+    cfg["stages"][0]["steps"] = 10
+    cfg["data"]["heldout"] = []
+    run(cfg)
+    return out / "export"
+
+
+@pytest.fixture(scope="module")
+def full_ema(tiny_cpt_data, base, tmp_path_factory):
+    """configs/full-cpt.yaml (ema_decay 0.99), EMA evaluated too, checkpoints every 3 of 6 steps."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    cfg = shipped("full", tiny_cpt_data, base, out, eval={"ema": True}, checkpoint={"every": 3, "keep": 5})
+    result, log = run(cfg)
+    return cfg, result, log
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_cpt_data, base, tmp_path_factory):
+    """configs/lora-cpt.yaml, 12 steps, with lm-eval (a local multiple-choice task) at the end."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    cfg = shipped("lora", tiny_cpt_data, base, out, steps=12,
+                  eval={"lm_eval": {"tasks": ["cpt_arith_mc"], "limit": 8, "batch_size": 8}})
+    result, log = run(cfg)
+    return cfg, result, log
+
+
+# ------------------------------------------------------------------------------------------ full CPT + EMA
+
+
+def test_full_config_runs_and_exports_model_and_ema(full_ema, base):
+    from transformers import AutoModelForCausalLM
+
+    cfg, result, log = full_ema
+    out = Path(cfg["run"]["output_dir"])
+    assert result.step == 6 and result.stopped_early is None
+    assert (out / "export" / "model.safetensors").is_file() and (out / "export-ema" / "model.safetensors").is_file()
+    live, ema = load_file(out / "export" / "model.safetensors"), load_file(out / "export-ema" / "model.safetensors")
+    base_w = load_file(base / "model.safetensors")
+    assert live.keys() == ema.keys() == base_w.keys()
+    # decay 0.99 over 6 steps: the EMA stays close to the base, unlike the live weights
+    for k in live:
+        assert not torch.equal(live[k], ema[k]), k
+        assert (ema[k] - base_w[k]).abs().max() < (live[k] - base_w[k]).abs().max(), k
+    AutoModelForCausalLM.from_pretrained(out / "export-ema")  # a loadable HF model
+    assert "trainable params: 160,064 of 160,064 (100.00%)" in log
+    r0 = step0(out)
+    assert r0["forgetting/shakespeare"] == 0.0 and r0["adaptation/python"] == 0.0
+    assert last_eval(out)["adaptation/python"] > 0
+
+
+def test_ema_eval_logs_the_averaged_weights(full_ema, tiny_cpt_data):
+    """eval.ema: at step 0 the EMA is the base (same losses); at the end it is the export-ema model's loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.evaluate import heldout_loss
+
+    cfg, _, _ = full_ema
+    out = Path(cfg["run"]["output_dir"])
+    r0 = step0(out)
+    for name in ("python", "shakespeare"):
+        assert r0[f"ema/eval/{name}/loss"] == pytest.approx(r0[f"eval/{name}/loss"], abs=1e-6)
+    evals = [r for r in records(out) if "ema/eval/python/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    final = evals[-1]
+    assert final["ema/eval/python/loss"] != pytest.approx(final["eval/python/loss"], abs=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(out / "export-ema")
+    tok = AutoTokenizer.from_pretrained(out / "export-ema")
+    tokens = heldout_tokens(tiny_cpt_data / "data", "python", tok)
+    assert heldout_loss(model, tokens, 8) == pytest.approx(final["ema/eval/python/loss"], abs=1e-5)
+    # the evaluator's own forgetting/adaptation bookkeeping is about the live weights only
+    assert "ema/forgetting/shakespeare" not in final and "eval/python/loss" in final
+
+
+def test_ema_state_survives_resume(full_ema, tmp_path):
+    """Resume from the step-3 checkpoint (EMA in extra.safetensors): same losses, identical export-ema."""
+    cfg, _, _ = full_ema
+    src = Path(cfg["run"]["output_dir"])
+    ckpt3 = src / "checkpoints" / "step_00000003"
+    extra = load_file(ckpt3 / "extra.safetensors")
+    assert int(extra["num_updates"]) == 3 and float(extra["decay"]) == pytest.approx(0.99)
+    assert any(k.startswith("shadow.model.layers.0.") for k in extra)
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    for p in ("export", "export-ema", "checkpoints/step_00000006"):
+        shutil.rmtree(out / p)
+    cfg = json.loads(json.dumps(cfg))
+    cfg["run"]["output_dir"] = str(out)
+    result, log = run(cfg, resume=True)
+    assert "resumed" in log and result.step == 6
+    assert losses(out) == losses(src)
+    for d in ("export", "export-ema"):
+        a, b = load_file(src / d / "model.safetensors"), load_file(out / d / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), d
+
+
+def test_ema_eval_needs_ema_decay(tiny_cpt_data, base, tmp_path):
+    from cpt.config import ConfigError
+
+    cfg = shipped("lora", tiny_cpt_data, base, tmp_path / "r", eval={"ema": True})
+    with pytest.raises(ConfigError, match="eval.ema"):
+        load_config(base=cfg)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_config_exports_a_peft_adapter(lora_run, base):
+    cfg, result, log = lora_run
+    out = Path(cfg["run"]["output_dir"])
+    assert result.step == 12
+    files = {p.name for p in (out / "export").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "cpt_adapter.json", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    acfg = json.loads((out / "export" / "adapter_config.json").read_text())
+    assert acfg["r"] == 64 and acfg["lora_alpha"] == 128 and Path(acfg["base_model_name_or_path"]) == base
+    weights = load_file(out / "export" / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights) and any("norm" in k for k in weights)  # train_norms: true
+    m = re.search(r"trainable params: ([\d,]+) of ([\d,]+)", log)
+    trainable, total = (int(x.replace(",", "")) for x in m.groups())
+    assert 0 < trainable < total
+    # held-out evaluation ran with the adapter: nothing forgotten at step 0, then adaptation
+    r0 = step0(out)
+    assert r0["forgetting/shakespeare"] == 0.0 and r0["adaptation/python"] == 0.0
+    assert [r["step"] for r in records(out) if "eval/python/loss" in r] == [0, 3, 6, 9, 12]
+    assert last_eval(out)["adaptation/python"] > 0
+
+
+def test_lora_merge_equals_base_plus_adapter(lora_run, base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cpt.commands.merge import main as merge_main
+
+    cfg, _, _ = lora_run
+    adapter = Path(cfg["run"]["output_dir"]) / "export"
+    assert merge_main([str(adapter), "--out", str(tmp_path / "merged")]) == 0  # base from adapter_config.json
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+    ids = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, c = merged(ids).logits, with_adapter(ids).logits, plain(ids).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert (a - c).abs().max() > 1e-3  # the adapter does something
+
+
+def test_lm_eval_in_the_loop_on_a_lora_model(lora_run):
+    cfg, _, _ = lora_run
+    recs = [r for r in records(cfg["run"]["output_dir"]) if any(k.startswith("lm_eval/") for k in r)]
+    assert len(recs) == 1 and recs[0]["step"] == 12  # at_end
+    acc = recs[0]["lm_eval/cpt_arith_mc/acc"]
+    assert 0.0 <= acc <= 1.0 and acc * 8 == pytest.approx(round(acc * 8))  # limit: 8 questions
+
+
+def test_lora_resume_after_sigterm_is_exact(lora_run, tmp_path):
+    ref_cfg, _, _ = lora_run
+    ref = losses(ref_cfg["run"]["output_dir"])
+    cfg = json.loads(json.dumps(ref_cfg))
+    out = tmp_path / "run"
+    cfg["run"]["output_dir"] = str(out)
+    cfg["eval"]["lm_eval"] = {"tasks": []}
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = cpt_cli("train", path)
+    import time
+
+    t0 = time.time()
+    while len(losses(out)) < 3:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < 120
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "preemption" in log, log
+    k = int(sorted((out / "checkpoints").glob("step_*"))[-1].name[5:])
+    assert 3 <= k < 12
+    proc = cpt_cli("train", path, "--resume")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "resumed" in log, log
+    got = losses(out)
+    assert sorted(got) == list(range(1, 13))
+    assert got == ref  # bitwise: fp32 on CPU
+    a = load_file(out / "export" / "adapter_model.safetensors")
+    b = load_file(Path(ref_cfg["run"]["output_dir"]) / "export" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ freezing
+
+
+def test_freeze_config_keeps_frozen_weights(tiny_cpt_data, base, tmp_path):
+    out = tmp_path / "run"
+    result, log = run(shipped("freeze", tiny_cpt_data, base, out))
+    assert result.step == 6
+    before, after = load_file(base / "model.safetensors"), load_file(out / "export" / "model.safetensors")
+    frozen = [k for k in before if k.startswith("model.layers.0.")]  # bottom_half of 2 layers
+    trained = [k for k in before if k not in frozen]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained), [k for k in trained if torch.equal(before[k], after[k])]
+    n_total = sum(v.numel() for v in before.values())
+    n_frozen = sum(before[k].numel() for k in frozen)
+    assert f"trainable params: {n_total - n_frozen:,} of {n_total:,}" in log
+    assert step0(out)["forgetting/shakespeare"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ vocabulary extension
+
+
+@pytest.fixture(scope="module")
+def vocab_setup(tiny_cpt_data, base, tmp_path_factory):
+    """A run config with model.vocab, and both corpora prepared with `cpt prepare --extend-vocab RUN.yaml`."""
+    from cpt.commands.prepare import main as prepare_main
+
+    root = tmp_path_factory.mktemp("vocab")
+    tokens = root / "tokens.txt"
+    tokens.write_text("\n".join(NEW_TOKENS) + "\n")
+    vocab = {"add_tokens_file": str(tokens), "pad_to_multiple_of": 8}
+    data = root / "data"
+    cfg = shipped("full", tiny_cpt_data, base, root / "full", data=data)
+    cfg["model"]["vocab"] = vocab
+    run_yaml = root / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(cfg))
+    for name in ("python", "shakespeare"):
+        rc = prepare_main([str(tiny_cpt_data / "raw" / f"{name}.jsonl.gz"), "--extend-vocab", str(run_yaml),
+                           "--out", str(data / name), "--heldout-docs", "8", "--no-progress"])
+        assert rc == 0
+    return cfg, vocab, data
+
+
+def test_prepare_extend_vocab_uses_the_training_tokenizer(vocab_setup, base):
+    from transformers import AutoTokenizer
+
+    from cpt.data.shards import TokenShards, tokenizer_fingerprint
+    from cpt.model import build_model, load_tokenizer, prepare_model
+
+    cfg, _, data = vocab_setup
+    rc = load_config(base=cfg)
+    # exactly what the loop does: load, extend (prepare_model), then the data loader checks the shard hash
+    tok = load_tokenizer(rc.model)
+    _, ext, new_ids = prepare_model(rc.model, build_model(rc.model, tok), tok, log_fn=lambda *a: None)
+    assert len(new_ids) == len(NEW_TOKENS)
+    manifest = json.loads((data / "python" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["hash"] == tokenizer_fingerprint(ext) != tokenizer_fingerprint(AutoTokenizer.from_pretrained(base))
+    shards = TokenShards.open(str(data / "python"), expected_tokenizer_hash=tokenizer_fingerprint(ext))
+    ids = torch.from_numpy(shards.read(0, shards.num_tokens).astype("int64"))
+    assert set(new_ids) <= set(ids.tolist())  # every new token occurs in the prepared Python corpus
+
+
+def test_vocab_extension_full_run(vocab_setup, base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, _, _ = vocab_setup
+    result, log = run(cfg)
+    out = Path(cfg["run"]["output_dir"])
+    assert result.step == 6
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    assert len(tok) == 1024 + len(NEW_TOKENS)
+    vocab = tok.get_vocab()
+    assert all(t in vocab for t in NEW_TOKENS)
+    assert tok.decode(tok(NEW_TOKENS[0] + "):")["input_ids"]) == NEW_TOKENS[0] + "):"
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows == model.config.vocab_size == 1032 and rows >= len(tok)  # padded to a multiple of 8
+    assert step0(out)["forgetting/shakespeare"] == 0.0
+
+
+def test_vocab_extension_refuses_shards_of_the_old_tokenizer(tiny_cpt_data, base, vocab_setup, tmp_path):
+    from cpt.data.shards import ShardError
+
+    cfg = shipped("full", tiny_cpt_data, base, tmp_path / "r")  # the old tokenizer's shards
+    cfg["model"]["vocab"] = vocab_setup[1]
+    with pytest.raises(ShardError, match="tokenizer"):
+        run(cfg)
+
+
+def test_vocab_extension_with_lora(vocab_setup, base, tiny_cpt_data, tmp_path):
+    """LoRA + new tokens: the new rows are trained (peft trainable_token_indices) and merged; old rows untouched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.adapters import merge_adapter
+    from cpt.vocab import VocabConfig, extend_vocabulary
+
+    _, vocab, data = vocab_setup
+    cfg = shipped("lora", tiny_cpt_data, base, tmp_path / "run", data=data)
+    cfg["model"]["vocab"] = vocab
+    result, log = run(cfg)
+    export = tmp_path / "run" / "export"
+    side = json.loads((export / "cpt_adapter.json").read_text())
+    assert side["num_embeddings"] == 1032 and side["new_rows"] == list(range(1024, 1032))
+    assert any("trainable_tokens" in k for k in load_file(export / "adapter_model.safetensors"))
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(export, tmp_path / "merged"))
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == 1029
+    # the rows as initialised (mean of subtokens) before training
+    init_model, _, _ = extend_vocabulary(AutoModelForCausalLM.from_pretrained(base),
+                                         AutoTokenizer.from_pretrained(base), VocabConfig(**vocab))
+    w0 = init_model.get_input_embeddings().weight.detach()
+    w = merged.get_input_embeddings().weight.detach()
+    assert w.shape == w0.shape == (1032, 64)
+    assert torch.equal(w[:1024], w0[:1024])  # base rows frozen under LoRA
+    assert (w[1024:1029] - w0[1024:1029]).abs().amax(dim=1).min() > 0  # every new token's row was trained
+    assert last_eval(tmp_path / "run")["adaptation/python"] > 0
