@@ -100,7 +100,7 @@ def base(tiny_cpt_data, tmp_path_factory) -> Path:
     return out / "export"
 
 
-def make_cfg(tiny_cpt_data, base, out: Path, lora=False, weight_decay=0.1) -> dict:
+def make_cfg(tiny_cpt_data, base, out: Path, lora=False, weight_decay=0.1, ema=None) -> dict:
     """12 steps of 8 sequences; 2 micro-batches of 2 per rank on 2 ranks, 4 micro-batches on 1."""
     cfg = tiny_run_config(tiny_cpt_data, out, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
     cfg["model"] = {"name_or_path": str(base)}
@@ -109,6 +109,9 @@ def make_cfg(tiny_cpt_data, base, out: Path, lora=False, weight_decay=0.1) -> di
     cfg["stages"][0]["steps"] = 12
     cfg["train"].update(global_batch_size=8, micro_batch_size=2)
     cfg["optim"]["weight_decay"] = weight_decay
+    if ema:
+        cfg["train"]["ema_decay"] = ema
+        cfg["eval"]["ema"] = True
     return cfg
 
 
@@ -125,11 +128,11 @@ def single(tiny_cpt_data, base, tmp_path_factory):
 
     cache = {}
 
-    def get(lora=False, weight_decay=0.1):
-        key = (lora, weight_decay)
+    def get(lora=False, weight_decay=0.1, ema=None):
+        key = (lora, weight_decay, ema)
         if key not in cache:
             out = tmp_path_factory.mktemp("single") / "run"
-            train(load_config(base=make_cfg(tiny_cpt_data, base, out, lora, weight_decay)), echo=lambda *a: None)
+            train(load_config(base=make_cfg(tiny_cpt_data, base, out, lora, weight_decay, ema)), echo=lambda *a: None)
             assert world_sizes(out) == {1}
             cache[key] = out
         return cache[key]
@@ -190,6 +193,24 @@ def test_zero2_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     assert_close(losses(out), losses(ref))
     assert_close(evals(out), evals(ref))
     assert max(r["train/nonfinite_skipped"] for r in records(out) if "train/loss" in r) == 0
+
+
+@needs_deepspeed
+def test_zero2_lora_with_ema_matches_single_process(tiny_cpt_data, base, single, tmp_path):
+    """LoRA + EMA (evaluated and exported) under ZeRO-2: losses, EMA losses and the EMA adapter match 1 process."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0, ema=0.8)
+    rc, log = launch("zero2", write(cfg, tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0, ema=0.8)
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(ref))
+    ema_loss = lambda d: {r["step"]: r["ema/eval/python/loss"] for r in records(d) if "ema/eval/python/loss" in r}  # noqa: E731
+    assert_close(ema_loss(out), ema_loss(ref))
+    a, b = (load_file(d / "export-ema" / "adapter_model.safetensors") for d in (out, ref))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 @needs_deepspeed
