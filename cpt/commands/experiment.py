@@ -1,0 +1,48 @@
+"""`cpt experiment SPEC.yaml [--out DIR] [--set key=value ...] [--max-runs N] [--dry-run]`.
+
+Runs the continual pre-training grid of a spec (see cpt/experiment.py and docs/experiments.md): base
+pre-training on corpus A; CPT on corpus B for every replay share x schedule (re-warmed cosine,
+infinite with a final anneal); a baseline trained from scratch on A and B with as many tokens as base
+plus CPT. Finished runs are skipped and a killed grid resumes: run the same command again.
+Writes <out>/results.md, <out>/results.csv, <out>/curves.png and <out>/report/report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpt experiment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="experiment spec (YAML), e.g. configs/experiments/tiny_cpu.yaml")
+    p.add_argument("--out", help="experiment folder (default runs/experiments/<spec name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set cpt_tokens=20480 --set 'replay_shares=[0, 0.25]'")
+    p.add_argument("--max-runs", type=int, metavar="N",
+                   help="train at most N runs in this call (finished runs do not count), then write the table")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (corpora, runs, steps, LRs, FLOPs, estimated time) and write nothing")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from cpt.experiment import ExperimentError, run_experiment
+    from cpt.train import TrainingError
+
+    if args.max_runs is not None and args.max_runs < 0:
+        print("cpt experiment: --max-runs must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        run_experiment(args.spec, args.out, overrides=args.overrides, max_runs=args.max_runs, dry_run=args.dry_run)
+    except ExperimentError as e:
+        print(f"cpt experiment: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"cpt experiment: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,326 @@
+"""`cpt experiment`: the replay x schedule grid against a re-training baseline, end to end on CPU.
+
+One shrunken copy of configs/experiments/tiny_cpu.yaml runs once per module (8 runs); the tests then
+check what must hold at any scale (every row, forgetting 0 at step 0, the baseline's token count,
+FLOPs accounting), that a second call skips everything without touching a run directory, that a
+killed run resumes from its checkpoint to the same result, and that a changed spec is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpt.experiment import (
+    ExperimentError,
+    LRSpec,
+    _cosine,
+    _infinite,
+    cpt_run_name,
+    load_spec,
+    plan_runs,
+    replay_label,
+    run_configs,
+    run_experiment,
+)
+from cpt.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "experiments" / "tiny_cpu.yaml"
+GPU = ROOT / "configs" / "experiments" / "gpu_h100.yaml"
+
+TOKENS_PER_STEP = 8 * 64
+BASE_TOKENS = 40 * TOKENS_PER_STEP
+CPT_TOKENS = 20 * TOKENS_PER_STEP
+SMALL = [
+    "seq_len=64", f"base_tokens={BASE_TOKENS}", f"cpt_tokens={CPT_TOKENS}",
+    "corpus_a.max_mb=0.3", "corpus_b.max_mb=0.3", "tokenizer.train.vocab_size=512", "tokenizer.train.sample_mb=0.3",
+    "eval.tokens_per_set=2048", "eval.evals_per_run=4", "checkpoints_per_run=2", "progress_bar=false",
+]
+CPT_RUNS = [cpt_run_name(s, r) for s in ("rewarm_cosine", "infinite") for r in (0.0, 0.05, 0.25)]
+ALL_RUNS = ["base", *CPT_RUNS, "baseline-scratch"]
+
+
+class Echo(list):
+    def __call__(self, *args, **kwargs):
+        self.append(" ".join(str(a) for a in args))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self)
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "results.csv") as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _eval_at(run_dir: Path, key: str, step: int) -> float:
+    vals = [r[key] for r in read_metrics(run_dir) if r.get("step") == step and key in r]
+    assert vals, f"{run_dir.name}: no {key} at step {step}"
+    return vals[-1]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment")
+    echo = Echo()
+    t0 = time.perf_counter()
+    md = run_experiment(TINY, out, echo=echo, overrides=SMALL)
+    return {"out": out, "md": md, "echo": echo, "seconds": time.perf_counter() - t0,
+            "spec": load_spec(TINY, SMALL)}
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def test_every_row_present(grid):
+    out = grid["out"]
+    rows = _rows(out)
+    assert list(rows) == ALL_RUNS
+    md = grid["md"].read_text()
+    for name in ALL_RUNS:
+        assert f"| {name} |" in md
+        assert (out / "runs" / name / "export" / "config.json").is_file()
+    assert rows["cpt-infinite-replay25"]["replay"] == "0.25" and rows["cpt-infinite-replay25"]["schedule"] == "infinite"
+    assert rows["cpt-rewarm_cosine-replay0"]["replay"] == "0.0"
+    for name in ALL_RUNS:  # every loss column is filled
+        for col in ("upstream_final", "downstream_final", "mean_final"):
+            assert math.isfinite(float(rows[name][col]))
+    for name in CPT_RUNS:
+        assert float(rows[name]["worst_upstream"]) >= float(rows[name]["upstream_step0"])
+    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "report" / "report.html").is_file() and (out / "report" / "upstream.png").is_file()
+    assert "8 trained, 0 resumed, 0 skipped" in grid["echo"].text
+
+
+def test_forgetting_zero_at_step_zero_and_cpt_starts_from_base(grid):
+    runs = grid["out"] / "runs"
+    base_up = _eval_at(runs / "base", "eval/shakespeare/loss", 40)
+    base_down = _eval_at(runs / "base", "eval/python/loss", 40)
+    rows = _rows(grid["out"])
+    for name in CPT_RUNS:
+        assert _eval_at(runs / name, "forgetting/shakespeare", 0) == 0.0
+        assert _eval_at(runs / name, "adaptation/python", 0) == 0.0
+        assert _eval_at(runs / name, "train/tokens", 0) == 0
+        # step 0 of every CPT run is the base model: its losses are the base run's final ones (fp32, CPU)
+        assert _eval_at(runs / name, "eval/shakespeare/loss", 0) == pytest.approx(base_up, abs=1e-5)
+        assert _eval_at(runs / name, "eval/python/loss", 0) == pytest.approx(base_down, abs=1e-5)
+        r = rows[name]
+        assert float(r["forgetting_vs_base"]) == pytest.approx(float(r["upstream_final"]) - float(r["upstream_step0"]))
+        assert float(r["adaptation_vs_base"]) == pytest.approx(float(r["downstream_step0"]) - float(r["downstream_final"]))
+    # the baseline is compared with the base model's final losses
+    b = rows["baseline-scratch"]
+    assert float(b["forgetting_vs_base"]) == pytest.approx(float(b["upstream_final"]) - base_up, abs=1e-6)
+    # replay reduces forgetting even at this size, for both schedules
+    for sched in ("rewarm_cosine", "infinite"):
+        f = [float(rows[cpt_run_name(sched, r)]["forgetting_vs_base"]) for r in (0.0, 0.25)]
+        assert f[1] < f[0]
+
+
+def test_token_counts(grid):
+    runs = grid["out"] / "runs"
+    rows = _rows(grid["out"])
+    last = read_metrics(runs / "baseline-scratch")[-1]
+    assert last["train/tokens"] == BASE_TOKENS + CPT_TOKENS
+    final = [r for r in read_metrics(runs / "baseline-scratch") if "data/tokens/shakespeare" in r][-1]
+    assert final["data/tokens/shakespeare"] + final["data/tokens/python"] == BASE_TOKENS + CPT_TOKENS
+    assert final["data/tokens/shakespeare"] == 2 * final["data/tokens/python"]  # budget mix = 2:1
+    assert int(rows["baseline-scratch"]["tokens"]) == BASE_TOKENS + CPT_TOKENS
+    assert int(rows["base"]["tokens"]) == BASE_TOKENS
+    for name in CPT_RUNS:
+        assert int(rows[name]["tokens"]) == CPT_TOKENS
+        assert int(rows[name]["tokens_incl_base"]) == BASE_TOKENS + CPT_TOKENS
+        assert read_metrics(runs / name)[-1]["train/tokens"] == CPT_TOKENS
+    replay = [r for r in read_metrics(runs / "cpt-infinite-replay25") if "data/tokens/shakespeare" in r][-1]
+    assert replay["data/tokens/shakespeare"] == CPT_TOKENS // 4  # exact replay share
+
+
+def test_flops_consistent(grid):
+    from transformers import AutoModelForCausalLM
+
+    from cpt.metrics import model_flops_per_token
+    from cpt.model import model_shape
+
+    rows = _rows(grid["out"])
+    shape = model_shape(AutoModelForCausalLM.from_pretrained(grid["out"] / "runs" / "base" / "export"))
+    fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], 64)
+    base_flops = float(rows["base"]["flops"])
+    for name, r in rows.items():
+        assert float(r["flops"]) == pytest.approx(int(r["tokens"]) * fpt, rel=1e-9)
+        extra = base_flops if r["kind"] == "cpt" else 0.0
+        assert float(r["flops_incl_base"]) == pytest.approx(float(r["flops"]) + extra, rel=1e-9)
+    # base + CPT used exactly the baseline's compute
+    assert float(rows["baseline-scratch"]["flops"]) == pytest.approx(float(rows["cpt-infinite-replay0"]["flops_incl_base"]))
+    # and the training loop's own accounting agrees (perf/tflops_per_device = tokens/s x FLOPs/token)
+    rec = [r for r in read_metrics(grid["out"] / "runs" / "base") if r.get("perf/tflops_per_device")][-1]
+    assert rec["perf/tflops_per_device"] * 1e12 / rec["perf/tokens_per_s_per_device"] == pytest.approx(fpt, rel=1e-6)
+
+
+def test_schedules_in_the_runs(grid):
+    runs = grid["out"] / "runs"
+    cfg = yaml.safe_load((runs / "cpt-infinite-replay5" / "config.yaml").read_text())
+    sched = cfg["stages"][0]["schedule"]
+    assert sched["type"] == "infinite" and sched["anneal_steps"] == 4  # the last 20% of 20 steps
+    assert cfg["train"]["init_from"].endswith("base/export")
+    assert cfg["stages"][0]["mix"] == {"python": 0.95, "shakespeare": 0.05}
+    cfg = yaml.safe_load((runs / "cpt-rewarm_cosine-replay0" / "config.yaml").read_text())
+    assert cfg["stages"][0]["schedule"]["type"] == "cosine" and cfg["stages"][0]["schedule"]["warmup_from"] == 0.0
+    assert [s["name"] for s in cfg["data"]["sources"]] == ["python"]
+    lrs = [r["train/lr"] for r in read_metrics(runs / "cpt-infinite-replay0") if "train/lr" in r and r["step"] > 0]
+    assert lrs[-1] == pytest.approx(3e-4, rel=1e-6)  # annealed to min_lr
+    cfg = yaml.safe_load((runs / "baseline-scratch" / "config.yaml").read_text())
+    assert cfg["train"]["init_from"] is None
+
+
+# ---------------------------------------------------------------- skip, resume, refuse
+
+
+def test_rerun_skips_finished_runs(grid):
+    out = grid["out"]
+    before = _mtimes(out / "runs")
+    echo = Echo()
+    t0 = time.perf_counter()
+    run_experiment(TINY, out, echo=echo, overrides=SMALL)
+    seconds = time.perf_counter() - t0
+    assert "0 trained, 0 resumed, 8 skipped" in echo.text
+    assert _mtimes(out / "runs") == before  # no run directory touched
+    assert seconds < grid["seconds"] / 2
+
+
+def test_killed_run_resumes_to_the_same_result(grid):
+    out = grid["out"]
+    run = out / "runs" / "cpt-infinite-replay5"
+    before = _rows(out)[run.name]
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step_00000010", "step_00000020"]
+    # a kill after step 10's checkpoint: the later checkpoint and the export never happened
+    shutil.rmtree(ckpts[-1])
+    shutil.rmtree(run / "export")
+    others = {p: (p / "export" / "config.json").stat().st_mtime_ns for p in (out / "runs").iterdir() if p != run}
+    echo = Echo()
+    run_experiment(TINY, out, echo=echo, overrides=SMALL)
+    assert "0 trained, 1 resumed, 7 skipped" in echo.text
+    assert "resuming from" in echo.text and "step_00000010" in echo.text
+    after = _rows(out)[run.name]
+    for col in ("upstream_final", "downstream_final", "worst_upstream", "tokens"):
+        assert float(after[col]) == pytest.approx(float(before[col]), rel=1e-6, abs=1e-6), col
+    assert {p: (p / "export" / "config.json").stat().st_mtime_ns for p in others} == others
+    steps = [r["step"] for r in read_metrics(run) if "eval/shakespeare/loss" in r]
+    assert steps == sorted(set(steps))  # no duplicated evaluations after the resume
+
+
+def test_max_runs_then_continue(grid):
+    out = grid["out"]
+    shutil.rmtree(out / "runs" / "baseline-scratch")
+    echo = Echo()
+    run_experiment(TINY, out, echo=echo, overrides=SMALL, max_runs=0)
+    assert "stopped after 0 run(s)" in echo.text
+    assert "baseline-scratch" not in _rows(out)
+    echo = Echo()
+    run_experiment(TINY, out, echo=echo, overrides=SMALL)
+    assert "1 trained, 0 resumed, 7 skipped" in echo.text
+    assert list(_rows(out)) == ALL_RUNS
+
+
+def test_changed_spec_is_refused(grid):
+    with pytest.raises(ExperimentError, match="different config"):
+        run_experiment(TINY, grid["out"], echo=Echo(), overrides=SMALL + ["cpt_lr.max_lr=0.002"])
+
+
+# ---------------------------------------------------------------- specs, CLI, schedules (no training)
+
+
+def test_specs_validate_and_plan(tmp_path):
+    for path in (TINY, GPU):
+        spec = load_spec(path)
+        plans = plan_runs(spec, tmp_path, tmp_path / "tok", tmp_path / "data")
+        cfgs = run_configs(plans)
+        assert [p.name for p in plans] == ALL_RUNS
+        assert cfgs["baseline-scratch"].total_steps == spec.base_steps + spec.cpt_steps
+        for p in plans:
+            assert p.config["checkpoint"]["every"] <= p.steps  # a killed run can resume
+    gpu = load_spec(GPU)
+    assert gpu.precision == "bf16" and gpu.seq_len == 1024
+    assert gpu.base_tokens % gpu.tokens_per_step == 0 and gpu.cpt_tokens % gpu.tokens_per_step == 0
+
+
+def test_bad_specs(tmp_path):
+    with pytest.raises(ExperimentError, match="unknown field"):
+        load_spec(TINY, ["replay_share=[0.1]"])
+    with pytest.raises(ExperimentError, match="replay shares must be in"):
+        load_spec(TINY, ["replay_shares=[0, 1.5]"])
+    with pytest.raises(ExperimentError, match="must differ"):
+        load_spec(TINY, ["corpus_b.name=shakespeare"])
+    with pytest.raises(ExperimentError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+    spec = load_spec(TINY, ["corpus_b.inputs=[/does/not/exist]"])
+    with pytest.raises(ExperimentError, match="inputs not found"):
+        run_experiment(spec, tmp_path / "x", echo=Echo())
+
+
+def test_cli_dry_run_writes_nothing(tmp_path, capsys):
+    from cpt.cli import main
+
+    out = tmp_path / "exp"
+    assert main(["experiment", str(TINY), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for name in ALL_RUNS:
+        assert name in text
+    assert "total: " in text and not out.exists()
+    assert main(["experiment", str(TINY), "--set", "nope=1", "--dry-run"]) == 2
+    assert "unknown field" in capsys.readouterr().err
+
+
+def test_file_inputs_globs_and_caps(tmp_path):
+    from cpt.experiment import CorpusSpec, resolve_corpus
+
+    src = tmp_path / "src"
+    for i in range(20):
+        (src / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"pkg{i % 3}" / f"m{i}.py").write_text("x = 1\n" * 200)
+        (src / f"pkg{i % 3}" / f"m{i}.h").write_text("int x;\n" * 200)
+    (src / "pkg0" / "__pycache__").mkdir()
+    (src / "pkg0" / "__pycache__" / "m0.py").write_text("cached")
+    c = CorpusSpec(name="py", inputs=[str(src), str(src / "pkg1")], globs=["*.py"])
+    files, nbytes = resolve_corpus(c, tmp_path / "raw", 0, echo=Echo())
+    assert len(files) == 20 and all(f.endswith(".py") for f in files) and nbytes == 20 * 1200  # duplicates merged
+    c = CorpusSpec(name="h", inputs=[f"{src}/**/*.h"], exclude=["*/pkg2/*"])
+    files, _ = resolve_corpus(c, tmp_path / "raw", 0, echo=Echo())
+    assert len(files) == 14 and not any("/pkg2/" in f for f in files)
+    c = CorpusSpec(name="py", inputs=[str(src)], globs=["*.py"], max_mb=0.005)
+    capped, nbytes = resolve_corpus(c, tmp_path / "raw", 0, echo=Echo())
+    assert 4 <= len(capped) <= 5 and nbytes >= 5000
+    assert resolve_corpus(c, tmp_path / "raw", 0, echo=Echo())[0] == capped  # deterministic
+    c = CorpusSpec(name="py", inputs=[str(src), "/does/not/exist"], globs=["*.py"], allow_missing=True)
+    assert len(resolve_corpus(c, tmp_path / "raw", 0, echo=Echo())[0]) == 20
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 37, 240])
+def test_schedules_valid_for_any_length(steps):
+    from cpt.schedules import LRPlan, ScheduleConfig
+
+    lr = LRSpec(max_lr=1e-3, min_lr=1e-4, constant_lr=5e-4)
+    for build in (_cosine, _infinite):
+        plan = LRPlan([(steps, ScheduleConfig(**build(lr, steps)))])
+        values = [plan.lr(i) for i in range(steps)]
+        assert max(values) <= 1e-3 + 1e-12 and min(values) >= 0
+    if steps >= 10:  # the infinite schedule ends its anneal at min_lr and holds constant_lr before it
+        plan = LRPlan([(steps, ScheduleConfig(**_infinite(lr, steps)))])
+        assert plan.lr(steps - 1) == pytest.approx(1e-4)
+        assert plan.lr(int(steps * 0.75)) == pytest.approx(5e-4)
+
+
+def test_replay_labels():
+    assert [replay_label(s) for s in (0.0, 0.05, 0.25, 0.125)] == ["0", "5", "25", "12.5"]
+    assert cpt_run_name("infinite", 0.05) == "cpt-infinite-replay5"
