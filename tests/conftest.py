@@ -13,6 +13,8 @@ OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "WANDB_MODE": "offline",
     "TOKENIZERS_PARALLELISM": "false",
+    # tiny models run faster on one thread, and 2-process tests must not oversubscribe 2 cores
+    "OMP_NUM_THREADS": "1",
 }
 os.environ.update(OFFLINE_ENV)
 

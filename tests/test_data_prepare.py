@@ -260,3 +260,17 @@ def test_saved_tokenizer_has_the_same_fingerprint(tmp_path, tokenizer):
 
     assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(_save(tokenizer, tmp_path))) == tokenizer_fingerprint(tokenizer)
     assert os.path.exists(os.path.join(_save(tokenizer, tmp_path), "tokenizer.json"))
+
+
+def test_folder_walk_keeps_underscore_files_and_globs(tmp_path):
+    (tmp_path / "pkg" / "_impl").mkdir(parents=True)
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / ".git").mkdir()
+    for p in ("pkg/__init__.py", "pkg/_impl/core.py", "pkg/a.h", "pkg/__pycache__/x.py", ".git/h.py"):
+        (tmp_path / p).write_text("x = 1\n")
+    got = [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path)], glob="*.py")]
+    assert got == ["pkg/__init__.py", "pkg/_impl/core.py"]
+    assert [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path)], glob="**/*.py")] == got
+    assert [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path / "**" / "*.h")])] == ["pkg/a.h"]
+    with pytest.raises(PrepareError, match="matched no files"):
+        prep_mod.resolve_files([str(tmp_path / "**" / "*.zzz")])

@@ -123,15 +123,32 @@ def _compression(path: str) -> str | None:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith((".", "_"))
+    """Dot-files and caches are skipped when walking folders (not `_private.py` or `__init__.py`)."""
+    return name.startswith(".") or name == "__pycache__"
+
+
+def _matches(path: str, pattern: str | None) -> bool:
+    """--glob matches the file name (`*.py`) or, with a `/` or `**`, the path (`**/*.py`, `src/*.py`)."""
+    if not pattern:
+        return True
+    if "/" in pattern:
+        return fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, "*/" + pattern.removeprefix("**/"))
+    return fnmatch.fnmatch(path.rsplit("/", 1)[-1], pattern)
 
 
 def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
-    """Expand folders (recursively, sorted) into files; error for anything that does not exist."""
+    """Expand folders (recursively, sorted) and glob patterns (`src/**/*.h`) into files; error for anything that does not exist."""
+    import glob as globlib
+
     files: list[str] = []
     for item in inputs:
         item = str(item)
-        if is_remote(item):
+        if not is_remote(item) and any(c in item for c in "*?[") and not os.path.exists(item):
+            matched = sorted(p for p in globlib.glob(item, recursive=True) if os.path.isfile(p) and _matches(p, glob))
+            if not matched:
+                raise PrepareError(f"input pattern matched no files: {item}")
+            files += matched
+        elif is_remote(item):
             import fsspec
 
             fs, root = fsspec.core.url_to_fs(item)
@@ -140,7 +157,7 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
                 raise PrepareError(f"input not found: {item}")
             if fs.isdir(root):
                 found = sorted(p for p in fs.find(root) if not _hidden(p.rsplit("/", 1)[-1]))
-                found = [p for p in found if not glob or fnmatch.fnmatch(p.rsplit("/", 1)[-1], glob)]
+                found = [p for p in found if _matches(p, glob)]
                 files += [p if "://" in p else f"{protocol}://{p}" for p in found]
             else:
                 files.append(item)
@@ -148,7 +165,7 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
             found = []
             for dirpath, dirnames, filenames in os.walk(item):
                 dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-                found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f) and (not glob or fnmatch.fnmatch(f, glob))]
+                found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f) and _matches(os.path.join(dirpath, f), glob)]
             files += sorted(found)
         elif os.path.isfile(item):
             files.append(item)
