@@ -33,7 +33,8 @@ def layer_index(name: str) -> int | None:
 
 def is_no_decay(name: str, param: torch.Tensor, embedding_ids: set[int] = frozenset(), decay_embeddings: bool = True) -> bool:
     """Biases, norms and other <2-D parameters take no weight decay; embeddings only if ``decay_embeddings`` is False."""
-    if param.ndim < 2 or name.endswith(".bias") or name == "bias" or NORM_NAME.search(name):
+    ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 (zero.Init) leaves [0]-shaped placeholders
+    if ndim < 2 or name.endswith(".bias") or name == "bias" or NORM_NAME.search(name):
         return True
     return not decay_embeddings and id(param) in embedding_ids
 

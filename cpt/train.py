@@ -165,7 +165,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         for micro in rows.split(mbs):
             with acc.accumulate(model):
                 loss = model(input_ids=micro, labels=micro).loss
-                if not torch.isfinite(loss) and acc.distributed_type.value == "DEEPSPEED":
+                if acc.distributed_type.value == "DEEPSPEED" and not torch.isfinite(loss):  # no host sync otherwise
                     loss = _zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
                 acc.backward(loss)
                 step_loss += loss.detach() / accum
