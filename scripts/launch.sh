@@ -7,5 +7,7 @@ config=${1:?usage: scripts/launch.sh CONFIG.yaml [strategy] [cpt train options]}
 strategy=${1:-ddp}; [ $# -gt 0 ] && shift
 here=$(cd "$(dirname "$0")/.." && pwd)
 ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
-exec accelerate launch --config_file "$here/configs/accelerate/$strategy.yaml" --num_processes "$ngpu" \
+ds=()  # the ZeRO configs name their DeepSpeed JSON relative to the repo root: pass it absolute
+[ -f "$here/configs/deepspeed/$strategy.json" ] && ds=(--deepspeed_config_file "$here/configs/deepspeed/$strategy.json")
+exec accelerate launch --config_file "$here/configs/accelerate/$strategy.yaml" --num_processes "$ngpu" "${ds[@]}" \
   -m cpt.cli train "$config" "$@"
