@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sysconfig
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ EOS = "<|endoftext|>"
 # Size presets: "default" is the README demo (<10 min on 2 cores); "tiny" is the test-suite smoke run.
 SCALES: dict[str, dict[str, Any]] = {
     "default": dict(python_mb=4.0, shakespeare_mb=None, vocab=2048, hidden=192, layers=4, heads=4, seq_len=256,
-                    batch=16, micro=16, base_steps=240, cpt_steps=200, eval_every=20, eval_tokens=32768,
+                    batch=16, micro=16, base_steps=160, cpt_steps=140, eval_every=20, eval_tokens=16384,
                     heldout_docs=40, max_lr=3e-3, cpt_lr=1.5e-3),
     "tiny": dict(python_mb=0.4, shakespeare_mb=0.4, vocab=1024, hidden=64, layers=2, heads=4, seq_len=64,
                  batch=8, micro=4, base_steps=30, cpt_steps=20, eval_every=10, eval_tokens=4096,
@@ -163,6 +164,7 @@ def run_demo(root: str | Path = "runs/demo", scale: str = "default", overrides: 
 
     s = SCALES[scale]
     root = Path(root)
+    os.environ.setdefault("WANDB_SILENT", "true")  # the demo prints its own summary
     t_start = time.perf_counter()
     echo(f"[1/5] corpora: Shakespeare (old) and the Python standard library (new) -> {root / 'raw'}")
     shk = write_jsonl(shakespeare_docs(s["shakespeare_mb"] and s["shakespeare_mb"] * 1e6), root / "raw" / "shakespeare.jsonl.gz")
