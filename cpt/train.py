@@ -46,6 +46,7 @@ class TrainResult:
 def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainResult:
     from accelerate.utils import set_seed
 
+    from cpt.adapters import trainable_metrics
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
     from cpt.metrics import MetricsLogger, Throughput, model_flops_per_token, peak_flops_for, peak_memory_gb
@@ -76,6 +77,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     model = build_model(cfg.model, tokenizer, weights_from=init_hf)
     model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say)
     shape = model_shape(model)
+    param_counts = trainable_metrics(model)  # params/trainable, params/total, params/trainable_fraction
     ema = None
     if cfg.train.ema_decay:
         from cpt.averaging import EMA
@@ -139,6 +141,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     meter = Throughput(num_devices=acc.num_processes)
     stop = PreemptionFlag()
     stop.install()
+
+    logger.log({"train/tokens": tokens, **param_counts}, step=step)
 
     # --- step-0 evaluation: the base model's losses anchor forgetting and adaptation
     if step == 0 and cfg.eval.at_start and heldout:
@@ -258,7 +262,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
             report = write_report([run_dir], run_dir / "report")
             say(f"report: {report}")
-        say(f"run directory: {run_dir}  (metrics.jsonl, config.yaml, checkpoints/, export/)")
+        say(f"run directory: {run_dir}")
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(run_dir, step, tokens, export_dir, summary, stopped)
@@ -295,6 +299,8 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
         ds_cfg["train_batch_size"] = cfg.train.global_batch_size
         if cfg.optim.grad_clip is not None:
             ds_cfg["gradient_clipping"] = cfg.optim.grad_clip
+        # with optimizer offload, DeepSpeed runs our (torch AdamW) step on the CPU partitions
+        ds_cfg["zero_force_ds_cpu_optimizer"] = False
     return acc
 
 
