@@ -286,21 +286,27 @@ def validate(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(format_validation_error(err)) from None
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: str = "run, model, data, ...",
+                      error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; `error` names the file and what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise error(f"{p}: the top level must be a mapping ({sections})")
+    return loaded
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML config (or start from ``base``), apply overrides, validate."""
     data: dict[str, Any] = copy.deepcopy(base) if base else {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (run, model, data, ...)")
-        data.update(loaded)
+        data.update(read_yaml_mapping(path))
     data = apply_overrides(data, overrides or [])
     return validate(data)
 

@@ -247,22 +247,14 @@ class ExperimentSpec(Strict):
 
 def load_spec(spec: str | os.PathLike | dict | ExperimentSpec, overrides: list[str] | None = None) -> ExperimentSpec:
     """An ExperimentSpec from a YAML file, a dict or a spec, with ``key=value`` overrides applied."""
-    from cpt.config import ConfigError, apply_overrides, format_validation_error
+    from cpt.config import ConfigError, apply_overrides, format_validation_error, read_yaml_mapping
 
     if isinstance(spec, ExperimentSpec):
         data = spec.model_dump(mode="json")
     elif isinstance(spec, dict):
         data = copy.deepcopy(spec)
     else:
-        p = Path(spec)
-        if not p.is_file():
-            raise ExperimentError(f"spec file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ExperimentError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ExperimentError(f"{p}: the top level must be a mapping (corpus_a, corpus_b, model, ...)")
+        data = read_yaml_mapping(spec, "spec", "corpus_a, corpus_b, model, ...", ExperimentError)
     try:
         data = apply_overrides(data, overrides or [])
         return ExperimentSpec.model_validate(data)
