@@ -403,11 +403,12 @@ def format_sweep(rows: list[dict]) -> str:
         return ""
     names = [k[5:] for k in rows[0] if k.startswith("loss/")]
     names.sort(key=lambda n: (rows[0][f"tag/{n}"] != "upstream", n))
-    cols = ["alpha"] + [f"{n} ({rows[0][f'tag/{n}'][:2]})" for n in names]
+    cols = ["alpha"] + [f"{n} ({'up' if rows[0][f'tag/{n}'] == 'upstream' else 'down'})" for n in names]
     cols += [c for c in ("upstream_mean", "downstream_mean") if c in rows[0]]
-    lines = ["  ".join(f"{c:>14}" for c in cols)]
+    width = max(14, *(len(c) for c in cols))
+    lines = ["  ".join(f"{c:>{width}}" for c in cols)]
     for r in rows:
         vals = [r["alpha"]] + [r[f"loss/{n}"] for n in names]
         vals += [r[c] for c in ("upstream_mean", "downstream_mean") if c in r]
-        lines.append("  ".join(f"{v:>14.4f}" for v in vals))
+        lines.append("  ".join(f"{v:>{width}.4f}" for v in vals))
     return "\n".join(lines)

@@ -199,7 +199,7 @@ def test_interpolation_sweep_table():
     assert rows[1]["loss/old"] not in (rows[0]["loss/old"], rows[2]["loss/old"])
     assert all(torch.equal(v, cpt_before[k]) for k, v in cpt.state_dict().items())  # CPT weights restored
     table = format_sweep(rows).splitlines()
-    assert len(table) == 4 and "old (up)" in table[0] and "new (do)" in table[0]
+    assert len(table) == 4 and "old (up)" in table[0] and "new (down)" in table[0]
     assert table[0].index("old") < table[0].index("new")  # upstream sets first
     assert table[2].split()[0] == "0.5000"
     with pytest.raises(ValueError):
@@ -227,7 +227,7 @@ def test_cli_interpolate_end_to_end(tmp_path, capsys):
                "--save-alpha", "0.5", "--out", str(tmp_path / "half")])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "old (up)" in printed and "new (do)" in printed
+    assert "old (up)" in printed and "new (down)" in printed
     result = json.loads((tmp_path / "half" / "interpolation.json").read_text())
     assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
     from cpt.data.loader import load_heldout
