@@ -41,6 +41,8 @@ def main(argv: list[str]) -> int:
         print(f"cpt train: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("accelerate", "deepspeed", "torch.distributed"):  # per-file save/load chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from cpt.train import TrainingError, train
 
     try:
