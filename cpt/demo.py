@@ -17,7 +17,7 @@ import os
 import sysconfig
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 DEMO_DATA = Path(__file__).parent / "demo_data"
 EOS = "<|endoftext|>"
@@ -76,10 +76,23 @@ def write_jsonl(docs: Iterator[dict], path: Path) -> Path:
     return path
 
 
-def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
-    """A byte-level BPE trained on the demo corpora, saved as a transformers tokenizer."""
+def byte_level_bpe(texts: Iterable[str], vocab_size: int, eos: str = EOS):
+    """A byte-level BPE trained on `texts` with `tokenizers`, as a transformers tokenizer (eos = bos = pad)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos, unk_token=None,
+                                   model_max_length=1 << 20)
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
+    """The demo tokenizer: a byte-level BPE trained on the demo corpora, saved as a transformers tokenizer."""
 
     def texts():
         for f in files:
@@ -87,14 +100,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
                 for line in fh:
                     yield json.loads(line)["text"]
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None,
-                                   model_max_length=1 << 20)
+    fast = byte_level_bpe(texts(), vocab_size)
     fast.save_pretrained(out_dir)
     return fast
 

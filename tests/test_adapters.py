@@ -8,8 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cpt.demo import byte_level_bpe
 
 from cpt.adapters import (
     FreezeConfig,
@@ -28,13 +29,7 @@ CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the
 
 
 def tiny_tokenizer():
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(CORPUS, tr)
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+    return byte_level_bpe(CORPUS, 300)
 
 
 def tiny_model(vocab=300, tie=False, seed=0):

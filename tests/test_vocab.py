@@ -7,8 +7,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cpt.demo import byte_level_bpe
 
 from cpt.adapters import LoraConfig, apply_lora, merge_adapter, new_row_ids, save_adapter
 from cpt.vocab import NewRowsLR, VocabConfig, build_extended_tokenizer, extend_vocabulary, learn_new_tokens
@@ -21,13 +22,7 @@ NEW = ["def forward(self, inputs):\n    return isinstance(inputs, list) and self
 
 
 def tiny_tokenizer():
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(OLD, tr)
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+    return byte_level_bpe(OLD, 320)
 
 
 def tiny_model(vocab, tie=False, seed=0):
