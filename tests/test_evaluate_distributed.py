@@ -57,6 +57,8 @@ SCRIPT = textwrap.dedent(
               "distributed_type": str(acc.distributed_type)}
     with open(f"{out}.{acc.process_index}.json", "w") as f:
         json.dump(result, f)
+    acc.wait_for_everyone()  # tear the process group down before exit
+    acc.end_training()
     """
 )
 

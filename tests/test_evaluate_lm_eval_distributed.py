@@ -53,6 +53,9 @@ SCRIPT = textwrap.dedent(
     rank = acc.process_index if acc else 0
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump({"n": acc.num_processes if acc else 1, "res": res}, f)
+    if acc is not None:  # tear the process group down before exit (gloo threads alive at exit can abort)
+        acc.wait_for_everyone()
+        acc.end_training()
     """
 )
 
