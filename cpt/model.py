@@ -15,10 +15,24 @@ from cpt.config import ModelConfig
 log = logging.getLogger("cpt.model")
 
 
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded from the path or hub id the config names."""
+
+
+def _load(what: str, name: str, loader, *args, **kwargs):
+    try:
+        return loader(*args, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{what} {name!r}: not a local model directory and not loadable from the hub ({first})") from None
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The run's tokenizer: a local `save_pretrained` directory or a hub id (never remote code unless asked)."""
     name = cfg.tokenizer or cfg.name_or_path
-    tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    field = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    tok = _load(field, name, AutoTokenizer.from_pretrained, name, revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code)
     if tok.eos_token is None:
         raise ValueError(f"tokenizer {name!r} has no eos_token: packing needs one to separate documents")
     if tok.pad_token is None:
@@ -35,9 +49,9 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     source = weights_from or cfg.name_or_path
     if source is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=None if weights_from else cfg.revision, dtype=torch.float32, use_safetensors=_prefers_safetensors(source), **common
-        )
+        model = _load("train.init_from" if weights_from else "model.name_or_path", source, AutoModelForCausalLM.from_pretrained,
+                      source, revision=None if weights_from else cfg.revision, dtype=torch.float32,
+                      use_safetensors=_prefers_safetensors(source), **common)
     else:
         arch = dict(cfg.arch or {})
         model_type = arch.pop("model_type", "llama")

@@ -41,3 +41,23 @@ def test_train_bad_config_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "invalid config" in err and "bogus" in err and "data.sources" in err and "stages" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_user_errors_are_one_line_not_a_traceback(tiny_cpt_data, tmp_path, capsys):
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    cfg["data"]["sources"][0]["path"] = str(tmp_path / "not-prepared")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cpt train: error: data source 'python'") and "no manifest.json" in err
+    assert "Traceback" not in err
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run2")
+    cfg["model"]["tokenizer"] = str(tmp_path / "no-such-tokenizer")
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "cpt train: error: model.tokenizer" in err and "no-such-tokenizer" in err

@@ -43,11 +43,14 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "deepspeed", "torch.distributed"):  # per-file save/load chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from cpt.checkpoint import CheckpointError
+    from cpt.data.shards import ShardError
+    from cpt.model import ModelLoadError
     from cpt.train import TrainingError, train
 
     try:
         result = train(cfg, resume=args.resume or None)
-    except TrainingError as e:
-        print(f"cpt train: {e}", file=sys.stderr)
+    except (TrainingError, ShardError, CheckpointError, ModelLoadError) as e:  # user-facing problems: no traceback
+        print(f"cpt train: error: {e}", file=sys.stderr)
         return 1
     return 0 if result.stopped_early is None else 0
