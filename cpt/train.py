@@ -228,8 +228,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             ckpts.save(step, _trainer_state(step, tokens, nonfinite_total, data, evaluator), _yaml(cfg), ema.state_dict() if ema else None)
         if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step < total_steps:
             path = export_hf(model, tokenizer, run_dir / "exports" / f"step_{step:08d}", acc)
-            if cfg.logging.wandb.log_exports_as_artifacts:
-                logger.log_artifact(path, f"{cfg.run.name}-step{step}")
+            logger.log_artifact(path, f"{cfg.run.name}-step{step}")  # when logging.wandb.log_exports_as_artifacts
         if preempted:
             stopped = "preempted"
             say(f"preemption signal received: checkpoint saved at step {step}; exiting cleanly")
@@ -248,8 +247,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             if ema is not None:
                 with ema.swapped(acc.unwrap_model(model)):
                     export_hf(model, tokenizer, run_dir / "export-ema", acc)
-            if cfg.logging.wandb.log_exports_as_artifacts:
-                logger.log_artifact(export_dir, f"{cfg.run.name}-final")
+            logger.log_artifact(export_dir, f"{cfg.run.name}-final")
         if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.at_end:
             logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
     summary = evaluator.summary()

@@ -55,3 +55,17 @@ def tiny_run_config(root, out, **changes):
     for section, value in changes.items():
         cfg[section] = {**cfg.get(section, {}), **value}
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_cpt_data, tmp_path_factory):
+    """A tiny base model (the role of `cpt demo`'s runs/demo/base/export): 10 steps from scratch; its HF export."""
+    from cpt.config import load_config
+    from cpt.train import train
+
+    out = tmp_path_factory.mktemp("tiny_base") / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": None})
+    cfg["stages"][0]["steps"] = 10
+    cfg["data"]["heldout"] = []
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    return out / "export"

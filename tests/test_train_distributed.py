@@ -91,15 +91,8 @@ def max_rel(got: dict, ref: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_cpt_data, tmp_path_factory) -> Path:
-    from cpt.train import train
-
-    out = tmp_path_factory.mktemp("dbase") / "run"
-    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": None})
-    cfg["stages"][0]["steps"] = 10
-    cfg["data"]["heldout"] = []
-    train(load_config(base=cfg), echo=lambda *a: None)
-    return out / "export"
+def base(tiny_base) -> Path:
+    return tiny_base
 
 
 def make_cfg(tiny_cpt_data, base, out: Path, lora=False, weight_decay=0.1, ema=None) -> dict:

@@ -22,7 +22,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_run_config
 from cpt.config import load_config
 from cpt.metrics import read_metrics
 
@@ -104,14 +103,8 @@ def last_eval(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base(tiny_cpt_data, tmp_path_factory) -> Path:
-    """A tiny base model (the role of `cpt demo`'s runs/demo/base/export): 10 steps from scratch."""
-    out = tmp_path_factory.mktemp("base") / "run"
-    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": None})
-    cfg["stages"][0]["steps"] = 10
-    cfg["data"]["heldout"] = []
-    run(cfg)
-    return out / "export"
+def base(tiny_base) -> Path:
+    return tiny_base
 
 
 @pytest.fixture(scope="module")

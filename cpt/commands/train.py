@@ -49,8 +49,8 @@ def main(argv: list[str]) -> int:
     from cpt.train import TrainingError, train
 
     try:
-        result = train(cfg, resume=args.resume or None)
+        train(cfg, resume=args.resume or None)
     except (TrainingError, ShardError, CheckpointError, ModelLoadError) as e:  # user-facing problems: no traceback
         print(f"cpt train: error: {e}", file=sys.stderr)
         return 1
-    return 0 if result.stopped_early is None else 0
+    return 0  # also after a preemption: the checkpoint is saved and `--resume` continues
