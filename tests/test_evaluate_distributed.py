@@ -1,4 +1,4 @@
-"""Held-out evaluation over 2 CPU processes equals single-process evaluation (DDP, and ZeRO-3 when
+"""Held-out evaluation over 2 CPU processes equals single-process evaluation (DDP, FSDP2 on CPU, and ZeRO-3 when
 DeepSpeed is installed), with an uneven split so the dummy-batch padding is exercised."""
 
 import importlib.util
@@ -32,6 +32,9 @@ SCRIPT = textwrap.dedent(
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, heldout_loss
 
     out, mode = sys.argv[1], sys.argv[2]
+    if mode == "fsdp":
+        from fsdp_on_cpu import force_fsdp_on_cpu
+        force_fsdp_on_cpu()
     acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -47,6 +50,10 @@ SCRIPT = textwrap.dedent(
         # really sharded: this rank holds only part of the embedding
         shard = model.module.model.embed_tokens.weight.ds_tensor.numel()
         assert shard < 97 * 64, shard
+    elif mode == "fsdp":  # FSDP2 prepares a model only together with its optimizer
+        model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        local = model.model.embed_tokens.weight.to_local().numel()  # FSDP2 DTensor: this rank's shard
+        assert local < 97 * 64, local
     else:
         model = acc.prepare(model)
     loss = heldout_loss(model, toks, batch_size=2, accelerator=acc)
@@ -81,11 +88,14 @@ def launch(tmp_path: Path, mode: str) -> list[dict]:
     script = tmp_path / "dist_eval.py"
     script.write_text(SCRIPT)
     out = tmp_path / f"result_{mode}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     args = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no"]
     if mode == "zero3":  # (ACCELERATE_USE_CPU=1 would silently turn DeepSpeed into plain DDP)
         args += ["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "1"]
+    elif mode == "fsdp":  # FSDP2 on CPU/gloo: see tests/fsdp_on_cpu.py
+        env["ACCELERATE_USE_CPU"] = "1"
+        args += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
     else:
         env["ACCELERATE_USE_CPU"] = "1"
         args += ["--multi_gpu"]
@@ -118,4 +128,13 @@ def test_zero3_two_processes_equal_single_process(tmp_path):
     loss, metrics = single_process_values()
     results = launch(tmp_path, "zero3")
     assert "DEEPSPEED" in results[0]["distributed_type"]
+    check(results, loss, metrics)
+
+
+def test_fsdp_two_processes_equal_single_process(tmp_path):
+    """FSDP2 (sharded DTensor weights, on CPU/gloo via tests/fsdp_on_cpu.py): every rank runs the forwards
+    in step, the uneven tail included, and gets the single-process losses."""
+    loss, metrics = single_process_values()
+    results = launch(tmp_path, "fsdp")
+    assert "FSDP" in results[0]["distributed_type"]
     check(results, loss, metrics)

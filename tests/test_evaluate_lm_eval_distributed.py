@@ -1,4 +1,4 @@
-"""lm-eval hook under 2 CPU processes: DDP (data-parallel requests) and DeepSpeed ZeRO-3 (lock-step
+"""lm-eval hook under 2 CPU processes: DDP (data-parallel requests), DeepSpeed ZeRO-3 and FSDP2 (lock-step
 replicated evaluation) give the single-process results on every rank and do not hang."""
 
 import importlib.util
@@ -40,6 +40,9 @@ SCRIPT = textwrap.dedent(
                              max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
     acc = None
+    if mode == "fsdp":
+        from fsdp_on_cpu import force_fsdp_on_cpu
+        force_fsdp_on_cpu()
     if mode != "single":
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
@@ -47,6 +50,9 @@ SCRIPT = textwrap.dedent(
         if mode == "zero3":
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 2
             model, _ = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        elif mode == "fsdp":  # FSDP2 prepares a model only together with its optimizer
+            model, _ = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+            assert model.model.embed_tokens.weight.to_local().numel() < model.config.vocab_size * 64  # sharded
         else:
             model = acc.prepare(model)
     res = run_lm_eval(model, tokenizer, tasks, limit=7, batch_size=2, accelerator=acc, max_length=64)
@@ -64,7 +70,7 @@ def run(tmp_path: Path, mode: str) -> list[dict]:
     script = tmp_path / "dist_lm_eval.py"
     script.write_text(SCRIPT)
     out = tmp_path / f"res_{mode}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     if mode == "single":
         args = [sys.executable, str(script)]
     else:
@@ -72,6 +78,9 @@ def run(tmp_path: Path, mode: str) -> list[dict]:
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
         if mode == "zero3":
             args += ["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "1"]
+        elif mode == "fsdp":  # FSDP2 on CPU/gloo: see tests/fsdp_on_cpu.py
+            env["ACCELERATE_USE_CPU"] = "1"
+            args += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
         else:
             env["ACCELERATE_USE_CPU"] = "1"
             args += ["--multi_gpu"]
@@ -105,3 +114,9 @@ def test_ddp_data_parallel_equals_single_process(tmp_path, single):
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_zero3_lock_step_equals_single_process(tmp_path, single):
     check(run(tmp_path, "zero3"), single)
+
+
+def test_fsdp_lock_step_equals_single_process(tmp_path, single):
+    """FSDP2 (weights sharded; on CPU/gloo via tests/fsdp_on_cpu.py): every rank runs the whole evaluation in
+    lock-step on the sharded model and gets the single-process scores."""
+    check(run(tmp_path, "fsdp"), single)

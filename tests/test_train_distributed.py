@@ -1,7 +1,8 @@
 """The real `cpt train` under 2 CPU processes (`accelerate launch`, gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3
-(full and LoRA) give the per-step losses of a 1-process run of the same global batch; the ZeRO-3 HF export
-loads and reproduces the last logged held-out loss; DDP resumes exactly after SIGTERM; FSDP without GPUs is
-refused instead of silently training unsynchronised copies.
+(full and LoRA) and FSDP2 (full and LoRA; run on CPU through tests/fsdp_on_cpu.py) give the per-step losses
+of a 1-process run of the same global batch; the ZeRO-3 and FSDP HF exports load and reproduce the last logged
+held-out loss; DDP and FSDP resume exactly after SIGTERM; `cpt train` under a plain FSDP launch without GPUs
+is refused instead of silently training unsynchronised copies.
 
 Tolerances: everything is fp32 and the data of every step is the same whatever the world size (rank r takes
 rows [r*B/W, (r+1)*B/W) of the global batch), so runs differ only in the order of floating-point sums
@@ -40,6 +41,8 @@ LAUNCH = {
     "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true"],
     "zero2_offload": ["--use_deepspeed", "--zero_stage", "2", "--offload_optimizer_device", "cpu"],
     "fsdp": ["--use_fsdp", "--fsdp_version", "2"],
+    # the shipped FSDP2 config, run on CPU/gloo through accelerate's real FSDP branch (see tests/fsdp_on_cpu.py)
+    "fsdp_cpu": ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")],
 }
 
 
@@ -64,12 +67,16 @@ def world_sizes(run_dir) -> set[int]:
 def launch(mode: str, cfg_path: Path, *extra, wait=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))  # DeepSpeed's JIT ops, built once
-    if mode == "ddp":
+    if mode in ("ddp", "fsdp_cpu"):
         env["ACCELERATE_USE_CPU"] = "1"
     else:
         env.pop("ACCELERATE_USE_CPU", None)
+    module = "cpt.cli"
+    if mode == "fsdp_cpu":
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+        module = "fsdp_on_cpu"
     args = [str(VENV_BIN / "accelerate"), "launch", *LAUNCH[mode], "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cpt.cli", "train", str(cfg_path), *map(str, extra)]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, "train", str(cfg_path), *map(str, extra)]
     proc = subprocess.Popen(args, cwd=cfg_path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
@@ -157,9 +164,13 @@ def test_ddp_matches_single_process(ddp_run, single):
 def test_ddp_resume_after_sigterm_is_exact(ddp_run, tiny_cpt_data, base, tmp_path):
     """SIGTERM to the workers (as a cluster scheduler does): checkpoint on every rank, clean exit; --resume gives
     the uninterrupted DDP run's losses exactly."""
-    out = tmp_path / "run"
-    cfg = write(make_cfg(tiny_cpt_data, base, out), tmp_path / "c.yaml")
-    proc = launch("ddp", cfg, wait=False)
+    sigterm_then_resume("ddp", ddp_run, make_cfg(tiny_cpt_data, base, tmp_path / "run"), tmp_path)
+
+
+def sigterm_then_resume(mode: str, reference: Path, cfg: dict, tmp_path: Path) -> Path:
+    out = Path(cfg["run"]["output_dir"])
+    cfg_path = write(cfg, tmp_path / "c.yaml")
+    proc = launch(mode, cfg_path, wait=False)
     t0 = time.time()
     while len(losses(out)) < 3:
         assert proc.poll() is None, proc.stdout.read()[-5000:]
@@ -173,10 +184,27 @@ def test_ddp_resume_after_sigterm_is_exact(ddp_run, tiny_cpt_data, base, tmp_pat
     assert proc.returncode == 0 and "preemption" in log, log[-5000:]
     k = int(sorted((out / "checkpoints").glob("step_*"))[-1].name[5:])
     assert 3 <= k < 12
-    rc, log = launch("ddp", cfg, "--resume")
+    rc, log = launch(mode, cfg_path, "--resume")
     assert rc == 0 and "resumed" in log, log[-5000:]
-    assert losses(out) == losses(ddp_run)  # same world size, same reduction order: bitwise
+    assert losses(out) == losses(reference)  # same world size, same reduction order: bitwise
     assert world_sizes(out) == {2}
+    return out
+
+
+def assert_export_reproduces_eval(out: Path, cfg: dict, tiny_cpt_data: Path, step: int = 12) -> None:
+    """The gathered HF export, loaded by plain transformers, gives the last logged held-out losses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+    from cpt.evaluate import heldout_loss
+
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    for name in ("python", "shakespeare"):
+        h = HeldoutConfig(name=name, path=str(tiny_cpt_data / "data" / name / "heldout"), tag="upstream")
+        tokens = load_heldout(h, tok, cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"])
+        assert heldout_loss(model, tokens, 16) == pytest.approx(evals(out, name)[step], abs=1e-5), name
 
 
 @needs_deepspeed
@@ -224,12 +252,6 @@ def test_zero2_lora_with_ema_matches_single_process(tiny_cpt_data, base, single,
 def test_zero3_matches_single_process_and_export_loads(tiny_cpt_data, base, single, tmp_path):
     """The model is loaded partitioned (zero.Init); weight decay applies as in one process; the gathered HF export
     reproduces the last logged held-out loss."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cpt.data.loader import load_heldout
-    from cpt.data.sources import HeldoutConfig
-    from cpt.evaluate import heldout_loss
-
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", weight_decay=0.1)
     rc, log = launch("zero3", write(cfg, tmp_path / "c.yaml"))
     assert rc == 0, log[-5000:]
@@ -237,12 +259,7 @@ def test_zero3_matches_single_process_and_export_loads(tiny_cpt_data, base, sing
     assert world_sizes(out) == {2}
     assert_close(losses(out), losses(ref))
     assert_close(evals(out), evals(ref))
-    model = AutoModelForCausalLM.from_pretrained(out / "export")
-    tok = AutoTokenizer.from_pretrained(out / "export")
-    for name in ("python", "shakespeare"):
-        h = HeldoutConfig(name=name, path=str(tiny_cpt_data / "data" / name / "heldout"), tag="upstream")
-        tokens = load_heldout(h, tok, cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"])
-        assert heldout_loss(model, tokens, 16) == pytest.approx(evals(out, name)[12], abs=1e-5), name
+    assert_export_reproduces_eval(out, cfg, tiny_cpt_data)
 
 
 @needs_deepspeed
@@ -279,6 +296,76 @@ def test_fsdp_without_gpus_is_refused(tiny_cpt_data, base, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+# ------------------------------------------------------------------------------------------ FSDP2 (on CPU/gloo)
+# accelerate's FSDP branch (fsdp2_prepare_model, sharded save/load, state-dict gathering for the export) run on
+# CPU processes through tests/fsdp_on_cpu.py: the same cpt code paths a GPU FSDP run takes, collectives on gloo.
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_cpt_data, base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp")
+    cfg = make_cfg(tiny_cpt_data, base, d / "run")
+    cfg["checkpoint"] = {"every": 4}
+    rc, log = launch("fsdp_cpu", write(cfg, d / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    return d / "run", cfg
+
+
+def test_fsdp_matches_single_process_and_export_loads(fsdp_run, tiny_cpt_data, single):
+    """FSDP2 full shard: per-step losses and held-out losses of 1 process; resume checkpoints are sharded
+    (one DCP file per rank); the HF export gathered from the shards reproduces the last held-out loss."""
+    out, cfg = fsdp_run
+    ref = single()
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(ref))
+    assert_close(evals(out), evals(ref))
+    shards = sorted(p.name for p in (out / "checkpoints" / "step_00000012" / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"], shards
+    assert_export_reproduces_eval(out, cfg, tiny_cpt_data)
+
+
+def test_fsdp_resume_after_sigterm_is_exact(fsdp_run, tiny_cpt_data, base, tmp_path):
+    """Preemption under FSDP: every rank writes its shard, exits cleanly; --resume loads the sharded model and
+    optimizer state and gives the uninterrupted FSDP run's losses bit for bit."""
+    ref, _ = fsdp_run
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
+    cfg["checkpoint"] = {"every": 4}
+    sigterm_then_resume("fsdp_cpu", ref, cfg, tmp_path)
+
+
+def test_fsdp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
+    """LoRA under FSDP2 (frozen base weights sharded with the adapters): 1-process losses; the adapter export
+    (gathered) loads with peft and reproduces the last held-out loss."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+    from cpt.evaluate import heldout_loss
+
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0)
+    rc, log = launch("fsdp_cpu", write(cfg, tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0)
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(ref))
+    assert_close(evals(out), evals(ref))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out / "export"))
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    h = HeldoutConfig(name="python", path=str(tiny_cpt_data / "data" / "python" / "heldout"), tag="downstream")
+    tokens = load_heldout(h, tok, cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"])
+    assert heldout_loss(model, tokens, 16) == pytest.approx(evals(out)[12], abs=1e-5)
+
+
+def test_ema_under_fsdp_is_refused(tiny_cpt_data, base, tmp_path):
+    """An EMA of FSDP2's local shards would be silently wrong: refused with a message naming FSDP."""
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
+    cfg["train"]["ema_decay"] = 0.9
+    cfg["stages"][0]["steps"] = 4
+    rc, log = launch("fsdp_cpu", write(cfg, tmp_path / "c.yaml"))
+    assert rc != 0 and "EMA" in log and "FSDP" in log, log[-3000:]
+
+
 def test_zero3_placeholders_keep_weight_decay():
     """Under ZeRO-3 every weight is a [0]-shaped placeholder: decay is decided on the real shape (ds_shape)."""
     import torch
@@ -297,4 +384,5 @@ def _children(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         kids = (task / "children").read_text().split()
         out += [int(k) for k in kids]
-    return sorted(k for k in out if "cpt.cli" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace"))
+    cmdline = lambda k: Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")  # noqa: E731
+    return sorted(k for k in out if "cpt.cli" in cmdline(k) or "fsdp_on_cpu" in cmdline(k))
