@@ -849,7 +849,7 @@ def _dry_run(spec: ExperimentSpec, out: Path, echo: Callable) -> Path:
 COLUMNS = [
     ("run", "run"), ("kind", "kind"), ("schedule", "schedule"), ("replay", "replay"), ("steps", "steps"),
     ("tokens", "tokens (run)"), ("tokens_incl_base", "tokens (incl. base)"),
-    ("flops", "FLOPs (run)"), ("flops_incl_base", "FLOPs (incl. base)"),
+    ("flops", "FLOPs (run)"), ("flops_incl_base", "FLOPs (incl. base)"), ("device_hours", "device-hours (run)"),
     ("upstream_final", "upstream loss"), ("downstream_final", "downstream loss"), ("mean_final", "mean"),
     ("forgetting_vs_base", "forgetting vs base"), ("worst_upstream", "worst upstream (CPT)"),
     ("worst_upstream_step", "worst at step"), ("adaptation_vs_base", "adaptation vs base"),
@@ -871,7 +871,8 @@ def collect_results(spec: ExperimentSpec, plans: list[RunPlan], fpt: float) -> l
     adaptation vs base = the base model's downstream loss - final downstream loss;
     worst upstream (CPT) = the highest upstream loss a CPT run logged (step 0 included: the stability gap).
     FLOPs = tokens x (6 N + 12 layers x hidden x seq_len) (llm-foundry; evaluation not counted);
-    "incl. base" adds the base run's tokens/FLOPs to the CPT runs (the baseline and base need none).
+    "incl. base" adds the base run's tokens/FLOPs to the CPT runs (the baseline and base need none);
+    device-hours = the run's measured wall time x devices (`compute/device_hours`, evaluation included).
     """
     A, B = spec.corpus_a.name, spec.corpus_b.name
     rows: list[dict[str, Any]] = []
@@ -883,12 +884,14 @@ def collect_results(spec: ExperimentSpec, plans: list[RunPlan], fpt: float) -> l
         _, up, up_steps = _series(p.run_dir, f"eval/{A}/loss")
         _, down, _ = _series(p.run_dir, f"eval/{B}/loss")
         toks, _, _ = _series(p.run_dir, "train/tokens")
+        _, hours, _ = _series(p.run_dir, "compute/device_hours")
         tokens = int(toks[-1]) if toks else p.steps * spec.tokens_per_step
         row: dict[str, Any] = {
             "run": p.name, "kind": p.kind, "schedule": p.schedule,
             "replay": p.replay if p.replay is not None else "", "steps": p.steps,
             "tokens": tokens, "tokens_incl_base": tokens + (base_tokens if p.kind == "cpt" else 0),
             "flops": tokens * fpt, "flops_incl_base": (tokens + (base_tokens if p.kind == "cpt" else 0)) * fpt,
+            "device_hours": hours[-1] if hours else None,
             "upstream_final": up[-1] if up else None, "downstream_final": down[-1] if down else None,
             "upstream_step0": up[0] if up else None, "downstream_step0": down[0] if down else None,
         }
@@ -916,6 +919,8 @@ def _fmt(key: str, v: Any) -> str:
         return "–"
     if key in ("flops", "flops_incl_base"):
         return f"{v:.3e}"
+    if key == "device_hours":
+        return f"{v:.3g}"
     if key in ("tokens", "tokens_incl_base", "steps", "worst_upstream_step"):
         return f"{int(v):,}"
     if key == "replay":

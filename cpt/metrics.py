@@ -265,6 +265,52 @@ class Throughput:
         self._window.extend((float(t), float(s)) for t, s in state.get("window", []))
 
 
+class ComputeAccount:
+    """What a run has cost so far, carried across resumes (papers.md: report compute next to quality).
+
+    * ``compute/flops``: training FLOPs, tokens x FLOPs per token (the MFU convention; evaluation not counted);
+    * ``compute/wall_hours``: wall-clock hours of the run's processes, start-up, evaluation and checkpoints included;
+    * ``compute/device_hours``: the same times the number of devices (GPU-hours), segment by segment, so a run
+      resumed on a different number of GPUs is charged correctly.
+
+    After a crash the time between the last checkpoint and the crash is not in the restored totals (the work
+    it paid for was lost too; the next segment pays for it again).
+    """
+
+    def __init__(self, num_devices: int = 1, clock=time.monotonic):
+        if num_devices <= 0:
+            raise ValueError("num_devices must be positive")
+        self.num_devices = num_devices
+        self._clock = clock
+        self._start = clock()
+        self._prior_wall_s = 0.0
+        self._prior_device_s = 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        """Totals so far, in seconds (one clock reading)."""
+        elapsed = self._clock() - self._start
+        return {"wall_s": self._prior_wall_s + elapsed, "device_s": self._prior_device_s + elapsed * self.num_devices}
+
+    def metrics(self, tokens: int | float, flops_per_token: float | None = None) -> dict[str, float]:
+        now = self.state_dict()
+        out = {"compute/wall_hours": now["wall_s"] / 3600, "compute/device_hours": now["device_s"] / 3600}
+        if flops_per_token:
+            out["compute/flops"] = float(tokens) * flops_per_token
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Totals from an earlier segment; this process's own time (since it started) is added on top."""
+        self._prior_wall_s = float(state.get("wall_s", 0.0))
+        self._prior_device_s = float(state.get("device_s", 0.0))
+
+
+def format_compute(m: dict[str, float], num_devices: int) -> str:
+    """One line for the end of a run: FLOPs, device-hours, wall hours."""
+    flops = f"{m['compute/flops']:.3g} training FLOPs, " if "compute/flops" in m else ""
+    return (f"compute: {flops}{m['compute/device_hours']:.3g} device-hours "
+            f"({m['compute/wall_hours']:.3g} h wall on {num_devices} device{'s' if num_devices > 1 else ''})")
+
+
 def model_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token, llm-foundry convention (forward + backward = 3 x forward):
 

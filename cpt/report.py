@@ -10,7 +10,8 @@
     throughput.png    perf/tokens_per_s
     lm_eval.png       lm_eval/<task>/<metric> (when logged)
     report.html       all of the above embedded (base64) + a table per run: step-0, final and worst
-                      loss per held-out set with forgetting/adaptation, and the final lm-eval values
+                      loss per held-out set with forgetting/adaptation, the final lm-eval values, and the
+                      run's compute (training FLOPs, device-hours, wall hours)
 
 Stage switches (where the logged ``stage`` index changes) are drawn as vertical dotted lines.
 A set is upstream when the run logged ``forgetting/<name>``, downstream when ``adaptation/<name>``.
@@ -205,6 +206,12 @@ def _f(v: Any, signed: bool = False) -> str:
     return html.escape(str(v))
 
 
+def _fact(v: Any) -> str:
+    if not isinstance(v, float):
+        return html.escape(str(v))
+    return f"{v:.3g}" if abs(v) >= 1e6 else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
+
+
 def _table(headers: list[str], rows: list[list[str]], cls: str) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -254,7 +261,12 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
         _, mfu, _ = r.series("perf/mfu")
         if mfu:
             facts.append(("median MFU", sorted(mfu)[len(mfu) // 2]))
-        parts.append("<p>" + "; ".join(f"{k}: {_f(v) if isinstance(v, float) else html.escape(str(v))}" for k, v in facts) + "</p>")
+        for key, label in (("compute/flops", "training FLOPs"), ("compute/device_hours", "device-hours"),
+                           ("compute/wall_hours", "wall hours")):
+            _, values, _ = r.series(key)
+            if values:
+                facts.append((label, values[-1]))
+        parts.append("<p>" + "; ".join(f"{k}: {_fact(v)}" for k, v in facts) + "</p>")
     titles = {"upstream": "Upstream loss", "downstream": "Downstream loss", "train_loss": "Training loss",
               "lr": "Learning rate", "data_shares": "Data shares", "throughput": "Throughput", "lm_eval": "lm-eval"}
     parts.append("<h2>Curves</h2>")

@@ -49,7 +49,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     from cpt.adapters import trainable_metrics
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
-    from cpt.metrics import MetricsLogger, Throughput, model_flops_per_token, peak_flops_for, peak_memory_gb
+    from cpt.metrics import ComputeAccount, MetricsLogger, Throughput, format_compute, model_flops_per_token, peak_flops_for, peak_memory_gb
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
     from cpt.optim import build_optimizer, set_lr
     from cpt.schedules import LRPlan
@@ -61,6 +61,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         raise TrainingError(f"train.global_batch_size ({B}) must be divisible by world size ({world}) x train.micro_batch_size ({mbs})")
     accum = B // (world * mbs)
     acc = build_accelerator(cfg, accum)
+    account = ComputeAccount(acc.num_processes)  # FLOPs, wall and device hours, carried across resumes
     say = echo if acc.is_main_process else (lambda *a, **k: None)
     set_seed(cfg.run.seed)
 
@@ -106,6 +107,12 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     # --- resume / init
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc)
     step, tokens, nonfinite_total = 0, 0, 0
+
+    def save_checkpoint():
+        state = {"step": step, "tokens": tokens, "nonfinite_total": nonfinite_total, "data": data.state_dict(),
+                 "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict()}
+        ckpts.save(step, state, _yaml(cfg), ema.state_dict() if ema else None)
+
     start_ckpt = resume_ckpt or (init_ckpt if cfg.train.anneal_steps else None)
     if start_ckpt is not None:
         state, extra = ckpts.load(start_ckpt)
@@ -117,6 +124,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         step, tokens, nonfinite_total = state["step"], state["tokens"], state.get("nonfinite_total", 0)
         data.load_state_dict(state["data"])
         evaluator.load_state_dict(state["evaluator"])
+        account.load_state_dict(state.get("compute", {}))
         if ema is not None and extra:
             ema.load_state_dict(extra)
         say(f"{'resumed' if resume_ckpt else 'branching from'} {start_ckpt} at step {step} ({tokens:,} tokens)")
@@ -199,7 +207,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             record = {
                 "train/tokens": tokens, "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                 "stage": stage, "train/nonfinite_skipped": nonfinite_total, "perf/peak_mem_gb": peak_memory_gb(),
-                **meter.metrics(flops_per_token, peak), **data.metrics(),
+                **meter.metrics(flops_per_token, peak), **account.metrics(tokens, flops_per_token), **data.metrics(),
             }
             logger.log(record, step=step)
             loss_sum.zero_()
@@ -210,7 +218,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             bar.update(1)
 
         if nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
-            ckpts.save(step, _trainer_state(step, tokens, nonfinite_total, data, evaluator), _yaml(cfg), ema.state_dict() if ema else None)
+            save_checkpoint()
             raise TrainingError(
                 f"{nonfinite_in_a_row} non-finite steps in a row at step {step}: stopping. The last good weights are in "
                 f"{run_dir / 'checkpoints'} (skipped updates never touched them). Lower the LR or check the data."
@@ -225,7 +233,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         # checkpoint and export
         preempted = stop.requested(acc)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or preempted:
-            ckpts.save(step, _trainer_state(step, tokens, nonfinite_total, data, evaluator), _yaml(cfg), ema.state_dict() if ema else None)
+            save_checkpoint()
         if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step < total_steps:
             path = export_hf(model, tokenizer, run_dir / "exports" / f"step_{step:08d}", acc)
             logger.log_artifact(path, f"{cfg.run.name}-step{step}")  # when logging.wandb.log_exports_as_artifacts
@@ -241,7 +249,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     # --- the end: final checkpoint, HF export, lm-eval, summary, plots
     if stopped is None:
         if cfg.checkpoint.every:
-            ckpts.save(step, _trainer_state(step, tokens, nonfinite_total, data, evaluator), _yaml(cfg), ema.state_dict() if ema else None)
+            save_checkpoint()
         if cfg.checkpoint.export_at_end:
             export_dir = export_hf(model, tokenizer, run_dir / "export", acc)
             if ema is not None:
@@ -251,10 +259,13 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.at_end:
             logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
     summary = evaluator.summary()
+    compute = account.metrics(tokens, flops_per_token)
+    logger.log({"train/tokens": tokens, **compute}, step=step)
     logger.close()
     if acc.is_main_process:
         if summary:
             say(format_summary_table(summary))
+        say(format_compute(compute, acc.num_processes))
         if cfg.logging.plot:
             from cpt.report import write_report
 
@@ -332,17 +343,6 @@ def reset_optimizer_state(optimizer) -> None:
     if not hasattr(inner, "state") or inner.__class__.__module__.startswith("deepspeed"):
         raise TrainingError("resetting the optimizer state is not supported with DeepSpeed; start a new run from the HF export instead")
     inner.state.clear()
-
-
-def _trainer_state(step, tokens, nonfinite_total, data, evaluator) -> dict[str, Any]:
-    return {
-        "step": step,
-        "tokens": tokens,
-        "nonfinite_total": nonfinite_total,
-        "data": data.state_dict(),
-        "data_fingerprint": data.fingerprint(),
-        "evaluator": evaluator.state_dict(),
-    }
 
 
 def _yaml(cfg: RunConfig) -> str:

@@ -165,6 +165,11 @@ def test_flops_consistent(grid):
     # and the training loop's own accounting agrees (perf/tflops_per_device = tokens/s x FLOPs/token)
     rec = [r for r in read_metrics(grid["out"] / "runs" / "base") if r.get("perf/tflops_per_device")][-1]
     assert rec["perf/tflops_per_device"] * 1e12 / rec["perf/tokens_per_s_per_device"] == pytest.approx(fpt, rel=1e-6)
+    # the loop's cumulative compute/flops ends at the table's FLOPs; device-hours are the run's measured time
+    last = [r for r in read_metrics(grid["out"] / "runs" / "base") if "compute/flops" in r][-1]
+    assert last["compute/flops"] == pytest.approx(base_flops, rel=1e-6)
+    for r in rows.values():
+        assert float(r["device_hours"]) > 0, r
 
 
 def test_schedules_in_the_runs(grid):

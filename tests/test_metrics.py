@@ -215,3 +215,29 @@ def test_throughput_window_and_metrics():
     s.load_state_dict(t.state_dict())
     assert s.tokens_per_s == t.tokens_per_s
     assert 0 < peak_memory_gb() < 1000
+
+
+def test_compute_account_carries_totals_across_resumes():
+    """Wall and device hours accumulate segment by segment (a resumed run may have another device count)."""
+    from cpt.metrics import ComputeAccount, format_compute
+
+    now = [100.0]
+    clock = lambda: now[0]  # noqa: E731
+    first = ComputeAccount(num_devices=8, clock=clock)
+    now[0] += 1800  # half an hour on 8 devices
+    m = first.metrics(tokens=1000, flops_per_token=2e9)
+    assert m == {"compute/wall_hours": 0.5, "compute/device_hours": 4.0, "compute/flops": 2e12}
+    state = first.state_dict()
+    second = ComputeAccount(num_devices=2, clock=clock)  # resumed on 2 devices
+    second.load_state_dict(state)
+    now[0] += 3600
+    m = second.metrics(tokens=3000, flops_per_token=2e9)
+    assert m["compute/wall_hours"] == pytest.approx(1.5) and m["compute/device_hours"] == pytest.approx(6.0)
+    assert m["compute/flops"] == 6e12
+    assert "compute/flops" not in ComputeAccount(clock=clock).metrics(10)
+    fresh = ComputeAccount(clock=clock)
+    fresh.load_state_dict({})  # a checkpoint written before compute accounting existed
+    assert fresh.metrics(0)["compute/device_hours"] == 0.0
+    assert format_compute(m, 2) == "compute: 6e+12 training FLOPs, 6 device-hours (1.5 h wall on 2 devices)"
+    with pytest.raises(ValueError):
+        ComputeAccount(num_devices=0)

@@ -29,6 +29,8 @@ def write_run(run_dir: Path, bump: float, tokens_per_step: int):
                                     "forgetting/old": up - 3.0, "eval/new/loss": down,
                                     "adaptation/new": 6.0 - down}) + "\n")
         f.write(json.dumps({"step": 20, "train/tokens": 20 * tokens_per_step, "lm_eval/cpt_arith_mc/acc": 0.25 + bump}) + "\n")
+        f.write(json.dumps({"step": 20, "train/tokens": 20 * tokens_per_step, "compute/flops": 1.5e15 * tokens_per_step,
+                            "compute/device_hours": 0.02 * tokens_per_step, "compute/wall_hours": 0.005 * tokens_per_step}) + "\n")
         f.write('{"step": 21, "train/tok')  # a torn last line (killed mid-write) is skipped
 
 
@@ -57,6 +59,10 @@ def test_report_renders_two_runs(tmp_path):
     assert new["change"] == pytest.approx(2.0) and new["final"] == pytest.approx(4.0)
     for cell in ("3.0000", "3.2000", "3.6200", "forgetting +0.2000", "adaptation +2.0000", "+0.6200",
                  "12 (1.2e+03 tok)", "3.3200", "+0.3200", "12 (2.4e+03 tok)", "replay5", "replay25"):
+        assert cell in text, cell
+    # compute next to quality, per run
+    for cell in ("training FLOPs: 1.5e+17", "device-hours: 2;", "wall hours: 0.5</p>",
+                 "training FLOPs: 3e+17", "device-hours: 4;", "wall hours: 1</p>", "median tokens/s: 1,010"):
         assert cell in text, cell
     assert "cpt_arith_mc/acc" in text and "0.7500" in text and "0.4500" in text
 

@@ -95,6 +95,17 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     assert sorted(got) == list(range(1, 17))
     for s in range(1, 17):
         assert got[s] == ref[s], (s, got[s], ref[s])  # bitwise: fp32 on CPU
+    # compute accounting continues from the checkpoint's totals instead of restarting at zero
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["compute"]
+    assert saved["wall_s"] > 0 and saved["device_s"] == pytest.approx(saved["wall_s"])  # one device
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if "compute/wall_hours" in r]
+    after = [r for r in recs if r["step"] > k]
+    assert after and all(r["compute/wall_hours"] * 3600 > saved["wall_s"] for r in after)
+    assert all(a["compute/wall_hours"] <= b["compute/wall_hours"] for a, b in zip(recs, recs[1:]))
+    perf = next(r for r in recs if "perf/tflops_per_device" in r)
+    fpt = perf["perf/tflops_per_device"] * 1e12 / perf["perf/tokens_per_s_per_device"]  # FLOPs per token
+    assert all(r["compute/flops"] == pytest.approx(r["train/tokens"] * fpt, rel=1e-9) for r in recs)
+    assert "compute:" in log and "device-hours" in log
 
 
 def test_resume_after_kill9_is_exact(reference, tmp_path):
