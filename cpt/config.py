@@ -66,6 +66,9 @@ class DataConfig(Strict):
     # warn when a source is seen more than this many epochs (repeated data hurts; see docs)
     max_epochs_warning: float = Field(4.0, gt=0)
     verify_checksums: bool = True
+    # intra-document attention: packed documents do not attend across EOS and their positions restart
+    # (training and held-out evaluation; see cpt/data/masking.py)
+    document_masking: bool = False
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DataConfig":

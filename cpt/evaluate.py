@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cpt.config import EvalConfig
+from cpt.data.masking import model_inputs
 
 Tag = Literal["upstream", "downstream"]
 TAGS: tuple[str, ...] = ("upstream", "downstream")
@@ -76,9 +77,10 @@ def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _batch_loss_sum(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over a batch (fp32), and the number of predicted tokens."""
-    out = model(input_ids=input_ids, use_cache=False)
+def _batch_loss_sum(model, input_ids: torch.Tensor, eos_id: int | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over a batch (fp32), and the number of predicted tokens.
+    ``eos_id``: document masking (see :mod:`cpt.data.masking`)."""
+    out = model(**model_inputs(input_ids, eos_id))
     logits = out.logits if hasattr(out, "logits") else out[0]
     logits = logits[:, :-1, :].float()
     labels = input_ids[:, 1:]
@@ -86,14 +88,15 @@ def _batch_loss_sum(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return loss, labels.numel()
 
 
-def heldout_loss(model, tokens: torch.Tensor, batch_size: int, accelerator=None) -> float:
+def heldout_loss(model, tokens: torch.Tensor, batch_size: int, accelerator=None, eos_id: int | None = None) -> float:
     """Mean next-token loss (nats per predicted token) of ``model`` over all rows of ``tokens``.
 
     ``tokens`` is a ``LongTensor[n, L]`` of packed sequences (every position is a real token; each row
     predicts ``L - 1`` tokens). Under several processes each rank takes a disjoint slice of rows and
     the sums are reduced, so every rank returns the same value, equal (up to float summation order)
     to the single-process value. All ranks must call this function with the same ``tokens``.
-    The model is put in eval mode and its previous mode is restored afterwards.
+    The model is put in eval mode and its previous mode is restored afterwards. With ``eos_id`` every
+    document attends only to itself (``data.document_masking``; see :mod:`cpt.data.masking`).
     """
     if tokens.dim() != 2 or tokens.size(1) < 2:
         raise ValueError(f"tokens must be [n, L] with L >= 2, got shape {tuple(tokens.shape)}")
@@ -121,7 +124,7 @@ def heldout_loss(model, tokens: torch.Tensor, batch_size: int, accelerator=None)
                 else:  # this rank has run out of rows: a dummy pass keeps the collectives in step
                     batch = tokens[:1].to(device, non_blocking=True)
                     weight = False
-                loss_sum, count = _batch_loss_sum(model, batch)
+                loss_sum, count = _batch_loss_sum(model, batch, eos_id)
                 if weight:  # (not 0 * loss: a diverged model's inf would turn into nan)
                     totals[0] += loss_sum.double()
                     totals[1] += count
@@ -167,7 +170,8 @@ class HeldoutEvaluator:
     metrics dict on every rank. ``should_evaluate(step, stage_starts)`` says when to call it.
     """
 
-    def __init__(self, sets: list[HeldoutSet], eval_cfg: EvalConfig | None = None, accelerator=None):
+    def __init__(self, sets: list[HeldoutSet], eval_cfg: EvalConfig | None = None, accelerator=None,
+                 eos_id: int | None = None):
         names = [s.name for s in sets]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -175,6 +179,7 @@ class HeldoutEvaluator:
         self.sets = list(sets)
         self.cfg = eval_cfg or EvalConfig()
         self.accelerator = accelerator
+        self.eos_id = eos_id  # set: document masking, as in training
         self.reference: dict[str, float] = {}  # loss at the first evaluation (step 0)
         self.reference_step: int | None = None
         self.worst: dict[str, tuple[float, int]] = {}  # highest loss and its step
@@ -209,7 +214,7 @@ class HeldoutEvaluator:
         delta_by_tag: dict[str, list[float]] = {t: [] for t in TAGS}
         first = not self.reference
         for s in self.sets:
-            loss = heldout_loss(model, s.tokens, self.cfg.batch_size, self.accelerator)
+            loss = heldout_loss(model, s.tokens, self.cfg.batch_size, self.accelerator, self.eos_id)
             if s.name not in self.reference:
                 self.reference[s.name] = loss
             if first:

@@ -48,6 +48,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     from cpt.adapters import trainable_metrics
     from cpt.data.loader import CPTDataLoader, load_heldout
+    from cpt.data.masking import model_inputs
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
     from cpt.metrics import ComputeAccount, MetricsLogger, Throughput, format_compute, model_flops_per_token, peak_flops_for, peak_memory_gb
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
@@ -91,7 +92,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         HeldoutSet(h.name, h.tag, load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set))
         for h in cfg.data.heldout
     ]
-    evaluator = HeldoutEvaluator(heldout, cfg.eval, acc)
+    eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
+    evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id)
 
     # --- LR plan and optimizer
     plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
@@ -154,7 +156,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     # --- step-0 evaluation: the base model's losses anchor forgetting and adaptation
     if step == 0 and cfg.eval.at_start and heldout:
-        metrics = {**evaluator.evaluate(model, 0), **_ema_eval(cfg, ema, acc, model, heldout)}
+        metrics = {**evaluator.evaluate(model, 0), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
         logger.log({"train/tokens": 0, "stage": 0, "train/lr": plan.lr(0), **metrics}, step=0)
 
     bar = _progress_bar(cfg, acc, step, total_steps)
@@ -176,7 +178,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         step_loss = torch.zeros((), device=acc.device)
         for micro in rows.split(mbs):
             with acc.accumulate(model):
-                loss = model(input_ids=micro, labels=micro).loss
+                loss = model(**model_inputs(micro, eos_id), labels=micro).loss
                 if acc.distributed_type.value == "DEEPSPEED" and not torch.isfinite(loss):  # no host sync otherwise
                     loss = _zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
                 acc.backward(loss)
@@ -226,7 +228,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
         # evaluate: every N steps, densely after each stage switch (the stability gap), and at the end
         if heldout and (evaluator.should_evaluate(step, plan.starts) or step == total_steps):
-            logger.log({"train/tokens": tokens, **evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout)}, step=step)
+            logger.log({"train/tokens": tokens, **evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}, step=step)
         if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.every and step % cfg.eval.lm_eval.every == 0 and step < total_steps:
             logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
 
@@ -377,14 +379,14 @@ def _device_name(acc) -> str:
     return acc.device.type
 
 
-def _ema_eval(cfg: RunConfig, ema, acc, model, heldout) -> dict[str, float]:
+def _ema_eval(cfg: RunConfig, ema, acc, model, heldout, eos_id: int | None) -> dict[str, float]:
     """Held-out losses of the EMA weights (eval.ema), without touching the evaluator's step-0/worst bookkeeping."""
     if ema is None or not cfg.eval.ema:
         return {}
     from cpt.evaluate import heldout_loss
 
     with ema.swapped(acc.unwrap_model(model)):
-        return {f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc) for h in heldout}
+        return {f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc, eos_id) for h in heldout}
 
 
 def _lm_eval(cfg: RunConfig, acc, model, tokenizer) -> dict[str, float]:

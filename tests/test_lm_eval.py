@@ -166,6 +166,14 @@ def test_cpt_eval_on_export_and_lora_adapter(model, tokenizer, tmp_path):
     assert base["heldout"]["shk"]["tokens"] == 512 and base["heldout"]["shk"]["tag"] == "upstream"
     assert 0 <= base["lm_eval"][f"lm_eval/{MC}/acc"] <= 1
     assert base["lm_eval_results"]["n-samples"][MC]["effective"] == 4
+    # --document-masking: the held-out documents attend only to themselves
+    out = tmp_path / "masked.json"
+    assert eval_main([str(base_dir), "--heldout", f"shk={text}:upstream", "--seq-len", "32", "--max-tokens", "512",
+                      "--device", "cpu", "--document-masking", "--out", str(out)]) == 0
+    masked = json.loads(out.read_text())["heldout"]["shk"]
+    assert masked["document_masking"] is True and base["heldout"]["shk"]["document_masking"] is False
+    assert masked["loss"] == pytest.approx(heldout_loss(model, toks, 8, eos_id=tokenizer.eos_token_id), rel=1e-5)
+    assert masked["loss"] != pytest.approx(base["heldout"]["shk"]["loss"], rel=1e-6)
 
     # a LoRA adapter whose B matrices are not zero, so it really changes the model
     torch.manual_seed(3)

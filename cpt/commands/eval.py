@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=None, help="held-out sequence length (default: min(1024, model context))")
     parser.add_argument("--max-tokens", type=int, default=262144, help="token budget per held-out set")
+    parser.add_argument("--document-masking", action="store_true",
+                        help="held-out documents attend only to themselves (as a run with data.document_masking)")
     parser.add_argument("--max-length", type=int, default=None, help="lm-eval context length (default: the model's)")
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval stderr bootstrap (0: none)")
@@ -136,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         seq_len = args.seq_len or min(1024, int(context))
         for name, path, tag in heldouts:
             toks = load_heldout_tokens(name, path, tag, tokenizer, seq_len, args.max_tokens)
-            loss = heldout_loss(model, toks, args.batch_size)
+            loss = heldout_loss(model, toks, args.batch_size, eos_id=tokenizer.eos_token_id if args.document_masking else None)
             result["heldout"][name] = {"tag": tag, "path": path, "loss": loss, "ppl": math.exp(min(loss, 80.0)),
-                                       "tokens": int(toks.numel()), "seq_len": seq_len}
+                                       "tokens": int(toks.numel()), "seq_len": seq_len,
+                                       "document_masking": args.document_masking}
     if tasks:
         flat, raw = run_lm_eval_detailed(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size,
                                          include_path=args.include_path, max_length=args.max_length,
