@@ -118,6 +118,14 @@ class OptimConfig(Strict):
     lower_layers: dict[str, float] | None = None
 
 
+class ReptileConfig(Strict):
+    """Reptile meta-updates (the gradient alignment of MER, see cpt/reptile.py): every `every` optimizer steps,
+    weights <- anchor + epsilon * (weights - anchor)."""
+
+    every: int = Field(gt=0)
+    epsilon: float = Field(gt=0, le=1)
+
+
 class TrainConfig(Strict):
     global_batch_size: int = Field(64, gt=0)  # sequences per optimizer step, over all ranks
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward pass per rank
@@ -131,6 +139,7 @@ class TrainConfig(Strict):
     anneal_steps: int | None = Field(None, gt=0)
     anneal_shape: Literal["linear", "cosine", "exponential", "1-sqrt"] = "linear"
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    reptile: ReptileConfig | None = None
     progress_bar: bool = True
     peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
 

@@ -3,7 +3,7 @@
     config -> accelerator -> tokenizer/model (+ vocab, freezing, LoRA) -> data (mixer) -> held-out sets
     -> LR plan -> optimizer -> accelerate.prepare -> resume/init -> [eval at step 0] ->
     for each step: stage switch? -> set LR -> micro-batches (accumulate) -> clip -> step (skip if non-finite)
-                   -> EMA -> log -> eval (dense after stage switches) -> lm-eval -> checkpoint/export -> preemption?
+                   -> EMA -> Reptile meta-update -> log -> eval (dense after stage switches) -> lm-eval -> checkpoint/export -> preemption?
     -> final export, lm-eval, summary table, plots
 
 Everything the loop composes lives in its own module (see docs/architecture.md).
@@ -109,13 +109,16 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     # --- resume / init
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc)
     step, tokens, nonfinite_total = 0, 0, 0
+    reptile = None  # Reptile meta-updates (train.reptile), set up below once the start weights are in place
 
     def save_checkpoint():
         state = {"step": step, "tokens": tokens, "nonfinite_total": nonfinite_total, "data": data.state_dict(),
                  "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict()}
-        ckpts.save(step, state, _yaml(cfg), ema.state_dict() if ema else None)
+        tensors = {**(ema.state_dict() if ema else {}), **(reptile.state_dict() if reptile else {})}
+        ckpts.save(step, state, _yaml(cfg), tensors or None)
 
     start_ckpt = resume_ckpt or (init_ckpt if cfg.train.anneal_steps else None)
+    extra = {}
     if start_ckpt is not None:
         state, extra = ckpts.load(start_ckpt)
         if state.get("data_fingerprint") != data.fingerprint():
@@ -128,13 +131,16 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         evaluator.load_state_dict(state["evaluator"])
         account.load_state_dict(state.get("compute", {}))
         if ema is not None and extra:
-            ema.load_state_dict(extra)
+            ema.load_state_dict({k: v for k, v in extra.items() if not k.startswith("reptile.")})
         say(f"{'resumed' if resume_ckpt else 'branching from'} {start_ckpt} at step {step} ({tokens:,} tokens)")
     elif init_ckpt is not None:  # a new stage from an earlier run's checkpoint: weights (+ optimizer), not data position
         ckpts.load(init_ckpt)
         if not cfg.train.init_optimizer:
             reset_optimizer_state(optimizer)
         say(f"initialised weights{' and optimizer' if cfg.train.init_optimizer else ''} from {init_ckpt}")
+    if cfg.train.reptile:
+        reptile = _build_reptile(cfg, acc, model, extra)
+        say(f"reptile: every {cfg.train.reptile.every} steps, weights <- anchor + {cfg.train.reptile.epsilon:g} x (weights - anchor)")
     if cfg.train.anneal_steps:
         plan = plan.anneal_branch(step, cfg.train.anneal_steps, cfg.train.anneal_shape)
         say(f"anneal branch: steps {step}..{step + cfg.train.anneal_steps} from lr {plan.lr(step):.3g} to the schedule's min_lr")
@@ -196,6 +202,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             say(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if reptile is not None:
+            reptile.step(acc.unwrap_model(model), step)  # every k steps: weights <- anchor + eps x (weights - anchor)
         tokens += B * L
         meter.update(B * L, time.perf_counter() - t0)
         if finite:
@@ -377,6 +385,20 @@ def _device_name(acc) -> str:
     if acc.device.type == "cuda":
         return torch.cuda.get_device_name(acc.device)
     return acc.device.type
+
+
+def _build_reptile(cfg: RunConfig, acc, model, extra: dict):
+    from cpt.reptile import Reptile
+
+    if acc.distributed_type.value == "DEEPSPEED":
+        raise TrainingError("train.reptile is not supported under DeepSpeed: its fp32 master partitions would overwrite "
+                            "the meta-update; use DDP (or one device)")
+    if acc.distributed_type.value == "FSDP":
+        raise TrainingError("train.reptile is not supported under FSDP (sharded weights); use DDP (or one device)")
+    r = Reptile(acc.unwrap_model(model), cfg.train.reptile.every, cfg.train.reptile.epsilon)
+    if any(k.startswith("reptile.") for k in extra):  # resumed: the anchor of the interrupted run
+        r.load_state_dict(extra)
+    return r  # otherwise the anchor is the start weights
 
 
 def _ema_eval(cfg: RunConfig, ema, acc, model, heldout, eos_id: int | None) -> dict[str, float]:

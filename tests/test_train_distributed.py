@@ -102,7 +102,7 @@ def base(tiny_base) -> Path:
     return tiny_base
 
 
-def make_cfg(tiny_cpt_data, base, out: Path, lora=False, weight_decay=0.1, ema=None) -> dict:
+def make_cfg(tiny_cpt_data, base, out: Path, lora=False, weight_decay=0.1, ema=None, reptile=None) -> dict:
     """12 steps of 8 sequences; 2 micro-batches of 2 per rank on 2 ranks, 4 micro-batches on 1."""
     cfg = tiny_run_config(tiny_cpt_data, out, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
     cfg["model"] = {"name_or_path": str(base)}
@@ -114,6 +114,8 @@ def make_cfg(tiny_cpt_data, base, out: Path, lora=False, weight_decay=0.1, ema=N
     if ema:
         cfg["train"]["ema_decay"] = ema
         cfg["eval"]["ema"] = True
+    if reptile:
+        cfg["train"]["reptile"] = {"every": reptile[0], "epsilon": reptile[1]}
     return cfg
 
 
@@ -130,11 +132,11 @@ def single(tiny_cpt_data, base, tmp_path_factory):
 
     cache = {}
 
-    def get(lora=False, weight_decay=0.1, ema=None):
-        key = (lora, weight_decay, ema)
+    def get(lora=False, weight_decay=0.1, ema=None, reptile=None):
+        key = (lora, weight_decay, ema, reptile)
         if key not in cache:
             out = tmp_path_factory.mktemp("single") / "run"
-            train(load_config(base=make_cfg(tiny_cpt_data, base, out, lora, weight_decay, ema)), echo=lambda *a: None)
+            train(load_config(base=make_cfg(tiny_cpt_data, base, out, lora, weight_decay, ema, reptile)), echo=lambda *a: None)
             assert world_sizes(out) == {1}
             cache[key] = out
         return cache[key]
@@ -205,6 +207,17 @@ def assert_export_reproduces_eval(out: Path, cfg: dict, tiny_cpt_data: Path, ste
         h = HeldoutConfig(name=name, path=str(tiny_cpt_data / "data" / name / "heldout"), tag="upstream")
         tokens = load_heldout(h, tok, cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"])
         assert heldout_loss(model, tokens, 16) == pytest.approx(evals(out, name)[step], abs=1e-5), name
+
+
+def test_ddp_with_reptile_matches_single_process(tiny_cpt_data, base, single, tmp_path):
+    """Reptile meta-updates under DDP (every rank applies the same update to the same weights)."""
+    rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, tmp_path / "run", reptile=(4, 0.5)), tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out, ref = tmp_path / "run", single(reptile=(4, 0.5))
+    assert world_sizes(out) == {2}
+    assert losses(ref) != losses(single())  # the meta-updates change the run
+    assert_close(losses(out), losses(ref))
+    assert_close(evals(out), evals(ref))
 
 
 @needs_deepspeed
