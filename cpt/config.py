@@ -126,6 +126,16 @@ class ReptileConfig(Strict):
     epsilon: float = Field(gt=0, le=1)
 
 
+class SpikeConfig(Strict):
+    """Skip the update of a loss/grad-norm spike (see cpt/spikes.py): above mean + sigma * std of the last
+    `window` steps (once `min_history` are known; default window // 2); the window restarts at stage switches."""
+
+    sigma: float = Field(6.0, gt=0)
+    window: int = Field(128, ge=2)
+    min_history: int | None = Field(None, ge=2)
+    max_in_a_row: int = Field(8, gt=0)
+
+
 class TrainConfig(Strict):
     global_batch_size: int = Field(64, gt=0)  # sequences per optimizer step, over all ranks
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward pass per rank
@@ -140,6 +150,7 @@ class TrainConfig(Strict):
     anneal_shape: Literal["linear", "cosine", "exponential", "1-sqrt"] = "linear"
     ema_decay: float | None = Field(None, gt=0, lt=1)
     reptile: ReptileConfig | None = None
+    skip_spikes: SpikeConfig | None = None
     progress_bar: bool = True
     peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
 

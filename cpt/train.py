@@ -2,7 +2,7 @@
 
     config -> accelerator -> tokenizer/model (+ vocab, freezing, LoRA) -> data (mixer) -> held-out sets
     -> LR plan -> optimizer -> accelerate.prepare -> resume/init -> [eval at step 0] ->
-    for each step: stage switch? -> set LR -> micro-batches (accumulate) -> clip -> step (skip if non-finite)
+    for each step: stage switch? -> set LR -> micro-batches (accumulate) -> clip -> step (skip if non-finite or a spike)
                    -> EMA -> Reptile meta-update -> log -> eval (dense after stage switches) -> lm-eval -> checkpoint/export -> preemption?
     -> final export, lm-eval, summary table, plots
 
@@ -110,10 +110,12 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc)
     step, tokens, nonfinite_total = 0, 0, 0
     reptile = None  # Reptile meta-updates (train.reptile), set up below once the start weights are in place
+    spikes, spikes_total = _build_spike_guard(cfg, acc), 0  # loss-spike guard (train.skip_spikes)
 
     def save_checkpoint():
         state = {"step": step, "tokens": tokens, "nonfinite_total": nonfinite_total, "data": data.state_dict(),
-                 "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict()}
+                 "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict(),
+                 "spikes": spikes.state_dict() if spikes else None, "spikes_total": spikes_total}
         tensors = {**(ema.state_dict() if ema else {}), **(reptile.state_dict() if reptile else {})}
         ckpts.save(step, state, _yaml(cfg), tensors or None)
 
@@ -130,6 +132,9 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         data.load_state_dict(state["data"])
         evaluator.load_state_dict(state["evaluator"])
         account.load_state_dict(state.get("compute", {}))
+        spikes_total = state.get("spikes_total", 0)
+        if spikes is not None:
+            spikes.load_state_dict(state.get("spikes") or {})
         if ema is not None and extra:
             ema.load_state_dict({k: v for k, v in extra.items() if not k.startswith("reptile.")})
         say(f"{'resumed' if resume_ckpt else 'branching from'} {start_ckpt} at step {step} ({tokens:,} tokens)")
@@ -175,6 +180,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         if step > 0 and step in plan.starts and cfg.stages[stage].reset_optimizer and not cfg.train.anneal_steps:
             reset_optimizer_state(optimizer)
             say(f"stage {stage} ({cfg.stages[stage].name}): optimizer state reset")
+        if spikes is not None and step > 0 and step in plan.starts:
+            spikes.reset()  # a new stage is expected to move the loss
         lr = plan.lr(step)
         set_lr(optimizer, lr)
 
@@ -191,11 +198,15 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                 step_loss += loss.detach() / accum
         grad_norm = _clip(acc, model, cfg.optim.grad_clip)
         finite = math.isfinite(grad_norm) and _all_finite(acc, step_loss)
-        if finite:
+        spike = finite and spikes is not None and spikes.is_spike(acc.reduce(step_loss, reduction="mean").item(), grad_norm)
+        if finite and not spike:
             optimizer.step()
             if ema is not None:
                 ema.update(acc.unwrap_model(model))
             nonfinite_in_a_row = 0
+        elif spike:
+            spikes_total += 1
+            say(f"step {step}: loss or gradient-norm spike (grad norm {grad_norm:.3g}), update skipped")
         else:
             nonfinite_in_a_row += 1
             nonfinite_total += 1
@@ -216,7 +227,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             tps = meter.tokens_per_s
             record = {
                 "train/tokens": tokens, "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                "stage": stage, "train/nonfinite_skipped": nonfinite_total, "perf/peak_mem_gb": peak_memory_gb(),
+                "stage": stage, "train/nonfinite_skipped": nonfinite_total, "train/spikes_skipped": spikes_total,
+                "perf/peak_mem_gb": peak_memory_gb(),
                 **meter.metrics(flops_per_token, peak), **account.metrics(tokens, flops_per_token), **data.metrics(),
             }
             logger.log(record, step=step)
@@ -385,6 +397,17 @@ def _device_name(acc) -> str:
     if acc.device.type == "cuda":
         return torch.cuda.get_device_name(acc.device)
     return acc.device.type
+
+
+def _build_spike_guard(cfg: RunConfig, acc):
+    if cfg.train.skip_spikes is None:
+        return None
+    from cpt.spikes import SpikeGuard
+
+    if acc.distributed_type.value == "DEEPSPEED":
+        raise TrainingError("train.skip_spikes is not supported under DeepSpeed: its engine applies the update inside the "
+                            "last backward pass, before the step's loss is known; use DDP or FSDP")
+    return SpikeGuard(**cfg.train.skip_spikes.model_dump())
 
 
 def _build_reptile(cfg: RunConfig, acc, model, extra: dict):
