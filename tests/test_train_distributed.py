@@ -290,13 +290,14 @@ def test_zero3_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out / "export"))
 
 
-@needs_deepspeed
-def test_ema_under_zero3_is_refused(tiny_cpt_data, base, tmp_path):
+@pytest.mark.parametrize("mode,named", [pytest.param("zero3", "ZeRO-3", marks=needs_deepspeed), ("fsdp_cpu", "FSDP")])
+def test_ema_of_sharded_weights_is_refused(mode, named, tiny_cpt_data, base, tmp_path):
+    """An EMA of ZeRO-3 placeholders or FSDP2's local shards would be silently wrong: refused, naming the cause."""
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
     cfg["train"]["ema_decay"] = 0.9
     cfg["stages"][0]["steps"] = 4
-    rc, log = launch("zero3", write(cfg, tmp_path / "c.yaml"))
-    assert rc != 0 and "EMA" in log and "ZeRO-3" in log, log[-3000:]
+    rc, log = launch(mode, write(cfg, tmp_path / "c.yaml"))
+    assert rc != 0 and "EMA" in log and named in log, log[-3000:]
 
 
 def test_fsdp_without_gpus_is_refused(tiny_cpt_data, base, tmp_path):
@@ -383,15 +384,6 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32(tiny_cpt_data, base, single, tmp_
     got = losses(out)
     assert got != losses(ref)  # really bf16
     assert_close(got, losses(ref), rel=5e-3)
-
-
-def test_ema_under_fsdp_is_refused(tiny_cpt_data, base, tmp_path):
-    """An EMA of FSDP2's local shards would be silently wrong: refused with a message naming FSDP."""
-    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
-    cfg["train"]["ema_decay"] = 0.9
-    cfg["stages"][0]["steps"] = 4
-    rc, log = launch("fsdp_cpu", write(cfg, tmp_path / "c.yaml"))
-    assert rc != 0 and "EMA" in log and "FSDP" in log, log[-3000:]
 
 
 def test_zero3_placeholders_keep_weight_decay():
