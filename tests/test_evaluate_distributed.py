@@ -3,9 +3,7 @@ DeepSpeed is installed), with an uneven split so the dummy-batch padding is exer
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,11 +13,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cpt.config import EvalConfig
 from cpt.evaluate import HeldoutEvaluator, HeldoutSet, heldout_loss
+from launching import accelerate_launch
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 
 SCRIPT = textwrap.dedent(
     """
@@ -88,17 +86,7 @@ def launch(tmp_path: Path, mode: str) -> list[dict]:
     script = tmp_path / "dist_eval.py"
     script.write_text(SCRIPT)
     out = tmp_path / f"result_{mode}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    args = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if mode == "zero3":  # (ACCELERATE_USE_CPU=1 would silently turn DeepSpeed into plain DDP)
-        args += ["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "1"]
-    elif mode == "fsdp":  # FSDP2 on CPU/gloo: see tests/fsdp_on_cpu.py
-        env["ACCELERATE_USE_CPU"] = "1"
-        args += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
-    else:
-        env["ACCELERATE_USE_CPU"] = "1"
-        args += ["--multi_gpu"]
+    args, env = accelerate_launch(mode)
     args += [str(script), str(out), mode]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

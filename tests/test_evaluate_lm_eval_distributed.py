@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from launching import accelerate_launch
+
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 TASKS = ["cpt_arith_mc", "cpt_python_ppl"]
 
 SCRIPT = textwrap.dedent(
@@ -70,21 +71,11 @@ def run(tmp_path: Path, mode: str) -> list[dict]:
     script = tmp_path / "dist_lm_eval.py"
     script.write_text(SCRIPT)
     out = tmp_path / f"res_{mode}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     if mode == "single":
-        args = [sys.executable, str(script)]
+        args, env = [sys.executable, str(script)], dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     else:
-        args = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if mode == "zero3":
-            args += ["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "1"]
-        elif mode == "fsdp":  # FSDP2 on CPU/gloo: see tests/fsdp_on_cpu.py
-            env["ACCELERATE_USE_CPU"] = "1"
-            args += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
-        else:
-            env["ACCELERATE_USE_CPU"] = "1"
-            args += ["--multi_gpu"]
-        args += [str(script)]
+        args, env = accelerate_launch(mode)
+        args = args + [str(script)]
     proc = subprocess.run(args + [str(out), mode, ",".join(TASKS)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

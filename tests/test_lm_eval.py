@@ -1,9 +1,7 @@
 """lm-eval hook on a tiny model with a real (tiny, trained here) byte-level BPE tokenizer."""
 
 import json
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -294,7 +294,6 @@ def test_anneal_from_a_decaying_phase_is_rejected(tiny_cpt_data, tmp_path, refer
 
 def test_new_stage_from_checkpoint_loads_weights_not_position(reference, tmp_path):
     """train.init_from a cpt checkpoint: same weights, fresh data position and step counter."""
-    from cpt.evaluate import heldout_loss
     from cpt.train import train
 
     cfg, _ = reference
