@@ -42,6 +42,9 @@ class ModelConfig(Strict):
     tokenizer: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    # set on the model's config before the weights load, e.g. long-context CPT:
+    # {max_position_embeddings: 32768, rope_parameters: {rope_type: default, rope_theta: 1000000}}
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     gradient_checkpointing: bool = False
     compile: bool = False

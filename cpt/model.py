@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -49,9 +50,13 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     source = weights_from or cfg.name_or_path
     if source is not None:
-        model = _load("train.init_from" if weights_from else "model.name_or_path", source, AutoModelForCausalLM.from_pretrained,
-                      source, revision=None if weights_from else cfg.revision, dtype=torch.float32,
-                      use_safetensors=_prefers_safetensors(source), **common)
+        field = "train.init_from" if weights_from else "model.name_or_path"
+        revision = None if weights_from else cfg.revision
+        config = _load(field, source, AutoConfig.from_pretrained, source, revision=revision,
+                       trust_remote_code=cfg.trust_remote_code)
+        apply_config_overrides(config, cfg.config_overrides)
+        model = _load(field, source, AutoModelForCausalLM.from_pretrained, source, config=config, revision=revision,
+                      dtype=torch.float32, use_safetensors=_prefers_safetensors(source), **common)
     else:
         arch = dict(cfg.arch or {})
         model_type = arch.pop("model_type", "llama")
@@ -59,6 +64,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             arch.setdefault(key, getattr(tokenizer, key, None))
         config = AutoConfig.for_model(model_type, **arch)
+        apply_config_overrides(config, cfg.config_overrides)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
     weight = model.get_input_embeddings().weight
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 (zero.Init) leaves an empty placeholder
@@ -68,6 +74,19 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
             f"{rows} rows: use model.vocab to extend the vocabulary"
         )
     return model
+
+
+def apply_config_overrides(config, overrides: dict[str, Any]) -> None:
+    """Set ``model.config_overrides`` on a transformers config. Every key must already be a field of the
+    config: transformers would silently keep a misspelt key as an unused attribute."""
+    known = config.to_dict()
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        near = sorted(k for k in known if any(part in k for u in unknown for part in u.split("_") if len(part) > 3))
+        raise ModelLoadError(f"model.config_overrides: {unknown} are not fields of this {type(config).__name__}"
+                         + (f" (similar fields: {near})" if near else ""))
+    for key, value in overrides.items():
+        setattr(config, key, value)
 
 
 def _prefers_safetensors(source: str) -> bool | None:

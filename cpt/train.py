@@ -79,6 +79,10 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     model = build_model(cfg.model, tokenizer, weights_from=init_hf)
     model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say)
     shape = model_shape(model)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and L > context:
+        say(f"warning: data.seq_len {L} is longer than the model's context (max_position_embeddings {context}); "
+            "for long-context CPT raise it and the RoPE base with model.config_overrides")
     param_counts = trainable_metrics(model)  # params/trainable, params/total, params/trainable_fraction
     ema = None
     if cfg.train.ema_decay:

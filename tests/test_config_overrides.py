@@ -1,0 +1,67 @@
+"""model.config_overrides (long-context CPT: a longer context and a larger RoPE base on a pretrained model):
+applied before the weights load, checked against the config's real fields, carried into the HF export."""
+
+import pytest
+import torch
+
+from cpt.config import load_config
+from cpt.model import ModelLoadError, apply_config_overrides, build_model, load_tokenizer
+
+LONG = {"max_position_embeddings": 256, "rope_parameters": {"rope_type": "default", "rope_theta": 1.0e6}}
+
+
+def model_cfg(path, **overrides):
+    base = {"model": {"name_or_path": str(path), **overrides}, "data": {"sources": [{"name": "a", "path": "x"}]},
+            "stages": [{"steps": 1, "mix": {"a": 1}}]}
+    return load_config(base=base).model
+
+
+def test_overrides_change_the_loaded_model(tiny_base):
+    tok = load_tokenizer(model_cfg(tiny_base))
+    plain = build_model(model_cfg(tiny_base), tok)
+    long = build_model(model_cfg(tiny_base, config_overrides=LONG), tok)
+    assert long.config.max_position_embeddings == 256 and long.config.rope_parameters["rope_theta"] == 1.0e6
+    # same weights, another RoPE base: different inverse frequencies and logits
+    for (n, a), (_, b) in zip(plain.state_dict().items(), long.state_dict().items()):
+        if "rotary" not in n:
+            assert torch.equal(a, b), n
+    assert not torch.allclose(plain.model.rotary_emb.inv_freq, long.model.rotary_emb.inv_freq)
+    ids = torch.arange(40)[None] % len(tok)
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, long(ids).logits, atol=1e-4)
+
+
+def test_misspelt_override_is_an_error(tiny_base):
+    from transformers import LlamaConfig
+
+    with pytest.raises(ModelLoadError, match=r"\['rope_theta'\].*similar fields: \['rope_parameters'\]"):
+        apply_config_overrides(LlamaConfig(), {"rope_theta": 1e6})  # transformers 5 keeps it in rope_parameters
+    tok = load_tokenizer(model_cfg(tiny_base))
+    with pytest.raises(ModelLoadError, match="max_position_embedings"):
+        build_model(model_cfg(tiny_base, config_overrides={"max_position_embedings": 4096}), tok)
+
+
+@pytest.mark.slow
+def test_long_context_cpt_run_exports_the_new_config(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from conftest import tiny_run_config
+    from cpt.train import train
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": None}, eval={"at_start": False})
+    cfg["model"] = {"name_or_path": str(tiny_base), "config_overrides": LONG}
+    cfg["data"]["seq_len"] = 128  # twice the base model's context (64)
+    cfg["data"]["heldout"] = []
+    cfg["stages"][0]["steps"] = 3
+    said = []
+    train(load_config(base=cfg), echo=lambda *a, **k: said.append(" ".join(map(str, a))))
+    exported = AutoConfig.from_pretrained(out / "export")
+    assert exported.max_position_embeddings == 256 and exported.rope_parameters["rope_theta"] == 1.0e6
+    assert not any("longer than the model's context" in s for s in said)
+    # the same run without the overrides warns that it trains beyond the model's context
+    cfg["model"] = {"name_or_path": str(tiny_base)}
+    cfg["run"]["output_dir"] = str(tmp_path / "run2")
+    said.clear()
+    train(load_config(base=cfg), echo=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("data.seq_len 128 is longer than the model's context (max_position_embeddings 64)" in s for s in said)
