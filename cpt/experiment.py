@@ -7,6 +7,7 @@ Continually Pre-train Large Language Models"; see docs/experiments.md)::
     base                          pre-training on A, warmup + cosine           base_tokens
     cpt-<schedule>-replay<pct>    from base's export, on B with <pct>% of A    cpt_tokens     for every
                                   replayed (exact per-batch shares)                            replay share x schedule
+    cpt-...-<variant>             a CPT run with config overrides (spec.variants: MER, document masking, LoRA...)
     baseline-scratch              random init, on A and B mixed                base_tokens + cpt_tokens
 
 Schedules of the CPT runs:
@@ -162,6 +163,17 @@ class WandbSpec(Strict):
     mode: Literal["online", "offline", "disabled"] | None = None
 
 
+class VariantSpec(Strict):
+    """An extra CPT run next to the grid: one schedule and replay share, with `--set`-style overrides of its run
+    config, e.g. MER ``["train.reptile.every=4", "train.reptile.epsilon=0.5"]`` or ``["data.document_masking=true"]``.
+    It is named ``cpt-<schedule>-replay<pct>-<name>`` and compared in the same table."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    schedule: Literal["rewarm_cosine", "infinite"]
+    replay: float = Field(ge=0, lt=1)
+    overrides: list[str] = Field(min_length=1)
+
+
 class ExperimentSpec(Strict):
     """The whole grid: corpora, tokenizer, model shape, budgets, replay shares x schedules, baseline."""
 
@@ -178,6 +190,7 @@ class ExperimentSpec(Strict):
     cpt_tokens: int = Field(gt=0)
     replay_shares: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.25], min_length=1)
     schedules: list[Literal["rewarm_cosine", "infinite"]] = Field(default_factory=lambda: list(SCHEDULES), min_length=1)
+    variants: list[VariantSpec] = Field(default_factory=list)
     baseline: bool = True
     # the baseline's A:B mix: "budget" = base_tokens : cpt_tokens (the data base + CPT saw), "corpus" = the
     # corpora's token counts (A u B sampled uniformly)
@@ -224,6 +237,9 @@ class ExperimentSpec(Strict):
             errors.append("model: model_type is required (e.g. llama)")
         if len(set(self.schedules)) != len(self.schedules):
             errors.append(f"duplicate schedules: {self.schedules}")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            errors.append(f"duplicate variant names: {names}")
         for what in ("base_tokens", "cpt_tokens"):
             if getattr(self, what) < self.tokens_per_step:
                 errors.append(f"{what} ({getattr(self, what)}) is less than one step ({self.tokens_per_step} tokens)")
@@ -364,16 +380,28 @@ def plan_runs(spec: ExperimentSpec, out: Path, tokenizer_dir: Path, data_dir: Pa
     plans.append(RunPlan("base", "base", "cosine", None, n_base, cfg))
 
     base_export = str(runs_dir / "base" / "export")
+
+    def cpt_run(name: str, schedule: str, share: float) -> RunPlan:
+        cfg = common(name, n_cpt, dense=True)
+        cfg["data"]["sources"] = [dict(src[B])] + ([{**src[A], "replay": True}] if share > 0 else [])
+        mix = {B: 1.0 - share, **({A: share} if share > 0 else {})}
+        sched = _cosine(spec.cpt_lr, n_cpt) if schedule == "rewarm_cosine" else _infinite(spec.cpt_lr, n_cpt)
+        cfg["stages"] = [{"name": f"cpt-{B}", "steps": n_cpt, "mix": mix, "schedule": sched}]
+        cfg["train"]["init_from"] = base_export
+        return RunPlan(name, "cpt", schedule, share, n_cpt, cfg)
+
     for schedule in spec.schedules:
         for share in spec.replay_shares:
-            name = cpt_run_name(schedule, share)
-            cfg = common(name, n_cpt, dense=True)
-            cfg["data"]["sources"] = [dict(src[B])] + ([{**src[A], "replay": True}] if share > 0 else [])
-            mix = {B: 1.0 - share, **({A: share} if share > 0 else {})}
-            sched = _cosine(spec.cpt_lr, n_cpt) if schedule == "rewarm_cosine" else _infinite(spec.cpt_lr, n_cpt)
-            cfg["stages"] = [{"name": f"cpt-{B}", "steps": n_cpt, "mix": mix, "schedule": sched}]
-            cfg["train"]["init_from"] = base_export
-            plans.append(RunPlan(name, "cpt", schedule, share, n_cpt, cfg))
+            plans.append(cpt_run(cpt_run_name(schedule, share), schedule, share))
+    for v in spec.variants:
+        from cpt.config import ConfigError, apply_overrides
+
+        plan = cpt_run(f"{cpt_run_name(v.schedule, v.replay)}-{v.name}", v.schedule, v.replay)
+        try:
+            plan.config = apply_overrides(plan.config, v.overrides)
+        except ConfigError as e:
+            raise ExperimentError(f"variants: {v.name}: {e}") from None
+        plans.append(plan)
 
     if spec.baseline:
         n = n_base + n_cpt

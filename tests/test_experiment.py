@@ -42,8 +42,13 @@ SMALL = [
     "seq_len=64", f"base_tokens={BASE_TOKENS}", f"cpt_tokens={CPT_TOKENS}",
     "corpus_a.max_mb=0.3", "corpus_b.max_mb=0.3", "tokenizer.train.vocab_size=512", "tokenizer.train.sample_mb=0.3",
     "eval.tokens_per_set=2048", "eval.evals_per_run=4", "checkpoints_per_run=2", "progress_bar=false",
+    # one variant: MER (Reptile meta-updates) next to the run it varies
+    "variants=[{name: mer, schedule: infinite, replay: 0.25, overrides: [train.reptile.every=4, train.reptile.epsilon=0.5]}]",
 ]
-CPT_RUNS = [cpt_run_name(s, r) for s in ("rewarm_cosine", "infinite") for r in (0.0, 0.05, 0.25)]
+GRID_CPT_RUNS = [cpt_run_name(s, r) for s in ("rewarm_cosine", "infinite") for r in (0.0, 0.05, 0.25)]
+GRID_RUNS = ["base", *GRID_CPT_RUNS, "baseline-scratch"]  # a spec without variants
+MER = "cpt-infinite-replay25-mer"
+CPT_RUNS = GRID_CPT_RUNS + [MER]
 ALL_RUNS = ["base", *CPT_RUNS, "baseline-scratch"]
 
 
@@ -101,7 +106,11 @@ def test_every_row_present(grid):
         assert float(rows[name]["worst_upstream"]) >= float(rows[name]["upstream_step0"])
     assert (out / "curves.png").stat().st_size > 0
     assert (out / "report" / "report.html").is_file() and (out / "report" / "upstream.png").is_file()
-    assert "8 trained, 0 resumed, 0 skipped" in grid["echo"].text
+    assert "9 trained, 0 resumed, 0 skipped" in grid["echo"].text
+    # the MER variant: same data and schedule as its twin, a different curve after the first meta-update
+    twin = {r["step"]: r["train/loss"] for r in read_metrics(out / "runs" / "cpt-infinite-replay25") if "train/loss" in r}
+    mer = {r["step"]: r["train/loss"] for r in read_metrics(out / "runs" / MER) if "train/loss" in r}
+    assert mer[5] != twin[5] and rows[MER]["replay"] == "0.25" and rows[MER]["schedule"] == "infinite"
 
 
 def test_forgetting_zero_at_step_zero_and_cpt_starts_from_base(grid):
@@ -198,7 +207,7 @@ def test_rerun_skips_finished_runs(grid):
     t0 = time.perf_counter()
     run_experiment(TINY, out, echo=echo, overrides=SMALL)
     seconds = time.perf_counter() - t0
-    assert "0 trained, 0 resumed, 8 skipped" in echo.text
+    assert "0 trained, 0 resumed, 9 skipped" in echo.text
     assert _mtimes(out / "runs") == before  # no run directory touched
     assert seconds < grid["seconds"] / 2
 
@@ -215,7 +224,7 @@ def test_killed_run_resumes_to_the_same_result(grid):
     others = {p: (p / "export" / "config.json").stat().st_mtime_ns for p in (out / "runs").iterdir() if p != run}
     echo = Echo()
     run_experiment(TINY, out, echo=echo, overrides=SMALL)
-    assert "0 trained, 1 resumed, 7 skipped" in echo.text
+    assert "0 trained, 1 resumed, 8 skipped" in echo.text
     assert "resuming from" in echo.text and "step_00000010" in echo.text
     after = _rows(out)[run.name]
     for col in ("upstream_final", "downstream_final", "worst_upstream", "tokens"):
@@ -234,7 +243,7 @@ def test_max_runs_then_continue(grid):
     assert "baseline-scratch" not in _rows(out)
     echo = Echo()
     run_experiment(TINY, out, echo=echo, overrides=SMALL)
-    assert "1 trained, 0 resumed, 7 skipped" in echo.text
+    assert "1 trained, 0 resumed, 8 skipped" in echo.text
     assert list(_rows(out)) == ALL_RUNS
 
 
@@ -251,13 +260,37 @@ def test_specs_validate_and_plan(tmp_path):
         spec = load_spec(path)
         plans = plan_runs(spec, tmp_path, tmp_path / "tok", tmp_path / "data")
         cfgs = run_configs(plans)
-        assert [p.name for p in plans] == ALL_RUNS
+        assert [p.name for p in plans] == GRID_RUNS
         assert cfgs["baseline-scratch"].total_steps == spec.base_steps + spec.cpt_steps
         for p in plans:
             assert p.config["checkpoint"]["every"] <= p.steps  # a killed run can resume
     gpu = load_spec(GPU)
     assert gpu.precision == "bf16" and gpu.seq_len == 1024
     assert gpu.base_tokens % gpu.tokens_per_step == 0 and gpu.cpt_tokens % gpu.tokens_per_step == 0
+
+
+def test_variants_are_extra_cpt_runs_with_overrides(tmp_path):
+    """spec.variants: e.g. MER (Reptile) and document masking next to the grid, same data and schedule as the
+    grid run they vary, validated with the rest; bad overrides or duplicate names are spec errors."""
+    variants = ('variants=[{name: mer, schedule: infinite, replay: 0.05, overrides: [train.reptile.every=4, '
+                'train.reptile.epsilon=0.5]}, {name: docmask, schedule: rewarm_cosine, replay: 0.25, '
+                'overrides: [data.document_masking=true]}]')
+    spec = load_spec(TINY, [variants])
+    plans = {p.name: p for p in plan_runs(spec, tmp_path, tmp_path / "tok", tmp_path / "data")}
+    assert list(plans)[:-1] == GRID_RUNS[:-1] + ["cpt-infinite-replay5-mer", "cpt-rewarm_cosine-replay25-docmask"]
+    cfgs = run_configs(list(plans.values()))
+    mer, twin = cfgs["cpt-infinite-replay5-mer"], cfgs["cpt-infinite-replay5"]
+    assert mer.train.reptile.every == 4 and mer.train.reptile.epsilon == 0.5 and twin.train.reptile is None
+    assert mer.stages == twin.stages and mer.data.sources == twin.data.sources
+    assert mer.run.output_dir.endswith("runs/cpt-infinite-replay5-mer")
+    assert cfgs["cpt-rewarm_cosine-replay25-docmask"].data.document_masking is True
+    assert plans["cpt-infinite-replay5-mer"].kind == "cpt" and plans["cpt-infinite-replay5-mer"].replay == 0.05
+    with pytest.raises(ExperimentError, match="variants: mer"):
+        plan_runs(load_spec(TINY, ['variants=[{name: mer, schedule: infinite, replay: 0.05, overrides: [nokey]}]']),
+                  tmp_path, tmp_path / "tok", tmp_path / "data")
+    with pytest.raises(ExperimentError, match="duplicate variant names"):
+        load_spec(TINY, ['variants=[{name: a, schedule: infinite, replay: 0, overrides: [x=1]}, '
+                         '{name: a, schedule: infinite, replay: 0, overrides: [x=1]}]'])
 
 
 def test_bad_specs(tmp_path):
@@ -280,7 +313,7 @@ def test_cli_dry_run_writes_nothing(tmp_path, capsys):
     out = tmp_path / "exp"
     assert main(["experiment", str(TINY), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
-    for name in ALL_RUNS:
+    for name in GRID_RUNS:
         assert name in text
     assert "total: " in text and not out.exists()
     assert main(["experiment", str(TINY), "--set", "nope=1", "--dry-run"]) == 2
