@@ -1011,8 +1011,9 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
             out.append(f"- Re-training baseline mean loss {scratch['mean_final']:.4f}: the best CPT run is "
                        f"{'lower' if d < 0 else 'higher'} by {abs(d):.4f} nats, using {best['tokens']:,} new tokens "
                        f"({best['flops'] / scratch['flops']:.0%} of the baseline's FLOPs) on top of the existing base model.")
-        for sched in sorted({r["schedule"] for r in cpt}):
-            rs = sorted((r for r in cpt if r["schedule"] == sched), key=lambda r: r["replay"])
+        grid = [r for r in cpt if r["run"] == cpt_run_name(r["schedule"], r["replay"])]  # variants aside
+        for sched in sorted({r["schedule"] for r in grid}):
+            rs = sorted((r for r in grid if r["schedule"] == sched), key=lambda r: r["replay"])
             if len(rs) > 1:
                 out.append(f"- {sched}: forgetting by replay share " + ", ".join(
                     f"{r['replay'] * 100:g}% {r['forgetting_vs_base']:+.4f}" for r in rs)
@@ -1026,6 +1027,12 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
                 pairs.append(f"{s * 100:g}% {inf['mean_final'] - rc['mean_final']:+.4f}")
         if pairs:
             out.append("- Mean loss, infinite minus re-warmed cosine, per replay share: " + ", ".join(pairs) + ".")
+        for v in (r for r in cpt if r not in grid):
+            twin = by.get(cpt_run_name(v["schedule"], v["replay"]))
+            if twin and twin.get("mean_final") is not None:
+                out.append(f"- Variant `{v['run']}` against `{twin['run']}`: forgetting {v['forgetting_vs_base']:+.4f} vs "
+                           f"{twin['forgetting_vs_base']:+.4f}, downstream loss {v['downstream_final']:.4f} vs "
+                           f"{twin['downstream_final']:.4f}, mean {v['mean_final']:.4f} vs {twin['mean_final']:.4f}.")
     if base:
         out.append(f"- Base model: upstream {base['upstream_final']:.4f}, downstream {base['downstream_final']:.4f}.")
     return out

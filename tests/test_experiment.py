@@ -42,12 +42,10 @@ SMALL = [
     "seq_len=64", f"base_tokens={BASE_TOKENS}", f"cpt_tokens={CPT_TOKENS}",
     "corpus_a.max_mb=0.3", "corpus_b.max_mb=0.3", "tokenizer.train.vocab_size=512", "tokenizer.train.sample_mb=0.3",
     "eval.tokens_per_set=2048", "eval.evals_per_run=4", "checkpoints_per_run=2", "progress_bar=false",
-    # one variant: MER (Reptile meta-updates) next to the run it varies
-    "variants=[{name: mer, schedule: infinite, replay: 0.25, overrides: [train.reptile.every=4, train.reptile.epsilon=0.5]}]",
 ]
 GRID_CPT_RUNS = [cpt_run_name(s, r) for s in ("rewarm_cosine", "infinite") for r in (0.0, 0.05, 0.25)]
-GRID_RUNS = ["base", *GRID_CPT_RUNS, "baseline-scratch"]  # a spec without variants
-MER = "cpt-infinite-replay25-mer"
+GRID_RUNS = ["base", *GRID_CPT_RUNS, "baseline-scratch"]  # the grid without variants
+MER = "cpt-infinite-replay25-mer"  # the shipped specs' variant
 CPT_RUNS = GRID_CPT_RUNS + [MER]
 ALL_RUNS = ["base", *CPT_RUNS, "baseline-scratch"]
 
@@ -111,6 +109,8 @@ def test_every_row_present(grid):
     twin = {r["step"]: r["train/loss"] for r in read_metrics(out / "runs" / "cpt-infinite-replay25") if "train/loss" in r}
     mer = {r["step"]: r["train/loss"] for r in read_metrics(out / "runs" / MER) if "train/loss" in r}
     assert mer[5] != twin[5] and rows[MER]["replay"] == "0.25" and rows[MER]["schedule"] == "infinite"
+    assert f"- Variant `{MER}` against `cpt-infinite-replay25`: forgetting" in md
+    assert "25% +" in md and md.count("forgetting by replay share") == 2
 
 
 def test_forgetting_zero_at_step_zero_and_cpt_starts_from_base(grid):
@@ -260,7 +260,7 @@ def test_specs_validate_and_plan(tmp_path):
         spec = load_spec(path)
         plans = plan_runs(spec, tmp_path, tmp_path / "tok", tmp_path / "data")
         cfgs = run_configs(plans)
-        assert [p.name for p in plans] == GRID_RUNS
+        assert [p.name for p in plans] == ALL_RUNS
         assert cfgs["baseline-scratch"].total_steps == spec.base_steps + spec.cpt_steps
         for p in plans:
             assert p.config["checkpoint"]["every"] <= p.steps  # a killed run can resume
@@ -313,7 +313,7 @@ def test_cli_dry_run_writes_nothing(tmp_path, capsys):
     out = tmp_path / "exp"
     assert main(["experiment", str(TINY), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
-    for name in GRID_RUNS:
+    for name in ALL_RUNS:
         assert name in text
     assert "total: " in text and not out.exists()
     assert main(["experiment", str(TINY), "--set", "nope=1", "--dry-run"]) == 2
