@@ -29,6 +29,7 @@ class SpikeGuard:
         self.losses: deque[float] = deque(maxlen=self.window)
         self.grad_norms: deque[float] = deque(maxlen=self.window)
         self.in_a_row = 0
+        self.skipped = 0  # spikes found over the whole run (kept by reset())
 
     def _above(self, history: deque[float], value: float) -> bool:
         n = len(history)
@@ -46,6 +47,7 @@ class SpikeGuard:
         if spike and self.in_a_row >= self.max_in_a_row:
             spike = False  # a new normal, not a spike: let it through
         self.in_a_row = self.in_a_row + 1 if spike else 0
+        self.skipped += int(spike)
         self.losses.append(float(loss))
         self.grad_norms.append(float(grad_norm))
         return spike
@@ -57,10 +59,12 @@ class SpikeGuard:
         self.in_a_row = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "in_a_row": self.in_a_row}
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "in_a_row": self.in_a_row,
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
         self.losses.extend(float(x) for x in state.get("losses", []))
         self.grad_norms.extend(float(x) for x in state.get("grad_norms", []))
         self.in_a_row = int(state.get("in_a_row", 0))
+        self.skipped = int(state.get("skipped", 0))

@@ -114,12 +114,12 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc)
     step, tokens, nonfinite_total = 0, 0, 0
     reptile = None  # Reptile meta-updates (train.reptile), set up below once the start weights are in place
-    spikes, spikes_total = _build_spike_guard(cfg, acc), 0  # loss-spike guard (train.skip_spikes)
+    spikes = _build_spike_guard(cfg, acc)  # loss-spike guard (train.skip_spikes)
 
     def save_checkpoint():
         state = {"step": step, "tokens": tokens, "nonfinite_total": nonfinite_total, "data": data.state_dict(),
                  "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict(),
-                 "spikes": spikes.state_dict() if spikes else None, "spikes_total": spikes_total}
+                 "spikes": spikes.state_dict() if spikes else None}
         tensors = {**(ema.state_dict() if ema else {}), **(reptile.state_dict() if reptile else {})}
         ckpts.save(step, state, _yaml(cfg), tensors or None)
 
@@ -136,7 +136,6 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         data.load_state_dict(state["data"])
         evaluator.load_state_dict(state["evaluator"])
         account.load_state_dict(state.get("compute", {}))
-        spikes_total = state.get("spikes_total", 0)
         if spikes is not None:
             spikes.load_state_dict(state.get("spikes") or {})
         if ema is not None and extra:
@@ -209,7 +208,6 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                 ema.update(acc.unwrap_model(model))
             nonfinite_in_a_row = 0
         elif spike:
-            spikes_total += 1
             say(f"step {step}: loss or gradient-norm spike (grad norm {grad_norm:.3g}), update skipped")
         else:
             nonfinite_in_a_row += 1
@@ -231,7 +229,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             tps = meter.tokens_per_s
             record = {
                 "train/tokens": tokens, "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                "stage": stage, "train/nonfinite_skipped": nonfinite_total, "train/spikes_skipped": spikes_total,
+                "stage": stage, "train/nonfinite_skipped": nonfinite_total, "train/spikes_skipped": spikes.skipped if spikes else 0,
                 "perf/peak_mem_gb": peak_memory_gb(),
                 **meter.metrics(flops_per_token, peak), **account.metrics(tokens, flops_per_token), **data.metrics(),
             }

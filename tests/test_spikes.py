@@ -55,8 +55,9 @@ def test_reset_and_state_round_trip():
     h.load_state_dict(g.state_dict())
     future = noisy(5, seed=1) + [7.0] + noisy(3, seed=2)
     assert feed(g, future) == feed(h, future)
+    assert g.skipped == h.skipped == 1
     g.reset()
-    assert g.is_spike(100.0, 1.0) is False  # no history after a stage switch
+    assert g.is_spike(100.0, 1.0) is False and g.skipped == 1  # no history after a stage switch; the count stays
     with pytest.raises(ValueError):
         SpikeGuard(window=8, min_history=9)
 
