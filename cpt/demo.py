@@ -68,7 +68,9 @@ def python_stdlib_docs(max_bytes: float | None = None) -> Iterator[dict]:
             return
 
 
-def write_jsonl(docs: Iterator[dict], path: Path) -> Path:
+def write_jsonl(docs: Iterator[dict], path: str | Path) -> Path:
+    """Documents as gzipped JSON lines ({"text": ...} per line)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for d in docs:
