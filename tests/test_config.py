@@ -91,3 +91,17 @@ def test_saved_config_round_trips_and_redacts_secrets(tmp_path):
 
     assert redact({"wandb": {"api_key": "SECRET", "project": "p"}, "hub_token": "x"}) == {
         "wandb": {"api_key": "<redacted>", "project": "p"}, "hub_token": "<redacted>"}
+
+
+def test_every_shipped_run_config_validates():
+    """configs/*.yaml, configs/schedules/ and configs/real/ are run configs: they must load as they ship."""
+    from pathlib import Path
+
+    from cpt.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted([*root.glob("*.yaml"), *(root / "schedules").glob("*.yaml"), *(root / "real").glob("*.yaml")])
+    assert len(paths) >= 7, paths
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.stages and cfg.data.sources, p
