@@ -265,6 +265,45 @@ class Throughput:
         self._window.extend((float(t), float(s)) for t, s in state.get("window", []))
 
 
+class SourceLoss:
+    """Training loss per data source, ``train/loss/<source>``: the mean loss of the rows each source contributed
+    since the last log. With replay this is a dense forgetting signal on the old data at no extra cost (the
+    held-out evaluation is sparser and costs forward passes).
+
+    Per micro-batch :meth:`add` the rows' sources and mean losses; after the step, :meth:`end_step` keeps them
+    (or drops a skipped step's); :meth:`metrics` reduces over ranks and starts a new window. Runs on device,
+    no host sync except in :meth:`metrics`."""
+
+    def __init__(self, names: list[str], device):
+        import torch
+
+        self.names = list(names)
+        zeros = lambda: torch.zeros(len(self.names), dtype=torch.float64, device=device)  # noqa: E731
+        self.step_sum, self.step_rows, self.sum, self.rows = zeros(), zeros(), zeros(), zeros()
+
+    def add(self, sources, row_losses) -> None:
+        self.step_sum.index_add_(0, sources, row_losses.double())
+        self.step_rows.index_add_(0, sources, row_losses.new_ones(row_losses.shape, dtype=self.step_rows.dtype))
+
+    def end_step(self, keep: bool) -> None:
+        if keep:
+            self.sum += self.step_sum
+            self.rows += self.step_rows
+        self.step_sum.zero_()
+        self.step_rows.zero_()
+
+    def metrics(self, accelerator=None) -> dict[str, float]:
+        import torch
+
+        both = torch.stack([self.sum, self.rows])
+        if accelerator is not None and accelerator.num_processes > 1:
+            both = accelerator.reduce(both, reduction="sum")
+        sums, rows = both.tolist()
+        self.sum.zero_()
+        self.rows.zero_()
+        return {f"train/loss/{n}": s / r for n, s, r in zip(self.names, sums, rows) if r > 0}
+
+
 class ComputeAccount:
     """What a run has cost so far, carried across resumes (papers.md: report compute next to quality).
 

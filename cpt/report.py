@@ -5,6 +5,7 @@
     upstream.png      eval/<name>/loss of upstream sets (forgetting), one line style per set
     downstream.png    eval/<name>/loss of downstream sets (adaptation)
     train_loss.png    train/loss
+    train_loss_by_source.png  train/loss/<source> (when logged)
     lr.png            train/lr
     data_shares.png   data/share/<source>
     throughput.png    perf/tokens_per_s
@@ -186,6 +187,9 @@ def make_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
         add(tag, _by_name(runs, names, "eval/{}/loss", multi), f"{tag} held-out loss ({what})", "loss (nats/token)")
     single = [("", [(r, "train/loss", r.label) for r in runs])]
     add("train_loss", single, "training loss", "loss (nats/token)")
+    per_source = sorted({k[len("train/loss/"):] for r in runs for k in r.keys if k.startswith("train/loss/")})
+    add("train_loss_by_source", _by_name(runs, per_source, "train/loss/{}", True),
+        "training loss per source (replayed rows: old data)", "loss (nats/token)")
     add("lr", [("", [(r, "train/lr", r.label) for r in runs])], "learning rate", "lr")
     sources = sorted({k[len("data/share/"):] for r in runs for k in r.keys if k.startswith("data/share/")})
     add("data_shares", _by_name(runs, sources, "data/share/{}", True), "data shares per source", "share of tokens")
@@ -268,6 +272,7 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
                 facts.append((label, values[-1]))
         parts.append("<p>" + "; ".join(f"{k}: {_fact(v)}" for k, v in facts) + "</p>")
     titles = {"upstream": "Upstream loss", "downstream": "Downstream loss", "train_loss": "Training loss",
+              "train_loss_by_source": "Training loss per source",
               "lr": "Learning rate", "data_shares": "Data shares", "throughput": "Throughput", "lm_eval": "lm-eval"}
     parts.append("<h2>Curves</h2>")
     for name, p in plots.items():

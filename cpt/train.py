@@ -48,9 +48,10 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     from cpt.adapters import trainable_metrics
     from cpt.data.loader import CPTDataLoader, load_heldout
-    from cpt.data.masking import model_inputs
+    from cpt.data.masking import causal_lm_loss, model_inputs
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
-    from cpt.metrics import ComputeAccount, MetricsLogger, Throughput, format_compute, model_flops_per_token, peak_flops_for, peak_memory_gb
+    from cpt.metrics import (ComputeAccount, MetricsLogger, SourceLoss, Throughput, format_compute, model_flops_per_token,
+                             peak_flops_for, peak_memory_gb)
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
     from cpt.optim import build_optimizer, set_lr
     from cpt.schedules import LRPlan
@@ -163,6 +164,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     flops_per_token = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
     peak = cfg.train.peak_flops or peak_flops_for(_device_name(acc))
     meter = Throughput(num_devices=acc.num_processes)
+    # train/loss/<source> from per-row losses; Liger's fused loss never materialises the logits it would need
+    by_source = None if cfg.model.liger_kernel else SourceLoss(data.source_names, acc.device)
     stop = PreemptionFlag()
     stop.install()
 
@@ -190,11 +193,17 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
         # forward/backward over this rank's micro-batches of the global batch
         t0 = time.perf_counter()
-        rows = data.batch(step)["input_ids"].to(acc.device, non_blocking=True)
+        batch = data.batch(step)
+        rows = batch["input_ids"].to(acc.device, non_blocking=True)
+        sources = batch["source"].to(acc.device, non_blocking=True)
         step_loss = torch.zeros((), device=acc.device)
-        for micro in rows.split(mbs):
+        for micro, micro_sources in zip(rows.split(mbs), sources.split(mbs)):
             with acc.accumulate(model):
-                loss = model(**model_inputs(micro, eos_id), labels=micro).loss
+                if by_source is None:  # fused loss (Liger): the model computes it from the labels
+                    loss = model(**model_inputs(micro, eos_id), labels=micro).loss
+                else:
+                    loss, row_losses = causal_lm_loss(model, micro, eos_id)
+                    by_source.add(micro_sources, row_losses)
                 if acc.distributed_type.value == "DEEPSPEED" and not torch.isfinite(loss):  # no host sync otherwise
                     loss = _zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
                 acc.backward(loss)
@@ -214,6 +223,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             nonfinite_total += 1
             say(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
         optimizer.zero_grad(set_to_none=True)
+        if by_source is not None:
+            by_source.end_step(keep=finite)
         step += 1
         if reptile is not None:
             reptile.step(acc.unwrap_model(model), step)  # every k steps: weights <- anchor + eps x (weights - anchor)
@@ -232,6 +243,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                 "stage": stage, "train/nonfinite_skipped": nonfinite_total, "train/spikes_skipped": spikes.skipped if spikes else 0,
                 "perf/peak_mem_gb": peak_memory_gb(),
                 **meter.metrics(flops_per_token, peak), **account.metrics(tokens, flops_per_token), **data.metrics(),
+                **(by_source.metrics(acc) if by_source else {}),
             }
             logger.log(record, step=step)
             loss_sum.zero_()

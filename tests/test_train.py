@@ -175,18 +175,18 @@ def test_save_failure_keeps_previous_checkpoint(tiny_cpt_data, tmp_path, monkeyp
 
 
 def _nan_after(monkeypatch, bad_calls):
-    """Make the loss NaN on the given forward calls (counted from 1)."""
-    import transformers.loss.loss_utils as lu
+    """Make the loss NaN on the given micro-batch forwards (counted from 1)."""
+    import cpt.data.masking as masking
 
-    real = lu.fixed_cross_entropy
+    real = masking.causal_lm_loss
     count = {"n": 0}
 
     def fake(*a, **k):
         count["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if bad_calls(count["n"]) else loss
+        loss, rows = real(*a, **k)
+        return (loss * float("nan"), rows * float("nan")) if bad_calls(count["n"]) else (loss, rows)
 
-    monkeypatch.setattr(lu, "fixed_cross_entropy", fake)
+    monkeypatch.setattr(masking, "causal_lm_loss", fake)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tiny_cpt_data, tmp_path, monkeypatch):
@@ -311,3 +311,15 @@ def test_new_stage_from_checkpoint_loads_weights_not_position(reference, tmp_pat
     assert step0["eval/python/loss"] == pytest.approx(ref_final["eval/python/loss"], abs=1e-5)
     first = [r for r in recs if "data/tokens/python" in r][0]
     assert first["data/tokens/python"] <= cfg["train"]["global_batch_size"] * cfg["data"]["seq_len"]
+
+
+def test_training_loss_per_source(reference):
+    """train/loss/<source>: each source's rows' mean loss; weighted by the exact row shares (6 python : 2
+    shakespeare of every 8-row batch) they make up the overall train/loss."""
+    cfg, _ = reference
+    recs = [r for r in read_metrics(Path(cfg["run"]["output_dir"]) / "metrics.jsonl") if "train/loss" in r]
+    assert len(recs) == 16
+    for r in recs:
+        py, shk = r["train/loss/python"], r["train/loss/shakespeare"]
+        assert py != shk
+        assert (6 * py + 2 * shk) / 8 == pytest.approx(r["train/loss"], rel=1e-5)

@@ -161,6 +161,9 @@ def test_ddp_matches_single_process(ddp_run, single):
     assert max_rel(losses(ddp_run), losses(ref)) < REL
     assert_close(losses(ddp_run), losses(ref))
     assert_close(evals(ddp_run), evals(ref))
+    for src in ("python", "shakespeare"):  # per-source training loss: summed over both ranks' rows
+        per = lambda d: {r["step"]: r[f"train/loss/{src}"] for r in records(d) if f"train/loss/{src}" in r}  # noqa: E731
+        assert_close(per(ddp_run), per(ref))
 
 
 def test_ddp_resume_after_sigterm_is_exact(ddp_run, tiny_cpt_data, base, tmp_path):
