@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cpt.config import EvalConfig
-from cpt.data.masking import model_inputs
+from cpt.lm_loss import model_inputs
 
 Tag = Literal["upstream", "downstream"]
 TAGS: tuple[str, ...] = ("upstream", "downstream")

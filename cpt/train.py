@@ -48,7 +48,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     from cpt.adapters import trainable_metrics
     from cpt.data.loader import CPTDataLoader, load_heldout
-    from cpt.data.masking import causal_lm_loss, model_inputs
+    from cpt.lm_loss import causal_lm_loss, model_inputs
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
     from cpt.metrics import (ComputeAccount, MetricsLogger, SourceLoss, Throughput, format_compute, model_flops_per_token,
                              peak_flops_for, peak_memory_gb)

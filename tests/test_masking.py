@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt.data.masking import document_position_ids, model_inputs
+from cpt.data.masking import document_position_ids
+from cpt.lm_loss import model_inputs
 from cpt.evaluate import _batch_loss_sum, heldout_loss
 
 EOS = 1

@@ -66,13 +66,13 @@ def test_reset_and_state_round_trip():
 def test_train_skips_a_spiked_step_like_a_skipped_update(tiny_cpt_data, tmp_path, monkeypatch):
     """A step whose loss is multiplied by 50 is skipped by the guard; every later loss equals, bit for bit, a run
     in which that step was skipped as non-finite (same data position, no update, same optimizer state)."""
-    import cpt.data.masking as masking
+    import cpt.lm_loss as lm_loss
     from conftest import tiny_run_config
     from cpt.config import load_config
     from cpt.metrics import read_metrics
     from cpt.train import train
 
-    real = masking.causal_lm_loss
+    real = lm_loss.causal_lm_loss
 
     def run(name: str, factor: float):
         out = tmp_path / name
@@ -89,7 +89,7 @@ def test_train_skips_a_spiked_step_like_a_skipped_update(tiny_cpt_data, tmp_path
             bad = (calls["n"] - 1) // micro_per_step == 7  # step 8 (1-based)
             return (loss * factor, rows * factor) if bad else (loss, rows)
 
-        monkeypatch.setattr(masking, "causal_lm_loss", fake)
+        monkeypatch.setattr(lm_loss, "causal_lm_loss", fake)
         train(load_config(base=cfg), echo=lambda *a, **k: None)
         return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "train/loss" in r]
 

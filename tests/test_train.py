@@ -176,9 +176,9 @@ def test_save_failure_keeps_previous_checkpoint(tiny_cpt_data, tmp_path, monkeyp
 
 def _nan_after(monkeypatch, bad_calls):
     """Make the loss NaN on the given micro-batch forwards (counted from 1)."""
-    import cpt.data.masking as masking
+    import cpt.lm_loss as lm_loss
 
-    real = masking.causal_lm_loss
+    real = lm_loss.causal_lm_loss
     count = {"n": 0}
 
     def fake(*a, **k):
@@ -186,7 +186,7 @@ def _nan_after(monkeypatch, bad_calls):
         loss, rows = real(*a, **k)
         return (loss * float("nan"), rows * float("nan")) if bad_calls(count["n"]) else (loss, rows)
 
-    monkeypatch.setattr(masking, "causal_lm_loss", fake)
+    monkeypatch.setattr(lm_loss, "causal_lm_loss", fake)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tiny_cpt_data, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Model inputs and the next-token loss of packed rows; intra-document attention masking (``data.document_masking``).
+"""Intra-document attention masking for packed sequences (``data.document_masking``).
 
 Packing joins documents with EOS and cuts the stream into fixed-length rows, so by default a token attends to
 the end of the previous document in its row. With document masking every token attends only to earlier tokens
@@ -31,26 +31,3 @@ def document_position_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     starts[:, 1:] = input_ids[:, :-1] == eos_id
     last_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
     return idx - last_start
-
-
-def model_inputs(input_ids: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tensor | bool]:
-    """Keyword arguments for a causal-LM forward over packed rows (training or evaluation).
-
-    ``use_cache=False`` always: no forward here needs a KV cache, and transformers only looks for packed
-    ``position_ids`` when there is none (with the default cache the documents would silently see each other).
-    ``position_ids`` restart after every EOS when ``eos_id`` is set (document masking on).
-    """
-    out: dict[str, torch.Tensor | bool] = {"input_ids": input_ids, "use_cache": False}
-    if eos_id is not None:
-        out["position_ids"] = document_position_ids(input_ids, eos_id)
-    return out
-
-
-def causal_lm_loss(model, input_ids: torch.Tensor, eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss of packed rows: (the mean over every predicted token, for backward; each row's mean,
-    detached, for per-source logging). Computed from the logits in fp32, as transformers' own loss is."""
-    logits = model(**model_inputs(input_ids, eos_id)).logits
-    shifted = logits[:, :-1, :].float()
-    per_token = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.size(-1)), input_ids[:, 1:].reshape(-1),
-                                                  reduction="none").view(input_ids.size(0), -1)
-    return per_token.mean(), per_token.detach().mean(dim=1)
