@@ -48,8 +48,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     from cpt.adapters import trainable_metrics
     from cpt.data.loader import CPTDataLoader, load_heldout
-    from cpt.lm_loss import causal_lm_loss, model_inputs
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
+    from cpt.lm_loss import causal_lm_loss, model_inputs
     from cpt.metrics import (ComputeAccount, MetricsLogger, SourceLoss, Throughput, format_compute, model_flops_per_token,
                              peak_flops_for, peak_memory_gb)
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
@@ -140,7 +140,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         if spikes is not None:
             spikes.load_state_dict(state.get("spikes") or {})
         if ema is not None and extra:
-            ema.load_state_dict({k: v for k, v in extra.items() if not k.startswith("reptile.")})
+            ema.load_state_dict(extra)  # (its own keys; Reptile's are under "reptile.")
         say(f"{'resumed' if resume_ckpt else 'branching from'} {start_ckpt} at step {step} ({tokens:,} tokens)")
     elif init_ckpt is not None:  # a new stage from an earlier run's checkpoint: weights (+ optimizer), not data position
         ckpts.load(init_ckpt)

@@ -133,3 +133,21 @@ def test_train_with_reptile_and_exact_resume(tiny_cpt_data, tiny_base, tmp_path)
     result = train(load_config(base=cfg), resume=True, echo=quiet)
     assert result.step == 9
     assert losses(rep) == b
+
+
+def test_ema_and_reptile_share_the_checkpoint_tensors():
+    """Both live in the checkpoint's extra.safetensors: each takes its own keys from the merged dict."""
+    from cpt.averaging import EMA
+
+    m = toy()
+    ema, rep = EMA(m, 0.9), Reptile(m, every=2, epsilon=0.5)
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    ema.update(m)
+    rep.step(m, 2)
+    merged = {**ema.state_dict(), **rep.state_dict()}
+    ema2, rep2 = EMA(toy(), 0.9), Reptile(toy(), every=2, epsilon=0.5)
+    ema2.load_state_dict(merged)
+    rep2.load_state_dict(merged)
+    assert all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    assert all(torch.equal(rep2.anchor[n], rep.anchor[n]) for n in rep.anchor)
