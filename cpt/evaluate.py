@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from cpt.config import EvalConfig
-from cpt.lm_loss import model_inputs
+from cpt.lm_loss import model_inputs, next_token_losses
 
 Tag = Literal["upstream", "downstream"]
 TAGS: tuple[str, ...] = ("upstream", "downstream")
@@ -81,11 +80,8 @@ def _batch_loss_sum(model, input_ids: torch.Tensor, eos_id: int | None = None) -
     """Sum of next-token cross-entropy over a batch (fp32), and the number of predicted tokens.
     ``eos_id``: document masking (see :mod:`cpt.data.masking`)."""
     out = model(**model_inputs(input_ids, eos_id))
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    logits = logits[:, :-1, :].float()
-    labels = input_ids[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")
-    return loss, labels.numel()
+    per_token = next_token_losses(out.logits if hasattr(out, "logits") else out[0], input_ids)
+    return per_token.sum(), per_token.numel()
 
 
 def heldout_loss(model, tokens: torch.Tensor, batch_size: int, accelerator=None, eos_id: int | None = None) -> float:

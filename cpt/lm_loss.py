@@ -21,11 +21,16 @@ def model_inputs(input_ids: torch.Tensor, eos_id: int | None) -> dict[str, torch
     return out
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss of packed rows: (the mean over every predicted token, for backward; each row's mean,
-    detached, for per-source logging). Computed from the logits in fp32, as transformers' own loss is."""
-    logits = model(**model_inputs(input_ids, eos_id)).logits
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every predicted token, ``[B, L-1]``, in fp32 (as transformers' own loss upcasts)."""
     shifted = logits[:, :-1, :].float()
     per_token = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.size(-1)), input_ids[:, 1:].reshape(-1),
-                                                  reduction="none").view(input_ids.size(0), -1)
+                                                  reduction="none")
+    return per_token.view(input_ids.size(0), -1)
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss of packed rows: (the mean over every predicted token, for backward; each row's mean,
+    detached, for per-source logging)."""
+    per_token = next_token_losses(model(**model_inputs(input_ids, eos_id)).logits, input_ids)
     return per_token.mean(), per_token.detach().mean(dim=1)
