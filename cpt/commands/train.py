@@ -1,4 +1,4 @@
-"""`cpt train CONFIG [--set key=value ...] [--resume] [--from CKPT [--anneal N]]`."""
+"""`cpt train CONFIG [--set key=value ...] [--resume] [--from CKPT [--anneal N]] [--dry-run]`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --from: branch an anneal of STEPS steps off the checkpoint into a new run directory")
     p.add_argument("--anneal-shape", choices=["linear", "cosine", "exponential", "1-sqrt"])
     p.add_argument("--output-dir", help="sets run.output_dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the model, tokenizer and data, print tokens, epochs per source, LR and FLOPs; train nothing")
+    p.add_argument("--tokens-per-s", type=float, metavar="N", help="with --dry-run: estimate the training time at N tokens/s")
     return p
 
 
@@ -48,6 +51,15 @@ def main(argv: list[str]) -> int:
     from cpt.model import ModelLoadError
     from cpt.train import TrainingError, train
 
+    if args.dry_run:
+        from cpt.dryrun import describe_run, format_run_plan
+
+        try:
+            print(format_run_plan(describe_run(cfg), args.tokens_per_s))
+        except (ShardError, ModelLoadError, ValueError) as e:
+            print(f"cpt train: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         train(cfg, resume=args.resume or None)
     except (TrainingError, ShardError, CheckpointError, ModelLoadError) as e:  # user-facing problems: no traceback

@@ -1,0 +1,96 @@
+"""`cpt train CONFIG --dry-run`: what a run will do, checked against its real data, before any GPU time.
+
+It loads the tokenizer, builds the model on the meta device (no weights, no memory) for its size and FLOPs per
+token, and opens every source the stages mix, which checks each manifest and that the shards were made with
+this tokenizer. It then walks the mixer through every step, which is exact and cheap. It reports:
+
+- per stage: steps, tokens, the LR at its start, peak and end, and each source's tokens and share;
+- per source: the tokens consumed and the epochs that means, with a warning past ``data.max_epochs_warning``;
+- in all: training tokens and FLOPs, and the time at an assumed throughput when one is given.
+
+Nothing is written. Shard checksums are not verified here (that reads every byte); training verifies them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cpt.config import RunConfig
+
+
+def describe_run(cfg: RunConfig) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cpt.data.loader import CPTDataLoader
+    from cpt.metrics import model_flops_per_token
+    from cpt.model import apply_config_overrides, load_tokenizer, model_shape
+    from cpt.schedules import LRPlan
+
+    tokenizer = load_tokenizer(cfg.model)
+    m = cfg.model
+    if m.name_or_path is not None:
+        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    else:
+        arch = dict(m.arch or {})
+        arch.setdefault("vocab_size", len(tokenizer))
+        config = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+    apply_config_overrides(config, m.config_overrides)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    shape = model_shape(model)
+    L, B = cfg.data.seq_len, cfg.train.global_batch_size
+    fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
+
+    data_cfg = cfg.data.model_copy(update={"verify_checksums": False})
+    data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
+    plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
+    names = data.source_names
+    stages, start = [], 0
+    for i, st in enumerate(cfg.stages):
+        rows = [0] * len(names)
+        for step in range(start, start + st.steps):
+            rows = [a + b for a, b in zip(rows, data.mixer.counts(step))]
+        lrs = [plan.lr(s) for s in range(start, start + st.steps)]
+        stages.append({"name": st.name, "steps": st.steps, "tokens": st.steps * B * L,
+                       "lr": {"start": lrs[0], "peak": max(lrs), "end": lrs[-1]},
+                       "sources": {n: {"tokens": r * L, "share": r / (st.steps * B)} for n, r in zip(names, rows) if r}})
+        start += st.steps
+    sources = {}
+    for j, (name, stream) in enumerate(zip(names, data.streams)):
+        used = data.mixer.rows[j]
+        epochs = stream.epoch_of(used) if hasattr(stream, "epoch_of") else None  # `hf` sources: size unknown
+        sources[name] = {"tokens": used * L, "epochs": epochs,
+                         "available_tokens": getattr(stream, "num_sequences", 0) * L or None,
+                         "too_many_epochs": epochs is not None and epochs > cfg.data.max_epochs_warning}
+    total = plan.total_steps * B * L
+    return {"model": {**shape, "vocab": len(tokenizer), "flops_per_token": fpt, "context": getattr(config, "max_position_embeddings", None)},
+            "seq_len": L, "global_batch_size": B, "stages": stages, "sources": sources,
+            "total": {"steps": plan.total_steps, "tokens": total, "flops": total * fpt},
+            "max_epochs_warning": cfg.data.max_epochs_warning}
+
+
+def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str:
+    m = d["model"]
+    lines = [f"model: {m['n_params'] / 1e6:.1f}M parameters ({m['n_params_non_embedding'] / 1e6:.1f}M non-embedding), "
+             f"{m['n_layers']} layers, hidden {m['hidden']}, vocab {m['vocab']:,}; {m['flops_per_token']:.3g} training FLOPs/token",
+             f"batch: {d['global_batch_size']} x {d['seq_len']} = {d['global_batch_size'] * d['seq_len']:,} tokens per step"]
+    if m["context"] and d["seq_len"] > m["context"]:
+        lines.append(f"warning: seq_len {d['seq_len']} is longer than the model's context ({m['context']})")
+    for i, st in enumerate(d["stages"]):
+        lr = st["lr"]
+        mix = ", ".join(f"{n} {s['share']:.1%} ({s['tokens']:,} tok)" for n, s in st["sources"].items())
+        lines.append(f"stage {i} {st['name']}: {st['steps']:,} steps, {st['tokens']:,} tokens; "
+                     f"lr {lr['start']:.3g} -> peak {lr['peak']:.3g} -> {lr['end']:.3g}; {mix}")
+    for name, s in d["sources"].items():
+        if s["epochs"] is None:
+            lines.append(f"source {name}: {s['tokens']:,} tokens (streamed `hf` source: epochs unknown)")
+            continue
+        flag = f"   WARNING: past data.max_epochs_warning={d['max_epochs_warning']:g}" if s["too_many_epochs"] else ""
+        lines.append(f"source {name}: {s['tokens']:,} of {s['available_tokens']:,} tokens = {s['epochs']:.2f} epochs{flag}")
+    t = d["total"]
+    lines.append(f"total: {t['steps']:,} steps, {t['tokens']:,} training tokens, {t['flops']:.3g} FLOPs")
+    if tokens_per_s:
+        lines.append(f"at {tokens_per_s:,.0f} tokens/s: {t['tokens'] / tokens_per_s / 3600:.2f} h of training "
+                     "(plus evaluation, checkpoints and start-up)")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""`cpt train --dry-run`: the plan of a run read off its real config and data (tokens, shares, epochs, LR,
+FLOPs), problems caught before training, nothing written."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_run_config
+from cpt.cli import main
+from cpt.config import load_config
+from cpt.dryrun import describe_run
+
+
+def write(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_plan_matches_the_config_and_a_real_model(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    from cpt.metrics import model_flops_per_token
+    from cpt.model import build_model, load_tokenizer, model_shape
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out)
+    cfg["model"] = {"name_or_path": str(tiny_base)}
+    cfg["stages"] = [
+        {"name": "a", "steps": 10, "mix": {"python": 0.75, "shakespeare": 0.25},
+         "schedule": {"type": "cosine", "max_lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2}},
+        {"name": "b", "steps": 20, "mix": {"python": 0.5, "shakespeare": 0.5},
+         "schedule": {"type": "cosine", "max_lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 2}},
+    ]
+    rc = load_config(base=cfg)
+    d = describe_run(rc)
+    B, L = rc.train.global_batch_size, rc.data.seq_len
+    a, b = d["stages"]
+    assert a["sources"]["python"]["tokens"] == 10 * B * L * 3 // 4 and a["sources"]["shakespeare"]["share"] == 0.25
+    assert b["sources"]["python"]["tokens"] == b["sources"]["shakespeare"]["tokens"] == 20 * B * L // 2
+    assert a["lr"]["peak"] == pytest.approx(1e-3) and b["lr"]["peak"] == pytest.approx(5e-4)
+    assert d["sources"]["python"]["tokens"] == (10 * B * 3 // 4 + 20 * B // 2) * L
+    assert 0 < d["sources"]["python"]["epochs"] == pytest.approx(d["sources"]["python"]["tokens"] / d["sources"]["python"]["available_tokens"])
+    tok = load_tokenizer(rc.model)
+    shape = model_shape(build_model(rc.model, tok))
+    assert d["model"]["n_params"] == shape["n_params"]
+    assert d["total"]["flops"] == pytest.approx(30 * B * L * model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L))
+
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--dry-run", "--tokens-per-s", "1000"]) == 0
+    text = capsys.readouterr().out
+    assert "stage 1 b: 20 steps" in text and "python 50.0%" in text and "h of training" in text
+    assert "WARNING" not in text
+    assert not out.exists()  # nothing written
+
+
+def test_dry_run_flags_repetition_and_a_tokenizer_mismatch(tiny_cpt_data, tmp_path, capsys):
+    from cpt.demo import train_tokenizer
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    cfg["stages"][0]["steps"] = 4000  # far more python than there is
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "source python:" in text and "WARNING: past data.max_epochs_warning" in text
+
+    other = train_tokenizer([tiny_cpt_data / "raw" / "python.jsonl.gz"], 600, tmp_path / "other_tok")
+    cfg["stages"][0]["steps"] = 4
+    cfg["model"]["tokenizer"] = str(other)
+    assert main(["train", str(write(cfg, tmp_path / "c2.yaml")), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "cpt train: error:" in err and "tokenizer" in err
