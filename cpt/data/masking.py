@@ -7,7 +7,8 @@ if it stood alone at the start of a row.
 
 The mechanism is the one transformers uses for packed ("flattened") batches: ``position_ids`` that restart at 0
 after every EOS, no ``attention_mask`` and no KV cache (``use_cache=False``). transformers then builds a block-diagonal causal mask (SDPA, eager,
-flex attention) or takes the variable-length path of flash-attention, which skips the masked blocks. No
+flex attention; tested with SDPA and eager) or takes the variable-length path of flash-attention (not run
+without a GPU), which skips the masked blocks. No
 tokens are dropped and the loss is still over every position (the token after an EOS is predicted from the
 finished document's EOS, as without masking).
 """
