@@ -864,6 +864,9 @@ def _dry_run(spec: ExperimentSpec, out: Path, echo: Callable) -> Path:
         total_tokens += tokens
         echo(f"  {p.name:<28} {p.steps:>6} steps {tokens:>14,} tokens  mix {st['mix']}  "
              + " ".join(f"lr[{m}]={lr.lr(m):.2e}" for m in marks))
+        variant = next((v for v in spec.variants if p.name == f"{cpt_run_name(v.schedule, v.replay)}-{v.name}"), None)
+        if variant is not None:
+            echo(f"  {'':<28} variant overrides: {' '.join(variant.overrides)}")
     echo(f"total: {total_tokens:,} training tokens, {total_tokens * fpt:.3g} FLOPs")
     if spec.assumed_tokens_per_s:
         echo(f"at {spec.assumed_tokens_per_s:,.0f} tokens/s: {total_tokens / spec.assumed_tokens_per_s / 60:.1f} min of training "

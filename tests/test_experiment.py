@@ -315,6 +315,7 @@ def test_cli_dry_run_writes_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     for name in ALL_RUNS:
         assert name in text
+    assert "variant overrides: train.reptile.every=4 train.reptile.epsilon=0.5" in text
     assert "total: " in text and not out.exists()
     assert main(["experiment", str(TINY), "--set", "nope=1", "--dry-run"]) == 2
     assert "unknown field" in capsys.readouterr().err
