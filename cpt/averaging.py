@@ -24,23 +24,25 @@ from torch import nn
 # ----------------------------------------------------------------------------- EMA
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / accelerate wrappers keep the real model in .module; names then match the unwrapped model's
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / accelerate wrappers (kept in .module); parameter names then match the bare model's."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
 
 
-def _refuse_partitioned(named_params) -> None:
-    """ZeRO-3 (and sharded FSDP) leave placeholders instead of the weights: an EMA of those would be silently wrong."""
+EMA_ADVICE = "use ZeRO-1/2, DDP or one device for train.ema_decay, or average exports afterwards (cpt average)"
+
+
+def refuse_sharded(named_params, feature: str = "EMA", advice: str = EMA_ADVICE) -> None:
+    """ZeRO-3 and sharded FSDP leave placeholders or local shards instead of the weights: a ``feature`` that reads
+    or rewrites whole weights (EMA, Reptile) would be silently wrong there, so it stops with ``advice``."""
     for n, p in named_params:
         if hasattr(p, "ds_id") or (p.numel() == 0 and getattr(p, "ds_numel", 0)):
-            raise RuntimeError(
-                f"EMA: parameter {n} is partitioned by DeepSpeed ZeRO-3, so the EMA cannot read it; use ZeRO-1/2, "
-                "DDP or one device for train.ema_decay, or average exports afterwards (cpt average)")
+            raise RuntimeError(f"{feature}: parameter {n} is partitioned (sharded) by DeepSpeed ZeRO-3, so {feature} "
+                               f"cannot use it; {advice}")
         if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            raise RuntimeError(f"EMA: parameter {n} is sharded (FSDP2 DTensor); use DDP, ZeRO-1/2 or one device "
-                               "for train.ema_decay, or average exports afterwards (cpt average)")
+            raise RuntimeError(f"{feature}: parameter {n} is sharded (FSDP2 DTensor); {advice}")
 
 
 class EMA:
@@ -58,8 +60,8 @@ class EMA:
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.num_updates = 0
-        params = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
-        _refuse_partitioned(params)
+        params = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+        refuse_sharded(params)
         self.shadow: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params}
         if not self.shadow:
             raise ValueError("EMA: the model has no trainable parameters")
@@ -70,7 +72,7 @@ class EMA:
         return self.decay
 
     def _params(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        params = dict(_unwrap(model).named_parameters())
+        params = dict(unwrap(model).named_parameters())
         missing = [n for n in self.shadow if n not in params]
         if missing:
             raise KeyError(f"EMA: the model has no parameters named {missing[:5]}{'...' if len(missing) > 5 else ''}")
@@ -81,7 +83,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         if self.num_updates == 0:  # parameters may have been partitioned by accelerate.prepare since __init__
-            _refuse_partitioned(self._params(model))
+            refuse_sharded(self._params(model))
         for n, p in self._params(model):
             s = self.shadow[n]
             if s.device != p.device:

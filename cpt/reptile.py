@@ -23,13 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpt.averaging import refuse_sharded, unwrap
+
 PREFIX = "reptile."
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 class Reptile:
@@ -43,17 +39,14 @@ class Reptile:
         self.every, self.epsilon = int(every), float(epsilon)
         self.meta_updates = 0
         params = self._trainable(model)
-        for n, p in params:
-            if hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-                raise RuntimeError(f"train.reptile: parameter {n} is sharded (DeepSpeed ZeRO-3 / FSDP); Reptile "
-                                   "meta-updates need the full weights on every rank: use DDP or one device")
+        refuse_sharded(params, "train.reptile", "Reptile meta-updates need the full weights on every rank: use DDP or one device")
         if not params:
             raise ValueError("train.reptile: the model has no trainable parameters")
         self.anchor: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params}
 
     @staticmethod
     def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
 
     @torch.no_grad()
     def step(self, model: nn.Module, step: int) -> bool:
