@@ -20,24 +20,17 @@ from cpt.config import RunConfig
 
 def describe_run(cfg: RunConfig) -> dict[str, Any]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from cpt.data.loader import CPTDataLoader
     from cpt.metrics import model_flops_per_token
-    from cpt.model import apply_config_overrides, load_tokenizer, model_shape
+    from cpt.model import load_tokenizer, model_config, model_shape
     from cpt.schedules import LRPlan
 
     tokenizer = load_tokenizer(cfg.model)
-    m = cfg.model
-    if m.name_or_path is not None:
-        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    else:
-        arch = dict(m.arch or {})
-        arch.setdefault("vocab_size", len(tokenizer))
-        config = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
-    apply_config_overrides(config, m.config_overrides)
+    config = model_config(cfg.model, tokenizer)  # the config build_model would use
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     shape = model_shape(model)
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
     fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
@@ -47,7 +40,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
     names = data.source_names
     stages, start = [], 0
-    for i, st in enumerate(cfg.stages):
+    for st in cfg.stages:
         rows = [0] * len(names)
         for step in range(start, start + st.steps):
             rows = [a + b for a, b in zip(rows, data.mixer.counts(step))]

@@ -41,22 +41,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None) -> PreTrainedModel:
-    """The model in fp32 (mixed precision is applied by accelerate's autocast).
-
-    `weights_from` (an HF export directory) overrides `cfg.name_or_path`: it is how a run continues
-    from the model of an earlier run or stage.
-    """
-    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None):
+    """The transformers config of the run's model, ``model.config_overrides`` applied: the pretrained model's
+    (``weights_from`` or ``model.name_or_path``), or one built from ``model.arch`` sized to the tokenizer."""
     source = weights_from or cfg.name_or_path
     if source is not None:
         field = "train.init_from" if weights_from else "model.name_or_path"
-        revision = None if weights_from else cfg.revision
-        config = _load(field, source, AutoConfig.from_pretrained, source, revision=revision,
+        config = _load(field, source, AutoConfig.from_pretrained, source, revision=None if weights_from else cfg.revision,
                        trust_remote_code=cfg.trust_remote_code)
-        apply_config_overrides(config, cfg.config_overrides)
-        model = _load(field, source, AutoModelForCausalLM.from_pretrained, source, config=config, revision=revision,
-                      dtype=torch.float32, use_safetensors=_prefers_safetensors(source), **common)
     else:
         arch = dict(cfg.arch or {})
         model_type = arch.pop("model_type", "llama")
@@ -64,7 +56,25 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             arch.setdefault(key, getattr(tokenizer, key, None))
         config = AutoConfig.for_model(model_type, **arch)
-        apply_config_overrides(config, cfg.config_overrides)
+    apply_config_overrides(config, cfg.config_overrides)
+    return config
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None) -> PreTrainedModel:
+    """The model in fp32 (mixed precision is applied by accelerate's autocast).
+
+    `weights_from` (an HF export directory) overrides `cfg.name_or_path`: it is how a run continues
+    from the model of an earlier run or stage.
+    """
+    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    config = model_config(cfg, tokenizer, weights_from)
+    source = weights_from or cfg.name_or_path
+    if source is not None:
+        model = _load("train.init_from" if weights_from else "model.name_or_path", source,
+                      AutoModelForCausalLM.from_pretrained, source, config=config,
+                      revision=None if weights_from else cfg.revision, dtype=torch.float32,
+                      use_safetensors=_prefers_safetensors(source), **common)
+    else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
     weight = model.get_input_embeddings().weight
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 (zero.Init) leaves an empty placeholder
