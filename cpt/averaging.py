@@ -80,7 +80,12 @@ class EMA:
             yield n, params[n]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, applied: bool | torch.Tensor = True) -> None:
+        """Move the average towards the weights after an optimizer step. ``applied``: whether the step updated
+        the weights (False: nothing to do); a 0-d bool tensor when that is only known on the device (the
+        update is then masked there, with no host sync, and counts towards the warmup either way)."""
+        if applied is False:
+            return
         d = self.current_decay()
         if self.num_updates == 0:  # parameters may have been partitioned by accelerate.prepare since __init__
             refuse_sharded(self._params(model))
@@ -88,7 +93,10 @@ class EMA:
             s = self.shadow[n]
             if s.device != p.device:
                 self.shadow[n] = s = s.to(p.device)
-            s.lerp_(p.detach().float(), 1.0 - d)  # s = d * s + (1 - d) * p
+            if applied is True:
+                s.lerp_(p.detach().float(), 1.0 - d)  # s = d * s + (1 - d) * p
+            else:
+                s.lerp_(p.detach().float(), applied.to(s.dtype) * (1.0 - d))
         self.num_updates += 1
 
     @torch.no_grad()

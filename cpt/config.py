@@ -69,6 +69,7 @@ class DataConfig(Strict):
     # warn when a source is seen more than this many epochs (repeated data hurts; see docs)
     max_epochs_warning: float = Field(4.0, gt=0)
     verify_checksums: bool = True
+    prefetch: bool = True  # read the next global batch in a background thread while a step runs (pinned on CUDA)
     # intra-document attention: packed documents do not attend across EOS and their positions restart
     # (training and held-out evaluation; see cpt/data/masking.py)
     document_masking: bool = False
@@ -156,6 +157,8 @@ class TrainConfig(Strict):
     skip_spikes: SpikeConfig | None = None
     progress_bar: bool = True
     peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
+    # with several processes on GPUs: steps between the all-rank checks for a preemption signal (each costs a host sync)
+    preemption_check_every: int = Field(10, gt=0)
 
 
 class LmEvalConfig(Strict):

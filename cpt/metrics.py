@@ -265,6 +265,45 @@ class Throughput:
         self._window.extend((float(t), float(s)) for t, s in state.get("window", []))
 
 
+def torch_where(keep, values):
+    """``values`` where the 0-d bool tensor ``keep`` is true, else zeros (NaN-safe, unlike multiplying by 0)."""
+    import torch
+
+    return torch.where(keep, values, torch.zeros_like(values))
+
+
+class TrainClock:
+    """Training wall time for :class:`Throughput` without a host sync per step.
+
+    On a GPU the host queues steps ahead of the device, so the time of one step is only known at a host sync.
+    The loop calls :meth:`add` per step, :meth:`lap` right after a host sync (a log step), and around work that
+    is not training (evaluation, checkpoints) ``lap(sync_device=True)`` before and :meth:`restart` after."""
+
+    def __init__(self, meter: Throughput, clock=time.perf_counter):
+        self.meter, self._clock = meter, clock
+        self.tokens = 0
+        self.start = clock()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def lap(self, sync_device: bool = False) -> None:
+        """Credit the tokens since the last lap to the meter, with the time since then."""
+        if sync_device:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+        now = self._clock()
+        if self.tokens:
+            self.meter.update(self.tokens, max(now - self.start, 0.0))
+        self.tokens, self.start = 0, now
+
+    def restart(self) -> None:
+        """Start timing again (after evaluation or a checkpoint, which do not count as training time)."""
+        self.start = self._clock()
+
+
 class SourceLoss:
     """Training loss per data source, ``train/loss/<source>``: the mean loss of the rows each source contributed
     since the last log. With replay this is a dense forgetting signal on the old data at no extra cost (the
@@ -285,10 +324,14 @@ class SourceLoss:
         self.step_sum.index_add_(0, sources, row_losses.double())
         self.step_rows.index_add_(0, sources, row_losses.new_ones(row_losses.shape, dtype=self.step_rows.dtype))
 
-    def end_step(self, keep: bool) -> None:
-        if keep:
+    def end_step(self, keep) -> None:
+        """``keep``: a bool, or a 0-d bool tensor on the device (no host sync)."""
+        if keep is True:
             self.sum += self.step_sum
             self.rows += self.step_rows
+        elif keep is not False:
+            self.sum += torch_where(keep, self.step_sum)
+            self.rows += torch_where(keep, self.step_rows)
         self.step_sum.zero_()
         self.step_rows.zero_()
 

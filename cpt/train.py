@@ -11,7 +11,6 @@ Everything the loop composes lives in its own module (see docs/architecture.md).
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -49,12 +48,15 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     from cpt.adapters import trainable_metrics
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
-    from cpt.lm_loss import causal_lm_loss, model_inputs
-    from cpt.metrics import (ComputeAccount, MetricsLogger, SourceLoss, Throughput, format_compute, model_flops_per_token,
-                             peak_flops_for, peak_memory_gb)
+    from cpt import lm_loss
+    from cpt.lm_loss import model_inputs
+    from cpt.metrics import (ComputeAccount, MetricsLogger, SourceLoss, Throughput, TrainClock, format_compute,
+                             model_flops_per_token, peak_flops_for, peak_memory_gb)
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
+    from cpt.data.prefetch import Prefetcher
     from cpt.optim import build_optimizer, set_lr
     from cpt.schedules import LRPlan
+    from cpt.update_guard import UpdateGuard
 
     run_dir = Path(cfg.run.output_dir)
     B, L, mbs = cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.micro_batch_size
@@ -113,12 +115,17 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     # --- resume / init
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc)
-    step, tokens, nonfinite_total = 0, 0, 0
+    step, tokens = 0, 0
     reptile = None  # Reptile meta-updates (train.reptile), set up below once the start weights are in place
     spikes = _build_spike_guard(cfg, acc)  # loss-spike guard (train.skip_spikes)
+    # applies or skips each update (non-finite loss/gradient, spikes); decides on the device where it can
+    guard = UpdateGuard(acc, optimizer, cfg.train.max_nonfinite_in_a_row, spikes, say)
+    feed = None  # the prefetching reader of `data`, started once the data position is known
 
     def save_checkpoint():
-        state = {"step": step, "tokens": tokens, "nonfinite_total": nonfinite_total, "data": data.state_dict(),
+        guard.sync(step)
+        state = {"step": step, "tokens": tokens, "nonfinite_total": guard.nonfinite_total,
+                 "data": feed.state_dict() if feed is not None else data.state_dict(),
                  "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict(),
                  "spikes": spikes.state_dict() if spikes else None}
         tensors = {**(ema.state_dict() if ema else {}), **(reptile.state_dict() if reptile else {})}
@@ -133,7 +140,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                 f"the data of {start_ckpt} (fingerprint {state.get('data_fingerprint')}) differs from this config's "
                 f"data ({data.fingerprint()}): resuming would not continue the same stream. Use train.init_from to start a new stage."
             )
-        step, tokens, nonfinite_total = state["step"], state["tokens"], state.get("nonfinite_total", 0)
+        step, tokens = state["step"], state["tokens"]
+        guard.load_state_dict({"nonfinite_total": state.get("nonfinite_total", 0)})
         data.load_state_dict(state["data"])
         evaluator.load_state_dict(state["evaluator"])
         account.load_state_dict(state.get("compute", {}))
@@ -166,7 +174,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     meter = Throughput(num_devices=acc.num_processes)
     # train/loss/<source> from per-row losses; Liger's fused loss never materialises the logits it would need
     by_source = None if cfg.model.liger_kernel else SourceLoss(data.source_names, acc.device)
-    stop = PreemptionFlag()
+    stop = PreemptionFlag(_preemption_check_every(cfg, acc))
     stop.install()
 
     logger.log({"train/tokens": tokens, **param_counts}, step=step)
@@ -178,8 +186,10 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     bar = _progress_bar(cfg, acc, step, total_steps)
     model.train()
-    nonfinite_in_a_row, export_dir, stopped = 0, None, None
-    loss_sum, loss_count = torch.zeros((), device=acc.device), 0
+    export_dir, stopped = None, None
+    loss_sum, loss_count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+    feed = Prefetcher(data, step, enabled=cfg.data.prefetch)  # global batch step+1 is read while step runs
+    clock = TrainClock(meter)  # training time between host syncs (evaluation and checkpoints excluded)
     while step < total_steps:
         # stage switch: shares change inside the data loader; optionally reset the optimizer state
         stage = plan.stage_index(step)
@@ -191,9 +201,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         lr = plan.lr(step)
         set_lr(optimizer, lr)
 
-        # forward/backward over this rank's micro-batches of the global batch
-        t0 = time.perf_counter()
-        batch = data.batch(step)
+        # forward/backward over this rank's micro-batches of the global batch (no host sync in here)
+        batch = feed.batch(step)
         rows = batch["input_ids"].to(acc.device, non_blocking=True)
         sources = batch["source"].to(acc.device, non_blocking=True)
         step_loss = torch.zeros((), device=acc.device)
@@ -202,82 +211,89 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                 if by_source is None:  # fused loss (Liger): the model computes it from the labels
                     loss = model(**model_inputs(micro, eos_id), labels=micro).loss
                 else:
-                    loss, row_losses = causal_lm_loss(model, micro, eos_id)
+                    loss, row_losses = lm_loss.causal_lm_loss(model, micro, eos_id)
                     by_source.add(micro_sources, row_losses)
                 if acc.distributed_type.value == "DEEPSPEED" and not torch.isfinite(loss):  # no host sync otherwise
                     loss = _zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
                 acc.backward(loss)
                 step_loss += loss.detach() / accum
-        grad_norm = _clip(acc, model, cfg.optim.grad_clip)
-        finite = math.isfinite(grad_norm) and _all_finite(acc, step_loss)
-        spike = finite and spikes is not None and spikes.is_spike(acc.reduce(step_loss, reduction="mean").item(), grad_norm)
-        if finite and not spike:
-            optimizer.step()
-            if ema is not None:
-                ema.update(acc.unwrap_model(model))
-            nonfinite_in_a_row = 0
-        elif spike:
-            say(f"step {step}: loss or gradient-norm spike (grad norm {grad_norm:.3g}), update skipped")
-        else:
-            nonfinite_in_a_row += 1
-            nonfinite_total += 1
-            say(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
+        grad_norm = _clip(acc, model, cfg.optim.grad_clip)  # a device tensor
+        # the update, unless the loss or gradient is non-finite on any rank (or a spike): see cpt/update_guard.py
+        outcome = guard.step(step_loss, grad_norm, step)
+        if ema is not None:
+            ema.update(acc.unwrap_model(model), applied=outcome.applied)
         optimizer.zero_grad(set_to_none=True)
         if by_source is not None:
-            by_source.end_step(keep=finite)
+            by_source.end_step(keep=outcome.finite)  # a spike's loss is logged, a non-finite one is not
         step += 1
         if reptile is not None:
             reptile.step(acc.unwrap_model(model), step)  # every k steps: weights <- anchor + eps x (weights - anchor)
         tokens += B * L
-        meter.update(B * L, time.perf_counter() - t0)
-        if finite:
+        clock.add(B * L)
+        if outcome.finite is True:  # (host path) train/loss averages the finite steps
             loss_sum += step_loss
             loss_count += 1
+        elif outcome.finite is not False:  # (device path) a 0-d bool tensor
+            loss_sum += torch.where(outcome.finite, step_loss, 0.0)
+            loss_count += outcome.finite
 
-        # log
+        # log: the host reads the step's numbers here (and only here, on the device-skip path)
         if step % cfg.train.log_every == 0 or step == total_steps:
-            mean_loss = acc.reduce(loss_sum, reduction="mean").item() / max(loss_count, 1)
+            mean_loss = (acc.reduce(loss_sum, reduction="mean") / loss_count.clamp(min=1)).item()
+            clock.lap()
+            guard.sync(step)
             tps = meter.tokens_per_s
             record = {
-                "train/tokens": tokens, "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                "stage": stage, "train/nonfinite_skipped": nonfinite_total, "train/spikes_skipped": spikes.skipped if spikes else 0,
+                "train/tokens": tokens, "train/loss": mean_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                "stage": stage, "train/nonfinite_skipped": guard.nonfinite_total,
+                "train/spikes_skipped": spikes.skipped if spikes else 0,
                 "perf/peak_mem_gb": peak_memory_gb(),
-                **meter.metrics(flops_per_token, peak), **account.metrics(tokens, flops_per_token), **data.metrics(),
+                **meter.metrics(flops_per_token, peak), **account.metrics(tokens, flops_per_token), **feed.metrics(),
                 **(by_source.metrics(acc) if by_source else {}),
             }
             logger.log(record, step=step)
             loss_sum.zero_()
-            loss_count = 0
+            loss_count.zero_()
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
         if bar is not None:
             bar.update(1)
 
-        if nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+        if guard.too_many_in_a_row():
+            feed.close()
             save_checkpoint()
             raise TrainingError(
-                f"{nonfinite_in_a_row} non-finite steps in a row at step {step}: stopping. The last good weights are in "
+                f"{guard.in_a_row} non-finite steps in a row at step {step}: stopping. The last good weights are in "
                 f"{run_dir / 'checkpoints'} (skipped updates never touched them). Lower the LR or check the data."
             )
 
         # evaluate: every N steps, densely after each stage switch (the stability gap), and at the end
-        if heldout and (evaluator.should_evaluate(step, plan.starts) or step == total_steps):
+        evaluate_now = heldout and (evaluator.should_evaluate(step, plan.starts) or step == total_steps)
+        lm_eval_now = cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.every and step % cfg.eval.lm_eval.every == 0 and step < total_steps
+        preempted = stop.requested(acc, step)
+        save_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or preempted
+        export_now = cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step < total_steps
+        if evaluate_now or lm_eval_now or save_now or export_now:
+            clock.lap(sync_device=True)  # the training steps queued so far count as training time, what follows not
+        if evaluate_now:
             logger.log({"train/tokens": tokens, **evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}, step=step)
-        if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.every and step % cfg.eval.lm_eval.every == 0 and step < total_steps:
+        if lm_eval_now:
             logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
 
         # checkpoint and export
-        preempted = stop.requested(acc)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or preempted:
+        if save_now:
             save_checkpoint()
-        if cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step < total_steps:
+        if export_now:
             path = export_hf(model, tokenizer, run_dir / "exports" / f"step_{step:08d}", acc)
             logger.log_artifact(path, f"{cfg.run.name}-step{step}")  # when logging.wandb.log_exports_as_artifacts
+        if evaluate_now or lm_eval_now or save_now or export_now:
+            clock.restart()
         if preempted:
             stopped = "preempted"
             say(f"preemption signal received: checkpoint saved at step {step}; exiting cleanly")
             break
 
+    feed.close()
     if bar is not None:
         bar.close()
     stop.uninstall()
@@ -349,7 +365,8 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
     return acc
 
 
-def _clip(acc, model, max_norm: float | None) -> float:
+def _clip(acc, model, max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm before clipping, as a 0-d tensor on the device (clipped to ``max_norm`` if set)."""
     if max_norm is None:
         total = torch.zeros((), device=acc.device)
         for p in model.parameters():
@@ -357,16 +374,11 @@ def _clip(acc, model, max_norm: float | None) -> float:
                 total += p.grad.detach().float().pow(2).sum()
         if acc.num_processes > 1 and acc.distributed_type.value in ("FSDP",):
             total = acc.reduce(total, reduction="sum")
-        return float(total.sqrt())
+        return total.sqrt()
     norm = acc.clip_grad_norm_(model.parameters(), max_norm)
-    return float(norm) if norm is not None else float("nan")
-
-
-def _all_finite(acc, value: torch.Tensor) -> bool:
-    flag = torch.tensor([0.0 if torch.isfinite(value) else 1.0], device=acc.device)
-    if acc.num_processes > 1:
-        flag = acc.reduce(flag, reduction="sum")
-    return float(flag.item()) == 0.0
+    if norm is None:
+        return torch.full((), float("nan"), device=acc.device)
+    return torch.as_tensor(norm, device=acc.device, dtype=torch.float32).reshape(())
 
 
 def _zero_grad_loss(model) -> torch.Tensor:
@@ -464,13 +476,25 @@ def _progress_bar(cfg, acc, step, total):
     return tqdm(total=total, initial=step, desc=cfg.run.name, unit="step", dynamic_ncols=True)
 
 
+def _preemption_check_every(cfg: RunConfig, acc) -> int:
+    """Steps between the all-rank preemption checks: every step on one process or on CPU (no device to wait
+    for), else ``train.preemption_check_every`` (each check is a collective plus a host read)."""
+    if acc.num_processes == 1 or acc.device.type == "cpu":
+        return 1
+    return cfg.train.preemption_check_every
+
+
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 (cluster preemption) ask for a checkpoint and a clean exit at the end of the step."""
+    """SIGTERM / SIGUSR1 (cluster preemption) ask for a checkpoint and a clean exit at the end of a step.
+
+    With several processes all ranks must stop at the same step, so the flag is combined over ranks, every
+    ``check_every`` steps (a collective and a host read); one process reads its own flag every step for free."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, check_every: int = 1):
         self.flag = False
+        self.check_every = max(1, int(check_every))
         self.previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame):  # noqa: ARG002
@@ -488,9 +512,12 @@ class PreemptionFlag:
             signal.signal(sig, prev)
         self.previous.clear()
 
-    def requested(self, acc) -> bool:
-        """True on every rank if any rank received a signal (so all ranks save together)."""
+    def requested(self, acc, step: int = 0) -> bool:
+        """True on every rank if any rank received a signal (so all ranks save together); with several
+        processes only at steps that are multiples of ``check_every`` (the same steps on every rank)."""
         if acc.num_processes == 1:
             return self.flag
+        if step % self.check_every:
+            return False
         flag = torch.tensor([1.0 if self.flag else 0.0], device=acc.device)
         return float(acc.reduce(flag, reduction="sum").item()) > 0

@@ -1,0 +1,114 @@
+"""Read the next global batch in a background thread while the current step runs.
+
+:class:`Prefetcher` wraps a :class:`~cpt.data.loader.CPTDataLoader`. A worker thread calls ``loader.batch(s)``
+for ``s = start, start + 1, ...`` strictly in order, at most ``depth`` batches ahead of the loop, and pins each
+batch's memory on CUDA (so the host-to-device copy is asynchronous: copying from pageable memory would make the
+host wait for the GPU). The batches are exactly those of calling ``loader.batch`` in the loop.
+
+The loader's state moves ahead with the worker, so each batch travels with the loader's ``state_dict()`` and
+``metrics()`` taken right after it was read: :meth:`Prefetcher.state_dict` and :meth:`Prefetcher.metrics` describe
+the last batch the *loop* took, which is what a checkpoint must record (a batch read ahead but not trained on is
+read again after resume).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import torch
+
+_STOP = object()
+
+
+class Prefetcher:
+    def __init__(self, loader: Any, start_step: int, depth: int = 1, pin_memory: bool | None = None,
+                 enabled: bool = True):
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        self.loader, self.enabled = loader, enabled
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.next_step = start_step
+        self._state = loader.state_dict()  # before any batch: the resume position itself
+        self._metrics = loader.metrics()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = None
+        if enabled:  # (disabled: every batch is read in the loop's thread, as without a prefetcher)
+            self._thread = threading.Thread(target=self._work, args=(start_step,), name="cpt-prefetch", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------ worker
+
+    def _work(self, step: int) -> None:
+        try:
+            while not self._closed.is_set():
+                batch = self.loader.batch(step)
+                if self.pin_memory:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                item = (step, batch, self.loader.state_dict(), self.loader.metrics())
+                while not self._closed.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                step += 1
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
+            self._put_final(e)
+
+    def _put_final(self, item: Any) -> None:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # ------------------------------------------------------------ the loop's side
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch of ``step`` (steps must be asked for in order, from ``start_step``)."""
+        if step != self.next_step:
+            raise ValueError(f"prefetcher expected step {self.next_step}, got {step}")
+        if not self.enabled:
+            batch = self.loader.batch(step)
+            if self.pin_memory:
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            self._state, self._metrics = self.loader.state_dict(), self.loader.metrics()
+            self.next_step += 1
+            return batch
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        got, batch, self._state, self._metrics = item
+        assert got == step, (got, step)
+        self.next_step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's state after the last batch the loop took."""
+        return self._state
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    def close(self) -> None:
+        """Stop the worker (a batch read ahead is dropped); idempotent."""
+        self._closed.set()
+        if self._thread is None:
+            return
+        while True:  # unblock a worker waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,127 @@
+"""Apply or skip each optimizer update: non-finite loss or gradient (and loss spikes, ``train.skip_spikes``).
+
+A skipped update leaves weights, AdamW moments and the AdamW step count exactly as they were. How the decision
+is taken decides what it costs:
+
+* **on the device** (fused AdamW, one device or DDP, no spike guard): the all-rank "anything non-finite?" flag is
+  handed to the fused kernel as its ``found_inf`` tensor, which skips the update inside the kernel (the path
+  ``torch.amp.GradScaler`` uses). The host never waits for the GPU: the counters live on the device and reach
+  the host only when :meth:`UpdateGuard.sync` is called (log steps, checkpoints, the end).
+* **on the host** otherwise (foreach AdamW, FSDP, DeepSpeed, or a spike guard, which needs the loss value):
+  one host read per step of one small tensor (the flag, with the loss and gradient norm when the spike guard
+  needs them), then ``optimizer.step()`` or not.
+
+Both paths count ``nonfinite_total``/``in_a_row`` identically; the "too many in a row" stop is checked wherever
+the counts are on the host: every step on the host path, at every :meth:`sync` on the device path (where the
+skipped updates have not touched the weights in between).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Outcome:
+    """What happened to one step's update: ``applied`` is a bool, or a 0-d bool tensor on the device path."""
+
+    applied: bool | torch.Tensor
+    spike: bool = False
+
+    @property
+    def finite(self) -> bool | torch.Tensor:
+        """Whether the step's loss counts in the logged training loss: every finite step, spikes included."""
+        return True if self.spike else self.applied
+
+
+def supports_device_skip(optimizer: Any) -> bool:
+    """True for torch optimizers whose fused kernels honour ``found_inf`` (AdamW/Adam/SGD with ``fused=True``)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer) or type(inner).__module__.startswith("deepspeed"):
+        return False
+    return bool(getattr(inner, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in inner.param_groups)
+
+
+class UpdateGuard:
+    """Decides and applies every update of the loop (see the module docstring)."""
+
+    def __init__(self, acc: Any, optimizer: Any, max_in_a_row: int, spikes: Any = None,
+                 say: Callable[[str], None] = print):
+        backend = acc.distributed_type.value
+        self.acc, self.optimizer, self.max_in_a_row, self.spikes, self.say = acc, optimizer, max_in_a_row, spikes, say
+        self.inner = getattr(optimizer, "optimizer", optimizer)
+        self.on_device = (spikes is None and supports_device_skip(optimizer)
+                          and backend in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"))
+        self.nonfinite_total = 0
+        self.in_a_row = 0
+        self._dev_total = torch.zeros((), dtype=torch.int64, device=acc.device)
+        self._dev_in_a_row = torch.zeros((), dtype=torch.int64, device=acc.device)
+
+    # ------------------------------------------------------------------ per step
+
+    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> Outcome:
+        """Apply this step's update unless the loss or gradient is non-finite on any rank (or it is a spike).
+
+        ``loss``: this rank's mean loss of the step (0-d tensor); ``grad_norm``: the global gradient norm
+        (0-d tensor, before clipping). ``step`` (0-based) is only used in messages."""
+        bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float().reshape(1)
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="sum")  # all ranks take the same decision (a collective, not a host read)
+        if self.on_device:
+            self.inner.found_inf = (bad > 0).float().reshape(())
+            try:
+                self.optimizer.step()
+            finally:
+                self.inner.found_inf = None
+            b = (bad > 0).reshape(()).long()
+            self._dev_total += b
+            self._dev_in_a_row.mul_(b).add_(b)  # +1 when bad, 0 when applied
+            return Outcome(applied=(b == 0))
+
+        if self.spikes is not None:  # one host read: the flag, the all-rank mean loss and the gradient norm
+            mean_loss = self.acc.reduce(loss.detach().float().reshape(1), reduction="mean")
+            flag, loss_value, norm = torch.cat([bad, mean_loss, grad_norm.detach().float().reshape(1)]).tolist()
+        else:
+            flag, loss_value, norm = bad.item(), None, None  # the one host read of a step on this path
+        finite = flag == 0
+        spike = finite and self.spikes is not None and self.spikes.is_spike(loss_value, norm)
+        if finite and not spike:
+            self.optimizer.step()
+            self.in_a_row = 0
+            return Outcome(applied=True)
+        if spike:
+            self.say(f"step {step}: loss or gradient-norm spike (grad norm {norm:.3g}), update skipped")
+            return Outcome(applied=False, spike=True)
+        self.in_a_row += 1
+        self.nonfinite_total += 1
+        self.say(f"step {step}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row)")
+        return Outcome(applied=False)
+
+    # ------------------------------------------------------------------ host view
+
+    def sync(self, step: int) -> None:
+        """Bring the device counters to the host (a host read on the device path; free otherwise)."""
+        if not self.on_device:
+            return
+        total, in_a_row = torch.stack([self._dev_total, self._dev_in_a_row]).tolist()
+        if total > self.nonfinite_total:
+            self.say(f"step {step}: {total - self.nonfinite_total} update(s) with a non-finite loss or gradient skipped "
+                     f"since the last report ({in_a_row} in a row now)")
+        self.nonfinite_total, self.in_a_row = int(total), int(in_a_row)
+
+    def too_many_in_a_row(self) -> bool:
+        return self.in_a_row >= self.max_in_a_row
+
+    def state_dict(self) -> dict[str, int]:
+        """``nonfinite_total`` (call :meth:`sync` first on the device path)."""
+        return {"nonfinite_total": self.nonfinite_total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.in_a_row = 0
+        self._dev_total.fill_(self.nonfinite_total)
+        self._dev_in_a_row.zero_()

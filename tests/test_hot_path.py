@@ -1,0 +1,181 @@
+"""The training step's hot path: no host sync on non-log steps, prefetched batches identical to direct reads."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+import torch
+
+from cpt.config import load_config
+from cpt.metrics import read_metrics
+from tests.conftest import tiny_run_config
+
+SYNCING = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
+
+
+def _inside_model_forward() -> bool:
+    """True when called from the transformers model's own forward. In eager mode transformers 5 reads the
+    position ids back once per forward to detect packed sequences (``masking_utils.find_packed_sequence_indices``);
+    under ``torch.compile`` (``model.compile``, the default on CUDA) that check is traced away. Also not counted:
+    torch's non-fused optimizers reading their step counters, which they keep in host memory on purpose (no
+    device sync on a GPU). Everything else in the step is cpt's, accelerate's or torch's, and counted."""
+    f = sys._getframe(2)
+    while f is not None:
+        if "/transformers/" in f.f_code.co_filename or "/torch/optim/" in f.f_code.co_filename:
+            return True
+        f = f.f_back
+    return False
+
+
+def _count_syncs_per_step(monkeypatch, cfg_dict) -> list[int]:
+    """Run ``train`` and count the tensor->host reads made by the loop's thread in each step (0-based),
+    from one ``set_lr`` call (the start of a step) to the next, outside the model's forward."""
+    import cpt.optim
+    from cpt.train import train
+
+    loop_thread = threading.get_ident()
+    per_step: list[int] = []
+    real_set_lr = cpt.optim.set_lr
+
+    def set_lr(opt, lr):
+        per_step.append(0)
+        return real_set_lr(opt, lr)
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            if per_step and threading.get_ident() == loop_thread and not _inside_model_forward():
+                per_step[-1] += 1
+            return real(self, *a, **k)
+        return wrapper
+
+    monkeypatch.setattr(cpt.optim, "set_lr", set_lr)
+    for name in SYNCING:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    train(load_config(base=cfg_dict), echo=lambda *a, **k: None)
+    return per_step
+
+
+def _sync_cfg(tiny_cpt_data, out, fused: bool | None, log_every: int = 4, steps: int = 8):
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": None, "export_at_end": False})
+    cfg["stages"][0]["steps"] = steps
+    cfg["data"]["heldout"] = []
+    cfg["train"]["log_every"] = log_every
+    cfg["optim"] = {**cfg.get("optim", {}), "fused": fused}
+    return cfg
+
+
+def test_no_host_sync_on_non_log_steps_with_fused_adamw(tiny_cpt_data, tmp_path, monkeypatch):
+    """Fused AdamW skips non-finite updates on the device (found_inf): a non-log step reads nothing back."""
+    per_step = _count_syncs_per_step(monkeypatch, _sync_cfg(tiny_cpt_data, tmp_path / "run", fused=True))
+    assert len(per_step) == 8
+    non_log = [n for i, n in enumerate(per_step) if (i + 1) % 4]
+    log = [n for i, n in enumerate(per_step) if (i + 1) % 4 == 0]
+    assert non_log == [0] * 6, per_step
+    assert all(n >= 1 for n in log), per_step  # the counter works: log steps do read the loss
+
+
+def test_at_most_one_host_sync_per_non_log_step_otherwise(tiny_cpt_data, tmp_path, monkeypatch):
+    """Foreach AdamW cannot skip on the device: one read of the all-rank finite flag per step, no more."""
+    per_step = _count_syncs_per_step(monkeypatch, _sync_cfg(tiny_cpt_data, tmp_path / "run", fused=False))
+    non_log = [n for i, n in enumerate(per_step) if (i + 1) % 4]
+    assert non_log == [1] * 6, per_step
+
+
+def test_fused_device_skip_matches_host_skip(tiny_cpt_data, tmp_path, monkeypatch):
+    """A non-finite step is skipped identically on the device path (fused, found_inf) and the host path."""
+    from cpt import lm_loss
+    from cpt.train import train
+
+    real = lm_loss.causal_lm_loss
+    calls = {"n": 0}
+
+    def nan_on_step_3(*a, **k):  # micro-batches of the third step return NaN
+        calls["n"] += 1
+        loss, rows = real(*a, **k)
+        return (loss * float("nan"), rows) if calls["n"] in (5, 6) else (loss, rows)
+
+    monkeypatch.setattr(lm_loss, "causal_lm_loss", nan_on_step_3)
+    out = {}
+    for fused, name in ((True, "device"), (False, "host")):
+        calls["n"] = 0
+        cfg = _sync_cfg(tiny_cpt_data, tmp_path / name, fused=fused, log_every=1, steps=6)
+        cfg["train"]["micro_batch_size"] = cfg["train"]["global_batch_size"] // 2  # 2 micro-batches per step
+        train(load_config(base=cfg), echo=lambda *a, **k: None)
+        out[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train/loss" in r]
+    for name in out:
+        assert [r["train/nonfinite_skipped"] for r in out[name]] == [0, 0, 1, 1, 1, 1]
+    # fused and foreach AdamW agree to rounding; a skip that touched the weights would differ by far more
+    for a, b in zip(out["device"], out["host"]):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ prefetch
+
+
+def _loader(tiny_cpt_data):
+    from cpt.data.loader import CPTDataLoader
+    from cpt.model import load_tokenizer
+
+    cfg = load_config(base=tiny_run_config(tiny_cpt_data, "unused"))
+    return CPTDataLoader(cfg.data, cfg.stages, load_tokenizer(cfg.model), cfg.train.global_batch_size, cfg.run.seed)
+
+
+def test_prefetched_batches_and_states_equal_direct_reads(tiny_cpt_data):
+    from cpt.data.prefetch import Prefetcher
+
+    direct = _loader(tiny_cpt_data)
+    want = []
+    for s in range(6):
+        b = direct.batch(s)
+        want.append((b, direct.state_dict(), direct.metrics()))
+    with Prefetcher(_loader(tiny_cpt_data), 0, depth=2) as feed:
+        for s in range(6):
+            b = feed.batch(s)
+            assert torch.equal(b["input_ids"], want[s][0]["input_ids"]) and torch.equal(b["source"], want[s][0]["source"])
+            assert feed.state_dict() == want[s][1]  # the state of the batch the loop took, not of those read ahead
+            assert feed.metrics() == want[s][2]
+    # resume: a loader restored to the state after step 2 prefetches steps 3, 4, 5 exactly
+    resumed = _loader(tiny_cpt_data)
+    resumed.load_state_dict(want[2][1])
+    with Prefetcher(resumed, 3) as feed:
+        assert feed.state_dict() == want[2][1]
+        for s in range(3, 6):
+            assert torch.equal(feed.batch(s)["input_ids"], want[s][0]["input_ids"])
+        with pytest.raises(ValueError, match="expected step 6"):
+            feed.batch(7)
+
+
+def test_prefetch_error_reaches_the_loop(tiny_cpt_data):
+    from cpt.data.prefetch import Prefetcher
+
+    loader = _loader(tiny_cpt_data)
+    real = loader.batch
+
+    def failing(step):
+        if step == 2:
+            raise OSError("shard vanished")
+        return real(step)
+
+    loader.batch = failing
+    with Prefetcher(loader, 0) as feed:
+        feed.batch(0)
+        feed.batch(1)
+        with pytest.raises(OSError, match="shard vanished"):
+            feed.batch(2)
+
+
+def test_training_with_and_without_prefetch_is_identical(tiny_cpt_data, tmp_path):
+    from cpt.train import train
+
+    losses = {}
+    for prefetch in (True, False):
+        cfg = _sync_cfg(tiny_cpt_data, tmp_path / str(prefetch), fused=None, log_every=1, steps=5)
+        cfg["data"]["prefetch"] = prefetch
+        train(load_config(base=cfg), echo=lambda *a, **k: None)
+        losses[prefetch] = [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path / str(prefetch) / "metrics.jsonl")
+                            if "train/loss" in r]
+    assert len(losses[True]) == 5 and losses[True] == losses[False]
