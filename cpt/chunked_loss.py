@@ -66,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_per_token):
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731  (in place: no copy of grad_W)
         return scale(grad_h), scale(grad_w), scale(grad_b), None, None
 
 
@@ -85,13 +85,16 @@ def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
             h, t = hidden[s:e].to(cd), targets[s:e]
-            logits = F.linear(h, w, b).float()  # [c, V] fp32 (a fresh tensor unless cd is fp32: never a view of w)
-            lse = torch.logsumexp(logits, dim=-1)
-            per_token[s:e] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            logits = F.linear(h, w, b).float()  # [c, V] fp32, the only chunk-sized buffer: the rest is in place
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # exp(logits - max)
+            total = exp.sum(dim=-1, keepdim=True)
+            per_token[s:e] = (total.log() + top).squeeze(1) - target_logit  # logsumexp - target logit
             if not (need_h or need_w or need_b):
                 continue
-            # d(mean loss)/d logits = (softmax - onehot) / n, computed in place in the logits buffer
-            grad_logits = logits.sub_(lse[:, None]).exp_()
+            # d(mean loss)/d logits = (softmax - onehot) / n
+            grad_logits = exp.div_(total)
             grad_logits[torch.arange(e - s, device=device), t] -= 1.0
             grad_logits = grad_logits.mul_(inv_n).to(cd)
             if need_h:
