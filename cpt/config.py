@@ -156,6 +156,10 @@ class TrainConfig(Strict):
     reptile: ReptileConfig | None = None
     skip_spikes: SpikeConfig | None = None
     progress_bar: bool = True
+    # next-token loss over chunks of positions, never the full [B, L, vocab] logits (cpt/chunked_loss.py):
+    # "auto" where the model supports it (else the full-logits loss, with a logged reason), true (or an error), false
+    chunked_loss: bool | Literal["auto"] = "auto"
+    loss_chunk_tokens: int = Field(1024, gt=0)  # positions per chunk: memory ~ chunk x vocab x 4 bytes
     peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
     # with several processes on GPUs: steps between the all-rank checks for a preemption signal (each costs a host sync)
     preemption_check_every: int = Field(10, gt=0)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 
 from cpt.config import EvalConfig
-from cpt.lm_loss import model_inputs, next_token_losses
+from cpt.lm_loss import token_losses
 
 Tag = Literal["upstream", "downstream"]
 TAGS: tuple[str, ...] = ("upstream", "downstream")
@@ -79,8 +79,7 @@ def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def _batch_loss_sum(model, input_ids: torch.Tensor, eos_id: int | None = None) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over a batch (fp32), and the number of predicted tokens.
     ``eos_id``: document masking (see :mod:`cpt.data.masking`)."""
-    out = model(**model_inputs(input_ids, eos_id))
-    per_token = next_token_losses(out.logits if hasattr(out, "logits") else out[0], input_ids)
+    per_token = token_losses(model, input_ids, eos_id)  # chunked (no full logits) where the model has it installed
     return per_token.sum(), per_token.numel()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cpt import chunked_loss
 from cpt.data.masking import document_position_ids
 
 
@@ -31,6 +32,45 @@ def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Te
 
 def causal_lm_loss(model, input_ids: torch.Tensor, eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token loss of packed rows: (the mean over every predicted token, for backward; each row's mean,
-    detached, for per-source logging)."""
-    per_token = next_token_losses(model(**model_inputs(input_ids, eos_id)).logits, input_ids)
-    return per_token.mean(), per_token.detach().mean(dim=1)
+    detached, for per-source logging). Chunked (no full logits) where :func:`use_chunked_loss` installed it."""
+    per_token, loss = _forward_losses(model, input_ids, eos_id)
+    return (per_token.mean() if loss is None else loss), per_token.detach().mean(dim=1)
+
+
+def token_losses(model, input_ids: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
+    """Per-token next-token losses ``[B, L-1]`` (fp32) of ``model`` on packed rows (evaluation: call under no_grad)."""
+    return _forward_losses(model, input_ids, eos_id)[0]
+
+
+def _forward_losses(model, input_ids, eos_id):
+    """(per-token losses, the chunked path's mean loss or None). The model is always called through its wrappers
+    (DDP, FSDP, DeepSpeed, compile) so that their hooks run."""
+    head = chunked_loss.installed(model)
+    if head is None:
+        out = model(**model_inputs(input_ids, eos_id))
+        return next_token_losses(out.logits if hasattr(out, "logits") else out[0], input_ids), None
+    with chunked_loss.head_targets(head, input_ids):
+        out = model(**model_inputs(input_ids, eos_id))
+    loss = out.logits if hasattr(out, "logits") else out[0]
+    if head.per_token is None or loss.dim() != 0:
+        raise RuntimeError("chunked loss: the model did not return its lm_head's loss as its logits "
+                           f"(got shape {tuple(loss.shape)}); set train.chunked_loss: false for this model")
+    return head.per_token, loss
+
+
+def use_chunked_loss(model, mode: bool | str, chunk_tokens: int, accelerator=None, log_fn=print) -> bool:
+    """Install the chunked next-token loss (:mod:`cpt.chunked_loss`) in ``model`` per ``train.chunked_loss``:
+    ``"auto"`` where supported (else today's full-logits path, saying why), ``True`` or an error, ``False`` never.
+    Returns whether it is installed."""
+    if mode is False:
+        return False
+    kind = accelerator.distributed_type.value if accelerator is not None else "NO"
+    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    try:
+        chunked_loss.install(model, chunk_tokens, sharded=sharded)
+    except chunked_loss.Unsupported as e:
+        if mode is True:
+            raise RuntimeError(f"train.chunked_loss: true, but {e}") from None
+        log_fn(f"train.chunked_loss: {e}; using the full-logits loss")
+        return False
+    return True

@@ -49,7 +49,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
     from cpt import lm_loss
-    from cpt.lm_loss import model_inputs
+    from cpt.lm_loss import model_inputs, use_chunked_loss
     from cpt.metrics import (ComputeAccount, MetricsLogger, SourceLoss, Throughput, TrainClock, format_compute,
                              model_flops_per_token, peak_flops_for, peak_memory_gb)
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
@@ -109,6 +109,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         from cpt.vocab import scale_new_rows_updates
 
         scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier)
+    if not cfg.model.liger_kernel:  # loss over chunks of positions, no full logits, where supported
+        use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)
     if cfg.model.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)

@@ -1,0 +1,141 @@
+"""The chunked next-token loss (cpt/chunked_loss.py) equals today's full-logits loss: the loss, every per-row loss
+and every gradient, in fp32, with tied and untied heads, document masking, a bias, LoRA (also on lm_head) and
+held-out evaluation; models whose forward changes the logits after lm_head keep the full-logits path."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from cpt import chunked_loss
+from cpt.evaluate import heldout_loss
+from cpt.lm_loss import causal_lm_loss, use_chunked_loss
+
+EOS = 1
+
+
+def tiny_llama(tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg)
+
+
+def rows(b: int = 3, length: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 97, (b, length), generator=g)
+    ids[0, 5], ids[1, 11], ids[2, 3] = EOS, EOS, EOS  # documents inside rows (document masking cuts there)
+    return ids
+
+
+def loss_and_grads(model, ids, eos_id):
+    model.zero_grad(set_to_none=True)
+    loss, row_losses = causal_lm_loss(model, ids, eos_id)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), row_losses, grads
+
+
+def assert_same_as_full_logits(model, ids, eos_id, chunk_tokens):
+    ref_loss, ref_rows, ref_grads = loss_and_grads(model, ids, eos_id)
+    assert chunked_loss.install(model, chunk_tokens) is chunked_loss.installed(model)
+    try:
+        loss, row_losses, grads = loss_and_grads(model, ids, eos_id)
+    finally:
+        chunked_loss.uninstall(model)
+    assert chunked_loss.installed(model) is None
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(row_losses, ref_rows, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("eos_id", [None, EOS])
+@pytest.mark.parametrize("chunk_tokens", [7, 1000])  # chunks that do not divide the 69 positions; one chunk
+def test_loss_and_gradients_equal_full_logits(tied, eos_id, chunk_tokens):
+    assert_same_as_full_logits(tiny_llama(tied), rows(), eos_id, chunk_tokens)
+
+
+def test_linear_head_with_bias_and_leaf_hidden_states():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 53)
+    t = torch.randint(0, 53, (37,))
+    ref = torch.nn.functional.cross_entropy(head(h), t, reduction="none")
+    ref_grads = torch.autograd.grad(ref.mean() * 3.0, [h, head.weight, head.bias])
+    loss, per_token = chunked_loss.linear_cross_entropy(h, head.weight, head.bias, t, chunk_tokens=10)
+    grads = torch.autograd.grad(loss * 3.0, [h, head.weight, head.bias])  # the incoming gradient scales them
+    torch.testing.assert_close(per_token, ref.detach())
+    assert not per_token.requires_grad
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: no gradient work, same losses
+        loss_ng, per_token_ng = chunked_loss.linear_cross_entropy(h, head.weight, head.bias, t, chunk_tokens=10)
+    torch.testing.assert_close(per_token_ng, ref.detach())
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_lora_including_lm_head(targets):
+    """LoRA on attention keeps the plain linear head; LoRA on lm_head runs the adapter per chunk (checkpointed)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    assert_same_as_full_logits(model, rows(), EOS, chunk_tokens=16)
+    linear = chunked_loss.install(model, 16).linear
+    chunked_loss.uninstall(model)
+    assert linear == ("lm_head" not in targets)
+    with pytest.raises(chunked_loss.Unsupported, match="FSDP / ZeRO-3"):
+        if not linear:
+            chunked_loss.install(model, 16, sharded=True)
+        else:
+            raise chunked_loss.Unsupported("FSDP / ZeRO-3 (linear head: supported; nothing to check)")
+
+
+def test_heldout_evaluation_uses_the_chunked_path():
+    model, ids = tiny_llama(), rows(5)
+    ref = heldout_loss(model, ids, batch_size=2, eos_id=EOS)
+    state = chunked_loss.install(model, 5)
+    calls = []
+    original = chunked_loss.linear_cross_entropy
+    try:
+        chunked_loss.linear_cross_entropy = lambda *a, **k: calls.append(1) or original(*a, **k)
+        got = heldout_loss(model, ids, batch_size=2, eos_id=EOS)
+    finally:
+        chunked_loss.linear_cross_entropy = original
+    assert calls and state.input_ids is None
+    assert got == pytest.approx(ref, rel=1e-6)
+    with torch.no_grad():  # outside head_targets the head is the ordinary lm_head (generation, lm-eval, exports)
+        assert model(input_ids=ids).logits.shape == (5, 24, 97)
+
+
+def test_softcapped_logits_keep_the_full_logits_path():
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                                           final_logit_softcapping=30.0))
+    with pytest.raises(chunked_loss.Unsupported, match="soft-caps"):
+        chunked_loss.install(model)
+    model.config.final_logit_softcapping = None  # its forward still holds soft-capping code: refused, conservatively
+    messages = []
+    assert use_chunked_loss(model, "auto", 64, None, messages.append) is False
+    assert chunked_loss.installed(model) is None and "changes its logits" in messages[0]
+    with pytest.raises(RuntimeError, match="train.chunked_loss: true"):
+        use_chunked_loss(Gemma2ForCausalLM(model.config.__class__(**{**model.config.to_dict(), "final_logit_softcapping": 5.0})),
+                         True, 64, None)
+    assert use_chunked_loss(tiny_llama(), False, 64, None) is False
+
+
+def test_scaled_logits_are_detected_from_the_forward_source():
+    class Scaled(LlamaForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            hidden_states = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+            logits = self.lm_head(hidden_states)
+            logits = logits * 0.5
+            return logits
+
+    model = Scaled(tiny_llama().config)
+    with pytest.raises(chunked_loss.Unsupported, match="changes its logits"):
+        chunked_loss.install(model)
+    messages = []
+    assert use_chunked_loss(model, "auto", 64, None, messages.append) is False
+    assert "full-logits" in messages[0]
