@@ -98,6 +98,7 @@ def resolve_settings(args: argparse.Namespace, shape: str, cuda: bool) -> dict:
         "attn_implementation": args.attn, "gradient_checkpointing": args.gradient_checkpointing,
         "cpt_compile": cuda if args.cpt_compile is None else args.cpt_compile,
         "cpt_liger": args.cpt_liger, "trainer_compile": args.trainer_compile,
+        "cpt_chunked_loss": {"auto": "auto", "true": True, "false": False}[args.cpt_chunked_loss],
         "peak_flops": args.peak_flops, "threads": (1 if not cuda else 0) if args.threads is None else args.threads,
         "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": list(BETAS), "eps": EPS,
         "grad_clip": GRAD_CLIP, "seed": SEED,
@@ -270,6 +271,7 @@ def cpt_config(settings: dict, data: dict, run_dir: Path) -> dict:
                   "grad_clip": settings["grad_clip"]},
         "train": {"global_batch_size": settings["global_batch"], "micro_batch_size": settings["micro_batch"],
                   "precision": settings["precision"], "log_every": math.gcd(warmup, steps) if warmup else steps,
+                  "chunked_loss": settings.get("cpt_chunked_loss", "auto"),
                   "progress_bar": False, "peak_flops": settings["peak_flops"]},
         "eval": {"at_start": False},
         "checkpoint": {"every": None, "export_at_end": False},
@@ -406,6 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpt-compile", dest="cpt_compile", action="store_true", default=None, help="model.compile for cpt (default on CUDA)")
     p.add_argument("--no-cpt-compile", dest="cpt_compile", action="store_false")
     p.add_argument("--cpt-liger", action="store_true", help="model.liger_kernel for cpt (needs liger-kernel installed)")
+    p.add_argument("--cpt-chunked-loss", choices=["auto", "true", "false"], default="auto",
+                   help="train.chunked_loss for cpt (default auto: lm_head + loss over chunks of positions, no full logits)")
     p.add_argument("--trainer-compile", action="store_true", help="TrainingArguments.torch_compile for the Trainer (default off)")
     p.add_argument("--peak-flops", type=float, default=None, help="device peak bf16 FLOP/s for MFU (default: from the device name)")
     p.add_argument("--threads", type=int, default=None,

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One GPU session's checks and benchmarks, in one call of a few minutes (docs/benchmarks.md records the results):
+# throughput against the transformers Trainer (llama-1b, smollm2-360m), the GPU tests (no host sync per step,
+# prefetch), the chunked-loss memory benchmark, and cpt at a larger micro-batch. Every part has its own time
+# limit, so a slow part never costs the others. Output: $OUT (default /tmp/cpt-gpu), one log + JSON per part.
+#   bash scripts/gpu_session.sh            (from the repository root; wheels in .whl/ are installed first if present)
+set -uo pipefail
+OUT=${OUT:-/tmp/cpt-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+bench="python3 scripts/bench_throughput.py --warmup ${WARMUP:-3} --steps ${STEPS:-5} --workdir /tmp/cpt-bench"
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s)"; local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  tail -n 12 "$OUT/$name.log"; echo "=== $name: exit $rc in $((SECONDS - t0))s"
+}
+part llama1b ${T_LLAMA:-170} $bench --shapes llama-1b --json "$OUT/llama1b.json"
+part smollm2 ${T_SMOL:-140} $bench --shapes smollm2-360m --json "$OUT/smollm2.json"
+part gpu_tests ${T_TESTS:-90} python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
+part bench_loss ${T_LOSS:-40} python3 scripts/bench_loss.py --device cuda --dtype bf16 --repeats 2
+part llama1b_mb8 ${T_MB8:-100} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 --json "$OUT/llama1b_mb8.json"

@@ -1,0 +1,81 @@
+"""Checks that need a CUDA device (skipped elsewhere; CI has no GPU). Run them on a GPU machine with
+``pytest tests/test_gpu.py``; docs/benchmarks.md records when and where they last ran."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+from cpt.config import load_config
+from cpt.metrics import read_metrics
+from tests.conftest import tiny_run_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cfg(root, out, **train):
+    cfg = tiny_run_config(root, out, eval={"at_start": False}, checkpoint={"every": None, "export_at_end": False})
+    cfg["stages"][0]["steps"] = 12
+    cfg["data"]["heldout"] = []
+    cfg["train"].update({"log_every": 4, "precision": "bf16", **train})
+    return cfg
+
+
+def test_cuda_training_step_does_not_sync_on_non_log_steps(tiny_cpt_data, tmp_path, monkeypatch):
+    """torch's sync debug mode reports every device synchronisation; outside the model's forward (transformers'
+    eager mask preparation syncs, see tests/test_hot_path.py) a non-log step must not synchronise at all."""
+    import cpt.optim
+    from cpt.train import train
+
+    per_step: list[list[str]] = []
+    loop_thread = threading.get_ident()
+    real_set_lr = cpt.optim.set_lr
+
+    def set_lr(opt, lr):
+        per_step.append([])
+        return real_set_lr(opt, lr)
+
+    monkeypatch.setattr(cpt.optim, "set_lr", set_lr)
+    real_showwarning = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if per_step and "synchroniz" in str(message).lower() and threading.get_ident() == loop_thread:
+            import traceback
+
+            stack = "".join(traceback.format_stack(limit=40))
+            if "/transformers/" not in stack:
+                per_step[-1].append(f"{filename}:{lineno}: {message}")
+            return
+        real_showwarning(message, category, filename, lineno, file, line)
+
+    monkeypatch.setattr(warnings, "showwarning", record)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            train(load_config(base=_cfg(tiny_cpt_data, tmp_path / "run")), echo=lambda *a, **k: None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(per_step) == 12
+    non_log = {i: s for i, s in enumerate(per_step) if (i + 1) % 4}
+    assert all(not s for s in non_log.values()), {i: s for i, s in non_log.items() if s}
+
+
+def test_cuda_bf16_run_with_prefetch_matches_without(tiny_cpt_data, tmp_path):
+    """Pinned, prefetched batches train the same as batches read in the loop (bf16 on CUDA; equal to rounding:
+    the embedding backward's atomics are not bitwise deterministic)."""
+    from cpt.train import train
+
+    out = {}
+    for prefetch in (True, False):
+        cfg = _cfg(tiny_cpt_data, tmp_path / str(prefetch), log_every=1)
+        cfg["data"]["prefetch"] = prefetch
+        train(load_config(base=cfg), echo=lambda *a, **k: None)
+        out[prefetch] = [r["train/loss"] for r in read_metrics(tmp_path / str(prefetch) / "metrics.jsonl") if "train/loss" in r]
+    assert len(out[True]) == 12
+    assert out[True] == pytest.approx(out[False], rel=2e-2)
+    assert out[True][-1] < out[True][0]
