@@ -276,3 +276,41 @@ def format_benchmark_table(rows: list[dict[str, Any]]) -> str:
 
 def noise_label(noise: bool | None) -> str:
     return {True: "noise (< 2 se)", False: "significant", None: "(no stderr)"}[noise]
+
+
+# ---------------------------------------------------------------- a model against a baseline (cpt eval --baseline)
+
+
+def compare_scores(baseline: dict[str, float], model: dict[str, float],
+                   higher_is_better: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per lm-eval score in both flat dicts (``lm_eval/<task>/<metric>``): baseline and model score with their
+    stderrs, ``delta`` = model - baseline and its stderr, ``better`` (the model is better, by lm-eval's
+    higher_is_better; None when unknown or equal) and ``noise`` (the delta is within two standard errors)."""
+    rows = []
+    for key in sorted(model):
+        task, _, name = key[len("lm_eval/"):].partition("/")
+        if not key.startswith("lm_eval/") or "_stderr" in name or key not in baseline:
+            continue
+        b, m = baseline[key], model[key]
+        b_se, m_se = baseline.get(f"lm_eval/{task}/{stderr_name(name)}"), model.get(f"lm_eval/{task}/{stderr_name(name)}")
+        higher = (higher_is_better.get(task) or {}).get(name.partition("@")[0])
+        delta = m - b + 0.0
+        dse = delta_stderr(b_se, m_se)
+        better = None if not isinstance(higher, bool) or delta == 0 else (delta > 0) == higher
+        rows.append({"task": task, "metric": name, "baseline": b, "baseline_stderr": b_se, "model": m,
+                     "model_stderr": m_se, "delta": delta, "delta_stderr": dse, "better": better,
+                     "noise": is_noise(delta, dse)})
+    return rows
+
+
+def format_comparison_table(rows: list[dict[str, Any]], model_label: str = "model", baseline_label: str = "baseline") -> str:
+    header = ["task/metric", baseline_label, model_label, "delta (model - baseline)", ""]
+    body = []
+    for r in rows:
+        verdict = noise_label(r["noise"]) if r["noise"] is not False else ("better" if r["better"] else "worse" if r["better"] is False else "changed")
+        body.append([f"{r['task']}/{r['metric']}", fmt_score(r["baseline"], r["baseline_stderr"]),
+                     fmt_score(r["model"], r["model_stderr"]), fmt_score(r["delta"], r["delta_stderr"], signed=True), verdict])
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
+    return "\n".join(out)

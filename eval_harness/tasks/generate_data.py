@@ -219,14 +219,27 @@ def python_lines() -> list[list[str]]:
     return files
 
 
+def pick_others(rng: random.Random, pool: list[str], exclude: set[str] | list[str], k: int = 3) -> list[str] | None:
+    """``k`` different items of ``pool`` not in ``exclude`` (seeded draws; None when 200 draws find too few)."""
+    out: list[str] = []
+    for _ in range(200):
+        c = pool[rng.randrange(len(pool))]
+        if c not in exclude and c not in out:
+            out.append(c)
+            if len(out) == k:
+                return out
+    return None
+
+
 def next_line_rows(docs: list[list[str]], n: int, context: int, seed: int) -> list[dict]:
     """``n`` items: ``context`` consecutive lines of a document, the true next line and three lines of
     other documents of about the same length (never equal to the true one)."""
     rng = random.Random(seed)
-    by_len: dict[int, set[str]] = {}
+    buckets: dict[int, set[str]] = {}
     for d, lines in enumerate(docs):
         for ln in lines:
-            by_len.setdefault(len(ln) // 10, set()).add(ln)
+            buckets.setdefault(len(ln) // 10, set()).add(ln)
+    by_len = {k: sorted(v) for k, v in buckets.items()}
     usable = [d for d, lines in enumerate(docs) if len(lines) > context]
     rows, seen = [], set()
     while len(rows) < n:
@@ -236,12 +249,11 @@ def next_line_rows(docs: list[list[str]], n: int, context: int, seed: int) -> li
         answer = lines[i]
         if (d, i) in seen or answer in lines[i - context:i]:
             continue
-        own = set(lines)
-        wrong = sorted(ln for ln in by_len[len(answer) // 10] if ln not in own)
-        if len(wrong) < 3:
+        wrong = pick_others(rng, by_len[len(answer) // 10], set(lines))
+        if wrong is None:
             continue
         seen.add((d, i))
-        choices = [answer, *rng.sample(wrong, 3)]
+        choices = [answer, *wrong]
         rng.shuffle(choices)
         rows.append({"context": "\n".join(lines[i - context:i]), "choices": choices, "answer": choices.index(answer)})
     return rows
@@ -266,11 +278,12 @@ def cloze_rows(docs: list[list[str]], n: int, word_pattern: str, seed: int, cont
             continue
         m = rng.choice(matches)
         answer = m.group(0)
-        wrong = [w for k in (len(answer) - 1, len(answer), len(answer) + 1) for w in by_len.get(k, []) if w != answer]
-        if len(wrong) < 3:
+        wrong = pick_others(rng, [w for k in (len(answer) - 1, len(answer), len(answer) + 1) for w in by_len.get(k, [])],
+                            {answer})
+        if wrong is None:
             continue
         seen.add((d, i))
-        choices = [answer, *rng.sample(wrong, 3)]
+        choices = [answer, *wrong]
         rng.shuffle(choices)
         prompt = "\n".join([*lines[i - context:i], lines[i][:m.start()].rstrip()])
         rows.append({"question": prompt, "choices": choices, "answer": choices.index(answer)})

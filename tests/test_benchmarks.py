@@ -1,0 +1,168 @@
+"""Benchmarks that track forgetting (eval_harness/benchmarks.py): the bookkeeping on synthetic scores, the seeded
+document subsets, the comparison against a baseline, the bundled task data and its generator, and a CPU training
+run with one upstream and one downstream bundled task (step-0 scores, deltas with stderrs, summary, report, an
+anneal branch measured against the trunk's step 0)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval_harness.benchmarks import (BenchmarkTracker, TaskSpec, compare_scores, format_benchmark_table,
+                                     format_comparison_table, seeded_subset, stderr_name)
+
+DATA = Path(__file__).resolve().parents[1] / "eval_harness" / "tasks" / "data"
+HIB = {"up": {"acc": True}, "down": {"bits_per_byte": False}, "plain": {"acc": True}}
+
+
+def tracker(**kw) -> BenchmarkTracker:
+    t = BenchmarkTracker([TaskSpec("up", "upstream"), TaskSpec("down", "downstream"), TaskSpec("plain")], **kw)
+    t.task_tags = {"up": "upstream", "down": "downstream", "plain": None}  # what _set_up learns from lm-eval
+    return t
+
+
+def scores(acc, acc_se, bpb, bpb_se, plain=0.5):
+    return {"lm_eval/up/acc": acc, "lm_eval/up/acc_stderr": acc_se, "lm_eval/down/bits_per_byte": bpb,
+            "lm_eval/down/bits_per_byte_stderr": bpb_se, "lm_eval/plain/acc": plain}
+
+
+def test_seeded_subset_is_fixed_by_seed_and_task():
+    a = seeded_subset("cpt_arith_mc", 300, 50, seed=7)
+    assert a == seeded_subset("cpt_arith_mc", 300, 50, seed=7)  # the same run after run
+    assert len(a) == 50 and a == sorted(a) and len(set(a)) == 50 and max(a) < 300
+    assert a != list(range(50))  # not lm-eval's first 50
+    assert a != seeded_subset("cpt_arith_mc", 300, 50, seed=8)
+    assert a != seeded_subset("cpt_python_mc", 300, 50, seed=7)
+    assert seeded_subset("t", 30, 30, 0) is None and seeded_subset("t", 30, None, 0) is None  # all documents
+
+
+def test_deltas_are_signed_so_positive_means_worse_or_better():
+    t = tracker()
+    m0 = t.record(0, scores(0.60, 0.03, 2.0, 0.10), HIB)
+    assert m0["lm_eval_forgetting/up/acc"] == 0.0 and m0["lm_eval_adaptation/down/bits_per_byte"] == 0.0
+    assert m0["lm_eval_forgetting/up/acc_stderr"] == pytest.approx(math.sqrt(2) * 0.03)
+    assert not any(k.endswith("/plain/acc") and not k.startswith("lm_eval/") for k in m0)  # untagged: raw scores only
+    # accuracy falls (higher is better) -> forgetting > 0; bits per byte fall (lower is better) -> adaptation > 0
+    m1 = t.record(10, scores(0.50, 0.04, 1.5, 0.08), HIB)
+    assert m1["lm_eval_forgetting/up/acc"] == pytest.approx(0.10)
+    assert m1["lm_eval_forgetting/up/acc_stderr"] == pytest.approx(0.05)
+    assert m1["lm_eval_adaptation/down/bits_per_byte"] == pytest.approx(0.5)
+    assert m1["lm_eval_adaptation/down/bits_per_byte_stderr"] == pytest.approx(math.hypot(0.10, 0.08))
+    assert m1["lm_eval_worst/up/acc"] == 0.50
+    m2 = t.record(20, scores(0.58, 0.03, 2.5, 0.1), HIB)
+    assert m2["lm_eval_forgetting/up/acc"] == pytest.approx(0.02) and m2["lm_eval_worst/up/acc"] == 0.50
+    assert m2["lm_eval_adaptation/down/bits_per_byte"] == pytest.approx(-0.5)  # got worse: negative adaptation
+
+    rows = {r["task"]: r for r in t.summary()}
+    assert set(rows) == {"up", "down"}
+    up, down = rows["up"], rows["down"]
+    assert (up["step0"], up["final"], up["worst"], up["worst_step"], up["final_step"]) == (0.60, 0.58, 0.50, 10, 20)
+    assert up["change"] == pytest.approx(0.02) and up["noise"] is True  # 0.02 < 2 x 0.042
+    assert (down["worst"], down["worst_step"]) == (2.5, 20) and down["change"] == pytest.approx(-0.5)
+    assert down["noise"] is False  # |-0.5| > 2 x 0.141
+    table = format_benchmark_table(t.summary())
+    assert "up/acc" in table and "forgetting +0.0200 ± 0.0424" in table and "noise" in table
+    assert "adaptation -0.5000 ± 0.1414" in table and "significant" in table
+
+
+def test_state_survives_resume_through_json():
+    t = tracker(seed=3)
+    t.samples = {"up": [1, 5, 9]}
+    t.record(0, scores(0.6, 0.03, 2.0, 0.1), HIB)
+    t.record(10, scores(0.5, 0.04, 1.5, 0.08), HIB)
+    resumed = tracker(seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(t.state_dict())))  # as trainer_state.json holds it
+    assert resumed.samples == {"up": [1, 5, 9]} and resumed.reference_step == 0
+    assert not resumed.needs_start_evaluation()  # the base model's scores are known: no second "step 0"
+    a, b = t.record(20, scores(0.55, 0.03, 1.8, 0.1), HIB), resumed.record(20, scores(0.55, 0.03, 1.8, 0.1), HIB)
+    assert a == b and a["lm_eval_forgetting/up/acc"] == pytest.approx(0.05)
+    assert t.summary() == resumed.summary()
+
+
+def test_schedule():
+    t = tracker(every=10, dense_steps=6, dense_every=2)
+    assert t.needs_start_evaluation()
+    t.record(0, scores(0.6, 0.03, 2.0, 0.1), HIB)
+    assert not t.needs_start_evaluation()
+    starts = [0, 25]
+    assert [s for s in range(1, 41) if t.should_evaluate(s, starts)] == [2, 4, 10, 20, 25, 27, 29, 30, 40]
+    assert not tracker(at_start=False).needs_start_evaluation()
+    assert [s for s in range(1, 30) if tracker(every=10).should_evaluate(s, starts)] == [10, 20]
+
+
+def test_stderr_names_and_comparison_against_a_baseline():
+    assert stderr_name("acc") == "acc_stderr" and stderr_name("exact_match@strict") == "exact_match_stderr@strict"
+    base = scores(0.60, 0.03, 2.0, 0.10)
+    model = scores(0.50, 0.03, 1.9, 0.10)
+    rows = {r["task"]: r for r in compare_scores(base, model, HIB)}
+    assert rows["up"]["delta"] == pytest.approx(-0.1) and rows["up"]["better"] is False
+    assert rows["up"]["delta_stderr"] == pytest.approx(math.sqrt(2) * 0.03) and rows["up"]["noise"] is False
+    assert rows["down"]["better"] is True and rows["down"]["noise"] is True  # -0.1 bits/byte within 2 x 0.141
+    assert rows["plain"]["delta_stderr"] is None and rows["plain"]["noise"] is None
+    table = format_comparison_table(list(rows.values()))
+    assert "up/acc" in table and "-0.1000 ± 0.0424" in table and "worse" in table
+
+
+def test_bootstrap_fills_the_stderr_lm_eval_leaves_out():
+    pytest.importorskip("lm_eval")
+    from eval_harness.lm_eval_hook import add_missing_stderrs, bootstrap_stderr
+
+    docs = [{"filter": "none", "bits_per_byte": (-float(10 + i % 7), 20 + i % 3), "acc": float(i % 2)} for i in range(200)]
+    results = {"results": {"t": {"bits_per_byte,none": 0.9, "bits_per_byte_stderr,none": "N/A",
+                                 "acc,none": 0.5, "acc_stderr,none": 0.0354}},
+               "configs": {"t": {"metric_list": [{"metric": "bits_per_byte"}]}}, "samples": {"t": docs}}
+    add_missing_stderrs(results, iters=200, seed=0)
+    se = results["results"]["t"]["bits_per_byte_stderr,none"]
+    assert 0 < se < 0.1 and results["results"]["t"]["acc_stderr,none"] == 0.0354  # lm-eval's own stderr kept
+    # the bootstrap of a mean agrees with the closed form sd / sqrt(n)
+    xs = [float(i % 2) for i in range(200)]
+    assert bootstrap_stderr(lambda v: sum(v) / len(v), xs, 400, seed=1) == pytest.approx(0.5 / math.sqrt(200), rel=0.15)
+    assert bootstrap_stderr(lambda v: sum(v) / len(v), xs, 400, seed=1) == bootstrap_stderr(lambda v: sum(v) / len(v), xs, 400, seed=1)
+
+
+# ---------------------------------------------------------------- the bundled task data
+
+
+MC_FILES = ["cpt_arith_mc", "cpt_python_mc", "cpt_shakespeare_mc", "cpt_python_next", "cpt_shakespeare_next"]
+
+
+def rows_of(name):
+    return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", MC_FILES)
+def test_multiple_choice_tasks_are_big_enough_to_measure(name):
+    rows = rows_of(name)
+    assert len(rows) >= 300  # one stderr of an accuracy near 0.5 is <= 0.029: a 0.05 change is above it
+    for r in rows:
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4 and 0 <= r["answer"] < 4
+
+
+def test_generator_regenerates_the_bundled_data():
+    from eval_harness.tasks import generate_data as g
+
+    rows = g.all_rows()
+    assert {f"{n}.jsonl" for n in MC_FILES} <= set(rows)
+    same_everywhere = ["cpt_arith_mc.jsonl", "cpt_shakespeare_mc.jsonl", "cpt_shakespeare_next.jsonl",
+                       "cpt_shakespeare_ppl.jsonl"]  # from the bundled corpus only
+    if sys.version_info[:2] == (3, 11):  # the Python items come from this interpreter's standard library
+        same_everywhere += ["cpt_python_mc.jsonl", "cpt_python_next.jsonl", "cpt_python_ppl.jsonl"]
+    for name in same_everywhere:
+        assert g.dumps(rows[name]) == (DATA / name).read_text(encoding="utf-8"), name
+    # next-line items: the true line follows the context in the source; the three others come from other scenes
+    scenes = g.shakespeare_lines()
+    where = {}
+    for d, lines in enumerate(scenes):
+        for i in range(3, len(lines)):
+            where.setdefault("\n".join(lines[i - 3:i]), []).append((d, lines[i]))
+    for r in rows["cpt_shakespeare_next.jsonl"][:50]:
+        found = where[r["context"]]
+        assert any(line == r["choices"][r["answer"]] for _, line in found)
+        d = found[0][0]
+        assert all(c not in scenes[d] for i, c in enumerate(r["choices"]) if i != r["answer"])
+    # cloze items: the prompt followed by the answer is a line of the corpus
+    text = "\n".join("\n".join(lines) for lines in scenes)
+    for r in rows["cpt_shakespeare_mc.jsonl"][len(g.SHAKESPEARE_FACTS):][:30]:
+        assert r["question"] + " " + r["choices"][r["answer"]] in text or r["question"] + r["choices"][r["answer"]] in text
