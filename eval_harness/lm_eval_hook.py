@@ -33,6 +33,7 @@ the model's train/eval mode.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -62,10 +63,15 @@ def _include_paths(include_path: str | Path | list | None) -> list[str]:
 def make_task_manager(tasks: list[str], include_path: str | Path | list | None = None):
     """A ``TaskManager`` that knows the local tasks (and ``include_path``). lm-eval's built-in tasks are
     indexed only when a requested name is not local (indexing them costs seconds; running them
-    needs the network)."""
+    needs the network). Built once per task list and folders: an evaluation every N steps reuses the index."""
+    return _task_manager(tuple(tasks), tuple(_include_paths(include_path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(tasks: tuple[str, ...], paths: tuple[str, ...]):
     from lm_eval.tasks import TaskManager
 
-    paths = _include_paths(include_path)
+    paths = list(paths)
     local = TaskManager(include_path=paths, include_defaults=False)
     known = set(local.all_tasks) | set(local.all_groups) | set(local.all_tags)
     if all(t in known for t in tasks):

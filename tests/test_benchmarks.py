@@ -166,3 +166,67 @@ def test_generator_regenerates_the_bundled_data():
     text = "\n".join("\n".join(lines) for lines in scenes)
     for r in rows["cpt_shakespeare_mc.jsonl"][len(g.SHAKESPEARE_FACTS):][:30]:
         assert r["question"] + " " + r["choices"][r["answer"]] in text or r["question"] + r["choices"][r["answer"]] in text
+
+
+# ---------------------------------------------------------------- in a training run
+
+
+def test_cpu_run_logs_benchmark_forgetting_from_step_0_and_an_anneal_branch_keeps_it(tiny_cpt_data, tiny_base, tmp_path):
+    pytest.importorskip("lm_eval")
+    from conftest import tiny_run_config
+
+    from cpt.config import load_config
+    from cpt.metrics import read_metrics
+    from cpt.report import benchmark_summary, load_run
+    from cpt.train import train
+
+    up, down = "cpt_shakespeare_next", "cpt_python_next"
+    out = tmp_path / "trunk"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"every": 2, "dense_steps": 0, "at_start": True, "tokens_per_set": 1024,
+                                                    "lm_eval": {"tasks": [{"name": up, "tag": "upstream"},
+                                                                          {"name": down, "tag": "downstream", "limit": 12}],
+                                                                "limit": 16, "every": 2, "bootstrap_iters": 20}},
+                          checkpoint={"every": 2, "keep": 3})
+    cfg["train"]["init_from"] = str(tiny_base)
+    cfg["stages"][0]["steps"] = 4
+    cfg["stages"][0]["schedule"] = {"type": "infinite", "max_lr": 3e-3, "warmup_steps": 1, "cooldown_steps": 1,
+                                    "constant_lr": 2e-3, "min_lr": 1e-4}
+    cfg["logging"] = {"plot": True}
+    lines = []
+    result = train(load_config(base=cfg), echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
+
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if f"lm_eval/{up}/acc" in r]
+    assert [r["step"] for r in recs] == [0, 2, 4]  # the base model, every 2 steps, the end
+    first, last = recs[0], recs[-1]
+    assert first[f"lm_eval_forgetting/{up}/acc"] == 0.0 and first[f"lm_eval_adaptation/{down}/acc"] == 0.0
+    for key in (f"lm_eval/{up}/acc_stderr", f"lm_eval/{down}/acc_stderr", f"lm_eval_forgetting/{up}/acc_stderr",
+                f"lm_eval_adaptation/{down}/acc_stderr", "time/lm_eval_s", f"lm_eval_worst/{up}/acc"):
+        assert last[key] > 0, key
+    assert last[f"lm_eval_forgetting/{up}/acc"] == pytest.approx(first[f"lm_eval/{up}/acc"] - last[f"lm_eval/{up}/acc"])
+    assert last[f"lm_eval_adaptation/{down}/acc"] == pytest.approx(last[f"lm_eval/{down}/acc"] - first[f"lm_eval/{down}/acc"])
+    assert first[f"lm_eval/{down}/acc"] * 12 == round(first[f"lm_eval/{down}/acc"] * 12)  # its own limit: 12 items
+    # the summary: printed at the end, returned, and the same in the report's table
+    rows = {f"{r['task']}/{r['metric']}": r for r in result.benchmarks}
+    assert rows[f"{up}/acc"]["step0"] == first[f"lm_eval/{up}/acc"] and rows[f"{up}/acc"]["final_step"] == 4
+    log = "\n".join(lines)
+    assert "benchmarks (lm-eval" in log and f"{up}/acc" in log and "forgetting" in log and "adaptation" in log
+    report = {f"{r['task']}/{r['metric']}": r for r in benchmark_summary(load_run(out))}
+    for k in (f"{up}/acc", f"{down}/acc"):
+        assert report[k]["change"] == pytest.approx(rows[k]["change"])
+        assert report[k]["change_stderr"] == pytest.approx(rows[k]["change_stderr"])
+        assert report[k]["noise"] == rows[k]["noise"]
+    html = (out / "report" / "report.html").read_text()
+    assert "benchmark (lm-eval)" in html and f"{up}/acc" in html
+    assert (out / "report" / "lm_eval_upstream.png").is_file() and (out / "report" / "lm_eval_downstream.png").is_file()
+    state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["lm_eval"]["reference_step"] == 0 and f"{up}/acc" in state["lm_eval"]["reference"]
+
+    # an anneal branch from step 2: measured against the trunk's step 0 (carried in the checkpoint), same items
+    branch = tmp_path / "branch"
+    bcfg = {**cfg, "run": {**cfg["run"], "output_dir": str(branch)}, "logging": {"plot": False},
+            "train": {**cfg["train"], "init_from": str(out / "checkpoints" / "step_00000002"), "anneal_steps": 2}}
+    train(load_config(base=bcfg), echo=lambda *a, **k: None)
+    brecs = [r for r in read_metrics(branch / "metrics.jsonl") if f"lm_eval/{up}/acc" in r]
+    assert [r["step"] for r in brecs] == [4]  # no new "step 0": the trunk's reference holds
+    b = brecs[0]
+    assert b[f"lm_eval_forgetting/{up}/acc"] == pytest.approx(first[f"lm_eval/{up}/acc"] - b[f"lm_eval/{up}/acc"])
