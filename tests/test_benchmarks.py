@@ -230,3 +230,55 @@ def test_cpu_run_logs_benchmark_forgetting_from_step_0_and_an_anneal_branch_keep
     assert [r["step"] for r in brecs] == [4]  # no new "step 0": the trunk's reference holds
     b = brecs[0]
     assert b[f"lm_eval_forgetting/{up}/acc"] == pytest.approx(first[f"lm_eval/{up}/acc"] - b[f"lm_eval/{up}/acc"])
+
+
+def test_experiment_results_get_benchmark_columns(tmp_path):
+    """A spec naming lm-eval tasks: every run config scores them; results.md/csv gain benchmark columns."""
+    from cpt.experiment import COLUMNS, benchmark_cells, load_spec, plan_runs, run_configs, write_results
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(root / "configs" / "experiments" / "tiny_cpu.yaml",
+                     ["eval.lm_eval_tasks=[{name: cpt_shakespeare_next, tag: upstream}, {name: cpt_python_next, tag: downstream}]",
+                      "eval.lm_eval_limit=50"])
+    cfgs = run_configs(plan_runs(spec, tmp_path, tmp_path / "tok", tmp_path / "data"))
+    for cfg in cfgs.values():
+        assert [(t.name, t.tag) for t in cfg.eval.lm_eval.tasks] == [("cpt_shakespeare_next", "upstream"),
+                                                                      ("cpt_python_next", "downstream")]
+        assert cfg.eval.lm_eval.limit == 50 and cfg.eval.lm_eval.every == cfg.eval.every
+
+    run = tmp_path / "cpt-run"
+    run.mkdir()
+    recs = [{"step": 0, "train/tokens": 0, "lm_eval/t/acc": 0.60, "lm_eval/t/acc_stderr": 0.03,
+             "lm_eval_forgetting/t/acc": 0.0, "lm_eval_forgetting/t/acc_stderr": 0.0424},
+            {"step": 5, "train/tokens": 50, "lm_eval/t/acc": 0.40, "lm_eval/t/acc_stderr": 0.03,
+             "lm_eval_forgetting/t/acc": 0.20, "lm_eval_forgetting/t/acc_stderr": 0.0424},
+            {"step": 10, "train/tokens": 100, "lm_eval/t/acc": 0.55, "lm_eval/t/acc_stderr": 0.03,
+             "lm_eval_forgetting/t/acc": 0.05, "lm_eval_forgetting/t/acc_stderr": 0.0424}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cells = benchmark_cells(run, "cpt")
+    assert cells == {"t/acc final": 0.55, "t/acc forgetting": 0.05, "t/acc stderr": 0.0424, "t/acc worst": 0.40,
+                     "t/acc noise": True}
+    assert benchmark_cells(run, "baseline") == {"t/acc final": 0.55}  # its step 0 is not the base model
+    row = {k: None for k, _ in COLUMNS} | {"run": "cpt-run", "kind": "cpt", "schedule": "infinite", "replay": 0.05} | cells
+    md = write_results(spec, [row], tmp_path, 1.0, {"n_params": 1e6, "n_layers": 2, "hidden": 64}, {}).read_text()
+    assert "| t/acc final | t/acc forgetting | t/acc stderr | t/acc worst | t/acc noise |" in md
+    assert "| 0.5500 | +0.0500 | 0.0424 | 0.4000 | yes |" in md and "Benchmarks (tagged lm-eval tasks)" in md
+    assert "t/acc forgetting" in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
+def test_config_takes_plain_names_and_tagged_tasks():
+    from cpt.config import ConfigError, LmEvalConfig, apply_overrides, validate
+
+    cfg = LmEvalConfig(tasks=["cpt_arith_mc", {"name": "cpt_shakespeare_next", "tag": "upstream", "limit": 100}])
+    assert [(t.name, t.tag, t.limit) for t in cfg.tasks] == [("cpt_arith_mc", None, None),
+                                                             ("cpt_shakespeare_next", "upstream", 100)]
+    base = {"model": {"arch": {"model_type": "llama"}, "tokenizer": "t"}, "data": {"sources": [{"name": "a", "path": "p"}]},
+            "stages": [{"steps": 1, "mix": {"a": 1.0}}]}
+    ok = validate(apply_overrides(base, ["eval.lm_eval.tasks=[{name: x, tag: downstream}, y]"]))
+    assert [(t.name, t.tag) for t in ok.eval.lm_eval.tasks] == [("x", "downstream"), ("y", None)]
+    for bad, msg in ((["eval.lm_eval.tasks=[{name: x, tag: sideways}]"], "eval.lm_eval.tasks.0.tag"),
+                     (["eval.lm_eval.tasks=[x, x]"], "duplicate tasks"),
+                     (["eval.lm_eval.tasks=[{name: x, limit: 0}]"], "eval.lm_eval.tasks.0.limit"),
+                     (["eval.lm_eval.bootstrap_iters=1"], "eval.lm_eval.bootstrap_iters")):
+        with pytest.raises(ConfigError, match=msg):
+            validate(apply_overrides(base, bad))
