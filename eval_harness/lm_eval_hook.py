@@ -289,6 +289,7 @@ def add_missing_stderrs(results: dict[str, Any], iters: int, seed: int = 0) -> N
         metrics = results.get("results", {}).get(task)
         if metrics is None:
             continue
+        docs = sorted(docs, key=lambda d: d.get("doc_id", 0))  # the same resamples however ranks split the documents
         for key in list(metrics):
             metric, _, filt = key.partition(",")
             if metric.endswith("_stderr") or not _is_number(metrics[key]):
