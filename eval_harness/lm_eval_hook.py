@@ -22,6 +22,11 @@ two strategies, neither of which can leave a rank waiting in a collective the ot
   evaluation, but it needs no export and no extra memory, and no rank idles in a barrier while
   another evaluates (a rank-0-only evaluation would risk the collective timeout on long task lists).
 
+Standard errors (``bootstrap_iters`` > 0): lm-eval's own (closed form for accuracies), and for the
+metrics it leaves without one (ratio metrics such as ``bits_per_byte``) a seeded bootstrap over the
+per-document values, see :func:`add_missing_stderrs`. ``samples`` picks the documents (the seeded
+subsets of :mod:`eval_harness.benchmarks`, which also keeps the step-0 scores and the deltas).
+
 For a saved checkpoint (an HF export, or a LoRA adapter with its base), see
 :func:`run_lm_eval_on_checkpoint` and ``cpt eval``.
 
