@@ -155,6 +155,10 @@ class EvalSpec(Strict):
     dense_evals: int = Field(5, gt=0)
     tokens_per_set: int = Field(65536, gt=0)
     batch_size: int = Field(16, gt=0)
+    # lm-eval tasks of every run, as eval.lm_eval.tasks (names or {name, tag: upstream|downstream, limit}):
+    # scored at the same points as the held-out sets; tagged ones get benchmark columns in the results
+    lm_eval_tasks: list[str | dict[str, Any]] = Field(default_factory=list)
+    lm_eval_limit: int | None = Field(None, gt=0)
 
 
 class WandbSpec(Strict):
@@ -352,6 +356,8 @@ def plan_runs(spec: ExperimentSpec, out: Path, tokenizer_dir: Path, data_dir: Pa
         if dense and spec.eval.dense_fraction > 0:
             dense_steps = max(1, round(spec.eval.dense_fraction * steps))
             ev.update(dense_steps=dense_steps, dense_every=max(1, dense_steps // spec.eval.dense_evals))
+        if spec.eval.lm_eval_tasks:
+            ev["lm_eval"] = {"tasks": copy.deepcopy(spec.eval.lm_eval_tasks), "limit": spec.eval.lm_eval_limit, "every": every}
         wandb: dict[str, Any] = {"enabled": spec.wandb.enabled}
         if spec.wandb.enabled:
             wandb.update(project=spec.wandb.project, group=spec.name, mode=spec.wandb.mode, tags=[name])
@@ -941,8 +947,34 @@ def collect_results(spec: ExperimentSpec, plans: list[RunPlan], fpt: float) -> l
             row["worst_upstream"], row["worst_upstream_step"] = up[i], up_steps[i]
         else:
             row["worst_upstream"], row["worst_upstream_step"] = None, None
+        row.update(benchmark_cells(p.run_dir, p.kind))
         rows.append(row)
     return rows
+
+
+def benchmark_cells(run_dir: Path, kind: str) -> dict[str, Any]:
+    """Tagged lm-eval metrics of a run (see cpt.report.benchmark_summary): ``<task>/<metric> final`` and, for CPT
+    runs (whose step 0 is the base model), ``... change`` (forgetting or adaptation vs step 0, positive = worse /
+    better), its ``stderr``, ``worst`` and ``noise`` (the change is within two standard errors)."""
+    from cpt.report import benchmark_summary, load_run
+
+    cells: dict[str, Any] = {}
+    for b in benchmark_summary(load_run(run_dir)):
+        name = f"{b['task']}/{b['metric']}"
+        cells[f"{name} final"] = b["final"]
+        if kind == "cpt":
+            cells[f"{name} {'forgetting' if b['tag'] == 'upstream' else 'adaptation'}"] = b["change"]
+            cells[f"{name} stderr"] = b["change_stderr"]
+            cells[f"{name} worst"] = b["worst"]
+            cells[f"{name} noise"] = b["noise"]
+    return cells
+
+
+def result_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """:data:`COLUMNS` and the benchmark columns of the rows, in first-seen order."""
+    known = {k for k, _ in COLUMNS}
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in known))
+    return COLUMNS + [(k, k) for k in extra]
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -956,6 +988,10 @@ def _fmt(key: str, v: Any) -> str:
         return f"{int(v):,}"
     if key == "replay":
         return f"{v * 100:g}%"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if key.endswith((" forgetting", " adaptation")):
+        return f"{v:+.4f}"
     if key in ("forgetting_vs_base", "adaptation_vs_base"):
         return f"{v:+.4f}"
     if isinstance(v, float):
@@ -968,9 +1004,9 @@ def write_results(spec: ExperimentSpec, rows: list[dict[str, Any]], out: Path, f
     A, B = spec.corpus_a.name, spec.corpus_b.name
     with open(out / (RESULTS_CSV + ".tmp"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([k for k, _ in COLUMNS])
+        w.writerow([k for k, _ in result_columns(rows)])
         for r in rows:
-            w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in COLUMNS])
+            w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in result_columns(rows)])
     os.replace(out / (RESULTS_CSV + ".tmp"), out / RESULTS_CSV)
 
     lines = [
@@ -988,11 +1024,15 @@ def write_results(spec: ExperimentSpec, rows: list[dict[str, Any]], out: Path, f
         f"FLOPs = tokens x {fpt:.4g} FLOPs/token (6N + 12 x layers x hidden x seq_len, llm-foundry convention; evaluation not "
         "counted); \"incl. base\" adds the base run's tokens and FLOPs to each CPT run, so it compares with the baseline's.",
         "",
-        "| " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|" + "|".join("---" if k in ("run", "kind", "schedule") else "---:" for k, _ in COLUMNS) + "|",
+        "| " + " | ".join(h for _, h in result_columns(rows)) + " |",
+        "|" + "|".join("---" if k in ("run", "kind", "schedule") else "---:" for k, _ in result_columns(rows)) + "|",
     ]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in result_columns(rows)) + " |")
+    if any(k.endswith(" final") for r in rows for k in r):
+        lines += ["", "Benchmarks (tagged lm-eval tasks): final score; for CPT runs the change against their step 0 (the base "
+                  "model), signed so that positive forgetting/adaptation means worse/better, its standard error "
+                  "(sqrt(se_0^2 + se^2)), the worst score seen, and noise = yes when the change is within two standard errors."]
     lines += ["", *summary_lines(rows)]
     path = out / RESULTS_MD
     path.write_text("\n".join(lines) + "\n")

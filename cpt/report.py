@@ -10,9 +10,14 @@
     data_shares.png   data/share/<source>
     throughput.png    perf/tokens_per_s
     lm_eval.png       lm_eval/<task>/<metric> (when logged)
-    report.html       all of the above embedded (base64) + a table per run: step-0, final and worst
-                      loss per held-out set with forgetting/adaptation, the final lm-eval values, and the
-                      run's compute (training FLOPs, device-hours, wall hours)
+    lm_eval_upstream.png, lm_eval_downstream.png
+                      benchmark forgetting / adaptation of tagged lm-eval tasks (lm_eval_forgetting/...,
+                      lm_eval_adaptation/...) with +-1 standard error bands (perplexities left out: their
+                      bits_per_byte carries the same information on a readable scale)
+    report.html       all of the above embedded (base64) + tables per run: step-0, final and worst
+                      loss per held-out set with forgetting/adaptation; step-0, final and worst score per
+                      tagged benchmark with forgetting/adaptation +- stderr, changes within 2 stderr marked
+                      as noise; the other lm-eval values; the run's compute (FLOPs, device-hours, wall hours)
 
 Stage switches (where the logged ``stage`` index changes) are drawn as vertical dotted lines.
 A set is upstream when the run logged ``forgetting/<name>``, downstream when ``adaptation/<name>``.
@@ -109,9 +114,64 @@ def heldout_summary(run: RunData) -> list[dict[str, Any]]:
     return rows
 
 
-def lm_eval_summary(run: RunData) -> list[dict[str, Any]]:
+BENCH_PREFIX = {"upstream": "lm_eval_forgetting/", "downstream": "lm_eval_adaptation/"}
+
+
+def _stderr_key(key: str) -> str:
+    from eval_harness.benchmarks import stderr_name
+
+    return stderr_name(key)
+
+
+def _is_stderr(key: str) -> bool:
+    return "_stderr" in key.rpartition("/")[2]
+
+
+def _by_step(run: RunData, key: str) -> dict[int, float]:
+    _, values, steps = run.series(key)
+    return dict(zip(steps, values))
+
+
+def benchmarks(run: RunData, tag: str) -> list[str]:
+    """``<task>/<metric>`` of the tagged lm-eval metrics the run logged deltas for."""
+    prefix = BENCH_PREFIX[tag]
+    return sorted(k[len(prefix):] for k in run.keys if k.startswith(prefix) and not _is_stderr(k))
+
+
+def benchmark_summary(run: RunData) -> list[dict[str, Any]]:
+    """Per tagged lm-eval metric: task, metric, tag, step0 (+ _stderr), final (+ _stderr, final_step), change
+    (forgetting / adaptation at the end; positive = worse / better) and change_stderr, worst (the score where
+    the change was worst) and worst_step, noise (change within two standard errors; None without them)."""
+    from eval_harness.benchmarks import is_noise
+
     rows = []
-    for key in sorted(k for k in run.keys if k.startswith("lm_eval/")):
+    for tag in ("upstream", "downstream"):
+        for name in benchmarks(run, tag):
+            _, scores, steps = run.series(f"lm_eval/{name}")
+            _, deltas, dsteps = run.series(BENCH_PREFIX[tag] + name)
+            if not scores or not deltas:
+                continue
+            se = _by_step(run, _stderr_key(f"lm_eval/{name}"))
+            dse = _by_step(run, _stderr_key(BENCH_PREFIX[tag] + name))
+            by_step = dict(zip(steps, scores))
+            i = max(range(len(deltas)), key=lambda j: deltas[j]) if tag == "upstream" else \
+                min(range(len(deltas)), key=lambda j: deltas[j])
+            task, _, metric = name.partition("/")
+            change, change_se = deltas[-1], dse.get(dsteps[-1])
+            rows.append({"task": task, "metric": metric, "tag": tag, "step0": scores[0], "step0_stderr": se.get(steps[0]),
+                         "step0_step": steps[0], "final": by_step.get(dsteps[-1], scores[-1]),
+                         "final_stderr": se.get(dsteps[-1]), "final_step": dsteps[-1], "change": change,
+                         "change_stderr": change_se, "worst": by_step.get(dsteps[i]), "worst_step": dsteps[i],
+                         "noise": is_noise(change, change_se)})
+    return rows
+
+
+def lm_eval_summary(run: RunData) -> list[dict[str, Any]]:
+    """First and final value of every lm-eval metric (standard errors and tagged metrics left to
+    :func:`benchmark_summary`)."""
+    tagged = {f"lm_eval/{n}" for tag in BENCH_PREFIX for n in benchmarks(run, tag)}
+    rows = []
+    for key in sorted(k for k in run.keys if k.startswith("lm_eval/") and not _is_stderr(k) and k not in tagged):
         _, values, steps = run.series(key)
         if values:
             rows.append({"metric": key[len("lm_eval/"):], "first": values[0], "first_step": steps[0],
@@ -123,8 +183,9 @@ def lm_eval_summary(run: RunData) -> list[dict[str, Any]]:
 
 
 def _plot(runs: list[RunData], groups: list[tuple[str, list[tuple[RunData, str, str]]]], title: str,
-          ylabel: str, path: Path, logy: bool = False) -> Path | None:
-    """groups: one entry per series name: (style key, [(run, metric key, legend)])."""
+          ylabel: str, path: Path, logy: bool = False, bands: bool = False) -> Path | None:
+    """groups: one entry per series name: (style key, [(run, metric key, legend)]). ``bands``: shade +-1
+    standard error where the run logged ``<key>_stderr``, and draw the zero line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,6 +202,13 @@ def _plot(runs: list[RunData], groups: list[tuple[str, list[tuple[RunData, str, 
             ri = runs.index(run)
             ax.plot(toks, vals, color=colours[ri % len(colours)], linestyle=LINESTYLES[gi % len(LINESTYLES)],
                     marker=MARKERS[gi % len(MARKERS)] if len(vals) <= 60 else None, markersize=3, label=legend)
+            if bands:
+                se = _by_step(run, _stderr_key(key))
+                _, _, steps = run.series(key)
+                pts = [(t, v, se[s]) for t, v, s in zip(toks, vals, steps) if s in se]
+                if pts:
+                    ax.fill_between([p[0] for p in pts], [p[1] - p[2] for p in pts], [p[1] + p[2] for p in pts],
+                                    color=colours[ri % len(colours)], alpha=0.12, linewidth=0)
             drawn += 1
     if not drawn:
         plt.close(fig)
@@ -153,6 +221,8 @@ def _plot(runs: list[RunData], groups: list[tuple[str, list[tuple[RunData, str, 
     ax.set_title(title)
     if logy:
         ax.set_yscale("log")
+    if bands:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -196,6 +266,10 @@ def make_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
     add("throughput", [("", [(r, "perf/tokens_per_s", r.label) for r in runs])], "throughput", "tokens/s")
     lm_keys = sorted({k[len("lm_eval/"):] for r in runs for k in r.keys if k.startswith("lm_eval/") and not k.endswith("_stderr")})
     add("lm_eval", _by_name(runs, lm_keys, "lm_eval/{}", True), "lm-eval tasks", "value")
+    for tag, what in (("upstream", "forgetting (> 0: worse than step 0)"), ("downstream", "adaptation (> 0: better than step 0)")):
+        names = sorted({n for r in runs for n in benchmarks(r, tag) if not n.rpartition("/")[2].endswith("perplexity")})
+        add(f"lm_eval_{tag}", _by_name(runs, names, BENCH_PREFIX[tag] + "{}", multi),
+            f"{tag} benchmarks: {what}, ±1 standard error", "score change", bands=True)
     return plots
 
 
@@ -222,6 +296,20 @@ def _table(headers: list[str], rows: list[list[str]], cls: str) -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _benchmark_table(rows: list[dict[str, Any]]) -> str:
+    from eval_harness.benchmarks import fmt_score, noise_label
+
+    body = []
+    for b in rows:
+        kind = "forgetting" if b["tag"] == "upstream" else "adaptation"
+        cls = "" if b["noise"] is not False else ("bad" if (b["change"] > 0) == (b["tag"] == "upstream") else "good")
+        body.append([html.escape(f"{b['task']}/{b['metric']}"), b["tag"],
+                     fmt_score(b["step0"], b["step0_stderr"]), fmt_score(b["final"], b["final_stderr"]),
+                     f'<span class="{cls}">{kind} {fmt_score(b["change"], b["change_stderr"], signed=True)}</span>',
+                     f'{fmt_score(b["worst"])} (step {b["worst_step"]})', noise_label(b["noise"])])
+    return _table(["benchmark (lm-eval)", "tag", "step 0", "final", "change", "worst", "vs noise"], body, "bench")
+
+
 def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>cpt report</title><style>",
@@ -233,7 +321,10 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
         "<p>Runs: " + ", ".join(f"<b>{html.escape(r.label)}</b> (<code>{html.escape(str(r.path))}</code>)" for r in runs)
         + ". x axes: tokens seen; dotted vertical lines: stage switches.</p>",
         "<h2>Held-out sets</h2><p>step 0 = first evaluation (the base model); worst = highest loss seen "
-        "(the stability gap); forgetting = final − step 0 (upstream), adaptation = step 0 − final (downstream).</p>",
+        "(the stability gap); forgetting = final − step 0 (upstream), adaptation = step 0 − final (downstream). "
+        "Benchmarks (tagged lm-eval tasks) beside them: scores ± standard error; forgetting/adaptation signed so that "
+        "positive means worse/better whatever the metric's direction; a change within two standard errors is "
+        "marked as noise.</p>",
     ]
     for r in runs:
         parts.append(f"<h3>{html.escape(r.label)}</h3>")
@@ -252,6 +343,9 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
                                  "max forgetting"], rows, "heldout"))
         else:
             parts.append("<p>no held-out evaluations logged</p>")
+        bench = benchmark_summary(r)
+        if bench:
+            parts.append(_benchmark_table(bench))
         lm = lm_eval_summary(r)
         if lm:
             parts.append(_table(["lm-eval metric", "first", "first step", "final", "final step"],
@@ -273,7 +367,9 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
         parts.append("<p>" + "; ".join(f"{k}: {_fact(v)}" for k, v in facts) + "</p>")
     titles = {"upstream": "Upstream loss", "downstream": "Downstream loss", "train_loss": "Training loss",
               "train_loss_by_source": "Training loss per source",
-              "lr": "Learning rate", "data_shares": "Data shares", "throughput": "Throughput", "lm_eval": "lm-eval"}
+              "lr": "Learning rate", "data_shares": "Data shares", "throughput": "Throughput", "lm_eval": "lm-eval",
+              "lm_eval_upstream": "Benchmark forgetting (upstream lm-eval tasks)",
+              "lm_eval_downstream": "Benchmark adaptation (downstream lm-eval tasks)"}
     parts.append("<h2>Curves</h2>")
     for name, p in plots.items():
         data = base64.b64encode(p.read_bytes()).decode()

@@ -37,6 +37,7 @@ class TrainResult:
     export_dir: Path | None
     summary: list[dict] = field(default_factory=list)
     stopped_early: str | None = None  # "preempted" | None
+    benchmarks: list[dict] = field(default_factory=list)  # BenchmarkTracker.summary(): tagged lm-eval tasks
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -101,6 +102,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     ]
     eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
     evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id)
+    bench = _benchmarks(cfg, acc)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
 
     # --- LR plan and optimizer
     plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
@@ -129,6 +131,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         state = {"step": step, "tokens": tokens, "nonfinite_total": guard.nonfinite_total,
                  "data": feed.state_dict() if feed is not None else data.state_dict(),
                  "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict(),
+                 "lm_eval": bench.state_dict() if bench else None,
                  "spikes": spikes.state_dict() if spikes else None}
         tensors = {**(ema.state_dict() if ema else {}), **(reptile.state_dict() if reptile else {})}
         ckpts.save(step, state, _yaml(cfg), tensors or None)
@@ -146,6 +149,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         guard.load_state_dict({"nonfinite_total": state.get("nonfinite_total", 0)})
         data.load_state_dict(state["data"])
         evaluator.load_state_dict(state["evaluator"])
+        if bench is not None:
+            bench.load_state_dict(state.get("lm_eval") or {})
         account.load_state_dict(state.get("compute", {}))
         if spikes is not None:
             spikes.load_state_dict(state.get("spikes") or {})
@@ -185,6 +190,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     if step == 0 and cfg.eval.at_start and heldout:
         metrics = {**evaluator.evaluate(model, 0), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
         logger.log({"train/tokens": 0, "stage": 0, "train/lr": plan.lr(0), **metrics}, step=0)
+    if bench is not None and bench.needs_start_evaluation():  # the base model's benchmark scores
+        logger.log({"train/tokens": tokens, **bench.evaluate(model, tokenizer, step)}, step=step)
 
     bar = _progress_bar(cfg, acc, step, total_steps)
     model.train()
@@ -271,7 +278,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
         # evaluate: every N steps, densely after each stage switch (the stability gap), and at the end
         evaluate_now = heldout and (evaluator.should_evaluate(step, plan.starts) or step == total_steps)
-        lm_eval_now = cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.every and step % cfg.eval.lm_eval.every == 0 and step < total_steps
+        lm_eval_now = bench is not None and bench.should_evaluate(step, plan.starts) and step < total_steps
         preempted = stop.requested(acc, step)
         save_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or preempted
         export_now = cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0 and step < total_steps
@@ -280,7 +287,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         if evaluate_now:
             logger.log({"train/tokens": tokens, **evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}, step=step)
         if lm_eval_now:
-            logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
+            logger.log({"train/tokens": tokens, **bench.evaluate(model, tokenizer, step)}, step=step)
 
         # checkpoint and export
         if save_now:
@@ -310,8 +317,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                 with ema.swapped(acc.unwrap_model(model)):
                     export_hf(model, tokenizer, run_dir / "export-ema", acc)
             logger.log_artifact(export_dir, f"{cfg.run.name}-final")
-        if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.at_end:
-            logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
+        if bench is not None and cfg.eval.lm_eval.at_end:
+            logger.log({"train/tokens": tokens, **bench.evaluate(model, tokenizer, step)}, step=step)
     summary = evaluator.summary()
     compute = account.metrics(tokens, flops_per_token)
     logger.log({"train/tokens": tokens, **compute}, step=step)
@@ -319,6 +326,10 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     if acc.is_main_process:
         if summary:
             say(format_summary_table(summary))
+        if bench is not None and bench.summary():
+            from eval_harness.benchmarks import format_benchmark_table
+
+            say("benchmarks (lm-eval; ± standard error):\n" + format_benchmark_table(bench.summary()))
         say(format_compute(compute, acc.num_processes))
         if cfg.logging.plot:
             from cpt.report import write_report
@@ -328,7 +339,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         say(f"run directory: {run_dir}")
     acc.wait_for_everyone()
     acc.end_training()
-    return TrainResult(run_dir, step, tokens, export_dir, summary, stopped)
+    return TrainResult(run_dir, step, tokens, export_dir, summary, stopped, benchmarks=bench.summary() if bench else [])
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -465,12 +476,12 @@ def _ema_eval(cfg: RunConfig, ema, acc, model, heldout, eos_id: int | None) -> d
         return {f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc, eos_id) for h in heldout}
 
 
-def _lm_eval(cfg: RunConfig, acc, model, tokenizer) -> dict[str, float]:
-    from eval_harness.lm_eval_hook import run_lm_eval
+def _benchmarks(cfg: RunConfig, acc):
+    if not cfg.eval.lm_eval.tasks:
+        return None
+    from eval_harness.benchmarks import BenchmarkTracker
 
-    lm = cfg.eval.lm_eval
-    return run_lm_eval(model, tokenizer, lm.tasks, limit=lm.limit, batch_size=lm.batch_size,
-                       include_path=lm.include_path, accelerator=acc, max_length=cfg.data.seq_len)
+    return BenchmarkTracker.from_config(cfg, acc)
 
 
 def _progress_bar(cfg, acc, step, total):

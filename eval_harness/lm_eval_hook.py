@@ -22,6 +22,11 @@ two strategies, neither of which can leave a rank waiting in a collective the ot
   evaluation, but it needs no export and no extra memory, and no rank idles in a barrier while
   another evaluates (a rank-0-only evaluation would risk the collective timeout on long task lists).
 
+Standard errors (``bootstrap_iters`` > 0): lm-eval's own (closed form for accuracies), and for the
+metrics it leaves without one (ratio metrics such as ``bits_per_byte``) a seeded bootstrap over the
+per-document values, see :func:`add_missing_stderrs`. ``samples`` picks the documents (the seeded
+subsets of :mod:`eval_harness.benchmarks`, which also keeps the step-0 scores and the deltas).
+
 For a saved checkpoint (an HF export, or a LoRA adapter with its base), see
 :func:`run_lm_eval_on_checkpoint` and ``cpt eval``.
 
@@ -33,8 +38,10 @@ the model's train/eval mode.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -61,10 +68,15 @@ def _include_paths(include_path: str | Path | list | None) -> list[str]:
 def make_task_manager(tasks: list[str], include_path: str | Path | list | None = None):
     """A ``TaskManager`` that knows the local tasks (and ``include_path``). lm-eval's built-in tasks are
     indexed only when a requested name is not local (indexing them costs seconds; running them
-    needs the network)."""
+    needs the network). Built once per task list and folders: an evaluation every N steps reuses the index."""
+    return _task_manager(tuple(tasks), tuple(_include_paths(include_path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(tasks: tuple[str, ...], paths: tuple[str, ...]):
     from lm_eval.tasks import TaskManager
 
-    paths = _include_paths(include_path)
+    paths = list(paths)
     local = TaskManager(include_path=paths, include_defaults=False)
     known = set(local.all_tasks) | set(local.all_groups) | set(local.all_tags)
     if all(t in known for t in tasks):
@@ -72,6 +84,12 @@ def make_task_manager(tasks: list[str], include_path: str | Path | list | None =
     missing = [t for t in tasks if t not in known]
     log.info("lm-eval: %s not local, indexing lm-eval's built-in tasks", missing)
     return TaskManager(include_path=paths, include_defaults=True)
+
+
+def task_sizes(names: list[str], include_path: str | Path | list | None = None) -> dict[str, dict[str, int]]:
+    """``{name: {leaf task: number of documents}}``: what each requested task, group or tag expands to."""
+    manager = make_task_manager(list(names), include_path)
+    return {name: {leaf: len(task.eval_docs) for leaf, task in manager.load([name])["tasks"].items()} for name in names}
 
 
 def local_task_names(include_path: str | Path | list | None = None) -> list[str]:
@@ -97,7 +115,7 @@ def flatten_results(results: dict[str, Any]) -> dict[str, float]:
     for section in ("results", "groups"):
         for task, metrics in (results.get(section) or {}).items():
             for key, value in metrics.items():
-                if not _is_number(value) or key in ("samples",):
+                if not _is_number(value) or key in ("samples", "sample_len"):
                     continue
                 metric, _, filt = key.partition(",")
                 name = metric if filt in ("", "none") else f"{metric}@{filt}"
@@ -174,9 +192,20 @@ def run_lm_eval_detailed(
     max_length: int | None = None,
     bootstrap_iters: int = 0,
     num_fewshot: int | None = None,
+    samples: dict[str, list[int]] | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Like :func:`run_lm_eval`, also returning lm-eval's results dict (``results``, ``configs``,
-    ``versions``, ``n-samples``; JSON-serialisable). Both are the same on every rank."""
+    ``versions``, ``n-samples``, ``higher_is_better``; JSON-serialisable). Both are the same on every rank.
+
+    ``samples``: ``{task: [document indices]}`` to evaluate (lm-eval's own option; not together with
+    ``limit``). ``bootstrap_iters`` > 0 asks for standard errors: lm-eval computes them in closed form
+    for mean metrics (accuracy) and by bootstrap for a few others (f1, bleu...); for the metrics it
+    leaves without one (``bits_per_byte``, ``word_perplexity``... whose aggregation is a ratio) a
+    bootstrap of ``bootstrap_iters`` resamples (seeded with ``seed``) over the per-document values is
+    computed here. Bootstraps run in this process (lm-eval's ``DISABLE_MULTIPROC``), never in a
+    pool forked from the training process.
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -187,7 +216,7 @@ def run_lm_eval_detailed(
     task_manager = make_task_manager(list(tasks), include_path)
     gen_kwargs = {"synced_gpus": True} if strategy == "replicated" else None
 
-    with preserved_rng_and_mode(module), torch.no_grad():
+    with preserved_rng_and_mode(module), torch.no_grad(), _no_bootstrap_pool():
         lm = HFLM(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         if strategy == "data_parallel":
             # lm-eval's own data-parallel evaluation (what it does under `accelerate launch` with a
@@ -199,12 +228,15 @@ def run_lm_eval_detailed(
             model=lm,
             tasks=list(tasks),
             limit=limit,
+            samples=samples,
             num_fewshot=num_fewshot,
             task_manager=task_manager,
             bootstrap_iters=bootstrap_iters,
-            log_samples=False,
+            log_samples=bootstrap_iters > 0,  # per-document values for the stderrs lm-eval leaves out
             gen_kwargs=gen_kwargs,
         )
+        if results is not None and bootstrap_iters > 0:
+            add_missing_stderrs(results, bootstrap_iters, seed)
     if strategy != "single":
         # rank 0 holds the results (lm-eval returns None elsewhere, and on LOCAL_RANK != 0)
         from accelerate.utils import broadcast_object_list
@@ -217,6 +249,71 @@ def run_lm_eval_detailed(
     if results is None:
         raise RuntimeError("lm-eval returned no results")
     return flatten_results(results), results
+
+
+@contextlib.contextmanager
+def _no_bootstrap_pool():
+    old = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = old
+
+
+def _aggregation(results: dict[str, Any], task: str, metric: str):
+    """lm-eval's aggregation function of ``metric`` in ``task`` (the task config's, else the metric's default)."""
+    from lm_eval.api import registry
+
+    for m in (results.get("configs", {}).get(task, {}).get("metric_list") or []):
+        if isinstance(m, dict) and m.get("metric") == metric and m.get("aggregation"):
+            agg = m["aggregation"]
+            return agg if callable(agg) else registry.get_aggregation(agg)
+    try:
+        return registry.get_metric_aggregation(metric)
+    except (KeyError, ValueError):
+        return None
+
+
+def bootstrap_stderr(aggregate, items: list, iters: int, seed: int) -> float | None:
+    """Standard deviation of ``aggregate`` over ``iters`` resamples (with replacement) of ``items``."""
+    if len(items) < 2 or iters < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = [float(aggregate([items[j] for j in rng.integers(0, len(items), len(items))])) for _ in range(iters)]
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.std(values, ddof=1)) if len(values) >= 2 else None
+
+
+def add_missing_stderrs(results: dict[str, Any], iters: int, seed: int = 0) -> None:
+    """Fill ``<metric>_stderr,<filter>`` where lm-eval wrote "N/A", from the logged per-document values."""
+    for task, docs in (results.get("samples") or {}).items():
+        metrics = results.get("results", {}).get(task)
+        if metrics is None:
+            continue
+        docs = sorted(docs, key=lambda d: d.get("doc_id", 0))  # the same resamples however ranks split the documents
+        for key in list(metrics):
+            metric, _, filt = key.partition(",")
+            if metric.endswith("_stderr") or not _is_number(metrics[key]):
+                continue
+            skey = f"{metric}_stderr,{filt}"
+            if _is_number(metrics.get(skey)):
+                continue
+            items = [d[metric] for d in docs if d.get("filter", filt) == filt and metric in d]
+            if len(items) < 2:
+                continue
+            aggregate = _aggregation(results, task, metric)
+            if aggregate is None:
+                continue
+            try:
+                se = bootstrap_stderr(aggregate, items, iters, seed)
+            except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+                se = None
+            if se is not None:
+                metrics[skey] = se
 
 
 def run_lm_eval(

@@ -1,5 +1,6 @@
 """lm-eval hook under 2 CPU processes: DDP (data-parallel requests), DeepSpeed ZeRO-3 and FSDP2 (lock-step
-replicated evaluation) give the single-process results on every rank and do not hang."""
+replicated evaluation) give the single-process results (scores and standard errors, on a fixed document subset)
+on every rank and do not hang."""
 
 import importlib.util
 import json
@@ -25,7 +26,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from eval_harness.lm_eval_hook import run_lm_eval
+    from eval_harness.lm_eval_hook import run_lm_eval_detailed
 
     out, mode, tasks = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
     tok = Tokenizer(models.BPE())
@@ -56,7 +57,11 @@ SCRIPT = textwrap.dedent(
             assert model.model.embed_tokens.weight.to_local().numel() < model.config.vocab_size * 64  # sharded
         else:
             model = acc.prepare(model)
-    res = run_lm_eval(model, tokenizer, tasks, limit=7, batch_size=2, accelerator=acc, max_length=64)
+    # as in the training loop: seeded document subsets, stderrs (a bootstrap for bits per byte, over the per-document
+    # values that lm-eval gathers from the ranks)
+    samples = {t: [1, 4, 6, 9, 12, 15, 17] for t in tasks}
+    res, _ = run_lm_eval_detailed(model, tokenizer, tasks, samples=samples, batch_size=2, accelerator=acc,
+                                  max_length=64, bootstrap_iters=20)
     rank = acc.process_index if acc else 0
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump({"n": acc.num_processes if acc else 1, "res": res}, f)
@@ -87,6 +92,7 @@ def run(tmp_path: Path, mode: str) -> list[dict]:
 def single(tmp_path_factory):
     (r,) = run(tmp_path_factory.mktemp("single"), "single")
     assert r["res"]["lm_eval/cpt_arith_mc/acc"] * 7 == round(r["res"]["lm_eval/cpt_arith_mc/acc"] * 7)
+    assert r["res"]["lm_eval/cpt_arith_mc/acc_stderr"] > 0 and r["res"]["lm_eval/cpt_python_ppl/bits_per_byte_stderr"] > 0
     return r["res"]
 
 

@@ -1,6 +1,7 @@
 """lm-eval hook on a tiny model with a real (tiny, trained here) byte-level BPE tokenizer."""
 
 import json
+import math
 import random
 
 import numpy as np
@@ -25,9 +26,9 @@ MC, PPL = "cpt_arith_mc", "cpt_shakespeare_ppl"
 def corpus_lines():
     lines = []
     for f in sorted((LOCAL_TASKS_DIR / "data").glob("*.jsonl")):
-        for line in f.read_text().splitlines():
+        for line in f.read_text().splitlines()[:100]:
             row = json.loads(line)
-            lines.append(row.get("text") or (row["question"] + " " + " ".join(row["choices"])))
+            lines.append(row.get("text") or (row.get("question", row.get("context")) + " " + " ".join(row["choices"])))
     return lines
 
 
@@ -59,7 +60,8 @@ def model(tokenizer):
 def test_local_tasks_are_registered_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # data paths must not depend on the current directory
     names = local_task_names()
-    assert {"cpt_arith_mc", "cpt_python_mc", "cpt_shakespeare_mc", "cpt_python_ppl", "cpt_shakespeare_ppl"} <= set(names)
+    assert {"cpt_arith_mc", "cpt_python_mc", "cpt_shakespeare_mc", "cpt_python_next", "cpt_shakespeare_next",
+            "cpt_python_ppl", "cpt_shakespeare_ppl"} <= set(names)
 
 
 def test_hook_returns_results_for_local_mc_and_perplexity_tasks(model, tokenizer, tmp_path, monkeypatch):
@@ -193,3 +195,83 @@ def test_cpt_eval_on_export_and_lora_adapter(model, tokenizer, tmp_path):
 
     assert eval_main([str(tmp_path / "nothing-here"), "--tasks", MC]) == 2
     assert eval_main([str(base_dir), "--heldout", "x=foo"]) == 2
+
+
+# ---- benchmarks that track forgetting: tagged tasks on seeded subsets, stderrs, deltas
+
+
+def test_tracker_scores_tagged_tasks_on_a_fixed_seeded_subset(model, tokenizer, tmp_path, monkeypatch):
+    from eval_harness.benchmarks import BenchmarkTracker, TaskSpec, seeded_subset
+
+    monkeypatch.chdir(tmp_path)
+    up, down = "cpt_shakespeare_next", PPL
+    tracker = BenchmarkTracker([TaskSpec(up, "upstream", 12), TaskSpec(down, "downstream")], limit=6, seed=5,
+                               batch_size=4, max_length=128, bootstrap_iters=50)
+    m0 = tracker.evaluate(model, tokenizer, 0)
+    assert tracker.samples == {up: seeded_subset(up, 300, 12, 5), down: seeded_subset(down, 40, 6, 5)}
+    assert tracker.samples[up] != list(range(12))
+    assert m0[f"lm_eval/{up}/acc"] * 12 == round(m0[f"lm_eval/{up}/acc"] * 12)  # 12 documents
+    # standard errors for every score: lm-eval's closed form for accuracy, a bootstrap for bits per byte
+    acc, n = m0[f"lm_eval/{up}/acc"], 12
+    assert m0[f"lm_eval/{up}/acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)))
+    assert 0 < m0[f"lm_eval/{down}/bits_per_byte_stderr"] < m0[f"lm_eval/{down}/bits_per_byte"]
+    assert m0[f"lm_eval_forgetting/{up}/acc"] == 0.0 and m0[f"lm_eval_adaptation/{down}/bits_per_byte"] == 0.0
+    assert m0["time/lm_eval_s"] > 0
+
+    # the same model on the same documents: the same scores, no change
+    again = tracker.evaluate(model, tokenizer, 1)
+    assert again[f"lm_eval/{up}/acc"] == m0[f"lm_eval/{up}/acc"]
+    assert again[f"lm_eval_adaptation/{down}/bits_per_byte"] == pytest.approx(0.0, abs=1e-6)
+
+    # a changed model: deltas against step 0, signed by higher_is_better, with their stderrs
+    torch.manual_seed(1)
+    changed = type(model)(model.config)
+    later = tracker.evaluate(changed, tokenizer, 2)
+    bpb0, bpb = m0[f"lm_eval/{down}/bits_per_byte"], later[f"lm_eval/{down}/bits_per_byte"]
+    assert bpb != pytest.approx(bpb0, rel=1e-4)
+    assert later[f"lm_eval_adaptation/{down}/bits_per_byte"] == pytest.approx(bpb0 - bpb)  # lower is better
+    assert later[f"lm_eval_forgetting/{up}/acc"] == pytest.approx(m0[f"lm_eval/{up}/acc"] - later[f"lm_eval/{up}/acc"])
+    assert later[f"lm_eval_adaptation/{down}/bits_per_byte_stderr"] == pytest.approx(
+        math.hypot(m0[f"lm_eval/{down}/bits_per_byte_stderr"], later[f"lm_eval/{down}/bits_per_byte_stderr"]))
+    rows = {r["task"] + "/" + r["metric"]: r for r in tracker.summary()}
+    assert rows[f"{down}/bits_per_byte"]["step0"] == bpb0 and rows[f"{down}/bits_per_byte"]["final_step"] == 2
+
+
+def test_cpt_eval_against_a_baseline_prints_deltas_with_stderrs(model, tokenizer, tmp_path, capsys):
+    """`cpt eval ADAPTER --baseline BASE`: a LoRA adapter's scores beside its base model's, on the same seeded items."""
+    from peft import LoraConfig, get_peft_model
+
+    from cpt.commands.eval import main as eval_main
+    from eval_harness.benchmarks import seeded_subset
+
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    torch.manual_seed(4)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+
+    out = tmp_path / "cmp.json"
+    tasks = f"cpt_shakespeare_next,{PPL}"
+    assert eval_main([str(adapter_dir), "--baseline", str(base_dir), "--tasks", tasks, "--limit", "8", "--seed", "3",
+                      "--bootstrap-iters", "50", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    model_scores, base_scores = result["lm_eval"], result["baseline"]["lm_eval"]
+    rows = {f"{r['task']}/{r['metric']}": r for r in result["comparison"]}
+    key = f"{PPL}/bits_per_byte"
+    assert rows[key]["delta"] == pytest.approx(model_scores[f"lm_eval/{key}"] - base_scores[f"lm_eval/{key}"])
+    assert rows[key]["delta"] != 0.0 and rows[key]["delta_stderr"] > 0
+    assert rows[key]["better"] == (rows[key]["delta"] < 0)  # lower bits per byte is better
+    assert rows["cpt_shakespeare_next/acc"]["delta_stderr"] is not None
+    assert "against the baseline" in printed and key in printed and " ± " in printed
+    # both models were scored on the same seeded subset
+    for r in (result, result["baseline"]):
+        assert r["lm_eval_results"]["n-samples"]["cpt_shakespeare_next"]["effective"] == 8
+    assert len(seeded_subset("cpt_shakespeare_next", 300, 8, 3)) == 8

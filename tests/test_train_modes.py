@@ -119,7 +119,7 @@ def full_ema(tiny_cpt_data, base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_cpt_data, base, tmp_path_factory):
-    """configs/lora-cpt.yaml, 12 steps, with lm-eval (a local multiple-choice task) at the end."""
+    """configs/lora-cpt.yaml, 12 steps, with lm-eval (a local multiple-choice task) at step 0 and the end."""
     out = tmp_path_factory.mktemp("lora") / "run"
     cfg = shipped("lora", tiny_cpt_data, base, out, steps=12,
                   eval={"lm_eval": {"tasks": ["cpt_arith_mc"], "limit": 8, "batch_size": 8}})
@@ -250,8 +250,8 @@ def test_lora_merge_equals_base_plus_adapter(lora_run, base, tmp_path):
 def test_lm_eval_in_the_loop_on_a_lora_model(lora_run):
     cfg, _, _ = lora_run
     recs = [r for r in records(cfg["run"]["output_dir"]) if any(k.startswith("lm_eval/") for k in r)]
-    assert len(recs) == 1 and recs[0]["step"] == 12  # at_end
-    acc = recs[0]["lm_eval/cpt_arith_mc/acc"]
+    assert [r["step"] for r in recs] == [0, 12]  # eval.at_start (the base model) and at_end
+    acc = recs[-1]["lm_eval/cpt_arith_mc/acc"]
     assert 0.0 <= acc <= 1.0 and acc * 8 == pytest.approx(round(acc * 8))  # limit: 8 questions
 
 

@@ -5,11 +5,18 @@ the base model comes from --base or the adapter's base_model_name_or_path), or a
 which case its final export (<run_dir>/export) is used.
 
     cpt eval runs/cpt/export --tasks cpt_local --limit 50
+    cpt eval runs/cpt --baseline runs/base/export --tasks cpt_shakespeare_next,cpt_python_next --limit 300
     cpt eval runs/lora/export --base runs/base/export --heldout shakespeare=data/shk/heldout:upstream \\
         --heldout python=data/py/heldout:downstream --tasks cpt_arith_mc,hellaswag --out results.json
 
 --heldout NAME=PATH:TAG: PATH is a prepared shard directory (`cpt prepare`; its tokenizer must match) or a
 text file (.txt, or .jsonl / .jsonl.gz with a "text" field) that is tokenized here, documents joined with EOS.
+
+--baseline BASE evaluates BASE (an export, adapter or run directory, e.g. the model the run started from) on the
+same tasks and documents, and prints each score beside the baseline's with the difference and its standard error
+(sqrt(se_base^2 + se^2)); a difference within two standard errors is marked as noise. --limit takes a seeded
+subset of each task's documents (--seed; a run's in-loop evaluations use run.seed), so with the same seed and
+limit the items are those the run scored.
 """
 
 from __future__ import annotations
@@ -86,6 +93,66 @@ def load_heldout_tokens(name: str, path: str, tag: str, tokenizer, seq_len: int,
     return load_heldout(HeldoutConfig(name=name, path=path, tag=tag), tokenizer, seq_len, max_tokens)
 
 
+def _samples(tasks: list[str], limit: int | float | None, seed: int, include_path) -> dict[str, list[int]] | None:
+    """The seeded document subsets of ``tasks`` (as a run's in-loop evaluations choose them), or None for all."""
+    if limit is None:
+        return None
+    from eval_harness.benchmarks import seeded_subset
+    from eval_harness.lm_eval_hook import task_sizes
+
+    samples = {}
+    for leaves in task_sizes(tasks, include_path).values():
+        for leaf, n in leaves.items():
+            chosen = seeded_subset(leaf, n, limit if isinstance(limit, int) else math.ceil(n * limit), seed)
+            if chosen is not None:
+                samples[leaf] = chosen
+    return samples or None
+
+
+def evaluate_checkpoint(ckpt: Path, args, tasks: list[str], heldouts: list[tuple[str, str, str]],
+                        samples: dict[str, list[int]] | None, base: str | None) -> dict[str, Any]:
+    """Held-out losses and lm-eval scores of one saved model (loaded, evaluated, freed)."""
+    from cpt.evaluate import heldout_loss
+    from eval_harness.lm_eval_hook import load_for_eval, run_lm_eval_detailed
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_eval(ckpt, base=base, device=device, dtype=args.dtype)
+    result: dict[str, Any] = {"checkpoint": str(ckpt), "base": base, "heldout": {}, "lm_eval": {}}
+    if heldouts:
+        context = getattr(model.config, "max_position_embeddings", None) or 1024
+        seq_len = args.seq_len or min(1024, int(context))
+        for name, path, tag in heldouts:
+            toks = load_heldout_tokens(name, path, tag, tokenizer, seq_len, args.max_tokens)
+            loss = heldout_loss(model, toks, args.batch_size, eos_id=tokenizer.eos_token_id if args.document_masking else None)
+            result["heldout"][name] = {"tag": tag, "path": path, "loss": loss, "ppl": math.exp(min(loss, 80.0)),
+                                       "tokens": int(toks.numel()), "seq_len": seq_len,
+                                       "document_masking": args.document_masking}
+    if tasks:
+        flat, raw = run_lm_eval_detailed(model, tokenizer, tasks, batch_size=args.batch_size, samples=samples,
+                                         include_path=args.include_path, max_length=args.max_length,
+                                         bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot, seed=args.seed)
+        result["lm_eval"] = flat
+        result["lm_eval_results"] = raw
+    del model
+    return result
+
+
+def _print_comparison(result: dict[str, Any], baseline: dict[str, Any]) -> None:
+    from eval_harness.benchmarks import compare_scores, format_comparison_table
+
+    print(f"\n{result['checkpoint']} against the baseline {baseline['checkpoint']}:")
+    for name, h in result.get("heldout", {}).items():
+        b = baseline["heldout"].get(name)
+        if b:
+            print(f"heldout {name:<20} {h['tag']:<10} loss {h['loss']:.4f}  baseline {b['loss']:.4f}  "
+                  f"delta {h['loss'] - b['loss']:+.4f}")
+    if result.get("lm_eval"):
+        hib = (result.get("lm_eval_results") or {}).get("higher_is_better") or {}
+        rows = compare_scores(baseline["lm_eval"], result["lm_eval"], hib)
+        result["comparison"] = rows
+        print(format_comparison_table(rows, "model", "baseline"))
+
+
 def _print_summary(result: dict[str, Any]) -> None:
     for name, h in result.get("heldout", {}).items():
         print(f"heldout {name:<20} {h['tag']:<10} loss {h['loss']:.4f}  ppl {h['ppl']:.2f}  ({h['tokens']} tokens)")
@@ -99,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="HF export dir, LoRA adapter dir, or run dir (uses <run_dir>/export)")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks or tags (e.g. cpt_local, cpt_arith_mc, hellaswag)")
     parser.add_argument("--heldout", action="append", default=[], metavar="NAME=PATH:TAG", help="held-out set (repeatable)")
-    parser.add_argument("--limit", type=float, default=None, help="examples per lm-eval task (int), or a fraction < 1")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="documents per lm-eval task (int), or a fraction < 1: a seeded subset (--seed)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets (default: run.seed's default)")
+    parser.add_argument("--baseline", default=None, metavar="BASE",
+                        help="also evaluate BASE (export, adapter or run dir) and print the scores side by side with deltas")
     parser.add_argument("--out", default=None, help="write results to this JSON file (default: print only)")
     parser.add_argument("--base", default=None, help="base model for a LoRA adapter (default: adapter_config.json's)")
     parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
@@ -110,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out documents attend only to themselves (as a run with data.document_masking)")
     parser.add_argument("--max-length", type=int, default=None, help="lm-eval context length (default: the model's)")
     parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval stderr bootstrap (0: none)")
+    parser.add_argument("--bootstrap-iters", type=int, default=1000,
+                        help="stderrs: closed form for accuracies, this many bootstrap resamples otherwise (0: none)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
@@ -119,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         heldouts = [parse_heldout(s) for s in args.heldout]
         ckpt = resolve_checkpoint(args.checkpoint)
+        baseline_ckpt = resolve_checkpoint(args.baseline) if args.baseline else None
     except (ValueError, FileNotFoundError) as e:
         print(f"cpt eval: {e}", file=sys.stderr)
         return 2
@@ -126,29 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         print("cpt eval: nothing to do: give --tasks and/or --heldout", file=sys.stderr)
         return 2
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    samples = _samples(tasks, limit, args.seed, args.include_path) if tasks else None
 
-    from cpt.evaluate import heldout_loss
-    from eval_harness.lm_eval_hook import load_for_eval, run_lm_eval_detailed
-
-    model, tokenizer = load_for_eval(ckpt, base=args.base, device=device, dtype=args.dtype)
-    result: dict[str, Any] = {"checkpoint": str(ckpt), "base": args.base, "heldout": {}, "lm_eval": {}}
-    if heldouts:
-        context = getattr(model.config, "max_position_embeddings", None) or 1024
-        seq_len = args.seq_len or min(1024, int(context))
-        for name, path, tag in heldouts:
-            toks = load_heldout_tokens(name, path, tag, tokenizer, seq_len, args.max_tokens)
-            loss = heldout_loss(model, toks, args.batch_size, eos_id=tokenizer.eos_token_id if args.document_masking else None)
-            result["heldout"][name] = {"tag": tag, "path": path, "loss": loss, "ppl": math.exp(min(loss, 80.0)),
-                                       "tokens": int(toks.numel()), "seq_len": seq_len,
-                                       "document_masking": args.document_masking}
-    if tasks:
-        flat, raw = run_lm_eval_detailed(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size,
-                                         include_path=args.include_path, max_length=args.max_length,
-                                         bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot)
-        result["lm_eval"] = flat
-        result["lm_eval_results"] = raw
+    result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base)
     _print_summary(result)
+    if baseline_ckpt is not None:
+        baseline = evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None)
+        result["baseline"] = baseline
+        _print_comparison(result, baseline)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="cpt report",
         description="Plots (PNG) and a self-contained report.html from one or more run directories: upstream/"
-        "downstream held-out loss, LR, data shares and throughput against tokens, runs overlaid, and a table of "
-        "step-0, final and worst values per held-out set.",
+        "downstream held-out loss, benchmark forgetting/adaptation (tagged lm-eval tasks, ±1 stderr), LR, data "
+        "shares and throughput against tokens, runs overlaid, and tables of step-0, final and worst values per "
+        "held-out set and per tagged benchmark (changes within 2 standard errors marked as noise).",
     )
     parser.add_argument("run_dirs", nargs="+", help="run directories (each with a metrics.jsonl)")
     parser.add_argument("--out", default=None, help="output folder (default: <first run>/report)")

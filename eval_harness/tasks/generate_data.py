@@ -2,13 +2,28 @@
 
     python -m eval_harness.tasks.generate_data
 
-- cpt_arith_mc.jsonl: two-digit addition/subtraction, 4 choices (generated).
-- cpt_python_mc.jsonl, cpt_shakespeare_mc.jsonl: hand-written cloze facts, 4 choices.
-- cpt_python_ppl.jsonl: top-level functions of a few CPython standard-library modules (PSF licence),
-  taken from the running interpreter.
+Multiple choice (4 choices, at least 300 items each, so that a 0.05 accuracy change is more than one
+standard error, about 0.029 at 300 items):
+
+- cpt_arith_mc.jsonl: two-digit addition/subtraction (generated).
+- cpt_shakespeare_next.jsonl: three lines of a play, which line comes next? (the true line and three
+  lines of other scenes of similar length). From the bundled corpus cpt/demo_data/shakespeare.jsonl.gz.
+- cpt_python_next.jsonl: four lines of Python source, which line comes next? From modules of this
+  interpreter's standard library that the demo does not train on (it reads the sorted stdlib up to
+  ``encodings/``; these modules come later): held-out Python.
+- cpt_shakespeare_mc.jsonl, cpt_python_mc.jsonl: hand-written cloze facts (28 and 32), then generated
+  cloze items up to 300: a line cut before one of its words (Shakespeare) or identifiers (Python),
+  the true word against three words of the same corpus and about the same length.
+
+Perplexity (loglikelihood_rolling):
+
+- cpt_python_ppl.jsonl: top-level functions of a few CPython standard-library modules (PSF licence).
 - cpt_shakespeare_ppl.jsonl: passages of the plays in cpt/demo_data/shakespeare.jsonl.gz (public domain).
-The two perplexity sets overlap the demo's corpora on purpose: they measure knowledge of the old
-(Shakespeare) and the new (Python) domain, next to the multiple-choice accuracies.
+
+The Shakespeare files depend only on the bundled corpus (the tests regenerate them byte for byte);
+the Python files on the interpreter's standard library (committed from Python 3.11). The tasks measure
+the demo's old (Shakespeare) and new (Python) domain: tag them upstream/downstream in a run config to
+match your own run.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import importlib
 import inspect
 import json
 import random
+import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -104,7 +120,7 @@ def mc_rows(facts, seed):
     return rows
 
 
-def arith_rows(n=100, seed=0):
+def arith_rows(n=300, seed=0):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -166,20 +182,142 @@ def shakespeare_rows(limit=40, chars=700):
     return rows
 
 
-def write(name, rows):
+# ---------------------------------------------------------------- generated multiple choice from the corpora
+
+N_MC = 300
+PYTHON_HELDOUT_MODULES = ["fractions", "ftplib", "gettext", "heapq", "hmac", "imaplib", "ipaddress", "mailbox",
+                          "netrc", "optparse", "pathlib", "pprint", "queue", "sched", "shlex", "shutil", "smtplib",
+                          "statistics", "string", "tarfile", "textwrap", "threading", "tokenize", "trace", "uuid",
+                          "wave", "weakref", "zipfile"]
+DOCSTRING_QUOTES = ('"' * 3, "'" * 3)
+SPEAKER = re.compile(r"^[A-Z][A-Z' ]+[.,]")  # "KING HENRY." a speaker's name, "ELIZABETH, Queen to..." a cast list
+
+
+def shakespeare_lines() -> list[list[str]]:
+    """Per scene of the bundled corpus, its verse/prose lines (speaker names and stage directions dropped)."""
+    path = HERE.parents[1] / "cpt" / "demo_data" / "shakespeare.jsonl.gz"
+    scenes = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            lines = [ln.strip() for ln in json.loads(line)["text"].splitlines()]
+            scenes.append([ln for ln in lines if len(ln) >= 20 and not SPEAKER.match(ln) and "[" not in ln
+                           and "]" not in ln and not ln.startswith(("SCENE", "ACT"))])
+    return scenes
+
+
+def python_lines() -> list[list[str]]:
+    """Per held-out stdlib module, its code lines of 12+ characters (right-stripped; comments and lines
+    opening a docstring dropped)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for name in PYTHON_HELDOUT_MODULES:
+        lines = [ln.rstrip() for ln in (root / f"{name}.py").read_text(encoding="utf-8").splitlines()]
+        files.append([ln for ln in lines if len(ln.strip()) >= 12 and not ln.strip().startswith(("#", *DOCSTRING_QUOTES))
+                      and any(c.isalpha() for c in ln)])
+    return files
+
+
+def pick_others(rng: random.Random, pool: list[str], exclude: set[str] | list[str], k: int = 3) -> list[str] | None:
+    """``k`` different items of ``pool`` not in ``exclude`` (seeded draws; None when 200 draws find too few)."""
+    out: list[str] = []
+    for _ in range(200):
+        c = pool[rng.randrange(len(pool))]
+        if c not in exclude and c not in out:
+            out.append(c)
+            if len(out) == k:
+                return out
+    return None
+
+
+def next_line_rows(docs: list[list[str]], n: int, context: int, seed: int) -> list[dict]:
+    """``n`` items: ``context`` consecutive lines of a document, the true next line and three lines of
+    other documents of about the same length (never equal to the true one)."""
+    rng = random.Random(seed)
+    buckets: dict[int, set[str]] = {}
+    for d, lines in enumerate(docs):
+        for ln in lines:
+            buckets.setdefault(len(ln) // 10, set()).add(ln)
+    by_len = {k: sorted(v) for k, v in buckets.items()}
+    usable = [d for d, lines in enumerate(docs) if len(lines) > context]
+    rows, seen = [], set()
+    while len(rows) < n:
+        d = rng.choice(usable)
+        lines = docs[d]
+        i = rng.randrange(context, len(lines))
+        answer = lines[i]
+        if (d, i) in seen or answer in lines[i - context:i]:
+            continue
+        wrong = pick_others(rng, by_len[len(answer) // 10], set(lines))
+        if wrong is None:
+            continue
+        seen.add((d, i))
+        choices = [answer, *wrong]
+        rng.shuffle(choices)
+        rows.append({"context": "\n".join(lines[i - context:i]), "choices": choices, "answer": choices.index(answer)})
+    return rows
+
+
+def cloze_rows(docs: list[list[str]], n: int, word_pattern: str, seed: int, context: int = 1) -> list[dict]:
+    """``n`` items: a line cut before one of its words (``word_pattern``), after ``context`` previous lines;
+    the true word against three other words of the corpus of the same length +-1."""
+    rng = random.Random(seed)
+    word = re.compile(word_pattern)
+    by_len: dict[int, list[str]] = {}
+    for w in sorted({m.group(0) for lines in docs for ln in lines for m in word.finditer(ln)}):
+        by_len.setdefault(len(w), []).append(w)
+    usable = [d for d, lines in enumerate(docs) if len(lines) > context]
+    rows, seen = [], set()
+    while len(rows) < n:
+        d = rng.choice(usable)
+        lines = docs[d]
+        i = rng.randrange(context, len(lines))
+        matches = [m for m in word.finditer(lines[i]) if m.start() > 0]
+        if not matches or (d, i) in seen:
+            continue
+        m = rng.choice(matches)
+        answer = m.group(0)
+        wrong = pick_others(rng, [w for k in (len(answer) - 1, len(answer), len(answer) + 1) for w in by_len.get(k, [])],
+                            {answer})
+        if wrong is None:
+            continue
+        seen.add((d, i))
+        choices = [answer, *wrong]
+        rng.shuffle(choices)
+        prompt = "\n".join([*lines[i - context:i], lines[i][:m.start()].rstrip()])
+        rows.append({"question": prompt, "choices": choices, "answer": choices.index(answer)})
+    return rows
+
+
+def all_rows() -> dict[str, list[dict]]:
+    """Every bundled data file's rows, by file name."""
+    shk, py = shakespeare_lines(), python_lines()
+    shk_facts, py_facts = mc_rows(SHAKESPEARE_FACTS, 2), mc_rows(PYTHON_FACTS, 1)
+    return {
+        "cpt_arith_mc.jsonl": arith_rows(),
+        "cpt_python_mc.jsonl": py_facts + cloze_rows(py, N_MC - len(py_facts), r"[A-Za-z_][A-Za-z0-9_]{3,}", seed=11),
+        "cpt_shakespeare_mc.jsonl": shk_facts + cloze_rows(shk, N_MC - len(shk_facts), r"[A-Za-z]{5,}", seed=12),
+        "cpt_shakespeare_next.jsonl": next_line_rows(shk, N_MC, context=3, seed=13),
+        "cpt_python_next.jsonl": next_line_rows(py, N_MC, context=4, seed=14),
+        "cpt_python_ppl.jsonl": python_rows(),
+        "cpt_shakespeare_ppl.jsonl": shakespeare_rows(),
+    }
+
+
+def dumps(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def write(name: str, rows: list[dict]) -> None:
     DATA.mkdir(exist_ok=True)
-    with open(DATA / name, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (DATA / name).write_text(dumps(rows), encoding="utf-8")
     print(f"{name}: {len(rows)} rows")
 
 
 def main():
-    write("cpt_arith_mc.jsonl", arith_rows())
-    write("cpt_python_mc.jsonl", mc_rows(PYTHON_FACTS, 1))
-    write("cpt_shakespeare_mc.jsonl", mc_rows(SHAKESPEARE_FACTS, 2))
-    write("cpt_python_ppl.jsonl", python_rows())
-    write("cpt_shakespeare_ppl.jsonl", shakespeare_rows())
+    for name, rows in all_rows().items():
+        write(name, rows)
 
 
 if __name__ == "__main__":
