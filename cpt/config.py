@@ -68,7 +68,10 @@ class DataConfig(Strict):
     heldout: list[HeldoutConfig] = Field(default_factory=list)
     # warn when a source is seen more than this many epochs (repeated data hurts; see docs)
     max_epochs_warning: float = Field(4.0, gt=0)
-    verify_checksums: bool = True
+    # false (default): a start reads the manifests and checks file sizes (rank 0), no shard bytes, whatever the
+    # corpus size; true: rank 0 also checks every file's checksum at every start (reads the whole corpus).
+    # `cpt prepare` verifies what it writes; `cpt verify DIR` re-checks on demand (e.g. after an upload).
+    verify_checksums: bool = False
     # intra-document attention: packed documents do not attend across EOS and their positions restart
     # (training and held-out evaluation; see cpt/data/masking.py)
     document_masking: bool = False

@@ -94,7 +94,9 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     # --- data: the exact-proportion mixer over packed streams, and the held-out sets
     data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
     heldout = [
-        HeldoutSet(h.name, h.tag, load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set))
+        HeldoutSet(h.name, h.tag, load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set,
+                                               verify=acc.is_main_process and cfg.data.verify_checksums,
+                                               check_sizes=acc.is_main_process))
         for h in cfg.data.heldout
     ]
     eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
