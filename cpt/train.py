@@ -47,6 +47,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     from accelerate.utils import set_seed
 
     from cpt.adapters import trainable_metrics
+    from cpt.console import eval_line, preempted_line, step_line
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
     from cpt.lm_loss import causal_lm_loss, model_inputs
@@ -177,6 +178,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     if step == 0 and cfg.eval.at_start and heldout:
         metrics = {**evaluator.evaluate(model, 0), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
         logger.log({"train/tokens": 0, "stage": 0, "train/lr": plan.lr(0), **metrics}, step=0)
+        _show(None, say, eval_line(0, metrics))
 
     bar = _progress_bar(cfg, acc, step, total_steps)
     model.train()
@@ -248,6 +250,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                 **(by_source.metrics(acc) if by_source else {}),
             }
             logger.log(record, step=step)
+            if bar is None:  # batch jobs: a plain line (a bar is only drawn on a terminal)
+                say(step_line(step, total_steps, record))
             loss_sum.zero_()
             loss_count = 0
             if bar is not None:
@@ -264,9 +268,13 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
         # evaluate: every N steps, densely after each stage switch (the stability gap), and at the end
         if heldout and (evaluator.should_evaluate(step, plan.starts) or step == total_steps):
-            logger.log({"train/tokens": tokens, **evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}, step=step)
+            metrics = {**evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
+            logger.log({"train/tokens": tokens, **metrics}, step=step)
+            _show(bar, say, eval_line(step, metrics))
         if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.every and step % cfg.eval.lm_eval.every == 0 and step < total_steps:
-            logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
+            metrics = _lm_eval(cfg, acc, model, tokenizer)
+            logger.log({"train/tokens": tokens, **metrics}, step=step)
+            _show(bar, say, eval_line(step, metrics))
 
         # checkpoint and export
         preempted = stop.requested(acc)
@@ -295,12 +303,16 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                     export_hf(model, tokenizer, run_dir / "export-ema", acc)
             logger.log_artifact(export_dir, f"{cfg.run.name}-final")
         if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.at_end:
-            logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
+            metrics = _lm_eval(cfg, acc, model, tokenizer)
+            logger.log({"train/tokens": tokens, **metrics}, step=step)
+            _show(None, say, eval_line(step, metrics))
     summary = evaluator.summary()
     compute = account.metrics(tokens, flops_per_token)
     logger.log({"train/tokens": tokens, **compute}, step=step)
     logger.close()
     if acc.is_main_process:
+        if stopped:
+            say(preempted_line(step, total_steps, run_dir))
         if summary:
             say(format_summary_table(summary))
         say(format_compute(compute, acc.num_processes))
@@ -458,8 +470,16 @@ def _lm_eval(cfg: RunConfig, acc, model, tokenizer) -> dict[str, float]:
                        include_path=lm.include_path, accelerator=acc, max_length=cfg.data.seq_len)
 
 
+def _show(bar, say, line: str | None) -> None:
+    """Print a line (above the progress bar when there is one)."""
+    if line:
+        (bar.write if bar is not None else say)(line)
+
+
 def _progress_bar(cfg, acc, step, total):
-    if not (cfg.train.progress_bar and acc.is_main_process):
+    from cpt.console import use_progress_bar
+
+    if not (use_progress_bar(cfg.train.progress_bar) and acc.is_main_process):
         return None
     from tqdm.auto import tqdm
 
