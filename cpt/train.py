@@ -73,7 +73,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     resume_ckpt = latest_valid_checkpoint(run_dir) if resume else None
     init_ckpt, init_hf = _resolve_init(cfg.train.init_from) if resume_ckpt is None else (None, None)
     if resume_ckpt is None and acc.is_main_process:
-        _check_fresh_run_dir(run_dir)
+        _check_fresh_run_dir(run_dir, resume)
     acc.wait_for_everyone()
 
     # --- model and tokenizer
@@ -413,8 +413,15 @@ def _resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     raise TrainingError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
 
-def _check_fresh_run_dir(run_dir: Path) -> None:
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+def _check_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
+    """A fresh start must not mix with an earlier run's checkpoints. Partial saves (.tmp-*) do not count: `--resume`
+    with nothing complete to resume from (a first start, or a job killed during its first save) starts fresh."""
+    from cpt.checkpoint import list_checkpoints
+
+    if list_checkpoints(run_dir):
+        if resume:
+            raise TrainingError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "
+                                "move them away to start over, or choose another run.output_dir")
         raise TrainingError(
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run.output_dir"
         )
