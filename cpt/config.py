@@ -157,6 +157,7 @@ class TrainConfig(Strict):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     reptile: ReptileConfig | None = None
     skip_spikes: SpikeConfig | None = None
+    # a tqdm bar when stdout is a terminal; otherwise (batch jobs) and when false: a plain line every log_every steps
     progress_bar: bool = True
     peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
 
