@@ -61,8 +61,8 @@ def eval_line(step: int, metrics: dict[str, Any]) -> str | None:
 
 
 def preempted_line(step: int, total: int, run_dir: Any) -> str:
-    return (f"PREEMPTED at step {step} of {total}: a checkpoint of step {step} is in {run_dir}/checkpoints; "
-            "the held-out table below shows the last evaluation, not a final one")
+    """The first line of a preempted run's end summary (the held-out table after it shows the last evaluation's step)."""
+    return f"PREEMPTED at step {step} of {total}: --resume continues from the latest checkpoint in {run_dir}/checkpoints"
 
 
 def resume_command(argv: list[str]) -> str:

@@ -102,3 +102,30 @@ def test_bytes_read_before_step_1_do_not_grow_with_the_corpus(tiny_cpt_data, cor
     # opt-in full verification: reads every byte of every shard (the cost a default start no longer pays)
     ten_bytes = sum(os.path.getsize(p) for p in corpora["ten"].glob("shard_*"))
     assert got["ten", True]["shards"] >= ten_bytes > 9 * got["one", True]["shards"] / 2
+
+
+def test_cpt_verify_config_checks_every_source_and_heldout_set(tiny_cpt_data, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from cpt.cli import main
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["verify", "--config", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and all(line.startswith("ok     ") for line in out)  # 2 sources + 2 held-out sets
+    assert "(+ held-out)" in out[0]  # a prepared folder's own heldout/ is checked with it
+    bad = tmp_path / "python"
+    shutil.copytree(tiny_cpt_data / "data" / "python", bad)
+    shard = next(bad.glob("shard_*.bin"))
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    cfg["data"]["sources"][0]["path"] = str(bad)
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["verify", "--config", str(path)]) == 1
+    got = capsys.readouterr()
+    assert f"FAILED {bad}: checksum mismatch for {shard.name}" in got.out and "1 of 4 folders" in got.err
