@@ -86,7 +86,7 @@ def sbatch(argv: list[str]) -> int:
 
 
 def supervise(job_id: str) -> int:
-    job = json.loads(_job_file(job_id).read_text())
+    job = _update(job_id, supervisor_pid=os.getpid())  # the root of the job's processes (test clean-up)
     d, submit_dir = job["directives"], job["submit_dir"]
     name = d.get("job-name", Path(job["script"]).name)
     output = d.get("output", "slurm-%j.out").replace("%x", name).replace("%j", job_id)

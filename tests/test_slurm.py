@@ -78,13 +78,39 @@ class FakeSlurm:
         p = self.submit_dir / f"cpt-{job_id}.out"
         return p.read_text() if p.is_file() else ""
 
+    def kill_all(self) -> None:
+        """Kill every process of unfinished jobs (a failed or timed-out test must not leave ranks running; torchrun
+        starts each rank in a session of its own, so the job's process group is not enough)."""
+        import psutil
+
+        for path in self.state.glob("job_*.json"):
+            job = json.loads(path.read_text())
+            if job["done"] or not job.get("supervisor_pid"):
+                continue
+            try:
+                root = psutil.Process(job["supervisor_pid"])
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for p in procs:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
     def scontrol_calls(self) -> list[list[str]]:
         p = self.state / "scontrol.log"
         return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
 
 
-def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path):
-    slurm = FakeSlurm(tmp_path)
+@pytest.fixture
+def slurm(tmp_path):
+    fake = FakeSlurm(tmp_path)
+    yield fake
+    fake.kill_all()
+
+
+def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path, slurm):
 
     def config(name: str) -> Path:
         cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
