@@ -9,8 +9,11 @@ one node, for tests/test_slurm.py (which writes `sbatch`/`srun`/`scontrol` wrapp
   ``SLURM_RESTART_COUNT`` incremented, the same job id, and the output reopened per ``--open-mode``.
   ``$FAKE_SLURM_DIR/job_N.json`` holds the parsed directives, the batch shell's pid (the process a
   ``--signal=B:SIG@T`` warning goes to: the test sends it, playing the clock) and every run's exit code.
-* ``srun [--opt ...] CMD ARGS``: runs CMD as the one task of the step with SLURM_NODEID/PROCID/LOCALID=0,
-  forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1/SIGUSR2 to it, and exits with its code (128 + signal if it was killed).
+* ``srun [--opt ...] CMD ARGS``: runs CMD as the one task of the step with SLURM_NODEID/PROCID/LOCALID=0 and
+  handles signals as srun does (slurm src/srun: ``_srun_signal_mgr``): SIGTERM, SIGHUP and SIGQUIT "force job
+  termination", i.e. SIGKILL every process of the step; a single SIGINT is not forwarded; SIGUSR1, SIGUSR2 and the
+  rest are forwarded to the task. Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``. It exits with the
+  task's code (128 + signal if the task was killed).
 * ``scontrol show hostnames LIST`` prints the hosts of a comma-separated LIST; ``scontrol requeue N`` marks job N
   for requeue; anything else fails. Every call is logged to ``$FAKE_SLURM_DIR/scontrol.log`` (one JSON list a line).
 """
@@ -27,7 +30,8 @@ import time
 from pathlib import Path
 
 STATE = Path(os.environ.get("FAKE_SLURM_DIR", "/nonexistent"))
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+KILLS_STEP = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+HANDLED = (*KILLS_STEP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _job_file(job_id: str) -> Path:
@@ -125,10 +129,37 @@ def srun(argv: list[str]) -> int:
         i += 1
     env = dict(os.environ, SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_STEP_ID="0")
     child = subprocess.Popen(argv[i:], env=env)
-    for sig in FORWARDED:
-        signal.signal(sig, lambda s, _frame: child.send_signal(s))
+
+    def handle(sig, _frame):
+        with open(STATE / "srun.log", "a") as f:
+            f.write(signal.Signals(sig).name + "\n")
+        if sig in KILLS_STEP:
+            print("srun: forcing job termination", file=sys.stderr, flush=True)
+            _kill_tree(child.pid)
+        elif sig == signal.SIGINT:
+            print("srun: interrupt (one more within 1 sec to abort)", file=sys.stderr, flush=True)
+        else:
+            child.send_signal(sig)
+
+    for sig in HANDLED:
+        signal.signal(sig, handle)
     rc = child.wait()
     return rc if rc >= 0 else 128 - rc
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def scontrol(argv: list[str]) -> int:

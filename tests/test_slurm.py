@@ -1,6 +1,7 @@
 """The shipped SLURM script, run as shipped through stand-in `sbatch`/`srun`/`scontrol` (tests/fake_slurm.py) on one
 node with 2 CPU ranks (the script's own `accelerate launch` line with configs/accelerate/ddp.yaml, gloo):
-time-limit warning (SIGUSR1 to the batch shell, as `--signal=B:USR1@300` sends it) -> forwarded to the ranks ->
+time-limit warning (SIGUSR1 to the batch shell, as `--signal=B:USR1@300` sends it) -> srun (which, like the real one,
+forwards SIGUSR1 but turns SIGTERM into SIGKILL) -> scripts/slurm_node.sh -> the ranks ->
 checkpoint -> `scontrol requeue` -> the same job id starts again with `--resume` -> the per-step losses equal an
 uninterrupted run (1 process, fp32; within 1e-5 relative like every 2-rank test). Also: the job writes its log
 where SLURM can open it (no logs/ folder needed), the log survives the requeue, and the trap calls no scontrol."""
@@ -144,7 +145,7 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
     # what happened, in the job's one log file (appended across the requeue)
     k = next(int(line.split("PREEMPTED at step ")[1].split()[0]) for line in log.splitlines() if "PREEMPTED at step " in line)
     assert 4 <= k < 12
-    order = ["start 0:", "USR1 received", f"PREEMPTED at step {k} of 12", "to resume: cpt train", f"requeueing job {job_id}",
+    order = ["start 0:", "USR1 received", "SIGUSR1: telling the ranks", f"PREEMPTED at step {k} of 12", "to resume: cpt train", f"requeueing job {job_id}",
              "start 1:", f"resumed ", "srun exited with 0"]
     at = [log.find(s) for s in order]
     assert -1 not in at and at == sorted(at), list(zip(order, at))
@@ -159,6 +160,7 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
     assert not (slurm.submit_dir / "logs").exists()  # the log went to the submit dir; nothing had to pre-exist
     hostnames = ["show", "hostnames", "localhost"]
     assert slurm.scontrol_calls() == [hostnames, ["requeue", job_id], hostnames]  # none from the trap
+    assert (slurm.state / "srun.log").read_text().split() == ["SIGUSR1"]  # never SIGTERM: srun would SIGKILL the ranks
 
 
 def test_resume_with_nothing_complete_to_resume_starts_fresh(tmp_path):
