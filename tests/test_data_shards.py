@@ -312,3 +312,29 @@ def test_http_server_without_range_support_is_an_error_not_wrong_data(prepared, 
     s = TokenShards.open(f"{base}/{out.name}")
     with pytest.raises(ShardError, match="does not serve byte ranges"):
         s.read(700, 10)
+
+
+def test_remote_size_checks_use_one_listing(prepared, monkeypatch):
+    """Opening a remote source checks every file's size from one directory listing, not one request per file."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    out, _ = prepared
+    url = to_memory(out, "/bucket/listing")
+    calls = {"ls": 0, "size": 0}
+    real_ls, real_size = MemoryFileSystem.ls, MemoryFileSystem.size
+
+    def ls(self, *a, **k):
+        calls["ls"] += 1
+        return real_ls(self, *a, **k)
+
+    def size(self, *a, **k):
+        calls["size"] += 1
+        return real_size(self, *a, **k)
+
+    monkeypatch.setattr(MemoryFileSystem, "ls", ls)
+    monkeypatch.setattr(MemoryFileSystem, "size", size)
+    s = TokenShards.open(url)
+    assert calls == {"ls": 1, "size": 0} and len(s.manifest["shards"]) > 3
+    fsspec.filesystem("memory").rm("/bucket/listing/shard_00002.idx")
+    with pytest.raises(ShardError, match="shard file shard_00002.idx is missing"):
+        TokenShards.open(url)

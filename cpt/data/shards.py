@@ -247,20 +247,36 @@ class TokenShards:
         ``checksums`` every file's xxh3-64 against the manifest (reads the whole source)."""
         problems: list[str] = []
         itemsize = self.dtype.itemsize
+        listed = self._listed_sizes()
         for meta, sh in zip(self.manifest["shards"], self._shards):
             for name, expected, key in ((sh.tokens_file, sh.num_tokens * itemsize, "tokens_checksum"),
                                         (sh.docs_file, sh.num_documents * 8, "docs_checksum")):
-                problem = self._check_file(name, expected, meta[key] if checksums else None)
+                problem = self._check_file(name, expected, meta[key] if checksums else None, listed.get(name))
                 if problem:
                     problems.append(problem)
                     if first_only:
                         return problems
         return problems
 
-    def _check_file(self, name: str, size: int, checksum: str | None) -> str | None:
+    def _listed_sizes(self) -> dict[str, int]:
+        """Remote storage: every file's size from one directory listing (one LIST request on an object store instead
+        of one HEAD per file); {} when the listing gives no sizes (e.g. an HTTP index page) or fails."""
+        if self._fs is None:
+            return {}
+        try:
+            entries = self._fs.ls(self._root, detail=True)
+        except Exception:  # noqa: BLE001 - a store that cannot list: sizes are asked file by file
+            return {}
+        return {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e["size"]) for e in entries
+                if e.get("type") == "file" and e.get("size") is not None}
+
+    def _check_file(self, name: str, size: int, checksum: str | None, listed_size: int | None = None) -> str | None:
         p = self._file(name)
         try:
-            got = int(self._fs.size(p)) if self._fs is not None else os.path.getsize(p)
+            if listed_size is not None:
+                got = listed_size
+            else:
+                got = int(self._fs.size(p)) if self._fs is not None else os.path.getsize(p)
         except FileNotFoundError:
             return f"shard file {name} is missing"
         if got != size:
