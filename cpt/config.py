@@ -68,7 +68,10 @@ class DataConfig(Strict):
     heldout: list[HeldoutConfig] = Field(default_factory=list)
     # warn when a source is seen more than this many epochs (repeated data hurts; see docs)
     max_epochs_warning: float = Field(4.0, gt=0)
-    verify_checksums: bool = True
+    # false (default): a start reads the manifests and checks file sizes (rank 0), no shard bytes, whatever the
+    # corpus size; true: rank 0 also checks every file's checksum at every start (reads the whole corpus).
+    # `cpt prepare` verifies what it writes; `cpt verify DIR` re-checks on demand (e.g. after an upload).
+    verify_checksums: bool = False
     prefetch: bool = True  # read the next global batch in a background thread while a step runs (pinned on CUDA)
     # intra-document attention: packed documents do not attend across EOS and their positions restart
     # (training and held-out evaluation; see cpt/data/masking.py)
@@ -155,6 +158,7 @@ class TrainConfig(Strict):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     reptile: ReptileConfig | None = None
     skip_spikes: SpikeConfig | None = None
+    # a tqdm bar when stdout is a terminal; otherwise (batch jobs) and when false: a plain line every log_every steps
     progress_bar: bool = True
     # next-token loss over chunks of positions, never the full [B, L, vocab] logits (cpt/chunked_loss.py):
     # "auto" where the model supports it (else the full-logits loss, with a logged reason), true (or an error), false

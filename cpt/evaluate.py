@@ -280,14 +280,16 @@ def _fmt(v: float | None, signed: bool = False) -> str:
 
 
 def format_summary_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of ``HeldoutEvaluator.summary()`` rows, for the end-of-run printout and logs."""
-    header = ["set", "tag", "step 0", "final", "forgetting/adaptation", "worst", "worst step"]
+    """Plain-text table of ``HeldoutEvaluator.summary()`` rows, for the end-of-run printout and logs: the first
+    ("step 0") and the last evaluation with its step (a preempted run's last one may be early), the change, the worst."""
+    header = ["set", "tag", "step 0", "last", "last step", "forgetting/adaptation", "worst", "worst step"]
     body = []
     for r in rows:
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"
         change = "-" if r.get("change") is None else f"{kind} {r['change']:+.4f}"
         body.append([
-            str(r["name"]), str(r["tag"]), _fmt(r.get("step0")), _fmt(r.get("final")), change,
+            str(r["name"]), str(r["tag"]), _fmt(r.get("step0")), _fmt(r.get("final")),
+            "-" if r.get("final_step") is None else str(r["final_step"]), change,
             _fmt(r.get("worst")), "-" if r.get("worst_step") is None else str(r["worst_step"]),
         ])
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]

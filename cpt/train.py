@@ -47,6 +47,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     from accelerate.utils import set_seed
 
     from cpt.adapters import trainable_metrics
+    from cpt.console import eval_line, preempted_line, step_line
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
     from cpt import lm_loss
@@ -75,7 +76,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     resume_ckpt = latest_valid_checkpoint(run_dir) if resume else None
     init_ckpt, init_hf = _resolve_init(cfg.train.init_from) if resume_ckpt is None else (None, None)
     if resume_ckpt is None and acc.is_main_process:
-        _check_fresh_run_dir(run_dir)
+        _check_fresh_run_dir(run_dir, resume)
     acc.wait_for_everyone()
 
     # --- model and tokenizer
@@ -97,7 +98,9 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     # --- data: the exact-proportion mixer over packed streams, and the held-out sets
     data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
     heldout = [
-        HeldoutSet(h.name, h.tag, load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set))
+        HeldoutSet(h.name, h.tag, load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set,
+                                               verify=acc.is_main_process and cfg.data.verify_checksums,
+                                               check_sizes=acc.is_main_process))
         for h in cfg.data.heldout
     ]
     eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
@@ -190,8 +193,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     if step == 0 and cfg.eval.at_start and heldout:
         metrics = {**evaluator.evaluate(model, 0), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
         logger.log({"train/tokens": 0, "stage": 0, "train/lr": plan.lr(0), **metrics}, step=0)
+        _show(None, say, eval_line(0, metrics))
     if bench is not None and bench.needs_start_evaluation():  # the base model's benchmark scores
-        logger.log({"train/tokens": tokens, **bench.evaluate(model, tokenizer, step)}, step=step)
+        metrics = bench.evaluate(model, tokenizer, step)
+        logger.log({"train/tokens": tokens, **metrics}, step=step)
+        _show(None, say, eval_line(step, metrics))
 
     bar = _progress_bar(cfg, acc, step, total_steps)
     model.train()
@@ -261,6 +267,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                 **(by_source.metrics(acc) if by_source else {}),
             }
             logger.log(record, step=step)
+            if bar is None:  # batch jobs: a plain line (a bar is only drawn on a terminal)
+                say(step_line(step, total_steps, record))
             loss_sum.zero_()
             loss_count.zero_()
             if bar is not None:
@@ -285,9 +293,13 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         if evaluate_now or lm_eval_now or save_now or export_now:
             clock.lap(sync_device=True)  # the training steps queued so far count as training time, what follows not
         if evaluate_now:
-            logger.log({"train/tokens": tokens, **evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}, step=step)
+            metrics = {**evaluator.evaluate(model, step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
+            logger.log({"train/tokens": tokens, **metrics}, step=step)
+            _show(bar, say, eval_line(step, metrics))
         if lm_eval_now:
-            logger.log({"train/tokens": tokens, **bench.evaluate(model, tokenizer, step)}, step=step)
+            metrics = bench.evaluate(model, tokenizer, step)
+            logger.log({"train/tokens": tokens, **metrics}, step=step)
+            _show(bar, say, eval_line(step, metrics))
 
         # checkpoint and export
         if save_now:
@@ -318,12 +330,16 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                     export_hf(model, tokenizer, run_dir / "export-ema", acc)
             logger.log_artifact(export_dir, f"{cfg.run.name}-final")
         if bench is not None and cfg.eval.lm_eval.at_end:
-            logger.log({"train/tokens": tokens, **bench.evaluate(model, tokenizer, step)}, step=step)
+            metrics = bench.evaluate(model, tokenizer, step)
+            logger.log({"train/tokens": tokens, **metrics}, step=step)
+            _show(None, say, eval_line(step, metrics))
     summary = evaluator.summary()
     compute = account.metrics(tokens, flops_per_token)
     logger.log({"train/tokens": tokens, **compute}, step=step)
     logger.close()
     if acc.is_main_process:
+        if stopped:
+            say(preempted_line(step, total_steps, run_dir))
         if summary:
             say(format_summary_table(summary))
         if bench is not None and bench.summary():
@@ -427,8 +443,15 @@ def _resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     raise TrainingError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
 
-def _check_fresh_run_dir(run_dir: Path) -> None:
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+def _check_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
+    """A fresh start must not mix with an earlier run's checkpoints. Partial saves (.tmp-*) do not count: `--resume`
+    with nothing complete to resume from (a first start, or a job killed during its first save) starts fresh."""
+    from cpt.checkpoint import list_checkpoints
+
+    if list_checkpoints(run_dir):
+        if resume:
+            raise TrainingError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "
+                                "move them away to start over, or choose another run.output_dir")
         raise TrainingError(
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run.output_dir"
         )
@@ -484,8 +507,16 @@ def _benchmarks(cfg: RunConfig, acc):
     return BenchmarkTracker.from_config(cfg, acc)
 
 
+def _show(bar, say, line: str | None) -> None:
+    """Print a line (above the progress bar when there is one)."""
+    if line:
+        (bar.write if bar is not None else say)(line)
+
+
 def _progress_bar(cfg, acc, step, total):
-    if not (cfg.train.progress_bar and acc.is_main_process):
+    from cpt.console import use_progress_bar
+
+    if not (use_progress_bar(cfg.train.progress_bar) and acc.is_main_process):
         return None
     from tqdm.auto import tqdm
 

@@ -191,7 +191,7 @@ def test_rerun_is_idempotent_and_changes_replace_old_shards(tmp_path, tokenizer)
     m3 = prepare([str(src)], tokenizer, out, shard_tokens=100000)  # other options: redone, old shards removed
     assert not m3.get("up_to_date") and len(m3["shards"]) == 1
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.bin", "shard_00000.idx"]
-    TokenShards.open(out)  # checksums verify
+    TokenShards.open(out, verify=True)  # checksums verify
 
 
 def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, tokenizer, monkeypatch):

@@ -48,7 +48,7 @@ def test_reads_cross_shard_boundaries(prepared):
 def test_remote_reading_through_fsspec(prepared, kind, tokenizer):
     out, want = prepared
     url = to_memory(out, f"/bucket/{kind}") if kind == "memory" else f"file://{out}"
-    s = TokenShards.open(url, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer))  # checksums verified remotely
+    s = TokenShards.open(url, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=True)  # checksums verified remotely
     assert s._fs is not None  # range reads, not memmap
     assert s.read(0, s.num_tokens).tolist() == want
     starts = np.array([5, 690, 1399])
@@ -63,8 +63,8 @@ def test_remote_checksum_mismatch_is_detected(prepared):
     blob[10] ^= 0xFF
     fs.pipe("/bucket/corrupt/shard_00001.bin", bytes(blob))
     with pytest.raises(ShardError, match="checksum mismatch for shard_00001.bin"):
-        TokenShards.open(url)
-    TokenShards.open(url, verify=False)  # switched off: opens
+        TokenShards.open(url, verify=True)
+    TokenShards.open(url)  # by default sizes only: opens
 
 
 def test_local_corruption_truncation_and_missing_files(prepared, tmp_path):
@@ -77,7 +77,7 @@ def test_local_corruption_truncation_and_missing_files(prepared, tmp_path):
         f.seek(7)
         f.write(bytes([b[0] ^ 1]))
     with pytest.raises(ShardError, match="checksum mismatch for shard_00002.bin"):
-        TokenShards.open(bad)
+        TokenShards.open(bad, verify=True)
     assert TokenShards.open(bad, verify=False).num_tokens > 0
     with open(bad / "shard_00000.bin", "r+b") as f:
         f.truncate(100)
@@ -132,3 +132,209 @@ def test_loader_reads_remote_sources_like_local_ones(prepared, tokenizer):
     for s in range(10):
         assert torch.equal(local.batch(s)["input_ids"], remote.batch(s)["input_ids"])
     assert local.fingerprint() == remote.fingerprint()
+
+
+# ---------------------------------------------------------------- full verification on demand (`cpt verify`)
+
+
+def test_verify_lists_every_problem_and_cpt_verify_reports_them(prepared, tmp_path, capsys):
+    from cpt.commands.verify import main as verify_main
+
+    out, _ = prepared
+    assert TokenShards.open(out).verify() == []
+    assert verify_main([str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok     {out}:")
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    for name in ("shard_00001.bin", "shard_00003.idx"):  # two corrupt files: both named
+        blob = bytearray((bad / name).read_bytes())
+        blob[3] ^= 0xFF
+        (bad / name).write_bytes(bytes(blob))
+    (bad / "shard_00002.bin").write_bytes((bad / "shard_00002.bin").read_bytes()[:-2])
+    problems = TokenShards.open(bad, check_sizes=False).verify()
+    assert len(problems) == 3
+    assert "checksum mismatch for shard_00001.bin" in problems[0] and "shard_00002.bin has" in problems[1]
+    assert "checksum mismatch for shard_00003.idx" in problems[2]
+    TokenShards.open(bad, check_sizes=False)  # a start without checks opens it (rank > 0 of a training)
+    assert verify_main([str(out), str(bad), str(tmp_path / "nowhere")]) == 1
+    got = capsys.readouterr()
+    assert got.out.count("FAILED") == 4 and "no manifest.json" in got.out and "2 of 3 folders" in got.err
+
+
+def test_prepare_reads_back_what_it_wrote(tmp_path, tokenizer, monkeypatch):
+    """The one full verification: staged shards are re-read and checked before the manifest points at them."""
+    import cpt.data.prepare as prep
+
+    real = prep.ShardWriter._close
+
+    def corrupting_close(self):
+        real(self)
+        path = os.path.join(self.folder, "shard_00000.bin")
+        if os.path.exists(path):
+            with open(path, "r+b") as f:
+                f.write(b"\xff\xff")
+
+    monkeypatch.setattr(prep.ShardWriter, "_close", corrupting_close)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(40, seed=3)])
+    with pytest.raises(prep.PrepareError, match="do not read back correctly.*checksum mismatch for shard_00000.bin"):
+        prepare([str(src)], tokenizer, tmp_path / "out", shard_tokens=500)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- remote storage: extras, memory://, http://
+
+
+@pytest.fixture
+def no_s3fs(monkeypatch):
+    """fsspec as on a machine without s3fs/gcsfs (whether or not they are installed here)."""
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # (fsspec.registry is also a mapping's name)
+    for proto, pkg in (("s3", "s3fs"), ("gs", "gcsfs")):
+        monkeypatch.delitem(registry._registry, proto, raising=False)
+        monkeypatch.setitem(registry.known_implementations, proto,
+                            {"class": f"cpt_test_no_{pkg}.FileSystem", "err": f"Install {pkg} to access it"})
+
+
+@pytest.mark.parametrize("url,extra", [("s3://bucket/data", "s3"), ("gs://bucket/data", "gcs")])
+def test_missing_remote_extra_is_one_line_naming_it(no_s3fs, url, extra, tokenizer, tmp_path, capsys):
+    from cpt.commands.prepare import main as prepare_main
+    from cpt.data.loader import CPTDataLoader
+    from test_data_common import data_config, stage
+
+    with pytest.raises(ShardError) as e:
+        CPTDataLoader(data_config([{"name": "a", "path": url}]), [stage(1, {"a": 1.0})], tokenizer, 8, seed=0)
+    msg = str(e.value)
+    assert "\n" not in msg and f'pip install "cpt[{extra}]"' in msg and msg.startswith("data source 'a':")
+    tok_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tok_dir)
+    assert prepare_main([f"{url}/raw.jsonl", "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("cpt prepare: error:") and f'pip install "cpt[{extra}]"' in err
+
+
+class _RangeHandler:
+    """http.server handler factory: serves a folder, answering Range requests with 206 (or ignoring them),
+    counting the bytes it sends."""
+
+    @staticmethod
+    def make(folder, ranges: bool, sent: list):
+        import http.server
+        import io
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **k):
+                super().__init__(*a, directory=str(folder), **k)
+
+            def send_head(self):
+                rng = self.headers.get("Range")
+                if not (ranges and rng):
+                    return super().send_head()
+                try:
+                    f = open(self.translate_path(self.path), "rb")
+                except OSError:
+                    self.send_error(404)
+                    return None
+                with f:
+                    size = os.fstat(f.fileno()).st_size
+                    a, b = rng.removeprefix("bytes=").split("-")
+                    a, b = int(a), min(int(b) if b else size - 1, size - 1)
+                    f.seek(a)
+                    body = f.read(b - a + 1)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {a}-{b}/{size}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                return io.BytesIO(body)
+
+            def copyfile(self, src, dst):
+                data = src.read()
+                sent.append((self.path, len(data)))
+                dst.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def http_server():
+    import http.server
+    import threading
+
+    servers = []
+
+    def serve(folder, ranges=True):
+        sent: list = []
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler.make(folder, ranges, sent))
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}", sent
+
+    yield serve
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_training_stream_reads_shards_over_http(prepared, tmp_path, tokenizer, http_server):
+    """A prepared folder served by a local HTTP server: the loader reads the same batches as from disk, with range
+    requests (only the rows' bytes travel), and `cpt verify` checks it remotely."""
+    import torch
+
+    from cpt.commands.verify import verify_folder
+    from cpt.data.loader import CPTDataLoader
+    from test_data_common import data_config, stage
+
+    pytest.importorskip("aiohttp")  # fsspec's http filesystem (a dependency of datasets)
+    out, _ = prepared
+    base, sent = http_server(out.parent)
+    url = f"{base}/{out.name}"
+    stages = [stage(4, {"a": 1.0})]
+    local = CPTDataLoader(data_config([{"name": "a", "path": str(out)}], seq_len=8), stages, tokenizer, 8, seed=0)
+    remote = CPTDataLoader(data_config([{"name": "a", "path": url}], seq_len=8), stages, tokenizer, 8, seed=0)
+    assert remote.streams[0].shards._fs is not None and local.fingerprint() == remote.fingerprint()
+    sent.clear()
+    for s in range(4):
+        assert torch.equal(local.batch(s)["input_ids"], remote.batch(s)["input_ids"])
+    itemsize = remote.streams[0].shards.dtype.itemsize
+    assert 0 < sum(n for _, n in sent) == 4 * 8 * 8 * itemsize  # exactly the rows' bytes, not whole shards
+    assert all("/shard_" in p and p.endswith(".bin") for p, _ in sent)
+    problems, summary = verify_folder(url)
+    assert problems == [] and "shards" in summary
+
+
+def test_http_server_without_range_support_is_an_error_not_wrong_data(prepared, tokenizer, http_server):
+    pytest.importorskip("aiohttp")
+    out, _ = prepared
+    base, _ = http_server(out.parent, ranges=False)
+    s = TokenShards.open(f"{base}/{out.name}")
+    with pytest.raises(ShardError, match="does not serve byte ranges"):
+        s.read(700, 10)
+
+
+def test_remote_size_checks_use_one_listing(prepared, monkeypatch):
+    """Opening a remote source checks every file's size from one directory listing, not one request per file."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    out, _ = prepared
+    url = to_memory(out, "/bucket/listing")
+    calls = {"ls": 0, "size": 0}
+    real_ls, real_size = MemoryFileSystem.ls, MemoryFileSystem.size
+
+    def ls(self, *a, **k):
+        calls["ls"] += 1
+        return real_ls(self, *a, **k)
+
+    def size(self, *a, **k):
+        calls["size"] += 1
+        return real_size(self, *a, **k)
+
+    monkeypatch.setattr(MemoryFileSystem, "ls", ls)
+    monkeypatch.setattr(MemoryFileSystem, "size", size)
+    s = TokenShards.open(url)
+    assert calls == {"ls": 1, "size": 0} and len(s.manifest["shards"]) > 3
+    fsspec.filesystem("memory").rm("/bucket/listing/shard_00002.idx")
+    with pytest.raises(ShardError, match="shard file shard_00002.idx is missing"):
+        TokenShards.open(url)

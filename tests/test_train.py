@@ -88,6 +88,19 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     ckpt = latest_valid_checkpoint(out)
     k = int(ckpt.name.split("_")[1])
     assert 5 <= k < 16
+    # stdout is a pipe (as in a batch job): a plain line per logged step and per evaluation, no bar; the end says
+    # it was preempted, the table shows the last evaluation with its step, and the resume command is printed
+    lines = log.splitlines()
+    assert [int(x.split()[1].split("/")[0]) for x in lines if x.startswith("step ")] == list(range(1, k + 1))
+    assert all("/16 | tokens " in x and " | loss " in x and " tok/s" in x for x in lines if x.startswith("step "))
+    evals = [x for x in lines if x.startswith("eval step ")]
+    assert evals[0].startswith("eval step 0: shakespeare ") and ", python " in evals[0] and "\r" not in log
+    last_eval = max(r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval/python/loss" in r)
+    assert 0 < last_eval <= k and evals[-1].startswith(f"eval step {last_eval}: ")
+    assert f"PREEMPTED at step {k} of 16" in log
+    row = next(x for x in lines if x.startswith("python ")).split()
+    assert row[4] == str(last_eval)  # the "last step" column, not step-0 values as "final"
+    assert lines[-1] == f"to resume: cpt train {path} --resume"
     proc = cpt_train(path, "--resume")
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
 
 from cpt.config import ConfigError, load_config
@@ -61,8 +63,14 @@ def main(argv: list[str]) -> int:
             return 1
         return 0
     try:
-        train(cfg, resume=args.resume or None)
+        # flushed line by line: a batch job's log (stdout redirected to a file) shows progress as it happens
+        result = train(cfg, resume=args.resume or None, echo=functools.partial(print, flush=True))
     except (TrainingError, ShardError, CheckpointError, ModelLoadError) as e:  # user-facing problems: no traceback
         print(f"cpt train: error: {e}", file=sys.stderr)
         return 1
+    if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
+        from cpt.console import resume_command
+
+        launcher = " (with the same launcher: add --resume to its `cpt train` arguments)" if "LOCAL_RANK" in os.environ else ""
+        print(f"to resume: {resume_command(argv)}{launcher}", flush=True)
     return 0  # also after a preemption: the checkpoint is saved and `--resume` continues

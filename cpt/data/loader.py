@@ -10,6 +10,10 @@ Global batch ``step`` (the same for any world size):
    micro-batch sees the mix, and rank ``r`` of ``W`` takes rows ``[r*B/W, (r+1)*B/W)``.
 
 Shard sources only read this rank's rows; ``hf`` sources are read whole by every rank.
+
+Start-up cost does not grow with the corpus: every rank reads the manifests (and compares the tokenizer
+hash); rank 0 alone also checks every shard file's size; no rank reads shard bytes before the first
+batch. ``data.verify_checksums: true`` makes rank 0 also check every file's checksum (a full read).
 The state (step, mixer errors and row counts, per-source positions, ``hf`` dataset states) is a
 few numbers: ``load_state_dict`` is O(1) and independent of the world size.
 """
@@ -60,18 +64,19 @@ class CPTDataLoader:
         self.plan = MixPlan(stages, self.source_names)
         self.mixer = Mixer(self.plan, global_batch_size)
         tok_hash = tokenizer_fingerprint(tokenizer)
-        verify = bool(getattr(data_cfg, "verify_checksums", True))
+        main = rank == 0  # the file checks are made once, by rank 0
+        verify = main and bool(getattr(data_cfg, "verify_checksums", False))
         self.streams: list[PackedStream | HFTokenStream] = [
-            self._open(s, tokenizer, tok_hash, verify) for s in self.sources
+            self._open(s, tokenizer, tok_hash, verify, main) for s in self.sources
         ]
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
 
-    def _open(self, src: Any, tokenizer: Any, tok_hash: str, verify: bool) -> PackedStream | HFTokenStream:
+    def _open(self, src: Any, tokenizer: Any, tok_hash: str, verify: bool, check_sizes: bool) -> PackedStream | HFTokenStream:
         if src.type == "hf":
             return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed)
         try:
-            shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify)
+            shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes)
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
         return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
@@ -164,15 +169,18 @@ class CPTDataLoader:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = True) -> torch.Tensor:
+def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
+                 check_sizes: bool = True) -> torch.Tensor:
     """The first ``max_tokens`` tokens of a held-out set as ``LongTensor[n, seq_len]`` (no shuffle).
 
     ``cfg.max_tokens``, when set, overrides ``max_tokens``. The set's tokenizer hash must match the
-    run's tokenizer; a set shorter than one sequence is an error.
+    run's tokenizer; a set shorter than one sequence is an error. Only those tokens are read; ``verify``
+    also checks every file's checksum (a full read), ``check_sizes`` every file's size (see TokenShards.open).
     """
     limit = getattr(cfg, "max_tokens", None) or max_tokens
     try:
-        shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify)
+        shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify,
+                                  check_sizes=check_sizes)
     except ShardError as e:
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None
     n_tokens = shards.num_tokens if limit is None else min(int(limit), shards.num_tokens)

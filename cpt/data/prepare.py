@@ -22,7 +22,9 @@ and written to ``<out>/heldout/`` as a prepared source of its own.
 
 Atomicity: shards are written into a staging folder and moved into place at the end; the old
 manifest is removed before any shard is replaced and the new one is written last (tmp + rename),
-so a manifest never points at partial shards. Re-running with the same inputs, tokenizer and
+so a manifest never points at partial shards. Checksums (xxh3-64) are computed while writing and the
+staged shards are read back and checked against them once, before they are moved into place: the data's
+one full verification (training starts check sizes only; ``cpt verify DIR`` re-checks on demand). Re-running with the same inputs, tokenizer and
 options finds the manifest's ``prepare_key`` unchanged and does nothing.
 """
 
@@ -59,6 +61,7 @@ from cpt.data.shards import (
     TokenShards,
     _backend,
     dtype_for_vocab,
+    filesystem,
     is_remote,
     new_hasher,
     shard_names,
@@ -149,9 +152,10 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
                 raise PrepareError(f"input pattern matched no files: {item}")
             files += matched
         elif is_remote(item):
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(item)
+            try:
+                fs, root = filesystem(item)
+            except ShardError as e:  # s3:// or gs:// without its extra: one line naming it
+                raise PrepareError(str(e)) from None
             protocol = item.split("://", 1)[0]
             if not fs.exists(root):
                 raise PrepareError(f"input not found: {item}")
@@ -849,6 +853,9 @@ def _commit(out: str, staging: str, train: ShardWriter, held: ShardWriter | None
             dtype: np.dtype, bos_id: int | None, key: str, options: dict, inputs: list[str], stats: dict) -> dict:
     """Replace the old prepared data by the staged shards; the manifests are written last."""
     held_dir = os.path.join(out, HELDOUT_DIR)
+    _verify_written(staging, _manifest(train, tok, tok_hash, dtype, "train", bos_id))
+    if held is not None:
+        _verify_written(os.path.join(staging, HELDOUT_DIR), _manifest(held, tok, tok_hash, dtype, "heldout", bos_id))
     _clear_prepared(out)
     _clear_prepared(held_dir)
     _move_shards(staging, out)
@@ -864,6 +871,14 @@ def _commit(out: str, staging: str, train: ShardWriter, held: ShardWriter | None
         os.rmdir(held_dir)
     write_json_atomic(os.path.join(out, MANIFEST), manifest)
     return manifest
+
+
+def _verify_written(folder: str, manifest: dict) -> None:
+    """Read the staged shards back and check them against the checksums computed while writing: the one full
+    verification of the data (training starts check sizes only; `cpt verify DIR` re-checks on demand)."""
+    problems = TokenShards(folder, manifest).verify()
+    if problems:
+        raise PrepareError(f"the shards just written do not read back correctly ({'; '.join(problems)}): check the disk")
 
 
 def _progress_bar(enabled: bool) -> Any:

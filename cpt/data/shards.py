@@ -14,6 +14,14 @@ per-shard counts and per-file checksums (xxh3-64), and what `cpt prepare` skippe
 
 Local shards are read through ``np.memmap``; remote shards through fsspec range reads
 (``cat_ranges``), so only the bytes of the requested sequences travel.
+
+What opening costs: :meth:`TokenShards.open` reads the manifest, compares the tokenizer hash and (by
+default) checks every file's size: no shard byte is read, whatever the corpus size. The full checksums
+are computed by `cpt prepare` while it writes and checked again only on request: :meth:`TokenShards.verify`
+(``cpt verify DIR``), or ``open(..., verify=True)`` (``data.verify_checksums: true`` in a run config).
+
+Remote storage needs the fsspec backend of its protocol: ``pip install "cpt[s3]"`` (s3fs) or
+``"cpt[gcs]"`` (gcsfs); without it :func:`filesystem` raises one :class:`ShardError` line naming the extra.
 """
 
 from __future__ import annotations
@@ -108,6 +116,23 @@ def join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if is_remote(base) else os.path.join(base, name)
 
 
+# protocol -> the pip extra of cpt that installs its fsspec backend
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """``fsspec.core.url_to_fs(url)``; a missing backend package is one :class:`ShardError` line naming what to install."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        protocol = str(url).split("://", 1)[0]
+        if protocol in EXTRAS:
+            raise ShardError(f'{url}: reading {protocol}:// needs an extra: pip install "cpt[{EXTRAS[protocol]}]" ({e})') from None
+        raise ShardError(f"{url}: reading {protocol}:// needs a package that is not installed: {e}") from None
+
+
 def shard_names(i: int) -> tuple[str, str]:
     return f"shard_{i:05d}.bin", f"shard_{i:05d}.idx"
 
@@ -165,19 +190,19 @@ class TokenShards:
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike, expected_tokenizer_hash: str | None = None, verify: bool = True) -> "TokenShards":
-        """Open a prepared source (local directory or fsspec URL).
+    def open(cls, path: str | os.PathLike, expected_tokenizer_hash: str | None = None, verify: bool = False,
+             check_sizes: bool = True) -> "TokenShards":
+        """Open a prepared source (local directory or fsspec URL): reads the manifest, no shard bytes.
 
-        Raises :class:`ShardError` when the manifest is missing or unreadable, a shard file is
-        missing or has the wrong size, a checksum differs (``verify=True``), or the manifest's
-        tokenizer hash differs from ``expected_tokenizer_hash`` (the message names both).
+        Raises :class:`ShardError` when the manifest is missing or unreadable, the manifest's tokenizer
+        hash differs from ``expected_tokenizer_hash`` (the message names both), a shard file is missing or
+        has the wrong size (``check_sizes``: one stat per file), or a checksum differs (``verify=True``:
+        reads every byte of every file, so its cost grows with the corpus; see :meth:`verify`).
         """
         path = str(path)
         fs, root = None, path
         if is_remote(path):
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(path)
+            fs, root = filesystem(path)
         manifest = cls._load_manifest(path, fs, root)
         got = manifest["tokenizer"]["hash"]
         if expected_tokenizer_hash is not None and got != expected_tokenizer_hash:
@@ -187,7 +212,10 @@ class TokenShards:
                 "re-run `cpt prepare` with the run's tokenizer"
             )
         shards = cls(path, manifest, fs, root)
-        shards._check_files(verify)
+        if verify or check_sizes:
+            problems = shards.verify(checksums=verify, first_only=True)
+            if problems:
+                raise ShardError(f"{path}: {problems[0]}")
         return shards
 
     @staticmethod
@@ -195,8 +223,7 @@ class TokenShards:
         mpath = f"{root.rstrip('/')}/{MANIFEST}" if fs is not None else os.path.join(path, MANIFEST)
         try:
             if fs is not None:
-                with fs.open(mpath, "rb") as f:
-                    text = f.read().decode("utf-8")
+                text = fs.cat_file(mpath).decode("utf-8")  # one plain GET (no range requests)
             else:
                 with open(mpath, encoding="utf-8") as f:
                     text = f.read()
@@ -215,30 +242,57 @@ class TokenShards:
     def _file(self, name: str) -> str:
         return f"{self._root.rstrip('/')}/{name}" if self._fs is not None else os.path.join(self.path, name)
 
-    def _size(self, name: str) -> int:
+    def verify(self, checksums: bool = True, first_only: bool = False) -> list[str]:
+        """Problems with the files (one string each; empty: all good): missing files and wrong sizes, and with
+        ``checksums`` every file's xxh3-64 against the manifest (reads the whole source)."""
+        problems: list[str] = []
+        itemsize = self.dtype.itemsize
+        listed = self._listed_sizes()
+        for meta, sh in zip(self.manifest["shards"], self._shards):
+            for name, expected, key in ((sh.tokens_file, sh.num_tokens * itemsize, "tokens_checksum"),
+                                        (sh.docs_file, sh.num_documents * 8, "docs_checksum")):
+                problem = self._check_file(name, expected, meta[key] if checksums else None, listed.get(name))
+                if problem:
+                    problems.append(problem)
+                    if first_only:
+                        return problems
+        return problems
+
+    def _listed_sizes(self) -> dict[str, int]:
+        """Remote storage: every file's size from one directory listing (one LIST request on an object store instead
+        of one HEAD per file); {} when the listing gives no sizes (e.g. an HTTP index page) or fails."""
+        if self._fs is None:
+            return {}
+        try:
+            entries = self._fs.ls(self._root, detail=True)
+        except Exception:  # noqa: BLE001 - a store that cannot list: sizes are asked file by file
+            return {}
+        return {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e["size"]) for e in entries
+                if e.get("type") == "file" and e.get("size") is not None}
+
+    def _check_file(self, name: str, size: int, checksum: str | None, listed_size: int | None = None) -> str | None:
         p = self._file(name)
         try:
-            return int(self._fs.size(p)) if self._fs is not None else os.path.getsize(p)
+            if listed_size is not None:
+                got = listed_size
+            else:
+                got = int(self._fs.size(p)) if self._fs is not None else os.path.getsize(p)
         except FileNotFoundError:
-            raise ShardError(f"{self.path}: shard file {name} is missing") from None
+            return f"shard file {name} is missing"
+        if got != size:
+            return f"{name} has {got} bytes, the manifest expects {size} (truncated or replaced)"
+        if checksum is not None:
+            with self._open_file(name) as f:
+                got_sum = checksum_stream(f)
+            if got_sum != checksum:
+                return (f"checksum mismatch for {name} ({CHECKSUM_ALGO} {got_sum}, manifest {checksum}); "
+                        "the file is corrupt or was changed after `cpt prepare`")
+        return None
 
-    def _check_files(self, verify: bool) -> None:
-        """Sizes always (cheap); checksums of every file when ``verify``."""
-        itemsize = self.dtype.itemsize
-        for meta, sh in zip(self.manifest["shards"], self._shards):
-            for name, expected in ((sh.tokens_file, sh.num_tokens * itemsize), (sh.docs_file, sh.num_documents * 8)):
-                size = self._size(name)
-                if size != expected:
-                    raise ShardError(f"{self.path}: {name} has {size} bytes, the manifest expects {expected} (truncated or replaced)")
-            if verify:
-                for name, key in ((sh.tokens_file, "tokens_checksum"), (sh.docs_file, "docs_checksum")):
-                    with self._open_file(name) as f:
-                        got = checksum_stream(f)
-                    if got != meta[key]:
-                        raise ShardError(
-                            f"{self.path}: checksum mismatch for {name} ({CHECKSUM_ALGO} {got}, manifest {meta[key]}); "
-                            "the file is corrupt or was changed after `cpt prepare` (verify_checksums=false skips this check)"
-                        )
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of all shard files (tokens and document index)."""
+        return sum(s.num_tokens * self.dtype.itemsize + s.num_documents * 8 for s in self._shards)
 
     def _open_file(self, name: str) -> Any:
         return self._fs.open(self._file(name), "rb") if self._fs is not None else open(self._file(name), "rb")
@@ -291,9 +345,12 @@ class TokenShards:
         begins = [off * itemsize for _, (_, off, _, _) in pieces]
         ends = [(off + n) * itemsize for _, (_, off, n, _) in pieces]
         blobs = self._fs.cat_ranges(paths, begins, ends)
-        for (row, (_, _, n, at)), blob in zip(pieces, blobs):
+        for (row, (_, _, n, at)), blob, path in zip(pieces, blobs, paths):
             if isinstance(blob, Exception):
                 raise ShardError(f"{self.path}: range read failed: {blob}")
+            if len(blob) != n * itemsize:  # e.g. an HTTP server that ignores Range and sends the whole file
+                raise ShardError(f"{path}: asked for {n * itemsize} bytes, got {len(blob)}: the storage does not "
+                                 "serve byte ranges (HTTP servers must support Range requests)")
             out[row, at : at + n] = np.frombuffer(blob, dtype=self.dtype, count=n)
         return out
 

@@ -1,0 +1,73 @@
+"""What a training run prints while it runs, for people and for batch-job logs.
+
+On a terminal (stdout is a TTY) with ``train.progress_bar: true`` the loop shows a tqdm bar; everywhere else
+(SLURM and other batch jobs, ``| tee``, ``> log``, or ``train.progress_bar: false``) it prints one plain line
+every ``train.log_every`` steps (:func:`step_line`). Every evaluation prints one line with each held-out loss
+(:func:`eval_line`), bar or not. A run stopped by a preemption signal ends with :func:`preempted_line`.
+The same numbers go to metrics.jsonl (and W&B); these lines are for reading a log.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, TextIO
+
+_HELDOUT = re.compile(r"(ema/)?eval/([^/]+)/loss")
+
+
+def use_progress_bar(enabled: bool, stream: TextIO | None = None) -> bool:
+    """The bar only when asked for and stdout is a terminal (a redirected bar is carriage returns, no lines)."""
+    stream = sys.stdout if stream is None else stream
+    return bool(enabled) and bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _count(n: float) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def step_line(step: int, total: int, record: dict[str, Any]) -> str:
+    """``step 20/100 | tokens 164k | loss 3.4567 | lr 1.00e-03 | grad norm 0.84 | 12,345 tok/s | MFU 41.2%``
+    from a training log record (MFU only when the device's peak FLOP/s is known)."""
+    parts = [f"step {step}/{total}", f"tokens {_count(record['train/tokens'])}", f"loss {record['train/loss']:.4f}",
+             f"lr {record['train/lr']:.2e}"]
+    if record.get("train/grad_norm") is not None:
+        parts.append(f"grad norm {record['train/grad_norm']:.3g}")
+    if record.get("perf/tokens_per_s") is not None:
+        parts.append(f"{record['perf/tokens_per_s']:,.0f} tok/s")
+    if record.get("perf/mfu") is not None:
+        parts.append(f"MFU {100 * record['perf/mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+def eval_line(step: int, metrics: dict[str, Any]) -> str | None:
+    """``eval step 20: python 2.3456, shakespeare 3.4567 | ema: python 2.3000`` (every held-out loss), or
+    ``lm-eval step 20: hellaswag/acc 0.2900`` for lm-eval results; None when ``metrics`` holds neither."""
+    losses, ema, lm = [], [], []
+    for key, value in metrics.items():
+        m = _HELDOUT.fullmatch(key)
+        if m and value is not None:
+            (ema if m.group(1) else losses).append(f"{m.group(2)} {value:.4f}")
+        elif key.startswith("lm_eval/") and value is not None:
+            lm.append(f"{key[len('lm_eval/'):]} {value:.4f}")
+    if losses or ema:
+        return f"eval step {step}: " + ", ".join(losses) + (f" | ema: {', '.join(ema)}" if ema else "")
+    if lm:
+        return f"lm-eval step {step}: " + ", ".join(lm)
+    return None
+
+
+def preempted_line(step: int, total: int, run_dir: Any) -> str:
+    """The first line of a preempted run's end summary (the held-out table after it shows the last evaluation's step)."""
+    return f"PREEMPTED at step {step} of {total}: --resume continues from the latest checkpoint in {run_dir}/checkpoints"
+
+
+def resume_command(argv: list[str]) -> str:
+    """The `cpt train` command line that continues a run: ``argv`` (train's arguments) with ``--resume``."""
+    import shlex
+
+    args = [a for a in argv if a != "--resume"]
+    return shlex.join(["cpt", "train", *args, "--resume"])

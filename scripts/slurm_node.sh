@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One node's part of scripts/slurm_multinode.sbatch, started by `srun` on every node of the job:
+#   slurm_node.sh [accelerate launch options] -m cpt.cli train CONFIG ...
+# Runs `accelerate launch` with this node's machine rank ($SLURM_NODEID). On SIGUSR1 (the time-limit warning, which
+# srun forwards to its tasks) it signals this node's ranks, the launcher's child processes, with SIGUSR1: each finishes
+# its step, all ranks agree, save a checkpoint and exit 0, and the launcher ends as after a normal run. The ranks are
+# signalled directly because torchrun's agent inside `accelerate launch` does not handle SIGUSR1 (before torch 2.9 it
+# would die of it) and gives its ranks only 30 s after a SIGTERM by default.
+set -u
+accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@" &
+launcher=$!
+
+relay() {  # retried until a rank got it (the warning can come while the ranks are still being started)
+  echo "[slurm_node ${SLURM_NODEID:-0}] SIGUSR1: telling the ranks to checkpoint and stop"
+  until pkill -USR1 -P "$launcher"; do
+    kill -0 "$launcher" 2>/dev/null || return
+    sleep 1
+  done
+}
+trap relay USR1
+
+wait "$launcher"
+rc=$?
+while kill -0 "$launcher" 2>/dev/null; do  # the trap interrupted `wait`: the ranks are still saving
+  wait "$launcher"
+  rc=$?
+done
+exit "$rc"

@@ -1,0 +1,183 @@
+"""Stand-ins for `sbatch`, `srun` and `scontrol` that run a batch script on this machine the way SLURM runs it on
+one node, for tests/test_slurm.py (which writes `sbatch`/`srun`/`scontrol` wrappers calling this file onto PATH).
+
+* ``sbatch [--opt=value ...] SCRIPT ARGS``: reads the script's ``#SBATCH`` lines (command-line options override
+  them), prints ``Submitted batch job N`` and returns; a background supervisor runs ``bash SCRIPT ARGS`` in the
+  submit directory with the SLURM_* variables of a 1-node job, stdout and stderr to ``--output`` (``%x``, ``%j``
+  expanded, relative to the submit directory; like SLURM, the job fails if that file cannot be opened), truncated or
+  appended per ``--open-mode``. When ``scontrol requeue N`` was called during a run, the script runs again with
+  ``SLURM_RESTART_COUNT`` incremented, the same job id, and the output reopened per ``--open-mode``.
+  ``$FAKE_SLURM_DIR/job_N.json`` holds the parsed directives, the batch shell's pid (the process a
+  ``--signal=B:SIG@T`` warning goes to: the test sends it, playing the clock) and every run's exit code.
+* ``srun [--opt ...] CMD ARGS``: runs CMD as the one task of the step with SLURM_NODEID/PROCID/LOCALID=0 and
+  handles signals as srun does (slurm src/srun: ``_srun_signal_mgr``): SIGTERM, SIGHUP and SIGQUIT "force job
+  termination", i.e. SIGKILL every process of the step; a single SIGINT is not forwarded; SIGUSR1, SIGUSR2 and the
+  rest are forwarded to the task. Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``. It exits with the
+  task's code (128 + signal if the task was killed).
+* ``scontrol show hostnames LIST`` prints the hosts of a comma-separated LIST; ``scontrol requeue N`` marks job N
+  for requeue; anything else fails. Every call is logged to ``$FAKE_SLURM_DIR/scontrol.log`` (one JSON list a line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE = Path(os.environ.get("FAKE_SLURM_DIR", "/nonexistent"))
+KILLS_STEP = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+HANDLED = (*KILLS_STEP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _job_file(job_id: str) -> Path:
+    return STATE / f"job_{job_id}.json"
+
+
+def _update(job_id: str, **changes) -> dict:
+    path = _job_file(job_id)
+    job = json.loads(path.read_text())
+    job.update(changes)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(job))
+    os.replace(tmp, path)
+    return job
+
+
+def _options(tokens: list[str]) -> dict[str, str]:
+    out = {}
+    for t in tokens:
+        key, _, value = t.lstrip("-").partition("=")
+        out[key] = value
+    return out
+
+
+def directives(script: str) -> dict[str, str]:
+    tokens = []
+    for line in Path(script).read_text().splitlines():
+        if line.startswith("#SBATCH"):
+            tokens += shlex.split(line[len("#SBATCH"):], comments=True)
+    return _options(tokens)
+
+
+def sbatch(argv: list[str]) -> int:
+    opts = [a for a in argv if a.startswith("--")]
+    script, args = argv[len(opts)], argv[len(opts) + 1:]
+    d = {**directives(script), **_options(opts)}
+    nodes = int(d.get("nodes", "1"))
+    if nodes != 1:
+        print(f"fake sbatch: only 1 node is simulated (got --nodes {nodes})", file=sys.stderr)
+        return 1
+    STATE.mkdir(parents=True, exist_ok=True)
+    job_id = str(1000 + len(list(STATE.glob("job_*.json"))))
+    sig = d.get("signal", "")
+    warn = None
+    if sig:
+        target, _, rest = sig.rpartition(":") if ":" in sig else ("", "", sig)
+        name, _, seconds = rest.partition("@")
+        warn = {"batch_shell_only": target == "B", "signal": name, "seconds_before_limit": int(seconds or 60)}
+    job = {"id": job_id, "script": os.path.abspath(script), "args": args, "submit_dir": os.getcwd(), "directives": d,
+           "warning": warn, "runs": [], "batch_pid": None, "done": False, "requeue": False}
+    _job_file(job_id).write_text(json.dumps(job))
+    subprocess.Popen([sys.executable, __file__, "_supervise", job_id], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"Submitted batch job {job_id}")
+    return 0
+
+
+def supervise(job_id: str) -> int:
+    job = _update(job_id, supervisor_pid=os.getpid())  # the root of the job's processes (test clean-up)
+    d, submit_dir = job["directives"], job["submit_dir"]
+    name = d.get("job-name", Path(job["script"]).name)
+    output = d.get("output", "slurm-%j.out").replace("%x", name).replace("%j", job_id)
+    output = os.path.join(submit_dir, output)
+    append = d.get("open-mode") == "append"
+    restart = 0
+    while True:
+        env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_JOB_NAME=name, SLURM_NNODES="1",
+                   SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=submit_dir,
+                   SLURM_GPUS_ON_NODE=d.get("gpus-per-node", "1"), SLURM_NTASKS_PER_NODE=d.get("ntasks-per-node", "1"))
+        if restart:
+            env["SLURM_RESTART_COUNT"] = str(restart)
+        try:
+            out = open(output, "a" if append else "w")  # truncate mode: every (re)start starts a new file
+        except OSError as e:  # SLURM cannot open the output file: the job fails before the script runs
+            _update(job_id, done=True, failed=f"cannot open --output {output}: {e}")
+            return 1
+        with out:
+            proc = subprocess.Popen(["bash", job["script"], *job["args"]], cwd=submit_dir, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            _update(job_id, batch_pid=proc.pid, output=output)
+            rc = proc.wait()
+        job = _update(job_id, batch_pid=None)
+        requeued = bool(job.get("requeue"))
+        job = _update(job_id, runs=job["runs"] + [{"restart": restart, "rc": rc, "requeued": requeued}], requeue=False)
+        if not requeued:
+            _update(job_id, done=True)
+            return 0
+        restart += 1
+        time.sleep(0.5)  # SLURM holds a requeued job pending for a moment
+
+
+def srun(argv: list[str]) -> int:
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 1
+    env = dict(os.environ, SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_STEP_ID="0")
+    child = subprocess.Popen(argv[i:], env=env)
+
+    def handle(sig, _frame):
+        with open(STATE / "srun.log", "a") as f:
+            f.write(signal.Signals(sig).name + "\n")
+        if sig in KILLS_STEP:
+            print("srun: forcing job termination", file=sys.stderr, flush=True)
+            _kill_tree(child.pid)
+        elif sig == signal.SIGINT:
+            print("srun: interrupt (one more within 1 sec to abort)", file=sys.stderr, flush=True)
+        else:
+            child.send_signal(sig)
+
+    for sig in HANDLED:
+        signal.signal(sig, handle)
+    rc = child.wait()
+    return rc if rc >= 0 else 128 - rc
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def scontrol(argv: list[str]) -> int:
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / "scontrol.log", "a") as f:
+        f.write(json.dumps(argv) + "\n")
+    if argv[:2] == ["show", "hostnames"] and len(argv) == 3:
+        print("\n".join(argv[2].split(",")))
+        return 0
+    if argv[:1] == ["requeue"] and len(argv) == 2 and _job_file(argv[1]).is_file():
+        _update(argv[1], requeue=True)
+        return 0
+    print(f"fake scontrol: unsupported here: {' '.join(argv)}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    cmd, rest = sys.argv[1], sys.argv[2:]
+    if cmd == "_supervise":
+        sys.exit(supervise(rest[0]))
+    sys.exit({"sbatch": sbatch, "srun": srun, "scontrol": scontrol}[cmd](rest))

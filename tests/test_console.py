@@ -1,0 +1,55 @@
+"""Batch-job console lines (cpt/console.py): per-step lines, evaluation lines, the progress-bar rule, the resume
+command, and the end table's last-evaluation step. The end-to-end check (a `cpt train` with stdout captured, SIGTERMed)
+is in tests/test_train.py::test_resume_after_sigterm_is_exact."""
+
+import io
+
+from cpt.console import eval_line, resume_command, step_line, use_progress_bar
+from cpt.evaluate import format_summary_table
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_bar_only_on_a_terminal_when_enabled():
+    assert use_progress_bar(True, Stream(tty=True))
+    assert not use_progress_bar(True, Stream(tty=False))  # redirected (SLURM, > log, | tee): plain lines
+    assert not use_progress_bar(False, Stream(tty=True))  # progress_bar: false: plain lines on a terminal too
+    assert not use_progress_bar(True, io.StringIO())
+
+
+def test_step_line_has_tokens_loss_lr_throughput_and_mfu_when_known():
+    record = {"train/tokens": 163_840, "train/loss": 3.456789, "train/lr": 1e-3, "train/grad_norm": 0.8412,
+              "perf/tokens_per_s": 12345.6}
+    line = step_line(20, 100, record)
+    assert line == "step 20/100 | tokens 164k | loss 3.4568 | lr 1.00e-03 | grad norm 0.841 | 12,346 tok/s"
+    assert step_line(20, 100, {**record, "perf/mfu": 0.4123}).endswith("| MFU 41.2%")
+    assert "MFU" not in step_line(20, 100, {**record, "perf/mfu": None})
+    assert "tokens 2.5G" in step_line(1, 2, {**record, "train/tokens": 2.5e9})
+
+
+def test_eval_line_lists_every_heldout_loss():
+    m = {"eval/python/loss": 2.34561, "eval/python/ppl": 10.4, "eval/shakespeare/loss": 3.5, "forgetting/shakespeare": 0.1,
+         "eval/upstream/mean_loss": 3.5, "ema/eval/python/loss": 2.3}
+    assert eval_line(20, m) == "eval step 20: python 2.3456, shakespeare 3.5000 | ema: python 2.3000"
+    assert eval_line(5, {"lm_eval/hellaswag/acc": 0.29}) == "lm-eval step 5: hellaswag/acc 0.2900"
+    assert eval_line(5, {"train/loss": 1.0}) is None
+
+
+def test_resume_command_adds_resume_once_and_quotes():
+    assert resume_command(["c.yaml", "--set", "run.name=a b"]) == "cpt train c.yaml --set 'run.name=a b' --resume"
+    assert resume_command(["c.yaml", "--resume"]) == "cpt train c.yaml --resume"
+
+
+def test_summary_table_shows_the_step_of_the_last_evaluation():
+    rows = [{"name": "python", "tag": "downstream", "step0": 3.0, "final": 3.0, "final_step": 0, "change": 0.0,
+             "worst": 3.0, "worst_step": 0}]
+    table = format_summary_table(rows).splitlines()
+    assert table[0].split() == ["set", "tag", "step", "0", "last", "last", "step", "forgetting/adaptation", "worst", "worst", "step"]
+    assert table[2].split()[:5] == ["python", "downstream", "3.0000", "3.0000", "0"]  # a preempted run's early last eval

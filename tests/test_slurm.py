@@ -1,0 +1,180 @@
+"""The shipped SLURM script, run as shipped through stand-in `sbatch`/`srun`/`scontrol` (tests/fake_slurm.py) on one
+node with 2 CPU ranks (the script's own `accelerate launch` line with configs/accelerate/ddp.yaml, gloo):
+time-limit warning (SIGUSR1 to the batch shell, as `--signal=B:USR1@300` sends it) -> srun (which, like the real one,
+forwards SIGUSR1 but turns SIGTERM into SIGKILL) -> scripts/slurm_node.sh -> the ranks ->
+checkpoint -> `scontrol requeue` -> the same job id starts again with `--resume` -> the per-step losses equal an
+uninterrupted run (1 process, fp32; within 1e-5 relative like every 2-rank test). Also: the job writes its log
+where SLURM can open it (no logs/ folder needed), the log survives the requeue, and the trap calls no scontrol."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_run_config
+from cpt.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "slurm_multinode.sbatch"
+VENV_BIN = Path(sys.executable).parent
+
+
+def losses(run_dir) -> dict[int, float]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return {r["step"]: r["train/loss"] for r in read_metrics(p) if "train/loss" in r} if p.is_file() else {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeSlurm:
+    def __init__(self, tmp: Path):
+        self.state, self.bin, self.submit_dir = tmp / "slurm_state", tmp / "bin", tmp / "submit"
+        for d in (self.state, self.bin, self.submit_dir):
+            d.mkdir()
+        for name in ("sbatch", "srun", "scontrol"):
+            exe = self.bin / name
+            exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_slurm.py"}" {name} "$@"\n')
+            exe.chmod(0o755)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, PATH=os.pathsep.join([str(self.bin), str(VENV_BIN), os.environ["PATH"]]),
+                   FAKE_SLURM_DIR=str(self.state), CPT_HOME=str(ROOT), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                   CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="1", MASTER_PORT=str(free_port()))
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
+        return env
+
+    def submit(self, cfg_path: Path, strategy: str = "ddp") -> str:
+        out = subprocess.run(["sbatch", "--gpus-per-node=2", str(SCRIPT), str(cfg_path), strategy], cwd=self.submit_dir,
+                             env=self.env(), capture_output=True, text=True, check=True).stdout
+        assert out.startswith("Submitted batch job "), out
+        return out.split()[-1]
+
+    def job(self, job_id: str) -> dict:
+        return json.loads((self.state / f"job_{job_id}.json").read_text())
+
+    def wait(self, job_id: str, until=None, timeout: float = 600) -> dict:
+        t0 = time.time()
+        while True:
+            job = self.job(job_id)
+            if job["done"] or (until is not None and until(job)):
+                return job
+            if time.time() - t0 > timeout:
+                raise AssertionError(f"job {job_id} timed out:\n{self.log(job_id)[-5000:]}")
+            time.sleep(0.1)
+
+    def log(self, job_id: str) -> str:
+        p = self.submit_dir / f"cpt-{job_id}.out"
+        return p.read_text() if p.is_file() else ""
+
+    def kill_all(self) -> None:
+        """Kill every process of unfinished jobs (a failed or timed-out test must not leave ranks running; torchrun
+        starts each rank in a session of its own, so the job's process group is not enough)."""
+        import psutil
+
+        for path in self.state.glob("job_*.json"):
+            job = json.loads(path.read_text())
+            if job["done"] or not job.get("supervisor_pid"):
+                continue
+            try:
+                root = psutil.Process(job["supervisor_pid"])
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for p in procs:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+    def scontrol_calls(self) -> list[list[str]]:
+        p = self.state / "scontrol.log"
+        return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    fake = FakeSlurm(tmp_path)
+    yield fake
+    fake.kill_all()
+
+
+def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path, slurm):
+
+    def config(name: str) -> Path:
+        cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
+        cfg["model"] = {"name_or_path": str(tiny_base)}
+        cfg["stages"][0]["steps"] = 12
+        cfg["train"].update(global_batch_size=8, micro_batch_size=2)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    # the uninterrupted run (1 process, in-process: DDP on 2 ranks gives its losses to ~1e-7, see test_train_distributed)
+    from cpt.config import load_config
+    from cpt.train import train
+
+    train(load_config(base=yaml.safe_load(config("ref").read_text())), echo=lambda *a, **k: None)
+    ref = losses(tmp_path / "ref")
+    assert sorted(ref) == list(range(1, 13))
+
+    # the same job, warned of its time limit after a few steps
+    run = tmp_path / "run"
+    job_id = slurm.submit(config("run"))
+    job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and len(losses(run)) >= 4)
+    assert not job["done"], slurm.log(job_id)[-5000:]
+    assert job["warning"] == {"batch_shell_only": True, "signal": "USR1", "seconds_before_limit": 300}
+    os.kill(job["batch_pid"], getattr(signal, "SIG" + job["warning"]["signal"]))  # what SLURM's clock does
+    job = slurm.wait(job_id)
+    log = slurm.log(job_id)
+    assert [(r["restart"], r["requeued"]) for r in job["runs"]] == [(0, True), (1, False)], log[-5000:]
+    assert job["runs"][1]["rc"] == 0, log[-5000:]
+
+    # what happened, in the job's one log file (appended across the requeue)
+    k = next(int(line.split("PREEMPTED at step ")[1].split()[0]) for line in log.splitlines() if "PREEMPTED at step " in line)
+    assert 4 <= k < 12
+    order = ["start 0:", "USR1 received", "SIGUSR1: telling the ranks", f"PREEMPTED at step {k} of 12", "to resume: cpt train", f"requeueing job {job_id}",
+             "start 1:", f"resumed ", "srun exited with 0"]
+    at = [log.find(s) for s in order]
+    assert -1 not in at and at == sorted(at), list(zip(order, at))
+    assert "eval step 4: " in log and "step 12/12 | tokens " in log  # plain progress lines in the batch log
+
+    # the resumed job's losses are the uninterrupted run's; the checkpoint it resumed from is the preemption's
+    got = losses(run)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
+    assert (run / "checkpoints" / f"step_{k:08d}").is_dir() and (run / "export" / "config.json").is_file()
+    assert not (slurm.submit_dir / "logs").exists()  # the log went to the submit dir; nothing had to pre-exist
+    hostnames = ["show", "hostnames", "localhost"]
+    assert slurm.scontrol_calls() == [hostnames, ["requeue", job_id], hostnames]  # none from the trap
+    assert (slurm.state / "srun.log").read_text().split() == ["SIGUSR1"]  # never SIGTERM: srun would SIGKILL the ranks
+
+
+def test_resume_with_nothing_complete_to_resume_starts_fresh(tmp_path):
+    """Every SLURM start passes --resume: a first start, or one after a kill during the first save (only a partial
+    .tmp-* directory), starts fresh; unusable complete checkpoints are refused with a message that fits --resume."""
+    from cpt.train import TrainingError, _check_fresh_run_dir
+
+    run = tmp_path / "run"
+    _check_fresh_run_dir(run, resume=True)  # nothing there yet
+    (run / "checkpoints" / ".tmp-step_00000004").mkdir(parents=True)
+    _check_fresh_run_dir(run, resume=True)
+    _check_fresh_run_dir(run, resume=False)
+    (run / "checkpoints" / "step_00000004").mkdir()  # complete-looking but (per latest_valid_checkpoint) unusable
+    with pytest.raises(TrainingError, match="none is usable"):
+        _check_fresh_run_dir(run, resume=True)
+    with pytest.raises(TrainingError, match="pass --resume"):
+        _check_fresh_run_dir(run, resume=False)
