@@ -5,6 +5,7 @@ for ``s = start, start + 1, ...`` strictly in order, at most ``depth`` batches a
 batch's memory on CUDA (so the host-to-device copy is asynchronous: copying from pageable memory would make the
 host wait for the GPU). The batches are exactly those of calling ``loader.batch`` in the loop.
 
+At most ``depth`` batches are read ahead (a batch is read only once a slot is free).
 The loader's state moves ahead with the worker, so each batch travels with the loader's ``state_dict()`` and
 ``metrics()`` taken right after it was read: :meth:`Prefetcher.state_dict` and :meth:`Prefetcher.metrics` describe
 the last batch the *loop* took, which is what a checkpoint must record (a batch read ahead but not trained on is
@@ -32,7 +33,8 @@ class Prefetcher:
         self.next_step = start_step
         self._state = loader.state_dict()  # before any batch: the resume position itself
         self._metrics = loader.metrics()
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(depth)  # a batch is read only when fewer than `depth` wait unconsumed
         self._closed = threading.Event()
         self._thread = None
         if enabled:  # (disabled: every batch is read in the loop's thread, as without a prefetcher)
@@ -43,28 +45,19 @@ class Prefetcher:
 
     def _work(self, step: int) -> None:
         try:
-            while not self._closed.is_set():
+            while True:
+                while not self._slots.acquire(timeout=0.1):
+                    if self._closed.is_set():
+                        return
+                if self._closed.is_set():
+                    return
                 batch = self.loader.batch(step)
                 if self.pin_memory:
                     batch = {k: v.pin_memory() for k, v in batch.items()}
-                item = (step, batch, self.loader.state_dict(), self.loader.metrics())
-                while not self._closed.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._queue.put((step, batch, self.loader.state_dict(), self.loader.metrics()))
                 step += 1
         except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
-            self._put_final(e)
-
-    def _put_final(self, item: Any) -> None:
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            self._queue.put(e)
 
     # ------------------------------------------------------------ the loop's side
 
@@ -84,6 +77,7 @@ class Prefetcher:
             self.close()
             raise item
         got, batch, self._state, self._metrics = item
+        self._slots.release()
         assert got == step, (got, step)
         self.next_step += 1
         return batch
@@ -98,14 +92,8 @@ class Prefetcher:
     def close(self) -> None:
         """Stop the worker (a batch read ahead is dropped); idempotent."""
         self._closed.set()
-        if self._thread is None:
-            return
-        while True:  # unblock a worker waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     def __enter__(self) -> "Prefetcher":
         return self
