@@ -801,7 +801,9 @@ def run_experiment(spec_path_or_spec: str | os.PathLike | dict | ExperimentSpec,
 def _run(spec: ExperimentSpec, out: Path, echo: Callable, max_runs: int | None) -> Path:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    from cpt.redaction import redact
+
+    (out / "spec.yaml").write_text(yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False))
     echo(f"experiment {spec.name} -> {out}")
     tokenizer, tok_dir, corpus_tokens = _prepare_data(spec, out, echo)
     plans = plan_runs(spec, out, tok_dir, out / "data", corpus_tokens)

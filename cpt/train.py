@@ -11,6 +11,7 @@ Everything the loop composes lives in its own module (see docs/architecture.md).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -23,7 +24,7 @@ import torch
 import yaml
 
 from cpt.checkpoint import TRAINER_STATE, CheckpointManager, latest_valid_checkpoint, resolve_checkpoint
-from cpt.config import RunConfig, config_to_dict, save_config
+from cpt.config import RunConfig, config_to_dict, format_mixes, save_config, trajectory_changes
 
 
 class TrainingError(RuntimeError):
@@ -43,7 +44,7 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainResult:
+def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bool = False, echo=print) -> TrainResult:
     from accelerate.utils import set_seed
 
     from cpt.adapters import trainable_metrics
@@ -71,9 +72,14 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     resume = cfg.checkpoint.resume if resume is None else resume
     resume_ckpt = latest_valid_checkpoint(run_dir) if resume else None
     init_ckpt, init_hf = _resolve_init(cfg.train.init_from) if resume_ckpt is None else (None, None)
+    _preflight(cfg, run_dir, resume_ckpt, init_ckpt, allow_config_change)  # one clear error before anything loads
     if resume_ckpt is None and acc.is_main_process:
         _check_fresh_run_dir(run_dir)
+        if resume:
+            say(f"resume: no checkpoint in {run_dir / 'checkpoints'}: starting a fresh run")
     acc.wait_for_everyone()
+    for line in format_mixes(cfg.stages):
+        say(line)
 
     # --- model and tokenizer
     tokenizer = load_tokenizer(cfg.model)
@@ -391,6 +397,9 @@ def _resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
         return None, None
     p = Path(init_from)
     if (p / "config.json").is_file():
+        from cpt.model import require_safetensors
+
+        require_safetensors(p, "train.init_from")  # an HF directory without (safetensors) weights
         return None, str(p)
     if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():
         return resolve_checkpoint(p), None
@@ -404,7 +413,31 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
         raise TrainingError(
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run.output_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _preflight(cfg: RunConfig, run_dir: Path, resume_ckpt: Path | None, init_ckpt: Path | None,
+               allow_config_change: bool) -> None:
+    """Checks that need neither the model nor the data, run before anything is loaded or written."""
+    from cpt.model import check_attn_implementation
+    from cpt.schedules import LRPlan
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"run.output_dir {run_dir} is an existing file, not a directory: choose another --output-dir")
+    check_attn_implementation(cfg.model)
+    if resume_ckpt is not None and not allow_config_change and (resume_ckpt / "config.yaml").is_file():
+        changed = trajectory_changes(yaml.safe_load((resume_ckpt / "config.yaml").read_text()) or {}, cfg)
+        if changed:
+            raise TrainingError(
+                f"--resume: this config differs from the one {resume_ckpt} was trained with in fields that change the "
+                f"training trajectory: {'; '.join(changed)}. Restore them, start a new stage with train.init_from, or "
+                "pass --allow-config-change to resume anyway"
+            )
+    if cfg.train.anneal_steps and resume_ckpt is None:
+        step = json.loads((init_ckpt / TRAINER_STATE).read_text())["step"] if init_ckpt is not None else 0
+        try:
+            LRPlan([(s.steps, s.schedule) for s in cfg.stages]).anneal_branch(step, cfg.train.anneal_steps, cfg.train.anneal_shape)
+        except ValueError as e:
+            raise TrainingError(f"--anneal from {cfg.train.init_from} (step {step}): {e}") from None
 
 
 def _device_name(acc) -> str:

@@ -131,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.evaluate import heldout_loss
     from eval_harness.lm_eval_hook import load_for_eval, run_lm_eval_detailed
 
-    model, tokenizer = load_for_eval(ckpt, base=args.base, device=device, dtype=args.dtype)
+    from cpt.model import ModelLoadError
+
+    try:
+        model, tokenizer = load_for_eval(ckpt, base=args.base, device=device, dtype=args.dtype)
+    except ModelLoadError as e:  # e.g. pickle weights only: one line, no traceback
+        print(f"cpt eval: error: {e}", file=sys.stderr)
+        return 1
     result: dict[str, Any] = {"checkpoint": str(ckpt), "base": args.base, "heldout": {}, "lm_eval": {}}
     if heldouts:
         context = getattr(model.config, "max_position_embeddings", None) or 1024
