@@ -34,6 +34,10 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     check_vocab_fits(cfg.model, tokenizer, model.get_input_embeddings().weight.shape[0])
+    if cfg.model.vocab is not None:  # training reads the data with the extended tokenizer (shards made with it)
+        from cpt.vocab import build_extended_tokenizer
+
+        tokenizer = build_extended_tokenizer(tokenizer, cfg.model.vocab)[0]
     shape = model_shape(model)
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
     fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
