@@ -200,6 +200,13 @@ def test_pickle_checkpoints_are_refused(tiny_base, tmp_path, capsys):
     assert "no *.safetensors weights" in line and "pytorch_model.bin (pickle)" in line
     assert main(["interpolate", str(tiny_base), str(binary), "--heldout", f"x={tmp_path}:upstream"]) == 1
     one_error_line(capsys.readouterr().err, "cpt interpolate: error: ")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_base)}))
+    torch.save({}, adapter / "adapter_model.bin")
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt merge: error: ")
+    assert "adapter_model.bin, a pickle" in line and not (tmp_path / "merged").exists()
 
 
 def test_dry_run_checks_heldout_tokenizers(tiny_cpt_data, tmp_path, capsys):
