@@ -126,12 +126,12 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
     def save_checkpoint():
         state = {"step": step, "tokens": tokens, "nonfinite_total": nonfinite_total, "data": data.state_dict(),
                  "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict(),
-                 "spikes": spikes.state_dict() if spikes else None}
+                 "spikes": spikes.state_dict() if spikes else None, "anneal_from": anneal_from}
         tensors = {**(ema.state_dict() if ema else {}), **(reptile.state_dict() if reptile else {})}
         ckpts.save(step, state, _yaml(cfg), tensors or None)
 
     start_ckpt = resume_ckpt or (init_ckpt if cfg.train.anneal_steps else None)
-    extra = {}
+    extra, anneal_from = {}, None  # anneal_from: the trunk step an anneal branch started at
     if start_ckpt is not None:
         state, extra = ckpts.load(start_ckpt)
         if state.get("data_fingerprint") != data.fingerprint():
@@ -140,6 +140,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 f"data ({data.fingerprint()}): resuming would not continue the same stream. Use train.init_from to start a new stage."
             )
         step, tokens, nonfinite_total = state["step"], state["tokens"], state.get("nonfinite_total", 0)
+        anneal_from = state.get("anneal_from") if resume_ckpt else None  # a resumed branch continues its anneal
         data.load_state_dict(state["data"])
         evaluator.load_state_dict(state["evaluator"])
         account.load_state_dict(state.get("compute", {}))
@@ -157,9 +158,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         reptile = _build_reptile(cfg, acc, model, extra)
         say(f"reptile: every {cfg.train.reptile.every} steps, weights <- anchor + {cfg.train.reptile.epsilon:g} x (weights - anchor)")
     if cfg.train.anneal_steps:
-        plan = plan.anneal_branch(step, cfg.train.anneal_steps, cfg.train.anneal_shape)
-        say(f"anneal branch: steps {step}..{step + cfg.train.anneal_steps} from lr {plan.lr(step):.3g} to the schedule's min_lr")
-    total_steps = step + cfg.train.anneal_steps if cfg.train.anneal_steps else plan.total_steps
+        anneal_from = step if anneal_from is None else anneal_from
+        plan = plan.anneal_branch(anneal_from, cfg.train.anneal_steps, cfg.train.anneal_shape)
+        say(f"anneal branch: steps {anneal_from}..{anneal_from + cfg.train.anneal_steps} from lr {plan.lr(anneal_from):.3g} "
+            "to the schedule's min_lr")
+    total_steps = anneal_from + cfg.train.anneal_steps if cfg.train.anneal_steps else plan.total_steps
 
     # --- logging, throughput accounting, preemption
     if acc.is_main_process:

@@ -224,3 +224,21 @@ def test_dry_run_checks_heldout_tokenizers(tiny_cpt_data, tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
     assert "held-out set 'shakespeare'" in line and "vocabulary hash" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_anneal_branch_continues_its_anneal(trunk, tmp_path, capsys):
+    """A branch killed mid-anneal resumes the same anneal (from the trunk step it branched at), not a new one."""
+    from cpt.metrics import read_metrics
+
+    path, run, _ = trunk
+    branch = tmp_path / "branch"
+    args = ["train", str(path), "--from", str(run / "checkpoints" / "step_00000004"), "--anneal", "4",
+            "--output-dir", str(branch)]
+    assert main(args) == 0
+    full = {r["step"]: (r["train/lr"], r["train/loss"]) for r in read_metrics(branch) if "train/loss" in r}
+    assert sorted(full) == [5, 6, 7, 8]
+    shutil.rmtree(branch / "checkpoints" / "step_00000008")  # as if killed after the step-6 checkpoint
+    assert main([*args, "--resume"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    again = {r["step"]: (r["train/lr"], r["train/loss"]) for r in read_metrics(branch) if "train/loss" in r}
+    assert again == full
