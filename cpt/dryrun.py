@@ -1,8 +1,9 @@
 """`cpt train CONFIG --dry-run`: what a run will do, checked against its real data, before any GPU time.
 
 It loads the tokenizer, builds the model on the meta device (no weights, no memory) for its size and FLOPs per
-token, and opens every source the stages mix, which checks each manifest and that the shards were made with
-this tokenizer, and every held-out set (its tokenizer hash and length). It then walks the mixer through every step, which is exact and cheap. It reports:
+token (checking the attention implementation is installed and the tokenizer fits the embedding), and opens every
+source the stages mix and every held-out set, which checks each manifest and that the shards were made with the
+tokenizer training uses. It then walks the mixer through every step, which is exact and cheap. It reports:
 
 - per stage: steps, tokens, the LR at its start, peak and end, and each source's tokens and share;
 - per source: the tokens consumed and the epochs that means, with a warning past ``data.max_epochs_warning``;
@@ -22,9 +23,8 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cpt.data.loader import CPTDataLoader
+    from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.metrics import model_flops_per_token
-    from cpt.data.loader import load_heldout
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
     from cpt.schedules import LRPlan
 

@@ -106,12 +106,15 @@ def check_attn_implementation(cfg: ModelConfig) -> None:
     available = is_flash_attn_2_available() if impl == "flash_attention_2" else is_flash_attn_3_available()
     if available or is_kernels_available():  # transformers falls back to the `kernels` package's hub build
         return
-    package = "flash-attn" if impl == "flash_attention_2" else "flash-attn-3 (flash_attn_interface)"
-    where = "a CUDA GPU" if not torch.cuda.is_available() else "this GPU"
-    raise ModelLoadError(
-        f"model.attn_implementation: {impl} needs the {package} package and a CUDA GPU, which are not available "
-        f"on {where} here (pip install flash-attn --no-build-isolation); use sdpa (the default) or eager"
-    )
+    import importlib.util
+
+    package, module = ("flash-attn", "flash_attn") if impl == "flash_attention_2" else ("flash-attn-3", "flash_attn_interface")
+    if importlib.util.find_spec(module) is None:
+        reason = f"{package} is not installed (pip install {package} --no-build-isolation)"
+    else:
+        reason = "no CUDA GPU is available" if not torch.cuda.is_available() else f"the installed {package} is too old"
+    raise ModelLoadError(f"model.attn_implementation: {impl} needs the {package} package and a CUDA GPU, but {reason}; "
+                         "use sdpa (the default) or eager")
 
 
 def apply_config_overrides(config, overrides: dict[str, Any]) -> None:

@@ -398,15 +398,16 @@ def _resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     """(cpt checkpoint, HF export dir) for train.init_from; exactly one is set when init_from is."""
     if init_from is None:
         return None, None
+    from cpt.model import require_safetensors  # an HF directory must hold safetensors weights: one clear line
+
     p = Path(init_from)
     if (p / "config.json").is_file():
-        from cpt.model import require_safetensors
-
-        require_safetensors(p, "train.init_from")  # an HF directory without (safetensors) weights
+        require_safetensors(p, "train.init_from")
         return None, str(p)
     if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():
         return resolve_checkpoint(p), None
     if (p / "export" / "config.json").is_file():
+        require_safetensors(p / "export", "train.init_from")
         return None, str(p / "export")
     raise TrainingError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
