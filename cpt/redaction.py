@@ -5,12 +5,15 @@ A key is split into words at ``_``, ``-``, ``.``, spaces and camelCase humps, th
 
 - any word is ``secret(s)``, ``password(s)``, ``passwd``, ``passphrase`` or ``credential(s)``, or a run-together
   form such as ``apikey``, ``accesskey``, ``authtoken`` (``client_secret``, ``db-password``, ``credentials_file``);
-- the last word is ``key`` (``api_key``, ``access-key``, ``private_key``, ``aws_secret_access_key``);
-- the last word is ``token`` and the word before it does not name a special token of a tokenizer
-  (``hub_token``, ``access-token``, ``HF_TOKEN``, ``token`` — but not ``eos_token``, ``pad_token``).
+- the last word is ``key`` (``api_key``, ``access-key``, ``private_key``, ``aws_secret_access_key``), unless the
+  word before names attention or a lookup (``share_att_key``, ``sort_key``);
+- the last word is ``token`` (``hub_token``, ``access-token``, ``HF_TOKEN``, ``token``), unless the word before
+  names a tokenizer's special token or a rate (``eos_token``, ``pad_token``, ``num_experts_per_token``).
 
 Not secret: ``tokenizer``, ``tokens_per_set``, ``max_tokens``, ``eos_token_id`` (last word ``id``),
 ``num_key_value_heads`` (``key`` is not the last word), ``vocab``. The rule matches words, never substrings.
+Class names in a model config's ``id2label`` / ``label2id`` are data and left alone. No field of any config
+class in transformers 5.23 is secret under this rule (checked over ``CONFIG_MAPPING``).
 
 Redaction replaces the value with ``<redacted>`` in the *written* copies only (config.yaml, checkpoints' config,
 W&B's config and recorded command line, exported config.json); the model is built from the real values.
@@ -31,10 +34,14 @@ REDACTED = "<redacted>"
 _ANYWHERE = {"secret", "secrets", "password", "passwords", "passwd", "passphrase", "credential", "credentials",
              "apikey", "apikeys", "accesskey", "secretkey", "privatekey", "authtoken", "accesstoken", "apitoken",
              "hubtoken", "hftoken", "bearertoken", "refreshtoken"}
-# <word>_token names a tokenizer's special token, not a credential
-_SPECIAL_TOKENS = {"eos", "bos", "pad", "unk", "sep", "cls", "mask", "start", "end", "image", "audio", "video",
-                   "boi", "eoi", "boa", "eoa", "special", "additional", "added", "new", "fim", "prefix", "suffix",
-                   "middle", "think", "tool", "system", "user", "assistant"}
+# <word>_token names a tokenizer's special token or a rate (experts_per_token), not a credential
+_NOT_TOKEN = {"eos", "bos", "pad", "unk", "sep", "cls", "class", "mask", "start", "end", "image", "audio", "video",
+              "boi", "eoi", "boa", "eoa", "special", "additional", "added", "new", "fim", "prefix", "suffix",
+              "middle", "think", "tool", "system", "user", "assistant", "per", "first", "last", "next"}
+# <word>_key names a part of attention (share_att_key) or a lookup, not a credential
+_NOT_KEY = {"att", "attn", "attention", "qk", "kv", "query", "sort", "dict", "cache", "primary", "foreign", "group"}
+# label maps of a model config hold class names (e.g. "B-secret"), which are data, not keys
+_LABEL_MAPS = {"id2label", "label2id"}
 
 
 def key_words(name: str) -> list[str]:
@@ -52,16 +59,16 @@ def is_secret_key(name: Any) -> bool:
     if any(w in _ANYWHERE for w in words):
         return True
     if words[-1] == "key":
-        return True
+        return len(words) == 1 or words[-2] not in _NOT_KEY
     if words[-1] == "token":
-        return len(words) == 1 or words[-2] not in _SPECIAL_TOKENS
+        return len(words) == 1 or words[-2] not in _NOT_TOKEN
     return False
 
 
 def redact(obj: Any) -> Any:
     """A copy of ``obj`` with the value of every secret-named key, at any depth, replaced by ``<redacted>``."""
     if isinstance(obj, dict):
-        return {k: (REDACTED if is_secret_key(k) else redact(v)) for k, v in obj.items()}
+        return {k: (REDACTED if is_secret_key(k) else v if k in _LABEL_MAPS else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     return obj

@@ -20,7 +20,9 @@ SECRET_NAMES = ["aws_secret_access_key", "access-token", "hubToken", "HF_TOKEN",
 NOT_SECRETS = ["tokens_per_set", "max_tokens", "tokenizer", "eos_token", "pad_token", "bos_token", "pad_token_id",
                "eos_token_id", "vocab", "num_key_value_heads", "add_tokens_file", "learn_tokens", "keep", "sort_keys",
                "monkey", "key_value", "tokenizer_class", "max_position_embeddings", "embed_tokens", "new_rows_lr_multiplier",
-               "tie_word_embeddings", "mask_token", "keystone", "token_budget"]
+               "tie_word_embeddings", "mask_token", "keystone", "token_budget",
+               # fields of transformers model configs that a substring or naive word rule would flag
+               "num_experts_per_token", "max_atoms_per_token", "samples_per_token", "return_class_token", "share_att_key"]
 
 
 @pytest.mark.parametrize("name", SECRET_NAMES)
@@ -39,6 +41,8 @@ def test_words_and_nested_redaction():
     cfg = {"model": {"arch": {"hidden_size": 8, "num_key_value_heads": 2, "hub_token": "S",
                               "storage": [{"aws_secret_access_key": "S", "region": "eu"}]}},
            "eval": {"tokens_per_set": 5}}
+    labels = {"id2label": {"0": "B-secret"}, "label2id": {"B-secret": 0}}
+    assert redact(labels) == labels  # class names are data
     assert redact(cfg) == {"model": {"arch": {"hidden_size": 8, "num_key_value_heads": 2, "hub_token": REDACTED,
                                               "storage": [{"aws_secret_access_key": REDACTED, "region": "eu"}]}},
                            "eval": {"tokens_per_set": 5}}
