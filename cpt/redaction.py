@@ -92,6 +92,17 @@ def redact_override(item: str) -> str:
     return item
 
 
+def redact_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """An experiment spec (``cpt experiment``) with secrets redacted, in its ``--set``-style override lists too."""
+    out = redact(spec)
+    if isinstance(out.get("run_overrides"), list):
+        out["run_overrides"] = [redact_override(o) for o in out["run_overrides"]]
+    for v in out.get("variants") or []:
+        if isinstance(v, dict) and isinstance(v.get("overrides"), list):
+            v["overrides"] = [redact_override(o) for o in v["overrides"]]
+    return out
+
+
 def redact_argv(argv: list[str]) -> list[str]:
     """A command line with the values of secret ``--set KEY=VALUE`` overrides redacted."""
     out, after_set = [], False

@@ -56,6 +56,15 @@ def test_argv_redaction():
                                  f"model.arch={REDACTED}", "--resume"]
 
 
+def test_experiment_spec_redaction():
+    from cpt.redaction import redact_spec
+
+    spec = {"name": "e", "run_overrides": ["model.compile=true", "model.arch.hub_token=S1"],
+            "variants": [{"name": "v", "overrides": ["train.ema_decay=0.9", "model.arch={api_key: S2}"]}]}
+    assert redact_spec(spec) == {"name": "e", "run_overrides": ["model.compile=true", f"model.arch.hub_token={REDACTED}"],
+                                 "variants": [{"name": "v", "overrides": ["train.ema_decay=0.9", f"model.arch={REDACTED}"]}]}
+
+
 def test_json_file_redaction(tmp_path):
     p = tmp_path / "config.json"
     clean = {"eos_token_id": 2, "num_key_value_heads": 4, "vocab_size": 10}
