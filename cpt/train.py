@@ -431,9 +431,10 @@ def _preflight(cfg: RunConfig, run_dir: Path, resume_ckpt: Path | None, init_ckp
     if resume_ckpt is not None and not allow_config_change and (resume_ckpt / "config.yaml").is_file():
         changed = trajectory_changes(yaml.safe_load((resume_ckpt / "config.yaml").read_text()) or {}, cfg)
         if changed:
+            more = f"; and {len(changed) - 12} more" if len(changed) > 12 else ""
             raise TrainingError(
                 f"--resume: this config differs from the one {resume_ckpt} was trained with in fields that change the "
-                f"training trajectory: {'; '.join(changed)}. Restore them, start a new stage with train.init_from, or "
+                f"training trajectory: {'; '.join(changed[:12])}{more}. Restore them, start a new stage with train.init_from, or "
                 "pass --allow-config-change to resume anyway"
             )
     if cfg.train.anneal_steps and resume_ckpt is None:
