@@ -312,7 +312,11 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     base = base or acfg.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{cfg_path} names no base model; pass base=... (cpt merge --base)")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", trust_remote_code=False)
+    from cpt.model import require_adapter_safetensors, require_safetensors
+
+    require_adapter_safetensors(adir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", trust_remote_code=False,
+                                                 use_safetensors=require_safetensors(base, "base model"))
     tok_src = adir if (adir / "tokenizer_config.json").is_file() else Path(base)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False)
     sidecar = adir / ADAPTER_SIDECAR

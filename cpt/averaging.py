@@ -170,8 +170,10 @@ def weight_files(ckpt: str | Path) -> tuple[str, dict[str, Path]]:
         if (d / fname).is_file():
             with safe_open(str(d / fname), framework="pt") as f:
                 return kind, {k: d / fname for k in f.keys()}
+    pickles = sorted(f.name for f in d.glob("*.bin")) if d.is_dir() else []
+    found = f"; it holds {', '.join(pickles[:3])} (pickle), convert it with save_pretrained(safe_serialization=True)" if pickles else ""
     raise FileNotFoundError(f"{d}: no model.safetensors, model.safetensors.index.json or adapter_model.safetensors "
-                            "(only safetensors checkpoints are read)")
+                            f"(only safetensors checkpoints are read){found}")
 
 
 class _Reader:
@@ -266,6 +268,7 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
                 diff = sorted(set(r.where) ^ set(keys))
                 raise ValueError(f"{p} has different tensors than {paths[0]}: {diff[:5]}")
         out = Path(out_dir)
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
 
         def averaged() -> Iterator[tuple[str, torch.Tensor]]:
@@ -283,7 +286,12 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
         for k in keys:
             t = readers[0].get(k)
             total += t.numel() * t.element_size()
-        _write_sharded(averaged(), out, readers[0].kind, total, max_shard_bytes)
+        try:
+            _write_sharded(averaged(), out, readers[0].kind, total, max_shard_bytes)
+        except BaseException:
+            if created:  # nothing half-written left behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     finally:
         for r in readers:
             r.close()
@@ -332,7 +340,10 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
 
         peft_model, tok = load_adapter_model(p, dtype=dtype)
         return peft_model.merge_and_unload(), tok
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, trust_remote_code=False)
+    from cpt.model import require_safetensors
+
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, trust_remote_code=False,
+                                                 use_safetensors=require_safetensors(p))
     tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
     return model, tok
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from cpt.adapters import FreezeConfig, LoraConfig
 from cpt.configbase import Strict
 from cpt.data.sources import HeldoutConfig, SourceConfig
+from cpt.redaction import redact
 from cpt.schedules import ScheduleConfig, validate_stage_schedules
 from cpt.vocab import VocabConfig
 
@@ -110,6 +110,23 @@ class StageConfig(Strict):
         if sum(v.values()) <= 0:
             raise ValueError("shares must not all be zero")
         return v
+
+    @property
+    def shares(self) -> dict[str, float]:
+        """The mix normalised to sum to 1 (what the mixer uses)."""
+        total = sum(self.mix.values())
+        return {k: v / total for k, v in self.mix.items()}
+
+
+def format_mixes(stages: list[StageConfig]) -> list[str]:
+    """One line per stage with its normalised shares, noting when the given weights did not sum to 1."""
+    lines = []
+    for i, st in enumerate(stages):
+        total = sum(st.mix.values())
+        note = "" if abs(total - 1) < 1e-9 else f" (the weights given sum to {total:g}: normalised)"
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in st.shares.items())
+        lines.append(f"stage {i} {st.name} mix: {shares}{note}")
+    return lines
 
 
 class OptimConfig(Strict):
@@ -285,10 +302,6 @@ class RunConfig(Strict):
 
 # ---------------------------------------------------------------- loading, overrides, errors
 
-# keys like api_key, hub_token, access_token, password, secret (not max_tokens, tokens_per_set)
-SECRET_KEY = re.compile(r"(^|_)(api_?key|token|password|secret)$", re.IGNORECASE)
-
-
 def _parse_value(text: str) -> Any:
     """Parse an override value as YAML (so 3e-4, true, [a, b], {x: 1} all work)."""
     try:
@@ -376,16 +389,53 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return validate(data)
 
 
-def redact(obj: Any) -> Any:
-    """Drop secret-looking keys (API keys, tokens) before anything is written or logged."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+# What a --resume must not change: the fields that change the training trajectory. Everything else may change on
+# resume: the world size and train.micro_batch_size (gradient accumulation), kernels and memory
+# (model.attn_implementation/compile/liger_kernel/gradient_checkpointing, optim.fused), the locations of the
+# model, tokenizer and data (the checkpoint holds the weights; the data fingerprint and tokenizer hash check the
+# content), held-out sets, logging, evaluation and checkpoint cadence, stage names, run.name and output_dir.
+TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.document_masking", "stages", "optim",
+                     "train.global_batch_size", "train.precision", "train.anneal_steps", "train.anneal_shape",
+                     "train.ema_decay", "train.reptile", "train.skip_spikes")
+NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "fused", "name",
+                  "name_or_path", "tokenizer", "revision", "path", "add_tokens_file", "learn_from", "trust_remote_code"}
+
+
+def _leaves(obj: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        return {k: v for key, val in obj.items() for k, v in _leaves(val, f"{prefix}.{key}").items()}
+    if isinstance(obj, list) and obj and any(isinstance(x, (dict, list)) for x in obj):
+        return {k: v for i, val in enumerate(obj) for k, v in _leaves(val, f"{prefix}.{i}").items()}
+    return {prefix: obj}
+
+
+def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """``field: saved -> now`` for every trajectory field (TRAJECTORY_FIELDS) in which ``cfg`` differs from
+    ``saved`` (a checkpoint's config.yaml, as written: secrets redacted, so they compare as equal)."""
+    now = config_to_dict(cfg)
+
+    def pick(d: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for field in TRAJECTORY_FIELDS:
+            node: Any = d
+            for part in field.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            out.update(_leaves(node, field))
+        return {k: v for k, v in out.items() if k.rsplit(".", 1)[-1] not in NOT_TRAJECTORY}
+
+    a, b = pick(saved), pick(now)
+    missing = "(not set)"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b), key=_field_order)
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def _field_order(key: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as written anywhere (config.yaml, checkpoints, W&B): secrets redacted at any depth,
+    free-form dicts (model.arch, model.config_overrides) included (see cpt/redaction.py)."""
     return redact(cfg.model_dump(mode="json"))
 
 

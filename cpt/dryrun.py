@@ -1,8 +1,9 @@
 """`cpt train CONFIG --dry-run`: what a run will do, checked against its real data, before any GPU time.
 
 It loads the tokenizer, builds the model on the meta device (no weights, no memory) for its size and FLOPs per
-token, and opens every source the stages mix, which checks each manifest and that the shards were made with
-this tokenizer. It then walks the mixer through every step, which is exact and cheap. It reports:
+token (checking the attention implementation is installed and the tokenizer fits the embedding), and opens every
+source the stages mix and every held-out set, which checks each manifest and that the shards were made with the
+tokenizer training uses. It then walks the mixer through every step, which is exact and cheap. It reports:
 
 - per stage: steps, tokens, the LR at its start, peak and end, and each source's tokens and share;
 - per source: the tokens consumed and the epochs that means, with a warning past ``data.max_epochs_warning``;
@@ -15,28 +16,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpt.config import RunConfig
+from cpt.config import RunConfig, format_mixes
 
 
 def describe_run(cfg: RunConfig) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cpt.data.loader import CPTDataLoader
+    from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.metrics import model_flops_per_token
-    from cpt.model import load_tokenizer, model_config, model_shape
+    from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
     from cpt.schedules import LRPlan
 
+    check_attn_implementation(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     config = model_config(cfg.model, tokenizer)  # the config build_model would use
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    check_vocab_fits(cfg.model, tokenizer, model.get_input_embeddings().weight.shape[0])
+    if cfg.model.vocab is not None:  # training reads the data with the extended tokenizer (shards made with it)
+        from cpt.vocab import build_extended_tokenizer
+
+        tokenizer = build_extended_tokenizer(tokenizer, cfg.model.vocab)[0]
     shape = model_shape(model)
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
     fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
 
     data_cfg = cfg.data.model_copy(update={"verify_checksums": False})
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
+    for h in cfg.data.heldout:  # each held-out set's tokenizer hash and length, as training checks them at start
+        load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, verify=False)
     plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
     names = data.source_names
     stages, start = [], 0
@@ -58,7 +67,8 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
                          "too_many_epochs": epochs is not None and epochs > cfg.data.max_epochs_warning}
     total = plan.total_steps * B * L
     return {"model": {**shape, "vocab": len(tokenizer), "flops_per_token": fpt, "context": getattr(config, "max_position_embeddings", None)},
-            "seq_len": L, "global_batch_size": B, "stages": stages, "sources": sources,
+            "seq_len": L, "global_batch_size": B, "stages": stages, "sources": sources, "mixes": format_mixes(cfg.stages),
+            "heldout": [h.name for h in cfg.data.heldout],
             "total": {"steps": plan.total_steps, "tokens": total, "flops": total * fpt},
             "max_epochs_warning": cfg.data.max_epochs_warning}
 
@@ -70,6 +80,7 @@ def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str
              f"batch: {d['global_batch_size']} x {d['seq_len']} = {d['global_batch_size'] * d['seq_len']:,} tokens per step"]
     if m["context"] and d["seq_len"] > m["context"]:
         lines.append(f"warning: seq_len {d['seq_len']} is longer than the model's context ({m['context']})")
+    lines += d.get("mixes", [])
     for i, st in enumerate(d["stages"]):
         lr = st["lr"]
         mix = ", ".join(f"{n} {s['share']:.1%} ({s['tokens']:,} tok)" for n, s in st["sources"].items())
@@ -81,6 +92,8 @@ def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str
             continue
         flag = f"   WARNING: past data.max_epochs_warning={d['max_epochs_warning']:g}" if s["too_many_epochs"] else ""
         lines.append(f"source {name}: {s['tokens']:,} of {s['available_tokens']:,} tokens = {s['epochs']:.2f} epochs{flag}")
+    if d.get("heldout"):
+        lines.append(f"held-out sets (tokenizer checked): {', '.join(d['heldout'])}")
     t = d["total"]
     lines.append(f"total: {t['steps']:,} steps, {t['tokens']:,} training tokens, {t['flops']:.3g} FLOPs")
     if tokens_per_s:

@@ -807,7 +807,9 @@ def run_experiment(spec_path_or_spec: str | os.PathLike | dict | ExperimentSpec,
 def _run(spec: ExperimentSpec, out: Path, echo: Callable, max_runs: int | None) -> Path:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    from cpt.redaction import redact_spec
+
+    (out / "spec.yaml").write_text(yaml.safe_dump(redact_spec(spec.model_dump(mode="json")), sort_keys=False))
     echo(f"experiment {spec.name} -> {out}")
     tokenizer, tok_dir, corpus_tokens = _prepare_data(spec, out, echo)
     plans = plan_runs(spec, out, tok_dir, out / "data", corpus_tokens)
@@ -872,7 +874,9 @@ def _dry_run(spec: ExperimentSpec, out: Path, echo: Callable) -> Path:
              + " ".join(f"lr[{m}]={lr.lr(m):.2e}" for m in marks))
         variant = next((v for v in spec.variants if p.name == f"{cpt_run_name(v.schedule, v.replay)}-{v.name}"), None)
         if variant is not None:
-            echo(f"  {'':<28} variant overrides: {' '.join(variant.overrides)}")
+            from cpt.redaction import redact_override
+
+            echo(f"  {'':<28} variant overrides: {' '.join(redact_override(o) for o in variant.overrides)}")
     echo(f"total: {total_tokens:,} training tokens, {total_tokens * fpt:.3g} FLOPs")
     if spec.assumed_tokens_per_s:
         echo(f"at {spec.assumed_tokens_per_s:,.0f} tokens/s: {total_tokens / spec.assumed_tokens_per_s / 60:.1f} min of training "

@@ -117,18 +117,21 @@ class MetricsLogger:
             run_id = generate_id()
         config = config_to_dict(self.cfg)  # secrets redacted
         config["data_mix"] = mix_summary(self.cfg)
-        self.wandb_run = wandb.init(
-            project=w.project,
-            entity=w.entity,
-            group=w.group,
-            tags=list(w.tags) or None,
-            name=self.cfg.run.name,
-            dir=str(self.run_dir),
-            config=config,
-            mode=w.mode,
-            id=run_id,
-            resume="allow",
-        )
+        from cpt.redaction import redacted_argv
+
+        with redacted_argv():  # W&B records sys.argv: `--set` secrets must not reach the run's metadata
+            self.wandb_run = wandb.init(
+                project=w.project,
+                entity=w.entity,
+                group=w.group,
+                tags=list(w.tags) or None,
+                name=self.cfg.run.name,
+                dir=str(self.run_dir),
+                config=config,
+                mode=w.mode,
+                id=run_id,
+                resume="allow",
+            )
         id_file.write_text(self.wandb_run.id)
         run = self.wandb_run
         run.define_metric("train/tokens")

@@ -35,7 +35,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tok = _load(field, name, AutoTokenizer.from_pretrained, name, revision=cfg.revision,
                 trust_remote_code=cfg.trust_remote_code)
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer {name!r} has no eos_token: packing needs one to separate documents")
+        raise ModelLoadError(f"tokenizer {name!r} has no eos_token: packing needs one to separate documents")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -73,17 +73,48 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
         model = _load("train.init_from" if weights_from else "model.name_or_path", source,
                       AutoModelForCausalLM.from_pretrained, source, config=config,
                       revision=None if weights_from else cfg.revision, dtype=torch.float32,
-                      use_safetensors=_prefers_safetensors(source), **common)
+                      use_safetensors=require_safetensors(source, "train.init_from" if weights_from else "model.name_or_path"),
+                      **common)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
     weight = model.get_input_embeddings().weight
-    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 (zero.Init) leaves an empty placeholder
-    if rows < len(tokenizer):
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
-            f"{rows} rows: use model.vocab to extend the vocabulary"
-        )
+    check_vocab_fits(cfg, tokenizer, getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3: an empty placeholder
     return model
+
+
+def check_vocab_fits(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, rows: int) -> None:
+    """The tokenizer's ids must all have an embedding row (before any model.vocab extension)."""
+    if rows >= len(tokenizer):
+        return
+    name = cfg.tokenizer or cfg.name_or_path
+    raise ModelLoadError(
+        f"the tokenizer {name!r} has {len(tokenizer):,} tokens but the model's embedding has {rows:,} rows: "
+        "give the model's own tokenizer (model.tokenizer), or, to add tokens, start from the model's tokenizer and "
+        "set model.vocab (add_tokens_file / learn_from), which resizes the embeddings and initialises the new rows"
+    )
+
+
+def check_attn_implementation(cfg: ModelConfig) -> None:
+    """``model.attn_implementation: flash_attention_2/3`` needs its package and a GPU (or transformers' `kernels`
+    fallback); checked before anything loads, so a run does not fail after the model is built."""
+    impl = cfg.attn_implementation
+    if not impl.startswith("flash_attention_"):
+        return
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+    from transformers.utils.import_utils import is_kernels_available
+
+    available = is_flash_attn_2_available() if impl == "flash_attention_2" else is_flash_attn_3_available()
+    if available or is_kernels_available():  # transformers falls back to the `kernels` package's hub build
+        return
+    import importlib.util
+
+    package, module = ("flash-attn", "flash_attn") if impl == "flash_attention_2" else ("flash-attn-3", "flash_attn_interface")
+    if importlib.util.find_spec(module) is None:
+        reason = f"{package} is not installed (pip install {package} --no-build-isolation)"
+    else:
+        reason = "no CUDA GPU is available" if not torch.cuda.is_available() else f"the installed {package} is too old"
+    raise ModelLoadError(f"model.attn_implementation: {impl} needs the {package} package and a CUDA GPU, but {reason}; "
+                         "use sdpa (the default) or eager")
 
 
 def apply_config_overrides(config, overrides: dict[str, Any]) -> None:
@@ -99,14 +130,28 @@ def apply_config_overrides(config, overrides: dict[str, Any]) -> None:
         setattr(config, key, value)
 
 
-def _prefers_safetensors(source: str) -> bool | None:
-    """Local directories must hold safetensors weights (no pickles); hub ids use transformers' default."""
+def require_safetensors(source: str | os.PathLike, what: str = "model") -> bool:
+    """cpt loads weights from safetensors only (a pickle can run code): a local directory must hold
+    ``*.safetensors`` weights, else one error line says how to convert it. Returns the ``use_safetensors``
+    argument for ``from_pretrained`` (True, also for hub ids: a hub repo without safetensors is refused)."""
     p = Path(source)
-    if p.is_dir():
-        if any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")):
-            return True
-        raise ValueError(f"{source}: no *.safetensors weights found (cpt loads weights from safetensors only)")
-    return None
+    if p.is_dir() and not (any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json"))):
+        pickles = sorted(f.name for f in p.glob("*.bin")) + sorted(f.name for f in p.glob("*.pt"))
+        found = f"it holds {', '.join(pickles[:3])} (pickle)" if pickles else "it holds no weights"
+        raise ModelLoadError(
+            f"{what} {source}: no *.safetensors weights ({found}); cpt loads safetensors only. Convert once with "
+            "transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
+        )
+    return True
+
+
+def require_adapter_safetensors(adapter_dir: str | os.PathLike) -> None:
+    """A peft adapter directory must hold adapter_model.safetensors (peft would torch.load adapter_model.bin)."""
+    d = Path(adapter_dir)
+    if not (d / "adapter_model.safetensors").is_file():
+        found = " (it holds adapter_model.bin, a pickle)" if (d / "adapter_model.bin").is_file() else ""
+        raise ModelLoadError(f"adapter {d}: no adapter_model.safetensors{found}; cpt loads safetensors only. "
+                             "Convert once with peft: PeftModel.from_pretrained(...).save_pretrained(DIR, safe_serialization=True)")
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):
@@ -182,6 +227,9 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            from cpt.redaction import redact_json_file
+
+            redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -11,6 +11,7 @@ Everything the loop composes lives in its own module (see docs/architecture.md).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -22,7 +23,7 @@ import torch
 import yaml
 
 from cpt.checkpoint import TRAINER_STATE, CheckpointManager, latest_valid_checkpoint, resolve_checkpoint
-from cpt.config import RunConfig, config_to_dict, save_config
+from cpt.config import RunConfig, config_to_dict, format_mixes, save_config, trajectory_changes
 
 
 class TrainingError(RuntimeError):
@@ -43,7 +44,7 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainResult:
+def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bool = False, echo=print) -> TrainResult:
     from accelerate.utils import set_seed
 
     from cpt.adapters import trainable_metrics
@@ -75,9 +76,14 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     resume = cfg.checkpoint.resume if resume is None else resume
     resume_ckpt = latest_valid_checkpoint(run_dir) if resume else None
     init_ckpt, init_hf = _resolve_init(cfg.train.init_from) if resume_ckpt is None else (None, None)
+    _preflight(cfg, run_dir, resume_ckpt, init_ckpt, allow_config_change)  # one clear error before anything loads
     if resume_ckpt is None and acc.is_main_process:
         _check_fresh_run_dir(run_dir, resume)
+        if resume:
+            say(f"resume: no checkpoint in {run_dir / 'checkpoints'}: starting a fresh run")
     acc.wait_for_everyone()
+    for line in format_mixes(cfg.stages):
+        say(line)
 
     # --- model and tokenizer
     tokenizer = load_tokenizer(cfg.model)
@@ -135,12 +141,12 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
                  "data": feed.state_dict() if feed is not None else data.state_dict(),
                  "data_fingerprint": data.fingerprint(), "evaluator": evaluator.state_dict(), "compute": account.state_dict(),
                  "lm_eval": bench.state_dict() if bench else None,
-                 "spikes": spikes.state_dict() if spikes else None}
+                 "spikes": spikes.state_dict() if spikes else None, "anneal_from": anneal_from}
         tensors = {**(ema.state_dict() if ema else {}), **(reptile.state_dict() if reptile else {})}
         ckpts.save(step, state, _yaml(cfg), tensors or None)
 
     start_ckpt = resume_ckpt or (init_ckpt if cfg.train.anneal_steps else None)
-    extra = {}
+    extra, anneal_from = {}, None  # anneal_from: the trunk step an anneal branch started at
     if start_ckpt is not None:
         state, extra = ckpts.load(start_ckpt)
         if state.get("data_fingerprint") != data.fingerprint():
@@ -150,6 +156,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             )
         step, tokens = state["step"], state["tokens"]
         guard.load_state_dict({"nonfinite_total": state.get("nonfinite_total", 0)})
+        anneal_from = state.get("anneal_from") if resume_ckpt else None  # a resumed branch continues its anneal
         data.load_state_dict(state["data"])
         evaluator.load_state_dict(state["evaluator"])
         if bench is not None:
@@ -169,9 +176,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
         reptile = _build_reptile(cfg, acc, model, extra)
         say(f"reptile: every {cfg.train.reptile.every} steps, weights <- anchor + {cfg.train.reptile.epsilon:g} x (weights - anchor)")
     if cfg.train.anneal_steps:
-        plan = plan.anneal_branch(step, cfg.train.anneal_steps, cfg.train.anneal_shape)
-        say(f"anneal branch: steps {step}..{step + cfg.train.anneal_steps} from lr {plan.lr(step):.3g} to the schedule's min_lr")
-    total_steps = step + cfg.train.anneal_steps if cfg.train.anneal_steps else plan.total_steps
+        anneal_from = step if anneal_from is None else anneal_from
+        plan = plan.anneal_branch(anneal_from, cfg.train.anneal_steps, cfg.train.anneal_shape)
+        say(f"anneal branch: steps {anneal_from}..{anneal_from + cfg.train.anneal_steps} from lr {plan.lr(anneal_from):.3g} "
+            "to the schedule's min_lr")
+    total_steps = anneal_from + cfg.train.anneal_steps if cfg.train.anneal_steps else plan.total_steps
 
     # --- logging, throughput accounting, preemption
     if acc.is_main_process:
@@ -433,12 +442,16 @@ def _resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     """(cpt checkpoint, HF export dir) for train.init_from; exactly one is set when init_from is."""
     if init_from is None:
         return None, None
+    from cpt.model import require_safetensors  # an HF directory must hold safetensors weights: one clear line
+
     p = Path(init_from)
     if (p / "config.json").is_file():
+        require_safetensors(p, "train.init_from")
         return None, str(p)
     if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():
         return resolve_checkpoint(p), None
     if (p / "export" / "config.json").is_file():
+        require_safetensors(p / "export", "train.init_from")
         return None, str(p / "export")
     raise TrainingError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
@@ -455,7 +468,32 @@ def _check_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
         raise TrainingError(
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run.output_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _preflight(cfg: RunConfig, run_dir: Path, resume_ckpt: Path | None, init_ckpt: Path | None,
+               allow_config_change: bool) -> None:
+    """Checks that need neither the model nor the data, run before anything is loaded or written."""
+    from cpt.model import check_attn_implementation
+    from cpt.schedules import LRPlan
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"run.output_dir {run_dir} is an existing file, not a directory: choose another --output-dir")
+    check_attn_implementation(cfg.model)
+    if resume_ckpt is not None and not allow_config_change and (resume_ckpt / "config.yaml").is_file():
+        changed = trajectory_changes(yaml.safe_load((resume_ckpt / "config.yaml").read_text()) or {}, cfg)
+        if changed:
+            more = f"; and {len(changed) - 12} more" if len(changed) > 12 else ""
+            raise TrainingError(
+                f"--resume: this config differs from the one {resume_ckpt} was trained with in fields that change the "
+                f"training trajectory: {'; '.join(changed[:12])}{more}. Restore them, start a new stage with train.init_from, or "
+                "pass --allow-config-change to resume anyway"
+            )
+    if cfg.train.anneal_steps and resume_ckpt is None:
+        step = json.loads((init_ckpt / TRAINER_STATE).read_text())["step"] if init_ckpt is not None else 0
+        try:
+            LRPlan([(s.steps, s.schedule) for s in cfg.stages]).anneal_branch(step, cfg.train.anneal_steps, cfg.train.anneal_shape)
+        except ValueError as e:
+            raise TrainingError(f"--anneal from {cfg.train.init_from} (step {step}): {e}") from None
 
 
 def _device_name(acc) -> str:

@@ -370,6 +370,8 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
     The tokenizer is taken from the checkpoint (or adapter) directory when it has one, else from the base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cpt.model import require_adapter_safetensors, require_safetensors
+
     path = Path(checkpoint)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -382,13 +384,15 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
         base_name = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base_name:
             raise ValueError(f"{path}: adapter_config.json names no base model; pass --base")
-        base_model = AutoModelForCausalLM.from_pretrained(base_name, **kwargs)
+        require_adapter_safetensors(path)
+        base_model = AutoModelForCausalLM.from_pretrained(base_name, use_safetensors=require_safetensors(base_name, "base model"),
+                                                          **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else base_name)
         if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
             base_model.resize_token_embeddings(len(tokenizer))  # the adapter was trained with an extended vocabulary
         model = PeftModel.from_pretrained(base_model, str(path))
     elif (path / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=require_safetensors(path), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else (base or str(path)))
     else:
         raise FileNotFoundError(f"{path}: neither an HF model directory (config.json) nor a LoRA adapter (adapter_config.json)")

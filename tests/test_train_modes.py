@@ -350,6 +350,15 @@ def test_prepare_extend_vocab_uses_the_training_tokenizer(vocab_setup, base):
     assert set(new_ids) <= set(ids.tolist())  # every new token occurs in the prepared Python corpus
 
 
+def test_dry_run_checks_data_with_the_extended_tokenizer(vocab_setup):
+    """`cpt train --dry-run` with model.vocab opens the sources and held-out sets with the tokenizer training uses."""
+    from cpt.dryrun import describe_run
+
+    cfg, _, _ = vocab_setup
+    d = describe_run(load_config(base=cfg))
+    assert d["model"]["vocab"] == 1024 + len(NEW_TOKENS) and d["heldout"]
+
+
 def test_vocab_extension_full_run(vocab_setup, base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +21,12 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("give at least two checkpoints")
     from cpt.averaging import average_checkpoints
 
-    weights = [float(x) for x in args.weights.split(",")] if args.weights else None
-    out = average_checkpoints(args.checkpoints, args.out, weights=weights,
-                              max_shard_bytes=int(args.max_shard_gb * 2**30))
+    try:
+        weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+        out = average_checkpoints(args.checkpoints, args.out, weights=weights,
+                                  max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (ValueError, OSError) as e:  # not safetensors, different tensors, bad weights: one line, no traceback
+        print(f"cpt average: error: {e}", file=sys.stderr)
+        return 1
     print(f"averaged {len(args.checkpoints)} checkpoints into {out}")
     return 0

@@ -201,10 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     samples = _samples(tasks, limit, args.seed, args.include_path) if tasks else None
 
-    result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base)
+    from cpt.model import ModelLoadError
+
+    try:
+        result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base)
+        baseline = (evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None)
+                    if baseline_ckpt is not None else None)
+    except ModelLoadError as e:  # e.g. pickle weights only: one line, no traceback
+        print(f"cpt eval: error: {e}", file=sys.stderr)
+        return 1
     _print_summary(result)
-    if baseline_ckpt is not None:
-        baseline = evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None)
+    if baseline is not None:
         result["baseline"] = baseline
         _print_comparison(result, baseline)
     if args.out:

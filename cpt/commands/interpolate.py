@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 
@@ -64,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.data.sources import HeldoutConfig
     from cpt.evaluate import heldout_loss
 
-    base_model, _ = load_model_dir(args.base, dtype=torch.float32)
-    cpt_model, tokenizer = load_model_dir(args.cpt, dtype=torch.float32)
+    from cpt.model import ModelLoadError
+
+    try:
+        base_model, _ = load_model_dir(args.base, dtype=torch.float32)
+        cpt_model, tokenizer = load_model_dir(args.cpt, dtype=torch.float32)
+    except ModelLoadError as e:  # e.g. pickle weights only: one line, no traceback
+        print(f"cpt interpolate: error: {e}", file=sys.stderr)
+        return 1
     sets = {}
     for name, path, tag in args.heldout:
         hcfg = HeldoutConfig(name=name, path=path, tag=tag, max_tokens=args.max_tokens)

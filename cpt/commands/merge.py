@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 _DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -23,8 +24,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from cpt.adapters import merge_adapter
 
+    from cpt.model import ModelLoadError
+
     dtype = _DTYPES[args.dtype]
-    out = merge_adapter(args.adapter_dir, args.out, base=args.base,
-                        dtype=getattr(torch, dtype) if dtype else None)
+    try:
+        out = merge_adapter(args.adapter_dir, args.out, base=args.base,
+                            dtype=getattr(torch, dtype) if dtype else None)
+    except (ModelLoadError, FileNotFoundError) as e:  # e.g. pickle weights only: one line, no traceback
+        print(f"cpt merge: error: {e}", file=sys.stderr)
+        return 1
     print(f"merged {args.adapter_dir} into {out}")
     return 0

@@ -17,6 +17,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.global_batch_size=32 --set stages.0.steps=500")
     p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in run.output_dir")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even though the config changes the training trajectory "
+                        "(model, data, stages, optimizer, batch size, precision, seed)")
     p.add_argument("--from", dest="init_from", metavar="CKPT",
                    help="start from this checkpoint, run directory or HF model (sets train.init_from)")
     p.add_argument("--anneal", type=int, metavar="STEPS",
@@ -64,7 +67,8 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         # flushed line by line: a batch job's log (stdout redirected to a file) shows progress as it happens
-        result = train(cfg, resume=args.resume or None, echo=functools.partial(print, flush=True))
+        result = train(cfg, resume=args.resume or None, echo=functools.partial(print, flush=True),
+                       allow_config_change=args.allow_config_change)
     except (TrainingError, ShardError, CheckpointError, ModelLoadError) as e:  # user-facing problems: no traceback
         print(f"cpt train: error: {e}", file=sys.stderr)
         return 1

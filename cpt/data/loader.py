@@ -186,6 +186,6 @@ def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None 
     n_tokens = shards.num_tokens if limit is None else min(int(limit), shards.num_tokens)
     n = n_tokens // seq_len
     if n == 0:
-        raise ValueError(f"held-out set {cfg.name!r} ({cfg.path}) has {shards.num_tokens} tokens, fewer than one sequence of {seq_len}")
+        raise ShardError(f"held-out set {cfg.name!r} ({cfg.path}) has {shards.num_tokens} tokens, fewer than one sequence of {seq_len}")
     tokens = shards.read(0, n * seq_len).astype(np.int64).reshape(n, seq_len)
     return torch.from_numpy(tokens)

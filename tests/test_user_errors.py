@@ -1,0 +1,244 @@
+"""Mistakes users make end in one clear error line, exit code != 0, and nothing half-written (issues 12 and 13):
+init_from without weights, --output-dir naming a file, a tokenizer larger than the embedding, flash-attn missing,
+an anneal branch from a decaying phase, a --resume that changes the trajectory, pickle-only checkpoints for
+`cpt average` / `cpt eval`, a held-out set made with another tokenizer (--dry-run). Also: --resume without a
+checkpoint says it starts fresh, and the normalised mix shares are printed."""
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_run_config
+from cpt.cli import main
+
+
+def write(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def one_error_line(err: str, prefix: str) -> str:
+    """The stderr of a failed command: no traceback, and its last line is the single error line."""
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(prefix), err
+    return last
+
+
+def snapshot(path: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))} if path.exists() else {}
+
+
+def small(tiny_cpt_data, out, **changes):
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, **changes)
+    cfg["stages"][0]["steps"] = 4
+    cfg["data"]["heldout"] = cfg["data"]["heldout"][:1]
+    cfg["checkpoint"] = {"every": 2, "keep": 2, "export_at_end": False}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trunk(tiny_cpt_data, tmp_path_factory):
+    """A finished 6-step run with checkpoints at 2, 4 and 6 and an infinite schedule (warmup 2, cooldown 2: step 2
+    is in the decaying cooldown, step 4 in the constant phase); its mix weights (3:1) do not sum to 1."""
+    out = tmp_path_factory.mktemp("trunk") / "run"
+    cfg = small(tiny_cpt_data, out)
+    cfg["stages"][0].update(steps=6, mix={"python": 3, "shakespeare": 1})
+    cfg["stages"][0]["schedule"] = {"type": "infinite", "max_lr": 2e-3, "warmup_steps": 2, "cooldown_steps": 2,
+                                    "constant_lr": 1e-3, "min_lr": 1e-5}
+    cfg["checkpoint"]["keep"] = 3
+    path = write(cfg, out.parent / "trunk.yaml")
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        assert main(["train", str(path)]) == 0
+    return path, out, log.getvalue()
+
+
+def test_resume_without_checkpoint_says_fresh_and_prints_normalised_mix(tiny_cpt_data, tmp_path, capsys, trunk):
+    out = trunk[2]  # the trunk's start-up log: the 3:1 weights are printed as shares
+    assert "stage 0 cpt-python mix: python 75.0%, shakespeare 25.0% (the weights given sum to 4: normalised)" in out
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["stages"][0]["steps"] = 3
+    cfg["checkpoint"] = {"every": None, "export_at_end": False}
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"resume: no checkpoint in {tmp_path / 'run' / 'checkpoints'}: starting a fresh run" in out
+    assert "stage 0 cpt-python mix: python 75.0%, shakespeare 25.0%\n" in out  # weights summing to 1: no note
+
+
+def test_init_from_a_folder_without_weights(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    for f in tiny_base.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, empty / f.name)
+    torch.save({}, empty / "pytorch_model.bin")
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    path = write(cfg, tmp_path / "c.yaml")
+    for folder, expected in ((empty, "pytorch_model.bin (pickle)"), (tmp_path / "nothing-here", "neither an HF model")):
+        (tmp_path / "nothing-here").mkdir(exist_ok=True)
+        assert main(["train", str(path), "--from", str(folder)]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "train.init_from" in line and expected in line, line
+        assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_is_an_existing_file(tiny_cpt_data, tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    path = write(small(tiny_cpt_data, tmp_path / "run"), tmp_path / "c.yaml")
+    assert main(["train", str(path), "--output-dir", str(target)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "is an existing file" in line and str(target) in line
+    assert target.read_text() == "keep me"
+
+
+def test_tokenizer_larger_than_the_embedding(tiny_cpt_data, tmp_path, capsys):
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["model"]["arch"]["vocab_size"] = 64  # the tiny tokenizer has 1024 tokens
+    path = write(cfg, tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):
+        assert main(["train", str(path), *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "1,024 tokens" in line and "64 rows" in line and "model.vocab" in line and "model.tokenizer" in line
+        assert not (tmp_path / "run").exists()
+
+
+def test_flash_attention_without_flash_attn(tiny_cpt_data, tmp_path, capsys):
+    from transformers.utils import is_flash_attn_2_available
+    from transformers.utils.import_utils import is_kernels_available
+
+    if is_flash_attn_2_available() or is_kernels_available():
+        pytest.skip("flash-attn (or the kernels fallback) is available here")
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["model"]["attn_implementation"] = "flash_attention_2"
+    path = write(cfg, tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):
+        assert main(["train", str(path), *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "flash_attention_2 needs the flash-attn package" in line and "sdpa" in line
+        assert not (tmp_path / "run").exists()
+
+
+def test_anneal_from_a_decaying_phase_creates_nothing(trunk, tmp_path, capsys):
+    path, run, _ = trunk
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert main(["train", str(path), "--from", str(ckpt), "--anneal", "2", "--output-dir", str(tmp_path / "b")]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "--anneal from" in line and "step 2" in line and "constant or stable phase" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_resume_with_a_changed_trajectory_is_refused(trunk, tmp_path, capsys):
+    path, run, _ = trunk
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = snapshot(copy)
+    args = ["train", str(path), "--resume", "--output-dir", str(copy)]
+    changed = ["--set", "stages.0.steps=8", "--set", "run.seed=7", "--set", "train.global_batch_size=4",
+               "--set", "train.micro_batch_size=2"]
+    assert main([*args, *changed]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "stages.0.steps: 6 -> 8" in line and "run.seed: 1234 -> 7" in line and "train.global_batch_size: 8 -> 4" in line
+    assert "micro_batch_size" not in line and "--allow-config-change" in line
+    assert snapshot(copy) == before  # nothing written, not even config.yaml
+    # cadence, micro-batch size (accumulation) and kernels are not the trajectory; the override flag continues
+    ok = ["--set", "stages.0.steps=8", "--set", "train.micro_batch_size=2", "--set", "eval.every=3",
+          "--set", "model.attn_implementation=eager", "--allow-config-change"]
+    assert main([*args, *ok]) == 0
+    assert "resumed" in capsys.readouterr().out
+    saved = yaml.safe_load((copy / "checkpoints" / "step_00000008" / "config.yaml").read_text())
+    assert saved["stages"][0]["steps"] == 8
+
+
+def test_trajectory_fields():
+    from cpt.config import config_to_dict, load_config, trajectory_changes
+
+    base = {"model": {"tokenizer": "t", "arch": {"hidden_size": 8, "hub_token": "S"}},
+            "data": {"sources": [{"name": "a", "path": "/x"}]}, "stages": [{"steps": 4, "mix": {"a": 1}}]}
+    cfg = load_config(base=base)
+    saved = config_to_dict(cfg)
+    same = ["run.output_dir=/elsewhere", "run.name=n", "train.micro_batch_size=4", "train.log_every=3", "eval.every=5",
+            "checkpoint.every=7", "logging.plot=false", "model.compile=true", "model.attn_implementation=eager",
+            "optim.fused=false", "data.sources.0.path=/moved", "model.tokenizer=/moved-tok", "stages.0.name=renamed",
+            "data.max_epochs_warning=9", "train.init_from=/x"]
+    assert trajectory_changes(saved, load_config(base=base, overrides=same)) == []
+    changed = ["model.arch.hidden_size=16", "model.arch.hub_token=OTHER", "optim.weight_decay=0.0", "train.precision=fp32",
+               "data.seq_len=128", "stages.0.mix.a=2", "train.ema_decay=0.9"]
+    got = trajectory_changes(saved, load_config(base=base, overrides=changed))
+    assert [g.split(":")[0] for g in got] == ["data.seq_len", "model.arch.hidden_size", "optim.weight_decay",
+                                             "stages.0.mix.a", "train.ema_decay", "train.precision"], got
+    # a secret differs only in its redacted form, which is equal: secrets are never printed here either
+    assert not any("OTHER" in g for g in got)
+
+
+def _pickle_only_model(tiny_base, folder: Path) -> Path:
+    from safetensors.torch import load_file
+
+    folder.mkdir()
+    for f in tiny_base.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, folder / f.name)
+    torch.save(load_file(str(tiny_base / "model.safetensors")), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_pickle_checkpoints_are_refused(tiny_base, tmp_path, capsys):
+    binary = _pickle_only_model(tiny_base, tmp_path / "bin")
+    assert main(["average", str(tmp_path / "avg"), str(tiny_base), str(binary)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt average: error: ")
+    assert "pytorch_model.bin (pickle)" in line and "safetensors" in line
+    assert not (tmp_path / "avg").exists()
+    assert main(["eval", str(binary), "--heldout", f"x={tmp_path}/none.txt:upstream"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt eval: error: ")
+    assert "no *.safetensors weights" in line and "pytorch_model.bin (pickle)" in line
+    assert main(["interpolate", str(tiny_base), str(binary), "--heldout", f"x={tmp_path}:upstream"]) == 1
+    one_error_line(capsys.readouterr().err, "cpt interpolate: error: ")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_base)}))
+    torch.save({}, adapter / "adapter_model.bin")
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt merge: error: ")
+    assert "adapter_model.bin, a pickle" in line and not (tmp_path / "merged").exists()
+
+
+def test_dry_run_checks_heldout_tokenizers(tiny_cpt_data, tmp_path, capsys):
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    path = write(cfg, tmp_path / "c.yaml")
+    assert main(["train", str(path), "--dry-run"]) == 0
+    assert "held-out sets (tokenizer checked): shakespeare" in capsys.readouterr().out
+    other = tmp_path / "heldout-other-tokenizer"
+    shutil.copytree(cfg["data"]["heldout"][0]["path"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["hash"] = "0" * 16
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    cfg["data"]["heldout"][0]["path"] = str(other)
+    assert main(["train", str(write(cfg, path)), "--dry-run"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "held-out set 'shakespeare'" in line and "vocabulary hash" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resumed_anneal_branch_continues_its_anneal(trunk, tmp_path, capsys):
+    """A branch killed mid-anneal resumes the same anneal (from the trunk step it branched at), not a new one."""
+    from cpt.metrics import read_metrics
+
+    path, run, _ = trunk
+    branch = tmp_path / "branch"
+    args = ["train", str(path), "--from", str(run / "checkpoints" / "step_00000004"), "--anneal", "4",
+            "--output-dir", str(branch)]
+    assert main(args) == 0
+    full = {r["step"]: (r["train/lr"], r["train/loss"]) for r in read_metrics(branch) if "train/loss" in r}
+    assert sorted(full) == [5, 6, 7, 8]
+    shutil.rmtree(branch / "checkpoints" / "step_00000008")  # as if killed after the step-6 checkpoint
+    assert main([*args, "--resume"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    again = {r["step"]: (r["train/lr"], r["train/loss"]) for r in read_metrics(branch) if "train/loss" in r}
+    assert again == full
