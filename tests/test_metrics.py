@@ -107,6 +107,21 @@ def read_wandb_records(run_file: Path):
     return records
 
 
+def finished_wandb_records(pattern: str, timeout: float = 60.0):
+    """The records of the one offline run file matching ``pattern``, once its exit record is on disk: wandb's
+    service process may still be writing for a moment after ``finish()`` returns on a loaded machine."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        files = glob.glob(pattern)
+        records = read_wandb_records(Path(files[0])) if len(files) == 1 else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            assert len(files) == 1, files
+            return records
+        time.sleep(0.2)
+
+
 def history_rows(records):
     rows = []
     for r in records:
@@ -123,9 +138,7 @@ def test_wandb_offline_run_holds_the_metrics_config_and_x_axis(tmp_path, monkeyp
         lg.log({"train/tokens": 256 * s, "train/loss": 5.0 - s, "forgetting/old": 0.1 * s}, step=s)
     lg.close()
 
-    run_files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    assert len(run_files) == 1
-    records = read_wandb_records(Path(run_files[0]))
+    records = finished_wandb_records(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     rows = [r for r in history_rows(records) if "train/loss" in r]
     assert [(r["step"], r["train/tokens"], r["train/loss"]) for r in rows] == [
         (s, 256 * s, 5.0 - s) for s in range(4)
@@ -166,7 +179,7 @@ def test_artifact_only_when_enabled(tmp_path):
     lg = MetricsLogger(tmp_path / "b", make_cfg(wandb=True, log_exports_as_artifacts=True))
     assert lg.log_artifact(export, "export step 10") is True
     lg.close()
-    records = read_wandb_records(Path(glob.glob(str(tmp_path / "b" / "wandb" / "offline-run-*" / "run-*.wandb"))[0]))
+    records = finished_wandb_records(str(tmp_path / "b" / "wandb" / "offline-run-*" / "run-*.wandb"))
     arts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert any(a.name == "export-step-10" and a.type == "model" for a in arts)
 
