@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import yaml
 
-from cpt.checkpoint import TRAINER_STATE, CheckpointManager, latest_valid_checkpoint, resolve_checkpoint
+from cpt.checkpoint import (TRAINER_STATE, CheckpointManager, find_resume_checkpoint, list_checkpoints, resolve_checkpoint,
+                            wait_for_writers)
 from cpt.config import RunConfig, config_to_dict, save_config
 
 
@@ -44,6 +45,23 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainResult:
+    """Train under the run directory's lock (held by the main process; see cpt/runlock.py)."""
+    from cpt.runlock import RunLock, RunLockError
+
+    lock = RunLock(cfg.run.output_dir, force=cfg.run.force_lock)
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            lock.acquire()
+        except RunLockError as e:
+            raise TrainingError(str(e)) from None
+    try:
+        return _train(cfg, resume=resume, echo=echo)
+    finally:
+        wait_for_writers()  # a background checkpoint write still running when an error ends the run
+        lock.release()
+
+
+def _train(cfg: RunConfig, *, resume: bool | None, echo) -> TrainResult:
     from accelerate.utils import set_seed
 
     from cpt.adapters import trainable_metrics
@@ -69,7 +87,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     # --- where this run starts from: fresh, resumed, a new stage from a checkpoint, or an anneal branch
     resume = cfg.checkpoint.resume if resume is None else resume
-    resume_ckpt = latest_valid_checkpoint(run_dir) if resume else None
+    resume_ckpt = find_resume_checkpoint(run_dir, acc, say) if resume else None  # or from scratch, saying so
     init_ckpt, init_hf = _resolve_init(cfg.train.init_from) if resume_ckpt is None else (None, None)
     if resume_ckpt is None and acc.is_main_process:
         _check_fresh_run_dir(run_dir)
@@ -112,7 +130,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     model, optimizer = acc.prepare(model, optimizer)
 
     # --- resume / init
-    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc)
+    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves)
     step, tokens, nonfinite_total = 0, 0, 0
     reptile = None  # Reptile meta-updates (train.reptile), set up below once the start weights are in place
     spikes = _build_spike_guard(cfg, acc)  # loss-spike guard (train.skip_spikes)
@@ -255,6 +273,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
         if nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
             save_checkpoint()
+            ckpts.wait()
             raise TrainingError(
                 f"{nonfinite_in_a_row} non-finite steps in a row at step {step}: stopping. The last good weights are in "
                 f"{run_dir / 'checkpoints'} (skipped updates never touched them). Lower the LR or check the data."
@@ -294,6 +313,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
             logger.log_artifact(export_dir, f"{cfg.run.name}-final")
         if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.at_end:
             logger.log({"train/tokens": tokens, **_lm_eval(cfg, acc, model, tokenizer)}, step=step)
+    ckpts.wait()  # the last (background) checkpoint write is on disk before the run reports its end
     summary = evaluator.summary()
     compute = account.metrics(tokens, flops_per_token)
     logger.log({"train/tokens": tokens, **compute}, step=step)
@@ -400,7 +420,7 @@ def _resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
 
 
 def _check_fresh_run_dir(run_dir: Path) -> None:
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    if list_checkpoints(run_dir):  # committed checkpoints only: interrupted saves (.tmp-*) do not count
         raise TrainingError(
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run.output_dir"
         )
