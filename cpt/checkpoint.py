@@ -238,7 +238,7 @@ class CheckpointManager:
             items.append(("extra.safetensors", "safetensors", {k: _host_copy(v).contiguous() for k, v in extra_tensors.items()}))
         digests: dict[str, str] = {}
         if self.cpt_writes:
-            own, rng_name, rng = host_snapshot(acc)
+            own, rng_name, rng = host_snapshot(acc, copy=self.async_save)
             if acc.is_main_process:
                 items += own + [(rng_name, "torch", rng)]
             else:  # a few KB: written now, so every rank's part is on disk before the main process commits
@@ -354,9 +354,10 @@ def cpt_can_write(acc) -> bool:
             and not acc._save_model_state_pre_hook)
 
 
-def host_snapshot(acc) -> tuple[list, str, dict]:
+def host_snapshot(acc, copy: bool = True) -> tuple[list, str, dict]:
     """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
-    models (safetensors) and optimizers and the grad scaler (main process), this rank's RNG states."""
+    models (safetensors) and optimizers and the grad scaler (main process), this rank's RNG states.
+    ``copy=False`` (a synchronous save: nothing changes until it is written) copies only device tensors."""
     import random
 
     import numpy as np
@@ -366,11 +367,11 @@ def host_snapshot(acc) -> tuple[list, str, dict]:
     if acc.is_main_process:
         for i, model in enumerate(acc._models):
             state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
-            items.append((_numbered("model.safetensors", i), "safetensors", {k: _host_copy(v).contiguous() for k, v in state.items()}))
+            items.append((_numbered("model.safetensors", i), "safetensors", {k: _host_copy(v, copy).contiguous() for k, v in state.items()}))
         for i, opt in enumerate(acc._optimizers):
-            items.append((_numbered("optimizer.bin", i), "torch", _host_copy(opt.state_dict())))
+            items.append((_numbered("optimizer.bin", i), "torch", _host_copy(opt.state_dict(), copy)))
         if acc.scaler is not None:
-            items.append(("scaler.pt", "torch", _host_copy(acc.scaler.state_dict())))
+            items.append(("scaler.pt", "torch", _host_copy(acc.scaler.state_dict(), copy)))
     rng = {"step": acc.step, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
            "torch_manual_seed": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -397,14 +398,15 @@ def write_files(folder: Path, items: list, step: int) -> dict[str, str]:
     return digests
 
 
-def _host_copy(obj):
-    """Tensors copied to host memory (nested dicts/lists/tuples walked; other values kept)."""
+def _host_copy(obj, copy: bool = True):
+    """Tensors copied to host memory (nested dicts/lists/tuples walked; other values kept). ``copy=False``:
+    host tensors are kept as they are."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu", copy=copy)
     if isinstance(obj, dict):
-        return type(obj)((k, _host_copy(v)) for k, v in obj.items())
+        return type(obj)((k, _host_copy(v, copy)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v) for v in obj)
+        return type(obj)(_host_copy(v, copy) for v in obj)
     return obj
 
 

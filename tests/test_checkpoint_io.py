@@ -272,3 +272,14 @@ def test_real_full_filesystem(tiny_cpt_data, tmp_path):
         assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_bench_checkpoint_cpu_path():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", Path(__file__).resolve().parents[1] / "scripts" / "bench_checkpoint.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--tiny", "--repeats", "1"])
+    assert out["params"] > 0 and out["checkpoint_mb"] > 0
+    assert 0 < out["async_blocking_s"] <= out["async_total_s"] and out["sync_s"] > 0 and out["old_sync_s"] > 0

@@ -159,3 +159,20 @@ def test_kill_during_first_save_then_resume_from_the_command_line(tiny_cpt_data,
     assert "starting from scratch" in resumed.stdout
     assert "taking over the lock" in resumed.stderr  # the killed run's lock: its PID is gone
     assert losses(out) == ref
+
+
+def test_every_checkpoint_corrupt_resumes_from_scratch(tiny_cpt_data, tmp_path, uninterrupted):
+    """With no usable checkpoint, --resume says so, sets the broken one aside and starts over (not 'pass --resume')."""
+    ref, _ = uninterrupted
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out)))
+    assert forked_cli(["train", str(cfg_path)], tmp_path / "first.log") == 0
+    weights = list_checkpoints(out)[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
+    log = (tmp_path / "resumed.log").read_text()
+    assert log.count("is not usable") == 1 and "set aside 1 unusable checkpoint" in log and "starting from scratch" in log
+    assert losses(out) == ref
+    assert (out / "checkpoints" / f"unusable-step_{STEPS:08d}").is_dir()
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{STEPS:08d}"]
