@@ -382,13 +382,11 @@ def host_snapshot(acc, copy: bool = True) -> tuple[list, str, dict]:
 def write_files(folder: Path, items: list, step: int) -> dict[str, str]:
     """Write (name, kind, payload) items, each hashed while written and fsynced; returns their digests.
     kind: "safetensors" (a dict of tensors), "torch" (torch.save) or "text"."""
-    from safetensors.torch import save as safetensors_bytes
-
     digests = {}
     for name, kind, payload in items:
         with HashingFile(folder / name, partial_fault=f"{name}:partial@{step}") as f:
             if kind == "safetensors":
-                f.write_all(safetensors_bytes(payload, metadata={"format": "pt"}))
+                write_safetensors(f, payload)
             elif kind == "torch":
                 torch.save(payload, f)
             else:
@@ -396,6 +394,36 @@ def write_files(folder: Path, items: list, step: int) -> dict[str, str]:
         digests[name] = f.digest
         fault_point(f"{name}:done@{step}")
     return digests
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors(f: HashingFile, tensors: dict[str, torch.Tensor], chunk: int = 1 << 24) -> None:
+    """The safetensors format (8-byte header length, JSON header, raw little-endian tensor bytes), streamed
+    tensor by tensor in pieces. ``safetensors.torch.save`` would build the whole file in memory while holding
+    the GIL, stalling the training thread for the length of a background save; the files are read back by
+    safetensors itself (accelerate's load_state)."""
+    import struct
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for name in names:
+        data = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy()
+        for i in range(0, len(data), chunk):
+            f.write(data[i : i + chunk])
 
 
 def _host_copy(obj, copy: bool = True):

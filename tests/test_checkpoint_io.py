@@ -66,11 +66,12 @@ def assert_same(a, b):
         assert a == b
 
 
-def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path):
+@pytest.mark.parametrize("async_save", [True, False], ids=["background", "synchronous"])
+def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, async_save):
     acc, model, opt = trained
     acc.save_state(str(tmp_path / "accelerate"), safe_serialization=True)
-    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=True)
-    assert ckpts.async_save
+    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=async_save)
+    assert ckpts.cpt_writes and ckpts.async_save == async_save
     ckpts.save(1, {"step": 1}, "config: 1\n")
     ckpts.wait()
     ours = list_checkpoints(tmp_path / "run")[0]
@@ -283,3 +284,17 @@ def test_bench_checkpoint_cpu_path():
     out = bench.main(["--tiny", "--repeats", "1"])
     assert out["params"] > 0 and out["checkpoint_mb"] > 0
     assert 0 < out["async_blocking_s"] <= out["async_total_s"] and out["sync_s"] > 0 and out["old_sync_s"] > 0
+
+
+def test_streamed_safetensors_load_with_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from cpt.checkpoint import write_safetensors
+
+    tensors = {"w": torch.randn(3, 5), "h": torch.ones(2, dtype=torch.bfloat16), "flag": torch.tensor(True),
+               "empty": torch.zeros(0), "ids": torch.arange(7), "t": torch.randn(4, 3).t()}
+    with HashingFile(tmp_path / "x.safetensors") as f:
+        write_safetensors(f, tensors, chunk=4)  # tiny pieces
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
