@@ -186,6 +186,7 @@ class CheckpointManager:
         self.failed_in_a_row = 0
         self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
         self._job: _Commit | None = None  # its writer (main process)
+        self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
 
     def save(self, step: int, trainer_state: dict[str, Any], config_yaml: str, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Save on every rank (collective). Blocks for the host copy; writes in the background with ``async_save``."""
@@ -235,10 +236,10 @@ class CheckpointManager:
         acc = self.acc
         items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
         if extra_tensors:
-            items.append(("extra.safetensors", "safetensors", {k: _host_copy(v).contiguous() for k, v in extra_tensors.items()}))
+            items.append(("extra.safetensors", "safetensors", _host_copy(dict(extra_tensors), {})))  # EMA/Reptile: a fresh copy
         digests: dict[str, str] = {}
         if self.cpt_writes:
-            own, rng_name, rng = host_snapshot(acc, copy=self.async_save)
+            own, rng_name, rng = host_snapshot(acc, self._staging if self.async_save else None)
             if acc.is_main_process:
                 items += own + [(rng_name, "torch", rng)]
             else:  # a few KB: written now, so every rank's part is on disk before the main process commits
@@ -354,10 +355,11 @@ def cpt_can_write(acc) -> bool:
             and not acc._save_model_state_pre_hook)
 
 
-def host_snapshot(acc, copy: bool = True) -> tuple[list, str, dict]:
+def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
     """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
     models (safetensors) and optimizers and the grad scaler (main process), this rank's RNG states.
-    ``copy=False`` (a synchronous save: nothing changes until it is written) copies only device tensors."""
+    ``staging``: host buffers to copy into (kept between saves: pinned on CUDA, allocated once); None
+    (a synchronous save: nothing changes until it is written) copies only device tensors."""
     import random
 
     import numpy as np
@@ -367,11 +369,13 @@ def host_snapshot(acc, copy: bool = True) -> tuple[list, str, dict]:
     if acc.is_main_process:
         for i, model in enumerate(acc._models):
             state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
-            items.append((_numbered("model.safetensors", i), "safetensors", {k: _host_copy(v, copy).contiguous() for k, v in state.items()}))
+            items.append((_numbered("model.safetensors", i), "safetensors", _host_copy(dict(state), staging, ("model", i))))
         for i, opt in enumerate(acc._optimizers):
-            items.append((_numbered("optimizer.bin", i), "torch", _host_copy(opt.state_dict(), copy)))
+            items.append((_numbered("optimizer.bin", i), "torch", _host_copy(opt.state_dict(), staging, ("optimizer", i))))
         if acc.scaler is not None:
-            items.append(("scaler.pt", "torch", _host_copy(acc.scaler.state_dict(), copy)))
+            items.append(("scaler.pt", "torch", _host_copy(acc.scaler.state_dict(), staging, ("scaler",))))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
     rng = {"step": acc.step, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
            "torch_manual_seed": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -426,15 +430,22 @@ def write_safetensors(f: HashingFile, tensors: dict[str, torch.Tensor], chunk: i
             f.write(data[i : i + chunk])
 
 
-def _host_copy(obj, copy: bool = True):
-    """Tensors copied to host memory (nested dicts/lists/tuples walked; other values kept). ``copy=False``:
+def _host_copy(obj, staging: dict | None = None, path: tuple = ()):
+    """Tensors copied to host memory, contiguous (nested dicts/lists/tuples walked; other values kept).
+    With ``staging`` the copies go into its buffers (keyed by ``path``; made on first use); without it
     host tensors are kept as they are."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=copy)
+        t = obj.detach()
+        if staging is None:
+            return t.to("cpu").contiguous()
+        buf = staging.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = staging[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        return buf.copy_(t, non_blocking=t.is_cuda)
     if isinstance(obj, dict):
-        return type(obj)((k, _host_copy(v, copy)) for k, v in obj.items())
+        return type(obj)((k, _host_copy(v, staging, (*path, k))) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v, copy) for v in obj)
+        return type(obj)(_host_copy(v, staging, (*path, i)) for i, v in enumerate(obj))
     return obj
 
 
