@@ -27,11 +27,11 @@ from typing import Any
 from cpt.config import RunConfig, config_to_dict
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 class MetricsError(RuntimeError):
     """metrics.jsonl could not be written (disk full, permissions): one clear line, no half-written record."""
-WANDB_ID_FILE = "wandb_run_id"
 
 
 def _jsonable(v: Any) -> Any:
