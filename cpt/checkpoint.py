@@ -1,16 +1,28 @@
-"""Resume checkpoints: written atomically, verified on load, the last K kept.
+"""Resume checkpoints: written atomically, hashed while written, verified on load, the last K kept.
 
 Layout of a run directory::
 
     <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG),
                                            trainer_state.json (step, tokens, data/mixer and evaluator state),
                                            config.yaml, CHECKSUMS.json (written last: the "complete" mark)
-    <run_dir>/checkpoints/.tmp-step_...    a save in progress; never read, removed on the next save
+    <run_dir>/checkpoints/.tmp-step_...    a save in progress: never read, removed by the next save
+    <run_dir>/checkpoints/.trash-step_...  an old checkpoint being pruned: never read, removed by the next save
+    <run_dir>/checkpoints/unusable-step_.. a checkpoint that failed verification, set aside by --resume
 
-A save goes to a temporary directory that is renamed into place only once every rank has
-finished and the checksums are written, so a kill at any moment leaves the previous checkpoint
-intact. On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or
-corrupt one is skipped with a warning.
+A save goes to a temporary directory that is renamed into place only once every rank has finished
+and CHECKSUMS.json is written, so a kill at any moment leaves the previous checkpoint intact (tested
+by killing the process at every file boundary: tests/test_crash_consistency.py). Only committed
+``step_N`` directories count as checkpoints, for the fresh-run check and for resume alike.
+
+Non-blocking saves (``checkpoint.async_save``, single process and DDP): the loop blocks only while
+the state is copied to host memory; a background thread writes the files (hashing them as it writes,
+so nothing is re-read), then commits. The next save, the end of training and a preemption exit wait
+for it; its failure is reported there and counts toward ``checkpoint.max_failed_saves``. FSDP and
+DeepSpeed save synchronously through ``accelerator.save_state`` (their per-rank shard files are
+checked by size; cpt's own files by digest).
+
+On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or corrupt
+one is skipped with one warning.
 """
 
 from __future__ import annotations
@@ -19,54 +31,39 @@ import json
 import logging
 import os
 import shutil
-import warnings
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
 
 log = logging.getLogger("cpt.checkpoint")
 
 CHECKSUMS = "CHECKSUMS.json"
 TRAINER_STATE = "trainer_state.json"
 PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+UNUSABLE_PREFIX = "unusable-"
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def _file_digest(path: Path) -> str:
-    try:
-        import xxhash
+def write_checksums(ckpt: Path, digests: dict[str, str] | None = None) -> None:
+    """CHECKSUMS.json: every file's size, and its digest where it was hashed while written (``digests``).
 
-        h = xxhash.xxh64()
-    except ImportError:  # pragma: no cover - xxhash comes with datasets
-        import hashlib
-
-        h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def write_checksums(ckpt: Path) -> None:
+    Files written by others (accelerate/DeepSpeed/FSDP shards) are recorded by size; nothing is re-read.
+    """
+    digests = digests or {}
     files = {}
     for p in sorted(ckpt.rglob("*")):
         if p.is_file() and p.name != CHECKSUMS:
-            files[str(p.relative_to(ckpt))] = {"size": p.stat().st_size, "digest": _file_digest(p)}
+            rel = str(p.relative_to(ckpt))
+            files[rel] = {"size": p.stat().st_size, "digest": digests.get(rel)}
     tmp = ckpt / (CHECKSUMS + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"files": files}, f, indent=1)
@@ -90,7 +87,7 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{rel} missing"
         if p.stat().st_size != meta["size"]:
             return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)"
-        if _file_digest(p) != meta["digest"]:
+        if meta.get("digest") and file_digest(p) != meta["digest"]:
             return f"{rel} checksum mismatch (corrupt)"
     return None
 
@@ -103,16 +100,55 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def latest_valid_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint that verifies; broken ones are reported and skipped."""
+def latest_valid_checkpoint(run_dir: str | os.PathLike, unusable: list[Path] | None = None) -> Path | None:
+    """The newest checkpoint that verifies; each broken one newer than it is reported once (a warning) and,
+    when ``unusable`` is given, appended to it."""
     for ckpt in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
             return ckpt
-        msg = f"checkpoint {ckpt} is not usable ({problem}); trying the previous one"
-        warnings.warn(msg, stacklevel=2)
-        log.warning(msg)
+        log.warning(f"checkpoint {ckpt} is not usable ({problem}); trying the previous one")
+        if unusable is not None:
+            unusable.append(ckpt)
     return None
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path | None:
+    """The checkpoint ``--resume`` continues from, chosen on the main process (one warning per broken
+    checkpoint) and shared with every rank. Broken checkpoints newer than it are set aside as
+    ``unusable-step_N`` so that neither pruning nor the fresh-run check mistakes them for real ones;
+    with none complete the run starts from scratch and says so."""
+    choice = None
+    if acc.is_main_process:
+        unusable: list[Path] = []
+        ckpt = latest_valid_checkpoint(run_dir, unusable)
+        for bad in unusable:
+            os.replace(bad, bad.with_name(UNUSABLE_PREFIX + bad.name))
+        if unusable:
+            say(f"set aside {len(unusable)} unusable checkpoint(s) as {UNUSABLE_PREFIX}step_N in {Path(run_dir) / 'checkpoints'}")
+        if ckpt is None:
+            say(f"--resume: no complete checkpoint in {Path(run_dir) / 'checkpoints'}: starting from scratch")
+        choice = None if ckpt is None else str(ckpt)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [choice]
+        broadcast_object_list(box, from_process=0)
+        choice = box[0]
+    return None if choice is None else Path(choice)
+
+
+def remove_partial_saves(root: Path) -> None:
+    """Remove what interrupted saves and prunes leave behind (``.tmp-*``, ``.trash-*``)."""
+    for stale in [*root.glob(TMP_PREFIX + "*"), *root.glob(TRASH_PREFIX + "*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def discard(ckpt: Path) -> None:
+    """Remove a checkpoint: renamed out of the listing first (atomic), then deleted."""
+    trash = ckpt.with_name(TRASH_PREFIX + ckpt.name)
+    os.replace(ckpt, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -130,71 +166,122 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 class CheckpointManager:
-    """Saves and loads full resume state through accelerate (DDP, FSDP and DeepSpeed all supported)."""
+    """Saves and loads full resume state through accelerate (DDP, FSDP and DeepSpeed all supported).
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int, accelerator):
+    ``save`` is collective: every rank calls it at the same step. The failure policy is explicit: a
+    failed save is reported in plain words (no space left, permission denied, the path), its partial
+    files removed and the previous checkpoint kept; the next interval tries again, and after
+    ``max_failed_saves`` failures in a row the run stops with a CheckpointError rather than training on
+    without a checkpoint. With ``async_save`` the files are written by a background thread; call
+    ``wait()`` before exiting (the next ``save`` waits by itself).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int, accelerator, async_save: bool = False, max_failed_saves: int = 3):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.acc = accelerator
+        self.cpt_writes = cpt_can_write(accelerator)  # else accelerator.save_state (FSDP, DeepSpeed), synchronously
+        self.async_save = async_save and self.cpt_writes
+        self.max_failed_saves = max_failed_saves
+        self.failed_in_a_row = 0
+        self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
+        self._job: _Commit | None = None  # its writer (main process)
+        self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
 
-    def save(self, step: int, trainer_state: dict[str, Any], config_yaml: str, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path | None:
-        """Save on every rank (collective). Returns the checkpoint path, or None if saving failed.
-
-        A failure (disk full, permissions) on any rank is reported, the partial save removed, and
-        the previous checkpoints are left as they were.
-        """
+    def save(self, step: int, trainer_state: dict[str, Any], config_yaml: str, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Save on every rank (collective). Blocks for the host copy; writes in the background with ``async_save``."""
+        self.wait()  # one save at a time: the previous one must be on disk (and counted) first
         acc = self.acc
-        final = self.root / f"{PREFIX}{step:08d}"
-        tmp = self.root / f".tmp-{PREFIX}{step:08d}"
+        tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:08d}"
         error = None
-        try:
-            if acc.is_main_process:
-                self.root.mkdir(parents=True, exist_ok=True)
-                for stale in self.root.glob(".tmp-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
-        except OSError as e:
-            error = e
-        acc.wait_for_everyone()
-        if error is None:
+        if acc.is_main_process:
             try:
-                acc.save_state(str(tmp), safe_serialization=True)
-                if acc.is_main_process:
-                    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, default=_json_default))
-                    (tmp / "config.yaml").write_text(config_yaml)
-                    if extra_tensors:
-                        from safetensors.torch import save_file
-
-                        save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
+                self.root.mkdir(parents=True, exist_ok=True)
+                remove_partial_saves(self.root)
+                tmp.mkdir()
+            except OSError as e:
+                error = e
+        if _all_ok(acc, error is None):
+            fault_point(f"save:begin@{step}")
+            try:
+                job = self._stage(step, tmp, json.dumps(trainer_state, indent=1, default=_json_default), config_yaml, extra_tensors)
             except Exception as e:  # noqa: BLE001 - any failure must leave the old checkpoints intact
                 error = e
         if not _all_ok(acc, error is None):
-            error = error or CheckpointError("another rank failed while saving")
-        if error is None and acc.is_main_process:
-            try:
-                write_checksums(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _fsync_dir(self.root)
-                self._prune()
-            except Exception as e:  # noqa: BLE001
-                error = e
-        if not _all_ok(acc, error is None):
-            error = error or CheckpointError("saving failed on the main process")
-        if error is not None:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-                msg = f"checkpoint at step {step} FAILED ({type(error).__name__}: {error}); previous checkpoints are intact"
-                log.error(msg)
-                warnings.warn(msg, stacklevel=2)
+            self._record(step, error or CheckpointError("another rank failed while saving"))
+            return
+        self._pending_step = step
+        if acc.is_main_process:
+            self._job = job
+            job.start(background=self.async_save)
+        if not self.async_save:
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the pending save (collective); report its outcome and apply the failure policy."""
+        if self._pending_step is None:
+            return
+        step, self._pending_step = self._pending_step, None
+        error = None
+        if self._job is not None:
+            error, self._job = self._job.join(), None
+        if not _all_ok(self.acc, error is None):
+            error = error or CheckpointError("the main process failed to write it")
+        self._record(step, error)
+
+    def _stage(self, step: int, tmp: Path, state_json: str, config_yaml: str, extra_tensors) -> _Commit | None:
+        """Everything every rank must do before the commit; returns the main process's writer."""
+        acc = self.acc
+        items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
+        if extra_tensors:
+            items.append(("extra.safetensors", "safetensors", _host_copy(dict(extra_tensors), {})))  # EMA/Reptile: a fresh copy
+        digests: dict[str, str] = {}
+        if self.cpt_writes:
+            own, rng_name, rng = host_snapshot(acc, self._staging if self.async_save else None)
+            if acc.is_main_process:
+                items += own + [(rng_name, "torch", rng)]
+            else:  # a few KB: written now, so every rank's part is on disk before the main process commits
+                try:
+                    digests = write_files(tmp, [(rng_name, "torch", rng)], step)
+                except OSError as e:
+                    digests = {"error": describe_io_error(e, tmp)}  # still join the gather below
+            if acc.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                gathered = gather_object([digests])
+                failed = [d["error"] for d in gathered if "error" in d]
+                if failed:
+                    raise CheckpointError(f"a rank could not write its part: {failed[0]}")
+                digests = {k: v for d in gathered for k, v in d.items()}
+        else:
+            acc.save_state(str(tmp), safe_serialization=True)  # FSDP / DeepSpeed shards, on every rank
+        if not acc.is_main_process:
             return None
-        acc.wait_for_everyone()
-        return final
+        return _Commit(self, step, tmp, items, digests)
+
+    def _record(self, step: int, error: BaseException | None) -> None:
+        if error is None:
+            self.failed_in_a_row = 0
+            return
+        self.failed_in_a_row += 1
+        cause = str(error) if isinstance(error, CheckpointError) else describe_io_error(error, self.root)
+        if self.acc.is_main_process:
+            log.error(f"checkpoint at step {step} FAILED: {cause}; the previous checkpoint is intact; "
+                      f"retrying at the next interval ({self.failed_in_a_row} of {self.max_failed_saves} failures in a row allowed)")
+        if self.failed_in_a_row >= self.max_failed_saves:
+            last = list_checkpoints(self.root.parent)
+            raise CheckpointError(
+                f"{self.failed_in_a_row} checkpoint saves in a row failed (the last at step {step}: {cause}); stopping rather "
+                f"than training on without a checkpoint. Newest checkpoint: {last[-1] if last else 'none'}. Fix the cause, "
+                "then continue with --resume (checkpoint.max_failed_saves sets how many failures are tolerated)"
+            )
 
     def _prune(self) -> None:
         ckpts = list_checkpoints(self.root.parent)
         for old in ckpts[: max(0, len(ckpts) - self.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
 
     def load(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Restore model, optimizer and RNG states in place; return (trainer_state, extra tensors)."""
@@ -206,6 +293,164 @@ class CheckpointManager:
 
             extra = load_file(str(ckpt / "extra.safetensors"))
         return state, extra
+
+
+class _Commit:
+    """The main process's part of a save: write its files (hashed as written), CHECKSUMS.json, rename
+    into place, prune. Runs inline or in a background thread; ``join()`` returns its error (or None)."""
+
+    def __init__(self, manager: CheckpointManager, step: int, tmp: Path, items: list, digests: dict[str, str]):
+        self.manager, self.step, self.tmp, self.items, self.digests = manager, step, tmp, items, digests
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, background: bool) -> None:
+        if background:  # not a daemon: an exiting interpreter still finishes the write
+            self.thread = threading.Thread(target=self.run, name=f"cpt-checkpoint-{self.step}")
+            self.thread.start()
+        else:
+            self.run()
+
+    def join(self) -> BaseException | None:
+        if self.thread is not None:
+            self.thread.join()
+        return self.error
+
+    def run(self) -> None:
+        step, tmp = self.step, self.tmp
+        final = tmp.with_name(tmp.name[len(TMP_PREFIX):])
+        try:
+            digests = {**self.digests, **write_files(tmp, self.items, step)}
+            self.items = None  # free the host copy
+            write_checksums(tmp, digests)
+            fault_point(f"save:checksums@{step}")
+            if final.exists():  # a save of the same step (a resumed run that passed it again)
+                discard(final)
+            os.replace(tmp, final)
+            fsync_dir(tmp.parent)
+            fault_point(f"save:renamed@{step}")
+        except BaseException as e:  # noqa: BLE001 - reported by wait()
+            self.error = e
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            self.manager._prune()
+        except OSError as e:  # the new checkpoint is safe; an old one stays behind
+            log.warning(f"could not remove an old checkpoint: {describe_io_error(e, tmp.parent)}")
+        fault_point(f"save:pruned@{step}")
+
+
+def wait_for_writers() -> None:
+    """Wait for every background checkpoint writer of this process (before giving up the run lock)."""
+    for t in threading.enumerate():
+        if t.name.startswith("cpt-checkpoint-") and t is not threading.current_thread():
+            t.join()
+
+
+def cpt_can_write(acc) -> bool:
+    """Whether cpt writes the accelerate checkpoint files itself (and so can write in the background):
+    one process or DDP, with nothing registered that only ``accelerator.save_state`` knows how to save."""
+    return (acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU")
+            and not acc._schedulers and not acc._dataloaders and not acc._custom_objects
+            and not acc._save_model_state_pre_hook)
+
+
+def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
+    """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
+    models (safetensors) and optimizers and the grad scaler (main process), this rank's RNG states.
+    ``staging``: host buffers to copy into (kept between saves: pinned on CUDA, allocated once); None
+    (a synchronous save: nothing changes until it is written) copies only device tensors."""
+    import random
+
+    import numpy as np
+    from accelerate.utils import clean_state_dict_for_safetensors
+
+    items = []
+    if acc.is_main_process:
+        for i, model in enumerate(acc._models):
+            state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
+            items.append((_numbered("model.safetensors", i), "safetensors", _host_copy(dict(state), staging, ("model", i))))
+        for i, opt in enumerate(acc._optimizers):
+            items.append((_numbered("optimizer.bin", i), "torch", _host_copy(opt.state_dict(), staging, ("optimizer", i))))
+        if acc.scaler is not None:
+            items.append(("scaler.pt", "torch", _host_copy(acc.scaler.state_dict(), staging, ("scaler",))))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+    rng = {"step": acc.step, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+           "torch_manual_seed": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
+    return items, f"random_states_{acc.process_index}.pkl", rng
+
+
+def write_files(folder: Path, items: list, step: int) -> dict[str, str]:
+    """Write (name, kind, payload) items, each hashed while written and fsynced; returns their digests.
+    kind: "safetensors" (a dict of tensors), "torch" (torch.save) or "text"."""
+    digests = {}
+    for name, kind, payload in items:
+        with HashingFile(folder / name, partial_fault=f"{name}:partial@{step}") as f:
+            if kind == "safetensors":
+                write_safetensors(f, payload)
+            elif kind == "torch":
+                torch.save(payload, f)
+            else:
+                f.write_all(payload.encode())
+        digests[name] = f.digest
+        fault_point(f"{name}:done@{step}")
+    return digests
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors(f: HashingFile, tensors: dict[str, torch.Tensor], chunk: int = 1 << 24) -> None:
+    """The safetensors format (8-byte header length, JSON header, raw little-endian tensor bytes), streamed
+    tensor by tensor in pieces. ``safetensors.torch.save`` would build the whole file in memory while holding
+    the GIL, stalling the training thread for the length of a background save; the files are read back by
+    safetensors itself (accelerate's load_state)."""
+    import struct
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for name in names:
+        data = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy()
+        for i in range(0, len(data), chunk):
+            f.write(data[i : i + chunk])
+
+
+def _host_copy(obj, staging: dict | None = None, path: tuple = ()):
+    """Tensors copied to host memory, contiguous (nested dicts/lists/tuples walked; other values kept).
+    With ``staging`` the copies go into its buffers (keyed by ``path``; made on first use); without it
+    host tensors are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if staging is None:
+            return t.to("cpu").contiguous()
+        buf = staging.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = staging[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        return buf.copy_(t, non_blocking=t.is_cuda)
+    if isinstance(obj, dict):
+        return type(obj)((k, _host_copy(v, staging, (*path, k))) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v, staging, (*path, i)) for i, v in enumerate(obj))
+    return obj
+
+
+def _numbered(name: str, i: int) -> str:
+    return name if i == 0 else name.replace(".", f"_{i}.", 1)
 
 
 def _all_ok(acc, ok: bool) -> bool:

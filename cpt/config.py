@@ -31,6 +31,9 @@ class RunSection(Strict):
     name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 1234
+    # take over output_dir's run.lock even if its holder may be alive (a shared filesystem where the
+    # holder's PID cannot be checked from this host); `cpt train --force-lock`
+    force_lock: bool = False
 
 
 class ModelConfig(Strict):
@@ -242,6 +245,8 @@ class CheckpointConfig(Strict):
     export_every: int | None = Field(None, gt=0)  # HF exports every N steps (always at the end)
     export_at_end: bool = True
     resume: bool = False  # take the latest valid checkpoint in output_dir
+    async_save: bool = True  # write in a background thread (one process and DDP; FSDP/DeepSpeed save synchronously)
+    max_failed_saves: int = Field(3, gt=0)  # stop the run after this many failed saves in a row
 
 
 class WandbConfig(Strict):

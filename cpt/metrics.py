@@ -30,6 +30,10 @@ METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 
 
+class MetricsError(RuntimeError):
+    """metrics.jsonl could not be written (disk full, permissions): one clear line, no half-written record."""
+
+
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "item") and callable(v.item):  # torch / numpy scalars
         try:
@@ -160,11 +164,29 @@ class MetricsLogger:
             return
         record = {"step": int(step), "time": time.time()}
         record.update({k: _jsonable(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._append_line(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             data = {k: v for k, v in record.items() if k != "time" and (isinstance(v, (int, float)) and not isinstance(v, bool))}
             self.wandb_run.log(data)
+
+    def _append_line(self, line: str) -> None:
+        """Append one whole line or nothing: a failed write is cut back off and raised as MetricsError."""
+        from cpt.fileio import describe_io_error
+
+        self._file.flush()
+        fd = self._file.fileno()
+        before = os.fstat(fd).st_size
+        data = line.encode()
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError as e:
+            try:
+                os.ftruncate(fd, before)
+            except OSError:
+                pass
+            raise MetricsError(f"cannot write metrics to {self.path}: {describe_io_error(e, self.path)}") from None
 
     def truncate_after(self, step: int) -> int:
         """Drop the lines with ``step`` > ``step`` (written after the checkpoint being resumed). Returns how many."""

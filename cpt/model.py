@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cpt.config import ModelConfig
+from cpt.fileio import fault_point, fsync_dir
 
 log = logging.getLogger("cpt.model")
 
@@ -216,22 +217,26 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
     out = Path(out_dir)
     state_dict = accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    if accelerator.is_main_process:  # written to a hidden temp folder, renamed into place when complete
+        tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+        for leftover in (tmp, old):  # from an interrupted export
+            shutil.rmtree(leftover, ignore_errors=True)
         if hasattr(unwrapped, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
             from cpt.adapters import save_adapter
 
             save_adapter(unwrapped, tmp, tokenizer, state_dict=state_dict)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            fault_point(f"export:weights:{out.name}")
             tokenizer.save_pretrained(tmp)
             from cpt.redaction import redact_json_file
 
             redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
+        fault_point(f"export:written:{out.name}")
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import yaml
 
-from cpt.checkpoint import TRAINER_STATE, CheckpointManager, latest_valid_checkpoint, resolve_checkpoint
+from cpt.checkpoint import (TRAINER_STATE, CheckpointManager, find_resume_checkpoint, list_checkpoints, resolve_checkpoint,
+                            wait_for_writers)
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config, trajectory_changes
 
 
@@ -45,6 +46,38 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bool = False, echo=print) -> TrainResult:
+    """Train under the run directory's lock (held by the main process; see cpt/runlock.py). A run that fails
+    before writing anything leaves no run directory behind (the lock's own folder is removed again)."""
+    from cpt.runlock import RunLock, RunLockError
+
+    run_dir = Path(cfg.run.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"run.output_dir {run_dir} is an existing file, not a directory: choose another --output-dir")
+    created = not run_dir.exists()
+    lock = RunLock(run_dir, force=cfg.run.force_lock)
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            lock.acquire()
+        except RunLockError as e:
+            raise TrainingError(str(e)) from None
+    try:
+        return _train(cfg, resume=resume, allow_config_change=allow_config_change, echo=echo)
+    finally:
+        wait_for_writers()  # a background checkpoint write still running when an error ends the run
+        lock.release()
+        if created and lock_only(run_dir):
+            run_dir.rmdir()
+
+
+def lock_only(run_dir: Path) -> bool:
+    """True when the run directory exists and is empty (the lock, released, was all this run wrote)."""
+    try:
+        return run_dir.is_dir() and not any(run_dir.iterdir())
+    except OSError:
+        return False
+
+
+def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, echo) -> TrainResult:
     from accelerate.utils import set_seed
 
     from cpt.adapters import trainable_metrics
@@ -74,13 +107,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
 
     # --- where this run starts from: fresh, resumed, a new stage from a checkpoint, or an anneal branch
     resume = cfg.checkpoint.resume if resume is None else resume
-    resume_ckpt = latest_valid_checkpoint(run_dir) if resume else None
+    resume_ckpt = find_resume_checkpoint(run_dir, acc, say) if resume else None  # or from scratch, saying so
     init_ckpt, init_hf = _resolve_init(cfg.train.init_from) if resume_ckpt is None else (None, None)
     _preflight(cfg, run_dir, resume_ckpt, init_ckpt, allow_config_change)  # one clear error before anything loads
     if resume_ckpt is None and acc.is_main_process:
-        _check_fresh_run_dir(run_dir, resume)
-        if resume:
-            say(f"resume: no checkpoint in {run_dir / 'checkpoints'}: starting a fresh run")
+        _check_fresh_run_dir(run_dir, resume)  # (find_resume_checkpoint said when --resume finds nothing to resume)
     acc.wait_for_everyone()
     for line in format_mixes(cfg.stages):
         say(line)
@@ -127,7 +158,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
     model, optimizer = acc.prepare(model, optimizer)
 
     # --- resume / init
-    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc)
+    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves)
     step, tokens = 0, 0
     reptile = None  # Reptile meta-updates (train.reptile), set up below once the start weights are in place
     spikes = _build_spike_guard(cfg, acc)  # loss-spike guard (train.skip_spikes)
@@ -288,6 +319,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         if guard.too_many_in_a_row():
             feed.close()
             save_checkpoint()
+            ckpts.wait()
             raise TrainingError(
                 f"{guard.in_a_row} non-finite steps in a row at step {step}: stopping. The last good weights are in "
                 f"{run_dir / 'checkpoints'} (skipped updates never touched them). Lower the LR or check the data."
@@ -342,6 +374,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             metrics = bench.evaluate(model, tokenizer, step)
             logger.log({"train/tokens": tokens, **metrics}, step=step)
             _show(None, say, eval_line(step, metrics))
+    ckpts.wait()  # the last (background) checkpoint write is on disk before the run reports its end
     summary = evaluator.summary()
     compute = account.metrics(tokens, flops_per_token)
     logger.log({"train/tokens": tokens, **compute}, step=step)
@@ -459,8 +492,6 @@ def _resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
 def _check_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
     """A fresh start must not mix with an earlier run's checkpoints. Partial saves (.tmp-*) do not count: `--resume`
     with nothing complete to resume from (a first start, or a job killed during its first save) starts fresh."""
-    from cpt.checkpoint import list_checkpoints
-
     if list_checkpoints(run_dir):
         if resume:
             raise TrainingError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "

@@ -68,7 +68,7 @@ def test_resume_without_checkpoint_says_fresh_and_prints_normalised_mix(tiny_cpt
     cfg["checkpoint"] = {"every": None, "export_at_end": False}
     assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--resume"]) == 0
     out = capsys.readouterr().out
-    assert f"resume: no checkpoint in {tmp_path / 'run' / 'checkpoints'}: starting a fresh run" in out
+    assert f"--resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}: starting from scratch" in out
     assert "stage 0 cpt-python mix: python 75.0%, shakespeare 25.0%\n" in out  # weights summing to 1: no note
 
 

@@ -26,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --from: branch an anneal of STEPS steps off the checkpoint into a new run directory")
     p.add_argument("--anneal-shape", choices=["linear", "cosine", "exponential", "1-sqrt"])
     p.add_argument("--output-dir", help="sets run.output_dir")
+    p.add_argument("--force-lock", action="store_true",
+                   help="take over run.output_dir's run.lock even if its holder may be alive (shared filesystems; sets run.force_lock)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the model, tokenizer and data, print tokens, epochs per source, LR and FLOPs; train nothing")
     p.add_argument("--tokens-per-s", type=float, metavar="N", help="with --dry-run: estimate the training time at N tokens/s")
@@ -43,6 +45,8 @@ def main(argv: list[str]) -> int:
         overrides.append(f"train.anneal_shape={args.anneal_shape}")
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
+    if args.force_lock:
+        overrides.append("run.force_lock=true")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -53,6 +57,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from cpt.checkpoint import CheckpointError
     from cpt.data.shards import ShardError
+    from cpt.metrics import MetricsError
     from cpt.model import ModelLoadError
     from cpt.train import TrainingError, train
 
@@ -69,7 +74,7 @@ def main(argv: list[str]) -> int:
         # flushed line by line: a batch job's log (stdout redirected to a file) shows progress as it happens
         result = train(cfg, resume=args.resume or None, echo=functools.partial(print, flush=True),
                        allow_config_change=args.allow_config_change)
-    except (TrainingError, ShardError, CheckpointError, ModelLoadError) as e:  # user-facing problems: no traceback
+    except (TrainingError, ShardError, CheckpointError, ModelLoadError, MetricsError) as e:  # user-facing problems: no traceback
         print(f"cpt train: error: {e}", file=sys.stderr)
         return 1
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":

@@ -1,0 +1,154 @@
+"""One run per run directory: ``<output_dir>/run.lock`` names its holder (host, PID, start time).
+
+A second run on the same directory, fresh or ``--resume``, refuses with one line naming the holder.
+A lock whose holder is gone (same host, PID no longer running, or running but a different process
+started since) is stale and taken over with a warning: that is what a ``kill -9`` or a node crash
+leaves behind. A holder on another host cannot be checked from here: that lock is honoured unless
+``run.force_lock`` (``cpt train --force-lock``) says the holder is gone. Only the main process holds
+the lock in multi-process runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+log = logging.getLogger("cpt.runlock")
+
+LOCK_FILE = "run.lock"
+
+
+class RunLockError(RuntimeError):
+    pass
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (clock ticks since boot), to tell a reused PID apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    now = _process_start(pid)
+    return started is None or now is None or now == started
+
+
+def _describe(holder: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("start_time", 0)))
+    return f"PID {holder.get('pid')} on host {holder.get('host')} since {when}"
+
+
+class RunLock:
+    """``with RunLock(run_dir): ...`` or ``acquire()`` / ``release()``."""
+
+    def __init__(self, run_dir: str | os.PathLike, force: bool = False):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.force = force
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": time.time(),
+                   "proc_start": _process_start(os.getpid())}
+        self.held = False
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunLockError(f"cannot create the run directory {self.path.parent}: {e.strerror or e}") from None
+        for _ in range(3):
+            if self._create():
+                self.held = True
+                return
+            holder = self._read()
+            if holder is None:  # being written by a starting run, or left empty by a kill: look again
+                time.sleep(0.2)
+                holder = self._read()
+                if holder is None and time.time() - self._mtime() < 5:
+                    continue
+            reason = self._stale_reason(holder)
+            if reason is None:
+                raise RunLockError(
+                    f"{self.path.parent} is in use by another run ({_describe(holder)}; lock file {self.path}). "
+                    "Wait for it, use another run.output_dir, or, if that run is gone (e.g. on another host of a "
+                    "shared filesystem), pass --force-lock"
+                )
+            log.warning(f"taking over the lock of {self.path.parent}: {reason}")
+            self._remove_if_unchanged(holder)
+        raise RunLockError(f"could not take the lock {self.path}: another run keeps taking it")
+
+    def release(self) -> None:
+        if self.held and (self._read() or {}).get("pid") == self.me["pid"]:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+        self.held = False
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    # -- helpers
+    def _create(self) -> bool:
+        """Create the lock file atomically (O_EXCL); False if it exists."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise RunLockError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _read(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) and "pid" in holder else None
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _stale_reason(self, holder: dict | None) -> str | None:
+        """Why the lock may be taken over, or None if its holder may still be running."""
+        if holder == {}:
+            return "it was just released"
+        if holder is None:
+            return "its lock file is empty or unreadable (a run killed while starting)"
+        if self.force:
+            return f"--force-lock (holder: {_describe(holder)})"
+        if holder.get("host") == self.me["host"] and not _alive(int(holder["pid"]), holder.get("proc_start")):
+            return f"its holder ({_describe(holder)}) is no longer running"
+        return None
+
+    def _remove_if_unchanged(self, holder: dict | None) -> None:
+        if holder == {}:
+            return
+        if self._read() == holder:  # not replaced by a run that took it over meanwhile
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,110 @@
+"""How long a checkpoint save blocks the training loop: synchronous vs non-blocking (background) saves.
+
+    python scripts/bench_checkpoint.py [--out DIR] [--repeats 2] [--tiny]
+
+A SmolLM2-135M-shaped Llama (random init, fp32) with an AdamW state after one step, on CPU, saved by
+cpt's CheckpointManager: synchronously (``checkpoint.async_save: false``), non-blocking (the time until
+``save()`` returns, and until the background write is on disk; the first save also allocates the host
+staging buffers that later saves reuse), and the old path for reference
+(``accelerator.save_state`` + re-reading every file to checksum it). Prints one JSON line; the best of
+``--repeats`` for each (at least 2, so that a non-blocking save with warm buffers is measured). ``--tiny`` runs a small shape (used by the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+
+
+def build(shape: dict):
+    import torch
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():  # one step fills the AdamW moments (exp_avg, exp_avg_sq)
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    acc = Accelerator(cpu=True)
+    model, opt = acc.prepare(model, opt)
+    return acc, model
+
+
+def old_save(acc, folder: Path) -> None:
+    """What cpt did before: accelerate writes, then every file is read back to checksum it."""
+    from cpt.checkpoint import write_checksums
+    from cpt.fileio import file_digest
+
+    acc.save_state(str(folder), safe_serialization=True)
+    write_checksums(folder, {str(p.relative_to(folder)): file_digest(p) for p in folder.rglob("*") if p.is_file()})
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", help="where to write the checkpoints (default: a temporary directory)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    from cpt.checkpoint import CheckpointManager, list_checkpoints
+
+    acc, model = build(TINY if args.tiny else SMOLLM2_135M)
+    n_params = sum(p.numel() for p in model.parameters())
+    root = Path(args.out or tempfile.mkdtemp(prefix="bench_ckpt_"))
+    best = {"sync_s": float("inf"), "async_blocking_s": float("inf"), "async_total_s": float("inf"), "old_sync_s": float("inf")}
+    first_blocking = None
+    background = CheckpointManager(root / "async", keep=1, accelerator=acc, async_save=True)  # staging buffers reused
+    size = 0
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        CheckpointManager(root / f"sync{r}", keep=1, accelerator=acc, async_save=False).save(r + 1, {"step": r + 1}, "bench: true\n")
+        best["sync_s"] = min(best["sync_s"], time.perf_counter() - t0)
+        size = sum(p.stat().st_size for p in list_checkpoints(root / f"sync{r}")[-1].iterdir())
+        shutil.rmtree(root / f"sync{r}")
+        t0 = time.perf_counter()
+        background.save(r + 1, {"step": r + 1}, "bench: true\n")
+        t1 = time.perf_counter()
+        background.wait()
+        t2 = time.perf_counter()
+        first_blocking = t1 - t0 if first_blocking is None else first_blocking
+        best["async_blocking_s"] = min(best["async_blocking_s"], t1 - t0)
+        best["async_total_s"] = min(best["async_total_s"], t2 - t0)
+        t0 = time.perf_counter()
+        old_save(acc, root / f"old{r}")
+        best["old_sync_s"] = min(best["old_sync_s"], time.perf_counter() - t0)
+        shutil.rmtree(root / f"old{r}")
+    if not args.out:
+        shutil.rmtree(root, ignore_errors=True)
+    out = {
+        "bench": "checkpoint", "shape": "tiny" if args.tiny else "smollm2-135m", "params": n_params,
+        "checkpoint_mb": round(size / 2**20, 1), **{k: round(v, 3) for k, v in best.items()},
+        "async_first_blocking_s": round(first_blocking, 3),  # the first save also allocates its staging buffers
+        "blocking_ratio": round(best["async_blocking_s"] / best["sync_s"], 3),
+        "blocking_ratio_vs_old": round(best["async_blocking_s"] / best["old_sync_s"], 3),
+        "repeats": args.repeats, "device": "cpu", "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Checkpoint writes: cpt's writer equals accelerate's save_state, non-blocking saves snapshot the state,
+disk full / I/O errors name their cause and follow the failure policy, metrics lines are all or nothing."""
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_run_config
+from cpt.checkpoint import CHECKSUMS, CheckpointManager, list_checkpoints, verify_checkpoint
+from cpt.fileio import HashingFile, describe_io_error
+from cpt.metrics import MetricsError, MetricsLogger, read_metrics
+
+
+# ------------------------------------------------------------------ the writer (one process, a tiny model)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """An Accelerator with a tiny Llama (tied embeddings) and an AdamW that has taken one step."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    acc = Accelerator(cpu=True)
+    model, opt = acc.prepare(model, opt)
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return acc, model, opt
+
+
+def read_state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {"model": load_file(folder / "model.safetensors"),
+            "optimizer": torch.load(folder / "optimizer.bin", weights_only=True),
+            "rng": torch.load(folder / "random_states_0.pkl", weights_only=False)}
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, __import__("numpy").ndarray):
+        assert (a == b).all()
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["background", "synchronous"])
+def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, async_save):
+    acc, model, opt = trained
+    acc.save_state(str(tmp_path / "accelerate"), safe_serialization=True)
+    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=async_save)
+    assert ckpts.cpt_writes and ckpts.async_save == async_save
+    ckpts.save(1, {"step": 1}, "config: 1\n")
+    ckpts.wait()
+    ours = list_checkpoints(tmp_path / "run")[0]
+    theirs = {p.name for p in (tmp_path / "accelerate").iterdir()}
+    assert theirs <= {p.name for p in ours.iterdir()}
+    assert_same(read_state(tmp_path / "accelerate"), read_state(ours))
+    # hashed while written: the digests match the files on disk, and nothing else was read to get them
+    files = json.loads((ours / CHECKSUMS).read_text())["files"]
+    assert all(meta["digest"] for meta in files.values()) and verify_checkpoint(ours) is None
+    # and accelerate loads it
+    before = {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    acc.load_state(str(ours))
+    assert_same(before, {k: v for k, v in acc.unwrap_model(model).state_dict().items()})
+
+
+def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monkeypatch):
+    """save() returns while the files are still being written; training on does not leak into them."""
+    import cpt.checkpoint as checkpoint
+
+    acc, model, opt = trained
+    release, writing = threading.Event(), threading.Event()
+    real = checkpoint.write_files
+
+    def slow_write(folder, items, step):
+        writing.set()
+        assert release.wait(30)
+        return real(folder, items, step)
+
+    monkeypatch.setattr(checkpoint, "write_files", slow_write)
+    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=True)
+    want = {k: v.clone() for k, v in acc.get_state_dict(model).items()}
+    ckpts.save(3, {"step": 3}, "")
+    assert writing.wait(30) and not list_checkpoints(tmp_path / "run")  # returned; nothing committed yet
+    with torch.no_grad():  # the loop trains on
+        for p in model.parameters():
+            p.mul_(0.0)
+    release.set()
+    ckpts.wait()
+    saved = read_state(list_checkpoints(tmp_path / "run")[0])["model"]
+    assert all(torch.equal(saved[k], want[k]) for k in saved)
+
+
+def test_failed_background_save_counts_and_policy_stops(trained, tmp_path, monkeypatch, caplog):
+    acc, _, _ = trained
+    real_write = HashingFile.write
+
+    def full(self, data):
+        if "step_00000002" in str(self.path) or "step_00000003" in str(self.path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return real_write(self, data)
+
+    monkeypatch.setattr(HashingFile, "write", full)
+    ckpts = CheckpointManager(tmp_path / "run", keep=5, accelerator=acc, async_save=True, max_failed_saves=2)
+    ckpts.save(1, {}, "")
+    ckpts.save(2, {}, "")  # fails in the background...
+    with caplog.at_level(logging.ERROR, "cpt.checkpoint"):
+        ckpts.save(3, {}, "")  # ...reported here (1 of 2), and this one is written
+    assert "checkpoint at step 2 FAILED: no space left on device (" in caplog.text and ckpts.failed_in_a_row == 1
+    with pytest.raises(checkpoint_error()) as e:
+        ckpts.wait()  # the end of training: step 3 failed too -> 2 in a row: stop
+    assert "2 checkpoint saves in a row failed" in str(e.value) and "no space left on device" in str(e.value)
+    assert "step_00000001" in str(e.value)  # names the checkpoint that is left
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000001"]
+    assert verify_checkpoint(list_checkpoints(tmp_path / "run")[0]) is None
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def checkpoint_error():
+    from cpt.checkpoint import CheckpointError
+
+    return CheckpointError
+
+
+def test_io_errors_in_plain_words(tmp_path):
+    enospc = OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors")
+    assert describe_io_error(enospc, tmp_path) == "no space left on device (/runs/x/model.safetensors)"
+    try:  # torch's zip writer wraps the OSError as "unexpected pos"; the cause is found in its context
+        try:
+            raise enospc
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 46 vs 0")
+    except RuntimeError as wrapped:
+        assert describe_io_error(wrapped, tmp_path).startswith("no space left on device")
+    assert describe_io_error(RuntimeError("Error while serializing: IoError(Os { code: 13, os error 13 })"), tmp_path) == \
+        f"permission denied ({tmp_path})"
+    assert describe_io_error(PermissionError(errno.EACCES, "Permission denied", "/ro/ckpt"), tmp_path) == "permission denied (/ro/ckpt)"
+    assert "ValueError: odd" in describe_io_error(ValueError("odd"), tmp_path)
+
+
+# ------------------------------------------------------------------ metrics.jsonl
+
+
+def test_metrics_line_is_all_or_nothing(tiny_cpt_data, tmp_path, monkeypatch):
+    from cpt.config import load_config
+
+    cfg = load_config(base=tiny_run_config(tiny_cpt_data, tmp_path / "run"))
+    logger = MetricsLogger(tmp_path / "run", cfg)
+    logger.log({"train/tokens": 1, "train/loss": 2.0}, step=1)
+    good = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    real = os.write
+
+    def half_then_full(fd, data):  # the disk fills up in the middle of a line
+        monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        return real(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(MetricsError, match=r"cannot write metrics to .*metrics.jsonl: no space left on device"):
+        logger.log({"train/tokens": 2, "train/loss": 1.5}, step=2)
+    monkeypatch.setattr(os, "write", real)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == good  # the half line was cut off again
+    logger.log({"train/tokens": 3, "train/loss": 1.0}, step=3)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 3]
+    logger.close()
+
+
+def test_metrics_on_a_full_device(tiny_cpt_data, tmp_path):
+    """The kernel's own ENOSPC: metrics.jsonl pointing at /dev/full."""
+    from cpt.config import load_config
+
+    cfg = load_config(base=tiny_run_config(tiny_cpt_data, tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to("/dev/full")
+    logger = MetricsLogger(tmp_path / "run", cfg, resume=True)
+    with pytest.raises(MetricsError, match="no space left on device"):
+        logger.log({"train/tokens": 1}, step=1)
+
+
+# ------------------------------------------------------------------ a training run on a full disk
+
+
+def small_run(tiny_cpt_data, out, steps, **checkpoint):
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2, "keep": 5, "export_at_end": False, **checkpoint},
+                          eval={"at_start": False})
+    cfg["stages"][0]["steps"] = steps
+    cfg["data"]["heldout"] = []
+    return cfg
+
+
+@pytest.mark.slow
+def test_disk_full_during_saves_retries_then_stops(tiny_cpt_data, tmp_path, monkeypatch, capsys, caplog):
+    from cpt.commands.train import main
+
+    real_write = HashingFile.write
+    failing = {"step_00000004"}
+
+    def full(self, data):
+        if any(s in str(self.path) for s in failing):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return real_write(self, data)
+
+    monkeypatch.setattr(HashingFile, "write", full)
+    # one failed save: reported in plain words, retried at the next interval, the run completes
+    out = tmp_path / "once"
+    (tmp_path / "once.yaml").write_text(yaml.safe_dump(small_run(tiny_cpt_data, out, 8)))
+    with caplog.at_level(logging.ERROR, "cpt.checkpoint"):
+        assert main([str(tmp_path / "once.yaml")]) == 0
+    assert "checkpoint at step 4 FAILED: no space left on device (" in caplog.text
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000002", "step_00000006", "step_00000008"]
+    # failures in a row: the run stops with one line and exit 1 instead of training on unprotected
+    failing.add("step_00000006")
+    out = tmp_path / "twice"
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump(small_run(tiny_cpt_data, out, 20, max_failed_saves=2)))
+    capsys.readouterr()
+    assert main([str(tmp_path / "twice.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cpt train: error: 2 checkpoint saves in a row failed"), err
+    assert "no space left on device" in err[0]
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]  # the previous checkpoint is kept
+    steps = [r["step"] for r in read_metrics(out) if "train/loss" in r]
+    assert max(steps) <= 8  # stopped at the save after the second failure was known (async: one interval later)
+    assert not (out / "run.lock").exists()
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_real_full_filesystem(tiny_cpt_data, tmp_path):
+    """A 3 MiB tmpfs holds one checkpoint of the tiny model (about 2 MB) but not two: the second save hits
+    the kernel's ENOSPC. Needs root and mount permission (CI runs as root); skipped elsewhere."""
+    from cpt.config import load_config
+    from cpt.train import train
+
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "3m"):
+        pytest.skip("cannot mount a tmpfs here (needs root with mount permission)")
+    try:
+        out = disk / "run"
+        cfg = small_run(tiny_cpt_data, out, 20, max_failed_saves=2)
+        with pytest.raises(checkpoint_error(), match="2 checkpoint saves in a row failed .*no space left on device"):
+            train(load_config(base=cfg), echo=lambda *a: None)
+        assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
+        assert verify_checkpoint(list_checkpoints(out)[0]) is None
+        assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_bench_checkpoint_cpu_path():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", Path(__file__).resolve().parents[1] / "scripts" / "bench_checkpoint.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--tiny", "--repeats", "1"])
+    assert out["params"] > 0 and out["checkpoint_mb"] > 0
+    assert 0 < out["async_blocking_s"] <= out["async_total_s"] and out["sync_s"] > 0 and out["old_sync_s"] > 0
+
+
+def test_streamed_safetensors_load_with_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from cpt.checkpoint import write_safetensors
+
+    tensors = {"w": torch.randn(3, 5), "h": torch.ones(2, dtype=torch.bfloat16), "flag": torch.tensor(True),
+               "empty": torch.zeros(0), "ids": torch.arange(7), "t": torch.randn(4, 3).t()}
+    with HashingFile(tmp_path / "x.safetensors") as f:
+        write_safetensors(f, tensors, chunk=4)  # tiny pieces
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())

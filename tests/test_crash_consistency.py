@@ -1,0 +1,178 @@
+"""Crash consistency at every write point: the training process is SIGKILLed at each file boundary of a
+checkpoint save (the first save and a later one, which also prunes), at random points between saves
+and in the middle of the final HF export; `cpt train --resume` then continues from the newest complete
+checkpoint (or from scratch, saying so), logs exactly the uninterrupted run's losses and leaves no
+temporary files behind.
+
+The kills come from the save code's test hook (CPT_FAULT_INJECT=<point>, cpt/fileio.py: fault_point).
+To keep this fast, each run is a fork of the test process (torch already imported); one case goes
+through a real `cpt train` subprocess with the environment variable, as a user would.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_run_config
+from forking import forked_cli
+from cpt.checkpoint import CHECKSUMS, list_checkpoints
+from cpt.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVERY = 6, 2  # saves at 2 (the first), 4 (a later one: prunes 2, keep 1) and 6 (the end)
+
+
+def losses(run_dir) -> dict[int, float]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return {r["step"]: r["train/loss"] for r in read_metrics(path) if "train/loss" in r} if path.is_file() else {}
+
+
+def crash_config(tiny_cpt_data, out, export=False) -> dict:
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": EVERY, "keep": 1, "export_at_end": export},
+                          eval={"at_start": False})
+    cfg["stages"][0]["steps"] = STEPS
+    cfg["data"]["heldout"] = []
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_cpt_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    cfg_path = out.parent / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out)))
+    assert forked_cli(["train", str(cfg_path)], out.parent / "log") == 0, (out.parent / "log").read_text()
+    ref = losses(out)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    files = json.loads((list_checkpoints(out)[-1] / CHECKSUMS).read_text())["files"]
+    return ref, sorted(files)
+
+
+def check_resume(tiny_cpt_data, tmp_path, ref, env=None, kill_when=None, export=False, expect_from=None):
+    """Run until killed, resume, compare with the uninterrupted run. Returns the resumed run's log."""
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out, export)))
+    code = forked_cli(["train", str(cfg_path)], tmp_path / "killed.log", env, kill_when)
+    assert code == -signal.SIGKILL, (code, (tmp_path / "killed.log").read_text())
+    code = forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log")
+    log = (tmp_path / "resumed.log").read_text()
+    assert code == 0, log
+    if expect_from == 0:
+        assert "no complete checkpoint" in log and "starting from scratch" in log, log
+    elif expect_from is not None:
+        assert f"step_{expect_from:08d} at step {expect_from} " in log, log
+    assert log.count("is not usable") <= 1, log  # a fallback is reported once
+    assert losses(out) == ref  # every step logged once, bitwise the uninterrupted run's losses
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{STEPS:08d}"]
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
+    assert not (out / "run.lock").exists()
+    return out, log
+
+
+def fault_points(files: list[str], step: int, mid_file: bool) -> list[tuple[str, int]]:
+    """Every file boundary of the save at `step` (and, with `mid_file`, a point inside every file), each with
+    the step `--resume` must continue from after a kill there."""
+    before = step - EVERY  # the previous checkpoint (0: none, start from scratch)
+    points = [(f"save:begin@{step}", before)]
+    for name in files:  # the order write_files uses does not matter: every file is covered
+        points += [(f"{name}:partial@{step}", before)] if mid_file else []
+        points += [(f"{name}:done@{step}", before)]
+    return points + [(f"save:checksums@{step}", before), (f"save:renamed@{step}", step), (f"save:pruned@{step}", step)]
+
+
+def test_fault_points_cover_every_file(uninterrupted):
+    _, files = uninterrupted  # the files of a complete checkpoint, as CHECKSUMS.json lists them
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json", "config.yaml"} <= set(files)
+
+
+@pytest.mark.parametrize("save_step", [EVERY, 2 * EVERY], ids=["first-save", "later-save"])
+def test_kill_at_every_file_boundary_of_a_save(tiny_cpt_data, tmp_path, uninterrupted, save_step):
+    ref, files = uninterrupted
+    # inside every file only for the first save (the case users met); every boundary of both saves
+    for i, (point, resume_from) in enumerate(fault_points(files, save_step, mid_file=save_step == EVERY)):
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        try:
+            check_resume(tiny_cpt_data, case, ref, env={"CPT_FAULT_INJECT": point}, expect_from=resume_from)
+        except AssertionError as e:
+            raise AssertionError(f"kill at {point}: {e}") from None
+
+
+def test_kill_at_random_points_between_saves(tiny_cpt_data, tmp_path, uninterrupted):
+    ref, _ = uninterrupted
+    rng = random.Random(13)
+    for i in range(3):
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        after, delay = rng.randint(1, STEPS - 1), rng.uniform(0, 0.3)
+        seen = {}
+
+        def kill_when(case=case, after=after, delay=delay, seen=seen):
+            if len(losses(case / "run")) >= after:
+                seen.setdefault("t", time.time())
+                return time.time() - seen["t"] >= delay
+            return False
+
+        check_resume(tiny_cpt_data, case, ref, kill_when=kill_when)
+
+
+@pytest.mark.parametrize("point", ["export:weights:export", "export:written:export"])
+def test_interrupted_export_leaves_no_half_directory(tiny_cpt_data, tmp_path, uninterrupted, point):
+    from transformers import AutoModelForCausalLM
+
+    ref, _ = uninterrupted
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out, export=True)))
+    code = forked_cli(["train", str(cfg_path)], tmp_path / "killed.log", {"CPT_FAULT_INJECT": point})
+    assert code == -signal.SIGKILL
+    assert not (out / "export").exists()  # only the hidden temp folder, which from_pretrained never sees
+    assert (out / ".export.tmp").is_dir()
+    assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
+    assert losses(out) == ref
+    assert not (out / ".export.tmp").exists()
+    AutoModelForCausalLM.from_pretrained(out / "export")
+
+
+def test_kill_during_first_save_then_resume_from_the_command_line(tiny_cpt_data, tmp_path, uninterrupted):
+    """The reported bug, as a user meets it: kill -9 during the first save, then `cpt train --resume`."""
+    ref, _ = uninterrupted
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "cpt.cli", "train", str(cfg_path)]
+    killed = subprocess.run(cmd, env={**env, "CPT_FAULT_INJECT": f"optimizer.bin:partial@{EVERY}"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f".tmp-step_{EVERY:08d}"]
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "starting from scratch" in resumed.stdout
+    assert "taking over the lock" in resumed.stderr  # the killed run's lock: its PID is gone
+    assert losses(out) == ref
+
+
+def test_every_checkpoint_corrupt_resumes_from_scratch(tiny_cpt_data, tmp_path, uninterrupted):
+    """With no usable checkpoint, --resume says so, sets the broken one aside and starts over (not 'pass --resume')."""
+    ref, _ = uninterrupted
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out)))
+    assert forked_cli(["train", str(cfg_path)], tmp_path / "first.log") == 0
+    weights = list_checkpoints(out)[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
+    log = (tmp_path / "resumed.log").read_text()
+    assert log.count("is not usable") == 1 and "set aside 1 unusable checkpoint" in log and "starting from scratch" in log
+    assert losses(out) == ref
+    assert (out / "checkpoints" / f"unusable-step_{STEPS:08d}").is_dir()
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{STEPS:08d}"]

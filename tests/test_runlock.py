@@ -1,0 +1,104 @@
+"""One run per run directory: run.lock names its holder; a second run refuses; a stale lock is taken over."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from conftest import tiny_run_config
+from cpt.runlock import LOCK_FILE, RunLock, RunLockError
+from forking import forked_cli, start_forked, wait_forked
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def plant(run_dir, **holder):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": 1.7e9, "proc_start": None, **holder}
+    (run_dir / LOCK_FILE).write_text(json.dumps(info))
+    return info
+
+
+def test_lock_names_its_holder_and_a_second_run_refuses(tmp_path):
+    with RunLock(tmp_path / "run") as lock:
+        holder = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname() and holder["start_time"] > 0
+        with pytest.raises(RunLockError) as e:
+            RunLock(tmp_path / "run").acquire()
+        msg = str(e.value)
+        assert "\n" not in msg and f"PID {os.getpid()} on host {socket.gethostname()} since " in msg and "--force-lock" in msg
+        assert lock.held
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # released
+
+
+def test_stale_lock_on_this_host_is_taken_over_with_a_warning(tmp_path, caplog):
+    plant(tmp_path, pid=dead_pid())
+    with caplog.at_level(logging.WARNING, "cpt.runlock"), RunLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert "is no longer running" in caplog.text
+
+
+def test_reused_pid_is_stale(tmp_path, caplog):
+    plant(tmp_path, proc_start="1")  # our PID, but a process started at another time held it
+    with caplog.at_level(logging.WARNING, "cpt.runlock"), RunLock(tmp_path):
+        pass
+    assert "no longer running" in caplog.text
+
+
+def test_other_host_is_honoured_unless_forced(tmp_path, caplog):
+    plant(tmp_path, host="node-17", pid=dead_pid())  # its PID means nothing here
+    with pytest.raises(RunLockError, match="in use by another run .PID .* on host node-17"):
+        RunLock(tmp_path).acquire()
+    with caplog.at_level(logging.WARNING, "cpt.runlock"), RunLock(tmp_path, force=True):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == socket.gethostname()
+    assert "--force-lock (holder: PID" in caplog.text
+
+
+def test_empty_lock_left_by_a_kill_while_starting(tmp_path):
+    (tmp_path / LOCK_FILE).write_text("")
+    with pytest.raises(RunLockError):  # maybe a run being written right now
+        RunLock(tmp_path).acquire()
+    os.utime(tmp_path / LOCK_FILE, (time.time() - 60, time.time() - 60))
+    with RunLock(tmp_path):  # an old empty file: taken over
+        pass
+
+
+def test_output_dir_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunLockError, match="cannot create the run directory"):
+        RunLock(tmp_path / "file").acquire()
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_on_one_directory(tiny_cpt_data, tmp_path):
+    """A run in progress; a second one, fresh or --resume, refuses naming it and changes nothing."""
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2, "keep": 5, "export_at_end": False}, eval={"at_start": False})
+    cfg["stages"][0]["steps"] = 200
+    cfg["data"]["heldout"] = []
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    first = start_forked(["train", str(path)], tmp_path / "first.log")
+    t0 = time.time()
+    while not list(out.glob("checkpoints/step_*")):  # the first run is training
+        assert time.time() - t0 < 120, (tmp_path / "first.log").read_text()
+        time.sleep(0.05)
+    for extra in ([], ["--resume"]):
+        log = tmp_path / f"second{len(extra)}.log"
+        assert forked_cli(["train", str(path), "--set", "run.seed=7", *extra], log) == 1
+        text = log.read_text().strip()
+        assert text.startswith("cpt train: error: ") and "\n" not in text, text
+        assert f"in use by another run (PID {first} on host {socket.gethostname()}" in text
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == first  # the holder's lock is untouched
+    assert not (tmp_path / "run" / "metrics.jsonl.1").exists()  # the second run moved nothing aside
+    os.kill(first, 9)
+    assert wait_forked(first) == -9
