@@ -11,6 +11,7 @@ Everything the loop composes lives in its own module (see docs/architecture.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,7 +62,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         except RunLockError as e:
             raise TrainingError(str(e)) from None
     try:
-        return _train(cfg, resume=resume, allow_config_change=allow_config_change, echo=echo)
+        with contextlib.ExitStack() as cleanup:  # closed on every exit path: e.g. the batch prefetch thread
+            return _train(cfg, resume=resume, allow_config_change=allow_config_change, echo=echo, cleanup=cleanup)
     finally:
         wait_for_writers()  # a background checkpoint write still running when an error ends the run
         lock.release()
@@ -77,7 +79,8 @@ def lock_only(run_dir: Path) -> bool:
         return False
 
 
-def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, echo) -> TrainResult:
+def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, echo,
+           cleanup: contextlib.ExitStack) -> TrainResult:
     from accelerate.utils import set_seed
 
     from cpt.adapters import trainable_metrics
@@ -243,7 +246,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
     model.train()
     export_dir, stopped = None, None
     loss_sum, loss_count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
-    feed = Prefetcher(data, step, enabled=cfg.data.prefetch)  # global batch step+1 is read while step runs
+    feed = cleanup.enter_context(Prefetcher(data, step, enabled=cfg.data.prefetch))  # batch step+1 is read while step runs
     clock = TrainClock(meter)  # training time between host syncs (evaluation and checkpoints excluded)
     while step < total_steps:
         # stage switch: shares change inside the data loader; optionally reset the optimizer state
