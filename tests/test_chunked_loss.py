@@ -139,3 +139,20 @@ def test_scaled_logits_are_detected_from_the_forward_source():
     messages = []
     assert use_chunked_loss(model, "auto", 64, None, messages.append) is False
     assert "full-logits" in messages[0]
+
+
+def test_through_torch_compile():
+    """model.compile: the patched head is traced with the model (aot_eager here: no C++ toolchain needed in CI)."""
+    model, ids = tiny_llama(tied=True), rows()
+    ref_loss, ref_rows, ref_grads = loss_and_grads(model, ids, EOS)
+    chunked_loss.install(model, 16)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert chunked_loss.installed(compiled) is not None
+    for _ in range(2):  # the second call reuses the compiled graph
+        model.zero_grad(set_to_none=True)
+        loss, row_losses = causal_lm_loss(compiled, ids, EOS)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(row_losses, ref_rows, rtol=1e-6, atol=1e-6)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
