@@ -10,7 +10,8 @@
 
 ``--compare-src``: the stream + mixer benchmark of this checkout against another checkout's ``cpt`` package (e.g.
 ``git archive <rev> | tar -x -C /tmp/old``), in alternating child processes (new, old, new, old, ...) so that load
-from other processes hits both alike; prints each round and the medians.
+from other processes hits both alike; prints each round and the medians, in tokens per wall-second and per
+CPU-second of the benchmark process.
 """
 
 from __future__ import annotations
@@ -66,13 +67,16 @@ def bench_stream(work: Path, tok, tokens_new: int, steps: int) -> dict:
     ld = CPTDataLoader(dc, stages, tok, 64, seed=0)
     for s in range(20):  # warm the page cache a little, build the permutations
         ld.batch(s)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for s in range(20, 20 + steps):
         n += ld.batch(s)["input_ids"].numel()
         ld.metrics()
-    dt = time.perf_counter() - t0
-    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "batches_per_s": steps / dt}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # tokens per CPU-second: what the core delivers when the process has it to itself (wall time includes the
+    # time other processes held the core on a shared machine)
+    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "batches_per_s": steps / dt,
+            "cpu_seconds": cpu, "tokens_per_cpu_s": n / cpu}
 
 
 def stdlib_texts(limit_bytes: int) -> list[str]:
@@ -158,12 +162,15 @@ def compare_stream(args) -> int:
             env = dict(os.environ, PYTHONPATH=src)
             out = subprocess.run([sys.executable, __file__, "--part", "stream", "--workdir", args.workdir]
                                  + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True, env=env)
-            r[name] = json.loads(out.stdout.strip().splitlines()[-1])["stream"]["tokens_per_s"]
+            res = json.loads(out.stdout.strip().splitlines()[-1])["stream"]
+            r[name], r[f"{name}_per_cpu_s"] = res["tokens_per_s"], res["tokens_per_cpu_s"]
         r["new_over_old"] = r["new"] / r["old"]
+        r["new_over_old_cpu"] = r["new_per_cpu_s"] / r["old_per_cpu_s"]
         r["load_avg"] = os.getloadavg()[0]
         print(json.dumps(r), flush=True)
         rounds.append(r)
-    med = {k: float(np.median([r[k] for r in rounds])) for k in ("new", "old", "new_over_old", "load_avg")}
+    keys = ("new", "old", "new_over_old", "new_per_cpu_s", "old_per_cpu_s", "new_over_old_cpu", "load_avg")
+    med = {k: float(np.median([r[k] for r in rounds])) for k in keys}
     print(json.dumps({"stream_compare": {"rounds": rounds, "median": med, "old_src": srcs["old"]}}))
     return 0
 
