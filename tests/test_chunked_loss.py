@@ -175,7 +175,8 @@ def test_training_run_equals_full_logits_run(tiny_cpt_data, tmp_path):
         cfg["eval"]["every"] = 2
         messages = []
         train(load_config(base=cfg), echo=messages.append)
-        assert not any("chunked_loss" in str(m) for m in messages)  # no fallback message: chunked where asked
+        assert any("chunked next-token loss" in str(m) for m in messages) == (mode == "auto")
+        assert not any("full-logits" in str(m) for m in messages)  # no fallback
         logs[mode] = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
     keys = {k for r in logs[False].values() for k in r if k.startswith("train/loss") or (k.startswith("eval/") and k.endswith("/loss"))}
     assert any(k.startswith("train/loss/") for k in keys) and any(k.startswith("eval/") for k in keys)
