@@ -92,11 +92,12 @@ def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False
             total = exp.sum(dim=-1, keepdim=True)
             per_token[s:e] = (total.log() + top).squeeze(1) - target_logit  # logsumexp - target logit
             if not (need_h or need_w or need_b):
+                del logits, exp  # (before the next chunk's logits are allocated)
                 continue
             # d(mean loss)/d logits = (softmax - onehot) / n
-            grad_logits = exp.div_(total)
-            grad_logits[torch.arange(e - s, device=device), t] -= 1.0
-            grad_logits = grad_logits.mul_(inv_n).to(cd)
+            grad_logits = exp.mul_(total.reciprocal_().mul_(inv_n))
+            grad_logits[torch.arange(e - s, device=device), t] -= inv_n
+            grad_logits = grad_logits.to(cd)
             if need_h:
                 grad_h[s:e] = grad_logits @ w
             if need_w:
@@ -106,6 +107,7 @@ def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False
                     grad_w += grad_logits.t() @ h
             if need_b:
                 grad_b += grad_logits.sum(0).to(grad_b.dtype)
+            del logits, exp, grad_logits  # before the next chunk's logits are allocated
         loss = per_token.mean() if n else per_token.sum()
     return loss, per_token, (grad_h, grad_w, grad_b)
 

@@ -73,4 +73,5 @@ def use_chunked_loss(model, mode: bool | str, chunk_tokens: int, accelerator=Non
             raise RuntimeError(f"train.chunked_loss: true, but {e}") from None
         log_fn(f"train.chunked_loss: {e}; using the full-logits loss")
         return False
+    log_fn(f"loss: chunked next-token loss, {chunk_tokens} positions per chunk (train.chunked_loss)")
     return True

@@ -6,6 +6,12 @@
    same tokenizer on the same cores (real text: the CPython standard library, one document per file).
 
     .venv/bin/python scripts/bench_data.py [--quick] [--workdir /tmp/cpt-bench]
+    .venv/bin/python scripts/bench_data.py --part stream --compare-src OLD_CHECKOUT [--rounds 5]
+
+``--compare-src``: the stream + mixer benchmark of this checkout against another checkout's ``cpt`` package (e.g.
+``git archive <rev> | tar -x -C /tmp/old``), in alternating child processes (new, old, new, old, ...) so that load
+from other processes hits both alike; prints each round and the medians, in tokens per wall-second and per
+CPU-second of the benchmark process.
 """
 
 from __future__ import annotations
@@ -61,13 +67,16 @@ def bench_stream(work: Path, tok, tokens_new: int, steps: int) -> dict:
     ld = CPTDataLoader(dc, stages, tok, 64, seed=0)
     for s in range(20):  # warm the page cache a little, build the permutations
         ld.batch(s)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for s in range(20, 20 + steps):
         n += ld.batch(s)["input_ids"].numel()
         ld.metrics()
-    dt = time.perf_counter() - t0
-    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "batches_per_s": steps / dt}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # tokens per CPU-second: what the core delivers when the process has it to itself (wall time includes the
+    # time other processes held the core on a shared machine)
+    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "batches_per_s": steps / dt,
+            "cpu_seconds": cpu, "tokens_per_cpu_s": n / cpu}
 
 
 def stdlib_texts(limit_bytes: int) -> list[str]:
@@ -142,13 +151,41 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def compare_stream(args) -> int:
+    """Stream + mixer throughput of this checkout and of ``--compare-src``, in alternating child processes."""
+    here = str(Path(__file__).resolve().parents[1])
+    srcs = {"new": here, "old": str(Path(args.compare_src).resolve())}
+    rounds: list[dict[str, float]] = []
+    for _ in range(args.rounds):
+        r = {}
+        for name, src in srcs.items():
+            env = dict(os.environ, PYTHONPATH=src)
+            out = subprocess.run([sys.executable, __file__, "--part", "stream", "--workdir", args.workdir]
+                                 + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True, env=env)
+            res = json.loads(out.stdout.strip().splitlines()[-1])["stream"]
+            r[name], r[f"{name}_per_cpu_s"] = res["tokens_per_s"], res["tokens_per_cpu_s"]
+        r["new_over_old"] = r["new"] / r["old"]
+        r["new_over_old_cpu"] = r["new_per_cpu_s"] / r["old_per_cpu_s"]
+        r["load_avg"] = os.getloadavg()[0]
+        print(json.dumps(r), flush=True)
+        rounds.append(r)
+    keys = ("new", "old", "new_over_old", "new_per_cpu_s", "old_per_cpu_s", "new_over_old_cpu", "load_avg")
+    med = {k: float(np.median([r[k] for r in rounds])) for k in keys}
+    print(json.dumps({"stream_compare": {"rounds": rounds, "median": med, "old_src": srcs["old"]}}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/cpt-bench")
     ap.add_argument("--quick", action="store_true", help="smaller corpora (a smoke run)")
     ap.add_argument("--part", choices=["all", "stream", "prepare"], default="all")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the prepare benchmark")
+    ap.add_argument("--compare-src", help="another checkout: stream benchmark of both, alternating (with --part stream)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds with --compare-src")
     args = ap.parse_args()
+    if args.compare_src:
+        return compare_stream(args)
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -139,3 +139,48 @@ def test_scaled_logits_are_detected_from_the_forward_source():
     messages = []
     assert use_chunked_loss(model, "auto", 64, None, messages.append) is False
     assert "full-logits" in messages[0]
+
+
+def test_through_torch_compile():
+    """model.compile: the patched head is traced with the model (aot_eager here: no C++ toolchain needed in CI)."""
+    model, ids = tiny_llama(tied=True), rows()
+    ref_loss, ref_rows, ref_grads = loss_and_grads(model, ids, EOS)
+    chunked_loss.install(model, 16)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert chunked_loss.installed(compiled) is not None
+    for _ in range(2):  # the second call reuses the compiled graph
+        model.zero_grad(set_to_none=True)
+        loss, row_losses = causal_lm_loss(compiled, ids, EOS)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(row_losses, ref_rows, rtol=1e-6, atol=1e-6)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_training_run_equals_full_logits_run(tiny_cpt_data, tmp_path):
+    """`cpt train` with the chunked loss (the default) logs the same training, per-source and held-out losses as
+    with train.chunked_loss: false, step by step."""
+    from conftest import tiny_run_config
+    from cpt.config import load_config
+    from cpt.metrics import read_metrics
+    from cpt.train import train
+
+    logs = {}
+    for mode in ("auto", False):
+        out = tmp_path / str(mode)
+        cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": None, "export_at_end": False},
+                              train={"chunked_loss": mode, "loss_chunk_tokens": 100})
+        cfg["stages"][0]["steps"] = 4
+        cfg["eval"]["every"] = 2
+        messages = []
+        train(load_config(base=cfg), echo=messages.append)
+        assert any("chunked next-token loss" in str(m) for m in messages) == (mode == "auto")
+        assert not any("full-logits" in str(m) for m in messages)  # no fallback
+        logs[mode] = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    keys = {k for r in logs[False].values() for k in r if k.startswith("train/loss") or (k.startswith("eval/") and k.endswith("/loss"))}
+    assert any(k.startswith("train/loss/") for k in keys) and any(k.startswith("eval/") for k in keys)
+    for step, ref in logs[False].items():
+        for k in keys:
+            if k in ref:
+                assert logs["auto"][step][k] == pytest.approx(ref[k], rel=1e-5), (step, k)

@@ -44,6 +44,26 @@ def test_reads_cross_shard_boundaries(prepared):
         s.read(s.num_tokens - 3, 10)
 
 
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_read_many_into_int64_rows(prepared, kind):
+    """The loader's path: windows (inside one shard and across boundaries) written into chosen rows of an int64
+    batch, converted on the way; other rows untouched; out-of-range windows refused."""
+    out, want = prepared
+    s = TokenShards.open(out if kind == "local" else to_memory(out, "/bucket/rows"))
+    want = np.array(want)
+    starts = np.array([3, 695, 1400, s.num_tokens - 64, 650])  # 695 and 650 cross a shard boundary (700 tokens)
+    batch = np.full((7, 64), -1, dtype=np.int64)
+    rows = np.array([6, 0, 2, 3, 5])
+    assert s.read_many(starts, 64, out=batch, rows=rows) is batch
+    for r, a in zip(rows, starts):
+        assert batch[r].tolist() == want[a : a + 64].tolist()
+    assert (batch[[1, 4]] == -1).all()
+    with pytest.raises(IndexError):
+        s.read_many(np.array([0, s.num_tokens - 10]), 64, out=batch, rows=np.array([0, 1]))
+    with pytest.raises(ValueError, match="destination rows"):
+        s.read_many(starts, 64, out=batch, rows=rows[:2])
+
+
 @pytest.mark.parametrize("kind", ["memory", "file"])
 def test_remote_reading_through_fsspec(prepared, kind, tokenizer):
     out, want = prepared

@@ -23,6 +23,27 @@ def shards(tmp_path, tokenizer):
     return TokenShards.open(tmp_path / "s")
 
 
+def test_cached_permutation_blocks_give_the_direct_permutation():
+    """sequence_ids computes the permutation a block of positions at a time and caches it: the same ids as applying
+    each epoch's permutation directly, for positions inside a block, across blocks and across epochs."""
+    from cpt.data import stream as stream_mod
+    from cpt.data.stream import _key
+
+    class Sized:  # only num_tokens is needed to number the sequences
+        num_tokens = 10_000 * L
+
+    s = PackedStream(Sized(), L, seed=3, name="x")
+    n = s.num_sequences
+    block = stream_mod._BLOCK
+    for positions in ([0, 1, 5], [block - 2, block - 1, block, block + 1], [n - 3, n - 1, n, n + 1, 2 * n + 7],
+                      [3 * block + 5, 17, n + block]):
+        positions = np.array(positions)
+        epochs, offsets = np.divmod(positions, n)
+        want = [int(Permutation(n, _key(3, "x", int(e)))(np.array([o]))[0]) for e, o in zip(epochs, offsets)]
+        assert s.sequence_ids(positions).tolist() == want
+    assert len(s._blocks) <= 8
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
 def test_permutation_is_a_keyed_bijection(n):
     p = Permutation(n, key=42)

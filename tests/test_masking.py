@@ -104,6 +104,7 @@ def test_train_with_document_masking(tiny_cpt_data, tiny_base, tmp_path):
     h = conf.data.heldout[0]
     tokens = load_heldout(HeldoutConfig(name=h.name, path=h.path, tag=h.tag), tok, conf.data.seq_len, conf.eval.tokens_per_set)
     step0 = next(r for r in masked if f"eval/{h.name}/loss" in r and r["step"] == 0)[f"eval/{h.name}/loss"]
-    # same weights, same batches, same kernels: equal to float noise; the unmasked loss differs by ~5e-5 here
-    assert heldout_loss(model, tokens, conf.eval.batch_size, eos_id=tok.eos_token_id) == pytest.approx(step0, rel=1e-9)
+    # same weights, same batches: equal to float noise (training evaluated through the chunked loss, ~2e-8 apart from
+    # the full logits here); the unmasked loss differs by ~5e-5
+    assert heldout_loss(model, tokens, conf.eval.batch_size, eos_id=tok.eos_token_id) == pytest.approx(step0, rel=1e-7)
     assert abs(heldout_loss(model, tokens, conf.eval.batch_size) - step0) > 1e-6

@@ -149,6 +149,7 @@ def ddp_run(tiny_cpt_data, base, tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
     rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, d / "run"), d / "c.yaml"))
     assert rc == 0, log[-5000:]
+    assert "chunked next-token loss" in log  # the default loss path, under DDP's wrapper
     return d / "run"
 
 
@@ -271,6 +272,7 @@ def test_zero3_matches_single_process_and_export_loads(tiny_cpt_data, base, sing
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", weight_decay=0.1)
     rc, log = launch("zero3", write(cfg, tmp_path / "c.yaml"))
     assert rc == 0, log[-5000:]
+    assert "chunked next-token loss" in log
     out, ref = tmp_path / "run", single(weight_decay=0.1)
     assert world_sizes(out) == {2}
     assert_close(losses(out), losses(ref))
@@ -325,6 +327,7 @@ def fsdp_run(tiny_cpt_data, base, tmp_path_factory):
     cfg["checkpoint"] = {"every": 4}
     rc, log = launch("fsdp_cpu", write(cfg, d / "c.yaml"))
     assert rc == 0, log[-5000:]
+    assert "chunked next-token loss" in log
     return d / "run", cfg
 
 

@@ -104,8 +104,8 @@ class CPTDataLoader:
                 out[mine == j] = seqs[mask]
             else:
                 k = np.flatnonzero((rows_j >= rank_rows.start) & (rows_j < rank_rows.stop))
-                if len(k):
-                    out[mine == j] = stream.sequences(self.positions[j] + k)
+                if len(k):  # read straight into the int64 rows (no uint16 copy, no scatter)
+                    stream.sequences(self.positions[j] + k, out=out, rows=np.flatnonzero(mine == j))
             self.positions[j] += n
         self._check_epochs()
         return {"input_ids": torch.from_numpy(out), "source": torch.from_numpy(mine.astype(np.int64))}

@@ -46,6 +46,7 @@ class MixPlan:
             self.starts.append(total)
             total += int(st.steps)
         self.total_steps = total
+        self._constant: dict[int, list[Fraction]] = {}  # stage -> shares, for stages without mix_ramp
         for i, st in enumerate(self.stages):
             unknown = sorted(set(st.mix) - set(self.sources))
             if unknown:
@@ -76,6 +77,14 @@ class MixPlan:
         st = self.stages[i]
         local = step - self.starts[i]
         ramp = getattr(st, "mix_ramp", None) or {}
+        if not ramp:  # constant over the stage: exact fractions computed once
+            cached = self._constant.get(i)
+            if cached is None:
+                cached = self._constant[i] = self._shares(i, st, local, ramp, step)
+            return list(cached)
+        return self._shares(i, st, local, ramp, step)
+
+    def _shares(self, i: int, st: Any, local: int, ramp: dict, step: int) -> list[Fraction]:
         t = Fraction(min(local, st.steps - 1), st.steps - 1) if st.steps > 1 else Fraction(0)
         ramped = {n: to_fraction(a) + (to_fraction(b) - to_fraction(a)) * t for n, (a, b) in ramp.items()}
         weights = {n: to_fraction(w) for n, w in st.mix.items() if n not in ramped}

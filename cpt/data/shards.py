@@ -186,6 +186,7 @@ class TokenShards:
             raise ShardError(f"{path}: manifest shards hold {start} tokens but num_tokens says {self.num_tokens}")
         self._starts = np.array([s.start for s in self._shards] + [start], dtype=np.int64)
         self._maps: dict[int, np.ndarray] = {}
+        self._arrays: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------ opening
 
@@ -310,6 +311,30 @@ class TokenShards:
             self._maps[i] = m
         return m
 
+    def _read_local(self, starts: np.ndarray, length: int, out: np.ndarray, dest: np.ndarray) -> None:
+        """Memory-mapped reads: each window inside one shard (nearly all) is one slice copied (and converted to
+        ``out``'s dtype) straight into its output row; windows across a shard boundary go piece by piece."""
+        if len(starts) and (starts.min() < 0 or length < 0 or starts.max() + length > self.num_tokens):
+            bad = starts[(starts < 0) | (starts + length > self.num_tokens)]
+            start = int(bad[0]) if len(bad) else int(starts[0])
+            raise IndexError(f"tokens [{start}, {start + length}) out of range [0, {self.num_tokens})")
+        shard = np.searchsorted(self._starts, starts, side="right") - 1
+        offsets = starts - self._starts[shard]
+        inside = offsets + length <= self._starts[shard + 1] - self._starts[shard]
+        for row, i, off, whole in zip(dest.tolist(), shard.tolist(), offsets.tolist(), inside.tolist()):
+            if whole:
+                out[row] = self._array(i)[off : off + length]
+            else:
+                for j, o, n, at in self._pieces(self._starts[i] + off, length):
+                    out[row, at : at + n] = self._array(j)[o : o + n]
+
+    def _array(self, i: int) -> np.ndarray:
+        """Shard ``i``'s memory map as a plain ndarray view (slicing a ``np.memmap`` costs a Python-level hook)."""
+        a = self._arrays.get(i)
+        if a is None:
+            a = self._arrays[i] = self._memmap(i).view(np.ndarray)
+        return a
+
     def _pieces(self, start: int, length: int) -> list[tuple[int, int, int, int]]:
         """(shard, offset in shard, count, offset in output) for the window [start, start+length)."""
         if start < 0 or length < 0 or start + length > self.num_tokens:
@@ -331,15 +356,20 @@ class TokenShards:
         """Tokens ``[start, start + length)`` of the stream, as a new array of the shard dtype."""
         return self.read_many(np.array([start], dtype=np.int64), length)[0]
 
-    def read_many(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Windows of ``length`` tokens at each start: an array ``[len(starts), length]``."""
+    def read_many(self, starts: np.ndarray, length: int, out: np.ndarray | None = None,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+        """Windows of ``length`` tokens at each start: an array ``[len(starts), length]`` of the shard dtype, or
+        written into ``out`` (any integer dtype: converted while copied) at rows ``rows`` (default ``0..n-1``)."""
         starts = np.asarray(starts, dtype=np.int64)
-        out = np.empty((len(starts), length), dtype=self.dtype)
-        pieces = [(row, p) for row, s in enumerate(starts.tolist()) for p in self._pieces(s, length)]
+        if out is None:
+            out = np.empty((len(starts), length), dtype=self.dtype)
+        dest = np.arange(len(starts)) if rows is None else np.asarray(rows)
+        if len(dest) != len(starts):
+            raise ValueError(f"read_many: {len(starts)} starts but {len(dest)} destination rows")
         if self._fs is None:
-            for row, (i, off, n, at) in pieces:
-                out[row, at : at + n] = self._memmap(i)[off : off + n]
+            self._read_local(starts, length, out, dest)
             return out
+        pieces = [(row, p) for row, s in zip(dest.tolist(), starts.tolist()) for p in self._pieces(s, length)]
         itemsize = self.dtype.itemsize
         paths = [self._file(self._shards[i].tokens_file) for _, (i, _, _, _) in pieces]
         begins = [off * itemsize for _, (_, off, _, _) in pieces]

@@ -26,6 +26,7 @@ from cpt.data.shards import TokenShards
 
 _M64 = (1 << 64) - 1
 _ROUNDS = 6
+_BLOCK = 4096  # stream positions whose permuted sequence ids are computed together and cached
 
 
 def _key(seed: int, name: str, epoch: int) -> int:
@@ -103,6 +104,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             )
         self.position = 0  # next position this stream's iterator yields (global, before rank/worker split)
         self._perms: dict[int, Permutation] = {}
+        self._blocks: dict[tuple[int, int], np.ndarray] = {}  # (epoch, block) -> sequence ids
 
     # ------------------------------------------------------------ random access
 
@@ -114,20 +116,36 @@ class PackedStream(torch.utils.data.IterableDataset):
             perm = self._perms[epoch] = Permutation(self.num_sequences, _key(self.seed, self.name, epoch))
         return perm
 
+    def _perm_block(self, epoch: int, block: int) -> np.ndarray:
+        """``permutation(epoch)`` of the offsets ``[block * _BLOCK, (block + 1) * _BLOCK)``, computed once for all
+        (positions are consumed in order, so one vectorised Feistel pass serves many batches)."""
+        key = (epoch, block)
+        ids = self._blocks.get(key)
+        if ids is None:
+            if len(self._blocks) >= 8:
+                self._blocks.clear()
+            lo = block * _BLOCK
+            ids = self._blocks[key] = self.permutation(epoch)(np.arange(lo, min(lo + _BLOCK, self.num_sequences)))
+        return ids
+
     def sequence_ids(self, positions: np.ndarray) -> np.ndarray:
         """The sequence index (into the packed source) at each stream position."""
         positions = np.asarray(positions, dtype=np.int64)
         epochs, offsets = np.divmod(positions, self.num_sequences)
+        blocks, within = np.divmod(offsets, _BLOCK)
+        if len(positions) and (epochs == epochs[0]).all() and (blocks == blocks[0]).all():  # usual: one block
+            return self._perm_block(int(epochs[0]), int(blocks[0]))[within]
         out = np.empty(len(positions), dtype=np.int64)
-        for e in np.unique(epochs).tolist():
-            sel = epochs == e
-            out[sel] = self.permutation(int(e))(offsets[sel])
+        for e, b in set(zip(epochs.tolist(), blocks.tolist())):
+            sel = (epochs == e) & (blocks == b)
+            out[sel] = self._perm_block(e, b)[within[sel]]
         return out
 
-    def sequences(self, positions: np.ndarray) -> np.ndarray:
-        """Token arrays ``[len(positions), seq_len]`` (shard dtype) for the given stream positions."""
+    def sequences(self, positions: np.ndarray, out: np.ndarray | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+        """Token arrays ``[len(positions), seq_len]`` (shard dtype) for the given stream positions, or written into
+        rows ``rows`` of ``out`` (converted to its dtype on the way: no intermediate copy)."""
         ids = self.sequence_ids(positions)
-        return self.shards.read_many(ids * self.seq_len, self.seq_len)
+        return self.shards.read_many(ids * self.seq_len, self.seq_len, out=out, rows=rows)
 
     def epoch_of(self, position: int) -> float:
         """Epochs completed (fractional) after consuming ``position`` sequences."""
