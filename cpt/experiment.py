@@ -249,6 +249,10 @@ class ExperimentSpec(Strict):
 
     # -- derived numbers
     @property
+    def corpora(self) -> list[CorpusSpec]:
+        return [self.corpus_a, self.corpus_b]
+
+    @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
 
@@ -627,7 +631,7 @@ def build_tokenizer(spec: ExperimentSpec, files: dict[str, list[str]], out_dir: 
 
 
 def _text_field(spec: ExperimentSpec, corpus: str) -> str:
-    return spec.corpus_a.text_field if corpus == spec.corpus_a.name else spec.corpus_b.text_field
+    return next(c.text_field for c in spec.corpora if c.name == corpus)
 
 
 # ================================================================ FLOPs
@@ -750,7 +754,7 @@ def _prepare_data(spec: ExperimentSpec, out: Path, echo: Callable):
     from cpt.data.prepare import prepare
 
     files, nbytes = {}, {}
-    for c in (spec.corpus_a, spec.corpus_b):
+    for c in spec.corpora:
         files[c.name], nbytes[c.name] = resolve_corpus(c, out / "raw", spec.seed, echo)
         listing = out / "corpora" / f"{c.name}.files.txt"
         listing.parent.mkdir(parents=True, exist_ok=True)
@@ -758,7 +762,7 @@ def _prepare_data(spec: ExperimentSpec, out: Path, echo: Callable):
         echo(f"corpus {c.name}: {len(files[c.name])} files, {nbytes[c.name] / 1e6:.1f} MB  (list: {listing})")
     tokenizer, tok_dir = build_tokenizer(spec, files, out / "tokenizer", echo)
     tokens = {}
-    for c in (spec.corpus_a, spec.corpus_b):
+    for c in spec.corpora:
         manifest = prepare(files[c.name], tokenizer, out / "data" / c.name, text_field=c.text_field,
                            heldout_docs=c.heldout_docs, seed=spec.seed, num_proc=spec.num_proc,
                            echo=lambda *a: None)
@@ -783,16 +787,23 @@ def run_experiment(spec_path_or_spec: str | os.PathLike | dict | ExperimentSpec,
     table of what is finished and return; call again to continue. ``dry_run``: print the plan
     (corpora sizes, runs, steps, LR schedules, FLOPs, time at ``assumed_tokens_per_s``) and write nothing.
     """
-    spec = load_spec(spec_path_or_spec, overrides)
+    from cpt.experiment_sequence import is_sequence_spec, load_sequence_spec, run_sequence
+
+    if is_sequence_spec(spec_path_or_spec):  # `corpora: [A, B, C, ...]`: a dataset sequence (forgetting matrix)
+        spec = load_sequence_spec(spec_path_or_spec, overrides)
+    else:
+        spec = load_spec(spec_path_or_spec, overrides)
     out = Path(out_dir) if out_dir is not None else Path("runs") / "experiments" / spec.name
     if dry_run:
-        return _dry_run(spec, out, echo)
+        return _dry_run(spec, out, echo) if isinstance(spec, ExperimentSpec) else run_sequence(spec, out, echo, dry_run=True)
     import torch
 
     threads = torch.get_num_threads()
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     try:
+        if not isinstance(spec, ExperimentSpec):
+            return run_sequence(spec, out, echo, max_runs=max_runs)
         return _run(spec, out, echo, max_runs)
     finally:
         torch.set_num_threads(threads)
@@ -842,7 +853,7 @@ def _run(spec: ExperimentSpec, out: Path, echo: Callable, max_runs: int | None) 
 def _dry_run(spec: ExperimentSpec, out: Path, echo: Callable) -> Path:
     from cpt.schedules import LRPlan, ScheduleConfig
 
-    for c in (spec.corpus_a, spec.corpus_b):
+    for c in spec.corpora:
         files, nbytes = resolve_corpus(c, None, spec.seed, echo)
         echo(f"corpus {c.name}: {len(files)} files, {nbytes / 1e6:.1f} MB")
     vocab = spec.tokenizer.train.vocab_size if spec.tokenizer.train else None

@@ -47,7 +47,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
     from accelerate.utils import set_seed
 
     from cpt.adapters import trainable_metrics
-    from cpt.data.loader import CPTDataLoader, load_heldout
+    from cpt.data.loader import CPTDataLoader, sample_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
     from cpt.lm_loss import causal_lm_loss, model_inputs
     from cpt.metrics import (ComputeAccount, MetricsLogger, SourceLoss, Throughput, format_compute, model_flops_per_token,
@@ -93,10 +93,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, echo=print) -> TrainRes
 
     # --- data: the exact-proportion mixer over packed streams, and the held-out sets
     data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
-    heldout = [
-        HeldoutSet(h.name, h.tag, load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set))
-        for h in cfg.data.heldout
-    ]
+    heldout = []
+    for h in cfg.data.heldout:
+        sample = sample_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, seed=cfg.eval.sample_seed)
+        heldout.append(HeldoutSet(h.name, h.tag, sample.tokens, sample.docs, sample.total_docs, sample.total_tokens))
+        say(f"held-out set {h.name} ({h.tag}): evaluating {sample.describe()}")
     eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
     evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id)
 
