@@ -15,7 +15,8 @@ position (each corpus's stream continues where it stopped)::
 
 Stage 0 trains on corpus 0 only; stage k >= 1 draws ``replay`` of every batch from corpora 0..k-1 (split
 equally, or in proportion to their training tokens: ``replay_split``) and the rest from corpus k.
-Baseline (``baseline: true``, the expensive row): for every boundary k >= 1, a model trained from scratch
+Baseline (``baseline: true``, or ``"last"`` for the last boundary only; the expensive row): for every
+boundary k >= 1, a model trained from scratch
 (warmup + cosine, base_lr) on corpora 0..k mixed in the proportions the sequence fed them up to k, for as
 many steps as the sequence took to get there. Every run is repeated per seed in ``seeds`` (data order and
 initialisation); the data preparation (corpus samples, held-out split, tokenizer) uses ``seed``.
@@ -93,7 +94,8 @@ class SequenceSpec(Strict):
     replay: float = Field(0.0, ge=0, lt=1)  # share of every batch of stage k >= 1 drawn from corpora 0..k-1
     replay_split: Literal["equal", "tokens"] = "equal"  # across the earlier corpora: equally, or by their training tokens
     seeds: list[int] = Field(default_factory=lambda: [1234], min_length=1)  # every run once per seed
-    baseline: bool = False  # from scratch on the union of corpora 0..k, for every boundary k >= 1
+    # from scratch on the union of corpora 0..k: true = at every boundary k >= 1, "last" = only after the last stage
+    baseline: bool | Literal["last"] = False
     base_lr: LRSpec = Field(default_factory=LRSpec)  # rewarm_cosine's stage 0 and the baseline
     cpt_lr: LRSpec = Field(default_factory=LRSpec)  # rewarm_cosine's later stages; the whole infinite trunk
     optim: dict[str, Any] = Field(default_factory=lambda: {"weight_decay": 0.1, "grad_clip": 1.0})
@@ -321,7 +323,7 @@ def plan_sequence(spec: SequenceSpec, out: Path, tokenizer_dir: Path, data_dir: 
                 bcfg["eval"].pop("dense_every", None)
                 runs.append(SeqRun(RunPlan(branch, "cpt", "anneal", spec.replay, ends[k] + A, bcfg), seed, "anneal", k))
         if spec.baseline:
-            for k in range(1, K):
+            for k in range(1 if spec.baseline is True else K - 1, K):
                 run = f"seed{seed}-scratch-upto{k}"
                 seen = tokens_seen(spec, k, corpus_tokens)
                 mix = {n: seen.get(n, 0.0) / sum(seen.values()) for n in names}

@@ -173,7 +173,7 @@ class HeldoutSample:
     """The part of a held-out set that is evaluated: ``tokens`` ``LongTensor[n, seq_len]`` and what it covers."""
 
     tokens: torch.Tensor
-    docs: int  # documents in the sample (the last one may be cut at the token budget)
+    docs: int  # documents with tokens in the sample (the last one drawn, and the last in order, may be cut)
     total_docs: int
     total_tokens: int
     whole: bool  # the whole set (it fits in the budget), in document order
@@ -192,9 +192,9 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
     """A representative sample of a held-out set, the same for a given ``seed`` at every call.
 
     When the set holds more than ``max_tokens`` tokens (``cfg.max_tokens`` overrides it), whole documents are
-    drawn in a seeded random order until the budget is reached (the last one is cut at the budget); the chosen
-    documents are then concatenated in their original order and cut into rows of ``seq_len`` (a tail shorter
-    than one row is dropped). A set within the budget is used whole, in document order. The set's tokenizer
+    drawn in a seeded random order until the budget is reached (the last one drawn is cut at the budget); the
+    chosen documents are then concatenated in their original order and cut into rows of ``seq_len`` (a tail
+    shorter than one row is dropped). A set within the budget is used whole, in document order. The set's tokenizer
     hash must match the run's tokenizer; a set shorter than one sequence is an error.
     """
     limit = getattr(cfg, "max_tokens", None) or max_tokens
@@ -212,9 +212,13 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
         order = np.random.default_rng([int(seed), 0x48454C44]).permutation(len(lengths))
         taken = np.cumsum(lengths[order])
         k = int(np.searchsorted(taken, int(limit))) + 1  # documents until the budget is reached
-        chosen = np.sort(order[:k])
-        flat = np.concatenate([shards.read(int(starts[i]), int(lengths[i])) for i in chosen])[: int(limit)]
-        n, docs = len(flat) // seq_len, len(chosen)
+        keep = {int(i): int(lengths[i]) for i in order[:k]}
+        keep[int(order[k - 1])] -= int(taken[k - 1]) - int(limit)  # the last document drawn is cut at the budget
+        chosen = sorted(keep)
+        flat = np.concatenate([shards.read(int(starts[i]), keep[i]) for i in chosen])
+        n = len(flat) // seq_len
+        offsets = np.cumsum([0] + [keep[i] for i in chosen[:-1]])
+        docs = int(np.sum(offsets < n * seq_len))  # documents with at least one evaluated token
     if n == 0:
         raise ValueError(f"held-out set {cfg.name!r} ({cfg.path}) has {total} tokens, fewer than one sequence of {seq_len}")
     tokens = torch.from_numpy(np.ascontiguousarray(flat[: n * seq_len]).astype(np.int64).reshape(n, seq_len))
