@@ -28,7 +28,8 @@ The experiment folder (``out``)::
     data/<A>/, data/<B>/      token shards (+ heldout/) from `cpt prepare`
     runs/<run>/               one `cpt train` run directory per run
     results.md, results.csv   the table (see :data:`COLUMNS`)
-    curves.png                upstream/downstream loss against cumulative tokens (CPT runs start at base_tokens)
+    curves.png                upstream/downstream loss against cumulative tokens (CPT runs start at base_tokens),
+                              and the CPT runs zoomed on their own token axis (the stability gap)
     report/                   `cpt report` over all runs (curves overlaid on each run's own token axis)
 
 Finished runs (``export/config.json`` present and the metrics reaching the last step) are skipped; a
@@ -1053,7 +1054,9 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path | None:
-    """Upstream and downstream held-out loss against cumulative tokens: CPT curves start where base ends."""
+    """Upstream and downstream held-out loss. Top row: against cumulative tokens (CPT curves start where base
+    ends). Bottom row: the CPT runs alone on their own token axis, zoomed to their losses, so the stability gap
+    right after the switch is visible (on the shared axis the CPT runs occupy the last part only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1063,9 +1066,10 @@ def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path 
     base_tokens = spec.base_steps * spec.tokens_per_step
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     shares = sorted({p.replay for p in plans if p.replay is not None})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     drawn = 0
-    for ax, (name, tag) in zip(axes, ((A, "upstream"), (B, "downstream"))):
+    for col, (name, tag) in enumerate(((A, "upstream"), (B, "downstream"))):
+        ax, zoom = axes[0][col], axes[1][col]
         all_vals: list[float] = []
         cpt_vals: list[float] = []
         for p in plans:
@@ -1085,21 +1089,28 @@ def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path 
             else:
                 style = dict(color=colours[shares.index(p.replay) % len(colours)],
                              linestyle="-" if p.schedule == "rewarm_cosine" else ":", linewidth=1.5)
-            ax.plot([t + offset for t in toks], vals, label=p.name, marker="o" if len(vals) < 40 else None, markersize=2,
-                    **style)
+            marker = dict(marker="o" if len(vals) < 40 else None, markersize=2)
+            ax.plot([t + offset for t in toks], vals, label=p.name, **marker, **style)
+            if p.kind == "cpt":
+                zoom.plot(toks, vals, label=p.name, **marker, **style)
             drawn += 1
         if cpt_vals:  # random-init losses at step 0 would flatten the interesting part
             lo, hi = min(all_vals), max(cpt_vals)
             ax.set_ylim(lo - 0.05 * (hi - lo + 1e-6), hi + 0.6 * (hi - lo + 1e-6))
+            lo, hi = min(cpt_vals), max(cpt_vals)
+            zoom.set_ylim(lo - 0.05 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
         ax.axvline(base_tokens, color="black", linestyle=":", alpha=0.5, linewidth=1)
         ax.set_title(f"{tag}: held-out {name}")
         ax.set_xlabel("cumulative tokens (CPT runs start after the base run's tokens)")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
+        zoom.set_title(f"{tag}: held-out {name}, CPT runs only (zoomed: the stability gap)")
+        zoom.set_xlabel("tokens of the CPT run")
+        for a in (ax, zoom):
+            a.set_ylabel("loss (nats/token)")
+            a.grid(alpha=0.3)
     if not drawn:
         plt.close(fig)
         return None
-    axes[1].legend(fontsize=7, loc="best")
+    axes[0][1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{spec.name}: solid = re-warm/re-decay cosine, dotted = infinite + anneal; colour = replay share")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
