@@ -290,3 +290,15 @@ def test_heldout_sample_is_whole_documents_across_the_set(tmp_path, tokenizer):
     whole = sample_heldout(h, tokenizer, L, None)
     assert whole.whole and whole.docs == 60 and "the whole set" in whole.describe()
     assert f"of {shards.num_tokens:,} tokens, {s.docs} of 60 documents" in s.describe()
+
+
+def test_cpt_eval_uses_the_same_sample_and_reports_coverage(sources, tokenizer):
+    from cpt.commands.eval import load_heldout_tokens
+    from cpt.data.loader import sample_heldout
+
+    path = str(sources / "old" / "heldout")
+    toks, covered = load_heldout_tokens("old", path, "upstream", tokenizer, L, 40)
+    s = sample_heldout(HeldoutConfig(name="old", path=path, tag="upstream"), tokenizer, L, 40)
+    assert torch.equal(toks, s.tokens)  # the sample training's evaluation takes (eval.sample_seed 0)
+    assert covered["tokens"] == 40 and covered["docs"] == s.docs and covered["total_docs"] == 3
+    assert covered["coverage"] == s.describe()
