@@ -769,7 +769,9 @@ def _prepare_data(spec: ExperimentSpec, out: Path, echo: Callable):
                            echo=lambda *a: None)
         tokens[c.name] = int(manifest["num_tokens"]) if "num_tokens" in manifest else _num_tokens(out / "data" / c.name)
         held = _num_tokens(out / "data" / c.name / "heldout")
-        echo(f"data {c.name}: {tokens[c.name]:,} training tokens, {held:,} held-out tokens")
+        evaluated = "all of them" if held <= spec.eval.tokens_per_set else \
+            f"each evaluation a seeded sample of whole documents, {spec.eval.tokens_per_set:,} tokens"
+        echo(f"data {c.name}: {tokens[c.name]:,} training tokens, {held:,} held-out tokens ({evaluated})")
     return tokenizer, tok_dir, tokens
 
 
