@@ -232,7 +232,10 @@ class EvalConfig(Strict):
     # evaluate every `dense_every` steps during the first `dense_steps` steps of each stage (stability gap)
     dense_steps: int = Field(0, ge=0)
     dense_every: int = Field(10, gt=0)
+    # per held-out set: a seeded sample of whole documents up to this many tokens (the whole set if it fits),
+    # the same sample at every evaluation (cpt/data/loader.py sample_heldout)
     tokens_per_set: int = Field(262144, gt=0)
+    sample_seed: int = 0
     batch_size: int = Field(8, gt=0)
     # also evaluate the EMA weights (train.ema_decay) on the held-out sets: ema/eval/<name>/loss
     ema: bool = False

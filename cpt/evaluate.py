@@ -7,6 +7,8 @@ after a switch) shows up. Logged per set::
 
     eval/<name>/loss            mean per-token cross-entropy (nats) over the set
     eval/<name>/ppl             exp(loss)
+    eval/<name>/tokens, /docs   tokens and documents evaluated (a seeded sample of whole documents up to
+                                eval.tokens_per_set, the same at every evaluation; see sample_heldout)
     forgetting/<name>           loss - loss at the reference (first) evaluation      (upstream sets)
     eval/upstream_worst/<name>  the highest loss seen so far                         (upstream sets)
     adaptation/<name>           loss at the reference evaluation - loss              (downstream sets)
@@ -142,6 +144,10 @@ class HeldoutSet:
     name: str
     tag: Tag
     tokens: torch.Tensor
+    # what the tokens cover (from cpt.data.loader.sample_heldout), logged as eval/<name>/docs, eval/<name>/tokens
+    docs: int | None = None
+    total_docs: int | None = None
+    total_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.tag not in TAGS:
@@ -217,6 +223,9 @@ class HeldoutEvaluator:
             ref = self.reference[s.name]
             metrics[f"eval/{s.name}/loss"] = loss
             metrics[f"eval/{s.name}/ppl"] = _ppl(loss)
+            metrics[f"eval/{s.name}/tokens"] = float(s.num_tokens)
+            if s.docs is not None:
+                metrics[f"eval/{s.name}/docs"] = float(s.docs)
             if s.name not in self.worst or loss > self.worst[s.name][0]:
                 self.worst[s.name] = (loss, step)
             self.last[s.name] = (loss, step)

@@ -28,7 +28,8 @@ The experiment folder (``out``)::
     data/<A>/, data/<B>/      token shards (+ heldout/) from `cpt prepare`
     runs/<run>/               one `cpt train` run directory per run
     results.md, results.csv   the table (see :data:`COLUMNS`)
-    curves.png                upstream/downstream loss against cumulative tokens (CPT runs start at base_tokens)
+    curves.png                upstream/downstream loss against cumulative tokens (CPT runs start at base_tokens),
+                              and the CPT runs zoomed on their own token axis (the stability gap)
     report/                   `cpt report` over all runs (curves overlaid on each run's own token axis)
 
 Finished runs (``export/config.json`` present and the metrics reaching the last step) are skipped; a
@@ -252,6 +253,10 @@ class ExperimentSpec(Strict):
         return self
 
     # -- derived numbers
+    @property
+    def corpora(self) -> list[CorpusSpec]:
+        return [self.corpus_a, self.corpus_b]
+
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
@@ -633,7 +638,7 @@ def build_tokenizer(spec: ExperimentSpec, files: dict[str, list[str]], out_dir: 
 
 
 def _text_field(spec: ExperimentSpec, corpus: str) -> str:
-    return spec.corpus_a.text_field if corpus == spec.corpus_a.name else spec.corpus_b.text_field
+    return next(c.text_field for c in spec.corpora if c.name == corpus)
 
 
 # ================================================================ FLOPs
@@ -756,7 +761,7 @@ def _prepare_data(spec: ExperimentSpec, out: Path, echo: Callable):
     from cpt.data.prepare import prepare
 
     files, nbytes = {}, {}
-    for c in (spec.corpus_a, spec.corpus_b):
+    for c in spec.corpora:
         files[c.name], nbytes[c.name] = resolve_corpus(c, out / "raw", spec.seed, echo)
         listing = out / "corpora" / f"{c.name}.files.txt"
         listing.parent.mkdir(parents=True, exist_ok=True)
@@ -764,13 +769,15 @@ def _prepare_data(spec: ExperimentSpec, out: Path, echo: Callable):
         echo(f"corpus {c.name}: {len(files[c.name])} files, {nbytes[c.name] / 1e6:.1f} MB  (list: {listing})")
     tokenizer, tok_dir = build_tokenizer(spec, files, out / "tokenizer", echo)
     tokens = {}
-    for c in (spec.corpus_a, spec.corpus_b):
+    for c in spec.corpora:
         manifest = prepare(files[c.name], tokenizer, out / "data" / c.name, text_field=c.text_field,
                            heldout_docs=c.heldout_docs, seed=spec.seed, num_proc=spec.num_proc,
                            echo=lambda *a: None)
         tokens[c.name] = int(manifest["num_tokens"]) if "num_tokens" in manifest else _num_tokens(out / "data" / c.name)
         held = _num_tokens(out / "data" / c.name / "heldout")
-        echo(f"data {c.name}: {tokens[c.name]:,} training tokens, {held:,} held-out tokens")
+        evaluated = "all of them" if held <= spec.eval.tokens_per_set else \
+            f"each evaluation a seeded sample of whole documents, {spec.eval.tokens_per_set:,} tokens"
+        echo(f"data {c.name}: {tokens[c.name]:,} training tokens, {held:,} held-out tokens ({evaluated})")
     return tokenizer, tok_dir, tokens
 
 
@@ -789,16 +796,23 @@ def run_experiment(spec_path_or_spec: str | os.PathLike | dict | ExperimentSpec,
     table of what is finished and return; call again to continue. ``dry_run``: print the plan
     (corpora sizes, runs, steps, LR schedules, FLOPs, time at ``assumed_tokens_per_s``) and write nothing.
     """
-    spec = load_spec(spec_path_or_spec, overrides)
+    from cpt.experiment_sequence import is_sequence_spec, load_sequence_spec, run_sequence
+
+    if is_sequence_spec(spec_path_or_spec):  # `corpora: [A, B, C, ...]`: a dataset sequence (forgetting matrix)
+        spec = load_sequence_spec(spec_path_or_spec, overrides)
+    else:
+        spec = load_spec(spec_path_or_spec, overrides)
     out = Path(out_dir) if out_dir is not None else Path("runs") / "experiments" / spec.name
     if dry_run:
-        return _dry_run(spec, out, echo)
+        return _dry_run(spec, out, echo) if isinstance(spec, ExperimentSpec) else run_sequence(spec, out, echo, dry_run=True)
     import torch
 
     threads = torch.get_num_threads()
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     try:
+        if not isinstance(spec, ExperimentSpec):
+            return run_sequence(spec, out, echo, max_runs=max_runs)
         return _run(spec, out, echo, max_runs)
     finally:
         torch.set_num_threads(threads)
@@ -850,7 +864,7 @@ def _run(spec: ExperimentSpec, out: Path, echo: Callable, max_runs: int | None) 
 def _dry_run(spec: ExperimentSpec, out: Path, echo: Callable) -> Path:
     from cpt.schedules import LRPlan, ScheduleConfig
 
-    for c in (spec.corpus_a, spec.corpus_b):
+    for c in spec.corpora:
         files, nbytes = resolve_corpus(c, None, spec.seed, echo)
         echo(f"corpus {c.name}: {len(files)} files, {nbytes / 1e6:.1f} MB")
     vocab = spec.tokenizer.train.vocab_size if spec.tokenizer.train else None
@@ -1086,7 +1100,9 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path | None:
-    """Upstream and downstream held-out loss against cumulative tokens: CPT curves start where base ends."""
+    """Upstream and downstream held-out loss. Top row: against cumulative tokens (CPT curves start where base
+    ends). Bottom row: the CPT runs alone on their own token axis, zoomed to their losses, so the stability gap
+    right after the switch is visible (on the shared axis the CPT runs occupy the last part only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1096,9 +1112,10 @@ def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path 
     base_tokens = spec.base_steps * spec.tokens_per_step
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     shares = sorted({p.replay for p in plans if p.replay is not None})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     drawn = 0
-    for ax, (name, tag) in zip(axes, ((A, "upstream"), (B, "downstream"))):
+    for col, (name, tag) in enumerate(((A, "upstream"), (B, "downstream"))):
+        ax, zoom = axes[0][col], axes[1][col]
         all_vals: list[float] = []
         cpt_vals: list[float] = []
         for p in plans:
@@ -1118,21 +1135,28 @@ def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path 
             else:
                 style = dict(color=colours[shares.index(p.replay) % len(colours)],
                              linestyle="-" if p.schedule == "rewarm_cosine" else ":", linewidth=1.5)
-            ax.plot([t + offset for t in toks], vals, label=p.name, marker="o" if len(vals) < 40 else None, markersize=2,
-                    **style)
+            marker = dict(marker="o" if len(vals) < 40 else None, markersize=2)
+            ax.plot([t + offset for t in toks], vals, label=p.name, **marker, **style)
+            if p.kind == "cpt":
+                zoom.plot(toks, vals, label=p.name, **marker, **style)
             drawn += 1
         if cpt_vals:  # random-init losses at step 0 would flatten the interesting part
             lo, hi = min(all_vals), max(cpt_vals)
             ax.set_ylim(lo - 0.05 * (hi - lo + 1e-6), hi + 0.6 * (hi - lo + 1e-6))
+            lo, hi = min(cpt_vals), max(cpt_vals)
+            zoom.set_ylim(lo - 0.05 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
         ax.axvline(base_tokens, color="black", linestyle=":", alpha=0.5, linewidth=1)
         ax.set_title(f"{tag}: held-out {name}")
         ax.set_xlabel("cumulative tokens (CPT runs start after the base run's tokens)")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
+        zoom.set_title(f"{tag}: held-out {name}, CPT runs only (zoomed: the stability gap)")
+        zoom.set_xlabel("tokens of the CPT run")
+        for a in (ax, zoom):
+            a.set_ylabel("loss (nats/token)")
+            a.grid(alpha=0.3)
     if not drawn:
         plt.close(fig)
         return None
-    axes[1].legend(fontsize=7, loc="best")
+    axes[0][1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{spec.name}: solid = re-warm/re-decay cosine, dotted = infinite + anneal; colour = replay share")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -7,7 +7,8 @@
     train_loss.png    train/loss
     train_loss_by_source.png  train/loss/<source> (when logged)
     lr.png            train/lr
-    data_shares.png   data/share/<source>
+    data_shares.png   data/share/<source> (configured)
+    realised_shares.png  data/realised_share/<source> (cumulative share of rows served)
     throughput.png    perf/tokens_per_s
     lm_eval.png       lm_eval/<task>/<metric> (when logged)
     lm_eval_upstream.png, lm_eval_downstream.png
@@ -263,6 +264,9 @@ def make_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
     add("lr", [("", [(r, "train/lr", r.label) for r in runs])], "learning rate", "lr")
     sources = sorted({k[len("data/share/"):] for r in runs for k in r.keys if k.startswith("data/share/")})
     add("data_shares", _by_name(runs, sources, "data/share/{}", True), "data shares per source", "share of tokens")
+    realised = sorted({k[len("data/realised_share/"):] for r in runs for k in r.keys if k.startswith("data/realised_share/")})
+    add("realised_shares", _by_name(runs, realised, "data/realised_share/{}", True),
+        "realised data shares per source (cumulative over the run)", "share of rows served")
     add("throughput", [("", [(r, "perf/tokens_per_s", r.label) for r in runs])], "throughput", "tokens/s")
     lm_keys = sorted({k[len("lm_eval/"):] for r in runs for k in r.keys if k.startswith("lm_eval/") and not k.endswith("_stderr")})
     add("lm_eval", _by_name(runs, lm_keys, "lm_eval/{}", True), "lm-eval tasks", "value")

@@ -85,7 +85,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
 
     from cpt.adapters import trainable_metrics
     from cpt.console import eval_line, preempted_line, step_line
-    from cpt.data.loader import CPTDataLoader, load_heldout
+    from cpt.data.loader import CPTDataLoader, sample_heldout
     from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table
     from cpt import lm_loss
     from cpt.lm_loss import model_inputs, use_chunked_loss
@@ -137,12 +137,12 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
 
     # --- data: the exact-proportion mixer over packed streams, and the held-out sets
     data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
-    heldout = [
-        HeldoutSet(h.name, h.tag, load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set,
-                                               verify=acc.is_main_process and cfg.data.verify_checksums,
-                                               check_sizes=acc.is_main_process))
-        for h in cfg.data.heldout
-    ]
+    heldout = []
+    for h in cfg.data.heldout:
+        sample = sample_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, seed=cfg.eval.sample_seed,
+                                verify=acc.is_main_process and cfg.data.verify_checksums, check_sizes=acc.is_main_process)
+        heldout.append(HeldoutSet(h.name, h.tag, sample.tokens, sample.docs, sample.total_docs, sample.total_tokens))
+        say(f"held-out set {h.name} ({h.tag}): evaluating {sample.describe()}")
     eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
     evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id)
     bench = _benchmarks(cfg, acc)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks

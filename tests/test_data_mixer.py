@@ -163,9 +163,13 @@ def test_metrics_tokens_shares_epochs_and_repeat_warning(sources, tokenizer):
         warnings.simplefilter("always")
         batches(ld, 0, 50)
     m = ld.metrics()
-    assert set(m) == {f"data/{k}/{s}" for k in ("tokens", "share", "epochs") for s in ("new", "old", "tiny")}
+    assert set(m) == {f"data/{k}/{s}" for k in ("tokens", "share", "realised_share", "epochs") for s in ("new", "old", "tiny")}
     assert m["data/tokens/new"] + m["data/tokens/old"] + m["data/tokens/tiny"] == 50 * 16 * L
     assert m["data/share/old"] == pytest.approx(0.4) and m["data/share/tiny"] == pytest.approx(0.6 * 3 / 8)
+    # realised shares: cumulative over all rows served, from the exact row counts (not the last step's target)
+    for s in ("new", "old", "tiny"):
+        assert m[f"data/realised_share/{s}"] == pytest.approx(m[f"data/tokens/{s}"] / (50 * 16 * L))
+    assert m["data/realised_share/tiny"] != pytest.approx(m["data/share/tiny"])  # stage 0 had no tiny rows
     tiny = ld.streams[2]
     assert m["data/epochs/tiny"] == pytest.approx(m["data/tokens/tiny"] / L / tiny.num_sequences) and m["data/epochs/tiny"] > 1.5
     repeated = [w for w in caught if issubclass(w.category, RepeatedDataWarning)]
@@ -218,14 +222,16 @@ def test_hf_source_in_the_loader_is_world_size_independent_and_resumable(sources
 
 
 def test_load_heldout(sources, tokenizer):
-    h = HeldoutConfig(name="old", path=str(sources / "old" / "heldout"), tag="upstream")
-    x = load_heldout(h, tokenizer, L, max_tokens=40)
-    assert x.shape == (5, L) and x.dtype == torch.long
     from cpt.data.shards import TokenShards
 
-    assert x.reshape(-1).tolist() == TokenShards.open(h.path).read(0, 40).tolist()  # the start, not shuffled
+    h = HeldoutConfig(name="old", path=str(sources / "old" / "heldout"), tag="upstream")
+    shards = TokenShards.open(h.path)
+    x = load_heldout(h, tokenizer, L, max_tokens=40)
+    assert x.shape == (5, L) and x.dtype == torch.long
     full = load_heldout(h, tokenizer, L, max_tokens=None)
-    assert full.shape[0] == TokenShards.open(h.path).num_tokens // L
+    assert full.shape[0] == shards.num_tokens // L
+    assert full.reshape(-1).tolist() == shards.read(0, full.numel()).tolist()  # the whole set: in document order
+    assert torch.equal(load_heldout(h, tokenizer, L, max_tokens=10**9), full)
     assert load_heldout(h.model_copy(update={"max_tokens": 16}), tokenizer, L, max_tokens=40).shape == (2, L)
     with pytest.raises(ValueError, match="fewer than one sequence"):
         load_heldout(h, tokenizer, 100000, max_tokens=None)
@@ -240,3 +246,59 @@ def test_zero_share_sources_and_unused_sources(sources, tokenizer):
     assert ld.metrics()["data/tokens/old"] == 0 and ld.metrics()["data/share/old"] == 0
     with pytest.raises(ValueError, match="unknown sources"):
         CPTDataLoader(cfg(sources), [stage(5, {"nope": 1.0})], tokenizer, 8, seed=0)
+
+
+def test_heldout_sample_is_whole_documents_across_the_set(tmp_path, tokenizer):
+    """A budget smaller than the set: a seeded sample of whole documents from all over the set (not its start),
+    the same at every call, concatenated in document order; the coverage is reported."""
+    import numpy as np
+
+    from cpt.data.loader import sample_heldout
+    from cpt.data.shards import TokenShards
+
+    write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in make_docs(200, seed=5)])
+    prepare([str(tmp_path / "d.jsonl")], tokenizer, tmp_path / "p", shard_tokens=700, heldout_docs=60)
+    h = HeldoutConfig(name="set", path=str(tmp_path / "p" / "heldout"), tag="upstream")
+    shards = TokenShards.open(h.path)
+    starts = np.append(shards.document_starts(), shards.num_tokens)
+    docs = [shards.read(int(a), int(b - a)).tolist() for a, b in zip(starts[:-1], starts[1:])]
+    budget = shards.num_tokens // 3
+    s = sample_heldout(h, tokenizer, L, budget)
+    assert s.total_docs == 60 and s.total_tokens == shards.num_tokens and not s.whole
+    assert s.num_tokens == (budget // L) * L and s.tokens.shape == (budget // L, L)
+    assert torch.equal(sample_heldout(h, tokenizer, L, budget).tokens, s.tokens)  # the same sample every time
+    flat = s.tokens.reshape(-1).tolist()
+    # the flat tokens are documents in document order, each whole or (at most two of them) a prefix
+    picked, cut, pos = [], 0, 0
+    for i, d in enumerate(docs):
+        if pos >= len(flat):
+            break
+        if flat[pos:pos + len(d)] == d:
+            picked.append(i)
+            pos += len(d)
+            continue
+        for m in range(len(d) - 1, 0, -1):  # a prefix of it (the last document drawn, cut at the budget)
+            if flat[pos:pos + m] == d[:m] and (pos + m == len(flat) or flat[pos + m:pos + m + 3] in [e[:3] for e in docs[i + 1:]]):
+                picked.append(i)
+                pos += m
+                cut += 1
+                break
+    assert pos == len(flat) and len(picked) == s.docs and cut <= 2
+    assert picked[-1] > 30 and picked != list(range(len(picked)))  # spread over the set, not its first documents
+    other = sample_heldout(h, tokenizer, L, budget, seed=1)
+    assert not torch.equal(other.tokens, s.tokens)  # another seed, another sample
+    whole = sample_heldout(h, tokenizer, L, None)
+    assert whole.whole and whole.docs == 60 and "the whole set" in whole.describe()
+    assert f"of {shards.num_tokens:,} tokens, {s.docs} of 60 documents" in s.describe()
+
+
+def test_cpt_eval_uses_the_same_sample_and_reports_coverage(sources, tokenizer):
+    from cpt.commands.eval import load_heldout_tokens
+    from cpt.data.loader import sample_heldout
+
+    path = str(sources / "old" / "heldout")
+    toks, covered = load_heldout_tokens("old", path, "upstream", tokenizer, L, 40)
+    s = sample_heldout(HeldoutConfig(name="old", path=path, tag="upstream"), tokenizer, L, 40)
+    assert torch.equal(toks, s.tokens)  # the sample training's evaluation takes (eval.sample_seed 0)
+    assert covered["tokens"] == 40 and covered["docs"] == s.docs and covered["total_docs"] == 3
+    assert covered["coverage"] == s.describe()

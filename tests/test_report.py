@@ -21,6 +21,7 @@ def write_run(run_dir: Path, bump: float, tokens_per_step: int):
             rec = {"step": step, "train/tokens": tokens, "stage": stage, "train/loss": 5.0 - 0.1 * step,
                    "train/lr": 1e-4 if step < 10 else 3e-4, "perf/tokens_per_s": 1000.0 + step,
                    "data/share/new": 0.0 if stage == 0 else 0.9, "data/share/old": 1.0 if stage == 0 else 0.1,
+                   "data/realised_share/new": 0.9 * max(0, step - 9) / (step + 1),
                    "train/loss/old": 4.0 + 0.01 * step}
             f.write(json.dumps(rec) + "\n")
             if step % 5 == 0 or 10 <= step <= 13:
@@ -41,13 +42,14 @@ def test_report_renders_two_runs(tmp_path):
     out = tmp_path / "rep"
     assert report_main([str(tmp_path / "replay5"), str(tmp_path / "replay25"), "--out", str(out)]) == 0
     page = out / "report.html"
-    for name in ("upstream", "downstream", "train_loss", "train_loss_by_source", "lr", "data_shares", "throughput", "lm_eval"):
+    for name in ("upstream", "downstream", "train_loss", "train_loss_by_source", "lr", "data_shares", "realised_shares",
+                 "throughput", "lm_eval"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     text = page.read_text()
     # self-contained: every image is embedded, nothing is linked
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
-    assert len(imgs) == 8 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
+    assert len(imgs) == 9 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
     assert "src='http" not in text and ".png'" not in text
 
     # the table: step 0, final, worst (the bump after the switch at step 12) per set, per run

@@ -83,14 +83,21 @@ def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | N
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def load_heldout_tokens(name: str, path: str, tag: str, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+def load_heldout_tokens(name: str, path: str, tag: str, tokenizer, seq_len: int, max_tokens: int | None,
+                        seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The tokens to evaluate and what they cover: a prepared set is sampled by whole documents
+    (:func:`cpt.data.loader.sample_heldout`, the same sample as training's ``eval.sample_seed``); a text
+    file is read from its start."""
     p = Path(path)
     if p.is_file():
-        return text_heldout_tokens(p, tokenizer, seq_len, max_tokens)
-    from cpt.data.loader import load_heldout
+        toks = text_heldout_tokens(p, tokenizer, seq_len, max_tokens)
+        return toks, {"tokens": int(toks.numel()), "coverage": f"the first {int(toks.numel()):,} tokens of {p.name}"}
+    from cpt.data.loader import sample_heldout
     from cpt.data.sources import HeldoutConfig
 
-    return load_heldout(HeldoutConfig(name=name, path=path, tag=tag), tokenizer, seq_len, max_tokens)
+    s = sample_heldout(HeldoutConfig(name=name, path=path, tag=tag), tokenizer, seq_len, max_tokens, seed=seed)
+    return s.tokens, {"tokens": s.num_tokens, "docs": s.docs, "total_docs": s.total_docs,
+                      "total_tokens": s.total_tokens, "coverage": s.describe()}
 
 
 def _samples(tasks: list[str], limit: int | float | None, seed: int, include_path) -> dict[str, list[int]] | None:
@@ -122,11 +129,10 @@ def evaluate_checkpoint(ckpt: Path, args, tasks: list[str], heldouts: list[tuple
         context = getattr(model.config, "max_position_embeddings", None) or 1024
         seq_len = args.seq_len or min(1024, int(context))
         for name, path, tag in heldouts:
-            toks = load_heldout_tokens(name, path, tag, tokenizer, seq_len, args.max_tokens)
+            toks, covered = load_heldout_tokens(name, path, tag, tokenizer, seq_len, args.max_tokens, args.sample_seed)
             loss = heldout_loss(model, toks, args.batch_size, eos_id=tokenizer.eos_token_id if args.document_masking else None)
             result["heldout"][name] = {"tag": tag, "path": path, "loss": loss, "ppl": math.exp(min(loss, 80.0)),
-                                       "tokens": int(toks.numel()), "seq_len": seq_len,
-                                       "document_masking": args.document_masking}
+                                       **covered, "seq_len": seq_len, "document_masking": args.document_masking}
     if tasks:
         flat, raw = run_lm_eval_detailed(model, tokenizer, tasks, batch_size=args.batch_size, samples=samples,
                                          include_path=args.include_path, max_length=args.max_length,
@@ -155,7 +161,7 @@ def _print_comparison(result: dict[str, Any], baseline: dict[str, Any]) -> None:
 
 def _print_summary(result: dict[str, Any]) -> None:
     for name, h in result.get("heldout", {}).items():
-        print(f"heldout {name:<20} {h['tag']:<10} loss {h['loss']:.4f}  ppl {h['ppl']:.2f}  ({h['tokens']} tokens)")
+        print(f"heldout {name:<20} {h['tag']:<10} loss {h['loss']:.4f}  ppl {h['ppl']:.2f}  ({h.get('coverage', h['tokens'])})")
     for key, value in sorted(result.get("lm_eval", {}).items()):
         print(f"{key:<50} {value:.4f}")
 
@@ -176,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=None, help="held-out sequence length (default: min(1024, model context))")
-    parser.add_argument("--max-tokens", type=int, default=262144, help="token budget per held-out set")
+    parser.add_argument("--max-tokens", type=int, default=262144,
+                        help="token budget per held-out set: a seeded sample of whole documents (the whole set if it fits)")
+    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the held-out document sample (as eval.sample_seed)")
     parser.add_argument("--document-masking", action="store_true",
                         help="held-out documents attend only to themselves (as a run with data.document_masking)")
     parser.add_argument("--max-length", type=int, default=None, help="lm-eval context length (default: the model's)")

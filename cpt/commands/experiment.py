@@ -5,6 +5,11 @@ pre-training on corpus A; CPT on corpus B for every replay share x schedule (re-
 infinite with a final anneal); a baseline trained from scratch on A and B with as many tokens as base
 plus CPT. Finished runs are skipped and a killed grid resumes: run the same command again.
 Writes <out>/results.md, <out>/results.csv, <out>/curves.png and <out>/report/report.html.
+
+A spec with `corpora: [A, B, C, ...]` runs a dataset sequence instead (cpt/experiment_sequence.py): per seed and
+strategy (re-warmed cosine; infinite trunk with an anneal branch at every boundary) one run through all corpora
+with replay of the earlier ones, optionally a from-scratch baseline per boundary; it writes the forgetting matrix
+(results.md/csv, forgetting_matrix.png) with mean ± std over the seeds, and curves.png.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -129,12 +130,15 @@ class CPTDataLoader:
                 warnings.warn(msg, RepeatedDataWarning, stacklevel=3)
 
     def metrics(self) -> dict[str, float]:
-        """``data/tokens/<src>`` (global, cumulative), ``data/share/<src>`` (share at the last step), ``data/epochs/<src>``."""
+        """``data/tokens/<src>`` (global, cumulative), ``data/share/<src>`` (the configured share at the last step),
+        ``data/realised_share/<src>`` (the share of all rows served so far in this run, cumulative), ``data/epochs/<src>``."""
         out: dict[str, float] = {}
         epochs = self.epochs()
+        served = sum(self.mixer.rows)
         for j, name in enumerate(self.source_names):
             out[f"data/tokens/{name}"] = float(self.mixer.rows[j] * self.seq_len)
             out[f"data/share/{name}"] = float(self.mixer.last_shares[j])
+            out[f"data/realised_share/{name}"] = self.mixer.rows[j] / served if served else 0.0
             out[f"data/epochs/{name}"] = epochs[name]
         return out
 
@@ -169,13 +173,36 @@ class CPTDataLoader:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
-                 check_sizes: bool = True) -> torch.Tensor:
-    """The first ``max_tokens`` tokens of a held-out set as ``LongTensor[n, seq_len]`` (no shuffle).
+@dataclass
+class HeldoutSample:
+    """The part of a held-out set that is evaluated: ``tokens`` ``LongTensor[n, seq_len]`` and what it covers."""
 
-    ``cfg.max_tokens``, when set, overrides ``max_tokens``. The set's tokenizer hash must match the
-    run's tokenizer; a set shorter than one sequence is an error. Only those tokens are read; ``verify``
-    also checks every file's checksum (a full read), ``check_sizes`` every file's size (see TokenShards.open).
+    tokens: torch.Tensor
+    docs: int  # documents with tokens in the sample (the last one drawn, and the last in order, may be cut)
+    total_docs: int
+    total_tokens: int
+    whole: bool  # the whole set (it fits in the budget), in document order
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    def describe(self) -> str:
+        return (f"{self.num_tokens:,} of {self.total_tokens:,} tokens, {self.docs:,} of {self.total_docs:,} documents"
+                + (" (the whole set)" if self.whole else " (a seeded sample of whole documents)"))
+
+
+def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
+                   seed: int = 0, check_sizes: bool = True) -> HeldoutSample:
+    """A representative sample of a held-out set, the same for a given ``seed`` at every call.
+
+    When the set holds more than ``max_tokens`` tokens (``cfg.max_tokens`` overrides it), whole documents are
+    drawn in a seeded random order until the budget is reached (the last one drawn is cut at the budget); the
+    chosen documents are then concatenated in their original order and cut into rows of ``seq_len`` (a tail
+    shorter than one row is dropped). A set within the budget is used whole, in document order. The set's tokenizer
+    hash must match the run's tokenizer; a set shorter than one sequence is an error. Only the sampled tokens are
+    read; ``verify`` also checks every file's checksum (a full read), ``check_sizes`` every file's size (see
+    TokenShards.open).
     """
     limit = getattr(cfg, "max_tokens", None) or max_tokens
     try:
@@ -183,9 +210,30 @@ def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None 
                                   check_sizes=check_sizes)
     except ShardError as e:
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None
-    n_tokens = shards.num_tokens if limit is None else min(int(limit), shards.num_tokens)
-    n = n_tokens // seq_len
+    total = shards.num_tokens
+    if limit is None or int(limit) >= total:
+        n, docs = total // seq_len, shards.num_documents
+        flat = shards.read(0, n * seq_len) if n else None
+    else:
+        starts = np.append(shards.document_starts().astype(np.int64), total)
+        lengths = np.diff(starts)
+        order = np.random.default_rng([int(seed), 0x48454C44]).permutation(len(lengths))
+        taken = np.cumsum(lengths[order])
+        k = int(np.searchsorted(taken, int(limit))) + 1  # documents until the budget is reached
+        keep = {int(i): int(lengths[i]) for i in order[:k]}
+        keep[int(order[k - 1])] -= int(taken[k - 1]) - int(limit)  # the last document drawn is cut at the budget
+        chosen = sorted(keep)
+        flat = np.concatenate([shards.read(int(starts[i]), keep[i]) for i in chosen])
+        n = len(flat) // seq_len
+        offsets = np.cumsum([0] + [keep[i] for i in chosen[:-1]])
+        docs = int(np.sum(offsets < n * seq_len))  # documents with at least one evaluated token
     if n == 0:
-        raise ShardError(f"held-out set {cfg.name!r} ({cfg.path}) has {shards.num_tokens} tokens, fewer than one sequence of {seq_len}")
-    tokens = shards.read(0, n * seq_len).astype(np.int64).reshape(n, seq_len)
-    return torch.from_numpy(tokens)
+        raise ShardError(f"held-out set {cfg.name!r} ({cfg.path}) has {total} tokens, fewer than one sequence of {seq_len}")
+    tokens = torch.from_numpy(np.ascontiguousarray(flat[: n * seq_len]).astype(np.int64).reshape(n, seq_len))
+    return HeldoutSample(tokens, docs, shards.num_documents, total, whole=limit is None or int(limit) >= total)
+
+
+def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
+                 seed: int = 0, check_sizes: bool = True) -> torch.Tensor:
+    """The tokens of :func:`sample_heldout` as ``LongTensor[n, seq_len]``."""
+    return sample_heldout(cfg, tokenizer, seq_len, max_tokens, verify, seed, check_sizes).tokens
