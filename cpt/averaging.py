@@ -319,6 +319,15 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
+    from cpt.consolidate import is_checkpoint_dir
+
+    if is_checkpoint_dir(p):  # a cpt resume checkpoint (any backend): exported through `cpt export`'s path
+        import tempfile
+
+        from cpt.consolidate import export_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="cpt-export-") as tmp:
+            return load_model_dir(export_checkpoint(p, Path(tmp) / "export", echo=lambda *a, **k: None), dtype)
     if (p / "adapter_config.json").is_file():
         from cpt.adapters import load_adapter_model
 
