@@ -244,7 +244,18 @@ def _load_into_deepspeed(engine, weights, adam) -> None:
     for name, buf in module.named_buffers():
         if name in weights:
             buf.data.copy_(weights[name])
-    # the fp32 master partitions and Adam moments the optimizer steps on
+    # the fp32 master partitions and Adam moments the optimizer steps on; torch AdamW creates its state at the
+    # first step, so create it (zeros) on the flat partitions first and let DeepSpeed link its per-parameter views
+    opt = engine.optimizer
+    if adam:
+        flats = opt.fp32_partitioned_groups_flat if stage3 else opt.single_partition_of_fp32_groups
+        for hp in flats:
+            if "exp_avg" not in opt.optimizer.state.get(hp, {}):
+                opt.optimizer.state[hp] = {"step": torch.zeros((), dtype=torch.float32),
+                                           **{k: torch.zeros_like(hp) for k in ADAM_KEYS}}
+        if not stage3:
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
     step = None
     for name, p in params.items():
         if not p.requires_grad:
@@ -257,11 +268,9 @@ def _load_into_deepspeed(engine, weights, adam) -> None:
                 safe_set_full_optimizer_state(p, adam[name][k].to(torch.float32).reshape(-1 if stage3 else p.shape), k)
             step = adam[name]["step"]
     if step is not None:
-        base = engine.optimizer.optimizer
-        for st in base.state.values():
+        for st in opt.optimizer.state.values():
             st["step"] = torch.as_tensor(step, dtype=torch.float32).reshape(()).clone()
     if stage3:  # the partitioned weights the forward gathers come from the fp32 masters after each step
-        opt = engine.optimizer
         for i in range(len(opt.fp16_partitioned_groups_flat)):
             opt.fp16_partitioned_groups_flat[i].data.copy_(opt.fp32_partitioned_groups_flat[i].data)
 
