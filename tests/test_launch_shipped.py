@@ -239,3 +239,57 @@ def test_cpt_export_of_every_checkpoint_kind(strategy, shipped, reference, tiny_
     run = reference if strategy == "one" else shipped(strategy)
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert_hf_dir_reproduces_eval(tmp_path / "hf", run, make_cfg(tiny_cpt_data, tiny_base, run), tiny_cpt_data, STEPS)
+
+
+@needs_deepspeed
+def test_zero3_preempted_resumes_on_one_process_and_exports(shipped, tiny_cpt_data, tiny_base, tmp_path):
+    """The issue's acceptance run: `scripts/launch.sh run.yaml zero3` on 2 processes, SIGTERM to the ranks after
+    their first checkpoint; `cpt train --resume` on 1 process finishes with the uninterrupted run's losses and an HF
+    export; `cpt export` turns the preemption checkpoint into a model AutoModelForCausalLM loads."""
+    import signal
+    import time
+
+    from cpt.cli import main
+    from cpt.train import train
+
+    reference = shipped("zero3")
+    cfg = make_cfg(tiny_cpt_data, tiny_base, tmp_path / "run")
+    cfg["checkpoint"]["export_every"] = None
+    cfg_path = write(cfg, tmp_path / "run.yaml")
+    script, *args = SHIPPED["zero3"]
+    proc = subprocess.Popen([str(ROOT / "scripts" / script), str(cfg_path), *args], cwd=tmp_path, env=shipped_env("zero3", 2),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, t0 = tmp_path / "run", time.time()
+    while not (out / "checkpoints" / f"step_{EVERY:08d}").is_dir():
+        assert proc.poll() is None, proc.stdout.read()[-5000:]
+        assert time.time() - t0 < 400, "timed out"
+        time.sleep(0.05)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "preemption" in log, log[-5000:]
+    preempted = sorted((out / "checkpoints").glob("step_*"))[-1]
+    k = int(preempted.name[5:])
+    assert EVERY <= k < STEPS and not (out / "export").exists()
+
+    assert main(["export", str(preempted), "--out", str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    if k in evals(reference):
+        assert_hf_dir_reproduces_eval(tmp_path / "hf", reference, cfg, tiny_cpt_data, k)
+
+    result = train(load_config(str(cfg_path)), resume=True, echo=lambda *a, **k: None)
+    assert result.step == STEPS
+    assert_close({s: v for s, v in losses(out).items() if s > k}, {s: v for s, v in losses(reference).items() if s > k})
+    assert_hf_dir_reproduces_eval(out / "export", reference, cfg, tiny_cpt_data, STEPS)
+
+
+def _workers(pid: int) -> list[int]:
+    """The ranks: children of the launcher (the script execs `accelerate launch`) running cpt."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return sorted(k for k in kids if "cpt.cli" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace"))
