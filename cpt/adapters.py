@@ -342,4 +342,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    from cpt.model import make_tokenizer_portable
+
+    make_tokenizer_portable(out)
     return out

@@ -360,7 +360,10 @@ def interpolate(base, cpt, alpha: float, out_dir: str | Path | None = None):
         out.mkdir(parents=True, exist_ok=True)
         cpt_model.save_pretrained(out, safe_serialization=True)
         if cpt_tok is not None:
+            from cpt.model import make_tokenizer_portable
+
             cpt_tok.save_pretrained(out)
+            make_tokenizer_portable(out)
     return cpt_model
 
 
