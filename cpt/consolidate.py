@@ -81,11 +81,23 @@ def _dcp_read(path: Path) -> dict:
     return sd
 
 
+# the only non-tensor globals DeepSpeed's ZeRO checkpoint pickles may name
+DS_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler")
+
+
 def _ds_files(ckpt: Path) -> tuple[list[str], list[str]]:
+    """The ZeRO model-state and optimizer files, each checked to name no global beyond DS_SAFE_GLOBALS (DeepSpeed's
+    own readers, used below, unpickle with weights_only=False)."""
     from deepspeed.utils.zero_to_fp32 import get_model_state_files, get_optim_files
+    from torch.serialization import get_unsafe_globals_in_checkpoint
 
     d = str(ckpt / DS_TAG)
-    return get_model_state_files(d), get_optim_files(d)
+    model_files, optim_files = get_model_state_files(d), get_optim_files(d)
+    for f in model_files + optim_files:
+        unsafe = set(get_unsafe_globals_in_checkpoint(f)) - set(DS_SAFE_GLOBALS)
+        if unsafe:
+            raise ConsolidateError(f"{f}: refusing to unpickle unexpected globals {sorted(unsafe)}")
+    return model_files, optim_files
 
 
 def read_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -100,8 +112,13 @@ def read_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {k: v for k, v in _dcp_read(p / "pytorch_model_fsdp_0")["model"].items() if isinstance(v, torch.Tensor)}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # the fp32 master weights, merged from every rank's partition (DeepSpeed's own zero_to_fp32)
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(p), tag=DS_TAG))
+    import contextlib
+    import io
+
+    _ds_files(p)
+    # the fp32 master weights, merged from every rank's partition (DeepSpeed's own zero_to_fp32, which prints)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(p), tag=DS_TAG))
 
 
 def read_optimizer_state(ckpt: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
@@ -132,7 +149,11 @@ def _read_zero_optimizer_state(p: Path) -> dict[str, dict[str, torch.Tensor]]:
 
     model_files, optim_files = _ds_files(p)
     model_states = z.parse_model_states(model_files)
-    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in optim_files]  # DeepSpeed's own pickle format
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        shards = [torch.load(f, map_location="cpu", weights_only=True) for f in optim_files]
     osd = [s["optimizer_state_dict"] for s in shards]
     stage = osd[0]["zero_stage"]
     world = osd[0]["partition_count"]
