@@ -15,10 +15,6 @@ import os
 ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> accelerate's mixed_precision
 
 
-class PrecisionConflict(ValueError):
-    pass
-
-
 def launcher_precision_conflict(precision: str, environ=os.environ) -> str | None:
     """The error message if the launcher asked for a mixed precision other than ``train.precision``, else None.
 
@@ -48,14 +44,13 @@ def deepspeed_precision_conflict(precision: str, ds_config: dict) -> str | None:
     return None
 
 
-def check_precision(precision: str, acc) -> None:
-    """Raise PrecisionConflict (naming both settings) if the launch disagrees with ``train.precision``."""
+def precision_conflict(precision: str, acc) -> str | None:
+    """One line naming both settings if the launch disagrees with ``train.precision``, else None."""
     problem = launcher_precision_conflict(precision)
     ds = getattr(acc.state, "deepspeed_plugin", None)
     if problem is None and ds is not None:
         problem = deepspeed_precision_conflict(precision, ds.deepspeed_config)
-    if problem:
-        raise PrecisionConflict(problem)
+    return problem
 
 
 def configure_deepspeed(ds_config: dict, *, micro_batch: int, grad_accum: int, global_batch: int, grad_clip: float | None) -> None:

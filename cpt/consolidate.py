@@ -28,8 +28,11 @@ DS_TAG = "pytorch_model"  # accelerate saves the DeepSpeed engine under this tag
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-class ConsolidateError(RuntimeError):
-    pass
+from cpt.checkpoint import CheckpointError
+
+
+class ConsolidateError(CheckpointError):
+    """A checkpoint that cannot be read or does not fit the model (`cpt train` and `cpt export` print one line)."""
 
 
 # ------------------------------------------------------------------------------------------ layout

@@ -320,7 +320,7 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    from cpt.accelerator import ACCELERATE, check_precision, configure_deepspeed
+    from cpt.accelerator import ACCELERATE, configure_deepspeed, precision_conflict
 
     kwargs = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -337,7 +337,9 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
             "(distributed_type NO): they would train unsynchronised copies. On CPU, launch DDP with ACCELERATE_USE_CPU=1 "
             "or use DeepSpeed; FSDP needs GPUs."
         )
-    check_precision(cfg.train.precision, acc)  # train.precision is the one source; a conflicting launch is refused
+    problem = precision_conflict(cfg.train.precision, acc)  # train.precision is the one source of precision
+    if problem:
+        raise TrainingError(problem)
     ds = getattr(acc.state, "deepspeed_plugin", None)
     if ds is not None:  # no prepared dataloader: tell DeepSpeed the batch geometry and clipping ourselves
         configure_deepspeed(ds.deepspeed_config, micro_batch=cfg.train.micro_batch_size, grad_accum=grad_accum,

@@ -46,6 +46,22 @@ def test_deepspeed_json_precision_must_agree_with_train_precision(precision, ds,
         assert f"train.precision is {precision}" in msg and "DeepSpeed config" in msg
 
 
+def test_cpt_train_refuses_a_launch_asking_for_another_precision(tiny_cpt_data, tmp_path, monkeypatch, capsys):
+    """What `accelerate launch --mixed_precision bf16` exports, against train.precision fp32: one line, exit 1,
+    nothing written."""
+    import yaml
+
+    from cpt.cli import main
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "train.precision is fp32" in err and "mixed_precision=bf16" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_shipped_accelerate_configs_leave_precision_to_the_run_config():
     """accelerate refuses mixed_precision next to deepspeed_config_file; the others would conflict with
     train.precision: none of the shipped configs sets it."""
