@@ -16,19 +16,15 @@ size (plain, DDP, FSDP2, ZeRO-2/3), which is how a checkpoint written by N ranks
 from __future__ import annotations
 
 import glob
-import logging
 import os
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger("cpt.consolidate")
+from cpt.checkpoint import CheckpointError
 
 DS_TAG = "pytorch_model"  # accelerate saves the DeepSpeed engine under this tag
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-from cpt.checkpoint import CheckpointError
 
 
 class ConsolidateError(CheckpointError):
