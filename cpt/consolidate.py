@@ -81,7 +81,8 @@ def _dcp_read(path: Path) -> dict:
 
 
 # the only non-tensor globals DeepSpeed's ZeRO checkpoint pickles may name
-DS_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler")
+DS_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                   "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 def _ds_files(ckpt: Path) -> tuple[list[str], list[str]]:
@@ -150,8 +151,9 @@ def _read_zero_optimizer_state(p: Path) -> dict[str, dict[str, torch.Tensor]]:
     model_states = z.parse_model_states(model_files)
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
         shards = [torch.load(f, map_location="cpu", weights_only=True) for f in optim_files]
     osd = [s["optimizer_state_dict"] for s in shards]
     stage = osd[0]["zero_stage"]
