@@ -282,6 +282,8 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
     out.mkdir(parents=True, exist_ok=True)
     # never let peft guess by looking the base model up on the hub (network); embeddings resized by a
     # vocabulary extension are saved through trainable_token_indices / modules_to_save instead
+    pcfg = model.peft_config[model.active_adapter]
+    pcfg.base_model_name_or_path = portable_base_path(pcfg.base_model_name_or_path)
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -293,6 +295,14 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
     }
     (out / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2))
     return out
+
+
+def portable_base_path(base: str | None) -> str | None:
+    """A local base model directory as an absolute path (a relative one only works from the launch directory);
+    hub ids unchanged."""
+    if base and Path(base).is_dir():
+        return str(Path(base).resolve())
+    return base
 
 
 def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: torch.dtype | None = None):
@@ -336,4 +346,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    from cpt.model import make_tokenizer_portable
+
+    make_tokenizer_portable(out)
     return out

@@ -335,6 +335,15 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
+    from cpt.consolidate import is_checkpoint_dir
+
+    if is_checkpoint_dir(p):  # a cpt resume checkpoint (any backend): exported through `cpt export`'s path
+        import tempfile
+
+        from cpt.consolidate import export_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="cpt-export-") as tmp:
+            return load_model_dir(export_checkpoint(p, Path(tmp) / "export", echo=lambda *a, **k: None), dtype)
     if (p / "adapter_config.json").is_file():
         from cpt.adapters import load_adapter_model
 
@@ -370,7 +379,10 @@ def interpolate(base, cpt, alpha: float, out_dir: str | Path | None = None):
         out.mkdir(parents=True, exist_ok=True)
         cpt_model.save_pretrained(out, safe_serialization=True)
         if cpt_tok is not None:
+            from cpt.model import make_tokenizer_portable
+
             cpt_tok.save_pretrained(out)
+            make_tokenizer_portable(out)
     return cpt_model
 
 

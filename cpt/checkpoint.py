@@ -284,8 +284,21 @@ class CheckpointManager:
             discard(old)
 
     def load(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Restore model, optimizer and RNG states in place; return (trainer_state, extra tensors)."""
-        self.acc.load_state(str(ckpt))
+        """Restore model, optimizer and RNG states in place; return (trainer_state, extra tensors).
+
+        A checkpoint of another backend or ZeRO world size goes through cpt.consolidate (weights and Adam state
+        carried over, RNG states not)."""
+        from cpt.consolidate import load_portable, needs_portable_load
+
+        if needs_portable_load(ckpt, self.acc):
+            log.warning("%s was written with another backend or number of processes: loading it through "
+                        "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
+            load_portable(self.acc, self.acc._models[0], self.acc._optimizers[0], ckpt)
+        else:
+            self.acc.load_state(str(ckpt))
+        # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
+        # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
+        self.acc.step = 0
         state = json.loads((ckpt / TRAINER_STATE).read_text())
         extra = {}
         if (ckpt / "extra.safetensors").is_file():

@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "schedule": "Print and plot the learning-rate plan of a config before training.",
     "eval": "Held-out loss and lm-eval tasks on a saved checkpoint or adapter.",
     "report": "Plots and an HTML page from one or more run directories.",
+    "export": "Turn a resume checkpoint (any backend, any number of processes) into an HF model or adapter.",
     "merge": "Merge a LoRA adapter into its base model and save a plain HF model.",
     "average": "Uniformly average several checkpoints.",
     "interpolate": "Interpolate base and CPT weights and report upstream/downstream loss per alpha.",

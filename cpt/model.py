@@ -214,29 +214,58 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
     Works from DDP, FSDP and DeepSpeed ZeRO-3 states: `accelerator.get_state_dict` gathers the full
     state on the main process (every rank must call this function).
     """
-    out = Path(out_dir)
     state_dict = accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:  # written to a hidden temp folder, renamed into place when complete
-        tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-        for leftover in (tmp, old):  # from an interrupted export
-            shutil.rmtree(leftover, ignore_errors=True)
-        if hasattr(unwrapped, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
-            from cpt.adapters import save_adapter
-
-            save_adapter(unwrapped, tmp, tokenizer, state_dict=state_dict)
-        else:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            fault_point(f"export:weights:{out.name}")
-            tokenizer.save_pretrained(tmp)
-            from cpt.redaction import redact_json_file
-
-            redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
-        fault_point(f"export:written:{out.name}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+    if accelerator.is_main_process:
+        write_hf(unwrapped, tokenizer, out_dir, state_dict)
     accelerator.wait_for_everyone()
+    return Path(out_dir)
+
+
+def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """Write an (unwrapped) model as an HF directory, or a peft adapter for a LoRA model, with its tokenizer
+    (one process). Written to a hidden temporary folder and renamed into place when complete, so an interrupted
+    export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted."""
+    out = Path(out_dir)
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for leftover in (tmp, old):  # from an interrupted export
+        shutil.rmtree(leftover, ignore_errors=True)
+    if hasattr(model, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
+        from cpt.adapters import save_adapter
+
+        save_adapter(model, tmp, tokenizer, state_dict=state_dict)
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        fault_point(f"export:weights:{out.name}")
+        tokenizer.save_pretrained(tmp)
+        from cpt.redaction import redact_json_file
+
+        redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
+    make_tokenizer_portable(tmp)
+    fault_point(f"export:written:{out.name}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+# transformers 5 writes tokenizer_class "TokenizersBackend" for a tokenizer.json-backed tokenizer, a class that
+# transformers 4.x (which pyproject still allows) does not have; PreTrainedTokenizerFast loads the same
+# tokenizer.json in both
+PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
+    """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads."""
+    import json
+
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.is_file() or not (Path(model_dir) / "tokenizer.json").is_file():
+        return
+    config = json.loads(path.read_text())
+    cls = config.get("tokenizer_class")
+    if cls in PORTABLE_TOKENIZER_CLASS:
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -410,15 +410,16 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
+    from cpt.accelerator import ACCELERATE, configure_deepspeed, precision_conflict
+
     kwargs = []
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))  # CPU multi-process (tests, laptops)
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
     acc = Accelerator(
-        mixed_precision=precision,
+        mixed_precision=ACCELERATE[cfg.train.precision],
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         kwargs_handlers=kwargs,
     )
@@ -429,16 +430,13 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
             "(distributed_type NO): they would train unsynchronised copies. On CPU, launch DDP with ACCELERATE_USE_CPU=1 "
             "or use DeepSpeed; FSDP needs GPUs."
         )
+    problem = precision_conflict(cfg.train.precision, acc)  # train.precision is the one source of precision
+    if problem:
+        raise TrainingError(problem)
     ds = getattr(acc.state, "deepspeed_plugin", None)
     if ds is not None:  # no prepared dataloader: tell DeepSpeed the batch geometry and clipping ourselves
-        ds_cfg = ds.deepspeed_config
-        ds_cfg["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-        ds_cfg["gradient_accumulation_steps"] = grad_accum
-        ds_cfg["train_batch_size"] = cfg.train.global_batch_size
-        if cfg.optim.grad_clip is not None:
-            ds_cfg["gradient_clipping"] = cfg.optim.grad_clip
-        # with optimizer offload, DeepSpeed runs our (torch AdamW) step on the CPU partitions
-        ds_cfg["zero_force_ds_cpu_optimizer"] = False
+        configure_deepspeed(ds.deepspeed_config, micro_batch=cfg.train.micro_batch_size, grad_accum=grad_accum,
+                            global_batch=cfg.train.global_batch_size, grad_clip=cfg.optim.grad_clip)
     return acc
 
 

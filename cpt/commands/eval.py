@@ -46,15 +46,31 @@ def parse_heldout(spec: str) -> tuple[str, str, str]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
+    """An HF model or adapter directory: ``path`` itself, a run directory's export/, or a cpt resume checkpoint
+    (or a run directory without export/) exported on the fly through ``cpt export``'s path into a temporary folder."""
+    from cpt.consolidate import as_model_dir, is_checkpoint_dir
+
     p = Path(path)
     if (p / "config.json").exists() or (p / "adapter_config.json").exists():
         return p
     if (p / "export").is_dir():
         return resolve_checkpoint(p / "export")
+    if is_checkpoint_dir(p):
+        return as_model_dir(p, _scratch())
     raise FileNotFoundError(
         f"{p}: not an HF model directory (config.json), a LoRA adapter (adapter_config.json), "
-        "or a run directory with an export/ folder"
+        "a cpt checkpoint, or a run directory with an export/ folder or checkpoints"
     )
+
+
+def _scratch() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="cpt-eval-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
 
 
 def _read_texts(path: Path, text_field: str = "text") -> list[str]:

@@ -90,5 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_alpha is not None:
         interpolate(base_model, cpt_model, args.save_alpha, out_dir=args.out)
         tokenizer.save_pretrained(args.out)
+        from cpt.model import make_tokenizer_portable
+
+        make_tokenizer_portable(args.out)
         print(f"saved the model at alpha={args.save_alpha} to {args.out}")
     return 0

@@ -1,0 +1,32 @@
+"""`cpt export CHECKPOINT --out DIR [--adapter]`: a resume checkpoint as an HF model directory (or peft adapter).
+
+CHECKPOINT is a checkpoint directory (`runs/x/checkpoints/step_00001000`) or a run directory (its newest valid
+checkpoint), written by any backend and number of processes (1 process, DDP, FSDP sharded, DeepSpeed ZeRO-2/3);
+the export runs on one CPU process. A LoRA run's checkpoint is exported merged into its base model, or as the
+peft adapter with `--adapter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpt export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a cpt checkpoint directory, or a run directory (its latest valid checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (HF model: safetensors + config + tokenizer)")
+    p.add_argument("--adapter", action="store_true", help="LoRA runs: write the peft adapter instead of the merged model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cpt.checkpoint import CheckpointError
+    from cpt.consolidate import ConsolidateError, export_checkpoint
+
+    try:
+        export_checkpoint(args.checkpoint, args.out, adapter=args.adapter)
+    except (CheckpointError, ConsolidateError, FileNotFoundError) as e:
+        print(f"cpt export: {e}")
+        return 1
+    return 0

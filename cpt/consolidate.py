@@ -1,0 +1,350 @@
+"""Resume checkpoints read without the world size or backend that wrote them.
+
+A checkpoint is written by accelerate in the layout of its backend:
+
+* ``plain`` (one process, DDP): ``model.safetensors`` (full weights) and ``optimizer.bin`` (full AdamW state);
+* ``fsdp`` (FSDP2, sharded state dict): DCP directories ``pytorch_model_fsdp_0/`` and ``optimizer_0/``;
+* ``deepspeed`` (ZeRO-2/3): ``pytorch_model/`` with one ``zero_pp_rank_R_..._optim_states.pt`` per rank,
+  holding that rank's flat partition of the fp32 weights and of the Adam moments.
+
+This module turns any of them into one name-keyed, full, fp32 state on the CPU of a single process: the weights
+(:func:`read_model_state`) and the Adam state per parameter (:func:`read_optimizer_state`). ``cpt export`` writes
+the weights as an HF model; :func:`load_portable` puts weights and Adam state into a run of any backend and world
+size (plain, DDP, FSDP2, ZeRO-2/3), which is how a checkpoint written by N ranks resumes on M.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+
+from cpt.checkpoint import CheckpointError
+
+DS_TAG = "pytorch_model"  # accelerate saves the DeepSpeed engine under this tag
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class ConsolidateError(CheckpointError):
+    """A checkpoint that cannot be read or does not fit the model (`cpt train` and `cpt export` print one line)."""
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+def layout(ckpt: str | os.PathLike) -> str:
+    """``plain``, ``fsdp`` or ``deepspeed``: the backend layout a checkpoint directory was written in."""
+    p = Path(ckpt)
+    if (p / DS_TAG).is_dir() and glob.glob(str(p / DS_TAG / "*optim_states.pt")):
+        return "deepspeed"
+    if (p / "pytorch_model_fsdp_0").is_dir():
+        return "fsdp"
+    if (p / "model.safetensors").is_file():
+        return "plain"
+    raise ConsolidateError(f"{p}: not a cpt resume checkpoint (no model.safetensors, pytorch_model_fsdp_0/ or "
+                           f"{DS_TAG}/ with ZeRO optimizer shards)")
+
+
+def deepspeed_world_size(ckpt: str | os.PathLike) -> int:
+    return len(glob.glob(str(Path(ckpt) / DS_TAG / "*optim_states.pt")))
+
+
+def current_layout(acc) -> str:
+    kind = acc.distributed_type.value
+    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind, "plain")
+
+
+def needs_portable_load(ckpt: str | os.PathLike, acc) -> bool:
+    """True when accelerate's own ``load_state`` cannot restore ``ckpt`` into this run: another backend, or a
+    ZeRO checkpoint of another data-parallel world size (ZeRO partitions are tied to it). Full (plain) states load
+    on any number of processes, and FSDP2's DCP checkpoints reshard themselves on load."""
+    saved, now = layout(ckpt), current_layout(acc)
+    if saved != now:
+        return True
+    return saved == "deepspeed" and deepspeed_world_size(ckpt) != acc.num_processes
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _dcp_read(path: Path) -> dict:
+    """A whole DCP checkpoint directory as one nested dict of full tensors (no process group needed)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sd: dict = {}
+    _load_state_dict(sd, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return sd
+
+
+# the only non-tensor globals DeepSpeed's ZeRO checkpoint pickles may name
+DS_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                   "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _ds_files(ckpt: Path) -> tuple[list[str], list[str]]:
+    """The ZeRO model-state and optimizer files, each checked to name no global beyond DS_SAFE_GLOBALS (DeepSpeed's
+    own readers, used below, unpickle with weights_only=False)."""
+    from deepspeed.utils.zero_to_fp32 import get_model_state_files, get_optim_files
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    d = str(ckpt / DS_TAG)
+    model_files, optim_files = get_model_state_files(d), get_optim_files(d)
+    for f in model_files + optim_files:
+        unsafe = set(get_unsafe_globals_in_checkpoint(f)) - set(DS_SAFE_GLOBALS)
+        if unsafe:
+            raise ConsolidateError(f"{f}: refusing to unpickle unexpected globals {sorted(unsafe)}")
+    return model_files, optim_files
+
+
+def read_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint, keyed as the (unwrapped) model's ``state_dict``."""
+    p = Path(ckpt)
+    kind = layout(p)
+    if kind == "plain":
+        from safetensors.torch import load_file
+
+        return load_file(str(p / "model.safetensors"))
+    if kind == "fsdp":
+        return {k: v for k, v in _dcp_read(p / "pytorch_model_fsdp_0")["model"].items() if isinstance(v, torch.Tensor)}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    import contextlib
+    import io
+
+    _ds_files(p)
+    # the fp32 master weights, merged from every rank's partition (DeepSpeed's own zero_to_fp32, which prints)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(p), tag=DS_TAG))
+
+
+def read_optimizer_state(ckpt: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """The AdamW state per trainable parameter name: ``{name: {"step", "exp_avg", "exp_avg_sq"}}`` (full tensors)."""
+    p = Path(ckpt)
+    kind = layout(p)
+    if kind == "plain":
+        sd = torch.load(p / "optimizer.bin", map_location="cpu", weights_only=True)
+        out = {}
+        for group in sd["param_groups"]:
+            names = group.get("param_names")
+            if names is None or len(names) != len(group["params"]):
+                raise ConsolidateError(f"{p / 'optimizer.bin'}: parameter groups without names; cannot map the state")
+            for idx, name in zip(group["params"], names):
+                if idx in sd["state"]:
+                    out[name] = dict(sd["state"][idx])
+        return out
+    if kind == "fsdp":
+        state = _dcp_read(p / "optimizer_0")["optimizer"]["state"]
+        return {name: dict(s) for name, s in state.items()}
+    return _read_zero_optimizer_state(p)
+
+
+def _read_zero_optimizer_state(p: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Adam moments from ZeRO partitions: laid out exactly like the fp32 master partitions, so DeepSpeed's
+    zero_to_fp32 merge (run on the moments instead of the weights) reassembles them per parameter."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    model_files, optim_files = _ds_files(p)
+    model_states = z.parse_model_states(model_files)
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+        shards = [torch.load(f, map_location="cpu", weights_only=True) for f in optim_files]
+    osd = [s["optimizer_state_dict"] for s in shards]
+    stage = osd[0]["zero_stage"]
+    world = osd[0]["partition_count"]
+    world = max(world) if isinstance(world, list) else world
+    if world != len(shards):
+        raise ConsolidateError(f"{p / DS_TAG}: {len(shards)} optimizer shards for a world size of {world}")
+    inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
+    per_key: dict[str, dict[str, torch.Tensor]] = {}
+    step = None
+    for key in ADAM_KEYS:
+        flats = [[st[key] for _, st in sorted(o[inner]["state"].items())] for o in osd]
+        merged: dict = {}
+        if stage <= 2:
+            z._zero2_merge_trainable_params(merged, world, flats, model_states, osd[0].get("param_alignment_paddings"))
+        else:
+            z._zero3_merge_trainable_params(merged, world, flats, model_states)
+        per_key[key] = z.to_torch_tensor(merged)
+        step = next(iter(osd[0][inner]["state"].values())).get("step")
+    names = per_key[ADAM_KEYS[0]].keys()
+    return {n: {"step": torch.as_tensor(step, dtype=torch.float32), **{k: per_key[k][n] for k in ADAM_KEYS}} for n in names}
+
+
+# ------------------------------------------------------------------------------------------ loading into a run
+
+
+def load_portable(acc, model, optimizer, ckpt: str | os.PathLike, load_optimizer: bool = True) -> None:
+    """Restore weights (and Adam state) from a checkpoint of any layout and world size into this run's prepared
+    model and optimizer, on every rank (collective). RNG states are not carried over (cpt's data order is
+    arithmetic; nothing else in the loop draws random numbers unless the model has dropout)."""
+    weights = read_model_state(ckpt)
+    adam = read_optimizer_state(ckpt) if load_optimizer else {}
+    now = current_layout(acc)
+    if now == "deepspeed":
+        _load_into_deepspeed(model, weights, adam)
+    elif now == "fsdp":
+        _load_into_fsdp(model, optimizer, weights, adam)
+    else:
+        _load_into_plain(acc.unwrap_model(model), optimizer, weights, adam)
+    acc.wait_for_everyone()
+
+
+def _check_keys(module: torch.nn.Module, weights: dict, where: str) -> None:
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(weights) - _tied_names(module))
+    unexpected = sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ConsolidateError(f"{where}: the checkpoint does not fit this model (missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}); was it written with another model config?")
+
+
+def _tied_names(module) -> set[str]:
+    seen, tied = {}, set()
+    for n, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(n)
+        seen.setdefault(id(p), n)
+    return tied
+
+
+def _adam(state: dict, param: torch.Tensor) -> dict:
+    return {"step": torch.as_tensor(state["step"], dtype=torch.float32).reshape(()).clone(),
+            **{k: state[k].to(param.device, param.dtype).reshape(param.shape).clone() for k in ADAM_KEYS}}
+
+
+def _load_into_plain(module, optimizer, weights, adam) -> None:
+    _check_keys(module, weights, "resume")
+    module.load_state_dict(weights, strict=False)
+    if not adam:
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    names = {id(p): n for n, p in module.named_parameters()}
+    for group in inner.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            if name not in adam:
+                raise ConsolidateError(f"resume: no optimizer state for {name} in the checkpoint")
+            inner.state[p] = _adam(adam[name], p)
+
+
+def _load_into_fsdp(model, optimizer, weights, adam) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True)
+    _check_keys(model, weights, "resume")
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    if not adam:
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    osd = get_optimizer_state_dict(model, inner, options=full)  # param_groups keyed by parameter name
+    names = [n for g in osd["param_groups"] for n in g["params"]]
+    osd["state"] = {n: {"step": torch.as_tensor(adam[n]["step"], dtype=torch.float32).reshape(()).clone(),
+                        **{k: adam[n][k].float() for k in ADAM_KEYS}} for n in names}
+    set_optimizer_state_dict(model, inner, osd, options=full)
+
+
+def _load_into_deepspeed(engine, weights, adam) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    module = engine.module
+    _check_keys(module, weights, "resume")
+    params = dict(module.named_parameters())
+    stage3 = engine.zero_optimization_partition_weights()
+    # the module's (partitioned, for ZeRO-3) weights, frozen ones included
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=stage3):
+        for name, p in params.items():
+            p.data.copy_(weights[name].to(p.device, p.dtype).reshape(p.shape))
+    for name, buf in module.named_buffers():
+        if name in weights:
+            buf.data.copy_(weights[name])
+    # the fp32 master partitions and Adam moments the optimizer steps on; torch AdamW creates its state at the
+    # first step, so create it (zeros) on the flat partitions first and let DeepSpeed link its per-parameter views
+    opt = engine.optimizer
+    if adam:
+        flats = opt.fp32_partitioned_groups_flat if stage3 else opt.single_partition_of_fp32_groups
+        for hp in flats:
+            if "exp_avg" not in opt.optimizer.state.get(hp, {}):
+                opt.optimizer.state[hp] = {"step": torch.zeros((), dtype=torch.float32),
+                                           **{k: torch.zeros_like(hp) for k in ADAM_KEYS}}
+        if not stage3:
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+    step = None
+    for name, p in params.items():
+        if not p.requires_grad:
+            continue
+        safe_set_full_fp32_param(p, weights[name].to(torch.float32).reshape(-1 if stage3 else p.shape))
+        if adam:
+            if name not in adam:
+                raise ConsolidateError(f"resume: no optimizer state for {name} in the checkpoint")
+            for k in ADAM_KEYS:
+                safe_set_full_optimizer_state(p, adam[name][k].to(torch.float32).reshape(-1 if stage3 else p.shape), k)
+            step = adam[name]["step"]
+    if step is not None:
+        for st in opt.optimizer.state.values():
+            st["step"] = torch.as_tensor(step, dtype=torch.float32).reshape(()).clone()
+    if stage3:  # the partitioned weights the forward gathers come from the fp32 masters after each step
+        for i in range(len(opt.fp16_partitioned_groups_flat)):
+            opt.fp16_partitioned_groups_flat[i].data.copy_(opt.fp32_partitioned_groups_flat[i].data)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def checkpoint_config(ckpt: str | os.PathLike):
+    """The RunConfig a checkpoint was written with (its config.yaml)."""
+    from cpt.config import load_config
+
+    p = Path(ckpt) / "config.yaml"
+    if not p.is_file():
+        raise ConsolidateError(f"{ckpt}: no config.yaml (not a cpt checkpoint)")
+    return load_config(str(p))
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    from cpt.checkpoint import TRAINER_STATE
+
+    p = Path(path)
+    return (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir() and not (p / "export").is_dir()
+
+
+def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool = False, echo=print) -> Path:
+    """Write a checkpoint (or a run directory's latest valid one) as an HF model directory on one CPU process:
+    the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run."""
+    from cpt.checkpoint import resolve_checkpoint
+    from cpt.model import build_model, load_tokenizer, prepare_model, write_hf
+
+    ckpt = resolve_checkpoint(path)
+    cfg = checkpoint_config(ckpt)
+    if adapter and cfg.model.lora is None:
+        raise ConsolidateError(f"{ckpt}: --adapter needs a LoRA run's checkpoint; this run trained the full model")
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer)  # the run's base (architecture, or pretrained weights for LoRA)
+    model, tokenizer, _ = prepare_model(cfg.model, model, tokenizer, log_fn=lambda *a, **k: None)
+    weights = read_model_state(ckpt)
+    _check_keys(model, weights, f"cpt export {ckpt}")
+    model.load_state_dict(weights, strict=False)
+    if cfg.model.lora is not None and not adapter:
+        model = model.merge_and_unload()
+    out = write_hf(model, tokenizer, out_dir)
+    echo(f"exported {ckpt} ({layout(ckpt)} layout) to {out}")
+    return out
+
+
+def as_model_dir(path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
+    """``path`` itself if it is an HF model or adapter directory; a cpt checkpoint is exported into ``workdir``."""
+    p = Path(path)
+    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+        return p
+    if is_checkpoint_dir(p):
+        return export_checkpoint(p, Path(workdir) / "export", echo=lambda *a, **k: None)
+    return p

@@ -1,0 +1,15 @@
+"""Test scaffolding: lets an unmodified `scripts/launch.sh run.yaml fsdp` run FSDP2 on CPU processes.
+
+With this folder on PYTHONPATH and CPT_TEST_FSDP_ON_CPU=1, every rank started by `accelerate launch` (LOCAL_RANK
+set; the launcher process itself is left alone) relabels its multi-CPU gloo state before cpt builds its
+Accelerator, as tests/fsdp_on_cpu.py explains.
+"""
+
+import os
+import sys
+
+if os.environ.get("CPT_TEST_FSDP_ON_CPU") == "1" and "LOCAL_RANK" in os.environ:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+    from fsdp_on_cpu import force_fsdp_on_cpu
+
+    force_fsdp_on_cpu()

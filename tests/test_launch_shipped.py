@@ -1,0 +1,295 @@
+"""The shipped launchers as the README tells users to run them, on 2 CPU processes, and checkpoints that move
+between world sizes and backends.
+
+* Every `configs/accelerate/*.yaml` is launched through `scripts/launch.sh` or `scripts/launch_deepspeed.sh`
+  (command line unchanged; NUM_GPUS=2 is the scripts' documented process count, and the CPU-only environment —
+  ACCELERATE_USE_CPU=1 for DDP/FSDP, tests/fsdp_shim for FSDP2 on gloo — is set around them): a 6-step tiny run
+  gives the per-step and held-out losses of a 1-process run (1e-5 relative, as tests/test_train_distributed.py
+  explains), writes the periodic and final HF exports (ZeRO-3 and FSDP gather them without extra flags) and a
+  tokenizer any transformers >= 4.56 loads.
+* Resume across world sizes: a 2-process checkpoint (DDP, FSDP2, ZeRO-2, ZeRO-3) resumes on 1 process, and a
+  1-process checkpoint resumes under each 2-process backend; steps 4..6 give the uninterrupted run's losses
+  (weights and Adam moments carried over: a reset optimizer moves the step-4 loss by ~1e-2).
+* `cpt export` turns every kind of checkpoint into an HF model that reproduces the logged held-out loss.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_run_config
+from cpt.config import load_config
+from cpt.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+REL = 1e-5
+STEPS, EVERY = 6, 3
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+
+# strategy -> the README's command (after `scripts/`): every shipped accelerate config, both scripts
+SHIPPED = {
+    "ddp": ["launch.sh", "ddp"],
+    "fsdp": ["launch.sh", "fsdp"],
+    "zero2": ["launch.sh", "zero2"],
+    "zero3": ["launch.sh", "zero3"],
+    "zero2_offload": ["launch_deepspeed.sh", "2", "offload"],
+    "zero3_offload": ["launch_deepspeed.sh", "3", "offload"],
+}
+DS = {"zero2", "zero3", "zero2_offload", "zero3_offload"}
+
+
+def strategy_param(s):
+    return pytest.param(s, marks=needs_deepspeed) if s in DS else s
+
+
+def test_every_shipped_accelerate_config_is_launched():
+    assert {p.stem for p in (ROOT / "configs" / "accelerate").glob("*.yaml")} == set(SHIPPED)
+
+
+def shipped_env(strategy: str, nproc: int) -> dict:
+    env = dict(os.environ, NUM_GPUS=str(nproc), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
+               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(ROOT))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))  # DeepSpeed's JIT ops, built once
+    for k in ("ACCELERATE_USE_CPU", "CPT_TEST_FSDP_ON_CPU", "ACCELERATE_MIXED_PRECISION"):
+        env.pop(k, None)
+    if strategy in ("ddp", "fsdp"):
+        env["ACCELERATE_USE_CPU"] = "1"
+    if strategy == "fsdp":
+        env["CPT_TEST_FSDP_ON_CPU"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fsdp_shim"), str(ROOT)])
+    return env
+
+
+def run_shipped(strategy: str, cfg_path: Path, *extra: str, nproc: int = 2) -> tuple[int, str]:
+    script, *args = SHIPPED[strategy]
+    cmd = [str(ROOT / "scripts" / script), str(cfg_path), *args, *extra]
+    p = subprocess.run(cmd, cwd=cfg_path.parent, env=shipped_env(strategy, nproc), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=600)
+    return p.returncode, p.stdout
+
+
+def records(run_dir) -> list[dict]:
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}
+
+
+def evals(run_dir, name="python") -> dict[int, float]:
+    return {r["step"]: r[f"eval/{name}/loss"] for r in records(run_dir) if f"eval/{name}/loss" in r}
+
+
+def world_sizes(run_dir) -> set[int]:
+    return {round(r["perf/tokens_per_s"] / r["perf/tokens_per_s_per_device"]) for r in records(run_dir) if "perf/tokens_per_s" in r}
+
+
+def assert_close(got: dict, ref: dict, rel=REL):
+    assert sorted(got) == sorted(ref), (sorted(got), sorted(ref))
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=rel), (k, got[k], ref[k])
+
+
+def make_cfg(tiny_cpt_data, base, out: Path, lora=False) -> dict:
+    """6 steps of 8 sequences (2 micro-batches of 2 per rank on 2 ranks); checkpoint, export and eval every 3."""
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"every": EVERY, "dense_steps": 0},
+                          checkpoint={"every": EVERY, "keep": 5, "export_every": EVERY})
+    cfg["model"] = {"name_or_path": str(base)}
+    if lora:
+        cfg["model"]["lora"] = {"r": 8, "alpha": 16}
+    cfg["stages"][0]["steps"] = STEPS
+    cfg["train"].update(global_batch_size=8, micro_batch_size=2)
+    cfg["optim"]["weight_decay"] = 0.0 if lora else 0.1
+    return cfg
+
+
+def write(cfg: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def branch_from(ckpt: Path, cfg: dict, out: Path) -> dict:
+    """A new run directory holding only ``ckpt`` (as if the run had been stopped there), and its config."""
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+    return {**cfg, "run": {**cfg["run"], "output_dir": str(out)}}
+
+
+def heldout_losses(model, tok, cfg, tiny_cpt_data) -> dict[str, float]:
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+    from cpt.evaluate import heldout_loss
+
+    out = {}
+    for name in ("python", "shakespeare"):
+        h = HeldoutConfig(name=name, path=str(tiny_cpt_data / "data" / name / "heldout"), tag="upstream")
+        out[name] = heldout_loss(model, load_heldout(h, tok, cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"]), 16)
+    return out
+
+
+def assert_hf_dir_reproduces_eval(model_dir: Path, run_dir: Path, cfg: dict, tiny_cpt_data: Path, step: int) -> None:
+    """Plain transformers loads the directory and gets the run's logged held-out losses at ``step``; the tokenizer
+    names a class transformers 4.x has (transformers 5's TokenizersBackend is not one)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert json.loads((model_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    for name, loss in heldout_losses(model, tok, cfg, tiny_cpt_data).items():
+        assert loss == pytest.approx(evals(run_dir, name)[step], abs=1e-5), (model_dir, name)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cpt_data, tiny_base, tmp_path_factory):
+    """The 1-process run (in-process), with its checkpoints at steps 3 and 6."""
+    from cpt.train import train
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(load_config(base=make_cfg(tiny_cpt_data, tiny_base, out)), echo=lambda *a, **k: None)
+    assert world_sizes(out) == {1}
+    return out
+
+
+@pytest.fixture(scope="module")
+def shipped(tiny_cpt_data, tiny_base, tmp_path_factory):
+    """Each shipped launch, run once (on first use) and shared by the tests below."""
+    cache: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in cache:
+            d = tmp_path_factory.mktemp(strategy)
+            rc, log = run_shipped(strategy, write(make_cfg(tiny_cpt_data, tiny_base, d / "run"), d / "run.yaml"))
+            assert rc == 0, log[-5000:]
+            cache[strategy] = d / "run"
+        return cache[strategy]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------ the shipped launchers
+
+
+@pytest.mark.parametrize("strategy", [strategy_param(s) for s in SHIPPED])
+def test_shipped_launch_matches_one_process(strategy, shipped, reference, tiny_cpt_data, tiny_base):
+    out = shipped(strategy)
+    cfg = make_cfg(tiny_cpt_data, tiny_base, out)
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(reference))
+    assert_close(evals(out), evals(reference))
+    assert_hf_dir_reproduces_eval(out / "exports" / f"step_{EVERY:08d}", out, cfg, tiny_cpt_data, EVERY)
+    assert_hf_dir_reproduces_eval(out / "export", out, cfg, tiny_cpt_data, STEPS)
+
+
+# ------------------------------------------------------------------------------------------ world-size portability
+
+PORTABLE = ["ddp", "fsdp", strategy_param("zero2"), strategy_param("zero3")]
+
+
+@pytest.mark.parametrize("strategy", PORTABLE)
+def test_two_process_checkpoint_resumes_on_one(strategy, shipped, tiny_cpt_data, tiny_base, tmp_path):
+    """Written by 2 ranks at step 3, resumed by 1 process: steps 4..6 and the final export match the 2-rank run."""
+    from cpt.train import train
+
+    two = shipped(strategy)
+    cfg = branch_from(two / "checkpoints" / f"step_{EVERY:08d}", make_cfg(tiny_cpt_data, tiny_base, two), tmp_path / "run")
+    result = train(load_config(base=cfg), resume=True, echo=lambda *a, **k: None)
+    assert result.step == STEPS
+    out = tmp_path / "run"
+    assert world_sizes(out) == {1}
+    assert_close(losses(out), {k: v for k, v in losses(two).items() if k > EVERY})
+    assert_close(evals(out), {k: v for k, v in evals(two).items() if k > EVERY})
+    assert_hf_dir_reproduces_eval(out / "export", two, cfg, tiny_cpt_data, STEPS)
+
+
+@pytest.mark.parametrize("strategy", PORTABLE)
+def test_one_process_checkpoint_resumes_on_two(strategy, reference, tiny_cpt_data, tiny_base, tmp_path):
+    """Written by 1 process at step 3, resumed with the shipped 2-process launcher and --resume."""
+    cfg = branch_from(reference / "checkpoints" / f"step_{EVERY:08d}", make_cfg(tiny_cpt_data, tiny_base, reference),
+                      tmp_path / "run")
+    rc, log = run_shipped(strategy, write(cfg, tmp_path / "run.yaml"), "--resume")
+    assert rc == 0 and "resumed" in log, log[-5000:]
+    out = tmp_path / "run"
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), {k: v for k, v in losses(reference).items() if k > EVERY})
+    assert_close(evals(out), {k: v for k, v in evals(reference).items() if k > EVERY})
+
+
+# ------------------------------------------------------------------------------------------ cpt export
+
+
+@pytest.mark.parametrize("strategy", ["one", "ddp", "fsdp", strategy_param("zero2"), strategy_param("zero3")])
+def test_cpt_export_of_every_checkpoint_kind(strategy, shipped, reference, tiny_cpt_data, tiny_base, tmp_path):
+    """`cpt export RUN_DIR --out DIR` (the newest checkpoint, step 6) on one CPU process, whatever wrote it."""
+    from cpt.cli import main
+
+    run = reference if strategy == "one" else shipped(strategy)
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert_hf_dir_reproduces_eval(tmp_path / "hf", run, make_cfg(tiny_cpt_data, tiny_base, run), tiny_cpt_data, STEPS)
+
+
+@needs_deepspeed
+def test_zero3_preempted_resumes_on_one_process_and_exports(shipped, tiny_cpt_data, tiny_base, tmp_path):
+    """The issue's acceptance run: `scripts/launch.sh run.yaml zero3` on 2 processes, SIGTERM to the ranks after
+    their first checkpoint; `cpt train --resume` on 1 process finishes with the uninterrupted run's losses and an HF
+    export; `cpt export` turns the preemption checkpoint into a model AutoModelForCausalLM loads."""
+    import signal
+    import time
+
+    from cpt.cli import main
+    from cpt.train import train
+
+    reference = shipped("zero3")
+    cfg = make_cfg(tiny_cpt_data, tiny_base, tmp_path / "run")
+    cfg["checkpoint"]["export_every"] = None
+    cfg_path = write(cfg, tmp_path / "run.yaml")
+    script, *args = SHIPPED["zero3"]
+    proc = subprocess.Popen([str(ROOT / "scripts" / script), str(cfg_path), *args], cwd=tmp_path, env=shipped_env("zero3", 2),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, t0 = tmp_path / "run", time.time()
+    while not (out / "checkpoints" / f"step_{EVERY:08d}").is_dir():
+        assert proc.poll() is None, proc.stdout.read()[-5000:]
+        assert time.time() - t0 < 400, "timed out"
+        time.sleep(0.05)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "preemption" in log, log[-5000:]
+    preempted = sorted((out / "checkpoints").glob("step_*"))[-1]
+    k = int(preempted.name[5:])
+    assert EVERY <= k < STEPS and not (out / "export").exists()
+
+    assert main(["export", str(preempted), "--out", str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    if k in evals(reference):
+        assert_hf_dir_reproduces_eval(tmp_path / "hf", reference, cfg, tiny_cpt_data, k)
+
+    result = train(load_config(str(cfg_path)), resume=True, echo=lambda *a, **k: None)
+    assert result.step == STEPS
+    assert_close({s: v for s, v in losses(out).items() if s > k}, {s: v for s, v in losses(reference).items() if s > k})
+    assert_hf_dir_reproduces_eval(out / "export", reference, cfg, tiny_cpt_data, STEPS)
+
+
+def _workers(pid: int) -> list[int]:
+    """The ranks: children of the launcher (the script execs `accelerate launch`) running cpt."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return sorted(k for k in kids if "cpt.cli" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace"))

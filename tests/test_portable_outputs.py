@@ -1,0 +1,228 @@
+"""Outputs that work elsewhere: precision taken from the run config only (a conflicting launch setting is refused,
+naming both), tokenizers that transformers 4.x loads, LoRA adapters whose base path works from any directory, and
+cpt checkpoints accepted wherever a model directory is (`cpt export`, `cpt eval`, `cpt interpolate`)."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import tiny_run_config
+from cpt.accelerator import deepspeed_precision_conflict, launcher_precision_conflict
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+@pytest.mark.parametrize("precision,launched,conflict", [
+    ("bf16", "no", False),  # `accelerate launch` exports "no" when nothing was asked for
+    ("bf16", "bf16", False),
+    ("fp32", "bf16", True),
+    ("bf16", "fp16", True),
+    ("fp16", "fp16", False),
+])
+def test_launcher_precision_must_agree_with_train_precision(precision, launched, conflict):
+    msg = launcher_precision_conflict(precision, {"ACCELERATE_MIXED_PRECISION": launched})
+    assert (msg is not None) == conflict
+    if conflict:
+        assert f"train.precision is {precision}" in msg and f"mixed_precision={launched}" in msg
+
+
+def test_no_launcher_setting_is_no_conflict():
+    assert launcher_precision_conflict("fp32", {}) is None
+
+
+@pytest.mark.parametrize("precision,ds,conflict", [
+    ("bf16", {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, False),
+    ("fp32", {"bf16": {"enabled": False}, "fp16": {"enabled": False}}, False),  # "auto" after accelerate filled it
+    ("fp32", {"bf16": {"enabled": True}}, True),
+    ("bf16", {"bf16": {"enabled": True}, "fp16": {"enabled": False}}, False),
+    ("bf16", {"fp16": {"enabled": "true"}}, True),
+    ("fp16", {}, False),
+])
+def test_deepspeed_json_precision_must_agree_with_train_precision(precision, ds, conflict):
+    msg = deepspeed_precision_conflict(precision, ds)
+    assert (msg is not None) == conflict
+    if conflict:
+        assert f"train.precision is {precision}" in msg and "DeepSpeed config" in msg
+
+
+def test_cpt_train_refuses_a_launch_asking_for_another_precision(tiny_cpt_data, tmp_path, monkeypatch, capsys):
+    """What `accelerate launch --mixed_precision bf16` exports, against train.precision fp32: one line, exit 1,
+    nothing written."""
+    import yaml
+
+    from cpt.cli import main
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "train.precision is fp32" in err and "mixed_precision=bf16" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_accelerate_configs_leave_precision_to_the_run_config():
+    """accelerate refuses mixed_precision next to deepspeed_config_file; the others would conflict with
+    train.precision: none of the shipped configs sets it."""
+    import yaml
+
+    from test_launch_shipped import ROOT
+
+    for path in (ROOT / "configs" / "accelerate").glob("*.yaml"):
+        assert "mixed_precision" not in yaml.safe_load(path.read_text()), path
+    for path in (ROOT / "configs" / "deepspeed").glob("*.json"):
+        cfg = json.loads(path.read_text())
+        assert cfg["bf16"]["enabled"] == "auto" and cfg["fp16"]["enabled"] == "auto", path
+
+
+def test_zero3_exports_gather_without_the_users_flag():
+    from cpt.accelerator import configure_deepspeed
+
+    ds = {"zero_optimization": {"stage": 3}}
+    configure_deepspeed(ds, micro_batch=2, grad_accum=2, global_batch=8, grad_clip=1.0)
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    ds2 = {"zero_optimization": {"stage": 2}}
+    configure_deepspeed(ds2, micro_batch=2, grad_accum=2, global_batch=8, grad_clip=None)
+    assert "stage3_gather_16bit_weights_on_model_save" not in ds2["zero_optimization"]
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+# the tokenizer classes a tokenizer.json-only tokenizer may name so that transformers 4.56 (pyproject's floor) loads
+# it: PreTrainedTokenizerFast, or a model-specific class 4.x has. transformers 5's TokenizersBackend is not one.
+LOADABLE_IN_4X = {"PreTrainedTokenizerFast", "LlamaTokenizerFast", "GPT2TokenizerFast", "LlamaTokenizer", "GPT2Tokenizer"}
+
+
+def test_written_tokenizer_names_a_class_transformers_4_has(tiny_cpt_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from cpt.model import make_tokenizer_portable
+
+    tok = AutoTokenizer.from_pretrained(tiny_cpt_data / "tokenizer")
+    tok.save_pretrained(tmp_path)
+    make_tokenizer_portable(tmp_path)
+    cls = json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert cls in LOADABLE_IN_4X
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("def f(x): return x")["input_ids"] == tok("def f(x): return x")["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------ LoRA and checkpoints
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_cpt_data, tiny_base, tmp_path_factory):
+    """A 1-process LoRA run whose config names its base by a relative path (launched from the base's parent)."""
+    import os
+
+    from cpt.config import load_config
+    from cpt.train import train
+
+    root = tmp_path_factory.mktemp("lora")
+    shutil.copytree(tiny_base, root / "base")
+    cfg = tiny_run_config(tiny_cpt_data, root / "run", eval={"every": 3, "dense_steps": 0}, checkpoint={"every": 3})
+    cfg["model"] = {"name_or_path": "base", "lora": {"r": 8, "alpha": 16}}
+    cfg["stages"][0]["steps"] = 3
+    cfg["train"].update(global_batch_size=4, micro_batch_size=2)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        train(load_config(base=cfg), echo=lambda *a, **k: None)
+    finally:
+        os.chdir(cwd)
+    return root, cfg
+
+
+def _eval_at(run_dir, name, step):
+    from cpt.metrics import read_metrics
+
+    return next(r[f"eval/{name}/loss"] for r in read_metrics(run_dir / "metrics.jsonl")
+                if r["step"] == step and f"eval/{name}/loss" in r)
+
+
+def _heldout(model, tok, cfg, tiny_cpt_data, name="python"):
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+    from cpt.evaluate import heldout_loss
+
+    h = HeldoutConfig(name=name, path=str(tiny_cpt_data / "data" / name / "heldout"), tag="downstream")
+    return heldout_loss(model, load_heldout(h, tok, cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"]), 16)
+
+
+def test_lora_adapter_records_an_absolute_base_and_loads_from_anywhere(lora_run, tiny_cpt_data, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, cfg = lora_run
+    acfg = json.loads((root / "run" / "export" / "adapter_config.json").read_text())
+    assert acfg["base_model_name_or_path"] == str((root / "base").resolve())
+    monkeypatch.chdir(tmp_path)  # not the launch directory
+    base = AutoModelForCausalLM.from_pretrained(acfg["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, str(root / "run" / "export"))
+    tok = AutoTokenizer.from_pretrained(root / "run" / "export")
+    assert _heldout(model, tok, cfg, tiny_cpt_data) == pytest.approx(_eval_at(root / "run", "python", 3), abs=1e-5)
+
+
+def test_cpt_export_of_a_lora_checkpoint_merged_and_as_adapter(lora_run, tiny_cpt_data, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.cli import main
+
+    root, cfg = lora_run
+    ckpt = root / "run" / "checkpoints" / "step_00000003"
+    monkeypatch.chdir(root)  # the checkpoint's config names the base relative to the launch directory
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "adapter"), "--adapter"]) == 0
+    monkeypatch.chdir(tmp_path)
+    logged = _eval_at(root / "run", "python", 3)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert _heldout(merged, AutoTokenizer.from_pretrained(tmp_path / "merged"), cfg, tiny_cpt_data) == pytest.approx(logged, abs=1e-5)
+    acfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(acfg["base_model_name_or_path"]), str(tmp_path / "adapter"))
+    assert _heldout(model, AutoTokenizer.from_pretrained(tmp_path / "adapter"), cfg, tiny_cpt_data) == pytest.approx(logged, abs=1e-5)
+
+
+def test_export_refusals_are_one_line(lora_run, tiny_base, tmp_path, capsys):
+    """A run directory without checkpoints, and --adapter on a full-model checkpoint: exit 1, one line, no output."""
+    import yaml
+
+    from cpt.checkpoint import write_checksums
+    from cpt.cli import main
+
+    assert main(["export", str(tiny_base.parent), "--out", str(tmp_path / "x")]) == 1  # checkpoint.every was off
+    assert "no valid checkpoint" in capsys.readouterr().out
+    full = tmp_path / "full" / "step_00000003"
+    shutil.copytree(lora_run[0] / "run" / "checkpoints" / "step_00000003", full)
+    cfg = yaml.safe_load((full / "config.yaml").read_text())
+    del cfg["model"]["lora"]
+    (full / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_checksums(full)
+    assert main(["export", str(full), "--out", str(tmp_path / "y"), "--adapter"]) == 1
+    out = capsys.readouterr().out
+    assert "--adapter needs a LoRA run" in out and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_eval_and_interpolate_accept_a_checkpoint_directory(lora_run, tiny_cpt_data, tiny_base, tmp_path, monkeypatch):
+    """`cpt eval CKPT` and `cpt interpolate BASE CKPT` (formerly `ValueError: Unrecognized model`)."""
+    from cpt.cli import main
+
+    root, cfg = lora_run
+    ckpt = root / "run" / "checkpoints" / "step_00000003"
+    monkeypatch.chdir(root)
+    heldout = f"python={tiny_cpt_data / 'data' / 'python' / 'heldout'}:downstream"
+    assert main(["eval", str(ckpt), "--heldout", heldout, "--seq-len", str(cfg["data"]["seq_len"]),
+                 "--max-tokens", str(cfg["eval"]["tokens_per_set"]), "--batch-size", "16", "--device", "cpu",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    got = result["heldout"]["python"]
+    got = got["loss"] if isinstance(got, dict) else got
+    assert got == pytest.approx(_eval_at(root / "run", "python", 3), abs=1e-5)
+    assert main(["interpolate", str(tiny_base), str(ckpt), "--alphas", "0,1", "--heldout", heldout,
+                 "--seq-len", str(cfg["data"]["seq_len"]), "--max-tokens", str(cfg["eval"]["tokens_per_set"]),
+                 "--json", str(tmp_path / "interp.json")]) == 0
+    rows = json.loads((tmp_path / "interp.json").read_text())["rows"]
+    assert len(rows) == 2
