@@ -453,6 +453,8 @@ def _clip(acc, model, max_norm: float | None) -> torch.Tensor:
     norm = acc.clip_grad_norm_(model.parameters(), max_norm)
     if norm is None:
         return torch.full((), float("nan"), device=acc.device)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor; the plain tensor for the all-rank checks
+        norm = norm.full_tensor()
     return torch.as_tensor(norm, device=acc.device, dtype=torch.float32).reshape(())
 
 
