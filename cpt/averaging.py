@@ -336,7 +336,7 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
 
     p = Path(path)
     if (p / "adapter_config.json").is_file():
-        from cpt.adapters import load_adapter_model
+        from cpt.model import load_adapter_model
 
         peft_model, tok = load_adapter_model(p, dtype=dtype)
         return peft_model.merge_and_unload(), tok

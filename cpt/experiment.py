@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterator, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cpt.configbase import Strict
+from cpt.config import Strict
 
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"

@@ -404,6 +404,33 @@ def test_anneal_needs_a_constant_or_stable_phase_somewhere():
     assert len(errors) == 1 and errors[0].startswith("train.anneal_steps: no stage has a constant or stable phase")
 
 
+def test_config_layer_finds_a_constant_phase_exactly_where_the_plan_has_one():
+    """The config layer checks train.anneal_steps without building an LRPlan (cpt.config imports no cpt.schedules):
+    its rule must agree with the phases LRPlan lays out, over every schedule type, stage lengths at the edges
+    (a stable/constant phase of 0 or 1 step) and continued trunks."""
+    from cpt.config import _has_constant_phase
+
+    kinds = [dict(type="constant", warmup_steps=w) for w in (0, 5, 10)]
+    kinds += [dict(type="cosine", warmup_steps=2), dict(type="inverse_sqrt", warmup_steps=3)]
+    kinds += [dict(type="wsd", warmup_steps=w, decay_steps=d) for w in (0, 3) for d in (1, 4, 7)]
+    trunk = dict(type="infinite", max_lr=MAX, constant_lr=CONST, min_lr=MIN, warmup_steps=3, cooldown_steps=4)
+    kinds += [dict(trunk, anneal_steps=a) for a in (None, 1, 3)] + [dict(trunk, cooldown_steps=12)]
+    kinds += [dict(trunk, continue_trunk=True), dict(trunk, cooldown_steps=12, continue_trunk=True)]
+    checked = {True: 0, False: 0}
+    for steps in (7, 10, 11):
+        for first in kinds:
+            for second in [None] + kinds:
+                pairs = [(steps, first)] + ([(steps + 1, second)] if second is not None else [])
+                try:
+                    plan = LRPlan([(n, S(**kw)) for n, kw in pairs])
+                except ValueError:
+                    continue  # an invalid plan never reaches the anneal check
+                expected = any(p.kind == "constant" for p in plan.phases)
+                assert _has_constant_phase(plan.stages) == expected, pairs
+                checked[expected] += 1
+    assert checked[True] > 50 and checked[False] > 20, checked  # both answers were exercised
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
