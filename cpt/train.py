@@ -26,6 +26,7 @@ import yaml
 from cpt.checkpoint import (TRAINER_STATE, CheckpointManager, find_resume_checkpoint, list_checkpoints, resolve_checkpoint,
                             wait_for_writers)
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config, trajectory_changes
+from cpt.distributed import Backend, any_rank, backend
 
 
 class TrainingError(RuntimeError):
@@ -271,7 +272,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
                 else:
                     loss, row_losses = lm_loss.causal_lm_loss(model, micro, eos_id)
                     by_source.add(micro_sources, row_losses)
-                if acc.distributed_type.value == "DEEPSPEED" and not torch.isfinite(loss):  # no host sync otherwise
+                if backend(acc) is Backend.DEEPSPEED and not torch.isfinite(loss):  # no host sync otherwise
                     loss = _zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
                 acc.backward(loss)
                 step_loss += loss.detach() / accum
@@ -422,7 +423,7 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         kwargs_handlers=kwargs,
     )
-    if acc.num_processes > 1 and acc.distributed_type.value == "NO":
+    if acc.num_processes > 1 and backend(acc) is Backend.SINGLE:
         # e.g. `accelerate launch --use_fsdp` or --multi_gpu without GPUs: N processes that never synchronise
         raise TrainingError(
             f"{acc.num_processes} processes were launched but accelerate set up no distributed backend "
@@ -449,7 +450,7 @@ def _clip(acc, model, max_norm: float | None) -> torch.Tensor:
         for p in model.parameters():
             if p.grad is not None:
                 total += p.grad.detach().float().pow(2).sum()
-        if acc.num_processes > 1 and acc.distributed_type.value in ("FSDP",):
+        if acc.num_processes > 1 and backend(acc) is Backend.FSDP:
             total = acc.reduce(total, reduction="sum")
         return total.sqrt()
     norm = acc.clip_grad_norm_(model.parameters(), max_norm)
@@ -541,7 +542,7 @@ def _build_spike_guard(cfg: RunConfig, acc):
         return None
     from cpt.spikes import SpikeGuard
 
-    if acc.distributed_type.value == "DEEPSPEED":
+    if backend(acc) is Backend.DEEPSPEED:
         raise TrainingError("train.skip_spikes is not supported under DeepSpeed: its engine applies the update inside the "
                             "last backward pass, before the step's loss is known; use DDP or FSDP")
     return SpikeGuard(**cfg.train.skip_spikes.model_dump())
@@ -550,10 +551,10 @@ def _build_spike_guard(cfg: RunConfig, acc):
 def _build_reptile(cfg: RunConfig, acc, model, extra: dict):
     from cpt.reptile import Reptile
 
-    if acc.distributed_type.value == "DEEPSPEED":
+    if backend(acc) is Backend.DEEPSPEED:
         raise TrainingError("train.reptile is not supported under DeepSpeed: its fp32 master partitions would overwrite "
                             "the meta-update; use DDP (or one device)")
-    if acc.distributed_type.value == "FSDP":
+    if backend(acc) is Backend.FSDP:
         raise TrainingError("train.reptile is not supported under FSDP (sharded weights); use DDP (or one device)")
     r = Reptile(acc.unwrap_model(model), cfg.train.reptile.every, cfg.train.reptile.epsilon)
     if any(k.startswith("reptile.") for k in extra):  # resumed: the anchor of the interrupted run
@@ -638,5 +639,4 @@ class PreemptionFlag:
             return self.flag
         if step % self.check_every:
             return False
-        flag = torch.tensor([1.0 if self.flag else 0.0], device=acc.device)
-        return float(acc.reduce(flag, reduction="sum").item()) > 0
+        return any_rank(acc, self.flag)

@@ -130,18 +130,11 @@ def choose_strategy(accelerator) -> str:
     """``single``, ``data_parallel`` (full weights on every rank) or ``replicated`` (sharded weights)."""
     if accelerator is None or accelerator.num_processes <= 1:
         return "single"
-    from accelerate.utils import DistributedType
+    from cpt.distributed import Backend, backend, shards_weights
 
-    dt = accelerator.distributed_type
-    if dt == DistributedType.FSDP:
-        return "replicated"
-    if dt == DistributedType.DEEPSPEED:
-        plugin = accelerator.state.deepspeed_plugin
-        stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
-        return "replicated" if stage == 3 else "data_parallel"
-    if dt.name.startswith("MULTI_"):  # DDP on GPUs/CPUs/other devices
-        return "data_parallel"
-    return "replicated"  # anything else (tensor/pipeline parallel...): lock-step is the safe choice
+    if backend(accelerator) in (Backend.DDP, Backend.DEEPSPEED) and not shards_weights(accelerator):
+        return "data_parallel"  # full weights on every rank: DDP on GPUs/CPUs/other devices, ZeRO-1/2
+    return "replicated"  # FSDP, ZeRO-3, anything else (tensor/pipeline parallel...): lock-step is the safe choice  # anything else (tensor/pipeline parallel...): lock-step is the safe choice
 
 
 def _module_for(model, strategy: str, accelerator):
