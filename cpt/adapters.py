@@ -189,14 +189,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
     return peft_model
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
     """Save a LoRA run's adapter in peft format (``adapter_model.safetensors`` + ``adapter_config.json``),
     the tokenizer, and ``cpt_adapter.json`` (embedding size, so that ``cpt merge`` can resize the base).

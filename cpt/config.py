@@ -163,12 +163,6 @@ class ScheduleConfig(Strict):
                 )
         return out
 
-    def validate_for(self, steps: int, where: str = "schedule", trunk_offset: int = 0) -> None:
-        """Raise ``ValueError`` naming the field if this schedule cannot run for ``steps`` steps."""
-        errors = self.problems(steps, where, trunk_offset)
-        if errors:
-            raise ValueError("; ".join(errors))
-
 
 # ---------------------------------------------------------------- stage plan checks
 

@@ -357,7 +357,8 @@ class LRPlan:
 
 
 def plan_for_run(cfg: RunConfig, anneal_from: int | None = None) -> LRPlan:
-    """The LR plan of a run config; with ``anneal_from`` and ``train.anneal_steps``, the anneal branch's plan."""
+    """The LR plan of a run config (the one builder: the loop, its preflight, ``cpt schedule`` and the dry run use it);
+    with ``anneal_from`` and ``train.anneal_steps``, the anneal branch's plan."""
     plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
     if anneal_from is not None and cfg.train.anneal_steps:
         plan = plan.anneal_branch(anneal_from, cfg.train.anneal_steps, cfg.train.anneal_shape)

@@ -95,7 +95,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
     from cpt.data.prefetch import Prefetcher
     from cpt.optim import build_optimizer, set_lr
-    from cpt.schedules import LRPlan
+    from cpt.schedules import plan_for_run
     from cpt.update_guard import UpdateGuard
 
     run_dir = Path(cfg.run.output_dir)
@@ -149,7 +149,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
     bench = _benchmarks(cfg, acc)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
 
     # --- LR plan and optimizer
-    plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
+    plan = plan_for_run(cfg)
     optimizer = build_optimizer(model, cfg.optim, acc.device.type)
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
         from cpt.vocab import scale_new_rows_updates
@@ -212,7 +212,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
         say(f"reptile: every {cfg.train.reptile.every} steps, weights <- anchor + {cfg.train.reptile.epsilon:g} x (weights - anchor)")
     if cfg.train.anneal_steps:
         anneal_from = step if anneal_from is None else anneal_from
-        plan = plan.anneal_branch(anneal_from, cfg.train.anneal_steps, cfg.train.anneal_shape)
+        plan = plan_for_run(cfg, anneal_from)
         say(f"anneal branch: steps {anneal_from}..{anneal_from + cfg.train.anneal_steps} from lr {plan.lr(anneal_from):.3g} "
             "to the schedule's min_lr")
     total_steps = anneal_from + cfg.train.anneal_steps if cfg.train.anneal_steps else plan.total_steps
@@ -509,7 +509,7 @@ def _preflight(cfg: RunConfig, run_dir: Path, resume_ckpt: Path | None, init_ckp
                allow_config_change: bool) -> None:
     """Checks that need neither the model nor the data, run before anything is loaded or written."""
     from cpt.model import check_attn_implementation
-    from cpt.schedules import LRPlan
+    from cpt.schedules import plan_for_run
 
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"run.output_dir {run_dir} is an existing file, not a directory: choose another --output-dir")
@@ -526,7 +526,7 @@ def _preflight(cfg: RunConfig, run_dir: Path, resume_ckpt: Path | None, init_ckp
     if cfg.train.anneal_steps and resume_ckpt is None:
         step = json.loads((init_ckpt / TRAINER_STATE).read_text())["step"] if init_ckpt is not None else 0
         try:
-            LRPlan([(s.steps, s.schedule) for s in cfg.stages]).anneal_branch(step, cfg.train.anneal_steps, cfg.train.anneal_shape)
+            plan_for_run(cfg, anneal_from=step)
         except ValueError as e:
             raise TrainingError(f"--anneal from {cfg.train.init_from} (step {step}): {e}") from None
 

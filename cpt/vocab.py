@@ -42,9 +42,6 @@ class VocabPlan:
     subtokens: list[list[int]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return {"old_size": self.old_size, "tokens": self.tokens, "ids": self.ids, "subtokens": self.subtokens}
-
 
 # ----------------------------------------------------------------------------- corpus reading
 
@@ -322,10 +319,6 @@ def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iter
     model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
     model._cpt_vocab_plan = plan
     return model, new_tok, plan.ids
-
-
-def save_plan(plan: VocabPlan, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(plan.to_json(), indent=1, ensure_ascii=False))
 
 
 # ----------------------------------------------------------------------------- LR multiplier for new rows

@@ -28,7 +28,7 @@ per-document values, see :func:`add_missing_stderrs`. ``samples`` picks the docu
 subsets of :mod:`eval_harness.benchmarks`, which also keeps the step-0 scores and the deltas).
 
 For a saved checkpoint (an HF export, or a LoRA adapter with its base), see
-:func:`run_lm_eval_on_checkpoint` and ``cpt eval``.
+:func:`load_for_eval` (then :func:`run_lm_eval_detailed`), as ``cpt eval`` does.
 
 lm-eval seeds Python, NumPy and torch; the hook restores the previous RNG states afterwards so
 that an evaluation in the middle of training does not change the rest of the run, and it restores
@@ -395,14 +395,3 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def run_lm_eval_on_checkpoint(checkpoint: str | Path, tasks: list[str], base: str | None = None,
-                              limit: int | float | None = None, batch_size: int = 8,
-                              include_path: str | Path | list | None = None, device: str | None = None,
-                              max_length: int | None = None, bootstrap_iters: int = 1000,
-                              ) -> tuple[dict[str, float], dict[str, Any]]:
-    """lm-eval on a saved HF export or LoRA adapter, in this process. Returns ``(flat, results)``."""
-    model, tokenizer = load_for_eval(checkpoint, base=base, device=device)
-    return run_lm_eval_detailed(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
-                                include_path=include_path, max_length=max_length, bootstrap_iters=bootstrap_iters)

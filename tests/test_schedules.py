@@ -386,11 +386,11 @@ def test_plan_errors_name_the_stage_field(stages, message):
     assert any(message in m for m in validate_stage_schedules(stage_cfgs))
 
 
-def test_validate_for_and_valid_plans_have_no_errors():
+def test_problems_name_the_field_and_valid_plans_have_no_errors():
     cfg = S(type="cosine", warmup_steps=10)
-    cfg.validate_for(11)
-    with pytest.raises(ValueError, match=r"stages\.3\.schedule\.warmup_steps"):
-        cfg.validate_for(5, where="stages.3.schedule")
+    assert cfg.problems(11) == []
+    problems = cfg.problems(5, where="stages.3.schedule")
+    assert len(problems) == 1 and problems[0].startswith("stages.3.schedule.warmup_steps: 10 leaves no decay step")
     stages = [StageConfig(steps=300, mix={"a": 1.0}, schedule=S(**TRUNK)),
               StageConfig(steps=300, mix={"a": 1.0}, schedule=S(**TRUNK, continue_trunk=True))]
     assert validate_stage_schedules(stages) == []
