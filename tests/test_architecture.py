@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cpt", "eval_harness")
 # what the config layer may import from cpt: leaf modules that import nothing of cpt themselves
 CONFIG_LAYER_DEPS = {"cpt.redaction"}
+# the layers of docs/architecture.md, bottom first; a package name covers its submodules. A module imports only from
+# its own layer or those below. (consolidate, accelerator and experiment_sequence are main's, merged alongside.)
+LAYERS = (
+    ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock")),
+    ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.vocab", "cpt.distributed",
+                                "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss")),
+    ("components", ("cpt.optim", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate",
+                    "cpt.metrics", "cpt.checkpoint", "cpt.consolidate", "cpt.report", "eval_harness")),
+    ("loop", ("cpt.train", "cpt.dryrun")),
+    ("commands", ("cpt.cli", "cpt.commands", "cpt.experiment", "cpt.experiment_sequence", "cpt.demo")),
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -93,6 +104,25 @@ def test_the_graph_builder_sees_function_level_and_relative_imports():
 def test_cpt_import_graph_has_no_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the longest name that is ``module`` or a package above it."""
+    best = None
+    for i, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+                best = (i, len(name))
+    return None if best is None else best[0]
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downwards():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if layer_of(m) is None)
+    assert not unplaced, f"modules in no layer (add them to LAYERS and docs/architecture.md): {unplaced}"
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) -> {d} ({LAYERS[layer_of(d)][0]})"
+              for m in sorted(graph) for d in sorted(graph[m]) if layer_of(d) > layer_of(m)]
+    assert not upward, "imports from a higher layer: " + "; ".join(upward)
 
 
 def test_config_layer_imports_no_other_cpt_module():
