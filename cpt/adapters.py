@@ -18,61 +18,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from cpt.configbase import Strict
+from cpt.config import FreezeConfig, LoraConfig, parse_layer_ranges
 
 ADAPTER_SIDECAR = "cpt_adapter.json"
-_NAMED_LAYER_SETS = ("bottom_half", "top_half", "every_other")
-
-
-class LoraConfig(Strict):
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    # "all-linear" (peft's shortcut: every Linear layer except the output head) or a list of module names
-    target_modules: str | list[str] = "all-linear"
-    # modules trained in full next to the adapter, e.g. [embed_tokens, lm_head]; saved inside the adapter
-    modules_to_save: list[str] = Field(default_factory=list)
-    # also train every normalisation layer in full (RMSNorm/LayerNorm; a few thousand parameters per layer)
-    train_norms: bool = False
-    # rank-stabilised LoRA scaling (alpha / sqrt(r) instead of alpha / r); helps at high rank (MoRA's concern)
-    use_rslora: bool = False
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and not v:
-            raise ValueError("target_modules must name at least one module (or be 'all-linear')")
-        return v
-
-
-class FreezeConfig(Strict):
-    # freeze decoder layers: "0-6" (indices 0..5, end exclusive), "0-4,10,12-14", "bottom_half",
-    # "top_half", "every_other" (even indices); negative indices count from the top ("-4--1")
-    layers: str | None = None
-    # freeze parameters whose name matches any of these regexes (re.search), e.g. ["embed_tokens", "lm_head"]
-    patterns: list[str] = Field(default_factory=list)
-    # if set: freeze everything whose name matches none of these regexes (applied first)
-    train_only: list[str] = Field(default_factory=list)
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, v: str | None) -> str | None:
-        if v is not None and v not in _NAMED_LAYER_SETS:
-            _parse_ranges(v, None)  # syntax check only
-        return v
-
-    @field_validator("patterns", "train_only")
-    @classmethod
-    def _regexes(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"{p!r} is not a valid regex: {e}") from None
-        return v
 
 
 # ----------------------------------------------------------------------------- counting
@@ -130,30 +80,6 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, int]:
     return best
 
 
-def _parse_ranges(spec: str, n: int | None) -> list[int]:
-    """'0-6' -> 0..5; '0-4,10' -> 0..3,10; negative numbers count from the end when n is known."""
-    out: list[int] = []
-    for part in (x.strip() for x in spec.split(",")):
-        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
-        if not m:
-            raise ValueError(f"bad layer spec {part!r} in {spec!r}: use 'a-b' (end exclusive), an index, "
-                             f"or one of {', '.join(_NAMED_LAYER_SETS)}")
-        a = int(m.group(1))
-        b = int(m.group(2)) if m.group(2) is not None else None
-        if n is not None:
-            a = a + n if a < 0 else a
-            if b is not None:
-                b = b + n if b < 0 else b
-        if b is None:
-            b = a + 1
-        if n is not None and not (0 <= a < b <= n):
-            raise ValueError(f"layer spec {part!r} is out of range for a model with {n} layers")
-        if n is None and b <= a and a >= 0 and b >= 0:
-            raise ValueError(f"layer spec {part!r}: empty range (the end is exclusive)")
-        out.extend(range(a, b))
-    return sorted(set(out))
-
-
 def layer_indices(spec: str, num_layers: int) -> list[int]:
     """The layer indices a ``FreezeConfig.layers`` spec selects in a model with ``num_layers`` layers."""
     if spec == "bottom_half":
@@ -162,7 +88,7 @@ def layer_indices(spec: str, num_layers: int) -> list[int]:
         return list(range(num_layers - num_layers // 2, num_layers))
     if spec == "every_other":
         return list(range(0, num_layers, 2))
-    return _parse_ranges(spec, num_layers)
+    return parse_layer_ranges(spec, num_layers)
 
 
 def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> list[str]:
@@ -263,14 +189,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
     return peft_model
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
     """Save a LoRA run's adapter in peft format (``adapter_model.safetensors`` + ``adapter_config.json``),
     the tokenizer, and ``cpt_adapter.json`` (embedding size, so that ``cpt merge`` can resize the base).
@@ -303,50 +221,3 @@ def portable_base_path(base: str | None) -> str | None:
     if base and Path(base).is_dir():
         return str(Path(base).resolve())
     return base
-
-
-def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: torch.dtype | None = None):
-    """Load base model + adapter as a ``PeftModel`` (and the tokenizer: the adapter's own if saved, else the base's).
-
-    The base's embeddings are resized to the size recorded in ``cpt_adapter.json`` (vocabulary extension);
-    the new rows' values come from the adapter.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    adir = Path(adapter_dir)
-    cfg_path = adir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{adir} is not a peft adapter directory (no adapter_config.json)")
-    acfg = json.loads(cfg_path.read_text())
-    base = base or acfg.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{cfg_path} names no base model; pass base=... (cpt merge --base)")
-    from cpt.model import require_adapter_safetensors, require_safetensors
-
-    require_adapter_safetensors(adir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", trust_remote_code=False,
-                                                 use_safetensors=require_safetensors(base, "base model"))
-    tok_src = adir if (adir / "tokenizer_config.json").is_file() else Path(base)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False)
-    sidecar = adir / ADAPTER_SIDECAR
-    n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
-    if n_rows != model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(n_rows, mean_resizing=False)
-    peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
-    return peft_model, tokenizer
-
-
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
-                  dtype: torch.dtype | None = None) -> Path:
-    """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
-    peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
-    merged = peft_model.merge_and_unload()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    from cpt.model import make_tokenizer_portable
-
-    make_tokenizer_portable(out)
-    return out

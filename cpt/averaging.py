@@ -21,28 +21,12 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from cpt.distributed import refuse_sharded, unwrap
+
 # ----------------------------------------------------------------------------- EMA
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / accelerate wrappers (kept in .module); parameter names then match the bare model's."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 EMA_ADVICE = "use ZeRO-1/2, DDP or one device for train.ema_decay, or average exports afterwards (cpt average)"
-
-
-def refuse_sharded(named_params, feature: str = "EMA", advice: str = EMA_ADVICE) -> None:
-    """ZeRO-3 and sharded FSDP leave placeholders or local shards instead of the weights: a ``feature`` that reads
-    or rewrites whole weights (EMA, Reptile) would be silently wrong there, so it stops with ``advice``."""
-    for n, p in named_params:
-        if hasattr(p, "ds_id") or (p.numel() == 0 and getattr(p, "ds_numel", 0)):
-            raise RuntimeError(f"{feature}: parameter {n} is partitioned (sharded) by DeepSpeed ZeRO-3, so {feature} "
-                               f"cannot use it; {advice}")
-        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            raise RuntimeError(f"{feature}: parameter {n} is sharded (FSDP2 DTensor); {advice}")
 
 
 class EMA:
@@ -61,7 +45,7 @@ class EMA:
         self.warmup = bool(warmup)
         self.num_updates = 0
         params = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
-        refuse_sharded(params)
+        refuse_sharded(params, "EMA", EMA_ADVICE)
         self.shadow: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params}
         if not self.shadow:
             raise ValueError("EMA: the model has no trainable parameters")
@@ -88,7 +72,7 @@ class EMA:
             return
         d = self.current_decay()
         if self.num_updates == 0:  # parameters may have been partitioned by accelerate.prepare since __init__
-            refuse_sharded(self._params(model))
+            refuse_sharded(self._params(model), "EMA", EMA_ADVICE)
         for n, p in self._params(model):
             s = self.shadow[n]
             if s.device != p.device:
@@ -345,7 +329,7 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
         with tempfile.TemporaryDirectory(prefix="cpt-export-") as tmp:
             return load_model_dir(export_checkpoint(p, Path(tmp) / "export", echo=lambda *a, **k: None), dtype)
     if (p / "adapter_config.json").is_file():
-        from cpt.adapters import load_adapter_model
+        from cpt.model import load_adapter_model
 
         peft_model, tok = load_adapter_model(p, dtype=dtype)
         return peft_model.merge_and_unload(), tok

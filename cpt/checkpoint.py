@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
 
 log = logging.getLogger("cpt.checkpoint")
@@ -176,7 +177,12 @@ class CheckpointManager:
     ``wait()`` before exiting (the next ``save`` waits by itself).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int, accelerator, async_save: bool = False, max_failed_saves: int = 3):
+    def __init__(self, run_dir: str | os.PathLike, keep: int, accelerator, async_save: bool = False, max_failed_saves: int = 3,
+                 portable=None):
+        """``portable``: what loads a checkpoint of another backend or world size, an object with
+        ``needs_portable_load(ckpt, acc)`` and ``load_portable(acc, model, optimizer, ckpt)`` (the loop passes
+        :mod:`cpt.consolidate`, which builds on this module); None: accelerate's ``load_state`` only."""
+        self.portable = portable
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.acc = accelerator
@@ -201,13 +207,13 @@ class CheckpointManager:
                 tmp.mkdir()
             except OSError as e:
                 error = e
-        if _all_ok(acc, error is None):
+        if all_ranks_agree(acc, error is None):
             fault_point(f"save:begin@{step}")
             try:
                 job = self._stage(step, tmp, json.dumps(trainer_state, indent=1, default=_json_default), config_yaml, extra_tensors)
             except Exception as e:  # noqa: BLE001 - any failure must leave the old checkpoints intact
                 error = e
-        if not _all_ok(acc, error is None):
+        if not all_ranks_agree(acc, error is None):
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._record(step, error or CheckpointError("another rank failed while saving"))
@@ -227,7 +233,7 @@ class CheckpointManager:
         error = None
         if self._job is not None:
             error, self._job = self._job.join(), None
-        if not _all_ok(self.acc, error is None):
+        if not all_ranks_agree(self.acc, error is None):
             error = error or CheckpointError("the main process failed to write it")
         self._record(step, error)
 
@@ -286,14 +292,12 @@ class CheckpointManager:
     def load(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Restore model, optimizer and RNG states in place; return (trainer_state, extra tensors).
 
-        A checkpoint of another backend or ZeRO world size goes through cpt.consolidate (weights and Adam state
-        carried over, RNG states not)."""
-        from cpt.consolidate import load_portable, needs_portable_load
-
-        if needs_portable_load(ckpt, self.acc):
+        A checkpoint of another backend or ZeRO world size goes through ``portable`` (cpt.consolidate: weights and
+        Adam state carried over, RNG states not)."""
+        if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
             log.warning("%s was written with another backend or number of processes: loading it through "
                         "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
-            load_portable(self.acc, self.acc._models[0], self.acc._optimizers[0], ckpt)
+            self.portable.load_portable(self.acc, self.acc._models[0], self.acc._optimizers[0], ckpt)
         else:
             self.acc.load_state(str(ckpt))
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
@@ -363,7 +367,7 @@ def wait_for_writers() -> None:
 def cpt_can_write(acc) -> bool:
     """Whether cpt writes the accelerate checkpoint files itself (and so can write in the background):
     one process or DDP, with nothing registered that only ``accelerator.save_state`` knows how to save."""
-    return (acc.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU")
+    return (backend(acc) in (Backend.SINGLE, Backend.DDP)
             and not acc._schedulers and not acc._dataloaders and not acc._custom_objects
             and not acc._save_model_state_pre_hook)
 
@@ -464,14 +468,6 @@ def _host_copy(obj, staging: dict | None = None, path: tuple = ()):
 
 def _numbered(name: str, i: int) -> str:
     return name if i == 0 else name.replace(".", f"_{i}.", 1)
-
-
-def _all_ok(acc, ok: bool) -> bool:
-    """True on every rank only if `ok` is true on every rank."""
-    if acc.num_processes == 1:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=acc.device)
-    return float(acc.reduce(flag, reduction="sum").item()) == 0.0
 
 
 def _json_default(obj):

@@ -1,26 +1,384 @@
 """The typed run configuration: one pydantic model per run, loaded from YAML, overridable from the CLI.
 
-Each component owns the config of its own concern (schedules, data sources, adapters, ...);
-this module composes them into :class:`RunConfig` and handles YAML, ``--set`` overrides and
-error reporting. A bad config fails before any work with one message naming every bad field.
+The bottom layer of cpt: every config model lives here (the run's sections and each component's own section:
+schedules, data sources, vocabulary extension, LoRA and freezing), and this module imports neither torch nor any
+other cpt module but the leaf ``cpt.redaction`` (tested in tests/test_architecture.py), so reading a config
+(``cpt schedule``, ``cpt train --dry-run``) stays cheap and every other module can import it. The components
+import their config from here. This module also handles YAML, ``--set`` overrides and error reporting: a bad
+config fails before any work with one message naming every bad field.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterable, Literal, Sequence
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cpt.adapters import FreezeConfig, LoraConfig
-from cpt.configbase import Strict
-from cpt.data.sources import HeldoutConfig, SourceConfig
 from cpt.redaction import redact
-from cpt.schedules import ScheduleConfig, validate_stage_schedules
-from cpt.vocab import VocabConfig
+
+
+class Strict(BaseModel):
+    """The base class of every config section: unknown keys are errors, so a typo in a YAML config never passes
+    silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- LR schedules (cpt/schedules.py)
+
+ScheduleType = Literal["constant", "cosine", "linear", "wsd", "inverse_sqrt", "infinite"]
+DecayShape = Literal["linear", "cosine", "1-sqrt", "exponential"]
+CooldownShape = Literal["cosine", "inverse_sqrt"]
+DECAY_SHAPES: tuple[str, ...] = ("linear", "cosine", "1-sqrt", "exponential")
+
+DEFAULT_DECAY_FRACTION = 0.2
+
+# Fields that only some schedule types use; setting one on another type is an error (a typo guard).
+_TYPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "decay_fraction": ("wsd",),
+    "decay_steps": ("wsd",),
+    "decay_shape": ("wsd",),
+    "timescale": ("inverse_sqrt", "infinite"),
+    "cooldown_steps": ("infinite",),
+    "cooldown_shape": ("infinite",),
+    "constant_lr": ("infinite",),
+    "anneal_steps": ("infinite",),
+    "anneal_shape": ("infinite",),
+    "continue_trunk": ("infinite",),
+}
+# The trunk of an infinite schedule: a stage with continue_trunk must repeat these unchanged.
+_TRUNK_FIELDS = ("max_lr", "warmup_steps", "warmup_from", "cooldown_steps", "cooldown_shape", "constant_lr", "timescale")
+
+
+class ScheduleConfig(Strict):
+    """The LR schedule of one stage (see cpt/schedules.py for the exact formulas)."""
+
+    type: ScheduleType = "cosine"
+    max_lr: float = Field(3e-4, gt=0)  # peak LR, reached on the last warmup step
+    # the decay target (cosine, linear, wsd), inverse_sqrt's asymptote, the anneal target (infinite,
+    # and of anneal branches from a constant/stable phase)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    # where the warmup starts: a number, or "previous" = the previous stage's final LR (re-warm)
+    warmup_from: Annotated[float, Field(ge=0)] | Literal["previous"] = 0.0
+    # wsd: the decay takes the last decay_steps steps, or decay_fraction of the stage (default 0.2)
+    decay_fraction: float | None = Field(None, gt=0, le=1)
+    decay_steps: int | None = Field(None, gt=0)
+    decay_shape: DecayShape = "1-sqrt"
+    # inverse_sqrt (and infinite's inverse_sqrt cooldown): steps; default warmup_steps
+    timescale: float | None = Field(None, gt=0)
+    # infinite
+    cooldown_steps: int = Field(0, ge=0)
+    cooldown_shape: CooldownShape = "cosine"
+    constant_lr: float | None = Field(None, gt=0)
+    anneal_steps: int | None = Field(None, gt=0)  # None: no anneal (the constant phase lasts to the stage end)
+    anneal_shape: DecayShape = "exponential"
+    continue_trunk: bool = False  # continue the previous infinite stage's trunk: no re-warm, no new cooldown
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ScheduleConfig":
+        errors = []
+        for name, types in _TYPE_FIELDS.items():
+            if self.type not in types and getattr(self, name) != type(self).model_fields[name].default:
+                errors.append(f"{name}: only used by type {' or '.join(types)} (this schedule's type is {self.type})")
+        if self.min_lr > self.max_lr:
+            errors.append(f"min_lr ({self.min_lr:g}) must not exceed max_lr ({self.max_lr:g})")
+        if isinstance(self.warmup_from, float) and self.warmup_from > self.max_lr:
+            errors.append(f"warmup_from ({self.warmup_from:g}) must not exceed max_lr ({self.max_lr:g})")
+        if self.type == "wsd":
+            if self.decay_steps is not None and self.decay_fraction is not None:
+                errors.append("decay_steps: set decay_steps or decay_fraction, not both")
+            if self.decay_shape == "exponential" and self.min_lr <= 0:
+                errors.append("min_lr: must be > 0 when decay_shape is exponential (a geometric decay never reaches 0)")
+        if self.needs_timescale and self.timescale is None and self.warmup_steps == 0:
+            errors.append("timescale: required when warmup_steps is 0 (it defaults to warmup_steps)")
+        if self.type == "infinite":
+            if self.constant_lr is None:
+                errors.append("constant_lr: required for type infinite (the LR of the constant phase)")
+            else:
+                if self.constant_lr > self.max_lr:
+                    errors.append(f"constant_lr ({self.constant_lr:g}) must not exceed max_lr ({self.max_lr:g})")
+                if self.min_lr > self.constant_lr:
+                    errors.append(f"min_lr ({self.min_lr:g}) must not exceed constant_lr ({self.constant_lr:g})")
+                if self.cooldown_steps == 0 and self.constant_lr < self.max_lr:
+                    errors.append("cooldown_steps: must be > 0 when constant_lr < max_lr (or set constant_lr = max_lr)")
+            if self.anneal_steps is not None and self.anneal_shape == "exponential" and self.min_lr <= 0:
+                errors.append("min_lr: must be > 0 when anneal_shape is exponential (a geometric anneal never reaches 0)")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def needs_timescale(self) -> bool:
+        return self.type == "inverse_sqrt" or (self.type == "infinite" and self.cooldown_shape == "inverse_sqrt")
+
+    @property
+    def effective_timescale(self) -> float:
+        return self.timescale if self.timescale is not None else float(max(self.warmup_steps, 1))
+
+    def decay_length(self, steps: int) -> int:
+        """wsd: the number of decay steps in a stage of ``steps`` steps (at least 1)."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        fraction = self.decay_fraction if self.decay_fraction is not None else DEFAULT_DECAY_FRACTION
+        return max(1, round(fraction * steps))
+
+    def problems(self, steps: int, where: str = "schedule", trunk_offset: int = 0) -> list[str]:
+        """What is wrong with this schedule for a stage of ``steps`` steps (messages name ``where.<field>``).
+
+        ``trunk_offset`` is the clock position the stage starts at (non-zero only for ``continue_trunk``).
+        """
+        if steps <= 0:
+            return [f"{where}: the stage must have a positive number of steps (got {steps})"]
+        out = []
+        W = self.warmup_steps
+        if self.continue_trunk:
+            W = max(0, W - trunk_offset)  # the part of the trunk's warmup still to come in this stage
+        if self.type in ("cosine", "linear") and W >= steps:
+            out.append(f"{where}.warmup_steps: {W} leaves no decay step in a stage of {steps} steps (must be < {steps})")
+        elif W > steps:
+            out.append(f"{where}.warmup_steps: {W} is longer than the stage ({steps} steps)")
+        if self.type == "wsd":
+            D = self.decay_length(steps)
+            field = "decay_steps" if self.decay_steps is not None else "decay_fraction"
+            if D > steps:
+                out.append(f"{where}.decay_steps: {D} is longer than the stage ({steps} steps)")
+            elif W + D > steps:
+                out.append(f"{where}.{field}: warmup ({W}) + decay ({D}) is longer than the stage ({steps} steps)")
+        if self.type == "infinite" and self.anneal_steps is not None:
+            A = self.anneal_steps
+            trunk_end = self.warmup_steps + self.cooldown_steps  # clock position where the constant phase starts
+            if A > steps:
+                out.append(f"{where}.anneal_steps: {A} is longer than the stage ({steps} steps)")
+            elif trunk_offset + steps - A < trunk_end:
+                out.append(
+                    f"{where}.anneal_steps: the anneal ({A} steps) would start before the constant phase: warmup "
+                    f"({self.warmup_steps}) + cooldown ({self.cooldown_steps}) must end by step {trunk_offset + steps - A} "
+                    f"of the trunk"
+                )
+        return out
+
+
+# ---------------------------------------------------------------- stage plan checks
+
+
+def stage_schedule_problems(stages: Sequence[tuple[int, ScheduleConfig]], where: str = "stages") -> list[str]:
+    """Every problem of a stage plan that needs the stage lengths or the neighbouring stages."""
+    errors = []
+    offset = 0
+    for i, (steps, cfg) in enumerate(stages):
+        here = f"{where}.{i}.schedule"
+        if i == 0 and cfg.warmup_from == "previous":
+            errors.append(f"{here}.warmup_from: 'previous' needs a previous stage (use a number for the first stage)")
+        if cfg.continue_trunk:
+            if i == 0:
+                errors.append(f"{here}.continue_trunk: the first stage has no trunk to continue")
+                offset = 0
+            else:
+                prev_steps, prev = stages[i - 1]
+                if prev.type != "infinite":
+                    errors.append(f"{here}.continue_trunk: the previous stage ({where}.{i - 1}) is {prev.type}, not infinite")
+                elif prev.anneal_steps is not None:
+                    errors.append(
+                        f"{here}.continue_trunk: the previous stage ({where}.{i - 1}) ends with an anneal "
+                        f"(anneal_steps set); a trunk can only be continued from its constant phase"
+                    )
+                else:
+                    for name in _TRUNK_FIELDS:
+                        mine, theirs = getattr(cfg, name), getattr(prev, name)
+                        if mine != theirs:
+                            errors.append(
+                                f"{here}.{name}: must equal {where}.{i - 1}.schedule.{name} ({theirs!r}) when continue_trunk "
+                                f"is true (got {mine!r})"
+                            )
+                offset += prev_steps
+        else:
+            offset = 0
+        errors += cfg.problems(steps, here, trunk_offset=offset)
+    return errors
+
+
+def validate_stage_schedules(stages: Iterable[Any], anneal_steps: int | None = None) -> list[str]:
+    """Errors (``stages.<i>.schedule.<field>: ...``) of the stages' schedules; empty when the plan is valid.
+
+    ``stages``: objects with ``.steps`` and ``.schedule`` (``cpt.config.StageConfig``). With
+    ``anneal_steps`` (``train.anneal_steps``), also checks that some stage has a constant or stable
+    phase an anneal branch could start from.
+    """
+    pairs = [(s.steps, s.schedule) for s in stages]
+    errors = stage_schedule_problems(pairs)
+    if not errors and anneal_steps is not None:
+        if not _has_constant_phase(pairs):
+            types = ", ".join(cfg.type for _, cfg in pairs)
+            errors.append(
+                f"train.anneal_steps: no stage has a constant or stable phase to branch from (schedule types: {types}); "
+                f"use constant, wsd or infinite"
+            )
+    return errors
+
+
+def _has_constant_phase(stages: Sequence[tuple[int, ScheduleConfig]]) -> bool:
+    """Whether a valid plan has a step in a constant (or wsd stable) phase, as ``cpt.schedules.LRPlan`` lays the
+    phases out on each stage's clock (tests/test_schedules.py checks the two agree)."""
+    offset = 0
+    for i, (steps, cfg) in enumerate(stages):
+        offset = offset + stages[i - 1][0] if cfg.continue_trunk else 0
+        lo, hi = offset, offset + steps  # the stage's window on its clock
+        if cfg.type == "constant":
+            begin, end = cfg.warmup_steps, hi
+        elif cfg.type == "wsd":
+            begin, end = cfg.warmup_steps, hi - cfg.decay_length(steps)
+        elif cfg.type == "infinite":
+            begin, end = cfg.warmup_steps + cfg.cooldown_steps, hi - (cfg.anneal_steps or 0)
+        else:
+            continue
+        if max(begin, lo) < min(end, hi):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- data sources (cpt/data)
+
+
+class SourceConfig(Strict):
+    """A training source: a prepared shard directory (local or remote), or a `datasets` spec tokenized on the fly."""
+
+    name: str
+    # type "shards": a directory with manifest.json written by `cpt prepare` (local path or fsspec URL)
+    # type "hf": a `datasets.load_dataset` path (hub id, local folder, or a builder name like "json")
+    path: str
+    type: Literal["shards", "hf"] = "shards"
+    replay: bool = False  # old pre-training data fed back to limit forgetting
+    # options for type "hf"
+    hf_name: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = True
+    # type "hf": a seeded `datasets` shuffle buffer of this many examples (0: dataset order; exact resume)
+    shuffle_buffer: int = Field(0, ge=0)
+
+
+class HeldoutConfig(Strict):
+    """A named held-out set, tagged upstream (old distribution: forgetting) or downstream (new: adaptation)."""
+
+    name: str
+    path: str  # a prepared shard directory (e.g. the `heldout` split written by `cpt prepare`)
+    tag: Literal["upstream", "downstream"]
+    max_tokens: int | None = Field(None, gt=0)  # overrides eval.tokens_per_set for this set
+
+
+# ---------------------------------------------------------------- vocabulary extension (cpt/vocab.py)
+
+
+class VocabConfig(Strict):
+    # a text file with one new token per line, or learn `learn_tokens` new tokens from `learn_from`
+    add_tokens_file: str | None = None
+    # a text file, a .jsonl file (field `text_field`), or a directory of such files (read recursively)
+    learn_from: str | None = None
+    learn_tokens: int = Field(0, ge=0)
+    learn_max_chars: int = Field(20_000_000, gt=0)  # read at most this much of `learn_from`
+    text_field: str = "text"
+    init: Literal["mean_of_subtokens", "mean"] = "mean_of_subtokens"
+    # pad the embedding matrix to a multiple of this (tensor-core friendly shapes); None: exact size
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+    # the new rows learn this many times faster (or slower) than the rest: see cpt.vocab.NewRowsLR
+    new_rows_lr_multiplier: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _something_to_add(self) -> "VocabConfig":
+        if self.add_tokens_file is None and self.learn_from is None:
+            raise ValueError("set add_tokens_file and/or learn_from (with learn_tokens > 0)")
+        if self.learn_from is not None and self.learn_tokens == 0:
+            raise ValueError("learn_from is set but learn_tokens is 0")
+        if self.learn_tokens > 0 and self.learn_from is None:
+            raise ValueError("learn_tokens > 0 needs learn_from (the new corpus)")
+        return self
+
+
+# ---------------------------------------------------------------- LoRA and freezing (cpt/adapters.py)
+
+NAMED_LAYER_SETS = ("bottom_half", "top_half", "every_other")
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # "all-linear" (peft's shortcut: every Linear layer except the output head) or a list of module names
+    target_modules: str | list[str] = "all-linear"
+    # modules trained in full next to the adapter, e.g. [embed_tokens, lm_head]; saved inside the adapter
+    modules_to_save: list[str] = Field(default_factory=list)
+    # also train every normalisation layer in full (RMSNorm/LayerNorm; a few thousand parameters per layer)
+    train_norms: bool = False
+    # rank-stabilised LoRA scaling (alpha / sqrt(r) instead of alpha / r); helps at high rank (MoRA's concern)
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules must name at least one module (or be 'all-linear')")
+        return v
+
+
+class FreezeConfig(Strict):
+    # freeze decoder layers: "0-6" (indices 0..5, end exclusive), "0-4,10,12-14", "bottom_half",
+    # "top_half", "every_other" (even indices); negative indices count from the top ("-4--1")
+    layers: str | None = None
+    # freeze parameters whose name matches any of these regexes (re.search), e.g. ["embed_tokens", "lm_head"]
+    patterns: list[str] = Field(default_factory=list)
+    # if set: freeze everything whose name matches none of these regexes (applied first)
+    train_only: list[str] = Field(default_factory=list)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str | None) -> str | None:
+        if v is not None and v not in NAMED_LAYER_SETS:
+            parse_layer_ranges(v, None)  # syntax check only
+        return v
+
+    @field_validator("patterns", "train_only")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regex: {e}") from None
+        return v
+
+
+def parse_layer_ranges(spec: str, n: int | None) -> list[int]:
+    """'0-6' -> 0..5; '0-4,10' -> 0..3,10; negative numbers count from the end when n is known."""
+    out: list[int] = []
+    for part in (x.strip() for x in spec.split(",")):
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not m:
+            raise ValueError(f"bad layer spec {part!r} in {spec!r}: use 'a-b' (end exclusive), an index, "
+                             f"or one of {', '.join(NAMED_LAYER_SETS)}")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else None
+        if n is not None:
+            a = a + n if a < 0 else a
+            if b is not None:
+                b = b + n if b < 0 else b
+        if b is None:
+            b = a + 1
+        if n is not None and not (0 <= a < b <= n):
+            raise ValueError(f"layer spec {part!r} is out of range for a model with {n} layers")
+        if n is None and b <= a and a >= 0 and b >= 0:
+            raise ValueError(f"layer spec {part!r}: empty range (the end is exclusive)")
+        out.extend(range(a, b))
+    return sorted(set(out))
+
+
+# ---------------------------------------------------------------- the run config
 
 
 class ConfigError(ValueError):

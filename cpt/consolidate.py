@@ -52,8 +52,9 @@ def deepspeed_world_size(ckpt: str | os.PathLike) -> int:
 
 
 def current_layout(acc) -> str:
-    kind = acc.distributed_type.value
-    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind, "plain")
+    from cpt.distributed import Backend, backend
+
+    return {Backend.DEEPSPEED: "deepspeed", Backend.FSDP: "fsdp"}.get(backend(acc), "plain")
 
 
 def needs_portable_load(ckpt: str | os.PathLike, acc) -> bool:

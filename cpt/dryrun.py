@@ -26,7 +26,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.metrics import model_flops_per_token
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
-    from cpt.schedules import LRPlan
+    from cpt.schedules import plan_for_run
 
     check_attn_implementation(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
@@ -46,7 +46,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
     for h in cfg.data.heldout:  # each held-out set's tokenizer hash and length, as training checks them at start
         load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, verify=False)
-    plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
+    plan = plan_for_run(cfg)
     names = data.source_names
     stages, start = [], 0
     for st in cfg.stages:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 
 from cpt.config import EvalConfig
+from cpt.distributed import rank_and_world, sum_across_ranks
 from cpt.lm_loss import token_losses
 
 Tag = Literal["upstream", "downstream"]
@@ -43,31 +44,12 @@ TAGS: tuple[str, ...] = ("upstream", "downstream")
 # ---------------------------------------------------------------- the loss itself
 
 
-def _world(accelerator) -> tuple[int, int]:
-    if accelerator is not None:
-        return accelerator.process_index, accelerator.num_processes
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _device(model, accelerator) -> torch.device:
     if accelerator is not None:
         return accelerator.device
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _sum_across_ranks(t: torch.Tensor, accelerator) -> torch.Tensor:
-    if accelerator is not None:
-        if accelerator.num_processes > 1:
-            return accelerator.reduce(t, reduction="sum")
-        return t
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = t.clone()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -99,7 +81,7 @@ def heldout_loss(model, tokens: torch.Tensor, batch_size: int, accelerator=None,
         raise ValueError(f"tokens must be [n, L] with L >= 2, got shape {tuple(tokens.shape)}")
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
-    rank, world = _world(accelerator)
+    rank, world = rank_and_world(accelerator)
     device = _device(model, accelerator)
     n = tokens.size(0)
     start, end = rank_slice(n, rank, world)
@@ -127,7 +109,7 @@ def heldout_loss(model, tokens: torch.Tensor, batch_size: int, accelerator=None,
                     totals[1] += count
     finally:
         model.train(was_training)
-    totals = _sum_across_ranks(totals, accelerator)
+    totals = sum_across_ranks(totals, accelerator)
     total_loss, total_count = totals.tolist()
     if total_count == 0:
         raise ValueError("held-out set has no tokens")

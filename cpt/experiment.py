@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterator, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cpt.configbase import Strict
+from cpt.config import Strict
 
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
@@ -796,23 +796,16 @@ def run_experiment(spec_path_or_spec: str | os.PathLike | dict | ExperimentSpec,
     table of what is finished and return; call again to continue. ``dry_run``: print the plan
     (corpora sizes, runs, steps, LR schedules, FLOPs, time at ``assumed_tokens_per_s``) and write nothing.
     """
-    from cpt.experiment_sequence import is_sequence_spec, load_sequence_spec, run_sequence
-
-    if is_sequence_spec(spec_path_or_spec):  # `corpora: [A, B, C, ...]`: a dataset sequence (forgetting matrix)
-        spec = load_sequence_spec(spec_path_or_spec, overrides)
-    else:
-        spec = load_spec(spec_path_or_spec, overrides)
+    spec = load_spec(spec_path_or_spec, overrides)  # (a dataset sequence: cpt.experiment_sequence.run_sequence_experiment)
     out = Path(out_dir) if out_dir is not None else Path("runs") / "experiments" / spec.name
     if dry_run:
-        return _dry_run(spec, out, echo) if isinstance(spec, ExperimentSpec) else run_sequence(spec, out, echo, dry_run=True)
+        return _dry_run(spec, out, echo)
     import torch
 
     threads = torch.get_num_threads()
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     try:
-        if not isinstance(spec, ExperimentSpec):
-            return run_sequence(spec, out, echo, max_runs=max_runs)
         return _run(spec, out, echo, max_runs)
     finally:
         torch.set_num_threads(threads)

@@ -62,7 +62,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from cpt.configbase import Strict
+from cpt.config import Strict
 from cpt.experiment import (
     RESULTS_CSV, RESULTS_MD, CorpusSpec, EvalSpec, ExperimentError, LRSpec, RunPlan, TokenizerSpec, WandbSpec,
     _cosine, _prepare_data, _series, _warmup_steps, flops_per_token, run_configs, run_finished, run_one,
@@ -335,6 +335,25 @@ def plan_sequence(spec: SequenceSpec, out: Path, tokenizer_dir: Path, data_dir: 
 
 
 # ================================================================ running
+
+
+def run_sequence_experiment(spec_path_or_spec, out_dir: str | os.PathLike | None = None, echo: Callable = print, *,
+                            overrides: list[str] | None = None, max_runs: int | None = None, dry_run: bool = False) -> Path:
+    """`cpt experiment` on a dataset-sequence spec (`corpora: [A, B, C, ...]`): load it, then :func:`run_sequence`
+    (the pair grid is :func:`cpt.experiment.run_experiment`)."""
+    spec = load_sequence_spec(spec_path_or_spec, overrides)
+    out = Path(out_dir) if out_dir is not None else Path("runs") / "experiments" / spec.name
+    if dry_run:
+        return run_sequence(spec, out, echo, dry_run=True)
+    import torch
+
+    threads = torch.get_num_threads()
+    if getattr(spec, "torch_threads", None):
+        torch.set_num_threads(spec.torch_threads)
+    try:
+        return run_sequence(spec, out, echo, max_runs=max_runs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_sequence(spec: SequenceSpec, out: Path, echo: Callable = print, *, max_runs: int | None = None,

@@ -7,6 +7,7 @@ import torch
 
 from cpt import chunked_loss
 from cpt.data.masking import document_position_ids
+from cpt.distributed import shards_weights
 
 
 def model_inputs(input_ids: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tensor | bool]:
@@ -64,10 +65,8 @@ def use_chunked_loss(model, mode: bool | str, chunk_tokens: int, accelerator=Non
     Returns whether it is installed."""
     if mode is False:
         return False
-    kind = accelerator.distributed_type.value if accelerator is not None else "NO"
-    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3)
     try:
-        chunked_loss.install(model, chunk_tokens, sharded=sharded)
+        chunked_loss.install(model, chunk_tokens, sharded=shards_weights(accelerator))
     except chunked_loss.Unsupported as e:
         if mode is True:
             raise RuntimeError(f"train.chunked_loss: true, but {e}") from None

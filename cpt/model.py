@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cpt.config import ModelConfig
+from cpt.config import ModelConfig, RunConfig, load_config
 from cpt.fileio import fault_point, fsync_dir
 
 log = logging.getLogger("cpt.model")
@@ -40,6 +41,24 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def extended_tokenizer_for_run(run, save_to: str | Path | None = None):
+    """The extended tokenizer that ``cpt train`` builds for a run config (a YAML path or a ``RunConfig``):
+    ``model.tokenizer`` (or ``model.name_or_path``) loaded as the loop loads it, extended by ``model.vocab``.
+
+    ``cpt prepare --extend-vocab RUN.yaml`` tokenizes with it, so the shards' tokenizer hash matches the one the
+    training loop checks. ``save_to``: also ``save_pretrained`` it there (e.g. for other tools).
+    """
+    from cpt.vocab import build_extended_tokenizer
+
+    cfg = run if isinstance(run, RunConfig) else load_config(run)
+    if cfg.model.vocab is None:
+        raise ValueError("the run config has no model.vocab section: there is nothing to extend")
+    tokenizer, _ = build_extended_tokenizer(load_tokenizer(cfg.model), cfg.model.vocab)
+    if save_to is not None:
+        tokenizer.save_pretrained(str(save_to))
+    return tokenizer
 
 
 def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None):
@@ -153,6 +172,50 @@ def require_adapter_safetensors(adapter_dir: str | os.PathLike) -> None:
         found = " (it holds adapter_model.bin, a pickle)" if (d / "adapter_model.bin").is_file() else ""
         raise ModelLoadError(f"adapter {d}: no adapter_model.safetensors{found}; cpt loads safetensors only. "
                              "Convert once with peft: PeftModel.from_pretrained(...).save_pretrained(DIR, safe_serialization=True)")
+
+
+def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: torch.dtype | None = None):
+    """Load base model + adapter as a ``PeftModel`` (and the tokenizer: the adapter's own if saved, else the base's).
+
+    The base's embeddings are resized to the size recorded in ``cpt_adapter.json`` (vocabulary extension);
+    the new rows' values come from the adapter.
+    """
+    from peft import PeftModel
+
+    from cpt.adapters import ADAPTER_SIDECAR
+
+    adir = Path(adapter_dir)
+    cfg_path = adir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{adir} is not a peft adapter directory (no adapter_config.json)")
+    acfg = json.loads(cfg_path.read_text())
+    base = base or acfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{cfg_path} names no base model; pass base=... (cpt merge --base)")
+    require_adapter_safetensors(adir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", trust_remote_code=False,
+                                                 use_safetensors=require_safetensors(base, "base model"))
+    tok_src = adir if (adir / "tokenizer_config.json").is_file() else Path(base)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False)
+    sidecar = adir / ADAPTER_SIDECAR
+    n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
+    if n_rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(n_rows, mean_resizing=False)
+    peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    return peft_model, tokenizer
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
+    peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
+    merged = peft_model.merge_and_unload()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    make_tokenizer_portable(out)
+    return out
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpt.averaging import refuse_sharded, unwrap
+from cpt.distributed import refuse_sharded, unwrap
 
 PREFIX = "reptile."
 

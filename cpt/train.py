@@ -26,6 +26,7 @@ import yaml
 from cpt.checkpoint import (TRAINER_STATE, CheckpointManager, find_resume_checkpoint, list_checkpoints, resolve_checkpoint,
                             wait_for_writers)
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config, trajectory_changes
+from cpt.distributed import Backend, any_rank, backend
 
 
 class TrainingError(RuntimeError):
@@ -94,7 +95,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
     from cpt.model import build_model, export_hf, load_tokenizer, model_shape, prepare_model
     from cpt.data.prefetch import Prefetcher
     from cpt.optim import build_optimizer, set_lr
-    from cpt.schedules import LRPlan
+    from cpt.schedules import plan_for_run
     from cpt.update_guard import UpdateGuard
 
     run_dir = Path(cfg.run.output_dir)
@@ -148,7 +149,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
     bench = _benchmarks(cfg, acc)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
 
     # --- LR plan and optimizer
-    plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
+    plan = plan_for_run(cfg)
     optimizer = build_optimizer(model, cfg.optim, acc.device.type)
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
         from cpt.vocab import scale_new_rows_updates
@@ -161,7 +162,10 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
     model, optimizer = acc.prepare(model, optimizer)
 
     # --- resume / init
-    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves)
+    from cpt import consolidate  # resume from another backend or number of processes
+
+    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves,
+                              portable=consolidate)
     step, tokens = 0, 0
     reptile = None  # Reptile meta-updates (train.reptile), set up below once the start weights are in place
     spikes = _build_spike_guard(cfg, acc)  # loss-spike guard (train.skip_spikes)
@@ -211,7 +215,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
         say(f"reptile: every {cfg.train.reptile.every} steps, weights <- anchor + {cfg.train.reptile.epsilon:g} x (weights - anchor)")
     if cfg.train.anneal_steps:
         anneal_from = step if anneal_from is None else anneal_from
-        plan = plan.anneal_branch(anneal_from, cfg.train.anneal_steps, cfg.train.anneal_shape)
+        plan = plan_for_run(cfg, anneal_from)
         say(f"anneal branch: steps {anneal_from}..{anneal_from + cfg.train.anneal_steps} from lr {plan.lr(anneal_from):.3g} "
             "to the schedule's min_lr")
     total_steps = anneal_from + cfg.train.anneal_steps if cfg.train.anneal_steps else plan.total_steps
@@ -271,7 +275,7 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
                 else:
                     loss, row_losses = lm_loss.causal_lm_loss(model, micro, eos_id)
                     by_source.add(micro_sources, row_losses)
-                if acc.distributed_type.value == "DEEPSPEED" and not torch.isfinite(loss):  # no host sync otherwise
+                if backend(acc) is Backend.DEEPSPEED and not torch.isfinite(loss):  # no host sync otherwise
                     loss = _zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
                 acc.backward(loss)
                 step_loss += loss.detach() / accum
@@ -423,7 +427,7 @@ def build_accelerator(cfg: RunConfig, grad_accum: int):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         kwargs_handlers=kwargs,
     )
-    if acc.num_processes > 1 and acc.distributed_type.value == "NO":
+    if acc.num_processes > 1 and backend(acc) is Backend.SINGLE:
         # e.g. `accelerate launch --use_fsdp` or --multi_gpu without GPUs: N processes that never synchronise
         raise TrainingError(
             f"{acc.num_processes} processes were launched but accelerate set up no distributed backend "
@@ -447,7 +451,7 @@ def _clip(acc, model, max_norm: float | None) -> torch.Tensor:
         for p in model.parameters():
             if p.grad is not None:
                 total += p.grad.detach().float().pow(2).sum()
-        if acc.num_processes > 1 and acc.distributed_type.value in ("FSDP",):
+        if acc.num_processes > 1 and backend(acc) is Backend.FSDP:
             total = acc.reduce(total, reduction="sum")
         return total.sqrt()
     norm = acc.clip_grad_norm_(model.parameters(), max_norm)
@@ -508,7 +512,7 @@ def _preflight(cfg: RunConfig, run_dir: Path, resume_ckpt: Path | None, init_ckp
                allow_config_change: bool) -> None:
     """Checks that need neither the model nor the data, run before anything is loaded or written."""
     from cpt.model import check_attn_implementation
-    from cpt.schedules import LRPlan
+    from cpt.schedules import plan_for_run
 
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"run.output_dir {run_dir} is an existing file, not a directory: choose another --output-dir")
@@ -525,7 +529,7 @@ def _preflight(cfg: RunConfig, run_dir: Path, resume_ckpt: Path | None, init_ckp
     if cfg.train.anneal_steps and resume_ckpt is None:
         step = json.loads((init_ckpt / TRAINER_STATE).read_text())["step"] if init_ckpt is not None else 0
         try:
-            LRPlan([(s.steps, s.schedule) for s in cfg.stages]).anneal_branch(step, cfg.train.anneal_steps, cfg.train.anneal_shape)
+            plan_for_run(cfg, anneal_from=step)
         except ValueError as e:
             raise TrainingError(f"--anneal from {cfg.train.init_from} (step {step}): {e}") from None
 
@@ -541,7 +545,7 @@ def _build_spike_guard(cfg: RunConfig, acc):
         return None
     from cpt.spikes import SpikeGuard
 
-    if acc.distributed_type.value == "DEEPSPEED":
+    if backend(acc) is Backend.DEEPSPEED:
         raise TrainingError("train.skip_spikes is not supported under DeepSpeed: its engine applies the update inside the "
                             "last backward pass, before the step's loss is known; use DDP or FSDP")
     return SpikeGuard(**cfg.train.skip_spikes.model_dump())
@@ -550,10 +554,10 @@ def _build_spike_guard(cfg: RunConfig, acc):
 def _build_reptile(cfg: RunConfig, acc, model, extra: dict):
     from cpt.reptile import Reptile
 
-    if acc.distributed_type.value == "DEEPSPEED":
+    if backend(acc) is Backend.DEEPSPEED:
         raise TrainingError("train.reptile is not supported under DeepSpeed: its fp32 master partitions would overwrite "
                             "the meta-update; use DDP (or one device)")
-    if acc.distributed_type.value == "FSDP":
+    if backend(acc) is Backend.FSDP:
         raise TrainingError("train.reptile is not supported under FSDP (sharded weights); use DDP (or one device)")
     r = Reptile(acc.unwrap_model(model), cfg.train.reptile.every, cfg.train.reptile.epsilon)
     if any(k.startswith("reptile.") for k in extra):  # resumed: the anchor of the interrupted run
@@ -638,5 +642,4 @@ class PreemptionFlag:
             return self.flag
         if step % self.check_every:
             return False
-        flag = torch.tensor([1.0 if self.flag else 0.0], device=acc.device)
-        return float(acc.reduce(flag, reduction="sum").item()) > 0
+        return any_rank(acc, self.flag)

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from cpt.distributed import Backend, backend, sum_across_ranks
+
 
 @dataclass
 class Outcome:
@@ -51,11 +53,10 @@ class UpdateGuard:
 
     def __init__(self, acc: Any, optimizer: Any, max_in_a_row: int, spikes: Any = None,
                  say: Callable[[str], None] = print):
-        backend = acc.distributed_type.value
         self.acc, self.optimizer, self.max_in_a_row, self.spikes, self.say = acc, optimizer, max_in_a_row, spikes, say
         self.inner = getattr(optimizer, "optimizer", optimizer)
         self.on_device = (spikes is None and supports_device_skip(optimizer)
-                          and backend in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"))
+                          and backend(acc) in (Backend.SINGLE, Backend.DDP))
         self.nonfinite_total = 0
         self.in_a_row = 0
         self._dev_total = torch.zeros((), dtype=torch.int64, device=acc.device)
@@ -69,8 +70,7 @@ class UpdateGuard:
         ``loss``: this rank's mean loss of the step (0-d tensor); ``grad_norm``: the global gradient norm
         (0-d tensor, before clipping). ``step`` (0-based) is only used in messages."""
         bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float().reshape(1)
-        if self.acc.num_processes > 1:
-            bad = self.acc.reduce(bad, reduction="sum")  # all ranks take the same decision (a collective, not a host read)
+        bad = sum_across_ranks(bad, self.acc)  # all ranks take the same decision (a collective, not a host read)
         if self.on_device:
             self.inner.found_inf = (bad > 0).float().reshape(())
             try:

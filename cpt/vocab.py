@@ -25,38 +25,12 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from cpt.configbase import Strict
-
-
-class VocabConfig(Strict):
-    # a text file with one new token per line, or learn `learn_tokens` new tokens from `learn_from`
-    add_tokens_file: str | None = None
-    # a text file, a .jsonl file (field `text_field`), or a directory of such files (read recursively)
-    learn_from: str | None = None
-    learn_tokens: int = Field(0, ge=0)
-    learn_max_chars: int = Field(20_000_000, gt=0)  # read at most this much of `learn_from`
-    text_field: str = "text"
-    init: Literal["mean_of_subtokens", "mean"] = "mean_of_subtokens"
-    # pad the embedding matrix to a multiple of this (tensor-core friendly shapes); None: exact size
-    pad_to_multiple_of: int | None = Field(None, gt=0)
-    # the new rows learn this many times faster (or slower) than the rest: see NewRowsLR
-    new_rows_lr_multiplier: float | None = Field(None, gt=0)
-
-    @model_validator(mode="after")
-    def _something_to_add(self) -> "VocabConfig":
-        if self.add_tokens_file is None and self.learn_from is None:
-            raise ValueError("set add_tokens_file and/or learn_from (with learn_tokens > 0)")
-        if self.learn_from is not None and self.learn_tokens == 0:
-            raise ValueError("learn_from is set but learn_tokens is 0")
-        if self.learn_tokens > 0 and self.learn_from is None:
-            raise ValueError("learn_tokens > 0 needs learn_from (the new corpus)")
-        return self
+from cpt.config import VocabConfig
 
 
 @dataclass
@@ -67,9 +41,6 @@ class VocabPlan:
     tokens: list[str] = field(default_factory=list)  # as they appear in the new vocabulary, in id order
     subtokens: list[list[int]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {"old_size": self.old_size, "tokens": self.tokens, "ids": self.ids, "subtokens": self.subtokens}
 
 
 # ----------------------------------------------------------------------------- corpus reading
@@ -288,25 +259,6 @@ def build_extended_tokenizer(tokenizer, cfg: VocabConfig, texts: Iterable[str] |
     return new_tok, plan
 
 
-def extended_tokenizer_for_run(run, save_to: str | Path | None = None):
-    """The extended tokenizer that ``cpt train`` builds for a run config (a YAML path or a ``RunConfig``):
-    ``model.tokenizer`` (or ``model.name_or_path``) loaded as the loop loads it, extended by ``model.vocab``.
-
-    ``cpt prepare --extend-vocab RUN.yaml`` tokenizes with it, so the shards' tokenizer hash matches the one the
-    training loop checks. ``save_to``: also ``save_pretrained`` it there (e.g. for other tools).
-    """
-    from cpt.config import RunConfig, load_config
-    from cpt.model import load_tokenizer
-
-    cfg = run if isinstance(run, RunConfig) else load_config(run)
-    if cfg.model.vocab is None:
-        raise ValueError("the run config has no model.vocab section: there is nothing to extend")
-    tokenizer, _ = build_extended_tokenizer(load_tokenizer(cfg.model), cfg.model.vocab)
-    if save_to is not None:
-        tokenizer.save_pretrained(str(save_to))
-    return tokenizer
-
-
 def _add_raw_tokens(tokenizer, tokens: list[str]) -> None:
     from tokenizers import AddedToken
 
@@ -367,10 +319,6 @@ def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iter
     model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
     model._cpt_vocab_plan = plan
     return model, new_tok, plan.ids
-
-
-def save_plan(plan: VocabPlan, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(plan.to_json(), indent=1, ensure_ascii=False))
 
 
 # ----------------------------------------------------------------------------- LR multiplier for new rows

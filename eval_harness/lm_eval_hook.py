@@ -28,7 +28,7 @@ per-document values, see :func:`add_missing_stderrs`. ``samples`` picks the docu
 subsets of :mod:`eval_harness.benchmarks`, which also keeps the step-0 scores and the deltas).
 
 For a saved checkpoint (an HF export, or a LoRA adapter with its base), see
-:func:`run_lm_eval_on_checkpoint` and ``cpt eval``.
+:func:`load_for_eval` (then :func:`run_lm_eval_detailed`), as ``cpt eval`` does.
 
 lm-eval seeds Python, NumPy and torch; the hook restores the previous RNG states afterwards so
 that an evaluation in the middle of training does not change the rest of the run, and it restores
@@ -130,18 +130,11 @@ def choose_strategy(accelerator) -> str:
     """``single``, ``data_parallel`` (full weights on every rank) or ``replicated`` (sharded weights)."""
     if accelerator is None or accelerator.num_processes <= 1:
         return "single"
-    from accelerate.utils import DistributedType
+    from cpt.distributed import Backend, backend, shards_weights
 
-    dt = accelerator.distributed_type
-    if dt == DistributedType.FSDP:
-        return "replicated"
-    if dt == DistributedType.DEEPSPEED:
-        plugin = accelerator.state.deepspeed_plugin
-        stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
-        return "replicated" if stage == 3 else "data_parallel"
-    if dt.name.startswith("MULTI_"):  # DDP on GPUs/CPUs/other devices
-        return "data_parallel"
-    return "replicated"  # anything else (tensor/pipeline parallel...): lock-step is the safe choice
+    if backend(accelerator) in (Backend.DDP, Backend.DEEPSPEED) and not shards_weights(accelerator):
+        return "data_parallel"  # full weights on every rank: DDP on GPUs/CPUs/other devices, ZeRO-1/2
+    return "replicated"  # FSDP, ZeRO-3, anything else (tensor/pipeline parallel...): lock-step is the safe choice  # anything else (tensor/pipeline parallel...): lock-step is the safe choice
 
 
 def _module_for(model, strategy: str, accelerator):
@@ -402,14 +395,3 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def run_lm_eval_on_checkpoint(checkpoint: str | Path, tasks: list[str], base: str | None = None,
-                              limit: int | float | None = None, batch_size: int = 8,
-                              include_path: str | Path | list | None = None, device: str | None = None,
-                              max_length: int | None = None, bootstrap_iters: int = 1000,
-                              ) -> tuple[dict[str, float], dict[str, Any]]:
-    """lm-eval on a saved HF export or LoRA adapter, in this process. Returns ``(flat, results)``."""
-    model, tokenizer = load_for_eval(checkpoint, base=base, device=device)
-    return run_lm_eval_detailed(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
-                                include_path=include_path, max_length=max_length, bootstrap_iters=bootstrap_iters)

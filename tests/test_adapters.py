@@ -21,9 +21,9 @@ from cpt.adapters import (
     describe_trainable,
     find_decoder_layers,
     layer_indices,
-    merge_adapter,
     save_adapter,
 )
+from cpt.model import merge_adapter
 
 CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"] * 10
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cpt.experiment import ExperimentError, run_configs, run_experiment
+from cpt.experiment import ExperimentError, run_configs
+from cpt.experiment_sequence import run_sequence_experiment
 from cpt.experiment_sequence import (
     compare,
     derived,
@@ -69,7 +70,7 @@ def seq(tmp_path_factory):
     spec = tiny_spec(root)
     out = root / "out"
     lines: list[str] = []
-    md = run_experiment(spec, out, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    md = run_sequence_experiment(spec, out, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
     return spec, out, md, "\n".join(lines)
 
 
@@ -165,7 +166,7 @@ def test_anneal_branches_start_from_the_trunk_and_anneal_on_the_finished_stage(s
 def test_rerun_skips_everything(seq):
     spec, out, _, _ = seq
     lines: list[str] = []
-    run_experiment(spec, out, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    run_sequence_experiment(spec, out, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
     assert "runs: 0 trained, 0 resumed, 14 skipped" in "\n".join(lines)
 
 

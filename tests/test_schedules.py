@@ -386,11 +386,11 @@ def test_plan_errors_name_the_stage_field(stages, message):
     assert any(message in m for m in validate_stage_schedules(stage_cfgs))
 
 
-def test_validate_for_and_valid_plans_have_no_errors():
+def test_problems_name_the_field_and_valid_plans_have_no_errors():
     cfg = S(type="cosine", warmup_steps=10)
-    cfg.validate_for(11)
-    with pytest.raises(ValueError, match=r"stages\.3\.schedule\.warmup_steps"):
-        cfg.validate_for(5, where="stages.3.schedule")
+    assert cfg.problems(11) == []
+    problems = cfg.problems(5, where="stages.3.schedule")
+    assert len(problems) == 1 and problems[0].startswith("stages.3.schedule.warmup_steps: 10 leaves no decay step")
     stages = [StageConfig(steps=300, mix={"a": 1.0}, schedule=S(**TRUNK)),
               StageConfig(steps=300, mix={"a": 1.0}, schedule=S(**TRUNK, continue_trunk=True))]
     assert validate_stage_schedules(stages) == []
@@ -402,6 +402,33 @@ def test_anneal_needs_a_constant_or_stable_phase_somewhere():
               StageConfig(steps=100, mix={"a": 1.0}, schedule=S(type="linear"))]
     errors = validate_stage_schedules(stages, anneal_steps=10)
     assert len(errors) == 1 and errors[0].startswith("train.anneal_steps: no stage has a constant or stable phase")
+
+
+def test_config_layer_finds_a_constant_phase_exactly_where_the_plan_has_one():
+    """The config layer checks train.anneal_steps without building an LRPlan (cpt.config imports no cpt.schedules):
+    its rule must agree with the phases LRPlan lays out, over every schedule type, stage lengths at the edges
+    (a stable/constant phase of 0 or 1 step) and continued trunks."""
+    from cpt.config import _has_constant_phase
+
+    kinds = [dict(type="constant", warmup_steps=w) for w in (0, 5, 10)]
+    kinds += [dict(type="cosine", warmup_steps=2), dict(type="inverse_sqrt", warmup_steps=3)]
+    kinds += [dict(type="wsd", warmup_steps=w, decay_steps=d) for w in (0, 3) for d in (1, 4, 7)]
+    trunk = dict(type="infinite", max_lr=MAX, constant_lr=CONST, min_lr=MIN, warmup_steps=3, cooldown_steps=4)
+    kinds += [dict(trunk, anneal_steps=a) for a in (None, 1, 3)] + [dict(trunk, cooldown_steps=12)]
+    kinds += [dict(trunk, continue_trunk=True), dict(trunk, cooldown_steps=12, continue_trunk=True)]
+    checked = {True: 0, False: 0}
+    for steps in (7, 10, 11):
+        for first in kinds:
+            for second in [None] + kinds:
+                pairs = [(steps, first)] + ([(steps + 1, second)] if second is not None else [])
+                try:
+                    plan = LRPlan([(n, S(**kw)) for n, kw in pairs])
+                except ValueError:
+                    continue  # an invalid plan never reaches the anneal check
+                expected = any(p.kind == "constant" for p in plan.phases)
+                assert _has_constant_phase(plan.stages) == expected, pairs
+                checked[expected] += 1
+    assert checked[True] > 50 and checked[False] > 20, checked  # both answers were exercised
 
 
 # ------------------------------------------------------------------------------------------ resume

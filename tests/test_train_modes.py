@@ -390,7 +390,7 @@ def test_vocab_extension_with_lora(vocab_setup, base, tiny_cpt_data, tmp_path):
     """LoRA + new tokens: the new rows are trained (peft trainable_token_indices) and merged; old rows untouched."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpt.adapters import merge_adapter
+    from cpt.model import merge_adapter
     from cpt.vocab import VocabConfig, extend_vocabulary
 
     _, vocab, data = vocab_setup

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cpt.demo import byte_level_bpe
 
-from cpt.adapters import LoraConfig, apply_lora, merge_adapter, new_row_ids, save_adapter
+from cpt.adapters import LoraConfig, apply_lora, new_row_ids, save_adapter
+from cpt.model import merge_adapter
 from cpt.vocab import NewRowsLR, VocabConfig, build_extended_tokenizer, extend_vocabulary, learn_new_tokens
 
 OLD = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "

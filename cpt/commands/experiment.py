@@ -37,13 +37,15 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from cpt.experiment import ExperimentError, run_experiment
+    from cpt.experiment_sequence import is_sequence_spec, run_sequence_experiment
     from cpt.train import TrainingError
 
     if args.max_runs is not None and args.max_runs < 0:
         print("cpt experiment: --max-runs must be >= 0", file=sys.stderr)
         return 2
     try:
-        run_experiment(args.spec, args.out, overrides=args.overrides, max_runs=args.max_runs, dry_run=args.dry_run)
+        run = run_sequence_experiment if is_sequence_spec(args.spec) else run_experiment  # corpora: [...] or the pair grid
+        run(args.spec, args.out, overrides=args.overrides, max_runs=args.max_runs, dry_run=args.dry_run)
     except ExperimentError as e:
         print(f"cpt experiment: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from cpt.adapters import merge_adapter
+    from cpt.model import merge_adapter
 
     from cpt.model import ModelLoadError
 

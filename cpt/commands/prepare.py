@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = args.tokenizer
     if args.extend_vocab:
-        from cpt.vocab import extended_tokenizer_for_run
+        from cpt.model import extended_tokenizer_for_run
 
         try:
             tokenizer = extended_tokenizer_for_run(args.extend_vocab)

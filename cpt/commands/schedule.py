@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cpt.schedules import DECAY_SHAPES, LRPlan
+from cpt.schedules import DECAY_SHAPES, LRPlan, plan_for_run
 
 
 def format_tokens(n: float) -> str:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
+        plan = plan_for_run(cfg)
         branch = None
         if args.anneal_from is not None:
             steps = args.anneal_steps or cfg.train.anneal_steps

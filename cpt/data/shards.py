@@ -94,12 +94,6 @@ def new_hasher() -> Any:
     return xxhash.xxh3_64()
 
 
-def checksum_bytes(data: bytes | memoryview) -> str:
-    h = new_hasher()
-    h.update(data)
-    return h.hexdigest()
-
-
 def checksum_stream(f: Any) -> str:
     h = new_hasher()
     while chunk := f.read(_CHUNK):

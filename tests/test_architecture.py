@@ -1,0 +1,158 @@
+"""The module structure (docs/architecture.md): the config layer sits at the bottom and does not import torch,
+and cpt's import graph has no cycle.
+
+The graph is built from the source with ``ast``: every ``import``/``from ... import`` of a cpt.* or eval_harness.*
+module, at module level and inside functions alike (a function-level import only hides a cycle until the function
+runs). ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module. The one dynamic import,
+cli.py's ``importlib.import_module(f"cpt.commands.{name}")``, is not in the graph (nothing imports cli).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cpt", "eval_harness")
+# what the config layer may import from cpt: leaf modules that import nothing of cpt themselves
+CONFIG_LAYER_DEPS = {"cpt.redaction"}
+# the layers of docs/architecture.md, bottom first; a package name covers its submodules. A module imports only from
+# its own layer or those below. (consolidate, accelerator and experiment_sequence are main's, merged alongside.)
+LAYERS = (
+    ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock")),
+    ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.vocab", "cpt.distributed",
+                                "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss")),
+    ("components", ("cpt.optim", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate",
+                    "cpt.metrics", "cpt.checkpoint", "cpt.consolidate", "cpt.report", "eval_harness")),
+    ("loop", ("cpt.train", "cpt.dryrun")),
+    ("commands", ("cpt.cli", "cpt.commands", "cpt.experiment", "cpt.experiment_sequence", "cpt.demo")),
+)
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the cpt/eval_harness modules it imports (anywhere in its source)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from . import x / from ..a import b
+                    base = package[: len(package) - (node.level - 1)]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                targets = [module] + [f"{module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:  # cpt.config.RunConfig -> cpt.config
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None (iterative depth-first search, deterministic order)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(sorted(graph[start]))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph[nxt])))
+    return None
+
+
+def test_the_graph_builder_sees_function_level_and_relative_imports():
+    graph = import_graph()
+    assert "cpt.config" in graph and "cpt.train" in graph and "eval_harness.benchmarks" in graph
+    # cpt.train imports its components inside train() (function level)
+    assert {"cpt.checkpoint", "cpt.data.loader", "cpt.evaluate"} <= graph["cpt.train"]
+    # and the cycle finder finds a planted cycle
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_cpt_import_graph_has_no_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the longest name that is ``module`` or a package above it."""
+    best = None
+    for i, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+                best = (i, len(name))
+    return None if best is None else best[0]
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downwards():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if layer_of(m) is None)
+    assert not unplaced, f"modules in no layer (add them to LAYERS and docs/architecture.md): {unplaced}"
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) -> {d} ({LAYERS[layer_of(d)][0]})"
+              for m in sorted(graph) for d in sorted(graph[m]) if layer_of(d) > layer_of(m)]
+    assert not upward, "imports from a higher layer: " + "; ".join(upward)
+
+
+def test_config_layer_imports_no_other_cpt_module():
+    graph = import_graph()
+    assert graph["cpt.config"] <= CONFIG_LAYER_DEPS, sorted(graph["cpt.config"])
+    for dep in CONFIG_LAYER_DEPS:
+        assert not graph[dep], f"{dep} imports {sorted(graph[dep])}"
+
+
+def test_reading_a_config_does_not_import_torch():
+    """Importing the config layer, validating a config with every component section (schedules, vocab, LoRA,
+    freezing, data sources) and laying out its LR plan (what `cpt schedule` does) never imports torch."""
+    code = textwrap.dedent("""
+        import sys
+        from cpt.config import validate
+        from cpt.data.sources import HeldoutConfig
+        from cpt.schedules import LRPlan
+        import cpt.commands.schedule
+        cfg = validate({
+            "model": {"arch": {"model_type": "llama"}, "tokenizer": "tok",
+                      "vocab": {"add_tokens_file": "new.txt"}, "lora": {"r": 4}, "freeze": {"layers": "0-2"}},
+            "data": {"sources": [{"name": "a", "path": "a"}], "heldout": [{"name": "h", "path": "h", "tag": "upstream"}]},
+            "stages": [{"steps": 100, "mix": {"a": 1.0}, "schedule": {"type": "wsd", "warmup_steps": 10}}],
+            "train": {"init_from": "x", "anneal_steps": 10},
+        })
+        plan = LRPlan([(s.steps, s.schedule) for s in cfg.stages])
+        assert plan.total_steps == 100 and isinstance(cfg.data.heldout[0], HeldoutConfig)
+        print("torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "reading a config imported torch"

@@ -1,0 +1,67 @@
+"""cpt/distributed.py: the backend of every accelerate distributed type, the ZeRO stage, and the all-rank
+decisions (with a fake accelerator whose reduce sums the values of several simulated ranks; the real collectives
+run in the 2-process tests: test_train_distributed.py, test_evaluate_distributed.py, test_crash_consistency.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from cpt.distributed import (Backend, all_ranks_agree, any_rank, backend, rank_and_world, shards_weights, sum_across_ranks,
+                             unwrap, zero_stage)
+
+
+def acc(kind: str, stage: int | None = None, n: int = 2, peers: list[float] | None = None):
+    """A fake accelerator; ``reduce(sum)`` adds ``peers`` (the other ranks' values) to this rank's."""
+    plugin = SimpleNamespace(zero_stage=stage) if stage is not None else None
+    return SimpleNamespace(distributed_type=DistributedType(kind), num_processes=n, process_index=1, device="cpu",
+                           state=SimpleNamespace(deepspeed_plugin=plugin),
+                           reduce=lambda t, reduction: t + sum(peers or []))
+
+
+def test_every_accelerate_distributed_type_has_a_backend():
+    expected = {"NO": Backend.SINGLE, "FSDP": Backend.FSDP, "DEEPSPEED": Backend.DEEPSPEED,
+                "XLA": Backend.OTHER, "MEGATRON_LM": Backend.OTHER}
+    for kind in DistributedType:
+        want = Backend.DDP if kind.value.startswith("MULTI_") else expected[kind.value]
+        assert backend(acc(kind.value)) is want, kind
+    assert backend(None) is Backend.SINGLE
+
+
+@pytest.mark.parametrize("kind, stage, want_stage, sharded", [
+    ("NO", None, 0, False), ("MULTI_GPU", None, 0, False), ("FSDP", None, 0, True),
+    ("DEEPSPEED", 1, 1, False), ("DEEPSPEED", 2, 2, False), ("DEEPSPEED", 3, 3, True), ("DEEPSPEED", None, 0, False),
+])
+def test_zero_stage_and_sharded_weights(kind, stage, want_stage, sharded):
+    a = acc(kind, stage)
+    assert zero_stage(a) == want_stage and shards_weights(a) is sharded
+    assert shards_weights(None) is False
+
+
+def test_all_ranks_agree_only_when_no_rank_disagrees():
+    assert all_ranks_agree(acc("MULTI_CPU", peers=[0.0]), True) is True
+    assert all_ranks_agree(acc("MULTI_CPU", peers=[1.0]), True) is False  # another rank is not ok
+    assert all_ranks_agree(acc("MULTI_CPU", peers=[0.0]), False) is False
+    assert any_rank(acc("MULTI_CPU", peers=[1.0]), False) is True  # another rank raised the flag
+    assert any_rank(acc("MULTI_CPU", peers=[0.0]), False) is False
+    one = acc("NO", n=1, peers=[1.0])  # one process: no collective, its own answer
+    assert all_ranks_agree(one, True) is True and any_rank(one, True) is True
+
+
+def test_rank_sums_and_world():
+    t = torch.tensor([1.0, 2.0])
+    assert sum_across_ranks(t, acc("MULTI_CPU", peers=[torch.tensor([3.0, 4.0])])).tolist() == [4.0, 6.0]
+    assert sum_across_ranks(t, acc("NO", n=1, peers=[torch.tensor([3.0, 4.0])])) is t
+    assert sum_across_ranks(t, None) is t  # no accelerator and no process group
+    assert rank_and_world(acc("MULTI_CPU", n=4)) == (1, 4) and rank_and_world(None) == (0, 1)
+
+
+def test_unwrap_finds_the_model_inside_wrappers():
+    inner = torch.nn.Linear(2, 2)
+    wrapped = torch.nn.Module()
+    wrapped.module = torch.nn.Module()
+    wrapped.module.module = inner
+    assert unwrap(wrapped) is inner and unwrap(inner) is inner
