@@ -233,6 +233,9 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
     by_source = None if cfg.model.liger_kernel else SourceLoss(data.source_names, acc.device)
     stop = PreemptionFlag(_preemption_check_every(cfg, acc))
     stop.install()
+    # restored only when the whole run has ended: a late preemption signal (SLURM may deliver more than one) must not
+    # kill a rank during the final checkpoint wait, exports and barriers, which would leave the other ranks waiting
+    cleanup.callback(stop.uninstall)
 
     logger.log({"train/tokens": tokens, **param_counts}, step=step)
 
@@ -365,7 +368,6 @@ def _train(cfg: RunConfig, *, resume: bool | None, allow_config_change: bool, ec
     feed.close()
     if bar is not None:
         bar.close()
-    stop.uninstall()
 
     # --- the end: final checkpoint, HF export, lm-eval, summary, plots
     if stopped is None:
