@@ -111,6 +111,7 @@ def slurm(tmp_path):
     fake.kill_all()
 
 
+@pytest.mark.timeout(300)  # about 20-40 s; a hang fails here instead of holding the suite for 15 minutes
 def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path, slurm):
 
     def config(name: str) -> Path:
