@@ -11,7 +11,7 @@ import torch
 
 from cpt.config import load_config
 from cpt.metrics import read_metrics
-from tests.conftest import tiny_run_config
+from conftest import tiny_run_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

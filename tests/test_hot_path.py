@@ -10,7 +10,7 @@ import torch
 
 from cpt.config import load_config
 from cpt.metrics import read_metrics
-from tests.conftest import tiny_run_config
+from conftest import tiny_run_config
 
 SYNCING = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
 
