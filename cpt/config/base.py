@@ -1,0 +1,93 @@
+"""The base of every config section and the machinery around it: ``Strict`` (unknown keys are errors),
+``ConfigError``, one error message naming every bad field, YAML files and ``--set`` overrides."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Strict(BaseModel):
+    """The base class of every config section: unknown keys are errors, so a typo in a YAML config never passes
+    silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used. The message names every bad field."""
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML (so 3e-4, true, [a, b], {x: 1} all work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; list items are addressed by index (``stages.0.steps=10``)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.global_batch_size=32")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for j, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                idx = _index(part, node, key)
+                node = node[idx]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[: j + 1])} is not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(last, node, key)] = _parse_value(value)
+        else:
+            node[last] = _parse_value(value)
+    return data
+
+
+def _index(part: str, node: list, key: str) -> int:
+    try:
+        idx = int(part)
+        node[idx]
+        return idx
+    except (ValueError, IndexError):
+        raise ConfigError(f"override {key!r}: {part!r} is not a valid index into a list of {len(node)}") from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = [f"invalid config ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: str = "run, model, data, ...",
+                      error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; `error` names the file and what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise error(f"{p}: the top level must be a mapping ({sections})")
+    return loaded

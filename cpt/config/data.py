@@ -1,0 +1,63 @@
+"""The ``data`` section: training sources (prepared shards or a `datasets` spec) and named held-out sets
+(read by cpt/data)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cpt.config.base import Strict
+
+
+class SourceConfig(Strict):
+    """A training source: a prepared shard directory (local or remote), or a `datasets` spec tokenized on the fly."""
+
+    name: str
+    # type "shards": a directory with manifest.json written by `cpt prepare` (local path or fsspec URL)
+    # type "hf": a `datasets.load_dataset` path (hub id, local folder, or a builder name like "json")
+    path: str
+    type: Literal["shards", "hf"] = "shards"
+    replay: bool = False  # old pre-training data fed back to limit forgetting
+    # options for type "hf"
+    hf_name: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = True
+    # type "hf": a seeded `datasets` shuffle buffer of this many examples (0: dataset order; exact resume)
+    shuffle_buffer: int = Field(0, ge=0)
+
+
+class HeldoutConfig(Strict):
+    """A named held-out set, tagged upstream (old distribution: forgetting) or downstream (new: adaptation)."""
+
+    name: str
+    path: str  # a prepared shard directory (e.g. the `heldout` split written by `cpt prepare`)
+    tag: Literal["upstream", "downstream"]
+    max_tokens: int | None = Field(None, gt=0)  # overrides eval.tokens_per_set for this set
+
+
+class DataConfig(Strict):
+    seq_len: int = Field(2048, gt=0)
+    sources: list[SourceConfig] = Field(min_length=1)
+    heldout: list[HeldoutConfig] = Field(default_factory=list)
+    # warn when a source is seen more than this many epochs (repeated data hurts; see docs)
+    max_epochs_warning: float = Field(4.0, gt=0)
+    # false (default): a start reads the manifests and checks file sizes (rank 0), no shard bytes, whatever the
+    # corpus size; true: rank 0 also checks every file's checksum at every start (reads the whole corpus).
+    # `cpt prepare` verifies what it writes; `cpt verify DIR` re-checks on demand (e.g. after an upload).
+    verify_checksums: bool = False
+    prefetch: bool = True  # read the next global batch in a background thread while a step runs (pinned on CUDA)
+    # intra-document attention: packed documents do not attend across EOS and their positions restart
+    # (training and held-out evaluation; see cpt/data/masking.py)
+    document_masking: bool = False
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        for kind, items in (("sources", self.sources), ("heldout", self.heldout)):
+            names = [s.name for s in items]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"data.{kind}: duplicate names {dup}")
+        return self

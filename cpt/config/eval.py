@@ -1,0 +1,60 @@
+"""The ``eval`` section: held-out evaluation (cpt/evaluate.py) and lm-eval tasks in the loop (eval_harness/)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from cpt.config.base import Strict
+
+
+class LmEvalTask(Strict):
+    """An lm-eval task (or group/tag) to run in the loop; tagged tasks get forgetting/adaptation deltas."""
+
+    name: str = Field(min_length=1)
+    tag: Literal["upstream", "downstream"] | None = None
+    limit: int | None = Field(None, gt=0)  # documents (a seeded subset); default: eval.lm_eval.limit
+
+
+class LmEvalConfig(Strict):
+    # task names (untagged) or {name, tag: upstream|downstream, limit}; see eval_harness/benchmarks.py
+    tasks: list[LmEvalTask] = Field(default_factory=list)
+    every: int | None = Field(None, gt=0)  # steps; None: at the start (eval.at_start) and the end only
+    at_end: bool = True
+    dense: bool = False  # also at the held-out dense points after each stage switch (eval.dense_steps/dense_every)
+    limit: int | None = Field(None, gt=0)  # documents per task: a seeded subset, the same at every evaluation
+    seed: int | None = None  # of the subsets; default: run.seed
+    bootstrap_iters: int = Field(100, ge=2)  # stderrs: closed form for accuracies, a bootstrap for ratio metrics
+    include_path: str | None = None  # folder of task YAMLs; default: eval_harness/tasks
+    batch_size: int = Field(8, gt=0)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        return [{"name": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, v: list[LmEvalTask]) -> list[LmEvalTask]:
+        names = [t.name for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate tasks {dup}")
+        return v
+
+
+class EvalConfig(Strict):
+    every: int = Field(100, gt=0)
+    at_start: bool = True
+    # evaluate every `dense_every` steps during the first `dense_steps` steps of each stage (stability gap)
+    dense_steps: int = Field(0, ge=0)
+    dense_every: int = Field(10, gt=0)
+    # per held-out set: a seeded sample of whole documents up to this many tokens (the whole set if it fits),
+    # the same sample at every evaluation (cpt/data/loader.py sample_heldout)
+    tokens_per_set: int = Field(262144, gt=0)
+    sample_seed: int = 0
+    batch_size: int = Field(8, gt=0)
+    # also evaluate the EMA weights (train.ema_decay) on the held-out sets: ema/eval/<name>/loss
+    ema: bool = False
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)

@@ -1,0 +1,142 @@
+"""The ``model`` section: where the model and tokenizer come from, kernels, and the sections of what is applied to
+the model: vocabulary extension (cpt/vocab.py), LoRA and layer freezing (cpt/adapters.py)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cpt.config.base import Strict
+
+
+class VocabConfig(Strict):
+    # a text file with one new token per line, or learn `learn_tokens` new tokens from `learn_from`
+    add_tokens_file: str | None = None
+    # a text file, a .jsonl file (field `text_field`), or a directory of such files (read recursively)
+    learn_from: str | None = None
+    learn_tokens: int = Field(0, ge=0)
+    learn_max_chars: int = Field(20_000_000, gt=0)  # read at most this much of `learn_from`
+    text_field: str = "text"
+    init: Literal["mean_of_subtokens", "mean"] = "mean_of_subtokens"
+    # pad the embedding matrix to a multiple of this (tensor-core friendly shapes); None: exact size
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+    # the new rows learn this many times faster (or slower) than the rest: see cpt.vocab.NewRowsLR
+    new_rows_lr_multiplier: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _something_to_add(self) -> "VocabConfig":
+        if self.add_tokens_file is None and self.learn_from is None:
+            raise ValueError("set add_tokens_file and/or learn_from (with learn_tokens > 0)")
+        if self.learn_from is not None and self.learn_tokens == 0:
+            raise ValueError("learn_from is set but learn_tokens is 0")
+        if self.learn_tokens > 0 and self.learn_from is None:
+            raise ValueError("learn_tokens > 0 needs learn_from (the new corpus)")
+        return self
+
+
+# ---------------------------------------------------------------- LoRA and freezing (cpt/adapters.py)
+
+NAMED_LAYER_SETS = ("bottom_half", "top_half", "every_other")
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # "all-linear" (peft's shortcut: every Linear layer except the output head) or a list of module names
+    target_modules: str | list[str] = "all-linear"
+    # modules trained in full next to the adapter, e.g. [embed_tokens, lm_head]; saved inside the adapter
+    modules_to_save: list[str] = Field(default_factory=list)
+    # also train every normalisation layer in full (RMSNorm/LayerNorm; a few thousand parameters per layer)
+    train_norms: bool = False
+    # rank-stabilised LoRA scaling (alpha / sqrt(r) instead of alpha / r); helps at high rank (MoRA's concern)
+    use_rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules must name at least one module (or be 'all-linear')")
+        return v
+
+
+class FreezeConfig(Strict):
+    # freeze decoder layers: "0-6" (indices 0..5, end exclusive), "0-4,10,12-14", "bottom_half",
+    # "top_half", "every_other" (even indices); negative indices count from the top ("-4--1")
+    layers: str | None = None
+    # freeze parameters whose name matches any of these regexes (re.search), e.g. ["embed_tokens", "lm_head"]
+    patterns: list[str] = Field(default_factory=list)
+    # if set: freeze everything whose name matches none of these regexes (applied first)
+    train_only: list[str] = Field(default_factory=list)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str | None) -> str | None:
+        if v is not None and v not in NAMED_LAYER_SETS:
+            parse_layer_ranges(v, None)  # syntax check only
+        return v
+
+    @field_validator("patterns", "train_only")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regex: {e}") from None
+        return v
+
+
+def parse_layer_ranges(spec: str, n: int | None) -> list[int]:
+    """'0-6' -> 0..5; '0-4,10' -> 0..3,10; negative numbers count from the end when n is known."""
+    out: list[int] = []
+    for part in (x.strip() for x in spec.split(",")):
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not m:
+            raise ValueError(f"bad layer spec {part!r} in {spec!r}: use 'a-b' (end exclusive), an index, "
+                             f"or one of {', '.join(NAMED_LAYER_SETS)}")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else None
+        if n is not None:
+            a = a + n if a < 0 else a
+            if b is not None:
+                b = b + n if b < 0 else b
+        if b is None:
+            b = a + 1
+        if n is not None and not (0 <= a < b <= n):
+            raise ValueError(f"layer spec {part!r} is out of range for a model with {n} layers")
+        if n is None and b <= a and a >= 0 and b >= 0:
+            raise ValueError(f"layer spec {part!r}: empty range (the end is exclusive)")
+        out.extend(range(a, b))
+    return sorted(set(out))
+
+
+class ModelConfig(Strict):
+    # A hub id, a local `save_pretrained` directory, or None to build from `arch` (random init).
+    name_or_path: str | None = None
+    # transformers config kwargs for a model built from scratch, e.g. {model_type: llama, hidden_size: 256, ...}
+    arch: dict[str, Any] | None = None
+    # Tokenizer: a hub id or local directory; defaults to name_or_path.
+    tokenizer: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # set on the model's config before the weights load, e.g. long-context CPT:
+    # {max_position_embeddings: 32768, rope_parameters: {rope_type: default, rope_theta: 1000000}}
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    liger_kernel: bool = False  # Liger fused kernels (fused linear cross-entropy...) when installed
+    lora: LoraConfig | None = None
+    freeze: FreezeConfig | None = None
+    vocab: VocabConfig | None = None
+
+    @model_validator(mode="after")
+    def _source_given(self) -> "ModelConfig":
+        if self.name_or_path is None and self.arch is None:
+            raise ValueError("set model.name_or_path (pretrained model) or model.arch (build from scratch)")
+        if self.name_or_path is None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is required when the model is built from model.arch")
+        return self

@@ -1,0 +1,145 @@
+"""The whole run config (``RunConfig``: every section and the checks across sections), loading and validating it,
+the copy written anywhere (secrets redacted) and the trajectory fields a ``--resume`` must not change."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from cpt.config.base import ConfigError, Strict, apply_overrides, format_validation_error, read_yaml_mapping
+from cpt.config.data import DataConfig
+from cpt.config.eval import EvalConfig
+from cpt.config.model import ModelConfig
+from cpt.config.outputs import CheckpointConfig, LoggingConfig
+from cpt.config.stages import StageConfig, validate_stage_schedules
+from cpt.config.train import OptimConfig, TrainConfig
+from cpt.redaction import redact
+
+
+class RunSection(Strict):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 1234
+    # take over output_dir's run.lock even if its holder may be alive (a shared filesystem where the
+    # holder's PID cannot be checked from this host); `cpt train --force-lock`
+    force_lock: bool = False
+
+
+class RunConfig(Strict):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelConfig
+    data: DataConfig
+    stages: list[StageConfig] = Field(min_length=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        names = {s.name for s in self.data.sources}
+        errors = []
+        for i, st in enumerate(self.stages):
+            unknown = sorted(set(st.mix) - names)
+            if unknown:
+                errors.append(f"stages.{i}.mix: unknown sources {unknown} (data.sources has {sorted(names)})")
+            unknown = sorted(set(st.mix_ramp) - set(st.mix))
+            if unknown:
+                errors.append(f"stages.{i}.mix_ramp: sources {unknown} are not in the stage's mix")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            errors.append(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.train.micro_batch_size})"
+            )
+        if self.eval.ema and self.train.ema_decay is None:
+            errors.append("eval.ema: evaluating the EMA needs train.ema_decay")
+        if self.train.anneal_steps is not None and self.train.init_from is None:
+            errors.append("train.anneal_steps needs train.init_from (the checkpoint to branch from)")
+        errors += validate_stage_schedules(self.stages, anneal_steps=self.train.anneal_steps)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config (or start from ``base``), apply overrides, validate."""
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if path is not None:
+        data.update(read_yaml_mapping(path))
+    data = apply_overrides(data, overrides or [])
+    return validate(data)
+
+
+# What a --resume must not change: the fields that change the training trajectory. Everything else may change on
+# resume: the world size and train.micro_batch_size (gradient accumulation), kernels and memory
+# (model.attn_implementation/compile/liger_kernel/gradient_checkpointing, optim.fused), the locations of the
+# model, tokenizer and data (the checkpoint holds the weights; the data fingerprint and tokenizer hash check the
+# content), held-out sets, logging, evaluation and checkpoint cadence, stage names, run.name and output_dir.
+TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.document_masking", "stages", "optim",
+                     "train.global_batch_size", "train.precision", "train.anneal_steps", "train.anneal_shape",
+                     "train.ema_decay", "train.reptile", "train.skip_spikes")
+NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "fused", "name",
+                  "name_or_path", "tokenizer", "revision", "path", "add_tokens_file", "learn_from", "trust_remote_code"}
+
+
+def _leaves(obj: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        return {k: v for key, val in obj.items() for k, v in _leaves(val, f"{prefix}.{key}").items()}
+    if isinstance(obj, list) and obj and any(isinstance(x, (dict, list)) for x in obj):
+        return {k: v for i, val in enumerate(obj) for k, v in _leaves(val, f"{prefix}.{i}").items()}
+    return {prefix: obj}
+
+
+def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """``field: saved -> now`` for every trajectory field (TRAJECTORY_FIELDS) in which ``cfg`` differs from
+    ``saved`` (a checkpoint's config.yaml, as written: secrets redacted, so they compare as equal)."""
+    now = config_to_dict(cfg)
+
+    def pick(d: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for field in TRAJECTORY_FIELDS:
+            node: Any = d
+            for part in field.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            out.update(_leaves(node, field))
+        return {k: v for k, v in out.items() if k.rsplit(".", 1)[-1] not in NOT_TRAJECTORY}
+
+    a, b = pick(saved), pick(now)
+    missing = "(not set)"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b), key=_field_order)
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def _field_order(key: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as written anywhere (config.yaml, checkpoints, W&B): secrets redacted at any depth,
+    free-form dicts (model.arch, model.config_overrides) included (see cpt/redaction.py)."""
+    return redact(cfg.model_dump(mode="json"))
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,69 @@
+"""The ``optim`` and ``train`` sections: AdamW and its parameter groups (cpt/optim.py), and the loop's settings
+(batch sizes, precision, init/anneal branches, EMA, Reptile, spike skipping, the loss path)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from cpt.config.base import Strict
+
+
+class OptimConfig(Strict):
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = Field(1.0, gt=0)
+    fused: bool | None = None  # None: fused AdamW when on CUDA
+    decay_embeddings: bool = True  # apply weight decay to embedding matrices
+    # module-name regex -> LR multiplier, e.g. {"embed_tokens": 0.1, "lm_head": 0.5}
+    lr_multipliers: dict[str, float] = Field(default_factory=dict)
+    # LR multiplier for layers with index < K: {"below": K, "multiplier": m}
+    lower_layers: dict[str, float] | None = None
+
+
+class ReptileConfig(Strict):
+    """Reptile meta-updates (the gradient alignment of MER, see cpt/reptile.py): every `every` optimizer steps,
+    weights <- anchor + epsilon * (weights - anchor)."""
+
+    every: int = Field(gt=0)
+    epsilon: float = Field(gt=0, le=1)
+
+
+class SpikeConfig(Strict):
+    """Skip the update of a loss/grad-norm spike (see cpt/spikes.py): above mean + sigma * std of the last
+    `window` steps (once `min_history` are known; default window // 2); the window restarts at stage switches."""
+
+    sigma: float = Field(6.0, gt=0)
+    window: int = Field(128, ge=2)
+    min_history: int | None = Field(None, ge=2)
+    max_in_a_row: int = Field(8, gt=0)
+
+
+class TrainConfig(Strict):
+    global_batch_size: int = Field(64, gt=0)  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = Field(8, gt=0)  # sequences per forward pass per rank
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    log_every: int = Field(10, gt=0)
+    max_nonfinite_in_a_row: int = Field(5, gt=0)
+    # start weights (and optionally optimizer) from this checkpoint/run dir, not its data position
+    init_from: str | None = None
+    init_optimizer: bool = False
+    # anneal branch: from `init_from`, anneal for this many steps (see `cpt train --anneal`)
+    anneal_steps: int | None = Field(None, gt=0)
+    anneal_shape: Literal["linear", "cosine", "exponential", "1-sqrt"] = "linear"
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    reptile: ReptileConfig | None = None
+    skip_spikes: SpikeConfig | None = None
+    # a tqdm bar when stdout is a terminal; otherwise (batch jobs) and when false: a plain line every log_every steps
+    progress_bar: bool = True
+    # next-token loss over chunks of positions, never the full [B, L, vocab] logits (cpt/chunked_loss.py):
+    # "auto" where the model supports it (else the full-logits loss, with a logged reason), true (or an error), false
+    chunked_loss: bool | Literal["auto"] = "auto"
+    loss_chunk_tokens: int = Field(1024, gt=0)  # positions per chunk: memory ~ chunk x vocab x 4 bytes
+    peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
+    # with several processes on GPUs: steps between the all-rank checks for a preemption signal (each costs a host sync)
+    preemption_check_every: int = Field(10, gt=0)
+    # TF32 tensor cores for fp32 matmuls on CUDA (what fp32 ops remain under bf16 autocast; all of them in fp32 runs)
+    tf32: bool = True
