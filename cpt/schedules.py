@@ -287,10 +287,6 @@ class LRPlan:
             raise ValueError(f"step must be >= 0 (got {step})")
         return bisect_right(self.starts, int(step)) - 1
 
-    @property
-    def final_lr(self) -> float:
-        return self.lr(self.total_steps - 1)
-
     def boundaries(self) -> list[tuple[int, float, str]]:
         """``(step, lr, label)`` at the first and the last update of every phase, in step order."""
         out = []

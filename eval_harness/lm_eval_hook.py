@@ -1,7 +1,7 @@
 """lm-eval over the live model during training, and over saved checkpoints.
 
-``run_lm_eval(model, tokenizer, tasks, ...)`` wraps the model being trained in lm-eval's ``HFLM`` and
-returns flat metrics ``{"lm_eval/<task>/<metric>": value}``. The local tasks in ``eval_harness/tasks``
+``run_lm_eval_detailed(model, tokenizer, tasks, ...)`` wraps the model being trained in lm-eval's ``HFLM`` and
+returns flat metrics ``{"lm_eval/<task>/<metric>": value}`` with lm-eval's results. The local tasks in ``eval_harness/tasks``
 (tag ``cpt_local``) run offline from any working directory; other task names go through lm-eval's
 default task registry (hub datasets: they need the network).
 
@@ -90,12 +90,6 @@ def task_sizes(names: list[str], include_path: str | Path | list | None = None) 
     """``{name: {leaf task: number of documents}}``: what each requested task, group or tag expands to."""
     manager = make_task_manager(list(names), include_path)
     return {name: {leaf: len(task.eval_docs) for leaf, task in manager.load([name])["tasks"].items()} for name in names}
-
-
-def local_task_names(include_path: str | Path | list | None = None) -> list[str]:
-    from lm_eval.tasks import TaskManager
-
-    return sorted(TaskManager(include_path=_include_paths(include_path), include_defaults=False).all_tasks)
 
 
 # ---------------------------------------------------------------- results
@@ -188,8 +182,12 @@ def run_lm_eval_detailed(
     samples: dict[str, list[int]] | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Like :func:`run_lm_eval`, also returning lm-eval's results dict (``results``, ``configs``,
-    ``versions``, ``n-samples``, ``higher_is_better``; JSON-serialisable). Both are the same on every rank.
+    """Run lm-eval ``tasks`` on the live ``model``: ``{"lm_eval/<task>/<metric>": value}`` and lm-eval's results
+    dict (``results``, ``configs``, ``versions``, ``n-samples``, ``higher_is_better``; JSON-serialisable).
+
+    Call it on every rank (see the module docstring for the multi-process strategies); every rank gets the same
+    two. ``limit`` caps the examples per task; ``include_path`` adds task YAML folders to the bundled
+    ``eval_harness/tasks``; ``max_length`` caps the context (default: the model config's).
 
     ``samples``: ``{task: [document indices]}`` to evaluate (lm-eval's own option; not together with
     ``limit``). ``bootstrap_iters`` > 0 asks for standard errors: lm-eval computes them in closed form
@@ -307,27 +305,6 @@ def add_missing_stderrs(results: dict[str, Any], iters: int, seed: int = 0) -> N
                 se = None
             if se is not None:
                 metrics[skey] = se
-
-
-def run_lm_eval(
-    model,
-    tokenizer,
-    tasks: list[str],
-    limit: int | float | None = None,
-    batch_size: int = 8,
-    include_path: str | Path | list | None = None,
-    accelerator=None,
-    max_length: int | None = None,
-) -> dict[str, float]:
-    """Run lm-eval ``tasks`` on the live ``model`` and return ``{"lm_eval/<task>/<metric>": value}``.
-
-    Call it on every rank (see the module docstring for the multi-process strategies); every rank gets
-    the same dict. ``limit`` caps the examples per task; ``include_path`` adds task YAML folders to the
-    bundled ``eval_harness/tasks``; ``max_length`` caps the context (default: the model config's).
-    """
-    flat, _ = run_lm_eval_detailed(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
-                                   include_path=include_path, accelerator=accelerator, max_length=max_length)
-    return flat
 
 
 def _clean(results: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -15,8 +15,6 @@ from eval_harness.lm_eval_hook import (  # noqa: E402
     LOCAL_TASKS_DIR,
     choose_strategy,
     flatten_results,
-    local_task_names,
-    run_lm_eval,
     run_lm_eval_detailed,
 )
 
@@ -59,7 +57,9 @@ def model(tokenizer):
 
 def test_local_tasks_are_registered_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # data paths must not depend on the current directory
-    names = local_task_names()
+    from lm_eval.tasks import TaskManager
+
+    names = TaskManager(include_path=[str(LOCAL_TASKS_DIR)], include_defaults=False).all_tasks
     assert {"cpt_arith_mc", "cpt_python_mc", "cpt_shakespeare_mc", "cpt_python_next", "cpt_shakespeare_next",
             "cpt_python_ppl", "cpt_shakespeare_ppl"} <= set(names)
 
@@ -91,14 +91,14 @@ def test_hook_returns_results_for_local_mc_and_perplexity_tasks(model, tokenizer
     json.dumps(raw)  # serialisable as it is
 
     # same model, same data: the same numbers again
-    again = run_lm_eval(model, tokenizer, [MC, PPL], limit=8, batch_size=2, max_length=128)
+    again, _ = run_lm_eval_detailed(model, tokenizer, [MC, PPL], limit=8, batch_size=2, max_length=128)
     assert again[f"lm_eval/{MC}/acc"] == acc
     assert again[f"lm_eval/{PPL}/bits_per_byte"] == pytest.approx(flat[f"lm_eval/{PPL}/bits_per_byte"], rel=1e-5)
 
 
 def test_training_changes_the_perplexity_result(model, tokenizer):
     """The hook evaluates the live weights, not a copy taken earlier."""
-    before = run_lm_eval(model, tokenizer, [PPL], limit=4, batch_size=4, max_length=128)
+    before, _ = run_lm_eval_detailed(model, tokenizer, [PPL], limit=4, batch_size=4, max_length=128)
     text = json.loads((LOCAL_TASKS_DIR / "data" / "cpt_shakespeare_ppl.jsonl").read_text().splitlines()[0])["text"]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :128]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -108,7 +108,7 @@ def test_training_changes_the_perplexity_result(model, tokenizer):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    after = run_lm_eval(model, tokenizer, [PPL], limit=4, batch_size=4, max_length=128)
+    after, _ = run_lm_eval_detailed(model, tokenizer, [PPL], limit=4, batch_size=4, max_length=128)
     key = f"lm_eval/{PPL}/bits_per_byte"
     assert after[key] < before[key] - 0.05
 

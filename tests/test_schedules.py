@@ -235,7 +235,7 @@ def test_continue_trunk_then_anneal_in_a_later_stage():
 
 def test_past_the_end_holds_the_final_lr_and_stage_index():
     p = LRPlan([(30, S(type="cosine", max_lr=MAX, min_lr=MIN)), (20, S(type="linear", max_lr=MAX, min_lr=2e-5))])
-    assert p.lr(49) == 2e-5 and p.lr(50) == 2e-5 and p.lr(10**7) == 2e-5 and p.final_lr == 2e-5
+    assert p.lr(49) == 2e-5 and p.lr(50) == 2e-5 and p.lr(10**7) == 2e-5
     assert [p.stage_index(s) for s in (0, 29, 30, 49, 50, 999)] == [0, 0, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="step must be >= 0"):
         p.lr(-1)

@@ -4,7 +4,3 @@ Each ``cpt_*.yaml`` loads its rows through ``cpt_local_data.load`` (``custom_dat
 resolves ``data/<file>`` against this folder, so the tasks do not depend on the current directory
 (``data_files`` in a task YAML would). All carry the tag ``cpt_local``.
 """
-
-from pathlib import Path
-
-TASKS_DIR = Path(__file__).resolve().parent
