@@ -1,10 +1,9 @@
-"""Packed streams: permutation, epochs, rank x worker slices, O(1) resume; the on-the-fly `datasets` source."""
+"""Packed streams: permutation, epochs, random access; the on-the-fly `datasets` source."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from cpt.data.hfstream import HFSourceError, HFTokenStream
 from cpt.data.prepare import prepare
@@ -71,39 +70,6 @@ def test_each_epoch_is_a_new_order_covering_every_sequence(shards):
     seqs = s.sequences(np.array([0, 1, n + 2]))
     for row, i in zip(seqs, [e0[0], e0[1], e1[2]]):
         assert row.tolist() == tokens[i * L : (i + 1) * L].tolist()  # packing: consecutive tokens of the stream
-
-
-def test_ranks_and_workers_are_disjoint_and_cover_an_epoch(shards):
-    seen = {}
-    for rank in range(2):
-        ds = PackedStream(shards, L, seed=3, name="a", rank=rank, world_size=2).limit_epochs(1)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
-        seen[rank] = [(int(item["position"]), item["input_ids"]) for item in loader]
-    positions = [p for r in seen.values() for p, _ in r]
-    n = PackedStream(shards, L, seed=3, name="a").num_sequences
-    assert len(positions) == len(set(positions)) == n and set(positions) == set(range(n))
-    assert not {p for p, _ in seen[0]} & {p for p, _ in seen[1]}
-    ref = PackedStream(shards, L, seed=3, name="a")
-    for p, ids in seen[0][:5] + seen[1][-5:]:
-        assert ids.tolist() == ref.sequences(np.array([p]))[0].tolist()
-    # every sequence index (not just every position) appears exactly once
-    assert sorted(ref.sequence_ids(np.array(positions)).tolist()) == list(range(n))
-
-
-def test_state_dict_resumes_in_constant_time(shards, monkeypatch):
-    a = PackedStream(shards, L, seed=5, name="a", rank=1, world_size=2)
-    it = iter(a)
-    for _ in range(37):
-        next(it)
-    state = a.state_dict()
-    expected = [next(it)["input_ids"].tolist() for _ in range(10)]
-    b = PackedStream(shards, L, seed=5, name="a", rank=1, world_size=2)
-    monkeypatch.setattr(shards, "read_many", lambda *a, **k: pytest.fail("load_state_dict must not read data"))
-    b.load_state_dict(state)
-    monkeypatch.undo()
-    assert [item["input_ids"].tolist() for _, item in zip(range(10), b)] == expected
-    with pytest.raises(ValueError, match="sequences per epoch"):
-        PackedStream(shards, L * 2, seed=5).load_state_dict(state)
 
 
 def test_too_small_source_is_a_clear_error(tmp_path, tokenizer):

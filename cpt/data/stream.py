@@ -9,18 +9,15 @@ Order: the stream is an endless list of *positions* ``p = 0, 1, 2, ...``; positi
 bijection on ``[0, N)`` (cycle walking), so it needs O(1) memory for any corpus size, any position
 is computed directly, and every epoch has its own order: a pure function of (seed, source name, epoch).
 
-Splits: ``PackedStream`` is also a torch ``IterableDataset``; rank ``r`` of ``W`` with dataloader
-worker ``w`` of ``K`` reads positions ``p ≡ r*K + w (mod W*K)``: disjoint, and together every
-sequence once per epoch. Its state is the next position, so ``load_state_dict`` is O(1).
+A stream holds no position: its reader (``cpt.data.loader.CPTDataLoader``) keeps one counter per source and
+asks for the sequences at any positions, so a resume is O(1) and nothing is re-read.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from cpt.data.shards import TokenShards
 
@@ -81,28 +78,21 @@ class Permutation:
         return x.astype(np.int64)
 
 
-class PackedStream(torch.utils.data.IterableDataset):
-    """Fixed-length sequences of one prepared source, in a deterministic, resumable order.
+class PackedStream:
+    """Fixed-length sequences of one prepared source, in a deterministic order.
 
-    ``sequences(positions)`` gives the sequences at any positions (random access, used by the
-    mixer); iterating yields this rank/worker's slice from the current position on.
+    ``sequences(positions)`` gives the sequences at any positions (random access, used by the loader).
     """
 
-    def __init__(self, shards: TokenShards, seq_len: int, seed: int = 0, name: str = "",
-                 rank: int = 0, world_size: int = 1):
-        super().__init__()
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int = 0, name: str = ""):
         if seq_len <= 0:
             raise ValueError(f"seq_len must be positive (got {seq_len})")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.shards, self.seq_len, self.seed, self.name = shards, seq_len, seed, name
-        self.rank, self.world_size = rank, world_size
         self.num_sequences = shards.num_tokens // seq_len
         if self.num_sequences == 0:
             raise ValueError(
                 f"source {name or shards.path!r} has {shards.num_tokens} tokens, fewer than one sequence of {seq_len}"
             )
-        self.position = 0  # next position this stream's iterator yields (global, before rank/worker split)
         self._perms: dict[int, Permutation] = {}
         self._blocks: dict[tuple[int, int], np.ndarray] = {}  # (epoch, block) -> sequence ids
 
@@ -150,52 +140,3 @@ class PackedStream(torch.utils.data.IterableDataset):
     def epoch_of(self, position: int) -> float:
         """Epochs completed (fractional) after consuming ``position`` sequences."""
         return position / self.num_sequences
-
-    # ------------------------------------------------------------ iteration (rank x worker slices)
-
-    def _slice(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.world_size * workers, self.rank * workers + worker
-
-    def iter_positions(self, epochs: int | None = None) -> Iterator[int]:
-        """Positions of this rank/worker from ``self.position`` on (forever, or until ``epochs`` are done)."""
-        stride, offset = self._slice()
-        start = self.position + (offset - self.position) % stride
-        end = None if epochs is None else epochs * self.num_sequences
-        p = start
-        while end is None or p < end:
-            yield p
-            p += stride
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Yield ``{"input_ids", "position"}``; in-process (no workers), ``position`` advances as ranks do in
-        lockstep: after yielding position ``p`` the state points at the next round, ``p - offset + stride``."""
-        stride, offset = self._slice()
-        in_process = torch.utils.data.get_worker_info() is None
-        for p in self.iter_positions(self._epochs_limit):
-            tokens = self.sequences(np.array([p]))[0]
-            if in_process:
-                self.position = p - offset + stride
-            yield {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "position": p}
-
-    _epochs_limit: int | None = None
-
-    def limit_epochs(self, epochs: int | None) -> "PackedStream":
-        """Make iteration stop after ``epochs`` epochs (None: endless)."""
-        self._epochs_limit = epochs
-        return self
-
-    # ------------------------------------------------------------ resume
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "seed": self.seed, "num_sequences": self.num_sequences}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position: O(1), nothing is re-read. The packing must be the same."""
-        if state.get("num_sequences", self.num_sequences) != self.num_sequences:
-            raise ValueError(
-                f"stream {self.name!r}: the saved state has {state['num_sequences']} sequences per epoch, "
-                f"this data has {self.num_sequences} (different data or seq_len)"
-            )
-        self.position = int(state["position"])
