@@ -7,7 +7,9 @@ Order of application when a run uses several of these (see docs/adapters.md):
 3. freezing (:func:`apply_freeze`), which can further freeze parts (also adapter weights, e.g. the LoRA
    weights of the bottom layers) — without LoRA it freezes parts of the full model.
 
-All of it must happen before the optimizer is built and before ``accelerator.prepare``.
+All of it must happen before the optimizer is built and before ``accelerator.prepare``. A setting that does not fit
+the loaded model (a LoRA module name that names no module, a layer range past the last layer) is a ``ConfigError``
+naming the field: one line from ``cpt train``, no traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from cpt.config import FreezeConfig, LoraConfig, parse_layer_ranges
+from cpt.config import ConfigError, FreezeConfig, LoraConfig, parse_layer_ranges
 
 ADAPTER_SIDECAR = "cpt_adapter.json"
 
@@ -75,8 +77,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, int]:
             if last in ("layers", "h", "blocks", "block") and (best is None or len(module) > best[1]):
                 best = (name, len(module))
     if best is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
-                         "(no ModuleList named layers/h/blocks); freeze by `patterns` instead")
+        raise ConfigError(f"model.freeze.layers: cannot find the decoder layers of {type(model).__name__} "
+                          "(no ModuleList named layers/h/blocks); freeze by `patterns` instead")
     return best
 
 
@@ -103,7 +105,10 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> list[str]:
         selected |= {n for n in names if not any(r.search(n) for r in keep)}
     if cfg.layers is not None:
         list_name, n_layers = find_decoder_layers(model)
-        idx = layer_indices(cfg.layers, n_layers)
+        try:
+            idx = layer_indices(cfg.layers, n_layers)
+        except ValueError as e:  # e.g. a range past the last layer
+            raise ConfigError(f"model.freeze.layers: {e}") from None
         prefixes = tuple(f"{list_name}.{i}." for i in idx)
         selected |= {n for n in names if n.startswith(prefixes)}
     if cfg.patterns:
@@ -113,7 +118,7 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> list[str]:
         if n in selected:
             p.requires_grad_(False)
     if names and len(selected) == len(names):
-        raise ValueError("the freeze config freezes every trainable parameter; nothing would be trained")
+        raise ConfigError("model.freeze: the freeze config freezes every trainable parameter; nothing would be trained")
     return sorted(selected)
 
 
@@ -143,6 +148,27 @@ def new_row_ids(model: nn.Module, new_token_ids: Iterable[int]) -> list[int]:
     return sorted(set(ids) | set(range(ids[-1] + 1, n_rows)))
 
 
+def check_lora_modules(model: nn.Module, cfg: LoraConfig) -> None:
+    """Every module name in ``target_modules`` and ``modules_to_save`` must match a module of ``model``, as peft matches
+    them (a target: the module's name or its last dotted parts; a module to save: the end of its name). peft adapts
+    what matches and skips the rest without a word, so a misspelt name next to a correct one would train less than
+    the config says. ``ConfigError`` names the field and the model's linear layers."""
+    names = [n for n, _ in model.named_modules() if n]
+    targets = [] if cfg.target_modules == "all-linear" else (
+        [cfg.target_modules] if isinstance(cfg.target_modules, str) else list(cfg.target_modules))
+    errors = []
+    bad = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if bad:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        errors.append(f"model.lora.target_modules: {bad} match no module of this {type(model).__name__} "
+                      f"(its linear layers: {', '.join(linear)}; or 'all-linear')")
+    bad = [m for m in cfg.modules_to_save if not any(n.endswith(m) for n in names)]
+    if bad:
+        errors.append(f"model.lora.modules_to_save: {bad} match no module of this {type(model).__name__}")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None):
     """Wrap ``model`` in a peft LoRA adapter (a ``PeftModel``); every base weight becomes frozen.
 
@@ -153,6 +179,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    check_lora_modules(model, cfg)
     modules_to_save = list(cfg.modules_to_save)
     if cfg.train_norms:
         modules_to_save += [n for n in norm_module_names(model) if n not in modules_to_save]
@@ -184,7 +211,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
         task_type="CAUSAL_LM",
         **kwargs,
     )
-    peft_model = get_peft_model(model, pcfg)
+    try:
+        peft_model = get_peft_model(model, pcfg)
+    except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
+        raise ConfigError(f"model.lora: {e}") from None
     peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
     return peft_model
 

@@ -34,6 +34,10 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     check_vocab_fits(cfg.model, tokenizer, model.get_input_embeddings().weight.shape[0])
+    if cfg.model.lora is not None:  # every LoRA module name names a module of this model
+        from cpt.adapters import check_lora_modules
+
+        check_lora_modules(model, cfg.model.lora)
     if cfg.model.vocab is not None:  # training reads the data with the extended tokenizer (shards made with it)
         from cpt.vocab import build_extended_tokenizer
 

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from cpt.config import VocabConfig
+from cpt.config import ConfigError, VocabConfig
 
 
 @dataclass
@@ -51,19 +51,19 @@ def read_texts(path: str | Path, max_chars: int = 20_000_000, text_field: str = 
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     if not files or not files[0].exists():
-        raise FileNotFoundError(f"vocab.learn_from: nothing to read at {p}")
+        raise ConfigError(f"model.vocab.learn_from: nothing to read at {p}")
     left = max_chars
     for f in files:
         if left <= 0:
             return
         if f.suffix == ".jsonl":
             with f.open(encoding="utf-8", errors="replace") as fh:
-                for line in fh:
+                for lineno, line in enumerate(fh, 1):
                     if left <= 0:
                         return
                     line = line.strip()
                     if line:
-                        text = str(json.loads(line).get(text_field, ""))[:left]
+                        text = str(_json_record(line, f, lineno).get(text_field, ""))[:left]
                         left -= len(text)
                         yield text
         else:
@@ -75,8 +75,20 @@ def read_texts(path: str | Path, max_chars: int = 20_000_000, text_field: str = 
             yield text
 
 
+def _json_record(line: str, path: Path, lineno: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise ConfigError(f"model.vocab.learn_from: {path} line {lineno} is not a JSON object")
+    return record
+
+
 def read_token_file(path: str | Path) -> list[str]:
     """One token per line; only the line break is removed (leading/trailing spaces are part of the token)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.vocab.add_tokens_file: no such file {path}")
     lines = Path(path).read_text(encoding="utf-8").split("\n")
     out, seen = [], set()
     for line in lines:
@@ -366,7 +378,8 @@ class NewRowsLR:
                 if w.requires_grad and all(w is not t for t, _ in targets):
                     targets.append((w, rows))
         if not targets:
-            raise ValueError("no trainable new rows found (are the embeddings frozen?)")
+            raise ConfigError("model.vocab.new_rows_lr_multiplier: no trainable new rows found "
+                              "(are the embeddings frozen?)")
         return cls(targets, multiplier)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "NewRowsLR":

@@ -1,7 +1,8 @@
 """Mistakes users make end in one clear error line, exit code != 0, and nothing half-written (issues 12 and 13):
 init_from without weights, --output-dir naming a file, a tokenizer larger than the embedding, flash-attn missing,
 an anneal branch from a decaying phase, a --resume that changes the trajectory, pickle-only checkpoints for
-`cpt average` / `cpt eval`, a held-out set made with another tokenizer (--dry-run). Also: --resume without a
+`cpt average` / `cpt eval`, a held-out set made with another tokenizer (--dry-run), LoRA module names and layer
+ranges that do not fit the loaded model. Also: --resume without a
 checkpoint says it starts fresh, and the normalised mix shares are printed."""
 
 import contextlib
@@ -242,3 +243,23 @@ def test_resumed_anneal_branch_continues_its_anneal(trunk, tmp_path, capsys):
     assert "resumed" in capsys.readouterr().out
     again = {r["step"]: (r["train/lr"], r["train/loss"]) for r in read_metrics(branch) if "train/loss" in r}
     assert again == full
+
+
+def test_model_settings_that_do_not_fit_the_loaded_model(tiny_cpt_data, tmp_path, capsys):
+    """Config values only the loaded model can check (issue 13): a LoRA module name that names no module (next to a
+    correct one, which peft would adapt while silently skipping the typo) and a layer range past the last layer end
+    in one line naming the field, from --dry-run (LoRA) and from training, before the run directory exists."""
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["model"]["lora"] = {"r": 4, "target_modules": ["q_proj", "q_projj"]}
+    path = write(cfg, tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):
+        assert main(["train", str(path), *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert line.startswith("cpt train: error: model.lora.target_modules: ['q_projj'] match no module"), line
+        assert "q_proj, up_proj" in line  # the model's linear layers, to pick from
+    cfg["model"]["lora"] = None
+    cfg["model"]["freeze"] = {"layers": "0-40"}  # the tiny model has 2 layers
+    assert main(["train", str(write(cfg, path))]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert line == "cpt train: error: model.freeze.layers: layer spec '0-40' is out of range for a model with 2 layers"
+    assert not (tmp_path / "run").exists()

@@ -74,7 +74,8 @@ def main(argv: list[str]) -> int:
         # flushed line by line: a batch job's log (stdout redirected to a file) shows progress as it happens
         result = train(cfg, resume=args.resume or None, echo=functools.partial(print, flush=True),
                        allow_config_change=args.allow_config_change)
-    except (TrainingError, ShardError, CheckpointError, ModelLoadError, MetricsError) as e:  # user-facing problems: no traceback
+    # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
+    except (TrainingError, ShardError, CheckpointError, ModelLoadError, MetricsError, ConfigError) as e:
         print(f"cpt train: error: {e}", file=sys.stderr)
         return 1
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
