@@ -263,3 +263,18 @@ def test_model_settings_that_do_not_fit_the_loaded_model(tiny_cpt_data, tmp_path
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
     assert line == "cpt train: error: model.freeze.layers: layer spec '0-40' is out of range for a model with 2 layers"
     assert not (tmp_path / "run").exists()
+
+
+def test_vocab_files_that_cannot_be_read_name_their_field(tmp_path):
+    """model.vocab's files are read after the model loads: a missing file or a bad JSON line is a ConfigError (one line
+    from `cpt train` and `cpt prepare --extend-vocab`) naming the field, the file and the line."""
+    from cpt.config import ConfigError
+    from cpt.vocab import read_texts, read_token_file
+
+    with pytest.raises(ConfigError, match=r"^model\.vocab\.add_tokens_file: no such file .*missing\.txt$"):
+        read_token_file(tmp_path / "missing.txt")
+    with pytest.raises(ConfigError, match=r"^model\.vocab\.learn_from: nothing to read at "):
+        list(read_texts(tmp_path / "missing"))
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n')
+    with pytest.raises(ConfigError, match=r"^model\.vocab\.learn_from: .*c\.jsonl line 2 is not a JSON object$"):
+        list(read_texts(tmp_path / "c.jsonl"))
