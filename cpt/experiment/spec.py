@@ -244,7 +244,9 @@ class ExperimentSpec(Strict):
 
 
 class SequenceSpec(Strict):
-    """Corpora in order, model shape, budgets, strategies, replay, seeds (see cpt/experiment/sequence.py)."""
+    """Corpora in order, model shape, budgets, strategies, replay, seeds (see cpt/experiment/sequence.py). The fields
+    it shares with ExperimentSpec mean the same; they are declared in each spec so that its fields (and the spec.yaml
+    written from them) read in the order of a spec file."""
 
     name: str = Field("sequence", pattern=r"^[A-Za-z0-9_.-]+$")
     corpora: list[CorpusSpec] = Field(min_length=2)
