@@ -129,7 +129,7 @@ def plan_sequence(spec: SequenceSpec, out: Path, tokenizer_dir: Path, data_dir: 
             stages = trunk_stages(strategy)
             # a checkpoint at every multiple of g, all kept: the anneal branches start from the boundary ones
             cfg = config(name, seed, stages, total, g, total // g + 1)
-            runs.append(RunPlan(name, "cpt", strategy, spec.replay, total, cfg, seed, strategy))
+            runs.append(RunPlan(name, "cpt", strategy, spec.replay, total, cfg, seed=seed, label=strategy))
             if strategy != "infinite":
                 continue
             trunk_dir = out / "runs" / name
@@ -141,7 +141,8 @@ def plan_sequence(spec: SequenceSpec, out: Path, tokenizer_dir: Path, data_dir: 
                 bcfg["eval"]["every"] = max(1, A // 2)
                 bcfg["eval"].pop("dense_steps", None)
                 bcfg["eval"].pop("dense_every", None)
-                runs.append(RunPlan(branch, "cpt", "anneal", spec.replay, ends[k] + A, bcfg, seed, "anneal", k))
+                runs.append(RunPlan(branch, "cpt", "anneal", spec.replay, ends[k] + A, bcfg, seed=seed, label="anneal",
+                                    row=k))
         if spec.baseline:
             for k in range(1 if spec.baseline is True else K - 1, K):
                 run = f"seed{seed}-scratch-upto{k}"
@@ -150,7 +151,7 @@ def plan_sequence(spec: SequenceSpec, out: Path, tokenizer_dir: Path, data_dir: 
                 n_steps = ends[k]
                 st = [{"name": f"scratch-0..{k}", "steps": n_steps, "mix": mix, "schedule": cosine_schedule(spec.base_lr, n_steps)}]
                 cfg = config(run, seed, st, n_steps, max(1, n_steps // 2), 2)
-                runs.append(RunPlan(run, "baseline", "cosine", None, n_steps, cfg, seed, "scratch", k))
+                runs.append(RunPlan(run, "baseline", "cosine", None, n_steps, cfg, seed=seed, label="scratch", row=k))
     return runs
 
 
