@@ -332,6 +332,26 @@ def test_one_dry_run_for_both_kinds_of_spec(tmp_path):
     assert "lr[20]=1.50e-03" in trunk  # the constant trunk after stage 0
 
 
+def test_one_model_config_builder():
+    """cpt.model.config_from_arch builds every model config from an architecture dict (the run's model.arch, the
+    experiment's FLOPs, the benchmarks): given keys win over the defaults, model_type defaults to llama."""
+    from cpt.experiment.runner import flops_per_token
+    from cpt.model import config_from_arch
+
+    arch = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 300}
+    cfg = config_from_arch(arch, vocab_size=999, bos_token_id=7)
+    assert (cfg.model_type, cfg.vocab_size, cfg.bos_token_id, cfg.hidden_size) == ("llama", 300, 7, 32)
+    assert arch["model_type"] == "llama"  # the caller's dict is left alone
+    assert config_from_arch({"hidden_size": 32, "num_attention_heads": 2}).model_type == "llama"
+    # the experiment's FLOPs come from the spec's model at the tokenizer's vocabulary and the spec's seq_len
+    spec = load_spec(tiny_experiment_spec([{"name": n, "inputs": ["/nonexistent"]} for n in "ab"], sequence=False))
+    fpt, shape = flops_per_token(spec, 300)
+    assert shape["hidden"] == 32 and shape["n_layers"] == 1
+    # tied embeddings: 300 x 32 once, plus one layer (attention 4 x 32 x 32, MLP 3 x 32 x 64, 2 norms) and the final norm
+    assert shape["n_params"] == 300 * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32
+
+
 def test_file_inputs_globs_and_caps(tmp_path):
     from cpt.experiment.corpora import resolve_corpus
     from cpt.experiment.spec import CorpusSpec
