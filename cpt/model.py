@@ -70,14 +70,21 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_f
         config = _load(field, source, AutoConfig.from_pretrained, source, revision=None if weights_from else cfg.revision,
                        trust_remote_code=cfg.trust_remote_code)
     else:
-        arch = dict(cfg.arch or {})
-        model_type = arch.pop("model_type", "llama")
-        arch.setdefault("vocab_size", len(tokenizer))
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            arch.setdefault(key, getattr(tokenizer, key, None))
-        config = AutoConfig.for_model(model_type, **arch)
+        config = config_from_arch(cfg.arch or {}, vocab_size=len(tokenizer),
+                                  **{k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     apply_config_overrides(config, cfg.config_overrides)
     return config
+
+
+def config_from_arch(arch: dict[str, Any], **defaults: Any):
+    """A transformers config from an architecture dict (``model.arch``, an experiment spec's ``model``:
+    ``{model_type: llama, hidden_size: ..., ...}``; model_type defaults to llama); ``defaults`` fill the keys it
+    leaves out. The one builder of a model config from an architecture (the loop, `cpt experiment`, the benchmarks)."""
+    kw = dict(arch)
+    model_type = kw.pop("model_type", "llama")
+    for key, value in defaults.items():
+        kw.setdefault(key, value)
+    return AutoConfig.for_model(model_type, **kw)
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None) -> PreTrainedModel:

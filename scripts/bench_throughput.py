@@ -192,16 +192,18 @@ def _common_result(settings: dict, model, tokens_per_s: float) -> dict:
 def run_trainer(settings: dict, data_root: Path, workdir: Path) -> dict:  # noqa: ARG001
     import torch
     from torch.utils.data import Dataset
-    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from cpt.model import config_from_arch
 
     cuda = torch.cuda.is_available()
     L, B, mbs = settings["seq_len"], settings["global_batch"], settings["micro_batch"]
     warmup, steps = settings["warmup"], settings["steps"]
     t_setup = time.perf_counter()
     torch.manual_seed(settings["seed"])
-    arch = dict(settings["arch"])
-    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=settings["attn_implementation"])
+    arch = settings["arch"]
+    model = AutoModelForCausalLM.from_config(config_from_arch(arch), dtype=torch.float32,
+                                             attn_implementation=settings["attn_implementation"])
 
     n_rows = (warmup + steps + 1) * B
     g = torch.Generator().manual_seed(settings["seed"] + 1)
@@ -301,11 +303,12 @@ def run_cpt(settings: dict, data_root: Path, workdir: Path) -> dict:
 
     # the model's shape for FLOPs (the same numbers the loop used)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    arch = dict(settings["arch"])
+    from cpt.model import config_from_arch
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch))
+        model = AutoModelForCausalLM.from_config(config_from_arch(settings["arch"]))
     out = _common_result(settings, model, steps * B * L / seconds)
     out.update({
         "framework": "cpt", "measured_seconds": seconds, "step_time_s": seconds / steps,

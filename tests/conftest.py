@@ -69,3 +69,43 @@ def tiny_base(tiny_cpt_data, tmp_path_factory):
     cfg["data"]["heldout"] = []
     train(load_config(base=cfg), echo=lambda *a, **k: None)
     return out / "export"
+
+
+# ================================================================ `cpt experiment` specs (tests/test_experiment*.py)
+# A self-contained section: the tiny spec both kinds of experiment test build on, and an echo that records lines.
+
+
+class Echo(list):
+    """An ``echo=`` callable that records every line it is given; ``.text`` is all of them."""
+
+    def __call__(self, *args, **kwargs):
+        self.append(" ".join(str(a) for a in args))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self)
+
+
+def tiny_experiment_spec(corpora: list[dict], *, sequence: bool = True, **fields) -> dict:
+    """A `cpt experiment` spec dict that trains in seconds on CPU: a 1-layer llama (hidden 32), a 300-token BPE,
+    4 x 32 tokens a step in fp32; 20 steps of base pre-training (stage 0), then 10 steps of CPT (every later stage).
+    ``sequence``: a dataset sequence through ``corpora``; else the pair grid on ``corpora`` = [A, B].
+    ``fields`` replace top-level fields."""
+    spec = {
+        "tokenizer": {"train": {"vocab_size": 300, "sample_mb": 0.1}},
+        "model": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "num_key_value_heads": 2, "tie_word_embeddings": True},
+        "seq_len": 32, "global_batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
+        "base_tokens": 2560,  # 20 steps
+        "base_lr": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_fraction": 0.1},
+        "cpt_lr": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_fraction": 0.1, "constant_lr": 1.5e-3,
+                   "cooldown_fraction": 0.3, "anneal_fraction": 0.2},
+        "eval": {"evals_per_run": 4, "dense_fraction": 0.3, "dense_evals": 2, "tokens_per_set": 1024, "batch_size": 16},
+        "log_every": 5, "progress_bar": False, "torch_threads": 1,
+    }
+    if sequence:
+        spec.update(name="tiny_seq", corpora=corpora, stage_tokens=1280)  # 10 steps per later stage
+    else:
+        spec.update(name="tiny_pair", corpus_a=corpora[0], corpus_b=corpora[1], cpt_tokens=1280)
+    spec.update(fields)
+    return spec

@@ -28,7 +28,7 @@ LAYERS = (
     ("components", ("cpt.optim", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate",
                     "cpt.metrics", "cpt.checkpoint", "cpt.consolidate", "cpt.report", "eval_harness")),
     ("loop", ("cpt.train", "cpt.dryrun")),
-    ("commands", ("cpt.cli", "cpt.commands", "cpt.experiment", "cpt.experiment_sequence", "cpt.demo")),
+    ("commands", ("cpt.cli", "cpt.commands", "cpt.experiment", "cpt.demo")),
 )
 
 

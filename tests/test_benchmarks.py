@@ -234,7 +234,10 @@ def test_cpu_run_logs_benchmark_forgetting_from_step_0_and_an_anneal_branch_keep
 
 def test_experiment_results_get_benchmark_columns(tmp_path):
     """A spec naming lm-eval tasks: every run config scores them; results.md/csv gain benchmark columns."""
-    from cpt.experiment import COLUMNS, benchmark_cells, load_spec, plan_runs, run_configs, write_results
+    from cpt.experiment import load_spec
+    from cpt.experiment.grid import plan_runs
+    from cpt.experiment.plan import run_configs
+    from cpt.experiment.results import COLUMNS, benchmark_cells, write_results
 
     root = Path(__file__).resolve().parents[1]
     spec = load_spec(root / "configs" / "experiments" / "tiny_cpu.yaml",

@@ -17,18 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpt.experiment import (
-    ExperimentError,
-    LRSpec,
-    _cosine,
-    _infinite,
-    cpt_run_name,
-    load_spec,
-    plan_runs,
-    replay_label,
-    run_configs,
-    run_experiment,
-)
+from conftest import Echo, tiny_experiment_spec
+from cpt.experiment import ExperimentError, load_spec, run_experiment
+from cpt.experiment.grid import cpt_run_name, plan_runs, replay_label
+from cpt.experiment.plan import cosine_schedule, infinite_schedule, run_configs
+from cpt.experiment.spec import LRSpec
 from cpt.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +41,6 @@ GRID_RUNS = ["base", *GRID_CPT_RUNS, "baseline-scratch"]  # the grid without var
 MER = "cpt-infinite-replay25-mer"  # the shipped specs' variant
 CPT_RUNS = GRID_CPT_RUNS + [MER]
 ALL_RUNS = ["base", *CPT_RUNS, "baseline-scratch"]
-
-
-class Echo(list):
-    def __call__(self, *args, **kwargs):
-        self.append(" ".join(str(a) for a in args))
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self)
 
 
 def _rows(out: Path) -> dict[str, dict[str, str]]:
@@ -321,8 +305,56 @@ def test_cli_dry_run_writes_nothing(tmp_path, capsys):
     assert "unknown field" in capsys.readouterr().err
 
 
+def test_one_dry_run_for_both_kinds_of_spec(tmp_path):
+    """The pair grid and a dataset sequence go through the same dry run: corpora, model, every run with LRs read off
+    its own run config's LR plan, totals; nothing is written."""
+    verse = {"name": "verse", "inputs": [{"builtin": "shakespeare"}], "max_mb": 0.05}
+    code = {"name": "code", "inputs": [{"builtin": "python_stdlib"}], "max_mb": 0.05}
+    said = {}
+    for kind, spec in (("pair", tiny_experiment_spec([verse, code], sequence=False, replay_shares=[0.25])),
+                       ("sequence", tiny_experiment_spec([verse, code]))):
+        echo = Echo()
+        assert run_experiment(spec, tmp_path / kind, echo=echo, dry_run=True) == tmp_path / kind / "results.md"
+        assert not (tmp_path / kind).exists()
+        said[kind] = echo.text
+        assert echo[0].startswith("corpus verse: 1 files") and echo[1].startswith("corpus code: 1 files")
+        assert echo[2].startswith("model: ") and "M non-embedding), 1 layers, hidden 32" in echo[2]
+    pair, seq = said["pair"], said["sequence"]
+    # pair: base 20 steps + 2 CPT runs of 10 + the baseline's 30 = 70 steps of 128 tokens
+    assert "total: 8,960 training tokens" in pair
+    infinite = next(line for line in pair.splitlines() if line.startswith("  cpt-infinite-replay25 "))
+    assert "10 steps" in infinite and "lr[9]=3.00e-04" in infinite  # annealed to min_lr at the last step
+    # sequence: 2 trunks of 30 steps and 2 anneal branches of 2 steps (the last stage's 10 x 0.2) = 64 steps
+    assert "total: 8,192 training tokens" in seq
+    branch = next(line for line in seq.splitlines() if line.startswith("  seed1234-infinite-anneal0 "))
+    assert "steps 20..22 (256 tokens)" in branch and "lr[21]=3.00e-04" in branch
+    trunk = next(line for line in seq.splitlines() if line.startswith("  seed1234-infinite "))
+    assert "lr[20]=1.50e-03" in trunk  # the constant trunk after stage 0
+
+
+def test_one_model_config_builder():
+    """cpt.model.config_from_arch builds every model config from an architecture dict (the run's model.arch, the
+    experiment's FLOPs, the benchmarks): given keys win over the defaults, model_type defaults to llama."""
+    from cpt.experiment.runner import flops_per_token
+    from cpt.model import config_from_arch
+
+    arch = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 300}
+    cfg = config_from_arch(arch, vocab_size=999, bos_token_id=7)
+    assert (cfg.model_type, cfg.vocab_size, cfg.bos_token_id, cfg.hidden_size) == ("llama", 300, 7, 32)
+    assert arch["model_type"] == "llama"  # the caller's dict is left alone
+    assert config_from_arch({"hidden_size": 32, "num_attention_heads": 2}).model_type == "llama"
+    # the experiment's FLOPs come from the spec's model at the tokenizer's vocabulary and the spec's seq_len
+    spec = load_spec(tiny_experiment_spec([{"name": n, "inputs": ["/nonexistent"]} for n in "ab"], sequence=False))
+    fpt, shape = flops_per_token(spec, 300)
+    assert shape["hidden"] == 32 and shape["n_layers"] == 1
+    # tied embeddings: 300 x 32 once, plus one layer (attention 4 x 32 x 32, MLP 3 x 32 x 64, 2 norms) and the final norm
+    assert shape["n_params"] == 300 * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32
+
+
 def test_file_inputs_globs_and_caps(tmp_path):
-    from cpt.experiment import CorpusSpec, resolve_corpus
+    from cpt.experiment.corpora import resolve_corpus
+    from cpt.experiment.spec import CorpusSpec
 
     src = tmp_path / "src"
     for i in range(20):
@@ -350,12 +382,12 @@ def test_schedules_valid_for_any_length(steps):
     from cpt.schedules import LRPlan, ScheduleConfig
 
     lr = LRSpec(max_lr=1e-3, min_lr=1e-4, constant_lr=5e-4)
-    for build in (_cosine, _infinite):
+    for build in (cosine_schedule, infinite_schedule):
         plan = LRPlan([(steps, ScheduleConfig(**build(lr, steps)))])
         values = [plan.lr(i) for i in range(steps)]
         assert max(values) <= 1e-3 + 1e-12 and min(values) >= 0
     if steps >= 10:  # the infinite schedule ends its anneal at min_lr and holds constant_lr before it
-        plan = LRPlan([(steps, ScheduleConfig(**_infinite(lr, steps)))])
+        plan = LRPlan([(steps, ScheduleConfig(**infinite_schedule(lr, steps)))])
         assert plan.lr(steps - 1) == pytest.approx(1e-4)
         assert plan.lr(int(steps * 0.75)) == pytest.approx(5e-4)
 

@@ -16,18 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from cpt.experiment import ExperimentError, run_configs
-from cpt.experiment_sequence import run_sequence_experiment
-from cpt.experiment_sequence import (
-    compare,
-    derived,
-    is_sequence_spec,
-    load_sequence_spec,
-    mean_std,
-    plan_sequence,
-    replay_mix,
-    tokens_seen,
-)
+from conftest import Echo, tiny_experiment_spec
+from cpt.experiment import ExperimentError, load_spec, run_experiment
+from cpt.experiment.matrix import compare, derived, mean_std
+from cpt.experiment.plan import run_configs
+from cpt.experiment.sequence import plan_sequence, replay_mix, tokens_seen
+from cpt.experiment.spec import is_sequence_spec
 from cpt.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,31 +31,18 @@ NAMES = ["verse", "code", "sums"]
 
 
 def tiny_spec(root: Path) -> dict:
+    """Three corpora (verse, code, sums), 2 seeds, both strategies, the baseline at every boundary."""
     r = random.Random(0)
     third = root / "sums.jsonl"
     with open(third, "w") as f:
         for _ in range(60):
             f.write(json.dumps({"text": " ".join(f"{a} plus {b} is {a + b}." for a, b in
                                                  [(r.randint(0, 99), r.randint(0, 99)) for _ in range(40)])}) + "\n")
-    return {
-        "name": "tiny_seq",
-        "corpora": [
-            {"name": "verse", "inputs": [{"builtin": "shakespeare"}], "max_mb": 0.15, "heldout_docs": 4},
-            {"name": "code", "inputs": [{"builtin": "python_stdlib"}], "max_mb": 0.15, "heldout_docs": 6},
-            {"name": "sums", "inputs": [str(third)], "heldout_docs": 6},
-        ],
-        "tokenizer": {"train": {"vocab_size": 300, "sample_mb": 0.1}},
-        "model": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                  "num_attention_heads": 2, "num_key_value_heads": 2, "tie_word_embeddings": True},
-        "seq_len": 32, "global_batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
-        "base_tokens": 2560, "stage_tokens": 1280,  # 20 steps, then 10 and 10
-        "replay": 0.25, "seeds": [1, 2], "baseline": True,
-        "base_lr": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_fraction": 0.1},
-        "cpt_lr": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_fraction": 0.1, "constant_lr": 1.5e-3,
-                   "cooldown_fraction": 0.3, "anneal_fraction": 0.2},
-        "eval": {"evals_per_run": 4, "dense_fraction": 0.3, "dense_evals": 2, "tokens_per_set": 1024, "batch_size": 16},
-        "log_every": 5, "progress_bar": False, "torch_threads": 1,
-    }
+    return tiny_experiment_spec([
+        {"name": "verse", "inputs": [{"builtin": "shakespeare"}], "max_mb": 0.15, "heldout_docs": 4},
+        {"name": "code", "inputs": [{"builtin": "python_stdlib"}], "max_mb": 0.15, "heldout_docs": 6},
+        {"name": "sums", "inputs": [str(third)], "heldout_docs": 6},
+    ], replay=0.25, seeds=[1, 2], baseline=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +50,9 @@ def seq(tmp_path_factory):
     root = tmp_path_factory.mktemp("sequence")
     spec = tiny_spec(root)
     out = root / "out"
-    lines: list[str] = []
-    md = run_sequence_experiment(spec, out, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
-    return spec, out, md, "\n".join(lines)
+    echo = Echo()
+    md = run_experiment(spec, out, echo=echo)
+    return spec, out, md, echo.text
 
 
 def _eval(run_dir: Path, key: str) -> dict[int, float]:
@@ -165,27 +146,25 @@ def test_anneal_branches_start_from_the_trunk_and_anneal_on_the_finished_stage(s
 
 def test_rerun_skips_everything(seq):
     spec, out, _, _ = seq
-    lines: list[str] = []
-    run_sequence_experiment(spec, out, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
-    assert "runs: 0 trained, 0 resumed, 14 skipped" in "\n".join(lines)
+    echo = Echo()
+    run_experiment(spec, out, echo=echo)
+    assert "runs: 0 trained, 0 resumed, 14 skipped" in echo.text
 
 
 def test_replay_mix_and_tokens():
-    spec = load_sequence_spec({**tiny_spec_stub(), "replay": 0.2})
+    spec = load_spec(tiny_spec_stub(replay=0.2))
     assert replay_mix(spec, 0) == {"a": 1.0, "b": 0.0, "c": 0.0}
     assert replay_mix(spec, 2) == pytest.approx({"a": 0.1, "b": 0.1, "c": 0.8})
-    by_tokens = load_sequence_spec({**tiny_spec_stub(), "replay": 0.2, "replay_split": "tokens"})
+    by_tokens = load_spec(tiny_spec_stub(replay=0.2, replay_split="tokens"))
     assert replay_mix(by_tokens, 2, {"a": 300, "b": 100, "c": 5}) == pytest.approx({"a": 0.15, "b": 0.05, "c": 0.8})
     seen = tokens_seen(spec, 1)
     assert seen == pytest.approx({"a": (20 + 0.2 * 10) * 128, "b": 0.8 * 10 * 128})
-    assert load_sequence_spec(tiny_spec_stub()).replay_split == "equal"
+    assert load_spec(tiny_spec_stub()).replay_split == "equal"
 
 
-def tiny_spec_stub() -> dict:
-    return {"corpora": [{"name": n, "inputs": ["/nonexistent"]} for n in "abc"], "tokenizer": {"train": {"vocab_size": 300}},
-            "model": {"model_type": "llama"}, "seq_len": 32, "global_batch_size": 4, "micro_batch_size": 4,
-            "base_tokens": 2560, "stage_tokens": 1280,
-            "cpt_lr": {"max_lr": 3e-3, "min_lr": 3e-4, "constant_lr": 1.5e-3}}
+def tiny_spec_stub(**fields) -> dict:
+    """A sequence spec over corpora a, b, c that plans but never reads its (missing) inputs."""
+    return tiny_experiment_spec([{"name": n, "inputs": ["/nonexistent"]} for n in "abc"], **fields)
 
 
 def test_derived_and_noise_statements():
@@ -205,22 +184,22 @@ def test_derived_and_noise_statements():
 @pytest.mark.parametrize("path", [CPU_SPEC, GPU_SPEC])
 def test_shipped_sequence_specs_validate_and_plan(path, tmp_path):
     assert is_sequence_spec(path)
-    spec = load_sequence_spec(path)
+    spec = load_spec(path)
     assert len(spec.corpora) >= 3 and len(spec.seeds) >= 2 and set(spec.strategies) == {"rewarm_cosine", "infinite"}
     runs = plan_sequence(spec, tmp_path, tmp_path / "tok", tmp_path / "data", {c.name: 10**6 for c in spec.corpora})
-    cfgs = run_configs([r.plan for r in runs])  # every run config validates, LR plans included
+    cfgs = run_configs(runs)  # every run config validates, LR plans included
     trunk = next(r for r in runs if r.label == "infinite")
-    assert all(st.schedule.continue_trunk for st in cfgs[trunk.plan.name].stages[1:])
+    assert all(st.schedule.continue_trunk for st in cfgs[trunk.name].stages[1:])
     # evaluations and checkpoints land on every boundary
-    ev, ck = cfgs[trunk.plan.name].eval, cfgs[trunk.plan.name].checkpoint
+    ev, ck = cfgs[trunk.name].eval, cfgs[trunk.name].checkpoint
     assert all(b % ev.every == 0 and b % ck.every == 0 for b in spec.boundaries)
 
 
 def test_bad_sequence_specs():
     with pytest.raises(ExperimentError, match="duplicate names"):
-        load_sequence_spec({**tiny_spec_stub(), "corpora": [{"name": "a", "inputs": ["x"]}] * 2})
+        load_spec({**tiny_spec_stub(), "corpora": [{"name": "a", "inputs": ["x"]}] * 2})
     with pytest.raises(ExperimentError, match="seeds"):
-        load_sequence_spec({**tiny_spec_stub(), "seeds": [1, 1]})
+        load_spec(tiny_spec_stub(seeds=[1, 1]))
     with pytest.raises(ExperimentError, match="replay"):
-        load_sequence_spec({**tiny_spec_stub(), "replay": 1.0})
+        load_spec(tiny_spec_stub(replay=1.0))
     assert not is_sequence_spec({"corpus_a": {}})

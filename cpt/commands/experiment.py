@@ -1,12 +1,12 @@
 """`cpt experiment SPEC.yaml [--out DIR] [--set key=value ...] [--max-runs N] [--dry-run]`.
 
-Runs the continual pre-training grid of a spec (see cpt/experiment.py and docs/experiments.md): base
+Runs the continual pre-training grid of a spec (see cpt/experiment/ and docs/experiments.md): base
 pre-training on corpus A; CPT on corpus B for every replay share x schedule (re-warmed cosine,
 infinite with a final anneal); a baseline trained from scratch on A and B with as many tokens as base
 plus CPT. Finished runs are skipped and a killed grid resumes: run the same command again.
 Writes <out>/results.md, <out>/results.csv, <out>/curves.png and <out>/report/report.html.
 
-A spec with `corpora: [A, B, C, ...]` runs a dataset sequence instead (cpt/experiment_sequence.py): per seed and
+A spec with `corpora: [A, B, C, ...]` runs a dataset sequence instead (cpt/experiment/sequence.py): per seed and
 strategy (re-warmed cosine; infinite trunk with an anneal branch at every boundary) one run through all corpora
 with replay of the earlier ones, optionally a from-scratch baseline per boundary; it writes the forgetting matrix
 (results.md/csv, forgetting_matrix.png) with mean ± std over the seeds, and curves.png.
@@ -37,15 +37,13 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from cpt.experiment import ExperimentError, run_experiment
-    from cpt.experiment_sequence import is_sequence_spec, run_sequence_experiment
     from cpt.train import TrainingError
 
     if args.max_runs is not None and args.max_runs < 0:
         print("cpt experiment: --max-runs must be >= 0", file=sys.stderr)
         return 2
     try:
-        run = run_sequence_experiment if is_sequence_spec(args.spec) else run_experiment  # corpora: [...] or the pair grid
-        run(args.spec, args.out, overrides=args.overrides, max_runs=args.max_runs, dry_run=args.dry_run)
+        run_experiment(args.spec, args.out, overrides=args.overrides, max_runs=args.max_runs, dry_run=args.dry_run)
     except ExperimentError as e:
         print(f"cpt experiment: {e}", file=sys.stderr)
         return 2
