@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from cpt.experiment import ExperimentError, run_experiment
-    from cpt.train import TrainingError
+    from cpt.commands.train import run_errors
 
     if args.max_runs is not None and args.max_runs < 0:
         print("cpt experiment: --max-runs must be >= 0", file=sys.stderr)
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     except ExperimentError as e:
         print(f"cpt experiment: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except run_errors() as e:  # a run stopped on a user-facing problem (bad shard, model setting, ...): one line
         print(f"cpt experiment: {e}", file=sys.stderr)
         return 1
     return 0

@@ -34,6 +34,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_errors() -> tuple[type[BaseException], ...]:
+    """The user-facing problems a training run can stop with: one line, no traceback (`cpt train`, `cpt experiment`).
+    ConfigError: a model setting that does not fit the loaded model."""
+    from cpt.checkpoint import CheckpointError
+    from cpt.data.shards import ShardError
+    from cpt.metrics import MetricsError
+    from cpt.model import ModelLoadError
+    from cpt.train import TrainingError
+
+    return TrainingError, ShardError, CheckpointError, ModelLoadError, MetricsError, ConfigError
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     overrides = list(args.overrides)
@@ -55,11 +67,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "deepspeed", "torch.distributed"):  # per-file save/load chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from cpt.checkpoint import CheckpointError
     from cpt.data.shards import ShardError
-    from cpt.metrics import MetricsError
     from cpt.model import ModelLoadError
-    from cpt.train import TrainingError, train
+    from cpt.train import train
 
     if args.dry_run:
         from cpt.dryrun import describe_run, format_run_plan
@@ -75,7 +85,7 @@ def main(argv: list[str]) -> int:
         result = train(cfg, resume=args.resume or None, echo=functools.partial(print, flush=True),
                        allow_config_change=args.allow_config_change)
     # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
-    except (TrainingError, ShardError, CheckpointError, ModelLoadError, MetricsError, ConfigError) as e:
+    except run_errors() as e:
         print(f"cpt train: error: {e}", file=sys.stderr)
         return 1
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
