@@ -12,7 +12,8 @@ import pytest
 
 from cpt.data import prepare as prep_mod
 from cpt.data.prepare import PrepareError, prepare
-from cpt.data.shards import ShardError, TokenShards, dtype_for_vocab, tokenizer_fingerprint
+from cpt.data.readers import ReadError, resolve_files
+from cpt.data.shards import ShardError, ShardWriter, TokenShards, dtype_for_vocab, tokenizer_fingerprint
 from test_data_common import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401  (fixture)
 
 
@@ -199,7 +200,7 @@ def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, t
     out = tmp_path / "out"
     old = prepare([str(src)], tokenizer, out, shard_tokens=300)
     calls = {"n": 0}
-    real_add = prep_mod.ShardWriter.add
+    real_add = ShardWriter.add
 
     def crash_midway(self, flat, lengths):
         calls["n"] += 1
@@ -207,7 +208,7 @@ def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, t
             raise KeyboardInterrupt
         return real_add(self, flat, lengths)
 
-    monkeypatch.setattr(prep_mod.ShardWriter, "add", crash_midway)
+    monkeypatch.setattr(ShardWriter, "add", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(src)], tokenizer, out, shard_tokens=250, batch_docs=16)
     monkeypatch.undo()
@@ -268,9 +269,9 @@ def test_folder_walk_keeps_underscore_files_and_globs(tmp_path):
     (tmp_path / ".git").mkdir()
     for p in ("pkg/__init__.py", "pkg/_impl/core.py", "pkg/a.h", "pkg/__pycache__/x.py", ".git/h.py"):
         (tmp_path / p).write_text("x = 1\n")
-    got = [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path)], glob="*.py")]
+    got = [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path)], glob="*.py")]
     assert got == ["pkg/__init__.py", "pkg/_impl/core.py"]
-    assert [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path)], glob="**/*.py")] == got
-    assert [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path / "**" / "*.h")])] == ["pkg/a.h"]
-    with pytest.raises(PrepareError, match="matched no files"):
-        prep_mod.resolve_files([str(tmp_path / "**" / "*.zzz")])
+    assert [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path)], glob="**/*.py")] == got
+    assert [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path / "**" / "*.h")])] == ["pkg/a.h"]
+    with pytest.raises(ReadError, match="matched no files"):
+        resolve_files([str(tmp_path / "**" / "*.zzz")])
