@@ -10,7 +10,8 @@ which case its final export (<run_dir>/export) is used.
         --heldout python=data/py/heldout:downstream --tasks cpt_arith_mc,hellaswag --out results.json
 
 --heldout NAME=PATH:TAG: PATH is a prepared shard directory (`cpt prepare`; its tokenizer must match) or a
-text file (.txt, or .jsonl / .jsonl.gz with a "text" field) that is tokenized here, documents joined with EOS.
+file read as `cpt prepare` reads it (plain text, jsonl plain/.gz/.zst or parquet with a "text" field; bad records
+skipped and counted) and tokenized here, documents joined with EOS.
 
 --baseline BASE evaluates BASE (an export, adapter or run directory, e.g. the model the run started from) on the
 same tasks and documents, and prints each score beside the baseline's with the difference and its standard error
