@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ import torch
 from torch import nn
 
 from cpt.config import ConfigError, VocabConfig
+from cpt.data.readers import ReadCounts, ReadError, read_file, resolve_files
+
+log = logging.getLogger("cpt.vocab")
 
 
 @dataclass
@@ -47,42 +51,27 @@ class VocabPlan:
 
 
 def read_texts(path: str | Path, max_chars: int = 20_000_000, text_field: str = "text") -> Iterator[str]:
-    """Documents from a .txt file (one document), a .jsonl file, or a directory of such files (sorted, recursive)."""
+    """The documents of ``path`` (a file, folder or glob), read as `cpt prepare` reads them
+    (:mod:`cpt.data.readers`: jsonl/parquet/plain text, compressed or not), at most ``max_chars`` characters in all.
+    Records that cannot be used are skipped, counted and logged."""
     p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    if not files or not files[0].exists():
-        raise ConfigError(f"model.vocab.learn_from: nothing to read at {p}")
-    left = max_chars
-    for f in files:
-        if left <= 0:
-            return
-        if f.suffix == ".jsonl":
-            with f.open(encoding="utf-8", errors="replace") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if left <= 0:
-                        return
-                    line = line.strip()
-                    if line:
-                        text = str(_json_record(line, f, lineno).get(text_field, ""))[:left]
-                        left -= len(text)
-                        yield text
-        else:
-            try:
-                text = f.read_text(encoding="utf-8")[:left]
-            except UnicodeDecodeError:
-                continue
-            left -= len(text)
-            yield text
-
-
-def _json_record(line: str, path: Path, lineno: int) -> dict:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict):
-        raise ConfigError(f"model.vocab.learn_from: {path} line {lineno} is not a JSON object")
-    return record
+        files = resolve_files([str(path)])
+    except ReadError:
+        raise ConfigError(f"model.vocab.learn_from: nothing to read at {p}") from None
+    counts = ReadCounts()
+    left = max_chars
+    try:
+        for f in files:
+            for text in read_file(f, text_field, counts):
+                if left <= 0:
+                    return
+                text = text[:left]
+                left -= len(text)
+                yield text
+    finally:
+        if counts.skipped:
+            log.warning("vocab.learn_from %s: skipped %s", p, counts.describe_skips())
 
 
 def read_token_file(path: str | Path) -> list[str]:

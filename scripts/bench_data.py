@@ -30,8 +30,8 @@ import numpy as np
 
 def synthetic_source(folder: Path, num_tokens: int, tok, seed: int) -> None:
     """A prepared source of random tokens (documents of random length), written with the real shard writer."""
-    from cpt.data.prepare import ShardWriter, _manifest
-    from cpt.data.shards import MANIFEST, dtype_for_vocab, tokenizer_fingerprint, vocab_size, write_json_atomic
+    from cpt.data.shards import (MANIFEST, ShardWriter, dtype_for_vocab, shard_manifest, tokenizer_fingerprint, vocab_size,
+                                 write_json_atomic)
 
     if (folder / MANIFEST).exists():
         return
@@ -48,7 +48,7 @@ def synthetic_source(folder: Path, num_tokens: int, tok, seed: int) -> None:
         w.add(flat, lengths[lengths > 0])
         done += n
     w.finish()
-    write_json_atomic(str(folder / MANIFEST), _manifest(w, tok, tokenizer_fingerprint(tok), dtype, "train", None))
+    write_json_atomic(str(folder / MANIFEST), shard_manifest(w, tok, tokenizer_fingerprint(tok), "train", None))
 
 
 def bench_stream(work: Path, tok, tokens_new: int, steps: int) -> dict:

@@ -130,8 +130,8 @@ def write_random_shards(folder: Path, tokenizer, num_tokens: int, seed: int) -> 
     """A prepared source of uniform random token ids, written with cpt's own shard writer and manifest."""
     import numpy as np
 
-    from cpt.data.prepare import ShardWriter, _manifest
-    from cpt.data.shards import MANIFEST, dtype_for_vocab, tokenizer_fingerprint, vocab_size, write_json_atomic
+    from cpt.data.shards import (MANIFEST, ShardWriter, dtype_for_vocab, shard_manifest, tokenizer_fingerprint, vocab_size,
+                                 write_json_atomic)
 
     if (folder / MANIFEST).exists():
         return
@@ -145,7 +145,7 @@ def write_random_shards(folder: Path, tokenizer, num_tokens: int, seed: int) -> 
         lengths = np.append(lengths, num_tokens % 4096)
     w.add(flat, lengths)
     w.finish()
-    write_json_atomic(str(folder / MANIFEST), _manifest(w, tokenizer, tokenizer_fingerprint(tokenizer), dtype, "train", None))
+    write_json_atomic(str(folder / MANIFEST), shard_manifest(w, tokenizer, tokenizer_fingerprint(tokenizer), "train", None))
 
 
 def prepare_shape_data(workdir: Path, settings: dict) -> dict:

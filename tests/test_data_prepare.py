@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -10,9 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cpt.config import ConfigError
 from cpt.data import prepare as prep_mod
 from cpt.data.prepare import PrepareError, prepare
-from cpt.data.shards import ShardError, TokenShards, dtype_for_vocab, tokenizer_fingerprint
+from cpt.data.readers import ReadError, resolve_files
+from cpt.data.shards import ShardError, ShardWriter, TokenShards, dtype_for_vocab, tokenizer_fingerprint
 from test_data_common import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401  (fixture)
 
 
@@ -199,7 +202,7 @@ def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, t
     out = tmp_path / "out"
     old = prepare([str(src)], tokenizer, out, shard_tokens=300)
     calls = {"n": 0}
-    real_add = prep_mod.ShardWriter.add
+    real_add = ShardWriter.add
 
     def crash_midway(self, flat, lengths):
         calls["n"] += 1
@@ -207,7 +210,7 @@ def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, t
             raise KeyboardInterrupt
         return real_add(self, flat, lengths)
 
-    monkeypatch.setattr(prep_mod.ShardWriter, "add", crash_midway)
+    monkeypatch.setattr(ShardWriter, "add", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(src)], tokenizer, out, shard_tokens=250, batch_docs=16)
     monkeypatch.undo()
@@ -268,9 +271,63 @@ def test_folder_walk_keeps_underscore_files_and_globs(tmp_path):
     (tmp_path / ".git").mkdir()
     for p in ("pkg/__init__.py", "pkg/_impl/core.py", "pkg/a.h", "pkg/__pycache__/x.py", ".git/h.py"):
         (tmp_path / p).write_text("x = 1\n")
-    got = [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path)], glob="*.py")]
+    got = [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path)], glob="*.py")]
     assert got == ["pkg/__init__.py", "pkg/_impl/core.py"]
-    assert [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path)], glob="**/*.py")] == got
-    assert [os.path.relpath(p, tmp_path) for p in prep_mod.resolve_files([str(tmp_path / "**" / "*.h")])] == ["pkg/a.h"]
-    with pytest.raises(PrepareError, match="matched no files"):
-        prep_mod.resolve_files([str(tmp_path / "**" / "*.zzz")])
+    assert [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path)], glob="**/*.py")] == got
+    assert [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path / "**" / "*.h")])] == ["pkg/a.h"]
+    with pytest.raises(ReadError, match="matched no files"):
+        resolve_files([str(tmp_path / "**" / "*.zzz")])
+
+
+def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokenizer):
+    from cpt.data.prepare import IDENTITY_OPTIONS, PrepareOptions
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(40, seed=12)])
+    opts = PrepareOptions(shard_tokens=300, heldout_docs=4, seed=2)
+    a = prepare([str(src)], tokenizer, tmp_path / "a", opts)
+    b = prepare([str(src)], tokenizer, tmp_path / "b", shard_tokens=300, heldout_docs=4, seed=2)
+    c = prepare([str(src)], tokenizer, tmp_path / "c", opts, seed=3)  # keywords override fields of the object
+    assert a["prepare_key"] == b["prepare_key"] != c["prepare_key"] and a["shards"] == b["shards"]
+    assert list(a["options"]) == list(IDENTITY_OPTIONS) and (a["options"]["seed"], c["options"]["seed"]) == (2, 3)
+    assert stream_of(tmp_path / "a" / "heldout") == stream_of(tmp_path / "b" / "heldout")
+    assert opts.num_proc == 1 and "num_proc" not in a["options"]  # how the job runs is not part of its identity
+    with pytest.raises(TypeError):
+        prepare([str(src)], tokenizer, tmp_path / "d", shard_token=300)  # a misspelt option is an error
+    with pytest.raises(PrepareError, match="num_proc must be >= 1"):
+        prepare([str(src)], tokenizer, tmp_path / "d", opts, num_proc=0)
+
+
+def test_vocab_learning_and_eval_held_out_files_read_text_as_prepare_does(tmp_path, tokenizer, caplog, capsys):
+    """One reader (cpt.data.readers) for `cpt prepare`, model.vocab.learn_from and `cpt eval --heldout FILE`:
+    the same documents from the same file, bad records skipped and counted rather than a traceback."""
+    from cpt.commands.eval import text_heldout_tokens
+    from cpt.data.readers import ReadCounts, iter_documents
+    from cpt.vocab import read_texts
+
+    docs = make_docs(30, seed=11)
+    records = [{"text": d} for d in docs[:10]] + ["{bad", b'{"text": "caf\xe9"}', {"other": 1}] + [{"text": d} for d in docs[10:]]
+    src = write_jsonl(tmp_path / "a.jsonl.gz", records, "gz")
+    counts = ReadCounts()
+    assert list(iter_documents([str(src)], "text", counts)) == docs
+    assert counts.records == 33 and counts.describe_skips() == "malformed_json 1, non_utf8 1, missing_field 1"
+    m = prepare([str(src)], tokenizer, tmp_path / "out")
+    assert stream_of(tmp_path / "out") == expected_stream(tokenizer, docs)
+    assert {k: v for k, v in m["stats"]["skipped"].items() if v} == dict(counts.skipped)
+    with caplog.at_level("WARNING"):
+        assert list(read_texts(src)) == docs
+        assert "".join(read_texts(src, max_chars=100)) == "".join(docs)[:100]  # the character budget
+    assert "skipped malformed_json 1, non_utf8 1, missing_field 1" in caplog.text
+    want = expected_stream(tokenizer, docs)
+    toks = text_heldout_tokens(src, tokenizer, 8, None)
+    assert toks.flatten().tolist() == want[: len(want) // 8 * 8]
+    assert "skipped malformed_json 1, non_utf8 1, missing_field 1" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])  # a truncated gzip stream
+    with pytest.raises(ReadError, match="broken.jsonl.gz: cannot read"):
+        text_heldout_tokens(broken, tokenizer, 8, None)
+    with pytest.raises(ReadError, match="broken.jsonl.gz: cannot read"):
+        list(read_texts(broken))
+    with pytest.raises(PrepareError, match="broken.jsonl.gz: cannot read"):  # prepare's one error type
+        prepare([str(broken)], tokenizer, tmp_path / "b")
+    with pytest.raises(ConfigError, match="^model.vocab.learn_from: nothing to read at"):
+        list(read_texts(tmp_path / "missing"))

@@ -184,8 +184,9 @@ def test_verify_lists_every_problem_and_cpt_verify_reports_them(prepared, tmp_pa
 def test_prepare_reads_back_what_it_wrote(tmp_path, tokenizer, monkeypatch):
     """The one full verification: staged shards are re-read and checked before the manifest points at them."""
     import cpt.data.prepare as prep
+    from cpt.data.shards import ShardWriter
 
-    real = prep.ShardWriter._close
+    real = ShardWriter._close
 
     def corrupting_close(self):
         real(self)
@@ -194,7 +195,7 @@ def test_prepare_reads_back_what_it_wrote(tmp_path, tokenizer, monkeypatch):
             with open(path, "r+b") as f:
                 f.write(b"\xff\xff")
 
-    monkeypatch.setattr(prep.ShardWriter, "_close", corrupting_close)
+    monkeypatch.setattr(ShardWriter, "_close", corrupting_close)
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(40, seed=3)])
     with pytest.raises(prep.PrepareError, match="do not read back correctly.*checksum mismatch for shard_00000.bin"):
         prepare([str(src)], tokenizer, tmp_path / "out", shard_tokens=500)

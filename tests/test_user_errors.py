@@ -275,6 +275,5 @@ def test_vocab_files_that_cannot_be_read_name_their_field(tmp_path):
         read_token_file(tmp_path / "missing.txt")
     with pytest.raises(ConfigError, match=r"^model\.vocab\.learn_from: nothing to read at "):
         list(read_texts(tmp_path / "missing"))
-    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n')
-    with pytest.raises(ConfigError, match=r"^model\.vocab\.learn_from: .*c\.jsonl line 2 is not a JSON object$"):
-        list(read_texts(tmp_path / "c.jsonl"))
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n')  # read as `cpt prepare` reads: counted skip
+    assert list(read_texts(tmp_path / "c.jsonl")) == ["ok"]

@@ -10,7 +10,8 @@ which case its final export (<run_dir>/export) is used.
         --heldout python=data/py/heldout:downstream --tasks cpt_arith_mc,hellaswag --out results.json
 
 --heldout NAME=PATH:TAG: PATH is a prepared shard directory (`cpt prepare`; its tokenizer must match) or a
-text file (.txt, or .jsonl / .jsonl.gz with a "text" field) that is tokenized here, documents joined with EOS.
+file read as `cpt prepare` reads it (plain text, jsonl plain/.gz/.zst or parquet with a "text" field; bad records
+skipped and counted) and tokenized here, documents joined with EOS.
 
 --baseline BASE evaluates BASE (an export, adapter or run directory, e.g. the model the run started from) on the
 same tasks and documents, and prints each score beside the baseline's with the difference and its standard error
@@ -22,7 +23,6 @@ limit the items are those the run scored.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -73,24 +73,22 @@ def _scratch() -> str:
     return d
 
 
-def _read_texts(path: Path, text_field: str = "text") -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if ".jsonl" in path.suffixes or path.name.endswith(".jsonl"):
-            return [json.loads(line)[text_field] for line in f if line.strip()]
-        return [f.read()]
-
-
 def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    """Tokenize a text/jsonl file into ``LongTensor[n, seq_len]`` (documents joined with EOS)."""
+    """Tokenize a text/jsonl/parquet file (read as `cpt prepare` reads it: :mod:`cpt.data.readers`, field ``text``)
+    into ``LongTensor[n, seq_len]`` (documents joined with EOS); records that cannot be used are skipped, counted on stderr."""
+    from cpt.data.readers import ReadCounts, read_file
+
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    for text in _read_texts(path):
+    counts = ReadCounts()
+    for text in read_file(str(path), "text", counts):
         ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
         if eos is not None:
             ids.append(eos)
         if max_tokens is not None and len(ids) >= max_tokens:
             break
+    if counts.skipped:
+        print(f"cpt eval: {path}: skipped {counts.describe_skips()}", file=sys.stderr)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = len(ids) // seq_len
@@ -225,13 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     samples = _samples(tasks, limit, args.seed, args.include_path) if tasks else None
 
+    from cpt.data.readers import ReadError
     from cpt.model import ModelLoadError
 
     try:
         result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base)
         baseline = (evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None)
                     if baseline_ckpt is not None else None)
-    except ModelLoadError as e:  # e.g. pickle weights only: one line, no traceback
+    except (ModelLoadError, ReadError) as e:  # e.g. pickle weights only, an unreadable held-out file: one line
         print(f"cpt eval: error: {e}", file=sys.stderr)
         return 1
     _print_summary(result)

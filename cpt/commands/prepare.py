@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from cpt.data.prepare import PrepareError, format_summary, prepare
+    from cpt.data.prepare import PrepareError, PrepareOptions, format_summary, prepare
 
     tokenizer = args.tokenizer
     if args.extend_vocab:
@@ -56,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cpt prepare: error: --extend-vocab {args.extend_vocab}: {e}", file=sys.stderr)
             return 1
     try:
-        manifest = prepare(
-            args.inputs, tokenizer, args.out, text_field=args.text_field, shard_tokens=args.shard_tokens,
-            heldout_docs=args.heldout_docs, heldout_fraction=args.heldout_fraction, seed=args.seed,
-            num_proc=args.num_proc, max_doc_tokens=args.max_doc_tokens, long_docs=args.long_docs,
-            add_bos=args.add_bos, glob=args.glob, hf=args.hf, dataset_name=args.dataset_name, split=args.split,
-            data_files=args.data_files, streaming=args.streaming, force=args.force,
-            progress=not args.no_progress and sys.stderr.isatty(),
+        options = PrepareOptions(
+            text_field=args.text_field, shard_tokens=args.shard_tokens, heldout_docs=args.heldout_docs,
+            heldout_fraction=args.heldout_fraction, seed=args.seed, max_doc_tokens=args.max_doc_tokens,
+            long_docs=args.long_docs, add_bos=args.add_bos, glob=args.glob, hf=args.hf, dataset_name=args.dataset_name,
+            split=args.split, data_files=args.data_files, streaming=args.streaming, num_proc=args.num_proc,
+            force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
         )
+        manifest = prepare(args.inputs, tokenizer, args.out, options)
     except PrepareError as e:
         print(f"cpt prepare: error: {e}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt.data.shards import _backend, dtype_for_vocab, tokenizer_fingerprint, vocab_size
+from cpt.data.shards import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
 
 logger = logging.getLogger("cpt.data")
 
@@ -39,7 +39,7 @@ class HFTokenStream:
     def __init__(self, cfg: Any, tokenizer: Any, seq_len: int, seed: int = 0, batch_docs: int = 64):
         self.cfg, self.seq_len, self.seed, self.batch_docs = cfg, seq_len, seed, batch_docs
         self.name = cfg.name
-        self._backend = _backend(tokenizer)
+        self._backend = backend_tokenizer(tokenizer)
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
         if self.eos_id is None:
             raise HFSourceError(f"source {self.name!r}: the tokenizer has no EOS token")

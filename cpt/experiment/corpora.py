@@ -162,11 +162,11 @@ def resolve_corpus(c: CorpusSpec, raw_dir: Path | None, seed: int, echo: Callabl
 
 def _sample_texts(files: list[str], text_field: str, max_bytes: float, seed: int) -> Iterator[str]:
     """Documents from a seeded sample of ``files`` (whole files), about ``max_bytes`` of text."""
-    from cpt.data.prepare import _Counts, iter_documents
+    from cpt.data.readers import ReadCounts, iter_documents
 
     total = 0
     for f in sorted(files, key=lambda p: _hash_key(seed, p)):
-        for text in iter_documents([f], text_field, _Counts()):
+        for text in iter_documents([f], text_field, ReadCounts()):
             yield text
             total += len(text)
             if total >= max_bytes:

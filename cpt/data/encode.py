@@ -1,0 +1,180 @@
+"""Tokenizing documents for `cpt prepare`: texts -> :class:`EncodedBatch` (each document's ids, then EOS).
+
+Every document is tokenized without special tokens (plus BOS when a ``bos_id`` is given) and followed by EOS;
+documents over ``max_doc_tokens`` are truncated or skipped (``too_long``), documents the tokenizer maps to nothing
+are skipped (``empty``). :func:`encode_documents` streams a document iterator through the encoder in input order:
+reading runs in a background thread, and the encoding in this process (``num_proc == 1``: the tokenizer's own
+threads) or in ``num_proc`` worker processes (one tokenizer thread each). Both give the same batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import multiprocessing
+import os
+import queue
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@dataclass
+class EncodedBatch:
+    """Tokenized documents: ``flat`` holds them back to back (each ending in EOS), ``lengths`` their sizes."""
+
+    flat: np.ndarray
+    lengths: np.ndarray
+    skipped: Counter
+    truncated: int
+
+
+class Encoder:
+    """Batch tokenizer: texts -> :class:`EncodedBatch` (multithreaded ``encode_batch_fast``)."""
+
+    def __init__(self, backend: Any, eos_id: int, bos_id: int | None, dtype: np.dtype,
+                 max_doc_tokens: int | None, long_docs: str):
+        self.backend = backend
+        self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, np.dtype(dtype)
+        self.max_doc_tokens, self.long_docs = max_doc_tokens, long_docs
+        encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+        self._encode = encode
+
+    def __call__(self, texts: list[str]) -> EncodedBatch:
+        ids = [e.ids for e in self._encode(texts, add_special_tokens=False)]
+        skipped: Counter = Counter()
+        truncated = 0
+        if self.max_doc_tokens is not None:
+            m = self.max_doc_tokens
+            if self.long_docs == "skip":
+                n0 = len(ids)
+                ids = [x for x in ids if len(x) <= m]
+                skipped["too_long"] += n0 - len(ids)
+            else:
+                truncated = sum(len(x) > m for x in ids)
+                ids = [x[:m] if len(x) > m else x for x in ids]
+        n0 = len(ids)
+        ids = [x for x in ids if x]  # text the tokenizer maps to nothing (e.g. only control characters)
+        skipped["empty"] += n0 - len(ids)
+        return self._pack(ids, skipped, truncated)
+
+    def _pack(self, ids: list[list[int]], skipped: Counter, truncated: int) -> EncodedBatch:
+        extra = 1 + (self.bos_id is not None)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + extra
+        total = int(lengths.sum())
+        flat = np.empty(total, dtype=self.dtype)
+        ends = np.cumsum(lengths) - 1
+        body = np.ones(total, dtype=bool)
+        body[ends] = False
+        if self.bos_id is not None:
+            starts = ends - lengths + 1
+            body[starts] = False
+            flat[starts] = self.bos_id
+        flat[body] = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=total - extra * len(ids))
+        flat[ends] = self.eos_id
+        return EncodedBatch(flat, lengths, skipped, truncated)
+
+
+# ---------------------------------------------------------------- worker processes (num_proc > 1)
+
+_WORKER_ENCODER: Encoder | None = None
+
+
+def _init_worker(tokenizer_json: str, args: tuple) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process; the pool is the parallelism
+    from tokenizers import Tokenizer
+
+    _WORKER_ENCODER = Encoder(Tokenizer.from_str(tokenizer_json), *args)
+
+
+def _worker_encode(texts: list[str]) -> EncodedBatch:
+    assert _WORKER_ENCODER is not None
+    return _WORKER_ENCODER(texts)
+
+
+# ---------------------------------------------------------------- the stream
+
+
+def _batches(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _read_ahead(it: Iterator[Any], depth: int = 4) -> Iterator[Any]:
+    """Run ``it`` in a background thread (reading overlaps tokenization, which releases the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, daemon=True, name="cpt-prepare-reader")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+
+
+def _ordered(pool: Any, fn: Any, items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``map(fn, items)`` in order, with up to ``depth`` calls in flight on ``pool``."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+@contextlib.contextmanager
+def encode_documents(docs: Iterator[str], encoder: Encoder, num_proc: int = 1, batch_docs: int = 1024,
+                     batch_chars: int = 1 << 20) -> Iterator[Iterator[EncodedBatch]]:
+    """Encoded batches of ``docs`` in input order, batches of up to ``batch_docs`` documents / ``batch_chars`` characters.
+
+    ``docs`` is read in a background thread. ``num_proc == 1``: two threads in this process, so that one batch's
+    Rust encoding (multithreaded, GIL released) overlaps the other's conversion to arrays. ``num_proc > 1``: worker
+    processes with one tokenizer thread each.
+    """
+    batches = _read_ahead(_batches(docs, batch_docs, batch_chars))
+    if num_proc <= 1:
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="cpt-encode") as pool:
+            yield _ordered(pool, encoder, batches, depth=3)
+        return
+    args = (encoder.eos_id, encoder.bos_id, encoder.dtype, encoder.max_doc_tokens, encoder.long_docs)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoder.backend.to_str(), args)) as pool:
+        yield pool.imap(_worker_encode, batches, chunksize=1)
+
+
+__all__ = ["EncodedBatch", "Encoder", "encode_documents"]

@@ -1,0 +1,295 @@
+"""Reading raw text: the one implementation behind `cpt prepare`, vocabulary learning (``model.vocab.learn_from``)
+and `cpt eval`'s text held-out files.
+
+Inputs, read in the order given (folders recursively, sorted by path; dot-files and ``__pycache__`` skipped):
+
+- jsonl (``.jsonl``/``.json``/``.ndjson``, plain or ``.gz``/``.zst``/``.bz2``/``.xz``): one JSON object per line,
+  the text in ``text_field``;
+- parquet: the ``text_field`` column;
+- any other file: plain text, one document per file (bytes decoded as UTF-8, line ends kept as written);
+- with ``hf=True`` each input is a ``datasets.load_dataset`` path (hub id, local folder or builder name such
+  as ``json``), with ``dataset_name``/``split``/``data_files``/``streaming``.
+
+Local paths and fsspec URLs (s3://, gs://, hf://, http(s)://) both work.
+
+Records that cannot be used are skipped and counted by reason in a :class:`ReadCounts` (``malformed_json``,
+``non_utf8``, ``missing_field``, ``not_text``, ``empty``; the encoder adds ``too_long``). An input that cannot be
+read at all (missing, a broken parquet or compressed stream, a dataset that does not load) is one
+:class:`ReadError` line.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from cpt.data.shards import ShardError, filesystem, is_remote
+
+logger = logging.getLogger("cpt.data")
+
+SKIP_REASONS = ("malformed_json", "non_utf8", "missing_field", "not_text", "empty", "too_long")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+
+
+class ReadError(ValueError):
+    """An input that cannot be read at all (printed as one line, without a traceback)."""
+
+
+@dataclass
+class ReadCounts:
+    """What the readers saw: records read and records skipped by reason."""
+
+    records: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.records += n
+        self.skipped[reason] += n
+
+    def describe_skips(self) -> str:
+        """``malformed_json 2, non_utf8 1`` (reasons in :data:`SKIP_REASONS` order), or ``none``."""
+        return ", ".join(f"{r} {self.skipped[r]:,}" for r in SKIP_REASONS if self.skipped.get(r)) or "none"
+
+
+# ---------------------------------------------------------------- which files
+
+
+def _strip_compression(name: str) -> str:
+    lower = name.lower()
+    for suf in COMPRESSION_SUFFIXES:
+        if lower.endswith(suf):
+            return lower[: -len(suf)]
+    return lower
+
+
+def input_kind(path: str) -> str:
+    """``jsonl``, ``parquet`` or ``text``, from the file name (compression suffixes looked through)."""
+    base = _strip_compression(path)
+    if base.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if base.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def _compression(path: str) -> str | None:
+    lower = path.lower()
+    if lower.endswith(".zst"):
+        return "zstd"
+    import fsspec.utils
+
+    return fsspec.utils.infer_compression(path)
+
+
+def _hidden(name: str) -> bool:
+    """Dot-files and caches are skipped when walking folders (not `_private.py` or `__init__.py`)."""
+    return name.startswith(".") or name == "__pycache__"
+
+
+def _matches(path: str, pattern: str | None) -> bool:
+    """--glob matches the file name (`*.py`) or, with a `/` or `**`, the path (`**/*.py`, `src/*.py`)."""
+    if not pattern:
+        return True
+    if "/" in pattern:
+        return fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, "*/" + pattern.removeprefix("**/"))
+    return fnmatch.fnmatch(path.rsplit("/", 1)[-1], pattern)
+
+
+def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
+    """Expand folders (recursively, sorted) and glob patterns (`src/**/*.h`) into files; error for anything that does not exist."""
+    import glob as globlib
+
+    files: list[str] = []
+    for item in inputs:
+        item = str(item)
+        if not is_remote(item) and any(c in item for c in "*?[") and not os.path.exists(item):
+            matched = sorted(p for p in globlib.glob(item, recursive=True) if os.path.isfile(p) and _matches(p, glob))
+            if not matched:
+                raise ReadError(f"input pattern matched no files: {item}")
+            files += matched
+        elif is_remote(item):
+            try:
+                fs, root = filesystem(item)
+            except ShardError as e:  # s3:// or gs:// without its extra: one line naming it
+                raise ReadError(str(e)) from None
+            protocol = item.split("://", 1)[0]
+            if not fs.exists(root):
+                raise ReadError(f"input not found: {item}")
+            if fs.isdir(root):
+                found = sorted(p for p in fs.find(root) if not _hidden(p.rsplit("/", 1)[-1]))
+                found = [p for p in found if _matches(p, glob)]
+                files += [p if "://" in p else f"{protocol}://{p}" for p in found]
+            else:
+                files.append(item)
+        elif os.path.isdir(item):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+                found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f) and _matches(os.path.join(dirpath, f), glob)]
+            files += sorted(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise ReadError(f"input not found: {item} (to load a `datasets.load_dataset` spec, pass --hf)")
+    if not files:
+        raise ReadError(f"no input files found in {list(inputs)}" + (f" matching {glob!r}" if glob else ""))
+    return files
+
+
+# ---------------------------------------------------------------- one file
+
+
+def _open_binary(path: str) -> Any:
+    """A buffered binary file (decompressed by suffix) that iterates by lines."""
+    import fsspec
+
+    compression = _compression(path)
+    if compression == "zstd":  # fsspec's zstd file cannot iterate lines: decompress as a stream ourselves
+        import zstandard
+
+        raw = fsspec.open(path, "rb").open()
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), buffer_size=1 << 20)
+    return fsspec.open(path, "rb", compression=compression).open()
+
+
+def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
+    """The usable text of one record, or None (after counting why it was skipped)."""
+    if not isinstance(record, dict):
+        counts.skip("malformed_json")
+        return None
+    value = record.get(text_field)
+    if value is None:
+        counts.skip("missing_field")
+        return None
+    if not isinstance(value, str):
+        counts.skip("not_text")
+        return None
+    try:
+        value.encode("utf-8")  # lone surrogates from "\ud800" escapes are not valid text
+    except UnicodeEncodeError:
+        counts.skip("non_utf8")
+        return None
+    if not value.strip():
+        counts.skip("empty")
+        return None
+    counts.records += 1
+    return value
+
+
+def _read_jsonl(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    with _open_binary(path) as f:
+        for raw in f:
+            if not raw.strip():
+                continue  # blank separator lines are not records
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                counts.skip("non_utf8")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                counts.skip("malformed_json")
+                continue
+            text = _field_text(record, text_field, counts)
+            if text is not None:
+                yield text
+
+
+def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    with _open_binary(path) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # pyarrow raises ArrowInvalid and friends for broken files
+            raise ReadError(f"{path}: not a readable parquet file ({e})") from None
+        if text_field not in pf.schema_arrow.names:
+            logger.warning("%s: no column %r (columns: %s); all rows skipped", path, text_field, pf.schema_arrow.names)
+            counts.skip("missing_field", pf.metadata.num_rows)
+            return
+        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                text = _field_text({text_field: value}, text_field, counts)
+                if text is not None:
+                    yield text
+
+
+def _read_text(path: str, counts: ReadCounts) -> Iterator[str]:
+    with _open_binary(path) as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        counts.skip("non_utf8")
+        return
+    if not text.strip():
+        counts.skip("empty")
+        return
+    counts.records += 1
+    yield text
+
+
+def read_file(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    """The usable documents of one file (its kind from :func:`input_kind`); skipped records counted in ``counts``."""
+    path = str(path)
+    kind = input_kind(path)
+    try:
+        if kind == "jsonl":
+            yield from _read_jsonl(path, text_field, counts)
+        elif kind == "parquet":
+            yield from _read_parquet(path, text_field, counts)
+        else:
+            yield from _read_text(path, counts)
+    except (OSError, EOFError) as e:  # corrupt gzip/zstd streams, unreadable files
+        raise ReadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def read_hf(spec: str, text_field: str, counts: ReadCounts, dataset_name: str | None = None, split: str = "train",
+            data_files: Any = None, streaming: bool = False) -> Iterator[str]:
+    """The usable documents of ``datasets.load_dataset(spec, ...)``; skipped records counted in ``counts``."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec, name=dataset_name, split=split, data_files=data_files, streaming=streaming)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError...)
+        raise ReadError(f"datasets.load_dataset({spec!r}, name={dataset_name!r}, split={split!r}) failed: {e}") from None
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise ReadError(f"dataset {spec!r} has no field {text_field!r} (fields: {columns}); use --text-field")
+    for batch in ds.iter(batch_size=1000):
+        values = batch.get(text_field)
+        if values is None:
+            n = len(next(iter(batch.values()), []))
+            counts.skip("missing_field", n)
+            continue
+        for value in values:
+            text = _field_text({text_field: value}, text_field, counts)
+            if text is not None:
+                yield text
+
+
+# ---------------------------------------------------------------- many inputs
+
+
+def iter_documents(inputs: list[str], text_field: str, counts: ReadCounts, *, hf: bool = False, glob: str | None = None,
+                   dataset_name: str | None = None, split: str = "train", data_files: Any = None,
+                   streaming: bool = False) -> Iterator[str]:
+    """Every usable document of the inputs, in order; skipped records are counted in ``counts``."""
+    if hf:
+        for spec in inputs:
+            yield from read_hf(spec, text_field, counts, dataset_name, split, data_files, streaming)
+        return
+    for path in resolve_files(inputs, glob):
+        yield from read_file(path, text_field, counts)
+
+
+__all__ = ["ReadError", "ReadCounts", "SKIP_REASONS", "input_kind", "resolve_files", "read_file", "read_hf",
+           "iter_documents"]
