@@ -99,6 +99,7 @@ def resolve_settings(args: argparse.Namespace, shape: str, cuda: bool) -> dict:
         "cpt_compile": cuda if args.cpt_compile is None else args.cpt_compile,
         "cpt_liger": args.cpt_liger, "trainer_compile": args.trainer_compile,
         "cpt_chunked_loss": {"auto": "auto", "true": True, "false": False}[args.cpt_chunked_loss],
+        "cpt_overrides": list(args.cpt_set),
         "peak_flops": args.peak_flops, "threads": (1 if not cuda else 0) if args.threads is None else args.threads,
         "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": list(BETAS), "eps": EPS,
         "grad_clip": GRAD_CLIP, "seed": SEED,
@@ -290,7 +291,7 @@ def run_cpt(settings: dict, data_root: Path, workdir: Path) -> dict:
     L, B = settings["seq_len"], settings["global_batch"]
     run_dir = workdir / "cpt-run"
     data = prepare_shape_data(data_root, settings)
-    cfg = load_config(base=cpt_config(settings, data, run_dir))
+    cfg = load_config(base=cpt_config(settings, data, run_dir), overrides=settings.get("cpt_overrides") or [])
     t0 = time.perf_counter()
     train(cfg, echo=lambda *a, **k: print(*a, **k, file=sys.stderr))
     total_s = time.perf_counter() - t0
@@ -413,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpt-liger", action="store_true", help="model.liger_kernel for cpt (needs liger-kernel installed)")
     p.add_argument("--cpt-chunked-loss", choices=["auto", "true", "false"], default="auto",
                    help="train.chunked_loss for cpt (default auto: lm_head + loss over chunks of positions, no full logits)")
+    p.add_argument("--cpt-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of cpt's run config (repeatable), e.g. --cpt-set train.loss_chunk_tokens=4096")
     p.add_argument("--trainer-compile", action="store_true", help="TrainingArguments.torch_compile for the Trainer (default off)")
     p.add_argument("--peak-flops", type=float, default=None, help="device peak bf16 FLOP/s for MFU (default: from the device name)")
     p.add_argument("--threads", type=int, default=None,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ def test_bench_throughput_tiny_cpu(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_throughput.py"), "--shapes", "tiny", "--steps", "4", "--warmup", "2",
-         "--workdir", str(tmp_path / "work"), "--json", str(out)],
+         "--workdir", str(tmp_path / "work"), "--json", str(out), "--cpt-set", "train.loss_chunk_tokens=64"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -38,4 +39,7 @@ def test_bench_throughput_tiny_cpu(tmp_path):
 
     s = report["settings"]["tiny"]
     assert (s["seq_len"], s["micro_batch"], s["global_batch"], s["precision"]) == (128, 4, 8, "fp32")
+    assert s["cpt_overrides"] == ["train.loss_chunk_tokens=64"]
+    saved = [yaml.safe_load(p.read_text()) for p in (tmp_path / "work").rglob("config.yaml")]
+    assert [c["train"]["loss_chunk_tokens"] for c in saved if "train" in c] == [64]  # --cpt-set reached cpt's run
     assert report["versions"]["torch"] and report["device"].startswith("cpu")
