@@ -8,8 +8,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from functools import partial
 
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from conftest import tiny_llama
 from cpt.demo import byte_level_bpe
 
 from cpt.adapters import (
@@ -28,22 +31,14 @@ from cpt.model import merge_adapter
 CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"] * 10
 
 
-def tiny_tokenizer():
-    return byte_level_bpe(CORPUS, 300)
-
-
-def tiny_model(vocab=300, tie=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      intermediate_size=128, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
+tiny_model = partial(tiny_llama, vocab=300, hidden=64, intermediate=128, layers=4, training=False)
 
 
 @pytest.fixture
 def base_dir(tmp_path):
     d = tmp_path / "base"
     tiny_model().save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
+    byte_level_bpe(CORPUS, 300).save_pretrained(d)
     return d
 
 

@@ -9,9 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from conftest import tiny_llama, tiny_tokenizer
 from cpt.averaging import (
     EMA,
     average_checkpoints,
@@ -22,25 +22,14 @@ from cpt.averaging import (
 )
 
 
-def tiny_model(seed, vocab=64, tie=False):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_tokenizer():
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=64, special_tokens=["<eos>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>")
+def tiny_model(seed, vocab=64):
+    return tiny_llama(vocab, seed=seed, training=False)
 
 
 def save(model, d, tok=True):
     model.save_pretrained(d)
     if tok:
-        tiny_tokenizer().save_pretrained(d)
+        tiny_tokenizer(["hello world"] * 5, 64, byte_alphabet=False).save_pretrained(d)
     return d
 
 
@@ -208,7 +197,6 @@ def test_interpolation_sweep_table():
 
 def test_cli_interpolate_end_to_end(tmp_path, capsys):
     """`cpt interpolate` over real prepared held-out shards, with the real held-out loss."""
-    pytest.importorskip("cpt.data.prepare")
     from cpt.commands.interpolate import main
     from cpt.data.prepare import prepare
     from cpt.evaluate import heldout_loss

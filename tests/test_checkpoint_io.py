@@ -26,11 +26,10 @@ from cpt.metrics import MetricsError, MetricsLogger, read_metrics
 def trained(tmp_path):
     """An Accelerator with a tiny Llama (tied embeddings) and an AdamW that has taken one step."""
     from accelerate import Accelerator
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    from conftest import tiny_llama
+
+    model = tiny_llama(64, hidden=16, intermediate=32, layers=1, heads=2, tied=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     acc = Accelerator(cpu=True)
     model, opt = acc.prepare(model, opt)

@@ -14,7 +14,7 @@ from cpt.data.mixer import Mixer, MixPlan
 from cpt.data.prepare import prepare
 from cpt.data.shards import ShardError
 from cpt.data.sources import HeldoutConfig
-from test_data_common import data_config, make_docs, make_tokenizer, stage, tokenizer, write_jsonl  # noqa: F401
+from data_factories import data_config, make_docs, make_tokenizer, stage, tokenizer, write_jsonl  # noqa: F401
 
 L = 8
 

@@ -13,7 +13,7 @@ import pytest
 from cpt.data import prepare as prep_mod
 from cpt.data.prepare import PrepareError, prepare
 from cpt.data.shards import ShardError, TokenShards, dtype_for_vocab, tokenizer_fingerprint
-from test_data_common import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401  (fixture)
+from data_factories import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401  (fixture)
 
 
 def stream_of(path) -> list[int]:
