@@ -143,7 +143,7 @@ def test_freeze_bottom_half_counts():
     model = tiny_model()
     total = count_parameters(model)[1]
     frozen = apply_freeze(model, FreezeConfig(layers="bottom_half"))
-    assert all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in frozen)
+    assert frozen and all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in frozen)
     t, tot = count_parameters(model)
     assert tot == total and t == total - _layer_params(model, 0) - _layer_params(model, 1)
     assert all(p.requires_grad for n, p in model.named_parameters() if "layers.3." in n or "lm_head" in n)

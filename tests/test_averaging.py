@@ -90,12 +90,13 @@ def test_ema_swapped_loads_then_restores_and_state_roundtrip(tmp_path):
     other = EMA(tiny_model(1), decay=0.5)
     other.load(tmp_path / "ema.safetensors")
     assert other.decay == 0.9 and other.num_updates == 1
+    assert ema.shadow and other.shadow.keys() == ema.shadow.keys()
     assert all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ema.shadow)
     sd = ema.state_dict()
-    assert all(isinstance(v, torch.Tensor) for v in sd.values())  # checkpoint.py stores it with safetensors
+    assert sd and all(isinstance(v, torch.Tensor) for v in sd.values())  # checkpoint.py stores it with safetensors
     third = EMA(tiny_model(2), decay=0.5)
     third.load_state_dict(sd)
-    assert all(torch.equal(third.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    assert third.shadow.keys() == ema.shadow.keys() and all(torch.equal(third.shadow[n], ema.shadow[n]) for n in ema.shadow)
     with pytest.raises(KeyError):
         EMA(torch.nn.Linear(2, 2), 0.9).load_state_dict(sd)
 

@@ -79,7 +79,7 @@ def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, 
     assert_same(read_state(tmp_path / "accelerate"), read_state(ours))
     # hashed while written: the digests match the files on disk, and nothing else was read to get them
     files = json.loads((ours / CHECKSUMS).read_text())["files"]
-    assert all(meta["digest"] for meta in files.values()) and verify_checkpoint(ours) is None
+    assert files and all(meta["digest"] for meta in files.values()) and verify_checkpoint(ours) is None
     # and accelerate loads it
     before = {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monke
     release.set()
     ckpts.wait()
     saved = read_state(list_checkpoints(tmp_path / "run")[0])["model"]
-    assert all(torch.equal(saved[k], want[k]) for k in saved)
+    assert saved and all(torch.equal(saved[k], want[k]) for k in saved)
 
 
 def test_failed_background_save_counts_and_policy_stops(trained, tmp_path, monkeypatch, caplog):
