@@ -6,10 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest
-import torch
 from functools import partial
 
+import pytest
+import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import tiny_llama
