@@ -31,7 +31,7 @@ LAUNCH = {
     # no --zero3_save_16bit_model: cpt gathers ZeRO-3 weights for HF/adapter exports whatever the user's setting
     "zero3": ["--use_deepspeed", "--zero_stage", "3"],
     "fsdp": ["--use_fsdp", "--fsdp_version", "2"],
-    # the shipped FSDP2 config, run on CPU/gloo through accelerate's real FSDP branch (see tests/fsdp_on_cpu.py)
+    # the shipped FSDP2 config, run on CPU/gloo through accelerate's real FSDP branch (tests/fsdp_shim, tests/fsdp_on_cpu.py)
     "fsdp_cpu": ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")],
 }
 
