@@ -25,6 +25,49 @@ def _offline_env():
     yield
 
 
+# ---------------------------------------------------------------- tiny models and tokenizers (from a config, offline)
+# One factory each; a test file names its sizes once (e.g. `model = partial(tiny_llama, 97, hidden=64)`). Scripts
+# started in subprocesses import them too (`from conftest import tiny_llama`: tests/ is on their PYTHONPATH).
+
+
+def tiny_llama(vocab: int = 64, *, hidden: int = 32, intermediate: int = 64, layers: int = 2, heads: int = 4,
+               kv_heads: int | None = None, tied: bool = False, bias: bool = False, seed: int = 0,
+               training: bool = True, **config):
+    """A randomly initialised LlamaForCausalLM, its weights drawn right after ``torch.manual_seed(seed)``.
+
+    ``kv_heads`` defaults to ``heads`` (no grouped-query attention); ``config`` takes further LlamaConfig fields
+    (max_position_embeddings, attn_implementation, eos_token_id, ...); ``training=False`` returns it in eval mode.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads or heads, tie_word_embeddings=tied,
+                      attention_bias=bias, **config)
+    return LlamaForCausalLM(cfg).train(training)
+
+
+def tiny_tokenizer(texts, vocab_size: int, *, specials=("<eos>",), byte_alphabet: bool = True, **tokens):
+    """A byte-level BPE trained on ``texts`` with `tokenizers` (well under a second), as a transformers fast tokenizer.
+
+    ``specials`` take the first ids, in order; ``byte_alphabet`` seeds the trainer with all 256 byte symbols (any text
+    encodes); ``tokens``: PreTrainedTokenizerFast arguments (eos_token defaults to the first special; bos_token,
+    pad_token, ...). For the tokenizer `cpt demo` trains (eos = bos = pad), tests use `cpt.demo.byte_level_bpe`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_alphabet else []
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                                       initial_alphabet=alphabet, show_progress=False))
+    tokens.setdefault("eos_token", specials[0])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
+
+
 # ---------------------------------------------------------------- shared tiny CPT data (real text)
 
 

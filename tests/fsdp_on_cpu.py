@@ -10,10 +10,9 @@ sharded `save_state`/`load_state`, `get_state_dict` gathering — exactly as on 
 Test scaffolding only: cpt itself refuses FSDP without GPUs (see `cpt.train.build_accelerator`).
 
 Usage: `force_fsdp_on_cpu()` at the top of a script started by `accelerate launch --use_fsdp ...` with
-ACCELERATE_USE_CPU=1; or `python -m fsdp_on_cpu train CONFIG ...` (tests/ on PYTHONPATH) to run `cpt` itself.
+ACCELERATE_USE_CPU=1; to run an unmodified `cpt train` (or launch script), tests/fsdp_shim calls it in every rank
+(`launching.rank_env(cpu=True, fsdp_on_cpu=True)`).
 """
-
-import sys
 
 
 def force_fsdp_on_cpu() -> None:
@@ -24,10 +23,3 @@ def force_fsdp_on_cpu() -> None:
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise RuntimeError(f"expected a multi-CPU launch (ACCELERATE_USE_CPU=1, 2+ processes), got {state.distributed_type}")
     PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-
-
-if __name__ == "__main__":
-    force_fsdp_on_cpu()
-    from cpt.cli import main
-
-    sys.exit(main(sys.argv[1:]))

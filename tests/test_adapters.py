@@ -6,10 +6,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from functools import partial
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from conftest import tiny_llama
 from cpt.demo import byte_level_bpe
 
 from cpt.adapters import (
@@ -28,22 +31,14 @@ from cpt.model import merge_adapter
 CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"] * 10
 
 
-def tiny_tokenizer():
-    return byte_level_bpe(CORPUS, 300)
-
-
-def tiny_model(vocab=300, tie=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      intermediate_size=128, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
+tiny_model = partial(tiny_llama, vocab=300, hidden=64, intermediate=128, layers=4, training=False)
 
 
 @pytest.fixture
 def base_dir(tmp_path):
     d = tmp_path / "base"
     tiny_model().save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
+    byte_level_bpe(CORPUS, 300).save_pretrained(d)
     return d
 
 
@@ -148,7 +143,7 @@ def test_freeze_bottom_half_counts():
     model = tiny_model()
     total = count_parameters(model)[1]
     frozen = apply_freeze(model, FreezeConfig(layers="bottom_half"))
-    assert all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in frozen)
+    assert frozen and all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in frozen)
     t, tot = count_parameters(model)
     assert tot == total and t == total - _layer_params(model, 0) - _layer_params(model, 1)
     assert all(p.requires_grad for n, p in model.named_parameters() if "layers.3." in n or "lm_head" in n)

@@ -9,9 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from conftest import tiny_llama, tiny_tokenizer
 from cpt.averaging import (
     EMA,
     average_checkpoints,
@@ -22,25 +22,14 @@ from cpt.averaging import (
 )
 
 
-def tiny_model(seed, vocab=64, tie=False):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_tokenizer():
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=64, special_tokens=["<eos>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>")
+def tiny_model(seed, vocab=64):
+    return tiny_llama(vocab, seed=seed, training=False)
 
 
 def save(model, d, tok=True):
     model.save_pretrained(d)
     if tok:
-        tiny_tokenizer().save_pretrained(d)
+        tiny_tokenizer(["hello world"] * 5, 64, byte_alphabet=False).save_pretrained(d)
     return d
 
 
@@ -101,12 +90,13 @@ def test_ema_swapped_loads_then_restores_and_state_roundtrip(tmp_path):
     other = EMA(tiny_model(1), decay=0.5)
     other.load(tmp_path / "ema.safetensors")
     assert other.decay == 0.9 and other.num_updates == 1
+    assert ema.shadow and other.shadow.keys() == ema.shadow.keys()
     assert all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ema.shadow)
     sd = ema.state_dict()
-    assert all(isinstance(v, torch.Tensor) for v in sd.values())  # checkpoint.py stores it with safetensors
+    assert sd and all(isinstance(v, torch.Tensor) for v in sd.values())  # checkpoint.py stores it with safetensors
     third = EMA(tiny_model(2), decay=0.5)
     third.load_state_dict(sd)
-    assert all(torch.equal(third.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    assert third.shadow.keys() == ema.shadow.keys() and all(torch.equal(third.shadow[n], ema.shadow[n]) for n in ema.shadow)
     with pytest.raises(KeyError):
         EMA(torch.nn.Linear(2, 2), 0.9).load_state_dict(sd)
 
@@ -208,7 +198,6 @@ def test_interpolation_sweep_table():
 
 def test_cli_interpolate_end_to_end(tmp_path, capsys):
     """`cpt interpolate` over real prepared held-out shards, with the real held-out loss."""
-    pytest.importorskip("cpt.data.prepare")
     from cpt.commands.interpolate import main
     from cpt.data.prepare import prepare
     from cpt.evaluate import heldout_loss

@@ -106,7 +106,6 @@ def test_stderr_names_and_comparison_against_a_baseline():
 
 
 def test_bootstrap_fills_the_stderr_lm_eval_leaves_out():
-    pytest.importorskip("lm_eval")
     from eval_harness.lm_eval_hook import add_missing_stderrs, bootstrap_stderr
 
     docs = [{"filter": "none", "bits_per_byte": (-float(10 + i % 7), 20 + i % 3), "acc": float(i % 2)} for i in range(200)]
@@ -172,7 +171,6 @@ def test_generator_regenerates_the_bundled_data():
 
 
 def test_cpu_run_logs_benchmark_forgetting_from_step_0_and_an_anneal_branch_keeps_it(tiny_cpt_data, tiny_base, tmp_path):
-    pytest.importorskip("lm_eval")
     from conftest import tiny_run_config
 
     from cpt.config import load_config

@@ -26,11 +26,10 @@ from cpt.metrics import MetricsError, MetricsLogger, read_metrics
 def trained(tmp_path):
     """An Accelerator with a tiny Llama (tied embeddings) and an AdamW that has taken one step."""
     from accelerate import Accelerator
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    from conftest import tiny_llama
+
+    model = tiny_llama(64, hidden=16, intermediate=32, layers=1, heads=2, tied=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     acc = Accelerator(cpu=True)
     model, opt = acc.prepare(model, opt)
@@ -80,7 +79,7 @@ def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, 
     assert_same(read_state(tmp_path / "accelerate"), read_state(ours))
     # hashed while written: the digests match the files on disk, and nothing else was read to get them
     files = json.loads((ours / CHECKSUMS).read_text())["files"]
-    assert all(meta["digest"] for meta in files.values()) and verify_checkpoint(ours) is None
+    assert files and all(meta["digest"] for meta in files.values()) and verify_checkpoint(ours) is None
     # and accelerate loads it
     before = {k: v.clone() for k, v in acc.unwrap_model(model).state_dict().items()}
     with torch.no_grad():
@@ -114,7 +113,7 @@ def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monke
     release.set()
     ckpts.wait()
     saved = read_state(list_checkpoints(tmp_path / "run")[0])["model"]
-    assert all(torch.equal(saved[k], want[k]) for k in saved)
+    assert saved and all(torch.equal(saved[k], want[k]) for k in saved)
 
 
 def test_failed_background_save_counts_and_policy_stops(trained, tmp_path, monkeypatch, caplog):

@@ -2,11 +2,14 @@
 and every gradient, in fp32, with tied and untied heads, document masking, a bias, LoRA (also on lm_head) and
 held-out evaluation; models whose forward changes the logits after lm_head keep the full-logits path."""
 
+from functools import partial
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
+from conftest import tiny_llama
 from cpt import chunked_loss
 from cpt.evaluate import heldout_loss
 from cpt.lm_loss import causal_lm_loss, use_chunked_loss
@@ -14,11 +17,7 @@ from cpt.lm_loss import causal_lm_loss, use_chunked_loss
 EOS = 1
 
 
-def tiny_llama(tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=tied)
-    return LlamaForCausalLM(cfg)
+llama = partial(tiny_llama, 97, kv_heads=2, max_position_embeddings=64)
 
 
 def rows(b: int = 3, length: int = 24, seed: int = 1) -> torch.Tensor:
@@ -55,7 +54,7 @@ def assert_same_as_full_logits(model, ids, eos_id, chunk_tokens):
 @pytest.mark.parametrize("eos_id", [None, EOS])
 @pytest.mark.parametrize("chunk_tokens", [7, 1000])  # chunks that do not divide the 69 positions; one chunk
 def test_loss_and_gradients_equal_full_logits(tied, eos_id, chunk_tokens):
-    assert_same_as_full_logits(tiny_llama(tied), rows(), eos_id, chunk_tokens)
+    assert_same_as_full_logits(llama(tied=tied), rows(), eos_id, chunk_tokens)
 
 
 def test_linear_head_with_bias_and_leaf_hidden_states():
@@ -79,7 +78,7 @@ def test_linear_head_with_bias_and_leaf_hidden_states():
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
 def test_lora_including_lm_head(targets):
     """LoRA on attention keeps the plain linear head; LoRA on lm_head runs the adapter per chunk (checkpointed)."""
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
     assert_same_as_full_logits(model, rows(), EOS, chunk_tokens=16)
     linear = chunked_loss.install(model, 16).linear
     chunked_loss.uninstall(model)
@@ -92,7 +91,7 @@ def test_lora_including_lm_head(targets):
 
 
 def test_heldout_evaluation_uses_the_chunked_path():
-    model, ids = tiny_llama(), rows(5)
+    model, ids = llama(), rows(5)
     ref = heldout_loss(model, ids, batch_size=2, eos_id=EOS)
     state = chunked_loss.install(model, 5)
     calls = []
@@ -122,7 +121,7 @@ def test_softcapped_logits_keep_the_full_logits_path():
     with pytest.raises(RuntimeError, match="train.chunked_loss: true"):
         use_chunked_loss(Gemma2ForCausalLM(model.config.__class__(**{**model.config.to_dict(), "final_logit_softcapping": 5.0})),
                          True, 64, None)
-    assert use_chunked_loss(tiny_llama(), False, 64, None) is False
+    assert use_chunked_loss(llama(), False, 64, None) is False
 
 
 def test_scaled_logits_are_detected_from_the_forward_source():
@@ -133,7 +132,7 @@ def test_scaled_logits_are_detected_from_the_forward_source():
             logits = logits * 0.5
             return logits
 
-    model = Scaled(tiny_llama().config)
+    model = Scaled(llama().config)
     with pytest.raises(chunked_loss.Unsupported, match="changes its logits"):
         chunked_loss.install(model)
     messages = []
@@ -143,7 +142,7 @@ def test_scaled_logits_are_detected_from_the_forward_source():
 
 def test_through_torch_compile():
     """model.compile: the patched head is traced with the model (aot_eager here: no C++ toolchain needed in CI)."""
-    model, ids = tiny_llama(tied=True), rows()
+    model, ids = llama(tied=True), rows()
     ref_loss, ref_rows, ref_grads = loss_and_grads(model, ids, EOS)
     chunked_loss.install(model, 16)
     compiled = torch.compile(model, backend="aot_eager")

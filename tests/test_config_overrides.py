@@ -22,7 +22,7 @@ def test_overrides_change_the_loaded_model(tiny_base):
     long = build_model(model_cfg(tiny_base, config_overrides=LONG), tok)
     assert long.config.max_position_embeddings == 256 and long.config.rope_parameters["rope_theta"] == 1.0e6
     # same weights, another RoPE base: different inverse frequencies and logits
-    for (n, a), (_, b) in zip(plain.state_dict().items(), long.state_dict().items()):
+    for (n, a), (_, b) in zip(plain.state_dict().items(), long.state_dict().items(), strict=True):
         if "rotary" not in n:
             assert torch.equal(a, b), n
     assert not torch.allclose(plain.model.rotary_emb.inv_freq, long.model.rotary_emb.inv_freq)

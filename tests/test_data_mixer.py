@@ -14,7 +14,7 @@ from cpt.data.mixer import Mixer, MixPlan
 from cpt.data.prepare import prepare
 from cpt.data.shards import ShardError
 from cpt.data.sources import HeldoutConfig
-from test_data_common import data_config, make_docs, make_tokenizer, stage, tokenizer, write_jsonl  # noqa: F401
+from data_factories import data_config, make_docs, make_tokenizer, stage, tokenizer, write_jsonl  # noqa: F401
 
 L = 8
 
@@ -116,6 +116,7 @@ def test_global_batches_do_not_depend_on_world_size(sources, tokenizer):
     one = global_batches(sources, tokenizer, 1, 0, 50)
     for world in (2, 4):
         other = global_batches(sources, tokenizer, world, 0, 50)
+        assert len(one) == len(other) == 50
         assert all(torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["source"], b["source"]) for a, b in zip(one, other))
     assert one[0]["input_ids"].shape == (16, L) and one[0]["input_ids"].dtype == torch.long
     assert [int((b["source"] == 1).sum()) for b in one[:20]] == [4] * 20  # 25% of 16
@@ -130,6 +131,7 @@ def test_resume_at_any_step_and_across_world_sizes(sources, tokenizer):
         ld = CPTDataLoader(cfg(sources), STAGES, tokenizer, 16, seed=9, rank=0, world_size=2)
         batches(ld, 0, k)  # a 2-rank run saved at step k ...
         resumed = global_batches(sources, tokenizer, world, k, 50, state=ld.state_dict())  # ... resumed on `world` ranks
+        assert len(resumed) == len(full) - k == 50 - k, (k, world)
         assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[k:], resumed)), (k, world)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from cpt.data.prepare import prepare
 from cpt.data.shards import ShardError, TokenShards, tokenizer_fingerprint
-from test_data_common import expected_stream, make_docs, make_tokenizer, tokenizer, write_jsonl  # noqa: F401
+from data_factories import expected_stream, make_docs, make_tokenizer, tokenizer, write_jsonl  # noqa: F401
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_loader_reads_remote_sources_like_local_ones(prepared, tokenizer):
     import torch
 
     from cpt.data.loader import CPTDataLoader
-    from test_data_common import data_config, stage
+    from data_factories import data_config, stage
 
     out, _ = prepared
     url = to_memory(out, "/bucket/loader")
@@ -221,7 +221,7 @@ def no_s3fs(monkeypatch):
 def test_missing_remote_extra_is_one_line_naming_it(no_s3fs, url, extra, tokenizer, tmp_path, capsys):
     from cpt.commands.prepare import main as prepare_main
     from cpt.data.loader import CPTDataLoader
-    from test_data_common import data_config, stage
+    from data_factories import data_config, stage
 
     with pytest.raises(ShardError) as e:
         CPTDataLoader(data_config([{"name": "a", "path": url}]), [stage(1, {"a": 1.0})], tokenizer, 8, seed=0)
@@ -306,9 +306,8 @@ def test_training_stream_reads_shards_over_http(prepared, tmp_path, tokenizer, h
 
     from cpt.commands.verify import verify_folder
     from cpt.data.loader import CPTDataLoader
-    from test_data_common import data_config, stage
+    from data_factories import data_config, stage
 
-    pytest.importorskip("aiohttp")  # fsspec's http filesystem (a dependency of datasets)
     out, _ = prepared
     base, sent = http_server(out.parent)
     url = f"{base}/{out.name}"
@@ -327,7 +326,6 @@ def test_training_stream_reads_shards_over_http(prepared, tmp_path, tokenizer, h
 
 
 def test_http_server_without_range_support_is_an_error_not_wrong_data(prepared, tokenizer, http_server):
-    pytest.importorskip("aiohttp")
     out, _ = prepared
     base, _ = http_server(out.parent, ranges=False)
     s = TokenShards.open(f"{base}/{out.name}")

@@ -10,7 +10,7 @@ from cpt.data.prepare import prepare
 from cpt.data.shards import TokenShards
 from cpt.data.sources import SourceConfig
 from cpt.data.stream import PackedStream, Permutation
-from test_data_common import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401
+from data_factories import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401
 
 L = 16
 

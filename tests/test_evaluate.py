@@ -2,10 +2,12 @@
 
 import math
 
+from functools import partial
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_llama
 from cpt.config import EvalConfig
 from cpt.evaluate import (
     HeldoutEvaluator,
@@ -18,11 +20,7 @@ from cpt.evaluate import (
 VOCAB = 97
 
 
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=128, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+tiny_model = partial(tiny_llama, VOCAB, hidden=64, intermediate=128, max_position_embeddings=64)
 
 
 def tokens(n: int, L: int = 16, seed: int = 1) -> torch.Tensor:

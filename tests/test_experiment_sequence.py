@@ -189,10 +189,11 @@ def test_shipped_sequence_specs_validate_and_plan(path, tmp_path):
     runs = plan_sequence(spec, tmp_path, tmp_path / "tok", tmp_path / "data", {c.name: 10**6 for c in spec.corpora})
     cfgs = run_configs(runs)  # every run config validates, LR plans included
     trunk = next(r for r in runs if r.label == "infinite")
+    assert len(cfgs[trunk.name].stages) > 1
     assert all(st.schedule.continue_trunk for st in cfgs[trunk.name].stages[1:])
     # evaluations and checkpoints land on every boundary
     ev, ck = cfgs[trunk.name].eval, cfgs[trunk.name].checkpoint
-    assert all(b % ev.every == 0 and b % ck.every == 0 for b in spec.boundaries)
+    assert spec.boundaries and all(b % ev.every == 0 and b % ck.every == 0 for b in spec.boundaries)
 
 
 def test_bad_sequence_specs():

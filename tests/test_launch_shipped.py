@@ -13,28 +13,19 @@ between world sizes and backends.
 * `cpt export` turns every kind of checkpoint into an HF model that reproduces the logged held-out loss.
 """
 
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import tiny_run_config
 from cpt.config import load_config
-from cpt.metrics import read_metrics
+from launching import ROOT, assert_close, evals, finish, losses, preempt, rank_env, start, two_process_config, world_sizes
+from launching import write_config as write
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-REL = 1e-5
 STEPS, EVERY = 6, 3
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 
 # strategy -> the README's command (after `scripts/`): every shipped accelerate config, both scripts
 SHIPPED = {
@@ -45,78 +36,28 @@ SHIPPED = {
     "zero2_offload": ["launch_deepspeed.sh", "2", "offload"],
     "zero3_offload": ["launch_deepspeed.sh", "3", "offload"],
 }
-DS = {"zero2", "zero3", "zero2_offload", "zero3_offload"}
-
-
-def strategy_param(s):
-    return pytest.param(s, marks=needs_deepspeed) if s in DS else s
 
 
 def test_every_shipped_accelerate_config_is_launched():
     assert {p.stem for p in (ROOT / "configs" / "accelerate").glob("*.yaml")} == set(SHIPPED)
 
 
-def shipped_env(strategy: str, nproc: int) -> dict:
-    env = dict(os.environ, NUM_GPUS=str(nproc), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
-               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(ROOT))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))  # DeepSpeed's JIT ops, built once
-    for k in ("ACCELERATE_USE_CPU", "CPT_TEST_FSDP_ON_CPU", "ACCELERATE_MIXED_PRECISION"):
-        env.pop(k, None)
-    if strategy in ("ddp", "fsdp"):
-        env["ACCELERATE_USE_CPU"] = "1"
-    if strategy == "fsdp":
-        env["CPT_TEST_FSDP_ON_CPU"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fsdp_shim"), str(ROOT)])
-    return env
-
-
-def run_shipped(strategy: str, cfg_path: Path, *extra: str, nproc: int = 2) -> tuple[int, str]:
+def launch_shipped(strategy: str, cfg_path: Path, *extra: str):
+    """The README's command line, started (NUM_GPUS=2: the scripts' documented process count)."""
     script, *args = SHIPPED[strategy]
-    cmd = [str(ROOT / "scripts" / script), str(cfg_path), *args, *extra]
-    p = subprocess.run(cmd, cwd=cfg_path.parent, env=shipped_env(strategy, nproc), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=600)
-    return p.returncode, p.stdout
+    env = {**rank_env(cpu=strategy in ("ddp", "fsdp"), fsdp_on_cpu=strategy == "fsdp"), "NUM_GPUS": "2"}
+    return start([str(ROOT / "scripts" / script), str(cfg_path), *args, *extra], cfg_path.parent, env)
 
 
-def records(run_dir) -> list[dict]:
-    return read_metrics(Path(run_dir) / "metrics.jsonl")
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}
-
-
-def evals(run_dir, name="python") -> dict[int, float]:
-    return {r["step"]: r[f"eval/{name}/loss"] for r in records(run_dir) if f"eval/{name}/loss" in r}
-
-
-def world_sizes(run_dir) -> set[int]:
-    return {round(r["perf/tokens_per_s"] / r["perf/tokens_per_s_per_device"]) for r in records(run_dir) if "perf/tokens_per_s" in r}
-
-
-def assert_close(got: dict, ref: dict, rel=REL):
-    assert sorted(got) == sorted(ref), (sorted(got), sorted(ref))
-    for k in ref:
-        assert got[k] == pytest.approx(ref[k], rel=rel), (k, got[k], ref[k])
+def run_shipped(strategy: str, cfg_path: Path, *extra: str) -> tuple[int, str]:
+    return finish(launch_shipped(strategy, cfg_path, *extra))
 
 
 def make_cfg(tiny_cpt_data, base, out: Path, lora=False) -> dict:
-    """6 steps of 8 sequences (2 micro-batches of 2 per rank on 2 ranks); checkpoint, export and eval every 3."""
-    cfg = tiny_run_config(tiny_cpt_data, out, eval={"every": EVERY, "dense_steps": 0},
-                          checkpoint={"every": EVERY, "keep": 5, "export_every": EVERY})
-    cfg["model"] = {"name_or_path": str(base)}
-    if lora:
-        cfg["model"]["lora"] = {"r": 8, "alpha": 16}
-    cfg["stages"][0]["steps"] = STEPS
-    cfg["train"].update(global_batch_size=8, micro_batch_size=2)
-    cfg["optim"]["weight_decay"] = 0.0 if lora else 0.1
-    return cfg
-
-
-def write(cfg: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """6 steps of 8 sequences; checkpoint, export and eval every 3."""
+    return two_process_config(tiny_cpt_data, base, out, steps=STEPS, eval_every=EVERY, lora=lora,
+                              checkpoint={"every": EVERY, "keep": 5, "export_every": EVERY},
+                              weight_decay=0.0 if lora else 0.1)
 
 
 def branch_from(ckpt: Path, cfg: dict, out: Path) -> dict:
@@ -183,7 +124,7 @@ def shipped(tiny_cpt_data, tiny_base, tmp_path_factory):
 # ------------------------------------------------------------------------------------------ the shipped launchers
 
 
-@pytest.mark.parametrize("strategy", [strategy_param(s) for s in SHIPPED])
+@pytest.mark.parametrize("strategy", list(SHIPPED))
 def test_shipped_launch_matches_one_process(strategy, shipped, reference, tiny_cpt_data, tiny_base):
     out = shipped(strategy)
     cfg = make_cfg(tiny_cpt_data, tiny_base, out)
@@ -196,7 +137,7 @@ def test_shipped_launch_matches_one_process(strategy, shipped, reference, tiny_c
 
 # ------------------------------------------------------------------------------------------ world-size portability
 
-PORTABLE = ["ddp", "fsdp", strategy_param("zero2"), strategy_param("zero3")]
+PORTABLE = ["ddp", "fsdp", "zero2", "zero3"]
 
 
 @pytest.mark.parametrize("strategy", PORTABLE)
@@ -231,7 +172,7 @@ def test_one_process_checkpoint_resumes_on_two(strategy, reference, tiny_cpt_dat
 # ------------------------------------------------------------------------------------------ cpt export
 
 
-@pytest.mark.parametrize("strategy", ["one", "ddp", "fsdp", strategy_param("zero2"), strategy_param("zero3")])
+@pytest.mark.parametrize("strategy", ["one", "ddp", "fsdp", "zero2", "zero3"])
 def test_cpt_export_of_every_checkpoint_kind(strategy, shipped, reference, tiny_cpt_data, tiny_base, tmp_path):
     """`cpt export RUN_DIR --out DIR` (the newest checkpoint, step 6) on one CPU process, whatever wrote it."""
     from cpt.cli import main
@@ -241,14 +182,10 @@ def test_cpt_export_of_every_checkpoint_kind(strategy, shipped, reference, tiny_
     assert_hf_dir_reproduces_eval(tmp_path / "hf", run, make_cfg(tiny_cpt_data, tiny_base, run), tiny_cpt_data, STEPS)
 
 
-@needs_deepspeed
 def test_zero3_preempted_resumes_on_one_process_and_exports(shipped, tiny_cpt_data, tiny_base, tmp_path):
     """The issue's acceptance run: `scripts/launch.sh run.yaml zero3` on 2 processes, SIGTERM to the ranks after
     their first checkpoint; `cpt train --resume` on 1 process finishes with the uninterrupted run's losses and an HF
     export; `cpt export` turns the preemption checkpoint into a model AutoModelForCausalLM loads."""
-    import signal
-    import time
-
     from cpt.cli import main
     from cpt.train import train
 
@@ -256,20 +193,8 @@ def test_zero3_preempted_resumes_on_one_process_and_exports(shipped, tiny_cpt_da
     cfg = make_cfg(tiny_cpt_data, tiny_base, tmp_path / "run")
     cfg["checkpoint"]["export_every"] = None
     cfg_path = write(cfg, tmp_path / "run.yaml")
-    script, *args = SHIPPED["zero3"]
-    proc = subprocess.Popen([str(ROOT / "scripts" / script), str(cfg_path), *args], cwd=tmp_path, env=shipped_env("zero3", 2),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, t0 = tmp_path / "run", time.time()
-    while not (out / "checkpoints" / f"step_{EVERY:08d}").is_dir():
-        assert proc.poll() is None, proc.stdout.read()[-5000:]
-        assert time.time() - t0 < 400, "timed out"
-        time.sleep(0.05)
-    workers = _workers(proc.pid)
-    assert len(workers) == 2, workers
-    for pid in workers:
-        os.kill(pid, signal.SIGTERM)
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0 and "preemption" in log, log[-5000:]
+    out = tmp_path / "run"
+    preempt(launch_shipped("zero3", cfg_path), (out / "checkpoints" / f"step_{EVERY:08d}").is_dir, timeout=400)
     preempted = sorted((out / "checkpoints").glob("step_*"))[-1]
     k = int(preempted.name[5:])
     assert EVERY <= k < STEPS and not (out / "export").exists()
@@ -285,11 +210,3 @@ def test_zero3_preempted_resumes_on_one_process_and_exports(shipped, tiny_cpt_da
     assert result.step == STEPS
     assert_close({s: v for s, v in losses(out).items() if s > k}, {s: v for s, v in losses(reference).items() if s > k})
     assert_hf_dir_reproduces_eval(out / "export", reference, cfg, tiny_cpt_data, STEPS)
-
-
-def _workers(pid: int) -> list[int]:
-    """The ranks: children of the launcher (the script execs `accelerate launch`) running cpt."""
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
-    return sorted(k for k in kids if "cpt.cli" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace"))

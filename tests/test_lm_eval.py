@@ -7,11 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-pytest.importorskip("lm_eval")
-
-from eval_harness.lm_eval_hook import (  # noqa: E402
+from conftest import tiny_llama, tiny_tokenizer
+from eval_harness.lm_eval_hook import (
     LOCAL_TASKS_DIR,
     choose_strategy,
     flatten_results,
@@ -32,15 +31,7 @@ def corpus_lines():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus_lines(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = tiny_tokenizer(corpus_lines(), 512, specials=("<|endoftext|>",), pad_token="<|endoftext|>")
     path = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(path)
     return PreTrainedTokenizerFast.from_pretrained(path)
@@ -48,11 +39,8 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
+    return tiny_llama(len(tokenizer), hidden=64, intermediate=128, max_position_embeddings=256,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    return LlamaForCausalLM(cfg)
 
 
 def test_local_tasks_are_registered_from_any_directory(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ document's logits equal those of the same document alone; held-out losses and `c
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_llama
 from cpt.data.masking import document_position_ids
 from cpt.lm_loss import model_inputs
 from cpt.evaluate import _batch_loss_sum, heldout_loss
@@ -13,11 +13,8 @@ from cpt.evaluate import _batch_loss_sum, heldout_loss
 EOS = 1
 
 
-def tiny_llama(attn: str = "sdpa") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=64, attn_implementation=attn)
-    return LlamaForCausalLM(cfg).eval()
+def llama(attn: str = "sdpa"):
+    return tiny_llama(50, kv_heads=2, max_position_embeddings=64, attn_implementation=attn, training=False)
 
 
 def test_position_ids_restart_after_each_eos():
@@ -39,7 +36,7 @@ def test_position_ids_restart_after_each_eos():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_documents_compute_as_if_alone(attn):
-    model = tiny_llama(attn)
+    model = llama(attn)
     a, b, c = torch.tensor([5, 6, 7, EOS]), torch.tensor([8, 9, 10, 11, EOS]), torch.tensor([12, 13, 14])
     row = torch.cat([a, b, c])[None]
     with torch.no_grad():
@@ -55,7 +52,7 @@ def test_packed_documents_compute_as_if_alone(attn):
 
 def test_heldout_loss_with_document_masking():
     """The masked held-out loss is the cross-entropy of the standalone documents' logits."""
-    model = tiny_llama()
+    model = llama()
     a, b = torch.tensor([5, 6, 7, 8, EOS]), torch.tensor([9, 10, 11, 12, 13, EOS, 20])
     row = torch.cat([a, b])[None]
     with torch.no_grad():

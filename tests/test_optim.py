@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_llama
 from cpt.config import OptimConfig
 from cpt.optim import build_optimizer, layer_index, param_groups, set_lr
 
 
-def tiny_llama(tie: bool = False, bias: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=32, attention_bias=bias, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg)
+llama = partial(tiny_llama, layers=3, bias=True, max_position_embeddings=32)
 
 
 def by_name(groups) -> dict[str, dict]:
@@ -22,7 +20,7 @@ def by_name(groups) -> dict[str, dict]:
 
 
 def test_no_decay_for_norms_and_biases_and_every_param_once():
-    model = tiny_llama()
+    model = llama()
     groups = param_groups(model, weight_decay=0.1)
     names = [n for g in groups for n in g["param_names"]]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each trainable parameter exactly once
@@ -37,20 +35,20 @@ def test_no_decay_for_norms_and_biases_and_every_param_once():
 
 
 def test_embeddings_decay_is_configurable():
-    g = by_name(param_groups(tiny_llama(), 0.1, decay_embeddings=False))
+    g = by_name(param_groups(llama(), 0.1, decay_embeddings=False))
     assert g["model.embed_tokens.weight"]["weight_decay"] == 0.0
     assert g["lm_head.weight"]["weight_decay"] == 0.1  # a Linear, not an embedding
 
 
 def test_frozen_parameters_are_left_out():
-    model = tiny_llama()
+    model = llama()
     model.model.embed_tokens.weight.requires_grad_(False)
     names = [n for g in param_groups(model, 0.1) for n in g["param_names"]]
     assert "model.embed_tokens.weight" not in names and "lm_head.weight" in names
 
 
 def test_lr_multipliers_by_pattern_and_lower_layers_multiply():
-    model = tiny_llama()
+    model = llama()
     groups = param_groups(model, 0.1, lr_multipliers={r"embed_tokens": 0.1, r"lm_head": 0.5, r"\.mlp\.": 0.2},
                           lower_layers={"below": 2, "multiplier": 0.5})
     g = by_name(groups)
@@ -67,7 +65,7 @@ def test_lr_multipliers_by_pattern_and_lower_layers_multiply():
 
 
 def test_tied_weights_match_through_either_name():
-    model = tiny_llama(tie=True)
+    model = llama(tied=True)
     g = by_name(param_groups(model, 0.1, lr_multipliers={"lm_head": 0.5}))
     assert "lm_head.weight" not in g  # one tensor, listed once
     assert g["model.embed_tokens.weight"]["lr_mult"] == 0.5
@@ -94,7 +92,7 @@ def test_layer_index_parsing():
 )
 def test_bad_options_are_rejected_naming_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
-        param_groups(tiny_llama(), 0.1, **kw)
+        param_groups(llama(), 0.1, **kw)
 
 
 def test_lower_layers_needs_numbered_layers():
@@ -104,7 +102,7 @@ def test_lower_layers_needs_numbered_layers():
 
 
 def test_build_optimizer_and_set_lr():
-    model = tiny_llama()
+    model = llama()
     cfg = OptimConfig(weight_decay=0.05, betas=(0.9, 0.99), eps=1e-7, lr_multipliers={"embed_tokens": 0.1})
     opt = build_optimizer(model, cfg, "cpu")
     assert isinstance(opt, torch.optim.AdamW)
@@ -120,7 +118,7 @@ def test_build_optimizer_and_set_lr():
 
 
 def test_lr_multipliers_act_on_updates():
-    model = tiny_llama()
+    model = llama()
     cfg = OptimConfig(weight_decay=0.1, lr_multipliers={"embed_tokens": 0.0})
     opt = build_optimizer(model, cfg, "cpu")
     set_lr(opt, 1e-2)
@@ -137,7 +135,7 @@ def test_lr_multipliers_act_on_updates():
 
 def test_group_order_is_deterministic_and_state_dicts_line_up():
     cfg = OptimConfig(lr_multipliers={"lm_head": 0.5}, lower_layers={"below": 1, "multiplier": 0.3})
-    m1, m2 = tiny_llama(), tiny_llama()
+    m1, m2 = llama(), llama()
     o1, o2 = build_optimizer(m1, cfg, "cpu"), build_optimizer(m2, cfg, "cpu")
     assert [g["param_names"] for g in o1.param_groups] == [g["param_names"] for g in o2.param_groups]
     ids = torch.randint(0, 64, (2, 8))

@@ -65,7 +65,7 @@ def test_state_round_trip_and_mismatch():
     assert all(k.startswith("reptile.") for k in sd) and int(sd["reptile.meta_updates"]) == 1
     fresh = Reptile(toy(), every=3, epsilon=0.5)
     fresh.load_state_dict({**sd, "shadow.0.weight": torch.zeros(3, 4)})  # other keys (the EMA's) are ignored
-    assert fresh.meta_updates == 1 and all(torch.equal(fresh.anchor[n], r.anchor[n]) for n in r.anchor)
+    assert fresh.meta_updates == 1 and r.anchor and all(torch.equal(fresh.anchor[n], r.anchor[n]) for n in r.anchor)
     with pytest.raises(KeyError, match="train.reptile"):
         fresh.load_state_dict({"shadow.0.weight": torch.zeros(3, 4)})  # a checkpoint saved without Reptile
     for bad in ({"every": 0, "epsilon": 0.5}, {"every": 2, "epsilon": 0.0}, {"every": 2, "epsilon": 1.5}):
@@ -149,5 +149,5 @@ def test_ema_and_reptile_share_the_checkpoint_tensors():
     ema2, rep2 = EMA(toy(), 0.9), Reptile(toy(), every=2, epsilon=0.5)
     ema2.load_state_dict(merged)
     rep2.load_state_dict(merged)
-    assert all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
-    assert all(torch.equal(rep2.anchor[n], rep.anchor[n]) for n in rep.anchor)
+    assert ema.shadow and all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    assert rep.anchor and all(torch.equal(rep2.anchor[n], rep.anchor[n]) for n in rep.anchor)

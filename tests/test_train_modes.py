@@ -193,7 +193,7 @@ def test_ema_state_survives_resume(full_ema, tmp_path):
     assert losses(out) == losses(src)
     for d in ("export", "export-ema"):
         a, b = load_file(src / d / "model.safetensors"), load_file(out / d / "model.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), d
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d
 
 
 def test_ema_eval_needs_ema_decay(tiny_cpt_data, base, tmp_path):
@@ -300,7 +300,7 @@ def test_freeze_config_keeps_frozen_weights(tiny_cpt_data, base, tmp_path):
     frozen = [k for k in before if k.startswith("model.layers.0.")]  # bottom_half of 2 layers
     trained = [k for k in before if k not in frozen]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    assert all(not torch.equal(before[k], after[k]) for k in trained), [k for k in trained if torch.equal(before[k], after[k])]
+    assert trained and all(not torch.equal(before[k], after[k]) for k in trained), [k for k in trained if torch.equal(before[k], after[k])]
     n_total = sum(v.numel() for v in before.values())
     n_frozen = sum(before[k].numel() for k in frozen)
     assert f"trainable params: {n_total - n_frozen:,} of {n_total:,}" in log

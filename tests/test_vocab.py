@@ -5,10 +5,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from functools import partial
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import tiny_llama
 from cpt.demo import byte_level_bpe
 
 from cpt.adapters import LoraConfig, apply_lora, new_row_ids, save_adapter
@@ -22,25 +25,21 @@ NEW = ["def forward(self, inputs):\n    return isinstance(inputs, list) and self
        "class Model:\n    def forward(self, x):\n        return self.layer(x) if isinstance(x, int) else x\n"] * 5
 
 
-def tiny_tokenizer():
+def old_tokenizer():
     return byte_level_bpe(OLD, 320)
 
 
-def tiny_model(vocab, tie=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
+tiny_model = partial(tiny_llama, training=False)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tokenizer()
+    return old_tokenizer()
 
 
 def test_learned_tokens_are_deterministic_and_compress_the_new_corpus(tok):
     a = learn_new_tokens(tok, NEW, 30)
-    b = learn_new_tokens(tiny_tokenizer(), list(NEW), 30)
+    b = learn_new_tokens(old_tokenizer(), list(NEW), 30)
     assert a == b and len(a) == 30
     vocab = tok.get_vocab()
     assert not any(t in vocab for t in a)
@@ -55,14 +54,14 @@ def test_learned_tokens_are_deterministic_and_compress_the_new_corpus(tok):
     # old-domain text still tokenizes to old ids only where no new merge applies: it must round-trip
     assert new_tok.decode(new_tok(OLD[0])["input_ids"]) == OLD[0]
     # the original tokenizer object is not modified
-    assert len(tok) == len(tiny_tokenizer()) and tok(text)["input_ids"] == old_ids
+    assert len(tok) == len(old_tokenizer()) and tok(text)["input_ids"] == old_ids
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_old_rows_unchanged_and_new_rows_are_mean_of_subtokens(tok, tmp_path, tie):
     f = tmp_path / "tokens.txt"
     f.write_text(" isinstance\n forward\nnumpy\n")
-    model = tiny_model(len(tok), tie=tie)
+    model = tiny_model(len(tok), tied=tie)
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
     cfg = VocabConfig(add_tokens_file=str(f), learn_from="unused", learn_tokens=5, pad_to_multiple_of=8)
@@ -229,7 +228,7 @@ def test_shards_prepared_with_the_extended_tokenizer(tok, tmp_path):
     corpus.write_text("".join(_json.dumps({"text": t}) + "\n" for t in NEW))
     cfg = VocabConfig(learn_from=str(corpus), learn_tokens=20)
     ext1, plan1 = build_extended_tokenizer(tok, cfg)
-    ext2, plan2 = build_extended_tokenizer(tiny_tokenizer(), cfg)
+    ext2, plan2 = build_extended_tokenizer(old_tokenizer(), cfg)
     assert plan1.tokens == plan2.tokens and len(plan1.tokens) == 20
     assert tokenizer_fingerprint(ext1) == tokenizer_fingerprint(ext2) != tokenizer_fingerprint(tok)
     ext1.save_pretrained(tmp_path / "tok")

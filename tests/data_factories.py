@@ -1,4 +1,5 @@
-"""Shared helpers for the data tests (no tests here): a tiny trained tokenizer, documents, config builders."""
+"""Shared helpers for the data tests (no tests here): documents, a tiny trained tokenizer, jsonl files, config
+builders. Test files import them with `from data_factories import ...` (the `tokenizer` fixture too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
+
+from conftest import tiny_tokenizer
 
 WORDS = ("the river bank holds water while the old king walks home and the quick brown fox jumps over "
          "lazy dogs def class return import numpy tensor shard stream mixer replay token batch").split()
@@ -20,17 +23,8 @@ def make_docs(n: int, seed: int = 0, min_words: int = 3, max_words: int = 60) ->
 
 
 def make_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE trained in well under a second, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>", "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(make_docs(400, seed=123), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+    """The data tests' tokenizer: a byte-level BPE (eos and bos) trained on 400 of these documents."""
+    return tiny_tokenizer(make_docs(400, seed=123), vocab_size, specials=("<eos>", "<bos>"), bos_token="<bos>")
 
 
 @pytest.fixture(scope="session")
