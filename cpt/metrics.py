@@ -282,13 +282,6 @@ class Throughput:
                 out["perf/mfu"] = mfu(self.tokens_per_s_per_device, flops_per_token, peak_flops)
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"window": list(self._window)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._window.clear()
-        self._window.extend((float(t), float(s)) for t, s in state.get("window", []))
-
 
 def torch_where(keep, values):
     """``values`` where the 0-d bool tensor ``keep`` is true, else zeros (NaN-safe, unlike multiplying by 0)."""
@@ -327,6 +320,33 @@ class TrainClock:
     def restart(self) -> None:
         """Start timing again (after evaluation or a checkpoint, which do not count as training time)."""
         self.start = self._clock()
+
+
+class LossWindow:
+    """``train/loss`` over the log window: the mean loss of its finite steps, kept on the device (no host sync
+    until :meth:`mean`). A step's ``finite`` is a bool, or a 0-d bool tensor on the device-skip path."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sum, self.count = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def add(self, loss, finite) -> None:
+        import torch
+
+        if finite is True:
+            self.sum += loss
+            self.count += 1
+        elif finite is not False:
+            self.sum += torch.where(finite, loss, 0.0)
+            self.count += finite
+
+    def mean(self, accelerator) -> float:
+        """The all-rank mean over the window (a collective and one host read); starts a new window."""
+        value = (accelerator.reduce(self.sum, reduction="mean") / self.count.clamp(min=1)).item()
+        self.sum.zero_()
+        self.count.zero_()
+        return value
 
 
 class SourceLoss:

@@ -25,8 +25,6 @@ from torch import nn
 
 from cpt.distributed import refuse_sharded, unwrap
 
-PREFIX = "reptile."
-
 
 class Reptile:
     """``every`` optimizer steps: ``weights <- anchor + epsilon * (weights - anchor)``, then ``anchor <- weights``."""
@@ -67,19 +65,17 @@ class Reptile:
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors (safetensors-ready), every key under ``reptile.``."""
-        sd = {f"{PREFIX}anchor.{n}": t.detach().cpu().clone() for n, t in self.anchor.items()}
-        sd[f"{PREFIX}meta_updates"] = torch.tensor(self.meta_updates, dtype=torch.int64)
+        """Flat tensors (safetensors-ready): ``anchor.<param name>`` and ``meta_updates``."""
+        sd = {f"anchor.{n}": t.detach().cpu().clone() for n, t in self.anchor.items()}
+        sd["meta_updates"] = torch.tensor(self.meta_updates, dtype=torch.int64)
         return sd
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore from a checkpoint's extra tensors (other keys, e.g. the EMA's, are ignored)."""
-        key = f"{PREFIX}anchor."
-        anchor = {k[len(key):]: v for k, v in state.items() if k.startswith(key)}
-        if anchor.keys() != self.anchor.keys() or f"{PREFIX}meta_updates" not in state:
+        anchor = {k[len("anchor."):]: v for k, v in state.items() if k.startswith("anchor.")}
+        if anchor.keys() != self.anchor.keys() or "meta_updates" not in state:
             missing, extra = sorted(self.anchor.keys() - anchor.keys()), sorted(anchor.keys() - self.anchor.keys())
             raise KeyError(f"train.reptile: the checkpoint's Reptile anchor does not match the model (missing "
-                           f"{missing[:5]}, unexpected {extra[:5]}); was it saved without train.reptile?")
+                           f"{missing[:5]}, unexpected {extra[:5]})")
         for n, t in anchor.items():
             self.anchor[n] = t.detach().float().to(self.anchor[n].device).clone()
-        self.meta_updates = int(state[f"{PREFIX}meta_updates"])
+        self.meta_updates = int(state["meta_updates"])

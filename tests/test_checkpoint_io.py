@@ -15,6 +15,7 @@ import yaml
 
 from conftest import tiny_run_config
 from cpt.checkpoint import CHECKSUMS, CheckpointManager, list_checkpoints, verify_checkpoint
+from cpt.state import TrainState
 from cpt.fileio import HashingFile, describe_io_error
 from cpt.metrics import MetricsError, MetricsLogger, read_metrics
 
@@ -72,7 +73,7 @@ def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, 
     acc.save_state(str(tmp_path / "accelerate"), safe_serialization=True)
     ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=async_save)
     assert ckpts.cpt_writes and ckpts.async_save == async_save
-    ckpts.save(1, {"step": 1}, "config: 1\n")
+    ckpts.save(1, {"train": TrainState(step=1)}, "config: 1\n")
     ckpts.wait()
     ours = list_checkpoints(tmp_path / "run")[0]
     theirs = {p.name for p in (tmp_path / "accelerate").iterdir()}
@@ -106,7 +107,7 @@ def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monke
     monkeypatch.setattr(checkpoint, "write_files", slow_write)
     ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=True)
     want = {k: v.clone() for k, v in acc.get_state_dict(model).items()}
-    ckpts.save(3, {"step": 3}, "")
+    ckpts.save(3, {"train": TrainState(step=3)}, "")
     assert writing.wait(30) and not list_checkpoints(tmp_path / "run")  # returned; nothing committed yet
     with torch.no_grad():  # the loop trains on
         for p in model.parameters():

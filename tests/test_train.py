@@ -213,7 +213,7 @@ def test_too_many_nonfinite_steps_stop_with_checkpoint(tiny_cpt_data, tmp_path, 
     ckpt = latest_valid_checkpoint(out)
     assert ckpt is not None and ckpt.name == "step_00000005"
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["nonfinite_total"] == 3
+    assert state["update_guard"]["nonfinite_total"] == 3
 
 
 def test_resume_cost_does_not_grow_with_step(tiny_cpt_data):

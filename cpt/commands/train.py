@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from cpt.checkpoint import CheckpointError
     from cpt.data.shards import ShardError
+    from cpt.distributed import LaunchError
     from cpt.metrics import MetricsError
     from cpt.model import ModelLoadError
     from cpt.train import TrainingError, train
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
         # flushed line by line: a batch job's log (stdout redirected to a file) shows progress as it happens
         result = train(cfg, resume=args.resume or None, echo=functools.partial(print, flush=True),
                        allow_config_change=args.allow_config_change)
-    except (TrainingError, ShardError, CheckpointError, ModelLoadError, MetricsError) as e:  # user-facing problems: no traceback
+    except (TrainingError, LaunchError, ShardError, CheckpointError, ModelLoadError, MetricsError) as e:  # user-facing problems: no traceback
         print(f"cpt train: error: {e}", file=sys.stderr)
         return 1
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
