@@ -91,6 +91,32 @@ def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, 
     assert_same(before, {k: v for k, v in acc.unwrap_model(model).state_dict().items()})
 
 
+def test_checkpoint_saves_and_restores_the_state_registry(trained, tmp_path):
+    """Every registered component round-trips through a checkpoint: JSON under its name in trainer_state.json,
+    tensors under "<name>." in state.safetensors; loading restores weights and components together."""
+    from safetensors.torch import load_file
+
+    from cpt.averaging import EMA
+    from cpt.checkpoint import CheckpointError
+
+    acc, model, opt = trained
+    ema = EMA(acc.unwrap_model(model), 0.9)
+    ema.update(acc.unwrap_model(model))
+    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc)
+    ckpts.save(5, {"train": TrainState(step=5, tokens=640), "ema": ema}, "")
+    ckpt = list_checkpoints(tmp_path / "run")[0]
+    doc = json.loads((ckpt / "trainer_state.json").read_text())
+    assert doc == {"format": 2, "train": {"step": 5, "tokens": 640, "anneal_from": None}, "ema": {}}
+    tensors = load_file(ckpt / "state.safetensors")
+    assert int(tensors["ema.num_updates"]) == 1 and all(k.startswith("ema.") for k in tensors)
+    state, ema2 = TrainState(), EMA(acc.unwrap_model(model), 0.5)
+    ckpts.load(ckpt, {"train": state, "ema": ema2})
+    assert (state.step, state.tokens) == (5, 640) and ema2.num_updates == 1 and ema2.decay == 0.9
+    assert all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    with pytest.raises(CheckpointError, match="step_00000005: it holds no state for 'reptile'"):
+        ckpts.load(ckpt, {"train": TrainState(), "reptile": ema2})
+
+
 def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monkeypatch):
     """save() returns while the files are still being written; training on does not leak into them."""
     import cpt.checkpoint as checkpoint
