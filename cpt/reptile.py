@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpt.distributed import refuse_sharded, unwrap
+from cpt.distributed import Backend, LaunchError, backend, refuse_sharded, unwrap
 
 
 class Reptile:
@@ -41,6 +41,20 @@ class Reptile:
         if not params:
             raise ValueError("train.reptile: the model has no trainable parameters")
         self.anchor: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params}
+
+    @classmethod
+    def for_run(cls, cfg, acc, model: nn.Module, say=lambda *a, **k: None) -> "Reptile | None":
+        """The meta-updates of a run (``train.reptile``; None when off), anchored at ``model``'s current weights."""
+        if not cfg.train.reptile:
+            return None
+        if backend(acc) is Backend.DEEPSPEED:
+            raise LaunchError("train.reptile is not supported under DeepSpeed: its fp32 master partitions would "
+                              "overwrite the meta-update; use DDP (or one device)")
+        if backend(acc) is Backend.FSDP:
+            raise LaunchError("train.reptile is not supported under FSDP (sharded weights); use DDP (or one device)")
+        r = cfg.train.reptile
+        say(f"reptile: every {r.every} steps, weights <- anchor + {r.epsilon:g} x (weights - anchor)")
+        return cls(acc.unwrap_model(model), r.every, r.epsilon)
 
     @staticmethod
     def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

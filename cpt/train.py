@@ -30,12 +30,12 @@ from cpt.averaging import EMA
 from cpt.checkpoint import CheckpointManager, saved_step, wait_for_writers
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
 from cpt.console import eval_line, preempted_line, step_line, use_progress_bar
-from cpt.data.loader import CPTDataLoader, sample_heldout
+from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
 from cpt.distributed import Backend, PreemptionFlag, backend, build_accelerator
-from cpt.evaluate import HeldoutEvaluator, HeldoutSet, format_summary_table, heldout_loss
-from cpt.lm_loss import model_inputs, use_chunked_loss
-from cpt.metrics import (ComputeAccount, LossWindow, MetricsLogger, SourceLoss, Throughput, TrainClock, format_compute,
+from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
+from cpt.lm_loss import LossWindow, SourceLoss, model_inputs, use_chunked_loss
+from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
                          model_flops_per_token, peak_flops_for, peak_memory_gb)
 from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
 from cpt.reptile import Reptile
@@ -45,6 +45,7 @@ from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
 from cpt.state import TrainState
 from cpt.update_guard import Outcome, UpdateGuard
+from cpt.vocab import scale_new_rows_updates
 
 
 class TrainingError(RuntimeError):
@@ -79,7 +80,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
     calls train() many times in one process)."""
     run_dir = Path(cfg.run.output_dir)
     with _locked(run_dir, cfg.run.force_lock), contextlib.ExitStack() as cleanup:
-        # --- setup: the processes, where the run starts, the model, the data
+        # --- setup: the processes, where the run starts, model and data, optimizer, the start weights
         acc = build_accelerator(cfg)
         cleanup.callback(acc.end_training)
         account = ComputeAccount(acc.num_processes)  # FLOPs, wall and device hours, carried across resumes
@@ -93,31 +94,22 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         shape, param_counts = model_shape(model), trainable_metrics(model)
         B, L = cfg.train.global_batch_size, cfg.data.seq_len
         data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
-        heldout = _heldout_sets(cfg, tokenizer, acc, say)
+        heldout = heldout_sets(cfg, tokenizer, acc, say)
         eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
         evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id)
         bench = _benchmarks(cfg, acc)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
-
-        # --- optimizer, accelerate, and the start weights
-        optimizer = _optimizer_for_run(cfg, model, new_token_ids, acc.device.type)
-        if not cfg.model.liger_kernel:  # loss over chunks of positions, no full logits, where supported
-            use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)
-        if cfg.model.compile:
-            model = torch.compile(model)
-        model, optimizer = acc.prepare(model, optimizer)
+        model, optimizer = acc.prepare(*_with_optimizer(cfg, model, new_token_ids, acc, say))
         ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves,
                                   portable=consolidate)  # (consolidate: resume on another backend or number of processes)
         if start.init is not None and not start.branch:  # a new stage: weights (+ optimizer), not the data position
-            ckpts.load(start.init)
-            if not cfg.train.init_optimizer:
-                reset_optimizer_state(optimizer)
-            say(f"initialised weights{' and optimizer' if cfg.train.init_optimizer else ''} from {start.init}")
+            _init_weights(cfg, ckpts, start.init, optimizer, say)
 
-        # --- the state registry: everything a resume restores (cpt/state.py), from the start checkpoint if any
-        spikes = _build_spike_guard(cfg, acc)  # loss-spike guard (train.skip_spikes)
+        # --- the state registry: everything a resume restores (cpt/state.py), loaded from the start checkpoint if any
+        spikes = SpikeGuard.for_run(cfg, acc)  # loss-spike guard (train.skip_spikes)
         # applies or skips each update (non-finite loss/gradient, spikes); decides on the device where it can
         guard = UpdateGuard(acc, optimizer, cfg.train.max_nonfinite_in_a_row, spikes, say)
-        ema, reptile = _build_ema(cfg, acc, model), _build_reptile(cfg, acc, model, say)  # from the start weights
+        ema = EMA(acc.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay else None  # from the start weights
+        reptile = Reptile.for_run(cfg, acc, model, say)  # anchored at the start weights
         feed = cleanup.enter_context(Prefetcher(data, enabled=cfg.data.prefetch))  # reads batch step+1 while step runs
         state = TrainState()
         components = {name: c for name, c in (
@@ -128,37 +120,29 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)")
         plan, total_steps = _lr_plan(cfg, start, state, say)
 
-        # --- logging, throughput accounting, preemption
-        if acc.is_main_process:
-            save_config(cfg, run_dir / "config.yaml")
-        logger = cleanup.enter_context(MetricsLogger(run_dir, cfg, acc, resume=start.resume is not None))
-        if start.resume is not None:
-            logger.truncate_after(state.step)  # a killed run may have logged steps past its last checkpoint
+        # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
+        # signal must not kill a rank during the final checkpoint wait and barriers, leaving the others waiting)
+        logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=state.step if start.resume else None))
         flops_per_token = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
-        peak = cfg.train.peak_flops or peak_flops_for(_device_name(acc))
+        peak = cfg.train.peak_flops or peak_flops_for(device_name(acc.device))
         meter, losses = Throughput(num_devices=acc.num_processes), LossWindow(acc.device)
         # train/loss/<source> from per-row losses; Liger's fused loss never materialises the logits it would need
         by_source = None if cfg.model.liger_kernel else SourceLoss(data.source_names, acc.device)
-        # the handlers stay until the whole run has ended: a late preemption signal (SLURM may send more than one) must
-        # not kill a rank during the final checkpoint wait, exports and barriers, leaving the other ranks waiting
         stop = cleanup.enter_context(PreemptionFlag.for_run(cfg, acc))
         logger.log({"train/tokens": state.tokens, **param_counts}, step=state.step)
-        config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-        # --- step-0 evaluation: the base model's losses anchor forgetting and adaptation
-        if state.step == 0 and cfg.eval.at_start and heldout:
+        if state.step == 0 and cfg.eval.at_start and heldout:  # the base model's losses anchor forgetting and adaptation
             metrics = {**evaluator.evaluate(model, 0), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
             _log_eval(logger, None, say, 0, 0, {"stage": 0, "train/lr": plan.lr(0), **metrics})
         if bench is not None and bench.needs_start_evaluation():  # the base model's benchmark scores
             _log_eval(logger, None, say, state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
 
+        # --- the loop
         bar = _progress_bar(cfg, acc, state.step, total_steps)
         model.train()
-        export_dir, stopped = None, None
+        export_dir, stopped, config_yaml = None, None, yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
         clock = TrainClock(meter)  # training time between host syncs (evaluation and checkpoints excluded)
         while state.step < total_steps:
-            step = state.step
-            stage = plan.stage_index(step)
+            step, stage = state.step, plan.stage_index(state.step)
             if step > 0 and step in plan.starts:  # a stage switch: the shares change inside the data loader
                 _stage_switch(cfg, stage, optimizer, spikes, say)
             lr = plan.lr(step)
@@ -178,19 +162,13 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 mean_loss = losses.mean(acc)
                 clock.lap()
                 guard.sync(state.step)
-                record = {
-                    "train/tokens": state.tokens, "train/loss": mean_loss, "train/lr": lr,
-                    "train/grad_norm": float(result.grad_norm), "stage": stage,
-                    "train/nonfinite_skipped": guard.nonfinite_total, "train/spikes_skipped": spikes.skipped if spikes else 0,
-                    "perf/peak_mem_gb": peak_memory_gb(), **meter.metrics(flops_per_token, peak),
-                    **account.metrics(state.tokens, flops_per_token), **feed.metrics(),
-                    **(by_source.metrics(acc) if by_source else {}),
-                }
+                record = {"train/tokens": state.tokens, "train/loss": mean_loss, "train/lr": lr,
+                          "train/grad_norm": float(result.grad_norm), "stage": stage, "train/nonfinite_skipped": guard.nonfinite_total,
+                          "train/spikes_skipped": spikes.skipped if spikes else 0, "perf/peak_mem_gb": peak_memory_gb(),
+                          **meter.metrics(flops_per_token, peak), **account.metrics(state.tokens, flops_per_token),
+                          **feed.metrics(), **(by_source.metrics(acc) if by_source else {})}
                 logger.log(record, step=state.step)
-                if bar is None:  # batch jobs: a plain line (a bar is only drawn on a terminal)
-                    say(step_line(state.step, total_steps, record))
-                else:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{meter.tokens_per_s:,.0f}", refresh=False)
+                _show_step(bar, say, state.step, total_steps, record, meter.tokens_per_s)
             if bar is not None:
                 bar.update(1)
             if guard.too_many_in_a_row():
@@ -201,26 +179,24 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                     f"{guard.in_a_row} non-finite steps in a row at step {state.step}: stopping. The last good weights are "
                     f"in {run_dir / 'checkpoints'} (skipped updates never touched them). Lower the LR or check the data.")
 
-            # evaluate: every N steps, densely after each stage switch (the stability gap), and at the end
+            # evaluate (every N steps, densely after each stage switch: the stability gap), checkpoint, export
             evaluate_now = heldout and (evaluator.should_evaluate(state.step, plan.starts) or state.step == total_steps)
             lm_eval_now = bench is not None and bench.should_evaluate(state.step, plan.starts) and state.step < total_steps
             preempted = stop.requested(acc, state.step)
             save_now = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or preempted
-            export_now = (cfg.checkpoint.export_every and state.step % cfg.checkpoint.export_every == 0
-                          and state.step < total_steps)
+            export_now = cfg.checkpoint.export_every and state.step % cfg.checkpoint.export_every == 0 and state.step < total_steps
             if evaluate_now or lm_eval_now or save_now or export_now:
                 clock.lap(sync_device=True)  # the training steps queued so far count as training time, what follows not
-            if evaluate_now:
-                metrics = {**evaluator.evaluate(model, state.step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
-                _log_eval(logger, bar, say, state.step, state.tokens, metrics)
-            if lm_eval_now:
-                _log_eval(logger, bar, say, state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
-            if save_now:
-                ckpts.save(state.step, components, config_yaml)
-            if export_now:
-                path = export_hf(model, tokenizer, run_dir / "exports" / f"step_{state.step:08d}", acc)
-                logger.log_artifact(path, f"{cfg.run.name}-step{state.step}")  # when logging.wandb.log_exports_as_artifacts
-            if evaluate_now or lm_eval_now or save_now or export_now:
+                if evaluate_now:
+                    metrics = {**evaluator.evaluate(model, state.step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
+                    _log_eval(logger, bar, say, state.step, state.tokens, metrics)
+                if lm_eval_now:
+                    _log_eval(logger, bar, say, state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
+                if save_now:
+                    ckpts.save(state.step, components, config_yaml)
+                if export_now:
+                    path = export_hf(model, tokenizer, run_dir / "exports" / f"step_{state.step:08d}", acc)
+                    logger.log_artifact(path, f"{cfg.run.name}-step{state.step}")  # when logging.wandb.log_exports_as_artifacts
                 clock.restart()
             if preempted:
                 stopped = "preempted"
@@ -266,10 +242,10 @@ def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, s
                 loss, row_losses = lm_loss.causal_lm_loss(model, micro, eos_id)
                 by_source.add(micro_sources, row_losses)
             if backend(acc) is Backend.DEEPSPEED and not torch.isfinite(loss):  # no host sync otherwise
-                loss = _zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
+                loss = optim.zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
             acc.backward(loss)
             step_loss += loss.detach() / accum
-    grad_norm = _clip(acc, model, grad_clip)  # a device tensor
+    grad_norm = optim.clip_grad_norm(acc, model, grad_clip)  # a device tensor
     outcome = guard.step(step_loss, grad_norm, step)  # see cpt/update_guard.py
     guard.optimizer.zero_grad(set_to_none=True)
     if by_source is not None:
@@ -332,23 +308,33 @@ def _model_for_run(cfg: RunConfig, init_hf: str | None, say):
     return model, tokenizer, new_token_ids
 
 
-def _heldout_sets(cfg: RunConfig, tokenizer, acc, say) -> list[HeldoutSet]:
-    heldout = []
-    for h in cfg.data.heldout:
-        sample = sample_heldout(h, tokenizer, cfg.data.seq_len, h.max_tokens or cfg.eval.tokens_per_set, seed=cfg.eval.sample_seed,
-                                verify=acc.is_main_process and cfg.data.verify_checksums, check_sizes=acc.is_main_process)
-        heldout.append(HeldoutSet(h.name, h.tag, sample.tokens, sample.docs, sample.total_docs, sample.total_tokens))
-        say(f"held-out set {h.name} ({h.tag}): evaluating {sample.describe()}")
-    return heldout
-
-
-def _optimizer_for_run(cfg: RunConfig, model, new_token_ids, device_type: str):
-    optimizer = optim.build_optimizer(model, cfg.optim, device_type)
+def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
+    """(model, AdamW) before accelerate.prepare: parameter groups, new vocabulary rows' LR, the chunked loss, compile."""
+    optimizer = optim.build_optimizer(model, cfg.optim, acc.device.type)
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
-        from cpt.vocab import scale_new_rows_updates
-
         scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier)
-    return optimizer
+    if not cfg.model.liger_kernel:  # loss over chunks of positions, no full logits, where supported
+        use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)
+    return (torch.compile(model) if cfg.model.compile else model), optimizer
+
+
+def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimizer, say) -> None:
+    """A new stage from a cpt checkpoint (train.init_from): its weights, and its optimizer state with train.init_optimizer."""
+    ckpts.load(ckpt)
+    if not cfg.train.init_optimizer:
+        reset_optimizer_state(optimizer)
+    say(f"initialised weights{' and optimizer' if cfg.train.init_optimizer else ''} from {ckpt}")
+
+
+def _metrics_logger(cfg: RunConfig, acc, resumed_at: int | None) -> MetricsLogger:
+    """The run's config.yaml and metrics logger; a resumed run drops what a killed one logged past its checkpoint."""
+    run_dir = Path(cfg.run.output_dir)
+    if acc.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, cfg, acc, resume=resumed_at is not None)
+    if resumed_at is not None:
+        logger.truncate_after(resumed_at)
+    return logger
 
 
 def _lr_plan(cfg: RunConfig, start: Start, state: TrainState, say):
@@ -374,67 +360,12 @@ def _stage_switch(cfg: RunConfig, stage: int, optimizer, spikes: SpikeGuard | No
         spikes.reset()  # a new stage is expected to move the loss
 
 
-def _clip(acc, model, max_norm: float | None) -> torch.Tensor:
-    """The global gradient norm before clipping, as a 0-d tensor on the device (clipped to ``max_norm`` if set)."""
-    if max_norm is None:
-        total = torch.zeros((), device=acc.device)
-        for p in model.parameters():
-            if p.grad is not None:
-                total += p.grad.detach().float().pow(2).sum()
-        if acc.num_processes > 1 and backend(acc) is Backend.FSDP:
-            total = acc.reduce(total, reduction="sum")
-        return total.sqrt()
-    norm = acc.clip_grad_norm_(model.parameters(), max_norm)
-    if norm is None:
-        return torch.full((), float("nan"), device=acc.device)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor; the plain tensor for the all-rank checks
-        norm = norm.full_tensor()
-    return torch.as_tensor(norm, device=acc.device, dtype=torch.float32).reshape(())
-
-
-def _zero_grad_loss(model) -> torch.Tensor:
-    return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
-
-
 def reset_optimizer_state(optimizer) -> None:
     """Forget AdamW moments (a stage may start with a fresh optimizer)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     if not hasattr(inner, "state") or inner.__class__.__module__.startswith("deepspeed"):
         raise TrainingError("resetting the optimizer state is not supported with DeepSpeed; start a new run from the HF export instead")
     inner.state.clear()
-
-
-def _device_name(acc) -> str:
-    if acc.device.type == "cuda":
-        return torch.cuda.get_device_name(acc.device)
-    return acc.device.type
-
-
-def _build_spike_guard(cfg: RunConfig, acc) -> SpikeGuard | None:
-    if cfg.train.skip_spikes is None:
-        return None
-    if backend(acc) is Backend.DEEPSPEED:
-        raise TrainingError("train.skip_spikes is not supported under DeepSpeed: its engine applies the update inside the "
-                            "last backward pass, before the step's loss is known; use DDP or FSDP")
-    return SpikeGuard(**cfg.train.skip_spikes.model_dump())
-
-
-def _build_ema(cfg: RunConfig, acc, model) -> EMA | None:
-    """The EMA of the weights (train.ema_decay), starting from the start weights (a resume then loads its own)."""
-    return EMA(acc.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay else None
-
-
-def _build_reptile(cfg: RunConfig, acc, model, say=lambda *a, **k: None) -> Reptile | None:
-    """Reptile meta-updates (train.reptile); the anchor is the start weights (a resume then loads its own)."""
-    if not cfg.train.reptile:
-        return None
-    if backend(acc) is Backend.DEEPSPEED:
-        raise TrainingError("train.reptile is not supported under DeepSpeed: its fp32 master partitions would overwrite "
-                            "the meta-update; use DDP (or one device)")
-    if backend(acc) is Backend.FSDP:
-        raise TrainingError("train.reptile is not supported under FSDP (sharded weights); use DDP (or one device)")
-    say(f"reptile: every {cfg.train.reptile.every} steps, weights <- anchor + {cfg.train.reptile.epsilon:g} x (weights - anchor)")
-    return Reptile(acc.unwrap_model(model), cfg.train.reptile.every, cfg.train.reptile.epsilon)
 
 
 def _ema_eval(cfg: RunConfig, ema, acc, model, heldout, eos_id: int | None) -> dict[str, float]:
@@ -451,6 +382,14 @@ def _benchmarks(cfg: RunConfig, acc):
     from eval_harness.benchmarks import BenchmarkTracker  # (lm-eval: the eval extra)
 
     return BenchmarkTracker.from_config(cfg, acc)
+
+
+def _show_step(bar, say, step: int, total_steps: int, record: dict, tokens_per_s: float) -> None:
+    if bar is None:  # batch jobs: a plain line (a bar is only drawn on a terminal)
+        say(step_line(step, total_steps, record))
+    else:
+        bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['train/lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                        refresh=False)
 
 
 def _log_eval(logger: MetricsLogger, bar, say, step: int, tokens: int, metrics: dict) -> None:

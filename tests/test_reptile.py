@@ -77,7 +77,7 @@ def test_state_round_trip_and_mismatch():
 def test_sharded_parameters_and_deepspeed_are_refused():
     from accelerate.utils import DistributedType
 
-    from cpt.train import TrainingError, _build_reptile
+    from cpt.distributed import LaunchError
 
     m = toy()
     m[0].weight.ds_id = 7  # what DeepSpeed ZeRO-3 leaves on a partitioned parameter
@@ -86,8 +86,8 @@ def test_sharded_parameters_and_deepspeed_are_refused():
     cfg = SimpleNamespace(train=SimpleNamespace(reptile=SimpleNamespace(every=2, epsilon=0.5)))
     for kind in ("DEEPSPEED", "FSDP"):
         acc = SimpleNamespace(distributed_type=DistributedType(kind), unwrap_model=lambda x: x)
-        with pytest.raises(TrainingError, match="train.reptile"):
-            _build_reptile(cfg, acc, toy())
+        with pytest.raises(LaunchError, match="train.reptile"):
+            Reptile.for_run(cfg, acc, toy())
 
 
 def test_reptile_config_is_validated():

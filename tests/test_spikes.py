@@ -109,11 +109,12 @@ def test_refused_under_deepspeed():
     from accelerate.utils import DistributedType
 
     from cpt.config import SpikeConfig
-    from cpt.train import TrainingError, _build_spike_guard
+    from cpt.distributed import LaunchError
+    from cpt.spikes import SpikeGuard
 
     cfg = SimpleNamespace(train=SimpleNamespace(skip_spikes=SpikeConfig(sigma=5)))
     ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
-    with pytest.raises(TrainingError, match="skip_spikes"):
-        _build_spike_guard(cfg, ds)
-    guard = _build_spike_guard(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    with pytest.raises(LaunchError, match="skip_spikes"):
+        SpikeGuard.for_run(cfg, ds)
+    guard = SpikeGuard.for_run(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
     assert guard.sigma == 5 and guard.window == 128 and guard.min_history == 64
