@@ -8,6 +8,7 @@ noted). Collectives must be called by every rank at the same point, like any col
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from enum import Enum
@@ -132,6 +133,17 @@ def accumulation_steps(cfg, world_size: int) -> int:
         raise LaunchError(f"train.global_batch_size ({B}) must be divisible by world size ({world_size}) x "
                           f"train.micro_batch_size ({mbs})")
     return B // (world_size * mbs)
+
+
+@contextlib.contextmanager
+def accelerator_for(cfg):
+    """``with accelerator_for(cfg) as acc:`` :func:`build_accelerator`, and ``acc.end_training()`` on every exit path
+    (trackers finished, the process group destroyed: ``cpt experiment`` trains many runs in one process)."""
+    acc = build_accelerator(cfg)
+    try:
+        yield acc
+    finally:
+        acc.end_training()
 
 
 def build_accelerator(cfg):

@@ -32,7 +32,7 @@ from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
 from cpt.console import eval_line, preempted_line, step_line, use_progress_bar
 from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
-from cpt.distributed import Backend, PreemptionFlag, backend, build_accelerator
+from cpt.distributed import Backend, PreemptionFlag, accelerator_for, backend
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
 from cpt.lm_loss import LossWindow, SourceLoss, model_inputs, use_chunked_loss
 from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
@@ -81,8 +81,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
     run_dir = Path(cfg.run.output_dir)
     with _locked(run_dir, cfg.run.force_lock), contextlib.ExitStack() as cleanup:
         # --- setup: the processes, where the run starts, model and data, optimizer, the start weights
-        acc = build_accelerator(cfg)
-        cleanup.callback(acc.end_training)
+        acc = cleanup.enter_context(accelerator_for(cfg))  # ends training (process group, trackers) on every exit path
         account = ComputeAccount(acc.num_processes)  # FLOPs, wall and device hours, carried across resumes
         say = echo if acc.is_main_process else (lambda *a, **k: None)
         set_seed(cfg.run.seed)
@@ -90,9 +89,9 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         _preflight(cfg, start)  # one clear error before anything loads
         for line in format_mixes(cfg.stages):
             say(line)
-        model, tokenizer, new_token_ids = _model_for_run(cfg, start.init_hf, say)
-        shape, param_counts = model_shape(model), trainable_metrics(model)
         B, L = cfg.train.global_batch_size, cfg.data.seq_len
+        model, tokenizer, new_token_ids = _model_for_run(cfg, start.init_hf, say)
+        flops_per_token, param_counts = _flops_per_token(model, L), trainable_metrics(model)  # (before any sharding)
         data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
         heldout = heldout_sets(cfg, tokenizer, acc, say)
         eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
@@ -123,7 +122,6 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
         # signal must not kill a rank during the final checkpoint wait and barriers, leaving the others waiting)
         logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=state.step if start.resume else None))
-        flops_per_token = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
         peak = cfg.train.peak_flops or peak_flops_for(device_name(acc.device))
         meter, losses = Throughput(num_devices=acc.num_processes), LossWindow(acc.device)
         # train/loss/<source> from per-row losses; Liger's fused loss never materialises the logits it would need
@@ -171,13 +169,13 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 _show_step(bar, say, state.step, total_steps, record, meter.tokens_per_s)
             if bar is not None:
                 bar.update(1)
-            if guard.too_many_in_a_row():
+            if guard.too_many_in_a_row():  # stop, with the last good weights saved
                 feed.close()
                 ckpts.save(state.step, components, config_yaml)
                 ckpts.wait()
-                raise TrainingError(
-                    f"{guard.in_a_row} non-finite steps in a row at step {state.step}: stopping. The last good weights are "
-                    f"in {run_dir / 'checkpoints'} (skipped updates never touched them). Lower the LR or check the data.")
+                raise TrainingError(f"{guard.in_a_row} non-finite steps in a row at step {state.step}: stopping. The last good "
+                                    f"weights are in {run_dir / 'checkpoints'} (skipped updates never touched them). Lower "
+                                    "the LR or check the data.")
 
             # evaluate (every N steps, densely after each stage switch: the stability gap), checkpoint, export
             evaluate_now = heldout and (evaluator.should_evaluate(state.step, plan.starts) or state.step == total_steps)
@@ -306,6 +304,11 @@ def _model_for_run(cfg: RunConfig, init_hf: str | None, say):
         say(f"warning: data.seq_len {cfg.data.seq_len} is longer than the model's context (max_position_embeddings "
             f"{context}); for long-context CPT raise it and the RoPE base with model.config_overrides")
     return model, tokenizer, new_token_ids
+
+
+def _flops_per_token(model, seq_len: int) -> float:
+    shape = model_shape(model)
+    return model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], seq_len)
 
 
 def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
