@@ -38,6 +38,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from cpt.experiment import ExperimentError, run_experiment
     from cpt.experiment_sequence import is_sequence_spec, run_sequence_experiment
+    from cpt.checkpoint import CheckpointError
+    from cpt.distributed import LaunchError
     from cpt.train import TrainingError
 
     if args.max_runs is not None and args.max_runs < 0:
@@ -49,7 +51,7 @@ def main(argv: list[str]) -> int:
     except ExperimentError as e:
         print(f"cpt experiment: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, LaunchError, CheckpointError) as e:
         print(f"cpt experiment: {e}", file=sys.stderr)
         return 1
     return 0
