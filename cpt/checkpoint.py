@@ -39,8 +39,8 @@ from typing import Mapping
 import torch
 
 from cpt.distributed import Backend, all_ranks_agree, backend
-from cpt.state import StateError, Stateful, check_format, flatten, restore
 from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
+from cpt.state import StateError, Stateful, check_format, flatten, restore
 
 log = logging.getLogger("cpt.checkpoint")
 
