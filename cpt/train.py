@@ -29,7 +29,7 @@ from cpt.adapters import trainable_metrics
 from cpt.averaging import EMA
 from cpt.checkpoint import CheckpointManager, saved_step, wait_for_writers
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
-from cpt.console import eval_line, preempted_line, step_line, use_progress_bar
+from cpt.console import RunOutput, preempted_line
 from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
 from cpt.distributed import Backend, PreemptionFlag, accelerator_for, backend
@@ -128,14 +128,14 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         by_source = None if cfg.model.liger_kernel else SourceLoss(data.source_names, acc.device)
         stop = cleanup.enter_context(PreemptionFlag.for_run(cfg, acc))
         logger.log({"train/tokens": state.tokens, **param_counts}, step=state.step)
+        out = RunOutput(logger, say)  # metrics.jsonl (W&B) and the console
         if state.step == 0 and cfg.eval.at_start and heldout:  # the base model's losses anchor forgetting and adaptation
-            metrics = {**evaluator.evaluate(model, 0), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
-            _log_eval(logger, None, say, 0, 0, {"stage": 0, "train/lr": plan.lr(0), **metrics})
+            out.eval(0, 0, {"stage": 0, "train/lr": plan.lr(0), **_heldout_eval(cfg, evaluator, ema, acc, model, 0)})
         if bench is not None and bench.needs_start_evaluation():  # the base model's benchmark scores
-            _log_eval(logger, None, say, state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
+            out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
 
         # --- the loop
-        bar = _progress_bar(cfg, acc, state.step, total_steps)
+        out.start_bar(cfg.train.progress_bar and acc.is_main_process, state.step, total_steps, cfg.run.name)
         model.train()
         export_dir, stopped, config_yaml = None, None, yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
         clock = TrainClock(meter)  # training time between host syncs (evaluation and checkpoints excluded)
@@ -165,10 +165,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                           "train/spikes_skipped": spikes.skipped if spikes else 0, "perf/peak_mem_gb": peak_memory_gb(),
                           **meter.metrics(flops_per_token, peak), **account.metrics(state.tokens, flops_per_token),
                           **feed.metrics(), **(by_source.metrics(acc) if by_source else {})}
-                logger.log(record, step=state.step)
-                _show_step(bar, say, state.step, total_steps, record, meter.tokens_per_s)
-            if bar is not None:
-                bar.update(1)
+                out.step(record, state.step, total_steps, meter.tokens_per_s)
+            out.advance()
             if guard.too_many_in_a_row():  # stop, with the last good weights saved
                 feed.close()
                 ckpts.save(state.step, components, config_yaml)
@@ -186,10 +184,9 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             if evaluate_now or lm_eval_now or save_now or export_now:
                 clock.lap(sync_device=True)  # the training steps queued so far count as training time, what follows not
                 if evaluate_now:
-                    metrics = {**evaluator.evaluate(model, state.step), **_ema_eval(cfg, ema, acc, model, heldout, eos_id)}
-                    _log_eval(logger, bar, say, state.step, state.tokens, metrics)
+                    out.eval(state.step, state.tokens, _heldout_eval(cfg, evaluator, ema, acc, model, state.step))
                 if lm_eval_now:
-                    _log_eval(logger, bar, say, state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
+                    out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
                 if save_now:
                     ckpts.save(state.step, components, config_yaml)
                 if export_now:
@@ -203,15 +200,14 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
 
         # --- teardown: final checkpoint, HF export, lm-eval, summary, plots
         feed.close()
-        if bar is not None:
-            bar.close()
+        out.close_bar()
         if stopped is None:
             if cfg.checkpoint.every:
                 ckpts.save(state.step, components, config_yaml)
             if cfg.checkpoint.export_at_end:
                 export_dir = _export_final(cfg, model, tokenizer, ema, acc, logger)
             if bench is not None and cfg.eval.lm_eval.at_end:
-                _log_eval(logger, None, say, state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
+                out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
         ckpts.wait()  # the last (background) checkpoint write is on disk before the run reports its end
         summary, compute = evaluator.summary(), account.metrics(state.tokens, flops_per_token)
         logger.log({"train/tokens": state.tokens, **compute}, step=state.step)
@@ -371,12 +367,15 @@ def reset_optimizer_state(optimizer) -> None:
     inner.state.clear()
 
 
-def _ema_eval(cfg: RunConfig, ema, acc, model, heldout, eos_id: int | None) -> dict[str, float]:
-    """Held-out losses of the EMA weights (eval.ema), without touching the evaluator's step-0/worst bookkeeping."""
-    if ema is None or not cfg.eval.ema:
-        return {}
-    with ema.swapped(acc.unwrap_model(model)):
-        return {f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc, eos_id) for h in heldout}
+def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, step: int) -> dict[str, float]:
+    """The held-out sets' losses (forgetting, adaptation), and those of the EMA weights with eval.ema (without
+    touching the evaluator's step-0/worst bookkeeping, which is about the live weights)."""
+    metrics = dict(evaluator.evaluate(model, step))
+    if ema is not None and cfg.eval.ema:
+        with ema.swapped(acc.unwrap_model(model)):
+            metrics.update({f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc, evaluator.eos_id)
+                            for h in evaluator.sets})
+    return metrics
 
 
 def _benchmarks(cfg: RunConfig, acc):
@@ -385,22 +384,6 @@ def _benchmarks(cfg: RunConfig, acc):
     from eval_harness.benchmarks import BenchmarkTracker  # (lm-eval: the eval extra)
 
     return BenchmarkTracker.from_config(cfg, acc)
-
-
-def _show_step(bar, say, step: int, total_steps: int, record: dict, tokens_per_s: float) -> None:
-    if bar is None:  # batch jobs: a plain line (a bar is only drawn on a terminal)
-        say(step_line(step, total_steps, record))
-    else:
-        bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['train/lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                        refresh=False)
-
-
-def _log_eval(logger: MetricsLogger, bar, say, step: int, tokens: int, metrics: dict) -> None:
-    """Log evaluation results and print their line (above the progress bar when there is one)."""
-    logger.log({"train/tokens": tokens, **metrics}, step=step)
-    line = eval_line(step, metrics)
-    if line:
-        (bar.write if bar is not None else say)(line)
 
 
 def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLogger) -> Path:
@@ -430,11 +413,3 @@ def _print_summary(cfg: RunConfig, run_dir: Path, stopped, step: int, total_step
 
         say(f"report: {write_report([run_dir], run_dir / 'report')}")
     say(f"run directory: {run_dir}")
-
-
-def _progress_bar(cfg, acc, step, total):
-    if not (use_progress_bar(cfg.train.progress_bar) and acc.is_main_process):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=step, desc=cfg.run.name, unit="step", dynamic_ncols=True)
