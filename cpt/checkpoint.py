@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG),
-                                           trainer_state.json (step, tokens, data/mixer and evaluator state),
+                                           trainer_state.json + state.safetensors: every registered component's
+                                           state (the loop's counters, data position, evaluator, EMA, ...: cpt/state.py),
                                            config.yaml, CHECKSUMS.json (written last: the "complete" mark)
     <run_dir>/checkpoints/.tmp-step_...    a save in progress: never read, removed by the next save
     <run_dir>/checkpoints/.trash-step_...  an old checkpoint being pruned: never read, removed by the next save
@@ -33,17 +34,19 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import torch
 
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
+from cpt.state import StateError, Stateful, check_format, flatten, restore
 
 log = logging.getLogger("cpt.checkpoint")
 
 CHECKSUMS = "CHECKSUMS.json"
 TRAINER_STATE = "trainer_state.json"
+STATE_TENSORS = "state.safetensors"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -114,31 +117,6 @@ def latest_valid_checkpoint(run_dir: str | os.PathLike, unusable: list[Path] | N
     return None
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path | None:
-    """The checkpoint ``--resume`` continues from, chosen on the main process (one warning per broken
-    checkpoint) and shared with every rank. Broken checkpoints newer than it are set aside as
-    ``unusable-step_N`` so that neither pruning nor the fresh-run check mistakes them for real ones;
-    with none complete the run starts from scratch and says so."""
-    choice = None
-    if acc.is_main_process:
-        unusable: list[Path] = []
-        ckpt = latest_valid_checkpoint(run_dir, unusable)
-        for bad in unusable:
-            os.replace(bad, bad.with_name(UNUSABLE_PREFIX + bad.name))
-        if unusable:
-            say(f"set aside {len(unusable)} unusable checkpoint(s) as {UNUSABLE_PREFIX}step_N in {Path(run_dir) / 'checkpoints'}")
-        if ckpt is None:
-            say(f"--resume: no complete checkpoint in {Path(run_dir) / 'checkpoints'}: starting from scratch")
-        choice = None if ckpt is None else str(ckpt)
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [choice]
-        broadcast_object_list(box, from_process=0)
-        choice = box[0]
-    return None if choice is None else Path(choice)
-
-
 def remove_partial_saves(root: Path) -> None:
     """Remove what interrupted saves and prunes leave behind (``.tmp-*``, ``.trash-*``)."""
     for stale in [*root.glob(TMP_PREFIX + "*"), *root.glob(TRASH_PREFIX + "*")]:
@@ -194,8 +172,9 @@ class CheckpointManager:
         self._job: _Commit | None = None  # its writer (main process)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
 
-    def save(self, step: int, trainer_state: dict[str, Any], config_yaml: str, extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Save on every rank (collective). Blocks for the host copy; writes in the background with ``async_save``."""
+    def save(self, step: int, components: Mapping[str, Stateful], config_yaml: str) -> None:
+        """Save on every rank (collective): the accelerate state and every registered component (cpt/state.py).
+        Blocks for the host copy; writes in the background with ``async_save``."""
         self.wait()  # one save at a time: the previous one must be on disk (and counted) first
         acc = self.acc
         tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:08d}"
@@ -210,7 +189,8 @@ class CheckpointManager:
         if all_ranks_agree(acc, error is None):
             fault_point(f"save:begin@{step}")
             try:
-                job = self._stage(step, tmp, json.dumps(trainer_state, indent=1, default=_json_default), config_yaml, extra_tensors)
+                doc, tensors = flatten(components)
+                job = self._stage(step, tmp, json.dumps(doc, indent=1, default=_json_default), config_yaml, tensors)
             except Exception as e:  # noqa: BLE001 - any failure must leave the old checkpoints intact
                 error = e
         if not all_ranks_agree(acc, error is None):
@@ -237,12 +217,12 @@ class CheckpointManager:
             error = error or CheckpointError("the main process failed to write it")
         self._record(step, error)
 
-    def _stage(self, step: int, tmp: Path, state_json: str, config_yaml: str, extra_tensors) -> _Commit | None:
+    def _stage(self, step: int, tmp: Path, state_json: str, config_yaml: str, tensors) -> _Commit | None:
         """Everything every rank must do before the commit; returns the main process's writer."""
         acc = self.acc
         items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
-        if extra_tensors:
-            items.append(("extra.safetensors", "safetensors", _host_copy(dict(extra_tensors), {})))  # EMA/Reptile: a fresh copy
+        if tensors:
+            items.append((STATE_TENSORS, "safetensors", _host_copy(dict(tensors), {})))  # EMA, Reptile: a fresh copy
         digests: dict[str, str] = {}
         if self.cpt_writes:
             own, rng_name, rng = host_snapshot(acc, self._staging if self.async_save else None)
@@ -289,11 +269,18 @@ class CheckpointManager:
         for old in ckpts[: max(0, len(ckpts) - self.keep)]:
             discard(old)
 
-    def load(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Restore model, optimizer and RNG states in place; return (trainer_state, extra tensors).
+    def load(self, ckpt: Path, components: Mapping[str, Stateful] | None = None) -> None:
+        """Restore model, optimizer and RNG states in place, then every registered component (``components``; None:
+        the weights and optimizer only, e.g. a new stage from a checkpoint). A component missing from the
+        checkpoint, or refusing its state, is one CheckpointError naming the checkpoint and the component.
 
         A checkpoint of another backend or ZeRO world size goes through ``portable`` (cpt.consolidate: weights and
         Adam state carried over, RNG states not)."""
+        if components is not None:  # refused before anything is loaded
+            try:
+                check_format(json.loads((ckpt / TRAINER_STATE).read_text()))
+            except StateError as e:
+                raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
             log.warning("%s was written with another backend or number of processes: loading it through "
                         "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
@@ -303,13 +290,31 @@ class CheckpointManager:
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
         self.acc.step = 0
-        state = json.loads((ckpt / TRAINER_STATE).read_text())
-        extra = {}
-        if (ckpt / "extra.safetensors").is_file():
-            from safetensors.torch import load_file
+        if components is not None:
+            load_components(ckpt, components)
 
-            extra = load_file(str(ckpt / "extra.safetensors"))
-        return state, extra
+
+def load_components(ckpt: Path, components: Mapping[str, Stateful]) -> None:
+    """Load every registered component from a checkpoint's trainer_state.json and state.safetensors."""
+    tensors = {}
+    if (ckpt / STATE_TENSORS).is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(ckpt / STATE_TENSORS))
+    try:
+        restore(components, json.loads((ckpt / TRAINER_STATE).read_text()), tensors)
+    except StateError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+
+
+def saved_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was written at (its ``train`` state)."""
+    doc = json.loads((ckpt / TRAINER_STATE).read_text())
+    try:
+        check_format(doc)
+    except StateError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+    return int(doc["train"]["step"])
 
 
 class _Commit:

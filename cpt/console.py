@@ -71,3 +71,42 @@ def resume_command(argv: list[str]) -> str:
 
     args = [a for a in argv if a != "--resume"]
     return shlex.join(["cpt", "train", *args, "--resume"])
+
+
+class RunOutput:
+    """Where the loop's records go: the metrics log (``logger``: metrics.jsonl, W&B) and the console (``say``),
+    with a progress bar from :meth:`start_bar` on (when asked for and on a terminal); evaluation lines go above it."""
+
+    def __init__(self, logger: Any, say: Any):
+        self.logger, self.say, self.bar = logger, say, None
+
+    def start_bar(self, enabled: bool, step: int, total: int, name: str) -> None:
+        if use_progress_bar(enabled):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True)
+
+    def step(self, record: dict[str, Any], step: int, total: int, tokens_per_s: float) -> None:
+        """A training log record: logged; a plain line for batch logs, or the bar's numbers."""
+        self.logger.log(record, step=step)
+        if self.bar is None:
+            self.say(step_line(step, total, record))
+        else:
+            self.bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['train/lr']:.2e}",
+                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def eval(self, step: int, tokens: int, metrics: dict[str, Any]) -> None:
+        """Evaluation results: logged, and their line (:func:`eval_line`) printed."""
+        self.logger.log({"train/tokens": tokens, **metrics}, step=step)
+        line = eval_line(step, metrics)
+        if line:
+            (self.bar.write if self.bar is not None else self.say)(line)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

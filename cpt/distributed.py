@@ -1,5 +1,6 @@
-"""What cpt needs to know about the processes of a run, in one place: which backend accelerate set up, whether all
-ranks agree on a decision, sums over ranks, the model inside the wrappers, and refusing sharded weights.
+"""What cpt needs to know about the processes of a run, in one place: the Accelerator the loop trains with
+(:func:`build_accelerator`), which backend accelerate set up, whether all ranks agree on a decision, sums over ranks,
+the model inside the wrappers, refusing sharded weights, and the preemption signal (:class:`PreemptionFlag`).
 
 Every function takes the ``Accelerator`` (``acc``) the loop built (or ``None``: one process, no accelerator where
 noted). Collectives must be called by every rank at the same point, like any collective.
@@ -7,10 +8,19 @@ noted). Collectives must be called by every rank at the same point, like any col
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from enum import Enum
+from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
+
+
+class LaunchError(RuntimeError):
+    """The processes a launch gave cannot train this config (one clear line, no traceback, from ``cpt train``)."""
 
 
 class Backend(Enum):
@@ -23,20 +33,16 @@ class Backend(Enum):
     OTHER = "other"  # XLA, Megatron-LM: nothing in cpt is specialised for them
 
 
+_BACKENDS = {DistributedType.NO: Backend.SINGLE, DistributedType.FSDP: Backend.FSDP,
+             DistributedType.DEEPSPEED: Backend.DEEPSPEED, DistributedType.XLA: Backend.OTHER,
+             DistributedType.MEGATRON_LM: Backend.OTHER}  # every MULTI_* type (MULTI_GPU, MULTI_CPU, ...) is DDP
+
+
 def backend(acc) -> Backend:
     """The backend of ``acc`` (``None``: no accelerator, one process)."""
     if acc is None:
         return Backend.SINGLE
-    kind = acc.distributed_type.value
-    if kind == "NO":
-        return Backend.SINGLE
-    if kind.startswith("MULTI_"):
-        return Backend.DDP
-    if kind == "FSDP":
-        return Backend.FSDP
-    if kind == "DEEPSPEED":
-        return Backend.DEEPSPEED
-    return Backend.OTHER
+    return _BACKENDS.get(DistributedType(acc.distributed_type), Backend.DDP)
 
 
 def zero_stage(acc) -> int:
@@ -95,10 +101,15 @@ def sum_across_ranks(t: torch.Tensor, acc) -> torch.Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / accelerate wrappers (kept in .module); parameter names then match the bare model's."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The model inside DDP / accelerate wrappers (kept in .module) and torch.compile's (._orig_mod); parameter
+    names then match the bare model's."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def refuse_sharded(named_params, feature: str, advice: str) -> None:
@@ -110,3 +121,122 @@ def refuse_sharded(named_params, feature: str, advice: str) -> None:
                                f"cannot use it; {advice}")
         if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
             raise RuntimeError(f"{feature}: parameter {n} is sharded (FSDP2 DTensor); {advice}")
+
+
+# ---------------------------------------------------------------- the accelerator of a run
+
+
+def accumulation_steps(cfg, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank: global batch / (world size x micro batch)."""
+    B, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if B % (world_size * mbs):
+        raise LaunchError(f"train.global_batch_size ({B}) must be divisible by world size ({world_size}) x "
+                          f"train.micro_batch_size ({mbs})")
+    return B // (world_size * mbs)
+
+
+@contextlib.contextmanager
+def accelerator_for(cfg):
+    """``with accelerator_for(cfg) as acc:`` :func:`build_accelerator`, and ``acc.end_training()`` on every exit path
+    (trackers finished, the process group destroyed: ``cpt experiment`` trains many runs in one process)."""
+    acc = build_accelerator(cfg)
+    try:
+        yield acc
+    finally:
+        acc.end_training()
+
+
+def build_accelerator(cfg):
+    """The Accelerator of a run (``cfg``: the RunConfig): precision from ``train.precision`` (conflicting launcher or
+    DeepSpeed settings refused), gradient accumulation from the batch geometry, gloo for CPU processes, TF32 on
+    CUDA; a launch of several processes that accelerate left unsynchronised is refused."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    from cpt.accelerator import ACCELERATE, configure_deepspeed, precision_conflict
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    grad_accum = accumulation_steps(cfg, world)
+    kwargs = []
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    elif world > 1:
+        kwargs.append(InitProcessGroupKwargs(backend="gloo"))  # CPU multi-process (tests, laptops)
+    acc = Accelerator(
+        mixed_precision=ACCELERATE[cfg.train.precision],
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
+        kwargs_handlers=kwargs,
+    )
+    if acc.num_processes > 1 and backend(acc) is Backend.SINGLE:
+        # e.g. `accelerate launch --use_fsdp` or --multi_gpu without GPUs: N processes that never synchronise
+        raise LaunchError(
+            f"{acc.num_processes} processes were launched but accelerate set up no distributed backend "
+            "(distributed_type NO): they would train unsynchronised copies. On CPU, launch DDP with ACCELERATE_USE_CPU=1 "
+            "or use DeepSpeed; FSDP needs GPUs."
+        )
+    problem = precision_conflict(cfg.train.precision, acc)  # train.precision is the one source of precision
+    if problem:
+        raise LaunchError(problem)
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is not None:  # no prepared dataloader: tell DeepSpeed the batch geometry and clipping ourselves
+        configure_deepspeed(ds.deepspeed_config, micro_batch=cfg.train.micro_batch_size, grad_accum=grad_accum,
+                            global_batch=cfg.train.global_batch_size, grad_clip=cfg.optim.grad_clip)
+    return acc
+
+
+# ---------------------------------------------------------------- preemption
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (cluster preemption) ask for a checkpoint and a clean exit at the end of a step.
+
+    ``with PreemptionFlag(check_every) as stop:`` installs the handlers and restores the previous ones on exit, on
+    every path (an error included). With several processes all ranks must stop at the same step, so the flag is
+    combined over ranks every ``check_every`` steps (a collective and a host read); one process reads its own flag
+    every step for free."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, check_every: int = 1):
+        self.flag = False
+        self.check_every = max(1, int(check_every))
+        self.previous: dict[int, Any] = {}
+
+    @classmethod
+    def for_run(cls, cfg, acc) -> "PreemptionFlag":
+        """Checked every step on one process or on CPU (no device to wait for), else every
+        ``train.preemption_check_every`` steps (each check is a collective plus a host read)."""
+        one = acc.num_processes == 1 or acc.device.type == "cpu"
+        return cls(1 if one else cfg.train.preemption_check_every)
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        self.flag = True
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def uninstall(self) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        self.previous.clear()
+
+    def __enter__(self) -> "PreemptionFlag":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def requested(self, acc, step: int = 0) -> bool:
+        """True on every rank if any rank received a signal (so all ranks save together); with several
+        processes only at steps that are multiples of ``check_every`` (the same steps on every rank)."""
+        if acc.num_processes == 1:
+            return self.flag
+        if step % self.check_every:
+            return False
+        return any_rank(acc, self.flag)

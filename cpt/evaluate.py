@@ -142,6 +142,20 @@ class HeldoutSet:
         return int(self.tokens.numel())
 
 
+def heldout_sets(cfg, tokenizer, acc, say=print) -> list[HeldoutSet]:
+    """The held-out sets of a run (``cfg``: the RunConfig's ``data.heldout``), each a seeded sample of whole documents
+    up to ``eval.tokens_per_set`` tokens; rank 0 checks the files (sizes, and checksums with data.verify_checksums)."""
+    from cpt.data.loader import sample_heldout
+
+    sets = []
+    for h in cfg.data.heldout:
+        sample = sample_heldout(h, tokenizer, cfg.data.seq_len, h.max_tokens or cfg.eval.tokens_per_set, seed=cfg.eval.sample_seed,
+                                verify=acc.is_main_process and cfg.data.verify_checksums, check_sizes=acc.is_main_process)
+        sets.append(HeldoutSet(h.name, h.tag, sample.tokens, sample.docs, sample.total_docs, sample.total_tokens))
+        say(f"held-out set {h.name} ({h.tag}): evaluating {sample.describe()}")
+    return sets
+
+
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 80.0))  # exp(80) ~ 5.5e34: keeps JSON/W&B finite for diverged runs
 

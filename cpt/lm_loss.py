@@ -1,5 +1,6 @@
 """The causal-LM forward over packed rows, shared by training and evaluation: its keyword arguments (document
-positions when ``data.document_masking`` is on, never a KV cache) and the next-token loss per row."""
+positions when ``data.document_masking`` is on, never a KV cache) and the next-token loss per row; the training
+loss the loop logs over each log window (``train/loss`` and ``train/loss/<source>``), kept on the device."""
 
 from __future__ import annotations
 
@@ -74,3 +75,68 @@ def use_chunked_loss(model, mode: bool | str, chunk_tokens: int, accelerator=Non
         return False
     log_fn(f"loss: chunked next-token loss, {chunk_tokens} positions per chunk (train.chunked_loss)")
     return True
+
+
+# ------------------------------------------------------------------ the training loss over the log window
+
+
+class LossWindow:
+    """``train/loss`` over the log window: the mean loss of its finite steps, kept on the device (no host sync
+    until :meth:`mean`). A step's ``finite`` is a bool, or a 0-d bool tensor on the device-skip path."""
+
+    def __init__(self, device):
+        self.sum, self.count = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def add(self, loss, finite) -> None:
+        if finite is True:
+            self.sum += loss
+            self.count += 1
+        elif finite is not False:
+            self.sum += torch.where(finite, loss, 0.0)
+            self.count += finite
+
+    def mean(self, accelerator) -> float:
+        """The all-rank mean over the window (a collective and one host read); starts a new window."""
+        value = (accelerator.reduce(self.sum, reduction="mean") / self.count.clamp(min=1)).item()
+        self.sum.zero_()
+        self.count.zero_()
+        return value
+
+
+class SourceLoss:
+    """Training loss per data source, ``train/loss/<source>``: the mean loss of the rows each source contributed
+    since the last log. With replay this is a dense forgetting signal on the old data at no extra cost (the
+    held-out evaluation is sparser and costs forward passes).
+
+    Per micro-batch :meth:`add` the rows' sources and mean losses; after the step, :meth:`end_step` keeps them
+    (or drops a skipped step's); :meth:`metrics` reduces over ranks and starts a new window. Runs on device,
+    no host sync except in :meth:`metrics`."""
+
+    def __init__(self, names: list[str], device):
+        self.names = list(names)
+        zeros = lambda: torch.zeros(len(self.names), dtype=torch.float64, device=device)  # noqa: E731
+        self.step_sum, self.step_rows, self.sum, self.rows = zeros(), zeros(), zeros(), zeros()
+
+    def add(self, sources, row_losses) -> None:
+        self.step_sum.index_add_(0, sources, row_losses.double())
+        self.step_rows.index_add_(0, sources, row_losses.new_ones(row_losses.shape, dtype=self.step_rows.dtype))
+
+    def end_step(self, keep) -> None:
+        """``keep``: a bool, or a 0-d bool tensor on the device (no host sync)."""
+        if keep is True:
+            self.sum += self.step_sum
+            self.rows += self.step_rows
+        elif keep is not False:
+            self.sum += torch.where(keep, self.step_sum, torch.zeros_like(self.step_sum))
+            self.rows += torch.where(keep, self.step_rows, torch.zeros_like(self.step_rows))
+        self.step_sum.zero_()
+        self.step_rows.zero_()
+
+    def metrics(self, accelerator=None) -> dict[str, float]:
+        both = torch.stack([self.sum, self.rows])
+        if accelerator is not None and accelerator.num_processes > 1:
+            both = accelerator.reduce(both, reduction="sum")
+        sums, rows = both.tolist()
+        self.sum.zero_()
+        self.rows.zero_()
+        return {f"train/loss/{n}": s / r for n, s, r in zip(self.names, sums, rows) if r > 0}

@@ -282,20 +282,6 @@ class Throughput:
                 out["perf/mfu"] = mfu(self.tokens_per_s_per_device, flops_per_token, peak_flops)
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"window": list(self._window)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._window.clear()
-        self._window.extend((float(t), float(s)) for t, s in state.get("window", []))
-
-
-def torch_where(keep, values):
-    """``values`` where the 0-d bool tensor ``keep`` is true, else zeros (NaN-safe, unlike multiplying by 0)."""
-    import torch
-
-    return torch.where(keep, values, torch.zeros_like(values))
-
 
 class TrainClock:
     """Training wall time for :class:`Throughput` without a host sync per step.
@@ -327,49 +313,6 @@ class TrainClock:
     def restart(self) -> None:
         """Start timing again (after evaluation or a checkpoint, which do not count as training time)."""
         self.start = self._clock()
-
-
-class SourceLoss:
-    """Training loss per data source, ``train/loss/<source>``: the mean loss of the rows each source contributed
-    since the last log. With replay this is a dense forgetting signal on the old data at no extra cost (the
-    held-out evaluation is sparser and costs forward passes).
-
-    Per micro-batch :meth:`add` the rows' sources and mean losses; after the step, :meth:`end_step` keeps them
-    (or drops a skipped step's); :meth:`metrics` reduces over ranks and starts a new window. Runs on device,
-    no host sync except in :meth:`metrics`."""
-
-    def __init__(self, names: list[str], device):
-        import torch
-
-        self.names = list(names)
-        zeros = lambda: torch.zeros(len(self.names), dtype=torch.float64, device=device)  # noqa: E731
-        self.step_sum, self.step_rows, self.sum, self.rows = zeros(), zeros(), zeros(), zeros()
-
-    def add(self, sources, row_losses) -> None:
-        self.step_sum.index_add_(0, sources, row_losses.double())
-        self.step_rows.index_add_(0, sources, row_losses.new_ones(row_losses.shape, dtype=self.step_rows.dtype))
-
-    def end_step(self, keep) -> None:
-        """``keep``: a bool, or a 0-d bool tensor on the device (no host sync)."""
-        if keep is True:
-            self.sum += self.step_sum
-            self.rows += self.step_rows
-        elif keep is not False:
-            self.sum += torch_where(keep, self.step_sum)
-            self.rows += torch_where(keep, self.step_rows)
-        self.step_sum.zero_()
-        self.step_rows.zero_()
-
-    def metrics(self, accelerator=None) -> dict[str, float]:
-        import torch
-
-        both = torch.stack([self.sum, self.rows])
-        if accelerator is not None and accelerator.num_processes > 1:
-            both = accelerator.reduce(both, reduction="sum")
-        sums, rows = both.tolist()
-        self.sum.zero_()
-        self.rows.zero_()
-        return {f"train/loss/{n}": s / r for n, s, r in zip(self.names, sums, rows) if r > 0}
 
 
 class ComputeAccount:
@@ -445,6 +388,13 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("l4", 121e12),
     ("rtx 4090", 165e12),
 ]
+
+
+def device_name(device) -> str:
+    """The name :func:`peak_flops_for` looks up: the CUDA device's name, else the device type ("cpu", ...)."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def peak_flops_for(device_name: str | None = None) -> float | None:

@@ -1,4 +1,4 @@
-"""Parameter groups and the AdamW optimizer.
+"""Parameter groups and the AdamW optimizer; the global gradient norm (clipped) of a step.
 
 * No weight decay for biases, norm weights and every other parameter with fewer than 2 dimensions
   (and, optionally, for embeddings).
@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from cpt.distributed import Backend, backend
 
 # "model.layers.3.", "transformer.h.3.", "encoder.layer.3.", "blocks.3." -> 3
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -145,3 +147,27 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def clip_grad_norm(acc, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm before clipping, as a 0-d tensor on the device (no host read), every gradient
+    clipped to ``max_norm`` when it is set (through accelerate: DDP, FSDP and DeepSpeed alike)."""
+    if max_norm is None:
+        total = torch.zeros((), device=acc.device)
+        for p in model.parameters():
+            if p.grad is not None:
+                total += p.grad.detach().float().pow(2).sum()
+        if acc.num_processes > 1 and backend(acc) is Backend.FSDP:
+            total = acc.reduce(total, reduction="sum")
+        return total.sqrt()
+    norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+    if norm is None:
+        return torch.full((), float("nan"), device=acc.device)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor; the plain tensor for the all-rank checks
+        norm = norm.full_tensor()
+    return torch.as_tensor(norm, device=acc.device, dtype=torch.float32).reshape(())
+
+
+def zero_grad_loss(model: nn.Module) -> torch.Tensor:
+    """A loss whose gradients are all zero (what DeepSpeed, which steps inside backward, is fed for a skipped step)."""
+    return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)

@@ -23,9 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpt.distributed import refuse_sharded, unwrap
-
-PREFIX = "reptile."
+from cpt.distributed import Backend, LaunchError, backend, refuse_sharded, unwrap
 
 
 class Reptile:
@@ -43,6 +41,20 @@ class Reptile:
         if not params:
             raise ValueError("train.reptile: the model has no trainable parameters")
         self.anchor: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params}
+
+    @classmethod
+    def for_run(cls, cfg, acc, model: nn.Module, say=lambda *a, **k: None) -> "Reptile | None":
+        """The meta-updates of a run (``train.reptile``; None when off), anchored at ``model``'s current weights."""
+        if not cfg.train.reptile:
+            return None
+        if backend(acc) is Backend.DEEPSPEED:
+            raise LaunchError("train.reptile is not supported under DeepSpeed: its fp32 master partitions would "
+                              "overwrite the meta-update; use DDP (or one device)")
+        if backend(acc) is Backend.FSDP:
+            raise LaunchError("train.reptile is not supported under FSDP (sharded weights); use DDP (or one device)")
+        r = cfg.train.reptile
+        say(f"reptile: every {r.every} steps, weights <- anchor + {r.epsilon:g} x (weights - anchor)")
+        return cls(acc.unwrap_model(model), r.every, r.epsilon)
 
     @staticmethod
     def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -67,19 +79,17 @@ class Reptile:
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors (safetensors-ready), every key under ``reptile.``."""
-        sd = {f"{PREFIX}anchor.{n}": t.detach().cpu().clone() for n, t in self.anchor.items()}
-        sd[f"{PREFIX}meta_updates"] = torch.tensor(self.meta_updates, dtype=torch.int64)
+        """Flat tensors (safetensors-ready): ``anchor.<param name>`` and ``meta_updates``."""
+        sd = {f"anchor.{n}": t.detach().cpu().clone() for n, t in self.anchor.items()}
+        sd["meta_updates"] = torch.tensor(self.meta_updates, dtype=torch.int64)
         return sd
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore from a checkpoint's extra tensors (other keys, e.g. the EMA's, are ignored)."""
-        key = f"{PREFIX}anchor."
-        anchor = {k[len(key):]: v for k, v in state.items() if k.startswith(key)}
-        if anchor.keys() != self.anchor.keys() or f"{PREFIX}meta_updates" not in state:
+        anchor = {k[len("anchor."):]: v for k, v in state.items() if k.startswith("anchor.")}
+        if anchor.keys() != self.anchor.keys() or "meta_updates" not in state:
             missing, extra = sorted(self.anchor.keys() - anchor.keys()), sorted(anchor.keys() - self.anchor.keys())
             raise KeyError(f"train.reptile: the checkpoint's Reptile anchor does not match the model (missing "
-                           f"{missing[:5]}, unexpected {extra[:5]}); was it saved without train.reptile?")
+                           f"{missing[:5]}, unexpected {extra[:5]})")
         for n, t in anchor.items():
             self.anchor[n] = t.detach().float().to(self.anchor[n].device).clone()
-        self.meta_updates = int(state[f"{PREFIX}meta_updates"])
+        self.meta_updates = int(state["meta_updates"])

@@ -17,8 +17,21 @@ import math
 from collections import deque
 from typing import Any
 
+from cpt.distributed import Backend, LaunchError, backend
+
 
 class SpikeGuard:
+    @classmethod
+    def for_run(cls, cfg, acc) -> "SpikeGuard | None":
+        """The guard of a run (``train.skip_spikes``; None when off). Refused under DeepSpeed, whose engine applies
+        the update inside the last backward pass, before the step's loss is known."""
+        if cfg.train.skip_spikes is None:
+            return None
+        if backend(acc) is Backend.DEEPSPEED:
+            raise LaunchError("train.skip_spikes is not supported under DeepSpeed: its engine applies the update inside "
+                              "the last backward pass, before the step's loss is known; use DDP or FSDP")
+        return cls(**cfg.train.skip_spikes.model_dump())
+
     def __init__(self, sigma: float = 6.0, window: int = 128, min_history: int | None = None, max_in_a_row: int = 8):
         if sigma <= 0 or window < 2 or max_in_a_row < 1:
             raise ValueError("skip_spikes: sigma > 0, window >= 2 and max_in_a_row >= 1 are required")

@@ -59,6 +59,7 @@ class UpdateGuard:
                           and backend(acc) in (Backend.SINGLE, Backend.DDP))
         self.nonfinite_total = 0
         self.in_a_row = 0
+        self.steps_done = 0  # after the last step() call: named by sync() when a checkpoint brings the counts over
         self._dev_total = torch.zeros((), dtype=torch.int64, device=acc.device)
         self._dev_in_a_row = torch.zeros((), dtype=torch.int64, device=acc.device)
 
@@ -69,6 +70,7 @@ class UpdateGuard:
 
         ``loss``: this rank's mean loss of the step (0-d tensor); ``grad_norm``: the global gradient norm
         (0-d tensor, before clipping). ``step`` (0-based) is only used in messages."""
+        self.steps_done = step + 1
         bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float().reshape(1)
         bad = sum_across_ranks(bad, self.acc)  # all ranks take the same decision (a collective, not a host read)
         if self.on_device:
@@ -117,11 +119,12 @@ class UpdateGuard:
         return self.in_a_row >= self.max_in_a_row
 
     def state_dict(self) -> dict[str, int]:
-        """``nonfinite_total`` (call :meth:`sync` first on the device path)."""
+        """``nonfinite_total`` (brought to the host first on the device path: a host read)."""
+        self.sync(self.steps_done)
         return {"nonfinite_total": self.nonfinite_total}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_total = int(state["nonfinite_total"])
         self.in_a_row = 0
         self._dev_total.fill_(self.nonfinite_total)
         self._dev_in_a_row.zero_()

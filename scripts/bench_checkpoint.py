@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
     import torch
 
     from cpt.checkpoint import CheckpointManager, list_checkpoints
+    from cpt.state import TrainState
 
     acc, model = build(TINY if args.tiny else SMOLLM2_135M)
     n_params = sum(p.numel() for p in model.parameters())
@@ -75,12 +76,12 @@ def main(argv=None) -> dict:
     size = 0
     for r in range(args.repeats):
         t0 = time.perf_counter()
-        CheckpointManager(root / f"sync{r}", keep=1, accelerator=acc, async_save=False).save(r + 1, {"step": r + 1}, "bench: true\n")
+        CheckpointManager(root / f"sync{r}", keep=1, accelerator=acc, async_save=False).save(r + 1, {"train": TrainState(step=r + 1)}, "bench: true\n")
         best["sync_s"] = min(best["sync_s"], time.perf_counter() - t0)
         size = sum(p.stat().st_size for p in list_checkpoints(root / f"sync{r}")[-1].iterdir())
         shutil.rmtree(root / f"sync{r}")
         t0 = time.perf_counter()
-        background.save(r + 1, {"step": r + 1}, "bench: true\n")
+        background.save(r + 1, {"train": TrainState(step=r + 1)}, "bench: true\n")
         t1 = time.perf_counter()
         background.wait()
         t2 = time.perf_counter()

@@ -7,7 +7,7 @@ process first sets up the usual multi-CPU gloo state, then relabels it MULTI_GPU
 the (CPU) device are fixed: the `Accelerator()` built next takes accelerate's FSDP branch — `fsdp2_prepare_model`,
 sharded `save_state`/`load_state`, `get_state_dict` gathering — exactly as on GPUs, only the collectives run on gloo.
 
-Test scaffolding only: cpt itself refuses FSDP without GPUs (see `cpt.train.build_accelerator`).
+Test scaffolding only: cpt itself refuses FSDP without GPUs (see `cpt.distributed.build_accelerator`).
 
 Usage: `force_fsdp_on_cpu()` at the top of a script started by `accelerate launch --use_fsdp ...` with
 ACCELERATE_USE_CPU=1; to run an unmodified `cpt train` (or launch script), tests/fsdp_shim calls it in every rank

@@ -22,11 +22,11 @@ CONFIG_LAYER_DEPS = {"cpt.redaction"}
 # the layers of docs/architecture.md, bottom first; a package name covers its submodules. A module imports only from
 # its own layer or those below. (consolidate, accelerator and experiment_sequence are main's, merged alongside.)
 LAYERS = (
-    ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock")),
+    ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock", "cpt.state")),
     ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.vocab", "cpt.distributed",
                                 "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss")),
     ("components", ("cpt.optim", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate",
-                    "cpt.metrics", "cpt.checkpoint", "cpt.consolidate", "cpt.report", "eval_harness")),
+                    "cpt.metrics", "cpt.checkpoint", "cpt.resume", "cpt.consolidate", "cpt.report", "eval_harness")),
     ("loop", ("cpt.train", "cpt.dryrun")),
     ("commands", ("cpt.cli", "cpt.commands", "cpt.experiment", "cpt.demo")),
 )

@@ -15,6 +15,7 @@ import yaml
 
 from conftest import tiny_run_config
 from cpt.checkpoint import CHECKSUMS, CheckpointManager, list_checkpoints, verify_checkpoint
+from cpt.state import TrainState
 from cpt.fileio import HashingFile, describe_io_error
 from cpt.metrics import MetricsError, MetricsLogger, read_metrics
 
@@ -71,7 +72,7 @@ def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, 
     acc.save_state(str(tmp_path / "accelerate"), safe_serialization=True)
     ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=async_save)
     assert ckpts.cpt_writes and ckpts.async_save == async_save
-    ckpts.save(1, {"step": 1}, "config: 1\n")
+    ckpts.save(1, {"train": TrainState(step=1)}, "config: 1\n")
     ckpts.wait()
     ours = list_checkpoints(tmp_path / "run")[0]
     theirs = {p.name for p in (tmp_path / "accelerate").iterdir()}
@@ -87,6 +88,32 @@ def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, 
             p.add_(1.0)
     acc.load_state(str(ours))
     assert_same(before, {k: v for k, v in acc.unwrap_model(model).state_dict().items()})
+
+
+def test_checkpoint_saves_and_restores_the_state_registry(trained, tmp_path):
+    """Every registered component round-trips through a checkpoint: JSON under its name in trainer_state.json,
+    tensors under "<name>." in state.safetensors; loading restores weights and components together."""
+    from safetensors.torch import load_file
+
+    from cpt.averaging import EMA
+    from cpt.checkpoint import CheckpointError
+
+    acc, model, opt = trained
+    ema = EMA(acc.unwrap_model(model), 0.9)
+    ema.update(acc.unwrap_model(model))
+    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc)
+    ckpts.save(5, {"train": TrainState(step=5, tokens=640), "ema": ema}, "")
+    ckpt = list_checkpoints(tmp_path / "run")[0]
+    doc = json.loads((ckpt / "trainer_state.json").read_text())
+    assert doc == {"format": 2, "train": {"step": 5, "tokens": 640, "anneal_from": None}, "ema": {}}
+    tensors = load_file(ckpt / "state.safetensors")
+    assert int(tensors["ema.num_updates"]) == 1 and all(k.startswith("ema.") for k in tensors)
+    state, ema2 = TrainState(), EMA(acc.unwrap_model(model), 0.5)
+    ckpts.load(ckpt, {"train": state, "ema": ema2})
+    assert (state.step, state.tokens) == (5, 640) and ema2.num_updates == 1 and ema2.decay == 0.9
+    assert all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    with pytest.raises(CheckpointError, match="step_00000005: it holds no state for 'reptile'"):
+        ckpts.load(ckpt, {"train": TrainState(), "reptile": ema2})
 
 
 def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monkeypatch):
@@ -105,7 +132,7 @@ def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monke
     monkeypatch.setattr(checkpoint, "write_files", slow_write)
     ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=True)
     want = {k: v.clone() for k, v in acc.get_state_dict(model).items()}
-    ckpts.save(3, {"step": 3}, "")
+    ckpts.save(3, {"train": TrainState(step=3)}, "")
     assert writing.wait(30) and not list_checkpoints(tmp_path / "run")  # returned; nothing committed yet
     with torch.no_grad():  # the loop trains on
         for p in model.parameters():

@@ -53,3 +53,30 @@ def test_summary_table_shows_the_step_of_the_last_evaluation():
     table = format_summary_table(rows).splitlines()
     assert table[0].split() == ["set", "tag", "step", "0", "last", "last", "step", "forgetting/adaptation", "worst", "worst", "step"]
     assert table[2].split()[:5] == ["python", "downstream", "3.0000", "3.0000", "0"]  # a preempted run's early last eval
+
+
+def test_run_output_logs_every_record_and_prints_above_the_bar():
+    """RunOutput: each record to the metrics log; plain lines without a bar; with one, evaluation lines go above it
+    (bar.write) and step records become its numbers; after close_bar, lines are plain again."""
+    from types import SimpleNamespace
+
+    from cpt.console import RunOutput
+
+    logged, printed, bar_calls = [], [], []
+    out = RunOutput(SimpleNamespace(log=lambda rec, step: logged.append((step, rec))), printed.append)
+    out.start_bar(False, 0, 10, "run")  # not asked for: no bar
+    record = {"train/tokens": 1000, "train/loss": 2.5, "train/lr": 1e-3}
+    out.step(record, 2, 10, 500.0)
+    out.eval(2, 1000, {"eval/python/loss": 2.25})
+    out.advance()
+    assert printed == [step_line(2, 10, record), "eval step 2: python 2.2500"]
+    assert logged == [(2, record), (2, {"train/tokens": 1000, "eval/python/loss": 2.25})]
+    out.bar = SimpleNamespace(write=lambda line: bar_calls.append(("write", line)), update=lambda n: bar_calls.append(("update", n)),
+                              set_postfix=lambda **k: bar_calls.append(("postfix", k["loss"])), close=lambda: bar_calls.append(("close",)))
+    out.step(record, 3, 10, 500.0)
+    out.eval(3, 1500, {"eval/python/loss": 2.0})
+    out.advance()
+    out.close_bar()
+    out.eval(4, 2000, {"eval/python/loss": 1.5})
+    assert bar_calls == [("postfix", "2.500"), ("write", "eval step 3: python 2.0000"), ("update", 1), ("close",)]
+    assert printed[-1] == "eval step 4: python 1.5000" and len(logged) == 5

@@ -65,3 +65,42 @@ def test_unwrap_finds_the_model_inside_wrappers():
     wrapped.module = torch.nn.Module()
     wrapped.module.module = inner
     assert unwrap(wrapped) is inner and unwrap(inner) is inner
+
+
+def test_preemption_flag_installs_and_restores_the_handlers():
+    """A context manager: its handlers while inside, the caller's again on exit, also when the body raises."""
+    import os
+    import signal
+
+    from cpt.distributed import PreemptionFlag
+
+    mine = lambda signum, frame: None  # noqa: E731
+    before = {sig: signal.signal(sig, mine) for sig in PreemptionFlag.SIGNALS}
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with PreemptionFlag() as stop:
+                assert all(signal.getsignal(sig) == stop._handler for sig in PreemptionFlag.SIGNALS)
+                os.kill(os.getpid(), signal.SIGUSR1)
+                assert stop.requested(acc("NO", n=1)) is True
+                raise RuntimeError("boom")
+        assert all(signal.getsignal(sig) is mine for sig in PreemptionFlag.SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_preemption_check_cadence():
+    """Every step on one process or on CPU; every train.preemption_check_every steps across GPU ranks (the same
+    steps on every rank: off-cadence steps take no collective)."""
+    from cpt.distributed import PreemptionFlag
+
+    def on(device_type, kind="MULTI_GPU", n=2):
+        return SimpleNamespace(num_processes=n, device=SimpleNamespace(type=device_type), distributed_type=kind)
+
+    cfg = SimpleNamespace(train=SimpleNamespace(preemption_check_every=10))
+    assert PreemptionFlag.for_run(cfg, on("cpu", "MULTI_CPU")).check_every == 1
+    assert PreemptionFlag.for_run(cfg, on("cuda", "NO", n=1)).check_every == 1
+    stop = PreemptionFlag.for_run(cfg, on("cuda"))
+    assert stop.check_every == 10
+    ranks = acc("MULTI_GPU", peers=[1.0])  # (collectives on the host) another rank has raised its flag
+    assert stop.requested(ranks, 7) is False and stop.requested(ranks, 10) is True

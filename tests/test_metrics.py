@@ -224,9 +224,6 @@ def test_throughput_window_and_metrics():
     assert m["perf/mfu"] == pytest.approx((8000 / 3 / 4) * 1e9 / 1e12)
     assert m["perf/tflops_per_device"] == pytest.approx((8000 / 3 / 4) * 1e9 / 1e12)
     assert "perf/mfu" not in Throughput().metrics(flops_per_token=1e9)
-    s = Throughput(4, 2)
-    s.load_state_dict(t.state_dict())
-    assert s.tokens_per_s == t.tokens_per_s
     assert 0 < peak_memory_gb() < 1000
 
 

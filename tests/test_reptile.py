@@ -62,19 +62,22 @@ def test_state_round_trip_and_mismatch():
         m[0].weight.add_(1.0)
     r.step(m, 3)
     sd = r.state_dict()
-    assert all(k.startswith("reptile.") for k in sd) and int(sd["reptile.meta_updates"]) == 1
+    assert sorted(sd) == ["anchor.0.bias", "anchor.0.weight", "anchor.1.weight", "meta_updates"]
+    assert int(sd["meta_updates"]) == 1
     fresh = Reptile(toy(), every=3, epsilon=0.5)
-    fresh.load_state_dict({**sd, "shadow.0.weight": torch.zeros(3, 4)})  # other keys (the EMA's) are ignored
+    fresh.load_state_dict(sd)
     assert fresh.meta_updates == 1 and r.anchor and all(torch.equal(fresh.anchor[n], r.anchor[n]) for n in r.anchor)
     with pytest.raises(KeyError, match="train.reptile"):
-        fresh.load_state_dict({"shadow.0.weight": torch.zeros(3, 4)})  # a checkpoint saved without Reptile
+        fresh.load_state_dict({"anchor.0.weight": torch.zeros(3, 4), "meta_updates": sd["meta_updates"]})  # another model
     for bad in ({"every": 0, "epsilon": 0.5}, {"every": 2, "epsilon": 0.0}, {"every": 2, "epsilon": 1.5}):
         with pytest.raises(ValueError):
             Reptile(toy(), **bad)
 
 
 def test_sharded_parameters_and_deepspeed_are_refused():
-    from cpt.train import TrainingError, _build_reptile
+    from accelerate.utils import DistributedType
+
+    from cpt.distributed import LaunchError
 
     m = toy()
     m[0].weight.ds_id = 7  # what DeepSpeed ZeRO-3 leaves on a partitioned parameter
@@ -82,9 +85,9 @@ def test_sharded_parameters_and_deepspeed_are_refused():
         Reptile(m, every=2, epsilon=0.5)
     cfg = SimpleNamespace(train=SimpleNamespace(reptile=SimpleNamespace(every=2, epsilon=0.5)))
     for kind in ("DEEPSPEED", "FSDP"):
-        acc = SimpleNamespace(distributed_type=SimpleNamespace(value=kind), unwrap_model=lambda x: x)
-        with pytest.raises(TrainingError, match="train.reptile"):
-            _build_reptile(cfg, acc, toy(), {})
+        acc = SimpleNamespace(distributed_type=DistributedType(kind), unwrap_model=lambda x: x)
+        with pytest.raises(LaunchError, match="train.reptile"):
+            Reptile.for_run(cfg, acc, toy())
 
 
 def test_reptile_config_is_validated():
@@ -135,9 +138,10 @@ def test_train_with_reptile_and_exact_resume(tiny_cpt_data, tiny_base, tmp_path)
     assert losses(rep) == b
 
 
-def test_ema_and_reptile_share_the_checkpoint_tensors():
-    """Both live in the checkpoint's extra.safetensors: each takes its own keys from the merged dict."""
+def test_ema_and_reptile_each_have_their_own_checkpoint_tensors():
+    """Through the state registry each component's tensors live under its own name (no shared flat dict)."""
     from cpt.averaging import EMA
+    from cpt.state import flatten, restore
 
     m = toy()
     ema, rep = EMA(m, 0.9), Reptile(m, every=2, epsilon=0.5)
@@ -145,9 +149,10 @@ def test_ema_and_reptile_share_the_checkpoint_tensors():
         m[0].weight.add_(1.0)
     ema.update(m)
     rep.step(m, 2)
-    merged = {**ema.state_dict(), **rep.state_dict()}
+    doc, tensors = flatten({"ema": ema, "reptile": rep})
+    assert doc == {"format": 2, "ema": {}, "reptile": {}}  # all their state is tensors
+    assert "ema.shadow.0.weight" in tensors and "reptile.anchor.0.weight" in tensors and "reptile.meta_updates" in tensors
     ema2, rep2 = EMA(toy(), 0.9), Reptile(toy(), every=2, epsilon=0.5)
-    ema2.load_state_dict(merged)
-    rep2.load_state_dict(merged)
+    restore({"ema": ema2, "reptile": rep2}, doc, tensors)
     assert ema.shadow and all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
-    assert rep.anchor and all(torch.equal(rep2.anchor[n], rep.anchor[n]) for n in rep.anchor)
+    assert rep.anchor and all(torch.equal(rep2.anchor[n], rep.anchor[n]) for n in rep.anchor) and rep2.meta_updates == 1

@@ -167,15 +167,16 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
 def test_resume_with_nothing_complete_to_resume_starts_fresh(tmp_path):
     """Every SLURM start passes --resume: a first start, or one after a kill during the first save (only a partial
     .tmp-* directory), starts fresh; unusable complete checkpoints are refused with a message that fits --resume."""
-    from cpt.train import TrainingError, _check_fresh_run_dir
+    from cpt.checkpoint import CheckpointError
+    from cpt.resume import check_fresh_run_dir
 
     run = tmp_path / "run"
-    _check_fresh_run_dir(run, resume=True)  # nothing there yet
+    check_fresh_run_dir(run, resume=True)  # nothing there yet
     (run / "checkpoints" / ".tmp-step_00000004").mkdir(parents=True)
-    _check_fresh_run_dir(run, resume=True)
-    _check_fresh_run_dir(run, resume=False)
+    check_fresh_run_dir(run, resume=True)
+    check_fresh_run_dir(run, resume=False)
     (run / "checkpoints" / "step_00000004").mkdir()  # complete-looking but (per latest_valid_checkpoint) unusable
-    with pytest.raises(TrainingError, match="none is usable"):
-        _check_fresh_run_dir(run, resume=True)
-    with pytest.raises(TrainingError, match="pass --resume"):
-        _check_fresh_run_dir(run, resume=False)
+    with pytest.raises(CheckpointError, match="none is usable"):
+        check_fresh_run_dir(run, resume=True)
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        check_fresh_run_dir(run, resume=False)

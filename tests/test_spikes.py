@@ -106,12 +106,15 @@ def test_train_skips_a_spiked_step_like_a_skipped_update(tiny_cpt_data, tmp_path
 def test_refused_under_deepspeed():
     from types import SimpleNamespace
 
+    from accelerate.utils import DistributedType
+
     from cpt.config import SpikeConfig
-    from cpt.train import TrainingError, _build_spike_guard
+    from cpt.distributed import LaunchError
+    from cpt.spikes import SpikeGuard
 
     cfg = SimpleNamespace(train=SimpleNamespace(skip_spikes=SpikeConfig(sigma=5)))
-    ds = SimpleNamespace(distributed_type=SimpleNamespace(value="DEEPSPEED"))
-    with pytest.raises(TrainingError, match="skip_spikes"):
-        _build_spike_guard(cfg, ds)
-    guard = _build_spike_guard(cfg, SimpleNamespace(distributed_type=SimpleNamespace(value="MULTI_GPU")))
+    ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    with pytest.raises(LaunchError, match="skip_spikes"):
+        SpikeGuard.for_run(cfg, ds)
+    guard = SpikeGuard.for_run(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
     assert guard.sigma == 5 and guard.window == 128 and guard.min_history == 64

@@ -208,12 +208,21 @@ def test_too_many_nonfinite_steps_stop_with_checkpoint(tiny_cpt_data, tmp_path, 
     cfg["eval"]["at_start"] = False
     micro_per_step = cfg["train"]["global_batch_size"] // cfg["train"]["micro_batch_size"]
     _nan_after(monkeypatch, lambda n: n > 2 * micro_per_step)  # steps 1-2 fine, then always NaN
-    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
-        train(load_config(base=cfg), echo=lambda *a: None)
+    mine = lambda signum, frame: None  # noqa: E731 - whoever called train() (cpt experiment runs many in one process)
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+            train(load_config(base=cfg), echo=lambda *a: None)
+        # the error path restores the caller's signal handlers
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert not any(t.name == "cpt-prefetch" for t in __import__("threading").enumerate())  # and stops the reader
     ckpt = latest_valid_checkpoint(out)
     assert ckpt is not None and ckpt.name == "step_00000005"
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["nonfinite_total"] == 3
+    assert state["update_guard"]["nonfinite_total"] == 3
 
 
 def test_resume_cost_does_not_grow_with_step(tiny_cpt_data):
@@ -316,3 +325,23 @@ def test_training_loss_per_source(reference):
         py, shk = r["train/loss/python"], r["train/loss/shakespeare"]
         assert py != shk
         assert (6 * py + 2 * shk) / 8 == pytest.approx(r["train/loss"], rel=1e-5)
+
+
+def test_resume_refuses_a_checkpoint_without_a_registered_component(reference, tmp_path):
+    """EMA switched on for a --resume (past the trajectory check with --allow-config-change) from a checkpoint
+    written without it: one error naming the component, instead of an EMA silently restarted from the weights."""
+    import shutil
+
+    from cpt.checkpoint import CheckpointError
+    from cpt.train import train
+
+    cfg, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(cfg["run"]["output_dir"], out)
+    before = (out / "metrics.jsonl").read_bytes()
+    new = json.loads(json.dumps(cfg))
+    new["run"]["output_dir"] = str(out)
+    new["train"]["ema_decay"] = 0.9
+    with pytest.raises(CheckpointError, match=r"step_00000016: it holds no state for 'ema' .*train.init_from"):
+        train(load_config(base=new), resume=True, allow_config_change=True, echo=lambda *a: None)
+    assert (out / "metrics.jsonl").read_bytes() == before  # nothing trained or logged

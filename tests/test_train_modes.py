@@ -175,13 +175,13 @@ def test_ema_eval_logs_the_averaged_weights(full_ema, tiny_cpt_data):
 
 
 def test_ema_state_survives_resume(full_ema, tmp_path):
-    """Resume from the step-3 checkpoint (EMA in extra.safetensors): same losses, identical export-ema."""
+    """Resume from the step-3 checkpoint (EMA in state.safetensors under "ema."): same losses, identical export-ema."""
     cfg, _, _ = full_ema
     src = Path(cfg["run"]["output_dir"])
     ckpt3 = src / "checkpoints" / "step_00000003"
-    extra = load_file(ckpt3 / "extra.safetensors")
-    assert int(extra["num_updates"]) == 3 and float(extra["decay"]) == pytest.approx(0.99)
-    assert any(k.startswith("shadow.model.layers.0.") for k in extra)
+    extra = load_file(ckpt3 / "state.safetensors")
+    assert int(extra["ema.num_updates"]) == 3 and float(extra["ema.decay"]) == pytest.approx(0.99)
+    assert any(k.startswith("ema.shadow.model.layers.0.") for k in extra)
     out = tmp_path / "run"
     shutil.copytree(src, out)
     for p in ("export", "export-ema", "checkpoints/step_00000006"):

@@ -39,11 +39,12 @@ def run_errors() -> tuple[type[BaseException], ...]:
     ConfigError: a model setting that does not fit the loaded model."""
     from cpt.checkpoint import CheckpointError
     from cpt.data.shards import ShardError
+    from cpt.distributed import LaunchError
     from cpt.metrics import MetricsError
     from cpt.model import ModelLoadError
     from cpt.train import TrainingError
 
-    return TrainingError, ShardError, CheckpointError, ModelLoadError, MetricsError, ConfigError
+    return TrainingError, LaunchError, ShardError, CheckpointError, ModelLoadError, MetricsError, ConfigError
 
 
 def main(argv: list[str]) -> int:

@@ -72,6 +72,7 @@ class CPTDataLoader:
         ]
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
+        self._fingerprint: str | None = None
 
     def _open(self, src: Any, tokenizer: Any, tok_hash: str, verify: bool, check_sizes: bool) -> PackedStream | HFTokenStream:
         if src.type == "hf":
@@ -147,6 +148,7 @@ class CPTDataLoader:
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
+            "fingerprint": self.fingerprint(),
             "mixer": self.mixer.state_dict(),
             "sources": self.source_names,
             "positions": list(self.positions),
@@ -155,7 +157,12 @@ class CPTDataLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position after the last batch served (O(1); any world size)."""
+        """Restore the position after the last batch served (O(1); any world size). The state must be of the same
+        data (manifests, seq_len, seed: :meth:`fingerprint`), else the stream would not continue."""
+        if state.get("fingerprint") != self.fingerprint():
+            raise ValueError(
+                f"the data of the checkpoint (fingerprint {state.get('fingerprint')}) differs from this config's data "
+                f"({self.fingerprint()}): resuming would not continue the same stream. Use train.init_from to start a new stage.")
         if state.get("sources") != self.source_names:
             raise ValueError(f"data state is for sources {state.get('sources')}, this run has {self.source_names}")
         self.mixer.load_state_dict(state["mixer"])
@@ -166,11 +173,14 @@ class CPTDataLoader:
         self.warned = set(state.get("warned", []))
 
     def fingerprint(self) -> str:
-        """Identity of the data this loader reads (manifests, seq_len, seed); checked on resume."""
+        """Identity of the data this loader reads (manifests, seq_len, seed); checked on resume (computed once)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         parts = {"seq_len": self.seq_len, "seed": self.seed}
         for name, stream in zip(self.source_names, self.streams):
             parts[name] = stream.fingerprint() if isinstance(stream, HFTokenStream) else stream.shards.fingerprint()
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        self._fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        return self._fingerprint
 
 
 @dataclass

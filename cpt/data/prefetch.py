@@ -9,7 +9,9 @@ At most ``depth`` batches are read ahead (a batch is read only once a slot is fr
 The loader's state moves ahead with the worker, so each batch travels with the loader's ``state_dict()`` and
 ``metrics()`` taken right after it was read: :meth:`Prefetcher.state_dict` and :meth:`Prefetcher.metrics` describe
 the last batch the *loop* took, which is what a checkpoint must record (a batch read ahead but not trained on is
-read again after resume).
+read again after resume). The worker starts at the first :meth:`Prefetcher.batch` call, so a resume can restore
+the loader's position through :meth:`Prefetcher.load_state_dict` first (the prefetcher is the run's ``data``
+component in the state registry, cpt/state.py).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ _STOP = object()
 
 
 class Prefetcher:
-    def __init__(self, loader: Any, start_step: int, depth: int = 1, pin_memory: bool | None = None,
+    def __init__(self, loader: Any, start_step: int | None = None, depth: int = 1, pin_memory: bool | None = None,
                  enabled: bool = True):
+        """``start_step``: the step of the first batch the loop will ask for (None: whichever it asks for first)."""
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self.loader, self.enabled = loader, enabled
@@ -37,9 +40,7 @@ class Prefetcher:
         self._slots = threading.Semaphore(depth)  # a batch is read only when fewer than `depth` wait unconsumed
         self._closed = threading.Event()
         self._thread = None
-        if enabled:  # (disabled: every batch is read in the loop's thread, as without a prefetcher)
-            self._thread = threading.Thread(target=self._work, args=(start_step,), name="cpt-prefetch", daemon=True)
-            self._thread.start()
+        self._started = False
 
     # ------------------------------------------------------------ worker
 
@@ -63,8 +64,15 @@ class Prefetcher:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of ``step`` (steps must be asked for in order, from ``start_step``)."""
+        if self.next_step is None:
+            self.next_step = step
         if step != self.next_step:
             raise ValueError(f"prefetcher expected step {self.next_step}, got {step}")
+        if not self._started:
+            self._started = True
+            if self.enabled:  # (disabled: every batch is read in the loop's thread, as without a prefetcher)
+                self._thread = threading.Thread(target=self._work, args=(step,), name="cpt-prefetch", daemon=True)
+                self._thread.start()
         if not self.enabled:
             batch = self.loader.batch(step)
             if self.pin_memory:
@@ -85,6 +93,13 @@ class Prefetcher:
     def state_dict(self) -> dict[str, Any]:
         """The loader's state after the last batch the loop took."""
         return self._state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the loader's position (before the first batch only)."""
+        if self._started:
+            raise RuntimeError("Prefetcher.load_state_dict: the prefetcher has already started reading batches")
+        self.loader.load_state_dict(state)
+        self._state, self._metrics = self.loader.state_dict(), self.loader.metrics()
 
     def metrics(self) -> dict[str, float]:
         return dict(self._metrics)

@@ -1,0 +1,117 @@
+"""Where a run starts: fresh, resumed from its newest complete checkpoint (``--resume``), a new stage from another
+run's weights (``train.init_from``: an HF export, a cpt checkpoint or a run directory), or an anneal branch of a
+checkpoint (``train.init_from`` + ``train.anneal_steps``: the trunk's whole state, then a short decay).
+
+:func:`resolve_start` decides it before anything is loaded or written, on the main process where a decision must be
+shared (the resume checkpoint), and refuses what would silently go wrong: a fresh start into a directory that holds
+checkpoints, a ``--resume`` whose config changes the training trajectory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
+                            resolve_checkpoint)
+from cpt.config import RunConfig, trajectory_changes
+
+
+@dataclass
+class Start:
+    resume: Path | None = None  # --resume: continue this checkpoint (weights, optimizer, RNG, every component)
+    init: Path | None = None  # train.init_from a cpt checkpoint: its weights (+ optimizer state)
+    init_hf: str | None = None  # train.init_from an HF model directory: its weights
+    branch: bool = False  # train.anneal_steps from ``init``: an anneal branch continues the trunk's whole state
+
+    @property
+    def state_from(self) -> Path | None:
+        """The checkpoint whose registered components (step, data position, evaluator, ...) the run continues."""
+        return self.resume or (self.init if self.branch else None)
+
+
+def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, say=print) -> Start:
+    """Where this run starts (collective: every rank calls it). ``resume``: ``--resume`` (or checkpoint.resume)."""
+    run_dir = Path(cfg.run.output_dir)
+    start = Start(resume=find_resume_checkpoint(run_dir, acc, say) if resume else None)  # or from scratch, saying so
+    if start.resume is None:
+        start.init, start.init_hf = resolve_init(cfg.train.init_from)
+        start.branch = start.init is not None and bool(cfg.train.anneal_steps)
+    elif not allow_config_change:
+        check_resume_config(start.resume, cfg)
+    if start.resume is None and acc.is_main_process:
+        check_fresh_run_dir(run_dir, resume)  # (find_resume_checkpoint said when --resume finds nothing to resume)
+    acc.wait_for_everyone()
+    return start
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path | None:
+    """The checkpoint ``--resume`` continues from, chosen on the main process (one warning per broken
+    checkpoint) and shared with every rank. Broken checkpoints newer than it are set aside as
+    ``unusable-step_N`` so that neither pruning nor the fresh-run check mistakes them for real ones;
+    with none complete the run starts from scratch and says so."""
+    choice = None
+    if acc.is_main_process:
+        unusable: list[Path] = []
+        ckpt = latest_valid_checkpoint(run_dir, unusable)
+        for bad in unusable:
+            os.replace(bad, bad.with_name(UNUSABLE_PREFIX + bad.name))
+        if unusable:
+            say(f"set aside {len(unusable)} unusable checkpoint(s) as {UNUSABLE_PREFIX}step_N in {Path(run_dir) / 'checkpoints'}")
+        if ckpt is None:
+            say(f"--resume: no complete checkpoint in {Path(run_dir) / 'checkpoints'}: starting from scratch")
+        choice = None if ckpt is None else str(ckpt)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [choice]
+        broadcast_object_list(box, from_process=0)
+        choice = box[0]
+    return None if choice is None else Path(choice)
+
+
+def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
+    """(cpt checkpoint, HF export dir) for train.init_from; exactly one is set when init_from is."""
+    if init_from is None:
+        return None, None
+    from cpt.model import require_safetensors  # an HF directory must hold safetensors weights: one clear line
+
+    p = Path(init_from)
+    if (p / "config.json").is_file():
+        require_safetensors(p, "train.init_from")
+        return None, str(p)
+    if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():
+        return resolve_checkpoint(p), None
+    if (p / "export" / "config.json").is_file():
+        require_safetensors(p / "export", "train.init_from")
+        return None, str(p / "export")
+    raise CheckpointError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
+
+
+def check_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
+    """A fresh start must not mix with an earlier run's checkpoints. Partial saves (.tmp-*) do not count: `--resume`
+    with nothing complete to resume from (a first start, or a job killed during its first save) starts fresh."""
+    if list_checkpoints(run_dir):
+        if resume:
+            raise CheckpointError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "
+                                  "move them away to start over, or choose another run.output_dir")
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run.output_dir"
+        )
+
+
+def check_resume_config(ckpt: Path, cfg: RunConfig) -> None:
+    """``--resume`` must not change the fields that change the training trajectory (``--allow-config-change`` skips this)."""
+    if not (ckpt / "config.yaml").is_file():
+        return
+    changed = trajectory_changes(yaml.safe_load((ckpt / "config.yaml").read_text()) or {}, cfg)
+    if changed:
+        more = f"; and {len(changed) - 12} more" if len(changed) > 12 else ""
+        raise CheckpointError(
+            f"--resume: this config differs from the one {ckpt} was trained with in fields that change the "
+            f"training trajectory: {'; '.join(changed[:12])}{more}. Restore them, start a new stage with train.init_from, or "
+            "pass --allow-config-change to resume anyway"
+        )
