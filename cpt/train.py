@@ -161,19 +161,13 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 clock.lap()
                 guard.sync(state.step)
                 record = {"train/tokens": state.tokens, "train/loss": mean_loss, "train/lr": lr,
-                          "train/grad_norm": float(result.grad_norm), "stage": stage, "train/nonfinite_skipped": guard.nonfinite_total,
-                          "train/spikes_skipped": spikes.skipped if spikes else 0, "perf/peak_mem_gb": peak_memory_gb(),
+                          "train/grad_norm": float(result.grad_norm), "stage": stage, **_counters(guard, spikes),
                           **meter.metrics(flops_per_token, peak), **account.metrics(state.tokens, flops_per_token),
                           **feed.metrics(), **(by_source.metrics(acc) if by_source else {})}
                 out.step(record, state.step, total_steps, meter.tokens_per_s)
             out.advance()
             if guard.too_many_in_a_row():  # stop, with the last good weights saved
-                feed.close()
-                ckpts.save(state.step, components, config_yaml)
-                ckpts.wait()
-                raise TrainingError(f"{guard.in_a_row} non-finite steps in a row at step {state.step}: stopping. The last good "
-                                    f"weights are in {run_dir / 'checkpoints'} (skipped updates never touched them). Lower "
-                                    "the LR or check the data.")
+                _stop_on_nonfinite(guard, feed, ckpts, state.step, components, config_yaml)
 
             # evaluate (every N steps, densely after each stage switch: the stability gap), checkpoint, export
             evaluate_now = heldout and (evaluator.should_evaluate(state.step, plan.starts) or state.step == total_steps)
@@ -248,6 +242,23 @@ def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, s
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def _counters(guard: UpdateGuard, spikes: SpikeGuard | None) -> dict:
+    """A log record's counters: updates skipped (non-finite, spikes) so far, peak device memory."""
+    return {"train/nonfinite_skipped": guard.nonfinite_total, "train/spikes_skipped": spikes.skipped if spikes else 0,
+            "perf/peak_mem_gb": peak_memory_gb()}
+
+
+def _stop_on_nonfinite(guard: UpdateGuard, feed: Prefetcher, ckpts: CheckpointManager, step: int, components: dict,
+                       config_yaml: str) -> None:
+    """Too many non-finite steps in a row: save (skipped updates never touched the weights) and stop."""
+    feed.close()
+    ckpts.save(step, components, config_yaml)
+    ckpts.wait()
+    raise TrainingError(f"{guard.in_a_row} non-finite steps in a row at step {step}: stopping. The last good "
+                        f"weights are in {ckpts.root} (skipped updates never touched them). Lower "
+                        "the LR or check the data.")
 
 
 @contextlib.contextmanager
