@@ -168,3 +168,26 @@ def test_reading_a_config_does_not_import_torch():
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", "reading a config imported torch"
+
+
+MAX_MODULE_LINES = 500  # issue 14: a file that grows past this does more than one job; split it along its sections
+
+
+def test_no_module_is_longer_than_one_job():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / "cpt").rglob("*.py")}
+    assert len(sizes) > 40  # the package was found
+    too_long = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines: {too_long}"
+
+
+def test_the_training_loop_reads_in_one_sitting():
+    """train() stays a nanoGPT-sized function: its statements (no docstring, comments or blank lines) fit in ~120 lines;
+    the work is in train_step() and the components."""
+    import ast
+
+    source = (ROOT / "cpt" / "train.py").read_text()
+    fn = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "train")
+    doc = fn.body[0]
+    lines = source.splitlines()[doc.end_lineno:fn.end_lineno]  # after the docstring
+    code = [ln for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    assert 40 < len(code) <= 120, len(code)
