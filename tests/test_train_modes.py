@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cpt.config import load_config
-from cpt.metrics import read_metrics
+from launching import losses, records
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +33,6 @@ NEW_TOKENS = ["    def __init__(self", "    return self.", " isinstance(", "rais
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def records(run_dir) -> list[dict]:
-    return read_metrics(Path(run_dir) / "metrics.jsonl")
-
-
-def losses(run_dir) -> dict[int, float]:
-    if not (Path(run_dir) / "metrics.jsonl").is_file():
-        return {}
-    return {r["step"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}
 
 
 def shipped(name: str, data_root: Path, base: Path, out: Path, steps: int = 6, data: Path | None = None, **sections) -> dict:
