@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks and benchmarks, in one call of a few minutes (docs/benchmarks.md records the results):
 # throughput against the transformers Trainer (llama-1b, smollm2-360m), the GPU tests (no host sync per step,
-# prefetch), the chunked-loss memory benchmark, and cpt at a larger micro-batch. Every part has its own time
+# prefetch), and cpt at a larger micro-batch with and without larger loss chunks (the chunked-loss memory benchmark with T_LOSS=40). Every part has its own time
 # limit, so a slow part never costs the others. Output: $OUT (default /tmp/cpt-gpu), one log + JSON per part.
 #   bash scripts/gpu_session.sh            (from the repository root; wheels in .whl/ are installed first if present)
 set -uo pipefail
@@ -14,8 +14,9 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 bench="python3 scripts/bench_throughput.py --warmup ${WARMUP:-3} --steps ${STEPS:-5} --workdir /tmp/cpt-bench"
-part() {  # part NAME SECONDS COMMAND...
+part() {  # part NAME SECONDS COMMAND...   (SECONDS=0 skips the part)
   local name=$1 secs=$2; shift 2
+  if [ "$secs" = 0 ]; then echo "=== $name: skipped"; return; fi
   echo "=== $name (limit ${secs}s)"; local t0=$SECONDS
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   tail -n 12 "$OUT/$name.log"; echo "=== $name: exit $rc in $((SECONDS - t0))s"
@@ -23,5 +24,9 @@ part() {  # part NAME SECONDS COMMAND...
 part llama1b ${T_LLAMA:-170} $bench --shapes llama-1b --json "$OUT/llama1b.json"
 part smollm2 ${T_SMOL:-140} $bench --shapes smollm2-360m --json "$OUT/smollm2.json"
 part gpu_tests ${T_TESTS:-90} python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
-part bench_loss ${T_LOSS:-40} python3 scripts/bench_loss.py --device cuda --dtype bf16 --repeats 2
+# (recorded on 2026-11-26; T_LOSS=40 runs it again)
+part bench_loss ${T_LOSS:-0} python3 scripts/bench_loss.py --device cuda --dtype bf16 --repeats 2
 part llama1b_mb8 ${T_MB8:-100} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 --json "$OUT/llama1b_mb8.json"
+# toward the 50% MFU target: fewer, larger loss chunks (each chunk adds one pass over the fp32 lm_head gradient)
+part llama1b_mb8_chunk4k ${T_MB8C:-100} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set train.loss_chunk_tokens=4096 --json "$OUT/llama1b_mb8_chunk4k.json"
