@@ -3,6 +3,7 @@
 tests/test_launch_shipped.py through the shipped scripts): the ranks' environment, the 2-process run config, the
 run's metrics, the comparison with the 1-process run and the preemption of both ranks."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -157,6 +158,12 @@ def preempt(proc: subprocess.Popen, ready, timeout: float = 300) -> str:
     assert len(ranks) == 2, ranks
     for pid in ranks:
         os.kill(pid, signal.SIGTERM)
-    log = proc.communicate(timeout=300)[0]
+    try:
+        log = proc.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:  # a hung exit: kill the ranks and the launcher, so nothing outlives the test
+        for pid in [*ranks, proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail("the preempted launch did not exit within 300 s:\n" + proc.communicate()[0][-5000:])
     assert proc.returncode == 0 and "preemption" in log, log[-5000:]
     return log
