@@ -46,6 +46,11 @@ def rank_env(*, cpu: bool, fsdp_on_cpu: bool = False) -> dict[str, str]:
     return env
 
 
+# accelerate picks a free port for the ranks' rendezvous (default: 29500), so launches of tests running side by side
+# (several checkouts, pytest-xdist) never meet on one port
+FREE_PORT = ["--main_process_port", "0"]
+
+
 def accelerate_launch(mode: str) -> tuple[list[str], dict[str, str]]:
     """Command prefix (to which the script and its arguments are appended) and environment for ``mode``:
 
@@ -55,7 +60,7 @@ def accelerate_launch(mode: str) -> tuple[list[str], dict[str, str]]:
       ``fsdp_on_cpu.force_fsdp_on_cpu()`` before building its Accelerator (tests/ is on PYTHONPATH).
     """
     args = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no"]
+            "--mixed_precision", "no", "--dynamo_backend", "no", *FREE_PORT]
     if mode == "zero3":
         args += ["--use_deepspeed", "--zero_stage", "3", "--gradient_accumulation_steps", "1"]
     elif mode == "fsdp":

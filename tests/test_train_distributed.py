@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cpt.config import load_config
-from launching import (REL, ROOT, VENV_BIN, assert_close, evals, finish, losses, preempt, rank_env, records, start,
+from launching import (FREE_PORT, REL, ROOT, VENV_BIN, assert_close, evals, finish, losses, preempt, rank_env, records, start,
                        two_process_config, world_sizes)
 from launching import write_config as write
 
@@ -41,7 +41,7 @@ def launch(mode: str, cfg_path: Path, *extra, wait=True, precision="no"):
     tests/fsdp_shim."""
     env = rank_env(cpu=mode in ("ddp", "fsdp_cpu"), fsdp_on_cpu=mode == "fsdp_cpu")
     args = [str(VENV_BIN / "accelerate"), "launch", *LAUNCH[mode], "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "cpt.cli", "train", str(cfg_path), *map(str, extra)]
+            "--mixed_precision", precision, "--dynamo_backend", "no", *FREE_PORT, "-m", "cpt.cli", "train", str(cfg_path), *map(str, extra)]
     proc = start(args, cfg_path.parent, env)
     return finish(proc) if wait else proc
 
