@@ -38,6 +38,7 @@ from cpt.lm_loss import LossWindow, SourceLoss, model_inputs, use_chunked_loss
 from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
                          model_flops_per_token, peak_flops_for, peak_memory_gb)
 from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
+from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
 from cpt.resume import Start, resolve_start
 from cpt.runlock import RunLock, RunLockError
@@ -127,6 +128,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         # train/loss/<source> from per-row losses; Liger's fused loss never materialises the logits it would need
         by_source = None if cfg.model.liger_kernel else SourceLoss(data.source_names, acc.device)
         stop = cleanup.enter_context(PreemptionFlag.for_run(cfg, acc))
+        profiler = cleanup.enter_context(StepProfiler.for_run(cfg, acc, say))  # torch.profiler (train.profile)
         logger.log({"train/tokens": state.tokens, **param_counts}, step=state.step)
         out = RunOutput(logger, say)  # metrics.jsonl (W&B) and the console
         if state.step == 0 and cfg.eval.at_start and heldout:  # the base model's losses anchor forgetting and adaptation
@@ -141,6 +143,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         clock = TrainClock(meter)  # training time between host syncs (evaluation and checkpoints excluded)
         while state.step < total_steps:
             step, stage = state.step, plan.stage_index(state.step)
+            profiler.at(step)
             if step > 0 and step in plan.starts:  # a stage switch: the shares change inside the data loader
                 _stage_switch(cfg, stage, optimizer, spikes, say)
             lr = plan.lr(step)
@@ -194,6 +197,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
 
         # --- teardown: final checkpoint, HF export, lm-eval, summary, plots
         feed.close()
+        profiler.close(state.step)
         out.close_bar()
         if stopped is None:
             if cfg.checkpoint.every:

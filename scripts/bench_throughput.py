@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,6 +101,7 @@ def resolve_settings(args: argparse.Namespace, shape: str, cuda: bool) -> dict:
         "cpt_liger": args.cpt_liger, "trainer_compile": args.trainer_compile,
         "cpt_chunked_loss": {"auto": "auto", "true": True, "false": False}[args.cpt_chunked_loss],
         "cpt_overrides": list(args.cpt_set),
+        "cpt_profile": str(Path(args.cpt_profile).resolve()) if args.cpt_profile else None,
         "peak_flops": args.peak_flops, "threads": (1 if not cuda else 0) if args.threads is None else args.threads,
         "lr": LR, "weight_decay": WEIGHT_DECAY, "betas": list(BETAS), "eps": EPS,
         "grad_clip": GRAD_CLIP, "seed": SEED,
@@ -259,6 +261,8 @@ def run_trainer(settings: dict, data_root: Path, workdir: Path) -> dict:  # noqa
 
 def cpt_config(settings: dict, data: dict, run_dir: Path) -> dict:
     warmup, steps = settings["warmup"], settings["steps"]
+    # --cpt-profile: one more step after the timed window, under torch.profiler (the timed steps are not profiled)
+    profile = {"start_step": warmup + steps + 1, "steps": 1} if settings.get("cpt_profile") else None
     return {
         "run": {"name": f"bench-{settings['shape']}", "output_dir": str(run_dir), "seed": settings["seed"]},
         "model": {
@@ -268,14 +272,14 @@ def cpt_config(settings: dict, data: dict, run_dir: Path) -> dict:
         },
         "data": {"seq_len": settings["seq_len"], "sources": [{"name": "random", "path": data["shards"]}],
                  "verify_checksums": False},
-        "stages": [{"name": "bench", "steps": warmup + steps, "mix": {"random": 1.0},
+        "stages": [{"name": "bench", "steps": warmup + steps + (1 if profile else 0), "mix": {"random": 1.0},
                     "schedule": {"type": "constant", "max_lr": settings["lr"]}}],
         "optim": {"weight_decay": settings["weight_decay"], "betas": settings["betas"], "eps": settings["eps"],
                   "grad_clip": settings["grad_clip"]},
         "train": {"global_batch_size": settings["global_batch"], "micro_batch_size": settings["micro_batch"],
                   "precision": settings["precision"], "log_every": math.gcd(warmup, steps) if warmup else steps,
                   "chunked_loss": settings.get("cpt_chunked_loss", "auto"),
-                  "progress_bar": False, "peak_flops": settings["peak_flops"]},
+                  "progress_bar": False, "peak_flops": settings["peak_flops"], "profile": profile},
         "eval": {"at_start": False},
         "checkpoint": {"every": None, "export_at_end": False},
         "logging": {"plot": False, "wandb": {"enabled": False}},
@@ -317,7 +321,20 @@ def run_cpt(settings: dict, data_root: Path, workdir: Path) -> dict:
         "cpt_logged_tokens_per_s": end.get("perf/tokens_per_s"), "cpt_logged_mfu": end.get("perf/mfu"),
         "cpt_logged_peak_mem_gb": end.get("perf/peak_mem_gb"),
     })
+    if settings.get("cpt_profile"):
+        out["cpt_profile"] = copy_profile(run_dir, Path(settings["cpt_profile"]), settings["shape"])
     return out
+
+
+def copy_profile(run_dir: Path, dest: Path, shape: str) -> list[str]:
+    """The profiled step's files (rank 0: the ops table and the gzipped trace) copied to ``dest`` as <shape>-cpt.*."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in sorted((run_dir / "profile").glob("steps_*/rank0.*")):
+        target = dest / f"{shape}-cpt.{src.name.split('.', 1)[1]}"
+        shutil.copyfile(src, target)
+        copied.append(str(target))
+    return copied
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -416,6 +433,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train.chunked_loss for cpt (default auto: lm_head + loss over chunks of positions, no full logits)")
     p.add_argument("--cpt-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of cpt's run config (repeatable), e.g. --cpt-set train.loss_chunk_tokens=4096")
+    p.add_argument("--cpt-profile", metavar="DIR", default=None,
+                   help="after the timed steps, one more cpt step under torch.profiler (train.profile); its ops table "
+                        "and trace are copied to DIR")
     p.add_argument("--trainer-compile", action="store_true", help="TrainingArguments.torch_compile for the Trainer (default off)")
     p.add_argument("--peak-flops", type=float, default=None, help="device peak bf16 FLOP/s for MFU (default: from the device name)")
     p.add_argument("--threads", type=int, default=None,

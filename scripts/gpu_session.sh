@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks and benchmarks, in one call of a few minutes (docs/benchmarks.md records the results):
-# throughput against the transformers Trainer (llama-1b, smollm2-360m), the GPU tests (no host sync per step,
+# throughput against the transformers Trainer (llama-1b, smollm2-360m; each with a profiled step after the timed
+# ones: where the time goes), the GPU tests (no host sync per step,
 # prefetch), and cpt at a larger micro-batch with and without larger loss chunks (the chunked-loss memory benchmark with T_LOSS=40). Every part has its own time
 # limit, so a slow part never costs the others. Output: $OUT (default /tmp/cpt-gpu), one log + JSON per part.
 #   bash scripts/gpu_session.sh            (from the repository root; wheels in .whl/ are installed first if present)
@@ -21,8 +22,9 @@ part() {  # part NAME SECONDS COMMAND...   (SECONDS=0 skips the part)
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   tail -n 12 "$OUT/$name.log"; echo "=== $name: exit $rc in $((SECONDS - t0))s"
 }
-part llama1b ${T_LLAMA:-170} $bench --shapes llama-1b --json "$OUT/llama1b.json"
-part smollm2 ${T_SMOL:-140} $bench --shapes smollm2-360m --json "$OUT/smollm2.json"
+# (--cpt-profile: one more cpt step after the timed ones under torch.profiler; its kernel table goes to $OUT/profile)
+part llama1b ${T_LLAMA:-190} $bench --shapes llama-1b --json "$OUT/llama1b.json" --cpt-profile "$OUT/profile"
+part smollm2 ${T_SMOL:-160} $bench --shapes smollm2-360m --json "$OUT/smollm2.json" --cpt-profile "$OUT/profile"
 part gpu_tests ${T_TESTS:-90} python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
 # (recorded on 2026-11-26; T_LOSS=40 runs it again)
 part bench_loss ${T_LOSS:-0} python3 scripts/bench_loss.py --device cuda --dtype bf16 --repeats 2

@@ -18,7 +18,8 @@ def test_bench_throughput_tiny_cpu(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_throughput.py"), "--shapes", "tiny", "--steps", "4", "--warmup", "2",
-         "--workdir", str(tmp_path / "work"), "--json", str(out), "--cpt-set", "train.loss_chunk_tokens=64"],
+         "--workdir", str(tmp_path / "work"), "--json", str(out), "--cpt-set", "train.loss_chunk_tokens=64",
+         "--cpt-profile", str(tmp_path / "profile")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,3 +44,7 @@ def test_bench_throughput_tiny_cpu(tmp_path):
     saved = [yaml.safe_load(p.read_text()) for p in (tmp_path / "work").rglob("config.yaml")]
     assert [c["train"]["loss_chunk_tokens"] for c in saved if "train" in c] == [64]  # --cpt-set reached cpt's run
     assert report["versions"]["torch"] and report["device"].startswith("cpu")
+    # --cpt-profile: one step after the timed window, profiled; its ops table and trace copied out
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["tiny-cpt.ops.txt", "tiny-cpt.trace.json.gz"]
+    assert (tmp_path / "profile" / "tiny-cpt.ops.txt").read_text().startswith("# steps 7..7, rank 0")
+    assert by["cpt"]["cpt_profile"] == [str(tmp_path / "profile" / n) for n in ("tiny-cpt.ops.txt", "tiny-cpt.trace.json.gz")]

@@ -79,3 +79,20 @@ def test_cuda_bf16_run_with_prefetch_matches_without(tiny_cpt_data, tmp_path):
     assert len(out[True]) == 12
     assert out[True] == pytest.approx(out[False], rel=2e-2)
     assert out[True][-1] < out[True][0]
+
+
+def test_cuda_profile_window_records_kernels_and_memory(tiny_cpt_data, tmp_path):
+    """train.profile on CUDA: the table is sorted by the kernels' device time and names GPU kernels; with
+    memory, a memory snapshot (pytorch.org/memory_viz's format) is written too."""
+    import pickle
+
+    from cpt.train import train
+
+    cfg = _cfg(tiny_cpt_data, tmp_path / "run", profile={"start_step": 5, "steps": 2, "memory": True})
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    out = tmp_path / "run" / "profile" / "steps_00000005-00000006"
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.memory.pickle", "rank0.ops.txt", "rank0.trace.json.gz"]
+    table = (out / "rank0.ops.txt").read_text()
+    assert "sorted by self_device_time_total" in table and "Self CUDA" in table
+    snapshot = pickle.loads((out / "rank0.memory.pickle").read_bytes())
+    assert snapshot["segments"] and snapshot["device_traces"]

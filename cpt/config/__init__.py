@@ -10,7 +10,7 @@ name below.
     stages.py   ``stages``: StageConfig, ScheduleConfig and the checks of a stage plan
     data.py     ``data``: SourceConfig, HeldoutConfig, DataConfig
     model.py    ``model``: ModelConfig, VocabConfig, LoraConfig, FreezeConfig (and the layer-range syntax)
-    train.py    ``optim`` and ``train``: OptimConfig, TrainConfig, ReptileConfig, SpikeConfig
+    train.py    ``optim`` and ``train``: OptimConfig, TrainConfig, ReptileConfig, SpikeConfig, ProfileConfig
     eval.py     ``eval``: EvalConfig, LmEvalConfig, LmEvalTask
     outputs.py  ``checkpoint`` and ``logging``: CheckpointConfig, LoggingConfig, WandbConfig
     run.py      RunConfig (the checks across sections), validate/load/save, the trajectory fields of a resume
@@ -30,13 +30,13 @@ from cpt.config.run import (NOT_TRAJECTORY, TRAJECTORY_FIELDS, RunConfig, RunSec
 from cpt.config.stages import (DECAY_SHAPES, DEFAULT_DECAY_FRACTION, CooldownShape, DecayShape, ScheduleConfig,
                                ScheduleType, StageConfig, _has_constant_phase, format_mixes, stage_schedule_problems,
                                validate_stage_schedules)
-from cpt.config.train import OptimConfig, ReptileConfig, SpikeConfig, TrainConfig
+from cpt.config.train import OptimConfig, ProfileConfig, ReptileConfig, SpikeConfig, TrainConfig
 from cpt.redaction import redact
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "CooldownShape", "DECAY_SHAPES", "DEFAULT_DECAY_FRACTION", "DataConfig",
     "DecayShape", "EvalConfig", "FreezeConfig", "HeldoutConfig", "LmEvalConfig", "LmEvalTask", "LoggingConfig",
-    "LoraConfig", "ModelConfig", "NAMED_LAYER_SETS", "NOT_TRAJECTORY", "OptimConfig", "ReptileConfig", "RunConfig",
+    "LoraConfig", "ModelConfig", "NAMED_LAYER_SETS", "NOT_TRAJECTORY", "OptimConfig", "ProfileConfig", "ReptileConfig", "RunConfig",
     "RunSection", "ScheduleConfig", "ScheduleType", "SourceConfig", "SpikeConfig", "StageConfig", "Strict",
     "TRAJECTORY_FIELDS", "TrainConfig", "VocabConfig", "WandbConfig", "apply_overrides", "config_to_dict",
     "format_mixes", "format_validation_error", "load_config", "parse_layer_ranges", "read_yaml_mapping", "redact",

@@ -41,6 +41,18 @@ class SpikeConfig(Strict):
     max_in_a_row: int = Field(8, gt=0)
 
 
+class ProfileConfig(Strict):
+    """torch.profiler over a window of optimizer steps (see cpt/profiling.py): a trace and a table of the costliest
+    operations per profiled rank, under <output_dir>/profile/. Steps are numbered as in metrics.jsonl (from 1)."""
+
+    start_step: int = Field(10, ge=1)  # the first profiled step (leave the first steps to compilation and warm-up)
+    steps: int = Field(2, gt=0)
+    ranks: list[int] | Literal["all"] = Field(default_factory=lambda: [0])  # process indices that record
+    record_shapes: bool = False  # input shapes of every op in the trace (more overhead)
+    with_stack: bool = False  # Python stacks in the trace (much more overhead)
+    memory: bool = False  # allocations in the table; on CUDA also a memory snapshot (https://pytorch.org/memory_viz)
+
+
 class TrainConfig(Strict):
     global_batch_size: int = Field(64, gt=0)  # sequences per optimizer step, over all ranks
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward pass per rank
@@ -67,3 +79,4 @@ class TrainConfig(Strict):
     preemption_check_every: int = Field(10, gt=0)
     # TF32 tensor cores for fp32 matmuls on CUDA (what fp32 ops remain under bf16 autocast; all of them in fp32 runs)
     tf32: bool = True
+    profile: ProfileConfig | None = None  # torch.profiler over a few steps (off by default)
