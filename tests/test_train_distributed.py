@@ -92,9 +92,13 @@ def single(tiny_cpt_data, base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp_run(tiny_cpt_data, base, tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
-    rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, d / "run"), d / "c.yaml"))
+    cfg = make_cfg(tiny_cpt_data, base, d / "run")
+    cfg["train"]["profile"] = {"start_step": 5, "steps": 1, "ranks": "all"}  # (the tests compare it with unprofiled runs)
+    rc, log = launch("ddp", write(cfg, d / "c.yaml"))
     assert rc == 0, log[-5000:]
     assert "chunked next-token loss" in log  # the default loss path, under DDP's wrapper
+    window = d / "run" / "profile" / "steps_00000005-00000005"  # train.profile: every rank wrote its own files
+    assert sorted(p.name for p in window.iterdir()) == [f"rank{r}.{f}" for r in (0, 1) for f in ("ops.txt", "trace.json.gz")]
     return d / "run"
 
 
