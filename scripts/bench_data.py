@@ -6,6 +6,10 @@
    same tokenizer on the same cores (real text: the CPython standard library, one document per file).
 
     .venv/bin/python scripts/bench_data.py [--quick] [--workdir /tmp/cpt-bench]
+    .venv/bin/python scripts/bench_data.py --text-mb 0.2 --stream-tokens 300000 --steps 5 --repeats 1   # seconds
+
+``--text-mb``, ``--stream-tokens``, ``--steps``: the sizes (default 20 MB, 200M tokens, 600 batches; with ``--quick``
+3 MB, 20M, 100); tiny sizes only check that the script runs (tests/test_bench_data.py), their numbers mean little.
     .venv/bin/python scripts/bench_data.py --part stream --compare-src OLD_CHECKOUT [--rounds 5]
 
 ``--compare-src``: the stream + mixer benchmark of this checkout against another checkout's ``cpt`` package (e.g.
@@ -160,8 +164,7 @@ def compare_stream(args) -> int:
         r = {}
         for name, src in srcs.items():
             env = dict(os.environ, PYTHONPATH=src)
-            out = subprocess.run([sys.executable, __file__, "--part", "stream", "--workdir", args.workdir]
-                                 + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True, env=env)
+            out = subprocess.run(_stream_child(args), capture_output=True, text=True, check=True, env=env)
             res = json.loads(out.stdout.strip().splitlines()[-1])["stream"]
             r[name], r[f"{name}_per_cpu_s"] = res["tokens_per_s"], res["tokens_per_cpu_s"]
         r["new_over_old"] = r["new"] / r["old"]
@@ -183,13 +186,19 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the prepare benchmark")
     ap.add_argument("--compare-src", help="another checkout: stream benchmark of both, alternating (with --part stream)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds with --compare-src")
+    ap.add_argument("--text-mb", type=float, help="raw text of the prepare benchmark (default 20, --quick 3)")
+    ap.add_argument("--stream-tokens", type=int, help="tokens of the stream's main source (default 200M, --quick 20M)")
+    ap.add_argument("--steps", type=int, help="timed batches of the stream benchmark (default 600, --quick 100)")
     args = ap.parse_args()
+    args.text_mb = args.text_mb or (3 if args.quick else 20)
+    args.stream_tokens = args.stream_tokens or (20_000_000 if args.quick else 200_000_000)
+    args.steps = args.steps or (100 if args.quick else 600)
     if args.compare_src:
         return compare_stream(args)
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    texts = stdlib_texts(3_000_000 if args.quick else 20_000_000)
+    texts = stdlib_texts(int(args.text_mb * 1e6))
     tok = train_tokenizer(texts, work / "tokenizer")
     results = {"cpu": _cpu_name(), "cores": os.cpu_count()}
     if args.part in ("all", "prepare"):
@@ -198,13 +207,18 @@ def main() -> int:
     if args.part in ("all", "stream"):
         # in a child process so that pinning to one core does not affect the prepare benchmark
         if args.part == "all":
-            out = subprocess.run([sys.executable, __file__, "--part", "stream", "--workdir", str(work)]
-                                 + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
+            out = subprocess.run(_stream_child(args), capture_output=True, text=True, check=True)
             results["stream"] = json.loads(out.stdout.strip().splitlines()[-1])["stream"]
         else:
-            results["stream"] = bench_stream(work, tok, 20_000_000 if args.quick else 200_000_000, 100 if args.quick else 600)
+            results["stream"] = bench_stream(work, tok, args.stream_tokens, args.steps)
     print(json.dumps(results))
     return 0
+
+
+def _stream_child(args) -> list[str]:
+    """The command line of the stream benchmark in a child process, with this run's sizes."""
+    return [sys.executable, __file__, "--part", "stream", "--workdir", str(args.workdir), "--text-mb", str(args.text_mb),
+            "--stream-tokens", str(args.stream_tokens), "--steps", str(args.steps)]
 
 
 def _cpu_name() -> str:

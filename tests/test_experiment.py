@@ -291,6 +291,34 @@ def test_bad_specs(tmp_path):
         run_experiment(spec, tmp_path / "x", echo=Echo())
 
 
+def test_spec_yaml_and_errors_read_in_spec_file_order():
+    """Both specs share most fields (SpecCommon, declared first by pydantic), yet spec.yaml and the error lines list
+    the fields in the order a spec file reads in: name, the corpora, tokenizer, model, ..., unknown keys last."""
+    corpora = [{"name": n, "inputs": ["/nonexistent"]} for n in "abc"]
+    pair = load_spec(tiny_experiment_spec(corpora[:2], sequence=False))
+    seq = load_spec(tiny_experiment_spec(corpora))
+    for spec, own in ((pair, ["corpus_a", "corpus_b"]), (seq, ["corpora"])):
+        text = yaml.safe_dump(spec.dump(), sort_keys=False)
+        keys = list(yaml.safe_load(text))
+        assert keys[:len(own) + 4] == ["name", *own, "tokenizer", "model", "seq_len"]
+        assert keys[-3:] == ["run_overrides", "torch_threads", "assumed_tokens_per_s"]
+        assert sorted(keys) == sorted(type(spec).model_fields)
+        assert load_spec(yaml.safe_load(text)) == spec
+    bad = tiny_experiment_spec(corpora[:2], sequence=False)
+    del bad["corpus_a"], bad["model"]
+    with pytest.raises(ExperimentError) as e:
+        load_spec(bad, ["zzz=1", "keep_checkpoints=0", "precision=fp8"])
+    assert [line.split(":")[0] for line in str(e.value).splitlines()] == [
+        "invalid experiment spec (5 problems)", "  - corpus_a", "  - model", "  - precision", "  - keep_checkpoints",
+        "  - zzz"]
+    bad = tiny_experiment_spec(corpora)
+    del bad["tokenizer"]
+    with pytest.raises(ExperimentError) as e:
+        load_spec(bad, ["seed=x", "replay=2", "name=a b"])
+    assert [line.split(":")[0] for line in str(e.value).splitlines()][1:] == [
+        "  - name", "  - tokenizer", "  - replay", "  - seed"]
+
+
 def test_cli_dry_run_writes_nothing(tmp_path, capsys):
     from cpt.cli import main
 

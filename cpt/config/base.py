@@ -67,9 +67,12 @@ def _index(part: str, node: list, key: str) -> int:
         raise ConfigError(f"override {key!r}: {part!r} is not a valid index into a list of {len(node)}") from None
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -> str:
+    """One line per problem; ``order``: the top-level fields in the order their problems are listed (pydantic's own
+    order otherwise; problems of other keys last)."""
     lines = [f"invalid config ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
-    for e in err.errors():
+    rank = {name: i for i, name in enumerate(order)}
+    for e in sorted(err.errors(), key=lambda e: rank.get((e["loc"] or ("",))[0], len(order))):
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":

@@ -76,7 +76,7 @@ def _run(spec: ExperimentSpec | SequenceSpec, design: Design, out: Path, echo: C
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(yaml.safe_dump(redact_spec(spec.model_dump(mode="json")), sort_keys=False))
+    (out / "spec.yaml").write_text(yaml.safe_dump(redact_spec(spec.dump()), sort_keys=False))
     echo(f"experiment {spec.name}{design.headline(spec)} -> {out}")
     tokenizer, tok_dir, corpus_tokens = prepare_data(spec, out, echo)
     plans = design.plan(spec, out, tok_dir, out / "data", corpus_tokens)

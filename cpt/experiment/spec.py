@@ -6,8 +6,9 @@ Two kinds of spec, told apart by their corpora (:func:`is_sequence_spec`):
                      cpt/experiment/grid.py)
     SequenceSpec     corpora: [A, B, C, ...]: a dataset sequence and its forgetting matrix (cpt/experiment/sequence.py)
 
-Both share the corpus, tokenizer, LR, evaluation and W&B sections defined here. :func:`load_spec` reads either from a
-YAML file, a dict or a spec, with ``--set``-style overrides applied.
+Both use the corpus, tokenizer, LR, evaluation and W&B sections defined here and inherit the fields they share from
+:class:`SpecCommon`. :func:`load_spec` reads either from a YAML file, a dict or a spec, with ``--set``-style overrides
+applied.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -141,7 +142,57 @@ class VariantSpec(Strict):
 # ================================================================ the two specs
 
 
-def _shape_errors(spec: ExperimentSpec | SequenceSpec) -> list[str]:
+class SpecCommon(Strict):
+    """The fields both kinds of spec have, with the same type, default and meaning. A field whose default or meaning
+    differs (name, baseline, base_lr, cpt_lr, seed) is declared in its own spec.
+
+    Pydantic puts these fields before a spec's own, so each spec lists all its fields in ``FIELD_ORDER``, the order a
+    spec file reads in: :meth:`dump` (spec.yaml) and the error lines of :func:`load_spec` follow it."""
+
+    FIELD_ORDER: ClassVar[tuple[str, ...]] = ()
+
+    tokenizer: TokenizerSpec
+    model: dict[str, Any]  # transformers config kwargs: {model_type: llama, hidden_size: ..., ...}
+    seq_len: int = Field(gt=1)
+    global_batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # the base pre-training (on corpus_a; in a sequence, stage 0 on corpus 0); rounded to whole steps of
+    # global_batch_size * seq_len tokens
+    base_tokens: int = Field(gt=0)
+    optim: dict[str, Any] = Field(default_factory=lambda: {"weight_decay": 0.1, "grad_clip": 1.0})
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    max_epochs_warning: float = Field(8.0, gt=0)
+    num_proc: int = Field(1, gt=0)  # tokenization processes for `cpt prepare`
+    log_every: int = Field(10, gt=0)
+    progress_bar: bool = True
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+    # `--set`-style overrides applied to every run config, e.g. ["model.compile=true"]
+    run_overrides: list[str] = Field(default_factory=list)
+    # torch CPU threads while the runs train (None: torch's default). 1 is much faster for tiny models on a
+    # busy machine: with 2 threads on 2 shared cores, OpenMP waits turned 37 ms steps into 590 ms ones
+    torch_threads: int | None = Field(None, gt=0)
+    # only for the plan printed by --dry-run: the training throughput you expect (tokens/s)
+    assumed_tokens_per_s: float | None = Field(None, gt=0)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if sorted(cls.FIELD_ORDER) != sorted(cls.model_fields):
+            raise TypeError(f"{cls.__name__}.FIELD_ORDER must list each of its fields once: "
+                            f"{sorted(set(cls.model_fields) ^ set(cls.FIELD_ORDER))}")
+
+    def dump(self) -> dict[str, Any]:
+        """The spec as plain (JSON) data, its fields in ``FIELD_ORDER``: what spec.yaml holds."""
+        data = self.model_dump(mode="json")
+        return {k: data[k] for k in self.FIELD_ORDER}
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+def _shape_errors(spec: SpecCommon) -> list[str]:
     """The checks both specs make on the batch and the model."""
     errors = []
     if spec.global_batch_size % spec.micro_batch_size:
@@ -151,25 +202,25 @@ def _shape_errors(spec: ExperimentSpec | SequenceSpec) -> list[str]:
     return errors
 
 
-def _budget_errors(spec: ExperimentSpec | SequenceSpec, fields: tuple[str, ...]) -> list[str]:
+def _budget_errors(spec: SpecCommon, fields: tuple[str, ...]) -> list[str]:
     """Every token budget in ``fields`` is at least one step."""
     return [f"{what} ({getattr(spec, what)}) is less than one step ({spec.tokens_per_step} tokens)"
             for what in fields if getattr(spec, what) < spec.tokens_per_step]
 
 
-class ExperimentSpec(Strict):
+class ExperimentSpec(SpecCommon):
     """The whole grid: corpora, tokenizer, model shape, budgets, replay shares x schedules, baseline."""
+
+    FIELD_ORDER = (
+        "name", "corpus_a", "corpus_b", "tokenizer", "model", "seq_len", "global_batch_size", "micro_batch_size",
+        "precision", "base_tokens", "cpt_tokens", "replay_shares", "schedules", "variants", "baseline", "baseline_mix",
+        "base_lr", "cpt_lr", "baseline_lr", "optim", "eval", "checkpoints_per_run", "keep_checkpoints",
+        "max_epochs_warning", "seed", "num_proc", "log_every", "progress_bar", "wandb", "run_overrides",
+        "torch_threads", "assumed_tokens_per_s")
 
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     corpus_a: CorpusSpec  # the original distribution (upstream)
     corpus_b: CorpusSpec  # the new distribution (downstream)
-    tokenizer: TokenizerSpec
-    model: dict[str, Any]  # transformers config kwargs: {model_type: llama, hidden_size: ..., ...}
-    seq_len: int = Field(gt=1)
-    global_batch_size: int = Field(gt=0)
-    micro_batch_size: int = Field(gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    base_tokens: int = Field(gt=0)  # rounded to whole steps of global_batch_size * seq_len tokens
     cpt_tokens: int = Field(gt=0)
     replay_shares: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.25], min_length=1)
     schedules: list[Literal["rewarm_cosine", "infinite"]] = Field(default_factory=lambda: list(SCHEDULES), min_length=1)
@@ -178,26 +229,12 @@ class ExperimentSpec(Strict):
     # the baseline's A:B mix: "budget" = base_tokens : cpt_tokens (the data base + CPT saw), "corpus" = the
     # corpora's token counts (A u B sampled uniformly)
     baseline_mix: Literal["budget", "corpus"] = "budget"
-    base_lr: LRSpec = Field(default_factory=LRSpec)
-    cpt_lr: LRSpec = Field(default_factory=LRSpec)
+    base_lr: LRSpec = Field(default_factory=LRSpec)  # the base run
+    cpt_lr: LRSpec = Field(default_factory=LRSpec)  # every CPT run, both schedules
     baseline_lr: LRSpec | None = None  # default: base_lr
-    optim: dict[str, Any] = Field(default_factory=lambda: {"weight_decay": 0.1, "grad_clip": 1.0})
-    eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoints_per_run: int = Field(4, gt=0)  # resume checkpoints per run (a killed run resumes from the last)
     keep_checkpoints: int = Field(2, gt=0)
-    max_epochs_warning: float = Field(8.0, gt=0)
-    seed: int = 1234
-    num_proc: int = Field(1, gt=0)  # tokenization processes for `cpt prepare`
-    log_every: int = Field(10, gt=0)
-    progress_bar: bool = True
-    wandb: WandbSpec = Field(default_factory=WandbSpec)
-    # `--set`-style overrides applied to every run config, e.g. ["model.compile=true"]
-    run_overrides: list[str] = Field(default_factory=list)
-    # torch CPU threads while the grid runs (None: torch's default). 1 is much faster for tiny models on a
-    # busy machine: with 2 threads on 2 shared cores, OpenMP waits turned 37 ms steps into 590 ms ones
-    torch_threads: int | None = Field(None, gt=0)
-    # only for the plan printed by --dry-run: the training throughput you expect (tokens/s)
-    assumed_tokens_per_s: float | None = Field(None, gt=0)
+    seed: int = 1234  # data preparation and every run
 
     @field_validator("replay_shares")
     @classmethod
@@ -231,10 +268,6 @@ class ExperimentSpec(Strict):
         return [self.corpus_a, self.corpus_b]
 
     @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_len
-
-    @property
     def base_steps(self) -> int:
         return max(1, round(self.base_tokens / self.tokens_per_step))
 
@@ -243,20 +276,17 @@ class ExperimentSpec(Strict):
         return max(1, round(self.cpt_tokens / self.tokens_per_step))
 
 
-class SequenceSpec(Strict):
-    """Corpora in order, model shape, budgets, strategies, replay, seeds (see cpt/experiment/sequence.py). The fields
-    it shares with ExperimentSpec mean the same; they are declared in each spec so that its fields (and the spec.yaml
-    written from them) read in the order of a spec file."""
+class SequenceSpec(SpecCommon):
+    """Corpora in order, model shape, budgets, strategies, replay, seeds (see cpt/experiment/sequence.py)."""
+
+    FIELD_ORDER = (
+        "name", "corpora", "tokenizer", "model", "seq_len", "global_batch_size", "micro_batch_size", "precision",
+        "base_tokens", "stage_tokens", "strategies", "replay", "replay_split", "seeds", "baseline", "base_lr", "cpt_lr",
+        "optim", "eval", "max_epochs_warning", "seed", "num_proc", "log_every", "progress_bar", "wandb",
+        "run_overrides", "torch_threads", "assumed_tokens_per_s")
 
     name: str = Field("sequence", pattern=r"^[A-Za-z0-9_.-]+$")
     corpora: list[CorpusSpec] = Field(min_length=2)
-    tokenizer: TokenizerSpec
-    model: dict[str, Any]
-    seq_len: int = Field(gt=1)
-    global_batch_size: int = Field(gt=0)
-    micro_batch_size: int = Field(gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    base_tokens: int = Field(gt=0)  # stage 0 (corpus 0); rounded to whole steps
     stage_tokens: int = Field(gt=0)  # every later stage
     strategies: list[Literal["rewarm_cosine", "infinite"]] = Field(default_factory=lambda: list(STRATEGIES), min_length=1)
     replay: float = Field(0.0, ge=0, lt=1)  # share of every batch of stage k >= 1 drawn from corpora 0..k-1
@@ -266,17 +296,7 @@ class SequenceSpec(Strict):
     baseline: bool | Literal["last"] = False
     base_lr: LRSpec = Field(default_factory=LRSpec)  # rewarm_cosine's stage 0 and the baseline
     cpt_lr: LRSpec = Field(default_factory=LRSpec)  # rewarm_cosine's later stages; the whole infinite trunk
-    optim: dict[str, Any] = Field(default_factory=lambda: {"weight_decay": 0.1, "grad_clip": 1.0})
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    max_epochs_warning: float = Field(8.0, gt=0)
     seed: int = 1234  # data preparation: corpus samples, held-out split, tokenizer sample
-    num_proc: int = Field(1, gt=0)
-    log_every: int = Field(10, gt=0)
-    progress_bar: bool = True
-    wandb: WandbSpec = Field(default_factory=WandbSpec)
-    run_overrides: list[str] = Field(default_factory=list)
-    torch_threads: int | None = Field(None, gt=0)
-    assumed_tokens_per_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _checks(self) -> "SequenceSpec":
@@ -295,10 +315,6 @@ class SequenceSpec(Strict):
         return self
 
     # -- derived numbers
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_len
-
     @property
     def stage_steps(self) -> list[int]:
         first = max(1, round(self.base_tokens / self.tokens_per_step))
@@ -352,4 +368,5 @@ def load_spec(spec: str | os.PathLike | dict | ExperimentSpec | SequenceSpec,
     except ConfigError as e:
         raise ExperimentError(str(e)) from None
     except ValidationError as e:
-        raise ExperimentError(format_validation_error(e).replace("invalid config", f"invalid {what}", 1)) from None
+        message = format_validation_error(e, model.FIELD_ORDER)
+        raise ExperimentError(message.replace("invalid config", f"invalid {what}", 1)) from None
