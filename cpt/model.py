@@ -253,14 +253,25 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
 
 
 def _apply_liger(model: torch.nn.Module, log_fn) -> None:
+    """Liger's Triton kernels for the model's layers (RMSNorm, RoPE, SwiGLU...). Not its fused loss: the loss stays
+    cpt's (train.chunked_loss: the same fused lm_head + cross-entropy, keeping the per-token losses that the
+    per-source training loss needs)."""
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
-        log_fn("model.liger_kernel: liger-kernel is not installed; continuing without fused kernels")
+        log_fn("model.liger_kernel: liger-kernel is not installed; continuing without its kernels")
+        return
+    if not torch.cuda.is_available():
+        log_fn("model.liger_kernel: Liger's kernels need a CUDA GPU; continuing without them")
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _apply_liger_kernel_to_instance(model=base)
-    log_fn("model.liger_kernel: Liger fused kernels applied")
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log_fn(f"model.liger_kernel: Liger has no kernels for model type {model_type!r}; continuing without them")
+        return
+    _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
+    log_fn(f"model.liger_kernel: Liger kernels applied to the {model_type} layers (the loss stays cpt's)")
 
 
 def model_shape(model: torch.nn.Module) -> dict[str, int]:

@@ -34,7 +34,7 @@ from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
 from cpt.distributed import Backend, PreemptionFlag, accelerator_for, backend
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
-from cpt.lm_loss import LossWindow, SourceLoss, model_inputs, use_chunked_loss
+from cpt.lm_loss import LossWindow, SourceLoss, use_chunked_loss
 from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
                          model_flops_per_token, peak_flops_for, peak_memory_gb)
 from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
@@ -125,8 +125,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=state.step if start.resume else None))
         peak = cfg.train.peak_flops or peak_flops_for(device_name(acc.device))
         meter, losses = Throughput(num_devices=acc.num_processes), LossWindow(acc.device)
-        # train/loss/<source> from per-row losses; Liger's fused loss never materialises the logits it would need
-        by_source = None if cfg.model.liger_kernel else SourceLoss(data.source_names, acc.device)
+        by_source = SourceLoss(data.source_names, acc.device)  # train/loss/<source> from the per-row losses
         stop = cleanup.enter_context(PreemptionFlag.for_run(cfg, acc))
         profiler = cleanup.enter_context(StepProfiler.for_run(cfg, acc, say))  # torch.profiler (train.profile)
         logger.log({"train/tokens": state.tokens, **param_counts}, step=state.step)
@@ -228,10 +227,8 @@ def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, s
     step_loss = torch.zeros((), device=acc.device)
     for micro, micro_sources in zip(rows.split(micro_batch_size), sources.split(micro_batch_size)):
         with acc.accumulate(model):
-            if by_source is None:  # fused loss (Liger): the model computes it from the labels
-                loss = model(**model_inputs(micro, eos_id), labels=micro).loss
-            else:
-                loss, row_losses = lm_loss.causal_lm_loss(model, micro, eos_id)
+            loss, row_losses = lm_loss.causal_lm_loss(model, micro, eos_id)
+            if by_source is not None:
                 by_source.add(micro_sources, row_losses)
             if backend(acc) is Backend.DEEPSPEED and not torch.isfinite(loss):  # no host sync otherwise
                 loss = optim.zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
@@ -327,8 +324,7 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
     optimizer = optim.build_optimizer(model, cfg.optim, acc.device.type)
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
         scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier)
-    if not cfg.model.liger_kernel:  # loss over chunks of positions, no full logits, where supported
-        use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)
+    use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)  # no full logits, where supported
     return (torch.compile(model) if cfg.model.compile else model), optimizer
 
 

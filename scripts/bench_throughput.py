@@ -428,7 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true", help="for both frameworks")
     p.add_argument("--cpt-compile", dest="cpt_compile", action="store_true", default=None, help="model.compile for cpt (default on CUDA)")
     p.add_argument("--no-cpt-compile", dest="cpt_compile", action="store_false")
-    p.add_argument("--cpt-liger", action="store_true", help="model.liger_kernel for cpt (needs liger-kernel installed)")
+    p.add_argument("--cpt-liger", action="store_true", help="model.liger_kernel for cpt: Liger's layer kernels, the loss stays cpt's (needs liger-kernel and CUDA)")
     p.add_argument("--cpt-chunked-loss", choices=["auto", "true", "false"], default="auto",
                    help="train.chunked_loss for cpt (default auto: lm_head + loss over chunks of positions, no full logits)")
     p.add_argument("--cpt-set", action="append", default=[], metavar="KEY=VALUE",

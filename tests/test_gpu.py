@@ -96,3 +96,21 @@ def test_cuda_profile_window_records_kernels_and_memory(tiny_cpt_data, tmp_path)
     assert "sorted by self_device_time_total" in table and "Self CUDA" in table
     snapshot = pickle.loads((out / "rank0.memory.pickle").read_bytes())
     assert snapshot["segments"] and snapshot["device_traces"]
+
+
+def test_cuda_liger_kernels_train_like_without_and_keep_per_source_loss(tiny_cpt_data, tmp_path):
+    """model.liger_kernel with the real Liger kernels (liger-kernel installed: scripts/gpu_session.sh installs it):
+    the same losses as without, within bf16 rounding, with cpt's chunked loss and per-source loss kept."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (not a cpt dependency)")
+    from cpt.train import train
+
+    lines, losses = [], {}
+    for name, liger in (("plain", False), ("liger", True)):
+        cfg = _cfg(tiny_cpt_data, tmp_path / name)
+        cfg["model"]["liger_kernel"] = liger
+        train(load_config(base=cfg), echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
+        logged = [r for r in read_metrics(tmp_path / name) if "train/loss" in r]
+        assert all("train/loss/python" in r for r in logged)
+        losses[name] = [r["train/loss"] for r in logged]
+    assert any("Liger kernels applied to the llama layers" in line for line in lines)
+    assert losses["liger"] == pytest.approx(losses["plain"], rel=2e-2)

@@ -128,7 +128,7 @@ class ModelConfig(Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     gradient_checkpointing: bool = False
     compile: bool = False
-    liger_kernel: bool = False  # Liger fused kernels (fused linear cross-entropy...) when installed
+    liger_kernel: bool = False  # Liger's Triton kernels for the layers (RMSNorm, RoPE, SwiGLU) on CUDA when installed
     lora: LoraConfig | None = None
     freeze: FreezeConfig | None = None
     vocab: VocabConfig | None = None
