@@ -1,6 +1,7 @@
 """What cpt needs to know about the processes of a run, in one place: the Accelerator the loop trains with
 (:func:`build_accelerator`), which backend accelerate set up, whether all ranks agree on a decision, sums over ranks,
-the model inside the wrappers, refusing sharded weights, and the preemption signal (:class:`PreemptionFlag`).
+the model inside the wrappers, refusing sharded weights, the preemption signal (:class:`PreemptionFlag`), and the
+end of a run's process group (:func:`retire_process_group`).
 
 Every function takes the ``Accelerator`` (``acc``) the loop built (or ``None``: one process, no accelerator where
 noted). Collectives must be called by every rank at the same point, like any collective.
@@ -8,7 +9,9 @@ noted). Collectives must be called by every rank at the same point, like any col
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import signal
 from enum import Enum
@@ -138,12 +141,43 @@ def accumulation_steps(cfg, world_size: int) -> int:
 @contextlib.contextmanager
 def accelerator_for(cfg):
     """``with accelerator_for(cfg) as acc:`` :func:`build_accelerator`, and ``acc.end_training()`` on every exit path
-    (trackers finished, the process group destroyed: ``cpt experiment`` trains many runs in one process)."""
+    (trackers finished, the process group destroyed: ``cpt experiment`` trains many runs in one process), the group
+    itself kept until the run's models are gone (:func:`retire_process_group`)."""
+    release_retired_groups()  # (an earlier run's, in this process)
     acc = build_accelerator(cfg)
     try:
         yield acc
     finally:
+        retire_process_group()
         acc.end_training()
+
+
+# Process groups of finished runs, kept alive until their models are collected (see retire_process_group).
+_RETIRED_GROUPS: list = []
+
+
+def retire_process_group() -> None:
+    """Keep a handle on the default process group before it is destroyed, so that it outlives the run's models.
+
+    DDP's C++ Reducer owns the group too. Were the Reducer its last owner, the group's destructor, which joins
+    gloo's worker threads, would run inside the Reducer's deallocation with the GIL held, whenever the model is
+    freed; a worker thread still freeing the tensors of the last collective (the final barrier) waits for the GIL,
+    and the rank hangs at exit (seen in 2-process runs stopped by SIGTERM), or the group is destroyed during
+    interpreter shutdown (``terminate called without an active exception``). The handle's own destructor
+    releases the GIL; :func:`release_retired_groups` drops it once the models are collected."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _RETIRED_GROUPS.append(torch.distributed.group.WORLD)
+
+
+def release_retired_groups() -> None:
+    """Collect what is left of the finished runs (their models), then destroy their process groups: at the next
+    run's start in this process, and at exit."""
+    if _RETIRED_GROUPS:
+        gc.collect()
+        _RETIRED_GROUPS.clear()
+
+
+atexit.register(release_retired_groups)
 
 
 def build_accelerator(cfg):

@@ -4,6 +4,7 @@ run in the 2-process tests: test_train_distributed.py, test_evaluate_distributed
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -104,3 +105,50 @@ def test_preemption_check_cadence():
     assert stop.check_every == 10
     ranks = acc("MULTI_GPU", peers=[1.0])  # (collectives on the host) another rank has raised its flag
     assert stop.requested(ranks, 7) is False and stop.requested(ranks, 10) is True
+
+
+_RETIRE_SCRIPT = r"""
+import json, tempfile
+import torch.distributed as dist
+from accelerate import Accelerator
+import cpt.distributed as d
+
+def threads():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("Threads:"))
+
+def build(cfg):  # as accelerate does: the process group is set up with the accelerator (the teardown is tested)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(tempfile.mktemp(), 1))
+    return Accelerator(cpu=True)
+
+d.build_accelerator = build
+counts = [threads()]
+for run in range(2):  # two runs in one process, as `cpt experiment` does
+    with d.accelerator_for(None):
+        dist.barrier()
+        counts.append(threads())
+    assert not dist.is_initialized()
+    counts.append(threads())
+d.release_retired_groups()
+counts.append(threads())
+print(json.dumps(counts))
+"""
+
+
+def test_a_finished_runs_process_group_is_kept_until_its_models_are_collected(tmp_path):
+    """accelerator_for destroys the process group (end_training) but keeps a handle on it, so that DDP's Reducer
+    is never its last owner: were it, the group's destructor would join gloo's worker threads inside the model's
+    deallocation with the GIL held, and hang when a worker still needs the GIL (a rank hanging at exit after
+    SIGTERM, seen 1 run in ~10). The handle goes at the next run's start and at exit; gloo's worker threads show
+    when the group is really destroyed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _RETIRE_SCRIPT], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    before, run1, after1, run2, after2, released = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert run1 > before  # gloo's threads
+    assert after1 == run1  # destroyed (unregistered) but kept alive by the handle...
+    assert run2 == run1  # ...until the next run starts: the first group is gone, the second has its threads
+    assert after2 == run2
+    assert released == before  # at the end (atexit does the same)
