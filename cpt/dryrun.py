@@ -50,6 +50,10 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
     for h in cfg.data.heldout:  # each held-out set's tokenizer hash and length, as training checks them at start
         load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, verify=False)
+    if cfg.eval.lm_eval.tasks:  # every lm-eval task name is known (bundled, include_path or lm-eval's own)
+        from eval_harness.benchmarks import BenchmarkTracker
+
+        BenchmarkTracker.from_config(cfg)
     plan = plan_for_run(cfg)
     names = data.source_names
     stages, start = [], 0
