@@ -293,3 +293,19 @@ def test_unknown_lm_eval_task_is_one_line_before_anything_loads(tiny_cpt_data, t
     assert main(["eval", str(tiny_base), "--tasks", "cpt_local,cpt_locl"]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt eval: error: --tasks: unknown lm-eval task cpt_locl")
     assert "cpt_local" in line.split("did you mean", 1)[1]
+
+
+def test_tokenizer_folder_without_a_tokenizer(tiny_cpt_data, tmp_path, capsys):
+    """model.tokenizer naming an existing folder that holds no tokenizer (a data folder, say): transformers raises
+    a multi-line ValueError, which came out as a traceback; now one line naming the field and the folder."""
+    not_a_tokenizer = tmp_path / "data-folder"
+    not_a_tokenizer.mkdir()
+    (not_a_tokenizer / "notes.txt").write_text("no tokenizer here")
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["model"]["tokenizer"] = str(not_a_tokenizer)
+    path = write(cfg, tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):
+        assert main(["train", str(path), *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, f"cpt train: error: model.tokenizer '{not_a_tokenizer}': ")
+        assert "cannot load this folder" in line
+        assert not (tmp_path / "run").exists()
