@@ -55,8 +55,9 @@ def test_every_bad_field_named_in_one_error(tmp_path):
 
 
 def test_cross_field_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"stages.0.mix: unknown sources \['c'\]"):
+    with pytest.raises(ConfigError, match=r"stages.0.mix: unknown sources \['c'\]") as e:
         load_config(write(tmp_path, GOOD), ["stages.0.mix={a: 0.5, c: 0.5}"])
+    assert str(e.value).splitlines()[1].startswith("  - stages.0.mix: ")  # no "<root>: " before the field it names
     with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
         load_config(write(tmp_path, GOOD), ["train.micro_batch_size=3"])
     with pytest.raises(ConfigError, match="duplicate names"):
