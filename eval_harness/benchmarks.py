@@ -311,7 +311,7 @@ def compare_scores(baseline: dict[str, float], model: dict[str, float],
 
 
 def format_comparison_table(rows: list[dict[str, Any]], model_label: str = "model", baseline_label: str = "baseline") -> str:
-    header = ["task/metric", baseline_label, model_label, "delta (model - baseline)", ""]
+    header = ["task/metric", baseline_label, model_label, "delta (model - baseline)", "verdict"]
     body = []
     for r in rows:
         verdict = noise_label(r["noise"]) if r["noise"] is not False else ("better" if r["better"] else "worse" if r["better"] is False else "changed")
