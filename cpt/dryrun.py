@@ -28,9 +28,12 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
     from cpt.schedules import plan_for_run
 
+    from cpt.resume import resolve_init
+
     check_attn_implementation(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    config = model_config(cfg.model, tokenizer)  # the config build_model would use
+    init_hf = resolve_init(cfg.train.init_from)[1]  # an HF export in train.init_from replaces the model's config
+    config = model_config(cfg.model, tokenizer, init_hf)  # the config build_model would use
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     check_vocab_fits(cfg.model, tokenizer, model.get_input_embeddings().weight.shape[0])
