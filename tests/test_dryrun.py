@@ -92,4 +92,4 @@ def test_plan_describes_the_init_from_model(tiny_cpt_data, tiny_base, tmp_path, 
     cfg["train"]["init_from"] = str(tmp_path)  # neither an export nor a checkpoint: one line, as training says it
     assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--dry-run"]) == 1
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().startswith("cpt train: error: train.init_from: ")
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("cpt train: error: train.init_from: ")
