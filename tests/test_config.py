@@ -106,3 +106,14 @@ def test_every_shipped_run_config_validates():
     for p in paths:
         cfg = load_config(p)
         assert cfg.stages and cfg.data.sources, p
+
+
+def test_a_union_field_gets_one_problem_line(tmp_path):
+    """train.profile.ranks is a list or 'all': a bad value was two lines (one per member of the union)."""
+    for bad in ("some", "3"):
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, GOOD), [f"train.profile.ranks={bad}"])
+        assert str(e.value).splitlines()[0] == "invalid config (1 problem):"
+        assert "train.profile.ranks: a list of process indices (e.g. [0, 3]) or 'all'" in str(e.value)
+    assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=all"]).train.profile.ranks == "all"
+    assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=[0, 1]"]).train.profile.ranks == [0, 1]
