@@ -28,9 +28,12 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
     from cpt.schedules import plan_for_run
 
+    from cpt.resume import resolve_init
+
     check_attn_implementation(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    config = model_config(cfg.model, tokenizer)  # the config build_model would use
+    init_hf = resolve_init(cfg.train.init_from)[1]  # an HF export in train.init_from replaces the model's config
+    config = model_config(cfg.model, tokenizer, init_hf)  # the config build_model would use
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     check_vocab_fits(cfg.model, tokenizer, model.get_input_embeddings().weight.shape[0])
@@ -50,6 +53,10 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
     for h in cfg.data.heldout:  # each held-out set's tokenizer hash and length, as training checks them at start
         load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, verify=False)
+    if cfg.eval.lm_eval.tasks:  # every lm-eval task name is known (bundled, include_path or lm-eval's own)
+        from eval_harness.benchmarks import BenchmarkTracker
+
+        BenchmarkTracker.from_config(cfg)
     plan = plan_for_run(cfg)
     names = data.source_names
     stages, start = [], 0

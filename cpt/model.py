@@ -28,6 +28,11 @@ def _load(what: str, name: str, loader, *args, **kwargs):
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{what} {name!r}: not a local model directory and not loadable from the hub ({first})") from None
+    except ValueError as e:  # e.g. a local folder without tokenizer files: transformers' multi-line ValueError
+        if not Path(str(name)).is_dir():
+            raise
+        said = " ".join(str(e).split()) or type(e).__name__
+        raise ModelLoadError(f"{what} {name!r}: transformers cannot load this folder ({said})") from None
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

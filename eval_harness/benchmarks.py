@@ -119,7 +119,14 @@ class BenchmarkTracker:
     @classmethod
     def from_config(cls, cfg, accelerator=None) -> "BenchmarkTracker":
         """From a :class:`cpt.config.RunConfig` (its ``eval`` and ``eval.lm_eval`` sections)."""
+        from cpt.config import ConfigError
+        from eval_harness.lm_eval_hook import UnknownTaskError, make_task_manager
+
         lm = cfg.eval.lm_eval
+        try:  # a misspelt task fails here, before the run writes anything (and in `cpt train --dry-run`)
+            make_task_manager([t.name for t in lm.tasks], lm.include_path)
+        except UnknownTaskError as e:
+            raise ConfigError(f"eval.lm_eval.tasks: {e}") from None
         return cls([TaskSpec(t.name, t.tag, t.limit) for t in lm.tasks], limit=lm.limit,
                    seed=cfg.run.seed if lm.seed is None else lm.seed, every=lm.every, at_start=cfg.eval.at_start,
                    dense_steps=cfg.eval.dense_steps if lm.dense else 0, dense_every=cfg.eval.dense_every,
@@ -304,7 +311,7 @@ def compare_scores(baseline: dict[str, float], model: dict[str, float],
 
 
 def format_comparison_table(rows: list[dict[str, Any]], model_label: str = "model", baseline_label: str = "baseline") -> str:
-    header = ["task/metric", baseline_label, model_label, "delta (model - baseline)", ""]
+    header = ["task/metric", baseline_label, model_label, "delta (model - baseline)", "verdict"]
     body = []
     for r in rows:
         verdict = noise_label(r["noise"]) if r["noise"] is not False else ("better" if r["better"] else "worse" if r["better"] is False else "changed")

@@ -68,22 +68,52 @@ def _include_paths(include_path: str | Path | list | None) -> list[str]:
 def make_task_manager(tasks: list[str], include_path: str | Path | list | None = None):
     """A ``TaskManager`` that knows the local tasks (and ``include_path``). lm-eval's built-in tasks are
     indexed only when a requested name is not local (indexing them costs seconds; running them
-    needs the network). Built once per task list and folders: an evaluation every N steps reuses the index."""
+    needs the network). Built once per task list and folders: an evaluation every N steps reuses the index.
+    A name no index knows raises :class:`UnknownTaskError` (one line, with close matches)."""
     return _task_manager(tuple(tasks), tuple(_include_paths(include_path)))
+
+
+class UnknownTaskError(ValueError):
+    """An lm-eval task, group or tag name that neither the bundled tasks, ``include_path`` nor lm-eval knows."""
 
 
 @functools.lru_cache(maxsize=8)
 def _task_manager(tasks: tuple[str, ...], paths: tuple[str, ...]):
+    paths = list(paths)
+    local = _indexed(tuple(paths), False)
+    if not _unknown(local, tasks):
+        return local
+    log.info("lm-eval: %s not local, indexing lm-eval's built-in tasks", _unknown(local, tasks))
+    manager = _indexed(tuple(paths), True)
+    missing = _unknown(manager, tasks)
+    if missing:  # lm-eval would raise a KeyError deep inside simple_evaluate, after the model has loaded
+        import difflib
+
+        known = sorted(_names(manager))
+        hints = list(dict.fromkeys(m for t in missing for m in difflib.get_close_matches(t, known, n=3)))  # best first
+        raise UnknownTaskError(
+            f"unknown lm-eval task{'s' if len(missing) > 1 else ''} {', '.join(missing)}: not a bundled task "
+            f"(eval_harness/tasks, tag cpt_local), not in include_path, not one of lm-eval's tasks, groups or tags"
+            + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
+    return manager
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed(paths: tuple[str, ...], include_defaults: bool):
+    """lm-eval's task index over ``paths`` (and its built-in tasks: seconds to build), built once per process."""
     from lm_eval.tasks import TaskManager
 
-    paths = list(paths)
-    local = TaskManager(include_path=paths, include_defaults=False)
-    known = set(local.all_tasks) | set(local.all_groups) | set(local.all_tags)
-    if all(t in known for t in tasks):
-        return local
-    missing = [t for t in tasks if t not in known]
-    log.info("lm-eval: %s not local, indexing lm-eval's built-in tasks", missing)
-    return TaskManager(include_path=paths, include_defaults=True)
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
+def _names(manager) -> set[str]:
+    return set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags)
+
+
+def _unknown(manager, tasks: tuple[str, ...]) -> list[str]:
+    """The names in ``tasks`` that ``manager`` does not know (a path to a task YAML file counts as known)."""
+    known = _names(manager)
+    return [t for t in tasks if t not in known and not Path(t).is_file()]
 
 
 def task_sizes(names: list[str], include_path: str | Path | list | None = None) -> dict[str, dict[str, int]]:

@@ -103,6 +103,7 @@ def test_stderr_names_and_comparison_against_a_baseline():
     assert rows["plain"]["delta_stderr"] is None and rows["plain"]["noise"] is None
     table = format_comparison_table(list(rows.values()))
     assert "up/acc" in table and "-0.1000 ± 0.0424" in table and "worse" in table
+    assert table.splitlines()[0].split()[-1] == "verdict"  # the better/worse/noise column has a header
 
 
 def test_bootstrap_fills_the_stderr_lm_eval_leaves_out():

@@ -55,8 +55,9 @@ def test_every_bad_field_named_in_one_error(tmp_path):
 
 
 def test_cross_field_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"stages.0.mix: unknown sources \['c'\]"):
+    with pytest.raises(ConfigError, match=r"stages.0.mix: unknown sources \['c'\]") as e:
         load_config(write(tmp_path, GOOD), ["stages.0.mix={a: 0.5, c: 0.5}"])
+    assert str(e.value).splitlines()[1].startswith("  - stages.0.mix: ")  # no "<root>: " before the field it names
     with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
         load_config(write(tmp_path, GOOD), ["train.micro_batch_size=3"])
     with pytest.raises(ConfigError, match="duplicate names"):
@@ -105,3 +106,14 @@ def test_every_shipped_run_config_validates():
     for p in paths:
         cfg = load_config(p)
         assert cfg.stages and cfg.data.sources, p
+
+
+def test_a_union_field_gets_one_problem_line(tmp_path):
+    """train.profile.ranks is a list or 'all': a bad value was two lines (one per member of the union)."""
+    for bad in ("some", "3"):
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, GOOD), [f"train.profile.ranks={bad}"])
+        assert str(e.value).splitlines()[0] == "invalid config (1 problem):"
+        assert "train.profile.ranks: a list of process indices (e.g. [0, 3]) or 'all'" in str(e.value)
+    assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=all"]).train.profile.ranks == "all"
+    assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=[0, 1]"]).train.profile.ranks == [0, 1]

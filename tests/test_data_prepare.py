@@ -249,6 +249,10 @@ def test_bos_option_and_dtype_choice(tmp_path, tokenizer):
     assert dtype_for_vocab(65536) == np.uint16 and dtype_for_vocab(65537) == np.uint32
     with pytest.raises(PrepareError, match="either heldout_docs or heldout_fraction"):
         prepare([str(src)], tokenizer, tmp_path / "x", heldout_docs=1, heldout_fraction=0.1)
+    # holding out every document is said as such (it read "no valid documents ... skipped no records found")
+    with pytest.raises(PrepareError, match=r"--heldout-docs 5 took all 3 documents .* leaving none to train on"):
+        prepare([str(src)], tokenizer, tmp_path / "y", heldout_docs=5)
+    assert not (tmp_path / "y" / "manifest.json").exists()
 
 
 def _save(tokenizer, tmp_path) -> str:

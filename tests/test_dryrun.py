@@ -66,3 +66,30 @@ def test_dry_run_flags_repetition_and_a_tokenizer_mismatch(tiny_cpt_data, tmp_pa
     assert main(["train", str(write(cfg, tmp_path / "c2.yaml")), "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert "cpt train: error:" in err and "tokenizer" in err
+
+
+def test_plan_describes_the_init_from_model(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """train.init_from naming an HF export: training builds that model, whatever model.arch says; the plan used to
+    describe model.arch's (the shipped schedule configs pair a small arch with the demo's base export)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cpt.model import model_shape
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.num_hidden_layers += 2
+    deeper = tmp_path / "deeper-base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(deeper)
+    for f in tiny_base.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, deeper / f.name)
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    cfg["train"]["init_from"] = str(deeper)
+    d = describe_run(load_config(base=cfg))
+    want = model_shape(AutoModelForCausalLM.from_pretrained(deeper))
+    assert d["model"]["n_params"] == want["n_params"] and d["model"]["n_layers"] == config.num_hidden_layers
+    cfg["train"]["init_from"] = str(tmp_path)  # neither an export nor a checkpoint: one line, as training says it
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("cpt train: error: train.init_from: ")

@@ -277,3 +277,35 @@ def test_vocab_files_that_cannot_be_read_name_their_field(tmp_path):
         list(read_texts(tmp_path / "missing"))
     (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n')  # read as `cpt prepare` reads: counted skip
     assert list(read_texts(tmp_path / "c.jsonl")) == ["ok"]
+
+
+def test_unknown_lm_eval_task_is_one_line_before_anything_loads(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """A misspelt lm-eval task: lm-eval's KeyError came as a traceback after the model had loaded (and, in a run,
+    after config.yaml and metrics.jsonl were written); now one line naming the field, with close matches."""
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["eval"]["lm_eval"] = {"tasks": [{"name": "cpt_python_nxt", "tag": "downstream"}]}
+    path = write(cfg, tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):
+        assert main(["train", str(path), *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: eval.lm_eval.tasks: unknown lm-eval task")
+        assert "cpt_python_nxt" in line and "did you mean" in line and "cpt_python_next" in line
+        assert not (tmp_path / "run").exists()
+    assert main(["eval", str(tiny_base), "--tasks", "cpt_local,cpt_locl"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt eval: error: --tasks: unknown lm-eval task cpt_locl")
+    assert "cpt_local" in line.split("did you mean", 1)[1]
+
+
+def test_tokenizer_folder_without_a_tokenizer(tiny_cpt_data, tmp_path, capsys):
+    """model.tokenizer naming an existing folder that holds no tokenizer (a data folder, say): transformers raises
+    a multi-line ValueError, which came out as a traceback; now one line naming the field and the folder."""
+    not_a_tokenizer = tmp_path / "data-folder"
+    not_a_tokenizer.mkdir()
+    (not_a_tokenizer / "notes.txt").write_text("no tokenizer here")
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["model"]["tokenizer"] = str(not_a_tokenizer)
+    path = write(cfg, tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):
+        assert main(["train", str(path), *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, f"cpt train: error: model.tokenizer '{not_a_tokenizer}': ")
+        assert "cannot load this folder" in line
+        assert not (tmp_path / "run").exists()

@@ -220,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     if not tasks and not heldouts:
         print("cpt eval: nothing to do: give --tasks and/or --heldout", file=sys.stderr)
         return 2
+    from eval_harness.lm_eval_hook import UnknownTaskError, make_task_manager
+
+    try:  # before any model loads
+        if tasks:
+            make_task_manager(tasks, args.include_path)
+    except UnknownTaskError as e:
+        print(f"cpt eval: error: --tasks: {e}", file=sys.stderr)
+        return 1
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     samples = _samples(tasks, limit, args.seed, args.include_path) if tasks else None
 

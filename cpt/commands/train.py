@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
 
         try:
             print(format_run_plan(describe_run(cfg), args.tokens_per_s))
-        except (ShardError, ModelLoadError, ValueError) as e:
+        except (ShardError, ModelLoadError, ValueError, *run_errors()) as e:
             print(f"cpt train: error: {e}", file=sys.stderr)
             return 1
         return 0

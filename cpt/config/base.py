@@ -73,11 +73,11 @@ def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -
     lines = [f"invalid config ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
     rank = {name: i for i, name in enumerate(order)}
     for e in sorted(err.errors(), key=lambda e: rank.get((e["loc"] or ("",))[0], len(order))):
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling)"
-        lines.append(f"  - {loc}: {msg}")
+        lines.append(f"  - {loc}: {msg}" if loc else f"  - {msg}")  # whole-config checks name their fields themselves
     return "\n".join(lines)
 
 

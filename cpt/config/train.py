@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cpt.config.base import Strict
 
@@ -51,6 +51,13 @@ class ProfileConfig(Strict):
     record_shapes: bool = False  # input shapes of every op in the trace (more overhead)
     with_stack: bool = False  # Python stacks in the trace (much more overhead)
     memory: bool = False  # allocations in the table; on CUDA also a memory snapshot (https://pytorch.org/memory_viz)
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _ranks(cls, v):  # one message instead of one per member of the union
+        if v != "all" and not isinstance(v, list):
+            raise ValueError(f"a list of process indices (e.g. [0, 3]) or 'all', not {v!r}")
+        return v
 
 
 class TrainConfig(Strict):

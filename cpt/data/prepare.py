@@ -305,6 +305,10 @@ def _run(job: _Job, staging: str) -> dict:
         "truncated": truncated,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if train.num_documents == 0 and held is not None and held.num_documents > 0:
+        asked = f"--heldout-docs {opts.heldout_docs}" if opts.heldout_docs is not None else f"--heldout-fraction {opts.heldout_fraction}"
+        raise PrepareError(f"{asked} took all {held.num_documents} documents of {job.inputs} into the held-out split, "
+                           "leaving none to train on: hold out fewer")
     if train.num_documents == 0:
         detail = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items() if v) or "no records found"
         raise PrepareError(f"no valid documents in {job.inputs} ({counts.records} records read; skipped {detail})")
