@@ -295,7 +295,10 @@ def _preflight(cfg: RunConfig, start: Start) -> None:
     """Checks that need neither the model nor the data, run before anything is loaded or written."""
     check_attn_implementation(cfg.model)
     if cfg.train.anneal_steps and start.resume is None:
-        step = saved_step(start.init) if start.init is not None else 0
+        if start.init is None:  # the branch point's step, optimizer and data position are in a cpt checkpoint only
+            raise TrainingError(f"--anneal (train.anneal_steps) branches off a cpt checkpoint of the trunk: give it "
+                                f"with --from CKPT (a checkpoint or run directory); {cfg.train.init_from} is an HF model")
+        step = saved_step(start.init)
         try:
             plan_for_run(cfg, anneal_from=step)
         except ValueError as e:

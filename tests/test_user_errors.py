@@ -136,6 +136,19 @@ def test_anneal_from_a_decaying_phase_creates_nothing(trunk, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_anneal_needs_a_cpt_checkpoint(trunk, tiny_base, tmp_path, capsys):
+    """--anneal without --from, the config's train.init_from an HF model: one line asking for the trunk's checkpoint
+    (it used to read the HF model as step 0 and blame the warmup phase). Without any init_from the config refuses."""
+    path, _, _ = trunk
+    out = tmp_path / "b"
+    assert main(["train", str(path), "--anneal", "2", "--output-dir", str(out), "--set", f"train.init_from={tiny_base}"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "branches off a cpt checkpoint of the trunk: give it with --from CKPT" in line
+    assert line.endswith(f"{tiny_base} is an HF model") and not out.exists()
+    assert main(["train", str(path), "--anneal", "2", "--output-dir", str(out)]) == 2
+    assert "train.anneal_steps needs train.init_from" in capsys.readouterr().err and not out.exists()
+
+
 def test_resume_with_a_changed_trajectory_is_refused(trunk, tmp_path, capsys):
     path, run, _ = trunk
     copy = tmp_path / "run"
