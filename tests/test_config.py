@@ -117,3 +117,10 @@ def test_a_union_field_gets_one_problem_line(tmp_path):
         assert "train.profile.ranks: a list of process indices (e.g. [0, 3]) or 'all'" in str(e.value)
     assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=all"]).train.profile.ranks == "all"
     assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=[0, 1]"]).train.profile.ranks == [0, 1]
+    # any union: one line naming the field, its types joined (pydantic gives one error per member it tried)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD), ["model.lora={r: 4, target_modules: 5}", "train.chunked_loss=maybe"])
+    assert str(e.value).splitlines() == [
+        "invalid config (2 problems):",
+        "  - model.lora.target_modules: Input should be a valid string or a valid list",
+        "  - train.chunked_loss: Input should be a valid boolean, unable to interpret input or 'auto'"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,29 @@ def _index(part: str, node: list, key: str) -> int:
 
 def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -> str:
     """One line per problem; ``order``: the top-level fields in the order their problems are listed (pydantic's own
-    order otherwise; problems of other keys last)."""
-    lines = [f"invalid config ({err.error_count()} problem{'s' if err.error_count() != 1 else ''}):"]
+    order otherwise; problems of other keys last). A value that fits none of a field's types (``str | list[str]``)
+    is one line naming the field, not one per type."""
     rank = {name: i for i, name in enumerate(order)}
+    problems: dict[str, str] = {}  # field path -> message, in order
     for e in sorted(err.errors(), key=lambda e: rank.get((e["loc"] or ("",))[0], len(order))):
-        loc = ".".join(str(p) for p in e["loc"])
+        path = list(e["loc"])
+        if len(path) > 1 and isinstance(path[-1], str) and _UNION_MEMBER.match(path[-1]):
+            path = path[:-1]  # pydantic's tag of the union member that was tried
+        loc = ".".join(str(p) for p in path)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling)"
-        lines.append(f"  - {loc}: {msg}" if loc else f"  - {msg}")  # whole-config checks name their fields themselves
+        if loc and loc in problems:  # another member of the same union
+            msg = problems[loc] + " or " + msg.removeprefix("Input should be ")
+        problems[loc or f"<{len(problems)}>"] = msg
+    lines = [f"invalid config ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
+    lines += [f"  - {msg}" if loc.startswith("<") else f"  - {loc}: {msg}"  # whole-config checks name their fields
+              for loc, msg in problems.items()]
     return "\n".join(lines)
+
+
+# how pydantic names the member of a union a value was tried against: str, list[str], literal['all'], ...
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|bytes|none|(list|dict|tuple|set|literal|function-[a-z]+)\[.*\])$")
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: str = "run, model, data, ...",
