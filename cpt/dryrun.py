@@ -26,9 +26,8 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.metrics import model_flops_per_token
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
-    from cpt.schedules import plan_for_run
-
     from cpt.resume import resolve_init
+    from cpt.schedules import plan_for_run
 
     check_attn_implementation(cfg.model)
     tokenizer = load_tokenizer(cfg.model)

@@ -108,7 +108,7 @@ class StepProfiler:
         prof.export_chrome_trace(f"{stem}.trace.json.gz")
         sort_by = "self_device_time_total" if self.device_type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=80)
-        (out / f"rank{self.rank}.ops.txt").write_text(
+        Path(f"{stem}.ops.txt").write_text(
             f"# steps {first}..{last}, rank {self.rank}, sorted by {sort_by}\n{table}\n")
         if self.cfg.memory and self.device_type == "cuda":
             torch.cuda.memory._dump_snapshot(f"{stem}.memory.pickle")

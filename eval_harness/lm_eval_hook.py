@@ -81,9 +81,10 @@ class UnknownTaskError(ValueError):
 def _task_manager(tasks: tuple[str, ...], paths: tuple[str, ...]):
     paths = list(paths)
     local = _indexed(tuple(paths), False)
-    if not _unknown(local, tasks):
+    not_local = _unknown(local, tasks)
+    if not not_local:
         return local
-    log.info("lm-eval: %s not local, indexing lm-eval's built-in tasks", _unknown(local, tasks))
+    log.info("lm-eval: %s not local, indexing lm-eval's built-in tasks", not_local)
     manager = _indexed(tuple(paths), True)
     missing = _unknown(manager, tasks)
     if missing:  # lm-eval would raise a KeyError deep inside simple_evaluate, after the model has loaded

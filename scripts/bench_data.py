@@ -7,10 +7,10 @@
 
     .venv/bin/python scripts/bench_data.py [--quick] [--workdir /tmp/cpt-bench]
     .venv/bin/python scripts/bench_data.py --text-mb 0.2 --stream-tokens 300000 --steps 5 --repeats 1   # seconds
+    .venv/bin/python scripts/bench_data.py --part stream --compare-src OLD_CHECKOUT [--rounds 5]
 
 ``--text-mb``, ``--stream-tokens``, ``--steps``: the sizes (default 20 MB, 200M tokens, 600 batches; with ``--quick``
 3 MB, 20M, 100); tiny sizes only check that the script runs (tests/test_bench_data.py), their numbers mean little.
-    .venv/bin/python scripts/bench_data.py --part stream --compare-src OLD_CHECKOUT [--rounds 5]
 
 ``--compare-src``: the stream + mixer benchmark of this checkout against another checkout's ``cpt`` package (e.g.
 ``git archive <rev> | tar -x -C /tmp/old``), in alternating child processes (new, old, new, old, ...) so that load

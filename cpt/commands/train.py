@@ -68,8 +68,6 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "deepspeed", "torch.distributed"):  # per-file save/load chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from cpt.data.shards import ShardError
-    from cpt.model import ModelLoadError
     from cpt.train import train
 
     if args.dry_run:
@@ -77,7 +75,7 @@ def main(argv: list[str]) -> int:
 
         try:
             print(format_run_plan(describe_run(cfg), args.tokens_per_s))
-        except (ShardError, ModelLoadError, ValueError, *run_errors()) as e:
+        except (ValueError, *run_errors()) as e:  # (run_errors: shards, model loading, checkpoints...)
             print(f"cpt train: error: {e}", file=sys.stderr)
             return 1
         return 0

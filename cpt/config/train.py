@@ -54,7 +54,7 @@ class ProfileConfig(Strict):
 
     @field_validator("ranks", mode="before")
     @classmethod
-    def _ranks(cls, v):  # one message instead of one per member of the union
+    def _ranks(cls, v):  # says what the field takes, with an example (the generic union line would not)
         if v != "all" and not isinstance(v, list):
             raise ValueError(f"a list of process indices (e.g. [0, 3]) or 'all', not {v!r}")
         return v
