@@ -48,3 +48,19 @@ def test_bench_throughput_tiny_cpu(tmp_path):
     assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["tiny-cpt.ops.txt", "tiny-cpt.trace.json.gz"]
     assert (tmp_path / "profile" / "tiny-cpt.ops.txt").read_text().startswith("# steps 7..7, rank 0")
     assert by["cpt"]["cpt_profile"] == [str(tmp_path / "profile" / n) for n in ("tiny-cpt.ops.txt", "tiny-cpt.trace.json.gz")]
+
+
+def test_gpu_session_script_runs_its_parts_and_skips_those_set_to_zero(tmp_path):
+    """scripts/gpu_session.sh as docs/benchmarks.md runs it (the second call's layout, benchmarks skipped so that
+    it fits a CPU machine): every part has its own log under $OUT, a limit of 0 skips a part, the GPU tests run
+    (and skip without CUDA)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "WHEELS": str(tmp_path / "no-wheels"), "CUDA_VISIBLE_DEVICES": "",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "T_LLAMA": "0", "T_SMOL": "0", "T_MB8": "0", "T_MB8C": "0", "T_LIGER": "0"}
+    proc = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for part in ("llama1b", "smollm2", "bench_loss", "llama1b_mb8", "llama1b_mb8_chunk4k", "llama1b_mb8_liger"):
+        assert f"=== {part}: skipped" in proc.stdout
+    assert "=== gpu_tests: exit 0" in proc.stdout, proc.stdout
+    assert "skipped" in (out / "gpu_tests.log").read_text()  # no CUDA here
