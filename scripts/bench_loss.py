@@ -15,7 +15,12 @@ Peak memory is measured above the memory held just before the call (inputs alloc
 ``working_mem`` is the peak minus those gradients, the memory the loss itself needs on top of its results.
 
     python scripts/bench_loss.py [--device cpu|cuda] [--dtype fp32|bf16] [--batch 1,2] [--repeats 2]
-        [--vocab 128256] [--hidden 2048] [--seq-len 2048] [--chunk-tokens 1024]
+        [--vocab 128256] [--hidden 2048] [--seq-len 2048] [--chunk-tokens 1024] [--torch-native]
+
+``--torch-native`` adds a third path where torch has it (2.13 and later): PyTorch's own chunked
+``F.linear_cross_entropy`` (``options=LinearCrossEntropyOptions()``, its automatic chunking), mean reduction. It
+returns the loss only, not the per-token losses cpt's per-source metrics need (its ``reduction="none"`` recomputes
+every chunk in backward), so it is a reference for time and memory, checked against today's loss and gradients.
 
 ``--dtype bf16`` runs both under bf16 autocast with fp32 weights (as cpt trains). Rounds alternate today/chunked;
 time and memory are the medians over rounds after one warm-up call of each. Prints one JSON line.
@@ -103,6 +108,15 @@ def chunked(h, w, ids, chunk_tokens):
     return loss.detach(), rows
 
 
+def torch_native(h, w, ids):
+    """PyTorch's chunked linear + cross-entropy (torch >= 2.13): the mean loss; per-row losses are not available."""
+    width = h.size(-1)
+    loss = F.linear_cross_entropy(h[:, :-1].reshape(-1, width), w, ids[:, 1:].reshape(-1),
+                                  options=torch.nn.LinearCrossEntropyOptions())
+    loss.backward()
+    return loss.detach(), None
+
+
 def measure(fn, h, w, ids, device, autocast_dtype):
     h.grad = w.grad = None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -125,7 +139,8 @@ def measure(fn, h, w, ids, device, autocast_dtype):
             seconds = time.perf_counter() - t0
         peak = mem.bytes
     grads = h.grad.numel() * h.grad.element_size() + w.grad.numel() * w.grad.element_size()
-    return {"seconds": seconds, "peak": peak, "grads": grads, "loss": float(loss), "rows": rows.float().cpu(),
+    return {"seconds": seconds, "peak": peak, "grads": grads, "loss": float(loss),
+            "rows": None if rows is None else rows.float().cpu(),
             "gh": h.grad.float().cpu()[:, :64, :64].clone(), "gw": w.grad.float().cpu()[:4096, :64].clone()}
 
 
@@ -139,7 +154,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--torch-native", action="store_true", help="also PyTorch's own F.linear_cross_entropy (torch >= 2.13)")
     args = ap.parse_args(argv)
+    if args.torch_native and not hasattr(F, "linear_cross_entropy"):
+        ap.error(f"--torch-native needs torch >= 2.13 (F.linear_cross_entropy); this is torch {torch.__version__}")
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     torch.manual_seed(0)
@@ -149,27 +167,35 @@ def main(argv=None) -> dict:
         h = torch.randn(bsz, args.seq_len, args.hidden, device=device).requires_grad_()
         ids = torch.randint(0, args.vocab, (bsz, args.seq_len), device=device)
         paths = {"today": today, "chunked": lambda h_, w_, i_: chunked(h_, w_, i_, args.chunk_tokens)}
+        if args.torch_native:
+            paths["torch_native"] = torch_native
         results = {name: [] for name in paths}
         for rnd in range(args.repeats + 1):  # round 0: warm-up, not counted
             for name, fn in paths.items():
                 r = measure(fn, h, w, ids, device, autocast_dtype)
                 if rnd:
                     results[name].append(r)
-        t, c = results["today"][-1], results["chunked"][-1]
+        t = results["today"][-1]
         tol = 2e-2 if autocast_dtype else 1e-4  # bf16: the two paths round the logits' products differently
-        same = (abs(t["loss"] - c["loss"]) <= tol * abs(t["loss"]) and torch.allclose(t["rows"], c["rows"], rtol=tol)
-                and torch.allclose(t["gh"], c["gh"], rtol=tol * 10, atol=tol * t["gh"].abs().max().item())
-                and torch.allclose(t["gw"], c["gw"], rtol=tol * 10, atol=tol * t["gw"].abs().max().item()))
+
+        def same_as_today(c):
+            return (abs(t["loss"] - c["loss"]) <= tol * abs(t["loss"])
+                    and (c["rows"] is None or torch.allclose(t["rows"], c["rows"], rtol=tol))
+                    and torch.allclose(t["gh"], c["gh"], rtol=tol * 10, atol=tol * t["gh"].abs().max().item())
+                    and torch.allclose(t["gw"], c["gw"], rtol=tol * 10, atol=tol * t["gw"].abs().max().item()))
         med = lambda name, key: statistics.median(r[key] for r in results[name])  # noqa: E731
         case = {"micro_batch": bsz}
         for name in paths:
             case[f"{name}_s"] = round(med(name, "seconds"), 3)
             case[f"{name}_peak_mem_gb"] = round(med(name, "peak") / 1e9, 3)
             case[f"{name}_working_mem_gb"] = round((med(name, "peak") - results[name][0]["grads"]) / 1e9, 3)
-        case["peak_mem_ratio"] = round(med("chunked", "peak") / med("today", "peak"), 3)
-        case["working_mem_ratio"] = round((med("chunked", "peak") - c["grads"]) / max(med("today", "peak") - t["grads"], 1), 3)
-        case["time_ratio"] = round(med("chunked", "seconds") / med("today", "seconds"), 3)
-        case["same_loss_and_grads"] = bool(same)
+        for name, prefix in (("chunked", ""), ("torch_native", "torch_native_")):
+            if name not in paths:
+                continue
+            case[f"{prefix}peak_mem_ratio"] = round(med(name, "peak") / med("today", "peak"), 3)
+            case[f"{prefix}working_mem_ratio"] = round((med(name, "peak") - t["grads"]) / max(med("today", "peak") - t["grads"], 1), 3)
+            case[f"{prefix}time_ratio"] = round(med(name, "seconds") / med("today", "seconds"), 3)
+            case[f"{prefix}same_loss_and_grads"] = bool(same_as_today(results[name][-1]))
         cases.append(case)
         del h, ids, results
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
