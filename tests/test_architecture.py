@@ -138,6 +138,23 @@ def test_a_module_missing_from_the_layers_is_unplaced():
     assert layer_of("eval_harness.benchmarks") == 2 and layer_of("cpt.experiment.runner") == 4
 
 
+def test_the_layers_are_the_documented_ones():
+    """LAYERS is the layer table of docs/architecture.md, module for module (`config/` = cpt.config, `eval_harness/` =
+    eval_harness), so the doc and the check cannot drift apart."""
+    import re
+
+    rows = re.findall(r"^\| (\d) [^|]+\| ([^|]+) \|", (ROOT / "docs" / "architecture.md").read_text(), re.M)
+    assert [int(i) for i, _ in rows] == list(range(len(LAYERS))), rows
+
+    def module(name: str) -> str:
+        name = name.removesuffix("/").removesuffix(".py")
+        return name if name == "eval_harness" else f"cpt.{name}"
+
+    for (i, cells), (label, names) in zip(rows, LAYERS):
+        documented = {module(n) for n in re.findall(r"`([^`]+)`", cells)}
+        assert documented == set(names) - set(ROOT_PACKAGES), (label, sorted(documented ^ (set(names) - set(ROOT_PACKAGES))))
+
+
 def test_model_applies_vocab_and_adapters_never_the_reverse():
     """docs/architecture.md: model.py imports vocab.py and adapters.py (they are applied to the built model), never the
     other way round (the layer check cannot see this: all three are in layer 1)."""
