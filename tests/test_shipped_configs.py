@@ -59,3 +59,40 @@ def test_shipped_config_dry_runs_as_the_docs_say(config, workdir, monkeypatch, c
     assert "stage 0 " in out and "source python: " in out and "source shakespeare: " in out, out
     assert "held-out sets (tokenizer checked): " in out and out.rstrip().splitlines()[-1].startswith("total: "), out
     assert not (workdir / load_config(workdir / config).run.output_dir).exists()  # nothing written
+
+
+def test_schedule_config_anneal_branch_after_the_demo(tiny_cpt_data, tiny_base, tmp_path, monkeypatch, capsys):
+    """README: after `cpt demo`, `cpt train configs/schedules/<x>.yaml`, then an anneal branch off a trunk checkpoint
+    with `--from CKPT --anneal N`. The branch (like --resume) builds the model from the config's model section and
+    loads the checkpoint into it, so that section must be the demo's base model: the shipped configs named a
+    2-layer hidden-64 `model.arch` beside `train.init_from: runs/demo/base/export` (the demo's base has 4 layers,
+    hidden 192), so the trunk trained the demo model and the branch could not load its checkpoint. Here the base
+    export has one layer more than that arch; the trunk is shortened to 10 steps (checkpoints every 4)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cpt.metrics import read_metrics
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.num_hidden_layers += 1
+    base = tmp_path / "runs" / "demo" / "base" / "export"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    for f in tiny_base.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, base / f.name)
+    link(ROOT / "configs", tmp_path / "configs")
+    link(tiny_cpt_data / "tokenizer", tmp_path / "runs" / "demo" / "tokenizer")
+    for corpus in ("python", "shakespeare"):
+        link(tiny_cpt_data / "data" / corpus, tmp_path / "runs" / "demo" / "data" / corpus)
+    monkeypatch.chdir(tmp_path)
+    short = ["--set", "stages.0.steps=10", "--set", "stages.0.schedule.warmup_steps=1", "--set", "checkpoint.every=4",
+             "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=8", "--set", "train.progress_bar=false",
+             "--set", "eval.tokens_per_set=1024"]
+    assert main(["train", "configs/schedules/wsd.yaml", *short]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    rc = main(["train", "configs/schedules/wsd.yaml", *short, "--from", "runs/schedules/wsd/checkpoints/step_00000004",
+               "--anneal", "2", "--output-dir", "runs/schedules/wsd-anneal4"])
+    assert rc == 0, capsys.readouterr().err
+    records = list(read_metrics(tmp_path / "runs" / "schedules" / "wsd-anneal4"))
+    assert max(r["step"] for r in records) == 6  # 2 anneal steps after the trunk's step 4
