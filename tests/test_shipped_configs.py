@@ -96,3 +96,14 @@ def test_schedule_config_anneal_branch_after_the_demo(tiny_cpt_data, tiny_base, 
     assert rc == 0, capsys.readouterr().err
     records = list(read_metrics(tmp_path / "runs" / "schedules" / "wsd-anneal4"))
     assert max(r["step"] for r in records) == 6  # 2 anneal steps after the trunk's step 4
+
+    # the old configs' mistake (a model section that is not the checkpoint's model) is one line, not a traceback
+    capsys.readouterr()
+    old_model = ["--set", "model.name_or_path=null", "--set", "model.tokenizer=runs/demo/tokenizer", "--set",
+                 "model.arch={model_type: llama, hidden_size: 64, intermediate_size: 160, num_hidden_layers: 2, "
+                 "num_attention_heads: 4, num_key_value_heads: 4, tie_word_embeddings: true}"]
+    rc = main(["train", "configs/schedules/wsd.yaml", *short, *old_model, "--from",
+               "runs/schedules/wsd/checkpoints/step_00000004", "--anneal", "2", "--output-dir", "runs/schedules/wsd-b"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert "its weights do not fit the model this run builds (9 unexpected key(s), e.g. model.layers.2." in err, err
