@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
-from cpt.state import StateError, Stateful, check_format, flatten, restore
+from cpt.state import StateError, Stateful, check_format, flatten, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
 
@@ -293,7 +292,7 @@ class CheckpointManager:
                 if "Error(s) in loading state_dict" not in str(e):
                     raise
                 raise CheckpointError(
-                    f"checkpoint {ckpt}: its weights do not fit the model this run builds ({_state_dict_mismatch(e)}): "
+                    f"checkpoint {ckpt}: its weights do not fit the model this run builds ({state_dict_mismatch(e)}): "
                     "the run config's model section (model.name_or_path / model.arch) must be the model the "
                     "checkpoint was trained from") from None
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
@@ -301,25 +300,6 @@ class CheckpointManager:
         self.acc.step = 0
         if components is not None:
             load_components(ckpt, components)
-
-
-def _state_dict_mismatch(e: RuntimeError) -> str:
-    """torch's load_state_dict error in a few words: how many keys are missing / unexpected / of another shape, and
-    the first of each."""
-    text = str(e)
-    parts = []
-    for label, pattern in (("missing", r'Missing key\(s\) in state_dict: ([^\n]*)'),
-                           ("unexpected", r'Unexpected key\(s\) in state_dict: ([^\n]*)')):
-        m = re.search(pattern, text)
-        if m:
-            keys = re.findall(r'"([^"]+)"', m.group(1))
-            parts.append(f"{len(keys)} {label} key(s), e.g. {keys[0]}" if keys else f"{label} keys")
-    shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
-                        r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
-    if shapes:
-        name, saved, current = shapes[0]
-        parts.append(f"{len(shapes)} of another shape, e.g. {name}: {saved} in the checkpoint, {current} in the model")
-    return "; ".join(parts) or text.splitlines()[0]
 
 
 def load_components(ckpt: Path, components: Mapping[str, Stateful]) -> None:
