@@ -40,7 +40,7 @@ import torch
 
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
-from cpt.state import StateError, Stateful, check_format, flatten, restore
+from cpt.state import StateError, Stateful, check_format, flatten, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
 
@@ -286,7 +286,15 @@ class CheckpointManager:
                         "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
             self.portable.load_portable(self.acc, self.acc._models[0], self.acc._optimizers[0], ckpt)
         else:
-            self.acc.load_state(str(ckpt))
+            try:
+                self.acc.load_state(str(ckpt))
+            except RuntimeError as e:  # torch's load_state_dict: keys or shapes that do not fit the model
+                if "Error(s) in loading state_dict" not in str(e):
+                    raise
+                raise CheckpointError(
+                    f"checkpoint {ckpt}: its weights do not fit the model this run builds ({state_dict_mismatch(e)}): "
+                    "the run config's model section (model.name_or_path / model.arch) must be the model the "
+                    "checkpoint was trained from") from None
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
         self.acc.step = 0

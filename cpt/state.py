@@ -16,6 +16,7 @@ silently (an EMA from the current weights, a data stream from its beginning). A 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -99,3 +100,19 @@ def restore(components: Mapping[str, Stateful], doc: Mapping[str, Any], tensors:
         except (ValueError, KeyError, TypeError) as e:
             reason = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise StateError(f"its {name!r} state does not fit this run: {reason}") from e
+
+
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """torch's load_state_dict error (weights that do not fit a model) in a few words: how many keys are missing /
+    unexpected / of another shape, and the first of each."""
+    text, parts = str(e), []
+    for label, head in (("missing", "Missing key(s)"), ("unexpected", "Unexpected key(s)")):
+        keys = re.findall(r'"([^"]+)"', next((line for line in text.splitlines() if head in line), ""))
+        if keys:
+            parts.append(f"{len(keys)} {label} key(s), e.g. {keys[0]}")
+    shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                        r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    if shapes:
+        name, saved, current = shapes[0]
+        parts.append(f"{len(shapes)} of another shape, e.g. {name}: {saved} in the checkpoint, {current} in the model")
+    return "; ".join(parts) or text.splitlines()[0]

@@ -19,14 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cpt", "eval_harness")
 # what the config layer may import from cpt: leaf modules that import nothing of cpt themselves
 CONFIG_LAYER_DEPS = {"cpt.redaction"}
-# the layers of docs/architecture.md, bottom first; a package name covers its submodules. A module imports only from
-# its own layer or those below. (consolidate, accelerator and experiment_sequence are main's, merged alongside.)
+# the layers of docs/architecture.md, bottom first; a package name covers its submodules (the root package "cpt" only
+# itself: see ROOT_PACKAGES). A module imports only from its own layer or those below.
 LAYERS = (
     ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock", "cpt.state")),
     ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.vocab", "cpt.distributed",
                                 "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss")),
     ("components", ("cpt.optim", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate",
-                    "cpt.metrics", "cpt.checkpoint", "cpt.resume", "cpt.consolidate", "cpt.report", "eval_harness")),
+                    "cpt.metrics", "cpt.profiling", "cpt.checkpoint", "cpt.resume", "cpt.consolidate", "cpt.report",
+                    "eval_harness")),
     ("loop", ("cpt.train", "cpt.dryrun")),
     ("commands", ("cpt.cli", "cpt.commands", "cpt.experiment", "cpt.demo")),
 )
@@ -106,12 +107,16 @@ def test_cpt_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+ROOT_PACKAGES = ("cpt",)  # listed in LAYERS for their own __init__ only: they must not place every module below them
+
+
 def layer_of(module: str) -> int | None:
-    """The index in LAYERS of the longest name that is ``module`` or a package above it."""
+    """The index in LAYERS of the longest name that is ``module`` or a package above it (a root package only itself)."""
     best = None
     for i, (_, names) in enumerate(LAYERS):
         for name in names:
-            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+            covers = module == name or (name not in ROOT_PACKAGES and module.startswith(name + "."))
+            if covers and (best is None or len(name) > best[1]):
                 best = (i, len(name))
     return None if best is None else best[0]
 
@@ -123,6 +128,39 @@ def test_every_module_is_in_a_layer_and_imports_only_downwards():
     upward = [f"{m} ({LAYERS[layer_of(m)][0]}) -> {d} ({LAYERS[layer_of(d)][0]})"
               for m in sorted(graph) for d in sorted(graph[m]) if layer_of(d) > layer_of(m)]
     assert not upward, "imports from a higher layer: " + "; ".join(upward)
+
+
+def test_a_module_missing_from_the_layers_is_unplaced():
+    """The root package "cpt" (layer 0, for cpt/__init__.py) does not place its submodules: cpt.profiling was in no
+    layer of LAYERS and passed as layer 0 through it, while docs/architecture.md puts it in the components."""
+    assert layer_of("cpt") == 0 and layer_of("cpt.not_in_any_layer") is None
+    assert layer_of("cpt.config.base") == 0 and layer_of("cpt.data.loader") == 1 and layer_of("cpt.profiling") == 2
+    assert layer_of("eval_harness.benchmarks") == 2 and layer_of("cpt.experiment.runner") == 4
+
+
+def test_the_layers_are_the_documented_ones():
+    """LAYERS is the layer table of docs/architecture.md, module for module (`config/` = cpt.config, `eval_harness/` =
+    eval_harness), so the doc and the check cannot drift apart."""
+    import re
+
+    rows = re.findall(r"^\| (\d) [^|]+\| ([^|]+) \|", (ROOT / "docs" / "architecture.md").read_text(), re.M)
+    assert [int(i) for i, _ in rows] == list(range(len(LAYERS))), rows
+
+    def module(name: str) -> str:
+        name = name.removesuffix("/").removesuffix(".py")
+        return name if name == "eval_harness" else f"cpt.{name}"
+
+    for (i, cells), (label, names) in zip(rows, LAYERS):
+        documented = {module(n) for n in re.findall(r"`([^`]+)`", cells)}
+        assert documented == set(names) - set(ROOT_PACKAGES), (label, sorted(documented ^ (set(names) - set(ROOT_PACKAGES))))
+
+
+def test_model_applies_vocab_and_adapters_never_the_reverse():
+    """docs/architecture.md: model.py imports vocab.py and adapters.py (they are applied to the built model), never the
+    other way round (the layer check cannot see this: all three are in layer 1)."""
+    graph = import_graph()
+    assert {"cpt.vocab", "cpt.adapters"} <= graph["cpt.model"]
+    assert "cpt.model" not in graph["cpt.vocab"] | graph["cpt.adapters"]
 
 
 def config_package(graph: dict[str, set[str]]) -> list[str]:

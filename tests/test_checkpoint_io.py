@@ -324,3 +324,19 @@ def test_streamed_safetensors_load_with_safetensors(tmp_path):
     back = load_file(tmp_path / "x.safetensors")
     assert back.keys() == tensors.keys()
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_summarised():
+    """CheckpointManager.load turns torch's load_state_dict error (a model section that is not the checkpoint's model)
+    into one line: how many keys are missing / unexpected / of another shape, and the first of each."""
+
+    from cpt.state import state_dict_mismatch
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4))
+    said = []
+    for state in ({"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(4)}, {"0.weight": torch.zeros(4, 2), "x": torch.zeros(1)}):
+        with pytest.raises(RuntimeError) as e:
+            model.load_state_dict(state)
+        said.append(state_dict_mismatch(e.value))
+    assert said == ["1 of another shape, e.g. 0.weight: [3, 2] in the checkpoint, [4, 2] in the model",
+                    "1 missing key(s), e.g. 0.bias; 1 unexpected key(s), e.g. x"]

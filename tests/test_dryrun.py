@@ -70,7 +70,7 @@ def test_dry_run_flags_repetition_and_a_tokenizer_mismatch(tiny_cpt_data, tmp_pa
 
 def test_plan_describes_the_init_from_model(tiny_cpt_data, tiny_base, tmp_path, capsys):
     """train.init_from naming an HF export: training builds that model, whatever model.arch says; the plan used to
-    describe model.arch's (the shipped schedule configs pair a small arch with the demo's base export)."""
+    describe model.arch's (the shipped schedule configs once paired a small arch with the demo's base export)."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM

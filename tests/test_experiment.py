@@ -236,6 +236,27 @@ def test_changed_spec_is_refused(grid):
         run_experiment(TINY, grid["out"], echo=Echo(), overrides=SMALL + ["cpt_lr.max_lr=0.002"])
 
 
+def test_changed_config_names_the_changed_fields(tmp_path):
+    """The refusal names each differing field, inside lists too (a stage's LR was the whole `stages` list dumped
+    twice, hundreds of characters, instead of `stages.0.schedule.max_lr: 0.003 -> 0.002`)."""
+    from cpt.config import config_to_dict
+    from cpt.experiment.runner import check_same_config
+
+    plans = plan_runs(load_spec(TINY), tmp_path, tmp_path / "tok", tmp_path / "data")
+    old = run_configs(plans)["base"]
+    run_dir = tmp_path / "runs" / "base"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(old), sort_keys=False))
+    check_same_config(run_dir, old)  # the same config: accepted
+    changed = run_configs(plan_runs(load_spec(TINY, ["base_lr.max_lr=0.002"]), tmp_path, tmp_path / "tok",
+                                    tmp_path / "data"))["base"]
+    with pytest.raises(ExperimentError) as e:
+        check_same_config(run_dir, changed)
+    message = str(e.value)
+    assert "(stages.0.schedule.max_lr: 0.003 -> 0.002): the spec changed" in message, message
+    assert len(message) < 300, message
+
+
 # ---------------------------------------------------------------- specs, CLI, schedules (no training)
 
 

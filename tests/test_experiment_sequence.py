@@ -204,3 +204,7 @@ def test_bad_sequence_specs():
     with pytest.raises(ExperimentError, match="replay"):
         load_spec(tiny_spec_stub(replay=1.0))
     assert not is_sequence_spec({"corpus_a": {}})
+    # lm-eval tasks are the pair grid's: a sequence refuses them rather than dropping them silently
+    for ev in ({"lm_eval_tasks": ["cpt_python_next"]}, {"lm_eval_limit": 50}):
+        with pytest.raises(ExperimentError, match="a dataset sequence does not run lm-eval tasks"):
+            load_spec(tiny_spec_stub(eval=ev))

@@ -163,9 +163,10 @@ _IGNORED_KEYS = ("train.progress_bar", "train.log_every", "logging.", "eval.batc
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
+    """{dotted key: leaf value}, into lists too (``stages.0.schedule.max_lr``), so a difference names its field."""
+    if isinstance(d, (dict, list)):
         out = {}
-        for k, v in d.items():
+        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}

@@ -308,6 +308,10 @@ class SequenceSpec(SpecCommon):
             errors.append(f"seeds: duplicates {self.seeds}")
         if len(set(self.strategies)) != len(self.strategies):
             errors.append(f"strategies: duplicates {self.strategies}")
+        if self.eval.lm_eval_tasks or self.eval.lm_eval_limit is not None:
+            # the sequence's runs and its forgetting matrix have no benchmark columns: refused, not silently dropped
+            errors.append("eval.lm_eval_tasks / eval.lm_eval_limit: a dataset sequence does not run lm-eval tasks "
+                          "(only the pair grid does)")
         errors += _shape_errors(self)
         errors += _budget_errors(self, ("base_tokens", "stage_tokens"))
         if errors:
