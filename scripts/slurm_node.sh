@@ -7,7 +7,11 @@
 # signalled directly because torchrun's agent inside `accelerate launch` does not handle SIGUSR1 (by default it would
 # die of it; checked up to torch 2.13) and gives its ranks only 30 s after a SIGTERM by default.
 set -u
-accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@" &
+# The launcher runs with SIGUSR1 ignored: where SLURM signals every process of the step, not only this task
+# (cgroup.conf SignalChildrenProcesses=yes, proctrack/pgid or linuxproc), torchrun's agent would otherwise die of the
+# warning and take the node's ranks down while they save. The ranks inherit the ignored SIGUSR1; cpt's CLI restores
+# its default action at start-up and the training loop installs its handler.
+( trap '' USR1; exec accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@" ) &
 launcher=$!
 
 relay() {  # retried until a rank got it (the warning can come while the ranks are still being started)

@@ -13,7 +13,8 @@ one node, for tests/test_slurm.py (which writes `sbatch`/`srun`/`scontrol` wrapp
 * ``srun [--opt=value ...] CMD ARGS``: runs CMD as the one task per node of the step (SLURM_NODEID/PROCID = the
   node's index, LOCALID=0) and handles signals as srun does (slurm src/srun: ``_srun_signal_mgr``): SIGTERM, SIGHUP and SIGQUIT "force job
   termination", i.e. SIGKILL every process of the step; a single SIGINT is not forwarded; SIGUSR1, SIGUSR2 and the
-  rest are forwarded to the tasks. Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``. It exits with the
+  rest are forwarded to the tasks (with ``FAKE_SRUN_SIGNAL_CHILDREN=1`` to every process of the step, as SLURM does
+  with cgroup.conf ``SignalChildrenProcesses=yes``, proctrack/pgid or proctrack/linuxproc). Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``. It exits with the
   first failing task's code (128 + signal if the task was killed), else 0. Like srun since SLURM 22.05 it does not
   inherit the job's ``--cpus-per-task`` (SLURM_CPUS_PER_TASK): a task gets srun's own ``--cpus-per-task``, else
   SRUN_CPUS_PER_TASK, else 1 CPU; each step is logged to ``$FAKE_SLURM_DIR/srun_steps.jsonl`` with that count.
@@ -150,6 +151,9 @@ def srun(argv: list[str]) -> int:
                 _kill_tree(child.pid)
         elif sig == signal.SIGINT:
             print("srun: interrupt (one more within 1 sec to abort)", file=sys.stderr, flush=True)
+        elif os.environ.get("FAKE_SRUN_SIGNAL_CHILDREN") == "1":  # SignalChildrenProcesses=yes: every process
+            for child in children:
+                _signal_tree(child.pid, sig)
         else:
             for child in children:
                 child.send_signal(sig)
@@ -162,6 +166,10 @@ def srun(argv: list[str]) -> int:
 
 
 def _kill_tree(pid: int) -> None:
+    _signal_tree(pid, signal.SIGKILL)
+
+
+def _signal_tree(pid: int, sig: int) -> None:
     import psutil
 
     try:
@@ -171,7 +179,7 @@ def _kill_tree(pid: int) -> None:
         return
     for p in procs:
         try:
-            p.kill()
+            p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
 

@@ -56,9 +56,9 @@ class FakeSlurm:
         env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
         return env
 
-    def submit(self, cfg_path: Path, strategy: str = "ddp") -> str:
+    def submit(self, cfg_path: Path, strategy: str = "ddp", **env) -> str:
         out = subprocess.run(["sbatch", "--gpus-per-node=2", str(SCRIPT), str(cfg_path), strategy], cwd=self.submit_dir,
-                             env=self.env(), capture_output=True, text=True, check=True).stdout
+                             env={**self.env(), **env}, capture_output=True, text=True, check=True).stdout
         assert out.startswith("Submitted batch job "), out
         return out.split()[-1]
 
@@ -112,7 +112,12 @@ def slurm(tmp_path):
 
 
 @pytest.mark.timeout(300)  # about 20-40 s; a hang fails here instead of holding the suite for 15 minutes
-def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path, slurm):
+@pytest.mark.parametrize("signal_children", [False, True], ids=["task-only", "every-process"])
+def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path, slurm,
+                                                                         signal_children):
+    """task-only: srun's forwarded SIGUSR1 reaches only the task (proctrack/cgroup, the usual set-up);
+    every-process: every process of the step gets it, torchrun's agent too (SignalChildrenProcesses=yes,
+    proctrack/pgid or linuxproc): the agent must survive it (scripts/slurm_node.sh starts it with SIGUSR1 ignored)."""
 
     def config(name: str) -> Path:
         cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
@@ -133,7 +138,7 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
 
     # the same job, warned of its time limit after a few steps
     run = tmp_path / "run"
-    job_id = slurm.submit(config("run"))
+    job_id = slurm.submit(config("run"), FAKE_SRUN_SIGNAL_CHILDREN="1" if signal_children else "0")
     job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and len(losses(run)) >= 4)
     assert not job["done"], slurm.log(job_id)[-5000:]
     assert job["warning"] == {"batch_shell_only": True, "signal": "USR1", "seconds_before_limit": 300}
@@ -142,6 +147,7 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
     log = slurm.log(job_id)
     assert [(r["restart"], r["requeued"]) for r in job["runs"]] == [(0, True), (1, False)], log[-5000:]
     assert job["runs"][1]["rc"] == 0, log[-5000:]
+    assert "ranks stopped (exit 0)" in log, log[-5000:]  # the launcher ended as after a normal run
 
     # what happened, in the job's one log file (appended across the requeue)
     k = next(int(line.split("PREEMPTED at step ")[1].split()[0]) for line in log.splitlines() if "PREEMPTED at step " in line)
