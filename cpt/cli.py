@@ -6,6 +6,7 @@ Commands are imported only when run, so `cpt --help` is instant.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 COMMANDS: dict[str, str] = {
@@ -31,6 +32,14 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def restore_usr1() -> None:
+    """SIGUSR1 back to its default action when a launcher started us with it ignored (scripts/slurm_node.sh shields
+    torchrun's agent that way, and the ranks inherit it): a time-limit warning that comes before the training loop
+    installs its handler must still end the rank (the job is then requeued), not be lost."""
+    if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -42,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
+    restore_usr1()
     if name not in COMMANDS:
         print(f"cpt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -4,10 +4,14 @@
 # Runs `accelerate launch` with this node's machine rank ($SLURM_NODEID). On SIGUSR1 (the time-limit warning, which
 # srun forwards to its tasks) it signals this node's ranks, the launcher's child processes, with SIGUSR1: each finishes
 # its step, all ranks agree, save a checkpoint and exit 0, and the launcher ends as after a normal run. The ranks are
-# signalled directly because torchrun's agent inside `accelerate launch` does not handle SIGUSR1 (before torch 2.9 it
-# would die of it) and gives its ranks only 30 s after a SIGTERM by default.
+# signalled directly because torchrun's agent inside `accelerate launch` does not handle SIGUSR1 (by default it would
+# die of it; checked up to torch 2.13) and gives its ranks only 30 s after a SIGTERM by default.
 set -u
-accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@" &
+# The launcher runs with SIGUSR1 ignored: where SLURM signals every process of the step, not only this task
+# (cgroup.conf SignalChildrenProcesses=yes, proctrack/pgid or linuxproc), torchrun's agent would otherwise die of the
+# warning and take the node's ranks down while they save. The ranks inherit the ignored SIGUSR1; cpt's CLI restores
+# its default action at start-up and the training loop installs its handler.
+( trap '' USR1; exec accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@" ) &
 launcher=$!
 
 relay() {  # retried until a rank got it (the warning can come while the ranks are still being started)

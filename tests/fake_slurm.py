@@ -3,17 +3,21 @@ one node, for tests/test_slurm.py (which writes `sbatch`/`srun`/`scontrol` wrapp
 
 * ``sbatch [--opt=value ...] SCRIPT ARGS``: reads the script's ``#SBATCH`` lines (command-line options override
   them), prints ``Submitted batch job N`` and returns; a background supervisor runs ``bash SCRIPT ARGS`` in the
-  submit directory with the SLURM_* variables of a 1-node job, stdout and stderr to ``--output`` (``%x``, ``%j``
+  submit directory with the SLURM_* variables of a ``--nodes`` job (default 1; the nodes are names only, all on this
+  machine; SLURM_CPUS_PER_TASK when ``--cpus-per-task`` is given), stdout and stderr to ``--output`` (``%x``, ``%j``
   expanded, relative to the submit directory; like SLURM, the job fails if that file cannot be opened), truncated or
   appended per ``--open-mode``. When ``scontrol requeue N`` was called during a run, the script runs again with
   ``SLURM_RESTART_COUNT`` incremented, the same job id, and the output reopened per ``--open-mode``.
   ``$FAKE_SLURM_DIR/job_N.json`` holds the parsed directives, the batch shell's pid (the process a
   ``--signal=B:SIG@T`` warning goes to: the test sends it, playing the clock) and every run's exit code.
-* ``srun [--opt ...] CMD ARGS``: runs CMD as the one task of the step with SLURM_NODEID/PROCID/LOCALID=0 and
-  handles signals as srun does (slurm src/srun: ``_srun_signal_mgr``): SIGTERM, SIGHUP and SIGQUIT "force job
+* ``srun [--opt=value ...] CMD ARGS``: runs CMD as the one task per node of the step (SLURM_NODEID/PROCID = the
+  node's index, LOCALID=0) and handles signals as srun does (slurm src/srun: ``_srun_signal_mgr``): SIGTERM, SIGHUP and SIGQUIT "force job
   termination", i.e. SIGKILL every process of the step; a single SIGINT is not forwarded; SIGUSR1, SIGUSR2 and the
-  rest are forwarded to the task. Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``. It exits with the
-  task's code (128 + signal if the task was killed).
+  rest are forwarded to the tasks (with ``FAKE_SRUN_SIGNAL_CHILDREN=1`` to every process of the step, as SLURM does
+  with cgroup.conf ``SignalChildrenProcesses=yes``, proctrack/pgid or proctrack/linuxproc). Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``. It exits with the
+  first failing task's code (128 + signal if the task was killed), else 0. Like srun since SLURM 22.05 it does not
+  inherit the job's ``--cpus-per-task`` (SLURM_CPUS_PER_TASK): a task gets srun's own ``--cpus-per-task``, else
+  SRUN_CPUS_PER_TASK, else 1 CPU; each step is logged to ``$FAKE_SLURM_DIR/srun_steps.jsonl`` with that count.
 * ``scontrol show hostnames LIST`` prints the hosts of a comma-separated LIST; ``scontrol requeue N`` marks job N
   for requeue; anything else fails. Every call is logged to ``$FAKE_SLURM_DIR/scontrol.log`` (one JSON list a line).
 """
@@ -65,13 +69,10 @@ def directives(script: str) -> dict[str, str]:
 
 
 def sbatch(argv: list[str]) -> int:
-    opts = [a for a in argv if a.startswith("--")]
-    script, args = argv[len(opts)], argv[len(opts) + 1:]
+    n = next(i for i, a in enumerate(argv) if not a.startswith("--"))  # options come before the script, as in sbatch
+    opts, script, args = argv[:n], argv[n], argv[n + 1:]
     d = {**directives(script), **_options(opts)}
     nodes = int(d.get("nodes", "1"))
-    if nodes != 1:
-        print(f"fake sbatch: only 1 node is simulated (got --nodes {nodes})", file=sys.stderr)
-        return 1
     STATE.mkdir(parents=True, exist_ok=True)
     job_id = str(1000 + len(list(STATE.glob("job_*.json"))))
     sig = d.get("signal", "")
@@ -98,9 +99,13 @@ def supervise(job_id: str) -> int:
     append = d.get("open-mode") == "append"
     restart = 0
     while True:
-        env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_JOB_NAME=name, SLURM_NNODES="1",
-                   SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=submit_dir,
+        nodes = d.get("nodes", "1")
+        hosts = "localhost" if nodes == "1" else ",".join(f"node{i}" for i in range(int(nodes)))
+        env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_JOB_NAME=name, SLURM_NNODES=nodes,
+                   SLURM_JOB_NUM_NODES=nodes, SLURM_JOB_NODELIST=hosts, SLURM_SUBMIT_DIR=submit_dir,
                    SLURM_GPUS_ON_NODE=d.get("gpus-per-node", "1"), SLURM_NTASKS_PER_NODE=d.get("ntasks-per-node", "1"))
+        if "cpus-per-task" in d:
+            env["SLURM_CPUS_PER_TASK"] = d["cpus-per-task"]
         if restart:
             env["SLURM_RESTART_COUNT"] = str(restart)
         try:
@@ -127,27 +132,44 @@ def srun(argv: list[str]) -> int:
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         i += 1
-    env = dict(os.environ, SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_STEP_ID="0")
-    child = subprocess.Popen(argv[i:], env=env)
+    opts = _options(argv[:i])
+    cpus = opts.get("cpus-per-task") or os.environ.get("SRUN_CPUS_PER_TASK") or "1"  # never SLURM_CPUS_PER_TASK
+    with open(STATE / "srun_steps.jsonl", "a") as f:
+        f.write(json.dumps({"argv": argv, "cpus_per_task": int(cpus)}) + "\n")
+    children = []
+    for node in range(int(os.environ.get("SLURM_NNODES", "1"))):
+        env = dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node), SLURM_LOCALID="0", SLURM_STEP_ID="0",
+                   SLURM_CPUS_PER_TASK=cpus)
+        children.append(subprocess.Popen(argv[i:], env=env))
 
     def handle(sig, _frame):
         with open(STATE / "srun.log", "a") as f:
             f.write(signal.Signals(sig).name + "\n")
         if sig in KILLS_STEP:
             print("srun: forcing job termination", file=sys.stderr, flush=True)
-            _kill_tree(child.pid)
+            for child in children:
+                _kill_tree(child.pid)
         elif sig == signal.SIGINT:
             print("srun: interrupt (one more within 1 sec to abort)", file=sys.stderr, flush=True)
+        elif os.environ.get("FAKE_SRUN_SIGNAL_CHILDREN") == "1":  # SignalChildrenProcesses=yes: every process
+            for child in children:
+                _signal_tree(child.pid, sig)
         else:
-            child.send_signal(sig)
+            for child in children:
+                child.send_signal(sig)
 
     for sig in HANDLED:
         signal.signal(sig, handle)
-    rc = child.wait()
+    codes = [child.wait() for child in children]
+    rc = next((c for c in codes if c != 0), 0)
     return rc if rc >= 0 else 128 - rc
 
 
 def _kill_tree(pid: int) -> None:
+    _signal_tree(pid, signal.SIGKILL)
+
+
+def _signal_tree(pid: int, sig: int) -> None:
     import psutil
 
     try:
@@ -157,7 +179,7 @@ def _kill_tree(pid: int) -> None:
         return
     for p in procs:
         try:
-            p.kill()
+            p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
 

@@ -61,3 +61,19 @@ def test_train_user_errors_are_one_line_not_a_traceback(tiny_cpt_data, tmp_path,
     assert main(["train", str(path)]) == 1
     err = capsys.readouterr().err
     assert "cpt train: error: model.tokenizer" in err and "no-such-tokenizer" in err
+
+
+def test_cli_restores_an_ignored_sigusr1():
+    """scripts/slurm_node.sh starts `accelerate launch` with SIGUSR1 ignored (so torchrun's agent survives a SLURM
+    warning sent to every process of the step) and the ranks inherit that: `cpt` restores the default action, so a
+    warning that comes before the training loop's handler still ends the rank (and the job is requeued)."""
+    import signal
+
+    from cpt import cli
+
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        assert cli.main(["no-such-command"]) == 2
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, before)

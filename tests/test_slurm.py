@@ -56,9 +56,9 @@ class FakeSlurm:
         env.setdefault("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))
         return env
 
-    def submit(self, cfg_path: Path, strategy: str = "ddp") -> str:
+    def submit(self, cfg_path: Path, strategy: str = "ddp", **env) -> str:
         out = subprocess.run(["sbatch", "--gpus-per-node=2", str(SCRIPT), str(cfg_path), strategy], cwd=self.submit_dir,
-                             env=self.env(), capture_output=True, text=True, check=True).stdout
+                             env={**self.env(), **env}, capture_output=True, text=True, check=True).stdout
         assert out.startswith("Submitted batch job "), out
         return out.split()[-1]
 
@@ -112,7 +112,12 @@ def slurm(tmp_path):
 
 
 @pytest.mark.timeout(300)  # about 20-40 s; a hang fails here instead of holding the suite for 15 minutes
-def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path, slurm):
+@pytest.mark.parametrize("signal_children", [False, True], ids=["task-only", "every-process"])
+def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path, slurm,
+                                                                         signal_children):
+    """task-only: srun's forwarded SIGUSR1 reaches only the task (proctrack/cgroup, the usual set-up);
+    every-process: every process of the step gets it, torchrun's agent too (SignalChildrenProcesses=yes,
+    proctrack/pgid or linuxproc): the agent must survive it (scripts/slurm_node.sh starts it with SIGUSR1 ignored)."""
 
     def config(name: str) -> Path:
         cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
@@ -133,7 +138,7 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
 
     # the same job, warned of its time limit after a few steps
     run = tmp_path / "run"
-    job_id = slurm.submit(config("run"))
+    job_id = slurm.submit(config("run"), FAKE_SRUN_SIGNAL_CHILDREN="1" if signal_children else "0")
     job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and len(losses(run)) >= 4)
     assert not job["done"], slurm.log(job_id)[-5000:]
     assert job["warning"] == {"batch_shell_only": True, "signal": "USR1", "seconds_before_limit": 300}
@@ -142,6 +147,7 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
     log = slurm.log(job_id)
     assert [(r["restart"], r["requeued"]) for r in job["runs"]] == [(0, True), (1, False)], log[-5000:]
     assert job["runs"][1]["rc"] == 0, log[-5000:]
+    assert "ranks stopped (exit 0)" in log, log[-5000:]  # the launcher ended as after a normal run
 
     # what happened, in the job's one log file (appended across the requeue)
     k = next(int(line.split("PREEMPTED at step ")[1].split()[0]) for line in log.splitlines() if "PREEMPTED at step " in line)
@@ -180,3 +186,46 @@ def test_resume_with_nothing_complete_to_resume_starts_fresh(tmp_path):
         check_fresh_run_dir(run, resume=True)
     with pytest.raises(CheckpointError, match="pass --resume"):
         check_fresh_run_dir(run, resume=False)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
+    """The shipped script on a 2-node job, with a recording stand-in for `accelerate` (no training): one
+    `accelerate launch` per node with that node's machine rank, the first node as rendezvous host, every CPU of
+    --cpus-per-task for the step (srun does not inherit it from sbatch since SLURM 22.05), and a command line that
+    accelerate's own parser and config merge read as intended (for ZeRO: the absolute DeepSpeed JSON, the standard
+    launcher). About 2 s."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    calls = tmp_path / "accelerate_calls.jsonl"
+    fake = slurm.bin / "accelerate"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"with open({str(calls)!r}, 'a') as f:\n"
+                    "    f.write(json.dumps({'argv': sys.argv[1:], 'node': os.environ['SLURM_NODEID'],\n"
+                    "                        'cpus': os.environ['SLURM_CPUS_PER_TASK']}) + '\\n')\n")
+    fake.chmod(0o755)
+    env = slurm.env()
+    out = subprocess.run(["sbatch", "--nodes=2", "--gpus-per-node=4", str(SCRIPT), "run.yaml", strategy, "--set", "x=1"],
+                         cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
+    job_id = out.split()[-1]
+    job = slurm.wait(job_id, timeout=60)
+    log = slurm.log(job_id)
+    assert job["runs"] == [{"restart": 0, "rc": 0, "requeued": False}], log
+    assert "2 node(s) x 4, " + strategy in log and "srun exited with 0" in log, log
+
+    steps = [json.loads(x) for x in (slurm.state / "srun_steps.jsonl").read_text().splitlines()]
+    assert [s["cpus_per_task"] for s in steps] == [64], steps  # #SBATCH --cpus-per-task=64, not srun's default 1
+    got = sorted((json.loads(x) for x in calls.read_text().splitlines()), key=lambda c: c["node"])
+    assert [(c["node"], c["cpus"]) for c in got] == [("0", "64"), ("1", "64")]
+    for rank, call in enumerate(got):
+        assert call["argv"][0] == "launch"
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(call["argv"][1:]))
+        assert (args.machine_rank, args.num_machines, args.num_processes) == (rank, 2, 8)
+        assert (args.main_process_ip, args.main_process_port) == ("node0", int(env["MASTER_PORT"]))
+        assert args.module and args.training_script == "cpt.cli"
+        assert args.training_script_args == ["train", "run.yaml", "--resume", "--set", "x=1"]
+        if strategy == "fsdp":
+            assert args.use_fsdp and args.fsdp_version == 2 and not args.use_deepspeed
+        else:
+            assert args.use_deepspeed and args.deepspeed_multinode_launcher == "standard"
+            assert args.deepspeed_config_file == str(ROOT / "configs" / "deepspeed" / "zero3.json")

@@ -14,7 +14,7 @@ from cpt.config.base import Strict
 class VocabConfig(Strict):
     # a text file with one new token per line, or learn `learn_tokens` new tokens from `learn_from`
     add_tokens_file: str | None = None
-    # a text file, a .jsonl file (field `text_field`), or a directory of such files (read recursively)
+    # what `cpt prepare` reads (jsonl/.gz/.zst, parquet, text; field `text_field`): a file, a folder or a glob
     learn_from: str | None = None
     learn_tokens: int = Field(0, ge=0)
     learn_max_chars: int = Field(20_000_000, gt=0)  # read at most this much of `learn_from`
