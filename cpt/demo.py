@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import sysconfig
 import time
 from pathlib import Path
@@ -165,6 +166,14 @@ def cpt_config(root: Path, s: dict[str, Any], replay: float = 0.25) -> dict[str,
 # ------------------------------------------------------------------------------------------ the demo
 
 
+def _replace_previous_run(run_dir: Path, root: Path, echo) -> None:
+    """Remove an earlier demo run's folder (a re-run of the demo starts both runs over), saying so; only inside the
+    demo's own root (an output_dir set elsewhere with --set is left to cpt train's refusal)."""
+    if run_dir.is_dir() and any(run_dir.iterdir()) and run_dir.resolve().is_relative_to(root.resolve()):
+        echo(f"      (replacing the previous demo run in {run_dir})")
+        shutil.rmtree(run_dir)
+
+
 def run_demo(root: str | Path = "runs/demo", scale: str = "default", overrides: list[str] | None = None, echo=print) -> dict[str, Any]:
     from cpt.config import load_config
     from cpt.data.prepare import prepare
@@ -186,13 +195,16 @@ def run_demo(root: str | Path = "runs/demo", scale: str = "default", overrides: 
         prepare([str(path)], tokenizer, root / "data" / name, heldout_docs=s["heldout_docs"], echo=echo)
 
     echo("[4/5] base model: pre-training on Shakespeare")
-    base = train(load_config(base=base_config(root, s), overrides=overrides), echo=echo)
+    base_cfg, cpt_cfg = (load_config(base=c(root, s), overrides=overrides) for c in (base_config, cpt_config))
+    for run_cfg in (base_cfg, cpt_cfg):  # cpt train refuses to start over in a finished run's folder: the demo
+        _replace_previous_run(Path(run_cfg.run.output_dir), root, echo)  # owns these two, and a re-run replaces them
+    base = train(base_cfg, echo=echo)
     if base.stopped_early:
         echo(f"base pre-training stopped early ({base.stopped_early}); the demo stops here")
         return {"base": base, "cpt": None, "minutes": (time.perf_counter() - t_start) / 60}
 
     echo("[5/5] continual pre-training on Python with 25% Shakespeare replay, LR re-warmed and re-decayed")
-    cpt = train(load_config(base=cpt_config(root, s), overrides=overrides), echo=echo)
+    cpt = train(cpt_cfg, echo=echo)
 
     minutes = (time.perf_counter() - t_start) / 60
     echo(f"\ndemo finished in {minutes:.1f} min. Outputs:")

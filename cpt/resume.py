@@ -92,14 +92,22 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
 
 
 def check_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
-    """A fresh start must not mix with an earlier run's checkpoints. Partial saves (.tmp-*) do not count: `--resume`
-    with nothing complete to resume from (a first start, or a job killed during its first save) starts fresh."""
+    """A fresh start must not mix with an earlier run's checkpoints, nor overwrite a finished run's export. Partial
+    saves (.tmp-*) do not count: `--resume` with nothing complete to resume from (a first start, or a job killed
+    during its first save) starts fresh."""
     if list_checkpoints(run_dir):
         if resume:
             raise CheckpointError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "
                                   "move them away to start over, or choose another run.output_dir")
         raise CheckpointError(
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose another run.output_dir"
+        )
+    export = run_dir / "export"
+    if export.is_dir() and any(export.iterdir()):
+        # a finished run saved without checkpoints (checkpoint.every: null): starting over would overwrite its export
+        raise CheckpointError(
+            f"{run_dir} holds a finished run's export ({export}) and no checkpoint to continue from: starting over "
+            "would overwrite it; choose another run.output_dir, or move export/ away to train this run again"
         )
 
 

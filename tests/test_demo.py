@@ -97,3 +97,21 @@ def test_demo_prints_summary_and_where_outputs_are(demo_run):
     for line in ("metrics (JSONL)", "W&B offline run", "HF checkpoint", "plots + report"):
         assert line in printed
     assert str(out / "cpt" / "export") in printed
+
+
+def test_demo_runs_again_into_the_same_folder(demo_run):
+    """Running the demo a second time replaces its two runs (cpt train alone refuses to start over in a finished
+    run's folder) and ends as the first did. Last in this file: it rewrites the shared demo folder."""
+    import contextlib
+    import io
+
+    out, _ = demo_run
+    first = [r["train/loss"] for r in read_metrics(out / "cpt") if "train/loss" in r]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out), "--scale", "tiny", "--set", "train.progress_bar=false"]) == 0
+    text = printed.getvalue()
+    for run in ("base", "cpt"):
+        assert f"(replacing the previous demo run in {out / run})" in text
+    assert not (out / "cpt" / "metrics.jsonl.1").exists()  # replaced, not appended to
+    assert [r["train/loss"] for r in read_metrics(out / "cpt") if "train/loss" in r] == pytest.approx(first, rel=1e-5)

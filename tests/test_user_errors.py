@@ -2,7 +2,7 @@
 init_from without weights, --output-dir naming a file, a tokenizer larger than the embedding, flash-attn missing,
 an anneal branch from a decaying phase, a --resume that changes the trajectory, pickle-only checkpoints for
 `cpt average` / `cpt eval`, a held-out set made with another tokenizer (--dry-run), LoRA module names and layer
-ranges that do not fit the loaded model. Also: --resume without a
+ranges that do not fit the loaded model, a fresh start over a finished run's export. Also: --resume without a
 checkpoint says it starts fresh, and the normalised mix shares are printed."""
 
 import contextlib
@@ -71,6 +71,24 @@ def test_resume_without_checkpoint_says_fresh_and_prints_normalised_mix(tiny_cpt
     out = capsys.readouterr().out
     assert f"--resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}: starting from scratch" in out
     assert "stage 0 cpt-python mix: python 75.0%, shakespeare 25.0%\n" in out  # weights summing to 1: no note
+
+
+def test_a_finished_runs_export_is_not_overwritten_by_a_fresh_start(tiny_cpt_data, tmp_path, capsys):
+    """A run saved without checkpoints (checkpoint.every: null) that finished has only its export: running the same
+    command again (or with --resume, as the SLURM script always does) refuses in one line instead of training over it."""
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["checkpoint"] = {"every": None, "export_at_end": True}
+    path = write(cfg, tmp_path / "c.yaml")
+    assert main(["train", str(path)]) == 0
+    export = tmp_path / "run" / "export"
+    assert (export / "config.json").is_file() and not (tmp_path / "run" / "checkpoints").exists()
+    capsys.readouterr()
+    before = snapshot(tmp_path / "run")
+    for extra in ([], ["--resume"]):
+        assert main(["train", str(path), *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "finished run's export" in line and str(export) in line and "run.output_dir" in line, line
+        assert snapshot(tmp_path / "run") == before
 
 
 def test_init_from_a_folder_without_weights(tiny_cpt_data, tiny_base, tmp_path, capsys):
