@@ -335,6 +335,7 @@ def test_prepare_extend_vocab_uses_the_training_tokenizer(vocab_setup, base):
     assert len(new_ids) == len(NEW_TOKENS)
     manifest = json.loads((data / "python" / "manifest.json").read_text())
     assert manifest["tokenizer"]["hash"] == tokenizer_fingerprint(ext) != tokenizer_fingerprint(AutoTokenizer.from_pretrained(base))
+    assert manifest["tokenizer"]["name"] == f"{base} extended by model.vocab of {data.parent / 'run.yaml'}"
     shards = TokenShards.open(str(data / "python"), expected_tokenizer_hash=tokenizer_fingerprint(ext))
     ids = torch.from_numpy(shards.read(0, shards.num_tokens).astype("int64"))
     assert set(new_ids) <= set(ids.tolist())  # every new token occurs in the prepared Python corpus

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             tokenizer = extended_tokenizer_for_run(args.extend_vocab)
+            # the manifest's tokenizer name: not the base tokenizer's alone (the hash is the extended one's)
+            tokenizer.name_or_path = f"{tokenizer.name_or_path} extended by model.vocab of {args.extend_vocab}"
         except (ValueError, OSError) as e:  # ConfigError is a ValueError
             print(f"cpt prepare: error: --extend-vocab {args.extend_vocab}: {e}", file=sys.stderr)
             return 1
