@@ -22,7 +22,7 @@ Peak memory is measured above the memory held just before the call (inputs alloc
 returns the loss only, not the per-token losses cpt's per-source metrics need (its ``reduction="none"`` recomputes
 every chunk in backward), so it is a reference for time and memory, checked against today's loss and gradients.
 
-``--dtype bf16`` runs both under bf16 autocast with fp32 weights (as cpt trains). Rounds alternate today/chunked;
+``--dtype bf16`` runs every path under bf16 autocast with fp32 weights (as cpt trains). Rounds alternate the paths;
 time and memory are the medians over rounds after one warm-up call of each. Prints one JSON line.
 """
 
