@@ -279,16 +279,18 @@ def _load_into_deepspeed(engine, weights, adam) -> None:
         if not stage3:
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
+    set_full = _z3_set_full if stage3 else lambda p, value, key=None: (
+        safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key))
     step = None
     for name, p in params.items():
         if not p.requires_grad:
             continue
-        safe_set_full_fp32_param(p, weights[name].to(torch.float32).reshape(-1 if stage3 else p.shape))
+        set_full(p, weights[name].to(torch.float32).reshape(-1 if stage3 else p.shape))
         if adam:
             if name not in adam:
                 raise ConsolidateError(f"resume: no optimizer state for {name} in the checkpoint")
             for k in ADAM_KEYS:
-                safe_set_full_optimizer_state(p, adam[name][k].to(torch.float32).reshape(-1 if stage3 else p.shape), k)
+                set_full(p, adam[name][k].to(torch.float32).reshape(-1 if stage3 else p.shape), k)
             step = adam[name]["step"]
     if step is not None:
         for st in opt.optimizer.state.values():
@@ -296,6 +298,22 @@ def _load_into_deepspeed(engine, weights, adam) -> None:
     if stage3:  # the partitioned weights the forward gathers come from the fp32 masters after each step
         for i in range(len(opt.fp16_partitioned_groups_flat)):
             opt.fp16_partitioned_groups_flat[i].data.copy_(opt.fp32_partitioned_groups_flat[i].data)
+
+
+def _z3_set_full(p, value: torch.Tensor, key: str | None = None) -> None:
+    """Set this rank's partition of a ZeRO-3 parameter's fp32 master (``key=None``) or Adam moment from its full,
+    flat ``value``. DeepSpeed's own ``set_full_hp_param`` (0.19) reads ``partition_size`` elements at
+    ``rank * partition_size`` of the value, past its end on the last ranks when the world size does not divide the
+    parameter's size (their partitions end in padding): a checkpoint resumed on 3 processes failed so. Here the
+    padding is zeros, as DeepSpeed's partitioning leaves it."""
+    opt = p._z3_optimizer
+    part, group = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    n = part.numel()
+    piece = value.reshape(-1)[n * opt._get_param_partition_rank(p):][:n]
+    part.data[: piece.numel()].copy_(piece)
+    part.data[piece.numel():].zero_()
+    if opt._swappable_optimizer_subgroup(group):
+        opt._optimizer_states_and_gradient_swap_out(group)
 
 
 # ------------------------------------------------------------------------------------------ export

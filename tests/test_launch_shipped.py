@@ -210,3 +210,46 @@ def test_zero3_preempted_resumes_on_one_process_and_exports(shipped, tiny_cpt_da
     assert result.step == STEPS
     assert_close({s: v for s, v in losses(out).items() if s > k}, {s: v for s, v in losses(reference).items() if s > k})
     assert_hf_dir_reproduces_eval(out / "export", reference, cfg, tiny_cpt_data, STEPS)
+
+
+def test_zero3_checkpoint_resumes_on_three_processes(tiny_cpt_data, tiny_base, tmp_path):
+    """ZeRO on N -> ZeRO on M end to end, with an M that does not divide the parameters' sizes: a 2-process ZeRO-3
+    checkpoint (step 3) resumed by `scripts/launch.sh run.yaml zero3 --resume` on 3 processes, whose last rank's
+    partitions end in padding (DeepSpeed's own `set_full_hp_param` read past the values there and the resume
+    crashed). Steps 4..6 and the held-out losses equal the 2-process run's; the 3-rank step-6 checkpoint, merged,
+    holds the 2-rank one's weights and Adam moments; `cpt export` of it reproduces the logged held-out losses."""
+    import torch
+
+    from cpt.cli import main
+    from cpt.consolidate import read_model_state, read_optimizer_state
+
+    def cfg_for(out):
+        cfg = make_cfg(tiny_cpt_data, tiny_base, out)
+        cfg["checkpoint"]["export_every"] = None
+        cfg["train"]["global_batch_size"] = 12  # 6 micro-batches of 2 on 1 process, 3 on 2, 2 on 3
+        return cfg
+
+    two, three = tmp_path / "two", tmp_path / "three"
+    rc, log = run_shipped("zero3", write(cfg_for(two), tmp_path / "two.yaml"))
+    assert rc == 0, log[-5000:]
+    cfg = branch_from(two / "checkpoints" / f"step_{EVERY:08d}", cfg_for(two), three)
+    env = {**rank_env(cpu=False), "NUM_GPUS": "3"}
+    rc, log = finish(start([str(ROOT / "scripts" / "launch.sh"), str(write(cfg, tmp_path / "three.yaml")), "zero3",
+                            "--resume"], tmp_path, env))
+    assert rc == 0 and "resumed" in log, log[-5000:]
+    assert world_sizes(three) == {3}
+    assert_close(losses(three), {k: v for k, v in losses(two).items() if k > EVERY})
+    assert_close(evals(three), {k: v for k, v in evals(two).items() if k > EVERY})
+
+    last = f"step_{STEPS:08d}"
+    a, b = read_model_state(two / "checkpoints" / last), read_model_state(three / "checkpoints" / last)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+    a, b = read_optimizer_state(two / "checkpoints" / last), read_optimizer_state(three / "checkpoints" / last)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(b[name][k], a[name][k], rtol=1e-3, atol=1e-9)
+    assert main(["export", str(three), "--out", str(tmp_path / "hf")]) == 0
+    assert_hf_dir_reproduces_eval(tmp_path / "hf", three, cfg, tiny_cpt_data, STEPS)
