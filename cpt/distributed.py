@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import logging
 import os
 import signal
 from enum import Enum
@@ -129,6 +130,18 @@ def refuse_sharded(named_params, feature: str, advice: str) -> None:
 # ---------------------------------------------------------------- the accelerator of a run
 
 
+def fit_micro_batch(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """The micro-batch size for ``world_size`` processes: ``micro_batch``, or the largest smaller size that splits
+    the global batch evenly over the processes (a job requeued on more GPUs keeps its global batch, and so its
+    trajectory). A world size that does not divide the global batch is refused, naming the ones that do."""
+    if global_batch % world_size:
+        fits = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
+        raise LaunchError(f"train.global_batch_size ({global_batch}) cannot be split evenly over {world_size} processes; "
+                          f"it can over {', '.join(map(str, fits))} (the global batch is part of the run's trajectory: "
+                          "a resume must keep it)")
+    return max(m for m in range(1, micro_batch + 1) if (global_batch // world_size) % m == 0)
+
+
 def accumulation_steps(cfg, world_size: int) -> int:
     """Micro-batches per optimizer step on each rank: global batch / (world size x micro batch)."""
     B, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
@@ -190,6 +203,13 @@ def build_accelerator(cfg):
     from cpt.accelerator import ACCELERATE, configure_deepspeed, precision_conflict
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    mbs = fit_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
+    if mbs != cfg.train.micro_batch_size:
+        if int(os.environ.get("RANK", "0")) == 0:
+            logging.getLogger("cpt.distributed").warning(
+                f"train.micro_batch_size {cfg.train.micro_batch_size} does not split train.global_batch_size "
+                f"{cfg.train.global_batch_size} evenly over {world} processes: using {mbs} (the same global batch)")
+        cfg.train.micro_batch_size = mbs
     grad_accum = accumulation_steps(cfg, world)
     kwargs = []
     if torch.cuda.is_available():

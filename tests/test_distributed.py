@@ -152,3 +152,16 @@ def test_a_finished_runs_process_group_is_kept_until_its_models_are_collected(tm
     assert run2 == run1  # ...until the next run starts: the first group is gone, the second has its threads
     assert after2 == run2
     assert released == before  # at the end (atexit does the same)
+
+
+def test_micro_batch_is_fitted_to_the_world_size_and_impossible_splits_are_refused():
+    """A job requeued on another number of GPUs keeps its global batch: the micro-batch size drops to the largest one
+    that splits it evenly; a world size that does not divide the global batch is one error naming those that do."""
+    from cpt.distributed import LaunchError, fit_micro_batch
+
+    assert fit_micro_batch(64, 8, 8) == 8
+    assert fit_micro_batch(64, 8, 16) == 4
+    assert fit_micro_batch(12, 4, 2) == 3
+    assert fit_micro_batch(64, 8, 64) == 1
+    with pytest.raises(LaunchError, match=r"over 6 processes; it can over 1, 2, 4, 8, 16, 32, 64 \("):
+        fit_micro_batch(64, 8, 6)

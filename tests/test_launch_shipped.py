@@ -217,7 +217,8 @@ def test_zero3_checkpoint_resumes_on_three_processes(tiny_cpt_data, tiny_base, t
     checkpoint (step 3) resumed by `scripts/launch.sh run.yaml zero3 --resume` on 3 processes, whose last rank's
     partitions end in padding (DeepSpeed's own `set_full_hp_param` read past the values there and the resume
     crashed). Steps 4..6 and the held-out losses equal the 2-process run's; the 3-rank step-6 checkpoint, merged,
-    holds the 2-rank one's weights and Adam moments; `cpt export` of it reproduces the logged held-out losses."""
+    holds the 2-rank one's weights and Adam moments; `cpt export` of it reproduces the logged held-out losses.
+    The 2-process run also fits its micro-batch (4 -> 3) to its world size, as a requeued job does."""
     import torch
 
     from cpt.cli import main
@@ -226,12 +227,14 @@ def test_zero3_checkpoint_resumes_on_three_processes(tiny_cpt_data, tiny_base, t
     def cfg_for(out):
         cfg = make_cfg(tiny_cpt_data, tiny_base, out)
         cfg["checkpoint"]["export_every"] = None
-        cfg["train"]["global_batch_size"] = 12  # 6 micro-batches of 2 on 1 process, 3 on 2, 2 on 3
+        # micro-batch 4 does not split the 6 rows of each of 2 ranks: that run uses 3 (one micro-batch of 4 on 3 ranks)
+        cfg["train"].update(global_batch_size=12, micro_batch_size=4)
         return cfg
 
     two, three = tmp_path / "two", tmp_path / "three"
     rc, log = run_shipped("zero3", write(cfg_for(two), tmp_path / "two.yaml"))
     assert rc == 0, log[-5000:]
+    assert "train.micro_batch_size 4 does not split train.global_batch_size 12 evenly over 2 processes: using 3" in log
     cfg = branch_from(two / "checkpoints" / f"step_{EVERY:08d}", cfg_for(two), three)
     env = {**rank_env(cpu=False), "NUM_GPUS": "3"}
     rc, log = finish(start([str(ROOT / "scripts" / "launch.sh"), str(write(cfg, tmp_path / "three.yaml")), "zero3",
