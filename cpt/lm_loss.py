@@ -140,3 +140,35 @@ class SourceLoss:
         self.sum.zero_()
         self.rows.zero_()
         return {f"train/loss/{n}": s / r for n, s, r in zip(self.names, sums, rows) if r > 0}
+
+
+class LogWindow:
+    """The open log window, ``train/loss`` (:class:`LossWindow`) and ``train/loss/<source>`` (:class:`SourceLoss`)
+    since the last log line, as a resumable component (cpt/state.py): a run stopped between two log steps resumes
+    with the window's sums, so the next line is the uninterrupted run's (not the mean of the steps after the
+    resume alone). ``state_dict`` holds the all-rank sums (a collective: every rank saves); loaded, every rank
+    holds the mean of ``train/loss``'s sums (a mean of equal values) and the main process the per-source sums (a
+    sum over ranks). A checkpoint written before this component existed resumes with an empty window."""
+
+    missing_ok = True  # (cpt/state.py: restore)
+
+    def __init__(self, accelerator, source_names: list[str]):
+        self.acc = accelerator
+        self.loss = LossWindow(accelerator.device)
+        self.by_source = SourceLoss(source_names, accelerator.device)
+
+    def state_dict(self) -> dict:
+        loss_sum, sources = self.loss.sum, torch.stack([self.by_source.sum, self.by_source.rows])
+        if self.acc.num_processes > 1:
+            loss_sum, sources = self.acc.reduce(loss_sum, reduction="mean"), self.acc.reduce(sources, reduction="sum")
+        return {"loss_sum": loss_sum.item(), "loss_count": self.loss.count.item(), "sources": self.by_source.names,
+                "source_sum": sources[0].tolist(), "source_rows": sources[1].tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["sources"]) != self.by_source.names:
+            raise ValueError(f"its log window has the sources {state['sources']}, this run {self.by_source.names}")
+        self.loss.sum.fill_(float(state["loss_sum"]))
+        self.loss.count.fill_(float(state["loss_count"]))
+        main = self.acc.is_main_process  # the per-source sums are summed over ranks: the main process holds them
+        for own, saved in ((self.by_source.sum, state["source_sum"]), (self.by_source.rows, state["source_rows"])):
+            own.copy_(torch.tensor(saved, dtype=own.dtype) if main else torch.zeros_like(own))

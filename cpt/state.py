@@ -10,7 +10,8 @@ holds each registered component under its name (see :func:`flatten` / :func:`res
 
 Loading hands each component exactly what it saved (its JSON part and its own tensors, the prefix removed). A
 registered component with no entry in the checkpoint is an error naming it: it would otherwise start afresh
-silently (an EMA from the current weights, a data stream from its beginning). A component's own
+silently (an EMA from the current weights, a data stream from its beginning), unless the component says it may
+start afresh (``missing_ok = True``: the open log window, cosmetic, absent from older checkpoints). A component's own
 ``load_state_dict`` checks that the state fits it (the data loader: the same data; EMA: the same parameters).
 """
 
@@ -87,12 +88,14 @@ def restore(components: Mapping[str, Stateful], doc: Mapping[str, Any], tensors:
     but nobody registered are ignored)."""
     _check_names(components)
     check_format(doc)
-    missing = [n for n in components if n not in doc]
+    missing = [n for n, c in components.items() if n not in doc and not getattr(c, "missing_ok", False)]
     if missing:
         raise StateError(
             f"it holds no state for {', '.join(repr(n) for n in missing)} (it was written with that switched off or "
             "absent): resume with the settings it was written with, or start a new stage from it with train.init_from")
     for name, c in components.items():
+        if name not in doc:  # (missing_ok)
+            continue
         prefix = name + "."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:

@@ -34,7 +34,7 @@ from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
 from cpt.distributed import Backend, PreemptionFlag, accelerator_for, backend
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
-from cpt.lm_loss import LossWindow, SourceLoss, use_chunked_loss
+from cpt.lm_loss import LogWindow, use_chunked_loss
 from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
                          model_flops_per_token, peak_flops_for, peak_memory_gb)
 from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
@@ -112,8 +112,9 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         reptile = Reptile.for_run(cfg, acc, model, say)  # anchored at the start weights
         feed = cleanup.enter_context(Prefetcher(data, enabled=cfg.data.prefetch))  # reads batch step+1 while step runs
         state = TrainState()
-        components = {name: c for name, c in (
-            ("train", state), ("data", feed), ("evaluator", evaluator), ("compute", account), ("update_guard", guard),
+        window = LogWindow(acc, data.source_names)  # train/loss, train/loss/<source> since the last log line
+        components = {name: c for name, c in (  # (log_window second: its save is a collective)
+            ("train", state), ("log_window", window), ("data", feed), ("evaluator", evaluator), ("compute", account), ("update_guard", guard),
             ("spikes", spikes), ("lm_eval", bench), ("ema", ema), ("reptile", reptile)) if c is not None}
         if start.state_from is not None:
             ckpts.load(start.state_from, components)
@@ -124,8 +125,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         # signal must not kill a rank during the final checkpoint wait and barriers, leaving the others waiting)
         logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=state.step if start.resume else None))
         peak = cfg.train.peak_flops or peak_flops_for(device_name(acc.device))
-        meter, losses = Throughput(num_devices=acc.num_processes), LossWindow(acc.device)
-        by_source = SourceLoss(data.source_names, acc.device)  # train/loss/<source> from the per-row losses
+        meter, losses = Throughput(num_devices=acc.num_processes), window.loss
+        by_source = window.by_source  # train/loss/<source> from the per-row losses
         stop = cleanup.enter_context(PreemptionFlag.for_run(cfg, acc))
         profiler = cleanup.enter_context(StepProfiler.for_run(cfg, acc, say))  # torch.profiler (train.profile)
         logger.log({"train/tokens": state.tokens, **param_counts}, step=state.step)
