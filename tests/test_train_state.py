@@ -79,3 +79,112 @@ def test_loader_refuses_the_state_of_other_data(tiny_cpt_data):
     assert torch.equal(same.batch(1)["input_ids"], a.batch(1)["input_ids"])
     with pytest.raises(RuntimeError, match="already started"):
         same.load_state_dict(state)
+
+
+def test_log_window_round_trip_and_checkpoints_without_it():
+    """The open log window (train/loss and train/loss/<source> since the last log line) is saved and restored; a
+    checkpoint written before it was registered resumes with an empty window (it is cosmetic), while any other
+    missing component is still refused."""
+    from types import SimpleNamespace
+
+    from cpt.lm_loss import LogWindow
+
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, is_main_process=True,
+                          reduce=lambda t, reduction: t.clone())
+    a = LogWindow(acc, ["new", "old"])
+    a.loss.add(torch.tensor(2.5), True)
+    a.loss.add(torch.tensor(7.0), False)  # a skipped (non-finite) step does not count
+    a.by_source.add(torch.tensor([0, 1, 1]), torch.tensor([1.0, 2.0, 4.0]))
+    a.by_source.end_step(keep=True)
+    doc, tensors = flatten({"train": TrainState(step=3), "log_window": a})
+    doc = json.loads(json.dumps(doc))
+    b = LogWindow(acc, ["new", "old"])
+    restore({"train": TrainState(), "log_window": b}, doc, tensors)
+    assert b.loss.mean(acc) == 2.5 and b.by_source.metrics() == {"train/loss/new": 1.0, "train/loss/old": 3.0}
+    with pytest.raises(StateError, match="its 'log_window' state does not fit this run: .*sources"):
+        restore({"log_window": LogWindow(acc, ["other"])}, doc, tensors)
+    older = {k: v for k, v in doc.items() if k != "log_window"}
+    c = LogWindow(acc, ["new", "old"])
+    restore({"train": TrainState(), "log_window": c}, older, tensors)
+    assert c.by_source.metrics() == {} and float(c.loss.count) == 0
+    with pytest.raises(StateError, match="holds no state for 'counter'"):
+        restore({"log_window": c, "counter": Counter()}, older, tensors)
+
+
+@pytest.mark.slow
+def test_preempted_mid_log_window_with_every_stateful_part_resumes_exactly(tiny_cpt_data, tmp_path, monkeypatch):
+    """One run with every resumable part on (two stages: mix ramp, optimizer reset, re-warm from the previous LR;
+    EMA with EMA evaluations, Reptile every 3, spike skipping with an injected spike, held-out sets (one with
+    max_tokens) evaluated densely after the switch, lm-eval every 5 and densely, checkpoints every 4, exports every
+    6, a log line every 3 steps), preempted (the SIGTERM flag) at step 7: between two log lines, right after the
+    skipped spike and a Reptile update, one step after a checkpoint and before the stage switch. `--resume` then
+    logs exactly the uninterrupted run's records (losses, per-source losses, data counts, LR, counters, held-out,
+    EMA and lm-eval scores) and writes the same exports, bit for bit (fp32, one CPU process)."""
+    import cpt.lm_loss as lm_loss
+    import cpt.train as train_mod
+    from cpt.distributed import PreemptionFlag
+    from safetensors.torch import load_file
+
+    from cpt.metrics import read_metrics
+    from cpt.train import train
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "ref")
+    cfg["stages"] = [
+        {"name": "s0", "steps": 8, "mix": {"python": 0.5, "shakespeare": 0.5},
+         "schedule": {"type": "cosine", "max_lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 2}},
+        {"name": "s1", "steps": 6, "mix": {"python": 0.75, "shakespeare": 0.25}, "mix_ramp": {"shakespeare": [0.5, 0.1]},
+         "reset_optimizer": True,
+         "schedule": {"type": "cosine", "max_lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "warmup_from": "previous"}}]
+    cfg["data"]["heldout"][0]["max_tokens"] = 1000
+    cfg["train"].update(log_every=3, ema_decay=0.9, reptile={"every": 3, "epsilon": 0.5},
+                        skip_spikes={"sigma": 6.0, "window": 16, "min_history": 4})
+    cfg["eval"].update(every=5, dense_steps=2, dense_every=1, ema=True, tokens_per_set=2048,
+                       lm_eval={"tasks": [{"name": "cpt_shakespeare_next", "tag": "upstream"}], "limit": 4, "every": 5,
+                                "dense": True, "bootstrap_iters": 10})
+    cfg["checkpoint"].update(every=4, keep=5, export_every=6)
+
+    current, stop_at = {"step": -1}, {"step": None}
+    real_step, real_loss, real_requested = train_mod.train_step, lm_loss.causal_lm_loss, PreemptionFlag.requested
+
+    def step_of(acc, model, batch, guard, step, *a, **k):
+        current["step"] = step
+        try:
+            return real_step(acc, model, batch, guard, step, *a, **k)
+        finally:
+            current["step"] = -1
+
+    def spiked(*a, **k):  # the training loss of step index 6 (update 7) times 50: a spike the guard skips
+        loss, rows = real_loss(*a, **k)
+        return (loss * 50, rows * 50) if current["step"] == 6 else (loss, rows)
+
+    def requested(self, acc, step=0):
+        self.flag = self.flag or step == stop_at["step"]
+        return real_requested(self, acc, step)
+
+    monkeypatch.setattr(train_mod, "train_step", step_of)
+    monkeypatch.setattr(lm_loss, "causal_lm_loss", spiked)
+    monkeypatch.setattr(PreemptionFlag, "requested", requested)
+    quiet = lambda *a, **k: None  # noqa: E731
+    train(load_config(base=cfg), echo=quiet)
+    cfg["run"]["output_dir"] = str(tmp_path / "cut")
+    stop_at["step"] = 7
+    first = train(load_config(base=cfg), echo=quiet)
+    assert (first.stopped_early, first.step) == ("preempted", 7)
+    stop_at["step"] = None
+    assert train(load_config(base=cfg), resume=True, echo=quiet).step == 14
+
+    def records(run):
+        out = {}
+        for r in read_metrics(tmp_path / run / "metrics.jsonl"):
+            out.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k != "time" and not k.startswith(
+                ("perf/", "time/", "compute/wall", "compute/device", "params/"))})  # (timings; params: logged at a start)
+        return out
+
+    ref, got = records("ref"), records("cut")
+    assert ref[14]["train/spikes_skipped"] >= 1 and "ema/eval/python/loss" in ref[9] and "lm_eval/cpt_shakespeare_next/acc" in ref[9]
+    assert got[7].keys() <= {"step", "train/tokens", "compute/flops"}  # the stopped run's closing record, no more
+    del got[7]
+    assert got == ref
+    for export in ("export", "export-ema", "exports/step_00000006", "exports/step_00000012"):
+        a, b = load_file(tmp_path / "ref" / export / "model.safetensors"), load_file(tmp_path / "cut" / export / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), export
