@@ -146,9 +146,11 @@ class LogWindow:
     """The open log window, ``train/loss`` (:class:`LossWindow`) and ``train/loss/<source>`` (:class:`SourceLoss`)
     since the last log line, as a resumable component (cpt/state.py): a run stopped between two log steps resumes
     with the window's sums, so the next line is the uninterrupted run's (not the mean of the steps after the
-    resume alone). ``state_dict`` holds the all-rank sums (a collective: every rank saves); loaded, every rank
-    holds the mean of ``train/loss``'s sums (a mean of equal values) and the main process the per-source sums (a
-    sum over ranks). A checkpoint written before this component existed resumes with an empty window."""
+    resume alone). ``state_dict`` is a collective (every rank saves): it holds every rank's sums. Loaded on the same
+    number of processes, each rank takes its own (the next line is bitwise the uninterrupted one); on another, each
+    rank takes the mean of the ``train/loss`` sums (a mean over ranks when logged) and the main process the total of
+    the per-source sums (a sum over ranks when logged). A checkpoint written before this component existed resumes
+    with an empty window."""
 
     missing_ok = True  # (cpt/state.py: restore)
 
@@ -158,17 +160,20 @@ class LogWindow:
         self.by_source = SourceLoss(source_names, accelerator.device)
 
     def state_dict(self) -> dict:
-        loss_sum, sources = self.loss.sum, torch.stack([self.by_source.sum, self.by_source.rows])
+        sums = torch.cat([self.loss.sum.double().reshape(1), self.by_source.sum, self.by_source.rows]).unsqueeze(0)
         if self.acc.num_processes > 1:
-            loss_sum, sources = self.acc.reduce(loss_sum, reduction="mean"), self.acc.reduce(sources, reduction="sum")
-        return {"loss_sum": loss_sum.item(), "loss_count": self.loss.count.item(), "sources": self.by_source.names,
-                "source_sum": sources[0].tolist(), "source_rows": sources[1].tolist()}
+            sums = self.acc.gather(sums)
+        return {"loss_count": self.loss.count.item(), "sources": self.by_source.names, "ranks": sums.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["sources"]) != self.by_source.names:
             raise ValueError(f"its log window has the sources {state['sources']}, this run {self.by_source.names}")
-        self.loss.sum.fill_(float(state["loss_sum"]))
+        ranks, n = torch.tensor(state["ranks"], dtype=torch.float64), len(self.by_source.names)
+        if len(ranks) == self.acc.num_processes:
+            own = ranks[self.acc.process_index]
+        else:  # another number of processes: the same logged means
+            own = torch.cat([ranks[:, :1].mean(0), ranks[:, 1:].sum(0) * self.acc.is_main_process])
+        self.loss.sum.fill_(own[0].item())
         self.loss.count.fill_(float(state["loss_count"]))
-        main = self.acc.is_main_process  # the per-source sums are summed over ranks: the main process holds them
-        for own, saved in ((self.by_source.sum, state["source_sum"]), (self.by_source.rows, state["source_rows"])):
-            own.copy_(torch.tensor(saved, dtype=own.dtype) if main else torch.zeros_like(own))
+        self.by_source.sum.copy_(own[1:1 + n])
+        self.by_source.rows.copy_(own[1 + n:])

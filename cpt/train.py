@@ -114,10 +114,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         state = TrainState()
         window = LogWindow(acc, data.source_names)  # train/loss, train/loss/<source> since the last log line
         components = {name: c for name, c in (  # (log_window second: its save is a collective)
-            ("train", state), ("log_window", window), ("data", feed), ("evaluator", evaluator), ("compute", account), ("update_guard", guard),
-            ("spikes", spikes), ("lm_eval", bench), ("ema", ema), ("reptile", reptile)) if c is not None}
+            ("train", state), ("log_window", window), ("data", feed), ("evaluator", evaluator), ("compute", account),
+            ("update_guard", guard), ("spikes", spikes), ("lm_eval", bench), ("ema", ema), ("reptile", reptile)) if c is not None}
         if start.state_from is not None:
-            ckpts.load(start.state_from, components)
+            own_window = start.resume is not None  # an anneal branch logs its own steps, not the trunk's open window
+            ckpts.load(start.state_from, {n: c for n, c in components.items() if own_window or n != "log_window"})
             say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)")
         plan, total_steps = _lr_plan(cfg, start, state, say)
 

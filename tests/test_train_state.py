@@ -89,7 +89,7 @@ def test_log_window_round_trip_and_checkpoints_without_it():
 
     from cpt.lm_loss import LogWindow
 
-    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, is_main_process=True,
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0, is_main_process=True,
                           reduce=lambda t, reduction: t.clone())
     a = LogWindow(acc, ["new", "old"])
     a.loss.add(torch.tensor(2.5), True)
@@ -101,6 +101,12 @@ def test_log_window_round_trip_and_checkpoints_without_it():
     b = LogWindow(acc, ["new", "old"])
     restore({"train": TrainState(), "log_window": b}, doc, tensors)
     assert b.loss.mean(acc) == 2.5 and b.by_source.metrics() == {"train/loss/new": 1.0, "train/loss/old": 3.0}
+    rank1 = SimpleNamespace(device=torch.device("cpu"), num_processes=2, process_index=1, is_main_process=False)
+    d = LogWindow(rank1, ["new", "old"])
+    d.load_state_dict({**doc["log_window"], "ranks": [[1.0, 1.0, 6.0, 1.0, 2.0], [4.0, 0.0, 3.0, 0.0, 1.0]]})
+    assert float(d.loss.sum) == 4.0 and d.by_source.sum.tolist() == [0.0, 3.0]  # same world size: its own sums
+    d.load_state_dict(doc["log_window"])  # written by 1 process: every rank the mean loss sum, the main one the rest
+    assert float(d.loss.sum) == 2.5 and float(d.loss.count) == 1 and d.by_source.rows.tolist() == [0.0, 0.0]
     with pytest.raises(StateError, match="its 'log_window' state does not fit this run: .*sources"):
         restore({"log_window": LogWindow(acc, ["other"])}, doc, tensors)
     older = {k: v for k, v in doc.items() if k != "log_window"}
