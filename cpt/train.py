@@ -25,7 +25,7 @@ import yaml
 from accelerate.utils import set_seed
 
 from cpt import consolidate, lm_loss, optim
-from cpt.adapters import trainable_metrics
+from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.averaging import EMA
 from cpt.checkpoint import CheckpointManager, saved_step, wait_for_writers
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
@@ -326,8 +326,9 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
     """(model, AdamW) before accelerate.prepare: parameter groups, new vocabulary rows' LR, the chunked loss, compile."""
     optimizer = optim.build_optimizer(model, cfg.optim, acc.device.type)
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
-        scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier)
+        scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier, acc)
     use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)  # no full logits, where supported
+    refuse_unshardable(model, acc)  # (LoRA's tied new rows under FSDP)
     return (torch.compile(model) if cfg.model.compile else model), optimizer
 
 
