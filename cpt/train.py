@@ -376,10 +376,8 @@ def _stage_switch(cfg: RunConfig, stage: int, optimizer, spikes: SpikeGuard | No
 
 def reset_optimizer_state(optimizer) -> None:
     """Forget AdamW moments (a stage may start with a fresh optimizer)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if not hasattr(inner, "state") or inner.__class__.__module__.startswith("deepspeed"):
-        raise TrainingError("resetting the optimizer state is not supported with DeepSpeed; start a new run from the HF export instead")
-    inner.state.clear()
+    if not optim.reset_state(optimizer):
+        raise TrainingError("resetting the optimizer state is not supported with this optimizer; start a new run from the HF export instead")
 
 
 def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, step: int) -> dict[str, float]:
