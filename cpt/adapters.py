@@ -216,7 +216,20 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
     except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
         raise ConfigError(f"model.lora: {e}") from None
     peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
+    _untie_trained_copies(peft_model)
     return peft_model
+
+
+def _untie_trained_copies(peft_model) -> None:
+    """A tied embedding or output head in ``modules_to_save`` is trained as its own copy: the model is no longer
+    tied, and its config says so (as peft's merge does). Otherwise a later ``tie_weights()`` tries to tie a peft
+    wrapper: accelerate's FSDP2 preparation (``fsdp_cpu_ram_efficient_loading``) calls it and fails with
+    ``KeyError: "attribute 'weight' already exists"``."""
+    base = peft_model.get_base_model()
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return
+    if any(type(m).__name__ == "ModulesToSaveWrapper" for m in (base.get_input_embeddings(), base.get_output_embeddings())):
+        base.config.tie_word_embeddings = False
 
 
 def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
@@ -251,3 +264,19 @@ def portable_base_path(base: str | None) -> str | None:
     if base and Path(base).is_dir():
         return str(Path(base).resolve())
     return base
+
+
+def refuse_unshardable(model: nn.Module, acc) -> None:
+    """LoRA with ``model.vocab`` on a model whose embeddings are tied: peft trains the new rows through one delta
+    shared by ``embed_tokens`` and ``lm_head``, and FSDP2 (which accelerate shards as separate units: the embedding,
+    the output head) cannot shard one parameter twice; it would fail deep inside ``fully_shard``. Refused here in
+    one line naming the fields (before anything is written)."""
+    from cpt.distributed import Backend, backend
+
+    if backend(acc) is not Backend.FSDP or not hasattr(model, "get_base_model"):
+        return
+    head = model.get_base_model().get_output_embeddings()
+    if getattr(getattr(head, "token_adapter", None), "tied_adapter", None) is not None:
+        raise ConfigError("model.lora with model.vocab on a model with tied embeddings (tie_word_embeddings) cannot "
+                          "run under FSDP: peft shares the new rows' weights between embed_tokens and lm_head, which "
+                          "FSDP cannot shard twice; launch with DDP or DeepSpeed ZeRO-2/3")

@@ -51,6 +51,11 @@ def deepspeed_world_size(ckpt: str | os.PathLike) -> int:
     return len(glob.glob(str(Path(ckpt) / DS_TAG / "*optim_states.pt")))
 
 
+def deepspeed_zero3(ckpt: str | os.PathLike) -> bool:
+    """Whether a DeepSpeed checkpoint was written by ZeRO-3 (model states per rank) rather than ZeRO-1/2 (one file)."""
+    return bool(glob.glob(str(Path(ckpt) / DS_TAG / "zero_pp_rank_*_model_states.pt")))
+
+
 def current_layout(acc) -> str:
     from cpt.distributed import Backend, backend
 
@@ -59,12 +64,16 @@ def current_layout(acc) -> str:
 
 def needs_portable_load(ckpt: str | os.PathLike, acc) -> bool:
     """True when accelerate's own ``load_state`` cannot restore ``ckpt`` into this run: another backend, or a
-    ZeRO checkpoint of another data-parallel world size (ZeRO partitions are tied to it). Full (plain) states load
-    on any number of processes, and FSDP2's DCP checkpoints reshard themselves on load."""
+    ZeRO checkpoint of another data-parallel world size (ZeRO partitions are tied to it) or of another ZeRO stage
+    (ZeRO-3 partitions the weights, ZeRO-1/2 do not: DeepSpeed reads only its own stage's files). Full (plain)
+    states load on any number of processes, and FSDP2's DCP checkpoints reshard themselves on load."""
+    from cpt.distributed import zero_stage
+
     saved, now = layout(ckpt), current_layout(acc)
     if saved != now:
         return True
-    return saved == "deepspeed" and deepspeed_world_size(ckpt) != acc.num_processes
+    return saved == "deepspeed" and (deepspeed_world_size(ckpt) != acc.num_processes
+                                     or deepspeed_zero3(ckpt) != (zero_stage(acc) == 3))
 
 
 # ------------------------------------------------------------------------------------------ reading

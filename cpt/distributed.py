@@ -118,13 +118,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def refuse_sharded(named_params, feature: str, advice: str) -> None:
     """ZeRO-3 and sharded FSDP leave placeholders or local shards instead of the weights: a ``feature`` that reads
-    or rewrites whole weights (EMA, Reptile) would be silently wrong there, so it stops with ``advice``."""
+    or rewrites whole weights (EMA, Reptile) would be silently wrong there, so it stops with ``advice`` (a
+    LaunchError: one line from ``cpt train``)."""
     for n, p in named_params:
         if hasattr(p, "ds_id") or (p.numel() == 0 and getattr(p, "ds_numel", 0)):
-            raise RuntimeError(f"{feature}: parameter {n} is partitioned (sharded) by DeepSpeed ZeRO-3, so {feature} "
+            raise LaunchError(f"{feature}: parameter {n} is partitioned (sharded) by DeepSpeed ZeRO-3, so {feature} "
                                f"cannot use it; {advice}")
         if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            raise RuntimeError(f"{feature}: parameter {n} is sharded (FSDP2 DTensor); {advice}")
+            raise LaunchError(f"{feature}: parameter {n} is sharded (FSDP2 DTensor); {advice}")
 
 
 # ---------------------------------------------------------------- the accelerator of a run

@@ -149,6 +149,20 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
+def reset_state(optimizer) -> bool:
+    """Forget the AdamW moments and step counts (a stage may start with a fresh optimizer); False if there is no
+    torch optimizer state to clear. Through accelerate's wrapper, and under DeepSpeed ZeRO the torch optimizer over
+    its flat fp32 partitions (DeepSpeed's wrapper keeps it as ``.optimizer``; its state is rebuilt at the next step,
+    as in a fresh run)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if inner.__class__.__module__.startswith("deepspeed"):  # ZeRO's wrapper
+        inner = getattr(inner, "optimizer", None)
+    if not isinstance(inner, torch.optim.Optimizer):
+        return False
+    inner.state.clear()
+    return True
+
+
 def clip_grad_norm(acc, model: nn.Module, max_norm: float | None) -> torch.Tensor:
     """The global gradient norm before clipping, as a 0-d tensor on the device (no host read), every gradient
     clipped to ``max_norm`` when it is set (through accelerate: DDP, FSDP and DeepSpeed alike)."""

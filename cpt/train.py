@@ -25,7 +25,7 @@ import yaml
 from accelerate.utils import set_seed
 
 from cpt import consolidate, lm_loss, optim
-from cpt.adapters import trainable_metrics
+from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.averaging import EMA
 from cpt.checkpoint import CheckpointManager, saved_step, wait_for_writers
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
@@ -328,8 +328,9 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
     """(model, AdamW) before accelerate.prepare: parameter groups, new vocabulary rows' LR, the chunked loss, compile."""
     optimizer = optim.build_optimizer(model, cfg.optim, acc.device.type)
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
-        scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier)
+        scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier, acc)
     use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)  # no full logits, where supported
+    refuse_unshardable(model, acc)  # (LoRA's tied new rows under FSDP)
     return (torch.compile(model) if cfg.model.compile else model), optimizer
 
 
@@ -377,10 +378,8 @@ def _stage_switch(cfg: RunConfig, stage: int, optimizer, spikes: SpikeGuard | No
 
 def reset_optimizer_state(optimizer) -> None:
     """Forget AdamW moments (a stage may start with a fresh optimizer)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if not hasattr(inner, "state") or inner.__class__.__module__.startswith("deepspeed"):
-        raise TrainingError("resetting the optimizer state is not supported with DeepSpeed; start a new run from the HF export instead")
-    inner.state.clear()
+    if not optim.reset_state(optimizer):
+        raise TrainingError("resetting the optimizer state is not supported with this optimizer; start a new run from the HF export instead")
 
 
 def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, step: int) -> dict[str, float]:

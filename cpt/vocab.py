@@ -20,6 +20,7 @@ rows are left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -284,21 +285,31 @@ def init_new_rows(weight: torch.Tensor, old_rows: int, plan: VocabPlan, init: st
         weight[i] = row.to(weight.dtype)
 
 
+def _rows(t: torch.Tensor) -> int:
+    return int(getattr(t, "ds_shape", t.shape)[0])  # DeepSpeed ZeRO-3 (zero.Init) leaves empty placeholders
+
+
+def _whole(params: list[torch.Tensor]):
+    """The full tensors for an in-place change: under DeepSpeed ZeRO-3 gathered, and re-partitioned from rank 0's
+    values on exit (every rank computes the same rows); the tensors themselves otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
 def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iterable[str] | None = None):
     """Extend the tokenizer (see module doc), resize the model's embeddings and initialise the new rows.
 
     Returns ``(model, tokenizer, new_token_ids)``: the same model (resized in place), the extended tokenizer
     (a new object) and the ids of the added tokens. :func:`cpt.adapters.new_row_ids` adds the padding rows.
     """
-    if hasattr(model.get_input_embeddings().weight, "ds_id"):
-        raise RuntimeError("model.vocab with DeepSpeed ZeRO-3: the embeddings are already partitioned (zero.Init) and "
-                           "cannot be resized and initialised here; use ZeRO-2, DDP or FSDP for runs that extend the "
-                           "vocabulary, or extend once and continue from that export with ZeRO-3")
     new_tok, plan = build_extended_tokenizer(tokenizer, cfg, texts)
     emb = model.get_input_embeddings()
     out = model.get_output_embeddings()
     tied = out is not None and out.weight is emb.weight
-    old_rows = emb.weight.shape[0]
+    old_rows = _rows(emb.weight)
     # the model may already have spare rows (padded vocab): new ids below old_rows reuse them
     target = max(len(new_tok), old_rows)
     if cfg.pad_to_multiple_of:
@@ -306,18 +317,20 @@ def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iter
         target = (target + m - 1) // m * m
     old_tok_rows = min(plan.old_size, old_rows)
     if target != old_rows:
-        model.resize_token_embeddings(target, mean_resizing=False)
+        model.resize_token_embeddings(target, mean_resizing=False)  # (gathers ZeRO-3 partitions itself)
     emb = model.get_input_embeddings()
-    init_new_rows(emb.weight, old_rows, plan, cfg.init)
+    out = model.get_output_embeddings()
     # subtoken means must only ever read rows of real old tokens
     assert all(s < old_tok_rows for subs in plan.subtokens for s in subs)
-    out = model.get_output_embeddings()
-    if out is not None and not tied:
-        init_new_rows(out.weight, old_rows, plan, cfg.init)
-        if getattr(out, "bias", None) is not None and out.bias.shape[0] > old_rows:
-            with torch.no_grad():
-                out.bias[old_rows:] = out.bias[:old_rows].float().mean().to(out.bias.dtype)
-    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    untied = out is not None and not tied
+    with _whole([emb.weight, *([out.weight] if untied else [])]):
+        init_new_rows(emb.weight, old_rows, plan, cfg.init)
+        if untied:
+            init_new_rows(out.weight, old_rows, plan, cfg.init)
+    if untied and getattr(out, "bias", None) is not None and _rows(out.bias) > old_rows:
+        with _whole([out.bias]), torch.no_grad():
+            out.bias[old_rows:] = out.bias[:old_rows].float().mean().to(out.bias.dtype)
+    model.config.vocab_size = _rows(model.get_input_embeddings().weight)
     model._cpt_vocab_plan = plan
     return model, new_tok, plan.ids
 
@@ -408,7 +421,17 @@ class NewRowsLR:
 
 
 def scale_new_rows_updates(model: nn.Module, optimizer: torch.optim.Optimizer, new_token_ids: Iterable[int],
-                           multiplier: float) -> NewRowsLR:
+                           multiplier: float, acc=None) -> NewRowsLR:
     """Give the new rows ``multiplier`` x the LR of the rest (see :class:`NewRowsLR`); returns the attached hook.
-    Call after building the optimizer, with the (unwrapped, possibly peft) model."""
+    Call after building the optimizer, with the (unwrapped, possibly peft) model, before ``accelerator.prepare``.
+    ``acc``: the run's Accelerator; FSDP and DeepSpeed, whose optimizers update flat shards, are refused here,
+    before anything is written, rather than at the first step."""
+    from cpt.distributed import Backend, backend
+
+    _SHARDED = {Backend.FSDP: "FSDP", Backend.DEEPSPEED: "DeepSpeed ZeRO", Backend.OTHER: "this backend"}
+    if backend(acc) in _SHARDED:
+        raise ConfigError(
+            f"model.vocab.new_rows_lr_multiplier needs one device or DDP: under {_SHARDED[backend(acc)]} the optimizer "
+            "updates flat shards, not the embedding rows; launch with DDP, or drop it (optim.lr_multipliers can "
+            "scale the LR of the whole embedding instead)")
     return NewRowsLR.for_model(model, new_token_ids, multiplier).attach(optimizer)

@@ -14,6 +14,7 @@ weight decay ZeRO-3 once dropped (placeholders taken for 1-D parameters) moved t
 The held-out evaluation uses the same tolerance; the ZeRO-3 export is compared at 1e-5 absolute.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,7 @@ def test_ema_of_sharded_weights_is_refused(mode, named, tiny_cpt_data, base, tmp
     cfg["stages"][0]["steps"] = 4
     rc, log = launch(mode, write(cfg, tmp_path / "c.yaml"))
     assert rc != 0 and "EMA" in log and named in log, log[-3000:]
+    assert "cpt train: error: EMA" in log and not re.search(r"\[rank\d\]: Traceback", log), log[-3000:]  # one line
 
 
 def test_fsdp_without_gpus_is_refused(tiny_cpt_data, base, tmp_path):

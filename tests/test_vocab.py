@@ -206,6 +206,26 @@ def test_new_rows_lr_for_model_targets_embeddings(tok, tmp_path):
         opt.step()
 
 
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_new_rows_lr_is_refused_before_sharding(kind, tok, tmp_path):
+    """Under FSDP and ZeRO the optimizer updates flat shards: refused when the optimizer is built (one line from
+    `cpt train`, nothing written), not at the first step."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from cpt.config import ConfigError
+    from cpt.vocab import scale_new_rows_updates
+
+    f = tmp_path / "t.txt"
+    f.write_text(" isinstance\n")
+    model, _, ids = extend_vocabulary(tiny_model(len(tok)), tok, VocabConfig(add_tokens_file=str(f)))
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ConfigError, match="new_rows_lr_multiplier needs one device or DDP"):
+        scale_new_rows_updates(model, opt, ids, 2.0, SimpleNamespace(distributed_type=getattr(DistributedType, kind)))
+    scale_new_rows_updates(model, opt, ids, 2.0, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         VocabConfig()
