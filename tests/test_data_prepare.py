@@ -115,6 +115,25 @@ def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer, capsys):
     assert "malformed_json 2" in out and "non_utf8 2" in out and "5 documents kept" in out
 
 
+def test_byte_order_mark_and_json_arrays(tmp_path, tokenizer):
+    """A UTF-8 BOM cost the first jsonl record (counted as malformed) and went into a text file's tokens; a .json
+    file holding a JSON array lost every record but the last one-per-line (or all of them)."""
+    docs = make_docs(4, seed=5)
+    lines = [json.dumps({"text": d}).encode() for d in docs]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    (folder / "b_array.json").write_text(json.dumps([{"text": d} for d in docs], indent=2))
+    (folder / "c_rows.json").write_bytes(b"\xef\xbb\xbf[\n" + b",\n".join(lines) + b"\n]\n")
+    (folder / "d_bom.txt").write_bytes(b"\xef\xbb\xbf" + docs[0].encode())
+    m = prepare([str(folder)], tokenizer, tmp_path / "out")
+    assert m["stats"]["skipped"]["malformed_json"] == 0 and m["num_documents"] == 13
+    assert stream_of(tmp_path / "out") == expected_stream(tokenizer, docs * 3 + docs[:1])
+    (tmp_path / "broken.json").write_text('[{"text": "a"}, {"text": ')
+    with pytest.raises(PrepareError, match="broken.json: starts with '\\[' but is not a valid JSON array"):
+        prepare([str(tmp_path / "broken.json")], tokenizer, tmp_path / "out2")
+
+
 def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
     folder = tmp_path / "in"
     folder.mkdir()

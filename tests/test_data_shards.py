@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import fsspec
@@ -114,6 +115,32 @@ def test_local_corruption_truncation_and_missing_files(prepared, tmp_path):
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="not valid JSON"):
         TokenShards.open(tmp_path / "junk")
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.pop("tokenizer"), "no tokenizer.hash"),
+    (lambda m: m["shards"][0].pop("docs_file"), "shards[0].docs_file None is not a file name"),
+    (lambda m: m["shards"][1].update(tokens_file="../a.jsonl"), "shards[1].tokens_file '../a.jsonl' is not a file name"),
+    (lambda m: m.update(num_tokens="lots"), "num_tokens 'lots' is not a count"),
+    (lambda m: m.update(dtype="float17"), "dtype 'float17' is not uint16 or uint32"),
+    (lambda m: m.update(version="one"), "version 'one' is not a number"),
+])
+def test_edited_manifest_is_one_error_naming_the_field(prepared, tmp_path, edit, problem, capsys):
+    """A hand-edited or damaged manifest was a KeyError/TypeError traceback in `cpt train` and `cpt verify`."""
+    import json
+
+    from cpt.commands.verify import main as verify_main
+
+    out, _ = prepared
+    bad = tmp_path / "edited"
+    shutil.copytree(out, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=re.escape(problem)):
+        TokenShards.open(bad)
+    assert verify_main([str(bad)]) == 1
+    assert problem in capsys.readouterr().out
 
 
 def test_tokenizer_mismatch_names_both_hashes(prepared, tokenizer):

@@ -4,9 +4,10 @@ and `cpt eval`'s text held-out files.
 Inputs, read in the order given (folders recursively, sorted by path; dot-files and ``__pycache__`` skipped):
 
 - jsonl (``.jsonl``/``.json``/``.ndjson``, plain or ``.gz``/``.zst``/``.bz2``/``.xz``): one JSON object per line,
-  the text in ``text_field``;
+  the text in ``text_field``; a ``.json`` file that starts with ``[`` is one JSON array of such objects (read whole);
 - parquet: the ``text_field`` column;
 - any other file: plain text, one document per file (bytes decoded as UTF-8, line ends kept as written);
+- a UTF-8 byte-order mark at the start of a file is dropped;
 - with ``hf=True`` each input is a ``datasets.load_dataset`` path (hub id, local folder or builder name such
   as ``json``), with ``dataset_name``/``split``/``data_files``/``streaming``.
 
@@ -36,6 +37,7 @@ logger = logging.getLogger("cpt.data")
 SKIP_REASONS = ("malformed_json", "non_utf8", "missing_field", "not_text", "empty", "too_long")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark, dropped from the start of a file
 
 
 class ReadError(ValueError):
@@ -184,10 +186,17 @@ def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
 
 
 def _read_jsonl(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    first = True
     with _open_binary(path) as f:
         for raw in f:
+            if first:
+                raw = raw.removeprefix(BOM)  # a UTF-8 byte-order mark (Windows tools) is not part of the first record
             if not raw.strip():
                 continue  # blank separator lines are not records
+            if first and raw.lstrip().startswith(b"[") and _strip_compression(path).endswith(".json"):
+                yield from _read_json_array(path, raw + f.read(), text_field, counts)
+                return
+            first = False
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -201,6 +210,20 @@ def _read_jsonl(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]
             text = _field_text(record, text_field, counts)
             if text is not None:
                 yield text
+
+
+def _read_json_array(path: str, data: bytes, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    """A ``.json`` file holding one JSON array of records (``[{"text": ...}, ...]``, as `datasets` also reads it)."""
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReadError(f"{path}: starts with '[' but is not a valid JSON array of records ({e})") from None
+    if not isinstance(records, list):
+        raise ReadError(f"{path}: starts with '[' but is not a JSON array of records")
+    for record in records:
+        text = _field_text(record, text_field, counts)
+        if text is not None:
+            yield text
 
 
 def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
@@ -226,7 +249,7 @@ def _read_text(path: str, counts: ReadCounts) -> Iterator[str]:
     with _open_binary(path) as f:
         data = f.read()
     try:
-        text = data.decode("utf-8")
+        text = data.removeprefix(BOM).decode("utf-8")
     except UnicodeDecodeError:
         counts.skip("non_utf8")
         return

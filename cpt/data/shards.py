@@ -147,6 +147,40 @@ def write_json_atomic(path: str, obj: Any) -> None:
 # ---------------------------------------------------------------- reading
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """The first field of a manifest that readers cannot use (missing, wrong type, a shard file name with a
+    folder in it), or None: an edited manifest is one clear error, not a KeyError deep inside a reader."""
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("hash"), str):
+        return "no tokenizer.hash"
+    if manifest.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {manifest.get('dtype')!r} is not uint16 or uint32"
+    for key in ("num_tokens", "num_documents"):
+        if not _is_count(manifest.get(key)):
+            return f"{key} {manifest.get(key)!r} is not a count"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "no shards list"
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            return f"shards[{i}] is not an object"
+        for key in ("tokens_file", "docs_file"):
+            name = entry.get(key)
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                return f"shards[{i}].{key} {name!r} is not a file name"
+        for key in ("num_tokens", "num_documents"):
+            if not _is_count(entry.get(key)):
+                return f"shards[{i}].{key} {entry.get(key)!r} is not a count"
+        for key in ("tokens_checksum", "docs_checksum"):
+            if not isinstance(entry.get(key), str):
+                return f"shards[{i}].{key} is missing"
+    return None
+
+
 @dataclass
 class _Shard:
     tokens_file: str
@@ -231,10 +265,15 @@ class TokenShards:
             manifest = json.loads(text)
         except json.JSONDecodeError as e:
             raise ShardError(f"{path}/{MANIFEST}: not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT_NAME:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise ShardError(f"{path}/{MANIFEST}: not a {FORMAT_NAME} manifest")
-        if int(manifest.get("version", 0)) > FORMAT_VERSION:
+        if not _is_count(manifest.get("version", 0)):
+            raise ShardError(f"{path}/{MANIFEST}: version {manifest.get('version')!r} is not a number")
+        if manifest.get("version", 0) > FORMAT_VERSION:
             raise ShardError(f"{path}: format version {manifest['version']} is newer than this cpt reads ({FORMAT_VERSION})")
+        problem = manifest_problem(manifest)
+        if problem:
+            raise ShardError(f"{path}/{MANIFEST}: {problem} (edited or damaged; re-run `cpt prepare`)")
         return manifest
 
     def _file(self, name: str) -> str:
