@@ -76,7 +76,7 @@ class CPTDataLoader:
 
     def _open(self, src: Any, tokenizer: Any, tok_hash: str, verify: bool, check_sizes: bool) -> PackedStream | HFTokenStream:
         if src.type == "hf":
-            return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed)
+            return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed, log_skips=check_sizes)
         try:
             shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes)
         except ShardError as e:
