@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from fractions import Fraction
 
@@ -304,3 +305,17 @@ def test_cpt_eval_uses_the_same_sample_and_reports_coverage(sources, tokenizer):
     assert torch.equal(toks, s.tokens)  # the sample training's evaluation takes (eval.sample_seed 0)
     assert covered["tokens"] == 40 and covered["docs"] == s.docs and covered["total_docs"] == 3
     assert covered["coverage"] == s.describe()
+
+
+def test_a_held_out_set_that_is_a_training_source_is_warned_about(sources, tokenizer, caplog):
+    """Pointing data.heldout at a source's folder instead of its heldout/ split evaluated on training data, silently."""
+    from cpt.data.loader import heldout_overlaps
+
+    held = [{"name": "new", "path": str(sources / "new" / "heldout"), "tag": "downstream"},
+            {"name": "old-train", "path": str(sources / "old") + "/", "tag": "upstream"}]
+    dc = cfg(sources, heldout=held)
+    assert len(heldout_overlaps(dc)) == 1 and "'old-train' is the folder of training source 'old'" in heldout_overlaps(dc)[0]
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        CPTDataLoader(dc, STAGES, tokenizer, 8, seed=0)
+    assert sum("memorisation" in r.getMessage() for r in caplog.records) == 1
+    assert heldout_overlaps(cfg(sources, heldout=held[:1])) == []

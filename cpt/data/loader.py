@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -70,6 +71,9 @@ class CPTDataLoader:
         self.streams: list[PackedStream | HFTokenStream] = [
             self._open(s, tokenizer, tok_hash, verify, main) for s in self.sources
         ]
+        if main:
+            for msg in heldout_overlaps(data_cfg):
+                logger.warning(msg)
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
         self._fingerprint: str | None = None
@@ -200,6 +204,24 @@ class HeldoutSample:
     def describe(self) -> str:
         return (f"{self.num_tokens:,} of {self.total_tokens:,} tokens, {self.docs:,} of {self.total_docs:,} documents"
                 + (" (the whole set)" if self.whole else " (a seeded sample of whole documents)"))
+
+
+def _same_folder(path: str) -> str:
+    return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+
+def heldout_overlaps(data_cfg: Any) -> list[str]:
+    """A warning for each held-out set that is the folder of a training source (its loss would measure
+    memorisation, not generalisation): an easy slip for `cpt prepare`'s OUT instead of OUT/heldout."""
+    folders = {_same_folder(s.path): s.name for s in data_cfg.sources if s.type == "shards"}
+    out = []
+    for h in getattr(data_cfg, "heldout", []):
+        source = folders.get(_same_folder(h.path))
+        if source is not None:
+            out.append(f"held-out set {h.name!r} is the folder of training source {source!r} ({h.path}): its loss "
+                       "measures memorisation, not generalisation; use a held-out split (e.g. the heldout/ folder "
+                       "`cpt prepare --heldout-docs` writes)")
+    return out
 
 
 def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
