@@ -195,7 +195,9 @@ def test_fingerprint_and_tokenizer_mismatch(sources, tokenizer):
     swapped = data_config([{"name": n, "path": str(sources / p)} for n, p in (("new", "old"), ("old", "new"), ("tiny", "tiny"))], seq_len=L)
     assert a.fingerprint() != CPTDataLoader(swapped, STAGES, tokenizer, 16, seed=9).fingerprint()
     other = make_tokenizer(vocab_size=300)
-    with pytest.raises(ShardError, match=r"data source 'new'.*vocabulary hash sha256:\w+.*vocabulary hash sha256:\w+"):
+    other.name_or_path = "/models/other-tokenizer"  # the run's tokenizer is named too, not only its hash
+    with pytest.raises(ShardError, match=r"data source 'new'.*vocabulary hash sha256:\w+.*tokenizer "
+                                         r"'/models/other-tokenizer' has vocabulary hash sha256:\w+"):
         CPTDataLoader(cfg(sources), STAGES, other, 16, seed=9)
     with pytest.raises(ValueError, match="divisible by world_size"):
         CPTDataLoader(cfg(sources), STAGES, tokenizer, 15, seed=9, world_size=2)

@@ -33,7 +33,7 @@ import torch
 
 from cpt.data.hfstream import HFTokenStream
 from cpt.data.mixer import Mixer, MixPlan
-from cpt.data.shards import ShardError, TokenShards, tokenizer_fingerprint
+from cpt.data.shards import ShardError, TokenShards, tokenizer_fingerprint, tokenizer_name
 from cpt.data.stream import PackedStream
 
 logger = logging.getLogger("cpt.data")
@@ -82,7 +82,8 @@ class CPTDataLoader:
         if src.type == "hf":
             return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed, log_skips=check_sizes)
         try:
-            shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes)
+            shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes,
+                                      expected_tokenizer_name=tokenizer_name(tokenizer))
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
         return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
@@ -239,6 +240,7 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
     limit = getattr(cfg, "max_tokens", None) or max_tokens
     try:
         shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify,
+                                  expected_tokenizer_name=tokenizer_name(tokenizer),
                                   check_sizes=check_sizes)
     except ShardError as e:
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None

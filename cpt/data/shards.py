@@ -223,11 +223,12 @@ class TokenShards:
 
     @classmethod
     def open(cls, path: str | os.PathLike, expected_tokenizer_hash: str | None = None, verify: bool = False,
-             check_sizes: bool = True) -> "TokenShards":
+             check_sizes: bool = True, expected_tokenizer_name: str | None = None) -> "TokenShards":
         """Open a prepared source (local directory or fsspec URL): reads the manifest, no shard bytes.
 
         Raises :class:`ShardError` when the manifest is missing or unreadable, the manifest's tokenizer
-        hash differs from ``expected_tokenizer_hash`` (the message names both), a shard file is missing or
+        hash differs from ``expected_tokenizer_hash`` (the message names both tokenizers and hashes; the run's
+        by ``expected_tokenizer_name``), a shard file is missing or
         has the wrong size (``check_sizes``: one stat per file), or a checksum differs (``verify=True``:
         reads every byte of every file, so its cost grows with the corpus; see :meth:`verify`).
         """
@@ -240,7 +241,8 @@ class TokenShards:
         if expected_tokenizer_hash is not None and got != expected_tokenizer_hash:
             raise ShardError(
                 f"{path}: prepared with tokenizer {manifest['tokenizer'].get('name')!r} (vocabulary hash {got}), "
-                f"but this run's tokenizer has vocabulary hash {expected_tokenizer_hash}; "
+                f"but this run's tokenizer{f' {expected_tokenizer_name!r}' if expected_tokenizer_name else ''} has "
+                f"vocabulary hash {expected_tokenizer_hash}; "
                 "re-run `cpt prepare` with the run's tokenizer"
             )
         shards = cls(path, manifest, fs, root)
