@@ -302,6 +302,25 @@ def test_folder_walk_keeps_underscore_files_and_globs(tmp_path):
         resolve_files([str(tmp_path / "**" / "*.zzz")])
 
 
+def test_symlinked_folders_are_read_and_each_file_once(tmp_path, caplog):
+    """A symlinked folder inside an input folder was skipped silently, a file named twice (or linked into a folder also
+    given) was read twice, and a broken link was a FileNotFoundError traceback."""
+    (tmp_path / "corpus" / "a").mkdir(parents=True)
+    (tmp_path / "corpus" / "b").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    for p in ("corpus/a/d.jsonl", "corpus/b/d.jsonl", "elsewhere/e.jsonl"):  # same file name in two folders: both read
+        (tmp_path / p).write_text('{"text": "x"}\n')
+    os.symlink(tmp_path / "elsewhere", tmp_path / "corpus" / "linked")
+    os.symlink(tmp_path / "corpus", tmp_path / "corpus" / "a" / "loop")  # a cycle is walked once
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        got = [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path / "corpus"), str(tmp_path / "corpus/b/d.jsonl")])]
+    assert got == ["corpus/a/d.jsonl", "corpus/b/d.jsonl", "corpus/linked/e.jsonl"]
+    assert "1 input file(s) named more than once are read once" in caplog.text
+    os.symlink(tmp_path / "gone.jsonl", tmp_path / "corpus" / "broken.jsonl")
+    with pytest.raises(ReadError, match="corpus/broken.jsonl is a broken symbolic link"):
+        resolve_files([str(tmp_path / "corpus")])
+
+
 def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokenizer):
     from cpt.data.prepare import IDENTITY_OPTIONS, PrepareOptions
 

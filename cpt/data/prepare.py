@@ -362,7 +362,7 @@ def _input_identity(inputs: list[str], hf: bool, glob: str | None) -> list[Any]:
     if hf:
         return list(inputs)
     out: list[Any] = []
-    for path in resolve_files(inputs, glob):
+    for path in resolve_files(inputs, glob, warn=False):  # (the reading pass warns about repeats)
         if is_remote(path):
             out.append(path)
         else:

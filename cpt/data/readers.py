@@ -1,7 +1,8 @@
 """Reading raw text: the one implementation behind `cpt prepare`, vocabulary learning (``model.vocab.learn_from``)
 and `cpt eval`'s text held-out files.
 
-Inputs, read in the order given (folders recursively, sorted by path; dot-files and ``__pycache__`` skipped):
+Inputs, read in the order given (folders recursively, symlinked folders too, sorted by path; dot-files and
+``__pycache__`` skipped; a file named twice, or by two links, is read once):
 
 - jsonl (``.jsonl``/``.json``/``.ndjson``, plain or ``.gz``/``.zst``/``.bz2``/``.xz``): one JSON object per line,
   the text in ``text_field``; a ``.json`` file that starts with ``[`` is one JSON array of such objects (read whole);
@@ -104,8 +105,9 @@ def _matches(path: str, pattern: str | None) -> bool:
     return fnmatch.fnmatch(path.rsplit("/", 1)[-1], pattern)
 
 
-def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
-    """Expand folders (recursively, sorted) and glob patterns (`src/**/*.h`) into files; error for anything that does not exist."""
+def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = True) -> list[str]:
+    """Expand folders (recursively, sorted) and glob patterns (`src/**/*.h`) into files, each once (``warn``: log the
+    repeats); error for anything that does not exist."""
     import glob as globlib
 
     files: list[str] = []
@@ -132,17 +134,52 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
                 files.append(item)
         elif os.path.isdir(item):
             found = []
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+            seen = {os.path.realpath(item)}
+            for dirpath, dirnames, filenames in os.walk(item, followlinks=True):  # symlinked folders are read too
+                dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _first_visit(os.path.join(dirpath, d), seen))
                 found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f) and _matches(os.path.join(dirpath, f), glob)]
             files += sorted(found)
         elif os.path.isfile(item):
             files.append(item)
+        elif os.path.islink(item):
+            raise ReadError(f"input not found: {item} is a broken symbolic link (to {os.readlink(item)})")
         else:
             raise ReadError(f"input not found: {item} (to load a `datasets.load_dataset` spec, pass --hf)")
     if not files:
         raise ReadError(f"no input files found in {list(inputs)}" + (f" matching {glob!r}" if glob else ""))
-    return files
+    return _read_once(files, warn)
+
+
+def _first_visit(folder: str, seen: set[str]) -> bool:
+    """False for a folder already walked (a symlink back up the tree, or two links to one folder)."""
+    real = os.path.realpath(folder)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
+
+
+def _read_once(files: list[str], warn: bool) -> list[str]:
+    """Each file once (local ones by their real path: a file given twice, or linked into a folder also given, is
+    read once, with a warning); a broken symbolic link is a :class:`ReadError`."""
+    out, seen, repeats = [], set(), []
+    for path in files:
+        if is_remote(path):
+            key = path
+        elif not os.path.exists(path):
+            raise ReadError(f"input not found: {path} is a broken symbolic link (to {os.readlink(path)})"
+                            if os.path.islink(path) else f"input not found: {path}")
+        else:
+            key = os.path.realpath(path)
+        if key in seen:
+            repeats.append(path)
+            continue
+        seen.add(key)
+        out.append(path)
+    if repeats and warn:
+        logger.warning("%d input file(s) named more than once are read once: %s", len(repeats),
+                       ", ".join(repeats[:5]) + (" ..." if len(repeats) > 5 else ""))
+    return out
 
 
 # ---------------------------------------------------------------- one file
