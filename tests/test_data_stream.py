@@ -140,3 +140,15 @@ def test_hf_stream_broken_record_is_one_error_not_a_traceback(tmp_path, tokenize
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}, '{"text": "broken', {"text": "the river"}])
     with pytest.raises(HFSourceError, match=r"source 'web': reading 'json' .* failed: .*JSON.*`cpt prepare` it"):
         HFTokenStream(hf_source(path), tokenizer, 4).next_sequences(1)
+
+
+def test_resume_with_a_shuffle_buffer_is_warned_about(tmp_path, tokenizer, caplog):
+    """datasets does not save a shuffle buffer: a resume with one continues in another order, which was silent."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(12, seed=24)])
+    for buffer, warned in ((0, False), (4, True)):
+        a = HFTokenStream(hf_source(path, shuffle_buffer=buffer), tokenizer, L, batch_docs=5)
+        a.next_sequences(3)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cpt.data"):
+            HFTokenStream(hf_source(path, shuffle_buffer=buffer), tokenizer, L, batch_docs=5).load_state_dict(a.state_dict())
+        assert ("resuming with shuffle_buffer 4" in caplog.text) == warned

@@ -42,7 +42,7 @@ class HFTokenStream:
     def __init__(self, cfg: Any, tokenizer: Any, seq_len: int, seed: int = 0, batch_docs: int = 64,
                  log_skips: bool = True):
         self.cfg, self.seq_len, self.seed, self.batch_docs = cfg, seq_len, seed, batch_docs
-        self.log_skips = log_skips  # warn at the first skipped record of each reason (rank 0 of a training)
+        self.log_skips = log_skips  # warn at the first skipped record of each reason, and at an inexact resume (rank 0)
         self._logged: set[str] = set()
         self.name = cfg.name
         self._backend = backend_tokenizer(tokenizer)
@@ -196,6 +196,11 @@ class HFTokenStream:
         self._reset(int(state["epoch"]), state["ds_state"], int(state["used"]))
         self.sequences_read = int(state["sequences_read"])
         self.skipped = Counter(state.get("skipped", {}))
+        buffer = getattr(self.cfg, "shuffle_buffer", 0) or 0
+        if buffer and self.log_skips:
+            logger.warning("source %r: resuming with shuffle_buffer %d: datasets does not save the buffer, so the order "
+                           "from here differs from an uninterrupted run and up to %d documents of this epoch are not "
+                           "seen (shuffle_buffer: 0, or prepared shards, resume exactly)", self.name, buffer, buffer)
 
     def fingerprint(self) -> str:
         c = self.cfg
