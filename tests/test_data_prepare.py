@@ -134,6 +134,21 @@ def test_byte_order_mark_and_json_arrays(tmp_path, tokenizer):
         prepare([str(tmp_path / "broken.json")], tokenizer, tmp_path / "out2")
 
 
+def test_a_huge_plain_text_file_is_warned_about(tmp_path, monkeypatch, caplog):
+    """One plain-text file is one document, tokenized in one piece: a corpus dumped into one .txt (measured: about 7 GB of
+    memory for a 54 MB document) was an out-of-memory kill without a word."""
+    from cpt.data import readers
+
+    monkeypatch.setattr(readers, "LARGE_TEXT_DOCUMENT", 1000)
+    (tmp_path / "small.txt").write_text("x" * 1000)
+    (tmp_path / "dump.txt").write_text("x" * 2_000_001)
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        docs = list(readers.iter_documents([str(tmp_path / "small.txt"), str(tmp_path / "dump.txt")], "text",
+                                           readers.ReadCounts()))
+    assert len(docs) == 2 and caplog.text.count("is one document") == 1 and "dump.txt" in caplog.text
+    assert "has 2 MB" in caplog.text
+
+
 def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -38,6 +38,7 @@ logger = logging.getLogger("cpt.data")
 SKIP_REASONS = ("malformed_json", "non_utf8", "missing_field", "not_text", "empty", "too_long")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+LARGE_TEXT_DOCUMENT = 64 << 20  # bytes: a plain-text file larger than this is warned about (one document: memory)
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark, dropped from the start of a file
 
 
@@ -285,6 +286,10 @@ def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[st
 def _read_text(path: str, counts: ReadCounts) -> Iterator[str]:
     with _open_binary(path) as f:
         data = f.read()
+    if len(data) > LARGE_TEXT_DOCUMENT:
+        logger.warning("%s: a plain-text file is one document, and this one has %.0f MB: tokenizing it takes about "
+                       "0.13 GB of memory per MB (byte-level BPE); if it holds many documents, write them as jsonl, one "
+                       "per line", path, len(data) / 1e6)
     try:
         text = data.removeprefix(BOM).decode("utf-8")
     except UnicodeDecodeError:
