@@ -149,6 +149,28 @@ def test_a_huge_plain_text_file_is_warned_about(tmp_path, monkeypatch, caplog):
     assert "has 2 MB" in caplog.text
 
 
+def test_truncated_zstd_is_an_error_and_frames_are_all_read(tmp_path, tokenizer):
+    """A zstd file cut inside a frame (an interrupted download) was read quietly as a shorter corpus; gzip already
+    raised. Several frames (pzstd, concatenated files) are all read. --out naming a file was a traceback."""
+    import zstandard
+
+    docs = make_docs(400, seed=8)
+    blob = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    z = zstandard.ZstdCompressor(level=1)
+    frames = z.compress(blob[: len(blob) // 2]) + z.compress(blob[len(blob) // 2 :])
+    (tmp_path / "two.jsonl.zst").write_bytes(frames)
+    prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "out")
+    assert stream_of(tmp_path / "out") == expected_stream(tokenizer, docs)
+    zc = zstandard.ZstdCompressor(level=1).compressobj()  # one frame, flushed block by block: a cut yields some records
+    one = b"".join(zc.compress(blob[i : i + 4096]) + zc.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for i in range(0, len(blob), 4096))
+    one += zc.flush()
+    (tmp_path / "cut.jsonl.zst").write_bytes(one[: len(one) * 2 // 3])
+    with pytest.raises(PrepareError, match="cut.jsonl.zst: cannot read .*zstd frame"):
+        prepare([str(tmp_path / "cut.jsonl.zst")], tokenizer, tmp_path / "out2")
+    with pytest.raises(PrepareError, match="is a file, not a folder"):
+        prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "two.jsonl.zst")
+
+
 def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
     folder = tmp_path / "in"
     folder.mkdir()

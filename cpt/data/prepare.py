@@ -248,6 +248,8 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     opts.check()
     if is_remote(out):
         raise PrepareError(f"--out must be a local folder (got {out}); upload the prepared folder afterwards")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out {out} is a file, not a folder")
     tok = _load_tokenizer(tokenizer)
     if getattr(tok, "eos_token_id", None) is None:
         raise PrepareError(f"tokenizer {tokenizer_name(tok)!r} has no EOS token; documents must be separated by EOS")
