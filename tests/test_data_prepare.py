@@ -205,8 +205,12 @@ def test_long_documents_truncated_or_skipped(tmp_path, tokenizer):
 
 def test_nothing_valid_is_a_clear_error(tmp_path, tokenizer, capsys):
     src = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"text": " "}, {"other": "x"}])
-    with pytest.raises(PrepareError, match=r"no valid documents.*malformed_json: 1, missing_field: 1, empty: 1"):
+    with pytest.raises(PrepareError, match=r"no valid documents.*malformed_json: 1, missing_field: 1, empty: 1\); "
+                                           r"the records have the fields \['other'\]: name the text one with --text-field"):
         prepare([str(src)], tokenizer, tmp_path / "out")
+    pq.write_table(pa.table({"content": ["x"], "id": [1]}), tmp_path / "p.parquet")
+    with pytest.raises(PrepareError, match=r"the records have the fields \['content', 'id'\]"):
+        prepare([str(tmp_path / "p.parquet")], tokenizer, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
     from cpt.commands.prepare import main
 
@@ -216,8 +220,9 @@ def test_nothing_valid_is_a_clear_error(tmp_path, tokenizer, capsys):
     assert "cpt prepare: error: no valid documents" in err and "Traceback" not in err
     assert main([str(tmp_path / "missing.jsonl"), "--tokenizer", tok_dir, "--out", str(tmp_path / "o")]) == 1
     assert "input not found" in capsys.readouterr().err
-    with pytest.raises(PrepareError, match="cannot load tokenizer"):
-        prepare([str(src)], str(tmp_path / "no-tokenizer"), tmp_path / "o")
+    assert main([str(src), "--tokenizer", str(tmp_path / "no-tokenizer"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err  # transformers' message spans lines: one line here
+    assert err.startswith("cpt prepare: error: cannot load tokenizer") and err.count("\n") == 1
 
 
 def test_heldout_split_by_document_is_deterministic(tmp_path, tokenizer):

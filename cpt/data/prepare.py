@@ -313,7 +313,9 @@ def _run(job: _Job, staging: str) -> dict:
                            "leaving none to train on: hold out fewer")
     if train.num_documents == 0:
         detail = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items() if v) or "no records found"
-        raise PrepareError(f"no valid documents in {job.inputs} ({counts.records} records read; skipped {detail})")
+        hint = (f"; the records have the fields {counts.fields_seen}: name the text one with --text-field"
+                if counts.fields_seen and stats["skipped"]["missing_field"] else "")
+        raise PrepareError(f"no valid documents in {job.inputs} ({counts.records} records read; skipped {detail}){hint}")
     if held is not None and held.num_documents == 0:
         raise PrepareError("the held-out split is empty (too few documents for --heldout-fraction); use --heldout-docs")
     return _commit(job, staging, train, held, stats)
@@ -353,7 +355,7 @@ def _load_tokenizer(tokenizer: Any) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
     except Exception as e:  # OSError for missing folders / offline hub, ValueError for bad files
-        raise PrepareError(f"cannot load tokenizer {str(tokenizer)!r}: {e}") from None
+        raise PrepareError(f"cannot load tokenizer {str(tokenizer)!r}: {' '.join(str(e).split())}") from None  # one line
     if not getattr(tok, "is_fast", False):
         raise PrepareError(f"tokenizer {str(tokenizer)!r} has no fast (Rust) version; cpt prepare needs one")
     return tok

@@ -52,6 +52,7 @@ class ReadCounts:
 
     records: int = 0
     skipped: Counter = field(default_factory=Counter)
+    fields_seen: list[str] | None = None  # the fields of the first record without the text field (for the error hint)
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.records += n
@@ -240,6 +241,8 @@ def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
         return None
     value = record.get(text_field)
     if value is None:
+        if counts.fields_seen is None and text_field not in record:
+            counts.fields_seen = sorted(map(str, record))[:20]
         counts.skip("missing_field")
         return None
     if not isinstance(value, str):
@@ -309,6 +312,7 @@ def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[st
         if text_field not in pf.schema_arrow.names:
             logger.warning("%s: no column %r (columns: %s); all rows skipped", path, text_field, pf.schema_arrow.names)
             counts.skip("missing_field", pf.metadata.num_rows)
+            counts.fields_seen = counts.fields_seen or list(pf.schema_arrow.names)[:20]
             return
         for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
             for value in batch.column(0).to_pylist():
