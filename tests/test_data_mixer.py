@@ -240,6 +240,12 @@ def test_load_heldout(sources, tokenizer):
     assert load_heldout(h.model_copy(update={"max_tokens": 16}), tokenizer, L, max_tokens=40).shape == (2, L)
     with pytest.raises(ValueError, match="fewer than one sequence"):
         load_heldout(h, tokenizer, 100000, max_tokens=None)
+    # a budget below one sequence: the message named the set's size ("has 900 tokens, fewer than one sequence of 8")
+    with pytest.raises(ValueError, match=rf"held-out set 'old': its budget of 5 tokens \(eval.tokens_per_set\) is less "
+                                         rf"than one sequence of {L}"):
+        load_heldout(h, tokenizer, L, max_tokens=5)
+    with pytest.raises(ValueError, match=r"budget of 3 tokens \(max_tokens\)"):
+        load_heldout(h.model_copy(update={"max_tokens": 3}), tokenizer, L, max_tokens=1000)
     with pytest.raises(ShardError, match="held-out set 'old'.*vocabulary hash"):
         load_heldout(h, make_tokenizer(vocab_size=300), L, 40)
 

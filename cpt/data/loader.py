@@ -261,6 +261,10 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
         n = len(flat) // seq_len
         offsets = np.cumsum([0] + [keep[i] for i in chosen[:-1]])
         docs = int(np.sum(offsets < n * seq_len))  # documents with at least one evaluated token
+    if n == 0 and total >= seq_len:  # the budget, not the set, is too small
+        field = "max_tokens" if getattr(cfg, "max_tokens", None) else "eval.tokens_per_set"
+        raise ShardError(f"held-out set {cfg.name!r}: its budget of {int(limit)} tokens ({field}) is less than one "
+                         f"sequence of {seq_len}; raise it to at least {seq_len}")
     if n == 0:
         raise ShardError(f"held-out set {cfg.name!r} ({cfg.path}) has {total} tokens, fewer than one sequence of {seq_len}")
     tokens = torch.from_numpy(np.ascontiguousarray(flat[: n * seq_len]).astype(np.int64).reshape(n, seq_len))
