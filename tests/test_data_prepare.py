@@ -87,6 +87,16 @@ def test_datasets_spec_plain_and_streaming(tmp_path, tokenizer):
         prepare(["json"], tokenizer, tmp_path / "x", hf=True, data_files=str(src))
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_datasets_spec_with_a_broken_record_is_one_line(tmp_path, tokenizer, streaming):
+    """--hf over a jsonl with a malformed line: streamed, pyarrow's error escaped as a traceback; not streamed, the
+    line said only "An error occurred while generating the dataset"."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}, '{"text": "broken', {"text": "the river"}])
+    with pytest.raises(PrepareError, match=r"failed.*JSON parse error") as e:
+        prepare(["json"], tokenizer, tmp_path / "out", hf=True, data_files=[str(src)], streaming=streaming)
+    assert "\n" not in str(e.value)
+
+
 def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer, capsys):
     good = make_docs(5, seed=3)
     records = [

@@ -347,7 +347,7 @@ def test_a_broken_hf_source_is_one_line(tiny_cpt_data, tmp_path, capsys):
     skip) stopped `cpt train` with an HFSourceError traceback."""
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "def f(): return 1"}\n{"text": "unterminated\n{"text": "x = 2"}\n')
-    for data_files, expected in ((tmp_path / "missing.jsonl", "failed: Unable to find"),
+    for data_files, expected in ((tmp_path / "missing.jsonl", "failed: FileNotFoundError: Unable to find"),
                                  (broken, "a `datasets` source cannot skip broken records")):
         cfg = small(tiny_cpt_data, tmp_path / "run")
         cfg["data"]["sources"][0] = {"name": "python", "type": "hf", "path": "json", "data_files": str(data_files)}

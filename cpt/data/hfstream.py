@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cpt.data.readers import error_line
 from cpt.data.shards import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
 
 logger = logging.getLogger("cpt.data")
@@ -66,7 +67,7 @@ class HFTokenStream:
         try:
             ds = datasets.load_dataset(c.path, name=c.hf_name, data_files=c.data_files, split=c.split, streaming=c.streaming)
         except Exception as e:  # datasets raises many exception types for missing/unreachable data
-            raise HFSourceError(f"source {self.name!r}: datasets.load_dataset({c.path!r}) failed: {e}") from None
+            raise HFSourceError(f"source {self.name!r}: datasets.load_dataset({c.path!r}) failed: {error_line(e)}") from None
         if not isinstance(ds, datasets.IterableDataset):
             ds = ds.to_iterable_dataset()
         buffer = getattr(c, "shuffle_buffer", 0) or 0
@@ -112,7 +113,7 @@ class HFTokenStream:
             except Exception as e:  # noqa: BLE001 - datasets/pyarrow cannot skip a malformed record: one line, not a traceback
                 raise HFSourceError(
                     f"source {self.name!r}: reading {self.cfg.path!r} (data_files {self.cfg.data_files!r}) failed: "
-                    f"{type(e).__name__}: {e}; a `datasets` source cannot skip broken records: fix the file, or "
+                    f"{error_line(e)}; a `datasets` source cannot skip broken records: fix the file, or "
                     "`cpt prepare` it (which skips and counts them) and train on the shards") from None
             value = example.get(field)
             if value is None:

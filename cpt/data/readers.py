@@ -355,6 +355,16 @@ def read_file(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
         raise ReadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
+def error_line(e: BaseException) -> str:
+    """An exception and its cause on one line (datasets wraps the parser's error: "An error occurred while generating
+    the dataset")."""
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause) not in text:
+        text += f" ({type(cause).__name__}: {cause})"
+    return " ".join(text.split())
+
+
 def read_hf(spec: str, text_field: str, counts: ReadCounts, dataset_name: str | None = None, split: str = "train",
             data_files: Any = None, streaming: bool = False) -> Iterator[str]:
     """The usable documents of ``datasets.load_dataset(spec, ...)``; skipped records counted in ``counts``."""
@@ -363,11 +373,21 @@ def read_hf(spec: str, text_field: str, counts: ReadCounts, dataset_name: str | 
     try:
         ds = datasets.load_dataset(spec, name=dataset_name, split=split, data_files=data_files, streaming=streaming)
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError...)
-        raise ReadError(f"datasets.load_dataset({spec!r}, name={dataset_name!r}, split={split!r}) failed: {e}") from None
+        raise ReadError(f"datasets.load_dataset({spec!r}, name={dataset_name!r}, split={split!r}) failed: "
+                        f"{error_line(e)}") from None
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_field not in columns:
         raise ReadError(f"dataset {spec!r} has no field {text_field!r} (fields: {columns}); use --text-field")
-    for batch in ds.iter(batch_size=1000):
+    batches = iter(ds.iter(batch_size=1000))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a streamed dataset fails while read (pyarrow cannot skip a broken record)
+            raise ReadError(f"datasets.load_dataset({spec!r}, ...) failed while reading: "
+                            f"{error_line(e)}; a `datasets` source cannot skip broken records: read the "
+                            "files directly (without --hf), which skips and counts them") from None
         values = batch.get(text_field)
         if values is None:
             n = len(next(iter(batch.values()), []))
