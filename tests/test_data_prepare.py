@@ -373,6 +373,22 @@ def test_symlinked_folders_are_read_and_each_file_once(tmp_path, caplog):
         resolve_files([str(tmp_path / "corpus")])
 
 
+def test_an_output_folder_inside_the_input_folder_is_not_read(tmp_path, tokenizer):
+    """`cpt prepare corpus/ --out corpus/tokens`: a re-run read its own shards and manifests as input (bogus skipped
+    records) and, their mtimes having changed, re-tokenized every time instead of finding the output up to date."""
+    docs = make_docs(20, seed=9)
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"text": d} for d in docs])
+    out = tmp_path / "corpus" / "tokens"
+    first = prepare([str(tmp_path / "corpus")], tokenizer, out, heldout_docs=2)
+    again = prepare([str(tmp_path / "corpus")], tokenizer, out, heldout_docs=2)
+    assert again.get("up_to_date") and again["prepare_key"] == first["prepare_key"]
+    forced = prepare([str(tmp_path / "corpus")], tokenizer, out, heldout_docs=2, force=True)
+    assert forced["stats"]["records_read"] == 20 and sum(forced["stats"]["skipped"].values()) == 0
+    with pytest.raises(PrepareError, match="no input files outside the output folder"):
+        prepare([str(out)], tokenizer, out)
+
+
 def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokenizer):
     from cpt.data.prepare import IDENTITY_OPTIONS, PrepareOptions
 

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cpt.data.encode import Encoder, encode_documents
-from cpt.data.readers import SKIP_REASONS, ReadCounts, ReadError, iter_documents, resolve_files
+from cpt.data.readers import SKIP_REASONS, ReadCounts, ReadError, iter_documents, read_file, resolve_files
 from cpt.data.shards import (
     MANIFEST,
     ShardError,
@@ -206,7 +206,8 @@ class HeldoutSplitter:
 class _Job:
     """One run, as :func:`prepare` resolved it before any work."""
 
-    inputs: list[str]
+    inputs: list[str]  # as given (recorded in the manifest)
+    files: list[str] | None  # what is read: the input files, the output folder's own files left out (None with hf)
     out: str
     options: PrepareOptions
     tok: Any  # the loaded fast tokenizer
@@ -257,10 +258,11 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     if opts.add_bos and bos_id is None:
         raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has no BOS token")
     tok_hash = tokenizer_fingerprint(tok)
-    key = _prepare_key(_input_identity(inputs, opts.hf, opts.glob), tok_hash, opts.identity())
+    files = None if opts.hf else _input_files(inputs, opts.glob, out)
+    key = _prepare_key(list(inputs) if files is None else _input_identity(files), tok_hash, opts.identity())
     if not opts.force and (existing := _is_up_to_date(out, key)) is not None:
         return {**existing, "up_to_date": True}
-    job = _Job(inputs, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
+    job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
     os.makedirs(out, exist_ok=True)
     _remove_stale_staging(out)
     staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -280,8 +282,11 @@ def _run(job: _Job, staging: str) -> dict:
     splitter = HeldoutSplitter(train, held, opts.seed, opts.heldout_docs, opts.heldout_fraction)
     encoder = Encoder(backend_tokenizer(job.tok), int(job.tok.eos_token_id), job.bos_id, job.dtype, opts.max_doc_tokens,
                       opts.long_docs)
-    docs = iter_documents(job.inputs, opts.text_field, counts, hf=opts.hf, glob=opts.glob, dataset_name=opts.dataset_name,
-                          split=opts.split, data_files=opts.data_files, streaming=opts.streaming)
+    if job.files is None:  # --hf: datasets specs
+        docs = iter_documents(job.inputs, opts.text_field, counts, hf=True, dataset_name=opts.dataset_name,
+                              split=opts.split, data_files=opts.data_files, streaming=opts.streaming)
+    else:
+        docs = (doc for path in job.files for doc in read_file(path, opts.text_field, counts))
     skipped: Counter = Counter()
     truncated = 0
     bar = _progress_bar(opts.progress)
@@ -361,12 +366,22 @@ def _load_tokenizer(tokenizer: Any) -> Any:
     return tok
 
 
-def _input_identity(inputs: list[str], hf: bool, glob: str | None) -> list[Any]:
+def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
+    """The files to read, each once; files inside ``out`` (an output folder inside an input folder:
+    `cpt prepare data/ --out data/tokens`) are left out: re-read, its shards and manifests were bogus skipped records
+    and made every re-run look changed."""
+    out_real = os.path.realpath(out) + os.sep
+    files = resolve_files(inputs, glob)
+    kept = [f for f in files if is_remote(f) or not os.path.realpath(f).startswith(out_real)]
+    if not kept:
+        raise PrepareError(f"no input files outside the output folder {out} in {inputs}")
+    return kept
+
+
+def _input_identity(files: list[str]) -> list[Any]:
     """What the inputs are, for the idempotency key: local files by size and mtime, others by name."""
-    if hf:
-        return list(inputs)
     out: list[Any] = []
-    for path in resolve_files(inputs, glob, warn=False):  # (the reading pass warns about repeats)
+    for path in files:
         if is_remote(path):
             out.append(path)
         else:
