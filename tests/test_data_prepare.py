@@ -161,7 +161,8 @@ def test_a_huge_plain_text_file_is_warned_about(tmp_path, monkeypatch, caplog):
 
 def test_truncated_zstd_is_an_error_and_frames_are_all_read(tmp_path, tokenizer):
     """A zstd file cut inside a frame (an interrupted download) was read quietly as a shorter corpus; gzip already
-    raised. Several frames (pzstd, concatenated files) are all read. --out naming a file was a traceback."""
+    raised. Corrupt zstd and xz data were tracebacks. Several frames (pzstd, concatenated files) are all read.
+    --out naming a file was a traceback."""
     import zstandard
 
     docs = make_docs(400, seed=8)
@@ -177,6 +178,18 @@ def test_truncated_zstd_is_an_error_and_frames_are_all_read(tmp_path, tokenizer)
     (tmp_path / "cut.jsonl.zst").write_bytes(one[: len(one) * 2 // 3])
     with pytest.raises(PrepareError, match="cut.jsonl.zst: cannot read .*zstd frame"):
         prepare([str(tmp_path / "cut.jsonl.zst")], tokenizer, tmp_path / "out2")
+    corrupt = bytearray(one)
+    corrupt[len(one) // 2 : len(one) // 2 + 16] = bytes(16)
+    (tmp_path / "corrupt.jsonl.zst").write_bytes(bytes(corrupt))
+    with pytest.raises(PrepareError, match="corrupt.jsonl.zst: cannot read .*corrupt zstd data"):
+        prepare([str(tmp_path / "corrupt.jsonl.zst")], tokenizer, tmp_path / "out2")
+    import lzma
+
+    xz = bytearray(lzma.compress(blob))
+    xz[len(xz) // 2 : len(xz) // 2 + 16] = bytes(16)
+    (tmp_path / "corrupt.jsonl.xz").write_bytes(bytes(xz))  # lzma's own error type escaped as a traceback
+    with pytest.raises(PrepareError, match="corrupt.jsonl.xz: cannot read .*LZMAError"):
+        prepare([str(tmp_path / "corrupt.jsonl.xz")], tokenizer, tmp_path / "out2")
     with pytest.raises(PrepareError, match="is a file, not a folder"):
         prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "two.jsonl.zst")
 

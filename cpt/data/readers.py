@@ -26,6 +26,7 @@ import fnmatch
 import io
 import json
 import logging
+import lzma
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -199,12 +200,13 @@ def _open_binary(path: str) -> Any:
 
 class _ZstdReader(io.RawIOBase):
     """The decompressed bytes of a zstd file (one or more frames). A file cut inside a frame raises EOFError, as
-    gzip does (zstandard's stream_reader ends quietly there: a truncated download read as a shorter corpus)."""
+    gzip does (zstandard's stream_reader ends quietly there: a truncated download read as a shorter corpus), and
+    corrupt data an OSError (zstandard's own ZstdError escaped as a traceback)."""
 
     def __init__(self, raw: Any):
         import zstandard
 
-        self._raw, self._dctx = raw, zstandard.ZstdDecompressor()
+        self._raw, self._dctx, self._error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
         self._obj = self._dctx.decompressobj()
         self._pending, self._out, self._pos, self._in_frame = b"", b"", 0, False
 
@@ -220,7 +222,10 @@ class _ZstdReader(io.RawIOBase):
                 return 0
             if self._obj.eof:  # the previous frame is complete: the next one starts
                 self._obj = self._dctx.decompressobj()
-            self._out, self._pos = self._obj.decompress(chunk), 0
+            try:
+                self._out, self._pos = self._obj.decompress(chunk), 0
+            except self._error as e:  # corrupt data: read_file turns the OSError into one ReadError line
+                raise OSError(f"corrupt zstd data ({e})") from None
             self._in_frame = not self._obj.eof
             if self._obj.eof:
                 self._pending = self._obj.unused_data
@@ -351,7 +356,7 @@ def read_file(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
             yield from _read_parquet(path, text_field, counts)
         else:
             yield from _read_text(path, counts)
-    except (OSError, EOFError) as e:  # corrupt gzip/zstd streams, unreadable files
+    except (OSError, EOFError, lzma.LZMAError) as e:  # corrupt or cut gzip/bz2/xz/zstd streams, unreadable files
         raise ReadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
