@@ -109,8 +109,11 @@ def test_local_corruption_truncation_and_missing_files(prepared, tmp_path):
     os.remove(bad / "shard_00001.idx")
     with pytest.raises(ShardError, match="shard file shard_00001.idx is missing"):
         TokenShards.open(bad, verify=False)
-    with pytest.raises(ShardError, match="no manifest.json"):
+    with pytest.raises(ShardError, match="nowhere: no such folder"):  # a typo in a path says so
         TokenShards.open(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="no manifest.json"):
+        TokenShards.open(tmp_path / "empty")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="not valid JSON"):
@@ -205,7 +208,7 @@ def test_verify_lists_every_problem_and_cpt_verify_reports_them(prepared, tmp_pa
     TokenShards.open(bad, check_sizes=False)  # a start without checks opens it (rank > 0 of a training)
     assert verify_main([str(out), str(bad), str(tmp_path / "nowhere")]) == 1
     got = capsys.readouterr()
-    assert got.out.count("FAILED") == 4 and "no manifest.json" in got.out and "2 of 3 folders" in got.err
+    assert got.out.count("FAILED") == 4 and "nowhere: no such folder" in got.out and "2 of 3 folders" in got.err
 
 
 def test_prepare_reads_back_what_it_wrote(tmp_path, tokenizer, monkeypatch):

@@ -262,6 +262,8 @@ class TokenShards:
                 with open(mpath, encoding="utf-8") as f:
                     text = f.read()
         except FileNotFoundError:
+            if fs is None and not os.path.exists(path):  # most often a typo in the path
+                raise ShardError(f"{path}: no such folder") from None
             raise ShardError(f"{path}: no {MANIFEST} (not a prepared source; run `cpt prepare`, or it was interrupted)") from None
         try:
             manifest = json.loads(text)
