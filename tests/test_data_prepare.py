@@ -402,6 +402,21 @@ def test_an_output_folder_inside_the_input_folder_is_not_read(tmp_path, tokenize
         prepare([str(out)], tokenizer, out)
 
 
+def test_plain_text_files_beside_jsonl_are_warned_about(tmp_path, tokenizer, caplog):
+    """A downloaded dataset folder's README.md and LICENSE were trained on as documents without a word."""
+    (tmp_path / "ds").mkdir()
+    write_jsonl(tmp_path / "ds" / "train.jsonl", [{"text": d} for d in make_docs(5, seed=4)])
+    (tmp_path / "ds" / "README.md").write_text("# My dataset card")
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        m = prepare([str(tmp_path / "ds")], tokenizer, tmp_path / "out")
+    assert m["num_documents"] == 6 and "1 plain-text file(s) among the jsonl/parquet inputs" in caplog.text
+    assert "README.md" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        assert prepare([str(tmp_path / "ds")], tokenizer, tmp_path / "out2", glob="*.jsonl")["num_documents"] == 5
+    assert "plain-text" not in caplog.text
+
+
 def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokenizer):
     from cpt.data.prepare import IDENTITY_OPTIONS, PrepareOptions
 

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import heapq
 import json
+import logging
 import os
 import shutil
 import time
@@ -40,7 +41,8 @@ from typing import Any, Callable
 import numpy as np
 
 from cpt.data.encode import Encoder, encode_documents
-from cpt.data.readers import SKIP_REASONS, ReadCounts, ReadError, iter_documents, read_file, resolve_files
+from cpt.data.readers import (SKIP_REASONS, ReadCounts, ReadError, input_kind, iter_documents, read_file,
+                              resolve_files)
 from cpt.data.shards import (
     MANIFEST,
     ShardError,
@@ -55,6 +57,8 @@ from cpt.data.shards import (
     vocab_size,
     write_json_atomic,
 )
+
+logger = logging.getLogger("cpt.data")
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 HELDOUT_DIR = "heldout"
@@ -375,6 +379,11 @@ def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
     kept = [f for f in files if is_remote(f) or not os.path.realpath(f).startswith(out_real)]
     if not kept:
         raise PrepareError(f"no input files outside the output folder {out} in {inputs}")
+    texts = [f for f in kept if input_kind(f) == "text"]
+    if texts and len(texts) < len(kept):  # e.g. a downloaded dataset folder's README.md and LICENSE beside its jsonl
+        logger.warning("%d plain-text file(s) among the jsonl/parquet inputs are read as one document each: %s; "
+                       "--glob (e.g. '*.jsonl*') reads only the others", len(texts),
+                       ", ".join(texts[:5]) + (" ..." if len(texts) > 5 else ""))
     return kept
 
 
