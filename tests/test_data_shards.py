@@ -111,6 +111,8 @@ def test_local_corruption_truncation_and_missing_files(prepared, tmp_path):
         TokenShards.open(bad, verify=False)
     with pytest.raises(ShardError, match="nowhere: no such folder"):  # a typo in a path says so
         TokenShards.open(tmp_path / "nowhere")
+    with pytest.raises(ShardError, match=r"memory://nowhere-at-all: not found \(no such folder"):
+        TokenShards.open("memory://nowhere-at-all")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ShardError, match="no manifest.json"):
         TokenShards.open(tmp_path / "empty")

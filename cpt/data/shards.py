@@ -147,6 +147,13 @@ def write_json_atomic(path: str, obj: Any) -> None:
 # ---------------------------------------------------------------- reading
 
 
+def _exists(fs: Any, root: str) -> bool:
+    try:
+        return bool(fs.exists(root))
+    except Exception:  # noqa: BLE001 - a store that cannot say: the manifest message stands
+        return True
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -264,6 +271,8 @@ class TokenShards:
         except FileNotFoundError:
             if fs is None and not os.path.exists(path):  # most often a typo in the path
                 raise ShardError(f"{path}: no such folder") from None
+            if fs is not None and not _exists(fs, root):  # (an HTTP server may not answer for folders: hedged)
+                raise ShardError(f"{path}: not found (no such folder, or no {MANIFEST} in it)") from None
             raise ShardError(f"{path}: no {MANIFEST} (not a prepared source; run `cpt prepare`, or it was interrupted)") from None
         try:
             manifest = json.loads(text)
