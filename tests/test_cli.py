@@ -52,7 +52,7 @@ def test_train_user_errors_are_one_line_not_a_traceback(tiny_cpt_data, tmp_path,
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("cpt train: error: data source 'python'") and "no manifest.json" in err
+    assert err.startswith("cpt train: error: data source 'python'") and "not-prepared: no such folder" in err
     assert "Traceback" not in err
 
     cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run2")

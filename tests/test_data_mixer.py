@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from fractions import Fraction
 
@@ -194,7 +195,9 @@ def test_fingerprint_and_tokenizer_mismatch(sources, tokenizer):
     swapped = data_config([{"name": n, "path": str(sources / p)} for n, p in (("new", "old"), ("old", "new"), ("tiny", "tiny"))], seq_len=L)
     assert a.fingerprint() != CPTDataLoader(swapped, STAGES, tokenizer, 16, seed=9).fingerprint()
     other = make_tokenizer(vocab_size=300)
-    with pytest.raises(ShardError, match=r"data source 'new'.*vocabulary hash sha256:\w+.*vocabulary hash sha256:\w+"):
+    other.name_or_path = "/models/other-tokenizer"  # the run's tokenizer is named too, not only its hash
+    with pytest.raises(ShardError, match=r"data source 'new'.*vocabulary hash sha256:\w+.*tokenizer "
+                                         r"'/models/other-tokenizer' has vocabulary hash sha256:\w+"):
         CPTDataLoader(cfg(sources), STAGES, other, 16, seed=9)
     with pytest.raises(ValueError, match="divisible by world_size"):
         CPTDataLoader(cfg(sources), STAGES, tokenizer, 15, seed=9, world_size=2)
@@ -237,6 +240,12 @@ def test_load_heldout(sources, tokenizer):
     assert load_heldout(h.model_copy(update={"max_tokens": 16}), tokenizer, L, max_tokens=40).shape == (2, L)
     with pytest.raises(ValueError, match="fewer than one sequence"):
         load_heldout(h, tokenizer, 100000, max_tokens=None)
+    # a budget below one sequence: the message named the set's size ("has 900 tokens, fewer than one sequence of 8")
+    with pytest.raises(ValueError, match=rf"held-out set 'old': its budget of 5 tokens \(eval.tokens_per_set\) is less "
+                                         rf"than one sequence of {L}"):
+        load_heldout(h, tokenizer, L, max_tokens=5)
+    with pytest.raises(ValueError, match=r"budget of 3 tokens \(max_tokens\)"):
+        load_heldout(h.model_copy(update={"max_tokens": 3}), tokenizer, L, max_tokens=1000)
     with pytest.raises(ShardError, match="held-out set 'old'.*vocabulary hash"):
         load_heldout(h, make_tokenizer(vocab_size=300), L, 40)
 
@@ -304,3 +313,17 @@ def test_cpt_eval_uses_the_same_sample_and_reports_coverage(sources, tokenizer):
     assert torch.equal(toks, s.tokens)  # the sample training's evaluation takes (eval.sample_seed 0)
     assert covered["tokens"] == 40 and covered["docs"] == s.docs and covered["total_docs"] == 3
     assert covered["coverage"] == s.describe()
+
+
+def test_a_held_out_set_that_is_a_training_source_is_warned_about(sources, tokenizer, caplog):
+    """Pointing data.heldout at a source's folder instead of its heldout/ split evaluated on training data, silently."""
+    from cpt.data.loader import heldout_overlaps
+
+    held = [{"name": "new", "path": str(sources / "new" / "heldout"), "tag": "downstream"},
+            {"name": "old-train", "path": str(sources / "old") + "/", "tag": "upstream"}]
+    dc = cfg(sources, heldout=held)
+    assert len(heldout_overlaps(dc)) == 1 and "'old-train' is the folder of training source 'old'" in heldout_overlaps(dc)[0]
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        CPTDataLoader(dc, STAGES, tokenizer, 8, seed=0)
+    assert sum("memorisation" in r.getMessage() for r in caplog.records) == 1
+    assert heldout_overlaps(cfg(sources, heldout=held[:1])) == []

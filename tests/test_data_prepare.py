@@ -87,6 +87,16 @@ def test_datasets_spec_plain_and_streaming(tmp_path, tokenizer):
         prepare(["json"], tokenizer, tmp_path / "x", hf=True, data_files=str(src))
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_datasets_spec_with_a_broken_record_is_one_line(tmp_path, tokenizer, streaming):
+    """--hf over a jsonl with a malformed line: streamed, pyarrow's error escaped as a traceback; not streamed, the
+    line said only "An error occurred while generating the dataset"."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}, '{"text": "broken', {"text": "the river"}])
+    with pytest.raises(PrepareError, match=r"failed.*JSON parse error") as e:
+        prepare(["json"], tokenizer, tmp_path / "out", hf=True, data_files=[str(src)], streaming=streaming)
+    assert "\n" not in str(e.value)
+
+
 def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer, capsys):
     good = make_docs(5, seed=3)
     records = [
@@ -113,6 +123,75 @@ def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer, capsys):
     assert stream_of(tmp_path / "out") == expected_stream(tokenizer, good)
     out = capsys.readouterr().out
     assert "malformed_json 2" in out and "non_utf8 2" in out and "5 documents kept" in out
+
+
+def test_byte_order_mark_and_json_arrays(tmp_path, tokenizer):
+    """A UTF-8 BOM cost the first jsonl record (counted as malformed) and went into a text file's tokens; a .json
+    file holding a JSON array lost every record but the last one-per-line (or all of them)."""
+    docs = make_docs(4, seed=5)
+    lines = [json.dumps({"text": d}).encode() for d in docs]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    (folder / "b_array.json").write_text(json.dumps([{"text": d} for d in docs], indent=2))
+    (folder / "c_rows.json").write_bytes(b"\xef\xbb\xbf[\n" + b",\n".join(lines) + b"\n]\n")
+    (folder / "d_bom.txt").write_bytes(b"\xef\xbb\xbf" + docs[0].encode())
+    m = prepare([str(folder)], tokenizer, tmp_path / "out")
+    assert m["stats"]["skipped"]["malformed_json"] == 0 and m["num_documents"] == 13
+    assert stream_of(tmp_path / "out") == expected_stream(tokenizer, docs * 3 + docs[:1])
+    (tmp_path / "broken.json").write_text('[{"text": "a"}, {"text": ')
+    with pytest.raises(PrepareError, match="broken.json: starts with '\\[' but is not a valid JSON array"):
+        prepare([str(tmp_path / "broken.json")], tokenizer, tmp_path / "out2")
+
+
+def test_a_huge_plain_text_file_is_warned_about(tmp_path, monkeypatch, caplog):
+    """One plain-text file is one document, tokenized in one piece: a corpus dumped into one .txt (measured: about 7 GB of
+    memory for a 54 MB document) was an out-of-memory kill without a word."""
+    from cpt.data import readers
+
+    monkeypatch.setattr(readers, "LARGE_TEXT_DOCUMENT", 1000)
+    (tmp_path / "small.txt").write_text("x" * 1000)
+    (tmp_path / "dump.txt").write_text("x" * 2_000_001)
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        docs = list(readers.iter_documents([str(tmp_path / "small.txt"), str(tmp_path / "dump.txt")], "text",
+                                           readers.ReadCounts()))
+    assert len(docs) == 2 and caplog.text.count("is one document") == 1 and "dump.txt" in caplog.text
+    assert "has 2 MB" in caplog.text
+
+
+def test_truncated_zstd_is_an_error_and_frames_are_all_read(tmp_path, tokenizer):
+    """A zstd file cut inside a frame (an interrupted download) was read quietly as a shorter corpus; gzip already
+    raised. Corrupt zstd and xz data were tracebacks. Several frames (pzstd, concatenated files) are all read.
+    --out naming a file was a traceback."""
+    import zstandard
+
+    docs = make_docs(400, seed=8)
+    blob = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    z = zstandard.ZstdCompressor(level=1)
+    frames = z.compress(blob[: len(blob) // 2]) + z.compress(blob[len(blob) // 2 :])
+    (tmp_path / "two.jsonl.zst").write_bytes(frames)
+    prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "out")
+    assert stream_of(tmp_path / "out") == expected_stream(tokenizer, docs)
+    zc = zstandard.ZstdCompressor(level=1).compressobj()  # one frame, flushed block by block: a cut yields some records
+    one = b"".join(zc.compress(blob[i : i + 4096]) + zc.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for i in range(0, len(blob), 4096))
+    one += zc.flush()
+    (tmp_path / "cut.jsonl.zst").write_bytes(one[: len(one) * 2 // 3])
+    with pytest.raises(PrepareError, match="cut.jsonl.zst: cannot read .*zstd frame"):
+        prepare([str(tmp_path / "cut.jsonl.zst")], tokenizer, tmp_path / "out2")
+    corrupt = bytearray(one)
+    corrupt[len(one) // 2 : len(one) // 2 + 16] = bytes(16)
+    (tmp_path / "corrupt.jsonl.zst").write_bytes(bytes(corrupt))
+    with pytest.raises(PrepareError, match="corrupt.jsonl.zst: cannot read .*corrupt zstd data"):
+        prepare([str(tmp_path / "corrupt.jsonl.zst")], tokenizer, tmp_path / "out2")
+    import lzma
+
+    xz = bytearray(lzma.compress(blob))
+    xz[len(xz) // 2 : len(xz) // 2 + 16] = bytes(16)
+    (tmp_path / "corrupt.jsonl.xz").write_bytes(bytes(xz))  # lzma's own error type escaped as a traceback
+    with pytest.raises(PrepareError, match="corrupt.jsonl.xz: cannot read .*LZMAError"):
+        prepare([str(tmp_path / "corrupt.jsonl.xz")], tokenizer, tmp_path / "out2")
+    with pytest.raises(PrepareError, match="is a file, not a folder"):
+        prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "two.jsonl.zst")
 
 
 def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
@@ -149,8 +228,12 @@ def test_long_documents_truncated_or_skipped(tmp_path, tokenizer):
 
 def test_nothing_valid_is_a_clear_error(tmp_path, tokenizer, capsys):
     src = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"text": " "}, {"other": "x"}])
-    with pytest.raises(PrepareError, match=r"no valid documents.*malformed_json: 1, missing_field: 1, empty: 1"):
+    with pytest.raises(PrepareError, match=r"no valid documents.*malformed_json: 1, missing_field: 1, empty: 1\); "
+                                           r"the records have the fields \['other'\]: name the text one with --text-field"):
         prepare([str(src)], tokenizer, tmp_path / "out")
+    pq.write_table(pa.table({"content": ["x"], "id": [1]}), tmp_path / "p.parquet")
+    with pytest.raises(PrepareError, match=r"the records have the fields \['content', 'id'\]"):
+        prepare([str(tmp_path / "p.parquet")], tokenizer, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
     from cpt.commands.prepare import main
 
@@ -160,8 +243,9 @@ def test_nothing_valid_is_a_clear_error(tmp_path, tokenizer, capsys):
     assert "cpt prepare: error: no valid documents" in err and "Traceback" not in err
     assert main([str(tmp_path / "missing.jsonl"), "--tokenizer", tok_dir, "--out", str(tmp_path / "o")]) == 1
     assert "input not found" in capsys.readouterr().err
-    with pytest.raises(PrepareError, match="cannot load tokenizer"):
-        prepare([str(src)], str(tmp_path / "no-tokenizer"), tmp_path / "o")
+    assert main([str(src), "--tokenizer", str(tmp_path / "no-tokenizer"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err  # transformers' message spans lines: one line here
+    assert err.startswith("cpt prepare: error: cannot load tokenizer") and err.count("\n") == 1
 
 
 def test_heldout_split_by_document_is_deterministic(tmp_path, tokenizer):
@@ -281,6 +365,56 @@ def test_folder_walk_keeps_underscore_files_and_globs(tmp_path):
     assert [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path / "**" / "*.h")])] == ["pkg/a.h"]
     with pytest.raises(ReadError, match="matched no files"):
         resolve_files([str(tmp_path / "**" / "*.zzz")])
+
+
+def test_symlinked_folders_are_read_and_each_file_once(tmp_path, caplog):
+    """A symlinked folder inside an input folder was skipped silently, a file named twice (or linked into a folder also
+    given) was read twice, and a broken link was a FileNotFoundError traceback."""
+    (tmp_path / "corpus" / "a").mkdir(parents=True)
+    (tmp_path / "corpus" / "b").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    for p in ("corpus/a/d.jsonl", "corpus/b/d.jsonl", "elsewhere/e.jsonl"):  # same file name in two folders: both read
+        (tmp_path / p).write_text('{"text": "x"}\n')
+    os.symlink(tmp_path / "elsewhere", tmp_path / "corpus" / "linked")
+    os.symlink(tmp_path / "corpus", tmp_path / "corpus" / "a" / "loop")  # a cycle is walked once
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        got = [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path / "corpus"), str(tmp_path / "corpus/b/d.jsonl")])]
+    assert got == ["corpus/a/d.jsonl", "corpus/b/d.jsonl", "corpus/linked/e.jsonl"]
+    assert "1 input file(s) named more than once are read once" in caplog.text
+    os.symlink(tmp_path / "gone.jsonl", tmp_path / "corpus" / "broken.jsonl")
+    with pytest.raises(ReadError, match="corpus/broken.jsonl is a broken symbolic link"):
+        resolve_files([str(tmp_path / "corpus")])
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read(tmp_path, tokenizer):
+    """`cpt prepare corpus/ --out corpus/tokens`: a re-run read its own shards and manifests as input (bogus skipped
+    records) and, their mtimes having changed, re-tokenized every time instead of finding the output up to date."""
+    docs = make_docs(20, seed=9)
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"text": d} for d in docs])
+    out = tmp_path / "corpus" / "tokens"
+    first = prepare([str(tmp_path / "corpus")], tokenizer, out, heldout_docs=2)
+    again = prepare([str(tmp_path / "corpus")], tokenizer, out, heldout_docs=2)
+    assert again.get("up_to_date") and again["prepare_key"] == first["prepare_key"]
+    forced = prepare([str(tmp_path / "corpus")], tokenizer, out, heldout_docs=2, force=True)
+    assert forced["stats"]["records_read"] == 20 and sum(forced["stats"]["skipped"].values()) == 0
+    with pytest.raises(PrepareError, match="no input files outside the output folder"):
+        prepare([str(out)], tokenizer, out)
+
+
+def test_plain_text_files_beside_jsonl_are_warned_about(tmp_path, tokenizer, caplog):
+    """A downloaded dataset folder's README.md and LICENSE were trained on as documents without a word."""
+    (tmp_path / "ds").mkdir()
+    write_jsonl(tmp_path / "ds" / "train.jsonl", [{"text": d} for d in make_docs(5, seed=4)])
+    (tmp_path / "ds" / "README.md").write_text("# My dataset card")
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        m = prepare([str(tmp_path / "ds")], tokenizer, tmp_path / "out")
+    assert m["num_documents"] == 6 and "1 plain-text file(s) among the jsonl/parquet inputs" in caplog.text
+    assert "README.md" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        assert prepare([str(tmp_path / "ds")], tokenizer, tmp_path / "out2", glob="*.jsonl")["num_documents"] == 5
+    assert "plain-text" not in caplog.text
 
 
 def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokenizer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import fsspec
@@ -108,12 +109,43 @@ def test_local_corruption_truncation_and_missing_files(prepared, tmp_path):
     os.remove(bad / "shard_00001.idx")
     with pytest.raises(ShardError, match="shard file shard_00001.idx is missing"):
         TokenShards.open(bad, verify=False)
-    with pytest.raises(ShardError, match="no manifest.json"):
+    with pytest.raises(ShardError, match="nowhere: no such folder"):  # a typo in a path says so
         TokenShards.open(tmp_path / "nowhere")
+    with pytest.raises(ShardError, match=r"memory://nowhere-at-all: not found \(no such folder"):
+        TokenShards.open("memory://nowhere-at-all")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="no manifest.json"):
+        TokenShards.open(tmp_path / "empty")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="not valid JSON"):
         TokenShards.open(tmp_path / "junk")
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.pop("tokenizer"), "no tokenizer.hash"),
+    (lambda m: m["shards"][0].pop("docs_file"), "shards[0].docs_file None is not a file name"),
+    (lambda m: m["shards"][1].update(tokens_file="../a.jsonl"), "shards[1].tokens_file '../a.jsonl' is not a file name"),
+    (lambda m: m.update(num_tokens="lots"), "num_tokens 'lots' is not a count"),
+    (lambda m: m.update(dtype="float17"), "dtype 'float17' is not uint16 or uint32"),
+    (lambda m: m.update(version="one"), "version 'one' is not a number"),
+])
+def test_edited_manifest_is_one_error_naming_the_field(prepared, tmp_path, edit, problem, capsys):
+    """A hand-edited or damaged manifest was a KeyError/TypeError traceback in `cpt train` and `cpt verify`."""
+    import json
+
+    from cpt.commands.verify import main as verify_main
+
+    out, _ = prepared
+    bad = tmp_path / "edited"
+    shutil.copytree(out, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=re.escape(problem)):
+        TokenShards.open(bad)
+    assert verify_main([str(bad)]) == 1
+    assert problem in capsys.readouterr().out
 
 
 def test_tokenizer_mismatch_names_both_hashes(prepared, tokenizer):
@@ -178,7 +210,7 @@ def test_verify_lists_every_problem_and_cpt_verify_reports_them(prepared, tmp_pa
     TokenShards.open(bad, check_sizes=False)  # a start without checks opens it (rank > 0 of a training)
     assert verify_main([str(out), str(bad), str(tmp_path / "nowhere")]) == 1
     got = capsys.readouterr()
-    assert got.out.count("FAILED") == 4 and "no manifest.json" in got.out and "2 of 3 folders" in got.err
+    assert got.out.count("FAILED") == 4 and "nowhere: no such folder" in got.out and "2 of 3 folders" in got.err
 
 
 def test_prepare_reads_back_what_it_wrote(tmp_path, tokenizer, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -116,14 +118,37 @@ def test_hf_stream_resumes_exactly(tmp_path, tokenizer, streaming):
         assert np.concatenate([b.next_sequences(3) for _ in range(30 - k)]).tolist() == np.concatenate(outs[k:]).tolist()
 
 
-def test_hf_stream_skips_bad_records_and_errors_when_nothing_is_usable(tmp_path, tokenizer):
+def test_hf_stream_skips_bad_records_and_errors_when_nothing_is_usable(tmp_path, tokenizer, caplog):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}, {"text": " "}, {"text": None}, {"text": 5},
                                               {"text": "the river bank"}])
-    s = HFTokenStream(hf_source(path), tokenizer, 4)
-    s.next_sequences(2)
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        s = HFTokenStream(hf_source(path), tokenizer, 4)
+        s.next_sequences(2)
     assert s.skipped["empty"] >= 1 and s.skipped["missing_field"] >= 1 and s.skipped["not_text"] >= 1
+    # each reason is logged once (they were counted in the state only: silent to the user)
+    logged = [r.getMessage() for r in caplog.records if "skipping records" in r.getMessage()]
+    assert len(logged) == 3 and any("non-string text in field 'text'" in m for m in logged)
     path = write_jsonl(tmp_path / "b.jsonl", [{"text": " "}, {"text": ""}])
     with pytest.raises(HFSourceError, match="no usable text"):
         HFTokenStream(hf_source(path), tokenizer, 4).next_sequences(1)
     with pytest.raises(HFSourceError, match="load_dataset"):
         HFTokenStream(hf_source(tmp_path / "missing.jsonl"), tokenizer, 4)
+
+
+def test_hf_stream_broken_record_is_one_error_not_a_traceback(tmp_path, tokenizer):
+    """datasets' json reader cannot skip a malformed line: the pyarrow error escaped the trainer as a traceback."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}, '{"text": "broken', {"text": "the river"}])
+    with pytest.raises(HFSourceError, match=r"source 'web': reading 'json' .* failed: .*JSON.*`cpt prepare` it"):
+        HFTokenStream(hf_source(path), tokenizer, 4).next_sequences(1)
+
+
+def test_resume_with_a_shuffle_buffer_is_warned_about(tmp_path, tokenizer, caplog):
+    """datasets does not save a shuffle buffer: a resume with one continues in another order, which was silent."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(12, seed=24)])
+    for buffer, warned in ((0, False), (4, True)):
+        a = HFTokenStream(hf_source(path, shuffle_buffer=buffer), tokenizer, L, batch_docs=5)
+        a.next_sequences(3)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cpt.data"):
+            HFTokenStream(hf_source(path, shuffle_buffer=buffer), tokenizer, L, batch_docs=5).load_state_dict(a.state_dict())
+        assert ("resuming with shuffle_buffer 4" in caplog.text) == warned

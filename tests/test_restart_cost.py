@@ -130,3 +130,11 @@ def test_cpt_verify_config_checks_every_source_and_heldout_set(tiny_cpt_data, tm
     assert main(["verify", "--config", str(path)]) == 1
     got = capsys.readouterr()
     assert f"FAILED {bad}: checksum mismatch for {shard.name}" in got.out and "1 of 4 folders" in got.err
+    # a config with only `type: hf` sources and no held-out sets: nothing to check (it said "give at least one DIR
+    # or --config" after --config was given)
+    cfg["data"]["sources"] = [{"name": "python", "type": "hf", "path": "json", "data_files": "x.jsonl"}]
+    cfg["data"]["heldout"] = []
+    cfg["stages"][0]["mix"] = {"python": 1.0}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["verify", "--config", str(path)]) == 0
+    assert "names no prepared folders" in capsys.readouterr().out

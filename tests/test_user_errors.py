@@ -340,3 +340,17 @@ def test_tokenizer_folder_without_a_tokenizer(tiny_cpt_data, tmp_path, capsys):
         line = one_error_line(capsys.readouterr().err, f"cpt train: error: model.tokenizer '{not_a_tokenizer}': ")
         assert "cannot load this folder" in line
         assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_hf_source_is_one_line(tiny_cpt_data, tmp_path, capsys):
+    """An unreadable `type: hf` source (a data_files path that is not there; a malformed jsonl line datasets cannot
+    skip) stopped `cpt train` with an HFSourceError traceback."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "def f(): return 1"}\n{"text": "unterminated\n{"text": "x = 2"}\n')
+    for data_files, expected in ((tmp_path / "missing.jsonl", "failed: FileNotFoundError: Unable to find"),
+                                 (broken, "a `datasets` source cannot skip broken records")):
+        cfg = small(tiny_cpt_data, tmp_path / "run")
+        cfg["data"]["sources"][0] = {"name": "python", "type": "hf", "path": "json", "data_files": str(data_files)}
+        assert main(["train", str(write(cfg, tmp_path / "c.yaml"))]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: source 'python': ")
+        assert expected in line

@@ -38,13 +38,15 @@ def run_errors() -> tuple[type[BaseException], ...]:
     """The user-facing problems a training run can stop with: one line, no traceback (`cpt train`, `cpt experiment`).
     ConfigError: a model setting that does not fit the loaded model."""
     from cpt.checkpoint import CheckpointError
+    from cpt.data.hfstream import HFSourceError
     from cpt.data.shards import ShardError
     from cpt.distributed import LaunchError
     from cpt.metrics import MetricsError
     from cpt.model import ModelLoadError
     from cpt.train import TrainingError
 
-    return TrainingError, LaunchError, ShardError, CheckpointError, ModelLoadError, MetricsError, ConfigError
+    return (TrainingError, LaunchError, ShardError, HFSourceError, CheckpointError, ModelLoadError, MetricsError,
+            ConfigError)
 
 
 def main(argv: list[str]) -> int:

@@ -40,7 +40,8 @@ def verify_folder(path: str) -> tuple[list[str], str]:
         return [str(e)], ""
     problems = [f"{path}: {p}" for p in shards.verify()]
     n_bytes, n_files = shards.num_bytes, 2 * len(shards.manifest["shards"])
-    held = (shards.manifest.get("heldout") or {}).get("path")
+    held = shards.manifest.get("heldout")
+    held = held.get("path") if isinstance(held, dict) else None
     if held:
         sub, _ = verify_folder(join(path, held))
         problems += sub
@@ -55,6 +56,10 @@ def main(argv: list[str]) -> int:
     except ValueError as e:  # ConfigError
         print(f"cpt verify: {e}", file=sys.stderr)
         return 2
+    if not folders and args.config:
+        print(f"cpt verify: {args.config} names no prepared folders (its sources are `type: hf`, read by `datasets`, and "
+              "it has no held-out sets): nothing to check")
+        return 0
     if not folders:
         parser().print_usage(sys.stderr)
         print("cpt verify: give at least one DIR or --config", file=sys.stderr)

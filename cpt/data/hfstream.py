@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cpt.data.readers import error_line
 from cpt.data.shards import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
 
 logger = logging.getLogger("cpt.data")
@@ -33,11 +34,17 @@ class HFSourceError(ValueError):
     """A `datasets` source that cannot be loaded or holds no usable text."""
 
 
+_REASON_WORDS = {"missing_field": "a missing (or null)", "not_text": "a non-string", "empty": "an empty"}
+
+
 class HFTokenStream:
     """Sequential packed sequences from a `datasets` source; ``next_sequences(n)`` returns the next ``n``."""
 
-    def __init__(self, cfg: Any, tokenizer: Any, seq_len: int, seed: int = 0, batch_docs: int = 64):
+    def __init__(self, cfg: Any, tokenizer: Any, seq_len: int, seed: int = 0, batch_docs: int = 64,
+                 log_skips: bool = True):
         self.cfg, self.seq_len, self.seed, self.batch_docs = cfg, seq_len, seed, batch_docs
+        self.log_skips = log_skips  # warn at the first skipped record of each reason, and at an inexact resume (rank 0)
+        self._logged: set[str] = set()
         self.name = cfg.name
         self._backend = backend_tokenizer(tokenizer)
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -60,7 +67,7 @@ class HFTokenStream:
         try:
             ds = datasets.load_dataset(c.path, name=c.hf_name, data_files=c.data_files, split=c.split, streaming=c.streaming)
         except Exception as e:  # datasets raises many exception types for missing/unreachable data
-            raise HFSourceError(f"source {self.name!r}: datasets.load_dataset({c.path!r}) failed: {e}") from None
+            raise HFSourceError(f"source {self.name!r}: datasets.load_dataset({c.path!r}) failed: {error_line(e)}") from None
         if not isinstance(ds, datasets.IterableDataset):
             ds = ds.to_iterable_dataset()
         buffer = getattr(c, "shuffle_buffer", 0) or 0
@@ -103,6 +110,11 @@ class HFTokenStream:
             except StopIteration:
                 ended = True
                 break
+            except Exception as e:  # noqa: BLE001 - datasets/pyarrow cannot skip a malformed record: one line, not a traceback
+                raise HFSourceError(
+                    f"source {self.name!r}: reading {self.cfg.path!r} (data_files {self.cfg.data_files!r}) failed: "
+                    f"{error_line(e)}; a `datasets` source cannot skip broken records: fix the file, or "
+                    "`cpt prepare` it (which skips and counts them) and train on the shards") from None
             value = example.get(field)
             if value is None:
                 self.skipped["missing_field"] += 1
@@ -113,6 +125,7 @@ class HFTokenStream:
             else:
                 states.append(state)
                 texts.append(value)
+        self._log_new_skips()
         if texts:
             self._empty_epoch = False
             encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
@@ -121,6 +134,15 @@ class HFTokenStream:
                 self._docs.append((self.epoch, state, tokens))
                 self._available += len(tokens)
         return bool(texts) or not ended
+
+    def _log_new_skips(self) -> None:
+        """Log the first skipped record of each reason (every one is counted in ``skipped``, saved with the state)."""
+        for reason in sorted(set(self.skipped) - self._logged):
+            self._logged.add(reason)
+            if self.log_skips:
+                logger.warning("source %r: skipping records of %r with %s text in field %r (each one counted: "
+                               "`skipped` in the data state)", self.name, self.cfg.path, _REASON_WORDS.get(reason, reason),
+                               self.cfg.text_field)
 
     def _next_epoch(self) -> None:
         if self._empty_epoch:
@@ -175,6 +197,11 @@ class HFTokenStream:
         self._reset(int(state["epoch"]), state["ds_state"], int(state["used"]))
         self.sequences_read = int(state["sequences_read"])
         self.skipped = Counter(state.get("skipped", {}))
+        buffer = getattr(self.cfg, "shuffle_buffer", 0) or 0
+        if buffer and self.log_skips:
+            logger.warning("source %r: resuming with shuffle_buffer %d: datasets does not save the buffer, so the order "
+                           "from here differs from an uninterrupted run and up to %d documents of this epoch are not "
+                           "seen (shuffle_buffer: 0, or prepared shards, resume exactly)", self.name, buffer, buffer)
 
     def fingerprint(self) -> str:
         c = self.cfg

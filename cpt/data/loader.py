@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,7 +33,7 @@ import torch
 
 from cpt.data.hfstream import HFTokenStream
 from cpt.data.mixer import Mixer, MixPlan
-from cpt.data.shards import ShardError, TokenShards, tokenizer_fingerprint
+from cpt.data.shards import ShardError, TokenShards, tokenizer_fingerprint, tokenizer_name
 from cpt.data.stream import PackedStream
 
 logger = logging.getLogger("cpt.data")
@@ -70,15 +71,19 @@ class CPTDataLoader:
         self.streams: list[PackedStream | HFTokenStream] = [
             self._open(s, tokenizer, tok_hash, verify, main) for s in self.sources
         ]
+        if main:
+            for msg in heldout_overlaps(data_cfg):
+                logger.warning(msg)
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
         self._fingerprint: str | None = None
 
     def _open(self, src: Any, tokenizer: Any, tok_hash: str, verify: bool, check_sizes: bool) -> PackedStream | HFTokenStream:
         if src.type == "hf":
-            return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed)
+            return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed, log_skips=check_sizes)
         try:
-            shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes)
+            shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes,
+                                      expected_tokenizer_name=tokenizer_name(tokenizer))
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
         return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
@@ -202,6 +207,24 @@ class HeldoutSample:
                 + (" (the whole set)" if self.whole else " (a seeded sample of whole documents)"))
 
 
+def _same_folder(path: str) -> str:
+    return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+
+def heldout_overlaps(data_cfg: Any) -> list[str]:
+    """A warning for each held-out set that is the folder of a training source (its loss would measure
+    memorisation, not generalisation): an easy slip for `cpt prepare`'s OUT instead of OUT/heldout."""
+    folders = {_same_folder(s.path): s.name for s in data_cfg.sources if s.type == "shards"}
+    out = []
+    for h in getattr(data_cfg, "heldout", []):
+        source = folders.get(_same_folder(h.path))
+        if source is not None:
+            out.append(f"held-out set {h.name!r} is the folder of training source {source!r} ({h.path}): its loss "
+                       "measures memorisation, not generalisation; use a held-out split (e.g. the heldout/ folder "
+                       "`cpt prepare --heldout-docs` writes)")
+    return out
+
+
 def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
                    seed: int = 0, check_sizes: bool = True) -> HeldoutSample:
     """A representative sample of a held-out set, the same for a given ``seed`` at every call.
@@ -217,6 +240,7 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
     limit = getattr(cfg, "max_tokens", None) or max_tokens
     try:
         shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify,
+                                  expected_tokenizer_name=tokenizer_name(tokenizer),
                                   check_sizes=check_sizes)
     except ShardError as e:
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None
@@ -237,6 +261,10 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
         n = len(flat) // seq_len
         offsets = np.cumsum([0] + [keep[i] for i in chosen[:-1]])
         docs = int(np.sum(offsets < n * seq_len))  # documents with at least one evaluated token
+    if n == 0 and total >= seq_len:  # the budget, not the set, is too small
+        field = "max_tokens" if getattr(cfg, "max_tokens", None) else "eval.tokens_per_set"
+        raise ShardError(f"held-out set {cfg.name!r}: its budget of {int(limit)} tokens ({field}) is less than one "
+                         f"sequence of {seq_len}; raise it to at least {seq_len}")
     if n == 0:
         raise ShardError(f"held-out set {cfg.name!r} ({cfg.path}) has {total} tokens, fewer than one sequence of {seq_len}")
     tokens = torch.from_numpy(np.ascontiguousarray(flat[: n * seq_len]).astype(np.int64).reshape(n, seq_len))

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import heapq
 import json
+import logging
 import os
 import shutil
 import time
@@ -40,7 +41,8 @@ from typing import Any, Callable
 import numpy as np
 
 from cpt.data.encode import Encoder, encode_documents
-from cpt.data.readers import SKIP_REASONS, ReadCounts, ReadError, iter_documents, resolve_files
+from cpt.data.readers import (SKIP_REASONS, ReadCounts, ReadError, input_kind, iter_documents, read_file,
+                              resolve_files)
 from cpt.data.shards import (
     MANIFEST,
     ShardError,
@@ -55,6 +57,8 @@ from cpt.data.shards import (
     vocab_size,
     write_json_atomic,
 )
+
+logger = logging.getLogger("cpt.data")
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 HELDOUT_DIR = "heldout"
@@ -206,7 +210,8 @@ class HeldoutSplitter:
 class _Job:
     """One run, as :func:`prepare` resolved it before any work."""
 
-    inputs: list[str]
+    inputs: list[str]  # as given (recorded in the manifest)
+    files: list[str] | None  # what is read: the input files, the output folder's own files left out (None with hf)
     out: str
     options: PrepareOptions
     tok: Any  # the loaded fast tokenizer
@@ -248,6 +253,8 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     opts.check()
     if is_remote(out):
         raise PrepareError(f"--out must be a local folder (got {out}); upload the prepared folder afterwards")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out {out} is a file, not a folder")
     tok = _load_tokenizer(tokenizer)
     if getattr(tok, "eos_token_id", None) is None:
         raise PrepareError(f"tokenizer {tokenizer_name(tok)!r} has no EOS token; documents must be separated by EOS")
@@ -255,10 +262,11 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     if opts.add_bos and bos_id is None:
         raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has no BOS token")
     tok_hash = tokenizer_fingerprint(tok)
-    key = _prepare_key(_input_identity(inputs, opts.hf, opts.glob), tok_hash, opts.identity())
+    files = None if opts.hf else _input_files(inputs, opts.glob, out)
+    key = _prepare_key(list(inputs) if files is None else _input_identity(files), tok_hash, opts.identity())
     if not opts.force and (existing := _is_up_to_date(out, key)) is not None:
         return {**existing, "up_to_date": True}
-    job = _Job(inputs, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
+    job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
     os.makedirs(out, exist_ok=True)
     _remove_stale_staging(out)
     staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -278,8 +286,11 @@ def _run(job: _Job, staging: str) -> dict:
     splitter = HeldoutSplitter(train, held, opts.seed, opts.heldout_docs, opts.heldout_fraction)
     encoder = Encoder(backend_tokenizer(job.tok), int(job.tok.eos_token_id), job.bos_id, job.dtype, opts.max_doc_tokens,
                       opts.long_docs)
-    docs = iter_documents(job.inputs, opts.text_field, counts, hf=opts.hf, glob=opts.glob, dataset_name=opts.dataset_name,
-                          split=opts.split, data_files=opts.data_files, streaming=opts.streaming)
+    if job.files is None:  # --hf: datasets specs
+        docs = iter_documents(job.inputs, opts.text_field, counts, hf=True, dataset_name=opts.dataset_name,
+                              split=opts.split, data_files=opts.data_files, streaming=opts.streaming)
+    else:
+        docs = (doc for path in job.files for doc in read_file(path, opts.text_field, counts))
     skipped: Counter = Counter()
     truncated = 0
     bar = _progress_bar(opts.progress)
@@ -311,7 +322,9 @@ def _run(job: _Job, staging: str) -> dict:
                            "leaving none to train on: hold out fewer")
     if train.num_documents == 0:
         detail = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items() if v) or "no records found"
-        raise PrepareError(f"no valid documents in {job.inputs} ({counts.records} records read; skipped {detail})")
+        hint = (f"; the records have the fields {counts.fields_seen}: name the text one with --text-field"
+                if counts.fields_seen and stats["skipped"]["missing_field"] else "")
+        raise PrepareError(f"no valid documents in {job.inputs} ({counts.records} records read; skipped {detail}){hint}")
     if held is not None and held.num_documents == 0:
         raise PrepareError("the held-out split is empty (too few documents for --heldout-fraction); use --heldout-docs")
     return _commit(job, staging, train, held, stats)
@@ -351,18 +364,33 @@ def _load_tokenizer(tokenizer: Any) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
     except Exception as e:  # OSError for missing folders / offline hub, ValueError for bad files
-        raise PrepareError(f"cannot load tokenizer {str(tokenizer)!r}: {e}") from None
+        raise PrepareError(f"cannot load tokenizer {str(tokenizer)!r}: {' '.join(str(e).split())}") from None  # one line
     if not getattr(tok, "is_fast", False):
         raise PrepareError(f"tokenizer {str(tokenizer)!r} has no fast (Rust) version; cpt prepare needs one")
     return tok
 
 
-def _input_identity(inputs: list[str], hf: bool, glob: str | None) -> list[Any]:
+def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
+    """The files to read, each once; files inside ``out`` (an output folder inside an input folder:
+    `cpt prepare data/ --out data/tokens`) are left out: re-read, its shards and manifests were bogus skipped records
+    and made every re-run look changed."""
+    out_real = os.path.realpath(out) + os.sep
+    files = resolve_files(inputs, glob)
+    kept = [f for f in files if is_remote(f) or not os.path.realpath(f).startswith(out_real)]
+    if not kept:
+        raise PrepareError(f"no input files outside the output folder {out} in {inputs}")
+    texts = [f for f in kept if input_kind(f) == "text"]
+    if texts and len(texts) < len(kept):  # e.g. a downloaded dataset folder's README.md and LICENSE beside its jsonl
+        logger.warning("%d plain-text file(s) among the jsonl/parquet inputs are read as one document each: %s; "
+                       "--glob (e.g. '*.jsonl*') reads only the others", len(texts),
+                       ", ".join(texts[:5]) + (" ..." if len(texts) > 5 else ""))
+    return kept
+
+
+def _input_identity(files: list[str]) -> list[Any]:
     """What the inputs are, for the idempotency key: local files by size and mtime, others by name."""
-    if hf:
-        return list(inputs)
     out: list[Any] = []
-    for path in resolve_files(inputs, glob):
+    for path in files:
         if is_remote(path):
             out.append(path)
         else:

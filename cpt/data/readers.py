@@ -1,12 +1,14 @@
 """Reading raw text: the one implementation behind `cpt prepare`, vocabulary learning (``model.vocab.learn_from``)
 and `cpt eval`'s text held-out files.
 
-Inputs, read in the order given (folders recursively, sorted by path; dot-files and ``__pycache__`` skipped):
+Inputs, read in the order given (folders recursively, symlinked folders too, sorted by path; dot-files and
+``__pycache__`` skipped; a file named twice, or by two links, is read once):
 
 - jsonl (``.jsonl``/``.json``/``.ndjson``, plain or ``.gz``/``.zst``/``.bz2``/``.xz``): one JSON object per line,
-  the text in ``text_field``;
+  the text in ``text_field``; a ``.json`` file that starts with ``[`` is one JSON array of such objects (read whole);
 - parquet: the ``text_field`` column;
 - any other file: plain text, one document per file (bytes decoded as UTF-8, line ends kept as written);
+- a UTF-8 byte-order mark at the start of a file is dropped;
 - with ``hf=True`` each input is a ``datasets.load_dataset`` path (hub id, local folder or builder name such
   as ``json``), with ``dataset_name``/``split``/``data_files``/``streaming``.
 
@@ -24,6 +26,7 @@ import fnmatch
 import io
 import json
 import logging
+import lzma
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ logger = logging.getLogger("cpt.data")
 SKIP_REASONS = ("malformed_json", "non_utf8", "missing_field", "not_text", "empty", "too_long")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+LARGE_TEXT_DOCUMENT = 64 << 20  # bytes: a plain-text file larger than this is warned about (one document: memory)
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark, dropped from the start of a file
 
 
 class ReadError(ValueError):
@@ -48,6 +53,7 @@ class ReadCounts:
 
     records: int = 0
     skipped: Counter = field(default_factory=Counter)
+    fields_seen: list[str] | None = None  # the fields of the first record without the text field (for the error hint)
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.records += n
@@ -102,8 +108,9 @@ def _matches(path: str, pattern: str | None) -> bool:
     return fnmatch.fnmatch(path.rsplit("/", 1)[-1], pattern)
 
 
-def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
-    """Expand folders (recursively, sorted) and glob patterns (`src/**/*.h`) into files; error for anything that does not exist."""
+def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = True) -> list[str]:
+    """Expand folders (recursively, sorted) and glob patterns (`src/**/*.h`) into files, each once (``warn``: log the
+    repeats); error for anything that does not exist."""
     import glob as globlib
 
     files: list[str] = []
@@ -130,17 +137,52 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None) -> list[str]:
                 files.append(item)
         elif os.path.isdir(item):
             found = []
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+            seen = {os.path.realpath(item)}
+            for dirpath, dirnames, filenames in os.walk(item, followlinks=True):  # symlinked folders are read too
+                dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _first_visit(os.path.join(dirpath, d), seen))
                 found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f) and _matches(os.path.join(dirpath, f), glob)]
             files += sorted(found)
         elif os.path.isfile(item):
             files.append(item)
+        elif os.path.islink(item):
+            raise ReadError(f"input not found: {item} is a broken symbolic link (to {os.readlink(item)})")
         else:
             raise ReadError(f"input not found: {item} (to load a `datasets.load_dataset` spec, pass --hf)")
     if not files:
         raise ReadError(f"no input files found in {list(inputs)}" + (f" matching {glob!r}" if glob else ""))
-    return files
+    return _read_once(files, warn)
+
+
+def _first_visit(folder: str, seen: set[str]) -> bool:
+    """False for a folder already walked (a symlink back up the tree, or two links to one folder)."""
+    real = os.path.realpath(folder)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
+
+
+def _read_once(files: list[str], warn: bool) -> list[str]:
+    """Each file once (local ones by their real path: a file given twice, or linked into a folder also given, is
+    read once, with a warning); a broken symbolic link is a :class:`ReadError`."""
+    out, seen, repeats = [], set(), []
+    for path in files:
+        if is_remote(path):
+            key = path
+        elif not os.path.exists(path):
+            raise ReadError(f"input not found: {path} is a broken symbolic link (to {os.readlink(path)})"
+                            if os.path.islink(path) else f"input not found: {path}")
+        else:
+            key = os.path.realpath(path)
+        if key in seen:
+            repeats.append(path)
+            continue
+        seen.add(key)
+        out.append(path)
+    if repeats and warn:
+        logger.warning("%d input file(s) named more than once are read once: %s", len(repeats),
+                       ", ".join(repeats[:5]) + (" ..." if len(repeats) > 5 else ""))
+    return out
 
 
 # ---------------------------------------------------------------- one file
@@ -152,11 +194,49 @@ def _open_binary(path: str) -> Any:
 
     compression = _compression(path)
     if compression == "zstd":  # fsspec's zstd file cannot iterate lines: decompress as a stream ourselves
+        return io.BufferedReader(_ZstdReader(fsspec.open(path, "rb").open()), buffer_size=1 << 20)
+    return fsspec.open(path, "rb", compression=compression).open()
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a zstd file (one or more frames). A file cut inside a frame raises EOFError, as
+    gzip does (zstandard's stream_reader ends quietly there: a truncated download read as a shorter corpus), and
+    corrupt data an OSError (zstandard's own ZstdError escaped as a traceback)."""
+
+    def __init__(self, raw: Any):
         import zstandard
 
-        raw = fsspec.open(path, "rb").open()
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), buffer_size=1 << 20)
-    return fsspec.open(path, "rb", compression=compression).open()
+        self._raw, self._dctx, self._error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self._obj = self._dctx.decompressobj()
+        self._pending, self._out, self._pos, self._in_frame = b"", b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._pos >= len(self._out):
+            chunk, self._pending = self._pending or self._raw.read(1 << 20), b""
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("compressed file ended inside a zstd frame (truncated)")
+                return 0
+            if self._obj.eof:  # the previous frame is complete: the next one starts
+                self._obj = self._dctx.decompressobj()
+            try:
+                self._out, self._pos = self._obj.decompress(chunk), 0
+            except self._error as e:  # corrupt data: read_file turns the OSError into one ReadError line
+                raise OSError(f"corrupt zstd data ({e})") from None
+            self._in_frame = not self._obj.eof
+            if self._obj.eof:
+                self._pending = self._obj.unused_data
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
@@ -166,6 +246,8 @@ def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
         return None
     value = record.get(text_field)
     if value is None:
+        if counts.fields_seen is None and text_field not in record:
+            counts.fields_seen = sorted(map(str, record))[:20]
         counts.skip("missing_field")
         return None
     if not isinstance(value, str):
@@ -184,10 +266,17 @@ def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
 
 
 def _read_jsonl(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    first = True
     with _open_binary(path) as f:
         for raw in f:
+            if first:
+                raw = raw.removeprefix(BOM)  # a UTF-8 byte-order mark (Windows tools) is not part of the first record
             if not raw.strip():
                 continue  # blank separator lines are not records
+            if first and raw.lstrip().startswith(b"[") and _strip_compression(path).endswith(".json"):
+                yield from _read_json_array(path, raw + f.read(), text_field, counts)
+                return
+            first = False
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -203,6 +292,20 @@ def _read_jsonl(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]
                 yield text
 
 
+def _read_json_array(path: str, data: bytes, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    """A ``.json`` file holding one JSON array of records (``[{"text": ...}, ...]``, as `datasets` also reads it)."""
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReadError(f"{path}: starts with '[' but is not a valid JSON array of records ({e})") from None
+    if not isinstance(records, list):
+        raise ReadError(f"{path}: starts with '[' but is not a JSON array of records")
+    for record in records:
+        text = _field_text(record, text_field, counts)
+        if text is not None:
+            yield text
+
+
 def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
     import pyarrow.parquet as pq
 
@@ -214,6 +317,7 @@ def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[st
         if text_field not in pf.schema_arrow.names:
             logger.warning("%s: no column %r (columns: %s); all rows skipped", path, text_field, pf.schema_arrow.names)
             counts.skip("missing_field", pf.metadata.num_rows)
+            counts.fields_seen = counts.fields_seen or list(pf.schema_arrow.names)[:20]
             return
         for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
             for value in batch.column(0).to_pylist():
@@ -225,8 +329,12 @@ def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[st
 def _read_text(path: str, counts: ReadCounts) -> Iterator[str]:
     with _open_binary(path) as f:
         data = f.read()
+    if len(data) > LARGE_TEXT_DOCUMENT:
+        logger.warning("%s: a plain-text file is one document, and this one has %.0f MB: tokenizing it takes about "
+                       "0.13 GB of memory per MB (byte-level BPE); if it holds many documents, write them as jsonl, one "
+                       "per line", path, len(data) / 1e6)
     try:
-        text = data.decode("utf-8")
+        text = data.removeprefix(BOM).decode("utf-8")
     except UnicodeDecodeError:
         counts.skip("non_utf8")
         return
@@ -248,8 +356,18 @@ def read_file(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
             yield from _read_parquet(path, text_field, counts)
         else:
             yield from _read_text(path, counts)
-    except (OSError, EOFError) as e:  # corrupt gzip/zstd streams, unreadable files
+    except (OSError, EOFError, lzma.LZMAError) as e:  # corrupt or cut gzip/bz2/xz/zstd streams, unreadable files
         raise ReadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def error_line(e: BaseException) -> str:
+    """An exception and its cause on one line (datasets wraps the parser's error: "An error occurred while generating
+    the dataset")."""
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause) not in text:
+        text += f" ({type(cause).__name__}: {cause})"
+    return " ".join(text.split())
 
 
 def read_hf(spec: str, text_field: str, counts: ReadCounts, dataset_name: str | None = None, split: str = "train",
@@ -260,11 +378,21 @@ def read_hf(spec: str, text_field: str, counts: ReadCounts, dataset_name: str | 
     try:
         ds = datasets.load_dataset(spec, name=dataset_name, split=split, data_files=data_files, streaming=streaming)
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError...)
-        raise ReadError(f"datasets.load_dataset({spec!r}, name={dataset_name!r}, split={split!r}) failed: {e}") from None
+        raise ReadError(f"datasets.load_dataset({spec!r}, name={dataset_name!r}, split={split!r}) failed: "
+                        f"{error_line(e)}") from None
     columns = getattr(ds, "column_names", None)
     if columns is not None and text_field not in columns:
         raise ReadError(f"dataset {spec!r} has no field {text_field!r} (fields: {columns}); use --text-field")
-    for batch in ds.iter(batch_size=1000):
+    batches = iter(ds.iter(batch_size=1000))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a streamed dataset fails while read (pyarrow cannot skip a broken record)
+            raise ReadError(f"datasets.load_dataset({spec!r}, ...) failed while reading: "
+                            f"{error_line(e)}; a `datasets` source cannot skip broken records: read the "
+                            "files directly (without --hf), which skips and counts them") from None
         values = batch.get(text_field)
         if values is None:
             n = len(next(iter(batch.values()), []))

@@ -147,6 +147,47 @@ def write_json_atomic(path: str, obj: Any) -> None:
 # ---------------------------------------------------------------- reading
 
 
+def _exists(fs: Any, root: str) -> bool:
+    try:
+        return bool(fs.exists(root))
+    except Exception:  # noqa: BLE001 - a store that cannot say: the manifest message stands
+        return True
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """The first field of a manifest that readers cannot use (missing, wrong type, a shard file name with a
+    folder in it), or None: an edited manifest is one clear error, not a KeyError deep inside a reader."""
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("hash"), str):
+        return "no tokenizer.hash"
+    if manifest.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {manifest.get('dtype')!r} is not uint16 or uint32"
+    for key in ("num_tokens", "num_documents"):
+        if not _is_count(manifest.get(key)):
+            return f"{key} {manifest.get(key)!r} is not a count"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "no shards list"
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            return f"shards[{i}] is not an object"
+        for key in ("tokens_file", "docs_file"):
+            name = entry.get(key)
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                return f"shards[{i}].{key} {name!r} is not a file name"
+        for key in ("num_tokens", "num_documents"):
+            if not _is_count(entry.get(key)):
+                return f"shards[{i}].{key} {entry.get(key)!r} is not a count"
+        for key in ("tokens_checksum", "docs_checksum"):
+            if not isinstance(entry.get(key), str):
+                return f"shards[{i}].{key} is missing"
+    return None
+
+
 @dataclass
 class _Shard:
     tokens_file: str
@@ -189,11 +230,12 @@ class TokenShards:
 
     @classmethod
     def open(cls, path: str | os.PathLike, expected_tokenizer_hash: str | None = None, verify: bool = False,
-             check_sizes: bool = True) -> "TokenShards":
+             check_sizes: bool = True, expected_tokenizer_name: str | None = None) -> "TokenShards":
         """Open a prepared source (local directory or fsspec URL): reads the manifest, no shard bytes.
 
         Raises :class:`ShardError` when the manifest is missing or unreadable, the manifest's tokenizer
-        hash differs from ``expected_tokenizer_hash`` (the message names both), a shard file is missing or
+        hash differs from ``expected_tokenizer_hash`` (the message names both tokenizers and hashes; the run's
+        by ``expected_tokenizer_name``), a shard file is missing or
         has the wrong size (``check_sizes``: one stat per file), or a checksum differs (``verify=True``:
         reads every byte of every file, so its cost grows with the corpus; see :meth:`verify`).
         """
@@ -206,7 +248,8 @@ class TokenShards:
         if expected_tokenizer_hash is not None and got != expected_tokenizer_hash:
             raise ShardError(
                 f"{path}: prepared with tokenizer {manifest['tokenizer'].get('name')!r} (vocabulary hash {got}), "
-                f"but this run's tokenizer has vocabulary hash {expected_tokenizer_hash}; "
+                f"but this run's tokenizer{f' {expected_tokenizer_name!r}' if expected_tokenizer_name else ''} has "
+                f"vocabulary hash {expected_tokenizer_hash}; "
                 "re-run `cpt prepare` with the run's tokenizer"
             )
         shards = cls(path, manifest, fs, root)
@@ -226,15 +269,24 @@ class TokenShards:
                 with open(mpath, encoding="utf-8") as f:
                     text = f.read()
         except FileNotFoundError:
+            if fs is None and not os.path.exists(path):  # most often a typo in the path
+                raise ShardError(f"{path}: no such folder") from None
+            if fs is not None and not _exists(fs, root):  # (an HTTP server may not answer for folders: hedged)
+                raise ShardError(f"{path}: not found (no such folder, or no {MANIFEST} in it)") from None
             raise ShardError(f"{path}: no {MANIFEST} (not a prepared source; run `cpt prepare`, or it was interrupted)") from None
         try:
             manifest = json.loads(text)
         except json.JSONDecodeError as e:
             raise ShardError(f"{path}/{MANIFEST}: not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT_NAME:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise ShardError(f"{path}/{MANIFEST}: not a {FORMAT_NAME} manifest")
-        if int(manifest.get("version", 0)) > FORMAT_VERSION:
+        if not _is_count(manifest.get("version", 0)):
+            raise ShardError(f"{path}/{MANIFEST}: version {manifest.get('version')!r} is not a number")
+        if manifest.get("version", 0) > FORMAT_VERSION:
             raise ShardError(f"{path}: format version {manifest['version']} is newer than this cpt reads ({FORMAT_VERSION})")
+        problem = manifest_problem(manifest)
+        if problem:
+            raise ShardError(f"{path}/{MANIFEST}: {problem} (edited or damaged; re-run `cpt prepare`)")
         return manifest
 
     def _file(self, name: str) -> str:
