@@ -117,17 +117,15 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             ("train", state), ("log_window", window), ("data", feed), ("evaluator", evaluator), ("compute", account),
             ("update_guard", guard), ("spikes", spikes), ("lm_eval", bench), ("ema", ema), ("reptile", reptile)) if c is not None}
         if start.state_from is not None:
-            own_window = start.resume is not None  # an anneal branch logs its own steps, not the trunk's open window
-            ckpts.load(start.state_from, {n: c for n, c in components.items() if own_window or n != "log_window"})
-            say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)")
+            _restore(ckpts, start, components, say)
         plan, total_steps = _lr_plan(cfg, start, state, say)
 
         # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
         # signal must not kill a rank during the final checkpoint wait and barriers, leaving the others waiting)
         logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=state.step if start.resume else None))
         peak = cfg.train.peak_flops or peak_flops_for(device_name(acc.device))
-        meter, losses = Throughput(num_devices=acc.num_processes), window.loss
-        by_source = window.by_source  # train/loss/<source> from the per-row losses
+        # train/loss over the log window; train/loss/<source> from the per-row losses
+        meter, losses, by_source = Throughput(num_devices=acc.num_processes), window.loss, window.by_source
         stop = cleanup.enter_context(PreemptionFlag.for_run(cfg, acc))
         profiler = cleanup.enter_context(StepProfiler.for_run(cfg, acc, say))  # torch.profiler (train.profile)
         logger.log({"train/tokens": state.tokens, **param_counts}, step=state.step)
@@ -251,6 +249,15 @@ def _counters(guard: UpdateGuard, spikes: SpikeGuard | None) -> dict:
     """A log record's counters: updates skipped (non-finite, spikes) so far, peak device memory."""
     return {"train/nonfinite_skipped": guard.nonfinite_total, "train/spikes_skipped": spikes.skipped if spikes else 0,
             "perf/peak_mem_gb": peak_memory_gb()}
+
+
+def _restore(ckpts: CheckpointManager, start: Start, components: dict, say) -> None:
+    """Load the registered components from the start checkpoint: a resume's, or the trunk's for an anneal branch
+    (which logs its own steps: the trunk's open log window is not carried over)."""
+    own_window = start.resume is not None
+    ckpts.load(start.state_from, {n: c for n, c in components.items() if own_window or n != "log_window"})
+    state = components["train"]
+    say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)")
 
 
 def _stop_on_nonfinite(guard: UpdateGuard, feed: Prefetcher, ckpts: CheckpointManager, step: int, components: dict,

@@ -34,7 +34,8 @@ import numpy as np
 
 def synthetic_source(folder: Path, num_tokens: int, tok, seed: int) -> None:
     """A prepared source of random tokens (documents of random length), written with the real shard writer."""
-    from cpt.data.shards import (MANIFEST, ShardWriter, dtype_for_vocab, shard_manifest, tokenizer_fingerprint, vocab_size,
+    from cpt.data.shard_writer import ShardWriter, shard_manifest
+    from cpt.data.shards import (MANIFEST, dtype_for_vocab, tokenizer_fingerprint, vocab_size,
                                  write_json_atomic)
 
     if (folder / MANIFEST).exists():

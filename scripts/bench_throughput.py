@@ -133,7 +133,8 @@ def write_random_shards(folder: Path, tokenizer, num_tokens: int, seed: int) -> 
     """A prepared source of uniform random token ids, written with cpt's own shard writer and manifest."""
     import numpy as np
 
-    from cpt.data.shards import (MANIFEST, ShardWriter, dtype_for_vocab, shard_manifest, tokenizer_fingerprint, vocab_size,
+    from cpt.data.shard_writer import ShardWriter, shard_manifest
+    from cpt.data.shards import (MANIFEST, dtype_for_vocab, tokenizer_fingerprint, vocab_size,
                                  write_json_atomic)
 
     if (folder / MANIFEST).exists():

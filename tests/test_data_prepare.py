@@ -15,7 +15,8 @@ from cpt.config import ConfigError
 from cpt.data import prepare as prep_mod
 from cpt.data.prepare import PrepareError, prepare
 from cpt.data.readers import ReadError, resolve_files
-from cpt.data.shards import ShardError, ShardWriter, TokenShards, dtype_for_vocab, tokenizer_fingerprint
+from cpt.data.shard_writer import ShardWriter
+from cpt.data.shards import ShardError, TokenShards, dtype_for_vocab, tokenizer_fingerprint
 from data_factories import expected_stream, make_docs, tokenizer, write_jsonl  # noqa: F401  (fixture)
 
 

@@ -216,7 +216,7 @@ def test_verify_lists_every_problem_and_cpt_verify_reports_them(prepared, tmp_pa
 def test_prepare_reads_back_what_it_wrote(tmp_path, tokenizer, monkeypatch):
     """The one full verification: staged shards are re-read and checked before the manifest points at them."""
     import cpt.data.prepare as prep
-    from cpt.data.shards import ShardWriter
+    from cpt.data.shard_writer import ShardWriter
 
     real = ShardWriter._close
 

@@ -2,7 +2,7 @@
 
 The job, step by step: read the documents (:mod:`cpt.data.readers`: jsonl, parquet, text files, folders, fsspec
 URLs, `datasets`), tokenize them (:mod:`cpt.data.encode`), route each to train or held-out (:class:`HeldoutSplitter`,
-here) and write them to shard files (:class:`cpt.data.shards.ShardWriter`). This module holds what ties these
+here) and write them to shard files (:class:`cpt.data.shard_writer.ShardWriter`). This module holds what ties these
 together: the options (:class:`PrepareOptions`), the idempotency key, staging, verification and the commit.
 
 Every document is tokenized without special tokens (plus BOS when ``add_bos``) and followed by EOS.
@@ -43,15 +43,14 @@ import numpy as np
 from cpt.data.encode import Encoder, encode_documents
 from cpt.data.readers import (SKIP_REASONS, ReadCounts, ReadError, input_kind, iter_documents, read_file,
                               resolve_files)
+from cpt.data.shard_writer import ShardWriter, shard_manifest
 from cpt.data.shards import (
     MANIFEST,
     ShardError,
-    ShardWriter,
     TokenShards,
     backend_tokenizer,
     dtype_for_vocab,
     is_remote,
-    shard_manifest,
     tokenizer_fingerprint,
     tokenizer_name,
     vocab_size,
