@@ -54,9 +54,15 @@ SCRIPT = textwrap.dedent(
     rank = acc.process_index if acc else 0
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump({"n": acc.num_processes if acc else 1, "res": res}, f)
-    if acc is not None:  # tear the process group down before exit (gloo threads alive at exit can abort)
+    if acc is not None:  # tear the process group down before exit (gloo threads alive at exit can abort), as cpt's
+        # runs do (cpt/distributed.py retire_process_group): the group outlives the model that also holds it (DDP's
+        # Reducer, FSDP2's mesh) and is destroyed after the model is collected, not during interpreter shutdown
+        from cpt.distributed import release_retired_groups, retire_process_group
         acc.wait_for_everyone()
+        retire_process_group()
         acc.end_training()
+        del model, acc
+        release_retired_groups()
     """
 )
 
