@@ -263,7 +263,6 @@ def _load_into_fsdp(model, optimizer, weights, adam) -> None:
 
 def _load_into_deepspeed(engine, weights, adam) -> None:
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     module = engine.module
     _check_keys(module, weights, "resume")
@@ -288,8 +287,7 @@ def _load_into_deepspeed(engine, weights, adam) -> None:
         if not stage3:
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
-    set_full = _z3_set_full if stage3 else lambda p, value, key=None: (
-        safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key))
+    set_full = _z3_set_full if stage3 else _zero12_set_full
     step = None
     for name, p in params.items():
         if not p.requires_grad:
@@ -307,6 +305,16 @@ def _load_into_deepspeed(engine, weights, adam) -> None:
     if stage3:  # the partitioned weights the forward gathers come from the fp32 masters after each step
         for i in range(len(opt.fp16_partitioned_groups_flat)):
             opt.fp16_partitioned_groups_flat[i].data.copy_(opt.fp32_partitioned_groups_flat[i].data)
+
+
+def _zero12_set_full(p, value: torch.Tensor, key: str | None = None) -> None:
+    """Set a ZeRO-1/2 parameter's fp32 master (``key=None``) or Adam moment from its full value (DeepSpeed's own)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if key is None:
+        safe_set_full_fp32_param(p, value)
+    else:
+        safe_set_full_optimizer_state(p, value, key)
 
 
 def _z3_set_full(p, value: torch.Tensor, key: str | None = None) -> None:

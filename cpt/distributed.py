@@ -143,15 +143,6 @@ def fit_micro_batch(global_batch: int, micro_batch: int, world_size: int) -> int
     return max(m for m in range(1, micro_batch + 1) if (global_batch // world_size) % m == 0)
 
 
-def accumulation_steps(cfg, world_size: int) -> int:
-    """Micro-batches per optimizer step on each rank: global batch / (world size x micro batch)."""
-    B, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if B % (world_size * mbs):
-        raise LaunchError(f"train.global_batch_size ({B}) must be divisible by world size ({world_size}) x "
-                          f"train.micro_batch_size ({mbs})")
-    return B // (world_size * mbs)
-
-
 @contextlib.contextmanager
 def accelerator_for(cfg):
     """``with accelerator_for(cfg) as acc:`` :func:`build_accelerator`, and ``acc.end_training()`` on every exit path
@@ -211,7 +202,7 @@ def build_accelerator(cfg):
                 f"train.micro_batch_size {cfg.train.micro_batch_size} does not split train.global_batch_size "
                 f"{cfg.train.global_batch_size} evenly over {world} processes: using {mbs} (the same global batch)")
         cfg.train.micro_batch_size = mbs
-    grad_accum = accumulation_steps(cfg, world)
+    grad_accum = cfg.train.global_batch_size // (world * mbs)  # micro-batches per step on each rank (exact: see above)
     kwargs = []
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
