@@ -98,6 +98,8 @@ def read_wandb_records(run_file: Path):
         if length == 0 and kind == 0:
             break
         payload = data[pos + 7:pos + 7 + length]
+        if len(payload) < length:  # the writer is mid-record: what is on disk so far
+            break
         pos += 7 + length
         buf = payload if kind in (1, 2) else buf + payload  # FULL/FIRST start a record
         if kind in (1, 4):  # FULL/LAST end it
@@ -112,10 +114,17 @@ def finished_wandb_records(pattern: str, timeout: float = 60.0):
     service process may still be writing for a moment after ``finish()`` returns on a loaded machine."""
     import time
 
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
         files = glob.glob(pattern)
-        records = read_wandb_records(Path(files[0])) if len(files) == 1 else []
+        try:
+            records = read_wandb_records(Path(files[0])) if len(files) == 1 else []
+        except DecodeError:  # a buffered write cut inside a record; the next read sees it whole
+            if time.monotonic() > deadline:
+                raise
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             assert len(files) == 1, files
             return records
