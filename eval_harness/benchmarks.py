@@ -55,6 +55,12 @@ class TaskSpec:
             raise ValueError(f"lm-eval task {self.name!r}: limit must be positive")
 
 
+def lm_eval_context(cfg) -> int:
+    """The context length (lm-eval's ``max_length``) of a run's in-loop lm-eval: ``eval.lm_eval.max_length``, else
+    ``data.seq_len``. (lm-eval alone on an export takes the model's context length unless ``max_length`` is given.)"""
+    return cfg.eval.lm_eval.max_length or cfg.data.seq_len
+
+
 def seeded_subset(task: str, num_docs: int, limit: int | None, seed: int) -> list[int] | None:
     """Sorted indices of ``limit`` of ``num_docs`` documents, drawn with a generator seeded by
     ``(seed, task)`` (Python's string seeding is stable across processes and machines); None: all."""
@@ -131,7 +137,7 @@ class BenchmarkTracker:
                    seed=cfg.run.seed if lm.seed is None else lm.seed, every=lm.every, at_start=cfg.eval.at_start,
                    dense_steps=cfg.eval.dense_steps if lm.dense else 0, dense_every=cfg.eval.dense_every,
                    batch_size=lm.batch_size, include_path=lm.include_path, bootstrap_iters=lm.bootstrap_iters,
-                   max_length=cfg.data.seq_len, accelerator=accelerator)
+                   max_length=lm_eval_context(cfg), accelerator=accelerator)
 
     # -- schedule
     def needs_start_evaluation(self) -> bool:
@@ -153,6 +159,9 @@ class BenchmarkTracker:
         from eval_harness.lm_eval_hook import task_sizes
 
         sizes = task_sizes([t.name for t in self.tasks], self.include_path)
+        if self.max_length:
+            log.info("lm-eval: context length %d tokens (eval.lm_eval.max_length, default data.seq_len; lm-eval alone "
+                     "on an export needs max_length=%d in its model_args for the same scores)", self.max_length, self.max_length)
         samples: dict[str, list[int]] = {}
         for t in self.tasks:
             self.task_tags[t.name] = t.tag

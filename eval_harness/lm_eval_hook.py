@@ -218,7 +218,8 @@ def run_lm_eval_detailed(
 
     Call it on every rank (see the module docstring for the multi-process strategies); every rank gets the same
     two. ``limit`` caps the examples per task; ``include_path`` adds task YAML folders to the bundled
-    ``eval_harness/tasks``; ``max_length`` caps the context (default: the model config's).
+    ``eval_harness/tasks``; ``max_length`` is lm-eval's context length (default: the model config's, as lm-eval's
+    own ``hf`` model; a run's in-loop evaluations pass ``data.seq_len``); the results record it as ``max_length``.
 
     ``samples``: ``{task: [document indices]}`` to evaluate (lm-eval's own option; not together with
     ``limit``). ``bootstrap_iters`` > 0 asks for standard errors: lm-eval computes them in closed form
@@ -259,6 +260,8 @@ def run_lm_eval_detailed(
         )
         if results is not None and bootstrap_iters > 0:
             add_missing_stderrs(results, bootstrap_iters, seed)
+        if results is not None:
+            results["max_length"] = lm.max_length  # the context it scored with (reproduce: model_args max_length=...)
     if strategy != "single":
         # rank 0 holds the results (lm-eval returns None elsewhere, and on LOCAL_RANK != 0)
         from accelerate.utils import broadcast_object_list
@@ -342,7 +345,8 @@ def _clean(results: dict[str, Any] | None) -> dict[str, Any] | None:
     """Keep the JSON-friendly parts of lm-eval's output."""
     if results is None:
         return None
-    keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+    keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
+            "max_length")
     out = {k: results[k] for k in keep if k in results}
     return _jsonable(out)
 

@@ -231,6 +231,61 @@ def test_cpu_run_logs_benchmark_forgetting_from_step_0_and_an_anneal_branch_keep
     assert b[f"lm_eval_forgetting/{up}/acc"] == pytest.approx(first[f"lm_eval/{up}/acc"] - b[f"lm_eval/{up}/acc"])
 
 
+def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reproduces_them(tiny_cpt_data, tiny_base,
+                                                                                             tmp_path):
+    """Parity with the standard tool: the in-loop scores equal lm-eval's own `hf` model on the run's export given
+    max_length=data.seq_len (the in-loop context), and `cpt eval RUN` reproduces them with no flags (the run's
+    context and subset seed). The model's context (256) exceeds data.seq_len (64), so lm-eval's default context
+    gives other perplexities, and run.seed is not cpt eval's fallback 1234."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from conftest import tiny_run_config
+    from cpt.commands.eval import main as eval_main
+    from cpt.config import load_config
+    from cpt.metrics import read_metrics
+    from cpt.train import train
+    from eval_harness.lm_eval_hook import LOCAL_TASKS_DIR
+
+    mc, ppl, limit, seed = "cpt_shakespeare_next", "cpt_python_ppl", 8, 7
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False, "tokens_per_set": 512,
+                                                    "lm_eval": {"tasks": [{"name": mc, "tag": "upstream"}, {"name": ppl, "tag": "downstream"}],
+                                                                "limit": limit, "bootstrap_iters": 10}},
+                          run={"seed": seed}, checkpoint={"every": None})
+    cfg["train"]["init_from"] = str(tiny_base)
+    cfg["model"]["config_overrides"] = {"max_position_embeddings": 256}
+    cfg["stages"][0].update(steps=2, schedule={"type": "constant", "max_lr": 2e-3, "warmup_steps": 1})
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    (rec,) = [r for r in read_metrics(out / "metrics.jsonl") if f"lm_eval/{ppl}/bits_per_byte" in r]
+    assert rec["step"] == 2 and json.loads((out / "export" / "config.json").read_text())["max_position_embeddings"] == 256
+
+    samples = {t: seeded_subset(t, n, limit, seed) for t, n in ((mc, 300), (ppl, 37))}
+    manager = TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=False)
+
+    def lm_eval_alone(extra=""):
+        res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out / 'export'},dtype=float32{extra}",
+                                      tasks=[mc, ppl], samples=samples, task_manager=manager, device="cpu", batch_size=8)
+        return res["results"]
+
+    alone = lm_eval_alone(",max_length=64")
+    assert rec[f"lm_eval/{mc}/acc"] == alone[mc]["acc,none"] and rec[f"lm_eval/{mc}/acc_norm"] == alone[mc]["acc_norm,none"]
+    assert rec[f"lm_eval/{mc}/acc_stderr"] == pytest.approx(alone[mc]["acc_stderr,none"], rel=1e-12)
+    for metric in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
+        assert rec[f"lm_eval/{ppl}/{metric}"] == pytest.approx(alone[ppl][f"{metric},none"], rel=1e-6), metric
+    # lm-eval's default context is the model's: other windows, other perplexities (what the README warns about)
+    default = lm_eval_alone()
+    assert abs(default[ppl]["bits_per_byte,none"] - rec[f"lm_eval/{ppl}/bits_per_byte"]) > 1e-4
+
+    result_file = tmp_path / "eval.json"
+    assert eval_main([str(out), "--tasks", f"{mc},{ppl}", "--limit", str(limit), "--bootstrap-iters", "0",
+                      "--device", "cpu", "--out", str(result_file)]) == 0
+    result = json.loads(result_file.read_text())
+    assert result["lm_eval_max_length"] == 64
+    assert result["lm_eval"][f"lm_eval/{mc}/acc"] == rec[f"lm_eval/{mc}/acc"]
+    assert result["lm_eval"][f"lm_eval/{ppl}/bits_per_byte"] == pytest.approx(rec[f"lm_eval/{ppl}/bits_per_byte"], rel=1e-6)
+
+
 def test_experiment_results_get_benchmark_columns(tmp_path):
     """A spec naming lm-eval tasks: every run config scores them; results.md/csv gain benchmark columns."""
     from cpt.experiment import load_spec
@@ -278,9 +333,15 @@ def test_config_takes_plain_names_and_tagged_tasks():
             "stages": [{"steps": 1, "mix": {"a": 1.0}}]}
     ok = validate(apply_overrides(base, ["eval.lm_eval.tasks=[{name: x, tag: downstream}, y]"]))
     assert [(t.name, t.tag) for t in ok.eval.lm_eval.tasks] == [("x", "downstream"), ("y", None)]
+    # lm-eval's context in the loop: data.seq_len unless eval.lm_eval.max_length says otherwise
+    from eval_harness.benchmarks import lm_eval_context
+
+    assert lm_eval_context(ok) == ok.data.seq_len
+    assert lm_eval_context(validate(apply_overrides(base, ["eval.lm_eval.max_length=4096"]))) == 4096
     for bad, msg in ((["eval.lm_eval.tasks=[{name: x, tag: sideways}]"], "eval.lm_eval.tasks.0.tag"),
                      (["eval.lm_eval.tasks=[x, x]"], "duplicate tasks"),
                      (["eval.lm_eval.tasks=[{name: x, limit: 0}]"], "eval.lm_eval.tasks.0.limit"),
-                     (["eval.lm_eval.bootstrap_iters=1"], "eval.lm_eval.bootstrap_iters")):
+                     (["eval.lm_eval.bootstrap_iters=1"], "eval.lm_eval.bootstrap_iters"),
+                     (["eval.lm_eval.max_length=0"], "eval.lm_eval.max_length")):
         with pytest.raises(ConfigError, match=msg):
             validate(apply_overrides(base, bad))

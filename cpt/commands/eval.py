@@ -18,6 +18,10 @@ same tasks and documents, and prints each score beside the baseline's with the d
 (sqrt(se_base^2 + se^2)); a difference within two standard errors is marked as noise. --limit takes a seeded
 subset of each task's documents (--seed; a run's in-loop evaluations use run.seed), so with the same seed and
 limit the items are those the run scored.
+
+A CHECKPOINT inside a cpt run directory (the run dir, RUN/export, RUN/exports/step_N, RUN/checkpoints/step_N) is scored
+as the run's in-loop lm-eval scored it: --max-length defaults to the run's eval.lm_eval.max_length or data.seq_len
+(lm-eval's context length; elsewhere the model's) and --seed to its eval.lm_eval.seed or run.seed.
 """
 
 from __future__ import annotations
@@ -71,6 +75,22 @@ def _scratch() -> str:
     d = tempfile.mkdtemp(prefix="cpt-eval-")
     atexit.register(shutil.rmtree, d, ignore_errors=True)
     return d
+
+
+def run_lm_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
+    """``{"run": dir, "max_length": ..., "seed": ...}`` of the in-loop lm-eval of the cpt run ``checkpoint`` lies in
+    (its config.yaml beside metrics.jsonl: the path itself or up to two folders up), or None outside a run."""
+    import yaml
+
+    p = Path(checkpoint).resolve()
+    for d in (p, p.parent, p.parent.parent):
+        if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file():
+            cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
+            lm = (cfg.get("eval") or {}).get("lm_eval") or {}
+            seed = lm.get("seed")
+            return {"run": d, "max_length": lm.get("max_length") or (cfg.get("data") or {}).get("seq_len"),
+                    "seed": seed if seed is not None else (cfg.get("run") or {}).get("seed", 1234)}
+    return None
 
 
 def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
@@ -153,6 +173,7 @@ def evaluate_checkpoint(ckpt: Path, args, tasks: list[str], heldouts: list[tuple
                                          bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot, seed=args.seed)
         result["lm_eval"] = flat
         result["lm_eval_results"] = raw
+        result["lm_eval_max_length"] = raw.get("max_length")
     del model
     return result
 
@@ -188,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", action="append", default=[], metavar="NAME=PATH:TAG", help="held-out set (repeatable)")
     parser.add_argument("--limit", type=float, default=None,
                         help="documents per lm-eval task (int), or a fraction < 1: a seeded subset (--seed)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets (default: run.seed's default)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the --limit subsets (default: the run's, for a checkpoint in a run dir; else 1234, run.seed's default)")
     parser.add_argument("--baseline", default=None, metavar="BASE",
                         help="also evaluate BASE (export, adapter or run dir) and print the scores side by side with deltas")
     parser.add_argument("--out", default=None, help="write results to this JSON file (default: print only)")
@@ -201,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the held-out document sample (as eval.sample_seed)")
     parser.add_argument("--document-masking", action="store_true",
                         help="held-out documents attend only to themselves (as a run with data.document_masking)")
-    parser.add_argument("--max-length", type=int, default=None, help="lm-eval context length (default: the model's)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="lm-eval context length (default: the run's in-loop one, for a checkpoint in a run dir; else the model's)")
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
                         help="stderrs: closed form for accuracies, this many bootstrap resamples otherwise (0: none)")
@@ -228,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     except UnknownTaskError as e:
         print(f"cpt eval: error: --tasks: {e}", file=sys.stderr)
         return 1
+    run = run_lm_eval_settings(args.checkpoint) if tasks else None
+    if run is not None and (args.max_length is None or args.seed is None):
+        args.max_length = args.max_length or run["max_length"]
+        args.seed = run["seed"] if args.seed is None else args.seed
+        print(f"cpt eval: lm-eval as run {run['run']} scored it in the loop: context {args.max_length} tokens "
+              f"(--max-length), subset seed {args.seed} (--seed)")
+    args.seed = 1234 if args.seed is None else args.seed
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     samples = _samples(tasks, limit, args.seed, args.include_path) if tasks else None
 

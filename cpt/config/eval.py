@@ -28,6 +28,10 @@ class LmEvalConfig(Strict):
     bootstrap_iters: int = Field(100, ge=2)  # stderrs: closed form for accuracies, a bootstrap for ratio metrics
     include_path: str | None = None  # folder of task YAMLs; default: eval_harness/tasks
     batch_size: int = Field(8, gt=0)
+    # lm-eval's context length (HFLM max_length: longer prompts are cut from the left, perplexity documents are
+    # scored in windows of it); default: data.seq_len. lm-eval run alone on an export defaults to the model's
+    # context instead: pass max_length=<this> in its model_args to get the in-loop scores
+    max_length: int | None = Field(None, gt=0)
 
     @field_validator("tasks", mode="before")
     @classmethod
