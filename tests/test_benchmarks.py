@@ -236,7 +236,7 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     """Parity with the standard tool: the in-loop scores equal lm-eval's own `hf` model on the run's export given
     max_length=data.seq_len (the in-loop context), and `cpt eval RUN` reproduces them with no flags (the run's
     context and subset seed). The model's context (256) exceeds data.seq_len (64), so lm-eval's default context
-    gives other perplexities, and run.seed is not cpt eval's fallback 1234."""
+    gives other perplexities, and run.seed is not cpt eval's fallback 1234. Its held-out losses likewise."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -277,11 +277,17 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     default = lm_eval_alone()
     assert abs(default[ppl]["bits_per_byte,none"] - rec[f"lm_eval/{ppl}/bits_per_byte"]) > 1e-4
 
+    # cpt eval of the run, no flags: its context and seed, and its held-out samples (seq_len, tokens_per_set)
     result_file = tmp_path / "eval.json"
+    heldout = [f"--heldout={h['name']}={h['path']}:{h['tag']}" for h in cfg["data"]["heldout"]]
     assert eval_main([str(out), "--tasks", f"{mc},{ppl}", "--limit", str(limit), "--bootstrap-iters", "0",
-                      "--device", "cpu", "--out", str(result_file)]) == 0
+                      *heldout, "--device", "cpu", "--out", str(result_file)]) == 0
     result = json.loads(result_file.read_text())
     assert result["lm_eval_max_length"] == 64
+    (held,) = [r for r in read_metrics(out / "metrics.jsonl") if "eval/python/loss" in r]
+    for h in cfg["data"]["heldout"]:
+        assert result["heldout"][h["name"]]["tokens"] == held[f"eval/{h['name']}/tokens"] == 512
+        assert result["heldout"][h["name"]]["loss"] == pytest.approx(held[f"eval/{h['name']}/loss"], rel=1e-5)
     assert result["lm_eval"][f"lm_eval/{mc}/acc"] == rec[f"lm_eval/{mc}/acc"]
     assert result["lm_eval"][f"lm_eval/{ppl}/bits_per_byte"] == pytest.approx(rec[f"lm_eval/{ppl}/bits_per_byte"], rel=1e-6)
 

@@ -20,8 +20,10 @@ subset of each task's documents (--seed; a run's in-loop evaluations use run.see
 limit the items are those the run scored.
 
 A CHECKPOINT inside a cpt run directory (the run dir, RUN/export, RUN/exports/step_N, RUN/checkpoints/step_N) is scored
-as the run's in-loop lm-eval scored it: --max-length defaults to the run's eval.lm_eval.max_length or data.seq_len
-(lm-eval's context length; elsewhere the model's) and --seed to its eval.lm_eval.seed or run.seed.
+as the run scored it in the loop: --max-length defaults to the run's eval.lm_eval.max_length or data.seq_len (lm-eval's
+context length; elsewhere the model's), --seed to its eval.lm_eval.seed or run.seed, --seq-len to its data.seq_len,
+--max-tokens to its eval.tokens_per_set (or the set's max_tokens), --sample-seed to its eval.sample_seed and
+--document-masking to its data.document_masking.
 """
 
 from __future__ import annotations
@@ -77,20 +79,38 @@ def _scratch() -> str:
     return d
 
 
-def run_lm_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
-    """``{"run": dir, "max_length": ..., "seed": ...}`` of the in-loop lm-eval of the cpt run ``checkpoint`` lies in
-    (its config.yaml beside metrics.jsonl: the path itself or up to two folders up), or None outside a run."""
+def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
+    """How the cpt run that ``checkpoint`` lies in evaluated in the loop (its config.yaml beside metrics.jsonl: the
+    path itself or up to two folders up): the defaults of the flags named in the module docstring; None outside a run."""
     import yaml
 
     p = Path(checkpoint).resolve()
     for d in (p, p.parent, p.parent.parent):
         if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file():
             cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
-            lm = (cfg.get("eval") or {}).get("lm_eval") or {}
-            seed = lm.get("seed")
-            return {"run": d, "max_length": lm.get("max_length") or (cfg.get("data") or {}).get("seq_len"),
-                    "seed": seed if seed is not None else (cfg.get("run") or {}).get("seed", 1234)}
+            run, data, ev = cfg.get("run") or {}, cfg.get("data") or {}, cfg.get("eval") or {}
+            lm = ev.get("lm_eval") or {}
+            return {"run": d, "max_length": lm.get("max_length") or data.get("seq_len"),
+                    "seed": lm["seed"] if lm.get("seed") is not None else run.get("seed", 1234),
+                    "seq_len": data.get("seq_len"), "max_tokens": ev.get("tokens_per_set", 262144),
+                    "sample_seed": ev.get("sample_seed", 0), "document_masking": bool(data.get("document_masking")),
+                    "set_max_tokens": {h.get("name"): h.get("max_tokens") for h in data.get("heldout") or []}}
     return None
+
+
+def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout: bool) -> None:
+    """Fill the flags left unset from ``run`` (:func:`run_eval_settings`), else from the stand-alone defaults; say which."""
+    keys = ("max_length", "seed") * lm_eval + ("seq_len", "max_tokens", "sample_seed", "document_masking") * heldout
+    unset = [k for k in keys if getattr(args, k) is None]
+    if run is not None and unset:
+        for k in unset:
+            setattr(args, k, run[k])
+        flag = lambda k, v: f"--{'no-' * (v is False)}{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")  # noqa: E731
+        print(f"cpt eval: as run {run['run']} evaluated in the loop: " + ", ".join(flag(k, getattr(args, k)) for k in unset))
+    args.set_max_tokens = {k: v for k, v in (run or {}).get("set_max_tokens", {}).items() if v} if "max_tokens" in unset else {}
+    for k, default in (("seed", 1234), ("max_tokens", 262144), ("sample_seed", 0), ("document_masking", False)):
+        if getattr(args, k) is None:
+            setattr(args, k, default)
 
 
 def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
@@ -163,7 +183,8 @@ def evaluate_checkpoint(ckpt: Path, args, tasks: list[str], heldouts: list[tuple
         context = getattr(model.config, "max_position_embeddings", None) or 1024
         seq_len = args.seq_len or min(1024, int(context))
         for name, path, tag in heldouts:
-            toks, covered = load_heldout_tokens(name, path, tag, tokenizer, seq_len, args.max_tokens, args.sample_seed)
+            toks, covered = load_heldout_tokens(name, path, tag, tokenizer, seq_len,
+                                                args.set_max_tokens.get(name, args.max_tokens), args.sample_seed)
             loss = heldout_loss(model, toks, args.batch_size, eos_id=tokenizer.eos_token_id if args.document_masking else None)
             result["heldout"][name] = {"tag": tag, "path": path, "loss": loss, "ppl": math.exp(min(loss, 80.0)),
                                        **covered, "seq_len": seq_len, "document_masking": args.document_masking}
@@ -217,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="base model for a LoRA adapter (default: adapter_config.json's)")
     parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=None, help="held-out sequence length (default: min(1024, model context))")
-    parser.add_argument("--max-tokens", type=int, default=262144,
-                        help="token budget per held-out set: a seeded sample of whole documents (the whole set if it fits)")
-    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the held-out document sample (as eval.sample_seed)")
-    parser.add_argument("--document-masking", action="store_true",
-                        help="held-out documents attend only to themselves (as a run with data.document_masking)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="held-out sequence length (default: the run's data.seq_len; else min(1024, model context))")
+    parser.add_argument("--max-tokens", type=int, default=None, help="token budget per held-out set: a seeded sample of "
+                        "whole documents, the whole set if it fits (default: the run's eval.tokens_per_set; else 262144)")
+    parser.add_argument("--sample-seed", type=int, default=None,
+                        help="seed of the held-out document sample (default: the run's eval.sample_seed; else 0)")
+    parser.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=None,
+                        help="held-out documents attend only to themselves (default: the run's data.document_masking; else off)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="lm-eval context length (default: the run's in-loop one, for a checkpoint in a run dir; else the model's)")
     parser.add_argument("--num-fewshot", type=int, default=None)
@@ -251,13 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnknownTaskError as e:
         print(f"cpt eval: error: --tasks: {e}", file=sys.stderr)
         return 1
-    run = run_lm_eval_settings(args.checkpoint) if tasks else None
-    if run is not None and (args.max_length is None or args.seed is None):
-        args.max_length = args.max_length or run["max_length"]
-        args.seed = run["seed"] if args.seed is None else args.seed
-        print(f"cpt eval: lm-eval as run {run['run']} scored it in the loop: context {args.max_length} tokens "
-              f"(--max-length), subset seed {args.seed} (--seed)")
-    args.seed = 1234 if args.seed is None else args.seed
+    apply_run_defaults(args, run_eval_settings(args.checkpoint), bool(tasks), bool(heldouts))
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     samples = _samples(tasks, limit, args.seed, args.include_path) if tasks else None
 
