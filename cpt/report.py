@@ -94,25 +94,41 @@ def _unique_labels(dirs: list[Path]) -> list[str]:
 
 
 def heldout_summary(run: RunData) -> list[dict[str, Any]]:
-    """Per held-out set: name, tag, step0, final, change (forgetting or adaptation at the end),
-    worst (highest loss), worst_step, worst_tokens, max_forgetting (upstream)."""
+    """Per held-out set: name, tag, step0 (the reference loss the run measured forgetting/adaptation against),
+    step0_step (None when that reference was evaluated before this run's log: an anneal branch or a run started from
+    another run's checkpoint), final, change (the logged forgetting or adaptation at the end), worst (highest loss
+    in this log), worst_step, worst_tokens, max_forgetting (upstream: worst - step0)."""
     rows = []
     for tag in ("upstream", "downstream"):
         for name in run.sets(tag):
             toks, losses, steps = run.series(f"eval/{name}/loss")
             if not losses:
                 continue
-            step0, final = losses[0], losses[-1]
+            final = losses[-1]
+            _, deltas, dsteps = run.series(f"{'forgetting' if tag == 'upstream' else 'adaptation'}/{name}")
+            if deltas and dsteps[-1] == steps[-1]:  # the run's own reference, which may predate this log
+                change = deltas[-1]
+                step0 = final - change if tag == "upstream" else final + change
+                step0_step = steps[0] if _reference_in_log(run) else None
+            else:  # a log without the deltas: its first evaluation
+                step0, step0_step = losses[0], steps[0]
+                change = final - step0 if tag == "upstream" else step0 - final
             i_worst = max(range(len(losses)), key=lambda i: losses[i])
             row = {
-                "name": name, "tag": tag, "step0": step0, "step0_step": steps[0], "final": final,
-                "final_step": steps[-1], "change": final - step0 if tag == "upstream" else step0 - final,
+                "name": name, "tag": tag, "step0": step0, "step0_step": step0_step, "final": final,
+                "final_step": steps[-1], "change": change,
                 "worst": losses[i_worst], "worst_step": steps[i_worst], "worst_tokens": toks[i_worst],
             }
             if tag == "upstream":
                 row["max_forgetting"] = losses[i_worst] - step0
             rows.append(row)
     return rows
+
+
+def _reference_in_log(run: RunData) -> bool:
+    """Whether the run's reference evaluations (step 0) are in its own log: it starts at step 0. A run started from
+    another run's checkpoint (an anneal branch) starts later and keeps measuring against the evaluations before it."""
+    return not run.records or int(run.records[0].get("step", 0)) == 0
 
 
 BENCH_PREFIX = {"upstream": "lm_eval_forgetting/", "downstream": "lm_eval_adaptation/"}
@@ -159,8 +175,12 @@ def benchmark_summary(run: RunData) -> list[dict[str, Any]]:
                 min(range(len(deltas)), key=lambda j: deltas[j])
             task, _, metric = name.partition("/")
             change, change_se = deltas[-1], dse.get(dsteps[-1])
-            rows.append({"task": task, "metric": metric, "tag": tag, "step0": scores[0], "step0_stderr": se.get(steps[0]),
-                         "step0_step": steps[0], "final": by_step.get(dsteps[-1], scores[-1]),
+            # an anneal branch measures against its trunk's step 0, which only the checkpoint holds: shown as unknown,
+            # not as the branch's first score
+            own = _reference_in_log(run)
+            rows.append({"task": task, "metric": metric, "tag": tag, "step0": scores[0] if own else None,
+                         "step0_stderr": se.get(steps[0]) if own else None, "step0_step": steps[0] if own else None,
+                         "final": by_step.get(dsteps[-1], scores[-1]),
                          "final_stderr": se.get(dsteps[-1]), "final_step": dsteps[-1], "change": change,
                          "change_stderr": change_se, "worst": by_step.get(dsteps[i]), "worst_step": dsteps[i],
                          "noise": is_noise(change, change_se)})
@@ -324,7 +344,8 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
         "</style></head><body><h1>Continual pre-training report</h1>",
         "<p>Runs: " + ", ".join(f"<b>{html.escape(r.label)}</b> (<code>{html.escape(str(r.path))}</code>)" for r in runs)
         + ". x axes: tokens seen; dotted vertical lines: stage switches.</p>",
-        "<h2>Held-out sets</h2><p>step 0 = first evaluation (the base model); worst = highest loss seen "
+        "<h2>Held-out sets</h2><p>step 0 = the reference evaluation (the base model; for an anneal branch its "
+        "trunk's, and a benchmark's then shows as –); worst = highest loss seen "
         "(the stability gap); forgetting = final − step 0 (upstream), adaptation = step 0 − final (downstream). "
         "Benchmarks (tagged lm-eval tasks) beside them: scores ± standard error; forgetting/adaptation signed so that "
         "positive means worse/better whatever the metric's direction; a change within two standard errors is "

@@ -229,6 +229,18 @@ def test_cpu_run_logs_benchmark_forgetting_from_step_0_and_an_anneal_branch_keep
     assert [r["step"] for r in brecs] == [4]  # no new "step 0": the trunk's reference holds
     b = brecs[0]
     assert b[f"lm_eval_forgetting/{up}/acc"] == pytest.approx(first[f"lm_eval/{up}/acc"] - b[f"lm_eval/{up}/acc"])
+    # the branch's report: the changes it logged (against the trunk's step 0), not its first evaluation taken as step 0
+    from cpt.report import heldout_summary
+
+    trunk0 = {r["name"]: r["step0"] for r in heldout_summary(load_run(out))}
+    (held,) = [r for r in read_metrics(branch / "metrics.jsonl") if "forgetting/shakespeare" in r]
+    for r in heldout_summary(load_run(branch)):
+        logged = held[f"forgetting/{r['name']}"] if r["tag"] == "upstream" else held[f"adaptation/{r['name']}"]
+        assert r["change"] == pytest.approx(logged) and abs(logged) > 1e-4
+        assert r["step0"] == pytest.approx(trunk0[r["name"]]) and r["step0_step"] is None
+    brows = {f"{r['task']}/{r['metric']}": r for r in benchmark_summary(load_run(branch))}
+    assert brows[f"{up}/acc"]["change"] == b[f"lm_eval_forgetting/{up}/acc"]
+    assert brows[f"{up}/acc"]["step0"] is None  # the trunk's step 0 is not in the branch's log: unknown, not its first score
 
 
 def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reproduces_them(tiny_cpt_data, tiny_base,
