@@ -243,7 +243,8 @@ class HeldoutEvaluator:
         return metrics
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per set: name, tag, step0 (reference loss), final, final_step, change, worst, worst_step.
+        """One row per set: name, tag, step0 (reference loss), step0_step (its step: 0 unless eval.at_start is off),
+        final, final_step, change, worst, worst_step.
 
         ``change`` is forgetting (final - step0) for upstream sets and adaptation (step0 - final) for
         downstream sets. Values are None for a set not evaluated yet.
@@ -257,7 +258,8 @@ class HeldoutEvaluator:
             if ref is not None and final is not None:
                 change = final - ref if s.tag == "upstream" else ref - final
             rows.append({
-                "name": s.name, "tag": s.tag, "step0": ref, "final": final, "final_step": final_step,
+                "name": s.name, "tag": s.tag, "step0": ref, "step0_step": self.reference_step if ref is not None else None,
+                "final": final, "final_step": final_step,
                 "change": change, "worst": worst, "worst_step": worst_step,
             })
         return rows
@@ -284,10 +286,17 @@ def _fmt(v: float | None, signed: bool = False) -> str:
     return f"{v:+.4f}" if signed else f"{v:.4f}"
 
 
+def reference_header(rows: list[dict[str, Any]]) -> str:
+    """"step 0", or "reference (step N)" when the first evaluation came later (eval.at_start off): the column the
+    changes are measured against must not claim to be the base model when it is not."""
+    later = sorted({r["step0_step"] for r in rows if r.get("step0_step")})
+    return f"reference (step {', '.join(map(str, later))})" if later else "step 0"
+
+
 def format_summary_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of ``HeldoutEvaluator.summary()`` rows, for the end-of-run printout and logs: the first
     ("step 0") and the last evaluation with its step (a preempted run's last one may be early), the change, the worst."""
-    header = ["set", "tag", "step 0", "last", "last step", "forgetting/adaptation", "worst", "worst step"]
+    header = ["set", "tag", reference_header(rows), "last", "last step", "forgetting/adaptation", "worst", "worst step"]
     body = []
     for r in rows:
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"

@@ -276,7 +276,9 @@ def fmt_score(v: float | None, se: float | None = None, signed: bool = False) ->
 
 def format_benchmark_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of :meth:`BenchmarkTracker.summary` rows (the end-of-run printout, ``cpt report``)."""
-    header = ["task/metric", "tag", "step 0", "final", "forgetting/adaptation", "worst (step)", "verdict"]
+    from cpt.evaluate import reference_header
+
+    header = ["task/metric", "tag", reference_header(rows), "final", "forgetting/adaptation", "worst (step)", "verdict"]
     body = []
     for r in rows:
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"

@@ -163,6 +163,19 @@ def test_forgetting_is_zero_at_step_0_then_tracks_loss_changes():
     assert f"adaptation {m1['adaptation/new']:+.4f}" in table
 
 
+def test_without_at_start_the_table_names_the_reference_step():
+    """eval.at_start off: changes are measured against the first evaluation, which the table must not call step 0."""
+    model = tiny_model()
+    ev = HeldoutEvaluator(sets(), EvalConfig(batch_size=4, at_start=False))
+    m = ev.evaluate(model, step=10)
+    assert ev.summary()[0]["step0_step"] == 10 and m["forgetting/old"] == 0.0
+    header = format_summary_table(ev.summary()).splitlines()[0]
+    assert "reference (step 10)" in header and "step 0" not in header
+    fresh = HeldoutEvaluator(sets(), EvalConfig(batch_size=4))
+    fresh.evaluate(model, step=0)
+    assert format_summary_table(fresh.summary()).splitlines()[0].split()[2:4] == ["step", "0"]
+
+
 def test_state_survives_resume():
     model = tiny_model()
     ev = HeldoutEvaluator(sets(), EvalConfig(batch_size=4))
