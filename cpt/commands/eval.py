@@ -21,7 +21,8 @@ limit the items are those the run scored.
 
 A CHECKPOINT inside a cpt run directory (the run dir, RUN/export, RUN/exports/step_N, RUN/checkpoints/step_N) is scored
 as the run scored it in the loop: --max-length defaults to the run's eval.lm_eval.max_length or data.seq_len (lm-eval's
-context length; elsewhere the model's), --seed to its eval.lm_eval.seed or run.seed, --seq-len to its data.seq_len,
+context length; elsewhere the model's), --seed to its eval.lm_eval.seed or run.seed, --bootstrap-iters to its
+eval.lm_eval.bootstrap_iters, --seq-len to its data.seq_len,
 --max-tokens to its eval.tokens_per_set (or the set's max_tokens), --sample-seed to its eval.sample_seed and
 --document-masking to its data.document_masking.
 """
@@ -92,6 +93,7 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
             lm = ev.get("lm_eval") or {}
             return {"run": d, "max_length": lm.get("max_length") or data.get("seq_len"),
                     "seed": lm["seed"] if lm.get("seed") is not None else run.get("seed", 1234),
+                    "bootstrap_iters": lm.get("bootstrap_iters", 100),
                     "seq_len": data.get("seq_len"), "max_tokens": ev.get("tokens_per_set", 262144),
                     "sample_seed": ev.get("sample_seed", 0), "document_masking": bool(data.get("document_masking")),
                     "set_max_tokens": {h.get("name"): h.get("max_tokens") for h in data.get("heldout") or []}}
@@ -100,7 +102,8 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
 
 def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout: bool) -> None:
     """Fill the flags left unset from ``run`` (:func:`run_eval_settings`), else from the stand-alone defaults; say which."""
-    keys = ("max_length", "seed") * lm_eval + ("seq_len", "max_tokens", "sample_seed", "document_masking") * heldout
+    keys = (("max_length", "seed", "bootstrap_iters") * lm_eval
+            + ("seq_len", "max_tokens", "sample_seed", "document_masking") * heldout)
     unset = [k for k in keys if getattr(args, k) is None]
     if run is not None and unset:
         for k in unset:
@@ -108,7 +111,8 @@ def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout:
         flag = lambda k, v: f"--{'no-' * (v is False)}{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")  # noqa: E731
         print(f"cpt eval: as run {run['run']} evaluated in the loop: " + ", ".join(flag(k, getattr(args, k)) for k in unset))
     args.set_max_tokens = {k: v for k, v in (run or {}).get("set_max_tokens", {}).items() if v} if "max_tokens" in unset else {}
-    for k, default in (("seed", 1234), ("max_tokens", 262144), ("sample_seed", 0), ("document_masking", False)):
+    for k, default in (("seed", 1234), ("bootstrap_iters", 1000), ("max_tokens", 262144), ("sample_seed", 0),
+                       ("document_masking", False)):
         if getattr(args, k) is None:
             setattr(args, k, default)
 
@@ -249,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=None,
                         help="lm-eval context length (default: the run's in-loop one, for a checkpoint in a run dir; else the model's)")
     parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--bootstrap-iters", type=int, default=1000,
-                        help="stderrs: closed form for accuracies, this many bootstrap resamples otherwise (0: none)")
+    parser.add_argument("--bootstrap-iters", type=int, default=None, help="stderrs: closed form for accuracies, this "
+                        "many bootstrap resamples otherwise (0: none; default: the run's eval.lm_eval.bootstrap_iters; else 1000)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
