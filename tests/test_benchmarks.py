@@ -247,7 +247,7 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
                                                                                              tmp_path):
     """Parity with the standard tool: the in-loop scores equal lm-eval's own `hf` model on the run's export given
     max_length=data.seq_len (the in-loop context), and `cpt eval RUN` reproduces them with no flags (the run's
-    context and subset seed). The model's context (256) exceeds data.seq_len (64), so lm-eval's default context
+    context, subset seed and limits). The model's context (256) exceeds data.seq_len (64), so lm-eval's default context
     gives other perplexities, and run.seed is not cpt eval's fallback 1234. Its held-out losses likewise."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -262,7 +262,8 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     mc, ppl, limit, seed = "cpt_shakespeare_next", "cpt_python_ppl", 8, 7
     out = tmp_path / "run"
     cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False, "tokens_per_set": 512,
-                                                    "lm_eval": {"tasks": [{"name": mc, "tag": "upstream"}, {"name": ppl, "tag": "downstream"}],
+                                                    "lm_eval": {"tasks": [{"name": mc, "tag": "upstream"},
+                                                                          {"name": ppl, "tag": "downstream", "limit": 6}],
                                                                 "limit": limit, "bootstrap_iters": 10}},
                           run={"seed": seed}, checkpoint={"every": None})
     cfg["train"]["init_from"] = str(tiny_base)
@@ -272,7 +273,7 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     (rec,) = [r for r in read_metrics(out / "metrics.jsonl") if f"lm_eval/{ppl}/bits_per_byte" in r]
     assert rec["step"] == 2 and json.loads((out / "export" / "config.json").read_text())["max_position_embeddings"] == 256
 
-    samples = {t: seeded_subset(t, n, limit, seed) for t, n in ((mc, 300), (ppl, 37))}
+    samples = {mc: seeded_subset(mc, 300, limit, seed), ppl: seeded_subset(ppl, 37, 6, seed)}
     manager = TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=False)
 
     def lm_eval_alone(extra=""):
@@ -292,10 +293,10 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     # cpt eval of the run, no flags: its context and seed, and its held-out samples (seq_len, tokens_per_set)
     result_file = tmp_path / "eval.json"
     heldout = [f"--heldout={h['name']}={h['path']}:{h['tag']}" for h in cfg["data"]["heldout"]]
-    assert eval_main([str(out), "--tasks", f"{mc},{ppl}", "--limit", str(limit), *heldout, "--device", "cpu",
-                      "--out", str(result_file)]) == 0
+    assert eval_main([str(out), "--tasks", f"{mc},{ppl}", *heldout, "--device", "cpu", "--out", str(result_file)]) == 0
     result = json.loads(result_file.read_text())
     assert result["lm_eval_max_length"] == 64
+    assert result["lm_eval_results"]["n-samples"][ppl]["effective"] == 6  # the run's own limit of the task
     (held,) = [r for r in read_metrics(out / "metrics.jsonl") if "eval/python/loss" in r]
     for h in cfg["data"]["heldout"]:
         assert result["heldout"][h["name"]]["tokens"] == held[f"eval/{h['name']}/tokens"] == 512

@@ -24,7 +24,7 @@ as the run scored it in the loop: --max-length defaults to the run's eval.lm_eva
 context length; elsewhere the model's), --seed to its eval.lm_eval.seed or run.seed, --bootstrap-iters to its
 eval.lm_eval.bootstrap_iters, --seq-len to its data.seq_len,
 --max-tokens to its eval.tokens_per_set (or the set's max_tokens), --sample-seed to its eval.sample_seed and
---document-masking to its data.document_masking.
+--document-masking to its data.document_masking; without --limit, each task the run scored takes the run's limit.
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
             return {"run": d, "max_length": lm.get("max_length") or data.get("seq_len"),
                     "seed": lm["seed"] if lm.get("seed") is not None else run.get("seed", 1234),
                     "bootstrap_iters": lm.get("bootstrap_iters", 100),
+                    "task_limits": {(t if isinstance(t, str) else t.get("name")): (None if isinstance(t, str) else t.get("limit"))
+                                    or lm.get("limit") for t in lm.get("tasks") or []},
                     "seq_len": data.get("seq_len"), "max_tokens": ev.get("tokens_per_set", 262144),
                     "sample_seed": ev.get("sample_seed", 0), "document_masking": bool(data.get("document_masking")),
                     "set_max_tokens": {h.get("name"): h.get("max_tokens") for h in data.get("heldout") or []}}
@@ -111,6 +113,11 @@ def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout:
         flag = lambda k, v: f"--{'no-' * (v is False)}{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")  # noqa: E731
         print(f"cpt eval: as run {run['run']} evaluated in the loop: " + ", ".join(flag(k, getattr(args, k)) for k in unset))
     args.set_max_tokens = {k: v for k, v in (run or {}).get("set_max_tokens", {}).items() if v} if "max_tokens" in unset else {}
+    args.task_limits = {}
+    if run is not None and lm_eval and args.limit is None:  # the run's documents of the tasks it scored
+        args.task_limits = {t: n for t, n in run["task_limits"].items() if n}
+        if args.task_limits:
+            print("cpt eval: --limit per task as the run: " + ", ".join(f"{t} {n}" for t, n in args.task_limits.items()))
     for k, default in (("seed", 1234), ("bootstrap_iters", 1000), ("max_tokens", 262144), ("sample_seed", 0),
                        ("document_masking", False)):
         if getattr(args, k) is None:
@@ -158,17 +165,23 @@ def load_heldout_tokens(name: str, path: str, tag: str, tokenizer, seq_len: int,
                       "total_tokens": s.total_tokens, "coverage": s.describe()}
 
 
-def _samples(tasks: list[str], limit: int | float | None, seed: int, include_path) -> dict[str, list[int]] | None:
-    """The seeded document subsets of ``tasks`` (as a run's in-loop evaluations choose them), or None for all."""
-    if limit is None:
+def _samples(tasks: list[str], limit: int | float | None, seed: int, include_path,
+             task_limits: dict[str, int | None] | None = None) -> dict[str, list[int]] | None:
+    """The seeded document subsets of ``tasks`` (as a run's in-loop evaluations choose them), or None for all.
+    ``task_limits``: per requested task, when ``limit`` is None (a run's own limits)."""
+    task_limits = task_limits or {}
+    if limit is None and not any(task_limits.get(t) for t in tasks):
         return None
     from eval_harness.benchmarks import seeded_subset
     from eval_harness.lm_eval_hook import task_sizes
 
     samples = {}
-    for leaves in task_sizes(tasks, include_path).values():
+    for task, leaves in task_sizes(tasks, include_path).items():
+        lim = limit if limit is not None else task_limits.get(task)
+        if lim is None:
+            continue
         for leaf, n in leaves.items():
-            chosen = seeded_subset(leaf, n, limit if isinstance(limit, int) else math.ceil(n * limit), seed)
+            chosen = seeded_subset(leaf, n, lim if isinstance(lim, int) else math.ceil(n * lim), seed)
             if chosen is not None:
                 samples[leaf] = chosen
     return samples or None
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     apply_run_defaults(args, run_eval_settings(args.checkpoint), bool(tasks), bool(heldouts))
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    samples = _samples(tasks, limit, args.seed, args.include_path) if tasks else None
+    samples = _samples(tasks, limit, args.seed, args.include_path, args.task_limits) if tasks else None
 
     from cpt.data.readers import ReadError
     from cpt.model import ModelLoadError
