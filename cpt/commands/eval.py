@@ -22,9 +22,9 @@ limit the items are those the run scored.
 A CHECKPOINT inside a cpt run directory (the run dir, RUN/export, RUN/exports/step_N, RUN/checkpoints/step_N) is scored
 as the run scored it in the loop: --max-length defaults to the run's eval.lm_eval.max_length or data.seq_len (lm-eval's
 context length; elsewhere the model's), --seed to its eval.lm_eval.seed or run.seed, --bootstrap-iters to its
-eval.lm_eval.bootstrap_iters, --seq-len to its data.seq_len,
---max-tokens to its eval.tokens_per_set (or the set's max_tokens), --sample-seed to its eval.sample_seed and
---document-masking to its data.document_masking; without --limit, each task the run scored takes the run's limit.
+eval.lm_eval.bootstrap_iters, --seq-len to its data.seq_len, --max-tokens to its eval.tokens_per_set (or the set's
+max_tokens), --sample-seed to its eval.sample_seed and --document-masking to its data.document_masking; without
+--limit, each task the run scored takes the run's limit. The first line printed says what was taken.
 """
 
 from __future__ import annotations
