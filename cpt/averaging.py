@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cpt.distributed import refuse_sharded, unwrap
+from cpt.fileio import readable_as_umask_allows
 
 # ----------------------------------------------------------------------------- EMA
 
@@ -280,6 +281,7 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
         for r in readers:
             r.close()
     _copy_side_files(Path(paths[0]), out)
+    readable_as_umask_allows(out)
     return out
 
 
@@ -367,6 +369,7 @@ def interpolate(base, cpt, alpha: float, out_dir: str | Path | None = None):
 
             cpt_tok.save_pretrained(out)
             make_tokenizer_portable(out)
+        readable_as_umask_allows(out)
     return cpt_model
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cpt.config import ModelConfig, RunConfig, load_config
-from cpt.fileio import fault_point, fsync_dir
+from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
 
 log = logging.getLogger("cpt.model")
 
@@ -227,6 +227,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     make_tokenizer_portable(out)
+    readable_as_umask_allows(out)
     return out
 
 
@@ -328,6 +329,7 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
 
         redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
     make_tokenizer_portable(tmp)
+    readable_as_umask_allows(tmp)
     fault_point(f"export:written:{out.name}")
     if out.exists():
         os.replace(out, old)

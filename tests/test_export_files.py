@@ -1,0 +1,105 @@
+"""The files of an HF export as another user or tool meets them: permissions, and the folder it is written into.
+
+Loading (logits, tokenizer, dtype, adapters) across backends is tested where the exports are made
+(tests/test_launch_shipped.py, tests/test_launch_combos.py, tests/test_train_modes.py).
+"""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama, tiny_tokenizer
+from cpt.consolidate import ConsolidateError, export_checkpoint
+from cpt.model import merge_adapter, write_hf
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield 0o644
+    os.umask(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(["def f(x): return x + 1", "to be or not to be"] * 20, 300)
+
+
+def test_exported_weights_are_readable_as_the_config_is(tmp_path, tok, umask_022):
+    """safetensors 0.8 writes through a 0o600 temporary file (safetensors/safetensors#782): the export's weights were
+    readable by their owner only, while its config and tokenizer were not (another user of a shared folder
+    got PermissionError from from_pretrained). The weights now get what the umask gives any other file."""
+    from peft import LoraConfig, get_peft_model
+
+    full = write_hf(tiny_llama(len(tok)), tok, tmp_path / "full")
+    assert _mode(full / "model.safetensors") == _mode(full / "config.json") == umask_022
+
+    lora = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(full)
+    adapter = write_hf(lora, tok, tmp_path / "adapter")
+    assert _mode(adapter / "adapter_model.safetensors") == _mode(adapter / "adapter_config.json") == umask_022
+
+    merged = merge_adapter(adapter, tmp_path / "merged")  # `cpt merge`
+    assert _mode(merged / "model.safetensors") == umask_022
+
+
+@pytest.fixture(scope="module")
+def run(tiny_cpt_data, tmp_path_factory):
+    """A 2-step run with one checkpoint (about 5 s)."""
+    from conftest import tiny_run_config
+    from cpt.config import load_config
+    from cpt.train import train
+
+    out = tmp_path_factory.mktemp("export_files") / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": 2, "export_at_end": False})
+    cfg["stages"][0]["steps"] = 2
+    cfg["stages"][0]["schedule"]["warmup_steps"] = 1
+    cfg["data"]["heldout"] = []
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    return out
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(run, tmp_path, capsys):
+    """`cpt export CKPT --out DIR` replaces DIR whole (an export never mixes with older files): a DIR holding
+    anything else (a user's folder) was deleted without a word; now refused in one line, nothing touched.
+    An earlier export's folder is replaced, and says so."""
+    from cpt.commands.export import main
+
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    assert main([str(run), "--out", str(mine)]) == 1
+    assert "not a model export" in capsys.readouterr().out
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConsolidateError, match="a file, not a folder"):
+        export_checkpoint(run, tmp_path / "file")
+
+    assert main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "earlier export there replaced whole" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_an_earlier_export_is_replaced_whole(tmp_path, tok):
+    """Re-exporting into an earlier export's folder leaves none of its files (a stale shard and index of a larger
+    model would otherwise make from_pretrained mix two models)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    write_hf(tiny_llama(len(tok), seed=1), tok, out)
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (out / "model.safetensors.index.json").write_text("{}")
+    model = tiny_llama(len(tok), seed=2, training=False)
+    write_hf(model, tok, out)
+    assert sorted(p.name for p in out.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    x = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(x).logits, model(x).logits)
