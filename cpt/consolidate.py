@@ -353,27 +353,11 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     return (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir() and not (p / "export").is_dir()
 
 
-MODEL_DIR_MARKERS = ("config.json", "adapter_config.json")
-
-
-def check_export_target(out_dir: str | os.PathLike) -> Path:
-    """The export folder, absolute. An export replaces its folder whole (never mixes with an older export's
-    files), so an existing folder must be empty or hold an earlier model or adapter (``config.json`` or
-    ``adapter_config.json``); any other folder, or a file, is refused instead of deleted."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ConsolidateError(f"--out {out_dir}: a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in MODEL_DIR_MARKERS):
-        raise ConsolidateError(f"--out {out_dir}: the folder holds files that are not a model export, which the export "
-                               "would replace; give a new or empty folder (or an earlier export's, replaced whole)")
-    return out
-
-
 def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool = False, echo=print) -> Path:
     """Write a checkpoint (or a run directory's latest valid one) as an HF model directory on one CPU process:
     the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run."""
     from cpt.checkpoint import resolve_checkpoint
-    from cpt.model import build_model, load_tokenizer, prepare_model, write_hf
+    from cpt.model import build_model, check_export_target, load_tokenizer, prepare_model, write_hf
 
     out_dir = check_export_target(out_dir)
     replacing = out_dir.is_dir() and any(out_dir.iterdir())

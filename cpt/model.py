@@ -220,15 +220,12 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
                   dtype: torch.dtype | None = None) -> Path:
     """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
+    out = check_export_target(out_dir)
+    if out.resolve() in {Path(p).resolve() for p in (adapter_dir, base) if p and Path(p).is_dir()}:
+        raise ExportFolderError(f"--out {out_dir}: the adapter or base model itself; give another folder")
     peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
-    merged = peft_model.merge_and_unload()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    make_tokenizer_portable(out)
-    readable_as_umask_allows(out)
-    return out
+    # written like every export: replaces an earlier export's folder whole (no stale shards or index left)
+    return write_hf(peft_model.merge_and_unload(), tokenizer, out)
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):
@@ -307,6 +304,26 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
         write_hf(unwrapped, tokenizer, out_dir, state_dict)
     accelerator.wait_for_everyone()
     return Path(out_dir)
+
+
+MODEL_DIR_MARKERS = ("config.json", "adapter_config.json")
+
+
+class ExportFolderError(ValueError):
+    """An export's --out that is a file, or a folder holding something other than an earlier export."""
+
+
+def check_export_target(out_dir: str | os.PathLike) -> Path:
+    """The export folder, absolute. An export replaces its folder whole (never mixes with an older export's
+    files), so an existing folder must be empty or hold an earlier model or adapter (``config.json`` or
+    ``adapter_config.json``); any other folder, or a file, is refused instead of deleted."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ExportFolderError(f"--out {out_dir}: a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in MODEL_DIR_MARKERS):
+        raise ExportFolderError(f"--out {out_dir}: the folder holds files that are not a model export, which the export "
+                               "would replace; give a new or empty folder (or an earlier export's, replaced whole)")
+    return out
 
 
 def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from cpt.consolidate import ConsolidateError, export_checkpoint
-from cpt.model import merge_adapter, write_hf
+from cpt.consolidate import export_checkpoint
+from cpt.model import ExportFolderError, merge_adapter, write_hf
 
 
 def _mode(path: Path) -> int:
@@ -79,7 +79,7 @@ def test_export_refuses_a_folder_that_is_not_an_export(run, tmp_path, capsys):
     assert "not a model export" in capsys.readouterr().out
     assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConsolidateError, match="a file, not a folder"):
+    with pytest.raises(ExportFolderError, match="a file, not a folder"):
         export_checkpoint(run, tmp_path / "file")
 
     assert main([str(run), "--out", str(tmp_path / "hf")]) == 0
@@ -103,3 +103,29 @@ def test_an_earlier_export_is_replaced_whole(tmp_path, tok):
     x = torch.arange(12).reshape(1, 12)
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(x).logits, model(x).logits)
+
+
+def test_merge_into_an_earlier_sharded_export_leaves_no_stale_index(tmp_path, tok):
+    """`cpt merge --out DIR` wrote into DIR: over an earlier sharded export it left that export's
+    model.safetensors.index.json beside the new model.safetensors (tools that follow the index, e.g. vLLM's
+    loader, then skip the new weights). Now written like every export: DIR replaced whole. Merging onto the
+    adapter's own folder, or a folder that is not an export, is refused."""
+    from peft import LoraConfig, get_peft_model
+
+    from cpt.commands.merge import main
+
+    base = write_hf(tiny_llama(len(tok)), tok, tmp_path / "base")
+    lora = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(base)
+    adapter = write_hf(lora, tok, tmp_path / "adapter")
+    old = tmp_path / "merged"
+    tiny_llama(len(tok), seed=3).save_pretrained(old, max_shard_size="20KB")
+    assert (old / "model.safetensors.index.json").is_file()
+    assert main([str(adapter), "--out", str(old)]) == 0
+    assert sorted(p.name for p in old.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+
+    assert main([str(adapter), "--out", str(adapter)]) == 1
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    assert main([str(adapter), "--out", str(tmp_path / "mine")]) == 1
+    assert (adapter / "adapter_model.safetensors").is_file() and (tmp_path / "mine" / "notes.txt").is_file()

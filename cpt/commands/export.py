@@ -23,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cpt.checkpoint import CheckpointError
     from cpt.consolidate import ConsolidateError, export_checkpoint
+    from cpt.model import ExportFolderError
 
     try:
         export_checkpoint(args.checkpoint, args.out, adapter=args.adapter)
-    except (CheckpointError, ConsolidateError, FileNotFoundError) as e:
+    except (CheckpointError, ConsolidateError, ExportFolderError, FileNotFoundError) as e:
         print(f"cpt export: {e}")
         return 1
     return 0
