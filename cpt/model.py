@@ -331,9 +331,7 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
     (one process). Written to a hidden temporary folder and renamed into place when complete, so an interrupted
     export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted."""
     out = Path(out_dir)
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for leftover in (tmp, old):  # from an interrupted export
-        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = staging_dir(out)
     if hasattr(model, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
         from cpt.adapters import save_adapter
 
@@ -346,8 +344,22 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
 
         redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
     make_tokenizer_portable(tmp)
-    readable_as_umask_allows(tmp)
     fault_point(f"export:written:{out.name}")
+    return publish_dir(tmp, out)
+
+
+def staging_dir(out: Path) -> Path:
+    """The hidden sibling folder an export of ``out`` is written to (what an interrupted one left removed)."""
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return tmp
+
+
+def publish_dir(tmp: Path, out: Path) -> Path:
+    """Rename a complete export from its staging folder into place, replacing an earlier one whole."""
+    readable_as_umask_allows(tmp)
+    old = out.with_name(f".{out.name}.old")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

@@ -129,3 +129,19 @@ def test_merge_into_an_earlier_sharded_export_leaves_no_stale_index(tmp_path, to
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     assert main([str(adapter), "--out", str(tmp_path / "mine")]) == 1
     assert (adapter / "adapter_model.safetensors").is_file() and (tmp_path / "mine" / "notes.txt").is_file()
+
+
+def test_average_replaces_an_earlier_export_and_refuses_its_own_inputs(tmp_path, tok):
+    """`cpt average OUT A B` wrote into OUT: over an earlier sharded export it left that export's shards and
+    index beside the new model.safetensors; and with OUT forgotten (`cpt average A B C`), A was overwritten in
+    place by the mean of B and C. Now OUT is replaced whole, and an input as OUT is refused."""
+    from cpt.commands.average import main
+
+    a, b = (write_hf(tiny_llama(len(tok), seed=s), tok, tmp_path / f"m{s}") for s in (1, 2))
+    old = tmp_path / "avg"
+    tiny_llama(len(tok), seed=3).save_pretrained(old, max_shard_size="20KB")
+    assert main([str(old), str(a), str(b)]) == 0
+    assert sorted(p.name for p in old.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    before = (a / "model.safetensors").read_bytes()
+    assert main([str(a), str(a), str(b)]) == 1
+    assert (a / "model.safetensors").read_bytes() == before
