@@ -145,3 +145,21 @@ def test_average_replaces_an_earlier_export_and_refuses_its_own_inputs(tmp_path,
     before = (a / "model.safetensors").read_bytes()
     assert main([str(a), str(a), str(b)]) == 1
     assert (a / "model.safetensors").read_bytes() == before
+
+
+def test_export_without_the_runs_base_model_is_one_line(run, tmp_path, capsys):
+    """The export rebuilds the run's model from its config.yaml's model section (base weights or architecture,
+    tokenizer): a tokenizer or base folder moved away since the run stopped `cpt export` with a traceback."""
+    import yaml
+
+    from cpt.commands.export import main
+
+    tokenizer = Path(yaml.safe_load((run / "config.yaml").read_text())["model"]["tokenizer"])
+    tokenizer.rename(tokenizer.with_name("moved-away"))
+    try:
+        assert main([str(run), "--out", str(tmp_path / "hf")]) == 1
+    finally:
+        tokenizer.with_name("moved-away").rename(tokenizer)
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0 and str(tokenizer) in out and "config.yaml" in out
+    assert not (tmp_path / "hf").exists()
