@@ -163,3 +163,35 @@ def test_export_without_the_runs_base_model_is_one_line(run, tmp_path, capsys):
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0 and str(tokenizer) in out and "config.yaml" in out
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_of_a_run_that_prunes_the_checkpoint_being_read(run, tmp_path, monkeypatch, capsys):
+    """A run still writing saves step N+1 and prunes step N (checkpoint.keep) while `cpt export RUN` reads step N:
+    the export failed with "not a cpt resume checkpoint (no model.safetensors ...)"; now it reads step N+1."""
+    import shutil
+
+    import cpt.consolidate as consolidate
+    from cpt.checkpoint import discard
+    from cpt.commands.export import main
+
+    live = tmp_path / "run"
+    shutil.copytree(run, live)
+    read = consolidate.read_model_state
+    seen = []
+
+    def pruned_while_reading(ckpt):
+        seen.append(Path(ckpt).name)
+        if len(seen) == 1:  # the run saves the next checkpoint and prunes this one
+            shutil.copytree(ckpt, Path(ckpt).with_name("step_00000003"))
+            discard(Path(ckpt))
+        return read(ckpt)
+
+    monkeypatch.setattr(consolidate, "read_model_state", pruned_while_reading)
+    assert main([str(live), "--out", str(tmp_path / "hf")]) == 0
+    assert seen == ["step_00000002", "step_00000003"]
+    assert "removed while being read" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    # a checkpoint named explicitly that goes away: one line, nothing written
+    monkeypatch.setattr(consolidate, "read_model_state", lambda ckpt: (discard(Path(ckpt)), read(ckpt))[1])
+    assert main([str(live / "checkpoints" / "step_00000003"), "--out", str(tmp_path / "hf2")]) == 1
+    assert "removed while being read" in capsys.readouterr().out and not (tmp_path / "hf2").exists()
