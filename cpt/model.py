@@ -31,6 +31,9 @@ def _load(what: str, name: str, loader, *args, **kwargs):
     except ValueError as e:  # e.g. a local folder without tokenizer files: transformers' multi-line ValueError
         if not Path(str(name)).is_dir():
             raise
+        if (Path(str(name)) / "adapter_config.json").is_file() and not (Path(str(name)) / "config.json").is_file():
+            raise ModelLoadError(f"{what} {name!r}: a peft adapter, not a model; merge it into its base first "
+                                 f"(cpt merge {name} --out MERGED) and name MERGED") from None
         said = " ".join(str(e).split()) or type(e).__name__
         raise ModelLoadError(f"{what} {name!r}: transformers cannot load this folder ({said})") from None
 

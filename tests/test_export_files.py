@@ -195,3 +195,24 @@ def test_export_of_a_run_that_prunes_the_checkpoint_being_read(run, tmp_path, mo
     monkeypatch.setattr(consolidate, "read_model_state", lambda ckpt: (discard(Path(ckpt)), read(ckpt))[1])
     assert main([str(live / "checkpoints" / "step_00000003"), "--out", str(tmp_path / "hf2")]) == 1
     assert "removed while being read" in capsys.readouterr().out and not (tmp_path / "hf2").exists()
+
+
+def test_an_adapter_export_as_a_starting_model_says_merge_it_first(tmp_path, tok):
+    """A LoRA run's export (a peft adapter) named as `model.name_or_path` or `train.init_from` of a new run: the
+    errors said transformers wants a `model_type` / "neither an HF model directory nor a cpt checkpoint"; now
+    they say it is an adapter and how to merge it."""
+    from peft import LoraConfig, get_peft_model
+
+    from cpt.checkpoint import CheckpointError
+    from cpt.config.model import ModelConfig
+    from cpt.model import ModelLoadError, build_model
+    from cpt.resume import resolve_init
+
+    base = write_hf(tiny_llama(len(tok)), tok, tmp_path / "base")
+    lora = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(base)
+    adapter = write_hf(lora, tok, tmp_path / "adapter")
+    with pytest.raises(ModelLoadError, match="a peft adapter, not a model; merge it"):
+        build_model(ModelConfig(name_or_path=str(adapter)), tok)
+    with pytest.raises(CheckpointError, match="a peft adapter, not a model; merge it"):
+        resolve_init(str(adapter))
