@@ -78,8 +78,12 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_f
         config = _load(field, source, AutoConfig.from_pretrained, source, revision=None if weights_from else cfg.revision,
                        trust_remote_code=cfg.trust_remote_code)
     else:
-        config = config_from_arch(cfg.arch or {}, vocab_size=len(tokenizer),
-                                  **{k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        # a pad id that is also eos or bos (load_tokenizer's pad = eos) would make that real token the embedding's
+        # padding_idx: a zero row that never gets a gradient; packed training never pads, so no pad id
+        if ids["pad_token_id"] in (ids["eos_token_id"], ids["bos_token_id"]):
+            ids["pad_token_id"] = None
+        config = config_from_arch(cfg.arch or {}, vocab_size=len(tokenizer), **ids)
     apply_config_overrides(config, cfg.config_overrides)
     return config
 

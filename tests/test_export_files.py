@@ -216,3 +216,24 @@ def test_an_adapter_export_as_a_starting_model_says_merge_it_first(tmp_path, tok
         build_model(ModelConfig(name_or_path=str(adapter)), tok)
     with pytest.raises(CheckpointError, match="a peft adapter, not a model; merge it"):
         resolve_init(str(adapter))
+
+
+def test_a_model_built_from_arch_trains_its_eos_embedding(tok, tmp_path):
+    """`model.arch` models took the tokenizer's pad id, which is eos when the tokenizer has none (load_tokenizer) or
+    by design (cpt demo's tokenizer): transformers then made eos the embedding's padding_idx, a zero row that never
+    gets a gradient, so an untied model's document separator stayed a zero vector (and its exports kept it so)."""
+    from cpt.config.model import ModelConfig
+    from cpt.model import build_model, load_tokenizer
+
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = ModelConfig(tokenizer=str(tmp_path / "tok"), arch={"hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "tie_word_embeddings": False})
+    loaded = load_tokenizer(cfg)
+    assert loaded.pad_token_id == loaded.eos_token_id  # as every run gets it
+    model = build_model(cfg, loaded)
+    assert model.config.pad_token_id is None and model.config.eos_token_id == loaded.eos_token_id
+    eos = loaded.eos_token_id
+    x = torch.tensor([[eos, 5, 7, eos, 9]])
+    model(x, labels=x).loss.backward()
+    emb = model.get_input_embeddings().weight
+    assert emb[eos].norm() > 0 and emb.grad[eos].norm() > 0
