@@ -228,8 +228,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
                   dtype: torch.dtype | None = None) -> Path:
     """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
     out = check_export_target(out_dir)
-    if out.resolve() in {Path(p).resolve() for p in (adapter_dir, base) if p and Path(p).is_dir()}:
-        raise ExportFolderError(f"--out {out_dir}: the adapter or base model itself; give another folder")
+    acfg = Path(adapter_dir) / "adapter_config.json"
+    recorded = json.loads(acfg.read_text()).get("base_model_name_or_path") if acfg.is_file() else None
+    if out.resolve() in {Path(p).resolve() for p in (adapter_dir, base or recorded) if p and Path(p).is_dir()}:
+        raise ExportFolderError(f"--out {out_dir}: the adapter or its base model itself; give another folder")
     peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
     # written like every export: replaces an earlier export's folder whole (no stale shards or index left)
     return write_hf(peft_model.merge_and_unload(), tokenizer, out)

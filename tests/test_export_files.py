@@ -125,6 +125,7 @@ def test_merge_into_an_earlier_sharded_export_leaves_no_stale_index(tmp_path, to
     assert sorted(p.name for p in old.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
 
     assert main([str(adapter), "--out", str(adapter)]) == 1
+    assert main([str(adapter), "--out", str(base)]) == 1  # the base adapter_config.json names
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     assert main([str(adapter), "--out", str(tmp_path / "mine")]) == 1
