@@ -250,6 +250,7 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
         from cpt.vocab import extend_vocabulary
 
         model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab)
+    _train_separator_embedding(model, tokenizer, log_fn)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None)
     if cfg.freeze is not None:
@@ -262,6 +263,18 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
             model.enable_input_require_grads()
     log_fn(describe_trainable(model))
     return model, tokenizer, new_ids
+
+
+def _train_separator_embedding(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, log_fn) -> None:
+    """A config whose ``pad_token_id`` is its eos or bos token (Phi-3, many fine-tunes) makes transformers build the
+    input embedding with that token as ``padding_idx``: its row never gets a gradient. cpt packs documents separated
+    by eos and never pads, so the row is trained like any other (the saved config is unchanged)."""
+    emb = model.get_input_embeddings()
+    idx = getattr(emb, "padding_idx", None)
+    if idx is not None and idx in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        emb.padding_idx = None
+        log_fn(f"the input embedding's padding_idx {idx} (config pad_token_id) is the tokenizer's eos/bos token, which "
+               "packed sequences contain: its row is trained like any other")
 
 
 def _apply_liger(model: torch.nn.Module, log_fn) -> None:

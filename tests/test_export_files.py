@@ -238,3 +238,20 @@ def test_a_model_built_from_arch_trains_its_eos_embedding(tok, tmp_path):
     model(x, labels=x).loss.backward()
     emb = model.get_input_embeddings().weight
     assert emb[eos].norm() > 0 and emb.grad[eos].norm() > 0
+
+
+def test_a_pretrained_base_whose_pad_is_eos_trains_its_eos_embedding(tok, tmp_path):
+    """A base whose config says pad_token_id = eos_token_id (Phi-3, many fine-tunes): transformers builds its input
+    embedding with eos as padding_idx, and CPT (eos between every packed document) never updated that row."""
+    from cpt.config.model import ModelConfig
+    from cpt.model import build_model, load_tokenizer, prepare_model
+
+    eos = tok.eos_token_id
+    base = write_hf(tiny_llama(len(tok), pad_token_id=eos, eos_token_id=eos), tok, tmp_path / "base")
+    cfg = ModelConfig(name_or_path=str(base))
+    tokenizer = load_tokenizer(cfg)
+    model, _, _ = prepare_model(cfg, build_model(cfg, tokenizer), tokenizer, log_fn=lambda *a: None)
+    x = torch.tensor([[eos, 5, 7, eos, 9]])
+    model(x, labels=x).loss.backward()
+    assert model.get_input_embeddings().weight.grad[eos].norm() > 0
+    assert model.config.pad_token_id == eos  # what the export writes is the base's
