@@ -251,9 +251,14 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
             if set(r.where) != set(keys):
                 diff = sorted(set(r.where) ^ set(keys))
                 raise ValueError(f"{p} has different tensors than {paths[0]}: {diff[:5]}")
-        out = Path(out_dir)
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
+        # written like every export: a hidden folder renamed into place (an earlier export there replaced whole)
+        from cpt.model import check_export_target, publish_dir, staging_dir
+
+        out = check_export_target(out_dir)
+        if out.resolve() in {Path(p).resolve() for p in paths}:
+            raise ValueError(f"{out_dir}: the output is one of the checkpoints being averaged (OUT comes first)")
+        tmp = staging_dir(out)
+        tmp.mkdir(parents=True)
 
         def averaged() -> Iterator[tuple[str, torch.Tensor]]:
             for k in keys:
@@ -271,16 +276,15 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
             t = readers[0].get(k)
             total += t.numel() * t.element_size()
         try:
-            _write_sharded(averaged(), out, readers[0].kind, total, max_shard_bytes)
+            _write_sharded(averaged(), tmp, readers[0].kind, total, max_shard_bytes)
         except BaseException:
-            if created:  # nothing half-written left behind
-                shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written left behind
             raise
     finally:
         for r in readers:
             r.close()
-    _copy_side_files(Path(paths[0]), out)
-    return out
+    _copy_side_files(Path(paths[0]), tmp)
+    return publish_dir(tmp, out)
 
 
 # ----------------------------------------------------------------------------- interpolation
@@ -367,6 +371,9 @@ def interpolate(base, cpt, alpha: float, out_dir: str | Path | None = None):
 
             cpt_tok.save_pretrained(out)
             make_tokenizer_portable(out)
+        from cpt.fileio import readable_as_umask_allows
+
+        readable_as_umask_allows(out)
     return cpt_model
 
 

@@ -356,24 +356,42 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
 def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool = False, echo=print) -> Path:
     """Write a checkpoint (or a run directory's latest valid one) as an HF model directory on one CPU process:
     the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run."""
-    from cpt.checkpoint import resolve_checkpoint
-    from cpt.model import build_model, load_tokenizer, prepare_model, write_hf
+    from cpt.model import build_model, check_export_target, load_tokenizer, prepare_model, write_hf
 
-    ckpt = resolve_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
+    out_dir = check_export_target(out_dir)
+    replacing = out_dir.is_dir() and any(out_dir.iterdir())
+    ckpt, cfg, weights, kind = read_checkpoint_for_export(path, echo)
     if adapter and cfg.model.lora is None:
         raise ConsolidateError(f"{ckpt}: --adapter needs a LoRA run's checkpoint; this run trained the full model")
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer)  # the run's base (architecture, or pretrained weights for LoRA)
     model, tokenizer, _ = prepare_model(cfg.model, model, tokenizer, log_fn=lambda *a, **k: None)
-    weights = read_model_state(ckpt)
     _check_keys(model, weights, f"cpt export {ckpt}")
     model.load_state_dict(weights, strict=False)
     if cfg.model.lora is not None and not adapter:
         model = model.merge_and_unload()
     out = write_hf(model, tokenizer, out_dir)
-    echo(f"exported {ckpt} ({layout(ckpt)} layout) to {out}")
+    echo(f"exported {ckpt} ({kind} layout) to {out}" + (" (the earlier export there replaced whole)" if replacing else ""))
     return out
+
+
+def read_checkpoint_for_export(path: str | os.PathLike, echo=print, attempts: int = 3):
+    """``(checkpoint, its RunConfig, its full weights, its layout)``, read first. A run still writing prunes its
+    older checkpoints (``checkpoint.keep``): one pruned while being read is reported and, when ``path`` is a run
+    directory, its newer checkpoint is read instead (else the read failed with a misleading error)."""
+    from cpt.checkpoint import resolve_checkpoint
+
+    for attempt in range(attempts):
+        ckpt = resolve_checkpoint(path)
+        try:
+            return ckpt, checkpoint_config(ckpt), read_model_state(ckpt), layout(ckpt)
+        except (ConsolidateError, OSError, RuntimeError):  # safetensors: RuntimeError "unable to open file"
+            if ckpt.is_dir():
+                raise
+            gone = f"{ckpt} was removed while being read (pruned by the run writing it: checkpoint.keep)"
+            if ckpt == Path(path) or attempt == attempts - 1:
+                raise ConsolidateError(gone) from None
+            echo(f"{gone}; reading the run's newest checkpoint again")
 
 
 def as_model_dir(path: str | os.PathLike, workdir: str | os.PathLike) -> Path:

@@ -114,6 +114,18 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
 
 
+def readable_as_umask_allows(folder: str | os.PathLike, pattern: str = "*.safetensors") -> None:
+    """Give the files matching ``pattern`` in ``folder`` the mode a plain ``open()`` would have given them
+    (``0o666`` less the umask). safetensors 0.8 writes through a temporary file and keeps its ``0o600``
+    (safetensors/safetensors#782), so an exported model's weights were readable by their owner only while its
+    config and tokenizer were not: another user of a shared folder could open the config but not the weights."""
+    mask = os.umask(0o077)  # read the umask (set a restrictive one for the instant it takes)
+    os.umask(mask)
+    for f in Path(folder).glob(pattern):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~mask)
+
+
 _PLAIN = {
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cpt.config import ModelConfig, RunConfig, load_config
-from cpt.fileio import fault_point, fsync_dir
+from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
 
 log = logging.getLogger("cpt.model")
 
@@ -31,6 +31,9 @@ def _load(what: str, name: str, loader, *args, **kwargs):
     except ValueError as e:  # e.g. a local folder without tokenizer files: transformers' multi-line ValueError
         if not Path(str(name)).is_dir():
             raise
+        if (Path(str(name)) / "adapter_config.json").is_file() and not (Path(str(name)) / "config.json").is_file():
+            raise ModelLoadError(f"{what} {name!r}: a peft adapter, not a model; merge it into its base first "
+                                 f"(cpt merge {name} --out MERGED) and name MERGED") from None
         said = " ".join(str(e).split()) or type(e).__name__
         raise ModelLoadError(f"{what} {name!r}: transformers cannot load this folder ({said})") from None
 
@@ -75,8 +78,12 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_f
         config = _load(field, source, AutoConfig.from_pretrained, source, revision=None if weights_from else cfg.revision,
                        trust_remote_code=cfg.trust_remote_code)
     else:
-        config = config_from_arch(cfg.arch or {}, vocab_size=len(tokenizer),
-                                  **{k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        # a pad id that is also eos or bos (load_tokenizer's pad = eos) would make that real token the embedding's
+        # padding_idx: a zero row that never gets a gradient; packed training never pads, so no pad id
+        if ids["pad_token_id"] in (ids["eos_token_id"], ids["bos_token_id"]):
+            ids["pad_token_id"] = None
+        config = config_from_arch(cfg.arch or {}, vocab_size=len(tokenizer), **ids)
     apply_config_overrides(config, cfg.config_overrides)
     return config
 
@@ -220,14 +227,14 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
                   dtype: torch.dtype | None = None) -> Path:
     """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
+    out = check_export_target(out_dir)
+    acfg = Path(adapter_dir) / "adapter_config.json"
+    recorded = json.loads(acfg.read_text()).get("base_model_name_or_path") if acfg.is_file() else None
+    if out.resolve() in {Path(p).resolve() for p in (adapter_dir, base or recorded) if p and Path(p).is_dir()}:
+        raise ExportFolderError(f"--out {out_dir}: the adapter or its base model itself; give another folder")
     peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
-    merged = peft_model.merge_and_unload()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    make_tokenizer_portable(out)
-    return out
+    # written like every export: replaces an earlier export's folder whole (no stale shards or index left)
+    return write_hf(peft_model.merge_and_unload(), tokenizer, out)
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):
@@ -243,6 +250,7 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
         from cpt.vocab import extend_vocabulary
 
         model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab)
+    _train_separator_embedding(model, tokenizer, log_fn)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None)
     if cfg.freeze is not None:
@@ -255,6 +263,18 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
             model.enable_input_require_grads()
     log_fn(describe_trainable(model))
     return model, tokenizer, new_ids
+
+
+def _train_separator_embedding(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, log_fn) -> None:
+    """A config whose ``pad_token_id`` is its eos or bos token (Phi-3, many fine-tunes) makes transformers build the
+    input embedding with that token as ``padding_idx``: its row never gets a gradient. cpt packs documents separated
+    by eos and never pads, so the row is trained like any other (the saved config is unchanged)."""
+    emb = model.get_input_embeddings()
+    idx = getattr(emb, "padding_idx", None)
+    if idx is not None and idx in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        emb.padding_idx = None
+        log_fn(f"the input embedding's padding_idx {idx} (config pad_token_id) is the tokenizer's eos/bos token, which "
+               "packed sequences contain: its row is trained like any other")
 
 
 def _apply_liger(model: torch.nn.Module, log_fn) -> None:
@@ -308,14 +328,32 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
     return Path(out_dir)
 
 
+MODEL_DIR_MARKERS = ("config.json", "adapter_config.json")
+
+
+class ExportFolderError(ValueError):
+    """An export's --out that is a file, or a folder holding something other than an earlier export."""
+
+
+def check_export_target(out_dir: str | os.PathLike) -> Path:
+    """The export folder, absolute. An export replaces its folder whole (never mixes with an older export's
+    files), so an existing folder must be empty or hold an earlier model or adapter (``config.json`` or
+    ``adapter_config.json``); any other folder, or a file, is refused instead of deleted."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ExportFolderError(f"--out {out_dir}: a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in MODEL_DIR_MARKERS):
+        raise ExportFolderError(f"--out {out_dir}: the folder holds files that are not a model export, which the export "
+                               "would replace; give a new or empty folder (or an earlier export's, replaced whole)")
+    return out
+
+
 def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Write an (unwrapped) model as an HF directory, or a peft adapter for a LoRA model, with its tokenizer
     (one process). Written to a hidden temporary folder and renamed into place when complete, so an interrupted
     export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted."""
     out = Path(out_dir)
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for leftover in (tmp, old):  # from an interrupted export
-        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = staging_dir(out)
     if hasattr(model, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
         from cpt.adapters import save_adapter
 
@@ -329,6 +367,21 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
         redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
     make_tokenizer_portable(tmp)
     fault_point(f"export:written:{out.name}")
+    return publish_dir(tmp, out)
+
+
+def staging_dir(out: Path) -> Path:
+    """The hidden sibling folder an export of ``out`` is written to (what an interrupted one left removed)."""
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return tmp
+
+
+def publish_dir(tmp: Path, out: Path) -> Path:
+    """Rename a complete export from its staging folder into place, replacing an earlier one whole."""
+    readable_as_umask_allows(tmp)
+    old = out.with_name(f".{out.name}.old")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

@@ -88,6 +88,9 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     if (p / "export" / "config.json").is_file():
         require_safetensors(p / "export", "train.init_from")
         return None, str(p / "export")
+    if (p / "adapter_config.json").is_file():
+        raise CheckpointError(f"train.init_from: {init_from} is a peft adapter, not a model; merge it into its base "
+                              f"first (cpt merge {init_from} --out MERGED) and start from MERGED")
     raise CheckpointError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
 

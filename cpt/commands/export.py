@@ -23,10 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cpt.checkpoint import CheckpointError
     from cpt.consolidate import ConsolidateError, export_checkpoint
+    from cpt.model import ExportFolderError, ModelLoadError
 
     try:
         export_checkpoint(args.checkpoint, args.out, adapter=args.adapter)
-    except (CheckpointError, ConsolidateError, FileNotFoundError) as e:
+    except ModelLoadError as e:  # the base model or tokenizer moved, or a hub id while offline
+        print(f"cpt export: {e}; the export rebuilds the run's model from the model section of the checkpoint's "
+              "config.yaml, which must still load")
+        return 1
+    except (CheckpointError, ConsolidateError, ExportFolderError, FileNotFoundError) as e:
         print(f"cpt export: {e}")
         return 1
     return 0

@@ -24,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from cpt.model import merge_adapter
 
-    from cpt.model import ModelLoadError
+    from cpt.model import ExportFolderError, ModelLoadError
 
     dtype = _DTYPES[args.dtype]
     try:
         out = merge_adapter(args.adapter_dir, args.out, base=args.base,
                             dtype=getattr(torch, dtype) if dtype else None)
-    except (ModelLoadError, FileNotFoundError) as e:  # e.g. pickle weights only: one line, no traceback
+    except (ModelLoadError, ExportFolderError, FileNotFoundError) as e:  # e.g. pickle weights only: one line, no traceback
         print(f"cpt merge: error: {e}", file=sys.stderr)
         return 1
     print(f"merged {args.adapter_dir} into {out}")

@@ -1,0 +1,257 @@
+"""The files of an HF export as another user or tool meets them: permissions, and the folder it is written into.
+
+Loading (logits, tokenizer, dtype, adapters) across backends is tested where the exports are made
+(tests/test_launch_shipped.py, tests/test_launch_combos.py, tests/test_train_modes.py).
+"""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama, tiny_tokenizer
+from cpt.consolidate import export_checkpoint
+from cpt.model import ExportFolderError, merge_adapter, write_hf
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield 0o644
+    os.umask(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(["def f(x): return x + 1", "to be or not to be"] * 20, 300)
+
+
+def test_exported_weights_are_readable_as_the_config_is(tmp_path, tok, umask_022):
+    """safetensors 0.8 writes through a 0o600 temporary file (safetensors/safetensors#782): the export's weights were
+    readable by their owner only, while its config and tokenizer were not (another user of a shared folder
+    got PermissionError from from_pretrained). The weights now get what the umask gives any other file."""
+    from peft import LoraConfig, get_peft_model
+
+    full = write_hf(tiny_llama(len(tok)), tok, tmp_path / "full")
+    assert _mode(full / "model.safetensors") == _mode(full / "config.json") == umask_022
+
+    lora = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(full)
+    adapter = write_hf(lora, tok, tmp_path / "adapter")
+    assert _mode(adapter / "adapter_model.safetensors") == _mode(adapter / "adapter_config.json") == umask_022
+
+    merged = merge_adapter(adapter, tmp_path / "merged")  # `cpt merge`
+    assert _mode(merged / "model.safetensors") == umask_022
+
+
+@pytest.fixture(scope="module")
+def run(tiny_cpt_data, tmp_path_factory):
+    """A 2-step run with one checkpoint (about 5 s)."""
+    from conftest import tiny_run_config
+    from cpt.config import load_config
+    from cpt.train import train
+
+    out = tmp_path_factory.mktemp("export_files") / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": 2, "export_at_end": False})
+    cfg["stages"][0]["steps"] = 2
+    cfg["stages"][0]["schedule"]["warmup_steps"] = 1
+    cfg["data"]["heldout"] = []
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    return out
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(run, tmp_path, capsys):
+    """`cpt export CKPT --out DIR` replaces DIR whole (an export never mixes with older files): a DIR holding
+    anything else (a user's folder) was deleted without a word; now refused in one line, nothing touched.
+    An earlier export's folder is replaced, and says so."""
+    from cpt.commands.export import main
+
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    assert main([str(run), "--out", str(mine)]) == 1
+    assert "not a model export" in capsys.readouterr().out
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportFolderError, match="a file, not a folder"):
+        export_checkpoint(run, tmp_path / "file")
+
+    assert main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "earlier export there replaced whole" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_an_earlier_export_is_replaced_whole(tmp_path, tok):
+    """Re-exporting into an earlier export's folder leaves none of its files (a stale shard and index of a larger
+    model would otherwise make from_pretrained mix two models)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    write_hf(tiny_llama(len(tok), seed=1), tok, out)
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (out / "model.safetensors.index.json").write_text("{}")
+    model = tiny_llama(len(tok), seed=2, training=False)
+    write_hf(model, tok, out)
+    assert sorted(p.name for p in out.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    x = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(x).logits, model(x).logits)
+
+
+def test_merge_into_an_earlier_sharded_export_leaves_no_stale_index(tmp_path, tok):
+    """`cpt merge --out DIR` wrote into DIR: over an earlier sharded export it left that export's
+    model.safetensors.index.json beside the new model.safetensors (tools that follow the index, e.g. vLLM's
+    loader, then skip the new weights). Now written like every export: DIR replaced whole. Merging onto the
+    adapter's own folder, or a folder that is not an export, is refused."""
+    from peft import LoraConfig, get_peft_model
+
+    from cpt.commands.merge import main
+
+    base = write_hf(tiny_llama(len(tok)), tok, tmp_path / "base")
+    lora = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(base)
+    adapter = write_hf(lora, tok, tmp_path / "adapter")
+    old = tmp_path / "merged"
+    tiny_llama(len(tok), seed=3).save_pretrained(old, max_shard_size="20KB")
+    assert (old / "model.safetensors.index.json").is_file()
+    assert main([str(adapter), "--out", str(old)]) == 0
+    assert sorted(p.name for p in old.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+
+    assert main([str(adapter), "--out", str(adapter)]) == 1
+    assert main([str(adapter), "--out", str(base)]) == 1  # the base adapter_config.json names
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    assert main([str(adapter), "--out", str(tmp_path / "mine")]) == 1
+    assert (adapter / "adapter_model.safetensors").is_file() and (tmp_path / "mine" / "notes.txt").is_file()
+
+
+def test_average_replaces_an_earlier_export_and_refuses_its_own_inputs(tmp_path, tok):
+    """`cpt average OUT A B` wrote into OUT: over an earlier sharded export it left that export's shards and
+    index beside the new model.safetensors; and with OUT forgotten (`cpt average A B C`), A was overwritten in
+    place by the mean of B and C. Now OUT is replaced whole, and an input as OUT is refused."""
+    from cpt.commands.average import main
+
+    a, b = (write_hf(tiny_llama(len(tok), seed=s), tok, tmp_path / f"m{s}") for s in (1, 2))
+    old = tmp_path / "avg"
+    tiny_llama(len(tok), seed=3).save_pretrained(old, max_shard_size="20KB")
+    assert main([str(old), str(a), str(b)]) == 0
+    assert sorted(p.name for p in old.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    before = (a / "model.safetensors").read_bytes()
+    assert main([str(a), str(a), str(b)]) == 1
+    assert (a / "model.safetensors").read_bytes() == before
+
+
+def test_export_without_the_runs_base_model_is_one_line(run, tmp_path, capsys):
+    """The export rebuilds the run's model from its config.yaml's model section (base weights or architecture,
+    tokenizer): a tokenizer or base folder moved away since the run stopped `cpt export` with a traceback."""
+    import yaml
+
+    from cpt.commands.export import main
+
+    tokenizer = Path(yaml.safe_load((run / "config.yaml").read_text())["model"]["tokenizer"])
+    tokenizer.rename(tokenizer.with_name("moved-away"))
+    try:
+        assert main([str(run), "--out", str(tmp_path / "hf")]) == 1
+    finally:
+        tokenizer.with_name("moved-away").rename(tokenizer)
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0 and str(tokenizer) in out and "config.yaml" in out
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_of_a_run_that_prunes_the_checkpoint_being_read(run, tmp_path, monkeypatch, capsys):
+    """A run still writing saves step N+1 and prunes step N (checkpoint.keep) while `cpt export RUN` reads step N:
+    the export failed with "not a cpt resume checkpoint (no model.safetensors ...)"; now it reads step N+1."""
+    import shutil
+
+    import cpt.consolidate as consolidate
+    from cpt.checkpoint import discard
+    from cpt.commands.export import main
+
+    live = tmp_path / "run"
+    shutil.copytree(run, live)
+    read = consolidate.read_model_state
+    seen = []
+
+    def pruned_while_reading(ckpt):
+        seen.append(Path(ckpt).name)
+        if len(seen) == 1:  # the run saves the next checkpoint and prunes this one
+            shutil.copytree(ckpt, Path(ckpt).with_name("step_00000003"))
+            discard(Path(ckpt))
+        return read(ckpt)
+
+    monkeypatch.setattr(consolidate, "read_model_state", pruned_while_reading)
+    assert main([str(live), "--out", str(tmp_path / "hf")]) == 0
+    assert seen == ["step_00000002", "step_00000003"]
+    assert "removed while being read" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    # a checkpoint named explicitly that goes away: one line, nothing written
+    monkeypatch.setattr(consolidate, "read_model_state", lambda ckpt: (discard(Path(ckpt)), read(ckpt))[1])
+    assert main([str(live / "checkpoints" / "step_00000003"), "--out", str(tmp_path / "hf2")]) == 1
+    assert "removed while being read" in capsys.readouterr().out and not (tmp_path / "hf2").exists()
+
+
+def test_an_adapter_export_as_a_starting_model_says_merge_it_first(tmp_path, tok):
+    """A LoRA run's export (a peft adapter) named as `model.name_or_path` or `train.init_from` of a new run: the
+    errors said transformers wants a `model_type` / "neither an HF model directory nor a cpt checkpoint"; now
+    they say it is an adapter and how to merge it."""
+    from peft import LoraConfig, get_peft_model
+
+    from cpt.checkpoint import CheckpointError
+    from cpt.config.model import ModelConfig
+    from cpt.model import ModelLoadError, build_model
+    from cpt.resume import resolve_init
+
+    base = write_hf(tiny_llama(len(tok)), tok, tmp_path / "base")
+    lora = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(base)
+    adapter = write_hf(lora, tok, tmp_path / "adapter")
+    with pytest.raises(ModelLoadError, match="a peft adapter, not a model; merge it"):
+        build_model(ModelConfig(name_or_path=str(adapter)), tok)
+    with pytest.raises(CheckpointError, match="a peft adapter, not a model; merge it"):
+        resolve_init(str(adapter))
+
+
+def test_a_model_built_from_arch_trains_its_eos_embedding(tok, tmp_path):
+    """`model.arch` models took the tokenizer's pad id, which is eos when the tokenizer has none (load_tokenizer) or
+    by design (cpt demo's tokenizer): transformers then made eos the embedding's padding_idx, a zero row that never
+    gets a gradient, so an untied model's document separator stayed a zero vector (and its exports kept it so)."""
+    from cpt.config.model import ModelConfig
+    from cpt.model import build_model, load_tokenizer
+
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = ModelConfig(tokenizer=str(tmp_path / "tok"), arch={"hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "tie_word_embeddings": False})
+    loaded = load_tokenizer(cfg)
+    assert loaded.pad_token_id == loaded.eos_token_id  # as every run gets it
+    model = build_model(cfg, loaded)
+    assert model.config.pad_token_id is None and model.config.eos_token_id == loaded.eos_token_id
+    eos = loaded.eos_token_id
+    x = torch.tensor([[eos, 5, 7, eos, 9]])
+    model(x, labels=x).loss.backward()
+    emb = model.get_input_embeddings().weight
+    assert emb[eos].norm() > 0 and emb.grad[eos].norm() > 0
+
+
+def test_a_pretrained_base_whose_pad_is_eos_trains_its_eos_embedding(tok, tmp_path):
+    """A base whose config says pad_token_id = eos_token_id (Phi-3, many fine-tunes): transformers builds its input
+    embedding with eos as padding_idx, and CPT (eos between every packed document) never updated that row."""
+    from cpt.config.model import ModelConfig
+    from cpt.model import build_model, load_tokenizer, prepare_model
+
+    eos = tok.eos_token_id
+    base = write_hf(tiny_llama(len(tok), pad_token_id=eos, eos_token_id=eos), tok, tmp_path / "base")
+    cfg = ModelConfig(name_or_path=str(base))
+    tokenizer = load_tokenizer(cfg)
+    model, _, _ = prepare_model(cfg, build_model(cfg, tokenizer), tokenizer, log_fn=lambda *a: None)
+    x = torch.tensor([[eos, 5, 7, eos, 9]])
+    model(x, labels=x).loss.backward()
+    assert model.get_input_embeddings().weight.grad[eos].norm() > 0
+    assert model.config.pad_token_id == eos  # what the export writes is the base's
