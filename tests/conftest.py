@@ -5,6 +5,7 @@ which reads HF_HUB_OFFLINE at import time) and again by an autouse session fixtu
 """
 
 import os
+import sys
 
 import pytest
 
@@ -22,6 +23,33 @@ os.environ.update(OFFLINE_ENV)
 @pytest.fixture(autouse=True, scope="session")
 def _offline_env():
     os.environ.update(OFFLINE_ENV)
+    yield
+
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is now (pytest swaps it per test and closes the old one)."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _library_log_handlers_follow_stderr():
+    """`datasets` gives its logger a StreamHandler bound to the sys.stderr of its first use; in a test session that
+    is one test's capture stream, closed afterwards, and every later datasets log line became a '--- Logging error
+    ---' traceback in another test's stderr. Bind it to the current stderr instead (a command runs once per process
+    outside tests, so cpt itself is not concerned)."""
+    import logging
+
+    from datasets.utils import logging as datasets_logging
+
+    datasets_logging.get_logger()  # configures the library's handler if nothing did yet
+    for handler in logging.getLogger("datasets").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setStream(_CurrentStderr())
     yield
 
 
