@@ -145,6 +145,36 @@ def test_interrupted_export_leaves_no_half_directory(tiny_cpt_data, tmp_path, un
     AutoModelForCausalLM.from_pretrained(out / "export")
 
 
+def test_kill_during_a_periodic_export_after_its_checkpoint_redoes_the_export(tiny_cpt_data, tmp_path, uninterrupted):
+    """A kill during the periodic HF export of step 4, which comes after step 4's checkpoint is written (synchronous
+    saves: FSDP, DeepSpeed, or async_save off): the run resumes at step 4 and, before, never wrote exports/step_4
+    (and left its half-written hidden folder behind for good). The resumed run writes it, equal to the uninterrupted
+    run's. About 10 s."""
+    ref, _ = uninterrupted
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def config(out):
+        cfg = crash_config(tiny_cpt_data, out)
+        cfg["checkpoint"].update(async_save=False, export_every=2 * EVERY)
+        path = out.parent / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert forked_cli(["train", str(config(whole))], tmp_path / "whole.log") == 0, (tmp_path / "whole.log").read_text()
+    point = f"export:weights:step_{2 * EVERY:08d}"
+    assert forked_cli(["train", str(config(out))], tmp_path / "killed.log", {"CPT_FAULT_INJECT": point}) == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{2 * EVERY:08d}"]  # the export's step is checkpointed
+    assert forked_cli(["train", str(config(out)), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
+    assert losses(out) == ref
+    export = f"step_{2 * EVERY:08d}"
+    assert sorted(p.name for p in (out / "exports").iterdir()) == [export]  # no hidden leftover
+    got, want = load_file(out / "exports" / export / "model.safetensors"), load_file(whole / "exports" / export / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(got[k].equal(want[k]) for k in want)
+    AutoModelForCausalLM.from_pretrained(out / "exports" / export)
+
+
 def test_kill_during_first_save_then_resume_from_the_command_line(tiny_cpt_data, tmp_path, uninterrupted):
     """The reported bug, as a user meets it: kill -9 during the first save, then `cpt train --resume`."""
     ref, _ = uninterrupted
