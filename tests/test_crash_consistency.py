@@ -175,6 +175,35 @@ def test_kill_during_a_periodic_export_after_its_checkpoint_redoes_the_export(ti
     AutoModelForCausalLM.from_pretrained(out / "exports" / export)
 
 
+def test_kill_while_a_resume_at_the_last_step_replaces_its_checkpoint(tiny_cpt_data, tmp_path, uninterrupted, monkeypatch):
+    """A run resumed at its last step (a SLURM job requeued by a warning that came during its final export) saves
+    that step again, replacing the checkpoint there. Killed while the old copy was deleted (a long rmtree for a big
+    checkpoint on a parallel filesystem), it used to keep no checkpoint at all with checkpoint.keep 1 (the old copy
+    was moved away and deleted before the new one was renamed into place): the next --resume started from scratch.
+    About 10 s."""
+    import cpt.checkpoint
+
+    ref, _ = uninterrupted
+    out, cfg_path = tmp_path / "run", tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out)))
+    assert forked_cli(["train", str(cfg_path)], tmp_path / "first.log") == 0, (tmp_path / "first.log").read_text()
+    rmtree = cpt.checkpoint.shutil.rmtree
+
+    def killed_while_deleting_the_old_copy(path, *args, **kwargs):
+        if Path(path).name == f".trash-step_{STEPS:08d}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:  # (in the forked child only: the parent deletes nothing meanwhile)
+        m.setattr(cpt.checkpoint.shutil, "rmtree", killed_while_deleting_the_old_copy)
+        assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "killed.log") == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{STEPS:08d}"]
+    assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
+    assert f"step_{STEPS:08d} at step {STEPS} " in (tmp_path / "resumed.log").read_text()
+    assert losses(out) == ref
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
+
+
 def test_kill_during_first_save_then_resume_from_the_command_line(tiny_cpt_data, tmp_path, uninterrupted):
     """The reported bug, as a user meets it: kill -9 during the first save, then `cpt train --resume`."""
     ref, _ = uninterrupted
