@@ -28,6 +28,7 @@ one is skipped with one warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -349,20 +350,25 @@ class _Commit:
     def run(self) -> None:
         step, tmp = self.step, self.tmp
         final = tmp.with_name(tmp.name[len(TMP_PREFIX):])
+        replaced = final.with_name(TRASH_PREFIX + final.name)
         try:
             digests = {**self.digests, **write_files(tmp, self.items, step)}
             self.items = None  # free the host copy
             write_checksums(tmp, digests)
             fault_point(f"save:checksums@{step}")
-            if final.exists():  # a save of the same step (a resumed run that passed it again)
-                discard(final)
+            if final.exists():  # a save of the same step (a resumed run that passed it again, e.g. at its last step):
+                os.replace(final, replaced)  # deleted once the new one is in place (a kill while deleting it keeps one)
             os.replace(tmp, final)
             fsync_dir(tmp.parent)
             fault_point(f"save:renamed@{step}")
         except BaseException as e:  # noqa: BLE001 - reported by wait()
             self.error = e
             shutil.rmtree(tmp, ignore_errors=True)
+            if replaced.exists() and not final.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(replaced, final)  # the earlier save of this step stays
             return
+        shutil.rmtree(replaced, ignore_errors=True)
         try:
             self.manager._prune()
         except OSError as e:  # the new checkpoint is safe; an old one stays behind

@@ -6,6 +6,7 @@ Commands are imported only when run, so `cpt --help` is instant.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -40,6 +41,21 @@ def restore_usr1() -> None:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
+def stop_with_the_launcher() -> None:
+    """A rank started by torchrun (`accelerate launch`) gets SIGTERM when its launcher dies (Linux: PR_SET_PDEATHSIG),
+    which cpt's training loop answers like a preemption: checkpoint at the end of the step, exit. torchrun starts its
+    ranks in sessions of their own, so a launcher killed with SIGKILL (`kill -9`, `timeout -s KILL`, a killed process
+    group) otherwise left them training on, detached, holding the run lock."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -52,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     restore_usr1()
+    stop_with_the_launcher()
     if name not in COMMANDS:
         print(f"cpt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

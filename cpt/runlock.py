@@ -3,9 +3,11 @@
 A second run on the same directory, fresh or ``--resume``, refuses with one line naming the holder.
 A lock whose holder is gone (same host, PID no longer running, or running but a different process
 started since) is stale and taken over with a warning: that is what a ``kill -9`` or a node crash
-leaves behind. A holder on another host cannot be checked from here: that lock is honoured unless
-``run.force_lock`` (``cpt train --force-lock``) says the holder is gone. Only the main process holds
-the lock in multi-process runs.
+leaves behind. So is a lock held by an earlier start of the same SLURM job (same ``SLURM_JOB_ID``, a lower
+``SLURM_RESTART_COUNT``): SLURM requeues a job only once its processes have ended, and a job requeued after a
+preemption or a node failure usually lands on another node. Any other holder on another host cannot be checked
+from here: that lock is honoured unless ``run.force_lock`` (``cpt train --force-lock``) says the holder is gone.
+Only the main process holds the lock in multi-process runs.
 """
 
 from __future__ import annotations
@@ -46,6 +48,28 @@ def _alive(pid: int, started: str | None) -> bool:
     return started is None or now is None or now == started
 
 
+def _slurm_start() -> dict:
+    """This process's SLURM job and start (0 for the first, +1 per requeue), when it runs in a SLURM job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    try:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restart = 0
+    return {"slurm_job": job, "slurm_restart": restart}
+
+
+def _earlier_start_of_this_job(holder: dict, me: dict) -> bool:
+    """Whether ``holder`` was an earlier start of the SLURM job ``me`` runs in (SLURM ended it before requeueing)."""
+    if not me.get("slurm_job") or holder.get("slurm_job") != me["slurm_job"]:
+        return False
+    try:
+        return int(holder.get("slurm_restart", 0)) < me["slurm_restart"]
+    except (TypeError, ValueError):
+        return False
+
+
 def _describe(holder: dict) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("start_time", 0)))
     return f"PID {holder.get('pid')} on host {holder.get('host')} since {when}"
@@ -58,7 +82,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.force = force
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": time.time(),
-                   "proc_start": _process_start(os.getpid())}
+                   "proc_start": _process_start(os.getpid()), **_slurm_start()}
         self.held = False
 
     def acquire(self) -> None:
@@ -140,6 +164,9 @@ class RunLock:
             return "its lock file is empty or unreadable (a run killed while starting)"
         if self.force:
             return f"--force-lock (holder: {_describe(holder)})"
+        if _earlier_start_of_this_job(holder, self.me):
+            return (f"its holder ({_describe(holder)}) was start {holder.get('slurm_restart', 0)} of this SLURM job "
+                    f"{self.me['slurm_job']}, which SLURM ended before requeueing it")
         if holder.get("host") == self.me["host"] and not _alive(int(holder["pid"]), holder.get("proc_start")):
             return f"its holder ({_describe(holder)}) is no longer running"
         return None

@@ -32,7 +32,7 @@ from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
 from cpt.console import RunOutput, preempted_line
 from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
-from cpt.distributed import Backend, PreemptionFlag, accelerator_for, backend
+from cpt.distributed import Backend, PreemptionFlag, accelerator_for, any_rank, backend
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
 from cpt.lm_loss import LogWindow, use_chunked_loss
 from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
@@ -134,6 +134,9 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             out.eval(0, 0, {"stage": 0, "train/lr": plan.lr(0), **_heldout_eval(cfg, evaluator, ema, acc, model, 0)})
         if bench is not None and bench.needs_start_evaluation():  # the base model's benchmark scores
             out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
+
+        if start.resume is not None and _export_missing(cfg, state.step, total_steps, acc):  # killed during it
+            export_hf(model, tokenizer, run_dir / "exports" / f"step_{state.step:08d}", acc)
 
         # --- the loop
         out.start_bar(cfg.train.progress_bar and acc.is_main_process, state.step, total_steps, cfg.run.name)
@@ -298,6 +301,17 @@ def lock_only(run_dir: Path) -> bool:
         return run_dir.is_dir() and not any(run_dir.iterdir())
     except OSError:
         return False
+
+
+def _export_missing(cfg: RunConfig, step: int, total_steps: int, acc) -> bool:
+    """Whether the periodic HF export of the step a run resumes at is missing: the run was killed during that export,
+    after the step's checkpoint was written (the export follows the checkpoint), so the resumed run writes it (the
+    main process's view, shared: the export is collective)."""
+    every = cfg.checkpoint.export_every
+    if not (every and step % every == 0 and 0 < step < total_steps):
+        return False
+    path = Path(cfg.run.output_dir) / "exports" / f"step_{step:08d}"
+    return any_rank(acc, acc.is_main_process and not path.is_dir())
 
 
 def _preflight(cfg: RunConfig, start: Start) -> None:

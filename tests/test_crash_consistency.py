@@ -145,6 +145,65 @@ def test_interrupted_export_leaves_no_half_directory(tiny_cpt_data, tmp_path, un
     AutoModelForCausalLM.from_pretrained(out / "export")
 
 
+def test_kill_during_a_periodic_export_after_its_checkpoint_redoes_the_export(tiny_cpt_data, tmp_path, uninterrupted):
+    """A kill during the periodic HF export of step 4, which comes after step 4's checkpoint is written (synchronous
+    saves: FSDP, DeepSpeed, or async_save off): the run resumes at step 4 and, before, never wrote exports/step_4
+    (and left its half-written hidden folder behind for good). The resumed run writes it, equal to the uninterrupted
+    run's. About 10 s."""
+    ref, _ = uninterrupted
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def config(out):
+        cfg = crash_config(tiny_cpt_data, out)
+        cfg["checkpoint"].update(async_save=False, export_every=2 * EVERY)
+        path = out.parent / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert forked_cli(["train", str(config(whole))], tmp_path / "whole.log") == 0, (tmp_path / "whole.log").read_text()
+    point = f"export:weights:step_{2 * EVERY:08d}"
+    assert forked_cli(["train", str(config(out))], tmp_path / "killed.log", {"CPT_FAULT_INJECT": point}) == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{2 * EVERY:08d}"]  # the export's step is checkpointed
+    assert forked_cli(["train", str(config(out)), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
+    assert losses(out) == ref
+    export = f"step_{2 * EVERY:08d}"
+    assert sorted(p.name for p in (out / "exports").iterdir()) == [export]  # no hidden leftover
+    got, want = load_file(out / "exports" / export / "model.safetensors"), load_file(whole / "exports" / export / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(got[k].equal(want[k]) for k in want)
+    AutoModelForCausalLM.from_pretrained(out / "exports" / export)
+
+
+def test_kill_while_a_resume_at_the_last_step_replaces_its_checkpoint(tiny_cpt_data, tmp_path, uninterrupted, monkeypatch):
+    """A run resumed at its last step (a SLURM job requeued by a warning that came during its final export) saves
+    that step again, replacing the checkpoint there. Killed while the old copy was deleted (a long rmtree for a big
+    checkpoint on a parallel filesystem), it used to keep no checkpoint at all with checkpoint.keep 1 (the old copy
+    was moved away and deleted before the new one was renamed into place): the next --resume started from scratch.
+    About 10 s."""
+    import cpt.checkpoint
+
+    ref, _ = uninterrupted
+    out, cfg_path = tmp_path / "run", tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out)))
+    assert forked_cli(["train", str(cfg_path)], tmp_path / "first.log") == 0, (tmp_path / "first.log").read_text()
+    rmtree = cpt.checkpoint.shutil.rmtree
+
+    def killed_while_deleting_the_old_copy(path, *args, **kwargs):
+        if Path(path).name == f".trash-step_{STEPS:08d}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:  # (in the forked child only: the parent deletes nothing meanwhile)
+        m.setattr(cpt.checkpoint.shutil, "rmtree", killed_while_deleting_the_old_copy)
+        assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "killed.log") == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{STEPS:08d}"]
+    assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
+    assert f"step_{STEPS:08d} at step {STEPS} " in (tmp_path / "resumed.log").read_text()
+    assert losses(out) == ref
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
+
+
 def test_kill_during_first_save_then_resume_from_the_command_line(tiny_cpt_data, tmp_path, uninterrupted):
     """The reported bug, as a user meets it: kill -9 during the first save, then `cpt train --resume`."""
     ref, _ = uninterrupted

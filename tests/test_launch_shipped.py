@@ -13,8 +13,10 @@ between world sizes and backends.
 * `cpt export` turns every kind of checkpoint into an HF model that reproduces the logged held-out loss.
 """
 
+import contextlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -256,3 +258,39 @@ def test_zero3_checkpoint_resumes_on_three_processes(tiny_cpt_data, tiny_base, t
             torch.testing.assert_close(b[name][k], a[name][k], rtol=1e-3, atol=1e-9)
     assert main(["export", str(three), "--out", str(tmp_path / "hf")]) == 0
     assert_hf_dir_reproduces_eval(tmp_path / "hf", three, cfg, tiny_cpt_data, STEPS)
+
+
+def test_ranks_of_a_launcher_killed_with_sigkill_checkpoint_and_stop(tiny_cpt_data, tiny_base, tmp_path):
+    """`kill -9` of `scripts/launch.sh ... ddp` (the `accelerate launch` process it execs; also `timeout -s KILL`, a
+    killed process group): torchrun starts its ranks in sessions of their own, so they used to train on, detached,
+    to the end of the run, holding the run lock. Now each rank gets SIGTERM when its launcher dies (cpt.cli:
+    PR_SET_PDEATHSIG) and stops as on a preemption: a checkpoint at the step where they stopped, the lock released.
+    About 20 s."""
+    import os
+    import signal
+    import time
+
+    from cpt.checkpoint import list_checkpoints, verify_checkpoint
+    from launching import rank_pids
+
+    out = tmp_path / "run"
+    cfg = two_process_config(tiny_cpt_data, tiny_base, out, steps=400, eval_every=400, checkpoint={"every": 200})
+    proc = launch_shipped("ddp", write(cfg, tmp_path / "run.yaml"))
+    t0 = time.time()
+    while len(losses(out)) < 2:
+        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-5000:]
+        time.sleep(0.05)
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        log = proc.communicate(timeout=120)[0]  # the pipe closes once the ranks have exited too
+    except subprocess.TimeoutExpired:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the ranks trained on after their launcher was killed (step {max(losses(out))} of 400)")
+    stopped = max(losses(out))
+    assert stopped < 400 and f"PREEMPTED at step {stopped} of 400" in log, log[-5000:]
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{stopped:08d}"]
+    assert verify_checkpoint(list_checkpoints(out)[0]) is None and not (out / "run.lock").exists()

@@ -63,6 +63,28 @@ def test_other_host_is_honoured_unless_forced(tmp_path, caplog):
     assert "--force-lock (holder: PID" in caplog.text
 
 
+def test_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start_on_another_node(tmp_path, monkeypatch, caplog):
+    """A SLURM job killed without a checkpoint signal (preemption, `scancel --signal=KILL`, a node failure: srun
+    SIGKILLs the ranks) leaves its lock; SLURM requeues it, usually on another node, where the holder's PID cannot be
+    checked. The same job id with a higher SLURM_RESTART_COUNT is proof enough: SLURM ends a job before requeueing
+    it. (Before, every start of the requeued job failed with "in use by another run" until someone passed
+    --force-lock by hand.) Another job's lock, or one of this same start, is still honoured."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with RunLock(tmp_path):  # the first start records its job and start
+        first = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert (first["slurm_job"], first["slurm_restart"]) == ("4242", 0)
+    plant(tmp_path, host="node-17", pid=dead_pid(), slurm_job="4242", slurm_restart=0)  # left by a SIGKILL on node-17
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with caplog.at_level(logging.WARNING, "cpt.runlock"), RunLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["slurm_restart"] == 1
+    assert "was start 0 of this SLURM job 4242, which SLURM ended before requeueing it" in caplog.text
+    for other in ({"slurm_job": "4243", "slurm_restart": 0}, {"slurm_job": "4242", "slurm_restart": 1}, {}):
+        plant(tmp_path, host="node-17", pid=dead_pid(), **other)
+        with pytest.raises(RunLockError, match="in use by another run"):
+            RunLock(tmp_path).acquire()
+
+
 def test_empty_lock_left_by_a_kill_while_starting(tmp_path):
     (tmp_path / LOCK_FILE).write_text("")
     with pytest.raises(RunLockError):  # maybe a run being written right now
