@@ -40,7 +40,8 @@ from typing import Mapping
 import torch
 
 from cpt.distributed import Backend, all_ranks_agree, backend
-from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
+from cpt.checkpoint_files import host_copy, host_snapshot, write_files
+from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
 from cpt.state import StateError, Stateful, check_format, flatten, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
@@ -223,7 +224,7 @@ class CheckpointManager:
         acc = self.acc
         items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
         if tensors:
-            items.append((STATE_TENSORS, "safetensors", _host_copy(dict(tensors), {})))  # EMA, Reptile: a fresh copy
+            items.append((STATE_TENSORS, "safetensors", host_copy(dict(tensors), {})))  # EMA, Reptile: a fresh copy
         digests: dict[str, str] = {}
         if self.cpt_writes:
             own, rng_name, rng = host_snapshot(acc, self._staging if self.async_save else None)
@@ -389,104 +390,6 @@ def cpt_can_write(acc) -> bool:
     return (backend(acc) in (Backend.SINGLE, Backend.DDP)
             and not acc._schedulers and not acc._dataloaders and not acc._custom_objects
             and not acc._save_model_state_pre_hook)
-
-
-def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
-    """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
-    models (safetensors) and optimizers and the grad scaler (main process), this rank's RNG states.
-    ``staging``: host buffers to copy into (kept between saves: pinned on CUDA, allocated once); None
-    (a synchronous save: nothing changes until it is written) copies only device tensors."""
-    import random
-
-    import numpy as np
-    from accelerate.utils import clean_state_dict_for_safetensors
-
-    items = []
-    if acc.is_main_process:
-        for i, model in enumerate(acc._models):
-            state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
-            items.append((_numbered("model.safetensors", i), "safetensors", _host_copy(dict(state), staging, ("model", i))))
-        for i, opt in enumerate(acc._optimizers):
-            items.append((_numbered("optimizer.bin", i), "torch", _host_copy(opt.state_dict(), staging, ("optimizer", i))))
-        if acc.scaler is not None:
-            items.append(("scaler.pt", "torch", _host_copy(acc.scaler.state_dict(), staging, ("scaler",))))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
-    rng = {"step": acc.step, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
-           "torch_manual_seed": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
-    return items, f"random_states_{acc.process_index}.pkl", rng
-
-
-def write_files(folder: Path, items: list, step: int) -> dict[str, str]:
-    """Write (name, kind, payload) items, each hashed while written and fsynced; returns their digests.
-    kind: "safetensors" (a dict of tensors), "torch" (torch.save) or "text"."""
-    digests = {}
-    for name, kind, payload in items:
-        with HashingFile(folder / name, partial_fault=f"{name}:partial@{step}") as f:
-            if kind == "safetensors":
-                write_safetensors(f, payload)
-            elif kind == "torch":
-                torch.save(payload, f)
-            else:
-                f.write_all(payload.encode())
-        digests[name] = f.digest
-        fault_point(f"{name}:done@{step}")
-    return digests
-
-
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-
-
-def write_safetensors(f: HashingFile, tensors: dict[str, torch.Tensor], chunk: int = 1 << 24) -> None:
-    """The safetensors format (8-byte header length, JSON header, raw little-endian tensor bytes), streamed
-    tensor by tensor in pieces. ``safetensors.torch.save`` would build the whole file in memory while holding
-    the GIL, stalling the training thread for the length of a background save; the files are read back by
-    safetensors itself (accelerate's load_state)."""
-    import struct
-
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    names = sorted(tensors)
-    for name in names:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    f.write(struct.pack("<Q", len(blob)) + blob)
-    for name in names:
-        data = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy()
-        for i in range(0, len(data), chunk):
-            f.write(data[i : i + chunk])
-
-
-def _host_copy(obj, staging: dict | None = None, path: tuple = ()):
-    """Tensors copied to host memory, contiguous (nested dicts/lists/tuples walked; other values kept).
-    With ``staging`` the copies go into its buffers (keyed by ``path``; made on first use); without it
-    host tensors are kept as they are."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if staging is None:
-            return t.to("cpu").contiguous()
-        buf = staging.get(path)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = staging[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-        return buf.copy_(t, non_blocking=t.is_cuda)
-    if isinstance(obj, dict):
-        return type(obj)((k, _host_copy(v, staging, (*path, k))) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v, staging, (*path, i)) for i, v in enumerate(obj))
-    return obj
-
-
-def _numbered(name: str, i: int) -> str:
-    return name if i == 0 else name.replace(".", f"_{i}.", 1)
 
 
 def _json_default(obj):

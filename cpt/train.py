@@ -34,7 +34,7 @@ from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
 from cpt.distributed import Backend, PreemptionFlag, accelerator_for, any_rank, backend
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
-from cpt.lm_loss import LogWindow, use_chunked_loss
+from cpt.lm_loss import LogWindow, SourceLoss, use_chunked_loss
 from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
                          model_flops_per_token, peak_flops_for, peak_memory_gb)
 from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
@@ -135,8 +135,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         if bench is not None and bench.needs_start_evaluation():  # the base model's benchmark scores
             out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
 
-        if start.resume is not None and _export_missing(cfg, state.step, total_steps, acc):  # killed during it
-            export_hf(model, tokenizer, run_dir / "exports" / f"step_{state.step:08d}", acc)
+        _redo_interrupted_export(cfg, start, state.step, total_steps, model, tokenizer, acc)  # a kill during it
 
         # --- the loop
         out.start_bar(cfg.train.progress_bar and acc.is_main_process, state.step, total_steps, cfg.run.name)
@@ -303,15 +302,16 @@ def lock_only(run_dir: Path) -> bool:
         return False
 
 
-def _export_missing(cfg: RunConfig, step: int, total_steps: int, acc) -> bool:
-    """Whether the periodic HF export of the step a run resumes at is missing: the run was killed during that export,
-    after the step's checkpoint was written (the export follows the checkpoint), so the resumed run writes it (the
-    main process's view, shared: the export is collective)."""
+def _redo_interrupted_export(cfg: RunConfig, start: Start, step: int, total_steps: int, model, tokenizer, acc) -> None:
+    """Write the periodic HF export of the step a run resumes at if it is missing: the run was killed during that
+    export, after the step's checkpoint was written (the export follows the checkpoint). The main process's view
+    decides for every rank: the export is collective."""
     every = cfg.checkpoint.export_every
-    if not (every and step % every == 0 and 0 < step < total_steps):
-        return False
+    if start.resume is None or not (every and step % every == 0 and 0 < step < total_steps):
+        return
     path = Path(cfg.run.output_dir) / "exports" / f"step_{step:08d}"
-    return any_rank(acc, acc.is_main_process and not path.is_dir())
+    if any_rank(acc, acc.is_main_process and not path.is_dir()):
+        export_hf(model, tokenizer, path, acc)
 
 
 def _preflight(cfg: RunConfig, start: Start) -> None:

@@ -315,7 +315,7 @@ def test_bench_checkpoint_cpu_path():
 def test_streamed_safetensors_load_with_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    from cpt.checkpoint import write_safetensors
+    from cpt.checkpoint_files import write_safetensors
 
     tensors = {"w": torch.randn(3, 5), "h": torch.ones(2, dtype=torch.bfloat16), "flag": torch.tensor(True),
                "empty": torch.zeros(0), "ids": torch.arange(7), "t": torch.randn(4, 3).t()}
