@@ -56,6 +56,17 @@ def stop_with_the_launcher() -> None:
         pass
 
 
+def no_library_bars_in_log_files() -> None:
+    """A command whose stderr is not a terminal (a batch job's log file, ``| tee``) gets no progress bars from the
+    libraries (transformers' "Writing model shards" on every export, hub downloads, datasets' map): in a file a tqdm
+    bar is carriage-return redraws, not lines. Read by those libraries at import, which the commands do after this;
+    a value the user set wins. cpt's own progress lines are :mod:`cpt.console`'s."""
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        return
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     restore_usr1()
     stop_with_the_launcher()
+    no_library_bars_in_log_files()
     if name not in COMMANDS:
         print(f"cpt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -255,3 +255,21 @@ def test_a_pretrained_base_whose_pad_is_eos_trains_its_eos_embedding(tok, tmp_pa
     model(x, labels=x).loss.backward()
     assert model.get_input_embeddings().weight.grad[eos].norm() > 0
     assert model.config.pad_token_id == eos  # what the export writes is the base's
+
+
+def test_an_export_in_a_batch_log_has_no_library_progress_bars(run, tmp_path):
+    """`cpt export` with stderr going to a file (a batch job's log): transformers drew its "Writing model shards"
+    tqdm bar there on every export (carriage-return redraws, not lines). A log file gets none now."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    log = tmp_path / "job.log"
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "cpt.cli", "export", str(run), "--out", str(tmp_path / "hf")],
+                              stdout=f, stderr=subprocess.STDOUT, env=env, timeout=300)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert "Writing model shards" not in text and "\r" not in text, text
