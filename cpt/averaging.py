@@ -362,18 +362,15 @@ def interpolate(base, cpt, alpha: float, out_dir: str | Path | None = None):
     cpt_model, cpt_tok = _as_model(cpt)
     sd = interpolate_state_dicts(base_model.state_dict(), cpt_model.state_dict(), alpha)
     cpt_model.load_state_dict(sd)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        cpt_model.save_pretrained(out, safe_serialization=True)
+    if out_dir is not None:  # written like every export: staged, then replacing out_dir whole
+        from cpt.model import make_tokenizer_portable, publish_dir, staging_dir
+
+        tmp = staging_dir(Path(out_dir))
+        cpt_model.save_pretrained(tmp, safe_serialization=True)
         if cpt_tok is not None:
-            from cpt.model import make_tokenizer_portable
-
-            cpt_tok.save_pretrained(out)
-            make_tokenizer_portable(out)
-        from cpt.fileio import readable_as_umask_allows
-
-        readable_as_umask_allows(out)
+            cpt_tok.save_pretrained(tmp)
+            make_tokenizer_portable(tmp)
+        publish_dir(tmp, Path(out_dir))
     return cpt_model
 
 

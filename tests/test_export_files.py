@@ -273,3 +273,38 @@ def test_an_export_in_a_batch_log_has_no_library_progress_bars(run, tmp_path):
     assert done.returncode == 0, text
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert "Writing model shards" not in text and "\r" not in text, text
+
+
+def test_interpolate_save_alpha_replaces_an_earlier_export_and_refuses_other_folders(tmp_path, tok, capsys):
+    """`cpt interpolate --save-alpha A --out DIR` wrote into DIR: over an earlier sharded export it left that
+    export's shards and index beside the new model.safetensors. Now DIR is replaced whole (the table
+    interpolation.json beside the model); a folder that is not an export, or one of the two models, is refused."""
+    from cpt.commands.interpolate import main
+    from cpt.data.prepare import prepare
+
+    base = write_hf(tiny_llama(len(tok)), tok, tmp_path / "base")
+    cpt = write_hf(tiny_llama(len(tok), seed=1), tok, tmp_path / "cpt")
+    src = tmp_path / "old.txt"
+    src.write_text("to be or not to be, that is the question. " * 100)
+    prepare(str(src), tok, str(tmp_path / "shards"))
+    args = [str(base), str(cpt), "--alphas", "0,1", "--seq-len", "16", "--max-tokens", "256",
+            "--heldout", f"old={tmp_path / 'shards'}:upstream", "--save-alpha", "0.5"]
+    old = tmp_path / "half"
+    tiny_llama(len(tok), seed=3).save_pretrained(old, max_shard_size="20KB")
+    assert (old / "model.safetensors.index.json").is_file()
+    assert main([*args, "--out", str(old)]) == 0
+    assert sorted(p.name for p in old.iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    assert (old / "interpolation.json").is_file() and (old / "tokenizer.json").is_file()
+    from safetensors.torch import load_file
+
+    got, a, b = (load_file(d / "model.safetensors") for d in (old, base, cpt))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.allclose(got[name], (a[name] + b[name]) / 2, atol=1e-6)
+
+    capsys.readouterr()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    assert main([*args, "--out", str(tmp_path / "mine")]) == 1
+    assert main([*args, "--out", str(cpt)]) == 1
+    assert "one of the two models" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").is_file() and (cpt / "model.safetensors").is_file()

@@ -65,8 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.data.sources import HeldoutConfig
     from cpt.evaluate import heldout_loss
 
-    from cpt.model import ModelLoadError
+    from cpt.model import ExportFolderError, ModelLoadError, check_export_target, write_hf
 
+    try:
+        if args.out is not None:  # before the sweep: the saved model replaces --out whole
+            check_export_target(args.out)
+            if Path(args.out).resolve() in {Path(args.base).resolve(), Path(args.cpt).resolve()}:
+                raise ExportFolderError(f"--out {args.out}: one of the two models itself; give another folder")
+    except ExportFolderError as e:
+        print(f"cpt interpolate: error: {e}", file=sys.stderr)
+        return 1
     try:
         base_model, _ = load_model_dir(args.base, dtype=torch.float32)
         cpt_model, tokenizer = load_model_dir(args.cpt, dtype=torch.float32)
@@ -83,15 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = interpolation_sweep(base_model, cpt_model, args.alphas, sets, loss_fn)
     print(format_sweep(rows))
+    if args.save_alpha is not None:  # first: the export replaces --out whole, and the table goes beside it
+        write_hf(interpolate(base_model, cpt_model, args.save_alpha), tokenizer, args.out)
+        print(f"saved the model at alpha={args.save_alpha} to {args.out}")
     json_path = Path(args.json) if args.json else (Path(args.out) if args.out else Path(".")) / "interpolation.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"base": args.base, "cpt": args.cpt, "rows": rows}, indent=2))
     print(f"wrote {json_path}")
-    if args.save_alpha is not None:
-        interpolate(base_model, cpt_model, args.save_alpha, out_dir=args.out)
-        tokenizer.save_pretrained(args.out)
-        from cpt.model import make_tokenizer_portable
-
-        make_tokenizer_portable(args.out)
-        print(f"saved the model at alpha={args.save_alpha} to {args.out}")
     return 0
