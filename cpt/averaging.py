@@ -254,9 +254,7 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
         # written like every export: a hidden folder renamed into place (an earlier export there replaced whole)
         from cpt.model import check_export_target, publish_dir, staging_dir
 
-        out = check_export_target(out_dir)
-        if out.resolve() in {Path(p).resolve() for p in paths}:
-            raise ValueError(f"{out_dir}: the output is one of the checkpoints being averaged (OUT comes first)")
+        out = check_export_target(out_dir, paths, "one of the checkpoints being averaged (OUT comes first)")
         tmp = staging_dir(out)
         tmp.mkdir(parents=True)
 
@@ -362,15 +360,10 @@ def interpolate(base, cpt, alpha: float, out_dir: str | Path | None = None):
     cpt_model, cpt_tok = _as_model(cpt)
     sd = interpolate_state_dicts(base_model.state_dict(), cpt_model.state_dict(), alpha)
     cpt_model.load_state_dict(sd)
-    if out_dir is not None:  # written like every export: staged, then replacing out_dir whole
-        from cpt.model import make_tokenizer_portable, publish_dir, staging_dir
+    if out_dir is not None:
+        from cpt.model import write_hf
 
-        tmp = staging_dir(Path(out_dir))
-        cpt_model.save_pretrained(tmp, safe_serialization=True)
-        if cpt_tok is not None:
-            cpt_tok.save_pretrained(tmp)
-            make_tokenizer_portable(tmp)
-        publish_dir(tmp, Path(out_dir))
+        write_hf(cpt_model, cpt_tok, out_dir)
     return cpt_model
 
 

@@ -227,11 +227,9 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
                   dtype: torch.dtype | None = None) -> Path:
     """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
-    out = check_export_target(out_dir)
     acfg = Path(adapter_dir) / "adapter_config.json"
     recorded = json.loads(acfg.read_text()).get("base_model_name_or_path") if acfg.is_file() else None
-    if out.resolve() in {Path(p).resolve() for p in (adapter_dir, base or recorded) if p and Path(p).is_dir()}:
-        raise ExportFolderError(f"--out {out_dir}: the adapter or its base model itself; give another folder")
+    out = check_export_target(out_dir, (adapter_dir, base or recorded), "the adapter or its base model")
     peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
     # written like every export: replaces an earlier export's folder whole (no stale shards or index left)
     return write_hf(peft_model.merge_and_unload(), tokenizer, out)
@@ -335,11 +333,14 @@ class ExportFolderError(ValueError):
     """An export's --out that is a file, or a folder holding something other than an earlier export."""
 
 
-def check_export_target(out_dir: str | os.PathLike) -> Path:
+def check_export_target(out_dir: str | os.PathLike, inputs=(), inputs_are: str = "one of the command's inputs") -> Path:
     """The export folder, absolute. An export replaces its folder whole (never mixes with an older export's
     files), so an existing folder must be empty or hold an earlier model or adapter (``config.json`` or
-    ``adapter_config.json``); any other folder, or a file, is refused instead of deleted."""
+    ``adapter_config.json``); any other folder, or a file, is refused instead of deleted, and so is any of the
+    command's ``inputs`` that is a folder (said as ``inputs_are``: it would be replaced by its own output)."""
     out = Path(out_dir).expanduser().absolute()
+    if out.resolve() in {Path(p).resolve() for p in inputs if p and Path(p).is_dir()}:
+        raise ExportFolderError(f"--out {out_dir} is {inputs_are}; give another folder")
     if out.exists() and not out.is_dir():
         raise ExportFolderError(f"--out {out_dir}: a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in MODEL_DIR_MARKERS):
@@ -361,7 +362,8 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
     else:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         fault_point(f"export:weights:{out.name}")
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # (a model handed in without one: cpt.averaging.interpolate)
+            tokenizer.save_pretrained(tmp)
         from cpt.redaction import redact_json_file
 
         redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute

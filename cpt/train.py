@@ -178,7 +178,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             lm_eval_now = bench is not None and bench.should_evaluate(state.step, plan.starts) and state.step < total_steps
             preempted = stop.requested(acc, state.step)
             save_now = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or preempted
-            export_now = cfg.checkpoint.export_every and state.step % cfg.checkpoint.export_every == 0 and state.step < total_steps
+            export_now = _periodic_export_dir(cfg, state.step, total_steps)  # exports/step_N, or None
             if evaluate_now or lm_eval_now or save_now or export_now:
                 clock.lap(sync_device=True)  # the training steps queued so far count as training time, what follows not
                 if evaluate_now:
@@ -188,7 +188,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 if save_now:
                     ckpts.save(state.step, components, config_yaml)
                 if export_now:
-                    path = export_hf(model, tokenizer, run_dir / "exports" / f"step_{state.step:08d}", acc)
+                    path = export_hf(model, tokenizer, export_now, acc)
                     logger.log_artifact(path, f"{cfg.run.name}-step{state.step}")  # when logging.wandb.log_exports_as_artifacts
                 clock.restart()
             if preempted:
@@ -306,12 +306,18 @@ def _redo_interrupted_export(cfg: RunConfig, start: Start, step: int, total_step
     """Write the periodic HF export of the step a run resumes at if it is missing: the run was killed during that
     export, after the step's checkpoint was written (the export follows the checkpoint). The main process's view
     decides for every rank: the export is collective."""
-    every = cfg.checkpoint.export_every
-    if start.resume is None or not (every and step % every == 0 and 0 < step < total_steps):
-        return
-    path = Path(cfg.run.output_dir) / "exports" / f"step_{step:08d}"
-    if any_rank(acc, acc.is_main_process and not path.is_dir()):
+    path = _periodic_export_dir(cfg, step, total_steps)
+    if start.resume is not None and path is not None and any_rank(acc, acc.is_main_process and not path.is_dir()):
         export_hf(model, tokenizer, path, acc)
+
+
+def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | None:
+    """``exports/step_N`` when step N gets a periodic HF export (``checkpoint.export_every``; the last step's is
+    ``export/``), else None."""
+    every = cfg.checkpoint.export_every
+    if every and step % every == 0 and 0 < step < total_steps:
+        return Path(cfg.run.output_dir) / "exports" / f"step_{step:08d}"
+    return None
 
 
 def _preflight(cfg: RunConfig, start: Start) -> None:

@@ -82,36 +82,40 @@ def _scratch() -> str:
 
 def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
     """How the cpt run that ``checkpoint`` lies in evaluated in the loop (its config.yaml beside metrics.jsonl: the
-    path itself or up to two folders up): the defaults of the flags named in the module docstring; None outside a run."""
-    import yaml
+    path itself or up to two folders up, read as the run read it): the defaults of the flags named in the module
+    docstring; None outside a run."""
+    from cpt.config import load_config
+    from eval_harness.benchmarks import lm_eval_context
 
     p = Path(checkpoint).resolve()
     for d in (p, p.parent, p.parent.parent):
         if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file():
-            cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
-            run, data, ev = cfg.get("run") or {}, cfg.get("data") or {}, cfg.get("eval") or {}
-            lm = ev.get("lm_eval") or {}
-            return {"run": d, "max_length": lm.get("max_length") or data.get("seq_len"),
-                    "seed": lm["seed"] if lm.get("seed") is not None else run.get("seed", 1234),
-                    "bootstrap_iters": lm.get("bootstrap_iters", 100),
-                    "task_limits": {(t if isinstance(t, str) else t.get("name")): (None if isinstance(t, str) else t.get("limit"))
-                                    or lm.get("limit") for t in lm.get("tasks") or []},
-                    "seq_len": data.get("seq_len"), "max_tokens": ev.get("tokens_per_set", 262144),
-                    "sample_seed": ev.get("sample_seed", 0), "document_masking": bool(data.get("document_masking")),
-                    "set_max_tokens": {h.get("name"): h.get("max_tokens") for h in data.get("heldout") or []}}
+            cfg = load_config(d / "config.yaml")
+            lm = cfg.eval.lm_eval
+            return {"run": d, "max_length": lm_eval_context(cfg), "seed": cfg.run.seed if lm.seed is None else lm.seed,
+                    "bootstrap_iters": lm.bootstrap_iters, "task_limits": {t.name: t.limit or lm.limit for t in lm.tasks},
+                    "seq_len": cfg.data.seq_len, "max_tokens": cfg.eval.tokens_per_set,
+                    "sample_seed": cfg.eval.sample_seed, "document_masking": cfg.data.document_masking,
+                    "set_max_tokens": {h.name: h.max_tokens for h in cfg.data.heldout}}
     return None
+
+
+def _flag(key: str, value: Any) -> str:
+    """The command-line flag that sets ``key`` to ``value`` (``--document-masking``, ``--no-...``, ``--seed 7``)."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{key.replace('_', '-')}"
+    return f"--{key.replace('_', '-')} {value}"
 
 
 def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout: bool) -> None:
     """Fill the flags left unset from ``run`` (:func:`run_eval_settings`), else from the stand-alone defaults; say which."""
-    keys = (("max_length", "seed", "bootstrap_iters") * lm_eval
-            + ("seq_len", "max_tokens", "sample_seed", "document_masking") * heldout)
+    keys = ((("max_length", "seed", "bootstrap_iters") if lm_eval else ())
+            + (("seq_len", "max_tokens", "sample_seed", "document_masking") if heldout else ()))
     unset = [k for k in keys if getattr(args, k) is None]
     if run is not None and unset:
         for k in unset:
             setattr(args, k, run[k])
-        flag = lambda k, v: f"--{'no-' * (v is False)}{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")  # noqa: E731
-        print(f"cpt eval: as run {run['run']} evaluated in the loop: " + ", ".join(flag(k, getattr(args, k)) for k in unset))
+        print(f"cpt eval: as run {run['run']} evaluated in the loop: " + ", ".join(_flag(k, getattr(args, k)) for k in unset))
     args.set_max_tokens = {k: v for k, v in (run or {}).get("set_max_tokens", {}).items() if v} if "max_tokens" in unset else {}
     args.task_limits = {}
     if run is not None and lm_eval and args.limit is None:  # the run's documents of the tasks it scored

@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.out is not None:  # before the sweep: the saved model replaces --out whole
-            check_export_target(args.out)
-            if Path(args.out).resolve() in {Path(args.base).resolve(), Path(args.cpt).resolve()}:
-                raise ExportFolderError(f"--out {args.out}: one of the two models itself; give another folder")
+            check_export_target(args.out, (args.base, args.cpt), "one of the two models")
     except ExportFolderError as e:
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
