@@ -53,7 +53,10 @@ def stop_with_the_launcher() -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() == 1:  # the launcher died before the line above (re-parented to init): stop now, nothing to save
+        print("cpt: the launcher of this rank has already exited; stopping", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def no_library_bars_in_log_files() -> None:

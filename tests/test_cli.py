@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from cpt.cli import COMMANDS, main
@@ -77,3 +78,34 @@ def test_cli_restores_an_ignored_sigusr1():
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+def test_a_rank_whose_launcher_died_before_it_started_stops(tmp_path):
+    """A torchrun rank asks for SIGTERM when its launcher dies (PR_SET_PDEATHSIG); a launcher that died before the rank
+    got there would never send it, so a rank already re-parented to init stops at once instead of training on alone.
+    Here: the rank's parent exits before the rank calls `stop_with_the_launcher`."""
+    import os
+    import textwrap
+
+    report = tmp_path / "report"
+    rank = textwrap.dedent(f"""
+        import os, time
+        time.sleep(1.0)  # the parent has exited by now
+        open({str(report)!r}, "w").write(str(os.getppid()) + "\\n")
+        from cpt.cli import stop_with_the_launcher
+        stop_with_the_launcher()
+        open({str(report)!r}, "a").write("survived\\n")
+    """)
+    parent = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {rank!r}], start_new_session=True)"
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test"}
+    subprocess.run([sys.executable, "-c", parent], env=env, check=True, timeout=60)
+    import time
+
+    deadline = time.time() + 60
+    while time.time() < deadline and not (report.exists() and report.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    time.sleep(3.0)  # time to write "survived" if it did
+    lines = report.read_text().split()
+    if lines[0] != "1":
+        pytest.skip(f"orphans are re-parented to a subreaper here (pid {lines[0]}), not to init")
+    assert lines == ["1"], lines
