@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+from datetime import timedelta
 from enum import Enum
 from typing import Any
 
@@ -203,12 +204,14 @@ def build_accelerator(cfg):
                 f"{cfg.train.global_batch_size} evenly over {world} processes: using {mbs} (the same global batch)")
         cfg.train.micro_batch_size = mbs
     grad_accum = cfg.train.global_batch_size // (world * mbs)  # micro-batches per step on each rank (exact: see above)
-    kwargs = []
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    elif world > 1:
-        kwargs.append(InitProcessGroupKwargs(backend="gloo"))  # CPU multi-process (tests, laptops)
+    # gloo for CPU processes (tests, laptops); on GPUs accelerate's choice (NCCL). The timeout of every collective,
+    # train.distributed_timeout_s, replaces torch's defaults (NCCL 10 min, gloo 30 min); DeepSpeed gets it too.
+    pg_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs = ([InitProcessGroupKwargs(backend=pg_backend, timeout=timedelta(seconds=cfg.train.distributed_timeout_s))]
+              if world > 1 else [])
     acc = Accelerator(
         mixed_precision=ACCELERATE[cfg.train.precision],
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
@@ -229,6 +232,18 @@ def build_accelerator(cfg):
         configure_deepspeed(ds.deepspeed_config, micro_batch=cfg.train.micro_batch_size, grad_accum=grad_accum,
                             global_batch=cfg.train.global_batch_size, grad_clip=cfg.optim.grad_clip)
     return acc
+
+
+def collective_timeout(error: BaseException, cfg) -> str | None:
+    """One line for a collective that gave up waiting for another rank (gloo raises it; NCCL's watchdog ends the process
+    with its own message), naming ``train.distributed_timeout_s``; None for any other error."""
+    text = str(error)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "timed out" not in text.lower():
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return (f"a collective operation waited longer than train.distributed_timeout_s ({cfg.train.distributed_timeout_s} s) "
+            f"for another rank, which hung, died or worked alone for longer (e.g. an export): {first}. Raise the "
+            "setting if a rank legitimately works alone that long; --resume continues from the last checkpoint.")
 
 
 # ---------------------------------------------------------------- preemption

@@ -294,3 +294,39 @@ def test_ranks_of_a_launcher_killed_with_sigkill_checkpoint_and_stop(tiny_cpt_da
     assert stopped < 400 and f"PREEMPTED at step {stopped} of 400" in log, log[-5000:]
     assert [p.name for p in list_checkpoints(out)] == [f"step_{stopped:08d}"]
     assert verify_checkpoint(list_checkpoints(out)[0]) is None and not (out / "run.lock").exists()
+
+
+def test_a_hung_rank_fails_the_run_after_train_distributed_timeout_s(tiny_cpt_data, tiny_base, tmp_path):
+    """A rank that stops answering (a hung node: SIGSTOP here) must not keep the others waiting in a collective for
+    torch's default 30 min (gloo; NCCL: 10 min), burning the allocation: after `train.distributed_timeout_s` the
+    waiting rank fails, the launcher stops the job, and the error names the setting. About 30 s."""
+    import os
+    import signal
+    import time
+
+    from launching import rank_pids
+
+    out = tmp_path / "run"
+    cfg = two_process_config(tiny_cpt_data, tiny_base, out, steps=400, eval_every=400, checkpoint={"every": 200})
+    cfg["train"]["distributed_timeout_s"] = 8
+    proc = launch_shipped("ddp", write(cfg, tmp_path / "run.yaml"))
+    t0 = time.time()
+    while len(losses(out)) < 2:
+        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-5000:]
+        time.sleep(0.05)
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        log = proc.communicate(timeout=150)[0]
+    except subprocess.TimeoutExpired:
+        log = None
+    finally:
+        for pid in [*ranks, proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert log is not None, "the other rank waited for the hung one past the timeout"
+    waited = time.time() - stopped_at
+    assert proc.returncode != 0 and waited < 150, (proc.returncode, waited)
+    assert "train.distributed_timeout_s" in log, log[-5000:]

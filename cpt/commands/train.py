@@ -89,6 +89,13 @@ def main(argv: list[str]) -> int:
     except run_errors() as e:
         print(f"cpt train: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a collective that gave up on a hung or lost rank: say which setting decides
+        from cpt.distributed import collective_timeout
+
+        if (line := collective_timeout(e, cfg)) is None:
+            raise
+        print(f"cpt train: error: {line}", file=sys.stderr, flush=True)
+        return 1
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
         from cpt.console import resume_command
 

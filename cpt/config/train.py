@@ -84,6 +84,9 @@ class TrainConfig(Strict):
     peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
     # with several processes on GPUs: steps between the all-rank checks for a preemption signal (each costs a host sync)
     preemption_check_every: int = Field(10, gt=0)
+    # seconds a collective (gradient all-reduce, barrier) waits for the other ranks before the run fails instead of
+    # hanging on a hung or lost rank; above the longest work one rank does alone (an export, a checkpoint write)
+    distributed_timeout_s: int = Field(1800, gt=0)
     # TF32 tensor cores for fp32 matmuls on CUDA (what fp32 ops remain under bf16 autocast; all of them in fp32 runs)
     tf32: bool = True
     profile: ProfileConfig | None = None  # torch.profiler over a few steps (off by default)
