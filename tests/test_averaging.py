@@ -227,3 +227,46 @@ def test_cli_interpolate_end_to_end(tmp_path, capsys):
     assert result["rows"][0]["loss/old"] == pytest.approx(base_loss, rel=1e-5)
     half = AutoModelForCausalLM.from_pretrained(tmp_path / "half")
     assert result["rows"][1]["loss/old"] == pytest.approx(heldout_loss(half, toks, 8), rel=1e-4)
+
+
+def test_cli_interpolate_of_a_run_reproduces_its_logged_heldout_losses(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """`cpt interpolate BASE RUN` with no held-out flags evaluates as the run did in the loop (its seq_len, token
+    budget, sample seed and document masking): alpha 0 gives the run's step-0 losses (the base it started from),
+    alpha 1 its final ones. The stand-alone defaults (seq 512, no masking, another sample) give other numbers."""
+    from conftest import tiny_run_config
+    from cpt.commands.interpolate import main
+    from cpt.config import load_config
+    from cpt.metrics import read_metrics
+    from cpt.train import train
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"tokens_per_set": 384, "sample_seed": 3},
+                          checkpoint={"every": None})
+    cfg["train"]["init_from"] = str(tiny_base)
+    cfg["data"]["document_masking"] = True
+    cfg["stages"][0].update(steps=2, schedule={"type": "constant", "max_lr": 3e-3, "warmup_steps": 1})
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    held = [r for r in read_metrics(out / "metrics.jsonl") if "eval/python/loss" in r]
+    first, last = held[0], held[-1]
+    assert first["step"] == 0 and last["step"] == 2
+    sets = [f"--heldout={h['name']}={h['path']}:{h['tag']}" for h in cfg["data"]["heldout"]]
+    assert main([str(tiny_base), str(out), "--alphas", "0,1", *sets, "--json", str(tmp_path / "run.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "as run" in printed and "--document-masking" in printed and "--sample-seed 3" in printed
+    result = json.loads((tmp_path / "run.json").read_text())
+    rows = result["rows"]
+    assert result["heldout_settings"] == {"seq_len": cfg["data"]["seq_len"], "max_tokens": 384, "sample_seed": 3,
+                                          "document_masking": True}
+    for h in cfg["data"]["heldout"]:
+        name = h["name"]
+        assert rows[0][f"loss/{name}"] == pytest.approx(first[f"eval/{name}/loss"], rel=1e-5), name
+        assert rows[1][f"loss/{name}"] == pytest.approx(last[f"eval/{name}/loss"], rel=1e-5), name
+    # outside a run (the export copied elsewhere): the stand-alone defaults, which do not reproduce the run's numbers
+    import shutil
+
+    shutil.copytree(out / "export", tmp_path / "elsewhere")
+    assert main([str(tiny_base), str(tmp_path / "elsewhere"), "--alphas", "1", *sets,
+                 "--json", str(tmp_path / "alone.json")]) == 0
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert alone["heldout_settings"]["document_masking"] is False
+    assert abs(alone["rows"][0]["loss/python"] - last["eval/python/loss"]) > 1e-4

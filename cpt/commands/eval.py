@@ -107,15 +107,16 @@ def _flag(key: str, value: Any) -> str:
     return f"--{key.replace('_', '-')} {value}"
 
 
-def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout: bool) -> None:
-    """Fill the flags left unset from ``run`` (:func:`run_eval_settings`), else from the stand-alone defaults; say which."""
+def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout: bool, prog: str = "cpt eval") -> None:
+    """Fill the flags left unset from ``run`` (:func:`run_eval_settings`), else from the stand-alone defaults; say which.
+    (Also `cpt interpolate`'s held-out flags: ``args`` may lack the lm-eval ones.)"""
     keys = ((("max_length", "seed", "bootstrap_iters") if lm_eval else ())
             + (("seq_len", "max_tokens", "sample_seed", "document_masking") if heldout else ()))
     unset = [k for k in keys if getattr(args, k) is None]
     if run is not None and unset:
         for k in unset:
             setattr(args, k, run[k])
-        print(f"cpt eval: as run {run['run']} evaluated in the loop: " + ", ".join(_flag(k, getattr(args, k)) for k in unset))
+        print(f"{prog}: as run {run['run']} evaluated in the loop: " + ", ".join(_flag(k, getattr(args, k)) for k in unset))
     args.set_max_tokens = {k: v for k, v in (run or {}).get("set_max_tokens", {}).items() if v} if "max_tokens" in unset else {}
     args.task_limits = {}
     if run is not None and lm_eval and args.limit is None:  # the run's documents of the tasks it scored
@@ -124,7 +125,7 @@ def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout:
             print("cpt eval: --limit per task as the run: " + ", ".join(f"{t} {n}" for t, n in args.task_limits.items()))
     for k, default in (("seed", 1234), ("bootstrap_iters", 1000), ("max_tokens", 262144), ("sample_seed", 0),
                        ("document_masking", False)):
-        if getattr(args, k) is None:
+        if hasattr(args, k) and getattr(args, k) is None:
             setattr(args, k, default)
 
 

@@ -4,6 +4,12 @@ BASE and CPT are HF model directories (or hub ids for BASE); CPT may also be a p
 memory). Each held-out set is a prepared shard directory tagged `upstream` (old distribution: forgetting) or
 `downstream` (new distribution: adaptation); it is tokenized with the CPT model's tokenizer. Prints a table and
 writes JSON; `--save-alpha A --out DIR` also saves the model at that alpha.
+
+A run directory stands for its final export (RUN/export). When CPT lies in a cpt run directory (the run dir, RUN/export,
+RUN/exports/step_N, RUN/checkpoints/step_N), the held-out sets are evaluated as that run evaluated them in the loop, so
+that alpha = 1 reproduces its logged losses: --seq-len defaults to its data.seq_len, --max-tokens to its
+eval.tokens_per_set (or the set's max_tokens), --sample-seed to its eval.sample_seed and --document-masking to its
+data.document_masking; elsewhere 512, 262144, 0 and off. The first line printed says what was taken.
 """
 
 from __future__ import annotations
@@ -34,6 +40,15 @@ def parse_heldout(text: str) -> tuple[str, str, str]:
     return m.group(1), m.group(2), m.group(3)
 
 
+def _run_export(path: str) -> str:
+    """A cpt run directory stands for its final export; anything else (an export, adapter, checkpoint, hub id) as given."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists() \
+            and (p / "export").is_dir():
+        return str(p / "export")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt interpolate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,8 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated alphas in [0, 1] (0 = base, 1 = CPT)")
     p.add_argument("--heldout", type=parse_heldout, action="append", required=True,
                    metavar="NAME=PATH:TAG", help="a held-out set (repeat); TAG is upstream or downstream")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=262144, help="tokens per held-out set")
+    p.add_argument("--seq-len", type=int, default=None, help="held-out sequence length (default: the CPT run's "
+                                                              "data.seq_len; else 512)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per held-out set: a seeded sample of whole "
+                   "documents (default: the CPT run's eval.tokens_per_set; else 262144)")
+    p.add_argument("--sample-seed", type=int, default=None,
+                   help="seed of the held-out document sample (default: the CPT run's eval.sample_seed; else 0)")
+    p.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=None,
+                   help="documents attend only to themselves (default: the CPT run's data.document_masking; else off)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=None, help="where to write the table (default: OUT/interpolation.json or "
                                                 "./interpolation.json)")
@@ -69,23 +90,30 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.out is not None:  # before the sweep: the saved model replaces --out whole
-            check_export_target(args.out, (args.base, args.cpt), "one of the two models")
+            check_export_target(args.out, (_run_export(args.base), _run_export(args.cpt)), "one of the two models")
     except ExportFolderError as e:
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
+    from cpt.commands.eval import apply_run_defaults, run_eval_settings
+
+    apply_run_defaults(args, run_eval_settings(args.cpt), lm_eval=False, heldout=True, prog="cpt interpolate")
+    if args.seq_len is None:
+        args.seq_len = 512
     try:
-        base_model, _ = load_model_dir(args.base, dtype=torch.float32)
-        cpt_model, tokenizer = load_model_dir(args.cpt, dtype=torch.float32)
+        base_model, _ = load_model_dir(_run_export(args.base), dtype=torch.float32)
+        cpt_model, tokenizer = load_model_dir(_run_export(args.cpt), dtype=torch.float32)
     except ModelLoadError as e:  # e.g. pickle weights only: one line, no traceback
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
     sets = {}
     for name, path, tag in args.heldout:
-        hcfg = HeldoutConfig(name=name, path=path, tag=tag, max_tokens=args.max_tokens)
-        sets[name] = (tag, load_heldout(hcfg, tokenizer, args.seq_len, args.max_tokens))
+        hcfg = HeldoutConfig(name=name, path=path, tag=tag)
+        sets[name] = (tag, load_heldout(hcfg, tokenizer, args.seq_len, args.set_max_tokens.get(name, args.max_tokens),
+                                        seed=args.sample_seed))
+    eos_id = tokenizer.eos_token_id if args.document_masking else None
 
     def loss_fn(model, tokens):
-        return heldout_loss(model, tokens, args.batch_size)
+        return heldout_loss(model, tokens, args.batch_size, eos_id=eos_id)
 
     rows = interpolation_sweep(base_model, cpt_model, args.alphas, sets, loss_fn)
     print(format_sweep(rows))
@@ -94,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved the model at alpha={args.save_alpha} to {args.out}")
     json_path = Path(args.json) if args.json else (Path(args.out) if args.out else Path(".")) / "interpolation.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"base": args.base, "cpt": args.cpt, "rows": rows}, indent=2))
+    settings = {k: getattr(args, k) for k in ("seq_len", "max_tokens", "sample_seed", "document_masking")}
+    json_path.write_text(json.dumps({"base": args.base, "cpt": args.cpt, "heldout_settings": settings, "rows": rows},
+                                    indent=2))
     print(f"wrote {json_path}")
     return 0
