@@ -93,6 +93,8 @@ class MetricsLogger:
         self.resume = cfg.checkpoint.resume if resume is None else resume
         self.path = self.run_dir / METRICS_FILE
         self.wandb_run = None
+        self._wandb_continues = False  # a resumed run continuing the W&B run of an earlier segment
+        self._wandb_has: tuple[int, set[frozenset[str]]] | None = None  # (its last step, the key sets logged at it)
         self._file = None
         if not self.is_main:
             return
@@ -115,6 +117,7 @@ class MetricsLogger:
         run_id = None
         if self.resume and id_file.exists():
             run_id = id_file.read_text().strip() or None
+        self._wandb_continues = run_id is not None
         if run_id is None:
             from wandb.sdk.lib.runid import generate_id
 
@@ -140,7 +143,8 @@ class MetricsLogger:
         run = self.wandb_run
         run.define_metric("train/tokens")
         run.define_metric("*", step_metric="train/tokens")
-        self._log_mix_table()
+        if not self._wandb_continues:  # (at 0 tokens: a resumed run's W&B history has it already)
+            self._log_mix_table()
 
     def _log_mix_table(self) -> None:
         import wandb
@@ -165,9 +169,27 @@ class MetricsLogger:
         record = {"step": int(step), "time": time.time()}
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         self._append_line(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and self._new_to_wandb(record):
             data = {k: v for k, v in record.items() if k != "time" and (isinstance(v, (int, float)) and not isinstance(v, bool))}
             self.wandb_run.log(data)
+
+    def _new_to_wandb(self, record: dict[str, Any]) -> bool:
+        """Whether W&B lacks this record. A run resumed after a kill re-logs the steps between its checkpoint and
+        the kill, which the earlier segment already sent to W&B: W&B cannot take rows back (an offline run cannot
+        be rewound), so they are not sent again; re-sent, they would be duplicates that run backwards on the tokens
+        axis. Sent: every step after the last one the earlier segment logged, and the records of that step it had
+        not logged yet (killed between a step's training and evaluation records)."""
+        if self._wandb_has is None:
+            return True
+        last, logged = self._wandb_has
+        keys = frozenset(record) - {"time"}
+        if record["step"] > last:
+            self._wandb_has = None
+            return True
+        if record["step"] == last and keys not in logged:
+            logged.add(keys)
+            return True
+        return False
 
     def _append_line(self, line: str) -> None:
         """Append one whole line or nothing: a failed write is cut back off and raised as MetricsError."""
@@ -193,7 +215,7 @@ class MetricsLogger:
         if not self.is_main or not self.path.exists():
             return 0
         self._file.close()
-        kept, dropped = [], 0
+        kept, dropped, logged = [], 0, []
         with open(self.path) as f:
             for line in f:
                 try:
@@ -201,6 +223,7 @@ class MetricsLogger:
                 except json.JSONDecodeError:
                     dropped += 1  # a torn last line
                     continue
+                logged.append((int(rec.get("step", 0)), frozenset(rec) - {"time"}))
                 if int(rec.get("step", 0)) > step:
                     dropped += 1
                 else:
@@ -209,6 +232,9 @@ class MetricsLogger:
         tmp.write_text("".join(kept))
         os.replace(tmp, self.path)
         self._file = open(self.path, "a")
+        if self._wandb_continues and logged:  # what the earlier segment sent to W&B (it logged every line there)
+            last = max(step for step, _ in logged)
+            self._wandb_has = (last, {keys for step, keys in logged if step == last})
         return dropped
 
     def log_artifact(self, path: str | os.PathLike, name: str, type: str = "model") -> bool:

@@ -260,3 +260,51 @@ def test_compute_account_carries_totals_across_resumes():
     assert format_compute(m, 2) == "compute: 6e+12 training FLOPs, 6 device-hours (1.5 h wall on 2 devices)"
     with pytest.raises(ValueError):
         ComputeAccount(num_devices=0)
+
+
+def test_wandb_resume_after_a_kill_sends_no_step_twice_and_nothing_back_in_tokens(tmp_path):
+    """A run killed at step 5 (its step-5 evaluation not yet logged) resumes from its step-3 checkpoint and re-logs
+    steps 4-5. The resumed segment continues the same W&B run and sends only what W&B lacks: the step-5 evaluation
+    and the steps after 5, not the re-done rows (duplicates that ran backwards on the tokens axis), nor the start
+    records (mix table at 0 tokens, parameter counts at the checkpoint's step). Together the two segments' W&B rows
+    are metrics.jsonl's records, each once, in token order."""
+    import time
+
+    def train_rec(s):
+        return {"train/tokens": 10 * s, "train/loss": 5.0 - 0.1 * s}
+
+    def eval_rec(s):
+        return {"train/tokens": 10 * s, "eval/old/loss": 4.0 + 0.01 * s}
+
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True))
+    lg.log({"train/tokens": 0, "params/trainable": 100}, step=0)
+    lg.log(eval_rec(0), step=0)
+    for s in range(1, 6):
+        lg.log(train_rec(s), step=s)
+        if s in (2, 4):
+            lg.log(eval_rec(s), step=s)
+    lg.close()  # (killed after step 5's training record, before its evaluation)
+    time.sleep(1.1)  # wandb names offline runs by the second they start
+
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True, resume=True))
+    assert lg.truncate_after(3) == 3
+    lg.log({"train/tokens": 30, "params/trainable": 100}, step=3)
+    for s in range(4, 8):
+        lg.log(train_rec(s), step=s)
+        if s in (4, 5, 6):
+            lg.log(eval_rec(s), step=s)
+    lg.close()
+
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one W&B run id
+    first, second = (history_rows(finished_wandb_records(str(r / "run-*.wandb"))) for r in runs)
+    assert not any("data/mix/_type" in row for row in second)
+    rows = [row for row in first + second if "data/mix/_type" not in row]
+    keyed = [(row["step"], tuple(sorted(k for k in row if not k.startswith("_")))) for row in rows]
+    assert len(keyed) == len(set(keyed)), keyed  # no step logged twice
+    tokens = [row["train/tokens"] for row in rows]
+    assert tokens == sorted(tokens)
+    jsonl = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path)]
+    jsonl = [r for r in jsonl if not (r["step"] == 3 and "params/trainable" in r)]  # (the resume's start record)
+    assert sorted((r["step"], tuple(sorted(r))) for r in jsonl) == sorted(keyed)
+    assert all(any(row.items() >= r.items() for row in rows) for r in jsonl)  # the same values
