@@ -66,11 +66,16 @@ def preempted_line(step: int, total: int, run_dir: Any) -> str:
 
 
 def resume_command(argv: list[str]) -> str:
-    """The `cpt train` command line that continues a run: ``argv`` (train's arguments) with ``--resume``."""
+    """The `cpt train` command line that continues a run: ``argv`` (train's arguments) with ``--resume``; the values
+    of secret ``--set`` overrides redacted (the line goes to the job's log), with a note to give them again."""
     import shlex
 
+    from cpt.redaction import redact_argv
+
     args = [a for a in argv if a != "--resume"]
-    return shlex.join(["cpt", "train", *args, "--resume"])
+    shown = redact_argv(args)
+    note = " (secret --set values redacted: give them again)" if shown != args else ""
+    return shlex.join(["cpt", "train", *shown, "--resume"]) + note
 
 
 class RunOutput:

@@ -47,6 +47,13 @@ def test_resume_command_adds_resume_once_and_quotes():
     assert resume_command(["c.yaml", "--resume"]) == "cpt train c.yaml --resume"
 
 
+def test_resume_command_prints_no_secret():
+    """The preempted run's last line goes to the job's log: a secret given with --set must not be in it."""
+    line = resume_command(["c.yaml", "--set", "model.arch.hub_token=hf_SECRET1", "--set=x.api_key=SECRET2",
+                           "--set", "run.name=a"])
+    assert "SECRET" not in line and "--set run.name=a --resume" in line and "give them again" in line, line
+
+
 def test_summary_table_shows_the_step_of_the_last_evaluation():
     rows = [{"name": "python", "tag": "downstream", "step0": 3.0, "final": 3.0, "final_step": 0, "change": 0.0,
              "worst": 3.0, "worst_step": 0}]
