@@ -78,6 +78,21 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
+def test_environment_variables_in_values(tmp_path, monkeypatch):
+    """`${VAR}` in a YAML value or a --set value is the environment variable (a batch job's $SCRATCH); an unset one
+    is one error naming the field. It used to be kept literally: a run directory named `${SCRATCH}/runs/t`."""
+    monkeypatch.setenv("CPT_TEST_SCRATCH", "/scratch/me")
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    data["run"]["output_dir"] = "${CPT_TEST_SCRATCH}/runs/t"
+    data["data"]["sources"][0]["path"] = "$HOME/x/${CPT_TEST_SCRATCH}"  # only ${...} is expanded
+    cfg = load_config(write(tmp_path, data), ["run.name=${CPT_TEST_SCRATCH}-b", "logging.wandb.group=${CPT_TEST_SCRATCH}"])
+    assert cfg.run.output_dir == "/scratch/me/runs/t" and cfg.run.name == "/scratch/me-b"
+    assert cfg.data.sources[0].path == "$HOME/x//scratch/me" and cfg.logging.wandb.group == "/scratch/me"
+    monkeypatch.delenv("CPT_TEST_SCRATCH")
+    with pytest.raises(ConfigError, match=r"^data.sources.0.path: environment variable CPT_TEST_SCRATCH is not set"):
+        load_config(write(tmp_path, data))
+
+
 def test_apply_overrides_creates_sections():
     out = apply_overrides({}, ["logging.wandb.project=x"])
     assert out == {"logging": {"wandb": {"project": "x"}}}

@@ -59,6 +59,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(data: Any, where: str = "") -> Any:
+    """``${VAR}`` in every string value replaced by the environment variable ``VAR`` (``output_dir:
+    ${SCRATCH}/runs/x``); an unset variable is an error naming the field. Nothing else is expanded (no ``$VAR``,
+    ``~`` or defaults). Secret-named keys (``hub_token: ${HF_TOKEN}``) stay redacted in every written copy."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}.{i}") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def value(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise ConfigError(f"{where}: environment variable {m.group(1)} is not set (in {data!r})")
+        return os.environ[m.group(1)]
+
+    return _ENV_VAR.sub(value, data)
+
+
 def _index(part: str, node: list, key: str) -> int:
     try:
         idx = int(part)
