@@ -6,7 +6,8 @@ Every record carries ``step`` (optimizer steps done) and ``train/tokens`` (token
 W&B uses ``train/tokens`` as the x axis of every metric (``define_metric``), so runs with different
 batch sizes overlay. On resume, call ``truncate_after(step)`` so the curves stay consistent with
 the restored state (the lines written after the checkpoint, before the crash, are dropped), and the
-same W&B run is continued (its id is kept in ``<run_dir>/wandb_run_id``).
+same W&B run is continued (its id is kept in ``<run_dir>/wandb_run_id``) with only the steps it does not
+hold yet (W&B cannot drop rows: see ``_new_to_wandb``).
 
 MFU follows the llm-foundry convention (see :func:`model_flops_per_token`).
 """
@@ -95,6 +96,7 @@ class MetricsLogger:
         self.wandb_run = None
         self._wandb_continues = False  # a resumed run continuing the W&B run of an earlier segment
         self._wandb_has: tuple[int, set[frozenset[str]]] | None = None  # (its last step, the key sets logged at it)
+        self._wandb_last_step: int | None = None  # that step as the W&B server reports it (online)
         self._file = None
         if not self.is_main:
             return
@@ -141,6 +143,9 @@ class MetricsLogger:
             )
         id_file.write_text(self.wandb_run.id)
         run = self.wandb_run
+        # online, a resumed run's summary is the server's: its "step" is the last step W&B holds
+        step = run.summary.get("step") if self._wandb_continues else None
+        self._wandb_last_step = step if isinstance(step, int) and not isinstance(step, bool) else None
         run.define_metric("train/tokens")
         run.define_metric("*", step_metric="train/tokens")
         if not self._wandb_continues:  # (at 0 tokens: a resumed run's W&B history has it already)
@@ -177,8 +182,10 @@ class MetricsLogger:
         """Whether W&B lacks this record. A run resumed after a kill re-logs the steps between its checkpoint and
         the kill, which the earlier segment already sent to W&B: W&B cannot take rows back (an offline run cannot
         be rewound), so they are not sent again; re-sent, they would be duplicates that run backwards on the tokens
-        axis. Sent: every step after the last one the earlier segment logged, and the records of that step it had
-        not logged yet (killed between a step's training and evaluation records)."""
+        axis. Sent: every step after the last one W&B holds, and the records of that step it had not logged yet
+        (killed between a step's training and evaluation records). That last step is the server's when W&B is
+        online; offline it is metrics.jsonl's last line: rows the killed process had not yet handed to W&B's
+        writer (its last seconds) are then missing from W&B, not duplicated."""
         if self._wandb_has is None:
             return True
         last, logged = self._wandb_has
@@ -232,8 +239,9 @@ class MetricsLogger:
         tmp.write_text("".join(kept))
         os.replace(tmp, self.path)
         self._file = open(self.path, "a")
-        if self._wandb_continues and logged:  # what the earlier segment sent to W&B (it logged every line there)
-            last = max(step for step, _ in logged)
+        if self._wandb_continues and logged:  # what the earlier segment sent to W&B
+            # online: the server's last step; offline: the last line (what W&B had not written at the kill is lost)
+            last = self._wandb_last_step if self._wandb_last_step is not None else max(step for step, _ in logged)
             self._wandb_has = (last, {keys for step, keys in logged if step == last})
         return dropped
 

@@ -308,3 +308,34 @@ def test_wandb_resume_after_a_kill_sends_no_step_twice_and_nothing_back_in_token
     jsonl = [r for r in jsonl if not (r["step"] == 3 and "params/trainable" in r)]  # (the resume's start record)
     assert sorted((r["step"], tuple(sorted(r))) for r in jsonl) == sorted(keyed)
     assert all(any(row.items() >= r.items() for row in rows) for r in jsonl)  # the same values
+
+
+def test_wandb_resume_online_starts_after_the_last_step_the_server_holds(tmp_path, monkeypatch):
+    """Online, W&B's own record of the earlier segment decides: a kill loses the rows W&B had not sent yet, and the
+    resumed run's summary (the server's) names the last step it holds. Here metrics.jsonl reached step 5 but the
+    server only step 4 (stood in for by the resumed run's summary): the resumed segment sends step 5 again, not 4."""
+    import time
+
+    import wandb
+
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True))
+    for s in range(6):
+        lg.log({"train/tokens": 10 * s, "train/loss": 5.0 - s}, step=s)
+    lg.close()
+    time.sleep(1.1)  # wandb names offline runs by the second they start
+    real_init = wandb.init
+
+    def resumed_online(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        run.summary.update({"step": 4, "train/tokens": 40})  # what wandb.init(resume=...) reads from the server
+        return run
+
+    monkeypatch.setattr(wandb, "init", resumed_online)
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True, resume=True))
+    lg.truncate_after(2)
+    for s in range(3, 8):
+        lg.log({"train/tokens": 10 * s, "train/loss": 5.0 - s}, step=s)
+    lg.close()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    second = history_rows(finished_wandb_records(str(runs[-1] / "run-*.wandb")))
+    assert [row["step"] for row in second if "train/loss" in row] == [5, 6, 7]
