@@ -89,7 +89,8 @@ class RunOutput:
         if use_progress_bar(enabled):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True)
+            # on stdout, the stream found to be a terminal (tqdm's default, stderr, may be a log file: `2> err.log`)
+            self.bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, file=sys.stdout)
 
     def step(self, record: dict[str, Any], step: int, total: int, tokens_per_s: float) -> None:
         """A training log record: logged; a plain line for batch logs, or the bar's numbers."""

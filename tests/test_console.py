@@ -24,6 +24,27 @@ def test_progress_bar_only_on_a_terminal_when_enabled():
     assert not use_progress_bar(True, io.StringIO())
 
 
+def test_the_bar_is_drawn_on_the_terminal_it_was_checked_on(monkeypatch):
+    """`cpt train run.yaml 2> err.log` on a terminal: the bar (and the eval lines written above it) on stdout, the
+    terminal; not tqdm's default stderr, which put carriage-return redraws into err.log and left the terminal with
+    neither the bar nor the plain step lines."""
+    from cpt.console import RunOutput
+
+    out, err = Stream(tty=True), Stream(tty=False)
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stderr", err)
+    logged = []
+    run = RunOutput(type("Log", (), {"log": lambda self, m, step: logged.append(step)})(), print)
+    run.start_bar(True, 0, 4, "r")
+    assert run.bar is not None
+    run.step({"train/tokens": 8, "train/loss": 2.0, "train/lr": 1e-3}, 1, 4, 100.0)
+    run.advance()
+    run.eval(1, 8, {"eval/a/loss": 2.5})
+    run.close_bar()
+    assert err.getvalue() == "" and "eval step 1: a 2.5000" in out.getvalue() and "\r" in out.getvalue()
+    assert logged == [1, 1]
+
+
 def test_step_line_has_tokens_loss_lr_throughput_and_mfu_when_known():
     record = {"train/tokens": 163_840, "train/loss": 3.456789, "train/lr": 1e-3, "train/grad_norm": 0.8412,
               "perf/tokens_per_s": 12345.6}
