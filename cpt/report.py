@@ -271,6 +271,8 @@ def make_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
         p = _plot(runs, *args, path=out_dir / f"{name}.png", **kw)
         if p is not None:
             plots[name] = p
+        else:  # not drawn for these runs: an earlier report's plot of that name must not stay beside this one
+            (out_dir / f"{name}.png").unlink(missing_ok=True)
 
     for tag in ("upstream", "downstream"):
         names = sorted({n for r in runs for n in r.sets(tag)})

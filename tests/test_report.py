@@ -76,3 +76,17 @@ def test_stage_switches_and_missing_runs(tmp_path):
     assert report_main([str(tmp_path / "nope")]) == 2
     page = write_report([tmp_path / "a"])  # default output folder: <run>/report
     assert page == tmp_path / "a" / "report" / "report.html" and page.exists()
+
+
+def test_a_report_rewritten_into_its_folder_leaves_no_plot_of_the_earlier_one(tmp_path, capsys):
+    """Re-running `cpt report` into the same folder for runs without lm-eval (or per-source losses) removed nothing:
+    the earlier lm_eval.png stayed beside the new plots and the command listed it as written."""
+    write_run(tmp_path / "a", bump=0.1, tokens_per_step=50)
+    assert report_main([str(tmp_path / "a"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "lm_eval.png").exists()
+    lines = [line for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "lm_eval" not in line]
+    (tmp_path / "a" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert report_main([str(tmp_path / "a"), "--out", str(tmp_path / "rep")]) == 0
+    assert not (tmp_path / "rep" / "lm_eval.png").exists() and "lm_eval.png" not in capsys.readouterr().out
+    assert (tmp_path / "rep" / "upstream.png").exists()
