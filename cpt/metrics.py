@@ -108,7 +108,11 @@ class MetricsLogger:
             self.path.rename(self.path.with_name(f"{METRICS_FILE}.{n}"))
         self._file = open(self.path, "a")
         if cfg.logging.wandb.enabled:
-            self._init_wandb()
+            try:
+                self._init_wandb()
+            except Exception:
+                self._file.close()
+                raise
 
     # -- W&B
     def _init_wandb(self) -> None:
@@ -128,19 +132,25 @@ class MetricsLogger:
         config["data_mix"] = mix_summary(self.cfg)
         from cpt.redaction import redacted_argv
 
-        with redacted_argv():  # W&B records sys.argv: `--set` secrets must not reach the run's metadata
-            self.wandb_run = wandb.init(
-                project=w.project,
-                entity=w.entity,
-                group=w.group,
-                tags=list(w.tags) or None,
-                name=self.cfg.run.name,
-                dir=str(self.run_dir),
-                config=config,
-                mode=w.mode,
-                id=run_id,
-                resume="allow",
-            )
+        try:
+            with redacted_argv():  # W&B records sys.argv: `--set` secrets must not reach the run's metadata
+                self.wandb_run = wandb.init(
+                    project=w.project,
+                    entity=w.entity,
+                    group=w.group,
+                    tags=list(w.tags) or None,
+                    name=self.cfg.run.name,
+                    dir=str(self.run_dir),
+                    config=config,
+                    mode=w.mode,
+                    id=run_id,
+                    resume="allow",
+                )
+        except wandb.errors.Error as e:  # no API key in a batch job, no connection to the server, ...
+            raise MetricsError(
+                f"W&B could not start a run ({str(e).strip()}): set WANDB_API_KEY or run `wandb login`, or log "
+                "offline with logging.wandb.mode: offline (or WANDB_MODE=offline) and upload later with `wandb sync`"
+            ) from None
         id_file.write_text(self.wandb_run.id)
         run = self.wandb_run
         # online, a resumed run's summary is the server's: its "step" is the last step W&B holds

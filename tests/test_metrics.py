@@ -178,6 +178,28 @@ def test_wandb_offline_run_holds_the_metrics_config_and_x_axis(tmp_path, monkeyp
             assert b"abcdefghijklmnopqrstuvwxyz0123456789abcd" not in p.read_bytes(), p
 
 
+def test_wandb_online_without_an_api_key_is_one_clear_error(tmp_path, monkeypatch):
+    """W&B enabled in a batch job (no terminal) with no API key: wandb.init's UsageError used to end the run with a
+    traceback; now one MetricsError line (a `cpt train: error:` line) that says what to do."""
+    import wandb
+    from wandb.sdk.lib.wbauth import unauthenticate_session
+
+    from cpt.metrics import MetricsError
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))
+    wandb.teardown()  # wandb keeps the settings (WANDB_MODE=offline) and a key of earlier tests for the process
+    unauthenticate_session()
+    try:
+        with pytest.raises(MetricsError, match=r"W&B could not start a run \(No API key.*WANDB_API_KEY.*mode: offline"):
+            MetricsLogger(tmp_path / "run", make_cfg(wandb=True, mode=None))
+    finally:
+        wandb.teardown()  # the next test's wandb reads its environment afresh
+
+
 def test_artifact_only_when_enabled(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
