@@ -272,19 +272,20 @@ class MetricsLogger:
         self.wandb_run.log_artifact(art)
         return True
 
-    def close(self) -> None:
+    def close(self, exit_code: int | None = None) -> None:
+        """Close metrics.jsonl and finish the W&B run (``exit_code`` 1: W&B shows it failed)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(exit_code=1 if exc_type is not None else None)  # a run that stopped with an error: failed in W&B
 
 
 # ---------------------------------------------------------------- throughput, FLOPs, MFU

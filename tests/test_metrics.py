@@ -200,6 +200,15 @@ def test_wandb_online_without_an_api_key_is_one_clear_error(tmp_path, monkeypatc
         wandb.teardown()  # the next test's wandb reads its environment afresh
 
 
+def test_a_run_that_stops_with_an_error_is_failed_in_wandb(tmp_path):
+    """The loop closes its logger as a context manager; a run ended by an error was marked finished (exit code 0)."""
+    with pytest.raises(RuntimeError), MetricsLogger(tmp_path, make_cfg(wandb=True)) as lg:
+        lg.log({"train/tokens": 0, "train/loss": 1.0}, step=0)
+        raise RuntimeError("out of memory")
+    records = finished_wandb_records(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+
+
 def test_artifact_only_when_enabled(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
