@@ -54,6 +54,20 @@ def test_every_bad_field_named_in_one_error(tmp_path):
     assert msg.startswith("invalid config (4 problems)")
 
 
+def test_a_misspelt_field_names_the_fields_it_may_mean(tmp_path):
+    """A typo (YAML or --set, at any depth, in list items too) names the close field names of its section."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD), ["trian.log_every=5", "train.global_batchsize=4", "data.sources.0.nmae=x",
+                                            "logging.wandb.entiy=me", "train.xyzzy=1"])
+    msg = str(e.value)
+    for line in ("  - trian: unknown field (did you mean train?)",
+                 "  - train.global_batchsize: unknown field (did you mean global_batch_size or micro_batch_size?)",
+                 "  - data.sources.0.nmae: unknown field (did you mean name?)",
+                 "  - logging.wandb.entiy: unknown field (did you mean entity?)",
+                 "  - train.xyzzy: unknown field (check the spelling)"):
+        assert line in msg.splitlines(), msg
+
+
 def test_cross_field_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"stages.0.mix: unknown sources \['c'\]") as e:
         load_config(write(tmp_path, GOOD), ["stages.0.mix={a: 0.5, c: 0.5}"])

@@ -90,10 +90,11 @@ def _index(part: str, node: list, key: str) -> int:
         raise ConfigError(f"override {key!r}: {part!r} is not a valid index into a list of {len(node)}") from None
 
 
-def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -> str:
+def format_validation_error(err: ValidationError, order: tuple[str, ...] = (), model: type[BaseModel] | None = None) -> str:
     """One line per problem; ``order``: the top-level fields in the order their problems are listed (pydantic's own
     order otherwise; problems of other keys last). A value that fits none of a field's types (``str | list[str]``)
-    is one line naming the field, not one per type."""
+    is one line naming the field, not one per type. ``model``: the validated class, whose fields close to an unknown
+    key are suggested."""
     rank = {name: i for i, name in enumerate(order)}
     problems: dict[str, str] = {}  # field path -> message, in order
     for e in sorted(err.errors(), key=lambda e: rank.get((e["loc"] or ("",))[0], len(order))):
@@ -103,7 +104,8 @@ def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -
         loc = ".".join(str(p) for p in path)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling)"
+            close = _close_fields(model, path) if model is not None else []
+            msg = f"unknown field (did you mean {' or '.join(close)}?)" if close else "unknown field (check the spelling)"
         if loc and loc in problems:  # another member of the same union
             msg = problems[loc] + " or " + msg.removeprefix("Input should be ")
         problems[loc or f"<{len(problems)}>"] = msg
@@ -111,6 +113,37 @@ def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -
     lines += [f"  - {msg}" if loc.startswith("<") else f"  - {loc}: {msg}"  # whole-config checks name their fields
               for loc, msg in problems.items()]
     return "\n".join(lines)
+
+
+def _close_fields(model: type[BaseModel], loc: list) -> list[str]:
+    """The fields of the section holding ``loc`` (a config path) whose names are close to its last key."""
+    import difflib
+
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list item: the list's model is already the node
+            continue
+        field = node.model_fields.get(part) if _is_model(node) else None
+        node = _model_in(field.annotation) if field is not None else None
+        if node is None:  # a free-form dict (model.arch, ...)
+            return []
+    return difflib.get_close_matches(str(loc[-1]), list(node.model_fields), n=2, cutoff=0.6) if _is_model(node) else []
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config class in a field's type: ``X``, ``X | None``, ``list[X]``."""
+    import typing
+
+    if _is_model(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
 
 
 # how pydantic names the member of a union a value was tried against: str, list[str], literal['all'], ...

@@ -76,7 +76,7 @@ def validate(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err, model=RunConfig)) from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,

@@ -372,5 +372,5 @@ def load_spec(spec: str | os.PathLike | dict | ExperimentSpec | SequenceSpec,
     except ConfigError as e:
         raise ExperimentError(str(e)) from None
     except ValidationError as e:
-        message = format_validation_error(e, model.FIELD_ORDER)
+        message = format_validation_error(e, model.FIELD_ORDER, model)
         raise ExperimentError(message.replace("invalid config", f"invalid {what}", 1)) from None
