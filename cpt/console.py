@@ -90,7 +90,8 @@ class RunOutput:
             from tqdm.auto import tqdm
 
             # on stdout, the stream found to be a terminal (tqdm's default, stderr, may be a log file: `2> err.log`)
-            self.bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, file=sys.stdout)
+            self.bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, file=sys.stdout,
+                            disable=False)  # (not TQDM_DISABLE, which cpt sets when stderr is a log file: cpt/cli.py)
 
     def step(self, record: dict[str, Any], step: int, total: int, tokens_per_s: float) -> None:
         """A training log record: logged; a plain line for batch logs, or the bar's numbers."""

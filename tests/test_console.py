@@ -108,3 +108,20 @@ def test_run_output_logs_every_record_and_prints_above_the_bar():
     out.eval(4, 2000, {"eval/python/loss": 1.5})
     assert bar_calls == [("postfix", "2.500"), ("write", "eval step 3: python 2.0000"), ("update", 1), ("close",)]
     assert printed[-1] == "eval step 4: python 1.5000" and len(logged) == 5
+
+
+def test_a_command_logging_to_a_file_turns_tqdm_bars_off(monkeypatch):
+    """Bars drawn with tqdm's defaults (lm-eval builds its requests under one per task, every evaluation) follow
+    TQDM_DISABLE, which every `cpt` command sets when its stderr is not a terminal; a value the user set wins."""
+    import os
+
+    from cpt.cli import no_library_bars_in_log_files
+
+    for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("sys.stderr", Stream(tty=True))
+    no_library_bars_in_log_files()
+    assert "TQDM_DISABLE" not in os.environ
+    monkeypatch.setattr("sys.stderr", Stream(tty=False))
+    no_library_bars_in_log_files()
+    assert os.environ["TQDM_DISABLE"] == "1"

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
         print(f"cpt train: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("accelerate", "deepspeed", "torch.distributed"):  # per-file save/load chatter
+    for noisy in ("accelerate", "deepspeed", "torch.distributed", "lm_eval"):  # per-file save/load, per-evaluation chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from cpt.train import train
 
