@@ -9,6 +9,7 @@ The same numbers go to metrics.jsonl (and W&B); these lines are for reading a lo
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from typing import Any, TextIO
@@ -76,6 +77,25 @@ def resume_command(argv: list[str]) -> str:
     shown = redact_argv(args)
     note = " (secret --set values redacted: give them again)" if shown != args else ""
     return shlex.join(["cpt", "train", *shown, "--resume"]) + note
+
+
+class OncePerMessage(logging.Filter):
+    """A handler filter that passes each distinct message of the loggers under ``prefix`` once: lm-eval repeats the
+    same warnings at every evaluation in the loop (its task defaults, "`pretrained` model kwarg is not of type
+    `str`", ...), a dozen lines per evaluation in a batch job's log."""
+
+    def __init__(self, prefix: str = "lm_eval"):
+        super().__init__()
+        self.prefix, self.seen = prefix, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
 
 
 class RunOutput:

@@ -125,3 +125,27 @@ def test_a_command_logging_to_a_file_turns_tqdm_bars_off(monkeypatch):
     monkeypatch.setattr("sys.stderr", Stream(tty=False))
     no_library_bars_in_log_files()
     assert os.environ["TQDM_DISABLE"] == "1"
+
+
+def test_lm_evals_warnings_once_per_run():
+    """`cpt train`'s log handler passes each lm-eval warning once: lm-eval repeated a dozen at every evaluation."""
+    import logging
+
+    from cpt.console import OncePerMessage
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append((record.name, record.getMessage()))
+    handler.addFilter(OncePerMessage("lm_eval"))
+    for name in ("lm_eval.api.task", "lm_eval.models.huggingface", "cpt.train"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            for _ in range(3):
+                logger.warning("the same words")
+            logger.warning("other words")
+        finally:
+            logger.removeHandler(handler)
+    assert seen == [("lm_eval.api.task", "the same words"), ("lm_eval.api.task", "other words"),
+                    ("lm_eval.models.huggingface", "the same words"), ("lm_eval.models.huggingface", "other words")] + \
+        [("cpt.train", "the same words")] * 3 + [("cpt.train", "other words")]
