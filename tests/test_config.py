@@ -107,6 +107,20 @@ def test_environment_variables_in_values(tmp_path, monkeypatch):
         load_config(write(tmp_path, data))
 
 
+def test_numbers_without_a_dot_are_numbers_in_free_form_sections_too(tmp_path):
+    """`1e-5` and `5e5` (YAML 1.2 floats) were strings to PyYAML: typed fields converted them, but model.arch and
+    model.config_overrides handed the strings to the model's config, which then failed to build or run."""
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data).replace("hidden_size: 64", "hidden_size: 64\n    rms_norm_eps: 1e-5")
+                 + "optim: {weight_decay: 1e-2}\n")
+    cfg = load_config(p, ["model.config_overrides={rope_theta: 5e5}", "model.arch.initializer_range=2E-2",
+                          "stages.0.schedule.max_lr=3e-4"])
+    assert cfg.model.arch["rms_norm_eps"] == 1e-5 and cfg.model.config_overrides["rope_theta"] == 5e5
+    assert cfg.model.arch["initializer_range"] == 0.02 and cfg.optim.weight_decay == 0.01
+    assert cfg.stages[0].schedule.max_lr == 3e-4 and cfg.run.name == "t"
+
+
 def test_apply_overrides_creates_sections():
     out = apply_overrides({}, ["logging.wandb.project=x"])
     assert out == {"logging": {"wandb": {"project": "x"}}}

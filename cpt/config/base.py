@@ -24,10 +24,25 @@ class ConfigError(ValueError):
     """A run config that cannot be used. The message names every bad field."""
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers like ``1e-5`` and ``5e5`` as floats, as YAML 1.2 does: PyYAML (YAML 1.1)
+    wants a dot (``1.0e-5``) and read them as strings, which typed fields converted but free-form ones kept
+    (``model.arch: {rms_norm_eps: 1e-5}``, ``config_overrides: {rope_theta: 5e5}`` became strings in the model's
+    config, and the model failed to build or run)."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _parse_value(text: str) -> Any:
     """Parse an override value as YAML (so 3e-4, true, [a, b], {x: 1} all work)."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -157,7 +172,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: s
     if not p.is_file():
         raise error(f"{what} file not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise error(f"{p}: not valid YAML: {e}") from None
     if not isinstance(loaded, dict):
