@@ -251,8 +251,8 @@ class MetricsLogger:
         self._file = open(self.path, "a")
         if self._wandb_continues and logged:  # what the earlier segment sent to W&B
             # online: the server's last step; offline: the last line (what W&B had not written at the kill is lost)
-            last = self._wandb_last_step if self._wandb_last_step is not None else max(step for step, _ in logged)
-            self._wandb_has = (last, {keys for step, keys in logged if step == last})
+            last = self._wandb_last_step if self._wandb_last_step is not None else max(s for s, _ in logged)
+            self._wandb_has = (last, {keys for s, keys in logged if s == last})
         return dropped
 
     def log_artifact(self, path: str | os.PathLike, name: str, type: str = "model") -> bool:
