@@ -6,7 +6,7 @@ tests/test_architecture.py), so reading a config (``cpt schedule``, ``cpt train 
 other module can import it. The components import their config from here: ``from cpt.config import X`` for every
 name below.
 
-    base.py     Strict (unknown keys are errors), ConfigError, YAML files, ``--set`` overrides, error formatting
+    base.py     Strict (unknown keys are errors), ConfigError, YAML files, ``--set`` overrides, ``${VAR}``, error formatting
     stages.py   ``stages``: StageConfig, ScheduleConfig and the checks of a stage plan
     data.py     ``data``: SourceConfig, HeldoutConfig, DataConfig
     model.py    ``model``: ModelConfig, VocabConfig, LoraConfig, FreezeConfig (and the layer-range syntax)
