@@ -1,5 +1,7 @@
 """Run config: YAML loading, --set overrides, one error naming every bad field, secrets never saved."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -119,6 +121,19 @@ def test_numbers_without_a_dot_are_numbers_in_free_form_sections_too(tmp_path):
     assert cfg.model.arch["rms_norm_eps"] == 1e-5 and cfg.model.config_overrides["rope_theta"] == 5e5
     assert cfg.model.arch["initializer_range"] == 0.02 and cfg.optim.weight_decay == 0.01
     assert cfg.stages[0].schedule.max_lr == 3e-4 and cfg.run.name == "t"
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section silently dropped the first's fields (the
+    global batch size back to its default). Anchors and merge keys (configs/schedules/infinite.yaml) still work."""
+    text = yaml.safe_dump(GOOD) + "train:\n  log_every: 5\n"
+    (tmp_path / "twice.yaml").write_text(text)
+    line = text.splitlines().index("train:") + 1
+    with pytest.raises(ConfigError, match=rf"(?s)duplicate key 'train' \(first on line {line}\).*line {line + 3}"):
+        load_config(tmp_path / "twice.yaml")
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "schedules" / "infinite.yaml")
+    trunk, later = shipped.stages[0].schedule, shipped.stages[1].schedule  # `<<: *trunk`, then its own keys
+    assert later.continue_trunk and later.constant_lr == trunk.constant_lr and later.max_lr == trunk.max_lr
 
 
 def test_apply_overrides_creates_sections():

@@ -28,7 +28,19 @@ class ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading numbers like ``1e-5`` and ``5e5`` as floats, as YAML 1.2 does: PyYAML (YAML 1.1)
     wants a dot (``1.0e-5``) and read them as strings, which typed fields converted but free-form ones kept
     (``model.arch: {rms_norm_eps: 1e-5}``, ``config_overrides: {rope_theta: 5e5}`` became strings in the model's
-    config, and the model failed to build or run)."""
+    config, and the model failed to build or run). A key given twice in one mapping is an error naming both lines:
+    PyYAML kept the last silently, so a second ``train:`` section dropped every field of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r} (first on line {seen[key_node.value] + 1})",
+                        key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 ConfigLoader.add_implicit_resolver(
