@@ -177,6 +177,15 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|bytes|none|(list|dict|tuple|set|literal|function-[a-z]+)\[.*\])$")
 
 
+def _one_line(e: yaml.YAMLError) -> str:
+    """``line 30, column 1: duplicate key 'train' (first on line 27)`` rather than PyYAML's lines with a caret."""
+    mark = getattr(e, "problem_mark", None)
+    problem = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: str = "run, model, data, ...",
                       error: type[Exception] = ConfigError) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; `error` names the file and what is wrong with it."""
@@ -186,7 +195,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: s
     try:
         loaded = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise error(f"{p}: not valid YAML: {e}") from None
+        raise error(f"{p}: not valid YAML: {_one_line(e)}") from None
     if not isinstance(loaded, dict):
         raise error(f"{p}: the top level must be a mapping ({sections})")
     return loaded
