@@ -6,12 +6,37 @@ protocol around them (temporary folder, CHECKSUMS.json, rename) is cpt/checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from cpt.fileio import HashingFile, fault_point
+
+
+@contextlib.contextmanager
+def _no_tied_weights_warning():
+    """Without accelerate's "Removed shared tensor {'lm_head.weight'} while saving ... check ... while reloading"
+    warning, which a model with tied embeddings (Llama-3.2-1B, SmolLM2, ...) put into the log at every checkpoint:
+    the tied copy is left out of the file as safetensors requires and comes back on load (resume is tested exact)."""
+    log = logging.getLogger("accelerate.utils.other")
+    quiet = _DropMessage("Removed shared tensor")
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
@@ -27,7 +52,8 @@ def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
     items = []
     if acc.is_main_process:
         for i, model in enumerate(acc._models):
-            state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
+            with _no_tied_weights_warning():
+                state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
             items.append((_numbered("model.safetensors", i), "safetensors", host_copy(dict(state), staging, ("model", i))))
         for i, opt in enumerate(acc._optimizers):
             items.append((_numbered("optimizer.bin", i), "torch", host_copy(opt.state_dict(), staging, ("optimizer", i))))

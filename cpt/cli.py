@@ -63,10 +63,11 @@ def no_library_bars_in_log_files() -> None:
     """A command whose stderr is not a terminal (a batch job's log file, ``| tee``) gets no progress bars from the
     libraries (transformers' "Writing model shards" on every export, hub downloads, datasets' map): in a file a tqdm
     bar is carriage-return redraws, not lines. Read by those libraries at import, which the commands do after this;
-    a value the user set wins. cpt's own progress lines are :mod:`cpt.console`'s."""
+    a value the user set wins. ``TQDM_DISABLE`` turns off every tqdm bar drawn with tqdm's defaults (lm-eval's,
+    once per evaluation); cpt's own training bar (:mod:`cpt.console`, on a terminal only) asks for itself."""
     if getattr(sys.stderr, "isatty", lambda: False)():
         return
-    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
         os.environ.setdefault(var, "1")
 
 

@@ -9,6 +9,7 @@ The same numbers go to metrics.jsonl (and W&B); these lines are for reading a lo
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from typing import Any, TextIO
@@ -66,11 +67,35 @@ def preempted_line(step: int, total: int, run_dir: Any) -> str:
 
 
 def resume_command(argv: list[str]) -> str:
-    """The `cpt train` command line that continues a run: ``argv`` (train's arguments) with ``--resume``."""
+    """The `cpt train` command line that continues a run: ``argv`` (train's arguments) with ``--resume``; the values
+    of secret ``--set`` overrides redacted (the line goes to the job's log), with a note to give them again."""
     import shlex
 
+    from cpt.redaction import redact_argv
+
     args = [a for a in argv if a != "--resume"]
-    return shlex.join(["cpt", "train", *args, "--resume"])
+    shown = redact_argv(args)
+    note = " (secret --set values redacted: give them again)" if shown != args else ""
+    return shlex.join(["cpt", "train", *shown, "--resume"]) + note
+
+
+class OncePerMessage(logging.Filter):
+    """A handler filter that passes each distinct message of the loggers under ``prefix`` once: lm-eval repeats the
+    same warnings at every evaluation in the loop (its task defaults, "`pretrained` model kwarg is not of type
+    `str`", ...), a dozen lines per evaluation in a batch job's log."""
+
+    def __init__(self, prefix: str = "lm_eval"):
+        super().__init__()
+        self.prefix, self.seen = prefix, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
 
 
 class RunOutput:
@@ -84,7 +109,9 @@ class RunOutput:
         if use_progress_bar(enabled):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True)
+            # on stdout, the stream found to be a terminal (tqdm's default, stderr, may be a log file: `2> err.log`)
+            self.bar = tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, file=sys.stdout,
+                            disable=False)  # (not TQDM_DISABLE, which cpt sets when stderr is a log file: cpt/cli.py)
 
     def step(self, record: dict[str, Any], step: int, total: int, tokens_per_s: float) -> None:
         """A training log record: logged; a plain line for batch logs, or the bar's numbers."""

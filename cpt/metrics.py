@@ -6,7 +6,8 @@ Every record carries ``step`` (optimizer steps done) and ``train/tokens`` (token
 W&B uses ``train/tokens`` as the x axis of every metric (``define_metric``), so runs with different
 batch sizes overlay. On resume, call ``truncate_after(step)`` so the curves stay consistent with
 the restored state (the lines written after the checkpoint, before the crash, are dropped), and the
-same W&B run is continued (its id is kept in ``<run_dir>/wandb_run_id``).
+same W&B run is continued (its id is kept in ``<run_dir>/wandb_run_id``) with only the steps it does not
+hold yet (W&B cannot drop rows: see ``_new_to_wandb``).
 
 MFU follows the llm-foundry convention (see :func:`model_flops_per_token`).
 """
@@ -93,6 +94,9 @@ class MetricsLogger:
         self.resume = cfg.checkpoint.resume if resume is None else resume
         self.path = self.run_dir / METRICS_FILE
         self.wandb_run = None
+        self._wandb_continues = False  # a resumed run continuing the W&B run of an earlier segment
+        self._wandb_has: tuple[int, set[frozenset[str]]] | None = None  # (its last step, the key sets logged at it)
+        self._wandb_last_step: int | None = None  # that step as the W&B server reports it (online)
         self._file = None
         if not self.is_main:
             return
@@ -104,7 +108,11 @@ class MetricsLogger:
             self.path.rename(self.path.with_name(f"{METRICS_FILE}.{n}"))
         self._file = open(self.path, "a")
         if cfg.logging.wandb.enabled:
-            self._init_wandb()
+            try:
+                self._init_wandb()
+            except Exception:
+                self._file.close()
+                raise
 
     # -- W&B
     def _init_wandb(self) -> None:
@@ -115,6 +123,7 @@ class MetricsLogger:
         run_id = None
         if self.resume and id_file.exists():
             run_id = id_file.read_text().strip() or None
+        self._wandb_continues = run_id is not None
         if run_id is None:
             from wandb.sdk.lib.runid import generate_id
 
@@ -123,24 +132,34 @@ class MetricsLogger:
         config["data_mix"] = mix_summary(self.cfg)
         from cpt.redaction import redacted_argv
 
-        with redacted_argv():  # W&B records sys.argv: `--set` secrets must not reach the run's metadata
-            self.wandb_run = wandb.init(
-                project=w.project,
-                entity=w.entity,
-                group=w.group,
-                tags=list(w.tags) or None,
-                name=self.cfg.run.name,
-                dir=str(self.run_dir),
-                config=config,
-                mode=w.mode,
-                id=run_id,
-                resume="allow",
-            )
+        try:
+            with redacted_argv():  # W&B records sys.argv: `--set` secrets must not reach the run's metadata
+                self.wandb_run = wandb.init(
+                    project=w.project,
+                    entity=w.entity,
+                    group=w.group,
+                    tags=list(w.tags) or None,
+                    name=self.cfg.run.name,
+                    dir=str(self.run_dir),
+                    config=config,
+                    mode=w.mode,
+                    id=run_id,
+                    resume="allow",
+                )
+        except wandb.errors.Error as e:  # no API key in a batch job, no connection to the server, ...
+            raise MetricsError(
+                f"W&B could not start a run ({str(e).strip()}): set WANDB_API_KEY or run `wandb login`, or log "
+                "offline with logging.wandb.mode: offline (or WANDB_MODE=offline) and upload later with `wandb sync`"
+            ) from None
         id_file.write_text(self.wandb_run.id)
         run = self.wandb_run
+        # online, a resumed run's summary is the server's: its "step" is the last step W&B holds
+        step = run.summary.get("step") if self._wandb_continues else None
+        self._wandb_last_step = step if isinstance(step, int) and not isinstance(step, bool) else None
         run.define_metric("train/tokens")
         run.define_metric("*", step_metric="train/tokens")
-        self._log_mix_table()
+        if not self._wandb_continues:  # (at 0 tokens: a resumed run's W&B history has it already)
+            self._log_mix_table()
 
     def _log_mix_table(self) -> None:
         import wandb
@@ -165,9 +184,29 @@ class MetricsLogger:
         record = {"step": int(step), "time": time.time()}
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         self._append_line(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and self._new_to_wandb(record):
             data = {k: v for k, v in record.items() if k != "time" and (isinstance(v, (int, float)) and not isinstance(v, bool))}
             self.wandb_run.log(data)
+
+    def _new_to_wandb(self, record: dict[str, Any]) -> bool:
+        """Whether W&B lacks this record. A run resumed after a kill re-logs the steps between its checkpoint and
+        the kill, which the earlier segment already sent to W&B: W&B cannot take rows back (an offline run cannot
+        be rewound), so they are not sent again; re-sent, they would be duplicates that run backwards on the tokens
+        axis. Sent: every step after the last one W&B holds, and the records of that step it had not logged yet
+        (killed between a step's training and evaluation records). That last step is the server's when W&B is
+        online; offline it is metrics.jsonl's last line: rows the killed process had not yet handed to W&B's
+        writer (its last seconds) are then missing from W&B, not duplicated."""
+        if self._wandb_has is None:
+            return True
+        last, logged = self._wandb_has
+        keys = frozenset(record) - {"time"}
+        if record["step"] > last:
+            self._wandb_has = None
+            return True
+        if record["step"] == last and keys not in logged:
+            logged.add(keys)
+            return True
+        return False
 
     def _append_line(self, line: str) -> None:
         """Append one whole line or nothing: a failed write is cut back off and raised as MetricsError."""
@@ -193,7 +232,7 @@ class MetricsLogger:
         if not self.is_main or not self.path.exists():
             return 0
         self._file.close()
-        kept, dropped = [], 0
+        kept, dropped, logged = [], 0, []
         with open(self.path) as f:
             for line in f:
                 try:
@@ -201,6 +240,7 @@ class MetricsLogger:
                 except json.JSONDecodeError:
                     dropped += 1  # a torn last line
                     continue
+                logged.append((int(rec.get("step", 0)), frozenset(rec) - {"time"}))
                 if int(rec.get("step", 0)) > step:
                     dropped += 1
                 else:
@@ -209,6 +249,10 @@ class MetricsLogger:
         tmp.write_text("".join(kept))
         os.replace(tmp, self.path)
         self._file = open(self.path, "a")
+        if self._wandb_continues and logged:  # what the earlier segment sent to W&B
+            # online: the server's last step; offline: the last line (what W&B had not written at the kill is lost)
+            last = self._wandb_last_step if self._wandb_last_step is not None else max(s for s, _ in logged)
+            self._wandb_has = (last, {keys for s, keys in logged if s == last})
         return dropped
 
     def log_artifact(self, path: str | os.PathLike, name: str, type: str = "model") -> bool:
@@ -228,19 +272,20 @@ class MetricsLogger:
         self.wandb_run.log_artifact(art)
         return True
 
-    def close(self) -> None:
+    def close(self, exit_code: int | None = None) -> None:
+        """Close metrics.jsonl and finish the W&B run (``exit_code`` 1: W&B shows it failed)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(exit_code=1 if exc_type is not None else None)  # a run that stopped with an error: failed in W&B
 
 
 # ---------------------------------------------------------------- throughput, FLOPs, MFU

@@ -262,6 +262,15 @@ def _by_name(runs: list[RunData], names: list[str], key_fmt: str, multi: bool) -
     return groups
 
 
+def heldout_groups(runs: list[RunData], tag: str) -> list[tuple[str, list]]:
+    """The curves of the ``tag`` plot: per held-out set, the runs in which that set has this tag (a set that is one
+    run's new data can be another's old data: `cpt report A-then-B B-then-A`)."""
+    multi = len(runs) > 1
+    names = sorted({n for r in runs for n in r.sets(tag)})
+    return [(name, [(r, f"eval/{name}/loss", f"{r.label}: {name}" if multi else name) for r in runs
+                    if name in r.sets(tag)]) for name in names]
+
+
 def make_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     multi = len(runs) > 1
@@ -271,11 +280,12 @@ def make_plots(runs: list[RunData], out_dir: Path) -> dict[str, Path]:
         p = _plot(runs, *args, path=out_dir / f"{name}.png", **kw)
         if p is not None:
             plots[name] = p
+        else:  # not drawn for these runs: an earlier report's plot of that name must not stay beside this one
+            (out_dir / f"{name}.png").unlink(missing_ok=True)
 
     for tag in ("upstream", "downstream"):
-        names = sorted({n for r in runs for n in r.sets(tag)})
         what = "forgetting: old distribution" if tag == "upstream" else "adaptation: new distribution"
-        add(tag, _by_name(runs, names, "eval/{}/loss", multi), f"{tag} held-out loss ({what})", "loss (nats/token)")
+        add(tag, heldout_groups(runs, tag), f"{tag} held-out loss ({what})", "loss (nats/token)")
     single = [("", [(r, "train/loss", r.label) for r in runs])]
     add("train_loss", single, "training loss", "loss (nats/token)")
     per_source = sorted({k[len("train/loss/"):] for r in runs for k in r.keys if k.startswith("train/loss/")})

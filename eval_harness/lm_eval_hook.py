@@ -230,7 +230,6 @@ def run_lm_eval_detailed(
     pool forked from the training process.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     if not tasks:
         raise ValueError("no lm-eval tasks given")
@@ -240,7 +239,7 @@ def run_lm_eval_detailed(
     gen_kwargs = {"synced_gpus": True} if strategy == "replicated" else None
 
     with preserved_rng_and_mode(module), torch.no_grad(), _no_bootstrap_pool():
-        lm = HFLM(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        lm = _hflm_class()(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         if strategy == "data_parallel":
             # lm-eval's own data-parallel evaluation (what it does under `accelerate launch` with a
             # model name), enabled for the live model
@@ -274,6 +273,35 @@ def run_lm_eval_detailed(
     if results is None:
         raise RuntimeError("lm-eval returned no results")
     return flatten_results(results), results
+
+
+@functools.cache
+def _hflm_class():
+    """lm-eval's ``HFLM`` whose request bars ("Running loglikelihood requests", ...) are drawn only when stderr is a
+    terminal: in a batch job's log a tqdm bar is carriage-return redraws, three per evaluation. (Bars lm-eval draws
+    with tqdm's defaults follow ``TQDM_DISABLE``, which ``cpt`` sets for such logs: cpt/cli.py.)"""
+    import sys
+
+    from lm_eval.models.huggingface import HFLM
+
+    def quiet(disable_tqdm: bool) -> bool:
+        return disable_tqdm or not getattr(sys.stderr, "isatty", lambda: False)()
+
+    class BatchLogHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=quiet(disable_tqdm))
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=quiet(disable_tqdm))
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            # (loglikelihood_rolling calls it with disable_tqdm=False per batch of windows)
+            return super()._loglikelihood_tokens(requests, disable_tqdm=quiet(disable_tqdm), override_bs=override_bs)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=quiet(disable_tqdm))
+
+    return BatchLogHFLM
 
 
 @contextlib.contextmanager

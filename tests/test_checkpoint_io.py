@@ -90,6 +90,19 @@ def test_cpt_writer_writes_what_accelerate_save_state_writes(trained, tmp_path, 
     assert_same(before, {k: v for k, v in acc.unwrap_model(model).state_dict().items()})
 
 
+def test_tied_embeddings_save_without_accelerates_shared_tensor_warning(trained, tmp_path, caplog):
+    """accelerate warned "Removed shared tensor {'lm_head.weight'} while saving ... check ..." at every checkpoint of
+    a tied-embedding model (the batch log's noise); the file still leaves the tied copy out."""
+    from safetensors.torch import load_file
+
+    acc, _, _ = trained
+    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=False)
+    with caplog.at_level(logging.WARNING):
+        ckpts.save(1, {"train": TrainState(step=1)}, "config: 1\n")
+    assert "Removed shared tensor" not in caplog.text, caplog.text
+    assert "lm_head.weight" not in load_file(list_checkpoints(tmp_path / "run")[0] / "model.safetensors")
+
+
 def test_checkpoint_saves_and_restores_the_state_registry(trained, tmp_path):
     """Every registered component round-trips through a checkpoint: JSON under its name in trainer_state.json,
     tensors under "<name>." in state.safetensors; loading restores weights and components together."""

@@ -1,5 +1,7 @@
 """Run config: YAML loading, --set overrides, one error naming every bad field, secrets never saved."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -54,6 +56,20 @@ def test_every_bad_field_named_in_one_error(tmp_path):
     assert msg.startswith("invalid config (4 problems)")
 
 
+def test_a_misspelt_field_names_the_fields_it_may_mean(tmp_path):
+    """A typo (YAML or --set, at any depth, in list items too) names the close field names of its section."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD), ["trian.log_every=5", "train.global_batchsize=4", "data.sources.0.nmae=x",
+                                            "logging.wandb.entiy=me", "train.xyzzy=1"])
+    msg = str(e.value)
+    for line in ("  - trian: unknown field (did you mean train?)",
+                 "  - train.global_batchsize: unknown field (did you mean global_batch_size or micro_batch_size?)",
+                 "  - data.sources.0.nmae: unknown field (did you mean name?)",
+                 "  - logging.wandb.entiy: unknown field (did you mean entity?)",
+                 "  - train.xyzzy: unknown field (check the spelling)"):
+        assert line in msg.splitlines(), msg
+
+
 def test_cross_field_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"stages.0.mix: unknown sources \['c'\]") as e:
         load_config(write(tmp_path, GOOD), ["stages.0.mix={a: 0.5, c: 0.5}"])
@@ -76,6 +92,54 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_environment_variables_in_values(tmp_path, monkeypatch):
+    """`${VAR}` in a YAML value or a --set value is the environment variable (a batch job's $SCRATCH); an unset one
+    is one error naming the field. It used to be kept literally: a run directory named `${SCRATCH}/runs/t`."""
+    monkeypatch.setenv("CPT_TEST_SCRATCH", "/scratch/me")
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    data["run"]["output_dir"] = "${CPT_TEST_SCRATCH}/runs/t"
+    data["data"]["sources"][0]["path"] = "$HOME/x/${CPT_TEST_SCRATCH}"  # only ${...} is expanded
+    cfg = load_config(write(tmp_path, data), ["run.name=${CPT_TEST_SCRATCH}-b", "logging.wandb.group=${CPT_TEST_SCRATCH}"])
+    assert cfg.run.output_dir == "/scratch/me/runs/t" and cfg.run.name == "/scratch/me-b"
+    assert cfg.data.sources[0].path == "$HOME/x//scratch/me" and cfg.logging.wandb.group == "/scratch/me"
+    monkeypatch.delenv("CPT_TEST_SCRATCH")
+    with pytest.raises(ConfigError, match=r"^data.sources.0.path: environment variable CPT_TEST_SCRATCH is not set"):
+        load_config(write(tmp_path, data))
+
+
+def test_numbers_without_a_dot_are_numbers_in_free_form_sections_too(tmp_path):
+    """`1e-5` and `5e5` (YAML 1.2 floats) were strings to PyYAML: typed fields converted them, but model.arch and
+    model.config_overrides handed the strings to the model's config, which then failed to build or run."""
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data).replace("hidden_size: 64", "hidden_size: 64\n    rms_norm_eps: 1e-5")
+                 + "optim: {weight_decay: 1e-2}\n")
+    cfg = load_config(p, ["model.config_overrides={rope_theta: 5e5}", "model.arch.initializer_range=2E-2",
+                          "stages.0.schedule.max_lr=3e-4"])
+    assert cfg.model.arch["rms_norm_eps"] == 1e-5 and cfg.model.config_overrides["rope_theta"] == 5e5
+    assert cfg.model.arch["initializer_range"] == 0.02 and cfg.optim.weight_decay == 0.01
+    assert cfg.stages[0].schedule.max_lr == 3e-4 and cfg.run.name == "t"
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section silently dropped the first's fields (the
+    global batch size back to its default). Anchors and merge keys (configs/schedules/infinite.yaml) still work."""
+    text = yaml.safe_dump(GOOD) + "train:\n  log_every: 5\n"
+    (tmp_path / "twice.yaml").write_text(text)
+    line = text.splitlines().index("train:") + 1
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "twice.yaml")
+    assert str(e.value) == f"{tmp_path / 'twice.yaml'}: not valid YAML: line {line + 3}, column 1: duplicate key " \
+        f"'train' (first on line {line})"  # one line
+    (tmp_path / "bad.yaml").write_text("run: {name: x\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML: line 2, column 1: while parsing a flow mapping "
+                                          r"expected ',' or '}', but got '<stream end>'$"):
+        load_config(tmp_path / "bad.yaml")
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "schedules" / "infinite.yaml")
+    trunk, later = shipped.stages[0].schedule, shipped.stages[1].schedule  # `<<: *trunk`, then its own keys
+    assert later.continue_trunk and later.constant_lr == trunk.constant_lr and later.max_lr == trunk.max_lr
 
 
 def test_apply_overrides_creates_sections():

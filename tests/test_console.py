@@ -24,6 +24,27 @@ def test_progress_bar_only_on_a_terminal_when_enabled():
     assert not use_progress_bar(True, io.StringIO())
 
 
+def test_the_bar_is_drawn_on_the_terminal_it_was_checked_on(monkeypatch):
+    """`cpt train run.yaml 2> err.log` on a terminal: the bar (and the eval lines written above it) on stdout, the
+    terminal; not tqdm's default stderr, which put carriage-return redraws into err.log and left the terminal with
+    neither the bar nor the plain step lines."""
+    from cpt.console import RunOutput
+
+    out, err = Stream(tty=True), Stream(tty=False)
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stderr", err)
+    logged = []
+    run = RunOutput(type("Log", (), {"log": lambda self, m, step: logged.append(step)})(), print)
+    run.start_bar(True, 0, 4, "r")
+    assert run.bar is not None
+    run.step({"train/tokens": 8, "train/loss": 2.0, "train/lr": 1e-3}, 1, 4, 100.0)
+    run.advance()
+    run.eval(1, 8, {"eval/a/loss": 2.5})
+    run.close_bar()
+    assert err.getvalue() == "" and "eval step 1: a 2.5000" in out.getvalue() and "\r" in out.getvalue()
+    assert logged == [1, 1]
+
+
 def test_step_line_has_tokens_loss_lr_throughput_and_mfu_when_known():
     record = {"train/tokens": 163_840, "train/loss": 3.456789, "train/lr": 1e-3, "train/grad_norm": 0.8412,
               "perf/tokens_per_s": 12345.6}
@@ -45,6 +66,13 @@ def test_eval_line_lists_every_heldout_loss():
 def test_resume_command_adds_resume_once_and_quotes():
     assert resume_command(["c.yaml", "--set", "run.name=a b"]) == "cpt train c.yaml --set 'run.name=a b' --resume"
     assert resume_command(["c.yaml", "--resume"]) == "cpt train c.yaml --resume"
+
+
+def test_resume_command_prints_no_secret():
+    """The preempted run's last line goes to the job's log: a secret given with --set must not be in it."""
+    line = resume_command(["c.yaml", "--set", "model.arch.hub_token=hf_SECRET1", "--set=x.api_key=SECRET2",
+                           "--set", "run.name=a"])
+    assert "SECRET" not in line and "--set run.name=a --resume" in line and "give them again" in line, line
 
 
 def test_summary_table_shows_the_step_of_the_last_evaluation():
@@ -80,3 +108,44 @@ def test_run_output_logs_every_record_and_prints_above_the_bar():
     out.eval(4, 2000, {"eval/python/loss": 1.5})
     assert bar_calls == [("postfix", "2.500"), ("write", "eval step 3: python 2.0000"), ("update", 1), ("close",)]
     assert printed[-1] == "eval step 4: python 1.5000" and len(logged) == 5
+
+
+def test_a_command_logging_to_a_file_turns_tqdm_bars_off(monkeypatch):
+    """Bars drawn with tqdm's defaults (lm-eval builds its requests under one per task, every evaluation) follow
+    TQDM_DISABLE, which every `cpt` command sets when its stderr is not a terminal; a value the user set wins."""
+    import os
+
+    from cpt.cli import no_library_bars_in_log_files
+
+    for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("sys.stderr", Stream(tty=True))
+    no_library_bars_in_log_files()
+    assert "TQDM_DISABLE" not in os.environ
+    monkeypatch.setattr("sys.stderr", Stream(tty=False))
+    no_library_bars_in_log_files()
+    assert os.environ["TQDM_DISABLE"] == "1"
+
+
+def test_lm_evals_warnings_once_per_run():
+    """`cpt train`'s log handler passes each lm-eval warning once: lm-eval repeated a dozen at every evaluation."""
+    import logging
+
+    from cpt.console import OncePerMessage
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append((record.name, record.getMessage()))
+    handler.addFilter(OncePerMessage("lm_eval"))
+    for name in ("lm_eval.api.task", "lm_eval.models.huggingface", "cpt.train"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            for _ in range(3):
+                logger.warning("the same words")
+            logger.warning("other words")
+        finally:
+            logger.removeHandler(handler)
+    assert seen == [("lm_eval.api.task", "the same words"), ("lm_eval.api.task", "other words"),
+                    ("lm_eval.models.huggingface", "the same words"), ("lm_eval.models.huggingface", "other words")] + \
+        [("cpt.train", "the same words")] * 3 + [("cpt.train", "other words")]

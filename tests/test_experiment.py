@@ -298,6 +298,15 @@ def test_variants_are_extra_cpt_runs_with_overrides(tmp_path):
                          '{name: a, schedule: infinite, replay: 0, overrides: [x=1]}]'])
 
 
+def test_spec_values_take_environment_variables(monkeypatch):
+    """`${VAR}` in a spec (a corpus on $SCRATCH) is expanded as in run configs; an unset one is an ExperimentError."""
+    monkeypatch.setenv("CPT_TEST_NAME", "grid7")
+    assert load_spec(TINY, ["name=${CPT_TEST_NAME}-b"]).name == "grid7-b"
+    monkeypatch.delenv("CPT_TEST_NAME")
+    with pytest.raises(ExperimentError, match="name: environment variable CPT_TEST_NAME is not set"):
+        load_spec(TINY, ["name=${CPT_TEST_NAME}"])
+
+
 def test_bad_specs(tmp_path):
     with pytest.raises(ExperimentError, match="unknown field"):
         load_spec(TINY, ["replay_share=[0.1]"])

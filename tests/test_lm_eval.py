@@ -84,6 +84,14 @@ def test_hook_returns_results_for_local_mc_and_perplexity_tasks(model, tokenizer
     assert again[f"lm_eval/{PPL}/bits_per_byte"] == pytest.approx(flat[f"lm_eval/{PPL}/bits_per_byte"], rel=1e-5)
 
 
+def test_no_request_bars_when_stderr_is_a_log_file(model, tokenizer, capsys):
+    """In a batch job (stderr a file) an evaluation in the loop put lm-eval's "Running loglikelihood requests" and
+    "Tokenizing inputs" bars into the log, carriage-return redraws, every evaluation."""
+    flat, _ = run_lm_eval_detailed(model, tokenizer, [MC, PPL], limit=2, batch_size=4, max_length=128)
+    err = capsys.readouterr().err
+    assert flat and "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err, err
+
+
 def test_training_changes_the_perplexity_result(model, tokenizer):
     """The hook evaluates the live weights, not a copy taken earlier."""
     before, _ = run_lm_eval_detailed(model, tokenizer, [PPL], limit=4, batch_size=4, max_length=128)

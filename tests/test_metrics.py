@@ -178,6 +178,37 @@ def test_wandb_offline_run_holds_the_metrics_config_and_x_axis(tmp_path, monkeyp
             assert b"abcdefghijklmnopqrstuvwxyz0123456789abcd" not in p.read_bytes(), p
 
 
+def test_wandb_online_without_an_api_key_is_one_clear_error(tmp_path, monkeypatch):
+    """W&B enabled in a batch job (no terminal) with no API key: wandb.init's UsageError used to end the run with a
+    traceback; now one MetricsError line (a `cpt train: error:` line) that says what to do."""
+    import wandb
+    from wandb.sdk.lib.wbauth import unauthenticate_session
+
+    from cpt.metrics import MetricsError
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))
+    wandb.teardown()  # wandb keeps the settings (WANDB_MODE=offline) and a key of earlier tests for the process
+    unauthenticate_session()
+    try:
+        with pytest.raises(MetricsError, match=r"W&B could not start a run \(No API key.*WANDB_API_KEY.*mode: offline"):
+            MetricsLogger(tmp_path / "run", make_cfg(wandb=True, mode=None))
+    finally:
+        wandb.teardown()  # the next test's wandb reads its environment afresh
+
+
+def test_a_run_that_stops_with_an_error_is_failed_in_wandb(tmp_path):
+    """The loop closes its logger as a context manager; a run ended by an error was marked finished (exit code 0)."""
+    with pytest.raises(RuntimeError), MetricsLogger(tmp_path, make_cfg(wandb=True)) as lg:
+        lg.log({"train/tokens": 0, "train/loss": 1.0}, step=0)
+        raise RuntimeError("out of memory")
+    records = finished_wandb_records(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+
+
 def test_artifact_only_when_enabled(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
@@ -260,3 +291,82 @@ def test_compute_account_carries_totals_across_resumes():
     assert format_compute(m, 2) == "compute: 6e+12 training FLOPs, 6 device-hours (1.5 h wall on 2 devices)"
     with pytest.raises(ValueError):
         ComputeAccount(num_devices=0)
+
+
+def test_wandb_resume_after_a_kill_sends_no_step_twice_and_nothing_back_in_tokens(tmp_path):
+    """A run killed at step 5 (its step-5 evaluation not yet logged) resumes from its step-3 checkpoint and re-logs
+    steps 4-5. The resumed segment continues the same W&B run and sends only what W&B lacks: the step-5 evaluation
+    and the steps after 5, not the re-done rows (duplicates that ran backwards on the tokens axis), nor the start
+    records (mix table at 0 tokens, parameter counts at the checkpoint's step). Together the two segments' W&B rows
+    are metrics.jsonl's records, each once, in token order."""
+    import time
+
+    def train_rec(s):
+        return {"train/tokens": 10 * s, "train/loss": 5.0 - 0.1 * s}
+
+    def eval_rec(s):
+        return {"train/tokens": 10 * s, "eval/old/loss": 4.0 + 0.01 * s}
+
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True))
+    lg.log({"train/tokens": 0, "params/trainable": 100}, step=0)
+    lg.log(eval_rec(0), step=0)
+    for s in range(1, 6):
+        lg.log(train_rec(s), step=s)
+        if s in (2, 4):
+            lg.log(eval_rec(s), step=s)
+    lg.close()  # (killed after step 5's training record, before its evaluation)
+    time.sleep(1.1)  # wandb names offline runs by the second they start
+
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True, resume=True))
+    assert lg.truncate_after(3) == 3
+    lg.log({"train/tokens": 30, "params/trainable": 100}, step=3)
+    for s in range(4, 8):
+        lg.log(train_rec(s), step=s)
+        if s in (4, 5, 6):
+            lg.log(eval_rec(s), step=s)
+    lg.close()
+
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one W&B run id
+    first, second = (history_rows(finished_wandb_records(str(r / "run-*.wandb"))) for r in runs)
+    assert not any("data/mix/_type" in row for row in second)
+    rows = [row for row in first + second if "data/mix/_type" not in row]
+    keyed = [(row["step"], tuple(sorted(k for k in row if not k.startswith("_")))) for row in rows]
+    assert len(keyed) == len(set(keyed)), keyed  # no step logged twice
+    tokens = [row["train/tokens"] for row in rows]
+    assert tokens == sorted(tokens)
+    jsonl = [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path)]
+    jsonl = [r for r in jsonl if not (r["step"] == 3 and "params/trainable" in r)]  # (the resume's start record)
+    assert sorted((r["step"], tuple(sorted(r))) for r in jsonl) == sorted(keyed)
+    assert all(any(row.items() >= r.items() for row in rows) for r in jsonl)  # the same values
+
+
+def test_wandb_resume_online_starts_after_the_last_step_the_server_holds(tmp_path, monkeypatch):
+    """Online, W&B's own record of the earlier segment decides: a kill loses the rows W&B had not sent yet, and the
+    resumed run's summary (the server's) names the last step it holds. Here metrics.jsonl reached step 5 but the
+    server only step 4 (stood in for by the resumed run's summary): the resumed segment sends step 5 again, not 4."""
+    import time
+
+    import wandb
+
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True))
+    for s in range(6):
+        lg.log({"train/tokens": 10 * s, "train/loss": 5.0 - s}, step=s)
+    lg.close()
+    time.sleep(1.1)  # wandb names offline runs by the second they start
+    real_init = wandb.init
+
+    def resumed_online(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        run.summary.update({"step": 4, "train/tokens": 40})  # what wandb.init(resume=...) reads from the server
+        return run
+
+    monkeypatch.setattr(wandb, "init", resumed_online)
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True, resume=True))
+    lg.truncate_after(2)
+    for s in range(3, 8):
+        lg.log({"train/tokens": 10 * s, "train/loss": 5.0 - s}, step=s)
+    lg.close()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    second = history_rows(finished_wandb_records(str(runs[-1] / "run-*.wandb")))
+    assert [row["step"] for row in second if "train/loss" in row] == [5, 6, 7]

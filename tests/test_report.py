@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cpt.commands.report import main as report_main
-from cpt.report import heldout_summary, load_run, write_report
+from cpt.report import heldout_groups, heldout_summary, load_run, write_report
 
 
 def write_run(run_dir: Path, bump: float, tokens_per_step: int):
@@ -76,3 +76,30 @@ def test_stage_switches_and_missing_runs(tmp_path):
     assert report_main([str(tmp_path / "nope")]) == 2
     page = write_report([tmp_path / "a"])  # default output folder: <run>/report
     assert page == tmp_path / "a" / "report" / "report.html" and page.exists()
+
+
+def test_a_report_rewritten_into_its_folder_leaves_no_plot_of_the_earlier_one(tmp_path, capsys):
+    """Re-running `cpt report` into the same folder for runs without lm-eval (or per-source losses) removed nothing:
+    the earlier lm_eval.png stayed beside the new plots and the command listed it as written."""
+    write_run(tmp_path / "a", bump=0.1, tokens_per_step=50)
+    assert report_main([str(tmp_path / "a"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "lm_eval.png").exists()
+    lines = [line for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "lm_eval" not in line]
+    (tmp_path / "a" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert report_main([str(tmp_path / "a"), "--out", str(tmp_path / "rep")]) == 0
+    assert not (tmp_path / "rep" / "lm_eval.png").exists() and "lm_eval.png" not in capsys.readouterr().out
+    assert (tmp_path / "rep" / "upstream.png").exists()
+
+
+def test_a_set_is_drawn_where_its_run_tags_it(tmp_path):
+    """Two runs in opposite directions (old -> new, new -> old): each set's curve of a run goes to the plot of the
+    tag it has in that run. The upstream plot drew every run's curve of a set some run tagged upstream."""
+    for name, old, new in (("ab", "a", "b"), ("ba", "b", "a")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": s, "train/tokens": 10 * s, f"eval/{old}/loss": 3.0 + s, f"forgetting/{old}": float(s),
+             f"eval/{new}/loss": 5.0 - s, f"adaptation/{new}": float(s)}) + "\n" for s in range(3)))
+    runs = [load_run(tmp_path / "ab"), load_run(tmp_path / "ba")]
+    up = {name: [(r.label, key) for r, key, _ in members] for name, members in heldout_groups(runs, "upstream")}
+    assert up == {"a": [("ab", "eval/a/loss")], "b": [("ba", "eval/b/loss")]}

@@ -68,8 +68,12 @@ def main(argv: list[str]) -> int:
         print(f"cpt train: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("accelerate", "deepspeed", "torch.distributed"):  # per-file save/load chatter
+    for noisy in ("accelerate", "deepspeed", "torch.distributed", "lm_eval"):  # per-file save/load, per-evaluation chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from cpt.console import OncePerMessage
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(OncePerMessage("lm_eval"))  # its warnings once, not at every evaluation
     from cpt.train import train
 
     if args.dry_run:

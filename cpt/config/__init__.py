@@ -6,7 +6,7 @@ tests/test_architecture.py), so reading a config (``cpt schedule``, ``cpt train 
 other module can import it. The components import their config from here: ``from cpt.config import X`` for every
 name below.
 
-    base.py     Strict (unknown keys are errors), ConfigError, YAML files, ``--set`` overrides, error formatting
+    base.py     Strict (unknown keys are errors), ConfigError, YAML files, ``--set`` overrides, ``${VAR}``, error formatting
     stages.py   ``stages``: StageConfig, ScheduleConfig and the checks of a stage plan
     data.py     ``data``: SourceConfig, HeldoutConfig, DataConfig
     model.py    ``model``: ModelConfig, VocabConfig, LoraConfig, FreezeConfig (and the layer-range syntax)
@@ -18,7 +18,7 @@ name below.
 A bad config fails before any work with one message naming every bad field.
 """
 
-from cpt.config.base import (ConfigError, Strict, apply_overrides, format_validation_error,
+from cpt.config.base import (ConfigError, Strict, apply_overrides, expand_env, format_validation_error,
                              read_yaml_mapping)
 from cpt.config.data import DataConfig, HeldoutConfig, SourceConfig
 from cpt.config.eval import EvalConfig, LmEvalConfig, LmEvalTask
@@ -38,7 +38,7 @@ __all__ = [
     "DecayShape", "EvalConfig", "FreezeConfig", "HeldoutConfig", "LmEvalConfig", "LmEvalTask", "LoggingConfig",
     "LoraConfig", "ModelConfig", "NAMED_LAYER_SETS", "NOT_TRAJECTORY", "OptimConfig", "ProfileConfig", "ReptileConfig", "RunConfig",
     "RunSection", "ScheduleConfig", "ScheduleType", "SourceConfig", "SpikeConfig", "StageConfig", "Strict",
-    "TRAJECTORY_FIELDS", "TrainConfig", "VocabConfig", "WandbConfig", "apply_overrides", "config_to_dict",
+    "TRAJECTORY_FIELDS", "TrainConfig", "VocabConfig", "WandbConfig", "apply_overrides", "config_to_dict", "expand_env",
     "format_mixes", "format_validation_error", "load_config", "parse_layer_ranges", "read_yaml_mapping", "redact",
     "save_config", "stage_schedule_problems", "trajectory_changes", "validate", "validate_stage_schedules",
 ]

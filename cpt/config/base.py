@@ -24,10 +24,37 @@ class ConfigError(ValueError):
     """A run config that cannot be used. The message names every bad field."""
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers like ``1e-5`` and ``5e5`` as floats, as YAML 1.2 does: PyYAML (YAML 1.1)
+    wants a dot (``1.0e-5``) and read them as strings, which typed fields converted but free-form ones kept
+    (``model.arch: {rms_norm_eps: 1e-5}``, ``config_overrides: {rope_theta: 5e5}`` became strings in the model's
+    config, and the model failed to build or run). A key given twice in one mapping is an error naming both lines:
+    PyYAML kept the last silently, so a second ``train:`` section dropped every field of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r} (first on line {seen[key_node.value] + 1})",
+                        key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _parse_value(text: str) -> Any:
     """Parse an override value as YAML (so 3e-4, true, [a, b], {x: 1} all work)."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -59,6 +86,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(data: Any, where: str = "") -> Any:
+    """``${VAR}`` in every string value replaced by the environment variable ``VAR`` (``output_dir:
+    ${SCRATCH}/runs/x``); an unset variable is an error naming the field. Nothing else is expanded (no ``$VAR``,
+    ``~`` or defaults). Secret-named keys (``hub_token: ${HF_TOKEN}``) stay redacted in every written copy."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}.{i}") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def value(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise ConfigError(f"{where}: environment variable {m.group(1)} is not set (in {data!r})")
+        return os.environ[m.group(1)]
+
+    return _ENV_VAR.sub(value, data)
+
+
 def _index(part: str, node: list, key: str) -> int:
     try:
         idx = int(part)
@@ -68,10 +117,11 @@ def _index(part: str, node: list, key: str) -> int:
         raise ConfigError(f"override {key!r}: {part!r} is not a valid index into a list of {len(node)}") from None
 
 
-def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -> str:
+def format_validation_error(err: ValidationError, order: tuple[str, ...] = (), model: type[BaseModel] | None = None) -> str:
     """One line per problem; ``order``: the top-level fields in the order their problems are listed (pydantic's own
     order otherwise; problems of other keys last). A value that fits none of a field's types (``str | list[str]``)
-    is one line naming the field, not one per type."""
+    is one line naming the field, not one per type. ``model``: the validated class, whose fields close to an unknown
+    key are suggested."""
     rank = {name: i for i, name in enumerate(order)}
     problems: dict[str, str] = {}  # field path -> message, in order
     for e in sorted(err.errors(), key=lambda e: rank.get((e["loc"] or ("",))[0], len(order))):
@@ -81,7 +131,8 @@ def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -
         loc = ".".join(str(p) for p in path)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling)"
+            close = _close_fields(model, path) if model is not None else []
+            msg = f"unknown field (did you mean {' or '.join(close)}?)" if close else "unknown field (check the spelling)"
         if loc and loc in problems:  # another member of the same union
             msg = problems[loc] + " or " + msg.removeprefix("Input should be ")
         problems[loc or f"<{len(problems)}>"] = msg
@@ -91,8 +142,48 @@ def format_validation_error(err: ValidationError, order: tuple[str, ...] = ()) -
     return "\n".join(lines)
 
 
+def _close_fields(model: type[BaseModel], loc: list) -> list[str]:
+    """The fields of the section holding ``loc`` (a config path) whose names are close to its last key."""
+    import difflib
+
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list item: the list's model is already the node
+            continue
+        field = node.model_fields.get(part) if _is_model(node) else None
+        node = _model_in(field.annotation) if field is not None else None
+        if node is None:  # a free-form dict (model.arch, ...)
+            return []
+    return difflib.get_close_matches(str(loc[-1]), list(node.model_fields), n=2, cutoff=0.6) if _is_model(node) else []
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config class in a field's type: ``X``, ``X | None``, ``list[X]``."""
+    import typing
+
+    if _is_model(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
 # how pydantic names the member of a union a value was tried against: str, list[str], literal['all'], ...
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|bytes|none|(list|dict|tuple|set|literal|function-[a-z]+)\[.*\])$")
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    """``line 30, column 1: duplicate key 'train' (first on line 27)`` rather than PyYAML's lines with a caret."""
+    mark = getattr(e, "problem_mark", None)
+    problem = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: str = "run, model, data, ...",
@@ -102,9 +193,9 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: s
     if not p.is_file():
         raise error(f"{what} file not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise error(f"{p}: not valid YAML: {e}") from None
+        raise error(f"{p}: not valid YAML: {_one_line(e)}") from None
     if not isinstance(loaded, dict):
         raise error(f"{p}: the top level must be a mapping ({sections})")
     return loaded

@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from cpt.config.base import ConfigError, Strict, apply_overrides, format_validation_error, read_yaml_mapping
+from cpt.config.base import (ConfigError, Strict, apply_overrides, expand_env, format_validation_error,
+                             read_yaml_mapping)
 from cpt.config.data import DataConfig
 from cpt.config.eval import EvalConfig
 from cpt.config.model import ModelConfig
@@ -75,17 +76,17 @@ def validate(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err, model=RunConfig)) from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> RunConfig:
-    """Load a YAML config (or start from ``base``), apply overrides, validate."""
+    """Load a YAML config (or start from ``base``), apply overrides, expand ``${VAR}`` (:func:`expand_env`), validate."""
     data: dict[str, Any] = copy.deepcopy(base) if base else {}
     if path is not None:
         data.update(read_yaml_mapping(path))
     data = apply_overrides(data, overrides or [])
-    return validate(data)
+    return validate(expand_env(data))
 
 
 # What a --resume must not change: the fields that change the training trajectory. Everything else may change on

@@ -358,7 +358,7 @@ def load_spec(spec: str | os.PathLike | dict | ExperimentSpec | SequenceSpec,
               overrides: list[str] | None = None) -> ExperimentSpec | SequenceSpec:
     """The spec from a YAML file, a dict or a spec, with ``key=value`` overrides applied: a :class:`SequenceSpec`
     when it lists ``corpora``, else the pair grid's :class:`ExperimentSpec`."""
-    from cpt.config import ConfigError, apply_overrides, format_validation_error, read_yaml_mapping
+    from cpt.config import ConfigError, apply_overrides, expand_env, format_validation_error, read_yaml_mapping
 
     if isinstance(spec, (ExperimentSpec, SequenceSpec)):
         data = spec.model_dump(mode="json")
@@ -368,9 +368,9 @@ def load_spec(spec: str | os.PathLike | dict | ExperimentSpec | SequenceSpec,
         data = read_yaml_mapping(spec, "spec", "corpus_a, corpus_b, model, ...", ExperimentError)
     model, what = (SequenceSpec, "sequence spec") if is_sequence_spec(data) else (ExperimentSpec, "experiment spec")
     try:
-        return model.model_validate(apply_overrides(data, overrides or []))
+        return model.model_validate(expand_env(apply_overrides(data, overrides or [])))  # ${VAR}: as in run configs
     except ConfigError as e:
         raise ExperimentError(str(e)) from None
     except ValidationError as e:
-        message = format_validation_error(e, model.FIELD_ORDER)
+        message = format_validation_error(e, model.FIELD_ORDER, model)
         raise ExperimentError(message.replace("invalid config", f"invalid {what}", 1)) from None
