@@ -105,7 +105,7 @@ def test_two_concurrent_runs_on_one_directory(tiny_cpt_data, tmp_path):
     """A run in progress; a second one, fresh or --resume, refuses naming it and changes nothing."""
     out = tmp_path / "run"
     cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2, "keep": 5, "export_at_end": False}, eval={"at_start": False})
-    cfg["stages"][0]["steps"] = 200
+    cfg["stages"][0]["steps"] = 100_000  # still training when the second run starts, however fast the machine (killed below)
     cfg["data"]["heldout"] = []
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -124,3 +124,16 @@ def test_two_concurrent_runs_on_one_directory(tiny_cpt_data, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl.1").exists()  # the second run moved nothing aside
     os.kill(first, 9)
     assert wait_forked(first) == -9
+
+
+def test_force_lock_acts_once_and_is_not_saved(tmp_path):
+    """`cpt train --force-lock` (run.force_lock) takes over one lock at that start; the config.yaml it writes says
+    false, so a later `cpt train RUN/config.yaml --resume` honours a live holder's lock again."""
+    from cpt.config import load_config, save_config
+
+    from conftest import tiny_run_config
+
+    cfg = load_config(base=tiny_run_config(tmp_path / "data", tmp_path / "run"), overrides=["run.force_lock=true"])
+    assert cfg.run.force_lock
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").run.force_lock is False

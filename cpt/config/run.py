@@ -135,8 +135,11 @@ def _field_order(key: str) -> list:
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The config as written anywhere (config.yaml, checkpoints, W&B): secrets redacted at any depth,
-    free-form dicts (model.arch, model.config_overrides) included (see cpt/redaction.py)."""
-    return redact(cfg.model_dump(mode="json"))
+    free-form dicts (model.arch, model.config_overrides) included (see cpt/redaction.py). ``run.force_lock`` is written
+    false: it acts once, at the start that was given it (``--force-lock``), not at every later start from this file."""
+    data = redact(cfg.model_dump(mode="json"))
+    data["run"]["force_lock"] = False
+    return data
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
