@@ -149,3 +149,15 @@ def test_lm_evals_warnings_once_per_run():
     assert seen == [("lm_eval.api.task", "the same words"), ("lm_eval.api.task", "other words"),
                     ("lm_eval.models.huggingface", "the same words"), ("lm_eval.models.huggingface", "other words")] + \
         [("cpt.train", "the same words")] * 3 + [("cpt.train", "other words")]
+
+
+def test_cpt_train_takes_no_abbreviated_flags():
+    """`--se KEY=VALUE` (argparse's abbreviation of --set) would carry a secret past the redaction of the printed
+    resume command: abbreviations are refused."""
+    import pytest
+
+    from cpt.commands.train import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["c.yaml", "--se", "x.api_key=SECRET"])
+    assert parser().parse_args(["c.yaml", "--set", "x.api_key=S"]).overrides == ["x.api_key=S"]

@@ -12,7 +12,8 @@ from cpt.config import ConfigError, load_config
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cpt train", description="Train from a YAML run config.")
+    # no abbreviations: `--se KEY=VALUE` would escape the redaction of secret --set values in the printed resume command
+    p = argparse.ArgumentParser(prog="cpt train", description="Train from a YAML run config.", allow_abbrev=False)
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.global_batch_size=32 --set stages.0.steps=500")
