@@ -83,7 +83,8 @@ class CPTDataLoader:
             return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed, log_skips=check_sizes)
         try:
             shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes,
-                                      expected_tokenizer_name=tokenizer_name(tokenizer))
+                                      expected_tokenizer_name=tokenizer_name(tokenizer),
+                                      expected_eos_id=tokenizer.eos_token_id)
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
         return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
@@ -241,7 +242,7 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
     try:
         shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify,
                                   expected_tokenizer_name=tokenizer_name(tokenizer),
-                                  check_sizes=check_sizes)
+                                  expected_eos_id=getattr(tokenizer, "eos_token_id", None), check_sizes=check_sizes)
     except ShardError as e:
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None
     total = shards.num_tokens
