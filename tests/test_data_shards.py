@@ -177,6 +177,9 @@ def test_shards_with_another_eos_are_refused(prepared, tokenizer):
     with pytest.raises(ShardError, match="held-out set 'h': .*EOS id 1"):
         sample_heldout(HeldoutConfig(name="h", path=str(out), tag="upstream"), instruct, 8)
     assert sample_heldout(HeldoutConfig(name="h", path=str(out), tag="upstream"), tokenizer, 8).num_tokens > 0
+    m = prepare([str(out.parent / "a.jsonl")], instruct, out, shard_tokens=700)  # the fix the error names: a new
+    assert not m.get("up_to_date") and m["tokenizer"]["eos_token_id"] == 1     # EOS is a new job, not "up to date"
+    CPTDataLoader(data_config([{"name": "a", "path": str(out)}], seq_len=8), [stage(5, {"a": 1})], instruct, 4, 0)
 
 
 def test_fingerprint_tracks_content(prepared, tmp_path, tokenizer):

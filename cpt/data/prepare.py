@@ -263,7 +263,7 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     tok_hash = tokenizer_fingerprint(tok)
     files = None if opts.hf else _input_files(inputs, opts.glob, out)
     key = _prepare_key(list(inputs) if files is None else _input_identity(files), tok_hash, opts.identity())
-    if not opts.force and (existing := _is_up_to_date(out, key)) is not None:
+    if not opts.force and (existing := _is_up_to_date(out, key, int(tok.eos_token_id))) is not None:
         return {**existing, "up_to_date": True}
     job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
     os.makedirs(out, exist_ok=True)
@@ -403,10 +403,12 @@ def _prepare_key(identity: list[Any], tok_hash: str, options: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _is_up_to_date(out: str, key: str) -> dict | None:
+def _is_up_to_date(out: str, key: str, eos_id: int) -> dict | None:
+    """The manifest of ``out`` when it was prepared by the same job (``key``) with the same EOS (the vocabulary hash in
+    the key does not say which token is EOS: a base and an instruct tokenizer share one vocabulary), else None."""
     try:
         shards = TokenShards.open(out, verify=False)
-        if shards.manifest.get("prepare_key") != key:
+        if shards.manifest.get("prepare_key") != key or shards.eos_token_id != eos_id:
             return None
         if shards.manifest.get("heldout"):
             TokenShards.open(os.path.join(out, HELDOUT_DIR), verify=False)
