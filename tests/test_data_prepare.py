@@ -88,6 +88,37 @@ def test_datasets_spec_plain_and_streaming(tmp_path, tokenizer):
         prepare(["json"], tokenizer, tmp_path / "x", hf=True, data_files=str(src))
 
 
+def test_save_to_disk_folders_and_arrow_files(tmp_path, tokenizer):
+    """What `datasets` writes: a save_to_disk folder was read as its state.json/dataset_info.json (malformed jsonl)
+    and its .arrow files as plain text (non-UTF-8): 'no valid documents'; with --hf load_dataset refused it."""
+    import datasets
+
+    docs = make_docs(40, seed=3)
+    want = expected_stream(tokenizer, docs)
+    datasets.Dataset.from_dict({"text": docs, "n": list(range(40))}).save_to_disk(str(tmp_path / "saved"), max_shard_size=2000)
+    assert len(list((tmp_path / "saved").glob("*.arrow"))) > 1  # several arrow files, read in the dataset's order
+    import pyarrow.feather
+
+    pyarrow.feather.write_feather(pa.table({"text": docs}), tmp_path / "file_format.arrow")  # the Arrow IPC file format
+    for name, inputs, kw in (("walk", ["saved"], {}), ("hf", ["saved"], {"hf": True}),
+                             ("feather", ["file_format.arrow"], {})):
+        prepare([str(tmp_path / i) for i in inputs], tokenizer, tmp_path / name, **kw)
+        assert stream_of(tmp_path / name) == want, name
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:30]}),
+                          "test": datasets.Dataset.from_dict({"text": docs[30:]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(PrepareError, match=r"DatasetDict .*splits \['train', 'test'\].*--hf --split"):
+        prepare([str(tmp_path / "dd")], tokenizer, tmp_path / "x")
+    prepare([str(tmp_path / "dd" / "test")], tokenizer, tmp_path / "test_split")
+    prepare([str(tmp_path / "dd")], tokenizer, tmp_path / "test_hf", hf=True, split="test")
+    assert stream_of(tmp_path / "test_split") == stream_of(tmp_path / "test_hf") == expected_stream(tokenizer, docs[30:])
+    with pytest.raises(PrepareError, match=r"no column 'body' \(columns: \['text', 'n'\]\)"):
+        prepare([str(tmp_path / "saved")], tokenizer, tmp_path / "x", text_field="body")
+    arrow = sorted((tmp_path / "saved").glob("*.arrow"))[0]
+    (tmp_path / "cut.arrow").write_bytes(arrow.read_bytes()[:-100])
+    with pytest.raises(PrepareError, match="cut.arrow: cannot read"):
+        prepare([str(tmp_path / "cut.arrow")], tokenizer, tmp_path / "x")
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_datasets_spec_with_a_broken_record_is_one_line(tmp_path, tokenizer, streaming):
     """--hf over a jsonl with a malformed line: streamed, pyarrow's error escaped as a traceback; not streamed, the

@@ -102,6 +102,16 @@ def test_hf_stream_packs_like_prepared_shards(tmp_path, tokenizer):
     assert np.concatenate([got, more]).tolist() == np.concatenate([want, want])[: len(got) + len(more)].tolist()
 
 
+def test_hf_source_reads_a_save_to_disk_folder(tmp_path, tokenizer):
+    """A `type: hf` source naming a `datasets` save_to_disk folder (load_dataset refuses it: 'use load_from_disk')."""
+    import datasets
+
+    docs = make_docs(30, seed=24)
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "dd"))
+    s = HFTokenStream(SourceConfig(name="web", type="hf", path=str(tmp_path / "dd")), tokenizer, L)
+    assert s.next_sequences(4).reshape(-1).tolist() == expected_stream(tokenizer, docs)[: 4 * L]
+
+
 @pytest.mark.parametrize("streaming", [True, False])
 def test_hf_stream_resumes_exactly(tmp_path, tokenizer, streaming):
     docs = make_docs(12, seed=23)

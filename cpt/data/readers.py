@@ -7,10 +7,13 @@ Inputs, read in the order given (folders recursively, symlinked folders too, sor
 - jsonl (``.jsonl``/``.json``/``.ndjson``, plain or ``.gz``/``.zst``/``.bz2``/``.xz``): one JSON object per line,
   the text in ``text_field``; a ``.json`` file that starts with ``[`` is one JSON array of such objects (read whole);
 - parquet: the ``text_field`` column;
+- arrow (``.arrow``, the files `datasets` writes: Arrow IPC stream or file format): the ``text_field`` column; a folder
+  written by ``Dataset.save_to_disk`` is read as its arrow files (a ``DatasetDict``'s folder: name one split's folder);
 - any other file: plain text, one document per file (bytes decoded as UTF-8, line ends kept as written);
 - a UTF-8 byte-order mark at the start of a file is dropped;
 - with ``hf=True`` each input is a ``datasets.load_dataset`` path (hub id, local folder or builder name such
-  as ``json``), with ``dataset_name``/``split``/``data_files``/``streaming``.
+  as ``json``), with ``dataset_name``/``split``/``data_files``/``streaming``; a ``save_to_disk`` folder is loaded with
+  ``datasets.load_from_disk`` (``split`` picks a ``DatasetDict``'s split).
 
 Local paths and fsspec URLs (s3://, gs://, hf://, http(s)://) both work.
 
@@ -76,12 +79,14 @@ def _strip_compression(name: str) -> str:
 
 
 def input_kind(path: str) -> str:
-    """``jsonl``, ``parquet`` or ``text``, from the file name (compression suffixes looked through)."""
+    """``jsonl``, ``parquet``, ``arrow`` or ``text``, from the file name (compression suffixes looked through)."""
     base = _strip_compression(path)
     if base.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if base.endswith(".parquet"):
         return "parquet"
+    if base.endswith(".arrow"):
+        return "arrow"
     return "text"
 
 
@@ -135,6 +140,8 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
                 files += [p if "://" in p else f"{protocol}://{p}" for p in found]
             else:
                 files.append(item)
+        elif os.path.isdir(item) and (saved := saved_dataset_files(item)) is not None:
+            files += [f for f in saved if _matches(f, glob)]
         elif os.path.isdir(item):
             found = []
             seen = {os.path.realpath(item)}
@@ -151,6 +158,30 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
     if not files:
         raise ReadError(f"no input files found in {list(inputs)}" + (f" matching {glob!r}" if glob else ""))
     return _read_once(files, warn)
+
+
+def saved_dataset_files(folder: str) -> list[str] | None:
+    """The arrow files of a folder written by `datasets`' ``Dataset.save_to_disk``, in order (None: not such a folder).
+    Walked like any folder, its ``state.json`` and ``dataset_info.json`` were read as jsonl (skipped as malformed) and
+    its arrow files as plain text (skipped as non-UTF-8): 'no valid documents'. A ``DatasetDict``'s folder holds one
+    such folder per split: which one to read is the user's choice (the others are often test splits)."""
+    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+        try:
+            with open(os.path.join(folder, "dataset_dict.json"), encoding="utf-8") as f:
+                splits = json.load(f).get("splits")
+        except (OSError, ValueError, AttributeError):
+            splits = None
+        raise ReadError(f"{folder} is a `datasets` DatasetDict saved with save_to_disk (splits {splits}): give one "
+                        f"split's folder (e.g. {os.path.join(folder, 'train')}), or --hf --split NAME")
+    state = os.path.join(folder, "state.json")
+    if not os.path.isfile(state) or not os.path.isfile(os.path.join(folder, "dataset_info.json")):
+        return None
+    try:
+        with open(state, encoding="utf-8") as f:
+            names = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReadError(f"{folder}: a `datasets` save_to_disk folder with an unreadable state.json ({e})") from None
+    return [os.path.join(folder, name) for name in names]
 
 
 def _first_visit(folder: str, seen: set[str]) -> bool:
@@ -326,6 +357,34 @@ def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[st
                     yield text
 
 
+def _read_arrow(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    """An Arrow IPC file: the stream format `datasets` writes (its cache and save_to_disk files), or the file format."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    with _open_binary(path) as f:
+        try:
+            reader = ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            try:
+                reader = ipc.open_file(f)
+            except pa.ArrowInvalid as e:
+                raise ReadError(f"{path}: not a readable Arrow IPC file ({e})") from None
+        names = reader.schema.names
+        if text_field not in names:
+            raise ReadError(f"{path}: no column {text_field!r} (columns: {names}); name the text one with --text-field")
+        batches = iter(reader) if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches))
+        try:
+            for batch in batches:
+                for value in batch.column(names.index(text_field)).to_pylist():
+                    text = _field_text({text_field: value}, text_field, counts)
+                    if text is not None:
+                        yield text
+        except pa.ArrowInvalid as e:  # a cut or damaged file
+            raise ReadError(f"{path}: not a readable Arrow IPC file ({e})") from None
+
+
 def _read_text(path: str, counts: ReadCounts) -> Iterator[str]:
     with _open_binary(path) as f:
         data = f.read()
@@ -354,6 +413,8 @@ def read_file(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
             yield from _read_jsonl(path, text_field, counts)
         elif kind == "parquet":
             yield from _read_parquet(path, text_field, counts)
+        elif kind == "arrow":
+            yield from _read_arrow(path, text_field, counts)
         else:
             yield from _read_text(path, counts)
     except (OSError, EOFError, lzma.LZMAError) as e:  # corrupt or cut gzip/bz2/xz/zstd streams, unreadable files
@@ -370,13 +431,26 @@ def error_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, streaming: bool) -> Any:
+    """``datasets.load_dataset(path, ...)``, or ``datasets.load_from_disk(path)[split]`` for a folder written by
+    ``save_to_disk`` (which load_dataset refuses: 'use load_from_disk instead')."""
+    import datasets
+
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path} has the splits {list(ds)}, not {split!r}")
+            ds = ds[split]
+        return ds.to_iterable_dataset() if streaming else ds
+    return datasets.load_dataset(path, name=name, split=split, data_files=data_files, streaming=streaming)
+
+
 def read_hf(spec: str, text_field: str, counts: ReadCounts, dataset_name: str | None = None, split: str = "train",
             data_files: Any = None, streaming: bool = False) -> Iterator[str]:
     """The usable documents of ``datasets.load_dataset(spec, ...)``; skipped records counted in ``counts``."""
-    import datasets
-
     try:
-        ds = datasets.load_dataset(spec, name=dataset_name, split=split, data_files=data_files, streaming=streaming)
+        ds = load_hf_dataset(spec, dataset_name, split, data_files, streaming)
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError...)
         raise ReadError(f"datasets.load_dataset({spec!r}, name={dataset_name!r}, split={split!r}) failed: "
                         f"{error_line(e)}") from None
@@ -420,4 +494,4 @@ def iter_documents(inputs: list[str], text_field: str, counts: ReadCounts, *, hf
 
 
 __all__ = ["ReadError", "ReadCounts", "SKIP_REASONS", "input_kind", "resolve_files", "read_file", "read_hf",
-           "iter_documents"]
+           "load_hf_dataset", "saved_dataset_files", "iter_documents"]
