@@ -72,7 +72,7 @@ class CPTDataLoader:
             self._open(s, tokenizer, tok_hash, verify, main) for s in self.sources
         ]
         if main:
-            for msg in heldout_overlaps(data_cfg):
+            for msg in folder_overlaps(data_cfg, self.source_names):
                 logger.warning(msg)
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
@@ -212,11 +212,20 @@ def _same_folder(path: str) -> str:
     return path.rstrip("/") if "://" in path else os.path.realpath(path)
 
 
-def heldout_overlaps(data_cfg: Any) -> list[str]:
+def folder_overlaps(data_cfg: Any, used: Sequence[str] | None = None) -> list[str]:
     """A warning for each held-out set that is the folder of a training source (its loss would measure
-    memorisation, not generalisation): an easy slip for `cpt prepare`'s OUT instead of OUT/heldout."""
-    folders = {_same_folder(s.path): s.name for s in data_cfg.sources if s.type == "shards"}
+    memorisation, not generalisation): an easy slip for `cpt prepare`'s OUT instead of OUT/heldout; and for each
+    training source (of ``used``, default all) reading the same folder as an earlier one (a copy-paste slip: that data
+    is mixed in twice, in two orders, and each source counts only its own epochs for data.max_epochs_warning)."""
+    folders: dict[str, str] = {}
     out = []
+    for s in data_cfg.sources:
+        if s.type != "shards" or (used is not None and s.name not in used):
+            continue
+        first = folders.setdefault(_same_folder(s.path), s.name)
+        if first != s.name:
+            out.append(f"data sources {first!r} and {s.name!r} read the same folder ({s.path}): its sequences are "
+                       "mixed in as two sources, each with its own order and epoch count")
     for h in getattr(data_cfg, "heldout", []):
         source = folders.get(_same_folder(h.path))
         if source is not None:
