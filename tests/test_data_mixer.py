@@ -63,6 +63,14 @@ def test_stages_and_ramps():
         MixPlan([stage(5, {"x": 1})], ["a"])
 
 
+def test_mix_weights_must_be_finite_and_not_negative():
+    from pydantic import ValidationError
+
+    for bad in (float("nan"), float("inf"), -0.1):  # nan and inf passed, then failed in the mixer with a traceback
+        with pytest.raises(ValidationError, match="finite and not negative"):
+            stage(5, {"a": bad, "b": 1})
+
+
 def test_mixer_state_round_trip():
     stages = [stage(37, {"a": 0.7, "b": 0.3}), stage(40, {"a": 0.2, "b": 0.8}, ramp={"a": (0.2, 0.05)})]
     full = run_counts(stages, ["a", "b"], 48, 77)

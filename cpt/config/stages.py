@@ -238,9 +238,9 @@ class StageConfig(Strict):
     def _shares(cls, v: dict[str, float]) -> dict[str, float]:
         if not v:
             raise ValueError("mix must name at least one source")
-        bad = {k: s for k, s in v.items() if s < 0}
+        bad = {k: s for k, s in v.items() if not 0 <= s < float("inf")}  # (NaN too)
         if bad:
-            raise ValueError(f"negative shares {bad}")
+            raise ValueError(f"shares must be finite and not negative: {bad}")
         if sum(v.values()) <= 0:
             raise ValueError("shares must not all be zero")
         return v
