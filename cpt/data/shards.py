@@ -78,11 +78,14 @@ def tokenizer_name(tokenizer: Any) -> str:
 
 
 def vocab_size(tokenizer: Any) -> int:
-    """Number of ids the tokenizer can produce (base vocabulary plus added tokens)."""
+    """One more than the largest id the tokenizer can produce (base vocabulary plus added tokens): its length, or more
+    when its ids have gaps (an id of 70,000 in a 4-token vocabulary does not fit uint16 shards)."""
     try:
-        return len(tokenizer)
+        n = len(tokenizer)
     except TypeError:
-        return int(backend_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True))
+        n = int(backend_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else backend_tokenizer(tokenizer).get_vocab()
+    return max(n, max(vocab.values(), default=-1) + 1)
 
 
 def dtype_for_vocab(n: int) -> np.dtype:
