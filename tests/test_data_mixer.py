@@ -63,12 +63,15 @@ def test_stages_and_ramps():
         MixPlan([stage(5, {"x": 1})], ["a"])
 
 
-def test_mix_weights_must_be_finite_and_not_negative():
+def test_mix_weights_and_ramps_are_checked_by_the_config():
     from pydantic import ValidationError
 
     for bad in (float("nan"), float("inf"), -0.1):  # nan and inf passed, then failed in the mixer with a traceback
         with pytest.raises(ValidationError, match="finite and not negative"):
             stage(5, {"a": bad, "b": 1})
+    for ramp, problem in (({"a": (0.5, 1.5)}, r"in \[0, 1\]"), ({"a": (0.5, 0.5), "b": (0.2, 0.6)}, "end sum to more")):
+        with pytest.raises(ValidationError, match=problem):  # (were the mixer's tracebacks, after the model loaded)
+            stage(5, {"a": 1, "b": 1}, ramp=ramp)
 
 
 def test_mixer_state_round_trip():

@@ -354,3 +354,18 @@ def test_a_broken_hf_source_is_one_line(tiny_cpt_data, tmp_path, capsys):
         assert main(["train", str(write(cfg, tmp_path / "c.yaml"))]) == 1
         line = one_error_line(capsys.readouterr().err, "cpt train: error: source 'python': ")
         assert expected in line
+
+
+def test_a_source_shorter_than_one_sequence_is_one_line(tiny_cpt_data, tmp_path, capsys):
+    """A prepared source with fewer tokens than data.seq_len (a small replay sample) stopped `cpt train` with a
+    ValueError traceback (--dry-run said it in one line)."""
+    from cpt.data.prepare import prepare
+
+    (tmp_path / "short.jsonl").write_text('{"text": "def f(): return 1"}\n')
+    prepare([str(tmp_path / "short.jsonl")], str(tiny_cpt_data / "tokenizer"), tmp_path / "short")
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["data"]["sources"][1]["path"] = str(tmp_path / "short")
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml"))]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: source 'shakespeare' has ")
+    assert "fewer than one sequence of 64" in line
+    assert not (tmp_path / "run").exists()

@@ -245,6 +245,19 @@ class StageConfig(Strict):
             raise ValueError("shares must not all be zero")
         return v
 
+    @field_validator("mix_ramp")
+    @classmethod
+    def _ramp_shares(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        """Absolute shares in [0, 1] whose sum stays within 1 at both ends (they were checked by the mixer only,
+        after the model had loaded, as a traceback)."""
+        bad = {k: list(r) for k, r in v.items() if not all(0 <= x <= 1 for x in r)}
+        if bad:
+            raise ValueError(f"shares must be in [0, 1]: {bad}")
+        for end, which in ((0, "start"), (1, "end")):
+            if sum(r[end] for r in v.values()) > 1 + 1e-12:
+                raise ValueError(f"the shares at the stage's {which} sum to more than 1: {v}")
+        return v
+
     @property
     def shares(self) -> dict[str, float]:
         """The mix normalised to sum to 1 (what the mixer uses)."""
