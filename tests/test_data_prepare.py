@@ -313,6 +313,20 @@ def test_rerun_is_idempotent_and_changes_replace_old_shards(tmp_path, tokenizer)
     TokenShards.open(out, verify=True)  # checksums verify
 
 
+def test_a_changed_remote_input_is_prepared_again(tokenizer, tmp_path):
+    """Remote inputs were known by name alone: re-run after the object changed, cpt prepare said 'up to date'."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/inputs/a.jsonl", b'{"text": "the river bank"}\n' * 5)
+    m1 = prepare(["memory://inputs/a.jsonl"], tokenizer, tmp_path / "out")
+    assert prepare(["memory://inputs/a.jsonl"], tokenizer, tmp_path / "out").get("up_to_date")
+    fs.pipe("/inputs/a.jsonl", b'{"text": "the river bank holds water"}\n' * 5)
+    m2 = prepare(["memory://inputs/a.jsonl"], tokenizer, tmp_path / "out")
+    assert not m2.get("up_to_date") and m2["num_tokens"] > m1["num_tokens"]
+    fs.rm("/inputs", recursive=True)
+
+
 def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, tokenizer, monkeypatch):
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(300, seed=7)])
     out = tmp_path / "out"

@@ -50,6 +50,7 @@ from cpt.data.shards import (
     TokenShards,
     backend_tokenizer,
     dtype_for_vocab,
+    filesystem,
     is_remote,
     tokenizer_fingerprint,
     tokenizer_name,
@@ -386,12 +387,29 @@ def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
     return kept
 
 
+# what a store says about an object's version (s3: ETag/VersionId, gcs: generation/etag, hf://: blob_id, http: ETag,
+# file:// and others: mtime/created), for the idempotency key of remote inputs
+_VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "blob_id", "md5Hash", "LastModified", "last_modified",
+                 "updated", "mtime", "created")
+
+
+def _remote_identity(path: str) -> list[Any]:
+    """A remote input by name, size and the version fields its store gives (by name alone, a changed object was
+    'up to date': the old shards kept, silently)."""
+    fs, root = filesystem(path)
+    try:
+        info = fs.info(root)
+    except Exception:  # noqa: BLE001 - a store that cannot say: the name alone, as before
+        return [path]
+    return [path, info.get("size")] + [f"{k}={info[k]}" for k in _VERSION_KEYS if info.get(k) is not None]
+
+
 def _input_identity(files: list[str]) -> list[Any]:
-    """What the inputs are, for the idempotency key: local files by size and mtime, others by name."""
+    """What the inputs are, for the idempotency key: local files by size and mtime, remote ones by size and version."""
     out: list[Any] = []
     for path in files:
         if is_remote(path):
-            out.append(path)
+            out.append(_remote_identity(path))
         else:
             st = os.stat(path)
             out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
