@@ -313,8 +313,8 @@ def test_rerun_is_idempotent_and_changes_replace_old_shards(tmp_path, tokenizer)
     TokenShards.open(out, verify=True)  # checksums verify
 
 
-def test_a_changed_remote_input_is_prepared_again(tokenizer, tmp_path):
-    """Remote inputs were known by name alone: re-run after the object changed, cpt prepare said 'up to date'."""
+def test_a_changed_remote_or_datasets_input_is_prepared_again(tokenizer, tmp_path):
+    """Remote and --hf inputs were known by name alone: re-run after the data changed, cpt prepare said 'up to date'."""
     import fsspec
 
     fs = fsspec.filesystem("memory")
@@ -325,6 +325,11 @@ def test_a_changed_remote_input_is_prepared_again(tokenizer, tmp_path):
     m2 = prepare(["memory://inputs/a.jsonl"], tokenizer, tmp_path / "out")
     assert not m2.get("up_to_date") and m2["num_tokens"] > m1["num_tokens"]
     fs.rm("/inputs", recursive=True)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "the river bank"}])  # --hf json --data-files a local file
+    m1 = prepare(["json"], tokenizer, tmp_path / "hf", hf=True, data_files=[str(src)])
+    write_jsonl(src, [{"text": "the river bank holds water"}])
+    os.utime(src, ns=(1, 1))  # (a new mtime even on a coarse clock)
+    assert prepare(["json"], tokenizer, tmp_path / "hf", hf=True, data_files=[str(src)])["num_tokens"] > m1["num_tokens"]
 
 
 def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, tokenizer, monkeypatch):

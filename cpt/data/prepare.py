@@ -263,7 +263,8 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
         raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has no BOS token")
     tok_hash = tokenizer_fingerprint(tok)
     files = None if opts.hf else _input_files(inputs, opts.glob, out)
-    key = _prepare_key(list(inputs) if files is None else _input_identity(files), tok_hash, opts.identity())
+    key = _prepare_key(_hf_identity(inputs, opts.data_files) if files is None else _input_identity(files), tok_hash,
+                       opts.identity())
     if not opts.force and (existing := _is_up_to_date(out, key, int(tok.eos_token_id))) is not None:
         return {**existing, "up_to_date": True}
     job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
@@ -414,6 +415,22 @@ def _input_identity(files: list[str]) -> list[Any]:
             st = os.stat(path)
             out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     return out
+
+
+def _hf_identity(specs: list[str], data_files: Any) -> list[Any]:
+    """--hf inputs for the idempotency key: the specs, and the files behind the local ones (a folder, or data_files
+    given to a builder such as json) as :func:`_input_identity` describes them (by name alone, a changed local file
+    was 'up to date'). A hub dataset is known by its name: --force after it changed."""
+    named = list(specs) + ([data_files] if isinstance(data_files, str) else list(data_files or []))
+    files = []
+    for p in map(str, named):
+        if is_remote(p) or not os.path.exists(p):
+            continue
+        if os.path.isdir(p):
+            files += sorted(os.path.join(d, f) for d, _, names in os.walk(p, followlinks=True) for f in names)
+        else:
+            files.append(p)
+    return list(specs) + _input_identity(files)
 
 
 def _prepare_key(identity: list[Any], tok_hash: str, options: dict) -> str:
