@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import heapq
-import json
 import logging
 import os
 import shutil
@@ -43,6 +41,7 @@ import numpy as np
 from cpt.data.encode import Encoder, encode_documents
 from cpt.data.readers import (SKIP_REASONS, ReadCounts, ReadError, input_kind, iter_documents, read_file,
                               resolve_files)
+from cpt.data.prepare_key import prepare_key
 from cpt.data.shard_writer import ShardWriter, shard_manifest
 from cpt.data.shards import (
     MANIFEST,
@@ -50,7 +49,6 @@ from cpt.data.shards import (
     TokenShards,
     backend_tokenizer,
     dtype_for_vocab,
-    filesystem,
     is_remote,
     tokenizer_fingerprint,
     tokenizer_name,
@@ -263,8 +261,7 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
         raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has no BOS token")
     tok_hash = tokenizer_fingerprint(tok)
     files = None if opts.hf else _input_files(inputs, opts.glob, out)
-    key = _prepare_key(_hf_identity(inputs, opts.data_files) if files is None else _input_identity(files), tok_hash,
-                       opts.identity())
+    key = prepare_key(inputs, files, tok_hash, opts.identity())
     if not opts.force and (existing := _is_up_to_date(out, key, int(tok.eos_token_id))) is not None:
         return {**existing, "up_to_date": True}
     job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
@@ -386,56 +383,6 @@ def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
                        "--glob (e.g. '*.jsonl*') reads only the others", len(texts),
                        ", ".join(texts[:5]) + (" ..." if len(texts) > 5 else ""))
     return kept
-
-
-# what a store says about an object's version (s3: ETag/VersionId, gcs: generation/etag, hf://: blob_id, http: ETag,
-# file:// and others: mtime/created), for the idempotency key of remote inputs
-_VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "blob_id", "md5Hash", "LastModified", "last_modified",
-                 "updated", "mtime", "created")
-
-
-def _remote_identity(path: str) -> list[Any]:
-    """A remote input by name, size and the version fields its store gives (by name alone, a changed object was
-    'up to date': the old shards kept, silently)."""
-    fs, root = filesystem(path)
-    try:
-        info = fs.info(root)
-    except Exception:  # noqa: BLE001 - a store that cannot say: the name alone, as before
-        return [path]
-    return [path, info.get("size")] + [f"{k}={info[k]}" for k in _VERSION_KEYS if info.get(k) is not None]
-
-
-def _input_identity(files: list[str]) -> list[Any]:
-    """What the inputs are, for the idempotency key: local files by size and mtime, remote ones by size and version."""
-    out: list[Any] = []
-    for path in files:
-        if is_remote(path):
-            out.append(_remote_identity(path))
-        else:
-            st = os.stat(path)
-            out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def _hf_identity(specs: list[str], data_files: Any) -> list[Any]:
-    """--hf inputs for the idempotency key: the specs, and the files behind the local ones (a folder, or data_files
-    given to a builder such as json) as :func:`_input_identity` describes them (by name alone, a changed local file
-    was 'up to date'). A hub dataset is known by its name: --force after it changed."""
-    named = list(specs) + ([data_files] if isinstance(data_files, str) else list(data_files or []))
-    files = []
-    for p in map(str, named):
-        if is_remote(p) or not os.path.exists(p):
-            continue
-        if os.path.isdir(p):
-            files += sorted(os.path.join(d, f) for d, _, names in os.walk(p, followlinks=True) for f in names)
-        else:
-            files.append(p)
-    return list(specs) + _input_identity(files)
-
-
-def _prepare_key(identity: list[Any], tok_hash: str, options: dict) -> str:
-    blob = json.dumps({"inputs": identity, "tokenizer": tok_hash, "options": options}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def _is_up_to_date(out: str, key: str, eos_id: int) -> dict | None:
