@@ -381,6 +381,12 @@ def test_bos_option_and_dtype_choice(tmp_path, tokenizer):
     for d in docs:
         want += [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert stream_of(tmp_path / "o") == want and m["bos_before_each_document"]
+    import copy
+
+    gpt2_like = copy.deepcopy(tokenizer)
+    gpt2_like.bos_token = gpt2_like.eos_token  # one token for both (GPT-2, Pythia): --add-bos doubled every boundary
+    with pytest.raises(PrepareError, match="one token for BOS and EOS"):
+        prepare([str(src)], gpt2_like, tmp_path / "z", add_bos=True)
     assert dtype_for_vocab(65536) == np.uint16 and dtype_for_vocab(65537) == np.uint32
     with pytest.raises(PrepareError, match="either heldout_docs or heldout_fraction"):
         prepare([str(src)], tokenizer, tmp_path / "x", heldout_docs=1, heldout_fraction=0.1)

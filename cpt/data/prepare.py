@@ -259,6 +259,10 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     bos_id = getattr(tok, "bos_token_id", None) if opts.add_bos else None
     if opts.add_bos and bos_id is None:
         raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has no BOS token")
+    if opts.add_bos and bos_id == tok.eos_token_id:  # GPT-2, GPT-NeoX/Pythia: <|endoftext|> is both
+        raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has one token for BOS and EOS (id {bos_id}): "
+                           "the EOS after each document already starts the next one; leave --add-bos out (with it "
+                           "every document boundary held two, and document masking split the second off alone)")
     tok_hash = tokenizer_fingerprint(tok)
     files = None if opts.hf else _input_files(inputs, opts.glob, out)
     key = prepare_key(inputs, files, tok_hash, opts.identity())
