@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -351,6 +352,18 @@ def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, t
     monkeypatch.undo()
     assert TokenShards.open(out).manifest["prepare_key"] == old["prepare_key"]  # old data intact, verified
     assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+    # staging folders of killed runs on this host go; another host's (a run on a shared filesystem) stays
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])  # a PID that is not running any more
+    dead.wait()
+    for name in (f".staging-{dead.pid}-0123abcd-{socket.gethostname()}", f".staging-{dead.pid}-0123abcd",
+                 f".staging-{dead.pid}-0123abcd-other-host.cluster"):
+        (out / name).mkdir()
+    prepare([str(src)], tokenizer, out, shard_tokens=300, force=True)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".staging")] == [f".staging-{dead.pid}-0123abcd-other-host.cluster"]
+    shutil.rmtree(out / f".staging-{dead.pid}-0123abcd-other-host.cluster")
 
     def crash_while_moving(src_dir, dst_dir):
         raise KeyboardInterrupt

@@ -30,6 +30,7 @@ import heapq
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -271,7 +272,7 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
     os.makedirs(out, exist_ok=True)
     _remove_stale_staging(out)
-    staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}")
     try:
         return _run(job, staging)
     finally:
@@ -404,10 +405,13 @@ def _is_up_to_date(out: str, key: str, eos_id: int) -> dict | None:
 
 
 def _remove_stale_staging(out: str) -> None:
+    """Remove the staging folders of killed runs on this host (a PID of another host says nothing here: that run, on a
+    shared filesystem, lost its staging folder mid-write and failed)."""
     for name in os.listdir(out):
         if name.startswith(".staging-"):
-            pid = name.split("-")[1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _, pid, *rest = name.split("-", 3)
+            host = rest[1] if len(rest) == 2 else socket.gethostname()  # (older names: no host)
+            if pid.isdigit() and int(pid) != os.getpid() and host == socket.gethostname() and not _pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
