@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import shutil
 
@@ -499,6 +500,19 @@ def test_plain_text_files_beside_jsonl_are_warned_about(tmp_path, tokenizer, cap
     with caplog.at_level("WARNING", logger="cpt.data"):
         assert prepare([str(tmp_path / "ds")], tokenizer, tmp_path / "out2", glob="*.jsonl")["num_documents"] == 5
     assert "plain-text" not in caplog.text
+
+
+def test_evaluation_split_files_among_the_inputs_are_warned_about(tmp_path, tokenizer, caplog):
+    """A downloaded dataset folder (data/train-*.parquet, data/test-*.parquet): its test split was trained on, silently."""
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    for name in ("train-00000-of-00001.jsonl", "test-00000-of-00001.jsonl", "validation.jsonl", "latest.jsonl"):
+        write_jsonl(tmp_path / "ds" / "data" / name, [{"text": d} for d in make_docs(3, seed=len(name))])
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        prepare([str(tmp_path / "ds")], tokenizer, tmp_path / "out")
+        prepare([str(tmp_path / "ds" / "data" / "validation.jsonl")], tokenizer, tmp_path / "val")  # only it: meant
+    warned = [r.getMessage() for r in caplog.records if "evaluation split" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("2 input file(s)") and "test-00000" in warned[0]
+    assert "validation.jsonl" in warned[0] and "latest" not in warned[0]
 
 
 def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokenizer):
