@@ -507,6 +507,7 @@ def test_evaluation_split_files_among_the_inputs_are_warned_about(tmp_path, toke
     (tmp_path / "ds" / "data").mkdir(parents=True)
     for name in ("train-00000-of-00001.jsonl", "test-00000-of-00001.jsonl", "validation.jsonl", "latest.jsonl"):
         write_jsonl(tmp_path / "ds" / "data" / name, [{"text": d} for d in make_docs(3, seed=len(name))])
+    (tmp_path / "ds" / "test_code.py").write_text("def test_x(): pass\n")  # code, not a split: not named
     with caplog.at_level(logging.WARNING, logger="cpt.data"):
         prepare([str(tmp_path / "ds")], tokenizer, tmp_path / "out")
         prepare([str(tmp_path / "ds" / "data" / "validation.jsonl")], tokenizer, tmp_path / "val")  # only it: meant

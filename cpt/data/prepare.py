@@ -62,9 +62,6 @@ logger = logging.getLogger("cpt.data")
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 HELDOUT_DIR = "heldout"
-
-
-
 # a file (or its folder) named like a `datasets` evaluation split: data/test-00000-of-00001.parquet, validation/x.jsonl
 EVAL_SPLIT_NAME = re.compile(r"(?:^|[-._ 0-9/])(test|testing|eval|evaluation|validation|valid|val|dev)(?:[-._ 0-9/]|$)",
                              re.IGNORECASE)
@@ -393,8 +390,9 @@ def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
         logger.warning("%d plain-text file(s) among the jsonl/parquet inputs are read as one document each: %s; "
                        "--glob (e.g. '*.jsonl*') reads only the others", len(texts),
                        ", ".join(texts[:5]) + (" ..." if len(texts) > 5 else ""))
-    evals = [f for f in kept if EVAL_SPLIT_NAME.search("/".join(f.replace(os.sep, "/").split("/")[-2:]))]
-    if evals and len(evals) < len(kept):  # a dataset folder with its test/validation files: they would be trained on
+    records = [f for f in kept if input_kind(f) != "text"]  # (not code: test_x.py is no evaluation split)
+    evals = [f for f in records if EVAL_SPLIT_NAME.search("/".join(f.replace(os.sep, "/").split("/")[-2:]))]
+    if evals and len(evals) < len(records):  # a dataset folder with its test/validation files: they would be trained on
         logger.warning("%d input file(s) are named like an evaluation split and are read as training data: %s; --glob "
                        "(e.g. '*train*') or --hf --split train reads the train split only", len(evals),
                        ", ".join(evals[:5]) + (" ..." if len(evals) > 5 else ""))
