@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cpt.averaging import format_sweep, interpolate, interpolation_sweep, load_model_dir
     from cpt.data.loader import load_heldout
+    from cpt.data.shards import ShardError
     from cpt.data.sources import HeldoutConfig
     from cpt.evaluate import heldout_loss
 
@@ -80,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
     sets = {}
-    for name, path, tag in args.heldout:
-        hcfg = HeldoutConfig(name=name, path=path, tag=tag, max_tokens=args.max_tokens)
-        sets[name] = (tag, load_heldout(hcfg, tokenizer, args.seq_len, args.max_tokens))
+    try:
+        for name, path, tag in args.heldout:
+            hcfg = HeldoutConfig(name=name, path=path, tag=tag, max_tokens=args.max_tokens)
+            sets[name] = (tag, load_heldout(hcfg, tokenizer, args.seq_len, args.max_tokens))
+    except ShardError as e:  # another tokenizer's set, a missing folder, fewer tokens than one sequence: one line
+        print(f"cpt interpolate: error: {e}", file=sys.stderr)
+        return 1
 
     def loss_fn(model, tokens):
         return heldout_loss(model, tokens, args.batch_size)
