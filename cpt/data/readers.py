@@ -26,7 +26,6 @@ read at all (missing, a broken parquet or compressed stream, a dataset that does
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import logging
 import lzma
@@ -35,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from cpt.data.compressed import open_binary
 from cpt.data.shards import ShardError, filesystem, is_remote
 
 logger = logging.getLogger("cpt.data")
@@ -88,15 +88,6 @@ def input_kind(path: str) -> str:
     if base.endswith(".arrow"):
         return "arrow"
     return "text"
-
-
-def _compression(path: str) -> str | None:
-    lower = path.lower()
-    if lower.endswith(".zst"):
-        return "zstd"
-    import fsspec.utils
-
-    return fsspec.utils.infer_compression(path)
 
 
 def _hidden(name: str) -> bool:
@@ -219,57 +210,6 @@ def _read_once(files: list[str], warn: bool) -> list[str]:
 # ---------------------------------------------------------------- one file
 
 
-def _open_binary(path: str) -> Any:
-    """A buffered binary file (decompressed by suffix) that iterates by lines."""
-    import fsspec
-
-    compression = _compression(path)
-    if compression == "zstd":  # fsspec's zstd file cannot iterate lines: decompress as a stream ourselves
-        return io.BufferedReader(_ZstdReader(fsspec.open(path, "rb").open()), buffer_size=1 << 20)
-    return fsspec.open(path, "rb", compression=compression).open()
-
-
-class _ZstdReader(io.RawIOBase):
-    """The decompressed bytes of a zstd file (one or more frames). A file cut inside a frame raises EOFError, as
-    gzip does (zstandard's stream_reader ends quietly there: a truncated download read as a shorter corpus), and
-    corrupt data an OSError (zstandard's own ZstdError escaped as a traceback)."""
-
-    def __init__(self, raw: Any):
-        import zstandard
-
-        self._raw, self._dctx, self._error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
-        self._obj = self._dctx.decompressobj()
-        self._pending, self._out, self._pos, self._in_frame = b"", b"", 0, False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while self._pos >= len(self._out):
-            chunk, self._pending = self._pending or self._raw.read(1 << 20), b""
-            if not chunk:
-                if self._in_frame:
-                    raise EOFError("compressed file ended inside a zstd frame (truncated)")
-                return 0
-            if self._obj.eof:  # the previous frame is complete: the next one starts
-                self._obj = self._dctx.decompressobj()
-            try:
-                self._out, self._pos = self._obj.decompress(chunk), 0
-            except self._error as e:  # corrupt data: read_file turns the OSError into one ReadError line
-                raise OSError(f"corrupt zstd data ({e})") from None
-            self._in_frame = not self._obj.eof
-            if self._obj.eof:
-                self._pending = self._obj.unused_data
-        n = min(len(b), len(self._out) - self._pos)
-        b[:n] = self._out[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
 def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
     """The usable text of one record, or None (after counting why it was skipped)."""
     if not isinstance(record, dict):
@@ -298,7 +238,7 @@ def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
 
 def _read_jsonl(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
     first = True
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for raw in f:
             if first:
                 raw = raw.removeprefix(BOM)  # a UTF-8 byte-order mark (Windows tools) is not part of the first record
@@ -340,7 +280,7 @@ def _read_json_array(path: str, data: bytes, text_field: str, counts: ReadCounts
 def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises ArrowInvalid and friends for broken files
@@ -362,7 +302,7 @@ def _read_arrow(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         try:
             reader = ipc.open_stream(f)
         except pa.ArrowInvalid:
@@ -386,7 +326,7 @@ def _read_arrow(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]
 
 
 def _read_text(path: str, counts: ReadCounts) -> Iterator[str]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         data = f.read()
     if len(data) > LARGE_TEXT_DOCUMENT:
         logger.warning("%s: a plain-text file is one document, and this one has %.0f MB: tokenizing it takes about "
@@ -433,8 +373,16 @@ def error_line(e: BaseException) -> str:
 
 def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, streaming: bool) -> Any:
     """``datasets.load_dataset(path, ...)``, or ``datasets.load_from_disk(path)[split]`` for a folder written by
-    ``save_to_disk`` (which load_dataset refuses: 'use load_from_disk instead')."""
+    ``save_to_disk`` (which load_dataset refuses: 'use load_from_disk instead'); a local jsonl/parquet/arrow file is
+    loaded with its builder (load_dataset said "Couldn't find any data file" of a file that is there)."""
     import datasets
+
+    if os.path.isfile(path) and data_files is None:
+        builder = {"jsonl": "json", "parquet": "parquet", "arrow": "arrow"}.get(input_kind(path))
+        if builder is None:
+            raise ValueError(f"{path} is a plain-text file: `cpt prepare` it (one document per file), or load it with "
+                             "path: text and data_files (one document per line)")
+        return datasets.load_dataset(builder, data_files=path, split=split, streaming=streaming)
 
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
