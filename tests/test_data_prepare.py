@@ -239,6 +239,17 @@ def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
     pq.write_table(pa.table({"content": ["x", "y"]}), tmp_path / "p.parquet")
     with pytest.raises(PrepareError, match=r"missing_field: 2"):
         prepare([str(tmp_path / "p.parquet")], tokenizer, tmp_path / "out2")
+    # a string column holding bytes that are not UTF-8 (pyarrow does not check what other tools wrote): one value
+    # skipped and counted (to_pylist raised UnicodeDecodeError: a traceback for the whole file)
+    blob, offsets = b"bad \xff\xfe bytesa fine document", np.array([0, 12, 27, 27], dtype=np.int32)
+    column = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(blob)])
+    pq.write_table(pa.table({"text": column}), tmp_path / "bad.parquet")
+    with pa.OSFile(str(tmp_path / "bad.arrow"), "wb") as sink, pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": column}))
+    for name in ("bad.parquet", "bad.arrow"):
+        m = prepare([str(tmp_path / name)], tokenizer, tmp_path / name.replace(".", "_"))
+        assert m["stats"]["skipped"]["non_utf8"] == 1 and m["stats"]["skipped"]["empty"] == 1
+        assert stream_of(tmp_path / name.replace(".", "_")) == expected_stream(tokenizer, ["a fine document"])
 
 
 def test_long_documents_truncated_or_skipped(tmp_path, tokenizer):

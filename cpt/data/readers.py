@@ -221,6 +221,9 @@ def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
             counts.fields_seen = sorted(map(str, record))[:20]
         counts.skip("missing_field")
         return None
+    if isinstance(value, _NotUTF8):
+        counts.skip("non_utf8")
+        return None
     if not isinstance(value, str):
         counts.skip("not_text")
         return None
@@ -291,10 +294,33 @@ def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[st
             counts.fields_seen = counts.fields_seen or list(pf.schema_arrow.names)[:20]
             return
         for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-            for value in batch.column(0).to_pylist():
-                text = _field_text({text_field: value}, text_field, counts)
-                if text is not None:
-                    yield text
+            yield from _column_texts(batch.column(0), text_field, counts)
+
+
+def _column_texts(column: Any, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    """The usable texts of an Arrow column. Strings are decoded here: pyarrow does not check that a string column
+    written by another tool (Spark, say) holds UTF-8, and its to_pylist raised UnicodeDecodeError for the whole file."""
+    import pyarrow as pa
+
+    try:
+        values: Iterable[Any] = column.to_pylist()
+    except UnicodeDecodeError:  # (a string column: the values decoded one by one)
+        values = (_utf8(v) for v in column.cast(pa.large_binary()).to_pylist())
+    for value in values:
+        text = _field_text({text_field: value}, text_field, counts)
+        if text is not None:
+            yield text
+
+
+class _NotUTF8:
+    """A string value that is not UTF-8 (counted as non_utf8 by _field_text)."""
+
+
+def _utf8(raw: bytes | None) -> str | None | _NotUTF8:
+    try:
+        return None if raw is None else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NotUTF8()
 
 
 def _read_arrow(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
@@ -317,10 +343,7 @@ def _read_arrow(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]
         batches = iter(reader) if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches))
         try:
             for batch in batches:
-                for value in batch.column(names.index(text_field)).to_pylist():
-                    text = _field_text({text_field: value}, text_field, counts)
-                    if text is not None:
-                        yield text
+                yield from _column_texts(batch.column(names.index(text_field)), text_field, counts)
         except pa.ArrowInvalid as e:  # a cut or damaged file
             raise ReadError(f"{path}: not a readable Arrow IPC file ({e})") from None
 
