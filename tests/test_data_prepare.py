@@ -398,6 +398,40 @@ def test_num_proc_gives_identical_shards(tmp_path, tokenizer):
     assert stream_of(tmp_path / "a" / "heldout") == stream_of(tmp_path / "b" / "heldout")
 
 
+def test_a_tokenizer_worker_killed_by_the_system_is_one_error_not_a_hang(tmp_path, tokenizer):
+    """--num-proc: a worker killed by the system (out of memory on a huge document) left multiprocessing.Pool's imap
+    waiting forever for its batch."""
+    import multiprocessing
+    import signal
+    import threading
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(2000, seed=8)])
+    real_read, seen = prep_mod.read_file, []
+
+    def read_and_kill_a_worker(*args):
+        for i, doc in enumerate(real_read(*args)):
+            if i == 1000:
+                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+            yield doc
+
+    def run():
+        try:
+            prepare([str(src)], tokenizer, tmp_path / "out", batch_docs=50, num_proc=2)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            seen.append(e)
+
+    prep_mod.read_file = read_and_kill_a_worker
+    try:
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout=120)
+    finally:
+        prep_mod.read_file = real_read
+    assert not t.is_alive(), "cpt prepare hangs after a worker was killed"
+    assert len(seen) == 1 and isinstance(seen[0], PrepareError) and "worker process died" in str(seen[0])
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_bos_option_and_dtype_choice(tmp_path, tokenizer):
     docs = make_docs(3, seed=9)
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])

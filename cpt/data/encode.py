@@ -23,6 +23,10 @@ from typing import Any, Iterator
 import numpy as np
 
 
+class EncodeError(RuntimeError):
+    """Tokenizing could not go on (a worker process died): one line from `cpt prepare`."""
+
+
 @dataclass
 class EncodedBatch:
     """Tokenized documents: ``flat`` holds them back to back (each ending in EOS), ``lengths`` their sizes."""
@@ -172,9 +176,16 @@ def encode_documents(docs: Iterator[str], encoder: Encoder, num_proc: int = 1, b
             yield _ordered(pool, encoder, batches, depth=3)
         return
     args = (encoder.eos_id, encoder.bos_id, encoder.dtype, encoder.max_doc_tokens, encoder.long_docs)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoder.backend.to_str(), args)) as pool:
-        yield pool.imap(_worker_encode, batches, chunksize=1)
+    # (not multiprocessing.Pool: its imap waited forever for the batch of a worker the system killed, e.g. out of
+    # memory on a huge document, and its feeder thread read the whole input ahead into memory)
+    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker,
+                                                initargs=(encoder.backend.to_str(), args)) as pool:
+        try:
+            yield _ordered(pool, _worker_encode, batches, depth=2 * num_proc)
+        except concurrent.futures.process.BrokenProcessPool:
+            raise EncodeError("a tokenizer worker process died (killed by the system: out of memory on a long "
+                              "document?); lower --num-proc, or cap documents with --max-doc-tokens") from None
 
 
-__all__ = ["EncodedBatch", "Encoder", "encode_documents"]
+__all__ = ["EncodedBatch", "EncodeError", "Encoder", "encode_documents"]

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cpt.data.encode import Encoder, encode_documents
+from cpt.data.encode import EncodeError, Encoder, encode_documents
 from cpt.data.readers import (SKIP_REASONS, ReadCounts, ReadError, input_kind, iter_documents, read_file,
                               resolve_files)
 from cpt.data.prepare_key import prepare_key
@@ -241,7 +241,7 @@ def prepare(inputs: str | list[str], tokenizer: Any, out: str | os.PathLike, opt
     out = str(out)
     try:
         result = _prepare(inputs, tokenizer, out, opts)
-    except ReadError as e:  # an unreadable input: the same one line as every other mistake
+    except (ReadError, EncodeError) as e:  # an unreadable input, a dead worker: one line as every other mistake
         raise PrepareError(str(e)) from None
     if echo is not None:
         echo(format_summary(result, out))
