@@ -177,7 +177,7 @@ def encode_documents(docs: Iterator[str], encoder: Encoder, num_proc: int = 1, b
         return
     args = (encoder.eos_id, encoder.bos_id, encoder.dtype, encoder.max_doc_tokens, encoder.long_docs)
     # (not multiprocessing.Pool: its imap waited forever for the batch of a worker the system killed, e.g. out of
-    # memory on a huge document, and its feeder thread read the whole input ahead into memory)
+    # memory on a huge document)
     with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_init_worker,
                                                 initargs=(encoder.backend.to_str(), args)) as pool:
