@@ -11,10 +11,10 @@ from typing import Any
 
 from cpt.data.shards import filesystem, is_remote
 
-# what a store says about an object's version (s3: ETag/VersionId, gcs: generation/etag, hf://: blob_id, http: ETag,
-# file:// and others: mtime/created), for the idempotency key of remote inputs
-VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "blob_id", "md5Hash", "LastModified", "last_modified",
-                "updated", "mtime", "created")
+# what a store says about an object's version (s3: ETag/VersionId, gcs: generation/etag, hf://: blob_id, http: ETag or
+# Last-Modified, file:// and others: mtime/created), for the idempotency key of remote inputs
+VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "blob_id", "md5Hash", "LastModified", "Last-Modified",
+                "last_modified", "updated", "mtime", "created")
 
 
 def remote_identity(path: str) -> list[Any]:
