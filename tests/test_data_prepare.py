@@ -432,6 +432,22 @@ def test_a_tokenizer_worker_killed_by_the_system_is_one_error_not_a_hang(tmp_pat
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_special_token_text_in_documents_is_counted_or_encoded_as_text(tmp_path, tokenizer, capsys):
+    """'<eos>' written inside a document (code about tokenizers, scraped chat logs) became a real EOS mid-document,
+    silently: it is counted in the summary, and --special-tokens-as-text encodes it as text."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "the river <eos> bank"}, {"text": "plain water"}])
+    m = prepare([str(src)], tokenizer, tmp_path / "parsed", echo=print)
+    assert m["stats"]["special_token_text"] == 1 and "special_tokens_as_text" not in m["options"]  # (earlier keys hold)
+    assert "1 documents hold the text of a special token" in capsys.readouterr().out
+    assert stream_of(tmp_path / "parsed")[:8].count(tokenizer.eos_token_id) == 1  # an EOS inside the first document
+    m = prepare([str(src)], tokenizer, tmp_path / "parsed", special_tokens_as_text=True)  # another job: redone
+    assert not m.get("up_to_date") and m["stats"]["special_token_text"] == 0 and m["options"]["special_tokens_as_text"]
+    as_text = tokenizer("the river <eos> bank", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert tokenizer.eos_token_id not in as_text
+    assert stream_of(tmp_path / "parsed") == as_text + [tokenizer.eos_token_id] + expected_stream(tokenizer, ["plain water"])
+    assert tokenizer("<eos>", add_special_tokens=False)["input_ids"] == [tokenizer.eos_token_id]  # (the tokenizer: untouched)
+
+
 def test_bos_option_and_dtype_choice(tmp_path, tokenizer):
     docs = make_docs(3, seed=9)
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
@@ -570,7 +586,8 @@ def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokeniz
     b = prepare([str(src)], tokenizer, tmp_path / "b", shard_tokens=300, heldout_docs=4, seed=2)
     c = prepare([str(src)], tokenizer, tmp_path / "c", opts, seed=3)  # keywords override fields of the object
     assert a["prepare_key"] == b["prepare_key"] != c["prepare_key"] and a["shards"] == b["shards"]
-    assert list(a["options"]) == list(IDENTITY_OPTIONS) and (a["options"]["seed"], c["options"]["seed"]) == (2, 3)
+    assert list(a["options"]) == [o for o in IDENTITY_OPTIONS if o != "special_tokens_as_text"]  # (only when set)
+    assert (a["options"]["seed"], c["options"]["seed"]) == (2, 3)
     assert stream_of(tmp_path / "a" / "heldout") == stream_of(tmp_path / "b" / "heldout")
     assert opts.num_proc == 1 and "num_proc" not in a["options"]  # how the job runs is not part of its identity
     with pytest.raises(TypeError):

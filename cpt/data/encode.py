@@ -35,21 +35,29 @@ class EncodedBatch:
     lengths: np.ndarray
     skipped: Counter
     truncated: int
+    special: int = 0  # documents whose text held a special token's text, encoded as that token (not as_text)
 
 
 class Encoder:
     """Batch tokenizer: texts -> :class:`EncodedBatch` (multithreaded ``encode_batch_fast``)."""
 
     def __init__(self, backend: Any, eos_id: int, bos_id: int | None, dtype: np.dtype,
-                 max_doc_tokens: int | None, long_docs: str):
-        self.backend = backend
+                 max_doc_tokens: int | None, long_docs: str, special_as_text: bool = False):
+        """``special_as_text``: the text of a special token in a document ('<|endoftext|>' in code about tokenizers)
+        is encoded as plain text; otherwise as that token (as transformers does), and such documents are counted."""
+        if special_as_text:  # (on a copy: the caller's tokenizer is left as it is)
+            backend = type(backend).from_str(backend.to_str())
+            backend.encode_special_tokens = True
+        self.backend, self.special_as_text = backend, special_as_text
         self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, np.dtype(dtype)
         self.max_doc_tokens, self.long_docs = max_doc_tokens, long_docs
+        self._special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self._encode = encode
 
     def __call__(self, texts: list[str]) -> EncodedBatch:
         ids = [e.ids for e in self._encode(texts, add_special_tokens=False)]
+        special = 0 if self.special_as_text or not self._special else sum(not self._special.isdisjoint(x) for x in ids)
         skipped: Counter = Counter()
         truncated = 0
         if self.max_doc_tokens is not None:
@@ -64,7 +72,9 @@ class Encoder:
         n0 = len(ids)
         ids = [x for x in ids if x]  # text the tokenizer maps to nothing (e.g. only control characters)
         skipped["empty"] += n0 - len(ids)
-        return self._pack(ids, skipped, truncated)
+        batch = self._pack(ids, skipped, truncated)
+        batch.special = special
+        return batch
 
     def _pack(self, ids: list[list[int]], skipped: Counter, truncated: int) -> EncodedBatch:
         extra = 1 + (self.bos_id is not None)
@@ -175,7 +185,8 @@ def encode_documents(docs: Iterator[str], encoder: Encoder, num_proc: int = 1, b
         with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="cpt-encode") as pool:
             yield _ordered(pool, encoder, batches, depth=3)
         return
-    args = (encoder.eos_id, encoder.bos_id, encoder.dtype, encoder.max_doc_tokens, encoder.long_docs)
+    args = (encoder.eos_id, encoder.bos_id, encoder.dtype, encoder.max_doc_tokens, encoder.long_docs,
+            encoder.special_as_text)
     # (not multiprocessing.Pool: its imap waited forever for the batch of a worker the system killed, e.g. out of
     # memory on a huge document)
     with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),

@@ -73,7 +73,7 @@ class PrepareError(ValueError):
 
 # the options that decide what the shards hold: written to the manifest and hashed into its prepare_key, in this order
 IDENTITY_OPTIONS = ("text_field", "shard_tokens", "heldout_docs", "heldout_fraction", "seed", "max_doc_tokens",
-                    "long_docs", "add_bos", "glob", "hf", "dataset_name", "split", "data_files")
+                    "long_docs", "add_bos", "glob", "hf", "dataset_name", "split", "data_files", "special_tokens_as_text")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class PrepareOptions:
     max_doc_tokens: int | None = None  # longer documents are truncated, or skipped with long_docs="skip"
     long_docs: str = "truncate"
     add_bos: bool = False  # also put BOS before each document (EOS always follows each)
+    special_tokens_as_text: bool = False  # '<|endoftext|>' in a document: plain text, not the special token
     glob: str | None = None  # only files matching this pattern when an input is a folder
     hf: bool = False  # inputs are datasets.load_dataset paths, with the next three and `streaming`
     dataset_name: str | None = None
@@ -102,8 +103,9 @@ class PrepareOptions:
     force: bool = False  # re-tokenize even when the output is up to date
     progress: bool = False  # a tqdm progress bar
 
-    def identity(self) -> dict:
-        return {name: getattr(self, name) for name in IDENTITY_OPTIONS}
+    def identity(self) -> dict:  # (special_tokens_as_text only when set: the keys of earlier runs stay valid)
+        return {name: getattr(self, name) for name in IDENTITY_OPTIONS
+                if name != "special_tokens_as_text" or self.special_tokens_as_text}
 
     @property
     def wants_heldout(self) -> bool:
@@ -213,19 +215,20 @@ def _run(job: _Job, staging: str) -> dict:
     held = ShardWriter(os.path.join(staging, HELDOUT_DIR), job.dtype, opts.shard_tokens) if opts.wants_heldout else None
     splitter = HeldoutSplitter(train, held, opts.seed, opts.heldout_docs, opts.heldout_fraction)
     encoder = Encoder(backend_tokenizer(job.tok), int(job.tok.eos_token_id), job.bos_id, job.dtype, opts.max_doc_tokens,
-                      opts.long_docs)
+                      opts.long_docs, opts.special_tokens_as_text)
     if job.files is None:  # --hf: datasets specs
         docs = iter_documents(job.inputs, opts.text_field, counts, hf=True, dataset_name=opts.dataset_name,
                               split=opts.split, data_files=opts.data_files, streaming=opts.streaming)
     else:
         docs = (doc for path in job.files for doc in read_file(path, opts.text_field, counts))
     skipped: Counter = Counter()
-    truncated = 0
+    truncated = special = 0
     bar = _progress_bar(opts.progress)
     with encode_documents(docs, encoder, opts.num_proc, opts.batch_docs, opts.batch_chars) as encoded:
         for enc in encoded:
             skipped.update(enc.skipped)
             truncated += enc.truncated
+            special += enc.special
             splitter.add(enc.flat, enc.lengths)
             if bar is not None:
                 bar.update(len(enc.lengths))
@@ -242,6 +245,7 @@ def _run(job: _Job, staging: str) -> dict:
         "documents_kept": train.num_documents + (held.num_documents if held else 0),
         "skipped": {r: int(skipped.get(r, 0)) for r in SKIP_REASONS},
         "truncated": truncated,
+        "special_token_text": special,  # documents holding a special token's text, encoded as that token
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if train.num_documents == 0 and held is not None and held.num_documents > 0:
@@ -407,6 +411,9 @@ def format_summary(manifest: dict, out: str) -> str:
         lines.append(f"  heldout     {h['num_documents']:,} documents, {h['num_tokens']:,} tokens in {out}/{h['path']}")
     skipped = {k: v for k, v in st.get("skipped", {}).items() if v}
     lines.append("  skipped     " + (", ".join(f"{k} {v:,}" for k, v in skipped.items()) if skipped else "none"))
+    if st.get("special_token_text"):
+        lines.append(f"  special     {st['special_token_text']:,} documents hold the text of a special token (e.g. EOS), "
+                     "encoded as that token; --special-tokens-as-text encodes it as text")
     if st.get("truncated"):
         lines.append(f"  truncated   {st['truncated']:,} documents longer than max_doc_tokens")
     secs = st.get("seconds")
