@@ -51,13 +51,12 @@ class Encoder:
         self.backend, self.special_as_text = backend, special_as_text
         self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, np.dtype(dtype)
         self.max_doc_tokens, self.long_docs = max_doc_tokens, long_docs
-        self._special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+        self._special = np.array([i for i, t in backend.get_added_tokens_decoder().items() if t.special], dtype=np.int64)
         encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self._encode = encode
 
     def __call__(self, texts: list[str]) -> EncodedBatch:
         ids = [e.ids for e in self._encode(texts, add_special_tokens=False)]
-        special = 0 if self.special_as_text or not self._special else sum(not self._special.isdisjoint(x) for x in ids)
         skipped: Counter = Counter()
         truncated = 0
         if self.max_doc_tokens is not None:
@@ -72,9 +71,7 @@ class Encoder:
         n0 = len(ids)
         ids = [x for x in ids if x]  # text the tokenizer maps to nothing (e.g. only control characters)
         skipped["empty"] += n0 - len(ids)
-        batch = self._pack(ids, skipped, truncated)
-        batch.special = special
-        return batch
+        return self._pack(ids, skipped, truncated)
 
     def _pack(self, ids: list[list[int]], skipped: Counter, truncated: int) -> EncodedBatch:
         extra = 1 + (self.bos_id is not None)
@@ -88,9 +85,15 @@ class Encoder:
             starts = ends - lengths + 1
             body[starts] = False
             flat[starts] = self.bos_id
-        flat[body] = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=total - extra * len(ids))
+        tokens = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=total - extra * len(ids))
+        flat[body] = tokens
         flat[ends] = self.eos_id
-        return EncodedBatch(flat, lengths, skipped, truncated)
+        special = 0
+        if len(self._special) and not self.special_as_text:  # documents with a special token among their own tokens
+            hit = np.isin(tokens, self._special)
+            if hit.any():
+                special = len(np.unique(np.repeat(np.arange(len(ids)), lengths - extra)[hit]))
+        return EncodedBatch(flat, lengths, skipped, truncated, special)
 
 
 # ---------------------------------------------------------------- worker processes (num_proc > 1)
