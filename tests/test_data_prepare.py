@@ -486,10 +486,11 @@ def test_a_tokenizer_with_gaps_in_its_ids_gets_uint32_shards(tmp_path):
     backend = Tokenizer(models.WordLevel({"<eos>": 0, "<unk>": 1, "a": 2, "b": 70000}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
-    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "a b a"}, {"text": "b"}])
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "a b a"}, {"text": "b zzz"}])
     m = prepare([str(src)], tok, tmp_path / "out")
     assert m["dtype"] == "uint32" and m["tokenizer"]["vocab_size"] == 70001
-    assert stream_of(tmp_path / "out") == [2, 70000, 2, 0, 70000, 0]
+    assert stream_of(tmp_path / "out") == [2, 70000, 2, 0, 70000, 1, 0]
+    assert m["stats"]["special_token_text"] == 0  # an unknown word's <unk> is no special token's text
 
 
 def test_saved_tokenizer_has_the_same_fingerprint(tmp_path, tokenizer):

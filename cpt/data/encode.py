@@ -51,7 +51,10 @@ class Encoder:
         self.backend, self.special_as_text = backend, special_as_text
         self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, np.dtype(dtype)
         self.max_doc_tokens, self.long_docs = max_doc_tokens, long_docs
-        self._special = np.array([i for i, t in backend.get_added_tokens_decoder().items() if t.special], dtype=np.int64)
+        special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        unk = getattr(backend.model, "unk_token", None)  # (an unknown word maps to it: no special token's text)
+        special.discard(backend.token_to_id(unk) if isinstance(unk, str) else None)
+        self._special = np.array(sorted(special), dtype=np.int64)
         encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self._encode = encode
 
