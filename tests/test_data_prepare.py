@@ -578,6 +578,17 @@ def test_evaluation_split_files_among_the_inputs_are_warned_about(tmp_path, toke
     assert "validation.jsonl" in warned[0] and "latest" not in warned[0]
 
 
+def test_a_csv_file_is_warned_about_and_read_by_row_with_hf(tmp_path, tokenizer, caplog):
+    """A .csv named as input became one document holding every row and column, silently; with --hf it was refused
+    ("Couldn't find any data file")."""
+    (tmp_path / "t.csv").write_text('id,text\n1,"the river bank, with a comma"\n2,plain water\n')
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        assert prepare([str(tmp_path / "t.csv")], tokenizer, tmp_path / "whole")["num_documents"] == 1
+    assert any("t.csv is read as plain text, one document" in r.getMessage() for r in caplog.records)
+    prepare([str(tmp_path / "t.csv")], tokenizer, tmp_path / "rows", hf=True)
+    assert stream_of(tmp_path / "rows") == expected_stream(tokenizer, ["the river bank, with a comma", "plain water"])
+
+
 def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokenizer):
     from cpt.data.prepare import IDENTITY_OPTIONS, PrepareOptions
 

@@ -401,7 +401,8 @@ def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, st
     import datasets
 
     if os.path.isfile(path) and data_files is None:
-        builder = {"jsonl": "json", "parquet": "parquet", "arrow": "arrow"}.get(input_kind(path))
+        builder = "csv" if path.lower().endswith(".csv") else {"jsonl": "json", "parquet": "parquet",
+                                                                "arrow": "arrow"}.get(input_kind(path))
         if builder is None:
             raise ValueError(f"{path} is a plain-text file: `cpt prepare` it (one document per file), or load it with "
                              "path: text and data_files (one document per line)")
