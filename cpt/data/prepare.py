@@ -317,8 +317,8 @@ def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
                        "--glob (e.g. '*.jsonl*') reads only the others", len(texts),
                        ", ".join(texts[:5]) + (" ..." if len(texts) > 5 else ""))
     for table in (i for i in inputs if i.lower().endswith((".csv", ".tsv"))):  # (named; a .csv in a code folder is text)
-        logger.warning("%s is read as plain text, one document; for one document per row: --hf csv --data-files %s "
-                       "--text-field COLUMN (or --hf %s for a .csv)", table, table, table)
+        logger.warning("%s is read as plain text, one document; for one document per row: --hf %s --text-field COLUMN "
+                       "for a .csv, jsonl or parquet for a .tsv", table, table)
     records = [f for f in kept if input_kind(f) != "text"]  # (not code: test_x.py is no evaluation split)
     evals = [f for f in records if EVAL_SPLIT_NAME.search("/".join(f.replace(os.sep, "/").split("/")[-2:]))]
     if evals and len(evals) < len(records):  # a dataset folder with its test/validation files: they would be trained on
