@@ -63,6 +63,17 @@ def test_stages_and_ramps():
         MixPlan([stage(5, {"x": 1})], ["a"])
 
 
+def test_mix_weights_and_ramps_are_checked_by_the_config():
+    from pydantic import ValidationError
+
+    for bad in (float("nan"), float("inf"), -0.1):  # nan and inf passed, then failed in the mixer with a traceback
+        with pytest.raises(ValidationError, match="finite and not negative"):
+            stage(5, {"a": bad, "b": 1})
+    for ramp, problem in (({"a": (0.5, 1.5)}, r"in \[0, 1\]"), ({"a": (0.5, 0.5), "b": (0.2, 0.6)}, "end sum to more")):
+        with pytest.raises(ValidationError, match=problem):  # (were the mixer's tracebacks, after the model loaded)
+            stage(5, {"a": 1, "b": 1}, ramp=ramp)
+
+
 def test_mixer_state_round_trip():
     stages = [stage(37, {"a": 0.7, "b": 0.3}), stage(40, {"a": 0.2, "b": 0.8}, ramp={"a": (0.2, 0.05)})]
     full = run_counts(stages, ["a", "b"], 48, 77)
@@ -317,13 +328,23 @@ def test_cpt_eval_uses_the_same_sample_and_reports_coverage(sources, tokenizer):
 
 def test_a_held_out_set_that_is_a_training_source_is_warned_about(sources, tokenizer, caplog):
     """Pointing data.heldout at a source's folder instead of its heldout/ split evaluated on training data, silently."""
-    from cpt.data.loader import heldout_overlaps
+    from cpt.data.loader import folder_overlaps
 
     held = [{"name": "new", "path": str(sources / "new" / "heldout"), "tag": "downstream"},
             {"name": "old-train", "path": str(sources / "old") + "/", "tag": "upstream"}]
     dc = cfg(sources, heldout=held)
-    assert len(heldout_overlaps(dc)) == 1 and "'old-train' is the folder of training source 'old'" in heldout_overlaps(dc)[0]
+    assert len(folder_overlaps(dc)) == 1 and "'old-train' is the folder of training source 'old'" in folder_overlaps(dc)[0]
     with caplog.at_level(logging.WARNING, logger="cpt.data"):
         CPTDataLoader(dc, STAGES, tokenizer, 8, seed=0)
     assert sum("memorisation" in r.getMessage() for r in caplog.records) == 1
-    assert heldout_overlaps(cfg(sources, heldout=held[:1])) == []
+    assert folder_overlaps(cfg(sources, heldout=held[:1])) == []
+
+
+def test_two_sources_reading_one_folder_are_warned_about(sources, tokenizer, caplog):
+    dc = data_config([{"name": "new", "path": str(sources / "new")}, {"name": "old", "path": str(sources / "old")},
+                      {"name": "again", "path": str(sources / "new") + "/"}], seq_len=L)
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        CPTDataLoader(dc, [stage(5, {"new": 1, "old": 1, "again": 1})], tokenizer, 8, seed=0)
+        CPTDataLoader(dc, [stage(5, {"new": 1, "old": 1})], tokenizer, 8, seed=0)  # 'again' unused: no warning
+    assert [r.getMessage()[:51] for r in caplog.records if "same folder" in r.getMessage()] == [
+        "data sources 'new' and 'again' read the same folder"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -86,6 +88,37 @@ def test_datasets_spec_plain_and_streaming(tmp_path, tokenizer):
         assert stream_of(out) == want
     with pytest.raises(PrepareError, match="no field 'text'"):
         prepare(["json"], tokenizer, tmp_path / "x", hf=True, data_files=str(src))
+
+
+def test_save_to_disk_folders_and_arrow_files(tmp_path, tokenizer):
+    """What `datasets` writes: a save_to_disk folder was read as its state.json/dataset_info.json (malformed jsonl)
+    and its .arrow files as plain text (non-UTF-8): 'no valid documents'; with --hf load_dataset refused it."""
+    import datasets
+
+    docs = make_docs(40, seed=3)
+    want = expected_stream(tokenizer, docs)
+    datasets.Dataset.from_dict({"text": docs, "n": list(range(40))}).save_to_disk(str(tmp_path / "saved"), max_shard_size=2000)
+    assert len(list((tmp_path / "saved").glob("*.arrow"))) > 1  # several arrow files, read in the dataset's order
+    import pyarrow.feather
+
+    pyarrow.feather.write_feather(pa.table({"text": docs}), tmp_path / "file_format.arrow")  # the Arrow IPC file format
+    for name, inputs, kw in (("walk", ["saved"], {}), ("hf", ["saved"], {"hf": True}),
+                             ("feather", ["file_format.arrow"], {})):
+        prepare([str(tmp_path / i) for i in inputs], tokenizer, tmp_path / name, **kw)
+        assert stream_of(tmp_path / name) == want, name
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:30]}),
+                          "test": datasets.Dataset.from_dict({"text": docs[30:]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(PrepareError, match=r"DatasetDict .*splits \['train', 'test'\].*--hf --split"):
+        prepare([str(tmp_path / "dd")], tokenizer, tmp_path / "x")
+    prepare([str(tmp_path / "dd" / "test")], tokenizer, tmp_path / "test_split")
+    prepare([str(tmp_path / "dd")], tokenizer, tmp_path / "test_hf", hf=True, split="test")
+    assert stream_of(tmp_path / "test_split") == stream_of(tmp_path / "test_hf") == expected_stream(tokenizer, docs[30:])
+    with pytest.raises(PrepareError, match=r"no column 'body' \(columns: \['text', 'n'\]\)"):
+        prepare([str(tmp_path / "saved")], tokenizer, tmp_path / "x", text_field="body")
+    arrow = sorted((tmp_path / "saved").glob("*.arrow"))[0]
+    (tmp_path / "cut.arrow").write_bytes(arrow.read_bytes()[:-100])
+    with pytest.raises(PrepareError, match="cut.arrow: cannot read"):
+        prepare([str(tmp_path / "cut.arrow")], tokenizer, tmp_path / "x")
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -206,6 +239,17 @@ def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
     pq.write_table(pa.table({"content": ["x", "y"]}), tmp_path / "p.parquet")
     with pytest.raises(PrepareError, match=r"missing_field: 2"):
         prepare([str(tmp_path / "p.parquet")], tokenizer, tmp_path / "out2")
+    # a string column holding bytes that are not UTF-8 (pyarrow does not check what other tools wrote): one value
+    # skipped and counted (to_pylist raised UnicodeDecodeError: a traceback for the whole file)
+    blob, offsets = b"bad \xff\xfe bytesa fine document", np.array([0, 12, 27, 27], dtype=np.int32)
+    column = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(blob)])
+    pq.write_table(pa.table({"text": column}), tmp_path / "bad.parquet")
+    with pa.OSFile(str(tmp_path / "bad.arrow"), "wb") as sink, pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": column}))
+    for name in ("bad.parquet", "bad.arrow"):
+        m = prepare([str(tmp_path / name)], tokenizer, tmp_path / name.replace(".", "_"))
+        assert m["stats"]["skipped"]["non_utf8"] == 1 and m["stats"]["skipped"]["empty"] == 1
+        assert stream_of(tmp_path / name.replace(".", "_")) == expected_stream(tokenizer, ["a fine document"])
 
 
 def test_long_documents_truncated_or_skipped(tmp_path, tokenizer):
@@ -282,6 +326,25 @@ def test_rerun_is_idempotent_and_changes_replace_old_shards(tmp_path, tokenizer)
     TokenShards.open(out, verify=True)  # checksums verify
 
 
+def test_a_changed_remote_or_datasets_input_is_prepared_again(tokenizer, tmp_path):
+    """Remote and --hf inputs were known by name alone: re-run after the data changed, cpt prepare said 'up to date'."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/inputs/a.jsonl", b'{"text": "the river bank"}\n' * 5)
+    m1 = prepare(["memory://inputs/a.jsonl"], tokenizer, tmp_path / "out")
+    assert prepare(["memory://inputs/a.jsonl"], tokenizer, tmp_path / "out").get("up_to_date")
+    fs.pipe("/inputs/a.jsonl", b'{"text": "the river bank holds water"}\n' * 5)
+    m2 = prepare(["memory://inputs/a.jsonl"], tokenizer, tmp_path / "out")
+    assert not m2.get("up_to_date") and m2["num_tokens"] > m1["num_tokens"]
+    fs.rm("/inputs", recursive=True)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "the river bank"}])  # --hf json --data-files a local file
+    m1 = prepare(["json"], tokenizer, tmp_path / "hf", hf=True, data_files=[str(src)])
+    write_jsonl(src, [{"text": "the river bank holds water"}])
+    os.utime(src, ns=(1, 1))  # (a new mtime even on a coarse clock)
+    assert prepare(["json"], tokenizer, tmp_path / "hf", hf=True, data_files=[str(src)])["num_tokens"] > m1["num_tokens"]
+
+
 def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, tokenizer, monkeypatch):
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(300, seed=7)])
     out = tmp_path / "out"
@@ -301,6 +364,18 @@ def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, t
     monkeypatch.undo()
     assert TokenShards.open(out).manifest["prepare_key"] == old["prepare_key"]  # old data intact, verified
     assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+    # staging folders of killed runs on this host go; another host's (a run on a shared filesystem) stays
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])  # a PID that is not running any more
+    dead.wait()
+    for name in (f".staging-{dead.pid}-0123abcd-{socket.gethostname()}", f".staging-{dead.pid}-0123abcd",
+                 f".staging-{dead.pid}-0123abcd-other-host.cluster"):
+        (out / name).mkdir()
+    prepare([str(src)], tokenizer, out, shard_tokens=300, force=True)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".staging")] == [f".staging-{dead.pid}-0123abcd-other-host.cluster"]
+    shutil.rmtree(out / f".staging-{dead.pid}-0123abcd-other-host.cluster")
 
     def crash_while_moving(src_dir, dst_dir):
         raise KeyboardInterrupt
@@ -323,6 +398,56 @@ def test_num_proc_gives_identical_shards(tmp_path, tokenizer):
     assert stream_of(tmp_path / "a" / "heldout") == stream_of(tmp_path / "b" / "heldout")
 
 
+def test_a_tokenizer_worker_killed_by_the_system_is_one_error_not_a_hang(tmp_path, tokenizer):
+    """--num-proc: a worker killed by the system (out of memory on a huge document) left multiprocessing.Pool's imap
+    waiting forever for its batch."""
+    import multiprocessing
+    import signal
+    import threading
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(2000, seed=8)])
+    real_read, seen = prep_mod.read_file, []
+
+    def read_and_kill_a_worker(*args):
+        for i, doc in enumerate(real_read(*args)):
+            if i == 1000:
+                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+            yield doc
+
+    def run():
+        try:
+            prepare([str(src)], tokenizer, tmp_path / "out", batch_docs=50, num_proc=2)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            seen.append(e)
+
+    prep_mod.read_file = read_and_kill_a_worker
+    try:
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout=120)
+    finally:
+        prep_mod.read_file = real_read
+    assert not t.is_alive(), "cpt prepare hangs after a worker was killed"
+    assert len(seen) == 1 and isinstance(seen[0], PrepareError) and "worker process died" in str(seen[0])
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_special_token_text_in_documents_is_counted_or_encoded_as_text(tmp_path, tokenizer, capsys):
+    """'<eos>' written inside a document (code about tokenizers, scraped chat logs) became a real EOS mid-document,
+    silently: it is counted in the summary, and --special-tokens-as-text encodes it as text."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "the river <eos> bank"}, {"text": "plain water"}])
+    m = prepare([str(src)], tokenizer, tmp_path / "parsed", echo=print)
+    assert m["stats"]["special_token_text"] == 1 and "special_tokens_as_text" not in m["options"]  # (earlier keys hold)
+    assert "1 documents hold the text of a special token" in capsys.readouterr().out
+    assert stream_of(tmp_path / "parsed")[:8].count(tokenizer.eos_token_id) == 1  # an EOS inside the first document
+    m = prepare([str(src)], tokenizer, tmp_path / "parsed", special_tokens_as_text=True)  # another job: redone
+    assert not m.get("up_to_date") and m["stats"]["special_token_text"] == 0 and m["options"]["special_tokens_as_text"]
+    as_text = tokenizer("the river <eos> bank", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert tokenizer.eos_token_id not in as_text
+    assert stream_of(tmp_path / "parsed") == as_text + [tokenizer.eos_token_id] + expected_stream(tokenizer, ["plain water"])
+    assert tokenizer("<eos>", add_special_tokens=False)["input_ids"] == [tokenizer.eos_token_id]  # (the tokenizer: untouched)
+
+
 def test_bos_option_and_dtype_choice(tmp_path, tokenizer):
     docs = make_docs(3, seed=9)
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
@@ -331,6 +456,12 @@ def test_bos_option_and_dtype_choice(tmp_path, tokenizer):
     for d in docs:
         want += [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert stream_of(tmp_path / "o") == want and m["bos_before_each_document"]
+    import copy
+
+    gpt2_like = copy.deepcopy(tokenizer)
+    gpt2_like.bos_token = gpt2_like.eos_token  # one token for both (GPT-2, Pythia): --add-bos doubled every boundary
+    with pytest.raises(PrepareError, match="one token for BOS and EOS"):
+        prepare([str(src)], gpt2_like, tmp_path / "z", add_bos=True)
     assert dtype_for_vocab(65536) == np.uint16 and dtype_for_vocab(65537) == np.uint32
     with pytest.raises(PrepareError, match="either heldout_docs or heldout_fraction"):
         prepare([str(src)], tokenizer, tmp_path / "x", heldout_docs=1, heldout_fraction=0.1)
@@ -345,6 +476,21 @@ def _save(tokenizer, tmp_path) -> str:
     if not d.exists():
         tokenizer.save_pretrained(d)
     return str(d)
+
+
+def test_a_tokenizer_with_gaps_in_its_ids_gets_uint32_shards(tmp_path):
+    """len(tokenizer) is 4, but one id is 70,000: the dtype came from the length (uint16: OverflowError traceback)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<eos>": 0, "<unk>": 1, "a": 2, "b": 70000}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "a b a"}, {"text": "b zzz"}])
+    m = prepare([str(src)], tok, tmp_path / "out")
+    assert m["dtype"] == "uint32" and m["tokenizer"]["vocab_size"] == 70001
+    assert stream_of(tmp_path / "out") == [2, 70000, 2, 0, 70000, 1, 0]
+    assert m["stats"]["special_token_text"] == 0  # an unknown word's <unk> is no special token's text
 
 
 def test_saved_tokenizer_has_the_same_fingerprint(tmp_path, tokenizer):
@@ -418,6 +564,31 @@ def test_plain_text_files_beside_jsonl_are_warned_about(tmp_path, tokenizer, cap
     assert "plain-text" not in caplog.text
 
 
+def test_evaluation_split_files_among_the_inputs_are_warned_about(tmp_path, tokenizer, caplog):
+    """A downloaded dataset folder (data/train-*.parquet, data/test-*.parquet): its test split was trained on, silently."""
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    for name in ("train-00000-of-00001.jsonl", "test-00000-of-00001.jsonl", "validation.jsonl", "latest.jsonl"):
+        write_jsonl(tmp_path / "ds" / "data" / name, [{"text": d} for d in make_docs(3, seed=len(name))])
+    (tmp_path / "ds" / "test_code.py").write_text("def test_x(): pass\n")  # code, not a split: not named
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        prepare([str(tmp_path / "ds")], tokenizer, tmp_path / "out")
+        prepare([str(tmp_path / "ds" / "data" / "validation.jsonl")], tokenizer, tmp_path / "val")  # only it: meant
+    warned = [r.getMessage() for r in caplog.records if "evaluation split" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("2 input file(s)") and "test-00000" in warned[0]
+    assert "validation.jsonl" in warned[0] and "latest" not in warned[0]
+
+
+def test_a_csv_file_is_warned_about_and_read_by_row_with_hf(tmp_path, tokenizer, caplog):
+    """A .csv named as input became one document holding every row and column, silently; with --hf it was refused
+    ("Couldn't find any data file")."""
+    (tmp_path / "t.csv").write_text('id,text\n1,"the river bank, with a comma"\n2,plain water\n')
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        assert prepare([str(tmp_path / "t.csv")], tokenizer, tmp_path / "whole")["num_documents"] == 1
+    assert any("t.csv is read as plain text, one document" in r.getMessage() for r in caplog.records)
+    prepare([str(tmp_path / "t.csv")], tokenizer, tmp_path / "rows", hf=True)
+    assert stream_of(tmp_path / "rows") == expected_stream(tokenizer, ["the river bank, with a comma", "plain water"])
+
+
 def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokenizer):
     from cpt.data.prepare import IDENTITY_OPTIONS, PrepareOptions
 
@@ -427,7 +598,8 @@ def test_options_object_and_keyword_arguments_are_the_same_job(tmp_path, tokeniz
     b = prepare([str(src)], tokenizer, tmp_path / "b", shard_tokens=300, heldout_docs=4, seed=2)
     c = prepare([str(src)], tokenizer, tmp_path / "c", opts, seed=3)  # keywords override fields of the object
     assert a["prepare_key"] == b["prepare_key"] != c["prepare_key"] and a["shards"] == b["shards"]
-    assert list(a["options"]) == list(IDENTITY_OPTIONS) and (a["options"]["seed"], c["options"]["seed"]) == (2, 3)
+    assert list(a["options"]) == [o for o in IDENTITY_OPTIONS if o != "special_tokens_as_text"]  # (only when set)
+    assert (a["options"]["seed"], c["options"]["seed"]) == (2, 3)
     assert stream_of(tmp_path / "a" / "heldout") == stream_of(tmp_path / "b" / "heldout")
     assert opts.num_proc == 1 and "num_proc" not in a["options"]  # how the job runs is not part of its identity
     with pytest.raises(TypeError):

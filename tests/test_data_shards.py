@@ -159,6 +159,29 @@ def test_tokenizer_mismatch_names_both_hashes(prepared, tokenizer):
     assert tokenizer_fingerprint(make_tokenizer()) == h_data  # the fingerprint is stable across instances
 
 
+def test_shards_with_another_eos_are_refused(prepared, tokenizer):
+    """Same vocabulary (same hash), another EOS (a base vs an instruct tokenizer): the shards' document separator is
+    not the run's EOS, so document masking would find no document ends; training and held-out sets refuse them."""
+    import copy
+
+    from cpt.data.loader import CPTDataLoader, sample_heldout
+    from cpt.data.sources import HeldoutConfig
+    from data_factories import data_config, stage
+
+    out, _ = prepared
+    instruct = copy.deepcopy(tokenizer)
+    instruct.eos_token = "<bos>"
+    assert tokenizer_fingerprint(instruct) == tokenizer_fingerprint(tokenizer) and instruct.eos_token_id == 1
+    with pytest.raises(ShardError, match=r"separated by EOS id 0 .* has EOS id 1"):
+        CPTDataLoader(data_config([{"name": "a", "path": str(out)}], seq_len=8), [stage(5, {"a": 1})], instruct, 4, 0)
+    with pytest.raises(ShardError, match="held-out set 'h': .*EOS id 1"):
+        sample_heldout(HeldoutConfig(name="h", path=str(out), tag="upstream"), instruct, 8)
+    assert sample_heldout(HeldoutConfig(name="h", path=str(out), tag="upstream"), tokenizer, 8).num_tokens > 0
+    m = prepare([str(out.parent / "a.jsonl")], instruct, out, shard_tokens=700)  # the fix the error names: a new
+    assert not m.get("up_to_date") and m["tokenizer"]["eos_token_id"] == 1     # EOS is a new job, not "up to date"
+    CPTDataLoader(data_config([{"name": "a", "path": str(out)}], seq_len=8), [stage(5, {"a": 1})], instruct, 4, 0)
+
+
 def test_fingerprint_tracks_content(prepared, tmp_path, tokenizer):
     out, _ = prepared
     src = write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in make_docs(150, seed=12)])

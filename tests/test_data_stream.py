@@ -102,6 +102,24 @@ def test_hf_stream_packs_like_prepared_shards(tmp_path, tokenizer):
     assert np.concatenate([got, more]).tolist() == np.concatenate([want, want])[: len(got) + len(more)].tolist()
 
 
+def test_hf_source_reads_a_save_to_disk_folder_and_a_local_file(tmp_path, tokenizer):
+    """A `type: hf` source naming a `datasets` save_to_disk folder (load_dataset refuses it: 'use load_from_disk') or a
+    local data file."""
+    import datasets
+
+    docs = make_docs(30, seed=24)
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "dd"))
+    s = HFTokenStream(SourceConfig(name="web", type="hf", path=str(tmp_path / "dd")), tokenizer, L)
+    assert s.next_sequences(4).reshape(-1).tolist() == expected_stream(tokenizer, docs)[: 4 * L]
+    # a local jsonl file as the path: load_dataset said "Couldn't find any data file" of a file that is there
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    s = HFTokenStream(SourceConfig(name="web", type="hf", path=str(path)), tokenizer, L)
+    assert s.next_sequences(4).reshape(-1).tolist() == expected_stream(tokenizer, docs)[: 4 * L]
+    (tmp_path / "a.txt").write_text(docs[0])
+    with pytest.raises(HFSourceError, match="a.txt is a plain-text file: `cpt prepare` it"):
+        HFTokenStream(SourceConfig(name="web", type="hf", path=str(tmp_path / "a.txt")), tokenizer, L)
+
+
 @pytest.mark.parametrize("streaming", [True, False])
 def test_hf_stream_resumes_exactly(tmp_path, tokenizer, streaming):
     docs = make_docs(12, seed=23)

@@ -354,3 +354,33 @@ def test_a_broken_hf_source_is_one_line(tiny_cpt_data, tmp_path, capsys):
         assert main(["train", str(write(cfg, tmp_path / "c.yaml"))]) == 1
         line = one_error_line(capsys.readouterr().err, "cpt train: error: source 'python': ")
         assert expected in line
+
+
+def test_a_source_shorter_than_one_sequence_is_one_line(tiny_cpt_data, tmp_path, capsys):
+    """A prepared source with fewer tokens than data.seq_len (a small replay sample) stopped `cpt train` with a
+    ValueError traceback (--dry-run said it in one line)."""
+    from cpt.data.prepare import prepare
+
+    (tmp_path / "short.jsonl").write_text('{"text": "def f(): return 1"}\n')
+    prepare([str(tmp_path / "short.jsonl")], str(tiny_cpt_data / "tokenizer"), tmp_path / "short")
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["data"]["sources"][1]["path"] = str(tmp_path / "short")
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml"))]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: source 'shakespeare' has ")
+    assert "fewer than one sequence of 64" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_and_interpolate_with_another_tokenizers_held_out_set_is_one_line(tiny_base, tmp_path, capsys):
+    """cpt eval / cpt interpolate --heldout naming a set made with another tokenizer (or a missing folder) ended in a
+    ShardError traceback."""
+    from cpt.data.prepare import prepare
+    from data_factories import make_docs, make_tokenizer
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(20)))
+    prepare([str(tmp_path / "a.jsonl")], make_tokenizer(), tmp_path / "other")
+    for command in (["eval", str(tiny_base)], ["interpolate", str(tiny_base), str(tiny_base)]):
+        for folder, expected in (("other", "vocabulary hash"), ("missing", "no such folder")):
+            assert main([*command, "--heldout", f"h={tmp_path / folder}:upstream", "--seq-len", "16"]) == 1
+            line = one_error_line(capsys.readouterr().err, f"cpt {command[0]}: error: held-out set 'h': ")
+            assert expected in line

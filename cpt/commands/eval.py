@@ -301,13 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     samples = _samples(tasks, limit, args.seed, args.include_path, args.task_limits) if tasks else None
 
     from cpt.data.readers import ReadError
+    from cpt.data.shards import ShardError
     from cpt.model import ModelLoadError
 
     try:
         result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base)
         baseline = (evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None)
                     if baseline_ckpt is not None else None)
-    except (ModelLoadError, ReadError) as e:  # e.g. pickle weights only, an unreadable held-out file: one line
+    except (ModelLoadError, ReadError, ShardError) as e:  # e.g. pickle weights only, an unreadable held-out file, a
+        # held-out set made with another tokenizer or shorter than one sequence: one line
         print(f"cpt eval: error: {e}", file=sys.stderr)
         return 1
     _print_summary(result)

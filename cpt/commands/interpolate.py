@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cpt.averaging import format_sweep, interpolate, interpolation_sweep, load_model_dir
     from cpt.data.loader import load_heldout
+    from cpt.data.shards import ShardError
     from cpt.data.sources import HeldoutConfig
     from cpt.evaluate import heldout_loss
 
@@ -106,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
     sets = {}
-    for name, path, tag in args.heldout:
-        hcfg = HeldoutConfig(name=name, path=path, tag=tag)
-        sets[name] = (tag, load_heldout(hcfg, tokenizer, args.seq_len, args.set_max_tokens.get(name, args.max_tokens),
-                                        seed=args.sample_seed))
+    try:
+        for name, path, tag in args.heldout:
+            hcfg = HeldoutConfig(name=name, path=path, tag=tag)
+            sets[name] = (tag, load_heldout(hcfg, tokenizer, args.seq_len, args.set_max_tokens.get(name, args.max_tokens),
+                                            seed=args.sample_seed))
+    except ShardError as e:  # another tokenizer's set, a missing folder, fewer tokens than one sequence: one line
+        print(f"cpt interpolate: error: {e}", file=sys.stderr)
+        return 1
     eos_id = tokenizer.eos_token_id if args.document_masking else None
 
     def loss_fn(model, tokens):

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-doc-tokens", type=int, help="documents longer than this are truncated (or skipped, --long-docs skip)")
     p.add_argument("--long-docs", choices=["truncate", "skip"], default="truncate")
     p.add_argument("--add-bos", action="store_true", help="also put BOS before each document (EOS always follows each)")
+    p.add_argument("--special-tokens-as-text", action="store_true",
+                   help="encode the text of a special token inside a document (e.g. '<|endoftext|>' in code) as plain "
+                   "text; by default it becomes that token, as in transformers, and such documents are counted")
     p.add_argument("--glob", help="only files whose name matches this pattern when an input is a folder, e.g. '*.jsonl.zst'")
     p.add_argument("--hf", action="store_true", help="inputs are datasets.load_dataset paths (hub ids, folders, 'json', ...)")
     p.add_argument("--dataset-name", help="--hf: the dataset configuration name")
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         options = PrepareOptions(
             text_field=args.text_field, shard_tokens=args.shard_tokens, heldout_docs=args.heldout_docs,
             heldout_fraction=args.heldout_fraction, seed=args.seed, max_doc_tokens=args.max_doc_tokens,
-            long_docs=args.long_docs, add_bos=args.add_bos, glob=args.glob, hf=args.hf, dataset_name=args.dataset_name,
+            long_docs=args.long_docs, add_bos=args.add_bos, special_tokens_as_text=args.special_tokens_as_text, glob=args.glob, hf=args.hf, dataset_name=args.dataset_name,
             split=args.split, data_files=args.data_files, streaming=args.streaming, num_proc=args.num_proc,
             force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
         )

@@ -238,11 +238,24 @@ class StageConfig(Strict):
     def _shares(cls, v: dict[str, float]) -> dict[str, float]:
         if not v:
             raise ValueError("mix must name at least one source")
-        bad = {k: s for k, s in v.items() if s < 0}
+        bad = {k: s for k, s in v.items() if not 0 <= s < float("inf")}  # (NaN too)
         if bad:
-            raise ValueError(f"negative shares {bad}")
+            raise ValueError(f"shares must be finite and not negative: {bad}")
         if sum(v.values()) <= 0:
             raise ValueError("shares must not all be zero")
+        return v
+
+    @field_validator("mix_ramp")
+    @classmethod
+    def _ramp_shares(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        """Absolute shares in [0, 1] whose sum stays within 1 at both ends (they were checked by the mixer only,
+        after the model had loaded, as a traceback)."""
+        bad = {k: list(r) for k, r in v.items() if not all(0 <= x <= 1 for x in r)}
+        if bad:
+            raise ValueError(f"shares must be in [0, 1]: {bad}")
+        for end, which in ((0, "start"), (1, "end")):
+            if sum(r[end] for r in v.values()) > 1 + 1e-12:
+                raise ValueError(f"the shares at the stage's {which} sum to more than 1: {v}")
         return v
 
     @property

@@ -23,6 +23,10 @@ from typing import Any, Iterator
 import numpy as np
 
 
+class EncodeError(RuntimeError):
+    """Tokenizing could not go on (a worker process died): one line from `cpt prepare`."""
+
+
 @dataclass
 class EncodedBatch:
     """Tokenized documents: ``flat`` holds them back to back (each ending in EOS), ``lengths`` their sizes."""
@@ -31,16 +35,26 @@ class EncodedBatch:
     lengths: np.ndarray
     skipped: Counter
     truncated: int
+    special: int = 0  # documents whose text held a special token's text, encoded as that token (not as_text)
 
 
 class Encoder:
     """Batch tokenizer: texts -> :class:`EncodedBatch` (multithreaded ``encode_batch_fast``)."""
 
     def __init__(self, backend: Any, eos_id: int, bos_id: int | None, dtype: np.dtype,
-                 max_doc_tokens: int | None, long_docs: str):
-        self.backend = backend
+                 max_doc_tokens: int | None, long_docs: str, special_as_text: bool = False):
+        """``special_as_text``: the text of a special token in a document ('<|endoftext|>' in code about tokenizers)
+        is encoded as plain text; otherwise as that token (as transformers does), and such documents are counted."""
+        if special_as_text:  # (on a copy: the caller's tokenizer is left as it is)
+            backend = type(backend).from_str(backend.to_str())
+            backend.encode_special_tokens = True
+        self.backend, self.special_as_text = backend, special_as_text
         self.eos_id, self.bos_id, self.dtype = eos_id, bos_id, np.dtype(dtype)
         self.max_doc_tokens, self.long_docs = max_doc_tokens, long_docs
+        special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        unk = getattr(backend.model, "unk_token", None)  # (an unknown word maps to it: no special token's text)
+        special.discard(backend.token_to_id(unk) if isinstance(unk, str) else None)
+        self._special = np.array(sorted(special), dtype=np.int64)
         encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self._encode = encode
 
@@ -74,9 +88,15 @@ class Encoder:
             starts = ends - lengths + 1
             body[starts] = False
             flat[starts] = self.bos_id
-        flat[body] = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=total - extra * len(ids))
+        tokens = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=total - extra * len(ids))
+        flat[body] = tokens
         flat[ends] = self.eos_id
-        return EncodedBatch(flat, lengths, skipped, truncated)
+        special = 0
+        if len(self._special) and not self.special_as_text:  # documents with a special token among their own tokens
+            hit = np.isin(tokens, self._special)
+            if hit.any():
+                special = len(np.unique(np.repeat(np.arange(len(ids)), lengths - extra)[hit]))
+        return EncodedBatch(flat, lengths, skipped, truncated, special)
 
 
 # ---------------------------------------------------------------- worker processes (num_proc > 1)
@@ -171,10 +191,18 @@ def encode_documents(docs: Iterator[str], encoder: Encoder, num_proc: int = 1, b
         with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="cpt-encode") as pool:
             yield _ordered(pool, encoder, batches, depth=3)
         return
-    args = (encoder.eos_id, encoder.bos_id, encoder.dtype, encoder.max_doc_tokens, encoder.long_docs)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoder.backend.to_str(), args)) as pool:
-        yield pool.imap(_worker_encode, batches, chunksize=1)
+    args = (encoder.eos_id, encoder.bos_id, encoder.dtype, encoder.max_doc_tokens, encoder.long_docs,
+            encoder.special_as_text)
+    # (not multiprocessing.Pool: its imap waited forever for the batch of a worker the system killed, e.g. out of
+    # memory on a huge document)
+    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker,
+                                                initargs=(encoder.backend.to_str(), args)) as pool:
+        try:
+            yield _ordered(pool, _worker_encode, batches, depth=2 * num_proc)
+        except concurrent.futures.process.BrokenProcessPool:
+            raise EncodeError("a tokenizer worker process died (killed by the system: out of memory on a long "
+                              "document?); lower --num-proc, or cap documents with --max-doc-tokens") from None
 
 
-__all__ = ["EncodedBatch", "Encoder", "encode_documents"]
+__all__ = ["EncodedBatch", "EncodeError", "Encoder", "encode_documents"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt.data.readers import error_line
+from cpt.data.readers import error_line, load_hf_dataset
 from cpt.data.shards import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
 
 logger = logging.getLogger("cpt.data")
@@ -65,7 +65,7 @@ class HFTokenStream:
 
         c = self.cfg
         try:
-            ds = datasets.load_dataset(c.path, name=c.hf_name, data_files=c.data_files, split=c.split, streaming=c.streaming)
+            ds = load_hf_dataset(c.path, c.hf_name, c.split, c.data_files, c.streaming)
         except Exception as e:  # datasets raises many exception types for missing/unreachable data
             raise HFSourceError(f"source {self.name!r}: datasets.load_dataset({c.path!r}) failed: {error_line(e)}") from None
         if not isinstance(ds, datasets.IterableDataset):

@@ -72,7 +72,7 @@ class CPTDataLoader:
             self._open(s, tokenizer, tok_hash, verify, main) for s in self.sources
         ]
         if main:
-            for msg in heldout_overlaps(data_cfg):
+            for msg in folder_overlaps(data_cfg, self.source_names):
                 logger.warning(msg)
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
@@ -83,7 +83,8 @@ class CPTDataLoader:
             return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed, log_skips=check_sizes)
         try:
             shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes,
-                                      expected_tokenizer_name=tokenizer_name(tokenizer))
+                                      expected_tokenizer_name=tokenizer_name(tokenizer),
+                                      expected_eos_id=tokenizer.eos_token_id)
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
         return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
@@ -211,11 +212,20 @@ def _same_folder(path: str) -> str:
     return path.rstrip("/") if "://" in path else os.path.realpath(path)
 
 
-def heldout_overlaps(data_cfg: Any) -> list[str]:
+def folder_overlaps(data_cfg: Any, used: Sequence[str] | None = None) -> list[str]:
     """A warning for each held-out set that is the folder of a training source (its loss would measure
-    memorisation, not generalisation): an easy slip for `cpt prepare`'s OUT instead of OUT/heldout."""
-    folders = {_same_folder(s.path): s.name for s in data_cfg.sources if s.type == "shards"}
+    memorisation, not generalisation): an easy slip for `cpt prepare`'s OUT instead of OUT/heldout; and for each
+    training source (of ``used``, default all) reading the same folder as an earlier one (a copy-paste slip: that data
+    is mixed in twice, in two orders, and each source counts only its own epochs for data.max_epochs_warning)."""
+    folders: dict[str, str] = {}
     out = []
+    for s in data_cfg.sources:
+        if s.type != "shards" or (used is not None and s.name not in used):
+            continue
+        first = folders.setdefault(_same_folder(s.path), s.name)
+        if first != s.name:
+            out.append(f"data sources {first!r} and {s.name!r} read the same folder ({s.path}): its sequences are "
+                       "mixed in as two sources, each with its own order and epoch count")
     for h in getattr(data_cfg, "heldout", []):
         source = folders.get(_same_folder(h.path))
         if source is not None:
@@ -241,7 +251,7 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
     try:
         shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify,
                                   expected_tokenizer_name=tokenizer_name(tokenizer),
-                                  check_sizes=check_sizes)
+                                  expected_eos_id=getattr(tokenizer, "eos_token_id", None), check_sizes=check_sizes)
     except ShardError as e:
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None
     total = shards.num_tokens

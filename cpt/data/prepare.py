@@ -1,8 +1,8 @@
 """`cpt prepare`: raw text -> token shards + manifest.json (see :mod:`cpt.data.shards` for the format).
 
 The job, step by step: read the documents (:mod:`cpt.data.readers`: jsonl, parquet, text files, folders, fsspec
-URLs, `datasets`), tokenize them (:mod:`cpt.data.encode`), route each to train or held-out (:class:`HeldoutSplitter`,
-here) and write them to shard files (:class:`cpt.data.shard_writer.ShardWriter`). This module holds what ties these
+URLs, `datasets`), tokenize them (:mod:`cpt.data.encode`), route each to train or held-out
+(:mod:`cpt.data.heldout_split`) and write them to shard files (:class:`cpt.data.shard_writer.ShardWriter`). This module holds what ties these
 together: the options (:class:`PrepareOptions`), the idempotency key, staging, verification and the commit.
 
 Every document is tokenized without special tokens (plus BOS when ``add_bos``) and followed by EOS.
@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import heapq
-import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -40,9 +39,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cpt.data.encode import Encoder, encode_documents
+from cpt.data.encode import EncodeError, Encoder, encode_documents
+from cpt.data.heldout_split import HeldoutSplitter
 from cpt.data.readers import (SKIP_REASONS, ReadCounts, ReadError, input_kind, iter_documents, read_file,
                               resolve_files)
+from cpt.data.prepare_key import prepare_key
 from cpt.data.shard_writer import ShardWriter, shard_manifest
 from cpt.data.shards import (
     MANIFEST,
@@ -61,7 +62,9 @@ logger = logging.getLogger("cpt.data")
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 HELDOUT_DIR = "heldout"
-
+# a file (or its folder) named like a `datasets` evaluation split: data/test-00000-of-00001.parquet, validation/x.jsonl
+EVAL_SPLIT_NAME = re.compile(r"(?:^|[-._ 0-9/])(test|testing|eval|evaluation|validation|valid|val|dev)(?:[-._ 0-9/]|$)",
+                             re.IGNORECASE)
 
 
 class PrepareError(ValueError):
@@ -70,7 +73,7 @@ class PrepareError(ValueError):
 
 # the options that decide what the shards hold: written to the manifest and hashed into its prepare_key, in this order
 IDENTITY_OPTIONS = ("text_field", "shard_tokens", "heldout_docs", "heldout_fraction", "seed", "max_doc_tokens",
-                    "long_docs", "add_bos", "glob", "hf", "dataset_name", "split", "data_files")
+                    "long_docs", "add_bos", "glob", "hf", "dataset_name", "split", "data_files", "special_tokens_as_text")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class PrepareOptions:
     max_doc_tokens: int | None = None  # longer documents are truncated, or skipped with long_docs="skip"
     long_docs: str = "truncate"
     add_bos: bool = False  # also put BOS before each document (EOS always follows each)
+    special_tokens_as_text: bool = False  # '<|endoftext|>' in a document: plain text, not the special token
     glob: str | None = None  # only files matching this pattern when an input is a folder
     hf: bool = False  # inputs are datasets.load_dataset paths, with the next three and `streaming`
     dataset_name: str | None = None
@@ -99,8 +103,9 @@ class PrepareOptions:
     force: bool = False  # re-tokenize even when the output is up to date
     progress: bool = False  # a tqdm progress bar
 
-    def identity(self) -> dict:
-        return {name: getattr(self, name) for name in IDENTITY_OPTIONS}
+    def identity(self) -> dict:  # (special_tokens_as_text only when set: the keys of earlier runs stay valid)
+        return {name: getattr(self, name) for name in IDENTITY_OPTIONS
+                if name != "special_tokens_as_text" or self.special_tokens_as_text}
 
     @property
     def wants_heldout(self) -> bool:
@@ -123,84 +128,6 @@ class PrepareOptions:
         if self.long_docs not in ("truncate", "skip"):
             raise PrepareError(f"long_docs must be 'truncate' or 'skip' (got {self.long_docs!r})")
 
-
-# ================================================================ held-out selection
-
-
-def _doc_hash(seed: int, index: np.ndarray) -> np.ndarray:
-    """A splitmix64 hash of (seed, document index): uniform uint64 keys, the same on every machine."""
-    with np.errstate(over="ignore"):
-        z = index.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & (2**64 - 1))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-class HeldoutSplitter:
-    """Routes documents to train or held-out, deterministically from (seed, document index).
-
-    ``fraction``: a document is held out when its hash falls below ``fraction * 2**64``.
-    ``count``: the ``count`` documents with the smallest hashes are held out; candidates are kept in a
-    heap, and a candidate pushed out by a smaller hash goes to train (later than its position, which
-    is harmless since the stream shuffles sequences).
-    """
-
-    def __init__(self, train: ShardWriter, heldout: ShardWriter | None, seed: int,
-                 count: int | None = None, fraction: float | None = None):
-        self.train, self.heldout, self.seed = train, heldout, seed
-        self.count, self.fraction = count, fraction
-        self._index = 0
-        self._heap: list[tuple[int, int, np.ndarray]] = []  # (-hash, index, tokens)
-
-    def add(self, flat: np.ndarray, lengths: np.ndarray) -> None:
-        n = len(lengths)
-        keys = _doc_hash(self.seed, np.arange(self._index, self._index + n, dtype=np.uint64))
-        if self.heldout is None:
-            self.train.add(flat, lengths)
-        elif self.fraction is not None:
-            held = keys < np.uint64(min(int(self.fraction * 2.0**64), 2**64 - 1))
-            self._route(flat, lengths, held)
-        else:
-            self._add_count(flat, lengths, keys)
-        self._index += n
-
-    def _route(self, flat: np.ndarray, lengths: np.ndarray, held: np.ndarray) -> None:
-        mask = np.repeat(held, lengths)
-        self.train.add(flat[~mask], lengths[~held])
-        assert self.heldout is not None
-        self.heldout.add(flat[mask], lengths[held])
-
-    def _add_count(self, flat: np.ndarray, lengths: np.ndarray, keys: np.ndarray) -> None:
-        assert self.count is not None
-        if len(self._heap) >= self.count:
-            threshold = -self._heap[0][0] if self._heap else 0
-            cand = keys < np.uint64(threshold)
-        else:
-            cand = np.ones(len(keys), dtype=bool)
-        if not cand.any():
-            self.train.add(flat, lengths)
-            return
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        evicted: list[np.ndarray] = []
-        for j in np.flatnonzero(cand).tolist():
-            key = int(keys[j])
-            tokens = flat[starts[j] : starts[j] + lengths[j]].copy()
-            item = (-key, self._index + j, tokens)
-            if len(self._heap) < self.count:
-                heapq.heappush(self._heap, item)
-            elif key < -self._heap[0][0]:
-                evicted.append(heapq.heapreplace(self._heap, item)[2])
-            else:
-                evicted.append(tokens)
-        mask = np.repeat(~cand, lengths)
-        self.train.add(flat[mask], lengths[~cand])
-        if evicted:
-            self.train.add(np.concatenate(evicted), np.array([len(e) for e in evicted], dtype=np.int64))
-
-    def finish(self) -> None:
-        if self.heldout is not None and self._heap:
-            docs = [tokens for _, _, tokens in sorted(self._heap, key=lambda item: item[1])]
-            self.heldout.add(np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64))
 
 # ================================================================ the whole job
 
@@ -238,7 +165,7 @@ def prepare(inputs: str | list[str], tokenizer: Any, out: str | os.PathLike, opt
     out = str(out)
     try:
         result = _prepare(inputs, tokenizer, out, opts)
-    except ReadError as e:  # an unreadable input: the same one line as every other mistake
+    except (ReadError, EncodeError) as e:  # an unreadable input, a dead worker: one line as every other mistake
         raise PrepareError(str(e)) from None
     if echo is not None:
         echo(format_summary(result, out))
@@ -260,15 +187,19 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     bos_id = getattr(tok, "bos_token_id", None) if opts.add_bos else None
     if opts.add_bos and bos_id is None:
         raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has no BOS token")
+    if opts.add_bos and bos_id == tok.eos_token_id:  # GPT-2, GPT-NeoX/Pythia: <|endoftext|> is both
+        raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has one token for BOS and EOS (id {bos_id}): "
+                           "the EOS after each document already starts the next one; leave --add-bos out (with it "
+                           "every document boundary held two, and document masking split the second off alone)")
     tok_hash = tokenizer_fingerprint(tok)
     files = None if opts.hf else _input_files(inputs, opts.glob, out)
-    key = _prepare_key(list(inputs) if files is None else _input_identity(files), tok_hash, opts.identity())
-    if not opts.force and (existing := _is_up_to_date(out, key)) is not None:
+    key = prepare_key(inputs, files, tok_hash, opts.identity())
+    if not opts.force and (existing := _is_up_to_date(out, key, int(tok.eos_token_id))) is not None:
         return {**existing, "up_to_date": True}
     job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
     os.makedirs(out, exist_ok=True)
     _remove_stale_staging(out)
-    staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}")
     try:
         return _run(job, staging)
     finally:
@@ -284,19 +215,20 @@ def _run(job: _Job, staging: str) -> dict:
     held = ShardWriter(os.path.join(staging, HELDOUT_DIR), job.dtype, opts.shard_tokens) if opts.wants_heldout else None
     splitter = HeldoutSplitter(train, held, opts.seed, opts.heldout_docs, opts.heldout_fraction)
     encoder = Encoder(backend_tokenizer(job.tok), int(job.tok.eos_token_id), job.bos_id, job.dtype, opts.max_doc_tokens,
-                      opts.long_docs)
+                      opts.long_docs, opts.special_tokens_as_text)
     if job.files is None:  # --hf: datasets specs
         docs = iter_documents(job.inputs, opts.text_field, counts, hf=True, dataset_name=opts.dataset_name,
                               split=opts.split, data_files=opts.data_files, streaming=opts.streaming)
     else:
         docs = (doc for path in job.files for doc in read_file(path, opts.text_field, counts))
     skipped: Counter = Counter()
-    truncated = 0
+    truncated = special = 0
     bar = _progress_bar(opts.progress)
     with encode_documents(docs, encoder, opts.num_proc, opts.batch_docs, opts.batch_chars) as encoded:
         for enc in encoded:
             skipped.update(enc.skipped)
             truncated += enc.truncated
+            special += enc.special
             splitter.add(enc.flat, enc.lengths)
             if bar is not None:
                 bar.update(len(enc.lengths))
@@ -313,6 +245,7 @@ def _run(job: _Job, staging: str) -> dict:
         "documents_kept": train.num_documents + (held.num_documents if held else 0),
         "skipped": {r: int(skipped.get(r, 0)) for r in SKIP_REASONS},
         "truncated": truncated,
+        "special_token_text": special,  # documents holding a special token's text, encoded as that token
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if train.num_documents == 0 and held is not None and held.num_documents > 0:
@@ -383,30 +316,24 @@ def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
         logger.warning("%d plain-text file(s) among the jsonl/parquet inputs are read as one document each: %s; "
                        "--glob (e.g. '*.jsonl*') reads only the others", len(texts),
                        ", ".join(texts[:5]) + (" ..." if len(texts) > 5 else ""))
+    for table in (i for i in inputs if i.lower().endswith((".csv", ".tsv"))):  # (named; a .csv in a code folder is text)
+        logger.warning("%s is read as plain text, one document; for one document per row: --hf %s --text-field COLUMN "
+                       "for a .csv, jsonl or parquet for a .tsv", table, table)
+    records = [f for f in kept if input_kind(f) != "text"]  # (not code: test_x.py is no evaluation split)
+    evals = [f for f in records if EVAL_SPLIT_NAME.search("/".join(f.replace(os.sep, "/").split("/")[-2:]))]
+    if evals and len(evals) < len(records):  # a dataset folder with its test/validation files: they would be trained on
+        logger.warning("%d input file(s) are named like an evaluation split and are read as training data: %s; --glob "
+                       "(e.g. '*train*') or --hf --split train reads the train split only", len(evals),
+                       ", ".join(evals[:5]) + (" ..." if len(evals) > 5 else ""))
     return kept
 
 
-def _input_identity(files: list[str]) -> list[Any]:
-    """What the inputs are, for the idempotency key: local files by size and mtime, others by name."""
-    out: list[Any] = []
-    for path in files:
-        if is_remote(path):
-            out.append(path)
-        else:
-            st = os.stat(path)
-            out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def _prepare_key(identity: list[Any], tok_hash: str, options: dict) -> str:
-    blob = json.dumps({"inputs": identity, "tokenizer": tok_hash, "options": options}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _is_up_to_date(out: str, key: str) -> dict | None:
+def _is_up_to_date(out: str, key: str, eos_id: int) -> dict | None:
+    """The manifest of ``out`` when it was prepared by the same job (``key``) with the same EOS (the vocabulary hash in
+    the key does not say which token is EOS: a base and an instruct tokenizer share one vocabulary), else None."""
     try:
         shards = TokenShards.open(out, verify=False)
-        if shards.manifest.get("prepare_key") != key:
+        if shards.manifest.get("prepare_key") != key or shards.eos_token_id != eos_id:
             return None
         if shards.manifest.get("heldout"):
             TokenShards.open(os.path.join(out, HELDOUT_DIR), verify=False)
@@ -416,10 +343,13 @@ def _is_up_to_date(out: str, key: str) -> dict | None:
 
 
 def _remove_stale_staging(out: str) -> None:
+    """Remove the staging folders of killed runs on this host (a PID of another host says nothing here: that run, on a
+    shared filesystem, lost its staging folder mid-write and failed)."""
     for name in os.listdir(out):
         if name.startswith(".staging-"):
-            pid = name.split("-")[1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _, pid, *rest = name.split("-", 3)
+            host = rest[1] if len(rest) == 2 else socket.gethostname()  # (older names: no host)
+            if pid.isdigit() and int(pid) != os.getpid() and host == socket.gethostname() and not _pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
@@ -484,6 +414,9 @@ def format_summary(manifest: dict, out: str) -> str:
         lines.append(f"  heldout     {h['num_documents']:,} documents, {h['num_tokens']:,} tokens in {out}/{h['path']}")
     skipped = {k: v for k, v in st.get("skipped", {}).items() if v}
     lines.append("  skipped     " + (", ".join(f"{k} {v:,}" for k, v in skipped.items()) if skipped else "none"))
+    if st.get("special_token_text"):
+        lines.append(f"  special     {st['special_token_text']:,} documents hold the text of a special token (e.g. EOS), "
+                     "encoded as that token; --special-tokens-as-text encodes it as text")
     if st.get("truncated"):
         lines.append(f"  truncated   {st['truncated']:,} documents longer than max_doc_tokens")
     secs = st.get("seconds")

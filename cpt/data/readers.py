@@ -7,10 +7,13 @@ Inputs, read in the order given (folders recursively, symlinked folders too, sor
 - jsonl (``.jsonl``/``.json``/``.ndjson``, plain or ``.gz``/``.zst``/``.bz2``/``.xz``): one JSON object per line,
   the text in ``text_field``; a ``.json`` file that starts with ``[`` is one JSON array of such objects (read whole);
 - parquet: the ``text_field`` column;
+- arrow (``.arrow``, the files `datasets` writes: Arrow IPC stream or file format): the ``text_field`` column; a folder
+  written by ``Dataset.save_to_disk`` is read as its arrow files (a ``DatasetDict``'s folder: name one split's folder);
 - any other file: plain text, one document per file (bytes decoded as UTF-8, line ends kept as written);
 - a UTF-8 byte-order mark at the start of a file is dropped;
 - with ``hf=True`` each input is a ``datasets.load_dataset`` path (hub id, local folder or builder name such
-  as ``json``), with ``dataset_name``/``split``/``data_files``/``streaming``.
+  as ``json``), with ``dataset_name``/``split``/``data_files``/``streaming``; a ``save_to_disk`` folder is loaded with
+  ``datasets.load_from_disk`` (``split`` picks a ``DatasetDict``'s split).
 
 Local paths and fsspec URLs (s3://, gs://, hf://, http(s)://) both work.
 
@@ -23,7 +26,6 @@ read at all (missing, a broken parquet or compressed stream, a dataset that does
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import logging
 import lzma
@@ -32,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from cpt.data.compressed import open_binary
 from cpt.data.shards import ShardError, filesystem, is_remote
 
 logger = logging.getLogger("cpt.data")
@@ -76,22 +79,15 @@ def _strip_compression(name: str) -> str:
 
 
 def input_kind(path: str) -> str:
-    """``jsonl``, ``parquet`` or ``text``, from the file name (compression suffixes looked through)."""
+    """``jsonl``, ``parquet``, ``arrow`` or ``text``, from the file name (compression suffixes looked through)."""
     base = _strip_compression(path)
     if base.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if base.endswith(".parquet"):
         return "parquet"
+    if base.endswith(".arrow"):
+        return "arrow"
     return "text"
-
-
-def _compression(path: str) -> str | None:
-    lower = path.lower()
-    if lower.endswith(".zst"):
-        return "zstd"
-    import fsspec.utils
-
-    return fsspec.utils.infer_compression(path)
 
 
 def _hidden(name: str) -> bool:
@@ -135,6 +131,8 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
                 files += [p if "://" in p else f"{protocol}://{p}" for p in found]
             else:
                 files.append(item)
+        elif os.path.isdir(item) and (saved := saved_dataset_files(item)) is not None:
+            files += [f for f in saved if _matches(f, glob)]
         elif os.path.isdir(item):
             found = []
             seen = {os.path.realpath(item)}
@@ -151,6 +149,30 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
     if not files:
         raise ReadError(f"no input files found in {list(inputs)}" + (f" matching {glob!r}" if glob else ""))
     return _read_once(files, warn)
+
+
+def saved_dataset_files(folder: str) -> list[str] | None:
+    """The arrow files of a folder written by `datasets`' ``Dataset.save_to_disk``, in order (None: not such a folder).
+    Walked like any folder, its ``state.json`` and ``dataset_info.json`` were read as jsonl (skipped as malformed) and
+    its arrow files as plain text (skipped as non-UTF-8): 'no valid documents'. A ``DatasetDict``'s folder holds one
+    such folder per split: which one to read is the user's choice (the others are often test splits)."""
+    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+        try:
+            with open(os.path.join(folder, "dataset_dict.json"), encoding="utf-8") as f:
+                splits = json.load(f).get("splits")
+        except (OSError, ValueError, AttributeError):
+            splits = None
+        raise ReadError(f"{folder} is a `datasets` DatasetDict saved with save_to_disk (splits {splits}): give one "
+                        f"split's folder (e.g. {os.path.join(folder, 'train')}), or --hf --split NAME")
+    state = os.path.join(folder, "state.json")
+    if not os.path.isfile(state) or not os.path.isfile(os.path.join(folder, "dataset_info.json")):
+        return None
+    try:
+        with open(state, encoding="utf-8") as f:
+            names = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReadError(f"{folder}: a `datasets` save_to_disk folder with an unreadable state.json ({e})") from None
+    return [os.path.join(folder, name) for name in names]
 
 
 def _first_visit(folder: str, seen: set[str]) -> bool:
@@ -188,57 +210,6 @@ def _read_once(files: list[str], warn: bool) -> list[str]:
 # ---------------------------------------------------------------- one file
 
 
-def _open_binary(path: str) -> Any:
-    """A buffered binary file (decompressed by suffix) that iterates by lines."""
-    import fsspec
-
-    compression = _compression(path)
-    if compression == "zstd":  # fsspec's zstd file cannot iterate lines: decompress as a stream ourselves
-        return io.BufferedReader(_ZstdReader(fsspec.open(path, "rb").open()), buffer_size=1 << 20)
-    return fsspec.open(path, "rb", compression=compression).open()
-
-
-class _ZstdReader(io.RawIOBase):
-    """The decompressed bytes of a zstd file (one or more frames). A file cut inside a frame raises EOFError, as
-    gzip does (zstandard's stream_reader ends quietly there: a truncated download read as a shorter corpus), and
-    corrupt data an OSError (zstandard's own ZstdError escaped as a traceback)."""
-
-    def __init__(self, raw: Any):
-        import zstandard
-
-        self._raw, self._dctx, self._error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
-        self._obj = self._dctx.decompressobj()
-        self._pending, self._out, self._pos, self._in_frame = b"", b"", 0, False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while self._pos >= len(self._out):
-            chunk, self._pending = self._pending or self._raw.read(1 << 20), b""
-            if not chunk:
-                if self._in_frame:
-                    raise EOFError("compressed file ended inside a zstd frame (truncated)")
-                return 0
-            if self._obj.eof:  # the previous frame is complete: the next one starts
-                self._obj = self._dctx.decompressobj()
-            try:
-                self._out, self._pos = self._obj.decompress(chunk), 0
-            except self._error as e:  # corrupt data: read_file turns the OSError into one ReadError line
-                raise OSError(f"corrupt zstd data ({e})") from None
-            self._in_frame = not self._obj.eof
-            if self._obj.eof:
-                self._pending = self._obj.unused_data
-        n = min(len(b), len(self._out) - self._pos)
-        b[:n] = self._out[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
 def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
     """The usable text of one record, or None (after counting why it was skipped)."""
     if not isinstance(record, dict):
@@ -249,6 +220,9 @@ def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
         if counts.fields_seen is None and text_field not in record:
             counts.fields_seen = sorted(map(str, record))[:20]
         counts.skip("missing_field")
+        return None
+    if isinstance(value, _NotUTF8):
+        counts.skip("non_utf8")
         return None
     if not isinstance(value, str):
         counts.skip("not_text")
@@ -267,7 +241,7 @@ def _field_text(record: Any, text_field: str, counts: ReadCounts) -> str | None:
 
 def _read_jsonl(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
     first = True
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for raw in f:
             if first:
                 raw = raw.removeprefix(BOM)  # a UTF-8 byte-order mark (Windows tools) is not part of the first record
@@ -309,7 +283,7 @@ def _read_json_array(path: str, data: bytes, text_field: str, counts: ReadCounts
 def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises ArrowInvalid and friends for broken files
@@ -320,14 +294,62 @@ def _read_parquet(path: str, text_field: str, counts: ReadCounts) -> Iterator[st
             counts.fields_seen = counts.fields_seen or list(pf.schema_arrow.names)[:20]
             return
         for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-            for value in batch.column(0).to_pylist():
-                text = _field_text({text_field: value}, text_field, counts)
-                if text is not None:
-                    yield text
+            yield from _column_texts(batch.column(0), text_field, counts)
+
+
+def _column_texts(column: Any, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    """The usable texts of an Arrow column. Strings are decoded here: pyarrow does not check that a string column
+    written by another tool (Spark, say) holds UTF-8, and its to_pylist raised UnicodeDecodeError for the whole file."""
+    import pyarrow as pa
+
+    try:
+        values: Iterable[Any] = column.to_pylist()
+    except UnicodeDecodeError:  # (a string column: the values decoded one by one)
+        values = (_utf8(v) for v in column.cast(pa.large_binary()).to_pylist())
+    for value in values:
+        text = _field_text({text_field: value}, text_field, counts)
+        if text is not None:
+            yield text
+
+
+class _NotUTF8:
+    """A string value that is not UTF-8 (counted as non_utf8 by _field_text)."""
+
+
+def _utf8(raw: bytes | None) -> str | None | _NotUTF8:
+    try:
+        return None if raw is None else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NotUTF8()
+
+
+def _read_arrow(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
+    """An Arrow IPC file: the stream format `datasets` writes (its cache and save_to_disk files), or the file format."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    with open_binary(path) as f:
+        try:
+            reader = ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            try:
+                reader = ipc.open_file(f)
+            except pa.ArrowInvalid as e:
+                raise ReadError(f"{path}: not a readable Arrow IPC file ({e})") from None
+        names = reader.schema.names
+        if text_field not in names:
+            raise ReadError(f"{path}: no column {text_field!r} (columns: {names}); name the text one with --text-field")
+        batches = iter(reader) if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches))
+        try:
+            for batch in batches:
+                yield from _column_texts(batch.column(names.index(text_field)), text_field, counts)
+        except pa.ArrowInvalid as e:  # a cut or damaged file
+            raise ReadError(f"{path}: not a readable Arrow IPC file ({e})") from None
 
 
 def _read_text(path: str, counts: ReadCounts) -> Iterator[str]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         data = f.read()
     if len(data) > LARGE_TEXT_DOCUMENT:
         logger.warning("%s: a plain-text file is one document, and this one has %.0f MB: tokenizing it takes about "
@@ -354,6 +376,8 @@ def read_file(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
             yield from _read_jsonl(path, text_field, counts)
         elif kind == "parquet":
             yield from _read_parquet(path, text_field, counts)
+        elif kind == "arrow":
+            yield from _read_arrow(path, text_field, counts)
         else:
             yield from _read_text(path, counts)
     except (OSError, EOFError, lzma.LZMAError) as e:  # corrupt or cut gzip/bz2/xz/zstd streams, unreadable files
@@ -370,13 +394,35 @@ def error_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, streaming: bool) -> Any:
+    """``datasets.load_dataset(path, ...)``, or ``datasets.load_from_disk(path)[split]`` for a folder written by
+    ``save_to_disk`` (which load_dataset refuses: 'use load_from_disk instead'); a local jsonl/parquet/arrow file is
+    loaded with its builder (load_dataset said "Couldn't find any data file" of a file that is there)."""
+    import datasets
+
+    if os.path.isfile(path) and data_files is None:
+        builder = "csv" if path.lower().endswith(".csv") else {"jsonl": "json", "parquet": "parquet",
+                                                                "arrow": "arrow"}.get(input_kind(path))
+        if builder is None:
+            raise ValueError(f"{path} is a plain-text file: `cpt prepare` it (one document per file), or load it with "
+                             "path: text and data_files (one document per line)")
+        return datasets.load_dataset(builder, data_files=path, split=split, streaming=streaming)
+
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path} has the splits {list(ds)}, not {split!r}")
+            ds = ds[split]
+        return ds.to_iterable_dataset() if streaming else ds
+    return datasets.load_dataset(path, name=name, split=split, data_files=data_files, streaming=streaming)
+
+
 def read_hf(spec: str, text_field: str, counts: ReadCounts, dataset_name: str | None = None, split: str = "train",
             data_files: Any = None, streaming: bool = False) -> Iterator[str]:
     """The usable documents of ``datasets.load_dataset(spec, ...)``; skipped records counted in ``counts``."""
-    import datasets
-
     try:
-        ds = datasets.load_dataset(spec, name=dataset_name, split=split, data_files=data_files, streaming=streaming)
+        ds = load_hf_dataset(spec, dataset_name, split, data_files, streaming)
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError...)
         raise ReadError(f"datasets.load_dataset({spec!r}, name={dataset_name!r}, split={split!r}) failed: "
                         f"{error_line(e)}") from None
@@ -420,4 +466,4 @@ def iter_documents(inputs: list[str], text_field: str, counts: ReadCounts, *, hf
 
 
 __all__ = ["ReadError", "ReadCounts", "SKIP_REASONS", "input_kind", "resolve_files", "read_file", "read_hf",
-           "iter_documents"]
+           "load_hf_dataset", "saved_dataset_files", "iter_documents"]

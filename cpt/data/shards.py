@@ -78,11 +78,14 @@ def tokenizer_name(tokenizer: Any) -> str:
 
 
 def vocab_size(tokenizer: Any) -> int:
-    """Number of ids the tokenizer can produce (base vocabulary plus added tokens)."""
+    """One more than the largest id the tokenizer can produce (base vocabulary plus added tokens): its length, or more
+    when its ids have gaps (an id of 70,000 in a 4-token vocabulary does not fit uint16 shards)."""
     try:
-        return len(tokenizer)
+        n = len(tokenizer)
     except TypeError:
-        return int(backend_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True))
+        n = int(backend_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else backend_tokenizer(tokenizer).get_vocab()
+    return max(n, max(vocab.values(), default=-1) + 1)
 
 
 def dtype_for_vocab(n: int) -> np.dtype:
@@ -198,12 +201,15 @@ class TokenShards:
 
     @classmethod
     def open(cls, path: str | os.PathLike, expected_tokenizer_hash: str | None = None, verify: bool = False,
-             check_sizes: bool = True, expected_tokenizer_name: str | None = None) -> "TokenShards":
+             check_sizes: bool = True, expected_tokenizer_name: str | None = None,
+             expected_eos_id: int | None = None) -> "TokenShards":
         """Open a prepared source (local directory or fsspec URL): reads the manifest, no shard bytes.
 
         Raises :class:`ShardError` when the manifest is missing or unreadable, the manifest's tokenizer
         hash differs from ``expected_tokenizer_hash`` (the message names both tokenizers and hashes; the run's
-        by ``expected_tokenizer_name``), a shard file is missing or
+        by ``expected_tokenizer_name``), the documents are separated by another EOS id than ``expected_eos_id`` (the
+        vocabulary hash does not cover which token is EOS: a base and an instruct tokenizer share one vocabulary but
+        not their EOS, and document masking would find no document ends), a shard file is missing or
         has the wrong size (``check_sizes``: one stat per file), or a checksum differs (``verify=True``:
         reads every byte of every file, so its cost grows with the corpus; see :meth:`verify`).
         """
@@ -219,6 +225,15 @@ class TokenShards:
                 f"but this run's tokenizer{f' {expected_tokenizer_name!r}' if expected_tokenizer_name else ''} has "
                 f"vocabulary hash {expected_tokenizer_hash}; "
                 "re-run `cpt prepare` with the run's tokenizer"
+            )
+        eos = manifest["tokenizer"].get("eos_token_id")
+        if expected_eos_id is not None and eos is not None and eos != expected_eos_id:
+            raise ShardError(
+                f"{path}: its documents are separated by EOS id {eos} (the EOS of tokenizer "
+                f"{manifest['tokenizer'].get('name')!r}), but this run's tokenizer"
+                f"{f' {expected_tokenizer_name!r}' if expected_tokenizer_name else ''} has EOS id {expected_eos_id} (same "
+                "vocabulary, another EOS: e.g. a base and an instruct tokenizer); re-run `cpt prepare` with the run's "
+                "tokenizer, or use the tokenizer the shards were made with (model.tokenizer)"
             )
         shards = cls(path, manifest, fs, root)
         if verify or check_sizes:

@@ -19,7 +19,7 @@ import hashlib
 
 import numpy as np
 
-from cpt.data.shards import TokenShards
+from cpt.data.shards import ShardError, TokenShards
 
 _M64 = (1 << 64) - 1
 _ROUNDS = 6
@@ -90,7 +90,7 @@ class PackedStream:
         self.shards, self.seq_len, self.seed, self.name = shards, seq_len, seed, name
         self.num_sequences = shards.num_tokens // seq_len
         if self.num_sequences == 0:
-            raise ValueError(
+            raise ShardError(  # (a user's mistake: one error line from cpt train, not a traceback)
                 f"source {name or shards.path!r} has {shards.num_tokens} tokens, fewer than one sequence of {seq_len}"
             )
         self._perms: dict[int, Permutation] = {}

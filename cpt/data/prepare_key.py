@@ -1,0 +1,64 @@
+"""The idempotency key of a `cpt prepare` job (the manifest's ``prepare_key``): a re-run with the same key finds the
+output up to date and does nothing. Local inputs count by path, size and modification time; remote ones by size and
+the version their store reports; with --hf, the local files behind a spec, and a hub dataset by its name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from cpt.data.shards import filesystem, is_remote
+
+# what a store says about an object's version (s3: ETag/VersionId, gcs: generation/etag, hf://: blob_id, http: ETag or
+# Last-Modified, file:// and others: mtime/created), for the idempotency key of remote inputs
+VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "blob_id", "md5Hash", "LastModified", "Last-Modified",
+                "last_modified", "updated", "mtime", "created")
+
+
+def remote_identity(path: str) -> list[Any]:
+    """A remote input by name, size and the version fields its store gives (by name alone, a changed object was
+    'up to date': the old shards kept, silently)."""
+    fs, root = filesystem(path)
+    try:
+        info = fs.info(root)
+    except Exception:  # noqa: BLE001 - a store that cannot say: the name alone, as before
+        return [path]
+    return [path, info.get("size")] + [f"{k}={info[k]}" for k in VERSION_KEYS if info.get(k) is not None]
+
+
+def input_identity(files: list[str]) -> list[Any]:
+    """What the inputs are, for the idempotency key: local files by size and mtime, remote ones by size and version."""
+    out: list[Any] = []
+    for path in files:
+        if is_remote(path):
+            out.append(remote_identity(path))
+        else:
+            st = os.stat(path)
+            out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def hf_identity(specs: list[str], data_files: Any) -> list[Any]:
+    """--hf inputs for the idempotency key: the specs, and the files behind the local ones (a folder, or data_files
+    given to a builder such as json) as :func:`input_identity` describes them (by name alone, a changed local file
+    was 'up to date'). A hub dataset is known by its name: --force after it changed."""
+    named = list(specs) + ([data_files] if isinstance(data_files, str) else list(data_files or []))
+    files = []
+    for p in map(str, named):
+        if is_remote(p) or not os.path.exists(p):
+            continue
+        if os.path.isdir(p):
+            files += sorted(os.path.join(d, f) for d, _, names in os.walk(p, followlinks=True) for f in names)
+        else:
+            files.append(p)
+    return list(specs) + input_identity(files)
+
+
+def prepare_key(inputs: list[str], files: list[str] | None, tok_hash: str, options: dict) -> str:
+    """The job's identity: its inputs (``files``: what is read, or None with --hf), the tokenizer's vocabulary hash and
+    the options that decide what the shards hold."""
+    identity = hf_identity(inputs, options.get("data_files")) if files is None else input_identity(files)
+    blob = json.dumps({"inputs": identity, "tokenizer": tok_hash, "options": options}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
