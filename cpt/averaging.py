@@ -331,10 +331,11 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
         with tempfile.TemporaryDirectory(prefix="cpt-export-") as tmp:
             return load_model_dir(export_checkpoint(p, Path(tmp) / "export", echo=lambda *a, **k: None), dtype)
     if (p / "adapter_config.json").is_file():
+        from cpt.adapters import merge_lora
         from cpt.model import load_adapter_model
 
         peft_model, tok = load_adapter_model(p, dtype=dtype)
-        return peft_model.merge_and_unload(), tok
+        return merge_lora(peft_model), tok
     from cpt.model import require_safetensors
 
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, trust_remote_code=False,

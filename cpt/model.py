@@ -232,7 +232,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     out = check_export_target(out_dir, (adapter_dir, base or recorded), "the adapter or its base model")
     peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
     # written like every export: replaces an earlier export's folder whole (no stale shards or index left)
-    return write_hf(peft_model.merge_and_unload(), tokenizer, out)
+    from cpt.adapters import merge_lora
+
+    return write_hf(merge_lora(peft_model), tokenizer, out)
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):

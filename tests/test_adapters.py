@@ -199,3 +199,32 @@ def test_shipped_configs_validate_and_apply(name):
     else:  # bottom half of the 4 layers frozen
         assert not any("layers.0." in n or "layers.1." in n for n in names)
         assert any("layers.3." in n for n in names) and trainable < total
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["embed_tokens", "v_proj"]])
+def test_merge_keeps_the_adapter_logits_with_lora_on_one_side_of_tied_embeddings(tmp_path, targets):
+    """LoRA on a tied lm_head (or input embedding) changes that side only; merging the delta into the one shared
+    weight changed the other side too (merged logits off by ~2.6 on the demo's model). `cpt merge` (and `cpt export`,
+    `cpt average`/`interpolate`, through the same cpt.adapters.merge_lora) give that side its own merged copy and an
+    untied config."""
+    from cpt.averaging import load_model_dir
+
+    d = tmp_path / "base"
+    tiny_model(tied=True).save_pretrained(d)
+    byte_level_bpe(CORPUS, 300).save_pretrained(d)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), LoraConfig(r=4, alpha=8, target_modules=targets))
+    _perturb_lora(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_embedding_B" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+    adapter = save_adapter(model, tmp_path / "adapter")
+    out = merge_adapter(adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_model_dir(adapter)[0].eval()(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
