@@ -389,8 +389,9 @@ def _lr_plan(cfg: RunConfig, start: Start, state: TrainState, say):
     if start.resume is None or state.anneal_from is None:
         state.anneal_from = state.step
     plan = plan_for_run(cfg, state.anneal_from)
-    say(f"anneal branch: steps {state.anneal_from}..{state.anneal_from + cfg.train.anneal_steps} from lr "
-        f"{plan.lr(state.anneal_from):.3g} to the schedule's min_lr")
+    anneal = plan.phase_at(state.anneal_from)  # (v0: the trunk's constant LR; the first update is one increment below)
+    say(f"anneal branch: steps {state.anneal_from}..{state.anneal_from + cfg.train.anneal_steps} from the constant lr "
+        f"{anneal.v0:.3g} to min_lr {anneal.v1:.3g} ({anneal.shape})")
     return plan, state.anneal_from + cfg.train.anneal_steps
 
 
