@@ -208,6 +208,10 @@ def test_trajectory_fields():
                                              "stages.0.mix.a", "train.ema_decay", "train.precision"], got
     # a secret differs only in its redacted form, which is equal: secrets are never printed here either
     assert not any("OTHER" in g for g in got)
+    # a stage appended (or removed) is one line, not one per field of it
+    longer = {**base, "stages": base["stages"] + [{"name": "more", "steps": 3, "mix": {"a": 1}}]}
+    assert trajectory_changes(saved, load_config(base=longer)) == ["stages.1: added (stage 'more', 3 steps)"]
+    assert trajectory_changes(config_to_dict(load_config(base=longer)), cfg) == ["stages.1: removed (stage 'more', 3 steps)"]
 
 
 def _pickle_only_model(tiny_base, folder: Path) -> Path:
