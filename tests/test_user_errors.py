@@ -167,6 +167,27 @@ def test_anneal_needs_a_cpt_checkpoint(trunk, tiny_base, tmp_path, capsys):
     assert "train.anneal_steps needs train.init_from" in capsys.readouterr().err and not out.exists()
 
 
+def test_lora_and_full_checkpoints_across_runs_say_how_to_convert(trunk, tiny_cpt_data, tmp_path, capsys):
+    """A new stage (or anneal branch) from a full model's checkpoint in a LoRA run, or from a LoRA run's checkpoint in a
+    full run: the weight mismatch line says to keep model.lora or go through `cpt export` (which works: the README)."""
+    path, run, _ = trunk
+    lora = {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}
+    cfg = small(tiny_cpt_data, tmp_path / "b")
+    cfg["model"]["lora"] = lora
+    ckpt = run / "checkpoints" / "step_00000004"
+    assert main(["train", str(write(cfg, tmp_path / "lora.yaml")), "--from", str(ckpt)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "this run uses model.lora and the checkpoint is a full model's" in line and f"cpt export {ckpt} --out DIR" in line
+    lora_run = tmp_path / "lora-run"
+    cfg = small(tiny_cpt_data, lora_run)
+    cfg["model"]["lora"] = lora
+    assert main(["train", str(write(cfg, tmp_path / "lora2.yaml"))]) == 0
+    assert main(["train", str(path), "--from", str(lora_run), "--output-dir", str(tmp_path / "c")]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "it is a LoRA run's checkpoint and this run has no model.lora" in line and "cpt export" in line
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_resume_with_a_changed_trajectory_is_refused(trunk, tmp_path, capsys):
     path, run, _ = trunk
     copy = tmp_path / "run"
