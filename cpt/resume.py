@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
-                            resolve_checkpoint)
+                            resolve_checkpoint, saved_step)
 from cpt.config import RunConfig, trajectory_changes
 
 
@@ -46,6 +46,23 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
         check_fresh_run_dir(run_dir, resume)  # (find_resume_checkpoint said when --resume finds nothing to resume)
     acc.wait_for_everyone()
     return start
+
+
+def anneal_branch_start(cfg: RunConfig, init: Path | None) -> int:
+    """The trunk step an anneal branch (``train.anneal_steps``) starts at: the step of its cpt checkpoint ``init``
+    (``resolve_init``). Refused in one line when ``train.init_from`` is an HF model (no step, optimizer or data position)
+    or the checkpoint is not in a constant or stable phase of the schedule. (The run and ``--dry-run`` check it.)"""
+    from cpt.schedules import plan_for_run
+
+    if init is None:
+        raise CheckpointError(f"--anneal (train.anneal_steps) branches off a cpt checkpoint of the trunk: give it "
+                              f"with --from CKPT (a checkpoint or run directory); {cfg.train.init_from} is an HF model")
+    step = saved_step(init)
+    try:
+        plan_for_run(cfg, anneal_from=step)
+    except ValueError as e:
+        raise CheckpointError(f"--anneal from {cfg.train.init_from} (step {step}): {e}") from None
+    return step
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path | None:

@@ -148,10 +148,23 @@ def test_flash_attention_without_flash_attn(tiny_cpt_data, tmp_path, capsys):
 def test_anneal_from_a_decaying_phase_creates_nothing(trunk, tmp_path, capsys):
     path, run, _ = trunk
     ckpt = run / "checkpoints" / "step_00000002"
-    assert main(["train", str(path), "--from", str(ckpt), "--anneal", "2", "--output-dir", str(tmp_path / "b")]) == 1
-    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
-    assert "--anneal from" in line and "step 2" in line and "constant or stable phase" in line
-    assert not (tmp_path / "b").exists()
+    for dry in ([], ["--dry-run"]):  # the dry run refuses it too (it used to print the trunk's plan from step 0)
+        assert main(["train", str(path), "--from", str(ckpt), "--anneal", "2", "--output-dir", str(tmp_path / "b"), *dry]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "--anneal from" in line and "step 2" in line and "constant or stable phase" in line
+        assert not (tmp_path / "b").exists()
+
+
+def test_dry_run_of_an_anneal_branch_shows_the_branch(trunk, tmp_path, capsys):
+    """`cpt train ... --from CKPT --anneal N --dry-run`: the branch's steps, tokens and LRs, not the trunk's plan."""
+    path, run, _ = trunk
+    ckpt = run / "checkpoints" / "step_00000004"
+    assert main(["train", str(path), "--from", str(ckpt), "--anneal", "3", "--output-dir", str(tmp_path / "b"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "anneal branch: steps 4..7 from the trunk checkpoint's step 4" in out
+    # 3 steps of 8 x 64 tokens, linear from the constant lr 1e-3 to min_lr 1e-5 (the last update exactly min_lr)
+    assert "cpt-python: 3 steps, 1,536 tokens; lr 0.00067 -> peak 0.00067 -> 1e-05;" in out, out
+    assert "total: 3 steps, 1,536 training tokens" in out and not (tmp_path / "b").exists()
 
 
 def test_anneal_needs_a_cpt_checkpoint(trunk, tiny_base, tmp_path, capsys):
