@@ -227,3 +227,30 @@ def test_merge_keeps_the_adapter_logits_with_lora_on_one_side_of_tied_embeddings
         torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(load_model_dir(adapter)[0].eval()(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_average_of_adapters_is_the_average_of_their_updates(base_dir, tmp_path, rslora):
+    """`cpt average` of LoRA adapters: mean(B) mean(A) is not the mean of the adapters' updates B A (it averaged the
+    factors); the average adapter's merged model equals the average of the merged models (weighted, any scale)."""
+    from cpt.averaging import average_checkpoints
+
+    cfg = LoraConfig(r=2, alpha=8, target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"], use_rslora=rslora)
+    adapters, merged = [], []
+    for i in range(2):
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), cfg)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in (p for p in model.parameters() if p.requires_grad):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        adapters.append(save_adapter(model, tmp_path / f"a{i}"))
+        merged.append(merge_adapter(adapters[-1], tmp_path / f"m{i}"))
+    weights = [0.25, 0.75]
+    avg = average_checkpoints(adapters, tmp_path / "avg", weights=weights)
+    expected = average_checkpoints(merged, tmp_path / "avg-merged", weights=weights)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(expected, dtype=torch.float32).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merge_adapter(avg, tmp_path / "avg-m"), dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert json.loads((avg / "adapter_config.json").read_text())["r"] == 4  # the two adapters side by side
