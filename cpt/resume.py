@@ -43,7 +43,7 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
     elif not allow_config_change:
         check_resume_config(start.resume, cfg)
     if start.resume is None and acc.is_main_process:
-        check_fresh_run_dir(run_dir, resume)  # (find_resume_checkpoint said when --resume finds nothing to resume)
+        check_fresh_run_dir(run_dir, resume, branch=start.branch)  # (find_resume_checkpoint said when --resume finds nothing to resume)
     acc.wait_for_everyone()
     return start
 
@@ -111,10 +111,13 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     raise CheckpointError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
 
-def check_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
+def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = False) -> None:
     """A fresh start must not mix with an earlier run's checkpoints, nor overwrite a finished run's export. Partial
     saves (.tmp-*) do not count: `--resume` with nothing complete to resume from (a first start, or a job killed
-    during its first save) starts fresh."""
+    during its first save) starts fresh. ``branch``: an anneal branch, which needs a directory of its own."""
+    if list_checkpoints(run_dir) and branch:  # typically the trunk's own directory (the config's run.output_dir)
+        raise CheckpointError(f"{run_dir} already holds checkpoints (the trunk's?): an anneal branch writes to a run "
+                              "directory of its own: pass --output-dir DIR (a new directory for the branch)")
     if list_checkpoints(run_dir):
         if resume:
             raise CheckpointError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "

@@ -155,6 +155,17 @@ def test_anneal_from_a_decaying_phase_creates_nothing(trunk, tmp_path, capsys):
         assert not (tmp_path / "b").exists()
 
 
+def test_anneal_branch_into_the_trunks_directory_asks_for_its_own(trunk, capsys):
+    """`cpt train trunk.yaml --from CKPT --anneal N` without --output-dir names the trunk's own directory: the line
+    asks for --output-dir (it said 'pass --resume', which then failed on the changed config); the trunk is untouched."""
+    path, run, _ = trunk
+    before = snapshot(run)
+    assert main(["train", str(path), "--from", str(run / "checkpoints" / "step_00000004"), "--anneal", "2"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "an anneal branch writes to a run directory of its own: pass --output-dir" in line
+    assert snapshot(run) == before
+
+
 def test_dry_run_of_an_anneal_branch_shows_the_branch(trunk, tmp_path, capsys):
     """`cpt train ... --from CKPT --anneal N --dry-run`: the branch's steps, tokens and LRs, not the trunk's plan."""
     path, run, _ = trunk
