@@ -220,7 +220,15 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
     if n_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n_rows, mean_resizing=False)
-    peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    except RuntimeError as e:  # torch's load_state_dict: the adapter was trained on another model
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        from cpt.state import state_dict_mismatch
+
+        raise ModelLoadError(f"adapter {adir} does not fit the base model {base} ({state_dict_mismatch(e)}): give the "
+                             "base it was trained on (cpt merge --base)") from None
     return peft_model, tokenizer
 
 

@@ -254,3 +254,18 @@ def test_average_of_adapters_is_the_average_of_their_updates(base_dir, tmp_path,
         got = AutoModelForCausalLM.from_pretrained(merge_adapter(avg, tmp_path / "avg-m"), dtype=torch.float32).eval()(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert json.loads((avg / "adapter_config.json").read_text())["r"] == 4  # the two adapters side by side
+
+
+def test_cli_merge_onto_another_base_is_one_line(base_dir, tmp_path, capsys):
+    """`cpt merge --base` naming a model the adapter was not trained on: one line, nothing written (it was a
+    60-line traceback of torch's load_state_dict)."""
+    from cpt.commands.merge import main
+
+    adapter = save_adapter(apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2)), tmp_path / "adapter")
+    other = tmp_path / "other"
+    tiny_llama(vocab=300, hidden=32, intermediate=64, layers=4).save_pretrained(other)
+    byte_level_bpe(CORPUS, 300).save_pretrained(other)
+    assert main([str(adapter), "--out", str(tmp_path / "m"), "--base", str(other)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cpt merge: error: adapter ") and "does not fit the base model" in err[-1]
+    assert not any("Traceback" in line for line in err) and not (tmp_path / "m").exists()
