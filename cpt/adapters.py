@@ -232,6 +232,23 @@ def _untie_trained_copies(peft_model) -> None:
         base.config.tie_word_embeddings = False
 
 
+def merge_lora(peft_model):
+    """``peft_model.merge_and_unload()`` that keeps the adapter's logits when a LoRA layer sits on one side of tied
+    embeddings (``target_modules`` naming ``lm_head`` or ``embed_tokens`` of a ``tie_word_embeddings`` model): the
+    adapter changes that side only, but merging its delta into the one shared weight would change the other side
+    too. That side gets its own copy first, and the merged model's config says it is untied (as with a tied module
+    in ``modules_to_save``)."""
+    base = peft_model.get_base_model()
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if head is not None and getattr(base.config, "tie_word_embeddings", False):
+        emb_layer, head_layer = getattr(emb, "base_layer", emb), getattr(head, "base_layer", head)
+        adapted = emb_layer is not emb or head_layer is not head  # a LoRA wrapper on either side
+        if adapted and emb_layer.weight is head_layer.weight:
+            head_layer.weight = nn.Parameter(head_layer.weight.detach().clone(), requires_grad=False)
+            base.config.tie_word_embeddings = False
+    return peft_model.merge_and_unload()
+
+
 def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
     """Save a LoRA run's adapter in peft format (``adapter_model.safetensors`` + ``adapter_config.json``),
     the tokenizer, and ``cpt_adapter.json`` (embedding size, so that ``cpt merge`` can resize the base).

@@ -4,7 +4,7 @@
   trainable parameters only (with LoRA: the adapter). ``with ema.swapped(model): evaluate(model)`` evaluates or
   exports the averaged weights and restores the live ones afterwards.
 * :func:`average_checkpoints`: the uniform (or weighted) mean of HF checkpoints (or peft adapters) with identical
-  keys, streamed tensor by tensor from safetensors.
+  keys, streamed tensor by tensor from safetensors (LoRA factors side by side: the mean of the adapters' products).
 * :func:`interpolate` / :func:`interpolation_sweep`: ``(1 - alpha) * base + alpha * cpt``; the sweep reports the
   upstream and downstream held-out loss at each alpha (MagMax-style trade-off between adaptation and forgetting).
 """
@@ -258,9 +258,18 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
         tmp = staging_dir(out)
         tmp.mkdir(parents=True)
 
+        lora = readers[0].kind == "adapter" and any(_lora_factor(k) for k in keys)
+        if lora:
+            _check_lora_configs(paths)
+
         def averaged() -> Iterator[tuple[str, torch.Tensor]]:
             for k in keys:
                 first = readers[0].get(k)
+                factor = _lora_factor(k) if lora else None
+                if factor is not None:  # sum_i w_i B_i A_i exactly: the factors side by side (rank k*r), B_i scaled
+                    parts = [r.get(k).float() * (wi if factor == "B" else 1.0) for r, wi in zip(readers, w)]
+                    yield k, torch.cat(parts, dim=0 if factor == "A" else 1).to(first.dtype).contiguous()
+                    continue
                 acc = first.float() * w[0]
                 for p, r, wi in zip(paths[1:], readers[1:], w[1:]):
                     t = r.get(k)
@@ -282,7 +291,40 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
         for r in readers:
             r.close()
     _copy_side_files(Path(paths[0]), tmp)
+    if lora:
+        _scale_lora_rank(tmp / "adapter_config.json", len(paths))
     return publish_dir(tmp, out)
+
+
+# LoRA adapters: the mean of the factors is not the mean of the adapters (mean(B) mean(A) != mean(B A)); the average
+# adapter holds every adapter's factors side by side instead, with rank k*r and the same scale (peft's "cat").
+_LORA_FACTORS = {".lora_A.": "A", ".lora_B.": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+def _lora_factor(name: str) -> str | None:
+    """"A" or "B" for the tensor of a LoRA factor (peft's saved names), else None."""
+    return next((f for key, f in _LORA_FACTORS.items() if key in name), None)
+
+
+def _check_lora_configs(paths: list[str | Path]) -> None:
+    fields = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+    cfgs = [json.loads((Path(p) / "adapter_config.json").read_text()) for p in paths]
+    for p, c in zip(paths[1:], cfgs[1:]):
+        diff = [f for f in fields if c.get(f) != cfgs[0].get(f)]
+        if diff:
+            raise ValueError(f"{p}: adapter_config.json differs from {paths[0]}'s in {', '.join(diff)}: the adapters "
+                             "must have the same LoRA rank and scale to be averaged")
+    if cfgs[0].get("rank_pattern") or cfgs[0].get("alpha_pattern"):
+        raise ValueError(f"{paths[0]}: adapters with a rank_pattern or alpha_pattern cannot be averaged")
+
+
+def _scale_lora_rank(config_file: Path, k: int) -> None:
+    """k adapters' factors side by side: rank k*r, alpha raised so that the scale (alpha/r, rsLoRA alpha/sqrt(r))
+    stays that of each adapter."""
+    cfg = json.loads(config_file.read_text())
+    cfg["r"] *= k
+    cfg["lora_alpha"] *= math.sqrt(k) if cfg.get("use_rslora") else k
+    config_file.write_text(json.dumps(cfg, indent=2))
 
 
 # ----------------------------------------------------------------------------- interpolation
@@ -331,10 +373,11 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
         with tempfile.TemporaryDirectory(prefix="cpt-export-") as tmp:
             return load_model_dir(export_checkpoint(p, Path(tmp) / "export", echo=lambda *a, **k: None), dtype)
     if (p / "adapter_config.json").is_file():
+        from cpt.adapters import merge_lora
         from cpt.model import load_adapter_model
 
         peft_model, tok = load_adapter_model(p, dtype=dtype)
-        return peft_model.merge_and_unload(), tok
+        return merge_lora(peft_model), tok
     from cpt.model import require_safetensors
 
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, trust_remote_code=False,

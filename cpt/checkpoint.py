@@ -296,12 +296,26 @@ class CheckpointManager:
                 raise CheckpointError(
                     f"checkpoint {ckpt}: its weights do not fit the model this run builds ({state_dict_mismatch(e)}): "
                     "the run config's model section (model.name_or_path / model.arch) must be the model the "
-                    "checkpoint was trained from") from None
+                    f"checkpoint was trained from{_lora_mismatch_hint(str(e), ckpt)}") from None
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
         self.acc.step = 0
         if components is not None:
             load_components(ckpt, components)
+
+
+def _lora_mismatch_hint(error: str, ckpt: Path) -> str:
+    """What to do when one side of a weight mismatch is a LoRA (peft) model and the other is not."""
+    unexpected = next((line for line in error.splitlines() if "Unexpected key(s)" in line), "")
+    missing = next((line for line in error.splitlines() if "Missing key(s)" in line), "")
+    export = f"`cpt export {ckpt} --out DIR`"
+    if "base_model.model." in unexpected and "base_model.model." not in missing:
+        return (f"; it is a LoRA run's checkpoint and this run has no model.lora: keep model.lora, or merge the adapter "
+                f"({export}) and start from DIR (train.init_from)")
+    if "base_model.model." in missing and "base_model.model." not in unexpected:
+        return (f"; this run uses model.lora and the checkpoint is a full model's: export it ({export}) and start the "
+                "LoRA run from DIR (train.init_from)")
+    return ""
 
 
 def load_components(ckpt: Path, components: Mapping[str, Stateful]) -> None:

@@ -369,7 +369,9 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     _check_keys(model, weights, f"cpt export {ckpt}")
     model.load_state_dict(weights, strict=False)
     if cfg.model.lora is not None and not adapter:
-        model = model.merge_and_unload()
+        from cpt.adapters import merge_lora
+
+        model = merge_lora(model)
     out = write_hf(model, tokenizer, out_dir)
     echo(f"exported {ckpt} ({kind} layout) to {out}" + (" (the earlier export there replaced whole)" if replacing else ""))
     return out

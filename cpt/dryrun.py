@@ -26,7 +26,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.metrics import model_flops_per_token
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
-    from cpt.resume import resolve_init
+    from cpt.resume import anneal_branch_start, resolve_init
     from cpt.schedules import plan_for_run
 
     check_attn_implementation(cfg.model)
@@ -56,18 +56,24 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
         from eval_harness.benchmarks import BenchmarkTracker
 
         BenchmarkTracker.from_config(cfg)
-    plan = plan_for_run(cfg)
+    # an anneal branch trains from its trunk checkpoint's step on (refused here as at the start of training)
+    first = anneal_branch_start(cfg, resolve_init(cfg.train.init_from)[0]) if cfg.train.anneal_steps else 0
+    plan = plan_for_run(cfg, anneal_from=first if cfg.train.anneal_steps else None)
     names = data.source_names
-    stages, start = [], 0
-    for st in cfg.stages:
+    for step in range(first):  # the trunk's batches before the branch: the data position it starts from
+        data.mixer.counts(step)
+    stages = []
+    for i, ((n, _), start) in enumerate(zip(plan.stages, plan.starts)):
+        lo, hi = max(start, first), start + n  # the steps of this stage the run trains
+        if lo >= hi:
+            continue
         rows = [0] * len(names)
-        for step in range(start, start + st.steps):
+        for step in range(lo, hi):
             rows = [a + b for a, b in zip(rows, data.mixer.counts(step))]
-        lrs = [plan.lr(s) for s in range(start, start + st.steps)]
-        stages.append({"name": st.name, "steps": st.steps, "tokens": st.steps * B * L,
+        lrs = [plan.lr(s) for s in range(lo, hi)]
+        stages.append({"name": cfg.stages[i].name, "steps": hi - lo, "tokens": (hi - lo) * B * L,
                        "lr": {"start": lrs[0], "peak": max(lrs), "end": lrs[-1]},
-                       "sources": {n: {"tokens": r * L, "share": r / (st.steps * B)} for n, r in zip(names, rows) if r}})
-        start += st.steps
+                       "sources": {n: {"tokens": r * L, "share": r / ((hi - lo) * B)} for n, r in zip(names, rows) if r}})
     sources = {}
     for j, (name, stream) in enumerate(zip(names, data.streams)):
         used = data.mixer.rows[j]
@@ -75,11 +81,12 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
         sources[name] = {"tokens": used * L, "epochs": epochs,
                          "available_tokens": getattr(stream, "num_sequences", 0) * L or None,
                          "too_many_epochs": epochs is not None and epochs > cfg.data.max_epochs_warning}
-    total = plan.total_steps * B * L
-    return {"model": {**shape, "vocab": len(tokenizer), "flops_per_token": fpt, "context": getattr(config, "max_position_embeddings", None)},
+    total = (plan.total_steps - first) * B * L
+    return {"anneal_branch": {"from": first, "steps": plan.total_steps - first} if cfg.train.anneal_steps else None,
+            "model": {**shape, "vocab": len(tokenizer), "flops_per_token": fpt, "context": getattr(config, "max_position_embeddings", None)},
             "seq_len": L, "global_batch_size": B, "stages": stages, "sources": sources, "mixes": format_mixes(cfg.stages),
             "heldout": [h.name for h in cfg.data.heldout],
-            "total": {"steps": plan.total_steps, "tokens": total, "flops": total * fpt},
+            "total": {"steps": plan.total_steps - first, "tokens": total, "flops": total * fpt},
             "max_epochs_warning": cfg.data.max_epochs_warning}
 
 
@@ -91,6 +98,10 @@ def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str
     if m["context"] and d["seq_len"] > m["context"]:
         lines.append(f"warning: seq_len {d['seq_len']} is longer than the model's context ({m['context']})")
     lines += d.get("mixes", [])
+    if d.get("anneal_branch"):
+        b = d["anneal_branch"]
+        lines.append(f"anneal branch: steps {b['from']}..{b['from'] + b['steps']} from the trunk checkpoint's step {b['from']} "
+                     "(source tokens and epochs below count from the start of the trunk)")
     for i, st in enumerate(d["stages"]):
         lr = st["lr"]
         mix = ", ".join(f"{n} {s['share']:.1%} ({s['tokens']:,} tok)" for n, s in st["sources"].items())

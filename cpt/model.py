@@ -220,7 +220,15 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
     if n_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n_rows, mean_resizing=False)
-    peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    except RuntimeError as e:  # torch's load_state_dict: the adapter was trained on another model
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        from cpt.state import state_dict_mismatch
+
+        raise ModelLoadError(f"adapter {adir} does not fit the base model {base} ({state_dict_mismatch(e)}): give the "
+                             "base it was trained on (cpt merge --base)") from None
     return peft_model, tokenizer
 
 
@@ -232,7 +240,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     out = check_export_target(out_dir, (adapter_dir, base or recorded), "the adapter or its base model")
     peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
     # written like every export: replaces an earlier export's folder whole (no stale shards or index left)
-    return write_hf(peft_model.merge_and_unload(), tokenizer, out)
+    from cpt.adapters import merge_lora
+
+    return write_hf(merge_lora(peft_model), tokenizer, out)
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):

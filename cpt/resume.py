@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
-                            resolve_checkpoint)
+                            resolve_checkpoint, saved_step)
 from cpt.config import RunConfig, trajectory_changes
 
 
@@ -43,9 +43,26 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
     elif not allow_config_change:
         check_resume_config(start.resume, cfg)
     if start.resume is None and acc.is_main_process:
-        check_fresh_run_dir(run_dir, resume)  # (find_resume_checkpoint said when --resume finds nothing to resume)
+        check_fresh_run_dir(run_dir, resume, branch=start.branch)  # (find_resume_checkpoint said when --resume finds nothing to resume)
     acc.wait_for_everyone()
     return start
+
+
+def anneal_branch_start(cfg: RunConfig, init: Path | None) -> int:
+    """The trunk step an anneal branch (``train.anneal_steps``) starts at: the step of its cpt checkpoint ``init``
+    (``resolve_init``). Refused in one line when ``train.init_from`` is an HF model (no step, optimizer or data position)
+    or the checkpoint is not in a constant or stable phase of the schedule. (The run and ``--dry-run`` check it.)"""
+    from cpt.schedules import plan_for_run
+
+    if init is None:
+        raise CheckpointError(f"--anneal (train.anneal_steps) branches off a cpt checkpoint of the trunk: give it "
+                              f"with --from CKPT (a checkpoint or run directory); {cfg.train.init_from} is an HF model")
+    step = saved_step(init)
+    try:
+        plan_for_run(cfg, anneal_from=step)
+    except ValueError as e:
+        raise CheckpointError(f"--anneal from {cfg.train.init_from} (step {step}): {e}") from None
+    return step
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path | None:
@@ -94,10 +111,13 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     raise CheckpointError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
 
-def check_fresh_run_dir(run_dir: Path, resume: bool = False) -> None:
+def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = False) -> None:
     """A fresh start must not mix with an earlier run's checkpoints, nor overwrite a finished run's export. Partial
     saves (.tmp-*) do not count: `--resume` with nothing complete to resume from (a first start, or a job killed
-    during its first save) starts fresh."""
+    during its first save) starts fresh. ``branch``: an anneal branch, which needs a directory of its own."""
+    if list_checkpoints(run_dir) and branch:  # typically the trunk's own directory (the config's run.output_dir)
+        raise CheckpointError(f"{run_dir} already holds checkpoints (the trunk's?): an anneal branch writes to a run "
+                              "directory of its own: pass --output-dir DIR (a new directory for the branch)")
     if list_checkpoints(run_dir):
         if resume:
             raise CheckpointError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "

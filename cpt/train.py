@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from cpt import consolidate, lm_loss, optim
 from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.averaging import EMA
-from cpt.checkpoint import CheckpointManager, saved_step, wait_for_writers
+from cpt.checkpoint import CheckpointManager, wait_for_writers
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
 from cpt.console import RunOutput, preempted_line
 from cpt.data.loader import CPTDataLoader
@@ -40,7 +40,7 @@ from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, 
 from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
 from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
-from cpt.resume import Start, resolve_start
+from cpt.resume import Start, anneal_branch_start, resolve_start
 from cpt.runlock import RunLock, RunLockError
 from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
@@ -323,15 +323,8 @@ def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | 
 def _preflight(cfg: RunConfig, start: Start) -> None:
     """Checks that need neither the model nor the data, run before anything is loaded or written."""
     check_attn_implementation(cfg.model)
-    if cfg.train.anneal_steps and start.resume is None:
-        if start.init is None:  # the branch point's step, optimizer and data position are in a cpt checkpoint only
-            raise TrainingError(f"--anneal (train.anneal_steps) branches off a cpt checkpoint of the trunk: give it "
-                                f"with --from CKPT (a checkpoint or run directory); {cfg.train.init_from} is an HF model")
-        step = saved_step(start.init)
-        try:
-            plan_for_run(cfg, anneal_from=step)
-        except ValueError as e:
-            raise TrainingError(f"--anneal from {cfg.train.init_from} (step {step}): {e}") from None
+    if cfg.train.anneal_steps and start.resume is None:  # a cpt checkpoint in a constant or stable phase
+        anneal_branch_start(cfg, start.init)
 
 
 def _model_for_run(cfg: RunConfig, init_hf: str | None, say):
@@ -389,8 +382,9 @@ def _lr_plan(cfg: RunConfig, start: Start, state: TrainState, say):
     if start.resume is None or state.anneal_from is None:
         state.anneal_from = state.step
     plan = plan_for_run(cfg, state.anneal_from)
-    say(f"anneal branch: steps {state.anneal_from}..{state.anneal_from + cfg.train.anneal_steps} from lr "
-        f"{plan.lr(state.anneal_from):.3g} to the schedule's min_lr")
+    anneal = plan.phase_at(state.anneal_from)  # (v0: the trunk's constant LR; the first update is one increment below)
+    say(f"anneal branch: steps {state.anneal_from}..{state.anneal_from + cfg.train.anneal_steps} from the constant lr "
+        f"{anneal.v0:.3g} to min_lr {anneal.v1:.3g} ({anneal.shape})")
     return plan, state.anneal_from + cfg.train.anneal_steps
 
 

@@ -199,3 +199,73 @@ def test_shipped_configs_validate_and_apply(name):
     else:  # bottom half of the 4 layers frozen
         assert not any("layers.0." in n or "layers.1." in n for n in names)
         assert any("layers.3." in n for n in names) and trainable < total
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["embed_tokens", "v_proj"]])
+def test_merge_keeps_the_adapter_logits_with_lora_on_one_side_of_tied_embeddings(tmp_path, targets):
+    """LoRA on a tied lm_head (or input embedding) changes that side only; merging the delta into the one shared
+    weight changed the other side too (merged logits off by ~2.6 on the demo's model). `cpt merge` (and `cpt export`,
+    `cpt average`/`interpolate`, through the same cpt.adapters.merge_lora) give that side its own merged copy and an
+    untied config."""
+    from cpt.averaging import load_model_dir
+
+    d = tmp_path / "base"
+    tiny_model(tied=True).save_pretrained(d)
+    byte_level_bpe(CORPUS, 300).save_pretrained(d)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), LoraConfig(r=4, alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # both LoRA factors (an embedding's A starts at zero)
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+    adapter = save_adapter(model, tmp_path / "adapter")
+    out = merge_adapter(adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_model_dir(adapter)[0].eval()(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_average_of_adapters_is_the_average_of_their_updates(base_dir, tmp_path, rslora):
+    """`cpt average` of LoRA adapters: mean(B) mean(A) is not the mean of the adapters' updates B A (it averaged the
+    factors); the average adapter's merged model equals the average of the merged models (weighted, any scale)."""
+    from cpt.averaging import average_checkpoints
+
+    cfg = LoraConfig(r=2, alpha=8, target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"], use_rslora=rslora)
+    adapters, merged = [], []
+    for i in range(2):
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), cfg)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in (p for p in model.parameters() if p.requires_grad):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        adapters.append(save_adapter(model, tmp_path / f"a{i}"))
+        merged.append(merge_adapter(adapters[-1], tmp_path / f"m{i}"))
+    weights = [0.25, 0.75]
+    avg = average_checkpoints(adapters, tmp_path / "avg", weights=weights)
+    expected = average_checkpoints(merged, tmp_path / "avg-merged", weights=weights)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(expected, dtype=torch.float32).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merge_adapter(avg, tmp_path / "avg-m"), dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert json.loads((avg / "adapter_config.json").read_text())["r"] == 4  # the two adapters side by side
+
+
+def test_cli_merge_onto_another_base_is_one_line(base_dir, tmp_path, capsys):
+    """`cpt merge --base` naming a model the adapter was not trained on: one line, nothing written (it was a
+    60-line traceback of torch's load_state_dict)."""
+    from cpt.commands.merge import main
+
+    adapter = save_adapter(apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2)), tmp_path / "adapter")
+    other = tmp_path / "other"
+    tiny_llama(vocab=300, hidden=32, intermediate=64, layers=4).save_pretrained(other)
+    byte_level_bpe(CORPUS, 300).save_pretrained(other)
+    assert main([str(adapter), "--out", str(tmp_path / "m"), "--base", str(other)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cpt merge: error: adapter ") and "does not fit the base model" in err[-1]
+    assert not any("Traceback" in line for line in err) and not (tmp_path / "m").exists()

@@ -276,7 +276,9 @@ def test_anneal_branch_from_infinite_trunk(tiny_cpt_data, tmp_path):
     assert proc.returncode == 0, log
     recs = [r for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "train/lr" in r and "train/loss" in r]
     assert [r["step"] for r in recs] == [7, 8, 9, 10]
-    assert recs[0]["train/lr"] < 1e-3 and recs[-1]["train/lr"] == pytest.approx(1e-5)
+    # the LR each update used: linear from the constant LR, one increment below it first, exactly min_lr last
+    assert [r["train/lr"] for r in recs] == pytest.approx([1e-3 + (1e-5 - 1e-3) * k / 4 for k in (1, 2, 3, 4)], rel=1e-12)
+    assert "anneal branch: steps 6..10 from the constant lr 0.001 to min_lr 1e-05 (linear)" in log, log
     assert (tmp_path / "branch" / "export" / "model.safetensors").is_file()
     assert verify_checkpoint(ckpt) is None and (ckpt / "CHECKSUMS.json").read_text() == before
     # the branch starts exactly where the trunk was: its first loss equals the trunk's loss at step 7

@@ -1,4 +1,4 @@
-"""The real `cpt train` under 2 CPU processes (`accelerate launch` with flags, gloo): DDP, DeepSpeed ZeRO-2 (LoRA +
+"""The real `cpt train` under 2 CPU processes (`accelerate launch` with flags, gloo): DDP (full and LoRA), DeepSpeed ZeRO-2 (LoRA +
 EMA) and ZeRO-3 (full and LoRA; without --zero3_save_16bit_model) and FSDP2 (full and LoRA; run on CPU through tests/fsdp_on_cpu.py) give the per-step losses
 of a 1-process run of the same global batch; the ZeRO-3 and FSDP HF exports load and reproduce the last logged
 held-out loss; DDP and FSDP resume exactly after SIGTERM; `cpt train` under a plain FSDP launch without GPUs
@@ -161,6 +161,21 @@ def test_ddp_with_reptile_matches_single_process(tiny_cpt_data, base, single, tm
     assert losses(ref) != losses(single())  # the meta-updates change the run
     assert_close(losses(out), losses(ref))
     assert_close(evals(out), evals(ref))
+
+
+def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
+    """LoRA under DDP (only the adapters' gradients are all-reduced): 1-process losses, held-out losses and adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0), tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0)
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(ref))
+    assert_close(evals(out), evals(ref))
+    a, b = (load_file(d / "export" / "adapter_model.safetensors") for d in (out, ref))
+    assert a and a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 # ZeRO-2 and ZeRO-2 with CPU offload against 1 process: tests/test_launch_shipped.py, through the shipped configs.

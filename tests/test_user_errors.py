@@ -148,10 +148,34 @@ def test_flash_attention_without_flash_attn(tiny_cpt_data, tmp_path, capsys):
 def test_anneal_from_a_decaying_phase_creates_nothing(trunk, tmp_path, capsys):
     path, run, _ = trunk
     ckpt = run / "checkpoints" / "step_00000002"
-    assert main(["train", str(path), "--from", str(ckpt), "--anneal", "2", "--output-dir", str(tmp_path / "b")]) == 1
+    for dry in ([], ["--dry-run"]):  # the dry run refuses it too (it used to print the trunk's plan from step 0)
+        assert main(["train", str(path), "--from", str(ckpt), "--anneal", "2", "--output-dir", str(tmp_path / "b"), *dry]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "--anneal from" in line and "step 2" in line and "constant or stable phase" in line
+        assert not (tmp_path / "b").exists()
+
+
+def test_anneal_branch_into_the_trunks_directory_asks_for_its_own(trunk, capsys):
+    """`cpt train trunk.yaml --from CKPT --anneal N` without --output-dir names the trunk's own directory: the line
+    asks for --output-dir (it said 'pass --resume', which then failed on the changed config); the trunk is untouched."""
+    path, run, _ = trunk
+    before = snapshot(run)
+    assert main(["train", str(path), "--from", str(run / "checkpoints" / "step_00000004"), "--anneal", "2"]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
-    assert "--anneal from" in line and "step 2" in line and "constant or stable phase" in line
-    assert not (tmp_path / "b").exists()
+    assert "an anneal branch writes to a run directory of its own: pass --output-dir" in line
+    assert snapshot(run) == before
+
+
+def test_dry_run_of_an_anneal_branch_shows_the_branch(trunk, tmp_path, capsys):
+    """`cpt train ... --from CKPT --anneal N --dry-run`: the branch's steps, tokens and LRs, not the trunk's plan."""
+    path, run, _ = trunk
+    ckpt = run / "checkpoints" / "step_00000004"
+    assert main(["train", str(path), "--from", str(ckpt), "--anneal", "3", "--output-dir", str(tmp_path / "b"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "anneal branch: steps 4..7 from the trunk checkpoint's step 4" in out
+    # 3 steps of 8 x 64 tokens, linear from the constant lr 1e-3 to min_lr 1e-5 (the last update exactly min_lr)
+    assert "cpt-python: 3 steps, 1,536 tokens; lr 0.00067 -> peak 0.00067 -> 1e-05;" in out, out
+    assert "total: 3 steps, 1,536 training tokens" in out and not (tmp_path / "b").exists()
 
 
 def test_anneal_needs_a_cpt_checkpoint(trunk, tiny_base, tmp_path, capsys):
@@ -165,6 +189,27 @@ def test_anneal_needs_a_cpt_checkpoint(trunk, tiny_base, tmp_path, capsys):
     assert line.endswith(f"{tiny_base} is an HF model") and not out.exists()
     assert main(["train", str(path), "--anneal", "2", "--output-dir", str(out)]) == 2
     assert "train.anneal_steps needs train.init_from" in capsys.readouterr().err and not out.exists()
+
+
+def test_lora_and_full_checkpoints_across_runs_say_how_to_convert(trunk, tiny_cpt_data, tmp_path, capsys):
+    """A new stage (or anneal branch) from a full model's checkpoint in a LoRA run, or from a LoRA run's checkpoint in a
+    full run: the weight mismatch line says to keep model.lora or go through `cpt export` (which works: the README)."""
+    path, run, _ = trunk
+    lora = {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}
+    cfg = small(tiny_cpt_data, tmp_path / "b")
+    cfg["model"]["lora"] = lora
+    ckpt = run / "checkpoints" / "step_00000004"
+    assert main(["train", str(write(cfg, tmp_path / "lora.yaml")), "--from", str(ckpt)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "this run uses model.lora and the checkpoint is a full model's" in line and f"cpt export {ckpt} --out DIR" in line
+    lora_run = tmp_path / "lora-run"
+    cfg = small(tiny_cpt_data, lora_run)
+    cfg["model"]["lora"] = lora
+    assert main(["train", str(write(cfg, tmp_path / "lora2.yaml"))]) == 0
+    assert main(["train", str(path), "--from", str(lora_run), "--output-dir", str(tmp_path / "c")]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "it is a LoRA run's checkpoint and this run has no model.lora" in line and "cpt export" in line
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_resume_with_a_changed_trajectory_is_refused(trunk, tmp_path, capsys):
@@ -208,6 +253,10 @@ def test_trajectory_fields():
                                              "stages.0.mix.a", "train.ema_decay", "train.precision"], got
     # a secret differs only in its redacted form, which is equal: secrets are never printed here either
     assert not any("OTHER" in g for g in got)
+    # a stage appended (or removed) is one line, not one per field of it
+    longer = {**base, "stages": base["stages"] + [{"name": "more", "steps": 3, "mix": {"a": 1}}]}
+    assert trajectory_changes(saved, load_config(base=longer)) == ["stages.1: added (stage 'more', 3 steps)"]
+    assert trajectory_changes(config_to_dict(load_config(base=longer)), cfg) == ["stages.1: removed (stage 'more', 3 steps)"]
 
 
 def _pickle_only_model(tiny_base, folder: Path) -> Path:

@@ -125,8 +125,21 @@ def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
     a, b = pick(saved), pick(now)
     missing = "(not set)"
-    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b), key=_field_order)
-            if a.get(k, missing) != b.get(k, missing)]
+    out = [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b), key=_field_order)
+           if a.get(k, missing) != b.get(k, missing) and not _whole_stage(k, saved, now)]
+    for i in range(min(len(saved.get("stages") or []), len(now["stages"])), max(len(saved.get("stages") or []), len(now["stages"]))):
+        added = i < len(now["stages"])
+        stage = (now["stages"] if added else saved["stages"])[i]
+        out.append(f"stages.{i}: {'added' if added else 'removed'} (stage {stage.get('name')!r}, {stage.get('steps')} steps)")
+    return out
+
+
+def _whole_stage(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether ``key`` is a field of a stage that only one of the two configs has (reported as one line)."""
+    parts = key.split(".")
+    if parts[0] != "stages" or len(parts) < 2 or not parts[1].isdigit():
+        return False
+    return int(parts[1]) >= min(len(saved.get("stages") or []), len(now["stages"]))
 
 
 def _field_order(key: str) -> list:

@@ -168,7 +168,9 @@ class CPTDataLoader:
         if state.get("fingerprint") != self.fingerprint():
             raise ValueError(
                 f"the data of the checkpoint (fingerprint {state.get('fingerprint')}) differs from this config's data "
-                f"({self.fingerprint()}): resuming would not continue the same stream. Use train.init_from to start a new stage.")
+                f"({self.fingerprint()}): resuming (or an anneal branch) would not continue the same stream; the data "
+                "sources, data.seq_len and run.seed must be the checkpoint's (its config.yaml). To train its weights on "
+                "other data, start a new stage with train.init_from (without --anneal).")
         if state.get("sources") != self.source_names:
             raise ValueError(f"data state is for sources {state.get('sources')}, this run has {self.source_names}")
         self.mixer.load_state_dict(state["mixer"])
