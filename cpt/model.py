@@ -165,8 +165,38 @@ def apply_config_overrides(config, overrides: dict[str, Any]) -> None:
         near = sorted(k for k in known if any(part in k for u in unknown for part in u.split("_") if len(part) > 3))
         raise ModelLoadError(f"model.config_overrides: {unknown} are not fields of this {type(config).__name__}"
                          + (f" (similar fields: {near})" if near else ""))
+    old_context = getattr(config, "max_position_embeddings", None)
     for key, value in overrides.items():
+        if key == "rope_parameters":
+            value = _rope_parameters(config.rope_parameters, value, old_context, overrides.get("max_position_embeddings"))
         setattr(config, key, value)
+    if "rope_parameters" in overrides and hasattr(config, "validate_rope"):
+        try:
+            config.validate_rope()
+        except (KeyError, ValueError) as e:
+            said = " ".join(str(e).strip("'\"").split())
+            raise ModelLoadError(f"model.config_overrides.rope_parameters: {said}") from None
+
+
+# RoPE types whose frequencies depend on the context the model was pre-trained with
+_ROPE_WITH_ORIGINAL_CONTEXT = ("yarn", "llama3", "longrope")
+
+
+def _rope_parameters(current, given, old_context: int | None, new_context: int | None):
+    """``model.config_overrides.rope_parameters`` on top of the model's own: keys given without a ``rope_type``, or with
+    the model's, update its parameters (``{rope_theta: 1e6}`` raises the base and keeps the rest); another
+    ``rope_type`` replaces them. A scaled type (yarn, llama3, longrope) whose ``original_max_position_embeddings`` is
+    not given, next to a raised ``max_position_embeddings``, gets the model's own context there (transformers would
+    take the raised one as the original and compute other frequencies)."""
+    if not isinstance(given, dict):
+        return given
+    flat = isinstance(current, dict) and "rope_type" in current  # (not per layer type, as Gemma 3's)
+    if flat and given.get("rope_type", current["rope_type"]) == current["rope_type"]:
+        given = {**current, **given}
+    if (given.get("rope_type") in _ROPE_WITH_ORIGINAL_CONTEXT and "original_max_position_embeddings" not in given
+            and old_context and new_context and new_context != old_context):
+        given = {**given, "original_max_position_embeddings": old_context}
+    return given
 
 
 def require_safetensors(source: str | os.PathLike, what: str = "model") -> bool:
