@@ -292,7 +292,7 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None)
     if cfg.freeze is not None:
-        apply_freeze(model, cfg.freeze)
+        apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
     if cfg.liger_kernel:
         _apply_liger(model, log_fn)
     if cfg.gradient_checkpointing:
