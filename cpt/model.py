@@ -275,8 +275,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     return write_hf(merge_lora(peft_model), tokenizer, out)
 
 
-def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):
+def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print,
+                  weights_from: str | None = None):
     """Apply vocab extension -> LoRA -> freezing -> kernels -> activation checkpointing, in that order.
+
+    ``weights_from``: the HF export the weights were loaded from (``train.init_from``); new tokens its own tokenizer
+    already holds at the same ids keep the rows it trained (an export of an extended run, continued).
 
     (Freezing after LoRA: peft freezes the whole base model, so a freeze spec then selects among the
     adapter and modules_to_save.) Returns (model, tokenizer, new_token_ids).
@@ -287,7 +291,10 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     if cfg.vocab is not None:
         from cpt.vocab import extend_vocabulary
 
-        model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab)
+        model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab, trained_vocab=_vocab_of(weights_from))
+        if model._cpt_vocab_plan.kept:
+            log_fn(f"model.vocab: {model._cpt_vocab_plan.kept} of the {len(new_ids)} new tokens keep the rows "
+                   f"{weights_from} trained for them (its tokenizer has them at the same ids)")
     _train_separator_embedding(model, tokenizer, log_fn)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None)
@@ -301,6 +308,16 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
             model.enable_input_require_grads()
     log_fn(describe_trainable(model))
     return model, tokenizer, new_ids
+
+
+def _vocab_of(export: str | None) -> dict[str, int] | None:
+    """The vocabulary of an HF export's own tokenizer; None without one."""
+    if export is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(export).get_vocab()
+    except (OSError, ValueError):
+        return None
 
 
 def _train_separator_embedding(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, log_fn) -> None:

@@ -331,7 +331,7 @@ def _model_for_run(cfg: RunConfig, init_hf: str | None, say):
     """(model, tokenizer, new token ids): built or loaded, then vocabulary extension, freezing, LoRA."""
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, weights_from=init_hf)
-    model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say)
+    model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say, weights_from=init_hf)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and cfg.data.seq_len > context:
         say(f"warning: data.seq_len {cfg.data.seq_len} is longer than the model's context (max_position_embeddings "
