@@ -168,7 +168,8 @@ def apply_config_overrides(config, overrides: dict[str, Any]) -> None:
     old_context = getattr(config, "max_position_embeddings", None)
     for key, value in overrides.items():
         if key == "rope_parameters":
-            value = _rope_parameters(getattr(config, "rope_parameters", None), value, old_context, overrides.get("max_position_embeddings"))
+            value = _rope_parameters(getattr(config, "rope_parameters", None), value, old_context,
+                                     overrides.get("max_position_embeddings"))
         setattr(config, key, value)
     if "rope_parameters" in overrides and hasattr(config, "validate_rope"):
         try:
