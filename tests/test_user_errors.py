@@ -342,6 +342,13 @@ def test_model_settings_that_do_not_fit_the_loaded_model(tiny_cpt_data, tmp_path
     assert main(["train", str(write(cfg, path))]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
     assert line == "cpt train: error: model.freeze.layers: layer spec '0-40' is out of range for a model with 2 layers"
+    cfg["model"]["freeze"] = None
+    for optim, said in (({"lr_multipliers": {"embd": 0.1}}, "optim.lr_multipliers: pattern 'embd' matches no parameter"),
+                        ({"lower_layers": {"below": 4, "multiplier": 0.5}}, "optim.lower_layers.below: 4 is more than the "
+                                                                            "model's 2 layers")):
+        cfg["optim"] = optim  # (a traceback before: param_groups raised a plain ValueError)
+        assert main(["train", str(write(cfg, path))]) == 1
+        assert one_error_line(capsys.readouterr().err, "cpt train: error: ").startswith(f"cpt train: error: {said}")
     assert not (tmp_path / "run").exists()
 
 
