@@ -186,7 +186,8 @@ _ROPE_WITH_ORIGINAL_CONTEXT = ("yarn", "llama3", "longrope")
 def _rope_parameters(current, given, old_context: int | None, new_context: int | None):
     """``model.config_overrides.rope_parameters`` on top of the model's own: keys given without a ``rope_type``, or with
     the model's, update its parameters (``{rope_theta: 1e6}`` raises the base and keeps the rest); another
-    ``rope_type`` replaces them. A scaled type (yarn, llama3, longrope) whose ``original_max_position_embeddings`` is
+    ``rope_type`` replaces them but for ``partial_rotary_factor`` (how much of each head rotates: Pythia, Phi's
+    architecture, not a scaling choice). A scaled type (yarn, llama3, longrope) whose ``original_max_position_embeddings`` is
     not given, next to a raised ``max_position_embeddings``, gets the model's own context there (transformers would
     take the raised one as the original and compute other frequencies)."""
     if not isinstance(given, dict):
@@ -194,6 +195,8 @@ def _rope_parameters(current, given, old_context: int | None, new_context: int |
     flat = isinstance(current, dict) and "rope_type" in current  # (not per layer type, as Gemma 3's)
     if flat and given.get("rope_type", current["rope_type"]) == current["rope_type"]:
         given = {**current, **given}
+    elif flat and "partial_rotary_factor" in current:
+        given = {"partial_rotary_factor": current["partial_rotary_factor"], **given}
     if (given.get("rope_type") in _ROPE_WITH_ORIGINAL_CONTEXT and "original_max_position_embeddings" not in given
             and old_context and new_context and new_context != old_context):
         given = {**given, "original_max_position_embeddings": old_context}

@@ -80,6 +80,11 @@ def test_partial_rope_parameters_update_the_models_own():
     config = LlamaConfig(max_position_embeddings=131072, rope_parameters=dict(llama3))
     apply_config_overrides(config, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
+    from transformers import GPTNeoXConfig  # (partial rotary: another rope_type keeps how much of a head rotates)
+
+    config = GPTNeoXConfig(rotary_pct=0.25)
+    apply_config_overrides(config, {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}})
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4, "partial_rotary_factor": 0.25}
 
 
 @pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
