@@ -356,7 +356,7 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
 
 def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimizer, say) -> None:
     """A new stage from a cpt checkpoint (train.init_from): its weights, and its optimizer state with train.init_optimizer."""
-    ckpts.load(ckpt)
+    ckpts.load(ckpt, optimizer_state=cfg.train.init_optimizer)
     if not cfg.train.init_optimizer:
         reset_optimizer_state(optimizer)
     say(f"initialised weights{' and optimizer' if cfg.train.init_optimizer else ''} from {ckpt}")
