@@ -93,16 +93,22 @@ def layer_indices(spec: str, num_layers: int) -> list[int]:
     return parse_layer_ranges(spec, num_layers)
 
 
-def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> list[str]:
+def apply_freeze(model: nn.Module, cfg: FreezeConfig, new_token_ids: Iterable[int] | None = None) -> list[str]:
     """Set ``requires_grad=False`` on the selected parameters; returns the names it froze.
 
     Only freezes, never unfreezes: with LoRA the base weights stay frozen whatever the config says.
+    ``new_token_ids`` (model.vocab's new tokens): a spec that freezes the tensors holding their rows is refused
+    (their rows would keep their initial values while the data is tokenized with them).
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    aliases: dict[int, list[str]] = {}  # every name of each tensor: a tied lm_head.weight is the embedding's tensor
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    every_name = {n: aliases[id(p)] for n, p in model.named_parameters() if p.requires_grad}
     selected: set[str] = set()
     if cfg.train_only:
         keep = [re.compile(p) for p in cfg.train_only]
-        selected |= {n for n in names if not any(r.search(n) for r in keep)}
+        selected |= {n for n in names if not any(r.search(a) for r in keep for a in every_name[n])}
     if cfg.layers is not None:
         list_name, n_layers = find_decoder_layers(model)
         try:
@@ -113,13 +119,29 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> list[str]:
         selected |= {n for n in names if n.startswith(prefixes)}
     if cfg.patterns:
         pats = [re.compile(p) for p in cfg.patterns]
-        selected |= {n for n in names if any(r.search(n) for r in pats)}
+        selected |= {n for n in names if any(r.search(a) for r in pats for a in every_name[n])}
     for n, p in model.named_parameters():
         if n in selected:
             p.requires_grad_(False)
     if names and len(selected) == len(names):
         raise ConfigError("model.freeze: the freeze config freezes every trainable parameter; nothing would be trained")
+    frozen_rows = [n for n in _new_row_holders(model) if n in selected] if new_token_ids else []
+    if frozen_rows:
+        raise ConfigError(f"model.freeze freezes {frozen_rows[0]}, which holds the rows of model.vocab's "
+                          f"{len(list(new_token_ids))} new tokens: they would keep their initial values; leave it "
+                          "trainable (or use model.lora, which trains the new rows alone)")
     return sorted(selected)
+
+
+def _new_row_holders(model: nn.Module) -> list[str]:
+    """The names of the trainable parameters holding the new vocabulary rows: peft's trainable-token deltas with
+    LoRA, else the input and output embedding weights."""
+    deltas = [n for n, _ in model.named_parameters() if "trainable_tokens_delta" in n]
+    if deltas:
+        return deltas
+    ids = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+           if m is not None and getattr(m, "weight", None) is not None}
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids]
 
 
 # ----------------------------------------------------------------------------- LoRA

@@ -271,10 +271,11 @@ class CheckpointManager:
         for old in ckpts[: max(0, len(ckpts) - self.keep)]:
             discard(old)
 
-    def load(self, ckpt: Path, components: Mapping[str, Stateful] | None = None) -> None:
+    def load(self, ckpt: Path, components: Mapping[str, Stateful] | None = None, optimizer_state: bool = True) -> None:
         """Restore model, optimizer and RNG states in place, then every registered component (``components``; None:
         the weights and optimizer only, e.g. a new stage from a checkpoint). A component missing from the
         checkpoint, or refusing its state, is one CheckpointError naming the checkpoint and the component.
+        ``optimizer_state=False``: the caller resets the optimizer state next (its parameters need not match).
 
         A checkpoint of another backend or ZeRO world size goes through ``portable`` (cpt.consolidate: weights and
         Adam state carried over, RNG states not)."""
@@ -288,8 +289,16 @@ class CheckpointManager:
                         "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
             self.portable.load_portable(self.acc, self.acc._models[0], self.acc._optimizers[0], ckpt)
         else:
+            names = _optimizer_param_names(self.acc)
             try:
                 self.acc.load_state(str(ckpt))
+            except ValueError as e:  # torch's Optimizer.load_state_dict: other groups or group sizes
+                if "parameter group" not in str(e) or not any(names):
+                    raise
+                if optimizer_state:
+                    _check_optimizer_params(ckpt, names, [])
+                # (the weights loaded first; the caller resets the optimizer state, RNG states start afresh)
+                log.warning("%s: its optimizer state is for other parameter groups: not loaded", ckpt)
             except RuntimeError as e:  # torch's load_state_dict: keys or shapes that do not fit the model
                 if "Error(s) in loading state_dict" not in str(e):
                     raise
@@ -297,11 +306,38 @@ class CheckpointManager:
                     f"checkpoint {ckpt}: its weights do not fit the model this run builds ({state_dict_mismatch(e)}): "
                     "the run config's model section (model.name_or_path / model.arch) must be the model the "
                     f"checkpoint was trained from{_lora_mismatch_hint(str(e), ckpt)}") from None
+            if optimizer_state:
+                _check_optimizer_params(ckpt, names, _optimizer_param_names(self.acc))
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
         self.acc.step = 0
         if components is not None:
             load_components(ckpt, components)
+
+
+def _optimizer_param_names(acc) -> list[list[str]]:
+    """The parameter names of each optimizer group (cpt.optim.param_groups records them; torch saves them in the
+    optimizer state and keeps the loaded ones on load); none under FSDP and DeepSpeed, which load their own way."""
+    if backend(acc) not in (Backend.SINGLE, Backend.DDP):
+        return []
+    return [list(g.get("param_names", ())) for opt in acc._optimizers
+            for g in getattr(opt, "optimizer", opt).param_groups]
+
+
+def _check_optimizer_params(ckpt: Path, before: list[list[str]], loaded: list[list[str]]) -> None:
+    """torch loads Adam moments by position: a checkpoint of other trainable parameters (another model.freeze, LoRA
+    target or lr multiplier, past --allow-config-change or as train.init_from with init_optimizer) would hand one
+    parameter's moments to another of the same shape, silently."""
+    if loaded == before or not any(before):
+        return
+    now, then = [n for g in before for n in g], [n for g in loaded for n in g]
+    first = next((f"{a} vs {b}" for a, b in zip(now, then) if a != b),
+                 f"{len(now)} vs {len(then)} parameters" if then else "the number or sizes of the parameter groups")
+    raise CheckpointError(
+        f"checkpoint {ckpt}: its optimizer state is for other trainable parameters or groups than this run's "
+        f"(model.freeze, model.lora or optim changed; first difference: {first}): Adam's moments would go to the "
+        "wrong parameters; keep those settings, or start from its weights alone (train.init_from with "
+        "train.init_optimizer: false)")
 
 
 def _lora_mismatch_hint(error: str, ckpt: Path) -> str:

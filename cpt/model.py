@@ -165,8 +165,42 @@ def apply_config_overrides(config, overrides: dict[str, Any]) -> None:
         near = sorted(k for k in known if any(part in k for u in unknown for part in u.split("_") if len(part) > 3))
         raise ModelLoadError(f"model.config_overrides: {unknown} are not fields of this {type(config).__name__}"
                          + (f" (similar fields: {near})" if near else ""))
+    old_context = getattr(config, "max_position_embeddings", None)
     for key, value in overrides.items():
+        if key == "rope_parameters":
+            value = _rope_parameters(getattr(config, "rope_parameters", None), value, old_context,
+                                     overrides.get("max_position_embeddings"))
         setattr(config, key, value)
+    if "rope_parameters" in overrides and hasattr(config, "validate_rope"):
+        try:
+            config.validate_rope()
+        except (KeyError, ValueError) as e:
+            said = " ".join(str(e).strip("'\"").split())
+            raise ModelLoadError(f"model.config_overrides.rope_parameters: {said}") from None
+
+
+# RoPE types whose frequencies depend on the context the model was pre-trained with
+_ROPE_WITH_ORIGINAL_CONTEXT = ("yarn", "llama3", "longrope")
+
+
+def _rope_parameters(current, given, old_context: int | None, new_context: int | None):
+    """``model.config_overrides.rope_parameters`` on top of the model's own: keys given without a ``rope_type``, or with
+    the model's, update its parameters (``{rope_theta: 1e6}`` raises the base and keeps the rest); another
+    ``rope_type`` replaces them but for ``partial_rotary_factor`` (how much of each head rotates: Pythia, Phi's
+    architecture, not a scaling choice). A scaled type (yarn, llama3, longrope) whose ``original_max_position_embeddings`` is
+    not given, next to a raised ``max_position_embeddings``, gets the model's own context there (transformers would
+    take the raised one as the original and compute other frequencies)."""
+    if not isinstance(given, dict):
+        return given
+    flat = isinstance(current, dict) and "rope_type" in current  # (not per layer type, as Gemma 3's)
+    if flat and given.get("rope_type", current["rope_type"]) == current["rope_type"]:
+        given = {**current, **given}
+    elif flat and "partial_rotary_factor" in current:
+        given = {"partial_rotary_factor": current["partial_rotary_factor"], **given}
+    if (given.get("rope_type") in _ROPE_WITH_ORIGINAL_CONTEXT and "original_max_position_embeddings" not in given
+            and old_context and new_context and new_context != old_context):
+        given = {**given, "original_max_position_embeddings": old_context}
+    return given
 
 
 def require_safetensors(source: str | os.PathLike, what: str = "model") -> bool:
@@ -245,8 +279,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     return write_hf(merge_lora(peft_model), tokenizer, out)
 
 
-def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print):
+def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print,
+                  weights_from: str | None = None):
     """Apply vocab extension -> LoRA -> freezing -> kernels -> activation checkpointing, in that order.
+
+    ``weights_from``: the HF export the weights were loaded from (``train.init_from``); new tokens its own tokenizer
+    already holds at the same ids keep the rows it trained (an export of an extended run, continued).
 
     (Freezing after LoRA: peft freezes the whole base model, so a freeze spec then selects among the
     adapter and modules_to_save.) Returns (model, tokenizer, new_token_ids).
@@ -257,12 +295,15 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     if cfg.vocab is not None:
         from cpt.vocab import extend_vocabulary
 
-        model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab)
+        model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab, trained_vocab=_vocab_of(weights_from))
+        if model._cpt_vocab_plan.kept:
+            log_fn(f"model.vocab: {model._cpt_vocab_plan.kept} of the {len(new_ids)} new tokens keep the rows "
+                   f"{weights_from} trained for them (its tokenizer has them at the same ids)")
     _train_separator_embedding(model, tokenizer, log_fn)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None)
     if cfg.freeze is not None:
-        apply_freeze(model, cfg.freeze)
+        apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
     if cfg.liger_kernel:
         _apply_liger(model, log_fn)
     if cfg.gradient_checkpointing:
@@ -271,6 +312,16 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
             model.enable_input_require_grads()
     log_fn(describe_trainable(model))
     return model, tokenizer, new_ids
+
+
+def _vocab_of(export: str | None) -> dict[str, int] | None:
+    """The vocabulary of an HF export's own tokenizer; None without one."""
+    if export is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(export).get_vocab()
+    except (OSError, ValueError):
+        return None
 
 
 def _train_separator_embedding(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, log_fn) -> None:

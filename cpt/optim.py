@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from cpt.config import ConfigError
 from cpt.distributed import Backend, backend
 
 # "model.layers.3.", "transformer.h.3.", "encoder.layer.3.", "blocks.3." -> 3
@@ -46,12 +47,12 @@ def _check_lower_layers(lower_layers: Mapping[str, float] | None) -> tuple[int, 
         return None
     keys = set(lower_layers)
     if keys != {"below", "multiplier"}:
-        raise ValueError(f"optim.lower_layers: expected keys 'below' and 'multiplier' (got {sorted(keys)})")
+        raise ConfigError(f"optim.lower_layers: expected keys 'below' and 'multiplier' (got {sorted(keys)})")
     below, mult = lower_layers["below"], float(lower_layers["multiplier"])
     if below != int(below) or below < 0:
-        raise ValueError(f"optim.lower_layers.below: must be a non-negative whole number of layers (got {below})")
+        raise ConfigError(f"optim.lower_layers.below: must be a non-negative whole number of layers (got {below})")
     if mult < 0:
-        raise ValueError(f"optim.lower_layers.multiplier: must be >= 0 (got {mult:g})")
+        raise ConfigError(f"optim.lower_layers.multiplier: must be >= 0 (got {mult:g})")
     return int(below), mult
 
 
@@ -61,9 +62,9 @@ def _compile_multipliers(lr_multipliers: Mapping[str, float] | None) -> list[tup
         try:
             rx = re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"optim.lr_multipliers: {pattern!r} is not a valid regex ({e})") from None
+            raise ConfigError(f"optim.lr_multipliers: {pattern!r} is not a valid regex ({e})") from None
         if float(mult) < 0:
-            raise ValueError(f"optim.lr_multipliers.{pattern}: must be >= 0 (got {mult})")
+            raise ConfigError(f"optim.lr_multipliers.{pattern}: must be >= 0 (got {mult})")
         out.append((pattern, rx, float(mult)))
     return out
 
@@ -92,9 +93,14 @@ def param_groups(
 
     for pattern, rx, _ in rules:
         if not any(rx.search(n) for names in aliases.values() for n in names):
-            raise ValueError(f"optim.lr_multipliers: pattern {pattern!r} matches no parameter of the model")
-    if lower is not None and not any(layer_index(n) is not None for n, _ in named):
-        raise ValueError("optim.lower_layers: the model has no numbered layers (expected names like 'model.layers.3.')")
+            raise ConfigError(f"optim.lr_multipliers: pattern {pattern!r} matches no parameter of the model")
+    if lower is not None:
+        layers = {layer_index(n) for names in aliases.values() for n in names} - {None}
+        if not layers:
+            raise ConfigError("optim.lower_layers: the model has no numbered layers (expected names like 'model.layers.3.')")
+        if lower[0] > max(layers) + 1:
+            raise ConfigError(f"optim.lower_layers.below: {lower[0]} is more than the model's {max(layers) + 1} layers "
+                             "(every layer would take the multiplier)")
 
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for name, p in named:
@@ -115,7 +121,7 @@ def param_groups(
         group["params"].append(p)
         group["param_names"].append(name)
     if not groups:
-        raise ValueError("the model has no trainable parameters")
+        raise ConfigError("the model has no trainable parameters")
     return list(groups.values())
 
 

@@ -331,7 +331,7 @@ def _model_for_run(cfg: RunConfig, init_hf: str | None, say):
     """(model, tokenizer, new token ids): built or loaded, then vocabulary extension, freezing, LoRA."""
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, weights_from=init_hf)
-    model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say)
+    model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say, weights_from=init_hf)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and cfg.data.seq_len > context:
         say(f"warning: data.seq_len {cfg.data.seq_len} is longer than the model's context (max_position_embeddings "
@@ -356,7 +356,7 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
 
 def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimizer, say) -> None:
     """A new stage from a cpt checkpoint (train.init_from): its weights, and its optimizer state with train.init_optimizer."""
-    ckpts.load(ckpt)
+    ckpts.load(ckpt, optimizer_state=cfg.train.init_optimizer)
     if not cfg.train.init_optimizer:
         reset_optimizer_state(optimizer)
     say(f"initialised weights{' and optimizer' if cfg.train.init_optimizer else ''} from {ckpt}")

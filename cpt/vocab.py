@@ -46,6 +46,7 @@ class VocabPlan:
     tokens: list[str] = field(default_factory=list)  # as they appear in the new vocabulary, in id order
     subtokens: list[list[int]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
+    kept: int = 0  # new tokens whose rows came trained with the loaded weights (not initialised)
 
 
 # ----------------------------------------------------------------------------- corpus reading
@@ -299,11 +300,14 @@ def _whole(params: list[torch.Tensor]):
     return contextlib.nullcontext()
 
 
-def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iterable[str] | None = None):
+def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iterable[str] | None = None,
+                      trained_vocab: dict[str, int] | None = None):
     """Extend the tokenizer (see module doc), resize the model's embeddings and initialise the new rows.
 
     Returns ``(model, tokenizer, new_token_ids)``: the same model (resized in place), the extended tokenizer
     (a new object) and the ids of the added tokens. :func:`cpt.adapters.new_row_ids` adds the padding rows.
+    ``trained_vocab``: the vocabulary the loaded weights were trained with (``train.init_from`` an export of an
+    extended run): a new token it holds at the same id, within the loaded rows, keeps its trained row.
     """
     new_tok, plan = build_extended_tokenizer(tokenizer, cfg, texts)
     emb = model.get_input_embeddings()
@@ -323,10 +327,16 @@ def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iter
     # subtoken means must only ever read rows of real old tokens
     assert all(s < old_tok_rows for subs in plan.subtokens for s in subs)
     untied = out is not None and not tied
+    fresh = plan
+    if trained_vocab:  # rows the loaded weights already trained for these very tokens are not reset
+        keep = [i < old_rows and trained_vocab.get(t) == i for t, i in zip(plan.tokens, plan.ids)]
+        fresh = VocabPlan(plan.old_size, [t for t, k in zip(plan.tokens, keep) if not k],
+                          [s for s, k in zip(plan.subtokens, keep) if not k], [i for i, k in zip(plan.ids, keep) if not k])
+        plan.kept = sum(keep)
     with _whole([emb.weight, *([out.weight] if untied else [])]):
-        init_new_rows(emb.weight, old_rows, plan, cfg.init)
+        init_new_rows(emb.weight, old_rows, fresh, cfg.init)
         if untied:
-            init_new_rows(out.weight, old_rows, plan, cfg.init)
+            init_new_rows(out.weight, old_rows, fresh, cfg.init)
     if untied and getattr(out, "bias", None) is not None and _rows(out.bias) > old_rows:
         with _whole([out.bias]), torch.no_grad():
             out.bias[old_rows:] = out.bias[:old_rows].float().mean().to(out.bias.dtype)

@@ -166,6 +166,35 @@ def test_freeze_range_and_patterns_and_train_only():
         apply_freeze(tiny_model(), FreezeConfig(patterns=[".*"]))
 
 
+def test_freeze_names_of_a_tied_head_reach_the_shared_tensor():
+    """A tied lm_head.weight is the embedding's tensor, listed once under model.embed_tokens.weight: ``patterns:
+    [lm_head]`` froze nothing and ``train_only: [lm_head]`` froze the head (every name of a tensor counts now)."""
+    model = tiny_model(tied=True)
+    assert apply_freeze(model, FreezeConfig(patterns=["lm_head"])) == ["model.embed_tokens.weight"]
+    assert not model.lm_head.weight.requires_grad
+    model = tiny_model(tied=True)
+    apply_freeze(model, FreezeConfig(train_only=["lm_head"]))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.embed_tokens.weight"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_freezing_the_rows_of_new_tokens_is_refused(tied):
+    """model.vocab + a freeze spec that freezes the embedding (or, with LoRA, peft's new-token rows): the new tokens'
+    rows would keep their initial values, silently (the data is tokenized with them)."""
+    new = [300, 301]
+    for spec in (FreezeConfig(patterns=["embed_tokens"]), FreezeConfig(train_only=[r"layers\."])):
+        model = tiny_model(tied=tied)
+        model.resize_token_embeddings(302)
+        with pytest.raises(ValueError, match=r"model.freeze freezes .*holds the rows of model.vocab's 2 new tokens"):
+            apply_freeze(model, spec, new_token_ids=new)
+    model = tiny_model(tied=tied)
+    model.resize_token_embeddings(302)
+    apply_freeze(model, FreezeConfig(layers="bottom_half"), new_token_ids=new)  # the embeddings stay trainable
+    lora = apply_lora(model, LoraConfig(r=2), new_token_ids=new)
+    with pytest.raises(ValueError, match="trainable_tokens_delta"):
+        apply_freeze(lora, FreezeConfig(patterns=["embed_tokens"]), new_token_ids=new)
+
+
 def test_freeze_after_lora_freezes_the_bottom_adapters():
     model = apply_lora(tiny_model(), LoraConfig(r=2))
     assert find_decoder_layers(model) == ("base_model.model.model.layers", 4)

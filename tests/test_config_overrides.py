@@ -65,3 +65,46 @@ def test_long_context_cpt_run_exports_the_new_config(tiny_cpt_data, tiny_base, t
     said.clear()
     train(load_config(base=cfg), echo=lambda *a, **k: said.append(" ".join(map(str, a))))
     assert any("data.seq_len 128 is longer than the model's context (max_position_embeddings 64)" in s for s in said)
+
+
+def test_partial_rope_parameters_update_the_models_own():
+    """``{rope_parameters: {rope_theta: X}}`` raises the base and keeps the model's RoPE type and scaling (it was a
+    KeyError 'rope_type' traceback when the model was built); another rope_type replaces the parameters."""
+    from transformers import LlamaConfig
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    config = LlamaConfig(max_position_embeddings=131072, rope_parameters=dict(llama3))
+    apply_config_overrides(config, {"rope_parameters": {"rope_theta": 4e6}})
+    assert config.rope_parameters == {**llama3, "rope_theta": 4e6}
+    config = LlamaConfig(max_position_embeddings=131072, rope_parameters=dict(llama3))
+    apply_config_overrides(config, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1e6}
+    from transformers import GPTNeoXConfig  # (partial rotary: another rope_type keeps how much of a head rotates)
+
+    config = GPTNeoXConfig(rotary_pct=0.25)
+    apply_config_overrides(config, {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}})
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4, "partial_rotary_factor": 0.25}
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
+def test_scaled_rope_takes_the_models_context_as_the_original(tiny_base, rope_type):
+    """A yarn/llama3 override next to a raised max_position_embeddings, without original_max_position_embeddings:
+    the original context is the model's own (64), not the raised one (transformers silently took 256, other
+    frequencies than the same config written out in full)."""
+    tok = load_tokenizer(model_cfg(tiny_base))
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 4.0}
+    if rope_type == "llama3":
+        rope.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    implicit = build_model(model_cfg(tiny_base, config_overrides={"max_position_embeddings": 256, "rope_parameters": rope}), tok)
+    explicit = build_model(model_cfg(tiny_base, config_overrides={
+        "max_position_embeddings": 256, "rope_parameters": {**rope, "original_max_position_embeddings": 64}}), tok)
+    assert implicit.config.rope_parameters["original_max_position_embeddings"] == 64
+    assert torch.equal(implicit.model.rotary_emb.inv_freq, explicit.model.rotary_emb.inv_freq)
+    assert implicit.model.rotary_emb.attention_scaling == explicit.model.rotary_emb.attention_scaling
+
+
+def test_incomplete_rope_parameters_are_one_line(tiny_base):
+    tok = load_tokenizer(model_cfg(tiny_base))
+    with pytest.raises(ModelLoadError, match=r"^model.config_overrides.rope_parameters: Missing required keys .*'factor'"):
+        build_model(model_cfg(tiny_base, config_overrides={"rope_parameters": {"rope_type": "linear"}}), tok)

@@ -88,6 +88,7 @@ def test_layer_index_parsing():
         (dict(lower_layers={"below": 2}), r"optim.lower_layers: expected keys"),
         (dict(lower_layers={"below": 1.5, "multiplier": 0.5}), r"optim.lower_layers.below"),
         (dict(lower_layers={"below": 2, "multiplier": -0.5}), r"optim.lower_layers.multiplier"),
+        (dict(lower_layers={"below": 40, "multiplier": 0.5}), r"optim.lower_layers.below: 40 is more than the model's"),
     ],
 )
 def test_bad_options_are_rejected_naming_the_field(kw, match):

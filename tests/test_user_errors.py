@@ -342,6 +342,13 @@ def test_model_settings_that_do_not_fit_the_loaded_model(tiny_cpt_data, tmp_path
     assert main(["train", str(write(cfg, path))]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
     assert line == "cpt train: error: model.freeze.layers: layer spec '0-40' is out of range for a model with 2 layers"
+    cfg["model"]["freeze"] = None
+    for optim, said in (({"lr_multipliers": {"embd": 0.1}}, "optim.lr_multipliers: pattern 'embd' matches no parameter"),
+                        ({"lower_layers": {"below": 4, "multiplier": 0.5}}, "optim.lower_layers.below: 4 is more than the "
+                                                                            "model's 2 layers")):
+        cfg["optim"] = optim  # (a traceback before: param_groups raised a plain ValueError)
+        assert main(["train", str(write(cfg, path))]) == 1
+        assert one_error_line(capsys.readouterr().err, "cpt train: error: ").startswith(f"cpt train: error: {said}")
     assert not (tmp_path / "run").exists()
 
 
@@ -433,3 +440,31 @@ def test_eval_and_interpolate_with_another_tokenizers_held_out_set_is_one_line(t
             assert main([*command, "--heldout", f"h={tmp_path / folder}:upstream", "--seq-len", "16"]) == 1
             line = one_error_line(capsys.readouterr().err, f"cpt {command[0]}: error: held-out set 'h': ")
             assert expected in line
+
+
+def test_optimizer_state_of_other_trainable_parameters_is_refused(tiny_cpt_data, tmp_path, capsys):
+    """torch loads Adam moments by position: a --resume --allow-config-change that freezes other layers (same shapes)
+    handed layer 1's moments to layer 0 silently, and one that adds an lr multiplier (other groups) was a traceback.
+    Both are one line; train.init_from the checkpoint with init_optimizer: false (what the line advises) still runs."""
+    import shutil
+
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["model"]["freeze"] = {"layers": "bottom_half"}
+    path = write(cfg, tmp_path / "c.yaml")
+    assert main(["train", str(path)]) == 0
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")
+    capsys.readouterr()
+    for change, first in ((["--set", "model.freeze.layers=top_half"], "model.layers.0."),
+                          (["--set", "optim.lr_multipliers={embed_tokens: 0.5}"], "the number or sizes")):
+        assert main(["train", str(path), "--resume", "--allow-config-change", *change]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "its optimizer state is for other trainable parameters" in line and first in line, line
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    branch = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "next")},
+              "model": {**cfg["model"], "freeze": {"layers": "top_half"}}}
+    branch["train"] = {**cfg["train"], "init_from": str(ckpt), "init_optimizer": True}
+    assert main(["train", str(write(branch, tmp_path / "n.yaml"))]) == 1
+    assert "its optimizer state is for other" in one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    branch["train"]["init_optimizer"] = False
+    branch["optim"] = {"lr_multipliers": {"embed_tokens": 0.5}}
+    assert main(["train", str(write(branch, tmp_path / "n.yaml"))]) == 0

@@ -261,3 +261,35 @@ def test_shards_prepared_with_the_extended_tokenizer(tok, tmp_path):
     assert load_heldout(h, ext2, 8).shape[1] == 8
     with pytest.raises(ShardError):
         load_heldout(h, tok, 8)  # the old tokenizer does not match these shards
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_init_from_an_extended_export_keeps_its_trained_new_rows(tok, tmp_path, tie):
+    """train.init_from an HF export of an extended run, with the same model.vocab: the export's trained new rows are
+    kept (they were reset to their mean-of-subtokens initial values, silently); without the export's tokenizer
+    (weights_from=None) they are initialised as before."""
+    import json
+
+    from cpt.config import ModelConfig
+    from cpt.model import prepare_model
+
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in NEW))
+    (tmp_path / "tokens.txt").write_text(" isinstance\n")
+    vcfg = VocabConfig(add_tokens_file=str(tmp_path / "tokens.txt"), learn_from=str(tmp_path / "new.jsonl"), learn_tokens=5)
+    mcfg = ModelConfig(name_or_path="unused", vocab=vcfg)
+    model, new_tok, ids = prepare_model(mcfg, tiny_model(len(tok), tied=tie), tok, log_fn=lambda *a: None)
+    with torch.no_grad():  # "training" moves the new rows
+        for w in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            w[ids] += 1.0
+    model.save_pretrained(tmp_path / "export")
+    new_tok.save_pretrained(tmp_path / "export")
+    trained = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+    said = []
+    again, _, ids2 = prepare_model(mcfg, LlamaForCausalLM.from_pretrained(tmp_path / "export"), tok, log_fn=said.append,
+                                   weights_from=str(tmp_path / "export"))
+    assert ids2 == ids and any(f"{len(ids)} of the {len(ids)} new tokens keep the rows" in s for s in said)
+    for n, p in again.state_dict().items():
+        assert torch.equal(p, trained[n]), n
+    reset, _, _ = prepare_model(mcfg, LlamaForCausalLM.from_pretrained(tmp_path / "export"), tok, log_fn=lambda *a: None)
+    assert not torch.equal(reset.get_input_embeddings().weight[ids], trained["model.embed_tokens.weight"][ids])
