@@ -166,6 +166,21 @@ def test_anneal_branch_into_the_trunks_directory_asks_for_its_own(trunk, capsys)
     assert snapshot(run) == before
 
 
+def test_resume_with_anneal_in_the_trunks_directory_is_one_line(trunk, capsys):
+    """`cpt train trunk.yaml --resume --allow-config-change --anneal N [--from CKPT]` names the trunk's own directory:
+    it annealed the finished trunk in place from its newest step (whatever --from said), writing into the trunk. Now one
+    line says --resume continues a branch, and how to branch instead; the trunk is untouched."""
+    path, run, _ = trunk
+    before = snapshot(run)
+    ckpt = run / "checkpoints" / "step_00000004"
+    for extra in (["--allow-config-change", "--from", str(ckpt)], ["--from", str(ckpt)]):  # (no --from: the config refuses)
+        assert main(["train", str(path), "--resume", "--anneal", "2", *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "step_00000006 is a trunk checkpoint, not an anneal branch's" in line, line
+        assert "leave --resume out: cpt train CONFIG --from" in line and "--anneal 2 --output-dir NEW_DIR" in line
+        assert snapshot(run) == before
+
+
 def test_dry_run_of_an_anneal_branch_shows_the_branch(trunk, tmp_path, capsys):
     """`cpt train ... --from CKPT --anneal N --dry-run`: the branch's steps, tokens and LRs, not the trunk's plan."""
     path, run, _ = trunk
