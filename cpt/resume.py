@@ -26,6 +26,8 @@ class Start:
     init: Path | None = None  # train.init_from a cpt checkpoint: its weights (+ optimizer state)
     init_hf: str | None = None  # train.init_from an HF model directory: its weights
     branch: bool = False  # train.anneal_steps from ``init``: an anneal branch continues the trunk's whole state
+    requeued: bool = False  # --resume with no checkpoint to resume (a requeue before the first one): from scratch, but
+    # the same run (its W&B run continues; metrics.jsonl restarts, as a resume drops the lines after its checkpoint)
 
     @property
     def state_from(self) -> Path | None:
@@ -37,6 +39,7 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
     """Where this run starts (collective: every rank calls it). ``resume``: ``--resume`` (or checkpoint.resume)."""
     run_dir = Path(cfg.run.output_dir)
     start = Start(resume=find_resume_checkpoint(run_dir, acc, say) if resume else None)  # or from scratch, saying so
+    start.requeued = resume and start.resume is None
     if start.resume is None:
         start.init, start.init_hf = resolve_init(cfg.train.init_from)
         start.branch = start.init is not None and bool(cfg.train.anneal_steps)
