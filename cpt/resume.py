@@ -34,6 +34,11 @@ class Start:
         """The checkpoint whose registered components (step, data position, evaluator, ...) the run continues."""
         return self.resume or (self.init if self.branch else None)
 
+    def metrics_resumed_at(self, step: int) -> int | None:
+        """The step up to which the run keeps its metrics (and continues its W&B run): ``step`` (the restored one) when
+        resumed, -1 for a requeue before the first checkpoint (none kept, the same W&B run), None for a new run."""
+        return step if self.resume is not None else -1 if self.requeued else None
+
 
 def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, say=print) -> Start:
     """Where this run starts (collective: every rank calls it). ``resume``: ``--resume`` (or checkpoint.resume)."""

@@ -122,8 +122,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
 
         # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
         # signal must not kill a rank during the final checkpoint wait and barriers, leaving the others waiting)
-        logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=state.step if start.resume else
-                                                       -1 if start.requeued else None))
+        logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=start.metrics_resumed_at(state.step)))
         peak = cfg.train.peak_flops or peak_flops_for(device_name(acc.device))
         # train/loss over the log window; train/loss/<source> from the per-row losses
         meter, losses, by_source = Throughput(num_devices=acc.num_processes), window.loss, window.by_source
