@@ -5,7 +5,8 @@ accelerate takes mixed precision from three places: the ``Accelerator(mixed_prec
 ``train.precision``), the launcher (``--mixed_precision`` or an accelerate config file's ``mixed_precision``, passed on
 as ``ACCELERATE_MIXED_PRECISION``) and, under DeepSpeed, the JSON's ``bf16.enabled`` / ``fp16.enabled`` (an explicit
 ``true`` silently wins over the argument). cpt refuses a launcher or JSON setting that disagrees with
-``train.precision`` instead of letting one of them win silently.
+``train.precision`` instead of letting one of them win silently, and a JSON ``scheduler`` or ``optimizer`` block
+(the run config owns the LR schedule and the optimizer).
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def deepspeed_precision_conflict(precision: str, ds_config: dict) -> str | None:
             return (f"train.precision is {precision} in the run config but the DeepSpeed config sets "
                     f"{dtype}.enabled={value}: precision comes from train.precision; set {dtype}.enabled to \"auto\" "
                     "in the DeepSpeed JSON")
+    return None
+
+
+# DeepSpeed JSON blocks for what the run config owns: DeepSpeed builds and steps a scheduler block's schedule, which
+# cpt's set_lr overrides before every step (a block that looks in effect and is not), and an optimizer block clashes
+# with the AdamW cpt builds from `optim` (param groups, lr_multipliers, weight decay; accelerate refused it with a traceback)
+OWNED_BY_THE_RUN_CONFIG = {
+    "scheduler": "cpt sets the learning rate itself at every step from the run config's stages (warmup, decay, "
+                 "anneal_steps) and resumes it with its checkpoints",
+    "optimizer": "cpt builds the optimizer (AdamW) from the run config's optim section (lr, weight_decay, betas, "
+                 "lr_multipliers) and resumes it with its checkpoints",
+}
+
+
+def deepspeed_block_conflict(ds_config: dict) -> str | None:
+    """One line if the DeepSpeed JSON has a ``scheduler`` or ``optimizer`` block (see :data:`OWNED_BY_THE_RUN_CONFIG`)."""
+    for block, why in OWNED_BY_THE_RUN_CONFIG.items():
+        if block in ds_config:
+            return (f"the DeepSpeed config (deepspeed_config_file) has a \"{block}\" block, which cpt does not use: "
+                    f"{why}; remove the block from the JSON and set it in the run config")
     return None
 
 

@@ -367,14 +367,19 @@ def load_components(ckpt: Path, components: Mapping[str, Stateful]) -> None:
         raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
 
 
-def saved_step(ckpt: Path) -> int:
-    """The optimizer step a checkpoint was written at (its ``train`` state)."""
+def saved_train_state(ckpt: Path) -> dict:
+    """A checkpoint's ``train`` state (:class:`cpt.state.TrainState`: step, tokens, anneal_from)."""
     doc = json.loads((ckpt / TRAINER_STATE).read_text())
     try:
         check_format(doc)
     except StateError as e:
         raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
-    return int(doc["train"]["step"])
+    return doc["train"]
+
+
+def saved_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was written at (its ``train`` state)."""
+    return int(saved_train_state(ckpt)["step"])
 
 
 class _Commit:

@@ -193,7 +193,7 @@ def build_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    from cpt.accelerator import ACCELERATE, configure_deepspeed, precision_conflict
+    from cpt.accelerator import ACCELERATE, configure_deepspeed, deepspeed_block_conflict, precision_conflict
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mbs = fit_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
@@ -228,6 +228,8 @@ def build_accelerator(cfg):
     if problem:
         raise LaunchError(problem)
     ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is not None and (problem := deepspeed_block_conflict(ds.deepspeed_config)):  # LR schedule, optimizer: cpt's
+        raise LaunchError(problem)
     if ds is not None:  # no prepared dataloader: tell DeepSpeed the batch geometry and clipping ourselves
         configure_deepspeed(ds.deepspeed_config, micro_batch=cfg.train.micro_batch_size, grad_accum=grad_accum,
                             global_batch=cfg.train.global_batch_size, grad_clip=cfg.optim.grad_clip)

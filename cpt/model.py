@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cpt.config import ModelConfig, RunConfig, load_config
+from cpt.data.shards import vocab_size
 from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
 
 log = logging.getLogger("cpt.model")
@@ -83,7 +84,7 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_f
         # padding_idx: a zero row that never gets a gradient; packed training never pads, so no pad id
         if ids["pad_token_id"] in (ids["eos_token_id"], ids["bos_token_id"]):
             ids["pad_token_id"] = None
-        config = config_from_arch(cfg.arch or {}, vocab_size=len(tokenizer), **ids)
+        config = config_from_arch(cfg.arch or {}, vocab_size=vocab_size(tokenizer), **ids)  # (its largest id + 1)
     apply_config_overrides(config, cfg.config_overrides)
     return config
 
@@ -122,12 +123,16 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
 
 
 def check_vocab_fits(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, rows: int) -> None:
-    """The tokenizer's ids must all have an embedding row (before any model.vocab extension)."""
-    if rows >= len(tokenizer):
+    """The tokenizer's ids must all have an embedding row (before any model.vocab extension): by its largest id, not its
+    length (a tokenizer with gaps in its ids passed by length, then failed with an index error at the first batch)."""
+    needed = vocab_size(tokenizer)
+    if rows >= needed:
         return
     name = cfg.tokenizer or cfg.name_or_path
+    size = (f"{len(tokenizer):,} tokens" if needed == len(tokenizer)
+            else f"{len(tokenizer):,} tokens with ids up to {needed - 1:,}")
     raise ModelLoadError(
-        f"the tokenizer {name!r} has {len(tokenizer):,} tokens but the model's embedding has {rows:,} rows: "
+        f"the tokenizer {name!r} has {size} but the model's embedding has {rows:,} rows: "
         "give the model's own tokenizer (model.tokenizer), or, to add tokens, start from the model's tokenizer and "
         "set model.vocab (add_tokens_file / learn_from), which resizes the embeddings and initialises the new rows"
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
-                            resolve_checkpoint, saved_step)
+                            resolve_checkpoint, saved_step, saved_train_state)
 from cpt.config import RunConfig, trajectory_changes
 
 
@@ -26,22 +26,33 @@ class Start:
     init: Path | None = None  # train.init_from a cpt checkpoint: its weights (+ optimizer state)
     init_hf: str | None = None  # train.init_from an HF model directory: its weights
     branch: bool = False  # train.anneal_steps from ``init``: an anneal branch continues the trunk's whole state
+    requeued: bool = False  # --resume with no checkpoint to resume (a requeue before the first one): from scratch, but
+    # the same run (its W&B run continues; metrics.jsonl restarts, as a resume drops the lines after its checkpoint)
 
     @property
     def state_from(self) -> Path | None:
         """The checkpoint whose registered components (step, data position, evaluator, ...) the run continues."""
         return self.resume or (self.init if self.branch else None)
 
+    def metrics_resumed_at(self, step: int) -> int | None:
+        """The step up to which the run keeps its metrics (and continues its W&B run): ``step`` (the restored one) when
+        resumed, -1 for a requeue before the first checkpoint (none kept, the same W&B run), None for a new run."""
+        return step if self.resume is not None else -1 if self.requeued else None
+
 
 def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, say=print) -> Start:
     """Where this run starts (collective: every rank calls it). ``resume``: ``--resume`` (or checkpoint.resume)."""
     run_dir = Path(cfg.run.output_dir)
     start = Start(resume=find_resume_checkpoint(run_dir, acc, say) if resume else None)  # or from scratch, saying so
+    start.requeued = resume and start.resume is None
     if start.resume is None:
         start.init, start.init_hf = resolve_init(cfg.train.init_from)
         start.branch = start.init is not None and bool(cfg.train.anneal_steps)
-    elif not allow_config_change:
-        check_resume_config(start.resume, cfg)
+    else:
+        if cfg.train.anneal_steps:
+            check_resume_is_a_branch(start.resume, cfg)
+        if not allow_config_change:
+            check_resume_config(start.resume, cfg)
     if start.resume is None and acc.is_main_process:
         check_fresh_run_dir(run_dir, resume, branch=start.branch)  # (find_resume_checkpoint said when --resume finds nothing to resume)
     acc.wait_for_everyone()
@@ -132,6 +143,17 @@ def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = Fals
             f"{run_dir} holds a finished run's export ({export}) and no checkpoint to continue from: starting over "
             "would overwrite it; choose another run.output_dir, or move export/ away to train this run again"
         )
+
+
+def check_resume_is_a_branch(ckpt: Path, cfg: RunConfig) -> None:
+    """``--resume`` with ``train.anneal_steps`` continues an anneal branch from its own checkpoint, which holds its branch
+    point. A trunk's checkpoint holds none: ``--resume --anneal N`` in the trunk's directory (with
+    ``--allow-config-change``) annealed the trunk in place from its newest step, whatever ``--from`` said."""
+    if saved_train_state(ckpt).get("anneal_from") is None:
+        raise CheckpointError(
+            f"--resume with --anneal (train.anneal_steps): {ckpt} is a trunk checkpoint, not an anneal branch's: "
+            f"--resume continues a branch in its own run directory. To branch off the trunk, leave --resume out: "
+            f"cpt train CONFIG --from {ckpt} --anneal {cfg.train.anneal_steps} --output-dir NEW_DIR")
 
 
 def check_resume_config(ckpt: Path, cfg: RunConfig) -> None:

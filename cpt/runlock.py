@@ -78,8 +78,13 @@ def _describe(holder: dict) -> str:
 class RunLock:
     """``with RunLock(run_dir): ...`` or ``acquire()`` / ``release()``."""
 
-    def __init__(self, run_dir: str | os.PathLike, force: bool = False):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: str | os.PathLike, force: bool = False, lock_file: str = LOCK_FILE,
+                 if_busy: str = ("Wait for it, use another run.output_dir, or, if that run is gone (e.g. on another host "
+                                 "of a shared filesystem), pass --force-lock")):
+        """``lock_file`` and ``if_busy`` (what to do, in the refusal) let other jobs that own a folder use it too
+        (`cpt prepare`'s ``prepare.lock``)."""
+        self.path = Path(run_dir) / lock_file
+        self.if_busy = if_busy
         self.force = force
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": time.time(),
                    "proc_start": _process_start(os.getpid()), **_slurm_start()}
@@ -104,8 +109,7 @@ class RunLock:
             if reason is None:
                 raise RunLockError(
                     f"{self.path.parent} is in use by another run ({_describe(holder)}; lock file {self.path}). "
-                    "Wait for it, use another run.output_dir, or, if that run is gone (e.g. on another host of a "
-                    "shared filesystem), pass --force-lock"
+                    + self.if_busy
                 )
             log.warning(f"taking over the lock of {self.path.parent}: {reason}")
             self._remove_if_unchanged(holder)

@@ -122,7 +122,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
 
         # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
         # signal must not kill a rank during the final checkpoint wait and barriers, leaving the others waiting)
-        logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=state.step if start.resume else None))
+        logger = cleanup.enter_context(_metrics_logger(cfg, acc, resumed_at=start.metrics_resumed_at(state.step)))
         peak = cfg.train.peak_flops or peak_flops_for(device_name(acc.device))
         # train/loss over the log window; train/loss/<source> from the per-row losses
         meter, losses, by_source = Throughput(num_devices=acc.num_processes), window.loss, window.by_source
@@ -363,7 +363,8 @@ def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimize
 
 
 def _metrics_logger(cfg: RunConfig, acc, resumed_at: int | None) -> MetricsLogger:
-    """The run's config.yaml and metrics logger; a resumed run drops what a killed one logged past its checkpoint."""
+    """The run's config.yaml and metrics logger; a resumed run drops what a killed one logged past its checkpoint
+    (``resumed_at`` -1: --resume with no checkpoint yet, a requeue starting over: all of it, same W&B run)."""
     run_dir = Path(cfg.run.output_dir)
     if acc.is_main_process:
         save_config(cfg, run_dir / "config.yaml")

@@ -188,3 +188,16 @@ def test_a_union_field_gets_one_problem_line(tmp_path):
         "invalid config (2 problems):",
         "  - model.lora.target_modules: Input should be a valid string or a valid list",
         "  - train.chunked_loss: Input should be a valid boolean, unable to interpret input or 'auto'"]
+
+
+def test_a_regex_in_lora_target_modules_says_regexes_are_not_accepted(tmp_path):
+    """peft takes a string target_modules as a regex; cpt checks names against the model, so a regex failed as 'match
+    no module' after the model loaded, without saying regexes are unsupported or what is accepted."""
+    for bad in (r"'.*\.(q_proj|v_proj)'", r"['q_proj', 'layers\.0\..*']"):
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, GOOD), [f"model.lora={{r: 4, target_modules: {bad}}}"])
+        msg = str(e.value)
+        assert "look like regular expressions, which cpt does not accept" in msg and "'all-linear'" in msg, msg
+        assert "q_proj" in msg and len(msg.splitlines()) == 2  # "invalid config (1 problem):" and the field's line
+    for good in ("all-linear", "q_proj", "[q_proj, self_attn.v_proj]"):
+        assert load_config(write(tmp_path, GOOD), [f"model.lora={{r: 4, target_modules: {good}}}"]).model.lora

@@ -326,6 +326,55 @@ def test_rerun_is_idempotent_and_changes_replace_old_shards(tmp_path, tokenizer)
     TokenShards.open(out, verify=True)  # checksums verify
 
 
+def test_a_second_prepare_into_the_same_folder_refuses_while_the_first_runs(tmp_path, tokenizer, monkeypatch):
+    """No lock: two jobs into one --out both committed (each clearing and moving shards), a manifest over mixed shards."""
+    import threading
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(40, seed=1)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in make_docs(50, seed=2)])
+    out = tmp_path / "out"
+    committing, go_on = threading.Event(), threading.Event()
+    real_commit = prep_mod._commit
+
+    def slow_commit(*args):
+        committing.set()
+        go_on.wait(30)
+        return real_commit(*args)
+
+    monkeypatch.setattr(prep_mod, "_commit", slow_commit)
+    first = threading.Thread(target=prepare, args=([str(a)], tokenizer, out), kwargs={"shard_tokens": 200})
+    first.start()
+    try:
+        assert committing.wait(30)
+        with pytest.raises(PrepareError, match=r"in use by another `cpt prepare` .*Wait for it or use another --out") as e:
+            prepare([str(b)], tokenizer, out, shard_tokens=300)
+        assert "\n" not in str(e.value)
+    finally:
+        go_on.set()
+        first.join(30)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["inputs"] == [str(a)] and TokenShards.open(out, verify=True).verify() == []
+    assert not (out / "prepare.lock").exists()  # released: the next job runs
+    assert prepare([str(b)], tokenizer, out, shard_tokens=300)["inputs"] == [str(b)]
+
+
+def test_a_changed_bos_token_is_prepared_again(tmp_path, tokenizer):
+    """The up-to-date check compared EOS but not BOS: --add-bos with another BOS token kept the old BOS in the shards."""
+    import copy
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(5, seed=3)])
+    out = tmp_path / "out"
+    prepare([str(src)], tokenizer, out, add_bos=True)
+    other = copy.deepcopy(tokenizer)
+    other.bos_token = next(t for t, i in tokenizer.get_vocab().items() if i == 100)  # same vocabulary, another BOS id
+    assert tokenizer_fingerprint(other) == tokenizer_fingerprint(tokenizer)
+    assert other.bos_token_id not in (None, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    m = prepare([str(src)], other, out, add_bos=True)
+    assert not m.get("up_to_date") and m["tokenizer"]["bos_token_id"] == other.bos_token_id
+    assert stream_of(out)[0] == other.bos_token_id
+    assert prepare([str(src)], other, out, add_bos=True)["up_to_date"]
+
+
 def test_a_changed_remote_or_datasets_input_is_prepared_again(tokenizer, tmp_path):
     """Remote and --hf inputs were known by name alone: re-run after the data changed, cpt prepare said 'up to date'."""
     import fsspec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -134,6 +135,30 @@ def test_hf_stream_resumes_exactly(tmp_path, tokenizer, streaming):
         b = HFTokenStream(hf_source(path, streaming=streaming), tokenizer, L, batch_docs=5)
         b.load_state_dict(states[k])
         assert np.concatenate([b.next_sequences(3) for _ in range(30 - k)]).tolist() == np.concatenate(outs[k:]).tolist()
+
+
+def test_a_changed_local_dataset_is_refused_on_resume(tmp_path, tokenizer, caplog):
+    """A `type: hf` source's fingerprint is by path: after the file changed, a resume read other data at the saved
+    position, silently. Now its files (size, mtime) are saved with the position: other sizes or files are refused,
+    other mtimes only (a copy) are a warning."""
+    import json as _json
+
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(20, seed=25)])
+    a = HFTokenStream(hf_source(path, streaming=True), tokenizer, L, batch_docs=5)
+    a.next_sequences(3)
+    state = _json.loads(_json.dumps(a.state_dict()))  # as a checkpoint saves it
+    want = a.next_sequences(2)
+    os.utime(path, ns=(1, 1))  # same bytes, another mtime: resumes, with a warning
+    b = HFTokenStream(hf_source(path, streaming=True), tokenizer, L, batch_docs=5)
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        b.load_state_dict(state)
+    assert b.next_sequences(2).tolist() == want.tolist() and "other modification times" in caplog.text
+    with open(path, "a") as f:  # other data: refused in one line
+        f.write(_json.dumps({"text": "one more document"}) + "\n")
+    c = HFTokenStream(hf_source(path, streaming=True), tokenizer, L, batch_docs=5)
+    with pytest.raises(ValueError, match=r"source 'web': its files changed since the checkpoint .*a.jsonl"):
+        c.load_state_dict(state)
+    c.load_state_dict({k: v for k, v in state.items() if k != "files"})  # a checkpoint from before: as before
 
 
 def test_hf_stream_skips_bad_records_and_errors_when_nothing_is_usable(tmp_path, tokenizer, caplog):

@@ -308,3 +308,29 @@ def test_interpolate_save_alpha_replaces_an_earlier_export_and_refuses_other_fol
     assert main([*args, "--out", str(cpt)]) == 1
     assert "one of the two models" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").is_file() and (cpt / "model.safetensors").is_file()
+
+
+def test_a_tokenizer_with_gaps_in_its_ids_is_checked_by_its_largest_id(tmp_path):
+    """The embedding-size check compared rows with len(tokenizer): a 4-token tokenizer whose ids reach 40 passed a
+    4-row model, which then failed with an index error at the first batch; a `model.arch` model got 4 rows too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cpt.config.model import ModelConfig
+    from cpt.model import ModelLoadError, build_model, load_tokenizer
+
+    backend = Tokenizer(models.WordLevel({"<eos>": 0, "<unk>": 1, "a": 2, "b": 40}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    gappy = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    gappy.save_pretrained(tmp_path / "tok")
+    assert len(gappy) == 4
+    base = write_hf(tiny_llama(len(gappy)), gappy, tmp_path / "base")
+    cfg = ModelConfig(name_or_path=str(base))
+    with pytest.raises(ModelLoadError, match=r"has 4 tokens with ids up to 40 but the model's embedding has 4 rows"):
+        build_model(cfg, load_tokenizer(cfg))
+    cfg = ModelConfig(tokenizer=str(tmp_path / "tok"), arch={"hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 1, "num_attention_heads": 2})
+    model = build_model(cfg, load_tokenizer(cfg))  # sized to the largest id: every id has a row
+    assert model.get_input_embeddings().weight.shape[0] == 41
+    x = torch.tensor([gappy("a b a", add_special_tokens=False)["input_ids"]])
+    assert x.max() == 40 and torch.isfinite(model(x, labels=x).loss)

@@ -76,6 +76,36 @@ def test_shipped_accelerate_configs_leave_precision_to_the_run_config():
         assert cfg["bf16"]["enabled"] == "auto" and cfg["fp16"]["enabled"] == "auto", path
 
 
+def test_a_deepspeed_json_with_a_scheduler_or_optimizer_block_is_one_line(tiny_cpt_data, tmp_path):
+    """cpt owns the LR schedule and the optimizer: a DeepSpeed JSON `scheduler` block trained (exit 0) with DeepSpeed
+    stepping a schedule that cpt's LR overrode at every step (an `optimizer` block: accelerate's ValueError with a
+    traceback at prepare). Launched as `accelerate launch
+    --use_deepspeed --deepspeed_config_file` sets it up (one process)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from cpt.accelerator import deepspeed_block_conflict
+    from test_launch_shipped import ROOT
+
+    shipped = json.loads((ROOT / "configs" / "deepspeed" / "zero2.json").read_text())
+    assert deepspeed_block_conflict(shipped) is None
+    assert "\"optimizer\" block" in deepspeed_block_conflict({**shipped, "optimizer": {"type": "AdamW"}})
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**shipped, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_run_config(tiny_cpt_data, tmp_path / "run")))
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from cpt.cli import main; sys.exit(main(sys.argv[1:]))",
+                           "train", str(tmp_path / "c.yaml")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("cpt train: error:")]
+    assert len(line) == 1 and "\"scheduler\" block" in line[0] and "learning rate" in line[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_zero3_exports_gather_without_the_users_flag():
     from cpt.accelerator import configure_deepspeed
 

@@ -73,6 +73,37 @@ def test_resume_without_checkpoint_says_fresh_and_prints_normalised_mix(tiny_cpt
     assert "stage 0 cpt-python mix: python 75.0%, shakespeare 25.0%\n" in out  # weights summing to 1: no note
 
 
+def test_a_requeue_before_the_first_checkpoint_continues_the_same_wandb_run(tiny_cpt_data, tmp_path, capsys):
+    """A SLURM requeue (`--resume`) of a run killed before its first checkpoint starts over from step 0: it started a
+    new W&B run (the old one orphaned, holding the same steps) and moved metrics.jsonl aside. Now it is the same run:
+    the W&B run continues (no step sent twice), metrics.jsonl restarts (as a resume drops the lines after its
+    checkpoint: here all of them)."""
+    import time
+
+    from cpt.metrics import read_metrics
+    from test_metrics import finished_wandb_records, history_rows
+
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["stages"][0]["steps"] = 3
+    cfg["checkpoint"] = {"every": None, "export_at_end": False}  # as if killed before the first checkpoint
+    cfg["logging"] = {"wandb": {"enabled": True, "mode": "offline"}, "plot": False}
+    path = write(cfg, tmp_path / "c.yaml")
+    assert main(["train", str(path)]) == 0
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text()
+    time.sleep(1.1)  # wandb names offline runs by the second they start
+    assert main(["train", str(path), "--resume"]) == 0
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert (tmp_path / "run" / "wandb_run_id").read_text() == run_id
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {run_id}
+    rows = [row for r in runs for row in history_rows(finished_wandb_records(str(r / "run-*.wandb")))
+            if "data/mix/_type" not in row]
+    keyed = [(row["step"], tuple(sorted(k for k in row if not k.startswith("_")))) for row in rows]
+    assert len(keyed) == len(set(keyed)) and max(k[0] for k in keyed) == 3, keyed  # no step twice
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    assert steps == [1, 2, 3] and not list((tmp_path / "run").glob("metrics.jsonl.*"))
+
+
 def test_a_finished_runs_export_is_not_overwritten_by_a_fresh_start(tiny_cpt_data, tmp_path, capsys):
     """A run saved without checkpoints (checkpoint.every: null) that finished has only its export: running the same
     command again (or with --resume, as the SLURM script always does) refuses in one line instead of training over it."""
@@ -164,6 +195,21 @@ def test_anneal_branch_into_the_trunks_directory_asks_for_its_own(trunk, capsys)
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
     assert "an anneal branch writes to a run directory of its own: pass --output-dir" in line
     assert snapshot(run) == before
+
+
+def test_resume_with_anneal_in_the_trunks_directory_is_one_line(trunk, capsys):
+    """`cpt train trunk.yaml --resume --allow-config-change --anneal N [--from CKPT]` names the trunk's own directory:
+    it annealed the finished trunk in place from its newest step (whatever --from said), writing into the trunk. Now one
+    line says --resume continues a branch, and how to branch instead; the trunk is untouched."""
+    path, run, _ = trunk
+    before = snapshot(run)
+    ckpt = run / "checkpoints" / "step_00000004"
+    for extra in (["--allow-config-change", "--from", str(ckpt)], ["--from", str(ckpt)]):  # (no --from: the config refuses)
+        assert main(["train", str(path), "--resume", "--anneal", "2", *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "step_00000006 is a trunk checkpoint, not an anneal branch's" in line, line
+        assert "leave --resume out: cpt train CONFIG --from" in line and "--anneal 2 --output-dir NEW_DIR" in line
+        assert snapshot(run) == before
 
 
 def test_dry_run_of_an_anneal_branch_shows_the_branch(trunk, tmp_path, capsys):

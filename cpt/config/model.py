@@ -41,6 +41,9 @@ class VocabConfig(Strict):
 NAMED_LAYER_SETS = ("bottom_half", "top_half", "every_other")
 
 
+REGEX_CHARS = re.compile(r"[*+?()\[\]{}|^$\\]")  # in a target_modules entry: a regular expression, not a name
+
+
 class LoraConfig(Strict):
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
@@ -59,6 +62,11 @@ class LoraConfig(Strict):
     def _targets(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("target_modules must name at least one module (or be 'all-linear')")
+        regexes = [t for t in ([v] if isinstance(v, str) else v) if t != "all-linear" and REGEX_CHARS.search(t)]
+        if regexes:  # peft takes a string as a regex (re.fullmatch); cpt names modules, checked against the model
+            raise ValueError(f"{regexes} look like regular expressions, which cpt does not accept here: give module "
+                             "names, each matched as the last part(s) of a module's name (e.g. [q_proj, v_proj] or "
+                             "[self_attn.q_proj]; every name must match a module), or 'all-linear'")
         return v
 
 

@@ -24,10 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from cpt.data.prepare_key import hf_identity
 from cpt.data.readers import error_line, load_hf_dataset
 from cpt.data.shards import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
 
 logger = logging.getLogger("cpt.data")
+
+
+def local_files_identity(path: str, data_files: Any) -> list[list]:
+    """The local files behind a source (its file or folder, ``data_files``) as ``[path, size, mtime_ns]``, as `cpt
+    prepare`'s up-to-date check sees them (:func:`cpt.data.prepare_key.hf_identity`); none for a hub dataset."""
+    return hf_identity([], [path] + ([data_files] if isinstance(data_files, str) else list(data_files or [])))
 
 
 class HFSourceError(ValueError):
@@ -52,6 +59,7 @@ class HFTokenStream:
             raise HFSourceError(f"source {self.name!r}: the tokenizer has no EOS token")
         self.dtype = dtype_for_vocab(vocab_size(tokenizer))
         self.tokenizer_hash = tokenizer_fingerprint(tokenizer)
+        self.files = local_files_identity(cfg.path, cfg.data_files)
         self._ds = self._load()
         self.epoch = 0
         self.sequences_read = 0
@@ -188,12 +196,14 @@ class HFTokenStream:
         if self._docs:
             epoch, ds_state, _ = self._docs[0]
             return {"epoch": epoch, "ds_state": copy.deepcopy(ds_state), "used": self._used,
-                    "sequences_read": self.sequences_read, "skipped": dict(self.skipped)}
+                    "sequences_read": self.sequences_read, "skipped": dict(self.skipped), "files": self.files}
         return {"epoch": self.epoch, "ds_state": self._ds.state_dict(), "used": 0,
-                "sequences_read": self.sequences_read, "skipped": dict(self.skipped)}
+                "sequences_read": self.sequences_read, "skipped": dict(self.skipped), "files": self.files}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at the saved document and offset (re-tokenizes at most one batch of documents)."""
+        """Resume at the saved document and offset (re-tokenizes at most one batch of documents), refused when the
+        local files behind the source changed since the checkpoint (see :meth:`check_same_files`)."""
+        self.check_same_files(state.get("files"))
         self._reset(int(state["epoch"]), state["ds_state"], int(state["used"]))
         self.sequences_read = int(state["sequences_read"])
         self.skipped = Counter(state.get("skipped", {}))
@@ -202,6 +212,26 @@ class HFTokenStream:
             logger.warning("source %r: resuming with shuffle_buffer %d: datasets does not save the buffer, so the order "
                            "from here differs from an uninterrupted run and up to %d documents of this epoch are not "
                            "seen (shuffle_buffer: 0, or prepared shards, resume exactly)", self.name, buffer, buffer)
+
+    def check_same_files(self, saved: list | None) -> None:
+        """The saved position (a `datasets` shard and example offset) means other data when the files changed: other
+        files or sizes are refused (ValueError); the same sizes with other modification times (a copy of the data,
+        e.g. to a node's local disk) are a warning. ``saved`` None: a checkpoint from before files were recorded."""
+        if saved is None:
+            return
+        before = {str(f[0]): f[1:] for f in saved}
+        now = {str(f[0]): f[1:] for f in self.files}
+        if {p: v[0] for p, v in before.items()} != {p: v[0] for p, v in now.items()}:
+            changed = sorted(p for p in before.keys() | now.keys() if (before.get(p) or [None])[0] != (now.get(p) or [None])[0])
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise ValueError(
+                f"source {self.name!r}: its files changed since the checkpoint (added, removed or resized: "
+                f"{', '.join(changed[:3])}{more}): the saved position would read other data; restore the files the "
+                "checkpoint was trained on, or train its weights on the new data as a new stage (train.init_from)")
+        if before != now and self.log_skips:
+            logger.warning("source %r: files of %r have other modification times than at the checkpoint (same names and "
+                           "sizes: a copy?); resuming at the saved position, which reads other data if their content "
+                           "changed", self.name, self.cfg.path)
 
     def fingerprint(self) -> str:
         c = self.cfg

@@ -62,6 +62,7 @@ logger = logging.getLogger("cpt.data")
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 HELDOUT_DIR = "heldout"
+PREPARE_LOCK = "prepare.lock"
 # a file (or its folder) named like a `datasets` evaluation split: data/test-00000-of-00001.parquet, validation/x.jsonl
 EVAL_SPLIT_NAME = re.compile(r"(?:^|[-._ 0-9/])(test|testing|eval|evaluation|validation|valid|val|dev)(?:[-._ 0-9/]|$)",
                              re.IGNORECASE)
@@ -194,16 +195,34 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     tok_hash = tokenizer_fingerprint(tok)
     files = None if opts.hf else _input_files(inputs, opts.glob, out)
     key = prepare_key(inputs, files, tok_hash, opts.identity())
-    if not opts.force and (existing := _is_up_to_date(out, key, int(tok.eos_token_id))) is not None:
-        return {**existing, "up_to_date": True}
-    job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
-    os.makedirs(out, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}")
+    with _prepare_lock(out):  # one job per output folder: two commits at once mixed their shards under one manifest
+        if not opts.force and (existing := _is_up_to_date(out, key, int(tok.eos_token_id), bos_id)) is not None:
+            return {**existing, "up_to_date": True}
+        job = _Job(inputs, files, out, opts, tok, tok_hash, dtype_for_vocab(vocab_size(tok)), bos_id, key)
+        _remove_stale_staging(out)
+        staging = os.path.join(out, f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}")
+        try:
+            return _run(job, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _prepare_lock(out: str):
+    """``<out>/prepare.lock`` (:class:`cpt.runlock.RunLock`) held for the whole job: a second `cpt prepare` into the
+    same folder refuses in one line while the first runs (a killed one's lock on this host is taken over)."""
+    from cpt.runlock import RunLock, RunLockError
+
+    lock = RunLock(out, lock_file=PREPARE_LOCK, if_busy=f"Wait for it or use another --out; if that job is gone (e.g. "
+                   f"on another host of a shared filesystem), delete {os.path.join(out, PREPARE_LOCK)}")
     try:
-        return _run(job, staging)
+        lock.acquire()  # (creates the folder)
+    except RunLockError as e:
+        raise PrepareError(str(e).replace("another run", "another `cpt prepare`")) from None
+    try:
+        yield
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        lock.release()
 
 
 def _run(job: _Job, staging: str) -> dict:
@@ -328,12 +347,15 @@ def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
     return kept
 
 
-def _is_up_to_date(out: str, key: str, eos_id: int) -> dict | None:
-    """The manifest of ``out`` when it was prepared by the same job (``key``) with the same EOS (the vocabulary hash in
-    the key does not say which token is EOS: a base and an instruct tokenizer share one vocabulary), else None."""
+def _is_up_to_date(out: str, key: str, eos_id: int, bos_id: int | None) -> dict | None:
+    """The manifest of ``out`` when it was prepared by the same job (``key``) with the same EOS and BOS (the vocabulary
+    hash in the key does not say which tokens they are: a base and an instruct tokenizer share one vocabulary), else
+    None. (``bos_id``: the id put before each document, None without --add-bos.)"""
     try:
         shards = TokenShards.open(out, verify=False)
         if shards.manifest.get("prepare_key") != key or shards.eos_token_id != eos_id:
+            return None
+        if (shards.manifest.get("tokenizer") or {}).get("bos_token_id") != bos_id:
             return None
         if shards.manifest.get("heldout"):
             TokenShards.open(os.path.join(out, HELDOUT_DIR), verify=False)
