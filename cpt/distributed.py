@@ -228,9 +228,9 @@ def build_accelerator(cfg):
     if problem:
         raise LaunchError(problem)
     ds = getattr(acc.state, "deepspeed_plugin", None)
-    if ds is not None and (problem := deepspeed_block_conflict(ds.deepspeed_config)):  # LR schedule, optimizer: cpt's
-        raise LaunchError(problem)
     if ds is not None:  # no prepared dataloader: tell DeepSpeed the batch geometry and clipping ourselves
+        if problem := deepspeed_block_conflict(ds.deepspeed_config):  # its own LR schedule or optimizer: cpt's
+            raise LaunchError(problem)
         configure_deepspeed(ds.deepspeed_config, micro_batch=cfg.train.micro_batch_size, grad_accum=grad_accum,
                             global_batch=cfg.train.global_batch_size, grad_clip=cfg.optim.grad_clip)
     return acc

@@ -260,6 +260,23 @@ def test_zero3_checkpoint_resumes_on_three_processes(tiny_cpt_data, tiny_base, t
     assert_hf_dir_reproduces_eval(tmp_path / "hf", three, cfg, tiny_cpt_data, STEPS)
 
 
+def ddp_launch_training(cfg: dict, tmp_path: Path):
+    """`scripts/launch.sh run.yaml ddp` started on ``cfg`` and waited for until it has logged 2 steps: the launcher's
+    process and its 2 ranks' pids."""
+    import time
+
+    from launching import rank_pids
+
+    proc = launch_shipped("ddp", write(cfg, tmp_path / "run.yaml"))
+    t0 = time.time()
+    while len(losses(cfg["run"]["output_dir"])) < 2:
+        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-5000:]
+        time.sleep(0.05)
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    return proc, ranks
+
+
 def test_ranks_of_a_launcher_killed_with_sigkill_checkpoint_and_stop(tiny_cpt_data, tiny_base, tmp_path):
     """`kill -9` of `scripts/launch.sh ... ddp` (the `accelerate launch` process it execs; also `timeout -s KILL`, a
     killed process group): torchrun starts its ranks in sessions of their own, so they used to train on, detached,
@@ -268,20 +285,12 @@ def test_ranks_of_a_launcher_killed_with_sigkill_checkpoint_and_stop(tiny_cpt_da
     About 20 s."""
     import os
     import signal
-    import time
 
     from cpt.checkpoint import list_checkpoints, verify_checkpoint
-    from launching import rank_pids
 
     out = tmp_path / "run"
     cfg = two_process_config(tiny_cpt_data, tiny_base, out, steps=400, eval_every=400, checkpoint={"every": 200})
-    proc = launch_shipped("ddp", write(cfg, tmp_path / "run.yaml"))
-    t0 = time.time()
-    while len(losses(out)) < 2:
-        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-5000:]
-        time.sleep(0.05)
-    ranks = rank_pids(proc.pid)
-    assert len(ranks) == 2, ranks
+    proc, ranks = ddp_launch_training(cfg, tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     try:
         log = proc.communicate(timeout=120)[0]  # the pipe closes once the ranks have exited too
@@ -304,18 +313,9 @@ def test_a_hung_rank_fails_the_run_after_train_distributed_timeout_s(tiny_cpt_da
     import signal
     import time
 
-    from launching import rank_pids
-
-    out = tmp_path / "run"
-    cfg = two_process_config(tiny_cpt_data, tiny_base, out, steps=400, eval_every=400, checkpoint={"every": 200})
+    cfg = two_process_config(tiny_cpt_data, tiny_base, tmp_path / "run", steps=400, eval_every=400, checkpoint={"every": 200})
     cfg["train"]["distributed_timeout_s"] = 8
-    proc = launch_shipped("ddp", write(cfg, tmp_path / "run.yaml"))
-    t0 = time.time()
-    while len(losses(out)) < 2:
-        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-5000:]
-        time.sleep(0.05)
-    ranks = rank_pids(proc.pid)
-    assert len(ranks) == 2, ranks
+    proc, ranks = ddp_launch_training(cfg, tmp_path)
     os.kill(ranks[1], signal.SIGSTOP)
     stopped_at = time.time()
     try:

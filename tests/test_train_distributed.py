@@ -152,6 +152,15 @@ def assert_export_reproduces_eval(out: Path, cfg: dict, tiny_cpt_data: Path, ste
         assert heldout_loss(model, tokens, 16) == pytest.approx(evals(out, name)[step], abs=1e-5), name
 
 
+def assert_same_adapter(got: Path, ref: Path) -> None:
+    """The peft adapter saved in ``got`` holds the same tensors as ``ref``'s (fp32 sums in another order)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (got, ref))
+    assert a and a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
 def test_ddp_with_reptile_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     """Reptile meta-updates under DDP (every rank applies the same update to the same weights)."""
     rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, tmp_path / "run", reptile=(4, 0.5)), tmp_path / "c.yaml"))
@@ -165,17 +174,13 @@ def test_ddp_with_reptile_matches_single_process(tiny_cpt_data, base, single, tm
 
 def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     """LoRA under DDP (only the adapters' gradients are all-reduced): 1-process losses, held-out losses and adapter."""
-    import torch
-    from safetensors.torch import load_file
-
     rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0), tmp_path / "c.yaml"))
     assert rc == 0, log[-5000:]
     out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0)
     assert world_sizes(out) == {2}
     assert_close(losses(out), losses(ref))
     assert_close(evals(out), evals(ref))
-    a, b = (load_file(d / "export" / "adapter_model.safetensors") for d in (out, ref))
-    assert a and a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert_same_adapter(out / "export", ref / "export")
 
 
 # ZeRO-2 and ZeRO-2 with CPU offload against 1 process: tests/test_launch_shipped.py, through the shipped configs.
@@ -183,9 +188,6 @@ def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
 
 def test_zero2_lora_with_ema_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     """LoRA + EMA (evaluated and exported) under ZeRO-2: losses, EMA losses and the EMA adapter match 1 process."""
-    import torch
-    from safetensors.torch import load_file
-
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0, ema=0.8)
     rc, log = launch("zero2", write(cfg, tmp_path / "c.yaml"))
     assert rc == 0, log[-5000:]
@@ -193,8 +195,7 @@ def test_zero2_lora_with_ema_matches_single_process(tiny_cpt_data, base, single,
     assert world_sizes(out) == {2}
     assert_close(losses(out), losses(ref))
     assert_close(evals(out, prefix="ema/"), evals(ref, prefix="ema/"))
-    a, b = (load_file(d / "export-ema" / "adapter_model.safetensors") for d in (out, ref))
-    assert a and a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert_same_adapter(out / "export-ema", ref / "export-ema")
 
 
 def test_zero3_matches_single_process_and_export_loads(tiny_cpt_data, base, single, tmp_path):

@@ -100,6 +100,19 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def add_heldout_sample_flags(parser: argparse.ArgumentParser, seq_len_else: str) -> None:
+    """The flags that say which held-out tokens are scored, and how (`cpt eval`, `cpt interpolate`): unset (None) until
+    :func:`apply_run_defaults` fills them from the run or the stand-alone defaults (``seq_len_else``: the command's)."""
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"held-out sequence length (default: the run's data.seq_len; else {seq_len_else})")
+    parser.add_argument("--max-tokens", type=int, default=None, help="token budget per held-out set: a seeded sample of "
+                        "whole documents, the whole set if it fits (default: the run's eval.tokens_per_set; else 262144)")
+    parser.add_argument("--sample-seed", type=int, default=None,
+                        help="seed of the held-out document sample (default: the run's eval.sample_seed; else 0)")
+    parser.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=None,
+                        help="held-out documents attend only to themselves (default: the run's data.document_masking; else off)")
+
+
 def _flag(key: str, value: Any) -> str:
     """The command-line flag that sets ``key`` to ``value`` (``--document-masking``, ``--no-...``, ``--seed 7``)."""
     if isinstance(value, bool):
@@ -260,14 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="base model for a LoRA adapter (default: adapter_config.json's)")
     parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help="held-out sequence length (default: the run's data.seq_len; else min(1024, model context))")
-    parser.add_argument("--max-tokens", type=int, default=None, help="token budget per held-out set: a seeded sample of "
-                        "whole documents, the whole set if it fits (default: the run's eval.tokens_per_set; else 262144)")
-    parser.add_argument("--sample-seed", type=int, default=None,
-                        help="seed of the held-out document sample (default: the run's eval.sample_seed; else 0)")
-    parser.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=None,
-                        help="held-out documents attend only to themselves (default: the run's data.document_masking; else off)")
+    add_heldout_sample_flags(parser, seq_len_else="min(1024, model context)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="lm-eval context length (default: the run's in-loop one, for a checkpoint in a run dir; else the model's)")
     parser.add_argument("--num-fewshot", type=int, default=None)

@@ -50,6 +50,8 @@ def _run_export(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cpt.commands.eval import add_heldout_sample_flags
+
     p = argparse.ArgumentParser(prog="cpt interpolate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", help="the base model (before CPT)")
@@ -58,14 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated alphas in [0, 1] (0 = base, 1 = CPT)")
     p.add_argument("--heldout", type=parse_heldout, action="append", required=True,
                    metavar="NAME=PATH:TAG", help="a held-out set (repeat); TAG is upstream or downstream")
-    p.add_argument("--seq-len", type=int, default=None, help="held-out sequence length (default: the CPT run's "
-                                                              "data.seq_len; else 512)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per held-out set: a seeded sample of whole "
-                   "documents (default: the CPT run's eval.tokens_per_set; else 262144)")
-    p.add_argument("--sample-seed", type=int, default=None,
-                   help="seed of the held-out document sample (default: the CPT run's eval.sample_seed; else 0)")
-    p.add_argument("--document-masking", action=argparse.BooleanOptionalAction, default=None,
-                   help="documents attend only to themselves (default: the CPT run's data.document_masking; else off)")
+    add_heldout_sample_flags(p, seq_len_else="512")  # ("the run": the one CPT lies in)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=None, help="where to write the table (default: OUT/interpolation.json or "
                                                 "./interpolation.json)")
@@ -95,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportFolderError as e:
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
-    from cpt.commands.eval import apply_run_defaults, run_eval_settings
+    from cpt.commands.eval import apply_run_defaults, run_eval_settings  # (its flags: add_heldout_sample_flags)
 
     apply_run_defaults(args, run_eval_settings(args.cpt), lm_eval=False, heldout=True, prog="cpt interpolate")
     if args.seq_len is None:
