@@ -126,10 +126,10 @@ def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = Fals
     """A fresh start must not mix with an earlier run's checkpoints, nor overwrite a finished run's export. Partial
     saves (.tmp-*) do not count: `--resume` with nothing complete to resume from (a first start, or a job killed
     during its first save) starts fresh. ``branch``: an anneal branch, which needs a directory of its own."""
-    if list_checkpoints(run_dir) and branch:  # typically the trunk's own directory (the config's run.output_dir)
-        raise CheckpointError(f"{run_dir} already holds checkpoints (the trunk's?): an anneal branch writes to a run "
-                              "directory of its own: pass --output-dir DIR (a new directory for the branch)")
     if list_checkpoints(run_dir):
+        if branch:  # typically the trunk's own directory (the config's run.output_dir)
+            raise CheckpointError(f"{run_dir} already holds checkpoints (the trunk's?): an anneal branch writes to a run "
+                                  "directory of its own: pass --output-dir DIR (a new directory for the branch)")
         if resume:
             raise CheckpointError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "
                                   "move them away to start over, or choose another run.output_dir")

@@ -80,11 +80,11 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike, force: bool = False, lock_file: str = LOCK_FILE,
                  if_busy: str = ("Wait for it, use another run.output_dir, or, if that run is gone (e.g. on another host "
-                                 "of a shared filesystem), pass --force-lock")):
-        """``lock_file`` and ``if_busy`` (what to do, in the refusal) let other jobs that own a folder use it too
-        (`cpt prepare`'s ``prepare.lock``)."""
+                                 "of a shared filesystem), pass --force-lock"), holder: str = "run"):
+        """``lock_file``, ``if_busy`` (what to do, in the refusal) and ``holder`` (what holds the lock, in the messages)
+        let other jobs that own a folder use it too (`cpt prepare`'s ``prepare.lock``)."""
         self.path = Path(run_dir) / lock_file
-        self.if_busy = if_busy
+        self.if_busy, self.holder = if_busy, holder
         self.force = force
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": time.time(),
                    "proc_start": _process_start(os.getpid()), **_slurm_start()}
@@ -108,12 +108,12 @@ class RunLock:
             reason = self._stale_reason(holder)
             if reason is None:
                 raise RunLockError(
-                    f"{self.path.parent} is in use by another run ({_describe(holder)}; lock file {self.path}). "
+                    f"{self.path.parent} is in use by another {self.holder} ({_describe(holder)}; lock file {self.path}). "
                     + self.if_busy
                 )
             log.warning(f"taking over the lock of {self.path.parent}: {reason}")
             self._remove_if_unchanged(holder)
-        raise RunLockError(f"could not take the lock {self.path}: another run keeps taking it")
+        raise RunLockError(f"could not take the lock {self.path}: another {self.holder} keeps taking it")
 
     def release(self) -> None:
         if self.held and (self._read() or {}).get("pid") == self.me["pid"]:

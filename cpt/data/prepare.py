@@ -214,11 +214,12 @@ def _prepare_lock(out: str):
     from cpt.runlock import RunLock, RunLockError
 
     lock = RunLock(out, lock_file=PREPARE_LOCK, if_busy=f"Wait for it or use another --out; if that job is gone (e.g. "
-                   f"on another host of a shared filesystem), delete {os.path.join(out, PREPARE_LOCK)}")
+                   f"on another host of a shared filesystem), delete {os.path.join(out, PREPARE_LOCK)}",
+                   holder="`cpt prepare`")
     try:
         lock.acquire()  # (creates the folder)
     except RunLockError as e:
-        raise PrepareError(str(e).replace("another run", "another `cpt prepare`")) from None
+        raise PrepareError(str(e)) from None
     try:
         yield
     finally:
