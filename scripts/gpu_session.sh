@@ -1,46 +1,60 @@
 #!/usr/bin/env bash
-# One GPU session's checks and benchmarks (docs/benchmarks.md records the results): throughput against the
-# transformers Trainer (llama-1b, smollm2-360m; each with a profiled step after the timed ones: where the time
-# goes), the GPU tests (no host sync per step, prefetch, profiling, Liger), and cpt at a larger micro-batch: llama-1b
-# as is, with larger loss chunks, with Liger's layer kernels; smollm2-360m at 16 (the chunked-loss memory benchmark
-# with T_LOSS=40). Every part has its own time
-# limit, so a slow part never costs the others. Output: $OUT (default /tmp/cpt-gpu), one log + JSON per part.
+# One GPU session's checks and benchmarks (docs/benchmarks.md records the results), in priority order, so that one
+# device call of under 10 minutes does what its time allows: the quick GPU tests (no host sync per step, prefetch,
+# profiling, Liger), throughput against the transformers Trainer (llama-1b, smollm2-360m; cpt at the larger micro
+# batch its chunked loss allows, with a profiled step after the timed ones: where the time goes), cpt with Liger's
+# layer kernels, the shipped launchers on the GPU, then the rest. Every part has its own time limit, and BUDGET
+# (seconds, default 560) caps the whole: a part gets at most what is left and is skipped under 30 s.
+# Output: $OUT (default /tmp/cpt-gpu): results.tgz (every part's log and JSON, the profiled steps' kernel tables)
+# and the profiled steps' traces beside it (few files: a device call brings back at most 8).
 #   bash scripts/gpu_session.sh            (from the repository root; wheels in .whl/ are installed first if present)
-# All parts take about 12-13 minutes of a warm H100, more than one device call's 600 s: run it as two calls on the
-# same warm machine, e.g.  T_MB8=0 T_MB8C=0 T_LIGER=0 T_SMOL16=0 bash scripts/gpu_session.sh  then
-# T_LLAMA=0 T_SMOL=0 T_TESTS=0 bash scripts/gpu_session.sh  (a part's limit of 0 skips it).
+# A part's limit of 0 skips it, e.g.  T_TESTS=0 T_LAUNCH=0 bash scripts/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/cpt-gpu}
-mkdir -p "$OUT"
+BUDGET=${BUDGET:-560}
+R=$OUT/r  # every part's files, packed into $OUT/results.tgz at the end
+mkdir -p "$R"
+T0=$SECONDS
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 WHEELS=${WHEELS:-.whl}  # wheels the GPU machine lacks (pydantic, liger-kernel), installed first when present
 if [ -d "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/device.txt"
 bench="python3 scripts/bench_throughput.py --warmup ${WARMUP:-3} --steps ${STEPS:-5} --workdir /tmp/cpt-bench"
 part() {  # part NAME SECONDS COMMAND...   (SECONDS=0 skips the part)
   local name=$1 secs=$2; shift 2
   if [ "$secs" = 0 ]; then echo "=== $name: skipped"; return; fi
+  local left=$((BUDGET - (SECONDS - T0)))
+  if [ "$left" -lt 30 ]; then echo "=== $name: skipped (${left}s of BUDGET left)"; return; fi
+  [ "$secs" -gt "$left" ] && secs=$left
   echo "=== $name (limit ${secs}s)"; local t0=$SECONDS
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  tail -n 12 "$OUT/$name.log"; echo "=== $name: exit $rc in $((SECONDS - t0))s"
+  timeout "$secs" "$@" > "$R/$name.log" 2>&1; local rc=$?
+  tail -n 8 "$R/$name.log"; echo "=== $name: exit $rc in $((SECONDS - t0))s"
 }
-# (--cpt-profile: one more cpt step after the timed ones under torch.profiler; its kernel table goes to $OUT/profile)
-part llama1b ${T_LLAMA:-190} $bench --shapes llama-1b --json "$OUT/llama1b.json" --cpt-profile "$OUT/profile"
-part smollm2 ${T_SMOL:-160} $bench --shapes smollm2-360m --json "$OUT/smollm2.json" --cpt-profile "$OUT/profile"
-part gpu_tests ${T_TESTS:-300} python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
-# (recorded on 2026-11-26; T_LOSS=40 runs it again)
-part bench_loss ${T_LOSS:-0} python3 scripts/bench_loss.py --device cuda --dtype bf16 --repeats 2
-part llama1b_mb8 ${T_MB8:-100} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 --json "$OUT/llama1b_mb8.json"
-# toward the 50% MFU target: fewer, larger loss chunks (each chunk adds one pass over the fp32 lm_head gradient)
-part llama1b_mb8_chunk4k ${T_MB8C:-100} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
-  --cpt-set train.loss_chunk_tokens=4096 --json "$OUT/llama1b_mb8_chunk4k.json"
+# the GPU tests but the launchers' (about 40 s): a broken GPU path shows here first
+part gpu_tests ${T_TESTS:-70} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not shipped_launcher"
+# llama-1b: the Trainer at its micro batch 4 (52 GB on an H100), cpt at 8 (the chunked loss frees the memory)
+part llama1b_trainer ${T_LLAMA_TR:-80} $bench --shapes llama-1b --frameworks trainer --json "$R/llama1b_trainer.json"
+# (--cpt-profile: one more cpt step after the timed ones under torch.profiler; its kernel table goes to $R/profile)
+part llama1b_mb8 ${T_MB8:-120} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --json "$R/llama1b_mb8.json" --cpt-profile "$R/profile"
+# smollm2-360m: the Trainer at 8, cpt at 16 (hidden 960: small matmuls, larger batches amortise per-kernel overheads)
+part smollm2_trainer ${T_SMOL_TR:-60} $bench --shapes smollm2-360m --frameworks trainer --json "$R/smollm2_trainer.json"
+part smollm2_mb16 ${T_SMOL16:-115} $bench --shapes smollm2-360m --frameworks cpt --micro-batch 16 \
+  --json "$R/smollm2_mb16.json" --cpt-profile "$R/profile"
 # Liger's Triton kernels for the layers (RMSNorm, RoPE, SwiGLU), the loss still cpt's chunked loss: against llama1b_mb8
 part llama1b_mb8_liger ${T_LIGER:-110} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 --cpt-liger \
-  --json "$OUT/llama1b_mb8_liger.json"
-# toward 1.7x at 360M: micro batch 8 peaks at 28 GB with the chunked loss, so 16 fits (hidden 960: small matmuls and
-# per-kernel overheads weigh more, larger batches amortise them); the Trainer's figure is the smollm2 part's
-part smollm2_mb16 ${T_SMOL16:-90} $bench --shapes smollm2-360m --frameworks cpt --micro-batch 16 \
-  --json "$OUT/smollm2_mb16.json"
+  --json "$R/llama1b_mb8_liger.json"
+# the shipped launchers (scripts/launch.sh ddp|fsdp with NUM_GPUS=1): NCCL, bf16, FSDP2 sharded checkpoints
+part gpu_launchers ${T_LAUNCH:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k shipped_launcher
+# then, time permitting: cpt's 360M at the Trainer's micro batch, larger loss chunks at 1B, the loss-only benchmark
+part smollm2_mb8 ${T_SMOL:-100} $bench --shapes smollm2-360m --frameworks cpt --json "$R/smollm2_mb8.json"
+part llama1b_mb8_chunk4k ${T_MB8C:-0} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set train.loss_chunk_tokens=4096 --json "$R/llama1b_mb8_chunk4k.json"
+part bench_loss ${T_LOSS:-0} python3 scripts/bench_loss.py --device cuda --dtype bf16 --repeats 2
+# pack: the traces come back as they are (each under the 16 MB a returned file may have), the rest as one archive
+find "$R/profile" -name '*.trace.json.gz' -size -16M -exec mv {} "$OUT/" \; 2>/dev/null
+tar czf "$OUT/results.tgz" -C "$R" . && rm -rf "$R"
+echo "=== done in $((SECONDS - T0))s: $(ls "$OUT" | tr '\n' ' ')"

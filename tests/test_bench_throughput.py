@@ -51,17 +51,24 @@ def test_bench_throughput_tiny_cpu(tmp_path):
 
 
 def test_gpu_session_script_runs_its_parts_and_skips_those_set_to_zero(tmp_path):
-    """scripts/gpu_session.sh as docs/benchmarks.md runs it (the second call's layout, benchmarks skipped so that
-    it fits a CPU machine): every part has its own log under $OUT, a limit of 0 skips a part, the GPU tests run
-    (and skip without CUDA)."""
+    """scripts/gpu_session.sh as docs/benchmarks.md runs it (benchmarks skipped so that it fits a CPU machine): a
+    limit of 0 skips a part, the GPU tests run (and skip without CUDA), every part's log is packed into
+    $OUT/results.tgz, and BUDGET skips the parts it has no time left for."""
+    import tarfile
+
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "WHEELS": str(tmp_path / "no-wheels"), "CUDA_VISIBLE_DEVICES": "",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "T_LLAMA": "0", "T_SMOL": "0", "T_MB8": "0", "T_MB8C": "0", "T_LIGER": "0", "T_SMOL16": "0"}
+           "T_LLAMA_TR": "0", "T_MB8": "0", "T_SMOL_TR": "0", "T_SMOL16": "0", "T_LIGER": "0", "T_SMOL": "0"}
     proc = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for part in ("llama1b", "smollm2", "bench_loss", "llama1b_mb8", "llama1b_mb8_chunk4k", "llama1b_mb8_liger",
-                 "smollm2_mb16"):
+    for part in ("llama1b_trainer", "llama1b_mb8", "smollm2_trainer", "smollm2_mb16", "llama1b_mb8_liger",
+                 "smollm2_mb8", "llama1b_mb8_chunk4k", "bench_loss"):
         assert f"=== {part}: skipped" in proc.stdout
-    assert "=== gpu_tests: exit 0" in proc.stdout, proc.stdout
-    assert "skipped" in (out / "gpu_tests.log").read_text()  # no CUDA here
+    assert "=== gpu_tests: exit 0" in proc.stdout and "=== gpu_launchers: exit 0" in proc.stdout, proc.stdout
+    with tarfile.open(out / "results.tgz") as tar:
+        assert "skipped" in tar.extractfile("./gpu_tests.log").read().decode()  # no CUDA here
+    assert not (out / "r").exists()
+    env["BUDGET"] = "10"  # no part starts with under 30 s of the budget left
+    proc = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "=== gpu_tests: skipped (" in proc.stdout, proc.stdout
