@@ -14,6 +14,7 @@ naming the field: one line from ``cpt train``, no traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -239,7 +240,40 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
         raise ConfigError(f"model.lora: {e}") from None
     peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
     _untie_trained_copies(peft_model)
+    note_base(peft_model)  # (before any sharding: every backend can compare a checkpoint's base with it)
     return peft_model
+
+
+def adapter_keys(peft_model) -> list[str]:
+    """The state-dict keys of a peft model that are not its frozen base's: the trainable parameters (LoRA A/B, the
+    ``modules_to_save`` copies, the new vocabulary rows of ``trainable_token_indices``) and every tensor peft keeps
+    under the adapter's name (``...lora_A.default.weight``: also adapter weights ``model.freeze`` froze)."""
+    own = re.compile(rf"\.{re.escape(peft_model.active_adapter)}(\.|$)")
+    trainable = {id(p) for p in peft_model.parameters() if p.requires_grad}
+    return [k for k, v in peft_model.state_dict(keep_vars=True).items() if id(v) in trainable or own.search(k)]
+
+
+def base_fingerprint(peft_model) -> str | None:
+    """SHA-256 over every frozen base tensor of a peft model (name, shape, dtype, bytes; sorted by name): the base as
+    built, vocabulary changes included. One pass over the base weights (~1-2 GB/s on one CPU core). None when the
+    weights are not all here (DeepSpeed ZeRO-3's zero.Init placeholders)."""
+    ours = set(adapter_keys(peft_model))
+    h = hashlib.sha256()
+    for name, t in sorted(peft_model.state_dict(keep_vars=True).items()):
+        if name in ours:
+            continue
+        if t.numel() == 0 and getattr(t, "ds_numel", 0):
+            return None
+        t = t.detach()
+        h.update(f"{name}|{list(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def note_base(peft_model) -> str | None:
+    """Record the base fingerprint on the model (``_cpt_base_fingerprint``) as its weights are now; returns it."""
+    peft_model._cpt_base_fingerprint = base_fingerprint(peft_model)
+    return peft_model._cpt_base_fingerprint
 
 
 def _untie_trained_copies(peft_model) -> None:

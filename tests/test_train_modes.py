@@ -279,6 +279,75 @@ def test_lora_resume_after_sigterm_is_exact(lora_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _lora_small(tiny_cpt_data, base, out: Path) -> dict:
+    """configs/lora-cpt.yaml at rank 2 (a small fraction of the tiny base, as r=64 is of a real one), 6 steps,
+    checkpoints at 3 and 6, no held-out evaluation in between (the losses do not depend on it)."""
+    cfg = shipped("lora", tiny_cpt_data, base, out, checkpoint={"every": 3, "keep": 5})
+    cfg["model"]["lora"].update(r=2, alpha=4)
+    cfg["eval"].update(every=100, at_start=False)
+    return cfg
+
+
+def _resume_from_step_3(done: Path, out: Path, cfg: dict, **kw):
+    """The finished run ``done`` as if killed after its step-3 checkpoint, resumed in ``out``."""
+    shutil.copytree(done, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    shutil.rmtree(out / "export")
+    cfg = {**cfg, "run": {**cfg["run"], "output_dir": str(out)}}
+    return run(cfg, resume=True, **kw)
+
+
+def test_lora_checkpoint_holds_the_adapter_not_the_base_and_resumes_exactly(tiny_cpt_data, base, tmp_path, monkeypatch):
+    """A LoRA checkpoint (1 process) holds the adapter (LoRA weights, the norms of train_norms), the optimizer and the
+    loop's state: a small fraction of the base's size. Resumed, the run rebuilds the base and gives the uninterrupted
+    run's losses bitwise; a checkpoint of the whole model (written by earlier cpt) still resumes exactly; another base
+    under the same adapter is refused in one line, nothing trained."""
+    from cpt.adapter_checkpoint import ADAPTER_BASE, ADAPTER_STATE
+    from cpt.checkpoint import CheckpointError
+
+    cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
+    result, _ = run(cfg)
+    ref, a = losses(tmp_path / "a"), tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert result.step == 6 and sorted(ref) == list(range(1, 7))
+    names = {p.name for p in a.iterdir()}
+    assert {ADAPTER_STATE, ADAPTER_BASE, "optimizer.bin"} <= names and "model.safetensors" not in names
+    saved = load_file(a / ADAPTER_STATE)
+    assert any(".lora_A.default." in k for k in saved) and any("norm.modules_to_save.default" in k for k in saved)
+    assert not any("base_layer" in k or "original_module" in k for k in saved)  # nothing of the frozen base
+    size = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())  # noqa: E731
+    base_bytes = (base / "model.safetensors").stat().st_size
+    assert (a / ADAPTER_STATE).stat().st_size < 0.05 * base_bytes and size(a) < 0.25 * base_bytes, (size(a), base_bytes)
+
+    _, log = _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
+    assert "resumed" in log and losses(tmp_path / "b") == ref  # bitwise: fp32 on CPU
+    x, y = (load_file(d / "export" / "adapter_model.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    # the whole-model layout of earlier cpt (written here by switching the adapter layout off) resumes exactly
+    with monkeypatch.context() as m:
+        m.setattr("cpt.checkpoint_files.is_peft_model", lambda model: False)
+        run({**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "old")}})
+    old = tmp_path / "old" / "checkpoints" / "step_00000003"
+    assert (old / "model.safetensors").stat().st_size > base_bytes and not (old / ADAPTER_STATE).exists()
+    _, log = _resume_from_step_3(tmp_path / "old", tmp_path / "c", cfg)
+    assert "resumed" in log and losses(tmp_path / "c") == ref
+    assert (tmp_path / "c" / "checkpoints" / "step_00000006" / ADAPTER_STATE).is_file()  # and saves the new layout
+
+    # another base (one weight changed) at model.name_or_path: refused before anything is loaded or trained
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+    from safetensors.torch import save_file
+
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    cfg["model"]["name_or_path"] = str(other)
+    with pytest.raises(CheckpointError, match="trained on another base model than this run builds") as e:
+        _resume_from_step_3(tmp_path / "a", tmp_path / "d", cfg, allow_config_change=True)
+    assert "\n" not in str(e.value) and str(base) in str(e.value) and str(other) in str(e.value)
+    assert losses(tmp_path / "d") == ref and not (tmp_path / "d" / "checkpoints" / "step_00000006").exists()  # untouched
+
+
 # ------------------------------------------------------------------------------------------ freezing
 
 
