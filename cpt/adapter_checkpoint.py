@@ -62,7 +62,7 @@ def check_fits(ckpt: str | Path, model) -> None:
     the base the adapter in ``ckpt`` was trained on."""
     if not is_peft_model(model):
         raise AdapterCheckpointError(
-            "it is a LoRA run's checkpoint (an adapter without its base) and this run has no model.lora: keep "
+            "it is a LoRA run's checkpoint and this run has no model.lora (it holds the adapter, not its base): keep "
             f"model.lora, or merge the adapter (`cpt export {ckpt} --out DIR`) and start from DIR (train.init_from)")
     record = json.loads((Path(ckpt) / ADAPTER_BASE).read_text())
     now = getattr(model, "_cpt_base_fingerprint", None)

@@ -173,14 +173,33 @@ def test_ddp_with_reptile_matches_single_process(tiny_cpt_data, base, single, tm
 
 
 def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
-    """LoRA under DDP (only the adapters' gradients are all-reduced): 1-process losses, held-out losses and adapter."""
-    rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0), tmp_path / "c.yaml"))
+    """LoRA under DDP (only the adapters' gradients are all-reduced): 1-process losses, held-out losses and adapter.
+    Its checkpoint holds the adapter alone (not the frozen base); resumed on 2 processes from step 6 it gives the
+    uninterrupted run's losses bitwise."""
+    import shutil
+
+    from cpt.adapter_checkpoint import ADAPTER_STATE
+
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0)
+    cfg["checkpoint"] = {"every": 6, "keep": 2}
+    rc, log = launch("ddp", write(cfg, tmp_path / "c.yaml"))
     assert rc == 0, log[-5000:]
     out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0)
     assert world_sizes(out) == {2}
     assert_close(losses(out), losses(ref))
     assert_close(evals(out), evals(ref))
     assert_same_adapter(out / "export", ref / "export")
+    ckpt = out / "checkpoints" / "step_00000006"
+    assert (ckpt / ADAPTER_STATE).is_file() and not (ckpt / "model.safetensors").exists()
+    assert (ckpt / ADAPTER_STATE).stat().st_size < 0.5 * (base / "model.safetensors").stat().st_size
+    again = tmp_path / "again"  # the run as if killed after its step-6 checkpoint
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "step_00000012")
+    shutil.rmtree(again / "export")
+    cfg["run"]["output_dir"] = str(again)
+    rc, log = launch("ddp", write(cfg, tmp_path / "again.yaml"), "--resume")
+    assert rc == 0 and "resumed" in log, log[-5000:]
+    assert losses(again) == losses(out) and world_sizes(again) == {2}  # same world size: bitwise
 
 
 # ZeRO-2 and ZeRO-2 with CPU offload against 1 process: tests/test_launch_shipped.py, through the shipped configs.
