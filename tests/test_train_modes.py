@@ -447,16 +447,22 @@ def test_vocab_extension_refuses_shards_of_the_old_tokenizer(tiny_cpt_data, base
 
 
 def test_vocab_extension_with_lora(vocab_setup, base, tiny_cpt_data, tmp_path):
-    """LoRA + new tokens: the new rows are trained (peft trainable_token_indices) and merged; old rows untouched."""
+    """LoRA + new tokens: the new rows are trained (peft trainable_token_indices) and merged; old rows untouched. Its
+    checkpoints hold the new rows with the adapter (the extended base is built again on resume, which is exact)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cpt.adapter_checkpoint import ADAPTER_STATE
     from cpt.model import merge_adapter
     from cpt.vocab import VocabConfig, extend_vocabulary
 
     _, vocab, data = vocab_setup
-    cfg = shipped("lora", tiny_cpt_data, base, tmp_path / "run", data=data)
+    cfg = shipped("lora", tiny_cpt_data, base, tmp_path / "run", data=data, checkpoint={"every": 3, "keep": 5})
     cfg["model"]["vocab"] = vocab
     result, log = run(cfg)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000003" / ADAPTER_STATE)
+    assert any("trainable_tokens_delta" in k for k in saved)
+    _, log = _resume_from_step_3(tmp_path / "run", tmp_path / "again", cfg)
+    assert "resumed" in log and losses(tmp_path / "again") == losses(tmp_path / "run")
     export = tmp_path / "run" / "export"
     side = json.loads((export / "cpt_adapter.json").read_text())
     assert side["num_embeddings"] == 1032 and side["new_rows"] == list(range(1024, 1032))
