@@ -288,7 +288,7 @@ class CheckpointManager:
                 check_format(json.loads((ckpt / TRAINER_STATE).read_text()))
             except StateError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
-        model = self.acc.unwrap_model(self.acc._models[0], keep_torch_compile=False)
+        model = self.acc.unwrap_model(self.acc._models[0], keep_torch_compile=False) if self.acc._models else None
         adapter = is_adapter_layout(ckpt)  # a LoRA checkpoint without its base: the run built it (adapter_checkpoint.py)
         if adapter:
             try:
