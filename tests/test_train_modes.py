@@ -85,6 +85,10 @@ def step0(run_dir) -> dict:
     return next(r for r in records(run_dir) if r["step"] == 0 and "eval/python/loss" in r)
 
 
+def records_at(run_dir, step: int) -> dict:
+    return next(r for r in records(run_dir) if r["step"] == step and "eval/python/loss" in r)
+
+
 def last_eval(run_dir) -> dict:
     return [r for r in records(run_dir) if "eval/python/loss" in r][-1]
 
@@ -281,10 +285,10 @@ def test_lora_resume_after_sigterm_is_exact(lora_run, tmp_path):
 
 def _lora_small(tiny_cpt_data, base, out: Path) -> dict:
     """configs/lora-cpt.yaml at rank 2 (a small fraction of the tiny base, as r=64 is of a real one), 6 steps,
-    checkpoints at 3 and 6, no held-out evaluation in between (the losses do not depend on it)."""
+    checkpoints and held-out evaluations at 3 and 6."""
     cfg = shipped("lora", tiny_cpt_data, base, out, checkpoint={"every": 3, "keep": 5})
     cfg["model"]["lora"].update(r=2, alpha=4)
-    cfg["eval"].update(every=100, at_start=False)
+    cfg["eval"].update(at_start=False)
     return cfg
 
 
@@ -300,8 +304,9 @@ def _resume_from_step_3(done: Path, out: Path, cfg: dict, **kw):
 def test_lora_checkpoint_holds_the_adapter_not_the_base_and_resumes_exactly(tiny_cpt_data, base, tmp_path, monkeypatch):
     """A LoRA checkpoint (1 process) holds the adapter (LoRA weights, the norms of train_norms), the optimizer and the
     loop's state: a small fraction of the base's size. Resumed, the run rebuilds the base and gives the uninterrupted
-    run's losses bitwise; a checkpoint of the whole model (written by earlier cpt) still resumes exactly; another base
-    under the same adapter is refused in one line, nothing trained."""
+    run's losses bitwise; a checkpoint of the whole model (written by earlier cpt) still resumes exactly; a new stage
+    from it (train.init_from) starts from its weights; another base under the same adapter is refused in one line,
+    nothing trained."""
     from cpt.adapter_checkpoint import ADAPTER_BASE, ADAPTER_STATE
     from cpt.checkpoint import CheckpointError
 
@@ -332,6 +337,13 @@ def test_lora_checkpoint_holds_the_adapter_not_the_base_and_resumes_exactly(tiny
     _, log = _resume_from_step_3(tmp_path / "old", tmp_path / "c", cfg)
     assert "resumed" in log and losses(tmp_path / "c") == ref
     assert (tmp_path / "c" / "checkpoints" / "step_00000006" / ADAPTER_STATE).is_file()  # and saves the new layout
+
+    # a new stage from it (train.init_from): the base built again, the adapter loaded over it (step 0 = step 3)
+    stage = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "stage")}, "train": {**cfg["train"], "init_from": str(a)},
+             "eval": {**cfg["eval"], "at_start": True}}
+    _, log = run(stage)
+    assert f"initialised weights from {a}" in log
+    assert step0(tmp_path / "stage")["eval/python/loss"] == records_at(tmp_path / "a", 3)["eval/python/loss"]
 
     # another base (one weight changed) at model.name_or_path: refused before anything is loaded or trained
     other = tmp_path / "other-base"
