@@ -1,7 +1,8 @@
 """The real `cpt train` under 2 CPU processes (`accelerate launch` with flags, gloo): DDP (full and LoRA), DeepSpeed ZeRO-2 (LoRA +
 EMA) and ZeRO-3 (full and LoRA; without --zero3_save_16bit_model) and FSDP2 (full and LoRA; run on CPU through tests/fsdp_on_cpu.py) give the per-step losses
 of a 1-process run of the same global batch; the ZeRO-3 and FSDP HF exports load and reproduce the last logged
-held-out loss; DDP and FSDP resume exactly after SIGTERM; `cpt train` under a plain FSDP launch without GPUs
+held-out loss; DDP and FSDP resume exactly after SIGTERM; a DDP LoRA run's adapter-only checkpoint resumes bitwise on
+DDP and under FSDP2; `cpt train` under a plain FSDP launch without GPUs
 is refused instead of silently training unsynchronised copies. (The shipped accelerate configs and launch scripts,
 ZeRO-2 with and without CPU offload among them: tests/test_launch_shipped.py.)
 
