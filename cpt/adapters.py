@@ -14,7 +14,9 @@ naming the field: one line from ``cpt train``, no traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -239,7 +241,45 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
         raise ConfigError(f"model.lora: {e}") from None
     peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
     _untie_trained_copies(peft_model)
+    note_base(peft_model)  # (before any sharding: every backend can compare a checkpoint's base with it)
     return peft_model
+
+
+def adapter_keys(peft_model) -> list[str]:
+    """The state-dict keys of a peft model that are not its frozen base's: the trainable parameters (LoRA A/B, the
+    ``modules_to_save`` copies, the new vocabulary rows of ``trainable_token_indices``) and every tensor peft keeps
+    under the adapter's name (``...lora_A.default.weight``: also adapter weights ``model.freeze`` froze)."""
+    own = re.compile(rf"\.{re.escape(peft_model.active_adapter)}(\.|$)")
+    trainable = {id(p) for p in peft_model.parameters() if p.requires_grad}
+    return [k for k, v in peft_model.state_dict(keep_vars=True).items() if id(v) in trainable or own.search(k)]
+
+
+def base_fingerprint(peft_model) -> str | None:
+    """SHA-256 over every frozen base tensor of a peft model (name, shape, dtype and the SHA-256 of its bytes; sorted by
+    name): the base as built, vocabulary changes included. One pass over the base weights, the tensors hashed in
+    parallel (~1.2 GB/s per CPU core). None when the weights are not all here (DeepSpeed ZeRO-3's zero.Init
+    placeholders)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ours = set(adapter_keys(peft_model))
+    base = [(n, t) for n, t in sorted(peft_model.state_dict(keep_vars=True).items()) if n not in ours]
+    if any(t.numel() == 0 and getattr(t, "ds_numel", 0) for _, t in base):
+        return None
+
+    def digest(t: torch.Tensor) -> bytes:  # (hashlib releases the GIL while it hashes)
+        return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()
+
+    h = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        for (name, t), d in zip(base, pool.map(digest, [t for _, t in base])):
+            h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + d)
+    return h.hexdigest()
+
+
+def note_base(peft_model) -> str | None:
+    """Record the base fingerprint on the model (``_cpt_base_fingerprint``) as its weights are now; returns it."""
+    peft_model._cpt_base_fingerprint = base_fingerprint(peft_model)
+    return peft_model._cpt_base_fingerprint
 
 
 def _untie_trained_copies(peft_model) -> None:

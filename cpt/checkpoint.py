@@ -2,7 +2,8 @@
 
 Layout of a run directory::
 
-    <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG),
+    <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG; a LoRA model on one
+                                           process or DDP: its adapter state alone, cpt/adapter_checkpoint.py),
                                            trainer_state.json + state.safetensors: every registered component's
                                            state (the loop's counters, data position, evaluator, EMA, ...: cpt/state.py),
                                            config.yaml, CHECKSUMS.json (written last: the "complete" mark)
@@ -39,6 +40,9 @@ from typing import Mapping
 
 import torch
 
+from cpt.adapter_checkpoint import (AdapterCheckpointError, check_fits, is_adapter_layout, is_peft_model,
+                                    models_from_adapter_state)
+from cpt.adapters import note_base
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.checkpoint_files import host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
@@ -284,6 +288,13 @@ class CheckpointManager:
                 check_format(json.loads((ckpt / TRAINER_STATE).read_text()))
             except StateError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+        model = self.acc.unwrap_model(self.acc._models[0], keep_torch_compile=False) if self.acc._models else None
+        adapter = is_adapter_layout(ckpt)  # a LoRA checkpoint without its base: the run built it (adapter_checkpoint.py)
+        if adapter:
+            try:
+                check_fits(ckpt, model)
+            except AdapterCheckpointError as e:
+                raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
             log.warning("%s was written with another backend or number of processes: loading it through "
                         "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
@@ -291,7 +302,10 @@ class CheckpointManager:
         else:
             names = _optimizer_param_names(self.acc)
             try:
-                self.acc.load_state(str(ckpt))
+                with models_from_adapter_state(self.acc, ckpt) if adapter else contextlib.nullcontext():
+                    self.acc.load_state(str(ckpt))
+            except AdapterCheckpointError as e:
+                raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
             except ValueError as e:  # torch's Optimizer.load_state_dict: other groups or group sizes
                 if "parameter group" not in str(e) or not any(names):
                     raise
@@ -311,6 +325,8 @@ class CheckpointManager:
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
         self.acc.step = 0
+        if not adapter and is_peft_model(model) and self.cpt_writes:  # its base came from the checkpoint
+            note_base(model)
         if components is not None:
             load_components(ckpt, components)
 

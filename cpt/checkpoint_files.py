@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cpt.adapter_checkpoint import adapter_items, is_peft_model
 from cpt.fileio import HashingFile, fault_point
 
 
@@ -41,7 +42,8 @@ class _DropMessage(logging.Filter):
 
 def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
     """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
-    models (safetensors) and optimizers and the grad scaler (main process), this rank's RNG states.
+    models (safetensors; a LoRA model's adapter state alone: cpt/adapter_checkpoint.py) and optimizers and the grad
+    scaler (main process), this rank's RNG states.
     ``staging``: host buffers to copy into (kept between saves: pinned on CUDA, allocated once); None
     (a synchronous save: nothing changes until it is written) copies only device tensors."""
     import random
@@ -52,6 +54,11 @@ def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
     items = []
     if acc.is_main_process:
         for i, model in enumerate(acc._models):
+            unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
+            if len(acc._models) == 1 and is_peft_model(unwrapped):  # LoRA: the adapter, not the frozen base
+                items += [(name, kind, host_copy(payload, staging, ("model", i)) if kind == "safetensors" else payload)
+                          for name, kind, payload in adapter_items(unwrapped)]
+                continue
             with _no_tied_weights_warning():
                 state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
             items.append((_numbered("model.safetensors", i), "safetensors", host_copy(dict(state), staging, ("model", i))))

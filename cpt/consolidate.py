@@ -3,12 +3,15 @@
 A checkpoint is written by accelerate in the layout of its backend:
 
 * ``plain`` (one process, DDP): ``model.safetensors`` (full weights) and ``optimizer.bin`` (full AdamW state);
+* ``adapter`` (a LoRA run on one process or DDP): ``adapter_state.safetensors`` (the adapter alone: the reader
+  builds the base, cpt/adapter_checkpoint.py) and ``optimizer.bin``;
 * ``fsdp`` (FSDP2, sharded state dict): DCP directories ``pytorch_model_fsdp_0/`` and ``optimizer_0/``;
 * ``deepspeed`` (ZeRO-2/3): ``pytorch_model/`` with one ``zero_pp_rank_R_..._optim_states.pt`` per rank,
   holding that rank's flat partition of the fp32 weights and of the Adam moments.
 
 This module turns any of them into one name-keyed, full, fp32 state on the CPU of a single process: the weights
-(:func:`read_model_state`) and the Adam state per parameter (:func:`read_optimizer_state`). ``cpt export`` writes
+(:func:`read_model_state`; an ``adapter`` checkpoint's adapter tensors) and the Adam state per parameter
+(:func:`read_optimizer_state`). ``cpt export`` writes
 the weights as an HF model; :func:`load_portable` puts weights and Adam state into a run of any backend and world
 size (plain, DDP, FSDP2, ZeRO-2/3), which is how a checkpoint written by N ranks resumes on M.
 """
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from cpt.adapter_checkpoint import (ADAPTER_STATE, AdapterCheckpointError, check_fits, check_keys, is_adapter_layout,
+                                    read_adapter_state)
 from cpt.checkpoint import CheckpointError
 
 DS_TAG = "pytorch_model"  # accelerate saves the DeepSpeed engine under this tag
@@ -35,16 +40,18 @@ class ConsolidateError(CheckpointError):
 
 
 def layout(ckpt: str | os.PathLike) -> str:
-    """``plain``, ``fsdp`` or ``deepspeed``: the backend layout a checkpoint directory was written in."""
+    """``plain``, ``adapter``, ``fsdp`` or ``deepspeed``: the backend layout a checkpoint directory was written in."""
     p = Path(ckpt)
+    if is_adapter_layout(p):
+        return "adapter"
     if (p / DS_TAG).is_dir() and glob.glob(str(p / DS_TAG / "*optim_states.pt")):
         return "deepspeed"
     if (p / "pytorch_model_fsdp_0").is_dir():
         return "fsdp"
     if (p / "model.safetensors").is_file():
         return "plain"
-    raise ConsolidateError(f"{p}: not a cpt resume checkpoint (no model.safetensors, pytorch_model_fsdp_0/ or "
-                           f"{DS_TAG}/ with ZeRO optimizer shards)")
+    raise ConsolidateError(f"{p}: not a cpt resume checkpoint (no model.safetensors, {ADAPTER_STATE}, "
+                           f"pytorch_model_fsdp_0/ or {DS_TAG}/ with ZeRO optimizer shards)")
 
 
 def deepspeed_world_size(ckpt: str | os.PathLike) -> int:
@@ -70,6 +77,7 @@ def needs_portable_load(ckpt: str | os.PathLike, acc) -> bool:
     from cpt.distributed import zero_stage
 
     saved, now = layout(ckpt), current_layout(acc)
+    saved = "plain" if saved == "adapter" else saved  # (accelerate's load_state, the models from the adapter state)
     if saved != now:
         return True
     return saved == "deepspeed" and (deepspeed_world_size(ckpt) != acc.num_processes
@@ -111,9 +119,12 @@ def _ds_files(ckpt: Path) -> tuple[list[str], list[str]]:
 
 
 def read_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint, keyed as the (unwrapped) model's ``state_dict``."""
+    """The full fp32 weights of a checkpoint, keyed as the (unwrapped) model's ``state_dict`` (an ``adapter``
+    checkpoint: its adapter tensors alone)."""
     p = Path(ckpt)
     kind = layout(p)
+    if kind == "adapter":
+        return read_adapter_state(p)
     if kind == "plain":
         from safetensors.torch import load_file
 
@@ -135,7 +146,7 @@ def read_optimizer_state(ckpt: str | os.PathLike) -> dict[str, dict[str, torch.T
     """The AdamW state per trainable parameter name: ``{name: {"step", "exp_avg", "exp_avg_sq"}}`` (full tensors)."""
     p = Path(ckpt)
     kind = layout(p)
-    if kind == "plain":
+    if kind in ("plain", "adapter"):
         sd = torch.load(p / "optimizer.bin", map_location="cpu", weights_only=True)
         out = {}
         for group in sd["param_groups"]:
@@ -194,19 +205,26 @@ def load_portable(acc, model, optimizer, ckpt: str | os.PathLike, load_optimizer
     """Restore weights (and Adam state) from a checkpoint of any layout and world size into this run's prepared
     model and optimizer, on every rank (collective). RNG states are not carried over (cpt's data order is
     arithmetic; nothing else in the loop draws random numbers unless the model has dropout)."""
-    weights = read_model_state(ckpt)
+    weights = read_model_state(ckpt)  # (an adapter checkpoint: the adapter alone; its base is the model's, as built)
     adam = read_optimizer_state(ckpt) if load_optimizer else {}
-    now = current_layout(acc)
+    now, adapter = current_layout(acc), is_adapter_layout(ckpt)
     if now == "deepspeed":
-        _load_into_deepspeed(model, weights, adam)
+        _load_into_deepspeed(model, weights, adam, adapter)
     elif now == "fsdp":
-        _load_into_fsdp(model, optimizer, weights, adam)
+        _load_into_fsdp(model, optimizer, weights, adam, adapter)
     else:
-        _load_into_plain(acc.unwrap_model(model), optimizer, weights, adam)
+        _load_into_plain(acc.unwrap_model(model), optimizer, weights, adam, adapter)
     acc.wait_for_everyone()
 
 
-def _check_keys(module: torch.nn.Module, weights: dict, where: str) -> None:
+def _check_keys(module: torch.nn.Module, weights: dict, where: str, adapter: bool = False) -> None:
+    """``weights`` must be the whole state of ``module`` or, from an ``adapter`` checkpoint, its adapter state."""
+    if adapter:
+        try:
+            check_keys(module, weights)
+        except AdapterCheckpointError as e:
+            raise ConsolidateError(f"{where}: {e}") from None
+        return
     expected = set(module.state_dict())
     missing = sorted(expected - set(weights) - _tied_names(module))
     unexpected = sorted(set(weights) - expected)
@@ -229,8 +247,8 @@ def _adam(state: dict, param: torch.Tensor) -> dict:
             **{k: state[k].to(param.device, param.dtype).reshape(param.shape).clone() for k in ADAM_KEYS}}
 
 
-def _load_into_plain(module, optimizer, weights, adam) -> None:
-    _check_keys(module, weights, "resume")
+def _load_into_plain(module, optimizer, weights, adam, adapter: bool = False) -> None:
+    _check_keys(module, weights, "resume", adapter)
     module.load_state_dict(weights, strict=False)
     if not adam:
         return
@@ -244,12 +262,12 @@ def _load_into_plain(module, optimizer, weights, adam) -> None:
             inner.state[p] = _adam(adam[name], p)
 
 
-def _load_into_fsdp(model, optimizer, weights, adam) -> None:
+def _load_into_fsdp(model, optimizer, weights, adam, adapter: bool = False) -> None:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
     full = StateDictOptions(full_state_dict=True)
-    _check_keys(model, weights, "resume")
+    _check_keys(model, weights, "resume", adapter)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     if not adam:
         return
@@ -261,17 +279,18 @@ def _load_into_fsdp(model, optimizer, weights, adam) -> None:
     set_optimizer_state_dict(model, inner, osd, options=full)
 
 
-def _load_into_deepspeed(engine, weights, adam) -> None:
+def _load_into_deepspeed(engine, weights, adam, adapter: bool = False) -> None:
     import deepspeed
 
     module = engine.module
-    _check_keys(module, weights, "resume")
+    _check_keys(module, weights, "resume", adapter)
     params = dict(module.named_parameters())
     stage3 = engine.zero_optimization_partition_weights()
     # the module's (partitioned, for ZeRO-3) weights, frozen ones included
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=stage3):
         for name, p in params.items():
-            p.data.copy_(weights[name].to(p.device, p.dtype).reshape(p.shape))
+            if name in weights:  # (an adapter checkpoint: the frozen base stays as built)
+                p.data.copy_(weights[name].to(p.device, p.dtype).reshape(p.shape))
     for name, buf in module.named_buffers():
         if name in weights:
             buf.data.copy_(weights[name])
@@ -364,9 +383,19 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     if adapter and cfg.model.lora is None:
         raise ConsolidateError(f"{ckpt}: --adapter needs a LoRA run's checkpoint; this run trained the full model")
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer)  # the run's base (architecture, or pretrained weights for LoRA)
-    model, tokenizer, _ = prepare_model(cfg.model, model, tokenizer, log_fn=lambda *a, **k: None)
-    _check_keys(model, weights, f"cpt export {ckpt}")
+    from cpt.resume import lora_base_dir
+
+    base_from = lora_base_dir(cfg) if kind == "adapter" else None  # (an adapter checkpoint: built as the run built it)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)  # (a base from model.arch: the run's initialisation)
+        model = build_model(cfg.model, tokenizer, weights_from=base_from)  # the base (architecture, or pretrained)
+        model, tokenizer, _ = prepare_model(cfg.model, model, tokenizer, log_fn=lambda *a, **k: None, weights_from=base_from)
+    if kind == "adapter":
+        try:
+            check_fits(ckpt, model)
+        except AdapterCheckpointError as e:
+            raise ConsolidateError(f"{ckpt}: {e}") from None
+    _check_keys(model, weights, f"cpt export {ckpt}", adapter=kind == "adapter")
     model.load_state_dict(weights, strict=False)
     if cfg.model.lora is not None and not adapter:
         from cpt.adapters import merge_lora

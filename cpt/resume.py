@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from cpt.adapter_checkpoint import is_adapter_layout
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
 from cpt.config import RunConfig, trajectory_changes
@@ -49,6 +50,8 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
         start.init, start.init_hf = resolve_init(cfg.train.init_from)
         start.branch = start.init is not None and bool(cfg.train.anneal_steps)
     else:
+        if is_adapter_layout(start.resume):  # a LoRA checkpoint without its base: built again as at the first start
+            start.init_hf = lora_base_dir(cfg)
         if cfg.train.anneal_steps:
             check_resume_is_a_branch(start.resume, cfg)
         if not allow_config_change:
@@ -120,6 +123,20 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
         raise CheckpointError(f"train.init_from: {init_from} is a peft adapter, not a model; merge it into its base "
                               f"first (cpt merge {init_from} --out MERGED) and start from MERGED")
     raise CheckpointError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
+
+
+def lora_base_dir(cfg: RunConfig) -> str | None:
+    """The HF model directory a LoRA run's base weights came from when not ``model.name_or_path``: an HF
+    ``train.init_from`` (as :func:`resolve_init` reads it). Its checkpoints hold the adapter alone
+    (cpt/adapter_checkpoint.py): resume and ``cpt export`` build this base again."""
+    if cfg.model.lora is None or cfg.train.init_from is None:
+        return None
+    p = Path(cfg.train.init_from)
+    if (p / "config.json").is_file():
+        return str(p)
+    if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():  # a cpt checkpoint: the base is model.name_or_path
+        return None
+    return str(p / "export") if (p / "export" / "config.json").is_file() else None
 
 
 def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = False) -> None:

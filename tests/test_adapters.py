@@ -205,6 +205,32 @@ def test_freeze_after_lora_freezes_the_bottom_adapters():
     assert all(not p.requires_grad for n, p in model.named_parameters() if "layers.0." in n)
 
 
+def test_adapter_keys_are_everything_but_the_frozen_base_and_the_fingerprint_sees_only_the_base():
+    """What a LoRA resume checkpoint holds (cpt/adapter_checkpoint.py): LoRA A/B (also those model.freeze froze), the
+    modules_to_save and norm copies, the new vocabulary rows; not the base. The base fingerprint ignores the adapter
+    and changes with any base weight."""
+    from cpt.adapters import adapter_keys, base_fingerprint
+
+    model = apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                train_norms=True), new_token_ids=[298, 299])
+    apply_freeze(model, FreezeConfig(layers="bottom_half"))
+    keys = adapter_keys(model)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in keys  # frozen, still saved
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default" in keys
+    assert "base_model.model.lm_head.modules_to_save.default.weight" in keys
+    assert "base_model.model.model.norm.modules_to_save.default.weight" in keys
+    assert not any("base_layer" in k or "original_module" in k for k in keys)
+    sd = model.state_dict()
+    assert {k for k in sd if k not in keys} == {k for k in sd if ".default" not in k}  # the rest is the base
+    before = model._cpt_base_fingerprint  # (apply_lora records it)
+    assert before == base_fingerprint(model)
+    _perturb_lora(model)
+    assert base_fingerprint(model) == before
+    with torch.no_grad():
+        model.get_base_model().model.layers[2].mlp.up_proj.weight[5, 7] += 1e-6
+    assert base_fingerprint(model) != before
+
+
 @pytest.mark.parametrize("name", ["full-cpt", "lora-cpt", "freeze-cpt"])
 def test_shipped_configs_validate_and_apply(name):
     from pathlib import Path

@@ -1,7 +1,8 @@
 """The real `cpt train` under 2 CPU processes (`accelerate launch` with flags, gloo): DDP (full and LoRA), DeepSpeed ZeRO-2 (LoRA +
 EMA) and ZeRO-3 (full and LoRA; without --zero3_save_16bit_model) and FSDP2 (full and LoRA; run on CPU through tests/fsdp_on_cpu.py) give the per-step losses
 of a 1-process run of the same global batch; the ZeRO-3 and FSDP HF exports load and reproduce the last logged
-held-out loss; DDP and FSDP resume exactly after SIGTERM; `cpt train` under a plain FSDP launch without GPUs
+held-out loss; DDP and FSDP resume exactly after SIGTERM; a DDP LoRA run's adapter-only checkpoint resumes bitwise on
+DDP and under FSDP2; `cpt train` under a plain FSDP launch without GPUs
 is refused instead of silently training unsynchronised copies. (The shipped accelerate configs and launch scripts,
 ZeRO-2 with and without CPU offload among them: tests/test_launch_shipped.py.)
 
@@ -173,14 +174,39 @@ def test_ddp_with_reptile_matches_single_process(tiny_cpt_data, base, single, tm
 
 
 def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
-    """LoRA under DDP (only the adapters' gradients are all-reduced): 1-process losses, held-out losses and adapter."""
-    rc, log = launch("ddp", write(make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0), tmp_path / "c.yaml"))
+    """LoRA under DDP (only the adapters' gradients are all-reduced): 1-process losses, held-out losses and adapter.
+    Its checkpoint holds the adapter alone (not the frozen base); resumed on 2 processes from step 6 it gives the
+    uninterrupted run's losses bitwise, and under FSDP2 (the adapter loaded over the base FSDP2 built and sharded) the
+    same losses to 1e-5."""
+    import shutil
+
+    from cpt.adapter_checkpoint import ADAPTER_STATE
+
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0)
+    cfg["checkpoint"] = {"every": 6, "keep": 2}
+    rc, log = launch("ddp", write(cfg, tmp_path / "c.yaml"))
     assert rc == 0, log[-5000:]
     out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0)
     assert world_sizes(out) == {2}
     assert_close(losses(out), losses(ref))
     assert_close(evals(out), evals(ref))
     assert_same_adapter(out / "export", ref / "export")
+    ckpt = out / "checkpoints" / "step_00000006"
+    assert (ckpt / ADAPTER_STATE).is_file() and not (ckpt / "model.safetensors").exists()
+    assert (ckpt / ADAPTER_STATE).stat().st_size < 0.5 * (base / "model.safetensors").stat().st_size
+    for mode in ("ddp", "fsdp_cpu"):  # the run as if killed after its step-6 checkpoint, resumed
+        again = tmp_path / mode
+        shutil.copytree(out, again)
+        shutil.rmtree(again / "checkpoints" / "step_00000012")
+        shutil.rmtree(again / "export")
+        cfg["run"]["output_dir"] = str(again)
+        rc, log = launch(mode, write(cfg, tmp_path / f"{mode}.yaml"), "--resume")
+        assert rc == 0 and "resumed" in log, log[-5000:]
+        assert world_sizes(again) == {2}
+        if mode == "ddp":
+            assert losses(again) == losses(out)  # same world size and backend: bitwise
+        else:
+            assert_close(losses(again), losses(out))
 
 
 # ZeRO-2 and ZeRO-2 with CPU offload against 1 process: tests/test_launch_shipped.py, through the shipped configs.

@@ -85,6 +85,10 @@ def step0(run_dir) -> dict:
     return next(r for r in records(run_dir) if r["step"] == 0 and "eval/python/loss" in r)
 
 
+def records_at(run_dir, step: int) -> dict:
+    return next(r for r in records(run_dir) if r["step"] == step and "eval/python/loss" in r)
+
+
 def last_eval(run_dir) -> dict:
     return [r for r in records(run_dir) if "eval/python/loss" in r][-1]
 
@@ -279,6 +283,83 @@ def test_lora_resume_after_sigterm_is_exact(lora_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _lora_small(tiny_cpt_data, base, out: Path) -> dict:
+    """configs/lora-cpt.yaml at rank 2 (a small fraction of the tiny base, as r=64 is of a real one), 6 steps,
+    checkpoints and held-out evaluations at 3 and 6."""
+    cfg = shipped("lora", tiny_cpt_data, base, out, checkpoint={"every": 3, "keep": 5})
+    cfg["model"]["lora"].update(r=2, alpha=4)
+    cfg["eval"].update(at_start=False)
+    return cfg
+
+
+def _resume_from_step_3(done: Path, out: Path, cfg: dict, **kw):
+    """The finished run ``done`` as if killed after its step-3 checkpoint, resumed in ``out``."""
+    shutil.copytree(done, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    shutil.rmtree(out / "export")
+    cfg = {**cfg, "run": {**cfg["run"], "output_dir": str(out)}}
+    return run(cfg, resume=True, **kw)
+
+
+def test_lora_checkpoint_holds_the_adapter_not_the_base_and_resumes_exactly(tiny_cpt_data, base, tmp_path, monkeypatch):
+    """A LoRA checkpoint (1 process) holds the adapter (LoRA weights, the norms of train_norms), the optimizer and the
+    loop's state: a small fraction of the base's size. Resumed, the run rebuilds the base and gives the uninterrupted
+    run's losses bitwise; a checkpoint of the whole model (written by earlier cpt) still resumes exactly; a new stage
+    from it (train.init_from) starts from its weights; another base under the same adapter is refused in one line,
+    nothing trained."""
+    from cpt.adapter_checkpoint import ADAPTER_BASE, ADAPTER_STATE
+    from cpt.checkpoint import CheckpointError
+
+    cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
+    result, _ = run(cfg)
+    ref, a = losses(tmp_path / "a"), tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert result.step == 6 and sorted(ref) == list(range(1, 7))
+    names = {p.name for p in a.iterdir()}
+    assert {ADAPTER_STATE, ADAPTER_BASE, "optimizer.bin"} <= names and "model.safetensors" not in names
+    saved = load_file(a / ADAPTER_STATE)
+    assert any(".lora_A.default." in k for k in saved) and any("norm.modules_to_save.default" in k for k in saved)
+    assert not any("base_layer" in k or "original_module" in k for k in saved)  # nothing of the frozen base
+    size = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())  # noqa: E731
+    base_bytes = (base / "model.safetensors").stat().st_size
+    assert (a / ADAPTER_STATE).stat().st_size < 0.05 * base_bytes and size(a) < 0.25 * base_bytes, (size(a), base_bytes)
+
+    _, log = _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
+    assert "resumed" in log and losses(tmp_path / "b") == ref  # bitwise: fp32 on CPU
+    x, y = (load_file(d / "export" / "adapter_model.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    # the whole-model layout of earlier cpt (written here by switching the adapter layout off) resumes exactly
+    with monkeypatch.context() as m:
+        m.setattr("cpt.checkpoint_files.is_peft_model", lambda model: False)
+        run({**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "old")}})
+    old = tmp_path / "old" / "checkpoints" / "step_00000003"
+    assert (old / "model.safetensors").stat().st_size > base_bytes and not (old / ADAPTER_STATE).exists()
+    _, log = _resume_from_step_3(tmp_path / "old", tmp_path / "c", cfg)
+    assert "resumed" in log and losses(tmp_path / "c") == ref
+    assert (tmp_path / "c" / "checkpoints" / "step_00000006" / ADAPTER_STATE).is_file()  # and saves the new layout
+
+    # a new stage from it (train.init_from): the base built again, the adapter loaded over it (step 0 = step 3)
+    stage = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "stage")}, "train": {**cfg["train"], "init_from": str(a)},
+             "eval": {**cfg["eval"], "at_start": True}}
+    _, log = run(stage)
+    assert f"initialised weights from {a}" in log
+    assert step0(tmp_path / "stage")["eval/python/loss"] == records_at(tmp_path / "a", 3)["eval/python/loss"]
+
+    # another base (one weight changed) at model.name_or_path: refused before anything is loaded or trained
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+    from safetensors.torch import save_file
+
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    cfg["model"]["name_or_path"] = str(other)
+    with pytest.raises(CheckpointError, match="trained on another base model than this run builds") as e:
+        _resume_from_step_3(tmp_path / "a", tmp_path / "d", cfg, allow_config_change=True)
+    assert "\n" not in str(e.value) and str(base) in str(e.value) and str(other) in str(e.value)
+    assert losses(tmp_path / "d") == ref and not (tmp_path / "d" / "checkpoints" / "step_00000006").exists()  # untouched
+
+
 # ------------------------------------------------------------------------------------------ freezing
 
 
@@ -378,16 +459,22 @@ def test_vocab_extension_refuses_shards_of_the_old_tokenizer(tiny_cpt_data, base
 
 
 def test_vocab_extension_with_lora(vocab_setup, base, tiny_cpt_data, tmp_path):
-    """LoRA + new tokens: the new rows are trained (peft trainable_token_indices) and merged; old rows untouched."""
+    """LoRA + new tokens: the new rows are trained (peft trainable_token_indices) and merged; old rows untouched. Its
+    checkpoints hold the new rows with the adapter (the extended base is built again on resume, which is exact)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cpt.adapter_checkpoint import ADAPTER_STATE
     from cpt.model import merge_adapter
     from cpt.vocab import VocabConfig, extend_vocabulary
 
     _, vocab, data = vocab_setup
-    cfg = shipped("lora", tiny_cpt_data, base, tmp_path / "run", data=data)
+    cfg = shipped("lora", tiny_cpt_data, base, tmp_path / "run", data=data, checkpoint={"every": 3, "keep": 5})
     cfg["model"]["vocab"] = vocab
     result, log = run(cfg)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000003" / ADAPTER_STATE)
+    assert any("trainable_tokens_delta" in k for k in saved)
+    _, log = _resume_from_step_3(tmp_path / "run", tmp_path / "again", cfg)
+    assert "resumed" in log and losses(tmp_path / "again") == losses(tmp_path / "run")
     export = tmp_path / "run" / "export"
     side = json.loads((export / "cpt_adapter.json").read_text())
     assert side["num_embeddings"] == 1032 and side["new_rows"] == list(range(1024, 1032))
