@@ -5,7 +5,8 @@ Layout of a run directory::
     <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG),
                                            trainer_state.json + state.safetensors: every registered component's
                                            state (the loop's counters, data position, evaluator, EMA, ...: cpt/state.py),
-                                           config.yaml, CHECKSUMS.json (written last: the "complete" mark)
+                                           config.yaml, trainable.json (each optimizer group's parameter names
+                                           and shapes), CHECKSUMS.json (written last: the "complete" mark)
     <run_dir>/checkpoints/.tmp-step_...    a save in progress: never read, removed by the next save
     <run_dir>/checkpoints/.trash-step_...  an old checkpoint being pruned: never read, removed by the next save
     <run_dir>/checkpoints/unusable-step_.. a checkpoint that failed verification, set aside by --resume
@@ -23,7 +24,8 @@ DeepSpeed save synchronously through ``accelerator.save_state`` (their per-rank 
 checked by size; cpt's own files by digest).
 
 On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or corrupt
-one is skipped with one warning.
+one is skipped with one warning. Its optimizer state is loaded only for the trainable parameters and groups it was
+saved with (trainable.json, compared before anything loads, whatever the strategy).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.checkpoint_files import host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
+from cpt.optim import layout_difference, trainable_layout
 from cpt.state import StateError, Stateful, check_format, flatten, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
@@ -49,6 +52,7 @@ log = logging.getLogger("cpt.checkpoint")
 CHECKSUMS = "CHECKSUMS.json"
 TRAINER_STATE = "trainer_state.json"
 STATE_TENSORS = "state.safetensors"
+TRAINABLE = "trainable.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -173,6 +177,7 @@ class CheckpointManager:
         self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
         self._job: _Commit | None = None  # its writer (main process)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
+        self.trainable = trainable_layout(accelerator)  # this run's, before any load replaces the optimizer's groups
 
     def save(self, step: int, components: Mapping[str, Stateful], config_yaml: str) -> None:
         """Save on every rank (collective): the accelerate state and every registered component (cpt/state.py).
@@ -223,6 +228,8 @@ class CheckpointManager:
         """Everything every rank must do before the commit; returns the main process's writer."""
         acc = self.acc
         items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
+        if self.trainable is not None:
+            items.append((TRAINABLE, "text", json.dumps(self.trainable)))
         if tensors:
             items.append((STATE_TENSORS, "safetensors", host_copy(dict(tensors), {})))  # EMA, Reptile: a fresh copy
         digests: dict[str, str] = {}
@@ -284,6 +291,10 @@ class CheckpointManager:
                 check_format(json.loads((ckpt / TRAINER_STATE).read_text()))
             except StateError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+        if optimizer_state and self.trainable is not None and (ckpt / TRAINABLE).is_file():  # (older: checked below)
+            first = layout_difference(json.loads((ckpt / TRAINABLE).read_text()), self.trainable)
+            if first:
+                _refuse_other_params(ckpt, first)
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
             log.warning("%s was written with another backend or number of processes: loading it through "
                         "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
@@ -325,14 +336,19 @@ def _optimizer_param_names(acc) -> list[list[str]]:
 
 
 def _check_optimizer_params(ckpt: Path, before: list[list[str]], loaded: list[list[str]]) -> None:
-    """torch loads Adam moments by position: a checkpoint of other trainable parameters (another model.freeze, LoRA
-    target or lr multiplier, past --allow-config-change or as train.init_from with init_optimizer) would hand one
-    parameter's moments to another of the same shape, silently."""
+    """The check after torch's load, for a checkpoint without trainable.json (written before cpt recorded it)."""
     if loaded == before or not any(before):
         return
     now, then = [n for g in before for n in g], [n for g in loaded for n in g]
-    first = next((f"{a} vs {b}" for a, b in zip(now, then) if a != b),
-                 f"{len(now)} vs {len(then)} parameters" if then else "the number or sizes of the parameter groups")
+    _refuse_other_params(ckpt, next((f"{a} vs {b}" for a, b in zip(now, then) if a != b),
+                                    f"{len(now)} vs {len(then)} parameters" if then else "the number or sizes of the parameter groups"))
+
+
+def _refuse_other_params(ckpt: Path, first: str) -> None:
+    """torch loads Adam moments by position (FSDP's and DeepSpeed's loads fail deep inside, or load by position too):
+    a checkpoint of other trainable parameters (another model.freeze, LoRA target or lr multiplier, past
+    --allow-config-change or as train.init_from with init_optimizer) would hand one parameter's moments to another
+    of the same shape, silently."""
     raise CheckpointError(
         f"checkpoint {ckpt}: its optimizer state is for other trainable parameters or groups than this run's "
         f"(model.freeze, model.lora or optim changed; first difference: {first}): Adam's moments would go to the "
