@@ -313,7 +313,7 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
                    f"{weights_from or cfg.name_or_path} trained for them (its tokenizer has them at the same ids)")
     _train_separator_embedding(model, tokenizer, log_fn)
     if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None)
+        model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None, log_fn=log_fn)
     if cfg.freeze is not None:
         apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
     if cfg.liger_kernel:
