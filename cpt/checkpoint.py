@@ -44,7 +44,7 @@ import torch
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.checkpoint_files import host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
-from cpt.optim import layout_difference, trainable_layout
+from cpt.optim import layout_difference, param_shapes, trainable_layout
 from cpt.state import StateError, Stateful, check_format, flatten, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
@@ -292,7 +292,7 @@ class CheckpointManager:
             except StateError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
         if optimizer_state and self.trainable is not None and (ckpt / TRAINABLE).is_file():  # (older: checked below)
-            first = layout_difference(json.loads((ckpt / TRAINABLE).read_text()), self.trainable)
+            first = layout_difference(json.loads((ckpt / TRAINABLE).read_text()), self.trainable, param_shapes(self.acc))
             if first:
                 _refuse_other_params(ckpt, first)
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):

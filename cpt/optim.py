@@ -125,22 +125,30 @@ def param_groups(
     return list(groups.values())
 
 
+def param_shapes(acc) -> dict[str, list[int]]:
+    """Every parameter of the prepared model(s) by name, with its full shape (a DTensor's global shape, ZeRO-3's
+    ``ds_shape``)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for m in acc._models for n, p in acc.unwrap_model(m).named_parameters()}
+
+
 def trainable_layout(acc) -> list[list[list]] | None:
     """Each optimizer group's trainable parameters as ``[name, shape]``, in the order the optimizer holds them (the
     order its Adam moments are saved in and, by torch, loaded in); None when a group has no names (an optimizer not
     built by :func:`param_groups`). The same after ``accelerate.prepare`` under every strategy: FSDP2 and DeepSpeed
-    replace only a group's ``params`` (by shards, flat partitions), its ``param_names`` stay; shapes are the full
-    ones (a DTensor's global shape, ZeRO-3's ``ds_shape``)."""
-    shapes = {n: list(getattr(p, "ds_shape", p.shape)) for m in acc._models for n, p in acc.unwrap_model(m).named_parameters()}
+    replace only a group's ``params`` (by shards, flat partitions), its ``param_names`` stay; shapes as
+    :func:`param_shapes`."""
+    shapes = param_shapes(acc)
     groups = [g.get("param_names") for opt in acc._optimizers for g in opt.param_groups]
     if not groups or not all(groups):
         return None
     return [[[n, shapes.get(n)] for n in names] for names in groups]
 
 
-def layout_difference(saved: list, now: list) -> str | None:
-    """None when two :func:`trainable_layout` results match, else their first difference in words."""
-    if saved == now:
+def layout_difference(saved: list, now: list, shapes: dict[str, list[int]]) -> str | None:
+    """None when two :func:`trainable_layout` results match, else their first difference in words. Also None when
+    the saved layout names a parameter the model (``shapes``: :func:`param_shapes`) lacks or has in another shape:
+    the checkpoint is another model's, which loading its weights reports."""
+    if saved == now or any(shapes.get(n) != s for g in saved for n, s in g):
         return None
     then_, now_ = ([f"{n} {s}" for g in layout for n, s in g] for layout in (saved, now))
     first = next((f"{a} vs {b}" for a, b in zip(now_, then_) if a != b), None)
