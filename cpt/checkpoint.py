@@ -44,7 +44,7 @@ import torch
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.checkpoint_files import host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
-from cpt.optim import layout_difference, param_shapes, trainable_layout
+from cpt.optim import group_settings, layout_difference, param_shapes, restore_group_settings, trainable_layout
 from cpt.state import StateError, Stateful, check_format, flatten, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
@@ -178,6 +178,7 @@ class CheckpointManager:
         self._job: _Commit | None = None  # its writer (main process)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
         self.trainable = trainable_layout(accelerator)  # this run's, before any load replaces the optimizer's groups
+        self.settings = group_settings(accelerator)  # (put back after each load: restore_group_settings)
 
     def save(self, step: int, components: Mapping[str, Stateful], config_yaml: str) -> None:
         """Save on every rank (collective): the accelerate state and every registered component (cpt/state.py).
@@ -319,6 +320,7 @@ class CheckpointManager:
                     f"checkpoint was trained from{_lora_mismatch_hint(str(e), ckpt)}") from None
             if optimizer_state:
                 _check_optimizer_params(ckpt, names, _optimizer_param_names(self.acc))
+        restore_group_settings(self.acc, self.settings)
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
         self.acc.step = 0
@@ -345,8 +347,8 @@ def _check_optimizer_params(ckpt: Path, before: list[list[str]], loaded: list[li
 
 
 def _refuse_other_params(ckpt: Path, first: str) -> None:
-    """torch loads Adam moments by position (FSDP's and DeepSpeed's loads fail deep inside, or load by position too):
-    a checkpoint of other trainable parameters (another model.freeze, LoRA target or lr multiplier, past
+    """torch loads Adam moments by position (FSDP2's load failed in a DCP traceback; ZeRO's flat partitions are laid
+    out by position): a checkpoint of other trainable parameters (another model.freeze, LoRA target or lr multiplier, past
     --allow-config-change or as train.init_from with init_optimizer) would hand one parameter's moments to another
     of the same shape, silently."""
     raise CheckpointError(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cpt.config import ConfigError
-from cpt.distributed import Backend, backend
+from cpt.distributed import Backend, backend, unwrap
 
 # "model.layers.3.", "transformer.h.3.", "encoder.layer.3.", "blocks.3." -> 3
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -126,9 +126,9 @@ def param_groups(
 
 
 def param_shapes(acc) -> dict[str, list[int]]:
-    """Every parameter of the prepared model(s) by name, with its full shape (a DTensor's global shape, ZeRO-3's
-    ``ds_shape``)."""
-    return {n: list(getattr(p, "ds_shape", p.shape)) for m in acc._models for n, p in acc.unwrap_model(m).named_parameters()}
+    """Every parameter of the prepared model(s) by its bare model's name (no DDP, DeepSpeed or torch.compile prefix),
+    with its full shape (a DTensor's global shape, ZeRO-3's ``ds_shape``)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for m in acc._models for n, p in unwrap(m).named_parameters()}
 
 
 def trainable_layout(acc) -> list[list[list]] | None:
@@ -155,6 +155,21 @@ def layout_difference(saved: list, now: list, shapes: dict[str, list[int]]) -> s
     if first is None and len(now_) != len(then_):
         first = f"{len(now_)} vs {len(then_)} parameters"
     return first or f"the number or sizes of the parameter groups ({[len(g) for g in now]} vs {[len(g) for g in saved]})"
+
+
+def group_settings(acc) -> list[dict]:
+    """Each optimizer group's settings, all but its parameters (weight decay, lr multiplier, betas, eps)."""
+    return [{k: v for k, v in g.items() if k != "params"} for opt in acc._optimizers for g in opt.param_groups]
+
+
+def restore_group_settings(acc, settings: list[dict]) -> None:
+    """torch's Optimizer.load_state_dict (under every strategy) replaces each group's settings by the checkpoint's:
+    a --resume --allow-config-change of optim.weight_decay, betas or an lr multiplier's value, or a new stage from
+    train.init_from, trained on with the old ones, silently. This run's (its config's) are put back."""
+    groups = [g for opt in acc._optimizers for g in opt.param_groups]
+    if len(groups) == len(settings):
+        for group, own in zip(groups, settings):
+            group.update(own)
 
 
 def build_optimizer(model: nn.Module, optim_cfg: Any, device_type: str = "cpu", lr: float = 0.0,
