@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -193,12 +194,17 @@ def check_lora_modules(model: nn.Module, cfg: LoraConfig) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None):
+def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None, log_fn=None):
     """Wrap ``model`` in a peft LoRA adapter (a ``PeftModel``); every base weight becomes frozen.
 
     ``new_token_ids`` (from :func:`cpt.vocab.extend_vocabulary`): the rows of the new tokens stay trainable
     through peft's ``trainable_token_indices`` (input embeddings, and the output head when untied) and are
     saved in the adapter — unless ``embed_tokens`` is already trained in full through ``modules_to_save``.
+
+    A side of tied embeddings in ``modules_to_save`` or ``target_modules``: peft warns that merging or converting
+    may go wrong (peft issue 2777; ``ensure_weight_tying`` would tie the trained copies instead). cpt handles both
+    (the copy unties the model and its config says so; :func:`merge_lora` gives a LoRA'd side its own weight), so
+    peft's warning is replaced by one line (``log_fn``) saying what the model becomes.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -236,11 +242,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
         **kwargs,
     )
     try:
-        peft_model = get_peft_model(model, pcfg)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part of")
+            peft_model = get_peft_model(model, pcfg)
     except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
         raise ConfigError(f"model.lora: {e}") from None
     peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
-    _untie_trained_copies(peft_model)
+    note = _untie_trained_copies(peft_model)
+    if note and log_fn is not None:
+        log_fn(note)
     note_base(peft_model)  # (before any sharding: every backend can compare a checkpoint's base with it)
     return peft_model
 
@@ -282,16 +292,23 @@ def note_base(peft_model) -> str | None:
     return peft_model._cpt_base_fingerprint
 
 
-def _untie_trained_copies(peft_model) -> None:
+def _untie_trained_copies(peft_model) -> str | None:
     """A tied embedding or output head in ``modules_to_save`` is trained as its own copy: the model is no longer
     tied, and its config says so (as peft's merge does). Otherwise a later ``tie_weights()`` tries to tie a peft
     wrapper: accelerate's FSDP2 preparation (``fsdp_cpu_ram_efficient_loading``) calls it and fails with
-    ``KeyError: "attribute 'weight' already exists"``."""
+    ``KeyError: "attribute 'weight' already exists"``. Returns a line saying what became of the tied embeddings."""
     base = peft_model.get_base_model()
     if not getattr(base.config, "tie_word_embeddings", False):
-        return
-    if any(type(m).__name__ == "ModulesToSaveWrapper" for m in (base.get_input_embeddings(), base.get_output_embeddings())):
+        return None
+    sides = {"input embedding": base.get_input_embeddings(), "output head": base.get_output_embeddings()}
+    if any(type(m).__name__ == "ModulesToSaveWrapper" for m in sides.values()):
         base.config.tie_word_embeddings = False
+        return ("model.lora: modules_to_save unties the tied embeddings: each side listed there is trained as its own "
+                "copy (a side not listed keeps the base weights); the exported and merged model is untied")
+    if any(hasattr(m, "base_layer") for m in sides.values()):
+        return ("model.lora: LoRA on one side of the tied embeddings adapts that side only: the merged model gives it "
+                "its own weight and is untied")
+    return None
 
 
 def merge_lora(peft_model):

@@ -6,7 +6,8 @@ Layout of a run directory::
                                            process or DDP: its adapter state alone, cpt/adapter_checkpoint.py),
                                            trainer_state.json + state.safetensors: every registered component's
                                            state (the loop's counters, data position, evaluator, EMA, ...: cpt/state.py),
-                                           config.yaml, CHECKSUMS.json (written last: the "complete" mark)
+                                           config.yaml, trainable.json (each optimizer group's parameter names
+                                           and shapes), CHECKSUMS.json (written last: the "complete" mark)
     <run_dir>/checkpoints/.tmp-step_...    a save in progress: never read, removed by the next save
     <run_dir>/checkpoints/.trash-step_...  an old checkpoint being pruned: never read, removed by the next save
     <run_dir>/checkpoints/unusable-step_.. a checkpoint that failed verification, set aside by --resume
@@ -24,7 +25,8 @@ DeepSpeed save synchronously through ``accelerator.save_state`` (their per-rank 
 checked by size; cpt's own files by digest).
 
 On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or corrupt
-one is skipped with one warning.
+one is skipped with one warning. Its optimizer state is loaded only for the trainable parameters and groups it was
+saved with (trainable.json, compared before anything loads, whatever the strategy).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from cpt.adapters import note_base
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.checkpoint_files import host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
+from cpt.optim import group_settings, layout_difference, param_shapes, restore_group_settings, trainable_layout
 from cpt.state import StateError, Stateful, check_format, flatten, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
@@ -53,6 +56,7 @@ log = logging.getLogger("cpt.checkpoint")
 CHECKSUMS = "CHECKSUMS.json"
 TRAINER_STATE = "trainer_state.json"
 STATE_TENSORS = "state.safetensors"
+TRAINABLE = "trainable.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -177,6 +181,8 @@ class CheckpointManager:
         self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
         self._job: _Commit | None = None  # its writer (main process)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
+        self.trainable = trainable_layout(accelerator)  # this run's, before any load replaces the optimizer's groups
+        self.settings = group_settings(accelerator)  # (put back after each load: restore_group_settings)
 
     def save(self, step: int, components: Mapping[str, Stateful], config_yaml: str) -> None:
         """Save on every rank (collective): the accelerate state and every registered component (cpt/state.py).
@@ -227,6 +233,8 @@ class CheckpointManager:
         """Everything every rank must do before the commit; returns the main process's writer."""
         acc = self.acc
         items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
+        if self.trainable is not None:
+            items.append((TRAINABLE, "text", json.dumps(self.trainable)))
         if tensors:
             items.append((STATE_TENSORS, "safetensors", host_copy(dict(tensors), {})))  # EMA, Reptile: a fresh copy
         digests: dict[str, str] = {}
@@ -295,6 +303,10 @@ class CheckpointManager:
                 check_fits(ckpt, model)
             except AdapterCheckpointError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+        if optimizer_state and self.trainable is not None and (ckpt / TRAINABLE).is_file():  # (older: checked below)
+            first = layout_difference(json.loads((ckpt / TRAINABLE).read_text()), self.trainable, param_shapes(self.acc))
+            if first:
+                _refuse_other_params(ckpt, first)
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
             log.warning("%s was written with another backend or number of processes: loading it through "
                         "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
@@ -306,6 +318,10 @@ class CheckpointManager:
                     self.acc.load_state(str(ckpt))
             except AdapterCheckpointError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+        if optimizer_state and self.trainable is not None and (ckpt / TRAINABLE).is_file():  # (older: checked below)
+            first = layout_difference(json.loads((ckpt / TRAINABLE).read_text()), self.trainable, param_shapes(self.acc))
+            if first:
+                _refuse_other_params(ckpt, first)
             except ValueError as e:  # torch's Optimizer.load_state_dict: other groups or group sizes
                 if "parameter group" not in str(e) or not any(names):
                     raise
@@ -322,6 +338,7 @@ class CheckpointManager:
                     f"checkpoint was trained from{_lora_mismatch_hint(str(e), ckpt)}") from None
             if optimizer_state:
                 _check_optimizer_params(ckpt, names, _optimizer_param_names(self.acc))
+        restore_group_settings(self.acc, self.settings)
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
         self.acc.step = 0
@@ -341,14 +358,19 @@ def _optimizer_param_names(acc) -> list[list[str]]:
 
 
 def _check_optimizer_params(ckpt: Path, before: list[list[str]], loaded: list[list[str]]) -> None:
-    """torch loads Adam moments by position: a checkpoint of other trainable parameters (another model.freeze, LoRA
-    target or lr multiplier, past --allow-config-change or as train.init_from with init_optimizer) would hand one
-    parameter's moments to another of the same shape, silently."""
+    """The check after torch's load, for a checkpoint without trainable.json (written before cpt recorded it)."""
     if loaded == before or not any(before):
         return
     now, then = [n for g in before for n in g], [n for g in loaded for n in g]
-    first = next((f"{a} vs {b}" for a, b in zip(now, then) if a != b),
-                 f"{len(now)} vs {len(then)} parameters" if then else "the number or sizes of the parameter groups")
+    _refuse_other_params(ckpt, next((f"{a} vs {b}" for a, b in zip(now, then) if a != b),
+                                    f"{len(now)} vs {len(then)} parameters" if then else "the number or sizes of the parameter groups"))
+
+
+def _refuse_other_params(ckpt: Path, first: str) -> None:
+    """torch loads Adam moments by position (FSDP2's load failed in a DCP traceback; ZeRO's flat partitions are laid
+    out by position): a checkpoint of other trainable parameters (another model.freeze, LoRA target or lr multiplier, past
+    --allow-config-change or as train.init_from with init_optimizer) would hand one parameter's moments to another
+    of the same shape, silently."""
     raise CheckpointError(
         f"checkpoint {ckpt}: its optimizer state is for other trainable parameters or groups than this run's "
         f"(model.freeze, model.lora or optim changed; first difference: {first}): Adam's moments would go to the "

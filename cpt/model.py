@@ -289,7 +289,8 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     """Apply vocab extension -> LoRA -> freezing -> kernels -> activation checkpointing, in that order.
 
     ``weights_from``: the HF export the weights were loaded from (``train.init_from``); new tokens its own tokenizer
-    already holds at the same ids keep the rows it trained (an export of an extended run, continued).
+    already holds at the same ids keep the rows it trained (an export of an extended run, continued). So do those of
+    ``model.name_or_path``'s own tokenizer, which holds them already (:data:`cpt.vocab.RECORD`).
 
     (Freezing after LoRA: peft freezes the whole base model, so a freeze spec then selects among the
     adapter and modules_to_save.) Returns (model, tokenizer, new_token_ids).
@@ -300,13 +301,19 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     if cfg.vocab is not None:
         from cpt.vocab import extend_vocabulary
 
-        model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab, trained_vocab=_vocab_of(weights_from))
-        if model._cpt_vocab_plan.kept:
-            log_fn(f"model.vocab: {model._cpt_vocab_plan.kept} of the {len(new_ids)} new tokens keep the rows "
-                   f"{weights_from} trained for them (its tokenizer has them at the same ids)")
+        own = cfg.name_or_path and cfg.tokenizer in (None, cfg.name_or_path)  # the tokenizer came with the weights
+        trained = _vocab_of(weights_from) if weights_from else (tokenizer.get_vocab() if own else None)
+        model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab, trained_vocab=trained)
+        plan = model._cpt_vocab_plan
+        if plan.present:
+            log_fn(f"model.vocab: {plan.present} of its {len(new_ids)} tokens are already in the tokenizer (an export "
+                   "of a run with this model.vocab): not added again")
+        if plan.kept:
+            log_fn(f"model.vocab: {plan.kept} of the {len(new_ids)} new tokens keep the rows "
+                   f"{weights_from or cfg.name_or_path} trained for them (its tokenizer has them at the same ids)")
     _train_separator_embedding(model, tokenizer, log_fn)
     if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None)
+        model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None, log_fn=log_fn)
     if cfg.freeze is not None:
         apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
     if cfg.liger_kernel:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cpt.config import ConfigError
-from cpt.distributed import Backend, backend
+from cpt.distributed import Backend, backend, unwrap
 
 # "model.layers.3.", "transformer.h.3.", "encoder.layer.3.", "blocks.3." -> 3
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -123,6 +123,53 @@ def param_groups(
     if not groups:
         raise ConfigError("the model has no trainable parameters")
     return list(groups.values())
+
+
+def param_shapes(acc) -> dict[str, list[int]]:
+    """Every parameter of the prepared model(s) by its bare model's name (no DDP, DeepSpeed or torch.compile prefix),
+    with its full shape (a DTensor's global shape, ZeRO-3's ``ds_shape``)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for m in acc._models for n, p in unwrap(m).named_parameters()}
+
+
+def trainable_layout(acc) -> list[list[list]] | None:
+    """Each optimizer group's trainable parameters as ``[name, shape]``, in the order the optimizer holds them (the
+    order its Adam moments are saved in and, by torch, loaded in); None when a group has no names (an optimizer not
+    built by :func:`param_groups`). The same after ``accelerate.prepare`` under every strategy: FSDP2 and DeepSpeed
+    replace only a group's ``params`` (by shards, flat partitions), its ``param_names`` stay; shapes as
+    :func:`param_shapes`."""
+    shapes = param_shapes(acc)
+    groups = [g.get("param_names") for opt in acc._optimizers for g in opt.param_groups]
+    if not groups or not all(groups):
+        return None
+    return [[[n, shapes.get(n)] for n in names] for names in groups]
+
+
+def layout_difference(saved: list, now: list, shapes: dict[str, list[int]]) -> str | None:
+    """None when two :func:`trainable_layout` results match, else their first difference in words. Also None when
+    the saved layout names a parameter the model (``shapes``: :func:`param_shapes`) lacks or has in another shape:
+    the checkpoint is another model's, which loading its weights reports."""
+    if saved == now or any(shapes.get(n) != s for g in saved for n, s in g):
+        return None
+    then_, now_ = ([f"{n} {s}" for g in layout for n, s in g] for layout in (saved, now))
+    first = next((f"{a} vs {b}" for a, b in zip(now_, then_) if a != b), None)
+    if first is None and len(now_) != len(then_):
+        first = f"{len(now_)} vs {len(then_)} parameters"
+    return first or f"the number or sizes of the parameter groups ({[len(g) for g in now]} vs {[len(g) for g in saved]})"
+
+
+def group_settings(acc) -> list[dict]:
+    """Each optimizer group's settings, all but its parameters (weight decay, lr multiplier, betas, eps)."""
+    return [{k: v for k, v in g.items() if k != "params"} for opt in acc._optimizers for g in opt.param_groups]
+
+
+def restore_group_settings(acc, settings: list[dict]) -> None:
+    """torch's Optimizer.load_state_dict (under every strategy) replaces each group's settings by the checkpoint's:
+    a --resume --allow-config-change of optim.weight_decay, betas or an lr multiplier's value, or a new stage from
+    train.init_from, trained on with the old ones, silently. This run's (its config's) are put back."""
+    groups = [g for opt in acc._optimizers for g in opt.param_groups]
+    if len(groups) == len(settings):
+        for group, own in zip(groups, settings):
+            group.update(own)
 
 
 def build_optimizer(model: nn.Module, optim_cfg: Any, device_type: str = "cpu", lr: float = 0.0,

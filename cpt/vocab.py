@@ -16,12 +16,18 @@ Two ways to get new tokens:
 New embedding rows (input and, when untied, output) are initialised as the mean of the old rows of the token's
 subtokens under the old tokenizer (``init: mean_of_subtokens``), falling back to the mean of all old rows; old
 rows are left untouched.
+
+An extended tokenizer records what was added in its ``tokenizer_config.json`` (``cpt_vocab``: the learned tokens
+under a key of the corpus read and ``learn_tokens``, the added ones), so the same ``model.vocab`` applied again to
+it (``model.name_or_path`` an export of an extended run) finds its tokens already there instead of learning or
+adding more; the loop keeps their trained rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
@@ -47,6 +53,16 @@ class VocabPlan:
     subtokens: list[list[int]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     kept: int = 0  # new tokens whose rows came trained with the loaded weights (not initialised)
+    present: int = 0  # new tokens the tokenizer already had from this very extension (its record), not added again
+
+
+RECORD = "cpt_vocab"  # the tokenizer_config.json key of an extended tokenizer's record: {"learned": {key: tokens}, "added": tokens}
+
+
+def _learn_key(texts: list[str], n: int) -> str:
+    """What a learned extension depends on: the corpus as read, and how many tokens were asked for."""
+    digest = hashlib.sha256(json.dumps([n, texts], ensure_ascii=False).encode("utf-8")).hexdigest()
+    return f"sha256:{digest[:16]}"
 
 
 # ----------------------------------------------------------------------------- corpus reading
@@ -222,11 +238,17 @@ def build_extended_tokenizer(tokenizer, cfg: VocabConfig, texts: Iterable[str] |
     old_vocab = tokenizer.get_vocab()
     plan = VocabPlan(old_size=len(tokenizer))
     new_tok = tokenizer
+    record = copy.deepcopy(tokenizer.init_kwargs.get(RECORD) or {})
+    learned, added = record.setdefault("learned", {}), record.setdefault("added", [])
+    present: list[str] = []  # this extension's tokens the tokenizer already holds (an export of an extended run)
     if cfg.learn_tokens > 0:
         if texts is None:
             texts = read_texts(cfg.learn_from, cfg.learn_max_chars, cfg.text_field)
         texts = list(texts)
-        if _is_bpe(tokenizer):
+        key = _learn_key(texts, cfg.learn_tokens)
+        if key in learned:
+            present += [t for t in learned[key] if t in old_vocab]
+        elif _is_bpe(tokenizer):
             merges = learn_bpe_merges(tokenizer, texts, cfg.learn_tokens)
             new_tok = _with_merges(tokenizer, merges)
             model = tokenizer.backend_tokenizer.model
@@ -237,26 +259,35 @@ def build_extended_tokenizer(tokenizer, cfg: VocabConfig, texts: Iterable[str] |
                 plan.tokens.append(t)
                 plan.subtokens.append([x.id for x in model.tokenize(t)])
         else:
-            learned = learn_new_tokens(tokenizer, texts, cfg.learn_tokens)
+            words = learn_new_tokens(tokenizer, texts, cfg.learn_tokens)
             new_tok = copy.deepcopy(tokenizer)
             model = tokenizer.backend_tokenizer.model
             decoded = [tokenizer.backend_tokenizer.decoder.decode([w]) if tokenizer.backend_tokenizer.decoder
-                       else w for w in learned]
-            for w, raw in zip(learned, decoded):
+                       else w for w in words]
+            for w, raw in zip(words, decoded):
                 plan.tokens.append(raw)
                 plan.subtokens.append([x.id for x in model.tokenize(w)])
             _add_raw_tokens(new_tok, decoded)
+        if key not in learned:
+            learned[key] = list(plan.tokens)
     if cfg.add_tokens_file is not None:
         if new_tok is tokenizer:
             new_tok = copy.deepcopy(tokenizer)
         current = new_tok.get_vocab()
-        raw = [t for t in read_token_file(cfg.add_tokens_file) if t not in current]
+        listed = read_token_file(cfg.add_tokens_file)
+        present += [t for t in listed if t in added and t in old_vocab and t not in present]
+        raw = [t for t in listed if t not in current]
         # skip strings that the tokenizer already encodes as one token (nothing to gain)
         raw = [t for t in raw if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
         for t in raw:
             plan.tokens.append(t)
             plan.subtokens.append(list(tokenizer(t, add_special_tokens=False)["input_ids"]))
         _add_raw_tokens(new_tok, raw)
+        added += raw
+    if plan.tokens:
+        new_tok.init_kwargs[RECORD] = record  # (saved with the tokenizer: in every export)
+    plan.present = len(present)
+    plan.tokens[:0], plan.subtokens[:0] = present, [[] for _ in present]  # (their rows come with the weights)
     vocab = new_tok.get_vocab()
     plan.ids = [vocab[t] for t in plan.tokens]
     return new_tok, plan
@@ -306,8 +337,10 @@ def extend_vocabulary(model: nn.Module, tokenizer, cfg: VocabConfig, texts: Iter
 
     Returns ``(model, tokenizer, new_token_ids)``: the same model (resized in place), the extended tokenizer
     (a new object) and the ids of the added tokens. :func:`cpt.adapters.new_row_ids` adds the padding rows.
-    ``trained_vocab``: the vocabulary the loaded weights were trained with (``train.init_from`` an export of an
-    extended run): a new token it holds at the same id, within the loaded rows, keeps its trained row.
+    ``trained_vocab``: the vocabulary the loaded weights were trained with (``train.init_from`` or
+    ``model.name_or_path`` an export of an extended run): a new token it holds at the same id, within the loaded
+    rows, keeps its trained row. (A token the tokenizer already had, ``plan.present``, whose row is not among the
+    loaded ones, starts from the mean of the old rows: its subtokens under the unextended tokenizer are unknown.)
     """
     new_tok, plan = build_extended_tokenizer(tokenizer, cfg, texts)
     emb = model.get_input_embeddings()

@@ -238,7 +238,7 @@ def run_lm_eval_detailed(
     task_manager = make_task_manager(list(tasks), include_path)
     gen_kwargs = {"synced_gpus": True} if strategy == "replicated" else None
 
-    with preserved_rng_and_mode(module), torch.no_grad(), _no_bootstrap_pool():
+    with preserved_rng_and_mode(module), torch.no_grad(), _no_bootstrap_pool(), _no_provenance():
         lm = _hflm_class()(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         if strategy == "data_parallel":
             # lm-eval's own data-parallel evaluation (what it does under `accelerate launch` with a
@@ -302,6 +302,23 @@ def _hflm_class():
             return super().generate_until(requests, disable_tqdm=quiet(disable_tqdm))
 
     return BatchLogHFLM
+
+
+@contextlib.contextmanager
+def _no_provenance():
+    """lm-eval ends every evaluation by recording provenance cpt does not keep (:func:`_clean` drops it): the working
+    directory's commit, through ``git describe`` with git's stderr on ours (outside a repository, a cluster job's
+    folder, each evaluation printed "fatal: not a git repository ..." into the batch log; lm-eval has no option for
+    it), and torch's environment report (``pip list`` and more: 3 s here, each evaluation). Both are skipped while
+    cpt evaluates; lm-eval's module is restored after."""
+    import lm_eval.evaluator as evaluator
+
+    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash, evaluator.add_env_info = (lambda: None), (lambda storage: None)
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
 
 
 @contextlib.contextmanager

@@ -72,3 +72,27 @@ def stage(steps: int, mix: dict, ramp: dict | None = None, name: str = "stage"):
     from cpt.config import StageConfig
 
     return StageConfig(name=name, steps=steps, mix=mix, mix_ramp=ramp or {})
+
+
+def fake_hub_cache(cache: Path, repo: str, commit: str, docs: list[str], mtime: float) -> Path:
+    """What `datasets` leaves in ``HF_DATASETS_CACHE`` after loading hub dataset ``repo`` at ``commit`` (its
+    ``<namespace>___<name>/default/0.0.0/<commit>`` folder: the arrow file and dataset_info.json), modified at
+    ``mtime``; offline, ``load_dataset(repo)`` reads the newest such copy."""
+    import os
+
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    name = repo.split("/")[-1]
+    folder = cache / repo.replace("/", "___") / "default" / "0.0.0" / commit
+    folder.mkdir(parents=True)
+    features = datasets.Features({"text": datasets.Value("string")})
+    with ArrowWriter(features=features, path=str(folder / f"{name}-train.arrow")) as w:
+        for d in docs:
+            w.write({"text": d})
+        n, nbytes = w.finalize()
+    split = datasets.SplitInfo("train", num_bytes=nbytes, num_examples=n, dataset_name=name)
+    datasets.DatasetInfo(features=features, config_name="default", dataset_name=name,
+                         splits=datasets.SplitDict({"train": split})).write_to_directory(str(folder))
+    os.utime(folder, (mtime, mtime))
+    return folder

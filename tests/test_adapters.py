@@ -284,6 +284,25 @@ def test_merge_keeps_the_adapter_logits_with_lora_on_one_side_of_tied_embeddings
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
+@pytest.mark.parametrize("lora,said", [({"modules_to_save": ["embed_tokens", "lm_head"]}, "trained as its own copy"),
+                                       ({"target_modules": ["q_proj", "lm_head"]}, "adapts that side only")])
+def test_lora_on_tied_embeddings_says_what_cpt_does_instead_of_pefts_warning(lora, said):
+    """peft warned "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but
+    `ensure_weight_tying` is not set ... complications when merging" (peft issue 2777) on every such run: cpt
+    already unties a trained copy (config included) and merges a LoRA'd side into its own weight (the test above),
+    so the warning is replaced by one line saying what the model becomes."""
+    import warnings
+
+    lines = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(tiny_model(tied=True), LoraConfig(r=4, **lora), log_fn=lines.append)
+    assert not [w for w in caught if "tie_word_embeddings" in str(w.message)], [str(w.message) for w in caught]
+    assert len(lines) == 1 and said in lines[0] and "untied" in lines[0], lines
+    untied = "modules_to_save" in lora
+    assert model.get_base_model().config.tie_word_embeddings is not untied
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_average_of_adapters_is_the_average_of_their_updates(base_dir, tmp_path, rslora):
     """`cpt average` of LoRA adapters: mean(B) mean(A) is not the mean of the adapters' updates B A (it averaged the

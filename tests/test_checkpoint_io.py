@@ -103,6 +103,21 @@ def test_tied_embeddings_save_without_accelerates_shared_tensor_warning(trained,
     assert "lm_head.weight" not in load_file(list_checkpoints(tmp_path / "run")[0] / "model.safetensors")
 
 
+def test_a_load_keeps_this_runs_optimizer_settings(trained, tmp_path):
+    """torch's load_state_dict hands each optimizer group the checkpoint's settings: a --resume --allow-config-change
+    of optim.weight_decay or betas (or an lr multiplier's value), or a new stage from train.init_from, trained on with
+    the old ones, silently. The moments load; the settings stay this run's."""
+    acc, _, opt = trained
+    CheckpointManager(tmp_path / "run", keep=2, accelerator=acc).save(1, {"train": TrainState(step=1)}, "")
+    moments = {k: v.clone() for k, v in next(iter(opt.state.values())).items()}
+    for group in opt.param_groups:  # what a changed config builds
+        group.update(weight_decay=0.5, betas=(0.8, 0.9), lr_mult=2.0)
+    opt.state.clear()
+    CheckpointManager(tmp_path / "run", keep=2, accelerator=acc).load(list_checkpoints(tmp_path / "run")[0])
+    assert [(g["weight_decay"], g["betas"], g["lr_mult"]) for g in opt.param_groups] == [(0.5, (0.8, 0.9), 2.0)]
+    assert all(torch.equal(v, next(iter(opt.state.values()))[k]) for k, v in moments.items())
+
+
 def test_checkpoint_saves_and_restores_the_state_registry(trained, tmp_path):
     """Every registered component round-trips through a checkpoint: JSON under its name in trainer_state.json,
     tensors under "<name>." in state.safetensors; loading restores weights and components together."""

@@ -123,6 +123,22 @@ def test_numbers_without_a_dot_are_numbers_in_free_form_sections_too(tmp_path):
     assert cfg.stages[0].schedule.max_lr == 3e-4 and cfg.run.name == "t"
 
 
+def test_a_number_for_a_text_field_is_its_text(tmp_path):
+    """`run: {name: 2024}` and `--set run.name=2024` (YAML reads a number) were 'Input should be a valid string'
+    unless quoted; a numeric output_dir, stage name, wandb group or revision likewise. Taken as text; numeric
+    fields, and numbers in free-form sections, stay numbers."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(GOOD).replace("name: t\n", "name: 2024\n").replace("name: s1", "name: 1"))
+    cfg = load_config(p)
+    assert cfg.run.name == "2024" and cfg.stages[0].name == "1"
+    cfg = load_config(write(tmp_path, GOOD), ["run.name=2025", "run.output_dir=7", "logging.wandb.group=3",
+                                              "model.revision=1234567", "model.arch.hidden_size=32"])
+    assert (cfg.run.name, cfg.run.output_dir, cfg.logging.wandb.group, cfg.model.revision) == ("2025", "7", "3", "1234567")
+    assert cfg.model.arch["hidden_size"] == 32 and cfg.train.global_batch_size == 8
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        load_config(write(tmp_path, GOOD), ["train.global_batch_size=eight"])
+
+
 def test_a_key_given_twice_is_an_error(tmp_path):
     """PyYAML keeps the last of two equal keys: a second `train:` section silently dropped the first's fields (the
     global batch size back to its default). Anchors and merge keys (configs/schedules/infinite.yaml) still work."""
@@ -183,7 +199,7 @@ def test_a_union_field_gets_one_problem_line(tmp_path):
     assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=[0, 1]"]).train.profile.ranks == [0, 1]
     # any union: one line naming the field, its types joined (pydantic gives one error per member it tried)
     with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, GOOD), ["model.lora={r: 4, target_modules: 5}", "train.chunked_loss=maybe"])
+        load_config(write(tmp_path, GOOD), ["model.lora={r: 4, target_modules: {q: 1}}", "train.chunked_loss=maybe"])
     assert str(e.value).splitlines() == [
         "invalid config (2 problems):",
         "  - model.lora.target_modules: Input should be a valid string or a valid list",

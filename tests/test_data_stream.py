@@ -161,6 +161,41 @@ def test_a_changed_local_dataset_is_refused_on_resume(tmp_path, tokenizer, caplo
     c.load_state_dict({k: v for k, v in state.items() if k != "files"})  # a checkpoint from before: as before
 
 
+def test_a_hub_dataset_at_another_commit_is_refused_on_resume(tmp_path, tokenizer, monkeypatch):
+    """A hub dataset was known by its name only: after the hub (or, offline, the local cache) moved to another commit,
+    a resume read other data at the saved position, silently. The commit `datasets` resolves is saved with the
+    position (offline: the cached copy's, here a fake cache of two commits); another is refused in one line, a pinned
+    `revision` that the load cannot honour is refused at start, and `cpt prepare --hf` redoes a moved dataset."""
+    import datasets
+
+    from cpt.data.prepare_key import hf_identity
+    from data_factories import fake_hub_cache
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    first, second = "1" * 40, "2" * 40
+    fake_hub_cache(tmp_path / "cache", "someone/tiny", first, make_docs(20, seed=26), mtime=1_000_000)
+    src = SourceConfig(name="hub", type="hf", path="someone/tiny")
+    a = HFTokenStream(src, tokenizer, L, batch_docs=5)
+    a.next_sequences(3)
+    state = a.state_dict()
+    assert a.revision == state["revision"] == first and hf_identity(["someone/tiny"], None)[1] == f"revision={first}"
+    want = a.next_sequences(2)
+    b = HFTokenStream(src, tokenizer, L, batch_docs=5)
+    b.load_state_dict(state)  # the same commit: resumes exactly
+    assert b.next_sequences(2).tolist() == want.tolist()
+
+    fake_hub_cache(tmp_path / "cache", "someone/tiny", second, make_docs(20, seed=27), mtime=2_000_000)
+    c = HFTokenStream(src, tokenizer, L, batch_docs=5)
+    assert c.revision == second and hf_identity(["someone/tiny"], None)[1] == f"revision={second}"
+    with pytest.raises(ValueError, match=rf"source 'hub': the hub dataset 'someone/tiny' resolves to commit {second} "
+                                         rf"and the checkpoint was trained on commit {first}: .*add `revision: {first}`"):
+        c.load_state_dict(state)
+    with pytest.raises(HFSourceError, match=rf"revision {first} .* resolves to commit {second}"):
+        HFTokenStream(SourceConfig(name="hub", type="hf", path="someone/tiny", revision=first), tokenizer, L)
+    c.load_state_dict({k: v for k, v in state.items() if k != "revision"})  # a checkpoint from before: as before
+
+
 def test_hf_stream_skips_bad_records_and_errors_when_nothing_is_usable(tmp_path, tokenizer, caplog):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}, {"text": " "}, {"text": None}, {"text": 5},
                                               {"text": "the river bank"}])

@@ -135,6 +135,10 @@ def test_shipped_launch_matches_one_process(strategy, shipped, reference, tiny_c
     assert_close(evals(out), evals(reference))
     assert_hf_dir_reproduces_eval(out / "exports" / f"step_{EVERY:08d}", out, cfg, tiny_cpt_data, EVERY)
     assert_hf_dir_reproduces_eval(out / "export", out, cfg, tiny_cpt_data, STEPS)
+    # the trainable layout a resume compares before anything loads (cpt/checkpoint.py) is the same whatever the
+    # strategy: a change of the trainable set is refused alike under each (tests/test_train_distributed.py: FSDP2)
+    layout = [run / "checkpoints" / f"step_{EVERY:08d}" / "trainable.json" for run in (out, reference)]
+    assert layout[0].read_text() == layout[1].read_text()
 
 
 # ------------------------------------------------------------------------------------------ world-size portability

@@ -92,6 +92,21 @@ def test_no_request_bars_when_stderr_is_a_log_file(model, tokenizer, capsys):
     assert flat and "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err, err
 
 
+def test_no_git_error_in_the_log_outside_a_repository(model, tokenizer, tmp_path, monkeypatch, capfd):
+    """lm-eval runs `git describe` for the results' git_hash (which cpt does not keep) with git's stderr on the
+    process's: from a folder outside a repository every evaluation wrote "fatal: not a git repository" into the
+    batch log. Skipped while cpt evaluates (and torch's environment report with it); lm-eval's own are restored."""
+    import lm_eval.evaluator as evaluator
+
+    originals = evaluator.get_git_commit_hash, evaluator.add_env_info
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # (git looks no further up)
+    flat, _ = run_lm_eval_detailed(model, tokenizer, [MC], limit=2, batch_size=4, max_length=128)
+    err = capfd.readouterr().err
+    assert flat and "not a git repository" not in err, err
+    assert (evaluator.get_git_commit_hash, evaluator.add_env_info) == originals
+
+
 def test_training_changes_the_perplexity_result(model, tokenizer):
     """The hook evaluates the live weights, not a copy taken earlier."""
     before, _ = run_lm_eval_detailed(model, tokenizer, [PPL], limit=4, batch_size=4, max_length=128)

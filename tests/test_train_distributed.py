@@ -360,3 +360,26 @@ def test_zero3_placeholders_keep_weight_decay():
     placeholder.ds_shape = torch.Size([64, 64])  # what deepspeed.zero.Init leaves on a 2-D weight
     placeholder.ds_numel = 64 * 64
     assert not is_no_decay("model.layers.0.mlp.up_proj.weight", placeholder)
+
+
+def test_fsdp_resume_with_other_trainable_parameters_is_refused(tiny_cpt_data, base, tmp_path):
+    """--resume --allow-config-change with another model.freeze under FSDP2: the optimizer state (sharded, loaded
+    by FSDP's own code) is for other trainable parameters. Refused in one line before anything loads, as on one
+    process and DDP (the trainable layout each checkpoint records: cpt/checkpoint.py)."""
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
+    cfg["stages"][0]["steps"] = 3
+    cfg["eval"]["at_start"] = False
+    cfg["checkpoint"] = {"every": 2, "export_at_end": False}
+    cfg["model"]["freeze"] = {"layers": "bottom_half"}
+    path = write(cfg, tmp_path / "c.yaml")
+    rc, log = launch("fsdp_cpu", path)
+    assert rc == 0, log[-5000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
+    assert {p.name for p in ckpts.iterdir()} == {"step_00000002", "step_00000003"}
+    rc, log = launch("fsdp_cpu", path, "--resume", "--allow-config-change", "--set", "model.freeze.layers=top_half")
+    assert rc != 0, log[-5000:]
+    errors = [line for line in log.splitlines() if "cpt train: error: " in line]
+    assert errors and "its optimizer state is for other trainable parameters" in errors[0], log[-5000:]
+    assert "model.layers.0." in errors[0] and not re.search(r"\[rank\d\]: Traceback", log), log[-5000:]
+    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before

@@ -293,3 +293,47 @@ def test_init_from_an_extended_export_keeps_its_trained_new_rows(tok, tmp_path, 
         assert torch.equal(p, trained[n]), n
     reset, _, _ = prepare_model(mcfg, LlamaForCausalLM.from_pretrained(tmp_path / "export"), tok, log_fn=lambda *a: None)
     assert not torch.equal(reset.get_input_embeddings().weight[ids], trained["model.embed_tokens.weight"][ids])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_name_or_path_an_extended_export_with_the_same_vocab_adds_nothing(tok, tmp_path, tie):
+    """model.name_or_path an HF export of an extended run, with the same model.vocab: its tokenizer already holds
+    the learned and listed tokens (learning went on and added 5 more, silently); nothing is added, their trained rows
+    are kept, a log line says so, and `cpt prepare --extend-vocab` builds the same tokenizer. Another model.vocab
+    (more tokens) still extends it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from cpt.config import ModelConfig
+    from cpt.data.shards import tokenizer_fingerprint
+    from cpt.model import prepare_model
+
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in NEW))
+    (tmp_path / "tokens.txt").write_text(" isinstance\n")
+    vcfg = VocabConfig(add_tokens_file=str(tmp_path / "tokens.txt"), learn_from=str(tmp_path / "new.jsonl"), learn_tokens=5)
+    model, new_tok, ids = prepare_model(ModelConfig(name_or_path="unused", vocab=vcfg), tiny_model(len(tok), tied=tie),
+                                        tok, log_fn=lambda *a: None)
+    assert len(ids) == 6
+    with torch.no_grad():  # "training" moves the new rows
+        for w in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            w[ids] += 1.0
+    export = tmp_path / "export"
+    model.save_pretrained(export)
+    new_tok.save_pretrained(export)
+    trained = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+    said = []
+    again, tok2, ids2 = prepare_model(ModelConfig(name_or_path=str(export), vocab=vcfg),
+                                      LlamaForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export),
+                                      log_fn=said.append)
+    assert len(tok2) == len(new_tok) and tokenizer_fingerprint(tok2) == tokenizer_fingerprint(new_tok)
+    assert sorted(ids2) == sorted(ids)  # still the run's new tokens (LoRA, new_rows_lr_multiplier)
+    assert any("6 of its 6 tokens are already in the tokenizer" in s for s in said), said
+    assert any("6 of the 6 new tokens keep the rows" in s for s in said), said
+    for n, p in again.state_dict().items():
+        assert torch.equal(p, trained[n]), n
+    same, _ = build_extended_tokenizer(AutoTokenizer.from_pretrained(export), vcfg)  # cpt prepare --extend-vocab
+    assert tokenizer_fingerprint(same) == tokenizer_fingerprint(new_tok)
+    more, plan = build_extended_tokenizer(AutoTokenizer.from_pretrained(export), vcfg.model_copy(update={"learn_tokens": 8}))
+    assert len(more) > len(new_tok) and plan.present == 1  # (" isinstance" from the file; the learned ones are new)

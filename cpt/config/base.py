@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 class Strict(BaseModel):
     """The base class of every config section: unknown keys are errors, so a typo in a YAML config never passes
-    silently."""
+    silently. A number given for a text field (``run: {name: 2024}``, ``--set run.name=2024``, a numeric
+    ``model.revision``) is taken as its text, which YAML read as a number: its decimal digits (``2024`` -> "2024";
+    YAML 1.1 reads ``2024_01`` as 202401 and ``007`` as 7: quote those)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ConfigError(ValueError):

@@ -25,6 +25,9 @@ class SourceConfig(Strict):
     split: str = "train"
     text_field: str = "text"
     streaming: bool = True
+    # type "hf", a hub dataset: the commit, branch or tag to load (default: the latest). The commit it resolves to is
+    # saved with the position; a --resume that resolves to another is refused (pin the checkpoint's here)
+    revision: str | None = None
     # type "hf": a seeded `datasets` shuffle buffer of this many examples (0: dataset order; exact resume)
     shuffle_buffer: int = Field(0, ge=0)
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections import Counter, deque
 from typing import Any
 
 import numpy as np
 
-from cpt.data.prepare_key import hf_identity
+from cpt.data.prepare_key import hf_identity, hub_revision
 from cpt.data.readers import error_line, load_hf_dataset
 from cpt.data.shards import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
 
@@ -60,6 +61,13 @@ class HFTokenStream:
         self.dtype = dtype_for_vocab(vocab_size(tokenizer))
         self.tokenizer_hash = tokenizer_fingerprint(tokenizer)
         self.files = local_files_identity(cfg.path, cfg.data_files)
+        # a hub dataset's commit, as `datasets` resolves it (offline: the cached copy's); loaded at that commit
+        pinned = getattr(cfg, "revision", None)
+        self.revision = hub_revision(cfg.path, cfg.hf_name, cfg.data_files, pinned)
+        if pinned and re.fullmatch(r"[0-9a-f]{40}", pinned) and self.revision not in (None, pinned):
+            raise HFSourceError(f"source {self.name!r}: revision {pinned} of {cfg.path!r} was asked for and `datasets` "
+                                f"resolves to commit {self.revision} (offline it reads the newest cached copy, whatever "
+                                "the revision): load that commit once online, or remove the newer copies from its cache")
         self._ds = self._load()
         self.epoch = 0
         self.sequences_read = 0
@@ -73,7 +81,8 @@ class HFTokenStream:
 
         c = self.cfg
         try:
-            ds = load_hf_dataset(c.path, c.hf_name, c.split, c.data_files, c.streaming)
+            ds = load_hf_dataset(c.path, c.hf_name, c.split, c.data_files, c.streaming,
+                                 self.revision or getattr(c, "revision", None))
         except Exception as e:  # datasets raises many exception types for missing/unreachable data
             raise HFSourceError(f"source {self.name!r}: datasets.load_dataset({c.path!r}) failed: {error_line(e)}") from None
         if not isinstance(ds, datasets.IterableDataset):
@@ -195,15 +204,17 @@ class HFTokenStream:
     def state_dict(self) -> dict[str, Any]:
         if self._docs:
             epoch, ds_state, _ = self._docs[0]
-            return {"epoch": epoch, "ds_state": copy.deepcopy(ds_state), "used": self._used,
-                    "sequences_read": self.sequences_read, "skipped": dict(self.skipped), "files": self.files}
-        return {"epoch": self.epoch, "ds_state": self._ds.state_dict(), "used": 0,
-                "sequences_read": self.sequences_read, "skipped": dict(self.skipped), "files": self.files}
+            return {"epoch": epoch, "ds_state": copy.deepcopy(ds_state), "used": self._used, "sequences_read":
+                    self.sequences_read, "skipped": dict(self.skipped), "files": self.files, "revision": self.revision}
+        return {"epoch": self.epoch, "ds_state": self._ds.state_dict(), "used": 0, "sequences_read": self.sequences_read,
+                "skipped": dict(self.skipped), "files": self.files, "revision": self.revision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the saved document and offset (re-tokenizes at most one batch of documents), refused when the
-        local files behind the source changed since the checkpoint (see :meth:`check_same_files`)."""
+        local files behind the source changed since the checkpoint (see :meth:`check_same_files`), or a hub dataset's
+        commit (:meth:`check_same_revision`)."""
         self.check_same_files(state.get("files"))
+        self.check_same_revision(state.get("revision"))
         self._reset(int(state["epoch"]), state["ds_state"], int(state["used"]))
         self.sequences_read = int(state["sequences_read"])
         self.skipped = Counter(state.get("skipped", {}))
@@ -232,6 +243,23 @@ class HFTokenStream:
             logger.warning("source %r: files of %r have other modification times than at the checkpoint (same names and "
                            "sizes: a copy?); resuming at the saved position, which reads other data if their content "
                            "changed", self.name, self.cfg.path)
+
+    def check_same_revision(self, saved: str | None) -> None:
+        """A hub dataset at another commit than the checkpoint's: its saved position (a `datasets` shard and example
+        offset) means other data: refused (ValueError). ``saved`` None: local data, or a checkpoint from before
+        revisions were recorded."""
+        if saved is None or saved == self.revision:
+            return
+        if self.revision is None:
+            if self.log_skips:
+                logger.warning("source %r: the checkpoint read %r at commit %s; its commit now cannot be resolved, so "
+                               "resuming unchecked", self.name, self.cfg.path, saved)
+            return
+        raise ValueError(
+            f"source {self.name!r}: the hub dataset {self.cfg.path!r} resolves to commit {self.revision} and the "
+            f"checkpoint was trained on commit {saved}: the saved position would read other data; add `revision: "
+            f"{saved}` to the source to resume on the checkpoint's, or train its weights on the new data as a new "
+            "stage (train.init_from)")
 
     def fingerprint(self) -> str:
         c = self.cfg

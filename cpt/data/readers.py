@@ -394,7 +394,7 @@ def error_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, streaming: bool) -> Any:
+def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, streaming: bool, revision: str | None = None) -> Any:
     """``datasets.load_dataset(path, ...)``, or ``datasets.load_from_disk(path)[split]`` for a folder written by
     ``save_to_disk`` (which load_dataset refuses: 'use load_from_disk instead'); a local jsonl/parquet/arrow file is
     loaded with its builder (load_dataset said "Couldn't find any data file" of a file that is there)."""
@@ -415,7 +415,7 @@ def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, st
                 raise ValueError(f"{path} has the splits {list(ds)}, not {split!r}")
             ds = ds[split]
         return ds.to_iterable_dataset() if streaming else ds
-    return datasets.load_dataset(path, name=name, split=split, data_files=data_files, streaming=streaming)
+    return datasets.load_dataset(path, name=name, split=split, data_files=data_files, streaming=streaming, revision=revision)
 
 
 def read_hf(spec: str, text_field: str, counts: ReadCounts, dataset_name: str | None = None, split: str = "train",
