@@ -318,10 +318,6 @@ class CheckpointManager:
                     self.acc.load_state(str(ckpt))
             except AdapterCheckpointError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
-        if optimizer_state and self.trainable is not None and (ckpt / TRAINABLE).is_file():  # (older: checked below)
-            first = layout_difference(json.loads((ckpt / TRAINABLE).read_text()), self.trainable, param_shapes(self.acc))
-            if first:
-                _refuse_other_params(ckpt, first)
             except ValueError as e:  # torch's Optimizer.load_state_dict: other groups or group sizes
                 if "parameter group" not in str(e) or not any(names):
                     raise
