@@ -145,3 +145,38 @@ def test_regional_runs_resume_across_compile_modes_and_export_plain_weights(tiny
     ckpt_keys = set(load_file(tmp_path / "regional" / "checkpoints" / "step_00000004" / "model.safetensors"))
     assert ckpt_keys <= set(reloaded.state_dict()) and not any("_orig_mod" in k for k in ckpt_keys)
     assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.slow
+def test_regional_under_fsdp2_matches_one_eager_process(tiny_cpt_data, tmp_path):
+    """FSDP2 (2 CPU processes through accelerate's real FSDP branch, tests/fsdp_on_cpu.py): the layers compiled in
+    place before ``fully_shard`` keep FSDP's hooks on their call path; the losses of one eager process, and the
+    sharded checkpoint and gathered export carry the plain keys."""
+    from safetensors.torch import load_file
+
+    from cpt.config import load_config
+    from cpt.train import train
+    from launching import FREE_PORT, VENV_BIN, finish, losses, rank_env, start, world_sizes, write_config
+
+    def cfg(out: Path, compile_mode) -> dict:
+        c = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": 2},
+                            model={"compile": compile_mode})
+        c["stages"][0]["steps"] = 3
+        c["data"]["heldout"] = []
+        c["train"].update(global_batch_size=8, micro_batch_size=2)
+        return c
+
+    train(load_config(base=cfg(tmp_path / "eager", False)), echo=lambda *a, **k: None)
+    fsdp = ["--config_file", str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml")]
+    args = [str(VENV_BIN / "accelerate"), "launch", *fsdp, "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *FREE_PORT, "-m", "cpt.cli", "train",
+            str(write_config(cfg(tmp_path / "run", "regional"), tmp_path / "c.yaml"))]
+    rc, log = finish(start(args, tmp_path, rank_env(cpu=True, fsdp_on_cpu=True)))
+    assert rc == 0, log[-5000:]
+    assert "model.compile=regional: 2 blocks (LlamaDecoderLayer) compiled in place" in log
+    assert world_sizes(tmp_path / "run") == {2}
+    got, ref = losses(tmp_path / "run"), losses(tmp_path / "eager")
+    assert sorted(got) == [1, 2, 3] and [got[s] for s in got] == pytest.approx([ref[s] for s in got], rel=1e-4)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").is_dir()
+    keys = set(load_file(tmp_path / "run" / "export" / "model.safetensors"))
+    assert "model.layers.1.mlp.up_proj.weight" in keys and not any("_orig_mod" in k for k in keys)
