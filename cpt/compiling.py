@@ -22,11 +22,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cpt.config import ConfigError
+
 CompileMode = bool | Literal["regional"]
 
 
-class CompileError(ValueError):
-    """``model.compile: regional`` on a model without repeated blocks."""
+class CompileError(ConfigError):
+    """``model.compile: regional`` on a model without repeated blocks (`cpt train` prints it as one line)."""
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
