@@ -193,7 +193,8 @@ def build_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    from cpt.accelerator import ACCELERATE, configure_deepspeed, deepspeed_block_conflict, precision_conflict
+    from cpt.accelerator import (ACCELERATE, configure_deepspeed, deepspeed_block_conflict, launcher_compile_conflict,
+                                 precision_conflict)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mbs = fit_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
@@ -224,7 +225,8 @@ def build_accelerator(cfg):
             "(distributed_type NO): they would train unsynchronised copies. On CPU, launch DDP with ACCELERATE_USE_CPU=1 "
             "or use DeepSpeed; FSDP needs GPUs."
         )
-    problem = precision_conflict(cfg.train.precision, acc)  # train.precision is the one source of precision
+    # train.precision is the one source of precision, model.compile of torch.compile
+    problem = precision_conflict(cfg.train.precision, acc) or launcher_compile_conflict()
     if problem:
         raise LaunchError(problem)
     ds = getattr(acc.state, "deepspeed_plugin", None)

@@ -90,6 +90,21 @@ def test_whole_and_off():
     assert compile_model(model, True, backend="aot_eager")._orig_mod is model
 
 
+def test_a_launcher_dynamo_backend_is_refused(tiny_cpt_data, tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend inductor` would have accelerate compile the model in prepare, on top of
+    model.compile (a regionally compiled model whole again): refused in one line naming model.compile."""
+    from cpt.accelerator import launcher_compile_conflict
+    from cpt.config import load_config
+    from cpt.distributed import LaunchError
+    from cpt.train import train
+
+    assert launcher_compile_conflict({}) is None and launcher_compile_conflict({"ACCELERATE_DYNAMO_BACKEND": "NO"}) is None
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # as `accelerate launch` exports it
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", model={"compile": "regional"})
+    with pytest.raises(LaunchError, match="dynamo backend inductor.*compile comes from model.compile"):
+        train(load_config(base=cfg), echo=lambda *a, **k: None)
+
+
 # ------------------------------------------------------------------ end to end: cpt train with inductor
 
 
