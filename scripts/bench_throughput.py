@@ -25,8 +25,9 @@ Method
     to divide both ends, and the wall time between the two log records is used (each log record is
     written after the loss ``.item()``, a synchronisation). cpt's own sliding-window ``perf/tokens_per_s``
     and ``perf/mfu`` of the last record are reported next to it as a cross-check. ``cpt_first_step_s``: from
-    ``train()``'s start to the first step's log record (model build, data, torch.compile and that step): the
-    start-up cost that ``model.compile`` (true or regional) adds, every start and every resume.
+    ``train()``'s start to the first log record (step ``cpt_first_logged_step``: 1 when warmup and steps are coprime,
+    as in gpu_session.sh; model build, data, torch.compile and the steps): the start-up cost that ``model.compile``
+    (true or regional) adds, every start and every resume.
   * MFU, for both frameworks: tokens/s x ``cpt.metrics.model_flops_per_token`` (6N + attention, llm-foundry
     convention) over the device's dense bf16 peak (``cpt.metrics.peak_flops_for``, or ``--peak-flops``).
 """
@@ -303,7 +304,7 @@ def run_cpt(settings: dict, data_root: Path, workdir: Path) -> dict:
     train(cfg, echo=lambda *a, **k: print(*a, **k, file=sys.stderr))
     total_s = time.perf_counter() - t0
     records = {r["step"]: r for r in read_metrics(run_dir) if "perf/tokens_per_s" in r}
-    first = records[min(records)]  # with log_every 1: step 1, logged after its loss is read (model.compile's cost)
+    first = records[min(records)]  # the first log record (step 1 when log_every is 1), written after its loss is read
     end = records[warmup + steps]
     if warmup:
         seconds = end["time"] - records[warmup]["time"]
