@@ -25,6 +25,7 @@ from torch import nn
 from cpt.config import ConfigError
 
 CompileMode = bool | Literal["regional"]
+COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper (OptimizedModule) holds the model as its `_orig_mod` child
 
 
 class CompileError(ConfigError):
@@ -83,3 +84,9 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
 def compiled_blocks(model: nn.Module) -> list[nn.Module]:
     """The modules compiled in place (``nn.Module.compile``) inside ``model``."""
     return [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def without_compile_prefix(state: dict) -> dict:
+    """``state`` keyed as the plain model's ``state_dict``: the keys a whole-model compile (``model.compile: true``,
+    torch.compile's wrapper) writes start with ``_orig_mod.``, those of eager and regional runs do not."""
+    return {k[len(COMPILE_PREFIX):] if k.startswith(COMPILE_PREFIX) else k: v for k, v in state.items()}

@@ -91,7 +91,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps timed after the first (their median is step_s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the steps (default: 1 on CPU, where tiny ops contend for shared cores; 0: torch's default)")
+                   help="torch threads for the steps (default: 1 on CPU, where tiny ops contend for shared cores; "
+                        "0: torch's default)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
     p.add_argument("--modes", default="eager,whole,regional")
     p.add_argument("--_one", dest="mode", help=argparse.SUPPRESS)

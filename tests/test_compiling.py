@@ -98,7 +98,8 @@ def test_a_launcher_dynamo_backend_is_refused(tiny_cpt_data, tmp_path, monkeypat
     from cpt.distributed import LaunchError
     from cpt.train import train
 
-    assert launcher_compile_conflict({}) is None and launcher_compile_conflict({"ACCELERATE_DYNAMO_BACKEND": "NO"}) is None
+    assert launcher_compile_conflict({}) is None
+    assert launcher_compile_conflict({"ACCELERATE_DYNAMO_BACKEND": "NO"}) is None  # `accelerate launch`'s default
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # as `accelerate launch` exports it
     cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", model={"compile": "regional"})
     with pytest.raises(LaunchError, match="dynamo backend inductor.*compile comes from model.compile"):
@@ -138,7 +139,8 @@ def _back_to_step_2(run: Path, to: Path) -> Path:
 def test_regional_runs_resume_across_compile_modes_and_export_plain_weights(tiny_cpt_data, tmp_path):
     """cpt train with model.compile=regional: the losses of an eager run (inductor: float tolerance); its step-2
     checkpoint resumes eagerly, an eager run's resumes regionally, both onto the same losses; the export holds the
-    plain transformers keys and loads in transformers."""
+    plain transformers keys and loads in transformers. `cpt export` of a model.compile=true checkpoint (its keys
+    prefixed `_orig_mod.`) writes the plain keys."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +154,24 @@ def test_regional_runs_resume_across_compile_modes_and_export_plain_weights(tiny
                               resume=True)
     for resumed in (resumed_eagerly, resumed_regionally):
         assert [resumed[s] for s in (3, 4)] == pytest.approx([eager[s] for s in (3, 4)], abs=1e-4)
+
+    # a model.compile: true run's checkpoint (torch.compile's wrapper writes every key as `_orig_mod.<key>`): resumed
+    # without it, one line saying so; `cpt export` writes the plain keys
+    from safetensors.torch import save_file
+
+    from cpt.checkpoint import CheckpointError, write_checksums
+    from cpt.consolidate import export_checkpoint
+
+    whole = _back_to_step_2(tmp_path / "eager", tmp_path / "whole")
+    ckpt = whole / "checkpoints" / "step_00000002"
+    save_file({f"_orig_mod.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()},
+              ckpt / "model.safetensors", {"format": "pt"})
+    write_checksums(ckpt)
+    with pytest.raises(CheckpointError, match="written with it resumes only with model.compile: true"):
+        _run(tiny_cpt_data, whole, "regional", resume=True)
+    export_checkpoint(ckpt, tmp_path / "whole_export", echo=lambda *a: None)
+    plain = set(load_file(tmp_path / "eager" / "export" / "model.safetensors"))
+    assert set(load_file(tmp_path / "whole_export" / "model.safetensors")) == plain
 
     export = tmp_path / "regional" / "export"
     keys = set(load_file(export / "model.safetensors"))
