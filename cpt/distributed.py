@@ -213,6 +213,8 @@ def build_accelerator(cfg):
     pg_backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs = ([InitProcessGroupKwargs(backend=pg_backend, timeout=timedelta(seconds=cfg.train.distributed_timeout_s))]
               if world > 1 else [])
+    if problem := launcher_compile_conflict():  # model.compile is the one source of torch.compile
+        raise LaunchError(problem)
     acc = Accelerator(
         mixed_precision=ACCELERATE[cfg.train.precision],
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
@@ -225,8 +227,7 @@ def build_accelerator(cfg):
             "(distributed_type NO): they would train unsynchronised copies. On CPU, launch DDP with ACCELERATE_USE_CPU=1 "
             "or use DeepSpeed; FSDP needs GPUs."
         )
-    # train.precision is the one source of precision, model.compile of torch.compile
-    problem = precision_conflict(cfg.train.precision, acc) or launcher_compile_conflict()
+    problem = precision_conflict(cfg.train.precision, acc)  # train.precision is the one source of precision
     if problem:
         raise LaunchError(problem)
     ds = getattr(acc.state, "deepspeed_plugin", None)
