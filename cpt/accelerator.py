@@ -6,7 +6,8 @@ accelerate takes mixed precision from three places: the ``Accelerator(mixed_prec
 as ``ACCELERATE_MIXED_PRECISION``) and, under DeepSpeed, the JSON's ``bf16.enabled`` / ``fp16.enabled`` (an explicit
 ``true`` silently wins over the argument). cpt refuses a launcher or JSON setting that disagrees with
 ``train.precision`` instead of letting one of them win silently, and a JSON ``scheduler`` or ``optimizer`` block
-(the run config owns the LR schedule and the optimizer).
+(the run config owns the LR schedule and the optimizer). Likewise a launcher that asks accelerate to compile the model:
+``model.compile`` does that.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def launcher_precision_conflict(precision: str, environ=os.environ) -> str | Non
     return (f"train.precision is {precision} in the run config but the launcher asks for mixed_precision={launched} "
             "(accelerate launch --mixed_precision or the accelerate config file's mixed_precision): precision comes "
             "from train.precision; drop the launcher setting or set train.precision to match")
+
+
+def launcher_compile_conflict(environ=os.environ) -> str | None:
+    """The error message if the launcher asked accelerate to torch.compile the model, else None: accelerate would
+    compile it in ``prepare`` on top of ``model.compile`` (over a regionally compiled model, the whole model again)."""
+    launched = environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if launched in ("no", ""):
+        return None
+    return (f"the launcher asks accelerate to torch.compile the model (dynamo backend {launched}: accelerate launch "
+            "--dynamo_backend or the accelerate config file's dynamo_config), on top of cpt's own: compile comes from "
+            "model.compile (true: the whole model, regional: each decoder layer); drop the launcher setting")
 
 
 def deepspeed_precision_conflict(precision: str, ds_config: dict) -> str | None:

@@ -385,6 +385,10 @@ def _lora_mismatch_hint(error: str, ckpt: Path) -> str:
     if "base_model.model." in missing and "base_model.model." not in unexpected:
         return (f"; this run uses model.lora and the checkpoint is a full model's: export it ({export}) and start the "
                 "LoRA run from DIR (train.init_from)")
+    if ("_orig_mod." in unexpected) != ("_orig_mod." in missing):  # torch.compile's wrapper on one side only
+        return ("; model.compile: true (torch.compile's wrapper) keys the weights `_orig_mod.<name>`: a checkpoint "
+                "written with it resumes only with model.compile: true, one written with false or regional only "
+                f"without it; or export it ({export}) and start from DIR (train.init_from)")
     return ""
 
 

@@ -27,6 +27,7 @@ import torch
 from cpt.adapter_checkpoint import (ADAPTER_STATE, AdapterCheckpointError, check_fits, check_keys, is_adapter_layout,
                                     read_adapter_state)
 from cpt.checkpoint import CheckpointError
+from cpt.compiling import without_compile_prefix
 
 DS_TAG = "pytorch_model"  # accelerate saves the DeepSpeed engine under this tag
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -128,7 +129,7 @@ def read_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     if kind == "plain":
         from safetensors.torch import load_file
 
-        return load_file(str(p / "model.safetensors"))
+        return without_compile_prefix(load_file(str(p / "model.safetensors")))  # (a model.compile: true run's keys)
     if kind == "fsdp":
         return {k: v for k, v in _dcp_read(p / "pytorch_model_fsdp_0")["model"].items() if isinstance(v, torch.Tensor)}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

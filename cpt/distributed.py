@@ -193,7 +193,8 @@ def build_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    from cpt.accelerator import ACCELERATE, configure_deepspeed, deepspeed_block_conflict, precision_conflict
+    from cpt.accelerator import (ACCELERATE, configure_deepspeed, deepspeed_block_conflict, launcher_compile_conflict,
+                                 precision_conflict)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mbs = fit_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
@@ -212,6 +213,8 @@ def build_accelerator(cfg):
     pg_backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs = ([InitProcessGroupKwargs(backend=pg_backend, timeout=timedelta(seconds=cfg.train.distributed_timeout_s))]
               if world > 1 else [])
+    if problem := launcher_compile_conflict():  # model.compile is the one source of torch.compile
+        raise LaunchError(problem)
     acc = Accelerator(
         mixed_precision=ACCELERATE[cfg.train.precision],
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),

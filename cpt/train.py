@@ -28,6 +28,7 @@ from cpt import consolidate, lm_loss, optim
 from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.averaging import EMA
 from cpt.checkpoint import CheckpointManager, wait_for_writers
+from cpt.compiling import compile_model
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
 from cpt.console import RunOutput, preempted_line
 from cpt.data.loader import CPTDataLoader
@@ -351,7 +352,7 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
         scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier, acc)
     use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)  # no full logits, where supported
     refuse_unshardable(model, acc)  # (LoRA's tied new rows under FSDP)
-    return (torch.compile(model) if cfg.model.compile else model), optimizer
+    return compile_model(model, cfg.model.compile, say), optimizer  # model.compile: whole model or its repeated blocks
 
 
 def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimizer, say) -> None:

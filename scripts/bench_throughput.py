@@ -24,7 +24,10 @@ Method
     TrainerCallback at ``on_step_end`` (before the Trainer's own logging). cpt: ``train.log_every`` is set
     to divide both ends, and the wall time between the two log records is used (each log record is
     written after the loss ``.item()``, a synchronisation). cpt's own sliding-window ``perf/tokens_per_s``
-    and ``perf/mfu`` of the last record are reported next to it as a cross-check.
+    and ``perf/mfu`` of the last record are reported next to it as a cross-check. ``cpt_first_step_s``: from
+    ``train()``'s start to the first log record (step ``cpt_first_logged_step``: 1 when warmup and steps are coprime,
+    as in gpu_session.sh; model build, data, torch.compile and the steps): the start-up cost that ``model.compile``
+    (true or regional) adds, every start and every resume.
   * MFU, for both frameworks: tokens/s x ``cpt.metrics.model_flops_per_token`` (6N + attention, llm-foundry
     convention) over the device's dense bf16 peak (``cpt.metrics.peak_flops_for``, or ``--peak-flops``).
 """
@@ -297,10 +300,11 @@ def run_cpt(settings: dict, data_root: Path, workdir: Path) -> dict:
     run_dir = workdir / "cpt-run"
     data = prepare_shape_data(data_root, settings)
     cfg = load_config(base=cpt_config(settings, data, run_dir), overrides=settings.get("cpt_overrides") or [])
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     train(cfg, echo=lambda *a, **k: print(*a, **k, file=sys.stderr))
     total_s = time.perf_counter() - t0
     records = {r["step"]: r for r in read_metrics(run_dir) if "perf/tokens_per_s" in r}
+    first = records[min(records)]  # the first log record (step 1 when log_every is 1), written after its loss is read
     end = records[warmup + steps]
     if warmup:
         seconds = end["time"] - records[warmup]["time"]
@@ -319,6 +323,7 @@ def run_cpt(settings: dict, data_root: Path, workdir: Path) -> dict:
     out.update({
         "framework": "cpt", "measured_seconds": seconds, "step_time_s": seconds / steps,
         "final_loss": end.get("train/loss"), "train_s": total_s,
+        "cpt_first_step_s": first["time"] - started, "cpt_first_logged_step": first["step"],
         "cpt_logged_tokens_per_s": end.get("perf/tokens_per_s"), "cpt_logged_mfu": end.get("perf/mfu"),
         "cpt_logged_peak_mem_gb": end.get("perf/peak_mem_gb"),
     })

@@ -50,12 +50,18 @@ part llama1b_trainer ${T_LLAMA_TR:-80} $bench --shapes llama-1b --frameworks tra
 part llama1b_mb8 ${T_MB8:-180} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
   --json "$R/llama1b_mb8.json" --cpt-profile "$R/profile"
 # then, time permitting: cpt's 360M at the Trainer's micro batch, larger loss chunks at 1B, Liger's layer kernels at
-# 1B (5.7% slower than without on the H200, 2026-11-27), the loss-only benchmark
+# 1B (5.7% slower than without on the H200, 2026-11-27), regional compile, the loss-only benchmark
 part smollm2_mb8 ${T_SMOL:-150} $bench --shapes smollm2-360m --frameworks cpt --json "$R/smollm2_mb8.json"
 part llama1b_mb8_chunk4k ${T_MB8C:-0} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
   --cpt-set train.loss_chunk_tokens=4096 --json "$R/llama1b_mb8_chunk4k.json"
 part llama1b_mb8_liger ${T_LIGER:-0} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 --cpt-liger \
   --json "$R/llama1b_mb8_liger.json"
+# model.compile=regional (each decoder layer compiled once, the rest eager): compile time (cpt_first_step_s in the
+# JSON) and throughput against the whole-model compile of llama1b_mb8 / smollm2_mb16 above
+part llama1b_mb8_regional ${T_MB8R:-0} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set model.compile=regional --json "$R/llama1b_mb8_regional.json"
+part smollm2_mb16_regional ${T_SMOL16R:-0} $bench --shapes smollm2-360m --frameworks cpt --micro-batch 16 \
+  --cpt-set model.compile=regional --json "$R/smollm2_mb16_regional.json"
 part bench_loss ${T_LOSS:-0} python3 scripts/bench_loss.py --device cuda --dtype bf16 --repeats 2
 # pack: the traces come back as they are (each under the 16 MB a returned file may have), the rest as one archive
 find "$R/profile" -name '*.trace.json.gz' -size -16M -exec mv {} "$OUT/" \; 2>/dev/null

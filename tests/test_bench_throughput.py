@@ -35,6 +35,8 @@ def test_bench_throughput_tiny_cpu(tmp_path):
         assert r["n_params"] == by["trainer"]["n_params"]  # the same model shape on both sides
         assert abs(r["final_loss"] - 6.238) < 0.2  # ln(512): random tokens, random init
     assert by["cpt"]["cpt_logged_tokens_per_s"] > 0  # read from cpt's metrics.jsonl
+    # the start-up cost to the first log record: step 2 here (log_every = gcd(warmup 2, steps 4)), step 1 in gpu_session.sh
+    assert 0 < by["cpt"]["cpt_first_step_s"] < by["cpt"]["train_s"] and by["cpt"]["cpt_first_logged_step"] == 2
     ratio = report["ratio_cpt_over_trainer"]["tiny"]
     assert ratio == pytest.approx(by["cpt"]["tokens_per_s"] / by["trainer"]["tokens_per_s"])
 
@@ -63,7 +65,7 @@ def test_gpu_session_script_runs_its_parts_and_skips_those_set_to_zero(tmp_path)
     proc = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for part in ("llama1b_trainer", "llama1b_mb8", "smollm2_trainer", "smollm2_mb16", "llama1b_mb8_liger",
-                 "smollm2_mb8", "llama1b_mb8_chunk4k", "bench_loss"):
+                 "smollm2_mb8", "llama1b_mb8_chunk4k", "llama1b_mb8_regional", "smollm2_mb16_regional", "bench_loss"):
         assert f"=== {part}: skipped" in proc.stdout
     assert "=== gpu_tests: exit 0" in proc.stdout and "=== gpu_launchers: exit 0" in proc.stdout, proc.stdout
     with tarfile.open(out / "results.tgz") as tar:

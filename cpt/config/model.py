@@ -135,7 +135,8 @@ class ModelConfig(Strict):
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     gradient_checkpointing: bool = False
-    compile: bool = False
+    # torch.compile: true = the whole model, regional = each decoder layer (compiled once, reused), false = eager
+    compile: bool | Literal["regional"] = False
     liger_kernel: bool = False  # Liger's Triton kernels for the layers (RMSNorm, RoPE, SwiGLU) on CUDA when installed
     lora: LoraConfig | None = None
     freeze: FreezeConfig | None = None

@@ -1,0 +1,217 @@
+"""model.compile=regional: each decoder layer compiled in place, traced once for all layers, the rest eager; same
+losses as eager, same state_dict keys, checkpoints that resume across compile modes, exports plain transformers loads.
+
+The unit tests compile with the aot_eager backend (dynamo and AOTAutograd, no C++ toolchain, a few seconds); the
+end-to-end test runs cpt's real path (inductor: it needs a C++ compiler, as torch.compile on CPU always does)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_llama, tiny_run_config
+from cpt.compiling import CompileError, compile_model, compiled_blocks, repeated_blocks
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+
+def test_repeated_blocks_are_the_decoder_layers_through_wrappers():
+    model = tiny_llama(layers=3)
+    assert repeated_blocks(model) == list(model.model.layers)
+    peft_model = _lora(tiny_llama(layers=3))
+    assert [type(b).__name__ for b in repeated_blocks(peft_model)] == ["LlamaDecoderLayer"] * 3
+
+
+def test_repeated_blocks_without_no_split_modules_are_the_longest_uniform_module_list():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(2, 2), nn.ReLU()])  # mixed classes: not a block list
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)) for _ in range(3)])
+            self.pair = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+
+    net = Net()
+    assert repeated_blocks(net) == list(net.blocks)
+    with pytest.raises(CompileError, match="no repeated blocks .* in Linear; use model.compile=true"):
+        compile_model(nn.Linear(2, 2), "regional")
+
+
+def _train_steps(model, steps: int = 3) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2, 16), generator=gen)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+@pytest.mark.parametrize("variant, graphs", [("full", 1), ("gradient_checkpointing", 1), ("lora", 2)])
+def test_regional_equals_eager_and_traces_one_layer_for_all(variant, graphs):
+    """4 decoder layers, 3 optimizer steps: the losses of eager; dynamo compiles one frame (LoRA: two, as layer 0's
+    input needs no gradient under a frozen embedding and the other layers' does), not one per layer; only the
+    layers are compiled (embedding, norm and head stay eager) and the state_dict keys do not change."""
+    from torch._dynamo.utils import counters
+
+    def build():
+        model = tiny_llama(layers=4)
+        if variant == "gradient_checkpointing":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return _lora(model) if variant == "lora" else model
+
+    eager = _train_steps(build())
+    torch._dynamo.reset()
+    counters.clear()
+    model = build()
+    keys = list(model.state_dict())
+    assert compile_model(model, "regional", backend="aot_eager") is model
+    assert compiled_blocks(model) == repeated_blocks(model) and len(compiled_blocks(model)) == 4
+    assert _train_steps(model) == pytest.approx(eager, abs=1e-6)
+    assert counters["frames"]["ok"] == graphs and counters["stats"]["unique_graphs"] == graphs
+    assert list(model.state_dict()) == keys
+
+
+def test_whole_and_off():
+    model = tiny_llama()
+    assert compile_model(model, False) is model and not compiled_blocks(model)
+    assert compile_model(model, True, backend="aot_eager")._orig_mod is model
+
+
+def test_a_launcher_dynamo_backend_is_refused(tiny_cpt_data, tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend inductor` would have accelerate compile the model in prepare, on top of
+    model.compile (a regionally compiled model whole again): refused in one line naming model.compile."""
+    from cpt.accelerator import launcher_compile_conflict
+    from cpt.config import load_config
+    from cpt.distributed import LaunchError
+    from cpt.train import train
+
+    assert launcher_compile_conflict({}) is None
+    assert launcher_compile_conflict({"ACCELERATE_DYNAMO_BACKEND": "NO"}) is None  # `accelerate launch`'s default
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # as `accelerate launch` exports it
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", model={"compile": "regional"})
+    with pytest.raises(LaunchError, match="dynamo backend inductor.*compile comes from model.compile"):
+        train(load_config(base=cfg), echo=lambda *a, **k: None)
+
+
+# ------------------------------------------------------------------ end to end: cpt train with inductor
+
+
+def _run(data, out: Path, compile_mode, *, resume: bool = False) -> dict[int, float]:
+    """A 4-step run with checkpoints at steps 2 and 4; its logged losses by step."""
+    from cpt.config import load_config
+    from cpt.metrics import read_metrics
+    from cpt.train import train
+
+    cfg = tiny_run_config(data, out, eval={"at_start": False}, checkpoint={"every": 2},
+                          model={"compile": compile_mode})
+    cfg["stages"][0]["steps"] = 4
+    cfg["data"]["heldout"] = []
+    lines: list[str] = []
+    result = train(load_config(base=cfg), resume=resume, echo=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert result.step == 4
+    said = "model.compile=regional: 2 blocks (LlamaDecoderLayer) compiled in place, the rest eager"
+    assert (said in lines) == (compile_mode == "regional")
+    return {r["step"]: r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
+
+
+def _back_to_step_2(run: Path, to: Path) -> Path:
+    """A copy of a finished run as if it had stopped after its step-2 checkpoint."""
+    shutil.copytree(run, to)
+    shutil.rmtree(to / "checkpoints" / "step_00000004")
+    shutil.rmtree(to / "export")
+    return to
+
+
+@pytest.mark.slow
+def test_regional_runs_resume_across_compile_modes_and_export_plain_weights(tiny_cpt_data, tmp_path):
+    """cpt train with model.compile=regional: the losses of an eager run (inductor: float tolerance); its step-2
+    checkpoint resumes eagerly, an eager run's resumes regionally, both onto the same losses; the export holds the
+    plain transformers keys and loads in transformers. `cpt export` of a model.compile=true checkpoint (its keys
+    prefixed `_orig_mod.`) writes the plain keys."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    eager = _run(tiny_cpt_data, tmp_path / "eager", False)
+    regional = _run(tiny_cpt_data, tmp_path / "regional", "regional")
+    assert sorted(regional) == [1, 2, 3, 4]
+    assert [regional[s] for s in range(1, 5)] == pytest.approx([eager[s] for s in range(1, 5)], abs=1e-4)
+
+    resumed_eagerly = _run(tiny_cpt_data, _back_to_step_2(tmp_path / "regional", tmp_path / "r2e"), False, resume=True)
+    resumed_regionally = _run(tiny_cpt_data, _back_to_step_2(tmp_path / "eager", tmp_path / "e2r"), "regional",
+                              resume=True)
+    for resumed in (resumed_eagerly, resumed_regionally):
+        assert [resumed[s] for s in (3, 4)] == pytest.approx([eager[s] for s in (3, 4)], abs=1e-4)
+
+    # a model.compile: true run's checkpoint (torch.compile's wrapper writes every key as `_orig_mod.<key>`): resumed
+    # without it, one line saying so; `cpt export` writes the plain keys
+    from safetensors.torch import save_file
+
+    from cpt.checkpoint import CheckpointError, write_checksums
+    from cpt.consolidate import export_checkpoint
+
+    whole = _back_to_step_2(tmp_path / "eager", tmp_path / "whole")
+    ckpt = whole / "checkpoints" / "step_00000002"
+    save_file({f"_orig_mod.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()},
+              ckpt / "model.safetensors", {"format": "pt"})
+    write_checksums(ckpt)
+    with pytest.raises(CheckpointError, match="written with it resumes only with model.compile: true"):
+        _run(tiny_cpt_data, whole, "regional", resume=True)
+    export_checkpoint(ckpt, tmp_path / "whole_export", echo=lambda *a: None)
+    plain = set(load_file(tmp_path / "eager" / "export" / "model.safetensors"))
+    assert set(load_file(tmp_path / "whole_export" / "model.safetensors")) == plain
+
+    export = tmp_path / "regional" / "export"
+    keys = set(load_file(export / "model.safetensors"))
+    assert not any("_orig_mod" in k for k in keys) and "model.layers.0.self_attn.q_proj.weight" in keys
+    reloaded = AutoModelForCausalLM.from_pretrained(export)
+    ckpt_keys = set(load_file(tmp_path / "regional" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert ckpt_keys <= set(reloaded.state_dict()) and not any("_orig_mod" in k for k in ckpt_keys)
+    assert json.loads((export / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.slow
+def test_regional_under_fsdp2_matches_one_eager_process(tiny_cpt_data, tmp_path):
+    """FSDP2 (2 CPU processes through accelerate's real FSDP branch, tests/fsdp_on_cpu.py): the layers compiled in
+    place before ``fully_shard`` keep FSDP's hooks on their call path; the losses of one eager process, and the
+    sharded checkpoint and gathered export carry the plain keys."""
+    from safetensors.torch import load_file
+
+    from cpt.config import load_config
+    from cpt.train import train
+    from launching import FREE_PORT, VENV_BIN, finish, losses, rank_env, start, world_sizes, write_config
+
+    def cfg(out: Path, compile_mode) -> dict:
+        c = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": 2},
+                            model={"compile": compile_mode})
+        c["stages"][0]["steps"] = 3
+        c["data"]["heldout"] = []
+        c["train"].update(global_batch_size=8, micro_batch_size=2)
+        return c
+
+    train(load_config(base=cfg(tmp_path / "eager", False)), echo=lambda *a, **k: None)
+    fsdp = ["--config_file", str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml")]
+    args = [str(VENV_BIN / "accelerate"), "launch", *fsdp, "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *FREE_PORT, "-m", "cpt.cli", "train",
+            str(write_config(cfg(tmp_path / "run", "regional"), tmp_path / "c.yaml"))]
+    rc, log = finish(start(args, tmp_path, rank_env(cpu=True, fsdp_on_cpu=True)))
+    assert rc == 0, log[-5000:]
+    assert "model.compile=regional: 2 blocks (LlamaDecoderLayer) compiled in place" in log
+    assert world_sizes(tmp_path / "run") == {2}
+    got, ref = losses(tmp_path / "run"), losses(tmp_path / "eager")
+    assert sorted(got) == [1, 2, 3] and [got[s] for s in got] == pytest.approx([ref[s] for s in got], rel=1e-4)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").is_dir()
+    keys = set(load_file(tmp_path / "run" / "export" / "model.safetensors"))
+    assert "model.layers.1.mlp.up_proj.weight" in keys and not any("_orig_mod" in k for k in keys)
