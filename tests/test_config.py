@@ -139,6 +139,18 @@ def test_a_number_for_a_text_field_is_its_text(tmp_path):
         load_config(write(tmp_path, GOOD), ["train.global_batch_size=eight"])
 
 
+def test_a_decimal_number_for_a_text_field_is_an_error(tmp_path):
+    """`revision: 1.10` (a tag) was taken as "1.1", the text of the float YAML read: another revision, silently.
+    A decimal number for a text field (or in a list of texts) is an error asking for quotes; number fields and
+    unions with a number (warmup_from) still take decimals, and a quoted one is the text."""
+    for override, field in (("model.revision=1.10", "model.revision"), ("run.name=2.0", "run.name"),
+                            ("model.lora={target_modules: [q_proj, 1.5]}", "model.lora.target_modules")):
+        with pytest.raises(ConfigError, match=rf"{field}: 1.1 |{field}: 2.0 |{field}: 1.5 "):
+            load_config(write(tmp_path, GOOD), [override])
+    cfg = load_config(write(tmp_path, GOOD), ["model.revision='1.10'", "stages.0.schedule.max_lr=0.5"])
+    assert cfg.model.revision == "1.10" and cfg.stages[0].schedule.max_lr == 0.5
+
+
 def test_a_key_given_twice_is_an_error(tmp_path):
     """PyYAML keeps the last of two equal keys: a second `train:` section silently dropped the first's fields (the
     global batch size back to its default). Anchors and merge keys (configs/schedules/infinite.yaml) still work."""

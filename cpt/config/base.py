@@ -10,16 +10,41 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 
 class Strict(BaseModel):
     """The base class of every config section: unknown keys are errors, so a typo in a YAML config never passes
-    silently. A number given for a text field (``run: {name: 2024}``, ``--set run.name=2024``, a numeric
+    silently. A whole number given for a text field (``run: {name: 2024}``, ``--set run.name=2024``, a numeric
     ``model.revision``) is taken as its text, which YAML read as a number: its decimal digits (``2024`` -> "2024";
-    YAML 1.1 reads ``2024_01`` as 202401 and ``007`` as 7: quote those)."""
+    YAML 1.1 reads ``2024_01`` as 202401, ``007`` as 7 and ``010`` as 8 (octal): quote those). A decimal number for
+    a text field is an error: its text is not the one written (``1.10`` -> 1.1), so it must be quoted."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_decimal_as_text(cls, value: Any, info) -> Any:
+        decimals = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, float)]
+        if decimals and _text_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{decimals[0]!r} is a decimal number to YAML, not the text as written "
+                             "(1.10 reads as 1.1): quote it")
+        return value
+
+
+def _text_only(annotation: Any) -> bool:
+    """Whether a field's type takes text (``str``, ``str | None``, ``list[str]``) and no number."""
+    import typing
+
+    if annotation is str:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        return _text_only(args[0])
+    if args and origin is not dict and origin is not typing.Literal:  # a union
+        members = [a for a in args if a is not type(None)]
+        return any(_text_only(a) for a in members) and not any(a in (int, float, typing.Any) for a in members)
+    return False
 
 
 class ConfigError(ValueError):
