@@ -161,11 +161,12 @@ def test_a_changed_local_dataset_is_refused_on_resume(tmp_path, tokenizer, caplo
     c.load_state_dict({k: v for k, v in state.items() if k != "files"})  # a checkpoint from before: as before
 
 
-def test_a_hub_dataset_at_another_commit_is_refused_on_resume(tmp_path, tokenizer, monkeypatch):
+def test_a_hub_dataset_at_another_commit_is_refused_on_resume(tmp_path, tokenizer, monkeypatch, caplog):
     """A hub dataset was known by its name only: after the hub (or, offline, the local cache) moved to another commit,
     a resume read other data at the saved position, silently. The commit `datasets` resolves is saved with the
     position (offline: the cached copy's, here a fake cache of two commits); another is refused in one line, a pinned
-    `revision` that the load cannot honour is refused at start, and `cpt prepare --hf` redoes a moved dataset."""
+    `revision` that the load cannot honour is refused at start (offline, a branch or tag, which cannot be resolved, is
+    a warning naming the commit read), and `cpt prepare --hf` redoes a moved dataset."""
     import datasets
 
     from cpt.data.prepare_key import hf_identity
@@ -194,6 +195,9 @@ def test_a_hub_dataset_at_another_commit_is_refused_on_resume(tmp_path, tokenize
     with pytest.raises(HFSourceError, match=rf"revision {first} .* resolves to commit {second}"):
         HFTokenStream(SourceConfig(name="hub", type="hf", path="someone/tiny", revision=first), tokenizer, L)
     c.load_state_dict({k: v for k, v in state.items() if k != "revision"})  # a checkpoint from before: as before
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):  # offline, a branch or tag reads the newest copy
+        d = HFTokenStream(SourceConfig(name="hub", type="hf", path="someone/tiny", revision="v1"), tokenizer, L)
+    assert d.revision == second and f"revision 'v1' of 'someone/tiny' cannot be resolved offline" in caplog.text
 
 
 def test_hf_stream_skips_bad_records_and_errors_when_nothing_is_usable(tmp_path, tokenizer, caplog):

@@ -38,6 +38,12 @@ def local_files_identity(path: str, data_files: Any) -> list[list]:
     return hf_identity([], [path] + ([data_files] if isinstance(data_files, str) else list(data_files or [])))
 
 
+def _offline() -> bool:
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
 class HFSourceError(ValueError):
     """A `datasets` source that cannot be loaded or holds no usable text."""
 
@@ -68,6 +74,10 @@ class HFTokenStream:
             raise HFSourceError(f"source {self.name!r}: revision {pinned} of {cfg.path!r} was asked for and `datasets` "
                                 f"resolves to commit {self.revision} (offline it reads the newest cached copy, whatever "
                                 "the revision): load that commit once online, or remove the newer copies from its cache")
+        if pinned and self.revision not in (None, pinned) and _offline() and log_skips:  # a branch or tag
+            logger.warning("source %r: revision %r of %r cannot be resolved offline: `datasets` reads the newest cached "
+                           "copy, commit %s, whatever the revision (pin a commit to have it checked)", self.name,
+                           pinned, cfg.path, self.revision)
         self._ds = self._load()
         self.epoch = 0
         self.sequences_read = 0
