@@ -389,10 +389,15 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
     """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load.
 
     Works from DDP, FSDP and DeepSpeed ZeRO-3 states: `accelerator.get_state_dict` gathers the full
-    state on the main process (every rank must call this function).
+    state on the main process (every rank must call this function); a whole-model torch.compile is looked through.
     """
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
+    from cpt.compiling import without_compile_prefix
+
+    # (model.compile: true's wrapper keys the state `_orig_mod.<name>`: the export had keys transformers does not
+    # know, and loaded as a freshly initialised model with a MISSING-weights report)
+    state_dict = accelerator.get_state_dict(model)  # (None on ranks that do not gather, under some backends)
+    state_dict = without_compile_prefix(state_dict) if state_dict is not None else None
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
         write_hf(unwrapped, tokenizer, out_dir, state_dict)
     accelerator.wait_for_everyone()

@@ -84,6 +84,26 @@ def test_regional_equals_eager_and_traces_one_layer_for_all(variant, graphs):
     assert list(model.state_dict()) == keys
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_export_of_a_whole_compiled_model_has_the_plain_keys(tmp_path, lora):
+    """export_hf (the run's export/, periodic and EMA exports) of a model.compile: true run wrote the wrapper's keys
+    (`_orig_mod.model...`): transformers loaded it as a freshly initialised model (weights reported MISSING), peft
+    found no adapter weights. The export now holds the model's own keys and loads its weights."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from cpt.model import export_hf
+
+    acc = Accelerator(cpu=True)
+    model = _lora(tiny_llama()) if lora else tiny_llama()
+    export_hf(acc.prepare(compile_model(model, True, backend="aot_eager")), None, tmp_path / "export", acc)
+    weights = load_file(tmp_path / "export" / ("adapter_model.safetensors" if lora else "model.safetensors"))
+    own = {k: v for k, v in model.state_dict().items() if "lora_" in k or not lora}
+    assert len(weights) == len(own) > 0 and not any("_orig_mod" in k for k in weights)
+    if not lora:
+        assert all(torch.equal(weights[k], own[k]) for k in weights)
+
+
 def test_whole_and_off():
     model = tiny_llama()
     assert compile_model(model, False) is model and not compiled_blocks(model)
