@@ -214,7 +214,7 @@ def load_portable(acc, model, optimizer, ckpt: str | os.PathLike, load_optimizer
     elif now == "fsdp":
         _load_into_fsdp(model, optimizer, weights, adam, adapter)
     else:
-        _load_into_plain(acc.unwrap_model(model), optimizer, weights, adam, adapter)
+        _load_into_plain(acc.unwrap_model(model, keep_torch_compile=False), optimizer, weights, adam, adapter)
     acc.wait_for_everyone()
 
 

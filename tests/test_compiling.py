@@ -104,6 +104,24 @@ def test_an_export_of_a_whole_compiled_model_has_the_plain_keys(tmp_path, lora):
         assert all(torch.equal(weights[k], own[k]) for k in weights)
 
 
+def test_a_portable_load_into_a_whole_compiled_model(tmp_path):
+    """A checkpoint of another layout (FSDP2, DeepSpeed) resumed on one process or DDP with model.compile: true: the
+    portable load compared the checkpoint with the wrapper's `_orig_mod.` keys and blamed the model config."""
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+
+    from cpt.consolidate import load_portable
+
+    src = tiny_llama(seed=1)
+    (tmp_path / "ckpt").mkdir()
+    save_file({k: v.clone() for k, v in src.state_dict().items()}, tmp_path / "ckpt" / "model.safetensors")
+    acc = Accelerator(cpu=True)
+    model = tiny_llama(seed=2)
+    load_portable(acc, acc.prepare(compile_model(model, True, backend="aot_eager")), None, tmp_path / "ckpt",
+                  load_optimizer=False)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_whole_and_off():
     model = tiny_llama()
     assert compile_model(model, False) is model and not compiled_blocks(model)
