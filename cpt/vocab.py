@@ -246,8 +246,12 @@ def build_extended_tokenizer(tokenizer, cfg: VocabConfig, texts: Iterable[str] |
             texts = read_texts(cfg.learn_from, cfg.learn_max_chars, cfg.text_field)
         texts = list(texts)
         key = _learn_key(texts, cfg.learn_tokens)
+        if key in learned and not all(t in old_vocab for t in learned[key]):  # a stale record (an edited tokenizer)
+            log.warning("model.vocab: the tokenizer's cpt_vocab record lists learned tokens it does not hold: "
+                           "learning them again")
+            del learned[key]
         if key in learned:
-            present += [t for t in learned[key] if t in old_vocab]
+            present += learned[key]
         elif _is_bpe(tokenizer):
             merges = learn_bpe_merges(tokenizer, texts, cfg.learn_tokens)
             new_tok = _with_merges(tokenizer, merges)

@@ -337,3 +337,23 @@ def test_name_or_path_an_extended_export_with_the_same_vocab_adds_nothing(tok, t
     assert tokenizer_fingerprint(same) == tokenizer_fingerprint(new_tok)
     more, plan = build_extended_tokenizer(AutoTokenizer.from_pretrained(export), vcfg.model_copy(update={"learn_tokens": 8}))
     assert len(more) > len(new_tok) and plan.present == 1  # (" isinstance" from the file; the learned ones are new)
+
+
+def test_a_stale_learned_record_learns_again(tok, caplog):
+    """A tokenizer whose cpt_vocab record lists learned tokens it does not hold (an edited tokenizer, or an export's
+    tokenizer_config.json over another tokenizer): the record matched, so nothing was learned and the missing tokens
+    were silently dropped from the extension. Now they are learned again, with a warning."""
+    import copy
+    import logging
+
+    from cpt.vocab import RECORD, _learn_key
+
+    vcfg = VocabConfig(learn_from="unused", learn_tokens=5)
+    fresh, plan = build_extended_tokenizer(tok, vcfg, texts=NEW)
+    stale = copy.deepcopy(tok)
+    stale.init_kwargs[RECORD] = {"learned": {_learn_key(list(NEW), 5): plan.tokens}, "added": []}
+    with caplog.at_level(logging.WARNING, logger="cpt.vocab"):
+        again, plan2 = build_extended_tokenizer(stale, vcfg, texts=NEW)
+    assert plan2.tokens == plan.tokens and len(again) == len(fresh) and plan2.present == 0
+    assert "record lists learned tokens it does not hold" in caplog.text
+    assert again.init_kwargs[RECORD]["learned"] == fresh.init_kwargs[RECORD]["learned"]
