@@ -166,7 +166,8 @@ def test_a_hub_dataset_at_another_commit_is_refused_on_resume(tmp_path, tokenize
     a resume read other data at the saved position, silently. The commit `datasets` resolves is saved with the
     position (offline: the cached copy's, here a fake cache of two commits); another is refused in one line, a pinned
     `revision` that the load cannot honour is refused at start (offline, a branch or tag, which cannot be resolved, is
-    a warning naming the commit read), and `cpt prepare --hf` redoes a moved dataset."""
+    a warning naming the commit read; one it cannot resolve at all, a warning), and `cpt prepare --hf` redoes a moved
+    dataset."""
     import datasets
 
     from cpt.data.prepare_key import hf_identity
@@ -198,6 +199,10 @@ def test_a_hub_dataset_at_another_commit_is_refused_on_resume(tmp_path, tokenize
     with caplog.at_level(logging.WARNING, logger="cpt.data"):  # offline, a branch or tag reads the newest copy
         d = HFTokenStream(SourceConfig(name="hub", type="hf", path="someone/tiny", revision="v1"), tokenizer, L)
     assert d.revision == second and f"revision 'v1' of 'someone/tiny' cannot be resolved offline" in caplog.text
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: 1 / 0)  # its commit cannot be resolved
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        e = HFTokenStream(src, tokenizer, L, batch_docs=5)
+    assert e.revision is None and "the commit of the hub dataset 'someone/tiny' cannot be resolved" in caplog.text
 
 
 def test_hf_stream_skips_bad_records_and_errors_when_nothing_is_usable(tmp_path, tokenizer, caplog):

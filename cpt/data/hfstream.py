@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt.data.prepare_key import hf_identity, hub_revision
+from cpt.data.prepare_key import hf_identity, hub_revision, is_hub_dataset
 from cpt.data.readers import error_line, load_hf_dataset
 from cpt.data.shards import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
 
@@ -74,6 +74,9 @@ class HFTokenStream:
             raise HFSourceError(f"source {self.name!r}: revision {pinned} of {cfg.path!r} was asked for and `datasets` "
                                 f"resolves to commit {self.revision} (offline it reads the newest cached copy, whatever "
                                 "the revision): load that commit once online, or remove the newer copies from its cache")
+        if self.revision is None and log_skips and is_hub_dataset(cfg.path):
+            logger.warning("source %r: the commit of the hub dataset %r cannot be resolved: its position is saved "
+                           "without it, and a --resume cannot check that it reads the same data", self.name, cfg.path)
         if pinned and self.revision not in (None, pinned) and _offline() and log_skips:  # a branch or tag
             logger.warning("source %r: revision %r of %r cannot be resolved offline: `datasets` reads the newest cached "
                            "copy, commit %s, whatever the revision (pin a commit to have it checked)", self.name,

@@ -41,15 +41,25 @@ def input_identity(files: list[str]) -> list[Any]:
     return out
 
 
+def is_hub_dataset(path: str) -> bool:
+    """Whether a `datasets` path names a hub dataset: ``hf://datasets/...``, or (as `datasets` decides) a relative
+    path with at most one ``/`` that is no local file or folder and no builder (json, parquet, ...)."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    if path.startswith("hf://datasets/"):
+        return True
+    return (not is_remote(path) and not os.path.isabs(path) and path.count("/") <= 1 and not os.path.exists(path)
+            and path not in _PACKAGED_DATASETS_MODULES)
+
+
 def hub_revision(path: str, name: str | None = None, data_files: Any = None, revision: str | None = None) -> str | None:
     """The commit of a hub dataset as `datasets` resolves it (``revision``: a branch, tag or commit; None: the latest):
     online the hub's, offline that of the newest copy in the local cache (``HF_DATASETS_CACHE``), the one
     ``load_dataset`` then reads. None for local data (a file, a folder, a builder such as json) or when it cannot be
     resolved (``load_dataset`` says why)."""
     import datasets
-    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-    if is_remote(path) and not path.startswith("hf://datasets/") or os.path.exists(path) or path in _PACKAGED_DATASETS_MODULES:
+    if not is_hub_dataset(path):
         return None
     try:
         return datasets.load_dataset_builder(path, name=name, data_files=data_files, revision=revision).hash or None
