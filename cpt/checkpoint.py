@@ -308,8 +308,8 @@ class CheckpointManager:
             if first:
                 _refuse_other_params(ckpt, first)
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
-            log.warning("%s was written with another backend or number of processes: loading it through "
-                        "cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
+            log.warning("%s was written with another backend, number of processes or model.compile wrapper: loading "
+                        "it through cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
             self.portable.load_portable(self.acc, self.acc._models[0], self.acc._optimizers[0], ckpt)
         else:
             names = _optimizer_param_names(self.acc)
@@ -386,9 +386,8 @@ def _lora_mismatch_hint(error: str, ckpt: Path) -> str:
         return (f"; this run uses model.lora and the checkpoint is a full model's: export it ({export}) and start the "
                 "LoRA run from DIR (train.init_from)")
     if ("_orig_mod." in unexpected) != ("_orig_mod." in missing):  # torch.compile's wrapper on one side only
-        return ("; model.compile: true (torch.compile's wrapper) keys the weights `_orig_mod.<name>`: a checkpoint "
-                "written with it resumes only with model.compile: true, one written with false or regional only "
-                f"without it; or export it ({export}) and start from DIR (train.init_from)")
+        return ("; model.compile: true (torch.compile's wrapper) keys the weights `_orig_mod.<name>`, and one side "
+                f"only has them: export the checkpoint ({export}) and start from DIR (train.init_from)")
     return ""
 
 

@@ -27,7 +27,7 @@ import torch
 from cpt.adapter_checkpoint import (ADAPTER_STATE, AdapterCheckpointError, check_fits, check_keys, is_adapter_layout,
                                     read_adapter_state)
 from cpt.checkpoint import CheckpointError
-from cpt.compiling import without_compile_prefix
+from cpt.compiling import COMPILE_PREFIX, without_compile_prefix
 
 DS_TAG = "pytorch_model"  # accelerate saves the DeepSpeed engine under this tag
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -73,16 +73,30 @@ def current_layout(acc) -> str:
 def needs_portable_load(ckpt: str | os.PathLike, acc) -> bool:
     """True when accelerate's own ``load_state`` cannot restore ``ckpt`` into this run: another backend, or a
     ZeRO checkpoint of another data-parallel world size (ZeRO partitions are tied to it) or of another ZeRO stage
-    (ZeRO-3 partitions the weights, ZeRO-1/2 do not: DeepSpeed reads only its own stage's files). Full (plain)
-    states load on any number of processes, and FSDP2's DCP checkpoints reshard themselves on load."""
+    (ZeRO-3 partitions the weights, ZeRO-1/2 do not: DeepSpeed reads only its own stage's files), or a full state
+    keyed by torch.compile's wrapper (``model.compile: true``) on one side only. Full (plain) states load on any
+    number of processes, and FSDP2's DCP checkpoints reshard themselves on load."""
     from cpt.distributed import zero_stage
 
     saved, now = layout(ckpt), current_layout(acc)
+    if saved == now == "plain" and acc._models and _compile_keyed(ckpt) != _compile_keyed_model(acc):
+        return True  # torch.compile's wrapper (model.compile: true) on one side only: its keys are `_orig_mod.<name>`
     saved = "plain" if saved == "adapter" else saved  # (accelerate's load_state, the models from the adapter state)
     if saved != now:
         return True
     return saved == "deepspeed" and (deepspeed_world_size(ckpt) != acc.num_processes
                                      or deepspeed_zero3(ckpt) != (zero_stage(acc) == 3))
+
+
+def _compile_keyed(ckpt: str | os.PathLike) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(ckpt) / "model.safetensors"), framework="pt") as f:
+        return any(k.startswith(COMPILE_PREFIX) for k in f.keys())
+
+
+def _compile_keyed_model(acc) -> bool:
+    return any(k.startswith(COMPILE_PREFIX) for k in acc.unwrap_model(acc._models[0]).state_dict())
 
 
 # ------------------------------------------------------------------------------------------ reading

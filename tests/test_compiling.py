@@ -122,6 +122,30 @@ def test_a_portable_load_into_a_whole_compiled_model(tmp_path):
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_a_checkpoint_with_the_wrapper_on_one_side_only_loads_portably(tmp_path):
+    """A model.compile: true checkpoint (keys `_orig_mod.<name>`) resumed with false or regional, and the other way
+    round, was refused ('resumes only with model.compile: true'): switching a run to regional compile lost its
+    optimizer state. Such a pair now goes through the portable load, which reads the plain names."""
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+
+    from cpt.consolidate import load_portable, needs_portable_load
+
+    src = tiny_llama(seed=1)
+    for name, prefix in (("eager", ""), ("whole", "_orig_mod.")):
+        (tmp_path / name).mkdir()
+        save_file({prefix + k: v.clone() for k, v in src.state_dict().items()}, tmp_path / name / "model.safetensors")
+    acc = Accelerator(cpu=True)
+    eager = tiny_llama(seed=2)
+    acc.prepare(eager)
+    assert not needs_portable_load(tmp_path / "eager", acc) and needs_portable_load(tmp_path / "whole", acc)
+    load_portable(acc, acc._models[0], None, tmp_path / "whole", load_optimizer=False)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in eager.state_dict().items())
+    acc = Accelerator(cpu=True)
+    acc.prepare(compile_model(tiny_llama(seed=3), True, backend="aot_eager"))
+    assert needs_portable_load(tmp_path / "eager", acc) and not needs_portable_load(tmp_path / "whole", acc)
+
+
 def test_whole_and_off():
     model = tiny_llama()
     assert compile_model(model, False) is model and not compiled_blocks(model)
@@ -177,8 +201,8 @@ def _back_to_step_2(run: Path, to: Path) -> Path:
 def test_regional_runs_resume_across_compile_modes_and_export_plain_weights(tiny_cpt_data, tmp_path):
     """cpt train with model.compile=regional: the losses of an eager run (inductor: float tolerance); its step-2
     checkpoint resumes eagerly, an eager run's resumes regionally, both onto the same losses; the export holds the
-    plain transformers keys and loads in transformers. `cpt export` of a model.compile=true checkpoint (its keys
-    prefixed `_orig_mod.`) writes the plain keys."""
+    plain transformers keys and loads in transformers. A model.compile=true checkpoint (its keys prefixed
+    `_orig_mod.`) resumes regionally onto the same losses, and `cpt export` of it writes the plain keys."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -194,10 +218,10 @@ def test_regional_runs_resume_across_compile_modes_and_export_plain_weights(tiny
         assert [resumed[s] for s in (3, 4)] == pytest.approx([eager[s] for s in (3, 4)], abs=1e-4)
 
     # a model.compile: true run's checkpoint (torch.compile's wrapper writes every key as `_orig_mod.<key>`): resumed
-    # without it, one line saying so; `cpt export` writes the plain keys
+    # regionally through the portable load, onto eager's losses; `cpt export` writes the plain keys
     from safetensors.torch import save_file
 
-    from cpt.checkpoint import CheckpointError, write_checksums
+    from cpt.checkpoint import write_checksums
     from cpt.consolidate import export_checkpoint
 
     whole = _back_to_step_2(tmp_path / "eager", tmp_path / "whole")
@@ -205,9 +229,9 @@ def test_regional_runs_resume_across_compile_modes_and_export_plain_weights(tiny
     save_file({f"_orig_mod.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()},
               ckpt / "model.safetensors", {"format": "pt"})
     write_checksums(ckpt)
-    with pytest.raises(CheckpointError, match="written with it resumes only with model.compile: true"):
-        _run(tiny_cpt_data, whole, "regional", resume=True)
     export_checkpoint(ckpt, tmp_path / "whole_export", echo=lambda *a: None)
+    resumed_from_whole = _run(tiny_cpt_data, whole, "regional", resume=True)
+    assert [resumed_from_whole[s] for s in (3, 4)] == pytest.approx([eager[s] for s in (3, 4)], abs=1e-4)
     plain = set(load_file(tmp_path / "eager" / "export" / "model.safetensors"))
     assert set(load_file(tmp_path / "whole_export" / "model.safetensors")) == plain
 
