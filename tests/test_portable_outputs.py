@@ -215,6 +215,25 @@ def test_cpt_export_of_a_lora_checkpoint_merged_and_as_adapter(lora_run, tiny_cp
     assert _heldout(model, AutoTokenizer.from_pretrained(tmp_path / "adapter"), cfg, tiny_cpt_data) == pytest.approx(logged, abs=1e-5)
 
 
+def test_cpt_average_of_lora_checkpoints_holding_the_adapter_alone(lora_run, tmp_path, monkeypatch):
+    """`cpt average` of resume checkpoints (docs/adapters.md): a LoRA checkpoint holds the adapter, not the base, and was
+    refused as "only safetensors checkpoints are read"; it is exported as its adapter first. Averaging the checkpoint
+    with the run's own export of the same step gives the average of an adapter with itself: every LoRA factor twice."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cpt.cli import main
+
+    root, _ = lora_run
+    ckpt, export = root / "run" / "checkpoints" / "step_00000003", root / "run" / "export"
+    monkeypatch.chdir(root)  # the checkpoint's config names the base relative to the launch directory
+    assert main(["average", str(tmp_path / "avg"), str(ckpt), str(export)]) == 0
+    got, one = load_file(tmp_path / "avg" / "adapter_model.safetensors"), load_file(export / "adapter_model.safetensors")
+    a = next(k for k in one if ".lora_A." in k)
+    assert got.keys() == one.keys() and torch.equal(got[a], torch.cat([one[a], one[a]]))
+    assert json.loads((tmp_path / "avg" / "adapter_config.json").read_text())["r"] == 16  # rank 2 * 8, same scale
+
+
 def test_export_refusals_are_one_line(lora_run, tiny_base, tmp_path, capsys):
     """A run directory without checkpoints, and --adapter on a full-model checkpoint: exit 1, one line, no output."""
     import yaml
