@@ -252,15 +252,11 @@ def _exported(path: str | Path, work: Path) -> Path:
     """An HF export or adapter directory as given; a cpt resume checkpoint (or a run directory without export/)
     exported into ``work`` through ``cpt export``'s path: a LoRA run's as its adapter (its resume checkpoints hold the
     adapter alone: cpt/adapter_checkpoint.py), any other as the full model (keyed as HF names them, config beside)."""
-    from cpt.consolidate import checkpoint_config, export_checkpoint, is_checkpoint_dir
+    from cpt.consolidate import export_checkpoint, is_checkpoint_dir
 
     if not is_checkpoint_dir(path):
         return Path(path)
-    from cpt.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    lora = checkpoint_config(ckpt).model.lora is not None
-    return export_checkpoint(ckpt, work / "export", adapter=lora, echo=lambda *a, **k: None)
+    return export_checkpoint(path, work / "export", adapter=None, echo=lambda *a, **k: None)
 
 
 def _average(paths: list, sources: list[Path], out_dir, w: list[float], max_shard_bytes: int) -> Path:

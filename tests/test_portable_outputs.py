@@ -234,6 +234,28 @@ def test_cpt_average_of_lora_checkpoints_holding_the_adapter_alone(lora_run, tmp
     assert json.loads((tmp_path / "avg" / "adapter_config.json").read_text())["r"] == 16  # rank 2 * 8, same scale
 
 
+def test_cpt_export_of_an_adapter_checkpoint_pruned_while_the_base_is_built(lora_run, tmp_path, monkeypatch):
+    """`cpt export` / `cpt eval` of a running LoRA run's checkpoint: everything it needs from the checkpoint
+    (adapter_base.json too) is read before the base is built (which takes a while for a real model), so a prune
+    (checkpoint.keep) meanwhile does not fail it (it read adapter_base.json after the build: FileNotFoundError)."""
+    import cpt.model
+    from cpt.consolidate import export_checkpoint
+
+    root, _ = lora_run
+    ckpt = tmp_path / "step_00000003"
+    shutil.copytree(root / "run" / "checkpoints" / "step_00000003", ckpt)
+    build = cpt.model.build_model
+
+    def pruned_meanwhile(*a, **k):
+        shutil.rmtree(ckpt)
+        return build(*a, **k)
+
+    monkeypatch.setattr(cpt.model, "build_model", pruned_meanwhile)
+    monkeypatch.chdir(root)  # the checkpoint's config names the base relative to the launch directory
+    out = export_checkpoint(ckpt, tmp_path / "adapter", adapter=True, echo=lambda *a, **k: None)
+    assert not ckpt.exists() and (out / "adapter_model.safetensors").is_file()
+
+
 def test_export_refusals_are_one_line(lora_run, tiny_base, tmp_path, capsys):
     """A run directory without checkpoints, and --adapter on a full-model checkpoint: exit 1, one line, no output."""
     import yaml
