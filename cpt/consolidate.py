@@ -288,11 +288,12 @@ def _load_into_deepspeed(engine, weights, adam, adapter: bool = False) -> None:
     _check_keys(module, weights, "resume", adapter)
     params = dict(module.named_parameters())
     stage3 = engine.zero_optimization_partition_weights()
-    # the module's (partitioned, for ZeRO-3) weights, frozen ones included
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=stage3):
-        for name, p in params.items():
-            if name in weights:  # (an adapter checkpoint: the frozen base stays as built)
-                p.data.copy_(weights[name].to(p.device, p.dtype).reshape(p.shape))
+    # the module's (partitioned, for ZeRO-3) weights, frozen ones included; an adapter checkpoint's alone, gathered
+    # alone (the frozen base stays as built, partitioned: gathering it whole on every rank is what ZeRO-3 avoids)
+    loaded = {name: p for name, p in params.items() if name in weights}
+    with deepspeed.zero.GatheredParameters(list(loaded.values()), modifier_rank=0, enabled=stage3):
+        for name, p in loaded.items():
+            p.data.copy_(weights[name].to(p.device, p.dtype).reshape(p.shape))
     for name, buf in module.named_buffers():
         if name in weights:
             buf.data.copy_(weights[name])
