@@ -78,8 +78,8 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
         raise AdapterCheckpointError(
             f"its LoRA adapter was trained on another base model than this run builds (then: {record['base']}, "
             f"fingerprint {record['fingerprint'][:12]}; now: {built}, fingerprint {now[:12]}); the checkpoint holds the "
-            "adapter, not its base: build the base it was trained on (model.name_or_path, train.init_from, model.vocab "
-            "and run.seed as in its config.yaml)")
+            "adapter, not its base: build the base it was trained on (model.name_or_path and model.revision: a hub model "
+            "updated since needs the revision pinned; train.init_from, model.vocab and run.seed as in its config.yaml)")
 
 
 def read_adapter_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
