@@ -138,13 +138,12 @@ def lora_base_dir(cfg: RunConfig, _seen: tuple[str, ...] = ()) -> str | None:
     p = Path(cfg.train.init_from)
     if (p / "config.json").is_file():
         return str(p)
-    if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():
+    if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():  # (a checkpoint's or run's config.yaml)
         try:
-            ckpt = resolve_checkpoint(p)
-            earlier = load_config(ckpt / "config.yaml")
-        except (CheckpointError, OSError, ValueError):
+            earlier = load_config(p / "config.yaml")
+        except (OSError, ValueError):
             return None
-        return None if str(ckpt) in _seen else lora_base_dir(earlier, (*_seen, str(ckpt)))
+        return None if str(p.resolve()) in _seen else lora_base_dir(earlier, (*_seen, str(p.resolve())))
     return str(p / "export") if (p / "export" / "config.json").is_file() else None
 
 
