@@ -82,6 +82,15 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
             "updated since needs the revision pinned; train.init_from, model.vocab and run.seed as in its config.yaml)")
 
 
+def base_problem(ckpt: str | Path, model) -> str | None:
+    """:func:`check_fits`'s refusal in words, or None."""
+    try:
+        check_fits(ckpt, model)
+    except AdapterCheckpointError as e:
+        return str(e)
+    return None
+
+
 def read_adapter_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -229,6 +229,8 @@ def test_adapter_keys_are_everything_but_the_frozen_base_and_the_fingerprint_see
     with torch.no_grad():
         model.get_base_model().model.layers[2].mlp.up_proj.weight[5, 7] += 1e-6
     assert base_fingerprint(model) != before
+    with torch.device("meta"):  # weights not here (as ZeRO-3's placeholders): none, not a crash at apply_lora
+        assert apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))._cpt_base_fingerprint is None
 
 
 def test_an_adapter_checkpoint_into_zero3_gathers_the_adapter_alone(monkeypatch):
