@@ -243,7 +243,9 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
     if len(w) != len(paths) or any(x < 0 for x in w) or sum(w) <= 0:
         raise ValueError("weights: one non-negative weight per checkpoint, not all zero")
     w = [x / sum(w) for x in w]
-    with tempfile.TemporaryDirectory(prefix="cpt-average-") as work:
+    beside = Path(out_dir).resolve().parent  # (cpt checkpoints are exported there first: the disk OUT is on, not /tmp)
+    beside.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".cpt-average-", dir=beside) as work:
         sources = [_exported(p, Path(work) / str(i)) for i, p in enumerate(paths)]
         return _average(paths, sources, out_dir, w, max_shard_bytes)
 
