@@ -57,14 +57,19 @@ def adapter_items(model) -> list[tuple[str, str, object]]:
     return [(ADAPTER_STATE, "safetensors", state), (ADAPTER_BASE, "text", json.dumps(record, indent=1))]
 
 
-def check_fits(ckpt: str | Path, model) -> None:
+def read_base_record(ckpt: str | Path) -> dict:
+    """A checkpoint's ``adapter_base.json``: the base's name and fingerprint."""
+    return json.loads((Path(ckpt) / ADAPTER_BASE).read_text())
+
+
+def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
     """AdapterCheckpointError unless ``model`` (unwrapped, as built: not yet loaded from anything) is a peft model on
-    the base the adapter in ``ckpt`` was trained on."""
+    the base the adapter in ``ckpt`` was trained on (``record``: its :func:`read_base_record`, read when not given)."""
     if not is_peft_model(model):
         raise AdapterCheckpointError(
             "it is a LoRA run's checkpoint and this run has no model.lora (it holds the adapter, not its base): keep "
             f"model.lora, or merge the adapter (`cpt export {ckpt} --out DIR`) and start from DIR (train.init_from)")
-    record = json.loads((Path(ckpt) / ADAPTER_BASE).read_text())
+    record = record if record is not None else read_base_record(ckpt)
     now = getattr(model, "_cpt_base_fingerprint", None)
     if now is None or record["fingerprint"] is None:  # weights not all here (ZeRO-3 placeholders): nothing to compare
         return
@@ -73,8 +78,17 @@ def check_fits(ckpt: str | Path, model) -> None:
         raise AdapterCheckpointError(
             f"its LoRA adapter was trained on another base model than this run builds (then: {record['base']}, "
             f"fingerprint {record['fingerprint'][:12]}; now: {built}, fingerprint {now[:12]}); the checkpoint holds the "
-            "adapter, not its base: build the base it was trained on (model.name_or_path, train.init_from, model.vocab "
-            "and run.seed as in its config.yaml)")
+            "adapter, not its base: build the base it was trained on (model.name_or_path and model.revision: a hub model "
+            "updated since needs the revision pinned; train.init_from, model.vocab and run.seed as in its config.yaml)")
+
+
+def base_problem(ckpt: str | Path, model) -> str | None:
+    """:func:`check_fits`'s refusal in words, or None."""
+    try:
+        check_fits(ckpt, model)
+    except AdapterCheckpointError as e:
+        return str(e)
+    return None
 
 
 def read_adapter_state(ckpt: str | Path) -> dict[str, torch.Tensor]:

@@ -268,13 +268,13 @@ def base_fingerprint(peft_model) -> str | None:
     """SHA-256 over every frozen base tensor of a peft model (name, shape, dtype and the SHA-256 of its bytes; sorted by
     name): the base as built, vocabulary changes included. One pass over the base weights, the tensors hashed in
     parallel (~1.2 GB/s per CPU core). None when the weights are not all here (DeepSpeed ZeRO-3's zero.Init
-    placeholders)."""
+    placeholders, meta tensors)."""
     from concurrent.futures import ThreadPoolExecutor
 
     ours = set(adapter_keys(peft_model))
     base = [(n, t) for n, t in sorted(peft_model.state_dict(keep_vars=True).items()) if n not in ours]
-    if any(t.numel() == 0 and getattr(t, "ds_numel", 0) for _, t in base):
-        return None
+    if any(t.is_meta or (t.numel() == 0 and getattr(t, "ds_numel", 0)) for _, t in base):
+        return None  # (transformers leaves weights a checkpoint lacks on meta on FSDP's other ranks, cpu_ram_efficient_loading)
 
     def digest(t: torch.Tensor) -> bytes:  # (hashlib releases the GIL while it hashes)
         return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -230,7 +231,8 @@ def _write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, kind:
 
 def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: list[float] | None = None,
                         max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Average HF checkpoints (or peft adapters) with identical tensor names and shapes, tensor by tensor.
+    """Average HF checkpoints (or peft adapters; cpt checkpoints exported first) with identical tensor names and shapes,
+    tensor by tensor.
 
     The mean is computed in fp32 and stored in each tensor's original dtype; config and tokenizer files are
     copied from the first checkpoint. ``weights`` (normalised to sum 1) turns the uniform mean into a weighted one.
@@ -241,7 +243,26 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
     if len(w) != len(paths) or any(x < 0 for x in w) or sum(w) <= 0:
         raise ValueError("weights: one non-negative weight per checkpoint, not all zero")
     w = [x / sum(w) for x in w]
-    readers = [_Reader(p) for p in paths]
+    beside = Path(out_dir).resolve().parent  # (cpt checkpoints are exported there first: the disk OUT is on, not /tmp)
+    beside.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".cpt-average-", dir=beside) as work:
+        sources = [_exported(p, Path(work) / str(i)) for i, p in enumerate(paths)]
+        return _average(paths, sources, out_dir, w, max_shard_bytes)
+
+
+def _exported(path: str | Path, work: Path) -> Path:
+    """An HF export or adapter directory as given; a cpt resume checkpoint (or a run directory without export/)
+    exported into ``work`` through ``cpt export``'s path: a LoRA run's as its adapter (its resume checkpoints hold the
+    adapter alone: cpt/adapter_checkpoint.py), any other as the full model (keyed as HF names them, config beside)."""
+    from cpt.consolidate import export_checkpoint, is_checkpoint_dir
+
+    if not is_checkpoint_dir(path):
+        return Path(path)
+    return export_checkpoint(path, work / "export", adapter=None, echo=lambda *a, **k: None)
+
+
+def _average(paths: list, sources: list[Path], out_dir, w: list[float], max_shard_bytes: int) -> Path:
+    readers = [_Reader(p) for p in sources]
     try:
         kinds = {r.kind for r in readers}
         if len(kinds) != 1:
@@ -260,7 +281,7 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
 
         lora = readers[0].kind == "adapter" and any(_lora_factor(k) for k in keys)
         if lora:
-            _check_lora_configs(paths)
+            _check_lora_configs(paths, sources)
 
         def averaged() -> Iterator[tuple[str, torch.Tensor]]:
             for k in keys:
@@ -290,7 +311,7 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
     finally:
         for r in readers:
             r.close()
-    _copy_side_files(Path(paths[0]), tmp)
+    _copy_side_files(sources[0], tmp)
     if lora:
         _scale_lora_rank(tmp / "adapter_config.json", len(paths))
     return publish_dir(tmp, out)
@@ -306,9 +327,9 @@ def _lora_factor(name: str) -> str | None:
     return next((f for key, f in _LORA_FACTORS.items() if key in name), None)
 
 
-def _check_lora_configs(paths: list[str | Path]) -> None:
+def _check_lora_configs(paths: list[str | Path], sources: list[Path]) -> None:
     fields = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
-    cfgs = [json.loads((Path(p) / "adapter_config.json").read_text()) for p in paths]
+    cfgs = [json.loads((Path(p) / "adapter_config.json").read_text()) for p in sources]
     for p, c in zip(paths[1:], cfgs[1:]):
         diff = [f for f in fields if c.get(f) != cfgs[0].get(f)]
         if diff:

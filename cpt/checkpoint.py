@@ -42,7 +42,7 @@ from typing import Mapping
 
 import torch
 
-from cpt.adapter_checkpoint import (AdapterCheckpointError, check_fits, is_adapter_layout, is_peft_model,
+from cpt.adapter_checkpoint import (AdapterCheckpointError, base_problem, is_adapter_layout, is_peft_model,
                                     models_from_adapter_state)
 from cpt.adapters import note_base
 from cpt.distributed import Backend, all_ranks_agree, backend
@@ -298,11 +298,10 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
         model = self.acc.unwrap_model(self.acc._models[0], keep_torch_compile=False) if self.acc._models else None
         adapter = is_adapter_layout(ckpt)  # a LoRA checkpoint without its base: the run built it (adapter_checkpoint.py)
-        if adapter:
-            try:
-                check_fits(ckpt, model)
-            except AdapterCheckpointError as e:
-                raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+        if adapter:  # (collective: a rank without all base weights here, e.g. FSDP's meta ones, has no fingerprint)
+            problem = base_problem(ckpt, model)
+            if not all_ranks_agree(self.acc, problem is None):
+                raise CheckpointError(f"checkpoint {ckpt}: {problem or 'its adapter does not fit (another process says why)'}")
         if optimizer_state and self.trainable is not None and (ckpt / TRAINABLE).is_file():  # (older: checked below)
             first = layout_difference(json.loads((ckpt / TRAINABLE).read_text()), self.trainable, param_shapes(self.acc))
             if first:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cpt.adapter_checkpoint import (ADAPTER_STATE, AdapterCheckpointError, check_fits, check_keys, is_adapter_layout,
+                                    read_base_record,
                                     read_adapter_state)
 from cpt.checkpoint import CheckpointError
 from cpt.compiling import COMPILE_PREFIX, without_compile_prefix
@@ -301,11 +302,12 @@ def _load_into_deepspeed(engine, weights, adam, adapter: bool = False) -> None:
     _check_keys(module, weights, "resume", adapter)
     params = dict(module.named_parameters())
     stage3 = engine.zero_optimization_partition_weights()
-    # the module's (partitioned, for ZeRO-3) weights, frozen ones included
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=stage3):
-        for name, p in params.items():
-            if name in weights:  # (an adapter checkpoint: the frozen base stays as built)
-                p.data.copy_(weights[name].to(p.device, p.dtype).reshape(p.shape))
+    # the module's (partitioned, for ZeRO-3) weights, frozen ones included; an adapter checkpoint's alone, gathered
+    # alone (the frozen base stays as built, partitioned: gathering it whole on every rank is what ZeRO-3 avoids)
+    loaded = {name: p for name, p in params.items() if name in weights}
+    with deepspeed.zero.GatheredParameters(list(loaded.values()), modifier_rank=0, enabled=stage3):
+        for name, p in loaded.items():
+            p.data.copy_(weights[name].to(p.device, p.dtype).reshape(p.shape))
     for name, buf in module.named_buffers():
         if name in weights:
             buf.data.copy_(weights[name])
@@ -387,14 +389,17 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     return (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir() and not (p / "export").is_dir()
 
 
-def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool = False, echo=print) -> Path:
+def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool | None = False, echo=print) -> Path:
     """Write a checkpoint (or a run directory's latest valid one) as an HF model directory on one CPU process:
-    the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run."""
+    the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run (None: the
+    adapter of a LoRA run, the full model of any other)."""
     from cpt.model import build_model, check_export_target, load_tokenizer, prepare_model, write_hf
 
     out_dir = check_export_target(out_dir)
     replacing = out_dir.is_dir() and any(out_dir.iterdir())
-    ckpt, cfg, weights, kind = read_checkpoint_for_export(path, echo)
+    ckpt, cfg, weights, kind, base_record = read_checkpoint_for_export(path, echo)
+    if adapter is None:
+        adapter = cfg.model.lora is not None
     if adapter and cfg.model.lora is None:
         raise ConsolidateError(f"{ckpt}: --adapter needs a LoRA run's checkpoint; this run trained the full model")
     tokenizer = load_tokenizer(cfg.model)
@@ -407,7 +412,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
         model, tokenizer, _ = prepare_model(cfg.model, model, tokenizer, log_fn=lambda *a, **k: None, weights_from=base_from)
     if kind == "adapter":
         try:
-            check_fits(ckpt, model)
+            check_fits(ckpt, model, base_record)
         except AdapterCheckpointError as e:
             raise ConsolidateError(f"{ckpt}: {e}") from None
     _check_keys(model, weights, f"cpt export {ckpt}", adapter=kind == "adapter")
@@ -422,15 +427,18 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
 
 
 def read_checkpoint_for_export(path: str | os.PathLike, echo=print, attempts: int = 3):
-    """``(checkpoint, its RunConfig, its full weights, its layout)``, read first. A run still writing prunes its
-    older checkpoints (``checkpoint.keep``): one pruned while being read is reported and, when ``path`` is a run
-    directory, its newer checkpoint is read instead (else the read failed with a misleading error)."""
+    """``(checkpoint, its RunConfig, its full weights, its layout, its adapter_base.json record or None)``, all read
+    first: building the base to export onto takes a while. A run still writing prunes its older checkpoints
+    (``checkpoint.keep``): one pruned while being read is reported and, when ``path`` is a run directory, its newer
+    checkpoint is read instead (else the read failed with a misleading error)."""
     from cpt.checkpoint import resolve_checkpoint
 
     for attempt in range(attempts):
         ckpt = resolve_checkpoint(path)
         try:
-            return ckpt, checkpoint_config(ckpt), read_model_state(ckpt), layout(ckpt)
+            kind = layout(ckpt)
+            record = read_base_record(ckpt) if kind == "adapter" else None
+            return ckpt, checkpoint_config(ckpt), read_model_state(ckpt), kind, record
         except (ConsolidateError, OSError, RuntimeError):  # safetensors: RuntimeError "unable to open file"
             if ckpt.is_dir():
                 raise

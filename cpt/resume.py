@@ -18,7 +18,7 @@ import yaml
 from cpt.adapter_checkpoint import is_adapter_layout
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
-from cpt.config import RunConfig, trajectory_changes
+from cpt.config import RunConfig, load_config, trajectory_changes
 
 
 @dataclass
@@ -49,6 +49,8 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
     if start.resume is None:
         start.init, start.init_hf = resolve_init(cfg.train.init_from)
         start.branch = start.init is not None and bool(cfg.train.anneal_steps)
+        if start.init is not None and is_adapter_layout(start.init):  # its base: the one its own run built
+            start.init_hf = lora_base_dir(cfg)
     else:
         if is_adapter_layout(start.resume):  # a LoRA checkpoint without its base: built again as at the first start
             start.init_hf = lora_base_dir(cfg)
@@ -125,17 +127,23 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     raise CheckpointError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
 
-def lora_base_dir(cfg: RunConfig) -> str | None:
+def lora_base_dir(cfg: RunConfig, _seen: tuple[str, ...] = ()) -> str | None:
     """The HF model directory a LoRA run's base weights came from when not ``model.name_or_path``: an HF
-    ``train.init_from`` (as :func:`resolve_init` reads it). Its checkpoints hold the adapter alone
-    (cpt/adapter_checkpoint.py): resume and ``cpt export`` build this base again."""
+    ``train.init_from`` (as :func:`resolve_init` reads it), or, from a LoRA run's cpt checkpoint (a new stage or
+    anneal branch), the one that run's base came from (its config.yaml, followed back). Its checkpoints hold the
+    adapter alone (cpt/adapter_checkpoint.py): a new stage, resume and ``cpt export`` build this base again (a
+    checkpoint no longer there: ``model.name_or_path``, which the base fingerprint check then compares)."""
     if cfg.model.lora is None or cfg.train.init_from is None:
         return None
     p = Path(cfg.train.init_from)
     if (p / "config.json").is_file():
         return str(p)
-    if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():  # a cpt checkpoint: the base is model.name_or_path
-        return None
+    if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():  # (a checkpoint's or run's config.yaml)
+        try:
+            earlier = load_config(p / "config.yaml")
+        except (OSError, ValueError):
+            return None
+        return None if str(p.resolve()) in _seen else lora_base_dir(earlier, (*_seen, str(p.resolve())))
     return str(p / "export") if (p / "export" / "config.json").is_file() else None
 
 

@@ -229,6 +229,40 @@ def test_adapter_keys_are_everything_but_the_frozen_base_and_the_fingerprint_see
     with torch.no_grad():
         model.get_base_model().model.layers[2].mlp.up_proj.weight[5, 7] += 1e-6
     assert base_fingerprint(model) != before
+    with torch.device("meta"):  # weights not here (as ZeRO-3's placeholders): none, not a crash at apply_lora
+        assert apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))._cpt_base_fingerprint is None
+
+
+def test_an_adapter_checkpoint_into_zero3_gathers_the_adapter_alone(monkeypatch):
+    """A LoRA adapter-only checkpoint resumed under ZeRO-3 (cpt/consolidate.py): only the adapter's parameters are
+    gathered and written; the frozen base stays partitioned as built (all of it was gathered on every rank at once)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import deepspeed
+
+    import cpt.consolidate as consolidate
+    from cpt.adapters import adapter_keys
+
+    model = apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    gathered, written = [], []
+
+    @contextlib.contextmanager
+    def gather(params, modifier_rank=None, enabled=True):
+        gathered.extend(params)
+        yield
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gather)
+    monkeypatch.setattr(consolidate, "_z3_set_full", lambda p, value, key=None: written.append(p))
+    opt = SimpleNamespace(fp16_partitioned_groups_flat=[], fp32_partitioned_groups_flat=[])
+    engine = SimpleNamespace(module=model, optimizer=opt, zero_optimization_partition_weights=lambda: True)
+    sd = model.state_dict()
+    weights = {k: sd[k].clone() + 1 for k in adapter_keys(model)}
+    consolidate._load_into_deepspeed(engine, weights, {}, adapter=True)
+    params = dict(model.named_parameters())
+    assert {id(p) for p in gathered} == {id(params[k]) for k in weights} and len(gathered) == len(weights)
+    assert {id(p) for p in written} == {id(p) for p in params.values() if p.requires_grad}
+    assert all(torch.equal(params[k], weights[k]) for k in weights)
 
 
 @pytest.mark.parametrize("name", ["full-cpt", "lora-cpt", "freeze-cpt"])

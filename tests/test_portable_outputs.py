@@ -215,6 +215,47 @@ def test_cpt_export_of_a_lora_checkpoint_merged_and_as_adapter(lora_run, tiny_cp
     assert _heldout(model, AutoTokenizer.from_pretrained(tmp_path / "adapter"), cfg, tiny_cpt_data) == pytest.approx(logged, abs=1e-5)
 
 
+def test_cpt_average_of_lora_checkpoints_holding_the_adapter_alone(lora_run, tmp_path, monkeypatch):
+    """`cpt average` of resume checkpoints (docs/adapters.md): a LoRA checkpoint holds the adapter, not the base, and was
+    refused as "only safetensors checkpoints are read"; it is exported as its adapter first. Averaging the checkpoint
+    with the run's own export of the same step gives the average of an adapter with itself: every LoRA factor twice."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cpt.cli import main
+
+    root, _ = lora_run
+    ckpt, export = root / "run" / "checkpoints" / "step_00000003", root / "run" / "export"
+    monkeypatch.chdir(root)  # the checkpoint's config names the base relative to the launch directory
+    assert main(["average", str(tmp_path / "avg"), str(ckpt), str(export)]) == 0
+    got, one = load_file(tmp_path / "avg" / "adapter_model.safetensors"), load_file(export / "adapter_model.safetensors")
+    a = next(k for k in one if ".lora_A." in k)
+    assert got.keys() == one.keys() and torch.equal(got[a], torch.cat([one[a], one[a]]))
+    assert json.loads((tmp_path / "avg" / "adapter_config.json").read_text())["r"] == 16  # rank 2 * 8, same scale
+
+
+def test_cpt_export_of_an_adapter_checkpoint_pruned_while_the_base_is_built(lora_run, tmp_path, monkeypatch):
+    """`cpt export` / `cpt eval` of a running LoRA run's checkpoint: everything it needs from the checkpoint
+    (adapter_base.json too) is read before the base is built (which takes a while for a real model), so a prune
+    (checkpoint.keep) meanwhile does not fail it (it read adapter_base.json after the build: FileNotFoundError)."""
+    import cpt.model
+    from cpt.consolidate import export_checkpoint
+
+    root, _ = lora_run
+    ckpt = tmp_path / "step_00000003"
+    shutil.copytree(root / "run" / "checkpoints" / "step_00000003", ckpt)
+    build = cpt.model.build_model
+
+    def pruned_meanwhile(*a, **k):
+        shutil.rmtree(ckpt)
+        return build(*a, **k)
+
+    monkeypatch.setattr(cpt.model, "build_model", pruned_meanwhile)
+    monkeypatch.chdir(root)  # the checkpoint's config names the base relative to the launch directory
+    out = export_checkpoint(ckpt, tmp_path / "adapter", adapter=True, echo=lambda *a, **k: None)
+    assert not ckpt.exists() and (out / "adapter_model.safetensors").is_file()
+
+
 def test_export_refusals_are_one_line(lora_run, tiny_base, tmp_path, capsys):
     """A run directory without checkpoints, and --adapter on a full-model checkpoint: exit 1, one line, no output."""
     import yaml

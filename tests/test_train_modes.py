@@ -360,6 +360,37 @@ def test_lora_checkpoint_holds_the_adapter_not_the_base_and_resumes_exactly(tiny
     assert losses(tmp_path / "d") == ref and not (tmp_path / "d" / "checkpoints" / "step_00000006").exists()  # untouched
 
 
+def test_a_stage_from_a_lora_checkpoint_of_a_run_started_from_an_hf_init_from_builds_that_base(tiny_cpt_data, base, tmp_path):
+    """A LoRA trunk started from an HF train.init_from (another base than model.name_or_path); a new stage from its
+    adapter-only checkpoint (train.init_from: the checkpoint) builds that base again (it was refused: "trained on
+    another base", the stage's init_from being the checkpoint), starts from the trunk's weights and resumes exactly."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-base"  # the trunk's base: model.name_or_path with one weight changed
+    shutil.copytree(base, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-2
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    trunk = _lora_small(tiny_cpt_data, base, tmp_path / "trunk")
+    trunk["stages"][0]["steps"] = 3
+    trunk["train"]["init_from"] = str(other)
+    run(trunk)
+    ckpt = tmp_path / "trunk" / "checkpoints" / "step_00000003"
+    stage = _lora_small(tiny_cpt_data, base, tmp_path / "stage")
+    stage["train"]["init_from"] = str(ckpt)
+    stage["eval"]["at_start"] = True
+    _, log = run(stage)
+    assert f"from {ckpt}" in log
+    assert step0(tmp_path / "stage")["eval/python/loss"] == records_at(tmp_path / "trunk", 3)["eval/python/loss"]
+    _, log = _resume_from_step_3(tmp_path / "stage", tmp_path / "resumed", stage)
+    assert "resumed" in log and losses(tmp_path / "resumed") == losses(tmp_path / "stage")
+    from cpt.consolidate import export_checkpoint  # (cpt export builds the same base)
+
+    export_checkpoint(tmp_path / "stage" / "checkpoints" / "step_00000006", tmp_path / "x", adapter=True, echo=lambda *a: None)
+    x, y = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "x", tmp_path / "stage" / "export"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 # ------------------------------------------------------------------------------------------ freezing
 
 

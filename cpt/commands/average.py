@@ -9,7 +9,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt average", description=__doc__)
     p.add_argument("out", help="output directory")
-    p.add_argument("checkpoints", nargs="+", help="two or more HF export (or adapter) directories with identical tensors")
+    p.add_argument("checkpoints", nargs="+", help="two or more HF export (or adapter) directories, cpt checkpoints or run directories, with identical tensors")
     p.add_argument("--weights", default=None, help="comma-separated weights, one per checkpoint (default: uniform)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard the output above this size")
     return p
@@ -20,12 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.checkpoints) < 2:
         build_parser().error("give at least two checkpoints")
     from cpt.averaging import average_checkpoints
+    from cpt.checkpoint import CheckpointError
 
     try:
         weights = [float(x) for x in args.weights.split(",")] if args.weights else None
         out = average_checkpoints(args.checkpoints, args.out, weights=weights,
                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (ValueError, OSError) as e:  # not safetensors, different tensors, bad weights: one line, no traceback
+    except (ValueError, OSError, CheckpointError) as e:  # not safetensors, different tensors, bad weights, a
+        # checkpoint that cannot be exported: one line, no traceback
         print(f"cpt average: error: {e}", file=sys.stderr)
         return 1
     print(f"averaged {len(args.checkpoints)} checkpoints into {out}")
