@@ -229,3 +229,17 @@ def test_a_regex_in_lora_target_modules_says_regexes_are_not_accepted(tmp_path):
         assert "q_proj" in msg and len(msg.splitlines()) == 2  # "invalid config (1 problem):" and the field's line
     for good in ("all-linear", "q_proj", "[q_proj, self_attn.v_proj]"):
         assert load_config(write(tmp_path, GOOD), [f"model.lora={{r: 4, target_modules: {good}}}"]).model.lora
+
+
+def test_hf_options_on_a_shards_source_are_one_line(tmp_path):
+    """`revision`, `split`, `text_field`... on a `type: shards` source were ignored silently (a shard directory is read
+    as `cpt prepare` wrote it): a user pinning a commit or another split trained on something else."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD), ["data.sources.0.revision=abc123", "data.sources.0.split=validation"])
+    msg = str(e.value)
+    assert "data.sources.0: revision, split: only for a source of type: hf" in msg and "type: shards" in msg, msg
+    assert load_config(write(tmp_path, GOOD), ["data.sources.0.type=hf", "data.sources.0.revision=abc123"])
+    saved = tmp_path / "saved.yaml"  # a saved config.yaml (every field written) loads again
+    from cpt.config.run import save_config
+    save_config(load_config(write(tmp_path, GOOD)), saved)
+    assert load_config(saved).data.sources[0].split == "train"

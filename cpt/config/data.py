@@ -31,6 +31,19 @@ class SourceConfig(Strict):
     # type "hf": a seeded `datasets` shuffle buffer of this many examples (0: dataset order; exact resume)
     shuffle_buffer: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _hf_options_only_for_hf(self) -> "SourceConfig":
+        # (values other than the defaults: a saved config.yaml holds every field)
+        given = [f for f in sorted(HF_ONLY) if getattr(self, f) != type(self).model_fields[f].default] \
+            if self.type == "shards" else []
+        if given:  # (a shard directory is read as `cpt prepare` wrote it: these would be ignored silently)
+            raise ValueError(f"{', '.join(given)}: only for a source of type: hf, and {self.name!r} is type: shards "
+                             "(set these when running cpt prepare, or use type: hf)")
+        return self
+
+
+HF_ONLY = {"hf_name", "data_files", "split", "text_field", "streaming", "revision", "shuffle_buffer"}
+
 
 class HeldoutConfig(Strict):
     """A named held-out set, tagged upstream (old distribution: forgetting) or downstream (new: adaptation)."""
