@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from cpt.adapter_checkpoint import (ADAPTER_STATE, AdapterCheckpointError, check_fits, check_keys, is_adapter_layout,
-                                    read_base_record,
-                                    read_adapter_state)
+                                    read_adapter_state, read_base_record)
 from cpt.checkpoint import CheckpointError
 from cpt.compiling import COMPILE_PREFIX, without_compile_prefix
 
