@@ -5,6 +5,9 @@ the file as shipped (relative paths and all), from a working directory laid out 
   runs/demo/{tokenizer,data/<corpus>,base/export}; here the tiny demo data and base model stand in for them.
 * configs/real/smollm2-shakespeare.yaml: docs/real_model.md's set-up writes models/smollm2-135m (scripts/get_smollm2.py)
   and data/smol/{shakespeare,python} (`cpt prepare`); a tiny llama with the same layout stands in for SmolLM2.
+* configs/gpu/*.yaml (8B on GPUs): their comments' set-up, $CPT_DATA/{new,old}[/heldout] and $CPT_RUNS; the model is
+  Llama-3.1-8B's architecture on the meta device (no weights) with a tokenizer of its 128,256 ids, passed as
+  `--set model.name_or_path=DIR` (the hub is not reached from tests).
 
 The dry run reads the real shards, tokenizer and model (the init_from/name_or_path export), checks the mix, data,
 held-out sets and LR plan, and writes nothing. Accelerate and DeepSpeed configs are launched as shipped in
@@ -22,10 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIGS = sorted(
     str(p.relative_to(ROOT)) for p in [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "schedules").glob("*.yaml")])
 REAL_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "real").glob("*.yaml"))
+GPU_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "gpu").glob("*.yaml"))
+LLAMA_3_1_8B = dict(  # meta-llama/Llama-3.1-8B's config.json (architecture fields)
+    model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 
 
 def test_every_shipped_run_config_is_dry_run_here():
-    assert len(DEMO_CONFIGS) == 6 and len(REAL_CONFIGS) == 1, (DEMO_CONFIGS, REAL_CONFIGS)
+    assert len(DEMO_CONFIGS) == 6 and len(REAL_CONFIGS) == 1 and len(GPU_CONFIGS) == 2, (DEMO_CONFIGS, REAL_CONFIGS,
+                                                                                          GPU_CONFIGS)
 
 
 def link(target: Path, link_path: Path) -> None:
@@ -59,6 +70,45 @@ def test_shipped_config_dry_runs_as_the_docs_say(config, workdir, monkeypatch, c
     assert "stage 0 " in out and "source python: " in out and "source shakespeare: " in out, out
     assert "held-out sets (tokenizer checked): " in out and out.rstrip().splitlines()[-1].startswith("total: "), out
     assert not (workdir / load_config(workdir / config).run.output_dir).exists()  # nothing written
+
+
+@pytest.fixture(scope="module")
+def gpu_setup(tmp_path_factory) -> dict:
+    """$CPT_DATA as the GPU configs' `cpt prepare` lines leave it (random tokens of a 128,256-id tokenizer), and a
+    folder with Llama-3.1-8B's config.json (no weights: the dry run builds the model on the meta device)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer, LlamaConfig
+
+    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "scripts" / "bench_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = tmp_path_factory.mktemp("gpu")
+    model = root / "Llama-3.1-8B"
+    bench.write_tokenizer(model, LLAMA_3_1_8B["vocab_size"])
+    LlamaConfig(**LLAMA_3_1_8B).save_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model)
+    for i, corpus in enumerate(("new", "old")):
+        bench.write_random_shards(root / "data" / corpus, tok, 300_000, seed=i)
+        bench.write_random_shards(root / "data" / corpus / "heldout", tok, 40_000, seed=10 + i)
+    return {"model": str(model), "data": str(root / "data"), "runs": str(root / "runs")}
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS)
+def test_gpu_config_dry_runs_with_its_models_architecture(config, gpu_setup, monkeypatch, capsys):
+    """The 8B configs as their comments run them (absolute data and run paths from the environment): valid, the
+    8B model's LoRA targets and tokenizer checked, every step of the plan walked, nothing written."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("CPT_DATA", gpu_setup["data"])
+    monkeypatch.setenv("CPT_RUNS", gpu_setup["runs"])
+    rc = main(["train", config, "--dry-run", "--tokens-per-s", "200000", "--set", f"model.name_or_path={gpu_setup['model']}"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "Traceback" not in captured.err, captured.err
+    out = captured.out
+    assert "source new: " in out and "source old: " in out and "held-out sets (tokenizer checked): " in out, out
+    assert out.startswith("model: 8030.3M parameters (7504.9M non-embedding), 32 layers, hidden 4096, vocab 128,256;"), out
+    assert out.rstrip().splitlines()[-1].startswith("at 200,000 tokens/s: "), out
+    assert not Path(gpu_setup["runs"]).exists()  # nothing written
 
 
 def test_schedule_config_anneal_branch_after_the_demo(tiny_cpt_data, tiny_base, tmp_path, monkeypatch, capsys):
