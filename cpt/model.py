@@ -296,6 +296,7 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     adapter and modules_to_save.) Returns (model, tokenizer, new_token_ids).
     """
     from cpt.adapters import apply_freeze, apply_lora, describe_trainable
+    from cpt.layer_options import apply_liger, checkpoint_layers
 
     new_ids: list[int] = []
     if cfg.vocab is not None:
@@ -317,9 +318,9 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     if cfg.freeze is not None:
         apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
     if cfg.liger_kernel:
-        _apply_liger(model, log_fn)
+        apply_liger(model, log_fn)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model, cfg.gradient_checkpointing_every)
         if cfg.lora is not None:
             model.enable_input_require_grads()
     log_fn(describe_trainable(model))
@@ -346,28 +347,6 @@ def _train_separator_embedding(model: torch.nn.Module, tokenizer: PreTrainedToke
         emb.padding_idx = None
         log_fn(f"the input embedding's padding_idx {idx} (config pad_token_id) is the tokenizer's eos/bos token, which "
                "packed sequences contain: its row is trained like any other")
-
-
-def _apply_liger(model: torch.nn.Module, log_fn) -> None:
-    """Liger's Triton kernels for the model's layers (RMSNorm, RoPE, SwiGLU...). Not its fused loss: the loss stays
-    cpt's (train.chunked_loss: the same fused lm_head + cross-entropy, keeping the per-token losses that the
-    per-source training loss needs)."""
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        log_fn("model.liger_kernel: liger-kernel is not installed; continuing without its kernels")
-        return
-    if not torch.cuda.is_available():
-        log_fn("model.liger_kernel: Liger's kernels need a CUDA GPU; continuing without them")
-        return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model_type = getattr(base.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        log_fn(f"model.liger_kernel: Liger has no kernels for model type {model_type!r}; continuing without them")
-        return
-    _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
-    log_fn(f"model.liger_kernel: Liger kernels applied to the {model_type} layers (the loss stays cpt's)")
 
 
 def model_shape(model: torch.nn.Module) -> dict[str, int]:

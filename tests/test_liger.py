@@ -12,7 +12,7 @@ import torch
 from conftest import Echo, tiny_llama, tiny_run_config
 from launching import records
 
-import cpt.model
+import cpt.layer_options
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def fake_liger(monkeypatch):
 
 def test_liger_patches_the_layers_not_the_loss(fake_liger):
     model, say = tiny_llama(), Echo()
-    cpt.model._apply_liger(model, say)
+    cpt.layer_options.apply_liger(model, say)
     assert fake_liger == [(model, {"cross_entropy": False, "fused_linear_cross_entropy": False})]
     assert say == ["model.liger_kernel: Liger kernels applied to the llama layers (the loss stays cpt's)"]
 
@@ -41,7 +41,7 @@ def test_liger_patches_the_base_model_under_lora(fake_liger):
     from cpt.config import LoraConfig
 
     model = apply_lora(tiny_llama(), LoraConfig(r=4, alpha=8))
-    cpt.model._apply_liger(model, Echo())
+    cpt.layer_options.apply_liger(model, Echo())
     assert [m for m, _ in fake_liger] == [model.get_base_model()]
 
 
@@ -49,11 +49,11 @@ def test_liger_is_skipped_with_a_reason(fake_liger, monkeypatch):
     say = Echo()
     model = tiny_llama()
     model.config.model_type = "not-a-liger-model"
-    cpt.model._apply_liger(model, say)
+    cpt.layer_options.apply_liger(model, say)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpt.model._apply_liger(tiny_llama(), say)
+    cpt.layer_options.apply_liger(tiny_llama(), say)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed: the import fails
-    cpt.model._apply_liger(tiny_llama(), say)
+    cpt.layer_options.apply_liger(tiny_llama(), say)
     assert fake_liger == []
     assert say == ["model.liger_kernel: Liger has no kernels for model type 'not-a-liger-model'; continuing without them",
                    "model.liger_kernel: Liger's kernels need a CUDA GPU; continuing without them",

@@ -135,6 +135,9 @@ class ModelConfig(Strict):
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: recompute only every N-th decoder layer (1: every layer); the others keep their
+    # activations, so N > 1 spends memory left over on less recompute (torchtitan's per-layer selective checkpointing)
+    gradient_checkpointing_every: int = Field(1, ge=1)
     # torch.compile: true = the whole model, regional = each decoder layer (compiled once, reused), false = eager
     compile: bool | Literal["regional"] = False
     liger_kernel: bool = False  # Liger's Triton kernels for the layers (RMSNorm, RoPE, SwiGLU) on CUDA when installed
@@ -148,4 +151,6 @@ class ModelConfig(Strict):
             raise ValueError("set model.name_or_path (pretrained model) or model.arch (build from scratch)")
         if self.name_or_path is None and self.tokenizer is None:
             raise ValueError("model.tokenizer is required when the model is built from model.arch")
+        if self.gradient_checkpointing_every != 1 and not self.gradient_checkpointing:
+            raise ValueError("model.gradient_checkpointing_every needs model.gradient_checkpointing: true")
         return self

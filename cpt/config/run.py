@@ -97,7 +97,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.document_masking", "stages", "optim",
                      "train.global_batch_size", "train.precision", "train.anneal_steps", "train.anneal_shape",
                      "train.ema_decay", "train.reptile", "train.skip_spikes")
-NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "fused", "name",
+NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "gradient_checkpointing_every", "fused", "name",
                   "name_or_path", "tokenizer", "revision", "path", "add_tokens_file", "learn_from", "trust_remote_code"}
 
 
