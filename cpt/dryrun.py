@@ -44,9 +44,9 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
         from cpt.vocab import build_extended_tokenizer
 
         tokenizer = build_extended_tokenizer(tokenizer, cfg.model.vocab)[0]
-    shape = model_shape(model)
+    shape = model_shape(_with_adapters(model, cfg))
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
-    fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L)
+    fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L, shape["n_trainable"])
 
     data_cfg = cfg.data.model_copy(update={"verify_checksums": False})
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
@@ -90,9 +90,25 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
             "max_epochs_warning": cfg.data.max_epochs_warning}
 
 
+def _with_adapters(model, cfg: RunConfig):
+    """The meta model with ``model.lora`` and ``model.freeze`` applied as training applies them (on the meta device,
+    adapters included): its trainable parameters, which set the FLOPs per token (cpt.metrics.model_flops_per_token)."""
+    import torch
+
+    from cpt.adapters import apply_freeze, apply_lora
+
+    with torch.device("meta"):
+        if cfg.model.lora is not None:
+            model = apply_lora(model, cfg.model.lora, log_fn=lambda *a: None)
+        if cfg.model.freeze is not None:
+            apply_freeze(model, cfg.model.freeze)
+    return model
+
+
 def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str:
     m = d["model"]
-    lines = [f"model: {m['n_params'] / 1e6:.1f}M parameters ({m['n_params_non_embedding'] / 1e6:.1f}M non-embedding), "
+    trainable = f", {m['n_trainable'] / 1e6:.1f}M trainable" if m["n_trainable"] < m["n_params"] else ""
+    lines = [f"model: {m['n_params'] / 1e6:.1f}M parameters ({m['n_params_non_embedding'] / 1e6:.1f}M non-embedding{trainable}), "
              f"{m['n_layers']} layers, hidden {m['hidden']}, vocab {m['vocab']:,}; {m['flops_per_token']:.3g} training FLOPs/token",
              f"batch: {d['global_batch_size']} x {d['seq_len']} = {d['global_batch_size'] * d['seq_len']:,} tokens per step"]
     if m["context"] and d["seq_len"] > m["context"]:

@@ -406,19 +406,24 @@ def format_compute(m: dict[str, float], num_devices: int) -> str:
             f"({m['compute/wall_hours']:.3g} h wall on {num_devices} device{'s' if num_devices > 1 else ''})")
 
 
-def model_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token, llm-foundry convention (forward + backward = 3 x forward):
+def model_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int,
+                          n_trainable: int | None = None) -> float:
+    """Training FLOPs per token, llm-foundry convention (forward + backward = 3 x forward) for full training:
 
         flops_per_token = 6 * n_params + 12 * n_layers * hidden * seq_len
 
-    6N: 2 FLOPs per parameter per token in the forward matmuls, 3x for forward + backward.
-    12 * n_layers * hidden * seq_len: the attention score and value matmuls (QK^T and AV, each
-    2 * hidden * seq_len FLOPs per token and layer in the forward pass), 3x for the backward, counted
-    without the causal-mask halving (as llm-foundry does). ``n_params`` is every parameter the
-    forward pass multiplies with (llm-foundry counts all of them, embeddings included); with LoRA
-    the backward skips the frozen weights' gradients, so this overstates the work a little.
+    6N: 2 FLOPs per parameter per token in the forward matmuls, 2 more in the backward for the gradient wrt the
+    activations and 2 for the gradient wrt the weights. 12 * n_layers * hidden * seq_len: the attention score and
+    value matmuls (QK^T and AV, each 2 * hidden * seq_len FLOPs per token and layer in the forward pass), 3x for the
+    backward, counted without the causal-mask halving (as llm-foundry does). ``n_params`` is every parameter the
+    forward pass multiplies with (llm-foundry counts all of them, embeddings included).
+
+    ``n_trainable`` (LoRA, frozen layers): only trainable weights get the weight-gradient matmuls, so the count is
+    ``4 * n_params + 2 * n_trainable`` (+ attention): about 4N for LoRA, where 6N would overstate the work by half.
+    (Still an upper bound when the lowest layers are frozen: no backward runs below the lowest trainable one.)
     """
-    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+    weight_grads = n_params if n_trainable is None else min(n_trainable, n_params)
+    return 4.0 * n_params + 2.0 * weight_grads + 12.0 * n_layers * hidden * seq_len
 
 
 # bf16 dense peak FLOP/s per device (no sparsity), from the vendors' data sheets

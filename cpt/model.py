@@ -350,7 +350,7 @@ def _train_separator_embedding(model: torch.nn.Module, tokenizer: PreTrainedToke
 
 
 def model_shape(model: torch.nn.Module) -> dict[str, int]:
-    """Numbers needed for FLOP accounting: parameter count (non-embedding too), layers, hidden size."""
+    """Numbers needed for FLOP accounting: parameter count (non-embedding, trainable too), layers, hidden size."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731 - ZeRO-3 placeholders are empty
@@ -358,6 +358,7 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
     emb = numel(base.get_input_embeddings().weight)
     return {
         "n_params": int(n_params),
+        "n_trainable": int(sum(numel(p) for p in base.parameters() if p.requires_grad)),
         "n_params_non_embedding": int(n_params - emb),
         "n_layers": int(getattr(cfg, "num_hidden_layers", 0)),
         "hidden": int(getattr(cfg, "hidden_size", 0)),

@@ -342,7 +342,7 @@ def _model_for_run(cfg: RunConfig, init_hf: str | None, say):
 
 def _flops_per_token(model, seq_len: int) -> float:
     shape = model_shape(model)
-    return model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], seq_len)
+    return model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], seq_len, shape["n_trainable"])
 
 
 def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):

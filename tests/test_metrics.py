@@ -235,6 +235,35 @@ def test_flops_per_token_llm_foundry_convention():
     assert model_flops_per_token(n, layers, d, L) == 6 * 124e6 + 12 * 12 * 768 * 1024
 
 
+def test_flops_of_lora_and_frozen_weights_count_weight_gradients_for_trainable_parameters_only(tiny_cpt_data, tmp_path):
+    """4N + 2 x trainable (+ attention): the backward computes the gradient wrt the activations through every
+    weight, and wrt the weights only for trainable ones; a LoRA run's logged compute/flops follow it."""
+    from conftest import Echo, tiny_run_config
+
+    from cpt.config import load_config
+    from cpt.metrics import read_metrics
+    from cpt.model import build_model, load_tokenizer, model_shape, prepare_model
+    from cpt.train import train
+
+    n, layers, d, L = 1_000_000, 4, 128, 256
+    attn = 12 * layers * d * L
+    assert model_flops_per_token(n, layers, d, L, n_trainable=n) == model_flops_per_token(n, layers, d, L) == 6 * n + attn
+    assert model_flops_per_token(n, layers, d, L, n_trainable=10_000) == 4 * n + 2 * 10_000 + attn
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "lora", model={"lora": {"r": 4, "alpha": 8}},
+                          eval={"at_start": False}, checkpoint={"every": None})
+    cfg["stages"][0]["steps"] = 3
+    cfg["data"]["heldout"] = []
+    run = load_config(base=cfg)
+    tok = load_tokenizer(run.model)
+    model = prepare_model(run.model, build_model(run.model, tok), tok, log_fn=lambda *a: None)[0]
+    shape = model_shape(model)
+    assert 0 < shape["n_trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad) < shape["n_params"] / 10
+    train(run, echo=Echo())
+    last = [r for r in read_metrics(tmp_path / "lora") if "compute/flops" in r][-1]
+    fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], run.data.seq_len, shape["n_trainable"])
+    assert last["compute/flops"] == pytest.approx(3 * run.train.global_batch_size * run.data.seq_len * fpt, rel=1e-9)
+
+
 def test_mfu_on_known_numbers():
     # 7B-like: 6*7e9 + 12*32*4096*4096 = 4.2e10 + 6.442e9 FLOPs/token; 3000 tok/s/GPU on an H100 SXM
     fpt = model_flops_per_token(7_000_000_000, 32, 4096, 4096)
