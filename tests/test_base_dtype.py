@@ -1,0 +1,205 @@
+"""model.lora.base_in_compute_dtype (cpt/base_dtype.py): a LoRA run's frozen base Linear weights stored in bf16 under
+bf16 autocast. Which tensors are cast and the memory it frees; the training numerics bitwise those of the fp32 base
+(eager, gradient checkpointing, model.compile regional and whole, on CPU bf16 autocast); generate under
+autocast_for; and cpt's real training path end to end: losses, held-out and EMA evaluations, lm-eval, the adapter
+export, resume (the checkpoint of a cast run, and a whole-model checkpoint of an fp32 base) and `cpt export`."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from cpt.adapters import apply_lora
+from cpt.base_dtype import MARK, autocast_for, cast_frozen_linears, frozen_linears
+from cpt.config import LoraConfig
+
+BF16 = torch.bfloat16
+
+
+def _lora(lora=None, tied=False, new_token_ids=None, gradient_checkpointing=False):
+    model = tiny_llama(tied=tied)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(model, LoraConfig(r=2, alpha=4, **(lora or {})), new_token_ids=new_token_ids)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter matter from the first step
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    return model
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+@pytest.mark.parametrize("case, extra", [
+    ("untied", {"lm_head"}),  # a frozen, untied output head: cast too
+    ("tied", set()),  # lm_head is the embedding's tensor: a lookup, never cast
+    ("modules_to_save", set()),  # [lm_head, embed_tokens] trained in full: their copies and originals stay fp32
+    ("new_tokens", set()),  # trainable_token_indices overlay lm_head: it stays fp32
+])
+def test_the_frozen_linears_are_cast_and_nothing_else(case, extra):
+    model = _lora(lora={"modules_to_save": ["lm_head", "embed_tokens"], "train_norms": True} if case == "modules_to_save"
+                  else None, tied=case == "tied", new_token_ids=[60, 61] if case == "new_tokens" else None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    projections = {f"model.layers.{i}.{p}.base_layer" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj")}
+    assert {_short(n) for n, _ in frozen_linears(model)} == projections | extra
+    cast_bytes = sum(p.numel() * 4 for _, m in frozen_linears(model) for p in m.parameters())
+    n, freed = cast_frozen_linears(model, BF16)
+    assert n == len(projections | extra) and freed == cast_bytes // 2  # their memory halved
+    for name, p in model.named_parameters():
+        cast = _short(name).removesuffix(".weight") in projections | extra
+        assert p.dtype == (BF16 if cast else torch.float32), name
+        assert torch.equal(p.float(), before[name].to(BF16).float() if cast else before[name]), name
+        assert not (cast and p.requires_grad), name
+
+
+@pytest.mark.parametrize("variant", ["eager", "gradient_checkpointing", "regional", "whole"])
+def test_training_under_bf16_autocast_is_bitwise_that_of_the_fp32_base(variant):
+    """3 AdamW steps on a LoRA model (an untied frozen head), under CPU bf16 autocast: losses, LoRA weights and their
+    gradients bitwise equal with and without the cast (model.compile with aot_eager: dynamo and AOTAutograd)."""
+    from cpt.compiling import compile_model
+
+    def steps(cast: bool):
+        torch._dynamo.reset()
+        model = _lora(gradient_checkpointing=variant == "gradient_checkpointing")
+        if cast:
+            cast_frozen_linears(model, BF16)
+        run = model
+        if variant in ("regional", "whole") and cast:  # (the fp32 base: eager)
+            run = compile_model(model, "regional" if variant == "regional" else True, backend="aot_eager")
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([p for _, p in trainable], lr=1e-2)
+        gen, losses, grads = torch.Generator().manual_seed(1), [], []
+        for _ in range(3):
+            ids = torch.randint(0, 64, (2, 16), generator=gen)
+            with torch.autocast("cpu", dtype=BF16):
+                loss = run(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            grads.append([p.grad.clone() for _, p in trainable])
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        return losses, grads, {n: p.detach().clone() for n, p in trainable}
+
+    (l0, g0, w0), (l1, g1, w1) = steps(False), steps(True)
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1)), (l0, l1)
+    assert all(torch.equal(a, b) for x, y in zip(g0, g1) for a, b in zip(x, y))
+    assert w0.keys() == w1.keys() and all(w0[k].dtype == torch.float32 and torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_generate_of_a_cast_base_runs_under_autocast_for():
+    """generate reaches the inner model's forward, outside accelerate's autocast wrapper: a cast base fails there
+    with a dtype error, and runs under autocast_for (as lm-eval's generation tasks do) like the fp32 base under
+    autocast."""
+    ids = torch.tensor([[1, 2, 3, 4]])
+    fp32, cast = _lora().eval(), _lora().eval()
+    cast_frozen_linears(cast, BF16)
+    setattr(cast, MARK, BF16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cast.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    with autocast_for(cast):
+        got = cast.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    with torch.autocast("cpu", dtype=BF16):
+        want = fp32.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+    assert isinstance(autocast_for(fp32), contextlib.nullcontext)  # not cast: nothing changes
+
+
+# ------------------------------------------------------------------------------------------ cpt's training path
+
+
+def _config(tiny_cpt_data, base, out: Path, cast: bool) -> dict:
+    from test_train_modes import shipped
+
+    cfg = shipped("lora", tiny_cpt_data, base, out, checkpoint={"every": 3, "keep": 5},
+                  eval={"ema": True, "lm_eval": {"tasks": ["cpt_arith_mc"], "limit": 8, "batch_size": 8}})
+    cfg["model"]["lora"].update(r=2, alpha=4, base_in_compute_dtype=cast)
+    cfg["train"].update(precision="bf16", ema_decay=0.9)
+    return cfg
+
+
+def _run(cfg: dict, **kw):
+    from cpt.config import load_config
+    from cpt.train import train
+
+    lines: list[str] = []
+    train(load_config(base=cfg), echo=lambda *a, **k: lines.append(" ".join(map(str, a))), **kw)
+    return "\n".join(lines)
+
+
+def _numbers(run_dir: Path) -> list[dict]:
+    """Every logged loss, evaluation and lm-eval score (not timings) of a run."""
+    from launching import records
+
+    keep = ("train/loss", "eval/", "ema/eval/", "lm_eval/", "forgetting/", "adaptation/")
+    return [{k: v for k, v in r.items() if k.startswith(keep)} for r in records(run_dir)]
+
+
+def _resume_at_3(done: Path, out: Path, cfg: dict) -> str:
+    shutil.copytree(done, out)
+    for p in ("checkpoints/step_00000006", "export", "export-ema"):
+        shutil.rmtree(out / p)
+    return _run({**cfg, "run": {**cfg["run"], "output_dir": str(out)}}, resume=True)
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return bool(x) and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_base, tmp_path, monkeypatch):
+    """configs/lora-cpt.yaml in bf16 with an EMA, held-out and EMA evaluations and lm-eval in the loop, 6 steps: with
+    the base cast (the default) every logged loss and score, the adapter export and the EMA's are bitwise those of
+    the same run with model.lora.base_in_compute_dtype: false (an fp32 base, as before). Its adapter checkpoint
+    resumes onto the same losses; so does a whole-model checkpoint of the fp32 base (earlier cpt's layout), its
+    base fingerprinted in fp32; `cpt export` of the checkpoint merges into the fp32 base."""
+    from cpt.adapter_checkpoint import read_base_record
+    from cpt.consolidate import export_checkpoint
+
+    a, b = tmp_path / "cast", tmp_path / "fp32"
+    cast_log = _run(_config(tiny_cpt_data, tiny_base, a, True))
+    with monkeypatch.context() as m:  # the fp32 run writes the whole-model checkpoints of earlier cpt
+        m.setattr("cpt.checkpoint_files.is_peft_model", lambda model: False)
+        fp32_log = _run(_config(tiny_cpt_data, tiny_base, b, False))
+    assert "frozen base's Linear weights are stored in bf16 (14 tensors" in cast_log and "stored in" not in fp32_log
+    ref = _numbers(a)
+    assert ref == _numbers(b) and any("lm_eval/cpt_arith_mc/acc" in r for r in ref) and any("ema/eval/python/loss" in r for r in ref)
+    for d in ("export", "export-ema"):
+        assert _same_files(a / d / "adapter_model.safetensors", b / d / "adapter_model.safetensors"), d
+
+    # resumed from the cast run's adapter checkpoint, and from the fp32 run's whole-model one: the same run
+    assert "resumed" in _resume_at_3(a, tmp_path / "ra", _config(tiny_cpt_data, tiny_base, a, True))
+    assert (b / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    assert "resumed" in _resume_at_3(b, tmp_path / "rb", _config(tiny_cpt_data, tiny_base, b, True))
+    for r in (tmp_path / "ra", tmp_path / "rb"):
+        assert _numbers(r) == ref
+        assert _same_files(a / "export" / "adapter_model.safetensors", r / "export" / "adapter_model.safetensors")
+    fingerprints = {read_base_record(d / "checkpoints" / f"step_0000000{s}")["fingerprint"]
+                    for d, s in ((a, 3), (a, 6), (tmp_path / "rb", 6))}
+    assert len(fingerprints) == 1  # the fp32 base's, whatever the storage
+
+    # cpt export of the cast run's checkpoint: the adapter merged into the fp32 base (its untouched tensors exact)
+    from safetensors.torch import load_file
+
+    export_checkpoint(a / "checkpoints" / "step_00000006", tmp_path / "merged", echo=lambda *a: None)
+    merged, base = load_file(tmp_path / "merged" / "model.safetensors"), load_file(tiny_base / "model.safetensors")
+    assert all(merged[k].dtype == torch.float32 for k in merged)
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    from cpt.model import merge_adapter  # `cpt merge` of the run's export: the same merged weights
+
+    merge_adapter(a / "export", tmp_path / "merged2")
+    assert _same_files(tmp_path / "merged" / "model.safetensors", tmp_path / "merged2" / "model.safetensors")
