@@ -142,7 +142,8 @@ def _numbers(run_dir: Path) -> list[dict]:
     from launching import records
 
     keep = ("train/loss", "eval/", "ema/eval/", "lm_eval/", "forgetting/", "adaptation/")
-    return [{k: v for k, v in r.items() if k.startswith(keep)} for r in records(run_dir)]
+    numbers = [(r["step"], {k: v for k, v in r.items() if k.startswith(keep)}) for r in records(run_dir)]
+    return [{"step": step, **n} for step, n in numbers if n]
 
 
 def _resume_at_3(done: Path, out: Path, cfg: dict) -> str:
@@ -159,8 +160,20 @@ def _same_files(a: Path, b: Path) -> bool:
     return bool(x) and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.fixture
+def bf16_in_process():
+    """accelerate keeps one AcceleratorState per process, refusing another mixed precision than its first: the
+    in-process fp32 runs of other tests (and this test's bf16 ones) each start from a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 @pytest.mark.slow
-def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_base, tmp_path, monkeypatch):
+def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_base, tmp_path, monkeypatch,
+                                                          bf16_in_process):
     """configs/lora-cpt.yaml in bf16 with an EMA, held-out and EMA evaluations and lm-eval in the loop, 6 steps: with
     the base cast (the default) every logged loss and score, the adapter export and the EMA's are bitwise those of
     the same run with model.lora.base_in_compute_dtype: false (an fp32 base, as before). Its adapter checkpoint
