@@ -180,7 +180,8 @@ def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_ba
     the base cast (the default) every logged loss and score, the adapter export and the EMA's are bitwise those of
     the same run with model.lora.base_in_compute_dtype: false (an fp32 base, as before). Its adapter checkpoint
     resumes onto the same losses; so does a whole-model checkpoint of the fp32 base (earlier cpt's layout), its
-    base fingerprinted in fp32; `cpt export` of the checkpoint merges into the fp32 base."""
+    base fingerprinted in fp32; a new stage starts from it; `cpt export` of the checkpoint and `cpt merge` of the
+    export merge into the fp32 base."""
     from cpt.adapter_checkpoint import read_base_record
     from cpt.consolidate import export_checkpoint
 
@@ -206,6 +207,14 @@ def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_ba
                     for d, s in ((a, 3), (a, 6), (tmp_path / "rb", 6))}
     assert len(fingerprints) == 1  # the fp32 base's, whatever the storage
 
+    # a new stage from the cast run's checkpoint (train.init_from): its base check passes, it starts from its weights
+    stage = _config(tiny_cpt_data, tiny_base, tmp_path / "stage", True)
+    stage["train"]["init_from"] = str(a / "checkpoints" / "step_00000003")
+    stage["stages"][0]["steps"], stage["eval"]["lm_eval"]["tasks"] = 3, []
+    assert "initialised weights from" in _run(stage)
+    at = lambda run, step: next(r for r in _numbers(run) if r["step"] == step and "eval/python/loss" in r)  # noqa: E731
+    assert at(tmp_path / "stage", 0)["eval/python/loss"] == at(a, 3)["eval/python/loss"]
+
     # cpt export of the cast run's checkpoint: the adapter merged into the fp32 base (its untouched tensors exact)
     from safetensors.torch import load_file
 
@@ -213,7 +222,10 @@ def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_ba
     merged, base = load_file(tmp_path / "merged" / "model.safetensors"), load_file(tiny_base / "model.safetensors")
     assert all(merged[k].dtype == torch.float32 for k in merged)
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    adapter, q = load_file(a / "export" / "adapter_model.safetensors"), "model.layers.0.self_attn.q_proj"
+    delta = adapter[f"base_model.model.{q}.lora_B.weight"] @ adapter[f"base_model.model.{q}.lora_A.weight"] * 2.0
+    assert delta.abs().max() > 0  # (a base rounded to bf16 would be off by ~1e-4 here)
+    assert torch.allclose(merged[f"{q}.weight"], base[f"{q}.weight"] + delta, rtol=0, atol=1e-7)
     from cpt.model import merge_adapter  # `cpt merge` of the run's export: the same merged weights
 
     merge_adapter(a / "export", tmp_path / "merged2")
