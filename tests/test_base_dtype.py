@@ -63,6 +63,32 @@ def test_the_frozen_linears_are_cast_and_nothing_else(case, extra):
         assert not (cast and p.requires_grad), name
 
 
+@pytest.mark.parametrize("distributed_type, precision, on, cast", [
+    ("NO", "bf16", True, True), ("MULTI_CPU", "bf16", True, True), ("MULTI_GPU", "fp16", True, True),  # 1 process, DDP
+    ("NO", "fp32", True, False), ("NO", "bf16", False, False),  # no autocast; switched off
+    ("FSDP", "bf16", True, False), ("DEEPSPEED", "bf16", True, False),  # their own mixed precision: the base stays fp32
+])
+def test_where_the_base_is_cast(distributed_type, precision, on, cast):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from cpt.base_dtype import cast_frozen_base
+
+    cfg = SimpleNamespace(model=SimpleNamespace(lora=LoraConfig(base_in_compute_dtype=on)),
+                          train=SimpleNamespace(precision=precision))
+    acc = SimpleNamespace(distributed_type=DistributedType[distributed_type], native_amp=precision != "fp32")
+    model, said = _lora(), []
+    cast_frozen_base(model, cfg, acc, said.append)
+    dtypes = {p.dtype for _, m in frozen_linears(model) for p in m.parameters()}
+    assert dtypes == ({BF16 if precision == "bf16" else torch.float16} if cast else {torch.float32})
+    assert getattr(model, MARK, None) == (next(iter(dtypes)) if cast else None)
+    if distributed_type in ("FSDP", "DEEPSPEED"):  # said in one line
+        assert len(said) == 1 and "the frozen base stays fp32 under" in said[0]
+    else:
+        assert len(said) == int(cast)
+
+
 @pytest.mark.parametrize("variant, dtype", [("eager", BF16), ("eager", torch.float16), ("gradient_checkpointing", BF16),
                                             ("regional", BF16), ("whole", BF16)])
 def test_training_under_autocast_is_bitwise_that_of_the_fp32_base(variant, dtype):
