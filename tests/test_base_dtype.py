@@ -21,8 +21,8 @@ from cpt.config import LoraConfig
 BF16 = torch.bfloat16
 
 
-def _lora(lora=None, tied=False, new_token_ids=None, gradient_checkpointing=False):
-    model = tiny_llama(tied=tied)
+def _lora(lora=None, tied=False, new_token_ids=None, gradient_checkpointing=False, **llama):
+    model = tiny_llama(tied=tied, **llama)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, LoraConfig(r=2, alpha=4, **(lora or {})), new_token_ids=new_token_ids)
@@ -256,3 +256,31 @@ def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_ba
 
     merge_adapter(a / "export", tmp_path / "merged2")
     assert _same_files(tmp_path / "merged" / "model.safetensors", tmp_path / "merged2" / "model.safetensors")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_cast_frees_half_the_frozen_linears_and_training_is_bitwise_unchanged():
+    """On a GPU (eager attention: deterministic kernels): the device memory the cast frees is half the frozen Linear
+    weights', and 3 steps under bf16 autocast give bitwise the losses and LoRA weights of the fp32 base."""
+
+    def steps(cast: bool):
+        model = _lora(attn_implementation="eager").cuda()
+        before = torch.cuda.memory_allocated()
+        _, freed = cast_frozen_linears(model, BF16) if cast else (0, 0)
+        torch.cuda.synchronize()
+        assert before - torch.cuda.memory_allocated() == freed
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt, gen, losses = torch.optim.AdamW(trainable, lr=1e-2), torch.Generator().manual_seed(1), []
+        for _ in range(3):
+            ids = torch.randint(0, 64, (2, 16), generator=gen).cuda()
+            with torch.autocast("cuda", dtype=BF16):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, [p.detach().cpu() for p in trainable], freed
+
+    (l0, w0, _), (l1, w1, freed) = steps(False), steps(True)
+    assert freed == sum(p.numel() * 2 for _, m in frozen_linears(_lora()) for p in m.parameters())
+    assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(w0, w1))
