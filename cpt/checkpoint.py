@@ -45,11 +45,12 @@ import torch
 from cpt.adapter_checkpoint import (AdapterCheckpointError, base_problem, is_adapter_layout, is_peft_model,
                                     models_from_adapter_state)
 from cpt.adapters import note_base
+from cpt.base_dtype import in_fp32
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.checkpoint_files import host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
 from cpt.optim import group_settings, layout_difference, param_shapes, restore_group_settings, trainable_layout
-from cpt.state import StateError, Stateful, check_format, flatten, restore, state_dict_mismatch
+from cpt.state import StateError, Stateful, check_format, flatten, json_default, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
 
@@ -202,7 +203,7 @@ class CheckpointManager:
             fault_point(f"save:begin@{step}")
             try:
                 doc, tensors = flatten(components)
-                job = self._stage(step, tmp, json.dumps(doc, indent=1, default=_json_default), config_yaml, tensors)
+                job = self._stage(step, tmp, json.dumps(doc, indent=1, default=json_default), config_yaml, tensors)
             except Exception as e:  # noqa: BLE001 - any failure must leave the old checkpoints intact
                 error = e
         if not all_ranks_agree(acc, error is None):
@@ -306,6 +307,9 @@ class CheckpointManager:
             first = layout_difference(json.loads((ckpt / TRAINABLE).read_text()), self.trainable, param_shapes(self.acc))
             if first:
                 _refuse_other_params(ckpt, first)
+        fp32_base = contextlib.ExitStack()  # a whole-model checkpoint: its fp32 base loads (and is fingerprinted) exactly
+        if not adapter and model is not None:  # (a LoRA base stored in bf16/fp16: cpt/base_dtype.py)
+            fp32_base.enter_context(in_fp32(model))
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
             log.warning("%s was written with another backend, number of processes or model.compile wrapper: loading "
                         "it through cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
@@ -339,6 +343,7 @@ class CheckpointManager:
         self.acc.step = 0
         if not adapter and is_peft_model(model) and self.cpt_writes:  # its base came from the checkpoint
             note_base(model)
+        fp32_base.close()
         if components is not None:
             load_components(ckpt, components)
 
@@ -481,17 +486,3 @@ def cpt_can_write(acc) -> bool:
     return (backend(acc) in (Backend.SINGLE, Backend.DDP)
             and not acc._schedulers and not acc._dataloaders and not acc._custom_objects
             and not acc._save_model_state_pre_hook)
-
-
-def _json_default(obj):
-    import numpy as np
-
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable in trainer state: {type(obj)}")

@@ -101,7 +101,7 @@ def config_from_arch(arch: dict[str, Any], **defaults: Any):
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None) -> PreTrainedModel:
-    """The model in fp32 (mixed precision is applied by accelerate's autocast).
+    """The model in fp32 (mixed precision is accelerate's autocast; a bf16 LoRA run casts its frozen base: base_dtype.py).
 
     `weights_from` (an HF export directory) overrides `cfg.name_or_path`: it is how a run continues
     from the model of an earlier run or stage.

@@ -119,3 +119,16 @@ def state_dict_mismatch(e: RuntimeError) -> str:
         name, saved, current = shapes[0]
         parts.append(f"{len(shapes)} of another shape, e.g. {name}: {saved} in the checkpoint, {current} in the model")
     return "; ".join(parts) or text.splitlines()[0]
+
+
+def json_default(obj):
+    """``json.dumps``'s ``default`` for a component's JSON part: NumPy and torch numbers and arrays as numbers and lists."""
+    import numpy as np
+
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable in trainer state: {type(obj)}")

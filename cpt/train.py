@@ -27,6 +27,7 @@ from accelerate.utils import set_seed
 from cpt import consolidate, lm_loss, optim
 from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.averaging import EMA
+from cpt.base_dtype import cast_frozen_base
 from cpt.checkpoint import CheckpointManager, wait_for_writers
 from cpt.compiling import compile_model
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
@@ -351,6 +352,7 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
         scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier, acc)
     use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)  # no full logits, where supported
+    cast_frozen_base(model, cfg, acc, say)  # LoRA: the frozen base's Linear weights in bf16/fp16 (cpt/base_dtype.py)
     refuse_unshardable(model, acc)  # (LoRA's tied new rows under FSDP)
     return compile_model(model, cfg.model.compile, say), optimizer  # model.compile: whole model or its repeated blocks
 

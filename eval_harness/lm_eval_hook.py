@@ -238,7 +238,10 @@ def run_lm_eval_detailed(
     task_manager = make_task_manager(list(tasks), include_path)
     gen_kwargs = {"synced_gpus": True} if strategy == "replicated" else None
 
-    with preserved_rng_and_mode(module), torch.no_grad(), _no_bootstrap_pool(), _no_provenance():
+    from cpt.base_dtype import autocast_for
+
+    # (a LoRA base stored in bf16: autocast also for generate, which calls the inner model's forward; cpt/base_dtype.py)
+    with preserved_rng_and_mode(module), torch.no_grad(), _no_bootstrap_pool(), _no_provenance(), autocast_for(module):
         lm = _hflm_class()(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         if strategy == "data_parallel":
             # lm-eval's own data-parallel evaluation (what it does under `accelerate launch` with a

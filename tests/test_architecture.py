@@ -23,8 +23,8 @@ CONFIG_LAYER_DEPS = {"cpt.redaction"}
 # itself: see ROOT_PACKAGES). A module imports only from its own layer or those below.
 LAYERS = (
     ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock", "cpt.state")),
-    ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.vocab", "cpt.distributed",
-                                "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss", "cpt.compiling",
+    ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.base_dtype", "cpt.vocab",
+                                "cpt.distributed", "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss", "cpt.compiling",
                                 "cpt.layer_options")),
     ("components", ("cpt.optim", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate",
                     "cpt.metrics", "cpt.profiling", "cpt.checkpoint", "cpt.checkpoint_files", "cpt.adapter_checkpoint", "cpt.resume", "cpt.consolidate", "cpt.report",

@@ -56,6 +56,10 @@ class LoraConfig(Strict):
     train_norms: bool = False
     # rank-stabilised LoRA scaling (alpha / sqrt(r) instead of alpha / r); helps at high rank (MoRA's concern)
     use_rslora: bool = False
+    # with train.precision bf16/fp16: store the frozen base's Linear weights in that dtype (half their memory; the
+    # training numerics are bitwise those of an fp32 base under autocast, which casts them anyway); one process and
+    # DDP; false keeps them fp32 (cpt/base_dtype.py)
+    base_in_compute_dtype: bool = True
 
     @field_validator("target_modules")
     @classmethod
