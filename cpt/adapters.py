@@ -264,22 +264,33 @@ def adapter_keys(peft_model) -> list[str]:
     return [k for k, v in peft_model.state_dict(keep_vars=True).items() if id(v) in trainable or own.search(k)]
 
 
-def base_fingerprint(peft_model) -> str | None:
+def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
     """SHA-256 over every frozen base tensor of a peft model (name, shape, dtype and the SHA-256 of its bytes; sorted by
     name): the base as built, vocabulary changes included. One pass over the base weights, the tensors hashed in
-    parallel (~1.2 GB/s per CPU core). None when the weights are not all here (DeepSpeed ZeRO-3's zero.Init
-    placeholders, meta tensors)."""
+    parallel (~1.2 GB/s per CPU core). None when the weights are not all here (meta tensors). Under DeepSpeed ZeRO-3's
+    zero.Init (partitioned placeholders) each tensor is gathered in turn, a collective every process joins; those
+    with ``hash_here`` False only take part in it (and get None)."""
     from concurrent.futures import ThreadPoolExecutor
 
     ours = set(adapter_keys(peft_model))
     base = [(n, t) for n, t in sorted(peft_model.state_dict(keep_vars=True).items()) if n not in ours]
-    if any(t.is_meta or (t.numel() == 0 and getattr(t, "ds_numel", 0)) for _, t in base):
+    if any(t.is_meta for _, t in base):
         return None  # (transformers leaves weights a checkpoint lacks on meta on FSDP's other ranks, cpu_ram_efficient_loading)
 
     def digest(t: torch.Tensor) -> bytes:  # (hashlib releases the GIL while it hashes)
         return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()
 
     h = hashlib.sha256()
+    if any(t.numel() == 0 and getattr(t, "ds_numel", 0) for _, t in base):  # ZeRO-3: one tensor whole at a time
+        import deepspeed
+
+        for name, t in base:
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                if hash_here:
+                    h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + digest(t))
+        return h.hexdigest() if hash_here else None
+    if not hash_here:
+        return None
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         for (name, t), d in zip(base, pool.map(digest, [t for _, t in base])):
             h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + d)
@@ -287,9 +298,22 @@ def base_fingerprint(peft_model) -> str | None:
 
 
 def note_base(peft_model) -> str | None:
-    """Record the base fingerprint on the model (``_cpt_base_fingerprint``) as its weights are now; returns it."""
-    peft_model._cpt_base_fingerprint = base_fingerprint(peft_model)
-    return peft_model._cpt_base_fingerprint
+    """Record the base fingerprint on the model (``_cpt_base_fingerprint``) as its weights are now; returns it.
+
+    In a run of several processes (collective) the main process alone hashes and hands the fingerprint to the others:
+    every backend gives each process the main process's weights when it wraps the model (DDP and DeepSpeed broadcast
+    them from rank 0, FSDP2's ``cpu_ram_efficient_loading`` and ZeRO-3's zero.Init take them from it), so the others'
+    own pass over the same bytes (all ranks of a node reading them at once) told nothing more. Each process still
+    compares it with a checkpoint's, and a mismatch stops all of them together (cpt/checkpoint.py)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        peft_model._cpt_base_fingerprint = base_fingerprint(peft_model)
+        return peft_model._cpt_base_fingerprint
+    shared = [base_fingerprint(peft_model, hash_here=dist.get_rank() == 0)]
+    dist.broadcast_object_list(shared, src=0)
+    peft_model._cpt_base_fingerprint = shared[0]
+    return shared[0]
 
 
 def _untie_trained_copies(peft_model) -> str | None:
