@@ -377,3 +377,19 @@ def test_cli_merge_onto_another_base_is_one_line(base_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cpt merge: error: adapter ") and "does not fit the base model" in err[-1]
     assert not any("Traceback" in line for line in err) and not (tmp_path / "m").exists()
+
+
+def test_deepspeed_lora_save_leaves_out_a_head_tied_to_the_frozen_embedding():
+    """DeepSpeed's exclude_frozen_parameters drops a frozen parameter under its first name only: the output head tied to
+    the frozen embedding stayed in ZeRO-2's checkpoint (the embedding whole). While cpt saves, the model's state_dict
+    has neither name of it (nor any other base tensor DeepSpeed leaves out); afterwards it is whole again."""
+    from cpt.adapter_shards import _without_frozen_aliases
+
+    model = apply_lora(tiny_llama(vocab=300, hidden=64, intermediate=128, layers=2, tied=True),
+                       LoraConfig(r=2, target_modules=["q_proj"]))
+    whole = set(model.state_dict())
+    assert "base_model.model.lm_head.weight" in whole
+    with _without_frozen_aliases(model):
+        inside = set(model.state_dict())
+    assert whole - inside == {"base_model.model.lm_head.weight"}  # the alias; DeepSpeed drops the first name itself
+    assert set(model.state_dict()) == whole

@@ -150,7 +150,7 @@ def test_a_sharded_lora_checkpoint_resumes_on_one_process_and_exports(strategy, 
     moved = killed_after_step_3(run, tmp_path / "moved", make_cfg(tiny_cpt_data, other, run))
     with pytest.raises(CheckpointError, match="another base model"):
         train(load_config(base=moved), resume=True, echo=lambda *a, **k: None)
-    assert not (tmp_path / "moved" / "metrics.jsonl").exists() or not losses(tmp_path / "moved")
+    assert not losses(tmp_path / "moved")  # (nothing trained)
 
     assert main(["export", str(run), "--adapter", "--out", str(tmp_path / "adapter")]) == 0  # (its step-6 checkpoint)
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(tmp_path / "adapter"))
