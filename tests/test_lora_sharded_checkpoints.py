@@ -8,8 +8,9 @@ environment alone: tests/test_launch_shipped.py):
   uninterrupted run's losses bitwise (the backend's own loader: DCP for FSDP2, DeepSpeed's load_checkpoint);
 * the same checkpoint resumed on 1 process (cpt/consolidate.py) gives them to 1e-5; under a changed base it is
   refused in one line, nothing trained;
-* `cpt export --adapter` of it is a peft adapter that transformers + peft load and that reproduces the logged
-  held-out loss.
+* `cpt export --adapter` of it, like the run's own adapter export, is a peft adapter that transformers + peft load
+  and that reproduces the logged held-out loss (this replaced tests/test_train_distributed.py's FSDP2 LoRA run, which
+  checked the losses and the export alone).
 
 One 2-process run and one resume per strategy (6 launches, the bulk of this file's time).
 """
@@ -153,8 +154,8 @@ def test_a_sharded_lora_checkpoint_resumes_on_one_process_and_exports(strategy, 
     assert not losses(tmp_path / "moved")  # (nothing trained)
 
     assert main(["export", str(run), "--adapter", "--out", str(tmp_path / "adapter")]) == 0  # (its step-6 checkpoint)
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(tmp_path / "adapter"))
-    tok = AutoTokenizer.from_pretrained(tmp_path / "adapter")
     h = HeldoutConfig(name="python", path=str(tiny_cpt_data / "data" / "python" / "heldout"), tag="downstream")
-    tokens = load_heldout(h, tok, cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"])
-    assert heldout_loss(peft, tokens, 16) == pytest.approx(evals(run)[STEPS], abs=1e-5)
+    for adapter in (tmp_path / "adapter", run / "export"):  # and the run's own export (gathered at its end)
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(adapter))
+        tokens = load_heldout(h, AutoTokenizer.from_pretrained(adapter), cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"])
+        assert heldout_loss(peft, tokens, 16) == pytest.approx(evals(run)[STEPS], abs=1e-5), adapter
