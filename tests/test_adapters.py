@@ -393,3 +393,22 @@ def test_deepspeed_lora_save_leaves_out_a_head_tied_to_the_frozen_embedding():
         inside = set(model.state_dict())
     assert whole - inside == {"base_model.model.lm_head.weight"}  # the alias; DeepSpeed drops the first name itself
     assert set(model.state_dict()) == whole
+
+
+def test_deepspeed_lora_checkpoints_keep_the_whole_model_when_model_freeze_froze_adapter_weights(caplog):
+    """exclude_frozen_parameters would leave out LoRA weights model.freeze froze (a stage from an earlier LoRA checkpoint
+    trained them: a fresh initialisation would not bring them back): such a DeepSpeed run keeps whole-model
+    checkpoints, saying so once; with every adapter weight trainable the checkpoint leaves the base out."""
+    from types import SimpleNamespace
+
+    from cpt.adapter_shards import _adapter_model
+
+    model = apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    acc = SimpleNamespace(distributed_type="DEEPSPEED", _models=[model], _optimizers=[object()], is_main_process=True,
+                          unwrap_model=lambda m, keep_torch_compile=False: m)
+    assert _adapter_model(acc) is model
+    apply_freeze(model, FreezeConfig(layers="bottom_half"))
+    with caplog.at_level("WARNING", logger="cpt.checkpoint"):
+        assert _adapter_model(acc) is None and _adapter_model(acc) is None
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "hold the whole model" in caplog.records[0].message and "lora_A" in caplog.records[0].message
