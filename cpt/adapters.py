@@ -300,11 +300,12 @@ def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
 def note_base(peft_model) -> str | None:
     """Record the base fingerprint on the model (``_cpt_base_fingerprint``) as its weights are now; returns it.
 
-    In a run of several processes (collective) the main process alone hashes and hands the fingerprint to the others:
-    every backend gives each process the main process's weights when it wraps the model (DDP and DeepSpeed broadcast
-    them from rank 0, FSDP2's ``cpu_ram_efficient_loading`` and ZeRO-3's zero.Init take them from it), so the others'
-    own pass over the same bytes (all ranks of a node reading them at once) told nothing more. Each process still
-    compares it with a checkpoint's, and a mismatch stops all of them together (cpt/checkpoint.py)."""
+    In a run of several processes (collective) the main process alone hashes and hands the fingerprint to the others.
+    Their bases are the main process's: DDP and DeepSpeed broadcast rank 0's weights when they wrap the model, ZeRO-3's
+    zero.Init and FSDP2's ``cpu_ram_efficient_loading`` (the shipped fsdp.yaml) load them on rank 0 alone; otherwise
+    every process built it from the same files with the same code and seed. The others' own pass over the same bytes
+    (all ranks of a node reading them at once) told nothing more. Each process still compares the fingerprint with a
+    checkpoint's, and a mismatch stops all of them together (cpt/checkpoint.py)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
