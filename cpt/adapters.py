@@ -14,6 +14,7 @@ naming the field: one line from ``cpt train``, no traceback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -268,8 +269,8 @@ def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
     """SHA-256 over every frozen base tensor of a peft model (name, shape, dtype and the SHA-256 of its bytes; sorted by
     name): the base as built, vocabulary changes included. One pass over the base weights, the tensors hashed in
     parallel (~1.2 GB/s per CPU core). None when the weights are not all here (meta tensors). Under DeepSpeed ZeRO-3's
-    zero.Init (partitioned placeholders) each tensor is gathered in turn, a collective every process joins; those
-    with ``hash_here`` False only take part in it (and get None)."""
+    zero.Init (partitioned placeholders) the tensors are gathered ~1 GB at a time, a collective every process joins;
+    those with ``hash_here`` False only take part in it (and get None)."""
     from concurrent.futures import ThreadPoolExecutor
 
     ours = set(adapter_keys(peft_model))
@@ -281,20 +282,38 @@ def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
         return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()
 
     h = hashlib.sha256()
-    if any(t.numel() == 0 and getattr(t, "ds_numel", 0) for _, t in base):  # ZeRO-3: one tensor whole at a time
-        import deepspeed
-
-        for name, t in base:
-            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-                if hash_here:
-                    h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + digest(t))
-        return h.hexdigest() if hash_here else None
-    if not hash_here:
+    zero3 = any(t.numel() == 0 and getattr(t, "ds_numel", 0) for _, t in base)
+    if not (hash_here or zero3):
         return None
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        for (name, t), d in zip(base, pool.map(digest, [t for _, t in base])):
-            h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + d)
-    return h.hexdigest()
+        for group in _groups_of(base, 1 << 30) if zero3 else [base]:  # ZeRO-3: ~1 GB gathered whole at a time
+            with _gathered([t for _, t in group], zero3):
+                if hash_here:
+                    for (name, t), d in zip(group, pool.map(digest, [t for _, t in group])):
+                        h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + d)
+    return h.hexdigest() if hash_here else None
+
+
+def _groups_of(named: list, max_bytes: int) -> list[list]:
+    """Consecutive runs of ``(name, tensor)`` of at most ``max_bytes`` (a larger tensor alone), by full size."""
+    groups, size = [[]], 0
+    for name, t in named:
+        n = _numel(t) * t.element_size()
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, t))
+        size += n
+    return groups
+
+
+def _gathered(tensors: list, zero3: bool):
+    """ZeRO-3 placeholders gathered whole on every process (a collective) within; otherwise nothing."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
 
 
 def note_base(peft_model) -> str | None:
