@@ -4,9 +4,10 @@ On one process and under DDP (where cpt writes the checkpoint files itself: cpt/
 checkpoint holds ``adapter_state.safetensors`` instead of accelerate's whole-model ``model.safetensors``: the tensors
 of :func:`cpt.adapters.adapter_keys` (the trainable parameters: LoRA A/B, the ``modules_to_save`` copies, the new
 vocabulary rows of ``trainable_token_indices``; and adapter weights ``model.freeze`` froze), keyed as the unwrapped
-model's ``state_dict``. The optimizer, scaler, RNG and cpt's own files are unchanged. ``adapter_base.json`` records the
-base the adapter was trained on: its name and :func:`cpt.adapters.base_fingerprint` (SHA-256 of the frozen base as
-built: weights, vocabulary changes included).
+model's ``state_dict``. The optimizer, scaler, RNG and cpt's own files are unchanged. Under FSDP2 and DeepSpeed
+ZeRO-2/3 the checkpoint keeps its backend's sharded layout, with the adapter's shards alone
+(cpt/adapter_shards.py). Either way ``adapter_base.json`` records the base the adapter was trained on: its name and
+:func:`cpt.adapters.base_fingerprint` (SHA-256 of the frozen base as built: weights, vocabulary changes included).
 
 Whoever reads the checkpoint rebuilds the base as the run did (``model.name_or_path`` or an HF ``train.init_from``,
 ``model.vocab``, ``run.seed`` for a base built from ``model.arch``) and loads the adapter state on top: a resume, a new
@@ -14,9 +15,8 @@ stage or anneal branch from it (cpt/checkpoint.py), another backend or world siz
 ``cpt export`` / ``eval`` / ``interpolate`` / ``average``. A base that differs from the recorded one is refused in one
 line (:class:`AdapterCheckpointError`) before anything is loaded.
 
-FSDP2 and DeepSpeed save through ``accelerator.save_state`` and keep the whole model (docs/adapters.md). A
-checkpoint's layout is told by its files (:func:`is_adapter_layout`), so whole-model checkpoints of any run load as
-before.
+A checkpoint's layout is told by its files (:func:`is_adapter_layout`), so whole-model checkpoints of any run (earlier
+cpt's FSDP2/DeepSpeed LoRA checkpoints among them) load as before.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def is_peft_model(model) -> bool:
 
 
 def is_adapter_layout(ckpt: str | Path) -> bool:
-    return (Path(ckpt) / ADAPTER_STATE).is_file()
+    """Whether ``ckpt`` holds a LoRA adapter without its base (any backend's layout: ``adapter_base.json``)."""
+    return (Path(ckpt) / ADAPTER_STATE).is_file() or (Path(ckpt) / ADAPTER_BASE).is_file()
 
 
 def adapter_items(model) -> list[tuple[str, str, object]]:
@@ -50,11 +51,16 @@ def adapter_items(model) -> list[tuple[str, str, object]]:
     :func:`cpt.checkpoint_files.write_files`: its adapter state (tensors still on the device) and base record."""
     keys = set(adapter_keys(model))
     state = {k: v.detach() for k, v in model.state_dict().items() if k in keys}
-    base = model.get_base_model()
     fingerprint = getattr(model, "_cpt_base_fingerprint", None) or base_fingerprint(model)
+    return [(ADAPTER_STATE, "safetensors", state), base_record_item(model, len(state), fingerprint)]
+
+
+def base_record_item(model, adapter_tensors: int, fingerprint: str | None) -> tuple[str, str, str]:
+    """``adapter_base.json`` as a ``(file name, kind, payload)`` item: the base's name and ``fingerprint``."""
+    base = model.get_base_model()
     record = {"base": str(getattr(base, "name_or_path", "") or "model.arch"), "fingerprint": fingerprint,
-              "adapter_tensors": len(state)}
-    return [(ADAPTER_STATE, "safetensors", state), (ADAPTER_BASE, "text", json.dumps(record, indent=1))]
+              "adapter_tensors": adapter_tensors}
+    return (ADAPTER_BASE, "text", json.dumps(record, indent=1))
 
 
 def read_base_record(ckpt: str | Path) -> dict:

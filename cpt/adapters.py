@@ -14,6 +14,7 @@ naming the field: one line from ``cpt train``, no traceback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -264,32 +265,75 @@ def adapter_keys(peft_model) -> list[str]:
     return [k for k, v in peft_model.state_dict(keep_vars=True).items() if id(v) in trainable or own.search(k)]
 
 
-def base_fingerprint(peft_model) -> str | None:
+def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
     """SHA-256 over every frozen base tensor of a peft model (name, shape, dtype and the SHA-256 of its bytes; sorted by
     name): the base as built, vocabulary changes included. One pass over the base weights, the tensors hashed in
-    parallel (~1.2 GB/s per CPU core). None when the weights are not all here (DeepSpeed ZeRO-3's zero.Init
-    placeholders, meta tensors)."""
+    parallel (~1.2 GB/s per CPU core). None when the weights are not all here (meta tensors). Under DeepSpeed ZeRO-3's
+    zero.Init (partitioned placeholders) the tensors are gathered ~1 GB at a time, a collective every process joins;
+    those with ``hash_here`` False only take part in it (and get None)."""
     from concurrent.futures import ThreadPoolExecutor
 
     ours = set(adapter_keys(peft_model))
     base = [(n, t) for n, t in sorted(peft_model.state_dict(keep_vars=True).items()) if n not in ours]
-    if any(t.is_meta or (t.numel() == 0 and getattr(t, "ds_numel", 0)) for _, t in base):
+    if any(t.is_meta for _, t in base):
         return None  # (transformers leaves weights a checkpoint lacks on meta on FSDP's other ranks, cpu_ram_efficient_loading)
 
     def digest(t: torch.Tensor) -> bytes:  # (hashlib releases the GIL while it hashes)
         return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()
 
     h = hashlib.sha256()
+    zero3 = any(t.numel() == 0 and getattr(t, "ds_numel", 0) for _, t in base)
+    if not (hash_here or zero3):
+        return None
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        for (name, t), d in zip(base, pool.map(digest, [t for _, t in base])):
-            h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + d)
-    return h.hexdigest()
+        for group in _groups_of(base, 1 << 30) if zero3 else [base]:  # ZeRO-3: ~1 GB gathered whole at a time
+            with _gathered([t for _, t in group], zero3):
+                if hash_here:
+                    for (name, t), d in zip(group, pool.map(digest, [t for _, t in group])):
+                        h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + d)
+    return h.hexdigest() if hash_here else None
+
+
+def _groups_of(named: list, max_bytes: int) -> list[list]:
+    """Consecutive runs of ``(name, tensor)`` of at most ``max_bytes`` (a larger tensor alone), by full size."""
+    groups, size = [[]], 0
+    for name, t in named:
+        n = _numel(t) * t.element_size()
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, t))
+        size += n
+    return groups
+
+
+def _gathered(tensors: list, zero3: bool):
+    """ZeRO-3 placeholders gathered whole on every process (a collective) within; otherwise nothing."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
 
 
 def note_base(peft_model) -> str | None:
-    """Record the base fingerprint on the model (``_cpt_base_fingerprint``) as its weights are now; returns it."""
-    peft_model._cpt_base_fingerprint = base_fingerprint(peft_model)
-    return peft_model._cpt_base_fingerprint
+    """Record the base fingerprint on the model (``_cpt_base_fingerprint``) as its weights are now; returns it.
+
+    In a run of several processes (collective) the main process alone hashes and hands the fingerprint to the others.
+    Their bases are the main process's: DDP and DeepSpeed broadcast rank 0's weights when they wrap the model, ZeRO-3's
+    zero.Init and FSDP2's ``cpu_ram_efficient_loading`` (the shipped fsdp.yaml) load them on rank 0 alone; otherwise
+    every process built it from the same files with the same code and seed. The others' own pass over the same bytes
+    (all ranks of a node reading them at once) told nothing more. Each process still compares the fingerprint with a
+    checkpoint's, and a mismatch stops all of them together (cpt/checkpoint.py)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        peft_model._cpt_base_fingerprint = base_fingerprint(peft_model)
+        return peft_model._cpt_base_fingerprint
+    shared = [base_fingerprint(peft_model, hash_here=dist.get_rank() == 0)]
+    dist.broadcast_object_list(shared, src=0)
+    peft_model._cpt_base_fingerprint = shared[0]
+    return shared[0]
 
 
 def _untie_trained_copies(peft_model) -> str | None:

@@ -2,8 +2,8 @@
 
 Layout of a run directory::
 
-    <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG; a LoRA model on one
-                                           process or DDP: its adapter state alone, cpt/adapter_checkpoint.py),
+    <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG; a LoRA model: its
+                                           adapter state alone, cpt/adapter_checkpoint.py, cpt/adapter_shards.py),
                                            trainer_state.json + state.safetensors: every registered component's
                                            state (the loop's counters, data position, evaluator, EMA, ...: cpt/state.py),
                                            config.yaml, trainable.json (each optimizer group's parameter names
@@ -42,8 +42,8 @@ from typing import Mapping
 
 import torch
 
-from cpt.adapter_checkpoint import (AdapterCheckpointError, base_problem, is_adapter_layout, is_peft_model,
-                                    models_from_adapter_state)
+from cpt import adapter_shards
+from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, is_peft_model
 from cpt.adapters import note_base
 from cpt.base_dtype import in_fp32
 from cpt.distributed import Backend, all_ranks_agree, backend
@@ -257,7 +257,7 @@ class CheckpointManager:
                     raise CheckpointError(f"a rank could not write its part: {failed[0]}")
                 digests = {k: v for d in gathered for k, v in d.items()}
         else:
-            acc.save_state(str(tmp), safe_serialization=True)  # FSDP / DeepSpeed shards, on every rank
+            items += adapter_shards.save_state(acc, tmp)  # FSDP / DeepSpeed shards, on every rank (LoRA: no base)
         if not acc.is_main_process:
             return None
         return _Commit(self, step, tmp, items, digests)
@@ -317,8 +317,7 @@ class CheckpointManager:
         else:
             names = _optimizer_param_names(self.acc)
             try:
-                with models_from_adapter_state(self.acc, ckpt) if adapter else contextlib.nullcontext():
-                    self.acc.load_state(str(ckpt))
+                adapter_shards.load_state(self.acc, ckpt)  # (a LoRA checkpoint: the adapter over the base as built)
             except AdapterCheckpointError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
             except ValueError as e:  # torch's Optimizer.load_state_dict: other groups or group sizes

@@ -9,6 +9,9 @@ A checkpoint is written by accelerate in the layout of its backend:
 * ``deepspeed`` (ZeRO-2/3): ``pytorch_model/`` with one ``zero_pp_rank_R_..._optim_states.pt`` per rank,
   holding that rank's flat partition of the fp32 weights and of the Adam moments.
 
+A LoRA run's ``fsdp`` and ``deepspeed`` checkpoints hold the adapter alone too (cpt/adapter_shards.py; their
+``adapter_base.json`` says so): as with ``adapter``, the reader builds the base and loads the adapter over it.
+
 This module turns any of them into one name-keyed, full, fp32 state on the CPU of a single process: the weights
 (:func:`read_model_state`; an ``adapter`` checkpoint's adapter tensors) and the Adam state per parameter
 (:func:`read_optimizer_state`). ``cpt export`` writes
@@ -43,7 +46,7 @@ class ConsolidateError(CheckpointError):
 def layout(ckpt: str | os.PathLike) -> str:
     """``plain``, ``adapter``, ``fsdp`` or ``deepspeed``: the backend layout a checkpoint directory was written in."""
     p = Path(ckpt)
-    if is_adapter_layout(p):
+    if (p / ADAPTER_STATE).is_file():
         return "adapter"
     if (p / DS_TAG).is_dir() and glob.glob(str(p / DS_TAG / "*optim_states.pt")):
         return "deepspeed"
@@ -404,17 +407,17 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     tokenizer = load_tokenizer(cfg.model)
     from cpt.resume import lora_base_dir
 
-    base_from = lora_base_dir(cfg) if kind == "adapter" else None  # (an adapter checkpoint: built as the run built it)
+    base_from = lora_base_dir(cfg) if base_record else None  # (an adapter checkpoint: built as the run built it)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # (a base from model.arch: the run's initialisation)
         model = build_model(cfg.model, tokenizer, weights_from=base_from)  # the base (architecture, or pretrained)
         model, tokenizer, _ = prepare_model(cfg.model, model, tokenizer, log_fn=lambda *a, **k: None, weights_from=base_from)
-    if kind == "adapter":
+    if base_record is not None:
         try:
             check_fits(ckpt, model, base_record)
         except AdapterCheckpointError as e:
             raise ConsolidateError(f"{ckpt}: {e}") from None
-    _check_keys(model, weights, f"cpt export {ckpt}", adapter=kind == "adapter")
+    _check_keys(model, weights, f"cpt export {ckpt}", adapter=base_record is not None)
     model.load_state_dict(weights, strict=False)
     if cfg.model.lora is not None and not adapter:
         from cpt.adapters import merge_lora
@@ -436,7 +439,7 @@ def read_checkpoint_for_export(path: str | os.PathLike, echo=print, attempts: in
         ckpt = resolve_checkpoint(path)
         try:
             kind = layout(ckpt)
-            record = read_base_record(ckpt) if kind == "adapter" else None
+            record = read_base_record(ckpt) if is_adapter_layout(ckpt) else None
             return ckpt, checkpoint_config(ckpt), read_model_state(ckpt), kind, record
         except (ConsolidateError, OSError, RuntimeError):  # safetensors: RuntimeError "unable to open file"
             if ckpt.is_dir():

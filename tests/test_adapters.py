@@ -377,3 +377,38 @@ def test_cli_merge_onto_another_base_is_one_line(base_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cpt merge: error: adapter ") and "does not fit the base model" in err[-1]
     assert not any("Traceback" in line for line in err) and not (tmp_path / "m").exists()
+
+
+def test_deepspeed_lora_save_leaves_out_a_head_tied_to_the_frozen_embedding():
+    """DeepSpeed's exclude_frozen_parameters drops a frozen parameter under its first name only: the output head tied to
+    the frozen embedding stayed in ZeRO-2's checkpoint (the embedding whole). While cpt saves, the model's state_dict
+    has neither name of it (nor any other base tensor DeepSpeed leaves out); afterwards it is whole again."""
+    from cpt.adapter_shards import _without_frozen_aliases
+
+    model = apply_lora(tiny_llama(vocab=300, hidden=64, intermediate=128, layers=2, tied=True),
+                       LoraConfig(r=2, target_modules=["q_proj"]))
+    whole = set(model.state_dict())
+    assert "base_model.model.lm_head.weight" in whole
+    with _without_frozen_aliases(model):
+        inside = set(model.state_dict())
+    assert whole - inside == {"base_model.model.lm_head.weight"}  # the alias; DeepSpeed drops the first name itself
+    assert set(model.state_dict()) == whole
+
+
+def test_deepspeed_lora_checkpoints_keep_the_whole_model_when_model_freeze_froze_adapter_weights(caplog):
+    """exclude_frozen_parameters would leave out LoRA weights model.freeze froze (a stage from an earlier LoRA checkpoint
+    trained them: a fresh initialisation would not bring them back): such a DeepSpeed run keeps whole-model
+    checkpoints, saying so once; with every adapter weight trainable the checkpoint leaves the base out."""
+    from types import SimpleNamespace
+
+    from cpt.adapter_shards import _adapter_model
+
+    model = apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    acc = SimpleNamespace(distributed_type="DEEPSPEED", _models=[model], _optimizers=[object()], is_main_process=True,
+                          unwrap_model=lambda m, keep_torch_compile=False: m)
+    assert _adapter_model(acc) is model
+    apply_freeze(model, FreezeConfig(layers="bottom_half"))
+    with caplog.at_level("WARNING", logger="cpt.checkpoint"):
+        assert _adapter_model(acc) is None and _adapter_model(acc) is None
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "hold the whole model" in caplog.records[0].message and "lora_A" in caplog.records[0].message
