@@ -205,6 +205,8 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
                     "                        'cpus': os.environ['SLURM_CPUS_PER_TASK']}) + '\\n')\n")
     fake.chmod(0o755)
     env = slurm.env()
+    if strategy == "zero3":  # without MASTER_PORT: a port of the job's own (accelerate's default 29500 is shared)
+        del env["MASTER_PORT"]
     out = subprocess.run(["sbatch", "--nodes=2", "--gpus-per-node=4", str(SCRIPT), "run.yaml", strategy, "--set", "x=1"],
                          cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
     job_id = out.split()[-1]
@@ -221,7 +223,8 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
         assert call["argv"][0] == "launch"
         args, _, _ = _validate_launch_command(launch_command_parser().parse_args(call["argv"][1:]))
         assert (args.machine_rank, args.num_machines, args.num_processes) == (rank, 2, 8)
-        assert (args.main_process_ip, args.main_process_port) == ("node0", int(env["MASTER_PORT"]))
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(job_id) % 10000
+        assert (args.main_process_ip, args.main_process_port) == ("node0", port)
         assert args.module and args.training_script == "cpt.cli"
         assert args.training_script_args == ["train", "run.yaml", "--resume", "--set", "x=1"]
         if strategy == "fsdp":
