@@ -254,6 +254,17 @@ def collective_timeout(error: BaseException, cfg) -> str | None:
 # ---------------------------------------------------------------- preemption
 
 
+def unprotected_batch_job(cfg, env=None) -> str | None:
+    """The start-up warning for a SLURM job without periodic checkpoints (``checkpoint.every`` unset, the default):
+    the time-limit warning (SIGUSR1) still saves one, but a node failure, a preemption without the warning or a
+    crash costs the whole run (the requeued job starts at step 0). None otherwise."""
+    env = os.environ if env is None else env
+    if cfg.checkpoint.every is not None or not env.get("SLURM_JOB_ID"):
+        return None
+    return (f"warning: checkpoint.every is not set in SLURM job {env['SLURM_JOB_ID']}: a node failure, a preemption "
+            "without the USR1 warning or a crash restarts this run from step 0; set checkpoint.every")
+
+
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 (cluster preemption) ask for a checkpoint and a clean exit at the end of a step.
 

@@ -232,3 +232,17 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
         else:
             assert args.use_deepspeed and args.deepspeed_multinode_launcher == "standard"
             assert args.deepspeed_config_file == str(ROOT / "configs" / "deepspeed" / "zero3.json")
+
+
+def test_slurm_job_without_periodic_checkpoints_is_warned(tiny_cpt_data, tmp_path):
+    """checkpoint.every unset (the default) in a SLURM job: a node failure would restart it from step 0, so the
+    start-up log says so; not outside SLURM, not with checkpoint.every set."""
+    from cpt.config import load_config
+    from cpt.distributed import unprotected_batch_job
+
+    cfg = load_config(base=tiny_run_config(tiny_cpt_data, tmp_path / "run", checkpoint={"every": None}))
+    line = unprotected_batch_job(cfg, {"SLURM_JOB_ID": "4242"})
+    assert line.startswith("warning: checkpoint.every is not set in SLURM job 4242") and "step 0" in line
+    assert unprotected_batch_job(cfg, {}) is None
+    cfg.checkpoint.every = 100
+    assert unprotected_batch_job(cfg, {"SLURM_JOB_ID": "4242"}) is None
