@@ -107,6 +107,11 @@ def test_environment_variables_in_values(tmp_path, monkeypatch):
     monkeypatch.delenv("CPT_TEST_SCRATCH")
     with pytest.raises(ConfigError, match=r"^data.sources.0.path: environment variable CPT_TEST_SCRATCH is not set"):
         load_config(write(tmp_path, data))
+    # in the flow style of the README's examples an unquoted ${VAR} is a YAML error: the line says to quote it
+    (tmp_path / "flow.yaml").write_text("run: {name: x, output_dir: ${CPT_TEST_SCRATCH}/runs/x}\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: line 1, .*; a \$\{VAR\} value inside \{ \} or \[ \] must be "
+                                          r"quoted, e.g. \{output_dir: \"\$\{SCRATCH\}/runs/x\"\}$"):
+        load_config(tmp_path / "flow.yaml")
 
 
 def test_numbers_without_a_dot_are_numbers_in_free_form_sections_too(tmp_path):
