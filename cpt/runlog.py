@@ -4,9 +4,9 @@ error the loggers report (a failed checkpoint save, skipped updates, a lock take
 its UTC time and appended across resumes and requeues, so a run directory holds its history without W&B and
 wherever its terminal or batch log went.
 
-Nothing is written before the run directory holds its ``config.yaml`` (written once the model and data have loaded,
-or there from an earlier start of the run): a start that fails earlier leaves no file behind, and its lines are
-written with the run's first ones otherwise. Only the main process (``RANK`` 0) writes. With a progress bar (on a
+Nothing is written before this start has written the run's ``config.yaml`` (once the model and data have loaded):
+a start that fails or is refused earlier (a changed trajectory on ``--resume``, a fresh start over a finished run)
+writes nothing, as elsewhere in cpt; otherwise its earlier lines are written with their times then. Only the main process (``RANK`` 0) writes. With a progress bar (on a
 terminal) the step and evaluation lines go to the bar and metrics.jsonl, not here. A log that cannot be written
 (disk full) is given up silently: it never stops training.
 """
@@ -33,6 +33,8 @@ class RunLog:
         self.echo = echo
         self.enabled = int(os.environ.get("RANK", "0")) == 0 if enabled is None else enabled
         self.pending: list[str] = []
+        self.config_before = _identity(self.path.parent / "config.yaml")  # an earlier start's (None: there is none)
+        self.started = False
         self.handler = _ToRunLog(self)
         self.handler.setLevel(level)
         self.handler.setFormatter(logging.Formatter(FORMAT))
@@ -47,8 +49,11 @@ class RunLog:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.pending += [f"{stamp} {line}" for line in (text.splitlines() or [""])]
-        if not (self.path.parent / "config.yaml").is_file():  # the run has not started writing: keep the lines
-            return
+        if not self.started:  # until this start has written config.yaml (atomically replaced: a new inode)
+            now = _identity(self.path.parent / "config.yaml")
+            self.started = now is not None and now != self.config_before
+            if not self.started:
+                return
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n".join(self.pending) + "\n")
@@ -62,6 +67,14 @@ class RunLog:
 
     def __exit__(self, *exc: Any) -> None:
         logging.getLogger().removeHandler(self.handler)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 class _ToRunLog(logging.Handler):

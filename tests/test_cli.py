@@ -114,7 +114,7 @@ def test_a_rank_whose_launcher_died_before_it_started_stops(tmp_path):
 def test_train_keeps_its_log_in_the_run_directory(tiny_cpt_data, tmp_path, capsys):
     """<output_dir>/train.log: the lines `cpt train` prints (start-up lines included, though said before the run
     directory was written) and the loggers' warnings, time-stamped; appended by a resume; nothing from a start that
-    fails before the run has begun. They were on the terminal (or the batch log) only."""
+    fails or is refused before the run has begun. They were on the terminal (or the batch log) only."""
     import re
 
     from conftest import tiny_run_config
@@ -138,6 +138,8 @@ def test_train_keeps_its_log_in_the_run_directory(tiny_cpt_data, tmp_path, capsy
     assert main(["train", str(path), "--resume"]) == 0
     more = (tmp_path / "run" / "train.log").read_text().splitlines()
     assert more[:len(lines)] == lines and any("resumed " in x and "at step 4" in x for x in more[len(lines):])
+    assert main(["train", str(path), "--resume", "--set", "run.seed=7"]) == 1  # refused: nothing written
+    assert (tmp_path / "run" / "train.log").read_text().splitlines() == more
 
     cfg["run"]["output_dir"] = str(tmp_path / "failed")
     cfg["data"]["sources"][0]["path"] = str(tmp_path / "not-prepared")
