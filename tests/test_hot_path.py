@@ -188,11 +188,19 @@ def test_fp16_loss_scaler_skipped_update_lowers_the_scale(grad_clip):
     accelerator is given one as it would be there (CPU GradScaler, native AMP). Before the fix the scale stayed put
     and the next step raised "unscale_() has already been called on this optimizer since the last update()"."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # (process-wide: an earlier test's precision)
+    try:
+        _fp16_steps(Accelerator(cpu=True, mixed_precision="fp16"), grad_clip)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # fp16 stays out of later tests
+
+
+def _fp16_steps(acc, grad_clip):
     from cpt.optim import clip_grad_norm
     from cpt.update_guard import UpdateGuard
 
-    acc = Accelerator(cpu=True, mixed_precision="fp16")
     acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), True
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
