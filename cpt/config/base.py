@@ -229,7 +229,10 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: s
     p = Path(path)
     if not p.is_file():
         raise error(f"{what} file not found: {p}")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # (a traceback from `cpt train`)
+        raise error(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save it as UTF-8") from None
     try:
         loaded = load_yaml(text) or {}
     except yaml.YAMLError as e:
