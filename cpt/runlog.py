@@ -6,9 +6,10 @@ wherever its terminal or batch log went.
 
 Nothing is written before this start has written the run's ``config.yaml`` (once the model and data have loaded):
 a start that fails or is refused earlier (a changed trajectory on ``--resume``, a fresh start over a finished run)
-writes nothing, as elsewhere in cpt; otherwise its earlier lines are written with their times then. Only the main process (``RANK`` 0) writes. With a progress bar (on a
-terminal) the step and evaluation lines go to the bar and metrics.jsonl, not here. A log that cannot be written
-(disk full) is given up silently: it never stops training.
+writes nothing, as elsewhere in cpt; otherwise its earlier lines are written then, with the times they were said.
+Only the main process (``RANK`` 0) writes. With a progress bar (on a terminal) the step and evaluation lines go to
+the bar and metrics.jsonl, not here. A log that cannot be written (disk full) is given up silently: it never stops
+training.
 """
 
 from __future__ import annotations
