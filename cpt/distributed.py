@@ -227,6 +227,8 @@ def build_accelerator(cfg):
             "(distributed_type NO): they would train unsynchronised copies. On CPU, launch DDP with ACCELERATE_USE_CPU=1 "
             "or use DeepSpeed; FSDP needs GPUs."
         )
+    if (asked := launch_mismatch(acc)) and acc.is_main_process:  # e.g. the fsdp launcher with ACCELERATE_USE_CPU=1
+        logging.getLogger("cpt.distributed").warning(asked)
     problem = precision_conflict(cfg.train.precision, acc)  # train.precision is the one source of precision
     if problem:
         raise LaunchError(problem)
@@ -237,6 +239,25 @@ def build_accelerator(cfg):
         configure_deepspeed(ds.deepspeed_config, micro_batch=cfg.train.micro_batch_size, grad_accum=grad_accum,
                             global_batch=cfg.train.global_batch_size, grad_clip=cfg.optim.grad_clip)
     return acc
+
+
+# what `accelerate launch` asked for (its config's distributed_type or flags), as it tells the ranks
+_LAUNCHED = (("ACCELERATE_USE_FSDP", Backend.FSDP, "FSDP"), ("ACCELERATE_USE_DEEPSPEED", Backend.DEEPSPEED, "DeepSpeed"))
+
+
+def launch_mismatch(acc, env=None) -> str | None:
+    """A warning when the launch asked for FSDP or DeepSpeed and accelerate set up another backend (with
+    ACCELERATE_USE_CPU=1 it sets up plain DDP for both: `scripts/launch.sh run.yaml fsdp` on CPU trained as DDP
+    without a word); None otherwise."""
+    env = os.environ if env is None else env
+    got = backend(acc)
+    for var, wanted, name in _LAUNCHED:
+        if env.get(var, "").lower() in ("true", "1") and got is not wanted:
+            cpu = " (ACCELERATE_USE_CPU=1 does that)" if env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") else ""
+            return (f"the launch asked for {name}, but accelerate set up {got.name} (distributed_type "
+                    f"{DistributedType(acc.distributed_type).value}){cpu}: this run trains as {got.name}, "
+                    f"{acc.num_processes} process(es)")
+    return None
 
 
 def collective_timeout(error: BaseException, cfg) -> str | None:
@@ -252,6 +273,17 @@ def collective_timeout(error: BaseException, cfg) -> str | None:
 
 
 # ---------------------------------------------------------------- preemption
+
+
+def unprotected_batch_job(cfg, env=None) -> str | None:
+    """The start-up warning for a SLURM job without periodic checkpoints (``checkpoint.every`` unset, the default):
+    the time-limit warning (SIGUSR1) still saves one, but a node failure, a preemption without the warning or a
+    crash costs the whole run (the requeued job starts at step 0). None otherwise."""
+    env = os.environ if env is None else env
+    if cfg.checkpoint.every is not None or not env.get("SLURM_JOB_ID"):
+        return None
+    return (f"warning: checkpoint.every is not set in SLURM job {env['SLURM_JOB_ID']}: a node failure, a preemption "
+            "without the USR1 warning or a crash restarts this run from step 0; set checkpoint.every")
 
 
 class PreemptionFlag:

@@ -402,8 +402,11 @@ class ComputeAccount:
 def format_compute(m: dict[str, float], num_devices: int) -> str:
     """One line for the end of a run: FLOPs, device-hours, wall hours."""
     flops = f"{m['compute/flops']:.3g} training FLOPs, " if "compute/flops" in m else ""
-    return (f"compute: {flops}{m['compute/device_hours']:.3g} device-hours "
-            f"({m['compute/wall_hours']:.3g} h wall on {num_devices} device{'s' if num_devices > 1 else ''})")
+    wall, device = m["compute/wall_hours"], m["compute/device_hours"]
+    where = f"on {num_devices} device{'s' if num_devices > 1 else ''}"
+    if abs(device - wall * num_devices) > 1e-6 * max(device, 1e-12):  # resumed on another number of devices
+        where += " in this segment, other numbers before"
+    return f"compute: {flops}{device:.3g} device-hours ({wall:.3g} h wall {where})"
 
 
 def model_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int,

@@ -220,6 +220,7 @@ def clip_grad_norm(acc, model: nn.Module, max_norm: float | None) -> torch.Tenso
     """The global gradient norm before clipping, as a 0-d tensor on the device (no host read), every gradient
     clipped to ``max_norm`` when it is set (through accelerate: DDP, FSDP and DeepSpeed alike)."""
     if max_norm is None:
+        acc.unscale_gradients()  # fp16's loss scaler: the norm of the true gradients (accelerate's clip does it too)
         total = torch.zeros((), device=acc.device)
         for p in model.parameters():
             if p.grad is not None:

@@ -34,7 +34,7 @@ from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
 from cpt.console import RunOutput, preempted_line
 from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
-from cpt.distributed import Backend, PreemptionFlag, accelerator_for, any_rank, backend
+from cpt.distributed import Backend, PreemptionFlag, accelerator_for, any_rank, backend, unprotected_batch_job
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
 from cpt.lm_loss import LogWindow, SourceLoss, use_chunked_loss
 from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
@@ -89,7 +89,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         say = echo if acc.is_main_process else (lambda *a, **k: None)
         set_seed(cfg.run.seed)
         start = resolve_start(cfg, cfg.checkpoint.resume if resume is None else resume, allow_config_change, acc, say)
-        _preflight(cfg, start)  # one clear error before anything loads
+        _preflight(cfg, start, say)  # one clear error before anything loads
         for line in format_mixes(cfg.stages):
             say(line)
         B, L = cfg.train.global_batch_size, cfg.data.seq_len
@@ -322,11 +322,13 @@ def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | 
     return None
 
 
-def _preflight(cfg: RunConfig, start: Start) -> None:
+def _preflight(cfg: RunConfig, start: Start, say) -> None:
     """Checks that need neither the model nor the data, run before anything is loaded or written."""
     check_attn_implementation(cfg.model)
     if cfg.train.anneal_steps and start.resume is None:  # a cpt checkpoint in a constant or stable phase
         anneal_branch_start(cfg, start.init)
+    if (warning := unprotected_batch_job(cfg)) is not None:  # SLURM without checkpoint.every
+        say(warning)
 
 
 def _model_for_run(cfg: RunConfig, init_hf: str | None, say):

@@ -9,7 +9,7 @@ is taken decides what it costs:
   the host only when :meth:`UpdateGuard.sync` is called (log steps, checkpoints, the end).
 * **on the host** otherwise (foreach AdamW, FSDP, DeepSpeed, or a spike guard, which needs the loss value):
   one host read per step of one small tensor (the flag, with the loss and gradient norm when the spike guard
-  needs them), then ``optimizer.step()`` or not.
+  needs them), then ``optimizer.step()`` or not (with fp16's loss scaler, a skipped step still updates the scale).
 
 Both paths count ``nonfinite_total``/``in_a_row`` identically; the "too many in a row" stop is checked wherever
 the counts are on the host: every step on the host path, at every :meth:`sync` on the device path (where the
@@ -95,6 +95,7 @@ class UpdateGuard:
             self.optimizer.step()
             self.in_a_row = 0
             return Outcome(applied=True)
+        self._end_scaler_step()
         if spike:
             self.say(f"step {step}: loss or gradient-norm spike (grad norm {norm:.3g}), update skipped")
             return Outcome(applied=False, spike=True)
@@ -102,6 +103,15 @@ class UpdateGuard:
         self.nonfinite_total += 1
         self.say(f"step {step}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row)")
         return Outcome(applied=False)
+
+    def _end_scaler_step(self) -> None:
+        """fp16's loss scaler (accelerate's GradScaler, FSDP's ShardedGradScaler) after an update skipped here: its
+        ``update()`` is what the skipped ``optimizer.step()`` would have called. It lowers the scale after an overflow
+        (the usual fp16 skip) and ends the step, whose gradients ``clip_grad_norm`` has unscaled; without it the scale
+        never came down and the next step's unscale raised "unscale_() has already been called"."""
+        scaler = getattr(self.optimizer, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scaler.update()
 
     # ------------------------------------------------------------------ host view
 

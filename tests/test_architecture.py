@@ -22,7 +22,8 @@ CONFIG_LAYER_DEPS = {"cpt.redaction"}
 # the layers of docs/architecture.md, bottom first; a package name covers its submodules (the root package "cpt" only
 # itself: see ROOT_PACKAGES). A module imports only from its own layer or those below.
 LAYERS = (
-    ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock", "cpt.state")),
+    ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock", "cpt.runlog",
+                           "cpt.state")),
     ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.base_dtype", "cpt.vocab",
                                 "cpt.distributed", "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss", "cpt.compiling",
                                 "cpt.layer_options")),

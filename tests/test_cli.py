@@ -109,3 +109,40 @@ def test_a_rank_whose_launcher_died_before_it_started_stops(tmp_path):
     if lines[0] != "1":
         pytest.skip(f"orphans are re-parented to a subreaper here (pid {lines[0]}), not to init")
     assert lines == ["1"], lines
+
+
+def test_train_keeps_its_log_in_the_run_directory(tiny_cpt_data, tmp_path, capsys):
+    """<output_dir>/train.log: the lines `cpt train` prints (start-up lines included, though said before the run
+    directory was written) and the loggers' warnings, time-stamped; appended by a resume; nothing from a start that
+    fails or is refused before the run has begun. They were on the terminal (or the batch log) only."""
+    import re
+
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", checkpoint={"every": 2, "export_at_end": False},
+                          eval={"at_start": False})
+    cfg["stages"][0]["steps"] = 4
+    cfg["data"]["heldout"] = []
+    cfg["data"]["max_epochs_warning"] = 0.001  # a logger warning at the first step
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines), lines
+    text = [line[21:] for line in lines]
+    assert text[0].startswith("stage 0 ") and "step 4/4 | tokens" in "\n".join(text)
+    assert any(t.startswith("WARNING cpt.data: data source 'python' is now in epoch") for t in text), text
+    assert text[-1] == f"run directory: {tmp_path / 'run'}"
+    out = capsys.readouterr().out
+    assert "step 4/4 | tokens" in out  # the terminal gets them as before
+    assert main(["train", str(path), "--resume"]) == 0
+    more = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert more[:len(lines)] == lines and any("resumed " in x and "at step 4" in x for x in more[len(lines):])
+    assert main(["train", str(path), "--resume", "--set", "run.seed=7"]) == 1  # refused: nothing written
+    assert (tmp_path / "run" / "train.log").read_text().splitlines() == more
+
+    cfg["run"]["output_dir"] = str(tmp_path / "failed")
+    cfg["data"]["sources"][0]["path"] = str(tmp_path / "not-prepared")
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 1
+    assert not (tmp_path / "failed").exists()  # nothing written, the log included

@@ -107,6 +107,11 @@ def test_environment_variables_in_values(tmp_path, monkeypatch):
     monkeypatch.delenv("CPT_TEST_SCRATCH")
     with pytest.raises(ConfigError, match=r"^data.sources.0.path: environment variable CPT_TEST_SCRATCH is not set"):
         load_config(write(tmp_path, data))
+    # in the flow style of the README's examples an unquoted ${VAR} is a YAML error: the line says to quote it
+    (tmp_path / "flow.yaml").write_text("run: {name: x, output_dir: ${CPT_TEST_SCRATCH}/runs/x}\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: line 1, .*; a \$\{VAR\} value inside \{ \} or \[ \] must be "
+                                          r"quoted, e.g. \{output_dir: \"\$\{SCRATCH\}/runs/x\"\}$"):
+        load_config(tmp_path / "flow.yaml")
 
 
 def test_numbers_without_a_dot_are_numbers_in_free_form_sections_too(tmp_path):
@@ -161,6 +166,9 @@ def test_a_key_given_twice_is_an_error(tmp_path):
         load_config(tmp_path / "twice.yaml")
     assert str(e.value) == f"{tmp_path / 'twice.yaml'}: not valid YAML: line {line + 3}, column 1: duplicate key " \
         f"'train' (first on line {line})"  # one line
+    (tmp_path / "latin1.yaml").write_bytes("# café\nrun: {name: x}\n".encode("latin-1"))  # was a traceback
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 5\): save it as UTF-8$"):
+        load_config(tmp_path / "latin1.yaml")
     (tmp_path / "bad.yaml").write_text("run: {name: x\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML: line 2, column 1: while parsing a flow mapping "
                                           r"expected ',' or '}', but got '<stream end>'$"):

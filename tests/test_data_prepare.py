@@ -289,6 +289,11 @@ def test_nothing_valid_is_a_clear_error(tmp_path, tokenizer, capsys):
     assert main([str(tmp_path / "missing.jsonl"), "--tokenizer", tok_dir, "--out", str(tmp_path / "o")]) == 1
     assert "input not found" in capsys.readouterr().err
     assert main([str(src), "--tokenizer", str(tmp_path / "no-tokenizer"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err  # a mistyped path: said so (transformers spoke of hub repo ids)
+    assert err == f"cpt prepare: error: tokenizer folder not found: {tmp_path / 'no-tokenizer'} (--tokenizer takes a " \
+                  "local folder or a hub id)\n"
+    (tmp_path / "empty").mkdir()
+    assert main([str(src), "--tokenizer", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err  # transformers' message spans lines: one line here
     assert err.startswith("cpt prepare: error: cannot load tokenizer") and err.count("\n") == 1
 

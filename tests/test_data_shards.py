@@ -120,6 +120,11 @@ def test_local_corruption_truncation_and_missing_files(prepared, tmp_path):
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="not valid JSON"):
         TokenShards.open(tmp_path / "junk")
+    (tmp_path / "junk" / "manifest.json").write_bytes(b"\xff\xfe{}")  # named the file not
+    with pytest.raises(ShardError, match=r"junk/manifest.json: not valid JSON \('utf-8' codec can't decode byte 0xff"):
+        TokenShards.open(tmp_path / "junk")
+    with pytest.raises(ShardError, match=r"shard_00000.bin: a file, not a prepared folder"):  # was a traceback
+        TokenShards.open(out / "shard_00000.bin")
 
 
 @pytest.mark.parametrize("edit, problem", [

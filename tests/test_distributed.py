@@ -165,3 +165,19 @@ def test_micro_batch_is_fitted_to_the_world_size_and_impossible_splits_are_refus
     assert fit_micro_batch(64, 8, 64) == 1
     with pytest.raises(LaunchError, match=r"over 6 processes; it can over 1, 2, 4, 8, 16, 32, 64 \("):
         fit_micro_batch(64, 8, 6)
+
+
+def test_a_launch_asking_for_fsdp_or_deepspeed_that_got_ddp_says_so():
+    """`scripts/launch.sh run.yaml fsdp` (or a ZeRO launcher) with ACCELERATE_USE_CPU=1: accelerate sets up plain DDP
+    and the run trained as DDP without a word; now the start-up log names both."""
+    from cpt.distributed import launch_mismatch
+
+    env = {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "1"}
+    assert launch_mismatch(acc("MULTI_CPU"), env) == (
+        "the launch asked for FSDP, but accelerate set up DDP (distributed_type MULTI_CPU) (ACCELERATE_USE_CPU=1 does "
+        "that): this run trains as DDP, 2 process(es)")
+    assert "asked for DeepSpeed, but accelerate set up DDP" in launch_mismatch(acc("MULTI_CPU"),
+                                                                              {"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert launch_mismatch(acc("FSDP"), env) is None  # what was asked for
+    assert launch_mismatch(acc("DEEPSPEED", 3), {"ACCELERATE_USE_DEEPSPEED": "true"}) is None
+    assert launch_mismatch(acc("MULTI_GPU"), {}) is None  # a DDP launch

@@ -179,3 +179,45 @@ def test_training_with_and_without_prefetch_is_identical(tiny_cpt_data, tmp_path
         losses[prefetch] = [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path / str(prefetch) / "metrics.jsonl")
                             if "train/loss" in r]
     assert len(losses[True]) == 5 and losses[True] == losses[False]
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_fp16_loss_scaler_skipped_update_lowers_the_scale(grad_clip):
+    """fp16 on the host-decided path (FSDP, foreach AdamW, the spike guard): an overflowing step is skipped by cpt's
+    guard, which must still end the loss scaler's step. accelerate builds its GradScaler on CUDA only, so the CPU
+    accelerator is given one as it would be there (CPU GradScaler, native AMP). Before the fix the scale stayed put
+    and the next step raised "unscale_() has already been called on this optimizer since the last update()"."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # (process-wide: an earlier test's precision)
+    try:
+        _fp16_steps(Accelerator(cpu=True, mixed_precision="fp16"), grad_clip)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # fp16 stays out of later tests
+
+
+def _fp16_steps(acc, grad_clip):
+    from cpt.optim import clip_grad_norm
+    from cpt.update_guard import UpdateGuard
+
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), True
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=False))
+    guard = UpdateGuard(acc, opt, max_in_a_row=5, say=lambda *a: None)
+    assert not guard.on_device
+    before = [p.detach().clone() for p in model.parameters()]
+    applied, norms = [], []
+    for step in range(4):
+        loss = model(torch.randn(4, 8) * (1e30 if step == 0 else 1)).pow(2).mean()  # step 0 overflows
+        acc.backward(loss)
+        norm = clip_grad_norm(acc, model, grad_clip)
+        applied.append(bool(guard.step(loss.detach(), norm, step).applied))
+        norms.append(float(norm))
+        opt.zero_grad()
+    assert applied == [False, True, True, True]
+    assert acc.scaler.get_scale() == 2.0 ** 15  # the overflow halved the scale
+    assert guard.nonfinite_total == 1
+    assert all(n < 100 for n in norms[1:])  # the true (unscaled) gradient norm, also without clipping
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

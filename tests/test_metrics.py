@@ -317,7 +317,11 @@ def test_compute_account_carries_totals_across_resumes():
     fresh = ComputeAccount(clock=clock)
     fresh.load_state_dict({})  # a checkpoint written before compute accounting existed
     assert fresh.metrics(0)["compute/device_hours"] == 0.0
-    assert format_compute(m, 2) == "compute: 6e+12 training FLOPs, 6 device-hours (1.5 h wall on 2 devices)"
+    one_segment = {"compute/wall_hours": 0.5, "compute/device_hours": 4.0, "compute/flops": 2e12}
+    assert format_compute(one_segment, 8) == "compute: 2e+12 training FLOPs, 4 device-hours (0.5 h wall on 8 devices)"
+    # 1.5 h on 2 devices would be 3 device-hours: the line does not say the whole run was on 2
+    assert format_compute(m, 2) == "compute: 6e+12 training FLOPs, 6 device-hours (1.5 h wall on 2 devices in this " \
+        "segment, other numbers before)"
     with pytest.raises(ValueError):
         ComputeAccount(num_devices=0)
 

@@ -205,6 +205,8 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
                     "                        'cpus': os.environ['SLURM_CPUS_PER_TASK']}) + '\\n')\n")
     fake.chmod(0o755)
     env = slurm.env()
+    if strategy == "zero3":  # without MASTER_PORT: a port of the job's own (accelerate's default 29500 is shared)
+        del env["MASTER_PORT"]
     out = subprocess.run(["sbatch", "--nodes=2", "--gpus-per-node=4", str(SCRIPT), "run.yaml", strategy, "--set", "x=1"],
                          cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
     job_id = out.split()[-1]
@@ -221,7 +223,8 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
         assert call["argv"][0] == "launch"
         args, _, _ = _validate_launch_command(launch_command_parser().parse_args(call["argv"][1:]))
         assert (args.machine_rank, args.num_machines, args.num_processes) == (rank, 2, 8)
-        assert (args.main_process_ip, args.main_process_port) == ("node0", int(env["MASTER_PORT"]))
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(job_id) % 10000
+        assert (args.main_process_ip, args.main_process_port) == ("node0", port)
         assert args.module and args.training_script == "cpt.cli"
         assert args.training_script_args == ["train", "run.yaml", "--resume", "--set", "x=1"]
         if strategy == "fsdp":
@@ -229,3 +232,17 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
         else:
             assert args.use_deepspeed and args.deepspeed_multinode_launcher == "standard"
             assert args.deepspeed_config_file == str(ROOT / "configs" / "deepspeed" / "zero3.json")
+
+
+def test_slurm_job_without_periodic_checkpoints_is_warned(tiny_cpt_data, tmp_path):
+    """checkpoint.every unset (the default) in a SLURM job: a node failure would restart it from step 0, so the
+    start-up log says so; not outside SLURM, not with checkpoint.every set."""
+    from cpt.config import load_config
+    from cpt.distributed import unprotected_batch_job
+
+    cfg = load_config(base=tiny_run_config(tiny_cpt_data, tmp_path / "run", checkpoint={"every": None}))
+    line = unprotected_batch_job(cfg, {"SLURM_JOB_ID": "4242"})
+    assert line.startswith("warning: checkpoint.every is not set in SLURM job 4242") and "step 0" in line
+    assert unprotected_batch_job(cfg, {}) is None
+    cfg.checkpoint.every = 100
+    assert unprotected_batch_job(cfg, {"SLURM_JOB_ID": "4242"}) is None

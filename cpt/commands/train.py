@@ -86,24 +86,35 @@ def main(argv: list[str]) -> int:
             print(f"cpt train: error: {e}", file=sys.stderr)
             return 1
         return 0
+    from cpt.runlog import RunLog
+
+    # flushed line by line: a batch job's log (stdout redirected to a file) shows progress as it happens; the same
+    # lines and the loggers' messages also go to <output_dir>/train.log (cpt/runlog.py)
+    with RunLog(cfg.run.output_dir, functools.partial(print, flush=True)) as runlog:
+        runlog.handler.addFilter(OncePerMessage("lm_eval"))
+        return _train(cfg, args, argv, runlog, train)
+
+
+def _train(cfg, args, argv: list[str], runlog, train) -> int:
+    def error(line: str) -> int:
+        print(f"cpt train: error: {line}", file=sys.stderr, flush=True)
+        runlog.write(f"cpt train: error: {line}")
+        return 1
+
     try:
-        # flushed line by line: a batch job's log (stdout redirected to a file) shows progress as it happens
-        result = train(cfg, resume=args.resume or None, echo=functools.partial(print, flush=True),
-                       allow_config_change=args.allow_config_change)
+        result = train(cfg, resume=args.resume or None, echo=runlog.say, allow_config_change=args.allow_config_change)
     # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
     except run_errors() as e:
-        print(f"cpt train: error: {e}", file=sys.stderr)
-        return 1
+        return error(str(e))
     except RuntimeError as e:  # a collective that gave up on a hung or lost rank: say which setting decides
         from cpt.distributed import collective_timeout
 
         if (line := collective_timeout(e, cfg)) is None:
             raise
-        print(f"cpt train: error: {line}", file=sys.stderr, flush=True)
-        return 1
+        return error(line)
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
         from cpt.console import resume_command
 
         launcher = " (with the same launcher: add --resume to its `cpt train` arguments)" if "LOCAL_RANK" in os.environ else ""
-        print(f"to resume: {resume_command(argv)}{launcher}", flush=True)
+        runlog.say(f"to resume: {resume_command(argv)}{launcher}", flush=True)
     return 0  # also after a preemption: the checkpoint is saved and `--resume` continues

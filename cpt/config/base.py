@@ -213,6 +213,16 @@ def _one_line(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
+def _unquoted_variable(e: yaml.YAMLError, text: str) -> str:
+    """A hint when the line YAML stopped on holds ``${VAR}``: unquoted inside ``{...}`` or ``[...]`` (the flow style
+    of the README's examples) its ``{`` starts a mapping."""
+    lines = text.splitlines()
+    marks = (getattr(e, "problem_mark", None), getattr(e, "context_mark", None))
+    if any(m is not None and m.line < len(lines) and "${" in lines[m.line] for m in marks):
+        return ('; a ${VAR} value inside { } or [ ] must be quoted, e.g. {output_dir: "${SCRATCH}/runs/x"}')
+    return ""
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: str = "run, model, data, ...",
                       error: type[Exception] = ConfigError) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; `error` names the file and what is wrong with it."""
@@ -220,9 +230,13 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: s
     if not p.is_file():
         raise error(f"{what} file not found: {p}")
     try:
-        loaded = load_yaml(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # (a traceback from `cpt train`)
+        raise error(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save it as UTF-8") from None
+    try:
+        loaded = load_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise error(f"{p}: not valid YAML: {_one_line(e)}") from None
+        raise error(f"{p}: not valid YAML: {_one_line(e)}{_unquoted_variable(e, text)}") from None
     if not isinstance(loaded, dict):
         raise error(f"{p}: the top level must be a mapping ({sections})")
     return loaded

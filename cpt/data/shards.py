@@ -247,19 +247,22 @@ class TokenShards:
         mpath = f"{root.rstrip('/')}/{MANIFEST}" if fs is not None else os.path.join(path, MANIFEST)
         try:
             if fs is not None:
-                text = fs.cat_file(mpath).decode("utf-8")  # one plain GET (no range requests)
+                raw = fs.cat_file(mpath)  # one plain GET (no range requests)
             else:
-                with open(mpath, encoding="utf-8") as f:
-                    text = f.read()
+                with open(mpath, "rb") as f:
+                    raw = f.read()
         except FileNotFoundError:
             if fs is None and not os.path.exists(path):  # most often a typo in the path
                 raise ShardError(f"{path}: no such folder") from None
             if fs is not None and not _exists(fs, root):  # (an HTTP server may not answer for folders: hedged)
                 raise ShardError(f"{path}: not found (no such folder, or no {MANIFEST} in it)") from None
             raise ShardError(f"{path}: no {MANIFEST} (not a prepared source; run `cpt prepare`, or it was interrupted)") from None
+        except NotADirectoryError:  # the path names a file (the manifest itself, a shard): a traceback before
+            raise ShardError(f"{path}: a file, not a prepared folder: name the folder that holds {MANIFEST} "
+                             f"(the `--out` of `cpt prepare`, or its heldout/)") from None
         try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as e:
+            manifest = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (a decode error did not name the file)
             raise ShardError(f"{path}/{MANIFEST}: not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise ShardError(f"{path}/{MANIFEST}: not a {FORMAT_NAME} manifest")
