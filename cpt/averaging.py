@@ -386,13 +386,11 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
     p = Path(path)
     from cpt.consolidate import is_checkpoint_dir
 
-    if is_checkpoint_dir(p):  # a cpt resume checkpoint (any backend): exported through `cpt export`'s path
-        import tempfile
+    if is_checkpoint_dir(p):  # a cpt resume checkpoint (any backend): exported through `cpt export`'s path into
+        from cpt.consolidate import model_dir_of  # its run directory (not /tmp), removed once loaded
 
-        from cpt.consolidate import export_checkpoint
-
-        with tempfile.TemporaryDirectory(prefix="cpt-export-") as tmp:
-            return load_model_dir(export_checkpoint(p, Path(tmp) / "export", echo=lambda *a, **k: None), dtype)
+        with model_dir_of(p, prefix=".cpt-load-") as exported:
+            return load_model_dir(exported, dtype)
     if (p / "adapter_config.json").is_file():
         from cpt.adapters import merge_lora
         from cpt.model import load_adapter_model

@@ -270,3 +270,48 @@ def test_cli_interpolate_of_a_run_reproduces_its_logged_heldout_losses(tiny_cpt_
     alone = json.loads((tmp_path / "alone.json").read_text())
     assert alone["heldout_settings"]["document_masking"] is False
     assert abs(alone["rows"][0]["loss/python"] - last["eval/python/loss"]) > 1e-4
+
+
+def test_eval_and_interpolate_export_a_checkpoint_inside_its_run_not_in_tmp(tiny_cpt_data, tiny_base, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`cpt eval` and `cpt interpolate` of a cpt checkpoint export it first: into a hidden folder of its run directory
+    (the disk that holds the run; /tmp is small and node-local on a cluster), removed afterwards, also when the
+    evaluation fails."""
+    import tempfile
+    from pathlib import Path
+
+    import cpt.consolidate as consolidate
+    from conftest import tiny_run_config
+    from cpt.checkpoint import list_checkpoints
+    from cpt.commands.eval import main as eval_main
+    from cpt.commands.interpolate import main as interpolate_main
+    from cpt.config import load_config
+    from cpt.train import train
+
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, run, eval={"at_start": False}, checkpoint={"every": 1})
+    cfg["train"]["init_from"] = str(tiny_base)
+    cfg["data"]["heldout"] = []
+    cfg["stages"][0].update(steps=1, schedule={"type": "constant", "max_lr": 1e-3, "warmup_steps": 0})
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    ckpt = list_checkpoints(run)[-1]
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    exported_into = []
+    real_export = consolidate.export_checkpoint
+
+    def export_spy(path, out_dir, *args, **kwargs):
+        exported_into.append(Path(out_dir).parent)
+        return real_export(path, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(consolidate, "export_checkpoint", export_spy)
+    held = f"python={tiny_cpt_data / 'data' / 'python' / 'heldout'}:downstream"
+    assert eval_main([str(ckpt), "--heldout", held, "--seq-len", "32", "--max-tokens", "256"]) == 0
+    assert interpolate_main([str(tiny_base), str(ckpt), "--alphas", "1", "--heldout", held, "--seq-len", "32",
+                             "--max-tokens", "256", "--json", str(tmp_path / "i.json")]) == 0
+    assert eval_main([str(ckpt), "--heldout", f"python={tmp_path / 'missing'}:downstream"]) == 1  # fails after export
+    assert [d.parent for d in exported_into] == [run, run, run]
+    assert [d.name[:10] for d in exported_into] == [".cpt-eval-", ".cpt-load-", ".cpt-eval-"]
+    assert not any(d.exists() for d in exported_into) and not list(system_tmp.iterdir())
+    capsys.readouterr()
