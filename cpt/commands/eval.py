@@ -282,6 +282,9 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     from cpt.checkpoint import CheckpointError
+    from cpt.console import log_lm_eval_once
+
+    log_lm_eval_once()  # lm-eval's warnings once each, not once per prompt or task
 
     try:
         heldouts = [parse_heldout(s) for s in args.heldout]
