@@ -251,13 +251,15 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
 
 
 def _exported(path: str | Path, work: Path) -> Path:
-    """An HF export or adapter directory as given; a cpt resume checkpoint (or a run directory without export/)
-    exported into ``work`` through ``cpt export``'s path: a LoRA run's as its adapter (its resume checkpoints hold the
-    adapter alone: cpt/adapter_checkpoint.py), any other as the full model (keyed as HF names them, config beside)."""
+    """An HF export or adapter directory as given; a run directory's final export (RUN/export); a cpt resume checkpoint
+    (or a run directory without export/) exported into ``work`` through ``cpt export``'s path: a LoRA run's as its
+    adapter (its resume checkpoints hold the adapter alone: cpt/adapter_checkpoint.py), any other as the full model."""
     from cpt.consolidate import export_checkpoint, is_checkpoint_dir
 
-    if not is_checkpoint_dir(path):
-        return Path(path)
+    p = Path(path)
+    if not is_checkpoint_dir(p):
+        plain = (p / "config.json").is_file() or (p / "adapter_config.json").is_file()
+        return p / "export" if not plain and (p / "export").is_dir() else p
     return export_checkpoint(path, work / "export", adapter=None, echo=lambda *a, **k: None)
 
 

@@ -118,6 +118,12 @@ def test_average_of_two_checkpoints_is_the_elementwise_mean(tmp_path):
     assert (tmp_path / "avg" / "config.json").is_file() and (tmp_path / "avg" / "tokenizer.json").is_file()
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "avg")  # loads as a normal HF model
     torch.testing.assert_close(m.lm_head.weight, (sa["lm_head.weight"] + sb["lm_head.weight"]) / 2)
+    import shutil  # a finished run directory stands for its final export (it was refused: "no model.safetensors")
+
+    shutil.copytree(b, tmp_path / "run_b" / "export")
+    assert main([str(tmp_path / "avg_run"), str(a), str(tmp_path / "run_b")]) == 0
+    assert load_file(tmp_path / "avg_run" / "model.safetensors").keys() == avg.keys()
+    torch.testing.assert_close(load_file(tmp_path / "avg_run" / "model.safetensors")["lm_head.weight"], avg["lm_head.weight"])
 
     # weighted, and sharded output with an index
     out = average_checkpoints([a, b], tmp_path / "w", weights=[3, 1], max_shard_bytes=40_000)
