@@ -321,3 +321,13 @@ def test_eval_and_interpolate_export_a_checkpoint_inside_its_run_not_in_tmp(tiny
     assert [d.name[:10] for d in exported_into] == [".cpt-eval-", ".cpt-load-", ".cpt-eval-"]
     assert not any(d.exists() for d in exported_into) and not list(system_tmp.iterdir())
     capsys.readouterr()
+
+
+def test_cli_interpolate_of_a_missing_model_is_one_line(tmp_path, capsys):
+    """BASE may be a hub id, so a mistyped local path went to the hub: offline, transformers' OSError traceback."""
+    from cpt.commands.interpolate import main
+
+    missing = str(tmp_path / "no-such-model")
+    assert main([missing, missing, "--heldout", f"x={tmp_path}:upstream"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"cpt interpolate: error: model '{missing}'")
