@@ -251,13 +251,15 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
 
 
 def _exported(path: str | Path, work: Path) -> Path:
-    """An HF export or adapter directory as given; a cpt resume checkpoint (or a run directory without export/)
-    exported into ``work`` through ``cpt export``'s path: a LoRA run's as its adapter (its resume checkpoints hold the
-    adapter alone: cpt/adapter_checkpoint.py), any other as the full model (keyed as HF names them, config beside)."""
+    """An HF export or adapter directory as given; a run directory's final export (RUN/export); a cpt resume checkpoint
+    (or a run directory without export/) exported into ``work`` through ``cpt export``'s path: a LoRA run's as its
+    adapter (its resume checkpoints hold the adapter alone: cpt/adapter_checkpoint.py), any other as the full model."""
     from cpt.consolidate import export_checkpoint, is_checkpoint_dir
 
-    if not is_checkpoint_dir(path):
-        return Path(path)
+    p = Path(path)
+    if not is_checkpoint_dir(p):
+        plain = (p / "config.json").is_file() or (p / "adapter_config.json").is_file()
+        return p / "export" if not plain and (p / "export").is_dir() else p
     return export_checkpoint(path, work / "export", adapter=None, echo=lambda *a, **k: None)
 
 
@@ -386,24 +388,22 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
     p = Path(path)
     from cpt.consolidate import is_checkpoint_dir
 
-    if is_checkpoint_dir(p):  # a cpt resume checkpoint (any backend): exported through `cpt export`'s path
-        import tempfile
+    if is_checkpoint_dir(p):  # a cpt resume checkpoint (any backend): exported through `cpt export`'s path into
+        from cpt.consolidate import model_dir_of  # its run directory (not /tmp), removed once loaded
 
-        from cpt.consolidate import export_checkpoint
-
-        with tempfile.TemporaryDirectory(prefix="cpt-export-") as tmp:
-            return load_model_dir(export_checkpoint(p, Path(tmp) / "export", echo=lambda *a, **k: None), dtype)
+        with model_dir_of(p, prefix=".cpt-load-") as exported:
+            return load_model_dir(exported, dtype)
     if (p / "adapter_config.json").is_file():
         from cpt.adapters import merge_lora
         from cpt.model import load_adapter_model
 
         peft_model, tok = load_adapter_model(p, dtype=dtype)
         return merge_lora(peft_model), tok
-    from cpt.model import require_safetensors
+    from cpt.model import _load, require_safetensors  # (_load: a missing model or hub id is one ModelLoadError line)
 
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, trust_remote_code=False,
-                                                 use_safetensors=require_safetensors(p))
-    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    model = _load("model", str(p), AutoModelForCausalLM.from_pretrained, str(p), dtype=dtype, trust_remote_code=False,
+                  use_safetensors=require_safetensors(p))
+    tok = _load("tokenizer", str(p), AutoTokenizer.from_pretrained, str(p), trust_remote_code=False)
     return model, tok
 
 

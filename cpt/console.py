@@ -82,7 +82,9 @@ def resume_command(argv: list[str]) -> str:
 class OncePerMessage(logging.Filter):
     """A handler filter that passes each distinct message of the loggers under ``prefix`` once: lm-eval repeats the
     same warnings at every evaluation in the loop (its task defaults, "`pretrained` model kwarg is not of type
-    `str`", ...), a dozen lines per evaluation in a batch job's log."""
+    `str`", ...), a dozen lines per evaluation in a batch job's log. Messages that differ only in their numbers are
+    one message (lm-eval's "Combined length of context (113) ... Truncating 82 tokens" came once per prompt longer
+    than the context: hundreds of lines per evaluation); the first says that the others are not shown."""
 
     def __init__(self, prefix: str = "lm_eval"):
         super().__init__()
@@ -91,11 +93,24 @@ class OncePerMessage(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self.prefix):
             return True
-        key = (record.name, record.levelno, record.getMessage())
+        message = record.getMessage()
+        shape = re.sub(r"\d+", "#", message)
+        key = (record.name, record.levelno, shape)
         if key in self.seen:
             return False
         self.seen.add(key)
+        if shape != message:
+            record.msg, record.args = f"{message} (the same with other numbers: not shown again)", None
         return True
+
+
+def log_lm_eval_once() -> None:
+    """lm-eval's warnings through the root logger's handlers, each once (:class:`OncePerMessage`); without a handler
+    (the last-resort one) nothing could filter them."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(OncePerMessage("lm_eval"))
 
 
 class RunOutput:

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -405,9 +408,9 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     if adapter and cfg.model.lora is None:
         raise ConsolidateError(f"{ckpt}: --adapter needs a LoRA run's checkpoint; this run trained the full model")
     tokenizer = load_tokenizer(cfg.model)
-    from cpt.resume import lora_base_dir
+    from cpt.resume import base_model_dir
 
-    base_from = lora_base_dir(cfg) if base_record else None  # (an adapter checkpoint: built as the run built it)
+    base_from = base_model_dir(cfg)  # the model (a LoRA run: the base) built as the run built it, the chain followed back
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # (a base from model.arch: the run's initialisation)
         model = build_model(cfg.model, tokenizer, weights_from=base_from)  # the base (architecture, or pretrained)
@@ -450,11 +453,21 @@ def read_checkpoint_for_export(path: str | os.PathLike, echo=print, attempts: in
             echo(f"{gone}; reading the run's newest checkpoint again")
 
 
-def as_model_dir(path: str | os.PathLike, workdir: str | os.PathLike) -> Path:
-    """``path`` itself if it is an HF model or adapter directory; a cpt checkpoint is exported into ``workdir``."""
+@contextmanager
+def model_dir_of(path: str | os.PathLike, prefix: str = ".cpt-export-"):
+    """``path`` as an HF model or adapter directory to read: itself if it is one; a cpt checkpoint (or a run
+    directory's latest) exported into a hidden scratch folder of its run directory, removed on leaving (an error
+    included). Not /tmp: on a cluster that is small and node-local, and an 8B model's export is 16 GB."""
     p = Path(path)
-    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
-        return p
-    if is_checkpoint_dir(p):
-        return export_checkpoint(p, Path(workdir) / "export", echo=lambda *a, **k: None)
-    return p
+    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file() or not is_checkpoint_dir(p):
+        yield p
+        return
+    run = p if (p / "checkpoints").is_dir() else p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    try:
+        work = tempfile.mkdtemp(prefix=prefix, dir=run)
+    except OSError as e:
+        raise ConsolidateError(f"cannot export {p} for reading into its run directory {run}: {e.strerror or e}") from None
+    try:
+        yield export_checkpoint(p, Path(work) / "export", echo=lambda *a, **k: None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

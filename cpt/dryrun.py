@@ -26,12 +26,12 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.metrics import model_flops_per_token
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
-    from cpt.resume import anneal_branch_start, resolve_init
+    from cpt.resume import anneal_branch_start, init_weights
     from cpt.schedules import plan_for_run
 
     check_attn_implementation(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    init_hf = resolve_init(cfg.train.init_from)[1]  # an HF export in train.init_from replaces the model's config
+    init, init_hf = init_weights(cfg)  # the model training builds: an HF init_from's, a checkpoint's run's (followed back)
     config = model_config(cfg.model, tokenizer, init_hf)  # the config build_model would use
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
@@ -57,7 +57,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
 
         BenchmarkTracker.from_config(cfg)
     # an anneal branch trains from its trunk checkpoint's step on (refused here as at the start of training)
-    first = anneal_branch_start(cfg, resolve_init(cfg.train.init_from)[0]) if cfg.train.anneal_steps else 0
+    first = anneal_branch_start(cfg, init) if cfg.train.anneal_steps else 0
     plan = plan_for_run(cfg, anneal_from=first if cfg.train.anneal_steps else None)
     names = data.source_names
     for step in range(first):  # the trunk's batches before the branch: the data position it starts from

@@ -306,6 +306,8 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
         trained = _vocab_of(weights_from) if weights_from else (tokenizer.get_vocab() if own else None)
         model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.vocab, trained_vocab=trained)
         plan = model._cpt_vocab_plan
+        if len(new_ids) > plan.present:  # (the run's log said nothing of the tokens it added)
+            log_fn(f"model.vocab: {len(new_ids) - plan.present} tokens added to the tokenizer ({len(tokenizer):,} in all)")
         if plan.present:
             log_fn(f"model.vocab: {plan.present} of its {len(new_ids)} tokens are already in the tokenizer (an export "
                    "of a run with this model.vocab): not added again")

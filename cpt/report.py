@@ -402,7 +402,8 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
         parts.append("<p>" + "; ".join(f"{k}: {_fact(v)}" for k, v in facts) + "</p>")
     titles = {"upstream": "Upstream loss", "downstream": "Downstream loss", "train_loss": "Training loss",
               "train_loss_by_source": "Training loss per source",
-              "lr": "Learning rate", "data_shares": "Data shares", "throughput": "Throughput", "lm_eval": "lm-eval",
+              "lr": "Learning rate", "data_shares": "Data shares",
+              "realised_shares": "Realised data shares (cumulative)", "throughput": "Throughput", "lm_eval": "lm-eval",
               "lm_eval_upstream": "Benchmark forgetting (upstream lm-eval tasks)",
               "lm_eval_downstream": "Benchmark adaptation (downstream lm-eval tasks)"}
     parts.append("<h2>Curves</h2>")

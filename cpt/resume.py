@@ -15,7 +15,6 @@ from pathlib import Path
 
 import yaml
 
-from cpt.adapter_checkpoint import is_adapter_layout
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
 from cpt.config import RunConfig, load_config, trajectory_changes
@@ -47,13 +46,10 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
     start = Start(resume=find_resume_checkpoint(run_dir, acc, say) if resume else None)  # or from scratch, saying so
     start.requeued = resume and start.resume is None
     if start.resume is None:
-        start.init, start.init_hf = resolve_init(cfg.train.init_from)
+        start.init, start.init_hf = init_weights(cfg)  # (a checkpoint: the model its own run built, followed back)
         start.branch = start.init is not None and bool(cfg.train.anneal_steps)
-        if start.init is not None and is_adapter_layout(start.init):  # its base: the one its own run built
-            start.init_hf = lora_base_dir(cfg)
     else:
-        if is_adapter_layout(start.resume):  # a LoRA checkpoint without its base: built again as at the first start
-            start.init_hf = lora_base_dir(cfg)
+        start.init_hf = base_model_dir(cfg)  # the model built as at the first start (a LoRA checkpoint: its base)
         if cfg.train.anneal_steps:
             check_resume_is_a_branch(start.resume, cfg)
         if not allow_config_change:
@@ -127,13 +123,14 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     raise CheckpointError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
 
-def lora_base_dir(cfg: RunConfig, _seen: tuple[str, ...] = ()) -> str | None:
-    """The HF model directory a LoRA run's base weights came from when not ``model.name_or_path``: an HF
-    ``train.init_from`` (as :func:`resolve_init` reads it), or, from a LoRA run's cpt checkpoint (a new stage or
-    anneal branch), the one that run's base came from (its config.yaml, followed back). Its checkpoints hold the
-    adapter alone (cpt/adapter_checkpoint.py): a new stage, resume and ``cpt export`` build this base again (a
-    checkpoint no longer there: ``model.name_or_path``, which the base fingerprint check then compares)."""
-    if cfg.model.lora is None or cfg.train.init_from is None:
+def base_model_dir(cfg: RunConfig, _seen: tuple[str, ...] = ()) -> str | None:
+    """The HF model directory a run's model was built from when not ``model.name_or_path`` / ``model.arch``: an HF
+    ``train.init_from`` (as :func:`resolve_init` reads it), or, from a cpt checkpoint (a new stage, an anneal branch),
+    the one that run's model came from (its config.yaml, followed back). A new stage, resume, ``cpt export`` and the
+    dry run build this model again: its config (the checkpoint's weights go on top) and, for a LoRA run, the frozen base
+    its checkpoints leave out (cpt/adapter_checkpoint.py). None: the run's own ``model`` section (also for a chain
+    whose checkpoint is no longer there; a LoRA base's fingerprint check then compares)."""
+    if cfg.train.init_from is None:
         return None
     p = Path(cfg.train.init_from)
     if (p / "config.json").is_file():
@@ -143,8 +140,15 @@ def lora_base_dir(cfg: RunConfig, _seen: tuple[str, ...] = ()) -> str | None:
             earlier = load_config(p / "config.yaml")
         except (OSError, ValueError):
             return None
-        return None if str(p.resolve()) in _seen else lora_base_dir(earlier, (*_seen, str(p.resolve())))
+        return None if str(p.resolve()) in _seen else base_model_dir(earlier, (*_seen, str(p.resolve())))
     return str(p / "export") if (p / "export" / "config.json").is_file() else None
+
+
+def init_weights(cfg: RunConfig) -> tuple[Path | None, str | None]:
+    """(cpt checkpoint, HF model directory) a new run starts from: :func:`resolve_init`, and for a checkpoint the
+    model its run was built from (:func:`base_model_dir`), which this run builds before loading the checkpoint."""
+    init, init_hf = resolve_init(cfg.train.init_from)
+    return init, base_model_dir(cfg) if init is not None else init_hf
 
 
 def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = False) -> None:

@@ -118,6 +118,12 @@ def test_average_of_two_checkpoints_is_the_elementwise_mean(tmp_path):
     assert (tmp_path / "avg" / "config.json").is_file() and (tmp_path / "avg" / "tokenizer.json").is_file()
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "avg")  # loads as a normal HF model
     torch.testing.assert_close(m.lm_head.weight, (sa["lm_head.weight"] + sb["lm_head.weight"]) / 2)
+    import shutil  # a finished run directory stands for its final export (it was refused: "no model.safetensors")
+
+    shutil.copytree(b, tmp_path / "run_b" / "export")
+    assert main([str(tmp_path / "avg_run"), str(a), str(tmp_path / "run_b")]) == 0
+    assert load_file(tmp_path / "avg_run" / "model.safetensors").keys() == avg.keys()
+    torch.testing.assert_close(load_file(tmp_path / "avg_run" / "model.safetensors")["lm_head.weight"], avg["lm_head.weight"])
 
     # weighted, and sharded output with an index
     out = average_checkpoints([a, b], tmp_path / "w", weights=[3, 1], max_shard_bytes=40_000)
@@ -270,3 +276,58 @@ def test_cli_interpolate_of_a_run_reproduces_its_logged_heldout_losses(tiny_cpt_
     alone = json.loads((tmp_path / "alone.json").read_text())
     assert alone["heldout_settings"]["document_masking"] is False
     assert abs(alone["rows"][0]["loss/python"] - last["eval/python/loss"]) > 1e-4
+
+
+def test_eval_and_interpolate_export_a_checkpoint_inside_its_run_not_in_tmp(tiny_cpt_data, tiny_base, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`cpt eval` and `cpt interpolate` of a cpt checkpoint export it first: into a hidden folder of its run directory
+    (the disk that holds the run; /tmp is small and node-local on a cluster), removed afterwards, also when the
+    evaluation fails."""
+    import tempfile
+    from pathlib import Path
+
+    import cpt.consolidate as consolidate
+    from conftest import tiny_run_config
+    from cpt.checkpoint import list_checkpoints
+    from cpt.commands.eval import main as eval_main
+    from cpt.commands.interpolate import main as interpolate_main
+    from cpt.config import load_config
+    from cpt.train import train
+
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, run, eval={"at_start": False}, checkpoint={"every": 1})
+    cfg["train"]["init_from"] = str(tiny_base)
+    cfg["data"]["heldout"] = []
+    cfg["stages"][0].update(steps=1, schedule={"type": "constant", "max_lr": 1e-3, "warmup_steps": 0})
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    ckpt = list_checkpoints(run)[-1]
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    exported_into = []
+    real_export = consolidate.export_checkpoint
+
+    def export_spy(path, out_dir, *args, **kwargs):
+        exported_into.append(Path(out_dir).parent)
+        return real_export(path, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(consolidate, "export_checkpoint", export_spy)
+    held = f"python={tiny_cpt_data / 'data' / 'python' / 'heldout'}:downstream"
+    assert eval_main([str(ckpt), "--heldout", held, "--seq-len", "32", "--max-tokens", "256"]) == 0
+    assert interpolate_main([str(tiny_base), str(ckpt), "--alphas", "1", "--heldout", held, "--seq-len", "32",
+                             "--max-tokens", "256", "--json", str(tmp_path / "i.json")]) == 0
+    assert eval_main([str(ckpt), "--heldout", f"python={tmp_path / 'missing'}:downstream"]) == 1  # fails after export
+    assert [d.parent for d in exported_into] == [run, run, run]
+    assert [d.name[:10] for d in exported_into] == [".cpt-eval-", ".cpt-load-", ".cpt-eval-"]
+    assert not any(d.exists() for d in exported_into) and not list(system_tmp.iterdir())
+    capsys.readouterr()
+
+
+def test_cli_interpolate_of_a_missing_model_is_one_line(tmp_path, capsys):
+    """BASE may be a hub id, so a mistyped local path went to the hub: offline, transformers' OSError traceback."""
+    from cpt.commands.interpolate import main
+
+    missing = str(tmp_path / "no-such-model")
+    assert main([missing, missing, "--heldout", f"x={tmp_path}:upstream"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"cpt interpolate: error: model '{missing}'")

@@ -144,11 +144,16 @@ def test_lm_evals_warnings_once_per_run():
             for _ in range(3):
                 logger.warning("the same words")
             logger.warning("other words")
+            for n in (113, 109):  # one warning per prompt longer than the context, numbers apart the same
+                logger.warning("Combined length of context (%d) exceeds model's maximum length (64)", n)
         finally:
             logger.removeHandler(handler)
-    assert seen == [("lm_eval.api.task", "the same words"), ("lm_eval.api.task", "other words"),
-                    ("lm_eval.models.huggingface", "the same words"), ("lm_eval.models.huggingface", "other words")] + \
-        [("cpt.train", "the same words")] * 3 + [("cpt.train", "other words")]
+    once = "Combined length of context (113) exceeds model's maximum length (64) (the same with other numbers: not shown again)"
+    assert seen == [("lm_eval.api.task", "the same words"), ("lm_eval.api.task", "other words"), ("lm_eval.api.task", once),
+                    ("lm_eval.models.huggingface", "the same words"), ("lm_eval.models.huggingface", "other words"),
+                    ("lm_eval.models.huggingface", once)] + [("cpt.train", "the same words")] * 3 + \
+        [("cpt.train", "other words")] + [("cpt.train", "Combined length of context (%d) exceeds model's maximum length "
+                                            "(64)" % n) for n in (113, 109)]
 
 
 def test_cpt_train_takes_no_abbreviated_flags():

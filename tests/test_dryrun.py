@@ -93,3 +93,37 @@ def test_plan_describes_the_init_from_model(tiny_cpt_data, tiny_base, tmp_path, 
     assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("cpt train: error: train.init_from: ")
+
+
+def test_a_stage_from_a_checkpoint_builds_the_model_its_chain_started_from(tiny_cpt_data, tiny_base, tmp_path):
+    """A run from an HF model (train.init_from) whose model section says another model (here a smaller model.arch),
+    then a stage from its checkpoint, then one from that stage's: the dry run describes the model the chain started
+    from, followed back through each run's config.yaml, and training, `--resume` and `cpt export` build it (they
+    built model.arch's and refused the checkpoint's weights as not fitting)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from cpt.consolidate import export_checkpoint
+    from cpt.model import model_shape
+    from cpt.train import train
+
+    want = model_shape(AutoModelForCausalLM.from_pretrained(tiny_base))
+    first = tiny_run_config(tiny_cpt_data, tmp_path / "s1", eval={"at_start": False}, checkpoint={"every": 1})
+    first["train"]["init_from"] = str(tiny_base)
+    first["data"]["heldout"] = []
+    first["model"]["arch"] = {**first["model"]["arch"], "num_hidden_layers": 1, "hidden_size": 16}
+    first["stages"][0].update(steps=1, schedule={"type": "constant", "max_lr": 1e-3, "warmup_steps": 0})
+    train(load_config(base=first), echo=lambda *a, **k: None)
+    second = copy.deepcopy(first)
+    second["run"]["output_dir"], second["train"]["init_from"] = str(tmp_path / "s2"), str(tmp_path / "s1")
+    assert describe_run(load_config(base=second))["model"]["n_params"] == want["n_params"]
+    train(load_config(base=second), echo=lambda *a, **k: None)
+    third = copy.deepcopy(second)
+    third["run"]["output_dir"], third["train"]["init_from"] = str(tmp_path / "s3"), str(tmp_path / "s2")
+    d = describe_run(load_config(base=third))["model"]
+    assert (d["n_params"], d["n_layers"], d["hidden"]) == (want["n_params"], want["n_layers"], want["hidden"])
+    second["stages"][0]["steps"] = 2  # one more step: --resume builds the chain's model too
+    train(load_config(base=second), resume=True, allow_config_change=True, echo=lambda *a, **k: None)
+    exported = export_checkpoint(tmp_path / "s2", tmp_path / "s2_export", echo=lambda *a, **k: None)
+    assert model_shape(AutoModelForCausalLM.from_pretrained(exported))["n_params"] == want["n_params"]

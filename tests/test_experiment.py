@@ -453,3 +453,23 @@ def test_schedules_valid_for_any_length(steps):
 def test_replay_labels():
     assert [replay_label(s) for s in (0.0, 0.05, 0.25, 0.125)] == ["0", "5", "25", "12.5"]
     assert cpt_run_name("infinite", 0.05) == "cpt-infinite-replay5"
+
+
+def test_a_variant_curve_is_drawn_apart_from_its_grid_twin():
+    """curves.png: a variant (same schedule and replay as its grid twin) was drawn in the twin's exact style, so the
+    two lines could not be told apart; it is dash-dot with square markers now, the grid runs as before."""
+    from cpt.experiment.grid import cpt_run_name
+    from cpt.experiment.plan import RunPlan
+    from cpt.experiment.results import curve_style
+
+    def plan(name, kind="cpt", schedule="infinite", replay=0.25):
+        return RunPlan(name=name, kind=kind, schedule=schedule, replay=replay, steps=1, config={})
+
+    colours, shares = ["C0", "C1", "C2"], [0.0, 0.05, 0.25]
+    twin = curve_style(plan(cpt_run_name("infinite", 0.25)), shares, colours)
+    variant = curve_style(plan(cpt_run_name("infinite", 0.25) + "-mer"), shares, colours)
+    assert twin == {"color": "C2", "linewidth": 1.5, "linestyle": ":", "marker": "o", "markersize": 2}
+    assert variant["color"] == "C2" and (variant["linestyle"], variant["marker"]) == ("-.", "s")
+    assert curve_style(plan(cpt_run_name("rewarm_cosine", 0.0), schedule="rewarm_cosine", replay=0.0), shares,
+                       colours)["linestyle"] == "-"
+    assert curve_style(plan("base", kind="base", schedule="cosine", replay=None), shares, colours)["color"] == "black"

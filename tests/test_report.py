@@ -51,6 +51,8 @@ def test_report_renders_two_runs(tmp_path):
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
     assert len(imgs) == 9 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in imgs)
     assert "src='http" not in text and ".png'" not in text
+    headings = re.findall(r"<h3>([^<]+)</h3><img", text)  # each plot under a title, not its file name
+    assert len(headings) == 9 and "Realised data shares (cumulative)" in headings and "realised_shares" not in headings
 
     # the table: step 0, final, worst (the bump after the switch at step 12) per set, per run
     rows = {r["name"]: r for r in heldout_summary(load_run(tmp_path / "replay5"))}

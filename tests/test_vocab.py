@@ -277,7 +277,9 @@ def test_init_from_an_extended_export_keeps_its_trained_new_rows(tok, tmp_path, 
     (tmp_path / "tokens.txt").write_text(" isinstance\n")
     vcfg = VocabConfig(add_tokens_file=str(tmp_path / "tokens.txt"), learn_from=str(tmp_path / "new.jsonl"), learn_tokens=5)
     mcfg = ModelConfig(name_or_path="unused", vocab=vcfg)
-    model, new_tok, ids = prepare_model(mcfg, tiny_model(len(tok), tied=tie), tok, log_fn=lambda *a: None)
+    said = []
+    model, new_tok, ids = prepare_model(mcfg, tiny_model(len(tok), tied=tie), tok, log_fn=said.append)
+    assert f"model.vocab: {len(ids)} tokens added to the tokenizer ({len(new_tok):,} in all)" in said, said
     with torch.no_grad():  # "training" moves the new rows
         for w in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
             w[ids] += 1.0

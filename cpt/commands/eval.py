@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -52,32 +53,23 @@ def parse_heldout(spec: str) -> tuple[str, str, str]:
     return name, path, tag
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, stack: ExitStack) -> Path:
     """An HF model or adapter directory: ``path`` itself, a run directory's export/, or a cpt resume checkpoint
-    (or a run directory without export/) exported on the fly through ``cpt export``'s path into a temporary folder."""
-    from cpt.consolidate import as_model_dir, is_checkpoint_dir
+    (or a run directory without export/) exported on the fly through ``cpt export``'s path into a hidden folder of
+    its run directory (the disk it is on, not /tmp), removed when ``stack`` closes."""
+    from cpt.consolidate import is_checkpoint_dir, model_dir_of
 
     p = Path(path)
     if (p / "config.json").exists() or (p / "adapter_config.json").exists():
         return p
     if (p / "export").is_dir():
-        return resolve_checkpoint(p / "export")
+        return resolve_checkpoint(p / "export", stack)
     if is_checkpoint_dir(p):
-        return as_model_dir(p, _scratch())
+        return stack.enter_context(model_dir_of(p, prefix=".cpt-eval-"))
     raise FileNotFoundError(
         f"{p}: not an HF model directory (config.json), a LoRA adapter (adapter_config.json), "
         "a cpt checkpoint, or a run directory with an export/ folder or checkpoints"
     )
-
-
-def _scratch() -> str:
-    import atexit
-    import shutil
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="cpt-eval-")
-    atexit.register(shutil.rmtree, d, ignore_errors=True)
-    return d
 
 
 def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
@@ -258,6 +250,11 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with ExitStack() as stack:  # what cpt checkpoints were exported into, removed however the evaluation ends
+        return _main(argv, stack)
+
+
+def _main(argv: list[str] | None, stack: ExitStack) -> int:
     parser = argparse.ArgumentParser(prog="cpt eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("checkpoint", help="HF export dir, LoRA adapter dir, or run dir (uses <run_dir>/export)")
@@ -284,11 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from cpt.checkpoint import CheckpointError
+    from cpt.console import log_lm_eval_once
+
+    log_lm_eval_once()  # lm-eval's warnings once each, not once per prompt or task
+
     try:
         heldouts = [parse_heldout(s) for s in args.heldout]
-        ckpt = resolve_checkpoint(args.checkpoint)
-        baseline_ckpt = resolve_checkpoint(args.baseline) if args.baseline else None
-    except (ValueError, FileNotFoundError) as e:
+        ckpt = resolve_checkpoint(args.checkpoint, stack)
+        baseline_ckpt = resolve_checkpoint(args.baseline, stack) if args.baseline else None
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # (CheckpointError: no valid checkpoint, unreadable)
         print(f"cpt eval: {e}", file=sys.stderr)
         return 2
     if not tasks and not heldouts:

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cpt.averaging import format_sweep, interpolate, interpolation_sweep, load_model_dir
+    from cpt.checkpoint import CheckpointError
     from cpt.data.loader import load_heldout
     from cpt.data.shards import ShardError
     from cpt.data.sources import HeldoutConfig
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base_model, _ = load_model_dir(_run_export(args.base), dtype=torch.float32)
         cpt_model, tokenizer = load_model_dir(_run_export(args.cpt), dtype=torch.float32)
-    except ModelLoadError as e:  # e.g. pickle weights only: one line, no traceback
+    except (ModelLoadError, CheckpointError) as e:  # e.g. pickle weights only, no valid checkpoint: one line
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
     sets = {}

@@ -222,6 +222,23 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def curve_style(p: RunPlan, shares: list[float], colours: list[str], markers: bool = True) -> dict[str, Any]:
+    """The matplotlib style of a run's curves: base black, baseline grey dashed, a CPT run coloured by its replay
+    share, solid for the re-warmed cosine and dotted for the infinite schedule; a variant (``spec.variants``) is
+    dash-dot with square markers (it shares schedule and replay with its grid twin, whose line it drew over)."""
+    if p.kind == "base":
+        style = dict(color="black", linestyle="-", linewidth=2)
+    elif p.kind == "baseline":
+        style = dict(color="grey", linestyle="--", linewidth=2)
+    else:
+        variant = p.name != cpt_run_name(p.schedule, p.replay)
+        style = dict(color=colours[shares.index(p.replay) % len(colours)], linewidth=1.5,
+                     linestyle="-." if variant else "-" if p.schedule == "rewarm_cosine" else ":")
+        if variant:
+            return {**style, "marker": "s" if markers else None, "markersize": 3}
+    return {**style, "marker": "o" if markers else None, "markersize": 2}
+
+
 def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path | None:
     """Upstream and downstream held-out loss. Top row: against cumulative tokens (CPT curves start where base
     ends). Bottom row: the CPT runs alone on their own token axis, zoomed to their losses, so the stability gap
@@ -251,17 +268,10 @@ def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path 
             all_vals += vals
             if p.kind == "cpt":
                 cpt_vals += vals
-            if p.kind == "base":
-                style = dict(color="black", linestyle="-", linewidth=2)
-            elif p.kind == "baseline":
-                style = dict(color="grey", linestyle="--", linewidth=2)
-            else:
-                style = dict(color=colours[shares.index(p.replay) % len(colours)],
-                             linestyle="-" if p.schedule == "rewarm_cosine" else ":", linewidth=1.5)
-            marker = dict(marker="o" if len(vals) < 40 else None, markersize=2)
-            ax.plot([t + offset for t in toks], vals, label=p.name, **marker, **style)
+            style = curve_style(p, shares, colours, markers=len(vals) < 40)
+            ax.plot([t + offset for t in toks], vals, label=p.name, **style)
             if p.kind == "cpt":
-                zoom.plot(toks, vals, label=p.name, **marker, **style)
+                zoom.plot(toks, vals, label=p.name, **style)
             drawn += 1
         if cpt_vals:  # random-init losses at step 0 would flatten the interesting part
             lo, hi = min(all_vals), max(cpt_vals)
@@ -280,7 +290,8 @@ def plot_curves(spec: ExperimentSpec, plans: list[RunPlan], path: Path) -> Path 
         plt.close(fig)
         return None
     axes[0][1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{spec.name}: solid = re-warm/re-decay cosine, dotted = infinite + anneal; colour = replay share")
+    fig.suptitle(f"{spec.name}: solid = re-warm/re-decay cosine, dotted = infinite + anneal; colour = replay share"
+                 + ("; dash-dot, squares = a variant" if spec.variants else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
