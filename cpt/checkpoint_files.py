@@ -143,3 +143,18 @@ def host_copy(obj, staging: dict | None = None, path: tuple = ()):
 
 def _numbered(name: str, i: int) -> str:
     return name if i == 0 else name.replace(".", f"_{i}.", 1)
+
+
+def json_default(obj):
+    """JSON for the numbers and arrays in the components' state (trainer_state.json)."""
+    import numpy as np
+
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable in trainer state: {type(obj)}")
