@@ -36,18 +36,17 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 from pathlib import Path
 from typing import Mapping
-
-import torch
 
 from cpt import adapter_shards
 from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, is_peft_model
 from cpt.adapters import note_base
 from cpt.base_dtype import in_fp32
 from cpt.distributed import Backend, all_ranks_agree, backend
-from cpt.checkpoint_files import host_copy, host_snapshot, write_files
+from cpt.checkpoint_files import cpt_can_write, host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
 from cpt.optim import group_settings, layout_difference, param_shapes, restore_group_settings, trainable_layout
 from cpt.state import StateError, Stateful, check_format, flatten, json_default, restore, state_dict_mismatch
@@ -66,6 +65,11 @@ UNUSABLE_PREFIX = "unusable-"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class ShardedSaveError(CheckpointError):
+    """A rank failed inside FSDP's or DeepSpeed's own save, whose collectives the other ranks are waiting in: it stops
+    at once (were it to join the ranks' agreement on skipping the save instead, every rank would wait for ever)."""
 
 
 def write_checksums(ckpt: Path, digests: dict[str, str] | None = None) -> None:
@@ -204,6 +208,8 @@ class CheckpointManager:
             try:
                 doc, tensors = flatten(components)
                 job = self._stage(step, tmp, json.dumps(doc, indent=1, default=json_default), config_yaml, tensors)
+            except ShardedSaveError:  # the other ranks are inside the backend's save: no agreement possible
+                raise
             except Exception as e:  # noqa: BLE001 - any failure must leave the old checkpoints intact
                 error = e
         if not all_ranks_agree(acc, error is None):
@@ -247,7 +253,7 @@ class CheckpointManager:
                 try:
                     digests = write_files(tmp, [(rng_name, "torch", rng)], step)
                 except OSError as e:
-                    digests = {"error": describe_io_error(e, tmp)}  # still join the gather below
+                    digests = {"error": f"rank {acc.process_index} ({socket.gethostname()}): {describe_io_error(e, tmp)}"}
             if acc.num_processes > 1:
                 from accelerate.utils import gather_object
 
@@ -256,8 +262,16 @@ class CheckpointManager:
                 if failed:
                     raise CheckpointError(f"a rank could not write its part: {failed[0]}")
                 digests = {k: v for d in gathered for k, v in d.items()}
-        else:
-            items += adapter_shards.save_state(acc, tmp)  # FSDP / DeepSpeed shards, on every rank (LoRA: no base)
+        else:  # FSDP / DeepSpeed shards, on every rank, through collectives inside the backend's save (LoRA: no base)
+            try:
+                fault_point(f"save_state:rank{acc.process_index}@{step}")
+                items += adapter_shards.save_state(acc, tmp)
+            except Exception as e:
+                if acc.num_processes == 1:
+                    raise
+                raise ShardedSaveError(f"checkpoint at step {step}: rank {acc.process_index} ({socket.gethostname()}) failed in the "
+                                       f"{backend(acc).value} save, a collective one the run cannot skip: {describe_io_error(e, tmp)}. The "
+                                       "previous checkpoint (if any) is intact; fix the cause, then --resume") from e
         if not acc.is_main_process:
             return None
         return _Commit(self, step, tmp, items, digests)
@@ -477,11 +491,3 @@ def wait_for_writers() -> None:
     for t in threading.enumerate():
         if t.name.startswith("cpt-checkpoint-") and t is not threading.current_thread():
             t.join()
-
-
-def cpt_can_write(acc) -> bool:
-    """Whether cpt writes the accelerate checkpoint files itself (and so can write in the background):
-    one process or DDP, with nothing registered that only ``accelerator.save_state`` knows how to save."""
-    return (backend(acc) in (Backend.SINGLE, Backend.DDP)
-            and not acc._schedulers and not acc._dataloaders and not acc._custom_objects
-            and not acc._save_model_state_pre_hook)

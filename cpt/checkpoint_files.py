@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cpt.adapter_checkpoint import adapter_items, is_peft_model
+from cpt.distributed import Backend, backend
 from cpt.fileio import HashingFile, fault_point
 
 
@@ -143,3 +144,11 @@ def host_copy(obj, staging: dict | None = None, path: tuple = ()):
 
 def _numbered(name: str, i: int) -> str:
     return name if i == 0 else name.replace(".", f"_{i}.", 1)
+
+
+def cpt_can_write(acc) -> bool:
+    """Whether cpt writes the accelerate checkpoint files itself (and so can write in the background):
+    one process or DDP, with nothing registered that only ``accelerator.save_state`` knows how to save."""
+    return (backend(acc) in (Backend.SINGLE, Backend.DDP)
+            and not acc._schedulers and not acc._dataloaders and not acc._custom_objects
+            and not acc._save_model_state_pre_hook)

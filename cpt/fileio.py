@@ -16,14 +16,18 @@ FAULT_ENV = "CPT_FAULT_INJECT"
 
 
 def fault_point(name: str) -> None:
-    """Test hook: SIGKILL this process when ``CPT_FAULT_INJECT`` equals ``name``.
+    """Test hook: SIGKILL this process when ``CPT_FAULT_INJECT`` equals ``name``; raise a disk-full OSError when it
+    equals ``enospc:<name>``.
 
     The save and export code names its file boundaries (``save:begin@8``, ``model.safetensors:partial@8``,
-    ``save:renamed@8``, ``export:written``...; see tests/test_crash_consistency.py), so a test can kill
-    the process at each one deterministically. Unset (always, outside tests) it costs one dict lookup.
+    ``save:renamed@8``, ``export:written``, one rank's ``save_state:rank1@8``...; see tests/test_crash_consistency.py),
+    so a test can kill the process at each one deterministically. Unset (always, outside tests) it costs one dict lookup.
     """
-    if os.environ.get(FAULT_ENV) == name:
+    want = os.environ.get(FAULT_ENV)
+    if want == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif want == f"enospc:{name}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
 
 def new_hasher():

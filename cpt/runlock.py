@@ -5,8 +5,11 @@ A lock whose holder is gone (same host, PID no longer running, or running but a 
 started since) is stale and taken over with a warning: that is what a ``kill -9`` or a node crash
 leaves behind. So is a lock held by an earlier start of the same SLURM job (same ``SLURM_JOB_ID``, a lower
 ``SLURM_RESTART_COUNT``): SLURM requeues a job only once its processes have ended, and a job requeued after a
-preemption or a node failure usually lands on another node. Any other holder on another host cannot be checked
-from here: that lock is honoured unless ``run.force_lock`` (``cpt train --force-lock``) says the holder is gone.
+preemption or a node failure usually lands on another node. So is a lock held on another host by another SLURM job
+that SLURM says has ended (``squeue``: a final state such as TIMEOUT or CANCELLED, or a job id it no longer knows):
+a job killed at its time limit or cancelled, then submitted again, lands on other nodes. Any other holder on another
+host cannot be checked from here (no SLURM job, no ``squeue``, or SLURM says it is pending or running): that lock is
+honoured unless ``run.force_lock`` (``cpt train --force-lock``) says the holder is gone.
 Only the main process holds the lock in multi-process runs.
 """
 
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -70,9 +74,32 @@ def _earlier_start_of_this_job(holder: dict, me: dict) -> bool:
         return False
 
 
+# squeue's states of a job that has ended (a job SLURM requeues goes back to PENDING, which is not one of them)
+SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+               "TIMEOUT", "SPECIAL_EXIT"}
+
+
+def slurm_job_ended(job: str) -> str | None:
+    """Why SLURM's ``squeue`` says job ``job`` has ended (its final state, or that it no longer knows the id: a job is
+    forgotten some minutes after it ends), or None when it may still be pending or running, or SLURM cannot be asked
+    (no ``squeue`` here, no answer within 20 s, any other error)."""
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--jobs", str(job), "--format", "%T"], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = {line.strip().split()[0] for line in done.stdout.splitlines() if line.strip()}
+    if done.returncode != 0:
+        return "SLURM no longer knows it" if "invalid job id" in done.stderr.lower() else None
+    if not states:
+        return "SLURM no longer lists it"
+    return f"SLURM says {'/'.join(sorted(states))}" if states <= SLURM_ENDED else None
+
+
 def _describe(holder: dict) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("start_time", 0)))
-    return f"PID {holder.get('pid')} on host {holder.get('host')} since {when}"
+    job = f", SLURM job {holder['slurm_job']}," if holder.get("slurm_job") else ""
+    return f"PID {holder.get('pid')} on host {holder.get('host')}{job} since {when}"
 
 
 class RunLock:
@@ -171,8 +198,11 @@ class RunLock:
         if _earlier_start_of_this_job(holder, self.me):
             return (f"its holder ({_describe(holder)}) was start {holder.get('slurm_restart', 0)} of this SLURM job "
                     f"{self.me['slurm_job']}, which SLURM ended before requeueing it")
-        if holder.get("host") == self.me["host"] and not _alive(int(holder["pid"]), holder.get("proc_start")):
-            return f"its holder ({_describe(holder)}) is no longer running"
+        if holder.get("host") == self.me["host"]:
+            if not _alive(int(holder["pid"]), holder.get("proc_start")):
+                return f"its holder ({_describe(holder)}) is no longer running"
+        elif holder.get("slurm_job") and (ended := slurm_job_ended(holder["slurm_job"])):
+            return f"its holder ({_describe(holder)}) was SLURM job {holder['slurm_job']}, which has ended ({ended})"
         return None
 
     def _remove_if_unchanged(self, holder: dict | None) -> None:

@@ -334,3 +334,43 @@ def test_a_hung_rank_fails_the_run_after_train_distributed_timeout_s(tiny_cpt_da
     waited = time.time() - stopped_at
     assert proc.returncode != 0 and waited < 150, (proc.returncode, waited)
     assert "train.distributed_timeout_s" in log, log[-5000:]
+
+
+def test_a_rank_failing_in_a_sharded_save_stops_the_run_at_once(reference, tiny_cpt_data, tiny_base, tmp_path):
+    """FSDP's and DeepSpeed's saves are collective. A rank whose part failed (disk full on its node, an I/O error)
+    joined the ranks' "skip this save and go on?" agreement while the others waited inside the backend's save: every
+    rank hung until train.distributed_timeout_s (30 min by default; seen with ZeRO-2 and FSDP2), then failed with a
+    timeout that named neither the rank nor the cause. Now that rank stops at once with one line naming itself and
+    the cause, the launcher stops the job, the checkpoint before stays intact, and --resume from it gives the
+    uninterrupted run's losses. Here rank 1 alone gets ENOSPC in the FSDP2 save at step 6. About 40 s."""
+    import os
+    import signal
+    import time
+
+    from cpt.checkpoint import list_checkpoints, verify_checkpoint
+    from launching import rank_pids
+
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_cpt_data, tiny_base, out)
+    cfg["train"]["distributed_timeout_s"] = 30  # (the old hang ends here, with the timeout's message)
+    path = write(cfg, tmp_path / "run.yaml")
+    script, *args = SHIPPED["fsdp"]
+    env = {**rank_env(cpu=True, fsdp_on_cpu=True), "NUM_GPUS": "2", "CPT_FAULT_INJECT": f"enospc:save_state:rank1@{STEPS}"}
+    proc, ranks, t0 = start([str(ROOT / "scripts" / script), str(path), *args], tmp_path, env), [], time.time()
+    while proc.poll() is None and time.time() - t0 < 240:  # (the old code hung past its 30 s timeout too: kill it)
+        with contextlib.suppress(OSError):
+            ranks = rank_pids(proc.pid) or ranks
+        time.sleep(0.2)
+    hung = proc.poll() is None
+    for pid in [*ranks, proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    rc, log = proc.returncode, proc.communicate()[0]
+    assert not hung and rc != 0 and "train.distributed_timeout_s" not in log, log[-5000:]
+    errors = [line for line in log.splitlines() if line.startswith(f"cpt train: error: checkpoint at step {STEPS}: rank 1 (")]
+    assert len(errors) == 1 and "failed in the fsdp save" in errors[0], log[-5000:]  # (rank 0 may add its lost peer)
+    assert f"no space left on device (save_state:rank1@{STEPS})" in errors[0]
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{EVERY:08d}"] and verify_checkpoint(list_checkpoints(out)[0]) is None
+    rc, log = run_shipped("fsdp", path, "--resume")
+    assert rc == 0 and f"resumed {out / 'checkpoints' / f'step_{EVERY:08d}'} at step {EVERY}" in log, log[-5000:]
+    assert_close(losses(out), losses(reference))

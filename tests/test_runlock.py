@@ -137,3 +137,56 @@ def test_force_lock_acts_once_and_is_not_saved(tmp_path):
     assert cfg.run.force_lock
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml").run.force_lock is False
+
+
+def fake_squeue(bin_dir, stdout: str = "", stderr: str = "", rc: int = 0):
+    """A stand-in `squeue` first on PATH that answers every query with ``stdout``/``stderr``/``rc`` and logs its
+    arguments (real squeue, for a job id it has forgotten: rc 1, "slurm_load_jobs error: Invalid job id specified")."""
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "squeue"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {bin_dir}/calls\nprintf '{stdout}'\nprintf '{stderr}' >&2\nexit {rc}\n")
+    script.chmod(0o755)
+
+
+@pytest.mark.parametrize("answer, stale", [
+    ({"stdout": "TIMEOUT\\n"}, "SLURM says TIMEOUT"),  # killed at its time limit (the save did not fit the warning)
+    ({"stdout": "CANCELLED\\n"}, "SLURM says CANCELLED"),  # scancel
+    ({"stdout": "NODE_FAIL\\n"}, "SLURM says NODE_FAIL"),
+    ({"stderr": "slurm_load_jobs error: Invalid job id specified\\n", "rc": 1}, "SLURM no longer knows it"),
+    ({"stdout": ""}, "SLURM no longer lists it"),
+    ({"stdout": "RUNNING\\n"}, None),
+    ({"stdout": "PENDING\\n"}, None),  # requeued: it will come back to this run directory
+    ({"stderr": "squeue: error: Unable to contact slurm controller\\n", "rc": 1}, None),  # cannot tell: honoured
+    (None, None),  # no squeue on this machine: honoured
+])
+def test_lock_of_an_ended_slurm_job_on_another_host_is_stale(tmp_path, monkeypatch, caplog, answer, stale):
+    """A multi-node job killed without a checkpoint signal (its time limit reached during the save, `scancel`, a node
+    failure without requeue) leaves its lock, held on its first node; the job submitted again (another job id, other
+    nodes) was refused with "in use by another run" until someone passed --force-lock by hand, although the docs say
+    a resubmission resumes. SLURM knows whether the holder's job has ended: then the lock is taken over with a warning
+    naming the job's state. A job SLURM lists as pending or running, or no answer from SLURM, is honoured."""
+    bin_dir = tmp_path / "bin"
+    if answer is not None:
+        fake_squeue(bin_dir, **answer)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    monkeypatch.setenv("SLURM_JOB_ID", "5001")  # the new submission (also under no SLURM job at all: same answer)
+    run = tmp_path / "run"
+    plant(run, host="node-17", pid=dead_pid(), slurm_job="4242", slurm_restart=0)
+    if stale is None:
+        with pytest.raises(RunLockError, match=r"in use by another run \(PID \d+ on host node-17, SLURM job 4242, since"):
+            RunLock(run).acquire()
+    else:
+        with caplog.at_level(logging.WARNING, "cpt.runlock"), RunLock(run):
+            assert json.loads((run / LOCK_FILE).read_text())["slurm_job"] == "5001"
+        assert f"was SLURM job 4242, which has ended ({stale})" in caplog.text
+    if answer is not None:
+        assert (bin_dir / "calls").read_text().split() == ["--noheader", "--jobs", "4242", "--format", "%T"]
+
+
+def test_a_lock_without_a_slurm_job_on_another_host_asks_no_one(tmp_path, monkeypatch):
+    fake_squeue(tmp_path / "bin", stdout="")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    plant(tmp_path / "run", host="node-17", pid=dead_pid())
+    with pytest.raises(RunLockError, match="in use by another run"):
+        RunLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "bin" / "calls").exists()
