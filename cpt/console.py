@@ -17,6 +17,16 @@ from typing import Any, TextIO
 _HELDOUT = re.compile(r"(ema/)?eval/([^/]+)/loss")
 
 
+def print_line(*args: Any, sep: str = " ", end: str = "\n", file: TextIO | None = None, flush: bool = True) -> None:
+    """``print`` in one write: under a launcher every rank shares the job's log, and with ``PYTHONUNBUFFERED`` (set by
+    the SLURM script) ``print`` writes its text and its newline separately, so another rank's line could land between
+    them (two lines run together, one broken off)."""
+    stream = sys.stdout if file is None else file
+    stream.write(sep.join(str(a) for a in args) + end)
+    if flush:
+        stream.flush()
+
+
 def use_progress_bar(enabled: bool, stream: TextIO | None = None) -> bool:
     """The bar only when asked for and stdout is a terminal (a redirected bar is carriage returns, no lines)."""
     stream = sys.stdout if stream is None else stream

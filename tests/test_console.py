@@ -166,3 +166,27 @@ def test_cpt_train_takes_no_abbreviated_flags():
     with pytest.raises(SystemExit):
         parser().parse_args(["c.yaml", "--se", "x.api_key=SECRET"])
     assert parser().parse_args(["c.yaml", "--set", "x.api_key=S"]).overrides == ["x.api_key=S"]
+
+
+def test_print_line_writes_each_line_in_one_write():
+    """Ranks share a job's log, and with PYTHONUNBUFFERED (the SLURM script sets it) print() writes its text and its
+    newline separately: another rank's line landed between them (seen in CI: two error lines run together)."""
+    from cpt.console import print_line
+
+    class Writes:
+        def __init__(self):
+            self.calls, self.flushes = [], 0
+
+        def write(self, text):
+            self.calls.append(text)
+
+        def flush(self):
+            self.flushes += 1
+
+    out = Writes()
+    print_line("cpt train: error:", "disk full", file=out)
+    print_line("a", 2, sep="|", end="", file=out, flush=False)
+    assert out.calls == ["cpt train: error: disk full\n", "a|2"] and out.flushes == 1
+    unbuffered = Writes()
+    print("cpt train: error: disk full", file=unbuffered)  # what the old code did: two writes
+    assert len(unbuffered.calls) == 2

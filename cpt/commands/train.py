@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
 
 from cpt.config import ConfigError, load_config
+from cpt.console import print_line
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"cpt train: {e}", file=sys.stderr)
+        print_line(f"cpt train: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "deepspeed", "torch.distributed", "lm_eval"):  # per-file save/load, per-evaluation chatter
@@ -83,21 +83,21 @@ def main(argv: list[str]) -> int:
         try:
             print(format_run_plan(describe_run(cfg), args.tokens_per_s))
         except (ValueError, *run_errors()) as e:  # (run_errors: shards, model loading, checkpoints...)
-            print(f"cpt train: error: {e}", file=sys.stderr)
+            print_line(f"cpt train: error: {e}", file=sys.stderr)
             return 1
         return 0
     from cpt.runlog import RunLog
 
     # flushed line by line: a batch job's log (stdout redirected to a file) shows progress as it happens; the same
     # lines and the loggers' messages also go to <output_dir>/train.log (cpt/runlog.py)
-    with RunLog(cfg.run.output_dir, functools.partial(print, flush=True)) as runlog:
+    with RunLog(cfg.run.output_dir, print_line) as runlog:  # (each line in one write: ranks share the log)
         runlog.handler.addFilter(OncePerMessage("lm_eval"))
         return _train(cfg, args, argv, runlog, train)
 
 
 def _train(cfg, args, argv: list[str], runlog, train) -> int:
     def error(line: str) -> int:
-        print(f"cpt train: error: {line}", file=sys.stderr, flush=True)
+        print_line(f"cpt train: error: {line}", file=sys.stderr)
         runlog.write(f"cpt train: error: {line}")
         return 1
 
