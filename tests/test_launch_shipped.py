@@ -322,6 +322,20 @@ def test_a_hung_rank_fails_the_run_after_train_distributed_timeout_s(tiny_cpt_da
     proc, ranks = ddp_launch_training(cfg, tmp_path)
     os.kill(ranks[1], signal.SIGSTOP)
     stopped_at = time.time()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    # once the waiting rank has given up, the stopped one is killed as a dead node would be: the launcher then ends
+    # at once (a stopped process cannot act on its SIGTERM: the launcher would wait its 30 s shutdown grace for it)
+    while alive(ranks[0]) and time.time() - stopped_at < 150:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(ranks[1], signal.SIGKILL)
     try:
         log = proc.communicate(timeout=150)[0]
     except subprocess.TimeoutExpired:
