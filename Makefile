@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/cpt demo
 
+# test files spread over the cores (pytest-xdist; a file's tests stay on one worker, with their module fixtures)
 test: install
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n auto --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
