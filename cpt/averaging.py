@@ -254,13 +254,12 @@ def _exported(path: str | Path, work: Path) -> Path:
     """An HF export or adapter directory as given; a run directory's final export (RUN/export); a cpt resume checkpoint
     (or a run directory without export/) exported into ``work`` through ``cpt export``'s path: a LoRA run's as its
     adapter (its resume checkpoints hold the adapter alone: cpt/adapter_checkpoint.py), any other as the full model."""
-    from cpt.consolidate import export_checkpoint, is_checkpoint_dir
+    from cpt.consolidate import export_checkpoint, is_checkpoint_dir, run_export
 
-    p = Path(path)
+    p = Path(run_export(path))
     if not is_checkpoint_dir(p):
-        plain = (p / "config.json").is_file() or (p / "adapter_config.json").is_file()
-        return p / "export" if not plain and (p / "export").is_dir() else p
-    return export_checkpoint(path, work / "export", adapter=None, echo=lambda *a, **k: None)
+        return p
+    return export_checkpoint(p, work / "export", adapter=None, echo=lambda *a, **k: None)
 
 
 def _average(paths: list, sources: list[Path], out_dir, w: list[float], max_shard_bytes: int) -> Path:

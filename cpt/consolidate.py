@@ -387,6 +387,15 @@ def checkpoint_config(ckpt: str | os.PathLike):
     return load_config(str(p))
 
 
+def run_export(path):
+    """A cpt run directory stands for its final export (``RUN/export``); anything else (an export, an adapter, a
+    checkpoint, a hub id) as given."""
+    p = Path(path)
+    if not (p / "config.json").exists() and not (p / "adapter_config.json").exists() and (p / "export").is_dir():
+        return p / "export"
+    return path
+
+
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     from cpt.checkpoint import TRAINER_STATE
 

@@ -57,13 +57,11 @@ def resolve_checkpoint(path: str | Path, stack: ExitStack) -> Path:
     """An HF model or adapter directory: ``path`` itself, a run directory's export/, or a cpt resume checkpoint
     (or a run directory without export/) exported on the fly through ``cpt export``'s path into a hidden folder of
     its run directory (the disk it is on, not /tmp), removed when ``stack`` closes."""
-    from cpt.consolidate import is_checkpoint_dir, model_dir_of
+    from cpt.consolidate import is_checkpoint_dir, model_dir_of, run_export
 
-    p = Path(path)
+    p = Path(run_export(path))
     if (p / "config.json").exists() or (p / "adapter_config.json").exists():
         return p
-    if (p / "export").is_dir():
-        return resolve_checkpoint(p / "export", stack)
     if is_checkpoint_dir(p):
         return stack.enter_context(model_dir_of(p, prefix=".cpt-eval-"))
     raise FileNotFoundError(

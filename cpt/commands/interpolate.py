@@ -40,15 +40,6 @@ def parse_heldout(text: str) -> tuple[str, str, str]:
     return m.group(1), m.group(2), m.group(3)
 
 
-def _run_export(path: str) -> str:
-    """A cpt run directory stands for its final export; anything else (an export, adapter, checkpoint, hub id) as given."""
-    p = Path(path)
-    if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists() \
-            and (p / "export").is_dir():
-        return str(p / "export")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     from cpt.commands.eval import add_heldout_sample_flags
 
@@ -83,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.data.sources import HeldoutConfig
     from cpt.evaluate import heldout_loss
 
+    from cpt.consolidate import run_export
     from cpt.model import ExportFolderError, ModelLoadError, check_export_target, write_hf
 
     try:
         if args.out is not None:  # before the sweep: the saved model replaces --out whole
-            check_export_target(args.out, (_run_export(args.base), _run_export(args.cpt)), "one of the two models")
+            check_export_target(args.out, (run_export(args.base), run_export(args.cpt)), "one of the two models")
     except ExportFolderError as e:
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
@@ -97,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seq_len is None:
         args.seq_len = 512
     try:
-        base_model, _ = load_model_dir(_run_export(args.base), dtype=torch.float32)
-        cpt_model, tokenizer = load_model_dir(_run_export(args.cpt), dtype=torch.float32)
+        base_model, _ = load_model_dir(run_export(args.base), dtype=torch.float32)
+        cpt_model, tokenizer = load_model_dir(run_export(args.cpt), dtype=torch.float32)
     except (ModelLoadError, CheckpointError) as e:  # e.g. pickle weights only, no valid checkpoint: one line
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
