@@ -17,6 +17,9 @@ from typing import Any, TextIO
 _HELDOUT = re.compile(r"(ema/)?eval/([^/]+)/loss")
 
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the loggers' lines in every cpt command's output (and train.log)
+
+
 def print_line(*args: Any, sep: str = " ", end: str = "\n", file: TextIO | None = None, flush: bool = True) -> None:
     """``print`` in one write: under a launcher every rank shares the job's log, and with ``PYTHONUNBUFFERED`` (set by
     the SLURM script) ``print`` writes its text and its newline separately, so another rank's line could land between
@@ -118,7 +121,7 @@ def log_lm_eval_once() -> None:
     """lm-eval's warnings through the root logger's handlers, each once (:class:`OncePerMessage`); without a handler
     (the last-resort one) nothing could filter them."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(OncePerMessage("lm_eval"))
 

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from cpt.console import LOG_FORMAT
+
 LOG_FILE = "train.log"
-FORMAT = "%(levelname)s %(name)s: %(message)s"  # as `cpt train` prints them (cpt/commands/train.py)
 
 
 class RunLog:
@@ -38,7 +39,7 @@ class RunLog:
         self.started = False
         self.handler = _ToRunLog(self)
         self.handler.setLevel(level)
-        self.handler.setFormatter(logging.Formatter(FORMAT))
+        self.handler.setFormatter(logging.Formatter(LOG_FORMAT))  # as `cpt train` prints them
 
     def say(self, *args: Any, **kwargs: Any) -> None:
         """``echo`` (print's signature), and the same line into the file."""

@@ -7,6 +7,7 @@ import logging
 
 
 def main(argv: list[str]) -> int:
+    from cpt.console import LOG_FORMAT
     from cpt.demo import SCALES, run_demo
 
     p = argparse.ArgumentParser(prog="cpt demo", description=__doc__)
@@ -15,6 +16,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of both demo run configs, e.g. --set train.progress_bar=false")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     run_demo(args.out, args.scale, args.overrides)
     return 0

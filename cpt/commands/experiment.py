@@ -35,9 +35,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from cpt.console import OncePerMessage
+    from cpt.console import LOG_FORMAT, OncePerMessage
 
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(OncePerMessage("lm_eval"))  # its warnings once, not at every evaluation of every run
     from cpt.experiment import ExperimentError, run_experiment

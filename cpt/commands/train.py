@@ -8,7 +8,7 @@ import os
 import sys
 
 from cpt.config import ConfigError, load_config
-from cpt.console import print_line
+from cpt.console import LOG_FORMAT, print_line
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print_line(f"cpt train: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for noisy in ("accelerate", "deepspeed", "torch.distributed", "lm_eval"):  # per-file save/load, per-evaluation chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from cpt.console import OncePerMessage
