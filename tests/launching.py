@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -87,6 +88,21 @@ def two_process_config(tiny_cpt_data: Path, base: Path, out: Path, *, steps: int
     cfg["train"].update(global_batch_size=8, micro_batch_size=2)
     cfg["optim"]["weight_decay"] = weight_decay
     return cfg
+
+
+def runs_once(tmp_path_factory, run: Callable[[str, Path], object]) -> Callable[[str], Path]:
+    """A module fixture's ``get(strategy)``: ``run(strategy, folder)`` launches the strategy's run into
+    ``folder / "run"`` on first use; later calls return that run directory (shared by the module's tests)."""
+    cache: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in cache:
+            d = tmp_path_factory.mktemp(strategy)
+            run(strategy, d)
+            cache[strategy] = d / "run"
+        return cache[strategy]
+
+    return get
 
 
 def write_config(cfg: dict, path: Path) -> Path:

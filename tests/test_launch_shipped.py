@@ -23,6 +23,7 @@ import pytest
 
 from cpt.config import load_config
 from launching import ROOT, assert_close, evals, finish, losses, preempt, rank_env, start, two_process_config, world_sizes
+from launching import runs_once
 from launching import write_config as write
 
 pytestmark = pytest.mark.slow
@@ -110,17 +111,12 @@ def reference(tiny_cpt_data, tiny_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def shipped(tiny_cpt_data, tiny_base, tmp_path_factory):
     """Each shipped launch, run once (on first use) and shared by the tests below."""
-    cache: dict[str, Path] = {}
 
-    def get(strategy: str) -> Path:
-        if strategy not in cache:
-            d = tmp_path_factory.mktemp(strategy)
-            rc, log = run_shipped(strategy, write(make_cfg(tiny_cpt_data, tiny_base, d / "run"), d / "run.yaml"))
-            assert rc == 0, log[-5000:]
-            cache[strategy] = d / "run"
-        return cache[strategy]
+    def run(strategy: str, d: Path) -> None:
+        rc, log = run_shipped(strategy, write(make_cfg(tiny_cpt_data, tiny_base, d / "run"), d / "run.yaml"))
+        assert rc == 0, log[-5000:]
 
-    return get
+    return runs_once(tmp_path_factory, run)
 
 
 # ------------------------------------------------------------------------------------------ the shipped launchers

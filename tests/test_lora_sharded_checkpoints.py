@@ -23,6 +23,7 @@ import pytest
 
 from cpt.config import load_config
 from launching import ROOT, assert_close, evals, finish, losses, rank_env, start, two_process_config, world_sizes
+from launching import runs_once
 from launching import write_config as write
 
 pytestmark = pytest.mark.slow
@@ -69,16 +70,8 @@ def reference(tiny_cpt_data, tiny_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sharded(tiny_cpt_data, tiny_base, tmp_path_factory):
     """Each strategy's 2-process LoRA run, launched once (on first use)."""
-    cache: dict[str, Path] = {}
-
-    def get(strategy: str) -> Path:
-        if strategy not in cache:
-            d = tmp_path_factory.mktemp(strategy)
-            launch(strategy, make_cfg(tiny_cpt_data, tiny_base, d / "run"), d / "run.yaml")
-            cache[strategy] = d / "run"
-        return cache[strategy]
-
-    return get
+    return runs_once(tmp_path_factory,
+                     lambda strategy, d: launch(strategy, make_cfg(tiny_cpt_data, tiny_base, d / "run"), d / "run.yaml"))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
