@@ -51,6 +51,19 @@ def save_state(acc, folder: Path) -> list[tuple[str, str, str]]:
     return [base_record_item(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))]
 
 
+def fsdp_model_state(acc) -> tuple[dict, list[tuple[str, str, str]]]:
+    """FSDP2 (SHARDED_STATE_DICT): the model's sharded state dict as accelerate's ``save_fsdp_model`` saves it under
+    ``"model"`` (a LoRA model: its adapter shards alone), and the main process's own files to add (a LoRA model's
+    ``adapter_base.json``). For cpt/sharded_save.py, which saves it in the background."""
+    model = _adapter_model(acc)
+    if model is None:
+        from accelerate.utils.fsdp_utils import _prepare_sd_options
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(acc._models[0], options=_prepare_sd_options(acc.state.fsdp_plugin)), []
+    return _adapter_shards(model), [base_record_item(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))]
+
+
 def load_state(acc, ckpt: Path) -> None:
     """accelerate's ``load_state`` of a checkpoint of this run's backend and world size (collective); a LoRA
     checkpoint without its base (any layout) loads its adapter over the base the run built."""
