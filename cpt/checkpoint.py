@@ -178,7 +178,7 @@ class CheckpointManager:
         self.keep = keep
         self.acc = accelerator
         self.cpt_writes = cpt_can_write(accelerator)  # else FSDP2's shards through DCP (async_save), or accelerator.save_state
-        self.shards = sharded_save.AsyncShards(accelerator) if async_save and sharded_save.supported(accelerator) else None
+        self.shards = sharded_save.for_run(accelerator, async_save and not self.cpt_writes)  # None: synchronous
         self.async_save = async_save and (self.cpt_writes or self.shards is not None)  # (DeepSpeed: synchronous)
         self.max_failed_saves = max_failed_saves
         self.failed_in_a_row = 0

@@ -50,11 +50,26 @@ OPTIMIZER = "optimizer_0"  # accelerate's f"{OPTIMIZER_NAME}_{index}"
 
 def supported(acc) -> bool:
     """Whether this run's saves can go through :class:`AsyncShards` (else ``accelerator.save_state``, synchronous)."""
-    if backend(acc) is not Backend.FSDP or not getattr(acc, "is_fsdp2", False) or acc.num_processes < 2:
+    if backend(acc) is not Backend.FSDP or not getattr(acc, "is_fsdp2", False):
         return False
     kind = acc.state.fsdp_plugin.state_dict_type
     return (getattr(kind, "name", str(kind)).endswith("SHARDED_STATE_DICT") and len(acc._models) == 1
             and len(acc._optimizers) == 1 and not acc._custom_objects and not acc._save_model_state_pre_hook)
+
+
+def for_run(acc, wanted: bool) -> AsyncShards | None:
+    """:class:`AsyncShards` when ``wanted`` (``checkpoint.async_save`` where cpt does not write the files itself) and
+    supported; else None, saying once (main process) that the run's saves block the loop, and why."""
+    if not wanted:
+        return None
+    if supported(acc):
+        return AsyncShards(acc)
+    if acc.is_main_process:
+        log.info("checkpoint.async_save: %s saves synchronously (accelerator.save_state): the loop waits for each save"
+                 "%s", "DeepSpeed" if backend(acc) is Backend.DEEPSPEED else f"this {backend(acc).value} setup",
+                 "" if backend(acc) is Backend.DEEPSPEED else " (non-blocking: FSDP2 with SHARDED_STATE_DICT, one model "
+                 "and optimizer, nothing registered with accelerator.register_for_checkpointing)")
+    return None
 
 
 class AsyncShards:
@@ -75,6 +90,9 @@ class AsyncShards:
         acc = self.acc
         if not self.groups:
             self.groups = {name: _gloo_group() for name in (FSDP_MODEL, OPTIMIZER)}
+            if acc.is_main_process:
+                log.info("checkpoint.async_save: FSDP2 shards are written in the background "
+                         "(torch.distributed.checkpoint.async_save); the loop waits only for their host copy")
         model_state, own = fsdp_model_state(acc)
         items += own
         optim_state = get_optimizer_state_dict(acc._models[0], acc._optimizers[0], options=_prepare_sd_options(acc.state.fsdp_plugin))

@@ -15,7 +15,7 @@ class CheckpointConfig(Strict):
     export_every: int | None = Field(None, gt=0)  # HF exports every N steps (always at the end)
     export_at_end: bool = True
     resume: bool = False  # take the latest valid checkpoint in output_dir
-    async_save: bool = True  # write in a background thread (one process and DDP; FSDP/DeepSpeed save synchronously)
+    async_save: bool = True  # write in the background (one process, DDP, FSDP2 sharded; DeepSpeed saves synchronously)
     max_failed_saves: int = Field(3, gt=0)  # stop the run after this many failed saves in a row
 
 
