@@ -363,6 +363,9 @@ def test_a_rank_failing_in_a_sharded_save_stops_the_run_at_once(reference, tiny_
     out = tmp_path / "run"
     cfg = make_cfg(tiny_cpt_data, tiny_base, out)
     cfg["train"]["distributed_timeout_s"] = 30  # (the old hang ends here, with the timeout's message)
+    # the synchronous, collective save (DeepSpeed's; FSDP2's with async_save off). A rank failing in FSDP2's
+    # non-blocking save fails the save on every rank, and the run goes on: tests/test_async_sharded_saves.py
+    cfg["checkpoint"]["async_save"] = False
     path = write(cfg, tmp_path / "run.yaml")
     script, *args = SHIPPED["fsdp"]
     env = {**rank_env(cpu=True, fsdp_on_cpu=True), "NUM_GPUS": "2", "CPT_FAULT_INJECT": f"enospc:save_state:rank1@{STEPS}"}
