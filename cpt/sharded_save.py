@@ -76,8 +76,9 @@ class AsyncShards:
     """Every rank's part of non-blocking FSDP2 saves: the host buffers and the gloo groups, kept between saves."""
 
     def __init__(self, acc):
+        """On every rank at once (it makes the groups: collective; not at the first save, which a rank may not reach)."""
         self.acc = acc
-        self.groups: dict[str, object] = {}  # made at the first save (a collective every rank makes there)
+        self.groups = {name: _gloo_group() for name in (FSDP_MODEL, OPTIMIZER)}  # one per DCP save: both run at once
         self.buffers: dict[str, tuple] = {}  # kind -> (structure, host state dict)
 
     def stage(self, folder: Path, step: int, items: list) -> Uploads:
@@ -88,11 +89,9 @@ class AsyncShards:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         acc = self.acc
-        if not self.groups:
-            self.groups = {name: _gloo_group() for name in (FSDP_MODEL, OPTIMIZER)}
-            if acc.is_main_process:
-                log.info("checkpoint.async_save: FSDP2 shards are written in the background "
-                         "(torch.distributed.checkpoint.async_save); the loop waits only for their host copy")
+        if not self.buffers and acc.is_main_process:  # (the first save)
+            log.info("checkpoint.async_save: FSDP2 shards are written in the background "
+                     "(torch.distributed.checkpoint.async_save); the loop waits only for their host copy")
         model_state, own = fsdp_model_state(acc)
         items += own
         optim_state = get_optimizer_state_dict(acc._models[0], acc._optimizers[0], options=_prepare_sd_options(acc.state.fsdp_plugin))

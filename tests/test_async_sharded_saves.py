@@ -8,10 +8,11 @@ processes under the shipped FSDP2 config (gloo, tests/fsdp_on_cpu.py):
   is reported naming the rank and counted toward `checkpoint.max_failed_saves`, and the run goes on;
 * `kill -9` of the job during a later background write, after every rank's shards are written and before the commit,
   leaves the previous checkpoint the newest valid one; `--resume` continues from it and logs the uninterrupted run's
-  losses bitwise.
+  losses bitwise (and a rank that fails before its host copy fails that save on every rank, no rank left waiting).
 
 (LoRA under FSDP2 with non-blocking saves, its checkpoint without the base: tests/test_lora_sharded_checkpoints.py;
-preemption of a non-blocking FSDP2 run: tests/test_train_distributed.py.) Four launches, about a minute and a half.
+preemption of a non-blocking FSDP2 run: tests/test_train_distributed.py.) Four launches of `cpt train`, about a minute
+and a half, and one of scripts/bench_checkpoint.py --fsdp.
 """
 
 from pathlib import Path
@@ -101,8 +102,26 @@ def test_a_failed_and_a_killed_background_write_keep_the_previous_checkpoint(run
     assert not (pending / "CHECKSUMS.json").exists()
     assert set(range(1, 3 * EVERY + 1)) <= set(losses(out))  # (training went on during the write)
 
-    rc, log = launch(cfg, tmp_path / "run.yaml", "--resume")
+    # resumed; rank 1 fails before its host copy at the last save (agreed on before any rank writes: no hang)
+    rc, log = launch(cfg, tmp_path / "run.yaml", "--resume", env={"CPT_FAULT_INJECT": f"enospc:save_state:rank1@{STEPS}"})
     assert rc == 0 and f"step_{2 * EVERY:08d} at step {2 * EVERY} " in log, log[-5000:]
+    assert f"checkpoint at step {STEPS} FAILED" in log, log[-5000:]
     assert losses(out) == losses(runs["async"])  # every step once, bitwise the uninterrupted run's
-    assert [p.name for p in list_checkpoints(out)] == [f"step_{k:08d}" for k in range(2 * EVERY, STEPS + 1, EVERY)]
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{2 * EVERY:08d}", f"step_{3 * EVERY:08d}"]
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_bench_checkpoint_fsdp(tmp_path):
+    """scripts/bench_checkpoint.py --fsdp as its docstring runs it (tiny shape): both saves measured, the slowest
+    rank's times, the non-blocking save waiting less than it takes to commit. About 20 s."""
+    import json
+
+    args = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", *FREE_PORT, "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+            str(ROOT / "scripts" / "bench_checkpoint.py"), "--fsdp", "--tiny", "--repeats", "2", "--out", str(tmp_path / "b")]
+    rc, log = finish(start(args, tmp_path, rank_env(cpu=True)))
+    assert rc == 0, log[-5000:]
+    out = json.loads([line for line in log.splitlines() if line.startswith('{"bench"')][-1])
+    assert out["bench"] == "checkpoint-fsdp2" and out["processes"] == 2 and out["checkpoint_mb"] > 0
+    assert 0 < out["async_blocking_s"] <= out["async_total_s"] and out["sync_s"] > 0
