@@ -8,7 +8,7 @@ processes under the shipped FSDP2 config (gloo, tests/fsdp_on_cpu.py):
   is reported naming the rank and counted toward `checkpoint.max_failed_saves`, and the run goes on;
 * `kill -9` of the job during a later background write, after every rank's shards are written and before the commit,
   leaves the previous checkpoint the newest valid one; `--resume` continues from it and logs the uninterrupted run's
-  losses bitwise (and a rank that fails before its host copy fails that save on every rank, no rank left waiting).
+  losses bitwise (a rank that fails before its host copy, there, fails that save on every rank, no rank left waiting).
 
 (LoRA under FSDP2 with non-blocking saves, its checkpoint without the base: tests/test_lora_sharded_checkpoints.py;
 preemption of a non-blocking FSDP2 run: tests/test_train_distributed.py.) Four launches of `cpt train`, about a minute
@@ -102,12 +102,12 @@ def test_a_failed_and_a_killed_background_write_keep_the_previous_checkpoint(run
     assert not (pending / "CHECKSUMS.json").exists()
     assert set(range(1, 3 * EVERY + 1)) <= set(losses(out))  # (training went on during the write)
 
-    # resumed; rank 1 fails before its host copy at the last save (agreed on before any rank writes: no hang)
-    rc, log = launch(cfg, tmp_path / "run.yaml", "--resume", env={"CPT_FAULT_INJECT": f"enospc:save_state:rank1@{STEPS}"})
+    # resumed; rank 1 fails before its host copy at step 6 (agreed on before any rank writes: no rank left waiting)
+    rc, log = launch(cfg, tmp_path / "run.yaml", "--resume", env={"CPT_FAULT_INJECT": f"enospc:save_state:rank1@{3 * EVERY}"})
     assert rc == 0 and f"step_{2 * EVERY:08d} at step {2 * EVERY} " in log, log[-5000:]
-    assert f"checkpoint at step {STEPS} FAILED" in log, log[-5000:]
+    assert f"checkpoint at step {3 * EVERY} FAILED" in log, log[-5000:]
     assert losses(out) == losses(runs["async"])  # every step once, bitwise the uninterrupted run's
-    assert [p.name for p in list_checkpoints(out)] == [f"step_{2 * EVERY:08d}", f"step_{3 * EVERY:08d}"]
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{2 * EVERY:08d}", f"step_{STEPS:08d}"]
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
 
 
