@@ -17,6 +17,9 @@ base out, through the libraries' own means:
   Adapter weights that ``model.freeze`` froze would be left out too (they need not equal a fresh initialisation: a
   stage from an earlier LoRA checkpoint trained them), so such a run keeps the whole-model checkpoint, saying so.
 
+With ``checkpoint.async_save`` the FSDP2 files (model and optimizer shards, RNG states) are the same, written in the
+background by DCP's async_save (cpt/sharded_save.py, through :func:`fsdp_model_state`).
+
 Beside them ``adapter_base.json`` (cpt/adapter_checkpoint.py) records the base fingerprint taken when the model was
 built; it is what marks the checkpoint as one without its base (:func:`cpt.adapter_checkpoint.is_adapter_layout`).
 """
