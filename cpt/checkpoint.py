@@ -17,12 +17,10 @@ and CHECKSUMS.json is written, so a kill at any moment leaves the previous check
 by killing the process at every file boundary: tests/test_crash_consistency.py). Only committed
 ``step_N`` directories count as checkpoints, for the fresh-run check and for resume alike.
 
-Non-blocking saves (``checkpoint.async_save``): the loop blocks only while the state is copied to host memory; a
-background thread writes the files (one process, DDP: hashed as written, nothing re-read; FSDP2: every rank's shards
-through DCP's async_save, cpt/sharded_save.py), then commits once every rank's files are on disk. The next save, the
-end of training and a preemption exit wait for it; its failure is reported there and counts toward
-``checkpoint.max_failed_saves``. DeepSpeed (and FSDP1 or FULL_STATE_DICT) saves synchronously through
-``accelerator.save_state``. Shard files are checked by size, cpt's own files by digest.
+Non-blocking saves (``checkpoint.async_save``): the loop blocks only for the copy to host memory; the files are written
+in the background (one process, DDP: hashed as written; FSDP2: DCP's async_save, cpt/sharded_save.py), committed once
+every rank's are on disk. The next save, the end and a preemption exit wait for it; its failure counts toward
+``checkpoint.max_failed_saves``. DeepSpeed (FSDP1, FULL_STATE_DICT) saves synchronously (``accelerator.save_state``).
 
 On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or corrupt
 one is skipped with one warning. Its optimizer state is loaded only for the trainable parameters and groups it was
@@ -165,8 +163,7 @@ class CheckpointManager:
     ``save`` is collective: every rank calls it at the same step. The failure policy is explicit: a failed save is
     reported in plain words (no space left, permission denied, the path), its partial files removed and the previous
     checkpoint kept; the next interval tries again, and after ``max_failed_saves`` failures in a row the run stops with
-    a CheckpointError rather than training on without a checkpoint. With ``async_save`` the files are written in the
-    background; call ``wait()`` before exiting (the next ``save`` waits by itself)."""
+    a CheckpointError rather than training on without a checkpoint. ``async_save``: call ``wait()`` before exiting."""
 
     def __init__(self, run_dir: str | os.PathLike, keep: int, accelerator, async_save: bool = False, max_failed_saves: int = 3,
                  portable=None):
@@ -442,9 +439,8 @@ def saved_step(ckpt: Path) -> int:
 
 
 class _Commit:
-    """The main process's part of a save: write its files (hashed as written), CHECKSUMS.json, rename
-    into place, prune. Runs inline or in a background thread; ``join()`` returns its error (or None). ``uploads``: every
-    rank's FSDP2 shard writes (cpt/sharded_save.py), started here and waited for before anything is committed."""
+    """The main process's part of a save: wait for every rank's FSDP2 shard writes (``uploads``, cpt/sharded_save.py), write
+    its files (hashed as written), CHECKSUMS.json, rename, prune. Inline or in a thread; ``join()`` returns its error."""
 
     def __init__(self, manager: CheckpointManager, step: int, tmp: Path, items: list, digests: dict[str, str], uploads=None):
         self.manager, self.step, self.tmp, self.items, self.digests, self.uploads = manager, step, tmp, items, digests, uploads
