@@ -1,33 +1,39 @@
-"""LoRA (peft) resume checkpoints without the frozen base model.
+"""Resume checkpoints without the frozen base: LoRA (peft) runs and ``model.freeze`` runs.
 
-On one process and under DDP (where cpt writes the checkpoint files itself: cpt/checkpoint_files.py) a peft model's
+On one process and under DDP (where cpt writes the checkpoint files itself: cpt/checkpoint_files.py) such a model's
 checkpoint holds ``adapter_state.safetensors`` instead of accelerate's whole-model ``model.safetensors``: the tensors
-of :func:`cpt.adapters.adapter_keys` (the trainable parameters: LoRA A/B, the ``modules_to_save`` copies, the new
-vocabulary rows of ``trainable_token_indices``; and adapter weights ``model.freeze`` froze), keyed as the unwrapped
-model's ``state_dict``. The optimizer, scaler, RNG and cpt's own files are unchanged. Under FSDP2 and DeepSpeed
-ZeRO-2/3 the checkpoint keeps its backend's sharded layout, with the adapter's shards alone
-(cpt/adapter_shards.py). Either way ``adapter_base.json`` records the base the adapter was trained on: its name and
+of :func:`cpt.adapters.adapter_keys`, keyed as the unwrapped model's ``state_dict``. A peft model: its trainable
+parameters (LoRA A/B, the ``modules_to_save`` copies, the new vocabulary rows of ``trainable_token_indices``) and
+adapter weights ``model.freeze`` froze. A ``model.freeze`` run without LoRA: its trainable parameters (the frozen
+layers are left out). The optimizer, scaler, RNG and cpt's own files are unchanged. Under FSDP2 and DeepSpeed
+ZeRO-2/3 a LoRA checkpoint keeps its backend's sharded layout, with the adapter's shards alone
+(cpt/adapter_shards.py); a ``model.freeze`` run's keeps the whole model there. Either way ``adapter_base.json`` records
+the base it was trained on: its name, what was left out (``kind``: ``lora`` or ``freeze``) and
 :func:`cpt.adapters.base_fingerprint` (SHA-256 of the frozen base as built: weights, vocabulary changes included).
 
 Whoever reads the checkpoint rebuilds the base as the run did (``model.name_or_path`` or an HF ``train.init_from``,
-``model.vocab``, ``run.seed`` for a base built from ``model.arch``) and loads the adapter state on top: a resume, a new
+``model.vocab``, ``run.seed`` for a base built from ``model.arch``) and loads the saved state on top: a resume, a new
 stage or anneal branch from it (cpt/checkpoint.py), another backend or world size (cpt/consolidate.py) and
 ``cpt export`` / ``eval`` / ``interpolate`` / ``average``. A base that differs from the recorded one is refused in one
-line (:class:`AdapterCheckpointError`) before anything is loaded.
+line (:class:`AdapterCheckpointError`) before anything is loaded. A ``model.freeze`` run whose frozen part is not the
+base as built (a stage from a whole-model checkpoint: :func:`note_loaded_base`) writes whole-model checkpoints.
 
 A checkpoint's layout is told by its files (:func:`is_adapter_layout`), so whole-model checkpoints of any run (earlier
-cpt's FSDP2/DeepSpeed LoRA checkpoints among them) load as before.
+cpt's LoRA and ``model.freeze`` checkpoints among them) load as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 
-from cpt.adapters import adapter_keys, base_fingerprint
+from cpt.adapters import adapter_keys, base_fingerprint, note_base
+
+log = logging.getLogger("cpt.checkpoint")
 
 ADAPTER_STATE = "adapter_state.safetensors"
 ADAPTER_BASE = "adapter_base.json"
@@ -41,50 +47,85 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def without_base(model) -> bool:
+    """Whether ``model`` (unwrapped) saves its checkpoints without the frozen base: a peft model, or a ``model.freeze``
+    one whose frozen part is the base as built (:func:`cpt.adapters.note_base` recorded it: cpt/model.py)."""
+    return is_peft_model(model) or hasattr(model, "_cpt_base_fingerprint")
+
+
 def is_adapter_layout(ckpt: str | Path) -> bool:
-    """Whether ``ckpt`` holds a LoRA adapter without its base (any backend's layout: ``adapter_base.json``)."""
+    """Whether ``ckpt`` holds a model without its base (any backend's layout: ``adapter_base.json``)."""
     return (Path(ckpt) / ADAPTER_STATE).is_file() or (Path(ckpt) / ADAPTER_BASE).is_file()
 
 
 def adapter_items(model) -> list[tuple[str, str, object]]:
-    """A peft model's part of a checkpoint as ``(file name, kind, payload)`` items for
-    :func:`cpt.checkpoint_files.write_files`: its adapter state (tensors still on the device) and base record."""
-    keys = set(adapter_keys(model))
-    state = {k: v.detach() for k, v in model.state_dict().items() if k in keys}
+    """A model's part of a checkpoint (:func:`without_base`) as ``(file name, kind, payload)`` items for
+    :func:`cpt.checkpoint_files.write_files`: its state without the base (tensors still on the device), base record."""
+    keys, seen = set(adapter_keys(model)), set()
+    state = {}
+    for k, v in model.state_dict(keep_vars=True).items():  # (model.freeze: a tied head once, tied again when built)
+        if k in keys and (is_peft_model(model) or id(v) not in seen):
+            state[k] = v.detach()
+            seen.add(id(v))
     fingerprint = getattr(model, "_cpt_base_fingerprint", None) or base_fingerprint(model)
     return [(ADAPTER_STATE, "safetensors", state), base_record_item(model, len(state), fingerprint)]
 
 
 def base_record_item(model, adapter_tensors: int, fingerprint: str | None) -> tuple[str, str, str]:
-    """``adapter_base.json`` as a ``(file name, kind, payload)`` item: the base's name and ``fingerprint``."""
-    base = model.get_base_model()
+    """``adapter_base.json`` as a ``(file name, kind, payload)`` item: the base's name, ``kind``, ``fingerprint``."""
+    base = model.get_base_model() if is_peft_model(model) else model
     record = {"base": str(getattr(base, "name_or_path", "") or "model.arch"), "fingerprint": fingerprint,
-              "adapter_tensors": adapter_tensors}
+              "adapter_tensors": adapter_tensors, "kind": "lora" if is_peft_model(model) else "freeze"}
     return (ADAPTER_BASE, "text", json.dumps(record, indent=1))
 
 
 def read_base_record(ckpt: str | Path) -> dict:
-    """A checkpoint's ``adapter_base.json``: the base's name and fingerprint."""
-    return json.loads((Path(ckpt) / ADAPTER_BASE).read_text())
+    """A checkpoint's ``adapter_base.json``: the base's name, fingerprint and kind (``lora`` when not recorded)."""
+    return {"kind": "lora", **json.loads((Path(ckpt) / ADAPTER_BASE).read_text())}
+
+
+def _saved_keys(ckpt: str | Path, model) -> set[str]:
+    """The model's state-dict keys the checkpoint's adapter state holds (a tied tensor saved once: under all its names)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(ckpt) / ADAPTER_STATE), framework="pt") as f:
+        saved = set(f.keys())
+    sd = model.state_dict(keep_vars=True)
+    ids = {id(sd[k]) for k in saved if k in sd}
+    return saved | {k for k, v in sd.items() if id(v) in ids}
 
 
 def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
-    """AdapterCheckpointError unless ``model`` (unwrapped, as built: not yet loaded from anything) is a peft model on
-    the base the adapter in ``ckpt`` was trained on (``record``: its :func:`read_base_record`, read when not given)."""
-    if not is_peft_model(model):
+    """AdapterCheckpointError unless ``model`` (unwrapped, as built: not yet loaded from anything) is built on the base
+    the state in ``ckpt`` was trained on (``record``: its :func:`read_base_record`, read when not given): a LoRA
+    checkpoint's by a peft model; a ``model.freeze`` one's by a model without LoRA (whatever it freezes: the tensors
+    the checkpoint leaves out are hashed again when this model's frozen ones are others)."""
+    record = record if record is not None else read_base_record(ckpt)
+    export = f"`cpt export {ckpt} --out DIR` and start from DIR (train.init_from)"
+    if record["kind"] == "lora" and not is_peft_model(model):
         raise AdapterCheckpointError(
             "it is a LoRA run's checkpoint and this run has no model.lora (it holds the adapter, not its base): keep "
-            f"model.lora, or merge the adapter (`cpt export {ckpt} --out DIR`) and start from DIR (train.init_from)")
-    record = record if record is not None else read_base_record(ckpt)
+            f"model.lora, or merge the adapter ({export})")
+    if record["kind"] == "freeze" and is_peft_model(model):
+        raise AdapterCheckpointError(
+            "it is a model.freeze run's checkpoint (its trainable part, not the frozen base) and this run uses "
+            f"model.lora: export the whole model ({export})")
     now = getattr(model, "_cpt_base_fingerprint", None)
+    if record["kind"] == "freeze" and record["fingerprint"] is not None and (Path(ckpt) / ADAPTER_STATE).is_file():
+        saved = _saved_keys(ckpt, model)
+        if saved != set(adapter_keys(model)):  # another model.freeze (or none): the base is what the checkpoint lacks
+            now = base_fingerprint(model, ours=saved)
     if now is None or record["fingerprint"] is None:  # weights not all here (ZeRO-3 placeholders): nothing to compare
         return
     if now != record["fingerprint"]:
-        built = getattr(model.get_base_model(), "name_or_path", "") or "model.arch"
+        built = getattr(model.get_base_model() if is_peft_model(model) else model, "name_or_path", "") or "model.arch"
+        what = ("its LoRA adapter was trained on" if record["kind"] == "lora"
+                else "its trainable part (model.freeze) was trained over")
         raise AdapterCheckpointError(
-            f"its LoRA adapter was trained on another base model than this run builds (then: {record['base']}, "
+            f"{what} another base model than this run builds (then: {record['base']}, "
             f"fingerprint {record['fingerprint'][:12]}; now: {built}, fingerprint {now[:12]}); the checkpoint holds the "
-            "adapter, not its base: build the base it was trained on (model.name_or_path and model.revision: a hub model "
+            f"{'adapter' if record['kind'] == 'lora' else 'trained part'}, not its base: build the base it was trained "
+            "on (model.name_or_path and model.revision: a hub model "
             "updated since needs the revision pinned; train.init_from, model.vocab and run.seed as in its config.yaml)")
 
 
@@ -104,14 +145,17 @@ def read_adapter_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
 
 
 def check_keys(model, state: dict) -> None:
-    """AdapterCheckpointError unless ``state`` holds exactly ``model``'s adapter tensors (the same LoRA settings)."""
-    expected = set(adapter_keys(model))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    """AdapterCheckpointError unless ``state`` holds exactly ``model``'s adapter tensors (the same LoRA settings); for a
+    model without LoRA (a ``model.freeze`` checkpoint's trainable part), tensors of the model, whatever it freezes."""
+    expected = set(adapter_keys(model)) if is_peft_model(model) else set(model.state_dict())
+    missing = sorted(expected - set(state)) if is_peft_model(model) else []
+    unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         parts = [f"{len(v)} {what}, e.g. {v[0]}" for what, v in (("missing", missing), ("unexpected", unexpected)) if v]
         raise AdapterCheckpointError(
-            f"its adapter state does not fit this run's LoRA model ({'; '.join(parts)}): model.lora (target_modules, "
-            "modules_to_save, train_norms) and model.vocab must be those it was trained with")
+            f"its adapter state does not fit this run's {'LoRA ' if is_peft_model(model) else ''}model "
+            f"({'; '.join(parts)}): model.lora (target_modules, modules_to_save, train_norms) and model.vocab must be "
+            "those it was trained with")
 
 
 def load_adapter_state(model, ckpt: str | Path) -> None:
@@ -119,6 +163,26 @@ def load_adapter_state(model, ckpt: str | Path) -> None:
     state = read_adapter_state(ckpt)
     check_keys(model, state)
     model.load_state_dict(state, strict=False)  # (torch still refuses tensors of another shape)
+
+
+def note_loaded_base(model, ckpt: Path, adapter: bool) -> None:
+    """After a checkpoint loaded into ``model`` (unwrapped; one process or DDP: collective). A peft model given a
+    whole-model checkpoint has its base from it: its fingerprint is taken again. A ``model.freeze`` model keeps
+    checkpoints without its frozen part only while that part is still the base as built (hashed again: a stage from a
+    whole-model checkpoint, or from one that froze less, changed it); otherwise it writes whole-model ones."""
+    if is_peft_model(model):
+        if not adapter:
+            note_base(model)
+        return
+    if not hasattr(model, "_cpt_base_fingerprint") or (
+            adapter and (ckpt / ADAPTER_STATE).is_file() and _saved_keys(ckpt, model) == set(adapter_keys(model))):
+        return  # (its own trained part loaded over the base as built, checked: nothing else changed)
+    built = model._cpt_base_fingerprint
+    if note_base(model) != built:
+        del model._cpt_base_fingerprint
+        log.warning("model.freeze: the frozen weights came from %s, not from the base this run builds: its checkpoints "
+                    "hold the whole model (those of a run whose frozen part is the base as built hold the trained part "
+                    "alone)", ckpt)
 
 
 @contextlib.contextmanager

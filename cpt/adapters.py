@@ -257,23 +257,27 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
 
 
 def adapter_keys(peft_model) -> list[str]:
-    """The state-dict keys of a peft model that are not its frozen base's: the trainable parameters (LoRA A/B, the
-    ``modules_to_save`` copies, the new vocabulary rows of ``trainable_token_indices``) and every tensor peft keeps
-    under the adapter's name (``...lora_A.default.weight``: also adapter weights ``model.freeze`` froze)."""
-    own = re.compile(rf"\.{re.escape(peft_model.active_adapter)}(\.|$)")
+    """The state-dict keys of a model that are not its frozen base's. A peft model: the trainable parameters (LoRA A/B,
+    the ``modules_to_save`` copies, the new vocabulary rows of ``trainable_token_indices``) and every tensor peft keeps
+    under the adapter's name (``...lora_A.default.weight``: also adapter weights ``model.freeze`` froze). Any other
+    model (``model.freeze`` without LoRA): its trainable parameters (a tied one under both names)."""
+    active = getattr(peft_model, "active_adapter", None) if hasattr(peft_model, "peft_config") else None
+    own = re.compile(rf"\.{re.escape(active)}(\.|$)") if active else None
     trainable = {id(p) for p in peft_model.parameters() if p.requires_grad}
-    return [k for k, v in peft_model.state_dict(keep_vars=True).items() if id(v) in trainable or own.search(k)]
+    return [k for k, v in peft_model.state_dict(keep_vars=True).items()
+            if id(v) in trainable or (own is not None and own.search(k))]
 
 
-def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
-    """SHA-256 over every frozen base tensor of a peft model (name, shape, dtype and the SHA-256 of its bytes; sorted by
-    name): the base as built, vocabulary changes included. One pass over the base weights, the tensors hashed in
+def base_fingerprint(peft_model, hash_here: bool = True, ours: set[str] | None = None) -> str | None:
+    """SHA-256 over every frozen base tensor of a model (name, shape, dtype and the SHA-256 of its bytes; sorted by
+    name): every state-dict tensor but :func:`adapter_keys` (``ours``: but those), the base as built, vocabulary changes
+    included. One pass over the base weights, the tensors hashed in
     parallel (~1.2 GB/s per CPU core). None when the weights are not all here (meta tensors). Under DeepSpeed ZeRO-3's
     zero.Init (partitioned placeholders) the tensors are gathered ~1 GB at a time, a collective every process joins;
     those with ``hash_here`` False only take part in it (and get None)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    ours = set(adapter_keys(peft_model))
+    ours = set(adapter_keys(peft_model)) if ours is None else ours
     base = [(n, t) for n, t in sorted(peft_model.state_dict(keep_vars=True).items()) if n not in ours]
     if any(t.is_meta for _, t in base):
         return None  # (transformers leaves weights a checkpoint lacks on meta on FSDP's other ranks, cpu_ram_efficient_loading)

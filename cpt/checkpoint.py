@@ -2,8 +2,8 @@
 
 Layout of a run directory::
 
-    <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG; a LoRA model: its
-                                           adapter state alone, cpt/adapter_checkpoint.py, cpt/adapter_shards.py),
+    <run_dir>/checkpoints/step_00000100/   accelerate state (model, optimizer, every rank's RNG; LoRA, model.freeze:
+                                           no frozen base, cpt/adapter_checkpoint.py, cpt/adapter_shards.py),
                                            trainer_state.json + state.safetensors: every registered component's
                                            state (the loop's counters, data position, evaluator, EMA, ...: cpt/state.py),
                                            config.yaml, trainable.json (each optimizer group's parameter names
@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Mapping
 
 from cpt import adapter_shards, sharded_save
-from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, is_peft_model
-from cpt.adapters import note_base
+from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, note_loaded_base
 from cpt.base_dtype import in_fp32
 from cpt.distributed import Backend, all_ranks_agree, backend
 from cpt.checkpoint_files import cpt_can_write, host_copy, host_snapshot, write_files
@@ -324,8 +323,8 @@ class CheckpointManager:
             fp32_base.enter_context(in_fp32(model))
         with fp32_base:  # (undone also when the load fails)
             self._load_weights(ckpt, optimizer_state)
-            if not adapter and is_peft_model(model) and self.cpt_writes:  # its base came from the checkpoint
-                note_base(model)
+            if model is not None and self.cpt_writes:  # a base from the checkpoint: fingerprinted again (or whole)
+                note_loaded_base(model, ckpt, adapter)
         restore_group_settings(self.acc, self.settings)
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps

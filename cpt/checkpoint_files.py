@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cpt.adapter_checkpoint import adapter_items, is_peft_model
+from cpt.adapter_checkpoint import adapter_items, without_base
 from cpt.distributed import Backend, backend
 from cpt.fileio import HashingFile, fault_point
 
@@ -43,7 +43,7 @@ class _DropMessage(logging.Filter):
 
 def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
     """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
-    models (safetensors; a LoRA model's adapter state alone: cpt/adapter_checkpoint.py) and optimizers and the grad
+    models (safetensors; a LoRA or model.freeze model's state without the frozen base: cpt/adapter_checkpoint.py) and optimizers and the grad
     scaler (main process), this rank's RNG states.
     ``staging``: host buffers to copy into (kept between saves: pinned on CUDA, allocated once); None
     (a synchronous save: nothing changes until it is written) copies only device tensors."""
@@ -56,7 +56,7 @@ def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
     if acc.is_main_process:
         for i, model in enumerate(acc._models):
             unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
-            if len(acc._models) == 1 and is_peft_model(unwrapped):  # LoRA: the adapter, not the frozen base
+            if len(acc._models) == 1 and without_base(unwrapped):  # LoRA, model.freeze: not the frozen base
                 items += [(name, kind, host_copy(payload, staging, ("model", i)) if kind == "safetensors" else payload)
                           for name, kind, payload in adapter_items(unwrapped)]
                 continue

@@ -319,6 +319,10 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None, log_fn=log_fn)
     if cfg.freeze is not None:
         apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
+        if cfg.lora is None:  # its checkpoints leave the frozen part out (cpt/adapter_checkpoint.py): as built, hashed
+            from cpt.adapters import note_base
+
+            note_base(model)
     if cfg.liger_kernel:
         apply_liger(model, log_fn)
     if cfg.gradient_checkpointing:

@@ -214,7 +214,7 @@ def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_ba
     a, b = tmp_path / "cast", tmp_path / "fp32"
     cast_log = _run(_config(tiny_cpt_data, tiny_base, a, True))
     with monkeypatch.context() as m:  # the fp32 run writes the whole-model checkpoints of earlier cpt
-        m.setattr("cpt.checkpoint_files.is_peft_model", lambda model: False)
+        m.setattr("cpt.checkpoint_files.without_base", lambda model: False)
         fp32_log = _run(_config(tiny_cpt_data, tiny_base, b, False))
     assert "frozen base's Linear weights are stored in bf16 (14 tensors" in cast_log and "stored in" not in fp32_log
     ref = _numbers(a)

@@ -330,7 +330,7 @@ def test_lora_checkpoint_holds_the_adapter_not_the_base_and_resumes_exactly(tiny
 
     # the whole-model layout of earlier cpt (written here by switching the adapter layout off) resumes exactly
     with monkeypatch.context() as m:
-        m.setattr("cpt.checkpoint_files.is_peft_model", lambda model: False)
+        m.setattr("cpt.checkpoint_files.without_base", lambda model: False)
         run({**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "old")}})
     old = tmp_path / "old" / "checkpoints" / "step_00000003"
     assert (old / "model.safetensors").stat().st_size > base_bytes and not (old / ADAPTER_STATE).exists()
@@ -407,6 +407,98 @@ def test_freeze_config_keeps_frozen_weights(tiny_cpt_data, base, tmp_path):
     n_frozen = sum(before[k].numel() for k in frozen)
     assert f"trainable params: {n_total - n_frozen:,} of {n_total:,}" in log
     assert step0(out)["forgetting/shakespeare"] == 0.0
+
+
+def _freeze_small(tiny_cpt_data, base, out: Path) -> dict:
+    """configs/freeze-cpt.yaml (bottom_half: layer 0 of 2 frozen), 6 steps, checkpoints and evaluations at 3 and 6."""
+    cfg = shipped("freeze", tiny_cpt_data, base, out, checkpoint={"every": 3, "keep": 5})
+    cfg["eval"].update(at_start=False)
+    return cfg
+
+
+def test_freeze_checkpoint_holds_the_trained_part_not_the_frozen_layers(tiny_cpt_data, base, tmp_path, monkeypatch):
+    """A model.freeze checkpoint (1 process) holds the trainable parameters alone (no tensor of the frozen layer), the
+    optimizer and the loop's state, and the frozen part's fingerprint. Resumed, the run rebuilds the base and gives the
+    uninterrupted run's losses bitwise; `cpt export` of it is the run's own export, tensor for tensor; a new stage from
+    it starts from its weights (held-out loss at step 0 = the checkpoint's); a whole-model checkpoint of earlier cpt
+    still resumes exactly; another frozen base is refused in one line, nothing trained."""
+    from cpt.adapter_checkpoint import ADAPTER_BASE, ADAPTER_STATE, read_base_record
+    from cpt.checkpoint import CheckpointError
+    from cpt.consolidate import export_checkpoint
+
+    cfg = _freeze_small(tiny_cpt_data, base, tmp_path / "a")
+    result, _ = run(cfg)
+    ref, a = losses(tmp_path / "a"), tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert result.step == 6 and sorted(ref) == list(range(1, 7))
+    names = {p.name for p in a.iterdir()}
+    assert {ADAPTER_STATE, ADAPTER_BASE, "optimizer.bin"} <= names and "model.safetensors" not in names
+    before, saved = load_file(base / "model.safetensors"), load_file(a / ADAPTER_STATE)
+    frozen = {k for k in before if k.startswith("model.layers.0.")}
+    assert frozen and not frozen & set(saved) and set(saved) == set(before) - frozen  # (the tied head once)
+    assert read_base_record(a)["kind"] == "freeze" and len(read_base_record(a)["fingerprint"]) == 64
+    assert (a / ADAPTER_STATE).stat().st_size < (base / "model.safetensors").stat().st_size * 0.9
+
+    _, log = _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
+    assert "resumed" in log and losses(tmp_path / "b") == ref  # bitwise: fp32 on CPU
+    export_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000006", tmp_path / "x", echo=lambda *a: None)
+    x, y = (load_file(d / "model.safetensors") for d in (tmp_path / "x", tmp_path / "a" / "export"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert all(torch.equal(x[k], before[k]) for k in frozen)  # (the frozen part: the base's)
+
+    stage = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "stage")}, "train": {**cfg["train"], "init_from": str(a)},
+             "eval": {**cfg["eval"], "at_start": True}}
+    _, log = run(stage)
+    assert f"initialised weights from {a}" in log
+    assert step0(tmp_path / "stage")["eval/python/loss"] == records_at(tmp_path / "a", 3)["eval/python/loss"]
+
+    with monkeypatch.context() as m:  # the whole-model layout of earlier cpt
+        m.setattr("cpt.checkpoint_files.without_base", lambda model: False)
+        run({**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "old")}})
+    assert (tmp_path / "old" / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    _, log = _resume_from_step_3(tmp_path / "old", tmp_path / "c", cfg)
+    assert "resumed" in log and losses(tmp_path / "c") == ref
+    assert (tmp_path / "c" / "checkpoints" / "step_00000006" / ADAPTER_STATE).is_file()  # its frozen part is the base
+
+    other = tmp_path / "other-base"  # a frozen weight changed
+    shutil.copytree(base, other)
+    weights = dict(before)
+    weights["model.layers.0.input_layernorm.weight"] = weights["model.layers.0.input_layernorm.weight"] + 1e-3
+    from safetensors.torch import save_file
+
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    cfg["model"]["name_or_path"] = str(other)
+    with pytest.raises(CheckpointError, match=r"trainable part \(model.freeze\) was trained over another base") as e:
+        _resume_from_step_3(tmp_path / "a", tmp_path / "d", cfg, allow_config_change=True)
+    assert "\n" not in str(e.value) and str(base) in str(e.value) and str(other) in str(e.value)
+    assert losses(tmp_path / "d") == ref and not (tmp_path / "d" / "checkpoints" / "step_00000006").exists()
+
+
+def test_a_freeze_stage_from_a_full_checkpoint_writes_whole_checkpoints_and_resumes_exactly(tiny_cpt_data, base, tmp_path, caplog):
+    """A model.freeze stage from a full run's checkpoint (train.init_from): its frozen layer holds the trunk's trained
+    weights, not the base a reader would build, so its checkpoints keep the whole model (said once); it resumes
+    exactly. A full stage from a model.freeze checkpoint (which leaves the frozen layer out) builds that base again."""
+    trunk = _freeze_small(tiny_cpt_data, base, tmp_path / "trunk")
+    del trunk["model"]["freeze"]
+    trunk["stages"][0]["steps"] = 3
+    run(trunk)
+    stage = _freeze_small(tiny_cpt_data, base, tmp_path / "stage")
+    stage["train"]["init_from"] = str(tmp_path / "trunk" / "checkpoints" / "step_00000003")
+    with caplog.at_level("WARNING", logger="cpt.checkpoint"):
+        run(stage)
+    assert "its checkpoints hold the whole model" in caplog.text
+    ckpt = tmp_path / "stage" / "checkpoints" / "step_00000003"
+    assert (ckpt / "model.safetensors").is_file() and not (ckpt / "adapter_state.safetensors").exists()
+    _, log = _resume_from_step_3(tmp_path / "stage", tmp_path / "resumed", stage)
+    assert "resumed" in log and losses(tmp_path / "resumed") == losses(tmp_path / "stage")
+
+    full = _freeze_small(tiny_cpt_data, base, tmp_path / "full")  # the other way: a full stage from a freeze checkpoint
+    frozen_ckpt = tmp_path / "full-trunk"
+    run({**full, "run": {**full["run"], "output_dir": str(frozen_ckpt)}, "stages": [{**full["stages"][0], "steps": 3}]})
+    del full["model"]["freeze"]
+    full["train"]["init_from"] = str(frozen_ckpt / "checkpoints" / "step_00000003")
+    full["eval"]["at_start"] = True
+    run(full)
+    assert step0(tmp_path / "full")["eval/python/loss"] == records_at(frozen_ckpt, 3)["eval/python/loss"]
 
 
 # ------------------------------------------------------------------------------------------ vocabulary extension
