@@ -3,8 +3,8 @@
 A checkpoint is written by accelerate in the layout of its backend:
 
 * ``plain`` (one process, DDP): ``model.safetensors`` (full weights) and ``optimizer.bin`` (full AdamW state);
-* ``adapter`` (a LoRA run on one process or DDP): ``adapter_state.safetensors`` (the adapter alone: the reader
-  builds the base, cpt/adapter_checkpoint.py) and ``optimizer.bin``;
+* ``adapter`` (a LoRA or ``model.freeze`` run on one process or DDP): ``adapter_state.safetensors`` (the adapter or
+  the trainable part alone: the reader builds the frozen base, cpt/adapter_checkpoint.py) and ``optimizer.bin``;
 * ``fsdp`` (FSDP2, sharded state dict): DCP directories ``pytorch_model_fsdp_0/`` and ``optimizer_0/``;
 * ``deepspeed`` (ZeRO-2/3): ``pytorch_model/`` with one ``zero_pp_rank_R_..._optim_states.pt`` per rank,
   holding that rank's flat partition of the fp32 weights and of the Adam moments.
