@@ -175,7 +175,7 @@ def test_ddp_with_reptile_matches_single_process(tiny_cpt_data, base, single, tm
 
 def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     """LoRA under DDP (only the adapters' gradients are all-reduced): 1-process losses, held-out losses and adapter.
-    Its checkpoint holds the adapter alone (not the frozen base); resumed on 2 processes from step 6 it gives the
+    Its checkpoint holds the adapter alone (not the frozen base); resumed on 2 processes from step 3 it gives the
     uninterrupted run's losses bitwise, and under FSDP2 (the adapter loaded over the base FSDP2 built and sharded) the
     same losses to 1e-5."""
     import shutil
@@ -207,6 +207,36 @@ def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
             assert losses(again) == losses(out)  # same world size and backend: bitwise
         else:
             assert_close(losses(again), losses(out))
+
+
+def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(tiny_cpt_data, base, tmp_path):
+    """model.freeze under DDP: the checkpoint holds the trainable parameters alone (the main process's fingerprint of
+    the frozen layer as built); resumed on 2 processes from step 3 it gives the uninterrupted run's losses bitwise."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cpt.adapter_checkpoint import ADAPTER_STATE, read_base_record
+
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
+    cfg["model"]["freeze"] = {"layers": "bottom_half"}
+    cfg["stages"][0]["steps"] = 6
+    cfg["eval"].update(at_start=False, every=None)
+    cfg["checkpoint"] = {"every": 3, "keep": 2, "export_at_end": False}
+    rc, log = launch("ddp", write(cfg, tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "step_00000003"
+    assert not (ckpt / "model.safetensors").exists() and read_base_record(ckpt)["kind"] == "freeze"
+    saved = load_file(ckpt / ADAPTER_STATE)
+    assert saved and not any(k.startswith("model.layers.0.") for k in saved)
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "step_00000006")
+    cfg["run"]["output_dir"] = str(again)
+    rc, log = launch("ddp", write(cfg, tmp_path / "again.yaml"), "--resume")
+    assert rc == 0 and "resumed" in log, log[-5000:]
+    assert world_sizes(again) == {2} and losses(again) == losses(out)
 
 
 # ZeRO-2 and ZeRO-2 with CPU offload against 1 process: tests/test_launch_shipped.py, through the shipped configs.
