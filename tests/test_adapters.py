@@ -233,6 +233,53 @@ def test_adapter_keys_are_everything_but_the_frozen_base_and_the_fingerprint_see
         assert apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))._cpt_base_fingerprint is None
 
 
+def test_a_freeze_checkpoint_without_its_frozen_layers_is_read_by_what_fits_its_base(tmp_path):
+    """cpt/adapter_checkpoint.py for a model.freeze model (no LoRA): the state holds the trainable tensors alone, and
+    is read by a model of the same base whatever it freezes (the tensors the checkpoint lacks hashed again), refused
+    in one line by a LoRA model, by a model whose frozen weights differ, and by a wrong kind of checkpoint."""
+    from cpt.adapter_checkpoint import (AdapterCheckpointError, adapter_items, check_fits, load_adapter_state,
+                                        note_loaded_base, without_base)
+    from safetensors.torch import load_file
+
+    from cpt.adapters import note_base
+    from cpt.checkpoint_files import write_files
+
+    def frozen(layers="bottom_half"):
+        torch.manual_seed(0)
+        m = tiny_model()
+        apply_freeze(m, FreezeConfig(layers=layers))
+        note_base(m)
+        return m
+
+    model = frozen()
+    with torch.no_grad():
+        model.model.layers[3].mlp.up_proj.weight.add_(1.0)  # "trained"
+    write_files(tmp_path, [(n, k, p) for n, k, p in adapter_items(model)], 1)
+    state = load_file(tmp_path / "adapter_state.safetensors")
+    assert state and not any(k.startswith(("model.layers.0.", "model.layers.1.")) for k in state)
+    check_fits(tmp_path, frozen())  # the same base
+    other = frozen("0-1")  # freezes less: layer 1 (saved by neither) compared as the checkpoint left it out
+    check_fits(tmp_path, other)
+    load_adapter_state(other, tmp_path)
+    note_loaded_base(other, tmp_path, adapter=True)  # its frozen part is still the base as built
+    assert without_base(other) and torch.equal(other.model.layers[3].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)
+    fewer = frozen("0-3")  # freezes layer 2, which the checkpoint holds trained: whole-model checkpoints from now on
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight.add_(1.0)
+    write_files(tmp_path, [(n, k, p) for n, k, p in adapter_items(model)], 2)
+    load_adapter_state(fewer, tmp_path)
+    note_loaded_base(fewer, tmp_path, adapter=True)
+    assert not without_base(fewer)
+    changed = frozen()
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-6
+    note_base(changed)
+    with pytest.raises(AdapterCheckpointError, match=r"trainable part \(model.freeze\) was trained over another base"):
+        check_fits(tmp_path, changed)
+    with pytest.raises(AdapterCheckpointError, match="model.freeze run's checkpoint .* this run uses model.lora"):
+        check_fits(tmp_path, apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"])))
+
+
 def test_an_adapter_checkpoint_into_zero3_gathers_the_adapter_alone(monkeypatch):
     """A LoRA adapter-only checkpoint resumed under ZeRO-3 (cpt/consolidate.py): only the adapter's parameters are
     gathered and written; the frozen base stays partitioned as built (all of it was gathered on every rank at once)."""
