@@ -152,10 +152,10 @@ def check_keys(model, state: dict) -> None:
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         parts = [f"{len(v)} {what}, e.g. {v[0]}" for what, v in (("missing", missing), ("unexpected", unexpected)) if v]
-        raise AdapterCheckpointError(
-            f"its adapter state does not fit this run's {'LoRA ' if is_peft_model(model) else ''}model "
-            f"({'; '.join(parts)}): model.lora (target_modules, modules_to_save, train_norms) and model.vocab must be "
-            "those it was trained with")
+        fields = ("model.lora (target_modules, modules_to_save, train_norms)" if is_peft_model(model)
+                  else "the model (model.name_or_path or model.arch, model.config_overrides)")
+        raise AdapterCheckpointError(f"its adapter state does not fit this run's {'LoRA ' if is_peft_model(model) else ''}"
+                                     f"model ({'; '.join(parts)}): {fields} and model.vocab must be those it was trained with")
 
 
 def load_adapter_state(model, ckpt: str | Path) -> None:

@@ -318,8 +318,8 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None, log_fn=log_fn)
     if cfg.freeze is not None:
-        apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
-        if cfg.lora is None:  # its checkpoints leave the frozen part out (cpt/adapter_checkpoint.py): as built, hashed
+        frozen = apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
+        if cfg.lora is None and frozen:  # its checkpoints leave the frozen part out (cpt/adapter_checkpoint.py): hashed
             from cpt.adapters import note_base
 
             note_base(model)
