@@ -85,11 +85,18 @@ def read_base_record(ckpt: str | Path) -> dict:
 
 
 def _saved_keys(ckpt: str | Path, model) -> set[str]:
-    """The model's state-dict keys the checkpoint's adapter state holds (a tied tensor saved once: under all its names)."""
-    from safetensors import safe_open
+    """The model's state-dict keys the checkpoint's adapter state holds (a tied tensor saved once: under all its names;
+    FSDP2's layout: the keys of its DCP metadata)."""
+    if (Path(ckpt) / ADAPTER_STATE).is_file():
+        from safetensors import safe_open
 
-    with safe_open(str(Path(ckpt) / ADAPTER_STATE), framework="pt") as f:
-        saved = set(f.keys())
+        with safe_open(str(Path(ckpt) / ADAPTER_STATE), framework="pt") as f:
+            saved = set(f.keys())
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(Path(ckpt) / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+        saved = {k[len("model."):] for k in meta if k.startswith("model.")}
     sd = model.state_dict(keep_vars=True)
     ids = {id(sd[k]) for k in saved if k in sd}
     return saved | {k for k, v in sd.items() if id(v) in ids}
@@ -111,9 +118,13 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
             "it is a model.freeze run's checkpoint (its trainable part, not the frozen base) and this run uses "
             f"model.lora: export the whole model ({export})")
     now = getattr(model, "_cpt_base_fingerprint", None)
-    if record["kind"] == "freeze" and record["fingerprint"] is not None and (Path(ckpt) / ADAPTER_STATE).is_file():
+    if record["kind"] == "freeze" and record["fingerprint"] is not None:
         saved = _saved_keys(ckpt, model)
         if saved != set(adapter_keys(model)):  # another model.freeze (or none): the base is what the checkpoint lacks
+            if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # (FSDP2: sharded, not hashed here)
+                raise AdapterCheckpointError(
+                    "it is a model.freeze run's checkpoint (its trainable part, not the frozen base) and under FSDP2 it "
+                    f"loads only into a run that freezes the same parameters: keep model.freeze, or {export}")
             now = base_fingerprint(model, ours=saved)
     if now is None or record["fingerprint"] is None:  # weights not all here (ZeRO-3 placeholders): nothing to compare
         return
@@ -165,24 +176,24 @@ def load_adapter_state(model, ckpt: str | Path) -> None:
     model.load_state_dict(state, strict=False)  # (torch still refuses tensors of another shape)
 
 
-def note_loaded_base(model, ckpt: Path, adapter: bool) -> None:
-    """After a checkpoint loaded into ``model`` (unwrapped; one process or DDP: collective). A peft model given a
-    whole-model checkpoint has its base from it: its fingerprint is taken again. A ``model.freeze`` model keeps
+def note_loaded_base(model, ckpt: Path, adapter: bool, hash_here: bool = True) -> None:
+    """After a checkpoint loaded into ``model`` (unwrapped; collective). A peft model given a whole-model checkpoint has
+    its base from it: its fingerprint is taken again (one process, DDP: ``hash_here``). A ``model.freeze`` model keeps
     checkpoints without its frozen part only while that part is still the base as built (hashed again: a stage from a
-    whole-model checkpoint, or from one that froze less, changed it); otherwise it writes whole-model ones."""
+    whole-model checkpoint, or from one that froze less, changed it; FSDP2, where its weights are sharded: only a
+    checkpoint of its own trainable tensors keeps it); otherwise it writes whole-model ones."""
     if is_peft_model(model):
-        if not adapter:
+        if not adapter and hash_here:
             note_base(model)
         return
-    if not hasattr(model, "_cpt_base_fingerprint") or (
-            adapter and (ckpt / ADAPTER_STATE).is_file() and _saved_keys(ckpt, model) == set(adapter_keys(model))):
+    if not hasattr(model, "_cpt_base_fingerprint") or (adapter and _saved_keys(ckpt, model) == set(adapter_keys(model))):
         return  # (its own trained part loaded over the base as built, checked: nothing else changed)
     built = model._cpt_base_fingerprint
-    if note_base(model) != built:
+    if not hash_here or note_base(model) != built:
         del model._cpt_base_fingerprint
-        log.warning("model.freeze: the frozen weights came from %s, not from the base this run builds: its checkpoints "
-                    "hold the whole model (those of a run whose frozen part is the base as built hold the trained part "
-                    "alone)", ckpt)
+        log.warning("model.freeze: the frozen weights were loaded from %s, not built from the base: this run's "
+                    "checkpoints hold the whole model (those of a run whose frozen part is the base as built hold the "
+                    "trained part alone)", ckpt)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""LoRA resume checkpoints under FSDP2 and DeepSpeed ZeRO-2/3: the adapter's shards, without the frozen base.
+"""LoRA resume checkpoints under FSDP2 and DeepSpeed ZeRO-2/3: the adapter's shards, without the frozen base (and
+``model.freeze`` ones under FSDP2: the trainable parameters' shards; under DeepSpeed they hold the whole model).
 
 accelerate's ``save_state`` writes the whole model under FSDP2 and DeepSpeed: the frozen base again at every save
 (140 GB for a 70B base). For a peft model cpt keeps each backend's own sharded layout (cpt/consolidate.py reads it,
@@ -30,7 +31,8 @@ import contextlib
 import logging
 from pathlib import Path
 
-from cpt.adapter_checkpoint import ADAPTER_STATE, base_record_item, is_adapter_layout, is_peft_model, models_from_adapter_state
+from cpt.adapter_checkpoint import (ADAPTER_STATE, base_record_item, is_adapter_layout, is_peft_model, models_from_adapter_state,
+                                    without_base)
 from cpt.adapters import adapter_keys
 from cpt.distributed import Backend, backend
 
@@ -82,12 +84,12 @@ def load_state(acc, ckpt: Path) -> None:
 
 
 def _adapter_model(acc):
-    """The (unwrapped) peft model whose checkpoint can leave its base out under this run's backend, else None."""
+    """The (unwrapped) peft or model.freeze model (:func:`cpt.adapter_checkpoint.without_base`) whose checkpoint can leave its base out under this run's backend, else None."""
     if len(acc._models) != 1 or len(acc._optimizers) != 1:
         return None
     model = acc.unwrap_model(acc._models[0], keep_torch_compile=False)
-    if not is_peft_model(model):
-        return None
+    if not without_base(model) or (backend(acc) is Backend.DEEPSPEED and not is_peft_model(model)):
+        return None  # (DeepSpeed: a model.freeze run's checkpoints hold the whole model)
     if backend(acc) is Backend.FSDP:
         plugin = acc.state.fsdp_plugin
         sharded = getattr(plugin.state_dict_type, "name", str(plugin.state_dict_type)).endswith("SHARDED_STATE_DICT")

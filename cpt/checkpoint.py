@@ -323,8 +323,8 @@ class CheckpointManager:
             fp32_base.enter_context(in_fp32(model))
         with fp32_base:  # (undone also when the load fails)
             self._load_weights(ckpt, optimizer_state)
-            if model is not None and self.cpt_writes:  # a base from the checkpoint: fingerprinted again (or whole)
-                note_loaded_base(model, ckpt, adapter)
+            if model is not None:  # a base from the checkpoint: fingerprinted again (or whole-model checkpoints)
+                note_loaded_base(model, ckpt, adapter, hash_here=self.cpt_writes)
         restore_group_settings(self.acc, self.settings)
         # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
         # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps

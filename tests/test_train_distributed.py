@@ -211,9 +211,12 @@ def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
 
 def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(tiny_cpt_data, base, tmp_path):
     """model.freeze under DDP: the checkpoint holds the trainable parameters alone (the main process's fingerprint of
-    the frozen layer as built); resumed on 2 processes from step 3 it gives the uninterrupted run's losses bitwise."""
+    the frozen layer as built); resumed on 2 processes from step 3 it gives the uninterrupted run's losses bitwise;
+    resumed under FSDP2 the same losses (to 1e-5), writing the trainable parameters' shards alone, which export as
+    the DDP run's checkpoint does."""
     import shutil
 
+    import torch
     from safetensors.torch import load_file
 
     from cpt.adapter_checkpoint import ADAPTER_STATE, read_base_record
@@ -237,6 +240,27 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     rc, log = launch("ddp", write(cfg, tmp_path / "again.yaml"), "--resume")
     assert rc == 0 and "resumed" in log, log[-5000:]
     assert world_sizes(again) == {2} and losses(again) == losses(out)
+
+    # under FSDP2 (the trained part loaded over the base FSDP2 built and sharded): the same losses, and its own
+    # checkpoint holds the trainable parameters' shards alone; exported, the weights of the DDP run's
+    fsdp = tmp_path / "fsdp"
+    shutil.copytree(out, fsdp)
+    shutil.rmtree(fsdp / "checkpoints" / "step_00000006")
+    cfg["run"]["output_dir"] = str(fsdp)
+    rc, log = launch("fsdp_cpu", write(cfg, tmp_path / "fsdp.yaml"), "--resume")
+    assert rc == 0 and "resumed" in log, log[-5000:]
+    assert_close(losses(fsdp), losses(out))
+    ckpt = fsdp / "checkpoints" / "step_00000006"
+    assert read_base_record(ckpt)["kind"] == "freeze" and (ckpt / "pytorch_model_fsdp_0").is_dir()
+    from cpt.consolidate import export_checkpoint, read_model_state
+
+    shards = read_model_state(ckpt)
+    assert shards and not any(k.startswith("model.layers.0.") for k in shards)
+    for c, d in ((ckpt, "x"), (out / "checkpoints" / "step_00000006", "y")):
+        export_checkpoint(c, tmp_path / d, echo=lambda *a: None)
+    x, y = (load_file(tmp_path / d / "model.safetensors") for d in "xy")
+    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-4, atol=1e-6) for k in x)
+    assert all(torch.equal(x[k], load_file(base / "model.safetensors")[k]) for k in x if k.startswith("model.layers.0."))
 
 
 # ZeRO-2 and ZeRO-2 with CPU offload against 1 process: tests/test_launch_shipped.py, through the shipped configs.

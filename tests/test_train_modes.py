@@ -485,7 +485,7 @@ def test_a_freeze_stage_from_a_full_checkpoint_writes_whole_checkpoints_and_resu
     stage["train"]["init_from"] = str(tmp_path / "trunk" / "checkpoints" / "step_00000003")
     with caplog.at_level("WARNING", logger="cpt.checkpoint"):
         run(stage)
-    assert "its checkpoints hold the whole model" in caplog.text
+    assert "checkpoints hold the whole model" in caplog.text
     ckpt = tmp_path / "stage" / "checkpoints" / "step_00000003"
     assert (ckpt / "model.safetensors").is_file() and not (ckpt / "adapter_state.safetensors").exists()
     _, log = _resume_from_step_3(tmp_path / "stage", tmp_path / "resumed", stage)
