@@ -7,9 +7,10 @@ parameters (LoRA A/B, the ``modules_to_save`` copies, the new vocabulary rows of
 adapter weights ``model.freeze`` froze. A ``model.freeze`` run without LoRA: its trainable parameters (the frozen
 layers are left out). The optimizer, scaler, RNG and cpt's own files are unchanged. Under FSDP2 and DeepSpeed
 ZeRO-2/3 a LoRA checkpoint keeps its backend's sharded layout, with the adapter's shards alone
-(cpt/adapter_shards.py); a ``model.freeze`` run's keeps the whole model there. Either way ``adapter_base.json`` records
-the base it was trained on: its name, what was left out (``kind``: ``lora`` or ``freeze``) and
-:func:`cpt.adapters.base_fingerprint` (SHA-256 of the frozen base as built: weights, vocabulary changes included).
+(cpt/adapter_shards.py), and so does a ``model.freeze`` run's under FSDP2 (its trainable shards; under DeepSpeed it
+holds the whole model). Either way ``adapter_base.json`` records the base it was trained on: its name, what was
+left out (``kind``: ``lora`` or ``freeze``) and :func:`cpt.adapters.base_fingerprint` (SHA-256 of the frozen base
+as built: weights, vocabulary changes included).
 
 Whoever reads the checkpoint rebuilds the base as the run did (``model.name_or_path`` or an HF ``train.init_from``,
 ``model.vocab``, ``run.seed`` for a base built from ``model.arch``) and loads the saved state on top: a resume, a new
@@ -84,7 +85,7 @@ def read_base_record(ckpt: str | Path) -> dict:
     return {"kind": "lora", **json.loads((Path(ckpt) / ADAPTER_BASE).read_text())}
 
 
-def _saved_keys(ckpt: str | Path, model) -> set[str]:
+def saved_keys(ckpt: str | Path, model) -> set[str]:
     """The model's state-dict keys the checkpoint's adapter state holds (a tied tensor saved once: under all its names;
     FSDP2's layout: the keys of its DCP metadata)."""
     if (Path(ckpt) / ADAPTER_STATE).is_file():
@@ -119,12 +120,10 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
             f"model.lora: export the whole model ({export})")
     now = getattr(model, "_cpt_base_fingerprint", None)
     if record["kind"] == "freeze" and record["fingerprint"] is not None:
-        saved = _saved_keys(ckpt, model)
+        saved = saved_keys(ckpt, model)
         if saved != set(adapter_keys(model)):  # another model.freeze (or none): the base is what the checkpoint lacks
-            if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # (FSDP2: sharded, not hashed here)
-                raise AdapterCheckpointError(
-                    "it is a model.freeze run's checkpoint (its trainable part, not the frozen base) and under FSDP2 it "
-                    f"loads only into a run that freezes the same parameters: keep model.freeze, or {export}")
+            if sharded(model):  # (FSDP2: not hashed here; refused as it loads, after the optimizer layout's check)
+                return
             now = base_fingerprint(model, ours=saved)
     if now is None or record["fingerprint"] is None:  # weights not all here (ZeRO-3 placeholders): nothing to compare
         return
@@ -155,10 +154,27 @@ def read_adapter_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(ckpt) / ADAPTER_STATE))
 
 
-def check_keys(model, state: dict) -> None:
+def sharded(model) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def refuse_other_keys_sharded(model, saved: set[str], ckpt) -> None:
+    """Under FSDP2 (its frozen part sharded: not hashed again) a model.freeze checkpoint loads only into a model that
+    trains the same tensors (``saved``: the checkpoint's, aliases included)."""
+    if not is_peft_model(model) and sharded(model) and saved != set(adapter_keys(model)):
+        raise AdapterCheckpointError(
+            "it is a model.freeze run's checkpoint (its trainable part, not the frozen base) and under FSDP2 it loads "
+            f"only into a run that trains the same parameters: keep model.freeze, or `cpt export {ckpt} --out DIR` and "
+            "start from DIR (train.init_from)")
+
+
+def check_keys(model, state: dict, ckpt="CKPT") -> None:
     """AdapterCheckpointError unless ``state`` holds exactly ``model``'s adapter tensors (the same LoRA settings); for a
     model without LoRA (a ``model.freeze`` checkpoint's trainable part), tensors of the model, whatever it freezes."""
-    expected = set(adapter_keys(model)) if is_peft_model(model) else set(model.state_dict())
+    sd = model.state_dict(keep_vars=True)
+    ids = {id(sd[n]) for n in state if n in sd}
+    refuse_other_keys_sharded(model, set(state) | {k for k, v in sd.items() if id(v) in ids}, ckpt)  # (aliases too)
+    expected = set(adapter_keys(model)) if is_peft_model(model) else set(sd)
     missing = sorted(expected - set(state)) if is_peft_model(model) else []
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
@@ -172,7 +188,7 @@ def check_keys(model, state: dict) -> None:
 def load_adapter_state(model, ckpt: str | Path) -> None:
     """Load the adapter state of ``ckpt`` into ``model`` (unwrapped; its base stays as built). ``check_fits`` first."""
     state = read_adapter_state(ckpt)
-    check_keys(model, state)
+    check_keys(model, state, ckpt)
     model.load_state_dict(state, strict=False)  # (torch still refuses tensors of another shape)
 
 
@@ -186,7 +202,7 @@ def note_loaded_base(model, ckpt: Path, adapter: bool, hash_here: bool = True) -
         if not adapter and hash_here:
             note_base(model)
         return
-    if not hasattr(model, "_cpt_base_fingerprint") or (adapter and _saved_keys(ckpt, model) == set(adapter_keys(model))):
+    if not hasattr(model, "_cpt_base_fingerprint") or (adapter and saved_keys(ckpt, model) == set(adapter_keys(model))):
         return  # (its own trained part loaded over the base as built, checked: nothing else changed)
     built = model._cpt_base_fingerprint
     if not hash_here or note_base(model) != built:

@@ -32,7 +32,7 @@ import logging
 from pathlib import Path
 
 from cpt.adapter_checkpoint import (ADAPTER_STATE, base_record_item, is_adapter_layout, is_peft_model, models_from_adapter_state,
-                                    without_base)
+                                    refuse_other_keys_sharded, saved_keys, without_base)
 from cpt.adapters import adapter_keys
 from cpt.distributed import Backend, backend
 
@@ -84,7 +84,8 @@ def load_state(acc, ckpt: Path) -> None:
 
 
 def _adapter_model(acc):
-    """The (unwrapped) peft or model.freeze model (:func:`cpt.adapter_checkpoint.without_base`) whose checkpoint can leave its base out under this run's backend, else None."""
+    """The (unwrapped) peft or model.freeze model (:func:`cpt.adapter_checkpoint.without_base`) whose checkpoint can
+    leave its base out under this run's backend, else None."""
     if len(acc._models) != 1 or len(acc._optimizers) != 1:
         return None
     model = acc.unwrap_model(acc._models[0], keep_torch_compile=False)
@@ -150,6 +151,7 @@ def _load_fsdp(acc, model, ckpt: Path) -> None:
     from accelerate.utils import load_fsdp_optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    refuse_other_keys_sharded(model, saved_keys(ckpt, model), ckpt)
     state = _adapter_shards(model)
     dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(str(ckpt / FSDP_MODEL)))
     set_model_state_dict(model, state, options=StateDictOptions(strict=False))

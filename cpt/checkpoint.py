@@ -309,7 +309,7 @@ class CheckpointManager:
             except StateError as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
         model = self.acc.unwrap_model(self.acc._models[0], keep_torch_compile=False) if self.acc._models else None
-        adapter = is_adapter_layout(ckpt)  # a LoRA checkpoint without its base: the run built it (adapter_checkpoint.py)
+        adapter = is_adapter_layout(ckpt)  # LoRA, model.freeze: no frozen base, the run built it (adapter_checkpoint.py)
         if adapter:  # (collective: a rank without all base weights here, e.g. FSDP's meta ones, has no fingerprint)
             problem = base_problem(ckpt, model)
             if not all_ranks_agree(self.acc, problem is None):

@@ -43,8 +43,8 @@ class _DropMessage(logging.Filter):
 
 def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
     """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
-    models (safetensors; a LoRA or model.freeze model's state without the frozen base: cpt/adapter_checkpoint.py) and optimizers and the grad
-    scaler (main process), this rank's RNG states.
+    models (safetensors; a LoRA or model.freeze model's state without the frozen base: cpt/adapter_checkpoint.py)
+    and optimizers and the grad scaler (main process), this rank's RNG states.
     ``staging``: host buffers to copy into (kept between saves: pinned on CUDA, allocated once); None
     (a synchronous save: nothing changes until it is written) copies only device tensors."""
     import random
