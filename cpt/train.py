@@ -190,7 +190,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 if save_now:
                     ckpts.save(state.step, components, config_yaml)
                 if export_now:
-                    path = export_hf(model, tokenizer, export_now, acc)
+                    path = export_hf(model, tokenizer, export_now, acc, cfg.checkpoint)
                     logger.log_artifact(path, f"{cfg.run.name}-step{state.step}")  # when logging.wandb.log_exports_as_artifacts
                 clock.restart()
             if preempted:
@@ -310,7 +310,7 @@ def _redo_interrupted_export(cfg: RunConfig, start: Start, step: int, total_step
     decides for every rank: the export is collective."""
     path = _periodic_export_dir(cfg, step, total_steps)
     if start.resume is not None and path is not None and any_rank(acc, acc.is_main_process and not path.is_dir()):
-        export_hf(model, tokenizer, path, acc)
+        export_hf(model, tokenizer, path, acc, cfg.checkpoint)
 
 
 def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | None:
@@ -431,10 +431,10 @@ def _benchmarks(cfg: RunConfig, acc):
 def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLogger) -> Path:
     """The HF export of the final weights (and of the EMA weights, with train.ema_decay)."""
     run_dir = Path(cfg.run.output_dir)
-    export_dir = export_hf(model, tokenizer, run_dir / "export", acc)
+    export_dir = export_hf(model, tokenizer, run_dir / "export", acc, cfg.checkpoint)
     if ema is not None:
         with ema.swapped(acc.unwrap_model(model)):
-            export_hf(model, tokenizer, run_dir / "export-ema", acc)
+            export_hf(model, tokenizer, run_dir / "export-ema", acc, cfg.checkpoint)
     logger.log_artifact(export_dir, f"{cfg.run.name}-final")
     return export_dir
 
