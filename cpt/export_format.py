@@ -54,3 +54,32 @@ def set_config_dtype(model_dir: str | os.PathLike, dtype: torch.dtype) -> None:
     for k in keys:
         config[k] = dtype_name(dtype)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def with_master_weights(acc, model, state: dict | None) -> dict | None:
+    """``state`` (``accelerator.get_state_dict``'s, on the main process) with every trainable parameter's fp32
+    master weights, under DeepSpeed with bf16/fp16 (ZeRO-1/2/3): accelerate gathers the engine's 16-bit copies, and
+    the run's exports held the fp32 masters rounded to bf16 (stored as float32, e.g. a norm weight off by 4e-3
+    from what `cpt export` of the same step's checkpoint writes). DeepSpeed's ``safe_get_full_fp32_param`` is
+    collective: every rank calls this, one parameter at a time (no rank holds more than one full master at once
+    beyond the main process's ``state``). Frozen parameters have no master and stay as gathered."""
+    from cpt.distributed import Backend, backend
+
+    if backend(acc) is not Backend.DEEPSPEED or acc.mixed_precision == "no":
+        return state
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    names: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in acc.unwrap_model(model, keep_torch_compile=False).named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+    for key, p in params.items():
+        full = safe_get_full_fp32_param(p)
+        if state and full is not None:  # (one tensor for all the names of a tied parameter: written once)
+            full = full.detach().to("cpu", copy=True)
+            for name in names[key]:
+                if name in state:
+                    state[name] = full.reshape(state[name].shape)
+    return state

@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from cpt.config import ModelConfig, RunConfig, load_config
 from cpt.data.shards import vocab_size
 from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
-from cpt.export_format import DEFAULT_MAX_SHARD_SIZE, cast_state, export_dtype, set_config_dtype
+from cpt.export_format import (DEFAULT_MAX_SHARD_SIZE, cast_state, export_dtype, set_config_dtype,
+                               with_master_weights)
 
 log = logging.getLogger("cpt.model")
 
@@ -369,9 +370,10 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
-def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options=None) -> Path:
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options=None, masters: bool = True) -> Path:
     """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load; ``options``:
-    the run's ``checkpoint`` section (its ``export_dtype`` and ``max_shard_size``).
+    the run's ``checkpoint`` section (its ``export_dtype`` and ``max_shard_size``); ``masters``: the fp32 master
+    weights under DeepSpeed bf16/fp16 (False: the module's own values, e.g. an EMA swapped in).
 
     Works from DDP, FSDP and DeepSpeed ZeRO-3 states: `accelerator.get_state_dict` gathers the full
     state on the main process (every rank must call this function); a whole-model torch.compile is looked through.
@@ -382,6 +384,7 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options
     # know, and loaded as a freshly initialised model with a MISSING-weights report)
     state_dict = accelerator.get_state_dict(model)  # (None on ranks that do not gather, under some backends)
     state_dict = without_compile_prefix(state_dict) if state_dict is not None else None
+    state_dict = with_master_weights(accelerator, model, state_dict) if masters else state_dict
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
         write_hf(unwrapped, tokenizer, out_dir, state_dict, **export_options(options))

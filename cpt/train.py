@@ -434,7 +434,7 @@ def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLog
     export_dir = export_hf(model, tokenizer, run_dir / "export", acc, cfg.checkpoint)
     if ema is not None:
         with ema.swapped(acc.unwrap_model(model)):
-            export_hf(model, tokenizer, run_dir / "export-ema", acc, cfg.checkpoint)
+            export_hf(model, tokenizer, run_dir / "export-ema", acc, cfg.checkpoint, masters=False)
     logger.log_artifact(export_dir, f"{cfg.run.name}-final")
     return export_dir
 
