@@ -481,6 +481,7 @@ def model_dir_of(path: str | os.PathLike, prefix: str = ".cpt-export-"):
     except OSError as e:
         raise ConsolidateError(f"cannot export {p} for reading into its run directory {run}: {e.strerror or e}") from None
     try:
-        yield export_checkpoint(p, Path(work) / "export", echo=lambda *a, **k: None)
+        # (fp32 whatever checkpoint.export_dtype says: what is read here is the checkpoint's weights exactly)
+        yield export_checkpoint(p, Path(work) / "export", echo=lambda *a, **k: None, dtype="fp32")
     finally:
         shutil.rmtree(work, ignore_errors=True)

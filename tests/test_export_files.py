@@ -379,7 +379,8 @@ def test_cpt_export_writes_bf16_shards_that_serving_loaders_read(run, tmp_path):
 def test_run_exports_follow_checkpoint_export_dtype_and_max_shard_size(tiny_cpt_data, tmp_path):
     """`checkpoint.export_dtype` and `checkpoint.max_shard_size` reach the periodic and the final export of a run
     (they were fp32 and one file whatever the base or the precision), whose tensors are the trained weights cast
-    once; a size transformers cannot read is refused at config load, naming the field."""
+    once; a size transformers cannot read is refused at config load, naming the field. A checkpoint read by
+    `cpt eval`/`interpolate`/`average` goes through an fp32 export whatever export_dtype says."""
     import json
 
     from safetensors.torch import load_file
@@ -404,6 +405,10 @@ def test_run_exports_follow_checkpoint_export_dtype_and_max_shard_size(tiny_cpt_
         assert {t.dtype for t in _tensors(export).values()} == {torch.bfloat16}
     final = _tensors(out / "export")
     assert all(torch.equal(final[k], trained[k].to(torch.bfloat16)) for k in final)
+    from cpt.consolidate import model_dir_of
+
+    with model_dir_of(out / "checkpoints" / "step_00000002") as read:  # (cpt eval/interpolate/average of a checkpoint)
+        assert all(torch.equal(t, trained[k]) for k, t in _tensors(read).items())  # fp32, whatever export_dtype says
 
 
 def test_export_metadata_is_the_models_not_how_cpt_loaded_it(tmp_path, tok):
