@@ -363,6 +363,8 @@ def test_cpt_export_writes_bf16_shards_that_serving_loaders_read(run, tmp_path):
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     assert main([str(run), "--out", str(fp32)]) == 0
     assert main([str(run), "--out", str(bf16), "--dtype", "bf16", "--max-shard-size", "100KB"]) == 0
+    assert main([str(run), "--out", str(tmp_path / "a"), "--adapter", "--dtype", "bf16"]) == 1  # (peft's own: fp32)
+    assert not (tmp_path / "a").exists()
     index = json.loads((bf16 / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in bf16.glob("*.safetensors"))
     assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards

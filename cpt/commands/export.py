@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.consolidate import ConsolidateError, export_checkpoint
     from cpt.model import ExportFolderError, ModelLoadError
 
+    if args.adapter and args.dtype not in (None, "fp32"):
+        print(f"cpt export: --dtype {args.dtype} applies to full models; --adapter writes the peft adapter as peft "
+              "does (fp32): drop --dtype, or drop --adapter for the merged model in that dtype")
+        return 1
     try:
         export_checkpoint(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype,
                           max_shard_size=args.max_shard_size)
