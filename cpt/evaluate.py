@@ -178,7 +178,8 @@ class HeldoutEvaluator:
         self.accelerator = accelerator
         self.eos_id = eos_id  # set: document masking, as in training
         self.reference: dict[str, float] = {}  # loss at the first evaluation (step 0)
-        self.reference_step: int | None = None
+        self.reference_step: int | None = None  # the run's first evaluation
+        self.reference_steps: dict[str, int] = {}  # each set's first evaluation (later for a set added on a resume)
         self.worst: dict[str, tuple[float, int]] = {}  # highest loss and its step
         self.last: dict[str, tuple[float, int]] = {}  # latest loss and its step
 
@@ -213,7 +214,7 @@ class HeldoutEvaluator:
         for s in self.sets:
             loss = heldout_loss(model, s.tokens, self.cfg.batch_size, self.accelerator, self.eos_id)
             if s.name not in self.reference:
-                self.reference[s.name] = loss
+                self.reference[s.name], self.reference_steps[s.name] = loss, step
             if first:
                 self.reference_step = step
             ref = self.reference[s.name]
@@ -258,7 +259,7 @@ class HeldoutEvaluator:
             if ref is not None and final is not None:
                 change = final - ref if s.tag == "upstream" else ref - final
             rows.append({
-                "name": s.name, "tag": s.tag, "step0": ref, "step0_step": self.reference_step if ref is not None else None,
+                "name": s.name, "tag": s.tag, "step0": ref, "step0_step": self.reference_steps.get(s.name, self.reference_step) if ref is not None else None,
                 "final": final, "final_step": final_step,
                 "change": change, "worst": worst, "worst_step": worst_step,
             })
@@ -269,6 +270,7 @@ class HeldoutEvaluator:
         return {
             "reference": dict(self.reference),
             "reference_step": self.reference_step,
+            "reference_steps": dict(self.reference_steps),
             "worst": {k: [v, s] for k, (v, s) in self.worst.items()},
             "last": {k: [v, s] for k, (v, s) in self.last.items()},
         }
@@ -276,6 +278,8 @@ class HeldoutEvaluator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reference = {k: float(v) for k, v in state.get("reference", {}).items()}
         self.reference_step = state.get("reference_step")
+        self.reference_steps = {k: int(state.get("reference_steps", {}).get(k, self.reference_step or 0))
+                                for k in self.reference}
         self.worst = {k: (float(v), int(s)) for k, (v, s) in state.get("worst", {}).items()}
         self.last = {k: (float(v), int(s)) for k, (v, s) in state.get("last", {}).items()}
 
@@ -290,19 +294,28 @@ def reference_header(rows: list[dict[str, Any]]) -> str:
     """"step 0", or "reference (step N)" when the first evaluation came later (eval.at_start off): the column the
     changes are measured against must not claim to be the base model when it is not."""
     later = sorted({r["step0_step"] for r in rows if r.get("step0_step")})
+    if _mixed_reference(rows):
+        return "reference (step)"
     return f"reference (step {', '.join(map(str, later))})" if later else "step 0"
+
+
+def _mixed_reference(rows: list[dict[str, Any]]) -> bool:
+    """Whether the sets' references come from different steps (a set added on a resume is first evaluated later):
+    then every reference cell names its step."""
+    return len({r.get("step0_step") for r in rows if r.get("step0") is not None}) > 1
 
 
 def format_summary_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of ``HeldoutEvaluator.summary()`` rows, for the end-of-run printout and logs: the first
     ("step 0") and the last evaluation with its step (a preempted run's last one may be early), the change, the worst."""
     header = ["set", "tag", reference_header(rows), "last", "last step", "forgetting/adaptation", "worst", "worst step"]
-    body = []
+    body, mixed = [], _mixed_reference(rows)
     for r in rows:
+        ref = _fmt(r.get("step0")) + (f" ({r['step0_step']})" if mixed and r.get("step0") is not None else "")
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"
         change = "-" if r.get("change") is None else f"{kind} {r['change']:+.4f}"
         body.append([
-            str(r["name"]), str(r["tag"]), _fmt(r.get("step0")), _fmt(r.get("final")),
+            str(r["name"]), str(r["tag"]), ref, _fmt(r.get("final")),
             "-" if r.get("final_step") is None else str(r["final_step"]), change,
             _fmt(r.get("worst")), "-" if r.get("worst_step") is None else str(r["worst_step"]),
         ])
