@@ -263,7 +263,18 @@ def _restore(ckpts: CheckpointManager, start: Start, components: dict, say) -> N
     own_window = start.resume is not None
     ckpts.load(start.state_from, {n: c for n, c in components.items() if own_window or n != "log_window"})
     state = components["train"]
-    say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)")
+    say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)"
+        + _world_change(start.state_from, ckpts.acc))
+
+
+def _world_change(ckpt: Path, acc) -> str:
+    """What a resume on another number of processes changes (the global batches and data stream do not change)."""
+    saved = json.loads((ckpt / TRAINER_STATE).read_text())
+    world = (saved.get("data") or {}).get("world_size") or len((saved.get("log_window") or {}).get("ranks") or []) or None
+    if world is None or world == acc.num_processes:
+        return ""
+    return (f"; written by {world} process{'es' * (world > 1)}, now {acc.num_processes}: each process accumulates "
+            f"{acc.gradient_accumulation_steps} micro-batch(es) per step, the global batch and the data stream are the same")
 
 
 def _stop_on_nonfinite(guard: UpdateGuard, feed: Prefetcher, ckpts: CheckpointManager, step: int, components: dict,

@@ -70,12 +70,16 @@ def test_loader_refuses_the_state_of_other_data(tiny_cpt_data):
     a.batch(0)
     state = json.loads(json.dumps(a.state_dict()))
     other = CPTDataLoader(cfg.data, cfg.stages, tok, cfg.train.global_batch_size, seed=2)
-    with pytest.raises(ValueError, match="differs from this config's data") as e:
+    with pytest.raises(ValueError, match=r"does not continue on this run's data: run.seed 1 -> 2 \(") as e:
         other.load_state_dict(state)
+    assert "Restore the checkpoint's value (its config.yaml), even with --allow-config-change" in str(e.value)
+    with pytest.raises(StateError, match="its 'data' state does not fit this run: the data position of the checkpoint"):
+        restore({"data": Prefetcher(other, enabled=False)}, {"format": FORMAT, "data": state}, {})
+    older = {k: v for k, v in state.items() if k not in ("source_data", "seq_len", "seed")}  # (before per-source data)
+    with pytest.raises(ValueError, match="differs from this config's data") as e:
+        other.load_state_dict(older)
     # what to do, also for an anneal branch (the advice was 'use train.init_from', which a branch already does)
     assert "data.seq_len and run.seed must be the checkpoint's" in str(e.value) and "without --anneal" in str(e.value)
-    with pytest.raises(StateError, match="its 'data' state does not fit this run: the data of the checkpoint"):
-        restore({"data": Prefetcher(other, enabled=False)}, {"format": FORMAT, "data": state}, {})
     same = Prefetcher(CPTDataLoader(cfg.data, cfg.stages, tok, cfg.train.global_batch_size, seed=1), enabled=False)
     restore({"data": same}, {"format": FORMAT, "data": state}, {})  # through the prefetcher, before its first batch
     assert torch.equal(same.batch(1)["input_ids"], a.batch(1)["input_ids"])

@@ -157,6 +157,7 @@ class CPTDataLoader:
             "fingerprint": self.fingerprint(),
             "seq_len": self.seq_len,
             "seed": self.seed,
+            "world_size": self.world_size,  # (informative: a resume on another number of processes says so)
             "source_data": {n: self._identity(j) for j, n in enumerate(self.source_names)},
             "mixer": self.mixer.state_dict(),
             "sources": self.source_names,
