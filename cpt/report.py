@@ -368,7 +368,8 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
             kind = "forgetting" if s["tag"] == "upstream" else "adaptation"
             good = (s["change"] <= 0) if s["tag"] == "upstream" else (s["change"] >= 0)
             rows.append([
-                html.escape(s["name"]), s["tag"], _f(s["step0"]), _f(s["final"]),
+                html.escape(s["name"]), s["tag"],  # (a reference after step 0: eval.at_start off, a set added on a resume)
+                _f(s["step0"]) + (f' (step {s["step0_step"]})' if s.get("step0_step") else ""), _f(s["final"]),
                 f'<span class="{"good" if good else "bad"}">{kind} {_f(s["change"], True)}</span>',
                 _f(s["worst"]), f'{s["worst_step"]} ({s["worst_tokens"]:.3g} tok)',
                 _f(s.get("max_forgetting"), True) if s["tag"] == "upstream" else "–",
