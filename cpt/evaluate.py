@@ -14,9 +14,12 @@ after a switch) shows up. Logged per set::
     adaptation/<name>           loss at the reference evaluation - loss              (downstream sets)
     eval/upstream/mean_loss, eval/downstream/mean_loss                               (mean over sets of a tag)
     eval/upstream/mean_forgetting, eval/downstream/mean_adaptation
+    eval/<name>/reference_step  the step of the set's reference evaluation
 
 The reference is the first evaluation of the run, which is step 0 (the base model) when
-``eval.at_start`` is true; it survives resume through ``state_dict()``.
+``eval.at_start`` is true; it survives resume through ``state_dict()``, with the sample it was measured on. A set
+added on a resume, or one whose sample changed since the checkpoint (another eval.tokens_per_set, sample_seed or
+files: a warning says so), takes its next evaluation as its reference.
 
 Distributed evaluation: every rank evaluates a disjoint, contiguous slice of each set's sequences and
 the per-rank sums of (token loss, token count) are summed across ranks with ``accelerator.reduce``.
@@ -27,6 +30,8 @@ batch with weight 0), so the collectives inside the forward pass of DDP (buffer 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -138,6 +143,16 @@ class HeldoutSet:
             raise ValueError(f"held-out set name {self.name!r} must not contain '/' (it becomes a metric name)")
 
     @property
+    def identity(self) -> str:
+        """What is evaluated: ``<tokens> tokens as <rows>x<seq_len>:<hash of the tokens>`` (saved with the reference)."""
+        cached = self.__dict__.get("_identity")
+        if cached is None:
+            t = self.tokens.detach().to("cpu", torch.int64).contiguous()
+            digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+            cached = self.__dict__["_identity"] = f"{t.numel()} tokens as {t.shape[0]}x{t.shape[1]}:{digest}"
+        return cached
+
+    @property
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
 
@@ -221,6 +236,7 @@ class HeldoutEvaluator:
             metrics[f"eval/{s.name}/loss"] = loss
             metrics[f"eval/{s.name}/ppl"] = _ppl(loss)
             metrics[f"eval/{s.name}/tokens"] = float(s.num_tokens)
+            metrics[f"eval/{s.name}/reference_step"] = float(self.reference_steps[s.name])  # what forgetting/... is against
             if s.docs is not None:
                 metrics[f"eval/{s.name}/docs"] = float(s.docs)
             if s.name not in self.worst or loss > self.worst[s.name][0]:
@@ -271,6 +287,7 @@ class HeldoutEvaluator:
             "reference": dict(self.reference),
             "reference_step": self.reference_step,
             "reference_steps": dict(self.reference_steps),
+            "samples": {s.name: s.identity for s in self.sets},  # what each reference was measured on
             "worst": {k: [v, s] for k, (v, s) in self.worst.items()},
             "last": {k: [v, s] for k, (v, s) in self.last.items()},
         }
@@ -282,6 +299,22 @@ class HeldoutEvaluator:
                                 for k in self.reference}
         self.worst = {k: (float(v), int(s)) for k, (v, s) in state.get("worst", {}).items()}
         self.last = {k: (float(v), int(s)) for k, (v, s) in state.get("last", {}).items()}
+        saved = state.get("samples", {})
+        for s in self.sets:  # another sample than the reference's (eval.tokens_per_set, sample_seed, its files changed)
+            if s.name in self.reference and s.name in saved and saved[s.name] != s.identity:
+                for d in (self.reference, self.reference_steps, self.worst, self.last):
+                    d.pop(s.name, None)
+                if self.accelerator is None or self.accelerator.is_main_process:
+                    logging.getLogger("cpt.evaluate").warning(
+                        f"held-out set {s.name!r} evaluates another sample than its reference was measured on "
+                        f"({_sample_change(saved[s.name], s.identity)}: eval.tokens_per_set, eval.sample_seed, its "
+                        "max_tokens or its files changed since the checkpoint): its forgetting/adaptation, reference and "
+                        "worst point start again from its next evaluation")
+
+
+def _sample_change(then: str, now: str) -> str:
+    a, b = then.split(" as ")[0], now.split(" as ")[0]
+    return f"{a} then, {b.split()[0]} now" if a != b else f"{a} as before, but other tokens"
 
 
 def _fmt(v: float | None, signed: bool = False) -> str:
