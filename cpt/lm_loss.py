@@ -167,9 +167,10 @@ class LogWindow:
 
     def load_state_dict(self, state: dict) -> None:
         saved, names = list(state["sources"]), self.by_source.names
-        if not set(saved) <= set(names):
-            raise ValueError(f"its log window has the sources {saved}, this run {names}")
         ranks, n, m = torch.tensor(state["ranks"], dtype=torch.float64), len(names), len(saved)
+        gone = [j for j, x in enumerate(saved) if x not in names and ranks[:, 1 + m + j].any()]
+        if gone:  # (a source left out of the run, with rows in the open window)
+            raise ValueError(f"its log window has the sources {saved}, this run {names}")
         if saved != names:  # by name, in this run's order: a source new since the checkpoint has an empty window
             cols = [0] + [1 + saved.index(x) if x in saved else -1 for x in names]
             cols += [1 + m + saved.index(x) if x in saved else -1 for x in names]

@@ -243,8 +243,12 @@ def test_a_source_added_on_resume_starts_at_zero_and_the_others_continue(sources
         CPTDataLoader(moved, first, tokenizer, 8, seed=9).load_state_dict(state)
     with pytest.raises(ValueError, match=r"data.seq_len 8 -> 4 .*; run.seed 9 -> 3 "):
         CPTDataLoader(data_config(one.model_dump()["sources"], seq_len=4), first, tokenizer, 8, seed=3).load_state_dict(state)
-    with pytest.raises(ValueError, match="data source 'old' of the checkpoint is not in this run"):
+    with pytest.raises(ValueError, match="data source 'old' of the checkpoint is not in this run's stages "
+                                         r"\(its position, 8 sequences read"):
         CPTDataLoader(one, [stage(6, {"new": 1})], tokenizer, 8, seed=9).load_state_dict(state)
+    unread = CPTDataLoader(grown, plan, tokenizer, 8, seed=9)  # a source the checkpoint never read may be left out:
+    batches(unread, 0, 2)                                      # e.g. an anneal branch given the stages up to its own
+    CPTDataLoader(one, first, tokenizer, 8, seed=9).load_state_dict(unread.state_dict())
     # a new stage from that checkpoint (train.init_from) starts every source over: said, since it repeats data
     notes = CPTDataLoader(grown, plan, tokenizer, 8, seed=9).start_over_notes(state)
     assert len(notes) == 2 and f"'new' starts over: the checkpoint's run read {6 * 4} of its" in notes[0]

@@ -115,6 +115,13 @@ def test_log_window_round_trip_and_checkpoints_without_it():
     assert float(d.loss.sum) == 2.5 and float(d.loss.count) == 1 and d.by_source.rows.tolist() == [0.0, 0.0]
     with pytest.raises(StateError, match="its 'log_window' state does not fit this run: .*sources"):
         restore({"log_window": LogWindow(acc, ["other"])}, doc, tensors)
+    # by source name: a source added since (a new stage's) has an empty window, the others keep theirs
+    e = LogWindow(acc, ["old", "web", "new"])
+    e.load_state_dict(doc["log_window"])
+    assert e.by_source.metrics() == {"train/loss/old": 3.0, "train/loss/new": 1.0} and e.loss.mean(acc) == 2.5
+    f = LogWindow(acc, ["new", "old", "web"])
+    f.load_state_dict({**doc["log_window"], "sources": ["new", "old", "gone"], "ranks": [[2.5, 1.0, 6.0, 0.0, 1.0, 2.0, 0.0]]})
+    assert f.by_source.metrics() == {"train/loss/new": 1.0, "train/loss/old": 3.0}  # "gone" had no rows in it
     older = {k: v for k, v in doc.items() if k != "log_window"}
     c = LogWindow(acc, ["new", "old"])
     restore({"train": TrainState(), "log_window": c}, older, tensors)

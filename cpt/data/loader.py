@@ -237,10 +237,12 @@ class CPTDataLoader:
                             f"{state['seq_len']} tokens)")
         if int(state.get("seed", self.seed)) != self.seed:
             problems.append(f"run.seed {state['seed']} -> {self.seed} (the order of every source is drawn from it)")
-        for name in state["sources"]:
+        for name, pos in zip(state["sources"], state["positions"]):
             if name not in self.source_names:
-                problems.append(f"data source {name!r} of the checkpoint is not in this run's stages (its position "
-                                "would be lost: keep it in data.sources and in the mix of the stages that read it)")
+                if int(pos) > 0:  # (one the checkpoint never read, e.g. a later stage's, may be left out)
+                    problems.append(f"data source {name!r} of the checkpoint is not in this run's stages (its position, "
+                                    f"{int(pos):,} sequences read, would be lost: keep it in data.sources and in the mix "
+                                    "of the stages that read it)")
                 continue
             j = self.source_names.index(name)
             now = self._identity(j)
