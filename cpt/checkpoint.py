@@ -324,6 +324,19 @@ class CheckpointManager:
         fp32_base = contextlib.ExitStack()  # a whole-model checkpoint: its fp32 base loads (and is fingerprinted) exactly
         if not adapter and model is not None:  # (a LoRA base stored in bf16/fp16: cpt/base_dtype.py)
             fp32_base.enter_context(in_fp32(model))
+        with fp32_base:  # (undone also when the load fails)
+            self._load_weights(ckpt, optimizer_state)
+            if not adapter and is_peft_model(model) and self.cpt_writes:  # its base came from the checkpoint
+                note_base(model)
+        restore_group_settings(self.acc, self.settings)
+        # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
+        # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
+        self.acc.step = 0
+        if components is not None:
+            load_components(ckpt, components)
+
+    def _load_weights(self, ckpt: Path, optimizer_state: bool) -> None:
+        """Model and optimizer state (and RNG states) of ``ckpt``: this backend's own load, or ``portable``'s."""
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
             log.warning("%s was written with another backend, number of processes or model.compile wrapper: loading "
                         "it through cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
@@ -350,15 +363,6 @@ class CheckpointManager:
                     f"checkpoint was trained from{_lora_mismatch_hint(str(e), ckpt)}") from None
             if optimizer_state:
                 _check_optimizer_params(ckpt, names, _optimizer_param_names(self.acc))
-        restore_group_settings(self.acc, self.settings)
-        # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
-        # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
-        self.acc.step = 0
-        if not adapter and is_peft_model(model) and self.cpt_writes:  # its base came from the checkpoint
-            note_base(model)
-        fp32_base.close()
-        if components is not None:
-            load_components(ckpt, components)
 
 
 def _optimizer_param_names(acc) -> list[list[str]]:

@@ -212,7 +212,7 @@ class HeldoutEvaluator:
             return self.cfg.at_start
         if last_step is not None and step == last_step:
             return True
-        if step % self.cfg.every == 0:
+        if self.cfg.every is not None and step % self.cfg.every == 0:
             return True
         if self.cfg.dense_steps > 0:
             for s in stage_starts:

@@ -253,7 +253,7 @@ def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, s
 
 def _counters(guard: UpdateGuard, spikes: SpikeGuard | None) -> dict:
     """A log record's counters: updates skipped (non-finite, spikes) so far, peak device memory."""
-    return {"train/nonfinite_skipped": guard.nonfinite_total, "train/spikes_skipped": spikes.skipped if spikes else 0,
+    return {**guard.metrics(), "train/spikes_skipped": spikes.skipped if spikes else 0,
             "perf/peak_mem_gb": peak_memory_gb()}
 
 

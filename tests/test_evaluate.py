@@ -222,6 +222,9 @@ def test_schedule_every_n_and_dense_after_each_stage_switch():
     assert not no_start.should_evaluate(0, [0])
     assert [s for s in range(0, 120) if no_start.should_evaluate(s, [0, 60])] == [50, 100]
     assert not HeldoutEvaluator([], EvalConfig()).should_evaluate(0, [0])
+    # eval.every: null (as lm_eval.every allows): the start, the dense points after each stage switch and the end only
+    ends_only = HeldoutEvaluator(sets(), EvalConfig.model_validate({"every": None, "dense_steps": 10, "dense_every": 5}))
+    assert [s for s in range(0, 201) if ends_only.should_evaluate(s, [0, 100], last_step=200)] == [0, 5, 100, 105, 200]
 
 
 def test_bad_inputs_are_refused():
