@@ -196,6 +196,22 @@ class CPTDataLoader:
                 stream.load_state_dict(state["hf"][name])
         self.warned = set(state.get("warned", []))
 
+    def _files_changed(self, saved: dict[str, dict]) -> list[str]:
+        """Rank 0, local shards: files modified since the checkpoint's run opened them. A few are checksummed (a
+        problem is returned: the data changed under the position); many (a copied folder) are a warning."""
+        problems = []
+        for j, name in enumerate(self.source_names):
+            ns, stream = (saved.get(name) or {}).get("newest_file_ns"), self.streams[j]
+            if ns is None or not isinstance(stream, PackedStream):
+                continue
+            changed, bad = stream.shards.changed_since(int(ns))
+            problems += [f"data source {name!r} ({self.sources[j].path}): {b}" for b in bad]
+            if changed and not bad and len(changed) > 8:
+                logger.warning(f"data source {name!r} ({self.sources[j].path}): {len(changed):,} files modified since "
+                               "the checkpoint's run started (copied?); only their sizes were checked: `cpt verify` "
+                               "(or data.verify_checksums: true) checks their contents")
+        return problems
+
     def start_over_notes(self, state: dict[str, Any]) -> list[str]:
         """For a new stage from a checkpoint (train.init_from, which does not carry data positions): one line per
         source that reads the same data (same manifests, data.seq_len) as the checkpoint's run had partly read. With
@@ -227,8 +243,11 @@ class CPTDataLoader:
             fp = stream.fingerprint()
             return {"fingerprint": fp, "about": fp}
         sh = stream.shards
-        return {"fingerprint": sh.fingerprint(), "about": f"{len(sh.manifest['shards'])} shards, {sh.num_tokens:,} "
-                f"tokens, {sh.num_documents:,} documents, tokenizer {sh.manifest['tokenizer'].get('name')!r}"}
+        out = {"fingerprint": sh.fingerprint(), "about": f"{len(sh.manifest['shards'])} shards, {sh.num_tokens:,} "
+               f"tokens, {sh.num_documents:,} documents, tokenizer {sh.manifest['tokenizer'].get('name')!r}"}
+        if sh.mtimes:  # (rank 0, local files: the newest modification time its size check saw)
+            out["newest_file_ns"] = max(sh.mtimes.values())
+        return out
 
     def _check_same_data(self, state: dict[str, Any], saved: dict[str, dict]) -> None:
         problems = []
@@ -249,6 +268,7 @@ class CPTDataLoader:
             if saved[name]["fingerprint"] != now["fingerprint"]:
                 problems.append(f"data source {name!r} ({self.sources[j].path}) is not the data the checkpoint read: "
                                 f"{saved[name]['about']} then, {now['about']} now")
+        problems += self._files_changed(saved)
         if problems:
             sources = any(p.startswith("data source") for p in problems)
             raise ValueError(
