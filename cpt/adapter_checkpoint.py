@@ -108,7 +108,7 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
     the state in ``ckpt`` was trained on (``record``: its :func:`read_base_record`, read when not given): a LoRA
     checkpoint's by a peft model; a ``model.freeze`` one's by a model without LoRA (whatever it freezes: the tensors
     the checkpoint leaves out are hashed again when this model's frozen ones are others)."""
-    record = record if record is not None else read_base_record(ckpt)
+    record = {"kind": "lora", **(record if record is not None else read_base_record(ckpt))}
     export = f"`cpt export {ckpt} --out DIR` and start from DIR (train.init_from)"
     if record["kind"] == "lora" and not is_peft_model(model):
         raise AdapterCheckpointError(
@@ -127,7 +127,7 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
             now = base_fingerprint(model, ours=saved)
     if now is None or record["fingerprint"] is None:  # weights not all here (ZeRO-3 placeholders): nothing to compare
         return
-    if now != record["fingerprint"]:
+    if now != record["fingerprint"] and not (record["kind"] == "lora" and _same_base_in_16_bits(model, record["fingerprint"])):
         built = getattr(model.get_base_model() if is_peft_model(model) else model, "name_or_path", "") or "model.arch"
         what = ("its LoRA adapter was trained on" if record["kind"] == "lora"
                 else "its trainable part (model.freeze) was trained over")
@@ -137,6 +137,16 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
             f"{'adapter' if record['kind'] == 'lora' else 'trained part'}, not its base: build the base it was trained "
             "on (model.name_or_path and model.revision: a hub model "
             "updated since needs the revision pinned; train.init_from, model.vocab and run.seed as in its config.yaml)")
+
+
+def _same_base_in_16_bits(model, fingerprint: str) -> bool:
+    """Whether ``fingerprint`` is this (fp32-built) base's in bf16 or fp16: a run under DeepSpeed ZeRO-3 with
+    train.precision bf16/fp16 builds its base in that dtype (zero.Init) and fingerprints it so; its checkpoints were
+    refused by `cpt export`, by a resume on another backend and by train.init_from, which build the base in fp32."""
+    base = model.get_base_model()
+    if any(getattr(p, "ds_numel", 0) for p in base.parameters()) or next(base.parameters()).dtype != torch.float32:
+        return False  # (only a full fp32 base is recast here)
+    return any(base_fingerprint(model, as_dtype=d) == fingerprint for d in (torch.bfloat16, torch.float16))
 
 
 def base_problem(ckpt: str | Path, model) -> str | None:

@@ -268,13 +268,15 @@ def adapter_keys(peft_model) -> list[str]:
             if id(v) in trainable or (own is not None and own.search(k))]
 
 
-def base_fingerprint(peft_model, hash_here: bool = True, ours: set[str] | None = None) -> str | None:
+def base_fingerprint(peft_model, hash_here: bool = True, as_dtype: torch.dtype | None = None,
+                     ours: set[str] | None = None) -> str | None:
     """SHA-256 over every frozen base tensor of a model (name, shape, dtype and the SHA-256 of its bytes; sorted by
     name): every state-dict tensor but :func:`adapter_keys` (``ours``: but those), the base as built, vocabulary changes
     included. One pass over the base weights, the tensors hashed in
     parallel (~1.2 GB/s per CPU core). None when the weights are not all here (meta tensors). Under DeepSpeed ZeRO-3's
     zero.Init (partitioned placeholders) the tensors are gathered ~1 GB at a time, a collective every process joins;
-    those with ``hash_here`` False only take part in it (and get None)."""
+    those with ``hash_here`` False only take part in it (and get None). ``as_dtype``: the fingerprint the same base
+    has when built in that dtype (its floating-point tensors cast), as ZeRO-3's zero.Init builds it under bf16/fp16."""
     from concurrent.futures import ThreadPoolExecutor
 
     ours = set(adapter_keys(peft_model)) if ours is None else ours
@@ -282,8 +284,11 @@ def base_fingerprint(peft_model, hash_here: bool = True, ours: set[str] | None =
     if any(t.is_meta for _, t in base):
         return None  # (transformers leaves weights a checkpoint lacks on meta on FSDP's other ranks, cpu_ram_efficient_loading)
 
+    def dtype(t: torch.Tensor) -> torch.dtype:
+        return as_dtype if as_dtype is not None and t.is_floating_point() else t.dtype
+
     def digest(t: torch.Tensor) -> bytes:  # (hashlib releases the GIL while it hashes)
-        return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()
+        return hashlib.sha256(t.detach().to("cpu", dtype(t)).contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()
 
     h = hashlib.sha256()
     zero3 = any(t.numel() == 0 and getattr(t, "ds_numel", 0) for _, t in base)
@@ -294,7 +299,7 @@ def base_fingerprint(peft_model, hash_here: bool = True, ours: set[str] | None =
             with _gathered([t for _, t in group], zero3):
                 if hash_here:
                     for (name, t), d in zip(group, pool.map(digest, [t for _, t in group])):
-                        h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + d)
+                        h.update(f"{name}|{list(t.shape)}|{dtype(t)}|".encode() + d)
     return h.hexdigest() if hash_here else None
 
 

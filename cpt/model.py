@@ -15,6 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from cpt.config import ModelConfig, RunConfig, load_config
 from cpt.data.shards import vocab_size
 from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
+from cpt.export_format import (DEFAULT_MAX_SHARD_SIZE, cast_state, export_dtype, set_config_dtype,
+                               with_master_weights)
 
 log = logging.getLogger("cpt.model")
 
@@ -272,8 +274,9 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
-                  dtype: torch.dtype | None = None) -> Path:
-    """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
+                  dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer, in
+    ``dtype`` (None: the dtype the base was saved in)."""
     acfg = Path(adapter_dir) / "adapter_config.json"
     recorded = json.loads(acfg.read_text()).get("base_model_name_or_path") if acfg.is_file() else None
     out = check_export_target(out_dir, (adapter_dir, base or recorded), "the adapter or its base model")
@@ -281,7 +284,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     # written like every export: replaces an earlier export's folder whole (no stale shards or index left)
     from cpt.adapters import merge_lora
 
-    return write_hf(merge_lora(peft_model), tokenizer, out)
+    return write_hf(merge_lora(peft_model), tokenizer, out, max_shard_size=max_shard_size)
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print,
@@ -295,7 +298,7 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     (Freezing after LoRA: peft freezes the whole base model, so a freeze spec then selects among the
     adapter and modules_to_save.) Returns (model, tokenizer, new_token_ids).
     """
-    from cpt.adapters import apply_freeze, apply_lora, describe_trainable
+    from cpt.adapters import apply_freeze, apply_lora, describe_trainable, note_base
     from cpt.layer_options import apply_liger, checkpoint_layers
 
     new_ids: list[int] = []
@@ -318,11 +321,8 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None, log_fn=log_fn)
     if cfg.freeze is not None:
-        frozen = apply_freeze(model, cfg.freeze, new_token_ids=new_ids)
-        if cfg.lora is None and frozen:  # its checkpoints leave the frozen part out (cpt/adapter_checkpoint.py): hashed
-            from cpt.adapters import note_base
-
-            note_base(model)
+        if apply_freeze(model, cfg.freeze, new_token_ids=new_ids) and cfg.lora is None:
+            note_base(model)  # its checkpoints leave the frozen part out (cpt/adapter_checkpoint.py): as built, hashed
     if cfg.liger_kernel:
         apply_liger(model, log_fn)
     if cfg.gradient_checkpointing:
@@ -371,8 +371,10 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
-def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path:
-    """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load.
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options=None, masters: bool = True) -> Path:
+    """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load; ``options``:
+    the run's ``checkpoint`` section (its ``export_dtype`` and ``max_shard_size``); ``masters``: the fp32 master
+    weights under DeepSpeed bf16/fp16 (False: the module's own values, e.g. an EMA swapped in).
 
     Works from DDP, FSDP and DeepSpeed ZeRO-3 states: `accelerator.get_state_dict` gathers the full
     state on the main process (every rank must call this function); a whole-model torch.compile is looked through.
@@ -383,11 +385,19 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
     # know, and loaded as a freshly initialised model with a MISSING-weights report)
     state_dict = accelerator.get_state_dict(model)  # (None on ranks that do not gather, under some backends)
     state_dict = without_compile_prefix(state_dict) if state_dict is not None else None
+    state_dict = with_master_weights(accelerator, model, state_dict) if masters else state_dict
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
-        write_hf(unwrapped, tokenizer, out_dir, state_dict)
+        write_hf(unwrapped, tokenizer, out_dir, state_dict, **export_options(options))
     accelerator.wait_for_everyone()
     return Path(out_dir)
+
+
+def export_options(checkpoint_cfg) -> dict:
+    """``write_hf``'s dtype and max_shard_size from a run's ``checkpoint`` section (None: the defaults)."""
+    if checkpoint_cfg is None:
+        return {}
+    return {"dtype": checkpoint_cfg.export_dtype, "max_shard_size": checkpoint_cfg.max_shard_size}
 
 
 MODEL_DIR_MARKERS = ("config.json", "adapter_config.json")
@@ -413,10 +423,13 @@ def check_export_target(out_dir: str | os.PathLike, inputs=(), inputs_are: str =
     return out
 
 
-def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None, *,
+             dtype: str | torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write an (unwrapped) model as an HF directory, or a peft adapter for a LoRA model, with its tokenizer
     (one process). Written to a hidden temporary folder and renamed into place when complete, so an interrupted
-    export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted."""
+    export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted.
+    ``dtype`` (``fp32``/``bf16``/``fp16``; None: as the model holds them) and ``max_shard_size``: the weight
+    files (cpt/export_format.py; a peft adapter is written as peft writes it)."""
     out = Path(out_dir)
     tmp = staging_dir(out)
     if hasattr(model, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
@@ -424,8 +437,13 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
 
         save_adapter(model, tmp, tokenizer, state_dict=state_dict)
     else:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        dtype = export_dtype(dtype)
+        if dtype is not None:
+            state_dict = cast_state(model.state_dict() if state_dict is None else state_dict, dtype)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
         fault_point(f"export:weights:{out.name}")
+        if dtype is not None:
+            set_config_dtype(tmp, dtype)
         if tokenizer is not None:  # (a model handed in without one: cpt.averaging.interpolate)
             tokenizer.save_pretrained(tmp)
         from cpt.redaction import redact_json_file
@@ -460,10 +478,13 @@ def publish_dir(tmp: Path, out: Path) -> Path:
 # transformers 4.x (which pyproject still allows) does not have; PreTrainedTokenizerFast loads the same
 # tokenizer.json in both
 PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# how transformers 5 loaded the tokenizer cpt saved ("is_local": true, "local_files_only": true offline), not what it is
+LOADING_KEYS = ("is_local", "local_files_only")
 
 
 def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
-    """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads."""
+    """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads, without
+    the :data:`LOADING_KEYS` transformers 5 records from the load (they told a hub user the tokenizer was local)."""
     import json
 
     path = Path(model_dir) / "tokenizer_config.json"
@@ -471,6 +492,8 @@ def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
         return
     config = json.loads(path.read_text())
     cls = config.get("tokenizer_class")
+    changed = {k: config.pop(k) for k in LOADING_KEYS if k in config}
     if cls in PORTABLE_TOKENIZER_CLASS:
-        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
+        config["tokenizer_class"] = changed["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
+    if changed:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
