@@ -274,18 +274,21 @@ def test_readme_run_configs_validate():
     validates merged into configs/experiments/tiny_cpu.yaml, its overrides applied to a run config."""
     from cpt.experiment.spec import load_spec
 
-    blocks = [(d, n) for doc in DOCS for d, n in _yaml_blocks(doc)]
+    blocks = [(d, f"{rel(doc)}:{n}") for doc in DOCS for d, n in _yaml_blocks(doc)]
     full = [d for d, _ in blocks if {"run", "model", "data", "stages"} <= set(d)]
     assert full, "README.md shows no complete run config"
     base = full[0]
-    validate(base)
+    try:
+        validate(base)
+    except ValueError as e:
+        raise AssertionError(f"the README's run config: {e}") from None
     checked = 0
-    for data, lineno in blocks:
+    for data, where in blocks:
         if set(data) <= set(SECTIONS):
             try:
                 validate(_merge(base, data))
             except ValueError as e:
-                raise AssertionError(f"YAML block at line {lineno}: {e}") from None
+                raise AssertionError(f"YAML block at {where}: {e}") from None
             checked += 1
         elif "variants" in data:
             spec = _merge(yaml.safe_load((ROOT / "configs/experiments/tiny_cpu.yaml").read_text()), data)
@@ -318,3 +321,18 @@ def test_the_checks_catch_typos():
     assert dotted_keys("`--set train.global_batchsize=8`, `eval.lm_eval.taks`, `train.log`") == [
         "train.global_batchsize", "eval.lm_eval.taks"]
     assert isinstance(command_parser("demo"), argparse.ArgumentParser)
+
+
+def test_layout_names_every_module_script_and_page():
+    """README's Layout block names every module of cpt/ (and of cpt/data, cpt/experiment), the docs pages and the
+    launch scripts; a module added without a line there fails here."""
+    text = (ROOT / "README.md").read_text()
+    layout = next(body for lang, body, _ in fenced(ROOT / "README.md") if body.startswith("cpt/ "))
+    assert text.index(layout) > text.index("## Layout")
+    words = set(re.findall(r"[\w.]+", layout))
+    missing = [f"cpt/{p.relative_to(ROOT / 'cpt')}" for folder in ("", "data", "experiment")
+               for p in sorted((ROOT / "cpt" / folder).glob("*.py"))
+               if p.stem != "__init__" and p.stem not in words and p.name not in words]
+    missing += [f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md")) if p.name not in words]
+    missing += [f"scripts/{p.name}" for p in sorted((ROOT / "scripts").glob("*.s*")) if p.name not in words]
+    assert not missing, f"README.md's Layout does not name: {', '.join(missing)}"
