@@ -78,7 +78,8 @@ def shell_lines(doc: Path) -> list[tuple[str, int]]:
 
 
 def cpt_invocations(doc: Path) -> list[tuple[list[str], int]]:
-    """Every `cpt ...` command of a shell block as argv after `cpt` (env assignments and `make`/`lm_eval` lines aside)."""
+    """Every `cpt ...` (or `python -m cpt.cli ...`) command of a shell block as argv after `cpt` (leading environment
+    assignments skipped; `make`, `sbatch`, `lm_eval` lines aside)."""
     found = []
     for line, lineno in shell_lines(doc):
         try:
@@ -87,6 +88,8 @@ def cpt_invocations(doc: Path) -> list[tuple[list[str], int]]:
             raise AssertionError(f"{rel(doc)}:{lineno}: cannot split {line!r}: {e}") from None
         while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
             words = words[1:]
+        if words[:3] == ["python", "-m", "cpt.cli"]:
+            words = ["cpt", *words[3:]]
         if words and words[0] == "cpt":
             found.append((words[1:], lineno))
     return found
@@ -201,6 +204,45 @@ def test_every_cpt_command_line_parses(doc):
             error = parse(argv[0], argv[1:])
         if error:
             problems.append(f"{rel(doc)}:{lineno}: `cpt {' '.join(argv)}`: {error}")
+    assert not problems, "\n".join(problems)
+
+
+def launcher_lines(doc: Path) -> list[tuple[list[str], int]]:
+    """`scripts/launch.sh ...`, `scripts/launch_deepspeed.sh ...` and `sbatch [opts] scripts/slurm_multinode.sbatch ...`
+    lines of the shell blocks, as argv from the script on."""
+    found = []
+    for line, lineno in shell_lines(doc):
+        words = shlex.split(line.replace("[", "# ["), comments=True)  # `[cpt train options, ...]`: prose, not args
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+            words = words[1:]
+        if words[:1] == ["sbatch"]:  # sbatch's own options, then the script
+            words = words[next((i for i, w in enumerate(words) if w.startswith("scripts/")), len(words)):]
+        if words and words[0] in ("scripts/launch.sh", "scripts/launch_deepspeed.sh", "scripts/slurm_multinode.sbatch"):
+            found.append((words, lineno))
+    return found
+
+
+def launcher_problem(argv: list[str]) -> str:
+    """'' when the launch line names a shipped strategy and its trailing `cpt train` options parse."""
+    script, config, *rest = argv
+    if script == "scripts/launch_deepspeed.sh":
+        stage, rest = (rest[0], rest[1:]) if rest else ("2", [])
+        offload = rest[:1] == ["offload"]
+        strategy, rest = f"zero{stage}{'_offload' if offload else ''}", rest[1:] if offload else rest
+        if not (ROOT / "configs" / "deepspeed" / f"{strategy}.json").is_file():
+            return f"no configs/deepspeed/{strategy}.json"
+    else:
+        strategy, rest = (rest[0], rest[1:]) if rest else ("ddp", [])
+    if not (ROOT / "configs" / "accelerate" / f"{strategy}.yaml").is_file():
+        return f"no configs/accelerate/{strategy}.yaml"
+    return parse("train", [config, *rest])
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=rel)
+def test_launcher_lines_name_shipped_strategies(doc):
+    """The launch scripts' lines (launch.sh, launch_deepspeed.sh, the SLURM script under sbatch): each strategy is a
+    shipped accelerate (and DeepSpeed) config, and the options after it are `cpt train` options."""
+    problems = [f"{rel(doc)}:{n}: `{' '.join(argv)}`: {p}" for argv, n in launcher_lines(doc) if (p := launcher_problem(argv))]
     assert not problems, "\n".join(problems)
 
 
@@ -321,6 +363,11 @@ def test_the_checks_catch_typos():
     assert dotted_keys("`--set train.global_batchsize=8`, `eval.lm_eval.taks`, `train.log`") == [
         "train.global_batchsize", "eval.lm_eval.taks"]
     assert isinstance(command_parser("demo"), argparse.ArgumentParser)
+    assert launcher_problem(["scripts/launch.sh", "run.yaml", "zero3"]) == ""
+    assert launcher_problem(["scripts/launch_deepspeed.sh", "run.yaml", "3", "offload", "--resume"]) == ""
+    assert "no configs/accelerate/fsdp2.yaml" in launcher_problem(["scripts/slurm_multinode.sbatch", "run.yaml", "fsdp2"])
+    assert "no configs/deepspeed/zero1.json" in launcher_problem(["scripts/launch_deepspeed.sh", "run.yaml", "1"])
+    assert launcher_problem(["scripts/launch.sh", "run.yaml", "ddp", "--resum"])
 
 
 def test_layout_names_every_module_script_and_page():
