@@ -420,6 +420,7 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
 
         save_adapter(model, tmp, tokenizer, state_dict=state_dict)
     else:
+        state_dict = without_tied_copies(model, state_dict) if state_dict is not None else None
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         fault_point(f"export:weights:{out.name}")
         if tokenizer is not None:  # (a model handed in without one: cpt.averaging.interpolate)
@@ -430,6 +431,17 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
     make_tokenizer_portable(tmp)
     fault_point(f"export:written:{out.name}")
     return publish_dir(tmp, out)
+
+
+def without_tied_copies(model, state_dict: dict) -> dict:
+    """``state_dict`` without the second name of a tied parameter (a tied head's ``lm_head.weight``), as
+    ``save_pretrained`` writes the model's own state dict, whose tied names share one storage. A gathered state (ZeRO-1/2's
+    cloned tensors) shares none, so a ZeRO-2 export held the tied head twice: other tensors than a 1-process export's,
+    which `cpt average` refused to average with it."""
+    first, tied = {}, set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if id(param) in first else first.setdefault(id(param), name))
+    return {k: v for k, v in state_dict.items() if k not in tied}
 
 
 def staging_dir(out: Path) -> Path:

@@ -334,3 +334,19 @@ def test_a_tokenizer_with_gaps_in_its_ids_is_checked_by_its_largest_id(tmp_path)
     assert model.get_input_embeddings().weight.shape[0] == 41
     x = torch.tensor([gappy("a b a", add_special_tokens=False)["input_ids"]])
     assert x.max() == 40 and torch.isfinite(model(x, labels=x).loss)
+
+
+def test_an_export_from_a_gathered_state_holds_a_tied_head_once(tmp_path, tok):
+    """ZeRO-1/2 hand the export a cloned state dict (accelerate's get_state_dict), whose tied `lm_head.weight` no longer
+    shares the embedding's storage, so save_pretrained kept both names: a ZeRO-2 run's export held 21 tensors against
+    a 1-process run's 20, and `cpt average` of the two (README section 6) refused with "has different tensors"."""
+    from safetensors import safe_open
+
+    from cpt.commands.average import main
+
+    model = tiny_llama(len(tok), tied=True, seed=1)
+    plain = write_hf(model, tok, tmp_path / "plain")
+    gathered = write_hf(model, tok, tmp_path / "gathered", {k: v.clone() for k, v in model.state_dict().items()})
+    keys = {d.name: set(safe_open(d / "model.safetensors", "pt").keys()) for d in (plain, gathered)}
+    assert keys["gathered"] == keys["plain"] and "lm_head.weight" not in keys["gathered"]
+    assert main([str(tmp_path / "avg"), str(plain), str(gathered)]) == 0
