@@ -195,6 +195,11 @@ def check_lora_modules(model: nn.Module, cfg: LoraConfig) -> None:
         raise ConfigError("; ".join(errors))
 
 
+# peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning: every LoRA run
+# and `cpt merge` printed it, a library's note to itself that no cpt user can act on
+PEFT_READS_DEPRECATED = "`is_gradient_checkpointing` is deprecated"
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None, log_fn=None):
     """Wrap ``model`` in a peft LoRA adapter (a ``PeftModel``); every base weight becomes frozen.
 
@@ -245,6 +250,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part of")
+            warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
             peft_model = get_peft_model(model, pcfg)
     except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
         raise ConfigError(f"model.lora: {e}") from None

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     """
     from peft import PeftModel
 
-    from cpt.adapters import ADAPTER_SIDECAR
+    from cpt.adapters import ADAPTER_SIDECAR, PEFT_READS_DEPRECATED
 
     adir = Path(adapter_dir)
     cfg_path = adir / "adapter_config.json"
@@ -260,7 +261,9 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     if n_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n_rows, mean_resizing=False)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
     except RuntimeError as e:  # torch's load_state_dict: the adapter was trained on another model
         if "Error(s) in loading state_dict" not in str(e):
             raise

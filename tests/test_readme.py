@@ -17,6 +17,7 @@ import functools
 import io
 import re
 import shlex
+import types
 import typing
 from pathlib import Path
 
@@ -114,13 +115,13 @@ def option_strings(command: str) -> set[str]:
 
 
 def _unwrap(annotation):
-    """The annotation without Optional/Annotated; (origin, args) for generics."""
+    """The annotation without Annotated and Optional; of a union, its config model, else its list or dict."""
     while True:
         origin = typing.get_origin(annotation)
         if origin is typing.Annotated:
             annotation = typing.get_args(annotation)[0]
             continue
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(annotation) if a is not type(None)]
             models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
             generics = [a for a in args if typing.get_origin(a) in (list, dict)]
