@@ -1,4 +1,5 @@
-"""README.md and docs/*.md against the code, so that the commands and configs they show keep working as written.
+"""README.md, docs/*.md and the command lines in configs/*.yaml comments against the code, so that the commands and
+configs they show keep working as written.
 
 Lean (no training, no launch, about a second): every `cpt <command> ...` line of a fenced shell block is parsed by
 that command's own argument parser (`cpt.cli.command_parser`), every `cpt <command> --flag` in the prose names a
@@ -31,6 +32,7 @@ from cpt.config import RunConfig, apply_overrides, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))  # their comments' command lines
 SECTIONS = tuple(RunConfig.model_fields)
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 # names of files that look like config keys (`train.log`, `model.safetensors`)
@@ -57,7 +59,18 @@ def prose(doc: Path) -> str:
 
 
 def shell_lines(doc: Path) -> list[tuple[str, int]]:
-    """Commands of the shell blocks (and `$ cmd` lines of output blocks), continuation lines joined, comments dropped."""
+    """Commands of the shell blocks (and `$ cmd` lines of output blocks), continuation lines joined, comments dropped;
+    of a shipped config (YAML), the commands its comments give (`#   cpt prepare ...`, `#   scripts/launch.sh ...`)."""
+    if doc.suffix == ".yaml":
+        comments = [re.sub(r"^#\s*", "", line) if line.startswith("#") else "" for line in doc.read_text().splitlines()]
+        out = []
+        for n, line in enumerate(comments):
+            if re.match(r"(?:[A-Z_]+=\S+ )*(?:cpt |scripts/|sbatch |python -m cpt\.cli )", line):
+                while line.endswith("\\") and n + 1 < len(comments):
+                    n += 1
+                    line = line[:-1] + " " + comments[n]
+                out.append((line, n + 1))
+        return out
     out = []
     for lang, body, first in fenced(doc):
         if lang not in ("bash", "sh", "shell", "console", ""):
@@ -189,7 +202,7 @@ def dotted_keys(text: str) -> list[str]:
 # ------------------------------------------------------------------ the tests
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=rel)
+@pytest.mark.parametrize("doc", DOCS + CONFIGS, ids=rel)
 def test_every_cpt_command_line_parses(doc):
     """Each `cpt <command> ...` of a shell block is accepted by that command's parser as written (flags, their
     values, choices, positionals); nothing runs."""
@@ -239,7 +252,7 @@ def launcher_problem(argv: list[str]) -> str:
     return parse("train", [config, *rest])
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=rel)
+@pytest.mark.parametrize("doc", DOCS + CONFIGS, ids=rel)
 def test_launcher_lines_name_shipped_strategies(doc):
     """The launch scripts' lines (launch.sh, launch_deepspeed.sh, the SLURM script under sbatch): each strategy is a
     shipped accelerate (and DeepSpeed) config, and the options after it are `cpt train` options."""
@@ -266,7 +279,7 @@ def test_cpt_commands_and_flags_in_the_prose_exist(doc):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=rel)
+@pytest.mark.parametrize("doc", DOCS + CONFIGS, ids=rel)
 def test_config_keys_named_are_fields_of_the_run_config(doc):
     problems = sorted({f"{rel(doc)}: {key}: {p}" for key in dotted_keys(doc.read_text())
                        if (p := key_problem(key))})
