@@ -1,12 +1,15 @@
 """README.md, docs/*.md and the command lines in configs/*.yaml comments against the code, so that the commands and
 configs they show keep working as written.
 
-Lean (no training, no launch, about a second): every `cpt <command> ...` line of a fenced shell block is parsed by
-that command's own argument parser (`cpt.cli.command_parser`), every `cpt <command> --flag` in the prose names a
-command and flags it accepts, every `--set key=value` and dotted config key (`train.precision`, `stages.0.steps`)
-names a field of the pydantic RunConfig, every `configs/`, `scripts/`, `docs/`, `tests/`, `cpt/` or `eval_harness/`
-path exists, and every YAML block that looks like a run config validates (a fragment merged into the README's own
-full example). The commands themselves were run by hand as the README shows them (see the commit that added this).
+Lean (no training, no launch; seconds): every `cpt <command> ...` line of a fenced shell block (and of a config's
+comments) is parsed by that command's own argument parser (`cpt.cli.command_parser`); every `cpt <command> --flag`
+in the prose names a command and flags it accepts; every launcher line (scripts/launch.sh, launch_deepspeed.sh,
+sbatch scripts/slurm_multinode.sbatch) names a shipped strategy; every `--set key=value` and dotted config key
+(`train.precision`, `stages.0.steps`) names a field of the pydantic RunConfig (or of a `cpt experiment` spec);
+every `configs/`, `scripts/`, `docs/`, `tests/`, `cpt/` or `eval_harness/` path and relative link exists; every
+YAML block that looks like a run config validates (a fragment merged into the README's own full example); and the
+Layout block names every module. The commands themselves were run by hand as the README shows them (branch
+a-readme's commits say what ran and what differed).
 """
 
 from __future__ import annotations
