@@ -79,13 +79,23 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
     now = getattr(model, "_cpt_base_fingerprint", None)
     if now is None or record["fingerprint"] is None:  # weights not all here (ZeRO-3 placeholders): nothing to compare
         return
-    if now != record["fingerprint"]:
+    if now != record["fingerprint"] and not _same_base_in_16_bits(model, record["fingerprint"]):
         built = getattr(model.get_base_model(), "name_or_path", "") or "model.arch"
         raise AdapterCheckpointError(
             f"its LoRA adapter was trained on another base model than this run builds (then: {record['base']}, "
             f"fingerprint {record['fingerprint'][:12]}; now: {built}, fingerprint {now[:12]}); the checkpoint holds the "
             "adapter, not its base: build the base it was trained on (model.name_or_path and model.revision: a hub model "
             "updated since needs the revision pinned; train.init_from, model.vocab and run.seed as in its config.yaml)")
+
+
+def _same_base_in_16_bits(model, fingerprint: str) -> bool:
+    """Whether ``fingerprint`` is this (fp32-built) base's in bf16 or fp16: a run under DeepSpeed ZeRO-3 with
+    train.precision bf16/fp16 builds its base in that dtype (zero.Init) and fingerprints it so; its checkpoints were
+    refused by `cpt export`, by a resume on another backend and by train.init_from, which build the base in fp32."""
+    base = model.get_base_model()
+    if any(getattr(p, "ds_numel", 0) for p in base.parameters()) or next(base.parameters()).dtype != torch.float32:
+        return False  # (only a full fp32 base is recast here)
+    return any(base_fingerprint(model, as_dtype=d) == fingerprint for d in (torch.bfloat16, torch.float16))
 
 
 def base_problem(ckpt: str | Path, model) -> str | None:

@@ -17,6 +17,9 @@ base out, through the libraries' own means:
   Adapter weights that ``model.freeze`` froze would be left out too (they need not equal a fresh initialisation: a
   stage from an earlier LoRA checkpoint trained them), so such a run keeps the whole-model checkpoint, saying so.
 
+With ``checkpoint.async_save`` the FSDP2 files (model and optimizer shards, RNG states) are the same, written in the
+background by DCP's async_save (cpt/sharded_save.py, through :func:`fsdp_model_state`).
+
 Beside them ``adapter_base.json`` (cpt/adapter_checkpoint.py) records the base fingerprint taken when the model was
 built; it is what marks the checkpoint as one without its base (:func:`cpt.adapter_checkpoint.is_adapter_layout`).
 """
@@ -49,6 +52,19 @@ def save_state(acc, folder: Path) -> list[tuple[str, str, str]]:
     else:
         _save_fsdp(acc, model, folder)
     return [base_record_item(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))]
+
+
+def fsdp_model_state(acc) -> tuple[dict, list[tuple[str, str, str]]]:
+    """FSDP2 (SHARDED_STATE_DICT): the model's sharded state dict as accelerate's ``save_fsdp_model`` saves it under
+    ``"model"`` (a LoRA model: its adapter shards alone), and the main process's own files to add (a LoRA model's
+    ``adapter_base.json``). For cpt/sharded_save.py, which saves it in the background."""
+    model = _adapter_model(acc)
+    if model is None:
+        from accelerate.utils.fsdp_utils import _prepare_sd_options
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(acc._models[0], options=_prepare_sd_options(acc.state.fsdp_plugin)), []
+    return _adapter_shards(model), [base_record_item(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))]
 
 
 def load_state(acc, ckpt: Path) -> None:

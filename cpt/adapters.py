@@ -200,6 +200,15 @@ def check_lora_modules(model: nn.Module, cfg: LoraConfig) -> None:
 PEFT_READS_DEPRECATED = "`is_gradient_checkpointing` is deprecated"
 
 
+def load_peft_adapter(model, adapter_dir):
+    """``PeftModel.from_pretrained`` (not trainable), without peft's deprecation noise."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None, log_fn=None):
     """Wrap ``model`` in a peft LoRA adapter (a ``PeftModel``); every base weight becomes frozen.
 
@@ -271,12 +280,13 @@ def adapter_keys(peft_model) -> list[str]:
     return [k for k, v in peft_model.state_dict(keep_vars=True).items() if id(v) in trainable or own.search(k)]
 
 
-def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
+def base_fingerprint(peft_model, hash_here: bool = True, as_dtype: torch.dtype | None = None) -> str | None:
     """SHA-256 over every frozen base tensor of a peft model (name, shape, dtype and the SHA-256 of its bytes; sorted by
     name): the base as built, vocabulary changes included. One pass over the base weights, the tensors hashed in
     parallel (~1.2 GB/s per CPU core). None when the weights are not all here (meta tensors). Under DeepSpeed ZeRO-3's
     zero.Init (partitioned placeholders) the tensors are gathered ~1 GB at a time, a collective every process joins;
-    those with ``hash_here`` False only take part in it (and get None)."""
+    those with ``hash_here`` False only take part in it (and get None). ``as_dtype``: the fingerprint the same base
+    has when built in that dtype (its floating-point tensors cast), as ZeRO-3's zero.Init builds it under bf16/fp16."""
     from concurrent.futures import ThreadPoolExecutor
 
     ours = set(adapter_keys(peft_model))
@@ -284,8 +294,11 @@ def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
     if any(t.is_meta for _, t in base):
         return None  # (transformers leaves weights a checkpoint lacks on meta on FSDP's other ranks, cpu_ram_efficient_loading)
 
+    def dtype(t: torch.Tensor) -> torch.dtype:
+        return as_dtype if as_dtype is not None and t.is_floating_point() else t.dtype
+
     def digest(t: torch.Tensor) -> bytes:  # (hashlib releases the GIL while it hashes)
-        return hashlib.sha256(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()
+        return hashlib.sha256(t.detach().to("cpu", dtype(t)).contiguous().reshape(-1).view(torch.uint8).numpy().data).digest()
 
     h = hashlib.sha256()
     zero3 = any(t.numel() == 0 and getattr(t, "ds_numel", 0) for _, t in base)
@@ -296,7 +309,7 @@ def base_fingerprint(peft_model, hash_here: bool = True) -> str | None:
             with _gathered([t for _, t in group], zero3):
                 if hash_here:
                     for (name, t), d in zip(group, pool.map(digest, [t for _, t in group])):
-                        h.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode() + d)
+                        h.update(f"{name}|{list(t.shape)}|{dtype(t)}|".encode() + d)
     return h.hexdigest() if hash_here else None
 
 

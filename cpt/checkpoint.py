@@ -17,12 +17,10 @@ and CHECKSUMS.json is written, so a kill at any moment leaves the previous check
 by killing the process at every file boundary: tests/test_crash_consistency.py). Only committed
 ``step_N`` directories count as checkpoints, for the fresh-run check and for resume alike.
 
-Non-blocking saves (``checkpoint.async_save``, single process and DDP): the loop blocks only while
-the state is copied to host memory; a background thread writes the files (hashing them as it writes,
-so nothing is re-read), then commits. The next save, the end of training and a preemption exit wait
-for it; its failure is reported there and counts toward ``checkpoint.max_failed_saves``. FSDP and
-DeepSpeed save synchronously through ``accelerator.save_state`` (their per-rank shard files are
-checked by size; cpt's own files by digest).
+Non-blocking saves (``checkpoint.async_save``): the loop blocks only for the copy to host memory; the files are written
+in the background (one process, DDP: hashed as written; FSDP2: DCP's async_save, cpt/sharded_save.py), committed once
+every rank's are on disk. The next save, the end and a preemption exit wait for it; its failure counts toward
+``checkpoint.max_failed_saves``. DeepSpeed (FSDP1, FULL_STATE_DICT) saves synchronously (``accelerator.save_state``).
 
 On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or corrupt
 one is skipped with one warning. Its optimizer state is loaded only for the trainable parameters and groups it was
@@ -41,7 +39,7 @@ import threading
 from pathlib import Path
 from typing import Mapping
 
-from cpt import adapter_shards
+from cpt import adapter_shards, sharded_save
 from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, is_peft_model
 from cpt.adapters import note_base
 from cpt.base_dtype import in_fp32
@@ -162,13 +160,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 class CheckpointManager:
     """Saves and loads full resume state through accelerate (DDP, FSDP and DeepSpeed all supported).
 
-    ``save`` is collective: every rank calls it at the same step. The failure policy is explicit: a
-    failed save is reported in plain words (no space left, permission denied, the path), its partial
-    files removed and the previous checkpoint kept; the next interval tries again, and after
-    ``max_failed_saves`` failures in a row the run stops with a CheckpointError rather than training on
-    without a checkpoint. With ``async_save`` the files are written by a background thread; call
-    ``wait()`` before exiting (the next ``save`` waits by itself).
-    """
+    ``save`` is collective: every rank calls it at the same step. The failure policy is explicit: a failed save is
+    reported in plain words (no space left, permission denied, the path), its partial files removed and the previous
+    checkpoint kept; the next interval tries again, and after ``max_failed_saves`` failures in a row the run stops with
+    a CheckpointError rather than training on without a checkpoint. ``async_save``: call ``wait()`` before exiting."""
 
     def __init__(self, run_dir: str | os.PathLike, keep: int, accelerator, async_save: bool = False, max_failed_saves: int = 3,
                  portable=None):
@@ -179,12 +174,13 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.acc = accelerator
-        self.cpt_writes = cpt_can_write(accelerator)  # else accelerator.save_state (FSDP, DeepSpeed), synchronously
-        self.async_save = async_save and self.cpt_writes
+        self.cpt_writes = cpt_can_write(accelerator)  # else FSDP2's shards through DCP (async_save), or accelerator.save_state
+        self.shards = sharded_save.for_run(accelerator, async_save and not self.cpt_writes)  # None: synchronous
+        self.async_save = async_save and (self.cpt_writes or self.shards is not None)  # (DeepSpeed: synchronous)
         self.max_failed_saves = max_failed_saves
         self.failed_in_a_row = 0
         self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
-        self._job: _Commit | None = None  # its writer (main process)
+        self._job = None  # its writer (main process: _Commit; the other ranks: FSDP2's background shard writes, if any)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
         self.trainable = trainable_layout(accelerator)  # this run's, before any load replaces the optimizer's groups
         self.settings = group_settings(accelerator)  # (put back after each load: restore_group_settings)
@@ -217,9 +213,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._record(step, error or CheckpointError("another rank failed while saving"))
             return
-        self._pending_step = step
-        if acc.is_main_process:
-            self._job = job
+        self._pending_step, self._job = step, job
+        if job is not None:
             job.start(background=self.async_save)
         if not self.async_save:
             self.wait()
@@ -236,15 +231,15 @@ class CheckpointManager:
             error = error or CheckpointError("the main process failed to write it")
         self._record(step, error)
 
-    def _stage(self, step: int, tmp: Path, state_json: str, config_yaml: str, tensors) -> _Commit | None:
-        """Everything every rank must do before the commit; returns the main process's writer."""
+    def _stage(self, step: int, tmp: Path, state_json: str, config_yaml: str, tensors):
+        """Everything every rank must do before the commit; returns this rank's job (_Commit, FSDP2 shard writes or None)."""
         acc = self.acc
         items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
         if self.trainable is not None:
             items.append((TRAINABLE, "text", json.dumps(self.trainable)))
         if tensors:
             items.append((STATE_TENSORS, "safetensors", host_copy(dict(tensors), {})))  # EMA, Reptile: a fresh copy
-        digests: dict[str, str] = {}
+        digests, uploads = {}, None  # uploads: FSDP2's background shard writes, started once every rank has staged
         if self.cpt_writes:
             own, rng_name, rng = host_snapshot(acc, self._staging if self.async_save else None)
             if acc.is_main_process:
@@ -262,6 +257,9 @@ class CheckpointManager:
                 if failed:
                     raise CheckpointError(f"a rank could not write its part: {failed[0]}")
                 digests = {k: v for d in gathered for k, v in d.items()}
+        elif self.shards is not None:  # FSDP2, non-blocking: staged here (nothing collective), written once all ranks agree
+            fault_point(f"save_state:rank{acc.process_index}@{step}")
+            uploads = self.shards.stage(tmp, step, items)
         else:  # FSDP / DeepSpeed shards, on every rank, through collectives inside the backend's save (LoRA: no base)
             try:
                 fault_point(f"save_state:rank{acc.process_index}@{step}")
@@ -273,15 +271,15 @@ class CheckpointManager:
                                        f"{backend(acc).value} save, a collective one the run cannot skip: {describe_io_error(e, tmp)}. The "
                                        "previous checkpoint (if any) is intact; fix the cause, then --resume") from e
         if not acc.is_main_process:
-            return None
-        return _Commit(self, step, tmp, items, digests)
+            return uploads
+        return _Commit(self, step, tmp, items, digests, uploads)
 
     def _record(self, step: int, error: BaseException | None) -> None:
         if error is None:
             self.failed_in_a_row = 0
             return
         self.failed_in_a_row += 1
-        cause = str(error) if isinstance(error, CheckpointError) else describe_io_error(error, self.root)
+        cause = str(error) if isinstance(error, (CheckpointError, sharded_save.ShardWriteError)) else describe_io_error(error, self.root)
         if self.acc.is_main_process:
             log.error(f"checkpoint at step {step} FAILED: {cause}; the previous checkpoint is intact; "
                       f"retrying at the next interval ({self.failed_in_a_row} of {self.max_failed_saves} failures in a row allowed)")
@@ -324,6 +322,19 @@ class CheckpointManager:
         fp32_base = contextlib.ExitStack()  # a whole-model checkpoint: its fp32 base loads (and is fingerprinted) exactly
         if not adapter and model is not None:  # (a LoRA base stored in bf16/fp16: cpt/base_dtype.py)
             fp32_base.enter_context(in_fp32(model))
+        with fp32_base:  # (undone also when the load fails)
+            self._load_weights(ckpt, optimizer_state)
+            if not adapter and is_peft_model(model) and self.cpt_writes:  # its base came from the checkpoint
+                note_base(model)
+        restore_group_settings(self.acc, self.settings)
+        # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
+        # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
+        self.acc.step = 0
+        if components is not None:
+            load_components(ckpt, components)
+
+    def _load_weights(self, ckpt: Path, optimizer_state: bool) -> None:
+        """Model and optimizer state (and RNG states) of ``ckpt``: this backend's own load, or ``portable``'s."""
         if self.portable is not None and self.portable.needs_portable_load(ckpt, self.acc):
             log.warning("%s was written with another backend, number of processes or model.compile wrapper: loading "
                         "it through cpt.consolidate (weights and optimizer state; RNG states are not carried over)", ckpt)
@@ -350,15 +361,6 @@ class CheckpointManager:
                     f"checkpoint was trained from{_lora_mismatch_hint(str(e), ckpt)}") from None
             if optimizer_state:
                 _check_optimizer_params(ckpt, names, _optimizer_param_names(self.acc))
-        restore_group_settings(self.acc, self.settings)
-        # accelerate restores its micro-step counter, which places the gradient-accumulation boundaries; a checkpoint
-        # is always at an optimizer-step boundary, and another world size accumulates another number of micro-steps
-        self.acc.step = 0
-        if not adapter and is_peft_model(model) and self.cpt_writes:  # its base came from the checkpoint
-            note_base(model)
-        fp32_base.close()
-        if components is not None:
-            load_components(ckpt, components)
 
 
 def _optimizer_param_names(acc) -> list[list[str]]:
@@ -437,15 +439,17 @@ def saved_step(ckpt: Path) -> int:
 
 
 class _Commit:
-    """The main process's part of a save: write its files (hashed as written), CHECKSUMS.json, rename
-    into place, prune. Runs inline or in a background thread; ``join()`` returns its error (or None)."""
+    """The main process's part of a save: wait for every rank's FSDP2 shard writes (``uploads``, cpt/sharded_save.py), write
+    its files (hashed as written), CHECKSUMS.json, rename, prune. Inline or in a thread; ``join()`` returns its error."""
 
-    def __init__(self, manager: CheckpointManager, step: int, tmp: Path, items: list, digests: dict[str, str]):
-        self.manager, self.step, self.tmp, self.items, self.digests = manager, step, tmp, items, digests
+    def __init__(self, manager: CheckpointManager, step: int, tmp: Path, items: list, digests: dict[str, str], uploads=None):
+        self.manager, self.step, self.tmp, self.items, self.digests, self.uploads = manager, step, tmp, items, digests, uploads
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
     def start(self, background: bool) -> None:
+        if self.uploads is not None:
+            self.uploads.start()
         if background:  # not a daemon: an exiting interpreter still finishes the write
             self.thread = threading.Thread(target=self.run, name=f"cpt-checkpoint-{self.step}")
             self.thread.start()
@@ -462,6 +466,9 @@ class _Commit:
         final = tmp.with_name(tmp.name[len(TMP_PREFIX):])
         replaced = final.with_name(TRASH_PREFIX + final.name)
         try:
+            if self.uploads is not None:  # every rank's shard files and DCP's .metadata on disk, or an error
+                self.uploads.wait()
+                fault_point(f"save:shards@{step}")
             digests = {**self.digests, **write_files(tmp, self.items, step)}
             self.items = None  # free the host copy
             write_checksums(tmp, digests)

@@ -403,11 +403,13 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     return (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir() and not (p / "export").is_dir()
 
 
-def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool | None = False, echo=print) -> Path:
+def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool | None = False, echo=print,
+                      dtype: str | None = None, max_shard_size: str | int | None = None) -> Path:
     """Write a checkpoint (or a run directory's latest valid one) as an HF model directory on one CPU process:
     the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run (None: the
-    adapter of a LoRA run, the full model of any other)."""
-    from cpt.model import build_model, check_export_target, load_tokenizer, prepare_model, write_hf
+    adapter of a LoRA run, the full model of any other). ``dtype``, ``max_shard_size``: the weight files (None: the
+    run's ``checkpoint.export_dtype`` and ``checkpoint.max_shard_size``)."""
+    from cpt.model import build_model, check_export_target, export_options, load_tokenizer, prepare_model, write_hf
 
     out_dir = check_export_target(out_dir)
     replacing = out_dir.is_dir() and any(out_dir.iterdir())
@@ -435,7 +437,9 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
         from cpt.adapters import merge_lora
 
         model = merge_lora(model)
-    out = write_hf(model, tokenizer, out_dir)
+    options = export_options(cfg.checkpoint)
+    options.update({k: v for k, v in (("dtype", dtype), ("max_shard_size", max_shard_size)) if v is not None})
+    out = write_hf(model, tokenizer, out_dir, **options)
     echo(f"exported {ckpt} ({kind} layout) to {out}" + (" (the earlier export there replaced whole)" if replacing else ""))
     return out
 
@@ -477,6 +481,7 @@ def model_dir_of(path: str | os.PathLike, prefix: str = ".cpt-export-"):
     except OSError as e:
         raise ConsolidateError(f"cannot export {p} for reading into its run directory {run}: {e.strerror or e}") from None
     try:
-        yield export_checkpoint(p, Path(work) / "export", echo=lambda *a, **k: None)
+        # (fp32 whatever checkpoint.export_dtype says: what is read here is the checkpoint's weights exactly)
+        yield export_checkpoint(p, Path(work) / "export", echo=lambda *a, **k: None, dtype="fp32")
     finally:
         shutil.rmtree(work, ignore_errors=True)

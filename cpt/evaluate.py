@@ -14,9 +14,12 @@ after a switch) shows up. Logged per set::
     adaptation/<name>           loss at the reference evaluation - loss              (downstream sets)
     eval/upstream/mean_loss, eval/downstream/mean_loss                               (mean over sets of a tag)
     eval/upstream/mean_forgetting, eval/downstream/mean_adaptation
+    eval/<name>/reference_step  the step of the set's reference evaluation
 
 The reference is the first evaluation of the run, which is step 0 (the base model) when
-``eval.at_start`` is true; it survives resume through ``state_dict()``.
+``eval.at_start`` is true; it survives resume through ``state_dict()``, with the sample it was measured on. A set
+added on a resume, or one whose sample changed since the checkpoint (another eval.tokens_per_set, sample_seed or
+files: a warning says so), takes its next evaluation as its reference.
 
 Distributed evaluation: every rank evaluates a disjoint, contiguous slice of each set's sequences and
 the per-rank sums of (token loss, token count) are summed across ranks with ``accelerator.reduce``.
@@ -27,6 +30,8 @@ batch with weight 0), so the collectives inside the forward pass of DDP (buffer 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -138,6 +143,16 @@ class HeldoutSet:
             raise ValueError(f"held-out set name {self.name!r} must not contain '/' (it becomes a metric name)")
 
     @property
+    def identity(self) -> str:
+        """What is evaluated: ``<tokens> tokens as <rows>x<seq_len>:<hash of the tokens>`` (saved with the reference)."""
+        cached = self.__dict__.get("_identity")
+        if cached is None:
+            t = self.tokens.detach().to("cpu", torch.int64).contiguous()
+            digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+            cached = self.__dict__["_identity"] = f"{t.numel()} tokens as {t.shape[0]}x{t.shape[1]}:{digest}"
+        return cached
+
+    @property
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
 
@@ -178,7 +193,8 @@ class HeldoutEvaluator:
         self.accelerator = accelerator
         self.eos_id = eos_id  # set: document masking, as in training
         self.reference: dict[str, float] = {}  # loss at the first evaluation (step 0)
-        self.reference_step: int | None = None
+        self.reference_step: int | None = None  # the run's first evaluation
+        self.reference_steps: dict[str, int] = {}  # each set's first evaluation (later for a set added on a resume)
         self.worst: dict[str, tuple[float, int]] = {}  # highest loss and its step
         self.last: dict[str, tuple[float, int]] = {}  # latest loss and its step
 
@@ -196,7 +212,7 @@ class HeldoutEvaluator:
             return self.cfg.at_start
         if last_step is not None and step == last_step:
             return True
-        if step % self.cfg.every == 0:
+        if self.cfg.every is not None and step % self.cfg.every == 0:
             return True
         if self.cfg.dense_steps > 0:
             for s in stage_starts:
@@ -213,13 +229,14 @@ class HeldoutEvaluator:
         for s in self.sets:
             loss = heldout_loss(model, s.tokens, self.cfg.batch_size, self.accelerator, self.eos_id)
             if s.name not in self.reference:
-                self.reference[s.name] = loss
+                self.reference[s.name], self.reference_steps[s.name] = loss, step
             if first:
                 self.reference_step = step
             ref = self.reference[s.name]
             metrics[f"eval/{s.name}/loss"] = loss
             metrics[f"eval/{s.name}/ppl"] = _ppl(loss)
             metrics[f"eval/{s.name}/tokens"] = float(s.num_tokens)
+            metrics[f"eval/{s.name}/reference_step"] = float(self.reference_steps[s.name])  # what forgetting/... is against
             if s.docs is not None:
                 metrics[f"eval/{s.name}/docs"] = float(s.docs)
             if s.name not in self.worst or loss > self.worst[s.name][0]:
@@ -258,7 +275,7 @@ class HeldoutEvaluator:
             if ref is not None and final is not None:
                 change = final - ref if s.tag == "upstream" else ref - final
             rows.append({
-                "name": s.name, "tag": s.tag, "step0": ref, "step0_step": self.reference_step if ref is not None else None,
+                "name": s.name, "tag": s.tag, "step0": ref, "step0_step": self.reference_steps.get(s.name, self.reference_step) if ref is not None else None,
                 "final": final, "final_step": final_step,
                 "change": change, "worst": worst, "worst_step": worst_step,
             })
@@ -269,6 +286,8 @@ class HeldoutEvaluator:
         return {
             "reference": dict(self.reference),
             "reference_step": self.reference_step,
+            "reference_steps": dict(self.reference_steps),
+            "samples": {s.name: s.identity for s in self.sets},  # what each reference was measured on
             "worst": {k: [v, s] for k, (v, s) in self.worst.items()},
             "last": {k: [v, s] for k, (v, s) in self.last.items()},
         }
@@ -276,8 +295,26 @@ class HeldoutEvaluator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reference = {k: float(v) for k, v in state.get("reference", {}).items()}
         self.reference_step = state.get("reference_step")
+        self.reference_steps = {k: int(state.get("reference_steps", {}).get(k, self.reference_step or 0))
+                                for k in self.reference}
         self.worst = {k: (float(v), int(s)) for k, (v, s) in state.get("worst", {}).items()}
         self.last = {k: (float(v), int(s)) for k, (v, s) in state.get("last", {}).items()}
+        saved = state.get("samples", {})
+        for s in self.sets:  # another sample than the reference's (eval.tokens_per_set, sample_seed, its files changed)
+            if s.name in self.reference and s.name in saved and saved[s.name] != s.identity:
+                for d in (self.reference, self.reference_steps, self.worst, self.last):
+                    d.pop(s.name, None)
+                if self.accelerator is None or self.accelerator.is_main_process:
+                    logging.getLogger("cpt.evaluate").warning(
+                        f"held-out set {s.name!r} evaluates another sample than its reference was measured on "
+                        f"({_sample_change(saved[s.name], s.identity)}: eval.tokens_per_set, eval.sample_seed, its "
+                        "max_tokens or its files changed since the checkpoint): its forgetting/adaptation, reference and "
+                        "worst point start again from its next evaluation")
+
+
+def _sample_change(then: str, now: str) -> str:
+    a, b = then.split(" as ")[0], now.split(" as ")[0]
+    return f"{a} then, {b.split()[0]} now" if a != b else f"{a} as before, but other tokens"
 
 
 def _fmt(v: float | None, signed: bool = False) -> str:
@@ -290,19 +327,28 @@ def reference_header(rows: list[dict[str, Any]]) -> str:
     """"step 0", or "reference (step N)" when the first evaluation came later (eval.at_start off): the column the
     changes are measured against must not claim to be the base model when it is not."""
     later = sorted({r["step0_step"] for r in rows if r.get("step0_step")})
+    if _mixed_reference(rows):
+        return "reference (step)"
     return f"reference (step {', '.join(map(str, later))})" if later else "step 0"
+
+
+def _mixed_reference(rows: list[dict[str, Any]]) -> bool:
+    """Whether the sets' references come from different steps (a set added on a resume is first evaluated later):
+    then every reference cell names its step."""
+    return len({r.get("step0_step") for r in rows if r.get("step0") is not None}) > 1
 
 
 def format_summary_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of ``HeldoutEvaluator.summary()`` rows, for the end-of-run printout and logs: the first
     ("step 0") and the last evaluation with its step (a preempted run's last one may be early), the change, the worst."""
     header = ["set", "tag", reference_header(rows), "last", "last step", "forgetting/adaptation", "worst", "worst step"]
-    body = []
+    body, mixed = [], _mixed_reference(rows)
     for r in rows:
+        ref = _fmt(r.get("step0")) + (f" ({r['step0_step']})" if mixed and r.get("step0") is not None else "")
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"
         change = "-" if r.get("change") is None else f"{kind} {r['change']:+.4f}"
         body.append([
-            str(r["name"]), str(r["tag"]), _fmt(r.get("step0")), _fmt(r.get("final")),
+            str(r["name"]), str(r["tag"]), ref, _fmt(r.get("final")),
             "-" if r.get("final_step") is None else str(r["final_step"]), change,
             _fmt(r.get("worst")), "-" if r.get("worst_step") is None else str(r["worst_step"]),
         ])

@@ -16,17 +16,20 @@ FAULT_ENV = "CPT_FAULT_INJECT"
 
 
 def fault_point(name: str) -> None:
-    """Test hook: SIGKILL this process when ``CPT_FAULT_INJECT`` equals ``name``; raise a disk-full OSError when it
-    equals ``enospc:<name>``.
+    """Test hook: SIGKILL this process when ``CPT_FAULT_INJECT`` (a point, or several separated by commas) names
+    ``name``; raise a disk-full OSError when it names ``enospc:<name>``.
 
     The save and export code names its file boundaries (``save:begin@8``, ``model.safetensors:partial@8``,
     ``save:renamed@8``, ``export:written``, one rank's ``save_state:rank1@8``...; see tests/test_crash_consistency.py),
     so a test can kill the process at each one deterministically. Unset (always, outside tests) it costs one dict lookup.
     """
     want = os.environ.get(FAULT_ENV)
-    if want == name:
+    if not want:
+        return
+    points = want.split(",")
+    if name in points:
         os.kill(os.getpid(), signal.SIGKILL)
-    elif want == f"enospc:{name}":
+    elif f"enospc:{name}" in points:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
 

@@ -166,9 +166,15 @@ class LogWindow:
         return {"loss_count": self.loss.count.item(), "sources": self.by_source.names, "ranks": sums.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        if list(state["sources"]) != self.by_source.names:
-            raise ValueError(f"its log window has the sources {state['sources']}, this run {self.by_source.names}")
-        ranks, n = torch.tensor(state["ranks"], dtype=torch.float64), len(self.by_source.names)
+        saved, names = list(state["sources"]), self.by_source.names
+        ranks, n, m = torch.tensor(state["ranks"], dtype=torch.float64), len(names), len(saved)
+        gone = [j for j, x in enumerate(saved) if x not in names and ranks[:, 1 + m + j].any()]
+        if gone:  # (a source left out of the run, with rows in the open window)
+            raise ValueError(f"its log window has the sources {saved}, this run {names}")
+        if saved != names:  # by name, in this run's order: a source new since the checkpoint has an empty window
+            cols = [0] + [1 + saved.index(x) if x in saved else -1 for x in names]
+            cols += [1 + m + saved.index(x) if x in saved else -1 for x in names]
+            ranks = torch.cat([ranks, torch.zeros(len(ranks), 1, dtype=ranks.dtype)], 1)[:, cols]
         if len(ranks) == self.acc.num_processes:
             own = ranks[self.acc.process_index]
         else:  # another number of processes: the same logged means

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from cpt.config import ModelConfig, RunConfig, load_config
 from cpt.data.shards import vocab_size
 from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
+from cpt.export_format import (DEFAULT_MAX_SHARD_SIZE, cast_state, export_dtype, set_config_dtype,
+                               with_master_weights, without_tied_copies)
 
 log = logging.getLogger("cpt.model")
 
@@ -239,9 +240,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     The base's embeddings are resized to the size recorded in ``cpt_adapter.json`` (vocabulary extension);
     the new rows' values come from the adapter.
     """
-    from peft import PeftModel
-
-    from cpt.adapters import ADAPTER_SIDECAR, PEFT_READS_DEPRECATED
+    from cpt.adapters import ADAPTER_SIDECAR, load_peft_adapter
 
     adir = Path(adapter_dir)
     cfg_path = adir / "adapter_config.json"
@@ -261,9 +260,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     if n_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n_rows, mean_resizing=False)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
-            peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+        peft_model = load_peft_adapter(model, adir)
     except RuntimeError as e:  # torch's load_state_dict: the adapter was trained on another model
         if "Error(s) in loading state_dict" not in str(e):
             raise
@@ -275,8 +272,9 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
-                  dtype: torch.dtype | None = None) -> Path:
-    """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer."""
+                  dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer, in
+    ``dtype`` (None: the dtype the base was saved in)."""
     acfg = Path(adapter_dir) / "adapter_config.json"
     recorded = json.loads(acfg.read_text()).get("base_model_name_or_path") if acfg.is_file() else None
     out = check_export_target(out_dir, (adapter_dir, base or recorded), "the adapter or its base model")
@@ -284,7 +282,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     # written like every export: replaces an earlier export's folder whole (no stale shards or index left)
     from cpt.adapters import merge_lora
 
-    return write_hf(merge_lora(peft_model), tokenizer, out)
+    return write_hf(merge_lora(peft_model), tokenizer, out, max_shard_size=max_shard_size)
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print,
@@ -370,8 +368,10 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
-def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path:
-    """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load.
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options=None, masters: bool = True) -> Path:
+    """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load; ``options``:
+    the run's ``checkpoint`` section (its ``export_dtype`` and ``max_shard_size``); ``masters``: the fp32 master
+    weights under DeepSpeed bf16/fp16 (False: the module's own values, e.g. an EMA swapped in).
 
     Works from DDP, FSDP and DeepSpeed ZeRO-3 states: `accelerator.get_state_dict` gathers the full
     state on the main process (every rank must call this function); a whole-model torch.compile is looked through.
@@ -382,11 +382,19 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator) -> Path
     # know, and loaded as a freshly initialised model with a MISSING-weights report)
     state_dict = accelerator.get_state_dict(model)  # (None on ranks that do not gather, under some backends)
     state_dict = without_compile_prefix(state_dict) if state_dict is not None else None
+    state_dict = with_master_weights(accelerator, model, state_dict) if masters else state_dict
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
-        write_hf(unwrapped, tokenizer, out_dir, state_dict)
+        write_hf(unwrapped, tokenizer, out_dir, state_dict, **export_options(options))
     accelerator.wait_for_everyone()
     return Path(out_dir)
+
+
+def export_options(checkpoint_cfg) -> dict:
+    """``write_hf``'s dtype and max_shard_size from a run's ``checkpoint`` section (None: the defaults)."""
+    if checkpoint_cfg is None:
+        return {}
+    return {"dtype": checkpoint_cfg.export_dtype, "max_shard_size": checkpoint_cfg.max_shard_size}
 
 
 MODEL_DIR_MARKERS = ("config.json", "adapter_config.json")
@@ -412,10 +420,13 @@ def check_export_target(out_dir: str | os.PathLike, inputs=(), inputs_are: str =
     return out
 
 
-def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None, *,
+             dtype: str | torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write an (unwrapped) model as an HF directory, or a peft adapter for a LoRA model, with its tokenizer
     (one process). Written to a hidden temporary folder and renamed into place when complete, so an interrupted
-    export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted."""
+    export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted.
+    ``dtype`` (``fp32``/``bf16``/``fp16``; None: as the model holds them) and ``max_shard_size``: the weight
+    files (cpt/export_format.py; a peft adapter is written as peft writes it)."""
     out = Path(out_dir)
     tmp = staging_dir(out)
     if hasattr(model, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
@@ -423,9 +434,14 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
 
         save_adapter(model, tmp, tokenizer, state_dict=state_dict)
     else:
+        dtype = export_dtype(dtype)
+        if dtype is not None:
+            state_dict = cast_state(model.state_dict() if state_dict is None else state_dict, dtype)
         state_dict = without_tied_copies(model, state_dict) if state_dict is not None else None
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
         fault_point(f"export:weights:{out.name}")
+        if dtype is not None:
+            set_config_dtype(tmp, dtype)
         if tokenizer is not None:  # (a model handed in without one: cpt.averaging.interpolate)
             tokenizer.save_pretrained(tmp)
         from cpt.redaction import redact_json_file
@@ -434,17 +450,6 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
     make_tokenizer_portable(tmp)
     fault_point(f"export:written:{out.name}")
     return publish_dir(tmp, out)
-
-
-def without_tied_copies(model, state_dict: dict) -> dict:
-    """``state_dict`` without the second name of a tied parameter (a tied head's ``lm_head.weight``), as
-    ``save_pretrained`` writes the model's own state dict, whose tied names share one storage. A gathered state (ZeRO-1/2's
-    cloned tensors) shares none, so a ZeRO-2 export held the tied head twice: other tensors than a 1-process export's,
-    which `cpt average` refused to average with it."""
-    first, tied = {}, set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        (tied.add(name) if id(param) in first else first.setdefault(id(param), name))
-    return {k: v for k, v in state_dict.items() if k not in tied}
 
 
 def staging_dir(out: Path) -> Path:
@@ -471,10 +476,13 @@ def publish_dir(tmp: Path, out: Path) -> Path:
 # transformers 4.x (which pyproject still allows) does not have; PreTrainedTokenizerFast loads the same
 # tokenizer.json in both
 PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# how transformers 5 loaded the tokenizer cpt saved ("is_local": true, "local_files_only": true offline), not what it is
+LOADING_KEYS = ("is_local", "local_files_only")
 
 
 def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
-    """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads."""
+    """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads, without
+    the :data:`LOADING_KEYS` transformers 5 records from the load (they told a hub user the tokenizer was local)."""
     import json
 
     path = Path(model_dir) / "tokenizer_config.json"
@@ -482,6 +490,8 @@ def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
         return
     config = json.loads(path.read_text())
     cls = config.get("tokenizer_class")
+    changed = {k: config.pop(k) for k in LOADING_KEYS if k in config}
     if cls in PORTABLE_TOKENIZER_CLASS:
-        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
+        config["tokenizer_class"] = changed["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
+    if changed:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -110,10 +110,14 @@ def heldout_summary(run: RunData) -> list[dict[str, Any]]:
                 change = deltas[-1]
                 step0 = final - change if tag == "upstream" else final + change
                 step0_step = steps[0] if _reference_in_log(run) else None
+                _, ref_steps, _ = run.series(f"eval/{name}/reference_step")  # (a reference set again on a resume)
+                if ref_steps and ref_steps[-1] > (step0_step or 0):
+                    step0_step = int(ref_steps[-1])
             else:  # a log without the deltas: its first evaluation
                 step0, step0_step = losses[0], steps[0]
                 change = final - step0 if tag == "upstream" else step0 - final
-            i_worst = max(range(len(losses)), key=lambda i: losses[i])
+            since = [i for i in range(len(losses)) if steps[i] >= (step0_step or 0)] or range(len(losses))
+            i_worst = max(since, key=lambda i: losses[i])  # (not before its reference: maybe another sample)
             row = {
                 "name": name, "tag": tag, "step0": step0, "step0_step": step0_step, "final": final,
                 "final_step": steps[-1], "change": change,
@@ -368,7 +372,8 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
             kind = "forgetting" if s["tag"] == "upstream" else "adaptation"
             good = (s["change"] <= 0) if s["tag"] == "upstream" else (s["change"] >= 0)
             rows.append([
-                html.escape(s["name"]), s["tag"], _f(s["step0"]), _f(s["final"]),
+                html.escape(s["name"]), s["tag"],  # (a reference after step 0: eval.at_start off, a set added on a resume)
+                _f(s["step0"]) + (f' (step {s["step0_step"]})' if s.get("step0_step") else ""), _f(s["final"]),
                 f'<span class="{"good" if good else "bad"}">{kind} {_f(s["change"], True)}</span>',
                 _f(s["worst"]), f'{s["worst_step"]} ({s["worst_tokens"]:.3g} tok)',
                 _f(s.get("max_forgetting"), True) if s["tag"] == "upstream" else "–",

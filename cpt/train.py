@@ -16,6 +16,8 @@ checkpoint manager saves and restores as a whole.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from cpt import consolidate, lm_loss, optim
 from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.averaging import EMA
 from cpt.base_dtype import cast_frozen_base
-from cpt.checkpoint import CheckpointManager, wait_for_writers
+from cpt.checkpoint import TRAINER_STATE, CheckpointManager, wait_for_writers
 from cpt.compiling import compile_model
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
 from cpt.console import RunOutput, preempted_line
@@ -104,7 +106,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves,
                                   portable=consolidate)  # (consolidate: resume on another backend or number of processes)
         if start.init is not None and not start.branch:  # a new stage: weights (+ optimizer), not the data position
-            _init_weights(cfg, ckpts, start.init, optimizer, say)
+            _init_weights(cfg, ckpts, start.init, optimizer, data, say)
 
         # --- the state registry: everything a resume restores (cpt/state.py), loaded from the start checkpoint if any
         spikes = SpikeGuard.for_run(cfg, acc)  # loss-spike guard (train.skip_spikes)
@@ -190,7 +192,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 if save_now:
                     ckpts.save(state.step, components, config_yaml)
                 if export_now:
-                    path = export_hf(model, tokenizer, export_now, acc)
+                    path = export_hf(model, tokenizer, export_now, acc, cfg.checkpoint)
                     logger.log_artifact(path, f"{cfg.run.name}-step{state.step}")  # when logging.wandb.log_exports_as_artifacts
                 clock.restart()
             if preempted:
@@ -251,7 +253,7 @@ def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, s
 
 def _counters(guard: UpdateGuard, spikes: SpikeGuard | None) -> dict:
     """A log record's counters: updates skipped (non-finite, spikes) so far, peak device memory."""
-    return {"train/nonfinite_skipped": guard.nonfinite_total, "train/spikes_skipped": spikes.skipped if spikes else 0,
+    return {**guard.metrics(), "train/spikes_skipped": spikes.skipped if spikes else 0,
             "perf/peak_mem_gb": peak_memory_gb()}
 
 
@@ -261,7 +263,18 @@ def _restore(ckpts: CheckpointManager, start: Start, components: dict, say) -> N
     own_window = start.resume is not None
     ckpts.load(start.state_from, {n: c for n, c in components.items() if own_window or n != "log_window"})
     state = components["train"]
-    say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)")
+    say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)"
+        + _world_change(start.state_from, ckpts.acc))
+
+
+def _world_change(ckpt: Path, acc) -> str:
+    """What a resume on another number of processes changes (the global batches and data stream do not change)."""
+    saved = json.loads((ckpt / TRAINER_STATE).read_text())
+    world = (saved.get("data") or {}).get("world_size") or len((saved.get("log_window") or {}).get("ranks") or []) or None
+    if world is None or world == acc.num_processes:
+        return ""
+    return (f"; written by {world} process{'es' * (world > 1)}, now {acc.num_processes}: each process accumulates "
+            f"{acc.gradient_accumulation_steps} micro-batch(es) per step, the global batch and the data stream are the same")
 
 
 def _stop_on_nonfinite(guard: UpdateGuard, feed: Prefetcher, ckpts: CheckpointManager, step: int, components: dict,
@@ -310,7 +323,7 @@ def _redo_interrupted_export(cfg: RunConfig, start: Start, step: int, total_step
     decides for every rank: the export is collective."""
     path = _periodic_export_dir(cfg, step, total_steps)
     if start.resume is not None and path is not None and any_rank(acc, acc.is_main_process and not path.is_dir()):
-        export_hf(model, tokenizer, path, acc)
+        export_hf(model, tokenizer, path, acc, cfg.checkpoint)
 
 
 def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | None:
@@ -359,12 +372,16 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
     return compile_model(model, cfg.model.compile, say), optimizer  # model.compile: whole model or its repeated blocks
 
 
-def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimizer, say) -> None:
-    """A new stage from a cpt checkpoint (train.init_from): its weights, and its optimizer state with train.init_optimizer."""
+def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimizer, data: CPTDataLoader, say) -> None:
+    """A new stage from a cpt checkpoint (train.init_from): its weights, and its optimizer state with train.init_optimizer.
+    Data positions start over: a source the checkpoint's run had read is named (its first sequences come again)."""
     ckpts.load(ckpt, optimizer_state=cfg.train.init_optimizer)
     if not cfg.train.init_optimizer:
         reset_optimizer_state(optimizer)
     say(f"initialised weights{' and optimizer' if cfg.train.init_optimizer else ''} from {ckpt}")
+    saved = json.loads((ckpt / TRAINER_STATE).read_text()).get("data") if (ckpt / TRAINER_STATE).is_file() else None
+    for note in data.start_over_notes(saved) if isinstance(saved, dict) and data.rank == 0 else ():
+        logging.getLogger("cpt.data").warning("train.init_from: %s", note)
 
 
 def _metrics_logger(cfg: RunConfig, acc, resumed_at: int | None) -> MetricsLogger:
@@ -431,10 +448,10 @@ def _benchmarks(cfg: RunConfig, acc):
 def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLogger) -> Path:
     """The HF export of the final weights (and of the EMA weights, with train.ema_decay)."""
     run_dir = Path(cfg.run.output_dir)
-    export_dir = export_hf(model, tokenizer, run_dir / "export", acc)
+    export_dir = export_hf(model, tokenizer, run_dir / "export", acc, cfg.checkpoint)
     if ema is not None:
         with ema.swapped(acc.unwrap_model(model)):
-            export_hf(model, tokenizer, run_dir / "export-ema", acc)
+            export_hf(model, tokenizer, run_dir / "export-ema", acc, cfg.checkpoint, masters=False)
     logger.log_artifact(export_dir, f"{cfg.run.name}-final")
     return export_dir
 

@@ -8,6 +8,14 @@ cpt's CheckpointManager: synchronously (``checkpoint.async_save: false``), non-b
 staging buffers that later saves reuse), and the old path for reference
 (``accelerator.save_state`` + re-reading every file to checksum it). Prints one JSON line; the best of
 ``--repeats`` for each (at least 2, so that a non-blocking save with warm buffers is measured). ``--tiny`` runs a small shape (used by the test suite).
+
+``--fsdp``: the same model under FSDP2 (SHARDED_STATE_DICT) on the processes of an ``accelerate launch``: a
+synchronous save (accelerate's ``save_state`` layout, written by DCP) against a non-blocking one (DCP's async_save:
+cpt/sharded_save.py), each time the slowest rank's. On CPU (gloo), through the tests' FSDP-on-CPU shim::
+
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 \
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_state_dict_type SHARDED_STATE_DICT \
+        scripts/bench_checkpoint.py --fsdp [--tiny]
 """
 
 from __future__ import annotations
@@ -61,7 +69,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", help="where to write the checkpoints (default: a temporary directory)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 on the processes of an accelerate launch (see above)")
     args = ap.parse_args(argv)
+    if args.fsdp:
+        return fsdp_main(args)
     import torch
 
     from cpt.checkpoint import CheckpointManager, list_checkpoints
@@ -104,6 +115,80 @@ def main(argv=None) -> dict:
         "python": platform.python_version(),
     }
     print(json.dumps(out))
+    return out
+
+
+def fsdp_main(args) -> dict:
+    """Blocking time of a synchronous and of a non-blocking FSDP2 save (the slowest rank's), best of ``--repeats``."""
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt.checkpoint import CheckpointManager, list_checkpoints
+    from cpt.distributed import Backend, backend
+    from cpt.state import TrainState
+
+    if not torch.cuda.is_available():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from fsdp_on_cpu import force_fsdp_on_cpu
+
+        force_fsdp_on_cpu()
+    acc = Accelerator()
+    if backend(acc) is not Backend.FSDP or not acc.is_fsdp2:
+        raise SystemExit("--fsdp: run under `accelerate launch --use_fsdp --fsdp_version 2 ...` (see the docstring)")
+    shape = TINY if args.tiny else SMOLLM2_135M
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape))
+    n_params = sum(p.numel() for p in model.parameters())
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    ids = torch.randint(0, shape["vocab_size"], (1, 16), device=acc.device)
+    acc.backward(model(input_ids=ids, labels=ids).loss)  # one step fills the AdamW moments
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    root = Path(args.out or (tempfile.mkdtemp(prefix="bench_ckpt_") if acc.is_main_process else ""))
+    root = Path(acc.gather_for_metrics([str(root)], use_gather_object=True)[0])  # the main process's folder
+
+    def slowest(seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    best = {"sync_s": float("inf"), "async_blocking_s": float("inf"), "async_total_s": float("inf")}
+    blocking = []
+    background = CheckpointManager(root / "async", keep=1, accelerator=acc, async_save=True)
+    assert background.shards is not None, "FSDP2 saves are not taking the non-blocking path"
+    size = 0
+    for r in range(args.repeats):
+        acc.wait_for_everyone()
+        t0 = time.perf_counter()
+        CheckpointManager(root / f"sync{r}", keep=1, accelerator=acc, async_save=False).save(r + 1, {"train": TrainState(step=r + 1)}, "bench: true\n")
+        best["sync_s"] = min(best["sync_s"], slowest(time.perf_counter() - t0))
+        if acc.is_main_process:
+            size = sum(p.stat().st_size for p in list_checkpoints(root / f"sync{r}")[-1].rglob("*") if p.is_file())
+            shutil.rmtree(root / f"sync{r}")
+        acc.wait_for_everyone()
+        t0 = time.perf_counter()
+        background.save(r + 1, {"train": TrainState(step=r + 1)}, "bench: true\n")
+        t1 = time.perf_counter()
+        background.wait()
+        t2 = time.perf_counter()
+        blocking.append(slowest(t1 - t0))
+        best["async_blocking_s"] = min(best["async_blocking_s"], blocking[-1])
+        best["async_total_s"] = min(best["async_total_s"], slowest(t2 - t0))
+    acc.wait_for_everyone()
+    if acc.is_main_process and not args.out:
+        shutil.rmtree(root, ignore_errors=True)
+    out = {
+        "bench": "checkpoint-fsdp2", "shape": "tiny" if args.tiny else "smollm2-135m", "params": n_params,
+        "processes": acc.num_processes, "checkpoint_mb": round(size / 2**20, 1), **{k: round(v, 3) for k, v in best.items()},
+        "async_first_blocking_s": round(blocking[0], 3),  # the first one also allocates the host buffers
+        "blocking_ratio": round(best["async_blocking_s"] / best["sync_s"], 3), "repeats": args.repeats,
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    if acc.is_main_process:
+        print(json.dumps(out))
     return out
 
 

@@ -233,6 +233,25 @@ def test_adapter_keys_are_everything_but_the_frozen_base_and_the_fingerprint_see
         assert apply_lora(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))._cpt_base_fingerprint is None
 
 
+def test_a_base_fingerprinted_in_bf16_fits_the_same_base_built_in_fp32():
+    """A LoRA run under DeepSpeed ZeRO-3 with train.precision bf16 builds its base in bf16 (zero.Init) and records that
+    fingerprint; `cpt export` of its checkpoint (and a resume on another backend, train.init_from) builds the base in
+    fp32 and refused it: "trained on another base model". The same base in 16 bits now fits; another base does not
+    (also checked by hand: a `scripts/launch.sh ... zero3` bf16 LoRA run, whose `cpt export --adapter` equals the
+    run's own adapter export bitwise)."""
+    from cpt.adapter_checkpoint import AdapterCheckpointError, check_fits
+    from cpt.adapters import base_fingerprint
+
+    lora = LoraConfig(r=2, target_modules=["q_proj"])
+    trained = apply_lora(tiny_model(), lora)
+    for p in trained.get_base_model().parameters():  # as zero.Init builds it under bf16
+        p.data = p.data.to(torch.bfloat16)
+    record = {"base": "x", "fingerprint": base_fingerprint(trained)}
+    check_fits("ckpt", apply_lora(tiny_model(), lora), record)  # (refused before)
+    with pytest.raises(AdapterCheckpointError, match="another base model"):
+        check_fits("ckpt", apply_lora(tiny_model(seed=1), lora), record)
+
+
 def test_an_adapter_checkpoint_into_zero3_gathers_the_adapter_alone(monkeypatch):
     """A LoRA adapter-only checkpoint resumed under ZeRO-3 (cpt/consolidate.py): only the adapter's parameters are
     gathered and written; the frozen base stays partitioned as built (all of it was gathered on every rank at once)."""

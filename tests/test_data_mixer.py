@@ -214,6 +214,82 @@ def test_fingerprint_and_tokenizer_mismatch(sources, tokenizer):
         CPTDataLoader(cfg(sources), STAGES, tokenizer, 15, seed=9, world_size=2)
 
 
+def test_a_source_added_on_resume_starts_at_zero_and_the_others_continue(sources, tokenizer):
+    """A long run whose plan grows: stage 2 mixes in a source stage 1 never read (config appended, resumed with
+    --allow-config-change). The checkpoint's sources keep their positions (matched by name, wherever they stand in
+    data.sources), the new one starts at its beginning; a source whose data changed, data.seq_len or run.seed are
+    refused by name (the stream would not continue). The old loader refused any of it as one opaque fingerprint."""
+    one = data_config([{"name": "new", "path": str(sources / "new")}, {"name": "old", "path": str(sources / "old")}], seq_len=L)
+    first = [stage(6, {"new": 0.75, "old": 0.25})]
+    a = CPTDataLoader(one, first, tokenizer, 8, seed=9)
+    batches(a, 0, 4)
+    state = a.state_dict()
+    uninterrupted = batches(a, 4, 6)
+    grown = cfg(sources)  # new, old, tiny: "tiny" is new since the checkpoint
+    plan = first + [stage(4, {"new": 0.5, "tiny": 0.5})]
+    b = CPTDataLoader(grown, plan, tokenizer, 8, seed=9)
+    b.load_state_dict(state)
+    for x, y in zip(uninterrupted, batches(b, 4, 6)):  # stage 1 goes on exactly
+        assert torch.equal(x["input_ids"], y["input_ids"])
+    assert b.positions == [a.positions[0], a.positions[1], 0]
+    nxt = b.batch(6)  # stage 2: new continues after position 30, tiny from 0
+    tiny = b.streams[2].sequences(np.arange(4))
+    assert torch.equal(nxt["input_ids"][nxt["source"] == 2], torch.from_numpy(tiny.astype(np.int64)))
+    assert b.metrics()["data/tokens/tiny"] == 4 * L and b.metrics()["data/tokens/old"] == a.metrics()["data/tokens/old"]
+    assert b.positions == [a.positions[0] + 4, a.positions[1], 4]
+    moved = data_config([{"name": "new", "path": str(sources / "tiny")}, {"name": "old", "path": str(sources / "old")}], seq_len=L)
+    with pytest.raises(ValueError, match=r"data source 'new' \(.*tiny\) is not the data the checkpoint read: \d+ shards, "
+                                         r"[\d,]+ tokens, .* then, 1 shards, [\d,]+ tokens, 4 documents.* now"):
+        CPTDataLoader(moved, first, tokenizer, 8, seed=9).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"data.seq_len 8 -> 4 .*; run.seed 9 -> 3 "):
+        CPTDataLoader(data_config(one.model_dump()["sources"], seq_len=4), first, tokenizer, 8, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="data source 'old' of the checkpoint is not in this run's stages "
+                                         r"\(its position, 8 sequences read"):
+        CPTDataLoader(one, [stage(6, {"new": 1})], tokenizer, 8, seed=9).load_state_dict(state)
+    unread = CPTDataLoader(grown, plan, tokenizer, 8, seed=9)  # a source the checkpoint never read may be left out:
+    batches(unread, 0, 2)                                      # e.g. an anneal branch given the stages up to its own
+    CPTDataLoader(one, first, tokenizer, 8, seed=9).load_state_dict(unread.state_dict())
+    # a new stage from that checkpoint (train.init_from) starts every source over: said, since it repeats data
+    notes = CPTDataLoader(grown, plan, tokenizer, 8, seed=9).start_over_notes(state)
+    assert len(notes) == 2 and f"'new' starts over: the checkpoint's run read {6 * 4} of its" in notes[0]
+    assert "reads those 24 sequences first, in the same order (same run.seed)" in notes[0]
+    assert "another order" in CPTDataLoader(one, first, tokenizer, 8, seed=1).start_over_notes(state)[1]
+
+
+def test_a_shard_replaced_by_one_of_the_same_size_is_found_on_resume(sources, tokenizer, tmp_path, caplog):
+    """The start-up checks compare file sizes (no shard bytes are read): a shard replaced by hand with one of the
+    same size resumed onto other tokens at the saved position. Files modified since the checkpoint's run opened
+    them are now checksummed on resume (a few; many, as after a copy, are a warning): no read otherwise."""
+    import os
+    import shutil
+
+    src = tmp_path / "new"
+    shutil.copytree(sources / "new", src)
+    dc = data_config([{"name": "new", "path": str(src)}, {"name": "old", "path": str(sources / "old")}], seq_len=L)
+    st = [stage(6, {"new": 0.75, "old": 0.25})]
+    a = CPTDataLoader(dc, st, tokenizer, 8, seed=9)
+    batches(a, 0, 3)
+    state = json_round_trip(a.state_dict())
+    later = os.stat(src / "shard_00001.bin").st_mtime_ns + 10**9
+    os.utime(src / "shard_00001.bin", ns=(later, later))  # touched, same bytes: fine
+    CPTDataLoader(dc, st, tokenizer, 8, seed=9).load_state_dict(state)
+    (src / "shard_00001.bin").write_bytes((src / "shard_00000.bin").read_bytes())  # same size, other tokens
+    os.utime(src / "shard_00001.bin", ns=(later, later))
+    with pytest.raises(ValueError, match=r"data source 'new' \(.*\): checksum mismatch for shard_00001.bin"):
+        CPTDataLoader(dc, st, tokenizer, 8, seed=9).load_state_dict(state)
+    shutil.copyfile(sources / "new" / "shard_00001.bin", src / "shard_00001.bin")
+    for f in src.iterdir():  # a copy of the whole folder: listed, not read
+        os.utime(f, ns=(later, later))
+    CPTDataLoader(dc, st, tokenizer, 8, seed=9).load_state_dict(state)
+    assert "files modified since the checkpoint's run started (copied?)" in caplog.text
+
+
+def json_round_trip(d):
+    import json
+
+    return json.loads(json.dumps(d))
+
+
 def test_hf_source_in_the_loader_is_world_size_independent_and_resumable(sources, tokenizer, tmp_path):
     write_jsonl(tmp_path / "web.jsonl", [{"text": d} for d in make_docs(30, seed=34)])
     dc = data_config([{"name": "new", "path": str(sources / "new")},

@@ -134,6 +134,7 @@ def test_local_corruption_truncation_and_missing_files(prepared, tmp_path):
     (lambda m: m.update(num_tokens="lots"), "num_tokens 'lots' is not a count"),
     (lambda m: m.update(dtype="float17"), "dtype 'float17' is not uint16 or uint32"),
     (lambda m: m.update(version="one"), "version 'one' is not a number"),
+    (lambda m: m.update(num_documents=m["num_documents"] + 1), "num_documents 151 is not the sum of the shards' (150)"),
 ])
 def test_edited_manifest_is_one_error_naming_the_field(prepared, tmp_path, edit, problem, capsys):
     """A hand-edited or damaged manifest was a KeyError/TypeError traceback in `cpt train` and `cpt verify`."""

@@ -190,6 +190,28 @@ def test_state_survives_resume():
     assert fresh.summary()[0]["step0"] == m0["eval/old/loss"]
 
 
+def test_a_resume_on_another_sample_restarts_that_sets_reference(caplog):
+    """The held-out settings are free to change on a resume (eval.tokens_per_set, sample_seed, the set's files), but
+    a reference measured on other tokens made forgetting/<set> compare two samples (a jump of the sample difference,
+    logged as forgetting). Such a set now takes its next evaluation as its reference, said in a warning and named in
+    the table and the metrics; an unchanged set keeps its step-0 reference."""
+    model = tiny_model()
+    ev = HeldoutEvaluator(sets(), EvalConfig(batch_size=4))
+    m0 = ev.evaluate(model, step=0)
+    ev.evaluate(model, step=3)
+    other = [HeldoutSet("old", "upstream", tokens(4, seed=11)), sets()[1]]  # fewer rows of "old": another sample
+    fresh = HeldoutEvaluator(other, EvalConfig(batch_size=4))
+    fresh.load_state_dict(ev.state_dict())
+    assert "held-out set 'old' evaluates another sample than its reference was measured on (96 tokens then, 64 now" in caplog.text
+    assert "'new'" not in caplog.text
+    m = fresh.evaluate(model, step=4)
+    assert m["forgetting/old"] == 0.0 and m["eval/old/reference_step"] == 4.0 and m["eval/new/reference_step"] == 0.0
+    assert m["adaptation/new"] == pytest.approx(m0["eval/new/loss"] - m["eval/new/loss"])
+    rows = {r["name"]: r for r in fresh.summary()}
+    assert (rows["old"]["step0_step"], rows["old"]["worst_step"], rows["new"]["step0_step"]) == (4, 4, 0)
+    assert "reference (step)" in format_summary_table(fresh.summary())
+
+
 def test_schedule_every_n_and_dense_after_each_stage_switch():
     ev = HeldoutEvaluator(sets(), EvalConfig(every=50, dense_steps=20, dense_every=5))
     starts = [0, 100]
@@ -200,6 +222,9 @@ def test_schedule_every_n_and_dense_after_each_stage_switch():
     assert not no_start.should_evaluate(0, [0])
     assert [s for s in range(0, 120) if no_start.should_evaluate(s, [0, 60])] == [50, 100]
     assert not HeldoutEvaluator([], EvalConfig()).should_evaluate(0, [0])
+    # eval.every: null (as lm_eval.every allows): the start, the dense points after each stage switch and the end only
+    ends_only = HeldoutEvaluator(sets(), EvalConfig.model_validate({"every": None, "dense_steps": 10, "dense_every": 5}))
+    assert [s for s in range(0, 201) if ends_only.should_evaluate(s, [0, 100], last_step=200)] == [0, 5, 100, 105, 200]
 
 
 def test_bad_inputs_are_refused():

@@ -336,6 +336,108 @@ def test_a_tokenizer_with_gaps_in_its_ids_is_checked_by_its_largest_id(tmp_path)
     assert x.max() == 40 and torch.isfinite(model(x, labels=x).loss)
 
 
+# ------------------------------------------------------------------------------------------ dtype, shards, metadata
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_cpt_export_writes_bf16_shards_that_serving_loaders_read(run, tmp_path):
+    """`cpt export` always wrote one fp32 model.safetensors (config.json "dtype": "float32"): an 8B model was one
+    32 GB file, twice the bf16 size users serve, and no option said otherwise. `--dtype bf16` writes bf16 tensors
+    and says so in config.json (`from_pretrained` with transformers 5's default dtype="auto" gets bf16), and
+    `--max-shard-size` splits the weights into model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+    which transformers (no missing or unexpected keys) reads. The tied head is written once."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from cpt.commands.export import main
+
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert main([str(run), "--out", str(fp32)]) == 0
+    assert main([str(run), "--out", str(bf16), "--dtype", "bf16", "--max-shard-size", "100KB"]) == 0
+    assert main([str(run), "--out", str(tmp_path / "a"), "--adapter", "--dtype", "bf16"]) == 1  # (peft's own: fp32)
+    assert not (tmp_path / "a").exists()
+    index = json.loads((bf16 / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in bf16.glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    full, half = _tensors(fp32), _tensors(bf16)
+    assert "lm_head.weight" not in half and half.keys() == full.keys()  # (tied: the embedding alone, as fp32's)
+    assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full)
+    model, info = AutoModelForCausalLM.from_pretrained(bf16, output_loading_info=True)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert torch.equal(model.lm_head.weight, full["model.embed_tokens.weight"].to(torch.bfloat16))
+
+
+def test_run_exports_follow_checkpoint_export_dtype_and_max_shard_size(tiny_cpt_data, tmp_path):
+    """`checkpoint.export_dtype` and `checkpoint.max_shard_size` reach the periodic and the final export of a run
+    (they were fp32 and one file whatever the base or the precision), whose tensors are the trained weights cast
+    once; a size transformers cannot read is refused at config load, naming the field. A checkpoint read by
+    `cpt eval`/`interpolate`/`average` goes through an fp32 export whatever export_dtype says."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import tiny_run_config
+    from cpt.config import ConfigError, load_config
+    from cpt.train import train
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False},
+                          checkpoint={"every": 2, "export_every": 1, "export_dtype": "bf16", "max_shard_size": "100KB"})
+    cfg["stages"][0]["steps"] = 2
+    cfg["stages"][0]["schedule"]["warmup_steps"] = 1
+    cfg["data"]["heldout"] = []
+    with pytest.raises(ConfigError, match="max_shard_size"):
+        load_config(base=cfg, overrides=["checkpoint.max_shard_size=5TB"])
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    trained = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
+    for export in (out / "exports" / "step_00000001", out / "export"):
+        assert (export / "model.safetensors.index.json").is_file(), export
+        assert json.loads((export / "config.json").read_text())["dtype"] == "bfloat16"
+        assert {t.dtype for t in _tensors(export).values()} == {torch.bfloat16}
+    final = _tensors(out / "export")
+    assert all(torch.equal(final[k], trained[k].to(torch.bfloat16)) for k in final)
+    from cpt.consolidate import model_dir_of
+
+    with model_dir_of(out / "checkpoints" / "step_00000002") as read:  # (cpt eval/interpolate/average of a checkpoint)
+        assert all(torch.equal(t, trained[k]) for k, t in _tensors(read).items())  # fp32, whatever export_dtype says
+
+
+def test_export_metadata_is_the_models_not_how_cpt_loaded_it(tmp_path, tok):
+    """transformers 5 records how a tokenizer was loaded in the tokenizer_config.json it saves ("is_local": true,
+    and "local_files_only": true when offline, as on a cluster's compute nodes): every export told whoever
+    downloaded it that the tokenizer was a local, offline one. Exports (and merges) leave both out; a LoRA merge
+    written with --max-shard-size is sharded too."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from cpt.commands.merge import main
+
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok", local_files_only=True)
+    base = write_hf(tiny_llama(len(tok)), loaded, tmp_path / "base")
+    lora = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(base)
+    adapter = write_hf(lora, loaded, tmp_path / "adapter")
+    assert main([str(adapter), "--out", str(tmp_path / "merged"), "--max-shard-size", "20KB"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    for d in (base, adapter, tmp_path / "merged"):
+        saved = json.loads((d / "tokenizer_config.json").read_text())
+        assert not {"is_local", "local_files_only"} & saved.keys(), d
+
+
 def test_an_export_from_a_gathered_state_holds_a_tied_head_once(tmp_path, tok):
     """ZeRO-1/2 hand the export a cloned state dict (accelerate's get_state_dict), whose tied `lm_head.weight` no longer
     shares the embedding's storage, so save_pretrained kept both names: a ZeRO-2 run's export held 21 tensors against

@@ -221,3 +221,69 @@ def _fp16_steps(acc, grad_clip):
     assert guard.nonfinite_total == 1
     assert all(n < 100 for n in norms[1:])  # the true (unscaled) gradient norm, also without clipping
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _fp16_guarded_run(acc, fused, loss_of, steps, init_scale, max_in_a_row):
+    """``steps`` guarded fp16 steps of a tiny model under a CPU GradScaler (accelerate builds its GradScaler on CUDA
+    only); returns the guard, whether each update was applied, and whether the guard asked to stop after each."""
+    from cpt.optim import clip_grad_norm
+    from cpt.update_guard import UpdateGuard
+
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=init_scale), True
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused))
+    guard = UpdateGuard(acc, opt, max_in_a_row=max_in_a_row, say=lambda *a: None)
+    assert guard.on_device == fused
+    applied, stop = [], []
+    for step in range(steps):
+        loss = loss_of(model, step)
+        acc.backward(loss)
+        norm = clip_grad_norm(acc, model, 1.0)
+        applied.append(bool(guard.step(loss.detach(), norm, step).applied))
+        guard.sync(step + 1)
+        stop.append(guard.too_many_in_a_row())
+        opt.zero_grad()
+    return guard, applied, stop
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-decided", "device-decided"])
+def test_fp16_loss_scale_overflows_are_not_non_finite_steps(fused):
+    """fp16's loss scaler overflows by design, several times in a row at the start of a run (the scale starts at 2^16
+    and is halved per overflow). Those steps were counted as non-finite, so `max_nonfinite_in_a_row` (default 5)
+    stopped an fp16 run before its scale had come down. Now they are loss-scale overflows: skipped, the scale
+    lowered, counted apart (train/overflow_skipped), while a non-finite loss still counts, and an overflow once
+    the scale is <= 1 (lowering it cannot help) counts too. The overflow is fp16's own: the gradient reaching the
+    linear layer's fp16 output under autocast is the scale itself, above fp16's 65,504 from 2^23 down to 2^16 (8
+    overflows in a row); 2^15 fits."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    x = torch.ones(1, 8)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        acc = Accelerator(cpu=True, mixed_precision="fp16")
+        guard, applied, stop = _fp16_guarded_run(acc, fused, lambda m, s: m(x).float().sum(), 11, 2.0 ** 23, 5)
+        assert applied == [False] * 8 + [True] * 3
+        assert not any(stop)
+        assert (guard.overflow_total, guard.nonfinite_total, guard.in_a_row) == (8, 0, 0)
+        assert guard.metrics() == {"train/nonfinite_skipped": 0, "train/overflow_skipped": 8,
+                                   "train/loss_scale": 2.0 ** 15}
+
+        # a NaN loss is non-finite whatever the scale
+        AcceleratorState._reset_state(reset_partial_state=True)
+        acc = Accelerator(cpu=True, mixed_precision="fp16")
+        guard, applied, stop = _fp16_guarded_run(acc, fused, lambda m, s: m(x).sum() * float("nan"), 3, 2.0 ** 16, 2)
+        assert applied == [False] * 3 and stop == [False, True, True] and guard.overflow_total == 0
+
+        # gradients that overflow at every scale (finite loss, infinite gradient): overflows down to scale 2, then
+        # non-finite steps from scale 1 on, and the stop after max_in_a_row of them
+        AcceleratorState._reset_state(reset_partial_state=True)
+        acc = Accelerator(cpu=True, mixed_precision="fp16")
+        broken = lambda m, s: (m.weight - m.weight.detach()).sqrt().sum() + m(x).float().sum()  # noqa: E731 - finite
+        guard, applied, stop = _fp16_guarded_run(acc, fused, broken, 8, 16.0, 3)
+        assert not any(applied)
+        assert guard.overflow_total == 4  # scales 16, 8, 4, 2
+        assert stop == [False] * 6 + [True] * 2  # scales 1, 0.5, 0.25: the third non-finite step in a row stops
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

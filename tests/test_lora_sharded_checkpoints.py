@@ -2,8 +2,9 @@
 launched as the README tells users (`scripts/launch.sh run.yaml fsdp|zero2|zero3`, NUM_GPUS=2, CPU jobs by the
 environment alone: tests/test_launch_shipped.py):
 
-* the 2-process run gives the 1-process run's losses; its checkpoints hold the adapter's tensors and optimizer state
-  and `adapter_base.json`, no tensor of the base (and weigh a small fraction of it);
+* the 2-process run gives the 1-process run's losses; its checkpoints (FSDP2: written in the background by DCP's
+  async_save, cpt/sharded_save.py; DeepSpeed: synchronously, as the run says) hold the adapter's tensors and optimizer
+  state and `adapter_base.json`, no tensor of the base (and weigh a small fraction of it);
 * the run as if killed after its step-3 checkpoint, resumed by the same launch with --resume, gives the
   uninterrupted run's losses bitwise (the backend's own loader: DCP for FSDP2, DeepSpeed's load_checkpoint);
 * the same checkpoint resumed on 1 process (cpt/consolidate.py) gives them to 1e-5; under a changed base it is
@@ -86,6 +87,10 @@ def test_lora_checkpoint_holds_the_adapter_alone_and_resumes_exactly(strategy, s
     assert_close(losses(run), losses(reference))
     assert_close(evals(run), evals(reference))
 
+    # FSDP2: checkpoint.async_save (the default) writes the shards in the background (cpt/sharded_save.py); DeepSpeed's
+    # saves block, and the run says so
+    said = "written in the background (torch.distributed.checkpoint.async_save)" if strategy == "fsdp" else "DeepSpeed saves synchronously"
+    assert said in (run / "train.log").read_text()
     ckpt = run / "checkpoints" / f"step_{EVERY:08d}"
     assert verify_checkpoint(ckpt) is None and layout(ckpt) == ("fsdp" if strategy == "fsdp" else "deepspeed")
     record = json.loads((ckpt / ADAPTER_BASE).read_text())

@@ -72,6 +72,19 @@ def test_report_renders_two_runs(tmp_path):
     assert "cpt_arith_mc/acc" in text and "0.7500" in text and "0.4500" in text
 
 
+def test_a_set_added_on_a_resume_shows_its_own_reference_step(tmp_path):
+    """A held-out set added to a run on a resume (with a stage mixing in a new source) is first evaluated at step 15:
+    its reference cell says so instead of passing that loss off as the base model's (`step 0`)."""
+    run = tmp_path / "grown"
+    run.mkdir()
+    recs = [{"step": s, "train/tokens": 10 * s, "eval/old/loss": 3.0 + s / 100, "forgetting/old": s / 100} for s in (0, 10, 20)]
+    recs += [{"step": s, "train/tokens": 10 * s, "eval/newer/loss": 5.0 - (s - 15) / 10, "adaptation/newer": (s - 15) / 10}
+             for s in (15, 20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(recs, key=lambda r: r["step"])))
+    text = write_report([run], tmp_path / "rep").read_text()
+    assert "<td>4.5000</td>" in text and "<td>5.0000 (step 15)</td>" in text and "<td>3.0000</td>" in text
+
+
 def test_stage_switches_and_missing_runs(tmp_path):
     write_run(tmp_path / "a", bump=0.1, tokens_per_step=50)
     assert load_run(tmp_path / "a").stage_switches() == [500.0]

@@ -114,7 +114,10 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     recs = [r for r in read_metrics(out / "metrics.jsonl") if "compute/wall_hours" in r]
     after = [r for r in recs if r["step"] > k]
     assert after and all(r["compute/wall_hours"] * 3600 > saved["wall_s"] for r in after)
-    assert all(a["compute/wall_hours"] <= b["compute/wall_hours"] for a, b in zip(recs, recs[1:]))
+    # non-decreasing within each process; across the resume it continues from the checkpoint's total, which leaves out
+    # the first process's time after its save (the background write, the summary: its end record has it)
+    for part in ([r for r in recs if r["step"] <= k], after):
+        assert all(a["compute/wall_hours"] <= b["compute/wall_hours"] for a, b in zip(part, part[1:]))
     perf = next(r for r in recs if "perf/tflops_per_device" in r)
     fpt = perf["perf/tflops_per_device"] * 1e12 / perf["perf/tokens_per_s_per_device"]  # FLOPs per token
     assert all(r["compute/flops"] == pytest.approx(r["train/tokens"] * fpt, rel=1e-9) for r in recs)
@@ -296,7 +299,7 @@ def test_anneal_from_a_decaying_phase_is_rejected(tiny_cpt_data, tmp_path, refer
     assert "constant" in log or "stable" in log, log
 
 
-def test_new_stage_from_checkpoint_loads_weights_not_position(reference, tmp_path):
+def test_new_stage_from_checkpoint_loads_weights_not_position(reference, tmp_path, caplog):
     """train.init_from a cpt checkpoint: same weights, fresh data position and step counter."""
     from cpt.train import train
 
@@ -315,6 +318,49 @@ def test_new_stage_from_checkpoint_loads_weights_not_position(reference, tmp_pat
     assert step0["eval/python/loss"] == pytest.approx(ref_final["eval/python/loss"], abs=1e-5)
     first = [r for r in recs if "data/tokens/python" in r][0]
     assert first["data/tokens/python"] <= cfg["train"]["global_batch_size"] * cfg["data"]["seq_len"]
+    # the data positions start over, which repeats what the checkpoint's run read first: the log says so, per source
+    log = caplog.text
+    assert "data source 'python' starts over: the checkpoint's run read 96 of its" in log, log
+    assert "reads those 32 sequences first, in the same order (same run.seed)" in log
+
+
+def test_a_stage_with_a_new_source_appended_on_resume(reference, tmp_path, tiny_cpt_data):
+    """A long run whose plan grows: a stage that mixes in a new source (and a new held-out set) is appended to the
+    config and the run resumed with --allow-config-change. The old sources continue from their positions, the new
+    one starts at 0, train/loss/<source> and data/tokens/<source> cover all three, and the held-out table says that
+    the new set's reference is its first evaluation, not step 0. (It was refused: the data fingerprint, then the
+    log window's source list; the table labelled the new set's first loss `step 0`.)"""
+    import shutil
+
+    from cpt.data.prepare import prepare
+    from cpt.train import train
+    from data_factories import make_docs, write_jsonl
+
+    cfg, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(cfg["run"]["output_dir"], run)
+    raw = write_jsonl(tmp_path / "extra.jsonl", [{"text": d} for d in make_docs(60, seed=5)])
+    prepare([str(raw)], str(tiny_cpt_data / "tokenizer"), tmp_path / "extra", heldout_docs=10, echo=lambda *a: None)
+    grown = json.loads(json.dumps(cfg))
+    grown["run"]["output_dir"] = str(run)
+    grown["data"]["sources"].insert(1, {"name": "extra", "path": str(tmp_path / "extra")})
+    grown["data"]["heldout"].append({"name": "extra", "path": str(tmp_path / "extra" / "heldout"), "tag": "downstream"})
+    grown["stages"].append({"name": "extra", "steps": 2, "schedule": {"type": "constant", "max_lr": 1e-3, "warmup_steps": 0},
+                            "mix": {"python": 0.5, "extra": 0.25, "shakespeare": 0.25}})
+    grown["eval"]["every"] = 2
+    lines = []
+    result = train(load_config(base=grown), resume=True, allow_config_change=True, echo=lines.append)
+    assert result.step == 18
+    recs = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "data/tokens/python" in r}
+    before = recs[16]
+    assert recs[17]["data/tokens/python"] == before["data/tokens/python"] + 4 * 64
+    assert recs[17]["data/tokens/shakespeare"] == before["data/tokens/shakespeare"] + 2 * 64
+    assert recs[17]["data/tokens/extra"] == 2 * 64 and "train/loss/extra" in recs[17] and "train/loss/python" in recs[17]
+    state = json.loads((run / "checkpoints" / "step_00000018" / "trainer_state.json").read_text())["data"]
+    assert state["sources"] == ["python", "extra", "shakespeare"] and state["positions"][1] == 4
+    table = "\n".join(map(str, lines))
+    assert "reference (step)" in table and any(line.startswith("extra ") and " (18) " in line
+                                               for line in table.splitlines()), table
 
 
 def test_training_loss_per_source(reference):

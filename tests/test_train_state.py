@@ -70,12 +70,16 @@ def test_loader_refuses_the_state_of_other_data(tiny_cpt_data):
     a.batch(0)
     state = json.loads(json.dumps(a.state_dict()))
     other = CPTDataLoader(cfg.data, cfg.stages, tok, cfg.train.global_batch_size, seed=2)
-    with pytest.raises(ValueError, match="differs from this config's data") as e:
+    with pytest.raises(ValueError, match=r"does not continue on this run's data: run.seed 1 -> 2 \(") as e:
         other.load_state_dict(state)
+    assert "Restore the checkpoint's value (its config.yaml), even with --allow-config-change" in str(e.value)
+    with pytest.raises(StateError, match="its 'data' state does not fit this run: the data position of the checkpoint"):
+        restore({"data": Prefetcher(other, enabled=False)}, {"format": FORMAT, "data": state}, {})
+    older = {k: v for k, v in state.items() if k not in ("source_data", "seq_len", "seed")}  # (before per-source data)
+    with pytest.raises(ValueError, match="differs from this config's data") as e:
+        other.load_state_dict(older)
     # what to do, also for an anneal branch (the advice was 'use train.init_from', which a branch already does)
     assert "data.seq_len and run.seed must be the checkpoint's" in str(e.value) and "without --anneal" in str(e.value)
-    with pytest.raises(StateError, match="its 'data' state does not fit this run: the data of the checkpoint"):
-        restore({"data": Prefetcher(other, enabled=False)}, {"format": FORMAT, "data": state}, {})
     same = Prefetcher(CPTDataLoader(cfg.data, cfg.stages, tok, cfg.train.global_batch_size, seed=1), enabled=False)
     restore({"data": same}, {"format": FORMAT, "data": state}, {})  # through the prefetcher, before its first batch
     assert torch.equal(same.batch(1)["input_ids"], a.batch(1)["input_ids"])
@@ -111,6 +115,13 @@ def test_log_window_round_trip_and_checkpoints_without_it():
     assert float(d.loss.sum) == 2.5 and float(d.loss.count) == 1 and d.by_source.rows.tolist() == [0.0, 0.0]
     with pytest.raises(StateError, match="its 'log_window' state does not fit this run: .*sources"):
         restore({"log_window": LogWindow(acc, ["other"])}, doc, tensors)
+    # by source name: a source added since (a new stage's) has an empty window, the others keep theirs
+    e = LogWindow(acc, ["old", "web", "new"])
+    e.load_state_dict(doc["log_window"])
+    assert e.by_source.metrics() == {"train/loss/old": 3.0, "train/loss/new": 1.0} and e.loss.mean(acc) == 2.5
+    f = LogWindow(acc, ["new", "old", "web"])
+    f.load_state_dict({**doc["log_window"], "sources": ["new", "old", "gone"], "ranks": [[2.5, 1.0, 6.0, 0.0, 1.0, 2.0, 0.0]]})
+    assert f.by_source.metrics() == {"train/loss/new": 1.0, "train/loss/old": 3.0}  # "gone" had no rows in it
     older = {k: v for k, v in doc.items() if k != "log_window"}
     c = LogWindow(acc, ["new", "old"])
     restore({"train": TrainState(), "log_window": c}, older, tensors)

@@ -303,6 +303,16 @@ def test_trajectory_fields():
     longer = {**base, "stages": base["stages"] + [{"name": "more", "steps": 3, "mix": {"a": 1}}]}
     assert trajectory_changes(saved, load_config(base=longer)) == ["stages.1: added (stage 'more', 3 steps)"]
     assert trajectory_changes(config_to_dict(load_config(base=longer)), cfg) == ["stages.1: removed (stage 'more', 3 steps)"]
+    # sources are compared by name: one inserted before another is one line (it read `data.sources.1.replay: True ->
+    # False; data.sources.2.data_files: '(not set)' -> None; ...`, a line per field of the shifted list), and so is
+    # a change of their order (the mixer breaks rounding ties in it)
+    two = {**base, "data": {"sources": [{"name": "a", "path": "/x"}, {"name": "old", "path": "/o", "replay": True}]}}
+    three = {**two, "data": {"sources": [two["data"]["sources"][0], {"name": "b", "path": "/b"}, two["data"]["sources"][1]]}}
+    assert trajectory_changes(config_to_dict(load_config(base=two)), load_config(base=three)) == ["data.sources.b: added (/b)"]
+    assert trajectory_changes(config_to_dict(load_config(base=three)), load_config(base=two)) == ["data.sources.b: removed (/b)"]
+    swapped = {**two, "data": {"sources": two["data"]["sources"][::-1]}}
+    assert trajectory_changes(config_to_dict(load_config(base=two)), load_config(base=swapped)) == [
+        "data.sources: order ['a', 'old'] -> ['old', 'a']"]
 
 
 def _pickle_only_model(tiny_base, folder: Path) -> Path:

@@ -11,11 +11,27 @@ from __future__ import annotations
 import argparse
 
 
+def shard_size(text: str) -> str | int:
+    """A ``--max-shard-size`` value: a size with its unit (checked as the config's ``checkpoint.max_shard_size``)."""
+    from cpt.config.outputs import SHARD_SIZE
+
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if not SHARD_SIZE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size such as 5GB, 500MB or 2GiB (or a number of bytes)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a cpt checkpoint directory, or a run directory (its latest valid checkpoint)")
     p.add_argument("--out", required=True, help="output directory (HF model: safetensors + config + tokenizer)")
     p.add_argument("--adapter", action="store_true", help="LoRA runs: write the peft adapter instead of the merged model")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="dtype of the exported weights (default: the run's checkpoint.export_dtype, fp32 unless set)")
+    p.add_argument("--max-shard-size", default=None, type=shard_size,
+                   help="split weights larger than this into several files + model.safetensors.index.json "
+                        "(e.g. 5GB, 500MB, 2GiB; default: the run's checkpoint.max_shard_size, 5GB unless set)")
     return p
 
 
@@ -25,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.consolidate import ConsolidateError, export_checkpoint
     from cpt.model import ExportFolderError, ModelLoadError
 
+    if args.adapter and args.dtype not in (None, "fp32"):
+        print(f"cpt export: --dtype {args.dtype} applies to full models; --adapter writes the peft adapter as peft "
+              "does (fp32): drop --dtype, or drop --adapter for the merged model in that dtype")
+        return 1
     try:
-        export_checkpoint(args.checkpoint, args.out, adapter=args.adapter)
+        export_checkpoint(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size)
     except ModelLoadError as e:  # the base model or tokenizer moved, or a hub id while offline
         print(f"cpt export: {e}; the export rebuilds the run's model from the model section of the checkpoint's "
               "config.yaml, which must still load")

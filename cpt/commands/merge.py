@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cpt.commands.export import shard_size
+
 _DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -14,7 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the merged model (safetensors + tokenizer)")
     p.add_argument("--base", default=None,
                    help="base model (hub id or directory); default: base_model_name_or_path in adapter_config.json")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="dtype of the merged weights")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
+                   help="dtype of the merged weights (auto: the dtype the base was saved in)")
+    p.add_argument("--max-shard-size", default="5GB", type=shard_size,
+                   help="split weights larger than this into several files + model.safetensors.index.json (default 5GB)")
     return p
 
 
@@ -29,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = _DTYPES[args.dtype]
     try:
         out = merge_adapter(args.adapter_dir, args.out, base=args.base,
-                            dtype=getattr(torch, dtype) if dtype else None)
+                            dtype=getattr(torch, dtype) if dtype else None, max_shard_size=args.max_shard_size)
     except (ModelLoadError, ExportFolderError, FileNotFoundError) as e:  # e.g. pickle weights only: one line, no traceback
         print(f"cpt merge: error: {e}", file=sys.stderr)
         return 1

@@ -49,7 +49,7 @@ class LmEvalConfig(Strict):
 
 
 class EvalConfig(Strict):
-    every: int = Field(100, gt=0)
+    every: int | None = Field(100, gt=0)  # steps; None: at the start, the dense points and the end only
     at_start: bool = True
     # evaluate every `dense_every` steps during the first `dense_steps` steps of each stage (stability gap)
     dense_steps: int = Field(0, ge=0)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cpt.config.base import Strict
+
+# an HF export's largest weight file, as transformers writes it ("5GB" = 5 * 10**9 bytes, "500MB", "2GiB"; or bytes)
+SHARD_SIZE = re.compile(r"^[1-9][0-9]*[KMG]i?B$")
 
 
 class CheckpointConfig(Strict):
@@ -14,9 +18,21 @@ class CheckpointConfig(Strict):
     keep: int = Field(2, gt=0)
     export_every: int | None = Field(None, gt=0)  # HF exports every N steps (always at the end)
     export_at_end: bool = True
+    # the dtype of the exports' weights (config.json's dtype says the same): fp32 = the trained master weights
+    # exactly; bf16/fp16 = half the size, what serving usually loads (not LoRA adapters: peft's own, fp32)
+    export_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # exports larger than this are split into model-0000k-of-0000n.safetensors + model.safetensors.index.json
+    max_shard_size: str | int = "5GB"
     resume: bool = False  # take the latest valid checkpoint in output_dir
-    async_save: bool = True  # write in a background thread (one process and DDP; FSDP/DeepSpeed save synchronously)
+    async_save: bool = True  # write in the background (one process, DDP, FSDP2 sharded; DeepSpeed saves synchronously)
     max_failed_saves: int = Field(3, gt=0)  # stop the run after this many failed saves in a row
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v > 0 or isinstance(v, str) and SHARD_SIZE.match(v):
+            return v
+        raise ValueError(f"{v!r}: give a size such as 5GB, 500MB or 2GiB (or a number of bytes)")
 
 
 class WandbConfig(Strict):

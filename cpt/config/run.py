@@ -118,6 +118,7 @@ def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
     def pick(d: dict[str, Any]) -> dict[str, Any]:
         out = {}
+        d = {**d, "data": {**(d.get("data") or {}), "sources": _by_name((d.get("data") or {}).get("sources"))}}
         for field in TRAJECTORY_FIELDS:
             node: Any = d
             for part in field.split("."):
@@ -128,12 +129,36 @@ def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     a, b = pick(saved), pick(now)
     missing = "(not set)"
     out = [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b), key=_field_order)
-           if a.get(k, missing) != b.get(k, missing) and not _whole_stage(k, saved, now)]
+           if a.get(k, missing) != b.get(k, missing) and not _whole_stage(k, saved, now) and not _whole_source(k, a, b)]
+    order = [[x.get("name") for x in (d.get("data") or {}).get("sources") or [] if isinstance(x, dict)] for d in (saved, now)]
+    both = [[n for n in names if n in order[0] and n in order[1]] for names in order]
+    if both[0] != both[1]:  # (the mixer breaks rounding ties, and interleaves rows, in this order)
+        out.append(f"data.sources: order {both[0]} -> {both[1]}")
+    for name in sorted({k.split(".")[2] for k in set(a) ^ set(b) if _whole_source(k, a, b)}):
+        added = f"data.sources.{name}.type" in b
+        src = _by_name((now if added else saved)["data"]["sources"])[name]
+        out.append(f"data.sources.{name}: {'added' if added else 'removed'} ({src.get('path')})")
     for i in range(min(len(saved.get("stages") or []), len(now["stages"])), max(len(saved.get("stages") or []), len(now["stages"]))):
         added = i < len(now["stages"])
         stage = (now["stages"] if added else saved["stages"])[i]
         out.append(f"stages.{i}: {'added' if added else 'removed'} (stage {stage.get('name')!r}, {stage.get('steps')} steps)")
     return out
+
+
+def _by_name(sources: Any) -> Any:
+    """``data.sources`` keyed by name (a source is the same source wherever it stands in the list)."""
+    if not isinstance(sources, list) or not all(isinstance(x, dict) and "name" in x for x in sources):
+        return sources
+    return {str(x["name"]): {k: v for k, v in x.items() if k != "name"} for x in sources}
+
+
+def _whole_source(key: str, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether ``key`` is a field of a data source only one of the two configs has (reported as one line)."""
+    parts = key.split(".")
+    if parts[:2] != ["data", "sources"] or len(parts) < 4:
+        return False
+    probe = f"data.sources.{parts[2]}.type"
+    return (probe in a) != (probe in b)
 
 
 def _whole_stage(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:

@@ -156,7 +156,10 @@ def stage_schedule_problems(stages: Sequence[tuple[int, ScheduleConfig]], where:
             errors.append(f"{here}.warmup_from: 'previous' needs a previous stage (use a number for the first stage)")
         if cfg.continue_trunk:
             if i == 0:
-                errors.append(f"{here}.continue_trunk: the first stage has no trunk to continue")
+                errors.append(f"{here}.continue_trunk: the first stage has no trunk to continue (a trunk continues in "
+                              "its own run: append the stage to that run's config and --resume it; a new run from "
+                              "train.init_from keeps the constant LR with warmup_steps: 0 and cooldown_steps: 0 at "
+                              "max_lr = constant_lr)")
                 offset = 0
             else:
                 prev_steps, prev = stages[i - 1]

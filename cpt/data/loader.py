@@ -155,6 +155,10 @@ class CPTDataLoader:
         return {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint(),
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "world_size": self.world_size,  # (informative: a resume on another number of processes says so)
+            "source_data": {n: self._identity(j) for j, n in enumerate(self.source_names)},
             "mixer": self.mixer.state_dict(),
             "sources": self.source_names,
             "positions": list(self.positions),
@@ -163,22 +167,121 @@ class CPTDataLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position after the last batch served (O(1); any world size). The state must be of the same
-        data (manifests, seq_len, seed: :meth:`fingerprint`), else the stream would not continue."""
-        if state.get("fingerprint") != self.fingerprint():
-            raise ValueError(
-                f"the data of the checkpoint (fingerprint {state.get('fingerprint')}) differs from this config's data "
-                f"({self.fingerprint()}): resuming (or an anneal branch) would not continue the same stream; the data "
-                "sources, data.seq_len and run.seed must be the checkpoint's (its config.yaml). To train its weights on "
-                "other data, start a new stage with train.init_from (without --anneal).")
-        if state.get("sources") != self.source_names:
-            raise ValueError(f"data state is for sources {state.get('sources')}, this run has {self.source_names}")
-        self.mixer.load_state_dict(state["mixer"])
-        self.positions = [int(p) for p in state["positions"]]
+        """Restore the position after the last batch served (O(1); any world size). Every source of the checkpoint
+        must read the same data (its manifests: :meth:`_identity`), with the same data.seq_len and run.seed, else its
+        stream would not continue; the refusal names each difference. Sources are matched by name: a source the
+        checkpoint did not read (added to the run with a new stage, under ``--allow-config-change``) starts at its
+        beginning, with a log line. (Checkpoints written before per-source identities: the whole fingerprint.)"""
+        saved = state.get("source_data")
+        if saved is None:
+            if state.get("fingerprint") != self.fingerprint():
+                raise ValueError(
+                    f"the data of the checkpoint (fingerprint {state.get('fingerprint')}) differs from this config's data "
+                    f"({self.fingerprint()}): resuming (or an anneal branch) would not continue the same stream; the data "
+                    "sources, data.seq_len and run.seed must be the checkpoint's (its config.yaml). To train its weights "
+                    "on other data, start a new stage with train.init_from (without --anneal).")
+            if state.get("sources") != self.source_names:
+                raise ValueError(f"data state is for sources {state.get('sources')}, this run has {self.source_names}")
+        else:
+            self._check_same_data(state, saved)
+        names = list(state["sources"])
+        at = {n: names.index(n) for n in self.source_names if n in names}
+        mixer = dict(state["mixer"])  # in this run's source order; a new source: no rows, no rounding error
+        mixer["rows"] = [int(mixer["rows"][at[n]]) if n in at else 0 for n in self.source_names]
+        mixer["errors"] = [mixer["errors"][at[n]] if n in at else "0" for n in self.source_names]
+        self.mixer.load_state_dict(mixer)
+        self.positions = [int(state["positions"][at[n]]) if n in at else 0 for n in self.source_names]
         for name, stream in zip(self.source_names, self.streams):
-            if isinstance(stream, HFTokenStream):
+            if isinstance(stream, HFTokenStream) and name in at:
                 stream.load_state_dict(state["hf"][name])
         self.warned = set(state.get("warned", []))
+
+    def _files_changed(self, saved: dict[str, dict]) -> list[str]:
+        """Rank 0, local shards: files modified since the checkpoint's run opened them. A few are checksummed (a
+        problem is returned: the data changed under the position); many (a copied folder) are a warning."""
+        problems = []
+        for j, name in enumerate(self.source_names):
+            ns, stream = (saved.get(name) or {}).get("newest_file_ns"), self.streams[j]
+            if ns is None or not isinstance(stream, PackedStream):
+                continue
+            changed, bad = stream.shards.changed_since(int(ns))
+            problems += [f"data source {name!r} ({self.sources[j].path}): {b}" for b in bad]
+            if changed and not bad and len(changed) > 8:
+                logger.warning(f"data source {name!r} ({self.sources[j].path}): {len(changed):,} files modified since "
+                               "the checkpoint's run started (copied?); only their sizes were checked: `cpt verify` "
+                               "(or data.verify_checksums: true) checks their contents")
+        return problems
+
+    def start_over_notes(self, state: dict[str, Any]) -> list[str]:
+        """For a new stage from a checkpoint (train.init_from, which does not carry data positions): one line per
+        source that reads the same data (same manifests, data.seq_len) as the checkpoint's run had partly read. With
+        the same run.seed its order is the same too: the new stage repeats those sequences first."""
+        saved, notes = state.get("source_data") or {}, []
+        if int(state.get("seq_len", -1)) != self.seq_len:
+            return notes
+        for j, name in enumerate(self.source_names):
+            if name not in saved or saved[name]["fingerprint"] != self._identity(j)["fingerprint"]:
+                continue
+            pos = int(state["positions"][list(state["sources"]).index(name)])
+            stream = self.streams[j]
+            if pos == 0 or not isinstance(stream, PackedStream):
+                continue
+            seen = min(pos, stream.num_sequences)
+            how = (f"reads those {seen:,} sequences first, in the same order (same run.seed)"
+                   if int(state.get("seed", -1)) == self.seed else "reads them again, in another order (another run.seed)")
+            notes.append(f"data source {name!r} starts over: the checkpoint's run read {pos:,} of its {stream.num_sequences:,} "
+                         f"sequences ({stream.epoch_of(pos):.2f} epochs), and this run {how}; data/epochs/{name} counts "
+                         "this run only. To continue where that run stopped, append this stage to its config and resume it "
+                         "(--resume --allow-config-change)")
+        return notes
+
+    def _identity(self, j: int) -> dict[str, str]:
+        """What source ``j`` reads: a fingerprint of its data (shards: the tokenizer hash and every file's checksum;
+        ``hf``: the dataset spec) and the same in words, for the message when it changed."""
+        stream = self.streams[j]
+        if isinstance(stream, HFTokenStream):
+            fp = stream.fingerprint()
+            return {"fingerprint": fp, "about": fp}
+        sh = stream.shards
+        out = {"fingerprint": sh.fingerprint(), "about": f"{len(sh.manifest['shards'])} shards, {sh.num_tokens:,} "
+               f"tokens, {sh.num_documents:,} documents, tokenizer {sh.manifest['tokenizer'].get('name')!r}"}
+        if sh.mtimes:  # (rank 0, local files: the newest modification time its size check saw)
+            out["newest_file_ns"] = max(sh.mtimes.values())
+        return out
+
+    def _check_same_data(self, state: dict[str, Any], saved: dict[str, dict]) -> None:
+        problems = []
+        if int(state.get("seq_len", self.seq_len)) != self.seq_len:
+            problems.append(f"data.seq_len {state['seq_len']} -> {self.seq_len} (a position counts sequences of "
+                            f"{state['seq_len']} tokens)")
+        if int(state.get("seed", self.seed)) != self.seed:
+            problems.append(f"run.seed {state['seed']} -> {self.seed} (the order of every source is drawn from it)")
+        for name, pos in zip(state["sources"], state["positions"]):
+            if name not in self.source_names:
+                if int(pos) > 0:  # (one the checkpoint never read, e.g. a later stage's, may be left out)
+                    problems.append(f"data source {name!r} of the checkpoint is not in this run's stages (its position, "
+                                    f"{int(pos):,} sequences read, would be lost: keep it in data.sources and in the mix "
+                                    "of the stages that read it)")
+                continue
+            j = self.source_names.index(name)
+            now = self._identity(j)
+            if saved[name]["fingerprint"] != now["fingerprint"]:
+                problems.append(f"data source {name!r} ({self.sources[j].path}) is not the data the checkpoint read: "
+                                f"{saved[name]['about']} then, {now['about']} now")
+        problems += self._files_changed(saved)
+        if problems:
+            sources = any(p.startswith("data source") for p in problems)
+            raise ValueError(
+                "the data position of the checkpoint does not continue on this run's data: " + "; ".join(problems) + ". "
+                + ("A source's data cannot change under a saved position (the order of its sequences is drawn over all "
+                   "of them): restore it; put new data in a new source (`cpt prepare` it into its own folder, add it to "
+                   "data.sources and to the mix of a new stage, and resume with --allow-config-change); or"
+                   if sources else "Restore the checkpoint's value (its config.yaml), even with --allow-config-change; or")
+                + " start a new stage from the checkpoint with train.init_from, whose data positions start over.")
+        for name in self.source_names:
+            if name not in state["sources"] and self.rank == 0:
+                logger.warning(f"data source {name!r} is new since the checkpoint: it starts at its beginning (the other "
+                               "sources continue where the checkpoint stopped)")
 
     def fingerprint(self) -> str:
         """Identity of the data this loader reads (manifests, seq_len, seed); checked on resume (computed once)."""

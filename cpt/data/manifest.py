@@ -40,4 +40,8 @@ def manifest_problem(manifest: dict) -> str | None:
         for key in ("tokens_checksum", "docs_checksum"):
             if not isinstance(entry.get(key), str):
                 return f"shards[{i}].{key} is missing"
+    for key in ("num_tokens", "num_documents"):  # (a total edited alone was read as it stood)
+        total = sum(entry[key] for entry in shards)
+        if manifest[key] != total:
+            return f"{key} {manifest[key]} is not the sum of the shards' ({total})"
     return None

@@ -196,6 +196,7 @@ class TokenShards:
         self._starts = np.array([s.start for s in self._shards] + [start], dtype=np.int64)
         self._maps: dict[int, np.ndarray] = {}
         self._arrays: dict[int, np.ndarray] = {}
+        self.mtimes: dict[str, int] = {}  # local files' modification times (ns), from the size check (verify)
 
     # ------------------------------------------------------------ opening
 
@@ -311,8 +312,11 @@ class TokenShards:
         try:
             if listed_size is not None:
                 got = listed_size
+            elif self._fs is not None:
+                got = int(self._fs.size(p))
             else:
-                got = int(self._fs.size(p)) if self._fs is not None else os.path.getsize(p)
+                st = os.stat(p)
+                got, self.mtimes[name] = st.st_size, st.st_mtime_ns
         except FileNotFoundError:
             return f"shard file {name} is missing"
         if got != size:
@@ -324,6 +328,19 @@ class TokenShards:
                 return (f"checksum mismatch for {name} ({CHECKSUM_ALGO} {got_sum}, manifest {checksum}); "
                         "the file is corrupt or was changed after `cpt prepare`")
         return None
+
+    def changed_since(self, ns: int, limit: int = 8) -> tuple[list[str], list[str]]:
+        """(files modified after ``ns``, their checksum problems): local files whose size check (verify) saw a newer
+        modification time. Up to ``limit`` such files are checksummed against the manifest (a shard replaced by hand
+        by one of the same size passes the size check); more (a copied folder) are only listed."""
+        changed = sorted(n for n, t in self.mtimes.items() if t > ns)
+        if not changed or len(changed) > limit:
+            return changed, []
+        meta = {m[f]: m[k] for m in self.manifest["shards"] for f, k in (("tokens_file", "tokens_checksum"),
+                                                                         ("docs_file", "docs_checksum"))}
+        sizes = {sh.tokens_file: sh.num_tokens * self.dtype.itemsize for sh in self._shards}
+        sizes.update({sh.docs_file: sh.num_documents * 8 for sh in self._shards})
+        return changed, [p for p in (self._check_file(n, sizes[n], meta[n]) for n in changed) if p]
 
     @property
     def num_bytes(self) -> int:

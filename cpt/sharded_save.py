@@ -1,0 +1,236 @@
+"""Non-blocking resume checkpoints under FSDP2 (``checkpoint.async_save``): ``torch.distributed.checkpoint.async_save``.
+
+What accelerate's ``save_state`` writes for FSDP2 with ``SHARDED_STATE_DICT`` (configs/accelerate/fsdp.yaml), under
+the same names and keys, so that accelerate's ``load_state``, cpt/consolidate.py and ``cpt export`` read it unchanged:
+``pytorch_model_fsdp_0/`` (DCP of ``{"model": get_model_state_dict(model)}``; a LoRA model's adapter shards alone:
+cpt/adapter_shards.py), ``optimizer_0/`` (DCP of ``{"optimizer": get_optimizer_state_dict(model, optimizer)}``) and
+``random_states_<rank>.pkl`` (+ scheduler, sampler, scaler files if any: accelerate's ``save_accelerator_state``).
+
+A save, on every rank:
+
+1. :meth:`AsyncShards.stage` (the loop waits for it): the sharded state dicts, copied into host buffers (torch's
+   ``_create_cpu_state_dict``/``_copy_state_dict``, what its own stagers use; pinned on CUDA, kept between saves), and
+   the RNG-state files written. Nothing here is collective, so a rank that fails is agreed on by cpt/checkpoint.py
+   and the save skipped before any rank has started writing.
+2. :meth:`Uploads.start`: ``dcp.async_save`` of the model and of the optimizer state, each in torch's writer thread
+   and on its own gloo group (background collectives never share the training process group; a gloo group because
+   DCP's plan and result exchange are CPU object collectives), with the copies of step 1 (no second staging).
+3. DCP's save exchanges the ranks' plans, writes each rank's shard files (fsynced), gathers every rank's write results
+   on the coordinator (rank 0), which writes ``.metadata`` only if no rank failed, then broadcasts the outcome: a
+   future completes (on every rank) only after every rank's files and the metadata are on disk, or fails on every
+   rank with the failing ranks' errors (no rank waits for ever on another's failure; a rank that dies leaves the
+   others waiting up to the process group's timeout, ``train.distributed_timeout_s``, unless the launcher stops them).
+4. The main process's commit thread (cpt/checkpoint.py's ``_Commit``) waits for both futures, then writes cpt's own
+   files, CHECKSUMS.json (shards by size) and renames ``.tmp-step_N`` into place; a kill before that leaves the
+   previous checkpoint the newest valid one.
+
+Used when the run is FSDP2 with ``SHARDED_STATE_DICT``, one model and one optimizer and nothing registered that only
+``accelerator.save_state`` knows how to save (custom objects, save hooks); otherwise (and under DeepSpeed) saves stay
+synchronous.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+from cpt.adapter_shards import FSDP_MODEL, fsdp_model_state
+from cpt.distributed import Backend, backend
+from cpt.fileio import describe_io_error, fault_point
+
+log = logging.getLogger("cpt.checkpoint")
+
+OPTIMIZER = "optimizer_0"  # accelerate's f"{OPTIMIZER_NAME}_{index}"
+
+
+def supported(acc) -> bool:
+    """Whether this run's saves can go through :class:`AsyncShards` (else ``accelerator.save_state``, synchronous)."""
+    if backend(acc) is not Backend.FSDP or not getattr(acc, "is_fsdp2", False):
+        return False
+    kind = acc.state.fsdp_plugin.state_dict_type
+    return (getattr(kind, "name", str(kind)).endswith("SHARDED_STATE_DICT") and len(acc._models) == 1
+            and len(acc._optimizers) == 1 and not acc._custom_objects and not acc._save_model_state_pre_hook)
+
+
+def for_run(acc, wanted: bool) -> AsyncShards | None:
+    """:class:`AsyncShards` when ``wanted`` (``checkpoint.async_save`` where cpt does not write the files itself) and
+    supported; else None, saying once (main process) that the run's saves block the loop, and why."""
+    if not wanted:
+        return None
+    if supported(acc):
+        return AsyncShards(acc)
+    if acc.is_main_process:
+        log.info("checkpoint.async_save: %s saves synchronously (accelerator.save_state): the loop waits for each save"
+                 "%s", "DeepSpeed" if backend(acc) is Backend.DEEPSPEED else f"this {backend(acc).value} setup",
+                 "" if backend(acc) is Backend.DEEPSPEED else " (non-blocking: FSDP2 with SHARDED_STATE_DICT, one model "
+                 "and optimizer, nothing registered with accelerator.register_for_checkpointing)")
+    return None
+
+
+class AsyncShards:
+    """Every rank's part of non-blocking FSDP2 saves: the host buffers and the gloo groups, kept between saves."""
+
+    def __init__(self, acc):
+        """On every rank at once (it makes the groups: collective; not at the first save, which a rank may not reach)."""
+        self.acc = acc
+        self.groups = {name: _gloo_group() for name in (FSDP_MODEL, OPTIMIZER)}  # one per DCP save: both run at once
+        self.buffers: dict[str, tuple] = {}  # kind -> (structure, host state dict)
+
+    def stage(self, folder: Path, step: int, items: list) -> Uploads:
+        """The blocking part: the RNG files written, the shards copied to host memory; the main process's own files
+        (a LoRA model's ``adapter_base.json``) added to ``items``. Returns the uploads to start once every rank staged."""
+        from accelerate.checkpointing import save_accelerator_state
+        from accelerate.utils.fsdp_utils import _prepare_sd_options
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        acc = self.acc
+        if not self.buffers and acc.is_main_process:  # (the first save)
+            log.info("checkpoint.async_save: FSDP2 shards are written in the background "
+                     "(torch.distributed.checkpoint.async_save); the loop waits only for their host copy")
+        model_state, own = fsdp_model_state(acc)
+        items += own
+        optim_state = get_optimizer_state_dict(acc._models[0], acc._optimizers[0], options=_prepare_sd_options(acc.state.fsdp_plugin))
+        save_accelerator_state(str(folder), [], [], acc._schedulers, acc._dataloaders, acc.process_index, acc.step, acc.scaler)
+        staged = {FSDP_MODEL: self._host_copy(FSDP_MODEL, {"model": model_state}),
+                  OPTIMIZER: self._host_copy(OPTIMIZER, {"optimizer": optim_state})}
+        return Uploads(self, folder, step, staged)
+
+    def _host_copy(self, kind: str, state: dict) -> dict:
+        """``state`` copied into this kind's host buffers (made on first use, again if its structure changed)."""
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        shape = _structure(state)
+        if kind not in self.buffers or self.buffers[kind][0] != shape:
+            self.buffers[kind] = (shape, _create_cpu_state_dict(state, pin_memory=torch.cuda.is_available()))
+        copy = _copy_state_dict(state, self.buffers[kind][1], non_blocking=torch.cuda.is_available())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        return copy
+
+
+class Uploads:
+    """One save's background DCP writes on this rank (the job of a rank other than the main process; the main
+    process's commit waits for them first): ``start`` launches them, ``join`` waits and returns their error or None."""
+
+    def __init__(self, owner: AsyncShards, folder: Path, step: int, staged: dict):
+        self.owner, self.folder, self.step, self.staged = owner, folder, step, staged
+        self.futures: dict[str, Future] = {}
+
+    def start(self, background: bool = True) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        rank, (staged_cls, writer_cls) = self.owner.acc.process_index, _dcp_classes()
+        for name, state in self.staged.items():
+            writer = writer_cls(str(self.folder / name), fault=f"{name}:rank{rank}@{self.step}", per_thread_copy_ahead=0)
+            try:
+                self.futures[name] = dcp.async_save(state, storage_writer=writer, process_group=self.owner.groups[name],
+                                                    async_stager=staged_cls())
+            except Exception as e:  # noqa: BLE001 - reported by join(), as a failed write is
+                self.futures[name] = failed = Future()
+                failed.set_exception(e)
+        self.staged = None
+        if not background:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until every rank's shard files and the metadata are on disk; raises a CheckpointError-like RuntimeError
+        naming the first failing rank otherwise."""
+        errors = []
+        for name, future in self.futures.items():
+            try:
+                future.result()
+            except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+                errors.append((name, e))
+        if errors:
+            name, e = errors[0]
+            raise ShardWriteError(_describe(e, self.folder / name)) from None
+
+    def join(self) -> BaseException | None:
+        try:
+            self.wait()
+        except ShardWriteError as e:
+            return e
+        return None
+
+
+class ShardWriteError(RuntimeError):
+    pass
+
+
+def _describe(error: BaseException, where: Path) -> str:
+    """DCP's error (every failing rank's exception and traceback) as one line naming the first failing rank."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        rank, (cause, _trace) = sorted(failures.items())[0]
+        return f"rank {rank} failed to write its shards: {describe_io_error(cause, where)}"
+    return f"{socket.gethostname()}: {describe_io_error(error, where)}"
+
+
+def _structure(obj, path: str = "") -> tuple:
+    """The keys, shapes and dtypes of a (nested) state dict: host buffers are reused only for the same structure."""
+    if isinstance(obj, dict):
+        return tuple(_structure(v, f"{path}/{k}") for k, v in sorted(obj.items(), key=lambda kv: str(kv[0])))
+    if isinstance(obj, (list, tuple)):
+        return tuple(_structure(v, f"{path}/{i}") for i, v in enumerate(obj))
+    if isinstance(obj, torch.Tensor):
+        return (path, tuple(obj.shape), obj.dtype)
+    return (path,)
+
+
+def _gloo_group():
+    """A gloo group of every rank, with the training group's timeout (train.distributed_timeout_s)."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=_default_timeout())
+
+
+def _default_timeout():
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    group = _get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except Exception:  # noqa: BLE001 - no such backend, or a torch without these attributes: gloo's default
+            continue
+    return None
+
+
+@functools.cache
+def _dcp_classes():
+    """(AlreadyStaged, Writer), made on first use: torch.distributed.checkpoint takes a second to import."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import AsyncStager
+
+    class AlreadyStaged(AsyncStager):
+        """The state dict is already a host copy (:meth:`AsyncShards.stage`): DCP stages nothing more."""
+
+        _synchronize_after_execute = False
+
+        def stage(self, state_dict):
+            return state_dict
+
+        def synchronize_staging(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    class Writer(dcp.FileSystemWriter):
+        """DCP's file writer with the crash-test hook (cpt/fileio.py) at the start of this rank's writes: inside DCP's
+        error handling, so an injected disk-full error on one rank reaches every rank as DCP's failure."""
+
+        def __init__(self, path: str, fault: str, **kwargs):
+            super().__init__(path, **kwargs)
+            self.fault = fault
+
+        def write_data(self, plan, planner):
+            fault_point(self.fault)
+            return super().write_data(plan, planner)
+
+    return AlreadyStaged, Writer
