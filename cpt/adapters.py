@@ -195,6 +195,20 @@ def check_lora_modules(model: nn.Module, cfg: LoraConfig) -> None:
         raise ConfigError("; ".join(errors))
 
 
+# peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning: every LoRA run
+# and `cpt merge` printed it, a library's note to itself that no cpt user can act on
+PEFT_READS_DEPRECATED = "`is_gradient_checkpointing` is deprecated"
+
+
+def load_peft_adapter(model, adapter_dir):
+    """``PeftModel.from_pretrained`` (not trainable), without peft's deprecation noise."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None, log_fn=None):
     """Wrap ``model`` in a peft LoRA adapter (a ``PeftModel``); every base weight becomes frozen.
 
@@ -245,6 +259,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part of")
+            warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
             peft_model = get_peft_model(model, pcfg)
     except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
         raise ConfigError(f"model.lora: {e}") from None

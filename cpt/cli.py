@@ -5,6 +5,7 @@ Commands are imported only when run, so `cpt --help` is instant.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import signal
@@ -24,6 +25,14 @@ COMMANDS: dict[str, str] = {
     "interpolate": "Interpolate base and CPT weights and report upstream/downstream loss per alpha.",
     "experiment": "Run the replay x schedule grid against a re-training baseline.",
 }
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of `cpt NAME` (each command module's ``build_parser()``), without running the command:
+    what tests/test_readme.py checks the README's command lines against."""
+    if name not in COMMANDS:
+        raise KeyError(f"cpt has no command {name!r} (commands: {', '.join(COMMANDS)})")
+    return importlib.import_module(f"cpt.commands.{name}").build_parser()
 
 
 def usage() -> str:

@@ -83,3 +83,14 @@ def with_master_weights(acc, model, state: dict | None) -> dict | None:
                 if name in state:
                     state[name] = full.reshape(state[name].shape)
     return state
+
+
+def without_tied_copies(model, state_dict: dict) -> dict:
+    """``state_dict`` without the second name of a tied parameter (a tied head's ``lm_head.weight``), as
+    ``save_pretrained`` writes the model's own state dict, whose tied names share one storage. A gathered state (ZeRO-1/2's
+    cloned tensors) shares none, so a ZeRO-2 export held the tied head twice: other tensors than a 1-process export's,
+    which `cpt average` refused to average with it."""
+    first, tied = {}, set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if id(param) in first else first.setdefault(id(param), name))
+    return {k: v for k, v in state_dict.items() if k not in tied}

@@ -16,7 +16,7 @@ from cpt.config import ModelConfig, RunConfig, load_config
 from cpt.data.shards import vocab_size
 from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
 from cpt.export_format import (DEFAULT_MAX_SHARD_SIZE, cast_state, export_dtype, set_config_dtype,
-                               with_master_weights)
+                               with_master_weights, without_tied_copies)
 
 log = logging.getLogger("cpt.model")
 
@@ -240,9 +240,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     The base's embeddings are resized to the size recorded in ``cpt_adapter.json`` (vocabulary extension);
     the new rows' values come from the adapter.
     """
-    from peft import PeftModel
-
-    from cpt.adapters import ADAPTER_SIDECAR
+    from cpt.adapters import ADAPTER_SIDECAR, load_peft_adapter
 
     adir = Path(adapter_dir)
     cfg_path = adir / "adapter_config.json"
@@ -262,7 +260,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     if n_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n_rows, mean_resizing=False)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+        peft_model = load_peft_adapter(model, adir)
     except RuntimeError as e:  # torch's load_state_dict: the adapter was trained on another model
         if "Error(s) in loading state_dict" not in str(e):
             raise
@@ -440,6 +438,7 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
         dtype = export_dtype(dtype)
         if dtype is not None:
             state_dict = cast_state(model.state_dict() if state_dict is None else state_dict, dtype)
+        state_dict = without_tied_copies(model, state_dict) if state_dict is not None else None
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
         fault_point(f"export:weights:{out.name}")
         if dtype is not None:

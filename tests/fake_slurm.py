@@ -68,10 +68,28 @@ def directives(script: str) -> dict[str, str]:
     return _options(tokens)
 
 
+# sbatch's long options that take no value; every other one takes `--opt=value` or `--opt value`, as in sbatch
+SBATCH_FLAGS = {"requeue", "no-requeue", "exclusive", "hold", "parsable", "wait", "test-only", "overcommit",
+                "contiguous", "spread-job", "use-min-nodes", "ignore-pbs"}
+
+
+def sbatch_command_line(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
+    """(options, script, script arguments): the options come before the script, as in sbatch, written
+    `--nodes 4 --time 24:00:00` (the README's form) or `--nodes=4`."""
+    opts, n = [], 0
+    while argv[n].startswith("--"):
+        if "=" in argv[n] or argv[n][2:] in SBATCH_FLAGS:
+            opts.append(argv[n])
+            n += 1
+        else:
+            opts.append(f"{argv[n]}={argv[n + 1]}")
+            n += 2
+    return _options(opts), argv[n], argv[n + 1:]
+
+
 def sbatch(argv: list[str]) -> int:
-    n = next(i for i, a in enumerate(argv) if not a.startswith("--"))  # options come before the script, as in sbatch
-    opts, script, args = argv[:n], argv[n], argv[n + 1:]
-    d = {**directives(script), **_options(opts)}
+    opts, script, args = sbatch_command_line(argv)
+    d = {**directives(script), **opts}
     nodes = int(d.get("nodes", "1"))
     STATE.mkdir(parents=True, exist_ok=True)
     job_id = str(1000 + len(list(STATE.glob("job_*.json"))))

@@ -478,3 +478,15 @@ def test_deepspeed_lora_checkpoints_keep_the_whole_model_when_model_freeze_froze
         assert _adapter_model(acc) is None and _adapter_model(acc) is None
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "hold the whole model" in caplog.records[0].message and "lora_A" in caplog.records[0].message
+
+
+def test_lora_wrap_and_merge_print_no_library_deprecation(base_dir, tmp_path):
+    """peft reads `model.is_gradient_checkpointing`, deprecated in transformers 5: every LoRA run and `cpt merge`
+    (README section 6, run by hand) printed a FutureWarning no user can act on."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(r=2))
+        merge_adapter(save_adapter(model, tmp_path / "adapter"), tmp_path / "merged")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in caught]

@@ -161,7 +161,7 @@ def test_cpt_train_takes_no_abbreviated_flags():
     resume command: abbreviations are refused."""
     import pytest
 
-    from cpt.commands.train import parser
+    from cpt.commands.train import build_parser as parser
 
     with pytest.raises(SystemExit):
         parser().parse_args(["c.yaml", "--se", "x.api_key=SECRET"])

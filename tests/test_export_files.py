@@ -436,3 +436,19 @@ def test_export_metadata_is_the_models_not_how_cpt_loaded_it(tmp_path, tok):
     for d in (base, adapter, tmp_path / "merged"):
         saved = json.loads((d / "tokenizer_config.json").read_text())
         assert not {"is_local", "local_files_only"} & saved.keys(), d
+
+
+def test_an_export_from_a_gathered_state_holds_a_tied_head_once(tmp_path, tok):
+    """ZeRO-1/2 hand the export a cloned state dict (accelerate's get_state_dict), whose tied `lm_head.weight` no longer
+    shares the embedding's storage, so save_pretrained kept both names: a ZeRO-2 run's export held 21 tensors against
+    a 1-process run's 20, and `cpt average` of the two (README section 6) refused with "has different tensors"."""
+    from safetensors import safe_open
+
+    from cpt.commands.average import main
+
+    model = tiny_llama(len(tok), tied=True, seed=1)
+    plain = write_hf(model, tok, tmp_path / "plain")
+    gathered = write_hf(model, tok, tmp_path / "gathered", {k: v.clone() for k, v in model.state_dict().items()})
+    keys = {d.name: set(safe_open(d / "model.safetensors", "pt").keys()) for d in (plain, gathered)}
+    assert keys["gathered"] == keys["plain"] and "lm_head.weight" not in keys["gathered"]
+    assert main([str(tmp_path / "avg"), str(plain), str(gathered)]) == 0

@@ -246,3 +246,15 @@ def test_slurm_job_without_periodic_checkpoints_is_warned(tiny_cpt_data, tmp_pat
     assert unprotected_batch_job(cfg, {}) is None
     cfg.checkpoint.every = 100
     assert unprotected_batch_job(cfg, {"SLURM_JOB_ID": "4242"}) is None
+
+
+def test_fake_sbatch_reads_options_as_the_readme_writes_them():
+    """The README's `sbatch --nodes 4 --time 24:00:00 scripts/slurm_multinode.sbatch run.yaml fsdp`: sbatch takes a
+    long option's value after a space too; the stand-in took `4` for the script."""
+    from fake_slurm import sbatch_command_line
+
+    script = "scripts/slurm_multinode.sbatch"
+    assert sbatch_command_line(["--nodes", "4", "--time", "24:00:00", script, "run.yaml", "fsdp"]) == (
+        {"nodes": "4", "time": "24:00:00"}, script, ["run.yaml", "fsdp"])
+    assert sbatch_command_line(["--nodes=2", "--requeue", "--gpus-per-node", "2", script, "--resume"]) == (
+        {"nodes": "2", "requeue": "", "gpus-per-node": "2"}, script, ["--resume"])

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv, stack)
 
 
-def _main(argv: list[str] | None, stack: ExitStack) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("checkpoint", help="HF export dir, LoRA adapter dir, or run dir (uses <run_dir>/export)")
@@ -276,7 +276,11 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
                         "many bootstrap resamples otherwise (0: none; default: the run's eval.lm_eval.bootstrap_iters; else 1000)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str] | None, stack: ExitStack) -> int:
+    args = build_parser().parse_args(argv)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     from cpt.checkpoint import CheckpointError

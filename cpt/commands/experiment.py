@@ -19,7 +19,7 @@ import logging
 import sys
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="experiment spec (YAML), e.g. configs/experiments/tiny_cpu.yaml")
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from cpt.console import LOG_FORMAT, OncePerMessage
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cpt report",
         description="Plots (PNG) and a self-contained report.html from one or more run directories: upstream/"
@@ -16,7 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", help="run directories (each with a metrics.jsonl)")
     parser.add_argument("--out", default=None, help="output folder (default: <first run>/report)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from cpt.report import write_report
 
     try:

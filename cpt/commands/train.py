@@ -11,7 +11,7 @@ from cpt.config import ConfigError, load_config
 from cpt.console import LOG_FORMAT, print_line
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     # no abbreviations: `--se KEY=VALUE` would escape the redaction of secret --set values in the printed resume command
     p = argparse.ArgumentParser(prog="cpt train", description="Train from a YAML run config.", allow_abbrev=False)
     p.add_argument("config", help="YAML run config (see configs/)")
@@ -51,7 +51,7 @@ def run_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")

@@ -12,7 +12,7 @@ import sys
 import time
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt verify", description="Check prepared token shards (sizes and checksums) "
                                 "against their manifest.json; the held-out folder a manifest names is checked too.")
     p.add_argument("dirs", nargs="*", metavar="DIR", help="prepared folders or fsspec URLs")
@@ -50,7 +50,7 @@ def verify_folder(path: str) -> tuple[list[str], str]:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         folders = _folders(args)
     except ValueError as e:  # ConfigError
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
               "it has no held-out sets): nothing to check")
         return 0
     if not folders:
-        parser().print_usage(sys.stderr)
+        build_parser().print_usage(sys.stderr)
         print("cpt verify: give at least one DIR or --config", file=sys.stderr)
         return 2
     bad = 0
