@@ -286,3 +286,21 @@ def test_cpt_eval_against_a_baseline_prints_deltas_with_stderrs(model, tokenizer
     for r in (result, result["baseline"]):
         assert r["lm_eval_results"]["n-samples"]["cpt_shakespeare_next"]["effective"] == 8
     assert len(seeded_subset("cpt_shakespeare_next", 300, 8, 3)) == 8
+
+
+def test_bundled_tasks_load_without_lm_eval_warnings(caplog):
+    """Every bundled task gives each metric its aggregation and direction: lm-eval warned, for every metric of the
+    perplexity tasks, at every evaluation ("metric word_perplexity is defined, but aggregation is not")."""
+    import logging
+
+    from lm_eval.tasks import get_task_dict
+
+    from eval_harness.lm_eval_hook import make_task_manager
+
+    names = ["cpt_local"]
+    with caplog.at_level(logging.WARNING):
+        tasks = get_task_dict(names, make_task_manager(names))
+    loaded = {t.config.task for t in tasks.values() if hasattr(t, "config")}
+    assert {"cpt_python_ppl", "cpt_shakespeare_ppl", "cpt_arith_mc"} <= loaded, loaded
+    assert not [r.getMessage() for r in caplog.records if "aggregation is not" in r.getMessage()
+                or "higher_is_better" in r.getMessage()]
