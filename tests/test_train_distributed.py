@@ -214,7 +214,7 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     """model.freeze under DDP: the checkpoint holds the trainable parameters alone (the main process's fingerprint of
     the frozen layer as built); resumed on 2 processes from step 3 it gives the uninterrupted run's losses bitwise;
     resumed under FSDP2 the same losses (to 1e-5), writing the trainable parameters' shards alone, which export as
-    the DDP run's checkpoint does."""
+    the DDP run's checkpoint does, and from which FSDP2 resumes bitwise."""
     import shutil
 
     import torch
@@ -224,9 +224,9 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
 
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
     cfg["model"]["freeze"] = {"layers": "bottom_half"}
-    cfg["stages"][0]["steps"] = 6
+    cfg["stages"][0]["steps"] = 9
     cfg["eval"].update(at_start=False, every=None)
-    cfg["checkpoint"] = {"every": 3, "keep": 2, "export_at_end": False}
+    cfg["checkpoint"] = {"every": 3, "keep": 3, "export_at_end": False}
     rc, log = launch("ddp", write(cfg, tmp_path / "c.yaml"))
     assert rc == 0, log[-5000:]
     out = tmp_path / "run"
@@ -236,7 +236,8 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     assert saved and not any(k.startswith("model.layers.0.") for k in saved)
     again = tmp_path / "again"
     shutil.copytree(out, again)
-    shutil.rmtree(again / "checkpoints" / "step_00000006")
+    for s in (6, 9):
+        shutil.rmtree(again / "checkpoints" / f"step_0000000{s}")
     cfg["run"]["output_dir"] = str(again)
     rc, log = launch("ddp", write(cfg, tmp_path / "again.yaml"), "--resume")
     assert rc == 0 and "resumed" in log, log[-5000:]
@@ -246,22 +247,32 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     # checkpoint holds the trainable parameters' shards alone; exported, the weights of the DDP run's
     fsdp = tmp_path / "fsdp"
     shutil.copytree(out, fsdp)
-    shutil.rmtree(fsdp / "checkpoints" / "step_00000006")
+    for s in (6, 9):
+        shutil.rmtree(fsdp / "checkpoints" / f"step_0000000{s}")
     cfg["run"]["output_dir"] = str(fsdp)
     rc, log = launch("fsdp_cpu", write(cfg, tmp_path / "fsdp.yaml"), "--resume")
     assert rc == 0 and "resumed" in log, log[-5000:]
     assert_close(losses(fsdp), losses(out))
-    ckpt = fsdp / "checkpoints" / "step_00000006"
+    ckpt = fsdp / "checkpoints" / "step_00000009"
     assert read_base_record(ckpt)["kind"] == "freeze" and (ckpt / "pytorch_model_fsdp_0").is_dir()
     from cpt.consolidate import export_checkpoint, read_model_state
 
     shards = read_model_state(ckpt)
     assert shards and not any(k.startswith("model.layers.0.") for k in shards)
-    for c, d in ((ckpt, "x"), (out / "checkpoints" / "step_00000006", "y")):
+    for c, d in ((ckpt, "x"), (out / "checkpoints" / "step_00000009", "y")):
         export_checkpoint(c, tmp_path / d, echo=lambda *a: None)
     x, y = (load_file(tmp_path / d / "model.safetensors") for d in "xy")
     assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-4, atol=1e-6) for k in x)
     assert all(torch.equal(x[k], load_file(base / "model.safetensors")[k]) for k in x if k.startswith("model.layers.0."))
+
+    # FSDP2 resumes from its own trainable-only checkpoint (step 6: the frozen layer from the base it builds) bitwise
+    own = tmp_path / "fsdp-own"
+    shutil.copytree(fsdp, own)
+    shutil.rmtree(own / "checkpoints" / "step_00000009")
+    cfg["run"]["output_dir"] = str(own)
+    rc, log = launch("fsdp_cpu", write(cfg, tmp_path / "own.yaml"), "--resume")
+    assert rc == 0 and "resumed" in log and "step_00000006" in log, log[-5000:]
+    assert losses(own) == losses(fsdp)
 
 
 # ZeRO-2 and ZeRO-2 with CPU offload against 1 process: tests/test_launch_shipped.py, through the shipped configs.
