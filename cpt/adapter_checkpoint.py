@@ -98,9 +98,14 @@ def saved_keys(ckpt: str | Path, model) -> set[str]:
 
         meta = FileSystemReader(str(Path(ckpt) / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
         saved = {k[len("model."):] for k in meta if k.startswith("model.")}
+    return _with_aliases(model, saved)
+
+
+def _with_aliases(model, keys) -> set[str]:
+    """``keys`` and every other state-dict name of the same tensors in ``model`` (a tied head saved once)."""
     sd = model.state_dict(keep_vars=True)
-    ids = {id(sd[k]) for k in saved if k in sd}
-    return saved | {k for k, v in sd.items() if id(v) in ids}
+    ids = {id(sd[k]) for k in keys if k in sd}
+    return set(keys) | {k for k, v in sd.items() if id(v) in ids}
 
 
 def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
@@ -181,10 +186,8 @@ def refuse_other_keys_sharded(model, saved: set[str], ckpt) -> None:
 def check_keys(model, state: dict, ckpt="CKPT") -> None:
     """AdapterCheckpointError unless ``state`` holds exactly ``model``'s adapter tensors (the same LoRA settings); for a
     model without LoRA (a ``model.freeze`` checkpoint's trainable part), tensors of the model, whatever it freezes."""
-    sd = model.state_dict(keep_vars=True)
-    ids = {id(sd[n]) for n in state if n in sd}
-    refuse_other_keys_sharded(model, set(state) | {k for k, v in sd.items() if id(v) in ids}, ckpt)  # (aliases too)
-    expected = set(adapter_keys(model)) if is_peft_model(model) else set(sd)
+    refuse_other_keys_sharded(model, _with_aliases(model, state), ckpt)
+    expected = set(adapter_keys(model)) if is_peft_model(model) else set(model.state_dict(keep_vars=True))
     missing = sorted(expected - set(state)) if is_peft_model(model) else []
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:

@@ -148,9 +148,8 @@ class UpdateGuard:
         ``update()`` is what the skipped ``optimizer.step()`` would have called. It lowers the scale after an overflow
         (the usual fp16 skip) and ends the step, whose gradients ``clip_grad_norm`` has unscaled; without it the scale
         never came down and the next step's unscale raised "unscale_() has already been called"."""
-        scaler = getattr(self.optimizer, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scaler.update()
+        if self.scaler is not None:
+            self.scaler.update()
 
     # ------------------------------------------------------------------ host view
 

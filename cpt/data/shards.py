@@ -283,17 +283,21 @@ class TokenShards:
         """Problems with the files (one string each; empty: all good): missing files and wrong sizes, and with
         ``checksums`` every file's xxh3-64 against the manifest (reads the whole source)."""
         problems: list[str] = []
-        itemsize = self.dtype.itemsize
         listed = self._listed_sizes()
-        for meta, sh in zip(self.manifest["shards"], self._shards):
-            for name, expected, key in ((sh.tokens_file, sh.num_tokens * itemsize, "tokens_checksum"),
-                                        (sh.docs_file, sh.num_documents * 8, "docs_checksum")):
-                problem = self._check_file(name, expected, meta[key] if checksums else None, listed.get(name))
-                if problem:
-                    problems.append(problem)
-                    if first_only:
-                        return problems
+        for name, expected, checksum in self._expected_files():
+            problem = self._check_file(name, expected, checksum if checksums else None, listed.get(name))
+            if problem:
+                problems.append(problem)
+                if first_only:
+                    return problems
         return problems
+
+    def _expected_files(self):
+        """Every shard file as (name, size in bytes, checksum) from the manifest (its keys checked on open)."""
+        itemsize = self.dtype.itemsize
+        for meta, sh in zip(self.manifest["shards"], self._shards):
+            yield sh.tokens_file, sh.num_tokens * itemsize, meta["tokens_checksum"]
+            yield sh.docs_file, sh.num_documents * 8, meta["docs_checksum"]
 
     def _listed_sizes(self) -> dict[str, int]:
         """Remote storage: every file's size from one directory listing (one LIST request on an object store instead
@@ -336,11 +340,8 @@ class TokenShards:
         changed = sorted(n for n, t in self.mtimes.items() if t > ns)
         if not changed or len(changed) > limit:
             return changed, []
-        meta = {m[f]: m[k] for m in self.manifest["shards"] for f, k in (("tokens_file", "tokens_checksum"),
-                                                                         ("docs_file", "docs_checksum"))}
-        sizes = {sh.tokens_file: sh.num_tokens * self.dtype.itemsize for sh in self._shards}
-        sizes.update({sh.docs_file: sh.num_documents * 8 for sh in self._shards})
-        return changed, [p for p in (self._check_file(n, sizes[n], meta[n]) for n in changed) if p]
+        expected = {name: (size, checksum) for name, size, checksum in self._expected_files()}
+        return changed, [p for p in (self._check_file(n, *expected[n]) for n in changed) if p]
 
     @property
     def num_bytes(self) -> int:
