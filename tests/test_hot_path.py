@@ -198,24 +198,11 @@ def test_fp16_loss_scaler_skipped_update_lowers_the_scale(grad_clip):
 
 
 def _fp16_steps(acc, grad_clip):
-    from cpt.optim import clip_grad_norm
-    from cpt.update_guard import UpdateGuard
-
-    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), True
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
-    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=False))
-    guard = UpdateGuard(acc, opt, max_in_a_row=5, say=lambda *a: None)
-    assert not guard.on_device
     before = [p.detach().clone() for p in model.parameters()]
-    applied, norms = [], []
-    for step in range(4):
-        loss = model(torch.randn(4, 8) * (1e30 if step == 0 else 1)).pow(2).mean()  # step 0 overflows
-        acc.backward(loss)
-        norm = clip_grad_norm(acc, model, grad_clip)
-        applied.append(bool(guard.step(loss.detach(), norm, step).applied))
-        norms.append(float(norm))
-        opt.zero_grad()
+    step0_overflows = lambda m, step: m(torch.randn(4, 8) * (1e30 if step == 0 else 1)).pow(2).mean()  # noqa: E731
+    guard, applied, _, norms = _fp16_guarded_run(acc, False, step0_overflows, 4, 2.0 ** 16, 5, model, grad_clip)
     assert applied == [False, True, True, True]
     assert acc.scaler.get_scale() == 2.0 ** 15  # the overflow halved the scale
     assert guard.nonfinite_total == 1
@@ -223,28 +210,31 @@ def _fp16_steps(acc, grad_clip):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def _fp16_guarded_run(acc, fused, loss_of, steps, init_scale, max_in_a_row):
-    """``steps`` guarded fp16 steps of a tiny model under a CPU GradScaler (accelerate builds its GradScaler on CUDA
-    only); returns the guard, whether each update was applied, and whether the guard asked to stop after each."""
+def _fp16_guarded_run(acc, fused, loss_of, steps, init_scale, max_in_a_row, model=None, grad_clip=1.0):
+    """``steps`` guarded fp16 steps of ``model`` (default: a seeded Linear(8, 1)) under a CPU GradScaler (accelerate
+    builds its GradScaler on CUDA only); returns the guard, whether each update was applied, whether the guard asked
+    to stop after each, and each step's gradient norm."""
     from cpt.optim import clip_grad_norm
     from cpt.update_guard import UpdateGuard
 
     acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=init_scale), True
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 1)
+    if model is None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 1)
     model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused))
     guard = UpdateGuard(acc, opt, max_in_a_row=max_in_a_row, say=lambda *a: None)
     assert guard.on_device == fused
-    applied, stop = [], []
+    applied, stop, norms = [], [], []
     for step in range(steps):
         loss = loss_of(model, step)
         acc.backward(loss)
-        norm = clip_grad_norm(acc, model, 1.0)
+        norm = clip_grad_norm(acc, model, grad_clip)
         applied.append(bool(guard.step(loss.detach(), norm, step).applied))
+        norms.append(float(norm))
         guard.sync(step + 1)
         stop.append(guard.too_many_in_a_row())
         opt.zero_grad()
-    return guard, applied, stop
+    return guard, applied, stop, norms
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["host-decided", "device-decided"])
@@ -263,7 +253,7 @@ def test_fp16_loss_scale_overflows_are_not_non_finite_steps(fused):
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         acc = Accelerator(cpu=True, mixed_precision="fp16")
-        guard, applied, stop = _fp16_guarded_run(acc, fused, lambda m, s: m(x).float().sum(), 11, 2.0 ** 23, 5)
+        guard, applied, stop, _ = _fp16_guarded_run(acc, fused, lambda m, s: m(x).float().sum(), 11, 2.0 ** 23, 5)
         assert applied == [False] * 8 + [True] * 3
         assert not any(stop)
         assert (guard.overflow_total, guard.nonfinite_total, guard.in_a_row) == (8, 0, 0)
@@ -273,7 +263,7 @@ def test_fp16_loss_scale_overflows_are_not_non_finite_steps(fused):
         # a NaN loss is non-finite whatever the scale
         AcceleratorState._reset_state(reset_partial_state=True)
         acc = Accelerator(cpu=True, mixed_precision="fp16")
-        guard, applied, stop = _fp16_guarded_run(acc, fused, lambda m, s: m(x).sum() * float("nan"), 3, 2.0 ** 16, 2)
+        guard, applied, stop, _ = _fp16_guarded_run(acc, fused, lambda m, s: m(x).sum() * float("nan"), 3, 2.0 ** 16, 2)
         assert applied == [False] * 3 and stop == [False, True, True] and guard.overflow_total == 0
 
         # gradients that overflow at every scale (finite loss, infinite gradient): overflows down to scale 2, then
@@ -281,7 +271,7 @@ def test_fp16_loss_scale_overflows_are_not_non_finite_steps(fused):
         AcceleratorState._reset_state(reset_partial_state=True)
         acc = Accelerator(cpu=True, mixed_precision="fp16")
         broken = lambda m, s: (m.weight - m.weight.detach()).sqrt().sum() + m(x).float().sum()  # noqa: E731 - finite
-        guard, applied, stop = _fp16_guarded_run(acc, fused, broken, 8, 16.0, 3)
+        guard, applied, stop, _ = _fp16_guarded_run(acc, fused, broken, 8, 16.0, 3)
         assert not any(applied)
         assert guard.overflow_total == 4  # scales 16, 8, 4, 2
         assert stop == [False] * 6 + [True] * 2  # scales 1, 0.5, 0.25: the third non-finite step in a row stops

@@ -53,6 +53,23 @@ def max_rel(got: dict, ref: dict) -> float:
     return max(abs(got[k] - ref[k]) / abs(ref[k]) for k in ref)
 
 
+def resume_copy(run: Path, out: Path, cfg: dict, mode: str, at: int) -> str:
+    """``run`` as if killed after its step-``at`` checkpoint: copied to ``out`` (later checkpoints and the export
+    removed) and resumed there by ``mode`` on 2 processes; returns the log."""
+    import shutil
+
+    from cpt.checkpoint import list_checkpoints
+
+    shutil.copytree(run, out)
+    for later in (c for c in list_checkpoints(out) if int(c.name.split("_")[1]) > at):
+        shutil.rmtree(later)
+    shutil.rmtree(out / "export", ignore_errors=True)
+    cfg = {**cfg, "run": {**cfg["run"], "output_dir": str(out)}}
+    rc, log = launch(mode, write(cfg, out.parent / f"{out.name}.yaml"), "--resume")
+    assert rc == 0 and "resumed" in log, log[-5000:]
+    return log
+
+
 # ------------------------------------------------------------------------------------------ fixtures
 
 
@@ -179,8 +196,6 @@ def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     Its checkpoint holds the adapter alone (not the frozen base); resumed on 2 processes from step 3 it gives the
     uninterrupted run's losses bitwise, and under FSDP2 (the adapter loaded over the base FSDP2 built and sharded) the
     same losses to 1e-5."""
-    import shutil
-
     from cpt.adapter_checkpoint import ADAPTER_STATE
 
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0)
@@ -197,12 +212,7 @@ def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     assert (ckpt / ADAPTER_STATE).stat().st_size < 0.5 * (base / "model.safetensors").stat().st_size
     for mode in ("ddp", "fsdp_cpu"):  # the run as if killed after its step-6 checkpoint, resumed
         again = tmp_path / mode
-        shutil.copytree(out, again)
-        shutil.rmtree(again / "checkpoints" / "step_00000012")
-        shutil.rmtree(again / "export")
-        cfg["run"]["output_dir"] = str(again)
-        rc, log = launch(mode, write(cfg, tmp_path / f"{mode}.yaml"), "--resume")
-        assert rc == 0 and "resumed" in log, log[-5000:]
+        resume_copy(out, again, cfg, mode, 6)
         assert world_sizes(again) == {2}
         if mode == "ddp":
             assert losses(again) == losses(out)  # same world size and backend: bitwise
@@ -215,8 +225,6 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     the frozen layer as built); resumed on 2 processes from step 3 it gives the uninterrupted run's losses bitwise;
     resumed under FSDP2 the same losses (to 1e-5), writing the trainable parameters' shards alone, which export as
     the DDP run's checkpoint does, and from which FSDP2 resumes bitwise."""
-    import shutil
-
     import torch
     from safetensors.torch import load_file
 
@@ -235,23 +243,13 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     saved = load_file(ckpt / ADAPTER_STATE)
     assert saved and not any(k.startswith("model.layers.0.") for k in saved)
     again = tmp_path / "again"
-    shutil.copytree(out, again)
-    for s in (6, 9):
-        shutil.rmtree(again / "checkpoints" / f"step_0000000{s}")
-    cfg["run"]["output_dir"] = str(again)
-    rc, log = launch("ddp", write(cfg, tmp_path / "again.yaml"), "--resume")
-    assert rc == 0 and "resumed" in log, log[-5000:]
+    resume_copy(out, again, cfg, "ddp", 3)
     assert world_sizes(again) == {2} and losses(again) == losses(out)
 
     # under FSDP2 (the trained part loaded over the base FSDP2 built and sharded): the same losses, and its own
     # checkpoint holds the trainable parameters' shards alone; exported, the weights of the DDP run's
     fsdp = tmp_path / "fsdp"
-    shutil.copytree(out, fsdp)
-    for s in (6, 9):
-        shutil.rmtree(fsdp / "checkpoints" / f"step_0000000{s}")
-    cfg["run"]["output_dir"] = str(fsdp)
-    rc, log = launch("fsdp_cpu", write(cfg, tmp_path / "fsdp.yaml"), "--resume")
-    assert rc == 0 and "resumed" in log, log[-5000:]
+    resume_copy(out, fsdp, cfg, "fsdp_cpu", 3)
     assert_close(losses(fsdp), losses(out))
     ckpt = fsdp / "checkpoints" / "step_00000009"
     assert read_base_record(ckpt)["kind"] == "freeze" and (ckpt / "pytorch_model_fsdp_0").is_dir()
@@ -267,11 +265,8 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
 
     # FSDP2 resumes from its own trainable-only checkpoint (step 6: the frozen layer from the base it builds) bitwise
     own = tmp_path / "fsdp-own"
-    shutil.copytree(fsdp, own)
-    shutil.rmtree(own / "checkpoints" / "step_00000009")
-    cfg["run"]["output_dir"] = str(own)
-    rc, log = launch("fsdp_cpu", write(cfg, tmp_path / "own.yaml"), "--resume")
-    assert rc == 0 and "resumed" in log and "step_00000006" in log, log[-5000:]
+    log = resume_copy(fsdp, own, cfg, "fsdp_cpu", 6)
+    assert "step_00000006" in log, log[-5000:]
     assert losses(own) == losses(fsdp)
 
 

@@ -292,6 +292,19 @@ def _lora_small(tiny_cpt_data, base, out: Path) -> dict:
     return cfg
 
 
+def _run_without_base(cfg: dict, out: Path) -> tuple[dict, Path]:
+    """The 6-step run of ``cfg`` (in ``out``): its losses and its step-3 checkpoint, checked to hold the state without
+    the frozen base (adapter_state.safetensors, adapter_base.json, the optimizer; no model.safetensors)."""
+    from cpt.adapter_checkpoint import ADAPTER_BASE, ADAPTER_STATE
+
+    result, _ = run(cfg)
+    ref, ckpt = losses(out), out / "checkpoints" / "step_00000003"
+    assert result.step == 6 and sorted(ref) == list(range(1, 7))
+    names = {p.name for p in ckpt.iterdir()}
+    assert {ADAPTER_STATE, ADAPTER_BASE, "optimizer.bin"} <= names and "model.safetensors" not in names
+    return ref, ckpt
+
+
 def _resume_from_step_3(done: Path, out: Path, cfg: dict, **kw):
     """The finished run ``done`` as if killed after its step-3 checkpoint, resumed in ``out``."""
     shutil.copytree(done, out)
@@ -307,15 +320,11 @@ def test_lora_checkpoint_holds_the_adapter_not_the_base_and_resumes_exactly(tiny
     run's losses bitwise; a checkpoint of the whole model (written by earlier cpt) still resumes exactly; a new stage
     from it (train.init_from) starts from its weights; another base under the same adapter is refused in one line,
     nothing trained."""
-    from cpt.adapter_checkpoint import ADAPTER_BASE, ADAPTER_STATE
+    from cpt.adapter_checkpoint import ADAPTER_STATE
     from cpt.checkpoint import CheckpointError
 
     cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
-    result, _ = run(cfg)
-    ref, a = losses(tmp_path / "a"), tmp_path / "a" / "checkpoints" / "step_00000003"
-    assert result.step == 6 and sorted(ref) == list(range(1, 7))
-    names = {p.name for p in a.iterdir()}
-    assert {ADAPTER_STATE, ADAPTER_BASE, "optimizer.bin"} <= names and "model.safetensors" not in names
+    ref, a = _run_without_base(cfg, tmp_path / "a")
     saved = load_file(a / ADAPTER_STATE)
     assert any(".lora_A.default." in k for k in saved) and any("norm.modules_to_save.default" in k for k in saved)
     assert not any("base_layer" in k or "original_module" in k for k in saved)  # nothing of the frozen base
@@ -422,16 +431,12 @@ def test_freeze_checkpoint_holds_the_trained_part_not_the_frozen_layers(tiny_cpt
     uninterrupted run's losses bitwise; `cpt export` of it is the run's own export, tensor for tensor; a new stage from
     it starts from its weights (held-out loss at step 0 = the checkpoint's); a whole-model checkpoint of earlier cpt
     still resumes exactly; another frozen base is refused in one line, nothing trained."""
-    from cpt.adapter_checkpoint import ADAPTER_BASE, ADAPTER_STATE, read_base_record
+    from cpt.adapter_checkpoint import ADAPTER_STATE, read_base_record
     from cpt.checkpoint import CheckpointError
     from cpt.consolidate import export_checkpoint
 
     cfg = _freeze_small(tiny_cpt_data, base, tmp_path / "a")
-    result, _ = run(cfg)
-    ref, a = losses(tmp_path / "a"), tmp_path / "a" / "checkpoints" / "step_00000003"
-    assert result.step == 6 and sorted(ref) == list(range(1, 7))
-    names = {p.name for p in a.iterdir()}
-    assert {ADAPTER_STATE, ADAPTER_BASE, "optimizer.bin"} <= names and "model.safetensors" not in names
+    ref, a = _run_without_base(cfg, tmp_path / "a")
     before, saved = load_file(base / "model.safetensors"), load_file(a / ADAPTER_STATE)
     frozen = {k for k in before if k.startswith("model.layers.0.")}
     assert frozen and not frozen & set(saved) and set(saved) == set(before) - frozen  # (the tied head once)
