@@ -48,6 +48,7 @@ from cpt.resume import Start, anneal_branch_start, resolve_start
 from cpt.runlock import RunLock, RunLockError
 from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
+from cpt.stage_base import full_checkpoint_as_base
 from cpt.state import TrainState
 from cpt.update_guard import Outcome, UpdateGuard
 from cpt.vocab import scale_new_rows_updates
@@ -90,7 +91,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         account = ComputeAccount(acc.num_processes)  # FLOPs, wall and device hours, carried across resumes
         say = echo if acc.is_main_process else (lambda *a, **k: None)
         set_seed(cfg.run.seed)
-        start = resolve_start(cfg, cfg.checkpoint.resume if resume is None else resume, allow_config_change, acc, say)
+        start = _start(cfg, cfg.checkpoint.resume if resume is None else resume, allow_config_change, acc, say)
         _preflight(cfg, start, say)  # one clear error before anything loads
         for line in format_mixes(cfg.stages):
             say(line)
@@ -333,6 +334,13 @@ def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | 
     if every and step % every == 0 and 0 < step < total_steps:
         return Path(cfg.run.output_dir) / "exports" / f"step_{step:08d}"
     return None
+
+
+def _start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, say) -> Start:
+    """Where the run starts (cpt/resume.py); a LoRA run from a full model's checkpoint: from its model, written once as
+    the run's base (cpt/stage_base.py)."""
+    start = resolve_start(cfg, resume, allow_config_change, acc, say)
+    return full_checkpoint_as_base(cfg, start, acc, say)
 
 
 def _preflight(cfg: RunConfig, start: Start, say) -> None:
