@@ -1,7 +1,7 @@
 """Two-stage CPT: a LoRA (or model.freeze) stage started straight from a full CPT run's checkpoint (train.init_from),
 without exporting it first (cpt/stage_base.py).
 
-* a LoRA stage from a full model's checkpoint (1 process; a 2-process ZeRO-3 one; a model.freeze run's, which leaves
+* a LoRA stage from a full model's checkpoint (1 process; a 2-process FSDP2 one, DCP shards; a model.freeze run's, which leaves
   its frozen base out) gives exactly the losses, held-out losses and adapter of the documented manual path (`cpt
   export CKPT --out DIR`, then train.init_from DIR); a model.freeze stage does too;
 * the base is written once into the LoRA run's directory (RUN/base): with the earlier run deleted, the LoRA run
@@ -10,7 +10,7 @@ without exporting it first (cpt/stage_base.py).
 * under FSDP2 on 2 processes the LoRA run resumes from its 1-process checkpoint (1 -> 2), writing its missing base
   again on the main process while the other waits.
 
-Two 2-process launches (a full ZeRO-3 run, the FSDP2 resume); the rest in-process.
+Two 2-process launches (a full FSDP2 run, the FSDP2 resume); the rest in-process.
 """
 
 import json
@@ -172,13 +172,13 @@ def test_a_lora_stage_from_a_full_checkpoint_is_the_export_path_and_outlives_the
 
 def test_stages_from_a_sharded_full_checkpoint_and_from_a_freeze_checkpoint_are_the_export_path(
         tiny_cpt_data, tiny_base, tmp_path):
-    """The full trunk on 2 processes under DeepSpeed ZeRO-3 (its partitioned layout, world size 2): a LoRA stage and a
+    """The full trunk on 2 processes under FSDP2 (DCP shards of world size 2): a LoRA stage and a
     model.freeze stage from it on 1 process give the manual path's losses bitwise. A LoRA stage from a model.freeze
     run's checkpoint (its trained part alone; it was refused: "export the whole model") does too."""
-    trunk = tmp_path / "zero3"
-    launch("zero3", config(tiny_cpt_data, tiny_base, trunk, mode="full", steps=EVERY), tmp_path / "zero3.yaml")
+    trunk = tmp_path / "fsdp"
+    launch("fsdp", config(tiny_cpt_data, tiny_base, trunk, mode="full", steps=EVERY), tmp_path / "fsdp.yaml")
     assert world_sizes(trunk) == {2} and not (trunk / "checkpoints" / f"step_{EVERY:08d}" / "model.safetensors").exists()
-    exported = export(trunk, tmp_path / "zero3-export")  # (the run directory: its newest checkpoint)
+    exported = export(trunk, tmp_path / "fsdp-export")  # (the run directory: its newest checkpoint)
     for mode in ("lora", "freeze"):
         direct, manual = tmp_path / f"{mode}-direct", tmp_path / f"{mode}-manual"
         run(config(tiny_cpt_data, tiny_base, direct, init_from=trunk, mode=mode, steps=EVERY))
