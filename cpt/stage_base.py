@@ -45,8 +45,8 @@ def full_checkpoint_as_base(cfg: RunConfig, start: Start, acc, say=print) -> Sta
         _refuse_what_a_base_cannot_carry(cfg, start)
         start.init_hf, start.init = write_base(start.init, run_dir, acc, say), None
     elif start.init_hf != str((run_dir / STAGE_BASE_DIR).absolute()):  # base/ not there (base_model_dir looked)
-        source = _source_of(start.resume)
-        if source is not None and (source / CHECKSUMS).is_file() and not _holds_an_adapter(source):
+        source = _source_of(start.resume)  # (still that checkpoint: else the fingerprint check refuses, saying why)
+        if source is not None and _unchanged(source, start.resume) and not _holds_an_adapter(source):
             say(f"{run_dir / STAGE_BASE_DIR} (this LoRA run's base) is missing: writing it again from {source}")
             start.init_hf = write_base(source, run_dir, acc, say)
     return start
@@ -70,6 +70,14 @@ def _holds_an_adapter(ckpt: Path) -> bool:
     """Whether ``ckpt`` is a LoRA run's (its base is built as that run built it); a full run's and a ``model.freeze``
     run's checkpoints hold a whole model (the latter without its frozen base, which its export builds)."""
     return is_adapter_layout(ckpt) and read_base_record(ckpt)["kind"] == "lora"
+
+
+def _unchanged(source: Path, ckpt: Path) -> bool:
+    """Whether the checkpoint ``source`` is still the one ``ckpt``'s base was written from (its CHECKSUMS.json)."""
+    try:
+        return source_record(source)["checksums_sha256"] == read_base_record(ckpt)["base_from"]["checksums_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return False
 
 
 def _source_of(ckpt: Path) -> Path | None:

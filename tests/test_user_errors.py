@@ -238,16 +238,19 @@ def test_anneal_needs_a_cpt_checkpoint(trunk, tiny_base, tmp_path, capsys):
 
 
 def test_lora_and_full_checkpoints_across_runs_say_how_to_convert(trunk, tiny_cpt_data, tmp_path, capsys):
-    """A new stage (or anneal branch) from a full model's checkpoint in a LoRA run, or from a LoRA run's checkpoint in a
-    full run: the weight mismatch line says to keep model.lora or go through `cpt export` (which works: the README)."""
+    """An anneal branch from a full model's checkpoint in a LoRA run (a new stage from it works: tests/test_stage_base.py),
+    or a new stage from a LoRA run's checkpoint in a full run: one line says what to do instead."""
     path, run, _ = trunk
     lora = {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}
     cfg = small(tiny_cpt_data, tmp_path / "b")
-    cfg["model"]["lora"] = lora
+    cfg["model"]["lora"], cfg["stages"] = lora, yaml.safe_load(Path(path).read_text())["stages"]  # (infinite: a branch)
     ckpt = run / "checkpoints" / "step_00000004"
-    assert main(["train", str(write(cfg, tmp_path / "lora.yaml")), "--from", str(ckpt)]) == 1
+    assert main(["train", str(write(cfg, tmp_path / "lora.yaml")), "--from", str(ckpt), "--anneal", "2"]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
-    assert "this run uses model.lora and the checkpoint is a full model's" in line and f"cpt export {ckpt} --out DIR" in line
+    assert "--anneal (train.anneal_steps) with model.lora" in line and "as a new stage" in line and str(ckpt) in line
+    assert main(["train", str(tmp_path / "lora.yaml"), "--from", str(ckpt), "--set", "train.init_optimizer=true"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")  # (its optimizer state is the full model's)
+    assert "train.init_optimizer" in line and "fresh optimizer" in line
     lora_run = tmp_path / "lora-run"
     cfg = small(tiny_cpt_data, lora_run)
     cfg["model"]["lora"] = lora
