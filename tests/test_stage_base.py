@@ -6,7 +6,7 @@ without exporting it first (cpt/stage_base.py).
   export CKPT --out DIR`, then train.init_from DIR); a model.freeze stage does too;
 * the base is written once into the LoRA run's directory (RUN/base): with the earlier run deleted, the LoRA run
   resumes exactly (also after being moved), `cpt export` (merged and --adapter) loads with plain transformers/peft,
-  and a changed or missing base is refused in one line; a --resume whose base/ was deleted writes it again;
+  a later LoRA stage from its checkpoint builds that base, and a changed or missing base is refused in one line; a --resume whose base/ was deleted writes it again;
 * under FSDP2 on 2 processes the LoRA run resumes from its 1-process checkpoint (1 -> 2), writing its missing base
   again on the main process while the other waits.
 
@@ -151,6 +151,12 @@ def test_a_lora_stage_from_a_full_checkpoint_is_the_export_path_and_outlives_the
         tokens = load_heldout(h, AutoTokenizer.from_pretrained(adapter), cfg["data"]["seq_len"], cfg["eval"]["tokens_per_set"])
         for model in (plain, peft):
             assert heldout_loss(model.eval(), tokens, 16) == pytest.approx(evals(stage)[STEPS], abs=1e-5)
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.absolute())
+
+        later = config(tiny_cpt_data, tiny_base, tmp_path / "later", init_from=ckpt, steps=EVERY)  # a third stage, LoRA again
+        later["eval"]["at_start"] = True
+        run(later)  # (its base: the LoRA stage's base/, followed back through its checkpoint)
+        assert evals(tmp_path / "later")[0] == evals(stage)[STEPS]
 
         changed = killed_after_step_3(stage, tmp_path / "changed", cfg)
         weights = load_file(tmp_path / "changed" / "base" / "model.safetensors")
