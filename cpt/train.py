@@ -216,7 +216,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         logger.log({"train/tokens": state.tokens, **compute}, step=state.step)
         logger.close()  # (the report reads metrics.jsonl)
         if acc.is_main_process:
-            _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, acc.num_processes, say)
+            _end_of_run(cfg, run_dir, stopped, state, total_steps, summary, bench, compute, acc.num_processes, say, export_dir)
         acc.wait_for_everyone()
         return TrainResult(run_dir, state.step, state.tokens, export_dir, summary, stopped,
                            benchmarks=bench.summary() if bench else [])
@@ -454,6 +454,29 @@ def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLog
             export_hf(model, tokenizer, run_dir / "export-ema", acc, cfg.checkpoint, masters=False)
     logger.log_artifact(export_dir, f"{cfg.run.name}-final")
     return export_dir
+
+
+def _push_final(cfg: RunConfig, export_dir: Path | None, state, say) -> None:
+    """``checkpoint.push_to_hub``: the final export, with its model card, on the hub. A failed push is one line (the
+    export stays on disk, the run has succeeded): it does not fail a finished run."""
+    if not cfg.checkpoint.push_to_hub or export_dir is None:
+        return
+    from cpt.hub import HubPushError, model_card, push_folder
+
+    c = cfg.checkpoint
+    card = model_card(export_dir, config_to_dict(cfg), Path(cfg.run.output_dir), state.step, state.tokens,
+                      c.push_to_hub.split("/")[-1])
+    try:
+        say(f"pushed {export_dir} to {push_folder(export_dir, c.push_to_hub, private=c.hub_private, revision=c.hub_revision, card=card)}")
+    except HubPushError as e:
+        say(f"WARNING: {e}")
+
+
+def _end_of_run(cfg: RunConfig, run_dir: Path, stopped, state, total_steps: int, summary, bench, compute,
+                num_processes: int, say, export_dir: Path | None) -> None:
+    """The main process's end of a run: the summary tables, plots and report, then the push to the hub."""
+    _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, num_processes, say)
+    _push_final(cfg, export_dir, state, say)
 
 
 def _print_summary(cfg: RunConfig, run_dir: Path, stopped, step: int, total_steps: int, summary, bench, compute,
