@@ -30,7 +30,12 @@ from cpt.adapter_checkpoint import STAGE_BASE_DIR, STAGE_BASE_SOURCE, is_adapter
 from cpt.checkpoint import CHECKSUMS, CheckpointError, saved_step
 from cpt.config import RunConfig
 from cpt.fileio import fsync_dir
-from cpt.resume import Start
+from cpt.resume import Start, resolve_start
+
+
+def start_for_run(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, say=print) -> Start:
+    """Where the run starts (:func:`cpt.resume.resolve_start`), then :func:`full_checkpoint_as_base` (collective)."""
+    return full_checkpoint_as_base(cfg, resolve_start(cfg, resume, allow_config_change, acc, say), acc, say)
 
 
 def full_checkpoint_as_base(cfg: RunConfig, start: Start, acc, say=print) -> Start:

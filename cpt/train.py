@@ -44,11 +44,11 @@ from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, 
 from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
 from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
-from cpt.resume import Start, anneal_branch_start, resolve_start
+from cpt.resume import Start, anneal_branch_start
 from cpt.runlock import RunLock, RunLockError
 from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
-from cpt.stage_base import full_checkpoint_as_base
+from cpt.stage_base import start_for_run
 from cpt.state import TrainState
 from cpt.update_guard import Outcome, UpdateGuard
 from cpt.vocab import scale_new_rows_updates
@@ -91,7 +91,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         account = ComputeAccount(acc.num_processes)  # FLOPs, wall and device hours, carried across resumes
         say = echo if acc.is_main_process else (lambda *a, **k: None)
         set_seed(cfg.run.seed)
-        start = _start(cfg, cfg.checkpoint.resume if resume is None else resume, allow_config_change, acc, say)
+        # where the run starts (fresh, --resume, a new stage, an anneal branch; a LoRA stage on a full model: its base)
+        start = start_for_run(cfg, cfg.checkpoint.resume if resume is None else resume, allow_config_change, acc, say)
         _preflight(cfg, start, say)  # one clear error before anything loads
         for line in format_mixes(cfg.stages):
             say(line)
@@ -217,7 +218,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         logger.log({"train/tokens": state.tokens, **compute}, step=state.step)
         logger.close()  # (the report reads metrics.jsonl)
         if acc.is_main_process:
-            _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, acc.num_processes, say)
+            _end_of_run(cfg, run_dir, stopped, state, total_steps, summary, bench, compute, acc.num_processes, say, export_dir)
         acc.wait_for_everyone()
         return TrainResult(run_dir, state.step, state.tokens, export_dir, summary, stopped,
                            benchmarks=bench.summary() if bench else [])
@@ -334,13 +335,6 @@ def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | 
     if every and step % every == 0 and 0 < step < total_steps:
         return Path(cfg.run.output_dir) / "exports" / f"step_{step:08d}"
     return None
-
-
-def _start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, say) -> Start:
-    """Where the run starts (cpt/resume.py); a LoRA run from a full model's checkpoint: from its model, written once as
-    the run's base (cpt/stage_base.py)."""
-    start = resolve_start(cfg, resume, allow_config_change, acc, say)
-    return full_checkpoint_as_base(cfg, start, acc, say)
 
 
 def _preflight(cfg: RunConfig, start: Start, say) -> None:
@@ -462,6 +456,29 @@ def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLog
             export_hf(model, tokenizer, run_dir / "export-ema", acc, cfg.checkpoint, masters=False)
     logger.log_artifact(export_dir, f"{cfg.run.name}-final")
     return export_dir
+
+
+def _push_final(cfg: RunConfig, export_dir: Path | None, state, say) -> None:
+    """``checkpoint.push_to_hub``: the final export, with its model card, on the hub. A failed push is one line (the
+    export stays on disk, the run has succeeded): it does not fail a finished run."""
+    if not cfg.checkpoint.push_to_hub or export_dir is None:
+        return
+    from cpt.hub import HubPushError, model_card, push_folder
+
+    c = cfg.checkpoint
+    card = model_card(export_dir, config_to_dict(cfg), Path(cfg.run.output_dir), state.step, state.tokens,
+                      c.push_to_hub.split("/")[-1])
+    try:
+        say(f"pushed {export_dir} to {push_folder(export_dir, c.push_to_hub, private=c.hub_private, revision=c.hub_revision, card=card)}")
+    except HubPushError as e:
+        say(f"WARNING: {e}")
+
+
+def _end_of_run(cfg: RunConfig, run_dir: Path, stopped, state, total_steps: int, summary, bench, compute,
+                num_processes: int, say, export_dir: Path | None) -> None:
+    """The main process's end of a run: the summary tables, plots and report, then the push to the hub."""
+    _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, num_processes, say)
+    _push_final(cfg, export_dir, state, say)
 
 
 def _print_summary(cfg: RunConfig, run_dir: Path, stopped, step: int, total_steps: int, summary, bench, compute,

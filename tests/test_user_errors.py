@@ -295,6 +295,9 @@ def test_trajectory_fields():
             "optim.fused=false", "data.sources.0.path=/moved", "model.tokenizer=/moved-tok", "stages.0.name=renamed",
             "data.max_epochs_warning=9", "train.init_from=/x"]
     assert trajectory_changes(saved, load_config(base=base, overrides=same)) == []
+    hf = {**base, "data": {"sources": [{"name": "a", "type": "hf", "path": "json", "data_files": "/x/a.jsonl"}]}}
+    moved = ["data.sources.0.data_files=/moved/a.jsonl"]  # (the files are checked by name and size on resume)
+    assert trajectory_changes(config_to_dict(load_config(base=hf)), load_config(base=hf, overrides=moved)) == []
     changed = ["model.arch.hidden_size=16", "model.arch.hub_token=OTHER", "optim.weight_decay=0.0", "train.precision=fp32",
                "data.seq_len=128", "stages.0.mix.a=2", "train.ema_decay=0.9"]
     got = trajectory_changes(saved, load_config(base=base, overrides=changed))
