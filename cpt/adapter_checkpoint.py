@@ -16,7 +16,9 @@ Whoever reads the checkpoint rebuilds the base as the run did (``model.name_or_p
 ``model.vocab``, ``run.seed`` for a base built from ``model.arch``) and loads the saved state on top: a resume, a new
 stage or anneal branch from it (cpt/checkpoint.py), another backend or world size (cpt/consolidate.py) and
 ``cpt export`` / ``eval`` / ``interpolate`` / ``average``. A base that differs from the recorded one is refused in one
-line (:class:`AdapterCheckpointError`) before anything is loaded. A ``model.freeze`` run whose frozen part is not the
+line (:class:`AdapterCheckpointError`) before anything is loaded. A LoRA run started from a full model's cpt
+checkpoint built its base from ``RUN/base`` (cpt/stage_base.py): the record names that checkpoint (``base_from``), and
+a base that is gone or changed is refused saying how to put it back. A ``model.freeze`` run whose frozen part is not the
 base as built (a stage from a whole-model checkpoint: :func:`note_loaded_base`) writes whole-model checkpoints.
 
 A checkpoint's layout is told by its files (:func:`is_adapter_layout`), so whole-model checkpoints of any run (earlier

@@ -25,7 +25,8 @@ from cpt.config import RunConfig, load_config, trajectory_changes
 class Start:
     resume: Path | None = None  # --resume: continue this checkpoint (weights, optimizer, RNG, every component)
     init: Path | None = None  # train.init_from a cpt checkpoint: its weights (+ optimizer state)
-    init_hf: str | None = None  # train.init_from an HF model directory: its weights
+    init_hf: str | None = None  # train.init_from an HF model directory: its weights (a LoRA stage on a full model's
+    # checkpoint: the base written from it into the run directory, cpt/stage_base.py)
     branch: bool = False  # train.anneal_steps from ``init``: an anneal branch continues the trunk's whole state
     requeued: bool = False  # --resume with no checkpoint to resume (a requeue before the first one): from scratch, but
     # the same run (its W&B run continues; metrics.jsonl restarts, as a resume drops the lines after its checkpoint)
