@@ -261,6 +261,10 @@ def test_shards_prepared_with_the_extended_tokenizer(tok, tmp_path):
     assert load_heldout(h, ext2, 8).shape[1] == 8
     with pytest.raises(ShardError):
         load_heldout(h, tok, 8)  # the old tokenizer does not match these shards
+    prepare(str(corpus), tok, str(tmp_path / "old_shards"))  # the other way round: a model.vocab run, old shards
+    old = HeldoutConfig(name="py", path=str(tmp_path / "old_shards"), tag="downstream")
+    with pytest.raises(ShardError, match=r"tokenizer '.* extended by model.vocab' has vocabulary hash .*--extend-vocab"):
+        load_heldout(old, ext2, 8)  # says why the hash is not the base tokenizer's and how to prepare with it
 
 
 @pytest.mark.parametrize("tie", [False, True])

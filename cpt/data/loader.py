@@ -33,7 +33,7 @@ import torch
 
 from cpt.data.hfstream import HFTokenStream
 from cpt.data.mixer import Mixer, MixPlan
-from cpt.data.shards import ShardError, TokenShards, tokenizer_fingerprint, tokenizer_name
+from cpt.data.shards import ShardError, TokenShards, run_tokenizer_name, tokenizer_fingerprint
 from cpt.data.stream import PackedStream
 
 logger = logging.getLogger("cpt.data")
@@ -83,7 +83,7 @@ class CPTDataLoader:
             return HFTokenStream(src, tokenizer, self.seq_len, seed=self.seed, log_skips=check_sizes)
         try:
             shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes,
-                                      expected_tokenizer_name=tokenizer_name(tokenizer),
+                                      expected_tokenizer_name=run_tokenizer_name(tokenizer),
                                       expected_eos_id=tokenizer.eos_token_id)
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
@@ -360,7 +360,7 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
     limit = getattr(cfg, "max_tokens", None) or max_tokens
     try:
         shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify,
-                                  expected_tokenizer_name=tokenizer_name(tokenizer),
+                                  expected_tokenizer_name=run_tokenizer_name(tokenizer),
                                   expected_eos_id=getattr(tokenizer, "eos_token_id", None), check_sizes=check_sizes)
     except ShardError as e:
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None

@@ -77,6 +77,13 @@ def tokenizer_name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
+def run_tokenizer_name(tokenizer: Any) -> str:
+    """tokenizer_name, saying so when model.vocab extended the tokenizer (its ``cpt_vocab`` record): a run's refusal
+    of shards then names why its vocabulary hash is not the base tokenizer's."""
+    record = (getattr(tokenizer, "init_kwargs", None) or {}).get("cpt_vocab")
+    return f"{tokenizer_name(tokenizer)} extended by model.vocab" if record else tokenizer_name(tokenizer)
+
+
 def vocab_size(tokenizer: Any) -> int:
     """One more than the largest id the tokenizer can produce (base vocabulary plus added tokens): its length, or more
     when its ids have gaps (an id of 70,000 in a 4-token vocabulary does not fit uint16 shards)."""
@@ -225,7 +232,8 @@ class TokenShards:
                 f"{path}: prepared with tokenizer {manifest['tokenizer'].get('name')!r} (vocabulary hash {got}), "
                 f"but this run's tokenizer{f' {expected_tokenizer_name!r}' if expected_tokenizer_name else ''} has "
                 f"vocabulary hash {expected_tokenizer_hash}; "
-                "re-run `cpt prepare` with the run's tokenizer"
+                "re-run `cpt prepare` with the run's tokenizer (for a run with model.vocab: `cpt prepare INPUT "
+                "--extend-vocab RUN.yaml` builds its extended tokenizer)"
             )
         eos = manifest["tokenizer"].get("eos_token_id")
         if expected_eos_id is not None and eos is not None and eos != expected_eos_id:
