@@ -23,6 +23,8 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
+from cpt.rank_failure import remember_store
+
 
 class LaunchError(RuntimeError):
     """The processes a launch gave cannot train this config (one clear line, no traceback, from ``cpt train``)."""
@@ -220,6 +222,7 @@ def build_accelerator(cfg):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         kwargs_handlers=kwargs,
     )
+    remember_store()  # where a rank that fails tells the others why (cpt/rank_failure.py)
     if acc.num_processes > 1 and backend(acc) is Backend.SINGLE:
         # e.g. `accelerate launch --use_fsdp` or --multi_gpu without GPUs: N processes that never synchronise
         raise LaunchError(

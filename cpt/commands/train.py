@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from cpt.config import ConfigError, load_config
@@ -96,22 +97,35 @@ def main(argv: list[str]) -> int:
 
 
 def _train(cfg, args, argv: list[str], runlog, train) -> int:
+    from cpt import rank_failure
+
+    run = str(cfg.run.output_dir)
+
     def error(line: str) -> int:
+        if (label := rank_failure.rank_label()) and not re.search(rf"\brank {os.environ.get('RANK')}\b", line):
+            line = f"{line} [{label}]"  # (which rank, in a multi-process run's shared log)
+        rank_failure.report(run, line)  # (the other ranks, whose collectives break when this one exits, stay quiet)
         print_line(f"cpt train: error: {line}", file=sys.stderr)
         runlog.write(f"cpt train: error: {line}")
         return 1
 
     try:
         result = train(cfg, resume=args.resume or None, echo=runlog.say, allow_config_change=args.allow_config_change)
-    # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
-    except run_errors() as e:
-        return error(str(e))
-    except RuntimeError as e:  # a collective that gave up on a hung or lost rank: say which setting decides
-        from cpt.distributed import collective_timeout
+    except Exception as e:
+        if rank_failure.lost_peer(e):  # another rank is gone: it printed why and told this one (quiet), or was killed
+            if (cause := rank_failure.reported(run)) is None:
+                print_line(f"cpt train: error: {rank_failure.lost_peer_line(e)}", file=sys.stderr)
+            runlog.write(f"cpt train: error: {cause or rank_failure.lost_peer_line(e)}")  # (train.log: main process)
+            return 1
+        # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
+        if isinstance(e, run_errors()):
+            return error(str(e))
+        from cpt.distributed import collective_timeout  # a collective that gave up on a hung rank: name the setting
 
-        if (line := collective_timeout(e, cfg)) is None:
-            raise
-        return error(line)
+        if isinstance(e, RuntimeError) and (line := collective_timeout(e, cfg)) is not None:
+            return error(line)
+        rank_failure.report(run, f"{type(e).__name__}: {e}")  # an unexpected error: its traceback follows
+        raise
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
         from cpt.console import resume_command
 

@@ -1,0 +1,109 @@
+"""One rank of a multi-process run fails (cpt/rank_failure.py): the failing rank prints one line naming itself and the
+cause and tells the others through the launcher's store; a rank whose collective then breaks ("Connection closed by
+peer") stays quiet instead of printing a page of traceback or a misleading line of its own, and prints one line when
+the other rank died without a word (kill -9). In-process: `cpt train`'s error handling (cpt/commands/train.py) with
+a real TCPStore standing for torchrun's, each rank's environment set in turn. (The same on 2 launched processes:
+tests/test_launch_shipped.py's sharded-save failure.)"""
+
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+
+GLOO_LOST = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+             "[127.0.0.1]:25274. This is typically caused by a remote worker crashing. Check the logs of the remote worker "
+             "before reporting an error. GLHF!")
+
+
+@pytest.fixture
+def store(monkeypatch):
+    """A launcher's store (what torchrun's agent serves to its ranks), as remember_store() keeps it."""
+    import torch.distributed as dist
+
+    from cpt import rank_failure
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=5))
+    monkeypatch.setattr(rank_failure, "_STORE", [dist.PrefixStore("default_pg", server)])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    return server
+
+
+class RunLog(list):
+    def write(self, line):
+        self.append(line)
+
+    say = write
+
+
+def run_rank(rank: int, error: BaseException, tmp_path, monkeypatch, capsys) -> tuple[int, list[str], RunLog]:
+    """`cpt train`'s handling of ``error`` raised by train() on ``rank``: (exit status, its stderr lines, train.log)."""
+    from cpt.commands.train import _train
+
+    monkeypatch.setenv("RANK", str(rank))
+
+    def train(*a, **k):
+        raise error
+
+    cfg = SimpleNamespace(run=SimpleNamespace(output_dir=str(tmp_path / "run")), train=SimpleNamespace(distributed_timeout_s=1800))
+    runlog = RunLog()
+    capsys.readouterr()
+    rc = _train(cfg, SimpleNamespace(resume=False, allow_config_change=False), [], runlog, train)
+    return rc, capsys.readouterr().err.splitlines(), runlog
+
+
+def test_the_rank_with_the_cause_prints_it_once_and_the_others_stay_quiet(store, tmp_path, monkeypatch, capsys):
+    from cpt.checkpoint import ShardedSaveError
+    from cpt.data.shards import ShardError
+
+    cause = ShardError("data source 'python': checksum mismatch for shard_00000.bin")
+    rc, err, _ = run_rank(1, cause, tmp_path, monkeypatch, capsys)
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("cpt train: error: data source 'python': checksum mismatch") and "[rank 1 of 2 (" in err[0]
+
+    # rank 0's collectives break when rank 1 exits: nothing printed (a traceback before), the cause in train.log
+    rc, err, runlog = run_rank(0, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
+    assert len(runlog) == 1 and "checksum mismatch" in runlog[0] and "rank 1 of 2" in runlog[0], runlog
+    # ... also inside a collective save that wraps it (ShardedSaveError: once a line of its own, "connection closed")
+    try:
+        raise RuntimeError(GLOO_LOST)
+    except RuntimeError as lost:
+        try:
+            raise ShardedSaveError("checkpoint at step 6: rank 0 failed in the fsdp save: RuntimeError: ...") from lost
+        except ShardedSaveError as e:
+            wrapped = e
+    rc, err, _ = run_rank(0, wrapped, tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
+
+
+def test_a_rank_killed_without_a_word_gets_one_line(store, tmp_path, monkeypatch, capsys):
+    from cpt import rank_failure
+
+    monkeypatch.setattr(rank_failure, "REPORT_WAIT_S", 0.2)
+    rc, err, _ = run_rank(0, RuntimeError(GLOO_LOST.replace("closed by", "reset by")), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("cpt train: error: rank 0 of 2 (") and "another rank of this run died" in err[0]
+    assert "Connection reset by peer" in err[0] and "--resume" in err[0]
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_quiets_the_others(store, tmp_path, monkeypatch, capsys):
+    with pytest.raises(IndexError):
+        run_rank(1, IndexError("index out of range in self"), tmp_path, monkeypatch, capsys)
+    rc, err, _ = run_rank(0, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
+
+
+def test_the_first_report_is_kept():
+    import torch.distributed as dist
+
+    from cpt import rank_failure
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=5))
+    rank_failure._STORE[:] = [server]
+    try:
+        assert rank_failure.reported("r", wait_s=0) is None
+        assert rank_failure.report("r", "first") and not rank_failure.report("r", "second")
+        assert rank_failure.reported("r", wait_s=0).endswith(": first")
+        assert rank_failure.reported("another run", wait_s=0) is None
+    finally:
+        rank_failure._STORE.clear()
