@@ -9,8 +9,9 @@ failed checkpoint "connection closed"), before the launcher's summary. Now:
   so it outlives the ranks) before it exits (:func:`report`; the first rank to report is the one kept);
 * a rank whose collective breaks because another rank is gone (:func:`lost_peer`) waits a moment for that line
   (:func:`reported`) and exits quietly with status 1: the cause is printed once, by the rank that had it. With nothing
-  reported (the other rank was killed: ``kill -9``, the kernel's OOM killer, a segfault, a lost node) it prints one
-  line saying so (:func:`lost_peer_line`); the launcher's summary after it names the rank and its exit signal.
+  reported (the other rank was killed: ``kill -9``, the kernel's OOM killer, a segfault, a lost node) one line says
+  so (:func:`lost_peer_line`), printed by the first rank to report it (not once per surviving rank); the launcher's
+  summary after it names the dead rank and its exit signal.
 
 The store is the default process group's, remembered when the run's Accelerator is built (:func:`remember_store`):
 by the time an error reaches the command, the run's process group has been destroyed.
@@ -25,7 +26,7 @@ import time
 from datetime import timedelta
 
 _STORE: list = []  # [the default process group's store], from remember_store()
-REPORT_WAIT_S = 5.0  # how long a rank that lost another waits for that rank's report (it may be on its way out)
+REPORT_WAIT_S = 2.0  # how long a rank that lost another waits for that rank's report (it may be on its way out)
 
 # a collective that broke because another process of the run is gone (its sockets closed, its communicator aborted)
 _LOST_PEER = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|NCCL communicator was aborted|"
@@ -107,6 +108,6 @@ def lost_peer_line(error: BaseException) -> str:
     """The one line of a rank whose collective broke when another rank died without reporting why."""
     match = _LOST_PEER.search(str(error))
     seen = match.group(0) if match else type(error).__name__
-    return (f"{rank_label()}: another rank of this run died during a collective operation ({seen}): it was killed "
+    return (f"another rank of this run died during a collective operation ({seen}): it was killed "
             "(kill -9, the kernel's out-of-memory killer, a lost node) or crashed without a Python error; the "
             "launcher's summary names it and its exit signal. --resume continues from the newest checkpoint")

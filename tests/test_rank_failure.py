@@ -18,6 +18,8 @@ GLOO_LOST = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:
 @pytest.fixture
 def store(monkeypatch):
     """A launcher's store (what torchrun's agent serves to its ranks), as remember_store() keeps it."""
+    import signal
+
     import torch.distributed as dist
 
     from cpt import rank_failure
@@ -25,7 +27,9 @@ def store(monkeypatch):
     server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=5))
     monkeypatch.setattr(rank_failure, "_STORE", [dist.PrefixStore("default_pg", server)])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    return server
+    term = signal.getsignal(signal.SIGTERM)  # (a rank that lost another ignores SIGTERM while it reports)
+    yield server
+    signal.signal(signal.SIGTERM, term)
 
 
 class RunLog(list):
@@ -84,6 +88,10 @@ def test_a_rank_killed_without_a_word_gets_one_line(store, tmp_path, monkeypatch
     assert rc == 1 and len(err) == 1, err
     assert err[0].startswith("cpt train: error: rank 0 of 2 (") and "another rank of this run died" in err[0]
     assert "Connection reset by peer" in err[0] and "--resume" in err[0]
+    # with more ranks, the first survivor to report says it; the others stay quiet (not one line per survivor)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    rc, err, _ = run_rank(2, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
 
 
 def test_an_unexpected_error_keeps_its_traceback_and_quiets_the_others(store, tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 
 from cpt.config import ConfigError, load_config
@@ -112,10 +113,12 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
     try:
         result = train(cfg, resume=args.resume or None, echo=runlog.say, allow_config_change=args.allow_config_change)
     except Exception as e:
-        if rank_failure.lost_peer(e):  # another rank is gone: it printed why and told this one (quiet), or was killed
-            if (cause := rank_failure.reported(run)) is None:
-                print_line(f"cpt train: error: {rank_failure.lost_peer_line(e)}", file=sys.stderr)
-            runlog.write(f"cpt train: error: {cause or rank_failure.lost_peer_line(e)}")  # (train.log: main process)
+        if rank_failure.lost_peer(e):  # another rank is gone: it printed why and told this one, or it was killed
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (the launcher is stopping the ranks: say it first)
+            cause = rank_failure.reported(run)
+            if cause is None and rank_failure.report(run, lost := rank_failure.lost_peer_line(e)):  # one rank says so
+                print_line(f"cpt train: error: {rank_failure.rank_label()}: {lost}", file=sys.stderr)
+            runlog.write(f"cpt train: error: {cause or rank_failure.reported(run, 0)}")  # (train.log: main process)
             return 1
         # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
         if isinstance(e, run_errors()):
