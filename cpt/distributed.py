@@ -23,7 +23,7 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
-from cpt.rank_failure import remember_store
+from cpt.rank_failure import lost_peer, remember_store
 
 
 class LaunchError(RuntimeError):
@@ -332,6 +332,11 @@ class PreemptionFlag:
 
     def __exit__(self, *exc) -> None:
         self.uninstall()
+        if exc[1] is not None and lost_peer(exc[1]):
+            # another rank died: the launcher is stopping the others (SIGTERM); this rank reports first, then exits
+            # (cpt/rank_failure.py), rather than being cut off on its way to the error handler
+            with contextlib.suppress(ValueError):  # (not the main thread)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def requested(self, acc, step: int = 0) -> bool:
         """True on every rank if any rank received a signal (so all ranks save together); with several

@@ -115,3 +115,23 @@ def test_the_first_report_is_kept():
         assert rank_failure.reported("another run", wait_s=0) is None
     finally:
         rank_failure._STORE.clear()
+
+
+def test_a_rank_that_lost_another_is_not_cut_off_by_the_launchers_sigterm():
+    """The launcher sends SIGTERM to the ranks left once one died; the training loop's preemption handler is gone by
+    the time the broken collective's error reaches `cpt train`, so the rank died mid-way, its line unprinted. On
+    the way out of a lost-peer error the handler leaves SIGTERM ignored (any other error: the previous handler)."""
+    import signal
+
+    from cpt.distributed import PreemptionFlag
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(ValueError), PreemptionFlag():
+            raise ValueError("another error")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        with pytest.raises(RuntimeError), PreemptionFlag():
+            raise RuntimeError(GLOO_LOST)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
