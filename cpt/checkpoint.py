@@ -177,7 +177,7 @@ class CheckpointManager:
         self.shards = sharded_save.for_run(accelerator, async_save and not self.cpt_writes)  # None: synchronous
         self.async_save = async_save and (self.cpt_writes or self.shards is not None)  # (DeepSpeed: synchronous)
         self.max_failed_saves = max_failed_saves
-        self.failed_in_a_row = 0
+        self.failed_in_a_row, self.last_saved = 0, None  # (last_saved: the step of the last committed save, every rank)
         self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
         self._job = None  # its writer (main process: _Commit; the other ranks: FSDP2's background shard writes, if any)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
@@ -188,6 +188,8 @@ class CheckpointManager:
         """Save on every rank (collective): the accelerate state and every registered component (cpt/state.py).
         Blocks for the host copy; writes in the background with ``async_save``."""
         self.wait()  # one save at a time: the previous one must be on disk (and counted) first
+        if step == self.last_saved:  # committed already (a run's end after a periodic save of its last step)
+            return
         acc = self.acc
         tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:08d}"
         error = None
@@ -223,9 +225,7 @@ class CheckpointManager:
         if self._pending_step is None:
             return
         step, self._pending_step = self._pending_step, None
-        error = None
-        if self._job is not None:
-            error, self._job = self._job.join(), None
+        error, self._job = (self._job.join() if self._job is not None else None), None
         if not all_ranks_agree(self.acc, error is None):
             error = error or CheckpointError("the main process failed to write it")
         self._record(step, error)
@@ -275,7 +275,7 @@ class CheckpointManager:
 
     def _record(self, step: int, error: BaseException | None) -> None:
         if error is None:
-            self.failed_in_a_row = 0
+            self.failed_in_a_row, self.last_saved = 0, step
             return
         self.failed_in_a_row += 1
         cause = str(error) if isinstance(error, (CheckpointError, sharded_save.ShardWriteError)) else describe_io_error(error, self.root)
