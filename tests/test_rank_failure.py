@@ -135,3 +135,17 @@ def test_a_rank_that_lost_another_is_not_cut_off_by_the_launchers_sigterm():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_write_failing_on_one_rank_is_one_line(store, tmp_path, monkeypatch, capsys):
+    """Disk full in the final HF export (written by the main process): it was a raw OSError traceback on that rank
+    and a 'Connection closed by peer' traceback on the other."""
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / ".export.tmp" / "model.safetensors"))
+    rc, err, _ = run_rank(0, full, tmp_path, monkeypatch, capsys)
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"cpt train: error: a write failed: no space left on device ({tmp_path / 'run' / '.export.tmp'}")
+    assert "--resume" in err[0] and "[rank 0 of 2 (" in err[0]
+    rc, err, _ = run_rank(1, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err

@@ -123,6 +123,11 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
         # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
         if isinstance(e, run_errors()):
             return error(str(e))
+        if isinstance(e, OSError):  # disk full, quota, permissions, I/O (e.g. the final export): in plain words
+            from cpt.fileio import describe_io_error
+
+            return error(f"a write failed: {describe_io_error(e, run)}; the newest checkpoint is intact and --resume "
+                         "continues from it (a missing final export is written again)")
         from cpt.distributed import collective_timeout  # a collective that gave up on a hung rank: name the setting
 
         if isinstance(e, RuntimeError) and (line := collective_timeout(e, cfg)) is not None:
