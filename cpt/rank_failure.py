@@ -11,7 +11,8 @@ failed checkpoint "connection closed"), before the launcher's summary. Now:
   (:func:`reported`) and exits quietly with status 1: the cause is printed once, by the rank that had it. With nothing
   reported (the other rank was killed: ``kill -9``, the kernel's OOM killer, a segfault, a lost node) one line says
   so (:func:`lost_peer_line`), printed by the first rank to report it (not once per surviving rank); the launcher's
-  summary after it names the dead rank and its exit signal.
+  summary after it names the dead rank and its exit signal;
+* every rank failing alike (a setting this launch cannot train) prints its line once, not once per rank.
 
 The store is the default process group's, remembered when the run's Accelerator is built (:func:`remember_store`):
 by the time an error reaches the command, the run's process group has been destroyed.
@@ -60,18 +61,19 @@ def rank_label() -> str:
     return f"rank {os.environ.get('RANK', '?')} of {world} ({socket.gethostname()})"
 
 
-def report(run: str, line: str) -> bool:
-    """Tell the other ranks of run ``run`` why this rank stops (``line``); True if this is the first report (the one
-    the others see). Never raises: a store that cannot be reached (the launcher gone) tells nobody."""
+def report(run: str, line: str) -> str | None:
+    """Tell the other ranks of run ``run`` why this rank stops (``line``). Returns None when this is the report the
+    others see (the first), else the line that was reported first. Never raises: a store that cannot be reached (the
+    launcher gone) tells nobody."""
     if not _STORE:
-        return True
-    store = _STORE[0]
-    mine = f"{rank_label()}: {line}"
+        return None
+    store, mine = _STORE[0], f"{rank_label()}\t{line}"
     try:
         store.set_timeout(timedelta(seconds=5))
-        return store.compare_set(_key(run), "", mine).decode(errors="replace") == mine
+        first = store.compare_set(_key(run), "", mine).decode(errors="replace")
     except Exception:  # noqa: BLE001 - a failure report must not hide the failure
-        return True
+        return None
+    return None if first == mine else first.partition("\t")[2]
 
 
 def reported(run: str, wait_s: float | None = None) -> str | None:
@@ -85,7 +87,8 @@ def reported(run: str, wait_s: float | None = None) -> str | None:
         store.set_timeout(timedelta(seconds=5))
         while True:
             if store.check([key]):
-                return store.get(key).decode(errors="replace")
+                label, _, line = store.get(key).decode(errors="replace").partition("\t")
+                return f"{label}: {line}"
             if time.monotonic() >= until:
                 return None
             time.sleep(0.1)

@@ -110,7 +110,7 @@ def test_the_first_report_is_kept():
     rank_failure._STORE[:] = [server]
     try:
         assert rank_failure.reported("r", wait_s=0) is None
-        assert rank_failure.report("r", "first") and not rank_failure.report("r", "second")
+        assert rank_failure.report("r", "first") is None and rank_failure.report("r", "second") == "first"
         assert rank_failure.reported("r", wait_s=0).endswith(": first")
         assert rank_failure.reported("another run", wait_s=0) is None
     finally:
@@ -149,3 +149,16 @@ def test_a_write_failing_on_one_rank_is_one_line(store, tmp_path, monkeypatch, c
     assert "--resume" in err[0] and "[rank 0 of 2 (" in err[0]
     rc, err, _ = run_rank(1, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
     assert rc == 1 and err == [], err
+
+
+def test_every_rank_failing_alike_prints_the_line_once(store, tmp_path, monkeypatch, capsys):
+    """A setting the launch cannot train fails on every rank with the same line: printed once (the first to report),
+    each rank's train.log-side record kept."""
+    from cpt.distributed import LaunchError
+
+    outs = [run_rank(r, LaunchError("EMA: parameter w is sharded (FSDP2 DTensor); turn it off"), tmp_path, monkeypatch, capsys)
+            for r in (1, 0)]
+    assert [rc for rc, _, _ in outs] == [1, 1]
+    assert outs[0][1] == ["cpt train: error: EMA: parameter w is sharded (FSDP2 DTensor); turn it off [rank 1 of 2 ("
+                          + outs[0][1][0].split("[rank 1 of 2 (")[1]] and outs[1][1] == []
+    assert outs[1][2] and "EMA: parameter w is sharded" in outs[1][2][0]  # (rank 0's train.log still has it)

@@ -103,11 +103,13 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
     run = str(cfg.run.output_dir)
 
     def error(line: str) -> int:
+        first = rank_failure.report(run, line)  # (the ranks whose collectives break when this one exits stay quiet)
+        shown = line
         if (label := rank_failure.rank_label()) and not re.search(rf"\brank {os.environ.get('RANK')}\b", line):
-            line = f"{line} [{label}]"  # (which rank, in a multi-process run's shared log)
-        rank_failure.report(run, line)  # (the other ranks, whose collectives break when this one exits, stay quiet)
-        print_line(f"cpt train: error: {line}", file=sys.stderr)
-        runlog.write(f"cpt train: error: {line}")
+            shown = f"{line} [{label}]"  # (which rank, in a multi-process run's shared log)
+        if first != line:  # (every rank failing alike, e.g. a setting this launch cannot train: printed once)
+            print_line(f"cpt train: error: {shown}", file=sys.stderr)
+        runlog.write(f"cpt train: error: {shown}")
         return 1
 
     try:
@@ -116,7 +118,7 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
         if rank_failure.lost_peer(e):  # another rank is gone: it printed why and told this one, or it was killed
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (the launcher is stopping the ranks: say it first)
             cause = rank_failure.reported(run)
-            if cause is None and rank_failure.report(run, lost := rank_failure.lost_peer_line(e)):  # one rank says so
+            if cause is None and rank_failure.report(run, lost := rank_failure.lost_peer_line(e)) is None:  # one rank says so
                 print_line(f"cpt train: error: {rank_failure.rank_label()}: {lost}", file=sys.stderr)
             runlog.write(f"cpt train: error: {cause or rank_failure.reported(run, 0)}")  # (train.log: main process)
             return 1
