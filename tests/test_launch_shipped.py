@@ -15,6 +15,7 @@ between world sizes and backends.
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -393,3 +394,31 @@ def test_a_rank_failing_in_a_sharded_save_stops_the_run_at_once(reference, tiny_
     rc, log = run_shipped("fsdp", path, "--resume")
     assert rc == 0 and f"resumed {out / 'checkpoints' / f'step_{EVERY:08d}'} at step {EVERY}" in log, log[-5000:]
     assert_close(losses(out), losses(reference))
+
+
+def test_a_shard_refused_by_rank_0_stops_every_rank_with_one_line(tiny_cpt_data, tiny_base, tmp_path):
+    """`data.verify_checksums: true` checks the shards on rank 0 only: a shard whose bytes changed after `cpt prepare`
+    (same size) was refused there, while rank 1 went on into the model's first collective, then died of the broken
+    connection with a page of traceback that named no cause. Now rank 0's line, naming the file and its rank, is the
+    only one (rank 1 learns the cause from the launcher's store and stays quiet) and the job ends in seconds, not after
+    train.distributed_timeout_s. About 15 s."""
+    import time
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cpt_data / "data", data / "data")
+    shard = data / "data" / "python" / "shard_00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[1000:1002] = b"\x01\x00" if raw[1000:1002] != b"\x01\x00" else b"\x02\x00"  # another valid token id (uint16)
+    shard.write_bytes(bytes(raw))
+    cfg = two_process_config(tiny_cpt_data, tiny_base, tmp_path / "run", steps=STEPS, eval_every=EVERY, checkpoint={"every": EVERY})
+    for src in cfg["data"]["sources"]:
+        src["path"] = src["path"].replace(str(tiny_cpt_data / "data"), str(data / "data"))
+    cfg["data"]["verify_checksums"] = True
+    cfg["train"]["distributed_timeout_s"] = 120
+    t0 = time.time()
+    rc, log = run_shipped("ddp", write(cfg, tmp_path / "run.yaml"))
+    assert rc != 0 and time.time() - t0 < 100, (time.time() - t0, log[-5000:])
+    errors = [line for line in log.splitlines() if line.startswith("cpt train: error:")]
+    assert len(errors) == 1 and "checksum mismatch for shard_00000.bin" in errors[0], log[-5000:]
+    assert errors[0].endswith("]") and "[rank 0 of 2 (" in errors[0], errors
+    assert not re.search(r"\[rank\d\]: Traceback", log) and "Connection closed" not in log, log[-5000:]
