@@ -114,3 +114,18 @@ def lost_peer_line(error: BaseException) -> str:
     return (f"another rank of this run died during a collective operation ({seen}): it was killed "
             "(kill -9, the kernel's out-of-memory killer, a lost node) or crashed without a Python error; the "
             "launcher's summary names it and its exit signal. --resume continues from the newest checkpoint")
+
+
+def leave(code: int = 1) -> None:
+    """End a rank whose process group broke, once its line is out: at once (``os._exit``), without the interpreter's
+    teardown, in which destroying the broken group blocks in C++ (gloo's, with a dead peer: 6 s measured on 2 CPU
+    processes, while the launcher waits for the rank). The run's own cleanup (checkpoint writers, the run lock,
+    metrics, trackers) has run by then, on the way out of the training loop."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

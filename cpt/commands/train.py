@@ -121,6 +121,7 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
             if cause is None and rank_failure.report(run, lost := rank_failure.lost_peer_line(e)) is None:  # one rank says so
                 print_line(f"cpt train: error: {rank_failure.rank_label()}: {lost}", file=sys.stderr)
             runlog.write(f"cpt train: error: {cause or rank_failure.reported(run, 0)}")  # (train.log: main process)
+            rank_failure.leave(1)  # (not through the broken group's teardown, which blocks for seconds)
             return 1
         # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
         if isinstance(e, run_errors()):
