@@ -20,7 +20,7 @@ A save, on every rank:
    future completes (on every rank) only after every rank's files and the metadata are on disk, or fails on every
    rank with the failing ranks' errors (no rank waits for ever on another's failure). A rank that dies mid-write
    (``kill -9``, out of memory) closes its sockets: the others' DCP collectives fail at once and torchrun stops them
-   (measured on 2 CPU processes: every process gone 1-2 s after the kill, the previous checkpoint the newest valid
+   (measured on 2 CPU processes: every process gone within 5 s of the kill, the previous checkpoint the newest valid
    one, ``--resume`` exact); only a rank that hangs, or a node lost without closing its connections, leaves them
    waiting, up to the process group's timeout (``train.distributed_timeout_s``).
 4. The main process's commit thread (cpt/checkpoint.py's ``_Commit``) waits for both futures, then writes cpt's own
