@@ -97,7 +97,10 @@ def reported(run: str, wait_s: float | None = None) -> str | None:
 
 
 def lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` (or an error it wraps) is a collective that broke because another process of the run is gone."""
+    """Whether ``error`` (or an error it wraps) is a collective that broke because another process of the run is gone
+    (never with one process: a broken pipe there is its own output's)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

@@ -118,7 +118,7 @@ def test_the_first_report_is_kept():
         rank_failure._STORE.clear()
 
 
-def test_a_rank_that_lost_another_is_not_cut_off_by_the_launchers_sigterm():
+def test_a_rank_that_lost_another_is_not_cut_off_by_the_launchers_sigterm(monkeypatch):
     """The launcher sends SIGTERM to the ranks left once one died; the training loop's preemption handler is gone by
     the time the broken collective's error reaches `cpt train`, so the rank died mid-way, its line unprinted. On
     the way out of a lost-peer error the handler leaves SIGTERM ignored (any other error: the previous handler)."""
@@ -126,6 +126,7 @@ def test_a_rank_that_lost_another_is_not_cut_off_by_the_launchers_sigterm():
 
     from cpt.distributed import PreemptionFlag
 
+    monkeypatch.setenv("WORLD_SIZE", "2")
     before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         with pytest.raises(ValueError), PreemptionFlag():
@@ -163,3 +164,13 @@ def test_every_rank_failing_alike_prints_the_line_once(store, tmp_path, monkeypa
     assert outs[0][1] == ["cpt train: error: EMA: parameter w is sharded (FSDP2 DTensor); turn it off [rank 1 of 2 ("
                           + outs[0][1][0].split("[rank 1 of 2 (")[1]] and outs[1][1] == []
     assert outs[1][2] and "EMA: parameter w is sharded" in outs[1][2][0]  # (rank 0's train.log still has it)
+
+
+def test_one_process_has_no_lost_peer(monkeypatch):
+    """A broken pipe in a 1-process run is its own output's (`cpt train ... | head`), not another rank's death."""
+    from cpt import rank_failure
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not rank_failure.lost_peer(BrokenPipeError(32, "Broken pipe"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank_failure.lost_peer(RuntimeError(GLOO_LOST)) and not rank_failure.lost_peer(ValueError("bad value"))
