@@ -1,5 +1,6 @@
 """Non-blocking DeepSpeed checkpoints (cpt/zero_save.py: DeepSpeed's own save, its files written in the background), `cpt
-train` on 2 CPU processes under ZeRO-3 (gloo):
+train` on 2 CPU processes under ZeRO-3 (gloo), of a `model.freeze` run (bottom_half: layer 0 of 2 frozen), whose
+checkpoints leave the frozen layer out (DeepSpeed's exclude_frozen_parameters, cpt/adapter_shards.py):
 
 * a run with `checkpoint.async_save: true` (the default), resumed, logs the losses of a run with `false` bitwise and
   writes the same checkpoints: DeepSpeed's files (pytorch_model/zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt,
@@ -7,7 +8,8 @@ train` on 2 CPU processes under ZeRO-3 (gloo):
 * a background write that fails on one rank (disk full, injected before rank 1 writes its optimizer partition) fails
   that save on every rank, reported naming the rank and counted toward `checkpoint.max_failed_saves`; the run goes on;
 * `kill -9` of the job during a later save, after every rank's files are written and before the commit, leaves the
-  previous checkpoint the newest valid one, and `--resume` continues from it exactly.
+  previous checkpoint the newest valid one, and `--resume` continues from it exactly (the frozen layer from the base
+  the run builds); the checkpoint exports the trained part over that base.
 
 And scripts/bench_checkpoint.py --deepspeed (ZeRO-2 with the optimizer offloaded to the CPU): both saves measured, the
 non-blocking save's files equal the synchronous one's. Four launches: about two minutes on 2 loaded cores.
@@ -39,6 +41,7 @@ def make_cfg(tiny_cpt_data, tiny_base, out: Path, async_save: bool = True) -> di
                              checkpoint={"every": EVERY, "keep": 5, "async_save": async_save, "max_failed_saves": 2,
                                          "export_at_end": False})
     cfg["eval"]["at_start"] = False
+    cfg["model"]["freeze"] = {"layers": "bottom_half"}
     return cfg
 
 
@@ -124,6 +127,28 @@ def test_background_zero3_saves_fail_on_every_rank_survive_a_kill_and_match_sync
     assert [p.name for p in list_checkpoints(out)] == [p.name for p in list_checkpoints(sync_run)][1:]
     assert_same_checkpoint(list_checkpoints(out)[-1], list_checkpoints(sync_run)[-1], resumed=True)
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_a_zero3_model_freeze_checkpoint_holds_the_trained_part_and_exports_over_the_base(sync_run, tiny_base, tmp_path):
+    """(No launch: the synchronous run's checkpoints.) Its last checkpoint holds no tensor of the frozen layer, model
+    or optimizer; `cpt export` writes the trained part over the base as built."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cpt.adapter_checkpoint import read_base_record
+    from cpt.checkpoint import list_checkpoints
+    from cpt.consolidate import export_checkpoint, read_model_state, read_optimizer_state
+
+    ckpt = list_checkpoints(sync_run)[-1]
+    assert read_base_record(ckpt)["kind"] == "freeze"
+    trained, adam = read_model_state(ckpt), read_optimizer_state(ckpt)
+    assert trained and not any(k.startswith("model.layers.0.") for k in trained), sorted(trained)
+    assert adam.keys() <= trained.keys() and any(k.startswith("model.layers.1.") for k in adam)
+    export_checkpoint(ckpt, tmp_path / "x", echo=lambda *a: None)
+    x, base = load_file(tmp_path / "x" / "model.safetensors"), load_file(tiny_base / "model.safetensors")
+    assert all(torch.equal(x[k], base[k]) for k in x if k.startswith("model.layers.0."))
+    assert all(torch.equal(x[k], trained[k]) for k in trained if k in x)
+    assert any(not torch.equal(x[k], base[k]) for k in trained if k in x and k in base)  # (it trained)
 
 
 def test_bench_checkpoint_deepspeed(tmp_path):

@@ -24,7 +24,7 @@ class CheckpointConfig(Strict):
     # exports larger than this are split into model-0000k-of-0000n.safetensors + model.safetensors.index.json
     max_shard_size: str | int = "5GB"
     resume: bool = False  # take the latest valid checkpoint in output_dir
-    async_save: bool = True  # write in the background (one process, DDP, FSDP2 sharded; DeepSpeed saves synchronously)
+    async_save: bool = True  # write in the background (one process, DDP, FSDP2 sharded, DeepSpeed ZeRO)
     max_failed_saves: int = Field(3, gt=0)  # stop the run after this many failed saves in a row
 
     @field_validator("max_shard_size")
