@@ -16,7 +16,9 @@ Whoever reads the checkpoint rebuilds the base as the run did (``model.name_or_p
 ``model.vocab``, ``run.seed`` for a base built from ``model.arch``) and loads the saved state on top: a resume, a new
 stage or anneal branch from it (cpt/checkpoint.py), another backend or world size (cpt/consolidate.py) and
 ``cpt export`` / ``eval`` / ``interpolate`` / ``average``. A base that differs from the recorded one is refused in one
-line (:class:`AdapterCheckpointError`) before anything is loaded. A ``model.freeze`` run whose frozen part is not the
+line (:class:`AdapterCheckpointError`) before anything is loaded. A LoRA run started from a full model's cpt
+checkpoint built its base from ``RUN/base`` (cpt/stage_base.py): the record names that checkpoint (``base_from``), and
+a base that is gone or changed is refused saying how to put it back. A ``model.freeze`` run whose frozen part is not the
 base as built (a stage from a whole-model checkpoint: :func:`note_loaded_base`) writes whole-model checkpoints.
 
 A checkpoint's layout is told by its files (:func:`is_adapter_layout`), so whole-model checkpoints of any run (earlier
@@ -39,6 +41,8 @@ log = logging.getLogger("cpt.checkpoint")
 ADAPTER_STATE = "adapter_state.safetensors"
 ADAPTER_BASE = "adapter_base.json"
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's folder of DeepSpeed's files (its MODEL_NAME)
+STAGE_BASE_DIR = "base"  # RUN/base: a LoRA run's base written from a full model's cpt checkpoint (cpt/stage_base.py)
+STAGE_BASE_SOURCE = "cpt_base.json"  # in it: the checkpoint it was written from
 
 
 class AdapterCheckpointError(RuntimeError):
@@ -78,6 +82,9 @@ def base_record_item(model, adapter_tensors: int, fingerprint: str | None) -> tu
     base = model.get_base_model() if is_peft_model(model) else model
     record = {"base": str(getattr(base, "name_or_path", "") or "model.arch"), "fingerprint": fingerprint,
               "adapter_tensors": adapter_tensors, "kind": "lora" if is_peft_model(model) else "freeze"}
+    source = Path(record["base"]) / STAGE_BASE_SOURCE  # a base written from a cpt checkpoint: which one
+    if record["base"] != "model.arch" and source.is_file():
+        record["base_from"] = json.loads(source.read_text())
     return (ADAPTER_BASE, "text", json.dumps(record, indent=1))
 
 
@@ -139,7 +146,8 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
     if record["kind"] == "freeze" and is_peft_model(model):
         raise AdapterCheckpointError(
             "it is a model.freeze run's checkpoint (its trainable part, not the frozen base) and this run uses "
-            f"model.lora: export the whole model ({export})")
+            f"model.lora: train the adapter on it as a new stage (train.init_from {ckpt}, without --resume or --anneal: "
+            "its whole model becomes that run's base)")
     now = getattr(model, "_cpt_base_fingerprint", None)
     if record["kind"] == "freeze" and record["fingerprint"] is not None:
         saved = saved_keys(ckpt, model)
@@ -153,6 +161,13 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
         built = getattr(model.get_base_model() if is_peft_model(model) else model, "name_or_path", "") or "model.arch"
         what = ("its LoRA adapter was trained on" if record["kind"] == "lora"
                 else "its trainable part (model.freeze) was trained over")
+        if "base_from" in record:  # RUN/base, written from a full model's checkpoint when the run started: gone or changed
+            raise AdapterCheckpointError(
+                f"{what} the full model of checkpoint {record['base_from']['checkpoint']}, written as its run's base "
+                f"({record['base']}, fingerprint {record['fingerprint'][:12]}) when that run started; this run builds "
+                f"{built} (fingerprint {now[:12]}): that base/ folder is missing or changed; put it back (a copy of the "
+                f"run's base/), or write it again from that checkpoint while it exists (`cpt export "
+                f"{record['base_from']['checkpoint']} --out RUN/base --dtype fp32`, or --resume with it in place)")
         raise AdapterCheckpointError(
             f"{what} another base model than this run builds (then: {record['base']}, "
             f"fingerprint {record['fingerprint'][:12]}; now: {built}, fingerprint {now[:12]}); the checkpoint holds the "

@@ -401,8 +401,8 @@ def _lora_mismatch_hint(error: str, ckpt: Path) -> str:
         return (f"; it is a LoRA run's checkpoint and this run has no model.lora: keep model.lora, or merge the adapter "
                 f"({export}) and start from DIR (train.init_from)")
     if "base_model.model." in missing and "base_model.model." not in unexpected:
-        return (f"; this run uses model.lora and the checkpoint is a full model's: export it ({export}) and start the "
-                "LoRA run from DIR (train.init_from)")
+        return ("; this run uses model.lora and the checkpoint is a full model's: train the adapter on it as a new "
+                f"stage (train.init_from {ckpt}, without --resume or --anneal: its model becomes that run's base)")
     if ("_orig_mod." in unexpected) != ("_orig_mod." in missing):  # torch.compile's wrapper on one side only
         return ("; model.compile: true (torch.compile's wrapper) keys the weights `_orig_mod.<name>`, and one side "
                 f"only has them: export the checkpoint ({export}) and start from DIR (train.init_from)")

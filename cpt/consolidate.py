@@ -419,9 +419,9 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     if adapter and cfg.model.lora is None:
         raise ConsolidateError(f"{ckpt}: --adapter needs a LoRA run's checkpoint; this run trained the full model")
     tokenizer = load_tokenizer(cfg.model)
-    from cpt.resume import base_model_dir
+    from cpt.resume import base_model_dir, run_dir_of
 
-    base_from = base_model_dir(cfg)  # the model (a LoRA run: the base) built as the run built it, the chain followed back
+    base_from = base_model_dir(cfg, run_dir_of(ckpt))  # the model (a LoRA run: the base) built as the run built it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # (a base from model.arch: the run's initialisation)
         model = build_model(cfg.model, tokenizer, weights_from=base_from)  # the base (architecture, or pretrained)

@@ -40,11 +40,13 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
         from cpt.adapters import check_lora_modules
 
         check_lora_modules(model, cfg.model.lora)
-    if cfg.model.vocab is not None:  # training reads the data with the extended tokenizer (shards made with it)
-        from cpt.vocab import build_extended_tokenizer
+    new_ids: list[int] = []
+    if cfg.model.vocab is not None:  # training reads the data with the extended tokenizer (shards made with it), and
+        from cpt.vocab import extend_vocabulary  # trains the new rows (under LoRA and model.freeze too)
 
-        tokenizer = build_extended_tokenizer(tokenizer, cfg.model.vocab)[0]
-    shape = model_shape(_with_adapters(model, cfg))
+        with torch.device("meta"):
+            model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.model.vocab)
+    shape = model_shape(_with_adapters(model, cfg, new_ids))
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
     fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L, shape["n_trainable"])
 
@@ -90,7 +92,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
             "max_epochs_warning": cfg.data.max_epochs_warning}
 
 
-def _with_adapters(model, cfg: RunConfig):
+def _with_adapters(model, cfg: RunConfig, new_ids: list[int]):
     """The meta model with ``model.lora`` and ``model.freeze`` applied as training applies them (on the meta device,
     adapters included): its trainable parameters, which set the FLOPs per token (cpt.metrics.model_flops_per_token)."""
     import torch
@@ -99,9 +101,9 @@ def _with_adapters(model, cfg: RunConfig):
 
     with torch.device("meta"):
         if cfg.model.lora is not None:
-            model = apply_lora(model, cfg.model.lora, log_fn=lambda *a: None)
+            model = apply_lora(model, cfg.model.lora, new_token_ids=new_ids or None, log_fn=lambda *a: None)
         if cfg.model.freeze is not None:
-            apply_freeze(model, cfg.model.freeze)
+            apply_freeze(model, cfg.model.freeze, new_token_ids=new_ids)
     return model
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from cpt.adapter_checkpoint import STAGE_BASE_DIR
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
 from cpt.config import RunConfig, load_config, trajectory_changes
@@ -24,7 +25,8 @@ from cpt.config import RunConfig, load_config, trajectory_changes
 class Start:
     resume: Path | None = None  # --resume: continue this checkpoint (weights, optimizer, RNG, every component)
     init: Path | None = None  # train.init_from a cpt checkpoint: its weights (+ optimizer state)
-    init_hf: str | None = None  # train.init_from an HF model directory: its weights
+    init_hf: str | None = None  # train.init_from an HF model directory: its weights (a LoRA stage on a full model's
+    # checkpoint: the base written from it into the run directory, cpt/stage_base.py)
     branch: bool = False  # train.anneal_steps from ``init``: an anneal branch continues the trunk's whole state
     requeued: bool = False  # --resume with no checkpoint to resume (a requeue before the first one): from scratch, but
     # the same run (its W&B run continues; metrics.jsonl restarts, as a resume drops the lines after its checkpoint)
@@ -49,7 +51,7 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
         start.init, start.init_hf = init_weights(cfg)  # (a checkpoint: the model its own run built, followed back)
         start.branch = start.init is not None and bool(cfg.train.anneal_steps)
     else:
-        start.init_hf = base_model_dir(cfg)  # the model built as at the first start (a LoRA checkpoint: its base)
+        start.init_hf = base_model_dir(cfg, run_dir)  # the model built as at the first start (a LoRA checkpoint: its base)
         if cfg.train.anneal_steps:
             check_resume_is_a_branch(start.resume, cfg)
         if not allow_config_change:
@@ -123,25 +125,37 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
     raise CheckpointError(f"train.init_from: {init_from} is neither an HF model directory nor a cpt checkpoint or run directory")
 
 
-def base_model_dir(cfg: RunConfig, _seen: tuple[str, ...] = ()) -> str | None:
+def base_model_dir(cfg: RunConfig, run_dir: str | os.PathLike | None = None, _seen: tuple[str, ...] = ()) -> str | None:
     """The HF model directory a run's model was built from when not ``model.name_or_path`` / ``model.arch``: an HF
-    ``train.init_from`` (as :func:`resolve_init` reads it), or, from a cpt checkpoint (a new stage, an anneal branch),
-    the one that run's model came from (its config.yaml, followed back). A new stage, resume, ``cpt export`` and the
-    dry run build this model again: its config (the checkpoint's weights go on top) and, for a LoRA run, the frozen base
-    its checkpoints leave out (cpt/adapter_checkpoint.py). None: the run's own ``model`` section (also for a chain
-    whose checkpoint is no longer there; a LoRA base's fingerprint check then compares)."""
+    ``train.init_from`` (as :func:`resolve_init` reads it); the base a LoRA run from a full model's cpt checkpoint wrote
+    into its run directory ``run_dir`` (``base/``: cpt/stage_base.py); or, from a cpt checkpoint (a new stage, an anneal
+    branch), the one that run's model came from (its config.yaml and run directory, followed back). A new stage,
+    resume, ``cpt export`` and the dry run build this model again: its config (the checkpoint's weights go on top) and,
+    for a LoRA run, the frozen base its checkpoints leave out (cpt/adapter_checkpoint.py). None: the run's own ``model``
+    section (also for a chain whose checkpoint is no longer there; a LoRA base's fingerprint check then compares)."""
     if cfg.train.init_from is None:
         return None
     p = Path(cfg.train.init_from)
     if (p / "config.json").is_file():
         return str(p)
+    if cfg.model.lora is not None and run_dir is not None and (Path(run_dir) / STAGE_BASE_DIR / "config.json").is_file():
+        return str((Path(run_dir) / STAGE_BASE_DIR).absolute())  # (the earlier run's checkpoint may be gone)
     if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():  # (a checkpoint's or run's config.yaml)
         try:
             earlier = load_config(p / "config.yaml")
         except (OSError, ValueError):
             return None
-        return None if str(p.resolve()) in _seen else base_model_dir(earlier, (*_seen, str(p.resolve())))
+        seen = (*_seen, str(p.resolve()))
+        return None if str(p.resolve()) in _seen else base_model_dir(earlier, run_dir_of(p), seen)
     return str(p / "export") if (p / "export" / "config.json").is_file() else None
+
+
+def run_dir_of(ckpt: str | os.PathLike) -> Path | None:
+    """The run directory of a cpt checkpoint (``RUN/checkpoints/step_N``) or run directory; None for a loose one."""
+    p = Path(ckpt)
+    if (p / "checkpoints").is_dir():
+        return p
+    return p.parent.parent if p.parent.name == "checkpoints" else None
 
 
 def init_weights(cfg: RunConfig) -> tuple[Path | None, str | None]:

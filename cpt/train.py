@@ -44,10 +44,11 @@ from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, 
 from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
 from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
-from cpt.resume import Start, anneal_branch_start, resolve_start
+from cpt.resume import Start, anneal_branch_start
 from cpt.runlock import RunLock, RunLockError
 from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
+from cpt.stage_base import start_for_run
 from cpt.state import TrainState
 from cpt.update_guard import Outcome, UpdateGuard
 from cpt.vocab import scale_new_rows_updates
@@ -90,7 +91,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         account = ComputeAccount(acc.num_processes)  # FLOPs, wall and device hours, carried across resumes
         say = echo if acc.is_main_process else (lambda *a, **k: None)
         set_seed(cfg.run.seed)
-        start = resolve_start(cfg, cfg.checkpoint.resume if resume is None else resume, allow_config_change, acc, say)
+        # where the run starts (fresh, --resume, a new stage, an anneal branch; a LoRA stage on a full model: its base)
+        start = start_for_run(cfg, cfg.checkpoint.resume if resume is None else resume, allow_config_change, acc, say)
         _preflight(cfg, start, say)  # one clear error before anything loads
         for line in format_mixes(cfg.stages):
             say(line)
@@ -215,9 +217,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         summary, compute = evaluator.summary(), account.metrics(state.tokens, flops_per_token)
         logger.log({"train/tokens": state.tokens, **compute}, step=state.step)
         logger.close()  # (the report reads metrics.jsonl)
-        if acc.is_main_process:
-            _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, acc.num_processes, say)
-        acc.wait_for_everyone()
+        _end_of_run(cfg, acc, run_dir, stopped, state, total_steps, summary, bench, compute, say, export_dir)
         return TrainResult(run_dir, state.step, state.tokens, export_dir, summary, stopped,
                            benchmarks=bench.summary() if bench else [])
 
@@ -454,6 +454,20 @@ def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLog
             export_hf(model, tokenizer, run_dir / "export-ema", acc, cfg.checkpoint, masters=False)
     logger.log_artifact(export_dir, f"{cfg.run.name}-final")
     return export_dir
+
+
+def _end_of_run(cfg: RunConfig, acc, run_dir: Path, stopped, state, total_steps: int, summary, bench, compute, say,
+                export_dir: Path | None) -> None:
+    """The main process prints the summary tables and writes the plots and report; every rank meets the others a
+    last time; then the main process pushes the final export to the hub (``checkpoint.push_to_hub``): after that
+    barrier, so that no rank waits out ``train.distributed_timeout_s`` at it while tens of GB upload."""
+    if acc.is_main_process:
+        _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, acc.num_processes, say)
+    acc.wait_for_everyone()
+    if acc.is_main_process and cfg.checkpoint.push_to_hub and export_dir is not None:
+        from cpt.hub import push_run_export
+
+        push_run_export(cfg, export_dir, state.step, state.tokens, say)
 
 
 def _print_summary(cfg: RunConfig, run_dir: Path, stopped, step: int, total_steps: int, summary, bench, compute,

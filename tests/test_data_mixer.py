@@ -313,6 +313,39 @@ def test_hf_source_in_the_loader_is_world_size_independent_and_resumable(sources
     assert torch.equal(full[11:], run(2, 11, 25, ld.state_dict()))
 
 
+def test_hf_source_moved_to_another_folder_resumes(sources, tokenizer, tmp_path):
+    """A local `type: hf` source was known by its path: a run whose data was copied elsewhere (another cluster's file
+    system) was refused on resume ("not the data the checkpoint read"). Now its files are compared by name under their
+    folder and size; a checkpoint written with the path-keyed identity still resumes; other files are still refused."""
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    write_jsonl(tmp_path / "a" / "web.jsonl", [{"text": d} for d in make_docs(30, seed=35)])
+
+    def loader(folder):
+        dc = data_config([{"name": "new", "path": str(sources / "new")},
+                          {"name": "web", "type": "hf", "path": "json", "data_files": str(folder / "web.jsonl")}], seq_len=L)
+        return CPTDataLoader(dc, [stage(40, {"new": 0.5, "web": 0.5})], tokenizer, 8, seed=2)
+
+    ld = loader(tmp_path / "a")
+    for s in range(5):
+        ld.batch(s)
+    state, want = json_round_trip(ld.state_dict()), ld.batch(5)["input_ids"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = loader(tmp_path / "b")
+    moved.load_state_dict(state)
+    assert torch.equal(moved.batch(5)["input_ids"], want)
+    old = json_round_trip(state)  # as written before: identity = the path-keyed fingerprint
+    old["source_data"]["web"] = {"fingerprint": ld.streams[1].path_fingerprint(), "about": "x"}
+    again = loader(tmp_path / "a")
+    again.load_state_dict(old)
+    assert torch.equal(again.batch(5)["input_ids"], want)
+    with open(tmp_path / "b" / "web.jsonl", "a") as f:
+        f.write('{"text": "one more document"}\n')
+    with pytest.raises(ValueError, match="its files changed since the checkpoint"):
+        loader(tmp_path / "b").load_state_dict(state)
+
+
 def test_load_heldout(sources, tokenizer):
     from cpt.data.shards import TokenShards
 

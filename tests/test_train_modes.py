@@ -554,9 +554,19 @@ def test_dry_run_checks_data_with_the_extended_tokenizer(vocab_setup):
     """`cpt train --dry-run` with model.vocab opens the sources and held-out sets with the tokenizer training uses."""
     from cpt.dryrun import describe_run
 
+    from cpt.model import build_model, load_tokenizer, model_shape, prepare_model
+
     cfg, _, _ = vocab_setup
     d = describe_run(load_config(base=cfg))
     assert d["model"]["vocab"] == 1024 + len(NEW_TOKENS) and d["heldout"]
+    # the model it describes is the one training builds: the new rows counted, and trainable under LoRA and
+    # model.freeze (the dry run counted the model before the extension, and no new row as trainable)
+    for extra in ({}, {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}, {"freeze": {"layers": "0"}}):
+        rc = load_config(base={**cfg, "model": {**cfg["model"], **extra}})
+        tok = load_tokenizer(rc.model)
+        want = model_shape(prepare_model(rc.model, build_model(rc.model, tok), tok, log_fn=lambda *a: None)[0])
+        got = describe_run(rc)["model"]
+        assert (got["n_params"], got["n_trainable"]) == (want["n_params"], want["n_trainable"]), (extra, got, want)
 
 
 def test_vocab_extension_full_run(vocab_setup, base):

@@ -238,16 +238,19 @@ def test_anneal_needs_a_cpt_checkpoint(trunk, tiny_base, tmp_path, capsys):
 
 
 def test_lora_and_full_checkpoints_across_runs_say_how_to_convert(trunk, tiny_cpt_data, tmp_path, capsys):
-    """A new stage (or anneal branch) from a full model's checkpoint in a LoRA run, or from a LoRA run's checkpoint in a
-    full run: the weight mismatch line says to keep model.lora or go through `cpt export` (which works: the README)."""
+    """An anneal branch from a full model's checkpoint in a LoRA run (a new stage from it works: tests/test_stage_base.py),
+    or a new stage from a LoRA run's checkpoint in a full run: one line says what to do instead."""
     path, run, _ = trunk
     lora = {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}
     cfg = small(tiny_cpt_data, tmp_path / "b")
-    cfg["model"]["lora"] = lora
+    cfg["model"]["lora"], cfg["stages"] = lora, yaml.safe_load(Path(path).read_text())["stages"]  # (infinite: a branch)
     ckpt = run / "checkpoints" / "step_00000004"
-    assert main(["train", str(write(cfg, tmp_path / "lora.yaml")), "--from", str(ckpt)]) == 1
+    assert main(["train", str(write(cfg, tmp_path / "lora.yaml")), "--from", str(ckpt), "--anneal", "2"]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
-    assert "this run uses model.lora and the checkpoint is a full model's" in line and f"cpt export {ckpt} --out DIR" in line
+    assert "--anneal (train.anneal_steps) with model.lora" in line and "as a new stage" in line and str(ckpt) in line
+    assert main(["train", str(tmp_path / "lora.yaml"), "--from", str(ckpt), "--set", "train.init_optimizer=true"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")  # (its optimizer state is the full model's)
+    assert "train.init_optimizer" in line and "fresh optimizer" in line
     lora_run = tmp_path / "lora-run"
     cfg = small(tiny_cpt_data, lora_run)
     cfg["model"]["lora"] = lora
@@ -292,6 +295,9 @@ def test_trajectory_fields():
             "optim.fused=false", "data.sources.0.path=/moved", "model.tokenizer=/moved-tok", "stages.0.name=renamed",
             "data.max_epochs_warning=9", "train.init_from=/x"]
     assert trajectory_changes(saved, load_config(base=base, overrides=same)) == []
+    hf = {**base, "data": {"sources": [{"name": "a", "type": "hf", "path": "json", "data_files": "/x/a.jsonl"}]}}
+    moved = ["data.sources.0.data_files=/moved/a.jsonl"]  # (the files are checked by name and size on resume)
+    assert trajectory_changes(config_to_dict(load_config(base=hf)), load_config(base=hf, overrides=moved)) == []
     changed = ["model.arch.hidden_size=16", "model.arch.hub_token=OTHER", "optim.weight_decay=0.0", "train.precision=fp32",
                "data.seq_len=128", "stages.0.mix.a=2", "train.ema_decay=0.9"]
     got = trajectory_changes(saved, load_config(base=base, overrides=changed))

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=None, type=shard_size,
                    help="split weights larger than this into several files + model.safetensors.index.json "
                         "(e.g. 5GB, 500MB, 2GiB; default: the run's checkpoint.max_shard_size, 5GB unless set)")
+    from cpt.hub import add_push_arguments
+
+    add_push_arguments(p)
     return p
 
 
@@ -45,9 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt export: --dtype {args.dtype} applies to full models; --adapter writes the peft adapter as peft "
               "does (fp32): drop --dtype, or drop --adapter for the merged model in that dtype")
         return 1
+    from cpt.hub import HubPushError, card_for_checkpoint, check_hub_repo, push_folder
+
+    if args.push_to_hub:
+        try:
+            check_hub_repo(args.push_to_hub)
+        except ValueError as e:
+            print(f"cpt export: --push-to-hub {e}")
+            return 1
     try:
-        export_checkpoint(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype,
-                          max_shard_size=args.max_shard_size)
+        out = export_checkpoint(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size)
+        if args.push_to_hub:
+            url = push_folder(out, args.push_to_hub, private=not args.public, revision=args.hub_revision,
+                              card=card_for_checkpoint(out, args.checkpoint, args.push_to_hub.split("/")[-1]))
+            print(f"pushed {out} to {url}")
+    except HubPushError as e:
+        print(f"cpt export: {e}")
+        return 1
     except ModelLoadError as e:  # the base model or tokenizer moved, or a hub id while offline
         print(f"cpt export: {e}; the export rebuilds the run's model from the model section of the checkpoint's "
               "config.yaml, which must still load")

@@ -5,12 +5,20 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cpt.config.base import Strict
 
 # an HF export's largest weight file, as transformers writes it ("5GB" = 5 * 10**9 bytes, "500MB", "2GiB"; or bytes)
 SHARD_SIZE = re.compile(r"^[1-9][0-9]*[KMG]i?B$")
+# a hub model repository: "name" (in the token's own namespace) or "org/name"
+HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def check_hub_repo(repo_id: str) -> str:
+    if not HUB_REPO.match(repo_id) or "--" in repo_id or ".." in repo_id:
+        raise ValueError(f"{repo_id!r}: give a hub repository as NAME or ORG/NAME (letters, digits, '-', '_', '.')")
+    return repo_id
 
 
 class CheckpointConfig(Strict):
@@ -26,6 +34,22 @@ class CheckpointConfig(Strict):
     resume: bool = False  # take the latest valid checkpoint in output_dir
     async_save: bool = True  # write in the background (one process, DDP, FSDP2 sharded, DeepSpeed ZeRO)
     max_failed_saves: int = Field(3, gt=0)  # stop the run after this many failed saves in a row
+    # publish the final export (with a model card) on the Hugging Face Hub: "org/name"; the token is
+    # huggingface_hub's own (HF_TOKEN or `hf auth login`), never in the config; a failed push keeps the export
+    push_to_hub: str | None = None
+    hub_private: bool = True  # a repository the push creates is private unless this is false
+    hub_revision: str | None = None  # a branch to push to (created if needed); None: main
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _hub_repo(cls, v: str | None) -> str | None:
+        return v if v is None else check_hub_repo(v)
+
+    @model_validator(mode="after")
+    def _pushed_export(self) -> "CheckpointConfig":
+        if self.push_to_hub and not self.export_at_end:
+            raise ValueError("push_to_hub: the final export is what is pushed; it needs export_at_end: true")
+        return self
 
     @field_validator("max_shard_size")
     @classmethod

@@ -92,15 +92,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # What a --resume must not change: the fields that change the training trajectory. Everything else may change on
 # resume: the world size and train.micro_batch_size (gradient accumulation), kernels and memory
 # (model.attn_implementation/compile/liger_kernel/gradient_checkpointing, model.lora.base_in_compute_dtype,
-# optim.fused), the locations of the model, tokenizer and data (the checkpoint holds the weights; the data
-# fingerprint and tokenizer hash check the content), held-out sets, logging, evaluation and checkpoint cadence, stage
-# names, run.name and output_dir.
+# optim.fused), the locations of the model, tokenizer and data (path, data_files: the checkpoint holds the weights; the
+# data fingerprint, a `type: hf` source's files and the tokenizer hash check the content), held-out sets, logging,
+# evaluation and checkpoint cadence, stage names, run.name and output_dir.
 TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.document_masking", "stages", "optim",
                      "train.global_batch_size", "train.precision", "train.anneal_steps", "train.anneal_shape",
                      "train.ema_decay", "train.reptile", "train.skip_spikes")
 NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "gradient_checkpointing_every",
                   "base_in_compute_dtype", "fused", "name", "name_or_path", "tokenizer", "revision", "path",
-                  "add_tokens_file", "learn_from", "trust_remote_code"}
+                  "data_files", "add_tokens_file", "learn_from", "trust_remote_code"}
 
 
 def _leaves(obj: Any, prefix: str) -> dict[str, Any]:

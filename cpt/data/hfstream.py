@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from collections import Counter, deque
 from typing import Any
@@ -27,9 +28,18 @@ import numpy as np
 
 from cpt.data.prepare_key import hf_identity, hub_revision, is_hub_dataset
 from cpt.data.readers import error_line, load_hf_dataset
-from cpt.data.shards import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
+from cpt.data.shards import backend_tokenizer, dtype_for_vocab, is_remote, tokenizer_fingerprint, vocab_size
 
 logger = logging.getLogger("cpt.data")
+
+
+def _by_relative_name(files: list) -> dict[str, list]:
+    """``[path, size, mtime_ns]`` rows keyed by the path under the files' common folder (so a moved copy matches)."""
+    paths = [str(f[0]) for f in files]
+    if not paths:
+        return {}
+    root = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths)
+    return {os.path.relpath(p, root): list(f[1:]) for p, f in zip(paths, files)}
 
 
 def local_files_identity(path: str, data_files: Any) -> list[list]:
@@ -243,8 +253,7 @@ class HFTokenStream:
         e.g. to a node's local disk) are a warning. ``saved`` None: a checkpoint from before files were recorded."""
         if saved is None:
             return
-        before = {str(f[0]): f[1:] for f in saved}
-        now = {str(f[0]): f[1:] for f in self.files}
+        before, now = _by_relative_name(saved), _by_relative_name(self.files)
         if {p: v[0] for p, v in before.items()} != {p: v[0] for p, v in now.items()}:
             changed = sorted(p for p in before.keys() | now.keys() if (before.get(p) or [None])[0] != (now.get(p) or [None])[0])
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -275,5 +284,14 @@ class HFTokenStream:
             "stage (train.init_from)")
 
     def fingerprint(self) -> str:
+        """What the source reads, for the resume check: a hub or remote dataset by its name; local files not by where
+        they lie (:meth:`check_same_files` compares their names under the source's folder and sizes), so a run whose
+        data was moved or copied (another cluster's file system) resumes."""
+        c = self.cfg
+        where = "local" if self.files and not is_hub_dataset(c.path) and not is_remote(c.path) else f"{c.path}:{c.data_files}"
+        return f"hf:{where}:{c.hf_name}:{c.split}:{c.text_field}:{self.tokenizer_hash}"
+
+    def path_fingerprint(self) -> str:
+        """The fingerprint checkpoints had before local files were identified apart from their path."""
         c = self.cfg
         return f"hf:{c.path}:{c.hf_name}:{c.data_files}:{c.split}:{c.text_field}:{self.tokenizer_hash}"

@@ -220,7 +220,7 @@ class CPTDataLoader:
         if int(state.get("seq_len", -1)) != self.seq_len:
             return notes
         for j, name in enumerate(self.source_names):
-            if name not in saved or saved[name]["fingerprint"] != self._identity(j)["fingerprint"]:
+            if name not in saved or not _same_source(saved[name], self._identity(j)):
                 continue
             pos = int(state["positions"][list(state["sources"]).index(name)])
             stream = self.streams[j]
@@ -240,8 +240,8 @@ class CPTDataLoader:
         ``hf``: the dataset spec) and the same in words, for the message when it changed."""
         stream = self.streams[j]
         if isinstance(stream, HFTokenStream):
-            fp = stream.fingerprint()
-            return {"fingerprint": fp, "about": fp}
+            fp = stream.fingerprint()  # (checkpoints before 2026-11-27 hold path_fingerprint: accepted as the same)
+            return {"fingerprint": fp, "about": fp, "path_fingerprint": stream.path_fingerprint()}
         sh = stream.shards
         out = {"fingerprint": sh.fingerprint(), "about": f"{len(sh.manifest['shards'])} shards, {sh.num_tokens:,} "
                f"tokens, {sh.num_documents:,} documents, tokenizer {sh.manifest['tokenizer'].get('name')!r}"}
@@ -265,7 +265,7 @@ class CPTDataLoader:
                 continue
             j = self.source_names.index(name)
             now = self._identity(j)
-            if saved[name]["fingerprint"] != now["fingerprint"]:
+            if not _same_source(saved[name], now):
                 problems.append(f"data source {name!r} ({self.sources[j].path}) is not the data the checkpoint read: "
                                 f"{saved[name]['about']} then, {now['about']} now")
         problems += self._files_changed(saved)
@@ -289,9 +289,14 @@ class CPTDataLoader:
             return self._fingerprint
         parts = {"seq_len": self.seq_len, "seed": self.seed}
         for name, stream in zip(self.source_names, self.streams):
-            parts[name] = stream.fingerprint() if isinstance(stream, HFTokenStream) else stream.shards.fingerprint()
+            parts[name] = stream.path_fingerprint() if isinstance(stream, HFTokenStream) else stream.shards.fingerprint()
         self._fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
         return self._fingerprint
+
+
+def _same_source(saved: dict[str, str], now: dict[str, str]) -> bool:
+    """Whether a checkpoint's source identity (``source_data``) is this run's source's."""
+    return saved["fingerprint"] in (now["fingerprint"], now.get("path_fingerprint"))
 
 
 @dataclass
