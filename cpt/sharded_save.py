@@ -28,8 +28,8 @@ A save, on every rank:
    previous checkpoint the newest valid one.
 
 Used when the run is FSDP2 with ``SHARDED_STATE_DICT``, one model and one optimizer and nothing registered that only
-``accelerator.save_state`` knows how to save (custom objects, save hooks); otherwise (and under DeepSpeed) saves stay
-synchronous.
+``accelerator.save_state`` knows how to save (custom objects, save hooks); otherwise saves stay synchronous (DeepSpeed's
+non-blocking saves: cpt/zero_save.py).
 """
 
 from __future__ import annotations
