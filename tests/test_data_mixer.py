@@ -459,6 +459,34 @@ def test_two_sources_reading_one_folder_are_warned_about(sources, tokenizer, cap
         "data sources 'new' and 'again' read the same folder"]
 
 
+def test_verify_checksums_is_shared_by_the_ranks(sources, tokenizer, tmp_path):
+    """`data.verify_checksums: true` read every byte of every source on rank 0 alone, while the other ranks waited in
+    their first collective (a large corpus could outlast train.distributed_timeout_s). Now each rank checksums every
+    W-th file (and the sizes of all): a bad file is refused by the rank that reads it (it stops the run:
+    cpt/rank_failure.py), and together the ranks read each file once."""
+    import shutil
+
+    from cpt.data.shards import TokenShards
+
+    root = tmp_path / "s"
+    shutil.copytree(sources / "new", root / "new")
+    shutil.copytree(sources / "old", root / "old")
+    dc = data_config([{"name": "new", "path": str(root / "new")}, {"name": "old", "path": str(root / "old")}],
+                     seq_len=L, verify_checksums=True)
+    st = [stage(6, {"new": 0.75, "old": 0.25})]
+    files = [name for name, _, _ in TokenShards.open(root / "new")._expected_files()]
+    assert len(files) >= 4
+    bad = root / "new" / files[3]  # the 4th file: rank 1's of 2
+    raw = bytearray(bad.read_bytes())
+    raw[0] ^= 1
+    bad.write_bytes(bytes(raw))
+    CPTDataLoader(dc, st, tokenizer, 8, seed=9, rank=0, world_size=2)  # not rank 0's to read
+    with pytest.raises(ShardError, match=f"data source 'new'.*checksum mismatch for {files[3]}"):
+        CPTDataLoader(dc, st, tokenizer, 8, seed=9, rank=1, world_size=2)
+    with pytest.raises(ShardError, match=f"checksum mismatch for {files[3]}"):
+        CPTDataLoader(dc, st, tokenizer, 8, seed=9)  # one process reads them all
+
+
 def test_a_corrupt_sequence_read_by_one_rank_stops_that_rank_naming_the_file(sources, tokenizer, tmp_path):
     """Bytes of a shard corrupted after `cpt prepare` (same size: the start-up size check passes) into ids past the
     vocabulary: the rank that reads them stopped with an embedding IndexError naming nothing (on GPUs a device-side

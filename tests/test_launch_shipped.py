@@ -397,7 +397,7 @@ def test_a_rank_failing_in_a_sharded_save_stops_the_run_at_once(reference, tiny_
 
 
 def test_a_shard_refused_by_rank_0_stops_every_rank_with_one_line(tiny_cpt_data, tiny_base, tmp_path):
-    """`data.verify_checksums: true` checks the shards on rank 0 only: a shard whose bytes changed after `cpt prepare`
+    """`data.verify_checksums: true` (its share of the files on each rank; this one is rank 0's): a shard whose bytes changed after `cpt prepare`
     (same size) was refused there, while rank 1 went on into the model's first collective, then died of the broken
     connection with a page of traceback that named no cause. Now rank 0's line, naming the file and its rank, is the
     only one (rank 1 learns the cause from the launcher's store and stays quiet) and the job ends in seconds, not after

@@ -13,7 +13,7 @@ Shard sources only read this rank's rows; ``hf`` sources are read whole by every
 
 Start-up cost does not grow with the corpus: every rank reads the manifests (and compares the tokenizer
 hash); rank 0 alone also checks every shard file's size; no rank reads shard bytes before the first
-batch. ``data.verify_checksums: true`` makes rank 0 also check every file's checksum (a full read).
+batch. ``data.verify_checksums: true`` also checks every file's checksum (a full read, shared by the ranks).
 The state (step, mixer errors and row counts, per-source positions, ``hf`` dataset states) is a
 few numbers: ``load_state_dict`` is O(1) and independent of the world size.
 """
@@ -67,8 +67,8 @@ class CPTDataLoader:
         self.mixer = Mixer(self.plan, global_batch_size)
         tok_hash = tokenizer_fingerprint(tokenizer)
         self.vocab_size = _vocab_size(tokenizer)  # a token id at or past it is a corrupt shard (checked per batch)
-        main = rank == 0  # the file checks are made once, by rank 0
-        verify = main and bool(getattr(data_cfg, "verify_checksums", False))
+        main = rank == 0  # the size checks are made once, by rank 0; the checksums' full read is shared by the ranks
+        verify = bool(getattr(data_cfg, "verify_checksums", False))  # (a rank that finds a bad file stops the run)
         self.streams: list[PackedStream | HFTokenStream] = [
             self._open(s, tokenizer, tok_hash, verify, main) for s in self.sources
         ]
@@ -85,7 +85,7 @@ class CPTDataLoader:
         try:
             shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes,
                                       expected_tokenizer_name=tokenizer_name(tokenizer),
-                                      expected_eos_id=tokenizer.eos_token_id)
+                                      expected_eos_id=tokenizer.eos_token_id, verify_part=(self.rank, self.world_size))
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
         return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
