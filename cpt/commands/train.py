@@ -67,8 +67,9 @@ def main(argv: list[str]) -> int:
         overrides.append("run.force_lock=true")
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print_line(f"cpt train: {e}", file=sys.stderr)
+    except ConfigError as e:  # the ranks of a node read the same file alike: one line per node, not one per rank
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print_line(f"cpt train: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for noisy in ("accelerate", "deepspeed", "torch.distributed", "lm_eval"):  # per-file save/load, per-evaluation chatter
