@@ -7,8 +7,8 @@ parameters (LoRA A/B, the ``modules_to_save`` copies, the new vocabulary rows of
 adapter weights ``model.freeze`` froze. A ``model.freeze`` run without LoRA: its trainable parameters (the frozen
 layers are left out). The optimizer, scaler, RNG and cpt's own files are unchanged. Under FSDP2 and DeepSpeed
 ZeRO-2/3 a LoRA checkpoint keeps its backend's sharded layout, with the adapter's shards alone
-(cpt/adapter_shards.py), and so does a ``model.freeze`` run's under FSDP2 (its trainable shards; under DeepSpeed it
-holds the whole model). Either way ``adapter_base.json`` records the base it was trained on: its name, what was
+(cpt/adapter_shards.py), and so does a ``model.freeze`` run's (its trainable shards; DeepSpeed's
+exclude_frozen_parameters). Either way ``adapter_base.json`` records the base it was trained on: its name, what was
 left out (``kind``: ``lora`` or ``freeze``) and :func:`cpt.adapters.base_fingerprint` (SHA-256 of the frozen base
 as built: weights, vocabulary changes included).
 
@@ -40,6 +40,7 @@ log = logging.getLogger("cpt.checkpoint")
 
 ADAPTER_STATE = "adapter_state.safetensors"
 ADAPTER_BASE = "adapter_base.json"
+DEEPSPEED_TAG = "pytorch_model"  # accelerate's folder of DeepSpeed's files (its MODEL_NAME)
 STAGE_BASE_DIR = "base"  # RUN/base: a LoRA run's base written from a full model's cpt checkpoint (cpt/stage_base.py)
 STAGE_BASE_SOURCE = "cpt_base.json"  # in it: the checkpoint it was written from
 
@@ -100,12 +101,28 @@ def saved_keys(ckpt: str | Path, model) -> set[str]:
 
         with safe_open(str(Path(ckpt) / ADAPTER_STATE), framework="pt") as f:
             saved = set(f.keys())
+    elif (Path(ckpt) / DEEPSPEED_TAG).is_dir():
+        saved = _deepspeed_saved_keys(Path(ckpt) / DEEPSPEED_TAG)
     else:
         from torch.distributed.checkpoint import FileSystemReader
 
         meta = FileSystemReader(str(Path(ckpt) / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
         saved = {k[len("model."):] for k in meta if k.startswith("model.")}
     return _with_aliases(model, saved)
+
+
+def _deepspeed_saved_keys(folder: Path) -> set[str]:
+    """The parameters a DeepSpeed checkpoint holds (written with ``exclude_frozen_parameters``: the trainable ones): the
+    names of its ZeRO partitions (``param_shapes``), from one rank's model states file (memory-mapped: its tensors are
+    not read)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    first = sorted(folder.glob("*model_states.pt"))[0]
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+        state = torch.load(first, map_location="cpu", weights_only=True, mmap=True)
+    return {name for group in state.get("param_shapes") or [] for name in group}
 
 
 def _with_aliases(model, keys) -> set[str]:

@@ -1,5 +1,5 @@
-"""LoRA resume checkpoints under FSDP2 and DeepSpeed ZeRO-2/3: the adapter's shards, without the frozen base (and
-``model.freeze`` ones under FSDP2: the trainable parameters' shards; under DeepSpeed they hold the whole model).
+"""LoRA and ``model.freeze`` resume checkpoints under FSDP2 and DeepSpeed ZeRO-1/2/3: the adapter's (the trainable
+parameters') shards, without the frozen base.
 
 accelerate's ``save_state`` writes the whole model under FSDP2 and DeepSpeed: the frozen base again at every save
 (140 GB for a 70B base). For a peft model cpt keeps each backend's own sharded layout (cpt/consolidate.py reads it,
@@ -14,12 +14,14 @@ base out, through the libraries' own means:
 * DeepSpeed: ``save_state(..., exclude_frozen_parameters=True)``, which accelerate hands to DeepSpeed's
   ``save_checkpoint``: the frozen parameters leave the module state and ZeRO's frozen-parameter fragments (the ZeRO
   optimizer partitions only ever hold trainable ones; an output head tied to the frozen embedding is left out too);
-  loaded by ``load_state(..., load_module_strict=False)``.
+  loaded by ``load_state(..., load_module_strict=False)`` (the frozen parameters keep the values the run built them
+  with). A ``model.freeze`` run's the same way: the frozen layers are what is left out.
   Adapter weights that ``model.freeze`` froze would be left out too (they need not equal a fresh initialisation: a
   stage from an earlier LoRA checkpoint trained them), so such a run keeps the whole-model checkpoint, saying so.
 
 With ``checkpoint.async_save`` the FSDP2 files (model and optimizer shards, RNG states) are the same, written in the
-background by DCP's async_save (cpt/sharded_save.py, through :func:`fsdp_model_state`).
+background by DCP's async_save (cpt/sharded_save.py, through :func:`fsdp_model_state`); DeepSpeed's too, :func:`save_state`
+run with cpt/zero_save.py's staging engine in DeepSpeed's, the files written in the background.
 
 Beside them ``adapter_base.json`` (cpt/adapter_checkpoint.py) records the base fingerprint taken when the model was
 built; it is what marks the checkpoint as one without its base (:func:`cpt.adapter_checkpoint.is_adapter_layout`).
@@ -31,7 +33,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from cpt.adapter_checkpoint import (ADAPTER_STATE, base_record_item, is_adapter_layout, is_peft_model, models_from_adapter_state,
+from cpt.adapter_checkpoint import (ADAPTER_STATE, base_record_item, is_adapter_layout, models_from_adapter_state,
                                     refuse_other_keys_sharded, saved_keys, without_base)
 from cpt.adapters import adapter_keys
 from cpt.distributed import Backend, backend
@@ -89,8 +91,8 @@ def _adapter_model(acc):
     if len(acc._models) != 1 or len(acc._optimizers) != 1:
         return None
     model = acc.unwrap_model(acc._models[0], keep_torch_compile=False)
-    if not without_base(model) or (backend(acc) is Backend.DEEPSPEED and not is_peft_model(model)):
-        return None  # (DeepSpeed: a model.freeze run's checkpoints hold the whole model)
+    if not without_base(model):
+        return None
     if backend(acc) is Backend.FSDP:
         plugin = acc.state.fsdp_plugin
         sharded = getattr(plugin.state_dict_type, "name", str(plugin.state_dict_type)).endswith("SHARDED_STATE_DICT")

@@ -275,12 +275,19 @@ def adapter_keys(peft_model) -> list[str]:
     """The state-dict keys of a model that are not its frozen base's. A peft model: the trainable parameters (LoRA A/B,
     the ``modules_to_save`` copies, the new vocabulary rows of ``trainable_token_indices``) and every tensor peft keeps
     under the adapter's name (``...lora_A.default.weight``: also adapter weights ``model.freeze`` froze). Any other
-    model (``model.freeze`` without LoRA): its trainable parameters (a tied one under both names)."""
+    model (``model.freeze`` without LoRA): its trainable parameters (a tied one under both names).
+
+    Matched by name, not by tensor identity: FSDP2 leaves the root module's parameters (embeddings, final norm, a
+    tied head) unsharded after a forward without backward (a held-out evaluation) and its ``state_dict`` hook
+    registers the sharded ones again, so the objects ``parameters()`` and ``state_dict`` return differ; a model.freeze
+    checkpoint written after an evaluation left the trained embeddings and norm out (and could not be resumed)."""
     active = getattr(peft_model, "active_adapter", None) if hasattr(peft_model, "peft_config") else None
     own = re.compile(rf"\.{re.escape(active)}(\.|$)") if active else None
-    trainable = {id(p) for p in peft_model.parameters() if p.requires_grad}
+    named = list(peft_model.named_parameters(remove_duplicate=False))
+    trainable = {id(p) for _, p in named if p.requires_grad}
+    names = {n for n, p in named if p.requires_grad}
     return [k for k, v in peft_model.state_dict(keep_vars=True).items()
-            if id(v) in trainable or (own is not None and own.search(k))]
+            if k in names or id(v) in trainable or (own is not None and own.search(k))]
 
 
 def base_fingerprint(peft_model, hash_here: bool = True, as_dtype: torch.dtype | None = None,

@@ -27,7 +27,8 @@ from cpt.distributed import refuse_sharded, unwrap
 # ----------------------------------------------------------------------------- EMA
 
 
-EMA_ADVICE = "use ZeRO-1/2, DDP or one device for train.ema_decay, or average exports afterwards (cpt average)"
+EMA_ADVICE = ("use ZeRO-1/2, DDP or one device for train.ema_decay, or turn the EMA off (--set train.ema_decay=null "
+              "--set eval.ema=false: configs/full-cpt.yaml sets both) and average exports afterwards (cpt average)")
 
 
 class EMA:

@@ -18,9 +18,9 @@ by killing the process at every file boundary: tests/test_crash_consistency.py).
 ``step_N`` directories count as checkpoints, for the fresh-run check and for resume alike.
 
 Non-blocking saves (``checkpoint.async_save``): the loop blocks only for the copy to host memory; the files are written
-in the background (one process, DDP: hashed as written; FSDP2: DCP's async_save, cpt/sharded_save.py), committed once
-every rank's are on disk. The next save, the end and a preemption exit wait for it; its failure counts toward
-``checkpoint.max_failed_saves``. DeepSpeed (FSDP1, FULL_STATE_DICT) saves synchronously (``accelerator.save_state``).
+in the background (one process, DDP: hashed as written; FSDP2: DCP's async_save, cpt/sharded_save.py; DeepSpeed: its own
+files, cpt/zero_save.py), committed once every rank's are on disk. The next save, the end and a preemption exit wait for
+it; its failure counts toward ``checkpoint.max_failed_saves``. FSDP1 and FULL_STATE_DICT save synchronously.
 
 On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or corrupt
 one is skipped with one warning. Its optimizer state is loaded only for the trainable parameters and groups it was
@@ -39,7 +39,7 @@ import threading
 from pathlib import Path
 from typing import Mapping
 
-from cpt import adapter_shards, sharded_save
+from cpt import adapter_shards, sharded_save, zero_save
 from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, note_loaded_base
 from cpt.base_dtype import in_fp32
 from cpt.distributed import Backend, all_ranks_agree, backend
@@ -174,10 +174,10 @@ class CheckpointManager:
         self.keep = keep
         self.acc = accelerator
         self.cpt_writes = cpt_can_write(accelerator)  # else FSDP2's shards through DCP (async_save), or accelerator.save_state
-        self.shards = sharded_save.for_run(accelerator, async_save and not self.cpt_writes)  # None: synchronous
-        self.async_save = async_save and (self.cpt_writes or self.shards is not None)  # (DeepSpeed: synchronous)
+        self.shards = zero_save.for_run(accelerator, async_save and not self.cpt_writes)  # FSDP2, DeepSpeed; None: synchronous
+        self.async_save = async_save and (self.cpt_writes or self.shards is not None)
         self.max_failed_saves = max_failed_saves
-        self.failed_in_a_row = 0
+        self.failed_in_a_row, self.last_saved = 0, None  # (last_saved: the step of the last committed save, every rank)
         self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
         self._job = None  # its writer (main process: _Commit; the other ranks: FSDP2's background shard writes, if any)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
@@ -188,6 +188,8 @@ class CheckpointManager:
         """Save on every rank (collective): the accelerate state and every registered component (cpt/state.py).
         Blocks for the host copy; writes in the background with ``async_save``."""
         self.wait()  # one save at a time: the previous one must be on disk (and counted) first
+        if step == self.last_saved:  # committed already (a run's end after a periodic save of its last step)
+            return
         acc = self.acc
         tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:08d}"
         error = None
@@ -203,7 +205,7 @@ class CheckpointManager:
             try:
                 doc, tensors = flatten(components)
                 job = self._stage(step, tmp, json.dumps(doc, indent=1, default=json_default), config_yaml, tensors)
-            except ShardedSaveError:  # the other ranks are inside the backend's save: no agreement possible
+            except (ShardedSaveError, zero_save.CollectiveSaveError):  # the other ranks are inside the backend's save: no agreement
                 raise
             except Exception as e:  # noqa: BLE001 - any failure must leave the old checkpoints intact
                 error = e
@@ -223,9 +225,7 @@ class CheckpointManager:
         if self._pending_step is None:
             return
         step, self._pending_step = self._pending_step, None
-        error = None
-        if self._job is not None:
-            error, self._job = self._job.join(), None
+        error, self._job = (self._job.join() if self._job is not None else None), None
         if not all_ranks_agree(self.acc, error is None):
             error = error or CheckpointError("the main process failed to write it")
         self._record(step, error)
@@ -256,7 +256,7 @@ class CheckpointManager:
                 if failed:
                     raise CheckpointError(f"a rank could not write its part: {failed[0]}")
                 digests = {k: v for d in gathered for k, v in d.items()}
-        elif self.shards is not None:  # FSDP2, non-blocking: staged here (nothing collective), written once all ranks agree
+        elif self.shards is not None:  # FSDP2, DeepSpeed, non-blocking: staged here, written once all ranks agree
             fault_point(f"save_state:rank{acc.process_index}@{step}")
             uploads = self.shards.stage(tmp, step, items)
         else:  # FSDP / DeepSpeed shards, on every rank, through collectives inside the backend's save (LoRA: no base)
@@ -275,7 +275,7 @@ class CheckpointManager:
 
     def _record(self, step: int, error: BaseException | None) -> None:
         if error is None:
-            self.failed_in_a_row = 0
+            self.failed_in_a_row, self.last_saved = 0, step
             return
         self.failed_in_a_row += 1
         cause = str(error) if isinstance(error, (CheckpointError, sharded_save.ShardWriteError)) else describe_io_error(error, self.root)
@@ -468,7 +468,7 @@ class _Commit:
             if self.uploads is not None:  # every rank's shard files and DCP's .metadata on disk, or an error
                 self.uploads.wait()
                 fault_point(f"save:shards@{step}")
-            digests = {**self.digests, **write_files(tmp, self.items, step)}
+            digests = {**self.digests, **getattr(self.uploads, "digests", {}), **write_files(tmp, self.items, step)}
             self.items = None  # free the host copy
             write_checksums(tmp, digests)
             fault_point(f"save:checksums@{step}")

@@ -23,6 +23,8 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
+from cpt.rank_failure import lost_peer, remember_store
+
 
 class LaunchError(RuntimeError):
     """The processes a launch gave cannot train this config (one clear line, no traceback, from ``cpt train``)."""
@@ -220,6 +222,7 @@ def build_accelerator(cfg):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         kwargs_handlers=kwargs,
     )
+    remember_store()  # where a rank that fails tells the others why (cpt/rank_failure.py)
     if acc.num_processes > 1 and backend(acc) is Backend.SINGLE:
         # e.g. `accelerate launch --use_fsdp` or --multi_gpu without GPUs: N processes that never synchronise
         raise LaunchError(
@@ -329,6 +332,11 @@ class PreemptionFlag:
 
     def __exit__(self, *exc) -> None:
         self.uninstall()
+        if exc[1] is not None and lost_peer(exc[1]):
+            # another rank died: the launcher is stopping the others (SIGTERM); this rank reports first, then exits
+            # (cpt/rank_failure.py), rather than being cut off on its way to the error handler
+            with contextlib.suppress(ValueError):  # (not the main thread)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def requested(self, acc, step: int = 0) -> bool:
         """True on every rank if any rank received a signal (so all ranks save together); with several

@@ -142,3 +142,16 @@ def add_push_arguments(p) -> None:
                         "(ORG/NAME; created private if missing; token: HF_TOKEN or `hf auth login`)")
     p.add_argument("--public", action="store_true", help="with --push-to-hub: create the repository public")
     p.add_argument("--hub-revision", metavar="BRANCH", default=None, help="with --push-to-hub: push to this branch")
+
+
+def push_run_export(cfg, export_dir: Path, step: int, tokens: int, say) -> None:
+    """``checkpoint.push_to_hub`` at the end of a run (main process): the final export with its model card. A failed
+    push is one line (the export stays on disk, the run has succeeded): it does not fail a finished run."""
+    from cpt.config import config_to_dict
+
+    c = cfg.checkpoint
+    card = model_card(export_dir, config_to_dict(cfg), Path(cfg.run.output_dir), step, tokens, c.push_to_hub.split("/")[-1])
+    try:
+        say(f"pushed {export_dir} to {push_folder(export_dir, c.push_to_hub, private=c.hub_private, revision=c.hub_revision, card=card)}")
+    except HubPushError as e:
+        say(f"WARNING: {e}")

@@ -18,15 +18,18 @@ A save, on every rank:
 3. DCP's save exchanges the ranks' plans, writes each rank's shard files (fsynced), gathers every rank's write results
    on the coordinator (rank 0), which writes ``.metadata`` only if no rank failed, then broadcasts the outcome: a
    future completes (on every rank) only after every rank's files and the metadata are on disk, or fails on every
-   rank with the failing ranks' errors (no rank waits for ever on another's failure; a rank that dies leaves the
-   others waiting up to the process group's timeout, ``train.distributed_timeout_s``, unless the launcher stops them).
+   rank with the failing ranks' errors (no rank waits for ever on another's failure). A rank that dies mid-write
+   (``kill -9``, out of memory) closes its sockets: the others' DCP collectives fail at once and torchrun stops them
+   (measured on 2 CPU processes: every process gone within 5 s of the kill, the previous checkpoint the newest valid
+   one, ``--resume`` exact); only a rank that hangs, or a node lost without closing its connections, leaves them
+   waiting, up to the process group's timeout (``train.distributed_timeout_s``).
 4. The main process's commit thread (cpt/checkpoint.py's ``_Commit``) waits for both futures, then writes cpt's own
    files, CHECKSUMS.json (shards by size) and renames ``.tmp-step_N`` into place; a kill before that leaves the
    previous checkpoint the newest valid one.
 
 Used when the run is FSDP2 with ``SHARDED_STATE_DICT``, one model and one optimizer and nothing registered that only
-``accelerator.save_state`` knows how to save (custom objects, save hooks); otherwise (and under DeepSpeed) saves stay
-synchronous.
+``accelerator.save_state`` knows how to save (custom objects, save hooks); otherwise saves stay synchronous (DeepSpeed's
+non-blocking saves: cpt/zero_save.py).
 """
 
 from __future__ import annotations

@@ -217,9 +217,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         summary, compute = evaluator.summary(), account.metrics(state.tokens, flops_per_token)
         logger.log({"train/tokens": state.tokens, **compute}, step=state.step)
         logger.close()  # (the report reads metrics.jsonl)
-        if acc.is_main_process:
-            _end_of_run(cfg, run_dir, stopped, state, total_steps, summary, bench, compute, acc.num_processes, say, export_dir)
-        acc.wait_for_everyone()
+        _end_of_run(cfg, acc, run_dir, stopped, state, total_steps, summary, bench, compute, say, export_dir)
         return TrainResult(run_dir, state.step, state.tokens, export_dir, summary, stopped,
                            benchmarks=bench.summary() if bench else [])
 
@@ -458,27 +456,18 @@ def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLog
     return export_dir
 
 
-def _push_final(cfg: RunConfig, export_dir: Path | None, state, say) -> None:
-    """``checkpoint.push_to_hub``: the final export, with its model card, on the hub. A failed push is one line (the
-    export stays on disk, the run has succeeded): it does not fail a finished run."""
-    if not cfg.checkpoint.push_to_hub or export_dir is None:
-        return
-    from cpt.hub import HubPushError, model_card, push_folder
+def _end_of_run(cfg: RunConfig, acc, run_dir: Path, stopped, state, total_steps: int, summary, bench, compute, say,
+                export_dir: Path | None) -> None:
+    """The main process prints the summary tables and writes the plots and report; every rank meets the others a
+    last time; then the main process pushes the final export to the hub (``checkpoint.push_to_hub``): after that
+    barrier, so that no rank waits out ``train.distributed_timeout_s`` at it while tens of GB upload."""
+    if acc.is_main_process:
+        _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, acc.num_processes, say)
+    acc.wait_for_everyone()
+    if acc.is_main_process and cfg.checkpoint.push_to_hub and export_dir is not None:
+        from cpt.hub import push_run_export
 
-    c = cfg.checkpoint
-    card = model_card(export_dir, config_to_dict(cfg), Path(cfg.run.output_dir), state.step, state.tokens,
-                      c.push_to_hub.split("/")[-1])
-    try:
-        say(f"pushed {export_dir} to {push_folder(export_dir, c.push_to_hub, private=c.hub_private, revision=c.hub_revision, card=card)}")
-    except HubPushError as e:
-        say(f"WARNING: {e}")
-
-
-def _end_of_run(cfg: RunConfig, run_dir: Path, stopped, state, total_steps: int, summary, bench, compute,
-                num_processes: int, say, export_dir: Path | None) -> None:
-    """The main process's end of a run: the summary tables, plots and report, then the push to the hub."""
-    _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, num_processes, say)
-    _push_final(cfg, export_dir, state, say)
+        push_run_export(cfg, export_dir, state.step, state.tokens, say)
 
 
 def _print_summary(cfg: RunConfig, run_dir: Path, stopped, step: int, total_steps: int, summary, bench, compute,

@@ -16,6 +16,13 @@ cpt/sharded_save.py), each time the slowest rank's. On CPU (gloo), through the t
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 \
         --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_state_dict_type SHARDED_STATE_DICT \
         scripts/bench_checkpoint.py --fsdp [--tiny]
+
+``--deepspeed``: the same model under DeepSpeed ZeRO (the stage and offload of the launch): a synchronous save
+(``accelerator.save_state``) against a non-blocking one (cpt/zero_save.py), each time the slowest rank's; the last two
+checkpoints' DeepSpeed files are compared (``same_tensors``). On CPU (gloo)::
+
+    OMP_NUM_THREADS=1 accelerate launch --num_processes 2 --use_deepspeed --zero_stage 3 \
+        scripts/bench_checkpoint.py --deepspeed [--tiny]      (ZeRO-2 + offload: --zero_stage 2 --offload_optimizer_device cpu)
 """
 
 from __future__ import annotations
@@ -70,9 +77,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 on the processes of an accelerate launch (see above)")
+    ap.add_argument("--deepspeed", action="store_true", help="DeepSpeed ZeRO on the processes of an accelerate launch")
     args = ap.parse_args(argv)
-    if args.fsdp:
-        return fsdp_main(args)
+    if args.fsdp or args.deepspeed:
+        return sharded_main(args)
     import torch
 
     from cpt.checkpoint import CheckpointManager, list_checkpoints
@@ -118,8 +126,45 @@ def main(argv=None) -> dict:
     return out
 
 
-def fsdp_main(args) -> dict:
-    """Blocking time of a synchronous and of a non-blocking FSDP2 save (the slowest rank's), best of ``--repeats``."""
+def _deepspeed_accelerator():
+    """An Accelerator under the launch's DeepSpeed plugin, its batch geometry filled in as cpt's loop does (gloo on CPU)."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from cpt.accelerator import configure_deepspeed
+
+    kwargs = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))]
+    acc = Accelerator(kwargs_handlers=kwargs)
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is None:
+        raise SystemExit("--deepspeed: run under `accelerate launch --use_deepspeed --zero_stage 2|3 ...` (see the docstring)")
+    configure_deepspeed(ds.deepspeed_config, micro_batch=1, grad_accum=1, global_batch=acc.num_processes, grad_clip=None)
+    return acc
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether two checkpoints' DeepSpeed and RNG files hold the same tensors (and the same other values)."""
+    import torch
+
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and list(x) == list(y) and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return type(x) is type(y) and len(x) == len(y) and all(map(same, x, y))
+        return type(x) is type(y) if type(x).__module__.startswith(("deepspeed", "numpy")) else x == y
+
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*.pt"))
+    return bool(names) and all(same(torch.load(a / n, weights_only=False), torch.load(b / n, weights_only=False)) for n in names)
+
+
+def sharded_main(args) -> dict:
+    """Blocking time of a synchronous and of a non-blocking FSDP2 or DeepSpeed save (the slowest rank's), best of
+    ``--repeats``."""
     import torch
     import torch.distributed as dist
     from accelerate import Accelerator
@@ -129,14 +174,17 @@ def fsdp_main(args) -> dict:
     from cpt.distributed import Backend, backend
     from cpt.state import TrainState
 
-    if not torch.cuda.is_available():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from fsdp_on_cpu import force_fsdp_on_cpu
+    if args.deepspeed:
+        acc = _deepspeed_accelerator()
+    else:
+        if not torch.cuda.is_available():
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from fsdp_on_cpu import force_fsdp_on_cpu
 
-        force_fsdp_on_cpu()
-    acc = Accelerator()
-    if backend(acc) is not Backend.FSDP or not acc.is_fsdp2:
-        raise SystemExit("--fsdp: run under `accelerate launch --use_fsdp --fsdp_version 2 ...` (see the docstring)")
+            force_fsdp_on_cpu()
+        acc = Accelerator()
+        if backend(acc) is not Backend.FSDP or not acc.is_fsdp2:
+            raise SystemExit("--fsdp: run under `accelerate launch --use_fsdp --fsdp_version 2 ...` (see the docstring)")
     shape = TINY if args.tiny else SMOLLM2_135M
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**shape))
@@ -157,7 +205,7 @@ def fsdp_main(args) -> dict:
     best = {"sync_s": float("inf"), "async_blocking_s": float("inf"), "async_total_s": float("inf")}
     blocking = []
     background = CheckpointManager(root / "async", keep=1, accelerator=acc, async_save=True)
-    assert background.shards is not None, "FSDP2 saves are not taking the non-blocking path"
+    assert background.shards is not None, "the saves are not taking the non-blocking path"
     size = 0
     for r in range(args.repeats):
         acc.wait_for_everyone()
@@ -166,7 +214,8 @@ def fsdp_main(args) -> dict:
         best["sync_s"] = min(best["sync_s"], slowest(time.perf_counter() - t0))
         if acc.is_main_process:
             size = sum(p.stat().st_size for p in list_checkpoints(root / f"sync{r}")[-1].rglob("*") if p.is_file())
-            shutil.rmtree(root / f"sync{r}")
+            if r < args.repeats - 1:  # (the last one is compared with the last non-blocking save below)
+                shutil.rmtree(root / f"sync{r}")
         acc.wait_for_everyone()
         t0 = time.perf_counter()
         background.save(r + 1, {"train": TrainState(step=r + 1)}, "bench: true\n")
@@ -177,10 +226,18 @@ def fsdp_main(args) -> dict:
         best["async_blocking_s"] = min(best["async_blocking_s"], blocking[-1])
         best["async_total_s"] = min(best["async_total_s"], slowest(t2 - t0))
     acc.wait_for_everyone()
+    same = None
+    if args.deepspeed and acc.is_main_process:
+        same = _same_files(list_checkpoints(root / "async")[-1], list_checkpoints(root / f"sync{args.repeats - 1}")[-1])
     if acc.is_main_process and not args.out:
         shutil.rmtree(root, ignore_errors=True)
+    extra = {}
+    if args.deepspeed:
+        zero = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        extra = {"zero_stage": int(zero.get("stage", 0)), "same_tensors": same,
+                 "offload": str(zero.get("offload_optimizer", {}).get("device", "none")) not in ("none", "None")}
     out = {
-        "bench": "checkpoint-fsdp2", "shape": "tiny" if args.tiny else "smollm2-135m", "params": n_params,
+        "bench": "checkpoint-deepspeed" if args.deepspeed else "checkpoint-fsdp2", **extra, "shape": "tiny" if args.tiny else "smollm2-135m", "params": n_params,
         "processes": acc.num_processes, "checkpoint_mb": round(size / 2**20, 1), **{k: round(v, 3) for k, v in best.items()},
         "async_first_blocking_s": round(blocking[0], 3),  # the first one also allocates the host buffers
         "blocking_ratio": round(best["async_blocking_s"] / best["sync_s"], 3), "repeats": args.repeats,

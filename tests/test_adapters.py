@@ -480,6 +480,23 @@ def test_deepspeed_lora_checkpoints_keep_the_whole_model_when_model_freeze_froze
     assert "hold the whole model" in caplog.records[0].message and "lora_A" in caplog.records[0].message
 
 
+def test_deepspeed_model_freeze_checkpoints_leave_the_frozen_layers_out():
+    """A model.freeze model whose frozen part is the base as built saves without it under DeepSpeed too
+    (exclude_frozen_parameters: its checkpoints held the whole model); one whose frozen part was loaded from a
+    checkpoint (no fingerprint of the base as built) keeps the whole model."""
+    from types import SimpleNamespace
+
+    from cpt.adapter_shards import _adapter_model
+
+    model = tiny_model()
+    apply_freeze(model, FreezeConfig(layers="bottom_half"))
+    acc = SimpleNamespace(distributed_type="DEEPSPEED", _models=[model], _optimizers=[object()], is_main_process=True,
+                          unwrap_model=lambda m, keep_torch_compile=False: m)
+    assert _adapter_model(acc) is None  # (no fingerprint: not the base as built)
+    model._cpt_base_fingerprint = "0" * 64
+    assert _adapter_model(acc) is model
+
+
 def test_lora_wrap_and_merge_print_no_library_deprecation(base_dir, tmp_path):
     """peft reads `model.is_gradient_checkpointing`, deprecated in transformers 5: every LoRA run and `cpt merge`
     (README section 6, run by hand) printed a FutureWarning no user can act on."""

@@ -66,6 +66,19 @@ def test_ema_warmup_and_trainable_only_and_fp32_shadow():
     torch.testing.assert_close(ema.shadow["1.weight"], 0.1 * before + 0.9 * model[1].weight.float())
 
 
+def test_ema_of_zero3_placeholders_is_refused_with_the_settings_that_turn_it_off():
+    """configs/full-cpt.yaml keeps an EMA; launched with scripts/launch.sh fsdp|zero3 it is refused (the 2-process
+    refusals: tests/test_train_distributed.py). The line names both settings to turn it off: with train.ema_decay
+    alone unset, the config is refused again for eval.ema."""
+    from cpt.distributed import LaunchError
+
+    lin = torch.nn.Linear(2, 1, bias=False)
+    lin.weight = torch.nn.Parameter(torch.empty(0))
+    lin.weight.ds_numel = 2  # what deepspeed.zero.Init leaves in place of a partitioned weight
+    with pytest.raises(LaunchError, match=r"ZeRO-3.*--set train\.ema_decay=null --set eval\.ema=false"):
+        EMA(lin, decay=0.5)
+
+
 def test_ema_swapped_loads_then_restores_and_state_roundtrip(tmp_path):
     model = tiny_model(0)
     ema = EMA(model, decay=0.9)

@@ -304,6 +304,10 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     assert result["lm_eval"][f"lm_eval/{mc}/acc"] == rec[f"lm_eval/{mc}/acc"]
     for key in (f"lm_eval/{ppl}/bits_per_byte", f"lm_eval/{ppl}/bits_per_byte_stderr", f"lm_eval/{mc}/acc_stderr"):
         assert result["lm_eval"][key] == pytest.approx(rec[key], rel=1e-6), key  # the bootstrap too: same seed and iters
+    # with neither --tasks nor --heldout: the run's own held-out sets and tasks (it said "nothing to do")
+    assert eval_main([str(out), "--device", "cpu", "--out", str(tmp_path / "eval2.json")]) == 0
+    again = json.loads((tmp_path / "eval2.json").read_text())
+    assert again["heldout"] == result["heldout"] and again["lm_eval"] == result["lm_eval"]
 
 
 def test_experiment_results_get_benchmark_columns(tmp_path):

@@ -171,6 +171,27 @@ def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monke
     assert saved and all(torch.equal(saved[k], want[k]) for k in saved)
 
 
+def test_a_step_already_committed_is_not_written_again(trained, tmp_path, monkeypatch):
+    """The end of a run saves its last step; when that step was a periodic save too (checkpoint.every dividing the
+    steps: the usual case), the whole checkpoint was written a second time (a full extra model + optimizer write at
+    the end of every such run; a kill during it left a .tmp- copy next to the good one). A save that failed is
+    still tried again."""
+    import cpt.checkpoint as checkpoint
+
+    acc, _, _ = trained
+    writes, real = [], checkpoint.write_files
+    monkeypatch.setattr(checkpoint, "write_files", lambda folder, items, step: writes.append(step) or real(folder, items, step))
+    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc, async_save=True)
+    ckpts.save(4, {"train": TrainState(step=4)}, "")  # the loop's periodic save of the last step
+    ckpts.save(4, {"train": TrainState(step=4)}, "")  # the end of the run
+    ckpts.wait()
+    assert writes == [4] and [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000004"]
+    ckpts._record(6, OSError(errno.ENOSPC, "disk full"))  # (a failed save of step 6...)
+    ckpts.save(6, {"train": TrainState(step=6)}, "")  # ...is written at the end
+    ckpts.wait()
+    assert writes == [4, 6]
+
+
 def test_failed_background_save_counts_and_policy_stops(trained, tmp_path, monkeypatch, caplog):
     acc, _, _ = trained
     real_write = HashingFile.write

@@ -34,7 +34,7 @@ def test_every_command_module_has_main():
         assert callable(mod.main), name
 
 
-def test_train_bad_config_fails_before_any_work(tmp_path, capsys):
+def test_train_bad_config_fails_before_any_work(tmp_path, capsys, monkeypatch):
     cfg = {"model": {"arch": {"hidden_size": 8}}, "data": {"sources": []}, "stages": [], "bogus": 1}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -42,6 +42,10 @@ def test_train_bad_config_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "invalid config" in err and "bogus" in err and "data.sources" in err and "stages" in err
     assert not (tmp_path / "run").exists()
+    # under a launcher the node's other ranks fail alike and quietly: one refusal per node, not one per GPU
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ""
 
 
 def test_train_user_errors_are_one_line_not_a_traceback(tiny_cpt_data, tmp_path, capsys):

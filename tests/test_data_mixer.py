@@ -457,3 +457,62 @@ def test_two_sources_reading_one_folder_are_warned_about(sources, tokenizer, cap
         CPTDataLoader(dc, [stage(5, {"new": 1, "old": 1})], tokenizer, 8, seed=0)  # 'again' unused: no warning
     assert [r.getMessage()[:51] for r in caplog.records if "same folder" in r.getMessage()] == [
         "data sources 'new' and 'again' read the same folder"]
+
+
+def test_verify_checksums_is_shared_by_the_ranks(sources, tokenizer, tmp_path):
+    """`data.verify_checksums: true` read every byte of every source on rank 0 alone, while the other ranks waited in
+    their first collective (a large corpus could outlast train.distributed_timeout_s). Now each rank checksums every
+    W-th file (and the sizes of all): a bad file is refused by the rank that reads it (it stops the run:
+    cpt/rank_failure.py), and together the ranks read each file once."""
+    import shutil
+
+    from cpt.data.shards import TokenShards
+
+    root = tmp_path / "s"
+    shutil.copytree(sources / "new", root / "new")
+    shutil.copytree(sources / "old", root / "old")
+    dc = data_config([{"name": "new", "path": str(root / "new")}, {"name": "old", "path": str(root / "old")}],
+                     seq_len=L, verify_checksums=True)
+    st = [stage(6, {"new": 0.75, "old": 0.25})]
+    files = [name for name, _, _ in TokenShards.open(root / "new")._expected_files()]
+    assert len(files) >= 4
+    bad = root / "new" / files[3]  # the 4th file: rank 1's of 2
+    raw = bytearray(bad.read_bytes())
+    raw[0] ^= 1
+    bad.write_bytes(bytes(raw))
+    CPTDataLoader(dc, st, tokenizer, 8, seed=9, rank=0, world_size=2)  # not rank 0's to read
+    with pytest.raises(ShardError, match=f"data source 'new'.*checksum mismatch for {files[3]}"):
+        CPTDataLoader(dc, st, tokenizer, 8, seed=9, rank=1, world_size=2)
+    with pytest.raises(ShardError, match=f"checksum mismatch for {files[3]}"):
+        CPTDataLoader(dc, st, tokenizer, 8, seed=9)  # one process reads them all
+
+
+def test_a_corrupt_sequence_read_by_one_rank_stops_that_rank_naming_the_file(sources, tokenizer, tmp_path):
+    """Bytes of a shard corrupted after `cpt prepare` (same size: the start-up size check passes) into ids past the
+    vocabulary: the rank that reads them stopped with an embedding IndexError naming nothing (on GPUs a device-side
+    assert). Now its batch is refused with a ShardError naming the source, the file and where; the other rank,
+    which never reads that sequence, is unaffected (it learns of the failure from the launcher: cpt/rank_failure.py)."""
+    src = tmp_path / "new"  # the "new" corpus in one shard file
+    write_jsonl(tmp_path / "new.jsonl", [{"text": d} for d in make_docs(300, seed=31)])
+    prepare([str(tmp_path / "new.jsonl")], tokenizer, src, shard_tokens=10**6)
+    dc = data_config([{"name": "new", "path": str(src)}, {"name": "old", "path": str(sources / "old")}], seq_len=L)
+    st = [stage(6, {"new": 0.75, "old": 0.25})]
+
+    def first_batch_reads(rank):  # the "new" sequences a rank reads in its first batch
+        ld = CPTDataLoader(dc, st, tokenizer, 8, seed=9, rank=rank, world_size=2)
+        read, stream = [], ld.streams[0]
+        stream.sequences = lambda pos, out=None, rows=None, f=stream.sequences: read.extend(stream.sequence_ids(pos)) or f(pos, out, rows)
+        ld.batch(0)
+        return set(map(int, read)), stream
+
+    (mine, stream), (theirs, _) = first_batch_reads(1), first_batch_reads(0)
+    seq = min(mine - theirs)
+    a = np.memmap(src / "shard_00000.bin", dtype=stream.shards.dtype, mode="r+")
+    a[seq * L + 5] = len(tokenizer) + 7
+    a.flush()
+    del a
+    ranks = [CPTDataLoader(dc, st, tokenizer, 8, seed=9, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].batch(0)["input_ids"].max() < len(tokenizer)  # rank 0 reads other sequences
+    with pytest.raises(ShardError, match=rf"data source 'new' \({src}\): token id {len(tokenizer) + 7} in shard_00000.bin "
+                                         rf"\(tokens {seq * L:,}..\+{L}\) is outside the tokenizer's vocabulary"):
+        ranks[1].batch(0)

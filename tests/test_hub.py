@@ -54,14 +54,21 @@ def _published(folder: Path) -> str:
     return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file())
 
 
-def test_a_run_pushes_its_final_export_with_a_model_card(tiny_cpt_data, tmp_path, hub):
+def test_a_run_pushes_its_final_export_with_a_model_card(tiny_cpt_data, tmp_path, hub, monkeypatch):
+    from accelerate import Accelerator
+
     from cpt.train import train
+
+    barrier = Accelerator.wait_for_everyone
+    monkeypatch.setattr(Accelerator, "wait_for_everyone", lambda self: (hub.calls.append(("barrier",)), barrier(self)))
 
     out = tmp_path / "run"
     cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 4, "keep": 10, "push_to_hub": "me/tiny-cpt"})
     echo = Echo()
     result = train(load_config(base=cfg), echo=echo)
     assert ("create_repo", "me/tiny-cpt", True) in hub.calls  # private unless told
+    # after the run's last barrier: the other ranks are not held there while tens of GB upload
+    assert max(i for i, c in enumerate(hub.calls) if c == ("barrier",)) < hub.calls.index(("upload_folder", "me/tiny-cpt", None))
     pushed = hub.root / "me/tiny-cpt" / "main"
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in pushed.iterdir()}
     assert (pushed / "model.safetensors").read_bytes() == (result.export_dir / "model.safetensors").read_bytes()

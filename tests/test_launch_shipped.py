@@ -15,6 +15,7 @@ between world sizes and backends.
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -383,9 +384,41 @@ def test_a_rank_failing_in_a_sharded_save_stops_the_run_at_once(reference, tiny_
     rc, log = proc.returncode, proc.communicate()[0]
     assert not hung and rc != 0 and "train.distributed_timeout_s" not in log, log[-5000:]
     errors = [line for line in log.splitlines() if line.startswith(f"cpt train: error: checkpoint at step {STEPS}: rank 1 (")]
-    assert len(errors) == 1 and "failed in the fsdp save" in errors[0], log[-5000:]  # (rank 0 may add its lost peer)
+    assert len(errors) == 1 and "failed in the fsdp save" in errors[0], log[-5000:]
+    # and nothing from rank 0, whose save broke when rank 1 left (cpt/rank_failure.py): it used to add a traceback or
+    # a line of its own ("rank 0 ... failed in the fsdp save: ... Connection closed by peer")
+    assert [line for line in log.splitlines() if line.startswith("cpt train: error:")] == errors, log[-5000:]
+    assert "[rank0]:" not in log and "Connection closed" not in log and "Connection reset" not in log, log[-5000:]
     assert f"no space left on device (save_state:rank1@{STEPS})" in errors[0]
     assert [p.name for p in list_checkpoints(out)] == [f"step_{EVERY:08d}"] and verify_checkpoint(list_checkpoints(out)[0]) is None
     rc, log = run_shipped("fsdp", path, "--resume")
     assert rc == 0 and f"resumed {out / 'checkpoints' / f'step_{EVERY:08d}'} at step {EVERY}" in log, log[-5000:]
     assert_close(losses(out), losses(reference))
+
+
+def test_a_shard_refused_by_rank_0_stops_every_rank_with_one_line(tiny_cpt_data, tiny_base, tmp_path):
+    """`data.verify_checksums: true` (its share of the files on each rank; this one is rank 0's): a shard whose bytes changed after `cpt prepare`
+    (same size) was refused there, while rank 1 went on into the model's first collective, then died of the broken
+    connection with a page of traceback that named no cause. Now rank 0's line, naming the file and its rank, is the
+    only one (rank 1 learns the cause from the launcher's store and stays quiet) and the job ends in seconds, not after
+    train.distributed_timeout_s. About 15 s."""
+    import time
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cpt_data / "data", data / "data")
+    shard = data / "data" / "python" / "shard_00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[1000:1002] = b"\x01\x00" if raw[1000:1002] != b"\x01\x00" else b"\x02\x00"  # another valid token id (uint16)
+    shard.write_bytes(bytes(raw))
+    cfg = two_process_config(tiny_cpt_data, tiny_base, tmp_path / "run", steps=STEPS, eval_every=EVERY, checkpoint={"every": EVERY})
+    for src in cfg["data"]["sources"]:
+        src["path"] = src["path"].replace(str(tiny_cpt_data / "data"), str(data / "data"))
+    cfg["data"]["verify_checksums"] = True
+    cfg["train"]["distributed_timeout_s"] = 120
+    t0 = time.time()
+    rc, log = run_shipped("ddp", write(cfg, tmp_path / "run.yaml"))
+    assert rc != 0 and time.time() - t0 < 100, (time.time() - t0, log[-5000:])
+    errors = [line for line in log.splitlines() if line.startswith("cpt train: error:")]
+    assert len(errors) == 1 and "checksum mismatch for shard_00000.bin" in errors[0], log[-5000:]
+    assert errors[0].endswith("]") and "[rank 0 of 2 (" in errors[0], errors
+    assert not re.search(r"\[rank\d\]: Traceback", log) and "Connection closed" not in log, log[-5000:]

@@ -2,8 +2,8 @@
 launched as the README tells users (`scripts/launch.sh run.yaml fsdp|zero2|zero3`, NUM_GPUS=2, CPU jobs by the
 environment alone: tests/test_launch_shipped.py):
 
-* the 2-process run gives the 1-process run's losses; its checkpoints (FSDP2: written in the background by DCP's
-  async_save, cpt/sharded_save.py; DeepSpeed: synchronously, as the run says) hold the adapter's tensors and optimizer
+* the 2-process run gives the 1-process run's losses; its checkpoints (written in the background: FSDP2 by DCP's
+  async_save, cpt/sharded_save.py; DeepSpeed's files by cpt/zero_save.py) hold the adapter's tensors and optimizer
   state and `adapter_base.json`, no tensor of the base (and weigh a small fraction of it);
 * the run as if killed after its step-3 checkpoint, resumed by the same launch with --resume, gives the
   uninterrupted run's losses bitwise (the backend's own loader: DCP for FSDP2, DeepSpeed's load_checkpoint);
@@ -87,9 +87,10 @@ def test_lora_checkpoint_holds_the_adapter_alone_and_resumes_exactly(strategy, s
     assert_close(losses(run), losses(reference))
     assert_close(evals(run), evals(reference))
 
-    # FSDP2: checkpoint.async_save (the default) writes the shards in the background (cpt/sharded_save.py); DeepSpeed's
-    # saves block, and the run says so
-    said = "written in the background (torch.distributed.checkpoint.async_save)" if strategy == "fsdp" else "DeepSpeed saves synchronously"
+    # checkpoint.async_save (the default) writes the files in the background: FSDP2's shards by DCP (cpt/sharded_save.py),
+    # DeepSpeed's (exclude_frozen_parameters) by cpt/zero_save.py; the run says so
+    said = ("written in the background (torch.distributed.checkpoint.async_save)" if strategy == "fsdp"
+            else "DeepSpeed's checkpoint files are written in the background")
     assert said in (run / "train.log").read_text()
     ckpt = run / "checkpoints" / f"step_{EVERY:08d}"
     assert verify_checkpoint(ckpt) is None and layout(ckpt) == ("fsdp" if strategy == "fsdp" else "deepspeed")

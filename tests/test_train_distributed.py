@@ -233,7 +233,9 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run")
     cfg["model"]["freeze"] = {"layers": "bottom_half"}
     cfg["stages"][0]["steps"] = 9
-    cfg["eval"].update(at_start=False, every=None)
+    # evaluated before each checkpoint, as the shipped freeze-cpt.yaml does every 100 steps: FSDP2 then holds its root
+    # parameters (the trained tied embedding, the final norm) unsharded, and its checkpoints used to leave them out
+    cfg["eval"].update(at_start=False, every=3)
     cfg["checkpoint"] = {"every": 3, "keep": 3, "export_at_end": False}
     rc, log = launch("ddp", write(cfg, tmp_path / "c.yaml"))
     assert rc == 0, log[-5000:]
@@ -257,6 +259,9 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
 
     shards = read_model_state(ckpt)
     assert shards and not any(k.startswith("model.layers.0.") for k in shards)
+    # every trained tensor (FSDP2's state dict also names the tied head), also in the step-6 one, written after an eval
+    at6 = set(read_model_state(fsdp / "checkpoints" / "step_00000006"))
+    assert set(saved) <= at6 == set(shards), (set(saved) - at6, at6 ^ set(shards))
     for c, d in ((ckpt, "x"), (out / "checkpoints" / "step_00000009", "y")):
         export_checkpoint(c, tmp_path / d, echo=lambda *a: None)
     x, y = (load_file(tmp_path / d / "model.safetensors") for d in "xy")

@@ -20,7 +20,7 @@ subset of each task's documents (--seed; a run's in-loop evaluations use run.see
 limit the items are those the run scored.
 
 A CHECKPOINT inside a cpt run directory (the run dir, RUN/export, RUN/exports/step_N, RUN/checkpoints/step_N) is scored
-as the run scored it in the loop: --max-length defaults to the run's eval.lm_eval.max_length or data.seq_len (lm-eval's
+as the run scored it in the loop (without --tasks and --heldout: on the run's held-out sets and lm-eval tasks): --max-length defaults to the run's eval.lm_eval.max_length or data.seq_len (lm-eval's
 context length; elsewhere the model's), --seed to its eval.lm_eval.seed or run.seed, --bootstrap-iters to its
 eval.lm_eval.bootstrap_iters, --seq-len to its data.seq_len, --max-tokens to its eval.tokens_per_set (or the set's
 max_tokens), --sample-seed to its eval.sample_seed and --document-masking to its data.document_masking; without
@@ -86,7 +86,8 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
                     "bootstrap_iters": lm.bootstrap_iters, "task_limits": {t.name: t.limit or lm.limit for t in lm.tasks},
                     "seq_len": cfg.data.seq_len, "max_tokens": cfg.eval.tokens_per_set,
                     "sample_seed": cfg.eval.sample_seed, "document_masking": cfg.data.document_masking,
-                    "set_max_tokens": {h.name: h.max_tokens for h in cfg.data.heldout}}
+                    "set_max_tokens": {h.name: h.max_tokens for h in cfg.data.heldout},
+                    "heldout": [(h.name, h.path, h.tag) for h in cfg.data.heldout], "tasks": [t.name for t in lm.tasks]}
     return None
 
 
@@ -295,8 +296,15 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as e:  # (CheckpointError: no valid checkpoint, unreadable)
         print(f"cpt eval: {e}", file=sys.stderr)
         return 2
+    if not tasks and not heldouts:  # a checkpoint of a run: what the run evaluated in the loop
+        run = run_eval_settings(args.checkpoint)
+        heldouts, tasks = (list(run["heldout"]), list(run["tasks"])) if run is not None else ([], [])
+        if tasks or heldouts:
+            print("cpt eval: the run's evaluation: " + ", ".join([f"held-out {n} ({t})" for n, _, t in heldouts]
+                                                                 + [f"lm-eval {t}" for t in tasks]))
     if not tasks and not heldouts:
-        print("cpt eval: nothing to do: give --tasks and/or --heldout", file=sys.stderr)
+        print("cpt eval: nothing to do: give --tasks and/or --heldout (a checkpoint of a run without either evaluates "
+              "what the run did)", file=sys.stderr)
         return 2
     from eval_harness.lm_eval_hook import UnknownTaskError, make_task_manager
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
 
 from cpt.config import ConfigError, load_config
@@ -65,8 +67,9 @@ def main(argv: list[str]) -> int:
         overrides.append("run.force_lock=true")
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print_line(f"cpt train: {e}", file=sys.stderr)
+    except ConfigError as e:  # the ranks of a node read the same file alike: one line per node, not one per rank
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print_line(f"cpt train: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for noisy in ("accelerate", "deepspeed", "torch.distributed", "lm_eval"):  # per-file save/load, per-evaluation chatter
@@ -96,22 +99,45 @@ def main(argv: list[str]) -> int:
 
 
 def _train(cfg, args, argv: list[str], runlog, train) -> int:
+    from cpt import rank_failure
+
+    run = str(cfg.run.output_dir)
+
     def error(line: str) -> int:
-        print_line(f"cpt train: error: {line}", file=sys.stderr)
-        runlog.write(f"cpt train: error: {line}")
+        first = rank_failure.report(run, line)  # (the ranks whose collectives break when this one exits stay quiet)
+        shown = line
+        if (label := rank_failure.rank_label()) and not re.search(rf"\brank {os.environ.get('RANK')}\b", line):
+            shown = f"{line} [{label}]"  # (which rank, in a multi-process run's shared log)
+        if first != line:  # (every rank failing alike, e.g. a setting this launch cannot train: printed once)
+            print_line(f"cpt train: error: {shown}", file=sys.stderr)
+        runlog.write(f"cpt train: error: {shown}")
         return 1
 
     try:
         result = train(cfg, resume=args.resume or None, echo=runlog.say, allow_config_change=args.allow_config_change)
-    # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
-    except run_errors() as e:
-        return error(str(e))
-    except RuntimeError as e:  # a collective that gave up on a hung or lost rank: say which setting decides
-        from cpt.distributed import collective_timeout
+    except Exception as e:
+        if rank_failure.lost_peer(e):  # another rank is gone: it printed why and told this one, or it was killed
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (the launcher is stopping the ranks: say it first)
+            cause = rank_failure.reported(run)
+            if cause is None and rank_failure.report(run, lost := rank_failure.lost_peer_line(e)) is None:  # one rank says so
+                print_line(f"cpt train: error: {rank_failure.rank_label()}: {lost}", file=sys.stderr)
+            runlog.write(f"cpt train: error: {cause or rank_failure.reported(run, 0)}")  # (train.log: main process)
+            rank_failure.leave(1)  # (not through the broken group's teardown, which blocks for seconds)
+            return 1
+        # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
+        if isinstance(e, run_errors()):
+            return error(str(e))
+        if isinstance(e, OSError):  # disk full, quota, permissions, I/O (e.g. the final export): in plain words
+            from cpt.fileio import describe_io_error
 
-        if (line := collective_timeout(e, cfg)) is None:
-            raise
-        return error(line)
+            return error(f"a write failed: {describe_io_error(e, run)}; the newest checkpoint is intact and --resume "
+                         "continues from it (a missing final export is written again)")
+        from cpt.distributed import collective_timeout  # a collective that gave up on a hung rank: name the setting
+
+        if isinstance(e, RuntimeError) and (line := collective_timeout(e, cfg)) is not None:
+            return error(line)
+        rank_failure.report(run, f"{type(e).__name__}: {e}")  # an unexpected error: its traceback follows
+        raise
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
         from cpt.console import resume_command
 

@@ -32,7 +32,7 @@ class CheckpointConfig(Strict):
     # exports larger than this are split into model-0000k-of-0000n.safetensors + model.safetensors.index.json
     max_shard_size: str | int = "5GB"
     resume: bool = False  # take the latest valid checkpoint in output_dir
-    async_save: bool = True  # write in the background (one process, DDP, FSDP2 sharded; DeepSpeed saves synchronously)
+    async_save: bool = True  # write in the background (one process, DDP, FSDP2 sharded, DeepSpeed ZeRO)
     max_failed_saves: int = Field(3, gt=0)  # stop the run after this many failed saves in a row
     # publish the final export (with a model card) on the Hugging Face Hub: "org/name"; the token is
     # huggingface_hub's own (HF_TOKEN or `hf auth login`), never in the config; a failed push keeps the export

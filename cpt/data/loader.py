@@ -13,7 +13,7 @@ Shard sources only read this rank's rows; ``hf`` sources are read whole by every
 
 Start-up cost does not grow with the corpus: every rank reads the manifests (and compares the tokenizer
 hash); rank 0 alone also checks every shard file's size; no rank reads shard bytes before the first
-batch. ``data.verify_checksums: true`` makes rank 0 also check every file's checksum (a full read).
+batch. ``data.verify_checksums: true`` also checks every file's checksum (a full read, shared by the ranks).
 The state (step, mixer errors and row counts, per-source positions, ``hf`` dataset states) is a
 few numbers: ``load_state_dict`` is O(1) and independent of the world size.
 """
@@ -66,8 +66,9 @@ class CPTDataLoader:
         self.plan = MixPlan(stages, self.source_names)
         self.mixer = Mixer(self.plan, global_batch_size)
         tok_hash = tokenizer_fingerprint(tokenizer)
-        main = rank == 0  # the file checks are made once, by rank 0
-        verify = main and bool(getattr(data_cfg, "verify_checksums", False))
+        self.vocab_size = _vocab_size(tokenizer)  # a token id at or past it is a corrupt shard (checked per batch)
+        main = rank == 0  # the size checks are made once, by rank 0; the checksums' full read is shared by the ranks
+        verify = bool(getattr(data_cfg, "verify_checksums", False))  # (a rank that finds a bad file stops the run)
         self.streams: list[PackedStream | HFTokenStream] = [
             self._open(s, tokenizer, tok_hash, verify, main) for s in self.sources
         ]
@@ -84,7 +85,7 @@ class CPTDataLoader:
         try:
             shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes,
                                       expected_tokenizer_name=run_tokenizer_name(tokenizer),
-                                      expected_eos_id=tokenizer.eos_token_id)
+                                      expected_eos_id=tokenizer.eos_token_id, verify_part=(self.rank, self.world_size))
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
         return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
@@ -113,10 +114,29 @@ class CPTDataLoader:
             else:
                 k = np.flatnonzero((rows_j >= rank_rows.start) & (rows_j < rank_rows.stop))
                 if len(k):  # read straight into the int64 rows (no uint16 copy, no scatter)
-                    stream.sequences(self.positions[j] + k, out=out, rows=np.flatnonzero(mine == j))
+                    rows = np.flatnonzero(mine == j)
+                    stream.sequences(self.positions[j] + k, out=out, rows=rows)
+                    self._check_ids(j, out[rows], self.positions[j] + k)
             self.positions[j] += n
         self._check_epochs()
         return {"input_ids": torch.from_numpy(out), "source": torch.from_numpy(mine.astype(np.int64))}
+
+    def _check_ids(self, j: int, rows: np.ndarray, positions: np.ndarray) -> None:
+        """Token ids past the vocabulary: a shard corrupted after `cpt prepare` checksummed it (a bad disk, a partial
+        copy). Read by this rank only, they would stop it with an embedding IndexError (a CUDA device assert) and
+        no word about the file; named here instead (one max per batch)."""
+        if self.vocab_size is None or not rows.size or int(rows.max()) < self.vocab_size:
+            return
+        row = int(np.flatnonzero(rows.max(axis=1) >= self.vocab_size)[0])
+        stream, where = self.streams[j], ""
+        if isinstance(stream, PackedStream):
+            start = int(stream.sequence_ids(positions[row : row + 1])[0]) * self.seq_len
+            shards = stream.shards
+            i = int(np.searchsorted(shards._starts, start, side="right")) - 1
+            where = f" in {shards._shards[i].tokens_file} (tokens {start - int(shards._starts[i]):,}..+{self.seq_len})"
+        raise ShardError(f"data source {self.source_names[j]!r} ({self.sources[j].path}): token id {int(rows[row].max())}"
+                         f"{where} is outside the tokenizer's vocabulary ({self.vocab_size:,} ids): the file is corrupt; "
+                         f"`cpt verify {self.sources[j].path}` checks every file against its manifest's checksums")
 
     # ------------------------------------------------------------ metrics and warnings
 
@@ -343,6 +363,15 @@ def folder_overlaps(data_cfg: Any, used: Sequence[str] | None = None) -> list[st
                        "measures memorisation, not generalisation; use a held-out split (e.g. the heldout/ folder "
                        "`cpt prepare --heldout-docs` writes)")
     return out
+
+
+def _vocab_size(tokenizer: Any) -> int | None:
+    """How many token ids the tokenizer has (added tokens included); None when it does not say."""
+    try:
+        return len(tokenizer)
+    except TypeError:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+        return max(vocab.values()) + 1 if vocab else None
 
 
 def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,

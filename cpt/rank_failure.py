@@ -1,0 +1,134 @@
+"""When one rank of a multi-process run fails, what the other ranks do and print.
+
+A rank that stops with an error prints its one line (``cpt train: error: ...``) and exits; the other ranks learn it
+only when a collective breaks (gloo: "Connection closed by peer" / "Connection reset by peer"; NCCL: an aborted
+communicator), and each used to print a page of traceback naming no cause, or a misleading line of its own (a
+failed checkpoint "connection closed"), before the launcher's summary. Now:
+
+* the failing rank writes its line to the launcher's rendezvous store (torchrun's TCPStore: it lives in the launcher,
+  so it outlives the ranks) before it exits (:func:`report`; the first rank to report is the one kept);
+* a rank whose collective breaks because another rank is gone (:func:`lost_peer`) waits a moment for that line
+  (:func:`reported`) and exits quietly with status 1: the cause is printed once, by the rank that had it. With nothing
+  reported (the other rank was killed: ``kill -9``, the kernel's OOM killer, a segfault, a lost node) one line says
+  so (:func:`lost_peer_line`), printed by the first rank to report it (not once per surviving rank); the launcher's
+  summary after it names the dead rank and its exit signal;
+* every rank failing alike (a setting this launch cannot train) prints its line once, not once per rank.
+
+The store is the default process group's, remembered when the run's Accelerator is built (:func:`remember_store`):
+by the time an error reaches the command, the run's process group has been destroyed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from datetime import timedelta
+
+_STORE: list = []  # [the default process group's store], from remember_store()
+REPORT_WAIT_S = 2.0  # how long a rank that lost another waits for that rank's report (it may be on its way out)
+
+# a collective that broke because another process of the run is gone (its sockets closed, its communicator aborted)
+_LOST_PEER = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|NCCL communicator was aborted|"
+                        r"remote process exited|ProcessGroup\w* is (?:aborted|shut ?down)", re.IGNORECASE)
+
+
+def remember_store() -> None:
+    """Keep the default process group's store (call once the group exists; nothing with one process)."""
+    import torch.distributed as dist
+
+    _STORE.clear()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        try:
+            _STORE.append(_get_default_store())
+        except (RuntimeError, ValueError):  # (no store: nothing is told, the ranks fail as before)
+            pass
+
+
+def _key(run: str) -> str:
+    # per run directory and per start of the launcher's workers (torchrun --max_restarts keeps its store)
+    return f"cpt/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{run}"
+
+
+def rank_label() -> str:
+    """``rank 1 of 2 (host)`` for a multi-process run; empty with one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return ""
+    return f"rank {os.environ.get('RANK', '?')} of {world} ({socket.gethostname()})"
+
+
+def report(run: str, line: str) -> str | None:
+    """Tell the other ranks of run ``run`` why this rank stops (``line``). Returns None when this is the report the
+    others see (the first), else the line that was reported first. Never raises: a store that cannot be reached (the
+    launcher gone) tells nobody."""
+    if not _STORE:
+        return None
+    store, mine = _STORE[0], f"{rank_label()}\t{line}"
+    try:
+        store.set_timeout(timedelta(seconds=5))
+        first = store.compare_set(_key(run), "", mine).decode(errors="replace")
+    except Exception:  # noqa: BLE001 - a failure report must not hide the failure
+        return None
+    return None if first == mine else first.partition("\t")[2]
+
+
+def reported(run: str, wait_s: float | None = None) -> str | None:
+    """The line another rank reported for run ``run`` (waiting up to ``wait_s``, default :data:`REPORT_WAIT_S`, for it),
+    or None."""
+    if not _STORE:
+        return None
+    store, key = _STORE[0], _key(run)
+    until = time.monotonic() + (REPORT_WAIT_S if wait_s is None else wait_s)
+    try:
+        store.set_timeout(timedelta(seconds=5))
+        while True:
+            if store.check([key]):
+                label, _, line = store.get(key).decode(errors="replace").partition("\t")
+                return f"{label}: {line}"
+            if time.monotonic() >= until:
+                return None
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the launcher (and its store) gone: nothing to learn
+        return None
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it wraps) is a collective that broke because another process of the run is gone
+    (never with one process: a broken pipe there is its own output's)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _LOST_PEER.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def lost_peer_line(error: BaseException) -> str:
+    """The one line of a rank whose collective broke when another rank died without reporting why."""
+    match = _LOST_PEER.search(str(error))
+    seen = match.group(0) if match else type(error).__name__
+    return (f"another rank of this run died during a collective operation ({seen}): it was killed "
+            "(kill -9, the kernel's out-of-memory killer, a lost node) or crashed without a Python error; the "
+            "launcher's summary names it and its exit signal. --resume continues from the newest checkpoint")
+
+
+def leave(code: int = 1) -> None:
+    """End a rank whose process group broke, once its line is out: at once (``os._exit``), without the interpreter's
+    teardown, in which destroying the broken group blocks in C++ (gloo's, with a dead peer: 6 s measured on 2 CPU
+    processes, while the launcher waits for the rank). The run's own cleanup (checkpoint writers, the run lock,
+    metrics, trackers) has run by then, on the way out of the training loop."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -1,0 +1,241 @@
+"""Non-blocking DeepSpeed ZeRO checkpoints (``checkpoint.async_save``): DeepSpeed's own save, its files written later.
+
+``accelerator.save_state`` under DeepSpeed calls the engine's ``save_checkpoint``, which hands every file it writes
+(``pytorch_model/mp_rank_00_model_states.pt`` or ``zero_pp_rank_<r>_mp_rank_00_model_states.pt``, each rank's
+``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt``: the fp32 master partitions and Adam moments) to its checkpoint engine
+(``deepspeed/runtime/checkpoint_engine/``). For the length of a save cpt puts :class:`_Staging` in the engine's place:
+it copies each state dict into host buffers kept between saves (pinned on CUDA; every tensor, the ones ZeRO-Offload
+keeps on the CPU too, since training changes them in place) and writes nothing. So the files, their names and their
+contents are DeepSpeed's own, for every ZeRO stage, offload and LoRA's ``exclude_frozen_parameters``; DeepSpeed's load,
+cpt/consolidate.py and ``cpt export`` read them unchanged. The small files (``latest``, ``zero_to_fp32.py``,
+``random_states_<rank>.pkl``) are written during the save as before.
+
+Why not one of DeepSpeed's engines: ``fast`` (DeepNVMe) needs the async_io op, which needs libaio (not on this machine,
+nor on the GPU machines) and only speeds up the writes, which stay in the save; ``decoupled`` sends each state dict to a
+spawned writer process per rank and waits for it at the next optimizer step (``engine.step`` commits before updating),
+so at most one step's forward and backward overlap the write; a failed write kills that rank's writer and surfaces on
+that rank only, while the others wait in DeepSpeed's barrier; ``datastates`` needs a package that is not on PyPI.
+None writes a commit mark cpt can check (CHECKSUMS.json, the rename).
+
+A save, on every rank: :meth:`AsyncZero.stage` (the loop waits for it) runs the save with the staging engine;
+:meth:`Writes.start` writes this rank's files in a thread (streamed, hashed, fsynced: cpt/checkpoint_files.py's
+writer), then every rank's outcome is exchanged on a gloo group of its own (background collectives never share the
+training group): a write fails on every rank if it failed on any, naming the rank. The main process's commit
+(cpt/checkpoint.py's ``_Commit``) waits for that, then writes cpt's files, CHECKSUMS.json (DeepSpeed's files with their
+digests) and renames ``.tmp-step_N`` into place; a kill before that leaves the previous checkpoint the newest valid one.
+A rank that dies leaves the others' writer threads waiting up to the process group's timeout
+(``train.distributed_timeout_s``) unless the launcher stops them, as under FSDP2.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+import torch
+
+from cpt import adapter_shards, sharded_save
+from cpt.distributed import Backend, backend
+from cpt.fileio import HashingFile, describe_io_error, fault_point, fsync_dir
+
+log = logging.getLogger("cpt.checkpoint")
+
+
+class CollectiveSaveError(RuntimeError):
+    """A rank failed inside DeepSpeed's save, whose collectives the other ranks are waiting in: the run stops at once
+    (cpt/checkpoint.py treats it as its ShardedSaveError)."""
+
+
+def supported(acc) -> bool:
+    """DeepSpeed with one model and nothing registered that only ``accelerator.save_state`` knows how to save."""
+    return (backend(acc) is Backend.DEEPSPEED and len(acc._models) == 1 and hasattr(acc._models[0], "checkpoint_engine")
+            and not acc._custom_objects and not acc._save_model_state_pre_hook)
+
+
+def for_run(acc, wanted: bool):
+    """The non-blocking saver of this run when ``wanted``: :class:`AsyncZero` (DeepSpeed), cpt/sharded_save.py's
+    (FSDP2) or None (synchronous, said once by sharded_save.for_run)."""
+    if wanted and supported(acc):
+        return AsyncZero(acc)
+    return sharded_save.for_run(acc, wanted)
+
+
+class AsyncZero:
+    """Every rank's part of non-blocking DeepSpeed saves: the host buffers and the gloo group, kept between saves."""
+
+    def __init__(self, acc):
+        """On every rank at once (the group is made collectively; not at the first save, which a rank may not reach)."""
+        self.acc = acc
+        self.group = sharded_save._gloo_group()
+        self.buffers: dict[tuple, torch.Tensor] = {}  # (file, key path) -> host tensor
+        self.saves = 0
+
+    def stage(self, folder: Path, step: int, items: list) -> Writes:
+        """The blocking part (collective: DeepSpeed's save): every file DeepSpeed writes copied into host buffers, the
+        small ones written; the main process's own files (a LoRA model's ``adapter_base.json``) added to ``items``."""
+        acc, engine = self.acc, self.acc._models[0]
+        if self.saves == 0 and acc.is_main_process:
+            log.info("checkpoint.async_save: DeepSpeed's checkpoint files are written in the background (cpt/zero_save.py); "
+                     "the loop waits only for their host copy")
+        self.saves += 1
+        staging = _Staging(folder, self.buffers)
+        engine.checkpoint_engine, own = staging, engine.checkpoint_engine
+        try:
+            items += adapter_shards.save_state(acc, folder)
+        except Exception as e:
+            if acc.num_processes == 1:
+                raise
+            raise CollectiveSaveError(f"checkpoint at step {step}: rank {acc.process_index} ({socket.gethostname()}) failed "
+                                      f"in DeepSpeed's save, a collective one the run cannot skip: {describe_io_error(e, folder)}. "
+                                      "The previous checkpoint (if any) is intact; fix the cause, then --resume") from e
+        finally:
+            engine.checkpoint_engine = own
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        if staging.error is not None:  # (after DeepSpeed's collectives: every rank got through them; agreed on next)
+            raise staging.error
+        return Writes(self, folder, step, staging.files)
+
+
+class _Staging:
+    """A DeepSpeed checkpoint engine that copies what it is given to save into host buffers and writes nothing (the
+    interface of deepspeed.runtime.checkpoint_engine.CheckpointEngine). It never raises inside DeepSpeed's save, whose
+    collectives the other ranks are in: the first error is kept for :meth:`AsyncZero.stage` to raise after it."""
+
+    name = "cpt-staging"
+
+    def __init__(self, folder: Path, buffers: dict):
+        self.folder, self.buffers = folder, buffers
+        self.files: list[tuple[str, object]] = []  # (path relative to folder, host copy of the state dict)
+        self.error: BaseException | None = None
+
+    def save(self, state_dict, path: str) -> None:
+        if self.error is not None:
+            return
+        try:
+            rel = str(Path(path).relative_to(self.folder))
+            self.files.append((rel, _host_copy(state_dict, self.buffers, rel)))
+        except Exception as e:  # noqa: BLE001 - out of host memory, a path outside the folder: raised after the save
+            self.error = e
+
+    def makedirs(self, path, exist_ok=False) -> None:
+        try:
+            os.makedirs(path, exist_ok=exist_ok)
+        except OSError as e:
+            self.error = self.error or e
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    def create(self, info) -> None:
+        pass
+
+    def commit(self, info) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def set_commit_info(self, info) -> None:
+        pass
+
+    def get_commit_info(self):
+        return None
+
+    def cleanup(self) -> None:
+        pass
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # (DeepSpeed then skips its own clone of the module state: the host copy below is one)
+
+
+def _host_copy(state, buffers: dict, rel: str):
+    """``state`` with every tensor reached through dicts, lists and tuples copied into ``buffers`` (keyed by file and key
+    path; made on first use, again if the shape or dtype changed) and everything else deep-copied (a loss scaler's
+    state changes after the save too). Tensors saved under several keys (a tied head) stay one tensor."""
+    memo: dict[int, object] = {}
+
+    def walk(obj, path):
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in memo:
+                t = obj.detach()
+                buf = buffers.get(path)
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = buffers[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+                memo[id(obj)] = buf.copy_(t, non_blocking=t.is_cuda)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, (*path, k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, (*path, i))
+
+    walk(state, (rel,))
+    return copy.deepcopy(state, memo)  # (the tensors come from memo: their host copies)
+
+
+class Writes:
+    """One save's background writes on this rank (the job of a rank other than the main process; the main process's
+    commit waits for them first): ``start`` launches them, ``wait`` raises (on every rank) if any rank's failed,
+    ``join`` returns that error or None. ``digests``: every rank's files and their digests, once written."""
+
+    def __init__(self, owner: AsyncZero, folder: Path, step: int, files: list):
+        self.owner, self.folder, self.step, self.files = owner, folder, step, files
+        self.digests: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, background: bool = True) -> None:
+        if background:  # not a daemon: an exiting interpreter still finishes the write
+            self.thread = threading.Thread(target=self._run, name=f"cpt-checkpoint-zero-{self.step}")
+            self.thread.start()
+        else:
+            self._run()
+
+    def _run(self) -> None:
+        import torch.distributed as dist
+
+        rank = self.owner.acc.process_index
+        outcome: dict = {}
+        try:
+            for rel, state in self.files:
+                fault_point(f"{rel}:rank{rank}@{self.step}")
+                with HashingFile(self.folder / rel, partial_fault=f"{rel}:partial@{self.step}") as f:
+                    torch.save(state, f)
+                outcome[rel] = f.digest
+            for folder in {(self.folder / rel).parent for rel, _ in self.files}:
+                fsync_dir(folder)
+        except BaseException as e:  # noqa: BLE001 - reported on every rank below
+            outcome = {"error": f"rank {rank} ({socket.gethostname()}) failed to write its DeepSpeed files: "
+                                f"{describe_io_error(e, self.folder)}"}
+        self.files = None  # (the host buffers stay with AsyncZero for the next save)
+        gathered = [outcome]
+        if self.owner.acc.num_processes > 1:
+            gathered = [None] * self.owner.acc.num_processes
+            try:
+                dist.all_gather_object(gathered, outcome, group=self.owner.group)
+            except Exception as e:  # noqa: BLE001 - a rank gone, or the group timed out
+                gathered = [{"error": f"the ranks could not agree on the write ({e})"}]
+        failed = [g["error"] for g in gathered if "error" in g]
+        if failed:
+            self.error = sharded_save.ShardWriteError(failed[0])
+        else:
+            self.digests = {k: v for g in gathered for k, v in g.items()}
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def join(self) -> BaseException | None:
+        if self.thread is not None:
+            self.thread.join()
+        return self.error

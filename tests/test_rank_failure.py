@@ -1,0 +1,176 @@
+"""One rank of a multi-process run fails (cpt/rank_failure.py): the failing rank prints one line naming itself and the
+cause and tells the others through the launcher's store; a rank whose collective then breaks ("Connection closed by
+peer") stays quiet instead of printing a page of traceback or a misleading line of its own, and prints one line when
+the other rank died without a word (kill -9). In-process: `cpt train`'s error handling (cpt/commands/train.py) with
+a real TCPStore standing for torchrun's, each rank's environment set in turn. (The same on 2 launched processes:
+tests/test_launch_shipped.py's sharded-save failure.)"""
+
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+
+GLOO_LOST = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+             "[127.0.0.1]:25274. This is typically caused by a remote worker crashing. Check the logs of the remote worker "
+             "before reporting an error. GLHF!")
+
+
+@pytest.fixture
+def store(monkeypatch):
+    """A launcher's store (what torchrun's agent serves to its ranks), as remember_store() keeps it."""
+    import signal
+
+    import torch.distributed as dist
+
+    from cpt import rank_failure
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=5))
+    monkeypatch.setattr(rank_failure, "_STORE", [dist.PrefixStore("default_pg", server)])
+    monkeypatch.setattr(rank_failure, "leave", lambda code=1: None)  # (os._exit: not in the test process)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    term = signal.getsignal(signal.SIGTERM)  # (a rank that lost another ignores SIGTERM while it reports)
+    yield server
+    signal.signal(signal.SIGTERM, term)
+
+
+class RunLog(list):
+    def write(self, line):
+        self.append(line)
+
+    say = write
+
+
+def run_rank(rank: int, error: BaseException, tmp_path, monkeypatch, capsys) -> tuple[int, list[str], RunLog]:
+    """`cpt train`'s handling of ``error`` raised by train() on ``rank``: (exit status, its stderr lines, train.log)."""
+    from cpt.commands.train import _train
+
+    monkeypatch.setenv("RANK", str(rank))
+
+    def train(*a, **k):
+        raise error
+
+    cfg = SimpleNamespace(run=SimpleNamespace(output_dir=str(tmp_path / "run")), train=SimpleNamespace(distributed_timeout_s=1800))
+    runlog = RunLog()
+    capsys.readouterr()
+    rc = _train(cfg, SimpleNamespace(resume=False, allow_config_change=False), [], runlog, train)
+    return rc, capsys.readouterr().err.splitlines(), runlog
+
+
+def test_the_rank_with_the_cause_prints_it_once_and_the_others_stay_quiet(store, tmp_path, monkeypatch, capsys):
+    from cpt.checkpoint import ShardedSaveError
+    from cpt.data.shards import ShardError
+
+    cause = ShardError("data source 'python': checksum mismatch for shard_00000.bin")
+    rc, err, _ = run_rank(1, cause, tmp_path, monkeypatch, capsys)
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("cpt train: error: data source 'python': checksum mismatch") and "[rank 1 of 2 (" in err[0]
+
+    # rank 0's collectives break when rank 1 exits: nothing printed (a traceback before), the cause in train.log
+    rc, err, runlog = run_rank(0, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
+    assert len(runlog) == 1 and "checksum mismatch" in runlog[0] and "rank 1 of 2" in runlog[0], runlog
+    # ... also inside a collective save that wraps it (ShardedSaveError: once a line of its own, "connection closed")
+    try:
+        raise RuntimeError(GLOO_LOST)
+    except RuntimeError as lost:
+        try:
+            raise ShardedSaveError("checkpoint at step 6: rank 0 failed in the fsdp save: RuntimeError: ...") from lost
+        except ShardedSaveError as e:
+            wrapped = e
+    rc, err, _ = run_rank(0, wrapped, tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
+
+
+def test_a_rank_killed_without_a_word_gets_one_line(store, tmp_path, monkeypatch, capsys):
+    from cpt import rank_failure
+
+    monkeypatch.setattr(rank_failure, "REPORT_WAIT_S", 0.2)
+    rc, err, _ = run_rank(0, RuntimeError(GLOO_LOST.replace("closed by", "reset by")), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("cpt train: error: rank 0 of 2 (") and "another rank of this run died" in err[0]
+    assert "Connection reset by peer" in err[0] and "--resume" in err[0]
+    # with more ranks, the first survivor to report says it; the others stay quiet (not one line per survivor)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    rc, err, _ = run_rank(2, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_quiets_the_others(store, tmp_path, monkeypatch, capsys):
+    with pytest.raises(IndexError):
+        run_rank(1, IndexError("index out of range in self"), tmp_path, monkeypatch, capsys)
+    rc, err, _ = run_rank(0, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
+
+
+def test_the_first_report_is_kept():
+    import torch.distributed as dist
+
+    from cpt import rank_failure
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=5))
+    rank_failure._STORE[:] = [server]
+    try:
+        assert rank_failure.reported("r", wait_s=0) is None
+        assert rank_failure.report("r", "first") is None and rank_failure.report("r", "second") == "first"
+        assert rank_failure.reported("r", wait_s=0).endswith(": first")
+        assert rank_failure.reported("another run", wait_s=0) is None
+    finally:
+        rank_failure._STORE.clear()
+
+
+def test_a_rank_that_lost_another_is_not_cut_off_by_the_launchers_sigterm(monkeypatch):
+    """The launcher sends SIGTERM to the ranks left once one died; the training loop's preemption handler is gone by
+    the time the broken collective's error reaches `cpt train`, so the rank died mid-way, its line unprinted. On
+    the way out of a lost-peer error the handler leaves SIGTERM ignored (any other error: the previous handler)."""
+    import signal
+
+    from cpt.distributed import PreemptionFlag
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(ValueError), PreemptionFlag():
+            raise ValueError("another error")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        with pytest.raises(RuntimeError), PreemptionFlag():
+            raise RuntimeError(GLOO_LOST)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_write_failing_on_one_rank_is_one_line(store, tmp_path, monkeypatch, capsys):
+    """Disk full in the final HF export (written by the main process): it was a raw OSError traceback on that rank
+    and a 'Connection closed by peer' traceback on the other."""
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / ".export.tmp" / "model.safetensors"))
+    rc, err, _ = run_rank(0, full, tmp_path, monkeypatch, capsys)
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"cpt train: error: a write failed: no space left on device ({tmp_path / 'run' / '.export.tmp'}")
+    assert "--resume" in err[0] and "[rank 0 of 2 (" in err[0]
+    rc, err, _ = run_rank(1, RuntimeError(GLOO_LOST), tmp_path, monkeypatch, capsys)
+    assert rc == 1 and err == [], err
+
+
+def test_every_rank_failing_alike_prints_the_line_once(store, tmp_path, monkeypatch, capsys):
+    """A setting the launch cannot train fails on every rank with the same line: printed once (the first to report),
+    each rank's train.log-side record kept."""
+    from cpt.distributed import LaunchError
+
+    outs = [run_rank(r, LaunchError("EMA: parameter w is sharded (FSDP2 DTensor); turn it off"), tmp_path, monkeypatch, capsys)
+            for r in (1, 0)]
+    assert [rc for rc, _, _ in outs] == [1, 1]
+    assert outs[0][1] == ["cpt train: error: EMA: parameter w is sharded (FSDP2 DTensor); turn it off [rank 1 of 2 ("
+                          + outs[0][1][0].split("[rank 1 of 2 (")[1]] and outs[1][1] == []
+    assert outs[1][2] and "EMA: parameter w is sharded" in outs[1][2][0]  # (rank 0's train.log still has it)
+
+
+def test_one_process_has_no_lost_peer(monkeypatch):
+    """A broken pipe in a 1-process run is its own output's (`cpt train ... | head`), not another rank's death."""
+    from cpt import rank_failure
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not rank_failure.lost_peer(BrokenPipeError(32, "Broken pipe"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank_failure.lost_peer(RuntimeError(GLOO_LOST)) and not rank_failure.lost_peer(ValueError("bad value"))
