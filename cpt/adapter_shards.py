@@ -31,16 +31,38 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from pathlib import Path
 
 from cpt.adapter_checkpoint import (ADAPTER_STATE, base_record_item, is_adapter_layout, models_from_adapter_state,
                                     refuse_other_keys_sharded, saved_keys, without_base)
 from cpt.adapters import adapter_keys
 from cpt.distributed import Backend, backend
+from cpt.fileio import describe_io_error, fault_point
 
 log = logging.getLogger("cpt.checkpoint")
 
 FSDP_MODEL = "pytorch_model_fsdp_0"  # accelerate's names (FSDP_MODEL_NAME, OPTIMIZER_NAME), which consolidate.py reads
+
+
+class CollectiveSaveError(RuntimeError):
+    """A rank failed inside FSDP's or DeepSpeed's own save, whose collectives the other ranks are waiting in: the run
+    stops at once (were it to join the ranks' agreement on skipping the save instead, every rank would wait for ever)."""
+
+
+def save_state_or_stop(acc, folder: Path, step: int) -> list[tuple[str, str, str]]:
+    """:func:`save_state`; a failure on one rank of several is a :class:`CollectiveSaveError` naming the rank, the
+    step and the cause in plain words."""
+    try:
+        fault_point(f"save_state:rank{acc.process_index}@{step}")
+        return save_state(acc, folder)
+    except Exception as e:
+        if acc.num_processes == 1:
+            raise
+        raise CollectiveSaveError(
+            f"checkpoint at step {step}: rank {acc.process_index} ({socket.gethostname()}) failed in the "
+            f"{backend(acc).value} save, a collective one the run cannot skip: {describe_io_error(e, folder)}. The "
+            "previous checkpoint (if any) is intact; fix the cause, then --resume") from e
 
 
 def save_state(acc, folder: Path) -> list[tuple[str, str, str]]:

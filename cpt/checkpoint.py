@@ -205,8 +205,8 @@ class CheckpointManager:
             try:
                 doc, tensors = flatten(components)
                 job = self._stage(step, tmp, json.dumps(doc, indent=1, default=json_default), config_yaml, tensors)
-            except (ShardedSaveError, zero_save.CollectiveSaveError):  # the other ranks are inside the backend's save: no agreement
-                raise
+            except adapter_shards.CollectiveSaveError as e:  # the other ranks are inside the backend's save: no agreement
+                raise ShardedSaveError(str(e)) from e.__cause__
             except Exception as e:  # noqa: BLE001 - any failure must leave the old checkpoints intact
                 error = e
         if not all_ranks_agree(acc, error is None):
@@ -260,15 +260,7 @@ class CheckpointManager:
             fault_point(f"save_state:rank{acc.process_index}@{step}")
             uploads = self.shards.stage(tmp, step, items)
         else:  # FSDP / DeepSpeed shards, on every rank, through collectives inside the backend's save (LoRA: no base)
-            try:
-                fault_point(f"save_state:rank{acc.process_index}@{step}")
-                items += adapter_shards.save_state(acc, tmp)
-            except Exception as e:
-                if acc.num_processes == 1:
-                    raise
-                raise ShardedSaveError(f"checkpoint at step {step}: rank {acc.process_index} ({socket.gethostname()}) failed in the "
-                                       f"{backend(acc).value} save, a collective one the run cannot skip: {describe_io_error(e, tmp)}. The "
-                                       "previous checkpoint (if any) is intact; fix the cause, then --resume") from e
+            items += adapter_shards.save_state_or_stop(acc, tmp, step)
         if not acc.is_main_process:
             return uploads
         return _Commit(self, step, tmp, items, digests, uploads)

@@ -45,11 +45,6 @@ from cpt.fileio import HashingFile, describe_io_error, fault_point, fsync_dir
 log = logging.getLogger("cpt.checkpoint")
 
 
-class CollectiveSaveError(RuntimeError):
-    """A rank failed inside DeepSpeed's save, whose collectives the other ranks are waiting in: the run stops at once
-    (cpt/checkpoint.py treats it as its ShardedSaveError)."""
-
-
 def supported(acc) -> bool:
     """DeepSpeed with one model and nothing registered that only ``accelerator.save_state`` knows how to save."""
     return (backend(acc) is Backend.DEEPSPEED and len(acc._models) == 1 and hasattr(acc._models[0], "checkpoint_engine")
@@ -85,13 +80,7 @@ class AsyncZero:
         staging = _Staging(folder, self.buffers)
         engine.checkpoint_engine, own = staging, engine.checkpoint_engine
         try:
-            items += adapter_shards.save_state(acc, folder)
-        except Exception as e:
-            if acc.num_processes == 1:
-                raise
-            raise CollectiveSaveError(f"checkpoint at step {step}: rank {acc.process_index} ({socket.gethostname()}) failed "
-                                      f"in DeepSpeed's save, a collective one the run cannot skip: {describe_io_error(e, folder)}. "
-                                      "The previous checkpoint (if any) is intact; fix the cause, then --resume") from e
+            items += adapter_shards.save_state_or_stop(acc, folder, step)
         finally:
             engine.checkpoint_engine = own
         if torch.cuda.is_available():
