@@ -135,6 +135,21 @@ def card_for_checkpoint(folder: str | os.PathLike, ckpt: str | os.PathLike, titl
                       title)
 
 
+def card_for_export(folder: str | os.PathLike, source: str | os.PathLike, title: str | None = None) -> str:
+    """The model card of ``folder``, a merge of the adapter ``source``: of a cpt run (RUN/export, RUN/exports/step_N)
+    the run's card up to that step; elsewhere a short one."""
+    import yaml
+
+    src = Path(source).resolve()
+    for run in (src.parent, src.parent.parent):
+        if (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file():
+            step = int(src.name.split("_")[-1]) if src.name.startswith("step_") and src.name[5:].isdigit() else None
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            return model_card(Path(folder), config, run, step, None, title)
+    return "\n".join(["---", "library_name: transformers", "tags:", "- cpt", "---", "", f"# {title or Path(folder).name}", "",
+                      f"The LoRA adapter {'/'.join(src.parts[-2:])} merged into its base model by cpt merge.", ""])
+
+
 def add_push_arguments(p) -> None:
     """``--push-to-hub REPO``, ``--public``, ``--hub-revision BRANCH`` for a command that writes an export."""
     p.add_argument("--push-to-hub", metavar="REPO", default=None,

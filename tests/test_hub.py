@@ -132,3 +132,20 @@ def test_push_to_hub_config_is_checked():
     with pytest.raises(ConfigError, match="needs export_at_end: true"):
         load_config(base={**base, "checkpoint": {"push_to_hub": "me/x", "export_at_end": False}})
     assert load_config(base={**base, "checkpoint": {"push_to_hub": "org/name.v2"}}).checkpoint.hub_private
+
+
+def test_cpt_merge_pushes_the_merged_model(tiny_base, tmp_path, hub):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from cpt.adapters import apply_lora, save_adapter
+    from cpt.cli import main
+    from cpt.config import LoraConfig
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=4, alpha=8))
+    adapter = save_adapter(model, tmp_path / "lora" / "adapter", tokenizer=PreTrainedTokenizerFast.from_pretrained(tiny_base))
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged"), "--push-to-hub", "me/merged"]) == 0
+    pushed = hub.root / "me/merged" / "main"
+    assert (pushed / "model.safetensors").read_bytes() == (tmp_path / "merged" / "model.safetensors").read_bytes()
+    card = (pushed / "README.md").read_text()
+    assert "# merged" in card and "The LoRA adapter lora/adapter merged into its base model" in card
+    assert str(tmp_path) not in card and ("create_repo", "me/merged", True) in hub.calls

@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged weights (auto: the dtype the base was saved in)")
     p.add_argument("--max-shard-size", default="5GB", type=shard_size,
                    help="split weights larger than this into several files + model.safetensors.index.json (default 5GB)")
+    from cpt.hub import add_push_arguments
+
+    add_push_arguments(p)
     return p
 
 
@@ -31,12 +34,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from cpt.model import ExportFolderError, ModelLoadError
 
+    from cpt.hub import HubPushError, card_for_export, check_hub_repo, push_folder
+
     dtype = _DTYPES[args.dtype]
     try:
+        if args.push_to_hub:
+            check_hub_repo(args.push_to_hub)
         out = merge_adapter(args.adapter_dir, args.out, base=args.base,
                             dtype=getattr(torch, dtype) if dtype else None, max_shard_size=args.max_shard_size)
-    except (ModelLoadError, ExportFolderError, FileNotFoundError) as e:  # e.g. pickle weights only: one line, no traceback
+        print(f"merged {args.adapter_dir} into {out}")
+        if args.push_to_hub:
+            card = card_for_export(out, args.adapter_dir, args.push_to_hub.split("/")[-1])
+            print(f"pushed {out} to {push_folder(out, args.push_to_hub, private=not args.public, revision=args.hub_revision, card=card)}")
+    except (ModelLoadError, ExportFolderError, FileNotFoundError, HubPushError, ValueError) as e:  # one line, no traceback
         print(f"cpt merge: error: {e}", file=sys.stderr)
         return 1
-    print(f"merged {args.adapter_dir} into {out}")
     return 0
