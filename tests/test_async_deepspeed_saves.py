@@ -7,8 +7,9 @@ checkpoints leave the frozen layer out (DeepSpeed's exclude_frozen_parameters, c
   `latest`, random_states_<rank>.pkl) holding the same tensors, with their digests in CHECKSUMS.json;
 * a background write that fails on one rank (disk full, injected before rank 1 writes its optimizer partition) fails
   that save on every rank, reported naming the rank and counted toward `checkpoint.max_failed_saves`; the run goes on;
-* `kill -9` of the job during a later save, after every rank's files are written and before the commit, leaves the
-  previous checkpoint the newest valid one, and `--resume` continues from it exactly (the frozen layer from the base
+* `kill -9` of the main process during a later save, after every rank's files are written and before the commit: the
+  other rank stops at once with the one line of cpt/rank_failure.py (not after train.distributed_timeout_s), the
+  previous checkpoint stays the newest valid one, and `--resume` continues from it exactly (the frozen layer from the base
   the run builds); the checkpoint exports the trained part over that base.
 
 And scripts/bench_checkpoint.py --deepspeed (ZeRO-2 with the optimizer offloaded to the CPU): both saves measured, the
@@ -104,8 +105,14 @@ def test_background_zero3_saves_fail_on_every_rank_survive_a_kill_and_match_sync
     # rank 1's optimizer partition fails at step 2 (disk full, in its writer thread); the job is killed at step 6 once
     # every rank's files are on disk, before the main process commits
     faults = f"enospc:{OPTIM.format(1)}:rank1@{EVERY},save:shards@{3 * EVERY}"
+    cfg["train"]["distributed_timeout_s"] = 120  # (a survivor left waiting would name it, not the lost peer)
     rc, log = launch(cfg, tmp_path / "run.yaml", env={"CPT_FAULT_INJECT": faults})
     assert rc != 0, log[-5000:]
+    # rank 1, whose collective broke when the main process was killed, says so in one line at once (no traceback page,
+    # no wait for train.distributed_timeout_s; the launcher's summary names the killed rank): cpt/rank_failure.py
+    lines = [line for line in log.splitlines() if line.startswith("cpt train: error:")]
+    assert len(lines) == 1 and lines[0].startswith("cpt train: error: rank 1 of 2 (") and "another rank of this run died" in lines[0], log[-5000:]
+    assert "[rank1]:" not in log and "distributed_timeout_s" not in log, log[-5000:]
     assert "DeepSpeed's checkpoint files are written in the background" in log, log[-5000:]
     assert (f"checkpoint at step {EVERY} FAILED: rank 1 (" in log and "failed to write its DeepSpeed files: no space left "
             "on device" in log and "(1 of 2 failures in a row allowed)" in log), log[-5000:]
