@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from cpt.config.outputs import check_hub_repo
+from cpt.config.outputs import HUB_REPO, check_hub_repo
 
 CARD = "README.md"
 
@@ -26,13 +28,20 @@ class HubPushError(RuntimeError):
     """A push to the hub failed (one line: what failed, and the command that pushes the folder again)."""
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a hub model id (``name`` or ``org/name``) rather than a local path."""
+    return (not os.path.exists(name) and not os.path.isabs(name) and not name.startswith((".", "~"))
+            and HUB_REPO.match(name) is not None)
+
+
 def _published_name(path: str | None) -> str | None:
-    """A model named by a hub id as is; a local path by its last component only (paths are not published)."""
+    """A model named by a hub id as is; a local path (also a relative one that does not exist here: ``cpt export`` run
+    from another directory) by its last component only: paths (a home directory's user name) are not published."""
     if not path:
         return None
-    if os.path.exists(path) or os.path.isabs(path):
-        return f"a local model ({'/'.join(Path(path).parts[-2:])})"
-    return path
+    if _is_hub_id(path):
+        return path
+    return f"a local model ({Path(os.path.normpath(path)).name or path})"
 
 
 def _last_heldout_losses(run_dir: Path, step: int | None) -> tuple[int | None, dict[str, float]]:
@@ -45,15 +54,16 @@ def _last_heldout_losses(run_dir: Path, step: int | None) -> tuple[int | None, d
     for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except ValueError:
-            continue  # (a line cut by a crash)
-        if step is not None and int(rec.get("step", 0)) > step:
+            rec_step = int(rec.get("step") or 0)
+        except (ValueError, TypeError, AttributeError):
+            continue  # (a line cut by a crash, or not a record)
+        if step is not None and rec_step > step:
             continue
         found = {k[len("eval/"):-len("/loss")]: float(v) for k, v in rec.items()
                  if k.startswith("eval/") and k.endswith("/loss") and k.count("/") == 2 and isinstance(v, (int, float))}
         if found:
             losses.update(found)
-            at = int(rec.get("step", 0))
+            at = rec_step
     return at, losses
 
 
@@ -95,30 +105,78 @@ def model_card(folder: Path, config: dict[str, Any] | None, run_dir: Path | None
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = True, revision: str | None = None,
                 card: str | None = None, message: str | None = None) -> str:
     """Create ``repo_id`` if needed (private unless told), write ``card`` as the folder's README.md (an existing
-    README.md is kept), and upload the folder as one commit (to ``revision``, a branch created if needed).
-    Returns the commit's URL."""
+    README.md is kept, except peft's generated one in an adapter export), and upload the folder as one commit (to
+    ``revision``, a branch created if needed). Returns the commit's URL.
+
+    A peft adapter export names its base as the run did (``base_model_name_or_path`` in ``adapter_config.json`` and
+    ``cpt_adapter.json``, ``base_model`` in peft's card): a local base is an absolute path there, which ``cpt merge``
+    uses on this machine. What is uploaded is a copy (hard links, but for those files) naming a local base by its
+    directory's name only, with cpt's card in place of peft's; the export on disk is left as it is."""
     folder = Path(folder)
     check_hub_repo(repo_id)
-    again = f"push it again with `hf upload {repo_id} {folder.resolve()}`"
+    adapter = (folder / ADAPTER_CONFIG).is_file()
+    flags = (" --private" if private else "") + (f" --revision {revision}" if revision else "")
+    again = f"push it again with `hf upload {repo_id} {folder.resolve()}{flags}`" + (
+        f" (first set base_model_name_or_path in {ADAPTER_CONFIG} to the base's hub id: it names a local base by its "
+        "path)" if adapter else "")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise HubPushError(f"push to {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; the export is in "
                            f"{folder}: {again} where the hub is reachable")
-    if card is not None and not (folder / CARD).exists():
-        (folder / CARD).write_text(card)
-    from huggingface_hub import HfApi
+    try:  # (the card too: a full disk at the end of a finished run is a failed push, not a failed run)
+        if card is not None and not adapter and not (folder / CARD).exists():
+            (folder / CARD).write_text(card)
+        from huggingface_hub import HfApi
 
-    api = HfApi()  # (its token: HF_TOKEN or the stored login; never passed through cpt)
-    try:
+        api = HfApi()  # (its token: HF_TOKEN or the stored login; never passed through cpt)
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
         if revision:
             api.create_branch(repo, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=str(folder), revision=revision,
-                                 commit_message=message or f"cpt export {folder.name}")
-    except Exception as e:  # noqa: BLE001 - network, auth, quota: one line; the export stays on disk
+        with tempfile.TemporaryDirectory(prefix=f".hub-{folder.name}-", dir=folder.parent) as staging:
+            upload = _publishable_adapter(folder, Path(staging) / folder.name, card) if adapter else folder
+            info = api.upload_folder(repo_id=repo, folder_path=str(upload), revision=revision,
+                                     commit_message=message or f"cpt export {folder.name}")
+    except Exception as e:  # noqa: BLE001 - network, auth, quota, disk: one line; the export stays on disk
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HubPushError(f"push of {folder} to {repo_id} failed ({type(e).__name__}: {first}); the export is on "
                            f"disk: {again}") from None
     return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo}"
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+_NAMES_BASE = (ADAPTER_CONFIG, "cpt_adapter.json")  # the files of an adapter export that name its base
+
+
+def _publishable_adapter(folder: Path, copy: Path, card: str | None) -> Path:
+    """``copy``: ``folder`` (an adapter export) linked file by file, its base named without its local path in the files
+    that name it, and ``card`` as README.md unless the folder's own is not peft's generated one."""
+    copy.mkdir()
+    for src in folder.rglob("*"):
+        dst = copy / src.relative_to(folder)
+        if src.is_dir():
+            dst.mkdir(exist_ok=True)
+        elif src.name in _NAMES_BASE and src.parent == folder:
+            doc = json.loads(src.read_text())
+            base = doc.get("base_model_name_or_path")
+            if base and not _is_hub_id(base):
+                doc["base_model_name_or_path"] = Path(os.path.normpath(base)).name
+            dst.write_text(json.dumps(doc, indent=2))
+        elif src.name == CARD and src.parent == folder:
+            if not _is_peft_card(src):  # a card of the user's own is kept; peft's template (its base_model: the local
+                shutil.copyfile(src, dst)  # path) is replaced by ``card`` below, or left out
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:  # (another file system, or no hard links there)
+                shutil.copyfile(src, dst)
+    if card is not None and not (copy / CARD).exists():
+        (copy / CARD).write_text(card)
+    return copy
+
+
+def _is_peft_card(path: Path) -> bool:
+    """Whether README.md is the template peft's ``save_pretrained`` writes (placeholders, its local base path)."""
+    text = path.read_text(errors="replace")
+    return "library_name: peft" in text and "More Information Needed" in text
 
 
 def card_for_checkpoint(folder: str | os.PathLike, ckpt: str | os.PathLike, title: str | None = None) -> str:

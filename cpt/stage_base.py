@@ -49,7 +49,9 @@ def full_checkpoint_as_base(cfg: RunConfig, start: Start, acc, say=print) -> Sta
             return start
         _refuse_what_a_base_cannot_carry(cfg, start)
         start.init_hf, start.init = write_base(start.init, run_dir, acc, say), None
-    elif start.init_hf != str((run_dir / STAGE_BASE_DIR).absolute()):  # base/ not there (base_model_dir looked)
+    elif start.init_hf != str((run_dir / STAGE_BASE_DIR).absolute()) and not _written_from(start.init_hf, start.resume):
+        # base/ not there (base_model_dir looked), nor is the base the run builds that checkpoint's (a later LoRA stage
+        # from a LoRA stage's checkpoint builds that stage's base/: it has none of its own)
         source = _source_of(start.resume)  # (still that checkpoint: else the fingerprint check refuses, saying why)
         if source is not None and _unchanged(source, start.resume) and not _holds_an_adapter(source):
             say(f"{run_dir / STAGE_BASE_DIR} (this LoRA run's base) is missing: writing it again from {source}")
@@ -82,6 +84,15 @@ def _unchanged(source: Path, ckpt: Path) -> bool:
     try:
         return source_record(source)["checksums_sha256"] == read_base_record(ckpt)["base_from"]["checksums_sha256"]
     except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return False
+
+
+def _written_from(base: str | None, ckpt: Path) -> bool:
+    """Whether the HF model directory ``base`` is a base written from the checkpoint ``ckpt``'s base was written from."""
+    try:
+        return base is not None and json.loads((Path(base) / STAGE_BASE_SOURCE).read_text()) == \
+            read_base_record(ckpt)["base_from"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 

@@ -516,3 +516,22 @@ def test_a_corrupt_sequence_read_by_one_rank_stops_that_rank_naming_the_file(sou
     with pytest.raises(ShardError, match=rf"data source 'new' \({src}\): token id {len(tokenizer) + 7} in shard_00000.bin "
                                          rf"\(tokens {seq * L:,}..\+{L}\) is outside the tokenizer's vocabulary"):
         ranks[1].batch(0)
+
+
+def test_a_tokenizer_with_gaps_in_its_ids_is_not_taken_for_corrupt_data(tmp_path):
+    """A tokenizer whose ids have gaps (an id past its length, as cpt.data.shards.vocab_size allows for) tokenizes
+    text into ids >= len(tokenizer): the per-batch id check bounds them by the largest id, not the length (which
+    stopped the run calling the freshly prepared shard corrupt)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"[UNK]": 0, "</s>": 1, "a": 2, "b": 3, "far": 70}
+    backend = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="[UNK]")
+    assert len(tok) == 5 and tok("far")["input_ids"] == [70]
+    write_jsonl(tmp_path / "d.jsonl", [{"text": " ".join(["a", "far", "b"] * (7 + i))} for i in range(40)])
+    prepare([str(tmp_path / "d.jsonl")], tok, tmp_path / "src", shard_tokens=10**6)
+    dc = data_config([{"name": "d", "path": str(tmp_path / "src")}], seq_len=L)
+    batch = CPTDataLoader(dc, [stage(2, {"d": 1.0})], tok, 4, seed=0).batch(0)["input_ids"]
+    assert int(batch.max()) == 70

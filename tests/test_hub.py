@@ -149,3 +149,84 @@ def test_cpt_merge_pushes_the_merged_model(tiny_base, tmp_path, hub):
     card = (pushed / "README.md").read_text()
     assert "# merged" in card and "The LoRA adapter lora/adapter merged into its base model" in card
     assert str(tmp_path) not in card and ("create_repo", "me/merged", True) in hub.calls
+
+
+def test_a_lora_adapter_is_pushed_without_its_local_base_path_and_with_cpts_card(tiny_base, tmp_path, hub):
+    """peft names a local base by its absolute path (adapter_config.json, peft's README.md card, cpt_adapter.json):
+    the upload names it by its directory's name and carries cpt's card; the export on disk keeps the path (cpt merge)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from cpt.adapters import apply_lora, save_adapter
+    from cpt.config import LoraConfig
+    from cpt.hub import model_card, push_folder
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=4, alpha=8))
+    out = save_adapter(model, tmp_path / "lora" / "export", tokenizer=PreTrainedTokenizerFast.from_pretrained(tiny_base))
+    config = {"model": {"name_or_path": str(tiny_base)}, "stages": [{"steps": 3, "mix": {"a": 1.0}}]}
+    push_folder(out, "me/lora", card=model_card(out, config, None, 3, None, "lora"))
+    pushed = hub.root / "me/lora" / "main"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in pushed.iterdir()}
+    assert str(tiny_base.parent) not in _published(pushed)  # no local path anywhere in what is uploaded
+    assert json.loads((pushed / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_base.name
+    card = (pushed / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft") and "# lora" in card and "3 steps" in card
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_base.resolve())
+    assert (pushed / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+    assert not list(tmp_path.glob("lora/.hub-*"))  # (the upload's staging copy is gone)
+
+
+def test_a_card_names_a_local_base_without_its_path(tmp_path):
+    """A local base by its last path component only (not its parent: a home directory's user name), also a relative
+    path that does not exist where the card is made; a hub id as base_model; lines of metrics.jsonl that are no record
+    are skipped."""
+    from cpt.hub import model_card
+
+    home = tmp_path / "jsmith" / "llama-8b"
+    home.mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('[1, 2]\n{"step": null}\n{"step": 2, "eval/web/loss": 2.5}\n')
+    for base in (str(home), "./ckpts/jsmith/llama-8b", "jsmith/models/llama-8b"):
+        card = model_card(tmp_path / "export", {"model": {"name_or_path": base}}, tmp_path, 2, None)
+        assert "jsmith" not in card and "base_model:" not in card and "a local model (llama-8b)" in card, base
+        assert "| web | 2.5000 |" in card
+    assert "base_model: meta-llama/Llama-3.1-8B\n" in model_card(tmp_path, {"model": {"name_or_path": "meta-llama/Llama-3.1-8B"}},
+                                                                 None, None, None)
+
+
+def test_a_failed_push_says_how_to_push_again_privately_to_its_branch(tmp_path, hub):
+    """The command to push again keeps what the push was asked for: a private repository (hf upload creates a public
+    one without --private) and the branch (else it goes to main)."""
+    from cpt.hub import HubPushError, push_folder
+
+    hub.fail = "503 Service Unavailable"
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(HubPushError) as e:
+        push_folder(folder, "me/x", revision="step-4", card="card\n")
+    assert f"`hf upload me/x {folder.resolve()} --private --revision step-4`" in str(e.value)
+    with pytest.raises(HubPushError) as e:
+        push_folder(folder, "me/x", private=False, card="card\n")
+    assert f"`hf upload me/x {folder.resolve()}`" in str(e.value)
+
+
+def test_a_card_that_cannot_be_written_is_a_failed_push_not_a_failed_run(tmp_path, hub, monkeypatch):
+    """A full disk when the card is written (the end of a finished run) is one HubPushError line, like any failed push
+    (push_run_export warns; before, the OSError failed the finished run with a --resume hint)."""
+    import errno
+
+    from cpt.hub import HubPushError, push_folder
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    write_text = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name == "README.md":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(HubPushError, match="No space left on device"):
+        push_folder(folder, "me/x", card="card\n")

@@ -174,3 +174,20 @@ def test_one_process_has_no_lost_peer(monkeypatch):
     assert not rank_failure.lost_peer(BrokenPipeError(32, "Broken pipe"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert rank_failure.lost_peer(RuntimeError(GLOO_LOST)) and not rank_failure.lost_peer(ValueError("bad value"))
+
+
+def test_an_error_that_is_no_write_is_not_called_a_failed_write(tmp_path, monkeypatch, capsys):
+    """Any OSError was 'a write failed: ...; the newest checkpoint is intact and --resume continues' with no traceback:
+    a data file that cannot be read, a network error (requests' ConnectionError is an OSError). Those keep their
+    traceback; a write in the run directory (any errno) and a full disk or quota (anywhere) are the one line."""
+    import errno
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for error in (OSError(errno.ENOENT, "No such file or directory", "/data/corpus/part-0001.parquet"),
+                  ConnectionError("Connection refused")):
+        with pytest.raises(type(error)):
+            run_rank(0, error, tmp_path, monkeypatch, capsys)
+    for error in (OSError(errno.EACCES, "Permission denied", str(tmp_path / "run" / "export" / "config.json")),
+                  OSError(errno.EDQUOT, "Disk quota exceeded", "/scratch/elsewhere")):
+        rc, err, _ = run_rank(0, error, tmp_path, monkeypatch, capsys)
+        assert rc == 1 and len(err) == 1 and err[0].startswith("cpt train: error: a write failed: "), err

@@ -213,3 +213,18 @@ def test_the_lora_stage_resumes_under_fsdp2_on_two_processes(lora_stage, tmp_pat
     assert_close(after(tmp_path / "fsdp"), after(stage))
     assert_close(after(tmp_path / "fsdp", of=evals), after(stage, of=evals))
     assert (tmp_path / "fsdp" / "base" / "cpt_base.json").is_file()
+
+
+def test_resuming_a_later_lora_stage_does_not_write_a_base_of_its_own(lora_stage, trunk, tiny_cpt_data, tiny_base, tmp_path):
+    """A third stage, LoRA again, from the LoRA stage's checkpoint builds that stage's base/ (its adapter_base.json
+    names the trunk as base_from, through it). Its --resume, with the trunk still there, took the base as missing: it
+    said "(this LoRA run's base) is missing: writing it again" and wrote a second copy of the base (fp32, 4 bytes a
+    parameter) into the third stage's directory. Now it builds the LoRA stage's base/, as the fresh start did."""
+    stage, _, _ = lora_stage
+    ckpt = stage / "checkpoints" / f"step_{STEPS:08d}"
+    later = config(tiny_cpt_data, tiny_base, tmp_path / "later", init_from=ckpt, steps=STEPS)
+    run(later)
+    moved = killed_after_step_3(tmp_path / "later", tmp_path / "later-killed", later)
+    log = run(moved, resume=True)
+    assert "is missing: writing it again" not in log and not (tmp_path / "later-killed" / "base").exists()
+    assert losses(tmp_path / "later-killed") == losses(tmp_path / "later")

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 from cpt.config import ConfigError, load_config
 from cpt.console import LOG_FORMAT, print_line
@@ -50,6 +51,24 @@ def run_errors() -> tuple[type[BaseException], ...]:
 
     return (TrainingError, LaunchError, ShardError, HFSourceError, CheckpointError, ModelLoadError, MetricsError,
             ConfigError)
+
+
+def _failed_write(error: BaseException, run: str) -> bool:
+    """Whether ``error`` is a write that failed: an OSError of a full disk, quota or read-only file system, or one on a
+    file in the run directory. Not any OSError: a network error (requests' ConnectionError is one), a data or model
+    file that cannot be read are not writes, and a checkpoint does not help with them (their traceback follows)."""
+    import errno
+
+    if not isinstance(error, OSError):
+        return False
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        return True
+    if not error.filename:
+        return False
+    try:
+        return Path(os.fsdecode(error.filename)).resolve().is_relative_to(Path(run).resolve())
+    except (TypeError, ValueError, OSError):
+        return False
 
 
 def main(argv: list[str]) -> int:
@@ -127,7 +146,7 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
         # user-facing problems: no traceback (ConfigError: a model setting that does not fit the loaded model)
         if isinstance(e, run_errors()):
             return error(str(e))
-        if isinstance(e, OSError):  # disk full, quota, permissions, I/O (e.g. the final export): in plain words
+        if _failed_write(e, run):  # disk full, quota, permissions, I/O (e.g. the final export): in plain words
             from cpt.fileio import describe_io_error
 
             return error(f"a write failed: {describe_io_error(e, run)}; the newest checkpoint is intact and --resume "

@@ -33,7 +33,7 @@ import torch
 
 from cpt.data.hfstream import HFTokenStream
 from cpt.data.mixer import Mixer, MixPlan
-from cpt.data.shards import ShardError, TokenShards, run_tokenizer_name, tokenizer_fingerprint
+from cpt.data.shards import ShardError, TokenShards, run_tokenizer_name, tokenizer_fingerprint, vocab_size
 from cpt.data.stream import PackedStream
 
 logger = logging.getLogger("cpt.data")
@@ -366,12 +366,12 @@ def folder_overlaps(data_cfg: Any, used: Sequence[str] | None = None) -> list[st
 
 
 def _vocab_size(tokenizer: Any) -> int | None:
-    """How many token ids the tokenizer has (added tokens included); None when it does not say."""
+    """One more than the largest id the tokenizer can produce (cpt.data.shards.vocab_size: its length, or more when its
+    ids have gaps); None when it does not say."""
     try:
-        return len(tokenizer)
-    except TypeError:
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
-        return max(vocab.values()) + 1 if vocab else None
+        return vocab_size(tokenizer)
+    except (TypeError, AttributeError, ValueError):
+        return None
 
 
 def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
