@@ -119,7 +119,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = True
     again = f"push it again with `hf upload {repo_id} {folder.resolve()}{flags}`" + (
         f" (first set base_model_name_or_path in {ADAPTER_CONFIG} to the base's hub id: it names a local base by its "
         "path)" if adapter else "")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         raise HubPushError(f"push to {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; the export is in "
                            f"{folder}: {again} where the hub is reachable")
     try:  # (the card too: a full disk at the end of a finished run is a failed push, not a failed run)
@@ -177,6 +177,23 @@ def _is_peft_card(path: Path) -> bool:
     """Whether README.md is the template peft's ``save_pretrained`` writes (placeholders, its local base path)."""
     text = path.read_text(errors="replace")
     return "library_name: peft" in text and "More Information Needed" in text
+
+
+def hub_offline() -> bool:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE``): nothing can be uploaded."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def check_push_target(repo_id: str) -> str | None:
+    """What stops a push to ``repo_id`` before any work is done (a malformed name, offline mode), or None."""
+    try:
+        check_hub_repo(repo_id)
+    except ValueError as e:
+        return f"--push-to-hub {e}"
+    if hub_offline():
+        return ("--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be uploaded: run where the hub is reachable "
+                "without it, or leave out --push-to-hub")
+    return None
 
 
 def card_for_checkpoint(folder: str | os.PathLike, ckpt: str | os.PathLike, title: str | None = None) -> str:

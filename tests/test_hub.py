@@ -113,12 +113,13 @@ def test_a_failed_push_keeps_the_export_and_says_how_to_push_again(tiny_cpt_data
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        assert main(["export", str(out), "--out", str(tmp_path / "e"), "--push-to-hub", "me/x"]) == 1
+        assert main(["export", str(out), "--out", str(tmp_path / "e2"), "--push-to-hub", "me/x"]) == 1
     finally:
         del os.environ["HF_HUB_OFFLINE"]
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().out
-    assert main(["export", str(out), "--out", str(tmp_path / "e"), "--push-to-hub", "me/x/y"]) == 1
+    assert main(["export", str(out), "--out", str(tmp_path / "e2"), "--push-to-hub", "me/x/y"]) == 1
     assert "give a hub repository as NAME or ORG/NAME" in capsys.readouterr().out
+    assert not (tmp_path / "e2").exists()  # (both refused before the export's work)
     assert not (hub.root / "me/x").exists()
 
 

@@ -48,14 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt export: --dtype {args.dtype} applies to full models; --adapter writes the peft adapter as peft "
               "does (fp32): drop --dtype, or drop --adapter for the merged model in that dtype")
         return 1
-    from cpt.hub import HubPushError, card_for_checkpoint, check_hub_repo, push_folder
+    from cpt.hub import HubPushError, card_for_checkpoint, check_push_target, push_folder
 
-    if args.push_to_hub:
-        try:
-            check_hub_repo(args.push_to_hub)
-        except ValueError as e:
-            print(f"cpt export: --push-to-hub {e}")
-            return 1
+    if args.push_to_hub and (problem := check_push_target(args.push_to_hub)):  # (before the export's work)
+        print(f"cpt export: {problem}")
+        return 1
     try:
         out = export_checkpoint(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype,
                                 max_shard_size=args.max_shard_size)

@@ -34,19 +34,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from cpt.model import ExportFolderError, ModelLoadError
 
-    from cpt.hub import HubPushError, card_for_export, check_hub_repo, push_folder
+    from cpt.hub import HubPushError, card_for_export, check_push_target, push_folder
 
+    if args.push_to_hub and (problem := check_push_target(args.push_to_hub)):  # (before the merge's work)
+        print(f"cpt merge: error: {problem}", file=sys.stderr)
+        return 1
     dtype = _DTYPES[args.dtype]
     try:
-        if args.push_to_hub:
-            check_hub_repo(args.push_to_hub)
         out = merge_adapter(args.adapter_dir, args.out, base=args.base,
                             dtype=getattr(torch, dtype) if dtype else None, max_shard_size=args.max_shard_size)
         print(f"merged {args.adapter_dir} into {out}")
         if args.push_to_hub:
             card = card_for_export(out, args.adapter_dir, args.push_to_hub.split("/")[-1])
             print(f"pushed {out} to {push_folder(out, args.push_to_hub, private=not args.public, revision=args.hub_revision, card=card)}")
-    except (ModelLoadError, ExportFolderError, FileNotFoundError, HubPushError, ValueError) as e:  # one line, no traceback
+    except (ModelLoadError, ExportFolderError, FileNotFoundError, HubPushError) as e:  # one line, no traceback
         print(f"cpt merge: error: {e}", file=sys.stderr)
         return 1
     return 0
