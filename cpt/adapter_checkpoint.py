@@ -119,7 +119,10 @@ def _deepspeed_saved_keys(folder: Path) -> set[str]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    first = sorted(folder.glob("*model_states.pt"))[0]
+    files = sorted(folder.glob("*model_states.pt"))
+    if not files:
+        raise AdapterCheckpointError(f"{folder}: no DeepSpeed *model_states.pt file (an incomplete or damaged checkpoint)")
+    first = files[0]
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
         state = torch.load(first, map_location="cpu", weights_only=True, mmap=True)
     return {name for group in state.get("param_shapes") or [] for name in group}

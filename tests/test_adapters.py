@@ -497,6 +497,15 @@ def test_deepspeed_model_freeze_checkpoints_leave_the_frozen_layers_out():
     assert _adapter_model(acc) is model
 
 
+def test_a_deepspeed_checkpoint_without_its_model_states_is_one_error(tmp_path):
+    """Its parameter names come from a *model_states.pt file: without one (a damaged copy) it was an IndexError."""
+    from cpt.adapter_checkpoint import DEEPSPEED_TAG, AdapterCheckpointError, saved_keys
+
+    (tmp_path / DEEPSPEED_TAG).mkdir()
+    with pytest.raises(AdapterCheckpointError, match="no DeepSpeed \\*model_states.pt file"):
+        saved_keys(tmp_path, tiny_model())
+
+
 def test_lora_wrap_and_merge_print_no_library_deprecation(base_dir, tmp_path):
     """peft reads `model.is_gradient_checkpointing`, deprecated in transformers 5: every LoRA run and `cpt merge`
     (README section 6, run by hand) printed a FutureWarning no user can act on."""
