@@ -104,8 +104,8 @@ def lost_peer(error: BaseException) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if _LOST_PEER.search(str(error)):
-            return True
+        if _LOST_PEER.search(str(error)) and not isinstance(error, BrokenPipeError):  # (that is Python's own I/O: a
+            return True  # closed stdout, `cpt train ... | head`; a collective's broken pipe is the backend's error)
         error = error.__cause__ or error.__context__
     return False
 

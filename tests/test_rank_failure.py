@@ -174,6 +174,9 @@ def test_one_process_has_no_lost_peer(monkeypatch):
     assert not rank_failure.lost_peer(BrokenPipeError(32, "Broken pipe"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert rank_failure.lost_peer(RuntimeError(GLOO_LOST)) and not rank_failure.lost_peer(ValueError("bad value"))
+    # nor in one process of several: Python's own BrokenPipeError (its stdout closed); gloo's is a RuntimeError
+    assert not rank_failure.lost_peer(BrokenPipeError(32, "Broken pipe"))
+    assert rank_failure.lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:598] Write error: Broken pipe"))
 
 
 def test_an_error_that_is_no_write_is_not_called_a_failed_write(tmp_path, monkeypatch, capsys):
