@@ -222,7 +222,7 @@ def card_for_export(folder: str | os.PathLike, source: str | os.PathLike, title:
             config = yaml.safe_load((run / "config.yaml").read_text())
             return model_card(Path(folder), config, run, step, None, title)
     return "\n".join(["---", "library_name: transformers", "tags:", "- cpt", "---", "", f"# {title or Path(folder).name}", "",
-                      f"The LoRA adapter {'/'.join(src.parts[-2:])} merged into its base model by cpt merge.", ""])
+                      f"The LoRA adapter `{src.name}` merged into its base model by cpt merge.", ""])
 
 
 def add_push_arguments(p) -> None:

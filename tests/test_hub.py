@@ -148,7 +148,7 @@ def test_cpt_merge_pushes_the_merged_model(tiny_base, tmp_path, hub):
     pushed = hub.root / "me/merged" / "main"
     assert (pushed / "model.safetensors").read_bytes() == (tmp_path / "merged" / "model.safetensors").read_bytes()
     card = (pushed / "README.md").read_text()
-    assert "# merged" in card and "The LoRA adapter lora/adapter merged into its base model" in card
+    assert "# merged" in card and "The LoRA adapter `adapter` merged into its base model" in card and "lora" not in card
     assert str(tmp_path) not in card and ("create_repo", "me/merged", True) in hub.calls
 
 
