@@ -475,7 +475,9 @@ def model_dir_of(path: str | os.PathLike, prefix: str = ".cpt-export-"):
     if (p / "config.json").is_file() or (p / "adapter_config.json").is_file() or not is_checkpoint_dir(p):
         yield p
         return
-    run = p if (p / "checkpoints").is_dir() else p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    from cpt.resume import run_dir_of
+
+    run = run_dir_of(p) or p.parent
     try:
         work = tempfile.mkdtemp(prefix=prefix, dir=run)
     except OSError as e:

@@ -202,11 +202,12 @@ def card_for_checkpoint(folder: str | os.PathLike, ckpt: str | os.PathLike, titl
     import yaml
 
     from cpt.checkpoint import resolve_checkpoint, saved_train_state
+    from cpt.resume import run_dir_of
 
     ckpt = resolve_checkpoint(ckpt)
     state = saved_train_state(ckpt)
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
-    return model_card(Path(folder), config, ckpt.parent.parent, int(state["step"]), int(state.get("tokens", 0)) or None,
+    return model_card(Path(folder), config, run_dir_of(ckpt), int(state["step"]), int(state.get("tokens", 0)) or None,
                       title)
 
 
@@ -215,12 +216,14 @@ def card_for_export(folder: str | os.PathLike, source: str | os.PathLike, title:
     the run's card up to that step; elsewhere a short one."""
     import yaml
 
+    from cpt.resume import run_dir_around
+
     src = Path(source).resolve()
-    for run in (src.parent, src.parent.parent):
-        if (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file():
-            step = int(src.name.split("_")[-1]) if src.name.startswith("step_") and src.name[5:].isdigit() else None
-            config = yaml.safe_load((run / "config.yaml").read_text())
-            return model_card(Path(folder), config, run, step, None, title)
+    run = run_dir_around(src)
+    if run is not None:
+        step = int(src.name.split("_")[-1]) if src.name.startswith("step_") and src.name[5:].isdigit() else None
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        return model_card(Path(folder), config, run, step, None, title)
     return "\n".join(["---", "library_name: transformers", "tags:", "- cpt", "---", "", f"# {title or Path(folder).name}", "",
                       f"The LoRA adapter `{src.name}` merged into its base model by cpt merge.", ""])
 

@@ -158,6 +158,14 @@ def run_dir_of(ckpt: str | os.PathLike) -> Path | None:
     return p.parent.parent if p.parent.name == "checkpoints" else None
 
 
+def run_dir_around(path: str | os.PathLike) -> Path | None:
+    """The cpt run directory ``path`` lies in (RUN, RUN/export, RUN/exports/step_N, RUN/checkpoints/step_N): its
+    config.yaml beside metrics.jsonl, at ``path`` itself or up to two folders up; None outside a run."""
+    p = Path(path).resolve()
+    return next((d for d in (p, p.parent, p.parent.parent)
+                 if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file()), None)
+
+
 def init_weights(cfg: RunConfig) -> tuple[Path | None, str | None]:
     """(cpt checkpoint, HF model directory) a new run starts from: :func:`resolve_init`, and for a checkpoint the
     model its run was built from (:func:`base_model_dir`), which this run builds before loading the checkpoint."""

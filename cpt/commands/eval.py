@@ -75,20 +75,20 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
     path itself or up to two folders up, read as the run read it): the defaults of the flags named in the module
     docstring; None outside a run."""
     from cpt.config import load_config
+    from cpt.resume import run_dir_around
     from eval_harness.benchmarks import lm_eval_context
 
-    p = Path(checkpoint).resolve()
-    for d in (p, p.parent, p.parent.parent):
-        if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file():
-            cfg = load_config(d / "config.yaml")
-            lm = cfg.eval.lm_eval
-            return {"run": d, "max_length": lm_eval_context(cfg), "seed": cfg.run.seed if lm.seed is None else lm.seed,
-                    "bootstrap_iters": lm.bootstrap_iters, "task_limits": {t.name: t.limit or lm.limit for t in lm.tasks},
-                    "seq_len": cfg.data.seq_len, "max_tokens": cfg.eval.tokens_per_set,
-                    "sample_seed": cfg.eval.sample_seed, "document_masking": cfg.data.document_masking,
-                    "set_max_tokens": {h.name: h.max_tokens for h in cfg.data.heldout},
-                    "heldout": [(h.name, h.path, h.tag) for h in cfg.data.heldout], "tasks": [t.name for t in lm.tasks]}
-    return None
+    d = run_dir_around(checkpoint)
+    if d is None:
+        return None
+    cfg = load_config(d / "config.yaml")
+    lm = cfg.eval.lm_eval
+    return {"run": d, "max_length": lm_eval_context(cfg), "seed": cfg.run.seed if lm.seed is None else lm.seed,
+            "bootstrap_iters": lm.bootstrap_iters, "task_limits": {t.name: t.limit or lm.limit for t in lm.tasks},
+            "seq_len": cfg.data.seq_len, "max_tokens": cfg.eval.tokens_per_set,
+            "sample_seed": cfg.eval.sample_seed, "document_masking": cfg.data.document_masking,
+            "set_max_tokens": {h.name: h.max_tokens for h in cfg.data.heldout},
+            "heldout": [(h.name, h.path, h.tag) for h in cfg.data.heldout], "tasks": [t.name for t in lm.tasks]}
 
 
 def add_heldout_sample_flags(parser: argparse.ArgumentParser, seq_len_else: str) -> None:
