@@ -82,6 +82,17 @@ def any_rank(acc, flag: bool) -> bool:
     return not all_ranks_agree(acc, not flag)
 
 
+def from_main_process(acc, value):
+    """The main process's ``value`` (a picklable object) on every rank: one collective with several processes."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def rank_and_world(acc) -> tuple[int, int]:
     """(rank, world size): of ``acc``; without one, of an initialised ``torch.distributed`` group, else (0, 1)."""
     if acc is not None:

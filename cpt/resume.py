@@ -19,6 +19,7 @@ from cpt.adapter_checkpoint import STAGE_BASE_DIR
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
 from cpt.config import RunConfig, load_config, trajectory_changes
+from cpt.distributed import from_main_process
 
 
 @dataclass
@@ -95,12 +96,7 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path |
         if ckpt is None:
             say(f"--resume: no complete checkpoint in {Path(run_dir) / 'checkpoints'}: starting from scratch")
         choice = None if ckpt is None else str(ckpt)
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [choice]
-        broadcast_object_list(box, from_process=0)
-        choice = box[0]
+    choice = from_main_process(acc, choice)
     return None if choice is None else Path(choice)
 
 

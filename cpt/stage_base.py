@@ -29,6 +29,7 @@ from pathlib import Path
 from cpt.adapter_checkpoint import STAGE_BASE_DIR, STAGE_BASE_SOURCE, is_adapter_layout, read_base_record
 from cpt.checkpoint import CHECKSUMS, CheckpointError, saved_step
 from cpt.config import RunConfig
+from cpt.distributed import from_main_process
 from cpt.fileio import fsync_dir
 from cpt.resume import Start, resolve_start
 
@@ -124,12 +125,7 @@ def write_base(ckpt: Path, run_dir: Path, acc, say=print) -> str:
                 raise CheckpointError(f"train.init_from {ckpt}: writing its model as this LoRA run's base "
                                       f"({target}) failed: {e}") from e
             error = f"{type(e).__name__}: {e}"
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [error]
-        broadcast_object_list(box, from_process=0)
-        error = box[0]
+    error = from_main_process(acc, error)
     if error is not None:
         raise CheckpointError(f"train.init_from {ckpt}: writing its model as this LoRA run's base ({target}) failed "
                               f"on the main process: {error}")
