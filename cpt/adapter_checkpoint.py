@@ -41,6 +41,7 @@ log = logging.getLogger("cpt.checkpoint")
 ADAPTER_STATE = "adapter_state.safetensors"
 ADAPTER_BASE = "adapter_base.json"
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's folder of DeepSpeed's files (its MODEL_NAME)
+FSDP_MODEL = "pytorch_model_fsdp_0"  # accelerate's DCP folder of an FSDP model (FSDP_MODEL_NAME); its optimizer_0 beside
 STAGE_BASE_DIR = "base"  # RUN/base: a LoRA run's base written from a full model's cpt checkpoint (cpt/stage_base.py)
 STAGE_BASE_SOURCE = "cpt_base.json"  # in it: the checkpoint it was written from
 
@@ -106,7 +107,7 @@ def saved_keys(ckpt: str | Path, model) -> set[str]:
     else:
         from torch.distributed.checkpoint import FileSystemReader
 
-        meta = FileSystemReader(str(Path(ckpt) / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+        meta = FileSystemReader(str(Path(ckpt) / FSDP_MODEL)).read_metadata().state_dict_metadata
         saved = {k[len("model."):] for k in meta if k.startswith("model.")}
     return _with_aliases(model, saved)
 

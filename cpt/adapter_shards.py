@@ -34,15 +34,14 @@ import logging
 import socket
 from pathlib import Path
 
-from cpt.adapter_checkpoint import (ADAPTER_STATE, base_record_item, is_adapter_layout, models_from_adapter_state,
-                                    refuse_other_keys_sharded, saved_keys, without_base)
+from cpt.adapter_checkpoint import (ADAPTER_STATE, FSDP_MODEL, base_record_item, is_adapter_layout,
+                                    models_from_adapter_state, refuse_other_keys_sharded, saved_keys, without_base)
 from cpt.adapters import adapter_keys
 from cpt.distributed import Backend, backend
 from cpt.fileio import describe_io_error, fault_point
 
 log = logging.getLogger("cpt.checkpoint")
 
-FSDP_MODEL = "pytorch_model_fsdp_0"  # accelerate's names (FSDP_MODEL_NAME, OPTIMIZER_NAME), which consolidate.py reads
 
 
 class CollectiveSaveError(RuntimeError):

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from cpt.adapter_checkpoint import (ADAPTER_STATE, AdapterCheckpointError, check_fits, check_keys, is_adapter_layout,
-                                    read_adapter_state, read_base_record)
+from cpt.adapter_checkpoint import (ADAPTER_STATE, DEEPSPEED_TAG, FSDP_MODEL, AdapterCheckpointError, check_fits,
+                                    check_keys, is_adapter_layout, read_adapter_state, read_base_record)
 from cpt.checkpoint import CheckpointError
 from cpt.compiling import COMPILE_PREFIX, without_compile_prefix
 
-DS_TAG = "pytorch_model"  # accelerate saves the DeepSpeed engine under this tag
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -51,23 +50,23 @@ def layout(ckpt: str | os.PathLike) -> str:
     p = Path(ckpt)
     if (p / ADAPTER_STATE).is_file():
         return "adapter"
-    if (p / DS_TAG).is_dir() and glob.glob(str(p / DS_TAG / "*optim_states.pt")):
+    if (p / DEEPSPEED_TAG).is_dir() and glob.glob(str(p / DEEPSPEED_TAG / "*optim_states.pt")):
         return "deepspeed"
-    if (p / "pytorch_model_fsdp_0").is_dir():
+    if (p / FSDP_MODEL).is_dir():
         return "fsdp"
     if (p / "model.safetensors").is_file():
         return "plain"
     raise ConsolidateError(f"{p}: not a cpt resume checkpoint (no model.safetensors, {ADAPTER_STATE}, "
-                           f"pytorch_model_fsdp_0/ or {DS_TAG}/ with ZeRO optimizer shards)")
+                           f"{FSDP_MODEL}/ or {DEEPSPEED_TAG}/ with ZeRO optimizer shards)")
 
 
 def deepspeed_world_size(ckpt: str | os.PathLike) -> int:
-    return len(glob.glob(str(Path(ckpt) / DS_TAG / "*optim_states.pt")))
+    return len(glob.glob(str(Path(ckpt) / DEEPSPEED_TAG / "*optim_states.pt")))
 
 
 def deepspeed_zero3(ckpt: str | os.PathLike) -> bool:
     """Whether a DeepSpeed checkpoint was written by ZeRO-3 (model states per rank) rather than ZeRO-1/2 (one file)."""
-    return bool(glob.glob(str(Path(ckpt) / DS_TAG / "zero_pp_rank_*_model_states.pt")))
+    return bool(glob.glob(str(Path(ckpt) / DEEPSPEED_TAG / "zero_pp_rank_*_model_states.pt")))
 
 
 def current_layout(acc) -> str:
@@ -130,7 +129,7 @@ def _ds_files(ckpt: Path) -> tuple[list[str], list[str]]:
     from deepspeed.utils.zero_to_fp32 import get_model_state_files, get_optim_files
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
-    d = str(ckpt / DS_TAG)
+    d = str(ckpt / DEEPSPEED_TAG)
     model_files, optim_files = get_model_state_files(d), get_optim_files(d)
     for f in model_files + optim_files:
         unsafe = set(get_unsafe_globals_in_checkpoint(f)) - set(DS_SAFE_GLOBALS)
@@ -151,7 +150,7 @@ def read_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         return without_compile_prefix(load_file(str(p / "model.safetensors")))  # (a model.compile: true run's keys)
     if kind == "fsdp":
-        return {k: v for k, v in _dcp_read(p / "pytorch_model_fsdp_0")["model"].items() if isinstance(v, torch.Tensor)}
+        return {k: v for k, v in _dcp_read(p / FSDP_MODEL)["model"].items() if isinstance(v, torch.Tensor)}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     import contextlib
@@ -160,7 +159,7 @@ def read_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     _ds_files(p)
     # the fp32 master weights, merged from every rank's partition (DeepSpeed's own zero_to_fp32, which prints)
     with contextlib.redirect_stdout(io.StringIO()):
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(p), tag=DS_TAG))
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(p), tag=DEEPSPEED_TAG))
 
 
 def read_optimizer_state(ckpt: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
@@ -202,7 +201,7 @@ def _read_zero_optimizer_state(p: Path) -> dict[str, dict[str, torch.Tensor]]:
     world = osd[0]["partition_count"]
     world = max(world) if isinstance(world, list) else world
     if world != len(shards):
-        raise ConsolidateError(f"{p / DS_TAG}: {len(shards)} optimizer shards for a world size of {world}")
+        raise ConsolidateError(f"{p / DEEPSPEED_TAG}: {len(shards)} optimizer shards for a world size of {world}")
     inner = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
     per_key: dict[str, dict[str, torch.Tensor]] = {}
     step = None
