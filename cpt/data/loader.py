@@ -130,10 +130,8 @@ class CPTDataLoader:
         row = int(np.flatnonzero(rows.max(axis=1) >= self.vocab_size)[0])
         stream, where = self.streams[j], ""
         if isinstance(stream, PackedStream):
-            start = int(stream.sequence_ids(positions[row : row + 1])[0]) * self.seq_len
-            shards = stream.shards
-            i = int(np.searchsorted(shards._starts, start, side="right")) - 1
-            where = f" in {shards._shards[i].tokens_file} (tokens {start - int(shards._starts[i]):,}..+{self.seq_len})"
+            file, offset = stream.shards.locate(int(stream.sequence_ids(positions[row : row + 1])[0]) * self.seq_len)
+            where = f" in {file} (tokens {offset:,}..+{self.seq_len})"
         raise ShardError(f"data source {self.source_names[j]!r} ({self.sources[j].path}): token id {int(rows[row].max())}"
                          f"{where} is outside the tokenizer's vocabulary ({self.vocab_size:,} ids): the file is corrupt; "
                          f"`cpt verify {self.sources[j].path}` checks every file against its manifest's checksums")

@@ -417,6 +417,11 @@ class TokenShards:
             i += 1
         return out
 
+    def locate(self, start: int) -> tuple[str, int]:
+        """The tokens file holding stream position ``start``, and the position's offset in it."""
+        i, off, _, _ = self._pieces(start, 1)[0]
+        return self._shards[i].tokens_file, off
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the stream, as a new array of the shard dtype."""
         return self.read_many(np.array([start], dtype=np.int64), length)[0]
