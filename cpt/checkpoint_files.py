@@ -128,18 +128,24 @@ def host_copy(obj, staging: dict | None = None, path: tuple = ()):
     With ``staging`` the copies go into its buffers (keyed by ``path``; made on first use); without it
     host tensors are kept as they are."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
         if staging is None:
-            return t.to("cpu").contiguous()
-        buf = staging.get(path)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = staging[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-        return buf.copy_(t, non_blocking=t.is_cuda)
+            return obj.detach().to("cpu").contiguous()
+        return staged_copy(obj, staging, path)
     if isinstance(obj, dict):
         return type(obj)((k, host_copy(v, staging, (*path, k))) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
         return type(obj)(host_copy(v, staging, (*path, i)) for i, v in enumerate(obj))
     return obj
+
+
+def staged_copy(t: torch.Tensor, staging: dict, key) -> torch.Tensor:
+    """``t`` copied into ``staging[key]``, a host buffer kept between saves (made on first use, again if the shape or
+    dtype changed; pinned, and the copy non-blocking, for a CUDA tensor)."""
+    t = t.detach()
+    buf = staging.get(key)
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = staging[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    return buf.copy_(t, non_blocking=t.is_cuda)
 
 
 def _numbered(name: str, i: int) -> str:

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from cpt import adapter_shards, sharded_save
+from cpt.checkpoint_files import staged_copy
 from cpt.distributed import Backend, backend
 from cpt.fileio import HashingFile, describe_io_error, fault_point, fsync_dir
 
@@ -157,11 +158,7 @@ def _host_copy(state, buffers: dict, rel: str):
     def walk(obj, path):
         if isinstance(obj, torch.Tensor):
             if id(obj) not in memo:
-                t = obj.detach()
-                buf = buffers.get(path)
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                    buf = buffers[path] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-                memo[id(obj)] = buf.copy_(t, non_blocking=t.is_cuda)
+                memo[id(obj)] = staged_copy(obj, buffers, path)
         elif isinstance(obj, dict):
             for k, v in obj.items():
                 walk(v, (*path, k))
