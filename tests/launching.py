@@ -146,6 +146,11 @@ def evals(run_dir, name: str = "python", prefix: str = "") -> dict[int, float]:
     return {r["step"]: r[key] for r in records(run_dir) if key in r}
 
 
+def after(run_dir, step: int, of=losses) -> dict[int, float]:
+    """``of(run_dir)`` (losses, evals) past ``step``: what a run resumed at ``step`` logs again."""
+    return {k: v for k, v in of(run_dir).items() if k > step}
+
+
 def world_sizes(run_dir) -> set[int]:
     """perf/tokens_per_s is the total, perf/tokens_per_s_per_device the total / accelerator.num_processes."""
     return {round(r["perf/tokens_per_s"] / r["perf/tokens_per_s_per_device"]) for r in records(run_dir) if "perf/tokens_per_s" in r}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cpt.config import load_config
-from launching import ROOT, assert_close, evals, finish, losses, preempt, rank_env, start, two_process_config, world_sizes
+from launching import ROOT, after, assert_close, evals, finish, losses, preempt, rank_env, start, two_process_config, world_sizes
 from launching import runs_once
 from launching import write_config as write
 
@@ -156,8 +156,8 @@ def test_two_process_checkpoint_resumes_on_one(strategy, shipped, tiny_cpt_data,
     out = tmp_path / "run"
     assert world_sizes(out) == {1}
     assert any("; written by 2 processes, now 1: each process accumulates" in line for line in said), said  # said
-    assert_close(losses(out), {k: v for k, v in losses(two).items() if k > EVERY})
-    assert_close(evals(out), {k: v for k, v in evals(two).items() if k > EVERY})
+    assert_close(losses(out), after(two, EVERY))
+    assert_close(evals(out), after(two, EVERY, of=evals))
     assert_hf_dir_reproduces_eval(out / "export", two, cfg, tiny_cpt_data, STEPS)
 
 
@@ -170,8 +170,8 @@ def test_one_process_checkpoint_resumes_on_two(strategy, reference, tiny_cpt_dat
     assert rc == 0 and "; written by 1 process, now 2: each process accumulates" in log, log[-5000:]
     out = tmp_path / "run"
     assert world_sizes(out) == {2}
-    assert_close(losses(out), {k: v for k, v in losses(reference).items() if k > EVERY})
-    assert_close(evals(out), {k: v for k, v in evals(reference).items() if k > EVERY})
+    assert_close(losses(out), after(reference, EVERY))
+    assert_close(evals(out), after(reference, EVERY, of=evals))
 
 
 # ------------------------------------------------------------------------------------------ cpt export
@@ -246,8 +246,8 @@ def test_zero3_checkpoint_resumes_on_three_processes(tiny_cpt_data, tiny_base, t
                             "--resume"], tmp_path, env))
     assert rc == 0 and "resumed" in log, log[-5000:]
     assert world_sizes(three) == {3}
-    assert_close(losses(three), {k: v for k, v in losses(two).items() if k > EVERY})
-    assert_close(evals(three), {k: v for k, v in evals(two).items() if k > EVERY})
+    assert_close(losses(three), after(two, EVERY))
+    assert_close(evals(three), after(two, EVERY, of=evals))
 
     last = f"step_{STEPS:08d}"
     a, b = read_model_state(two / "checkpoints" / last), read_model_state(three / "checkpoints" / last)

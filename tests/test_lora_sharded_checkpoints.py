@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cpt.config import load_config
-from launching import ROOT, assert_close, evals, finish, losses, rank_env, start, two_process_config, world_sizes
+from launching import ROOT, after, assert_close, evals, finish, losses, rank_env, start, two_process_config, world_sizes
 from launching import runs_once
 from launching import write_config as write
 
@@ -52,10 +52,6 @@ def killed_after_step_3(run: Path, out: Path, cfg: dict) -> dict:
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(run / "checkpoints" / f"step_{EVERY:08d}", out / "checkpoints" / f"step_{EVERY:08d}")
     return {**cfg, "run": {**cfg["run"], "output_dir": str(out)}}
-
-
-def after(run: Path, step: int = EVERY, of=losses) -> dict:
-    return {k: v for k, v in of(run).items() if k > step}
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +112,8 @@ def test_lora_checkpoint_holds_the_adapter_alone_and_resumes_exactly(strategy, s
     cfg = killed_after_step_3(run, tmp_path / "resumed", make_cfg(tiny_cpt_data, tiny_base, run))
     log = launch(strategy, cfg, tmp_path / "resumed.yaml", "--resume")
     assert "resumed" in log and "another backend" not in log, log[-3000:]  # the backend's own loader
-    assert losses(tmp_path / "resumed") == after(run)  # bitwise: the same backend and world size, fp32
-    assert evals(tmp_path / "resumed") == after(run, of=evals)
+    assert losses(tmp_path / "resumed") == after(run, EVERY)  # bitwise: the same backend and world size, fp32
+    assert evals(tmp_path / "resumed") == after(run, EVERY, of=evals)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -140,8 +136,8 @@ def test_a_sharded_lora_checkpoint_resumes_on_one_process_and_exports(strategy, 
     cfg = killed_after_step_3(run, tmp_path / "one", make_cfg(tiny_cpt_data, tiny_base, run))
     result = train(load_config(base=cfg), resume=True, echo=lambda *a, **k: None)
     assert result.step == STEPS and world_sizes(tmp_path / "one") == {1}
-    assert_close(losses(tmp_path / "one"), after(run))
-    assert_close(evals(tmp_path / "one"), after(run, of=evals))
+    assert_close(losses(tmp_path / "one"), after(run, EVERY))
+    assert_close(evals(tmp_path / "one"), after(run, EVERY, of=evals))
 
     other = tmp_path / "other_base"  # the same architecture, one weight changed
     model = AutoModelForCausalLM.from_pretrained(tiny_base)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cpt.config import load_config
-from launching import ROOT, assert_close, evals, finish, losses, rank_env, start, two_process_config, world_sizes
+from launching import ROOT, after, assert_close, evals, finish, losses, rank_env, start, two_process_config, world_sizes
 from launching import write_config as write
 
 pytestmark = pytest.mark.slow
@@ -76,10 +76,6 @@ def killed_after_step_3(run_dir: Path, out: Path, cfg: dict) -> dict:
     shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
     shutil.rmtree(out / "export")
     return {**cfg, "run": {**cfg["run"], "output_dir": str(out)}}
-
-
-def after(run_dir: Path, step: int = EVERY, of=losses) -> dict:
-    return {k: v for k, v in of(run_dir).items() if k > step}
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +206,8 @@ def test_the_lora_stage_resumes_under_fsdp2_on_two_processes(lora_stage, tmp_pat
     log = launch("fsdp", cfg, tmp_path / "fsdp.yaml", "--resume")
     assert "is missing: writing it again" in log and "resumed" in log
     assert world_sizes(tmp_path / "fsdp") == {1, 2}
-    assert_close(after(tmp_path / "fsdp"), after(stage))
-    assert_close(after(tmp_path / "fsdp", of=evals), after(stage, of=evals))
+    assert_close(after(tmp_path / "fsdp", EVERY), after(stage, EVERY))
+    assert_close(after(tmp_path / "fsdp", EVERY, of=evals), after(stage, EVERY, of=evals))
     assert (tmp_path / "fsdp" / "base" / "cpt_base.json").is_file()
 
 
