@@ -41,7 +41,12 @@ def _published_name(path: str | None) -> str | None:
         return None
     if _is_hub_id(path):
         return path
-    return f"a local model ({Path(os.path.normpath(path)).name or path})"
+    return f"a local model ({_local_name(path)})"
+
+
+def _local_name(path: str) -> str:
+    """A local path as published: its last component alone."""
+    return Path(os.path.normpath(path)).name or path
 
 
 def _last_heldout_losses(run_dir: Path, step: int | None) -> tuple[int | None, dict[str, float]]:
@@ -158,7 +163,7 @@ def _publishable_adapter(folder: Path, copy: Path, card: str | None) -> Path:
             doc = json.loads(src.read_text())
             base = doc.get("base_model_name_or_path")
             if base and not _is_hub_id(base):
-                doc["base_model_name_or_path"] = Path(os.path.normpath(base)).name
+                doc["base_model_name_or_path"] = _local_name(base)
             dst.write_text(json.dumps(doc, indent=2))
         elif src.name == CARD and src.parent == folder:
             if not _is_peft_card(src):  # a card of the user's own is kept; peft's template (its base_model: the local
