@@ -246,7 +246,9 @@ def sharded_main(args) -> dict:
     }
     if acc.is_main_process:
         print(json.dumps(out))
-    return out
+    acc.wait_for_everyone()  # then every rank tears its groups down (the DCP gloo groups too) before exiting: left to
+    torch.distributed.destroy_process_group()  # the interpreter's exit, a rank aborted ("terminate called without an
+    return out  # active exception", SIGABRT) under load after printing its figures
 
 
 if __name__ == "__main__":
