@@ -13,10 +13,24 @@ In-place compile leaves the module tree as it is: the model keeps its class and 
 ``fully_shard``, accelerate's) stay on the call path, as in accelerate's own ``compile_regions_fsdp2``; peft's LoRA
 layers sit inside the blocks and are compiled with them; transformers' gradient checkpointing of a layer's
 ``forward`` is traced by dynamo as a checkpointed region.
+
+The causal mask under whole-model compile (:func:`keep_causal_sdpa`). With ``attn_implementation: sdpa``, rows
+without padding and the default positions, transformers passes no mask and ``is_causal=True`` to
+``scaled_dot_product_attention``, which lets it use its FlashAttention kernel (the masked blocks are skipped). While
+dynamo traces (``model.compile: true``) it cannot look at the values that decision reads, so it builds the whole
+``[B, 1, L, L]`` boolean mask (causal, and per packed sequence of the position ids, which the model makes itself),
+and SDPA with an explicit mask cannot use FlashAttention: it takes the memory-efficient kernel, which also computes
+every masked block of the upper triangle. cpt knows what transformers cannot see while tracing: with
+``data.document_masking`` off its rows are plain causal (packed, never padded, default positions). So a whole
+compiled model gets transformers' own sdpa attention under a mask function that returns no mask while cpt's own
+forward runs (:func:`plain_causal`, set by cpt/lm_loss.py) and otherwise is transformers' (document masking, padded
+lm-eval batches, generation, sliding windows). Regional compile does not need this: the mask is built eagerly,
+outside the compiled layers, where transformers makes the same decision itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -66,6 +80,7 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
     if mode is False:
         return model
     if mode is True:
+        keep_causal_sdpa(model)
         return torch.compile(model, **compile_kwargs)
     if mode != "regional":
         raise CompileError(f"model.compile must be true, false or regional, not {mode!r}")
@@ -79,6 +94,62 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
         kinds = sorted({type(b).__name__ for b in blocks})
         log(f"model.compile=regional: {len(blocks)} blocks ({', '.join(kinds)}) compiled in place, the rest eager")
     return model
+
+
+CAUSAL_SDPA = "cpt_causal_sdpa"  # the attention implementation keep_causal_sdpa registers in transformers
+_plain_causal = False  # inside plain_causal(): the rows of this forward need the causal mask and nothing else
+
+
+@contextlib.contextmanager
+def plain_causal(on: bool = True):
+    """While active (``on``), a model given :func:`keep_causal_sdpa` attends with SDPA's ``is_causal`` and no mask.
+    Only for rows that need nothing but the causal mask: no padding, positions 0..L-1 (no document masking)."""
+    global _plain_causal
+    before, _plain_causal = _plain_causal, bool(on)
+    try:
+        yield
+    finally:
+        _plain_causal = before
+
+
+def _causal_sdpa_mask(*args, **kwargs):
+    """transformers' sdpa mask function, but no mask inside :func:`plain_causal` when the call asks for the mask
+    of a whole sequence from position 0 with no padding mask and no local window (the function is called with
+    keywords only, by ``create_causal_mask`` and its kin)."""
+    from transformers.masking_utils import sdpa_mask
+
+    q_offset, kv_offset = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
+    if (_plain_causal and not args and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
+            and "q_length" in kwargs and kwargs["q_length"] == kwargs.get("kv_length")
+            and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def keep_causal_sdpa(model: nn.Module) -> bool:
+    """Give a transformers model that uses ``sdpa`` attention :data:`CAUSAL_SDPA` instead: the same attention
+    function, with :func:`_causal_sdpa_mask` (see the module's docstring). Returns whether it did; models with
+    another attention implementation, or transformers without its attention registries, are left as they are.
+    The name is not saved: transformers does not write ``_attn_implementation`` into config.json."""
+    from cpt.chunked_loss import unwrap_causal_lm
+
+    lm = unwrap_causal_lm(model)
+    config = getattr(lm, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", CAUSAL_SDPA):
+        return False
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return False
+    AttentionInterface.register(CAUSAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(CAUSAL_SDPA, _causal_sdpa_mask)
+    if hasattr(lm, "set_attn_implementation"):
+        lm.set_attn_implementation(CAUSAL_SDPA)
+    else:
+        config._attn_implementation = CAUSAL_SDPA
+    return True
 
 
 def compiled_blocks(model: nn.Module) -> list[nn.Module]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from cpt import chunked_loss
+from cpt.compiling import plain_causal
 from cpt.data.masking import document_position_ids
 from cpt.distributed import shards_weights
 
@@ -49,9 +50,10 @@ def _forward_losses(model, input_ids, eos_id):
     (DDP, FSDP, DeepSpeed, compile) so that their hooks run."""
     head = chunked_loss.installed(model)
     if head is None:
-        out = model(**model_inputs(input_ids, eos_id))
+        with plain_causal(eos_id is None):  # (no document masking: SDPA's causal kernel also under whole compile)
+            out = model(**model_inputs(input_ids, eos_id))
         return next_token_losses(out.logits if hasattr(out, "logits") else out[0], input_ids), None
-    with chunked_loss.head_targets(head, input_ids):
+    with chunked_loss.head_targets(head, input_ids), plain_causal(eos_id is None):
         out = model(**model_inputs(input_ids, eos_id))
     loss = out.logits if hasattr(out, "logits") else out[0]
     if head.per_token is None or loss.dim() != 0:

@@ -37,8 +37,9 @@ part() {  # part NAME SECONDS COMMAND...   (SECONDS=0 skips the part)
 # micro batch 8, 100 s, most of it torch.compile of the whole model; cpt at 360M and the profiled 1B step did not
 # finish in 110-120 s). Order: what no GPU session has measured yet comes first (the GPU tests, the shipped launchers
 # on a GPU, the per-layer compile with its kernel table), then the comparisons with the whole-model compile.
-# the GPU tests but the launchers' (about 40 s): a broken GPU path shows here first
-part gpu_tests ${T_TESTS:-70} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not shipped_launcher" \
+# the GPU tests but the launchers' (about 40 s, plus the inductor compile of a tiny model for the FlashAttention
+# check): a broken GPU path shows here first
+part gpu_tests ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not shipped_launcher" \
   tests/test_base_dtype.py::test_on_cuda_the_cast_frees_half_the_frozen_linears_and_training_is_bitwise_unchanged
 # the shipped launchers (scripts/launch.sh ddp|fsdp with NUM_GPUS=1): NCCL, bf16, FSDP2 sharded checkpoints
 part gpu_launchers ${T_LAUNCH:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k shipped_launcher

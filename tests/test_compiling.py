@@ -277,3 +277,66 @@ def test_regional_under_fsdp2_matches_one_eager_process(tiny_cpt_data, tmp_path)
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "pytorch_model_fsdp_0").is_dir()
     keys = set(load_file(tmp_path / "run" / "export" / "model.safetensors"))
     assert "model.layers.1.mlp.up_proj.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def _sdpa_calls(seen: list):
+    """A dynamo backend (aot_eager underneath) that records each SDPA call's (attn_mask given, is_causal)."""
+    from torch._dynamo import lookup_backend
+
+    def backend(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and "scaled_dot_product" in str(n.target):
+                seen.append((n.kwargs.get("attn_mask") is not None, n.kwargs.get("is_causal")))
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    return backend
+
+
+@pytest.mark.parametrize("document_masking", [False, True])
+def test_whole_compile_keeps_sdpas_causal_kernel_and_the_losses(document_masking):
+    """model.compile: true traced transformers' mask building, which then cannot look at the values it decides on
+    and gave SDPA the whole [B, 1, L, L] mask (on a GPU: the memory-efficient kernel, every masked block computed,
+    where eager runs and the Trainer get FlashAttention with is_causal). cpt's plain causal rows now reach SDPA with
+    no mask and is_causal=True; document masking keeps its mask. Loss and gradients equal eager's."""
+    from cpt.lm_loss import causal_lm_loss
+
+    eos = 3 if document_masking else None
+    ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[0, 5] = ids[1, 9] = 3
+
+    def loss_and_grads(model, run):
+        loss, rows = causal_lm_loss(run, ids, eos)
+        loss.backward()
+        return loss.detach(), rows, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model = tiny_llama(attn_implementation="sdpa")
+    eager = loss_and_grads(model, model)
+    torch._dynamo.reset()
+    seen: list = []
+    model = tiny_llama(attn_implementation="sdpa")
+    compiled = loss_and_grads(model, compile_model(model, True, backend=_sdpa_calls(seen)))
+    assert seen == [(document_masking, not document_masking)] * 2  # one call per layer
+    assert torch.allclose(compiled[0], eager[0], atol=1e-6) and torch.allclose(compiled[1], eager[1], atol=1e-6)
+    assert all(torch.allclose(compiled[2][n], g, atol=1e-6) for n, g in eager[2].items())
+
+
+def test_the_causal_sdpa_model_masks_padding_and_saves_plain_sdpa(tmp_path):
+    """Outside cpt's own forward (lm-eval's padded batches, generation) the model given keep_causal_sdpa builds
+    transformers' masks: padded rows give the logits of the stock sdpa model, also compiled; the implementation's name
+    is not written into the saved config.json."""
+    from cpt.compiling import CAUSAL_SDPA, keep_causal_sdpa, plain_causal
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    pad = torch.ones_like(ids)
+    pad[0, :4] = 0  # left padding, as lm-eval batches have
+    stock = tiny_llama(attn_implementation="sdpa", training=False)
+    expected = stock(input_ids=ids, attention_mask=pad, use_cache=False).logits
+    model = tiny_llama(attn_implementation="sdpa", training=False)
+    assert keep_causal_sdpa(model) and model.config._attn_implementation == CAUSAL_SDPA
+    for run in (model, compile_model(model, True, backend="aot_eager")):
+        for flag in (False, True):
+            with torch.no_grad(), plain_causal(flag):
+                got = run(input_ids=ids, attention_mask=pad, use_cache=False).logits
+            assert torch.allclose(got[pad.bool()], expected[pad.bool()], atol=1e-5)
+    assert not keep_causal_sdpa(tiny_llama(attn_implementation="eager"))
+    model.save_pretrained(tmp_path)
+    assert CAUSAL_SDPA not in (tmp_path / "config.json").read_text()

@@ -116,6 +116,32 @@ def test_cuda_liger_kernels_train_like_without_and_keep_per_source_loss(tiny_cpt
     assert losses["liger"] == pytest.approx(losses["plain"], rel=2e-2)
 
 
+def test_cuda_whole_compiled_model_attends_with_flash_attention():
+    """model.compile: true (inductor), bf16, no document masking: SDPA runs its FlashAttention kernel forward and
+    backward, as eager runs do, not the memory-efficient kernel with the whole mask that transformers builds while
+    dynamo traces (cpt/compiling.py: keep_causal_sdpa); the loss equals the eager model's within bf16 rounding."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from conftest import tiny_llama
+    from cpt.compiling import compile_model
+    from cpt.lm_loss import causal_lm_loss
+
+    ids = torch.randint(0, 256, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    build = lambda: tiny_llama(256, hidden=256, intermediate=512, heads=4, attn_implementation="sdpa").cuda()  # noqa: E731
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = causal_lm_loss(build(), ids)[0].item()
+        compiled = compile_model(build(), True)
+        causal_lm_loss(compiled, ids)[0].backward()  # (compiles)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            loss = causal_lm_loss(compiled, ids)[0]
+            loss.backward()
+            torch.cuda.synchronize()
+    kernels = [e.key.lower() for e in prof.key_averages()]
+    assert any("flash" in k for k in kernels), kernels
+    assert not any("efficient_attention" in k or "fmha_cutlass" in k for k in kernels), kernels
+    assert loss.item() == pytest.approx(eager, rel=2e-2)
+
+
 # ------------------------------------------------------------------ the shipped launchers on a GPU (kept last: slowest)
 
 
