@@ -114,13 +114,15 @@ def plain_causal(on: bool = True):
 
 def _causal_sdpa_mask(*args, **kwargs):
     """transformers' sdpa mask function, but no mask inside :func:`plain_causal` when the call asks for the mask
-    of a whole sequence from position 0 with no padding mask and no local window (the function is called with
-    keywords only, by ``create_causal_mask`` and its kin)."""
+    of a whole sequence from position 0 with no padding mask and no local window narrower than it (as transformers
+    itself decides outside tracing; the function is called with keywords only, by ``create_causal_mask`` and its
+    kin)."""
     from transformers.masking_utils import sdpa_mask
 
-    q_offset, kv_offset = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
-    if (_plain_causal and not args and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
+    q_offset, kv_offset, window = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0), kwargs.get("local_size")
+    if (_plain_causal and not args and kwargs.get("attention_mask") is None
             and "q_length" in kwargs and kwargs["q_length"] == kwargs.get("kv_length")
+            and (window is None or kwargs["kv_length"] < window)  # (a sliding window or chunk wider than the row)
             and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0):
         return None
     return sdpa_mask(*args, **kwargs)

@@ -340,3 +340,26 @@ def test_the_causal_sdpa_model_masks_padding_and_saves_plain_sdpa(tmp_path):
     assert not keep_causal_sdpa(tiny_llama(attn_implementation="eager"))
     model.save_pretrained(tmp_path)
     assert CAUSAL_SDPA not in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.parametrize("window, masked", [(8, True), (64, False)])
+def test_whole_compile_sliding_window_attention_keeps_its_window(window, masked):
+    """A sliding-window model (Mistral) under model.compile: true: a window narrower than the rows keeps
+    transformers' windowed mask, a wider one is plain causal (no mask, is_causal); both give eager's loss."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from cpt.lm_loss import causal_lm_loss
+
+    def build():
+        torch.manual_seed(0)
+        return MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                                attn_implementation="sdpa"))
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    eager = causal_lm_loss(build(), ids)[0]
+    torch._dynamo.reset()
+    seen: list = []
+    compiled = causal_lm_loss(compile_model(build(), True, backend=_sdpa_calls(seen)), ids)[0]
+    assert seen == [(masked, not masked)] * 2
+    assert torch.allclose(compiled, eager, atol=1e-6)
