@@ -24,7 +24,10 @@ every masked block of the upper triangle. cpt knows what transformers cannot see
 ``data.document_masking`` off its rows are plain causal (packed, never padded, default positions). So a whole
 compiled model gets transformers' own sdpa attention under a mask function that returns no mask while cpt's own
 forward runs (:func:`plain_causal`, set by cpt/lm_loss.py) and otherwise is transformers' (document masking, padded
-lm-eval batches, generation, sliding windows). Regional compile does not need this: the mask is built eagerly,
+lm-eval batches, generation, sliding windows). The mask is kept wherever a model asks for more than the causal
+mask: a model whose modules call the mask functions with ``allow_is_causal_skip=False`` (they add to the mask: Doge's
+dynamic mask, Falcon's ALiBi, Mistral Large 4's indexer) or with an ``or_mask_function``/``and_mask_function`` is
+left on stock sdpa (:func:`asks_for_a_mask`), and bidirectional masks are never dropped. Regional compile does not need this: the mask is built eagerly,
 outside the compiled layers, where transformers makes the same decision itself.
 """
 
@@ -121,6 +124,7 @@ def _causal_sdpa_mask(*args, **kwargs):
 
     q_offset, kv_offset, window = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0), kwargs.get("local_size")
     if (_plain_causal and not args and kwargs.get("attention_mask") is None
+            and "allow_is_bidirectional_skip" not in kwargs  # (create_bidirectional_mask and its kin)
             and "q_length" in kwargs and kwargs["q_length"] == kwargs.get("kv_length")
             and (window is None or kwargs["kv_length"] < window)  # (a sliding window or chunk wider than the row)
             and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0):
@@ -137,7 +141,7 @@ def keep_causal_sdpa(model: nn.Module) -> bool:
 
     lm = unwrap_causal_lm(model)
     config = getattr(lm, "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", CAUSAL_SDPA):
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", CAUSAL_SDPA) or asks_for_a_mask(lm):
         return False
     try:
         from transformers import AttentionInterface
@@ -152,6 +156,38 @@ def keep_causal_sdpa(model: nn.Module) -> bool:
     else:
         config._attn_implementation = CAUSAL_SDPA
     return True
+
+
+_MASK_MARKERS = ("allow_is_causal_skip=False", "or_mask_function", "and_mask_function")
+
+
+def asks_for_a_mask(model: nn.Module) -> bool:
+    """Whether a module of ``model`` builds its mask with more than the causal (or sliding-window) rule: its
+    ``forward`` passes ``allow_is_causal_skip=False`` (it adds to the mask it gets) or an or/and mask function.
+    Under tracing :func:`_causal_sdpa_mask` cannot tell these from a plain causal call (transformers also sets
+    ``allow_is_causal_skip=False`` for the packed-sequence check it cannot run while tracing), so such models keep
+    stock sdpa. A branch under ``if self.config.use_bidirectional_attention:`` counts only where that is on (Gemma 3
+    text). Read from the source, so a forward whose source is not available counts as asking."""
+    import ast
+    import inspect
+    import textwrap
+
+    config = getattr(model, "config", None)
+    for cls in {type(m) for m in model.modules()}:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+        except (OSError, TypeError, SyntaxError):
+            if cls.__module__.startswith("transformers."):
+                return True
+            continue  # (torch's and peft's own modules, compiled in C or without mask calls)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.If) and ast.unparse(node.test) == "self.config.use_bidirectional_attention"
+                    and not getattr(getattr(config, "get_text_config", lambda: config)(),
+                                    "use_bidirectional_attention", False)):
+                node.body = []
+        if any(marker in ast.unparse(tree).replace(" ", "") for marker in _MASK_MARKERS):
+            return True
+    return False
 
 
 def compiled_blocks(model: nn.Module) -> list[nn.Module]:

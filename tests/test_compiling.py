@@ -363,3 +363,104 @@ def test_whole_compile_sliding_window_attention_keeps_its_window(window, masked)
     compiled = causal_lm_loss(compile_model(build(), True, backend=_sdpa_calls(seen)), ids)[0]
     assert seen == [(masked, not masked)] * 2
     assert torch.allclose(compiled, eager, atol=1e-6)
+
+
+_F, _C = (True, False), (False, True)  # a traced SDPA call's (attn_mask given, is_causal): masked, causal kernel
+_ARCHS = {  # name: (config class, model class, config fields, the SDPA call per layer for plain causal rows)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, [_C, _C]),
+    "qwen2-sliding-layer": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "sliding_attention"]), [_C, _F]),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}, [_C, _C]),
+    "mistral-window-8": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8), [_F, _F]),
+    "gemma3-text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        sliding_window=8, head_dim=8, layer_types=["sliding_attention", "full_attention"]), [_F, _C]),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, eos_token_id=1, bos_token_id=2), [_C, _C]),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=0, eos_token_id=1), [_C, _C]),
+    "smollm3-no-rope-layer": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, no_rope_layers=[1, 0]), [_C, _C]),
+}
+_REGIONAL = {"llama", "qwen2-sliding-layer", "gemma3-text"}  # (regional compile also checked: mixed layer kinds)
+
+
+@pytest.mark.parametrize("arch", list(_ARCHS))
+def test_architectures_under_compile_get_sdpas_causal_kernel_only_where_safe(arch):
+    """Tiny models of the families cpt users train, with cpt's forward and chunked loss, under model.compile: true:
+    plain causal rows reach SDPA with no mask and is_causal=True on layers whose mask is only causal (a sliding
+    window narrower than the rows keeps its mask; a model that adds to its mask keeps stock sdpa), document masking
+    (the same compiled model, next call) masks every layer; loss and gradients equal eager's within 1e-5, without a
+    graph break. Regional compile makes the same calls (transformers decides the mask eagerly there). A transformers
+    upgrade that changes these paths fails here. (Gemma 2 has no sdpa in transformers 5: not here.)"""
+    import transformers
+    from torch._dynamo.utils import counters
+
+    from cpt.lm_loss import causal_lm_loss, use_chunked_loss
+
+    config_cls, model_cls, fields, plain = _ARCHS[arch]
+    ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[0, 5] = ids[1, 9] = 3
+
+    def build():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls)(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, attn_implementation="sdpa", **fields)
+        model = getattr(transformers, model_cls)(config)
+        use_chunked_loss(model, "auto", 1024, log_fn=lambda *a: None)
+        return model
+
+    def step(model, run, eos):
+        model.zero_grad()
+        loss, _ = causal_lm_loss(run, ids, eos)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = build()
+    eager = {eos: step(model, model, eos) for eos in (None, 3)}
+    torch._dynamo.reset()
+    counters.clear()
+    seen: list = []
+    model = build()
+    run = compile_model(model, True, backend=_sdpa_calls(seen))
+    for eos, expected in ((None, plain), (3, [_F, _F])):
+        del seen[:]
+        loss, grads = step(model, run, eos)
+        assert seen == expected, (eos, seen)
+        assert torch.allclose(loss, eager[eos][0], atol=1e-5)
+        assert grads.keys() == eager[eos][1].keys()
+        assert all(torch.allclose(g, eager[eos][1][n], atol=1e-5) for n, g in grads.items())
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    if arch not in _REGIONAL:
+        return
+    torch._dynamo.reset()
+    seen.clear()
+    model = build()
+    step(model, compile_model(model, "regional", backend=_sdpa_calls(seen)), None)
+    assert set(seen) == set(plain)  # (one graph per kind of layer)
+
+
+def test_whole_compile_keeps_the_mask_a_model_adds_to():
+    """Doge adds its dynamic mask onto the causal mask it asks for (``allow_is_causal_skip=False``, as Falcon's ALiBi
+    and Mistral Large 4's indexer do); under tracing that call looks like transformers' own packed-sequence one, so
+    keep_causal_sdpa dropped the mask and the compiled loss differed from eager's (by 1.5e-3). Such a model keeps
+    stock sdpa and its mask. (Forward only: Doge's compiled backward fails inside torch/transformers, with stock sdpa
+    too: "view size is not compatible with input tensor's size and stride".)"""
+    from transformers import DogeConfig, DogeForCausalLM
+
+    from cpt.compiling import asks_for_a_mask, keep_causal_sdpa
+    from cpt.lm_loss import causal_lm_loss
+
+    def build():
+        torch.manual_seed(0)
+        return DogeForCausalLM(DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, keep_window_size=4,
+                                          attn_implementation="sdpa")).eval()
+
+    ids = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert asks_for_a_mask(build()) and not keep_causal_sdpa(build()) and not asks_for_a_mask(tiny_llama())
+    torch._dynamo.reset()
+    seen: list = []
+    with torch.no_grad():
+        eager = causal_lm_loss(build(), ids)[0]
+        compiled = causal_lm_loss(compile_model(build(), True, backend=_sdpa_calls(seen)), ids)[0]
+    assert seen == [(True, False)] * 2
+    assert torch.allclose(compiled, eager, atol=1e-6)
