@@ -284,8 +284,8 @@ def _sdpa_calls(seen: list):
     from torch._dynamo import lookup_backend
 
     def backend(gm, example_inputs):
-        for n in gm.graph.nodes:
-            if n.op == "call_function" and "scaled_dot_product" in str(n.target):
+        for n in (n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes):
+            if n.op == "call_function" and "scaled_dot_product" in str(n.target):  # (also in checkpointed subgraphs)
                 seen.append((n.kwargs.get("attn_mask") is not None, n.kwargs.get("is_causal")))
         return lookup_backend("aot_eager")(gm, example_inputs)
     return backend
@@ -370,6 +370,7 @@ _ARCHS = {  # name: (config class, model class, config fields, the SDPA call per
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, [_C, _C]),
     "qwen2-sliding-layer": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "sliding_attention"]), [_C, _F]),
+    "llama-checkpointed": ("LlamaConfig", "LlamaForCausalLM", dict(checkpointing=True), [_C, _C]),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}, [_C, _C]),
     "mistral-window-8": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8), [_F, _F]),
     "gemma3-text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
@@ -393,6 +394,7 @@ def test_architectures_under_compile_get_sdpas_causal_kernel_only_where_safe(arc
     import transformers
     from torch._dynamo.utils import counters
 
+    from cpt.layer_options import checkpoint_layers
     from cpt.lm_loss import causal_lm_loss, use_chunked_loss
 
     config_cls, model_cls, fields, plain = _ARCHS[arch]
@@ -403,8 +405,10 @@ def test_architectures_under_compile_get_sdpas_causal_kernel_only_where_safe(arc
         torch.manual_seed(0)
         config = getattr(transformers, config_cls)(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, attn_implementation="sdpa", **fields)
+            num_key_value_heads=2, attn_implementation="sdpa", **{k: v for k, v in fields.items() if k != "checkpointing"})
         model = getattr(transformers, model_cls)(config)
+        if fields.get("checkpointing"):  # (model.gradient_checkpointing: the layers traced as checkpointed regions)
+            checkpoint_layers(model, 1)
         use_chunked_loss(model, "auto", 1024, log_fn=lambda *a: None)
         return model
 
