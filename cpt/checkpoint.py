@@ -261,8 +261,7 @@ class CheckpointManager:
                     raise CheckpointError(f"a rank could not write its part: {failed[0]}")
                 digests = {k: v for d in gathered for k, v in d.items()}
         elif self.shards is not None:  # FSDP2, DeepSpeed, non-blocking: staged here, written once all ranks agree
-            fault_point(f"save_state:rank{acc.process_index}@{step}")
-            uploads = self.shards.stage(tmp, step, items)
+            uploads = self.shards.stage(tmp, step, items)  # (the fault point save_state:rank<r>@<step> in it)
             if uploads is None:  # no room for the host copy on some node (every rank): this save written now
                 self._background = False
                 items += adapter_shards.save_state_or_stop(acc, tmp, step)

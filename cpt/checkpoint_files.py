@@ -52,27 +52,18 @@ def host_snapshot(acc, staging: dict | None = None, fits=None) -> tuple[list, st
     import random
 
     import numpy as np
-    from accelerate.utils import clean_state_dict_for_safetensors
 
-    parts = []  # (name, kind, payload, staging key or None)
-    if acc.is_main_process:
-        for i, model in enumerate(acc._models):
-            unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
-            if len(acc._models) == 1 and without_base(unwrapped):  # LoRA, model.freeze: not the frozen base
-                parts += [(name, kind, payload, ("model", i) if kind == "safetensors" else None)
-                          for name, kind, payload in adapter_items(unwrapped)]
-                continue
-            with _no_tied_weights_warning():
-                state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
-            parts.append((_numbered("model.safetensors", i), "safetensors", dict(state), ("model", i)))
-        for i, opt in enumerate(acc._optimizers):
-            parts.append((_numbered("optimizer.bin", i), "torch", opt.state_dict(), ("optimizer", i)))
-        if acc.scaler is not None:
-            parts.append(("scaler.pt", "torch", acc.scaler.state_dict(), ("scaler",)))
+    parts, error = [], None  # (name, kind, payload, staging key or None)
+    try:
+        parts = _parts(acc) if acc.is_main_process else []
+    except Exception as e:  # noqa: BLE001 - raised once every rank has been through fits' gather (collective)
+        error = e
     if staging is not None and fits is not None:
         need = sum(tensor_bytes(payload, lambda path, t: reusable(staging.get(path), t), key)
                    for _, _, payload, key in parts if key is not None)
         staging = staging if fits(need) else None
+    if error is not None:
+        raise error
     items = [(name, kind, payload if key is None else host_copy(payload, staging, key)) for name, kind, payload, key in parts]
     if acc.is_main_process and torch.cuda.is_available():
         torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
@@ -81,6 +72,27 @@ def host_snapshot(acc, staging: dict | None = None, fits=None) -> tuple[list, st
     if torch.cuda.is_available():
         rng["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
     return items, f"random_states_{acc.process_index}.pkl", rng, staging is not None
+
+
+def _parts(acc) -> list[tuple]:
+    """The main process's (file name, kind, state, staging key or None): references to the live state, no copies."""
+    from accelerate.utils import clean_state_dict_for_safetensors
+
+    parts = []
+    for i, model in enumerate(acc._models):
+        unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
+        if len(acc._models) == 1 and without_base(unwrapped):  # LoRA, model.freeze: not the frozen base
+            parts += [(name, kind, payload, ("model", i) if kind == "safetensors" else None)
+                      for name, kind, payload in adapter_items(unwrapped)]
+            continue
+        with _no_tied_weights_warning():
+            state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
+        parts.append((_numbered("model.safetensors", i), "safetensors", dict(state), ("model", i)))
+    for i, opt in enumerate(acc._optimizers):
+        parts.append((_numbered("optimizer.bin", i), "torch", opt.state_dict(), ("optimizer", i)))
+    if acc.scaler is not None:
+        parts.append(("scaler.pt", "torch", acc.scaler.state_dict(), ("scaler",)))
+    return parts
 
 
 def write_files(folder: Path, items: list, step: int) -> dict[str, str]:

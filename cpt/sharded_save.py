@@ -94,13 +94,20 @@ class AsyncShards:
         from accelerate.utils.fsdp_utils import _prepare_sd_options
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        acc = self.acc
-        model_state, own = fsdp_model_state(acc)
-        optim_state = get_optimizer_state_dict(acc._models[0], acc._optimizers[0], options=_prepare_sd_options(acc.state.fsdp_plugin))
-        states = {FSDP_MODEL: {"model": model_state}, OPTIMIZER: {"optimizer": optim_state}}
-        need = sum(tensor_bytes(state) for kind, state in states.items()
-                   if kind not in self.buffers or self.buffers[kind][0] != _structure(state))
-        if not self.guard.fits(need):  # (collective: the same on every rank) the caller saves synchronously
+        acc, error, need = self.acc, None, 0
+        try:
+            fault_point(f"save_state:rank{acc.process_index}@{step}")
+            model_state, own = fsdp_model_state(acc)
+            optim_state = get_optimizer_state_dict(acc._models[0], acc._optimizers[0], options=_prepare_sd_options(acc.state.fsdp_plugin))
+            states = {FSDP_MODEL: {"model": model_state}, OPTIMIZER: {"optimizer": optim_state}}
+            need = sum(tensor_bytes(state) for kind, state in states.items()
+                       if kind not in self.buffers or self.buffers[kind][0] != _structure(state))
+        except Exception as e:  # noqa: BLE001 - raised once every rank has been through the guard's gather
+            error = e
+        fits = self.guard.fits(need)  # (collective, every rank, failed or not: the same answer on every rank)
+        if error is not None:
+            raise error
+        if not fits:  # the caller saves synchronously
             return None
         if not self.buffers and acc.is_main_process:  # (the first save)
             log.info("checkpoint.async_save: FSDP2 shards are written in the background "

@@ -83,6 +83,7 @@ class AsyncZero:
             log.info("checkpoint.async_save: DeepSpeed's checkpoint files are written in the background (cpt/zero_save.py); "
                      "the loop waits only for their host copy")
         self.saves += 1
+        fault_point(f"save_state:rank{acc.process_index}@{step}")
         staging = _Staging(folder, self.buffers, step, self.guard)
         engine.checkpoint_engine, own = staging, engine.checkpoint_engine
         try:
