@@ -20,7 +20,8 @@ by killing the process at every file boundary: tests/test_crash_consistency.py).
 Non-blocking saves (``checkpoint.async_save``): the loop blocks only for the copy to host memory; the files are written
 in the background (one process, DDP: hashed as written; FSDP2: DCP's async_save, cpt/sharded_save.py; DeepSpeed: its own
 files, cpt/zero_save.py), committed once every rank's are on disk. The next save, the end and a preemption exit wait for
-it; its failure counts toward ``checkpoint.max_failed_saves``. FSDP1 and FULL_STATE_DICT save synchronously.
+it; its failure counts toward ``checkpoint.max_failed_saves``. FSDP1 and FULL_STATE_DICT save synchronously; so does a
+save whose host copy would not fit in host memory (cpt/host_memory.py; DeepSpeed: file by file).
 
 On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or corrupt
 one is skipped with one warning. Its optimizer state is loaded only for the trainable parameters and groups it was

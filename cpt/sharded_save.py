@@ -10,8 +10,10 @@ A save, on every rank:
 
 1. :meth:`AsyncShards.stage` (the loop waits for it): the sharded state dicts, copied into host buffers (torch's
    ``_create_cpu_state_dict``/``_copy_state_dict``, what its own stagers use; pinned on CUDA, kept between saves), and
-   the RNG-state files written. Nothing here is collective, so a rank that fails is agreed on by cpt/checkpoint.py
-   and the save skipped before any rank has started writing.
+   the RNG-state files written. First every rank, failed or not, joins one gather (cpt/host_memory.py): where a node has
+   no host memory for the buffers this save would add, every rank saves synchronously instead (accelerate's
+   ``save_state``). Nothing else here is collective, so a rank that fails is agreed on by cpt/checkpoint.py and the save
+   skipped before any rank has started writing.
 2. :meth:`Uploads.start`: ``dcp.async_save`` of the model and of the optimizer state, each in torch's writer thread
    and on its own gloo group (background collectives never share the training process group; a gloo group because
    DCP's plan and result exchange are CPU object collectives), with the copies of step 1 (no second staging).
@@ -107,7 +109,8 @@ class AsyncShards:
         fits = self.guard.fits(need)  # (collective, every rank, failed or not: the same answer on every rank)
         if error is not None:
             raise error
-        if not fits:  # the caller saves synchronously
+        if not fits:  # the caller saves synchronously (kept buffers too small for it let go: the save needs the room)
+            self.buffers.clear()
             return None
         if not self.buffers and acc.is_main_process:  # (the first save)
             log.info("checkpoint.async_save: FSDP2 shards are written in the background "
