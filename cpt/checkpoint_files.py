@@ -61,7 +61,7 @@ def host_snapshot(acc, staging: dict | None = None, fits=None) -> tuple[list, st
     if staging is not None and fits is not None:
         need = sum(tensor_bytes(payload, lambda path, t: reusable(staging.get(path), t), key)
                    for _, _, payload, key in parts if key is not None)
-        if not fits(need):  # (kept buffers too small for this save are let go: its write needs the room)
+        if not fits(need, error):  # (kept buffers too small for this save are let go: its write needs the room)
             staging.clear()
             staging = None
     if error is not None:

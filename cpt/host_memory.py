@@ -102,18 +102,23 @@ class Guard:
     def __init__(self, acc):
         self.acc, self.warned = acc, False
 
-    def fits(self, need: int) -> bool:
+    def fits(self, need: int, error: BaseException | None = None) -> bool:
         """Whether every node has room for what its ranks' staging adds (``need``: this rank's new bytes). Collective
-        with several processes (one small gather: every rank saves); the same answer on every rank."""
+        with several processes (one small gather: every rank saves); the same answer on every rank. ``error``: this
+        rank failed before (it joins the gather all the same); raised here, on the others "another rank failed"."""
         acc = self.acc
-        mine = (socket.gethostname(), need, *(available() if need else (None, "")))
+        mine = (socket.gethostname(), need, *(available() if need else (None, "")), error is not None)
         every = [mine]
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
             every = gather_object([mine])
+        if error is not None:
+            raise error
+        if any(failed for *_, failed in every):
+            raise RuntimeError("another rank failed while saving")
         nodes: dict[str, list] = {}
-        for host, n, avail, source in every:
+        for host, n, avail, source, _ in every:
             node = nodes.setdefault(host, [0, None, ""])
             node[0] += n
             if avail is not None and (node[1] is None or avail < node[1]):

@@ -106,10 +106,8 @@ class AsyncShards:
                        if kind not in self.buffers or self.buffers[kind][0] != _structure(state))
         except Exception as e:  # noqa: BLE001 - raised once every rank has been through the guard's gather
             error = e
-        fits = self.guard.fits(need)  # (collective, every rank, failed or not: the same answer on every rank)
-        if error is not None:
-            raise error
-        if not fits:  # the caller saves synchronously (kept buffers too small for it let go: the save needs the room)
+        if not self.guard.fits(need, error):  # (collective; raises if a rank failed) no room: the
+            # caller saves synchronously, and kept buffers too small for this save are let go (the save needs the room)
             self.buffers.clear()
             return None
         if not self.buffers and acc.is_main_process:  # (the first save)

@@ -55,22 +55,30 @@ def test_available_reads_meminfo_and_the_tighter_cgroup_limit(tmp_path):
 
 def test_the_decision_sums_the_ranks_of_each_node_and_is_the_same_on_every_rank(monkeypatch, caplog):
     """Two ranks on one node need 5 + 5 GB of 10 GB available (8 usable): no; on two nodes: yes. Every rank gets the
-    same gathered list, so every rank decides the same; the main process says why, once."""
+    same gathered list, so every rank decides the same; the main process says why, once. A rank's failure is part of
+    the same gather."""
     import accelerate.utils
 
     def decide(ranks, main=True):
         monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: ranks)
         return Guard(SimpleNamespace(num_processes=len(ranks), is_main_process=main))
 
-    one_node = [("n1", 5 * GiB, 10 * GiB, "MemAvailable"), ("n1", 5 * GiB, 10 * GiB, "MemAvailable")]
-    two_nodes = [("n1", 5 * GiB, 10 * GiB, "MemAvailable"), ("n2", 5 * GiB, 10 * GiB, "MemAvailable")]
+    one_node = [("n1", 5 * GiB, 10 * GiB, "MemAvailable", False), ("n1", 5 * GiB, 10 * GiB, "MemAvailable", False)]
+    two_nodes = [("n1", 5 * GiB, 10 * GiB, "MemAvailable", False), ("n2", 5 * GiB, 10 * GiB, "MemAvailable", False)]
     monkeypatch.setattr(host_memory, "available", lambda: (10 * GiB, "MemAvailable"))
     with caplog.at_level(logging.WARNING, logger="cpt.checkpoint"):
         guard = decide(one_node)
         assert not guard.fits(5 * GiB) and not guard.fits(5 * GiB)
         assert not decide(one_node, main=False).fits(5 * GiB)
         assert decide(two_nodes).fits(5 * GiB)
-        assert decide([("n1", 0, None, ""), ("n1", 7 * GiB, 10 * GiB, "x")]).fits(0)
+        assert decide([("n1", 0, None, "", False), ("n1", 7 * GiB, 10 * GiB, "x", False)]).fits(0)
+        # a rank that failed before its host copy joins the gather all the same: every rank raises (the save is
+        # skipped everywhere; no rank goes on to a synchronous, collective save alone)
+        failed = [("n1", 0, None, "", True), ("n1", 5 * GiB, 10 * GiB, "x", False)]
+        with pytest.raises(OSError, match="disk full"):
+            decide(failed).fits(0, OSError("disk full"))
+        with pytest.raises(RuntimeError, match="another rank failed"):
+            decide(failed).fits(5 * GiB)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "needs 10.00 GB more host memory on n1" in lines[0] and "10.00 GB is available" in lines[0]
     assert "checkpoint.async_save: false" in lines[0] and "writing this save synchronously" in lines[0]
