@@ -1,7 +1,7 @@
 """The host-memory guard of non-blocking saves (cpt/host_memory.py): the available-memory reader on fake /proc and
 cgroup files (v1, v2, no limit), the node sum of the ranks' needs, and the one-process saver (cpt/checkpoint_files.py)
 falling back to a synchronous save, complete and equal to a background one, when the host has no room for its
-buffers. (FSDP2 and DeepSpeed under a fake small host on 2 processes: tests/test_async_sharded_saves.py and
+buffers; under DDP on 2 processes (one launch) both ranks decide the same. (FSDP2 and DeepSpeed under a fake small host on 2 processes: tests/test_async_sharded_saves.py and
 tests/test_async_deepspeed_saves.py, their resumed launches; DeepSpeed's per-file fallback below without a launch.)"""
 
 import logging
@@ -173,3 +173,56 @@ def test_deepspeeds_staging_engine_writes_a_file_now_past_its_share_of_host_memo
     assert writes.wait() is None and set(writes.digests) == {"a/optim.pt", "a/model.pt"}
     assert all(writes.digests[rel] == file_digest(tmp_path / "ckpt" / rel) for rel in states)
     assert torch.equal(torch.load(tmp_path / "ckpt" / "a" / "model.pt", weights_only=True)["module"]["w"], torch.ones(8))
+
+
+DDP_SCRIPT = '''
+import json, os, sys
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from conftest import tiny_llama
+from cpt.checkpoint import CheckpointManager, list_checkpoints, verify_checkpoint
+from cpt.state import TrainState
+
+out, small, big = map(Path, sys.argv[1:4])
+acc = Accelerator(cpu=True)
+assert acc.num_processes == 2
+torch.manual_seed(0)
+model = tiny_llama(64, hidden=16, intermediate=32, layers=1, heads=2, tied=True)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+model, opt = acc.prepare(model, opt)
+seen = []
+for step, host in ((1, small if acc.process_index == 0 else big), (2, big)):  # rank 0 alone short at step 1
+    os.environ["CPT_HOST_MEMORY_ROOT"] = str(host)
+    ckpts = CheckpointManager(out / str(step), keep=2, accelerator=acc, async_save=True)
+    ckpts.save(step, {"train": TrainState(step=step)}, "config: 1\\n")
+    seen.append({"background": ckpts._pending_step is not None, "kept": bool(ckpts._staging)})  # (sync: waited in save)
+    ckpts.wait()
+valid = [verify_checkpoint(c) is None for s in (1, 2) for c in list_checkpoints(out / str(s))]
+print("RESULT " + json.dumps({"rank": acc.process_index, "seen": seen, "valid": valid}), flush=True)
+'''
+
+
+def test_ddp_ranks_take_the_same_decision(tmp_path):
+    """DDP on 2 CPU processes (one launch, about 15 s): rank 0 alone sees a host without room (rank 1 stages nothing
+    and sees plenty): both ranks save synchronously, the checkpoint complete; with room on both, both in the background."""
+    import json
+
+    from launching import FREE_PORT, VENV_BIN, finish, rank_env, start
+
+    script = tmp_path / "ddp_guard.py"
+    script.write_text(DDP_SCRIPT)
+    small, big = fake_host(tmp_path / "small", 1024), fake_host(tmp_path / "big", 100 * 1024 * 1024)
+    args = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *FREE_PORT, str(script), str(tmp_path / "out"),
+            str(small), str(big)]
+    rc, log = finish(start(args, tmp_path, rank_env(cpu=True)))
+    assert rc == 0, log[-5000:]
+    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in log.splitlines() if "RESULT " in line),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1], log[-5000:]
+    assert [r["seen"][0]["background"] for r in results] == [False, False]  # the same decision on both ranks
+    assert [r["seen"][1]["background"] for r in results] == [True, True]
+    assert results[0]["seen"] == [{"background": False, "kept": False}, {"background": True, "kept": True}]
+    assert results[0]["valid"] == [True, True]
+    assert sum("writing this save synchronously" in line for line in log.splitlines()) == 1, log[-5000:]
