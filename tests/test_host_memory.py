@@ -1,8 +1,9 @@
 """The host-memory guard of non-blocking saves (cpt/host_memory.py): the available-memory reader on fake /proc and
 cgroup files (v1, v2, no limit), the node sum of the ranks' needs, and the one-process saver (cpt/checkpoint_files.py)
 falling back to a synchronous save, complete and equal to a background one, when the host has no room for its
-buffers; under DDP on 2 processes (one launch) both ranks decide the same. (FSDP2 and DeepSpeed under a fake small host on 2 processes: tests/test_async_sharded_saves.py and
-tests/test_async_deepspeed_saves.py, their resumed launches; DeepSpeed's per-file fallback below without a launch.)"""
+buffers; under DDP on 2 processes (one launch) both ranks decide the same. (FSDP2 and DeepSpeed under a fake small
+host on 2 processes: tests/test_async_sharded_saves.py and tests/test_async_deepspeed_saves.py, their resumed launches;
+DeepSpeed's per-file fallback below without a launch.)"""
 
 import logging
 from pathlib import Path
