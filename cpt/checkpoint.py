@@ -20,7 +20,8 @@ by killing the process at every file boundary: tests/test_crash_consistency.py).
 Non-blocking saves (``checkpoint.async_save``): the loop blocks only for the copy to host memory; the files are written
 in the background (one process, DDP: hashed as written; FSDP2: DCP's async_save, cpt/sharded_save.py; DeepSpeed: its own
 files, cpt/zero_save.py), committed once every rank's are on disk. The next save, the end and a preemption exit wait for
-it; its failure counts toward ``checkpoint.max_failed_saves``. FSDP1 and FULL_STATE_DICT save synchronously.
+it; its failure counts toward ``checkpoint.max_failed_saves``. FSDP1 and FULL_STATE_DICT save synchronously; so does a
+save whose host copy would not fit in host memory (cpt/host_memory.py; DeepSpeed: file by file).
 
 On resume the newest checkpoint whose files match CHECKSUMS.json is used; a truncated or corrupt
 one is skipped with one warning. Its optimizer state is loaded only for the trainable parameters and groups it was
@@ -39,7 +40,7 @@ import threading
 from pathlib import Path
 from typing import Mapping
 
-from cpt import adapter_shards, sharded_save, zero_save
+from cpt import adapter_shards, host_memory, sharded_save, zero_save
 from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, note_loaded_base
 from cpt.base_dtype import in_fp32
 from cpt.distributed import Backend, all_ranks_agree, backend
@@ -181,6 +182,8 @@ class CheckpointManager:
         self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
         self._job = None  # its writer (main process: _Commit; the other ranks: FSDP2's background shard writes, if any)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
+        self._fits = host_memory.Guard(accelerator).fits if self.async_save else None  # (FSDP2, DeepSpeed: their own guards)
+        self._background = self.async_save
         self.trainable = trainable_layout(accelerator)  # this run's, before any load replaces the optimizer's groups
         self.settings = group_settings(accelerator)  # (put back after each load: restore_group_settings)
 
@@ -200,6 +203,7 @@ class CheckpointManager:
                 tmp.mkdir()
             except OSError as e:
                 error = e
+        self._background = self.async_save  # (this save's: _stage may find no host memory for it)
         if all_ranks_agree(acc, error is None):
             fault_point(f"save:begin@{step}")
             try:
@@ -216,8 +220,8 @@ class CheckpointManager:
             return
         self._pending_step, self._job = step, job
         if job is not None:
-            job.start(background=self.async_save)
-        if not self.async_save:
+            job.start(background=self._background)
+        if not self._background:
             self.wait()
 
     def wait(self) -> None:
@@ -240,7 +244,8 @@ class CheckpointManager:
             items.append((STATE_TENSORS, "safetensors", host_copy(dict(tensors), {})))  # EMA, Reptile: a fresh copy
         digests, uploads = {}, None  # uploads: FSDP2's background shard writes, started once every rank has staged
         if self.cpt_writes:
-            own, rng_name, rng = host_snapshot(acc, self._staging if self.async_save else None)
+            own, rng_name, rng, staged = host_snapshot(acc, self._staging if self.async_save else None, self._fits)
+            self._background = staged  # (the same on every rank: host memory short on any node writes it now)
             if acc.is_main_process:
                 items += own + [(rng_name, "torch", rng)]
             else:  # a few KB: written now, so every rank's part is on disk before the main process commits
@@ -257,8 +262,10 @@ class CheckpointManager:
                     raise CheckpointError(f"a rank could not write its part: {failed[0]}")
                 digests = {k: v for d in gathered for k, v in d.items()}
         elif self.shards is not None:  # FSDP2, DeepSpeed, non-blocking: staged here, written once all ranks agree
-            fault_point(f"save_state:rank{acc.process_index}@{step}")
-            uploads = self.shards.stage(tmp, step, items)
+            uploads = self.shards.stage(tmp, step, items)  # (the fault point save_state:rank<r>@<step> in it)
+            if uploads is None:  # no room for the host copy on some node (every rank): this save written now
+                self._background = False
+                items += adapter_shards.save_state_or_stop(acc, tmp, step)
         else:  # FSDP / DeepSpeed shards, on every rank, through collectives inside the backend's save (LoRA: no base)
             items += adapter_shards.save_state_or_stop(acc, tmp, step)
         if not acc.is_main_process:

@@ -16,6 +16,7 @@ import torch
 from cpt.adapter_checkpoint import adapter_items, without_base
 from cpt.distributed import Backend, backend
 from cpt.fileio import HashingFile, fault_point
+from cpt.host_memory import tensor_bytes
 
 
 @contextlib.contextmanager
@@ -41,39 +42,59 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def host_snapshot(acc, staging: dict | None = None) -> tuple[list, str, dict]:
+def host_snapshot(acc, staging: dict | None = None, fits=None) -> tuple[list, str, dict, bool]:
     """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
     models (safetensors; a LoRA or model.freeze model's state without the frozen base: cpt/adapter_checkpoint.py)
-    and optimizers and the grad scaler (main process), this rank's RNG states.
+    and optimizers and the grad scaler (main process), this rank's RNG states; and whether it was staged.
     ``staging``: host buffers to copy into (kept between saves: pinned on CUDA, allocated once); None
-    (a synchronous save: nothing changes until it is written) copies only device tensors."""
+    (a synchronous save: nothing changes until it is written) copies only device tensors. ``fits(need)``: called on
+    every rank (collective) with the bytes the buffers would grow by; False: this save is not staged (synchronous)."""
     import random
 
     import numpy as np
-    from accelerate.utils import clean_state_dict_for_safetensors
 
-    items = []
-    if acc.is_main_process:
-        for i, model in enumerate(acc._models):
-            unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
-            if len(acc._models) == 1 and without_base(unwrapped):  # LoRA, model.freeze: not the frozen base
-                items += [(name, kind, host_copy(payload, staging, ("model", i)) if kind == "safetensors" else payload)
-                          for name, kind, payload in adapter_items(unwrapped)]
-                continue
-            with _no_tied_weights_warning():
-                state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
-            items.append((_numbered("model.safetensors", i), "safetensors", host_copy(dict(state), staging, ("model", i))))
-        for i, opt in enumerate(acc._optimizers):
-            items.append((_numbered("optimizer.bin", i), "torch", host_copy(opt.state_dict(), staging, ("optimizer", i))))
-        if acc.scaler is not None:
-            items.append(("scaler.pt", "torch", host_copy(acc.scaler.state_dict(), staging, ("scaler",))))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+    parts, error = [], None  # (name, kind, payload, staging key or None)
+    try:
+        parts = _parts(acc) if acc.is_main_process else []
+    except Exception as e:  # noqa: BLE001 - raised once every rank has been through fits' gather (collective)
+        error = e
+    if staging is not None and fits is not None:
+        need = sum(tensor_bytes(payload, lambda path, t: reusable(staging.get(path), t), key)
+                   for _, _, payload, key in parts if key is not None)
+        if not fits(need, error):  # (kept buffers too small for this save are let go: its write needs the room)
+            staging.clear()
+            staging = None
+    if error is not None:
+        raise error
+    items = [(name, kind, payload if key is None else host_copy(payload, staging, key)) for name, kind, payload, key in parts]
+    if acc.is_main_process and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
     rng = {"step": acc.step, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
            "torch_manual_seed": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
-    return items, f"random_states_{acc.process_index}.pkl", rng
+    return items, f"random_states_{acc.process_index}.pkl", rng, staging is not None
+
+
+def _parts(acc) -> list[tuple]:
+    """The main process's (file name, kind, state, staging key or None): references to the live state, no copies."""
+    from accelerate.utils import clean_state_dict_for_safetensors
+
+    parts = []
+    for i, model in enumerate(acc._models):
+        unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
+        if len(acc._models) == 1 and without_base(unwrapped):  # LoRA, model.freeze: not the frozen base
+            parts += [(name, kind, payload, ("model", i) if kind == "safetensors" else None)
+                      for name, kind, payload in adapter_items(unwrapped)]
+            continue
+        with _no_tied_weights_warning():
+            state = clean_state_dict_for_safetensors(acc.get_state_dict(model, unwrap=False))
+        parts.append((_numbered("model.safetensors", i), "safetensors", dict(state), ("model", i)))
+    for i, opt in enumerate(acc._optimizers):
+        parts.append((_numbered("optimizer.bin", i), "torch", opt.state_dict(), ("optimizer", i)))
+    if acc.scaler is not None:
+        parts.append(("scaler.pt", "torch", acc.scaler.state_dict(), ("scaler",)))
+    return parts
 
 
 def write_files(folder: Path, items: list, step: int) -> dict[str, str]:
@@ -143,9 +164,14 @@ def staged_copy(t: torch.Tensor, staging: dict, key) -> torch.Tensor:
     dtype changed; pinned, and the copy non-blocking, for a CUDA tensor)."""
     t = t.detach()
     buf = staging.get(key)
-    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+    if not reusable(buf, t):
         buf = staging[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
     return buf.copy_(t, non_blocking=t.is_cuda)
+
+
+def reusable(buf: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether a kept host buffer can take ``t`` (no new memory)."""
+    return buf is not None and buf.shape == t.shape and buf.dtype == t.dtype
 
 
 def _numbered(name: str, i: int) -> str:

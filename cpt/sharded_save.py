@@ -10,8 +10,10 @@ A save, on every rank:
 
 1. :meth:`AsyncShards.stage` (the loop waits for it): the sharded state dicts, copied into host buffers (torch's
    ``_create_cpu_state_dict``/``_copy_state_dict``, what its own stagers use; pinned on CUDA, kept between saves), and
-   the RNG-state files written. Nothing here is collective, so a rank that fails is agreed on by cpt/checkpoint.py
-   and the save skipped before any rank has started writing.
+   the RNG-state files written. First every rank, failed or not, joins one gather (cpt/host_memory.py): where a node has
+   no host memory for the buffers this save would add, every rank saves synchronously instead (accelerate's
+   ``save_state``). Nothing else here is collective, so a rank that fails is agreed on by cpt/checkpoint.py and the save
+   skipped before any rank has started writing.
 2. :meth:`Uploads.start`: ``dcp.async_save`` of the model and of the optimizer state, each in torch's writer thread
    and on its own gloo group (background collectives never share the training process group; a gloo group because
    DCP's plan and result exchange are CPU object collectives), with the copies of step 1 (no second staging).
@@ -45,6 +47,7 @@ import torch
 from cpt.adapter_shards import FSDP_MODEL, fsdp_model_state
 from cpt.distributed import Backend, backend
 from cpt.fileio import describe_io_error, fault_point
+from cpt.host_memory import Guard, tensor_bytes
 
 log = logging.getLogger("cpt.checkpoint")
 
@@ -83,24 +86,36 @@ class AsyncShards:
         self.acc = acc
         self.groups = {name: _gloo_group() for name in (FSDP_MODEL, OPTIMIZER)}  # one per DCP save: both run at once
         self.buffers: dict[str, tuple] = {}  # kind -> (structure, host state dict)
+        self.guard = Guard(acc)  # (a save whose new host buffers would not fit in host memory: synchronous)
 
-    def stage(self, folder: Path, step: int, items: list) -> Uploads:
+    def stage(self, folder: Path, step: int, items: list) -> Uploads | None:
         """The blocking part: the RNG files written, the shards copied to host memory; the main process's own files
-        (a LoRA model's ``adapter_base.json``) added to ``items``. Returns the uploads to start once every rank staged."""
+        (a LoRA model's ``adapter_base.json``) added to ``items``. Returns the uploads to start once every rank staged;
+        None (on every rank, nothing written) where a node has no host memory for the copy (cpt/host_memory.py)."""
         from accelerate.checkpointing import save_accelerator_state
         from accelerate.utils.fsdp_utils import _prepare_sd_options
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        acc = self.acc
+        acc, error, need = self.acc, None, 0
+        try:
+            fault_point(f"save_state:rank{acc.process_index}@{step}")
+            model_state, own = fsdp_model_state(acc)
+            optim_state = get_optimizer_state_dict(acc._models[0], acc._optimizers[0], options=_prepare_sd_options(acc.state.fsdp_plugin))
+            states = {FSDP_MODEL: {"model": model_state}, OPTIMIZER: {"optimizer": optim_state}}
+            need = sum(tensor_bytes(state) for kind, state in states.items()
+                       if kind not in self.buffers or self.buffers[kind][0] != _structure(state))
+        except Exception as e:  # noqa: BLE001 - raised once every rank has been through the guard's gather
+            error = e
+        if not self.guard.fits(need, error):  # (collective; raises if a rank failed) no room: the
+            # caller saves synchronously, and kept buffers too small for this save are let go (the save needs the room)
+            self.buffers.clear()
+            return None
         if not self.buffers and acc.is_main_process:  # (the first save)
             log.info("checkpoint.async_save: FSDP2 shards are written in the background "
                      "(torch.distributed.checkpoint.async_save); the loop waits only for their host copy")
-        model_state, own = fsdp_model_state(acc)
         items += own
-        optim_state = get_optimizer_state_dict(acc._models[0], acc._optimizers[0], options=_prepare_sd_options(acc.state.fsdp_plugin))
         save_accelerator_state(str(folder), [], [], acc._schedulers, acc._dataloaders, acc.process_index, acc.step, acc.scaler)
-        staged = {FSDP_MODEL: self._host_copy(FSDP_MODEL, {"model": model_state}),
-                  OPTIMIZER: self._host_copy(OPTIMIZER, {"optimizer": optim_state})}
+        staged = {kind: self._host_copy(kind, state) for kind, state in states.items()}
         return Uploads(self, folder, step, staged)
 
     def _host_copy(self, kind: str, state: dict) -> dict:

@@ -42,9 +42,10 @@ from pathlib import Path
 import torch
 
 from cpt import adapter_shards, sharded_save
-from cpt.checkpoint_files import staged_copy
+from cpt.checkpoint_files import reusable, staged_copy
 from cpt.distributed import Backend, backend
 from cpt.fileio import HashingFile, describe_io_error, fault_point, fsync_dir
+from cpt.host_memory import GiB, Guard, tensor_bytes
 
 log = logging.getLogger("cpt.checkpoint")
 
@@ -72,6 +73,7 @@ class AsyncZero:
         self.group = sharded_save._gloo_group()
         self.buffers: dict[tuple, torch.Tensor] = {}  # (file, key path) -> host tensor
         self.saves = 0
+        self.guard = Guard(acc)  # (a file whose new host buffers would not fit in host memory: written in the save)
 
     def stage(self, folder: Path, step: int, items: list) -> Writes:
         """The blocking part (collective: DeepSpeed's save): every file DeepSpeed writes copied into host buffers, the
@@ -81,7 +83,8 @@ class AsyncZero:
             log.info("checkpoint.async_save: DeepSpeed's checkpoint files are written in the background (cpt/zero_save.py); "
                      "the loop waits only for their host copy")
         self.saves += 1
-        staging = _Staging(folder, self.buffers)
+        fault_point(f"save_state:rank{acc.process_index}@{step}")
+        staging = _Staging(folder, self.buffers, step, self.guard)
         engine.checkpoint_engine, own = staging, engine.checkpoint_engine
         try:
             items += adapter_shards.save_state_or_stop(acc, folder, step)
@@ -91,29 +94,52 @@ class AsyncZero:
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         if staging.error is not None:  # (after DeepSpeed's collectives: every rank got through them; agreed on next)
             raise staging.error
-        return Writes(self, folder, step, staging.files)
+        return Writes(self, folder, step, staging.files, staging.written)
 
 
 class _Staging:
     """A DeepSpeed checkpoint engine that copies what it is given to save into host buffers and writes nothing (the
     interface of deepspeed.runtime.checkpoint_engine.CheckpointEngine). It never raises inside DeepSpeed's save, whose
-    collectives the other ranks are in: the first error is kept for :meth:`AsyncZero.stage` to raise after it."""
+    collectives the other ranks are in: the first error is kept for :meth:`AsyncZero.stage` to raise after it.
+
+    A state dict whose new host buffers would take this rank past its share of the node's host memory (cpt/host_memory.py:
+    an equal part per local rank) is written at once instead, from the live tensors, as DeepSpeed's own engine would:
+    each rank writes its own files, so no other rank need decide the same."""
 
     name = "cpt-staging"
 
-    def __init__(self, folder: Path, buffers: dict):
-        self.folder, self.buffers = folder, buffers
+    def __init__(self, folder: Path, buffers: dict, step: int, guard: Guard):
+        self.folder, self.buffers, self.step, self.guard = folder, buffers, step, guard
         self.files: list[tuple[str, object]] = []  # (path relative to folder, host copy of the state dict)
+        self.written: dict[str, str] = {}  # files written in the save (no host memory for their copy) -> digest
         self.error: BaseException | None = None
+        self.room = guard.rank_share()  # bytes this rank's new buffers may take in this save; None: unknown
 
     def save(self, state_dict, path: str) -> None:
         if self.error is not None:
             return
         try:
             rel = str(Path(path).relative_to(self.folder))
+            need = tensor_bytes(state_dict, lambda key, t: reusable(self.buffers.get(key), t), (rel,))
+            if self.room is not None and need > self.room:
+                self._write_now(rel, state_dict, need)
+                return
+            self.room = None if self.room is None else self.room - need
             self.files.append((rel, _host_copy(state_dict, self.buffers, rel)))
         except Exception as e:  # noqa: BLE001 - out of host memory, a path outside the folder: raised after the save
             self.error = e
+
+    def _write_now(self, rel: str, state_dict, need: int) -> None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.guard.say(True, f"rank {rank} ({socket.gethostname()}) needs {need / GiB:.2f} GB more host memory for "
+                             f"{rel} and its share of what is available is {self.room / GiB:.2f} GB ({self.guard.source}: "
+                             f"{self.guard.avail / GiB:.2f} GB, less a margin, over LOCAL_WORLD_SIZE ranks)")
+        fault_point(f"{rel}:rank{rank}@{self.step}")
+        with HashingFile(self.folder / rel, partial_fault=f"{rel}:partial@{self.step}") as f:
+            torch.save(_compact(state_dict), f)
+        self.written[rel] = f.digest
 
     def makedirs(self, path, exist_ok=False) -> None:
         try:
@@ -170,13 +196,34 @@ def _host_copy(state, buffers: dict, rel: str):
     return copy.deepcopy(state, memo)  # (the tensors come from memo: their host copies)
 
 
+def _compact(state):
+    """``state`` with each tensor that is a view of a larger storage (a flat ZeRO buffer) or on the GPU cloned to the
+    host, as DeepSpeed's ``clone_tensors_for_torch_save`` (torch.save writes a view's whole storage); others kept."""
+    memo: dict[int, object] = {}
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor) and id(obj) not in memo:
+            whole = obj.untyped_storage().nbytes() == obj.numel() * obj.element_size()
+            memo[id(obj)] = obj.detach() if obj.device.type == "cpu" and whole else obj.detach().to("cpu", copy=True)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(state)
+    return copy.deepcopy(state, memo)
+
+
 class Writes:
     """One save's background writes on this rank (the job of a rank other than the main process; the main process's
     commit waits for them first): ``start`` launches them, ``wait`` raises (on every rank) if any rank's failed,
     ``join`` returns that error or None. ``digests``: every rank's files and their digests, once written."""
 
-    def __init__(self, owner: AsyncZero, folder: Path, step: int, files: list):
+    def __init__(self, owner: AsyncZero, folder: Path, step: int, files: list, written: dict | None = None):
         self.owner, self.folder, self.step, self.files = owner, folder, step, files
+        self.written = written or {}  # (files written in the save: their digests)
         self.digests: dict[str, str] = {}
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
@@ -192,14 +239,14 @@ class Writes:
         import torch.distributed as dist
 
         rank = self.owner.acc.process_index
-        outcome: dict = {}
+        outcome: dict = dict(self.written)
         try:
             for rel, state in self.files:
                 fault_point(f"{rel}:rank{rank}@{self.step}")
                 with HashingFile(self.folder / rel, partial_fault=f"{rel}:partial@{self.step}") as f:
                     torch.save(state, f)
                 outcome[rel] = f.digest
-            for folder in {(self.folder / rel).parent for rel, _ in self.files}:
+            for folder in {(self.folder / rel).parent for rel in [*(rel for rel, _ in self.files), *self.written]}:
                 fsync_dir(folder)
         except BaseException as e:  # noqa: BLE001 - reported on every rank below
             outcome = {"error": f"rank {rank} ({socket.gethostname()}) failed to write its DeepSpeed files: "

@@ -10,7 +10,9 @@ checkpoints leave the frozen layer out (DeepSpeed's exclude_frozen_parameters, c
 * `kill -9` of the main process during a later save, after every rank's files are written and before the commit: the
   other rank stops at once with the one line of cpt/rank_failure.py (not after train.distributed_timeout_s), the
   previous checkpoint stays the newest valid one, and `--resume` continues from it exactly (the frozen layer from the base
-  the run builds); the checkpoint exports the trained part over that base.
+  the run builds); the checkpoint exports the trained part over that base. That resume runs on a host with no room for
+  the host copies (a fake /proc/meminfo, cpt/host_memory.py): every file is written in the save, said once per rank,
+  the checkpoints the same.
 
 And scripts/bench_checkpoint.py --deepspeed (ZeRO-2 with the optimizer offloaded to the CPU): both saves measured, the
 non-blocking save's files equal the synchronous one's. Four launches: about two minutes on 2 loaded cores.
@@ -128,8 +130,15 @@ def test_background_zero3_saves_fail_on_every_rank_survive_a_kill_and_match_sync
     digests = json.loads((ckpt / "CHECKSUMS.json").read_text())["files"]
     assert all(digests[OPTIM.format(r)]["digest"] for r in (0, 1)), digests  # hashed as written, every rank's
 
-    rc, log = launch(cfg, tmp_path / "run.yaml", "--resume")
+    # resumed on a host with 1 MB available (a fake /proc/meminfo): every file is written in the save (cpt/host_memory.py)
+    host = tmp_path / "host" / "proc"
+    host.mkdir(parents=True)
+    (host / "meminfo").write_text("MemAvailable:       1024 kB\n")
+    rc, log = launch(cfg, tmp_path / "run.yaml", "--resume", env={"CPT_HOST_MEMORY_ROOT": str(host.parent)})
     assert rc == 0 and f"step_{2 * EVERY:08d} at step {2 * EVERY} " in log, log[-5000:]
+    said = [line for line in log.splitlines() if "writing this save synchronously" in line]
+    assert said and all("more host memory for pytorch_model/" in line and "over LOCAL_WORLD_SIZE ranks" in line
+                        for line in said) and len(said) <= 2, log[-5000:]  # (once per rank)
     assert world_sizes(out) == {2} and losses(out) == losses(sync_run)  # every step, bitwise the synchronous run's
     assert [p.name for p in list_checkpoints(out)] == [p.name for p in list_checkpoints(sync_run)][1:]
     assert_same_checkpoint(list_checkpoints(out)[-1], list_checkpoints(sync_run)[-1], resumed=True)

@@ -8,7 +8,9 @@ processes under the shipped FSDP2 config (gloo, tests/fsdp_on_cpu.py):
   is reported naming the rank and counted toward `checkpoint.max_failed_saves`, and the run goes on;
 * `kill -9` of the job during a later background write, after every rank's shards are written and before the commit,
   leaves the previous checkpoint the newest valid one; `--resume` continues from it and logs the uninterrupted run's
-  losses bitwise (a rank that fails before its host copy, there, fails that save on every rank, no rank left waiting).
+  losses bitwise (a rank that fails before its host copy, there, fails that save on every rank, no rank left waiting);
+  with too little host memory for the host copy (a fake /proc/meminfo, cpt/host_memory.py) its last save is written
+  synchronously on every rank, said once, the same files and tensors as the synchronous run's.
 
 (LoRA under FSDP2 with non-blocking saves, its checkpoint without the base: tests/test_lora_sharded_checkpoints.py;
 preemption of a non-blocking FSDP2 run: tests/test_train_distributed.py.) Four launches of `cpt train` and one of
@@ -56,6 +58,10 @@ def runs(tiny_cpt_data, tiny_base, tmp_path_factory):
     return out
 
 
+def files(ckpt: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+
+
 def test_non_blocking_and_synchronous_saves_train_and_write_the_same(runs):
     import torch
 
@@ -69,7 +75,6 @@ def test_non_blocking_and_synchronous_saves_train_and_write_the_same(runs):
         f"step_{k:08d}" for k in range(EVERY, STEPS + 1, EVERY)]
     for ckpt_a, ckpt_s in zip(list_checkpoints(a), list_checkpoints(s)):
         assert verify_checkpoint(ckpt_a) is None and layout(ckpt_a) == layout(ckpt_s) == "fsdp"
-        files = lambda c: sorted(str(p.relative_to(c)) for p in c.rglob("*") if p.is_file())  # noqa: E731
         assert files(ckpt_a) == files(ckpt_s), (files(ckpt_a), files(ckpt_s))
         assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp", "pytorch_model_fsdp_0/.metadata",
                 "optimizer_0/__0_0.distcp", "optimizer_0/__1_0.distcp", "optimizer_0/.metadata", "random_states_0.pkl",
@@ -84,7 +89,10 @@ def test_non_blocking_and_synchronous_saves_train_and_write_the_same(runs):
 
 
 def test_a_failed_and_a_killed_background_write_keep_the_previous_checkpoint(runs, tiny_cpt_data, tiny_base, tmp_path):
+    import torch
+
     from cpt.checkpoint import list_checkpoints, verify_checkpoint
+    from cpt.consolidate import read_model_state, read_optimizer_state
 
     out = tmp_path / "run"
     cfg = make_cfg(tiny_cpt_data, tiny_base, out)
@@ -107,12 +115,26 @@ def test_a_failed_and_a_killed_background_write_keep_the_previous_checkpoint(run
     assert not (pending / "CHECKSUMS.json").exists()
     assert set(range(1, 3 * EVERY + 1)) <= set(losses(out))  # (training went on during the write)
 
-    # resumed; rank 1 fails before its host copy at step 6 (agreed on before any rank writes: no rank left waiting)
-    rc, log = launch(cfg, tmp_path / "run.yaml", "--resume", env={"CPT_FAULT_INJECT": f"enospc:save_state:rank1@{3 * EVERY}"})
+    # resumed; rank 1 fails before its host copy at step 6 (agreed on before any rank writes: no rank left waiting); the
+    # host (a fake /proc/meminfo: 1 MB available) has no room for the host copy: step 8 is saved synchronously
+    host = tmp_path / "host" / "proc"
+    host.mkdir(parents=True)
+    (host / "meminfo").write_text("MemAvailable:       1024 kB\n")
+    rc, log = launch(cfg, tmp_path / "run.yaml", "--resume", env={"CPT_FAULT_INJECT": f"enospc:save_state:rank1@{3 * EVERY}",
+                                                                  "CPT_HOST_MEMORY_ROOT": str(host.parent)})
     assert rc == 0 and f"step_{2 * EVERY:08d} at step {2 * EVERY} " in log, log[-5000:]
     assert f"checkpoint at step {3 * EVERY} FAILED" in log, log[-5000:]
     assert losses(out) == losses(runs["async"])  # every step once, bitwise the uninterrupted run's
     assert [p.name for p in list_checkpoints(out)] == [f"step_{2 * EVERY:08d}", f"step_{STEPS:08d}"]
+    said = [line for line in log.splitlines() if "writing this save synchronously" in line]
+    assert len(said) == 1 and "more host memory on" in said[0] and "(MemAvailable (/proc/meminfo))" in said[0], log[-5000:]
+    assert "written in the background" not in log, log[-5000:]
+    last, sync_last = list_checkpoints(out)[-1], list_checkpoints(runs["sync"])[-1]
+    assert verify_checkpoint(last) is None and files(last) == files(sync_last)
+    wa, ws = read_model_state(last), read_model_state(sync_last)
+    assert wa.keys() == ws.keys() and all(torch.equal(wa[k], ws[k]) for k in ws)
+    oa, os_ = read_optimizer_state(last), read_optimizer_state(sync_last)
+    assert oa.keys() == os_.keys() and all(torch.equal(oa[k][m], os_[k][m]) for k in os_ for m in os_[k])
     assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
 
 
