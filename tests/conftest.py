@@ -184,3 +184,21 @@ def tiny_experiment_spec(corpora: list[dict], *, sequence: bool = True, **fields
         spec.update(name="tiny_pair", corpus_a=corpora[0], corpus_b=corpora[1], cpt_tokens=1280)
     spec.update(fields)
     return spec
+
+
+@pytest.fixture
+def trained():
+    """(Accelerator, model, optimizer): a tiny Llama (tied embeddings) and an AdamW that has taken one step, prepared
+    on CPU (tests of checkpoint writing and loading)."""
+    import torch
+    from accelerate import Accelerator
+
+    model = tiny_llama(64, hidden=16, intermediate=32, layers=1, heads=2, tied=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    acc = Accelerator(cpu=True)
+    model, opt = acc.prepare(model, opt)
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return acc, model, opt

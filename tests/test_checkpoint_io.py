@@ -23,24 +23,6 @@ from cpt.metrics import MetricsError, MetricsLogger, read_metrics
 # ------------------------------------------------------------------ the writer (one process, a tiny model)
 
 
-@pytest.fixture
-def trained(tmp_path):
-    """An Accelerator with a tiny Llama (tied embeddings) and an AdamW that has taken one step."""
-    from accelerate import Accelerator
-
-    from conftest import tiny_llama
-
-    model = tiny_llama(64, hidden=16, intermediate=32, layers=1, heads=2, tied=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    acc = Accelerator(cpu=True)
-    model, opt = acc.prepare(model, opt)
-    ids = torch.randint(0, 64, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return acc, model, opt
-
-
 def read_state(folder: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -85,23 +85,6 @@ def test_the_decision_sums_the_ranks_of_each_node_and_is_the_same_on_every_rank(
     assert "checkpoint.async_save: false" in lines[0] and "writing this save synchronously" in lines[0]
 
 
-@pytest.fixture
-def trained():
-    from accelerate import Accelerator
-
-    from conftest import tiny_llama
-
-    model = tiny_llama(64, hidden=16, intermediate=32, layers=1, heads=2, tied=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    acc = Accelerator(cpu=True)
-    model, opt = acc.prepare(model, opt)
-    ids = torch.randint(0, 64, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return acc, model, opt
-
-
 def test_a_save_without_host_memory_for_its_buffers_is_synchronous_and_the_same(trained, tmp_path, monkeypatch, caplog):
     from test_checkpoint_io import assert_same, read_state
 
