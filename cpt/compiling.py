@@ -27,8 +27,8 @@ forward runs (:func:`plain_causal`, set by cpt/lm_loss.py) and otherwise is tran
 lm-eval batches, generation, sliding windows). The mask is kept wherever a model asks for more than the causal
 mask: a model whose modules call the mask functions with ``allow_is_causal_skip=False`` (they add to the mask: Doge's
 dynamic mask, Falcon's ALiBi, Mistral Large 4's indexer) or with an ``or_mask_function``/``and_mask_function`` is
-left on stock sdpa (:func:`asks_for_a_mask`), and bidirectional masks are never dropped. Regional compile does not need this: the mask is built eagerly,
-outside the compiled layers, where transformers makes the same decision itself.
+left on stock sdpa (:func:`asks_for_a_mask`), and bidirectional masks are never dropped. Regional compile does not
+need this: the mask is built eagerly, outside the compiled layers, where transformers makes the same decision itself.
 """
 
 from __future__ import annotations

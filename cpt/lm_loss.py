@@ -50,16 +50,22 @@ def _forward_losses(model, input_ids, eos_id):
     (DDP, FSDP, DeepSpeed, compile) so that their hooks run."""
     head = chunked_loss.installed(model)
     if head is None:
-        with plain_causal(eos_id is None):  # (no document masking: SDPA's causal kernel also under whole compile)
-            out = model(**model_inputs(input_ids, eos_id))
+        out = _call(model, input_ids, eos_id)
         return next_token_losses(out.logits if hasattr(out, "logits") else out[0], input_ids), None
-    with chunked_loss.head_targets(head, input_ids), plain_causal(eos_id is None):
-        out = model(**model_inputs(input_ids, eos_id))
+    with chunked_loss.head_targets(head, input_ids):
+        out = _call(model, input_ids, eos_id)
     loss = out.logits if hasattr(out, "logits") else out[0]
     if head.per_token is None or loss.dim() != 0:
         raise RuntimeError("chunked loss: the model did not return its lm_head's loss as its logits "
                            f"(got shape {tuple(loss.shape)}); set train.chunked_loss: false for this model")
     return head.per_token, loss
+
+
+def _call(model, input_ids, eos_id):
+    """The model's forward over packed rows; without document masking the rows need the causal mask alone, which
+    :func:`cpt.compiling.plain_causal` says (SDPA's causal kernel under whole-model compile too)."""
+    with plain_causal(eos_id is None):
+        return model(**model_inputs(input_ids, eos_id))
 
 
 def use_chunked_loss(model, mode: bool | str, chunk_tokens: int, accelerator=None, log_fn=print) -> bool:
