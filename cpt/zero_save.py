@@ -136,10 +136,7 @@ class _Staging:
         self.guard.say(True, f"rank {rank} ({socket.gethostname()}) needs {need / GiB:.2f} GB more host memory for "
                              f"{rel} and its share of what is available is {self.room / GiB:.2f} GB ({self.guard.source}: "
                              f"{self.guard.avail / GiB:.2f} GB, less a margin, over LOCAL_WORLD_SIZE ranks)")
-        fault_point(f"{rel}:rank{rank}@{self.step}")
-        with HashingFile(self.folder / rel, partial_fault=f"{rel}:partial@{self.step}") as f:
-            torch.save(_compact(state_dict), f)
-        self.written[rel] = f.digest
+        self.written[rel] = _write(self.folder, rel, _compact(state_dict), self.step, rank)
 
     def makedirs(self, path, exist_ok=False) -> None:
         try:
@@ -179,12 +176,28 @@ def _host_copy(state, buffers: dict, rel: str):
     """``state`` with every tensor reached through dicts, lists and tuples copied into ``buffers`` (keyed by file and key
     path; made on first use, again if the shape or dtype changed) and everything else deep-copied (a loss scaler's
     state changes after the save too). Tensors saved under several keys (a tied head) stay one tensor."""
+    return _with_tensors(state, lambda t, path: staged_copy(t, buffers, path), (rel,))
+
+
+def _compact(state):
+    """``state`` with each tensor that is a view of a larger storage (a flat ZeRO buffer) or on the GPU cloned to the
+    host, as DeepSpeed's ``clone_tensors_for_torch_save`` (torch.save writes a view's whole storage); others kept."""
+    def compact(t, _path):
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        return t.detach() if t.device.type == "cpu" and whole else t.detach().to("cpu", copy=True)
+
+    return _with_tensors(state, compact, ())
+
+
+def _with_tensors(state, replace, path: tuple):
+    """A deep copy of ``state`` in which each tensor reached through dicts, lists and tuples is ``replace(tensor, key
+    path)``, once per tensor (one tensor under several keys stays one)."""
     memo: dict[int, object] = {}
 
     def walk(obj, path):
         if isinstance(obj, torch.Tensor):
             if id(obj) not in memo:
-                memo[id(obj)] = staged_copy(obj, buffers, path)
+                memo[id(obj)] = replace(obj, path)
         elif isinstance(obj, dict):
             for k, v in obj.items():
                 walk(v, (*path, k))
@@ -192,28 +205,16 @@ def _host_copy(state, buffers: dict, rel: str):
             for i, v in enumerate(obj):
                 walk(v, (*path, i))
 
-    walk(state, (rel,))
-    return copy.deepcopy(state, memo)  # (the tensors come from memo: their host copies)
+    walk(state, path)
+    return copy.deepcopy(state, memo)  # (the tensors come from memo)
 
 
-def _compact(state):
-    """``state`` with each tensor that is a view of a larger storage (a flat ZeRO buffer) or on the GPU cloned to the
-    host, as DeepSpeed's ``clone_tensors_for_torch_save`` (torch.save writes a view's whole storage); others kept."""
-    memo: dict[int, object] = {}
-
-    def walk(obj):
-        if isinstance(obj, torch.Tensor) and id(obj) not in memo:
-            whole = obj.untyped_storage().nbytes() == obj.numel() * obj.element_size()
-            memo[id(obj)] = obj.detach() if obj.device.type == "cpu" and whole else obj.detach().to("cpu", copy=True)
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v)
-
-    walk(state)
-    return copy.deepcopy(state, memo)
+def _write(folder: Path, rel: str, state, step: int, rank: int) -> str:
+    """``torch.save`` of ``state`` into ``folder/rel``, hashed and fsynced as written; its digest."""
+    fault_point(f"{rel}:rank{rank}@{step}")
+    with HashingFile(folder / rel, partial_fault=f"{rel}:partial@{step}") as f:
+        torch.save(state, f)
+    return f.digest
 
 
 class Writes:
@@ -242,10 +243,7 @@ class Writes:
         outcome: dict = dict(self.written)
         try:
             for rel, state in self.files:
-                fault_point(f"{rel}:rank{rank}@{self.step}")
-                with HashingFile(self.folder / rel, partial_fault=f"{rel}:partial@{self.step}") as f:
-                    torch.save(state, f)
-                outcome[rel] = f.digest
+                outcome[rel] = _write(self.folder, rel, state, self.step, rank)
             for folder in {(self.folder / rel).parent for rel in [*(rel for rel, _ in self.files), *self.written]}:
                 fsync_dir(folder)
         except BaseException as e:  # noqa: BLE001 - reported on every rank below
