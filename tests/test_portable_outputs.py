@@ -297,3 +297,48 @@ def test_eval_and_interpolate_accept_a_checkpoint_directory(lora_run, tiny_cpt_d
                  "--json", str(tmp_path / "interp.json")]) == 0
     rows = json.loads((tmp_path / "interp.json").read_text())["rows"]
     assert len(rows) == 2
+
+
+def test_cpt_eval_of_a_run_reads_its_relative_heldout_paths_from_where_it_was_started(lora_run, tiny_cpt_data,
+                                                                                     tmp_path, monkeypatch):
+    """`cpt eval RUN` with no flags scores the run's own held-out sets; a config that named them relative to the
+    directory it was started in (``data/...`` beside ``output_dir: runs/r``) is read from there, not from the current
+    directory (formerly: the shard directory not found, or another directory's set of the same name scored)."""
+    import yaml
+
+    from cpt.commands.eval import run_relative
+    from cpt.metrics import read_metrics
+
+    root, _ = lora_run
+    launch = tmp_path / "job"
+    run = launch / "runs" / "r"
+    shutil.copytree(root / "run", run)
+    (launch / "data").symlink_to(tiny_cpt_data / "data")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["run"]["output_dir"] = "runs/r"
+    for h in cfg["data"]["heldout"]:
+        h["path"] = f"data/{h['name']}/heldout"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main_eval(["eval", str(run), "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    last = [r for r in read_metrics(run / "metrics.jsonl") if "eval/python/loss" in r][-1]
+    assert set(result["heldout"]) == {h["name"] for h in cfg["data"]["heldout"]}
+    for h in cfg["data"]["heldout"]:
+        assert result["heldout"][h["name"]]["path"] == str(launch / h["path"])
+        assert result["heldout"][h["name"]]["loss"] == pytest.approx(last[f"eval/{h['name']}/loss"], abs=1e-5)
+    # not changed: absolute and remote paths, a run directory that does not end with its output_dir (moved, or an
+    # absolute output_dir), a path that does not exist where the run was started
+    assert run_relative("/abs/h", run, "runs/r") == "/abs/h"
+    assert run_relative("s3://b/h", run, "runs/r") == "s3://b/h"
+    assert run_relative("data/python/heldout", run, "other/r") == "data/python/heldout"
+    assert run_relative("data/python/heldout", run, str(run)) == "data/python/heldout"
+    assert run_relative("data/none", run, "runs/r") == "data/none"
+    assert run_relative("data/python/heldout", run, "./runs/r") == str(launch / "data/python/heldout")
+
+
+def main_eval(argv):
+    from cpt.cli import main
+
+    return main(argv)
