@@ -240,8 +240,8 @@ class CheckpointManager:
         items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
         if self.trainable is not None:
             items.append((TRAINABLE, "text", json.dumps(self.trainable)))
-        if tensors:
-            items.append((STATE_TENSORS, "safetensors", host_copy(dict(tensors), {})))  # EMA, Reptile: a fresh copy
+        if tensors and acc.is_main_process:  # EMA, Reptile: a fresh copy, by the process that writes it (replicated)
+            items.append((STATE_TENSORS, "safetensors", host_copy(dict(tensors), {})))
         digests, uploads = {}, None  # uploads: FSDP2's background shard writes, started once every rank has staged
         if self.cpt_writes:
             own, rng_name, rng, staged = host_snapshot(acc, self._staging if self.async_save else None, self._fits)

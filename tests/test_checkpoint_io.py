@@ -126,6 +126,26 @@ def test_checkpoint_saves_and_restores_the_state_registry(trained, tmp_path):
         ckpts.load(ckpt, {"train": TrainState(), "reptile": ema2})
 
 
+def test_only_the_main_process_copies_the_registered_tensors(trained, tmp_path, monkeypatch):
+    """The registered components' tensors (an EMA, Reptile's anchor: replicated on every rank with one device, DDP or
+    ZeRO-1/2) are copied to host memory by the main process, which writes them, alone (formerly every rank made the copy,
+    4 bytes per parameter for an EMA, and dropped it)."""
+    import cpt.checkpoint as checkpoint
+    from cpt.averaging import EMA
+
+    acc, model, opt = trained
+    ema = EMA(acc.unwrap_model(model), 0.9)
+    copied, real = [], checkpoint.host_copy
+    monkeypatch.setattr(checkpoint, "host_copy", lambda obj, *a, **k: copied.append(sorted(obj)) or real(obj, *a, **k))
+    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc)
+    ckpts.save(5, {"train": TrainState(step=5, tokens=640), "ema": ema}, "")
+    assert copied and all(k.startswith("ema.") for k in copied[0])
+    copied.clear()
+    monkeypatch.setattr(type(acc), "is_main_process", property(lambda self: False))  # this process as rank 1
+    ckpts.save(6, {"train": TrainState(step=6, tokens=768), "ema": ema}, "")
+    assert copied == []
+
+
 def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monkeypatch):
     """save() returns while the files are still being written; training on does not leak into them."""
     import cpt.checkpoint as checkpoint
