@@ -46,3 +46,9 @@ def checkpoint_layers(model, every: int) -> None:
                           f"activation_checkpointing_enable(every_n_layers) (this is {transformers.__version__}); use 1")
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers (5) also hooks the input embeddings so that their output requires grad: the reentrant checkpoint
+    # needs that where the embedding is frozen (LoRA, model.freeze), the non-reentrant one does not (the same gradients,
+    # bitwise), and the hook's requires_grad_() on a frozen embedding's output breaks a compiled model's graph
+    # (model.compile: true; 6 graph breaks in a 2-layer Llama with LoRA).
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+        model.disable_input_require_grads()

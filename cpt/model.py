@@ -325,8 +325,6 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
         apply_liger(model, log_fn)
     if cfg.gradient_checkpointing:
         checkpoint_layers(model, cfg.gradient_checkpointing_every)
-        if cfg.lora is not None:
-            model.enable_input_require_grads()
     log_fn(describe_trainable(model))
     return model, tokenizer, new_ids
 

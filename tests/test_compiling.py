@@ -84,6 +84,49 @@ def test_regional_equals_eager_and_traces_one_layer_for_all(variant, graphs):
     assert list(model.state_dict()) == keys
 
 
+@pytest.mark.parametrize("frozen", ["lora", "freeze_embedding"])
+def test_checkpointed_layers_under_a_frozen_embedding_compile_without_graph_breaks(frozen):
+    """model.gradient_checkpointing with a frozen input embedding (LoRA; model.freeze) under model.compile: true: one
+    graph (transformers' hook that makes the embedding's output require grad, which the non-reentrant checkpoint does
+    not need, broke it 6 times), and the gradients of the eager model without checkpointing."""
+    from torch._dynamo.utils import counters
+
+    from cpt.layer_options import checkpoint_layers
+    from cpt.lm_loss import causal_lm_loss
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def build(checkpointed: bool):
+        torch.manual_seed(0)
+        model = tiny_llama(layers=2)
+        if frozen == "lora":
+            model = _lora(model)
+            with torch.no_grad():  # (B starts at zero: make the adapter's gradients depend on the layers)
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1)
+        else:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        if checkpointed:
+            checkpoint_layers(model, 1)
+        return model
+
+    def grads(model, run):
+        loss, _ = causal_lm_loss(run, ids, None)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = build(False)
+    want_loss, want = grads(reference, reference)
+    torch._dynamo.reset()
+    counters.clear()
+    model = build(True)
+    loss, got = grads(model, compile_model(model, True, backend="aot_eager"))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.allclose(loss, want_loss, atol=1e-6) and got.keys() == want.keys() and len(got) > 2
+    assert all(torch.allclose(g, want[n], atol=1e-6) for n, g in got.items())
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_an_export_of_a_whole_compiled_model_has_the_plain_keys(tmp_path, lora):
     """export_hf (the run's export/, periodic and EMA exports) of a model.compile: true run wrote the wrapper's keys
