@@ -450,3 +450,16 @@ def test_fsdp_resume_with_other_trainable_parameters_is_refused(tiny_cpt_data, b
     assert errors and "its optimizer state is for other trainable parameters" in errors[0], log[-5000:]
     assert "model.layers.0." in errors[0] and not re.search(r"\[rank\d\]: Traceback", log), log[-5000:]
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
+
+
+def test_zero3_lora_with_activation_checkpointing_matches_single_process(tiny_cpt_data, base, single, tmp_path):
+    """LoRA with model.gradient_checkpointing under ZeRO-3 (its parameters gathered again for the recompute; the frozen
+    embedding's output needs no gradient under the non-reentrant checkpoint): the 1-process losses without it."""
+    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0)
+    cfg["model"]["gradient_checkpointing"] = True
+    rc, log = launch("zero3", write(cfg, tmp_path / "c.yaml"))
+    assert rc == 0, log[-5000:]
+    out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0)
+    assert world_sizes(out) == {2}
+    assert_close(losses(out), losses(ref))
+    assert_close(evals(out), evals(ref))
