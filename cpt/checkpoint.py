@@ -240,8 +240,10 @@ class CheckpointManager:
         items = [(TRAINER_STATE, "text", state_json), ("config.yaml", "text", config_yaml)]
         if self.trainable is not None:
             items.append((TRAINABLE, "text", json.dumps(self.trainable)))
-        if tensors and acc.is_main_process:  # EMA, Reptile: a fresh copy, by the process that writes it (replicated)
-            items.append((STATE_TENSORS, "safetensors", host_copy(dict(tensors), {})))
+        # EMA, Reptile (replicated; main process): a fresh host copy for a background write (counted by the host-memory
+        # guards: DeepSpeed's reads the memory after it), the live tensors for a synchronous one
+        tensors = dict(tensors) if acc.is_main_process else {}
+        ema = [(STATE_TENSORS, "safetensors", host_copy(tensors, {}) if self.async_save else tensors)] if tensors else []
         digests, uploads = {}, None  # uploads: FSDP2's background shard writes, started once every rank has staged
         if self.cpt_writes:
             own, rng_name, rng, staged = host_snapshot(acc, self._staging if self.async_save else None, self._fits)
@@ -270,7 +272,7 @@ class CheckpointManager:
             items += adapter_shards.save_state_or_stop(acc, tmp, step)
         if not acc.is_main_process:
             return uploads
-        return _Commit(self, step, tmp, items, digests, uploads)
+        return _Commit(self, step, tmp, items + ema, digests, uploads)
 
     def _record(self, step: int, error: BaseException | None) -> None:
         if error is None:

@@ -43,12 +43,13 @@ class _DropMessage(logging.Filter):
 
 
 def host_snapshot(acc, staging: dict | None = None, fits=None) -> tuple[list, str, dict, bool]:
-    """A host-memory copy of what ``accelerator.save_state`` writes, under the same file names: the
-    models (safetensors; a LoRA or model.freeze model's state without the frozen base: cpt/adapter_checkpoint.py)
-    and optimizers and the grad scaler (main process), this rank's RNG states; and whether it was staged.
-    ``staging``: host buffers to copy into (kept between saves: pinned on CUDA, allocated once); None
-    (a synchronous save: nothing changes until it is written) copies only device tensors. ``fits(need)``: called on
-    every rank (collective) with the bytes the buffers would grow by; False: this save is not staged (synchronous)."""
+    """What ``accelerator.save_state`` writes, under the same file names: the models (safetensors; a LoRA or
+    model.freeze model's state without the frozen base: cpt/adapter_checkpoint.py) and optimizers and the grad scaler
+    (main process), this rank's RNG states; and whether it was staged.
+    ``staging``: host buffers to copy the state into (kept between saves: pinned on CUDA, allocated once); None
+    (a synchronous save: nothing changes until it is written) copies nothing: :func:`write_files` takes the live
+    tensors to host memory a tensor (safetensors) or a file (torch.save) at a time. ``fits(need)``: called on every
+    rank (collective) with the bytes the buffers would grow by; False: this save is not staged (synchronous)."""
     import random
 
     import numpy as np
@@ -66,8 +67,9 @@ def host_snapshot(acc, staging: dict | None = None, fits=None) -> tuple[list, st
             staging = None
     if error is not None:
         raise error
-    items = [(name, kind, payload if key is None else host_copy(payload, staging, key)) for name, kind, payload, key in parts]
-    if acc.is_main_process and torch.cuda.is_available():
+    items = [(name, kind, payload if key is None or staging is None else host_copy(payload, staging, key))
+             for name, kind, payload, key in parts]
+    if staging is not None and acc.is_main_process and torch.cuda.is_available():
         torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
     rng = {"step": acc.step, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
            "torch_manual_seed": torch.get_rng_state()}
@@ -99,14 +101,16 @@ def _parts(acc) -> list[tuple]:
 
 def write_files(folder: Path, items: list, step: int) -> dict[str, str]:
     """Write (name, kind, payload) items, each hashed while written and fsynced; returns their digests.
-    kind: "safetensors" (a dict of tensors), "torch" (torch.save) or "text"."""
+    kind: "safetensors" (a dict of tensors), "torch" (torch.save) or "text". Device tensors (a synchronous save's
+    live state) reach host memory a tensor (safetensors) or an item (torch.save) at a time: the write's host memory
+    peaks at the largest item, not the whole state."""
     digests = {}
     for name, kind, payload in items:
         with HashingFile(folder / name, partial_fault=f"{name}:partial@{step}") as f:
             if kind == "safetensors":
                 write_safetensors(f, payload)
             elif kind == "torch":
-                torch.save(payload, f)
+                torch.save(host_copy(payload), f)  # (as CPU tensors, whatever device they train on)
             else:
                 f.write_all(payload.encode())
         digests[name] = f.digest
@@ -139,7 +143,7 @@ def write_safetensors(f: HashingFile, tensors: dict[str, torch.Tensor], chunk: i
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
     f.write(struct.pack("<Q", len(blob)) + blob)
     for name in names:
-        data = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         for i in range(0, len(data), chunk):
             f.write(data[i : i + chunk])
 

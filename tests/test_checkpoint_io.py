@@ -126,10 +126,13 @@ def test_checkpoint_saves_and_restores_the_state_registry(trained, tmp_path):
         ckpts.load(ckpt, {"train": TrainState(), "reptile": ema2})
 
 
-def test_only_the_main_process_copies_the_registered_tensors(trained, tmp_path, monkeypatch):
+def test_registered_tensors_are_copied_by_the_main_process_for_a_background_write_only(trained, tmp_path, monkeypatch):
     """The registered components' tensors (an EMA, Reptile's anchor: replicated on every rank with one device, DDP or
-    ZeRO-1/2) are copied to host memory by the main process, which writes them, alone (formerly every rank made the copy,
-    4 bytes per parameter for an EMA, and dropped it)."""
+    ZeRO-1/2) get a fresh host copy on the main process, which writes them, for a non-blocking save only; a synchronous
+    save writes them from the live tensors, and the other ranks never copy them (formerly every rank made the copy,
+    4 bytes per parameter for an EMA, and dropped it; a synchronous save made it too). The files are the same."""
+    from safetensors.torch import load_file
+
     import cpt.checkpoint as checkpoint
     from cpt.averaging import EMA
 
@@ -137,13 +140,59 @@ def test_only_the_main_process_copies_the_registered_tensors(trained, tmp_path, 
     ema = EMA(acc.unwrap_model(model), 0.9)
     copied, real = [], checkpoint.host_copy
     monkeypatch.setattr(checkpoint, "host_copy", lambda obj, *a, **k: copied.append(sorted(obj)) or real(obj, *a, **k))
-    ckpts = CheckpointManager(tmp_path / "run", keep=2, accelerator=acc)
-    ckpts.save(5, {"train": TrainState(step=5, tokens=640), "ema": ema}, "")
-    assert copied and all(k.startswith("ema.") for k in copied[0])
+    written = {}
+    for async_save in (True, False):
+        copied.clear()
+        ckpts = CheckpointManager(tmp_path / f"run{async_save}", keep=2, accelerator=acc, async_save=async_save)
+        ckpts.save(5, {"train": TrainState(step=5, tokens=640), "ema": ema}, "")
+        ckpts.wait()
+        assert copied == ([sorted(f"ema.{k}" for k in ema.state_dict())] if async_save else [])
+        written[async_save] = load_file(list_checkpoints(tmp_path / f"run{async_save}")[0] / "state.safetensors")
+    assert written[True].keys() == written[False].keys()
+    assert all(torch.equal(written[True][k], written[False][k]) for k in written[True])
     copied.clear()
     monkeypatch.setattr(type(acc), "is_main_process", property(lambda self: False))  # this process as rank 1
     ckpts.save(6, {"train": TrainState(step=6, tokens=768), "ema": ema}, "")
+    CheckpointManager(tmp_path / "run3", keep=2, accelerator=acc, async_save=True).save(
+        6, {"train": TrainState(step=6, tokens=768), "ema": ema}, "")
     assert copied == []
+
+
+def test_a_synchronous_save_takes_the_state_to_host_memory_a_file_at_a_time(trained, tmp_path, monkeypatch):
+    """A synchronous save (checkpoint.async_save: false, or no host memory for the staging buffers) holds one file's
+    host copy at a time, not the whole state's: nothing is copied before the writes start, each torch.save file's
+    tensors are copied just before it is written, safetensors files a tensor at a time while written (formerly the
+    model and optimizer state were both copied to host memory first: 12-16 bytes per parameter at once on a GPU)."""
+    import cpt.checkpoint_files as files
+
+    acc, model, opt = trained
+    events, depth, real_copy, real_file = [], [0], files.host_copy, files.HashingFile
+
+    def copy(obj, *a, **k):
+        if depth[0] == 0 and isinstance(obj, dict):
+            events.append(("copy", sorted(obj)[:2]))
+        depth[0] += 1
+        try:
+            return real_copy(obj, *a, **k)
+        finally:
+            depth[0] -= 1
+
+    class File(real_file):
+        def __init__(self, path, *a, **k):
+            events.append(("write", path.name))
+            super().__init__(path, *a, **k)
+
+    monkeypatch.setattr(files, "host_copy", copy)
+    monkeypatch.setattr(files, "HashingFile", File)
+    CheckpointManager(tmp_path / "run", keep=2, accelerator=acc).save(3, {"train": TrainState(step=3, tokens=1)}, "")
+    names = [e[1] for e in events if e[0] == "write"]
+    assert "model.safetensors" in names and "optimizer.bin" in names
+    assert events[0][0] == "write"  # nothing copied before the first write
+    assert all(events[i - 1][0] == "write" for i, (kind, _) in enumerate(events) if kind == "copy"), events  # into it
+    i = events.index(("write", "optimizer.bin"))
+    assert events[i + 1] == ("copy", ["param_groups", "state"]), events
+    ckpt = list_checkpoints(tmp_path / "run")[0]
+    assert verify_checkpoint(ckpt) is None
 
 
 def test_non_blocking_save_writes_the_state_of_its_step(trained, tmp_path, monkeypatch):
