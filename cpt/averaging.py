@@ -275,7 +275,7 @@ def _average(paths: list, sources: list[Path], out_dir, w: list[float], max_shar
                 diff = sorted(set(r.where) ^ set(keys))
                 raise ValueError(f"{p} has different tensors than {paths[0]}: {diff[:5]}")
         # written like every export: a hidden folder renamed into place (an earlier export there replaced whole)
-        from cpt.model import check_export_target, publish_dir, staging_dir
+        from cpt.export import check_export_target, publish_dir, staging_dir
 
         out = check_export_target(out_dir, paths, "one of the checkpoints being averaged (OUT comes first)")
         tmp = staging_dir(out)
@@ -425,7 +425,7 @@ def interpolate(base, cpt, alpha: float, out_dir: str | Path | None = None):
     sd = interpolate_state_dicts(base_model.state_dict(), cpt_model.state_dict(), alpha)
     cpt_model.load_state_dict(sd)
     if out_dir is not None:
-        from cpt.model import write_hf
+        from cpt.export import write_hf
 
         write_hf(cpt_model, cpt_tok, out_dir)
     return cpt_model

@@ -408,7 +408,8 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run (None: the
     adapter of a LoRA run, the full model of any other). ``dtype``, ``max_shard_size``: the weight files (None: the
     run's ``checkpoint.export_dtype`` and ``checkpoint.max_shard_size``)."""
-    from cpt.model import build_model, check_export_target, export_options, load_tokenizer, prepare_model, write_hf
+    from cpt.export import check_export_target, export_options, write_hf
+    from cpt.model import build_model, load_tokenizer, prepare_model
 
     out_dir = check_export_target(out_dir)
     replacing = out_dir.is_dir() and any(out_dir.iterdir())

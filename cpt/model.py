@@ -1,11 +1,12 @@
-"""Build or load the model and tokenizer, then apply the CPT options (vocab extension, freezing, LoRA, kernels)."""
+"""Build or load the model and tokenizer, then apply the CPT options (vocab extension, freezing, LoRA, kernels);
+the extended tokenizer of a run; load a LoRA adapter over its base, or merge it into one. Writing a model as an HF
+export is cpt/export.py's."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from cpt.config import ModelConfig, RunConfig, load_config
 from cpt.data.shards import vocab_size
-from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
-from cpt.export_format import (DEFAULT_MAX_SHARD_SIZE, cast_state, export_dtype, set_config_dtype,
-                               with_master_weights, without_tied_copies)
+from cpt.export import DEFAULT_MAX_SHARD_SIZE, check_export_target, write_hf
 
 log = logging.getLogger("cpt.model")
 
@@ -365,132 +364,3 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
         "n_layers": int(getattr(cfg, "num_hidden_layers", 0)),
         "hidden": int(getattr(cfg, "hidden_size", 0)),
     }
-
-
-def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options=None, masters: bool = True) -> Path:
-    """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load; ``options``:
-    the run's ``checkpoint`` section (its ``export_dtype`` and ``max_shard_size``); ``masters``: the fp32 master
-    weights under DeepSpeed bf16/fp16 (False: the module's own values, e.g. an EMA swapped in).
-
-    Works from DDP, FSDP and DeepSpeed ZeRO-3 states: `accelerator.get_state_dict` gathers the full
-    state on the main process (every rank must call this function); a whole-model torch.compile is looked through.
-    """
-    from cpt.compiling import without_compile_prefix
-
-    # (model.compile: true's wrapper keys the state `_orig_mod.<name>`: the export had keys transformers does not
-    # know, and loaded as a freshly initialised model with a MISSING-weights report)
-    state_dict = accelerator.get_state_dict(model)  # (None on ranks that do not gather, under some backends)
-    state_dict = without_compile_prefix(state_dict) if state_dict is not None else None
-    state_dict = with_master_weights(accelerator, model, state_dict) if masters else state_dict
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    if accelerator.is_main_process:
-        write_hf(unwrapped, tokenizer, out_dir, state_dict, **export_options(options))
-    accelerator.wait_for_everyone()
-    return Path(out_dir)
-
-
-def export_options(checkpoint_cfg) -> dict:
-    """``write_hf``'s dtype and max_shard_size from a run's ``checkpoint`` section (None: the defaults)."""
-    if checkpoint_cfg is None:
-        return {}
-    return {"dtype": checkpoint_cfg.export_dtype, "max_shard_size": checkpoint_cfg.max_shard_size}
-
-
-MODEL_DIR_MARKERS = ("config.json", "adapter_config.json")
-
-
-class ExportFolderError(ValueError):
-    """An export's --out that is a file, or a folder holding something other than an earlier export."""
-
-
-def check_export_target(out_dir: str | os.PathLike, inputs=(), inputs_are: str = "one of the command's inputs") -> Path:
-    """The export folder, absolute. An export replaces its folder whole (never mixes with an older export's
-    files), so an existing folder must be empty or hold an earlier model or adapter (``config.json`` or
-    ``adapter_config.json``); any other folder, or a file, is refused instead of deleted, and so is any of the
-    command's ``inputs`` that is a folder (said as ``inputs_are``: it would be replaced by its own output)."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.resolve() in {Path(p).resolve() for p in inputs if p and Path(p).is_dir()}:
-        raise ExportFolderError(f"--out {out_dir} is {inputs_are}; give another folder")
-    if out.exists() and not out.is_dir():
-        raise ExportFolderError(f"--out {out_dir}: a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in MODEL_DIR_MARKERS):
-        raise ExportFolderError(f"--out {out_dir}: the folder holds files that are not a model export, which the export "
-                               "would replace; give a new or empty folder (or an earlier export's, replaced whole)")
-    return out
-
-
-def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None, *,
-             dtype: str | torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write an (unwrapped) model as an HF directory, or a peft adapter for a LoRA model, with its tokenizer
-    (one process). Written to a hidden temporary folder and renamed into place when complete, so an interrupted
-    export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted.
-    ``dtype`` (``fp32``/``bf16``/``fp16``; None: as the model holds them) and ``max_shard_size``: the weight
-    files (cpt/export_format.py; a peft adapter is written as peft writes it)."""
-    out = Path(out_dir)
-    tmp = staging_dir(out)
-    if hasattr(model, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
-        from cpt.adapters import save_adapter
-
-        save_adapter(model, tmp, tokenizer, state_dict=state_dict)
-    else:
-        dtype = export_dtype(dtype)
-        if dtype is not None:
-            state_dict = cast_state(model.state_dict() if state_dict is None else state_dict, dtype)
-        state_dict = without_tied_copies(model, state_dict) if state_dict is not None else None
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
-        fault_point(f"export:weights:{out.name}")
-        if dtype is not None:
-            set_config_dtype(tmp, dtype)
-        if tokenizer is not None:  # (a model handed in without one: cpt.averaging.interpolate)
-            tokenizer.save_pretrained(tmp)
-        from cpt.redaction import redact_json_file
-
-        redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
-    make_tokenizer_portable(tmp)
-    fault_point(f"export:written:{out.name}")
-    return publish_dir(tmp, out)
-
-
-def staging_dir(out: Path) -> Path:
-    """The hidden sibling folder an export of ``out`` is written to (what an interrupted one left removed)."""
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    return tmp
-
-
-def publish_dir(tmp: Path, out: Path) -> Path:
-    """Rename a complete export from its staging folder into place, replacing an earlier one whole."""
-    readable_as_umask_allows(tmp)
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-# transformers 5 writes tokenizer_class "TokenizersBackend" for a tokenizer.json-backed tokenizer, a class that
-# transformers 4.x (which pyproject still allows) does not have; PreTrainedTokenizerFast loads the same
-# tokenizer.json in both
-PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
-# how transformers 5 loaded the tokenizer cpt saved ("is_local": true, "local_files_only": true offline), not what it is
-LOADING_KEYS = ("is_local", "local_files_only")
-
-
-def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
-    """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads, without
-    the :data:`LOADING_KEYS` transformers 5 records from the load (they told a hub user the tokenizer was local)."""
-    import json
-
-    path = Path(model_dir) / "tokenizer_config.json"
-    if not path.is_file() or not (Path(model_dir) / "tokenizer.json").is_file():
-        return
-    config = json.loads(path.read_text())
-    cls = config.get("tokenizer_class")
-    changed = {k: config.pop(k) for k in LOADING_KEYS if k in config}
-    if cls in PORTABLE_TOKENIZER_CLASS:
-        config["tokenizer_class"] = changed["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
-    if changed:
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

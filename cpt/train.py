@@ -38,10 +38,11 @@ from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
 from cpt.distributed import Backend, PreemptionFlag, accelerator_for, any_rank, backend, unprotected_batch_job
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
+from cpt.export import export_hf
 from cpt.lm_loss import LogWindow, SourceLoss, use_chunked_loss
 from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
                          model_flops_per_token, peak_flops_for, peak_memory_gb)
-from cpt.model import build_model, check_attn_implementation, export_hf, load_tokenizer, model_shape, prepare_model
+from cpt.model import build_model, check_attn_implementation, load_tokenizer, model_shape, prepare_model
 from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
 from cpt.resume import Start, anneal_branch_start

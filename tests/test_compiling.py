@@ -135,7 +135,7 @@ def test_an_export_of_a_whole_compiled_model_has_the_plain_keys(tmp_path, lora):
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
-    from cpt.model import export_hf
+    from cpt.export import export_hf
 
     acc = Accelerator(cpu=True)
     model = _lora(tiny_llama()) if lora else tiny_llama()

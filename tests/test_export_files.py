@@ -13,7 +13,8 @@ import torch
 
 from conftest import tiny_llama, tiny_tokenizer
 from cpt.consolidate import export_checkpoint
-from cpt.model import ExportFolderError, merge_adapter, write_hf
+from cpt.export import ExportFolderError, write_hf
+from cpt.model import merge_adapter
 
 
 def _mode(path: Path) -> int:

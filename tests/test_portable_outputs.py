@@ -127,7 +127,7 @@ LOADABLE_IN_4X = {"PreTrainedTokenizerFast", "LlamaTokenizerFast", "GPT2Tokenize
 def test_written_tokenizer_names_a_class_transformers_4_has(tiny_cpt_data, tmp_path):
     from transformers import AutoTokenizer
 
-    from cpt.model import make_tokenizer_portable
+    from cpt.export import make_tokenizer_portable
 
     tok = AutoTokenizer.from_pretrained(tiny_cpt_data / "tokenizer")
     tok.save_pretrained(tmp_path)

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cpt.checkpoint import CheckpointError
     from cpt.consolidate import ConsolidateError, export_checkpoint
-    from cpt.model import ExportFolderError, ModelLoadError
+    from cpt.export import ExportFolderError
+    from cpt.model import ModelLoadError
 
     if args.adapter and args.dtype not in (None, "fp32"):
         print(f"cpt export: --dtype {args.dtype} applies to full models; --adapter writes the peft adapter as peft "

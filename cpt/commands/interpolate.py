@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.evaluate import heldout_loss
 
     from cpt.consolidate import run_export
-    from cpt.model import ExportFolderError, ModelLoadError, check_export_target, write_hf
+    from cpt.export import ExportFolderError, check_export_target, write_hf
+    from cpt.model import ModelLoadError
 
     try:
         if args.out is not None:  # before the sweep: the saved model replaces --out whole

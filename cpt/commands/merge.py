@@ -30,11 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from cpt.model import merge_adapter
-
-    from cpt.model import ExportFolderError, ModelLoadError
-
+    from cpt.export import ExportFolderError
     from cpt.hub import HubPushError, card_for_export, check_push_target, push_folder
+    from cpt.model import ModelLoadError, merge_adapter
 
     if args.push_to_hub and (problem := check_push_target(args.push_to_hub)):  # (before the merge's work)
         print(f"cpt merge: error: {problem}", file=sys.stderr)

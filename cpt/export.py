@@ -1,0 +1,234 @@
+"""Writing a Hugging Face export: the folder, its weight files' format and its tokenizer.
+
+Every export (the run's ``export/`` and ``exports/step_N``, ``cpt export``, ``cpt merge``, ``cpt interpolate
+--save-alpha``) goes through :func:`write_hf` (a training run's model, on every rank: :func:`export_hf`):
+
+* the folder: written to a hidden staging folder and renamed into place when complete, replacing an earlier
+  export whole (:func:`staging_dir`, :func:`publish_dir`; ``cpt average`` writes its folder with them too); an
+  ``--out`` that is a file or holds something other than an export is refused, not deleted
+  (:func:`check_export_target`);
+* dtype (``checkpoint.export_dtype``, the commands' ``--dtype``): fp32 writes the trained master weights exactly;
+  bf16/fp16 cast every floating-point tensor once, at write time, and config.json's ``dtype`` says what the tensors
+  are, so ``from_pretrained(dtype="auto")`` and serving stacks that read it get the tensors' own dtype;
+* shards (``checkpoint.max_shard_size``, ``--max-shard-size``): transformers 5's ``save_pretrained`` writes files of
+  up to 50 GB by default (4.x: 5 GB): an 8B model in fp32 was one 32 GB file. cpt passes ``max_shard_size`` (default
+  5GB, what published checkpoints use: parallel, resumable downloads), and a larger model becomes
+  ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``, which ``from_pretrained``, vLLM, TGI and
+  the hub read;
+* the tokenizer: its tokenizer_config.json loadable by every supported transformers (:func:`make_tokenizer_portable`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options=None, masters: bool = True) -> Path:
+    """Write a Hugging Face checkpoint (safetensors + tokenizer) any transformers/peft user can load; ``options``:
+    the run's ``checkpoint`` section (its ``export_dtype`` and ``max_shard_size``); ``masters``: the fp32 master
+    weights under DeepSpeed bf16/fp16 (False: the module's own values, e.g. an EMA swapped in).
+
+    Works from DDP, FSDP and DeepSpeed ZeRO-3 states: `accelerator.get_state_dict` gathers the full
+    state on the main process (every rank must call this function); a whole-model torch.compile is looked through.
+    """
+    from cpt.compiling import without_compile_prefix
+
+    # (model.compile: true's wrapper keys the state `_orig_mod.<name>`: the export had keys transformers does not
+    # know, and loaded as a freshly initialised model with a MISSING-weights report)
+    state_dict = accelerator.get_state_dict(model)  # (None on ranks that do not gather, under some backends)
+    state_dict = without_compile_prefix(state_dict) if state_dict is not None else None
+    state_dict = with_master_weights(accelerator, model, state_dict) if masters else state_dict
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if accelerator.is_main_process:
+        write_hf(unwrapped, tokenizer, out_dir, state_dict, **export_options(options))
+    accelerator.wait_for_everyone()
+    return Path(out_dir)
+
+
+def export_options(checkpoint_cfg) -> dict:
+    """``write_hf``'s dtype and max_shard_size from a run's ``checkpoint`` section (None: the defaults)."""
+    if checkpoint_cfg is None:
+        return {}
+    return {"dtype": checkpoint_cfg.export_dtype, "max_shard_size": checkpoint_cfg.max_shard_size}
+
+
+MODEL_DIR_MARKERS = ("config.json", "adapter_config.json")
+
+
+class ExportFolderError(ValueError):
+    """An export's --out that is a file, or a folder holding something other than an earlier export."""
+
+
+def check_export_target(out_dir: str | os.PathLike, inputs=(), inputs_are: str = "one of the command's inputs") -> Path:
+    """The export folder, absolute. An export replaces its folder whole (never mixes with an older export's
+    files), so an existing folder must be empty or hold an earlier model or adapter (``config.json`` or
+    ``adapter_config.json``); any other folder, or a file, is refused instead of deleted, and so is any of the
+    command's ``inputs`` that is a folder (said as ``inputs_are``: it would be replaced by its own output)."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.resolve() in {Path(p).resolve() for p in inputs if p and Path(p).is_dir()}:
+        raise ExportFolderError(f"--out {out_dir} is {inputs_are}; give another folder")
+    if out.exists() and not out.is_dir():
+        raise ExportFolderError(f"--out {out_dir}: a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in MODEL_DIR_MARKERS):
+        raise ExportFolderError(f"--out {out_dir}: the folder holds files that are not a model export, which the export "
+                               "would replace; give a new or empty folder (or an earlier export's, replaced whole)")
+    return out
+
+
+def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None, *,
+             dtype: str | torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write an (unwrapped) model as an HF directory, or a peft adapter for a LoRA model, with its tokenizer
+    (one process). Written to a hidden temporary folder and renamed into place when complete, so an interrupted
+    export never leaves a directory ``from_pretrained`` would half-load; secret-named config keys are redacted.
+    ``dtype`` (``fp32``/``bf16``/``fp16``; None: as the model holds them) and ``max_shard_size``: the weight
+    files (see the module's docstring; a peft adapter is written as peft writes it)."""
+    out = Path(out_dir)
+    tmp = staging_dir(out)
+    if hasattr(model, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
+        from cpt.adapters import save_adapter
+
+        save_adapter(model, tmp, tokenizer, state_dict=state_dict)
+    else:
+        dtype = export_dtype(dtype)
+        if dtype is not None:
+            state_dict = cast_state(model.state_dict() if state_dict is None else state_dict, dtype)
+        state_dict = without_tied_copies(model, state_dict) if state_dict is not None else None
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
+        fault_point(f"export:weights:{out.name}")
+        if dtype is not None:
+            set_config_dtype(tmp, dtype)
+        if tokenizer is not None:  # (a model handed in without one: cpt.averaging.interpolate)
+            tokenizer.save_pretrained(tmp)
+        from cpt.redaction import redact_json_file
+
+        redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
+    make_tokenizer_portable(tmp)
+    fault_point(f"export:written:{out.name}")
+    return publish_dir(tmp, out)
+
+
+def staging_dir(out: Path) -> Path:
+    """The hidden sibling folder an export of ``out`` is written to (what an interrupted one left removed)."""
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return tmp
+
+
+def publish_dir(tmp: Path, out: Path) -> Path:
+    """Rename a complete export from its staging folder into place, replacing an earlier one whole."""
+    readable_as_umask_allows(tmp)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+# transformers 5 writes tokenizer_class "TokenizersBackend" for a tokenizer.json-backed tokenizer, a class that
+# transformers 4.x (which pyproject still allows) does not have; PreTrainedTokenizerFast loads the same
+# tokenizer.json in both
+PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# how transformers 5 loaded the tokenizer cpt saved ("is_local": true, "local_files_only": true offline), not what it is
+LOADING_KEYS = ("is_local", "local_files_only")
+
+
+def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
+    """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads, without
+    the :data:`LOADING_KEYS` transformers 5 records from the load (they told a hub user the tokenizer was local)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.is_file() or not (Path(model_dir) / "tokenizer.json").is_file():
+        return
+    config = json.loads(path.read_text())
+    cls = config.get("tokenizer_class")
+    changed = {k: config.pop(k) for k in LOADING_KEYS if k in config}
+    if cls in PORTABLE_TOKENIZER_CLASS:
+        config["tokenizer_class"] = changed["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
+    if changed:
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------- the weight files: dtype, master weights, tied names
+
+
+def export_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``fp32``/``bf16``/``fp16`` (or a torch dtype, or None: as the model holds them) as a torch dtype."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    return DTYPES[name]
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of ``state`` in ``dtype`` (a tensor already in it is not copied)."""
+    if dtype is None:
+        return state
+    cast: dict = {}  # tensors that share storage (tied embeddings) stay one tensor: save_pretrained writes it once
+    return {k: cast.setdefault((v.data_ptr(), v.shape, v.stride()), v.to(dtype))
+            if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def set_config_dtype(model_dir: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Make a written config.json's dtype (transformers 5: ``dtype``; 4.x: ``torch_dtype``) name ``dtype``:
+    save_pretrained records the model's parameter dtype, not that of the state it was given."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for k in keys:
+        config[k] = dtype_name(dtype)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def with_master_weights(acc, model, state: dict | None) -> dict | None:
+    """``state`` (``accelerator.get_state_dict``'s, on the main process) with every trainable parameter's fp32
+    master weights, under DeepSpeed with bf16/fp16 (ZeRO-1/2/3): accelerate gathers the engine's 16-bit copies, and
+    the run's exports held the fp32 masters rounded to bf16 (stored as float32, e.g. a norm weight off by 4e-3
+    from what `cpt export` of the same step's checkpoint writes). DeepSpeed's ``safe_get_full_fp32_param`` is
+    collective: every rank calls this, one parameter at a time (no rank holds more than one full master at once
+    beyond the main process's ``state``). Frozen parameters have no master and stay as gathered."""
+    from cpt.distributed import Backend, backend
+
+    if backend(acc) is not Backend.DEEPSPEED or acc.mixed_precision == "no":
+        return state
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    names: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in acc.unwrap_model(model, keep_torch_compile=False).named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+    for key, p in params.items():
+        full = safe_get_full_fp32_param(p)
+        if state and full is not None:  # (one tensor for all the names of a tied parameter: written once)
+            full = full.detach().to("cpu", copy=True)
+            for name in names[key]:
+                if name in state:
+                    state[name] = full.reshape(state[name].shape)
+    return state
+
+
+def without_tied_copies(model, state_dict: dict) -> dict:
+    """``state_dict`` without the second name of a tied parameter (a tied head's ``lm_head.weight``), as
+    ``save_pretrained`` writes the model's own state dict, whose tied names share one storage. A gathered state (ZeRO-1/2's
+    cloned tensors) shares none, so a ZeRO-2 export held the tied head twice: other tensors than a 1-process export's,
+    which `cpt average` refused to average with it."""
+    first, tied = {}, set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if id(param) in first else first.setdefault(id(param), name))
+    return {k: v for k, v in state_dict.items() if k not in tied}
