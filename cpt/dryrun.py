@@ -24,10 +24,10 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from cpt.data.loader import CPTDataLoader, load_heldout
-    from cpt.metrics import model_flops_per_token
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
     from cpt.resume import anneal_branch_start, init_weights
     from cpt.schedules import plan_for_run
+    from cpt.throughput import model_flops_per_token
 
     check_attn_implementation(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
@@ -94,7 +94,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
 
 def _with_adapters(model, cfg: RunConfig, new_ids: list[int]):
     """The meta model with ``model.lora`` and ``model.freeze`` applied as training applies them (on the meta device,
-    adapters included): its trainable parameters, which set the FLOPs per token (cpt.metrics.model_flops_per_token)."""
+    adapters included): its trainable parameters, which set the FLOPs per token (cpt.throughput.model_flops_per_token)."""
     import torch
 
     from cpt.adapters import apply_freeze, apply_lora

@@ -40,8 +40,7 @@ from cpt.distributed import Backend, PreemptionFlag, accelerator_for, any_rank, 
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
 from cpt.export import export_hf
 from cpt.lm_loss import LogWindow, SourceLoss, use_chunked_loss
-from cpt.metrics import (ComputeAccount, MetricsLogger, Throughput, TrainClock, device_name, format_compute,
-                         model_flops_per_token, peak_flops_for, peak_memory_gb)
+from cpt.metrics import MetricsLogger
 from cpt.model import build_model, check_attn_implementation, load_tokenizer, model_shape, prepare_model
 from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
@@ -51,6 +50,8 @@ from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
 from cpt.stage_base import start_for_run
 from cpt.state import TrainState
+from cpt.throughput import (ComputeAccount, Throughput, TrainClock, device_name, format_compute, model_flops_per_token,
+                            peak_flops_for, peak_memory_gb)
 from cpt.update_guard import Outcome, UpdateGuard
 from cpt.vocab import scale_new_rows_updates
 

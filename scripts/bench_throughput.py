@@ -28,8 +28,8 @@ Method
     ``train()``'s start to the first log record (step ``cpt_first_logged_step``: 1 when warmup and steps are coprime,
     as in gpu_session.sh; model build, data, torch.compile and the steps): the start-up cost that ``model.compile``
     (true or regional) adds, every start and every resume.
-  * MFU, for both frameworks: tokens/s x ``cpt.metrics.model_flops_per_token`` (6N + attention, llm-foundry
-    convention) over the device's dense bf16 peak (``cpt.metrics.peak_flops_for``, or ``--peak-flops``).
+  * MFU, for both frameworks: tokens/s x ``cpt.throughput.model_flops_per_token`` (6N + attention, llm-foundry
+    convention) over the device's dense bf16 peak (``cpt.throughput.peak_flops_for``, or ``--peak-flops``).
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ def _sync() -> None:
 def _common_result(settings: dict, model, tokens_per_s: float) -> dict:
     import torch
 
-    from cpt.metrics import mfu, model_flops_per_token, peak_flops_for, peak_memory_gb
     from cpt.model import model_shape
+    from cpt.throughput import mfu, model_flops_per_token, peak_flops_for, peak_memory_gb
 
     shape = model_shape(model)
     fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], settings["seq_len"])

@@ -18,7 +18,7 @@ def write(cfg, path: Path) -> Path:
 
 
 def test_plan_matches_the_config_and_a_real_model(tiny_cpt_data, tiny_base, tmp_path, capsys):
-    from cpt.metrics import model_flops_per_token
+    from cpt.throughput import model_flops_per_token
     from cpt.model import build_model, load_tokenizer, model_shape
 
     out = tmp_path / "run"

@@ -142,7 +142,7 @@ def test_token_counts(grid):
 def test_flops_consistent(grid):
     from transformers import AutoModelForCausalLM
 
-    from cpt.metrics import model_flops_per_token
+    from cpt.throughput import model_flops_per_token
     from cpt.model import model_shape
 
     rows = _rows(grid["out"])

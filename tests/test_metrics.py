@@ -1,4 +1,5 @@
-"""MetricsLogger (JSONL and W&B offline, read back from the run files), throughput, FLOPs and MFU."""
+"""MetricsLogger (JSONL and W&B offline, read back from the run files); throughput, FLOPs, MFU and the compute
+account (cpt/throughput.py)."""
 
 import glob
 import json
@@ -8,16 +9,8 @@ from pathlib import Path
 import pytest
 
 from cpt.config import validate
-from cpt.metrics import (
-    METRICS_FILE,
-    MetricsLogger,
-    Throughput,
-    mfu,
-    model_flops_per_token,
-    peak_flops_for,
-    peak_memory_gb,
-    read_metrics,
-)
+from cpt.metrics import METRICS_FILE, MetricsLogger, read_metrics
+from cpt.throughput import Throughput, mfu, model_flops_per_token, peak_flops_for, peak_memory_gb
 
 
 def make_cfg(wandb: bool = False, resume: bool = False, **wandb_kw):
@@ -298,7 +291,7 @@ def test_throughput_window_and_metrics():
 
 def test_compute_account_carries_totals_across_resumes():
     """Wall and device hours accumulate segment by segment (a resumed run may have another device count)."""
-    from cpt.metrics import ComputeAccount, format_compute
+    from cpt.throughput import ComputeAccount, format_compute
 
     now = [100.0]
     clock = lambda: now[0]  # noqa: E731

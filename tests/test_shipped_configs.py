@@ -107,7 +107,7 @@ def test_gpu_config_dry_runs_with_its_models_architecture(config, gpu_setup, mon
     out = captured.out
     assert "source new: " in out and "source old: " in out and "held-out sets (tokenizer checked): " in out, out
     # the 8B model; LoRA adds 335.8 M trainable parameters (rank 128 on every linear layer, the norms), and the FLOPs
-    # per token count weight gradients for those only (4N + 2 x trainable + attention, cpt.metrics)
+    # per token count weight gradients for those only (4N + 2 x trainable + attention, cpt.throughput)
     model = ("model: 8366.1M parameters (7840.7M non-embedding, 335.8M trainable), 32 layers, hidden 4096, vocab "
              "128,256; 4.06e+10 training FLOPs/token" if "lora" in config else
              "model: 8030.3M parameters (7504.9M non-embedding), 32 layers, hidden 4096, vocab 128,256; 6.11e+10 training")

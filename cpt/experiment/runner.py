@@ -142,13 +142,13 @@ def _dry_run(spec: ExperimentSpec | SequenceSpec, design: Design, out: Path, ech
 
 
 def flops_per_token(spec: ExperimentSpec | SequenceSpec, vocab_size: int) -> tuple[float, dict[str, int]]:
-    """Training FLOPs per token of the spec's model (cpt.metrics.model_flops_per_token) and its shape, from the model
+    """Training FLOPs per token of the spec's model (cpt.throughput.model_flops_per_token) and its shape, from the model
     built on the meta device (no memory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cpt.metrics import model_flops_per_token
     from cpt.model import config_from_arch, model_shape
+    from cpt.throughput import model_flops_per_token
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config_from_arch({**model_arch(spec), "vocab_size": vocab_size}))
