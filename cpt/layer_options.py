@@ -31,9 +31,10 @@ def apply_liger(model: torch.nn.Module, log_fn) -> None:
     log_fn(f"model.liger_kernel: Liger kernels applied to the {model_type} layers (the loss stays cpt's)")
 
 
-def checkpoint_layers(model, every: int) -> None:
+def checkpoint_layers(model, every: int, compile_mode: bool | str = False) -> None:
     """Activation checkpointing (non-reentrant) of every ``every``-th decoder layer; through transformers'
-    ``activation_checkpointing_enable`` where it exists (``gradient_checkpointing_enable`` is deprecated there)."""
+    ``activation_checkpointing_enable`` where it exists (``gradient_checkpointing_enable`` is deprecated there).
+    ``compile_mode``: the run's ``model.compile`` (whether the input embeddings' output is made to require grad)."""
     import inspect
 
     import transformers
@@ -46,9 +47,15 @@ def checkpoint_layers(model, every: int) -> None:
                           f"activation_checkpointing_enable(every_n_layers) (this is {transformers.__version__}); use 1")
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    # transformers (5) also hooks the input embeddings so that their output requires grad: the reentrant checkpoint
-    # needs that where the embedding is frozen (LoRA, model.freeze), the non-reentrant one does not (the same gradients,
-    # bitwise), and the hook's requires_grad_() on a frozen embedding's output breaks a compiled model's graph
-    # (model.compile: true; 6 graph breaks in a 2-layer Llama with LoRA).
-    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+    # transformers (5) also hooks the input embeddings so that their output requires grad, which the reentrant
+    # checkpoint needs under a frozen embedding (LoRA, model.freeze) and the non-reentrant one does not (the same
+    # gradients, bitwise). Under model.compile: true the hook's requires_grad_() breaks the graph (6 graph breaks in a
+    # 2-layer LoRA Llama): removed there and in eager runs. Under model.compile: regional it runs eagerly, outside the
+    # compiled layers, and is needed: a checkpointed layer whose input and weights all need no gradient (model.freeze
+    # of the bottom layers) would compile as an inference graph, where torch cannot rematerialise a checkpoint
+    # ("does not support RNG ops in recompute regions"); so there it is added where transformers did not.
+    hooked = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)
+    if compile_mode == "regional" and not hooked:
+        model.enable_input_require_grads()
+    elif compile_mode != "regional" and hooked:
         model.disable_input_require_grads()

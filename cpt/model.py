@@ -323,7 +323,7 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     if cfg.liger_kernel:
         apply_liger(model, log_fn)
     if cfg.gradient_checkpointing:
-        checkpoint_layers(model, cfg.gradient_checkpointing_every)
+        checkpoint_layers(model, cfg.gradient_checkpointing_every, cfg.compile)
     log_fn(describe_trainable(model))
     return model, tokenizer, new_ids
 
