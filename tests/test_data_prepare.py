@@ -616,6 +616,10 @@ def test_prepared_folders_inside_an_input_folder_are_not_read(tmp_path, tokenize
     assert result["stats"]["records_read"] == 20 and sum(result["stats"]["skipped"].values()) == 0
     assert "data/prepared/new: token shards written by `cpt prepare`" in caplog.text
     assert stream_of(tmp_path / "data" / "tokens") == expected_stream(tokenizer, docs)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):  # a re-run: its own output is not warned about
+        assert prepare([str(tmp_path / "data")], tokenizer, tmp_path / "data" / "tokens").get("up_to_date")
+    assert "data/prepared/new: token shards" in caplog.text and "data/tokens" not in caplog.text
     with pytest.raises(PrepareError, match="prepared/new/heldout holds token shards written by `cpt prepare`"):
         prepare([str(tmp_path / "data" / "prepared" / "new" / "heldout")], tokenizer, tmp_path / "x")
 

@@ -104,9 +104,10 @@ def _matches(path: str, pattern: str | None) -> bool:
     return fnmatch.fnmatch(path.rsplit("/", 1)[-1], pattern)
 
 
-def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = True) -> list[str]:
+def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = True, out: str | None = None) -> list[str]:
     """Expand folders (recursively, sorted) and glob patterns (`src/**/*.h`) into files, each once (``warn``: log the
-    repeats); error for anything that does not exist."""
+    repeats and the prepared folders left out, but for ``out``, the caller's own output); error for anything that does
+    not exist."""
     import glob as globlib
 
     files: list[str] = []
@@ -142,9 +143,10 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
             for dirpath, dirnames, filenames in os.walk(item, followlinks=True):  # symlinked folders are read too
                 dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _first_visit(os.path.join(dirpath, d), seen))
                 shards = [d for d in dirnames if _prepared_folder(os.path.join(dirpath, d))]
-                if shards and warn:  # `cpt prepare data/ --out data/tokens` beside data/prepared/*: their shards,
-                    logger.warning("not reading %s: token shards written by `cpt prepare`, not text",  # read as text,
-                                   ", ".join(os.path.join(dirpath, d) for d in shards))  # were skipped or garbage
+                others = [os.path.join(dirpath, d) for d in shards  # `cpt prepare data/ --out data/tokens` beside
+                          if not out or os.path.realpath(os.path.join(dirpath, d)) != os.path.realpath(out)]  # data/prepared/*
+                if others and warn:  # (their shards, read as text, were skipped or garbage documents)
+                    logger.warning("not reading %s: token shards written by `cpt prepare`, not text", ", ".join(others))
                 dirnames[:] = [d for d in dirnames if d not in shards]
                 found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f) and _matches(os.path.join(dirpath, f), glob)]
             files += sorted(found)
