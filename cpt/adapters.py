@@ -437,6 +437,17 @@ def portable_base_path(base: str | None) -> str | None:
     return base
 
 
+def adapter_base_identity(adapter_dir: str | Path) -> str:
+    """The base an exported adapter was trained on, for comparing adapters: a two-stage run's own copy of its base
+    (``RUN/base``) by the digest of the checkpoint it was written from (``cpt_base.json``: two runs from one checkpoint
+    share it), another local base by its real path, a hub id as written."""
+    name = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    stamp = Path(name) / "cpt_base.json" if name else None
+    if stamp is not None and stamp.is_file():
+        return "checkpoint " + str(json.loads(stamp.read_text()).get("checksums_sha256"))
+    return os.path.realpath(name) if name and Path(name).is_dir() else name
+
+
 def refuse_unshardable(model: nn.Module, acc) -> None:
     """LoRA with ``model.vocab`` on a model whose embeddings are tied: peft trains the new rows through one delta
     shared by ``embed_tokens`` and ``lm_head``, and FSDP2 (which accelerate shards as separate units: the embedding,

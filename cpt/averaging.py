@@ -331,12 +331,17 @@ def _lora_factor(name: str) -> str | None:
 
 def _check_lora_configs(paths: list[str | Path], sources: list[Path]) -> None:
     fields = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+    from cpt.adapters import adapter_base_identity
+
     cfgs = [json.loads((Path(p) / "adapter_config.json").read_text()) for p in sources]
-    for p, c in zip(paths[1:], cfgs[1:]):
+    for p, c, src in zip(paths[1:], cfgs[1:], sources[1:]):
         diff = [f for f in fields if c.get(f) != cfgs[0].get(f)]
         if diff:
             raise ValueError(f"{p}: adapter_config.json differs from {paths[0]}'s in {', '.join(diff)}: the adapters "
                              "must have the same LoRA rank and scale to be averaged")
+        if adapter_base_identity(src) != adapter_base_identity(sources[0]):  # the mean update would sit on one base
+            raise ValueError(f"{p} was trained on another base ({c.get('base_model_name_or_path')}) than {paths[0]} "
+                             f"({cfgs[0].get('base_model_name_or_path')}): merge each (cpt merge), then average those")
     if cfgs[0].get("rank_pattern") or cfgs[0].get("alpha_pattern"):
         raise ValueError(f"{paths[0]}: adapters with a rank_pattern or alpha_pattern cannot be averaged")
 

@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"cpt.commands.{name}")
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except BrokenPipeError:  # `cpt schedule CONFIG | head`: the reader is gone, which is no error (was a traceback)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
+        return 128 + signal.SIGPIPE  # what a process killed by SIGPIPE reports, as `cat`'s would
 
 
 if __name__ == "__main__":

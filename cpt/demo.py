@@ -105,6 +105,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
 
     fast = byte_level_bpe(texts(), vocab_size)
     fast.save_pretrained(out_dir)
+    fast.name_or_path = str(out_dir)  # the manifests name it so (else 'TokenizersBackend', in a later run's refusal)
     return fast
 
 

@@ -73,7 +73,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
         for step in range(lo, hi):
             rows = [a + b for a, b in zip(rows, data.mixer.counts(step))]
         lrs = [plan.lr(s) for s in range(lo, hi)]
-        stages.append({"name": cfg.stages[i].name, "steps": hi - lo, "tokens": (hi - lo) * B * L,
+        stages.append({"index": i, "name": cfg.stages[i].name, "steps": hi - lo, "tokens": (hi - lo) * B * L,
                        "lr": {"start": lrs[0], "peak": max(lrs), "end": lrs[-1]},
                        "sources": {n: {"tokens": r * L, "share": r / ((hi - lo) * B)} for n, r in zip(names, rows) if r}})
     sources = {}
@@ -120,10 +120,10 @@ def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str
         b = d["anneal_branch"]
         lines.append(f"anneal branch: steps {b['from']}..{b['from'] + b['steps']} from the trunk checkpoint's step {b['from']} "
                      "(source tokens and epochs below count from the start of the trunk)")
-    for i, st in enumerate(d["stages"]):
+    for i, st in enumerate(d["stages"]):  # (index: the config's, also where a branch trains only the later stages)
         lr = st["lr"]
         mix = ", ".join(f"{n} {s['share']:.1%} ({s['tokens']:,} tok)" for n, s in st["sources"].items())
-        lines.append(f"stage {i} {st['name']}: {st['steps']:,} steps, {st['tokens']:,} tokens; "
+        lines.append(f"stage {st.get('index', i)} {st['name']}: {st['steps']:,} steps, {st['tokens']:,} tokens; "
                      f"lr {lr['start']:.3g} -> peak {lr['peak']:.3g} -> {lr['end']:.3g}; {mix}")
     for name, s in d["sources"].items():
         if s["epochs"] is None:

@@ -430,6 +430,28 @@ def test_average_of_adapters_is_the_average_of_their_updates(base_dir, tmp_path,
     assert json.loads((avg / "adapter_config.json").read_text())["r"] == 4  # the two adapters side by side
 
 
+def test_average_of_adapters_on_different_bases_is_refused(base_dir, tmp_path):
+    """`cpt average` of a LoRA run's adapter and a two-stage run's (trained on RUN/base, a full run's weights) wrote
+    an adapter of the first's base holding the mean of both updates: a model neither run made, silently. Adapters
+    on copies of one checkpoint (each two-stage run writes its own RUN/base, with the same cpt_base.json) still
+    average."""
+    import shutil
+
+    from cpt.averaging import average_checkpoints
+
+    def adapter_on(base, name):
+        return save_adapter(apply_lora(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2)), tmp_path / name)
+
+    for copy in ("b1", "b2"):  # one full checkpoint written as the base of two runs
+        shutil.copytree(base_dir, tmp_path / copy)
+        (tmp_path / copy / "cpt_base.json").write_text(json.dumps({"checkpoint": "/x/step_4", "checksums_sha256": "ab"}))
+    assert (average_checkpoints([adapter_on(tmp_path / "b1", "a1"), adapter_on(tmp_path / "b2", "a2")], tmp_path / "avg")
+            / "adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="was trained on another base .*b1.* than .*a0 .*merge each"):
+        average_checkpoints([adapter_on(base_dir, "a0"), tmp_path / "a1"], tmp_path / "avg2")
+    assert not (tmp_path / "avg2").exists()
+
+
 def test_cli_merge_onto_another_base_is_one_line(base_dir, tmp_path, capsys):
     """`cpt merge --base` naming a model the adapter was not trained on: one line, nothing written (it was a
     60-line traceback of torch's load_state_dict)."""

@@ -21,6 +21,19 @@ def test_console_script_runs():
     assert "commands:" in out
 
 
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`cpt schedule CONFIG | head -1` ended in a BrokenPipeError traceback once head had exited."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"name": "s", "output_dir": str(tmp_path / "run")}, "model": {"name_or_path": "x"},
+                                   "data": {"seq_len": 8, "sources": [{"name": "a", "path": "a"}]},
+                                   "stages": [{"name": "s", "steps": 10, "mix": {"a": 1.0}}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "schedule", str(cfg), "--no-plot"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err, err
+
+
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err

@@ -599,8 +599,29 @@ def test_an_output_folder_inside_the_input_folder_is_not_read(tmp_path, tokenize
     assert again.get("up_to_date") and again["prepare_key"] == first["prepare_key"]
     forced = prepare([str(tmp_path / "corpus")], tokenizer, out, heldout_docs=2, force=True)
     assert forced["stats"]["records_read"] == 20 and sum(forced["stats"]["skipped"].values()) == 0
-    with pytest.raises(PrepareError, match="no input files outside the output folder"):
+    with pytest.raises(PrepareError, match="holds token shards written by `cpt prepare`"):
         prepare([str(out)], tokenizer, out)
+
+
+def test_prepared_folders_inside_an_input_folder_are_not_read(tmp_path, tokenizer, caplog):
+    """README workflow 1 writes data/prepared/new next to the raw data in data/new; `cpt prepare data/ --out
+    data/tokens` then read the other prepared folders' manifests as jsonl (malformed records) and their shards as
+    plain-text documents (binary token ids: non-UTF-8 skips, or garbage text where the bytes happen to decode)."""
+    docs = make_docs(20, seed=9)
+    (tmp_path / "data" / "new").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "new" / "a.jsonl", [{"text": d} for d in docs])
+    prepare([str(tmp_path / "data" / "new")], tokenizer, tmp_path / "data" / "prepared" / "new", heldout_docs=2)
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        result = prepare([str(tmp_path / "data")], tokenizer, tmp_path / "data" / "tokens")
+    assert result["stats"]["records_read"] == 20 and sum(result["stats"]["skipped"].values()) == 0
+    assert "data/prepared/new: token shards written by `cpt prepare`" in caplog.text
+    assert stream_of(tmp_path / "data" / "tokens") == expected_stream(tokenizer, docs)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):  # a re-run: its own output is not warned about
+        assert prepare([str(tmp_path / "data")], tokenizer, tmp_path / "data" / "tokens").get("up_to_date")
+    assert "data/prepared/new: token shards" in caplog.text and "data/tokens" not in caplog.text
+    with pytest.raises(PrepareError, match="prepared/new/heldout holds token shards written by `cpt prepare`"):
+        prepare([str(tmp_path / "data" / "prepared" / "new" / "heldout")], tokenizer, tmp_path / "x")
 
 
 def test_plain_text_files_beside_jsonl_are_warned_about(tmp_path, tokenizer, caplog):

@@ -40,6 +40,8 @@ def test_outputs_exist(demo):
     for name in ("shakespeare", "python"):
         manifest = json.loads((demo / "data" / name / "manifest.json").read_text())
         assert manifest["num_tokens"] > 0
+        # named by its folder (a run given shards of another tokenizer names it: it said 'TokenizersBackend')
+        assert manifest["tokenizer"]["name"] == str(demo / "tokenizer")
         assert (demo / "data" / name / "heldout" / "manifest.json").is_file()
 
 

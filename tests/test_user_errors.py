@@ -6,6 +6,7 @@ ranges that do not fit the loaded model, a fresh start over a finished run's exp
 checkpoint says it starts fresh, and the normalised mix shares are printed."""
 
 import contextlib
+import copy
 import io
 import json
 import shutil
@@ -222,6 +223,17 @@ def test_dry_run_of_an_anneal_branch_shows_the_branch(trunk, tmp_path, capsys):
     # 3 steps of 8 x 64 tokens, linear from the constant lr 1e-3 to min_lr 1e-5 (the last update exactly min_lr)
     assert "cpt-python: 3 steps, 1,536 tokens; lr 0.00067 -> peak 0.00067 -> 1e-05;" in out, out
     assert "total: 3 steps, 1,536 training tokens" in out and not (tmp_path / "b").exists()
+    # a branch config whose trunk is cut into two stages (the second continues it): the branch trains stage 1 only,
+    # and its line is numbered as the config and the mix line above it number it (it said stage 0)
+    cfg = yaml.safe_load(path.read_text())
+    first = copy.deepcopy(cfg["stages"][0])
+    first["steps"] = 4
+    cfg["stages"] = [first, {**copy.deepcopy(first), "name": "later", "steps": 4,
+                             "schedule": {**first["schedule"], "continue_trunk": True}}]
+    branch = write(cfg, tmp_path / "branch.yaml")
+    assert main(["train", str(branch), "--from", str(ckpt), "--anneal", "3", "--output-dir", str(tmp_path / "b"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1 later mix:" in out and "\nstage 1 later: 3 steps, 1,536 tokens;" in out, out
 
 
 def test_anneal_needs_a_cpt_checkpoint(trunk, tiny_base, tmp_path, capsys):

@@ -330,7 +330,7 @@ def _input_files(inputs: list[str], glob: str | None, out: str) -> list[str]:
     `cpt prepare data/ --out data/tokens`) are left out: re-read, its shards and manifests were bogus skipped records
     and made every re-run look changed."""
     out_real = os.path.realpath(out) + os.sep
-    files = resolve_files(inputs, glob)
+    files = resolve_files(inputs, glob, out=out)
     kept = [f for f in files if is_remote(f) or not os.path.realpath(f).startswith(out_real)]
     if not kept:
         raise PrepareError(f"no input files outside the output folder {out} in {inputs}")

@@ -1,8 +1,8 @@
 """Reading raw text: the one implementation behind `cpt prepare`, vocabulary learning (``model.vocab.learn_from``)
 and `cpt eval`'s text held-out files.
 
-Inputs, read in the order given (folders recursively, symlinked folders too, sorted by path; dot-files and
-``__pycache__`` skipped; a file named twice, or by two links, is read once):
+Inputs, read in the order given (folders recursively, symlinked folders too, sorted by path; dot-files,
+``__pycache__`` and folders `cpt prepare` wrote skipped; a file named twice, or by two links, is read once):
 
 - jsonl (``.jsonl``/``.json``/``.ndjson``, plain or ``.gz``/``.zst``/``.bz2``/``.xz``): one JSON object per line,
   the text in ``text_field``; a ``.json`` file that starts with ``[`` is one JSON array of such objects (read whole);
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from cpt.data.compressed import open_binary
-from cpt.data.shards import ShardError, filesystem, is_remote
+from cpt.data.shards import FORMAT_NAME, ShardError, filesystem, is_remote
 
 logger = logging.getLogger("cpt.data")
 
@@ -104,9 +104,10 @@ def _matches(path: str, pattern: str | None) -> bool:
     return fnmatch.fnmatch(path.rsplit("/", 1)[-1], pattern)
 
 
-def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = True) -> list[str]:
+def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = True, out: str | None = None) -> list[str]:
     """Expand folders (recursively, sorted) and glob patterns (`src/**/*.h`) into files, each once (``warn``: log the
-    repeats); error for anything that does not exist."""
+    repeats and the prepared folders left out, but for ``out``, the caller's own output); error for anything that does
+    not exist."""
     import glob as globlib
 
     files: list[str] = []
@@ -133,11 +134,20 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
                 files.append(item)
         elif os.path.isdir(item) and (saved := saved_dataset_files(item)) is not None:
             files += [f for f in saved if _matches(f, glob)]
+        elif os.path.isdir(item) and _prepared_folder(item):
+            raise ReadError(f"{item} holds token shards written by `cpt prepare` (manifest.json), not text: name the "
+                            "raw files it was prepared from")
         elif os.path.isdir(item):
             found = []
             seen = {os.path.realpath(item)}
             for dirpath, dirnames, filenames in os.walk(item, followlinks=True):  # symlinked folders are read too
                 dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _first_visit(os.path.join(dirpath, d), seen))
+                shards = [d for d in dirnames if _prepared_folder(os.path.join(dirpath, d))]
+                others = [os.path.join(dirpath, d) for d in shards  # `cpt prepare data/ --out data/tokens` beside
+                          if not out or os.path.realpath(os.path.join(dirpath, d)) != os.path.realpath(out)]  # data/prepared/*
+                if others and warn:  # (their shards, read as text, were skipped or garbage documents)
+                    logger.warning("not reading %s: token shards written by `cpt prepare`, not text", ", ".join(others))
+                dirnames[:] = [d for d in dirnames if d not in shards]
                 found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f) and _matches(os.path.join(dirpath, f), glob)]
             files += sorted(found)
         elif os.path.isfile(item):
@@ -173,6 +183,15 @@ def saved_dataset_files(folder: str) -> list[str] | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ReadError(f"{folder}: a `datasets` save_to_disk folder with an unreadable state.json ({e})") from None
     return [os.path.join(folder, name) for name in names]
+
+
+def _prepared_folder(folder: str) -> bool:
+    """A folder `cpt prepare` wrote: its manifest.json names the token-shard format."""
+    try:
+        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _first_visit(folder: str, seen: set[str]) -> bool:
