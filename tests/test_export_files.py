@@ -77,7 +77,7 @@ def test_export_refuses_a_folder_that_is_not_an_export(run, tmp_path, capsys):
     (mine / "sub").mkdir(parents=True)
     (mine / "notes.txt").write_text("precious")
     assert main([str(run), "--out", str(mine)]) == 1
-    assert "not a model export" in capsys.readouterr().out
+    assert "not a model export" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ExportFolderError, match="a file, not a folder"):
@@ -162,7 +162,7 @@ def test_export_without_the_runs_base_model_is_one_line(run, tmp_path, capsys):
         assert main([str(run), "--out", str(tmp_path / "hf")]) == 1
     finally:
         tokenizer.with_name("moved-away").rename(tokenizer)
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()
     assert out.count("\n") == 0 and str(tokenizer) in out and "config.yaml" in out
     assert not (tmp_path / "hf").exists()
 
@@ -196,7 +196,7 @@ def test_export_of_a_run_that_prunes_the_checkpoint_being_read(run, tmp_path, mo
     # a checkpoint named explicitly that goes away: one line, nothing written
     monkeypatch.setattr(consolidate, "read_model_state", lambda ckpt: (discard(Path(ckpt)), read(ckpt))[1])
     assert main([str(live / "checkpoints" / "step_00000003"), "--out", str(tmp_path / "hf2")]) == 1
-    assert "removed while being read" in capsys.readouterr().out and not (tmp_path / "hf2").exists()
+    assert "removed while being read" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
 
 
 def test_an_adapter_export_as_a_starting_model_says_merge_it_first(tmp_path, tok):

@@ -107,7 +107,7 @@ def test_a_failed_push_keeps_the_export_and_says_how_to_push_again(tiny_cpt_data
     assert "Name or service not known" in line and f"hf upload me/x {result.export_dir.resolve()}" in line
     # the command fails (exit 1, one line); offline it says so before trying; a bad name is refused first
     assert main(["export", str(out), "--out", str(tmp_path / "e"), "--push-to-hub", "me/x"]) == 1
-    assert "failed (ConnectionError: Name or service not known)" in capsys.readouterr().out
+    assert "failed (ConnectionError: Name or service not known)" in capsys.readouterr().err
     hub.fail = None
     import os
 
@@ -116,9 +116,9 @@ def test_a_failed_push_keeps_the_export_and_says_how_to_push_again(tiny_cpt_data
         assert main(["export", str(out), "--out", str(tmp_path / "e2"), "--push-to-hub", "me/x"]) == 1
     finally:
         del os.environ["HF_HUB_OFFLINE"]
-    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().out
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
     assert main(["export", str(out), "--out", str(tmp_path / "e2"), "--push-to-hub", "me/x/y"]) == 1
-    assert "give a hub repository as NAME or ORG/NAME" in capsys.readouterr().out
+    assert "give a hub repository as NAME or ORG/NAME" in capsys.readouterr().err
     assert not (tmp_path / "e2").exists()  # (both refused before the export's work)
     assert not (hub.root / "me/x").exists()
 

@@ -264,7 +264,7 @@ def test_export_refusals_are_one_line(lora_run, tiny_base, tmp_path, capsys):
     from cpt.cli import main
 
     assert main(["export", str(tiny_base.parent), "--out", str(tmp_path / "x")]) == 1  # checkpoint.every was off
-    assert "no valid checkpoint" in capsys.readouterr().out
+    assert "no valid checkpoint" in capsys.readouterr().err
     full = tmp_path / "full" / "step_00000003"
     shutil.copytree(lora_run[0] / "run" / "checkpoints" / "step_00000003", full)
     cfg = yaml.safe_load((full / "config.yaml").read_text())
@@ -272,8 +272,8 @@ def test_export_refusals_are_one_line(lora_run, tiny_base, tmp_path, capsys):
     (full / "config.yaml").write_text(yaml.safe_dump(cfg))
     write_checksums(full)
     assert main(["export", str(full), "--out", str(tmp_path / "y"), "--adapter"]) == 1
-    out = capsys.readouterr().out
-    assert "--adapter needs a LoRA run" in out and len(out.strip().splitlines()) == 1
+    out = capsys.readouterr()
+    assert "--adapter needs a LoRA run" in out.err and len(out.err.strip().splitlines()) == 1 and not out.out
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

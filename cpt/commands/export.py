@@ -9,6 +9,7 @@ peft adapter with `--adapter`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def shard_size(text: str) -> str | int:
@@ -47,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.adapter and args.dtype not in (None, "fp32"):
         print(f"cpt export: --dtype {args.dtype} applies to full models; --adapter writes the peft adapter as peft "
-              "does (fp32): drop --dtype, or drop --adapter for the merged model in that dtype")
+              "does (fp32): drop --dtype, or drop --adapter for the merged model in that dtype", file=sys.stderr)
         return 1
     from cpt.hub import HubPushError, card_for_checkpoint, check_push_target, push_folder
 
     if args.push_to_hub and (problem := check_push_target(args.push_to_hub)):  # (before the export's work)
-        print(f"cpt export: {problem}")
+        print(f"cpt export: {problem}", file=sys.stderr)
         return 1
     try:
         out = export_checkpoint(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype,
@@ -62,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                               card=card_for_checkpoint(out, args.checkpoint, args.push_to_hub.split("/")[-1]))
             print(f"pushed {out} to {url}")
     except HubPushError as e:
-        print(f"cpt export: {e}")
+        print(f"cpt export: {e}", file=sys.stderr)
         return 1
     except ModelLoadError as e:  # the base model or tokenizer moved, or a hub id while offline
         print(f"cpt export: {e}; the export rebuilds the run's model from the model section of the checkpoint's "
-              "config.yaml, which must still load")
+              "config.yaml, which must still load", file=sys.stderr)
         return 1
     except (CheckpointError, ConsolidateError, ExportFolderError, FileNotFoundError) as e:
-        print(f"cpt export: {e}")
+        print(f"cpt export: {e}", file=sys.stderr)
         return 1
     return 0
