@@ -221,7 +221,18 @@ def require_safetensors(source: str | os.PathLike, what: str = "model") -> bool:
             f"{what} {source}: no *.safetensors weights ({found}); cpt loads safetensors only. Convert once with "
             "transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
         )
+    if p.is_dir():
+        check_weight_files(sorted(p.glob("*.safetensors")), f"{what} {source}")
     return True
+
+
+def check_weight_files(files, what: str) -> None:
+    """A truncated or damaged weight file is one line naming it (safetensors' own error names no file)."""
+    from cpt.fileio import safetensors_damage
+
+    for f in files:
+        if damage := safetensors_damage(f):
+            raise ModelLoadError(f"{what}: {damage}; copy, download or export it again")
 
 
 def require_adapter_safetensors(adapter_dir: str | os.PathLike) -> None:
@@ -231,6 +242,7 @@ def require_adapter_safetensors(adapter_dir: str | os.PathLike) -> None:
         found = " (it holds adapter_model.bin, a pickle)" if (d / "adapter_model.bin").is_file() else ""
         raise ModelLoadError(f"adapter {d}: no adapter_model.safetensors{found}; cpt loads safetensors only. "
                              "Convert once with peft: PeftModel.from_pretrained(...).save_pretrained(DIR, safe_serialization=True)")
+    check_weight_files([d / "adapter_model.safetensors"], f"adapter {d}")
 
 
 def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: torch.dtype | None = None):

@@ -542,3 +542,30 @@ def test_optimizer_state_of_other_trainable_parameters_is_refused(tiny_cpt_data,
     branch["train"]["init_optimizer"] = False
     branch["optim"] = {"lr_multipliers": {"embed_tokens": 0.5}}
     assert main(["train", str(write(branch, tmp_path / "n.yaml"))]) == 0
+
+
+def test_truncated_weight_files_are_one_line_naming_the_file(tiny_base, tmp_path, capsys):
+    """A model or adapter whose .safetensors file was cut short (an interrupted copy or download) is one error line
+    naming the file in every command that reads it; safetensors' own error ("Error while deserializing header:
+    invalid header length") was a traceback naming no file."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_base, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # header whole, tensor data cut
+    heldout = f"x={tmp_path}:upstream"
+    for argv in (["average", str(tmp_path / "avg"), str(tiny_base), str(cut)], ["eval", str(cut), "--heldout", heldout],
+                 ["interpolate", str(tiny_base), str(cut), "--heldout", heldout]):
+        assert main(argv) == 1
+        line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: ")
+        assert f"{cut}: model.safetensors has" in line and "truncated" in line, line
+    assert not (tmp_path / "avg").exists()
+    weights.write_bytes(b"")  # an empty file: not even a header
+    assert main(["average", str(tmp_path / "avg"), str(tiny_base), str(cut)]) == 1
+    assert "model.safetensors is truncated or not a safetensors file (0 bytes)" in capsys.readouterr().err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_base)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt merge: error: ")
+    assert "adapter_model.safetensors" in line and not (tmp_path / "merged").exists()
