@@ -75,7 +75,7 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
     path itself or up to two folders up, read as the run read it): the defaults of the flags named in the module
     docstring; None outside a run."""
     from cpt.config import load_config
-    from cpt.resume import run_dir_around
+    from cpt.resume import run_dir_around, run_relative
     from eval_harness.benchmarks import lm_eval_context
 
     d = run_dir_around(checkpoint)
@@ -90,21 +90,6 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
             "set_max_tokens": {h.name: h.max_tokens for h in cfg.data.heldout},
             "heldout": [(h.name, run_relative(h.path, d, cfg.run.output_dir), h.tag) for h in cfg.data.heldout],
             "tasks": [t.name for t in lm.tasks]}
-
-
-def run_relative(path: str, run_dir: Path, output_dir: str) -> str:
-    """A relative path of a run's config (a held-out set), as the run read it: from the directory the run was started
-    in, which is ``run_dir`` less its relative ``output_dir`` (``/jobs/x`` for ``/jobs/x/runs/a`` and ``runs/a``),
-    when the path exists there; else ``path`` as written (from the current directory; absolute and remote paths are
-    never changed)."""
-    rel, out = Path(path), Path(output_dir)
-    if "://" in path or rel.is_absolute() or out.is_absolute() or ".." in out.parts or not out.parts:
-        return path
-    n = len(out.parts)
-    if run_dir.parts[-n:] != out.parts:
-        return path
-    found = Path(*run_dir.parts[:-n]) / rel
-    return str(found) if found.exists() else path
 
 
 def add_heldout_sample_flags(parser: argparse.ArgumentParser, seq_len_else: str) -> None:
