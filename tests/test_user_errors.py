@@ -569,3 +569,18 @@ def test_truncated_weight_files_are_one_line_naming_the_file(tiny_base, tmp_path
     assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt merge: error: ")
     assert "adapter_model.safetensors" in line and not (tmp_path / "merged").exists()
+
+
+def test_eval_and_interpolate_results_file_that_cannot_be_written_is_refused_first(tiny_base, tiny_cpt_data, tmp_path,
+                                                                                   capsys):
+    """`cpt eval --out DIR` / `cpt interpolate --json DIR` (a folder, or a path under a file): refused in one line
+    before anything is evaluated; the write at the end failed with an IsADirectoryError traceback and lost the scores."""
+    heldout = f"s={tiny_cpt_data / 'data' / 'shakespeare' / 'heldout'}:upstream"
+    (tmp_path / "file").write_text("x")
+    for argv in (["eval", str(tiny_base), "--heldout", heldout, "--out", str(tmp_path)],
+                 ["eval", str(tiny_base), "--heldout", heldout, "--out", str(tmp_path / "file" / "r.json")],
+                 ["interpolate", str(tiny_base), str(tiny_base), "--heldout", heldout, "--json", str(tmp_path)]):
+        assert main(argv) == 1
+        line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: --")
+        assert "is a folder; give a file path" in line or "is a file, not a folder" in line, line
+    assert (tmp_path / "file").read_text() == "x"

@@ -281,8 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def json_target_problem(path: str | None, flag: str) -> str | None:
+    """Why a results file cannot be written at ``path`` (a folder there, or a file where a parent folder should be),
+    said before the evaluation runs: the write at its end failed with a traceback and lost the scores."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return f"{flag} {path} is a folder; give a file path (e.g. {p / 'results.json'})"
+    blocker = next((a for a in p.parents if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{flag} {path}: {blocker} is a file, not a folder"
+    return None
+
+
 def _main(argv: list[str] | None, stack: ExitStack) -> int:
     args = build_parser().parse_args(argv)
+    if problem := json_target_problem(args.out, "--out"):
+        print(f"cpt eval: error: {problem}", file=sys.stderr)
+        return 1
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     from cpt.checkpoint import CheckpointError

@@ -78,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.export import ExportFolderError, check_export_target, write_hf
     from cpt.model import ModelLoadError
 
+    from cpt.commands.eval import json_target_problem
+
     try:
         if args.out is not None:  # before the sweep: the saved model replaces --out whole
             check_export_target(args.out, (run_export(args.base), run_export(args.cpt)), "one of the two models")
+        if problem := json_target_problem(args.json, "--json"):  # (before the sweep: written at its end)
+            raise ExportFolderError(problem)
     except ExportFolderError as e:
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
