@@ -18,6 +18,7 @@ from cpt.data.shards import vocab_size
 from cpt.export import DEFAULT_MAX_SHARD_SIZE, check_export_target, write_hf
 
 log = logging.getLogger("cpt.model")
+_ARCH_WARNED: set[str] = set()
 
 
 class ModelLoadError(ValueError):
@@ -79,6 +80,13 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_f
         field = "train.init_from" if weights_from else "model.name_or_path"
         config = _load(field, source, AutoConfig.from_pretrained, source, revision=None if weights_from else cfg.revision,
                        trust_remote_code=cfg.trust_remote_code)
+        unused = {k: (v, getattr(config, k)) for k, v in (cfg.arch or {}).items()
+                  if hasattr(config, k) and getattr(config, k) != v}
+        said = ", ".join(f"{k}: {v!r} (the model's: {m!r})" for k, (v, m) in unused.items())
+        if unused and said not in _ARCH_WARNED:  # (was silent: `--set model.arch.hidden_size=...` with an init_from
+            _ARCH_WARNED.add(said)  # trained the loaded model as it was); once per process (the config is built twice)
+            log.warning(f"model.arch is not applied to a model loaded from {field} {source}: {said}; "
+                        "model.config_overrides changes a loaded model's config")
     else:
         ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         # a pad id that is also eos or bos (load_tokenizer's pad = eos) would make that real token the embedding's

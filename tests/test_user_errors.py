@@ -584,3 +584,15 @@ def test_eval_and_interpolate_results_file_that_cannot_be_written_is_refused_fir
         line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: --")
         assert "is a folder; give a file path" in line or "is a file, not a folder" in line, line
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_model_arch_that_a_loaded_model_does_not_have_is_said(tiny_cpt_data, tiny_base, tmp_path, caplog):
+    """`--set model.arch.hidden_size=...` in a run that starts from an HF model (train.init_from): the model is loaded
+    as it was saved, so the setting is not applied; that was silent (the run trained the loaded model's shape)."""
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["train"]["init_from"] = str(tiny_base)
+    path = write(cfg, tmp_path / "c.yaml")
+    with caplog.at_level("WARNING", logger="cpt.model"):
+        assert main(["train", str(path), "--dry-run", "--set", "model.arch.num_hidden_layers=5"]) == 0
+    said = [r.getMessage() for r in caplog.records if "model.arch is not applied" in r.getMessage()]
+    assert len(said) == 1 and "num_hidden_layers: 5 (the model's: 2)" in said[0] and str(tiny_base) in said[0], said
