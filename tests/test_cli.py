@@ -188,3 +188,14 @@ def test_ctrl_c_is_one_line_not_a_traceback(tiny_cpt_data, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("cpt train: interrupted; continue from its last checkpoint"), err
+
+
+def test_anneal_of_zero_steps_is_refused_not_dropped(tmp_path, capsys):
+    """`cpt train CFG --from CKPT --anneal 0` (a script's computed N) was dropped silently: a plain run from CKPT
+    instead of the anneal branch asked for. Now the field's own check refuses it, before anything loads."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"name": "s", "output_dir": str(tmp_path / "run")}, "model": {"name_or_path": "x"},
+                                   "data": {"seq_len": 8, "sources": [{"name": "a", "path": "a"}]},
+                                   "stages": [{"name": "s", "steps": 10, "mix": {"a": 1.0}}]}))
+    assert main(["train", str(cfg), "--from", str(tmp_path), "--anneal", "0", "--dry-run"]) == 2
+    assert "train.anneal_steps: Input should be greater than 0" in capsys.readouterr().err
