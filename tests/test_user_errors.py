@@ -596,3 +596,18 @@ def test_model_arch_that_a_loaded_model_does_not_have_is_said(tiny_cpt_data, tin
         assert main(["train", str(path), "--dry-run", "--set", "model.arch.num_hidden_layers=5"]) == 0
     said = [r.getMessage() for r in caplog.records if "model.arch is not applied" in r.getMessage()]
     assert len(said) == 1 and "num_hidden_layers: 5 (the model's: 2)" in said[0] and str(tiny_base) in said[0], said
+
+
+def test_an_export_inside_a_checkpoint_is_refused(trunk, tiny_base, capsys):
+    """`--out` inside a resume checkpoint (`RUN/checkpoints/step_N/merged`): written there, the export was deleted with
+    the checkpoint when the run pruned it (checkpoint.keep), and the checkpoint held a folder it did not write.
+    `cpt export`, `cpt average` and `cpt merge` now refuse it in one line; the checkpoint is left as it was."""
+    _, out, _ = trunk
+    ckpt = out / "checkpoints" / "step_00000006"
+    before = snapshot(ckpt)
+    for argv in (["export", str(ckpt), "--out", str(ckpt / "merged")],
+                 ["average", str(ckpt / "avg"), str(tiny_base), str(ckpt)]):
+        assert main(argv) == 1
+        line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: ")
+        assert f"lies inside the checkpoint {ckpt}" in line, line
+    assert snapshot(ckpt) == before

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+        from cpt.export import check_export_target  # (first: a scratch export beside OUT is written before it is used)
+
+        check_export_target(args.out, args.checkpoints, "one of the checkpoints being averaged (OUT comes first)")
         out = average_checkpoints(args.checkpoints, args.out, weights=weights,
                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
     except (ValueError, OSError, CheckpointError) as e:  # not safetensors, different tensors, bad weights, a
