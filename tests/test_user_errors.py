@@ -611,3 +611,19 @@ def test_an_export_inside_a_checkpoint_is_refused(trunk, tiny_base, capsys):
         line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: ")
         assert f"lies inside the checkpoint {ckpt}" in line, line
     assert snapshot(ckpt) == before
+
+
+def test_a_damaged_run_config_is_one_line_for_eval_and_interpolate(tiny_base, tiny_cpt_data, tmp_path, capsys):
+    """`cpt eval RUN` / `cpt interpolate BASE RUN` read the run's config.yaml for its evaluation settings: an empty or
+    cut one was a ConfigError traceback; now one line naming the file."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base, run / "export")
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    heldout = f"s={tiny_cpt_data / 'data' / 'shakespeare' / 'heldout'}:upstream"
+    for text in ("", "run: [\n"):
+        (run / "config.yaml").write_text(text)
+        for argv in (["eval", str(run), "--heldout", heldout],
+                     ["interpolate", str(tiny_base), str(run), "--heldout", heldout]):
+            assert main(argv) == 1
+            line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: {run / 'config.yaml'}: ")
+            assert "Field required" in line or "not valid YAML" in line, line

@@ -81,7 +81,13 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
     d = run_dir_around(checkpoint)
     if d is None:
         return None
-    cfg = load_config(d / "config.yaml")
+    from cpt.config import ConfigError
+
+    try:
+        cfg = load_config(d / "config.yaml")
+    except ConfigError as e:  # a damaged run config (empty, cut, hand-edited): one line naming it, not a traceback
+        said = " ".join(str(e).split())
+        raise ConfigError(said if str(d / "config.yaml") in said else f"{d / 'config.yaml'}: {said}") from None
     lm = cfg.eval.lm_eval
     return {"run": d, "max_length": lm_eval_context(cfg), "seed": cfg.run.seed if lm.seed is None else lm.seed,
             "bootstrap_iters": lm.bootstrap_iters, "task_limits": {t.name: t.limit or lm.limit for t in lm.tasks},
@@ -250,8 +256,14 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cpt.config import ConfigError
+
     with ExitStack() as stack:  # what cpt checkpoints were exported into, removed however the evaluation ends
-        return _main(argv, stack)
+        try:
+            return _main(argv, stack)
+        except ConfigError as e:  # the run's config.yaml, read for its evaluation settings (run_eval_settings)
+            print(f"cpt eval: error: {e}", file=sys.stderr)
+            return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
