@@ -253,6 +253,18 @@ def require_adapter_safetensors(adapter_dir: str | os.PathLike) -> None:
     check_weight_files([d / "adapter_model.safetensors"], f"adapter {d}")
 
 
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """A peft adapter's adapter_config.json; an unreadable one is one ModelLoadError line naming it."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    return cfg
+
+
 def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: torch.dtype | None = None):
     """Load base model + adapter as a ``PeftModel`` (and the tokenizer: the adapter's own if saved, else the base's).
 
@@ -265,15 +277,15 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     cfg_path = adir / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adir} is not a peft adapter directory (no adapter_config.json)")
-    acfg = json.loads(cfg_path.read_text())
+    acfg = read_adapter_config(adir)
     base = base or acfg.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{cfg_path} names no base model; pass base=... (cpt merge --base)")
     require_adapter_safetensors(adir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", trust_remote_code=False,
-                                                 use_safetensors=require_safetensors(base, "base model"))
+    model = _load("base model", base, AutoModelForCausalLM.from_pretrained, base, dtype=dtype or "auto",
+                  trust_remote_code=False, use_safetensors=require_safetensors(base, "base model"))  # (moved: one line)
     tok_src = adir if (adir / "tokenizer_config.json").is_file() else Path(base)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False)
+    tokenizer = _load("tokenizer", str(tok_src), AutoTokenizer.from_pretrained, str(tok_src), trust_remote_code=False)
     sidecar = adir / ADAPTER_SIDECAR
     n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
     if n_rows != model.get_input_embeddings().weight.shape[0]:
@@ -295,7 +307,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer, in
     ``dtype`` (None: the dtype the base was saved in)."""
     acfg = Path(adapter_dir) / "adapter_config.json"
-    recorded = json.loads(acfg.read_text()).get("base_model_name_or_path") if acfg.is_file() else None
+    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path") if acfg.is_file() else None
     out = check_export_target(out_dir, (adapter_dir, base or recorded), "the adapter or its base model")
     peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
     # written like every export: replaces an earlier export's folder whole (no stale shards or index left)

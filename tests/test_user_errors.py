@@ -627,3 +627,27 @@ def test_a_damaged_run_config_is_one_line_for_eval_and_interpolate(tiny_base, ti
             assert main(argv) == 1
             line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: {run / 'config.yaml'}: ")
             assert "Field required" in line or "not valid YAML" in line, line
+
+
+def test_an_adapter_whose_base_is_gone_or_whose_config_is_broken_is_one_line(tiny_base, tiny_cpt_data, tmp_path,
+                                                                            capsys):
+    """`cpt merge` / `cpt eval` of a peft adapter whose recorded base folder was moved away (OSError 'Repo id must
+    be in the form ...'), or whose adapter_config.json is cut (JSONDecodeError), and `cpt eval` of an export with a
+    cut config.json: each was a traceback, now one line naming what could not be read."""
+    heldout = f"s={tiny_cpt_data / 'data' / 'shakespeare' / 'heldout'}:upstream"
+    gone, broken, export = tmp_path / "gone", tmp_path / "broken", tmp_path / "export"
+    for d in (gone, broken):
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # (a valid empty file)
+    (gone / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "moved")}))
+    (broken / "adapter_config.json").write_text("{")
+    shutil.copytree(tiny_base, export)
+    (export / "config.json").write_text("{")
+    cases = [(gone, f"base model '{tmp_path / 'moved'}'"), (broken, f"{broken / 'adapter_config.json'}: cannot be read")]
+    for folder, said in cases:
+        for argv in (["merge", str(folder), "--out", str(tmp_path / "m")], ["eval", str(folder), "--heldout", heldout]):
+            assert main(argv) == 1
+            assert said in one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: ")
+    assert main(["eval", str(export), "--heldout", heldout]) == 1
+    assert f"model '{export}'" in one_error_line(capsys.readouterr().err, "cpt eval: error: ")
+    assert not (tmp_path / "m").exists()
