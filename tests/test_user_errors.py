@@ -651,3 +651,15 @@ def test_an_adapter_whose_base_is_gone_or_whose_config_is_broken_is_one_line(tin
     assert main(["eval", str(export), "--heldout", heldout]) == 1
     assert f"model '{export}'" in one_error_line(capsys.readouterr().err, "cpt eval: error: ")
     assert not (tmp_path / "m").exists()
+
+
+def test_average_refuses_a_cut_config_it_would_copy(tiny_base, tmp_path, capsys):
+    """`cpt average OUT A B` copies A's config.json into OUT: a cut one was copied as it was (exit 0, an output that
+    then did not load); now one line naming it, and no OUT."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_base, cut)
+    (cut / "config.json").write_text("{")
+    assert main(["average", str(tmp_path / "avg"), str(cut), str(tiny_base)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt average: error: ")
+    assert f"{cut / 'config.json'}: cannot be read (JSONDecodeError" in line, line
+    assert not (tmp_path / "avg").exists()
