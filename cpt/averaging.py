@@ -149,6 +149,9 @@ def weight_files(ckpt: str | Path) -> tuple[str, dict[str, Path]]:
     d = Path(ckpt)
     from safetensors import safe_open
 
+    from cpt.model import check_weight_files  # a truncated file: one ModelLoadError line naming it
+
+    check_weight_files(sorted(d.glob("*.safetensors")) if d.is_dir() else [], f"checkpoint {d}")
     if (d / _INDEX_FILE).is_file():
         index = json.loads((d / _INDEX_FILE).read_text())
         return "model", {k: d / v for k, v in index["weight_map"].items()}

@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `cpt schedule CONFIG | head`: the reader is gone, which is no error (was a traceback)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
         return 128 + signal.SIGPIPE  # what a process killed by SIGPIPE reports, as `cat`'s would
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT): one line, not a traceback from wherever it landed; the outputs are
+        # written atomically (staging folders, tmp + rename), so what was there before stays whole
+        hint = ("; continue from its last checkpoint with --resume (SIGTERM or SIGUSR1 saves one before stopping)"
+                if name == "train" else "")
+        print(f"cpt {name}: interrupted{hint}", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

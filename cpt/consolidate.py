@@ -383,7 +383,9 @@ def checkpoint_config(ckpt: str | os.PathLike):
     p = Path(ckpt) / "config.yaml"
     if not p.is_file():
         raise ConsolidateError(f"{ckpt}: no config.yaml (not a cpt checkpoint)")
-    return load_config(str(p))
+    from cpt.resume import as_the_run_read_it, run_dir_of
+
+    return as_the_run_read_it(load_config(str(p)), run_dir_of(ckpt))  # (relative paths: from where the run started)
 
 
 def run_export(path):

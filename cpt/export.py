@@ -79,6 +79,10 @@ def check_export_target(out_dir: str | os.PathLike, inputs=(), inputs_are: str =
         raise ExportFolderError(f"--out {out_dir} is {inputs_are}; give another folder")
     if out.exists() and not out.is_dir():
         raise ExportFolderError(f"--out {out_dir}: a file, not a folder")
+    inside = next((a for a in out.parents if (a / "trainer_state.json").is_file()), None)  # (cpt.checkpoint.TRAINER_STATE)
+    if inside is not None:  # (was written there: the checkpoint's pruning by checkpoint.keep then deleted the export)
+        raise ExportFolderError(f"--out {out_dir} lies inside the checkpoint {inside}, which its run prunes or replaces; "
+                                "give a folder outside it")
     if out.is_dir() and any(out.iterdir()) and not any((out / m).is_file() for m in MODEL_DIR_MARKERS):
         raise ExportFolderError(f"--out {out_dir}: the folder holds files that are not a model export, which the export "
                                "would replace; give a new or empty folder (or an earlier export's, replaced whole)")

@@ -181,3 +181,26 @@ def free_bytes(path: str | os.PathLike) -> int | None:
         return shutil.disk_usage(p).free
     except OSError:
         return None
+
+
+def safetensors_damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with a ``.safetensors`` file, in words, or None when its header is whole and its size is the one
+    the header promises (reads the header only: a truncated download or copy, an empty file, a file of another
+    kind). The safetensors library reports these as "Error while deserializing header" without naming the file."""
+    import json
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                return f"{p.name} is truncated or not a safetensors file ({size:,} bytes)"
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"{p.name} has a damaged safetensors header ({type(e).__name__})"
+    if size != 8 + n + end:
+        return f"{p.name} has {size:,} bytes, its header says {8 + n + end:,} (truncated?)"
+    return None

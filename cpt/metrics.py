@@ -61,9 +61,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             if not line:
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
+            if isinstance(record, dict):  # (not a record: another program's line; report's plots expected a dict)
+                records.append(record)
     return records
 
 

@@ -18,6 +18,7 @@ from cpt.data.shards import vocab_size
 from cpt.export import DEFAULT_MAX_SHARD_SIZE, check_export_target, write_hf
 
 log = logging.getLogger("cpt.model")
+_ARCH_WARNED: set[str] = set()
 
 
 class ModelLoadError(ValueError):
@@ -79,6 +80,13 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_f
         field = "train.init_from" if weights_from else "model.name_or_path"
         config = _load(field, source, AutoConfig.from_pretrained, source, revision=None if weights_from else cfg.revision,
                        trust_remote_code=cfg.trust_remote_code)
+        unused = {k: (v, getattr(config, k)) for k, v in (cfg.arch or {}).items()
+                  if hasattr(config, k) and getattr(config, k) != v}
+        said = ", ".join(f"{k}: {v!r} (the model's: {m!r})" for k, (v, m) in unused.items())
+        if unused and said not in _ARCH_WARNED:  # (was silent: `--set model.arch.hidden_size=...` with an init_from
+            _ARCH_WARNED.add(said)  # trained the loaded model as it was); once per process (the config is built twice)
+            log.warning(f"model.arch is not applied to a model loaded from {field} {source}: {said}; "
+                        "model.config_overrides changes a loaded model's config")
     else:
         ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         # a pad id that is also eos or bos (load_tokenizer's pad = eos) would make that real token the embedding's
@@ -221,7 +229,18 @@ def require_safetensors(source: str | os.PathLike, what: str = "model") -> bool:
             f"{what} {source}: no *.safetensors weights ({found}); cpt loads safetensors only. Convert once with "
             "transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
         )
+    if p.is_dir():
+        check_weight_files(sorted(p.glob("*.safetensors")), f"{what} {source}")
     return True
+
+
+def check_weight_files(files, what: str) -> None:
+    """A truncated or damaged weight file is one line naming it (safetensors' own error names no file)."""
+    from cpt.fileio import safetensors_damage
+
+    for f in files:
+        if damage := safetensors_damage(f):
+            raise ModelLoadError(f"{what}: {damage}; copy, download or export it again")
 
 
 def require_adapter_safetensors(adapter_dir: str | os.PathLike) -> None:
@@ -231,6 +250,19 @@ def require_adapter_safetensors(adapter_dir: str | os.PathLike) -> None:
         found = " (it holds adapter_model.bin, a pickle)" if (d / "adapter_model.bin").is_file() else ""
         raise ModelLoadError(f"adapter {d}: no adapter_model.safetensors{found}; cpt loads safetensors only. "
                              "Convert once with peft: PeftModel.from_pretrained(...).save_pretrained(DIR, safe_serialization=True)")
+    check_weight_files([d / "adapter_model.safetensors"], f"adapter {d}")
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """A peft adapter's adapter_config.json; an unreadable one is one ModelLoadError line naming it."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    return cfg
 
 
 def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: torch.dtype | None = None):
@@ -245,15 +277,15 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     cfg_path = adir / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adir} is not a peft adapter directory (no adapter_config.json)")
-    acfg = json.loads(cfg_path.read_text())
+    acfg = read_adapter_config(adir)
     base = base or acfg.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{cfg_path} names no base model; pass base=... (cpt merge --base)")
     require_adapter_safetensors(adir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", trust_remote_code=False,
-                                                 use_safetensors=require_safetensors(base, "base model"))
+    model = _load("base model", base, AutoModelForCausalLM.from_pretrained, base, dtype=dtype or "auto",
+                  trust_remote_code=False, use_safetensors=require_safetensors(base, "base model"))  # (moved: one line)
     tok_src = adir if (adir / "tokenizer_config.json").is_file() else Path(base)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False)
+    tokenizer = _load("tokenizer", str(tok_src), AutoTokenizer.from_pretrained, str(tok_src), trust_remote_code=False)
     sidecar = adir / ADAPTER_SIDECAR
     n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
     if n_rows != model.get_input_embeddings().weight.shape[0]:
@@ -275,7 +307,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
     """Merge a LoRA adapter into its base model and save a plain HF model (safetensors) with the tokenizer, in
     ``dtype`` (None: the dtype the base was saved in)."""
     acfg = Path(adapter_dir) / "adapter_config.json"
-    recorded = json.loads(acfg.read_text()).get("base_model_name_or_path") if acfg.is_file() else None
+    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path") if acfg.is_file() else None
     out = check_export_target(out_dir, (adapter_dir, base or recorded), "the adapter or its base model")
     peft_model, tokenizer = load_adapter_model(adapter_dir, base=base, dtype=dtype)
     # written like every export: replaces an earlier export's folder whole (no stale shards or index left)

@@ -215,3 +215,31 @@ def check_resume_config(ckpt: Path, cfg: RunConfig) -> None:
             f"training trajectory: {'; '.join(changed[:12])}{more}. Restore them, start a new stage with train.init_from, or "
             "pass --allow-config-change to resume anyway"
         )
+
+
+def run_relative(path: str, run_dir: Path, output_dir: str) -> str:
+    """A relative path of a run's config (a held-out set), as the run read it: from the directory the run was started
+    in, which is ``run_dir`` less its relative ``output_dir`` (``/jobs/x`` for ``/jobs/x/runs/a`` and ``runs/a``),
+    when the path exists there; else ``path`` as written (from the current directory; absolute and remote paths are
+    never changed)."""
+    rel, out = Path(path), Path(output_dir)
+    if "://" in path or rel.is_absolute() or out.is_absolute() or ".." in out.parts or not out.parts:
+        return path
+    n = len(out.parts)
+    if run_dir.parts[-n:] != out.parts:
+        return path
+    found = Path(*run_dir.parts[:-n]) / rel
+    return str(found) if found.exists() else path
+
+
+def as_the_run_read_it(cfg: RunConfig, run_dir: str | os.PathLike | None) -> RunConfig:
+    """``cfg`` (a checkpoint's config.yaml) with its relative local model, tokenizer and ``train.init_from`` paths read
+    from the directory the run was started in (:func:`run_relative`), so that `cpt export` / `cpt average` of a
+    checkpoint work from any directory, as `cpt eval` does; unchanged outside a run directory."""
+    if run_dir is None:
+        return cfg
+    out = str(cfg.run.output_dir)
+    m = {k: run_relative(v, Path(run_dir), out) for k in ("name_or_path", "tokenizer") if (v := getattr(cfg.model, k))}
+    init = cfg.train.init_from and run_relative(str(cfg.train.init_from), Path(run_dir), out)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=m),
+                                  "train": cfg.train.model_copy(update={"init_from": init or cfg.train.init_from})})

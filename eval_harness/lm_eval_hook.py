@@ -423,30 +423,31 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
     The tokenizer is taken from the checkpoint (or adapter) directory when it has one, else from the base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpt.model import require_adapter_safetensors, require_safetensors
+    from cpt.model import _load, read_adapter_config, require_adapter_safetensors, require_safetensors
 
     path = Path(checkpoint)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     if (path / "adapter_config.json").exists():
-        import json
-
         from peft import PeftModel
 
-        base_name = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base_name = base or read_adapter_config(path).get("base_model_name_or_path")
         if not base_name:
             raise ValueError(f"{path}: adapter_config.json names no base model; pass --base")
         require_adapter_safetensors(path)
-        base_model = AutoModelForCausalLM.from_pretrained(base_name, use_safetensors=require_safetensors(base_name, "base model"),
-                                                          **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else base_name)
+        base_model = _load("base model", base_name, AutoModelForCausalLM.from_pretrained, base_name,
+                           use_safetensors=require_safetensors(base_name, "base model"), **kwargs)  # (gone: one line)
+        tok_src = str(path) if has_tokenizer else base_name
+        tokenizer = _load("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src)
         if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
             base_model.resize_token_embeddings(len(tokenizer))  # the adapter was trained with an extended vocabulary
         model = PeftModel.from_pretrained(base_model, str(path))
     elif (path / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=require_safetensors(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else (base or str(path)))
+        model = _load("model", str(path), AutoModelForCausalLM.from_pretrained, str(path),
+                      use_safetensors=require_safetensors(path), **kwargs)  # (a broken config.json: one line)
+        tok_src = str(path) if has_tokenizer else (base or str(path))
+        tokenizer = _load("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src)
     else:
         raise FileNotFoundError(f"{path}: neither an HF model directory (config.json) nor a LoRA adapter (adapter_config.json)")
     if device:

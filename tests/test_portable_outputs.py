@@ -306,7 +306,7 @@ def test_cpt_eval_of_a_run_reads_its_relative_heldout_paths_from_where_it_was_st
     directory (formerly: the shard directory not found, or another directory's set of the same name scored)."""
     import yaml
 
-    from cpt.commands.eval import run_relative
+    from cpt.resume import run_relative
     from cpt.metrics import read_metrics
 
     root, _ = lora_run
@@ -342,3 +342,29 @@ def main_eval(argv):
     from cpt.cli import main
 
     return main(argv)
+
+
+def test_cpt_export_of_a_run_reads_its_relative_model_paths_from_where_it_was_started(lora_run, tiny_cpt_data, tmp_path,
+                                                                                     monkeypatch):
+    """`cpt export RUN` (and `cpt average` of checkpoints, exported the same way) from another directory than the one
+    the run was started in: a model.name_or_path / model.tokenizer / train.init_from the config gave relative is read
+    from there, as `cpt eval` reads the held-out paths (formerly: 'model.name_or_path 'base': not a local model
+    directory and not loadable from the hub')."""
+    from cpt.cli import main
+    from cpt.config import load_config
+    from cpt.train import train
+
+    root, cfg = lora_run
+    launch = tmp_path / "job"
+    launch.mkdir()
+    (launch / "base").symlink_to(root / "base")
+    cfg = {**cfg, "run": {**cfg["run"], "output_dir": "runs/r"}, "stages": [{**cfg["stages"][0], "steps": 3}],
+           "checkpoint": {"every": 1, "export_at_end": False}, "eval": {"at_start": False}}
+    monkeypatch.chdir(launch)  # started here: output_dir and name_or_path relative to it
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run = launch / "runs" / "r"
+    assert main(["export", str(run), "--out", "merged"]) == 0
+    assert (tmp_path / "elsewhere" / "merged" / "config.json").is_file()
+    assert main(["average", "avg", *map(str, sorted((run / "checkpoints").iterdir()))]) == 0

@@ -118,3 +118,19 @@ def test_a_set_is_drawn_where_its_run_tags_it(tmp_path):
     runs = [load_run(tmp_path / "ab"), load_run(tmp_path / "ba")]
     up = {name: [(r.label, key) for r, key, _ in members] for name, members in heldout_groups(runs, "upstream")}
     assert up == {"a": [("ab", "eval/a/loss")], "b": [("ba", "eval/b/loss")]}
+
+
+def test_lines_that_are_not_records_and_an_out_that_is_a_file(tmp_path, capsys):
+    """A metrics.jsonl line that is JSON but not a record (another program's `[...]` or `3` appended to it) is skipped
+    like a torn line (was AttributeError: 'list' object has no attribute 'keys'); --out naming a file is one line
+    (was a FileExistsError traceback)."""
+    write_run(tmp_path / "a", bump=0.1, tokens_per_step=50)
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "a" / "metrics.jsonl").write_text("\n".join(lines[:3] + ["[1, 2]", "3", '"x"'] + lines[3:]) + "\n")
+    assert report_main([str(tmp_path / "a"), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.html").is_file()
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert report_main([str(tmp_path / "a"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == f"cpt report: --out {out}: {tmp_path / 'file'} is a file, not a folder", err

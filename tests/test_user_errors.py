@@ -542,3 +542,124 @@ def test_optimizer_state_of_other_trainable_parameters_is_refused(tiny_cpt_data,
     branch["train"]["init_optimizer"] = False
     branch["optim"] = {"lr_multipliers": {"embed_tokens": 0.5}}
     assert main(["train", str(write(branch, tmp_path / "n.yaml"))]) == 0
+
+
+def test_truncated_weight_files_are_one_line_naming_the_file(tiny_base, tmp_path, capsys):
+    """A model or adapter whose .safetensors file was cut short (an interrupted copy or download) is one error line
+    naming the file in every command that reads it; safetensors' own error ("Error while deserializing header:
+    invalid header length") was a traceback naming no file."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_base, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # header whole, tensor data cut
+    heldout = f"x={tmp_path}:upstream"
+    for argv in (["average", str(tmp_path / "avg"), str(tiny_base), str(cut)], ["eval", str(cut), "--heldout", heldout],
+                 ["interpolate", str(tiny_base), str(cut), "--heldout", heldout]):
+        assert main(argv) == 1
+        line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: ")
+        assert f"{cut}: model.safetensors has" in line and "truncated" in line, line
+    assert not (tmp_path / "avg").exists()
+    weights.write_bytes(b"")  # an empty file: not even a header
+    assert main(["average", str(tmp_path / "avg"), str(tiny_base), str(cut)]) == 1
+    assert "model.safetensors is truncated or not a safetensors file (0 bytes)" in capsys.readouterr().err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_base)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt merge: error: ")
+    assert "adapter_model.safetensors" in line and not (tmp_path / "merged").exists()
+
+
+def test_eval_and_interpolate_results_file_that_cannot_be_written_is_refused_first(tiny_base, tiny_cpt_data, tmp_path,
+                                                                                   capsys):
+    """`cpt eval --out DIR` / `cpt interpolate --json DIR` (a folder, or a path under a file): refused in one line
+    before anything is evaluated; the write at the end failed with an IsADirectoryError traceback and lost the scores."""
+    heldout = f"s={tiny_cpt_data / 'data' / 'shakespeare' / 'heldout'}:upstream"
+    (tmp_path / "file").write_text("x")
+    for argv in (["eval", str(tiny_base), "--heldout", heldout, "--out", str(tmp_path)],
+                 ["eval", str(tiny_base), "--heldout", heldout, "--out", str(tmp_path / "file" / "r.json")],
+                 ["interpolate", str(tiny_base), str(tiny_base), "--heldout", heldout, "--json", str(tmp_path)]):
+        assert main(argv) == 1
+        line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: --")
+        assert "is a folder; give a file path" in line or "is a file, not a folder" in line, line
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_model_arch_that_a_loaded_model_does_not_have_is_said(tiny_cpt_data, tiny_base, tmp_path, caplog):
+    """`--set model.arch.hidden_size=...` in a run that starts from an HF model (train.init_from): the model is loaded
+    as it was saved, so the setting is not applied; that was silent (the run trained the loaded model's shape)."""
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["train"]["init_from"] = str(tiny_base)
+    path = write(cfg, tmp_path / "c.yaml")
+    with caplog.at_level("WARNING", logger="cpt.model"):
+        assert main(["train", str(path), "--dry-run", "--set", "model.arch.num_hidden_layers=5"]) == 0
+    said = [r.getMessage() for r in caplog.records if "model.arch is not applied" in r.getMessage()]
+    assert len(said) == 1 and "num_hidden_layers: 5 (the model's: 2)" in said[0] and str(tiny_base) in said[0], said
+
+
+def test_an_export_inside_a_checkpoint_is_refused(trunk, tiny_base, capsys):
+    """`--out` inside a resume checkpoint (`RUN/checkpoints/step_N/merged`): written there, the export was deleted with
+    the checkpoint when the run pruned it (checkpoint.keep), and the checkpoint held a folder it did not write.
+    `cpt export`, `cpt average` and `cpt merge` now refuse it in one line; the checkpoint is left as it was."""
+    _, out, _ = trunk
+    ckpt = out / "checkpoints" / "step_00000006"
+    before = snapshot(ckpt)
+    for argv in (["export", str(ckpt), "--out", str(ckpt / "merged")],
+                 ["average", str(ckpt / "avg"), str(tiny_base), str(ckpt)]):
+        assert main(argv) == 1
+        line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: ")
+        assert f"lies inside the checkpoint {ckpt}" in line, line
+    assert snapshot(ckpt) == before
+
+
+def test_a_damaged_run_config_is_one_line_for_eval_and_interpolate(tiny_base, tiny_cpt_data, tmp_path, capsys):
+    """`cpt eval RUN` / `cpt interpolate BASE RUN` read the run's config.yaml for its evaluation settings: an empty or
+    cut one was a ConfigError traceback; now one line naming the file."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_base, run / "export")
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    heldout = f"s={tiny_cpt_data / 'data' / 'shakespeare' / 'heldout'}:upstream"
+    for text in ("", "run: [\n"):
+        (run / "config.yaml").write_text(text)
+        for argv in (["eval", str(run), "--heldout", heldout],
+                     ["interpolate", str(tiny_base), str(run), "--heldout", heldout]):
+            assert main(argv) == 1
+            line = one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: {run / 'config.yaml'}: ")
+            assert "Field required" in line or "not valid YAML" in line, line
+
+
+def test_an_adapter_whose_base_is_gone_or_whose_config_is_broken_is_one_line(tiny_base, tiny_cpt_data, tmp_path,
+                                                                            capsys):
+    """`cpt merge` / `cpt eval` of a peft adapter whose recorded base folder was moved away (OSError 'Repo id must
+    be in the form ...'), or whose adapter_config.json is cut (JSONDecodeError), and `cpt eval` of an export with a
+    cut config.json: each was a traceback, now one line naming what could not be read."""
+    heldout = f"s={tiny_cpt_data / 'data' / 'shakespeare' / 'heldout'}:upstream"
+    gone, broken, export = tmp_path / "gone", tmp_path / "broken", tmp_path / "export"
+    for d in (gone, broken):
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # (a valid empty file)
+    (gone / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "moved")}))
+    (broken / "adapter_config.json").write_text("{")
+    shutil.copytree(tiny_base, export)
+    (export / "config.json").write_text("{")
+    cases = [(gone, f"base model '{tmp_path / 'moved'}'"), (broken, f"{broken / 'adapter_config.json'}: cannot be read")]
+    for folder, said in cases:
+        for argv in (["merge", str(folder), "--out", str(tmp_path / "m")], ["eval", str(folder), "--heldout", heldout]):
+            assert main(argv) == 1
+            assert said in one_error_line(capsys.readouterr().err, f"cpt {argv[0]}: error: ")
+    assert main(["eval", str(export), "--heldout", heldout]) == 1
+    assert f"model '{export}'" in one_error_line(capsys.readouterr().err, "cpt eval: error: ")
+    assert not (tmp_path / "m").exists()
+
+
+def test_average_refuses_a_cut_config_it_would_copy(tiny_base, tmp_path, capsys):
+    """`cpt average OUT A B` copies A's config.json into OUT: a cut one was copied as it was (exit 0, an output that
+    then did not load); now one line naming it, and no OUT."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_base, cut)
+    (cut / "config.json").write_text("{")
+    assert main(["average", str(tmp_path / "avg"), str(cut), str(tiny_base)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt average: error: ")
+    assert f"{cut / 'config.json'}: cannot be read (JSONDecodeError" in line, line
+    assert not (tmp_path / "avg").exists()

@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+        from cpt.export import check_export_target  # (first: a scratch export beside OUT is written before it is used)
+
+        check_export_target(args.out, args.checkpoints, "one of the checkpoints being averaged (OUT comes first)")
+        _check_json_files(args.checkpoints)
         out = average_checkpoints(args.checkpoints, args.out, weights=weights,
                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
     except (ValueError, OSError, CheckpointError) as e:  # not safetensors, different tensors, bad weights, a
@@ -32,3 +36,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"averaged {len(args.checkpoints)} checkpoints into {out}")
     return 0
+
+
+def _check_json_files(checkpoints: list[str]) -> None:
+    """The config files an average copies or reads (config.json from the first, adapter_config.json) must parse: a cut
+    one was copied into OUT as it was, an output that then did not load."""
+    import json
+    from pathlib import Path
+
+    from cpt.consolidate import run_export
+
+    for ckpt in checkpoints:
+        for name in ("config.json", "adapter_config.json"):
+            f = Path(run_export(ckpt)) / name
+            if f.is_file():
+                try:
+                    json.loads(f.read_text())
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{f}: cannot be read ({type(e).__name__}: {e})") from None

@@ -75,13 +75,19 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
     path itself or up to two folders up, read as the run read it): the defaults of the flags named in the module
     docstring; None outside a run."""
     from cpt.config import load_config
-    from cpt.resume import run_dir_around
+    from cpt.resume import run_dir_around, run_relative
     from eval_harness.benchmarks import lm_eval_context
 
     d = run_dir_around(checkpoint)
     if d is None:
         return None
-    cfg = load_config(d / "config.yaml")
+    from cpt.config import ConfigError
+
+    try:
+        cfg = load_config(d / "config.yaml")
+    except ConfigError as e:  # a damaged run config (empty, cut, hand-edited): one line naming it, not a traceback
+        said = " ".join(str(e).split())
+        raise ConfigError(said if str(d / "config.yaml") in said else f"{d / 'config.yaml'}: {said}") from None
     lm = cfg.eval.lm_eval
     return {"run": d, "max_length": lm_eval_context(cfg), "seed": cfg.run.seed if lm.seed is None else lm.seed,
             "bootstrap_iters": lm.bootstrap_iters, "task_limits": {t.name: t.limit or lm.limit for t in lm.tasks},
@@ -90,21 +96,6 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
             "set_max_tokens": {h.name: h.max_tokens for h in cfg.data.heldout},
             "heldout": [(h.name, run_relative(h.path, d, cfg.run.output_dir), h.tag) for h in cfg.data.heldout],
             "tasks": [t.name for t in lm.tasks]}
-
-
-def run_relative(path: str, run_dir: Path, output_dir: str) -> str:
-    """A relative path of a run's config (a held-out set), as the run read it: from the directory the run was started
-    in, which is ``run_dir`` less its relative ``output_dir`` (``/jobs/x`` for ``/jobs/x/runs/a`` and ``runs/a``),
-    when the path exists there; else ``path`` as written (from the current directory; absolute and remote paths are
-    never changed)."""
-    rel, out = Path(path), Path(output_dir)
-    if "://" in path or rel.is_absolute() or out.is_absolute() or ".." in out.parts or not out.parts:
-        return path
-    n = len(out.parts)
-    if run_dir.parts[-n:] != out.parts:
-        return path
-    found = Path(*run_dir.parts[:-n]) / rel
-    return str(found) if found.exists() else path
 
 
 def add_heldout_sample_flags(parser: argparse.ArgumentParser, seq_len_else: str) -> None:
@@ -265,8 +256,14 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cpt.config import ConfigError
+
     with ExitStack() as stack:  # what cpt checkpoints were exported into, removed however the evaluation ends
-        return _main(argv, stack)
+        try:
+            return _main(argv, stack)
+        except ConfigError as e:  # the run's config.yaml, read for its evaluation settings (run_eval_settings)
+            print(f"cpt eval: error: {e}", file=sys.stderr)
+            return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,8 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def json_target_problem(path: str | None, flag: str) -> str | None:
+    """Why a results file cannot be written at ``path`` (a folder there, or a file where a parent folder should be),
+    said before the evaluation runs: the write at its end failed with a traceback and lost the scores."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return f"{flag} {path} is a folder; give a file path (e.g. {p / 'results.json'})"
+    blocker = next((a for a in p.parents if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"{flag} {path}: {blocker} is a file, not a folder"
+    return None
+
+
 def _main(argv: list[str] | None, stack: ExitStack) -> int:
     args = build_parser().parse_args(argv)
+    if problem := json_target_problem(args.out, "--out"):
+        print(f"cpt eval: error: {problem}", file=sys.stderr)
+        return 1
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     from cpt.checkpoint import CheckpointError

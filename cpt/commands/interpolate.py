@@ -78,15 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.export import ExportFolderError, check_export_target, write_hf
     from cpt.model import ModelLoadError
 
+    from cpt.commands.eval import json_target_problem
+
     try:
         if args.out is not None:  # before the sweep: the saved model replaces --out whole
             check_export_target(args.out, (run_export(args.base), run_export(args.cpt)), "one of the two models")
+        if problem := json_target_problem(args.json, "--json"):  # (before the sweep: written at its end)
+            raise ExportFolderError(problem)
     except ExportFolderError as e:
         print(f"cpt interpolate: error: {e}", file=sys.stderr)
         return 1
     from cpt.commands.eval import apply_run_defaults, run_eval_settings  # (its flags: add_heldout_sample_flags)
 
-    apply_run_defaults(args, run_eval_settings(args.cpt), lm_eval=False, heldout=True, prog="cpt interpolate")
+    from cpt.config import ConfigError
+
+    try:
+        settings = run_eval_settings(args.cpt)
+    except ConfigError as e:  # the run's config.yaml is damaged: one line naming it
+        print(f"cpt interpolate: error: {e}", file=sys.stderr)
+        return 1
+    apply_run_defaults(args, settings, lm_eval=False, heldout=True, prog="cpt interpolate")
     if args.seq_len is None:
         args.seq_len = 512
     try:

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     overrides = list(args.overrides)
     if args.init_from:
         overrides.append(f"train.init_from={args.init_from}")
-    if args.anneal:
+    if args.anneal is not None:  # (--anneal 0 was dropped: a plain run from --from instead of the branch asked for)
         overrides.append(f"train.anneal_steps={args.anneal}")
     if args.anneal_shape:
         overrides.append(f"train.anneal_shape={args.anneal_shape}")
