@@ -663,3 +663,17 @@ def test_average_refuses_a_cut_config_it_would_copy(tiny_base, tmp_path, capsys)
     line = one_error_line(capsys.readouterr().err, "cpt average: error: ")
     assert f"{cut / 'config.json'}: cannot be read (JSONDecodeError" in line, line
     assert not (tmp_path / "avg").exists()
+
+
+def test_average_into_a_runs_own_export_is_refused(tiny_base, tmp_path, capsys):
+    """`cpt average RUN/export CKPT1 CKPT2` (OUT forgotten: it comes first) replaced the run's final export with the
+    average, which `cpt eval RUN` then scored as the run's model; now one line, the export untouched."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_base, a)
+    shutil.copytree(tiny_base, b)
+    before = {f.name: f.read_bytes() for f in tiny_base.iterdir() if f.is_file()}
+    assert main(["average", str(tiny_base), str(a), str(b)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt average: error: ")
+    assert "is the export of the run" in line and "OUT comes first" in line, line
+    assert {f.name: f.read_bytes() for f in tiny_base.iterdir() if f.is_file()} == before
+    assert main(["average", str(tmp_path / "avg"), str(a), str(b)]) == 0  # a new folder: averaged

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         from cpt.export import check_export_target  # (first: a scratch export beside OUT is written before it is used)
 
         check_export_target(args.out, args.checkpoints, "one of the checkpoints being averaged (OUT comes first)")
+        _refuse_a_runs_export(args.out)
         _check_json_files(args.checkpoints)
         out = average_checkpoints(args.checkpoints, args.out, weights=weights,
                                   max_shard_bytes=int(args.max_shard_gb * 2**30))
@@ -36,6 +37,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"averaged {len(args.checkpoints)} checkpoints into {out}")
     return 0
+
+
+def _refuse_a_runs_export(out: str) -> None:
+    """OUT that is a run's own export (``RUN/export``, ``RUN/exports/step_N``): most likely OUT was forgotten
+    (``cpt average RUN/export CKPT1 CKPT2``), and the average would replace the run's model, which `cpt eval RUN`,
+    `cpt export` users and the run's later stages take for the run's own."""
+    from pathlib import Path
+
+    from cpt.resume import run_dir_around
+
+    p = Path(out)
+    run = run_dir_around(p) if (p / "config.json").is_file() or (p / "adapter_config.json").is_file() else None
+    if run is not None and p.resolve() != run:
+        raise ValueError(f"OUT {out} is the export of the run {run}: the average would replace that run's model. OUT "
+                         "comes first (cpt average OUT CKPT1 CKPT2 ...); give a new folder")
 
 
 def _check_json_files(checkpoints: list[str]) -> None:
