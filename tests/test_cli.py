@@ -180,13 +180,17 @@ def test_ctrl_c_is_one_line_not_a_traceback(tiny_cpt_data, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "train", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,  # (pytest-xdist's workers ignore SIGINT, and children inherit that)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
     while proc.poll() is None and time.time() < deadline and '"step": 2,' not in (metrics.read_text() if metrics.exists() else ""):
         time.sleep(0.1)  # (in the training loop: the second step was logged)
     proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 130 and "Traceback" not in err, err
+    try:
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("cpt train: interrupted; continue from its last checkpoint"), err
 
 
