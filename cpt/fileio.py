@@ -183,6 +183,14 @@ def free_bytes(path: str | os.PathLike) -> int | None:
         return None
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The file that stops a folder from being made at ``path``: ``path`` itself or the nearest existing path above it,
+    when that is not a folder; None when the folder exists or can be made."""
+    p = Path(path)
+    found = next((a for a in (p, *p.parents) if a.exists()), None)
+    return found if found is not None and not found.is_dir() else None
+
+
 def safetensors_damage(path: str | os.PathLike) -> str | None:
     """What is wrong with a ``.safetensors`` file, in words, or None when its header is whole and its size is the one
     the header promises (reads the header only: a truncated download or copy, an empty file, a file of another

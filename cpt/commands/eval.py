@@ -298,11 +298,12 @@ def json_target_problem(path: str | None, flag: str) -> str | None:
     said before the evaluation runs: the write at its end failed with a traceback and lost the scores."""
     if path is None:
         return None
+    from cpt.fileio import file_in_the_way
+
     p = Path(path)
     if p.is_dir():
         return f"{flag} {path} is a folder; give a file path (e.g. {p / 'results.json'})"
-    blocker = next((a for a in p.parents if a.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    if blocker := file_in_the_way(p.parent):
         return f"{flag} {path}: {blocker} is a file, not a folder"
     return None
 

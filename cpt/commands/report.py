@@ -21,12 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
-
+    from cpt.fileio import file_in_the_way
     from cpt.report import write_report
 
-    if args.out is not None and (blocker := next((a for a in (Path(args.out), *Path(args.out).parents) if a.exists()), None)) \
-            and not blocker.is_dir():  # (was a FileExistsError traceback)
+    if args.out is not None and (blocker := file_in_the_way(args.out)):  # (was a FileExistsError traceback)
         print(f"cpt report: --out {args.out}: {blocker} is a file, not a folder", file=sys.stderr)
         return 2
     try:
