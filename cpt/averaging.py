@@ -407,11 +407,11 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
 
         peft_model, tok = load_adapter_model(p, dtype=dtype)
         return merge_lora(peft_model), tok
-    from cpt.model import _load, require_safetensors  # (_load: a missing model or hub id is one ModelLoadError line)
+    from cpt.model import load_or_explain, require_safetensors  # (a missing model or hub id: one ModelLoadError line)
 
-    model = _load("model", str(p), AutoModelForCausalLM.from_pretrained, str(p), dtype=dtype, trust_remote_code=False,
-                  use_safetensors=require_safetensors(p))
-    tok = _load("tokenizer", str(p), AutoTokenizer.from_pretrained, str(p), trust_remote_code=False)
+    model = load_or_explain("model", str(p), AutoModelForCausalLM.from_pretrained, str(p), dtype=dtype,
+                            trust_remote_code=False, use_safetensors=require_safetensors(p))
+    tok = load_or_explain("tokenizer", str(p), AutoTokenizer.from_pretrained, str(p), trust_remote_code=False)
     return model, tok
 
 

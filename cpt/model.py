@@ -25,7 +25,10 @@ class ModelLoadError(ValueError):
     """A model or tokenizer that cannot be loaded from the path or hub id the config names."""
 
 
-def _load(what: str, name: str, loader, *args, **kwargs):
+def load_or_explain(what: str, name: str, loader, *args, **kwargs):
+    """``loader(*args, **kwargs)`` (a transformers ``from_pretrained``) of ``what`` named ``name``; a missing model,
+    a hub id while offline, a folder transformers cannot read or a peft adapter given as a model: one ModelLoadError
+    line."""
     try:
         return loader(*args, **kwargs)
     except OSError as e:
@@ -45,8 +48,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The run's tokenizer: a local `save_pretrained` directory or a hub id (never remote code unless asked)."""
     name = cfg.tokenizer or cfg.name_or_path
     field = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
-    tok = _load(field, name, AutoTokenizer.from_pretrained, name, revision=cfg.revision,
-                trust_remote_code=cfg.trust_remote_code)
+    tok = load_or_explain(field, name, AutoTokenizer.from_pretrained, name, revision=cfg.revision,
+                          trust_remote_code=cfg.trust_remote_code)
     if tok.eos_token is None:
         raise ModelLoadError(f"tokenizer {name!r} has no eos_token: packing needs one to separate documents")
     if tok.pad_token is None:
@@ -78,8 +81,9 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_f
     source = weights_from or cfg.name_or_path
     if source is not None:
         field = "train.init_from" if weights_from else "model.name_or_path"
-        config = _load(field, source, AutoConfig.from_pretrained, source, revision=None if weights_from else cfg.revision,
-                       trust_remote_code=cfg.trust_remote_code)
+        config = load_or_explain(field, source, AutoConfig.from_pretrained, source,
+                                 revision=None if weights_from else cfg.revision,
+                                 trust_remote_code=cfg.trust_remote_code)
         unused = {k: (v, getattr(config, k)) for k, v in (cfg.arch or {}).items()
                   if hasattr(config, k) and getattr(config, k) != v}
         said = ", ".join(f"{k}: {v!r} (the model's: {m!r})" for k, (v, m) in unused.items())
@@ -119,11 +123,10 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
     config = model_config(cfg, tokenizer, weights_from)
     source = weights_from or cfg.name_or_path
     if source is not None:
-        model = _load("train.init_from" if weights_from else "model.name_or_path", source,
-                      AutoModelForCausalLM.from_pretrained, source, config=config,
-                      revision=None if weights_from else cfg.revision, dtype=torch.float32,
-                      use_safetensors=require_safetensors(source, "train.init_from" if weights_from else "model.name_or_path"),
-                      **common)
+        field = "train.init_from" if weights_from else "model.name_or_path"
+        model = load_or_explain(field, source, AutoModelForCausalLM.from_pretrained, source, config=config,
+                                revision=None if weights_from else cfg.revision, dtype=torch.float32,
+                                use_safetensors=require_safetensors(source, field), **common)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
     weight = model.get_input_embeddings().weight
@@ -282,10 +285,12 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     if not base:
         raise ValueError(f"{cfg_path} names no base model; pass base=... (cpt merge --base)")
     require_adapter_safetensors(adir)
-    model = _load("base model", base, AutoModelForCausalLM.from_pretrained, base, dtype=dtype or "auto",
-                  trust_remote_code=False, use_safetensors=require_safetensors(base, "base model"))  # (moved: one line)
+    model = load_or_explain("base model", base, AutoModelForCausalLM.from_pretrained, base, dtype=dtype or "auto",
+                            trust_remote_code=False,
+                            use_safetensors=require_safetensors(base, "base model"))  # (moved: one line)
     tok_src = adir if (adir / "tokenizer_config.json").is_file() else Path(base)
-    tokenizer = _load("tokenizer", str(tok_src), AutoTokenizer.from_pretrained, str(tok_src), trust_remote_code=False)
+    tokenizer = load_or_explain("tokenizer", str(tok_src), AutoTokenizer.from_pretrained, str(tok_src),
+                                trust_remote_code=False)
     sidecar = adir / ADAPTER_SIDECAR
     n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
     if n_rows != model.get_input_embeddings().weight.shape[0]:

@@ -423,7 +423,7 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
     The tokenizer is taken from the checkpoint (or adapter) directory when it has one, else from the base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpt.model import _load, read_adapter_config, require_adapter_safetensors, require_safetensors
+    from cpt.model import load_or_explain, read_adapter_config, require_adapter_safetensors, require_safetensors
 
     path = Path(checkpoint)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -436,18 +436,19 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
         if not base_name:
             raise ValueError(f"{path}: adapter_config.json names no base model; pass --base")
         require_adapter_safetensors(path)
-        base_model = _load("base model", base_name, AutoModelForCausalLM.from_pretrained, base_name,
-                           use_safetensors=require_safetensors(base_name, "base model"), **kwargs)  # (gone: one line)
+        base_model = load_or_explain("base model", base_name, AutoModelForCausalLM.from_pretrained, base_name,
+                                     use_safetensors=require_safetensors(base_name, "base model"),
+                                     **kwargs)  # (gone: one line)
         tok_src = str(path) if has_tokenizer else base_name
-        tokenizer = _load("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src)
+        tokenizer = load_or_explain("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src)
         if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
             base_model.resize_token_embeddings(len(tokenizer))  # the adapter was trained with an extended vocabulary
         model = PeftModel.from_pretrained(base_model, str(path))
     elif (path / "config.json").exists():
-        model = _load("model", str(path), AutoModelForCausalLM.from_pretrained, str(path),
-                      use_safetensors=require_safetensors(path), **kwargs)  # (a broken config.json: one line)
+        model = load_or_explain("model", str(path), AutoModelForCausalLM.from_pretrained, str(path),
+                                use_safetensors=require_safetensors(path), **kwargs)  # (a broken config.json: one line)
         tok_src = str(path) if has_tokenizer else (base or str(path))
-        tokenizer = _load("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src)
+        tokenizer = load_or_explain("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src)
     else:
         raise FileNotFoundError(f"{path}: neither an HF model directory (config.json) nor a LoRA adapter (adapter_config.json)")
     if device:
