@@ -134,7 +134,8 @@ def base_model_dir(cfg: RunConfig, run_dir: str | os.PathLike | None = None, _se
     p = Path(cfg.train.init_from)
     if (p / "config.json").is_file():
         return str(p)
-    if cfg.model.lora is not None and run_dir is not None and (Path(run_dir) / STAGE_BASE_DIR / "config.json").is_file():
+    if (cfg.model.lora or cfg.model.vocab) is not None and run_dir is not None and \
+            (Path(run_dir) / STAGE_BASE_DIR / "config.json").is_file():
         return str((Path(run_dir) / STAGE_BASE_DIR).absolute())  # (the earlier run's checkpoint may be gone)
     if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():  # (a checkpoint's or run's config.yaml)
         try:

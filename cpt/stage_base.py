@@ -16,6 +16,11 @@ The main process writes it (the other processes wait, within ``train.distributed
 first checkpoint reuses it when it is still the same checkpoint's; a ``--resume`` whose ``base/`` was deleted writes it
 again from the checkpoint if that still exists (the fingerprint check then compares it). A ``model.freeze`` run from a
 full model's checkpoint needs none of this: its checkpoints hold the whole model (cpt/adapter_checkpoint.py).
+
+A full or ``model.freeze`` run with ``model.vocab`` from a checkpoint whose run did not extend the vocabulary so (a stage
+adding tokens) takes the same path: the vocabulary is extended on the checkpoint's model (the new rows from its
+embeddings), which ``RUN/base`` holds; loading the checkpoint over a model built and extended from the first base did
+not fit (other embedding rows), and would have initialised the new rows from the first base's embeddings.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 from cpt.adapter_checkpoint import STAGE_BASE_DIR, STAGE_BASE_SOURCE, is_adapter_layout, read_base_record
 from cpt.checkpoint import CHECKSUMS, CheckpointError, saved_step
-from cpt.config import RunConfig
+from cpt.config import RunConfig, load_config
 from cpt.distributed import from_main_process
 from cpt.fileio import fsync_dir
 from cpt.resume import Start, resolve_start
@@ -42,15 +47,18 @@ def start_for_run(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
 def full_checkpoint_as_base(cfg: RunConfig, start: Start, acc, say=print) -> Start:
     """``start`` (:func:`cpt.resume.resolve_start`'s) with a full model's checkpoint under a LoRA run turned into the HF
     base ``RUN/base`` that the run builds (written here when needed; collective: every rank calls it)."""
-    if cfg.model.lora is None or cfg.train.init_from is None:
+    if (cfg.model.lora is None and cfg.model.vocab is None) or cfg.train.init_from is None:
         return start
     run_dir = Path(cfg.run.output_dir)
     if start.resume is None:
         if start.init is None or _holds_an_adapter(start.init):  # an HF model, or a LoRA checkpoint over its own base
             return start
+        if cfg.model.lora is None and _same_vocab(cfg, start.init):  # (its weights fit the model built: loaded over it)
+            return start
         _refuse_what_a_base_cannot_carry(cfg, start)
         start.init_hf, start.init = write_base(start.init, run_dir, acc, say), None
-    elif start.init_hf != str((run_dir / STAGE_BASE_DIR).absolute()) and not _written_from(start.init_hf, start.resume):
+    elif cfg.model.lora is not None and start.init_hf != str((run_dir / STAGE_BASE_DIR).absolute()) and \
+            not _written_from(start.init_hf, start.resume):
         # base/ not there (base_model_dir looked), nor is the base the run builds that checkpoint's (a later LoRA stage
         # from a LoRA stage's checkpoint builds that stage's base/: it has none of its own)
         source = _source_of(start.resume)  # (still that checkpoint: else the fingerprint check refuses, saying why)
@@ -60,18 +68,27 @@ def full_checkpoint_as_base(cfg: RunConfig, start: Start, acc, say=print) -> Sta
     return start
 
 
+def _same_vocab(cfg: RunConfig, ckpt: Path) -> bool:
+    """Whether the checkpoint's run extended the vocabulary as ``cfg`` does (its weights then have the new rows)."""
+    try:
+        return load_config(ckpt / "config.yaml").model.vocab == cfg.model.vocab
+    except (OSError, ValueError):
+        return False
+
+
 def _refuse_what_a_base_cannot_carry(cfg: RunConfig, start: Start) -> None:
     """An anneal branch continues its trunk's whole state, and an optimizer state loads only for the parameters it was
-    saved with: neither crosses from a full model to a LoRA adapter."""
+    saved with: neither crosses from a full model to a LoRA adapter, nor to a model with new vocabulary rows."""
+    what = "model.lora" if cfg.model.lora is not None else "model.vocab (rows its run did not have)"
     if start.branch:
         raise CheckpointError(
-            f"--anneal (train.anneal_steps) with model.lora: {start.init} is a full model's checkpoint, and an anneal "
-            "branch continues its trunk's whole state (optimizer included); train an adapter on it as a new stage "
+            f"--anneal (train.anneal_steps) with {what}: {start.init} is a full model's checkpoint, and an anneal "
+            "branch continues its trunk's whole state (optimizer included); train on it as a new stage "
             "instead (train.init_from without --anneal: it starts from step 0 with a fresh optimizer)")
     if cfg.train.init_optimizer:
         raise CheckpointError(
-            f"train.init_optimizer: {start.init} is a full model's checkpoint, whose optimizer state is for the full "
-            "model's parameters; a LoRA run from it starts with a fresh optimizer: set train.init_optimizer: false")
+            f"train.init_optimizer with {what}: {start.init} is a full model's checkpoint, whose optimizer state is "
+            "for its own parameters; this run from it starts with a fresh optimizer: set train.init_optimizer: false")
 
 
 def _holds_an_adapter(ckpt: Path) -> bool:
@@ -122,12 +139,12 @@ def write_base(ckpt: Path, run_dir: Path, acc, say=print) -> str:
             _write(ckpt, target, say)
         except Exception as e:  # every rank must hear of it: the others wait below
             if acc.num_processes == 1:
-                raise CheckpointError(f"train.init_from {ckpt}: writing its model as this LoRA run's base "
+                raise CheckpointError(f"train.init_from {ckpt}: writing its model as this run's base "
                                       f"({target}) failed: {e}") from e
             error = f"{type(e).__name__}: {e}"
     error = from_main_process(acc, error)
     if error is not None:
-        raise CheckpointError(f"train.init_from {ckpt}: writing its model as this LoRA run's base ({target}) failed "
+        raise CheckpointError(f"train.init_from {ckpt}: writing its model as this run's base ({target}) failed "
                               f"on the main process: {error}")
     return str(target)
 
@@ -154,7 +171,7 @@ def _write(ckpt: Path, target: Path, say) -> None:
     os.replace(tmp, target)
     fsync_dir(target.parent)
     size = sum(p.stat().st_size for p in target.rglob("*.safetensors"))
-    say(f"train.init_from {ckpt} holds a full model and this run trains a LoRA adapter: its model is this run's base, "
-        f"written once to {target} (HF format, fp32, {size / 2**20:,.1f} MiB); this run's adapter checkpoints, "
-        "`cpt export` and `cpt eval` rebuild the base from there, whatever becomes of the earlier run")
+    say(f"train.init_from {ckpt} holds a full model and this run trains a LoRA adapter or adds vocabulary rows: its "
+        f"model is this run's base, written once to {target} (HF format, fp32, {size / 2**20:,.1f} MiB); this run's "
+        "checkpoints, `cpt export` and `cpt eval` rebuild the base from there, whatever becomes of the earlier run")
 

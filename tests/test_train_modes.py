@@ -628,3 +628,42 @@ def test_vocab_extension_with_lora(vocab_setup, base, tiny_cpt_data, tmp_path):
     assert torch.equal(w[:1024], w0[:1024])  # base rows frozen under LoRA
     assert (w[1024:1029] - w0[1024:1029]).abs().amax(dim=1).min() > 0  # every new token's row was trained
     assert last_eval(tmp_path / "run")["adaptation/python"] > 0
+
+
+def test_a_stage_adding_vocabulary_from_a_full_checkpoint(vocab_setup, base, tiny_cpt_data, tmp_path):
+    """model.vocab on a new full (or model.freeze) stage from a cpt checkpoint whose run had no such rows: the
+    checkpoint's model is written as the run's base (RUN/base) and extended, as a LoRA stage's is (it stopped with
+    'its weights do not fit the model this run builds ... [1024, 64] in the checkpoint, [1032, 64] in the model', though
+    the same LoRA stage ran); the new rows start from the checkpoint's embeddings, and the run resumes exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.evaluate import heldout_loss
+    from cpt.vocab import VocabConfig, extend_vocabulary
+
+    trunk = shipped("full", tiny_cpt_data, base, tmp_path / "trunk", steps=3, checkpoint={"every": 3},
+                    train={"ema_decay": None}, eval={"ema": False, "at_start": False})
+    run(trunk)
+    ckpt = tmp_path / "trunk" / "checkpoints" / "step_00000003"
+    _, vocab, data = vocab_setup
+    cfg = shipped("freeze", tiny_cpt_data, base, tmp_path / "run", data=data, steps=4, checkpoint={"every": 2, "keep": 5},
+                  train={"init_from": str(ckpt)})
+    cfg["model"]["vocab"] = vocab
+    result, log = run(cfg)
+    assert result.step == 4 and (tmp_path / "run" / "base" / "model.safetensors").is_file()
+    # step 0 is the trunk's model, its new rows initialised from the trunk's embeddings
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "trunk" / "export")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "export")
+    extended, _, _ = extend_vocabulary(trained, AutoTokenizer.from_pretrained(base), VocabConfig(**vocab))
+    assert step0(tmp_path / "run")["eval/python/loss"] == pytest.approx(
+        heldout_loss(extended.eval(), heldout_tokens(data, "python", tok), 8), abs=1e-6)
+    frozen = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export").model.layers[0].mlp.up_proj.weight
+    assert torch.equal(frozen, trained.model.layers[0].mlp.up_proj.weight)  # the trunk's, not the base's
+    _, log = _resume_from_step_2(tmp_path / "run", tmp_path / "again", cfg)
+    assert "resumed" in log and losses(tmp_path / "again") == losses(tmp_path / "run")
+
+
+def _resume_from_step_2(done: Path, out: Path, cfg: dict):
+    shutil.copytree(done, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    shutil.rmtree(out / "export")
+    return run({**cfg, "run": {**cfg["run"], "output_dir": str(out)}}, resume=True)
