@@ -26,7 +26,6 @@ from cpt.distributed import refuse_sharded, unwrap
 
 # ----------------------------------------------------------------------------- EMA
 
-
 EMA_ADVICE = ("use ZeRO-1/2, DDP or one device for train.ema_decay, or turn the EMA off (--set train.ema_decay=null "
               "--set eval.ema=false: configs/full-cpt.yaml sets both) and average exports afterwards (cpt average)")
 
@@ -43,14 +42,16 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = float(decay)
-        self.warmup = bool(warmup)
-        self.num_updates = 0
+        self.decay, self.warmup, self.num_updates = float(decay), bool(warmup), 0
         params = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
         refuse_sharded(params, "EMA", EMA_ADVICE)
         self.shadow: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params}
         if not self.shadow:
             raise ValueError("EMA: the model has no trainable parameters")
+
+    def restart(self, model: nn.Module) -> None:
+        """The average started again at ``model``'s weights (an anneal branch switching on an EMA its trunk ran without)."""
+        self.shadow, self.num_updates = {n: p.detach().float().clone() for n, p in self._params(model)}, 0
 
     def current_decay(self) -> float:
         if self.warmup:
@@ -119,8 +120,7 @@ class EMA:
         if keys != mine or "num_updates" not in state:
             raise KeyError(f"EMA state does not match the model: missing {sorted(mine - keys)[:5]}, "
                            f"unexpected {sorted(keys - mine)[:5]}")
-        self.decay = float(state["decay"])
-        self.warmup = bool(int(state.get("warmup", torch.tensor(0))))
+        self.decay, self.warmup = float(state["decay"]), bool(int(state.get("warmup", torch.tensor(0))))
         self.num_updates = int(state["num_updates"])
         for n, t in shadow.items():
             self.shadow[n] = t.detach().float().to(self.shadow[n].device).clone()

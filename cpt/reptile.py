@@ -56,6 +56,12 @@ class Reptile:
         say(f"reptile: every {r.every} steps, weights <- anchor + {r.epsilon:g} x (weights - anchor)")
         return cls(acc.unwrap_model(model), r.every, r.epsilon)
 
+    @torch.no_grad()
+    def restart(self, model: nn.Module) -> None:
+        """Anchor at ``model``'s weights again (an anneal branch turning on Reptile its trunk ran without)."""
+        self.anchor = {n: p.detach().float().clone() for n, p in self._trainable(model)}
+        self.meta_updates = 0
+
     @staticmethod
     def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]

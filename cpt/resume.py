@@ -9,6 +9,7 @@ checkpoints, a ``--resume`` whose config changes the training trajectory.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,20 @@ class Start:
         """The step up to which the run keeps its metrics (and continues its W&B run): ``step`` (the restored one) when
         resumed, -1 for a requeue before the first checkpoint (none kept, the same W&B run), None for a new run."""
         return step if self.resume is not None else -1 if self.requeued else None
+
+
+# what an anneal branch may switch on though its trunk ran without it: the loop starts it at the branch point
+SWITCHED_ON_IN_A_BRANCH = {"ema": "train.ema_decay (the EMA)", "reptile": "train.reptile (its anchor)",
+                           "spikes": "train.skip_spikes (its window)"}
+
+
+def switched_on_in_branch(start: Start, registered) -> list[str]:
+    """The names in ``registered`` (SWITCHED_ON_IN_A_BRANCH's) an anneal branch has and its trunk checkpoint holds no
+    state for: a branch is a new run, they start at the branch point (a resume's missing state is refused instead)."""
+    if not start.branch:
+        return []
+    saved = json.loads((start.init / TRAINER_STATE).read_text())
+    return [n for n in SWITCHED_ON_IN_A_BRANCH if n in registered and n not in saved]
 
 
 def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, say=print) -> Start:

@@ -71,6 +71,11 @@ class SpikeGuard:
         self.grad_norms.clear()
         self.in_a_row = 0
 
+    def restart(self, model=None) -> None:
+        """A guard with no history and no spike counted (an anneal branch turning it on; ``model`` unused)."""
+        self.reset()
+        self.skipped = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "in_a_row": self.in_a_row,
                 "skipped": self.skipped}

@@ -44,7 +44,7 @@ from cpt.metrics import MetricsLogger
 from cpt.model import build_model, check_attn_implementation, load_tokenizer, model_shape, prepare_model
 from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
-from cpt.resume import Start, anneal_branch_start
+from cpt.resume import SWITCHED_ON_IN_A_BRANCH, Start, anneal_branch_start, switched_on_in_branch
 from cpt.runlock import RunLock, RunLockError
 from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
@@ -125,7 +125,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             ("train", state), ("log_window", window), ("data", feed), ("evaluator", evaluator), ("compute", account),
             ("update_guard", guard), ("spikes", spikes), ("lm_eval", bench), ("ema", ema), ("reptile", reptile)) if c is not None}
         if start.state_from is not None:
-            _restore(ckpts, start, components, say)
+            _restore(cfg, ckpts, start, components, model, say)
         plan, total_steps = _lr_plan(cfg, start, state, say)
 
         # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
@@ -259,11 +259,18 @@ def _counters(guard: UpdateGuard, spikes: SpikeGuard | None) -> dict:
             "perf/peak_mem_gb": peak_memory_gb()}
 
 
-def _restore(ckpts: CheckpointManager, start: Start, components: dict, say) -> None:
+def _restore(cfg: RunConfig, ckpts: CheckpointManager, start: Start, components: dict, model, say) -> None:
     """Load the registered components from the start checkpoint: a resume's, or the trunk's for an anneal branch
-    (which logs its own steps: the trunk's open log window is not carried over)."""
-    own_window = start.resume is not None
-    ckpts.load(start.state_from, {n: c for n, c in components.items() if own_window or n != "log_window"})
+    (which logs its own steps: the trunk's open log window is not carried over). The EMA averages with the configured
+    train.ema_decay (a branch's, a resume's with --allow-config-change), not the checkpoint's."""
+    own_window, fresh = start.resume is not None, switched_on_in_branch(start, components)
+    ckpts.load(start.state_from, {n: c for n, c in components.items() if (own_window or n != "log_window") and n not in fresh})
+    for name in fresh:  # an EMA, Reptile or spike guard the trunk ran without
+        components[name].restart(ckpts.acc.unwrap_model(model))
+        say(f"anneal branch: {SWITCHED_ON_IN_A_BRANCH[name]} starts at the branch point (the trunk ran without it)")
+    if (ema := components.get("ema")) is not None and ema.decay != cfg.train.ema_decay:
+        say(f"ema: averaging with train.ema_decay {cfg.train.ema_decay:g} from here (the checkpoint's EMA used {ema.decay:g})")
+        ema.decay = cfg.train.ema_decay
     state = components["train"]
     say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)"
         + _world_change(start.state_from, ckpts.acc))

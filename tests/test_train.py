@@ -3,6 +3,7 @@ anneal branches, new stages from checkpoints. Real text, tiny model, fp32."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,6 +288,41 @@ def test_anneal_branch_from_infinite_trunk(tiny_cpt_data, tmp_path):
     # the branch starts exactly where the trunk was: its first loss equals the trunk's loss at step 7
     trunk_losses = losses(trunk)
     assert recs[0]["train/loss"] == trunk_losses[7]
+
+
+def test_an_anneal_branch_may_switch_on_ema_reptile_and_spikes_and_takes_its_own_ema_decay(tiny_cpt_data, tmp_path):
+    """A branch turning on an EMA, Reptile or the spike guard its trunk ran without starts them at the branch point
+    (they were refused: 'it holds no state for 'ema''); the EMA averages with the configured train.ema_decay, also
+    on a resume with --allow-config-change (the checkpoint's decay was kept silently)."""
+    from safetensors.torch import load_file
+
+    from cpt.train import train
+
+    trunk = tmp_path / "trunk"
+    cfg = tiny_run_config(tiny_cpt_data, trunk, checkpoint={"every": 2, "keep": 3}, eval={"at_start": False, "every": 100})
+    cfg["stages"][0]["steps"] = 4
+    cfg["stages"][0]["schedule"] = {"type": "infinite", "max_lr": 2e-3, "warmup_steps": 1, "cooldown_steps": 1,
+                                    "constant_lr": 1e-3, "min_lr": 1e-5}
+    train(load_config(base=cfg), echo=lambda *a: None)
+    at = trunk / "checkpoints" / "step_00000002"
+    branch = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "branch")},
+              "train": {**cfg["train"], "init_from": str(at), "anneal_steps": 2, "ema_decay": 0.9999,
+                        "reptile": {"every": 1, "epsilon": 1.0}, "skip_spikes": {"window": 4}},
+              "checkpoint": {"every": 1, "keep": 3}}
+    lines = []
+    assert train(load_config(base=branch), echo=lines.append).step == 4
+    assert "anneal branch: train.ema_decay (the EMA) starts at the branch point (the trunk ran without it)" in lines
+    state = load_file(tmp_path / "branch" / "checkpoints" / "step_00000004" / "state.safetensors")
+    weights = load_file(at / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert int(state["ema.num_updates"]) == 2 and int(state["reptile.meta_updates"]) == 2
+    assert torch.allclose(state[f"ema.shadow.{name}"], weights[name], atol=1e-5)  # the branch point's weights
+    # resumed at step 3 with another decay (--allow-config-change): the configured one averages from there
+    shutil.rmtree(tmp_path / "branch" / "checkpoints" / "step_00000004")
+    branch["train"]["ema_decay"] = 0.5
+    train(load_config(base=branch), resume=True, allow_config_change=True, echo=lambda *a: None)
+    state = load_file(tmp_path / "branch" / "checkpoints" / "step_00000004" / "state.safetensors")
+    assert float(state["ema.decay"]) == 0.5
 
 
 def test_anneal_from_a_decaying_phase_is_rejected(tiny_cpt_data, tmp_path, reference):
