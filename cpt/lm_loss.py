@@ -104,8 +104,10 @@ class LossWindow:
             self.count += finite
 
     def mean(self, accelerator) -> float:
-        """The all-rank mean over the window (a collective and one host read); starts a new window."""
-        value = (accelerator.reduce(self.sum, reduction="mean") / self.count.clamp(min=1)).item()
+        """The all-rank mean over the window (a collective and one host read); starts a new window. NaN (null in
+        metrics.jsonl) when every step of the window was skipped as non-finite (it said 0.0, a loss never reached)."""
+        mean = accelerator.reduce(self.sum, reduction="mean") / self.count.clamp(min=1)
+        value = torch.where(self.count > 0, mean, torch.nan).item()
         self.sum.zero_()
         self.count.zero_()
         return value

@@ -108,9 +108,10 @@ def test_fused_device_skip_matches_host_skip(tiny_cpt_data, tmp_path, monkeypatc
         out[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train/loss" in r]
     for name in out:
         assert [r["train/nonfinite_skipped"] for r in out[name]] == [0, 0, 1, 1, 1, 1]
+        assert [r["step"] for r in out[name] if r["train/loss"] is None] == [3]  # its window had no finite step
     # fused and foreach AdamW agree to rounding; a skip that touched the weights would differ by far more
     for a, b in zip(out["device"], out["host"]):
-        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
+        assert a["train/loss"] == b["train/loss"] or a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ prefetch
