@@ -180,6 +180,18 @@ def _module_for(model, strategy: str, accelerator):
 
 
 @contextlib.contextmanager
+def _kept_ties(model):
+    """HFLM ties the weights of the model it is given (``model.tie_weights()``): nothing to do for the live model,
+    whose ties are as training keeps them, and an AttributeError naming ``model.embed_tokens.weight`` for a LoRA model
+    whose tied embedding peft wraps (model.vocab's new rows: trainable_token_indices). Skipped while HFLM is built."""
+    model.tie_weights = lambda *a, **k: None  # (an instance attribute: the model's own method is untouched)
+    try:
+        yield
+    finally:
+        del model.tie_weights
+
+
+@contextlib.contextmanager
 def preserved_rng_and_mode(model):
     """Restore Python/NumPy/torch (CPU and CUDA) RNG states and the model's training mode on exit."""
     py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -242,7 +254,8 @@ def run_lm_eval_detailed(
 
     # (a LoRA base stored in bf16: autocast also for generate, which calls the inner model's forward; cpt/base_dtype.py)
     with preserved_rng_and_mode(module), torch.no_grad(), _no_bootstrap_pool(), _no_provenance(), autocast_for(module):
-        lm = _hflm_class()(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        with _kept_ties(module):
+            lm = _hflm_class()(pretrained=module, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         if strategy == "data_parallel":
             # lm-eval's own data-parallel evaluation (what it does under `accelerate launch` with a
             # model name), enabled for the live model
@@ -423,27 +436,19 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
     The tokenizer is taken from the checkpoint (or adapter) directory when it has one, else from the base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpt.model import load_or_explain, read_adapter_config, require_adapter_safetensors, require_safetensors
+    from cpt.model import load_adapter_model, load_or_explain, read_adapter_config, require_safetensors
 
     path = Path(checkpoint)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
         base_name = base or read_adapter_config(path).get("base_model_name_or_path")
         if not base_name:
             raise ValueError(f"{path}: adapter_config.json names no base model; pass --base")
-        require_adapter_safetensors(path)
-        base_model = load_or_explain("base model", base_name, AutoModelForCausalLM.from_pretrained, base_name,
-                                     use_safetensors=require_safetensors(base_name, "base model"),
-                                     **kwargs)  # (gone: one line)
-        tok_src = str(path) if has_tokenizer else base_name
-        tokenizer = load_or_explain("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src)
-        if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
-            base_model.resize_token_embeddings(len(tokenizer))  # the adapter was trained with an extended vocabulary
-        model = PeftModel.from_pretrained(base_model, str(path))
+        # (as cpt merge loads it: the base's embedding resized to cpt_adapter.json's num_embeddings, a vocabulary
+        # extension's padded size; to len(tokenizer) the adapter's new rows did not fit: an IndexError in peft)
+        model, tokenizer = load_adapter_model(path, base=base_name, dtype=torch_dtype)
     elif (path / "config.json").exists():
         model = load_or_explain("model", str(path), AutoModelForCausalLM.from_pretrained, str(path),
                                 use_safetensors=require_safetensors(path), **kwargs)  # (a broken config.json: one line)
