@@ -97,6 +97,10 @@ class BenchmarkTracker:
     bookkeeping across resumes.
     """
 
+    # (cpt/state.py) lm-eval switched on at a --resume or in an anneal branch whose checkpoint holds no benchmark state
+    # (evaluation settings are free to change on a resume): it starts empty, its first evaluation there the reference
+    missing_ok = True
+
     def __init__(self, tasks: list[TaskSpec], *, limit: int | None = None, seed: int = 0, every: int | None = None,
                  at_start: bool = True, dense_steps: int = 0, dense_every: int = 10, batch_size: int = 8,
                  include_path: str | None = None, bootstrap_iters: int = 100, max_length: int | None = None,

@@ -292,10 +292,11 @@ def test_anneal_branch_from_infinite_trunk(tiny_cpt_data, tmp_path):
     assert recs[0]["train/loss"] == trunk_losses[7]
 
 
-def test_an_anneal_branch_may_switch_on_ema_reptile_and_spikes_and_takes_its_own_ema_decay(tiny_cpt_data, tmp_path):
+def test_an_anneal_branch_may_switch_on_ema_reptile_and_spikes_and_a_resume_lm_eval(tiny_cpt_data, tmp_path):
     """A branch turning on an EMA, Reptile or the spike guard its trunk ran without starts them at the branch point
     (they were refused: 'it holds no state for 'ema''); the EMA averages with the configured train.ema_decay, also
-    on a resume with --allow-config-change (the checkpoint's decay was kept silently)."""
+    on a resume with --allow-config-change (the checkpoint's decay was kept silently); a resume may add lm-eval tasks
+    (refused the same way)."""
     from safetensors.torch import load_file
 
     from cpt.train import train
@@ -319,12 +320,16 @@ def test_an_anneal_branch_may_switch_on_ema_reptile_and_spikes_and_takes_its_own
     name = "model.layers.0.mlp.up_proj.weight"
     assert int(state["ema.num_updates"]) == 2 and int(state["reptile.meta_updates"]) == 2
     assert torch.allclose(state[f"ema.shadow.{name}"], weights[name], atol=1e-5)  # the branch point's weights
-    # resumed at step 3 with another decay (--allow-config-change): the configured one averages from there
+    # resumed at step 3 with another decay (--allow-config-change): the configured one averages from there; lm-eval
+    # tasks added on the resume (an evaluation setting) start there, that first score their reference (refused before)
     shutil.rmtree(tmp_path / "branch" / "checkpoints" / "step_00000004")
     branch["train"]["ema_decay"] = 0.5
+    branch["eval"] = {**branch["eval"], "at_start": True, "lm_eval": {"tasks": ["cpt_arith_mc"], "limit": 2, "batch_size": 8}}
     train(load_config(base=branch), resume=True, allow_config_change=True, echo=lambda *a: None)
     state = load_file(tmp_path / "branch" / "checkpoints" / "step_00000004" / "state.safetensors")
     assert float(state["ema.decay"]) == 0.5
+    lm_evals = [r["step"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "lm_eval/cpt_arith_mc/acc" in r]
+    assert lm_evals == [3, 4]
 
 
 def test_anneal_from_a_decaying_phase_is_rejected(tiny_cpt_data, tmp_path, reference):
