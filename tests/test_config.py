@@ -226,6 +226,28 @@ def test_a_union_field_gets_one_problem_line(tmp_path):
         "  - train.chunked_loss: Input should be a valid boolean, unable to interpret input or 'auto'"]
 
 
+def test_a_check_finding_several_problems_gives_one_line_and_count_each(tmp_path):
+    """The cross-section checks and a schedule's checks collect their problems: they were one line joined by '; '
+    under 'invalid config (1 problem):' (two stages too short for their warmup, an infinite schedule's LRs)."""
+    two = [{"name": f"s{i}", "steps": 2, "mix": {"a": 1.0}, "schedule": {"type": "cosine", "max_lr": 1e-3,
+                                                                       "warmup_steps": 2}} for i in (1, 2)]
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {**GOOD, "stages": two}), ["train.micro_batch_size=3"])
+    assert str(e.value).splitlines() == [
+        "invalid config (3 problems):",
+        "  - train.global_batch_size (8) must be a multiple of train.micro_batch_size (3)",
+        "  - stages.0.schedule.warmup_steps: 2 leaves no decay step in a stage of 2 steps (must be < 2)",
+        "  - stages.1.schedule.warmup_steps: 2 leaves no decay step in a stage of 2 steps (must be < 2)"]
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD), ["stages.0.schedule={type: infinite, max_lr: 1.0e-3, constant_lr: 2.0e-3, "
+                                            "min_lr: 1.0e-2, cooldown_steps: 0}"])
+    assert str(e.value).splitlines() == [
+        "invalid config (3 problems):",
+        "  - stages.0.schedule: min_lr (0.01) must not exceed max_lr (0.001)",
+        "  - stages.0.schedule: constant_lr (0.002) must not exceed max_lr (0.001)",
+        "  - stages.0.schedule: min_lr (0.01) must not exceed constant_lr (0.002)"]
+
+
 def test_a_regex_in_lora_target_modules_says_regexes_are_not_accepted(tmp_path):
     """peft takes a string target_modules as a regex; cpt checks names against the model, so a regex failed as 'match
     no module' after the model loaded, without saying regexes are unsupported or what is accepted."""

@@ -162,10 +162,11 @@ def format_validation_error(err: ValidationError, order: tuple[str, ...] = (), m
             msg = f"unknown field (did you mean {' or '.join(close)}?)" if close else "unknown field (check the spelling)"
         if loc and loc in problems:  # another member of the same union
             msg = problems[loc] + " or " + msg.removeprefix("Input should be ")
-        problems[loc or f"<{len(problems)}>"] = msg
+        for i, part in enumerate(msg.split("\n")):  # a check that found several problems: one line (and count) each
+            problems[(loc if i == 0 else f"{loc}\n{i}") if loc else f"<{len(problems)}>"] = part
     lines = [f"invalid config ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
-    lines += [f"  - {msg}" if loc.startswith("<") else f"  - {loc}: {msg}"  # whole-config checks name their fields
-              for loc, msg in problems.items()]
+    lines += [f"  - {msg}" if loc.startswith("<") else f"  - {loc.split(chr(10))[0]}: {msg}"  # whole-config checks
+              for loc, msg in problems.items()]  # name their fields
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ class RunConfig(Strict):
             errors.append("train.anneal_steps needs train.init_from (the checkpoint to branch from)")
         errors += validate_stage_schedules(self.stages, anneal_steps=self.train.anneal_steps)
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ValueError("\n".join(errors))  # (one problem line each)
         return self
 
     @property

@@ -89,7 +89,7 @@ class ScheduleConfig(Strict):
             if self.anneal_steps is not None and self.anneal_shape == "exponential" and self.min_lr <= 0:
                 errors.append("min_lr: must be > 0 when anneal_shape is exponential (a geometric anneal never reaches 0)")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ValueError("\n".join(errors))  # (one problem line each)
         return self
 
     @property
