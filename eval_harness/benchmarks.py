@@ -121,6 +121,7 @@ class BenchmarkTracker:
         self.task_tags: dict[str, str | None] = {}  # lm-eval task or group name -> tag
         self.reference: dict[str, tuple[float, float | None]] = {}  # step-0 (first) score and its stderr
         self.reference_step: int | None = None
+        self.reference_steps: dict[str, int] = {}  # the step of each reference (a task added on a resume: later)
         self.worst: dict[str, tuple[float, float | None, int]] = {}
         self.last: dict[str, tuple[float, float | None, int]] = {}
         self.higher: dict[str, bool] = {}
@@ -216,7 +217,7 @@ class BenchmarkTracker:
             se = flat.get(f"lm_eval/{task}/{stderr_name(name)}")
             self.tags[k], self.higher[k] = tag, higher
             if k not in self.reference:
-                self.reference[k] = (value, se)
+                self.reference[k], self.reference_steps[k] = (value, se), step
             ref, ref_se = self.reference[k]
             sign = 1.0 if higher else -1.0
             worse = (lambda a, b: a < b) if higher else (lambda a, b: a > b)
@@ -247,7 +248,7 @@ class BenchmarkTracker:
             change = (sign * (ref - final) if self.tags[k] == "upstream" else sign * (final - ref)) + 0.0
             cse = delta_stderr(ref_se, se)
             rows.append({"task": task, "metric": metric, "tag": self.tags[k], "higher_is_better": self.higher[k],
-                         "step0": ref, "step0_stderr": ref_se, "step0_step": self.reference_step,
+                         "step0": ref, "step0_stderr": ref_se, "step0_step": self.reference_steps.get(k, self.reference_step),
                          "final": final, "final_stderr": se, "final_step": final_step,
                          "change": change, "change_stderr": cse, "worst": worst, "worst_step": worst_step,
                          "noise": is_noise(change, cse)})
@@ -256,13 +257,14 @@ class BenchmarkTracker:
     # -- resume
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "reference": {k: list(v) for k, v in self.reference.items()},
-                "reference_step": self.reference_step, "worst": {k: list(v) for k, v in self.worst.items()},
+                "reference_step": self.reference_step, "reference_steps": dict(self.reference_steps), "worst": {k: list(v) for k, v in self.worst.items()},
                 "last": {k: list(v) for k, v in self.last.items()}, "higher": dict(self.higher), "tags": dict(self.tags)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.samples = state.get("samples")
         self.reference = {k: (float(v), se) for k, (v, se) in (state.get("reference") or {}).items()}
         self.reference_step = state.get("reference_step")
+        self.reference_steps = {k: int(v) for k, v in (state.get("reference_steps") or {}).items()}
         self.worst = {k: (float(v), se, int(s)) for k, (v, se, s) in (state.get("worst") or {}).items()}
         self.last = {k: (float(v), se, int(s)) for k, (v, se, s) in (state.get("last") or {}).items()}
         self.higher = dict(state.get("higher") or {})
@@ -283,10 +285,11 @@ def format_benchmark_table(rows: list[dict[str, Any]]) -> str:
     from cpt.evaluate import reference_header
 
     header = ["task/metric", "tag", reference_header(rows), "final", "forgetting/adaptation", "worst (step)", "verdict"]
-    body = []
+    body, mixed = [], len({r.get("step0_step") for r in rows}) > 1  # (then each reference cell names its step)
     for r in rows:
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"
-        body.append([f"{r['task']}/{r['metric']}", r["tag"], fmt_score(r["step0"], r.get("step0_stderr")),
+        ref = fmt_score(r["step0"], r.get("step0_stderr")) + (f" ({r['step0_step']})" if mixed else "")
+        body.append([f"{r['task']}/{r['metric']}", r["tag"], ref,
                      fmt_score(r["final"], r.get("final_stderr")),
                      f"{kind} {fmt_score(r['change'], r.get('change_stderr'), signed=True)}",
                      f"{fmt_score(r['worst'])} ({r['worst_step']})", noise_label(r.get("noise"))])

@@ -81,6 +81,22 @@ def test_state_survives_resume_through_json():
     assert t.summary() == resumed.summary()
 
 
+def test_a_task_added_on_a_resume_is_measured_from_its_own_first_step():
+    """A task first scored after the others (added on a --resume) has its own reference step: the summary and the
+    table named step 0 (the other tasks' reference) for a score measured at step 20."""
+    t = tracker()
+    t.record(0, {"lm_eval/up/acc": 0.6, "lm_eval/up/acc_stderr": 0.03}, HIB)
+    resumed = tracker()
+    resumed.load_state_dict(json.loads(json.dumps(t.state_dict())))
+    resumed.record(20, scores(0.55, 0.03, 1.8, 0.1), HIB)  # "down" is new here
+    resumed.record(30, scores(0.5, 0.03, 1.6, 0.1), HIB)
+    rows = {r["task"]: r for r in resumed.summary()}
+    assert (rows["up"]["step0_step"], rows["down"]["step0_step"]) == (0, 20)
+    assert rows["down"]["step0"] == 1.8 and rows["down"]["change"] == pytest.approx(0.2)
+    table = format_benchmark_table(resumed.summary())
+    assert "reference (step)" in table and "0.6000 ± 0.0300 (0)" in table and "1.8000 ± 0.1000 (20)" in table, table
+
+
 def test_schedule():
     t = tracker(every=10, dense_steps=6, dense_every=2)
     assert t.needs_start_evaluation()
