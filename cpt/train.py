@@ -4,7 +4,7 @@
               (+ vocab, freezing, LoRA) -> data (mixer) and held-out sets -> optimizer -> accelerate.prepare
               -> the state registry, restored from the start checkpoint -> LR plan -> logging -> [eval at step 0]
     the loop: stage switch? -> set LR -> train_step (micro-batches, backward, clip, apply or skip the update)
-              -> EMA -> Reptile meta-update -> log -> eval (dense after stage switches) -> lm-eval
+              -> Reptile meta-update -> EMA -> log -> eval (dense after stage switches) -> lm-eval
               -> checkpoint/export -> preemption?
     teardown: final checkpoint, HF export, lm-eval, summary table, plots
 
@@ -159,11 +159,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             optim.set_lr(optimizer, lr)
             result = train_step(acc, model, feed.batch(step), guard, step, cfg.train.micro_batch_size, cfg.optim.grad_clip,
                                 eos_id, by_source)
-            if ema is not None:
-                ema.update(acc.unwrap_model(model), applied=result.outcome.applied)
             state.step, state.tokens = step + 1, state.tokens + B * L
             if reptile is not None:  # every k steps: weights <- anchor + eps x (weights - anchor)
                 reptile.step(acc.unwrap_model(model), state.step)
+            if ema is not None:  # (after Reptile: it averages the weights training goes on from)
+                ema.update(acc.unwrap_model(model), applied=result.outcome.applied)
             clock.add(B * L)
             losses.add(result.loss, result.outcome.finite)  # train/loss averages the finite steps
 

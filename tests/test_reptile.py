@@ -138,6 +138,30 @@ def test_train_with_reptile_and_exact_resume(tiny_cpt_data, tiny_base, tmp_path)
     assert losses(rep) == b
 
 
+def test_the_ema_averages_the_weights_after_the_meta_update(tiny_cpt_data, tiny_base, tmp_path):
+    """With train.ema_decay and train.reptile the EMA takes the weights training continues from, those after the
+    meta-update; it was updated before it, with weights the run never kept (every: 1, epsilon 0.5: off by half a step)."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_run_config
+    from cpt.config import load_config
+    from cpt.train import train
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", checkpoint={"every": 1, "export_at_end": False},
+                          eval={"at_start": False, "every": 100})
+    cfg["model"] = {"name_or_path": str(tiny_base)}
+    cfg["stages"][0]["steps"] = 2
+    cfg["stages"][0]["schedule"]["warmup_steps"] = 1
+    cfg["train"].update(ema_decay=0.5, reptile={"every": 1, "epsilon": 0.5})
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    name = "model.layers.0.mlp.up_proj.weight"
+    base, weights = load_file(tiny_base / "model.safetensors")[name], load_file(ckpt / "model.safetensors")[name]
+    state = load_file(ckpt / "state.safetensors")
+    assert torch.equal(state[f"reptile.anchor.{name}"], weights)  # the meta-update of step 1 is in the weights
+    assert torch.allclose(state[f"ema.shadow.{name}"], 0.5 * base + 0.5 * weights, atol=1e-7)
+
+
 def test_ema_and_reptile_each_have_their_own_checkpoint_tensors():
     """Through the state registry each component's tensors live under its own name (no shared flat dict)."""
     from cpt.averaging import EMA
