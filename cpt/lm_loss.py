@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from cpt import chunked_loss
-from cpt.compiling import plain_causal
+from cpt.compiling import packed_rows
 from cpt.data.masking import document_position_ids
 from cpt.distributed import shards_weights
 
@@ -63,8 +63,9 @@ def _forward_losses(model, input_ids, eos_id):
 
 def _call(model, input_ids, eos_id):
     """The model's forward over packed rows; without document masking the rows need the causal mask alone, which
-    :func:`cpt.compiling.plain_causal` says (SDPA's causal kernel under whole-model compile too)."""
-    with plain_causal(eos_id is None):
+    :func:`cpt.compiling.packed_rows` says (SDPA's causal kernel under whole-model compile too); with it, positions
+    restart after every EOS. Either way transformers' packed-sequence check does not read the positions back."""
+    with packed_rows("plain" if eos_id is None else "documents"):
         return model(**model_inputs(input_ids, eos_id))
 
 

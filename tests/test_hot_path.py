@@ -15,15 +15,14 @@ from conftest import tiny_run_config
 SYNCING = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
 
 
-def _inside_model_forward() -> bool:
-    """True when called from the transformers model's own forward. In eager mode transformers 5 reads the
-    position ids back once per forward to detect packed sequences (``masking_utils.find_packed_sequence_indices``);
-    under ``torch.compile`` (``model.compile``, the default on CUDA) that check is traced away. Also not counted:
-    torch's non-fused optimizers reading their step counters, which they keep in host memory on purpose (no
-    device sync on a GPU). Everything else in the step is cpt's, accelerate's or torch's, and counted."""
+def _inside_optimizer() -> bool:
+    """True when called from torch's non-fused optimizers reading their step counters, which they keep in host
+    memory on purpose (no device sync on a GPU). Everything else in the step is counted: cpt's, accelerate's, and
+    the model's forward (transformers' eager packed-sequence check of the position ids used to read them back once
+    per forward; cpt.compiling.packed_rows answers it without the read)."""
     f = sys._getframe(2)
     while f is not None:
-        if "/transformers/" in f.f_code.co_filename or "/torch/optim/" in f.f_code.co_filename:
+        if "/torch/optim/" in f.f_code.co_filename:
             return True
         f = f.f_back
     return False
@@ -31,7 +30,7 @@ def _inside_model_forward() -> bool:
 
 def _count_syncs_per_step(monkeypatch, cfg_dict) -> list[int]:
     """Run ``train`` and count the tensor->host reads made by the loop's thread in each step (0-based),
-    from one ``set_lr`` call (the start of a step) to the next, outside the model's forward."""
+    from one ``set_lr`` call (the start of a step) to the next, outside the optimizer's step counters."""
     import cpt.optim
     from cpt.train import train
 
@@ -47,7 +46,7 @@ def _count_syncs_per_step(monkeypatch, cfg_dict) -> list[int]:
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *a, **k):
-            if per_step and threading.get_ident() == loop_thread and not _inside_model_forward():
+            if per_step and threading.get_ident() == loop_thread and not _inside_optimizer():
                 per_step[-1] += 1
             return real(self, *a, **k)
         return wrapper
@@ -76,6 +75,14 @@ def test_no_host_sync_on_non_log_steps_with_fused_adamw(tiny_cpt_data, tmp_path,
     log = [n for i, n in enumerate(per_step) if (i + 1) % 4 == 0]
     assert non_log == [0] * 6, per_step
     assert all(n >= 1 for n in log), per_step  # the counter works: log steps do read the loss
+
+
+def test_no_host_sync_on_non_log_steps_with_document_masking(tiny_cpt_data, tmp_path, monkeypatch):
+    """Document masking's packed positions: transformers' packed-sequence check is answered without a read-back."""
+    cfg = _sync_cfg(tiny_cpt_data, tmp_path / "run", fused=True)
+    cfg["data"]["document_masking"] = True
+    per_step = _count_syncs_per_step(monkeypatch, cfg)
+    assert [n for i, n in enumerate(per_step) if (i + 1) % 4] == [0] * 6, per_step
 
 
 def test_at_most_one_host_sync_per_non_log_step_otherwise(tiny_cpt_data, tmp_path, monkeypatch):
