@@ -92,6 +92,47 @@ def test_at_most_one_host_sync_per_non_log_step_otherwise(tiny_cpt_data, tmp_pat
     assert non_log == [1] * 6, per_step
 
 
+# aten operators that make the host wait for a CUDA device: a scalar read (.item(), bool(), float()) and the ops whose
+# output size depends on values (nonzero, boolean indexing...). What torch.cuda.set_sync_debug_mode reports on a GPU,
+# seen on CPU below the Python methods counted above (an op inside torch or a library that reads values back).
+SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2",
+               "unique_consecutive", "repeat_interleave", "equal"}
+
+
+@pytest.mark.parametrize("document_masking", [False, True])
+def test_training_step_runs_no_synchronising_operator(tiny_cpt_data, tmp_path, monkeypatch, document_masking):
+    """Every aten operator of every train_step with fused AdamW (micro-batches forward and backward, clipping, the
+    update or its skip on the device), seen through a TorchDispatchMode: no value-dependent or scalar-reading
+    operator, with and without document masking. (torch's foreach AdamW reads its step counters, host tensors by
+    design, which on CPU cannot be told from device reads at this level: the Python-level test above covers it.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import cpt.train
+    from cpt.train import train
+
+    per_step: list[list[str]] = []
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in SYNCING_OPS:
+                per_step[-1].append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    real_step = cpt.train.train_step
+
+    def train_step(*a, **k):
+        per_step.append([])
+        with Counting():
+            return real_step(*a, **k)
+
+    monkeypatch.setattr(cpt.train, "train_step", train_step)
+    cfg = _sync_cfg(tiny_cpt_data, tmp_path / "run", fused=True)
+    cfg["data"]["document_masking"] = document_masking
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    assert len(per_step) == 8
+    assert per_step == [[]] * 8, per_step
+
+
 def test_fused_device_skip_matches_host_skip(tiny_cpt_data, tmp_path, monkeypatch):
     """A non-finite step is skipped identically on the device path (fused, found_inf) and the host path."""
     from cpt import lm_loss
