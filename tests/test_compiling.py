@@ -117,7 +117,7 @@ def test_checkpointed_layers_under_a_frozen_embedding_compile(frozen, mode):
         return model
 
     def grads(model, run):
-        loss, _ = causal_lm_loss(run, ids, None)
+        loss = causal_lm_loss(run, ids, None).loss
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -352,7 +352,7 @@ def test_whole_compile_keeps_sdpas_causal_kernel_and_the_losses(document_masking
     ids[0, 5] = ids[1, 9] = 3
 
     def loss_and_grads(model, run):
-        loss, rows = causal_lm_loss(run, ids, eos)
+        loss, rows, _ = causal_lm_loss(run, ids, eos)
         loss.backward()
         return loss.detach(), rows, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -462,7 +462,7 @@ def test_architectures_under_compile_get_sdpas_causal_kernel_only_where_safe(arc
 
     def step(model, run, eos):
         model.zero_grad()
-        loss, _ = causal_lm_loss(run, ids, eos)
+        loss = causal_lm_loss(run, ids, eos).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
