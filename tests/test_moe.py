@@ -115,3 +115,20 @@ def test_moe_run_logs_the_router_loss_and_resumes_exactly(tiny_cpt_data, tmp_pat
     part = [r for r in read_metrics(tmp_path / "part" / "metrics.jsonl") if "train/loss" in r]
     keys = ("step", "train/loss", "train/router_aux_loss", "train/grad_norm")
     assert [[r[k] for k in keys] for r in part] == [[r[k] for k in keys] for r in full]
+
+
+
+def test_lora_on_a_mixture_of_experts_trains_with_the_router_term():
+    """peft (0.21) adapts the fused experts too under `all-linear`; through the PeftModel the loss is still
+    transformers' labelled loss with the router term, and the coefficient is found through the wrapper."""
+    from cpt.adapters import apply_lora
+    from cpt.config import LoraConfig
+    from cpt.lm_loss import causal_lm_loss, router_aux_coefficient
+
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    model = apply_lora(_moe("qwen3_moe"), LoraConfig(r=2, target_modules="all-linear"))
+    assert any("lora_" in n for n, _ in model.named_parameters() if ".experts." in n)
+    coef = router_aux_coefficient(model, None)
+    assert coef == 0.001
+    ref = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False).loss
+    assert torch.allclose(causal_lm_loss(model, ids, None, coef).loss, ref, atol=1e-6)
