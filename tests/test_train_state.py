@@ -173,8 +173,8 @@ def test_preempted_mid_log_window_with_every_stateful_part_resumes_exactly(tiny_
             current["step"] = -1
 
     def spiked(*a, **k):  # the training loss of step index 6 (update 7) times 50: a spike the guard skips
-        loss, rows = real_loss(*a, **k)
-        return (loss * 50, rows * 50) if current["step"] == 6 else (loss, rows)
+        out = real_loss(*a, **k)
+        return out._replace(loss=out.loss * 50, row_losses=out.row_losses * 50) if current["step"] == 6 else out
 
     def requested(self, acc, step=0):
         self.flag = self.flag or step == stop_at["step"]
