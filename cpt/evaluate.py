@@ -327,12 +327,12 @@ def reference_header(rows: list[dict[str, Any]]) -> str:
     """"step 0", or "reference (step N)" when the first evaluation came later (eval.at_start off): the column the
     changes are measured against must not claim to be the base model when it is not."""
     later = sorted({r["step0_step"] for r in rows if r.get("step0_step")})
-    if _mixed_reference(rows):
+    if mixed_reference(rows):
         return "reference (step)"
     return f"reference (step {', '.join(map(str, later))})" if later else "step 0"
 
 
-def _mixed_reference(rows: list[dict[str, Any]]) -> bool:
+def mixed_reference(rows: list[dict[str, Any]]) -> bool:
     """Whether the sets' references come from different steps (a set added on a resume is first evaluated later):
     then every reference cell names its step."""
     return len({r.get("step0_step") for r in rows if r.get("step0") is not None}) > 1
@@ -342,7 +342,7 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of ``HeldoutEvaluator.summary()`` rows, for the end-of-run printout and logs: the first
     ("step 0") and the last evaluation with its step (a preempted run's last one may be early), the change, the worst."""
     header = ["set", "tag", reference_header(rows), "last", "last step", "forgetting/adaptation", "worst", "worst step"]
-    body, mixed = [], _mixed_reference(rows)
+    body, mixed = [], mixed_reference(rows)
     for r in rows:
         ref = _fmt(r.get("step0")) + (f" ({r['step0_step']})" if mixed and r.get("step0") is not None else "")
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"
