@@ -256,6 +256,24 @@ def changed_config_notes(ckpt: Path, cfg: RunConfig) -> list[str]:
     jump = _lr_jump(saved, cfg, step, train_state.get("anneal_from"))
     if jump:
         notes.append(jump)
+    return notes + _missed_stage_starts(saved, cfg, step)
+
+
+def _missed_stage_starts(saved: dict, cfg: RunConfig, step: int) -> list[str]:
+    """A stage that now starts before the resumed ``step`` at a step where the checkpoint's run did not switch stages:
+    what happens at a stage's start (its reset_optimizer, the dense evaluations after it) is not replayed."""
+    if cfg.train.anneal_steps:  # (a branch's stages are its trunk's: it switches none)
+        return []
+    old_steps = [int(st.get("steps") or 0) for st in saved.get("stages") or [] if isinstance(st, dict)]
+    switched = {sum(old_steps[:i]) for i in range(len(old_steps))}
+    notes, at = [], 0
+    for i, st in enumerate(cfg.stages):
+        if 0 < at < step and at not in switched:
+            reset = f" (stages.{i}.reset_optimizer is not applied)" if st.reset_optimizer else ""
+            notes.append(f"warning: stage {i} ({st.name!r}) now starts at step {at}, before step {step} where the run "
+                         f"resumes, and the checkpoint's run did not switch stages there: its start is not replayed"
+                         f"{reset}; its mix and LR apply from step {step}")
+        at += st.steps
     return notes
 
 

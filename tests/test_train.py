@@ -421,3 +421,12 @@ def test_resume_with_a_changed_plan_says_so(reference, tmp_path):
     assert "--allow-config-change: resuming" in log and "stages.0.steps: 16 -> 18" in log, log
     lrs = {r["step"]: r["train/lr"] for r in read_metrics(run / "metrics.jsonl") if "train/lr" in r}
     assert f"so the LR jumps from {lrs[16]:.4g} (the checkpoint's plan at step 16) to {lrs[17]:.4g}" in log, log
+    # a stage boundary moved behind the checkpoint: the new stage's start (its optimizer reset) is not replayed
+    from cpt.resume import changed_config_notes
+
+    split = json.loads(json.dumps(new))
+    split["stages"][0]["steps"] = 10
+    split["stages"].append({**split["stages"][0], "name": "two", "steps": 8, "reset_optimizer": True})
+    notes = changed_config_notes(run / "checkpoints" / "step_00000016", load_config(base=split))
+    assert "warning: stage 1 ('two') now starts at step 10, before step 16 where the run resumes" in notes[-1], notes
+    assert "(stages.1.reset_optimizer is not applied)" in notes[-1]
