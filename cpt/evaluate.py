@@ -195,6 +195,7 @@ class HeldoutEvaluator:
         self.reference: dict[str, float] = {}  # loss at the first evaluation (step 0)
         self.reference_step: int | None = None  # the run's first evaluation
         self.reference_steps: dict[str, int] = {}  # each set's first evaluation (later for a set added on a resume)
+        self.identities: dict[str, str] = {}  # the samples the checkpoint's references were measured on
         self.worst: dict[str, tuple[float, int]] = {}  # highest loss and its step
         self.last: dict[str, tuple[float, int]] = {}  # latest loss and its step
 
@@ -287,7 +288,10 @@ class HeldoutEvaluator:
             "reference": dict(self.reference),
             "reference_step": self.reference_step,
             "reference_steps": dict(self.reference_steps),
-            "samples": {s.name: s.identity for s in self.sets},  # what each reference was measured on
+            # what each reference was measured on; a set left out of this run keeps its entry (added back later, its
+            # reference is kept only for the same sample: it was kept whatever the sample)
+            "samples": {**{k: v for k, v in self.identities.items() if k in self.reference},
+                        **{s.name: s.identity for s in self.sets}},
             "worst": {k: [v, s] for k, (v, s) in self.worst.items()},
             "last": {k: [v, s] for k, (v, s) in self.last.items()},
         }
@@ -299,7 +303,7 @@ class HeldoutEvaluator:
                                 for k in self.reference}
         self.worst = {k: (float(v), int(s)) for k, (v, s) in state.get("worst", {}).items()}
         self.last = {k: (float(v), int(s)) for k, (v, s) in state.get("last", {}).items()}
-        saved = state.get("samples", {})
+        saved = self.identities = dict(state.get("samples", {}))
         for s in self.sets:  # another sample than the reference's (eval.tokens_per_set, sample_seed, its files changed)
             if s.name in self.reference and s.name in saved and saved[s.name] != s.identity:
                 for d in (self.reference, self.reference_steps, self.worst, self.last):
