@@ -117,6 +117,7 @@ class BenchmarkTracker:
         # bookkeeping, keyed "<task>/<metric>"
         self.samples: dict[str, list[int]] | None = None  # leaf task -> document indices (None until set up)
         self.leaves: set[str] = set()  # the leaf tasks whose documents are fixed (set up; all of them when not in samples)
+        self.current: set[str] = set()  # the leaf tasks of this run's config (set up)
         self.task_tags: dict[str, str | None] = {}  # lm-eval task or group name -> tag
         self.reference: dict[str, tuple[float, float | None]] = {}  # step-0 (first) score and its stderr
         self.reference_step: int | None = None  # the first evaluation
@@ -166,7 +167,8 @@ class BenchmarkTracker:
         if self.max_length:
             log.info("lm-eval: context length %d tokens (eval.lm_eval.max_length, default data.seq_len; lm-eval alone "
                      "on an export needs max_length=%d in its model_args for the same scores)", self.max_length, self.max_length)
-        samples: dict[str, list[int]] = {}
+        samples = dict(self.samples or {})  # (a task left out of this run keeps its documents, should it come back)
+        self.current = set()
         for t in self.tasks:
             self.task_tags[t.name] = t.tag
             limit = t.limit if t.limit is not None else self.limit
@@ -187,6 +189,7 @@ class BenchmarkTracker:
                 if chosen is not None:
                     samples[leaf] = chosen
                 self.leaves.add(leaf)
+                self.current.add(leaf)
                 log.info("lm-eval %s (%s): %s of %d documents", leaf, t.tag or "untagged",
                          len(chosen) if chosen is not None else "all", n)
         self.samples = samples
@@ -200,7 +203,7 @@ class BenchmarkTracker:
         flat, raw = run_lm_eval_detailed(
             model, tokenizer, [t.name for t in self.tasks], batch_size=self.batch_size, include_path=self.include_path,
             accelerator=self.accelerator, max_length=self.max_length, bootstrap_iters=self.bootstrap_iters,
-            samples=self.samples or None, seed=self.seed)
+            samples={k: v for k, v in self.samples.items() if k in self.current} or None, seed=self.seed)
         metrics = self.record(step, flat, raw.get("higher_is_better") or {})
         metrics["time/lm_eval_s"] = time.perf_counter() - t0
         return metrics

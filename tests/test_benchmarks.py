@@ -130,6 +130,16 @@ def test_a_resume_keeps_scoring_the_documents_of_its_reference(caplog):
         assert resumed.samples == t.samples and len(resumed.samples.get(task, range(300))) == (before or 300)
         assert f"lm-eval {task}: the config now chooses {after} of its 300 documents, but this run's reference scores " \
                f"were measured on {before or 'all'}: it keeps scoring those" in caplog.text
+    # a task left out of one resume and added back on a later one keeps its documents too
+    t = BenchmarkTracker([TaskSpec(task, "upstream")], limit=4, seed=1)
+    t._set_up()
+    without = BenchmarkTracker([TaskSpec("cpt_python_next", "downstream")], limit=4, seed=1)
+    without.load_state_dict(json.loads(json.dumps(t.state_dict())))
+    without._set_up()
+    back = BenchmarkTracker([TaskSpec(task, "upstream")], limit=8, seed=1)
+    back.load_state_dict(json.loads(json.dumps(without.state_dict())))
+    back._set_up()
+    assert back.samples[task] == t.samples[task] and len(back.samples[task]) == 4
 
 def test_schedule():
     t = tracker(every=10, dense_steps=6, dense_every=2)
