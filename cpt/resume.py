@@ -230,12 +230,15 @@ def check_resume_within_plan(ckpt: Path, cfg: RunConfig) -> None:
     """A ``--resume`` (``--allow-config-change``) whose plan ends before the checkpoint's step: refused in one line. It
     used to finish at once at the checkpoint's step, exporting those weights as the run's end, the shorter plan ignored."""
     train_state = saved_train_state(ckpt)
-    step, end = int(train_state["step"]), _plan_end(cfg, train_state.get("anneal_from"))
+    anneal_from = train_state.get("anneal_from")
+    step, end = int(train_state["step"]), _plan_end(cfg, anneal_from)
     if step > end:
+        longer = (f"give train.anneal_steps (--anneal) at least {step - anneal_from}" if cfg.train.anneal_steps and
+                  anneal_from is not None else f"give the stages at least {step} steps in all")
         raise CheckpointError(
             f"--resume: {ckpt} is at step {step}, past the end of this config's plan ({end} steps): a run cannot be "
-            f"shortened behind its checkpoint. Give the stages at least {step} steps in all, or take that checkpoint's "
-            f"weights as they are (cpt export {ckpt} --out DIR)")
+            f"shortened behind its checkpoint. To go on, {longer}; or take that checkpoint's weights as they are "
+            f"(cpt export {ckpt} --out DIR)")
 
 
 def changed_config_notes(ckpt: Path, cfg: RunConfig) -> list[str]:
@@ -294,8 +297,9 @@ def _lr_jump(saved: dict, cfg: RunConfig, step: int, anneal_from: int | None) ->
         return None
     return (f"warning: the LR plan changed before step {step}, where the run resumes (from step {differs}: "
             f"{old.lr(differs):.4g} then, {new.lr(differs):.4g} now), so the LR jumps from {old.lr(step):.4g} (the "
-            f"checkpoint's plan at step {step}) to {new.lr(step):.4g}. To continue without a jump, keep the stages up to "
-            f"step {step} as they were and append a stage (e.g. schedule.warmup_from: previous, or continue_trunk)")
+            f"checkpoint's plan at step {step}) to {new.lr(step):.4g}" + (
+                "" if anneal_from is not None else f". To continue without a jump, keep the stages up to step {step} "
+                "as they were and append a stage (e.g. schedule.warmup_from: previous, or continue_trunk)"))
 
 
 def _same_lr(a: float, b: float) -> bool:
