@@ -9,6 +9,7 @@ checkpoints, a ``--resume`` whose config changes the training trajectory.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,3 +333,13 @@ def as_the_run_read_it(cfg: RunConfig, run_dir: str | os.PathLike | None) -> Run
     init = cfg.train.init_from and run_relative(str(cfg.train.init_from), Path(run_dir), out)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=m),
                                   "train": cfg.train.model_copy(update={"init_from": init or cfg.train.init_from})})
+
+
+def world_change(ckpt: Path, acc) -> str:
+    """What a resume on another number of processes changes (the global batches and data stream do not change)."""
+    saved = json.loads((ckpt / TRAINER_STATE).read_text())
+    world = (saved.get("data") or {}).get("world_size") or len((saved.get("log_window") or {}).get("ranks") or []) or None
+    if world is None or world == acc.num_processes:
+        return ""
+    return (f"; written by {world} process{'es' * (world > 1)}, now {acc.num_processes}: each process accumulates "
+            f"{acc.gradient_accumulation_steps} micro-batch(es) per step, the global batch and the data stream are the same")

@@ -29,7 +29,7 @@ def rows(b: int = 3, length: int = 24, seed: int = 1) -> torch.Tensor:
 
 def loss_and_grads(model, ids, eos_id):
     model.zero_grad(set_to_none=True)
-    loss, row_losses = causal_lm_loss(model, ids, eos_id)
+    loss, row_losses, _ = causal_lm_loss(model, ids, eos_id)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), row_losses, grads
@@ -149,7 +149,7 @@ def test_through_torch_compile():
     assert chunked_loss.installed(compiled) is not None
     for _ in range(2):  # the second call reuses the compiled graph
         model.zero_grad(set_to_none=True)
-        loss, row_losses = causal_lm_loss(compiled, ids, EOS)
+        loss, row_losses, _ = causal_lm_loss(compiled, ids, EOS)
         loss.backward()
         torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(row_losses, ref_rows, rtol=1e-6, atol=1e-6)

@@ -96,9 +96,9 @@ def test_train_skips_a_spiked_step_like_a_skipped_update(tiny_cpt_data, tmp_path
 
         def fake(*a, **k):
             calls["n"] += 1
-            loss, rows = real(*a, **k)
+            out = real(*a, **k)
             bad = (calls["n"] - 1) // micro_per_step == 7  # step 8 (1-based)
-            return (loss * factor, rows * factor) if bad else (loss, rows)
+            return out._replace(loss=out.loss * factor, row_losses=out.row_losses * factor) if bad else out
 
         monkeypatch.setattr(lm_loss, "causal_lm_loss", fake)
         train(load_config(base=cfg), echo=lambda *a, **k: None)

@@ -179,8 +179,8 @@ def _nan_after(monkeypatch, bad_calls):
 
     def fake(*a, **k):
         count["n"] += 1
-        loss, rows = real(*a, **k)
-        return (loss * float("nan"), rows * float("nan")) if bad_calls(count["n"]) else (loss, rows)
+        out = real(*a, **k)
+        return out._replace(loss=out.loss * float("nan"), row_losses=out.row_losses * float("nan")) if bad_calls(count["n"]) else out
 
     monkeypatch.setattr(lm_loss, "causal_lm_loss", fake)
 

@@ -97,7 +97,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # evaluation and checkpoint cadence, stage names, run.name and output_dir.
 TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.document_masking", "stages", "optim",
                      "train.global_batch_size", "train.precision", "train.anneal_steps", "train.anneal_shape",
-                     "train.ema_decay", "train.reptile", "train.skip_spikes")
+                     "train.ema_decay", "train.reptile", "train.skip_spikes", "train.router_aux_loss_coef")
 NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "gradient_checkpointing_every",
                   "base_in_compute_dtype", "fused", "name", "name_or_path", "tokenizer", "revision", "path",
                   "data_files", "add_tokens_file", "learn_from", "trust_remote_code"}
