@@ -53,31 +53,48 @@ def router_aux_coefficient(model, setting: float | None) -> float:
     return float(setting)
 
 
-def use_router_aux(model, setting: float | None, log_fn=print) -> float:
-    """:func:`router_aux_coefficient`, said once for a mixture of experts (the loop's start-up log)."""
-    coef = router_aux_coefficient(model, setting)
-    if coef > 0:
-        said = "the model's router_aux_loss_coef" if setting is None else "train.router_aux_loss_coef"
-        log_fn(f"mixture of experts: router load-balancing loss x {coef:g} ({said}) added to the training loss, "
-               "logged as train/router_aux_loss")
-    return coef
+class LossWeights(NamedTuple):
+    """The weights of the terms added to the next-token loss in training: a mixture of experts' router
+    load-balancing loss (``train.router_aux_loss_coef``, see :func:`router_aux_coefficient`) and the z-loss
+    (``train.z_loss``: mean logsumexp(logits)^2, PaLM's and OLMo 2's, keeps the softmax normaliser near 0)."""
+
+    router_aux: float = 0.0
+    z: float = 0.0
 
 
-def router_aux_metrics(accelerator, step_aux: torch.Tensor | None) -> dict[str, float]:
-    """``train/router_aux_loss``: the log step's load-balancing loss, the mean over its micro-batches and ranks."""
-    if step_aux is None:
+def loss_weights(model, train_cfg, log_fn=print) -> LossWeights:
+    """:class:`LossWeights` of a run (``train.router_aux_loss_coef``, ``train.z_loss``), each said once when on."""
+    weights = LossWeights(router_aux_coefficient(model, train_cfg.router_aux_loss_coef), float(train_cfg.z_loss))
+    if weights.router_aux > 0:
+        said = "the model's router_aux_loss_coef" if train_cfg.router_aux_loss_coef is None else "train.router_aux_loss_coef"
+        log_fn(f"mixture of experts: router load-balancing loss x {weights.router_aux:g} ({said}) added to the training "
+               "loss, logged as train/router_aux_loss")
+    if weights.z > 0:
+        log_fn(f"z-loss: {weights.z:g} x mean(logsumexp(logits)^2) added to the training loss (train.z_loss), "
+               "logged as train/z_loss")
+    return weights
+
+
+def extra_loss_metrics(accelerator, router_aux: torch.Tensor | None, z_loss: torch.Tensor | None) -> dict[str, float]:
+    """``train/router_aux_loss`` (the load-balancing loss) and ``train/z_loss`` (the z term added to the loss) of the
+    log step: each the mean over its micro-batches and ranks, where the run has it."""
+    terms = {name: t for name, t in (("train/router_aux_loss", router_aux), ("train/z_loss", z_loss)) if t is not None}
+    if not terms:
         return {}
-    return {"train/router_aux_loss": accelerator.reduce(step_aux.detach().clone(), reduction="mean").item()}
+    values = accelerator.reduce(torch.stack([t.detach().float() for t in terms.values()]), reduction="mean").tolist()
+    return dict(zip(terms, values))
 
 
 class LMLoss(NamedTuple):
-    """A micro-batch's losses: ``loss`` to backpropagate (the mean next-token loss, plus ``router_aux_coef`` times
-    the router load-balancing loss of a mixture of experts); ``row_losses`` each row's mean next-token loss
-    (detached, for per-source logging); ``router_aux`` the load-balancing loss itself (detached; None without)."""
+    """A micro-batch's losses: ``loss`` to backpropagate (the mean next-token loss, plus the weighted router
+    load-balancing loss of a mixture of experts and the weighted z-loss: :class:`LossWeights`); ``row_losses`` each
+    row's mean next-token loss (detached, for per-source logging); ``router_aux`` the load-balancing loss itself and
+    ``z_loss`` the z term added (both detached; None without)."""
 
     loss: torch.Tensor
     row_losses: torch.Tensor
     router_aux: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
 
 
 def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -88,16 +105,21 @@ def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Te
     return per_token.view(input_ids.size(0), -1)
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, eos_id: int | None = None, router_aux_coef: float = 0.0) -> LMLoss:
-    """Next-token loss of packed rows (:class:`LMLoss`): the mean over every predicted token, for backward, with a
-    mixture of experts' load-balancing loss times ``router_aux_coef`` (see :func:`router_aux_coefficient`); each row's
-    mean, detached, for per-source logging. Chunked (no full logits) where :func:`use_chunked_loss` installed it."""
-    per_token, loss, aux = _forward_losses(model, input_ids, eos_id, router_logits=router_aux_coef > 0)
-    loss = per_token.mean() if loss is None else loss
+def causal_lm_loss(model, input_ids: torch.Tensor, eos_id: int | None = None,
+                   weights: LossWeights = LossWeights()) -> LMLoss:
+    """Next-token loss of packed rows (:class:`LMLoss`): the mean over every predicted token, for backward, with the
+    terms ``weights`` asks for; each row's mean, detached, for per-source logging. Chunked (no full logits) where
+    :func:`use_chunked_loss` installed it (its z term is computed chunk by chunk too)."""
+    per_token, loss, aux, lse = _forward_losses(model, input_ids, eos_id, weights.router_aux > 0, weights.z)
+    if loss is None:  # the full-logits path
+        loss = per_token.mean()
+        if lse is not None:
+            loss = loss + weights.z * lse.square().mean()
+    z_term = None if lse is None else weights.z * lse.detach().square().mean()
     if aux is not None:
-        loss = loss + router_aux_coef * aux.to(loss.dtype)
+        loss = loss + weights.router_aux * aux.to(loss.dtype)
         aux = aux.detach()
-    return LMLoss(loss, per_token.detach().mean(dim=1), aux)
+    return LMLoss(loss, per_token.detach().mean(dim=1), aux, z_term)
 
 
 def token_losses(model, input_ids: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
@@ -105,21 +127,23 @@ def token_losses(model, input_ids: torch.Tensor, eos_id: int | None = None) -> t
     return _forward_losses(model, input_ids, eos_id)[0]
 
 
-def _forward_losses(model, input_ids, eos_id, router_logits: bool = False):
-    """(per-token losses, the chunked path's mean loss or None, the router load-balancing loss or None). The model
-    is always called through its wrappers (DDP, FSDP, DeepSpeed, compile) so that their hooks run."""
+def _forward_losses(model, input_ids, eos_id, router_logits: bool = False, z_coef: float = 0.0):
+    """(per-token losses, the chunked path's mean loss or None, the router load-balancing loss or None, the
+    per-token log-partition or None: with ``z_coef`` > 0; differentiable on the full-logits path, where the z term is
+    added by the caller). The model is always called through its wrappers (DDP, FSDP, DeepSpeed, compile)."""
     head = chunked_loss.installed(model)
     if head is None:
         out = _call(model, input_ids, eos_id, router_logits)
         logits = out.logits if hasattr(out, "logits") else out[0]
-        return next_token_losses(logits, input_ids), None, _router_aux(out, router_logits)
-    with chunked_loss.head_targets(head, input_ids):
+        lse = torch.logsumexp(logits[:, :-1, :].float(), dim=-1) if z_coef else None
+        return next_token_losses(logits, input_ids), None, _router_aux(out, router_logits), lse
+    with chunked_loss.head_targets(head, input_ids, z_coef):
         out = _call(model, input_ids, eos_id, router_logits)
     loss = out.logits if hasattr(out, "logits") else out[0]
     if head.per_token is None or loss.dim() != 0:
         raise RuntimeError("chunked loss: the model did not return its lm_head's loss as its logits "
                            f"(got shape {tuple(loss.shape)}); set train.chunked_loss: false for this model")
-    return head.per_token, loss, _router_aux(out, router_logits)
+    return head.per_token, loss, _router_aux(out, router_logits), head.lse
 
 
 def _router_aux(out, asked: bool) -> torch.Tensor | None:

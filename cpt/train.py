@@ -77,6 +77,7 @@ class StepResult:
     grad_norm: torch.Tensor  # the global gradient norm before clipping (0-d, on the device)
     outcome: Outcome  # whether the update was applied (a 0-d bool tensor on the device-skip path: update_guard.py)
     router_aux: torch.Tensor | None = None  # a mixture of experts' mean load-balancing loss of the step (on the device)
+    z_loss: torch.Tensor | None = None  # the mean z term of the step (train.z_loss; on the device)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -102,7 +103,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         B, L = cfg.train.global_batch_size, cfg.data.seq_len
         model, tokenizer, new_token_ids = _model_for_run(cfg, start.init_hf, say)
         flops_per_token, param_counts = _flops_per_token(model, L), trainable_metrics(model)  # (before any sharding)
-        router_aux = lm_loss.use_router_aux(model, cfg.train.router_aux_loss_coef, say)  # mixture of experts, else 0
+        loss_weights = lm_loss.loss_weights(model, cfg.train, say)  # terms added to the loss: MoE router balance, z-loss
         data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
         heldout = heldout_sets(cfg, tokenizer, acc, say)
         eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
@@ -160,7 +161,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             lr = plan.lr(step)
             optim.set_lr(optimizer, lr)
             result = train_step(acc, model, feed.batch(step), guard, step, cfg.train.micro_batch_size, cfg.optim.grad_clip,
-                                eos_id, by_source, router_aux)
+                                eos_id, by_source, loss_weights)
             if ema is not None:
                 ema.update(acc.unwrap_model(model), applied=result.outcome.applied)
             state.step, state.tokens = step + 1, state.tokens + B * L
@@ -177,7 +178,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 record = {"train/tokens": state.tokens, "train/loss": mean_loss, "train/lr": lr,
                           "train/grad_norm": float(result.grad_norm), "stage": stage, **_counters(guard, spikes),
                           **meter.metrics(flops_per_token, peak), **account.metrics(state.tokens, flops_per_token),
-                          **feed.metrics(), **(by_source.metrics(acc) if by_source else {}), **lm_loss.router_aux_metrics(acc, result.router_aux)}
+                          **feed.metrics(), **(by_source.metrics(acc) if by_source else {}), **lm_loss.extra_loss_metrics(acc, result.router_aux, result.z_loss)}
                 out.step(record, state.step, total_steps, meter.tokens_per_s)
             out.advance()
             if guard.too_many_in_a_row():  # stop, with the last good weights saved
@@ -228,25 +229,28 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
 
 def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, step: int, micro_batch_size: int,
                grad_clip: float | None, eos_id: int | None = None, by_source: SourceLoss | None = None,
-               router_aux_coef: float = 0.0) -> StepResult:
+               weights: lm_loss.LossWeights = lm_loss.LossWeights()) -> StepResult:
     """One optimizer step on this rank's rows of the global batch: forward/backward over its micro-batches
     (gradients accumulated), the gradient norm (clipped to ``grad_clip``), then the update, applied or skipped by
     ``guard`` (non-finite loss or gradient on any rank, a spike). No host sync in here on the device-skip path.
-    ``router_aux_coef``: a mixture of experts' load-balancing loss is added to the backpropagated loss with this
-    weight; the step's logged loss stays the next-token loss."""
+    ``weights``: the terms added to the backpropagated loss (a mixture of experts' load-balancing loss, the z-loss);
+    the step's logged loss stays the next-token loss."""
     rows = batch["input_ids"].to(acc.device, non_blocking=True)
     sources = batch["source"].to(acc.device, non_blocking=True)
     accum = acc.gradient_accumulation_steps
     step_loss = torch.zeros((), device=acc.device)
-    step_aux = torch.zeros((), device=acc.device) if router_aux_coef > 0 else None
+    step_aux = torch.zeros((), device=acc.device) if weights.router_aux > 0 else None
+    step_z = torch.zeros((), device=acc.device) if weights.z > 0 else None
     for micro, micro_sources in zip(rows.split(micro_batch_size), sources.split(micro_batch_size)):
         with acc.accumulate(model):
-            loss, row_losses, aux = lm_loss.causal_lm_loss(model, micro, eos_id, router_aux_coef)
+            loss, row_losses, aux, z_term = lm_loss.causal_lm_loss(model, micro, eos_id, weights)
             if by_source is not None:
                 by_source.add(micro_sources, row_losses)
             if step_aux is not None:
                 step_aux += aux / accum
-            next_token_loss = loss.detach() if aux is None else row_losses.mean()  # (rows of equal length)
+            if step_z is not None:
+                step_z += z_term / accum
+            next_token_loss = loss.detach() if weights == (0, 0) else row_losses.mean()  # (rows of equal length)
             if backend(acc) is Backend.DEEPSPEED and not torch.isfinite(loss):  # no host sync otherwise
                 loss = optim.zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
             acc.backward(loss)
@@ -256,7 +260,7 @@ def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, s
     guard.optimizer.zero_grad(set_to_none=True)
     if by_source is not None:
         by_source.end_step(keep=outcome.finite)  # a spike's loss is logged, a non-finite one is not
-    return StepResult(step_loss, grad_norm, outcome, step_aux)
+    return StepResult(step_loss, grad_norm, outcome, step_aux, step_z)
 
 
 # ------------------------------------------------------------------------------------------ helpers

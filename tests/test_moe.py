@@ -37,7 +37,7 @@ def test_training_loss_is_transformers_loss_with_the_router_term(model_type, chu
     cross-entropy + router_aux_loss_coef x load-balancing loss, and so do the gradients; the per-row losses and
     the logged aux loss are the cross-entropy's and transformers' aux_loss."""
     from cpt import chunked_loss
-    from cpt.lm_loss import causal_lm_loss, router_aux_coefficient
+    from cpt.lm_loss import LossWeights, causal_lm_loss, router_aux_coefficient
 
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     ref_model, model = _moe(model_type), _moe(model_type)
@@ -47,7 +47,7 @@ def test_training_loss_is_transformers_loss_with_the_router_term(model_type, chu
     ref.loss.backward()
     if chunked:
         chunked_loss.install(model, chunk_tokens=5)
-    got = causal_lm_loss(model, ids, None, coef)
+    got = causal_lm_loss(model, ids, None, LossWeights(router_aux=coef))
     got.loss.backward()
     assert torch.allclose(got.loss, ref.loss, atol=1e-6), (float(got.loss), float(ref.loss))
     assert torch.allclose(got.router_aux, ref.aux_loss.detach(), atol=1e-6)
@@ -56,7 +56,7 @@ def test_training_loss_is_transformers_loss_with_the_router_term(model_type, chu
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, grads[name].grad, atol=1e-6), name
     # off: the plain next-token loss, no router term
-    off = causal_lm_loss(_moe(model_type), ids, None, 0.0)
+    off = causal_lm_loss(_moe(model_type), ids, None)
     assert off.router_aux is None and torch.allclose(off.loss, ref.loss - coef * ref.aux_loss, atol=1e-6)
 
 
@@ -123,7 +123,7 @@ def test_lora_on_a_mixture_of_experts_trains_with_the_router_term():
     transformers' labelled loss with the router term, and the coefficient is found through the wrapper."""
     from cpt.adapters import apply_lora
     from cpt.config import LoraConfig
-    from cpt.lm_loss import causal_lm_loss, router_aux_coefficient
+    from cpt.lm_loss import LossWeights, causal_lm_loss, router_aux_coefficient
 
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
     model = apply_lora(_moe("qwen3_moe"), LoraConfig(r=2, target_modules="all-linear"))
@@ -131,4 +131,4 @@ def test_lora_on_a_mixture_of_experts_trains_with_the_router_term():
     coef = router_aux_coefficient(model, None)
     assert coef == 0.001
     ref = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False).loss
-    assert torch.allclose(causal_lm_loss(model, ids, None, coef).loss, ref, atol=1e-6)
+    assert torch.allclose(causal_lm_loss(model, ids, None, LossWeights(router_aux=coef)).loss, ref, atol=1e-6)

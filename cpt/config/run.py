@@ -97,7 +97,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # evaluation and checkpoint cadence, stage names, run.name and output_dir.
 TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.document_masking", "stages", "optim",
                      "train.global_batch_size", "train.precision", "train.anneal_steps", "train.anneal_shape",
-                     "train.ema_decay", "train.reptile", "train.skip_spikes", "train.router_aux_loss_coef")
+                     "train.ema_decay", "train.reptile", "train.skip_spikes",
+                     "train.router_aux_loss_coef", "train.z_loss")
 NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "gradient_checkpointing_every",
                   "base_in_compute_dtype", "fused", "name", "name_or_path", "tokenizer", "revision", "path",
                   "data_files", "add_tokens_file", "learn_from", "trust_remote_code"}
@@ -113,8 +114,10 @@ def _leaves(obj: Any, prefix: str) -> dict[str, Any]:
 
 def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """``field: saved -> now`` for every trajectory field (TRAJECTORY_FIELDS) in which ``cfg`` differs from
-    ``saved`` (a checkpoint's config.yaml, as written: secrets redacted, so they compare as equal)."""
+    ``saved`` (a checkpoint's config.yaml, as written: secrets redacted, so they compare as equal). A field added to
+    cpt since the checkpoint was written takes its default there, as it does in the run: not a change."""
     now = config_to_dict(cfg)
+    saved = _with_defaults(saved)
 
     def pick(d: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -156,6 +159,15 @@ def _switched_sections(mine: dict[str, Any], other: dict[str, Any]) -> dict[str,
             out = {k: v for k, v in out.items() if not k.startswith(key + ".")}
             out[key] = inner
     return out
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` as this version writes it: validated, so fields it does not name (added to cpt since) hold their
+    defaults; as written when it no longer validates (a field since removed or renamed)."""
+    try:
+        return config_to_dict(validate(copy.deepcopy(saved)))
+    except (ConfigError, ValidationError, TypeError, ValueError):
+        return saved
 
 
 def _by_name(sources: Any) -> Any:
