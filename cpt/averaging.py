@@ -43,9 +43,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = float(decay)
-        self.warmup = bool(warmup)
-        self.num_updates = 0
+        self.decay, self.warmup, self.num_updates = float(decay), bool(warmup), 0
         params = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
         refuse_sharded(params, "EMA", EMA_ADVICE)
         self.shadow: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params}
@@ -119,8 +117,8 @@ class EMA:
         if keys != mine or "num_updates" not in state:
             raise KeyError(f"EMA state does not match the model: missing {sorted(mine - keys)[:5]}, "
                            f"unexpected {sorted(keys - mine)[:5]}")
-        self.decay = float(state["decay"])
-        self.warmup = bool(int(state.get("warmup", torch.tensor(0))))
+        self.warmup = bool(int(state.get("warmup", torch.tensor(0))))  # (not the decay: a setting, train.ema_decay,
+        # the resuming run's, as the optimizer's settings are; the checkpoint's replaced a changed one silently)
         self.num_updates = int(state["num_updates"])
         for n, t in shadow.items():
             self.shadow[n] = t.detach().float().to(self.shadow[n].device).clone()
@@ -134,7 +132,8 @@ class EMA:
     def load(self, path: str | Path) -> None:
         from safetensors.torch import load_file
 
-        self.load_state_dict(load_file(str(path)))
+        self.load_state_dict(state := load_file(str(path)))
+        self.decay = float(state["decay"])  # a saved EMA file's own decay (a resume keeps train.ema_decay's)
 
 
 # ----------------------------------------------------------------------------- reading HF checkpoints

@@ -58,6 +58,10 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
             check_resume_is_a_branch(start.resume, cfg)
         if not allow_config_change:
             check_resume_config(start.resume, cfg)
+        else:
+            for line in changed_config_notes(start.resume, cfg):
+                say(line)
+        check_resume_within_plan(start.resume, cfg)
     if start.resume is None and acc.is_main_process:
         check_fresh_run_dir(run_dir, resume, branch=start.branch)  # (find_resume_checkpoint said when --resume finds nothing to resume)
     acc.wait_for_everyone()
@@ -216,6 +220,91 @@ def check_resume_config(ckpt: Path, cfg: RunConfig) -> None:
             f"training trajectory: {'; '.join(changed[:12])}{more}. Restore them, start a new stage with train.init_from, or "
             "pass --allow-config-change to resume anyway"
         )
+
+
+def _plan_end(cfg: RunConfig, anneal_from: int | None) -> int:
+    """The step a run with config ``cfg`` ends at (an anneal branch's: its branch point plus ``train.anneal_steps``)."""
+    return anneal_from + cfg.train.anneal_steps if cfg.train.anneal_steps and anneal_from is not None else cfg.total_steps
+
+
+def check_resume_within_plan(ckpt: Path, cfg: RunConfig) -> None:
+    """A ``--resume`` (``--allow-config-change``) whose plan ends before the checkpoint's step: refused in one line. It
+    used to finish at once at the checkpoint's step, exporting those weights as the run's end, the shorter plan ignored."""
+    train_state = saved_train_state(ckpt)
+    anneal_from = train_state.get("anneal_from")
+    step, end = int(train_state["step"]), _plan_end(cfg, anneal_from)
+    if step > end:
+        longer = (f"give train.anneal_steps (--anneal) at least {step - anneal_from}" if cfg.train.anneal_steps and
+                  anneal_from is not None else f"give the stages at least {step} steps in all")
+        raise CheckpointError(
+            f"--resume: {ckpt} is at step {step}, past the end of this config's plan ({end} steps): a run cannot be "
+            f"shortened behind its checkpoint. To go on, {longer}; or take that checkpoint's weights as they are "
+            f"(cpt export {ckpt} --out DIR)")
+
+
+def changed_config_notes(ckpt: Path, cfg: RunConfig) -> list[str]:
+    """What a ``--resume --allow-config-change`` changes, for the log: the trajectory fields that differ from the
+    checkpoint's config.yaml, and whether the LR plan differs at a step already taken (a longer cosine stage, a moved
+    anneal): the resumed run then jumps from the LR the checkpoint's plan had next to this plan's."""
+    if not (ckpt / "config.yaml").is_file():
+        return []
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    changed = trajectory_changes(saved, cfg)
+    if not changed:
+        return []
+    more = f"; and {len(changed) - 12} more" if len(changed) > 12 else ""
+    train_state = saved_train_state(ckpt)
+    step = int(train_state["step"])
+    notes = [f"--allow-config-change: resuming {ckpt} (step {step}) with a config that differs in fields that change "
+             f"the training trajectory: {'; '.join(changed[:12])}{more}. The new values apply from step {step} on"]
+    jump = _lr_jump(saved, cfg, step, train_state.get("anneal_from"))
+    if jump:
+        notes.append(jump)
+    return notes + _missed_stage_starts(saved, cfg, step)
+
+
+def _missed_stage_starts(saved: dict, cfg: RunConfig, step: int) -> list[str]:
+    """A stage that now starts before the resumed ``step`` at a step where the checkpoint's run did not switch stages:
+    what happens at a stage's start (its reset_optimizer, the dense evaluations after it) is not replayed."""
+    if cfg.train.anneal_steps:  # (a branch's stages are its trunk's: it switches none)
+        return []
+    old_steps = [int(st.get("steps") or 0) for st in saved.get("stages") or [] if isinstance(st, dict)]
+    switched = {sum(old_steps[:i]) for i in range(len(old_steps))}
+    notes, at = [], 0
+    for i, st in enumerate(cfg.stages):
+        if 0 < at < step and at not in switched:
+            reset = f" (stages.{i}.reset_optimizer is not applied)" if st.reset_optimizer else ""
+            notes.append(f"warning: stage {i} ({st.name!r}) now starts at step {at}, before step {step} where the run "
+                         f"resumes, and the checkpoint's run did not switch stages there: its start is not replayed"
+                         f"{reset}; its mix and LR apply from step {step}")
+        at += st.steps
+    return notes
+
+
+def _lr_jump(saved: dict, cfg: RunConfig, step: int, anneal_from: int | None) -> str | None:
+    """One line when this config's LR plan differs from the checkpoint's at a step before ``step`` (the steps already
+    taken followed the old plan, so the LR jumps at ``step``); None when only later steps change."""
+    from cpt.config import validate
+    from cpt.schedules import plan_for_run
+
+    try:
+        old, new = plan_for_run(validate(saved), anneal_from), plan_for_run(cfg, anneal_from)
+    except (ValueError, TypeError):  # (a config.yaml this cpt no longer reads: nothing to compare)
+        return None
+    probes = range(step) if step <= 20_000 else sorted(  # (a long run: each phase's ends and middle in both plans)
+        {x for p in old.phases + new.phases for x in (p.start, p.start + p.steps // 2, p.end - 1)} | {step - 1})
+    differs = next((s for s in probes if 0 <= s < step and not _same_lr(old.lr(s), new.lr(s))), None)
+    if differs is None:
+        return None
+    return (f"warning: the LR plan changed before step {step}, where the run resumes (from step {differs}: "
+            f"{old.lr(differs):.4g} then, {new.lr(differs):.4g} now), so the LR jumps from {old.lr(step):.4g} (the "
+            f"checkpoint's plan at step {step}) to {new.lr(step):.4g}" + (
+                "" if anneal_from is not None else f". To continue without a jump, keep the stages up to step {step} "
+                "as they were and append a stage (e.g. schedule.warmup_from: previous, or continue_trunk)"))
+
+
+def _same_lr(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1e-30)
 
 
 def run_relative(path: str, run_dir: Path, output_dir: str) -> str:

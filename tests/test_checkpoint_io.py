@@ -120,7 +120,8 @@ def test_checkpoint_saves_and_restores_the_state_registry(trained, tmp_path):
     assert int(tensors["ema.num_updates"]) == 1 and all(k.startswith("ema.") for k in tensors)
     state, ema2 = TrainState(), EMA(acc.unwrap_model(model), 0.5)
     ckpts.load(ckpt, {"train": state, "ema": ema2})
-    assert (state.step, state.tokens) == (5, 640) and ema2.num_updates == 1 and ema2.decay == 0.9
+    assert (state.step, state.tokens) == (5, 640) and ema2.num_updates == 1
+    assert ema2.decay == 0.5  # a setting of the run that loads it (train.ema_decay), not part of the saved average
     assert all(torch.equal(ema2.shadow[n], ema.shadow[n]) for n in ema.shadow)
     with pytest.raises(CheckpointError, match="step_00000005: it holds no state for 'reptile'"):
         ckpts.load(ckpt, {"train": TrainState(), "reptile": ema2})

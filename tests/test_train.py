@@ -393,3 +393,40 @@ def test_resume_refuses_a_checkpoint_without_a_registered_component(reference, t
     with pytest.raises(CheckpointError, match=r"step_00000016: it holds no state for 'ema' .*train.init_from"):
         train(load_config(base=new), resume=True, allow_config_change=True, echo=lambda *a: None)
     assert (out / "metrics.jsonl").read_bytes() == before  # nothing trained or logged
+
+
+def test_resume_with_a_changed_plan_says_so(reference, tmp_path):
+    """--resume --allow-config-change of a cosine run made longer: the log names the changed field and the LR jump at
+    the resumed step (the steps taken followed the old, shorter cosine; it was silent). A plan shortened behind the
+    checkpoint is refused in one line (it finished at once at the checkpoint's step, the shorter plan ignored)."""
+    import shutil
+
+    from cpt.checkpoint import CheckpointError
+    from cpt.train import train
+
+    cfg, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(cfg["run"]["output_dir"], run)
+    new = json.loads(json.dumps(cfg))
+    new["run"]["output_dir"] = str(run)
+    new["stages"][0]["steps"] = 14
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"step_00000016 is at step 16, past the end of this config's plan \(14 "):
+        train(load_config(base=new), resume=True, allow_config_change=True, echo=lambda *a: None)
+    assert (run / "metrics.jsonl").read_bytes() == before
+    new["stages"][0]["steps"] = 18
+    lines = []
+    assert train(load_config(base=new), resume=True, allow_config_change=True, echo=lines.append).step == 18
+    log = "\n".join(map(str, lines))
+    assert "--allow-config-change: resuming" in log and "stages.0.steps: 16 -> 18" in log, log
+    lrs = {r["step"]: r["train/lr"] for r in read_metrics(run / "metrics.jsonl") if "train/lr" in r}
+    assert f"so the LR jumps from {lrs[16]:.4g} (the checkpoint's plan at step 16) to {lrs[17]:.4g}" in log, log
+    # a stage boundary moved behind the checkpoint: the new stage's start (its optimizer reset) is not replayed
+    from cpt.resume import changed_config_notes
+
+    split = json.loads(json.dumps(new))
+    split["stages"][0]["steps"] = 10
+    split["stages"].append({**split["stages"][0], "name": "two", "steps": 8, "reset_optimizer": True})
+    notes = changed_config_notes(run / "checkpoints" / "step_00000016", load_config(base=split))
+    assert "warning: stage 1 ('two') now starts at step 10, before step 16 where the run resumes" in notes[-1], notes
+    assert "(stages.1.reset_optimizer is not applied)" in notes[-1]

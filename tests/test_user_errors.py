@@ -348,6 +348,13 @@ def test_trajectory_fields():
     swapped = {**two, "data": {"sources": two["data"]["sources"][::-1]}}
     assert trajectory_changes(config_to_dict(load_config(base=two)), load_config(base=swapped)) == [
         "data.sources: order ['a', 'old'] -> ['old', 'a']"]
+    # a section switched on or off is one line (it was one per field: `train.skip_spikes: None -> '(not set)';
+    # train.skip_spikes.max_in_a_row: '(not set)' -> 8; ...`)
+    spikes = load_config(base=base, overrides=["train.skip_spikes.sigma=5"])
+    assert trajectory_changes(saved, spikes) == [
+        "train.skip_spikes: None -> {'sigma': 5.0, 'window': 128, 'min_history': None, 'max_in_a_row': 8}"]
+    assert trajectory_changes(config_to_dict(spikes), cfg) == [
+        "train.skip_spikes: {'sigma': 5.0, 'window': 128, 'min_history': None, 'max_in_a_row': 8} -> None"]
 
 
 def _pickle_only_model(tiny_base, folder: Path) -> Path:

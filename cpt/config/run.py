@@ -131,6 +131,7 @@ def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
     a, b = pick(saved), pick(now)
     missing = "(not set)"
+    a, b = _switched_sections(a, b), _switched_sections(b, a)
     out = [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b), key=_field_order)
            if a.get(k, missing) != b.get(k, missing) and not _whole_stage(k, saved, now) and not _whole_source(k, a, b)]
     order = [[x.get("name") for x in (d.get("data") or {}).get("sources") or [] if isinstance(x, dict)] for d in (saved, now)]
@@ -145,6 +146,18 @@ def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
         added = i < len(now["stages"])
         stage = (now["stages"] if added else saved["stages"])[i]
         out.append(f"stages.{i}: {'added' if added else 'removed'} (stage {stage.get('name')!r}, {stage.get('steps')} steps)")
+    return out
+
+
+def _switched_sections(mine: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``mine``'s leaves, with those of a section the other config leaves unset (``train.skip_spikes: null``) folded into
+    one value, so that switching a section on or off is one ``field: None -> {...}`` line, not one line per field."""
+    out = dict(mine)
+    for key in [k for k, v in other.items() if v is None]:
+        inner = {k[len(key) + 1:]: v for k, v in mine.items() if k.startswith(key + ".")}
+        if inner and key not in mine:
+            out = {k: v for k, v in out.items() if not k.startswith(key + ".")}
+            out[key] = inner
     return out
 
 
