@@ -335,11 +335,17 @@ def as_the_run_read_it(cfg: RunConfig, run_dir: str | os.PathLike | None) -> Run
                                   "train": cfg.train.model_copy(update={"init_from": init or cfg.train.init_from})})
 
 
-def world_change(ckpt: Path, acc) -> str:
-    """What a resume on another number of processes changes (the global batches and data stream do not change)."""
+def world_change(ckpt: Path, acc, global_batch: int | None = None) -> str:
+    """What a resume on another number of processes changes: the gradient accumulation; the global batches and the
+    data stream stay the same unless the global batch itself was changed too (``global_batch``, the run's, against
+    the checkpoint's config: with --allow-config-change)."""
     saved = json.loads((ckpt / TRAINER_STATE).read_text())
     world = (saved.get("data") or {}).get("world_size") or len((saved.get("log_window") or {}).get("ranks") or []) or None
     if world is None or world == acc.num_processes:
         return ""
+    config = ckpt / "config.yaml"
+    before = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("global_batch_size") if config.is_file() else None
+    same = ("the global batch and the data stream are the same" if before in (None, global_batch) or global_batch is None
+            else f"the global batch is {global_batch} sequences from here (it was {before})")
     return (f"; written by {world} process{'es' * (world > 1)}, now {acc.num_processes}: each process accumulates "
-            f"{acc.gradient_accumulation_steps} micro-batch(es) per step, the global batch and the data stream are the same")
+            f"{acc.gradient_accumulation_steps} micro-batch(es) per step, {same}")

@@ -128,7 +128,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             ("train", state), ("log_window", window), ("data", feed), ("evaluator", evaluator), ("compute", account),
             ("update_guard", guard), ("spikes", spikes), ("lm_eval", bench), ("ema", ema), ("reptile", reptile)) if c is not None}
         if start.state_from is not None:
-            _restore(ckpts, start, components, say)
+            _restore(ckpts, start, components, say, B)
         plan, total_steps = _lr_plan(cfg, start, state, say)
 
         # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
@@ -272,14 +272,14 @@ def _counters(guard: UpdateGuard, spikes: SpikeGuard | None) -> dict:
             "perf/peak_mem_gb": peak_memory_gb()}
 
 
-def _restore(ckpts: CheckpointManager, start: Start, components: dict, say) -> None:
+def _restore(ckpts: CheckpointManager, start: Start, components: dict, say, global_batch: int) -> None:
     """Load the registered components from the start checkpoint: a resume's, or the trunk's for an anneal branch
     (which logs its own steps: the trunk's open log window is not carried over)."""
     own_window = start.resume is not None
     ckpts.load(start.state_from, {n: c for n, c in components.items() if own_window or n != "log_window"})
     state = components["train"]
     say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)"
-        + world_change(start.state_from, ckpts.acc))
+        + world_change(start.state_from, ckpts.acc, global_batch))
 
 
 def _stop_on_nonfinite(guard: UpdateGuard, feed: Prefetcher, ckpts: CheckpointManager, step: int, components: dict,
