@@ -8,8 +8,8 @@ sbatch scripts/slurm_multinode.sbatch) names a shipped strategy; every `--set ke
 (`train.precision`, `stages.0.steps`) names a field of the pydantic RunConfig (or of a `cpt experiment` spec);
 every `configs/`, `scripts/`, `docs/`, `tests/`, `cpt/` or `eval_harness/` path and relative link exists, and every
 link's `#anchor` is a heading or `<a id>` of its page; every YAML block that looks like a run config validates (a
-fragment merged into the README's own full example); and the Layout block names every module. The commands themselves were run by hand as the README shows them (branch
-a-readme's commits say what ran and what differed).
+fragment merged into the README's own full example); and the Layout block names every module. The commands
+themselves were run by hand as the README shows them (branch a-readme's commits say what ran and what differed).
 """
 
 from __future__ import annotations
