@@ -346,7 +346,7 @@ class Cycle:
             self.notes.append("refused: every checkpoint broken and the final export written (README: move export/ away)")
         elif not killed and not preempt and rc != 0:
             p.append(f"exit status {rc}")
-        if self.enospc and "FAILED" in text and "no space left" not in text.lower():
+        if self.enospc and re.search(r"checkpoint at step \d+ FAILED", text) and "no space left" not in text.lower():
             p.append("a disk-full save failure not named as such")
         self.notes.append(f"rc={rc} {secs:.0f}s")
 
