@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"cpt.commands.{name}")
     try:
         code = int(module.main(rest) or 0)
-        if name == "train":
+        if name == "train" and code == 0:  # (after an error the launcher's SIGTERM must still end a rank stuck in teardown)
             ignore_signals_after_the_run()
         return code
     except BrokenPipeError:  # `cpt schedule CONFIG | head`: the reader is gone, which is no error (was a traceback)
