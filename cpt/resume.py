@@ -95,7 +95,7 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path |
         unusable: list[Path] = []
         ckpt = latest_valid_checkpoint(run_dir, unusable)
         for bad in unusable:
-            os.replace(bad, bad.with_name(UNUSABLE_PREFIX + bad.name))
+            os.replace(bad, set_aside_name(bad))
         if unusable:
             say(f"set aside {len(unusable)} unusable checkpoint(s) as {UNUSABLE_PREFIX}step_N in {Path(run_dir) / 'checkpoints'}")
         if ckpt is None:
@@ -103,6 +103,17 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path |
         choice = None if ckpt is None else str(ckpt)
     choice = from_main_process(acc, choice)
     return None if choice is None else Path(choice)
+
+
+def set_aside_name(ckpt: Path) -> Path:
+    """A free name for a broken checkpoint set aside: ``unusable-step_N``, or ``unusable-step_N.2``, ``.3``, ... when a
+    checkpoint of that step was set aside before (a resumed run saved the step again, and that save broke too: renaming
+    onto the earlier one failed, and every later --resume with it)."""
+    target, n = ckpt.with_name(UNUSABLE_PREFIX + ckpt.name), 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{UNUSABLE_PREFIX}{ckpt.name}.{n}")
+    return target
 
 
 def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
