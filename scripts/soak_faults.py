@@ -1,4 +1,5 @@
-"""Randomised fault soak of a run directory, the way a batch cluster treats a job (run by hand; not in the test suite).
+"""Randomised fault soak of a run directory, the way a batch cluster treats a job (run by hand;
+tests/test_soak_faults.py runs it small).
 
 A 40-step run with everything on (two stages with replay, held-out evaluation every 4 steps and densely after each
 stage switch, EMA and its evaluation, non-blocking checkpoints every 3 steps with keep: 2, periodic and final HF
