@@ -49,8 +49,7 @@ class EMA:
         if not self.shadow:
             raise ValueError("EMA: the model has no trainable parameters")
 
-    def restart(self, model: nn.Module) -> None:
-        """The average started again at ``model``'s weights (an anneal branch switching on an EMA its trunk ran without)."""
+    def restart(self, model: nn.Module) -> None:  # at model's weights: an anneal branch switching on an EMA (cpt/resume.py)
         self.shadow, self.num_updates = {n: p.detach().float().clone() for n, p in self._params(model)}, 0
 
     def current_decay(self) -> float:
@@ -120,8 +119,8 @@ class EMA:
         if keys != mine or "num_updates" not in state:
             raise KeyError(f"EMA state does not match the model: missing {sorted(mine - keys)[:5]}, "
                            f"unexpected {sorted(keys - mine)[:5]}")
-        self.decay, self.warmup = float(state["decay"]), bool(int(state.get("warmup", torch.tensor(0))))
-        self.num_updates = int(state["num_updates"])
+        self.warmup, self.num_updates = bool(int(state.get("warmup", torch.tensor(0)))), int(state["num_updates"])
+        # (not the decay: a setting, train.ema_decay, the resuming run's; the checkpoint's replaced a changed one silently)
         for n, t in shadow.items():
             self.shadow[n] = t.detach().float().to(self.shadow[n].device).clone()
 
@@ -134,7 +133,8 @@ class EMA:
     def load(self, path: str | Path) -> None:
         from safetensors.torch import load_file
 
-        self.load_state_dict(load_file(str(path)))
+        self.load_state_dict(state := load_file(str(path)))
+        self.decay = float(state["decay"])  # a saved EMA file's own decay (a resume keeps train.ema_decay's)
 
 
 # ----------------------------------------------------------------------------- reading HF checkpoints

@@ -50,34 +50,38 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """(mean loss, per-token losses) of ``hidden[N, H] @ weight[V, H]^T (+ bias)`` against ``targets[N]``;
-    gradients are computed chunk by chunk in forward (the loss is a scalar, so backward only scales them)."""
+    """(mean loss, per-token losses, per-token log-partition or None) of ``hidden[N, H] @ weight[V, H]^T (+ bias)``
+    against ``targets[N]``, the mean loss with ``z_coef`` x mean(logsumexp^2) when ``z_coef`` > 0; gradients are
+    computed chunk by chunk in forward (the loss is a scalar, so backward only scales them)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, z_coef):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        loss, per_token, grads = _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h, need_w, need_b)
+        loss, per_token, lse, grads = _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h, need_w,
+                                                         need_b, z_coef)
         ctx.grads = grads
-        ctx.mark_non_differentiable(per_token)
-        return loss, per_token
+        ctx.mark_non_differentiable(per_token, *([] if lse is None else [lse]))
+        return loss, per_token, lse
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_per_token):
+    def backward(ctx, grad_loss, _grad_per_token, _grad_lse):
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
         scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731  (in place: no copy of grad_W)
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None
 
 
 @torch.no_grad()
-def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False, need_w=False, need_b=False):
+def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False, need_w=False, need_b=False,
+                       z_coef: float = 0.0):
     n, device = hidden.size(0), hidden.device
     cd = _compute_dtype(weight)
     with torch.autocast(device.type, enabled=False):
         w = weight.to(cd)
         b = None if bias is None else bias.to(cd)
         per_token = torch.empty(n, dtype=torch.float32, device=device)
+        lse_all = torch.empty(n, dtype=torch.float32, device=device) if z_coef else None
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
@@ -90,12 +94,17 @@ def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False
             top = logits.amax(dim=-1, keepdim=True)
             exp = logits.sub_(top).exp_()  # exp(logits - max)
             total = exp.sum(dim=-1, keepdim=True)
-            per_token[s:e] = (total.log() + top).squeeze(1) - target_logit  # logsumexp - target logit
+            lse = total.log() + top  # [c, 1] the log-partition
+            per_token[s:e] = lse.squeeze(1) - target_logit  # logsumexp - target logit
+            if lse_all is not None:
+                lse_all[s:e] = lse.squeeze(1)
             if not (need_h or need_w or need_b):
                 del logits, exp  # (before the next chunk's logits are allocated)
                 continue
-            # d(mean loss)/d logits = (softmax - onehot) / n
+            # d(mean loss)/d logits = (softmax - onehot) / n; the z-loss adds 2 z lse softmax / n
             grad_logits = exp.mul_(total.reciprocal_().mul_(inv_n))
+            if lse_all is not None:
+                grad_logits.mul_(lse.mul(2.0 * z_coef).add_(1.0))
             grad_logits[torch.arange(e - s, device=device), t] -= inv_n
             grad_logits = grad_logits.to(cd)
             if need_h:
@@ -109,26 +118,34 @@ def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False
                 grad_b += grad_logits.sum(0).to(grad_b.dtype)
             del logits, exp, grad_logits  # before the next chunk's logits are allocated
         loss = per_token.mean() if n else per_token.sum()
-    return loss, per_token, (grad_h, grad_w, grad_b)
+        if lse_all is not None and n:
+            loss = loss + z_coef * lse_all.square().mean()
+    return loss, per_token, lse_all, (grad_h, grad_w, grad_b)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy (differentiable wrt ``hidden``, ``weight``, ``bias``) and the per-token losses
-    (detached, fp32) of the linear head ``hidden[N, H] -> [N, V]`` against ``targets[N]``, ``chunk_tokens``
-    positions at a time. Without autograd (eval, ``torch.no_grad``) no gradient work is done."""
+                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS, z_coef: float = 0.0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mean cross-entropy (differentiable wrt ``hidden``, ``weight``, ``bias``), the per-token losses (detached,
+    fp32) of the linear head ``hidden[N, H] -> [N, V]`` against ``targets[N]``, ``chunk_tokens`` positions at a time,
+    and with ``z_coef`` > 0 the per-token log-partition (detached), the mean loss then including ``z_coef`` x
+    mean(logsumexp^2) (the z-loss). Without autograd (eval, ``torch.no_grad``) no gradient work is done."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens)
-    loss, per_token, _ = _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens)
-    return loss, per_token
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, z_coef)
+    loss, per_token, lse, _ = _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, z_coef=z_coef)
+    return loss, per_token, lse
 
 
 def _head_chunk_losses(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head_forward(hidden).float(), targets, reduction="none")
+    """``[2, c]``: each position's cross-entropy and log-partition (logsumexp of its logits)."""
+    logits = head_forward(hidden).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.stack([lse - logits.gather(1, targets[:, None]).squeeze(1), lse])
 
 
 def checkpointed_cross_entropy(head_forward, hidden: torch.Tensor, targets: torch.Tensor,
-                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, z_coef: float = 0.0
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The same for any head (a LoRA-wrapped lm_head...): each chunk is recomputed in backward."""
     grad = torch.is_grad_enabled()
     chunks = []
@@ -136,8 +153,9 @@ def checkpointed_cross_entropy(head_forward, hidden: torch.Tensor, targets: torc
         h, t = hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens]
         chunks.append(checkpoint(_head_chunk_losses, head_forward, h, t, use_reentrant=False) if grad
                       else _head_chunk_losses(head_forward, h, t))
-    per_token = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-    return per_token.mean(), per_token.detach()
+    per_token, lse = torch.cat(chunks, dim=1) if chunks else hidden.new_zeros(2, 0, dtype=torch.float32)
+    loss = per_token.mean() + (z_coef * lse.square().mean() if z_coef else 0.0)
+    return loss, per_token.detach(), lse.detach() if z_coef else None
 
 
 # ------------------------------------------------------------------------------------------ putting it in the model
@@ -155,6 +173,8 @@ class _ChunkedHead:
         self.original_forward = head.forward
         self.input_ids: torch.Tensor | None = None
         self.per_token: torch.Tensor | None = None
+        self.z_coef = 0.0  # the z-loss's weight for the current call (head_targets)
+        self.lse: torch.Tensor | None = None  # its per-token log-partition [B, L-1] when z_coef > 0
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
         if self.input_ids is None:  # not inside head_targets(): the ordinary head (generation, exports, lm-eval...)
@@ -167,10 +187,13 @@ class _ChunkedHead:
         h = hidden[:, :-1].reshape(-1, width)  # every position that predicts a next token
         targets = ids[:, 1:].reshape(-1)
         if self.linear:
-            loss, per_token = linear_cross_entropy(h, self.head.weight, self.head.bias, targets, self.chunk_tokens)
+            loss, per_token, lse = linear_cross_entropy(h, self.head.weight, self.head.bias, targets, self.chunk_tokens,
+                                                        self.z_coef)
         else:
-            loss, per_token = checkpointed_cross_entropy(self.original_forward, h, targets, self.chunk_tokens)
+            loss, per_token, lse = checkpointed_cross_entropy(self.original_forward, h, targets, self.chunk_tokens,
+                                                              self.z_coef)
         self.per_token = per_token.view(bsz, length - 1)
+        self.lse = None if lse is None else lse.view(bsz, length - 1)
         return loss
 
 
@@ -258,11 +281,12 @@ def installed(model: nn.Module) -> _ChunkedHead | None:
 
 
 @contextlib.contextmanager
-def head_targets(state: _ChunkedHead, input_ids: torch.Tensor):
-    """While active, the patched head returns the mean next-token loss of ``input_ids`` and leaves the per-token
-    losses ``[B, L-1]`` in ``state.per_token``."""
-    state.input_ids, state.per_token = input_ids, None
+def head_targets(state: _ChunkedHead, input_ids: torch.Tensor, z_coef: float = 0.0):
+    """While active, the patched head returns the mean next-token loss of ``input_ids`` (with ``z_coef`` x the
+    z-loss, mean logsumexp^2) and leaves the per-token losses ``[B, L-1]`` in ``state.per_token`` (and the
+    log-partitions in ``state.lse`` when ``z_coef`` > 0)."""
+    state.input_ids, state.per_token, state.lse, state.z_coef = input_ids, None, None, z_coef
     try:
         yield state
     finally:
-        state.input_ids = None
+        state.input_ids, state.z_coef = None, 0.0

@@ -23,7 +23,7 @@ and SDPA with an explicit mask cannot use FlashAttention: it takes the memory-ef
 every masked block of the upper triangle. cpt knows what transformers cannot see while tracing: with
 ``data.document_masking`` off its rows are plain causal (packed, never padded, default positions). So a whole
 compiled model gets transformers' own sdpa attention under a mask function that returns no mask while cpt's own
-forward runs (:func:`plain_causal`, set by cpt/lm_loss.py) and otherwise is transformers' (document masking, padded
+forward runs over plain rows (:func:`packed_rows`, set by cpt/lm_loss.py) and otherwise is transformers' (document masking, padded
 lm-eval batches, generation, sliding windows). The mask is kept wherever a model asks for more than the causal
 mask: a model whose modules call the mask functions with ``allow_is_causal_skip=False`` (they add to the mask: Doge's
 dynamic mask, Falcon's ALiBi, Mistral Large 4's indexer) or with an ``or_mask_function``/``and_mask_function`` is
@@ -100,30 +100,66 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
 
 
 CAUSAL_SDPA = "cpt_causal_sdpa"  # the attention implementation keep_causal_sdpa registers in transformers
-_plain_causal = False  # inside plain_causal(): the rows of this forward need the causal mask and nothing else
+# inside packed_rows(): "plain" rows need the causal mask and nothing else; "documents" rows have positions that
+# restart after every EOS (data.document_masking); None: not a cpt forward over packed rows
+_rows: str | None = None
 
 
 @contextlib.contextmanager
-def plain_causal(on: bool = True):
-    """While active (``on``), a model given :func:`keep_causal_sdpa` attends with SDPA's ``is_causal`` and no mask.
-    Only for rows that need nothing but the causal mask: no padding, positions 0..L-1 (no document masking)."""
-    global _plain_causal
-    before, _plain_causal = _plain_causal, bool(on)
+def packed_rows(kind: Literal["plain", "documents"] | None):
+    """While active, the model's forward runs over cpt's packed rows of this ``kind``: ``"plain"`` (positions
+    0..L-1, no padding: a model given :func:`keep_causal_sdpa` attends with SDPA's ``is_causal`` and no mask) or
+    ``"documents"`` (positions that restart after every EOS, made by cpt/data/masking.py). Either way transformers'
+    packed-sequence check is answered without reading the position ids back (:func:`_no_packed_check_read`)."""
+    global _rows
+    if kind is not None:
+        _no_packed_check_read()
+    before, _rows = _rows, kind
     try:
         yield
     finally:
-        _plain_causal = before
+        _rows = before
+
+
+def _no_packed_check_read() -> None:
+    """Outside tracing (eager, and the eager parts of ``model.compile: regional``) transformers looks for packed
+    sequences in the position ids (``masking_utils.find_packed_sequence_indices``) and reads the answer back,
+    ``if (...).all()``: a host-device synchronisation in every forward, which stops the host from queuing the next
+    micro-batch's kernels ahead of the device. cpt knows the answer: plain rows (positions 0..L-1, which the model
+    makes itself) hold no packed sequence (``None``); document rows are packed, and their sequence indices are
+    returned without the read (a row with one document then gets the causal mask built, not skipped: the same
+    attention). Installed once in transformers' module (its mask functions look the name up there); outside
+    :func:`packed_rows` (lm-eval, generation, user code) the check runs as before."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return
+    real = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if real is None or getattr(real, "_cpt_packed_rows", False):
+        return
+
+    def find_packed_sequence_indices(position_ids):
+        if _rows == "plain":
+            return None
+        if _rows == "documents":  # transformers' computation, without its read-back
+            first = position_ids[:, :1] - 1
+            return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+        return real(position_ids)
+
+    find_packed_sequence_indices._cpt_packed_rows = True
+    find_packed_sequence_indices.__doc__ = real.__doc__
+    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
 
 
 def _causal_sdpa_mask(*args, **kwargs):
-    """transformers' sdpa mask function, but no mask inside :func:`plain_causal` when the call asks for the mask
+    """transformers' sdpa mask function, but no mask inside ``packed_rows("plain")`` when the call asks for the mask
     of a whole sequence from position 0 with no padding mask and no local window narrower than it (as transformers
     itself decides outside tracing; the function is called with keywords only, by ``create_causal_mask`` and its
     kin)."""
     from transformers.masking_utils import sdpa_mask
 
     q_offset, kv_offset, window = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0), kwargs.get("local_size")
-    if (_plain_causal and not args and kwargs.get("attention_mask") is None
+    if (_rows == "plain" and not args and kwargs.get("attention_mask") is None
             and "allow_is_bidirectional_skip" not in kwargs  # (create_bidirectional_mask and its kin)
             and "q_length" in kwargs and kwargs["q_length"] == kwargs.get("kv_length")
             and (window is None or kwargs["kv_length"] < window)  # (a sliding window or chunk wider than the row)

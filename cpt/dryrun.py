@@ -27,7 +27,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
     from cpt.resume import anneal_branch_start, init_weights
     from cpt.schedules import plan_for_run
-    from cpt.throughput import model_flops_per_token
+    from cpt.throughput import shape_flops_per_token
 
     check_attn_implementation(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
@@ -48,7 +48,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
             model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.model.vocab)
     shape = model_shape(_with_adapters(model, cfg, new_ids))
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
-    fpt = model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], L, shape["n_trainable"])
+    fpt = shape_flops_per_token(shape, L)
 
     data_cfg = cfg.data.model_copy(update={"verify_checksums": False})
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
@@ -110,6 +110,8 @@ def _with_adapters(model, cfg: RunConfig, new_ids: list[int]):
 def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str:
     m = d["model"]
     trainable = f", {m['n_trainable'] / 1e6:.1f}M trainable" if m["n_trainable"] < m["n_params"] else ""
+    if m.get("n_params_active", m["n_params"]) < m["n_params"]:  # a mixture of experts: top-k of its routed experts
+        trainable += f", {m['n_params_active'] / 1e6:.1f}M active per token"
     lines = [f"model: {m['n_params'] / 1e6:.1f}M parameters ({m['n_params_non_embedding'] / 1e6:.1f}M non-embedding{trainable}), "
              f"{m['n_layers']} layers, hidden {m['hidden']}, vocab {m['vocab']:,}; {m['flops_per_token']:.3g} training FLOPs/token",
              f"batch: {d['global_batch_size']} x {d['seq_len']} = {d['global_batch_size'] * d['seq_len']:,} tokens per step"]

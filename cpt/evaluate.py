@@ -195,6 +195,7 @@ class HeldoutEvaluator:
         self.reference: dict[str, float] = {}  # loss at the first evaluation (step 0)
         self.reference_step: int | None = None  # the run's first evaluation
         self.reference_steps: dict[str, int] = {}  # each set's first evaluation (later for a set added on a resume)
+        self.identities: dict[str, str] = {}  # the samples the checkpoint's references were measured on
         self.worst: dict[str, tuple[float, int]] = {}  # highest loss and its step
         self.last: dict[str, tuple[float, int]] = {}  # latest loss and its step
 
@@ -287,7 +288,10 @@ class HeldoutEvaluator:
             "reference": dict(self.reference),
             "reference_step": self.reference_step,
             "reference_steps": dict(self.reference_steps),
-            "samples": {s.name: s.identity for s in self.sets},  # what each reference was measured on
+            # what each reference was measured on; a set left out of this run keeps its entry (added back later, its
+            # reference is kept only for the same sample: it was kept whatever the sample)
+            "samples": {**{k: v for k, v in self.identities.items() if k in self.reference},
+                        **{s.name: s.identity for s in self.sets}},
             "worst": {k: [v, s] for k, (v, s) in self.worst.items()},
             "last": {k: [v, s] for k, (v, s) in self.last.items()},
         }
@@ -299,7 +303,7 @@ class HeldoutEvaluator:
                                 for k in self.reference}
         self.worst = {k: (float(v), int(s)) for k, (v, s) in state.get("worst", {}).items()}
         self.last = {k: (float(v), int(s)) for k, (v, s) in state.get("last", {}).items()}
-        saved = state.get("samples", {})
+        saved = self.identities = dict(state.get("samples", {}))
         for s in self.sets:  # another sample than the reference's (eval.tokens_per_set, sample_seed, its files changed)
             if s.name in self.reference and s.name in saved and saved[s.name] != s.identity:
                 for d in (self.reference, self.reference_steps, self.worst, self.last):
@@ -327,12 +331,12 @@ def reference_header(rows: list[dict[str, Any]]) -> str:
     """"step 0", or "reference (step N)" when the first evaluation came later (eval.at_start off): the column the
     changes are measured against must not claim to be the base model when it is not."""
     later = sorted({r["step0_step"] for r in rows if r.get("step0_step")})
-    if _mixed_reference(rows):
+    if mixed_reference(rows):
         return "reference (step)"
     return f"reference (step {', '.join(map(str, later))})" if later else "step 0"
 
 
-def _mixed_reference(rows: list[dict[str, Any]]) -> bool:
+def mixed_reference(rows: list[dict[str, Any]]) -> bool:
     """Whether the sets' references come from different steps (a set added on a resume is first evaluated later):
     then every reference cell names its step."""
     return len({r.get("step0_step") for r in rows if r.get("step0") is not None}) > 1
@@ -342,7 +346,7 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of ``HeldoutEvaluator.summary()`` rows, for the end-of-run printout and logs: the first
     ("step 0") and the last evaluation with its step (a preempted run's last one may be early), the change, the worst."""
     header = ["set", "tag", reference_header(rows), "last", "last step", "forgetting/adaptation", "worst", "worst step"]
-    body, mixed = [], _mixed_reference(rows)
+    body, mixed = [], mixed_reference(rows)
     for r in rows:
         ref = _fmt(r.get("step0")) + (f" ({r['step0_step']})" if mixed and r.get("step0") is not None else "")
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"

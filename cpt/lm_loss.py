@@ -1,28 +1,100 @@
 """The causal-LM forward over packed rows, shared by training and evaluation: its keyword arguments (document
-positions when ``data.document_masking`` is on, never a KV cache) and the next-token loss per row; the training
-loss the loop logs over each log window (``train/loss`` and ``train/loss/<source>``), kept on the device."""
+positions when ``data.document_masking`` is on, never a KV cache, the router logits of a mixture of experts in
+training) and the next-token loss per row, plus a mixture of experts' router load-balancing loss; the training loss
+the loop logs over each log window (``train/loss`` and ``train/loss/<source>``), kept on the device."""
 
 from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
 
 import torch
 
 from cpt import chunked_loss
-from cpt.compiling import plain_causal
+from cpt.compiling import packed_rows
+from cpt.config import ConfigError
 from cpt.data.masking import document_position_ids
 from cpt.distributed import shards_weights
 
 
-def model_inputs(input_ids: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tensor | bool]:
+def model_inputs(input_ids: torch.Tensor, eos_id: int | None, router_logits: bool = False) -> dict[str, torch.Tensor | bool]:
     """Keyword arguments for a causal-LM forward over packed rows (training or evaluation).
 
     ``use_cache=False`` always: no forward here needs a KV cache, and transformers only looks for packed
     ``position_ids`` when there is none (with the default cache the documents would silently see each other).
-    ``position_ids`` restart after every EOS when ``eos_id`` is set (document masking on).
+    ``position_ids`` restart after every EOS when ``eos_id`` is set (document masking on). ``router_logits``: a
+    mixture of experts returns its router load-balancing loss (``aux_loss``), off in its config by default.
     """
     out: dict[str, torch.Tensor | bool] = {"input_ids": input_ids, "use_cache": False}
     if eos_id is not None:
         out["position_ids"] = document_position_ids(input_ids, eos_id)
+    if router_logits:
+        out["output_router_logits"] = True
     return out
+
+
+def router_aux_coefficient(model, setting: float | None) -> float:
+    """The weight of the router load-balancing loss in the training loss (``train.router_aux_loss_coef``): ``None``
+    the model's own ``router_aux_loss_coef`` when it is a mixture of experts whose forward computes that loss
+    (Mixtral, Qwen2/3 MoE, OLMoE, ...), else 0. transformers adds it only when its forward gets ``labels`` and
+    ``output_router_logits`` is on, which its configs leave off: without this, a CPT run of an MoE model would train
+    its routers with no balancing term at all. A coefficient set for a dense model is refused (no router)."""
+    lm = chunked_loss.unwrap_causal_lm(model)
+    own = getattr(getattr(lm, "config", None), "router_aux_loss_coef", None)
+    try:
+        routed = own is not None and "output_router_logits" in inspect.signature(type(lm).forward).parameters
+    except (TypeError, ValueError):
+        routed = False
+    if setting is None:
+        return float(own) if routed else 0.0
+    if setting > 0 and not routed:
+        raise ConfigError(f"train.router_aux_loss_coef: {setting} is set, but {type(lm).__name__} has no router "
+                          "load-balancing loss (not a mixture of experts whose forward returns one); leave it unset")
+    return float(setting)
+
+
+class LossWeights(NamedTuple):
+    """The weights of the terms added to the next-token loss in training: a mixture of experts' router
+    load-balancing loss (``train.router_aux_loss_coef``, see :func:`router_aux_coefficient`) and the z-loss
+    (``train.z_loss``: mean logsumexp(logits)^2, PaLM's and OLMo 2's, keeps the softmax normaliser near 0)."""
+
+    router_aux: float = 0.0
+    z: float = 0.0
+
+
+def loss_weights(model, train_cfg, log_fn=print) -> LossWeights:
+    """:class:`LossWeights` of a run (``train.router_aux_loss_coef``, ``train.z_loss``), each said once when on."""
+    weights = LossWeights(router_aux_coefficient(model, train_cfg.router_aux_loss_coef), float(train_cfg.z_loss))
+    if weights.router_aux > 0:
+        said = "the model's router_aux_loss_coef" if train_cfg.router_aux_loss_coef is None else "train.router_aux_loss_coef"
+        log_fn(f"mixture of experts: router load-balancing loss x {weights.router_aux:g} ({said}) added to the training "
+               "loss, logged as train/router_aux_loss")
+    if weights.z > 0:
+        log_fn(f"z-loss: {weights.z:g} x mean(logsumexp(logits)^2) added to the training loss (train.z_loss), "
+               "logged as train/z_loss")
+    return weights
+
+
+def extra_loss_metrics(accelerator, router_aux: torch.Tensor | None, z_loss: torch.Tensor | None) -> dict[str, float]:
+    """``train/router_aux_loss`` (the load-balancing loss) and ``train/z_loss`` (the z term added to the loss) of the
+    log step: each the mean over its micro-batches and ranks, where the run has it."""
+    terms = {name: t for name, t in (("train/router_aux_loss", router_aux), ("train/z_loss", z_loss)) if t is not None}
+    if not terms:
+        return {}
+    values = accelerator.reduce(torch.stack([t.detach().float() for t in terms.values()]), reduction="mean").tolist()
+    return dict(zip(terms, values))
+
+
+class LMLoss(NamedTuple):
+    """A micro-batch's losses: ``loss`` to backpropagate (the mean next-token loss, plus the weighted router
+    load-balancing loss of a mixture of experts and the weighted z-loss: :class:`LossWeights`); ``row_losses`` each
+    row's mean next-token loss (detached, for per-source logging); ``router_aux`` the load-balancing loss itself and
+    ``z_loss`` the z term added (both detached; None without)."""
+
+    loss: torch.Tensor
+    row_losses: torch.Tensor
+    router_aux: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
 
 
 def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -33,11 +105,21 @@ def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Te
     return per_token.view(input_ids.size(0), -1)
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss of packed rows: (the mean over every predicted token, for backward; each row's mean,
-    detached, for per-source logging). Chunked (no full logits) where :func:`use_chunked_loss` installed it."""
-    per_token, loss = _forward_losses(model, input_ids, eos_id)
-    return (per_token.mean() if loss is None else loss), per_token.detach().mean(dim=1)
+def causal_lm_loss(model, input_ids: torch.Tensor, eos_id: int | None = None,
+                   weights: LossWeights = LossWeights()) -> LMLoss:
+    """Next-token loss of packed rows (:class:`LMLoss`): the mean over every predicted token, for backward, with the
+    terms ``weights`` asks for; each row's mean, detached, for per-source logging. Chunked (no full logits) where
+    :func:`use_chunked_loss` installed it (its z term is computed chunk by chunk too)."""
+    per_token, loss, aux, lse = _forward_losses(model, input_ids, eos_id, weights.router_aux > 0, weights.z)
+    if loss is None:  # the full-logits path
+        loss = per_token.mean()
+        if lse is not None:
+            loss = loss + weights.z * lse.square().mean()
+    z_term = None if lse is None else weights.z * lse.detach().square().mean()
+    if aux is not None:
+        loss = loss + weights.router_aux * aux.to(loss.dtype)
+        aux = aux.detach()
+    return LMLoss(loss, per_token.detach().mean(dim=1), aux, z_term)
 
 
 def token_losses(model, input_ids: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
@@ -45,27 +127,41 @@ def token_losses(model, input_ids: torch.Tensor, eos_id: int | None = None) -> t
     return _forward_losses(model, input_ids, eos_id)[0]
 
 
-def _forward_losses(model, input_ids, eos_id):
-    """(per-token losses, the chunked path's mean loss or None). The model is always called through its wrappers
-    (DDP, FSDP, DeepSpeed, compile) so that their hooks run."""
+def _forward_losses(model, input_ids, eos_id, router_logits: bool = False, z_coef: float = 0.0):
+    """(per-token losses, the chunked path's mean loss or None, the router load-balancing loss or None, the
+    per-token log-partition or None: with ``z_coef`` > 0; differentiable on the full-logits path, where the z term is
+    added by the caller). The model is always called through its wrappers (DDP, FSDP, DeepSpeed, compile)."""
     head = chunked_loss.installed(model)
     if head is None:
-        out = _call(model, input_ids, eos_id)
-        return next_token_losses(out.logits if hasattr(out, "logits") else out[0], input_ids), None
-    with chunked_loss.head_targets(head, input_ids):
-        out = _call(model, input_ids, eos_id)
+        out = _call(model, input_ids, eos_id, router_logits)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        lse = torch.logsumexp(logits[:, :-1, :].float(), dim=-1) if z_coef else None
+        return next_token_losses(logits, input_ids), None, _router_aux(out, router_logits), lse
+    with chunked_loss.head_targets(head, input_ids, z_coef):
+        out = _call(model, input_ids, eos_id, router_logits)
     loss = out.logits if hasattr(out, "logits") else out[0]
     if head.per_token is None or loss.dim() != 0:
         raise RuntimeError("chunked loss: the model did not return its lm_head's loss as its logits "
                            f"(got shape {tuple(loss.shape)}); set train.chunked_loss: false for this model")
-    return head.per_token, loss
+    return head.per_token, loss, _router_aux(out, router_logits), head.lse
 
 
-def _call(model, input_ids, eos_id):
+def _router_aux(out, asked: bool) -> torch.Tensor | None:
+    if not asked:
+        return None
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        raise RuntimeError("train.router_aux_loss_coef: the model was asked for its router logits but returned no "
+                           "load-balancing loss (aux_loss); set train.router_aux_loss_coef: 0 for this model")
+    return aux
+
+
+def _call(model, input_ids, eos_id, router_logits: bool = False):
     """The model's forward over packed rows; without document masking the rows need the causal mask alone, which
-    :func:`cpt.compiling.plain_causal` says (SDPA's causal kernel under whole-model compile too)."""
-    with plain_causal(eos_id is None):
-        return model(**model_inputs(input_ids, eos_id))
+    :func:`cpt.compiling.packed_rows` says (SDPA's causal kernel under whole-model compile too); with it, positions
+    restart after every EOS. Either way transformers' packed-sequence check does not read the positions back."""
+    with packed_rows("plain" if eos_id is None else "documents"):
+        return model(**model_inputs(input_ids, eos_id, router_logits))
 
 
 def use_chunked_loss(model, mode: bool | str, chunk_tokens: int, accelerator=None, log_fn=print) -> bool:

@@ -388,16 +388,39 @@ def _train_separator_embedding(model: torch.nn.Module, tokenizer: PreTrainedToke
 
 
 def model_shape(model: torch.nn.Module) -> dict[str, int]:
-    """Numbers needed for FLOP accounting: parameter count (non-embedding, trainable too), layers, hidden size."""
+    """Numbers needed for FLOP accounting: parameter count (non-embedding, trainable too), layers, hidden size, and
+    the parameters a token passes through (``n_params_active``, ``n_trainable_active``): all of them in a dense
+    model; in a mixture of experts the routed experts' weights count by the share a token uses (top-k of E)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731 - ZeRO-3 placeholders are empty
-    n_params = sum(numel(p) for p in base.parameters())
+    share = expert_share(cfg)
+    n_params = n_trainable = active = trainable_active = 0
+    for name, p in base.named_parameters():
+        n = numel(p)
+        used = n * share if share is not None and "experts" in name.split(".") else n
+        n_params, active = n_params + n, active + used
+        if p.requires_grad:
+            n_trainable, trainable_active = n_trainable + n, trainable_active + used
     emb = numel(base.get_input_embeddings().weight)
     return {
         "n_params": int(n_params),
-        "n_trainable": int(sum(numel(p) for p in base.parameters() if p.requires_grad)),
+        "n_trainable": int(n_trainable),
         "n_params_non_embedding": int(n_params - emb),
+        "n_params_active": int(round(active)),
+        "n_trainable_active": int(round(trainable_active)),
         "n_layers": int(getattr(cfg, "num_hidden_layers", 0)),
         "hidden": int(getattr(cfg, "hidden_size", 0)),
     }
+
+
+def expert_share(config) -> float | None:
+    """The share of a mixture of experts' routed expert weights one token passes through, top-k / E (Mixtral 8x7B:
+    2/8), from its config (``num_experts_per_tok`` of ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``);
+    None for a dense model. The routed experts are the parameters under a module named ``experts`` (shared experts,
+    ``shared_expert(s)``, every token uses)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    k = getattr(config, "num_experts_per_tok", None)
+    e = next((getattr(config, a) for a in ("num_local_experts", "num_experts", "n_routed_experts")
+              if isinstance(getattr(config, a, None), int)), None)
+    return k / e if isinstance(k, int) and e and 0 < k <= e else None

@@ -72,6 +72,10 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
             check_resume_is_a_branch(start.resume, cfg)
         if not allow_config_change:
             check_resume_config(start.resume, cfg)
+        else:
+            for line in changed_config_notes(start.resume, cfg):
+                say(line)
+        check_resume_within_plan(start.resume, cfg)
     if start.resume is None and acc.is_main_process:
         check_fresh_run_dir(run_dir, resume, branch=start.branch)  # (find_resume_checkpoint said when --resume finds nothing to resume)
     acc.wait_for_everyone()
@@ -105,7 +109,7 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path |
         unusable: list[Path] = []
         ckpt = latest_valid_checkpoint(run_dir, unusable)
         for bad in unusable:
-            os.replace(bad, bad.with_name(UNUSABLE_PREFIX + bad.name))
+            os.replace(bad, set_aside_name(bad))
         if unusable:
             say(f"set aside {len(unusable)} unusable checkpoint(s) as {UNUSABLE_PREFIX}step_N in {Path(run_dir) / 'checkpoints'}")
         if ckpt is None:
@@ -113,6 +117,17 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path |
         choice = None if ckpt is None else str(ckpt)
     choice = from_main_process(acc, choice)
     return None if choice is None else Path(choice)
+
+
+def set_aside_name(ckpt: Path) -> Path:
+    """A free name for a broken checkpoint set aside: ``unusable-step_N``, or ``unusable-step_N.2``, ``.3``, ... when a
+    checkpoint of that step was set aside before (a resumed run saved the step again, and that save broke too: renaming
+    onto the earlier one failed, and every later --resume with it)."""
+    target, n = ckpt.with_name(UNUSABLE_PREFIX + ckpt.name), 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{UNUSABLE_PREFIX}{ckpt.name}.{n}")
+    return target
 
 
 def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
@@ -233,6 +248,91 @@ def check_resume_config(ckpt: Path, cfg: RunConfig) -> None:
         )
 
 
+def _plan_end(cfg: RunConfig, anneal_from: int | None) -> int:
+    """The step a run with config ``cfg`` ends at (an anneal branch's: its branch point plus ``train.anneal_steps``)."""
+    return anneal_from + cfg.train.anneal_steps if cfg.train.anneal_steps and anneal_from is not None else cfg.total_steps
+
+
+def check_resume_within_plan(ckpt: Path, cfg: RunConfig) -> None:
+    """A ``--resume`` (``--allow-config-change``) whose plan ends before the checkpoint's step: refused in one line. It
+    used to finish at once at the checkpoint's step, exporting those weights as the run's end, the shorter plan ignored."""
+    train_state = saved_train_state(ckpt)
+    anneal_from = train_state.get("anneal_from")
+    step, end = int(train_state["step"]), _plan_end(cfg, anneal_from)
+    if step > end:
+        longer = (f"give train.anneal_steps (--anneal) at least {step - anneal_from}" if cfg.train.anneal_steps and
+                  anneal_from is not None else f"give the stages at least {step} steps in all")
+        raise CheckpointError(
+            f"--resume: {ckpt} is at step {step}, past the end of this config's plan ({end} steps): a run cannot be "
+            f"shortened behind its checkpoint. To go on, {longer}; or take that checkpoint's weights as they are "
+            f"(cpt export {ckpt} --out DIR)")
+
+
+def changed_config_notes(ckpt: Path, cfg: RunConfig) -> list[str]:
+    """What a ``--resume --allow-config-change`` changes, for the log: the trajectory fields that differ from the
+    checkpoint's config.yaml, and whether the LR plan differs at a step already taken (a longer cosine stage, a moved
+    anneal): the resumed run then jumps from the LR the checkpoint's plan had next to this plan's."""
+    if not (ckpt / "config.yaml").is_file():
+        return []
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    changed = trajectory_changes(saved, cfg)
+    if not changed:
+        return []
+    more = f"; and {len(changed) - 12} more" if len(changed) > 12 else ""
+    train_state = saved_train_state(ckpt)
+    step = int(train_state["step"])
+    notes = [f"--allow-config-change: resuming {ckpt} (step {step}) with a config that differs in fields that change "
+             f"the training trajectory: {'; '.join(changed[:12])}{more}. The new values apply from step {step} on"]
+    jump = _lr_jump(saved, cfg, step, train_state.get("anneal_from"))
+    if jump:
+        notes.append(jump)
+    return notes + _missed_stage_starts(saved, cfg, step)
+
+
+def _missed_stage_starts(saved: dict, cfg: RunConfig, step: int) -> list[str]:
+    """A stage that now starts before the resumed ``step`` at a step where the checkpoint's run did not switch stages:
+    what happens at a stage's start (its reset_optimizer, the dense evaluations after it) is not replayed."""
+    if cfg.train.anneal_steps:  # (a branch's stages are its trunk's: it switches none)
+        return []
+    old_steps = [int(st.get("steps") or 0) for st in saved.get("stages") or [] if isinstance(st, dict)]
+    switched = {sum(old_steps[:i]) for i in range(len(old_steps))}
+    notes, at = [], 0
+    for i, st in enumerate(cfg.stages):
+        if 0 < at < step and at not in switched:
+            reset = f" (stages.{i}.reset_optimizer is not applied)" if st.reset_optimizer else ""
+            notes.append(f"warning: stage {i} ({st.name!r}) now starts at step {at}, before step {step} where the run "
+                         f"resumes, and the checkpoint's run did not switch stages there: its start is not replayed"
+                         f"{reset}; its mix and LR apply from step {step}")
+        at += st.steps
+    return notes
+
+
+def _lr_jump(saved: dict, cfg: RunConfig, step: int, anneal_from: int | None) -> str | None:
+    """One line when this config's LR plan differs from the checkpoint's at a step before ``step`` (the steps already
+    taken followed the old plan, so the LR jumps at ``step``); None when only later steps change."""
+    from cpt.config import validate
+    from cpt.schedules import plan_for_run
+
+    try:
+        old, new = plan_for_run(validate(saved), anneal_from), plan_for_run(cfg, anneal_from)
+    except (ValueError, TypeError):  # (a config.yaml this cpt no longer reads: nothing to compare)
+        return None
+    probes = range(step) if step <= 20_000 else sorted(  # (a long run: each phase's ends and middle in both plans)
+        {x for p in old.phases + new.phases for x in (p.start, p.start + p.steps // 2, p.end - 1)} | {step - 1})
+    differs = next((s for s in probes if 0 <= s < step and not _same_lr(old.lr(s), new.lr(s))), None)
+    if differs is None:
+        return None
+    return (f"warning: the LR plan changed before step {step}, where the run resumes (from step {differs}: "
+            f"{old.lr(differs):.4g} then, {new.lr(differs):.4g} now), so the LR jumps from {old.lr(step):.4g} (the "
+            f"checkpoint's plan at step {step}) to {new.lr(step):.4g}" + (
+                "" if anneal_from is not None else f". To continue without a jump, keep the stages up to step {step} "
+                "as they were and append a stage (e.g. schedule.warmup_from: previous, or continue_trunk)"))
+
+
+def _same_lr(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1e-30)
+
+
 def run_relative(path: str, run_dir: Path, output_dir: str) -> str:
     """A relative path of a run's config (a held-out set), as the run read it: from the directory the run was started
     in, which is ``run_dir`` less its relative ``output_dir`` (``/jobs/x`` for ``/jobs/x/runs/a`` and ``runs/a``),
@@ -259,3 +359,19 @@ def as_the_run_read_it(cfg: RunConfig, run_dir: str | os.PathLike | None) -> Run
     init = cfg.train.init_from and run_relative(str(cfg.train.init_from), Path(run_dir), out)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=m),
                                   "train": cfg.train.model_copy(update={"init_from": init or cfg.train.init_from})})
+
+
+def world_change(ckpt: Path, acc, global_batch: int | None = None) -> str:
+    """What a resume on another number of processes changes: the gradient accumulation; the global batches and the
+    data stream stay the same unless the global batch itself was changed too (``global_batch``, the run's, against
+    the checkpoint's config: with --allow-config-change)."""
+    saved = json.loads((ckpt / TRAINER_STATE).read_text())
+    world = (saved.get("data") or {}).get("world_size") or len((saved.get("log_window") or {}).get("ranks") or []) or None
+    if world is None or world == acc.num_processes:
+        return ""
+    config = ckpt / "config.yaml"
+    before = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("global_batch_size") if config.is_file() else None
+    same = ("the global batch and the data stream are the same" if before in (None, global_batch) or global_batch is None
+            else f"the global batch is {global_batch} sequences from here (it was {before})")
+    return (f"; written by {world} process{'es' * (world > 1)}, now {acc.num_processes}: each process accumulates "
+            f"{acc.gradient_accumulation_steps} micro-batch(es) per step, {same}")

@@ -21,6 +21,10 @@ from cpt.distributed import Backend, LaunchError, backend
 
 
 class SpikeGuard:
+    # switched on by a --resume (--allow-config-change) of a run without it: its window starts empty there, as at a
+    # stage switch, instead of the resume being refused (cpt/state.py: restore)
+    missing_ok = True
+
     @classmethod
     def for_run(cls, cfg, acc) -> "SpikeGuard | None":
         """The guard of a run (``train.skip_spikes``; None when off). Refused under DeepSpeed, whose engine applies

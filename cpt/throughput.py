@@ -159,6 +159,14 @@ def model_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: in
     return 4.0 * n_params + 2.0 * weight_grads + 12.0 * n_layers * hidden * seq_len
 
 
+
+def shape_flops_per_token(shape: dict[str, int], seq_len: int) -> float:
+    """:func:`model_flops_per_token` of a :func:`cpt.model.model_shape`: with the parameters a token passes through
+    (a mixture of experts counts its routed experts by top-k / E, as MoE MFU is reported), trainable ones too."""
+    return model_flops_per_token(shape.get("n_params_active", shape["n_params"]), shape["n_layers"], shape["hidden"],
+                                 seq_len, shape.get("n_trainable_active", shape["n_trainable"]))
+
+
 # bf16 dense peak FLOP/s per device (no sparsity), from the vendors' data sheets
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("h200", 989e12),

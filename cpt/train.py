@@ -44,14 +44,14 @@ from cpt.metrics import MetricsLogger
 from cpt.model import build_model, check_attn_implementation, load_tokenizer, model_shape, prepare_model
 from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
-from cpt.resume import SWITCHED_ON_IN_A_BRANCH, Start, anneal_branch_start, switched_on_in_branch
+from cpt.resume import SWITCHED_ON_IN_A_BRANCH, Start, anneal_branch_start, switched_on_in_branch, world_change
 from cpt.runlock import RunLock, RunLockError
 from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
 from cpt.stage_base import start_for_run
 from cpt.state import TrainState
-from cpt.throughput import (ComputeAccount, Throughput, TrainClock, device_name, format_compute, model_flops_per_token,
-                            peak_flops_for, peak_memory_gb)
+from cpt.throughput import (ComputeAccount, Throughput, TrainClock, device_name, format_compute, peak_flops_for,
+                            peak_memory_gb, shape_flops_per_token)
 from cpt.update_guard import Outcome, UpdateGuard
 from cpt.vocab import scale_new_rows_updates
 
@@ -73,9 +73,11 @@ class TrainResult:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # this rank's mean loss of the step (0-d, on the device)
+    loss: torch.Tensor  # this rank's mean next-token loss of the step (0-d, on the device)
     grad_norm: torch.Tensor  # the global gradient norm before clipping (0-d, on the device)
     outcome: Outcome  # whether the update was applied (a 0-d bool tensor on the device-skip path: update_guard.py)
+    router_aux: torch.Tensor | None = None  # a mixture of experts' mean load-balancing loss of the step (on the device)
+    z_loss: torch.Tensor | None = None  # the mean z term of the step (train.z_loss; on the device)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -101,6 +103,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         B, L = cfg.train.global_batch_size, cfg.data.seq_len
         model, tokenizer, new_token_ids = _model_for_run(cfg, start.init_hf, say)
         flops_per_token, param_counts = _flops_per_token(model, L), trainable_metrics(model)  # (before any sharding)
+        loss_weights = lm_loss.loss_weights(model, cfg.train, say)  # terms added to the loss: MoE router balance, z-loss
         data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
         heldout = heldout_sets(cfg, tokenizer, acc, say)
         eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
@@ -125,7 +128,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             ("train", state), ("log_window", window), ("data", feed), ("evaluator", evaluator), ("compute", account),
             ("update_guard", guard), ("spikes", spikes), ("lm_eval", bench), ("ema", ema), ("reptile", reptile)) if c is not None}
         if start.state_from is not None:
-            _restore(cfg, ckpts, start, components, model, say)
+            _restore(ckpts, start, components, model, say, B)
         plan, total_steps = _lr_plan(cfg, start, state, say)
 
         # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
@@ -158,7 +161,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             lr = plan.lr(step)
             optim.set_lr(optimizer, lr)
             result = train_step(acc, model, feed.batch(step), guard, step, cfg.train.micro_batch_size, cfg.optim.grad_clip,
-                                eos_id, by_source)
+                                eos_id, by_source, loss_weights)
             state.step, state.tokens = step + 1, state.tokens + B * L
             if reptile is not None:  # every k steps: weights <- anchor + eps x (weights - anchor)
                 reptile.step(acc.unwrap_model(model), state.step)
@@ -175,7 +178,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 record = {"train/tokens": state.tokens, "train/loss": mean_loss, "train/lr": lr,
                           "train/grad_norm": float(result.grad_norm), "stage": stage, **_counters(guard, spikes),
                           **meter.metrics(flops_per_token, peak), **account.metrics(state.tokens, flops_per_token),
-                          **feed.metrics(), **(by_source.metrics(acc) if by_source else {})}
+                          **feed.metrics(), **(by_source.metrics(acc) if by_source else {}), **lm_loss.extra_loss_metrics(acc, result.router_aux, result.z_loss)}
                 out.step(record, state.step, total_steps, meter.tokens_per_s)
             out.advance()
             if guard.too_many_in_a_row():  # stop, with the last good weights saved
@@ -225,29 +228,39 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
 
 
 def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, step: int, micro_batch_size: int,
-               grad_clip: float | None, eos_id: int | None = None, by_source: SourceLoss | None = None) -> StepResult:
+               grad_clip: float | None, eos_id: int | None = None, by_source: SourceLoss | None = None,
+               weights: lm_loss.LossWeights = lm_loss.LossWeights()) -> StepResult:
     """One optimizer step on this rank's rows of the global batch: forward/backward over its micro-batches
     (gradients accumulated), the gradient norm (clipped to ``grad_clip``), then the update, applied or skipped by
-    ``guard`` (non-finite loss or gradient on any rank, a spike). No host sync in here on the device-skip path."""
+    ``guard`` (non-finite loss or gradient on any rank, a spike). No host sync in here on the device-skip path.
+    ``weights``: the terms added to the backpropagated loss (a mixture of experts' load-balancing loss, the z-loss);
+    the step's logged loss stays the next-token loss."""
     rows = batch["input_ids"].to(acc.device, non_blocking=True)
     sources = batch["source"].to(acc.device, non_blocking=True)
     accum = acc.gradient_accumulation_steps
     step_loss = torch.zeros((), device=acc.device)
+    step_aux = torch.zeros((), device=acc.device) if weights.router_aux > 0 else None
+    step_z = torch.zeros((), device=acc.device) if weights.z > 0 else None
     for micro, micro_sources in zip(rows.split(micro_batch_size), sources.split(micro_batch_size)):
         with acc.accumulate(model):
-            loss, row_losses = lm_loss.causal_lm_loss(model, micro, eos_id)
+            loss, row_losses, aux, z_term = lm_loss.causal_lm_loss(model, micro, eos_id, weights)
             if by_source is not None:
                 by_source.add(micro_sources, row_losses)
+            if step_aux is not None:
+                step_aux += aux / accum
+            if step_z is not None:
+                step_z += z_term / accum
+            next_token_loss = loss.detach() if weights == (0, 0) else row_losses.mean()  # (rows of equal length)
             if backend(acc) is Backend.DEEPSPEED and not torch.isfinite(loss):  # no host sync otherwise
                 loss = optim.zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
             acc.backward(loss)
-            step_loss += loss.detach() / accum
+            step_loss += next_token_loss / accum
     grad_norm = optim.clip_grad_norm(acc, model, grad_clip)  # a device tensor
     outcome = guard.step(step_loss, grad_norm, step)  # see cpt/update_guard.py
     guard.optimizer.zero_grad(set_to_none=True)
     if by_source is not None:
         by_source.end_step(keep=outcome.finite)  # a spike's loss is logged, a non-finite one is not
-    return StepResult(step_loss, grad_norm, outcome)
+    return StepResult(step_loss, grad_norm, outcome, step_aux, step_z)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -259,31 +272,18 @@ def _counters(guard: UpdateGuard, spikes: SpikeGuard | None) -> dict:
             "perf/peak_mem_gb": peak_memory_gb()}
 
 
-def _restore(cfg: RunConfig, ckpts: CheckpointManager, start: Start, components: dict, model, say) -> None:
+def _restore(ckpts: CheckpointManager, start: Start, components: dict, model, say, global_batch: int) -> None:
     """Load the registered components from the start checkpoint: a resume's, or the trunk's for an anneal branch
-    (which logs its own steps: the trunk's open log window is not carried over). The EMA averages with the configured
-    train.ema_decay (a branch's, a resume's with --allow-config-change), not the checkpoint's."""
+    (which logs its own steps: the trunk's open log window is not carried over; an EMA, Reptile or spike guard the
+    trunk ran without starts at the branch point: resume.switched_on_in_branch)."""
     own_window, fresh = start.resume is not None, switched_on_in_branch(start, components)
     ckpts.load(start.state_from, {n: c for n, c in components.items() if (own_window or n != "log_window") and n not in fresh})
-    for name in fresh:  # an EMA, Reptile or spike guard the trunk ran without
+    for name in fresh:
         components[name].restart(ckpts.acc.unwrap_model(model))
         say(f"anneal branch: {SWITCHED_ON_IN_A_BRANCH[name]} starts at the branch point (the trunk ran without it)")
-    if (ema := components.get("ema")) is not None and ema.decay != cfg.train.ema_decay:
-        say(f"ema: averaging with train.ema_decay {cfg.train.ema_decay:g} from here (the checkpoint's EMA used {ema.decay:g})")
-        ema.decay = cfg.train.ema_decay
     state = components["train"]
     say(f"{'resumed' if start.resume else 'branching from'} {start.state_from} at step {state.step} ({state.tokens:,} tokens)"
-        + _world_change(start.state_from, ckpts.acc))
-
-
-def _world_change(ckpt: Path, acc) -> str:
-    """What a resume on another number of processes changes (the global batches and data stream do not change)."""
-    saved = json.loads((ckpt / TRAINER_STATE).read_text())
-    world = (saved.get("data") or {}).get("world_size") or len((saved.get("log_window") or {}).get("ranks") or []) or None
-    if world is None or world == acc.num_processes:
-        return ""
-    return (f"; written by {world} process{'es' * (world > 1)}, now {acc.num_processes}: each process accumulates "
-            f"{acc.gradient_accumulation_steps} micro-batch(es) per step, the global batch and the data stream are the same")
+        + world_change(start.state_from, ckpts.acc, global_batch))
 
 
 def _stop_on_nonfinite(guard: UpdateGuard, feed: Prefetcher, ckpts: CheckpointManager, step: int, components: dict,
@@ -366,8 +366,7 @@ def _model_for_run(cfg: RunConfig, init_hf: str | None, say):
 
 
 def _flops_per_token(model, seq_len: int) -> float:
-    shape = model_shape(model)
-    return model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], seq_len, shape["n_trainable"])
+    return shape_flops_per_token(model_shape(model), seq_len)
 
 
 def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):

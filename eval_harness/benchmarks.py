@@ -97,9 +97,7 @@ class BenchmarkTracker:
     bookkeeping across resumes.
     """
 
-    # (cpt/state.py) lm-eval switched on at a --resume or in an anneal branch whose checkpoint holds no benchmark state
-    # (evaluation settings are free to change on a resume): it starts empty, its first evaluation there the reference
-    missing_ok = True
+    missing_ok = True  # (cpt/state.py: restore) tasks added on a resume of a run without them: scored from there on
 
     def __init__(self, tasks: list[TaskSpec], *, limit: int | None = None, seed: int = 0, every: int | None = None,
                  at_start: bool = True, dense_steps: int = 0, dense_every: int = 10, batch_size: int = 8,
@@ -118,10 +116,12 @@ class BenchmarkTracker:
         self.max_length, self.accelerator = max_length, accelerator
         # bookkeeping, keyed "<task>/<metric>"
         self.samples: dict[str, list[int]] | None = None  # leaf task -> document indices (None until set up)
+        self.leaves: set[str] = set()  # the leaf tasks whose documents are fixed (set up; all of them when not in samples)
+        self.current: set[str] = set()  # the leaf tasks of this run's config (set up)
         self.task_tags: dict[str, str | None] = {}  # lm-eval task or group name -> tag
         self.reference: dict[str, tuple[float, float | None]] = {}  # step-0 (first) score and its stderr
-        self.reference_step: int | None = None
-        self.reference_steps: dict[str, int] = {}  # the step of each reference (a task added on a resume: later)
+        self.reference_step: int | None = None  # the first evaluation
+        self.reference_steps: dict[str, int] = {}  # each key's first score (later for a task added on a resume)
         self.worst: dict[str, tuple[float, float | None, int]] = {}
         self.last: dict[str, tuple[float, float | None, int]] = {}
         self.higher: dict[str, bool] = {}
@@ -167,20 +167,29 @@ class BenchmarkTracker:
         if self.max_length:
             log.info("lm-eval: context length %d tokens (eval.lm_eval.max_length, default data.seq_len; lm-eval alone "
                      "on an export needs max_length=%d in its model_args for the same scores)", self.max_length, self.max_length)
-        samples: dict[str, list[int]] = {}
+        samples = dict(self.samples or {})  # (a task left out of this run keeps its documents, should it come back)
+        self.current = set()
         for t in self.tasks:
             self.task_tags[t.name] = t.tag
             limit = t.limit if t.limit is not None else self.limit
             for leaf, n in sizes[t.name].items():
                 self.task_tags[leaf] = t.tag
                 chosen = seeded_subset(leaf, n, limit, self.seed)
-                if self.samples is not None and leaf in self.samples:  # resumed: the run's own subset
-                    chosen = self.samples[leaf]
+                if leaf in self.leaves or (self.samples is not None and leaf in self.samples):  # resumed: its own documents
+                    kept = (self.samples or {}).get(leaf)
+                    if kept != chosen:  # another eval.lm_eval.limit / seed (or the task's limit) than at its reference
+                        log.warning("lm-eval %s: the config now chooses %s of its %d documents, but this run's reference "
+                                    "scores were measured on %s: it keeps scoring those (a new document subset needs a "
+                                    "new reference: a new stage with train.init_from)", leaf,
+                                    len(chosen) if chosen is not None else "all", n, len(kept) if kept is not None else "all")
+                    chosen = kept
                     if chosen and max(chosen) >= n:
                         raise ValueError(f"lm-eval task {leaf}: the run's document subset needs {max(chosen) + 1} "
                                          f"documents but the task has {n} now (its data changed)")
                 if chosen is not None:
                     samples[leaf] = chosen
+                self.leaves.add(leaf)
+                self.current.add(leaf)
                 log.info("lm-eval %s (%s): %s of %d documents", leaf, t.tag or "untagged",
                          len(chosen) if chosen is not None else "all", n)
         self.samples = samples
@@ -194,7 +203,7 @@ class BenchmarkTracker:
         flat, raw = run_lm_eval_detailed(
             model, tokenizer, [t.name for t in self.tasks], batch_size=self.batch_size, include_path=self.include_path,
             accelerator=self.accelerator, max_length=self.max_length, bootstrap_iters=self.bootstrap_iters,
-            samples=self.samples or None, seed=self.seed)
+            samples={k: v for k, v in self.samples.items() if k in self.current} or None, seed=self.seed)
         metrics = self.record(step, flat, raw.get("higher_is_better") or {})
         metrics["time/lm_eval_s"] = time.perf_counter() - t0
         return metrics
@@ -203,6 +212,9 @@ class BenchmarkTracker:
         """Bookkeeping of one evaluation: ``flat`` is ``{"lm_eval/<task>/<metric>[_stderr]": value}``,
         ``higher_is_better`` lm-eval's ``{task: {metric: bool}}``. Returns ``flat`` plus the derived metrics."""
         metrics = dict(flat)
+        if self.reference_step is None and step > 0 and self.at_start:  # no step-0 scores: a resume added the tasks
+            log.warning("lm-eval: this run has no earlier scores of these tasks: forgetting and "
+                        "adaptation are measured against this evaluation, at step %d (added on a resume or an anneal branch)", step)
         if self.reference_step is None:
             self.reference_step = step
         for key, value in flat.items():
@@ -218,6 +230,10 @@ class BenchmarkTracker:
             self.tags[k], self.higher[k] = tag, higher
             if k not in self.reference:
                 self.reference[k], self.reference_steps[k] = (value, se), step
+                if step > self.reference_step:
+                    log.warning("lm-eval %s: first scored at step %d (added on a resume), later than the run's other "
+                                "scores (step %d): its %s is measured against this score", k, step,
+                                self.reference_step, "forgetting" if tag == "upstream" else "adaptation")
             ref, ref_se = self.reference[k]
             sign = 1.0 if higher else -1.0
             worse = (lambda a, b: a < b) if higher else (lambda a, b: a > b)
@@ -256,15 +272,18 @@ class BenchmarkTracker:
 
     # -- resume
     def state_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "reference": {k: list(v) for k, v in self.reference.items()},
-                "reference_step": self.reference_step, "reference_steps": dict(self.reference_steps), "worst": {k: list(v) for k, v in self.worst.items()},
+        return {"samples": self.samples, "leaves": sorted(self.leaves), "reference_steps": dict(self.reference_steps),
+                "reference": {k: list(v) for k, v in self.reference.items()},
+                "reference_step": self.reference_step, "worst": {k: list(v) for k, v in self.worst.items()},
                 "last": {k: list(v) for k, v in self.last.items()}, "higher": dict(self.higher), "tags": dict(self.tags)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.samples = state.get("samples")
+        self.leaves = set(state.get("leaves") or ())
         self.reference = {k: (float(v), se) for k, (v, se) in (state.get("reference") or {}).items()}
         self.reference_step = state.get("reference_step")
-        self.reference_steps = {k: int(v) for k, v in (state.get("reference_steps") or {}).items()}
+        self.reference_steps = {k: int((state.get("reference_steps") or {}).get(k, self.reference_step or 0))
+                                for k in self.reference}
         self.worst = {k: (float(v), se, int(s)) for k, (v, se, s) in (state.get("worst") or {}).items()}
         self.last = {k: (float(v), se, int(s)) for k, (v, se, s) in (state.get("last") or {}).items()}
         self.higher = dict(state.get("higher") or {})
@@ -282,10 +301,10 @@ def fmt_score(v: float | None, se: float | None = None, signed: bool = False) ->
 
 def format_benchmark_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of :meth:`BenchmarkTracker.summary` rows (the end-of-run printout, ``cpt report``)."""
-    from cpt.evaluate import reference_header
+    from cpt.evaluate import mixed_reference, reference_header
 
-    header = ["task/metric", "tag", reference_header(rows), "final", "forgetting/adaptation", "worst (step)", "verdict"]
-    body, mixed = [], len({r.get("step0_step") for r in rows}) > 1  # (then each reference cell names its step)
+    header, mixed = ["task/metric", "tag", reference_header(rows), "final", "forgetting/adaptation", "worst (step)", "verdict"], mixed_reference(rows)
+    body = []
     for r in rows:
         kind = "forgetting" if r["tag"] == "upstream" else "adaptation"
         ref = fmt_score(r["step0"], r.get("step0_stderr")) + (f" ({r['step0_step']})" if mixed else "")

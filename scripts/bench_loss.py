@@ -102,7 +102,7 @@ def today(h, w, ids):
 
 def chunked(h, w, ids, chunk_tokens):
     bsz, length, width = h.shape
-    loss, per_token = linear_cross_entropy(h[:, :-1].reshape(-1, width), w, None, ids[:, 1:].reshape(-1), chunk_tokens)
+    loss, per_token, _ = linear_cross_entropy(h[:, :-1].reshape(-1, width), w, None, ids[:, 1:].reshape(-1), chunk_tokens)
     rows = per_token.view(bsz, length - 1).mean(dim=1)
     loss.backward()
     return loss.detach(), rows

@@ -344,3 +344,21 @@ def test_cli_interpolate_of_a_missing_model_is_one_line(tmp_path, capsys):
     assert main([missing, missing, "--heldout", f"x={tmp_path}:upstream"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"cpt interpolate: error: model '{missing}'")
+
+
+def test_a_resumed_ema_keeps_the_decay_of_the_run_that_resumes():
+    """--resume --allow-config-change with another train.ema_decay: the shadow weights and update count come from the
+    checkpoint, the decay from the config (the checkpoint's replaced it: the new value was silently ignored). A saved
+    EMA file (EMA.load) still brings its own decay."""
+    import torch
+
+    model = tiny_model(0)
+    ema = EMA(model, decay=0.99)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    resumed = EMA(tiny_model(1), decay=0.9)
+    resumed.load_state_dict(ema.state_dict())
+    assert resumed.decay == 0.9 and resumed.num_updates == 1
+    assert all(torch.equal(resumed.shadow[n], ema.shadow[n]) for n in ema.shadow)

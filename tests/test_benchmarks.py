@@ -81,21 +81,65 @@ def test_state_survives_resume_through_json():
     assert t.summary() == resumed.summary()
 
 
-def test_a_task_added_on_a_resume_is_measured_from_its_own_first_step():
-    """A task first scored after the others (added on a --resume) has its own reference step: the summary and the
-    table named step 0 (the other tasks' reference) for a score measured at step 20."""
-    t = tracker()
-    t.record(0, {"lm_eval/up/acc": 0.6, "lm_eval/up/acc_stderr": 0.03}, HIB)
-    resumed = tracker()
-    resumed.load_state_dict(json.loads(json.dumps(t.state_dict())))
-    resumed.record(20, scores(0.55, 0.03, 1.8, 0.1), HIB)  # "down" is new here
-    resumed.record(30, scores(0.5, 0.03, 1.6, 0.1), HIB)
-    rows = {r["task"]: r for r in resumed.summary()}
-    assert (rows["up"]["step0_step"], rows["down"]["step0_step"]) == (0, 20)
-    assert rows["down"]["step0"] == 1.8 and rows["down"]["change"] == pytest.approx(0.2)
-    table = format_benchmark_table(resumed.summary())
-    assert "reference (step)" in table and "0.6000 ± 0.0300 (0)" in table and "1.8000 ± 0.1000 (20)" in table, table
 
+def test_tasks_added_on_a_resume_are_measured_and_labelled_from_their_first_score(caplog):
+    """A task added on a resume is measured against its first score, at a later step: the end-of-run table names
+    that step (it said "step 0" for it), the state keeps it. Tasks added to a run that had none (no lm_eval state in
+    the checkpoint) are no longer refused: their reference is the evaluation at the resumed step, with a warning."""
+    from cpt.state import restore
+
+    t = BenchmarkTracker([TaskSpec("up", "upstream")])
+    t.task_tags = {"up": "upstream"}
+    t.record(0, {"lm_eval/up/acc": 0.6, "lm_eval/up/acc_stderr": 0.03}, HIB)
+    resumed = tracker()  # "down" (and "plain") added on the resume
+    resumed.load_state_dict(json.loads(json.dumps(t.state_dict())))
+    with caplog.at_level("WARNING", logger="cpt.lm_eval"):
+        m = resumed.record(8, scores(0.5, 0.04, 1.5, 0.08), HIB)
+    assert m["lm_eval_adaptation/down/bits_per_byte"] == 0.0 and m["lm_eval_forgetting/up/acc"] == pytest.approx(0.1)
+    assert "down/bits_per_byte: first scored at step 8" in caplog.text
+    rows = {r["task"]: r for r in resumed.summary()}
+    assert (rows["up"]["step0_step"], rows["down"]["step0_step"]) == (0, 8)
+    table = format_benchmark_table(resumed.summary())
+    assert "reference (step)" in table and "0.6000 ± 0.0300 (0)" in table and "1.5000 ± 0.0800 (8)" in table, table
+    again = tracker()
+    again.load_state_dict(json.loads(json.dumps(resumed.state_dict())))
+    assert {r["task"]: r["step0_step"] for r in again.summary()} == {"up": 0, "down": 8}
+    # a checkpoint written without lm-eval tasks: no error, and the resumed step's scores become the reference
+    fresh = tracker()
+    restore({"lm_eval": fresh}, {"format": 2}, {})
+    assert fresh.needs_start_evaluation()
+    with caplog.at_level("WARNING", logger="cpt.lm_eval"):
+        fresh.record(4, scores(0.5, 0.04, 1.5, 0.08), HIB)
+    assert "measured against this evaluation, at step 4" in caplog.text
+    assert "reference (step 4)" in format_benchmark_table(fresh.summary())
+
+
+def test_a_resume_keeps_scoring_the_documents_of_its_reference(caplog):
+    """eval.lm_eval.limit changed on a resume: the run keeps scoring the documents its reference scores were measured
+    on and says so (a new limit was silently ignored; from "all" to a limit, the run silently scored another subset
+    against a reference measured on every document)."""
+    task = "cpt_arith_mc"
+    for before, after in ((4, 8), (None, 4)):
+        t = BenchmarkTracker([TaskSpec(task, "upstream")], limit=before, seed=1)
+        t._set_up()
+        resumed = BenchmarkTracker([TaskSpec(task, "upstream")], limit=after, seed=1)
+        resumed.load_state_dict(json.loads(json.dumps(t.state_dict())))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cpt.lm_eval"):
+            resumed._set_up()
+        assert resumed.samples == t.samples and len(resumed.samples.get(task, range(300))) == (before or 300)
+        assert f"lm-eval {task}: the config now chooses {after} of its 300 documents, but this run's reference scores " \
+               f"were measured on {before or 'all'}: it keeps scoring those" in caplog.text
+    # a task left out of one resume and added back on a later one keeps its documents too
+    t = BenchmarkTracker([TaskSpec(task, "upstream")], limit=4, seed=1)
+    t._set_up()
+    without = BenchmarkTracker([TaskSpec("cpt_python_next", "downstream")], limit=4, seed=1)
+    without.load_state_dict(json.loads(json.dumps(t.state_dict())))
+    without._set_up()
+    back = BenchmarkTracker([TaskSpec(task, "upstream")], limit=8, seed=1)
+    back.load_state_dict(json.loads(json.dumps(without.state_dict())))
+    back._set_up()
+    assert back.samples[task] == t.samples[task] and len(back.samples[task]) == 4
 
 def test_schedule():
     t = tracker(every=10, dense_steps=6, dense_every=2)

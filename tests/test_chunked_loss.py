@@ -29,7 +29,7 @@ def rows(b: int = 3, length: int = 24, seed: int = 1) -> torch.Tensor:
 
 def loss_and_grads(model, ids, eos_id):
     model.zero_grad(set_to_none=True)
-    loss, row_losses = causal_lm_loss(model, ids, eos_id)
+    loss, row_losses = causal_lm_loss(model, ids, eos_id)[:2]
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), row_losses, grads
@@ -64,14 +64,14 @@ def test_linear_head_with_bias_and_leaf_hidden_states():
     t = torch.randint(0, 53, (37,))
     ref = torch.nn.functional.cross_entropy(head(h), t, reduction="none")
     ref_grads = torch.autograd.grad(ref.mean() * 3.0, [h, head.weight, head.bias])
-    loss, per_token = chunked_loss.linear_cross_entropy(h, head.weight, head.bias, t, chunk_tokens=10)
+    loss, per_token, _ = chunked_loss.linear_cross_entropy(h, head.weight, head.bias, t, chunk_tokens=10)
     grads = torch.autograd.grad(loss * 3.0, [h, head.weight, head.bias])  # the incoming gradient scales them
     torch.testing.assert_close(per_token, ref.detach())
     assert not per_token.requires_grad
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # evaluation: no gradient work, same losses
-        loss_ng, per_token_ng = chunked_loss.linear_cross_entropy(h, head.weight, head.bias, t, chunk_tokens=10)
+        loss_ng, per_token_ng, _ = chunked_loss.linear_cross_entropy(h, head.weight, head.bias, t, chunk_tokens=10)
     torch.testing.assert_close(per_token_ng, ref.detach())
 
 
@@ -149,7 +149,7 @@ def test_through_torch_compile():
     assert chunked_loss.installed(compiled) is not None
     for _ in range(2):  # the second call reuses the compiled graph
         model.zero_grad(set_to_none=True)
-        loss, row_losses = causal_lm_loss(compiled, ids, EOS)
+        loss, row_losses = causal_lm_loss(compiled, ids, EOS)[:2]
         loss.backward()
         torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(row_losses, ref_rows, rtol=1e-6, atol=1e-6)
@@ -183,3 +183,62 @@ def test_training_run_equals_full_logits_run(tiny_cpt_data, tmp_path):
         for k in keys:
             if k in ref:
                 assert logs["auto"][step][k] == pytest.approx(ref[k], rel=1e-5), (step, k)
+
+
+# ------------------------------------------------------------------------------------------ the z-loss (train.z_loss)
+
+
+def _z_reference(model, ids, z):
+    """The z-loss by hand from the full logits: mean cross-entropy + z x mean(logsumexp^2), and its gradients."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+    term = z * torch.logsumexp(logits, dim=-1).square().mean()
+    (ce + term).backward()
+    return (ce + term).detach(), term.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("path", ["full", "chunked", "lora_head"])
+def test_z_loss_equals_its_definition(path):
+    """train.z_loss on every loss path (full logits, the chunked linear head, a LoRA-wrapped head recomputed per
+    chunk): the loss, the logged z term and every gradient equal mean CE + z x mean(logsumexp^2) from the full
+    logits; the per-row losses stay the next-token loss."""
+    from cpt.lm_loss import LossWeights
+
+    z, ids = 0.05, rows()
+    model = llama()
+    if path == "lora_head":
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    ref_loss, ref_term, ref_grads = _z_reference(model, ids, z)
+    if path != "full":
+        chunked_loss.install(model, 7)
+    model.zero_grad(set_to_none=True)
+    got = causal_lm_loss(model, ids, None, LossWeights(z=z))
+    got.loss.backward()
+    torch.testing.assert_close(got.loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.z_loss, ref_term, rtol=1e-6, atol=1e-7)
+    plain = causal_lm_loss(model, ids, None)  # (no z: the next-token loss alone)
+    assert plain.z_loss is None and torch.allclose(plain.loss, ref_loss - ref_term, atol=1e-6)
+    torch.testing.assert_close(got.row_losses, plain.row_losses)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_run_with_z_loss_logs_its_term(tiny_cpt_data, tmp_path):
+    """`train.z_loss` in a run: said at start, `train/z_loss` (z x mean logsumexp^2) at every log step next to the
+    next-token `train/loss`; the held-out evaluation is the plain next-token loss."""
+    from conftest import tiny_run_config
+    from cpt.config import load_config
+    from cpt.metrics import read_metrics
+    from cpt.train import train
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", eval={"at_start": True}, checkpoint={"every": None, "export_at_end": False})
+    cfg["stages"][0]["steps"] = 3
+    cfg["train"]["z_loss"] = 1e-3
+    said: list[str] = []
+    train(load_config(base=cfg), echo=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("z-loss: 0.001 x mean(logsumexp(logits)^2) added to the training loss" in line for line in said), said
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert len(steps) == 3 and all(0 < r["train/z_loss"] < 1 for r in steps), steps

@@ -117,7 +117,7 @@ def test_checkpointed_layers_under_a_frozen_embedding_compile(frozen, mode):
         return model
 
     def grads(model, run):
-        loss, _ = causal_lm_loss(run, ids, None)
+        loss = causal_lm_loss(run, ids, None).loss
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -352,7 +352,7 @@ def test_whole_compile_keeps_sdpas_causal_kernel_and_the_losses(document_masking
     ids[0, 5] = ids[1, 9] = 3
 
     def loss_and_grads(model, run):
-        loss, rows = causal_lm_loss(run, ids, eos)
+        loss, rows = causal_lm_loss(run, ids, eos)[:2]
         loss.backward()
         return loss.detach(), rows, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -371,7 +371,7 @@ def test_the_causal_sdpa_model_masks_padding_and_saves_plain_sdpa(tmp_path):
     """Outside cpt's own forward (lm-eval's padded batches, generation) the model given keep_causal_sdpa builds
     transformers' masks: padded rows give the logits of the stock sdpa model, also compiled; the implementation's name
     is not written into the saved config.json."""
-    from cpt.compiling import CAUSAL_SDPA, keep_causal_sdpa, plain_causal
+    from cpt.compiling import CAUSAL_SDPA, keep_causal_sdpa, packed_rows
 
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     pad = torch.ones_like(ids)
@@ -382,7 +382,7 @@ def test_the_causal_sdpa_model_masks_padding_and_saves_plain_sdpa(tmp_path):
     assert keep_causal_sdpa(model) and model.config._attn_implementation == CAUSAL_SDPA
     for run in (model, compile_model(model, True, backend="aot_eager")):
         for flag in (False, True):
-            with torch.no_grad(), plain_causal(flag):
+            with torch.no_grad(), packed_rows("plain" if flag else None):
                 got = run(input_ids=ids, attention_mask=pad, use_cache=False).logits
             assert torch.allclose(got[pad.bool()], expected[pad.bool()], atol=1e-5)
     assert not keep_causal_sdpa(tiny_llama(attn_implementation="eager"))
@@ -462,7 +462,7 @@ def test_architectures_under_compile_get_sdpas_causal_kernel_only_where_safe(arc
 
     def step(model, run, eos):
         model.zero_grad()
-        loss, _ = causal_lm_loss(run, ids, eos)
+        loss = causal_lm_loss(run, ids, eos).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -239,3 +239,76 @@ def test_resume_with_a_shuffle_buffer_is_warned_about(tmp_path, tokenizer, caplo
         with caplog.at_level(logging.WARNING, logger="cpt.data"):
             HFTokenStream(hf_source(path, shuffle_buffer=buffer), tokenizer, L, batch_docs=5).load_state_dict(a.state_dict())
         assert ("resuming with shuffle_buffer 4" in caplog.text) == warned
+
+
+# ------------------------------------------------------------------ BOS before each document, as the tokenizer does
+
+
+def bos_tokenizer():
+    """The data tests' tokenizer made to start every encoding with <bos>, as Llama 3's tokenizer.json does (its
+    TemplateProcessing post-processor puts <|begin_of_text|> first)."""
+    from tokenizers import processors
+
+    from data_factories import make_tokenizer
+
+    tok = make_tokenizer()
+    bos = tok.convert_tokens_to_ids("<bos>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    assert tok("doc")["input_ids"][0] == bos
+    return tok
+
+
+def test_bos_follows_the_tokenizers_convention(tokenizer):
+    from cpt.data.encode import bos_by_convention
+
+    tok = bos_tokenizer()
+    assert bos_by_convention(tok) == tok.bos_token_id
+    assert bos_by_convention(tokenizer) is None  # has a BOS token, never adds it itself
+    gpt2_like = bos_tokenizer()
+    gpt2_like.bos_token = gpt2_like.eos_token  # one token for both: no BOS of its own
+    assert bos_by_convention(gpt2_like) is None
+
+
+def test_prepare_puts_bos_before_each_document_where_the_tokenizer_does(tmp_path, tokenizer, caplog):
+    """Llama 3, Gemma and Mistral were pre-trained with BOS before every document, which `cpt prepare` left out
+    unless told (--add-bos). By default it now follows the tokenizer: BOS + text + EOS where the tokenizer starts its
+    own encodings with BOS (said in the log and the summary), text + EOS otherwise; --no-add-bos leaves it out; a
+    folder prepared before with a tokenizer that adds none stays up to date."""
+    from cpt.data.prepare import format_summary
+
+    docs = make_docs(30, seed=31)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    tok = bos_tokenizer()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    with caplog.at_level(logging.INFO, logger="cpt.data"):
+        m = prepare([str(src)], tok, tmp_path / "b")
+    assert "before each document, as the tokenizer starts every encoding with it" in caplog.text
+    flat = TokenShards.open(tmp_path / "b").read(0, m["num_tokens"]).tolist()
+    want = [t for d in docs for t in [bos, *tok(d, add_special_tokens=False)["input_ids"], eos]]
+    assert flat == want
+    assert f"BOS (id {bos}) + text + EOS (id {eos})" in format_summary(m, "b")
+    m = prepare([str(src)], tok, tmp_path / "n", add_bos=False)
+    assert TokenShards.open(tmp_path / "n").read(0, m["num_tokens"]).tolist() == expected_stream(tok, docs)
+    # a tokenizer that adds no BOS: text + EOS, and a folder prepared with add_bos=False (the old default) is current
+    prepare([str(src)], tokenizer, tmp_path / "p", add_bos=False)
+    assert prepare([str(src)], tokenizer, tmp_path / "p")["up_to_date"]
+
+
+def test_hf_stream_puts_bos_as_prepare_does_and_resumes_old_positions_without(tmp_path):
+    docs = make_docs(20, seed=32)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    tok = bos_tokenizer()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    want = [t for d in docs for t in [bos, *tok(d, add_special_tokens=False)["input_ids"], eos]]
+    s = HFTokenStream(hf_source(path), tok, L, batch_docs=5)
+    assert s.next_sequences(4).reshape(-1).tolist() == want[: 4 * L]
+    no_bos = HFTokenStream(hf_source(path, add_bos=False), tok, L, batch_docs=5)
+    assert no_bos.next_sequences(4).reshape(-1).tolist() == expected_stream(tok, docs)[: 4 * L]
+    # a checkpoint from before BOS was recorded streamed without it: the resumed run goes on so, at the same tokens
+    state = no_bos.state_dict()
+    old = {k: v for k, v in state.items() if k != "bos_token_id"}
+    resumed = HFTokenStream(hf_source(path), tok, L, batch_docs=5)
+    resumed.load_state_dict(old)
+    assert resumed.next_sequences(2).reshape(-1).tolist() == expected_stream(tok, docs)[4 * L: 6 * L]
+    with pytest.raises(ValueError, match=r"streamed its documents without BOS .*\.add_bos: false"):
+        HFTokenStream(hf_source(path, add_bos=True), tok, L, batch_docs=5).load_state_dict(state)

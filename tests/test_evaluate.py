@@ -212,6 +212,25 @@ def test_a_resume_on_another_sample_restarts_that_sets_reference(caplog):
     assert "reference (step)" in format_summary_table(fresh.summary())
 
 
+def test_a_set_left_out_and_added_back_on_another_sample_restarts_its_reference(caplog):
+    """A held-out set left out of one resume and added back on a later one, on another sample: its step-0 reference
+    was kept silently (the sample it was measured on was no longer in the checkpoint), so forgetting/<set> compared
+    two samples. It now gets the warning and a new reference as a changed set does; added back unchanged, it keeps it."""
+    model = tiny_model()
+    ev = HeldoutEvaluator(sets(), EvalConfig(batch_size=4))
+    ev.evaluate(model, step=0)
+    without_old = HeldoutEvaluator(sets()[1:], EvalConfig(batch_size=4))  # a resume without "old"
+    without_old.load_state_dict(ev.state_dict())
+    state = without_old.state_dict()
+    same = HeldoutEvaluator(sets(), EvalConfig(batch_size=4))
+    same.load_state_dict(state)
+    assert "another sample" not in caplog.text and same.evaluate(model, step=6)["eval/old/reference_step"] == 0.0
+    other = HeldoutEvaluator([HeldoutSet("old", "upstream", tokens(4, seed=11)), sets()[1]], EvalConfig(batch_size=4))
+    other.load_state_dict(state)
+    assert "held-out set 'old' evaluates another sample than its reference was measured on (96 tokens then, 64 now" in caplog.text
+    m = other.evaluate(model, step=6)
+    assert m["forgetting/old"] == 0.0 and m["eval/old/reference_step"] == 6.0 and m["eval/new/reference_step"] == 0.0
+
 def test_schedule_every_n_and_dense_after_each_stage_switch():
     ev = HeldoutEvaluator(sets(), EvalConfig(every=50, dense_steps=20, dense_every=5))
     starts = [0, 100]

@@ -15,15 +15,14 @@ from conftest import tiny_run_config
 SYNCING = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
 
 
-def _inside_model_forward() -> bool:
-    """True when called from the transformers model's own forward. In eager mode transformers 5 reads the
-    position ids back once per forward to detect packed sequences (``masking_utils.find_packed_sequence_indices``);
-    under ``torch.compile`` (``model.compile``, the default on CUDA) that check is traced away. Also not counted:
-    torch's non-fused optimizers reading their step counters, which they keep in host memory on purpose (no
-    device sync on a GPU). Everything else in the step is cpt's, accelerate's or torch's, and counted."""
+def _inside_optimizer() -> bool:
+    """True when called from torch's non-fused optimizers reading their step counters, which they keep in host
+    memory on purpose (no device sync on a GPU). Everything else in the step is counted: cpt's, accelerate's, and
+    the model's forward (transformers' eager packed-sequence check of the position ids used to read them back once
+    per forward; cpt.compiling.packed_rows answers it without the read)."""
     f = sys._getframe(2)
     while f is not None:
-        if "/transformers/" in f.f_code.co_filename or "/torch/optim/" in f.f_code.co_filename:
+        if "/torch/optim/" in f.f_code.co_filename:
             return True
         f = f.f_back
     return False
@@ -31,7 +30,7 @@ def _inside_model_forward() -> bool:
 
 def _count_syncs_per_step(monkeypatch, cfg_dict) -> list[int]:
     """Run ``train`` and count the tensor->host reads made by the loop's thread in each step (0-based),
-    from one ``set_lr`` call (the start of a step) to the next, outside the model's forward."""
+    from one ``set_lr`` call (the start of a step) to the next, outside the optimizer's step counters."""
     import cpt.optim
     from cpt.train import train
 
@@ -47,7 +46,7 @@ def _count_syncs_per_step(monkeypatch, cfg_dict) -> list[int]:
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *a, **k):
-            if per_step and threading.get_ident() == loop_thread and not _inside_model_forward():
+            if per_step and threading.get_ident() == loop_thread and not _inside_optimizer():
                 per_step[-1] += 1
             return real(self, *a, **k)
         return wrapper
@@ -78,11 +77,60 @@ def test_no_host_sync_on_non_log_steps_with_fused_adamw(tiny_cpt_data, tmp_path,
     assert all(n >= 1 for n in log), per_step  # the counter works: log steps do read the loss
 
 
+def test_no_host_sync_on_non_log_steps_with_document_masking(tiny_cpt_data, tmp_path, monkeypatch):
+    """Document masking's packed positions: transformers' packed-sequence check is answered without a read-back."""
+    cfg = _sync_cfg(tiny_cpt_data, tmp_path / "run", fused=True)
+    cfg["data"]["document_masking"] = True
+    per_step = _count_syncs_per_step(monkeypatch, cfg)
+    assert [n for i, n in enumerate(per_step) if (i + 1) % 4] == [0] * 6, per_step
+
+
 def test_at_most_one_host_sync_per_non_log_step_otherwise(tiny_cpt_data, tmp_path, monkeypatch):
     """Foreach AdamW cannot skip on the device: one read of the all-rank finite flag per step, no more."""
     per_step = _count_syncs_per_step(monkeypatch, _sync_cfg(tiny_cpt_data, tmp_path / "run", fused=False))
     non_log = [n for i, n in enumerate(per_step) if (i + 1) % 4]
     assert non_log == [1] * 6, per_step
+
+
+# aten operators that make the host wait for a CUDA device: a scalar read (.item(), bool(), float()) and the ops whose
+# output size depends on values (nonzero, boolean indexing...). What torch.cuda.set_sync_debug_mode reports on a GPU,
+# seen on CPU below the Python methods counted above (an op inside torch or a library that reads values back).
+SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2",
+               "unique_consecutive", "repeat_interleave", "equal"}
+
+
+@pytest.mark.parametrize("document_masking", [False, True])
+def test_training_step_runs_no_synchronising_operator(tiny_cpt_data, tmp_path, monkeypatch, document_masking):
+    """Every aten operator of every train_step with fused AdamW (micro-batches forward and backward, clipping, the
+    update or its skip on the device), seen through a TorchDispatchMode: no value-dependent or scalar-reading
+    operator, with and without document masking. (torch's foreach AdamW reads its step counters, host tensors by
+    design, which on CPU cannot be told from device reads at this level: the Python-level test above covers it.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import cpt.train
+    from cpt.train import train
+
+    per_step: list[list[str]] = []
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in SYNCING_OPS:
+                per_step[-1].append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    real_step = cpt.train.train_step
+
+    def train_step(*a, **k):
+        per_step.append([])
+        with Counting():
+            return real_step(*a, **k)
+
+    monkeypatch.setattr(cpt.train, "train_step", train_step)
+    cfg = _sync_cfg(tiny_cpt_data, tmp_path / "run", fused=True)
+    cfg["data"]["document_masking"] = document_masking
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    assert len(per_step) == 8
+    assert per_step == [[]] * 8, per_step
 
 
 def test_fused_device_skip_matches_host_skip(tiny_cpt_data, tmp_path, monkeypatch):
@@ -95,8 +143,8 @@ def test_fused_device_skip_matches_host_skip(tiny_cpt_data, tmp_path, monkeypatc
 
     def nan_on_step_3(*a, **k):  # micro-batches of the third step return NaN
         calls["n"] += 1
-        loss, rows = real(*a, **k)
-        return (loss * float("nan"), rows) if calls["n"] in (5, 6) else (loss, rows)
+        out = real(*a, **k)
+        return out._replace(loss=out.loss * float("nan")) if calls["n"] in (5, 6) else out
 
     monkeypatch.setattr(lm_loss, "causal_lm_loss", nan_on_step_3)
     out = {}

@@ -6,10 +6,10 @@ comments) is parsed by that command's own argument parser (`cpt.cli.command_pars
 in the prose names a command and flags it accepts; every launcher line (scripts/launch.sh, launch_deepspeed.sh,
 sbatch scripts/slurm_multinode.sbatch) names a shipped strategy; every `--set key=value` and dotted config key
 (`train.precision`, `stages.0.steps`) names a field of the pydantic RunConfig (or of a `cpt experiment` spec);
-every `configs/`, `scripts/`, `docs/`, `tests/`, `cpt/` or `eval_harness/` path and relative link exists; every
-YAML block that looks like a run config validates (a fragment merged into the README's own full example); and the
-Layout block names every module. The commands themselves were run by hand as the README shows them (branch
-a-readme's commits say what ran and what differed).
+every `configs/`, `scripts/`, `docs/`, `tests/`, `cpt/` or `eval_harness/` path and relative link exists, and every
+link's `#anchor` is a heading or `<a id>` of its page; every YAML block that looks like a run config validates (a
+fragment merged into the README's own full example); and the Layout block names every module. The commands
+themselves were run by hand as the README shows them (branch a-readme's commits say what ran and what differed).
 """
 
 from __future__ import annotations
@@ -312,6 +312,29 @@ def test_paths_named_exist(doc):
         if target and not (doc.parent / target).exists():
             problems.append(f"{rel(doc)}: link {target}")
     assert not problems, "\n".join(sorted(set(problems)))
+
+
+def anchors(doc: Path) -> set[str]:
+    """The fragments GitHub gives a page: each heading outside fenced blocks (lowercased, punctuation but `-` and `_`
+    dropped, spaces to hyphens; a repeated one gets -1, -2, ...) and every `<a id="...">`."""
+    found, seen = set(), {}
+    for title in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", FENCE.sub("", doc.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return found | set(re.findall(r'<a id="([^"]+)"', doc.read_text()))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=rel)
+def test_link_anchors_resolve(doc):
+    """Every `[text](page.md#anchor)` and `[text](#anchor)` names a heading or `<a id>` of that page (text moved
+    between the README and the guides leaves no dead anchor)."""
+    problems = []
+    for target, fragment in re.findall(r"\]\(([^)\s:#]*\.md|)#([^)\s]+)\)", FENCE.sub("", doc.read_text())):
+        page = (doc.parent / target).resolve() if target else doc
+        if page.exists() and fragment not in anchors(page):
+            problems.append(f"{rel(doc)}: {target}#{fragment}")
+    assert not problems, "\n".join(problems)
 
 
 def _yaml_blocks(doc: Path) -> list[tuple[dict, int]]:

@@ -62,6 +62,17 @@ def test_reset_and_state_round_trip():
         SpikeGuard(window=8, min_history=9)
 
 
+
+def test_switched_on_by_a_resume_starts_with_an_empty_window():
+    """train.skip_spikes added on a --resume (--allow-config-change) of a run without it: the guard starts as at a
+    stage switch (its window empty) instead of the resume being refused (the checkpoint holds no 'spikes' state)."""
+    from cpt.state import restore
+
+    g = SpikeGuard(sigma=3, window=8, min_history=4)
+    restore({"spikes": g}, {"format": 2}, {})
+    assert not g.losses and g.skipped == 0
+    assert feed(g, noisy(4) + [7.0]) == [False] * 4 + [True]
+
 @pytest.mark.slow
 def test_train_skips_a_spiked_step_like_a_skipped_update(tiny_cpt_data, tmp_path, monkeypatch):
     """A step whose loss is multiplied by 50 is skipped by the guard; every later loss equals, bit for bit, a run
@@ -85,9 +96,9 @@ def test_train_skips_a_spiked_step_like_a_skipped_update(tiny_cpt_data, tmp_path
 
         def fake(*a, **k):
             calls["n"] += 1
-            loss, rows = real(*a, **k)
+            out = real(*a, **k)
             bad = (calls["n"] - 1) // micro_per_step == 7  # step 8 (1-based)
-            return (loss * factor, rows * factor) if bad else (loss, rows)
+            return out._replace(loss=out.loss * factor, row_losses=out.row_losses * factor) if bad else out
 
         monkeypatch.setattr(lm_loss, "causal_lm_loss", fake)
         train(load_config(base=cfg), echo=lambda *a, **k: None)

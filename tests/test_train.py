@@ -103,7 +103,14 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     assert row[4] == str(last_eval)  # the "last step" column, not step-0 values as "final"
     assert lines[-1] == f"to resume: cpt train {path} --resume"
     proc = cpt_train(path, "--resume")
-    log = proc.communicate(timeout=300)[0]
+    head = []
+    for line in proc.stdout:  # a preemption signal after the run's last line, in the interpreter's teardown (seconds):
+        head.append(line)  # nothing is left to save, and the finished run exited 143 (a failed job) before it was ignored
+        if line.startswith("run directory:"):
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            break
+    log = "".join(head) + proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log
     got = losses(out)
     assert sorted(got) == list(range(1, 17))
@@ -180,8 +187,8 @@ def _nan_after(monkeypatch, bad_calls):
 
     def fake(*a, **k):
         count["n"] += 1
-        loss, rows = real(*a, **k)
-        return (loss * float("nan"), rows * float("nan")) if bad_calls(count["n"]) else (loss, rows)
+        out = real(*a, **k)
+        return out._replace(loss=out.loss * float("nan"), row_losses=out.row_losses * float("nan")) if bad_calls(count["n"]) else out
 
     monkeypatch.setattr(lm_loss, "causal_lm_loss", fake)
 
@@ -436,3 +443,40 @@ def test_resume_refuses_a_checkpoint_without_a_registered_component(reference, t
     with pytest.raises(CheckpointError, match=r"step_00000016: it holds no state for 'ema' .*train.init_from"):
         train(load_config(base=new), resume=True, allow_config_change=True, echo=lambda *a: None)
     assert (out / "metrics.jsonl").read_bytes() == before  # nothing trained or logged
+
+
+def test_resume_with_a_changed_plan_says_so(reference, tmp_path):
+    """--resume --allow-config-change of a cosine run made longer: the log names the changed field and the LR jump at
+    the resumed step (the steps taken followed the old, shorter cosine; it was silent). A plan shortened behind the
+    checkpoint is refused in one line (it finished at once at the checkpoint's step, the shorter plan ignored)."""
+    import shutil
+
+    from cpt.checkpoint import CheckpointError
+    from cpt.train import train
+
+    cfg, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(cfg["run"]["output_dir"], run)
+    new = json.loads(json.dumps(cfg))
+    new["run"]["output_dir"] = str(run)
+    new["stages"][0]["steps"] = 14
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"step_00000016 is at step 16, past the end of this config's plan \(14 "):
+        train(load_config(base=new), resume=True, allow_config_change=True, echo=lambda *a: None)
+    assert (run / "metrics.jsonl").read_bytes() == before
+    new["stages"][0]["steps"] = 18
+    lines = []
+    assert train(load_config(base=new), resume=True, allow_config_change=True, echo=lines.append).step == 18
+    log = "\n".join(map(str, lines))
+    assert "--allow-config-change: resuming" in log and "stages.0.steps: 16 -> 18" in log, log
+    lrs = {r["step"]: r["train/lr"] for r in read_metrics(run / "metrics.jsonl") if "train/lr" in r}
+    assert f"so the LR jumps from {lrs[16]:.4g} (the checkpoint's plan at step 16) to {lrs[17]:.4g}" in log, log
+    # a stage boundary moved behind the checkpoint: the new stage's start (its optimizer reset) is not replayed
+    from cpt.resume import changed_config_notes
+
+    split = json.loads(json.dumps(new))
+    split["stages"][0]["steps"] = 10
+    split["stages"].append({**split["stages"][0], "name": "two", "steps": 8, "reset_optimizer": True})
+    notes = changed_config_notes(run / "checkpoints" / "step_00000016", load_config(base=split))
+    assert "warning: stage 1 ('two') now starts at step 10, before step 16 where the run resumes" in notes[-1], notes
+    assert "(stages.1.reset_optimizer is not applied)" in notes[-1]

@@ -173,8 +173,8 @@ def test_preempted_mid_log_window_with_every_stateful_part_resumes_exactly(tiny_
             current["step"] = -1
 
     def spiked(*a, **k):  # the training loss of step index 6 (update 7) times 50: a spike the guard skips
-        loss, rows = real_loss(*a, **k)
-        return (loss * 50, rows * 50) if current["step"] == 6 else (loss, rows)
+        out = real_loss(*a, **k)
+        return out._replace(loss=out.loss * 50, row_losses=out.row_losses * 50) if current["step"] == 6 else out
 
     def requested(self, acc, step=0):
         self.flag = self.flag or step == stop_at["step"]
@@ -207,3 +207,22 @@ def test_preempted_mid_log_window_with_every_stateful_part_resumes_exactly(tiny_
     for export in ("export", "export-ema", "exports/step_00000006", "exports/step_00000012"):
         a, b = load_file(tmp_path / "ref" / export / "model.safetensors"), load_file(tmp_path / "cut" / export / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), export
+
+
+def test_the_resumed_line_on_another_world_size_says_when_the_global_batch_changed(tmp_path):
+    """A resume on another number of processes said 'the global batch and the data stream are the same' even when
+    the global batch was changed with it (--allow-config-change)."""
+    import json
+    from types import SimpleNamespace
+
+    import yaml
+
+    from cpt.checkpoint import TRAINER_STATE
+    from cpt.resume import world_change
+
+    (tmp_path / TRAINER_STATE).write_text(json.dumps({"data": {"world_size": 2}}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"global_batch_size": 8}}))
+    acc = SimpleNamespace(num_processes=1, gradient_accumulation_steps=2)
+    assert world_change(tmp_path, acc, 8).endswith("the global batch and the data stream are the same")
+    assert world_change(tmp_path, acc, 16).endswith("the global batch is 16 sequences from here (it was 8)")
+    assert world_change(tmp_path, SimpleNamespace(num_processes=2, gradient_accumulation_steps=1), 16) == ""

@@ -273,6 +273,23 @@ def test_lora_and_full_checkpoints_across_runs_say_how_to_convert(trunk, tiny_cp
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_a_field_added_since_the_checkpoint_is_not_a_trajectory_change():
+    """A checkpoint's config.yaml written before a field existed (train.z_loss, a source's add_bos, default values)
+    resumed as changed ('train.z_loss: None -> 0.0', 'data.sources.a.add_bos: (not set) -> None'): every checkpoint
+    of an earlier cpt was refused. Missing fields take their defaults; a value set differs as before."""
+    from cpt.config import config_to_dict, load_config, trajectory_changes
+
+    base = {"model": {"tokenizer": "t", "arch": {"hidden_size": 8}},
+            "data": {"sources": [{"name": "a", "path": "/x"}]}, "stages": [{"steps": 4, "mix": {"a": 1}}]}
+    cfg = load_config(base=base)
+    older = config_to_dict(cfg)
+    del older["train"]["z_loss"], older["train"]["router_aux_loss_coef"], older["data"]["sources"][0]["add_bos"]
+    assert trajectory_changes(older, cfg) == []
+    assert trajectory_changes(older, load_config(base=base, overrides=["train.z_loss=1e-4"])) == ["train.z_loss: 0.0 -> 0.0001"]
+    older["train"]["no_such_field"] = 1  # a config that no longer validates is compared as written
+    assert trajectory_changes(older, cfg) == ["data.sources.a.add_bos: '(not set)' -> None", "train.z_loss: None -> 0.0"]
+
+
 def test_resume_with_a_changed_trajectory_is_refused(trunk, tmp_path, capsys):
     path, run, _ = trunk
     copy = tmp_path / "run"
@@ -331,6 +348,13 @@ def test_trajectory_fields():
     swapped = {**two, "data": {"sources": two["data"]["sources"][::-1]}}
     assert trajectory_changes(config_to_dict(load_config(base=two)), load_config(base=swapped)) == [
         "data.sources: order ['a', 'old'] -> ['old', 'a']"]
+    # a section switched on or off is one line (it was one per field: `train.skip_spikes: None -> '(not set)';
+    # train.skip_spikes.max_in_a_row: '(not set)' -> 8; ...`)
+    spikes = load_config(base=base, overrides=["train.skip_spikes.sigma=5"])
+    assert trajectory_changes(saved, spikes) == [
+        "train.skip_spikes: None -> {'sigma': 5.0, 'window': 128, 'min_history': None, 'max_in_a_row': 8}"]
+    assert trajectory_changes(config_to_dict(spikes), cfg) == [
+        "train.skip_spikes: {'sigma': 5.0, 'window': 128, 'min_history': None, 'max_in_a_row': 8} -> None"]
 
 
 def _pickle_only_model(tiny_base, folder: Path) -> Path:

@@ -142,13 +142,17 @@ def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout:
 
 def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
     """Tokenize a text/jsonl/parquet file (read as `cpt prepare` reads it: :mod:`cpt.data.readers`, field ``text``)
-    into ``LongTensor[n, seq_len]`` (documents joined with EOS); records that cannot be used are skipped, counted on stderr."""
+    into ``LongTensor[n, seq_len]`` (documents joined with EOS, each after BOS where the tokenizer adds one itself, as
+    `cpt prepare` does by default); records that cannot be used are skipped, counted on stderr."""
+    from cpt.data.encode import bos_by_convention
     from cpt.data.readers import ReadCounts, read_file
 
     ids: list[int] = []
-    eos = tokenizer.eos_token_id
+    eos, bos = tokenizer.eos_token_id, bos_by_convention(tokenizer)
     counts = ReadCounts()
     for text in read_file(str(path), "text", counts):
+        if bos is not None:
+            ids.append(bos)
         ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
         if eos is not None:
             ids.append(eos)

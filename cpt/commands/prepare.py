@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer processes; 1 (default) uses the tokenizer's own threads on all cores")
     p.add_argument("--max-doc-tokens", type=int, help="documents longer than this are truncated (or skipped, --long-docs skip)")
     p.add_argument("--long-docs", choices=["truncate", "skip"], default="truncate")
-    p.add_argument("--add-bos", action="store_true", help="also put BOS before each document (EOS always follows each)")
+    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="put BOS before each document (EOS always follows each); default: where the tokenizer starts "
+                        "its own encodings with BOS (Llama 3, Gemma, Mistral), not otherwise (GPT-2, Qwen)")
     p.add_argument("--special-tokens-as-text", action="store_true",
                    help="encode the text of a special token inside a document (e.g. '<|endoftext|>' in code) as plain "
                    "text; by default it becomes that token, as in transformers, and such documents are counted")

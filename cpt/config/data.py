@@ -30,6 +30,9 @@ class SourceConfig(Strict):
     revision: str | None = None
     # type "hf": a seeded `datasets` shuffle buffer of this many examples (0: dataset order; exact resume)
     shuffle_buffer: int = Field(0, ge=0)
+    # type "hf": BOS before each document (EOS always follows); None: where the tokenizer starts its own encodings
+    # with BOS (Llama 3, Gemma, Mistral), as `cpt prepare` does
+    add_bos: bool | None = None
 
     @model_validator(mode="after")
     def _hf_options_only_for_hf(self) -> "SourceConfig":
@@ -42,7 +45,7 @@ class SourceConfig(Strict):
         return self
 
 
-HF_ONLY = {"hf_name", "data_files", "split", "text_field", "streaming", "revision", "shuffle_buffer"}
+HF_ONLY = {"hf_name", "data_files", "split", "text_field", "streaming", "revision", "shuffle_buffer", "add_bos"}
 
 
 class HeldoutConfig(Strict):

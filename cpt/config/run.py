@@ -97,7 +97,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # evaluation and checkpoint cadence, stage names, run.name and output_dir.
 TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.document_masking", "stages", "optim",
                      "train.global_batch_size", "train.precision", "train.anneal_steps", "train.anneal_shape",
-                     "train.ema_decay", "train.reptile", "train.skip_spikes")
+                     "train.ema_decay", "train.reptile", "train.skip_spikes",
+                     "train.router_aux_loss_coef", "train.z_loss")
 NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "gradient_checkpointing_every",
                   "base_in_compute_dtype", "fused", "name", "name_or_path", "tokenizer", "revision", "path",
                   "data_files", "add_tokens_file", "learn_from", "trust_remote_code"}
@@ -113,8 +114,10 @@ def _leaves(obj: Any, prefix: str) -> dict[str, Any]:
 
 def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """``field: saved -> now`` for every trajectory field (TRAJECTORY_FIELDS) in which ``cfg`` differs from
-    ``saved`` (a checkpoint's config.yaml, as written: secrets redacted, so they compare as equal)."""
+    ``saved`` (a checkpoint's config.yaml, as written: secrets redacted, so they compare as equal). A field added to
+    cpt since the checkpoint was written takes its default there, as it does in the run: not a change."""
     now = config_to_dict(cfg)
+    saved = _with_defaults(saved)
 
     def pick(d: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -128,6 +131,7 @@ def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
     a, b = pick(saved), pick(now)
     missing = "(not set)"
+    a, b = _switched_sections(a, b), _switched_sections(b, a)
     out = [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(set(a) | set(b), key=_field_order)
            if a.get(k, missing) != b.get(k, missing) and not _whole_stage(k, saved, now) and not _whole_source(k, a, b)]
     order = [[x.get("name") for x in (d.get("data") or {}).get("sources") or [] if isinstance(x, dict)] for d in (saved, now)]
@@ -143,6 +147,27 @@ def trajectory_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
         stage = (now["stages"] if added else saved["stages"])[i]
         out.append(f"stages.{i}: {'added' if added else 'removed'} (stage {stage.get('name')!r}, {stage.get('steps')} steps)")
     return out
+
+
+def _switched_sections(mine: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``mine``'s leaves, with those of a section the other config leaves unset (``train.skip_spikes: null``) folded into
+    one value, so that switching a section on or off is one ``field: None -> {...}`` line, not one line per field."""
+    out = dict(mine)
+    for key in [k for k, v in other.items() if v is None]:
+        inner = {k[len(key) + 1:]: v for k, v in mine.items() if k.startswith(key + ".")}
+        if inner and key not in mine:
+            out = {k: v for k, v in out.items() if not k.startswith(key + ".")}
+            out[key] = inner
+    return out
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` as this version writes it: validated, so fields it does not name (added to cpt since) hold their
+    defaults; as written when it no longer validates (a field since removed or renamed)."""
+    try:
+        return config_to_dict(validate(copy.deepcopy(saved)))
+    except (ConfigError, ValidationError, TypeError, ValueError):
+        return saved
 
 
 def _by_name(sources: Any) -> Any:

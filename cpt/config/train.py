@@ -81,6 +81,13 @@ class TrainConfig(Strict):
     # "auto" where the model supports it (else the full-logits loss, with a logged reason), true (or an error), false
     chunked_loss: bool | Literal["auto"] = "auto"
     loss_chunk_tokens: int = Field(1024, gt=0)  # positions per chunk: memory ~ chunk x vocab x 4 bytes
+    # mixture-of-experts models: the router load-balancing loss added to the training loss with this coefficient;
+    # None: the model's own `router_aux_loss_coef` (0.001 for Mixtral and Qwen MoE, 0.01 for OLMoE), 0: off.
+    # Refused for a dense model (no router). Logged as train/router_aux_loss (cpt/lm_loss.py)
+    router_aux_loss_coef: float | None = Field(None, ge=0)
+    # z-loss (PaLM, OLMo 2): this weight x mean(logsumexp(logits)^2) added to the training loss, keeping the softmax
+    # normaliser near 0 (stability in bf16); 0: off. Logged as train/z_loss; train/loss stays the next-token loss
+    z_loss: float = Field(0.0, ge=0)
     peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
     # with several processes on GPUs: steps between the all-rank checks for a preemption signal (each costs a host sync)
     preemption_check_every: int = Field(10, gt=0)

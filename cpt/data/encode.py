@@ -1,6 +1,7 @@
 """Tokenizing documents for `cpt prepare`: texts -> :class:`EncodedBatch` (each document's ids, then EOS).
 
-Every document is tokenized without special tokens (plus BOS when a ``bos_id`` is given) and followed by EOS;
+Every document is tokenized without special tokens (plus BOS when a ``bos_id`` is given: by default where the tokenizer
+adds one itself, :func:`bos_by_convention`) and followed by EOS;
 documents over ``max_doc_tokens`` are truncated or skipped (``too_long``), documents the tokenizer maps to nothing
 are skipped (``empty``). :func:`encode_documents` streams a document iterator through the encoder in input order:
 reading runs in a background thread, and the encoding in this process (``num_proc == 1``: the tokenizer's own
@@ -21,6 +22,21 @@ from itertools import chain
 from typing import Any, Iterator
 
 import numpy as np
+
+
+def bos_by_convention(tokenizer: Any) -> int | None:
+    """The BOS id when ``tokenizer`` itself starts every encoding with its BOS token (Llama 3's
+    ``<|begin_of_text|>``, Gemma's and Mistral's ``<bos>``: the models were pre-trained with it before each document),
+    else None (GPT-2 and Pythia, whose BOS is their EOS; Qwen, which has none; a tokenizer that adds no BOS). What
+    `cpt prepare` and a streamed `hf` source put before each document unless told (``--add-bos`` / ``--no-add-bos``)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos == getattr(tokenizer, "eos_token_id", None):
+        return None
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say: no convention to follow
+        return None
+    return int(bos) if list(ids[:1]) == [bos] else None
 
 
 class EncodeError(RuntimeError):

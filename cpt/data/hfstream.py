@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cpt.data.encode import bos_by_convention
 from cpt.data.prepare_key import hf_identity, hub_revision, is_hub_dataset
 from cpt.data.readers import error_line, load_hf_dataset
 from cpt.data.shards import backend_tokenizer, dtype_for_vocab, is_remote, tokenizer_fingerprint, vocab_size
@@ -74,6 +75,7 @@ class HFTokenStream:
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
         if self.eos_id is None:
             raise HFSourceError(f"source {self.name!r}: the tokenizer has no EOS token")
+        self.bos_id = _bos_for(cfg, tokenizer, self.eos_id)  # before each document: add_bos, else the tokenizer's way
         self.dtype = dtype_for_vocab(vocab_size(tokenizer))
         self.tokenizer_hash = tokenizer_fingerprint(tokenizer)
         self.files = local_files_identity(cfg.path, cfg.data_files)
@@ -170,7 +172,7 @@ class HFTokenStream:
             self._empty_epoch = False
             encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
             for state, enc in zip(states, encode(texts, add_special_tokens=False)):
-                tokens = np.array(enc.ids + [self.eos_id], dtype=self.dtype)
+                tokens = np.array(([] if self.bos_id is None else [self.bos_id]) + enc.ids + [self.eos_id], dtype=self.dtype)
                 self._docs.append((self.epoch, state, tokens))
                 self._available += len(tokens)
         return bool(texts) or not ended
@@ -228,9 +230,10 @@ class HFTokenStream:
         if self._docs:
             epoch, ds_state, _ = self._docs[0]
             return {"epoch": epoch, "ds_state": copy.deepcopy(ds_state), "used": self._used, "sequences_read":
-                    self.sequences_read, "skipped": dict(self.skipped), "files": self.files, "revision": self.revision}
+                    self.sequences_read, "skipped": dict(self.skipped), "files": self.files, "revision": self.revision,
+                    "bos_token_id": self.bos_id}
         return {"epoch": self.epoch, "ds_state": self._ds.state_dict(), "used": 0, "sequences_read": self.sequences_read,
-                "skipped": dict(self.skipped), "files": self.files, "revision": self.revision}
+                "skipped": dict(self.skipped), "files": self.files, "revision": self.revision, "bos_token_id": self.bos_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the saved document and offset (re-tokenizes at most one batch of documents), refused when the
@@ -238,6 +241,7 @@ class HFTokenStream:
         commit (:meth:`check_same_revision`)."""
         self.check_same_files(state.get("files"))
         self.check_same_revision(state.get("revision"))
+        self._same_document_start(state.get("bos_token_id", "unrecorded"))
         self._reset(int(state["epoch"]), state["ds_state"], int(state["used"]))
         self.sequences_read = int(state["sequences_read"])
         self.skipped = Counter(state.get("skipped", {}))
@@ -246,6 +250,23 @@ class HFTokenStream:
             logger.warning("source %r: resuming with shuffle_buffer %d: datasets does not save the buffer, so the order "
                            "from here differs from an uninterrupted run and up to %d documents of this epoch are not "
                            "seen (shuffle_buffer: 0, or prepared shards, resume exactly)", self.name, buffer, buffer)
+
+    def _same_document_start(self, saved) -> None:
+        """The saved offset counts the tokens of documents that began with BOS or not: the same here. A checkpoint
+        from before BOS was recorded streamed without it, and so does the resumed run (with a warning where this
+        one would have added it by default); another explicit ``add_bos`` is refused."""
+        if saved == self.bos_id:
+            return
+        if saved == "unrecorded" and getattr(self.cfg, "add_bos", None) is None:
+            if self.bos_id is not None and self.log_skips:
+                logger.warning("source %r: the checkpoint's run streamed its documents without BOS (cpt before BOS "
+                               "followed the tokenizer); this run continues so (set add_bos: false to say so)", self.name)
+            self.bos_id = None
+            return
+        was = "without BOS" if saved in (None, "unrecorded") else f"with BOS (id {saved})"
+        raise ValueError(f"source {self.name!r}: the checkpoint streamed its documents {was} and this run would "
+                         f"{'not' if self.bos_id is None else f'put BOS (id {self.bos_id}) before each'}: its position "
+                         f"would mean other tokens; set data.sources.{self.name}.add_bos: {str(saved not in (None, 'unrecorded')).lower()}")
 
     def check_same_files(self, saved: list | None) -> None:
         """The saved position (a `datasets` shard and example offset) means other data when the files changed: other
@@ -295,3 +316,18 @@ class HFTokenStream:
         """The fingerprint checkpoints had before local files were identified apart from their path."""
         c = self.cfg
         return f"hf:{c.path}:{c.hf_name}:{c.data_files}:{c.split}:{c.text_field}:{self.tokenizer_hash}"
+
+
+def _bos_for(cfg: Any, tokenizer: Any, eos_id: int) -> int | None:
+    """The BOS id to put before each document of an `hf` source: ``add_bos`` true, false, or None (default) where
+    the tokenizer starts its own encodings with BOS (as `cpt prepare` decides)."""
+    setting = getattr(cfg, "add_bos", None)
+    if setting is None:
+        return bos_by_convention(tokenizer)
+    if not setting:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos == eos_id:
+        raise HFSourceError(f"source {cfg.name!r}: add_bos is set, but the tokenizer has "
+                            + ("no BOS token" if bos is None else f"one token for BOS and EOS (id {bos})"))
+    return int(bos)

@@ -5,7 +5,8 @@ URLs, `datasets`), tokenize them (:mod:`cpt.data.encode`), route each to train o
 (:mod:`cpt.data.heldout_split`) and write them to shard files (:class:`cpt.data.shard_writer.ShardWriter`). This module holds what ties these
 together: the options (:class:`PrepareOptions`), the idempotency key, staging, verification and the commit.
 
-Every document is tokenized without special tokens (plus BOS when ``add_bos``) and followed by EOS.
+Every document is tokenized without special tokens (plus BOS when ``add_bos``: by default where the tokenizer
+starts its own encodings with BOS) and followed by EOS.
 Records that cannot be used are skipped and counted by reason (``malformed_json``, ``non_utf8``,
 ``missing_field``, ``not_text``, ``empty``, ``too_long``); an input with nothing valid is a
 :class:`PrepareError`, never a traceback.
@@ -39,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cpt.data.encode import EncodeError, Encoder, encode_documents
+from cpt.data.encode import EncodeError, Encoder, bos_by_convention, encode_documents
 from cpt.data.heldout_split import HeldoutSplitter
 from cpt.data.readers import (SKIP_REASONS, ReadCounts, ReadError, input_kind, iter_documents, read_file,
                               resolve_files)
@@ -90,7 +91,7 @@ class PrepareOptions:
     seed: int = 0  # of the held-out selection
     max_doc_tokens: int | None = None  # longer documents are truncated, or skipped with long_docs="skip"
     long_docs: str = "truncate"
-    add_bos: bool = False  # also put BOS before each document (EOS always follows each)
+    add_bos: bool | None = None  # BOS before each document; None: where the tokenizer adds it itself (EOS always follows)
     special_tokens_as_text: bool = False  # '<|endoftext|>' in a document: plain text, not the special token
     glob: str | None = None  # only files matching this pattern when an input is a folder
     hf: bool = False  # inputs are datasets.load_dataset paths, with the next three and `streaming`
@@ -185,6 +186,12 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     tok = _load_tokenizer(tokenizer)
     if getattr(tok, "eos_token_id", None) is None:
         raise PrepareError(f"tokenizer {tokenizer_name(tok)!r} has no EOS token; documents must be separated by EOS")
+    if opts.add_bos is None:  # the tokenizer's own convention (Llama 3, Gemma, Mistral: BOS before each document)
+        conventional = bos_by_convention(tok)
+        opts = dataclasses.replace(opts, add_bos=conventional is not None)
+        if conventional is not None:
+            logger.info("BOS %r (id %d) before each document, as the tokenizer starts every encoding with it (--no-add-bos "
+                        "to leave it out)", tok.bos_token, conventional)
     bos_id = getattr(tok, "bos_token_id", None) if opts.add_bos else None
     if opts.add_bos and bos_id is None:
         raise PrepareError(f"--add-bos: tokenizer {tokenizer_name(tok)!r} has no BOS token")
@@ -438,6 +445,9 @@ def format_summary(manifest: dict, out: str) -> str:
     if manifest.get("heldout"):
         h = manifest["heldout"]
         lines.append(f"  heldout     {h['num_documents']:,} documents, {h['num_tokens']:,} tokens in {out}/{h['path']}")
+    tok = manifest["tokenizer"]
+    bos = f"BOS (id {tok['bos_token_id']}) + " if tok.get("bos_token_id") is not None else ""
+    lines.append(f"  documents   {bos}text + EOS (id {tok.get('eos_token_id')})")
     skipped = {k: v for k, v in st.get("skipped", {}).items() if v}
     lines.append("  skipped     " + (", ".join(f"{k} {v:,}" for k, v in skipped.items()) if skipped else "none"))
     if st.get("special_token_text"):

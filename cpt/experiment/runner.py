@@ -142,18 +142,18 @@ def _dry_run(spec: ExperimentSpec | SequenceSpec, design: Design, out: Path, ech
 
 
 def flops_per_token(spec: ExperimentSpec | SequenceSpec, vocab_size: int) -> tuple[float, dict[str, int]]:
-    """Training FLOPs per token of the spec's model (cpt.throughput.model_flops_per_token) and its shape, from the model
+    """Training FLOPs per token of the spec's model (cpt.throughput.shape_flops_per_token) and its shape, from the model
     built on the meta device (no memory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from cpt.model import config_from_arch, model_shape
-    from cpt.throughput import model_flops_per_token
+    from cpt.throughput import shape_flops_per_token
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config_from_arch({**model_arch(spec), "vocab_size": vocab_size}))
     shape = model_shape(model)
-    return model_flops_per_token(shape["n_params"], shape["n_layers"], shape["hidden"], spec.seq_len), shape
+    return shape_flops_per_token(shape, spec.seq_len), shape
 
 
 # ================================================================ one run
