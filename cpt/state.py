@@ -11,8 +11,8 @@ holds each registered component under its name (see :func:`flatten` / :func:`res
 Loading hands each component exactly what it saved (its JSON part and its own tensors, the prefix removed). A
 registered component with no entry in the checkpoint is an error naming it: it would otherwise start afresh
 silently (an EMA from the current weights, a data stream from its beginning), unless the component says it may
-start afresh (``missing_ok = True``: the open log window, cosmetic, absent from older checkpoints; the lm-eval tracker,
-whose tasks may be added on a resume). A component's own
+start afresh (``missing_ok = True``: the open log window, cosmetic, absent from older checkpoints; the lm-eval tracker
+and the spike guard, which a resume may switch on). A component's own
 ``load_state_dict`` checks that the state fits it (the data loader: the same data; EMA: the same parameters).
 """
 
