@@ -112,6 +112,20 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
 # ------------------------------------------------------------------------------------------ configs
 
 
+def demo_data(root: Path, scale: str = "tiny") -> Path:
+    """The demo's corpora (``root/raw``), tokenizer (``root/tokenizer``) and token shards with their held-out splits
+    (``root/data/{shakespeare,python}``) at ``scale``, quietly: what tests and scripts/soak_faults.py train on."""
+    from cpt.data.prepare import prepare
+
+    s = SCALES[scale]
+    shk = write_jsonl(shakespeare_docs(s["shakespeare_mb"] * 1e6), root / "raw" / "shakespeare.jsonl.gz")
+    py = write_jsonl(python_stdlib_docs(s["python_mb"] * 1e6), root / "raw" / "python.jsonl.gz")
+    tok = train_tokenizer([shk, py], s["vocab"], root / "tokenizer")
+    for name, path in (("shakespeare", shk), ("python", py)):
+        prepare([str(path)], tok, root / "data" / name, heldout_docs=s["heldout_docs"], echo=lambda *a: None)
+    return root
+
+
 def base_config(root: Path, s: dict[str, Any]) -> dict[str, Any]:
     """Stage 0: pre-train a small model on corpus A (Shakespeare)."""
     return {

@@ -85,15 +85,9 @@ def command(world: int, cfg: Path, resume: bool) -> list[str]:
 def prepare_data(root: Path) -> None:
     if (root / "data" / "python" / "manifest.json").is_file():
         return
-    from cpt.data.prepare import prepare
-    from cpt.demo import SCALES, python_stdlib_docs, shakespeare_docs, train_tokenizer, write_jsonl
+    from cpt.demo import demo_data
 
-    s = SCALES["tiny"]
-    shk = write_jsonl(shakespeare_docs(s["shakespeare_mb"] * 1e6), root / "raw" / "shakespeare.jsonl.gz")
-    py = write_jsonl(python_stdlib_docs(s["python_mb"] * 1e6), root / "raw" / "python.jsonl.gz")
-    tok = train_tokenizer([shk, py], s["vocab"], root / "tokenizer")
-    for name, path in (("shakespeare", shk), ("python", py)):
-        prepare([str(path)], tok, root / "data" / name, heldout_docs=s["heldout_docs"], echo=lambda *a: None)
+    demo_data(root, "tiny")
 
 
 def run_config(root: Path, out: Path) -> Path:

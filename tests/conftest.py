@@ -106,17 +106,9 @@ def tiny_tokenizer(texts, vocab_size: int, *, specials=("<eos>",), byte_alphabet
 @pytest.fixture(scope="session")
 def tiny_cpt_data(tmp_path_factory):
     """The tiny demo's corpora, tokenizer and token shards (Shakespeare = old, Python stdlib = new), built once."""
-    from cpt.data.prepare import prepare
-    from cpt.demo import SCALES, python_stdlib_docs, shakespeare_docs, train_tokenizer, write_jsonl
+    from cpt.demo import demo_data
 
-    root = tmp_path_factory.mktemp("tiny_cpt")
-    s = SCALES["tiny"]
-    shk = write_jsonl(shakespeare_docs(s["shakespeare_mb"] * 1e6), root / "raw" / "shakespeare.jsonl.gz")
-    py = write_jsonl(python_stdlib_docs(s["python_mb"] * 1e6), root / "raw" / "python.jsonl.gz")
-    tok = train_tokenizer([shk, py], s["vocab"], root / "tokenizer")
-    for name, path in (("shakespeare", shk), ("python", py)):
-        prepare([str(path)], tok, root / "data" / name, heldout_docs=s["heldout_docs"], echo=lambda *a: None)
-    return root
+    return demo_data(tmp_path_factory.mktemp("tiny_cpt"), "tiny")
 
 
 def tiny_run_config(root, out, **changes):
