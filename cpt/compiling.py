@@ -84,6 +84,7 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
         return model
     if mode is True:
         keep_causal_sdpa(model)
+        install_output_hooks(model)
         return torch.compile(model, **compile_kwargs)
     if mode != "regional":
         raise CompileError(f"model.compile must be true, false or regional, not {mode!r}")
@@ -97,6 +98,26 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
         kinds = sorted({type(b).__name__ for b in blocks})
         log(f"model.compile=regional: {len(blocks)} blocks ({', '.join(kinds)}) compiled in place, the rest eager")
     return model
+
+
+def install_output_hooks(model: nn.Module) -> None:
+    """Install transformers' output-capturing hooks of a mixture of experts (they record its router logits, from
+    which its forward computes the load-balancing loss cpt trains with) before the whole model is compiled.
+    transformers installs them lazily, in the first forward that asks for router logits: inside the compiled
+    forward, that broke the graph 8 times (a ``threading.Lock``, ``register_forward_hook``) and the compiled code kept
+    the breaks. Done once, on the outermost transformers model, and only where no hooks are in place yet (installing
+    twice would record every router's logits twice)."""
+    from transformers import PreTrainedModel
+
+    try:  # (transformers 5's output capturing; older versions return router logits without hooks)
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    pretrained = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if (not pretrained or "router_logits" not in (getattr(pretrained[0], "_can_record_outputs", None) or {})
+            or any(getattr(m, "_output_capturing_hooks_installed", False) for m in pretrained)):
+        return
+    maybe_install_capturing_hooks(pretrained[0])
 
 
 CAUSAL_SDPA = "cpt_causal_sdpa"  # the attention implementation keep_causal_sdpa registers in transformers

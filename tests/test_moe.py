@@ -132,3 +132,23 @@ def test_lora_on_a_mixture_of_experts_trains_with_the_router_term():
     assert coef == 0.001
     ref = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False).loss
     assert torch.allclose(causal_lm_loss(model, ids, None, LossWeights(router_aux=coef)).loss, ref, atol=1e-6)
+
+
+def test_whole_compile_traces_the_router_loss_in_one_graph():
+    """model.compile: true of an MoE trained with its router term: transformers installed its router-logit hooks
+    inside the first compiled forward (8 graph breaks, kept in the compiled code); installed before compiling, the
+    model is one graph, with eager's losses and router loss (each router recorded once)."""
+    from torch._dynamo.utils import counters
+
+    from cpt.compiling import compile_model
+    from cpt.lm_loss import LossWeights, causal_lm_loss
+
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    weights = LossWeights(router_aux=0.01, z=1e-3)
+    eager = causal_lm_loss(_moe("mixtral"), ids, None, weights)
+    torch._dynamo.reset()
+    counters.clear()
+    got = causal_lm_loss(compile_model(_moe("mixtral"), True, backend="aot_eager"), ids, None, weights)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(got.loss, eager.loss, atol=1e-6) and torch.allclose(got.router_aux, eager.router_aux, atol=1e-6)
