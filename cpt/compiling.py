@@ -84,6 +84,7 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
         return model
     if mode is True:
         keep_causal_sdpa(model)
+        traceable_router_capture(model, True)
         return torch.compile(model, **compile_kwargs)
     if mode != "regional":
         raise CompileError(f"model.compile must be true, false or regional, not {mode!r}")
@@ -91,12 +92,69 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
     if not blocks:
         raise CompileError(f"model.compile=regional: no repeated blocks (decoder layers) found in "
                            f"{type(model).__name__}; use model.compile=true to compile the whole model")
+    traceable_router_capture(model, "regional")
     for block in blocks:
         block.compile(**compile_kwargs)
     if log is not None:
         kinds = sorted({type(b).__name__ for b in blocks})
         log(f"model.compile=regional: {len(blocks)} blocks ({', '.join(kinds)}) compiled in place, the rest eager")
     return model
+
+
+def traceable_router_capture(model: nn.Module, mode: CompileMode) -> None:
+    """Before a mixture of experts is compiled: let dynamo trace the hooks through which transformers 5 records its
+    router logits (from which its forward computes the load-balancing loss cpt trains with), so that they break no
+    graph. Nothing for a model that records no router logits.
+
+    * Whole model: the hooks are installed now, once, on the outermost transformers model (where none are yet:
+      twice would record each router twice). transformers installs them in the first forward that asks for router
+      logits: inside the compiled forward, a ``threading.Lock`` and ``register_forward_hook`` broke the graph 8 times
+      and the compiled code kept the breaks.
+    * Regional: transformers' collector of the recorded outputs becomes a plain attribute (:class:`_PlainCollector`).
+      It is a ContextVar, which dynamo cannot read; transformers switches to a plain global only when the collector is
+      set inside a compiled frame, which a regionally compiled model's forward never is: the router hook broke every
+      compiled layer's graph (6 breaks, 7 graphs) and ran eagerly at every step. The cost: the collector is no longer
+      per thread (cpt runs its forwards in one thread).
+    * Under gradient checkpointing the hook's append is a side effect inside the checkpointed region, which dynamo
+      refuses (a graph break per layer) unless it may skip replaying it in the recomputation
+      (``skip_fwd_side_effects_in_bwd_under_checkpoint``): eager replays it too, as a no-op, since the recomputation
+      runs after the forward has put its collector away.
+    """
+    from transformers import PreTrainedModel
+
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:  # (older transformers return router logits without hooks)
+        return
+    top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if "router_logits" not in (getattr(top, "_can_record_outputs", None) or {}):
+        return
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    if mode == "regional":
+        if hasattr(output_capturing, "_active_collector") and not isinstance(output_capturing._active_collector,
+                                                                             _PlainCollector):
+            output_capturing._active_collector = _PlainCollector()
+    elif not any(getattr(m, "_output_capturing_hooks_installed", False)
+                 for m in model.modules() if isinstance(m, PreTrainedModel)):
+        output_capturing.maybe_install_capturing_hooks(top)
+
+
+class _PlainCollector:
+    """transformers' output collector (``output_capturing._active_collector``: which outputs the running forward
+    records, read by the hook on each router) as a plain attribute, with a ContextVar's get/set/reset."""
+
+    value = None
+
+    def get(self):
+        return self.value
+
+    def set(self, value):
+        token, self.value = (self.value,), value
+        return token
+
+    def reset(self, token) -> None:
+        self.value = token[0] if token else None
 
 
 CAUSAL_SDPA = "cpt_causal_sdpa"  # the attention implementation keep_causal_sdpa registers in transformers

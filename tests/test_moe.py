@@ -132,3 +132,36 @@ def test_lora_on_a_mixture_of_experts_trains_with_the_router_term():
     assert coef == 0.001
     ref = model(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False).loss
     assert torch.allclose(causal_lm_loss(model, ids, None, LossWeights(router_aux=coef)).loss, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, graphs", [(True, 1), ("regional", 2)])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compile_traces_the_router_loss_without_graph_breaks(mode, graphs, checkpointed):
+    """model.compile of an MoE trained with its router term, with and without gradient checkpointing. Whole:
+    transformers installed its router-logit hooks inside the first compiled forward (8 graph breaks, kept in the
+    compiled code). Regional: the hook in every layer read transformers' ContextVar (6 breaks, 7 graphs). Checkpointed:
+    the hook's append inside the checkpointed layer broke each layer's graph. Now one graph (regional: 2 for the layer
+    code, as layer 0's input needs no gradient), with eager's loss, router loss and gradients (each router recorded
+    once)."""
+    from torch._dynamo.utils import counters
+
+    from cpt.compiling import compile_model
+    from cpt.layer_options import checkpoint_layers
+    from cpt.lm_loss import LossWeights, causal_lm_loss
+
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    weights = LossWeights(router_aux=0.01, z=1e-3)
+    eager_model, model = _moe("mixtral"), _moe("mixtral")
+    eager = causal_lm_loss(eager_model, ids, None, weights)
+    eager.loss.backward()
+    torch._dynamo.reset()
+    counters.clear()
+    if checkpointed:
+        checkpoint_layers(model, 1, mode)
+    got = causal_lm_loss(compile_model(model, mode, backend="aot_eager"), ids, None, weights)
+    got.loss.backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.allclose(got.loss, eager.loss, atol=1e-6) and torch.allclose(got.router_aux, eager.router_aux, atol=1e-6)
+    grads = dict(eager_model.named_parameters())
+    assert all(torch.allclose(p.grad, grads[n].grad, atol=1e-6) for n, p in model.named_parameters())
