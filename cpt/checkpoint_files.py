@@ -188,3 +188,26 @@ def cpt_can_write(acc) -> bool:
     return (backend(acc) in (Backend.SINGLE, Backend.DDP)
             and not acc._schedulers and not acc._dataloaders and not acc._custom_objects
             and not acc._save_model_state_pre_hook)
+
+
+def load_ema_weights(ckpt: Path, model: torch.nn.Module, decay: float | None) -> None:
+    """Put a checkpoint's EMA of the trainable weights (``train.ema_decay``: the ``ema`` component of its
+    state.safetensors) into ``model``, built as its run built it, in place of the trained weights: what `cpt export
+    --ema` writes, the run's ``export-ema/`` at any checkpoint. ValueError when the run kept no EMA or its names do
+    not match the model's."""
+    from safetensors.torch import load_file
+
+    from cpt.averaging import EMA
+    from cpt.checkpoint import STATE_TENSORS
+
+    path = ckpt / STATE_TENSORS
+    state = {k[len("ema."):]: v for k, v in load_file(str(path)).items() if k.startswith("ema.")} if path.is_file() else {}
+    if not state or decay is None:
+        raise ValueError("its run kept no EMA of the weights (train.ema_decay)")
+    average = EMA(model, decay)
+    try:
+        average.load_state_dict(state)
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
+    with torch.no_grad():
+        average.copy_to(model)

@@ -405,11 +405,13 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
 
 
 def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapter: bool | None = False, echo=print,
-                      dtype: str | None = None, max_shard_size: str | int | None = None) -> Path:
+                      dtype: str | None = None, max_shard_size: str | int | None = None, ema: bool = False) -> Path:
     """Write a checkpoint (or a run directory's latest valid one) as an HF model directory on one CPU process:
     the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run (None: the
     adapter of a LoRA run, the full model of any other). ``dtype``, ``max_shard_size``: the weight files (None: the
-    run's ``checkpoint.export_dtype`` and ``checkpoint.max_shard_size``)."""
+    run's ``checkpoint.export_dtype`` and ``checkpoint.max_shard_size``). ``ema``: the run's EMA of the weights at that
+    checkpoint (``train.ema_decay``) instead of the trained weights."""
+    from cpt.checkpoint_files import load_ema_weights
     from cpt.export import check_export_target, export_options, write_hf
     from cpt.model import build_model, load_tokenizer, prepare_model
 
@@ -435,6 +437,11 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
             raise ConsolidateError(f"{ckpt}: {e}") from None
     _check_keys(model, weights, f"cpt export {ckpt}", adapter=base_record is not None)
     model.load_state_dict(weights, strict=False)
+    if ema:
+        try:
+            load_ema_weights(ckpt, model, cfg.train.ema_decay)
+        except ValueError as e:
+            raise ConsolidateError(f"{ckpt}: --ema: {e}") from None
     if cfg.model.lora is not None and not adapter:
         from cpt.adapters import merge_lora
 
@@ -442,7 +449,8 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     options = export_options(cfg.checkpoint)
     options.update({k: v for k, v in (("dtype", dtype), ("max_shard_size", max_shard_size)) if v is not None})
     out = write_hf(model, tokenizer, out_dir, **options)
-    echo(f"exported {ckpt} ({kind} layout) to {out}" + (" (the earlier export there replaced whole)" if replacing else ""))
+    echo(f"exported {ckpt} ({kind} layout{', its EMA weights' if ema else ''}) to {out}"
+         + (" (the earlier export there replaced whole)" if replacing else ""))
     return out
 
 

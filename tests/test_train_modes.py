@@ -145,6 +145,29 @@ def test_full_config_runs_and_exports_model_and_ema(full_ema, base):
     assert last_eval(out)["adaptation/python"] > 0
 
 
+def test_cpt_export_ema_writes_the_checkpoints_average(full_ema, tmp_path):
+    """`cpt export RUN --ema`: the EMA of the weights at a checkpoint, which only the end's export-ema/ held (the
+    EMA at step 3 was in the checkpoint, with no way out). At the last step it is export-ema/ bitwise; at step 3 it
+    differs from the trained weights; a run without an EMA is one line."""
+    from cpt.cli import main
+
+    cfg, _, _ = full_ema
+    out = Path(cfg["run"]["output_dir"])
+    assert main(["export", str(out), "--ema", "--out", str(tmp_path / "last")]) == 0
+    got, want = load_file(tmp_path / "last" / "model.safetensors"), load_file(out / "export-ema" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    step3 = out / "checkpoints" / "step_00000003"
+    assert main(["export", str(step3), "--ema", "--out", str(tmp_path / "e3")]) == 0
+    assert main(["export", str(step3), "--out", str(tmp_path / "w3")]) == 0
+    e3, w3 = load_file(tmp_path / "e3" / "model.safetensors"), load_file(tmp_path / "w3" / "model.safetensors")
+    assert any(not torch.equal(e3[k], w3[k]) for k in w3)
+    from conftest import tiny_llama
+    from cpt.checkpoint_files import load_ema_weights
+
+    with pytest.raises(ValueError, match=r"its run kept no EMA of the weights \(train.ema_decay\)"):
+        load_ema_weights(tmp_path / "w3", tiny_llama(), 0.99)  # (a folder without the checkpoint's state file)
+
+
 def test_ema_eval_logs_the_averaged_weights(full_ema, tiny_cpt_data):
     """eval.ema: at step 0 the EMA is the base (same losses); at the end it is the export-ema model's loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

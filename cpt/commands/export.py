@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a cpt checkpoint directory, or a run directory (its latest valid checkpoint)")
     p.add_argument("--out", required=True, help="output directory (HF model: safetensors + config + tokenizer)")
     p.add_argument("--adapter", action="store_true", help="LoRA runs: write the peft adapter instead of the merged model")
+    p.add_argument("--ema", action="store_true", help="the run's EMA of the weights at that checkpoint (train.ema_decay), as "
+                   "the run's export-ema/ holds it at the end, instead of the trained weights")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="dtype of the exported weights (default: the run's checkpoint.export_dtype, fp32 unless set)")
     p.add_argument("--max-shard-size", default=None, type=shard_size,
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         out = export_checkpoint(args.checkpoint, args.out, adapter=args.adapter, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size)
+                                max_shard_size=args.max_shard_size, ema=args.ema)
         if args.push_to_hub:
             url = push_folder(out, args.push_to_hub, private=not args.public, revision=args.hub_revision,
                               card=card_for_checkpoint(out, args.checkpoint, args.push_to_hub.split("/")[-1]))
