@@ -411,6 +411,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     adapter of a LoRA run, the full model of any other). ``dtype``, ``max_shard_size``: the weight files (None: the
     run's ``checkpoint.export_dtype`` and ``checkpoint.max_shard_size``). ``ema``: the run's EMA of the weights at that
     checkpoint (``train.ema_decay``) instead of the trained weights."""
+    from cpt.checkpoint import STATE_TENSORS
     from cpt.checkpoint_files import load_ema_weights
     from cpt.export import check_export_target, export_options, write_hf
     from cpt.model import build_model, load_tokenizer, prepare_model
@@ -439,7 +440,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     model.load_state_dict(weights, strict=False)
     if ema:
         try:
-            load_ema_weights(ckpt, model, cfg.train.ema_decay)
+            load_ema_weights(ckpt / STATE_TENSORS, model, cfg.train.ema_decay)
         except ValueError as e:
             raise ConsolidateError(f"{ckpt}: --ema: {e}") from None
     if cfg.model.lora is not None and not adapter:

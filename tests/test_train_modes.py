@@ -165,7 +165,7 @@ def test_cpt_export_ema_writes_the_checkpoints_average(full_ema, tmp_path):
     from cpt.checkpoint_files import load_ema_weights
 
     with pytest.raises(ValueError, match=r"its run kept no EMA of the weights \(train.ema_decay\)"):
-        load_ema_weights(tmp_path / "w3", tiny_llama(), 0.99)  # (a folder without the checkpoint's state file)
+        load_ema_weights(tmp_path / "w3" / "state.safetensors", tiny_llama(), 0.99)  # (no such file: no EMA)
 
 
 def test_ema_eval_logs_the_averaged_weights(full_ema, tiny_cpt_data):
