@@ -64,7 +64,9 @@ def env_for(world: int) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    for k in ("CPT_FAULT_INJECT", "ACCELERATE_USE_CPU", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+    # (WANDB_SERVICE: a parent's wandb service, e.g. a pytest worker's, would outlive a killed start and hold its run
+    # id, refusing the resumed start with "run ID ... is in use"; every start of a batch job has its own)
+    for k in ("CPT_FAULT_INJECT", "ACCELERATE_USE_CPU", "SLURM_JOB_ID", "SLURM_RESTART_COUNT", "WANDB_SERVICE"):
         env.pop(k, None)
     if world == 2:
         env["ACCELERATE_USE_CPU"] = "1"
