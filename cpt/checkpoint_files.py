@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cpt.adapter_checkpoint import adapter_items, without_base
-from cpt.distributed import Backend, backend, unwrap
+from cpt.distributed import Backend, backend
 from cpt.fileio import HashingFile, fault_point
 from cpt.host_memory import tensor_bytes
 
@@ -188,25 +188,3 @@ def cpt_can_write(acc) -> bool:
     return (backend(acc) in (Backend.SINGLE, Backend.DDP)
             and not acc._schedulers and not acc._dataloaders and not acc._custom_objects
             and not acc._save_model_state_pre_hook)
-
-
-def load_ema_weights(state_file: Path, model: torch.nn.Module, decay: float | None) -> None:
-    """Put a checkpoint's EMA of the trainable weights (``train.ema_decay``: the ``ema`` component of its
-    state.safetensors, ``ema.shadow.<parameter name>`` as cpt/averaging.py's EMA writes it) into ``model``, built as
-    its run built it, in place of the trained weights: what `cpt export --ema` writes, the run's ``export-ema/`` at
-    any checkpoint. ValueError when the run kept no EMA or its names are not the model's trainable parameters."""
-    from safetensors.torch import load_file
-
-    prefix = "ema.shadow."
-    saved = load_file(str(state_file)) if state_file.is_file() else {}
-    shadow = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
-    if not shadow or decay is None:
-        raise ValueError("its run kept no EMA of the weights (train.ema_decay)")
-    params = dict(unwrap(model).named_parameters())
-    trained = {n for n, p in params.items() if p.requires_grad}
-    if set(shadow) != trained:
-        raise ValueError(f"its EMA is not of this model's trainable parameters: missing {sorted(trained - set(shadow))[:5]}, "
-                         f"unexpected {sorted(set(shadow) - trained)[:5]}")
-    with torch.no_grad():
-        for name, tensor in shadow.items():
-            params[name].copy_(tensor.to(params[name].dtype))

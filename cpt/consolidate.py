@@ -412,7 +412,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     run's ``checkpoint.export_dtype`` and ``checkpoint.max_shard_size``). ``ema``: the run's EMA of the weights at that
     checkpoint (``train.ema_decay``) instead of the trained weights."""
     from cpt.checkpoint import STATE_TENSORS
-    from cpt.checkpoint_files import load_ema_weights
+    from cpt.ema import load_ema_weights
     from cpt.export import check_export_target, export_options, write_hf
     from cpt.model import build_model, load_tokenizer, prepare_model
 

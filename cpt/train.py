@@ -28,7 +28,6 @@ from accelerate.utils import set_seed
 
 from cpt import consolidate, lm_loss, optim
 from cpt.adapters import refuse_unshardable, trainable_metrics
-from cpt.averaging import EMA
 from cpt.base_dtype import cast_frozen_base
 from cpt.checkpoint import TRAINER_STATE, CheckpointManager, wait_for_writers
 from cpt.compiling import compile_model
@@ -37,6 +36,7 @@ from cpt.console import RunOutput, preempted_line
 from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
 from cpt.distributed import Backend, PreemptionFlag, accelerator_for, any_rank, backend, unprotected_batch_job
+from cpt.ema import EMA
 from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
 from cpt.export import export_hf
 from cpt.lm_loss import LogWindow, SourceLoss, use_chunked_loss
@@ -250,7 +250,7 @@ def train_step(acc, model, batch: dict[str, torch.Tensor], guard: UpdateGuard, s
                 step_aux += aux / accum
             if step_z is not None:
                 step_z += z_term / accum
-            next_token_loss = loss.detach() if weights == (0, 0) else row_losses.mean()  # (rows of equal length)
+            next_token_loss = loss.detach() if weights == lm_loss.LossWeights() else row_losses.mean()  # (rows of equal length)
             if backend(acc) is Backend.DEEPSPEED and not torch.isfinite(loss):  # no host sync otherwise
                 loss = optim.zero_grad_loss(model)  # DeepSpeed steps inside backward: feed it zero gradients
             acc.backward(loss)

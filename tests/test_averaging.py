@@ -1,4 +1,4 @@
-"""EMA, checkpoint averaging and base-CPT interpolation (cpt/averaging.py, `cpt average`, `cpt interpolate`)."""
+"""EMA (cpt/ema.py), checkpoint averaging and base-CPT interpolation (cpt/averaging.py, `cpt average`, `cpt interpolate`)."""
 
 import json
 import os
@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import tiny_llama, tiny_tokenizer
 from cpt.averaging import (
-    EMA,
     average_checkpoints,
     format_sweep,
     interpolate,
     interpolate_state_dicts,
     interpolation_sweep,
 )
+from cpt.ema import EMA
 
 
 def tiny_model(seed, vocab=64):

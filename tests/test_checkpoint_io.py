@@ -105,7 +105,7 @@ def test_checkpoint_saves_and_restores_the_state_registry(trained, tmp_path):
     tensors under "<name>." in state.safetensors; loading restores weights and components together."""
     from safetensors.torch import load_file
 
-    from cpt.averaging import EMA
+    from cpt.ema import EMA
     from cpt.checkpoint import CheckpointError
 
     acc, model, opt = trained
@@ -135,7 +135,7 @@ def test_registered_tensors_are_copied_by_the_main_process_for_a_background_writ
     from safetensors.torch import load_file
 
     import cpt.checkpoint as checkpoint
-    from cpt.averaging import EMA
+    from cpt.ema import EMA
 
     acc, model, opt = trained
     ema = EMA(acc.unwrap_model(model), 0.9)

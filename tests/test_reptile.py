@@ -164,7 +164,7 @@ def test_the_ema_averages_the_weights_after_the_meta_update(tiny_cpt_data, tiny_
 
 def test_ema_and_reptile_each_have_their_own_checkpoint_tensors():
     """Through the state registry each component's tensors live under its own name (no shared flat dict)."""
-    from cpt.averaging import EMA
+    from cpt.ema import EMA
     from cpt.state import flatten, restore
 
     m = toy()

@@ -162,7 +162,7 @@ def test_cpt_export_ema_writes_the_checkpoints_average(full_ema, tmp_path):
     e3, w3 = load_file(tmp_path / "e3" / "model.safetensors"), load_file(tmp_path / "w3" / "model.safetensors")
     assert any(not torch.equal(e3[k], w3[k]) for k in w3)
     from conftest import tiny_llama
-    from cpt.checkpoint_files import load_ema_weights
+    from cpt.ema import load_ema_weights
 
     with pytest.raises(ValueError, match=r"its run kept no EMA of the weights \(train.ema_decay\)"):
         load_ema_weights(tmp_path / "w3" / "state.safetensors", tiny_llama(), 0.99)  # (no such file: no EMA)
