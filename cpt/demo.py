@@ -112,17 +112,21 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
 # ------------------------------------------------------------------------------------------ configs
 
 
-def demo_data(root: Path, scale: str = "tiny") -> Path:
+def demo_data(root: Path, scale: str = "tiny", echo=None) -> Path:
     """The demo's corpora (``root/raw``), tokenizer (``root/tokenizer``) and token shards with their held-out splits
-    (``root/data/{shakespeare,python}``) at ``scale``, quietly: what tests and scripts/soak_faults.py train on."""
+    (``root/data/{shakespeare,python}``) at ``scale``: steps 1-3 of :func:`run_demo`, saying each through ``echo``
+    (quiet without: what tests and scripts/soak_faults.py train on)."""
     from cpt.data.prepare import prepare
 
-    s = SCALES[scale]
-    shk = write_jsonl(shakespeare_docs(s["shakespeare_mb"] * 1e6), root / "raw" / "shakespeare.jsonl.gz")
+    s, say = SCALES[scale], echo or (lambda *a, **k: None)
+    say(f"[1/5] corpora: Shakespeare (old) and the Python standard library (new) -> {root / 'raw'}")
+    shk = write_jsonl(shakespeare_docs(s["shakespeare_mb"] and s["shakespeare_mb"] * 1e6), root / "raw" / "shakespeare.jsonl.gz")
     py = write_jsonl(python_stdlib_docs(s["python_mb"] * 1e6), root / "raw" / "python.jsonl.gz")
+    say(f"[2/5] tokenizer: byte-level BPE, {s['vocab']} tokens -> {root / 'tokenizer'}")
     tok = train_tokenizer([shk, py], s["vocab"], root / "tokenizer")
+    say("[3/5] prepare: token shards + manifests, held-out documents split off")
     for name, path in (("shakespeare", shk), ("python", py)):
-        prepare([str(path)], tok, root / "data" / name, heldout_docs=s["heldout_docs"], echo=lambda *a: None)
+        prepare([str(path)], tok, root / "data" / name, heldout_docs=s["heldout_docs"], echo=say)
     return root
 
 
@@ -191,23 +195,13 @@ def _replace_previous_run(run_dir: Path, root: Path, echo) -> None:
 
 def run_demo(root: str | Path = "runs/demo", scale: str = "default", overrides: list[str] | None = None, echo=print) -> dict[str, Any]:
     from cpt.config import load_config
-    from cpt.data.prepare import prepare
     from cpt.train import train
 
     s = SCALES[scale]
     root = Path(root)
     os.environ.setdefault("WANDB_SILENT", "true")  # the demo prints its own summary
     t_start = time.perf_counter()
-    echo(f"[1/5] corpora: Shakespeare (old) and the Python standard library (new) -> {root / 'raw'}")
-    shk = write_jsonl(shakespeare_docs(s["shakespeare_mb"] and s["shakespeare_mb"] * 1e6), root / "raw" / "shakespeare.jsonl.gz")
-    py = write_jsonl(python_stdlib_docs(s["python_mb"] * 1e6), root / "raw" / "python.jsonl.gz")
-
-    echo(f"[2/5] tokenizer: byte-level BPE, {s['vocab']} tokens -> {root / 'tokenizer'}")
-    tokenizer = train_tokenizer([shk, py], s["vocab"], root / "tokenizer")
-
-    echo("[3/5] prepare: token shards + manifests, held-out documents split off")
-    for name, path in (("shakespeare", shk), ("python", py)):
-        prepare([str(path)], tokenizer, root / "data" / name, heldout_docs=s["heldout_docs"], echo=echo)
+    demo_data(root, scale, echo)
 
     echo("[4/5] base model: pre-training on Shakespeare")
     base_cfg, cpt_cfg = (load_config(base=c(root, s), overrides=overrides) for c in (base_config, cpt_config))

@@ -178,7 +178,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 record = {"train/tokens": state.tokens, "train/loss": mean_loss, "train/lr": lr,
                           "train/grad_norm": float(result.grad_norm), "stage": stage, **_counters(guard, spikes),
                           **meter.metrics(flops_per_token, peak), **account.metrics(state.tokens, flops_per_token),
-                          **feed.metrics(), **(by_source.metrics(acc) if by_source else {}), **lm_loss.extra_loss_metrics(acc, result.router_aux, result.z_loss)}
+                          **feed.metrics(), **(by_source.metrics(acc) if by_source else {}),
+                          **lm_loss.extra_loss_metrics(acc, result.router_aux, result.z_loss)}
                 out.step(record, state.step, total_steps, meter.tokens_per_s)
             out.advance()
             if guard.too_many_in_a_row():  # stop, with the last good weights saved
