@@ -240,12 +240,16 @@ def check_resume_config(ckpt: Path, cfg: RunConfig) -> None:
         return
     changed = trajectory_changes(yaml.safe_load((ckpt / "config.yaml").read_text()) or {}, cfg)
     if changed:
-        more = f"; and {len(changed) - 12} more" if len(changed) > 12 else ""
         raise CheckpointError(
             f"--resume: this config differs from the one {ckpt} was trained with in fields that change the "
-            f"training trajectory: {'; '.join(changed[:12])}{more}. Restore them, start a new stage with train.init_from, or "
+            f"training trajectory: {_listed(changed)}. Restore them, start a new stage with train.init_from, or "
             "pass --allow-config-change to resume anyway"
         )
+
+
+def _listed(changed: list[str], most: int = 12) -> str:
+    """The changed trajectory fields for one line: the first ``most``, and how many more."""
+    return "; ".join(changed[:most]) + (f"; and {len(changed) - most} more" if len(changed) > most else "")
 
 
 def _plan_end(cfg: RunConfig, anneal_from: int | None) -> int:
@@ -278,11 +282,10 @@ def changed_config_notes(ckpt: Path, cfg: RunConfig) -> list[str]:
     changed = trajectory_changes(saved, cfg)
     if not changed:
         return []
-    more = f"; and {len(changed) - 12} more" if len(changed) > 12 else ""
     train_state = saved_train_state(ckpt)
     step = int(train_state["step"])
     notes = [f"--allow-config-change: resuming {ckpt} (step {step}) with a config that differs in fields that change "
-             f"the training trajectory: {'; '.join(changed[:12])}{more}. The new values apply from step {step} on"]
+             f"the training trajectory: {_listed(changed)}. The new values apply from step {step} on"]
     jump = _lr_jump(saved, cfg, step, train_state.get("anneal_from"))
     if jump:
         notes.append(jump)
