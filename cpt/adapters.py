@@ -260,6 +260,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part of")
             warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
+            # (cpt sets no rank/alpha pattern: peft's own, for a fused expert weight, which it applies; the warning
+            # compares the patterns with module names only and says they were ignored)
+            warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
             peft_model = get_peft_model(model, pcfg)
     except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
         raise ConfigError(f"model.lora: {e}") from None
@@ -267,6 +270,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
     note = _untie_trained_copies(peft_model)
     if note and log_fn is not None:
         log_fn(note)
+    if pcfg.target_parameters and log_fn is not None:
+        fused = "".join(f"; {k.rsplit('.', 1)[-1]} at rank {r}, alpha {pcfg.alpha_pattern.get(k, pcfg.lora_alpha):g} (it "
+                        f"fuses {r // pcfg.r} projections, each at r={pcfg.r})" for k, r in pcfg.rank_pattern.items())
+        log_fn(f"model.lora: peft also adapts the experts' fused weights {', '.join(sorted(pcfg.target_parameters))}"
+               f"{fused}")
     note_base(peft_model)  # (before any sharding: every backend can compare a checkpoint's base with it)
     return peft_model
 

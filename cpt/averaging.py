@@ -228,6 +228,10 @@ def _check_lora_configs(paths: list[str | Path], sources: list[Path]) -> None:
         if adapter_base_identity(src) != adapter_base_identity(sources[0]):  # the mean update would sit on one base
             raise ValueError(f"{p} was trained on another base ({c.get('base_model_name_or_path')}) than {paths[0]} "
                              f"({cfgs[0].get('base_model_name_or_path')}): merge each (cpt merge), then average those")
+    if cfgs[0].get("target_parameters"):  # (their factors hold every expert's rank rows interleaved: not a plain cat)
+        raise ValueError(f"{paths[0]}: an adapter of fused expert weights (peft target_parameters "
+                         f"{sorted(cfgs[0]['target_parameters'])}) cannot be averaged factor by factor: merge each "
+                         "adapter into its base (cpt merge), then average the merged models (the same mean update)")
     if cfgs[0].get("rank_pattern") or cfgs[0].get("alpha_pattern"):
         raise ValueError(f"{paths[0]}: adapters with a rank_pattern or alpha_pattern cannot be averaged")
 

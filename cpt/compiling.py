@@ -34,6 +34,7 @@ need this: the mask is built eagerly, outside the compiled layers, where transfo
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Literal
 
 import torch
@@ -85,6 +86,7 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
     if mode is True:
         keep_causal_sdpa(model)
         traceable_router_capture(model, True)
+        traceable_lora_experts(model)
         return torch.compile(model, **compile_kwargs)
     if mode != "regional":
         raise CompileError(f"model.compile must be true, false or regional, not {mode!r}")
@@ -93,6 +95,7 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
         raise CompileError(f"model.compile=regional: no repeated blocks (decoder layers) found in "
                            f"{type(model).__name__}; use model.compile=true to compile the whole model")
     traceable_router_capture(model, "regional")
+    traceable_lora_experts(model)
     for block in blocks:
         block.compile(**compile_kwargs)
     if log is not None:
@@ -138,6 +141,57 @@ def traceable_router_capture(model: nn.Module, mode: CompileMode) -> None:
     elif not any(getattr(m, "_output_capturing_hooks_installed", False)
                  for m in model.modules() if isinstance(m, PreTrainedModel)):
         output_capturing.maybe_install_capturing_hooks(top)
+
+
+def traceable_lora_experts(model: nn.Module) -> None:
+    """Before a model with LoRA on a mixture of experts' fused expert weights is compiled: let dynamo trace the
+    adapted experts' forward. peft (0.21) adapts a fused ``[experts, in, out]`` weight with a ``ParamWrapper``
+    (``gate_up_proj``, ``down_proj``), whose forward registers an ``nn.utils.parametrize`` parametrization on the
+    experts module and removes it again: dynamo cannot trace the class swap and attribute deletion that this does (a
+    Mixtral of 2 layers, regional compile: 8 graph breaks, 16 graphs, the experts run eagerly at every step). Each
+    outermost ``ParamWrapper`` (peft nests one per adapted weight) now calls the experts module once through
+    ``torch.func.functional_call`` with each adapted weight replaced by the weight peft's parametrization computes
+    (``W + scaling * lhs @ rhs`` in one ``baddbmm`` outside autocast; several adapters: ``W + sum of the deltas``).
+    A merged or disabled adapter, a mixed-adapter batch, a low-precision (fp8) weight and a weight that ZeRO-3
+    partitions (gathered only when its own module runs) keep peft's own forward."""
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:
+        return
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    inner = {id(w.base_layer) for w in wrappers}
+    for w in wrappers:
+        if id(w) not in inner:
+            w.forward = types.MethodType(_lora_experts_forward, w)
+
+
+def _lora_experts_forward(self, x, *args, **kwargs):
+    """A ``ParamWrapper`` chain's forward without parametrizations (:func:`traceable_lora_experts`)."""
+    chain, base = [], self
+    while hasattr(base, "parameter_name") and hasattr(base, "lora_A"):
+        chain.append(base)
+        base = base.base_layer
+    names = [w.parameter_name for w in chain]
+    if (kwargs.get("adapter_names") is not None or len(set(names)) < len(names)
+            or any(w.disable_adapters or w.merged for w in chain)
+            or any(getattr(base, n).dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                   or hasattr(getattr(base, n), "ds_id") for n in names)):  # (ZeRO-3 gathers it inside `base`)
+        return type(self).forward(self, x, *args, **kwargs)
+    weights = {}
+    for w in chain:
+        adapters = [a for a in w.active_adapters if a in w.lora_A]
+        if adapters:
+            weights[w.parameter_name] = _adapted_weight(w, getattr(base, w.parameter_name), adapters)
+    return torch.func.functional_call(base, weights, (x, *args), kwargs)
+
+
+def _adapted_weight(wrapper, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+    """The weight peft's parametrization gives ``wrapper.parameter_name`` with ``adapters`` active."""
+    if len(adapters) == 1 and wrapper.num_experts > 1 and hasattr(wrapper, "get_delta_factors"):
+        lhs, rhs, scaling = wrapper.get_delta_factors(adapters[0])
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            return torch.baddbmm(weight, lhs, rhs, alpha=scaling)
+    return weight + sum(wrapper.get_delta_weight(a) for a in adapters)
 
 
 class _PlainCollector:

@@ -165,3 +165,72 @@ def test_compile_traces_the_router_loss_without_graph_breaks(mode, graphs, check
     assert torch.allclose(got.loss, eager.loss, atol=1e-6) and torch.allclose(got.router_aux, eager.router_aux, atol=1e-6)
     grads = dict(eager_model.named_parameters())
     assert all(torch.allclose(p.grad, grads[n].grad, atol=1e-6) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("mode, graphs", [(True, 1), ("regional", 2)])
+def test_compile_traces_lora_on_the_fused_experts(mode, graphs):
+    """LoRA (all-linear) on a mixture of experts under model.compile. peft adapts the fused expert weights through
+    ParamWrapper, whose forward registers and removes an nn.utils.parametrize parametrization: dynamo could not
+    trace it (regional: 8 graph breaks, 16 graphs; the experts ran eagerly every step). Now one graph (regional: 2),
+    with peft's eager loss, router loss and LoRA gradients, and the model's weights and parametrizations untouched."""
+    from torch._dynamo.utils import counters
+
+    from cpt.adapters import apply_lora
+    from cpt.compiling import compile_model
+    from cpt.config import LoraConfig
+    from cpt.lm_loss import LossWeights, causal_lm_loss
+
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    weights = LossWeights(router_aux=0.01)
+    models = []
+    for _ in range(2):
+        m = apply_lora(_moe("mixtral"), LoraConfig(r=2, target_modules="all-linear"))
+        for n, p in m.named_parameters():  # peft starts B at zero: give the adapters something to add
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(n)))
+        models.append(m)
+    eager_model, model = models
+    assert any(".experts." in n and "lora_A" in n for n, _ in model.named_parameters())
+    eager = causal_lm_loss(eager_model, ids, None, weights)
+    eager.loss.backward()
+    torch._dynamo.reset()
+    counters.clear()
+    got = causal_lm_loss(compile_model(model, mode, backend="aot_eager"), ids, None, weights)
+    got.loss.backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.allclose(got.loss, eager.loss, atol=1e-6) and torch.allclose(got.router_aux, eager.router_aux, atol=1e-6)
+    grads = dict(eager_model.named_parameters())
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(torch.allclose(p.grad, grads[n].grad, atol=1e-6) for n, p in trained)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert set(model.state_dict()) == set(eager_model.state_dict())
+
+
+def test_lora_on_fused_experts_is_said_and_refused_by_adapter_averaging(tmp_path):
+    """peft adapts a Mixtral's fused gate_up_proj at rank 2r / alpha 2 alpha (its two projections at r each) and said
+    in a RuntimeWarning that these patterns "were ignored" (they are applied: the factors have rank 2r): now one log
+    line says what is adapted, at what rank. `cpt average` of two such adapters refused them as having a
+    rank_pattern; their factors interleave every expert's rank rows, so a side-by-side cat would be wrong anyway: the
+    refusal now says why and what to do (merge each, average the merged models)."""
+    import warnings
+
+    from cpt.adapters import apply_lora, save_adapter
+    from cpt.averaging import average_checkpoints
+    from cpt.config import LoraConfig
+
+    lines: list[str] = []
+    adapters = []
+    for i in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = apply_lora(_moe("mixtral", seed=i), LoraConfig(r=2, alpha=4, target_modules="all-linear"),
+                               log_fn=lines.append)
+        assert not [w for w in caught if "pattern" in str(w.message)], [str(w.message) for w in caught]
+        adapters.append(save_adapter(model, tmp_path / f"a{i}"))
+    a_gate_up = dict(model.named_parameters())["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.default.weight"]
+    assert a_gate_up.shape[0] == 4 * 4  # 4 experts x rank 2r
+    assert lines[0] == ("model.lora: peft also adapts the experts' fused weights down_proj, gate.weight, gate_up_proj; "
+                        "gate_up_proj at rank 4, alpha 8 (it fuses 2 projections, each at r=2)"), lines
+    with pytest.raises(ValueError, match=r"fused expert weights .*cannot be averaged factor by factor: merge each"):
+        average_checkpoints(adapters, tmp_path / "avg")
