@@ -96,6 +96,17 @@ def no_library_bars_in_log_files() -> None:
         os.environ.setdefault(var, "1")
 
 
+def own_wandb_service() -> None:
+    """A command gets its own W&B service, not one named by an inherited ``WANDB_SERVICE``. wandb sets that variable
+    in a process that started a run (a notebook, a driver script, a pytest worker) so that its child processes share
+    its service; a ``cpt`` command started from there (or a batch job submitted from there: ``sbatch`` exports the
+    environment) then attached to that service: on another node, or once that process had exited, W&B could not
+    start ("Failed to connect to service"), and a start killed with kill -9 left its run id held by the parent's
+    service, so that the ``--resume`` failed ("run ID is in use") until the parent exited. A command is a process of
+    its own: its W&B run belongs to a service it starts (the ranks of one launch each start theirs, as before)."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     restore_usr1()
     stop_with_the_launcher()
     no_library_bars_in_log_files()
+    own_wandb_service()
     if name not in COMMANDS:
         print(f"cpt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -701,3 +701,20 @@ def test_average_into_a_runs_own_export_is_refused(tiny_base, tmp_path, capsys):
     assert "is the export of the run" in line and "OUT comes first" in line, line
     assert {f.name: f.read_bytes() for f in tiny_base.iterdir() if f.is_file()} == before
     assert main(["average", str(tmp_path / "avg"), str(a), str(b)]) == 0  # a new folder: averaged
+
+
+def test_a_wandb_service_named_by_the_environment_is_not_used(tiny_cpt_data, tmp_path, monkeypatch):
+    """`cpt train` started from a process that used wandb (a notebook, a driver script; or an sbatch job submitted
+    from one, which exports its environment) inherits WANDB_SERVICE and attached to that service: gone (the parent
+    exited, another node), W&B could not start and the run stopped ("Failed to connect to service"). A cpt command
+    now starts its own service."""
+    from cpt.metrics import read_metrics
+
+    monkeypatch.setenv("WANDB_SERVICE", "3-999999-tcp-localhost-1")  # a service no longer there
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["stages"][0]["steps"] = 3
+    cfg["checkpoint"] = {"every": None, "export_at_end": False}
+    cfg["logging"] = {"wandb": {"enabled": True, "mode": "offline"}, "plot": False}
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml"))]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "train/loss" in r] == [1, 2, 3]
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
