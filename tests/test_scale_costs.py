@@ -1,0 +1,84 @@
+"""Costs that grow with the size of a real job (10^4-10^5 shards per source, 10^6 steps, metrics.jsonl of millions of
+lines), which small runs never show: counted here (open files, manifest passes, lines parsed), never timed.
+docs/benchmarks.md (*Scale costs*) has the measurements behind each test."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from cpt.data.prepare import prepare
+from cpt.data.shards import TokenShards
+from data_factories import data_config, expected_stream, make_docs, stage, tokenizer, write_jsonl  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory, tokenizer):
+    """A source of 40-odd shards (64 tokens each) and its expected token stream."""
+    root = tmp_path_factory.mktemp("scale")
+    docs = make_docs(100, seed=5)
+    src = write_jsonl(root / "a.jsonl", [{"text": d} for d in docs])
+    prepare([str(src)], tokenizer, root / "src", shard_tokens=64)
+    return root / "src", np.array(expected_stream(tokenizer, docs))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_reading_every_shard_keeps_a_bounded_number_of_files_open(many_shards, monkeypatch):
+    """Each shard memory map holds a file descriptor: keeping every map a run touched open failed past `ulimit -n`
+    (1,024 on many clusters) with "Too many open files" once a source had more shards than that. Now at most
+    OPEN_MAPS.limit maps stay open for the whole process (both sources together), and the tokens read are the same."""
+    from cpt.data import openmaps
+
+    path, want = many_shards
+    monkeypatch.setattr(openmaps.OPEN_MAPS, "limit", 5)
+    a, b = TokenShards.open(path), TokenShards.open(path)
+    assert len(a.manifest["shards"]) >= 30
+    before = _open_fds()
+    starts = np.random.default_rng(0).permutation(a.num_tokens - 16)[:400]
+    for shards in (a, b, a):
+        assert shards.read_many(starts, 16).tolist() == [want[s : s + 16].tolist() for s in starts]
+    assert len(openmaps.OPEN_MAPS.maps) <= 5
+    assert _open_fds() - before <= 5  # (before: one per shard touched, here all 40-odd of each source)
+
+
+def test_the_data_state_taken_after_every_batch_does_not_rehash_the_manifests(many_shards, tokenizer):
+    """The prefetcher takes the loader's state_dict after every batch; it hashed every shard entry of every manifest
+    (the fingerprint) and took the newest of every file's modification time each time: O(shards) per step, 0.2 s a step
+    for 50 sources of 10^4 shards. Now both are computed once per source; the state is the same."""
+    from cpt.data.loader import CPTDataLoader
+
+    class Counted(list):
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return super().__iter__()
+
+    class CountedTimes(dict):
+        passes = 0
+
+        def values(self):
+            CountedTimes.passes += 1
+            return super().values()
+
+    path, _ = many_shards
+    cfg = data_config([{"name": "a", "path": str(path)}, {"name": "b", "path": str(path)}], seq_len=8)
+    loader = CPTDataLoader(cfg, [stage(20, {"a": 0.5, "b": 0.5})], tokenizer, 8, seed=0)
+    first = loader.state_dict()
+    for stream in loader.streams:
+        stream.shards.manifest["shards"] = Counted(stream.shards.manifest["shards"])
+        stream.shards.mtimes = CountedTimes(stream.shards.mtimes)
+    for step in range(5):
+        loader.batch(step)
+        state = loader.state_dict()
+    assert Counted.passes == 0 and CountedTimes.passes == 0
+    assert state["source_data"] == first["source_data"] and state["fingerprint"] == first["fingerprint"]
+    fresh = TokenShards.open(path)
+    assert state["source_data"]["a"]["fingerprint"] == fresh.fingerprint()
+    assert state["source_data"]["a"]["newest_file_ns"] == max(fresh.mtimes.values())
