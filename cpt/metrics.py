@@ -51,10 +51,14 @@ def _jsonable(v: Any) -> Any:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl file (or of ``<run_dir>/metrics.jsonl``); a torn last line is skipped."""
+    return list(iter_metrics(path))
+
+
+def iter_metrics(path: str | os.PathLike):
+    """The records of :func:`read_metrics` one at a time (a long run's log need not fit in memory as dicts)."""
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_FILE
-    records = []
     with open(p) as f:
         for line in f:
             line = line.strip()
@@ -65,8 +69,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
             if isinstance(record, dict):  # (not a record: another program's line; report's plots expected a dict)
-                records.append(record)
-    return records
+                yield record
 
 
 def _lines_backwards(f: Any, block: int = 1 << 20):

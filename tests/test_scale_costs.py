@@ -126,3 +126,30 @@ def test_a_resume_reads_the_tail_of_metrics_jsonl_not_all_of_it(tmp_path, monkey
     logger.close()
     assert (tmp_path / "metrics.jsonl").read_bytes() == b"".join(line + b"\n" for line in want)
     assert len(parsed) <= dropped + 3  # (the dropped lines, the first kept one, a torn one)
+
+
+def test_a_long_metrics_log_is_held_as_columns_and_drawn_as_an_envelope(tmp_path):
+    """cpt report held every record of metrics.jsonl as a dict (1.55 GB for 100,000 lines, about 15 GB for a
+    million) and drew every point (seconds of matplotlib per plot); now the log is held as columns (less memory than
+    the file's size here, where the dicts took several times it) with the same curves, and a long curve is drawn as
+    its per-bucket minima and maxima: a spike stays, the points are bounded."""
+    import json
+    import tracemalloc
+
+    from cpt.report import envelope, load_run
+
+    keys = [f"data/share/src{i}" for i in range(12)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(1, 20001):
+            f.write(json.dumps({"step": s, "time": 1.5e9 + s, "train/tokens": 64 * s, "train/loss": 9.0 if s == 12345
+                                else 2.0 + (s % 7) / 10, "stage": s // 10000, **{k: 0.1 for k in keys}}) + "\n")
+    tracemalloc.start()
+    run = load_run(tmp_path)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < (tmp_path / "metrics.jsonl").stat().st_size  # (the dicts: 5 times it)
+    toks, loss, steps = run.series("train/loss")
+    assert steps == list(range(1, 20001)) and toks[0] == 64.0 and loss[12344] == 9.0 and run.last["step"] == 20000
+    x, y = envelope(toks, loss)
+    assert len(y) <= 4002 and max(y) == 9.0 and min(y) == 2.0 and x == sorted(x) and (x[0], x[-1]) == (toks[0], toks[-1])
+    assert envelope(toks[:100], loss[:100]) == (toks[:100], loss[:100])
