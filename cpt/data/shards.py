@@ -379,9 +379,11 @@ class TokenShards:
         shard = np.searchsorted(self._starts, starts, side="right") - 1
         offsets = starts - self._starts[shard]
         inside = offsets + length <= self._starts[shard + 1] - self._starts[shard]
-        for row, i, off, whole in zip(dest.tolist(), shard.tolist(), offsets.tolist(), inside.tolist()):
+        shard_ids = shard.tolist()
+        arrays = {i: self._array(i) for i in set(shard_ids)}  # (one cache look-up per shard, not per row)
+        for row, i, off, whole in zip(dest.tolist(), shard_ids, offsets.tolist(), inside.tolist()):
             if whole:
-                out[row] = self._array(i)[off : off + length]
+                out[row] = arrays[i][off : off + length]
             else:
                 for j, o, n, at in self._pieces(self._starts[i] + off, length):
                     out[row, at : at + n] = self._array(j)[o : o + n]
