@@ -12,8 +12,9 @@ one token stream; a document may continue from one shard into the next. The mani
 tokenizer (name and :func:`tokenizer_fingerprint`), dtype, token and document counts, the
 per-shard counts and per-file checksums (xxh3-64), and what `cpt prepare` skipped and why.
 
-Local shards are read through ``np.memmap``; remote shards through fsspec range reads
-(``cat_ranges``), so only the bytes of the requested sequences travel.
+Local shards are read through ``np.memmap`` (kept open up to a bound for the whole process:
+:data:`cpt.data.openmaps.OPEN_MAPS`); remote shards through fsspec range reads (``cat_ranges``), so only the bytes of
+the requested sequences travel.
 
 What opening costs: :meth:`TokenShards.open` reads the manifest, compares the tokenizer hash and (by
 default) checks every file's size: no shard byte is read, whatever the corpus size. The full checksums
