@@ -112,6 +112,23 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunData:
     return run
 
 
+_LAST_RUN: dict[str, Any] = {}
+
+
+def run_series(run_dir: str | os.PathLike, key: str) -> tuple[list[float], list[float], list[int]]:
+    """``load_run(run_dir).series(key)``, the log read once for consecutive calls on the same unchanged file (its path,
+    size and modification time): `cpt experiment`'s tables ask each run for several keys, and each read parses the
+    whole file. Only the last run read is kept."""
+    path = Path(run_dir)
+    metrics = path / METRICS_FILE if path.is_dir() else path
+    st = metrics.stat()
+    ident = (str(metrics.resolve()), st.st_size, st.st_mtime_ns)
+    if _LAST_RUN.get("ident") != ident:
+        _LAST_RUN.clear()
+        _LAST_RUN.update(ident=ident, run=load_run(run_dir))
+    return _LAST_RUN["run"].series(key)
+
+
 def _unique_labels(dirs: list[Path]) -> list[str]:
     labels = [d.name or str(d) for d in dirs]
     if len(set(labels)) == len(labels):

@@ -181,3 +181,25 @@ def test_prepare_logs_its_progress_when_stderr_is_not_a_terminal(tmp_path, token
     for extra, every in (([], 60.0), (["--no-progress"], 0.0)):
         main([str(src), "--tokenizer", "tok", "--out", str(tmp_path / "o"), *extra])
         assert given[-1].progress_log_s == every and not given[-1].progress
+
+
+def test_experiment_tables_read_each_run_log_once_for_its_keys(tmp_path, monkeypatch):
+    """`cpt experiment`'s results asked each run's log for four keys, and every ask parsed all of metrics.jsonl again;
+    consecutive asks on an unchanged log now read it once (a changed log is read again)."""
+    import json
+
+    import cpt.metrics as metrics
+    from cpt.experiment import results
+
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(50):
+            f.write(json.dumps({"step": s, "train/tokens": 8 * s, "eval/a/loss": 2.0, "eval/b/loss": 3.0}) + "\n")
+    parsed = []
+    real = json.loads
+    monkeypatch.setattr(metrics.json, "loads", lambda s, **kw: parsed.append(1) or real(s, **kw))
+    for key in ("eval/a/loss", "eval/b/loss", "train/tokens", "compute/device_hours"):
+        results._series(tmp_path, key)
+    assert len(parsed) == 50
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 50, "train/tokens": 400, "eval/a/loss": 1.0}) + "\n")
+    assert results._series(tmp_path, "eval/a/loss")[1][-1] == 1.0 and len(parsed) == 101
