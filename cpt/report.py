@@ -30,42 +30,71 @@ import base64
 import html
 import math
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpt.metrics import METRICS_FILE, read_metrics
+from cpt.metrics import METRICS_FILE, iter_metrics
 
 LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class RunData:
+    """A run's log as columns: each record's step and tokens, and for every key the (record, value) pairs where the
+    record holds a number. A million-line metrics.jsonl held as dicts took about 15 GB (and every curve re-read all
+    the records); as columns it is about 12 bytes per logged number."""
+
     label: str
     path: Path
-    records: list[dict[str, Any]]
+    steps: array = field(default_factory=lambda: array("q"))
+    tokens: array = field(default_factory=lambda: array("d"))
+    columns: dict[str, tuple[array, array]] = field(default_factory=dict)
     keys: set[str] = field(default_factory=set)
+    first: dict[str, Any] = field(default_factory=dict)  # the first and the last record
+    last: dict[str, Any] = field(default_factory=dict)
+    _switches: list[float] | None = field(default=None, repr=False)
+
+    def add(self, r: dict[str, Any]) -> None:
+        """Append one record (in the log's order)."""
+        i, step, tok = len(self.steps), int(r.get("step", 0)), None
+        if not self.steps:
+            self.first = r
+        self.last = r
+        self.keys.update(r)
+        for key, v in r.items():
+            if _number(v):
+                if tok is None:
+                    tok = float(r.get("train/tokens", 0))
+                col = self.columns.get(key) or self.columns.setdefault(key, (array("I"), array("d")))
+                col[0].append(i)
+                col[1].append(float(v))
+        self.steps.append(step)
+        self.tokens.append(tok if tok is not None else 0.0)
+        self._switches = None
 
     def series(self, key: str) -> tuple[list[float], list[float], list[int]]:
         """(tokens, values, steps) of the records that hold ``key`` (numbers only), in step order,
         the last record winning when a step was logged twice."""
         by_step: dict[int, tuple[float, float]] = {}
-        for r in self.records:
-            v = r.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                by_step[int(r.get("step", 0))] = (float(r.get("train/tokens", 0)), float(v))
+        rows, values = self.columns.get(key, ((), ()))
+        for i, v in zip(rows, values):
+            by_step[self.steps[i]] = (self.tokens[i], v)
         steps = sorted(by_step)
         return [by_step[s][0] for s in steps], [by_step[s][1] for s in steps], steps
 
     def stage_switches(self) -> list[float]:
-        """Tokens at which the ``stage`` index changes."""
-        toks, stages, _ = self.series("stage")
-        out = []
-        for i in range(1, len(stages)):
-            if stages[i] != stages[i - 1]:
-                out.append(toks[i])
-        return out
+        """Tokens at which the ``stage`` index changes (found once: every plot draws them)."""
+        if self._switches is None:
+            toks, stages, _ = self.series("stage")
+            self._switches = [toks[i] for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
+        return list(self._switches)
 
     def sets(self, tag: str) -> list[str]:
         prefix = "forgetting/" if tag == "upstream" else "adaptation/"
@@ -77,10 +106,27 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunData:
     metrics = path / METRICS_FILE if path.is_dir() else path
     if not metrics.is_file():
         raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE}")
-    records = read_metrics(metrics)
-    keys = set().union(*(r.keys() for r in records)) if records else set()
-    run_label = label or (path.name if path.is_dir() else path.parent.name)
-    return RunData(run_label, path, records, keys)
+    run = RunData(label or (path.name if path.is_dir() else path.parent.name), path)
+    for record in iter_metrics(metrics):
+        run.add(record)
+    return run
+
+
+_LAST_RUN: dict[str, Any] = {}
+
+
+def run_series(run_dir: str | os.PathLike, key: str) -> tuple[list[float], list[float], list[int]]:
+    """``load_run(run_dir).series(key)``, the log read once for consecutive calls on the same unchanged file (its path,
+    size and modification time): `cpt experiment`'s tables ask each run for several keys, and each read parses the
+    whole file. Only the last run read is kept."""
+    path = Path(run_dir)
+    metrics = path / METRICS_FILE if path.is_dir() else path
+    st = metrics.stat()
+    ident = (str(metrics.resolve()), st.st_size, st.st_mtime_ns)
+    if _LAST_RUN.get("ident") != ident:
+        _LAST_RUN.clear()
+        _LAST_RUN.update(ident=ident, run=load_run(run_dir))
+    return _LAST_RUN["run"].series(key)
 
 
 def _unique_labels(dirs: list[Path]) -> list[str]:
@@ -132,7 +178,7 @@ def heldout_summary(run: RunData) -> list[dict[str, Any]]:
 def _reference_in_log(run: RunData) -> bool:
     """Whether the run's reference evaluations (step 0) are in its own log: it starts at step 0. A run started from
     another run's checkpoint (an anneal branch) starts later and keeps measuring against the evaluations before it."""
-    return not run.records or int(run.records[0].get("step", 0)) == 0
+    return not run.first or int(run.first.get("step", 0)) == 0
 
 
 BENCH_PREFIX = {"upstream": "lm_eval_forgetting/", "downstream": "lm_eval_adaptation/"}
@@ -207,6 +253,23 @@ def lm_eval_summary(run: RunData) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- plots
 
 
+def envelope(x: list[float], y: list[float], points: int = 4000) -> tuple[list[float], list[float]]:
+    """A curve of more than ``points`` points as drawn: in each of ``points / 2`` runs of consecutive points, the lowest
+    and the highest (in order), so a spike stays visible. matplotlib took seconds per plot for a million points, far
+    more than the figure's 880 pixels show."""
+    n = len(y)
+    if n <= points:
+        return x, y
+    import numpy as np
+
+    k = -(-n // (points // 2))
+    whole = n // k * k
+    buckets = np.asarray(y[:whole], dtype=float).reshape(-1, k)
+    starts = np.arange(0, whole, k)
+    keep = np.unique(np.concatenate([starts + buckets.argmin(1), starts + buckets.argmax(1), np.arange(whole, n), [0, n - 1]]))
+    return [x[i] for i in keep], [y[i] for i in keep]
+
+
 def _plot(runs: list[RunData], groups: list[tuple[str, list[tuple[RunData, str, str]]]], title: str,
           ylabel: str, path: Path, logy: bool = False, bands: bool = False) -> Path | None:
     """groups: one entry per series name: (style key, [(run, metric key, legend)]). ``bands``: shade +-1
@@ -225,7 +288,7 @@ def _plot(runs: list[RunData], groups: list[tuple[str, list[tuple[RunData, str, 
             if not vals:
                 continue
             ri = runs.index(run)
-            ax.plot(toks, vals, color=colours[ri % len(colours)], linestyle=LINESTYLES[gi % len(LINESTYLES)],
+            ax.plot(*envelope(toks, vals), color=colours[ri % len(colours)], linestyle=LINESTYLES[gi % len(LINESTYLES)],
                     marker=MARKERS[gi % len(MARKERS)] if len(vals) <= 60 else None, markersize=3, label=legend)
             if bands:
                 se = _by_step(run, _stderr_key(key))
@@ -391,7 +454,7 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
             parts.append(_table(["lm-eval metric", "first", "first step", "final", "final step"],
                                 [[html.escape(x["metric"]), _f(x["first"]), str(x["first_step"]), _f(x["final"]),
                                   str(x["final_step"])] for x in lm], "lmeval"))
-        last = r.records[-1] if r.records else {}
+        last = r.last
         facts = [("steps", last.get("step")), ("tokens", last.get("train/tokens"))]
         _, tps, _ = r.series("perf/tokens_per_s")
         if tps:

@@ -264,7 +264,7 @@ class CPTDataLoader:
         out = {"fingerprint": sh.fingerprint(), "about": f"{len(sh.manifest['shards'])} shards, {sh.num_tokens:,} "
                f"tokens, {sh.num_documents:,} documents, tokenizer {sh.manifest['tokenizer'].get('name')!r}"}
         if sh.mtimes:  # (rank 0, local files: the newest modification time its size check saw)
-            out["newest_file_ns"] = max(sh.mtimes.values())
+            out["newest_file_ns"] = sh.newest_mtime()
         return out
 
     def _check_same_data(self, state: dict[str, Any], saved: dict[str, dict]) -> None:

@@ -104,6 +104,7 @@ class PrepareOptions:
     batch_chars: int = 1 << 20  # ... and characters per encoded batch
     force: bool = False  # re-tokenize even when the output is up to date
     progress: bool = False  # a tqdm progress bar
+    progress_log_s: float = 0.0  # > 0: instead, a log line every so many seconds (stderr not a terminal: a batch job)
 
     def identity(self) -> dict:  # (special_tokens_as_text only when set: the keys of earlier runs stay valid)
         return {name: getattr(self, name) for name in IDENTITY_OPTIONS
@@ -250,7 +251,7 @@ def _run(job: _Job, staging: str) -> dict:
         docs = (doc for path in job.files for doc in read_file(path, opts.text_field, counts))
     skipped: Counter = Counter()
     truncated = special = 0
-    bar = _progress_bar(opts.progress)
+    bar = _progress_bar(opts.progress) or (_ProgressLog(opts.progress_log_s) if opts.progress_log_s > 0 else None)
     with encode_documents(docs, encoder, opts.num_proc, opts.batch_docs, opts.batch_chars) as encoded:
         for enc in encoded:
             skipped.update(enc.skipped)
@@ -258,8 +259,8 @@ def _run(job: _Job, staging: str) -> dict:
             special += enc.special
             splitter.add(enc.flat, enc.lengths)
             if bar is not None:
-                bar.update(len(enc.lengths))
                 bar.set_postfix(tokens=f"{train.num_tokens + (held.num_tokens if held else 0):,}", refresh=False)
+                bar.update(len(enc.lengths))
     if bar is not None:
         bar.close()
     splitter.finish()
@@ -420,6 +421,27 @@ def _verify_written(folder: str, manifest: dict) -> None:
     problems = TokenShards(folder, manifest).verify()
     if problems:
         raise PrepareError(f"the shards just written do not read back correctly ({'; '.join(problems)}): check the disk")
+
+
+class _ProgressLog:
+    """The progress bar's counts as a log line every ``every`` seconds, for a job whose stderr is a file (a batch job's
+    log): a bar there is left out, and hours of tokenizing showed nothing until the summary."""
+
+    def __init__(self, every: float):
+        self.every, self.docs, self.tokens = every, 0, "0"
+        self.start = self.last = time.monotonic()
+
+    def set_postfix(self, tokens: str, refresh: bool = False) -> None:
+        self.tokens = tokens
+
+    def update(self, n: int) -> None:
+        self.docs, now = self.docs + n, time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            logger.info(f"cpt prepare: {self.docs:,} documents, {self.tokens} tokens so far ({now - self.start:,.0f} s)")
+
+    def close(self) -> None:
+        pass
 
 
 def _progress_bar(enabled: bool) -> Any:

@@ -12,8 +12,9 @@ one token stream; a document may continue from one shard into the next. The mani
 tokenizer (name and :func:`tokenizer_fingerprint`), dtype, token and document counts, the
 per-shard counts and per-file checksums (xxh3-64), and what `cpt prepare` skipped and why.
 
-Local shards are read through ``np.memmap``; remote shards through fsspec range reads
-(``cat_ranges``), so only the bytes of the requested sequences travel.
+Local shards are read through ``np.memmap`` (kept open up to a bound for the whole process:
+:data:`cpt.data.openmaps.OPEN_MAPS`); remote shards through fsspec range reads (``cat_ranges``), so only the bytes of
+the requested sequences travel.
 
 What opening costs: :meth:`TokenShards.open` reads the manifest, compares the tokenizer hash and (by
 default) checks every file's size: no shard byte is read, whatever the corpus size. The full checksums
@@ -30,6 +31,7 @@ writing) and describes what it wrote; `cpt prepare` (:mod:`cpt.data.prepare`) st
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from cpt.data.manifest import is_count, manifest_problem
+from cpt.data.openmaps import OPEN_MAPS
 
 logger = logging.getLogger("cpt.data")
 
@@ -47,6 +50,7 @@ FORMAT_NAME = "cpt-token-shards"
 FORMAT_VERSION = 1
 CHECKSUM_ALGO = "xxh3_64"
 _CHUNK = 16 << 20
+_UIDS = itertools.count()
 
 
 class ShardError(ValueError):
@@ -201,9 +205,10 @@ class TokenShards:
         if start != self.num_tokens:
             raise ShardError(f"{path}: manifest shards hold {start} tokens but num_tokens says {self.num_tokens}")
         self._starts = np.array([s.start for s in self._shards] + [start], dtype=np.int64)
-        self._maps: dict[int, np.ndarray] = {}
-        self._arrays: dict[int, np.ndarray] = {}
+        self._uid = next(_UIDS)  # (this object's part of the keys of OPEN_MAPS)
         self.mtimes: dict[str, int] = {}  # local files' modification times (ns), from the size check (verify)
+        self._fingerprint: str | None = None
+        self._newest: int | None = None
 
     # ------------------------------------------------------------ opening
 
@@ -332,7 +337,7 @@ class TokenShards:
                 got = int(self._fs.size(p))
             else:
                 st = os.stat(p)
-                got, self.mtimes[name] = st.st_size, st.st_mtime_ns
+                got, self.mtimes[name], self._newest = st.st_size, st.st_mtime_ns, None
         except FileNotFoundError:
             return f"shard file {name} is missing"
         if got != size:
@@ -365,17 +370,6 @@ class TokenShards:
 
     # ------------------------------------------------------------ reading
 
-    def _memmap(self, i: int) -> np.ndarray:
-        m = self._maps.get(i)
-        if m is None:
-            sh = self._shards[i]
-            if sh.num_tokens == 0:
-                m = np.zeros(0, dtype=self.dtype)
-            else:
-                m = np.memmap(self._file(sh.tokens_file), dtype=self.dtype, mode="r", shape=(sh.num_tokens,))
-            self._maps[i] = m
-        return m
-
     def _read_local(self, starts: np.ndarray, length: int, out: np.ndarray, dest: np.ndarray) -> None:
         """Memory-mapped reads: each window inside one shard (nearly all) is one slice copied (and converted to
         ``out``'s dtype) straight into its output row; windows across a shard boundary go piece by piece."""
@@ -386,19 +380,25 @@ class TokenShards:
         shard = np.searchsorted(self._starts, starts, side="right") - 1
         offsets = starts - self._starts[shard]
         inside = offsets + length <= self._starts[shard + 1] - self._starts[shard]
-        for row, i, off, whole in zip(dest.tolist(), shard.tolist(), offsets.tolist(), inside.tolist()):
+        shard_ids = shard.tolist()
+        arrays = {i: self._array(i) for i in set(shard_ids)}  # (one cache look-up per shard, not per row)
+        for row, i, off, whole in zip(dest.tolist(), shard_ids, offsets.tolist(), inside.tolist()):
             if whole:
-                out[row] = self._array(i)[off : off + length]
+                out[row] = arrays[i][off : off + length]
             else:
                 for j, o, n, at in self._pieces(self._starts[i] + off, length):
                     out[row, at : at + n] = self._array(j)[o : o + n]
 
     def _array(self, i: int) -> np.ndarray:
-        """Shard ``i``'s memory map as a plain ndarray view (slicing a ``np.memmap`` costs a Python-level hook)."""
-        a = self._arrays.get(i)
-        if a is None:
-            a = self._arrays[i] = self._memmap(i).view(np.ndarray)
-        return a
+        """Shard ``i``'s memory map as a plain ndarray view (slicing a ``np.memmap`` costs a Python-level hook), from
+        the process's bounded cache of open maps (:class:`_OpenMaps`)."""
+        return OPEN_MAPS.get((self._uid, i), lambda: self._map(i))
+
+    def _map(self, i: int) -> np.ndarray:
+        sh = self._shards[i]
+        if sh.num_tokens == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self._file(sh.tokens_file), dtype=self.dtype, mode="r", shape=(sh.num_tokens,)).view(np.ndarray)
 
     def _pieces(self, start: int, length: int) -> list[tuple[int, int, int, int]]:
         """(shard, offset in shard, count, offset in output) for the window [start, start+length)."""
@@ -463,11 +463,20 @@ class TokenShards:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def fingerprint(self) -> str:
-        """Identity of the data: tokenizer hash plus every file checksum."""
-        h = hashlib.sha256(self.tokenizer_hash.encode())
-        for s in self.manifest["shards"]:
-            h.update(f"{s['tokens_checksum']}:{s['docs_checksum']}:{s['num_tokens']}".encode())
-        return h.hexdigest()[:16]
+        """Identity of the data: tokenizer hash plus every file checksum. Computed once (O(shards); the manifest of an
+        open source does not change): a loader's state_dict, taken after every batch, asks for it."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.tokenizer_hash.encode())
+            for s in self.manifest["shards"]:
+                h.update(f"{s['tokens_checksum']}:{s['docs_checksum']}:{s['num_tokens']}".encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def newest_mtime(self) -> int | None:
+        """The newest modification time (ns) the size checks saw (``mtimes``; None: none seen), kept until they stat again."""
+        if self._newest is None and self.mtimes:
+            self._newest = max(self.mtimes.values())
+        return self._newest
 
     def __repr__(self) -> str:
         return f"TokenShards({self.path!r}, tokens={self.num_tokens:,}, documents={self.num_documents:,}, shards={len(self._shards)})"

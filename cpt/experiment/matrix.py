@@ -41,9 +41,9 @@ def write_outputs(spec: SequenceSpec, runs: list[RunPlan], out: Path, fpt: float
 
 
 def _series(run_dir: Path, key: str) -> tuple[list[float], list[float], list[int]]:
-    from cpt.report import load_run
+    from cpt.report import run_series
 
-    return load_run(run_dir).series(key)
+    return run_series(run_dir, key)  # (a run's log read once for its several keys)
 
 
 Cells = dict[tuple[str, int], list[list[float | None]]]  # (label, seed) -> L[k][j]

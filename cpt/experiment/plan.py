@@ -42,11 +42,11 @@ class RunPlan:
 
 def run_finished(run_dir: Path, total_steps: int) -> bool:
     """``export/config.json`` exists and metrics.jsonl has a record at the last step."""
-    from cpt.metrics import METRICS_FILE, read_metrics
+    from cpt.metrics import METRICS_FILE, iter_metrics
 
     if not (run_dir / "export" / "config.json").is_file() or not (run_dir / METRICS_FILE).is_file():
         return False
-    return any(r.get("step") == total_steps for r in read_metrics(run_dir))
+    return any(r.get("step") == total_steps for r in iter_metrics(run_dir))  # (one record in memory at a time)
 
 
 def run_configs(plans: list[RunPlan]):

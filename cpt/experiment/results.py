@@ -36,9 +36,9 @@ COLUMNS = [
 
 
 def _series(run_dir: Path, key: str) -> tuple[list[float], list[float], list[int]]:
-    from cpt.report import load_run
+    from cpt.report import run_series
 
-    return load_run(run_dir).series(key)
+    return run_series(run_dir, key)  # (a run's log read once for its several keys)
 
 
 def collect_results(spec: ExperimentSpec, plans: list[RunPlan], fpt: float) -> list[dict[str, Any]]:
