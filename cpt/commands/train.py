@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -71,17 +72,23 @@ def _failed_write(error: BaseException, run: str) -> bool:
         return False
 
 
+def _literal(path: str) -> str:
+    """A path flag (``--output-dir``, ``--from``) as a ``--set`` value: quoted, so YAML takes it as written (unquoted,
+    ``runs/a #2`` lost its `` #2`` as a comment and ``null`` or ``runs/x: y`` were no text); ``${VAR}`` still expands."""
+    return json.dumps(path)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.init_from:
-        overrides.append(f"train.init_from={args.init_from}")
+        overrides.append(f"train.init_from={_literal(args.init_from)}")
     if args.anneal is not None:  # (--anneal 0 was dropped: a plain run from --from instead of the branch asked for)
         overrides.append(f"train.anneal_steps={args.anneal}")
     if args.anneal_shape:
         overrides.append(f"train.anneal_shape={args.anneal_shape}")
     if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
+        overrides.append(f"run.output_dir={_literal(args.output_dir)}")
     if args.force_lock:
         overrides.append("run.force_lock=true")
     try:
