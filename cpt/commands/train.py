@@ -107,9 +107,10 @@ def main(argv: list[str]) -> int:
     from cpt.train import train
 
     if args.dry_run:
-        from cpt.dryrun import describe_run, format_run_plan
+        from cpt.dryrun import check_run_dir, describe_run, format_run_plan
 
         try:
+            check_run_dir(cfg, resume=args.resume or cfg.checkpoint.resume, allow_config_change=args.allow_config_change)
             print(format_run_plan(describe_run(cfg), args.tokens_per_s))
         except (ValueError, *run_errors()) as e:  # (run_errors: shards, model loading, checkpoints...)
             print_line(f"cpt train: error: {e}", file=sys.stderr)
