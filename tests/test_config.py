@@ -310,3 +310,17 @@ def test_overrides_address_list_items_by_name(tmp_path):
     for bad in ("=3", "train..log_every=3"):
         with pytest.raises(ConfigError, match="empty field name"):
             load_config(write(tmp_path, GOOD), [bad])
+
+
+def test_a_folder_for_the_config_and_python_none_are_named(tmp_path):
+    """`cpt train runs/x` (the run directory, not its config.yaml) said 'config file not found' of a folder that is
+    there; `--set eval.every=None` said only 'Input should be a valid integer' (YAML reads None as text)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"^{run} is a folder, not a config file: a run directory's resolved config "
+                                          rf"is {run / 'config.yaml'}$"):
+        load_config(run)
+    with pytest.raises(ConfigError, match=r"eval.every: Input should be a valid integer, .* \('None' is text in YAML: "
+                                          r"write null for no value\)$"):
+        load_config(write(tmp_path, GOOD), ["eval.every=None"])

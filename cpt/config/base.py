@@ -187,6 +187,8 @@ def format_validation_error(err: ValidationError, order: tuple[str, ...] = (), m
         if e["type"] == "extra_forbidden":
             close = _close_fields(model, path) if model is not None else []
             msg = f"unknown field (did you mean {' or '.join(close)}?)" if close else "unknown field (check the spelling)"
+        if e.get("input") in ("None", "none") and e["type"] != "extra_forbidden":  # Python's None is text to YAML
+            msg += " ('None' is text in YAML: write null for no value)"
         if loc and loc in problems:  # another member of the same union
             msg = problems[loc] + " or " + msg.removeprefix("Input should be ")
         for i, part in enumerate(msg.split("\n")):  # a check that found several problems: one line (and count) each
@@ -255,6 +257,9 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: s
                       error: type[Exception] = ConfigError) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; `error` names the file and what is wrong with it."""
     p = Path(path)
+    if p.is_dir():  # (it said "not found" of a folder that is there)
+        inside = f": a run directory's resolved config is {p / 'config.yaml'}" if (p / "config.yaml").is_file() else ""
+        raise error(f"{p} is a folder, not a {what} file{inside}")
     if not p.is_file():
         raise error(f"{what} file not found: {p}")
     try:
