@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt train", description="Train from a YAML run config.", allow_abbrev=False)
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.global_batch_size=32 --set stages.0.steps=500")
+                   help="override a config field (the value is YAML; list items by index or name), e.g. --set "
+                        "train.global_batch_size=32 --set stages.0.steps=500 --set data.sources.web.path=/scratch/web")
     p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in run.output_dir")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue even though the config changes the training trajectory "
