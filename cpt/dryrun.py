@@ -9,7 +9,7 @@ tokenizer training uses. It then walks the mixer through every step, which is ex
 - per source: the tokens consumed and the epochs that means, with a warning past ``data.max_epochs_warning``;
 - in all: training tokens and FLOPs, and the time at an assumed throughput when one is given.
 
-Before that (:func:`check_run_dir`) it checks what the start of the run refuses about ``run.output_dir``: a file in
+After that (:func:`check_run_dir`) it checks what the start of the run refuses about ``run.output_dir``: a file in
 its place or in its path, a folder that cannot be created, a fresh start (no ``--resume``) over an earlier run's
 checkpoints or finished export, and a ``--resume`` whose config changes the trajectory or ends before the newest
 checkpoint's step (a job must not wait in a queue to fail on these).

@@ -131,7 +131,8 @@ def test_a_stage_from_a_checkpoint_builds_the_model_its_chain_started_from(tiny_
 
 def test_dry_run_refuses_what_the_start_refuses_about_the_run_directory(tiny_cpt_data, tiny_base, tmp_path, capsys):
     """`--dry-run` passed a run directory the run's start then refused in one line, after the job's wait in the queue:
-    a file in its path, a fresh start over checkpoints or a finished export, a --resume changing the trajectory."""
+    a file in its path, a fresh start over checkpoints or a finished export, a --resume changing the trajectory. The
+    plan is printed first, then the one error line, exit 1."""
     from cpt.config import save_config
 
     (tmp_path / "file").write_text("x")
@@ -146,5 +147,5 @@ def test_dry_run_refuses_what_the_start_refuses_about_the_run_directory(tiny_cpt
                         (["--resume"], "run.seed: 1 -> 1234")):
         assert main(["train", str(path), "--dry-run", *flags]) == 1, flags
         out = capsys.readouterr()
-        assert out.out == "" and out.err.startswith("cpt train: error: ") and line in out.err, (flags, out)
+        assert "total: " in out.out and out.err.startswith("cpt train: error: ") and line in out.err, (flags, out)
     assert not (tmp_path / "file" / "sub").exists() and sorted(p.name for p in run.iterdir()) == ["checkpoints"]
