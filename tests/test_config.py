@@ -295,6 +295,10 @@ def test_path_fields_expand_home_and_refuse_a_bare_variable(tmp_path, monkeypatc
     assert str(e.value).splitlines()[1:] == [
         "  - run.output_dir: '$SCRATCH/runs/t': cpt expands ${VAR}, not $SCRATCH: write ${SCRATCH}",
         "  - data.sources.1.path: '/d/$V2': cpt expands ${VAR}, not $V2: write ${V2}"]
+    # a shell default (or any other ${...} form) was kept as written, in any field: one error naming the field
+    with pytest.raises(ConfigError, match=r"^run.output_dir: '\$\{SCRATCH:-/tmp\}' in '\$\{SCRATCH:-/tmp\}/runs': cpt "
+                                          r"expands \$\{VAR\} alone \(no defaults or other shell forms\)"):
+        load_config(write(tmp_path, GOOD), ["run.output_dir=${SCRATCH:-/tmp}/runs"])
 
 
 def test_overrides_address_list_items_by_name(tmp_path):

@@ -135,6 +135,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_OTHER_VAR = re.compile(r"\$\{(?![A-Za-z_][A-Za-z0-9_]*\})[^}]*\}?")  # ${VAR:-x}, ${VAR/a/b}, ${1}, ${VAR (unclosed)
 
 
 def expand_env(data: Any, where: str = "") -> Any:
@@ -147,6 +148,9 @@ def expand_env(data: Any, where: str = "") -> Any:
         return [expand_env(v, f"{where}.{i}") for i, v in enumerate(data)]
     if not isinstance(data, str) or "${" not in data:
         return data
+    if (other := _OTHER_VAR.search(data)) is not None:  # (it was kept as written: a folder named `${SCRATCH:-/tmp}`)
+        raise ConfigError(f"{where}: {other.group(0)!r} in {data!r}: cpt expands ${{VAR}} alone (no defaults or other "
+                          "shell forms): set the variable, or write the value")
 
     def value(m: re.Match) -> str:
         if m.group(1) not in os.environ:
