@@ -226,6 +226,8 @@ def test_truncated_zstd_is_an_error_and_frames_are_all_read(tmp_path, tokenizer)
         prepare([str(tmp_path / "corrupt.jsonl.xz")], tokenizer, tmp_path / "out2")
     with pytest.raises(PrepareError, match="is a file, not a folder"):
         prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "two.jsonl.zst")
+    with pytest.raises(PrepareError, match=r"cannot create the folder .*two.jsonl.zst/sub: Not a directory"):
+        prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "two.jsonl.zst" / "sub")  # (said "run directory")
 
 
 def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
