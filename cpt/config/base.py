@@ -141,7 +141,9 @@ _OTHER_VAR = re.compile(r"\$\{(?![A-Za-z_][A-Za-z0-9_]*\})[^}]*\}?")  # ${VAR:-x
 def expand_env(data: Any, where: str = "") -> Any:
     """``${VAR}`` in every string value replaced by the environment variable ``VAR`` (``output_dir:
     ${SCRATCH}/runs/x``); an unset variable is an error naming the field. Nothing else is expanded here (no
-    ``$VAR`` or defaults); a path field (``PathText``) then expands a leading ``~`` and refuses a bare ``$VAR``. Secret-named keys (``hub_token: ${HF_TOKEN}``) stay redacted in every written copy."""
+    ``$VAR``; a ``${VAR:-default}`` or other shell form is an error); a path field (``PathText``) then expands a
+    leading ``~`` and refuses a bare ``$VAR``. Secret-named keys (``hub_token: ${HF_TOKEN}``) stay redacted in every
+    written copy."""
     if isinstance(data, dict):
         return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
     if isinstance(data, list):
