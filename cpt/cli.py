@@ -119,6 +119,14 @@ def line_buffered_stdout() -> None:
             pass
 
 
+def no_repeated_warnings() -> None:
+    """The data loader's "data source ... is now in epoch N" is logged (the job's log and train.log, once); its Python
+    warning, there for library callers, put the same text in the log a second time, with a file path and a source line."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="data source .* is now in epoch ")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     line_buffered_stdout()
+    no_repeated_warnings()
     restore_usr1()
     stop_with_the_launcher()
     no_library_bars_in_log_files()
