@@ -107,6 +107,26 @@ def own_wandb_service() -> None:
     os.environ.pop("WANDB_SERVICE", None)
 
 
+def line_buffered_stdout() -> None:
+    """stdout line-buffered when it is not a terminal (a batch job's log file, ``| tee``): Python buffers a redirected
+    stdout in 8 KiB blocks, so without ``PYTHONUNBUFFERED`` a `tail -f` of the log saw `cpt verify`'s, `cpt eval`'s
+    or `cpt prepare`'s lines only at exit, and in a log holding both streams (``> log 2>&1``, SLURM's default) after
+    the error lines of stderr that came later (`cpt verify`'s summary stood above the FAILED lines it counts)."""
+    if not getattr(sys.stdout, "isatty", lambda: True)() and hasattr(sys.stdout, "reconfigure"):
+        try:
+            sys.stdout.reconfigure(line_buffering=True)
+        except (ValueError, OSError):  # (a stream that cannot be reconfigured: leave it)
+            pass
+
+
+def no_repeated_warnings() -> None:
+    """The data loader's "data source ... is now in epoch N" is logged (the job's log and train.log, once); its Python
+    warning, there for library callers, put the same text in the log a second time, with a file path and a source line."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="data source .* is now in epoch ")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -118,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
+    line_buffered_stdout()
+    no_repeated_warnings()
     restore_usr1()
     stop_with_the_launcher()
     no_library_bars_in_log_files()

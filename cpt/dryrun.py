@@ -9,6 +9,11 @@ tokenizer training uses. It then walks the mixer through every step, which is ex
 - per source: the tokens consumed and the epochs that means, with a warning past ``data.max_epochs_warning``;
 - in all: training tokens and FLOPs, and the time at an assumed throughput when one is given.
 
+After that (:func:`check_run_dir`) it checks what the start of the run refuses about ``run.output_dir``: a file in
+its place or in its path, a folder that cannot be created, a fresh start (no ``--resume``) over an earlier run's
+checkpoints or finished export, and a ``--resume`` whose config changes the trajectory or ends before the newest
+checkpoint's step (a job must not wait in a queue to fail on these).
+
 Nothing is written. Shard checksums are not verified here (that reads every byte); training verifies them.
 """
 
@@ -17,6 +22,35 @@ from __future__ import annotations
 from typing import Any
 
 from cpt.config import RunConfig, format_mixes
+
+
+def check_run_dir(cfg: RunConfig, resume: bool = False, allow_config_change: bool = False) -> None:
+    """What the start of the run (cpt/train.py ``_locked``, cpt/resume.py ``resolve_start``) refuses about
+    ``run.output_dir``, checked without writing: raises the same one-line errors. A ``--resume`` is checked against the
+    newest checkpoint, not verified here (training verifies it and falls back to an older one)."""
+    import os
+    from pathlib import Path
+
+    from cpt.checkpoint import CheckpointError, list_checkpoints
+    from cpt.resume import check_fresh_run_dir, check_resume_config, check_resume_is_a_branch, check_resume_within_plan
+
+    run_dir = Path(cfg.run.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run.output_dir {run_dir} is an existing file, not a directory: choose another --output-dir")
+    if not run_dir.exists():
+        there = next(p for p in run_dir.absolute().parents if p.exists())  # where the run's mkdir -p would start
+        if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+            raise CheckpointError(f"cannot create the run directory {run_dir}: {there} is "
+                                  f"{'a file' if not there.is_dir() else 'not writable'}")
+        return
+    newest = list_checkpoints(run_dir)[-1:] if resume else []
+    if not newest:
+        return check_fresh_run_dir(run_dir, resume, branch=bool(cfg.train.anneal_steps))
+    if cfg.train.anneal_steps:
+        check_resume_is_a_branch(newest[0], cfg)
+    if not allow_config_change:
+        check_resume_config(newest[0], cfg)
+    check_resume_within_plan(newest[0], cfg)
 
 
 def describe_run(cfg: RunConfig) -> dict[str, Any]:

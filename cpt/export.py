@@ -79,6 +79,9 @@ def check_export_target(out_dir: str | os.PathLike, inputs=(), inputs_are: str =
         raise ExportFolderError(f"--out {out_dir} is {inputs_are}; give another folder")
     if out.exists() and not out.is_dir():
         raise ExportFolderError(f"--out {out_dir}: a file, not a folder")
+    blocker = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:  # (was mkdir's traceback, or "[Errno 17] File exists")
+        raise ExportFolderError(f"--out {out_dir}: {blocker} is a file, not a folder")
     inside = next((a for a in out.parents if (a / "trainer_state.json").is_file()), None)  # (cpt.checkpoint.TRAINER_STATE)
     if inside is not None:  # (was written there: the checkpoint's pruning by checkpoint.keep then deleted the export)
         raise ExportFolderError(f"--out {out_dir} lies inside the checkpoint {inside}, which its run prunes or replaces; "

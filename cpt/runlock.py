@@ -121,7 +121,8 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RunLockError(f"cannot create the run directory {self.path.parent}: {e.strerror or e}") from None
+            what = "the run directory" if self.holder == "run" else "the folder"  # (`cpt prepare --out`: no run's)
+            raise RunLockError(f"cannot create {what} {self.path.parent}: {e.strerror or e}") from None
         for _ in range(3):
             if self._create():
                 self.held = True

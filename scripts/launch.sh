@@ -4,8 +4,13 @@
 # NUM_GPUS defaults to every visible GPU.
 set -euo pipefail
 config=${1:?usage: scripts/launch.sh CONFIG.yaml [strategy] [cpt train options]}; shift
-strategy=${1:-ddp}; [ $# -gt 0 ] && shift
 here=$(cd "$(dirname "$0")/.." && pwd)
+strategy=ddp  # the default also when a cpt train option stands in its place (`launch.sh run.yaml --resume`)
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then strategy=$1; shift; fi
+if [ ! -f "$here/configs/accelerate/$strategy.yaml" ]; then  # (accelerate's answer: a traceback)
+  echo "scripts/launch.sh: unknown strategy '$strategy' (one of: $(cd "$here/configs/accelerate" && ls -- *.yaml | sed 's/\.yaml$//' | paste -sd' ' -))" >&2
+  exit 2
+fi
 ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
 ds=()  # the ZeRO configs name their DeepSpeed JSON relative to the repo root: pass it absolute
 [ -f "$here/configs/deepspeed/$strategy.json" ] && ds=(--deepspeed_config_file "$here/configs/deepspeed/$strategy.json")

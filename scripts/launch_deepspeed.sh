@@ -4,7 +4,12 @@
 # e.g. scripts/launch_deepspeed.sh configs/my-run.yaml 3 offload --resume
 set -euo pipefail
 config=${1:?usage: scripts/launch_deepspeed.sh CONFIG.yaml [2|3] [offload] [cpt train options]}; shift
-stage=${1:-2}; [ $# -gt 0 ] && shift
+stage=2  # the default also when a cpt train option stands in its place (`launch_deepspeed.sh run.yaml --resume`)
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then stage=$1; shift; fi
+if [ "$stage" != 2 ] && [ "$stage" != 3 ]; then
+  echo "scripts/launch_deepspeed.sh: the ZeRO stage is 2 or 3, not '$stage' (usage: CONFIG.yaml [2|3] [offload] [cpt train options])" >&2
+  exit 2
+fi
 name=zero$stage
 if [ "${1:-}" = "offload" ]; then name=${name}_offload; shift; fi
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -143,7 +143,12 @@ def test_train_keeps_its_log_in_the_run_directory(tiny_cpt_data, tmp_path, capsy
     cfg["data"]["max_epochs_warning"] = 0.001  # a logger warning at the first step
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(path)]) == 0
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # (its Python warning said the logged line a second time)
+        warnings.simplefilter("always")
+        assert main(["train", str(path)]) == 0
+    assert not [w for w in caught if "is now in epoch" in str(w.message)], [str(w.message) for w in caught]
     lines = (tmp_path / "run" / "train.log").read_text().splitlines()
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines), lines
     text = [line[21:] for line in lines]
@@ -203,3 +208,37 @@ def test_anneal_of_zero_steps_is_refused_not_dropped(tmp_path, capsys):
                                    "stages": [{"name": "s", "steps": 10, "mix": {"a": 1.0}}]}))
     assert main(["train", str(cfg), "--from", str(tmp_path), "--anneal", "0", "--dry-run"]) == 2
     assert "train.anneal_steps: Input should be greater than 0" in capsys.readouterr().err
+
+
+def test_stdout_is_line_buffered_into_a_log_file(tmp_path):
+    """A batch job's log holds stdout and stderr (`> log 2>&1`): without PYTHONUNBUFFERED Python buffered stdout until
+    exit, so `cpt verify`'s error summary (stderr) stood above the FAILED line it counts, and `tail -f` saw nothing."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    log = tmp_path / "job.log"
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "cpt.cli", "verify", str(tmp_path / "gone")], stdout=f,
+                            stderr=subprocess.STDOUT, env=env).returncode
+    lines = log.read_text().splitlines()
+    assert rc == 1 and lines[0].startswith("FAILED ") and lines[-1].startswith("cpt verify: 1 of 1 folders"), lines
+
+
+def test_path_flags_are_taken_as_written(tmp_path, monkeypatch):
+    """`--output-dir` and `--from` were handed on as `--set` values, read as YAML: `runs/a #2` lost ` #2` (a comment),
+    so the run silently wrote into runs/a."""
+    import cpt.commands.train as train_command
+    from cpt.config import ConfigError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name_or_path": "x"}, "data": {"seq_len": 8, "sources": [{"name": "a", "path": "a"}]},
+                                   "stages": [{"name": "s", "steps": 10, "mix": {"a": 1.0}}]}))
+    seen, load = [], train_command.load_config
+
+    def spy(path, overrides):
+        seen.append(load(path, overrides))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(train_command, "load_config", spy)
+    assert main(["train", str(cfg), "--output-dir", "runs/a #2", "--from", "ckpt: v1"]) == 2
+    assert seen[0].run.output_dir == "runs/a #2" and seen[0].train.init_from == "ckpt: v1"

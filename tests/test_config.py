@@ -85,7 +85,7 @@ def test_cross_field_errors(tmp_path):
 def test_bad_override_syntax_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(write(tmp_path, GOOD), ["train.global_batch_size"])
-    with pytest.raises(ConfigError, match="not a valid index"):
+    with pytest.raises(ConfigError, match="not an index"):
         load_config(write(tmp_path, GOOD), ["stages.5.steps=3"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -100,10 +100,11 @@ def test_environment_variables_in_values(tmp_path, monkeypatch):
     monkeypatch.setenv("CPT_TEST_SCRATCH", "/scratch/me")
     data = yaml.safe_load(yaml.safe_dump(GOOD))
     data["run"]["output_dir"] = "${CPT_TEST_SCRATCH}/runs/t"
-    data["data"]["sources"][0]["path"] = "$HOME/x/${CPT_TEST_SCRATCH}"  # only ${...} is expanded
-    cfg = load_config(write(tmp_path, data), ["run.name=${CPT_TEST_SCRATCH}-b", "logging.wandb.group=${CPT_TEST_SCRATCH}"])
-    assert cfg.run.output_dir == "/scratch/me/runs/t" and cfg.run.name == "/scratch/me-b"
-    assert cfg.data.sources[0].path == "$HOME/x//scratch/me" and cfg.logging.wandb.group == "/scratch/me"
+    data["data"]["sources"][0]["path"] = "x/${CPT_TEST_SCRATCH}"
+    data["run"]["name"] = "$HOME-${CPT_TEST_SCRATCH}"  # only ${...} is expanded (a bare $VAR in a path: next test)
+    cfg = load_config(write(tmp_path, data), ["logging.wandb.group=${CPT_TEST_SCRATCH}"])
+    assert cfg.run.output_dir == "/scratch/me/runs/t" and cfg.run.name == "$HOME-/scratch/me"
+    assert cfg.data.sources[0].path == "x//scratch/me" and cfg.logging.wandb.group == "/scratch/me"
     monkeypatch.delenv("CPT_TEST_SCRATCH")
     with pytest.raises(ConfigError, match=r"^data.sources.0.path: environment variable CPT_TEST_SCRATCH is not set"):
         load_config(write(tmp_path, data))
@@ -273,3 +274,57 @@ def test_hf_options_on_a_shards_source_are_one_line(tmp_path):
     from cpt.config.run import save_config
     save_config(load_config(write(tmp_path, GOOD)), saved)
     assert load_config(saved).data.sources[0].split == "train"
+
+
+PATH_FIELDS = ("run.output_dir", "model.tokenizer", "model.name_or_path", "data.sources.a.path", "data.heldout.a.path",
+               "train.init_from", "eval.lm_eval.include_path", "model.vocab.add_tokens_file")
+
+
+def test_path_fields_expand_home_and_refuse_a_bare_variable(tmp_path, monkeypatch):
+    """A leading `~` in a path field is the home folder: `output_dir: ~/runs/t` made a folder named `~` in the working
+    directory (while W&B, expanding it, wrote under the real home), and `$SCRATCH/runs/t` a folder named `$SCRATCH`.
+    A bare `$VAR` is not expanded (only `${VAR}` is): in a path it is one error asking for the braces."""
+    monkeypatch.setenv("HOME", "/home/me")
+    cfg = load_config(write(tmp_path, GOOD), [f"{f}=~/{f}" for f in PATH_FIELDS])
+    got = [cfg.run.output_dir, cfg.model.tokenizer, cfg.model.name_or_path, cfg.data.sources[0].path,
+           cfg.data.heldout[0].path, cfg.train.init_from, cfg.eval.lm_eval.include_path, cfg.model.vocab.add_tokens_file]
+    assert got == [f"/home/me/{f}" for f in PATH_FIELDS]
+    assert load_config(write(tmp_path, GOOD), ["run.name=~x"]).run.name == "~x"  # a name is no path
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD), ["run.output_dir=$SCRATCH/runs/t", "data.sources.1.path=/d/$V2"])
+    assert str(e.value).splitlines()[1:] == [
+        "  - run.output_dir: '$SCRATCH/runs/t': cpt expands ${VAR}, not $SCRATCH: write ${SCRATCH}",
+        "  - data.sources.1.path: '/d/$V2': cpt expands ${VAR}, not $V2: write ${V2}"]
+    # a shell default (or any other ${...} form) was kept as written, in any field: one error naming the field
+    with pytest.raises(ConfigError, match=r"^run.output_dir: '\$\{SCRATCH:-/tmp\}' in '\$\{SCRATCH:-/tmp\}/runs': cpt "
+                                          r"expands \$\{VAR\} alone \(no defaults or other shell forms\)"):
+        load_config(write(tmp_path, GOOD), ["run.output_dir=${SCRATCH:-/tmp}/runs"])
+
+
+def test_overrides_address_list_items_by_name(tmp_path):
+    """`--set data.sources.b.path=...` (a source by its name, as `stages.0.mix.b` already was) was 'not a valid index';
+    `--set =3` was an 'unknown field' naming no field."""
+    cfg = load_config(write(tmp_path, GOOD), ["data.sources.b.path=/scratch/b", "data.heldout.a.max_tokens=100",
+                                              "stages.s1.steps=7", "data.sources.0.replay=true"])
+    assert [s.path for s in cfg.data.sources] == ["data/a", "/scratch/b"] and cfg.data.sources[0].replay
+    assert cfg.data.heldout[0].max_tokens == 100 and cfg.stages[0].steps == 7
+    with pytest.raises(ConfigError, match=r"^override 'data.sources.c.path': 'c' is not an index into a list of 2 "
+                                          r"or a name \(a, b\)$"):
+        load_config(write(tmp_path, GOOD), ["data.sources.c.path=x"])
+    for bad in ("=3", "train..log_every=3"):
+        with pytest.raises(ConfigError, match="empty field name"):
+            load_config(write(tmp_path, GOOD), [bad])
+
+
+def test_a_folder_for_the_config_and_python_none_are_named(tmp_path):
+    """`cpt train runs/x` (the run directory, not its config.yaml) said 'config file not found' of a folder that is
+    there; `--set eval.every=None` said only 'Input should be a valid integer' (YAML reads None as text)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"^{run} is a folder, not a config file: a run directory's resolved config "
+                                          rf"is {run / 'config.yaml'}$"):
+        load_config(run)
+    with pytest.raises(ConfigError, match=r"eval.every: Input should be a valid integer, .* \('None' is text in YAML: "
+                                          r"write null for no value\)$"):
+        load_config(write(tmp_path, GOOD), ["eval.every=None"])

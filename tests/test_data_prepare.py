@@ -226,6 +226,8 @@ def test_truncated_zstd_is_an_error_and_frames_are_all_read(tmp_path, tokenizer)
         prepare([str(tmp_path / "corrupt.jsonl.xz")], tokenizer, tmp_path / "out2")
     with pytest.raises(PrepareError, match="is a file, not a folder"):
         prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "two.jsonl.zst")
+    with pytest.raises(PrepareError, match=r"cannot create the folder .*two.jsonl.zst/sub: Not a directory"):
+        prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "two.jsonl.zst" / "sub")  # (said "run directory")
 
 
 def test_non_utf8_text_file_and_parquet_missing_column(tmp_path, tokenizer):
@@ -717,3 +719,18 @@ def test_vocab_learning_and_eval_held_out_files_read_text_as_prepare_does(tmp_pa
         prepare([str(broken)], tokenizer, tmp_path / "b")
     with pytest.raises(ConfigError, match="^model.vocab.learn_from: nothing to read at"):
         list(read_texts(tmp_path / "missing"))
+
+
+def test_progress_lines_in_a_batch_jobs_log(tmp_path, tokenizer, capsys):
+    """Where stderr is a file (a batch job), the bar is off (carriage returns), and there was nothing in its place: a
+    `tail -f` of the job's log saw no sign of life until the summary, however long the corpus took. Now a plain line
+    every --progress-every seconds (0 here: every encoded batch)."""
+    from cpt.commands.prepare import main
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in make_docs(6, seed=1)])
+    args = [str(src), "--tokenizer", _save(tokenizer, tmp_path), "--out", str(tmp_path / "out")]
+    assert main([*args, "--progress-every", "0", "--force"]) == 0  # (capsys: stderr is no terminal)
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("cpt prepare: 6 documents, ") and line.endswith(" min") for line in lines), lines
+    assert main([*args, "--progress-every", "0", "--force", "--no-progress"]) == 0
+    assert "cpt prepare: " not in capsys.readouterr().err

@@ -127,3 +127,25 @@ def test_a_stage_from_a_checkpoint_builds_the_model_its_chain_started_from(tiny_
     train(load_config(base=second), resume=True, allow_config_change=True, echo=lambda *a, **k: None)
     exported = export_checkpoint(tmp_path / "s2", tmp_path / "s2_export", echo=lambda *a, **k: None)
     assert model_shape(AutoModelForCausalLM.from_pretrained(exported))["n_params"] == want["n_params"]
+
+
+def test_dry_run_refuses_what_the_start_refuses_about_the_run_directory(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """`--dry-run` passed a run directory the run's start then refused in one line, after the job's wait in the queue:
+    a file in its path, a fresh start over checkpoints or a finished export, a --resume changing the trajectory. The
+    plan is printed first, then the one error line, exit 1."""
+    from cpt.config import save_config
+
+    (tmp_path / "file").write_text("x")
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    save_config(load_config(base=tiny_run_config(tiny_cpt_data, run, run={"seed": 1})), ckpt / "config.yaml")
+    path = write(tiny_run_config(tiny_cpt_data, run), tmp_path / "c.yaml")
+    for flags, line in ((["--output-dir", str(tmp_path / "file" / "sub")], f"{tmp_path / 'file'} is a file"),
+                        (["--output-dir", str(tiny_base.parent)], "holds a finished run's export"),
+                        ([], "already holds checkpoints: pass --resume"),
+                        (["--resume"], "run.seed: 1 -> 1234")):
+        assert main(["train", str(path), "--dry-run", *flags]) == 1, flags
+        out = capsys.readouterr()
+        assert "total: " in out.out and out.err.startswith("cpt train: error: ") and line in out.err, (flags, out)
+    assert not (tmp_path / "file" / "sub").exists() and sorted(p.name for p in run.iterdir()) == ["checkpoints"]

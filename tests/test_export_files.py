@@ -82,6 +82,8 @@ def test_export_refuses_a_folder_that_is_not_an_export(run, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ExportFolderError, match="a file, not a folder"):
         export_checkpoint(run, tmp_path / "file")
+    assert main([str(run), "--out", str(tmp_path / "file" / "hf")]) == 1  # a file in its path: was mkdir's traceback
+    assert capsys.readouterr().err == f"cpt export: --out {tmp_path / 'file' / 'hf'}: {tmp_path / 'file'} is a file, not a folder\n"
 
     assert main([str(run), "--out", str(tmp_path / "hf")]) == 0
     assert main([str(run), "--out", str(tmp_path / "hf")]) == 0

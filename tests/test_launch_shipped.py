@@ -46,6 +46,31 @@ def test_every_shipped_accelerate_config_is_launched():
     assert {p.stem for p in (ROOT / "configs" / "accelerate").glob("*.yaml")} == set(SHIPPED)
 
 
+def test_launchers_take_a_cpt_option_for_the_strategy_and_name_a_wrong_one(tmp_path):
+    """`scripts/launch.sh run.yaml --resume` (the strategy left out) launched accelerate with configs/accelerate/--resume.yaml,
+    and a misspelt strategy (`fdsp`) or ZeRO stage (`4`), ended in accelerate's traceback. Now the option goes to
+    `cpt train` with the default strategy, and a wrong one is one line, exit 2. A recording stand-in for accelerate."""
+    import os
+    import sys
+
+    (tmp_path / "accelerate").write_text(f"#!{sys.executable}\nimport sys\nprint(' '.join(sys.argv[1:]))\n")
+    (tmp_path / "accelerate").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "NUM_GPUS": "2"}
+
+    def run(script, *args):
+        p = subprocess.run([str(ROOT / "scripts" / script), "run.yaml", *args], env=env, capture_output=True, text=True)
+        return p.returncode, p.stdout.strip(), p.stderr.strip()
+
+    rc, out, _ = run("launch.sh", "--resume", "--set", "x=1")
+    assert rc == 0 and "configs/accelerate/ddp.yaml" in out and out.endswith("train run.yaml --resume --set x=1"), out
+    rc, out, _ = run("launch_deepspeed.sh", "--resume")
+    assert rc == 0 and "deepspeed/zero2.json" in out and out.endswith("train run.yaml --resume"), out
+    assert run("launch.sh", "fdsp") == (2, "", "scripts/launch.sh: unknown strategy 'fdsp' (one of: "
+                                             + " ".join(sorted(SHIPPED)) + ")")
+    rc, out, err = run("launch_deepspeed.sh", "4")
+    assert rc == 2 and out == "" and err.startswith("scripts/launch_deepspeed.sh: the ZeRO stage is 2 or 3, not '4'")
+
+
 def launch_shipped(strategy: str, cfg_path: Path, *extra: str):
     """The README's command line, started (NUM_GPUS=2: the scripts' documented process count)."""
     script, *args = SHIPPED[strategy]

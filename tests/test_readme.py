@@ -147,11 +147,9 @@ def _unwrap(annotation):
 
 
 # lists whose items cpt's messages name by their `name` (a --resume's `data.sources.web2: added (data/web2)`)
-NAMED_ITEMS = {"data.sources"}
-
-
 def config_key_problem(key: str, model: type[BaseModel] = RunConfig) -> str:
-    """'' when the dotted key names a field of the config (list items by index, `<i>` or `[]`; dict keys free)."""
+    """'' when the dotted key names a field of the config (list items by index, `<i>` or `[]`, or by
+    name where the items have one; dict keys free)."""
     node = model
     parts = key.split(".")
     for n, part in enumerate(parts):
@@ -159,7 +157,9 @@ def config_key_problem(key: str, model: type[BaseModel] = RunConfig) -> str:
         annotation = _unwrap(node)
         origin = typing.get_origin(annotation)
         if origin is list:
-            by_name = where in NAMED_ITEMS and n == len(parts) - 1
+            item = typing.get_args(annotation)[0]  # (`--set` addresses an item with a `name` by it: data.sources.web.path)
+            by_name = (isinstance(item, type) and issubclass(item, BaseModel) and "name" in item.model_fields
+                       and part not in item.model_fields)  # (`stages.steps` is a typo of stages.0.steps)
             if not (part.isdigit() or re.fullmatch(r"<\w+>", part) or by_name):
                 return f"{where} is a list: {part!r} is not an index"
             node = typing.get_args(annotation)[0]
@@ -403,7 +403,7 @@ def test_the_checks_catch_typos():
     assert config_key_problem("model.config_overrides.rope_theta") == ""  # a free-form mapping
     assert "no field 'precison'" in config_key_problem("train.precison")
     assert "not an index" in config_key_problem("stages.steps")
-    assert config_key_problem("data.sources.web2") == "" and config_key_problem("data.sources.web2.path")
+    assert config_key_problem("data.sources.web2") == "" and config_key_problem("data.sources.web2.path") == ""
     assert key_problem("cpt_tokens") == "" and key_problem("eval.lm_eval_tasks") == ""  # `cpt experiment` spec fields
     assert key_problem("cpt_token")
     assert dotted_keys("`--set train.global_batchsize=8`, `eval.lm_eval.taks`, `train.log`") == [

@@ -155,34 +155,6 @@ def test_a_long_metrics_log_is_held_as_columns_and_drawn_as_an_envelope(tmp_path
     assert envelope(toks[:100], loss[:100]) == (toks[:100], loss[:100])
 
 
-def test_prepare_logs_its_progress_when_stderr_is_not_a_terminal(tmp_path, tokenizer, caplog, monkeypatch):
-    """`cpt prepare` showed progress only as a bar on a terminal: in a batch job (stderr a file) hours of tokenizing
-    logged nothing until the summary. Now such a job logs a progress line every minute (here: every batch)."""
-    import io
-    import logging
-    import sys
-
-    import cpt.data.prepare as prep
-    from cpt.commands.prepare import main
-
-    docs = make_docs(60, seed=3)
-    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
-    with caplog.at_level(logging.INFO, logger="cpt.data"):
-        manifest = prepare([str(src)], tokenizer, tmp_path / "out", batch_docs=10, progress_log_s=1e-9)
-    lines = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]
-    counts = [int(line.split(": ", 1)[1].split(" documents")[0].replace(",", "")) for line in lines]
-    assert len(counts) == 6 and counts == sorted(counts) and counts[-1] == manifest["num_documents"] == 60
-    assert f"60 documents, {manifest['num_tokens']:,} tokens so far" in lines[-1]
-
-    given = []
-    monkeypatch.setattr(prep, "prepare", lambda inputs, tok, out, options: given.append(options) or {})
-    monkeypatch.setattr(prep, "format_summary", lambda *a: "")
-    monkeypatch.setattr(sys, "stderr", io.StringIO())  # (not a terminal)
-    for extra, every in (([], 60.0), (["--no-progress"], 0.0)):
-        main([str(src), "--tokenizer", "tok", "--out", str(tmp_path / "o"), *extra])
-        assert given[-1].progress_log_s == every and not given[-1].progress
-
-
 def test_experiment_tables_read_each_run_log_once_for_its_keys(tmp_path, monkeypatch):
     """`cpt experiment`'s results asked each run's log for four keys, and every ask parsed all of metrics.jsonl again;
     consecutive asks on an unchanged log now read it once (a changed log is read again)."""

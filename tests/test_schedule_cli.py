@@ -141,3 +141,13 @@ def test_plot_plan_library_function(tmp_path):
 def test_format_tokens():
     assert [format_tokens(n) for n in (0, 999, 1000, 51_200, 2_500_000, 3e9, 1.2e12)] == \
         ["0", "999", "1K", "51.2K", "2.5M", "3B", "1.2T"]
+
+
+def test_a_plot_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """A file where the plot's folder should be (or no permission, a full disk) ended in mkdir's traceback."""
+    cfg = write_config(tmp_path, REWARM)
+    (tmp_path / "file").write_text("x")
+    assert main(["schedule", str(cfg), "--out", str(tmp_path / "file" / "lr.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cpt schedule: error: cannot write the plot {tmp_path / 'file' / 'lr.png'}: ") and \
+        err.count("\n") == 1, err

@@ -188,13 +188,14 @@ def test_resume_with_nothing_complete_to_resume_starts_fresh(tmp_path):
         check_fresh_run_dir(run, resume=False)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3", None])
 def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
     """The shipped script on a 2-node job, with a recording stand-in for `accelerate` (no training): one
     `accelerate launch` per node with that node's machine rank, the first node as rendezvous host, every CPU of
     --cpus-per-task for the step (srun does not inherit it from sbatch since SLURM 22.05), and a command line that
     accelerate's own parser and config merge read as intended (for ZeRO: the absolute DeepSpeed JSON, the standard
-    launcher). About 2 s."""
+    launcher). None: the strategy left out before cpt train options, the default (fsdp; `--set` was taken for the
+    strategy, configs/accelerate/--set.yaml not found). About 2 s."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     calls = tmp_path / "accelerate_calls.jsonl"
@@ -207,8 +208,9 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
     env = slurm.env()
     if strategy == "zero3":  # without MASTER_PORT: a port of the job's own (accelerate's default 29500 is shared)
         del env["MASTER_PORT"]
-    out = subprocess.run(["sbatch", "--nodes=2", "--gpus-per-node=4", str(SCRIPT), "run.yaml", strategy, "--set", "x=1"],
-                         cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["sbatch", "--nodes=2", "--gpus-per-node=4", str(SCRIPT), "run.yaml", *[strategy] * bool(strategy),
+                          "--set", "x=1"], cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
+    strategy = strategy or "fsdp"
     job_id = out.split()[-1]
     job = slurm.wait(job_id, timeout=60)
     log = slurm.log(job_id)

@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-files", nargs="+", help="--hf: data_files for builders such as json/parquet/text")
     p.add_argument("--streaming", action="store_true", help="--hf: stream the dataset instead of downloading it")
     p.add_argument("--force", action="store_true", help="re-tokenize even when OUT is up to date")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (nor, when stderr is not a terminal, the "
-                   "progress line logged every minute instead)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (nor progress lines)")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="where stderr is not a terminal (a batch job's log): a progress line every SECONDS (default 30)")
     return p
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             long_docs=args.long_docs, add_bos=args.add_bos, special_tokens_as_text=args.special_tokens_as_text, glob=args.glob, hf=args.hf, dataset_name=args.dataset_name,
             split=args.split, data_files=args.data_files, streaming=args.streaming, num_proc=args.num_proc,
             force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
-            progress_log_s=0.0 if args.no_progress or sys.stderr.isatty() else 60.0,  # (a batch job's log: a line a minute)
+            progress_every_s=None if args.no_progress or sys.stderr.isatty() else args.progress_every,
         )
         manifest = prepare(args.inputs, tokenizer, args.out, options)
     except PrepareError as e:

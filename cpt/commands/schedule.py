@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
               "(pass --anneal-from STEP to show it)")
     if not args.no_plot:
         out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "schedule.png"
-        plot_plan(plan, out, tps, names, branches=[branch] if branch is not None else (), title=f"{cfg.run.name}: learning-rate plan")
+        try:
+            plot_plan(plan, out, tps, names, branches=[branch] if branch is not None else (), title=f"{cfg.run.name}: learning-rate plan")
+        except OSError as e:  # (a file in the folder's path, no permission, disk full: it was a traceback)
+            print(f"cpt schedule: error: cannot write the plot {out}: {e.strerror or e} (--out PATH, or --no-plot)",
+                  file=sys.stderr)
+            return 1
         print(f"\nwrote {out}")
     return 0

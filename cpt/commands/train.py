@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -19,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt train", description="Train from a YAML run config.", allow_abbrev=False)
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.global_batch_size=32 --set stages.0.steps=500")
+                   help="override a config field (the value is YAML; list items by index or name), e.g. --set "
+                        "train.global_batch_size=32 --set stages.0.steps=500 --set data.sources.web.path=/scratch/web")
     p.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in run.output_dir")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue even though the config changes the training trajectory "
@@ -71,17 +73,23 @@ def _failed_write(error: BaseException, run: str) -> bool:
         return False
 
 
+def _literal(path: str) -> str:
+    """A path flag (``--output-dir``, ``--from``) as a ``--set`` value: quoted, so YAML takes it as written (unquoted,
+    ``runs/a #2`` lost its `` #2`` as a comment and ``null`` or ``runs/x: y`` were no text); ``${VAR}`` still expands."""
+    return json.dumps(path)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.init_from:
-        overrides.append(f"train.init_from={args.init_from}")
+        overrides.append(f"train.init_from={_literal(args.init_from)}")
     if args.anneal is not None:  # (--anneal 0 was dropped: a plain run from --from instead of the branch asked for)
         overrides.append(f"train.anneal_steps={args.anneal}")
     if args.anneal_shape:
         overrides.append(f"train.anneal_shape={args.anneal_shape}")
     if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
+        overrides.append(f"run.output_dir={_literal(args.output_dir)}")
     if args.force_lock:
         overrides.append("run.force_lock=true")
     try:
@@ -100,10 +108,12 @@ def main(argv: list[str]) -> int:
     from cpt.train import train
 
     if args.dry_run:
-        from cpt.dryrun import describe_run, format_run_plan
+        from cpt.dryrun import check_run_dir, describe_run, format_run_plan
 
         try:
             print(format_run_plan(describe_run(cfg), args.tokens_per_s))
+            # (after the plan, which is worth seeing for a finished run too)
+            check_run_dir(cfg, resume=args.resume or cfg.checkpoint.resume, allow_config_change=args.allow_config_change)
         except (ValueError, *run_errors()) as e:  # (run_errors: shards, model loading, checkpoints...)
             print_line(f"cpt train: error: {e}", file=sys.stderr)
             return 1

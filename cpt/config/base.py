@@ -7,10 +7,10 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 
 
 class Strict(BaseModel):
@@ -39,12 +39,31 @@ def _text_only(annotation: Any) -> bool:
     if annotation is str:
         return True
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:  # (PathText)
+        return _text_only(args[0])
     if origin is list:
         return _text_only(args[0])
     if args and origin is not dict and origin is not typing.Literal:  # a union
         members = [a for a in args if a is not type(None)]
         return any(_text_only(a) for a in members) and not any(a in (int, float, typing.Any) for a in members)
     return False
+
+
+_BARE_VAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _path_text(value: str) -> str:
+    """A path field (``run.output_dir``, a source's ``path``, ``model.tokenizer``, ...): a leading ``~`` is the home
+    folder, as in a shell (it made a folder named ``~`` in the working directory, while W&B, which expands it, wrote
+    its files under the home folder); a ``$VAR`` left after :func:`expand_env` (which expands ``${VAR}`` only) is an
+    error asking for the braces, not a folder named ``$SCRATCH``."""
+    if (m := _BARE_VAR.search(value)) is not None:
+        raise ValueError(f"{value!r}: cpt expands ${{VAR}}, not ${m.group(1)}: write ${{{m.group(1)}}}")
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+# the type of every field naming a file, folder, hub id or URL (see _path_text)
+PathText = Annotated[str, AfterValidator(_path_text)]
 
 
 class ConfigError(ValueError):
@@ -94,6 +113,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.global_batch_size=32")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty field name in {key.strip()!r} (expected e.g. train.global_batch_size=32)")
         node: Any = data
         for j, part in enumerate(parts[:-1]):
             if isinstance(node, list):
@@ -114,18 +135,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_OTHER_VAR = re.compile(r"\$\{(?![A-Za-z_][A-Za-z0-9_]*\})[^}]*\}?")  # ${VAR:-x}, ${VAR/a/b}, ${1}, ${VAR (unclosed)
 
 
 def expand_env(data: Any, where: str = "") -> Any:
     """``${VAR}`` in every string value replaced by the environment variable ``VAR`` (``output_dir:
-    ${SCRATCH}/runs/x``); an unset variable is an error naming the field. Nothing else is expanded (no ``$VAR``,
-    ``~`` or defaults). Secret-named keys (``hub_token: ${HF_TOKEN}``) stay redacted in every written copy."""
+    ${SCRATCH}/runs/x``); an unset variable is an error naming the field. Nothing else is expanded here (no
+    ``$VAR``; a ``${VAR:-default}`` or other shell form is an error); a path field (``PathText``) then expands a
+    leading ``~`` and refuses a bare ``$VAR``. Secret-named keys (``hub_token: ${HF_TOKEN}``) stay redacted in every
+    written copy."""
     if isinstance(data, dict):
         return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
     if isinstance(data, list):
         return [expand_env(v, f"{where}.{i}") for i, v in enumerate(data)]
     if not isinstance(data, str) or "${" not in data:
         return data
+    if (other := _OTHER_VAR.search(data)) is not None:  # (it was kept as written: a folder named `${SCRATCH:-/tmp}`)
+        raise ConfigError(f"{where}: {other.group(0)!r} in {data!r}: cpt expands ${{VAR}} alone (no defaults or other "
+                          "shell forms): set the variable, or write the value")
 
     def value(m: re.Match) -> str:
         if m.group(1) not in os.environ:
@@ -136,12 +163,18 @@ def expand_env(data: Any, where: str = "") -> Any:
 
 
 def _index(part: str, node: list, key: str) -> int:
+    """A list item by its index (``stages.0``), or by its ``name`` (``data.sources.web``, ``stages.anneal``)."""
     try:
         idx = int(part)
         node[idx]
         return idx
     except (ValueError, IndexError):
-        raise ConfigError(f"override {key!r}: {part!r} is not a valid index into a list of {len(node)}") from None
+        pass
+    names = [str(x["name"]) for x in node if isinstance(x, dict) and "name" in x]
+    if part in names and len(names) == len(node):
+        return names.index(part)
+    named = f" or a name ({', '.join(names)})" if names and len(names) == len(node) else ""
+    raise ConfigError(f"override {key!r}: {part!r} is not an index into a list of {len(node)}{named}")
 
 
 def format_validation_error(err: ValidationError, order: tuple[str, ...] = (), model: type[BaseModel] | None = None) -> str:
@@ -160,6 +193,8 @@ def format_validation_error(err: ValidationError, order: tuple[str, ...] = (), m
         if e["type"] == "extra_forbidden":
             close = _close_fields(model, path) if model is not None else []
             msg = f"unknown field (did you mean {' or '.join(close)}?)" if close else "unknown field (check the spelling)"
+        if e.get("input") in ("None", "none") and e["type"] != "extra_forbidden":  # Python's None is text to YAML
+            msg += " ('None' is text in YAML: write null for no value)"
         if loc and loc in problems:  # another member of the same union
             msg = problems[loc] + " or " + msg.removeprefix("Input should be ")
         for i, part in enumerate(msg.split("\n")):  # a check that found several problems: one line (and count) each
@@ -228,6 +263,9 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config", sections: s
                       error: type[Exception] = ConfigError) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; `error` names the file and what is wrong with it."""
     p = Path(path)
+    if p.is_dir():  # (it said "not found" of a folder that is there)
+        inside = f": a run directory's resolved config is {p / 'config.yaml'}" if (p / "config.yaml").is_file() else ""
+        raise error(f"{p} is a folder, not a {what} file{inside}")
     if not p.is_file():
         raise error(f"{what} file not found: {p}")
     try:

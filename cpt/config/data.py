@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cpt.config.base import Strict
+from cpt.config.base import PathText, Strict
 
 
 class SourceConfig(Strict):
@@ -16,12 +16,12 @@ class SourceConfig(Strict):
     name: str
     # type "shards": a directory with manifest.json written by `cpt prepare` (local path or fsspec URL)
     # type "hf": a `datasets.load_dataset` path (hub id, local folder, or a builder name like "json")
-    path: str
+    path: PathText
     type: Literal["shards", "hf"] = "shards"
     replay: bool = False  # old pre-training data fed back to limit forgetting
     # options for type "hf"
     hf_name: str | None = None
-    data_files: str | list[str] | None = None
+    data_files: PathText | list[PathText] | None = None
     split: str = "train"
     text_field: str = "text"
     streaming: bool = True
@@ -52,7 +52,7 @@ class HeldoutConfig(Strict):
     """A named held-out set, tagged upstream (old distribution: forgetting) or downstream (new: adaptation)."""
 
     name: str
-    path: str  # a prepared shard directory (e.g. the `heldout` split written by `cpt prepare`)
+    path: PathText  # a prepared shard directory (e.g. the `heldout` split written by `cpt prepare`)
     tag: Literal["upstream", "downstream"]
     max_tokens: int | None = Field(None, gt=0)  # overrides eval.tokens_per_set for this set
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from cpt.config.base import Strict
+from cpt.config.base import PathText, Strict
 
 
 class LmEvalTask(Strict):
@@ -26,7 +26,7 @@ class LmEvalConfig(Strict):
     limit: int | None = Field(None, gt=0)  # documents per task: a seeded subset, the same at every evaluation
     seed: int | None = None  # of the subsets; default: run.seed
     bootstrap_iters: int = Field(100, ge=2)  # stderrs: closed form for accuracies, a bootstrap for ratio metrics
-    include_path: str | None = None  # folder of task YAMLs; default: eval_harness/tasks
+    include_path: PathText | None = None  # folder of task YAMLs; default: eval_harness/tasks
     batch_size: int = Field(8, gt=0)
     # lm-eval's context length (HFLM max_length: longer prompts are cut from the left, perplexity documents are
     # scored in windows of it); default: data.seq_len. lm-eval run alone on an export defaults to the model's

@@ -8,14 +8,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cpt.config.base import Strict
+from cpt.config.base import PathText, Strict
 
 
 class VocabConfig(Strict):
     # a text file with one new token per line, or learn `learn_tokens` new tokens from `learn_from`
-    add_tokens_file: str | None = None
+    add_tokens_file: PathText | None = None
     # what `cpt prepare` reads (jsonl/.gz/.zst, parquet, text; field `text_field`): a file, a folder or a glob
-    learn_from: str | None = None
+    learn_from: PathText | None = None
     learn_tokens: int = Field(0, ge=0)
     learn_max_chars: int = Field(20_000_000, gt=0)  # read at most this much of `learn_from`
     text_field: str = "text"
@@ -127,11 +127,11 @@ def parse_layer_ranges(spec: str, n: int | None) -> list[int]:
 
 class ModelConfig(Strict):
     # A hub id, a local `save_pretrained` directory, or None to build from `arch` (random init).
-    name_or_path: str | None = None
+    name_or_path: PathText | None = None
     # transformers config kwargs for a model built from scratch, e.g. {model_type: llama, hidden_size: 256, ...}
     arch: dict[str, Any] | None = None
     # Tokenizer: a hub id or local directory; defaults to name_or_path.
-    tokenizer: str | None = None
+    tokenizer: PathText | None = None
     revision: str | None = None
     trust_remote_code: bool = False
     # set on the model's config before the weights load, e.g. long-context CPT:

@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from cpt.config.base import (ConfigError, Strict, apply_overrides, expand_env, format_validation_error,
-                             read_yaml_mapping)
+from cpt.config.base import (ConfigError, PathText, Strict, apply_overrides, expand_env,
+                             format_validation_error, read_yaml_mapping)
 from cpt.config.data import DataConfig
 from cpt.config.eval import EvalConfig
 from cpt.config.model import ModelConfig
@@ -24,7 +24,7 @@ from cpt.redaction import redact
 
 class RunSection(Strict):
     name: str = "run"
-    output_dir: str = "runs/run"
+    output_dir: PathText = "runs/run"
     seed: int = 1234
     # take over output_dir's run.lock even if its holder may be alive (a shared filesystem where the
     # holder's PID cannot be checked from this host); `cpt train --force-lock`

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from cpt.config.base import Strict
+from cpt.config.base import PathText, Strict
 
 
 class OptimConfig(Strict):
@@ -67,7 +67,7 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0)
     # start weights (and optionally optimizer) from this checkpoint/run dir, not its data position
-    init_from: str | None = None
+    init_from: PathText | None = None
     init_optimizer: bool = False
     # anneal branch: from `init_from`, anneal for this many steps (see `cpt train --anneal`)
     anneal_steps: int | None = Field(None, gt=0)
