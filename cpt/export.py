@@ -116,7 +116,7 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
         from cpt.redaction import redact_json_file
 
         redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
-    make_tokenizer_portable(tmp)
+    make_tokenizer_portable(tmp, tokenizer)
     fault_point(f"export:written:{out.name}")
     return publish_dir(tmp, out)
 
@@ -149,19 +149,33 @@ PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 LOADING_KEYS = ("is_local", "local_files_only")
 
 
-def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
+def make_tokenizer_portable(model_dir: str | os.PathLike, tokenizer=None) -> None:
     """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads, without
-    the :data:`LOADING_KEYS` transformers 5 records from the load (they told a hub user the tokenizer was local)."""
+    the :data:`LOADING_KEYS` transformers 5 records from the load (they told a hub user the tokenizer was local),
+    and without the pad token cpt gave a ``tokenizer`` that had none (``cpt.model.load_tokenizer``: pad = eos, which
+    the export of a Llama-3-like base carried, so a collator masking pad labels masked every eos downstream)."""
     path = Path(model_dir) / "tokenizer_config.json"
-    if not path.is_file() or not (Path(model_dir) / "tokenizer.json").is_file():
+    if not path.is_file():
         return
     config = json.loads(path.read_text())
     cls = config.get("tokenizer_class")
     changed = {k: config.pop(k) for k in LOADING_KEYS if k in config}
-    if cls in PORTABLE_TOKENIZER_CLASS:
+    if getattr(tokenizer, "cpt_pad_from_eos", False):
+        changed["pad_token"] = config.pop("pad_token", None)
+        _drop_pad_from_special_tokens_map(Path(model_dir))
+    if cls in PORTABLE_TOKENIZER_CLASS and (Path(model_dir) / "tokenizer.json").is_file():
         config["tokenizer_class"] = changed["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
     if changed:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _drop_pad_from_special_tokens_map(model_dir: Path) -> None:
+    """special_tokens_map.json (written by transformers 4.x) without its pad_token."""
+    path = model_dir / "special_tokens_map.json"
+    if path.is_file():
+        tokens = json.loads(path.read_text())
+        if tokens.pop("pad_token", None) is not None:
+            path.write_text(json.dumps(tokens, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------- the weight files: dtype, master weights, tied names
