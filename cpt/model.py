@@ -54,7 +54,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise ModelLoadError(f"tokenizer {name!r} has no eos_token: packing needs one to separate documents")
     if tok.pad_token is None:  # (cpt's evaluation batches pad; packed training never does)
         tok.pad_token = tok.eos_token
-        tok.cpt_pad_from_eos = True  # not the tokenizer's own: its exports leave it out (cpt.export.write_tokenizer)
+        tok.cpt_pad_from_eos = True  # not the tokenizer's own: its exports leave it out (cpt.export.make_tokenizer_portable)
     return tok
 
 
