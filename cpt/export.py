@@ -30,6 +30,7 @@ import torch
 from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -50,6 +51,10 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options
     state_dict = with_master_weights(accelerator, model, state_dict) if masters else state_dict
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
+        if said := dtype_note(unwrapped, export_options(options).get("dtype")):
+            import logging
+
+            logging.getLogger("cpt.export").warning(said)
         write_hf(unwrapped, tokenizer, out_dir, state_dict, **export_options(options))
     accelerator.wait_for_everyone()
     return Path(out_dir)
@@ -186,6 +191,24 @@ def export_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
     return DTYPES[name]
+
+
+_SAID: set = set()
+
+
+def dtype_note(model, dtype: str | torch.dtype | None) -> str | None:
+    """A line to say (once per process) when an export's float32 weights are twice the size of the 16-bit weights the
+    model was loaded from (``cpt_saved_dtype``, set by cpt.model.build_model): a bf16 base came back as fp32 without a
+    word in the run's log; the default is deliberate (the trained weights exactly) and ``export_dtype`` changes it."""
+    saved = getattr(model, "cpt_saved_dtype", None)
+    dtype = export_dtype(dtype)
+    written = dtype if dtype is not None else getattr(model, "dtype", None)
+    if written != torch.float32 or saved not in (torch.bfloat16, torch.float16) or saved in _SAID:
+        return None
+    _SAID.add(saved)
+    return (f"HF exports hold float32 weights (checkpoint.export_dtype: fp32, the trained weights exactly), twice the "
+            f"size of the {dtype_name(saved)} base model; checkpoint.export_dtype: {DTYPE_NAMES[saved]} (cpt export "
+            f"--dtype {DTYPE_NAMES[saved]}) writes {dtype_name(saved)}")
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

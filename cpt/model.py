@@ -125,9 +125,11 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
     source = weights_from or cfg.name_or_path
     if source is not None:
         field = "train.init_from" if weights_from else "model.name_or_path"
+        saved_dtype = getattr(config, "dtype", None)  # (from_pretrained's config says float32 after the load)
         model = load_or_explain(field, source, AutoModelForCausalLM.from_pretrained, source, config=config,
                                 revision=None if weights_from else cfg.revision, dtype=torch.float32,
                                 use_safetensors=require_safetensors(source, field), **common)
+        model.cpt_saved_dtype = saved_dtype  # what its exports are compared with (cpt.export.say_dtype)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
     weight = model.get_input_embeddings().weight

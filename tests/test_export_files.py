@@ -512,3 +512,23 @@ def test_a_base_without_sdpa_attention_trains_and_exports_with_eager(tmp_path, t
     ids = torch.arange(24)[None] % len(tok)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_an_fp32_export_of_a_16_bit_base_says_so_once(tmp_path, tok, monkeypatch):
+    """The exports' default fp32 (the trained weights exactly) turned a bf16 base into an export twice its size
+    without a word in the run's log or `cpt export`'s output; now one line says so and names the setting."""
+    from cpt.export import dtype_note
+    from cpt.model import build_model, load_tokenizer
+
+    monkeypatch.setattr("cpt.export._SAID", set())
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        tiny_llama(len(tok)).to(dtype).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    cfg = _model_cfg(name_or_path=str(tmp_path / "bf16"))
+    model = build_model(cfg, load_tokenizer(cfg))
+    assert model.dtype == torch.float32 and dtype_note(model, "bf16") is None
+    note = dtype_note(model, "fp32")
+    assert "float32" in note and "bfloat16 base" in note and "export_dtype: bf16" in note
+    assert dtype_note(model, None) is None  # once per process (a run writes several exports)
+    cfg = _model_cfg(name_or_path=str(tmp_path / "fp32"))
+    assert dtype_note(build_model(cfg, load_tokenizer(cfg)), "fp32") is None
