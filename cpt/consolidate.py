@@ -409,11 +409,10 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     """Write a checkpoint (or a run directory's latest valid one) as an HF model directory on one CPU process:
     the full model (a LoRA run's adapter merged in), or with ``adapter`` the peft adapter of a LoRA run (None: the
     adapter of a LoRA run, the full model of any other). ``dtype``, ``max_shard_size``: the weight files (None: the
-    run's ``checkpoint.export_dtype`` and ``checkpoint.max_shard_size``). ``ema``: the run's EMA of the weights at that
-    checkpoint (``train.ema_decay``) instead of the trained weights."""
+    run's ``checkpoint.export_dtype`` and ``checkpoint.max_shard_size``). ``ema``: the run's EMA (``train.ema_decay``)."""
     from cpt.checkpoint import STATE_TENSORS
     from cpt.ema import load_ema_weights
-    from cpt.export import check_export_target, export_options, write_hf
+    from cpt.export import check_export_target, dtype_note, export_options, write_hf
     from cpt.model import build_model, load_tokenizer, prepare_model
 
     out_dir = check_export_target(out_dir)
@@ -449,9 +448,10 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
         model = merge_lora(model)
     options = export_options(cfg.checkpoint)
     options.update({k: v for k, v in (("dtype", dtype), ("max_shard_size", max_shard_size)) if v is not None})
+    note = dtype_note(model, options.get("dtype")) if dtype is None else None  # (a --dtype given: no note)
     out = write_hf(model, tokenizer, out_dir, **options)
     echo(f"exported {ckpt} ({kind} layout{', its EMA weights' if ema else ''}) to {out}"
-         + (" (the earlier export there replaced whole)" if replacing else ""))
+         + (" (the earlier export there replaced whole)" if replacing else "") + (f"\n{note}" if note else ""))
     return out
 
 

@@ -30,6 +30,7 @@ import torch
 from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -50,6 +51,10 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, accelerator, options
     state_dict = with_master_weights(accelerator, model, state_dict) if masters else state_dict
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
+        if said := dtype_note(unwrapped, export_options(options).get("dtype")):
+            import logging
+
+            logging.getLogger("cpt.export").warning(said)
         write_hf(unwrapped, tokenizer, out_dir, state_dict, **export_options(options))
     accelerator.wait_for_everyone()
     return Path(out_dir)
@@ -119,7 +124,7 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
         from cpt.redaction import redact_json_file
 
         redact_json_file(tmp / "config.json")  # a secret-named model.arch key became a config attribute
-    make_tokenizer_portable(tmp)
+    make_tokenizer_portable(tmp, tokenizer)
     fault_point(f"export:written:{out.name}")
     return publish_dir(tmp, out)
 
@@ -152,19 +157,33 @@ PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 LOADING_KEYS = ("is_local", "local_files_only")
 
 
-def make_tokenizer_portable(model_dir: str | os.PathLike) -> None:
+def make_tokenizer_portable(model_dir: str | os.PathLike, tokenizer=None) -> None:
     """Rewrite a saved tokenizer_config.json's tokenizer_class to one every supported transformers loads, without
-    the :data:`LOADING_KEYS` transformers 5 records from the load (they told a hub user the tokenizer was local)."""
+    the :data:`LOADING_KEYS` transformers 5 records from the load (they told a hub user the tokenizer was local),
+    and without the pad token cpt gave a ``tokenizer`` that had none (``cpt.model.load_tokenizer``: pad = eos, which
+    the export of a Llama-3-like base carried, so a collator masking pad labels masked every eos downstream)."""
     path = Path(model_dir) / "tokenizer_config.json"
-    if not path.is_file() or not (Path(model_dir) / "tokenizer.json").is_file():
+    if not path.is_file():
         return
     config = json.loads(path.read_text())
     cls = config.get("tokenizer_class")
     changed = {k: config.pop(k) for k in LOADING_KEYS if k in config}
-    if cls in PORTABLE_TOKENIZER_CLASS:
+    if getattr(tokenizer, "cpt_pad_from_eos", False):
+        changed["pad_token"] = config.pop("pad_token", None)
+        _drop_pad_from_special_tokens_map(Path(model_dir))
+    if cls in PORTABLE_TOKENIZER_CLASS and (Path(model_dir) / "tokenizer.json").is_file():
         config["tokenizer_class"] = changed["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
     if changed:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _drop_pad_from_special_tokens_map(model_dir: Path) -> None:
+    """special_tokens_map.json (written by transformers 4.x) without its pad_token."""
+    path = model_dir / "special_tokens_map.json"
+    if path.is_file():
+        tokens = json.loads(path.read_text())
+        if tokens.pop("pad_token", None) is not None:
+            path.write_text(json.dumps(tokens, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------- the weight files: dtype, master weights, tied names
@@ -175,6 +194,24 @@ def export_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
     return DTYPES[name]
+
+
+_SAID: set = set()
+
+
+def dtype_note(model, dtype: str | torch.dtype | None) -> str | None:
+    """A line to say (once per process) when an export's float32 weights are twice the size of the 16-bit weights the
+    model was loaded from (``cpt_saved_dtype``, set by cpt.model.build_model): a bf16 base came back as fp32 without a
+    word in the run's log; the default is deliberate (the trained weights exactly) and ``export_dtype`` changes it."""
+    saved = getattr(model, "cpt_saved_dtype", None)
+    dtype = export_dtype(dtype)
+    written = dtype if dtype is not None else getattr(model, "dtype", None)
+    if written != torch.float32 or saved not in (torch.bfloat16, torch.float16) or saved in _SAID:
+        return None
+    _SAID.add(saved)
+    return (f"HF exports hold float32 weights (checkpoint.export_dtype: fp32, the trained weights exactly), twice the "
+            f"size of the {dtype_name(saved)} base model; checkpoint.export_dtype: {DTYPE_NAMES[saved]} (cpt export "
+            f"--dtype {DTYPE_NAMES[saved]}) writes {dtype_name(saved)}")
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -52,8 +52,9 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
                           trust_remote_code=cfg.trust_remote_code)
     if tok.eos_token is None:
         raise ModelLoadError(f"tokenizer {name!r} has no eos_token: packing needs one to separate documents")
-    if tok.pad_token is None:
+    if tok.pad_token is None:  # (cpt's evaluation batches pad; packed training never does)
         tok.pad_token = tok.eos_token
+        tok.cpt_pad_from_eos = True  # not the tokenizer's own: its exports leave it out (cpt.export.make_tokenizer_portable)
     return tok
 
 
@@ -119,19 +120,38 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
     `weights_from` (an HF export directory) overrides `cfg.name_or_path`: it is how a run continues
     from the model of an earlier run or stage.
     """
-    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     config = model_config(cfg, tokenizer, weights_from)
+    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=attn_implementation(cfg, config))
     source = weights_from or cfg.name_or_path
     if source is not None:
         field = "train.init_from" if weights_from else "model.name_or_path"
+        saved_dtype = getattr(config, "dtype", None)  # (from_pretrained's config says float32 after the load)
         model = load_or_explain(field, source, AutoModelForCausalLM.from_pretrained, source, config=config,
                                 revision=None if weights_from else cfg.revision, dtype=torch.float32,
                                 use_safetensors=require_safetensors(source, field), **common)
+        model.cpt_saved_dtype = saved_dtype  # what its exports are compared with (cpt.export.say_dtype)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
     weight = model.get_input_embeddings().weight
     check_vocab_fits(cfg, tokenizer, getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3: an empty placeholder
     return model
+
+
+def attn_implementation(cfg: ModelConfig, config) -> str:
+    """``model.attn_implementation``, but eager for a model class without SDPA attention (Gemma 2: transformers 5
+    refuses sdpa for its soft-capped attention) when sdpa, the default, is asked for: such a model failed to load
+    with `transformers cannot load this folder`, naming neither the field nor the fix."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    impl = cfg.attn_implementation
+    cls = None if cfg.trust_remote_code else MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if impl == "sdpa" and cls is not None and getattr(cls, "_supports_sdpa", True) is False:
+        if cls.__name__ not in _ARCH_WARNED:  # (once per process: the model is built more than once)
+            _ARCH_WARNED.add(cls.__name__)
+            log.warning(f"model.attn_implementation: {cls.__name__} has no sdpa attention in transformers: "
+                        "using eager (set model.attn_implementation: eager to say so)")
+        return "eager"
+    return impl
 
 
 def check_vocab_fits(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, rows: int) -> None:

@@ -455,3 +455,82 @@ def test_an_export_from_a_gathered_state_holds_a_tied_head_once(tmp_path, tok):
     keys = {d.name: set(safe_open(d / "model.safetensors", "pt").keys()) for d in (plain, gathered)}
     assert keys["gathered"] == keys["plain"] and "lm_head.weight" not in keys["gathered"]
     assert main([str(tmp_path / "avg"), str(plain), str(gathered)]) == 0
+
+
+def _model_cfg(**model):
+    from cpt.config import load_config
+
+    return load_config(base={"model": model, "data": {"sources": [{"name": "a", "path": "x"}]},
+                             "stages": [{"steps": 1, "mix": {"a": 1}}]}).model
+
+
+def test_the_exported_tokenizer_has_no_pad_token_cpt_gave_it(tmp_path, tok):
+    """A base tokenizer without a pad token (Llama 3, Mistral, OLMo bases) was given pad = eos for cpt's evaluation
+    batches, and every export (full model, adapter, merge) carried it: downstream, a collator that masks pad labels
+    masked every eos. The export's tokenizer is now the base's; a pad token the tokenizer had is kept."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from cpt.model import load_tokenizer
+
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(_model_cfg(tokenizer=str(tmp_path / "tok"), arch={}))
+    assert loaded.pad_token == loaded.eos_token  # (cpt still pads with eos)
+    full = write_hf(tiny_llama(len(tok)), loaded, tmp_path / "full")
+    lora = get_peft_model(tiny_llama(len(tok)), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.peft_config["default"].base_model_name_or_path = str(full)
+    adapter = write_hf(lora, loaded, tmp_path / "adapter")
+    merged = merge_adapter(adapter, tmp_path / "merged")
+    for d in (full, adapter, merged):
+        again = AutoTokenizer.from_pretrained(d)
+        assert again.pad_token is None and again.eos_token == tok.eos_token, d
+    padded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    padded.pad_token = "<pad>"
+    padded.save_pretrained(tmp_path / "tok-pad")
+    kept = write_hf(tiny_llama(len(padded)), load_tokenizer(_model_cfg(tokenizer=str(tmp_path / "tok-pad"), arch={})),
+                    tmp_path / "kept")
+    assert AutoTokenizer.from_pretrained(kept).pad_token == "<pad>"
+
+
+def test_a_base_without_sdpa_attention_trains_and_exports_with_eager(tmp_path, tok):
+    """Gemma 2 has no sdpa attention in transformers 5: with model.attn_implementation left at its default (sdpa) a
+    Gemma 2 base did not load (`transformers cannot load this folder`); it now loads with eager, saying so, and
+    its export reloads with the same logits."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    from cpt.model import build_model, load_tokenizer
+
+    torch.manual_seed(0)
+    base = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16))
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "gemma2")
+    tok.save_pretrained(tmp_path / "gemma2")
+    cfg = _model_cfg(name_or_path=str(tmp_path / "gemma2"))
+    assert cfg.attn_implementation == "sdpa"
+    model = build_model(cfg, load_tokenizer(cfg)).eval()
+    assert model.config._attn_implementation == "eager"
+    out = write_hf(model, tok, tmp_path / "export")
+    again = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.arange(24)[None] % len(tok)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_an_fp32_export_of_a_16_bit_base_says_so_once(tmp_path, tok, monkeypatch):
+    """The exports' default fp32 (the trained weights exactly) turned a bf16 base into an export twice its size
+    without a word in the run's log or `cpt export`'s output; now one line says so and names the setting."""
+    from cpt.export import dtype_note
+    from cpt.model import build_model, load_tokenizer
+
+    monkeypatch.setattr("cpt.export._SAID", set())
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        tiny_llama(len(tok)).to(dtype).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    cfg = _model_cfg(name_or_path=str(tmp_path / "bf16"))
+    model = build_model(cfg, load_tokenizer(cfg))
+    assert model.dtype == torch.float32 and dtype_note(model, "bf16") is None
+    note = dtype_note(model, "fp32")
+    assert "float32" in note and "bfloat16 base" in note and "export_dtype: bf16" in note
+    assert dtype_note(model, None) is None  # once per process (a run writes several exports)
+    cfg = _model_cfg(name_or_path=str(tmp_path / "fp32"))
+    assert dtype_note(build_model(cfg, load_tokenizer(cfg)), "fp32") is None

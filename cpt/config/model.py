@@ -137,6 +137,7 @@ class ModelConfig(Strict):
     # set on the model's config before the weights load, e.g. long-context CPT:
     # {max_position_embeddings: 32768, rope_parameters: {rope_type: default, rope_theta: 1000000}}
     config_overrides: dict[str, Any] = Field(default_factory=dict)
+    # sdpa: eager for a model class without sdpa attention (Gemma 2), with a log line (cpt.model.attn_implementation)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     gradient_checkpointing: bool = False
     # with gradient_checkpointing: recompute only every N-th decoder layer (1: every layer); the others keep their
