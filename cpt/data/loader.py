@@ -165,6 +165,9 @@ class CPTDataLoader:
             out[f"data/share/{name}"] = float(self.mixer.last_shares[j])
             out[f"data/realised_share/{name}"] = self.mixer.rows[j] / served if served else 0.0
             out[f"data/epochs/{name}"] = epochs[name]
+            stream = self.streams[j]
+            if isinstance(stream, PackedStream) and stream.shards._fs is not None:
+                out[f"data/read_retries/{name}"] = float(stream.shards.read_retries)
         return out
 
     # ------------------------------------------------------------ resume

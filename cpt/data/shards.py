@@ -42,6 +42,7 @@ import numpy as np
 
 from cpt.data.manifest import is_count, manifest_problem
 from cpt.data.openmaps import OPEN_MAPS
+from cpt.data.remote import RangeReadError, read_ranges
 
 logger = logging.getLogger("cpt.data")
 
@@ -209,6 +210,7 @@ class TokenShards:
         self.mtimes: dict[str, int] = {}  # local files' modification times (ns), from the size check (verify)
         self._fingerprint: str | None = None
         self._newest: int | None = None
+        self.read_retries = 0  # remote range reads retried (transient errors, short reads): see _cat_ranges
 
     # ------------------------------------------------------------ opening
 
@@ -444,15 +446,20 @@ class TokenShards:
         paths = [self._file(self._shards[i].tokens_file) for _, (i, _, _, _) in pieces]
         begins = [off * itemsize for _, (_, off, _, _) in pieces]
         ends = [(off + n) * itemsize for _, (_, off, n, _) in pieces]
-        blobs = self._fs.cat_ranges(paths, begins, ends)
-        for (row, (_, _, n, at)), blob, path in zip(pieces, blobs, paths):
-            if isinstance(blob, Exception):
-                raise ShardError(f"{self.path}: range read failed: {blob}")
-            if len(blob) != n * itemsize:  # e.g. an HTTP server that ignores Range and sends the whole file
-                raise ShardError(f"{path}: asked for {n * itemsize} bytes, got {len(blob)}: the storage does not "
-                                 "serve byte ranges (HTTP servers must support Range requests)")
+        blobs = self._cat_ranges(paths, begins, ends)
+        for (row, (_, _, n, at)), blob in zip(pieces, blobs):
             out[row, at : at + n] = np.frombuffer(blob, dtype=self.dtype, count=n)
         return out
+
+    def _cat_ranges(self, paths: list[str], begins: list[int], ends: list[int]) -> list[bytes]:
+        """Byte ranges from remote storage, each exactly as long as asked (transient failures retried: read_ranges)."""
+        try:
+            blobs, retries = read_ranges(self._fs, paths, begins, ends)
+        except RangeReadError as e:
+            self.read_retries += e.retries
+            raise ShardError(str(e)) from None
+        self.read_retries += retries
+        return blobs
 
     def document_starts(self) -> np.ndarray:
         """Global token offsets of every document start (reads the .idx files; for tests and tools)."""

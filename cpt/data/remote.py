@@ -1,0 +1,84 @@
+"""Range reads from remote storage (fsspec) that survive a transient failure.
+
+A job streaming shards from S3/GCS/HTTP for days meets the odd network or storage hiccup: a connection reset, a
+timeout, a 5xx/429, a response cut short. :func:`read_ranges` asks fsspec's ``cat_ranges`` for a batch of byte
+ranges and retries the ranges that failed (only those), up to :data:`READ_RETRIES` times with doubling waits from
+:data:`RETRY_WAIT_S` (at most :data:`RETRY_MAX_WAIT_S` a wait: about 3 minutes in all with the defaults), each retry
+one warning line on the ``cpt.data`` logger and counted (the caller adds the count to its ``read_retries``: the
+loader's ``data/read_retries/<source>`` metric). A range that still fails, and at once a missing file, a denied access
+or a server that ignores Range (more bytes than asked), is one :class:`RangeReadError` line naming the file. A range
+never comes back shorter or longer than asked: a short read is retried, never turned into tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger("cpt.data")
+
+READ_RETRIES = 8
+RETRY_WAIT_S = 1.0
+RETRY_MAX_WAIT_S = 60.0
+
+
+class RangeReadError(ValueError):
+    """A range that could not be read (after the retries, or a failure that retrying cannot mend)."""
+
+    def __init__(self, retries: int, message: str):
+        super().__init__(message)
+        self.retries = retries  # (the retries made before giving up)
+
+
+def transient(e: BaseException) -> bool:
+    """A read error worth retrying: a network or storage failure or a timeout (OSError, aiohttp/botocore client
+    errors, an HTTP 5xx or 429), not a missing file or a denied access."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(e, OSError):  # (ConnectionError, TimeoutError, fsspec's FSTimeoutError, s3fs's translated errors)
+        return True
+    code = getattr(e, "code", None) or getattr(e, "status", None)
+    if isinstance(code, int):
+        return code == 429 or code >= 500
+    return any(c.__module__.split(".")[0] in ("aiohttp", "botocore", "urllib3", "requests") for c in type(e).__mro__)
+
+
+def read_ranges(fs: Any, paths: list[str], begins: list[int], ends: list[int]) -> tuple[list[bytes], int]:
+    """(the bytes ``[begins[k], ends[k])`` of ``paths[k]`` for each k, how many retries it took)."""
+    blobs: list[Any] = [None] * len(paths)
+    todo, retries = list(range(len(paths))), 0
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            got = fs.cat_ranges([paths[k] for k in todo], [begins[k] for k in todo], [ends[k] for k in todo])
+        except Exception as e:  # noqa: BLE001 - the whole request failed (e.g. a timeout of the batch)
+            got = [e] * len(todo)
+        failed = []
+        for k, blob in zip(todo, got):
+            want = ends[k] - begins[k]
+            if isinstance(blob, BaseException):
+                if not transient(blob):
+                    raise RangeReadError(retries, f"{paths[k]}: range read failed: {type(blob).__name__}: {blob}")
+                failed.append((k, f"{type(blob).__name__}: {blob}"))
+            elif len(blob) > want:  # e.g. an HTTP server that ignores Range and sends the whole file
+                raise RangeReadError(retries, f"{paths[k]}: asked for {want} bytes, got {len(blob)}: the storage does not "
+                                     "serve byte ranges (HTTP servers must support Range requests)")
+            elif len(blob) < want:  # a response cut short (or a file shortened since `cpt prepare`)
+                failed.append((k, f"short read: {len(blob)} of {want} bytes at offset {begins[k]}"))
+            else:
+                blobs[k] = blob
+        if not failed:
+            return blobs, retries
+        todo = [k for k, _ in failed]
+        k, why = failed[0]
+        if attempt == READ_RETRIES:
+            raise RangeReadError(retries, f"{paths[k]}: range read failed {READ_RETRIES + 1} times ({why}; {len(failed)} of "
+                                 f"{len(paths)} ranges): the storage is unreachable, or the file was truncated or "
+                                 "replaced since `cpt prepare` (`cpt verify` checks it); `--resume` continues from the "
+                                 "last checkpoint")
+        wait = min(RETRY_WAIT_S * 2**attempt, RETRY_MAX_WAIT_S)
+        retries += 1
+        logger.warning(f"{paths[k]}: range read failed ({why}; {len(failed)} of {len(paths)} ranges); retry "
+                       f"{attempt + 1}/{READ_RETRIES} in {wait:g} s")
+        time.sleep(wait)
+    raise AssertionError("unreachable")

@@ -1,0 +1,107 @@
+"""Streaming shards from flaky remote storage: transient errors and short reads are retried (bounded, logged,
+counted), failures that retrying cannot mend stop at once with one line, and no wrong token is ever returned.
+
+Remote storage is simulated by ``flaky://``: memory:// with faults injected into chosen range reads (no network, no
+timing: the retry wait is set to 0 and calls are counted)."""
+
+from __future__ import annotations
+
+import logging
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
+
+from cpt.data import remote
+from cpt.data.prepare import prepare
+from cpt.data.shards import ShardError, TokenShards
+from data_factories import data_config, make_docs, stage, tokenizer, write_jsonl  # noqa: F401
+from test_data_shards import to_memory
+
+
+class FlakyFS(MemoryFileSystem):
+    """memory:// under another protocol; ``faults`` maps the number of a range read (1, 2, ... over the process) to
+    what happens to it: an exception to raise, or ``"short"`` (half the bytes)."""
+
+    protocol = "flaky"
+    faults: dict = {}
+    calls: list = []
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).replace("flaky://", "memory://", 1))
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        FlakyFS.calls.append(str(path))
+        fault = FlakyFS.faults.get(len(FlakyFS.calls))
+        if isinstance(fault, BaseException):
+            raise fault
+        data = super().cat_file(path, start, end, **kw)
+        return data[: len(data) // 2] if fault == "short" else data
+
+
+@pytest.fixture
+def flaky(tmp_path, tokenizer, monkeypatch):
+    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
+    monkeypatch.setattr(FlakyFS, "faults", {})
+    monkeypatch.setattr(FlakyFS, "calls", [])
+    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.0)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(150, seed=11)])
+    out = tmp_path / "src"
+    prepare([str(src)], tokenizer, out, shard_tokens=700)
+    url = to_memory(out, "/bucket/flaky").replace("memory://", "flaky://")
+    return out, url
+
+
+def test_transient_errors_and_short_reads_are_retried_logged_and_counted(flaky, tokenizer, caplog):
+    """A connection reset, a timeout and a response cut short in the middle of a run: the batches are exactly those
+    read from disk, each failed range is asked again (only it), one warning per retry, counted in the metrics."""
+    from cpt.data.loader import CPTDataLoader
+
+    out, url = flaky
+    stages = [stage(6, {"a": 1.0})]
+    local = CPTDataLoader(data_config([{"name": "a", "path": str(out)}], seq_len=8), stages, tokenizer, 8, seed=0)
+    loader = CPTDataLoader(data_config([{"name": "a", "path": url}], seq_len=8), stages, tokenizer, 8, seed=0)
+    first = len(FlakyFS.calls)  # (opening reads the manifest with one cat_file)
+    # 8 rows a batch (a row across a shard boundary is 2 ranges): faults in the 2nd, 3rd and 5th batch
+    FlakyFS.faults = {first + 10: ConnectionResetError("peer reset"), first + 20: TimeoutError("read timed out"),
+                      first + 21: TimeoutError("read timed out"), first + 37: "short"}  # (20, 21: one request)
+    with caplog.at_level(logging.WARNING, logger="cpt.data"):
+        for s in range(6):
+            assert torch.equal(local.batch(s)["input_ids"], loader.batch(s)["input_ids"])
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 3 and loader.metrics()["data/read_retries/a"] == 3.0
+    assert "ConnectionResetError: peer reset; 1 of 8 ranges" in retries[0] and "retry 1/" in retries[0]
+    assert "TimeoutError: read timed out; 2 of 8 ranges" in retries[1] and "short read" in retries[2]
+    assert "data/read_retries/a" not in local.metrics()
+
+
+def test_a_failure_that_does_not_mend_stops_with_one_line_after_bounded_retries(flaky, monkeypatch):
+    _, url = flaky
+    s = TokenShards.open(url)
+    monkeypatch.setattr(remote, "READ_RETRIES", 3)
+    n = len(FlakyFS.calls)
+    FlakyFS.faults = {n + k: ConnectionError("no route to host") for k in range(1, 10)}
+    with pytest.raises(ShardError) as e:
+        s.read(10, 20)
+    assert len(FlakyFS.calls) - n == 4 and s.read_retries == 3  # 1 + 3 retries, then stop
+    msg = str(e.value)
+    assert "\n" not in msg and "shard_00000.bin: range read failed 4 times" in msg and "--resume" in msg
+    # a shortened file (e.g. replaced since `cpt prepare`) gives short reads every time: an error, never tokens
+    n = len(FlakyFS.calls)
+    FlakyFS.faults = {n + k: "short" for k in range(1, 10)}
+    with pytest.raises(ShardError, match=r"short read: 20 of 40 bytes"):
+        s.read(10, 20)
+
+
+def test_missing_file_or_denied_access_is_not_retried(flaky):
+    _, url = flaky
+    s = TokenShards.open(url)
+    for err in (FileNotFoundError("shard_00000.bin"), PermissionError("AccessDenied")):
+        n = len(FlakyFS.calls)
+        FlakyFS.faults = {n + 1: err}
+        with pytest.raises(ShardError, match=type(err).__name__):
+            s.read_many(np.array([0, 100]), 16)
+        assert len(FlakyFS.calls) - n == 2 and s.read_retries == 0  # both ranges asked once, no retry
