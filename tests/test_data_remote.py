@@ -105,3 +105,23 @@ def test_missing_file_or_denied_access_is_not_retried(flaky):
         with pytest.raises(ShardError, match=type(err).__name__):
             s.read_many(np.array([0, 100]), 16)
         assert len(FlakyFS.calls) - n == 2 and s.read_retries == 0  # both ranges asked once, no retry
+
+
+def test_heldout_sample_reads_remote_documents_in_two_batched_requests(flaky, tokenizer, tmp_path, monkeypatch):
+    """A held-out sample of whole documents from a remote set: its .idx files in one batched request and the chosen
+    documents in another (concurrent on s3/gcs/http), not one round trip per shard and per document; same tokens as
+    from disk."""
+    from types import SimpleNamespace
+
+    from cpt.data.loader import sample_heldout
+
+    out, url = flaky
+    batched, opened = [], []
+    real_cat_ranges, real_open = FlakyFS.cat_ranges, FlakyFS._open
+    monkeypatch.setattr(FlakyFS, "cat_ranges", lambda self, paths, *a, **k: (batched.append(len(paths)),
+                                                                             real_cat_ranges(self, paths, *a, **k))[1])
+    monkeypatch.setattr(FlakyFS, "_open", lambda self, path, *a, **k: (opened.append(path), real_open(self, path, *a, **k))[1])
+    got = sample_heldout(SimpleNamespace(name="h", path=url, max_tokens=None), tokenizer, 16, max_tokens=3000, seed=0)
+    want = sample_heldout(SimpleNamespace(name="h", path=str(out), max_tokens=None), tokenizer, 16, max_tokens=3000, seed=0)
+    assert torch.equal(got.tokens, want.tokens) and got.docs == want.docs > 10
+    assert opened == [] and len(batched) == 2 and batched[0] == len(TokenShards.open(str(out)).manifest["shards"])

@@ -407,7 +407,7 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
         keep = {int(i): int(lengths[i]) for i in order[:k]}
         keep[int(order[k - 1])] -= int(taken[k - 1]) - int(limit)  # the last document drawn is cut at the budget
         chosen = sorted(keep)
-        flat = np.concatenate([shards.read(int(starts[i]), keep[i]) for i in chosen])
+        flat = np.concatenate(shards.read_spans([int(starts[i]) for i in chosen], [keep[i] for i in chosen]))
         n = len(flat) // seq_len
         offsets = np.cumsum([0] + [keep[i] for i in chosen[:-1]])
         docs = int(np.sum(offsets < n * seq_len))  # documents with at least one evaluated token

@@ -170,7 +170,6 @@ def _exists(fs: Any, root: str) -> bool:
     except Exception:  # noqa: BLE001 - a store that cannot say: the manifest message stands
         return True
 
-
 @dataclass
 class _Shard:
     tokens_file: str
@@ -441,15 +440,27 @@ class TokenShards:
         if self._fs is None:
             self._read_local(starts, length, out, dest)
             return out
-        pieces = [(row, p) for row, s in zip(dest.tolist(), starts.tolist()) for p in self._pieces(s, length)]
+        self._read_remote([(row, s, length) for row, s in zip(dest.tolist(), starts.tolist())], out)
+        return out
+
+    def read_spans(self, starts: Any, lengths: Any) -> list[np.ndarray]:
+        """Windows of varying lengths, one array each (remote: one batched, concurrent request, not one per window)."""
+        if self._fs is None:
+            return [self.read(int(s), int(n)) for s, n in zip(starts, lengths)]
+        outs = [np.empty((1, int(n)), dtype=self.dtype) for n in lengths]
+        self._read_remote([(k, int(s), int(n)) for k, (s, n) in enumerate(zip(starts, lengths))], outs)
+        return [o[0] for o in outs]
+
+    def _read_remote(self, windows: list[tuple[int, int, int]], out: Any) -> None:
+        """(row, start, length) windows into ``out[row]`` (row 0 of ``out[row]`` for a list) with one cat_ranges."""
+        pieces = [(row, p) for row, s, length in windows for p in self._pieces(s, length)]
         itemsize = self.dtype.itemsize
         paths = [self._file(self._shards[i].tokens_file) for _, (i, _, _, _) in pieces]
         begins = [off * itemsize for _, (_, off, _, _) in pieces]
         ends = [(off + n) * itemsize for _, (_, off, n, _) in pieces]
-        blobs = self._cat_ranges(paths, begins, ends)
-        for (row, (_, _, n, at)), blob in zip(pieces, blobs):
-            out[row, at : at + n] = np.frombuffer(blob, dtype=self.dtype, count=n)
-        return out
+        for (row, (_, _, n, at)), blob in zip(pieces, self._cat_ranges(paths, begins, ends)):
+            dst = out[row] if isinstance(out, np.ndarray) else out[row][0]
+            dst[at : at + n] = np.frombuffer(blob, dtype=self.dtype, count=n)
 
     def _cat_ranges(self, paths: list[str], begins: list[int], ends: list[int]) -> list[bytes]:
         """Byte ranges from remote storage, each exactly as long as asked (transient failures retried: read_ranges)."""
@@ -463,10 +474,10 @@ class TokenShards:
 
     def document_starts(self) -> np.ndarray:
         """Global token offsets of every document start (reads the .idx files; for tests and tools)."""
-        parts = []
-        for sh in self._shards:
-            with self._open_file(sh.docs_file) as f:
-                parts.append(np.frombuffer(f.read(), dtype="<u8").astype(np.int64) + sh.start)
+        files, sizes = [self._file(sh.docs_file) for sh in self._shards], [sh.num_documents * 8 for sh in self._shards]
+        blobs = (self._cat_ranges(files, [0] * len(files), sizes) if self._fs is not None  # (one batched request)
+                 else [np.fromfile(f, dtype=np.uint8) for f in files])
+        parts = [np.frombuffer(b, dtype="<u8").astype(np.int64) + sh.start for b, sh in zip(blobs, self._shards)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def fingerprint(self) -> str:
@@ -487,6 +498,3 @@ class TokenShards:
 
     def __repr__(self) -> str:
         return f"TokenShards({self.path!r}, tokens={self.num_tokens:,}, documents={self.num_documents:,}, shards={len(self._shards)})"
-
-
-# ---------------------------------------------------------------- writing
