@@ -125,3 +125,32 @@ def test_heldout_sample_reads_remote_documents_in_two_batched_requests(flaky, to
     want = sample_heldout(SimpleNamespace(name="h", path=str(out), max_tokens=None), tokenizer, 16, max_tokens=3000, seed=0)
     assert torch.equal(got.tokens, want.tokens) and got.docs == want.docs > 10
     assert opened == [] and len(batched) == 2 and batched[0] == len(TokenShards.open(str(out)).manifest["shards"])
+
+
+def test_resume_checksums_remote_shards_replaced_since_the_checkpoint(flaky, tokenizer):
+    """A shard re-uploaded (same size, other bytes) after the checkpoint's run opened it: the resume finds it newer in
+    the listing (no extra request), checksums it and refuses in one line; untouched files resume as before."""
+    from cpt.data.loader import CPTDataLoader
+
+    _, url = flaky
+    cfg, stages = data_config([{"name": "a", "path": url}], seq_len=8), [stage(6, {"a": 1.0})]
+    loader = CPTDataLoader(cfg, stages, tokenizer, 8, seed=0)
+    loader.batch(0)
+    state = loader.state_dict()
+    assert state["source_data"]["a"]["newest_file_ns"] > 0
+    CPTDataLoader(cfg, stages, tokenizer, 8, seed=0).load_state_dict(state)  # unchanged: resumes
+    fs, path = fsspec.filesystem("memory"), "/bucket/flaky/shard_00003.bin"
+    fs.pipe(path, bytes(reversed(fs.cat_file(path))))
+    with pytest.raises(ValueError, match=r"checksum mismatch for shard_00003\.bin") as e:
+        CPTDataLoader(cfg, stages, tokenizer, 8, seed=0).load_state_dict(state)
+    assert "flaky:///bucket/flaky" in str(e.value)
+
+
+@pytest.mark.parametrize("entry,seconds", [
+    ({"LastModified": __import__("datetime").datetime(2026, 1, 2, tzinfo=__import__("datetime").timezone.utc)}, 1767312000),
+    ({"updated": "2026-01-02T00:00:00.000Z"}, 1767312000),  # gcsfs
+    ({"created": 1767312000.5}, 1767312000.5),  # memory://
+    ({"size": 3}, None),  # an HTTP index page: no time
+])
+def test_listing_times_of_each_store(entry, seconds):
+    assert remote.listed_mtime_ns(entry) == (None if seconds is None else int(seconds * 1e9))

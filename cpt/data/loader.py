@@ -218,8 +218,8 @@ class CPTDataLoader:
         self.warned = set(state.get("warned", []))
 
     def _files_changed(self, saved: dict[str, dict]) -> list[str]:
-        """Rank 0, local shards: files modified since the checkpoint's run opened them. A few are checksummed (a
-        problem is returned: the data changed under the position); many (a copied folder) are a warning."""
+        """Rank 0, local or remote shards: files modified since the checkpoint's run opened them. A few are checksummed
+        (a problem is returned: the data changed under the position); many (a copied folder) are a warning."""
         problems = []
         for j, name in enumerate(self.source_names):
             ns, stream = (saved.get(name) or {}).get("newest_file_ns"), self.streams[j]
@@ -266,7 +266,7 @@ class CPTDataLoader:
         sh = stream.shards
         out = {"fingerprint": sh.fingerprint(), "about": f"{len(sh.manifest['shards'])} shards, {sh.num_tokens:,} "
                f"tokens, {sh.num_documents:,} documents, tokenizer {sh.manifest['tokenizer'].get('name')!r}"}
-        if sh.mtimes:  # (rank 0, local files: the newest modification time its size check saw)
+        if sh.mtimes:  # (rank 0: the newest modification time its size check saw: stat or listing)
             out["newest_file_ns"] = sh.newest_mtime()
         return out
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 logger = logging.getLogger("cpt.data")
@@ -82,3 +83,20 @@ def read_ranges(fs: Any, paths: list[str], begins: list[int], ends: list[int]) -
                        f"{attempt + 1}/{READ_RETRIES} in {wait:g} s")
         time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def listed_mtime_ns(entry: dict) -> int | None:
+    """A file's modification time (ns) from an fsspec listing entry: s3fs ``LastModified``, gcsfs ``updated``/``mtime``,
+    memory:// ``created``, a local ``mtime``; None when the store gives none (HTTP)."""
+    for key in ("LastModified", "updated", "mtime", "last_modified", "created"):
+        t = entry.get(key)
+        try:
+            if isinstance(t, str):
+                t = datetime.fromisoformat(t.replace("Z", "+00:00"))
+            if isinstance(t, datetime):
+                return int(t.timestamp() * 1e9)
+            if isinstance(t, (int, float)) and not isinstance(t, bool):
+                return int(t * 1e9)
+        except (ValueError, OverflowError, OSError):
+            continue
+    return None

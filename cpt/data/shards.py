@@ -42,7 +42,7 @@ import numpy as np
 
 from cpt.data.manifest import is_count, manifest_problem
 from cpt.data.openmaps import OPEN_MAPS
-from cpt.data.remote import RangeReadError, read_ranges
+from cpt.data.remote import RangeReadError, listed_mtime_ns, read_ranges
 
 logger = logging.getLogger("cpt.data")
 
@@ -206,7 +206,7 @@ class TokenShards:
             raise ShardError(f"{path}: manifest shards hold {start} tokens but num_tokens says {self.num_tokens}")
         self._starts = np.array([s.start for s in self._shards] + [start], dtype=np.int64)
         self._uid = next(_UIDS)  # (this object's part of the keys of OPEN_MAPS)
-        self.mtimes: dict[str, int] = {}  # local files' modification times (ns), from the size check (verify)
+        self.mtimes: dict[str, int] = {}  # files' modification times (ns), from the size check (verify: stat or listing)
         self._fingerprint: str | None = None
         self._newest: int | None = None
         self.read_retries = 0  # remote range reads retried (transient errors, short reads): see _cat_ranges
@@ -318,16 +318,16 @@ class TokenShards:
             yield sh.docs_file, sh.num_documents * 8, meta["docs_checksum"]
 
     def _listed_sizes(self) -> dict[str, int]:
-        """Remote storage: every file's size from one directory listing (one LIST request on an object store instead
-        of one HEAD per file); {} when the listing gives no sizes (e.g. an HTTP index page) or fails."""
-        if self._fs is None:
-            return {}
+        """Remote storage: every file's size from one listing (one LIST, not one HEAD per file; {} when it fails or gives
+        no sizes, e.g. an HTTP index page); its modification times go to ``mtimes`` as local stats do."""
         try:
-            entries = self._fs.ls(self._root, detail=True)
+            entries = self._fs.ls(self._root, detail=True) if self._fs is not None else []
         except Exception:  # noqa: BLE001 - a store that cannot list: sizes are asked file by file
             return {}
-        return {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e["size"]) for e in entries
-                if e.get("type") == "file" and e.get("size") is not None}
+        files = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e for e in entries if e.get("type") == "file"}
+        self.mtimes.update({n: t for n, e in files.items() if (t := listed_mtime_ns(e)) is not None})
+        self._newest = None  # (the newest time is computed again)
+        return {n: int(e["size"]) for n, e in files.items() if e.get("size") is not None}
 
     def _check_file(self, name: str, size: int, checksum: str | None, listed_size: int | None = None) -> str | None:
         p = self._file(name)
@@ -352,9 +352,9 @@ class TokenShards:
         return None
 
     def changed_since(self, ns: int, limit: int = 8) -> tuple[list[str], list[str]]:
-        """(files modified after ``ns``, their checksum problems): local files whose size check (verify) saw a newer
-        modification time. Up to ``limit`` such files are checksummed against the manifest (a shard replaced by hand
-        by one of the same size passes the size check); more (a copied folder) are only listed."""
+        """(files modified after ``ns``, their checksum problems): files whose size check (verify) saw a newer time (a
+        stat, a remote listing). Up to ``limit`` are checksummed (a shard replaced by one of the same size passes the
+        size check); more (a copied folder, an upload) are only listed."""
         changed = sorted(n for n, t in self.mtimes.items() if t > ns)
         if not changed or len(changed) > limit:
             return changed, []
