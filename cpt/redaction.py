@@ -28,6 +28,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import parse_qsl, urlsplit
 
 REDACTED = "<redacted>"
 
@@ -63,6 +64,28 @@ def is_secret_key(name: Any) -> bool:
     if words[-1] == "token":
         return len(words) == 1 or words[-2] not in _NOT_TOKEN
     return False
+
+
+_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*:[^/?#@]*@")
+# query parameters of signed URLs (S3/GCS presigned, Azure SAS) besides secret-named ones (token, api_key, ...)
+_SIGNED = {"sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
+           "x-goog-credential"}
+URL_CREDENTIALS_HINT = ("give credentials through the environment, not the path: s3 AWS_* variables or a profile, gcs "
+                        "GOOGLE_APPLICATION_CREDENTIALS, hf HF_TOKEN, http(s) FSSPEC_HTTP='{\"headers\": {\"Authorization\": "
+                        "\"Bearer ...\"}}' (fsspec's configuration)")
+
+
+def url_credentials(value: str) -> str | None:
+    """What in a URL is a credential (a password in ``user:password@``, a token or signature query parameter), or None.
+    A path field or `cpt prepare` input holding one is refused: it would be written to config.yaml, checkpoints, W&B,
+    manifests and logs, which redact secret-named keys, not parts of values."""
+    if "://" not in str(value):
+        return None
+    if _URL_PASSWORD.match(value):
+        return "a password (user:password@)"
+    secret = [k for k, _ in parse_qsl(urlsplit(value).query, keep_blank_values=True)
+              if is_secret_key(k) or k.lower() in _SIGNED]
+    return f"the query parameter {secret[0]!r}" if secret else None
 
 
 def redact(obj: Any) -> Any:

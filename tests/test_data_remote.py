@@ -154,3 +154,28 @@ def test_resume_checksums_remote_shards_replaced_since_the_checkpoint(flaky, tok
 ])
 def test_listing_times_of_each_store(entry, seconds):
     assert remote.listed_mtime_ns(entry) == (None if seconds is None else int(seconds * 1e9))
+
+
+@pytest.mark.parametrize("url,what", [
+    ("https://user:s3cr3t@host/prepared", "a password"),
+    ("https://host/prepared?token=s3cr3t", "'token'"),
+    ("https://bucket.s3.amazonaws.com/p?X-Amz-Signature=s3cr3t", "'X-Amz-Signature'"),
+])
+def test_credentials_in_a_url_are_refused_never_written(url, what, tokenizer, tmp_path, capsys):
+    """A password or token in a source's URL (or a `cpt prepare` input) would reach config.yaml, checkpoints, W&B,
+    manifests and logs, which redact secret-named keys only: refused in one line that does not repeat it."""
+    from cpt.commands.prepare import main as prepare_main
+    from cpt.config import ConfigError, load_config
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, tmp_path / "run")
+    cfg["data"]["heldout"] = [{"name": "h", "path": url, "tag": "upstream"}]
+    with pytest.raises(ConfigError) as e:
+        load_config(base=cfg)
+    assert "data.heldout.0.path: a URL with " in str(e.value) and what in str(e.value) and "s3cr3t" not in str(e.value)
+    tok_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tok_dir)
+    assert prepare_main([url, "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and what in err and "s3cr3t" not in err and "environment" in err
+    data_config([{"name": "a", "path": "https://user@host/prepared?revision=main"}])  # no secret: accepted

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 
+from cpt.redaction import URL_CREDENTIALS_HINT, url_credentials
+
 
 class Strict(BaseModel):
     """The base class of every config section: unknown keys are errors, so a typo in a YAML config never passes
@@ -59,6 +61,9 @@ def _path_text(value: str) -> str:
     error asking for the braces, not a folder named ``$SCRATCH``."""
     if (m := _BARE_VAR.search(value)) is not None:
         raise ValueError(f"{value!r}: cpt expands ${{VAR}}, not ${m.group(1)}: write ${{{m.group(1)}}}")
+    if (secret := url_credentials(value)) is not None:  # (the value itself is not repeated: it holds the secret)
+        raise ValueError(f"a URL with {secret} would be written to config.yaml, checkpoints, W&B and logs; "
+                         f"{URL_CREDENTIALS_HINT}")
     return os.path.expanduser(value) if value.startswith("~") else value
 
 

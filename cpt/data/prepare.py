@@ -59,6 +59,7 @@ from cpt.data.shards import (
     vocab_size,
     write_json_atomic,
 )
+from cpt.redaction import URL_CREDENTIALS_HINT, url_credentials
 
 logger = logging.getLogger("cpt.data")
 
@@ -180,6 +181,8 @@ def _prepare(inputs: str | list[str], tokenizer: Any, out: str, opts: PrepareOpt
     inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
     if not inputs:
         raise PrepareError("no inputs given")
+    if secret := next((w for w in map(url_credentials, inputs) if w), None):
+        raise PrepareError(f"an input URL with {secret} would be recorded in manifest.json and logs; {URL_CREDENTIALS_HINT}")
     opts.check()
     if is_remote(out):
         raise PrepareError(f"--out must be a local folder (got {out}); upload the prepared folder afterwards")
