@@ -14,7 +14,7 @@ per-shard counts and per-file checksums (xxh3-64), and what `cpt prepare` skippe
 
 Local shards are read through ``np.memmap`` (kept open up to a bound for the whole process:
 :data:`cpt.data.openmaps.OPEN_MAPS`); remote shards through fsspec range reads (``cat_ranges``), so only the bytes of
-the requested sequences travel.
+the requested sequences travel (transient failures and short reads retried: :mod:`cpt.data.remote`).
 
 What opening costs: :meth:`TokenShards.open` reads the manifest, compares the tokenizer hash and (by
 default) checks every file's size: no shard byte is read, whatever the corpus size. The full checksums
