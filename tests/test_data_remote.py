@@ -179,3 +179,51 @@ def test_credentials_in_a_url_are_refused_never_written(url, what, tokenizer, tm
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and what in err and "s3cr3t" not in err and "environment" in err
     data_config([{"name": "a", "path": "https://user@host/prepared?revision=main"}])  # no secret: accepted
+
+
+def test_http_503_and_cut_short_bodies_are_retried_403_is_not(flaky, tokenizer):
+    """The errors aiohttp really raises (through fsspec's http://): a 503 and a body cut short mid-transfer are
+    retried and give the right tokens; a 403 stops at once."""
+    import http.server
+    import threading
+
+    out, _ = flaky
+    plan: list = []  # what the next requests get: 503, "cut", 403; then normal answers
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            data = (out / self.path.rsplit("/", 1)[-1]).read_bytes()
+            rng = self.headers.get("Range")
+            a, b = (int(x) for x in rng.removeprefix("bytes=").split("-")) if rng else (0, len(data) - 1)
+            body, fault = data[a : b + 1], plan.pop(0) if plan else None
+            if isinstance(fault, int):
+                self.send_response(fault)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206 if rng else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2] if fault == "cut" else body)
+            if fault == "cut":
+                self.close_connection = True
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        s = TokenShards.open(f"http://127.0.0.1:{srv.server_address[1]}/src")
+        want = TokenShards.open(str(out)).read(100, 50)
+        plan[:] = [503, "cut"]
+        assert s.read(100, 50).tolist() == want.tolist() and s.read_retries == 2
+        plan[:] = [403]
+        with pytest.raises(ShardError, match="403"):
+            s.read(100, 50)
+        assert s.read_retries == 2
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -34,14 +34,14 @@ class RangeReadError(ValueError):
 
 def transient(e: BaseException) -> bool:
     """A read error worth retrying: a network or storage failure or a timeout (OSError, aiohttp/botocore client
-    errors, an HTTP 5xx or 429), not a missing file or a denied access."""
+    errors, an HTTP 5xx, 408 or 429), not a missing file or a denied access."""
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(e, OSError):  # (ConnectionError, TimeoutError, fsspec's FSTimeoutError, s3fs's translated errors)
         return True
     code = getattr(e, "code", None) or getattr(e, "status", None)
     if isinstance(code, int):
-        return code == 429 or code >= 500
+        return code in (408, 429) or code >= 500
     return any(c.__module__.split(".")[0] in ("aiohttp", "botocore", "urllib3", "requests") for c in type(e).__mro__)
 
 
