@@ -227,3 +227,43 @@ def test_http_503_and_cut_short_bodies_are_retried_403_is_not(flaky, tokenizer):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.slow
+def test_a_run_whose_store_stays_down_stops_in_one_line_and_resumes_exactly(tiny_cpt_data, tmp_path, monkeypatch):
+    """The store stays down past the retries in the middle of a 4-step run (checkpoint every 2 steps): the run stops
+    with one ShardError line naming the file and --resume; a --resume once the store is back trains steps 3-4 onto
+    the losses of a run that never failed."""
+    from conftest import tiny_run_config
+    from cpt.config import load_config
+    from cpt.metrics import read_metrics
+    from cpt.train import train
+
+    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
+    monkeypatch.setattr(FlakyFS, "faults", {})
+    monkeypatch.setattr(FlakyFS, "calls", [])
+    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(remote, "READ_RETRIES", 1)
+    url = to_memory(tiny_cpt_data / "data" / "python", "/bucket/e2e").replace("memory://", "flaky://")
+
+    def run(out, resume=False):
+        cfg = tiny_run_config(tiny_cpt_data, out, eval={"at_start": False}, checkpoint={"every": 2, "export_at_end": False})
+        cfg["stages"][0]["steps"] = 4
+        cfg["data"]["heldout"] = []
+        cfg["data"]["sources"][0]["path"] = url
+        train(load_config(base=cfg), resume=resume, echo=lambda *a, **k: None)
+        return {r["step"]: r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
+
+    whole = run(tmp_path / "whole")
+    calls = len(FlakyFS.calls)
+    FlakyFS.calls.clear()
+    # (5 batches of about 6 ranges are read: 4 trained on, 1 read ahead and dropped): fail from the 4th batch on
+    FlakyFS.faults = {k: ConnectionError("store down") for k in range(calls - 9, calls + 100)}
+    with pytest.raises(ShardError) as e:
+        run(tmp_path / "broken")
+    msg = str(e.value)
+    assert "\n" not in msg and "range read failed 2 times (ConnectionError: store down" in msg and "--resume" in msg
+    FlakyFS.faults = {}
+    resumed = run(tmp_path / "broken", resume=True)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert [resumed[s] for s in (3, 4)] == pytest.approx([whole[s] for s in (3, 4)], abs=1e-6)
