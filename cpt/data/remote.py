@@ -47,9 +47,11 @@ def transient(e: BaseException) -> bool:
 
 def read_ranges(fs: Any, paths: list[str], begins: list[int], ends: list[int]) -> tuple[list[bytes], int]:
     """(the bytes ``[begins[k], ends[k])`` of ``paths[k]`` for each k, how many retries it took)."""
-    blobs: list[Any] = [None] * len(paths)
-    todo, retries = list(range(len(paths))), 0
+    blobs: list[Any] = [b"" if e <= b else None for b, e in zip(begins, ends)]  # (empty ranges: no request)
+    todo, retries = [k for k, blob in enumerate(blobs) if blob is None], 0
     for attempt in range(READ_RETRIES + 1):
+        if not todo:
+            return blobs, retries
         try:
             got = fs.cat_ranges([paths[k] for k in todo], [begins[k] for k in todo], [ends[k] for k in todo])
         except Exception as e:  # noqa: BLE001 - the whole request failed (e.g. a timeout of the batch)
