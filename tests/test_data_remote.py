@@ -278,3 +278,16 @@ def test_empty_ranges_are_not_requested(flaky):
     blobs, retries = remote.read_ranges(fs, [f"{url}/shard_00000.idx", f"{url}/shard_00001.idx"], [0, 8], [0, 16])
     assert blobs[0] == b"" and len(blobs[1]) == 8 and retries == 0
     assert len(FlakyFS.calls) - n == 1 and FlakyFS.calls[-1].endswith("/shard_00001.idx")
+
+
+def test_manifest_read_at_start_is_retried_then_one_line(flaky, monkeypatch):
+    _, url = flaky
+    FlakyFS.faults = {len(FlakyFS.calls) + 1: ConnectionResetError("peer reset")}
+    assert TokenShards.open(url).num_tokens > 0  # retried once
+    monkeypatch.setattr(remote, "READ_RETRIES", 2)
+    n = len(FlakyFS.calls)
+    FlakyFS.faults = {n + k: TimeoutError("timed out") for k in range(1, 10)}
+    with pytest.raises(ShardError) as e:
+        TokenShards.open(url)
+    assert len(FlakyFS.calls) - n == 3 and "\n" not in str(e.value)
+    assert "manifest.json: read failed 3 times (TimeoutError: timed out)" in str(e.value)

@@ -87,6 +87,25 @@ def read_ranges(fs: Any, paths: list[str], begins: list[int], ends: list[int]) -
     raise AssertionError("unreachable")
 
 
+def retrying(fn: Any, what: str) -> Any:
+    """``fn()`` (a whole-file read, e.g. a manifest), its transient failures retried as :func:`read_ranges` does; one
+    that does not mend raises as it came (a missing file: the caller's message), the last transient one a ShardError."""
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if not transient(e):
+                raise
+            if attempt == READ_RETRIES:
+                from cpt.data.shards import ShardError  # (shards imports this module)
+
+                raise ShardError(f"{what}: read failed {READ_RETRIES + 1} times ({type(e).__name__}: {e}): the storage "
+                                 "is unreachable") from None
+            wait = min(RETRY_WAIT_S * 2**attempt, RETRY_MAX_WAIT_S)
+            logger.warning(f"{what}: read failed ({type(e).__name__}: {e}); retry {attempt + 1}/{READ_RETRIES} in {wait:g} s")
+            time.sleep(wait)
+
+
 def listed_mtime_ns(entry: dict) -> int | None:
     """A file's modification time (ns) from an fsspec listing entry: s3fs ``LastModified``, gcsfs ``updated``/``mtime``,
     memory:// ``created``, a local ``mtime``; None when the store gives none (HTTP)."""

@@ -42,7 +42,7 @@ import numpy as np
 
 from cpt.data.manifest import is_count, manifest_problem
 from cpt.data.openmaps import OPEN_MAPS
-from cpt.data.remote import RangeReadError, listed_mtime_ns, read_ranges
+from cpt.data.remote import RangeReadError, listed_mtime_ns, read_ranges, retrying
 
 logger = logging.getLogger("cpt.data")
 
@@ -263,7 +263,7 @@ class TokenShards:
         mpath = f"{root.rstrip('/')}/{MANIFEST}" if fs is not None else os.path.join(path, MANIFEST)
         try:
             if fs is not None:
-                raw = fs.cat_file(mpath)  # one plain GET (no range requests)
+                raw = retrying(lambda: fs.cat_file(mpath), mpath)  # one plain GET (transient failures retried)
             else:
                 with open(mpath, "rb") as f:
                     raw = f.read()
