@@ -9,6 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 
+class ShardError(ValueError):
+    """A prepared source that cannot be used: missing, corrupt, or made with another tokenizer (imported from
+    cpt.data.shards everywhere; defined here so that cpt.data.remote, which shards imports, can raise it)."""
+
+
 def is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 

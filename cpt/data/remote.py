@@ -17,6 +17,8 @@ import time
 from datetime import datetime
 from typing import Any
 
+from cpt.data.manifest import ShardError
+
 logger = logging.getLogger("cpt.data")
 
 READ_RETRIES = 8
@@ -97,8 +99,6 @@ def retrying(fn: Any, what: str) -> Any:
             if not transient(e):
                 raise
             if attempt == READ_RETRIES:
-                from cpt.data.shards import ShardError  # (shards imports this module)
-
                 raise ShardError(f"{what}: read failed {READ_RETRIES + 1} times ({type(e).__name__}: {e}): the storage "
                                  "is unreachable") from None
             wait = min(RETRY_WAIT_S * 2**attempt, RETRY_MAX_WAIT_S)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from cpt.data.manifest import is_count, manifest_problem
+from cpt.data.manifest import ShardError, is_count, manifest_problem  # (ShardError: defined there, used from here)
 from cpt.data.openmaps import OPEN_MAPS
 from cpt.data.remote import RangeReadError, listed_mtime_ns, read_ranges, retrying
 
@@ -52,10 +52,6 @@ FORMAT_VERSION = 1
 CHECKSUM_ALGO = "xxh3_64"
 _CHUNK = 16 << 20
 _UIDS = itertools.count()
-
-
-class ShardError(ValueError):
-    """A prepared source that cannot be used: missing, corrupt, or made with another tokenizer."""
 
 
 # ---------------------------------------------------------------- tokenizer identity
