@@ -331,7 +331,7 @@ class TokenShards:
             if listed_size is not None:
                 got = listed_size
             elif self._fs is not None:
-                got = int(self._fs.size(p))
+                got = int(retrying(lambda: self._fs.size(p), p))
             else:
                 st = os.stat(p)
                 got, self.mtimes[name], self._newest = st.st_size, st.st_mtime_ns, None
@@ -339,9 +339,8 @@ class TokenShards:
             return f"shard file {name} is missing"
         if got != size:
             return f"{name} has {got} bytes, the manifest expects {size} (truncated or replaced)"
-        if checksum is not None:
-            with self._open_file(name) as f:
-                got_sum = checksum_stream(f)
+        if checksum is not None:  # (remote: a transient failure reads the file again)
+            got_sum = retrying(lambda: self._checksum(name), p) if self._fs is not None else self._checksum(name)
             if got_sum != checksum:
                 return (f"checksum mismatch for {name} ({CHECKSUM_ALGO} {got_sum}, manifest {checksum}); "
                         "the file is corrupt or was changed after `cpt prepare`")
@@ -361,6 +360,10 @@ class TokenShards:
     def num_bytes(self) -> int:
         """Bytes of all shard files (tokens and document index)."""
         return sum(s.num_tokens * self.dtype.itemsize + s.num_documents * 8 for s in self._shards)
+
+    def _checksum(self, name: str) -> str:
+        with self._open_file(name) as f:
+            return checksum_stream(f)
 
     def _open_file(self, name: str) -> Any:
         return self._fs.open(self._file(name), "rb") if self._fs is not None else open(self._file(name), "rb")
