@@ -308,3 +308,31 @@ def test_checksum_pass_over_remote_files_rereads_a_file_after_a_transient_error(
 
     monkeypatch.setattr(FlakyFS, "_open", _open)
     assert TokenShards.open(url, check_sizes=False).verify() == [] and len(failed) == 1
+
+
+def test_a_shard_replaced_on_the_store_during_a_run_stops_it(flaky, tokenizer, monkeypatch):
+    """Rank 0 lists each remote source's folder again every remote.RECHECK_S (0 here: at every batch, one LIST): a
+    shard re-uploaded with other bytes stops the run in one line before more of it is trained on; one re-uploaded
+    with the same bytes (checksummed) does not."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from cpt.data.loader import CPTDataLoader
+
+    _, url = flaky
+    cfg, stages = data_config([{"name": "a", "path": url}], seq_len=8), [stage(6, {"a": 1.0})]
+    loader = CPTDataLoader(cfg, stages, tokenizer, 8, seed=0)
+    monkeypatch.setattr(remote, "RECHECK_S", 0.0)
+    listed: list = []
+    real_ls = MemoryFileSystem.ls
+    monkeypatch.setattr(MemoryFileSystem, "ls", lambda self, *a, **k: (listed.append(1), real_ls(self, *a, **k))[1])
+    loader.batch(0)
+    assert len(listed) == 1  # one LIST per source per check, no request per shard
+    fs, path = fsspec.filesystem("memory"), "/bucket/flaky/shard_00003.bin"
+    fs.pipe(path, fs.cat_file(path))  # the same bytes again (e.g. a sync that re-uploads): checksummed, fine
+    loader.batch(1)
+    fs.pipe(path, bytes(reversed(fs.cat_file(path))))
+    with pytest.raises(ShardError) as e:
+        loader.batch(2)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("data source 'a'") and "checksum mismatch for shard_00003.bin" in msg
+    assert "replaced during the run" in msg

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cpt.data import remote
 from cpt.data.hfstream import HFTokenStream
 from cpt.data.mixer import Mixer, MixPlan
 from cpt.data.shards import ShardError, TokenShards, run_tokenizer_name, tokenizer_fingerprint, vocab_size
@@ -77,6 +79,9 @@ class CPTDataLoader:
                 logger.warning(msg)
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
+        # remote shard sources whose listing gave times (rank 0): listed again every remote.RECHECK_S during the run
+        self._store_seen = {j: (s.shards.newest_mtime(), time.monotonic()) for j, s in enumerate(self.streams)
+                            if isinstance(s, PackedStream) and s.shards._fs is not None and s.shards.newest_mtime()}
         self._fingerprint: str | None = None
 
     def _open(self, src: Any, tokenizer: Any, tok_hash: str, verify: bool, check_sizes: bool) -> PackedStream | HFTokenStream:
@@ -94,6 +99,7 @@ class CPTDataLoader:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """This rank's rows of global batch ``step``: ``input_ids`` [B/W, seq_len] and ``source`` [B/W]."""
+        self._recheck_store()
         counts = self.mixer.counts(step)
         B, W = self.global_batch_size, self.world_size
         row_source = np.repeat(np.arange(len(counts)), counts)
@@ -120,6 +126,21 @@ class CPTDataLoader:
             self.positions[j] += n
         self._check_epochs()
         return {"input_ids": torch.from_numpy(out), "source": torch.from_numpy(mine.astype(np.int64))}
+
+    def _recheck_store(self) -> None:
+        """Remote shards replaced on the store during the run: found within remote.RECHECK_S (one LIST per source),
+        checksummed, and a changed one stops the run in one line (the checkpoints before it read the old data)."""
+        for j, (ns, when) in list(self._store_seen.items()):
+            if time.monotonic() - when < remote.RECHECK_S:
+                continue
+            shards = self.streams[j].shards
+            problems, unchecked = remote.changed_on_store(shards, ns)
+            if problems:
+                raise ShardError(f"data source {self.source_names[j]!r} ({self.sources[j].path}): {problems[0]}")
+            if unchecked:
+                logger.warning(f"data source {self.source_names[j]!r}: {len(unchecked):,} files modified on the store "
+                               "during the run; only their sizes were checked (`cpt verify` checks their contents)")
+            self._store_seen[j] = (max(ns, shards.newest_mtime() or ns), time.monotonic())
 
     def _check_ids(self, j: int, rows: np.ndarray, positions: np.ndarray) -> None:
         """Token ids past the vocabulary: a shard corrupted after `cpt prepare` checksummed it (a bad disk, a partial
