@@ -304,3 +304,31 @@ def test_bundled_tasks_load_without_lm_eval_warnings(caplog):
     assert {"cpt_python_ppl", "cpt_shakespeare_ppl", "cpt_arith_mc"} <= loaded, loaded
     assert not [r.getMessage() for r in caplog.records if "aggregation is not" in r.getMessage()
                 or "higher_is_better" in r.getMessage()]
+
+
+def test_cpt_eval_out_is_strict_json_and_says_non_finite_scores(model, tokenizer, tmp_path, capsys):
+    """A diverged model (NaN weights): `--out` held NaN (json.dumps' default, refused by strict parsers: jq, JS, Go)
+    and the summary left out the perplexity task, whose scores lm-eval computed as NaN, without a word."""
+    import copy
+
+    from cpt.commands.eval import main as eval_main
+
+    diverged = copy.deepcopy(model)
+    with torch.no_grad():
+        diverged.lm_head.weight.fill_(float("nan"))
+    export = tmp_path / "export"
+    diverged.save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    text = tmp_path / "shk.jsonl"
+    text.write_text((LOCAL_TASKS_DIR / "data" / "cpt_shakespeare_ppl.jsonl").read_text())
+    out = tmp_path / "r.json"
+    assert eval_main([str(export), "--heldout", f"shk={text}:upstream", "--seq-len", "32", "--max-tokens", "128",
+                      "--tasks", PPL, "--limit", "2", "--bootstrap-iters", "0", "--device", "cpu", "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    result = json.loads(out.read_text(), parse_constant=refuse)
+    assert result["heldout"]["shk"]["loss"] is None and result["heldout"]["shk"]["tokens"] == 128
+    printed = capsys.readouterr().out
+    assert f"lm_eval/{PPL}/bits_per_byte" in printed and "not finite" in printed

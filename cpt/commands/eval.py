@@ -257,6 +257,11 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"heldout {name:<20} {h['tag']:<10} loss {h['loss']:.4f}  ppl {h['ppl']:.2f}  ({h.get('coverage', h['tokens'])})")
     for key, value in sorted(result.get("lm_eval", {}).items()):
         print(f"{key:<50} {value:.4f}")
+    for task, metrics in sorted(((result.get("lm_eval_results") or {}).get("results") or {}).items()):
+        for key, value in metrics.items():  # a score lm-eval computed as NaN/inf (a diverged model): said, not left out
+            metric, _, filt = key.partition(",")
+            if value is None and filt and not metric.endswith("_stderr"):
+                print(f"{f'lm_eval/{task}/{metric}' + ('' if filt == 'none' else f'@{filt}'):<50} not finite (NaN or inf)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,6 +377,8 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        from cpt.metrics import json_safe
+
+        out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))  # (a diverged model's NaN loss: null)
         print(f"wrote {out}")
     return 0

@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.json) if args.json else (Path(args.out) if args.out else Path(".")) / "interpolation.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("seq_len", "max_tokens", "sample_seed", "document_masking")}
-    json_path.write_text(json.dumps({"base": args.base, "cpt": args.cpt, "heldout_settings": settings, "rows": rows},
-                                    indent=2))
+    from cpt.metrics import json_safe
+
+    json_path.write_text(json.dumps(json_safe({"base": args.base, "cpt": args.cpt, "heldout_settings": settings,
+                                               "rows": rows}), indent=2, allow_nan=False))
     print(f"wrote {json_path}")
     return 0
