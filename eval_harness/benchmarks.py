@@ -126,6 +126,7 @@ class BenchmarkTracker:
         self.last: dict[str, tuple[float, float | None, int]] = {}
         self.higher: dict[str, bool] = {}
         self.tags: dict[str, str] = {}  # key -> tag (tagged keys only)
+        self._sizes: dict[str, dict[str, int]] | None = None  # documents per leaf task (from_config loads them)
 
     @classmethod
     def from_config(cls, cfg, accelerator=None) -> "BenchmarkTracker":
@@ -138,11 +139,26 @@ class BenchmarkTracker:
             make_task_manager([t.name for t in lm.tasks], lm.include_path)
         except UnknownTaskError as e:
             raise ConfigError(f"eval.lm_eval.tasks: {e}") from None
-        return cls([TaskSpec(t.name, t.tag, t.limit) for t in lm.tasks], limit=lm.limit,
+        tracker = cls([TaskSpec(t.name, t.tag, t.limit) for t in lm.tasks], limit=lm.limit,
                    seed=cfg.run.seed if lm.seed is None else lm.seed, every=lm.every, at_start=cfg.eval.at_start,
                    dense_steps=cfg.eval.dense_steps if lm.dense else 0, dense_every=cfg.eval.dense_every,
                    batch_size=lm.batch_size, include_path=lm.include_path, bootstrap_iters=lm.bootstrap_iters,
                    max_length=lm_eval_context(cfg), accelerator=accelerator)
+        tracker._sizes = tracker.load_task_data()  # a task whose data is missing fails now, not at its first evaluation
+        return tracker
+
+    def load_task_data(self) -> dict[str, dict[str, int]]:
+        """Each task's documents, counted (lm-eval loads its data: the bundled files, include_path's, the hub's); data
+        that cannot be loaded (a moved file, no network for a hub task) is a :class:`cpt.config.ConfigError` naming the
+        task, at the start of the run (with ``eval.at_start: false`` it used to be a traceback at the first evaluation,
+        after ``eval.lm_eval.every`` steps of training)."""
+        from cpt.config import ConfigError
+        from eval_harness.lm_eval_hook import TaskDataError, loaded_task_sizes
+
+        try:
+            return loaded_task_sizes([t.name for t in self.tasks], self.include_path)
+        except TaskDataError as e:
+            raise ConfigError(f"eval.lm_eval.tasks: {e}") from None
 
     # -- schedule
     def needs_start_evaluation(self) -> bool:
@@ -163,7 +179,7 @@ class BenchmarkTracker:
     def _set_up(self) -> None:
         from eval_harness.lm_eval_hook import task_sizes
 
-        sizes = task_sizes([t.name for t in self.tasks], self.include_path)
+        sizes = self._sizes or task_sizes([t.name for t in self.tasks], self.include_path)
         if self.max_length:
             log.info("lm-eval: context length %d tokens (eval.lm_eval.max_length, default data.seq_len; lm-eval alone "
                      "on an export needs max_length=%d in its model_args for the same scores)", self.max_length, self.max_length)

@@ -346,12 +346,12 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
         print("cpt eval: nothing to do: give --tasks and/or --heldout (a checkpoint of a run without either evaluates "
               "what the run did)", file=sys.stderr)
         return 2
-    from eval_harness.lm_eval_hook import UnknownTaskError, make_task_manager
+    from eval_harness.lm_eval_hook import TaskDataError, UnknownTaskError, loaded_task_sizes
 
-    try:  # before any model loads
+    try:  # before any model loads: the names, then the tasks' data
         if tasks:
-            make_task_manager(tasks, args.include_path)
-    except UnknownTaskError as e:
+            loaded_task_sizes(tasks, args.include_path)
+    except (UnknownTaskError, TaskDataError) as e:
         print(f"cpt eval: error: --tasks: {e}", file=sys.stderr)
         return 1
     apply_run_defaults(args, run_eval_settings(args.checkpoint), bool(tasks), bool(heldouts))
