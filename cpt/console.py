@@ -70,7 +70,8 @@ def eval_line(step: int, metrics: dict[str, Any]) -> str | None:
     if losses or ema:
         return f"eval step {step}: " + ", ".join(losses) + (f" | ema: {', '.join(ema)}" if ema else "")
     if lm:
-        return f"lm-eval step {step}: " + ", ".join(lm)
+        took = metrics.get("time/lm_eval_s")
+        return f"lm-eval step {step}: " + ", ".join(lm) + (f" ({took:.1f} s)" if isinstance(took, (int, float)) else "")
     return None
 
 

@@ -127,6 +127,7 @@ class BenchmarkTracker:
         self.higher: dict[str, bool] = {}
         self.tags: dict[str, str] = {}  # key -> tag (tagged keys only)
         self._sizes: dict[str, dict[str, int]] | None = None  # documents per leaf task (from_config loads them)
+        self.echo: Any = lambda line: None  # the run's console (train: say): a line as each evaluation starts
 
     @classmethod
     def from_config(cls, cfg, accelerator=None) -> "BenchmarkTracker":
@@ -179,7 +180,7 @@ class BenchmarkTracker:
     def _set_up(self) -> None:
         from eval_harness.lm_eval_hook import task_sizes
 
-        sizes = self._sizes or task_sizes([t.name for t in self.tasks], self.include_path)
+        sizes = self._sizes = self._sizes or task_sizes([t.name for t in self.tasks], self.include_path)
         if self.max_length:
             log.info("lm-eval: context length %d tokens (eval.lm_eval.max_length, default data.seq_len; lm-eval alone "
                      "on an export needs max_length=%d in its model_args for the same scores)", self.max_length, self.max_length)
@@ -216,6 +217,7 @@ class BenchmarkTracker:
         t0 = time.perf_counter()
         if not self.task_tags:
             self._set_up()
+        self.echo(self.start_line(step))  # a plain line as it starts: a long evaluation is not a silent batch log
         flat, raw = run_lm_eval_detailed(
             model, tokenizer, [t.name for t in self.tasks], batch_size=self.batch_size, include_path=self.include_path,
             accelerator=self.accelerator, max_length=self.max_length, bootstrap_iters=self.bootstrap_iters,
@@ -223,6 +225,16 @@ class BenchmarkTracker:
         metrics = self.record(step, flat, raw.get("higher_is_better") or {})
         metrics["time/lm_eval_s"] = time.perf_counter() - t0
         return metrics
+
+    def start_line(self, step: int) -> str:
+        """``lm-eval step 40: scoring cpt_python_next (200 documents), hellaswag (all 10,042 documents)``."""
+        parts = []
+        for t in self.tasks:
+            leaves = (self._sizes or {}).get(t.name, {})
+            chosen = [len(self.samples[leaf]) if self.samples and leaf in self.samples else n for leaf, n in leaves.items()]
+            whole = all(not (self.samples and leaf in self.samples) for leaf in leaves)
+            parts.append(f"{t.name} ({'all ' if whole else ''}{sum(chosen):,} documents)")
+        return f"lm-eval step {step}: scoring " + ", ".join(parts)
 
     def record(self, step: int, flat: dict[str, float], higher_is_better: dict[str, dict[str, Any]]) -> dict[str, float]:
         """Bookkeeping of one evaluation: ``flat`` is ``{"lm_eval/<task>/<metric>[_stderr]": value}``,

@@ -5,6 +5,7 @@ anneal branch measured against the trunk's step 0)."""
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -268,6 +269,11 @@ def test_cpu_run_logs_benchmark_forgetting_from_step_0_and_an_anneal_branch_keep
     rows = {f"{r['task']}/{r['metric']}": r for r in result.benchmarks}
     assert rows[f"{up}/acc"]["step0"] == first[f"lm_eval/{up}/acc"] and rows[f"{up}/acc"]["final_step"] == 4
     log = "\n".join(lines)
+    # a plain line as each lm-eval evaluation starts (a long one was a silent batch log), its result line timed
+    starts = [line for line in lines if line.startswith("lm-eval step ") and ": scoring " in line]
+    assert starts[0] == f"lm-eval step 0: scoring {up} (16 documents), {down} (12 documents)" and len(starts) == 3
+    done = [line for line in lines if line.startswith("lm-eval step 0: ") and "acc" in line]
+    assert lines.index(starts[0]) < lines.index(done[0]) and re.search(r" \(\d+\.\d s\)$", done[0])
     assert "benchmarks (lm-eval" in log and f"{up}/acc" in log and "forgetting" in log and "adaptation" in log
     report = {f"{r['task']}/{r['metric']}": r for r in benchmark_summary(load_run(out))}
     for k in (f"{up}/acc", f"{down}/acc"):
