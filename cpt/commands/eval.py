@@ -145,7 +145,7 @@ def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | N
     into ``LongTensor[n, seq_len]`` (documents joined with EOS, each after BOS where the tokenizer adds one itself, as
     `cpt prepare` does by default); records that cannot be used are skipped, counted on stderr."""
     from cpt.data.encode import bos_by_convention
-    from cpt.data.readers import ReadCounts, read_file
+    from cpt.data.readers import ReadCounts, ReadError, read_file
 
     ids: list[int] = []
     eos, bos = tokenizer.eos_token_id, bos_by_convention(tokenizer)
@@ -163,8 +163,8 @@ def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | N
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    if n == 0:  # (an empty or too short file: one line from `cpt eval`, it was a traceback after the model loaded)
+        raise ReadError(f"held-out file {path}: {len(ids)} tokens, fewer than one sequence of {seq_len} (--seq-len)")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
@@ -275,14 +275,28 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
 
+def _limit(text: str) -> int | float:
+    """``--limit``: a whole number of documents (>= 1) or a fraction in (0, 1); 0 scored every document, a negative
+    number was a traceback and 2.5 was taken as 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a number of documents (1, 2, ...) or a fraction between 0 and 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("checkpoint", help="HF export dir, LoRA adapter dir, or run dir (uses <run_dir>/export)")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks or tags (e.g. cpt_local, cpt_arith_mc, hellaswag)")
     parser.add_argument("--heldout", action="append", default=[], metavar="NAME=PATH:TAG", help="held-out set (repeatable)")
-    parser.add_argument("--limit", type=float, default=None,
-                        help="documents per lm-eval task (int), or a fraction < 1: a seeded subset (--seed)")
+    parser.add_argument("--limit", type=_limit, default=None,
+                        help="documents per lm-eval task (a whole number >= 1), or a fraction in (0, 1): a seeded subset (--seed)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the --limit subsets (default: the run's, for a checkpoint in a run dir; else 1234, run.seed's default)")
     parser.add_argument("--baseline", default=None, metavar="BASE",
@@ -355,8 +369,7 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
         print(f"cpt eval: error: --tasks: {e}", file=sys.stderr)
         return 1
     apply_run_defaults(args, run_eval_settings(args.checkpoint), bool(tasks), bool(heldouts))
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    samples = _samples(tasks, limit, args.seed, args.include_path, args.task_limits) if tasks else None
+    samples = _samples(tasks, args.limit, args.seed, args.include_path, args.task_limits) if tasks else None
 
     from cpt.data.readers import ReadError
     from cpt.data.shards import ShardError
