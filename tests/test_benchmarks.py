@@ -376,6 +376,36 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     assert again["heldout"] == result["heldout"] and again["lm_eval"] == result["lm_eval"]
 
 
+def test_cpt_eval_of_a_run_scores_the_documents_its_checkpoint_records(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """A resume with another eval.lm_eval.limit keeps scoring the first documents (its checkpoint records them), but
+    writes the new limit into config.yaml: `cpt eval RUN` took that limit, so it scored other documents than the
+    logged scores (here 4, where the run scored 6)."""
+    import shutil
+
+    import yaml
+
+    from conftest import tiny_run_config
+    from cpt.commands.eval import main as eval_main
+
+    run, task, seed = tmp_path / "run", "cpt_arith_mc", 5
+    cfg = tiny_run_config(tiny_cpt_data, run, run={"seed": seed},
+                          eval={"lm_eval": {"tasks": [{"name": task, "tag": "upstream"}], "limit": 4}})
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.jsonl").write_text("")
+    shutil.copytree(tiny_base, run / "export")
+    first = seeded_subset(task, 300, 6, seed)
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "trainer_state.json").write_text(
+        json.dumps({"lm_eval": {"samples": {task: first}, "leaves": [task]}}))
+    out = tmp_path / "r.json"
+    assert eval_main([str(run), "--device", "cpu", "--bootstrap-iters", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["lm_eval_results"]["n-samples"][task]["effective"] == 6
+    assert f"{task}: the documents the run scored (6 of 300" in capsys.readouterr().out
+    assert eval_main([str(run), "--device", "cpu", "--bootstrap-iters", "0", "--limit", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["lm_eval_results"]["n-samples"][task]["effective"] == 3  # a flag still wins
+
+
 def test_experiment_results_get_benchmark_columns(tmp_path):
     """A spec naming lm-eval tasks: every run config scores them; results.md/csv gain benchmark columns."""
     from cpt.experiment import load_spec

@@ -24,7 +24,7 @@ as the run scored it in the loop (without --tasks and --heldout: on the run's he
 context length; elsewhere the model's), --seed to its eval.lm_eval.seed or run.seed, --bootstrap-iters to its
 eval.lm_eval.bootstrap_iters, --seq-len to its data.seq_len, --max-tokens to its eval.tokens_per_set (or the set's
 max_tokens), --sample-seed to its eval.sample_seed and --document-masking to its data.document_masking; without
---limit, each task the run scored takes the run's limit. The first line printed says what was taken.
+--limit (and --seed), each task the run scored is scored on the documents the run's checkpoints record (else its limit). The first line printed says what was taken.
 """
 
 from __future__ import annotations
@@ -185,12 +185,32 @@ def load_heldout_tokens(name: str, path: str, tag: str, tokenizer, seq_len: int,
                       "total_tokens": s.total_tokens, "coverage": s.describe()}
 
 
+def run_scored_documents(checkpoint: str | Path, run_dir: Path) -> dict[str, list[int] | None]:
+    """``{leaf task: the document indices the run scored, None for all}`` as its checkpoint records them
+    (trainer_state.json's ``lm_eval``: ``checkpoint``'s own, else the run's newest checkpoint's); {} when none says.
+    A resume with another eval.lm_eval.limit keeps scoring the first documents, while config.yaml takes the new limit."""
+    from cpt.checkpoint import TRAINER_STATE
+
+    p = Path(checkpoint).resolve()
+    found = [p] if (p / TRAINER_STATE).is_file() else sorted((run_dir / "checkpoints").glob("step_*"), reverse=True)
+    for ck in found:
+        try:
+            state = json.loads((ck / TRAINER_STATE).read_text()).get("lm_eval") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        samples = state.get("samples") or {}
+        return {leaf: samples.get(leaf) for leaf in state.get("leaves") or []}
+    return {}
+
+
 def _samples(tasks: list[str], limit: int | float | None, seed: int, include_path,
-             task_limits: dict[str, int | None] | None = None) -> dict[str, list[int]] | None:
+             task_limits: dict[str, int | None] | None = None,
+             scored: dict[str, list[int] | None] | None = None) -> dict[str, list[int]] | None:
     """The seeded document subsets of ``tasks`` (as a run's in-loop evaluations choose them), or None for all.
-    ``task_limits``: per requested task, when ``limit`` is None (a run's own limits)."""
-    task_limits = task_limits or {}
-    if limit is None and not any(task_limits.get(t) for t in tasks):
+    ``task_limits``: per requested task, when ``limit`` is None (a run's own limits); ``scored``: the documents the
+    run scored (:func:`run_scored_documents`), which win over ``task_limits``."""
+    task_limits, scored = task_limits or {}, scored or {}
+    if limit is None and not any(task_limits.get(t) for t in tasks) and not any(v is not None for v in scored.values()):
         return None
     from eval_harness.benchmarks import seeded_subset
     from eval_harness.lm_eval_hook import task_sizes
@@ -198,10 +218,14 @@ def _samples(tasks: list[str], limit: int | float | None, seed: int, include_pat
     samples = {}
     for task, leaves in task_sizes(tasks, include_path).items():
         lim = limit if limit is not None else task_limits.get(task)
-        if lim is None:
-            continue
         for leaf, n in leaves.items():
-            chosen = seeded_subset(leaf, n, lim if isinstance(lim, int) else math.ceil(n * lim), seed)
+            chosen = None if lim is None else seeded_subset(leaf, n, lim if isinstance(lim, int) else math.ceil(n * lim), seed)
+            if limit is None and leaf in scored and scored[leaf] != chosen:
+                kept = scored[leaf]
+                print(f"cpt eval: {leaf}: the documents the run scored ({len(kept) if kept is not None else 'all'} of {n}, "
+                      f"its checkpoint's record), not the {len(chosen) if chosen is not None else 'all'} its config.yaml "
+                      "now chooses (a resume with another limit keeps the first)")
+                chosen = kept
             if chosen is not None:
                 samples[leaf] = chosen
     return samples or None
@@ -368,8 +392,11 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
     except (UnknownTaskError, TaskDataError) as e:
         print(f"cpt eval: error: --tasks: {e}", file=sys.stderr)
         return 1
-    apply_run_defaults(args, run_eval_settings(args.checkpoint), bool(tasks), bool(heldouts))
-    samples = _samples(tasks, args.limit, args.seed, args.include_path, args.task_limits) if tasks else None
+    run = run_eval_settings(args.checkpoint)
+    as_run = run is not None and tasks and args.limit is None and args.seed is None  # the run's documents
+    scored = run_scored_documents(args.checkpoint, run["run"]) if as_run else {}
+    apply_run_defaults(args, run, bool(tasks), bool(heldouts))
+    samples = _samples(tasks, args.limit, args.seed, args.include_path, args.task_limits, scored) if tasks else None
 
     from cpt.data.readers import ReadError
     from cpt.data.shards import ShardError
