@@ -507,15 +507,19 @@ def test_lm_eval_task_whose_data_is_missing_is_one_line_at_start(tiny_cpt_data, 
 
 def test_cpt_eval_too_short_held_out_file_and_bad_limit_are_one_line(tiny_base, tmp_path, capsys):
     """An empty or too short --heldout file was a ValueError traceback; --limit 0 scored every document, -3 was a
-    traceback and 2.5 was taken as 2."""
+    traceback and 2.5 was taken as 2; the other numeric flags are checked likewise."""
     (tmp_path / "short.txt").write_text("To be\n")
     assert main(["eval", str(tiny_base), "--heldout", f"s={tmp_path / 'short.txt'}:upstream", "--seq-len", "32"]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt eval: error: held-out file ")
     assert "short.txt" in line and "fewer than one sequence of 32" in line
-    for bad in ("0", "-3", "2.5", "x"):
+    for flag, bad in (("--limit", "0"), ("--limit", "-3"), ("--limit", "2.5"), ("--limit", "x"),
+                      # --batch-size 0 and --seq-len 1 were tracebacks, --seq-len 0 and --max-length 0 silently the
+                      # default, --max-tokens -5 a budget 5 tokens short of the file
+                      ("--batch-size", "0"), ("--seq-len", "1"), ("--seq-len", "0"), ("--max-tokens", "-5"),
+                      ("--max-length", "0"), ("--num-fewshot", "-1")):
         with pytest.raises(SystemExit) as e:
-            main(["eval", str(tiny_base), "--tasks", "cpt_arith_mc", "--limit", bad])
-        assert e.value.code == 2 and f"argument --limit: '{bad}'" in capsys.readouterr().err
+            main(["eval", str(tiny_base), "--tasks", "cpt_arith_mc", flag, bad])
+        assert e.value.code == 2 and f"argument {flag}: '{bad}'" in capsys.readouterr().err
 
 
 def test_tokenizer_folder_without_a_tokenizer(tiny_cpt_data, tmp_path, capsys):

@@ -98,12 +98,27 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
             "tasks": [t.name for t in lm.tasks]}
 
 
+def at_least(minimum: int):
+    """An argparse ``type``: a whole number >= ``minimum`` (``--batch-size 0`` was a traceback, ``--seq-len 0`` and
+    ``--max-length 0`` silently the default, ``--max-tokens -5`` a budget 5 tokens short of the whole file)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= {minimum}")
+        return value
+
+    return parse
+
+
 def add_heldout_sample_flags(parser: argparse.ArgumentParser, seq_len_else: str) -> None:
     """The flags that say which held-out tokens are scored, and how (`cpt eval`, `cpt interpolate`): unset (None) until
     :func:`apply_run_defaults` fills them from the run or the stand-alone defaults (``seq_len_else``: the command's)."""
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--seq-len", type=at_least(2), default=None,
                         help=f"held-out sequence length (default: the run's data.seq_len; else {seq_len_else})")
-    parser.add_argument("--max-tokens", type=int, default=None, help="token budget per held-out set: a seeded sample of "
+    parser.add_argument("--max-tokens", type=at_least(1), default=None, help="token budget per held-out set: a seeded sample of "
                         "whole documents, the whole set if it fits (default: the run's eval.tokens_per_set; else 262144)")
     parser.add_argument("--sample-seed", type=int, default=None,
                         help="seed of the held-out document sample (default: the run's eval.sample_seed; else 0)")
@@ -328,12 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="write results to this JSON file (default: print only)")
     parser.add_argument("--base", default=None, help="base model for a LoRA adapter (default: adapter_config.json's)")
     parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass (held-out and lm-eval)")
     add_heldout_sample_flags(parser, seq_len_else="min(1024, model context)")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--max-length", type=at_least(1), default=None,
                         help="lm-eval context length (default: the run's in-loop one, for a checkpoint in a run dir; else the model's)")
-    parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--bootstrap-iters", type=int, default=None, help="stderrs: closed form for accuracies, this "
+    parser.add_argument("--num-fewshot", type=at_least(0), default=None)
+    parser.add_argument("--bootstrap-iters", type=at_least(0), default=None, help="stderrs: closed form for accuracies, this "
                         "many bootstrap resamples otherwise (0: none; default: the run's eval.lm_eval.bootstrap_iters; else 1000)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
