@@ -406,6 +406,26 @@ def test_cpt_eval_of_a_run_scores_the_documents_its_checkpoint_records(tiny_cpt_
     assert json.loads(out.read_text())["lm_eval_results"]["n-samples"][task]["effective"] == 3  # a flag still wins
 
 
+def test_cpt_eval_of_a_checkpoint_takes_its_own_settings(tiny_cpt_data, tmp_path):
+    """A resume that changed eval.tokens_per_set (allowed: that set's reference restarts) rewrites the run's
+    config.yaml; `cpt eval RUN/checkpoints/step_N` of an earlier checkpoint took the new budget, so it scored another
+    held-out sample than the one logged at step N. The checkpoint's own config.yaml is what it was evaluated with."""
+    import yaml
+
+    from conftest import tiny_run_config
+    from cpt.commands.eval import run_eval_settings
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(tiny_run_config(tiny_cpt_data, run, eval={"tokens_per_set": 512})))
+    (run / "config.yaml").write_text(yaml.safe_dump(tiny_run_config(tiny_cpt_data, run, eval={"tokens_per_set": 2048})))
+    assert run_eval_settings(ckpt)["max_tokens"] == 512
+    assert run_eval_settings(run)["max_tokens"] == 2048  # the run (its export): its newest settings
+
+
 def test_experiment_results_get_benchmark_columns(tmp_path):
     """A spec naming lm-eval tasks: every run config scores them; results.md/csv gain benchmark columns."""
     from cpt.experiment import load_spec

@@ -81,13 +81,17 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
     d = run_dir_around(checkpoint)
     if d is None:
         return None
+    from cpt.checkpoint import TRAINER_STATE
     from cpt.config import ConfigError
 
+    # a checkpoint's own config.yaml: the settings it was evaluated with (a resume may have changed the run's since)
+    own = Path(checkpoint) / "config.yaml"
+    config_file = own if own.is_file() and (Path(checkpoint) / TRAINER_STATE).is_file() else d / "config.yaml"
     try:
-        cfg = load_config(d / "config.yaml")
+        cfg = load_config(config_file)
     except ConfigError as e:  # a damaged run config (empty, cut, hand-edited): one line naming it, not a traceback
         said = " ".join(str(e).split())
-        raise ConfigError(said if str(d / "config.yaml") in said else f"{d / 'config.yaml'}: {said}") from None
+        raise ConfigError(said if str(config_file) in said else f"{config_file}: {said}") from None
     lm = cfg.eval.lm_eval
     return {"run": d, "max_length": lm_eval_context(cfg), "seed": cfg.run.seed if lm.seed is None else lm.seed,
             "bootstrap_iters": lm.bootstrap_iters, "task_limits": {t.name: t.limit or lm.limit for t in lm.tasks},
