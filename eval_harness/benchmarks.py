@@ -224,6 +224,9 @@ class BenchmarkTracker:
             samples={k: v for k, v in self.samples.items() if k in self.current} or None, seed=self.seed)
         metrics = self.record(step, flat, raw.get("higher_is_better") or {})
         metrics["time/lm_eval_s"] = time.perf_counter() - t0
+        for key in not_finite(raw):  # dropped from the metrics: said, or the summary's "final" was silently older
+            log.warning("lm-eval step %d: %s is not finite (NaN or inf): not logged%s", step, key,
+                        f"; the summary keeps step {self.last[key][2]}'s" if key in self.last else "")
         return metrics
 
     def start_line(self, step: int) -> str:
@@ -325,6 +328,17 @@ def fmt_score(v: float | None, se: float | None = None, signed: bool = False) ->
     spec = ".4f" if abs(v) < 100 else ".4g"
     text = format(v, ("+" if signed else "") + spec)
     return text if se is None else f"{text} ± {format(se, '.4f' if abs(se) < 100 else '.4g')}"
+
+
+def not_finite(raw: dict[str, Any]) -> list[str]:
+    """``<task>/<metric>`` of each score lm-eval computed as NaN or inf (``null`` in its cleaned results; stderrs not)."""
+    out = []
+    for task, metrics in sorted((raw.get("results") or {}).items()):
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if value is None and filt and not metric.endswith("_stderr"):
+                out.append(f"{task}/{metric}" + ("" if filt == "none" else f"@{filt}"))
+    return out
 
 
 def format_benchmark_table(rows: list[dict[str, Any]]) -> str:

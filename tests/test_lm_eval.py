@@ -248,6 +248,25 @@ def test_tracker_scores_tagged_tasks_on_a_fixed_seeded_subset(model, tokenizer, 
     assert rows[f"{down}/bits_per_byte"]["step0"] == bpb0 and rows[f"{down}/bits_per_byte"]["final_step"] == 2
 
 
+def test_tracker_says_when_a_score_is_not_finite(model, tokenizer, caplog):
+    """lm-eval's NaN scores (here a model gone NaN) are dropped from the logged metrics; nothing said so, and the
+    summary's "final" (printed without its step) silently stayed an earlier evaluation's."""
+    import copy
+
+    from eval_harness.benchmarks import BenchmarkTracker, TaskSpec
+
+    tracker = BenchmarkTracker([TaskSpec(PPL, "downstream")], limit=2, seed=0, max_length=128, bootstrap_iters=0)
+    tracker.evaluate(model, tokenizer, 0)
+    diverged = copy.deepcopy(model)
+    with torch.no_grad():
+        diverged.lm_head.weight.fill_(float("nan"))
+    with caplog.at_level("WARNING"):
+        metrics = tracker.evaluate(diverged, tokenizer, 3)
+    assert f"lm_eval/{PPL}/bits_per_byte" not in metrics
+    assert (f"lm-eval step 3: {PPL}/bits_per_byte is not finite (NaN or inf): not logged; the summary keeps step 0's"
+            in caplog.text)
+
+
 def test_cpt_eval_against_a_baseline_prints_deltas_with_stderrs(model, tokenizer, tmp_path, capsys):
     """`cpt eval ADAPTER --baseline BASE`: a LoRA adapter's scores beside its base model's, on the same seeded items."""
     from peft import LoraConfig, get_peft_model

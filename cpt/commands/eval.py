@@ -300,11 +300,10 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"heldout {name:<20} {h['tag']:<10} loss {h['loss']:.4f}  ppl {h['ppl']:.2f}  ({h.get('coverage', h['tokens'])})")
     for key, value in sorted(result.get("lm_eval", {}).items()):
         print(f"{key:<50} {value:.4f}")
-    for task, metrics in sorted(((result.get("lm_eval_results") or {}).get("results") or {}).items()):
-        for key, value in metrics.items():  # a score lm-eval computed as NaN/inf (a diverged model): said, not left out
-            metric, _, filt = key.partition(",")
-            if value is None and filt and not metric.endswith("_stderr"):
-                print(f"{f'lm_eval/{task}/{metric}' + ('' if filt == 'none' else f'@{filt}'):<50} not finite (NaN or inf)")
+    from eval_harness.benchmarks import not_finite
+
+    for key in not_finite(result.get("lm_eval_results") or {}):  # a score lm-eval computed as NaN/inf: said, not left out
+        print(f"{'lm_eval/' + key:<50} not finite (NaN or inf)")
 
 
 def main(argv: list[str] | None = None) -> int:
