@@ -351,3 +351,5 @@ def test_cpt_eval_out_is_strict_json_and_says_non_finite_scores(model, tokenizer
     assert result["heldout"]["shk"]["loss"] is None and result["heldout"]["shk"]["tokens"] == 128
     printed = capsys.readouterr().out
     assert f"lm_eval/{PPL}/bits_per_byte" in printed and "not finite" in printed
+    # a plain line as each part starts (lm-eval's bars are off in a batch log: it was silent until the end)
+    assert f"cpt eval: {export}: held-out shk\n" in printed and f"cpt eval: {export}: lm-eval {PPL}\n" in printed

@@ -251,8 +251,10 @@ def _samples(tasks: list[str], limit: int | float | None, seed: int, include_pat
 
 
 def evaluate_checkpoint(ckpt: Path, args, tasks: list[str], heldouts: list[tuple[str, str, str]],
-                        samples: dict[str, list[int]] | None, base: str | None) -> dict[str, Any]:
-    """Held-out losses and lm-eval scores of one saved model (loaded, evaluated, freed)."""
+                        samples: dict[str, list[int]] | None, base: str | None, label: str | None = None) -> dict[str, Any]:
+    """Held-out losses and lm-eval scores of one saved model (loaded, evaluated, freed); ``label``: its name in the
+    progress lines (the path given: ``ckpt`` may be a hidden export of a checkpoint)."""
+    label = label or str(ckpt)
     from cpt.evaluate import heldout_loss
     from eval_harness.lm_eval_hook import load_for_eval, run_lm_eval_detailed
 
@@ -263,12 +265,14 @@ def evaluate_checkpoint(ckpt: Path, args, tasks: list[str], heldouts: list[tuple
         context = getattr(model.config, "max_position_embeddings", None) or 1024
         seq_len = args.seq_len or min(1024, int(context))
         for name, path, tag in heldouts:
+            print(f"cpt eval: {label}: held-out {name}", flush=True)  # (a plain line each: a batch log's progress)
             toks, covered = load_heldout_tokens(name, path, tag, tokenizer, seq_len,
                                                 args.set_max_tokens.get(name, args.max_tokens), args.sample_seed)
             loss = heldout_loss(model, toks, args.batch_size, eos_id=tokenizer.eos_token_id if args.document_masking else None)
             result["heldout"][name] = {"tag": tag, "path": path, "loss": loss, "ppl": math.exp(min(loss, 80.0)),
                                        **covered, "seq_len": seq_len, "document_masking": args.document_masking}
     if tasks:
+        print(f"cpt eval: {label}: lm-eval {', '.join(tasks)}", flush=True)
         flat, raw = run_lm_eval_detailed(model, tokenizer, tasks, batch_size=args.batch_size, samples=samples,
                                          include_path=args.include_path, max_length=args.max_length,
                                          bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot, seed=args.seed)
@@ -421,8 +425,8 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
     from cpt.model import ModelLoadError
 
     try:
-        result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base)
-        baseline = (evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None)
+        result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base, args.checkpoint)
+        baseline = (evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None, args.baseline)
                     if baseline_ckpt is not None else None)
     except (ModelLoadError, ReadError, ShardError) as e:  # e.g. pickle weights only, an unreadable held-out file, a
         # held-out set made with another tokenizer or shorter than one sequence: one line
