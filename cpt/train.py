@@ -451,9 +451,7 @@ def _benchmarks(cfg: RunConfig, acc, say):
         return None
     from eval_harness.benchmarks import BenchmarkTracker  # (lm-eval: the eval extra)
 
-    tracker = BenchmarkTracker.from_config(cfg, acc)
-    tracker.echo = say  # (the main process's console and train.log; a no-op elsewhere)
-    return tracker
+    return BenchmarkTracker.from_config(cfg, acc, echo=say)  # (echo: a line as each evaluation starts)
 
 
 def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLogger) -> Path:

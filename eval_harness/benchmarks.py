@@ -130,8 +130,9 @@ class BenchmarkTracker:
         self.echo: Any = lambda line: None  # the run's console (train: say): a line as each evaluation starts
 
     @classmethod
-    def from_config(cls, cfg, accelerator=None) -> "BenchmarkTracker":
-        """From a :class:`cpt.config.RunConfig` (its ``eval`` and ``eval.lm_eval`` sections)."""
+    def from_config(cls, cfg, accelerator=None, echo=None) -> "BenchmarkTracker":
+        """From a :class:`cpt.config.RunConfig` (its ``eval`` and ``eval.lm_eval`` sections); ``echo``: the run's console
+        (a line as each evaluation starts)."""
         from cpt.config import ConfigError
         from eval_harness.lm_eval_hook import UnknownTaskError, make_task_manager
 
@@ -146,6 +147,7 @@ class BenchmarkTracker:
                    batch_size=lm.batch_size, include_path=lm.include_path, bootstrap_iters=lm.bootstrap_iters,
                    max_length=lm_eval_context(cfg), accelerator=accelerator)
         tracker._sizes = tracker.load_task_data()  # a task whose data is missing fails now, not at its first evaluation
+        tracker.echo = echo or tracker.echo
         return tracker
 
     def load_task_data(self) -> dict[str, dict[str, int]]:
