@@ -70,7 +70,8 @@ def eval_line(step: int, metrics: dict[str, Any]) -> str | None:
     if losses or ema:
         return f"eval step {step}: " + ", ".join(losses) + (f" | ema: {', '.join(ema)}" if ema else "")
     if lm:
-        return f"lm-eval step {step}: " + ", ".join(lm)
+        took = metrics.get("time/lm_eval_s")
+        return f"lm-eval step {step}: " + ", ".join(lm) + (f" ({took:.1f} s)" if isinstance(took, (int, float)) else "")
     return None
 
 
@@ -106,13 +107,16 @@ class OncePerMessage(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self.prefix):
             return True
-        message = record.getMessage()
+        # (the record as lm-eval logged it: a filter on another handler, the console's before train.log's, may have
+        # added the note already; it was added twice, and the next message of that shape passed once more)
+        message = getattr(record, "cpt_once_original", None) or record.getMessage()
         shape = re.sub(r"\d+", "#", message)
         key = (record.name, record.levelno, shape)
         if key in self.seen:
             return False
         self.seen.add(key)
-        if shape != message:
+        if shape != message and not hasattr(record, "cpt_once_original"):
+            record.cpt_once_original = message
             record.msg, record.args = f"{message} (the same with other numbers: not shown again)", None
         return True
 

@@ -32,6 +32,12 @@ class MetricsError(RuntimeError):
     """metrics.jsonl could not be written (disk full, permissions): one clear line, no half-written record."""
 
 
+def json_safe(v: Any) -> Any:
+    """``v`` as strict JSON can hold it (what :class:`MetricsLogger` writes, and `cpt eval --out`, `cpt interpolate`):
+    NaN as null, ±inf as ±1e308 (``json.dumps`` would write ``NaN``/``Infinity``, which strict parsers refuse)."""
+    return _jsonable(v)
+
+
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "item") and callable(v.item):  # torch / numpy scalars
         try:

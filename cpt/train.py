@@ -108,7 +108,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         heldout = heldout_sets(cfg, tokenizer, acc, say)
         eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
         evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id)
-        bench = _benchmarks(cfg, acc)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
+        bench = _benchmarks(cfg, acc, say)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
         model, optimizer = acc.prepare(*_with_optimizer(cfg, model, new_token_ids, acc, say))
         ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves,
                                   portable=consolidate)  # (consolidate: resume on another backend or number of processes)
@@ -446,12 +446,12 @@ def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, 
     return metrics
 
 
-def _benchmarks(cfg: RunConfig, acc):
+def _benchmarks(cfg: RunConfig, acc, say):
     if not cfg.eval.lm_eval.tasks:
         return None
     from eval_harness.benchmarks import BenchmarkTracker  # (lm-eval: the eval extra)
 
-    return BenchmarkTracker.from_config(cfg, acc)
+    return BenchmarkTracker.from_config(cfg, acc, echo=say)  # (echo: a line as each evaluation starts)
 
 
 def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLogger) -> Path:

@@ -126,10 +126,13 @@ class BenchmarkTracker:
         self.last: dict[str, tuple[float, float | None, int]] = {}
         self.higher: dict[str, bool] = {}
         self.tags: dict[str, str] = {}  # key -> tag (tagged keys only)
+        self._sizes: dict[str, dict[str, int]] | None = None  # documents per leaf task (from_config loads them)
+        self.echo: Any = lambda line: None  # the run's console (train: say): a line as each evaluation starts
 
     @classmethod
-    def from_config(cls, cfg, accelerator=None) -> "BenchmarkTracker":
-        """From a :class:`cpt.config.RunConfig` (its ``eval`` and ``eval.lm_eval`` sections)."""
+    def from_config(cls, cfg, accelerator=None, echo=None) -> "BenchmarkTracker":
+        """From a :class:`cpt.config.RunConfig` (its ``eval`` and ``eval.lm_eval`` sections); ``echo``: the run's console
+        (a line as each evaluation starts)."""
         from cpt.config import ConfigError
         from eval_harness.lm_eval_hook import UnknownTaskError, make_task_manager
 
@@ -138,11 +141,27 @@ class BenchmarkTracker:
             make_task_manager([t.name for t in lm.tasks], lm.include_path)
         except UnknownTaskError as e:
             raise ConfigError(f"eval.lm_eval.tasks: {e}") from None
-        return cls([TaskSpec(t.name, t.tag, t.limit) for t in lm.tasks], limit=lm.limit,
+        tracker = cls([TaskSpec(t.name, t.tag, t.limit) for t in lm.tasks], limit=lm.limit,
                    seed=cfg.run.seed if lm.seed is None else lm.seed, every=lm.every, at_start=cfg.eval.at_start,
                    dense_steps=cfg.eval.dense_steps if lm.dense else 0, dense_every=cfg.eval.dense_every,
                    batch_size=lm.batch_size, include_path=lm.include_path, bootstrap_iters=lm.bootstrap_iters,
                    max_length=lm_eval_context(cfg), accelerator=accelerator)
+        tracker._sizes = tracker.load_task_data()  # a task whose data is missing fails now, not at its first evaluation
+        tracker.echo = echo or tracker.echo
+        return tracker
+
+    def load_task_data(self) -> dict[str, dict[str, int]]:
+        """Each task's documents, counted (lm-eval loads its data: the bundled files, include_path's, the hub's); data
+        that cannot be loaded (a moved file, no network for a hub task) is a :class:`cpt.config.ConfigError` naming the
+        task, at the start of the run (with ``eval.at_start: false`` it used to be a traceback at the first evaluation,
+        after ``eval.lm_eval.every`` steps of training)."""
+        from cpt.config import ConfigError
+        from eval_harness.lm_eval_hook import TaskDataError, loaded_task_sizes
+
+        try:
+            return loaded_task_sizes([t.name for t in self.tasks], self.include_path)
+        except TaskDataError as e:
+            raise ConfigError(f"eval.lm_eval.tasks: {e}") from None
 
     # -- schedule
     def needs_start_evaluation(self) -> bool:
@@ -163,7 +182,7 @@ class BenchmarkTracker:
     def _set_up(self) -> None:
         from eval_harness.lm_eval_hook import task_sizes
 
-        sizes = task_sizes([t.name for t in self.tasks], self.include_path)
+        sizes = self._sizes = self._sizes or task_sizes([t.name for t in self.tasks], self.include_path)
         if self.max_length:
             log.info("lm-eval: context length %d tokens (eval.lm_eval.max_length, default data.seq_len; lm-eval alone "
                      "on an export needs max_length=%d in its model_args for the same scores)", self.max_length, self.max_length)
@@ -200,13 +219,27 @@ class BenchmarkTracker:
         t0 = time.perf_counter()
         if not self.task_tags:
             self._set_up()
+        self.echo(self.start_line(step))  # a plain line as it starts: a long evaluation is not a silent batch log
         flat, raw = run_lm_eval_detailed(
             model, tokenizer, [t.name for t in self.tasks], batch_size=self.batch_size, include_path=self.include_path,
             accelerator=self.accelerator, max_length=self.max_length, bootstrap_iters=self.bootstrap_iters,
             samples={k: v for k, v in self.samples.items() if k in self.current} or None, seed=self.seed)
         metrics = self.record(step, flat, raw.get("higher_is_better") or {})
         metrics["time/lm_eval_s"] = time.perf_counter() - t0
+        for key in not_finite(raw):  # dropped from the metrics: said, or the summary's "final" was silently older
+            log.warning("lm-eval step %d: %s is not finite (NaN or inf): not logged%s", step, key,
+                        f"; the summary keeps step {self.last[key][2]}'s" if key in self.last else "")
         return metrics
+
+    def start_line(self, step: int) -> str:
+        """``lm-eval step 40: scoring cpt_python_next (200 documents), hellaswag (all 10,042 documents)``."""
+        parts = []
+        for t in self.tasks:
+            leaves = (self._sizes or {}).get(t.name, {})
+            chosen = [len(self.samples[leaf]) if self.samples and leaf in self.samples else n for leaf, n in leaves.items()]
+            whole = all(not (self.samples and leaf in self.samples) for leaf in leaves)
+            parts.append(f"{t.name} ({'all ' if whole else ''}{sum(chosen):,} documents)")
+        return f"lm-eval step {step}: scoring " + ", ".join(parts)
 
     def record(self, step: int, flat: dict[str, float], higher_is_better: dict[str, dict[str, Any]]) -> dict[str, float]:
         """Bookkeeping of one evaluation: ``flat`` is ``{"lm_eval/<task>/<metric>[_stderr]": value}``,
@@ -297,6 +330,17 @@ def fmt_score(v: float | None, se: float | None = None, signed: bool = False) ->
     spec = ".4f" if abs(v) < 100 else ".4g"
     text = format(v, ("+" if signed else "") + spec)
     return text if se is None else f"{text} ± {format(se, '.4f' if abs(se) < 100 else '.4g')}"
+
+
+def not_finite(raw: dict[str, Any]) -> list[str]:
+    """``<task>/<metric>`` of each score lm-eval computed as NaN or inf (``null`` in its cleaned results; stderrs not)."""
+    out = []
+    for task, metrics in sorted((raw.get("results") or {}).items()):
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if value is None and filt and not metric.endswith("_stderr"):
+                out.append(f"{task}/{metric}" + ("" if filt == "none" else f"@{filt}"))
+    return out
 
 
 def format_benchmark_table(rows: list[dict[str, Any]]) -> str:

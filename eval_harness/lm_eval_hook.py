@@ -123,6 +123,25 @@ def task_sizes(names: list[str], include_path: str | Path | list | None = None) 
     return {name: {leaf: len(task.eval_docs) for leaf, task in manager.load([name])["tasks"].items()} for name in names}
 
 
+class TaskDataError(ValueError):
+    """A known lm-eval task whose documents cannot be loaded (a moved data file, a hub dataset with no network)."""
+
+
+def loaded_task_sizes(names: list[str], include_path: str | Path | list | None = None) -> dict[str, dict[str, int]]:
+    """:func:`task_sizes`, with data that cannot be loaded a :class:`TaskDataError` naming the task (one line; it
+    used to be a traceback at the task's first evaluation, after the model had loaded, or hours into a run)."""
+    sizes = {}
+    for name in names:
+        try:
+            sizes.update(task_sizes([name], include_path))
+        except UnknownTaskError:
+            raise
+        except Exception as e:  # (lm-eval and datasets raise many kinds: FileNotFoundError, DatasetNotFoundError...)
+            said = " ".join(str(e).split())[:300]
+            raise TaskDataError(f"{name}: its data cannot be loaded: {type(e).__name__}: {said}") from None
+    return sizes
+
+
 # ---------------------------------------------------------------- results
 
 

@@ -5,6 +5,7 @@ anneal branch measured against the trunk's step 0)."""
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -268,6 +269,11 @@ def test_cpu_run_logs_benchmark_forgetting_from_step_0_and_an_anneal_branch_keep
     rows = {f"{r['task']}/{r['metric']}": r for r in result.benchmarks}
     assert rows[f"{up}/acc"]["step0"] == first[f"lm_eval/{up}/acc"] and rows[f"{up}/acc"]["final_step"] == 4
     log = "\n".join(lines)
+    # a plain line as each lm-eval evaluation starts (a long one was a silent batch log), its result line timed
+    starts = [line for line in lines if line.startswith("lm-eval step ") and ": scoring " in line]
+    assert starts[0] == f"lm-eval step 0: scoring {up} (16 documents), {down} (12 documents)" and len(starts) == 3
+    done = [line for line in lines if line.startswith("lm-eval step 0: ") and "acc" in line]
+    assert lines.index(starts[0]) < lines.index(done[0]) and re.search(r" \(\d+\.\d s\)$", done[0])
     assert "benchmarks (lm-eval" in log and f"{up}/acc" in log and "forgetting" in log and "adaptation" in log
     report = {f"{r['task']}/{r['metric']}": r for r in benchmark_summary(load_run(out))}
     for k in (f"{up}/acc", f"{down}/acc"):
@@ -368,6 +374,56 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     assert eval_main([str(out), "--device", "cpu", "--out", str(tmp_path / "eval2.json")]) == 0
     again = json.loads((tmp_path / "eval2.json").read_text())
     assert again["heldout"] == result["heldout"] and again["lm_eval"] == result["lm_eval"]
+
+
+def test_cpt_eval_of_a_run_scores_the_documents_its_checkpoint_records(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """A resume with another eval.lm_eval.limit keeps scoring the first documents (its checkpoint records them), but
+    writes the new limit into config.yaml: `cpt eval RUN` took that limit, so it scored other documents than the
+    logged scores (here 4, where the run scored 6)."""
+    import shutil
+
+    import yaml
+
+    from conftest import tiny_run_config
+    from cpt.commands.eval import main as eval_main
+
+    run, task, seed = tmp_path / "run", "cpt_arith_mc", 5
+    cfg = tiny_run_config(tiny_cpt_data, run, run={"seed": seed},
+                          eval={"lm_eval": {"tasks": [{"name": task, "tag": "upstream"}], "limit": 4}})
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.jsonl").write_text("")
+    shutil.copytree(tiny_base, run / "export")
+    first = seeded_subset(task, 300, 6, seed)
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "trainer_state.json").write_text(
+        json.dumps({"lm_eval": {"samples": {task: first}, "leaves": [task]}}))
+    out = tmp_path / "r.json"
+    assert eval_main([str(run), "--device", "cpu", "--bootstrap-iters", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["lm_eval_results"]["n-samples"][task]["effective"] == 6
+    assert f"{task}: the documents the run scored (6 of 300" in capsys.readouterr().out
+    assert eval_main([str(run), "--device", "cpu", "--bootstrap-iters", "0", "--limit", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["lm_eval_results"]["n-samples"][task]["effective"] == 3  # a flag still wins
+
+
+def test_cpt_eval_of_a_checkpoint_takes_its_own_settings(tiny_cpt_data, tmp_path):
+    """A resume that changed eval.tokens_per_set (allowed: that set's reference restarts) rewrites the run's
+    config.yaml; `cpt eval RUN/checkpoints/step_N` of an earlier checkpoint took the new budget, so it scored another
+    held-out sample than the one logged at step N. The checkpoint's own config.yaml is what it was evaluated with."""
+    import yaml
+
+    from conftest import tiny_run_config
+    from cpt.commands.eval import run_eval_settings
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(tiny_run_config(tiny_cpt_data, run, eval={"tokens_per_set": 512})))
+    (run / "config.yaml").write_text(yaml.safe_dump(tiny_run_config(tiny_cpt_data, run, eval={"tokens_per_set": 2048})))
+    assert run_eval_settings(ckpt)["max_tokens"] == 512
+    assert run_eval_settings(run)["max_tokens"] == 2048  # the run (its export): its newest settings
 
 
 def test_experiment_results_get_benchmark_columns(tmp_path):

@@ -156,6 +156,33 @@ def test_lm_evals_warnings_once_per_run():
                                             "(64)" % n) for n in (113, 109)]
 
 
+def test_lm_evals_warnings_once_in_the_console_and_in_train_log():
+    """`cpt train` filters both the console's handler and train.log's: the first filter's note was added again by the
+    second (`... not shown again) (the same ... not shown again)` in train.log), and the next message of that shape
+    passed the second as new, so train.log had it twice."""
+    import logging
+
+    from cpt.console import OncePerMessage
+
+    seen = {"console": [], "train.log": []}
+    logger = logging.getLogger("lm_eval.evaluator")
+    handlers = []
+    for name in seen:
+        handler = logging.Handler()
+        handler.emit = lambda record, name=name: seen[name].append(record.getMessage())
+        handler.addFilter(OncePerMessage("lm_eval"))
+        logger.addHandler(handler)
+        handlers.append(handler)
+    try:
+        for n in (113, 109, 97):
+            logger.warning("Truncating %d tokens", n)
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+    once = ["Truncating 113 tokens (the same with other numbers: not shown again)"]
+    assert seen == {"console": once, "train.log": once}
+
+
 def test_cpt_train_takes_no_abbreviated_flags():
     """`--se KEY=VALUE` (argparse's abbreviation of --set) would carry a secret past the redaction of the printed
     resume command: abbreviations are refused."""

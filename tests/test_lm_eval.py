@@ -248,6 +248,25 @@ def test_tracker_scores_tagged_tasks_on_a_fixed_seeded_subset(model, tokenizer, 
     assert rows[f"{down}/bits_per_byte"]["step0"] == bpb0 and rows[f"{down}/bits_per_byte"]["final_step"] == 2
 
 
+def test_tracker_says_when_a_score_is_not_finite(model, tokenizer, caplog):
+    """lm-eval's NaN scores (here a model gone NaN) are dropped from the logged metrics; nothing said so, and the
+    summary's "final" (printed without its step) silently stayed an earlier evaluation's."""
+    import copy
+
+    from eval_harness.benchmarks import BenchmarkTracker, TaskSpec
+
+    tracker = BenchmarkTracker([TaskSpec(PPL, "downstream")], limit=2, seed=0, max_length=128, bootstrap_iters=0)
+    tracker.evaluate(model, tokenizer, 0)
+    diverged = copy.deepcopy(model)
+    with torch.no_grad():
+        diverged.lm_head.weight.fill_(float("nan"))
+    with caplog.at_level("WARNING"):
+        metrics = tracker.evaluate(diverged, tokenizer, 3)
+    assert f"lm_eval/{PPL}/bits_per_byte" not in metrics
+    assert (f"lm-eval step 3: {PPL}/bits_per_byte is not finite (NaN or inf): not logged; the summary keeps step 0's"
+            in caplog.text)
+
+
 def test_cpt_eval_against_a_baseline_prints_deltas_with_stderrs(model, tokenizer, tmp_path, capsys):
     """`cpt eval ADAPTER --baseline BASE`: a LoRA adapter's scores beside its base model's, on the same seeded items."""
     from peft import LoraConfig, get_peft_model
@@ -304,3 +323,33 @@ def test_bundled_tasks_load_without_lm_eval_warnings(caplog):
     assert {"cpt_python_ppl", "cpt_shakespeare_ppl", "cpt_arith_mc"} <= loaded, loaded
     assert not [r.getMessage() for r in caplog.records if "aggregation is not" in r.getMessage()
                 or "higher_is_better" in r.getMessage()]
+
+
+def test_cpt_eval_out_is_strict_json_and_says_non_finite_scores(model, tokenizer, tmp_path, capsys):
+    """A diverged model (NaN weights): `--out` held NaN (json.dumps' default, refused by strict parsers: jq, JS, Go)
+    and the summary left out the perplexity task, whose scores lm-eval computed as NaN, without a word."""
+    import copy
+
+    from cpt.commands.eval import main as eval_main
+
+    diverged = copy.deepcopy(model)
+    with torch.no_grad():
+        diverged.lm_head.weight.fill_(float("nan"))
+    export = tmp_path / "export"
+    diverged.save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    text = tmp_path / "shk.jsonl"
+    text.write_text((LOCAL_TASKS_DIR / "data" / "cpt_shakespeare_ppl.jsonl").read_text())
+    out = tmp_path / "r.json"
+    assert eval_main([str(export), "--heldout", f"shk={text}:upstream", "--seq-len", "32", "--max-tokens", "128",
+                      "--tasks", PPL, "--limit", "2", "--bootstrap-iters", "0", "--device", "cpu", "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    result = json.loads(out.read_text(), parse_constant=refuse)
+    assert result["heldout"]["shk"]["loss"] is None and result["heldout"]["shk"]["tokens"] == 128
+    printed = capsys.readouterr().out
+    assert f"lm_eval/{PPL}/bits_per_byte" in printed and "not finite" in printed
+    # a plain line as each part starts (lm-eval's bars are off in a batch log: it was silent until the end)
+    assert f"cpt eval: {export}: held-out shk\n" in printed and f"cpt eval: {export}: lm-eval {PPL}\n" in printed

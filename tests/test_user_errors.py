@@ -480,6 +480,48 @@ def test_unknown_lm_eval_task_is_one_line_before_anything_loads(tiny_cpt_data, t
     assert "cpt_local" in line.split("did you mean", 1)[1]
 
 
+def test_lm_eval_task_whose_data_is_missing_is_one_line_at_start(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """A task (include_path) whose data file is gone: with eval.at_start false the run trained until the task's first
+    evaluation (eval.lm_eval.every steps: hours) and died there with a traceback; `cpt eval` loaded the model first.
+    Now one line naming the task and the file, before the run writes anything or the model loads."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "my_task.yaml").write_text(
+        "task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'moved.jsonl'}\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: answer\n"
+        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n")
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["eval"]["at_start"] = False
+    cfg["eval"]["lm_eval"] = {"tasks": ["my_task"], "include_path": str(tasks), "every": 1000}
+    path = write(cfg, tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):
+        assert main(["train", str(path), *extra]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: eval.lm_eval.tasks: my_task: its data cannot be loaded")
+        assert "moved.jsonl" in line
+        assert not (tmp_path / "run").exists()
+    assert main(["eval", str(tiny_base), "--tasks", "my_task", "--include-path", str(tasks)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt eval: error: --tasks: my_task: its data cannot be loaded")
+    assert "moved.jsonl" in line
+
+
+def test_cpt_eval_too_short_held_out_file_and_bad_limit_are_one_line(tiny_base, tmp_path, capsys):
+    """An empty or too short --heldout file was a ValueError traceback; --limit 0 scored every document, -3 was a
+    traceback and 2.5 was taken as 2; the other numeric flags are checked likewise."""
+    (tmp_path / "short.txt").write_text("To be\n")
+    assert main(["eval", str(tiny_base), "--heldout", f"s={tmp_path / 'short.txt'}:upstream", "--seq-len", "32"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt eval: error: held-out file ")
+    assert "short.txt" in line and "fewer than one sequence of 32" in line
+    for flag, bad in (("--limit", "0"), ("--limit", "-3"), ("--limit", "2.5"), ("--limit", "x"),
+                      # --batch-size 0 and --seq-len 1 were tracebacks, --seq-len 0 and --max-length 0 silently the
+                      # default, --max-tokens -5 a budget 5 tokens short of the file
+                      ("--batch-size", "0"), ("--seq-len", "1"), ("--seq-len", "0"), ("--max-tokens", "-5"),
+                      ("--max-length", "0"), ("--num-fewshot", "-1")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", str(tiny_base), "--tasks", "cpt_arith_mc", flag, bad])
+        assert e.value.code == 2 and f"argument {flag}: '{bad}'" in capsys.readouterr().err
+
+
 def test_tokenizer_folder_without_a_tokenizer(tiny_cpt_data, tmp_path, capsys):
     """model.tokenizer naming an existing folder that holds no tokenizer (a data folder, say): transformers raises
     a multi-line ValueError, which came out as a traceback; now one line naming the field and the folder."""

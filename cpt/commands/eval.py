@@ -24,7 +24,7 @@ as the run scored it in the loop (without --tasks and --heldout: on the run's he
 context length; elsewhere the model's), --seed to its eval.lm_eval.seed or run.seed, --bootstrap-iters to its
 eval.lm_eval.bootstrap_iters, --seq-len to its data.seq_len, --max-tokens to its eval.tokens_per_set (or the set's
 max_tokens), --sample-seed to its eval.sample_seed and --document-masking to its data.document_masking; without
---limit, each task the run scored takes the run's limit. The first line printed says what was taken.
+--limit (and --seed), each task the run scored is scored on the documents the run's checkpoints record (else its limit). The first line printed says what was taken.
 """
 
 from __future__ import annotations
@@ -81,13 +81,17 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
     d = run_dir_around(checkpoint)
     if d is None:
         return None
+    from cpt.checkpoint import TRAINER_STATE
     from cpt.config import ConfigError
 
+    # a checkpoint's own config.yaml: the settings it was evaluated with (a resume may have changed the run's since)
+    own = Path(checkpoint) / "config.yaml"
+    config_file = own if own.is_file() and (Path(checkpoint) / TRAINER_STATE).is_file() else d / "config.yaml"
     try:
-        cfg = load_config(d / "config.yaml")
+        cfg = load_config(config_file)
     except ConfigError as e:  # a damaged run config (empty, cut, hand-edited): one line naming it, not a traceback
         said = " ".join(str(e).split())
-        raise ConfigError(said if str(d / "config.yaml") in said else f"{d / 'config.yaml'}: {said}") from None
+        raise ConfigError(said if str(config_file) in said else f"{config_file}: {said}") from None
     lm = cfg.eval.lm_eval
     return {"run": d, "max_length": lm_eval_context(cfg), "seed": cfg.run.seed if lm.seed is None else lm.seed,
             "bootstrap_iters": lm.bootstrap_iters, "task_limits": {t.name: t.limit or lm.limit for t in lm.tasks},
@@ -98,12 +102,27 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
             "tasks": [t.name for t in lm.tasks]}
 
 
+def at_least(minimum: int):
+    """An argparse ``type``: a whole number >= ``minimum`` (``--batch-size 0`` was a traceback, ``--seq-len 0`` and
+    ``--max-length 0`` silently the default, ``--max-tokens -5`` a budget 5 tokens short of the whole file)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= {minimum}")
+        return value
+
+    return parse
+
+
 def add_heldout_sample_flags(parser: argparse.ArgumentParser, seq_len_else: str) -> None:
     """The flags that say which held-out tokens are scored, and how (`cpt eval`, `cpt interpolate`): unset (None) until
     :func:`apply_run_defaults` fills them from the run or the stand-alone defaults (``seq_len_else``: the command's)."""
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--seq-len", type=at_least(2), default=None,
                         help=f"held-out sequence length (default: the run's data.seq_len; else {seq_len_else})")
-    parser.add_argument("--max-tokens", type=int, default=None, help="token budget per held-out set: a seeded sample of "
+    parser.add_argument("--max-tokens", type=at_least(1), default=None, help="token budget per held-out set: a seeded sample of "
                         "whole documents, the whole set if it fits (default: the run's eval.tokens_per_set; else 262144)")
     parser.add_argument("--sample-seed", type=int, default=None,
                         help="seed of the held-out document sample (default: the run's eval.sample_seed; else 0)")
@@ -145,7 +164,7 @@ def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | N
     into ``LongTensor[n, seq_len]`` (documents joined with EOS, each after BOS where the tokenizer adds one itself, as
     `cpt prepare` does by default); records that cannot be used are skipped, counted on stderr."""
     from cpt.data.encode import bos_by_convention
-    from cpt.data.readers import ReadCounts, read_file
+    from cpt.data.readers import ReadCounts, ReadError, read_file
 
     ids: list[int] = []
     eos, bos = tokenizer.eos_token_id, bos_by_convention(tokenizer)
@@ -163,8 +182,8 @@ def text_heldout_tokens(path: Path, tokenizer, seq_len: int, max_tokens: int | N
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    if n == 0:  # (an empty or too short file: one line from `cpt eval`, it was a traceback after the model loaded)
+        raise ReadError(f"held-out file {path}: {len(ids)} tokens, fewer than one sequence of {seq_len} (--seq-len)")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
@@ -185,12 +204,32 @@ def load_heldout_tokens(name: str, path: str, tag: str, tokenizer, seq_len: int,
                       "total_tokens": s.total_tokens, "coverage": s.describe()}
 
 
+def run_scored_documents(checkpoint: str | Path, run_dir: Path) -> dict[str, list[int] | None]:
+    """``{leaf task: the document indices the run scored, None for all}`` as its checkpoint records them
+    (trainer_state.json's ``lm_eval``: ``checkpoint``'s own, else the run's newest checkpoint's); {} when none says.
+    A resume with another eval.lm_eval.limit keeps scoring the first documents, while config.yaml takes the new limit."""
+    from cpt.checkpoint import TRAINER_STATE
+
+    p = Path(checkpoint).resolve()
+    found = [p] if (p / TRAINER_STATE).is_file() else sorted((run_dir / "checkpoints").glob("step_*"), reverse=True)
+    for ck in found:
+        try:
+            state = json.loads((ck / TRAINER_STATE).read_text()).get("lm_eval") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        samples = state.get("samples") or {}
+        return {leaf: samples.get(leaf) for leaf in state.get("leaves") or []}
+    return {}
+
+
 def _samples(tasks: list[str], limit: int | float | None, seed: int, include_path,
-             task_limits: dict[str, int | None] | None = None) -> dict[str, list[int]] | None:
+             task_limits: dict[str, int | None] | None = None,
+             scored: dict[str, list[int] | None] | None = None) -> dict[str, list[int]] | None:
     """The seeded document subsets of ``tasks`` (as a run's in-loop evaluations choose them), or None for all.
-    ``task_limits``: per requested task, when ``limit`` is None (a run's own limits)."""
-    task_limits = task_limits or {}
-    if limit is None and not any(task_limits.get(t) for t in tasks):
+    ``task_limits``: per requested task, when ``limit`` is None (a run's own limits); ``scored``: the documents the
+    run scored (:func:`run_scored_documents`), which win over ``task_limits``."""
+    task_limits, scored = task_limits or {}, scored or {}
+    if limit is None and not any(task_limits.get(t) for t in tasks) and not any(v is not None for v in scored.values()):
         return None
     from eval_harness.benchmarks import seeded_subset
     from eval_harness.lm_eval_hook import task_sizes
@@ -198,18 +237,24 @@ def _samples(tasks: list[str], limit: int | float | None, seed: int, include_pat
     samples = {}
     for task, leaves in task_sizes(tasks, include_path).items():
         lim = limit if limit is not None else task_limits.get(task)
-        if lim is None:
-            continue
         for leaf, n in leaves.items():
-            chosen = seeded_subset(leaf, n, lim if isinstance(lim, int) else math.ceil(n * lim), seed)
+            chosen = None if lim is None else seeded_subset(leaf, n, lim if isinstance(lim, int) else math.ceil(n * lim), seed)
+            if limit is None and leaf in scored and scored[leaf] != chosen:
+                kept = scored[leaf]
+                print(f"cpt eval: {leaf}: the documents the run scored ({len(kept) if kept is not None else 'all'} of {n}, "
+                      f"its checkpoint's record), not the {len(chosen) if chosen is not None else 'all'} its config.yaml "
+                      "now chooses (a resume with another limit keeps the first)")
+                chosen = kept
             if chosen is not None:
                 samples[leaf] = chosen
     return samples or None
 
 
 def evaluate_checkpoint(ckpt: Path, args, tasks: list[str], heldouts: list[tuple[str, str, str]],
-                        samples: dict[str, list[int]] | None, base: str | None) -> dict[str, Any]:
-    """Held-out losses and lm-eval scores of one saved model (loaded, evaluated, freed)."""
+                        samples: dict[str, list[int]] | None, base: str | None, label: str | None = None) -> dict[str, Any]:
+    """Held-out losses and lm-eval scores of one saved model (loaded, evaluated, freed); ``label``: its name in the
+    progress lines (the path given: ``ckpt`` may be a hidden export of a checkpoint)."""
+    label = label or str(ckpt)
     from cpt.evaluate import heldout_loss
     from eval_harness.lm_eval_hook import load_for_eval, run_lm_eval_detailed
 
@@ -220,12 +265,14 @@ def evaluate_checkpoint(ckpt: Path, args, tasks: list[str], heldouts: list[tuple
         context = getattr(model.config, "max_position_embeddings", None) or 1024
         seq_len = args.seq_len or min(1024, int(context))
         for name, path, tag in heldouts:
+            print(f"cpt eval: {label}: held-out {name}", flush=True)  # (a plain line each: a batch log's progress)
             toks, covered = load_heldout_tokens(name, path, tag, tokenizer, seq_len,
                                                 args.set_max_tokens.get(name, args.max_tokens), args.sample_seed)
             loss = heldout_loss(model, toks, args.batch_size, eos_id=tokenizer.eos_token_id if args.document_masking else None)
             result["heldout"][name] = {"tag": tag, "path": path, "loss": loss, "ppl": math.exp(min(loss, 80.0)),
                                        **covered, "seq_len": seq_len, "document_masking": args.document_masking}
     if tasks:
+        print(f"cpt eval: {label}: lm-eval {', '.join(tasks)}", flush=True)
         flat, raw = run_lm_eval_detailed(model, tokenizer, tasks, batch_size=args.batch_size, samples=samples,
                                          include_path=args.include_path, max_length=args.max_length,
                                          bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot, seed=args.seed)
@@ -257,6 +304,10 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"heldout {name:<20} {h['tag']:<10} loss {h['loss']:.4f}  ppl {h['ppl']:.2f}  ({h.get('coverage', h['tokens'])})")
     for key, value in sorted(result.get("lm_eval", {}).items()):
         print(f"{key:<50} {value:.4f}")
+    from eval_harness.benchmarks import not_finite
+
+    for key in not_finite(result.get("lm_eval_results") or {}):  # a score lm-eval computed as NaN/inf: said, not left out
+        print(f"{'lm_eval/' + key:<50} not finite (NaN or inf)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,14 +321,28 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
 
+def _limit(text: str) -> int | float:
+    """``--limit``: a whole number of documents (>= 1) or a fraction in (0, 1); 0 scored every document, a negative
+    number was a traceback and 2.5 was taken as 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a number of documents (1, 2, ...) or a fraction between 0 and 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("checkpoint", help="HF export dir, LoRA adapter dir, or run dir (uses <run_dir>/export)")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks or tags (e.g. cpt_local, cpt_arith_mc, hellaswag)")
     parser.add_argument("--heldout", action="append", default=[], metavar="NAME=PATH:TAG", help="held-out set (repeatable)")
-    parser.add_argument("--limit", type=float, default=None,
-                        help="documents per lm-eval task (int), or a fraction < 1: a seeded subset (--seed)")
+    parser.add_argument("--limit", type=_limit, default=None,
+                        help="documents per lm-eval task (a whole number >= 1), or a fraction in (0, 1): a seeded subset (--seed)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the --limit subsets (default: the run's, for a checkpoint in a run dir; else 1234, run.seed's default)")
     parser.add_argument("--baseline", default=None, metavar="BASE",
@@ -285,12 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="write results to this JSON file (default: print only)")
     parser.add_argument("--base", default=None, help="base model for a LoRA adapter (default: adapter_config.json's)")
     parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass (held-out and lm-eval)")
     add_heldout_sample_flags(parser, seq_len_else="min(1024, model context)")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--max-length", type=at_least(1), default=None,
                         help="lm-eval context length (default: the run's in-loop one, for a checkpoint in a run dir; else the model's)")
-    parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--bootstrap-iters", type=int, default=None, help="stderrs: closed form for accuracies, this "
+    parser.add_argument("--num-fewshot", type=at_least(0), default=None)
+    parser.add_argument("--bootstrap-iters", type=at_least(0), default=None, help="stderrs: closed form for accuracies, this "
                         "many bootstrap resamples otherwise (0: none; default: the run's eval.lm_eval.bootstrap_iters; else 1000)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -341,25 +406,27 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
         print("cpt eval: nothing to do: give --tasks and/or --heldout (a checkpoint of a run without either evaluates "
               "what the run did)", file=sys.stderr)
         return 2
-    from eval_harness.lm_eval_hook import UnknownTaskError, make_task_manager
+    from eval_harness.lm_eval_hook import TaskDataError, UnknownTaskError, loaded_task_sizes
 
-    try:  # before any model loads
+    try:  # before any model loads: the names, then the tasks' data
         if tasks:
-            make_task_manager(tasks, args.include_path)
-    except UnknownTaskError as e:
+            loaded_task_sizes(tasks, args.include_path)
+    except (UnknownTaskError, TaskDataError) as e:
         print(f"cpt eval: error: --tasks: {e}", file=sys.stderr)
         return 1
-    apply_run_defaults(args, run_eval_settings(args.checkpoint), bool(tasks), bool(heldouts))
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    samples = _samples(tasks, limit, args.seed, args.include_path, args.task_limits) if tasks else None
+    run = run_eval_settings(args.checkpoint)
+    as_run = run is not None and tasks and args.limit is None and args.seed is None  # the run's documents
+    scored = run_scored_documents(args.checkpoint, run["run"]) if as_run else {}
+    apply_run_defaults(args, run, bool(tasks), bool(heldouts))
+    samples = _samples(tasks, args.limit, args.seed, args.include_path, args.task_limits, scored) if tasks else None
 
     from cpt.data.readers import ReadError
     from cpt.data.shards import ShardError
     from cpt.model import ModelLoadError
 
     try:
-        result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base)
-        baseline = (evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None)
+        result = evaluate_checkpoint(ckpt, args, tasks, heldouts, samples, args.base, args.checkpoint)
+        baseline = (evaluate_checkpoint(baseline_ckpt, args, tasks, heldouts, samples, None, args.baseline)
                     if baseline_ckpt is not None else None)
     except (ModelLoadError, ReadError, ShardError) as e:  # e.g. pickle weights only, an unreadable held-out file, a
         # held-out set made with another tokenizer or shorter than one sequence: one line
@@ -372,6 +439,8 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        from cpt.metrics import json_safe
+
+        out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))  # (a diverged model's NaN loss: null)
         print(f"wrote {out}")
     return 0

@@ -41,7 +41,7 @@ def parse_heldout(text: str) -> tuple[str, str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cpt.commands.eval import add_heldout_sample_flags
+    from cpt.commands.eval import add_heldout_sample_flags, at_least
 
     p = argparse.ArgumentParser(prog="cpt interpolate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=parse_heldout, action="append", required=True,
                    metavar="NAME=PATH:TAG", help="a held-out set (repeat); TAG is upstream or downstream")
     add_heldout_sample_flags(p, seq_len_else="512")  # ("the run": the one CPT lies in)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--json", default=None, help="where to write the table (default: OUT/interpolation.json or "
                                                 "./interpolation.json)")
     p.add_argument("--save-alpha", type=float, default=None, help="also save the model at this alpha (needs --out)")
@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.json) if args.json else (Path(args.out) if args.out else Path(".")) / "interpolation.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("seq_len", "max_tokens", "sample_seed", "document_masking")}
-    json_path.write_text(json.dumps({"base": args.base, "cpt": args.cpt, "heldout_settings": settings, "rows": rows},
-                                    indent=2))
+    from cpt.metrics import json_safe
+
+    json_path.write_text(json.dumps(json_safe({"base": args.base, "cpt": args.cpt, "heldout_settings": settings,
+                                               "rows": rows}), indent=2, allow_nan=False))
     print(f"wrote {json_path}")
     return 0
