@@ -6,6 +6,7 @@ timing: the retry wait is set to 0 and calls are counted)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import fsspec
@@ -336,3 +337,18 @@ def test_a_shard_replaced_on_the_store_during_a_run_stops_it(flaky, tokenizer, m
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("data source 'a'") and "checksum mismatch for shard_00003.bin" in msg
     assert "replaced during the run" in msg
+
+
+@pytest.mark.parametrize("command", ["eval", "interpolate"])
+def test_a_credential_in_a_heldout_url_on_the_command_line_is_refused(command, tmp_path, capsys):
+    """`cpt eval --heldout NAME=URL:TAG` (and `cpt interpolate`'s) took a URL with a password or token as given, and
+    --out's JSON and the log name the path: refused in one line that does not repeat it, as in a config."""
+    from cpt.cli import main
+
+    url = "h=https://host/heldout?X-Amz-Signature=s3cr3t:upstream"
+    argv = ([command, str(tmp_path), "--heldout", url] if command == "eval"
+            else [command, str(tmp_path), str(tmp_path), "--heldout", url])
+    with pytest.raises(SystemExit) if command == "interpolate" else contextlib.nullcontext():
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'X-Amz-Signature'" in err and "s3cr3t" not in err and "environment" in err

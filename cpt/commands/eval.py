@@ -50,6 +50,11 @@ def parse_heldout(spec: str) -> tuple[str, str, str]:
         raise ValueError(f"--heldout {spec!r}: expected NAME=PATH:TAG with TAG upstream or downstream")
     if not name or not path:
         raise ValueError(f"--heldout {spec!r}: empty name or path")
+    from cpt.redaction import URL_CREDENTIALS_HINT, url_credentials
+
+    if (secret := url_credentials(path)) is not None:  # (--out's JSON and the log name the path; not repeated here)
+        raise ValueError(f"--heldout {name}: a URL with {secret} would be written to the results and the log; "
+                         f"{URL_CREDENTIALS_HINT}")
     return name, path, tag
 
 

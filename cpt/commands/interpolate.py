@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -34,10 +33,13 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def parse_heldout(text: str) -> tuple[str, str, str]:
-    m = re.fullmatch(r"([^=]+)=(.+):(upstream|downstream)", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"--heldout {text!r}: expected NAME=PATH:upstream|downstream")
-    return m.group(1), m.group(2), m.group(3)
+    """``NAME=PATH:TAG`` as `cpt eval` reads it (a URL holding a credential refused)."""
+    from cpt.commands.eval import parse_heldout as parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
