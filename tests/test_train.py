@@ -132,6 +132,36 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     assert "compute:" in log and "device-hours" in log
 
 
+def test_preempted_exit_code(reference, tmp_path):
+    """`--preempted-exit-code 75`: a stop on SIGTERM exits 75 after its checkpoint and PREEMPTED line (a k8s Job would
+    count 0 as done), also with a second SIGTERM in the interpreter's teardown; the resumed run that finishes exits 0;
+    a code outside 1..255 is a command-line error (2)."""
+    cfg, _ = reference
+    cfg = json.loads(json.dumps(cfg))
+    out = tmp_path / "run"
+    cfg["run"]["output_dir"] = str(out)
+    cfg["checkpoint"]["every"] = 100  # only the preemption save
+    path = write_cfg(tmp_path / "c.yaml", cfg)
+    bad = cpt_train(path, "--preempted-exit-code", "256")
+    assert bad.communicate(timeout=60)[0].count("an exit code is 1..255, not '256'") == 1 and bad.returncode == 2
+    proc = cpt_train(path, "--preempted-exit-code", "75")
+    wait_for(lambda: len(losses(out)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    head = []
+    for line in proc.stdout:
+        head.append(line)
+        if line.startswith("to resume:"):  # the run's last line: the teardown follows
+            proc.send_signal(signal.SIGTERM)
+            break
+    log = "".join(head) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, log
+    assert "PREEMPTED at step" in log and latest_valid_checkpoint(out) is not None
+    assert head[-1].strip().endswith("--preempted-exit-code 75 --resume"), head[-1]
+    proc = cpt_train(path, "--preempted-exit-code", "75", "--resume")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and (out / "export" / "model.safetensors").is_file(), log
+
+
 def test_resume_after_kill9_is_exact(reference, tmp_path):
     cfg, ref = reference
     cfg = json.loads(json.dumps(cfg))

@@ -1,4 +1,4 @@
-"""`cpt train CONFIG [--set key=value ...] [--resume] [--from CKPT [--anneal N]] [--dry-run]`."""
+"""`cpt train CONFIG [--set key=value ...] [--resume] [--from CKPT [--anneal N]] [--dry-run] [--preempted-exit-code N]`."""
 
 from __future__ import annotations
 
@@ -37,7 +37,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the model, tokenizer and data, print tokens, epochs per source, LR and FLOPs; train nothing")
     p.add_argument("--tokens-per-s", type=float, metavar="N", help="with --dry-run: estimate the training time at N tokens/s")
+    p.add_argument("--preempted-exit-code", type=_exit_code, metavar="N",
+                   help="exit N (1..255; 75, EX_TEMPFAIL, suggested) when SIGTERM/SIGUSR1 stopped the run with its "
+                        "checkpoint saved, not 0, so a scheduler that restarts failed jobs (a k8s Job) resumes it; "
+                        "under scripts/launch*.sh the launch exits N")
     return p
+
+
+PREEMPTED_MARKER = "CPT_PREEMPTED_MARKER"  # set by scripts/launch.sh, launch_deepspeed.sh with --preempted-exit-code
+
+
+def _exit_code(text: str) -> int:
+    try:
+        code = int(text)
+    except ValueError:
+        code = -1
+    if not 1 <= code <= 255:
+        raise argparse.ArgumentTypeError(f"an exit code is 1..255, not {text!r}")
+    return code
+
+
+def _preempted_exit(code: int) -> int:
+    """The exit status of a run stopped on a preemption signal with ``--preempted-exit-code N``. Under the shipped
+    launch scripts (``$CPT_PREEMPTED_MARKER`` names a file of theirs) each node's first rank writes that file and the
+    ranks exit 0: a rank's non-zero exit would make torchrun (or accelerate's 1-process launch) print a traceback and
+    exit 1; the script then exits N. Otherwise this process exits N. Either way SIGTERM and SIGUSR1 are ignored from
+    here on, before the run's last line, as after a finished run: a second signal in the interpreter's teardown has
+    nothing left to save, and would turn N into 143."""
+    from cpt.cli import ignore_signals_after_the_run
+
+    ignore_signals_after_the_run()
+    marker = os.environ.get(PREEMPTED_MARKER)
+    if marker:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            Path(marker).write_text("preempted\n")
+        return 0
+    return code
 
 
 def run_errors() -> tuple[type[BaseException], ...]:
@@ -167,9 +202,12 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
             return error(line)
         rank_failure.report(run, f"{type(e).__name__}: {e}")  # an unexpected error: its traceback follows
         raise
+    code = 0  # also after a preemption (without --preempted-exit-code): the checkpoint is saved and `--resume` continues
+    if result.stopped_early == "preempted" and args.preempted_exit_code is not None:  # (signals ignored before the last line)
+        code = _preempted_exit(args.preempted_exit_code)
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
         from cpt.console import resume_command
 
         launcher = " (with the same launcher: add --resume to its `cpt train` arguments)" if "LOCAL_RANK" in os.environ else ""
         runlog.say(f"to resume: {resume_command(argv)}{launcher}", flush=True)
-    return 0  # also after a preemption: the checkpoint is saved and `--resume` continues
+    return code
