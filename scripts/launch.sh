@@ -14,5 +14,5 @@ fi
 ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
 ds=()  # the ZeRO configs name their DeepSpeed JSON relative to the repo root: pass it absolute
 [ -f "$here/configs/deepspeed/$strategy.json" ] && ds=(--deepspeed_config_file "$here/configs/deepspeed/$strategy.json")
-exec accelerate launch --config_file "$here/configs/accelerate/$strategy.yaml" --num_processes "$ngpu" "${ds[@]}" \
+exec "$here/scripts/accelerate_launch.sh" --config_file "$here/configs/accelerate/$strategy.yaml" --num_processes "$ngpu" "${ds[@]}" \
   -m cpt.cli train "$config" "$@"

@@ -14,6 +14,6 @@ name=zero$stage
 if [ "${1:-}" = "offload" ]; then name=${name}_offload; shift; fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
-exec accelerate launch --config_file "$here/configs/accelerate/$name.yaml" --num_processes "$ngpu" \
+exec "$here/scripts/accelerate_launch.sh" --config_file "$here/configs/accelerate/$name.yaml" --num_processes "$ngpu" \
   --deepspeed_config_file "$here/configs/deepspeed/$name.json" \
   -m cpt.cli train "$config" "$@"

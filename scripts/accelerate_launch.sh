@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `accelerate launch ARGS...` for scripts/launch.sh and scripts/launch_deepspeed.sh (which exec this).
+# Without `--preempted-exit-code N` among the `cpt train` options in ARGS: exec'd as it is.
+# With it, the launch exits N when its ranks stopped on SIGTERM/SIGUSR1 with their checkpoint saved (a k8s Job with
+# `restartPolicy: OnFailure` or a podFailurePolicy then starts it again; add --resume), 0 when the run finished and
+# the launcher's status after an error. The ranks still exit 0 on a preempted stop (a rank's non-zero exit makes
+# torchrun print a ChildFailedError traceback and exit 1): the node's first rank writes the file $CPT_PREEMPTED_MARKER
+# names, a fresh one per launch, and this script turns the launcher's 0 into N. It then runs the launcher in the
+# background and passes a SIGTERM or SIGUSR1 sent to it to the ranks, the launcher's children (a pod's SIGTERM reaches
+# only the container's first process; torchrun's agent would die of a SIGUSR1 and gives its ranks 30 s after a SIGTERM).
+set -euo pipefail
+code='' prev=''
+for arg in "$@"; do
+  if [ "$prev" = --preempted-exit-code ]; then code=$arg; fi
+  case $arg in --preempted-exit-code=*) code=${arg#*=} ;; esac
+  prev=$arg
+done
+[ -n "$code" ] || exec accelerate launch "$@"
+
+marker_dir=$(mktemp -d "${TMPDIR:-/tmp}/cpt-launch.XXXXXX")
+trap 'rm -rf -- "$marker_dir"' EXIT
+export CPT_PREEMPTED_MARKER=$marker_dir/preempted
+( trap '' USR1; exec accelerate launch "$@" ) &
+launcher=$!
+
+relay() {  # retried until a rank got it (the signal can come while the ranks are still being started)
+  until pkill "-$1" -P "$launcher"; do
+    kill -0 "$launcher" 2>/dev/null || return 0
+    sleep 1
+  done
+}
+trap 'relay TERM' TERM
+trap 'relay USR1' USR1
+
+while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done  # (a trap interrupts `wait`)
+rc=0
+wait "$launcher" || rc=$?  # (its status, kept by bash)
+if [ "$rc" = 0 ] && [ -s "$CPT_PREEMPTED_MARKER" ]; then
+  echo "${0##*/}: the run was preempted (its checkpoint is saved): exit $code (--preempted-exit-code)" >&2
+  exit "$code"
+fi
+exit "$rc"
