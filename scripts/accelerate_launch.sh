@@ -23,8 +23,14 @@ export CPT_PREEMPTED_MARKER=$marker_dir/preempted
 ( trap '' USR1; exec accelerate launch "$@" ) &
 launcher=$!
 
+signal_ranks() {  # the launcher's child processes; pkill, or /proc where procps is not installed (slim images)
+  if command -v pkill >/dev/null; then pkill "-$1" -P "$launcher"; return; fi
+  local kids
+  kids=$(cat /proc/"$launcher"/task/*/children 2>/dev/null) || kids=''
+  [ -n "${kids// /}" ] && kill "-$1" $kids 2>/dev/null  # (word splitting wanted: one pid per word)
+}
 relay() {  # retried until a rank got it (the signal can come while the ranks are still being started)
-  until pkill "-$1" -P "$launcher"; do
+  until signal_ranks "$1"; do
     kill -0 "$launcher" 2>/dev/null || return 0
     sleep 1
   done
