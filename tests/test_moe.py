@@ -134,6 +134,29 @@ def test_lora_on_a_mixture_of_experts_trains_with_the_router_term():
     assert torch.allclose(causal_lm_loss(model, ids, None, LossWeights(router_aux=coef)).loss, ref, atol=1e-6)
 
 
+def _compiled_like_eager(eager_model, model, mode, graphs: int, ids, weights) -> list[str]:
+    """``model`` under model.compile ``mode`` (aot_eager) against its eager twin: no graph break, ``graphs`` graphs, eager's
+    loss and router loss, and eager's gradient for every trained parameter (whose names are returned)."""
+    from torch._dynamo.utils import counters
+
+    from cpt.compiling import compile_model
+    from cpt.lm_loss import causal_lm_loss
+
+    eager = causal_lm_loss(eager_model, ids, None, weights)
+    eager.loss.backward()
+    torch._dynamo.reset()
+    counters.clear()
+    got = causal_lm_loss(compile_model(model, mode, backend="aot_eager"), ids, None, weights)
+    got.loss.backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.allclose(got.loss, eager.loss, atol=1e-6) and torch.allclose(got.router_aux, eager.router_aux, atol=1e-6)
+    grads = dict(eager_model.named_parameters())
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(torch.allclose(p.grad, grads[n].grad, atol=1e-6) for n, p in trained)
+    return [n for n, _ in trained]
+
+
 @pytest.mark.parametrize("mode, graphs", [(True, 1), ("regional", 2)])
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_compile_traces_the_router_loss_without_graph_breaks(mode, graphs, checkpointed):
@@ -143,28 +166,16 @@ def test_compile_traces_the_router_loss_without_graph_breaks(mode, graphs, check
     the hook's append inside the checkpointed layer broke each layer's graph. Now one graph (regional: 2 for the layer
     code, as layer 0's input needs no gradient), with eager's loss, router loss and gradients (each router recorded
     once)."""
-    from torch._dynamo.utils import counters
-
-    from cpt.compiling import compile_model
     from cpt.layer_options import checkpoint_layers
-    from cpt.lm_loss import LossWeights, causal_lm_loss
+    from cpt.lm_loss import LossWeights
 
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     weights = LossWeights(router_aux=0.01, z=1e-3)
     eager_model, model = _moe("mixtral"), _moe("mixtral")
-    eager = causal_lm_loss(eager_model, ids, None, weights)
-    eager.loss.backward()
-    torch._dynamo.reset()
-    counters.clear()
     if checkpointed:
         checkpoint_layers(model, 1, mode)
-    got = causal_lm_loss(compile_model(model, mode, backend="aot_eager"), ids, None, weights)
-    got.loss.backward()
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == graphs
-    assert torch.allclose(got.loss, eager.loss, atol=1e-6) and torch.allclose(got.router_aux, eager.router_aux, atol=1e-6)
-    grads = dict(eager_model.named_parameters())
-    assert all(torch.allclose(p.grad, grads[n].grad, atol=1e-6) for n, p in model.named_parameters())
+    trained = _compiled_like_eager(eager_model, model, mode, graphs, ids, weights)
+    assert len(trained) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("mode, graphs", [(True, 1), ("regional", 2)])
@@ -173,12 +184,9 @@ def test_compile_traces_lora_on_the_fused_experts(mode, graphs):
     ParamWrapper, whose forward registers and removes an nn.utils.parametrize parametrization: dynamo could not
     trace it (regional: 8 graph breaks, 16 graphs; the experts ran eagerly every step). Now one graph (regional: 2),
     with peft's eager loss, router loss and LoRA gradients, and the model's weights and parametrizations untouched."""
-    from torch._dynamo.utils import counters
-
     from cpt.adapters import apply_lora
-    from cpt.compiling import compile_model
     from cpt.config import LoraConfig
-    from cpt.lm_loss import LossWeights, causal_lm_loss
+    from cpt.lm_loss import LossWeights
 
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
     weights = LossWeights(router_aux=0.01)
@@ -191,18 +199,7 @@ def test_compile_traces_lora_on_the_fused_experts(mode, graphs):
         models.append(m)
     eager_model, model = models
     assert any(".experts." in n and "lora_A" in n for n, _ in model.named_parameters())
-    eager = causal_lm_loss(eager_model, ids, None, weights)
-    eager.loss.backward()
-    torch._dynamo.reset()
-    counters.clear()
-    got = causal_lm_loss(compile_model(model, mode, backend="aot_eager"), ids, None, weights)
-    got.loss.backward()
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == graphs
-    assert torch.allclose(got.loss, eager.loss, atol=1e-6) and torch.allclose(got.router_aux, eager.router_aux, atol=1e-6)
-    grads = dict(eager_model.named_parameters())
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert trained and all(torch.allclose(p.grad, grads[n].grad, atol=1e-6) for n, p in trained)
+    assert _compiled_like_eager(eager_model, model, mode, graphs, ids, weights)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
     assert set(model.state_dict()) == set(eager_model.state_dict())
 

@@ -73,13 +73,18 @@ def test_reference_run_outputs(reference):
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
-def test_resume_after_sigterm_is_exact(reference, tmp_path):
-    cfg, ref = reference
-    cfg = json.loads(json.dumps(cfg))
+def preemption_saves_only(reference, tmp_path) -> tuple[Path, Path]:
+    """(config file, run directory) of the reference run in ``tmp_path`` with no checkpoint but a preemption's."""
+    cfg = json.loads(json.dumps(reference[0]))
     out = tmp_path / "run"
     cfg["run"]["output_dir"] = str(out)
     cfg["checkpoint"]["every"] = 100  # only the preemption save
-    path = write_cfg(tmp_path / "c.yaml", cfg)
+    return write_cfg(tmp_path / "c.yaml", cfg), out
+
+
+def test_resume_after_sigterm_is_exact(reference, tmp_path):
+    ref = reference[1]
+    path, out = preemption_saves_only(reference, tmp_path)
     proc = cpt_train(path)
     wait_for(lambda: len(losses(out)) >= 5, proc)
     proc.send_signal(signal.SIGTERM)
@@ -136,12 +141,7 @@ def test_preempted_exit_code(reference, tmp_path):
     """`--preempted-exit-code 75`: a stop on SIGTERM exits 75 after its checkpoint and PREEMPTED line (a k8s Job would
     count 0 as done), also with a second SIGTERM in the interpreter's teardown; the resumed run that finishes exits 0;
     a code outside 1..255 is a command-line error (2)."""
-    cfg, _ = reference
-    cfg = json.loads(json.dumps(cfg))
-    out = tmp_path / "run"
-    cfg["run"]["output_dir"] = str(out)
-    cfg["checkpoint"]["every"] = 100  # only the preemption save
-    path = write_cfg(tmp_path / "c.yaml", cfg)
+    path, out = preemption_saves_only(reference, tmp_path)
     bad = cpt_train(path, "--preempted-exit-code", "256")
     assert bad.communicate(timeout=60)[0].count("an exit code is 1..255, not '256'") == 1 and bad.returncode == 2
     proc = cpt_train(path, "--preempted-exit-code", "75")

@@ -82,11 +82,8 @@ def read_ranges(fs: Any, paths: list[str], begins: list[int], ends: list[int]) -
                                  f"{len(paths)} ranges): the storage is unreachable, or the file was truncated or "
                                  "replaced since `cpt prepare` (`cpt verify` checks it); `--resume` continues from the "
                                  "last checkpoint")
-        wait = min(RETRY_WAIT_S * 2**attempt, RETRY_MAX_WAIT_S)
         retries += 1
-        logger.warning(f"{paths[k]}: range read failed ({why}; {len(failed)} of {len(paths)} ranges); retry "
-                       f"{attempt + 1}/{READ_RETRIES} in {wait:g} s")
-        time.sleep(wait)
+        _wait_to_retry(attempt, f"{paths[k]}: range read failed ({why}; {len(failed)} of {len(paths)} ranges)")
     raise AssertionError("unreachable")
 
 
@@ -102,9 +99,14 @@ def retrying(fn: Any, what: str) -> Any:
             if attempt == READ_RETRIES:
                 raise ShardError(f"{what}: read failed {READ_RETRIES + 1} times ({type(e).__name__}: {e}): the storage "
                                  "is unreachable") from None
-            wait = min(RETRY_WAIT_S * 2**attempt, RETRY_MAX_WAIT_S)
-            logger.warning(f"{what}: read failed ({type(e).__name__}: {e}); retry {attempt + 1}/{READ_RETRIES} in {wait:g} s")
-            time.sleep(wait)
+            _wait_to_retry(attempt, f"{what}: read failed ({type(e).__name__}: {e})")
+
+
+def _wait_to_retry(attempt: int, why: str) -> None:
+    """The warning line of retry ``attempt + 1`` and its wait: from RETRY_WAIT_S, doubling, at most RETRY_MAX_WAIT_S."""
+    wait = min(RETRY_WAIT_S * 2**attempt, RETRY_MAX_WAIT_S)
+    logger.warning(f"{why}; retry {attempt + 1}/{READ_RETRIES} in {wait:g} s")
+    time.sleep(wait)
 
 
 def listed_mtime_ns(entry: dict) -> int | None:

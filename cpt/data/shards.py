@@ -166,6 +166,7 @@ def _exists(fs: Any, root: str) -> bool:
     except Exception:  # noqa: BLE001 - a store that cannot say: the manifest message stands
         return True
 
+
 @dataclass
 class _Shard:
     tokens_file: str
@@ -391,7 +392,7 @@ class TokenShards:
 
     def _array(self, i: int) -> np.ndarray:
         """Shard ``i``'s memory map as a plain ndarray view (slicing a ``np.memmap`` costs a Python-level hook), from
-        the process's bounded cache of open maps (:class:`_OpenMaps`)."""
+        the process's bounded cache of open maps (:class:`cpt.data.openmaps.OpenMaps`)."""
         return OPEN_MAPS.get((self._uid, i), lambda: self._map(i))
 
     def _map(self, i: int) -> np.ndarray:
