@@ -451,18 +451,21 @@ def test_a_shard_refused_by_rank_0_stops_every_rank_with_one_line(tiny_cpt_data,
     assert not re.search(r"\[rank\d\]: Traceback", log) and "Connection closed" not in log, log[-5000:]
 
 
-def test_preempted_exit_code_through_the_shipped_launcher(tiny_cpt_data, tiny_base, tmp_path):
-    """`scripts/launch.sh run.yaml --preempted-exit-code 75` on 2 processes, SIGTERM to the script only (a pod's
-    SIGTERM reaches the container's first process): it passes the signal to the ranks, which save their checkpoint and
-    exit 0 (no ChildFailedError traceback from torchrun), and the launch exits 75 (it exited 0, or 143 with the ranks
-    left training, before); the marker file it made for the ranks is gone with it."""
+@pytest.mark.parametrize("launcher", [["launch.sh"], ["launch_deepspeed.sh", "2"]], ids=["launch", "launch_deepspeed"])
+def test_preempted_exit_code_through_the_shipped_launcher(tiny_cpt_data, tiny_base, tmp_path, launcher):
+    """`scripts/launch.sh run.yaml --preempted-exit-code 75` (and `scripts/launch_deepspeed.sh run.yaml 2 ...`, ZeRO-2)
+    on 2 processes, SIGTERM to the script only (a pod's SIGTERM reaches the container's first process): it passes the
+    signal to the ranks, which save their checkpoint and exit 0 (no ChildFailedError traceback from torchrun), and the
+    launch exits 75 (it exited 0, or 143 with the ranks left training, before); the marker file it made for the ranks
+    is gone with it."""
     cfg = two_process_config(tiny_cpt_data, tiny_base, tmp_path / "run", steps=60, eval_every=100,
                              checkpoint={"every": 100})
     out = tmp_path / "run"
     cfg_path = write(cfg, tmp_path / "run.yaml")
     env = {**rank_env(cpu=True), "NUM_GPUS": "2", "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
-    proc = start([str(ROOT / "scripts" / "launch.sh"), str(cfg_path), "--preempted-exit-code", "75"], tmp_path, env)
+    script, *strategy = launcher
+    proc = start([str(ROOT / "scripts" / script), str(cfg_path), *strategy, "--preempted-exit-code", "75"], tmp_path, env)
     t0 = time.time()
     while len(losses(out)) < 2:
         assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-5000:] if proc.poll() is not None else "timed out"
@@ -471,7 +474,7 @@ def test_preempted_exit_code_through_the_shipped_launcher(tiny_cpt_data, tiny_ba
     rc, log = finish(proc, timeout=300)
     assert rc == 75, log[-5000:]
     assert "PREEMPTED at step" in log and "Traceback" not in log and "ChildFailedError" not in log, log[-5000:]
-    assert "launch.sh: the run was preempted (its checkpoint is saved): exit 75" in log.replace("accelerate_launch.sh", "launch.sh")
+    assert "accelerate_launch.sh: the run was preempted (its checkpoint is saved): exit 75" in log
     k = int(sorted((out / "checkpoints").glob("step_*"))[-1].name[5:])
     assert 2 <= k < 60 and not (out / "export").exists()
     assert not list((tmp_path / "tmp").glob("cpt-launch.*"))  # (torchrun leaves its torchelastic_* folder)
