@@ -277,8 +277,10 @@ def test_export_refusals_are_one_line(lora_run, tiny_base, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_eval_and_interpolate_accept_a_checkpoint_directory(lora_run, tiny_cpt_data, tiny_base, tmp_path, monkeypatch):
-    """`cpt eval CKPT` and `cpt interpolate BASE CKPT` (formerly `ValueError: Unrecognized model`)."""
+def test_eval_and_interpolate_accept_a_checkpoint_directory(lora_run, tiny_cpt_data, tiny_base, tmp_path, monkeypatch,
+                                                            capsys):
+    """`cpt eval CKPT` and `cpt interpolate BASE CKPT` (formerly `ValueError: Unrecognized model`); `cpt eval` warns of a
+    --heldout set that is the folder of one of the run's training sources."""
     from cpt.cli import main
 
     root, cfg = lora_run
@@ -292,6 +294,13 @@ def test_eval_and_interpolate_accept_a_checkpoint_directory(lora_run, tiny_cpt_d
     got = result["heldout"]["python"]
     got = got["loss"] if isinstance(got, dict) else got
     assert got == pytest.approx(_eval_at(root / "run", "python", 3), abs=1e-5)
+    assert "warning" not in capsys.readouterr().err
+    # a --heldout that is the folder of one of the run's training sources (OUT, not OUT/heldout): warned, still scored
+    trained = f"python_train={tiny_cpt_data / 'data' / 'python'}/:downstream"
+    assert main(["eval", str(ckpt), "--heldout", trained, "--seq-len", str(cfg["data"]["seq_len"]),
+                 "--max-tokens", "64", "--device", "cpu"]) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "--heldout python_train:" in warnings[0] and "training source 'python'" in warnings[0]
     assert main(["interpolate", str(tiny_base), str(ckpt), "--alphas", "0,1", "--heldout", heldout,
                  "--seq-len", str(cfg["data"]["seq_len"]), "--max-tokens", str(cfg["eval"]["tokens_per_set"]),
                  "--json", str(tmp_path / "interp.json")]) == 0

@@ -104,7 +104,19 @@ def run_eval_settings(checkpoint: str | Path) -> dict[str, Any] | None:
             "sample_seed": cfg.eval.sample_seed, "document_masking": cfg.data.document_masking,
             "set_max_tokens": {h.name: h.max_tokens for h in cfg.data.heldout},
             "heldout": [(h.name, run_relative(h.path, d, cfg.run.output_dir), h.tag) for h in cfg.data.heldout],
-            "tasks": [t.name for t in lm.tasks]}
+            "tasks": [t.name for t in lm.tasks],
+            "sources": [(s.name, run_relative(s.path, d, cfg.run.output_dir)) for s in cfg.data.sources if s.type == "shards"]}
+
+
+def _training_folders(heldouts: list[tuple[str, str, str]], run: dict[str, Any] | None, given: bool) -> list[str]:
+    """A warning for each ``--heldout`` set that is the folder of a training source of the checkpoint's run: its
+    loss measures memorisation, not generalisation (training warns the same of its own held-out sets)."""
+    from cpt.data.loader import same_folder
+
+    sources = {same_folder(path): name for name, path in (run or {}).get("sources", [])} if given else {}
+    return [f"--heldout {name}: {path} is the folder of the run's training source {sources[same_folder(path)]!r}: its "
+            "loss measures memorisation, not generalisation (use a held-out split, e.g. the heldout/ folder "
+            "`cpt prepare --heldout-docs` writes)" for name, path, _ in heldouts if same_folder(path) in sources]
 
 
 def at_least(minimum: int):
@@ -423,6 +435,8 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
     as_run = run is not None and tasks and args.limit is None and args.seed is None  # the run's documents
     scored = run_scored_documents(args.checkpoint, run["run"]) if as_run else {}
     apply_run_defaults(args, run, bool(tasks), bool(heldouts))
+    for warning in _training_folders(heldouts, run, given=bool(args.heldout)):
+        print(f"cpt eval: warning: {warning}", file=sys.stderr)
     samples = _samples(tasks, args.limit, args.seed, args.include_path, args.task_limits, scored) if tasks else None
 
     from cpt.data.readers import ReadError

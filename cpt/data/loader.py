@@ -360,7 +360,8 @@ class HeldoutSample:
                 + (" (the whole set)" if self.whole else " (a seeded sample of whole documents)"))
 
 
-def _same_folder(path: str) -> str:
+def same_folder(path: str) -> str:
+    """A folder's identity for overlap checks: the real path (links resolved), a URL as written."""
     return path.rstrip("/") if "://" in path else os.path.realpath(path)
 
 
@@ -374,12 +375,12 @@ def folder_overlaps(data_cfg: Any, used: Sequence[str] | None = None) -> list[st
     for s in data_cfg.sources:
         if s.type != "shards" or (used is not None and s.name not in used):
             continue
-        first = folders.setdefault(_same_folder(s.path), s.name)
+        first = folders.setdefault(same_folder(s.path), s.name)
         if first != s.name:
             out.append(f"data sources {first!r} and {s.name!r} read the same folder ({s.path}): its sequences are "
                        "mixed in as two sources, each with its own order and epoch count")
     for h in getattr(data_cfg, "heldout", []):
-        source = folders.get(_same_folder(h.path))
+        source = folders.get(same_folder(h.path))
         if source is not None:
             out.append(f"held-out set {h.name!r} is the folder of training source {source!r} ({h.path}): its loss "
                        "measures memorisation, not generalisation; use a held-out split (e.g. the heldout/ folder "
