@@ -75,14 +75,32 @@ URL_CREDENTIALS_HINT = ("give credentials through the environment, not the path:
                         "\"Bearer ...\"}}' (fsspec's configuration)")
 
 
+_URL_USER = re.compile(r"^https?://([^/?#@:]+)@", re.IGNORECASE)
+# prefixes of access tokens that services accept as an http(s) URL's user name (Hugging Face, GitHub, GitLab, Slack)
+_TOKEN_PREFIXES = ("hf_", "ghp_", "gho_", "ghs_", "ghu_", "github_pat_", "glpat-", "xox")
+
+
+def _looks_like_token(user: str) -> bool:
+    """An http(s) URL's user name that is an access token (`https://TOKEN@host/...`, as git and Hugging Face accept
+    it): a known token prefix, or 20+ characters mixing letters and digits with no separator a person's name has."""
+    if user.lower().startswith(_TOKEN_PREFIXES):
+        return True
+    return (len(user) >= 20 and any(c.isdigit() for c in user) and any(c.isalpha() for c in user)
+            and not any(c in user for c in ".%+ "))
+
+
 def url_credentials(value: str) -> str | None:
-    """What in a URL is a credential (a password in ``user:password@``, a token or signature query parameter), or None.
+    """What in a URL is a credential (a password in ``user:password@``, an access token as an http(s) user name, a
+    token or signature query parameter), or None.
     A path field or `cpt prepare` input holding one is refused: it would be written to config.yaml, checkpoints, W&B,
     manifests and logs, which redact secret-named keys, not parts of values."""
     if "://" not in str(value):
         return None
     if _URL_PASSWORD.match(value):
         return "a password (user:password@)"
+    user = _URL_USER.match(value)
+    if user and _looks_like_token(user.group(1)):
+        return "a token as the user name (TOKEN@)"
     secret = [k for k, _ in parse_qsl(urlsplit(value).query, keep_blank_values=True)
               if is_secret_key(k) or k.lower() in _SIGNED]
     return f"the query parameter {secret[0]!r}" if secret else None

@@ -161,6 +161,8 @@ def test_listing_times_of_each_store(entry, seconds):
     ("https://user:s3cr3t@host/prepared", "a password"),
     ("https://host/prepared?token=s3cr3t", "'token'"),
     ("https://bucket.s3.amazonaws.com/p?X-Amz-Signature=s3cr3t", "'X-Amz-Signature'"),
+    ("https://hf_s3cr3tAbcdefGhij@huggingface.co/datasets/x/resolve/main/p", "a token as the user name"),
+    ("https://s3cr3t1a2B3c4D5e6F7g8H9i0J@git.example.com/data/p", "a token as the user name"),
 ])
 def test_credentials_in_a_url_are_refused_never_written(url, what, tokenizer, tmp_path, capsys):
     """A password or token in a source's URL (or a `cpt prepare` input) would reach config.yaml, checkpoints, W&B,
@@ -179,7 +181,8 @@ def test_credentials_in_a_url_are_refused_never_written(url, what, tokenizer, tm
     assert prepare_main([url, "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and what in err and "s3cr3t" not in err and "environment" in err
-    data_config([{"name": "a", "path": "https://user@host/prepared?revision=main"}])  # no secret: accepted
+    for fine in ("https://user@host/prepared?revision=main", "https://jane.doe@host/p", "sftp://svc_account_2024_nightly@host/p"):
+        data_config([{"name": "a", "path": fine}])  # a user name, no secret: accepted
 
 
 def test_http_503_and_cut_short_bodies_are_retried_403_is_not(flaky, tokenizer):
