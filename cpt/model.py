@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cpt.config import ModelConfig, RunConfig, load_config
-from cpt.data.shards import vocab_size
+from cpt.data.tokenizer_identity import vocab_size
 from cpt.export import DEFAULT_MAX_SHARD_SIZE, check_export_target, write_hf
 
 log = logging.getLogger("cpt.model")

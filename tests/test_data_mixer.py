@@ -519,7 +519,7 @@ def test_a_corrupt_sequence_read_by_one_rank_stops_that_rank_naming_the_file(sou
 
 
 def test_a_tokenizer_with_gaps_in_its_ids_is_not_taken_for_corrupt_data(tmp_path):
-    """A tokenizer whose ids have gaps (an id past its length, as cpt.data.shards.vocab_size allows for) tokenizes
+    """A tokenizer whose ids have gaps (an id past its length, as cpt.data.tokenizer_identity.vocab_size allows for) tokenizes
     text into ids >= len(tokenizer): the per-batch id check bounds them by the largest id, not the length (which
     stopped the run calling the freshly prepared shard corrupt)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -29,7 +29,8 @@ import numpy as np
 from cpt.data.encode import bos_by_convention
 from cpt.data.prepare_key import hf_identity, hub_revision, is_hub_dataset
 from cpt.data.readers import error_line, load_hf_dataset
-from cpt.data.shards import backend_tokenizer, dtype_for_vocab, is_remote, tokenizer_fingerprint, vocab_size
+from cpt.data.shards import is_remote
+from cpt.data.tokenizer_identity import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, vocab_size
 
 logger = logging.getLogger("cpt.data")
 

@@ -35,7 +35,8 @@ import torch
 from cpt.data import remote
 from cpt.data.hfstream import HFTokenStream
 from cpt.data.mixer import Mixer, MixPlan
-from cpt.data.shards import ShardError, TokenShards, run_tokenizer_name, tokenizer_fingerprint, vocab_size
+from cpt.data.shards import ShardError, TokenShards
+from cpt.data.tokenizer_identity import run_tokenizer_name, tokenizer_fingerprint, vocab_size
 from cpt.data.stream import PackedStream
 
 logger = logging.getLogger("cpt.data")
@@ -389,7 +390,7 @@ def folder_overlaps(data_cfg: Any, used: Sequence[str] | None = None) -> list[st
 
 
 def _vocab_size(tokenizer: Any) -> int | None:
-    """One more than the largest id the tokenizer can produce (cpt.data.shards.vocab_size: its length, or more when its
+    """One more than the largest id the tokenizer can produce (cpt.data.tokenizer_identity.vocab_size: its length, or more when its
     ids have gaps); None when it does not say."""
     try:
         return vocab_size(tokenizer)

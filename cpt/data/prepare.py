@@ -47,18 +47,8 @@ from cpt.data.readers import (SKIP_REASONS, ReadCounts, ReadError, input_kind, i
                               resolve_files)
 from cpt.data.prepare_key import prepare_key
 from cpt.data.shard_writer import ShardWriter, shard_manifest
-from cpt.data.shards import (
-    MANIFEST,
-    ShardError,
-    TokenShards,
-    backend_tokenizer,
-    dtype_for_vocab,
-    is_remote,
-    tokenizer_fingerprint,
-    tokenizer_name,
-    vocab_size,
-    write_json_atomic,
-)
+from cpt.data.shards import MANIFEST, ShardError, TokenShards, is_remote, write_json_atomic
+from cpt.data.tokenizer_identity import backend_tokenizer, dtype_for_vocab, tokenizer_fingerprint, tokenizer_name, vocab_size
 from cpt.redaction import URL_CREDENTIALS_HINT, url_credentials
 
 logger = logging.getLogger("cpt.data")

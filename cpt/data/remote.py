@@ -130,8 +130,7 @@ def changed_on_store(shards: Any, since_ns: int) -> tuple[list[str], list[str]]:
     """(problems, files changed but not checksummed) of a remote source during a run: its folder listed again (one LIST);
     a file whose size no longer matches the manifest, or one modified after ``since_ns`` whose checksum differs (up to
     8 are checksummed, as at a resume), is a problem; more changed files are returned unchecked."""
-    sizes = shards._listed_sizes()
-    problems = [f"{n} has {sizes[n]} bytes on the store now, the manifest expects {size} (replaced during the run)"
-                for n, size, _ in shards._expected_files() if n in sizes and sizes[n] != size]
+    problems = [f"{n} has {got} bytes on the store now, the manifest expects {size} (replaced during the run)"
+                for n, got, size in shards.size_changes_on_store()]
     changed, bad = shards.changed_since(since_ns)
     return problems + [f"{b} (replaced during the run)" for b in bad], ([] if bad or len(changed) <= 8 else changed)

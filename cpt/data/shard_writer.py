@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from cpt.data.shards import CHECKSUM_ALGO, FORMAT_NAME, FORMAT_VERSION, new_hasher, shard_names, tokenizer_name, vocab_size
+from cpt.data.shards import CHECKSUM_ALGO, FORMAT_NAME, FORMAT_VERSION, new_hasher, shard_names
+from cpt.data.tokenizer_identity import tokenizer_name, vocab_size
 
 
 class ShardWriter:

@@ -43,6 +43,8 @@ import numpy as np
 from cpt.data.manifest import ShardError, is_count, manifest_problem  # (ShardError: defined there, used from here)
 from cpt.data.openmaps import OPEN_MAPS
 from cpt.data.remote import RangeReadError, listed_mtime_ns, read_ranges, retrying
+from cpt.data.tokenizer_identity import (backend_tokenizer, dtype_for_vocab, run_tokenizer_name,  # noqa: F401 (re-exported:
+                                         tokenizer_fingerprint, tokenizer_name, vocab_size)  # the manifest records them)
 
 logger = logging.getLogger("cpt.data")
 
@@ -52,53 +54,6 @@ FORMAT_VERSION = 1
 CHECKSUM_ALGO = "xxh3_64"
 _CHUNK = 16 << 20
 _UIDS = itertools.count()
-
-
-# ---------------------------------------------------------------- tokenizer identity
-
-
-def backend_tokenizer(tokenizer: Any) -> Any:
-    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer (or the object itself)."""
-    return getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None) or tokenizer
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of the tokenizer's vocabulary (token -> id, added tokens included): ``sha256:<hex16>``.
-
-    Two tokenizers with the same fingerprint map every token string to the same id, so token
-    shards made with one can be trained with the other.
-    """
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else backend_tokenizer(tokenizer).get_vocab()
-    items = sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))
-    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
-    return f"sha256:{digest[:16]}"
-
-
-def tokenizer_name(tokenizer: Any) -> str:
-    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
-
-
-def run_tokenizer_name(tokenizer: Any) -> str:
-    """tokenizer_name, saying so when model.vocab extended the tokenizer (its ``cpt_vocab`` record): a run's refusal
-    of shards then names why its vocabulary hash is not the base tokenizer's."""
-    record = (getattr(tokenizer, "init_kwargs", None) or {}).get("cpt_vocab")
-    return f"{tokenizer_name(tokenizer)} extended by model.vocab" if record else tokenizer_name(tokenizer)
-
-
-def vocab_size(tokenizer: Any) -> int:
-    """One more than the largest id the tokenizer can produce (base vocabulary plus added tokens): its length, or more
-    when its ids have gaps (an id of 70,000 in a 4-token vocabulary does not fit uint16 shards)."""
-    try:
-        n = len(tokenizer)
-    except TypeError:
-        n = int(backend_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True))
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else backend_tokenizer(tokenizer).get_vocab()
-    return max(n, max(vocab.values(), default=-1) + 1)
-
-
-def dtype_for_vocab(n: int) -> np.dtype:
-    """uint16 when every id fits (vocabulary <= 65,536), else uint32."""
-    return np.dtype("<u2") if n <= 1 << 16 else np.dtype("<u4")
 
 
 # ---------------------------------------------------------------- checksums and paths
@@ -346,6 +301,13 @@ class TokenShards:
                 return (f"checksum mismatch for {name} ({CHECKSUM_ALGO} {got_sum}, manifest {checksum}); "
                         "the file is corrupt or was changed after `cpt prepare`")
         return None
+
+    def size_changes_on_store(self) -> list[tuple[str, int, int]]:
+        """Remote storage: the folder listed again (one LIST; modification times refreshed in ``mtimes``): (file, its
+        listed size, the manifest's size) for every file whose size no longer matches; files the listing does not size
+        are not in it."""
+        listed = self._listed_sizes()
+        return [(n, listed[n], size) for n, size, _ in self._expected_files() if n in listed and listed[n] != size]
 
     def changed_since(self, ns: int, limit: int = 8) -> tuple[list[str], list[str]]:
         """(files modified after ``ns``, their checksum problems): files whose size check (verify) saw a newer time (a
