@@ -141,7 +141,7 @@ def _exported(path: str | Path, work: Path) -> Path:
     """An HF export or adapter directory as given; a run directory's final export (RUN/export); a cpt resume checkpoint
     (or a run directory without export/) exported into ``work`` through ``cpt export``'s path: a LoRA run's as its
     adapter (its resume checkpoints hold the adapter alone: cpt/adapter_checkpoint.py), any other as the full model."""
-    from cpt.consolidate import export_checkpoint, is_checkpoint_dir, run_export
+    from cpt.checkpoint_export import export_checkpoint, is_checkpoint_dir, run_export
 
     p = Path(run_export(path))
     if not is_checkpoint_dir(p):
@@ -281,10 +281,10 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
-    from cpt.consolidate import is_checkpoint_dir
+    from cpt.checkpoint_export import is_checkpoint_dir
 
     if is_checkpoint_dir(p):  # a cpt resume checkpoint (any backend): exported through `cpt export`'s path into
-        from cpt.consolidate import model_dir_of  # its run directory (not /tmp), removed once loaded
+        from cpt.checkpoint_export import model_dir_of  # its run directory (not /tmp), removed once loaded
 
         with model_dir_of(p, prefix=".cpt-load-") as exported:
             return load_model_dir(exported, dtype)

@@ -6,7 +6,7 @@ A LoRA run's checkpoints leave its frozen base out (cpt/adapter_checkpoint.py), 
 ``cpt export`` / ``eval`` / ``interpolate`` / ``average``, a later stage) must be able to build that base again, also
 after the earlier run pruned the checkpoint (``checkpoint.keep``) or was moved or deleted. The base is therefore written
 once, when the run starts, as an HF model into the run's own directory, ``RUN/base/`` (the checkpoint exported by
-:func:`cpt.consolidate.export_checkpoint` in fp32: its weights exactly, the documented manual path ``cpt export CKPT
+:func:`cpt.checkpoint_export.export_checkpoint` in fp32: its weights exactly, the documented manual path ``cpt export CKPT
 --out DIR`` + ``train.init_from: DIR``), with ``cpt_base.json`` naming the checkpoint it came from. The run then starts
 exactly as from that export: from step 0, a fresh optimizer, LoRA on top. Its checkpoints' ``adapter_base.json`` records
 that base (``base_from``), and :func:`cpt.resume.base_model_dir` finds ``RUN/base`` next to the checkpoints wherever the
@@ -150,7 +150,7 @@ def write_base(ckpt: Path, run_dir: Path, acc, say=print) -> str:
 
 
 def _write(ckpt: Path, target: Path, say) -> None:
-    from cpt.consolidate import export_checkpoint
+    from cpt.checkpoint_export import export_checkpoint
 
     record = source_record(ckpt)
     marker = target / STAGE_BASE_SOURCE

@@ -153,7 +153,8 @@ def test_a_zero3_model_freeze_checkpoint_holds_the_trained_part_and_exports_over
 
     from cpt.adapter_checkpoint import read_base_record
     from cpt.checkpoint import list_checkpoints
-    from cpt.consolidate import export_checkpoint, read_model_state, read_optimizer_state
+    from cpt.consolidate import read_model_state, read_optimizer_state
+    from cpt.checkpoint_export import export_checkpoint
 
     ckpt = list_checkpoints(sync_run)[-1]
     assert read_base_record(ckpt)["kind"] == "freeze"

@@ -299,7 +299,7 @@ def test_eval_and_interpolate_export_a_checkpoint_inside_its_run_not_in_tmp(tiny
     import tempfile
     from pathlib import Path
 
-    import cpt.consolidate as consolidate
+    import cpt.checkpoint_export as checkpoint_export
     from conftest import tiny_run_config
     from cpt.checkpoint import list_checkpoints
     from cpt.commands.eval import main as eval_main
@@ -318,13 +318,13 @@ def test_eval_and_interpolate_export_a_checkpoint_inside_its_run_not_in_tmp(tiny
     system_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     exported_into = []
-    real_export = consolidate.export_checkpoint
+    real_export = checkpoint_export.export_checkpoint
 
     def export_spy(path, out_dir, *args, **kwargs):
         exported_into.append(Path(out_dir).parent)
         return real_export(path, out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(consolidate, "export_checkpoint", export_spy)
+    monkeypatch.setattr(checkpoint_export, "export_checkpoint", export_spy)
     held = f"python={tiny_cpt_data / 'data' / 'python' / 'heldout'}:downstream"
     assert eval_main([str(ckpt), "--heldout", held, "--seq-len", "32", "--max-tokens", "256"]) == 0
     assert interpolate_main([str(tiny_base), str(ckpt), "--alphas", "1", "--heldout", held, "--seq-len", "32",

@@ -209,7 +209,7 @@ def test_a_bf16_lora_run_is_bitwise_that_of_the_fp32_base(tiny_cpt_data, tiny_ba
     base fingerprinted in fp32; a new stage starts from it; `cpt export` of the checkpoint and `cpt merge` of the
     export merge into the fp32 base."""
     from cpt.adapter_checkpoint import read_base_record
-    from cpt.consolidate import export_checkpoint
+    from cpt.checkpoint_export import export_checkpoint
 
     a, b = tmp_path / "cast", tmp_path / "fp32"
     cast_log = _run(_config(tiny_cpt_data, tiny_base, a, True))

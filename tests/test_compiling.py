@@ -270,7 +270,7 @@ def test_regional_runs_resume_across_compile_modes_and_export_plain_weights(tiny
     from safetensors.torch import save_file
 
     from cpt.checkpoint import write_checksums
-    from cpt.consolidate import export_checkpoint
+    from cpt.checkpoint_export import export_checkpoint
 
     whole = _back_to_step_2(tmp_path / "eager", tmp_path / "whole")
     ckpt = whole / "checkpoints" / "step_00000002"

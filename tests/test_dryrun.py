@@ -104,7 +104,7 @@ def test_a_stage_from_a_checkpoint_builds_the_model_its_chain_started_from(tiny_
 
     from transformers import AutoModelForCausalLM
 
-    from cpt.consolidate import export_checkpoint
+    from cpt.checkpoint_export import export_checkpoint
     from cpt.model import model_shape
     from cpt.train import train
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from cpt.consolidate import export_checkpoint
+from cpt.checkpoint_export import export_checkpoint
 from cpt.export import ExportFolderError, write_hf
 from cpt.model import merge_adapter
 
@@ -410,7 +410,7 @@ def test_run_exports_follow_checkpoint_export_dtype_and_max_shard_size(tiny_cpt_
         assert {t.dtype for t in _tensors(export).values()} == {torch.bfloat16}
     final = _tensors(out / "export")
     assert all(torch.equal(final[k], trained[k].to(torch.bfloat16)) for k in final)
-    from cpt.consolidate import model_dir_of
+    from cpt.checkpoint_export import model_dir_of
 
     with model_dir_of(out / "checkpoints" / "step_00000002") as read:  # (cpt eval/interpolate/average of a checkpoint)
         assert all(torch.equal(t, trained[k]) for k, t in _tensors(read).items())  # fp32, whatever export_dtype says

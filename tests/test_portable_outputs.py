@@ -239,7 +239,7 @@ def test_cpt_export_of_an_adapter_checkpoint_pruned_while_the_base_is_built(lora
     (adapter_base.json too) is read before the base is built (which takes a while for a real model), so a prune
     (checkpoint.keep) meanwhile does not fail it (it read adapter_base.json after the build: FileNotFoundError)."""
     import cpt.model
-    from cpt.consolidate import export_checkpoint
+    from cpt.checkpoint_export import export_checkpoint
 
     root, _ = lora_run
     ckpt = tmp_path / "step_00000003"

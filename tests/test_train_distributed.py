@@ -255,7 +255,8 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     assert_close(losses(fsdp), losses(out))
     ckpt = fsdp / "checkpoints" / "step_00000009"
     assert read_base_record(ckpt)["kind"] == "freeze" and (ckpt / "pytorch_model_fsdp_0").is_dir()
-    from cpt.consolidate import export_checkpoint, read_model_state
+    from cpt.consolidate import read_model_state
+    from cpt.checkpoint_export import export_checkpoint
 
     shards = read_model_state(ckpt)
     assert shards and not any(k.startswith("model.layers.0.") for k in shards)
@@ -311,7 +312,7 @@ def test_zero3_bf16_export_holds_the_fp32_master_weights(tiny_cpt_data, base, tm
     those `cpt export` reads from the ZeRO partitions. (ZeRO-2 was checked the same way by hand.)"""
     from safetensors.torch import load_file
 
-    from cpt.consolidate import export_checkpoint
+    from cpt.checkpoint_export import export_checkpoint
 
     cfg = two_process_config(tiny_cpt_data, base, tmp_path / "run", steps=2, eval_every=2, checkpoint={"every": 2})
     cfg["train"]["precision"] = "bf16"

@@ -416,7 +416,7 @@ def test_a_stage_from_a_lora_checkpoint_of_a_run_started_from_an_hf_init_from_bu
     assert step0(tmp_path / "stage")["eval/python/loss"] == records_at(tmp_path / "trunk", 3)["eval/python/loss"]
     _, log = _resume_from_step_3(tmp_path / "stage", tmp_path / "resumed", stage)
     assert "resumed" in log and losses(tmp_path / "resumed") == losses(tmp_path / "stage")
-    from cpt.consolidate import export_checkpoint  # (cpt export builds the same base)
+    from cpt.checkpoint_export import export_checkpoint  # (cpt export builds the same base)
 
     export_checkpoint(tmp_path / "stage" / "checkpoints" / "step_00000006", tmp_path / "x", adapter=True, echo=lambda *a: None)
     x, y = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "x", tmp_path / "stage" / "export"))
@@ -456,7 +456,7 @@ def test_freeze_checkpoint_holds_the_trained_part_not_the_frozen_layers(tiny_cpt
     still resumes exactly; another frozen base is refused in one line, nothing trained."""
     from cpt.adapter_checkpoint import ADAPTER_STATE, read_base_record
     from cpt.checkpoint import CheckpointError
-    from cpt.consolidate import export_checkpoint
+    from cpt.checkpoint_export import export_checkpoint
 
     cfg = _freeze_small(tiny_cpt_data, base, tmp_path / "a")
     ref, a = _run_without_base(cfg, tmp_path / "a")

@@ -60,7 +60,7 @@ def _check_json_files(checkpoints: list[str]) -> None:
     import json
     from pathlib import Path
 
-    from cpt.consolidate import run_export
+    from cpt.checkpoint_export import run_export
 
     for ckpt in checkpoints:
         for name in ("config.json", "adapter_config.json"):

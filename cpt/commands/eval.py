@@ -62,7 +62,7 @@ def resolve_checkpoint(path: str | Path, stack: ExitStack) -> Path:
     """An HF model or adapter directory: ``path`` itself, a run directory's export/, or a cpt resume checkpoint
     (or a run directory without export/) exported on the fly through ``cpt export``'s path into a hidden folder of
     its run directory (the disk it is on, not /tmp), removed when ``stack`` closes."""
-    from cpt.consolidate import is_checkpoint_dir, model_dir_of, run_export
+    from cpt.checkpoint_export import is_checkpoint_dir, model_dir_of, run_export
 
     p = Path(run_export(path))
     if (p / "config.json").exists() or (p / "adapter_config.json").exists():

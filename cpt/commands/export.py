@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cpt.checkpoint import CheckpointError
-    from cpt.consolidate import ConsolidateError, export_checkpoint
+    from cpt.consolidate import ConsolidateError
+    from cpt.checkpoint_export import export_checkpoint
     from cpt.export import ExportFolderError
     from cpt.model import ModelLoadError
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.data.sources import HeldoutConfig
     from cpt.evaluate import heldout_loss
 
-    from cpt.consolidate import run_export
+    from cpt.checkpoint_export import run_export
     from cpt.export import ExportFolderError, check_export_target, write_hf
     from cpt.model import ModelLoadError
 
