@@ -41,7 +41,7 @@ def write_outputs(spec: SequenceSpec, runs: list[RunPlan], out: Path, fpt: float
 
 
 def _series(run_dir: Path, key: str) -> tuple[list[float], list[float], list[int]]:
-    from cpt.report import run_series
+    from cpt.run_metrics import run_series
 
     return run_series(run_dir, key)  # (a run's log read once for its several keys)
 
@@ -242,7 +242,7 @@ def statements(stats: dict[str, dict[str, list[float]]], by: dict[str, dict[int,
 
 
 def realised_shares(runs: list[RunPlan]) -> dict[str, dict[str, float]]:
-    from cpt.report import load_run
+    from cpt.run_metrics import load_run
 
     out = {}
     for r in runs:

@@ -36,7 +36,7 @@ COLUMNS = [
 
 
 def _series(run_dir: Path, key: str) -> tuple[list[float], list[float], list[int]]:
-    from cpt.report import run_series
+    from cpt.run_metrics import run_series
 
     return run_series(run_dir, key)  # (a run's log read once for its several keys)
 
@@ -94,10 +94,10 @@ def collect_results(spec: ExperimentSpec, plans: list[RunPlan], fpt: float) -> l
 
 
 def benchmark_cells(run_dir: Path, kind: str) -> dict[str, Any]:
-    """Tagged lm-eval metrics of a run (see cpt.report.benchmark_summary): ``<task>/<metric> final`` and, for CPT
+    """Tagged lm-eval metrics of a run (see cpt.run_metrics.benchmark_summary): ``<task>/<metric> final`` and, for CPT
     runs (whose step 0 is the base model), ``... change`` (forgetting or adaptation vs step 0, positive = worse /
     better), its ``stderr``, ``worst`` and ``noise`` (the change is within two standard errors)."""
-    from cpt.report import benchmark_summary, load_run
+    from cpt.run_metrics import benchmark_summary, load_run
 
     cells: dict[str, Any] = {}
     for b in benchmark_summary(load_run(run_dir)):
