@@ -134,7 +134,7 @@ class BenchmarkTracker:
         """From a :class:`cpt.config.RunConfig` (its ``eval`` and ``eval.lm_eval`` sections); ``echo``: the run's console
         (a line as each evaluation starts)."""
         from cpt.config import ConfigError
-        from eval_harness.lm_eval_hook import UnknownTaskError, make_task_manager
+        from eval_harness.task_registry import UnknownTaskError, make_task_manager
 
         lm = cfg.eval.lm_eval
         try:  # a misspelt task fails here, before the run writes anything (and in `cpt train --dry-run`)
@@ -156,7 +156,7 @@ class BenchmarkTracker:
         task, at the start of the run (with ``eval.at_start: false`` it used to be a traceback at the first evaluation,
         after ``eval.lm_eval.every`` steps of training)."""
         from cpt.config import ConfigError
-        from eval_harness.lm_eval_hook import TaskDataError, loaded_task_sizes
+        from eval_harness.task_registry import TaskDataError, loaded_task_sizes
 
         try:
             return loaded_task_sizes([t.name for t in self.tasks], self.include_path)
@@ -180,7 +180,7 @@ class BenchmarkTracker:
 
     # -- evaluation
     def _set_up(self) -> None:
-        from eval_harness.lm_eval_hook import task_sizes
+        from eval_harness.task_registry import task_sizes
 
         sizes = self._sizes = self._sizes or task_sizes([t.name for t in self.tasks], self.include_path)
         if self.max_length:

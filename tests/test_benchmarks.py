@@ -323,7 +323,7 @@ def test_in_loop_scores_are_lm_eval_on_the_export_and_cpt_eval_of_the_run_reprod
     from cpt.config import load_config
     from cpt.metrics import read_metrics
     from cpt.train import train
-    from eval_harness.lm_eval_hook import LOCAL_TASKS_DIR
+    from eval_harness.task_registry import LOCAL_TASKS_DIR
 
     mc, ppl, limit, seed = "cpt_shakespeare_next", "cpt_python_ppl", 8, 7
     out = tmp_path / "run"

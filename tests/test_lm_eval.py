@@ -10,12 +10,8 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import tiny_llama, tiny_tokenizer
-from eval_harness.lm_eval_hook import (
-    LOCAL_TASKS_DIR,
-    choose_strategy,
-    flatten_results,
-    run_lm_eval_detailed,
-)
+from eval_harness.lm_eval_hook import choose_strategy, flatten_results, run_lm_eval_detailed
+from eval_harness.task_registry import LOCAL_TASKS_DIR
 
 MC, PPL = "cpt_arith_mc", "cpt_shakespeare_ppl"
 
@@ -314,7 +310,7 @@ def test_bundled_tasks_load_without_lm_eval_warnings(caplog):
 
     from lm_eval.tasks import get_task_dict
 
-    from eval_harness.lm_eval_hook import make_task_manager
+    from eval_harness.task_registry import make_task_manager
 
     names = ["cpt_local"]
     with caplog.at_level(logging.WARNING):

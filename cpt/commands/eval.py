@@ -249,7 +249,7 @@ def _samples(tasks: list[str], limit: int | float | None, seed: int, include_pat
     if limit is None and not any(task_limits.get(t) for t in tasks) and not any(v is not None for v in scored.values()):
         return None
     from eval_harness.benchmarks import seeded_subset
-    from eval_harness.lm_eval_hook import task_sizes
+    from eval_harness.task_registry import task_sizes
 
     samples = {}
     for task, leaves in task_sizes(tasks, include_path).items():
@@ -423,7 +423,7 @@ def _main(argv: list[str] | None, stack: ExitStack) -> int:
         print("cpt eval: nothing to do: give --tasks and/or --heldout (a checkpoint of a run without either evaluates "
               "what the run did)", file=sys.stderr)
         return 2
-    from eval_harness.lm_eval_hook import TaskDataError, UnknownTaskError, loaded_task_sizes
+    from eval_harness.task_registry import TaskDataError, UnknownTaskError, loaded_task_sizes
 
     try:  # before any model loads: the names, then the tasks' data
         if tasks:
