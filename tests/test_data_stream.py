@@ -274,7 +274,7 @@ def test_prepare_puts_bos_before_each_document_where_the_tokenizer_does(tmp_path
     unless told (--add-bos). By default it now follows the tokenizer: BOS + text + EOS where the tokenizer starts its
     own encodings with BOS (said in the log and the summary), text + EOS otherwise; --no-add-bos leaves it out; a
     folder prepared before with a tokenizer that adds none stays up to date."""
-    from cpt.data.prepare import format_summary
+    from cpt.data.prepare_console import format_summary
 
     docs = make_docs(30, seed=31)
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from cpt.data.prepare import PrepareError, PrepareOptions, format_summary, prepare
+    from cpt.data.prepare import PrepareError, PrepareOptions, prepare
+    from cpt.data.prepare_console import format_summary
 
     tokenizer = args.tokenizer
     if args.extend_vocab:
