@@ -407,7 +407,7 @@ def merge_lora(peft_model):
     from cpt import quantized_base
 
     if quantized_base.is_quantized(peft_model):
-        return quantized_base.merge_into_original(peft_model)
+        peft_model = quantized_base.on_original_base(peft_model, adapter_keys)
     base = peft_model.get_base_model()
     emb, head = base.get_input_embeddings(), base.get_output_embeddings()
     if head is not None and getattr(base.config, "tie_word_embeddings", False):

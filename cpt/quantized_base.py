@@ -13,7 +13,7 @@ Fingerprint. The adapter-only checkpoints (cpt/adapter_checkpoint.py) record the
 the same files with the same settings re-quantizes the base bit for bit (tested: a resumed QLoRA run gives the
 uninterrupted run's losses bitwise); other files or settings are refused before anything is loaded.
 
-Merging. :func:`merge_into_original` merges the adapter into the *original* full-precision base (loaded again,
+Merging. :func:`on_original_base` (cpt.adapters.merge_lora) merges the adapter into the *original* full-precision base (loaded again,
 unquantized), not into the dequantized 4-bit weights: those differ from the original by the quantization error
 (NF4: ~0.1 of a weight's block scale), which a merge into them would bake into every weight of the exported model.
 The adapter was trained to correct the quantized base, so the merged model is close to, not equal to, the QLoRA
@@ -212,14 +212,12 @@ def refuse_backend(model, acc) -> None:
                           "model.lora.quantize_base: null")
 
 
-def merge_into_original(peft_model):
-    """The adapter of a QLoRA model merged into its *original* full-precision base (the module docstring): the base
-    loaded again from its files unquantized (fp32), the same LoRA layers put on it, the adapter's tensors copied over
-    and merged. Returns the merged transformers model."""
+def on_original_base(peft_model, adapter_keys):
+    """The adapter of a QLoRA model on its *original* full-precision base (the module docstring: the merge is into
+    that): the base loaded again from its files unquantized (fp32), the same LoRA layers put on it and the adapter's
+    tensors (``adapter_keys(model)``: their names) copied over. Returns that peft model, to be merged."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from cpt.adapters import adapter_keys, merge_lora
 
     info = getattr(peft_model, MARK)
     quantized = peft_model.get_base_model()
@@ -231,11 +229,11 @@ def merge_into_original(peft_model):
     fresh = get_peft_model(base, pcfg, adapter_name=peft_model.active_adapter)
     if not getattr(quantized.config, "tie_word_embeddings", True):  # (a tied side trained as its own copy: untied)
         base.config.tie_word_embeddings = False
-    keys = adapter_keys(peft_model)
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in peft_model.state_dict().items() if k in set(keys)}
+    keys = set(adapter_keys(peft_model))
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in peft_model.state_dict().items() if k in keys}
     missing = sorted(set(adapter_keys(fresh)) - set(state))
     if missing:
         raise RuntimeError(f"the QLoRA adapter does not fit its unquantized base ({len(missing)} tensors missing, "
                            f"e.g. {missing[0]})")
     fresh.load_state_dict(state, strict=False)
-    return merge_lora(fresh)
+    return fresh
