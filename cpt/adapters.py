@@ -35,8 +35,11 @@ ADAPTER_SIDECAR = "cpt_adapter.json"
 
 
 def _numel(p: torch.Tensor) -> int:
-    # DeepSpeed ZeRO-3 replaces parameters by empty placeholders and keeps the real size in ds_numel
-    return int(getattr(p, "ds_numel", p.numel()))
+    # DeepSpeed ZeRO-3 replaces parameters by empty placeholders and keeps the real size in ds_numel; a 4-bit base
+    # (QLoRA) packs two weights to a byte
+    from cpt.quantized_base import numel
+
+    return numel(p)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -407,7 +410,10 @@ def merge_lora(peft_model):
     from cpt import quantized_base
 
     if quantized_base.is_quantized(peft_model):
-        peft_model = quantized_base.on_original_base(peft_model, adapter_keys)
+        with warnings.catch_warnings():  # (peft's, as apply_lora filters them)
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part of")
+            warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
+            peft_model = quantized_base.on_original_base(peft_model, adapter_keys)
     base = peft_model.get_base_model()
     emb, head = base.get_input_embeddings(), base.get_output_embeddings()
     if head is not None and getattr(base.config, "tie_word_embeddings", False):

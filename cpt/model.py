@@ -421,7 +421,7 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
     model; in a mixture of experts the routed experts' weights count by the share a token uses (top-k of E)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731 - ZeRO-3 placeholders are empty
+    numel = quantized_base.numel  # (ZeRO-3 placeholders are empty; a 4-bit base's weights packed two to a byte)
     share = expert_share(cfg)
     n_params = n_trainable = active = trainable_active = 0
     for name, p in base.named_parameters():

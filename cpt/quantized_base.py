@@ -96,9 +96,22 @@ def note_loaded(model, cfg, source: str, revision: str | None, config) -> None:
     setattr(model, MARK, {"source": str(source), "revision": revision, "spec": spec(cfg.lora), "config": plain,
                           "attn_implementation": getattr(model.config, "_attn_implementation", None)})
     prepare_for_training(model)
+    if cfg.lora.quantize_base == "int8":  # (said once by describe(), not at every matmul)
+        import logging
+
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     for m in model.modules():  # bitsandbytes' CPU inference path repacks a Linear4bit's weights in place (once, in
         if hasattr(m, "support_avx512bf16_for_cpu"):  # eval mode, with AVX512-BF16): it fails for small layers and
             m.support_avx512bf16_for_cpu = False  # changes the quantized state; training and evaluation share one path
+
+
+def numel(p: torch.Tensor) -> int:
+    """A parameter's number of weights: a 4-bit one's before packing (two to a byte); DeepSpeed ZeRO-3's
+    placeholders' real size (``ds_numel``)."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and type(p).__name__ == "Params4bit":
+        return int(torch.Size(state.shape).numel())
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def is_quantized(model) -> bool:
@@ -145,8 +158,9 @@ def describe(model) -> str:
     held, full = quantized_bytes(model)
     info = getattr(model, MARK)["spec"]
     how = ", ".join(f"{k} {v}" for k, v in info.items() if k != "quantize_base")
+    int8 = "; bitsandbytes casts their matmuls' inputs to fp16" if info["quantize_base"] == "int8" else ""
     return (f"model.lora.quantize_base: the frozen base's Linear weights loaded as {info['quantize_base']}"
-            f"{f' ({how})' if how else ''}: {held / 2**20:.1f} MiB instead of {full / 2**20:.1f} MiB in fp32")
+            f"{f' ({how})' if how else ''}: {held / 2**20:.1f} MiB instead of {full / 2**20:.1f} MiB in fp32{int8}")
 
 
 # ---------------------------------------------------------------- the fingerprint of the original base files

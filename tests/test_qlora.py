@@ -5,6 +5,7 @@ original and on the 4-bit base; the merge into the original full-precision base)
 2 DDP processes against 1."""
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -98,6 +99,9 @@ def test_qlora_checkpoint_holds_the_adapter_and_resumes_bitwise_on_the_requantiz
 
     cfg, out, log = qlora_run
     assert "model.lora.quantize_base: the frozen base's Linear weights loaded as nf4" in log, log
+    base_weights = sum(t.numel() for t in load_file(tiny_base / "model.safetensors").values())
+    trainable, total = (int(x.replace(",", "")) for x in re.search(r"trainable params: ([\d,]+) of ([\d,]+)", log).groups())
+    assert total == base_weights + trainable  # 4-bit weights counted as weights, not as packed bytes
     ckpt = out / "checkpoints" / "step_00000003"
     saved = load_file(ckpt / ADAPTER_STATE)
     assert saved and all(".lora_" in k for k in saved) and not any("base_layer" in k for k in saved)
