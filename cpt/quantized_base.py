@@ -84,6 +84,9 @@ def load_kwargs(cfg, source: str | None, config) -> dict:
         raise ConfigError("model.lora.quantize_base quantizes pretrained weights as they load: set model.name_or_path "
                           "(or train.init_from an HF export), not only model.arch")
     require_bitsandbytes()
+    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(var, "").lower() in ("1", "true"):  # (before ZeRO-3's zero.Init or FSDP's loading meets it)
+            raise ConfigError(_refusal(lora.quantize_base, name))
     return {"quantization_config": bnb_config(lora), "device_map": {"": device()}}
 
 
@@ -220,10 +223,13 @@ def refuse_backend(model, acc) -> None:
         return
     b = backend(acc)
     if b in (Backend.FSDP, Backend.DEEPSPEED):
-        raise ConfigError(f"model.lora.quantize_base ({getattr(model, MARK)['spec']['quantize_base']}) runs on one "
-                          f"process or under DDP; this launch uses {b.name}, which cannot shard bitsandbytes' packed "
-                          "weights as cpt launches it: launch with DDP (each GPU holds the whole 4-bit base), or set "
-                          "model.lora.quantize_base: null")
+        raise ConfigError(_refusal(getattr(model, MARK)["spec"]["quantize_base"], b.name))
+
+
+def _refusal(kind: str, launch: str) -> str:
+    return (f"model.lora.quantize_base ({kind}) runs on one process or under DDP; this launch uses {launch}, which "
+            "cannot shard bitsandbytes' packed weights as cpt launches it: launch with DDP (each GPU holds the whole "
+            "4-bit base), or set model.lora.quantize_base: null")
 
 
 def on_original_base(peft_model, adapter_keys):

@@ -72,6 +72,11 @@ def test_missing_bitsandbytes_arch_only_and_sharding_backends_are_one_line(monke
         with pytest.raises(ConfigError, match=f"this launch uses {kind}.*launch with DDP"):
             quantized_base.refuse_backend(quantized, SimpleNamespace(distributed_type=kind))
     quantized_base.refuse_backend(quantized, SimpleNamespace(distributed_type="MULTI_CPU"))  # DDP: fine
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # (an accelerate launch's ranks: refused before loading)
+    with pytest.raises(ConfigError, match="this launch uses DEEPSPEED"):
+        quantized_base.load_kwargs(model_cfg, "some/base", None)
 
 
 # ------------------------------------------------------------------------------------------ a QLoRA run on CPU
