@@ -4,6 +4,7 @@ its original files), the refusal of another base or other quantization settings,
 original and on the 4-bit base; the merge into the original full-precision base) and `cpt eval` of its checkpoint;
 2 DDP processes against 1."""
 
+import importlib.util
 import json
 import re
 import shutil
@@ -64,6 +65,11 @@ def test_missing_bitsandbytes_arch_only_and_sharding_backends_are_one_line(monke
     model_cfg = ModelConfig(arch={"hidden_size": 32}, tokenizer="t", lora={"quantize_base": "nf4"})
     with pytest.raises(ConfigError, match="model.name_or_path"):
         quantized_base.load_kwargs(model_cfg, None, None)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        with monkeypatch.context() as m:  # an accelerate launch's ranks under DeepSpeed: refused before loading
+            m.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+            with pytest.raises(ConfigError, match="this launch uses DEEPSPEED"):
+                quantized_base.load_kwargs(model_cfg, "some/base", None)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # (import bitsandbytes: ImportError)
     with pytest.raises(ConfigError, match=r"needs bitsandbytes, which is not installed: pip install 'cpt\[qlora\]'"):
         quantized_base.load_kwargs(model_cfg, "some/base", None)
@@ -72,11 +78,6 @@ def test_missing_bitsandbytes_arch_only_and_sharding_backends_are_one_line(monke
         with pytest.raises(ConfigError, match=f"this launch uses {kind}.*launch with DDP"):
             quantized_base.refuse_backend(quantized, SimpleNamespace(distributed_type=kind))
     quantized_base.refuse_backend(quantized, SimpleNamespace(distributed_type="MULTI_CPU"))  # DDP: fine
-    monkeypatch.delitem(sys.modules, "bitsandbytes")
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # (an accelerate launch's ranks: refused before loading)
-    with pytest.raises(ConfigError, match="this launch uses DEEPSPEED"):
-        quantized_base.load_kwargs(model_cfg, "some/base", None)
 
 
 # ------------------------------------------------------------------------------------------ a QLoRA run on CPU
