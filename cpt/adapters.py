@@ -35,9 +35,7 @@ ADAPTER_SIDECAR = "cpt_adapter.json"
 
 
 def _numel(p: torch.Tensor) -> int:
-    # DeepSpeed ZeRO-3 replaces parameters by empty placeholders and keeps the real size in ds_numel; a 4-bit base
-    # (QLoRA) packs two weights to a byte
-    from cpt.quantized_base import numel
+    from cpt.quantized_base import numel  # (ZeRO-3's placeholders: ds_numel; a 4-bit base packs two weights a byte)
 
     return numel(p)
 
@@ -410,10 +408,7 @@ def merge_lora(peft_model):
     from cpt import quantized_base
 
     if quantized_base.is_quantized(peft_model):
-        with warnings.catch_warnings():  # (peft's, as apply_lora filters them)
-            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part of")
-            warnings.filterwarnings("ignore", message=PEFT_READS_DEPRECATED, category=FutureWarning)
-            peft_model = quantized_base.on_original_base(peft_model, adapter_keys)
+        peft_model = quantized_base.on_original_base(peft_model, adapter_keys)
     base = peft_model.get_base_model()
     emb, head = base.get_input_embeddings(), base.get_output_embeddings()
     if head is not None and getattr(base.config, "tie_word_embeddings", False):

@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -246,7 +247,10 @@ def on_original_base(peft_model, adapter_keys):
                                                 revision=info["revision"], dtype=torch.float32, use_safetensors=True,
                                                 **kwargs)
     pcfg = copy.deepcopy(peft_model.peft_config[peft_model.active_adapter])
-    fresh = get_peft_model(base, pcfg, adapter_name=peft_model.active_adapter)
+    with warnings.catch_warnings():  # (peft's, as cpt.adapters.apply_lora filters them: cpt handles tied embeddings)
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer is part of")
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        fresh = get_peft_model(base, pcfg, adapter_name=peft_model.active_adapter)
     if not getattr(quantized.config, "tie_word_embeddings", True):  # (a tied side trained as its own copy: untied)
         base.config.tie_word_embeddings = False
     keys = set(adapter_keys(peft_model))

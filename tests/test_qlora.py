@@ -119,7 +119,8 @@ def test_qlora_checkpoint_holds_the_adapter_and_resumes_bitwise_on_the_requantiz
     x, y = (load_file(d / "export" / "adapter_model.safetensors") for d in (out, tmp_path / "b"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
-    # other quantization settings, or other original files at the same path: refused before anything trains
+    # other quantization settings, or other original files at the same path (even where their quantized weights are
+    # the same): refused before anything trains
     other = {**cfg, "model": {**cfg["model"], "lora": {**cfg["model"]["lora"], "quantize_base": "fp4"}}}
     with pytest.raises(CheckpointError, match="another base model.*model.lora.quantize_base"):
         _resume_from_step_3(out, tmp_path / "c", other, allow_config_change=True)
@@ -127,7 +128,9 @@ def test_qlora_checkpoint_holds_the_adapter_and_resumes_bitwise_on_the_requantiz
     shutil.copytree(tiny_base, changed)
     w = load_file(changed / "model.safetensors")
     k = next(k for k in w if k.endswith("mlp.up_proj.weight"))
-    w[k][0, 0] += 1.0
+    row = w[k][0]  # its smallest weight nudged by one ulp: the 4-bit base stays the same, the original base does not
+    i = int(row.abs().argmin())
+    row[i] = torch.nextafter(row[i], torch.tensor(1.0))
     save_file(w, str(changed / "model.safetensors"), metadata={"format": "pt"})
     moved = {**cfg, "model": {**cfg["model"], "name_or_path": str(changed)}}
     with pytest.raises(CheckpointError, match="another base model"):
