@@ -69,8 +69,9 @@ def bnb_config(lora):
 
 
 def device() -> torch.device:
-    """Where this process loads the quantized base: its GPU (``LOCAL_RANK``) or the CPU."""
-    if torch.cuda.is_available():
+    """Where this process loads the quantized base: its GPU (``LOCAL_RANK``) or the CPU (also with accelerate's
+    ``ACCELERATE_USE_CPU``, where the run trains on the CPU)."""
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
