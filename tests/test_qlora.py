@@ -80,6 +80,15 @@ def test_missing_bitsandbytes_arch_only_and_sharding_backends_are_one_line(monke
     quantized_base.refuse_backend(quantized, SimpleNamespace(distributed_type="MULTI_CPU"))  # DDP: fine
 
 
+def test_dry_run_says_bitsandbytes_is_missing(tiny_cpt_data, tiny_base, tmp_path, monkeypatch):
+    from cpt.dryrun import describe_run
+
+    cfg = load_config(base=qlora_config(tiny_cpt_data, tiny_base, tmp_path / "run"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ConfigError, match=r"pip install 'cpt\[qlora\]'"):
+        describe_run(cfg)
+
+
 # ------------------------------------------------------------------------------------------ a QLoRA run on CPU
 
 
