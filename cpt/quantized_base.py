@@ -13,9 +13,10 @@ Fingerprint. The adapter-only checkpoints (cpt/adapter_checkpoint.py) record the
 the same files with the same settings re-quantizes the base bit for bit (tested: a resumed QLoRA run gives the
 uninterrupted run's losses bitwise); other files or settings are refused before anything is loaded.
 
-Merging. :func:`on_original_base` (cpt.adapters.merge_lora) merges the adapter into the *original* full-precision base (loaded again,
-unquantized), not into the dequantized 4-bit weights: those differ from the original by the quantization error
-(NF4: ~0.1 of a weight's block scale), which a merge into them would bake into every weight of the exported model.
+Merging. cpt.adapters.merge_lora merges the adapter into the *original* full-precision base (:func:`on_original_base`:
+loaded again, unquantized), not into the dequantized 4-bit weights: those differ from the original by the
+quantization error (NF4: each weight rounded to one of 16 levels of its 64-weight block's scale), which a merge into
+them would bake into every weight of the exported model.
 The adapter was trained to correct the quantized base, so the merged model is close to, not equal to, the QLoRA
 model (docs/adapters.md: the measured gap).
 
