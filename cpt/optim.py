@@ -14,6 +14,7 @@ on resume.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping
 
@@ -218,8 +219,10 @@ def reset_state(optimizer) -> bool:
 
 def clip_grad_norm(acc, model: nn.Module, max_norm: float | None) -> torch.Tensor:
     """The global gradient norm before clipping, as a 0-d tensor on the device (no host read), every gradient
-    clipped to ``max_norm`` when it is set (through accelerate: DDP, FSDP and DeepSpeed alike)."""
-    if max_norm is None:
+    clipped to ``max_norm`` when it is set (through accelerate: DDP, FSDP and DeepSpeed alike). DeepSpeed has
+    stepped inside the last backward (its gradients are gone from the parameters): its engine's norm, with or without
+    clipping (which its config's ``gradient_clipping`` does); without, the sum over ``p.grad`` said 0.0 every step."""
+    if max_norm is None and backend(acc) is not Backend.DEEPSPEED:
         acc.unscale_gradients()  # fp16's loss scaler: the norm of the true gradients (accelerate's clip does it too)
         total = torch.zeros((), device=acc.device)
         for p in model.parameters():
@@ -228,7 +231,7 @@ def clip_grad_norm(acc, model: nn.Module, max_norm: float | None) -> torch.Tenso
         if acc.num_processes > 1 and backend(acc) is Backend.FSDP:
             total = acc.reduce(total, reduction="sum")
         return total.sqrt()
-    norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+    norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else math.inf)
     if norm is None:
         return torch.full((), float("nan"), device=acc.device)
     if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor; the plain tensor for the all-rank checks
