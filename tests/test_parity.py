@@ -83,7 +83,8 @@ def fed_batches(cfg: dict) -> list[dict[str, torch.Tensor]]:
 
 
 def reference(init_dir, batches, *, clip: float, weight_decay: float = 0.1, z_loss: float = 0.0,
-              lr_mult: dict[str, float] | None = None, autocast: bool = False, micro: int = B):
+              lr_mult: dict[str, float] | None = None, autocast: bool = False, micro: int = B,
+              router_aux: float = 0.0):
     """The hand-written loop: plain torch AdamW (betas 0.9/0.95, eps 1e-8), decay on every >=2-D weight that is not a
     norm (the Trainer's rule), one forward of all B rows per step (or ``micro`` rows at a time, each loss weighted by
     its share of the predicted positions), the loss the mean over every predicted position (+ z-loss),
@@ -104,12 +105,15 @@ def reference(init_dir, batches, *, clip: float, weight_decay: float = 0.1, z_lo
         losses, z_terms = [], []
         for ids in batch["input_ids"].split(micro):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                out = model(input_ids=ids, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
+            logits = out.logits[:, :-1].float()
             per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             total = per_token.mean() + z_loss * torch.logsumexp(logits, -1).square().mean() if z_loss else per_token.mean()
+            if router_aux:  # a mixture of experts' load-balancing loss, of this micro-batch
+                total = total + router_aux * out.aux_loss
             (total * per_token.numel() / (B * (L - 1))).backward()
             losses.append(per_token.detach())
-            z_terms.append((total - per_token.mean()).item() * per_token.numel() / (B * (L - 1)))
+            z_terms.append((total - per_token.mean()).item() if z_loss else 0.0 * per_token.numel() / (B * (L - 1)))
         per_token = torch.cat(losses)
         loss = per_token.mean()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -208,6 +212,35 @@ def test_z_loss_and_lr_multipliers_match_the_reference(tiny_cpt_data, init_dir, 
     # the z term is in the gradient (not only logged): without it the grad norms differ
     plain, _ = reference(init_dir, fed_batches(cfg)[:1], clip=0.5)
     assert abs(plain[0][1] - recs[0]["train/grad_norm"]) > 1e-4
+
+
+def test_mixture_of_experts_router_loss_is_a_mean_over_micro_batches(tiny_cpt_data, tmp_path):
+    """A Mixtral's router load-balancing loss enters each micro-batch's loss with its coefficient, the gradient
+    accumulation dividing it like the next-token loss: the reference's micro-batch loop. train/loss stays the
+    next-token loss; train/router_aux_loss is the mean load-balancing loss of the step's micro-batches.
+    (transformers' Trainer, measured: under gradient_accumulation_steps k it adds the router term k times, to the
+    gradient and to its logged loss, which includes the term; docs/training.md.)"""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_cpt_data / "tokenizer")
+    config = AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=len(tok), num_experts_per_tok=2, num_local_experts=4,
+                                  router_aux_loss_coef=0.05, max_position_embeddings=L, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "init")
+    tok.save_pretrained(tmp_path / "init")
+    cfg = run_config(tiny_cpt_data, tmp_path / "init", tmp_path / "run")
+    recs, _ = cpt_train(cfg)
+    batches = fed_batches(cfg)
+    ref_steps, ref_weights = reference(tmp_path / "init", batches, clip=0.5, micro=4, router_aux=0.05)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export").state_dict()  # (fused expert names)
+    d = max_diffs(recs, ref_steps, exported, ref_weights)
+    print("fp32 MoE router loss, 2 micro-batches:", d, "logged aux", recs[0]["train/router_aux_loss"])
+    assert d["loss"] < 2e-6 and d["grad_norm"] < 2e-6 and d["source_loss"] < 2e-6 and d["weights"] < 2e-5, d
+    assert 1.5 < recs[0]["train/router_aux_loss"] < 2.5  # (top-2 of 4 experts: about 2 when balanced)
+    # one big batch (no accumulation) computes the router loss over all 8 rows at once: near, not equal
+    big, _ = reference(tmp_path / "init", batches[:1], clip=0.5, router_aux=0.05)
+    assert 0 < abs(big[0][1] - ref_steps[0][1]) < 1e-4
 
 
 def test_bf16_autocast_matches_autocast_in_the_reference(tiny_cpt_data, init_dir, tmp_path):
