@@ -238,9 +238,6 @@ def test_mixture_of_experts_router_loss_is_a_mean_over_micro_batches(tiny_cpt_da
     print("fp32 MoE router loss, 2 micro-batches:", d, "logged aux", recs[0]["train/router_aux_loss"])
     assert d["loss"] < 2e-6 and d["grad_norm"] < 2e-6 and d["source_loss"] < 2e-6 and d["weights"] < 2e-5, d
     assert 1.5 < recs[0]["train/router_aux_loss"] < 2.5  # (top-2 of 4 experts: about 2 when balanced)
-    # one big batch (no accumulation) computes the router loss over all 8 rows at once: near, not equal
-    big, _ = reference(tmp_path / "init", batches[:1], clip=0.5, router_aux=0.05)
-    assert 0 < abs(big[0][1] - ref_steps[0][1]) < 1e-4
 
 
 def test_bf16_autocast_matches_autocast_in_the_reference(tiny_cpt_data, init_dir, tmp_path):
