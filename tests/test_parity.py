@@ -209,6 +209,17 @@ def test_z_loss_and_lr_multipliers_match_the_reference(tiny_cpt_data, init_dir, 
     d["z_loss"] = max(abs(r["train/z_loss"] - ref[3]) for r, ref in zip(recs, ref_steps))  # the logged z term
     print("fp32 z-loss + lr multipliers:", d, "z term", ref_steps[0][3])
     assert d["loss"] < 2e-6 and d["grad_norm"] < 2e-6 and d["weights"] < 2e-5 and d["z_loss"] < 1e-6, d
+    # logged every 3 steps: train/loss and train/z_loss are both the means over the 3 steps (z_loss was the 3rd's)
+    cfg = run_config(tiny_cpt_data, init_dir, tmp_path / "every3", optim={"lr_multipliers": mult}, z_loss=1e-3, log_every=3)
+    from cpt.train import train
+
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    logged = [r for r in read_metrics(tmp_path / "every3" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in logged] == [3, 6]
+    for r in logged:
+        window = ref_steps[r["step"] - 3:r["step"]]
+        assert r["train/loss"] == pytest.approx(sum(x[0] for x in window) / 3, abs=2e-6)
+        assert r["train/z_loss"] == pytest.approx(sum(x[3] for x in window) / 3, abs=1e-6)
     # the z term is in the gradient (not only logged): without it the grad norms differ
     plain, _ = reference(init_dir, fed_batches(cfg)[:1], clip=0.5)
     assert abs(plain[0][1] - recs[0]["train/grad_norm"]) > 1e-4
