@@ -288,19 +288,26 @@ def update_difference(weights: dict, ref_weights: dict, init_dir: Path) -> float
     return float((diff / moved).sqrt())
 
 
-@pytest.mark.parametrize("mode,clip", [("ddp", 0.5), ("zero3", None)])
+@pytest.mark.parametrize("mode,clip", [("ddp", 0.5), ("zero3", None), ("fsdp_cpu", None)])
 def test_two_processes_match_one_big_batch(tiny_cpt_data, init_dir, tmp_path, mode, clip):
-    """2 ranks x 2 micro-batches of 2 rows: the all-reduced (DDP) or reduce-scattered (ZeRO-3) accumulated gradient is
-    the one big batch's. ZeRO-3 without clipping (optim.grad_clip: null) logged train/grad_norm 0.0 every step (the
-    sum over p.grad after DeepSpeed had stepped inside backward); now its engine's norm."""
+    """2 ranks x 2 micro-batches of 2 rows: the all-reduced (DDP) or reduce-scattered (ZeRO-3, FSDP2) accumulated
+    gradient is the one big batch's. Without clipping (optim.grad_clip: null) ZeRO-3 logged train/grad_norm 0.0 every
+    step (the sum over p.grad after DeepSpeed had stepped inside backward) and FSDP2 stopped at the first step (a
+    DTensor gradient added to a plain tensor); both now take the norm through accelerate, as with clipping."""
     from safetensors.torch import load_file
 
-    from launching import accelerate_launch
+    from launching import FREE_PORT, ROOT, VENV_BIN, accelerate_launch, rank_env
 
     cfg = run_config(tiny_cpt_data, init_dir, tmp_path / "run", micro=2, optim={"grad_clip": clip})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    prefix, env = accelerate_launch(mode)
+    if mode == "fsdp_cpu":  # the shipped FSDP2 config, on CPU/gloo through accelerate's real FSDP branch
+        prefix = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  *FREE_PORT]
+        env = rank_env(cpu=True, fsdp_on_cpu=True)
+    else:
+        prefix, env = accelerate_launch(mode)
     proc = subprocess.run([*prefix, "-m", "cpt.cli", "train", str(path)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
