@@ -83,11 +83,11 @@ def fed_batches(cfg: dict) -> list[dict[str, torch.Tensor]]:
 
 def reference(init_dir, batches, *, clip: float, weight_decay: float = 0.1, z_loss: float = 0.0,
               lr_mult: dict[str, float] | None = None, autocast: bool = False, micro: int = B,
-              router_aux: float = 0.0):
+              router_aux: float = 0.0, eos_id: int | None = None):
     """The hand-written loop: plain torch AdamW (betas 0.9/0.95, eps 1e-8), decay on every >=2-D weight that is not a
     norm (the Trainer's rule), one forward of all B rows per step (or ``micro`` rows at a time, each loss weighted by
     its share of the predicted positions), the loss the mean over every predicted position (+ z-loss),
-    clip_grad_norm_. Returns per-step (loss, grad norm, per-source losses, z term) and the final weights."""
+    clip_grad_norm_; with ``eos_id`` (document masking) positions that restart after every EOS. Returns per-step (loss, grad norm, per-source losses, z term) and the final weights."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32).train()
@@ -104,7 +104,10 @@ def reference(init_dir, batches, *, clip: float, weight_decay: float = 0.1, z_lo
         losses, z_terms = [], []
         for ids in batch["input_ids"].split(micro):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = model(input_ids=ids, use_cache=False, **({"output_router_logits": True} if router_aux else {}))
+                kw = {"output_router_logits": True} if router_aux else {}
+                if eos_id is not None:
+                    kw["position_ids"] = restarting_positions(ids, eos_id)
+                out = model(input_ids=ids, use_cache=False, **kw)
             logits = out.logits[:, :-1].float()
             per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             total = per_token.mean() + z_loss * torch.logsumexp(logits, -1).square().mean() if z_loss else per_token.mean()
@@ -122,6 +125,17 @@ def reference(init_dir, batches, *, clip: float, weight_decay: float = 0.1, z_lo
         by_source = {int(k): rows[batch["source"] == k].mean().item() for k in batch["source"].unique()}
         steps.append((loss.item(), grad_norm.item(), by_source, sum(z_terms)))
     return steps, model.state_dict()
+
+
+def restarting_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Positions counting from 0 at each row's start and again after every EOS, written out row by row."""
+    out = torch.zeros_like(ids)
+    for r, row in enumerate(ids.tolist()):
+        pos = 0
+        for i, token in enumerate(row):
+            out[r, i] = pos
+            pos = 0 if token == eos_id else pos + 1
+    return out
 
 
 def max_diffs(recs: list[dict], ref_steps, exported, ref_weights, names=("python", "shakespeare")) -> dict[str, float]:
@@ -158,6 +172,25 @@ def test_cpt_train_matches_a_hand_written_loop(accumulated, init_dir):
     # train/tokens counts every input position of every row (no padding in packed rows; EOS separators included)
     assert [r["train/tokens"] for r in recs] == [B * L * (s + 1) for s in range(STEPS)]
     assert all(b["input_ids"].shape == (B, L) for b in batches)
+
+
+def test_document_masking_matches_the_reference(tiny_cpt_data, init_dir, tmp_path):
+    """data.document_masking: every packed document attends to itself only (positions restart after each EOS, every
+    position still a label): the reference with those positions, as transformers computes packed sequences."""
+    from transformers import AutoTokenizer
+
+    cfg = run_config(tiny_cpt_data, init_dir, tmp_path / "run")
+    cfg["data"]["document_masking"] = True
+    recs, exported = cpt_train(cfg)
+    batches = fed_batches(cfg)
+    eos = AutoTokenizer.from_pretrained(init_dir).eos_token_id
+    assert any(bool((b["input_ids"][:, :-1] == eos).any()) for b in batches)  # a document ends inside a row
+    ref_steps, ref_weights = reference(init_dir, batches, clip=0.5, eos_id=eos)
+    d = max_diffs(recs, ref_steps, exported, ref_weights)
+    print("fp32 document masking:", d)
+    assert d["loss"] < 2e-6 and d["grad_norm"] < 2e-6 and d["source_loss"] < 2e-6 and d["weights"] < 2e-5, d
+    unmasked, _ = reference(init_dir, batches, clip=0.5)
+    assert max(abs(u[0] - r["train/loss"]) for u, r in zip(unmasked, recs)) > 1e-4  # (the masking changes the numbers)
 
 
 def test_transformers_trainer_takes_the_same_steps(accumulated, init_dir):
