@@ -164,7 +164,7 @@ def test_cpt_train_matches_a_hand_written_loop(accumulated, init_dir):
     d = max_diffs(recs, ref_steps, exported, ref_weights)
     print("fp32 accumulation vs one batch:", d)
     assert d["loss"] < 2e-6 and d["grad_norm"] < 2e-6 and d["source_loss"] < 2e-6 and d["weights"] < 2e-5, d
-    assert sum(ref[1] > 0.5 for ref in ref_steps) >= 3  # clipping was active
+    assert all(ref[1] > 0.5 for ref in ref_steps)  # clipping was active at every step
     # the LR of every step is the documented one: step 0 one warmup increment, the last step exactly min_lr
     assert [r["train/lr"] for r in recs] == pytest.approx([schedule_lr(s) for s in range(STEPS)], rel=1e-12)
     assert recs[0]["train/lr"] == MAX_LR / WARMUP and recs[WARMUP - 1]["train/lr"] == MAX_LR
