@@ -253,6 +253,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
         target_modules=targets,
         modules_to_save=modules_to_save or None,
         use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
         task_type="CAUSAL_LM",
         **kwargs,
     )
@@ -265,8 +267,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
             warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
             peft_model = get_peft_model(model, pcfg)
     except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
+        if cfg.use_dora and "dora" in str(e).lower():  # peft's ParamWrapper (fused MoE experts), lora_bias, ...
+            raise ConfigError(f"model.lora.use_dora: DoRA cannot adapt every module model.lora.target_modules selects "
+                              f"({e}); name the attention/MLP projections in target_modules (not the fused experts "
+                              "peft adds to all-linear on an MoE model) or set use_dora: false") from None
         raise ConfigError(f"model.lora: {e}") from None
-    peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
+    peft_model._cpt_new_rows = rows
+    peft_model._cpt_loraplus_lr_ratio = cfg.loraplus_lr_ratio  # read by cpt.optim.param_groups  # recorded in the adapter's sidecar by save_adapter
     note = _untie_trained_copies(peft_model)
     if note and log_fn is not None:
         log_fn(note)
@@ -461,9 +468,15 @@ def refuse_unshardable(model: nn.Module, acc) -> None:
     shared by ``embed_tokens`` and ``lm_head``, and FSDP2 (which accelerate shards as separate units: the embedding,
     the output head) cannot shard one parameter twice; it would fail deep inside ``fully_shard``. Refused here in
     one line naming the fields (before anything is written)."""
-    from cpt.distributed import Backend, backend
+    from cpt.distributed import Backend, backend, zero_stage
 
-    if backend(acc) is not Backend.FSDP or not hasattr(model, "get_base_model"):
+    if not hasattr(model, "get_base_model"):
+        return
+    if zero_stage(acc) == 3 and any(getattr(c, "use_dora", False) for c in model.peft_config.values()):
+        raise ConfigError("model.lora.use_dora cannot run under DeepSpeed ZeRO-3: DoRA reads each adapted layer's "
+                          "whole base weight outside that layer's forward, where ZeRO-3 holds only a placeholder; "
+                          "launch with DDP, FSDP2 or ZeRO-2, or set use_dora: false")
+    if backend(acc) is not Backend.FSDP:
         return
     head = model.get_base_model().get_output_embeddings()
     if getattr(getattr(head, "token_adapter", None), "tied_adapter", None) is not None:

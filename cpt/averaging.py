@@ -220,6 +220,11 @@ def _check_lora_configs(paths: list[str | Path], sources: list[Path]) -> None:
     from cpt.adapters import adapter_base_identity
 
     cfgs = [json.loads((Path(p) / "adapter_config.json").read_text()) for p in sources]
+    dora = [str(p) for p, c in zip(paths, cfgs) if c.get("use_dora")]
+    if dora:  # each row is magnitude * (W + BA) / ||W + BA||: not linear in the factors, no side-by-side sum
+        raise ValueError(f"{dora[0]}: a DoRA adapter (model.lora.use_dora) cannot be averaged factor by factor (its "
+                         "magnitudes rescale each adapter's whole weight): merge each adapter into its base (cpt merge), "
+                         "then average the merged models")
     for p, c, src in zip(paths[1:], cfgs[1:], sources[1:]):
         diff = [f for f in fields if c.get(f) != cfgs[0].get(f)]
         if diff:

@@ -60,6 +60,14 @@ class LoraConfig(Strict):
     # training numerics are bitwise those of an fp32 base under autocast, which casts them anyway); one process and
     # DDP; false keeps them fp32 (cpt/base_dtype.py)
     base_in_compute_dtype: bool = True
+    # DoRA (peft use_dora): each adapted weight as a trained magnitude per output row times the direction of
+    # W + BA (docs/adapters.md: what works with which strategy; `cpt average` refuses DoRA adapters)
+    use_dora: bool = False
+    # LoRA+: the B factors (and 1-D trained vectors: DoRA magnitudes, norms, as peft's and LLaMA-Factory's LoRA+) learn
+    # at this many times the schedule's LR; the A factors and full copies at the LR itself. The LoRA+ paper uses 16
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    # peft's init_lora_weights: default (A Kaiming-uniform, B zero) or gaussian (A ~ N(0, 1/r), B zero)
+    init_lora_weights: Literal["default", "gaussian"] = "default"
 
     @field_validator("target_modules")
     @classmethod

@@ -1,0 +1,208 @@
+"""LoRA variants (model.lora.use_dora, loraplus_lr_ratio, init_lora_weights): the adapter, its optimizer groups, its
+training run with an exact resume, export (a peft adapter peft loads), `cpt merge`, and what `cpt average` refuses."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from cpt.adapters import adapter_keys, apply_lora, save_adapter
+from cpt.config import ConfigError, LoraConfig, load_config
+from cpt.model import merge_adapter
+from cpt.optim import param_groups
+from launching import losses
+from test_adapters import base_dir, tiny_model  # noqa: F401  (fixture)
+from test_train_modes import _lora_small, _resume_from_step_3, _run_without_base, base, heldout_tokens, run  # noqa: F401
+
+
+def _perturb(model, seed=1):
+    """Every trained tensor moved off its initial value (B off zero, DoRA's magnitudes off ||W||)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_config_fields_and_their_errors():
+    cfg = LoraConfig(use_dora=True, loraplus_lr_ratio=16, init_lora_weights="gaussian")
+    assert cfg.use_dora and cfg.loraplus_lr_ratio == 16
+    for bad in ({"loraplus_lr_ratio": 0}, {"init_lora_weights": "pissa"}, {"use_dora": "maybe"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LoraConfig(**bad)
+
+
+def test_dora_adapter_is_saved_with_its_magnitudes_loads_in_peft_and_merges_to_the_same_logits(base_dir, tmp_path):
+    from peft import PeftModel
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                       LoraConfig(r=4, alpha=8, use_dora=True))
+    magnitudes = [n for n in adapter_keys(model) if ".lora_magnitude_vector.default" in n]
+    assert len(magnitudes) == 4 * 7  # one per adapted projection, part of every checkpoint (adapter_keys)
+    _perturb(model)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    assert sum("lora_magnitude_vector" in k for k in load_file(adapter / "adapter_model.safetensors")) == 28
+    ids = torch.arange(3, 60).unsqueeze(0)
+    with torch.no_grad():
+        want = model.eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()(ids).logits
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                           str(adapter)).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merge_adapter(adapter, tmp_path / "m"), dtype=torch.float32).eval()
+        got = merged(ids).logits
+    assert (want - plain).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_gaussian_init_is_pefts_and_starts_as_the_base(base_dir):
+    torch.manual_seed(0)
+    default = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4))
+    torch.manual_seed(0)
+    gauss = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, init_lora_weights="gaussian"))
+    a_default = default.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    a_gauss = gauss.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert a_gauss.std().item() == pytest.approx(1 / 4, rel=0.15)  # peft: N(0, 1/r)
+    assert a_default.abs().max() <= 1 / 8 and not torch.equal(a_default, a_gauss)  # kaiming-uniform bound 1/sqrt(in)
+    assert all(p.abs().max() == 0 for n, p in gauss.named_parameters() if "lora_B" in n)  # still the base at step 0
+
+
+def test_average_of_dora_adapters_is_refused(base_dir, tmp_path):
+    from cpt.averaging import average_checkpoints
+
+    adapters = []
+    for i in range(2):
+        m = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, use_dora=True))
+        _perturb(m, seed=i)
+        adapters.append(save_adapter(m, tmp_path / f"a{i}"))
+    with pytest.raises(ValueError, match=r"a0: a DoRA adapter \(model.lora.use_dora\) cannot be averaged.*cpt merge"):
+        average_checkpoints(adapters, tmp_path / "avg")
+    assert not (tmp_path / "avg").exists()
+
+
+def test_loraplus_groups_give_the_b_factors_and_vectors_the_ratio(base_dir):
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir),
+                       LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], use_dora=True, loraplus_lr_ratio=8,
+                                  modules_to_save=["lm_head"]))
+    mult = {n: g["lr_mult"] for g in param_groups(model, 0.1, {"lm_head": 0.5}) for n in g["param_names"]}
+    assert mult and all(v == (8.0 if ".lora_B." in n or "lora_embedding_B" in n or "magnitude" in n
+                              else 0.5 if "lm_head" in n else 1.0) for n, v in mult.items()), mult
+    assert any("lora_embedding_B" in n for n in mult) and any("magnitude" in n for n in mult)
+    plain = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2))
+    assert {g["lr_mult"] for g in param_groups(plain, 0.1)} == {1.0}
+
+
+def test_dora_on_fused_moe_experts_is_one_error_naming_the_field():
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_experts=4,
+                               num_experts_per_tok=2, head_dim=16)
+    moe = AutoModelForCausalLM.from_config(cfg)
+    if not any(p.ndim == 3 for p in moe.parameters()):
+        pytest.skip("this transformers keeps per-expert Linear layers (nothing fused)")
+    with pytest.raises(ConfigError, match=r"^model.lora.use_dora: DoRA cannot adapt .*target_modules"):
+        apply_lora(moe, LoraConfig(r=2, use_dora=True))
+
+
+def test_dora_under_zero3_is_refused_in_one_line(base_dir, monkeypatch):
+    from cpt import adapters
+    from cpt.distributed import Backend
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, use_dora=True))
+    monkeypatch.setattr("cpt.distributed.zero_stage", lambda acc: 3)
+    monkeypatch.setattr("cpt.distributed.backend", lambda acc: Backend.DEEPSPEED)
+    with pytest.raises(ConfigError, match="^model.lora.use_dora cannot run under DeepSpeed ZeRO-3"):
+        adapters.refuse_unshardable(model, object())
+    plain = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2))
+    adapters.refuse_unshardable(plain, object())  # plain LoRA: fine
+
+
+def test_dora_keeps_the_base_fp32_under_bf16(base_dir, tiny_cpt_data, tmp_path):
+    from cpt.base_dtype import cast_frozen_base
+
+    class Acc:  # one process with native autocast
+        native_amp = True
+        distributed_type = "NO"
+
+    lines = []
+    for dora in (True, False):
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, use_dora=dora))
+        cfg = _lora_small(tiny_cpt_data, base_dir, tmp_path / "r")
+        cfg["model"]["lora"].update(use_dora=dora)
+        cfg["train"]["precision"] = "bf16"
+        cast_frozen_base(model, load_config(base=cfg), Acc(), say=lines.append)
+        q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert q.dtype == (torch.float32 if dora else torch.bfloat16)
+    assert "stays fp32 with use_dora" in lines[0]
+
+
+# ----------------------------------------------------------------------------- a training run, resumed
+
+
+@pytest.mark.slow
+def test_dora_with_loraplus_trains_resumes_exactly_and_exports_what_peft_and_merge_reproduce(tiny_cpt_data, base,
+                                                                                              tmp_path, monkeypatch):
+    """DoRA + LoRA+ (ratio 4) on one process: the B factors' and magnitudes' LR is 4x the schedule's at every step
+    (warmup and decay, read back from the optimizer), the step-3 checkpoint holds the magnitudes and resumes to the
+    same losses, LRs and adapter bitwise; the export loads in peft and merges (cpt merge) to a model whose held-out
+    loss is the run's last logged one."""
+    import cpt.optim as optim
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from cpt.adapter_checkpoint import ADAPTER_STATE
+    from cpt.evaluate import heldout_loss
+    from launching import records
+
+    seen: dict[Path, list] = {}
+    real_set_lr = optim.set_lr
+
+    def recording(optimizer, lr):
+        real_set_lr(optimizer, lr)
+        seen.setdefault(Path(current[0]), []).append(
+            (lr, [(g["lr"], g["param_names"]) for g in optimizer.param_groups]))
+
+    monkeypatch.setattr(optim, "set_lr", recording)
+    current = [tmp_path / "a"]
+    cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
+    cfg["model"]["lora"].update(use_dora=True, loraplus_lr_ratio=4.0)
+    ref, ckpt = _run_without_base(cfg, tmp_path / "a")
+    assert any(".lora_magnitude_vector.default" in k for k in load_file(ckpt / ADAPTER_STATE))
+
+    steps = seen[tmp_path / "a"]
+    assert len({lr for lr, _ in steps}) >= 4  # warmup and cosine: the schedule really moves
+    for lr, groups in steps:
+        for group_lr, names in groups:
+            fast = [".lora_B." in n or "magnitude" in n or "norm" in n for n in names]
+            assert all(fast) or not any(fast), names  # a group is one or the other
+            assert group_lr == pytest.approx(lr * (4.0 if fast[0] else 1.0), rel=1e-12)
+        assert any(".lora_B." in n for g in groups for n in g[1])
+
+    current[0] = tmp_path / "b"
+    _, log = _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
+    assert "resumed" in log and losses(tmp_path / "b") == ref  # bitwise: fp32 on CPU
+    assert seen[tmp_path / "b"] == steps[-len(seen[tmp_path / "b"]):]  # the same LRs after the resume
+    x, y = (load_file(d / "export" / "adapter_model.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert any("lora_magnitude_vector" in k for k in x)
+
+    export = tmp_path / "a" / "export"
+    tok = AutoTokenizer.from_pretrained(export)
+    tokens = heldout_tokens(tiny_cpt_data / "data", "python", tok)
+    logged = [r for r in records(tmp_path / "a") if "eval/python/loss" in r][-1]
+    assert logged["step"] == 6
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(export, tmp_path / "merged")).eval()
+    assert heldout_loss(merged, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(export)).eval()
+    assert heldout_loss(peft_model, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
