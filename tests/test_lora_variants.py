@@ -63,6 +63,13 @@ def test_dora_adapter_is_saved_with_its_magnitudes_loads_in_peft_and_merges_to_t
     torch.testing.assert_close(loaded, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not any("lora" in k for k in merged.state_dict())
+    from cpt.averaging import interpolate  # the adapter directory merged in memory (peft's DoRA merge), then mixed
+
+    half = interpolate(base_dir, adapter, 0.5)
+    with torch.no_grad():
+        want_half = {k: (v + merged.state_dict()[k]) / 2 for k, v in
+                     AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).state_dict().items()}
+    assert all(torch.allclose(half.state_dict()[k], v, atol=1e-6) for k, v in want_half.items())
 
 
 def test_gaussian_init_is_pefts_and_starts_as_the_base(base_dir):

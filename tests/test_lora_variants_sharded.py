@@ -1,0 +1,105 @@
+"""DoRA + LoRA+ on 2 processes (`scripts/launch.sh run.yaml ddp|fsdp`, as tests/test_lora_sharded_checkpoints.py
+launches plain LoRA, and ZeRO-2): DoRA's magnitude vectors are parameters of their own that FSDP2 shards (and DDP all-reduces),
+and LoRA+'s groups go through accelerate's optimizer wrapper and FSDP2's sharded Adam state.
+
+* the 2-process run gives the 1-process run's losses and held-out losses;
+* FSDP2: its step-3 checkpoint holds the magnitudes (DCP shards) and their Adam state, resumed by the same launch it
+  gives the uninterrupted run's losses bitwise, resumed on 1 process (cpt/consolidate.py) to 1e-5; the run's adapter
+  export (gathered at its end) loads in peft and reproduces the logged held-out loss.
+
+Four launches (~1 min on 2 cores)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cpt.config import load_config
+from launching import ROOT, after, assert_close, evals, finish, losses, rank_env, start, two_process_config, world_sizes
+from launching import runs_once
+from launching import write_config as write
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVERY = 6, 3
+
+
+def make_cfg(tiny_cpt_data, base, out: Path) -> dict:
+    cfg = two_process_config(tiny_cpt_data, base, out, steps=STEPS, eval_every=EVERY, lora=True, weight_decay=0.0,
+                             checkpoint={"every": EVERY, "keep": 5})
+    cfg["model"]["lora"].update(use_dora=True, loraplus_lr_ratio=4.0, train_norms=True)
+    return cfg
+
+
+def launch(strategy: str, cfg: dict, cfg_path: Path, *extra: str) -> str:
+    # (ACCELERATE_USE_CPU would turn DeepSpeed into plain DDP: tests/launching.py)
+    env = {**rank_env(cpu=strategy in ("ddp", "fsdp"), fsdp_on_cpu=strategy == "fsdp"), "NUM_GPUS": "2"}
+    rc, log = finish(start([str(ROOT / "scripts" / "launch.sh"), str(write(cfg, cfg_path)), strategy, *extra],
+                           cfg_path.parent, env))
+    assert rc == 0, log[-5000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cpt_data, tiny_base, tmp_path_factory):
+    from cpt.train import train
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(load_config(base=make_cfg(tiny_cpt_data, tiny_base, out)), echo=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(tiny_cpt_data, tiny_base, tmp_path_factory):
+    return runs_once(tmp_path_factory,
+                     lambda strategy, d: launch(strategy, make_cfg(tiny_cpt_data, tiny_base, d / "run"), d / "run.yaml"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+def test_dora_with_loraplus_on_two_processes_gives_the_one_process_run(strategy, two, reference):
+    run = two(strategy)
+    assert world_sizes(run) == {2}
+    assert_close(losses(run), losses(reference))
+    assert_close(evals(run), evals(reference))
+
+
+def test_an_fsdp2_dora_checkpoint_holds_the_magnitudes_resumes_exactly_and_exports(two, tiny_cpt_data, tiny_base,
+                                                                                   tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.consolidate import layout, read_model_state, read_optimizer_state
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+    from cpt.evaluate import heldout_loss
+    from cpt.train import train
+
+    run = two("fsdp")
+    ckpt = run / "checkpoints" / f"step_{EVERY:08d}"
+    assert layout(ckpt) == "fsdp"
+    weights = read_model_state(ckpt)
+    magnitudes = [k for k in weights if ".lora_magnitude_vector.default" in k]
+    assert len(magnitudes) == 2 * 7 and all(k in read_optimizer_state(ckpt) for k in magnitudes)  # 2 layers x 7 Linear
+
+    def killed_after_step_3(out: Path) -> dict:
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+        cfg = make_cfg(tiny_cpt_data, tiny_base, out)
+        return cfg
+
+    log = launch("fsdp", killed_after_step_3(tmp_path / "resumed"), tmp_path / "resumed.yaml", "--resume")
+    assert "resumed" in log and "another backend" not in log, log[-3000:]
+    assert losses(tmp_path / "resumed") == after(run, EVERY)  # bitwise: the same backend and world size, fp32
+    assert evals(tmp_path / "resumed") == after(run, EVERY, of=evals)
+
+    result = train(load_config(base=killed_after_step_3(tmp_path / "one")), resume=True, echo=lambda *a, **k: None)
+    assert result.step == STEPS and world_sizes(tmp_path / "one") == {1}
+    assert_close(losses(tmp_path / "one"), after(run, EVERY))
+
+    h = HeldoutConfig(name="python", path=str(tiny_cpt_data / "data" / "python" / "heldout"), tag="downstream")
+    cfg = make_cfg(tiny_cpt_data, tiny_base, run)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(run / "export"))
+    assert peft.peft_config["default"].use_dora
+    tokens = load_heldout(h, AutoTokenizer.from_pretrained(run / "export"), cfg["data"]["seq_len"],
+                          cfg["eval"]["tokens_per_set"])
+    assert heldout_loss(peft, tokens, 16) == pytest.approx(evals(run)[STEPS], abs=1e-5)
