@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from cpt.adapter_init import as_plain_lora, keep_initial_factors, mutates_base, refuse_unsupported
 from cpt.config import ConfigError, FreezeConfig, LoraConfig, parse_layer_ranges
 
 ADAPTER_SIDECAR = "cpt_adapter.json"
@@ -272,8 +273,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
                               f"({e}); name the attention/MLP projections in target_modules (not the fused experts "
                               "peft adds to all-linear on an MoE model) or set use_dora: false") from None
         raise ConfigError(f"model.lora: {e}") from None
-    peft_model._cpt_new_rows = rows
-    peft_model._cpt_loraplus_lr_ratio = cfg.loraplus_lr_ratio  # read by cpt.optim.param_groups  # recorded in the adapter's sidecar by save_adapter
+    if mutates_base(pcfg.init_lora_weights):  # PiSSA/OLoRA rewrote the base: keep A0, B0 for the export's conversion
+        keep_initial_factors(peft_model)
+    peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
+    peft_model._cpt_loraplus_lr_ratio = cfg.loraplus_lr_ratio  # read by cpt.optim.param_groups
     note = _untie_trained_copies(peft_model)
     if note and log_fn is not None:
         log_fn(note)
@@ -432,6 +435,7 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
     pcfg = model.peft_config[model.active_adapter]
     pcfg.base_model_name_or_path = portable_base_path(pcfg.base_model_name_or_path)
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
+    as_plain_lora(model, out)  # PiSSA/OLoRA: a plain LoRA of the original base (cpt/adapter_init.py)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     base = model.get_base_model()
@@ -472,6 +476,7 @@ def refuse_unshardable(model: nn.Module, acc) -> None:
 
     if not hasattr(model, "get_base_model"):
         return
+    refuse_unsupported(model, acc)  # (PiSSA/OLoRA under DeepSpeed)
     if zero_stage(acc) == 3 and any(getattr(c, "use_dora", False) for c in model.peft_config.values()):
         raise ConfigError("model.lora.use_dora cannot run under DeepSpeed ZeRO-3: DoRA reads each adapted layer's "
                           "whole base weight outside that layer's forward, where ZeRO-3 holds only a placeholder; "

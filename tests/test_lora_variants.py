@@ -20,7 +20,8 @@ from cpt.model import merge_adapter
 from cpt.optim import param_groups
 from launching import losses
 from test_adapters import base_dir, tiny_model  # noqa: F401  (fixture)
-from test_train_modes import _lora_small, _resume_from_step_3, _run_without_base, base, heldout_tokens, run  # noqa: F401
+from test_train_modes import (_lora_small, _resume_from_step_3, _run_without_base, base, heldout_tokens,  # noqa: F401
+                              records_at, run)
 
 
 def _perturb(model, seed=1):
@@ -213,3 +214,111 @@ def test_dora_with_loraplus_trains_resumes_exactly_and_exports_what_peft_and_mer
     assert heldout_loss(merged, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(export)).eval()
     assert heldout_loss(peft_model, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- PiSSA / OLoRA (cpt/adapter_init.py)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_a_base_rewriting_init_exports_a_plain_lora_of_the_original_base(base_dir, tmp_path, init):
+    """PiSSA/OLoRA rewrite the base (W_res = W - s B0 A0). The export is converted as peft's documented
+    path_initial_model_for_weight_conversion converts it (same tensors and config, checked against peft's own output):
+    on the *original* base, through peft or `cpt merge`, it gives the trained model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    original = lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()  # noqa: E731
+    torch.manual_seed(0)
+    model = apply_lora(original(), LoraConfig(r=4, alpha=8, init_lora_weights=init))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert not torch.equal(q.base_layer.weight, original().model.layers[0].self_attn.q_proj.weight)  # rewritten
+    ids = torch.arange(3, 60).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, original()(ids).logits, atol=1e-5, rtol=1e-5)  # starts as W
+    # peft's documented way: the initial adapter saved before training (as a default-init LoRA), converted at the end
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(tmp_path / "peft-init")
+    model.peft_config["default"].init_lora_weights = init
+    _perturb(model)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "peft-way", path_initial_model_for_weight_conversion=str(tmp_path / "peft-init"))
+    ours, theirs = (load_file(d / "adapter_model.safetensors") for d in (adapter, tmp_path / "peft-way"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    c1, c2 = (json.loads((d / "adapter_config.json").read_text()) for d in (adapter, tmp_path / "peft-way"))
+    assert (c1["r"], c1["lora_alpha"], c1["init_lora_weights"]) == (c2["r"], c2["lora_alpha"], c2["init_lora_weights"]) == (8, 16, True)
+
+    with torch.no_grad():
+        want = model(ids).logits
+        assert (want - original()(ids).logits).abs().max() > 1e-3
+        loaded = PeftModel.from_pretrained(original(), str(adapter)).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merge_adapter(adapter, tmp_path / "m")).eval()(ids).logits
+    torch.testing.assert_close(loaded, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=1e-5)
+
+
+def test_base_rewriting_inits_refuse_what_they_cannot_do(base_dir, tmp_path, monkeypatch):
+    from cpt.adapters import refuse_unshardable
+    from cpt.averaging import average_checkpoints
+    from cpt.distributed import Backend
+
+    with pytest.raises(ValueError, match="use_dora with init_lora_weights: pissa is not supported"):
+        LoraConfig(use_dora=True, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        LoraConfig(init_lora_weights="pissa_niter_")
+    with pytest.raises(ConfigError, match=r"^model.lora.init_lora_weights: olora initialises linear layers only.*Embedding"):
+        apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, init_lora_weights="olora",
+                                                                               target_modules=["q_proj", "embed_tokens"]))
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, init_lora_weights="pissa"))
+    monkeypatch.setattr("cpt.distributed.backend", lambda acc: Backend.DEEPSPEED)
+    monkeypatch.setattr("cpt.distributed.zero_stage", lambda acc: 2)
+    with pytest.raises(ConfigError, match="^model.lora.init_lora_weights: pissa is not supported under DeepSpeed"):
+        refuse_unshardable(model, object())
+    # an adapter of a residual base saved as peft saves it unconverted: cpt average refuses it (cpt's are converted)
+    model.save_pretrained(tmp_path / "raw")
+    with pytest.raises(ValueError, match=r"raw: an adapter of a pissa residual base"):
+        average_checkpoints([tmp_path / "raw", tmp_path / "raw"], tmp_path / "avg")
+
+
+@pytest.mark.slow
+def test_a_pissa_run_resumes_exactly_and_its_export_on_the_original_base_gives_its_heldout_loss(tiny_cpt_data, base,
+                                                                                                tmp_path):
+    """PiSSA (randomised SVD, pissa_niter_4) on one process: the step-3 checkpoint resumes bitwise (the resumed run
+    rewrites the base again, to the fingerprint the checkpoint holds); the export, a plain LoRA of rank 2r against the
+    original base, gives the run's last held-out loss through peft and `cpt merge`."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from cpt.evaluate import heldout_loss
+    from launching import records
+
+    cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
+    cfg["model"]["lora"].update(init_lora_weights="pissa_niter_4", loraplus_lr_ratio=2.0)
+    ref, _ = _run_without_base(cfg, tmp_path / "a")
+    _, log = _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
+    assert "resumed" in log and losses(tmp_path / "b") == ref  # bitwise: fp32 on CPU
+    x, y = (load_file(d / "export" / "adapter_model.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    export = tmp_path / "a" / "export"
+    acfg = json.loads((export / "adapter_config.json").read_text())
+    assert acfg["init_lora_weights"] is True and acfg["r"] == 2 * cfg["model"]["lora"]["r"]
+    tokens = heldout_tokens(tiny_cpt_data / "data", "python", AutoTokenizer.from_pretrained(export))
+    logged = [r for r in records(tmp_path / "a") if "eval/python/loss" in r][-1]
+    assert logged["step"] == 6
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(export, tmp_path / "merged")).eval()
+    assert heldout_loss(merged, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(export)).eval()
+    assert heldout_loss(peft_model, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
+    assert heldout_loss(AutoModelForCausalLM.from_pretrained(base).eval(), tokens, 8) != pytest.approx(
+        logged["eval/python/loss"], abs=1e-3)  # the run did learn something
+
+    # `cpt export` of its step-3 checkpoint: merged (the residual base + the adapter) and --adapter (converted)
+    from cpt.cli import main
+
+    ckpt, at_3 = tmp_path / "a" / "checkpoints" / "step_00000003", records_at(tmp_path / "a", 3)["eval/python/loss"]
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "e-merged")]) == 0
+    assert main(["export", str(ckpt), "--adapter", "--out", str(tmp_path / "e-adapter")]) == 0
+    assert json.loads((tmp_path / "e-adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    for model in (AutoModelForCausalLM.from_pretrained(tmp_path / "e-merged"),
+                  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "e-adapter"))):
+        assert heldout_loss(model.eval(), tokens, 8) == pytest.approx(at_3, abs=1e-5)

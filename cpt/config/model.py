@@ -66,8 +66,10 @@ class LoraConfig(Strict):
     # LoRA+: the B factors (and 1-D trained vectors: DoRA magnitudes, norms, as peft's and LLaMA-Factory's LoRA+) learn
     # at this many times the schedule's LR; the A factors and full copies at the LR itself. The LoRA+ paper uses 16
     loraplus_lr_ratio: float | None = Field(None, gt=0)
-    # peft's init_lora_weights: default (A Kaiming-uniform, B zero) or gaussian (A ~ N(0, 1/r), B zero)
-    init_lora_weights: Literal["default", "gaussian"] = "default"
+    # peft's init_lora_weights: default (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r), B zero), or from the base
+    # weights, which these rewrite (exports converted to a plain LoRA of the original base: cpt/adapter_init.py):
+    # pissa (SVD), pissa_niter_N (randomised SVD, N iterations; fast on large models), olora (QR)
+    init_lora_weights: str = "default"
 
     @field_validator("target_modules")
     @classmethod
@@ -80,6 +82,20 @@ class LoraConfig(Strict):
                              "names, each matched as the last part(s) of a module's name (e.g. [q_proj, v_proj] or "
                              "[self_attn.q_proj]; every name must match a module), or 'all-linear'")
         return v
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        if v not in ("default", "gaussian", "pissa", "olora") and not re.fullmatch(r"pissa_niter_\d+", v):
+            raise ValueError(f"{v!r} is not one of default, gaussian, pissa, pissa_niter_N (N iterations), olora")
+        return v
+
+    @model_validator(mode="after")
+    def _variants(self) -> "LoraConfig":
+        if self.use_dora and self.init_lora_weights not in ("default", "gaussian"):
+            raise ValueError(f"use_dora with init_lora_weights: {self.init_lora_weights} is not supported (the export's "
+                             "conversion to a plain LoRA of the original base has no DoRA form): choose one")
+        return self
 
 
 class FreezeConfig(Strict):
