@@ -36,7 +36,7 @@ def _perturb(model, seed=1):
 def test_config_fields_and_their_errors():
     cfg = LoraConfig(use_dora=True, loraplus_lr_ratio=16, init_lora_weights="gaussian")
     assert cfg.use_dora and cfg.loraplus_lr_ratio == 16
-    for bad in ({"loraplus_lr_ratio": 0}, {"init_lora_weights": "pissa"}, {"use_dora": "maybe"}):
+    for bad in ({"loraplus_lr_ratio": 0}, {"init_lora_weights": "eva"}, {"use_dora": "maybe"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LoraConfig(**bad)
 
@@ -322,3 +322,22 @@ def test_a_pissa_run_resumes_exactly_and_its_export_on_the_original_base_gives_i
     for model in (AutoModelForCausalLM.from_pretrained(tmp_path / "e-merged"),
                   PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "e-adapter"))):
         assert heldout_loss(model.eval(), tokens, 8) == pytest.approx(at_3, abs=1e-5)
+
+
+def test_average_of_converted_pissa_exports_is_the_average_of_their_updates(base_dir, tmp_path):
+    """Each export is a plain LoRA of the original base: `cpt average` of two is the mean of the merged models."""
+    from cpt.averaging import average_checkpoints
+
+    adapters, merged = [], []
+    for i in range(2):
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, alpha=4, init_lora_weights="pissa"))
+        _perturb(model, seed=10 + i)
+        adapters.append(save_adapter(model, tmp_path / f"a{i}"))
+        merged.append(merge_adapter(adapters[-1], tmp_path / f"m{i}"))
+    avg = average_checkpoints(adapters, tmp_path / "avg", weights=[0.25, 0.75])
+    expected = average_checkpoints(merged, tmp_path / "avg-merged", weights=[0.25, 0.75])
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(expected).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merge_adapter(avg, tmp_path / "avg-m")).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -7,8 +7,12 @@ and LoRA+'s groups go through accelerate's optimizer wrapper and FSDP2's sharded
   gives the uninterrupted run's losses bitwise, resumed on 1 process (cpt/consolidate.py) to 1e-5; the run's adapter
   export (gathered at its end) loads in peft and reproduces the logged held-out loss.
 
-Four launches (~1 min on 2 cores)."""
+* OLoRA (a base-rewriting init) under DDP and FSDP2: the 1-process losses, and the converted export on the original
+  base.
 
+Six launches (~2 min on 2 cores)."""
+
+import json
 import shutil
 from pathlib import Path
 
@@ -24,10 +28,13 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY = 6, 3
 
 
-def make_cfg(tiny_cpt_data, base, out: Path) -> dict:
+def make_cfg(tiny_cpt_data, base, out: Path, variant: str = "dora") -> dict:
     cfg = two_process_config(tiny_cpt_data, base, out, steps=STEPS, eval_every=EVERY, lora=True, weight_decay=0.0,
                              checkpoint={"every": EVERY, "keep": 5})
-    cfg["model"]["lora"].update(use_dora=True, loraplus_lr_ratio=4.0, train_norms=True)
+    if variant == "dora":
+        cfg["model"]["lora"].update(use_dora=True, loraplus_lr_ratio=4.0, train_norms=True)
+    else:  # a base-rewriting init (cpt/adapter_init.py)
+        cfg["model"]["lora"].update(init_lora_weights=variant)
     return cfg
 
 
@@ -42,25 +49,55 @@ def launch(strategy: str, cfg: dict, cfg_path: Path, *extra: str) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tiny_cpt_data, tiny_base, tmp_path_factory):
+    """Each variant's 1-process run (in-process), on first use."""
     from cpt.train import train
 
-    out = tmp_path_factory.mktemp("one") / "run"
-    train(load_config(base=make_cfg(tiny_cpt_data, tiny_base, out)), echo=lambda *a, **k: None)
-    return out
+    def one(variant: str, d: Path) -> None:
+        train(load_config(base=make_cfg(tiny_cpt_data, tiny_base, d / "run", variant)), echo=lambda *a, **k: None)
+
+    return runs_once(tmp_path_factory, one)
 
 
 @pytest.fixture(scope="module")
 def two(tiny_cpt_data, tiny_base, tmp_path_factory):
-    return runs_once(tmp_path_factory,
-                     lambda strategy, d: launch(strategy, make_cfg(tiny_cpt_data, tiny_base, d / "run"), d / "run.yaml"))
+    """``"<strategy>"`` (DoRA + LoRA+) or ``"<strategy>-<init>"``: the 2-process run, launched on first use."""
+    def launched(key: str, d: Path) -> str:
+        strategy, _, variant = key.partition("-")
+        return launch(strategy, make_cfg(tiny_cpt_data, tiny_base, d / "run", variant or "dora"), d / "run.yaml")
+
+    return runs_once(tmp_path_factory, launched)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
 def test_dora_with_loraplus_on_two_processes_gives_the_one_process_run(strategy, two, reference):
     run = two(strategy)
     assert world_sizes(run) == {2}
-    assert_close(losses(run), losses(reference))
-    assert_close(evals(run), evals(reference))
+    assert_close(losses(run), losses(reference("dora")))
+    assert_close(evals(run), evals(reference("dora")))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_olora_on_two_processes_gives_the_one_process_run_and_exports_a_lora_of_the_original_base(
+        strategy, two, reference, tiny_cpt_data, tiny_base):
+    """OLoRA rewrites the base on every rank (FSDP2: rank 0's, broadcast); the run's export, gathered on the main
+    process and converted, is a plain LoRA that gives the logged held-out loss on the original base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.data.loader import load_heldout
+    from cpt.data.sources import HeldoutConfig
+    from cpt.evaluate import heldout_loss
+
+    run = two(f"{strategy}-olora")
+    assert world_sizes(run) == {2}
+    assert_close(losses(run), losses(reference("olora")))
+    cfg = make_cfg(tiny_cpt_data, tiny_base, run, "olora")
+    assert json.loads((run / "export" / "adapter_config.json").read_text())["r"] == 2 * cfg["model"]["lora"]["r"]
+    h = HeldoutConfig(name="python", path=str(tiny_cpt_data / "data" / "python" / "heldout"), tag="downstream")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(run / "export")).eval()
+    tokens = load_heldout(h, AutoTokenizer.from_pretrained(run / "export"), cfg["data"]["seq_len"],
+                          cfg["eval"]["tokens_per_set"])
+    assert heldout_loss(peft, tokens, 16) == pytest.approx(evals(run)[STEPS], abs=1e-5)
 
 
 def test_an_fsdp2_dora_checkpoint_holds_the_magnitudes_resumes_exactly_and_exports(two, tiny_cpt_data, tiny_base,
