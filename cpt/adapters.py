@@ -472,15 +472,11 @@ def refuse_unshardable(model: nn.Module, acc) -> None:
     shared by ``embed_tokens`` and ``lm_head``, and FSDP2 (which accelerate shards as separate units: the embedding,
     the output head) cannot shard one parameter twice; it would fail deep inside ``fully_shard``. Refused here in
     one line naming the fields (before anything is written)."""
-    from cpt.distributed import Backend, backend, zero_stage
+    from cpt.distributed import Backend, backend
 
     if not hasattr(model, "get_base_model"):
         return
     refuse_unsupported(model, acc)  # (PiSSA/OLoRA under DeepSpeed)
-    if zero_stage(acc) == 3 and any(getattr(c, "use_dora", False) for c in model.peft_config.values()):
-        raise ConfigError("model.lora.use_dora cannot run under DeepSpeed ZeRO-3: DoRA reads each adapted layer's "
-                          "whole base weight outside that layer's forward, where ZeRO-3 holds only a placeholder; "
-                          "launch with DDP, FSDP2 or ZeRO-2, or set use_dora: false")
     if backend(acc) is not Backend.FSDP:
         return
     head = model.get_base_model().get_output_embeddings()

@@ -123,19 +123,6 @@ def test_dora_on_fused_moe_experts_is_one_error_naming_the_field():
         apply_lora(moe, LoraConfig(r=2, use_dora=True))
 
 
-def test_dora_under_zero3_is_refused_in_one_line(base_dir, monkeypatch):
-    from cpt import adapters
-    from cpt.distributed import Backend
-
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, use_dora=True))
-    monkeypatch.setattr("cpt.distributed.zero_stage", lambda acc: 3)
-    monkeypatch.setattr("cpt.distributed.backend", lambda acc: Backend.DEEPSPEED)
-    with pytest.raises(ConfigError, match="^model.lora.use_dora cannot run under DeepSpeed ZeRO-3"):
-        adapters.refuse_unshardable(model, object())
-    plain = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2))
-    adapters.refuse_unshardable(plain, object())  # plain LoRA: fine
-
-
 def test_dora_keeps_the_base_fp32_under_bf16(base_dir, tiny_cpt_data, tmp_path):
     from cpt.base_dtype import cast_frozen_base
 
