@@ -89,6 +89,19 @@ def as_plain_lora(model, out: Path) -> bool:
     return True
 
 
+def mismatch_hint(model) -> str:
+    """For a checkpoint whose base fingerprint differs from this model's: what a base-rewriting init adds to the
+    refusal (its decomposition, redone when the base is built, is the same bits only with the same threads and
+    hardware), else ""."""
+    if getattr(model, INIT_FACTORS, None) is None:
+        return ""
+    init = model.peft_config[model.active_adapter].init_lora_weights
+    return (f"; model.lora.init_lora_weights {init} rewrites the base with a decomposition (SVD/QR) redone whenever the "
+            "base is built, whose bits depend on the number of CPU threads (torch.get_num_threads(), OMP_NUM_THREADS: "
+            f"1 per process under a multi-process launch; now {torch.get_num_threads()}) and the hardware: build it as "
+            "the run that wrote the checkpoint did (the same OMP_NUM_THREADS and number of processes)")
+
+
 def refuse_unsupported(model, acc) -> None:
     """A base-rewriting init under DeepSpeed: refused in one line naming the field (not tested there: ZeRO-3's
     partitioned base, ZeRO-2's broadcast of the rewritten weights)."""

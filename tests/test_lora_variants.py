@@ -328,3 +328,24 @@ def test_average_of_converted_pissa_exports_is_the_average_of_their_updates(base
         want = AutoModelForCausalLM.from_pretrained(expected).eval()(ids).logits
         got = AutoModelForCausalLM.from_pretrained(merge_adapter(avg, tmp_path / "avg-m")).eval()(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_residual_base_that_comes_out_different_is_refused_saying_why(tiny_cpt_data, base, tmp_path, monkeypatch):
+    """The SVD/QR of PiSSA/OLoRA depends on the CPU thread count (measured: a 256-wide model's pissa and olora
+    residuals differ between 1 and 2 threads). A checkpoint whose residual base differs from the one this run builds
+    is refused (never loaded over the wrong base), and the line says what to do."""
+    from cpt.checkpoint import CheckpointError
+
+    cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
+    cfg["model"]["lora"].update(init_lora_weights="olora")
+    ref, _ = _run_without_base(cfg, tmp_path / "a")
+
+    def other_residual(model):  # as a decomposition made with other threads comes out
+        model._cpt_base_fingerprint = "0" * 64
+        return model._cpt_base_fingerprint
+
+    monkeypatch.setattr("cpt.adapters.note_base", other_residual)
+    with pytest.raises(CheckpointError, match=r"another base model.*init_lora_weights olora rewrites the base.*"
+                                              r"OMP_NUM_THREADS") as e:
+        _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
+    assert "\n" not in str(e.value) and not (tmp_path / "b" / "checkpoints" / "step_00000006").exists()
