@@ -178,8 +178,8 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
             f"fingerprint {record['fingerprint'][:12]}; now: {built}, fingerprint {now[:12]}); the checkpoint holds the "
             f"{'adapter' if record['kind'] == 'lora' else 'trained part'}, not its base: build the base it was trained "
             "on (model.name_or_path and model.revision: a hub model "
-            "updated since needs the revision pinned; train.init_from, model.vocab and run.seed as in its config.yaml)"
-            + mismatch_hint(model))
+            "updated since needs the revision pinned; train.init_from, model.vocab, run.seed and "
+            "model.lora.quantize_base/double_quant/quant_compute_dtype as in its config.yaml)" + mismatch_hint(model))
 
 
 def _same_base_in_16_bits(model, fingerprint: str) -> bool:

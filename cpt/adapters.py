@@ -36,8 +36,9 @@ ADAPTER_SIDECAR = "cpt_adapter.json"
 
 
 def _numel(p: torch.Tensor) -> int:
-    # DeepSpeed ZeRO-3 replaces parameters by empty placeholders and keeps the real size in ds_numel
-    return int(getattr(p, "ds_numel", p.numel()))
+    from cpt.quantized_base import numel  # (ZeRO-3's placeholders: ds_numel; a 4-bit base packs two weights a byte)
+
+    return numel(p)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -376,10 +377,14 @@ def note_base(peft_model) -> str | None:
     checkpoint's, and a mismatch stops all of them together (cpt/checkpoint.py)."""
     import torch.distributed as dist
 
+    from cpt import quantized_base
+
+    # a quantized base (QLoRA): the fingerprint of its original weight files and quantization settings
+    fingerprint = quantized_base.files_fingerprint if quantized_base.is_quantized(peft_model) else base_fingerprint
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        peft_model._cpt_base_fingerprint = base_fingerprint(peft_model)
+        peft_model._cpt_base_fingerprint = fingerprint(peft_model)
         return peft_model._cpt_base_fingerprint
-    shared = [base_fingerprint(peft_model, hash_here=dist.get_rank() == 0)]
+    shared = [fingerprint(peft_model, hash_here=dist.get_rank() == 0)]
     dist.broadcast_object_list(shared, src=0)
     peft_model._cpt_base_fingerprint = shared[0]
     return shared[0]
@@ -409,7 +414,11 @@ def merge_lora(peft_model):
     embeddings (``target_modules`` naming ``lm_head`` or ``embed_tokens`` of a ``tie_word_embeddings`` model): the
     adapter changes that side only, but merging its delta into the one shared weight would change the other side
     too. That side gets its own copy first, and the merged model's config says it is untied (as with a tied module
-    in ``modules_to_save``)."""
+    in ``modules_to_save``). A quantized base (QLoRA): merged into the original full-precision base instead."""
+    from cpt import quantized_base
+
+    if quantized_base.is_quantized(peft_model):
+        peft_model = quantized_base.on_original_base(peft_model, adapter_keys)
     base = peft_model.get_base_model()
     emb, head = base.get_input_embeddings(), base.get_output_embeddings()
     if head is not None and getattr(base.config, "tie_word_embeddings", False):
@@ -472,8 +481,10 @@ def refuse_unshardable(model: nn.Module, acc) -> None:
     shared by ``embed_tokens`` and ``lm_head``, and FSDP2 (which accelerate shards as separate units: the embedding,
     the output head) cannot shard one parameter twice; it would fail deep inside ``fully_shard``. Refused here in
     one line naming the fields (before anything is written)."""
+    from cpt import quantized_base
     from cpt.distributed import Backend, backend
 
+    quantized_base.refuse_backend(model, acc)  # QLoRA: one process or DDP
     if not hasattr(model, "get_base_model"):
         return
     refuse_unsupported(model, acc)  # (PiSSA/OLoRA under DeepSpeed)

@@ -59,6 +59,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
 
     from cpt.data.loader import CPTDataLoader, load_heldout
     from cpt.model import check_attn_implementation, check_vocab_fits, load_tokenizer, model_config, model_shape
+    from cpt import quantized_base
     from cpt.resume import anneal_branch_start, init_weights
     from cpt.schedules import plan_for_run
     from cpt.throughput import shape_flops_per_token
@@ -67,6 +68,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     init, init_hf = init_weights(cfg)  # the model training builds: an HF init_from's, a checkpoint's run's (followed back)
     config = model_config(cfg.model, tokenizer, init_hf)  # the config build_model would use
+    quantized_base.load_kwargs(cfg.model, init_hf or cfg.model.name_or_path, config)  # QLoRA: bitsandbytes, a source
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     check_vocab_fits(cfg.model, tokenizer, model.get_input_embeddings().weight.shape[0])

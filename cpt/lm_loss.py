@@ -1,7 +1,8 @@
 """The causal-LM forward over packed rows, shared by training and evaluation: its keyword arguments (document
 positions when ``data.document_masking`` is on, never a KV cache, the router logits of a mixture of experts in
 training) and the next-token loss per row, plus a mixture of experts' router load-balancing loss; the training loss
-the loop logs over each log window (``train/loss`` and ``train/loss/<source>``), kept on the device."""
+the loop logs over each log window (``train/loss``, ``train/loss/<source>``, ``train/router_aux_loss`` and
+``train/z_loss``), kept on the device."""
 
 from __future__ import annotations
 
@@ -73,16 +74,6 @@ def loss_weights(model, train_cfg, log_fn=print) -> LossWeights:
         log_fn(f"z-loss: {weights.z:g} x mean(logsumexp(logits)^2) added to the training loss (train.z_loss), "
                "logged as train/z_loss")
     return weights
-
-
-def extra_loss_metrics(accelerator, router_aux: torch.Tensor | None, z_loss: torch.Tensor | None) -> dict[str, float]:
-    """``train/router_aux_loss`` (the load-balancing loss) and ``train/z_loss`` (the z term added to the loss) of the
-    log step: each the mean over its micro-batches and ranks, where the run has it."""
-    terms = {name: t for name, t in (("train/router_aux_loss", router_aux), ("train/z_loss", z_loss)) if t is not None}
-    if not terms:
-        return {}
-    values = accelerator.reduce(torch.stack([t.detach().float() for t in terms.values()]), reduction="mean").tolist()
-    return dict(zip(terms, values))
 
 
 class LMLoss(NamedTuple):
@@ -249,8 +240,10 @@ class SourceLoss:
 
 
 class LogWindow:
-    """The open log window, ``train/loss`` (:class:`LossWindow`) and ``train/loss/<source>`` (:class:`SourceLoss`)
-    since the last log line, as a resumable component (cpt/state.py): a run stopped between two log steps resumes
+    """The open log window, ``train/loss`` (:class:`LossWindow`), ``train/loss/<source>`` (:class:`SourceLoss`) and,
+    where the run has them, ``train/router_aux_loss`` and ``train/z_loss`` (each a :class:`LossWindow`: the mean over
+    the window's finite steps, as ``train/loss``; they were the log step's alone) since the last log line, as a
+    resumable component (cpt/state.py): a run stopped between two log steps resumes
     with the window's sums, so the next line is the uninterrupted run's (not the mean of the steps after the
     resume alone). ``state_dict`` is a collective (every rank saves): it holds every rank's sums. Loaded on the same
     number of processes, each rank takes its own (the next line is bitwise the uninterrupted one); on another, each
@@ -264,12 +257,34 @@ class LogWindow:
         self.acc = accelerator
         self.loss = LossWindow(accelerator.device)
         self.by_source = SourceLoss(source_names, accelerator.device)
+        self.terms = {name: LossWindow(accelerator.device) for name in self.TERMS}
+        self.used: set[str] = set()  # the terms this run has (the same on every rank: its collectives match)
+
+    TERMS = {"train/router_aux_loss": "router_aux", "train/z_loss": "z_loss"}  # metric -> StepResult field
+
+    def add(self, result) -> None:
+        """A step's (:class:`cpt.train.StepResult`) losses: ``train/loss`` and the terms it has, finite steps only."""
+        finite = result.outcome.finite
+        self.loss.add(result.loss, finite)
+        for name, field in self.TERMS.items():
+            value = getattr(result, field, None)
+            if value is not None:
+                self.used.add(name)
+                self.terms[name].add(value.detach().float(), finite)
+
+    def term_metrics(self) -> dict[str, float]:
+        """``train/router_aux_loss`` and ``train/z_loss`` over the window (the mean over its finite steps and the
+        ranks), where the run has them; starts a new window (a collective each)."""
+        return {name: self.terms[name].mean(self.acc) for name in self.TERMS if name in self.used}
 
     def state_dict(self) -> dict:
         sums = torch.cat([self.loss.sum.double().reshape(1), self.by_source.sum, self.by_source.rows]).unsqueeze(0)
+        terms = torch.stack([self.terms[n].sum.double() for n in self.TERMS]).unsqueeze(0)
         if self.acc.num_processes > 1:
-            sums = self.acc.gather(sums)
-        return {"loss_count": self.loss.count.item(), "sources": self.by_source.names, "ranks": sums.tolist()}
+            sums, terms = self.acc.gather(sums), self.acc.gather(terms)
+        return {"loss_count": self.loss.count.item(), "sources": self.by_source.names, "ranks": sums.tolist(),
+                "terms": list(self.TERMS), "term_counts": [self.terms[n].count.item() for n in self.TERMS],
+                "term_ranks": terms.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         saved, names = list(state["sources"]), self.by_source.names
@@ -289,3 +304,10 @@ class LogWindow:
         self.loss.count.fill_(float(state["loss_count"]))
         self.by_source.sum.copy_(own[1:1 + n])
         self.by_source.rows.copy_(own[1 + n:])
+        if "terms" in state:  # (a checkpoint written before the terms had a window: they start empty)
+            sums = torch.tensor(state["term_ranks"], dtype=torch.float64)
+            sums = sums[self.acc.process_index] if len(sums) == self.acc.num_processes else sums.mean(0)
+            for j, name in enumerate(state["terms"]):
+                if name in self.terms:
+                    self.terms[name].sum.fill_(sums[j].item())
+                    self.terms[name].count.fill_(float(state["term_counts"][j]))

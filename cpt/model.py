@@ -4,6 +4,7 @@ export is cpt/export.py's."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from cpt import quantized_base
 from cpt.config import ModelConfig, RunConfig, load_config
 from cpt.data.shards import vocab_size
 from cpt.export import DEFAULT_MAX_SHARD_SIZE, check_export_target, write_hf
@@ -123,13 +125,17 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
     config = model_config(cfg, tokenizer, weights_from)
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=attn_implementation(cfg, config))
     source = weights_from or cfg.name_or_path
+    quantized = quantized_base.load_kwargs(cfg, source, config)  # model.lora.quantize_base (QLoRA), else {}
     if source is not None:
         field = "train.init_from" if weights_from else "model.name_or_path"
         saved_dtype = getattr(config, "dtype", None)  # (from_pretrained's config says float32 after the load)
+        plain_config = copy.deepcopy(config) if quantized else None
         model = load_or_explain(field, source, AutoModelForCausalLM.from_pretrained, source, config=config,
                                 revision=None if weights_from else cfg.revision, dtype=torch.float32,
-                                use_safetensors=require_safetensors(source, field), **common)
+                                use_safetensors=require_safetensors(source, field), **common, **quantized)
         model.cpt_saved_dtype = saved_dtype  # what its exports are compared with (cpt.export.say_dtype)
+        if quantized:
+            quantized_base.note_loaded(model, cfg, source, None if weights_from else cfg.revision, plain_config)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
     weight = model.get_input_embeddings().weight
@@ -374,6 +380,8 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
     _train_separator_embedding(model, tokenizer, log_fn)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None, log_fn=log_fn)
+        if quantized_base.is_quantized(model):
+            log_fn(quantized_base.describe(model))
     if cfg.freeze is not None:
         if apply_freeze(model, cfg.freeze, new_token_ids=new_ids) and cfg.lora is None:
             note_base(model)  # its checkpoints leave the frozen part out (cpt/adapter_checkpoint.py): as built, hashed
@@ -413,7 +421,7 @@ def model_shape(model: torch.nn.Module) -> dict[str, int]:
     model; in a mixture of experts the routed experts' weights count by the share a token uses (top-k of E)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731 - ZeRO-3 placeholders are empty
+    numel = quantized_base.numel  # (ZeRO-3 placeholders are empty; a 4-bit base's weights packed two to a byte)
     share = expert_share(cfg)
     n_params = n_trainable = active = trainable_active = 0
     for name, p in base.named_parameters():

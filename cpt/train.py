@@ -168,7 +168,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             if ema is not None:  # (after Reptile: it averages the weights training goes on from)
                 ema.update(acc.unwrap_model(model), applied=result.outcome.applied)
             clock.add(B * L)
-            losses.add(result.loss, result.outcome.finite)  # train/loss averages the finite steps
+            window.add(result)  # train/loss (and the router and z terms) average the log window's finite steps
 
             # log: the host reads the step's numbers here (and only here, on the device-skip path)
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
@@ -179,7 +179,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                           "train/grad_norm": float(result.grad_norm), "stage": stage, **_counters(guard, spikes),
                           **meter.metrics(flops_per_token, peak), **account.metrics(state.tokens, flops_per_token),
                           **feed.metrics(), **(by_source.metrics(acc) if by_source else {}),
-                          **lm_loss.extra_loss_metrics(acc, result.router_aux, result.z_loss)}
+                          **window.term_metrics()}
                 out.step(record, state.step, total_steps, meter.tokens_per_s)
             out.advance()
             if guard.too_many_in_a_row():  # stop, with the last good weights saved

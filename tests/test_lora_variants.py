@@ -252,6 +252,10 @@ def test_base_rewriting_inits_refuse_what_they_cannot_do(base_dir, tmp_path, mon
         LoraConfig(use_dora=True, init_lora_weights="pissa")
     with pytest.raises(ValueError, match="init_lora_weights"):
         LoraConfig(init_lora_weights="pissa_niter_")
+    for variant in ({"use_dora": True}, {"init_lora_weights": "olora"}):  # QLoRA (cpt/quantized_base.py)
+        with pytest.raises(ValueError, match=r"(use_dora|init_lora_weights: olora) with quantize_base \(nf4\)"):
+            LoraConfig(quantize_base="nf4", **variant)
+    LoraConfig(quantize_base="nf4", loraplus_lr_ratio=16, init_lora_weights="gaussian")  # these two are fine
     with pytest.raises(ConfigError, match=r"^model.lora.init_lora_weights: olora initialises linear layers only.*Embedding"):
         apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, init_lora_weights="olora",
                                                                                target_modules=["q_proj", "embed_tokens"]))

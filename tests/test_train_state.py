@@ -122,6 +122,16 @@ def test_log_window_round_trip_and_checkpoints_without_it():
     f = LogWindow(acc, ["new", "old", "web"])
     f.load_state_dict({**doc["log_window"], "sources": ["new", "old", "gone"], "ranks": [[2.5, 1.0, 6.0, 0.0, 1.0, 2.0, 0.0]]})
     assert f.by_source.metrics() == {"train/loss/new": 1.0, "train/loss/old": 3.0}  # "gone" had no rows in it
+    # the router and z terms' windows (means over the window's finite steps, as train/loss) resume too
+    step = lambda z, finite=True: SimpleNamespace(loss=torch.tensor(1.0), outcome=SimpleNamespace(finite=finite),  # noqa: E731
+                                                  router_aux=None, z_loss=torch.tensor(z))
+    g = LogWindow(acc, ["new", "old"])
+    g.add(step(0.5))
+    g.add(step(float("nan"), finite=False))
+    h = LogWindow(acc, ["new", "old"])
+    h.load_state_dict(json.loads(json.dumps(g.state_dict())))
+    h.add(step(0.25))
+    assert h.term_metrics() == {"train/z_loss": 0.375} and h.loss.mean(acc) == 1.0
     older = {k: v for k, v in doc.items() if k != "log_window"}
     c = LogWindow(acc, ["new", "old"])
     restore({"train": TrainState(), "log_window": c}, older, tensors)

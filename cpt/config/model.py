@@ -60,6 +60,12 @@ class LoraConfig(Strict):
     # training numerics are bitwise those of an fp32 base under autocast, which casts them anyway); one process and
     # DDP; false keeps them fp32 (cpt/base_dtype.py)
     base_in_compute_dtype: bool = True
+    # ---- QLoRA (cpt/quantized_base.py): the frozen base loaded quantized by bitsandbytes (pip install 'cpt[qlora]')
+    # nf4 / fp4: 4-bit (QLoRA: nf4); int8: LLM.int8(); null: not quantized
+    quantize_base: Literal["nf4", "fp4", "int8"] | None = None
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too (QLoRA's double quantization)
+    quant_compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # 4-bit: the dtype the base's matmuls run in
+    # ---- variants (docs/adapters.md#dora-lora-and-initialisations)
     # DoRA (peft use_dora): each adapted weight as a trained magnitude per output row times the direction of
     # W + BA (docs/adapters.md: what works with which strategy; `cpt average` refuses DoRA adapters)
     use_dora: bool = False
@@ -95,6 +101,13 @@ class LoraConfig(Strict):
         if self.use_dora and self.init_lora_weights not in ("default", "gaussian"):
             raise ValueError(f"use_dora with init_lora_weights: {self.init_lora_weights} is not supported (the export's "
                              "conversion to a plain LoRA of the original base has no DoRA form): choose one")
+        if self.quantize_base is not None and (self.use_dora or self.init_lora_weights not in ("default", "gaussian")):
+            what = "use_dora" if self.use_dora else f"init_lora_weights: {self.init_lora_weights}"
+            raise ValueError(f"{what} with quantize_base ({self.quantize_base}) is not supported: "
+                             + ("DoRA's magnitudes would be trained against the quantized weights, not tested with "
+                                "cpt's QLoRA" if self.use_dora else "it rewrites the base, and a quantized residual base "
+                                "no longer adds up to the base the export is converted against")
+                             + "; leave one out")
         return self
 
 
@@ -182,4 +195,17 @@ class ModelConfig(Strict):
             raise ValueError("model.tokenizer is required when the model is built from model.arch")
         if self.gradient_checkpointing_every != 1 and not self.gradient_checkpointing:
             raise ValueError("model.gradient_checkpointing_every needs model.gradient_checkpointing: true")
+        if self.lora is not None and self.lora.quantize_base is not None:
+            refuse_with_quantized_base(self)
         return self
+
+
+def refuse_with_quantized_base(cfg: ModelConfig) -> None:
+    """``model.lora.quantize_base`` with options that cannot work on a bitsandbytes-quantized base (cpt/quantized_base.py):
+    one line naming the fields."""
+    clash = [name for name, on in (("model.freeze", cfg.freeze is not None), ("model.vocab", cfg.vocab is not None),
+                                   ("model.compile", bool(cfg.compile))) if on]
+    if clash:
+        raise ValueError(f"model.lora.quantize_base ({cfg.lora.quantize_base}) cannot be combined with "
+                         f"{', '.join(clash)}: the quantized base's layers are bitsandbytes modules that those do not "
+                         "handle; leave them out, or set model.lora.quantize_base: null")
