@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from cpt.adapter_init import mismatch_hint
 from cpt.adapters import adapter_keys, base_fingerprint, note_base
 
 log = logging.getLogger("cpt.checkpoint")
@@ -178,7 +179,7 @@ def check_fits(ckpt: str | Path, model, record: dict | None = None) -> None:
             f"{'adapter' if record['kind'] == 'lora' else 'trained part'}, not its base: build the base it was trained "
             "on (model.name_or_path and model.revision: a hub model "
             "updated since needs the revision pinned; train.init_from, model.vocab, run.seed and "
-            "model.lora.quantize_base/double_quant/quant_compute_dtype as in its config.yaml)")
+            "model.lora.quantize_base/double_quant/quant_compute_dtype as in its config.yaml)" + mismatch_hint(model))
 
 
 def _same_base_in_16_bits(model, fingerprint: str) -> bool:

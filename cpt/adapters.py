@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from cpt.adapter_init import as_plain_lora, keep_initial_factors, mutates_base, refuse_unsupported
 from cpt.config import ConfigError, FreezeConfig, LoraConfig, parse_layer_ranges
 
 ADAPTER_SIDECAR = "cpt_adapter.json"
@@ -254,6 +255,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
         target_modules=targets,
         modules_to_save=modules_to_save or None,
         use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
         task_type="CAUSAL_LM",
         **kwargs,
     )
@@ -266,8 +269,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
             warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
             peft_model = get_peft_model(model, pcfg)
     except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
+        if cfg.use_dora and "dora" in str(e).lower():  # peft's ParamWrapper (fused MoE experts), lora_bias, ...
+            raise ConfigError(f"model.lora.use_dora: DoRA cannot adapt every module model.lora.target_modules selects "
+                              f"({e}); name the attention/MLP projections in target_modules (not the fused experts "
+                              "peft adds to all-linear on an MoE model) or set use_dora: false") from None
         raise ConfigError(f"model.lora: {e}") from None
+    if mutates_base(pcfg.init_lora_weights):  # PiSSA/OLoRA rewrote the base: keep A0, B0 for the export's conversion
+        keep_initial_factors(peft_model)
     peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
+    peft_model._cpt_loraplus_lr_ratio = cfg.loraplus_lr_ratio  # read by cpt.optim.param_groups
     note = _untie_trained_copies(peft_model)
     if note and log_fn is not None:
         log_fn(note)
@@ -434,6 +444,7 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
     pcfg = model.peft_config[model.active_adapter]
     pcfg.base_model_name_or_path = portable_base_path(pcfg.base_model_name_or_path)
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
+    as_plain_lora(model, out)  # PiSSA/OLoRA: a plain LoRA of the original base (cpt/adapter_init.py)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     base = model.get_base_model()
@@ -474,7 +485,10 @@ def refuse_unshardable(model: nn.Module, acc) -> None:
     from cpt.distributed import Backend, backend
 
     quantized_base.refuse_backend(model, acc)  # QLoRA: one process or DDP
-    if backend(acc) is not Backend.FSDP or not hasattr(model, "get_base_model"):
+    if not hasattr(model, "get_base_model"):
+        return
+    refuse_unsupported(model, acc)  # (PiSSA/OLoRA under DeepSpeed)
+    if backend(acc) is not Backend.FSDP:
         return
     head = model.get_base_model().get_output_embeddings()
     if getattr(getattr(head, "token_adapter", None), "tied_adapter", None) is not None:

@@ -220,6 +220,18 @@ def _check_lora_configs(paths: list[str | Path], sources: list[Path]) -> None:
     from cpt.adapters import adapter_base_identity
 
     cfgs = [json.loads((Path(p) / "adapter_config.json").read_text()) for p in sources]
+    from cpt.adapter_init import mutates_base
+
+    residual = [(str(p), c["init_lora_weights"]) for p, c in zip(paths, cfgs) if mutates_base(c.get("init_lora_weights"))]
+    if residual:  # (cpt's exports are converted: cpt/adapter_init.py)
+        raise ValueError(f"{residual[0][0]}: an adapter of a {residual[0][1]} residual base (its init_lora_weights), not "
+                         "of the base it names: convert it to a plain LoRA first (peft's save_pretrained with "
+                         "path_initial_model_for_weight_conversion; cpt's exports are converted already)")
+    dora = [str(p) for p, c in zip(paths, cfgs) if c.get("use_dora")]
+    if dora:  # each row is magnitude * (W + BA) / ||W + BA||: not linear in the factors, no side-by-side sum
+        raise ValueError(f"{dora[0]}: a DoRA adapter (model.lora.use_dora) cannot be averaged factor by factor (its "
+                         "magnitudes rescale each adapter's whole weight): merge each adapter into its base (cpt merge), "
+                         "then average the merged models")
     for p, c, src in zip(paths[1:], cfgs[1:], sources[1:]):
         diff = [f for f in fields if c.get(f) != cfgs[0].get(f)]
         if diff:

@@ -91,6 +91,10 @@ def cast_frozen_base(model: nn.Module, cfg, acc, say=print) -> None:
         say(f"model.lora.base_in_compute_dtype: the frozen base stays fp32 under {backend(acc).value} "
             "(its mixed precision casts the weights itself)")
         return
+    if lora.use_dora:  # DoRA adds the base weight to B A and takes its norm outside autocast's casts: not bitwise
+        say("model.lora.base_in_compute_dtype: the frozen base stays fp32 with use_dora (DoRA's weight norms read the "
+            "base weight in its stored dtype)")
+        return
     dtype = DTYPES[cfg.train.precision]
     n, freed = cast_frozen_linears(model, dtype)
     setattr(model, MARK, dtype)

@@ -115,6 +115,7 @@ def param_groups(
             idx = layer_index(name)
             if idx is not None and idx < lower[0]:
                 mult *= lower[1]
+        mult *= loraplus_multiplier(model, name, p)
         decay = not is_no_decay(name, p, embedding_ids, decay_embeddings)
         group = groups.setdefault(
             (decay, mult), {"params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0, "lr_mult": mult}
@@ -124,6 +125,21 @@ def param_groups(
     if not groups:
         raise ConfigError("the model has no trainable parameters")
     return list(groups.values())
+
+
+LORA_B = re.compile(r"\.lora_(?:embedding_)?B(?:\.|$)")
+
+
+def loraplus_multiplier(model: nn.Module, name: str, param: torch.Tensor) -> float:
+    """LoRA+ (``model.lora.loraplus_lr_ratio``, recorded on the peft model by :func:`cpt.adapters.apply_lora`): the ratio
+    for a B factor (``...lora_B.default.weight``, ``lora_embedding_B``) and, as peft's ``create_loraplus_optimizer``
+    and LLaMA-Factory do, for every other trained 1-D tensor (DoRA's magnitudes, norms of train_norms); 1 otherwise.
+    As a group multiplier it follows the schedule at every step (:func:`set_lr`) and is part of the resume state."""
+    ratio = getattr(model, "_cpt_loraplus_lr_ratio", None)
+    if not ratio:
+        return 1.0
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return float(ratio) if LORA_B.search(name) or ndim == 1 else 1.0
 
 
 def param_shapes(acc) -> dict[str, list[int]]:

@@ -65,6 +65,17 @@ class LoraConfig(Strict):
     quantize_base: Literal["nf4", "fp4", "int8"] | None = None
     double_quant: bool = True  # 4-bit: quantize the quantization constants too (QLoRA's double quantization)
     quant_compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # 4-bit: the dtype the base's matmuls run in
+    # ---- variants (docs/adapters.md#dora-lora-and-initialisations)
+    # DoRA (peft use_dora): each adapted weight as a trained magnitude per output row times the direction of
+    # W + BA (docs/adapters.md: what works with which strategy; `cpt average` refuses DoRA adapters)
+    use_dora: bool = False
+    # LoRA+: the B factors (and 1-D trained vectors: DoRA magnitudes, norms, as peft's and LLaMA-Factory's LoRA+) learn
+    # at this many times the schedule's LR; the A factors and full copies at the LR itself. The LoRA+ paper uses 16
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    # peft's init_lora_weights: default (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r), B zero), or from the base
+    # weights, which these rewrite (exports converted to a plain LoRA of the original base: cpt/adapter_init.py):
+    # pissa (SVD), pissa_niter_N (randomised SVD, N iterations; fast on large models), olora (QR)
+    init_lora_weights: str = "default"
 
     @field_validator("target_modules")
     @classmethod
@@ -77,6 +88,27 @@ class LoraConfig(Strict):
                              "names, each matched as the last part(s) of a module's name (e.g. [q_proj, v_proj] or "
                              "[self_attn.q_proj]; every name must match a module), or 'all-linear'")
         return v
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        if v not in ("default", "gaussian", "pissa", "olora") and not re.fullmatch(r"pissa_niter_\d+", v):
+            raise ValueError(f"{v!r} is not one of default, gaussian, pissa, pissa_niter_N (N iterations), olora")
+        return v
+
+    @model_validator(mode="after")
+    def _variants(self) -> "LoraConfig":
+        if self.use_dora and self.init_lora_weights not in ("default", "gaussian"):
+            raise ValueError(f"use_dora with init_lora_weights: {self.init_lora_weights} is not supported (the export's "
+                             "conversion to a plain LoRA of the original base has no DoRA form): choose one")
+        if self.quantize_base is not None and (self.use_dora or self.init_lora_weights not in ("default", "gaussian")):
+            what = "use_dora" if self.use_dora else f"init_lora_weights: {self.init_lora_weights}"
+            raise ValueError(f"{what} with quantize_base ({self.quantize_base}) is not supported: "
+                             + ("DoRA's magnitudes would be trained against the quantized weights, not tested with "
+                                "cpt's QLoRA" if self.use_dora else "it rewrites the base, and a quantized residual base "
+                                "no longer adds up to the base the export is converted against")
+                             + "; leave one out")
+        return self
 
 
 class FreezeConfig(Strict):
