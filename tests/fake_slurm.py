@@ -7,7 +7,10 @@ one node, for tests/test_slurm.py (which writes `sbatch`/`srun`/`scontrol` wrapp
   machine; SLURM_CPUS_PER_TASK when ``--cpus-per-task`` is given), stdout and stderr to ``--output`` (``%x``, ``%j``
   expanded, relative to the submit directory; like SLURM, the job fails if that file cannot be opened), truncated or
   appended per ``--open-mode``. When ``scontrol requeue N`` was called during a run, the script runs again with
-  ``SLURM_RESTART_COUNT`` incremented, the same job id, and the output reopened per ``--open-mode``.
+  ``SLURM_RESTART_COUNT`` incremented, the same job id, and the output reopened per ``--open-mode``; on as many nodes
+  as ``$FAKE_SLURM_DIR/job_N.nodes_next`` says when that file exists (the allocation of a ``--nodes 1-2`` range).
+  ``FAKE_SLURM_LOOPBACK_NODES=1``: the nodes are named 127.0.0.1, 127.0.0.2, ... (they resolve here: a job really
+  trains across them); ``FAKE_SLURM_NODE_TMP=DIR``: each node's tasks get TMPDIR=DIR/node<i> (node-local disks).
   ``$FAKE_SLURM_DIR/job_N.json`` holds the parsed directives, the batch shell's pid (the process a
   ``--signal=B:SIG@T`` warning goes to: the test sends it, playing the clock) and every run's exit code.
 * ``srun [--opt=value ...] CMD ARGS``: runs CMD as the one task per node of the step (SLURM_NODEID/PROCID = the
@@ -118,7 +121,13 @@ def supervise(job_id: str) -> int:
     restart = 0
     while True:
         nodes = d.get("nodes", "1")
-        hosts = "localhost" if nodes == "1" else ",".join(f"node{i}" for i in range(int(nodes)))
+        resized = _job_file(job_id).with_suffix(".nodes_next")  # the allocation of a requeue (`--nodes 1-2`)
+        if restart and resized.is_file():
+            nodes = resized.read_text().strip()
+        if os.environ.get("FAKE_SLURM_LOOPBACK_NODES") == "1":  # nodes that resolve here: 127.0.0.1, 127.0.0.2, ...
+            hosts = ",".join(f"127.0.0.{i + 1}" for i in range(int(nodes)))
+        else:
+            hosts = "localhost" if nodes == "1" else ",".join(f"node{i}" for i in range(int(nodes)))
         env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_JOB_NAME=name, SLURM_NNODES=nodes,
                    SLURM_JOB_NUM_NODES=nodes, SLURM_JOB_NODELIST=hosts, SLURM_SUBMIT_DIR=submit_dir,
                    SLURM_GPUS_ON_NODE=d.get("gpus-per-node", "1"), SLURM_NTASKS_PER_NODE=d.get("ntasks-per-node", "1"))
@@ -158,6 +167,9 @@ def srun(argv: list[str]) -> int:
     for node in range(int(os.environ.get("SLURM_NNODES", "1"))):
         env = dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node), SLURM_LOCALID="0", SLURM_STEP_ID="0",
                    SLURM_CPUS_PER_TASK=cpus)
+        if os.environ.get("FAKE_SLURM_NODE_TMP"):  # each node's own local disk (its TMPDIR), as on a cluster
+            env["TMPDIR"] = os.path.join(os.environ["FAKE_SLURM_NODE_TMP"], f"node{node}")
+            os.makedirs(env["TMPDIR"], exist_ok=True)
         children.append(subprocess.Popen(argv[i:], env=env))
 
     def handle(sig, _frame):

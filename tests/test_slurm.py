@@ -260,3 +260,55 @@ def test_fake_sbatch_reads_options_as_the_readme_writes_them():
         {"nodes": "4", "time": "24:00:00"}, script, ["run.yaml", "fsdp"])
     assert sbatch_command_line(["--nodes=2", "--requeue", "--gpus-per-node", "2", script, "--resume"]) == (
         {"nodes": "2", "requeue": "", "gpus-per-node": "2"}, script, ["--resume"])
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_train_preempt_requeue_on_one_node_resume_and_export(tiny_cpt_data, tiny_base, tmp_path, slurm):
+    """The shipped multi-node script really training on 2 nodes (loopback addresses, 1 CPU rank each, gloo, each node
+    with its own TMPDIR): `sbatch --nodes 2 ... ddp` -> the time-limit warning -> every rank checkpoints -> requeue,
+    which gets 1 node (a `--nodes 1-2` allocation) -> resume on 1 process -> finish -> export. The losses are an
+    uninterrupted 1-process run's, every step is logged once, the export loads, no traceback, no leftover marker."""
+    from transformers import AutoModelForCausalLM
+
+    def config(name: str) -> Path:
+        cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
+        cfg["model"] = {"name_or_path": str(tiny_base)}
+        cfg["stages"][0]["steps"] = 12
+        cfg["train"].update(global_batch_size=8, micro_batch_size=2)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    from cpt.config import load_config
+    from cpt.train import train
+
+    train(load_config(base=yaml.safe_load(config("ref").read_text())), echo=lambda *a, **k: None)
+    ref = losses(tmp_path / "ref")
+
+    run = tmp_path / "run"
+    env = {**slurm.env(), "FAKE_SLURM_LOOPBACK_NODES": "1", "FAKE_SLURM_NODE_TMP": str(tmp_path / "node_tmp")}
+    out = subprocess.run(["sbatch", "--nodes", "2", "--gpus-per-node=1", str(SCRIPT), str(config("run")), "ddp"],
+                         cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
+    job_id = out.split()[-1]
+    job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and len(losses(run)) >= 4)
+    assert not job["done"], slurm.log(job_id)[-5000:]
+    assert "2 node(s) x 1, ddp" in slurm.log(job_id)
+    (slurm.state / f"job_{job_id}.nodes_next").write_text("1")  # the requeue is allocated one node
+    os.kill(job["batch_pid"], signal.SIGUSR1)
+    job = slurm.wait(job_id)
+    log = slurm.log(job_id)
+    assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, True, 0), (1, False, 0)], log[-5000:]
+    assert "1 node(s) x 1, ddp" in log and "written by 2 processes, now 1" in log, log[-5000:]
+    assert "Traceback" not in log and "error:" not in log, log[-5000:]
+    assert "[slurm_node 0] SIGUSR1" in log and "[slurm_node 1] SIGUSR1" in log  # each node's slurm_node.sh relayed it
+    assert "h wall on 2 devices)" in log and "h wall on 1 device in this segment" in log  # 2 ranks, then 1
+
+    got = losses(run)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert steps == sorted(set(steps)), steps  # each step once, in order, across the resize
+    model = AutoModelForCausalLM.from_pretrained(run / "export")
+    assert model.config.vocab_size > 0
+    assert not list((tmp_path / "node_tmp").rglob("cpt-*")) and not list(run.glob("*.lock"))
