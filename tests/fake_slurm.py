@@ -219,6 +219,7 @@ def scontrol(argv: list[str]) -> int:
     with open(STATE / "scontrol.log", "a") as f:
         f.write(json.dumps(argv) + "\n")
     if argv[:2] == ["show", "hostnames"] and len(argv) == 3:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head -n 1` closes the pipe: end silently, as scontrol does
         print("\n".join(argv[2].split(",")))
         return 0
     if argv[:1] == ["requeue"] and len(argv) == 2 and _job_file(argv[1]).is_file():

@@ -299,7 +299,7 @@ def test_two_nodes_train_preempt_requeue_on_one_node_resume_and_export(tiny_cpt_
     log = slurm.log(job_id)
     assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, True, 0), (1, False, 0)], log[-5000:]
     assert "1 node(s) x 1, ddp" in log and "written by 2 processes, now 1" in log, log[-5000:]
-    assert "Traceback" not in log and "error:" not in log, log[-5000:]
+    assert "Traceback" not in log and "error:" not in log, log[:3000]  # (the head of the log: a stand-in's traceback)
     assert "[slurm_node 0] SIGUSR1" in log and "[slurm_node 1] SIGUSR1" in log  # each node's slurm_node.sh relayed it
     assert "h wall on 2 devices)" in log and "h wall on 1 device in this segment" in log  # 2 ranks, then 1
 
