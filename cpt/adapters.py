@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from cpt import quantized_base
 from cpt.adapter_init import as_plain_lora, keep_initial_factors, mutates_base, refuse_unsupported
 from cpt.config import ConfigError, FreezeConfig, LoraConfig, parse_layer_ranges
 
@@ -35,17 +36,11 @@ ADAPTER_SIDECAR = "cpt_adapter.json"
 # ----------------------------------------------------------------------------- counting
 
 
-def _numel(p: torch.Tensor) -> int:
-    from cpt.quantized_base import numel  # (ZeRO-3's placeholders: ds_numel; a 4-bit base packs two weights a byte)
-
-    return numel(p)
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied (shared) parameters are counted once."""
     trainable = total = 0
     for p in model.parameters():  # .parameters() already de-duplicates shared tensors
-        n = _numel(p)
+        n = quantized_base.numel(p)  # (ZeRO-3's placeholders: ds_numel; a 4-bit base packs two weights a byte)
         total += n
         if p.requires_grad:
             trainable += n
@@ -348,7 +343,7 @@ def _groups_of(named: list, max_bytes: int) -> list[list]:
     """Consecutive runs of ``(name, tensor)`` of at most ``max_bytes`` (a larger tensor alone), by full size."""
     groups, size = [[]], 0
     for name, t in named:
-        n = _numel(t) * t.element_size()
+        n = quantized_base.numel(t) * t.element_size()
         if groups[-1] and size + n > max_bytes:
             groups.append([])
             size = 0
@@ -376,8 +371,6 @@ def note_base(peft_model) -> str | None:
     (all ranks of a node reading them at once) told nothing more. Each process still compares the fingerprint with a
     checkpoint's, and a mismatch stops all of them together (cpt/checkpoint.py)."""
     import torch.distributed as dist
-
-    from cpt import quantized_base
 
     # a quantized base (QLoRA): the fingerprint of its original weight files and quantization settings
     fingerprint = quantized_base.files_fingerprint if quantized_base.is_quantized(peft_model) else base_fingerprint
@@ -415,8 +408,6 @@ def merge_lora(peft_model):
     adapter changes that side only, but merging its delta into the one shared weight would change the other side
     too. That side gets its own copy first, and the merged model's config says it is untied (as with a tied module
     in ``modules_to_save``). A quantized base (QLoRA): merged into the original full-precision base instead."""
-    from cpt import quantized_base
-
     if quantized_base.is_quantized(peft_model):
         peft_model = quantized_base.on_original_base(peft_model, adapter_keys)
     base = peft_model.get_base_model()
@@ -481,7 +472,6 @@ def refuse_unshardable(model: nn.Module, acc) -> None:
     shared by ``embed_tokens`` and ``lm_head``, and FSDP2 (which accelerate shards as separate units: the embedding,
     the output head) cannot shard one parameter twice; it would fail deep inside ``fully_shard``. Refused here in
     one line naming the fields (before anything is written)."""
-    from cpt import quantized_base
     from cpt.distributed import Backend, backend
 
     quantized_base.refuse_backend(model, acc)  # QLoRA: one process or DDP
