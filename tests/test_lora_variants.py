@@ -24,6 +24,26 @@ from test_train_modes import (_lora_small, _resume_from_step_3, _run_without_bas
                               records_at, run)
 
 
+def assert_export_gives_last_heldout_loss(run_dir: Path, base: Path, data_root: Path, work: Path) -> tuple:
+    """The run's export (an adapter), merged by `cpt merge`'s path and loaded in peft on ``base``, gives the run's
+    last logged python held-out loss (step 6) within 1e-5; returns (the held-out tokens, that loss)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from cpt.evaluate import heldout_loss
+    from launching import records
+
+    export = run_dir / "export"
+    tokens = heldout_tokens(data_root / "data", "python", AutoTokenizer.from_pretrained(export))
+    logged = [r for r in records(run_dir) if "eval/python/loss" in r][-1]
+    assert logged["step"] == 6
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(export, work)).eval()
+    assert heldout_loss(merged, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(export)).eval()
+    assert heldout_loss(peft_model, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
+    return tokens, logged["eval/python/loss"]
+
+
 def _perturb(model, seed=1):
     """Every trained tensor moved off its initial value (B off zero, DoRA's magnitudes off ||W||)."""
     g = torch.Generator().manual_seed(seed)
@@ -153,12 +173,7 @@ def test_dora_with_loraplus_trains_resumes_exactly_and_exports_what_peft_and_mer
     same losses, LRs and adapter bitwise; the export loads in peft and merges (cpt merge) to a model whose held-out
     loss is the run's last logged one."""
     import cpt.optim as optim
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     from cpt.adapter_checkpoint import ADAPTER_STATE
-    from cpt.evaluate import heldout_loss
-    from launching import records
 
     seen: dict[Path, list] = {}
     real_set_lr = optim.set_lr
@@ -192,15 +207,7 @@ def test_dora_with_loraplus_trains_resumes_exactly_and_exports_what_peft_and_mer
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert any("lora_magnitude_vector" in k for k in x)
 
-    export = tmp_path / "a" / "export"
-    tok = AutoTokenizer.from_pretrained(export)
-    tokens = heldout_tokens(tiny_cpt_data / "data", "python", tok)
-    logged = [r for r in records(tmp_path / "a") if "eval/python/loss" in r][-1]
-    assert logged["step"] == 6
-    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(export, tmp_path / "merged")).eval()
-    assert heldout_loss(merged, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(export)).eval()
-    assert heldout_loss(peft_model, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
+    assert_export_gives_last_heldout_loss(tmp_path / "a", base, tiny_cpt_data, tmp_path / "merged")
 
 
 # ----------------------------------------------------------------------------- PiSSA / OLoRA (cpt/adapter_init.py)
@@ -277,10 +284,8 @@ def test_a_pissa_run_resumes_exactly_and_its_export_on_the_original_base_gives_i
     rewrites the base again, to the fingerprint the checkpoint holds); the export, a plain LoRA of rank 2r against the
     original base, gives the run's last held-out loss through peft and `cpt merge`."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     from cpt.evaluate import heldout_loss
-    from launching import records
 
     cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
     cfg["model"]["lora"].update(init_lora_weights="pissa_niter_4", loraplus_lr_ratio=2.0)
@@ -293,15 +298,9 @@ def test_a_pissa_run_resumes_exactly_and_its_export_on_the_original_base_gives_i
     export = tmp_path / "a" / "export"
     acfg = json.loads((export / "adapter_config.json").read_text())
     assert acfg["init_lora_weights"] is True and acfg["r"] == 2 * cfg["model"]["lora"]["r"]
-    tokens = heldout_tokens(tiny_cpt_data / "data", "python", AutoTokenizer.from_pretrained(export))
-    logged = [r for r in records(tmp_path / "a") if "eval/python/loss" in r][-1]
-    assert logged["step"] == 6
-    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(export, tmp_path / "merged")).eval()
-    assert heldout_loss(merged, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(export)).eval()
-    assert heldout_loss(peft_model, tokens, 8) == pytest.approx(logged["eval/python/loss"], abs=1e-5)
+    tokens, last = assert_export_gives_last_heldout_loss(tmp_path / "a", base, tiny_cpt_data, tmp_path / "merged")
     assert heldout_loss(AutoModelForCausalLM.from_pretrained(base).eval(), tokens, 8) != pytest.approx(
-        logged["eval/python/loss"], abs=1e-3)  # the run did learn something
+        last, abs=1e-3)  # the run did learn something
 
     # `cpt export` of its step-3 checkpoint: merged (the residual base + the adapter) and --adapter (converted)
     from cpt.cli import main

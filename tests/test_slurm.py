@@ -104,6 +104,36 @@ class FakeSlurm:
         return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
 
 
+def job_config(tiny_cpt_data, tiny_base, tmp_path: Path, name: str) -> Path:
+    """The jobs' run config: the tiny base, 12 steps of 8 rows, held-out evaluations every 4 steps, no periodic
+    checkpoint (the preemption's is the one resumed from)."""
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
+    cfg["model"] = {"name_or_path": str(tiny_base)}
+    cfg["stages"][0]["steps"] = 12
+    cfg["train"].update(global_batch_size=8, micro_batch_size=2)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def uninterrupted_losses(cfg_path: Path) -> dict[int, float]:
+    """The per-step losses of the config's run uninterrupted (1 process, in-process: DDP on 2 ranks gives its losses
+    to ~1e-7, see test_train_distributed)."""
+    from cpt.config import load_config
+    from cpt.train import train
+
+    cfg = load_config(base=yaml.safe_load(cfg_path.read_text()))
+    train(cfg, echo=lambda *a, **k: None)
+    return losses(cfg.run.output_dir)
+
+
+def assert_same_losses(got: dict[int, float], ref: dict[int, float]) -> None:
+    """The same steps, each loss within 1e-5 relative (every 2-rank test's tolerance)."""
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
+
+
 @pytest.fixture
 def slurm(tmp_path):
     fake = FakeSlurm(tmp_path)
@@ -119,26 +149,12 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
     every-process: every process of the step gets it, torchrun's agent too (SignalChildrenProcesses=yes,
     proctrack/pgid or linuxproc): the agent must survive it (scripts/slurm_node.sh starts it with SIGUSR1 ignored)."""
 
-    def config(name: str) -> Path:
-        cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
-        cfg["model"] = {"name_or_path": str(tiny_base)}
-        cfg["stages"][0]["steps"] = 12
-        cfg["train"].update(global_batch_size=8, micro_batch_size=2)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    # the uninterrupted run (1 process, in-process: DDP on 2 ranks gives its losses to ~1e-7, see test_train_distributed)
-    from cpt.config import load_config
-    from cpt.train import train
-
-    train(load_config(base=yaml.safe_load(config("ref").read_text())), echo=lambda *a, **k: None)
-    ref = losses(tmp_path / "ref")
+    ref = uninterrupted_losses(job_config(tiny_cpt_data, tiny_base, tmp_path, "ref"))
     assert sorted(ref) == list(range(1, 13))
 
     # the same job, warned of its time limit after a few steps
     run = tmp_path / "run"
-    job_id = slurm.submit(config("run"), FAKE_SRUN_SIGNAL_CHILDREN="1" if signal_children else "0")
+    job_id = slurm.submit(job_config(tiny_cpt_data, tiny_base, tmp_path, "run"), FAKE_SRUN_SIGNAL_CHILDREN="1" if signal_children else "0")
     job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and len(losses(run)) >= 4)
     assert not job["done"], slurm.log(job_id)[-5000:]
     assert job["warning"] == {"batch_shell_only": True, "signal": "USR1", "seconds_before_limit": 300}
@@ -159,10 +175,7 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
     assert "eval step 4: " in log and "step 12/12 | tokens " in log  # plain progress lines in the batch log
 
     # the resumed job's losses are the uninterrupted run's; the checkpoint it resumed from is the preemption's
-    got = losses(run)
-    assert sorted(got) == sorted(ref)
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
+    assert_same_losses(losses(run), ref)
     assert (run / "checkpoints" / f"step_{k:08d}").is_dir() and (run / "export" / "config.json").is_file()
     assert not (slurm.submit_dir / "logs").exists()  # the log went to the submit dir; nothing had to pre-exist
     hostnames = ["show", "hostnames", "localhost"]
@@ -270,24 +283,12 @@ def test_two_nodes_train_preempt_requeue_on_one_node_resume_and_export(tiny_cpt_
     uninterrupted 1-process run's, every step is logged once, the export loads, no traceback, no leftover marker."""
     from transformers import AutoModelForCausalLM
 
-    def config(name: str) -> Path:
-        cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
-        cfg["model"] = {"name_or_path": str(tiny_base)}
-        cfg["stages"][0]["steps"] = 12
-        cfg["train"].update(global_batch_size=8, micro_batch_size=2)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    from cpt.config import load_config
-    from cpt.train import train
-
-    train(load_config(base=yaml.safe_load(config("ref").read_text())), echo=lambda *a, **k: None)
-    ref = losses(tmp_path / "ref")
+    ref = uninterrupted_losses(job_config(tiny_cpt_data, tiny_base, tmp_path, "ref"))
 
     run = tmp_path / "run"
     env = {**slurm.env(), "FAKE_SLURM_LOOPBACK_NODES": "1", "FAKE_SLURM_NODE_TMP": str(tmp_path / "node_tmp")}
-    out = subprocess.run(["sbatch", "--nodes", "2", "--gpus-per-node=1", str(SCRIPT), str(config("run")), "ddp"],
+    out = subprocess.run(["sbatch", "--nodes", "2", "--gpus-per-node=1", str(SCRIPT),
+                          str(job_config(tiny_cpt_data, tiny_base, tmp_path, "run")), "ddp"],
                          cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
     job_id = out.split()[-1]
     job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and len(losses(run)) >= 4)
@@ -303,10 +304,7 @@ def test_two_nodes_train_preempt_requeue_on_one_node_resume_and_export(tiny_cpt_
     assert "[slurm_node 0] SIGUSR1" in log and "[slurm_node 1] SIGUSR1" in log  # each node's slurm_node.sh relayed it
     assert "h wall on 2 devices)" in log and "h wall on 1 device in this segment" in log  # 2 ranks, then 1
 
-    got = losses(run)
-    assert sorted(got) == sorted(ref)
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
+    assert_same_losses(losses(run), ref)
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps)), steps  # each step once, in order, across the resize
     model = AutoModelForCausalLM.from_pretrained(run / "export")
