@@ -7,10 +7,12 @@ produce the loss, the per-row losses and the gradients wrt the hidden states and
 
 Peak memory is measured above the memory held just before the call (inputs allocated, previous gradients freed):
   * CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's exact figure);
-  * CPU: the process's resident set size (``/proc/self/statm``) sampled every 0.5 ms by a thread, with glibc told to
-    mmap every block of 1 MB or more (``mallopt(M_MMAP_THRESHOLD)``) and ``malloc_trim`` before each call, so that
-    tensors enter and leave the RSS when allocated and freed (a sampler could miss a peak lasting under a
-    millisecond; a tensor of hundreds of MB, written page by page, lasts longer).
+  * CPU: the process's peak resident set size, with glibc told to mmap every block of 1 MB or more
+    (``mallopt(M_MMAP_THRESHOLD)``) and ``malloc_trim`` before each call, so that tensors enter and leave the RSS when
+    allocated and freed. On Linux the kernel's own high-water mark (``VmHWM`` in ``/proc/self/status``, reset by
+    writing 5 to ``/proc/self/clear_refs`` before each call) gives the exact peak whatever the machine's load; where
+    that reset is not allowed, the RSS (``/proc/self/statm``) sampled every 0.5 ms by a thread (which can miss a
+    short peak when the cores are busy).
 ``peak_mem`` includes the gradients both paths must return (``grad_W`` alone is V x H x 4 bytes: 1.05 GB here);
 ``working_mem`` is the peak minus those gradients, the memory the loss itself needs on top of its results.
 
@@ -69,13 +71,36 @@ def _glibc():
 LIBC = _glibc()
 
 
+def _reset_high_water_mark() -> bool:
+    """Linux: set the kernel's peak-RSS record (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _high_water_mark() is not None
+    except OSError:
+        return False
+
+
+def _high_water_mark() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class PeakRSS:
-    """Highest RSS seen while the block runs, minus the RSS at its start."""
+    """Highest RSS while the block runs, minus the RSS at its start: the kernel's high-water mark where it can be
+    reset (exact), and always a sampling thread too."""
 
     def __enter__(self):
         if LIBC is not None:
             LIBC.malloc_trim(0)
         self.base = self.peak = _rss()
+        self._hwm = _reset_high_water_mark()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -89,7 +114,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, _rss(), (_high_water_mark() or 0) if self._hwm else 0)
         self.bytes = self.peak - self.base
 
 
@@ -201,7 +226,10 @@ def main(argv=None) -> dict:
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
            "torch": torch.__version__, "dtype": args.dtype, "vocab": args.vocab, "hidden": args.hidden,
            "seq_len": args.seq_len, "chunk_tokens": args.chunk_tokens, "repeats": args.repeats,
-           "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cases": cases}
+           "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+           "peak_memory_from": ("cuda allocator" if device.type == "cuda" else
+                                "kernel high-water mark (VmHWM)" if _reset_high_water_mark() else "sampled RSS"),
+           "cases": cases}
     print(json.dumps(out))
     return out
 
