@@ -87,6 +87,7 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
         keep_causal_sdpa(model)
         traceable_router_capture(model, True)
         traceable_lora_experts(model)
+        traceable_dora(model)
         return torch.compile(model, **compile_kwargs)
     if mode != "regional":
         raise CompileError(f"model.compile must be true, false or regional, not {mode!r}")
@@ -96,6 +97,7 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
                            f"{type(model).__name__}; use model.compile=true to compile the whole model")
     traceable_router_capture(model, "regional")
     traceable_lora_experts(model)
+    traceable_dora(model)
     for block in blocks:
         block.compile(**compile_kwargs)
     if log is not None:
@@ -163,6 +165,47 @@ def traceable_lora_experts(model: nn.Module) -> None:
     for w in wrappers:
         if id(w) not in inner:
             w.forward = types.MethodType(_lora_experts_forward, w)
+
+
+def traceable_dora(model: nn.Module) -> None:
+    """Before a model with DoRA layers (``model.lora.use_dora``) is compiled: let dynamo trace them. peft's (0.21)
+    DoRA forward breaks the graph in every DoRA layer twice over (a 4-layer Llama with DoRA on q/v, whole compile:
+    21 graph breaks and 18 graphs instead of 1; regional: 33 frames instead of 2):
+
+    * it reads the base weight through ``dequantize_module_weight``, which tests ``type(weight).__module__.startswith(
+      "torchao.")``, and dynamo (torch 2.13) cannot trace that on an ``nn.Parameter``. The function in peft's DoRA
+      module is replaced by one that returns an exact ``nn.Parameter`` of a module without HQQ's ``W_q`` at once
+      (what peft's returns for it) and hands every other weight (bitsandbytes, torchao, HQQ, FSDP's plain tensors)
+      to peft's own;
+    * in training it clears its (always empty) norm cache at every call; inside a checkpointed layer that mutation is
+      a side effect dynamo refuses to trace. Each DoRA layer clears it only when it holds something."""
+    try:
+        from peft.tuners.lora import dora
+    except ImportError:
+        return
+    layers = [m for m in model.modules() if isinstance(m, dora.DoraLinearLayer)]
+    if not layers:
+        return
+    if not getattr(dora.dequantize_module_weight, "_cpt_traceable", False):
+        dora.dequantize_module_weight = _traceable_dequantize(dora.dequantize_module_weight)
+    for layer in layers:
+        layer._cache_clear = types.MethodType(_clear_cache_if_filled, layer)
+
+
+def _clear_cache_if_filled(self) -> None:
+    if self._dora_cache:
+        self._dora_cache.clear()
+
+
+def _traceable_dequantize(peft_dequantize):
+    def dequantize_module_weight(module: nn.Module):
+        weight = module.weight
+        if type(weight) is nn.Parameter and not hasattr(module, "W_q"):
+            return weight
+        return peft_dequantize(module)
+
+    dequantize_module_weight._cpt_traceable = True
+    return dequantize_module_weight
 
 
 def _lora_experts_forward(self, x, *args, **kwargs):

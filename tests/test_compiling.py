@@ -18,10 +18,11 @@ from conftest import tiny_llama, tiny_run_config
 from cpt.compiling import CompileError, compile_model, compiled_blocks, repeated_blocks
 
 
-def _lora(model):
+def _lora(model, dora: bool = False):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                            use_dora=dora))
 
 
 def test_repeated_blocks_are_the_decoder_layers_through_wrappers():
@@ -59,10 +60,11 @@ def _train_steps(model, steps: int = 3) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("variant, graphs", [("full", 1), ("gradient_checkpointing", 1), ("lora", 2)])
+@pytest.mark.parametrize("variant, graphs", [("full", 1), ("gradient_checkpointing", 1), ("lora", 2), ("dora", 2)])
 def test_regional_equals_eager_and_traces_one_layer_for_all(variant, graphs):
     """4 decoder layers, 3 optimizer steps: the losses of eager; dynamo compiles one frame (LoRA: two, as layer 0's
-    input needs no gradient under a frozen embedding and the other layers' does), not one per layer; only the
+    input needs no gradient under a frozen embedding and the other layers' does; DoRA the same, where peft's forward
+    broke the graph in every layer: cpt.compiling.traceable_dora), not one per layer; only the
     layers are compiled (embedding, norm and head stay eager) and the state_dict keys do not change."""
     from torch._dynamo.utils import counters
 
@@ -70,7 +72,7 @@ def test_regional_equals_eager_and_traces_one_layer_for_all(variant, graphs):
         model = tiny_llama(layers=4)
         if variant == "gradient_checkpointing":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return _lora(model) if variant == "lora" else model
+        return _lora(model, dora=variant == "dora") if variant in ("lora", "dora") else model
 
     eager = _train_steps(build())
     torch._dynamo.reset()
@@ -85,13 +87,15 @@ def test_regional_equals_eager_and_traces_one_layer_for_all(variant, graphs):
 
 
 @pytest.mark.parametrize("frozen, mode", [("lora", True), ("freeze_embedding", True), ("lora", "regional"),
-                                          ("freeze_embedding_and_layer_0", "regional")])
+                                          ("freeze_embedding_and_layer_0", "regional"), ("dora", True),
+                                          ("dora", "regional")])
 def test_checkpointed_layers_under_a_frozen_embedding_compile(frozen, mode):
     """model.gradient_checkpointing with a frozen input embedding (LoRA; model.freeze) under model.compile: the
     gradients of the eager model without checkpointing. Whole model: one graph (transformers' hook that makes the
     embedding's output require grad, which the non-reentrant checkpoint does not need, broke it 6 times). Regional:
     the hook stays (it runs eagerly there); without it a frozen bottom layer compiled as an inference graph, where
-    torch cannot rematerialise a checkpoint (BackendCompilerFailed)."""
+    torch cannot rematerialise a checkpoint (BackendCompilerFailed). DoRA: no graph break either (peft's forward
+    clears its norm cache at every call, a side effect dynamo refuses inside a checkpointed layer)."""
     from torch._dynamo.utils import counters
 
     from cpt.layer_options import checkpoint_layers
@@ -102,8 +106,8 @@ def test_checkpointed_layers_under_a_frozen_embedding_compile(frozen, mode):
     def build(checkpointed: bool):
         torch.manual_seed(0)
         model = tiny_llama(layers=2)
-        if frozen == "lora":
-            model = _lora(model)
+        if frozen in ("lora", "dora"):
+            model = _lora(model, dora=frozen == "dora")
             with torch.no_grad():  # (B starts at zero: make the adapter's gradients depend on the layers)
                 for n, p in model.named_parameters():
                     if "lora_B" in n:
