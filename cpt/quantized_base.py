@@ -20,8 +20,10 @@ them would bake into every weight of the exported model.
 The adapter was trained to correct the quantized base, so the merged model is close to, not equal to, the QLoRA
 model (docs/adapters.md: the measured gap).
 
-Where: one process and DDP (the quantized weights are frozen: outside DDP's gradient buckets). FSDP2 and DeepSpeed
-cannot shard bitsandbytes' packed parameters as cpt launches them: refused at start (:func:`refuse_backend`).
+Where: one process, DDP and DeepSpeed ZeRO-1/2 (the quantized weights are frozen: outside DDP's gradient buckets and
+outside what ZeRO-1/2 partitions, the trained adapter's gradients and optimizer state; each rank holds the whole
+4-bit base). FSDP2 and ZeRO-3 shard the weights themselves and cannot shard bitsandbytes' packed parameters as cpt
+launches them: refused at start (:func:`refuse_backend`).
 """
 
 from __future__ import annotations
@@ -87,9 +89,12 @@ def load_kwargs(cfg, source: str | None, config) -> dict:
         raise ConfigError("model.lora.quantize_base quantizes pretrained weights as they load: set model.name_or_path "
                           "(or train.init_from an HF export), not only model.arch")
     require_bitsandbytes()
-    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(var, "").lower() in ("1", "true"):  # (before ZeRO-3's zero.Init or FSDP's loading meets it)
-            raise ConfigError(_refusal(lora.quantize_base, name))
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # (before FSDP's loading meets it)
+        raise ConfigError(_refusal(lora.quantize_base, "FSDP"))
+    if hf_deepspeed.is_deepspeed_zero3_enabled():  # (before ZeRO-3's zero.Init meets it; ZeRO-1/2 load as DDP)
+        raise ConfigError(_refusal(lora.quantize_base, "DeepSpeed ZeRO-3"))
     return {"quantization_config": bnb_config(lora), "device_map": {"": device()}}
 
 
@@ -219,20 +224,22 @@ def files_fingerprint(model, hash_here: bool = True, **_) -> str | None:
 
 
 def refuse_backend(model, acc) -> None:
-    """A quantized base under FSDP2 or DeepSpeed: one line before anything is written."""
-    from cpt.distributed import Backend, backend
+    """A quantized base under FSDP2 or DeepSpeed ZeRO-3: one line before anything is written."""
+    from cpt.distributed import Backend, backend, zero_stage
 
     if not is_quantized(model):
         return
+
     b = backend(acc)
-    if b in (Backend.FSDP, Backend.DEEPSPEED):
-        raise ConfigError(_refusal(getattr(model, MARK)["spec"]["quantize_base"], b.name))
+    if b is Backend.FSDP or zero_stage(acc) == 3:
+        raise ConfigError(_refusal(getattr(model, MARK)["spec"]["quantize_base"], "FSDP" if b is Backend.FSDP else
+                                   "DeepSpeed ZeRO-3"))
 
 
 def _refusal(kind: str, launch: str) -> str:
-    return (f"model.lora.quantize_base ({kind}) runs on one process or under DDP; this launch uses {launch}, which "
-            "cannot shard bitsandbytes' packed weights as cpt launches it: launch with DDP (each GPU holds the whole "
-            "4-bit base), or set model.lora.quantize_base: null")
+    return (f"model.lora.quantize_base ({kind}) runs on one process, under DDP or DeepSpeed ZeRO-1/2; this launch "
+            f"uses {launch}, which cannot shard bitsandbytes' packed weights as cpt launches it: launch with DDP or "
+            "ZeRO-2 (each GPU holds the whole 4-bit base), or set model.lora.quantize_base: null")
 
 
 def on_original_base(peft_model, adapter_keys):

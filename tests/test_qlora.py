@@ -2,7 +2,7 @@
 top, on CPU: the config's refusals, a run's exact resume from its adapter-only checkpoint (the base re-quantized from
 its original files), the refusal of another base or other quantization settings, the exports (the adapter on the
 original and on the 4-bit base; the merge into the original full-precision base) and `cpt eval` of its checkpoint;
-2 DDP processes against 1."""
+2 DDP processes and 2 DeepSpeed ZeRO-2 processes (`scripts/launch.sh run.yaml zero2`, with a resume) against 1."""
 
 import importlib.util
 import json
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cpt.config import ConfigError, load_config
-from launching import VENV_BIN, assert_close, finish, losses, rank_env, records, start, world_sizes, write_config
+from launching import ROOT, VENV_BIN, assert_close, finish, losses, rank_env, records, start, world_sizes, write_config
 from conftest import tiny_run_config
 
 
@@ -66,18 +66,32 @@ def test_missing_bitsandbytes_arch_only_and_sharding_backends_are_one_line(monke
     with pytest.raises(ConfigError, match="model.name_or_path"):
         quantized_base.load_kwargs(model_cfg, None, None)
     if importlib.util.find_spec("bitsandbytes") is not None:
-        with monkeypatch.context() as m:  # an accelerate launch's ranks under DeepSpeed: refused before loading
-            m.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-            with pytest.raises(ConfigError, match="this launch uses DEEPSPEED"):
+        import transformers.integrations.deepspeed as hf_deepspeed
+
+        with monkeypatch.context() as m:  # ranks under ZeRO-3 (zero.Init active) or FSDP: refused before loading
+            m.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+            with pytest.raises(ConfigError, match="this launch uses DeepSpeed ZeRO-3"):
                 quantized_base.load_kwargs(model_cfg, "some/base", None)
+        with monkeypatch.context() as m:
+            m.setenv("ACCELERATE_USE_FSDP", "true")
+            with pytest.raises(ConfigError, match="this launch uses FSDP"):
+                quantized_base.load_kwargs(model_cfg, "some/base", None)
+        with monkeypatch.context() as m:  # ZeRO-2 (accelerate's variable, no zero.Init): loads
+            m.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+            assert "quantization_config" in quantized_base.load_kwargs(model_cfg, "some/base", None)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # (import bitsandbytes: ImportError)
     with pytest.raises(ConfigError, match=r"needs bitsandbytes, which is not installed: pip install 'cpt\[qlora\]'"):
         quantized_base.load_kwargs(model_cfg, "some/base", None)
     quantized = SimpleNamespace(**{quantized_base.MARK: {"spec": {"quantize_base": "nf4"}}})
-    for kind in ("FSDP", "DEEPSPEED"):
-        with pytest.raises(ConfigError, match=f"this launch uses {kind}.*launch with DDP"):
-            quantized_base.refuse_backend(quantized, SimpleNamespace(distributed_type=kind))
-    quantized_base.refuse_backend(quantized, SimpleNamespace(distributed_type="MULTI_CPU"))  # DDP: fine
+    def deepspeed(stage):
+        return SimpleNamespace(distributed_type="DEEPSPEED",
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    for acc, kind in ((SimpleNamespace(distributed_type="FSDP"), "FSDP"), (deepspeed(3), "DeepSpeed ZeRO-3")):
+        with pytest.raises(ConfigError, match=f"this launch uses {kind}.*launch with DDP or ZeRO-2"):
+            quantized_base.refuse_backend(quantized, acc)
+    for acc in (SimpleNamespace(distributed_type="MULTI_CPU"), deepspeed(1), deepspeed(2)):  # DDP, ZeRO-1/2: fine
+        quantized_base.refuse_backend(quantized, acc)
 
 
 def test_dry_run_says_bitsandbytes_is_missing(tiny_cpt_data, tiny_base, tmp_path, monkeypatch):
@@ -216,3 +230,43 @@ def test_qlora_under_two_ddp_processes_matches_one(qlora_run, tiny_cpt_data, tin
     assert world_sizes(tmp_path / "ddp") == {2}
     assert_close(losses(tmp_path / "ddp"), losses(out))  # fp32 sums in another order: within launching.REL
     assert_close(evals(tmp_path / "ddp"), evals(out))
+
+
+@pytest.mark.slow
+def test_qlora_under_zero2_as_launched_matches_one_process_and_resumes_bitwise(qlora_run, tmp_path):
+    """`scripts/launch.sh run.yaml zero2` (the shipped ZeRO-2 files, 2 CPU ranks): ZeRO-2 partitions only the trained
+    adapter's gradients and Adam state, so the frozen 4-bit base stays whole on each rank as under DDP. The losses and
+    held-out losses of the 1-process run; its step-3 checkpoint is adapter-only (DeepSpeed's files without the frozen
+    base, and the fingerprint of the original base), and the same launch with --resume from it gives the
+    uninterrupted run's losses bitwise; the export is the 1-process run's adapter. (ZeRO-3 and FSDP2 are refused:
+    the unit test above.)"""
+    from cpt.adapter_checkpoint import ADAPTER_BASE
+
+    cfg, out, _ = qlora_run
+
+    def launch(run: Path, *extra: str) -> None:
+        at = {**cfg, "run": {**cfg["run"], "output_dir": str(run)}}
+        env = {**rank_env(cpu=False), "NUM_GPUS": "2"}  # (ACCELERATE_USE_CPU would turn DeepSpeed into plain DDP)
+        rc, log = finish(start([str(ROOT / "scripts" / "launch.sh"), str(write_config(at, run.parent / f"{run.name}.yaml")),
+                                "zero2", *extra], run.parent, env))
+        assert rc == 0, log[-5000:]
+
+    run = tmp_path / "zero2"
+    launch(run)
+    assert world_sizes(run) == {2}
+    assert_close(losses(run), losses(out))
+    assert_close(evals(run), evals(out))
+    ckpt = run / "checkpoints" / "step_00000003"
+    assert (ckpt / ADAPTER_BASE).is_file() and not (ckpt / "model.safetensors").exists()
+    base_bytes = sum(f.stat().st_size for f in Path(cfg["model"]["name_or_path"]).glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in (ckpt / "pytorch_model").glob("*model_states.pt")) < base_bytes / 2
+    mine, reference = (load_file(d / "export" / "adapter_model.safetensors") for d in (run, out))
+    assert mine.keys() == reference.keys()
+    assert all(torch.allclose(mine[k], reference[k], atol=1e-4) for k in mine)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    shutil.rmtree(resumed / "export")
+    launch(resumed, "--resume")
+    assert [losses(resumed)[s] for s in (4, 5, 6)] == [losses(run)[s] for s in (4, 5, 6)]
