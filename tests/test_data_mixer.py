@@ -474,7 +474,7 @@ def test_verify_checksums_is_shared_by_the_ranks(sources, tokenizer, tmp_path):
     dc = data_config([{"name": "new", "path": str(root / "new")}, {"name": "old", "path": str(root / "old")}],
                      seq_len=L, verify_checksums=True)
     st = [stage(6, {"new": 0.75, "old": 0.25})]
-    files = [name for name, _, _ in TokenShards.open(root / "new")._expected_files()]
+    files = [name for name, _, _ in TokenShards.open(root / "new").expected_files()]
     assert len(files) >= 4
     bad = root / "new" / files[3]  # the 4th file: rank 1's of 2
     raw = bytearray(bad.read_bytes())

@@ -253,7 +253,7 @@ class TokenShards:
         problems: list[str] = []
         listed = self._listed_sizes()
         i, n = part
-        for k, (name, expected, checksum) in enumerate(self._expected_files()):
+        for k, (name, expected, checksum) in enumerate(self.expected_files()):
             mine = checksums and k % n == i
             problem = self._check_file(name, expected, checksum if mine else None, listed.get(name))
             if problem:
@@ -262,7 +262,7 @@ class TokenShards:
                     return problems
         return problems
 
-    def _expected_files(self):
+    def expected_files(self):
         """Every shard file as (name, size in bytes, checksum) from the manifest (its keys checked on open)."""
         itemsize = self.dtype.itemsize
         for meta, sh in zip(self.manifest["shards"], self._shards):
@@ -307,7 +307,7 @@ class TokenShards:
         listed size, the manifest's size) for every file whose size no longer matches; files the listing does not size
         are not in it."""
         listed = self._listed_sizes()
-        return [(n, listed[n], size) for n, size, _ in self._expected_files() if n in listed and listed[n] != size]
+        return [(n, listed[n], size) for n, size, _ in self.expected_files() if n in listed and listed[n] != size]
 
     def changed_since(self, ns: int, limit: int = 8) -> tuple[list[str], list[str]]:
         """(files modified after ``ns``, their checksum problems): files whose size check (verify) saw a newer time (a
@@ -316,7 +316,7 @@ class TokenShards:
         changed = sorted(n for n, t in self.mtimes.items() if t > ns)
         if not changed or len(changed) > limit:
             return changed, []
-        expected = {name: (size, checksum) for name, size, checksum in self._expected_files()}
+        expected = {name: (size, checksum) for name, size, checksum in self.expected_files()}
         return changed, [p for p in (self._check_file(n, *expected[n]) for n in changed) if p]
 
     @property
