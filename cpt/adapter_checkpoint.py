@@ -10,7 +10,8 @@ ZeRO-2/3 a LoRA checkpoint keeps its backend's sharded layout, with the adapter'
 (cpt/adapter_shards.py), and so does a ``model.freeze`` run's (its trainable shards; DeepSpeed's
 exclude_frozen_parameters). Either way ``adapter_base.json`` records the base it was trained on: its name, what was
 left out (``kind``: ``lora`` or ``freeze``) and :func:`cpt.adapters.base_fingerprint` (SHA-256 of the frozen base
-as built: weights, vocabulary changes included).
+as built: weights, vocabulary changes included); a base-rewriting init's (PiSSA, OLoRA) checkpoint also holds the
+initial factors its residual base is rebuilt from (``lora_init_factors.safetensors``, cpt/adapter_init.py).
 
 Whoever reads the checkpoint rebuilds the base as the run did (``model.name_or_path`` or an HF ``train.init_from``,
 ``model.vocab``, ``run.seed`` for a base built from ``model.arch``) and loads the saved state on top: a resume, a new
