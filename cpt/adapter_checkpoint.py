@@ -10,7 +10,8 @@ ZeRO-2/3 a LoRA checkpoint keeps its backend's sharded layout, with the adapter'
 (cpt/adapter_shards.py), and so does a ``model.freeze`` run's (its trainable shards; DeepSpeed's
 exclude_frozen_parameters). Either way ``adapter_base.json`` records the base it was trained on: its name, what was
 left out (``kind``: ``lora`` or ``freeze``) and :func:`cpt.adapters.base_fingerprint` (SHA-256 of the frozen base
-as built: weights, vocabulary changes included).
+as built: weights, vocabulary changes included); a base-rewriting init's (PiSSA, OLoRA) checkpoint also holds the
+initial factors its residual base is rebuilt from (``lora_init_factors.safetensors``, cpt/adapter_init.py).
 
 Whoever reads the checkpoint rebuilds the base as the run did (``model.name_or_path`` or an HF ``train.init_from``,
 ``model.vocab``, ``run.seed`` for a base built from ``model.arch``) and loads the saved state on top: a resume, a new
@@ -34,13 +35,12 @@ from pathlib import Path
 
 import torch
 
-from cpt.adapter_init import mismatch_hint
+from cpt.adapter_init import ADAPTER_BASE, factors_items, mismatch_hint
 from cpt.adapters import adapter_keys, base_fingerprint, note_base
 
 log = logging.getLogger("cpt.checkpoint")
 
 ADAPTER_STATE = "adapter_state.safetensors"
-ADAPTER_BASE = "adapter_base.json"
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's folder of DeepSpeed's files (its MODEL_NAME)
 FSDP_MODEL = "pytorch_model_fsdp_0"  # accelerate's DCP folder of an FSDP model (FSDP_MODEL_NAME); its optimizer_0 beside
 STAGE_BASE_DIR = "base"  # RUN/base: a LoRA run's base written from a full model's cpt checkpoint (cpt/stage_base.py)
@@ -76,7 +76,13 @@ def adapter_items(model) -> list[tuple[str, str, object]]:
             state[k] = v.detach()
             seen.add(id(v))
     fingerprint = getattr(model, "_cpt_base_fingerprint", None) or base_fingerprint(model)
-    return [(ADAPTER_STATE, "safetensors", state), base_record_item(model, len(state), fingerprint)]
+    return [(ADAPTER_STATE, "safetensors", state), *base_items(model, len(state), fingerprint)]
+
+
+def base_items(model, adapter_tensors: int, fingerprint: str | None) -> list[tuple[str, str, object]]:
+    """What a checkpoint without the base records of it: ``adapter_base.json`` (:func:`base_record_item`) and, for a
+    base-rewriting init (PiSSA, OLoRA), the initial factors its residual base is rebuilt from (cpt/adapter_init.py)."""
+    return [base_record_item(model, adapter_tensors, fingerprint), *factors_items(model)]
 
 
 def base_record_item(model, adapter_tensors: int, fingerprint: str | None) -> tuple[str, str, str]:

@@ -34,7 +34,7 @@ import logging
 import socket
 from pathlib import Path
 
-from cpt.adapter_checkpoint import (ADAPTER_STATE, FSDP_MODEL, base_record_item, is_adapter_layout,
+from cpt.adapter_checkpoint import (ADAPTER_STATE, FSDP_MODEL, base_items, is_adapter_layout,
                                     models_from_adapter_state, refuse_other_keys_sharded, saved_keys, without_base)
 from cpt.adapters import adapter_keys
 from cpt.distributed import Backend, backend
@@ -76,7 +76,7 @@ def save_state(acc, folder: Path) -> list[tuple[str, str, str]]:
             acc.save_state(str(folder), safe_serialization=True, exclude_frozen_parameters=True)
     else:
         _save_fsdp(acc, model, folder)
-    return [base_record_item(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))]
+    return base_items(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))
 
 
 def fsdp_model_state(acc) -> tuple[dict, list[tuple[str, str, str]]]:
@@ -89,7 +89,7 @@ def fsdp_model_state(acc) -> tuple[dict, list[tuple[str, str, str]]]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(acc._models[0], options=_prepare_sd_options(acc.state.fsdp_plugin)), []
-    return _adapter_shards(model), [base_record_item(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))]
+    return _adapter_shards(model), base_items(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))
 
 
 def load_state(acc, ckpt: Path) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from cpt import quantized_base
-from cpt.adapter_init import as_plain_lora, keep_initial_factors, mutates_base, refuse_unsupported
+from cpt.adapter_init import as_plain_lora, init_peft_model, refuse_unsupported
 from cpt.config import ConfigError, FreezeConfig, LoraConfig, parse_layer_ranges
 
 ADAPTER_SIDECAR = "cpt_adapter.json"
@@ -206,7 +206,8 @@ def load_peft_adapter(model, adapter_dir):
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None, log_fn=None):
+def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] | None = None, log_fn=None,
+               factors_from: str | Path | None = None):
     """Wrap ``model`` in a peft LoRA adapter (a ``PeftModel``); every base weight becomes frozen.
 
     ``new_token_ids`` (from :func:`cpt.vocab.extend_vocabulary`): the rows of the new tokens stay trainable
@@ -217,9 +218,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
     may go wrong (peft issue 2777; ``ensure_weight_tying`` would tie the trained copies instead). cpt handles both
     (the copy unties the model and its config says so; :func:`merge_lora` gives a LoRA'd side its own weight), so
     peft's warning is replaced by one line (``log_fn``) saying what the model becomes.
+    ``factors_from``: the checkpoint the weights load from (PiSSA/OLoRA: its initial factors, cpt/adapter_init.py).
     """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     check_lora_modules(model, cfg)
     modules_to_save = list(cfg.modules_to_save)
@@ -240,9 +241,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
             kwargs["trainable_token_indices"] = tti
         elif out_name is not None and not tied and out_name.rsplit(".", 1)[-1] not in full:
             modules_to_save.append(out_name.rsplit(".", 1)[-1])
-    targets = cfg.target_modules
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = [targets]
+    targets = [t] if isinstance(t := cfg.target_modules, str) and t != "all-linear" else cfg.target_modules
     pcfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -262,15 +261,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Iterable[int] |
             # (cpt sets no rank/alpha pattern: peft's own, for a fused expert weight, which it applies; the warning
             # compares the patterns with module names only and says they were ignored)
             warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
-            peft_model = get_peft_model(model, pcfg)
+            peft_model = init_peft_model(model, pcfg, factors_from)  # (PiSSA/OLoRA: keeps A0, B0 for the export)
     except ValueError as e:  # e.g. a target module of a type LoRA cannot adapt (a norm layer)
+        if isinstance(e, ConfigError):  # (cpt's own, naming its field)
+            raise
         if cfg.use_dora and "dora" in str(e).lower():  # peft's ParamWrapper (fused MoE experts), lora_bias, ...
             raise ConfigError(f"model.lora.use_dora: DoRA cannot adapt every module model.lora.target_modules selects "
                               f"({e}); name the attention/MLP projections in target_modules (not the fused experts "
                               "peft adds to all-linear on an MoE model) or set use_dora: false") from None
         raise ConfigError(f"model.lora: {e}") from None
-    if mutates_base(pcfg.init_lora_weights):  # PiSSA/OLoRA rewrote the base: keep A0, B0 for the export's conversion
-        keep_initial_factors(peft_model)
     peft_model._cpt_new_rows = rows  # recorded in the adapter's sidecar by save_adapter
     peft_model._cpt_loraplus_lr_ratio = cfg.loraplus_lr_ratio  # read by cpt.optim.param_groups
     note = _untie_trained_copies(peft_model)

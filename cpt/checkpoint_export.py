@@ -71,7 +71,8 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, adapt
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # (a base from model.arch: the run's initialisation)
         model = build_model(cfg.model, tokenizer, weights_from=base_from)  # the base (architecture, or pretrained)
-        model, tokenizer, _ = prepare_model(cfg.model, model, tokenizer, log_fn=lambda *a, **k: None, weights_from=base_from)
+        model, tokenizer, _ = prepare_model(cfg.model, model, tokenizer, log_fn=lambda *a, **k: None, weights_from=base_from,
+                                            checkpoint=ckpt)  # (PiSSA/OLoRA: the residual from its stored factors)
     if base_record is not None:
         try:
             check_fits(ckpt, model, base_record)

@@ -348,12 +348,13 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None
 
 
 def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_fn=print,
-                  weights_from: str | None = None):
+                  weights_from: str | None = None, checkpoint: str | Path | None = None):
     """Apply vocab extension -> LoRA -> freezing -> kernels -> activation checkpointing, in that order.
 
     ``weights_from``: the HF export the weights were loaded from (``train.init_from``); new tokens its own tokenizer
     already holds at the same ids keep the rows it trained (an export of an extended run, continued). So do those of
-    ``model.name_or_path``'s own tokenizer, which holds them already (:data:`cpt.vocab.RECORD`).
+    ``model.name_or_path``'s own tokenizer, which holds them already (:data:`cpt.vocab.RECORD`). ``checkpoint``: the cpt
+    checkpoint the weights will be loaded from (PiSSA/OLoRA rebuild their residual base from its stored factors).
 
     (Freezing after LoRA: peft freezes the whole base model, so a freeze spec then selects among the
     adapter and modules_to_save.) Returns (model, tokenizer, new_token_ids).
@@ -379,7 +380,7 @@ def prepare_model(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTraine
                    f"{weights_from or cfg.name_or_path} trained for them (its tokenizer has them at the same ids)")
     _train_separator_embedding(model, tokenizer, log_fn)
     if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None, log_fn=log_fn)
+        model = apply_lora(model, cfg.lora, new_token_ids=new_ids or None, log_fn=log_fn, factors_from=checkpoint)
         if quantized_base.is_quantized(model):
             log_fn(quantized_base.describe(model))
     if cfg.freeze is not None:

@@ -101,7 +101,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         for line in format_mixes(cfg.stages):
             say(line)
         B, L = cfg.train.global_batch_size, cfg.data.seq_len
-        model, tokenizer, new_token_ids = _model_for_run(cfg, start.init_hf, say)
+        model, tokenizer, new_token_ids = _model_for_run(cfg, start.init_hf, say, start.resume or start.init)
         flops_per_token, param_counts = _flops_per_token(model, L), trainable_metrics(model)  # (before any sharding)
         loss_weights = lm_loss.loss_weights(model, cfg.train, say)  # terms added to the loss: MoE router balance, z-loss
         data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
@@ -354,11 +354,13 @@ def _preflight(cfg: RunConfig, start: Start, say) -> None:
         say(warning)
 
 
-def _model_for_run(cfg: RunConfig, init_hf: str | None, say):
-    """(model, tokenizer, new token ids): built or loaded, then vocabulary extension, freezing, LoRA."""
+def _model_for_run(cfg: RunConfig, init_hf: str | None, say, ckpt: Path | None = None):
+    """(model, tokenizer, new token ids): built or loaded, then vocabulary extension, freezing, LoRA (``ckpt``: the
+    checkpoint the weights will be loaded from, whose stored PiSSA/OLoRA factors rebuild the residual base)."""
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, weights_from=init_hf)
-    model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say, weights_from=init_hf)
+    model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say, weights_from=init_hf,
+                                                    checkpoint=ckpt)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and cfg.data.seq_len > context:
         say(f"warning: data.seq_len {cfg.data.seq_len} is longer than the model's context (max_position_embeddings "

@@ -1,6 +1,7 @@
 """LoRA variants (model.lora.use_dora, loraplus_lr_ratio, init_lora_weights): the adapter, its optimizer groups, its
 training run with an exact resume, export (a peft adapter peft loads), `cpt merge`, and what `cpt average` refuses."""
 
+import contextlib
 import json
 import os
 
@@ -18,7 +19,7 @@ from cpt.adapters import adapter_keys, apply_lora, save_adapter
 from cpt.config import ConfigError, LoraConfig, load_config
 from cpt.model import merge_adapter
 from cpt.optim import param_groups
-from launching import losses
+from launching import assert_close, losses
 from test_adapters import base_dir, tiny_model  # noqa: F401  (fixture)
 from test_train_modes import (_lora_small, _resume_from_step_3, _run_without_base, base, heldout_tokens,  # noqa: F401
                               records_at, run)
@@ -51,6 +52,26 @@ def _perturb(model, seed=1):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's CPU threads set to ``n`` within (as OMP_NUM_THREADS sets them for a job, 1 per process under a launch)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def without_stored_factors(ckpt: Path) -> None:
+    """``ckpt`` as cpt wrote it before it stored a base-rewriting init's factors: the file gone, CHECKSUMS.json too."""
+    from cpt.adapter_init import FACTORS_FILE
+    from cpt.checkpoint import write_checksums
+
+    (ckpt / FACTORS_FILE).unlink()
+    write_checksums(ckpt)
 
 
 def test_config_fields_and_their_errors():
@@ -267,10 +288,11 @@ def test_base_rewriting_inits_refuse_what_they_cannot_do(base_dir, tmp_path, mon
         apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, init_lora_weights="olora",
                                                                                target_modules=["q_proj", "embed_tokens"]))
     model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, init_lora_weights="pissa"))
-    monkeypatch.setattr("cpt.distributed.backend", lambda acc: Backend.DEEPSPEED)
-    monkeypatch.setattr("cpt.distributed.zero_stage", lambda acc: 2)
-    with pytest.raises(ConfigError, match="^model.lora.init_lora_weights: pissa is not supported under DeepSpeed"):
-        refuse_unshardable(model, object())
+    with monkeypatch.context() as m:  # (undone before average_checkpoints imports modules that bind `backend`)
+        m.setattr("cpt.distributed.backend", lambda acc: Backend.DEEPSPEED)
+        m.setattr("cpt.distributed.zero_stage", lambda acc: 2)
+        with pytest.raises(ConfigError, match="^model.lora.init_lora_weights: pissa is not supported under DeepSpeed"):
+            refuse_unshardable(model, object())
     # an adapter of a residual base saved as peft saves it unconverted: cpt average refuses it (cpt's are converted)
     model.save_pretrained(tmp_path / "raw")
     with pytest.raises(ValueError, match=r"raw: an adapter of a pissa residual base"):
@@ -334,21 +356,91 @@ def test_average_of_converted_pissa_exports_is_the_average_of_their_updates(base
 
 
 def test_a_residual_base_that_comes_out_different_is_refused_saying_why(tiny_cpt_data, base, tmp_path, monkeypatch):
-    """The SVD/QR of PiSSA/OLoRA depends on the CPU thread count (measured: a 256-wide model's pissa and olora
-    residuals differ between 1 and 2 threads). A checkpoint whose residual base differs from the one this run builds
-    is refused (never loaded over the wrong base), and the line says what to do."""
+    """A checkpoint whose residual base differs from the one this run builds is refused (never loaded over the wrong
+    base). Over its stored factors that is another base, said as for any LoRA run; a checkpoint written before cpt
+    stored them has the decomposition redone (the SVD/QR of PiSSA/OLoRA depends on the CPU thread count), and the line
+    says what to do."""
     from cpt.checkpoint import CheckpointError
 
     cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
     cfg["model"]["lora"].update(init_lora_weights="olora")
-    ref, _ = _run_without_base(cfg, tmp_path / "a")
+    ref, ckpt = _run_without_base(cfg, tmp_path / "a")
 
-    def other_residual(model):  # as a decomposition made with other threads comes out
+    def other_residual(model):  # as another base (or a decomposition made with other threads) comes out
         model._cpt_base_fingerprint = "0" * 64
         return model._cpt_base_fingerprint
 
     monkeypatch.setattr("cpt.adapters.note_base", other_residual)
+    with pytest.raises(CheckpointError, match=r"another base model than this run builds") as e:
+        _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
+    assert "OMP_NUM_THREADS" not in str(e.value) and not (tmp_path / "b" / "checkpoints" / "step_00000006").exists()
+
+    without_stored_factors(ckpt)
     with pytest.raises(CheckpointError, match=r"another base model.*init_lora_weights olora rewrites the base.*"
                                               r"OMP_NUM_THREADS") as e:
-        _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
-    assert "\n" not in str(e.value) and not (tmp_path / "b" / "checkpoints" / "step_00000006").exists()
+        _resume_from_step_3(tmp_path / "a", tmp_path / "c", cfg)
+    assert "\n" not in str(e.value) and not (tmp_path / "c" / "checkpoints" / "step_00000006").exists()
+
+
+@pytest.mark.slow
+def test_a_pissa_run_requeued_with_other_cpu_threads_resumes_and_exports_on_the_residual_it_trained_on(
+        tiny_cpt_data, base, tmp_path):
+    """Full-SVD PiSSA trained on 1 CPU thread, its step-3 checkpoint resumed and exported (`cpt export`) on 2: the SVD
+    comes out different there (measured: the tiny base's residual differs in ~40k of its elements between 1 and 2
+    threads), so the residual is rebuilt from the original base and the factors the checkpoint stores. The resumed run
+    has the checkpoint's base fingerprint (the same residual, bit for bit) and the uninterrupted run's losses; its
+    export is a plain LoRA of the original base that gives its last held-out loss; the exported step-3 checkpoint
+    gives the held-out loss logged at step 3."""
+    from cpt.adapter_checkpoint import ADAPTER_BASE
+    from cpt.adapter_init import FACTORS_FILE
+    from cpt.cli import main
+    from cpt.evaluate import heldout_loss
+
+    cfg = _lora_small(tiny_cpt_data, base, tmp_path / "a")
+    cfg["model"]["lora"].update(init_lora_weights="pissa")
+    with cpu_threads(1):
+        ref, ckpt = _run_without_base(cfg, tmp_path / "a")
+    factors = load_file(ckpt / FACTORS_FILE)
+    assert factors.keys() == {k for k in load_file(tmp_path / "a" / "export" / "adapter_model.safetensors")
+                              if ".lora_" in k}  # A0, B0 of every LoRA layer, keyed as the adapter
+    with cpu_threads(2):
+        _, log = _resume_from_step_3(tmp_path / "a", tmp_path / "b", cfg)
+        assert main(["export", str(ckpt), "--out", str(tmp_path / "e")]) == 0
+    assert "resumed" in log
+    assert_close(losses(tmp_path / "b"), ref)
+    fingerprint = lambda d: json.loads((d / ADAPTER_BASE).read_text())["fingerprint"]  # noqa: E731
+    assert fingerprint(tmp_path / "b" / "checkpoints" / "step_00000006") == fingerprint(ckpt)
+    tokens, _ = assert_export_gives_last_heldout_loss(tmp_path / "b", base, tiny_cpt_data, tmp_path / "merged")
+    at_3 = records_at(tmp_path / "a", 3)["eval/python/loss"]
+    assert heldout_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "e").eval(), tokens, 8) == pytest.approx(at_3, abs=1e-5)
+
+
+def test_the_residual_is_the_same_bits_for_any_thread_count_and_stored_factors_of_another_rank_are_refused(base_dir,
+                                                                                                         tmp_path):
+    """cpt's residual W - s B0 A0 (no matmul) is the same bits on 1 and 2 threads (the resume tests above and in
+    test_lora_variants_sharded.py rebuild a whole residual base on other threads); a model built over stored factors
+    has the residual base of the model that stored them; factors of another rank are refused naming the field and
+    the file."""
+    from safetensors.torch import save_file
+
+    from cpt.adapter_init import ADAPTER_BASE, factors_items, residual
+
+    g = torch.Generator().manual_seed(0)
+    w, a, b = (torch.randn(shape, generator=g) for shape in ((256, 1024), (16, 1024), (256, 16)))
+    with cpu_threads(1):
+        one = residual(w, a, b, 0.5)
+    with cpu_threads(2):
+        assert torch.equal(residual(w, a, b, 0.5), one)
+    torch.testing.assert_close(one, w - 0.5 * b @ a, atol=1e-5, rtol=1e-5)
+
+    lora = LoraConfig(r=2, alpha=4, init_lora_weights="olora")
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), lora)
+    (name, _, factors), = factors_items(model)
+    save_file(factors, str(tmp_path / name))
+    (tmp_path / ADAPTER_BASE).write_text("{}")
+    again = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), lora, factors_from=tmp_path)
+    assert again._cpt_base_fingerprint == model._cpt_base_fingerprint
+    with pytest.raises(ConfigError, match=r"^model.lora: the initial factors stored in .*lora_init_factors"
+                                          r".safetensors do not fit .*\(2, 64\) vs \(4, 64\)"):
+        apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, alpha=4, init_lora_weights="olora"),
+                   factors_from=tmp_path)

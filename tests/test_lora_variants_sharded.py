@@ -6,7 +6,8 @@ all-reduces), and LoRA+'s groups go through accelerate's optimizer wrapper and t
   (gathered at its end) loads in peft and reproduces the logged held-out loss;
 * FSDP2: its step-3 checkpoint holds the magnitudes (DCP shards) and their Adam state, resumed by the same launch it
   gives the uninterrupted run's losses bitwise, resumed on 1 process (cpt/consolidate.py) to 1e-5;
-* OLoRA (a base-rewriting init) under FSDP2: the 1-process losses, and the converted export on the original base.
+* OLoRA (a base-rewriting init) under FSDP2: the 1-process losses, and the converted export on the original base; its
+  checkpoint (written with 1 CPU thread per rank) resumed on 1 process with 2 threads over the factors it stores.
 
 Five launches."""
 
@@ -134,3 +135,30 @@ def test_an_fsdp2_dora_checkpoint_holds_the_magnitudes_and_resumes_exactly(two, 
     assert_close(losses(tmp_path / "one"), after(run, EVERY))
 
     assert json.loads((run / "export" / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_an_olora_fsdp2_checkpoint_resumes_on_one_process_with_other_threads_over_its_stored_factors(
+        two, tiny_cpt_data, tiny_base, tmp_path):
+    """The job requeued on another number of processes and threads: the 2-process FSDP2 run's step-3 checkpoint (1 CPU
+    thread per rank), resumed on 1 process with 2 threads (cpt/consolidate.py), whose QR would come out different
+    there; the residual is rebuilt from the original base and the factors the checkpoint stores (rank 0 wrote them):
+    the 2-process run's losses, and an export that is a plain LoRA of the original base giving its last held-out loss."""
+    from cpt.adapter_checkpoint import ADAPTER_BASE
+    from cpt.adapter_init import FACTORS_FILE
+    from cpt.train import train
+    from test_lora_variants import cpu_threads
+
+    run = two("fsdp-olora")
+    ckpt = run / "checkpoints" / f"step_{EVERY:08d}"
+    assert (ckpt / FACTORS_FILE).is_file()
+    out = tmp_path / "one"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+    with cpu_threads(2):
+        result = train(load_config(base=make_cfg(tiny_cpt_data, tiny_base, out, "olora")), resume=True,
+                       echo=lambda *a, **k: None)
+    assert result.step == STEPS and world_sizes(out) == {1}
+    assert_close(losses(out), after(run, EVERY))
+    fingerprint = lambda d: json.loads((d / ADAPTER_BASE).read_text())["fingerprint"]  # noqa: E731
+    assert fingerprint(out / "checkpoints" / f"step_{STEPS:08d}") == fingerprint(ckpt)  # the same residual base
+    assert exported_loss(out, tiny_cpt_data, tiny_base) == pytest.approx(evals(out)[STEPS], abs=1e-5)
