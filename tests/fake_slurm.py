@@ -17,8 +17,14 @@ one node, for tests/test_slurm.py (which writes `sbatch`/`srun`/`scontrol` wrapp
   node's index, LOCALID=0) and handles signals as srun does (slurm src/srun: ``_srun_signal_mgr``): SIGTERM, SIGHUP and SIGQUIT "force job
   termination", i.e. SIGKILL every process of the step; a single SIGINT is not forwarded; SIGUSR1, SIGUSR2 and the
   rest are forwarded to the tasks (with ``FAKE_SRUN_SIGNAL_CHILDREN=1`` to every process of the step, as SLURM does
-  with cgroup.conf ``SignalChildrenProcesses=yes``, proctrack/pgid or proctrack/linuxproc). Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``. It exits with the
-  first failing task's code (128 + signal if the task was killed), else 0. Like srun since SLURM 22.05 it does not
+  with cgroup.conf ``SignalChildrenProcesses=yes``, proctrack/pgid or proctrack/linuxproc). Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``.
+  Each task that fails is reported as srun reports it (``srun: error: HOST: task N: Exited with exit code C`` or the
+  signal's name). ``--kill-on-bad-exit[=1]``/``-K`` (or SLURM_KILL_BAD_EXIT=1) as in SLURM's source (launch.c
+  ``_task_finish`` -> ``_step_signal(SIG_TERM_KILL)``; slurmstepd): at the first failed task, SIGCONT and SIGTERM to
+  every process of the step, SIGKILL to what is left after KillWait (``FAKE_SLURM_KILL_WAIT``, default 30 s like
+  slurm.conf's). The step's processes are srun's descendants: srun is a child subreaper, so processes orphaned by a
+  task that died first stay among them (as in a step's cgroup). srun exits with 128 + the highest signal that ended a
+  task, else the highest exit code (as srun's global rc). Like srun since SLURM 22.05 it does not
   inherit the job's ``--cpus-per-task`` (SLURM_CPUS_PER_TASK): a task gets srun's own ``--cpus-per-task``, else
   SRUN_CPUS_PER_TASK, else 1 CPU; each step is logged to ``$FAKE_SLURM_DIR/srun_steps.jsonl`` with that count.
 * ``scontrol show hostnames LIST`` prints the hosts of a comma-separated LIST; ``scontrol requeue N`` marks job N
