@@ -389,7 +389,7 @@ def rank_on_node(job: dict, node: int) -> int:
             return False
 
     # (a process the rank forks has its command line and environment: the rank is the one whose parent is not one)
-    found = [p.pid for p in psutil.Process(job["supervisor_pid"]).children(recursive=True) if rank(p) and not rank(p.parent())]
+    found = [p.pid for p in psutil.Process(job["supervisor_pid"]).children(recursive=True) if rank(p) and not (p.parent() and rank(p.parent()))]
     assert len(found) == 1, found
     return found[0]
 
