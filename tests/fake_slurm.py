@@ -195,10 +195,13 @@ def srun(argv: list[str]) -> int:
             os.makedirs(env["TMPDIR"], exist_ok=True)
         children.append(subprocess.Popen(argv[i:], env=env))
 
+    cancelled = []
+
     def handle(sig, _frame):
         with open(STATE / "srun.log", "a") as f:
             f.write(signal.Signals(sig).name + "\n")
         if sig in KILLS_STEP:
+            cancelled.append(sig)
             print("srun: forcing job termination", file=sys.stderr, flush=True)
             _signal_step(signal.SIGKILL)
         elif sig == signal.SIGINT:
@@ -218,9 +221,11 @@ def srun(argv: list[str]) -> int:
             if task in codes or child.poll() is None:
                 continue
             codes[task] = child.returncode
-            if child.returncode != 0:
+            # a failed task is reported; one ended by a signal after srun itself ended the step, only in verbose mode
+            if child.returncode > 0 or (child.returncode < 0 and not cancelled):
                 print(f"srun: error: {hosts[task]}: task {task}: {_exit_text(child.returncode)}", file=sys.stderr,
                       flush=True)
+            if child.returncode != 0:
                 if kill_on_bad_exit and not terminating:  # launch.c _task_finish: _step_signal(SIG_TERM_KILL)
                     terminating = True
                     job_step = f"{os.environ.get('SLURM_JOB_ID', '0')}.0"
