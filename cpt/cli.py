@@ -45,7 +45,8 @@ def usage() -> str:
 def restore_usr1() -> None:
     """SIGUSR1 back to its default action when a launcher started us with it ignored (scripts/slurm_node.sh shields
     torchrun's agent that way, and the ranks inherit it): a time-limit warning that comes before the training loop
-    installs its handler must still end the rank (the job is then requeued), not be lost."""
+    installs its handler must still end the rank, not be lost (scripts/slurm_multinode.sbatch then ends the job with a
+    line saying to submit it again: it requeues only a clean stop)."""
     if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 

@@ -17,8 +17,14 @@ one node, for tests/test_slurm.py (which writes `sbatch`/`srun`/`scontrol` wrapp
   node's index, LOCALID=0) and handles signals as srun does (slurm src/srun: ``_srun_signal_mgr``): SIGTERM, SIGHUP and SIGQUIT "force job
   termination", i.e. SIGKILL every process of the step; a single SIGINT is not forwarded; SIGUSR1, SIGUSR2 and the
   rest are forwarded to the tasks (with ``FAKE_SRUN_SIGNAL_CHILDREN=1`` to every process of the step, as SLURM does
-  with cgroup.conf ``SignalChildrenProcesses=yes``, proctrack/pgid or proctrack/linuxproc). Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``. It exits with the
-  first failing task's code (128 + signal if the task was killed), else 0. Like srun since SLURM 22.05 it does not
+  with cgroup.conf ``SignalChildrenProcesses=yes``, proctrack/pgid or proctrack/linuxproc). Every signal it gets is logged to ``$FAKE_SLURM_DIR/srun.log``.
+  Each task that fails is reported as srun reports it (``srun: error: HOST: task N: Exited with exit code C`` or the
+  signal's name). ``--kill-on-bad-exit[=1]``/``-K`` (or SLURM_KILL_BAD_EXIT=1) as in SLURM's source (launch.c
+  ``_task_finish`` -> ``_step_signal(SIG_TERM_KILL)``; slurmstepd): at the first failed task, SIGCONT and SIGTERM to
+  every process of the step, SIGKILL to what is left after KillWait (``FAKE_SLURM_KILL_WAIT``, default 30 s like
+  slurm.conf's). The step's processes are srun's descendants: srun is a child subreaper, so processes orphaned by a
+  task that died first stay among them (as in a step's cgroup). srun exits with 128 + the highest signal that ended a
+  task, else the highest exit code (as srun's global rc). Like srun since SLURM 22.05 it does not
   inherit the job's ``--cpus-per-task`` (SLURM_CPUS_PER_TASK): a task gets srun's own ``--cpus-per-task``, else
   SRUN_CPUS_PER_TASK, else 1 CPU; each step is logged to ``$FAKE_SLURM_DIR/srun_steps.jsonl`` with that count.
 * ``scontrol show hostnames LIST`` prints the hosts of a comma-separated LIST; ``scontrol requeue N`` marks job N
@@ -155,6 +161,19 @@ def supervise(job_id: str) -> int:
         time.sleep(0.5)  # SLURM holds a requeued job pending for a moment
 
 
+def _kill_on_bad_exit(opts: dict[str, str]) -> bool:
+    """srun's ``-K``/``--kill-on-bad-exit[=0|1]`` (no value: 1), else SLURM_KILL_BAD_EXIT (slurm.conf's KillOnBadExit
+    is 0 here)."""
+    if "K" in opts or "kill-on-bad-exit" in opts:
+        return opts.get("kill-on-bad-exit", "") in ("", "1")
+    return os.environ.get("SLURM_KILL_BAD_EXIT", "0") == "1"
+
+
+def _exit_text(code: int) -> str:
+    """How srun reports a task's abnormal end (`srun: error: HOST: task N: ...`)."""
+    return f"Exited with exit code {code}" if code > 0 else signal.strsignal(-code)
+
+
 def srun(argv: list[str]) -> int:
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -163,6 +182,10 @@ def srun(argv: list[str]) -> int:
     cpus = opts.get("cpus-per-task") or os.environ.get("SRUN_CPUS_PER_TASK") or "1"  # never SLURM_CPUS_PER_TASK
     with open(STATE / "srun_steps.jsonl", "a") as f:
         f.write(json.dumps({"argv": argv, "cpus_per_task": int(cpus)}) + "\n")
+    # the step's processes stay srun's descendants even when a task's own process dies before its children (as a
+    # step's cgroup holds them): orphans are re-parented to srun, so "every process of the step" can be found
+    _set_child_subreaper()
+    hosts = _hosts()
     children = []
     for node in range(int(os.environ.get("SLURM_NNODES", "1"))):
         env = dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node), SLURM_LOCALID="0", SLURM_STEP_ID="0",
@@ -172,46 +195,108 @@ def srun(argv: list[str]) -> int:
             os.makedirs(env["TMPDIR"], exist_ok=True)
         children.append(subprocess.Popen(argv[i:], env=env))
 
+    cancelled = []
+
     def handle(sig, _frame):
         with open(STATE / "srun.log", "a") as f:
             f.write(signal.Signals(sig).name + "\n")
         if sig in KILLS_STEP:
+            cancelled.append(sig)
             print("srun: forcing job termination", file=sys.stderr, flush=True)
-            for child in children:
-                _kill_tree(child.pid)
+            _signal_step(signal.SIGKILL)
         elif sig == signal.SIGINT:
             print("srun: interrupt (one more within 1 sec to abort)", file=sys.stderr, flush=True)
         elif os.environ.get("FAKE_SRUN_SIGNAL_CHILDREN") == "1":  # SignalChildrenProcesses=yes: every process
-            for child in children:
-                _signal_tree(child.pid, sig)
+            _signal_step(sig)
         else:
             for child in children:
                 child.send_signal(sig)
 
     for sig in HANDLED:
         signal.signal(sig, handle)
-    codes = [child.wait() for child in children]
-    rc = next((c for c in codes if c != 0), 0)
-    return rc if rc >= 0 else 128 - rc
+    kill_on_bad_exit, terminating = _kill_on_bad_exit(opts), False
+    codes: dict[int, int] = {}
+    while len(codes) < len(children):
+        for task, child in enumerate(children):
+            if task in codes or child.poll() is None:
+                continue
+            codes[task] = child.returncode
+            # a failed task is reported; one ended by a signal after srun itself ended the step, only in verbose mode
+            if child.returncode > 0 or (child.returncode < 0 and not cancelled):
+                print(f"srun: error: {hosts[task]}: task {task}: {_exit_text(child.returncode)}", file=sys.stderr,
+                      flush=True)
+            if child.returncode != 0:
+                if kill_on_bad_exit and not terminating:  # launch.c _task_finish: _step_signal(SIG_TERM_KILL)
+                    terminating = True
+                    job_step = f"{os.environ.get('SLURM_JOB_ID', '0')}.0"
+                    print(f"srun: Terminating StepId={job_step}", file=sys.stderr, flush=True)
+                    _terminate_step(children, job_step)
+        _reap_orphans(children)
+        time.sleep(0.05)
+    signalled = [-c for c in codes.values() if c < 0]
+    return 128 + max(signalled) if signalled else max(codes.values())  # as srun: the highest signal, else exit code
 
 
-def _kill_tree(pid: int) -> None:
-    _signal_tree(pid, signal.SIGKILL)
+def _hosts() -> list[str]:
+    return os.environ.get("SLURM_JOB_NODELIST", "localhost").split(",")  # (the stand-in's lists are comma-separated)
 
 
-def _signal_tree(pid: int, sig: int) -> None:
+def _terminate_step(children: list[subprocess.Popen], job_step: str) -> None:
+    """slurmstepd's SIG_TERM_KILL to every process of the step: SIGCONT and SIGTERM, then SIGKILL to what is still
+    there after KillWait seconds (slurm.conf, default 30; FAKE_SLURM_KILL_WAIT here)."""
+    print(f"slurmstepd: error: *** STEP {job_step} ON {_hosts()[0]} CANCELLED AT "
+          f"{time.strftime('%Y-%m-%dT%H:%M:%S')} ***", file=sys.stderr, flush=True)
+    _signal_step(signal.SIGCONT)
+    _signal_step(signal.SIGTERM)
+    deadline = time.time() + float(os.environ.get("FAKE_SLURM_KILL_WAIT", "30"))
+    while time.time() < deadline and _step_processes():
+        _reap_orphans(children)
+        time.sleep(0.05)
+    if _step_processes():
+        _signal_step(signal.SIGKILL)
+
+
+def _set_child_subreaper() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def _step_processes() -> list:
+    """Every live (not zombie) process of the step: srun's descendants."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
+    procs = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                procs.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return procs
+
+
+def _signal_step(sig: int) -> None:
+    import psutil
+
+    for p in _step_processes():
         try:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+
+
+def _reap_orphans(children: list[subprocess.Popen]) -> None:
+    """Collect the exit status of processes re-parented to srun (not its tasks, which Popen waits for)."""
+    import psutil
+
+    tasks = {c.pid for c in children}
+    for p in psutil.Process().children():
+        if p.pid not in tasks:
+            try:
+                os.waitpid(p.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 def scontrol(argv: list[str]) -> int:

@@ -104,10 +104,11 @@ class FakeSlurm:
         return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
 
 
-def job_config(tiny_cpt_data, tiny_base, tmp_path: Path, name: str) -> Path:
-    """The jobs' run config: the tiny base, 12 steps of 8 rows, held-out evaluations every 4 steps, no periodic
-    checkpoint (the preemption's is the one resumed from)."""
-    cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0}, checkpoint={"every": None})
+def job_config(tiny_cpt_data, tiny_base, tmp_path: Path, name: str, checkpoint_every: int | None = None) -> Path:
+    """The jobs' run config: the tiny base, 12 steps of 8 rows, held-out evaluations every 4 steps, by default no
+    periodic checkpoint (the preemption's is the one resumed from; checkpoints do not change the losses)."""
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / name, eval={"every": 4, "dense_steps": 0},
+                          checkpoint={"every": checkpoint_every})
     cfg["model"] = {"name_or_path": str(tiny_base)}
     cfg["stages"][0]["steps"] = 12
     cfg["train"].update(global_batch_size=8, micro_batch_size=2)
@@ -134,6 +135,14 @@ def assert_same_losses(got: dict[int, float], ref: dict[int, float]) -> None:
         assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_cpt_data, tiny_base, tmp_path_factory) -> dict[int, float]:
+    """The per-step losses of job_config's run uninterrupted, computed once for the module's training tests."""
+    ref = uninterrupted_losses(job_config(tiny_cpt_data, tiny_base, tmp_path_factory.mktemp("reference"), "ref"))
+    assert sorted(ref) == list(range(1, 13))
+    return ref
+
+
 @pytest.fixture
 def slurm(tmp_path):
     fake = FakeSlurm(tmp_path)
@@ -144,13 +153,12 @@ def slurm(tmp_path):
 @pytest.mark.timeout(300)  # about 20-40 s; a hang fails here instead of holding the suite for 15 minutes
 @pytest.mark.parametrize("signal_children", [False, True], ids=["task-only", "every-process"])
 def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_cpt_data, tiny_base, tmp_path, slurm,
-                                                                         signal_children):
+                                                                         signal_children, reference):
     """task-only: srun's forwarded SIGUSR1 reaches only the task (proctrack/cgroup, the usual set-up);
     every-process: every process of the step gets it, torchrun's agent too (SignalChildrenProcesses=yes,
     proctrack/pgid or linuxproc): the agent must survive it (scripts/slurm_node.sh starts it with SIGUSR1 ignored)."""
 
-    ref = uninterrupted_losses(job_config(tiny_cpt_data, tiny_base, tmp_path, "ref"))
-    assert sorted(ref) == list(range(1, 13))
+    ref = reference
 
     # the same job, warned of its time limit after a few steps
     run = tmp_path / "run"
@@ -249,6 +257,29 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
             assert args.deepspeed_config_file == str(ROOT / "configs" / "deepspeed" / "zero3.json")
 
 
+def test_ranks_failing_after_the_time_limit_warning_are_not_requeued(tmp_path, slurm):
+    """A start whose ranks fail after the warning saved no checkpoint (here a stand-in rank dies of SIGUSR1, as ranks
+    still starting do before cpt's handler exists; a save that fails ends the same way): the script does not requeue it
+    (it did, after any warning: a failure that repeats, such as a --time shorter than the start plus the 300 s warning,
+    came back forever); the log says why and what to do, and the job ends with srun's non-zero code. About 3 s."""
+    ready = tmp_path / "rank_started"
+    fake = slurm.bin / "accelerate"  # torchrun's part: one rank, the launcher's exit 1 when it dies of a signal
+    rank = f"import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_DFL); open({str(ready)!r}, 'w'); time.sleep(60)"
+    fake.write_text(f"#!{sys.executable}\nimport os, subprocess, sys\n"
+                    f"if os.path.exists({str(ready)!r}):\n    sys.exit(0)  # a requeued start: nothing to do\n"
+                    f"sys.exit(1 if subprocess.call([sys.executable, '-c', {rank!r}]) else 0)\n")
+    fake.chmod(0o755)
+    job_id = slurm.submit(tmp_path / "run.yaml", "ddp")
+    job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and ready.exists(), timeout=60)
+    os.kill(job["batch_pid"], signal.SIGUSR1)
+    job = slurm.wait(job_id, timeout=60)
+    log = slurm.log(job_id)
+    assert [(r["restart"], r["requeued"]) for r in job["runs"]] == [(0, False)], log
+    assert job["runs"][0]["rc"] != 0 and ["requeue", job_id] not in slurm.scontrol_calls(), log
+    assert (f"ranks failed after the time-limit warning (exit {job['runs'][0]['rc']}): not requeueing" in log
+            and "submit this script again (same arguments)" in log), log
+
+
 def test_slurm_job_without_periodic_checkpoints_is_warned(tiny_cpt_data, tmp_path):
     """checkpoint.every unset (the default) in a SLURM job: a node failure would restart it from step 0, so the
     start-up log says so; not outside SLURM, not with checkpoint.every set."""
@@ -275,38 +306,143 @@ def test_fake_sbatch_reads_options_as_the_readme_writes_them():
         {"nodes": "2", "requeue": "", "gpus-per-node": "2"}, script, ["--resume"])
 
 
+def strategy_env(env: dict[str, str], strategy: str) -> dict[str, str]:
+    """The CPU-only environment around the shipped script for a strategy (as tests/launching.rank_env sets it):
+    FSDP2 through tests/fsdp_shim on gloo; DeepSpeed without ACCELERATE_USE_CPU (which would make it plain DDP)."""
+    env = dict(env)
+    if strategy == "fsdp":
+        env.update(CPT_TEST_FSDP_ON_CPU="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "fsdp_shim"), env["PYTHONPATH"]]))
+    elif strategy.startswith("zero"):
+        env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
 @pytest.mark.timeout(300)
-def test_two_nodes_train_preempt_requeue_on_one_node_resume_and_export(tiny_cpt_data, tiny_base, tmp_path, slurm):
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])  # ddp on 2 nodes: the rank-failure test below (CI time)
+def test_two_nodes_train_preempt_requeue_on_one_node_resume_and_export(tiny_cpt_data, tiny_base, tmp_path, slurm, strategy,
+                                                                       reference):
     """The shipped multi-node script really training on 2 nodes (loopback addresses, 1 CPU rank each, gloo, each node
-    with its own TMPDIR): `sbatch --nodes 2 ... ddp` -> the time-limit warning -> every rank checkpoints -> requeue,
-    which gets 1 node (a `--nodes 1-2` allocation) -> resume on 1 process -> finish -> export. The losses are an
-    uninterrupted 1-process run's, every step is logged once, the export loads, no traceback, no leftover marker."""
+    with its own TMPDIR): `sbatch --nodes 2 ... STRATEGY` -> the time-limit warning -> every rank checkpoints ->
+    requeue, which gets 1 node (a `--nodes 1-2` allocation) -> resume on 1 process -> finish -> export. STRATEGY as the
+    README passes it: fsdp (FSDP2: a sharded DCP checkpoint, resharded on load) and zero3 (DeepSpeed ZeRO-3: one
+    partition per rank, read across the world-size change); ddp ran here too (its 2 -> 1 resume is also tested by
+    tests/test_launch_shipped.py; a 2-node ddp job trains in the rank-failure test). The losses are an uninterrupted 1-process run's, every
+    step is logged once, the export loads, no traceback, no leftover marker."""
     from transformers import AutoModelForCausalLM
 
-    ref = uninterrupted_losses(job_config(tiny_cpt_data, tiny_base, tmp_path, "ref"))
-
+    ref = reference
     run = tmp_path / "run"
-    env = {**slurm.env(), "FAKE_SLURM_LOOPBACK_NODES": "1", "FAKE_SLURM_NODE_TMP": str(tmp_path / "node_tmp")}
+    env = {**strategy_env(slurm.env(), strategy), "FAKE_SLURM_LOOPBACK_NODES": "1", "FAKE_SLURM_NODE_TMP": str(tmp_path / "node_tmp")}
     out = subprocess.run(["sbatch", "--nodes", "2", "--gpus-per-node=1", str(SCRIPT),
-                          str(job_config(tiny_cpt_data, tiny_base, tmp_path, "run")), "ddp"],
+                          str(job_config(tiny_cpt_data, tiny_base, tmp_path, "run")), strategy],
                          cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
     job_id = out.split()[-1]
     job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and len(losses(run)) >= 4)
     assert not job["done"], slurm.log(job_id)[-5000:]
-    assert "2 node(s) x 1, ddp" in slurm.log(job_id)
+    assert f"2 node(s) x 1, {strategy}" in slurm.log(job_id)
     (slurm.state / f"job_{job_id}.nodes_next").write_text("1")  # the requeue is allocated one node
     os.kill(job["batch_pid"], signal.SIGUSR1)
     job = slurm.wait(job_id)
     log = slurm.log(job_id)
     assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, True, 0), (1, False, 0)], log[-5000:]
-    assert "1 node(s) x 1, ddp" in log and "written by 2 processes, now 1" in log, log[-5000:]
+    assert f"1 node(s) x 1, {strategy}" in log and "written by 2 processes, now 1" in log, log[-5000:]
     assert "Traceback" not in log and "error:" not in log, log[:3000]  # (the head of the log: a stand-in's traceback)
     assert "[slurm_node 0] SIGUSR1" in log and "[slurm_node 1] SIGUSR1" in log  # each node's slurm_node.sh relayed it
     assert "h wall on 2 devices)" in log and "h wall on 1 device in this segment" in log  # 2 ranks, then 1
 
+    # the checkpoint resumed from is the strategy's, written by both ranks: FSDP2's DCP shards, ZeRO-3's partitions
+    from cpt.consolidate import deepspeed_world_size, deepspeed_zero3, layout
+
+    k = int(log.split("PREEMPTED at step ")[1].split()[0])
+    ckpt = run / "checkpoints" / f"step_{k:08d}"
+    assert layout(ckpt) == {"ddp": "plain", "fsdp": "fsdp", "zero3": "deepspeed"}[strategy]
+    if strategy == "fsdp":
+        assert len(list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    if strategy == "zero3":
+        assert deepspeed_zero3(ckpt) and deepspeed_world_size(ckpt) == 2
     assert_same_losses(losses(run), ref)
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps)), steps  # each step once, in order, across the resize
     model = AutoModelForCausalLM.from_pretrained(run / "export")
     assert model.config.vocab_size > 0
     assert not list((tmp_path / "node_tmp").rglob("cpt-*")) and not list(run.glob("*.lock"))
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def rank_on_node(job: dict, node: int) -> int:
+    """The pid of the (one) rank `accelerate launch` started on node ``node`` of the job (torchrun sets LOCAL_RANK)."""
+    import psutil
+
+    def rank(p) -> bool:
+        try:
+            env = p.environ()
+            return "LOCAL_RANK" in env and env.get("SLURM_NODEID") == str(node) and "cpt.cli" in " ".join(p.cmdline())
+        except psutil.Error:
+            return False
+
+    # (a process the rank forks has its command line and environment: the rank is the one whose parent is not one)
+    found = [p.pid for p in psutil.Process(job["supervisor_pid"]).children(recursive=True) if rank(p) and not (p.parent() and rank(p.parent()))]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_killed_on_node_2_ends_the_job_and_a_resubmission_resumes(tiny_cpt_data, tiny_base, tmp_path, slurm,
+                                                                       reference):
+    """`kill -9` of node 2's rank in a 2-node DDP job (checkpoint.every 3), while node 1's rank would not notice by
+    itself (SIGSTOPped: as a rank of an NCCL job can wait in its collective until the timeout, or one working alone):
+    node 2's launcher reports the kill and exits 1, and srun's --kill-on-bad-exit=1 ends the rest of the step at that
+    first failed task (SIGCONT and SIGTERM to every process of the step, SIGKILL after KillWait; without it the job
+    waits forever). The job ends within seconds, is not requeued (a crash would repeat), and its log names what
+    happened. The checkpoints on disk verify; the same sbatch command submitted again resumes from the newest and
+    finishes with the uninterrupted run's losses, each step logged once."""
+    from cpt.checkpoint import list_checkpoints, verify_checkpoint
+
+    run = tmp_path / "run"
+    cfg = job_config(tiny_cpt_data, tiny_base, tmp_path, "run", checkpoint_every=3)
+    env = {**slurm.env(), "FAKE_SLURM_LOOPBACK_NODES": "1", "FAKE_SLURM_KILL_WAIT": "5"}
+    sbatch = ["sbatch", "--nodes", "2", "--gpus-per-node=1", str(SCRIPT), str(cfg), "ddp"]
+    job_id = subprocess.run(sbatch, cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    job = slurm.wait(job_id, until=lambda j: (run / "checkpoints" / "step_00000003").is_dir() and len(losses(run)) >= 5)
+    assert not job["done"], slurm.log(job_id)[-5000:]
+    survivor, victim = rank_on_node(job, 0), rank_on_node(job, 1)
+    os.kill(survivor, signal.SIGSTOP)
+    t0 = time.time()
+    os.kill(victim, signal.SIGKILL)
+    job = slurm.wait(job_id, timeout=120)
+    ended_after = time.time() - t0
+    log = slurm.log(job_id)
+    assert ended_after < 45, (ended_after, log[-5000:])  # not a hang, nor train.distributed_timeout_s (1800 s)
+    [only] = job["runs"]
+    assert only["rc"] != 0 and not only["requeued"], (job["runs"], log[-5000:])  # FAILED, not requeued
+    assert not alive(survivor), log[-3000:]  # srun's SIGKILL after KillWait at the latest
+    # what happened, in the job's log: node 2's rank killed, its task failed first, srun ended the step, the script
+    # said so; node 1's rank (continued by srun, then told to stop) found its peer gone
+    assert "Signal 9 (SIGKILL) received by PID" in log, log[-5000:]  # torchrun's summary on node 2
+    first_failure = log.index("srun: error: 127.0.0.2: task 1: Exited with exit code 1")
+    assert first_failure < log.index(f"srun: Terminating StepId={job_id}.0"), log[-5000:]
+    assert "another rank of this run died during a collective operation" in log, log[-5000:]
+    assert f"srun exited with {only['rc']}" in log and "requeueing" not in log, log[-5000:]
+    assert "submit this script again" in log.split(f"srun exited with {only['rc']}")[1], log[-2000:]  # what next
+
+    # the checkpoints on disk are complete and verify; the resubmitted job resumes from the newest
+    ckpts = list_checkpoints(run)
+    assert ckpts and all(verify_checkpoint(c) is None for c in ckpts), ckpts
+    k = int(ckpts[-1].name.split("_")[1])
+    job_id2 = subprocess.run(sbatch, cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    job2 = slurm.wait(job_id2)
+    log2 = slurm.log(job_id2)
+    assert job2["runs"] == [{"restart": 0, "rc": 0, "requeued": False}], log2[-5000:]
+    assert f"resumed {ckpts[-1]} at step {k} " in log2, log2[-5000:]
+    assert_same_losses(losses(run), reference)
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+    assert steps == sorted(set(steps)), steps
+    assert (run / "export" / "config.json").is_file() and not list(run.glob("*.lock"))
