@@ -19,8 +19,8 @@ What cpt does about the rewritten base:
   alpha raised to keep the scale, ``init_lora_weights: true``. Without it the adapter would hold factors meant for
   ``W_res`` while its ``base_model_name_or_path`` names ``W``: `cpt merge`, peft and `cpt average` would silently apply
   it to the wrong base;
-* only linear layers (peft initialises no other layer type this way) and one process, DDP and FSDP2 (tested);
-  DeepSpeed is refused (:func:`refuse_unsupported`).
+* only linear layers (peft initialises no other layer type this way) and one process, DDP, FSDP2 and
+  DeepSpeed ZeRO-2 (tested); ZeRO-3 is refused (:func:`refuse_unsupported`).
 """
 
 from __future__ import annotations
@@ -229,12 +229,12 @@ def mismatch_hint(model) -> str:
 
 
 def refuse_unsupported(model, acc) -> None:
-    """A base-rewriting init under DeepSpeed: refused in one line naming the field (not tested there: ZeRO-3's
-    partitioned base, ZeRO-2's broadcast of the rewritten weights)."""
-    from cpt.distributed import Backend, backend
+    """A base-rewriting init under DeepSpeed ZeRO-3: refused in one line naming the field (ZeRO-3 partitions the base
+    weights the residual is computed on; ZeRO-1/2 keep them whole on every rank, as DDP: tested)."""
+    from cpt.distributed import Backend, backend, zero_stage
 
-    if getattr(model, INIT_FACTORS, None) is not None and backend(acc) is Backend.DEEPSPEED:
+    if getattr(model, INIT_FACTORS, None) is not None and backend(acc) is Backend.DEEPSPEED and zero_stage(acc) == 3:
         init = model.peft_config[model.active_adapter].init_lora_weights
-        raise ConfigError(f"model.lora.init_lora_weights: {init} is not supported under DeepSpeed (it rewrites the base "
-                          "weights, which cpt tests on one process, DDP and FSDP2 only); launch with DDP or FSDP2, or "
-                          "use init_lora_weights: default or gaussian")
+        raise ConfigError(f"model.lora.init_lora_weights: {init} is not supported under DeepSpeed ZeRO-3 (it rewrites "
+                          "the base weights, which ZeRO-3 partitions); launch with DDP, FSDP2 or ZeRO-2, or use "
+                          "init_lora_weights: default or gaussian")

@@ -290,9 +290,11 @@ def test_base_rewriting_inits_refuse_what_they_cannot_do(base_dir, tmp_path, mon
     model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, init_lora_weights="pissa"))
     with monkeypatch.context() as m:  # (undone before average_checkpoints imports modules that bind `backend`)
         m.setattr("cpt.distributed.backend", lambda acc: Backend.DEEPSPEED)
-        m.setattr("cpt.distributed.zero_stage", lambda acc: 2)
-        with pytest.raises(ConfigError, match="^model.lora.init_lora_weights: pissa is not supported under DeepSpeed"):
+        m.setattr("cpt.distributed.zero_stage", lambda acc: 3)
+        with pytest.raises(ConfigError, match="^model.lora.init_lora_weights: pissa is not supported under DeepSpeed ZeRO-3"):
             refuse_unshardable(model, object())
+        m.setattr("cpt.distributed.zero_stage", lambda acc: 2)
+        refuse_unshardable(model, object())  # ZeRO-2: the base whole on every rank (tests/test_lora_variants_sharded.py)
     # an adapter of a residual base saved as peft saves it unconverted: cpt average refuses it (cpt's are converted)
     model.save_pretrained(tmp_path / "raw")
     with pytest.raises(ValueError, match=r"raw: an adapter of a pissa residual base"):

@@ -7,9 +7,11 @@ all-reduces), and LoRA+'s groups go through accelerate's optimizer wrapper and t
 * FSDP2: its step-3 checkpoint holds the magnitudes (DCP shards) and their Adam state, resumed by the same launch it
   gives the uninterrupted run's losses bitwise, resumed on 1 process (cpt/consolidate.py) to 1e-5;
 * OLoRA (a base-rewriting init) under FSDP2: the 1-process losses, and the converted export on the original base; its
-  checkpoint (written with 1 CPU thread per rank) resumed on 1 process with 2 threads over the factors it stores.
+  checkpoint (written with 1 CPU thread per rank) resumed on 1 process with 2 threads over the factors it stores;
+* PiSSA (full SVD) under ZeRO-2 (`launch.sh run.yaml zero2`): the 1-process losses, the converted export, and a resume
+  by the same launch from its step-3 checkpoint (which stores the factors) bitwise.
 
-Five launches."""
+Seven launches."""
 
 import json
 import shutil
@@ -106,6 +108,25 @@ def test_olora_under_fsdp2_gives_the_one_process_run_and_exports_a_lora_of_the_o
     r = make_cfg(tiny_cpt_data, tiny_base, run, "olora")["model"]["lora"]["r"]
     assert json.loads((run / "export" / "adapter_config.json").read_text())["r"] == 2 * r
     assert exported_loss(run, tiny_cpt_data, tiny_base) == pytest.approx(evals(run)[STEPS], abs=1e-5)
+
+
+def test_pissa_under_zero2_gives_the_one_process_run_exports_and_resumes_exactly(two, reference, tiny_cpt_data,
+                                                                                   tiny_base, tmp_path):
+    """ZeRO-2 partitions only what trains (the adapter's gradients and Adam state): the residual base stays whole on
+    every rank, as under DDP. (ZeRO-3, which partitions the base, is refused: tests/test_lora_variants.py.)"""
+    from cpt.adapter_init import FACTORS_FILE
+
+    run = two("zero2-pissa")
+    assert world_sizes(run) == {2}
+    assert_close(losses(run), losses(reference("pissa")))
+    assert exported_loss(run, tiny_cpt_data, tiny_base) == pytest.approx(evals(run)[STEPS], abs=1e-5)
+    assert (run / "checkpoints" / "step_00000003" / FACTORS_FILE).is_file()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
+    shutil.rmtree(resumed / "export")
+    launch("zero2", make_cfg(tiny_cpt_data, tiny_base, resumed, "pissa"), tmp_path / "resumed.yaml", "--resume")
+    assert [losses(resumed)[s] for s in range(EVERY + 1, STEPS + 1)] == [losses(run)[s] for s in range(EVERY + 1, STEPS + 1)]
 
 
 def test_an_fsdp2_dora_checkpoint_holds_the_magnitudes_and_resumes_exactly(two, tiny_cpt_data, tiny_base,
