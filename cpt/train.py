@@ -26,7 +26,7 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 
-from cpt import consolidate, lm_loss, optim
+from cpt import consolidate, fp8, lm_loss, optim
 from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.base_dtype import cast_frozen_base
 from cpt.checkpoint import TRAINER_STATE, CheckpointManager, wait_for_writers
@@ -348,6 +348,7 @@ def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | 
 def _preflight(cfg: RunConfig, start: Start, say) -> None:
     """Checks that need neither the model nor the data, run before anything is loaded or written."""
     check_attn_implementation(cfg.model)
+    fp8.check_config(cfg)  # train.fp8: torchao installed
     if cfg.train.anneal_steps and start.resume is None:  # a cpt checkpoint in a constant or stable phase
         anneal_branch_start(cfg, start.init)
     if (warning := unprotected_batch_job(cfg)) is not None:  # SLURM without checkpoint.every
@@ -373,7 +374,8 @@ def _flops_per_token(model, seq_len: int) -> float:
 
 
 def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
-    """(model, AdamW) before accelerate.prepare: parameter groups, new vocabulary rows' LR, the chunked loss, compile."""
+    """(model, AdamW) before accelerate.prepare: float8 layers (train.fp8), parameter groups, new rows' LR, chunked loss, compile."""
+    fp8.convert_for_run(model, cfg, acc, say)  # same Parameters, same state-dict keys (cpt/fp8.py)
     optimizer = optim.build_optimizer(model, cfg.optim, acc.device.type)
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
         scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier, acc)

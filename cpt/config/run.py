@@ -62,6 +62,12 @@ class RunConfig(Strict):
             errors.append("eval.ema: evaluating the EMA needs train.ema_decay")
         if self.train.anneal_steps is not None and self.train.init_from is None:
             errors.append("train.anneal_steps needs train.init_from (the checkpoint to branch from)")
+        if self.train.fp8 is not None and self.model.lora is not None:
+            errors.append(f"train.fp8: {self.train.fp8} trains a full model's Linear layers in float8; not with "
+                          "model.lora (LoRA/QLoRA): set train.fp8: null or drop model.lora")
+        if self.train.fp8 is not None and self.train.precision != "bf16":
+            errors.append(f"train.fp8 needs train.precision: bf16 (torchao's float8 matmuls run under bf16 autocast), "
+                          f"not {self.train.precision}")
         errors += validate_stage_schedules(self.stages, anneal_steps=self.train.anneal_steps)
         if errors:
             raise ValueError("\n".join(errors))  # (one problem line each)
@@ -96,7 +102,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # data fingerprint, a `type: hf` source's files and the tokenizer hash check the content), held-out sets, logging,
 # evaluation and checkpoint cadence, stage names, run.name and output_dir.
 TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.document_masking", "stages", "optim",
-                     "train.global_batch_size", "train.precision", "train.anneal_steps", "train.anneal_shape",
+                     "train.global_batch_size", "train.precision", "train.fp8", "train.anneal_steps", "train.anneal_shape",
                      "train.ema_decay", "train.reptile", "train.skip_spikes",
                      "train.router_aux_loss_coef", "train.z_loss")
 NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "gradient_checkpointing_every",

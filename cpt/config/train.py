@@ -64,6 +64,11 @@ class TrainConfig(Strict):
     global_batch_size: int = Field(64, gt=0)  # sequences per optimizer step, over all ranks
     micro_batch_size: int = Field(8, gt=0)  # sequences per forward pass per rank
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # FP8 training (cpt/fp8.py, torchao's float8 training; pip install 'cpt[fp8]'): the Linear layers (not lm_head or
+    # MoE routers; sizes multiples of 16) matmul in float8 with dynamic scales per tensor ("tensorwise", fastest), per
+    # row ("rowwise") or per row with the weight gradient in bf16 ("rowwise_with_gw_hp", most accurate). Needs
+    # train.precision bf16, a full model (not model.lora) and a GPU of compute capability 8.9+ (H100); on CPU: tests only
+    fp8: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] | None = None
     log_every: int = Field(10, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0)
     # start weights (and optionally optimizer) from this checkpoint/run dir, not its data position

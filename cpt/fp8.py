@@ -1,0 +1,144 @@
+"""FP8 training of a full model's Linear layers (``train.fp8``) through torchao's float8 training
+(``torchao.float8.convert_to_float8_training``), as torchtitan, llm-foundry and OLMo-core offer it.
+
+Which layers: every ``nn.Linear`` whose in and out features are multiples of 16 (what ``torch._scaled_mm`` takes),
+except the output head (``lm_head``: cpt's chunked loss reads its weight directly, cpt/chunked_loss.py; the head
+is also the layer most sensitive to low precision) and mixture-of-experts routers (``...gate``, ``...router``: a
+small matmul whose scores pick the experts). Each converted layer becomes torchao's ``Float8Linear``: its weight
+stays the same fp32 (or bf16) ``nn.Parameter`` under the same state-dict key, and each matmul of the forward and
+backward casts its operands to float8 with dynamic scales (the recipe says per tensor or per row). Checkpoints,
+resume and the HF export are therefore unchanged in format.
+
+Where: after the model is built/loaded and prepared (vocab, freezing) and before the optimizer, torch.compile and
+accelerate.prepare (FSDP2 shards the converted modules): cpt/train.py ``_with_optimizer``.
+
+Requirements, checked before anything loads (one ConfigError naming the field): torchao (``pip install
+'cpt[fp8]'``), ``train.precision: bf16`` (torchao runs the float8 matmuls under bf16 autocast: its ``Float8Linear``
+casts its input to the autocast dtype, and outputs bf16), a full model (not ``model.lora``), not DeepSpeed ZeRO-3
+(untested), and on CUDA a GPU of compute capability 8.9 or more (Ada, Hopper, Blackwell: float8 tensor cores). On
+CPU it runs (torch's CPU ``_scaled_mm``) for testing only: slow, no speed-up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from cpt.config.base import ConfigError
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's Float8LinearRecipeName values
+MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell
+ROUTER_NAMES = ("gate", "router")  # the last name part of a mixture-of-experts router (Mixtral, Qwen MoE, OLMoE)
+INSTALL = "pip install 'cpt[fp8]' (torchao)"
+
+
+def check_config(cfg) -> None:
+    """The checks that need only the run config (``cfg``: RunConfig), before anything loads."""
+    recipe = cfg.train.fp8
+    if recipe is None:
+        return
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"train.fp8: {recipe} needs torchao, which is not installed: {INSTALL}")
+    try:
+        from torchao.float8 import Float8LinearConfig
+    except ImportError as e:
+        raise ConfigError(f"train.fp8: torchao's float8 training cannot be imported ({e}): {INSTALL}") from None
+    if not hasattr(Float8LinearConfig, "from_recipe_name"):
+        raise ConfigError(f"train.fp8: the installed torchao is too old (no Float8LinearConfig.from_recipe_name): {INSTALL}")
+
+
+def check_device(device: torch.device) -> str | None:
+    """Refuse a device without float8 matmuls (a CUDA GPU below compute capability 8.9, MPS, ...); on CPU a note
+    for the run log (testing only), else None."""
+    if device.type == "cpu":
+        return ("train.fp8 on CPU: torch's CPU float8 matmuls, for testing only (slow, no speed-up; "
+                "the speed-up needs a CUDA GPU of compute capability 8.9+)")
+    if device.type != "cuda":
+        raise ConfigError(f"train.fp8 needs a CUDA GPU of compute capability {_cc(MIN_CAPABILITY)} or more "
+                          f"(H100, L40S, RTX 4090, B200), not the {device.type} device; set train.fp8: null")
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"train.fp8 needs a CUDA GPU of compute capability {_cc(MIN_CAPABILITY)} or more "
+                          f"(float8 tensor cores: H100, L40S, RTX 4090, B200); this {name} is {_cc(capability)}: "
+                          "set train.fp8: null (bf16 is the fastest on it)")
+    return None
+
+
+def check_backend(acc) -> None:
+    """DeepSpeed ZeRO-3 partitions each Linear's weight outside its module's forward: not tested with Float8Linear."""
+    from cpt.distributed import zero_stage
+
+    if zero_stage(acc) == 3:
+        raise ConfigError("train.fp8 is not supported under DeepSpeed ZeRO-3 (untested with torchao's Float8Linear): "
+                          "use FSDP2 (scripts/launch.sh CONFIG fsdp) or DDP, or set train.fp8: null")
+
+
+def qualifies(module: nn.Module, name: str, head: nn.Module | None) -> bool:
+    """Whether the Linear ``module`` (at ``name``) trains in float8: both sizes multiples of 16, not the output
+    head, not a mixture-of-experts router."""
+    if not isinstance(module, nn.Linear) or module is head or name.rsplit(".", 1)[-1] == "lm_head":
+        return False
+    if name.rsplit(".", 1)[-1] in ROUTER_NAMES:
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def convert(model: nn.Module, recipe: str) -> tuple[int, int]:
+    """Swap the qualifying Linear layers of ``model`` for torchao's Float8Linear (in place; the same weight
+    Parameters). Returns (converted, all Linear layers); raises ConfigError if none qualifies."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    chosen = {name for name, m in linears.items() if qualifies(m, name, head)}
+    if not chosen:
+        sizes = sorted({(m.in_features, m.out_features) for m in linears.values()})[:4]
+        raise ConfigError(f"train.fp8: none of the model's {len(linears)} Linear layers qualifies for float8 (both "
+                          f"sizes multiples of 16, not lm_head or a router; sizes seen: {sizes}): set train.fp8: null")
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=lambda m, fqn: fqn in chosen)
+    for name, m in model.named_modules():
+        if name in chosen:
+            m.register_forward_pre_hook(_cpu_autocast_input)
+    return len(chosen), len(linears)
+
+
+def _cpu_autocast_input(module, args):
+    """torchao's Float8Linear casts its input to the autocast dtype of CUDA autocast only; CPU autocast (the test
+    runs) gets the same cast here, so the CPU runs take the GPU's dtype path (else rowwise_with_gw_hp's
+    high-precision grad_weight matmul meets an fp32 input and a bf16 gradient)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return (x.to(torch.get_autocast_dtype("cpu")), *args[1:])
+    return None
+
+
+def convert_for_run(model: nn.Module, cfg, acc, say) -> nn.Module:
+    """``train.fp8``: the device and backend checks, then the conversion, with a run-log line
+    ("train.fp8: N of M Linear layers in float8 (recipe ...)"). Before the optimizer, compile and accelerate.prepare."""
+    recipe = cfg.train.fp8
+    if recipe is None:
+        return model
+    check_config(cfg)
+    note = check_device(acc.device)
+    check_backend(acc)
+    converted, total = convert(model, recipe)
+    say(f"train.fp8: {converted} of {total} Linear layers in float8 (recipe {recipe}; lm_head, routers and layers "
+        "with a size not a multiple of 16 stay in bf16)")
+    if note:
+        say(note)
+    return model
+
+
+def converted_layers(model: nn.Module) -> list[str]:
+    """The names of the model's Float8Linear layers (tests, reports)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    return [name for name, m in model.named_modules() if isinstance(m, Float8Linear)]
+
+
+def _cc(capability) -> str:
+    return ".".join(str(x) for x in capability)

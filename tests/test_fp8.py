@@ -1,0 +1,204 @@
+"""train.fp8 (cpt/fp8.py): torchao's float8 training of a full model's Linear layers, on CPU (torch's CPU float8
+matmuls: correctness only; the speed is a GPU matter, docs/training.md#fp8-training).
+
+* which layers: every Linear with sizes multiples of 16 but lm_head and MoE routers; none qualifying is refused;
+* the refusals, one line naming the field: no torchao, model.lora, train.precision not bf16, a GPU below 8.9, ZeRO-3;
+* the loop: 6 steps of each recipe against the bf16 run (close: measured gap ~1e-4 relative, tolerance 1e-3),
+  the step-3 checkpoint resumes bitwise, the export loads in plain transformers with the bf16 run's keys, a resume
+  with train.fp8 switched is a trajectory change (--allow-config-change);
+* FSDP2 on 2 CPU processes against the 1-process fp8 run.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cpt.config import ConfigError, load_config
+from conftest import tiny_llama
+from launching import ROOT, assert_close, evals, finish, losses, rank_env, start, two_process_config, world_sizes
+from launching import write_config
+
+pytest.importorskip("torchao.float8")
+from torchao.float8.float8_linear import Float8Linear  # noqa: E402
+
+from cpt import fp8  # noqa: E402
+
+# fp8 against bf16 on the tiny base, 6 steps: measured max relative gap 1.1e-4 (train loss), 2.4e-4 (held-out loss)
+# over the three recipes (torch 2.13 CPU, torchao 0.18); the tolerance leaves a 4x margin.
+FP8_REL = 1e-3
+
+
+def config(tiny_cpt_data, base, out: Path, recipe: str | None, steps: int = 6) -> dict:
+    """The 2-process test geometry (8 sequences a step), bf16 autocast, checkpoints every 3 steps."""
+    cfg = two_process_config(tiny_cpt_data, base, out, steps=steps, eval_every=3, checkpoint={"every": 3, "keep": 5})
+    cfg["train"].update(precision="bf16", fp8=recipe)
+    return cfg
+
+
+def train_run(cfg: dict, **kw):
+    from accelerate.state import AcceleratorState
+
+    from cpt.train import train
+
+    lines: list[str] = []
+    AcceleratorState._reset_state(reset_partial_state=True)  # (process-wide: an earlier test's precision)
+    try:
+        train(load_config(base=cfg), echo=lambda *a, **k: lines.append(" ".join(map(str, a))), **kw)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # bf16 stays out of later tests
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_cpt_data, tiny_base, tmp_path_factory):
+    """recipe (None: bf16) -> (run directory, its log), each run on first use."""
+    done: dict = {}
+
+    def get(recipe):
+        if recipe not in done:
+            out = tmp_path_factory.mktemp(str(recipe)) / "run"
+            done[recipe] = out, train_run(config(tiny_cpt_data, tiny_base, out, recipe))
+        return done[recipe]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------ which layers
+
+
+def test_every_linear_but_the_head_is_converted_and_trains_with_finite_gradients():
+    model = tiny_llama(64, hidden=32, intermediate=64)
+    converted, total = fp8.convert(model, "tensorwise")
+    names = fp8.converted_layers(model)
+    assert (converted, total) == (14, 15) and len(names) == 14  # q, k, v, o, gate, up, down x 2 layers; not lm_head
+    assert type(model.lm_head) is nn.Linear and not any("lm_head" in n for n in names)
+    assert all(isinstance(model.get_submodule(n), Float8Linear) for n in names)
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert set(model.state_dict()) == set(tiny_llama(64, hidden=32, intermediate=64).state_dict())  # the same keys
+
+
+def test_routers_and_sizes_not_multiples_of_16_stay_and_none_qualifying_is_refused():
+    assert not fp8.qualifies(nn.Linear(32, 16), "model.layers.0.mlp.gate", None)  # a mixture of experts' router
+    assert not fp8.qualifies(nn.Linear(32, 16), "model.layers.0.mlp.router", None)
+    assert not fp8.qualifies(nn.Linear(32, 24), "model.layers.0.mlp.up_proj", None)
+    assert fp8.qualifies(nn.Linear(32, 48), "model.layers.0.mlp.gate_proj", None)
+    model = tiny_llama(64, hidden=24, intermediate=40, heads=2)
+    with pytest.raises(ConfigError, match="train.fp8: none of the model's 15 Linear layers qualifies") as e:
+        fp8.convert(model, "rowwise")
+    assert "\n" not in str(e.value) and not fp8.converted_layers(model)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def test_refusals_name_the_field(tiny_cpt_data, tiny_base, tmp_path, monkeypatch):
+    cfg = config(tiny_cpt_data, tiny_base, tmp_path / "run", "tensorwise")
+    for change, says in ((dict(precision="fp32"), "train.fp8 needs train.precision: bf16"),
+                         (dict(precision="fp16"), "train.fp8 needs train.precision: bf16")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(base={**cfg, "train": {**cfg["train"], **change}})
+    with pytest.raises(ConfigError, match=r"train.fp8: tensorwise .* not with model.lora \(LoRA/QLoRA\)"):
+        load_config(base={**cfg, "model": {**cfg["model"], "lora": {"r": 4}}})
+    with pytest.raises(ConfigError, match="unknown_recipe|train.fp8"):
+        load_config(base={**cfg, "train": {**cfg["train"], "fp8": "unknown_recipe"}})
+
+    real = fp8.importlib.util.find_spec
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.fp8: tensorwise needs torchao, which is not installed: pip install 'cpt\[fp8\]'"):
+        train_run(cfg)  # refused before anything loads or is written
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_device_check(monkeypatch):
+    assert "for testing only" in fp8.check_device(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    with pytest.raises(ConfigError, match=r"train.fp8 needs a CUDA GPU of compute capability 8.9 or more .* A100-SXM4-80GB is 8.0"):
+        fp8.check_device(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert fp8.check_device(torch.device("cuda", 0)) is None  # H100
+    with pytest.raises(ConfigError, match="not the mps device"):
+        fp8.check_device(torch.device("mps"))
+
+    class ZeRO3:
+        distributed_type = "DEEPSPEED"
+        state = type("S", (), {"deepspeed_plugin": type("P", (), {"zero_stage": 3})()})()
+
+    with pytest.raises(ConfigError, match="train.fp8 is not supported under DeepSpeed ZeRO-3"):
+        fp8.check_backend(ZeRO3())
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_each_recipe_trains_close_to_bf16(recipe, runs):
+    ref, _ = runs(None)
+    run, log = runs(recipe)
+    assert f"train.fp8: 14 of 15 Linear layers in float8 (recipe {recipe}" in log and "for testing only" in log
+    got, want = losses(run), losses(ref)
+    assert_close(got, want, rel=FP8_REL)
+    assert_close(evals(run), evals(ref), rel=FP8_REL)
+    assert got != want  # float8 matmuls ran (bf16 alone gives the reference bitwise)
+
+
+def test_fp8_resumes_exactly_and_exports_a_plain_model(runs, tiny_cpt_data, tiny_base, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from cpt.checkpoint import CheckpointError
+
+    done, _ = runs("tensorwise")
+    ref, _ = runs(None)
+    out = tmp_path / "resumed"
+    shutil.copytree(done, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    shutil.rmtree(out / "export")
+    log = train_run(config(tiny_cpt_data, tiny_base, out, "tensorwise"), resume=True)
+    assert "resumed" in log and losses(out) == losses(done) and evals(out) == evals(done)  # bitwise
+    a, b = load_file(out / "export" / "model.safetensors"), load_file(done / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == load_file(ref / "export" / "model.safetensors").keys()  # the bf16 run's keys
+    model = AutoModelForCausalLM.from_pretrained(done / "export")  # plain transformers: nn.Linear everywhere
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], b[k]) for k in b)
+
+    # train.fp8 switched off at a resume changes the trajectory: refused without --allow-config-change, then resumes
+    off = tmp_path / "off"
+    shutil.copytree(done, off)
+    shutil.rmtree(off / "checkpoints" / "step_00000006")
+    shutil.rmtree(off / "export")
+    with pytest.raises(CheckpointError, match=r"train.fp8: 'tensorwise' -> None.*--allow-config-change"):
+        train_run(config(tiny_cpt_data, tiny_base, off, None), resume=True)
+    log = train_run(config(tiny_cpt_data, tiny_base, off, None), resume=True, allow_config_change=True)
+    assert "resumed" in log and "train.fp8:" not in log
+    assert_close(losses(off), losses(done), rel=FP8_REL)
+    assert losses(off)[3] == losses(done)[3] and losses(off)[4] != losses(done)[4]  # bf16 from step 4 on
+
+
+# ------------------------------------------------------------------------------------------ FSDP2, 2 processes
+
+
+def test_fsdp2_on_two_processes_gives_the_one_process_fp8_run(runs, tiny_cpt_data, tiny_base, tmp_path):
+    one, _ = runs("tensorwise")
+    cfg = config(tiny_cpt_data, tiny_base, tmp_path / "run", "tensorwise")
+    env = {**rank_env(cpu=True, fsdp_on_cpu=True), "NUM_GPUS": "2"}
+    rc, log = finish(start([str(ROOT / "scripts" / "launch.sh"), str(write_config(cfg, tmp_path / "run.yaml")), "fsdp"],
+                           tmp_path, env))
+    assert rc == 0, log[-5000:]
+    assert "train.fp8: 14 of 15 Linear layers in float8 (recipe tensorwise" in log
+    run = tmp_path / "run"
+    assert world_sizes(run) == {2}
+    assert_close(losses(run), losses(one), rel=FSDP_REL)
+    assert_close(evals(run), evals(one), rel=FSDP_REL)
+
+
+FSDP_REL = 1e-3
