@@ -6,7 +6,7 @@ matmuls: correctness only; the speed is a GPU matter, docs/training.md#fp8-train
 * the loop: 6 steps of each recipe against the bf16 run (close: measured gap ~1e-4 relative, tolerance 1e-3),
   the step-3 checkpoint resumes bitwise, the export loads in plain transformers with the bf16 run's keys, a resume
   with train.fp8 switched is a trajectory change (--allow-config-change);
-* FSDP2 on 2 CPU processes against the 1-process fp8 run.
+* FSDP2 on 2 CPU processes against the 1-process fp8 run (the FSDP2 launch: ~15 s).
 """
 
 import shutil
@@ -179,7 +179,7 @@ def test_fp8_resumes_exactly_and_exports_a_plain_model(runs, tiny_cpt_data, tiny
     with pytest.raises(CheckpointError, match=r"train.fp8: 'tensorwise' -> None.*--allow-config-change"):
         train_run(config(tiny_cpt_data, tiny_base, off, None), resume=True)
     log = train_run(config(tiny_cpt_data, tiny_base, off, None), resume=True, allow_config_change=True)
-    assert "resumed" in log and "train.fp8:" not in log
+    assert "resumed" in log and "Linear layers in float8" not in log
     assert_close(losses(off), losses(done), rel=FP8_REL)
     assert losses(off)[3] == losses(done)[3] and losses(off)[4] != losses(done)[4]  # bf16 from step 4 on
 
@@ -197,8 +197,13 @@ def test_fsdp2_on_two_processes_gives_the_one_process_fp8_run(runs, tiny_cpt_dat
     assert "train.fp8: 14 of 15 Linear layers in float8 (recipe tensorwise" in log
     run = tmp_path / "run"
     assert world_sizes(run) == {2}
-    assert_close(losses(run), losses(one), rel=FSDP_REL)
-    assert_close(evals(run), evals(one), rel=FSDP_REL)
+    assert_close(evals(run), evals(one), rel=FSDP_EVAL_REL)
+    assert_close(losses(run), losses(one), rel=FSDP_LOSS_REL)
 
 
-FSDP_REL = 1e-3
+# FSDP2 (accelerate's bf16 MixedPrecisionPolicy: bf16 parameters in the forward, not autocast over fp32) against
+# 1 process (autocast), fp8 tensorwise, 6 steps: held-out losses measured within 1.5e-4 relative (1e-3: a 6x margin);
+# the logged training loss of the FSDP2 run is a bf16 number (6.4609375, ...): half a bf16 ulp is up to 3.9e-3 of a
+# loss in [4, 8), measured up to 1.2e-3 (5e-3 allows the rounding plus the training difference).
+FSDP_EVAL_REL = 1e-3
+FSDP_LOSS_REL = 5e-3
