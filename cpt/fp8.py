@@ -46,7 +46,8 @@ def check_config(cfg) -> None:
     except ImportError as e:
         raise ConfigError(f"train.fp8: torchao's float8 training cannot be imported ({e}): {INSTALL}") from None
     if not hasattr(Float8LinearConfig, "from_recipe_name"):
-        raise ConfigError(f"train.fp8: the installed torchao is too old (no Float8LinearConfig.from_recipe_name): {INSTALL}")
+        raise ConfigError("train.fp8: the installed torchao is too old (no Float8LinearConfig.from_recipe_name): "
+                          + INSTALL)
 
 
 def check_device(device: torch.device) -> str | None:

@@ -54,6 +54,10 @@ part llama1b_mb8_regional ${T_MB8R:-150} $bench --shapes llama-1b --frameworks c
 part smollm2_trainer ${T_SMOL_TR:-60} $bench --shapes smollm2-360m --frameworks trainer --json "$R/smollm2_trainer.json"
 part smollm2_mb16_regional ${T_SMOL16R:-150} $bench --shapes smollm2-360m --frameworks cpt --micro-batch 16 \
   --cpt-set model.compile=regional --json "$R/smollm2_mb16_regional.json"
+# FP8 training (train.fp8, torchao; its wheel in .whl/): llama-1b as llama1b_mb8_regional but with the Linear layers
+# in float8 (tensorwise); its tokens/s against llama1b_mb8_regional's is the speed-up (MFU stays over the bf16 peak)
+part llama1b_mb8_regional_fp8 ${T_FP8:-150} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set model.compile=regional --cpt-set train.fp8=tensorwise --json "$R/llama1b_mb8_regional_fp8.json"
 # then, time permitting (a second call on the warm machine): the whole-model compile at 1B and 360M (46.9% MFU at
 # 1B on the H200), larger loss chunks at 1B, Liger's layer kernels at 1B (5.7% slower than without on the H200,
 # 2026-11-27), the loss-only benchmark

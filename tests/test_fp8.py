@@ -15,16 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torchao.float8.float8_linear import Float8Linear  # (the fp8 extra, in [all]: required by the tests)
 
+from cpt import fp8
 from cpt.config import ConfigError, load_config
 from conftest import tiny_llama
 from launching import ROOT, assert_close, evals, finish, losses, rank_env, start, two_process_config, world_sizes
 from launching import write_config
-
-pytest.importorskip("torchao.float8")
-from torchao.float8.float8_linear import Float8Linear  # noqa: E402
-
-from cpt import fp8  # noqa: E402
 
 # fp8 against bf16 on the tiny base, 6 steps: measured max relative gap 1.1e-4 (train loss), 2.4e-4 (held-out loss)
 # over the three recipes (torch 2.13 CPU, torchao 0.18); the tolerance leaves a 4x margin.
@@ -107,12 +104,12 @@ def test_refusals_name_the_field(tiny_cpt_data, tiny_base, tmp_path, monkeypatch
             load_config(base={**cfg, "train": {**cfg["train"], **change}})
     with pytest.raises(ConfigError, match=r"train.fp8: tensorwise .* not with model.lora \(LoRA/QLoRA\)"):
         load_config(base={**cfg, "model": {**cfg["model"], "lora": {"r": 4}}})
-    with pytest.raises(ConfigError, match="unknown_recipe|train.fp8"):
+    with pytest.raises(ConfigError, match=r"train.fp8.*'tensorwise', 'rowwise' or 'rowwise_with_gw_hp'"):
         load_config(base={**cfg, "train": {**cfg["train"], "fp8": "unknown_recipe"}})
 
     real = fp8.importlib.util.find_spec
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"train.fp8: tensorwise needs torchao, which is not installed: pip install 'cpt\[fp8\]'"):
+    with pytest.raises(ConfigError, match=r"train.fp8: tensorwise needs torchao, which is not installed: pip install"):
         train_run(cfg)  # refused before anything loads or is written
     assert not (tmp_path / "run").exists()
 
@@ -121,7 +118,7 @@ def test_the_device_check(monkeypatch):
     assert "for testing only" in fp8.check_device(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
-    with pytest.raises(ConfigError, match=r"train.fp8 needs a CUDA GPU of compute capability 8.9 or more .* A100-SXM4-80GB is 8.0"):
+    with pytest.raises(ConfigError, match=r"train.fp8 needs a CUDA GPU of compute capability 8.9 or more .*A100.*8.0"):
         fp8.check_device(torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert fp8.check_device(torch.device("cuda", 0)) is None  # H100

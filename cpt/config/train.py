@@ -67,7 +67,7 @@ class TrainConfig(Strict):
     # FP8 training (cpt/fp8.py, torchao's float8 training; pip install 'cpt[fp8]'): the Linear layers (not lm_head or
     # MoE routers; sizes multiples of 16) matmul in float8 with dynamic scales per tensor ("tensorwise", fastest), per
     # row ("rowwise") or per row with the weight gradient in bf16 ("rowwise_with_gw_hp", most accurate). Needs
-    # train.precision bf16, a full model (not model.lora) and a GPU of compute capability 8.9+ (H100); on CPU: tests only
+    # train.precision bf16, a full model (not model.lora), a GPU of compute capability 8.9+ (H100); on CPU: tests only
     fp8: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] | None = None
     log_every: int = Field(10, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0)
@@ -93,7 +93,7 @@ class TrainConfig(Strict):
     # z-loss (PaLM, OLMo 2): this weight x mean(logsumexp(logits)^2) added to the training loss, keeping the softmax
     # normaliser near 0 (stability in bf16); 0: off. Logged as train/z_loss; train/loss stays the next-token loss
     z_loss: float = Field(0.0, ge=0)
-    peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU; None: guessed from the device name
+    peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU (train.fp8 too); None: from the device name
     # with several processes on GPUs: steps between the all-rank checks for a preemption signal (each costs a host sync)
     preemption_check_every: int = Field(10, gt=0)
     # seconds a collective (gradient all-reduce, barrier) waits for the other ranks before the run fails instead of
