@@ -14,9 +14,10 @@ accelerate.prepare (FSDP2 shards the converted modules): cpt/train.py ``_with_op
 
 Requirements, checked before anything loads (one ConfigError naming the field): torchao (``pip install
 'cpt[fp8]'``), ``train.precision: bf16`` (torchao runs the float8 matmuls under bf16 autocast: its ``Float8Linear``
-casts its input to the autocast dtype, and outputs bf16), a full model (not ``model.lora``), not DeepSpeed ZeRO-3
-(untested), and on CUDA a GPU of compute capability 8.9 or more (Ada, Hopper, Blackwell: float8 tensor cores). On
-CPU it runs (torch's CPU ``_scaled_mm``) for testing only: slow, no speed-up.
+casts its input to the autocast dtype, and outputs bf16), a full model (not ``model.lora``), and on CUDA a GPU of
+compute capability 8.9 or more (Ada, Hopper, Blackwell: float8 tensor cores). On CPU it runs (torch's CPU
+``_scaled_mm``) for testing only: slow, no speed-up. Tested with one process, FSDP2 and DeepSpeed ZeRO-3
+(tests/test_fp8.py).
 """
 
 from __future__ import annotations
@@ -68,15 +69,6 @@ def check_device(device: torch.device) -> str | None:
     return None
 
 
-def check_backend(acc) -> None:
-    """DeepSpeed ZeRO-3 partitions each Linear's weight outside its module's forward: not tested with Float8Linear."""
-    from cpt.distributed import zero_stage
-
-    if zero_stage(acc) == 3:
-        raise ConfigError("train.fp8 is not supported under DeepSpeed ZeRO-3 (untested with torchao's Float8Linear): "
-                          "use FSDP2 (scripts/launch.sh CONFIG fsdp) or DDP, or set train.fp8: null")
-
-
 def qualifies(module: nn.Module, name: str, head: nn.Module | None) -> bool:
     """Whether the Linear ``module`` (at ``name``) trains in float8: both sizes multiples of 16, not the output
     head, not a mixture-of-experts router."""
@@ -117,20 +109,25 @@ def _cpu_autocast_input(module, args):
     return None
 
 
+def preflight(cfg, acc, say) -> None:
+    """``train.fp8``: torchao and the device, checked at the start before anything loads (the config's
+    own checks, model.lora and train.precision, are RunConfig's); on CPU a log line saying it is for testing only."""
+    if cfg.train.fp8 is None:
+        return
+    check_config(cfg)
+    if note := check_device(acc.device):
+        say(note)
+
+
 def convert_for_run(model: nn.Module, cfg, acc, say) -> nn.Module:
-    """``train.fp8``: the device and backend checks, then the conversion, with a run-log line
-    ("train.fp8: N of M Linear layers in float8 (recipe ...)"). Before the optimizer, compile and accelerate.prepare."""
+    """``train.fp8``: the conversion (after :func:`preflight`), with a run-log line ("train.fp8: N of M Linear layers
+    in float8 (recipe ...)"). Before the optimizer, compile and accelerate.prepare."""
     recipe = cfg.train.fp8
     if recipe is None:
         return model
-    check_config(cfg)
-    note = check_device(acc.device)
-    check_backend(acc)
     converted, total = convert(model, recipe)
     say(f"train.fp8: {converted} of {total} Linear layers in float8 (recipe {recipe}; lm_head, routers and layers "
         "with a size not a multiple of 16 stay in bf16)")
-    if note:
-        say(note)
     return model
 
 

@@ -97,7 +97,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         set_seed(cfg.run.seed)
         # where the run starts (fresh, --resume, a new stage, an anneal branch; a LoRA stage on a full model: its base)
         start = start_for_run(cfg, cfg.checkpoint.resume if resume is None else resume, allow_config_change, acc, say)
-        _preflight(cfg, start, say)  # one clear error before anything loads
+        _preflight(cfg, start, acc, say)  # one clear error before anything loads
         for line in format_mixes(cfg.stages):
             say(line)
         B, L = cfg.train.global_batch_size, cfg.data.seq_len
@@ -345,10 +345,10 @@ def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | 
     return None
 
 
-def _preflight(cfg: RunConfig, start: Start, say) -> None:
+def _preflight(cfg: RunConfig, start: Start, acc, say) -> None:
     """Checks that need neither the model nor the data, run before anything is loaded or written."""
     check_attn_implementation(cfg.model)
-    fp8.check_config(cfg)  # train.fp8: torchao installed
+    fp8.preflight(cfg, acc, say)  # train.fp8: torchao, the device (a CUDA capability of 8.9+)
     if cfg.train.anneal_steps and start.resume is None:  # a cpt checkpoint in a constant or stable phase
         anneal_branch_start(cfg, start.init)
     if (warning := unprotected_batch_job(cfg)) is not None:  # SLURM without checkpoint.every
