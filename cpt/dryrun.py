@@ -76,6 +76,11 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
         from cpt.adapters import check_lora_modules
 
         check_lora_modules(model, cfg.model.lora)
+    if cfg.train.fp8 is not None:  # torchao installed, some Linear layer qualifies (cpt/fp8.py)
+        from cpt import fp8
+
+        fp8.check_config(cfg)
+        fp8.select(model)
     new_ids: list[int] = []
     if cfg.model.vocab is not None:  # training reads the data with the extended tokenizer (shards made with it), and
         from cpt.vocab import extend_vocabulary  # trains the new rows (under LoRA and model.freeze too)

@@ -79,11 +79,9 @@ def qualifies(module: nn.Module, name: str, head: nn.Module | None) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def convert(model: nn.Module, recipe: str) -> tuple[int, int]:
-    """Swap the qualifying Linear layers of ``model`` for torchao's Float8Linear (in place; the same weight
-    Parameters). Returns (converted, all Linear layers); raises ConfigError if none qualifies."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
+def select(model: nn.Module) -> tuple[set[str], int]:
+    """(the names of the Linear layers of ``model`` that train in float8, the number of its Linear layers); a
+    ConfigError if none qualifies. Works on a model on the meta device too (`cpt train --dry-run`)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen = {name for name, m in linears.items() if qualifies(m, name, head)}
@@ -91,12 +89,21 @@ def convert(model: nn.Module, recipe: str) -> tuple[int, int]:
         sizes = sorted({(m.in_features, m.out_features) for m in linears.values()})[:4]
         raise ConfigError(f"train.fp8: none of the model's {len(linears)} Linear layers qualifies for float8 (both "
                           f"sizes multiples of 16, not lm_head or a router; sizes seen: {sizes}): set train.fp8: null")
+    return chosen, len(linears)
+
+
+def convert(model: nn.Module, recipe: str) -> tuple[int, int]:
+    """Swap the qualifying Linear layers of ``model`` (:func:`select`) for torchao's Float8Linear (in place; the same
+    weight Parameters). Returns (converted, all Linear layers)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    chosen, total = select(model)
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
                                module_filter_fn=lambda m, fqn: fqn in chosen)
     for name, m in model.named_modules():
         if name in chosen:
             m.register_forward_pre_hook(_cpu_autocast_input)
-    return len(chosen), len(linears)
+    return len(chosen), total
 
 
 def _cpu_autocast_input(module, args):

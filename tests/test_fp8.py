@@ -126,6 +126,21 @@ def test_the_device_check(monkeypatch):
         fp8.check_device(torch.device("mps"))
 
 
+def test_dry_run_checks_torchao_and_the_layers(tiny_cpt_data, tiny_base, tmp_path, monkeypatch):
+    """`cpt train --dry-run` (a meta-device model): torchao missing, or no Linear layer qualifying, refused there."""
+    from cpt.dryrun import describe_run
+
+    cfg = config(tiny_cpt_data, tiny_base, tmp_path / "run", "rowwise")
+    assert describe_run(load_config(base=cfg))["total"]["steps"] == 6
+    narrow = {**cfg, "model": {**cfg["model"], "config_overrides": {"hidden_size": 40, "intermediate_size": 40}}}
+    with pytest.raises(ConfigError, match="train.fp8: none of the model's 15 Linear layers qualifies"):
+        describe_run(load_config(base=narrow))
+    real = fp8.importlib.util.find_spec
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(ConfigError, match="train.fp8: rowwise needs torchao, which is not installed"):
+        describe_run(load_config(base=cfg))
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 
