@@ -375,8 +375,7 @@ def _flops_per_token(model, seq_len: int) -> float:
 
 def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
     """(model, AdamW) before accelerate.prepare: float8 layers (train.fp8), parameter groups, new rows' LR, chunked loss, compile."""
-    fp8.convert_for_run(model, cfg, acc, say)  # same Parameters, same state-dict keys (cpt/fp8.py)
-    optimizer = optim.build_optimizer(model, cfg.optim, acc.device.type)
+    optimizer = optim.build_optimizer(fp8.convert_for_run(model, cfg, acc, say), cfg.optim, acc.device.type)
     if new_token_ids and cfg.model.vocab is not None and cfg.model.vocab.new_rows_lr_multiplier:
         scale_new_rows_updates(model, optimizer, new_token_ids, cfg.model.vocab.new_rows_lr_multiplier, acc)
     use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)  # no full logits, where supported
