@@ -26,18 +26,18 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 
-from cpt import consolidate, fp8, lm_loss, optim
+from cpt import consolidate, fp8, lm_loss, optim, run_end
 from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.base_dtype import cast_frozen_base
 from cpt.checkpoint import TRAINER_STATE, CheckpointManager, wait_for_writers
 from cpt.compiling import compile_model
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
-from cpt.console import RunOutput, preempted_line
+from cpt.console import RunOutput
 from cpt.data.loader import CPTDataLoader
 from cpt.data.prefetch import Prefetcher
-from cpt.distributed import Backend, PreemptionFlag, accelerator_for, any_rank, backend, unprotected_batch_job
+from cpt.distributed import Backend, PreemptionFlag, accelerator_for, backend, unprotected_batch_job
 from cpt.ema import EMA
-from cpt.evaluate import HeldoutEvaluator, format_summary_table, heldout_loss, heldout_sets
+from cpt.evaluate import HeldoutEvaluator, heldout_loss, heldout_sets
 from cpt.export import export_hf
 from cpt.lm_loss import LogWindow, SourceLoss, use_chunked_loss
 from cpt.metrics import MetricsLogger
@@ -50,7 +50,7 @@ from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
 from cpt.stage_base import start_for_run
 from cpt.state import TrainState
-from cpt.throughput import (ComputeAccount, Throughput, TrainClock, device_name, format_compute, peak_flops_for,
+from cpt.throughput import (ComputeAccount, Throughput, TrainClock, device_name, peak_flops_for,
                             peak_memory_gb, shape_flops_per_token)
 from cpt.update_guard import Outcome, UpdateGuard
 from cpt.vocab import scale_new_rows_updates
@@ -146,7 +146,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         if bench is not None and bench.needs_start_evaluation():  # the base model's benchmark scores
             out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
 
-        _redo_interrupted_export(cfg, start, state.step, total_steps, model, tokenizer, acc)  # a kill during it
+        run_end.redo_interrupted_export(cfg, start, state.step, total_steps, model, tokenizer, acc)  # a kill during it
 
         # --- the loop
         out.start_bar(cfg.train.progress_bar and acc.is_main_process, state.step, total_steps, cfg.run.name)
@@ -190,7 +190,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             lm_eval_now = bench is not None and bench.should_evaluate(state.step, plan.starts) and state.step < total_steps
             preempted = stop.requested(acc, state.step)
             save_now = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or preempted
-            export_now = _periodic_export_dir(cfg, state.step, total_steps)  # exports/step_N, or None
+            export_now = run_end.periodic_export_dir(cfg, state.step, total_steps)  # exports/step_N, or None
             if evaluate_now or lm_eval_now or save_now or export_now:
                 clock.lap(sync_device=True)  # the training steps queued so far count as training time, what follows not
                 if evaluate_now:
@@ -216,14 +216,14 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             if cfg.checkpoint.every:
                 ckpts.save(state.step, components, config_yaml)
             if cfg.checkpoint.export_at_end:
-                export_dir = _export_final(cfg, model, tokenizer, ema, acc, logger)
+                export_dir = run_end.export_final(cfg, model, tokenizer, ema, acc, logger)
             if bench is not None and cfg.eval.lm_eval.at_end:
                 out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
         ckpts.wait()  # the last (background) checkpoint write is on disk before the run reports its end
         summary, compute = evaluator.summary(), account.metrics(state.tokens, flops_per_token)
         logger.log({"train/tokens": state.tokens, **compute}, step=state.step)
         logger.close()  # (the report reads metrics.jsonl)
-        _end_of_run(cfg, acc, run_dir, stopped, state, total_steps, summary, bench, compute, say, export_dir)
+        run_end.end_of_run(cfg, acc, run_dir, stopped, state, total_steps, summary, bench, compute, say, export_dir)
         return TrainResult(run_dir, state.step, state.tokens, export_dir, summary, stopped,
                            benchmarks=bench.summary() if bench else [])
 
@@ -325,24 +325,6 @@ def lock_only(run_dir: Path) -> bool:
         return run_dir.is_dir() and not any(run_dir.iterdir())
     except OSError:
         return False
-
-
-def _redo_interrupted_export(cfg: RunConfig, start: Start, step: int, total_steps: int, model, tokenizer, acc) -> None:
-    """Write the periodic HF export of the step a run resumes at if it is missing: the run was killed during that
-    export, after the step's checkpoint was written (the export follows the checkpoint). The main process's view
-    decides for every rank: the export is collective."""
-    path = _periodic_export_dir(cfg, step, total_steps)
-    if start.resume is not None and path is not None and any_rank(acc, acc.is_main_process and not path.is_dir()):
-        export_hf(model, tokenizer, path, acc, cfg.checkpoint)
-
-
-def _periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | None:
-    """``exports/step_N`` when step N gets a periodic HF export (``checkpoint.export_every``; the last step's is
-    ``export/``), else None."""
-    every = cfg.checkpoint.export_every
-    if every and step % every == 0 and 0 < step < total_steps:
-        return Path(cfg.run.output_dir) / "exports" / f"step_{step:08d}"
-    return None
 
 
 def _preflight(cfg: RunConfig, start: Start, acc, say) -> None:
@@ -455,46 +437,3 @@ def _benchmarks(cfg: RunConfig, acc, say):
     from eval_harness.benchmarks import BenchmarkTracker  # (lm-eval: the eval extra)
 
     return BenchmarkTracker.from_config(cfg, acc, echo=say)  # (echo: a line as each evaluation starts)
-
-
-def _export_final(cfg: RunConfig, model, tokenizer, ema, acc, logger: MetricsLogger) -> Path:
-    """The HF export of the final weights (and of the EMA weights, with train.ema_decay)."""
-    run_dir = Path(cfg.run.output_dir)
-    export_dir = export_hf(model, tokenizer, run_dir / "export", acc, cfg.checkpoint)
-    if ema is not None:
-        with ema.swapped(acc.unwrap_model(model)):
-            export_hf(model, tokenizer, run_dir / "export-ema", acc, cfg.checkpoint, masters=False)
-    logger.log_artifact(export_dir, f"{cfg.run.name}-final")
-    return export_dir
-
-
-def _end_of_run(cfg: RunConfig, acc, run_dir: Path, stopped, state, total_steps: int, summary, bench, compute, say,
-                export_dir: Path | None) -> None:
-    """The main process prints the summary tables and writes the plots and report; every rank meets the others a
-    last time; then the main process pushes the final export to the hub (``checkpoint.push_to_hub``): after that
-    barrier, so that no rank waits out ``train.distributed_timeout_s`` at it while tens of GB upload."""
-    if acc.is_main_process:
-        _print_summary(cfg, run_dir, stopped, state.step, total_steps, summary, bench, compute, acc.num_processes, say)
-    acc.wait_for_everyone()
-    if acc.is_main_process and cfg.checkpoint.push_to_hub and export_dir is not None:
-        from cpt.hub import push_run_export
-
-        push_run_export(cfg, export_dir, state.step, state.tokens, say)
-
-
-def _print_summary(cfg: RunConfig, run_dir: Path, stopped, step: int, total_steps: int, summary, bench, compute,
-                   num_processes: int, say) -> None:
-    if stopped:
-        say(preempted_line(step, total_steps, run_dir))
-    if summary:
-        say(format_summary_table(summary))
-    if bench is not None and bench.summary():
-        from eval_harness.benchmarks import format_benchmark_table
-
-        say("benchmarks (lm-eval; ± standard error):\n" + format_benchmark_table(bench.summary()))
-    say(format_compute(compute, num_processes))
-    if cfg.logging.plot:
-        from cpt.report import write_report  # (matplotlib)
-
-        say(f"report: {write_report([run_dir], run_dir / 'report')}")
-    say(f"run directory: {run_dir}")

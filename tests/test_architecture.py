@@ -30,7 +30,7 @@ LAYERS = (
     ("components", ("cpt.optim", "cpt.ema", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate",
                     "cpt.metrics", "cpt.throughput", "cpt.profiling", "cpt.checkpoint", "cpt.checkpoint_files", "cpt.host_memory", "cpt.adapter_checkpoint", "cpt.adapter_shards", "cpt.sharded_save", "cpt.zero_save", "cpt.resume", "cpt.consolidate", "cpt.checkpoint_export", "cpt.stage_base", "cpt.run_metrics", "cpt.report", "cpt.hub",
                     "eval_harness")),
-    ("loop", ("cpt.train", "cpt.dryrun")),
+    ("loop", ("cpt.train", "cpt.run_end", "cpt.dryrun")),
     ("commands", ("cpt.cli", "cpt.commands", "cpt.experiment", "cpt.demo")),
 )
 
