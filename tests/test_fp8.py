@@ -221,3 +221,22 @@ def test_two_processes_give_the_one_process_fp8_run_and_a_plain_export(strategy,
     model = AutoModelForCausalLM.from_pretrained(run / "export")  # gathered, plain transformers
     assert not any(isinstance(m, Float8Linear) for m in model.modules())
     assert model.state_dict().keys() == AutoModelForCausalLM.from_pretrained(one / "export").state_dict().keys()
+
+
+def test_torchao_installed_adds_no_lines_to_every_runs_log():
+    """With torchao installed, transformers imports it in every cpt process (every rank of every run, fp8 or not); its
+    import logged torch's deprecation notice about its Enum registrations, and on a machine without CUDA a "Failed
+    to load .../_C*.so" line per CUDA kernel library, into every run's log (rank-prefixed under a launch). cpt's
+    package filters exactly those (cpt/__init__.py); a plain `import torchao` still logs them."""
+    import subprocess
+    import sys
+
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}).stderr
+
+    noise = ("is an Enum subclass and is now natively supported", "Failed to load")
+    plain = stderr_of("import torchao")
+    assert any(n in plain for n in noise), plain[-2000:]  # (what the filter is for: torchao 0.18 on torch 2.13)
+    with_cpt = stderr_of("import sys, cpt.train, torchao; assert 'torchao' in sys.modules")
+    assert not any(n in with_cpt for n in noise) and "Error" not in with_cpt, with_cpt[-2000:]
