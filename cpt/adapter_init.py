@@ -231,9 +231,9 @@ def mismatch_hint(model) -> str:
 def refuse_unsupported(model, acc) -> None:
     """A base-rewriting init under DeepSpeed ZeRO-3: refused in one line naming the field (ZeRO-3 partitions the base
     weights the residual is computed on; ZeRO-1/2 keep them whole on every rank, as DDP: tested)."""
-    from cpt.distributed import Backend, backend, zero_stage
+    from cpt.distributed import zero_stage
 
-    if getattr(model, INIT_FACTORS, None) is not None and backend(acc) is Backend.DEEPSPEED and zero_stage(acc) == 3:
+    if getattr(model, INIT_FACTORS, None) is not None and zero_stage(acc) == 3:
         init = model.peft_config[model.active_adapter].init_lora_weights
         raise ConfigError(f"model.lora.init_lora_weights: {init} is not supported under DeepSpeed ZeRO-3 (it rewrites "
                           "the base weights, which ZeRO-3 partitions); launch with DDP, FSDP2 or ZeRO-2, or use "

@@ -225,15 +225,11 @@ def files_fingerprint(model, hash_here: bool = True, **_) -> str | None:
 
 def refuse_backend(model, acc) -> None:
     """A quantized base under FSDP2 or DeepSpeed ZeRO-3: one line before anything is written."""
-    from cpt.distributed import Backend, backend, zero_stage
+    from cpt.distributed import Backend, backend, shards_weights
 
-    if not is_quantized(model):
-        return
-
-    b = backend(acc)
-    if b is Backend.FSDP or zero_stage(acc) == 3:
-        raise ConfigError(_refusal(getattr(model, MARK)["spec"]["quantize_base"], "FSDP" if b is Backend.FSDP else
-                                   "DeepSpeed ZeRO-3"))
+    if is_quantized(model) and shards_weights(acc):
+        launch = "FSDP" if backend(acc) is Backend.FSDP else "DeepSpeed ZeRO-3"
+        raise ConfigError(_refusal(getattr(model, MARK)["spec"]["quantize_base"], launch))
 
 
 def _refusal(kind: str, launch: str) -> str:
