@@ -5,7 +5,8 @@
 # `restartPolicy: OnFailure` or a podFailurePolicy then starts it again; add --resume), 0 when the run finished and
 # the launcher's status after an error. The ranks still exit 0 on a preempted stop (a rank's non-zero exit makes
 # torchrun print a ChildFailedError traceback and exit 1): the node's first rank writes the file $CPT_PREEMPTED_MARKER
-# names, a fresh one per launch, and this script turns the launcher's 0 into N. It then runs the launcher in the
+# names, a fresh one per launch, and this script turns the launcher's status into N (torchrun's 1 too: a SIGTERM to the
+# whole process group signals it as well, and it then exits 1 although its ranks saved). It then runs the launcher in the
 # background and passes a SIGTERM or SIGUSR1 sent to it to the ranks, the launcher's children (a pod's SIGTERM reaches
 # only the container's first process; torchrun's agent would die of a SIGUSR1 and gives its ranks 30 s after a SIGTERM).
 set -euo pipefail
@@ -41,7 +42,10 @@ trap 'relay USR1' USR1
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done  # (a trap interrupts `wait`)
 rc=0
 wait "$launcher" || rc=$?  # (its status, kept by bash)
-if [ "$rc" = 0 ] && [ -s "$CPT_PREEMPTED_MARKER" ]; then
+if [ -s "$CPT_PREEMPTED_MARKER" ]; then  # (written after every rank's checkpoint is saved)
+  # a SIGTERM to the whole process group reaches torchrun too: it exits 1 with a SignalException traceback of its
+  # own although its ranks saved and exited 0; the run is still a preempted stop to resume
+  [ "$rc" = 0 ] || echo "${0##*/}: the launcher exited $rc after its ranks' preempted stop (torchrun was signalled too)" >&2
   echo "${0##*/}: the run was preempted (its checkpoint is saved): exit $code (--preempted-exit-code)" >&2
   exit "$code"
 fi

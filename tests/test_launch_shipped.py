@@ -15,6 +15,7 @@ between world sizes and backends.
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -451,13 +452,16 @@ def test_a_shard_refused_by_rank_0_stops_every_rank_with_one_line(tiny_cpt_data,
     assert not re.search(r"\[rank\d\]: Traceback", log) and "Connection closed" not in log, log[-5000:]
 
 
-@pytest.mark.parametrize("launcher", [["launch.sh"], ["launch_deepspeed.sh", "2"]], ids=["launch", "launch_deepspeed"])
-def test_preempted_exit_code_through_the_shipped_launcher(tiny_cpt_data, tiny_base, tmp_path, launcher):
+@pytest.mark.parametrize("launcher,group", [(["launch.sh"], True), (["launch_deepspeed.sh", "2"], False)],
+                         ids=["launch-group", "launch_deepspeed"])
+def test_preempted_exit_code_through_the_shipped_launcher(tiny_cpt_data, tiny_base, tmp_path, launcher, group):
     """`scripts/launch.sh run.yaml --preempted-exit-code 75` (and `scripts/launch_deepspeed.sh run.yaml 2 ...`, ZeRO-2)
-    on 2 processes, SIGTERM to the script only (a pod's SIGTERM reaches the container's first process): it passes the
-    signal to the ranks, which save their checkpoint and exit 0 (no ChildFailedError traceback from torchrun), and the
-    launch exits 75 (it exited 0, or 143 with the ranks left training, before); the marker file it made for the ranks
-    is gone with it."""
+    on 2 processes. ZeRO-2: SIGTERM to the script only (a pod's SIGTERM reaches the container's first process): it
+    passes the signal to the ranks, which save their checkpoint and exit 0 (no ChildFailedError traceback from
+    torchrun), and the launch exits 75 (it exited 0, or 143 with the ranks left training, before). DDP: SIGTERM to the
+    whole process group (script, torchrun and ranks; `tini -g`, a terminal's job control): torchrun exits 1 with its own
+    SignalException traceback although its ranks saved, and the launch still exits 75 (it exited 1 before). The marker
+    file it made for the ranks is gone with it."""
     cfg = two_process_config(tiny_cpt_data, tiny_base, tmp_path / "run", steps=60, eval_every=100,
                              checkpoint={"every": 100})
     out = tmp_path / "run"
@@ -465,15 +469,25 @@ def test_preempted_exit_code_through_the_shipped_launcher(tiny_cpt_data, tiny_ba
     env = {**rank_env(cpu=True), "NUM_GPUS": "2", "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     script, *strategy = launcher
-    proc = start([str(ROOT / "scripts" / script), str(cfg_path), *strategy, "--preempted-exit-code", "75"], tmp_path, env)
+    proc = subprocess.Popen([str(ROOT / "scripts" / script), str(cfg_path), *strategy, "--preempted-exit-code", "75"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # (its own process group, as a job's)
     t0 = time.time()
     while len(losses(out)) < 2:
         assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-5000:] if proc.poll() is not None else "timed out"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     rc, log = finish(proc, timeout=300)
     assert rc == 75, log[-5000:]
-    assert "PREEMPTED at step" in log and "Traceback" not in log and "ChildFailedError" not in log, log[-5000:]
+    assert "PREEMPTED at step" in log and "ChildFailedError" not in log, log[-5000:]
+    if group:  # (torchrun's own traceback, documented; no rank's)
+        assert "SignalException" in log and "launcher exited 1 after its ranks' preempted stop" in log, log[-5000:]
+        assert not re.search(r"\[rank\d\]: Traceback", log), log[-5000:]
+    else:
+        assert "Traceback" not in log, log[-5000:]
     assert "accelerate_launch.sh: the run was preempted (its checkpoint is saved): exit 75" in log
     k = int(sorted((out / "checkpoints").glob("step_*"))[-1].name[5:])
     assert 2 <= k < 60 and not (out / "export").exists()
