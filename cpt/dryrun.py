@@ -94,7 +94,7 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     data_cfg = cfg.data.model_copy(update={"verify_checksums": False})
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
     for h in cfg.data.heldout:  # each held-out set's tokenizer hash and length, as training checks them at start
-        load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, verify=False)
+        load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, verify=False, retry=cfg.data.remote)
     if cfg.eval.lm_eval.tasks:  # every lm-eval task name is known (bundled, include_path or lm-eval's own)
         from eval_harness.benchmarks import BenchmarkTracker
 

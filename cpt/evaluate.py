@@ -165,7 +165,8 @@ def heldout_sets(cfg, tokenizer, acc, say=print) -> list[HeldoutSet]:
     sets = []
     for h in cfg.data.heldout:
         sample = sample_heldout(h, tokenizer, cfg.data.seq_len, h.max_tokens or cfg.eval.tokens_per_set, seed=cfg.eval.sample_seed,
-                                verify=acc.is_main_process and cfg.data.verify_checksums, check_sizes=acc.is_main_process)
+                                verify=acc.is_main_process and cfg.data.verify_checksums, check_sizes=acc.is_main_process,
+                                retry=cfg.data.remote)
         sets.append(HeldoutSet(h.name, h.tag, sample.tokens, sample.docs, sample.total_docs, sample.total_tokens))
         say(f"held-out set {h.name} ({h.tag}): evaluating {sample.describe()}")
     return sets

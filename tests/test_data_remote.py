@@ -15,6 +15,7 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
+from cpt.config import RemoteConfig
 from cpt.data import remote
 from cpt.data.prepare import prepare
 from cpt.data.shards import ShardError, TokenShards
@@ -48,7 +49,7 @@ def flaky(tmp_path, tokenizer, monkeypatch):
     fsspec.register_implementation("flaky", FlakyFS, clobber=True)
     monkeypatch.setattr(FlakyFS, "faults", {})
     monkeypatch.setattr(FlakyFS, "calls", [])
-    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(remote, "DEFAULT", RemoteConfig(retry_wait_s=0.0))  # (reads given no data.remote)
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(150, seed=11)])
     out = tmp_path / "src"
     prepare([str(src)], tokenizer, out, shard_tokens=700)
@@ -64,7 +65,9 @@ def test_transient_errors_and_short_reads_are_retried_logged_and_counted(flaky, 
     out, url = flaky
     stages = [stage(6, {"a": 1.0})]
     local = CPTDataLoader(data_config([{"name": "a", "path": str(out)}], seq_len=8), stages, tokenizer, 8, seed=0)
-    loader = CPTDataLoader(data_config([{"name": "a", "path": url}], seq_len=8), stages, tokenizer, 8, seed=0)
+    remote_cfg = {"read_retries": 5, "retry_wait_s": 0.0}  # (data.remote: the loader's sources read with it)
+    loader = CPTDataLoader(data_config([{"name": "a", "path": url}], seq_len=8, remote=remote_cfg), stages, tokenizer, 8,
+                           seed=0)
     first = len(FlakyFS.calls)  # (opening reads the manifest with one cat_file)
     # 8 rows a batch (a row across a shard boundary is 2 ranges): faults in the 2nd, 3rd and 5th batch
     FlakyFS.faults = {first + 10: ConnectionResetError("peer reset"), first + 20: TimeoutError("read timed out"),
@@ -74,15 +77,14 @@ def test_transient_errors_and_short_reads_are_retried_logged_and_counted(flaky, 
             assert torch.equal(local.batch(s)["input_ids"], loader.batch(s)["input_ids"])
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert len(retries) == 3 and loader.metrics()["data/read_retries/a"] == 3.0
-    assert "ConnectionResetError: peer reset; 1 of 8 ranges" in retries[0] and "retry 1/" in retries[0]
+    assert "ConnectionResetError: peer reset; 1 of 8 ranges" in retries[0] and "retry 1/5 in 0 s" in retries[0]
     assert "TimeoutError: read timed out; 2 of 8 ranges" in retries[1] and "short read" in retries[2]
     assert "data/read_retries/a" not in local.metrics()
 
 
 def test_a_failure_that_does_not_mend_stops_with_one_line_after_bounded_retries(flaky, monkeypatch):
     _, url = flaky
-    s = TokenShards.open(url)
-    monkeypatch.setattr(remote, "READ_RETRIES", 3)
+    s = TokenShards.open(url, retry=RemoteConfig(read_retries=3, retry_wait_s=0.0))
     n = len(FlakyFS.calls)
     FlakyFS.faults = {n + k: ConnectionError("no route to host") for k in range(1, 10)}
     with pytest.raises(ShardError) as e:
@@ -246,8 +248,6 @@ def test_a_run_whose_store_stays_down_stops_in_one_line_and_resumes_exactly(tiny
     fsspec.register_implementation("flaky", FlakyFS, clobber=True)
     monkeypatch.setattr(FlakyFS, "faults", {})
     monkeypatch.setattr(FlakyFS, "calls", [])
-    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.0)
-    monkeypatch.setattr(remote, "READ_RETRIES", 1)
     url = to_memory(tiny_cpt_data / "data" / "python", "/bucket/e2e").replace("memory://", "flaky://")
 
     def run(out, resume=False):
@@ -255,6 +255,7 @@ def test_a_run_whose_store_stays_down_stops_in_one_line_and_resumes_exactly(tiny
         cfg["stages"][0]["steps"] = 4
         cfg["data"]["heldout"] = []
         cfg["data"]["sources"][0]["path"] = url
+        cfg["data"]["remote"] = {"read_retries": 1, "retry_wait_s": 0}  # (the run's own retry settings)
         train(load_config(base=cfg), resume=resume, echo=lambda *a, **k: None)
         return {r["step"]: r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
 
@@ -288,7 +289,7 @@ def test_manifest_read_at_start_is_retried_then_one_line(flaky, monkeypatch):
     _, url = flaky
     FlakyFS.faults = {len(FlakyFS.calls) + 1: ConnectionResetError("peer reset")}
     assert TokenShards.open(url).num_tokens > 0  # retried once
-    monkeypatch.setattr(remote, "READ_RETRIES", 2)
+    monkeypatch.setattr(remote, "DEFAULT", RemoteConfig(read_retries=2, retry_wait_s=0.0))  # (no data.remote given)
     n = len(FlakyFS.calls)
     FlakyFS.faults = {n + k: TimeoutError("timed out") for k in range(1, 10)}
     with pytest.raises(ShardError) as e:
@@ -315,7 +316,7 @@ def test_checksum_pass_over_remote_files_rereads_a_file_after_a_transient_error(
 
 
 def test_a_shard_replaced_on_the_store_during_a_run_stops_it(flaky, tokenizer, monkeypatch):
-    """Rank 0 lists each remote source's folder again every remote.RECHECK_S (0 here: at every batch, one LIST): a
+    """Rank 0 lists each remote source's folder again every data.remote.recheck_s (0 here: at every batch, one LIST): a
     shard re-uploaded with other bytes stops the run in one line before more of it is trained on; one re-uploaded
     with the same bytes (checksummed) does not."""
     from fsspec.implementations.memory import MemoryFileSystem
@@ -323,9 +324,8 @@ def test_a_shard_replaced_on_the_store_during_a_run_stops_it(flaky, tokenizer, m
     from cpt.data.loader import CPTDataLoader
 
     _, url = flaky
-    cfg, stages = data_config([{"name": "a", "path": url}], seq_len=8), [stage(6, {"a": 1.0})]
+    cfg, stages = data_config([{"name": "a", "path": url}], seq_len=8, remote={"recheck_s": 0}), [stage(6, {"a": 1.0})]
     loader = CPTDataLoader(cfg, stages, tokenizer, 8, seed=0)
-    monkeypatch.setattr(remote, "RECHECK_S", 0.0)
     listed: list = []
     real_ls = MemoryFileSystem.ls
     monkeypatch.setattr(MemoryFileSystem, "ls", lambda self, *a, **k: (listed.append(1), real_ls(self, *a, **k))[1])
@@ -355,3 +355,61 @@ def test_a_credential_in_a_heldout_url_on_the_command_line_is_refused(command, t
         assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "'X-Amz-Signature'" in err and "s3cr3t" not in err and "environment" in err
+
+
+def test_data_remote_reaches_the_runs_held_out_sets(tiny_cpt_data, tmp_path, monkeypatch):
+    """The held-out sets of a run read remote shards with the run's data.remote (cpt.evaluate.heldout_sets passes it):
+    with read_retries 0 one reset connection stops the sample in one line, with 1 it is retried."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_run_config
+    from cpt.config import load_config
+    from cpt.evaluate import heldout_sets
+    from cpt.model import load_tokenizer
+
+    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
+    monkeypatch.setattr(FlakyFS, "faults", {})
+    monkeypatch.setattr(FlakyFS, "calls", [])
+    url = to_memory(tiny_cpt_data / "data" / "python" / "heldout", "/bucket/h").replace("memory://", "flaky://")
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    cfg["data"]["heldout"] = [{"name": "python", "path": url, "tag": "downstream"}]
+    acc = SimpleNamespace(is_main_process=True)
+    for retries in (0, 1):
+        run = load_config(base={**cfg, "data": {**cfg["data"], "remote": {"read_retries": retries, "retry_wait_s": 0}}})
+        FlakyFS.faults = {len(FlakyFS.calls) + 3: ConnectionResetError("peer reset")}  # (after the manifest, listing)
+        if retries == 0:
+            with pytest.raises(ShardError, match="failed 1 times"):
+                heldout_sets(run, load_tokenizer(run.model), acc, say=lambda *a: None)
+        else:
+            [h] = heldout_sets(run, load_tokenizer(run.model), acc, say=lambda *a: None)
+            assert h.name == "python" and len(h.tokens) > 0
+
+
+def test_remote_retries_longer_than_the_collective_timeout_are_one_config_error(tiny_cpt_data, tmp_path):
+    """Retries that can outlast train.distributed_timeout_s would let the other ranks time out in a collective while
+    one rank still retries: refused in one line naming both fields, for remote sources only; changing data.remote on
+    a --resume is not a change of the training trajectory."""
+    from conftest import tiny_run_config
+    from cpt.config import ConfigError, load_config, trajectory_changes
+
+    assert RemoteConfig().worst_wait_s() == 1 + 2 + 4 + 8 + 16 + 32 + 60 + 60  # (the documented "about 3 minutes")
+    assert RemoteConfig(read_retries=3, retry_wait_s=10, retry_max_wait_s=15).worst_wait_s() == 40
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    long = {"read_retries": 40, "retry_max_wait_s": 60}  # 40 min of waits against the default 30 min timeout
+    load_config(base={**cfg, "data": {**cfg["data"], "remote": long}})  # local shards: no remote reads, accepted
+    remote_cfg = {**cfg, "data": {**cfg["data"], "remote": long}}
+    remote_cfg["data"]["sources"] = [{**remote_cfg["data"]["sources"][0], "path": "s3://bucket/python"},
+                                     *remote_cfg["data"]["sources"][1:]]
+    with pytest.raises(ConfigError) as e:
+        load_config(base=remote_cfg)
+    msg = str(e.value)
+    assert "data.remote" in msg and "train.distributed_timeout_s (1800 s)" in msg and "2103 s" in msg  # (1+2+...+32, then 34 waits of 60)
+    load_config(base={**remote_cfg, "train": {**cfg["train"], "distributed_timeout_s": 3600}})  # raised: accepted
+    saved = load_config(base=cfg)
+    assert trajectory_changes(yaml_of(saved), load_config(base={**cfg, "data": {**cfg["data"], "remote": long}})) == []
+
+
+def yaml_of(cfg) -> dict:
+    from cpt.config import config_to_dict
+
+    return config_to_dict(cfg)

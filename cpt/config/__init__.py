@@ -8,7 +8,7 @@ name below.
 
     base.py     Strict (unknown keys are errors), ConfigError, YAML files, ``--set`` overrides, ``${VAR}``, error formatting
     stages.py   ``stages``: StageConfig, ScheduleConfig and the checks of a stage plan
-    data.py     ``data``: SourceConfig, HeldoutConfig, DataConfig
+    data.py     ``data``: SourceConfig, HeldoutConfig, RemoteConfig, DataConfig
     model.py    ``model``: ModelConfig, VocabConfig, LoraConfig, FreezeConfig (and the layer-range syntax)
     train.py    ``optim`` and ``train``: OptimConfig, TrainConfig, ReptileConfig, SpikeConfig, ProfileConfig
     eval.py     ``eval``: EvalConfig, LmEvalConfig, LmEvalTask
@@ -20,7 +20,7 @@ A bad config fails before any work with one message naming every bad field.
 
 from cpt.config.base import (ConfigError, Strict, apply_overrides, expand_env, format_validation_error,
                              read_yaml_mapping)
-from cpt.config.data import DataConfig, HeldoutConfig, SourceConfig
+from cpt.config.data import DataConfig, HeldoutConfig, RemoteConfig, SourceConfig
 from cpt.config.eval import EvalConfig, LmEvalConfig, LmEvalTask
 from cpt.config.model import (NAMED_LAYER_SETS, FreezeConfig, LoraConfig, ModelConfig, VocabConfig,
                               parse_layer_ranges)
@@ -36,7 +36,8 @@ from cpt.redaction import redact
 __all__ = [
     "CheckpointConfig", "ConfigError", "CooldownShape", "DECAY_SHAPES", "DEFAULT_DECAY_FRACTION", "DataConfig",
     "DecayShape", "EvalConfig", "FreezeConfig", "HeldoutConfig", "LmEvalConfig", "LmEvalTask", "LoggingConfig",
-    "LoraConfig", "ModelConfig", "NAMED_LAYER_SETS", "NOT_TRAJECTORY", "OptimConfig", "ProfileConfig", "ReptileConfig", "RunConfig",
+    "LoraConfig", "ModelConfig", "NAMED_LAYER_SETS", "NOT_TRAJECTORY", "OptimConfig", "ProfileConfig", "RemoteConfig",
+    "ReptileConfig", "RunConfig",
     "RunSection", "ScheduleConfig", "ScheduleType", "SourceConfig", "SpikeConfig", "StageConfig", "Strict",
     "TRAJECTORY_FIELDS", "TrainConfig", "VocabConfig", "WandbConfig", "apply_overrides", "config_to_dict", "expand_env",
     "format_mixes", "format_validation_error", "load_config", "parse_layer_ranges", "read_yaml_mapping", "redact",

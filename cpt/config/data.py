@@ -57,6 +57,22 @@ class HeldoutConfig(Strict):
     max_tokens: int | None = Field(None, gt=0)  # overrides eval.tokens_per_set for this set
 
 
+class RemoteConfig(Strict):
+    """Reading prepared shards from remote storage (s3://, gs://, http(s)://, any fsspec URL): a transient failure (a
+    reset connection, a timeout, a 5xx/408/429, a short read) is retried ``read_retries`` times, waiting
+    ``retry_wait_s`` and doubling, at most ``retry_max_wait_s`` a wait (cpt/data/remote.py). Rank 0 lists each remote
+    source's folder again every ``recheck_s`` seconds during the run, to stop on a shard replaced on the store."""
+
+    read_retries: int = Field(8, ge=0)
+    retry_wait_s: float = Field(1.0, ge=0)
+    retry_max_wait_s: float = Field(60.0, ge=0)
+    recheck_s: float = Field(600.0, ge=0)
+
+    def worst_wait_s(self) -> float:
+        """The seconds one read can spend waiting before its last retry fails (about 3 minutes with the defaults)."""
+        return sum(min(self.retry_wait_s * 2**i, self.retry_max_wait_s) for i in range(self.read_retries))
+
+
 class DataConfig(Strict):
     seq_len: int = Field(2048, gt=0)
     sources: list[SourceConfig] = Field(min_length=1)
@@ -71,6 +87,7 @@ class DataConfig(Strict):
     # intra-document attention: packed documents do not attend across EOS and their positions restart
     # (training and held-out evaluation; see cpt/data/masking.py)
     document_masking: bool = False
+    remote: RemoteConfig = Field(default_factory=RemoteConfig)  # retries and re-listing of remote shard sources
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DataConfig":

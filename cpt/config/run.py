@@ -68,6 +68,12 @@ class RunConfig(Strict):
         if self.train.fp8 is not None and self.train.precision != "bf16":
             errors.append(f"train.fp8 needs train.precision: bf16 (torchao's float8 matmuls run under bf16 autocast), "
                           f"not {self.train.precision}")
+        remote = [s.path for s in [*self.data.sources, *self.data.heldout] if "://" in str(s.path)]
+        if remote and self.data.remote.worst_wait_s() >= self.train.distributed_timeout_s:
+            errors.append(f"data.remote: a read's retries can wait {self.data.remote.worst_wait_s():g} s in all, not less "
+                          f"than train.distributed_timeout_s ({self.train.distributed_timeout_s} s): on several processes "
+                          "the other ranks would time out waiting for the retrying one; raise train.distributed_timeout_s "
+                          "or lower data.remote.read_retries / retry_max_wait_s")
         errors += validate_stage_schedules(self.stages, anneal_steps=self.train.anneal_steps)
         if errors:
             raise ValueError("\n".join(errors))  # (one problem line each)

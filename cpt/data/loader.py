@@ -72,6 +72,7 @@ class CPTDataLoader:
         self.vocab_size = _vocab_size(tokenizer)  # a token id at or past it is a corrupt shard (checked per batch)
         main = rank == 0  # the size checks are made once, by rank 0; the checksums' full read is shared by the ranks
         verify = bool(getattr(data_cfg, "verify_checksums", False))  # (a rank that finds a bad file stops the run)
+        self.remote = getattr(data_cfg, "remote", None) or remote.DEFAULT  # remote sources' retries and re-listing
         self.streams: list[PackedStream | HFTokenStream] = [
             self._open(s, tokenizer, tok_hash, verify, main) for s in self.sources
         ]
@@ -80,7 +81,7 @@ class CPTDataLoader:
                 logger.warning(msg)
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
-        # remote shard sources whose listing gave times (rank 0): listed again every remote.RECHECK_S during the run
+        # remote shard sources whose listing gave times (rank 0): listed again every data.remote.recheck_s in the run
         self._store_seen = {j: (s.shards.newest_mtime(), time.monotonic()) for j, s in enumerate(self.streams)
                             if isinstance(s, PackedStream) and s.shards._fs is not None and s.shards.newest_mtime()}
         self._fingerprint: str | None = None
@@ -91,7 +92,8 @@ class CPTDataLoader:
         try:
             shards = TokenShards.open(src.path, expected_tokenizer_hash=tok_hash, verify=verify, check_sizes=check_sizes,
                                       expected_tokenizer_name=run_tokenizer_name(tokenizer),
-                                      expected_eos_id=tokenizer.eos_token_id, verify_part=(self.rank, self.world_size))
+                                      expected_eos_id=tokenizer.eos_token_id, verify_part=(self.rank, self.world_size),
+                                      retry=self.remote)
         except ShardError as e:
             raise ShardError(f"data source {src.name!r}: {e}") from None
         return PackedStream(shards, self.seq_len, seed=self.seed, name=src.name)
@@ -129,10 +131,10 @@ class CPTDataLoader:
         return {"input_ids": torch.from_numpy(out), "source": torch.from_numpy(mine.astype(np.int64))}
 
     def _recheck_store(self) -> None:
-        """Remote shards replaced on the store during the run: found within remote.RECHECK_S (one LIST per source),
+        """Remote shards replaced on the store during the run: found within data.remote.recheck_s (one LIST a source),
         checksummed, and a changed one stops the run in one line (the checkpoints before it read the old data)."""
         for j, (ns, when) in list(self._store_seen.items()):
-            if time.monotonic() - when < remote.RECHECK_S:
+            if time.monotonic() - when < self.remote.recheck_s:
                 continue
             shards = self.streams[j].shards
             problems, unchecked = remote.changed_on_store(shards, ns)
@@ -399,7 +401,7 @@ def _vocab_size(tokenizer: Any) -> int | None:
 
 
 def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
-                   seed: int = 0, check_sizes: bool = True) -> HeldoutSample:
+                   seed: int = 0, check_sizes: bool = True, retry: Any = None) -> HeldoutSample:
     """A representative sample of a held-out set, the same for a given ``seed`` at every call.
 
     When the set holds more than ``max_tokens`` tokens (``cfg.max_tokens`` overrides it), whole documents are
@@ -407,14 +409,15 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
     chosen documents are then concatenated in their original order and cut into rows of ``seq_len`` (a tail
     shorter than one row is dropped). A set within the budget is used whole, in document order. The set's tokenizer
     hash must match the run's tokenizer; a set shorter than one sequence is an error. Only the sampled tokens are
-    read; ``verify`` also checks every file's checksum (a full read), ``check_sizes`` every file's size (see
-    TokenShards.open).
+    read; ``verify`` also checks every file's checksum (a full read), ``check_sizes`` every file's size, ``retry`` sets
+    remote reads' retries (the run's data.remote; see TokenShards.open).
     """
     limit = getattr(cfg, "max_tokens", None) or max_tokens
     try:
         shards = TokenShards.open(cfg.path, expected_tokenizer_hash=tokenizer_fingerprint(tokenizer), verify=verify,
                                   expected_tokenizer_name=run_tokenizer_name(tokenizer),
-                                  expected_eos_id=getattr(tokenizer, "eos_token_id", None), check_sizes=check_sizes)
+                                  expected_eos_id=getattr(tokenizer, "eos_token_id", None), check_sizes=check_sizes,
+                                  retry=retry)
     except ShardError as e:
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None
     total = shards.num_tokens
@@ -445,6 +448,6 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
 
 
 def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,
-                 seed: int = 0, check_sizes: bool = True) -> torch.Tensor:
+                 seed: int = 0, check_sizes: bool = True, retry: Any = None) -> torch.Tensor:
     """The tokens of :func:`sample_heldout` as ``LongTensor[n, seq_len]``."""
-    return sample_heldout(cfg, tokenizer, seq_len, max_tokens, verify, seed, check_sizes).tokens
+    return sample_heldout(cfg, tokenizer, seq_len, max_tokens, verify, seed, check_sizes, retry).tokens

@@ -2,12 +2,15 @@
 
 A job streaming shards from S3/GCS/HTTP for days meets the odd network or storage hiccup: a connection reset, a
 timeout, a 5xx/429, a response cut short. :func:`read_ranges` asks fsspec's ``cat_ranges`` for a batch of byte
-ranges and retries the ranges that failed (only those), up to :data:`READ_RETRIES` times with doubling waits from
-:data:`RETRY_WAIT_S` (at most :data:`RETRY_MAX_WAIT_S` a wait: about 3 minutes in all with the defaults), each retry
-one warning line on the ``cpt.data`` logger and counted (the caller adds the count to its ``read_retries``: the
+ranges and retries the ranges that failed (only those), up to ``read_retries`` times with doubling waits from
+``retry_wait_s`` (at most ``retry_max_wait_s`` a wait: about 3 minutes in all with the defaults), each retry one
+warning line on the ``cpt.data`` logger and counted (the caller adds the count to its ``read_retries``: the
 loader's ``data/read_retries/<source>`` metric). A range that still fails, and at once a missing file, a denied access
 or a server that ignores Range (more bytes than asked), is one :class:`RangeReadError` line naming the file. A range
 never comes back shorter or longer than asked: a short read is retried, never turned into tokens.
+
+The retry settings are the run's ``data.remote`` (:class:`cpt.config.RemoteConfig`), which the loader hands to each
+source it opens; :data:`DEFAULT` (the config's defaults) where none is given (`cpt verify`, `cpt prepare`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,12 @@ import time
 from datetime import datetime
 from typing import Any
 
+from cpt.config.data import RemoteConfig
 from cpt.data.manifest import ShardError
 
 logger = logging.getLogger("cpt.data")
 
-READ_RETRIES = 8
-RETRY_WAIT_S = 1.0
-RETRY_MAX_WAIT_S = 60.0
-RECHECK_S = 600.0  # a running job lists each remote source's folder again this often (rank 0): see changed_on_store
+DEFAULT = RemoteConfig()  # (read at each call: tests replace it)
 
 
 class RangeReadError(ValueError):
@@ -48,11 +49,15 @@ def transient(e: BaseException) -> bool:
     return any(c.__module__.split(".")[0] in ("aiohttp", "botocore", "urllib3", "requests") for c in type(e).__mro__)
 
 
-def read_ranges(fs: Any, paths: list[str], begins: list[int], ends: list[int]) -> tuple[list[bytes], int]:
-    """(the bytes ``[begins[k], ends[k])`` of ``paths[k]`` for each k, how many retries it took)."""
+def read_ranges(fs: Any, paths: list[str], begins: list[int], ends: list[int],
+                policy: RemoteConfig | None = None) -> tuple[list[bytes], int]:
+    """(the bytes ``[begins[k], ends[k])`` of ``paths[k]`` for each k, how many retries it took); retries per ``policy``
+    (None: :data:`DEFAULT`)."""
+    policy = policy or DEFAULT
+    tries = policy.read_retries
     blobs: list[Any] = [b"" if e <= b else None for b, e in zip(begins, ends)]  # (empty ranges: no request)
     todo, retries = [k for k, blob in enumerate(blobs) if blob is None], 0
-    for attempt in range(READ_RETRIES + 1):
+    for attempt in range(tries + 1):
         if not todo:
             return blobs, retries
         try:
@@ -77,35 +82,36 @@ def read_ranges(fs: Any, paths: list[str], begins: list[int], ends: list[int]) -
             return blobs, retries
         todo = [k for k, _ in failed]
         k, why = failed[0]
-        if attempt == READ_RETRIES:
-            raise RangeReadError(retries, f"{paths[k]}: range read failed {READ_RETRIES + 1} times ({why}; {len(failed)} of "
+        if attempt == tries:
+            raise RangeReadError(retries, f"{paths[k]}: range read failed {tries + 1} times ({why}; {len(failed)} of "
                                  f"{len(paths)} ranges): the storage is unreachable, or the file was truncated or "
                                  "replaced since `cpt prepare` (`cpt verify` checks it); `--resume` continues from the "
                                  "last checkpoint")
         retries += 1
-        _wait_to_retry(attempt, f"{paths[k]}: range read failed ({why}; {len(failed)} of {len(paths)} ranges)")
+        _wait_to_retry(policy, attempt, f"{paths[k]}: range read failed ({why}; {len(failed)} of {len(paths)} ranges)")
     raise AssertionError("unreachable")
 
 
-def retrying(fn: Any, what: str) -> Any:
+def retrying(fn: Any, what: str, policy: RemoteConfig | None = None) -> Any:
     """``fn()`` (a whole-file read, e.g. a manifest), its transient failures retried as :func:`read_ranges` does; one
     that does not mend raises as it came (a missing file: the caller's message), the last transient one a ShardError."""
-    for attempt in range(READ_RETRIES + 1):
+    policy = policy or DEFAULT
+    for attempt in range(policy.read_retries + 1):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - sorted below
             if not transient(e):
                 raise
-            if attempt == READ_RETRIES:
-                raise ShardError(f"{what}: read failed {READ_RETRIES + 1} times ({type(e).__name__}: {e}): the storage "
+            if attempt == policy.read_retries:
+                raise ShardError(f"{what}: read failed {policy.read_retries + 1} times ({type(e).__name__}: {e}): the storage "
                                  "is unreachable") from None
-            _wait_to_retry(attempt, f"{what}: read failed ({type(e).__name__}: {e})")
+            _wait_to_retry(policy, attempt, f"{what}: read failed ({type(e).__name__}: {e})")
 
 
-def _wait_to_retry(attempt: int, why: str) -> None:
-    """The warning line of retry ``attempt + 1`` and its wait: from RETRY_WAIT_S, doubling, at most RETRY_MAX_WAIT_S."""
-    wait = min(RETRY_WAIT_S * 2**attempt, RETRY_MAX_WAIT_S)
-    logger.warning(f"{why}; retry {attempt + 1}/{READ_RETRIES} in {wait:g} s")
+def _wait_to_retry(policy: RemoteConfig, attempt: int, why: str) -> None:
+    """The warning line of retry ``attempt + 1`` and its wait: from retry_wait_s, doubling, at most retry_max_wait_s."""
+    wait = min(policy.retry_wait_s * 2**attempt, policy.retry_max_wait_s)
+    logger.warning(f"{why}; retry {attempt + 1}/{policy.read_retries} in {wait:g} s")
     time.sleep(wait)
 
 

@@ -162,13 +162,14 @@ class TokenShards:
         self._fingerprint: str | None = None
         self._newest: int | None = None
         self.read_retries = 0  # remote range reads retried (transient errors, short reads): see _cat_ranges
+        self.retry: Any = None  # remote reads: the run's data.remote (None: cpt.data.remote.DEFAULT); set by open
 
     # ------------------------------------------------------------ opening
 
     @classmethod
     def open(cls, path: str | os.PathLike, expected_tokenizer_hash: str | None = None, verify: bool = False,
              check_sizes: bool = True, expected_tokenizer_name: str | None = None,
-             expected_eos_id: int | None = None, verify_part: tuple[int, int] = (0, 1)) -> "TokenShards":
+             expected_eos_id: int | None = None, verify_part: tuple[int, int] = (0, 1), retry: Any = None) -> "TokenShards":
         """Open a prepared source (local directory or fsspec URL): reads the manifest, no shard bytes.
 
         Raises :class:`ShardError` when the manifest is missing or unreadable, the manifest's tokenizer
@@ -179,12 +180,13 @@ class TokenShards:
         has the wrong size (``check_sizes``: one stat per file), or a checksum differs (``verify=True``:
         reads every byte of every file, so its cost grows with the corpus; see :meth:`verify`). ``verify_part``
         ``(i, n)``: only every n-th file from the i-th is checksummed (the ranks of a run share the reading).
+        ``retry``: remote reads' retry settings (a :class:`cpt.config.RemoteConfig`; None: the defaults).
         """
         path = str(path)
         fs, root = None, path
         if is_remote(path):
             fs, root = filesystem(path)
-        manifest = cls._load_manifest(path, fs, root)
+        manifest = cls._load_manifest(path, fs, root, retry)
         got = manifest["tokenizer"]["hash"]
         if expected_tokenizer_hash is not None and got != expected_tokenizer_hash:
             raise ShardError(
@@ -204,6 +206,7 @@ class TokenShards:
                 "tokenizer, or use the tokenizer the shards were made with (model.tokenizer)"
             )
         shards = cls(path, manifest, fs, root)
+        shards.retry = retry
         if verify or check_sizes:
             problems = shards.verify(checksums=verify, first_only=True, part=verify_part)
             if problems:
@@ -211,11 +214,11 @@ class TokenShards:
         return shards
 
     @staticmethod
-    def _load_manifest(path: str, fs: Any, root: str) -> dict:
+    def _load_manifest(path: str, fs: Any, root: str, retry: Any = None) -> dict:
         mpath = f"{root.rstrip('/')}/{MANIFEST}" if fs is not None else os.path.join(path, MANIFEST)
         try:
             if fs is not None:
-                raw = retrying(lambda: fs.cat_file(mpath), mpath)  # one plain GET (transient failures retried)
+                raw = retrying(lambda: fs.cat_file(mpath), mpath, retry)  # one plain GET (transient failures retried)
             else:
                 with open(mpath, "rb") as f:
                     raw = f.read()
@@ -287,7 +290,7 @@ class TokenShards:
             if listed_size is not None:
                 got = listed_size
             elif self._fs is not None:
-                got = int(retrying(lambda: self._fs.size(p), p))
+                got = int(retrying(lambda: self._fs.size(p), p, self.retry))
             else:
                 st = os.stat(p)
                 got, self.mtimes[name], self._newest = st.st_size, st.st_mtime_ns, None
@@ -296,7 +299,7 @@ class TokenShards:
         if got != size:
             return f"{name} has {got} bytes, the manifest expects {size} (truncated or replaced)"
         if checksum is not None:  # (remote: a transient failure reads the file again)
-            got_sum = retrying(lambda: self._checksum(name), p) if self._fs is not None else self._checksum(name)
+            got_sum = retrying(lambda: self._checksum(name), p, self.retry) if self._fs is not None else self._checksum(name)
             if got_sum != checksum:
                 return (f"checksum mismatch for {name} ({CHECKSUM_ALGO} {got_sum}, manifest {checksum}); "
                         "the file is corrupt or was changed after `cpt prepare`")
@@ -427,7 +430,7 @@ class TokenShards:
     def _cat_ranges(self, paths: list[str], begins: list[int], ends: list[int]) -> list[bytes]:
         """Byte ranges from remote storage, each exactly as long as asked (transient failures retried: read_ranges)."""
         try:
-            blobs, retries = read_ranges(self._fs, paths, begins, ends)
+            blobs, retries = read_ranges(self._fs, paths, begins, ends, self.retry)
         except RangeReadError as e:
             self.read_retries += e.retries
             raise ShardError(str(e)) from None
