@@ -418,3 +418,42 @@ def test_remote_size_checks_use_one_listing(prepared, monkeypatch):
     fsspec.filesystem("memory").rm("/bucket/listing/shard_00002.idx")
     with pytest.raises(ShardError, match="shard file shard_00002.idx is missing"):
         TokenShards.open(url)
+
+
+def test_slow_stats_of_a_large_local_source_run_on_threads_with_the_same_results(tmp_path, tokenizer, monkeypatch):
+    """A local source on a network file system (a stat is a round trip): when the first stats are slow the rest run on
+    STAT_THREADS threads; the sizes, times and the first problem (in manifest order) are those of one-by-one stats."""
+    import threading
+
+    from cpt.data import shards as shards_mod
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(150, seed=11)])
+    out = tmp_path / "src"
+    prepare([str(src)], tokenizer, out, shard_tokens=60)
+    serial = TokenShards.open(out)
+    assert len(serial.mtimes) > 200  # (files enough for the threads: the first 64 are stat'ed alone)
+    seen: set[str] = set()
+    real_stat = os.stat
+
+    def counted(path, *a, **k):
+        seen.add(threading.current_thread().name.split("_")[0])
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(shards_mod.os, "stat", counted)
+    monkeypatch.setattr(shards_mod, "FAST_STAT_S", 0.0)  # (every stat counts as slow)
+    threaded = TokenShards.open(out)
+    assert "cpt-stat" in seen and threaded.mtimes == serial.mtimes
+    names = [n for n, _, _ in serial.expected_files()]
+    os.remove(out / names[200])
+    with open(out / names[150], "r+b") as f:
+        f.truncate(4)
+    with pytest.raises(ShardError, match=f"{names[150]} has 4 bytes"):  # (the first in manifest order)
+        TokenShards.open(out)
+    os.remove(out / names[150])
+    with pytest.raises(ShardError, match=f"shard file {names[150]} is missing"):
+        TokenShards.open(out)
+    seen.clear()
+    monkeypatch.setattr(shards_mod, "FAST_STAT_S", 1.0)  # a local disk: one by one, no threads
+    with pytest.raises(ShardError, match=f"shard file {names[150]} is missing"):
+        TokenShards.open(out)
+    assert seen == {"MainThread"}

@@ -7,26 +7,25 @@ A prepared source is a directory (local or any fsspec URL: s3://, gs://, hf://, 
     shard_00000.idx        uint64 start offsets (within the shard) of the documents that start in it
     ...
 
-Documents are concatenated in order, each followed by the EOS token, so the shards together form
-one token stream; a document may continue from one shard into the next. The manifest records the
-tokenizer (name and :func:`tokenizer_fingerprint`), dtype, token and document counts, the
-per-shard counts and per-file checksums (xxh3-64), and what `cpt prepare` skipped and why.
+Documents are concatenated in order, each followed by the EOS token, so the shards together form one token stream; a
+document may continue from one shard into the next. The manifest records the tokenizer (name and
+:func:`tokenizer_fingerprint`), dtype, token and document counts, the per-shard counts and per-file checksums
+(xxh3-64), and what `cpt prepare` skipped and why.
 
 Local shards are read through ``np.memmap`` (kept open up to a bound for the whole process:
 :data:`cpt.data.openmaps.OPEN_MAPS`); remote shards through fsspec range reads (``cat_ranges``), so only the bytes of
 the requested sequences travel (transient failures and short reads retried: :mod:`cpt.data.remote`).
 
-What opening costs: :meth:`TokenShards.open` reads the manifest, compares the tokenizer hash and (by
-default) checks every file's size: no shard byte is read, whatever the corpus size. The full checksums
-are computed by `cpt prepare` while it writes and checked again only on request: :meth:`TokenShards.verify`
-(``cpt verify DIR``), or ``open(..., verify=True)`` (``data.verify_checksums: true`` in a run config).
+What opening costs: :meth:`TokenShards.open` reads the manifest, compares the tokenizer hash and (by default) checks
+every file's size: no shard byte is read, whatever the corpus size. The full checksums are computed by `cpt prepare`
+while it writes and checked again only on request: :meth:`TokenShards.verify` (``cpt verify DIR``), or ``open(...,
+verify=True)`` (``data.verify_checksums: true`` in a run config).
 
-Remote storage needs the fsspec backend of its protocol: ``pip install "cpt[s3]"`` (s3fs) or
-``"cpt[gcs]"`` (gcsfs); without it :func:`filesystem` raises one :class:`ShardError` line naming the extra.
+Remote storage needs the fsspec backend of its protocol: ``pip install "cpt[s3]"`` (s3fs) or ``"cpt[gcs]"`` (gcsfs);
+without it :func:`filesystem` raises one :class:`ShardError` line naming the extra.
 
-Writing: :class:`cpt.data.shard_writer.ShardWriter` appends documents to fixed-size shard files (checksums computed while
-writing) and describes what it wrote; `cpt prepare` (:mod:`cpt.data.prepare`) stages, verifies and commits them.
-"""
+Writing: :class:`cpt.data.shard_writer.ShardWriter` appends documents to fixed-size shard files (checksums computed
+while writing) and describes what it wrote; `cpt prepare` (:mod:`cpt.data.prepare`) stages, verifies and commits them."""
 
 from __future__ import annotations
 
@@ -35,6 +34,8 @@ import itertools
 import json
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,10 @@ def checksum_stream(f: Any) -> str:
     while chunk := f.read(_CHUNK):
         h.update(chunk)
     return h.hexdigest()
+
+
+STAT_THREADS = 16  # threads that stat a local source's files at a start when a stat is slow (TokenShards._local_sizes)
+FAST_STAT_S = 20e-6  # a local disk's stat (a network file system's takes 0.1-1 ms)
 
 
 def is_remote(path: str) -> bool:
@@ -254,7 +259,7 @@ class TokenShards:
         ``checksums`` every file's xxh3-64 against the manifest (reads the whole source); ``part`` ``(i, n)``: the
         checksums of every n-th file from the i-th only (sizes of all)."""
         problems: list[str] = []
-        listed = self._listed_sizes()
+        listed = self._listed_sizes() if self._fs is not None else self._local_sizes()
         i, n = part
         for k, (name, expected, checksum) in enumerate(self.expected_files()):
             mine = checksums and k % n == i
@@ -284,8 +289,35 @@ class TokenShards:
         self._newest = None  # (the newest time is computed again)
         return {n: int(e["size"]) for n, e in files.items() if e.get("size") is not None}
 
+    def _local_sizes(self) -> dict[str, int]:
+        """A local folder: every shard file's size (times to ``mtimes``; a file that cannot be stat'ed is left out: its
+        check names it). Slow stats (a network file system's metadata round trips: more than FAST_STAT_S each for the
+        first 64) run on STAT_THREADS threads (a stat releases the GIL); a local disk's one by one (docs/benchmarks.md)."""
+        names, root = [name for name, _, _ in self.expected_files()], os.path.join(self.path, "")
+
+        def stat(chunk: list[str]) -> list[tuple[str, os.stat_result]]:
+            out = []
+            for name in chunk:
+                try:
+                    out.append((name, os.stat(root + name)))
+                except OSError:
+                    pass
+            return out
+
+        t0 = time.perf_counter()
+        found = stat(names[:64])
+        rest = names[64:]
+        if len(rest) > 4 * STAT_THREADS and (time.perf_counter() - t0) / 64 > FAST_STAT_S:
+            with ThreadPoolExecutor(STAT_THREADS, thread_name_prefix="cpt-stat") as pool:
+                found += [kv for part in pool.map(stat, [rest[i::STAT_THREADS] for i in range(STAT_THREADS)]) for kv in part]
+        else:
+            found += stat(rest)
+        self.mtimes.update({n: st.st_mtime_ns for n, st in found})
+        self._newest = None
+        return {n: st.st_size for n, st in found}
+
     def _check_file(self, name: str, size: int, checksum: str | None, listed_size: int | None = None) -> str | None:
-        p = self._file(name)
+        p = self._file(name) if listed_size is None or checksum is not None else name  # (the path when it is used)
         try:
             if listed_size is not None:
                 got = listed_size
