@@ -44,117 +44,21 @@ from cpt import adapter_shards, host_memory, sharded_save, zero_save
 from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, note_loaded_base
 from cpt.base_dtype import in_fp32
 from cpt.distributed import Backend, all_ranks_agree, backend
+from cpt.checkpoint_dir import (CHECKSUMS, PREFIX, STATE_TENSORS, TMP_PREFIX, TRAINABLE, TRAINER_STATE,  # noqa: F401 (re-exported)
+                                 TRASH_PREFIX, UNUSABLE_PREFIX, CheckpointError, discard, latest_valid_checkpoint,
+                                 list_checkpoints, remove_partial_saves, resolve_checkpoint, saved_step,
+                                 saved_train_state, verify_checkpoint, write_checksums)
 from cpt.checkpoint_files import cpt_can_write, host_copy, host_snapshot, write_files
-from cpt.fileio import describe_io_error, fault_point, file_digest, fsync_dir
+from cpt.fileio import describe_io_error, fault_point, fsync_dir
 from cpt.optim import group_settings, layout_difference, param_shapes, restore_group_settings, trainable_layout
 from cpt.state import StateError, Stateful, check_format, flatten, json_default, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
 
-CHECKSUMS = "CHECKSUMS.json"
-TRAINER_STATE = "trainer_state.json"
-STATE_TENSORS = "state.safetensors"
-TRAINABLE = "trainable.json"
-PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
-UNUSABLE_PREFIX = "unusable-"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
 
 class ShardedSaveError(CheckpointError):
     """A rank failed inside FSDP's or DeepSpeed's own save, whose collectives the other ranks are waiting in: it stops
     at once (were it to join the ranks' agreement on skipping the save instead, every rank would wait for ever)."""
-
-
-def write_checksums(ckpt: Path, digests: dict[str, str] | None = None) -> None:
-    """CHECKSUMS.json: every file's size, and its digest where it was hashed while written (``digests``).
-
-    Files written by others (accelerate/DeepSpeed/FSDP shards) are recorded by size; nothing is re-read.
-    """
-    digests = digests or {}
-    files = {}
-    for p in sorted(ckpt.rglob("*")):
-        if p.is_file() and p.name != CHECKSUMS:
-            rel = str(p.relative_to(ckpt))
-            files[rel] = {"size": p.stat().st_size, "digest": digests.get(rel)}
-    tmp = ckpt / (CHECKSUMS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt / CHECKSUMS)
-
-
-def verify_checkpoint(ckpt: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason it is not."""
-    manifest = ckpt / CHECKSUMS
-    if not manifest.is_file():
-        return f"{CHECKSUMS} missing (incomplete save)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"{CHECKSUMS} unreadable: {e}"
-    for rel, meta in files.items():
-        p = ckpt / rel
-        if not p.is_file():
-            return f"{rel} missing"
-        if p.stat().st_size != meta["size"]:
-            return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)"
-        if meta.get("digest") and file_digest(p) != meta["digest"]:
-            return f"{rel} checksum mismatch (corrupt)"
-    return None
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def latest_valid_checkpoint(run_dir: str | os.PathLike, unusable: list[Path] | None = None) -> Path | None:
-    """The newest checkpoint that verifies; each broken one newer than it is reported once (a warning) and,
-    when ``unusable`` is given, appended to it."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        log.warning(f"checkpoint {ckpt} is not usable ({problem}); trying the previous one")
-        if unusable is not None:
-            unusable.append(ckpt)
-    return None
-
-
-def remove_partial_saves(root: Path) -> None:
-    """Remove what interrupted saves and prunes leave behind (``.tmp-*``, ``.trash-*``)."""
-    for stale in [*root.glob(TMP_PREFIX + "*"), *root.glob(TRASH_PREFIX + "*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def discard(ckpt: Path) -> None:
-    """Remove a checkpoint: renamed out of the listing first (atomic), then deleted."""
-    trash = ckpt.with_name(TRASH_PREFIX + ckpt.name)
-    os.replace(ckpt, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory (its latest valid checkpoint)."""
-    p = Path(path)
-    if (p / TRAINER_STATE).is_file():
-        problem = verify_checkpoint(p)
-        if problem:
-            raise CheckpointError(f"checkpoint {p} is not usable: {problem}")
-        return p
-    ckpt = latest_valid_checkpoint(p)
-    if ckpt is None:
-        raise CheckpointError(f"no valid checkpoint found in {p}")
-    return ckpt
 
 
 class CheckpointManager:
@@ -421,21 +325,6 @@ def load_components(ckpt: Path, components: Mapping[str, Stateful]) -> None:
         restore(components, json.loads((ckpt / TRAINER_STATE).read_text()), tensors)
     except StateError as e:
         raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
-
-
-def saved_train_state(ckpt: Path) -> dict:
-    """A checkpoint's ``train`` state (:class:`cpt.state.TrainState`: step, tokens, anneal_from)."""
-    doc = json.loads((ckpt / TRAINER_STATE).read_text())
-    try:
-        check_format(doc)
-    except StateError as e:
-        raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
-    return doc["train"]
-
-
-def saved_step(ckpt: Path) -> int:
-    """The optimizer step a checkpoint was written at (its ``train`` state)."""
-    return int(saved_train_state(ckpt)["step"])
 
 
 class _Commit:

@@ -1,0 +1,132 @@
+"""The checkpoints folder of a run directory: what counts as a checkpoint (a committed ``step_N`` folder), its
+CHECKSUMS.json (written last: the "complete" mark) and its verification, the newest valid one, a checkpoint's saved
+step, and removing what interrupted saves leave. Writing and loading checkpoints: cpt/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from cpt.fileio import file_digest
+from cpt.state import StateError, check_format
+
+log = logging.getLogger("cpt.checkpoint")
+
+CHECKSUMS = "CHECKSUMS.json"
+TRAINER_STATE = "trainer_state.json"
+STATE_TENSORS = "state.safetensors"
+TRAINABLE = "trainable.json"
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+UNUSABLE_PREFIX = "unusable-"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def write_checksums(ckpt: Path, digests: dict[str, str] | None = None) -> None:
+    """CHECKSUMS.json: every file's size, and its digest where it was hashed while written (``digests``).
+
+    Files written by others (accelerate/DeepSpeed/FSDP shards) are recorded by size; nothing is re-read.
+    """
+    digests = digests or {}
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != CHECKSUMS:
+            rel = str(p.relative_to(ckpt))
+            files[rel] = {"size": p.stat().st_size, "digest": digests.get(rel)}
+    tmp = ckpt / (CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt / CHECKSUMS)
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it is not."""
+    manifest = ckpt / CHECKSUMS
+    if not manifest.is_file():
+        return f"{CHECKSUMS} missing (incomplete save)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{CHECKSUMS} unreadable: {e}"
+    for rel, meta in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)"
+        if meta.get("digest") and file_digest(p) != meta["digest"]:
+            return f"{rel} checksum mismatch (corrupt)"
+    return None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_valid_checkpoint(run_dir: str | os.PathLike, unusable: list[Path] | None = None) -> Path | None:
+    """The newest checkpoint that verifies; each broken one newer than it is reported once (a warning) and,
+    when ``unusable`` is given, appended to it."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning(f"checkpoint {ckpt} is not usable ({problem}); trying the previous one")
+        if unusable is not None:
+            unusable.append(ckpt)
+    return None
+
+
+def remove_partial_saves(root: Path) -> None:
+    """Remove what interrupted saves and prunes leave behind (``.tmp-*``, ``.trash-*``)."""
+    for stale in [*root.glob(TMP_PREFIX + "*"), *root.glob(TRASH_PREFIX + "*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def discard(ckpt: Path) -> None:
+    """Remove a checkpoint: renamed out of the listing first (atomic), then deleted."""
+    trash = ckpt.with_name(TRASH_PREFIX + ckpt.name)
+    os.replace(ckpt, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run directory (its latest valid checkpoint)."""
+    p = Path(path)
+    if (p / TRAINER_STATE).is_file():
+        problem = verify_checkpoint(p)
+        if problem:
+            raise CheckpointError(f"checkpoint {p} is not usable: {problem}")
+        return p
+    ckpt = latest_valid_checkpoint(p)
+    if ckpt is None:
+        raise CheckpointError(f"no valid checkpoint found in {p}")
+    return ckpt
+
+
+def saved_train_state(ckpt: Path) -> dict:
+    """A checkpoint's ``train`` state (:class:`cpt.state.TrainState`: step, tokens, anneal_from)."""
+    doc = json.loads((ckpt / TRAINER_STATE).read_text())
+    try:
+        check_format(doc)
+    except StateError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+    return doc["train"]
+
+
+def saved_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was written at (its ``train`` state)."""
+    return int(saved_train_state(ckpt)["step"])
