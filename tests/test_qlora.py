@@ -1,7 +1,7 @@
 """QLoRA (``model.lora.quantize_base``, cpt/quantized_base.py): the frozen base loaded 4-bit by bitsandbytes with LoRA on
 top, on CPU: the config's refusals, a run's exact resume from its adapter-only checkpoint (the base re-quantized from
 its original files), the refusal of another base or other quantization settings, the exports (the adapter on the
-original and on the 4-bit base; the merge into the original full-precision base) and `cpt eval` of its checkpoint;
+original and on the 4-bit base; the merge into the original full-precision base) and `cpt eval` of its checkpoint; int8 and fp4 (with activation checkpointing) resumed;
 2 DDP processes and 2 DeepSpeed ZeRO-2 processes (`scripts/launch.sh run.yaml zero2`, with a resume) against 1."""
 
 import importlib.util
@@ -161,6 +161,29 @@ def test_qlora_checkpoint_holds_the_adapter_and_resumes_bitwise_on_the_requantiz
     moved = {**cfg, "model": {**cfg["model"], "name_or_path": str(changed)}}
     with pytest.raises(CheckpointError, match="another base model"):
         _resume_from_step_3(out, tmp_path / "d", moved, allow_config_change=True)
+
+
+@pytest.mark.parametrize("quantize, model_extra", [("int8", {}), ("fp4", {"gradient_checkpointing": True})],
+                         ids=["int8", "fp4-gradient-checkpointing"])
+def test_int8_and_fp4_with_gradient_checkpointing_train_and_resume_bitwise(tiny_cpt_data, tiny_base, tmp_path, quantize,
+                                                                            model_extra):
+    """The other quantizations (int8: LLM.int8 weights; fp4, here with activation checkpointing, whose recomputed
+    forward runs through the 4-bit base again): the run's log names them, the losses are finite, the checkpoint holds the
+    adapter alone and a resume from step 3 gives the same losses bitwise."""
+    pytest.importorskip("bitsandbytes")
+    from cpt.adapter_checkpoint import ADAPTER_STATE
+
+    out = tmp_path / "a"
+    cfg = qlora_config(tiny_cpt_data, tiny_base, out, quantize_base=quantize)
+    cfg["model"].update(model_extra)
+    log = run(cfg)
+    assert f"model.lora.quantize_base: the frozen base's Linear weights loaded as {quantize}" in log, log
+    ref = losses(out)
+    assert len(ref) == 6 and all(torch.isfinite(torch.tensor(v)) for v in ref.values())
+    saved = load_file(out / "checkpoints" / "step_00000003" / ADAPTER_STATE)
+    assert saved and all(".lora_" in k for k in saved)
+    _resume_from_step_3(out, tmp_path / "b", cfg)
+    assert losses(tmp_path / "b") == ref and evals(tmp_path / "b") == evals(out)
 
 
 def _logits(model, ids):
