@@ -155,10 +155,15 @@ class RunOutput:
                                  tok_s=f"{tokens_per_s:,.0f}", refresh=False)
 
     def eval(self, step: int, tokens: int, metrics: dict[str, Any]) -> None:
-        """Evaluation results: logged, and their line (:func:`eval_line`) printed."""
+        """Evaluation results: logged, and their line (:func:`eval_line`) printed; text samples (``metrics["samples"]``,
+        eval.samples) to samples.jsonl and W&B, a line each."""
+        metrics = dict(metrics)
+        samples = metrics.pop("samples", None) or []
         self.logger.log({"train/tokens": tokens, **metrics}, step=step)
-        line = eval_line(step, metrics)
-        if line:
+        if samples:
+            self.logger.log_samples(samples, tokens)
+        lines = [eval_line(step, metrics), *sample_lines(samples)]
+        for line in filter(None, lines):
             (self.bar.write if self.bar is not None else self.say)(line)
 
     def advance(self) -> None:
@@ -169,3 +174,12 @@ class RunOutput:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def sample_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The run log's line per row: ``sample step 40: 'prompt' -> 'completion'`` (cut at 200 characters)."""
+    return [f"sample step {r['step']}: {r['prompt']!r} -> {_cut(r['completion'])!r}" for r in rows]
+
+
+def _cut(text: str, most: int = 200) -> str:
+    return text if len(text) <= most else text[:most] + "..."

@@ -184,7 +184,7 @@ class HeldoutEvaluator:
     """
 
     def __init__(self, sets: list[HeldoutSet], eval_cfg: EvalConfig | None = None, accelerator=None,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, samples=None):
         names = [s.name for s in sets]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -193,6 +193,7 @@ class HeldoutEvaluator:
         self.cfg = eval_cfg or EvalConfig()
         self.accelerator = accelerator
         self.eos_id = eos_id  # set: document masking, as in training
+        self.samples = samples  # eval.samples: a cpt.samples.SampleGenerator, run at each evaluation by the loop
         self.reference: dict[str, float] = {}  # loss at the first evaluation (step 0)
         self.reference_step: int | None = None  # the run's first evaluation
         self.reference_steps: dict[str, int] = {}  # each set's first evaluation (later for a set added on a resume)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.config import RunConfig, config_to_dict
+from cpt.samples import SAMPLES_FILE, append_samples, read_samples, truncate_samples
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
@@ -132,6 +133,9 @@ class MetricsLogger:
             while self.path.with_name(f"{METRICS_FILE}.{n}").exists():
                 n += 1
             self.path.rename(self.path.with_name(f"{METRICS_FILE}.{n}"))
+            samples = self.run_dir / SAMPLES_FILE  # (eval.samples: moved aside with the metrics they go with)
+            if samples.exists():
+                samples.rename(samples.with_name(f"{SAMPLES_FILE}.{n}"))
         self._file = open(self.path, "a")
         if cfg.logging.wandb.enabled:
             try:
@@ -214,6 +218,19 @@ class MetricsLogger:
             data = {k: v for k, v in record.items() if k != "time" and (isinstance(v, (int, float)) and not isinstance(v, bool))}
             self.wandb_run.log(data)
 
+    def log_samples(self, rows: list[dict[str, Any]], tokens: int) -> None:
+        """Text samples of one evaluation (cpt/samples.py): appended to samples.jsonl; W&B gets the table ``samples``
+        of every row so far (a W&B table cannot be appended to)."""
+        if not self.is_main or not rows:
+            return
+        append_samples(self.run_dir, rows)
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "completion"],
+                                data=[[r["step"], r["prompt"], r["completion"]] for r in read_samples(self.run_dir)])
+            self.wandb_run.log({"samples": table, "train/tokens": tokens})
+
     def _new_to_wandb(self, record: dict[str, Any]) -> bool:
         """Whether W&B lacks this record. A run resumed after a kill re-logs the steps between its checkpoint and
         the kill, which the earlier segment already sent to W&B: W&B cannot take rows back (an offline run cannot
@@ -260,7 +277,10 @@ class MetricsLogger:
         read, from the end back to the first line at or before ``step`` (and before the last step logged, which W&B's
         resume needs): a resume costs the lines after the checkpoint, not the whole file (a full read and rewrite took
         38 s and 6.8 GB for a million lines). The file is cut there in place; a torn line is dropped."""
-        if not self.is_main or not self.path.exists():
+        if not self.is_main:
+            return 0
+        truncate_samples(self.run_dir, step)  # (eval.samples: the rows past the checkpoint, as below)
+        if not self.path.exists():
             return 0
         self._file.close()
         dropped, logged, last, cut, moved, unended = 0, [], None, None, [], False

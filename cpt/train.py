@@ -21,6 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -46,6 +47,7 @@ from cpt.profiling import StepProfiler
 from cpt.reptile import Reptile
 from cpt.resume import SWITCHED_ON_IN_A_BRANCH, Start, anneal_branch_start, switched_on_in_branch, world_change
 from cpt.runlock import RunLock, RunLockError
+from cpt.samples import SampleGenerator
 from cpt.schedules import plan_for_run
 from cpt.spikes import SpikeGuard
 from cpt.stage_base import start_for_run
@@ -107,7 +109,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
         heldout = heldout_sets(cfg, tokenizer, acc, say)
         eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
-        evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id)
+        evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id, SampleGenerator.for_run(cfg, tokenizer, acc))
         bench = _benchmarks(cfg, acc, say)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
         model, optimizer = acc.prepare(*_with_optimizer(cfg, model, new_token_ids, acc, say))
         ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves,
@@ -420,10 +422,13 @@ def reset_optimizer_state(optimizer) -> None:
         raise TrainingError("resetting the optimizer state is not supported with this optimizer; start a new run from the HF export instead")
 
 
-def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, step: int) -> dict[str, float]:
+def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, step: int) -> dict[str, Any]:
     """The held-out sets' losses (forgetting, adaptation), and those of the EMA weights with eval.ema (without
-    touching the evaluator's step-0/worst bookkeeping, which is about the live weights)."""
-    metrics = dict(evaluator.evaluate(model, step))
+    touching the evaluator's step-0/worst bookkeeping, which is about the live weights); with eval.samples, the live
+    weights' text samples under ``samples`` (RunOutput.eval writes them)."""
+    metrics: dict[str, Any] = dict(evaluator.evaluate(model, step))
+    if evaluator.samples is not None:
+        metrics["samples"] = evaluator.samples.generate(model, step)
     if ema is not None and cfg.eval.ema:
         with ema.swapped(acc.unwrap_model(model)):
             metrics.update({f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc, evaluator.eos_id)

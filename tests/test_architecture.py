@@ -27,7 +27,7 @@ LAYERS = (
     ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.adapter_init", "cpt.base_dtype", "cpt.quantized_base", "cpt.vocab",
                                 "cpt.distributed", "cpt.rank_failure", "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss", "cpt.compiling", "cpt.fp8", "cpt.export",
                                 "cpt.layer_options")),
-    ("components", ("cpt.optim", "cpt.ema", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate",
+    ("components", ("cpt.optim", "cpt.ema", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate", "cpt.samples",
                     "cpt.metrics", "cpt.throughput", "cpt.profiling", "cpt.checkpoint", "cpt.checkpoint_dir", "cpt.checkpoint_files", "cpt.host_memory", "cpt.adapter_checkpoint", "cpt.adapter_shards", "cpt.sharded_save", "cpt.zero_save", "cpt.resume", "cpt.consolidate", "cpt.checkpoint_export", "cpt.stage_base", "cpt.run_metrics", "cpt.report", "cpt.hub",
                     "eval_harness")),
     ("loop", ("cpt.train", "cpt.run_end", "cpt.dryrun")),

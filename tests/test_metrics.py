@@ -396,3 +396,29 @@ def test_wandb_resume_online_starts_after_the_last_step_the_server_holds(tmp_pat
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     second = history_rows(finished_wandb_records(str(runs[-1] / "run-*.wandb")))
     assert [row["step"] for row in second if "train/loss" in row] == [5, 6, 7]
+
+
+def test_samples_go_to_samples_jsonl_and_a_wandb_table_and_a_resume_drops_the_later_ones(tmp_path, monkeypatch):
+    """eval.samples' rows (cpt/samples.py): appended to samples.jsonl; W&B gets the table "samples" of every row so far
+    at each evaluation; a resume's truncate_after drops the rows past its checkpoint; a fresh run moves them aside
+    with metrics.jsonl."""
+    from cpt.samples import SAMPLES_FILE, read_samples
+
+    monkeypatch.setenv("WANDB_API_KEY", "local-abcdefghijklmnopqrstuvwxyz0123456789abcd")
+    lg = MetricsLogger(tmp_path, make_cfg(wandb=True))
+    for s in (0, 5, 10):
+        lg.log({"train/tokens": 100 * s, "eval/a/loss": 1.0}, step=s)
+        lg.log_samples([{"step": s, "prompt": p, "completion": f"{p} at {s} é", "new_tokens": 3} for p in ("x", "y")], 100 * s)
+    lg.close()
+    rows = read_samples(tmp_path)
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (0, 5, 10) for p in ("x", "y")]
+    assert rows[-1]["completion"] == "y at 10 é"
+    tables = [r for r in history_rows(finished_wandb_records(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb")))
+              if "samples/_type" in r]
+    assert [t["samples/nrows"] for t in tables] == [2, 4, 6]  # every row so far, at each evaluation
+    lg = MetricsLogger(tmp_path, make_cfg(resume=True))
+    lg.truncate_after(5)
+    lg.close()
+    assert [r["step"] for r in read_samples(tmp_path)] == [0, 0, 5, 5]
+    MetricsLogger(tmp_path, make_cfg()).close()  # a fresh run in the same directory
+    assert not (tmp_path / SAMPLES_FILE).exists() and (tmp_path / f"{SAMPLES_FILE}.1").exists()

@@ -21,7 +21,7 @@ A bad config fails before any work with one message naming every bad field.
 from cpt.config.base import (ConfigError, Strict, apply_overrides, expand_env, format_validation_error,
                              read_yaml_mapping)
 from cpt.config.data import DataConfig, HeldoutConfig, RemoteConfig, SourceConfig
-from cpt.config.eval import EvalConfig, LmEvalConfig, LmEvalTask
+from cpt.config.eval import EvalConfig, LmEvalConfig, LmEvalTask, SamplesConfig
 from cpt.config.model import (NAMED_LAYER_SETS, FreezeConfig, LoraConfig, ModelConfig, VocabConfig,
                               parse_layer_ranges)
 from cpt.config.outputs import CheckpointConfig, LoggingConfig, WandbConfig
@@ -38,7 +38,7 @@ __all__ = [
     "DecayShape", "EvalConfig", "FreezeConfig", "HeldoutConfig", "LmEvalConfig", "LmEvalTask", "LoggingConfig",
     "LoraConfig", "ModelConfig", "NAMED_LAYER_SETS", "NOT_TRAJECTORY", "OptimConfig", "ProfileConfig", "RemoteConfig",
     "ReptileConfig", "RunConfig",
-    "RunSection", "ScheduleConfig", "ScheduleType", "SourceConfig", "SpikeConfig", "StageConfig", "Strict",
+    "RunSection", "SamplesConfig", "ScheduleConfig", "ScheduleType", "SourceConfig", "SpikeConfig", "StageConfig", "Strict",
     "TRAJECTORY_FIELDS", "TrainConfig", "VocabConfig", "WandbConfig", "apply_overrides", "config_to_dict", "expand_env",
     "format_mixes", "format_validation_error", "load_config", "parse_layer_ranges", "read_yaml_mapping", "redact",
     "save_config", "stage_schedule_problems", "trajectory_changes", "validate", "validate_stage_schedules",

@@ -17,6 +17,13 @@ class LmEvalTask(Strict):
     limit: int | None = Field(None, gt=0)  # documents (a seeded subset); default: eval.lm_eval.limit
 
 
+class SamplesConfig(Strict):
+    """Text samples at each held-out evaluation (cpt/samples.py): each prompt continued greedily by the model."""
+
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(48, gt=0)
+
+
 class LmEvalConfig(Strict):
     # task names (untagged) or {name, tag: upstream|downstream, limit}; see eval_harness/benchmarks.py
     tasks: list[LmEvalTask] = Field(default_factory=list)
@@ -62,3 +69,5 @@ class EvalConfig(Strict):
     # also evaluate the EMA weights (train.ema_decay) on the held-out sets: ema/eval/<name>/loss
     ema: bool = False
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+    # greedy continuations of fixed prompts at each held-out evaluation: samples.jsonl, a W&B table, the run's log
+    samples: SamplesConfig | None = None

@@ -58,6 +58,8 @@ class RunConfig(Strict):
                 f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.train.micro_batch_size})"
             )
+        if self.eval.samples is not None and not self.data.heldout:
+            errors.append("eval.samples: text samples are written at each held-out evaluation; add a data.heldout set")
         if self.eval.ema and self.train.ema_decay is None:
             errors.append("eval.ema: evaluating the EMA needs train.ema_decay")
         if self.train.anneal_steps is not None and self.train.init_from is None:

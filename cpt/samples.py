@@ -1,0 +1,96 @@
+"""Text samples at each held-out evaluation (``eval.samples``): a few fixed prompts continued greedily by the model
+being trained, so that what the numbers mean can be read (a new language's first coherent sentences, a domain's
+vocabulary appearing, the old skills' text degrading).
+
+Greedy decoding (no sampling: the same weights give the same text, so a resumed run writes what the uninterrupted one
+would have), each prompt on its own (no padding), at most ``max_new_tokens`` new tokens, stopped at EOS. Every process
+runs the generation: under FSDP2 and DeepSpeed ZeRO-3 each forward pass gathers the sharded weights collectively, so
+``synced_gpus`` keeps the processes stepping together until the last one is done; the main process writes the rows.
+
+Where they go: ``samples.jsonl`` in the run directory (one JSON object per prompt and evaluation: step, prompt,
+completion, new token count; a resume drops the rows past its checkpoint, as metrics.jsonl), a W&B table ``samples``
+(all rows so far, logged again at each evaluation: W&B tables are immutable) and one line per prompt in the run's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt.distributed import shards_weights
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+class SampleGenerator:
+    """The run's prompts, encoded once, and their greedy continuations at a given step."""
+
+    def __init__(self, prompts: list[str], max_new_tokens: int, tokenizer: Any, acc: Any):
+        self.prompts, self.max_new_tokens, self.tokenizer, self.acc = list(prompts), int(max_new_tokens), tokenizer, acc
+        self.ids = [torch.tensor([tokenizer(p)["input_ids"]], dtype=torch.long) for p in self.prompts]
+        empty = [p for p, ids in zip(self.prompts, self.ids) if ids.numel() == 0]
+        if empty:
+            raise ValueError(f"eval.samples.prompts: {empty[0]!r} encodes to no tokens")
+
+    @classmethod
+    def for_run(cls, cfg: Any, tokenizer: Any, acc: Any) -> "SampleGenerator | None":
+        s = cfg.eval.samples
+        return None if s is None else cls(s.prompts, s.max_new_tokens, tokenizer, acc)
+
+    def generate(self, model: Any, step: int) -> list[dict[str, Any]]:
+        """One row per prompt (the same on every process; call it on every process)."""
+        net = self.acc.unwrap_model(model) if self.acc is not None else model
+        device = self.acc.device if self.acc is not None else next(net.parameters()).device
+        synced = self.acc is not None and self.acc.num_processes > 1 and shards_weights(self.acc)
+        eos = self.tokenizer.eos_token_id
+        was_training = net.training
+        net.eval()
+        rows = []
+        try:
+            with torch.no_grad():
+                for prompt, ids in zip(self.prompts, self.ids):
+                    out = net.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                                       max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                       pad_token_id=eos if eos is not None else 0, synced_gpus=synced)
+                    new = out[0, ids.size(1):].tolist()
+                    if eos is not None and eos in new:
+                        new = new[: new.index(eos)]
+                    text = self.tokenizer.decode(new, skip_special_tokens=True)
+                    rows.append({"step": step, "prompt": prompt, "completion": text, "new_tokens": len(new)})
+        finally:
+            net.train(was_training)
+        return rows
+
+
+def append_samples(run_dir: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    with open(Path(run_dir) / SAMPLES_FILE, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_samples(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run's samples.jsonl (a torn last line, from a kill mid-write, left out)."""
+    path = Path(run_dir) / SAMPLES_FILE
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def truncate_samples(run_dir: str | os.PathLike, step: int) -> None:
+    """A resume from ``step``: drop the rows written after it (the resumed run writes them again)."""
+    path = Path(run_dir) / SAMPLES_FILE
+    if not path.is_file():
+        return
+    keep = [r for r in read_samples(run_dir) if int(r.get("step", 0)) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+    os.replace(tmp, path)
