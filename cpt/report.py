@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cpt.samples import read_samples
 from cpt.run_metrics import (BENCH_PREFIX, RunData, benchmark_summary, benchmarks, heldout_summary,  # noqa: F401
                              load_run, lm_eval_summary, run_series, stderr_key, values_by_step)  # (load_run, run_series: re-exported)
 
@@ -207,13 +208,32 @@ def _benchmark_table(rows: list[dict[str, Any]]) -> str:
     return _table(["benchmark (lm-eval)", "tag", "step 0", "final", "change", "worst", "vs noise"], body, "bench")
 
 
+def _samples_table(run_dir: Path) -> str:
+    """eval.samples (samples.jsonl): each prompt's continuation at the run's first and last evaluation with samples."""
+    rows = read_samples(run_dir)
+    if not rows:
+        return ""
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    text = {(r["step"], r["prompt"]): r["completion"] for r in rows}
+
+    def cell(step: int, prompt: str) -> str:
+        got = text.get((step, prompt))
+        return "–" if got is None else f"<pre class='sample'>{html.escape(got)}</pre>"
+
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    return _table(["prompt (eval.samples)", f"step {first}", f"step {last}"],
+                  [[f"<pre class='sample'>{html.escape(p)}</pre>", cell(first, p), cell(last, p)] for p in prompts],
+                  "samples")
+
+
 def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>cpt report</title><style>",
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
         "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
-        "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.bad{color:#b00}.good{color:#070}",
+        "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.bad{color:#b00}.good{color:#070}"
+        "pre.sample{white-space:pre-wrap;text-align:left;margin:0;font-size:0.9em}",
         "</style></head><body><h1>Continual pre-training report</h1>",
         "<p>Runs: " + ", ".join(f"<b>{html.escape(r.label)}</b> (<code>{html.escape(str(r.path))}</code>)" for r in runs)
         + ". x axes: tokens seen; dotted vertical lines: stage switches.</p>",
@@ -264,6 +284,7 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
             if values:
                 facts.append((label, values[-1]))
         parts.append("<p>" + "; ".join(f"{k}: {_fact(v)}" for k, v in facts) + "</p>")
+        parts.append(_samples_table(r.path))
     titles = {"upstream": "Upstream loss", "downstream": "Downstream loss", "train_loss": "Training loss",
               "train_loss_by_source": "Training loss per source",
               "lr": "Learning rate", "data_shares": "Data shares",

@@ -134,3 +134,16 @@ def test_lines_that_are_not_records_and_an_out_that_is_a_file(tmp_path, capsys):
         assert report_main([str(tmp_path / "a"), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.strip() == f"cpt report: --out {out}: {tmp_path / 'file'} is a file, not a folder", err
+
+
+def test_the_text_samples_first_and_last_per_prompt(tmp_path):
+    """eval.samples: the report shows each prompt's continuation at the first and the last evaluation (escaped)."""
+    write_run(tmp_path / "run", bump=0.5, tokens_per_step=100)
+    with open(tmp_path / "run" / "samples.jsonl", "w") as f:
+        for step in (0, 10, 20):
+            for p in ("ROMEO:", "def f(x):"):
+                f.write(json.dumps({"step": step, "prompt": p, "completion": f"<{p} at {step}>", "new_tokens": 4}) + "\n")
+    text = write_report([tmp_path / "run"]).read_text()
+    for cell in ("step 0</th>", "step 20</th>", "&lt;ROMEO: at 0&gt;", "&lt;def f(x): at 20&gt;"):
+        assert cell in text, cell
+    assert "at 10&gt;" not in text and "<ROMEO:" not in text
