@@ -12,6 +12,10 @@ resume and the HF export are therefore unchanged in format.
 Where: after the model is built/loaded and prepared (vocab, freezing) and before the optimizer, torch.compile and
 accelerate.prepare (FSDP2 shards the converted modules): cpt/train.py ``_with_optimizer``.
 
+Under FSDP2 with ``train.fp8_all_gather`` (tensorwise only, opt-in) the weights are all-gathered in float8 (torchao's
+``enable_fsdp_float8_all_gather``: :func:`convert_for_run`, :func:`prepare`, :func:`after_update`;
+docs/training.md#fp8-training).
+
 Requirements, checked before anything loads (one ConfigError naming the field): torchao (``pip install
 'cpt[fp8]'``), ``train.precision: bf16`` (torchao runs the float8 matmuls under bf16 autocast: its ``Float8Linear``
 casts its input to the autocast dtype, and outputs bf16), a full model (not ``model.lora``), and on CUDA a GPU of
@@ -22,12 +26,15 @@ compute capability 8.9 or more (Ada, Hopper, Blackwell: float8 tensor cores). On
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 
 import torch
 from torch import nn
 
 from cpt.config.base import ConfigError
+from cpt.distributed import Backend, backend
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")  # torchao's Float8LinearRecipeName values
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell
@@ -92,13 +99,25 @@ def select(model: nn.Module) -> tuple[set[str], int]:
     return chosen, len(linears)
 
 
-def convert(model: nn.Module, recipe: str) -> tuple[int, int]:
+def float8_config(recipe: str, all_gather: bool = False):
+    """torchao's Float8LinearConfig of ``recipe``; ``all_gather``: FSDP2 all-gathers the weights in float8
+    (``enable_fsdp_float8_all_gather``: the tensorwise recipe only, torchao refuses it for the rowwise ones)."""
+    import dataclasses
+
+    from torchao.float8 import Float8LinearConfig
+
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    return dataclasses.replace(config, enable_fsdp_float8_all_gather=True) if all_gather else config
+
+
+def convert(model: nn.Module, recipe: str, all_gather: bool = False) -> tuple[int, int]:
     """Swap the qualifying Linear layers of ``model`` (:func:`select`) for torchao's Float8Linear (in place; the same
-    weight Parameters). Returns (converted, all Linear layers)."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    weight Parameters, which with ``all_gather`` hold torchao's WeightWithDynamicFloat8CastTensor, the FSDP2 float8
+    all-gather's weight). Returns (converted, all Linear layers)."""
+    from torchao.float8 import convert_to_float8_training
 
     chosen, total = select(model)
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+    convert_to_float8_training(model, config=float8_config(recipe, all_gather),
                                module_filter_fn=lambda m, fqn: fqn in chosen)
     for name, m in model.named_modules():
         if name in chosen:
@@ -132,10 +151,98 @@ def convert_for_run(model: nn.Module, cfg, acc, say) -> nn.Module:
     recipe = cfg.train.fp8
     if recipe is None:
         return model
-    converted, total = convert(model, recipe)
+    fsdp = backend(acc) is Backend.FSDP
+    all_gather = cfg.train.fp8_all_gather and fsdp  # (the config allows it with tensorwise only)
+    converted, total = convert(model, recipe, all_gather)
     say(f"train.fp8: {converted} of {total} Linear layers in float8 (recipe {recipe}; lm_head, routers and layers "
         "with a size not a multiple of 16 stay in bf16)")
+    if all_gather:
+        say("train.fp8: FSDP2 float8 all-gather (the weights gathered in float8, their per-tensor scales computed "
+            "in one all-reduce after each update)")
+    elif cfg.train.fp8_all_gather:
+        say(f"train.fp8_all_gather: no effect under {backend(acc).value} (FSDP2 only)")
     return model
+
+
+def uses_all_gather(model: nn.Module) -> bool:
+    """Whether ``model``'s float8 layers all-gather their weights in float8 (:func:`convert` with ``all_gather``)."""
+    float8_linear = sys.modules.get("torchao.float8.float8_linear")  # (imported by any conversion; no torchao: None)
+    return float8_linear is not None and any(
+        isinstance(m, float8_linear.Float8Linear) and m.config.enable_fsdp_float8_all_gather for m in model.modules())
+
+
+def rewrap_shards(model: nn.Module) -> int:
+    """Every float8 all-gather weight's local shard as torchao's WeightWithDynamicFloat8CastTensor on every rank;
+    returns how many were plain. accelerate's FSDP2 loading (``fsdp_cpu_ram_efficient_loading``, the shipped
+    configs/accelerate/fsdp.yaml) broadcasts rank 0's weights and assigns them (``load_state_dict(assign=True)``):
+    rank 0's shards keep the subclass, the other ranks' become plain tensors (built from ``torch.empty``), so rank 0
+    all-gathered in float8 (with an amax all-reduce) and the others in bf16: the collectives no longer matched and
+    the run hung at its first forward. FSDP2 reads the local shard again at its lazy init (the first forward)."""
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    from torch.distributed.fsdp import FSDPModule
+
+    def wrap(t, m):
+        return WeightWithDynamicFloat8CastTensor(t, m.linear_mm_config, m.config.cast_config_weight.target_dtype)
+
+    owners = {}  # id(weight) -> its Float8Linear, for the weights whose local shard is plain
+    for m in model.modules():
+        local = getattr(getattr(m, "weight", None), "_local_tensor", None)
+        if (isinstance(m, Float8Linear) and m.config.enable_fsdp_float8_all_gather and local is not None
+                and not isinstance(local, WeightWithDynamicFloat8CastTensor)):
+            m.weight._local_tensor = wrap(local, m)
+            owners[id(m.weight)] = m
+    for fsdp in (m for m in model.modules() if isinstance(m, FSDPModule)):  # FSDP2's own view of the shard too
+        group = fsdp._get_fsdp_state()._fsdp_param_group
+        for param in group.fsdp_params if group is not None else ():
+            if id(param.sharded_param) in owners:
+                param._sharded_param_data = wrap(param._sharded_param_data, owners[id(param.sharded_param)])
+    return len(owners)
+
+
+def prepare(acc, model: nn.Module, optimizer):
+    """``acc.prepare(model, optimizer)``; with the float8 all-gather, two repairs after it (accelerate 1.15's FSDP2
+    prepare does not expect torchao's weight subclass unless accelerate itself does the fp8 conversion):
+
+    * the optimizer's parameters: accelerate maps each to its sharded one by ``data_ptr()``, which is 0 for every
+      WeightWithDynamicFloat8CastTensor, so all float8 weights of the optimizer became one and the same weight (measured:
+      the second step's gradient norm off by 18%); they are set again here by name (no optimizer state exists yet);
+    * the local shards, the same subclass on every rank (:func:`rewrap_shards`)."""
+    if not uses_all_gather(model):
+        return acc.prepare(model, optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    model, optimizer = acc.prepare(model, optimizer)
+    sharded = {n.replace("_orig_mod.", ""): p for n, p in acc.unwrap_model(model).named_parameters()}
+    for group, group_names in zip(optimizer.param_groups, groups):
+        group["params"] = [sharded[n.replace("_orig_mod.", "")] for n in group_names]
+    rewrap_shards(model)
+    return model, optimizer
+
+
+def after_update(model: nn.Module) -> None:
+    """After the weights changed (an optimizer step, a Reptile meta-update; first before the loop: the start
+    weights): with the float8 all-gather, every weight's per-tensor scale for the next all-gathers, in one all-reduce
+    (torchao's ``precompute_float8_dynamic_scale_for_fsdp``, as torchtitan calls it after ``optimizer.step()``);
+    else nothing."""
+    if getattr(model, "_cpt_fp8_all_gather", None) is None:
+        model._cpt_fp8_all_gather = uses_all_gather(model)
+    if model._cpt_fp8_all_gather:
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+@contextlib.contextmanager
+def swapped_scales(model: nn.Module):
+    """Weights swapped in for a while (the EMA's evaluation): with the float8 all-gather, their scales are computed
+    on entry and the live weights' again on exit (:func:`after_update`); else nothing."""
+    after_update(model)
+    try:
+        yield
+    finally:
+        after_update(model)
 
 
 def converted_layers(model: nn.Module) -> list[str]:

@@ -111,7 +111,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
         evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id, SampleGenerator.for_run(cfg, tokenizer, acc))
         bench = _benchmarks(cfg, acc, say)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
-        model, optimizer = acc.prepare(*_with_optimizer(cfg, model, new_token_ids, acc, say))
+        model, optimizer = fp8.prepare(acc, *_with_optimizer(cfg, model, new_token_ids, acc, say))  # (acc.prepare)
         ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves,
                                   portable=consolidate)  # (consolidate: resume on another backend or number of processes)
         if start.init is not None and not start.branch:  # a new stage: weights (+ optimizer), not the data position
@@ -132,6 +132,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         if start.state_from is not None:
             _restore(ckpts, start, components, model, say, B)
         plan, total_steps = _lr_plan(cfg, start, state, say)
+        fp8.after_update(model)  # the float8 all-gather's scales of the start weights (FSDP2, train.fp8: tensorwise)
 
         # --- logging, throughput accounting, preemption (its handlers stay until the run has fully ended: a late
         # signal must not kill a rank during the final checkpoint wait and barriers, leaving the others waiting)
@@ -165,8 +166,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
             result = train_step(acc, model, feed.batch(step), guard, step, cfg.train.micro_batch_size, cfg.optim.grad_clip,
                                 eos_id, by_source, loss_weights)
             state.step, state.tokens = step + 1, state.tokens + B * L
-            if reptile is not None:  # every k steps: weights <- anchor + eps x (weights - anchor)
-                reptile.step(acc.unwrap_model(model), state.step)
+            _after_update(acc, model, reptile, state.step)  # Reptile's meta-update; the float8 all-gather's scales
             if ema is not None:  # (after Reptile: it averages the weights training goes on from)
                 ema.update(acc.unwrap_model(model), applied=result.outcome.applied)
             clock.add(B * L)
@@ -422,6 +422,15 @@ def reset_optimizer_state(optimizer) -> None:
         raise TrainingError("resetting the optimizer state is not supported with this optimizer; start a new run from the HF export instead")
 
 
+def _after_update(acc, model, reptile, step: int) -> None:
+    """After each optimizer step: Reptile's meta-update every k steps (weights <- anchor + eps x (weights - anchor)),
+    then, under FSDP2 with the float8 all-gather (train.fp8: tensorwise), the scales of the weights the next
+    all-gathers cast to float8, in one all-reduce (cpt/fp8.py; nothing otherwise)."""
+    if reptile is not None:
+        reptile.step(acc.unwrap_model(model), step)
+    fp8.after_update(model)
+
+
 def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, step: int) -> dict[str, Any]:
     """The held-out sets' losses (forgetting, adaptation), and those of the EMA weights with eval.ema (without
     touching the evaluator's step-0/worst bookkeeping, which is about the live weights); with eval.samples, the live
@@ -430,7 +439,7 @@ def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, 
     if evaluator.samples is not None:
         metrics["samples"] = evaluator.samples.generate(model, step)
     if ema is not None and cfg.eval.ema:
-        with ema.swapped(acc.unwrap_model(model)):
+        with ema.swapped(acc.unwrap_model(model)), fp8.swapped_scales(model):  # (the EMA weights' fp8 scales)
             metrics.update({f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc, evaluator.eos_id)
                             for h in evaluator.sets})
     return metrics

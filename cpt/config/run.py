@@ -67,6 +67,9 @@ class RunConfig(Strict):
         if self.train.fp8 is not None and self.model.lora is not None:
             errors.append(f"train.fp8: {self.train.fp8} trains a full model's Linear layers in float8; not with "
                           "model.lora (LoRA/QLoRA): set train.fp8: null or drop model.lora")
+        if self.train.fp8_all_gather and self.train.fp8 != "tensorwise":
+            errors.append(f"train.fp8_all_gather needs train.fp8: tensorwise (torchao all-gathers float8 weights with "
+                          f"per-tensor scales only), not {self.train.fp8}")
         if self.train.fp8 is not None and self.train.precision != "bf16":
             errors.append(f"train.fp8 needs train.precision: bf16 (torchao's float8 matmuls run under bf16 autocast), "
                           f"not {self.train.precision}")

@@ -69,6 +69,10 @@ class TrainConfig(Strict):
     # row ("rowwise") or per row with the weight gradient in bf16 ("rowwise_with_gw_hp", most accurate). Needs
     # train.precision bf16, a full model (not model.lora), a GPU of compute capability 8.9+ (H100); on CPU: tests only
     fp8: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] | None = None
+    # FSDP2 with fp8 tensorwise: all-gather the weights in float8 (half the bytes of bf16; torchao's
+    # enable_fsdp_float8_all_gather), their scales computed in one all-reduce after each update. Opt-in: checked on
+    # CPU processes only (no GPU run yet); other backends: no effect (a log line says so)
+    fp8_all_gather: bool = False
     log_every: int = Field(10, gt=0)
     max_nonfinite_in_a_row: int = Field(5, gt=0)
     # start weights (and optionally optimizer) from this checkpoint/run dir, not its data position
