@@ -8,6 +8,7 @@ where SLURM can open it (no logs/ folder needed), the log survives the requeue, 
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_multinode.sbatch"
+# a line of a torchrun agent's own log record (glog-style prefix), e.g. "E1128 14:26:06.556000 28459 .../torch/
+# distributed/elastic/agent/server/api.py:1008] Error waiting on exit barrier. ..."
+AGENT_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/agent/server/api\.py:\d+\]")
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -346,7 +350,11 @@ def test_two_nodes_train_preempt_requeue_on_one_node_resume_and_export(tiny_cpt_
     log = slurm.log(job_id)
     assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, True, 0), (1, False, 0)], log[-5000:]
     assert f"1 node(s) x 1, {strategy}" in log and "written by 2 processes, now 1" in log, log[-5000:]
-    assert "Traceback" not in log and "error:" not in log, log[:3000]  # (the head of the log: a stand-in's traceback)
+    # (torchrun's agents sync at exit through the store the first node's agent hosts; when it leaves first, the other
+    # may log "Error waiting on exit barrier" with a traceback after its ranks finished, exit status still 0: a race
+    # in torch's elastic agent, seen once in CI, documented in docs/slurm.md; every other traceback still fails)
+    ours = "\n".join(line for line in log.splitlines() if not AGENT_LOG.match(line))
+    assert "Traceback" not in ours and "error:" not in ours, ours[:3000]  # (the head of the log: a stand-in's traceback)
     assert "[slurm_node 0] SIGUSR1" in log and "[slurm_node 1] SIGUSR1" in log  # each node's slurm_node.sh relayed it
     assert "h wall on 2 devices)" in log and "h wall on 1 device in this segment" in log  # 2 ranks, then 1
 
