@@ -111,9 +111,11 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
-def start(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    """The launcher, its ranks' output merged into one text stream."""
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(cmd: list[str], cwd: Path, env: dict[str, str], new_session: bool = False) -> subprocess.Popen:
+    """The launcher, its ranks' output merged into one text stream; ``new_session``: in a process group of its own (as
+    a job's), so that a test can signal the whole group."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:

@@ -476,9 +476,8 @@ def test_preempted_exit_code_through_the_shipped_launcher(tiny_cpt_data, tiny_ba
     env = {**rank_env(cpu=True), "NUM_GPUS": "2", "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     script, *strategy = launcher
-    proc = subprocess.Popen([str(ROOT / "scripts" / script), str(cfg_path), *strategy, "--preempted-exit-code", "75"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # (its own process group, as a job's)
+    proc = start([str(ROOT / "scripts" / script), str(cfg_path), *strategy, "--preempted-exit-code", "75"], tmp_path, env,
+                 new_session=True)
     t0 = time.time()
     while len(losses(out)) < 2:
         assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-5000:] if proc.poll() is not None else "timed out"
