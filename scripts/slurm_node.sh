@@ -11,6 +11,16 @@ set -u
 # (cgroup.conf SignalChildrenProcesses=yes, proctrack/pgid or linuxproc), torchrun's agent would otherwise die of the
 # warning and take the node's ranks down while they save. The ranks inherit the ignored SIGUSR1; cpt's CLI restores
 # its default action at start-up and the training loop installs its handler.
+# A preempted stop (the ranks saved and exited 0) is told from a finished run by a file the node's first rank writes
+# ($CPT_PREEMPTED_MARKER): on the first node, where the batch script runs, the file it names
+# ($CPT_SLURM_PREEMPTED_MARKER); on the others a node-local one (so every node's ranks exit alike).
+if [ "${SLURM_NODEID:-0}" = 0 ] && [ -n "${CPT_SLURM_PREEMPTED_MARKER:-}" ]; then
+  export CPT_PREEMPTED_MARKER=$CPT_SLURM_PREEMPTED_MARKER
+else
+  marker_dir=$(mktemp -d "${TMPDIR:-/tmp}/cpt-node.XXXXXX")
+  trap 'rm -rf -- "$marker_dir"' EXIT
+  export CPT_PREEMPTED_MARKER=$marker_dir/preempted
+fi
 ( trap '' USR1; exec accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@" ) &
 launcher=$!
 

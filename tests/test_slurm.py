@@ -284,6 +284,38 @@ def test_ranks_failing_after_the_time_limit_warning_are_not_requeued(tmp_path, s
             and "submit this script again (same arguments)" in log), log
 
 
+@pytest.mark.parametrize("stop", ["preempted", "finished"])
+def test_a_warning_is_requeued_only_after_a_preempted_stop(tmp_path, slurm, stop):
+    """The ranks exit 0 both after a preempted stop (checkpoint saved) and after a finished run: the script requeues
+    only when the first node's first rank wrote the marker it names ($CPT_PREEMPTED_MARKER, as `cpt train` does on a
+    preempted stop). A warning that reaches the ranks after their last step used to requeue the finished run, whose
+    restart then refused "holds a finished run's export" and the job FAILED. Stand-in ranks; about 3 s each."""
+    ready = tmp_path / "rank_started"
+    preempted = stop == "preempted"
+    fake = slurm.bin / "accelerate"  # one rank that gets the warning, then stops preempted or had already finished
+    rank = ("import os, signal, time\n"
+            "def on_usr1(*_):\n"
+            + (f"    open(os.environ['CPT_PREEMPTED_MARKER'], 'w').write('preempted')\n" if preempted else "    pass\n")
+            + "    raise SystemExit(0)\n"
+            f"signal.signal(signal.SIGUSR1, on_usr1)\nopen({str(ready)!r}, 'w')\ntime.sleep(60)\n")
+    fake.write_text(f"#!{sys.executable}\nimport os, subprocess, sys\n"
+                    f"if os.path.exists({str(ready)!r}):\n    sys.exit(0)  # the requeued start: finishes\n"
+                    f"sys.exit(subprocess.call([sys.executable, '-c', {rank!r}]))\n")
+    fake.chmod(0o755)
+    job_id = slurm.submit(tmp_path / "run.yaml", "ddp")
+    job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and ready.exists(), timeout=60)
+    os.kill(job["batch_pid"], signal.SIGUSR1)
+    job = slurm.wait(job_id, timeout=60)
+    log = slurm.log(job_id)
+    if preempted:
+        assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, True, 0), (1, False, 0)], log
+        assert "requeueing job" in log, log
+    else:
+        assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, False, 0)], log
+        assert ["requeue", job_id] not in slurm.scontrol_calls(), log
+        assert "the run finished before the time-limit warning reached them; not requeueing" in log, log
+
+
 def test_slurm_job_without_periodic_checkpoints_is_warned(tiny_cpt_data, tmp_path):
     """checkpoint.every unset (the default) in a SLURM job: a node failure would restart it from step 0, so the
     start-up log says so; not outside SLURM, not with checkpoint.every set."""

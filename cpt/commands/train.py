@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PREEMPTED_MARKER = "CPT_PREEMPTED_MARKER"  # set by scripts/launch.sh, launch_deepspeed.sh with --preempted-exit-code
+PREEMPTED_MARKER = "CPT_PREEMPTED_MARKER"  # set by scripts/launch*.sh with --preempted-exit-code, and the SLURM script
 
 
 def _exit_code(text: str) -> int:
@@ -57,22 +57,25 @@ def _exit_code(text: str) -> int:
     return code
 
 
-def _preempted_exit(code: int) -> int:
-    """The exit status of a run stopped on a preemption signal with ``--preempted-exit-code N``. Under the shipped
-    launch scripts (``$CPT_PREEMPTED_MARKER`` names a file of theirs) each node's first rank writes that file and the
-    ranks exit 0: a rank's non-zero exit would make torchrun (or accelerate's 1-process launch) print a traceback and
-    exit 1; the script then exits N. Otherwise this process exits N. Either way SIGTERM and SIGUSR1 are ignored from
-    here on, before the run's last line, as after a finished run: a second signal in the interpreter's teardown has
-    nothing left to save, and would turn N into 143."""
+def _preempted_exit(code: int | None) -> int:
+    """The exit status of a run stopped on a preemption signal, its checkpoint saved. Where ``$CPT_PREEMPTED_MARKER``
+    names a file (the shipped launch scripts with ``--preempted-exit-code``, and scripts/slurm_node.sh on the first
+    node) each node's first rank writes it and the ranks exit 0: the script decides from the file (a rank's non-zero
+    exit would make torchrun, or accelerate's 1-process launch, print a traceback and exit 1); the SLURM script
+    requeues only a job whose ranks wrote it, not one whose run finished before the time-limit warning reached it.
+    Otherwise this process exits ``code`` (``--preempted-exit-code N``), or 0 without it. With a code, SIGTERM and
+    SIGUSR1 are ignored from here on, before the run's last line, as after a finished run: a second signal in the
+    interpreter's teardown has nothing left to save, and would turn N into 143."""
     from cpt.cli import ignore_signals_after_the_run
 
-    ignore_signals_after_the_run()
+    if code is not None:
+        ignore_signals_after_the_run()
     marker = os.environ.get(PREEMPTED_MARKER)
     if marker:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             Path(marker).write_text("preempted\n")
         return 0
-    return code
+    return code or 0
 
 
 def run_errors() -> tuple[type[BaseException], ...]:
@@ -203,7 +206,7 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
         rank_failure.report(run, f"{type(e).__name__}: {e}")  # an unexpected error: its traceback follows
         raise
     code = 0  # also after a preemption (without --preempted-exit-code): the checkpoint is saved and `--resume` continues
-    if result.stopped_early == "preempted" and args.preempted_exit_code is not None:  # (signals ignored before the last line)
+    if result.stopped_early == "preempted":
         code = _preempted_exit(args.preempted_exit_code)
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
         from cpt.console import resume_command
