@@ -95,6 +95,10 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
     for h in cfg.data.heldout:  # each held-out set's tokenizer hash and length, as training checks them at start
         load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, verify=False, retry=cfg.data.remote)
+    if cfg.eval.samples is not None:  # each prompt encodes to tokens and fits the context with its new tokens
+        from cpt.samples import SampleGenerator
+
+        SampleGenerator.for_run(cfg, tokenizer, None, config)
     if cfg.eval.lm_eval.tasks:  # every lm-eval task name is known (bundled, include_path or lm-eval's own)
         from eval_harness.benchmarks import BenchmarkTracker
 
@@ -129,6 +133,8 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
             "model": {**shape, "vocab": len(tokenizer), "flops_per_token": fpt, "context": getattr(config, "max_position_embeddings", None)},
             "seq_len": L, "global_batch_size": B, "stages": stages, "sources": sources, "mixes": format_mixes(cfg.stages),
             "heldout": [h.name for h in cfg.data.heldout],
+            "samples": None if cfg.eval.samples is None else {"prompts": len(cfg.eval.samples.prompts),
+                                                              "max_new_tokens": cfg.eval.samples.max_new_tokens},
             "total": {"steps": plan.total_steps - first, "tokens": total, "flops": total * fpt},
             "max_epochs_warning": cfg.data.max_epochs_warning}
 
@@ -176,6 +182,9 @@ def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str
         lines.append(f"source {name}: {s['tokens']:,} of {s['available_tokens']:,} tokens = {s['epochs']:.2f} epochs{flag}")
     if d.get("heldout"):
         lines.append(f"held-out sets (tokenizer checked): {', '.join(d['heldout'])}")
+    if d.get("samples"):
+        lines.append(f"text samples at each evaluation: {d['samples']['prompts']} prompt(s), up to "
+                     f"{d['samples']['max_new_tokens']} new tokens each (prompts checked)")
     t = d["total"]
     lines.append(f"total: {t['steps']:,} steps, {t['tokens']:,} training tokens, {t['flops']:.3g} FLOPs")
     if tokens_per_s:

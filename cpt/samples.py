@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from cpt.config import ConfigError
 from cpt.distributed import shards_weights
 
 SAMPLES_FILE = "samples.jsonl"
@@ -29,17 +30,26 @@ SAMPLES_FILE = "samples.jsonl"
 class SampleGenerator:
     """The run's prompts, encoded once, and their greedy continuations at a given step."""
 
-    def __init__(self, prompts: list[str], max_new_tokens: int, tokenizer: Any, acc: Any):
+    def __init__(self, prompts: list[str], max_new_tokens: int, tokenizer: Any, acc: Any, context: int | None = None):
+        """``context``: the model's positions (``max_position_embeddings``); a prompt plus ``max_new_tokens`` must fit
+        in it (past it a model's position embeddings run out, or its RoPE extrapolates: an error or garbage text at
+        every evaluation). Checked here, before training, and by ``cpt train --dry-run``."""
         self.prompts, self.max_new_tokens, self.tokenizer, self.acc = list(prompts), int(max_new_tokens), tokenizer, acc
         self.ids = [torch.tensor([tokenizer(p)["input_ids"]], dtype=torch.long) for p in self.prompts]
-        empty = [p for p, ids in zip(self.prompts, self.ids) if ids.numel() == 0]
-        if empty:
-            raise ValueError(f"eval.samples.prompts: {empty[0]!r} encodes to no tokens")
+        for i, (p, ids) in enumerate(zip(self.prompts, self.ids)):
+            if ids.numel() == 0:
+                raise ConfigError(f"eval.samples.prompts[{i}]: {p[:60]!r} encodes to no tokens")
+            if context and ids.numel() + self.max_new_tokens > context:
+                raise ConfigError(f"eval.samples.prompts[{i}]: {p[:60]!r} is {ids.numel()} tokens; with "
+                                  f"eval.samples.max_new_tokens={self.max_new_tokens} that is past the model's context "
+                                  f"({context} positions): shorten the prompt or lower max_new_tokens")
 
     @classmethod
-    def for_run(cls, cfg: Any, tokenizer: Any, acc: Any) -> "SampleGenerator | None":
+    def for_run(cls, cfg: Any, tokenizer: Any, acc: Any, model_config: Any = None) -> "SampleGenerator | None":
+        """The run's generator (None without ``eval.samples``); ``model_config``: the model's, for its context."""
         s = cfg.eval.samples
-        return None if s is None else cls(s.prompts, s.max_new_tokens, tokenizer, acc)
+        context = getattr(model_config, "max_position_embeddings", None)
+        return None if s is None else cls(s.prompts, s.max_new_tokens, tokenizer, acc, context)
 
     def generate(self, model: Any, step: int) -> list[dict[str, Any]]:
         """One row per prompt (the same on every process; call it on every process)."""

@@ -109,7 +109,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         data = CPTDataLoader(cfg.data, cfg.stages, tokenizer, B, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes)
         heldout = heldout_sets(cfg, tokenizer, acc, say)
         eos_id = tokenizer.eos_token_id if cfg.data.document_masking else None  # documents attend only to themselves
-        evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id, SampleGenerator.for_run(cfg, tokenizer, acc))
+        evaluator = HeldoutEvaluator(heldout, cfg.eval, acc, eos_id, SampleGenerator.for_run(cfg, tokenizer, acc, model.config))
         bench = _benchmarks(cfg, acc, say)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
         model, optimizer = fp8.prepare(acc, *_with_optimizer(cfg, model, new_token_ids, acc, say))  # (acc.prepare)
         ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves,

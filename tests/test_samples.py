@@ -75,3 +75,30 @@ def test_samples_without_a_held_out_set_or_prompts_are_one_config_error(tiny_cpt
         load_config(base={**cfg, "data": {**cfg["data"], "heldout": []}})
     with pytest.raises(ConfigError, match="eval.samples.prompts"):
         load_config(base={**cfg, "eval": {**cfg["eval"], "samples": {"prompts": []}}})
+
+
+def test_a_prompt_past_the_models_context_is_one_error_at_the_dry_run_and_the_start(tiny_cpt_data, tiny_base, tmp_path,
+                                                                                    capsys):
+    """A prompt plus max_new_tokens longer than the model's positions (its position embeddings run out, or RoPE
+    extrapolates: an error or garbage at every evaluation) is one config error naming the prompt, from `cpt train
+    --dry-run` and from the start of training, before any step; prompts that fit are listed in the dry-run's plan."""
+    import yaml
+    from transformers import AutoConfig
+
+    from cpt.cli import main
+
+    context = AutoConfig.from_pretrained(tiny_base).max_position_embeddings
+    cfg = samples_config(tiny_cpt_data, tiny_base, tmp_path / "run")
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "ok.yaml"), "--dry-run"]) == 0
+    assert "text samples at each evaluation: 2 prompt(s), up to 12 new tokens each (prompts checked)" in capsys.readouterr().out
+
+    cfg["eval"]["samples"]["max_new_tokens"] = context  # the second prompt's tokens + context > context
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "long.yaml"), "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cpt train: error: eval.samples.prompts[0]: 'def read_config(path):' is "), err
+    assert f"max_new_tokens={context} that is past the model's context ({context} positions)" in err[0], err
+    with pytest.raises(ConfigError, match=r"eval.samples.prompts\[0\]"):
+        run(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
