@@ -69,22 +69,6 @@ def stop_with_the_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def ignore_signals_after_the_run() -> None:
-    """Once `cpt train` has returned (the run ended, or stopped with its checkpoint written), a preemption signal has
-    nothing left to save: ignore SIGTERM and SIGUSR1 for the rest of the process. The interpreter's teardown takes
-    seconds after the run's last line (3 s measured on 2 CPU cores), and a scheduler's signal landing there ended a
-    finished run with 143/138 (under torchrun: exit 1 and a traceback); a SLURM warning there still requeues the job
-    (scripts/slurm_multinode.sbatch), whose next start finds the run at its end. Only when this process is the `cpt`
-    program (`cpt ...`, `python -m cpt.cli ...`), not when a caller runs :func:`main` inside its own process."""
-    entry = sys.modules.get("__main__")
-    spec = getattr(entry, "__spec__", None)
-    if getattr(entry, "main", None) is not main and getattr(spec, "name", None) != "cpt.cli":
-        return
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
-
-
 def no_library_bars_in_log_files() -> None:
     """A command whose stderr is not a terminal (a batch job's log file, ``| tee``) gets no progress bars from the
     libraries (transformers' "Writing model shards" on every export, hub downloads, datasets' map): in a file a tqdm
@@ -152,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = int(module.main(rest) or 0)
         if name == "train" and code == 0:  # (after an error the launcher's SIGTERM must still end a rank stuck in teardown)
+            from cpt.distributed import ignore_signals_after_the_run
+
             ignore_signals_after_the_run()
         return code
     except BrokenPipeError:  # `cpt schedule CONFIG | head`: the reader is gone, which is no error (was a traceback)

@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from datetime import timedelta
 from enum import Enum
 from typing import Any
@@ -300,27 +301,49 @@ def unprotected_batch_job(cfg, env=None) -> str | None:
             "without the USR1 warning or a crash restarts this run from step 0; set checkpoint.every")
 
 
+def ignore_signals_after_the_run() -> None:
+    """Once a run has ended in the `cpt train` process (finished, or stopped with its checkpoint written), a preemption
+    signal has nothing left to save: ignore SIGTERM and SIGUSR1 for the rest of the process. The teardown after the
+    loop (the accelerator's end, W&B's finish, the interpreter's exit) takes seconds (3 s measured on 2 CPU cores), and
+    a scheduler's signal landing there ended a finished or preempted run with 143/138 (under torchrun: exit 1 and a
+    traceback, and srun then failed the job): a SLURM warning relayed late to one node's rank, after the other nodes'
+    ranks had already made every rank stop, killed it there (seen in CI). Only when this process is the `cpt` program
+    (`cpt ...`, `python -m cpt.cli ...`), not when a caller runs training inside its own process."""
+    entry = sys.modules.get("__main__")
+    cli_main = getattr(sys.modules.get("cpt.cli"), "main", None)
+    is_cpt = cli_main is not None and getattr(entry, "main", None) is cli_main
+    if not is_cpt and getattr(getattr(entry, "__spec__", None), "name", None) != "cpt.cli":
+        return
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 (cluster preemption) ask for a checkpoint and a clean exit at the end of a step.
 
     ``with PreemptionFlag(check_every) as stop:`` installs the handlers and restores the previous ones on exit, on
-    every path (an error included). With several processes all ranks must stop at the same step, so the flag is
-    combined over ranks every ``check_every`` steps (a collective and a host read); one process reads its own flag
+    every path (an error included), except after a clean end in the `cpt` program that ends the process: a stop on a
+    signal (this rank's or another's), or any end with ``last_run`` (`cpt train`); the signals are then ignored
+    (:func:`ignore_signals_after_the_run`). With several processes all ranks must stop at the same step, so the flag
+    is combined over ranks every ``check_every`` steps (a collective and a host read); one process reads its own flag
     every step for free."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, check_every: int = 1):
+    def __init__(self, check_every: int = 1, last_run: bool = False):
         self.flag = False
+        self.stopped = False  # requested() said stop: on every rank, whichever rank got the signal
         self.check_every = max(1, int(check_every))
+        self.last_run = last_run
         self.previous: dict[int, Any] = {}
 
     @classmethod
-    def for_run(cls, cfg, acc) -> "PreemptionFlag":
+    def for_run(cls, cfg, acc, last_run: bool = False) -> "PreemptionFlag":
         """Checked every step on one process or on CPU (no device to wait for), else every
         ``train.preemption_check_every`` steps (each check is a collective plus a host read)."""
         one = acc.num_processes == 1 or acc.device.type == "cpu"
-        return cls(1 if one else cfg.train.preemption_check_every)
+        return cls(1 if one else cfg.train.preemption_check_every, last_run)
 
     def _handler(self, signum, frame):  # noqa: ARG002
         self.flag = True
@@ -343,6 +366,8 @@ class PreemptionFlag:
 
     def __exit__(self, *exc) -> None:
         self.uninstall()
+        if exc[1] is None and (self.stopped or self.last_run):  # nothing left to save (in the `cpt` program only)
+            ignore_signals_after_the_run()
         if exc[1] is not None and lost_peer(exc[1]):
             # another rank died: the launcher is stopping the others (SIGTERM); this rank reports first, then exits
             # (cpt/rank_failure.py), rather than being cut off on its way to the error handler
@@ -353,7 +378,7 @@ class PreemptionFlag:
         """True on every rank if any rank received a signal (so all ranks save together); with several
         processes only at steps that are multiples of ``check_every`` (the same steps on every rank)."""
         if acc.num_processes == 1:
-            return self.flag
-        if step % self.check_every:
-            return False
-        return any_rank(acc, self.flag)
+            self.stopped = self.flag
+        elif step % self.check_every == 0:
+            self.stopped = any_rank(acc, self.flag)
+        return self.stopped

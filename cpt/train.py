@@ -85,11 +85,13 @@ class StepResult:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bool = False, echo=print) -> TrainResult:
+def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bool = False, echo=print,
+          last_run: bool = False) -> TrainResult:
     """Train under the run directory's lock (held by the main process; see cpt/runlock.py). A run that fails before
     writing anything leaves no run directory behind. On every exit path, errors included, the preemption signal
     handlers are restored, the prefetch thread, the metrics logger and the accelerator are closed (``cpt experiment``
-    calls train() many times in one process)."""
+    calls train() many times in one process). In the `cpt` program, after a stop on a signal or with ``last_run``
+    (`cpt train`: the process ends with the run) SIGTERM and SIGUSR1 are ignored instead: nothing is left to save."""
     run_dir = Path(cfg.run.output_dir)
     with _locked(run_dir, cfg.run.force_lock), contextlib.ExitStack() as cleanup:
         # --- setup: the processes, where the run starts, model and data, optimizer, the start weights
@@ -140,7 +142,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         peak = cfg.train.peak_flops or peak_flops_for(device_name(acc.device))
         # train/loss over the log window; train/loss/<source> from the per-row losses
         meter, losses, by_source = Throughput(num_devices=acc.num_processes), window.loss, window.by_source
-        stop = cleanup.enter_context(PreemptionFlag.for_run(cfg, acc))
+        stop = cleanup.enter_context(PreemptionFlag.for_run(cfg, acc, last_run))
         profiler = cleanup.enter_context(StepProfiler.for_run(cfg, acc, say))  # torch.profiler (train.profile)
         logger.log({"train/tokens": state.tokens, **param_counts}, step=state.step)
         out = RunOutput(logger, say)  # metrics.jsonl (W&B) and the console

@@ -18,6 +18,14 @@ OFFLINE_ENV = {
     "OMP_NUM_THREADS": "1",
 }
 os.environ.update(OFFLINE_ENV)
+# The venv's bin first on PATH, for this process and every one it starts, as in an activated venv (and as
+# tests/launching.py gives the launched ranks): DeepSpeed builds its CPU shared-memory op (deepspeed_shm_comm) at the
+# first DeepSpeed start with whichever `ninja` is first on PATH, and the pip ninja in the venv (1.13) and a system one
+# (1.11) each discard the other's build log, so the op was rebuilt whenever the other kind of process came next: 3
+# builds of ~50 s on 2 cores in one CI run (`.ninja_log` of .venv/torch_extensions), one now.
+_VENV_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -90,6 +90,54 @@ def test_preemption_flag_installs_and_restores_the_handlers():
             signal.signal(sig, handler)
 
 
+def test_after_a_stop_or_the_last_run_a_late_signal_is_ignored_in_the_cpt_program(tmp_path):
+    """In the `cpt` program, once the loop's flag is left cleanly after a stop (this rank's signal or, under several
+    processes, another rank's) or after `cpt train`'s only run (``last_run``), SIGTERM/SIGUSR1 are ignored: the
+    teardown that follows has nothing to save, and a SLURM warning relayed late to one node's rank (after the other
+    ranks had made every rank stop) killed it there, so srun failed the job (seen in CI). Otherwise (`cpt experiment`'s
+    finished runs, callers running train() in their own process: the test above) the previous handlers come back.
+    One subprocess whose ``__main__`` is the cpt program, as the guard requires."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from types import SimpleNamespace
+        from cpt.cli import main  # (this process counts as the `cpt` program)
+        from cpt.distributed import PreemptionFlag
+
+        one = SimpleNamespace(num_processes=1)
+        two = SimpleNamespace(num_processes=2)
+        def late(label):
+            os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM)
+            print(label, "survived", flush=True)
+            for sig in PreemptionFlag.SIGNALS: signal.signal(sig, signal.SIG_DFL)
+        with PreemptionFlag() as stop:  # this process's own signal
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested(one)
+        late("own-signal")
+        import cpt.distributed as d
+        d.any_rank = lambda acc, flag: True  # another rank got the warning: this one stops without its own signal
+        with PreemptionFlag() as stop:
+            assert stop.requested(two, 0) and not stop.flag
+        late("other-rank")
+        with PreemptionFlag(last_run=True):  # `cpt train`: a finished run
+            pass
+        late("last-run")
+        with PreemptionFlag():  # a finished run of `cpt experiment`: the default action again
+            pass
+        print("finished-run", flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        print("not reached", flush=True)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split("\n")[:4] == ["own-signal survived", "other-rank survived", "last-run survived",
+                                           "finished-run"], (proc.stdout, proc.stderr[-2000:])
+    assert proc.returncode == -10 and "not reached" not in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
 def test_preemption_check_cadence():
     """Every step on one process or on CPU; every train.preemption_check_every steps across GPU ranks (the same
     steps on every rank: off-cadence steps take no collective)."""

@@ -66,7 +66,7 @@ def _preempted_exit(code: int | None) -> int:
     Otherwise this process exits ``code`` (``--preempted-exit-code N``), or 0 without it. With a code, SIGTERM and
     SIGUSR1 are ignored from here on, before the run's last line, as after a finished run: a second signal in the
     interpreter's teardown has nothing left to save, and would turn N into 143."""
-    from cpt.cli import ignore_signals_after_the_run
+    from cpt.distributed import ignore_signals_after_the_run
 
     if code is not None:
         ignore_signals_after_the_run()
@@ -181,7 +181,8 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
         return 1
 
     try:
-        result = train(cfg, resume=args.resume or None, echo=runlog.say, allow_config_change=args.allow_config_change)
+        result = train(cfg, resume=args.resume or None, echo=runlog.say, allow_config_change=args.allow_config_change,
+                       last_run=True)
     except Exception as e:
         if rank_failure.lost_peer(e):  # another rank is gone: it printed why and told this one, or it was killed
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (the launcher is stopping the ranks: say it first)
