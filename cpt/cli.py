@@ -42,12 +42,38 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def restore_usr1() -> None:
-    """SIGUSR1 back to its default action when a launcher started us with it ignored (scripts/slurm_node.sh shields
-    torchrun's agent that way, and the ranks inherit it): a time-limit warning that comes before the training loop
-    installs its handler must still end the rank, not be lost (scripts/slurm_multinode.sbatch then ends the job with a
-    line saying to submit it again: it requeues only a clean stop)."""
-    if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN:
+class EarlyWarning:
+    """The SIGUSR1 handler of `cpt train`/`cpt experiment` until the training loop installs its own: it records the
+    signal (``received``), and the loop's handler (cpt.distributed.PreemptionFlag), finding it as the handler it
+    replaces, takes it as its own: the run trains one step, saves a checkpoint and stops as preempted. A SLURM
+    time-limit warning (or a preemption with PreemptParameters=send_user_signal) that came while the ranks were still
+    starting (loading the model, the step-0 evaluation) used to end them by SIGUSR1's default action: no checkpoint, a
+    failed stop, the job not requeued."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = True
+
+
+def is_cpt_program() -> bool:
+    """Whether this process is the `cpt` program (`cpt ...`, `python -m cpt.cli ...`), not a caller running
+    :func:`main` or training inside its own process (a notebook, the test suite), whose signal handlers cpt must not
+    take over for good."""
+    entry = sys.modules.get("__main__")
+    return getattr(entry, "main", None) is main or getattr(getattr(entry, "__spec__", None), "name", None) == "cpt.cli"
+
+
+def hold_usr1(command: str) -> None:
+    """SIGUSR1 for this process: held by :class:`EarlyWarning` for the training commands (in the `cpt` program); for
+    the others back to its default action when a launcher started us with it ignored (scripts/slurm_node.sh shields
+    torchrun's agent that way, and the ranks inherit it): a warning must never be lost."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    if command in ("train", "experiment") and is_cpt_program():
+        signal.signal(signal.SIGUSR1, EarlyWarning())
+    elif signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
@@ -125,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     line_buffered_stdout()
     no_repeated_warnings()
-    restore_usr1()
+    hold_usr1(name)
     stop_with_the_launcher()
     no_library_bars_in_log_files()
     own_wandb_service()

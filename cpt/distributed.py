@@ -309,10 +309,8 @@ def ignore_signals_after_the_run() -> None:
     traceback, and srun then failed the job): a SLURM warning relayed late to one node's rank, after the other nodes'
     ranks had already made every rank stop, killed it there (seen in CI). Only when this process is the `cpt` program
     (`cpt ...`, `python -m cpt.cli ...`), not when a caller runs training inside its own process."""
-    entry = sys.modules.get("__main__")
-    cli_main = getattr(sys.modules.get("cpt.cli"), "main", None)
-    is_cpt = cli_main is not None and getattr(entry, "main", None) is cli_main
-    if not is_cpt and getattr(getattr(entry, "__spec__", None), "name", None) != "cpt.cli":
+    cli = sys.modules.get("cpt.cli")  # (not imported: the `cpt` program has it loaded, a caller of train() may not)
+    if cli is None or not cli.is_cpt_program():
         return
     for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
         if sig is not None:
@@ -334,6 +332,7 @@ class PreemptionFlag:
     def __init__(self, check_every: int = 1, last_run: bool = False):
         self.flag = False
         self.stopped = False  # requested() said stop: on every rank, whichever rank got the signal
+        self.early = False  # the signal came before install(), while the run was starting (cpt.cli.EarlyWarning)
         self.check_every = max(1, int(check_every))
         self.last_run = last_run
         self.previous: dict[int, Any] = {}
@@ -353,7 +352,10 @@ class PreemptionFlag:
             try:
                 self.previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
-                pass
+                continue
+            if getattr(self.previous[sig], "received", False):  # cpt.cli.EarlyWarning: a signal during start-up
+                self.flag = self.early = True
+                self.previous[sig].received = False  # (taken: a later run must not see it again)
 
     def uninstall(self) -> None:
         for sig, prev in self.previous.items():

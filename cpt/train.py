@@ -209,7 +209,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 clock.restart()
             if preempted:
                 stopped = "preempted"
-                say(f"preemption signal received: checkpoint saved at step {state.step}; exiting cleanly")
+                say(f"preemption signal received{' during start-up' if stop.early else ''}: checkpoint saved at step {state.step}; "
+                    "exiting cleanly")
                 break
 
         # --- teardown: final checkpoint, HF export, lm-eval, summary, plots

@@ -96,7 +96,7 @@ def test_after_a_stop_or_the_last_run_a_late_signal_is_ignored_in_the_cpt_progra
     teardown that follows has nothing to save, and a SLURM warning relayed late to one node's rank (after the other
     ranks had made every rank stop) killed it there, so srun failed the job (seen in CI). Otherwise (`cpt experiment`'s
     finished runs, callers running train() in their own process: the test above) the previous handlers come back.
-    One subprocess whose ``__main__`` is the cpt program, as the guard requires."""
+    A SIGUSR1 while `cpt train` starts is held (cpt.cli.EarlyWarning) and taken by the loop's flag, once. One subprocess whose ``__main__`` is the cpt program, as the guard requires."""
     import subprocess
     import sys
     import textwrap
@@ -114,6 +114,19 @@ def test_after_a_stop_or_the_last_run_a_late_signal_is_ignored_in_the_cpt_progra
             os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM)
             print(label, "survived", flush=True)
             for sig in PreemptionFlag.SIGNALS: signal.signal(sig, signal.SIG_DFL)
+        from cpt.cli import hold_usr1
+        hold_usr1("train")  # `cpt train`: a warning while the run starts is held for the loop
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with PreemptionFlag() as stop:
+            assert stop.early and stop.requested(one)
+        late("early-warning")
+        hold_usr1("train")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with PreemptionFlag() as stop:  # (a run of `cpt experiment` that ends without asking: the holder is back)
+            assert stop.early
+        with PreemptionFlag() as stop:  # taken by the first run: not seen again
+            assert not stop.early and not stop.requested(one)
+        for sig in PreemptionFlag.SIGNALS: signal.signal(sig, signal.SIG_DFL)
         with PreemptionFlag() as stop:  # this process's own signal
             os.kill(os.getpid(), signal.SIGTERM)
             assert stop.requested(one)
@@ -133,8 +146,8 @@ def test_after_a_stop_or_the_last_run_a_late_signal_is_ignored_in_the_cpt_progra
         print("not reached", flush=True)
     """))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert proc.stdout.split("\n")[:4] == ["own-signal survived", "other-rank survived", "last-run survived",
-                                           "finished-run"], (proc.stdout, proc.stderr[-2000:])
+    assert proc.stdout.split("\n")[:5] == ["early-warning survived", "own-signal survived", "other-rank survived",
+                                           "last-run survived", "finished-run"], (proc.stdout, proc.stderr[-2000:])
     assert proc.returncode == -10 and "not reached" not in proc.stdout, (proc.returncode, proc.stderr[-2000:])
 
 

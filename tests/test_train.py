@@ -137,6 +137,23 @@ def test_resume_after_sigterm_is_exact(reference, tmp_path):
     assert "compute:" in log and "device-hours" in log
 
 
+def test_a_warning_during_start_up_stops_after_one_step_with_a_checkpoint(reference, tmp_path):
+    """SIGUSR1 (a SLURM time-limit warning, a preemption with send_user_signal) while `cpt train` is still starting
+    (its first lines printed; the model, data and step-0 evaluation still to come): held until the loop's handler takes
+    it, then one step, a checkpoint, PREEMPTED, exit 0 (the SLURM script requeues it). It ended the process by
+    SIGUSR1's default action before (exit -10, no checkpoint: a failed stop, not requeued)."""
+    path, out = preemption_saves_only(reference, tmp_path)
+    proc = cpt_train(path)
+    head = [proc.stdout.readline()]  # the first line: the run is starting
+    proc.send_signal(signal.SIGUSR1)
+    log = "".join(head) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    k = int(log.split("PREEMPTED at step ")[1].split()[0])
+    assert latest_valid_checkpoint(out).name == f"step_{k:08d}", log[-3000:]
+    if "preemption signal received during start-up" in log:  # (unless a loaded machine delayed the test past the start)
+        assert k == 1, log[-3000:]
+
+
 def test_preempted_exit_code(reference, tmp_path):
     """`--preempted-exit-code 75`: a stop on SIGTERM exits 75 after its checkpoint and PREEMPTED line (a k8s Job would
     count 0 as done), also with a second SIGTERM in the interpreter's teardown; the resumed run that finishes exits 0;
