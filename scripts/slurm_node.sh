@@ -9,8 +9,8 @@
 set -u
 # The launcher runs with SIGUSR1 ignored: where SLURM signals every process of the step, not only this task
 # (cgroup.conf SignalChildrenProcesses=yes, proctrack/pgid or linuxproc), torchrun's agent would otherwise die of the
-# warning and take the node's ranks down while they save. The ranks inherit the ignored SIGUSR1; cpt's CLI restores
-# its default action at start-up and the training loop installs its handler.
+# warning and take the node's ranks down while they save. The ranks inherit the ignored SIGUSR1; `cpt train` replaces
+# it at start-up with a handler that holds a warning until the training loop's own handler takes it.
 # A preempted stop (the ranks saved and exited 0) is told from a finished run by a file the node's first rank writes
 # ($CPT_PREEMPTED_MARKER): on the first node, where the batch script runs, the file it names
 # ($CPT_SLURM_PREEMPTED_MARKER); on the others a node-local one (so every node's ranks exit alike).
