@@ -373,7 +373,10 @@ def test_two_nodes_train_preempt_requeue_on_one_node_resume_and_export(tiny_cpt_
                           str(job_config(tiny_cpt_data, tiny_base, tmp_path, "run")), strategy],
                          cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout
     job_id = out.split()[-1]
-    job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and len(losses(run)) >= 2)  # (early: under load the relay of USR1 through sbatch, srun and slurm_node.sh took longer than the last 8 tiny steps once)
+    # the warning while the ranks start: the first node's rank has printed the mixes, after the process group formed
+    # (so both ranks hold SIGUSR1 for their loop). It was sent after 2 logged steps of 12 before cpt held early
+    # warnings: under load its relay through sbatch, srun and slurm_node.sh once took longer than the last 10 steps
+    job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and "stage 0 cpt-python mix: " in slurm.log(job_id))
     assert not job["done"], slurm.log(job_id)[-5000:]
     assert f"2 node(s) x 1, {strategy}" in slurm.log(job_id)
     (slurm.state / f"job_{job_id}.nodes_next").write_text("1")  # the requeue is allocated one node
