@@ -181,7 +181,7 @@ def test_slurm_time_limit_checkpoint_requeue_resume_matches_uninterrupted(tiny_c
     k = next(int(line.split("PREEMPTED at step ")[1].split()[0]) for line in log.splitlines() if "PREEMPTED at step " in line)
     assert 4 <= k < 12
     order = ["start 0:", "USR1 received", "SIGUSR1: telling the ranks", f"PREEMPTED at step {k} of 12", "to resume: cpt train", f"requeueing job {job_id}",
-             "start 1:", f"resumed ", "srun exited with 0"]
+             "start 1:", "resumed ", "srun exited with 0"]
     at = [log.find(s) for s in order]
     assert -1 not in at and at == sorted(at), list(zip(order, at))
     assert "eval step 4: " in log and "step 12/12 | tokens " in log  # plain progress lines in the batch log
@@ -295,7 +295,7 @@ def test_a_warning_is_requeued_only_after_a_preempted_stop(tmp_path, slurm, stop
     fake = slurm.bin / "accelerate"  # one rank that gets the warning, then stops preempted or had already finished
     rank = ("import os, signal, time\n"
             "def on_usr1(*_):\n"
-            + (f"    open(os.environ['CPT_PREEMPTED_MARKER'], 'w').write('preempted')\n" if preempted else "    pass\n")
+            + ("    open(os.environ['CPT_PREEMPTED_MARKER'], 'w').write('preempted')\n" if preempted else "    pass\n")
             + "    raise SystemExit(0)\n"
             f"signal.signal(signal.SIGUSR1, on_usr1)\nopen({str(ready)!r}, 'w')\ntime.sleep(60)\n")
     fake.write_text(f"#!{sys.executable}\nimport os, subprocess, sys\n"
