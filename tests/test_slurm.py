@@ -261,23 +261,32 @@ def test_slurm_launch_line_on_two_nodes(tmp_path, slurm, strategy):
             assert args.deepspeed_config_file == str(ROOT / "configs" / "deepspeed" / "zero3.json")
 
 
-def test_ranks_failing_after_the_time_limit_warning_are_not_requeued(tmp_path, slurm):
-    """A start whose ranks fail after the warning saved no checkpoint (here a stand-in rank dies of SIGUSR1, as ranks
-    still starting do before cpt's handler exists; a save that fails ends the same way): the script does not requeue it
-    (it did, after any warning: a failure that repeats, such as a --time shorter than the start plus the 300 s warning,
-    came back forever); the log says why and what to do, and the job ends with srun's non-zero code. About 3 s."""
+def warned_stand_in_job(tmp_path, slurm, rank: str, launcher_exit: str) -> tuple[str, dict, str]:
+    """A ddp job whose `accelerate` is a stand-in starting one rank (Python code ``rank``, which creates the file
+    ``READY`` once it can take the warning); the time-limit warning once it has; a requeued start exits 0 at once.
+    ``launcher_exit``: the stand-in launcher's exit status, an expression of the rank's, ``rc``. Returns (job id, the
+    job's record, its log)."""
     ready = tmp_path / "rank_started"
-    fake = slurm.bin / "accelerate"  # torchrun's part: one rank, the launcher's exit 1 when it dies of a signal
-    rank = f"import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_DFL); open({str(ready)!r}, 'w'); time.sleep(60)"
+    fake = slurm.bin / "accelerate"
     fake.write_text(f"#!{sys.executable}\nimport os, subprocess, sys\n"
                     f"if os.path.exists({str(ready)!r}):\n    sys.exit(0)  # a requeued start: nothing to do\n"
-                    f"sys.exit(1 if subprocess.call([sys.executable, '-c', {rank!r}]) else 0)\n")
+                    f"rc = subprocess.call([sys.executable, '-c', {rank.replace('READY', str(ready))!r}])\n"
+                    f"sys.exit({launcher_exit})\n")
     fake.chmod(0o755)
     job_id = slurm.submit(tmp_path / "run.yaml", "ddp")
     job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and ready.exists(), timeout=60)
     os.kill(job["batch_pid"], signal.SIGUSR1)
     job = slurm.wait(job_id, timeout=60)
-    log = slurm.log(job_id)
+    return job_id, job, slurm.log(job_id)
+
+
+def test_ranks_failing_after_the_time_limit_warning_are_not_requeued(tmp_path, slurm):
+    """A start whose ranks fail after the warning saved no checkpoint (here a stand-in rank dies of SIGUSR1; a save
+    that fails ends the same way): the script does not requeue it (it did, after any warning: a failure that repeats,
+    such as a --time shorter than the start plus the 300 s warning, came back forever); the log says why and what to
+    do, and the job ends with srun's non-zero code. About 3 s."""
+    rank = "import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_DFL); open('READY', 'w'); time.sleep(60)"
+    job_id, job, log = warned_stand_in_job(tmp_path, slurm, rank, "1 if rc else 0")  # (torchrun: 1 after a signal)
     assert [(r["restart"], r["requeued"]) for r in job["runs"]] == [(0, False)], log
     assert job["runs"][0]["rc"] != 0 and ["requeue", job_id] not in slurm.scontrol_calls(), log
     assert (f"ranks failed after the time-limit warning (exit {job['runs'][0]['rc']}): not requeueing" in log
@@ -290,23 +299,13 @@ def test_a_warning_is_requeued_only_after_a_preempted_stop(tmp_path, slurm, stop
     only when the first node's first rank wrote the marker it names ($CPT_PREEMPTED_MARKER, as `cpt train` does on a
     preempted stop). A warning that reaches the ranks after their last step used to requeue the finished run, whose
     restart then refused "holds a finished run's export" and the job FAILED. Stand-in ranks; about 3 s each."""
-    ready = tmp_path / "rank_started"
     preempted = stop == "preempted"
-    fake = slurm.bin / "accelerate"  # one rank that gets the warning, then stops preempted or had already finished
-    rank = ("import os, signal, time\n"
+    rank = ("import os, signal, time\n"  # gets the warning, then stops preempted or had already finished
             "def on_usr1(*_):\n"
             + ("    open(os.environ['CPT_PREEMPTED_MARKER'], 'w').write('preempted')\n" if preempted else "    pass\n")
             + "    raise SystemExit(0)\n"
-            f"signal.signal(signal.SIGUSR1, on_usr1)\nopen({str(ready)!r}, 'w')\ntime.sleep(60)\n")
-    fake.write_text(f"#!{sys.executable}\nimport os, subprocess, sys\n"
-                    f"if os.path.exists({str(ready)!r}):\n    sys.exit(0)  # the requeued start: finishes\n"
-                    f"sys.exit(subprocess.call([sys.executable, '-c', {rank!r}]))\n")
-    fake.chmod(0o755)
-    job_id = slurm.submit(tmp_path / "run.yaml", "ddp")
-    job = slurm.wait(job_id, until=lambda j: j["batch_pid"] and ready.exists(), timeout=60)
-    os.kill(job["batch_pid"], signal.SIGUSR1)
-    job = slurm.wait(job_id, timeout=60)
-    log = slurm.log(job_id)
+            "signal.signal(signal.SIGUSR1, on_usr1)\nopen('READY', 'w')\ntime.sleep(60)\n")
+    job_id, job, log = warned_stand_in_job(tmp_path, slurm, rank, "rc")
     if preempted:
         assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, True, 0), (1, False, 0)], log
         assert "requeueing job" in log, log
