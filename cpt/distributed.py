@@ -376,6 +376,11 @@ class PreemptionFlag:
             with contextlib.suppress(ValueError):  # (not the main thread)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+    def stopped_line(self, step: int) -> str:
+        """The log line of a stop on the signal, after the checkpoint at ``step`` was saved."""
+        when = " during start-up" if self.early else ""
+        return f"preemption signal received{when}: checkpoint saved at step {step}; exiting cleanly"
+
     def requested(self, acc, step: int = 0) -> bool:
         """True on every rank if any rank received a signal (so all ranks save together); with several
         processes only at steps that are multiples of ``check_every`` (the same steps on every rank)."""

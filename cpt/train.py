@@ -209,8 +209,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 clock.restart()
             if preempted:
                 stopped = "preempted"
-                say(f"preemption signal received{' during start-up' if stop.early else ''}: checkpoint saved at step {state.step}; "
-                    "exiting cleanly")
+                say(stop.stopped_line(state.step))
                 break
 
         # --- teardown: final checkpoint, HF export, lm-eval, summary, plots
