@@ -312,7 +312,7 @@ def test_a_warning_is_requeued_only_after_a_preempted_stop(tmp_path, slurm, stop
     else:
         assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, False, 0)], log
         assert ["requeue", job_id] not in slurm.scontrol_calls(), log
-        assert "the run finished before the time-limit warning reached them; not requeueing" in log, log
+        assert "without recording a preempted stop (the run finished before the time-limit warning reached them): not requeueing" in log, log
 
 
 def test_slurm_job_without_periodic_checkpoints_is_warned(tiny_cpt_data, tmp_path):

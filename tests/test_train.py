@@ -154,6 +154,26 @@ def test_a_warning_during_start_up_stops_after_one_step_with_a_checkpoint(refere
         assert k == 1, log[-3000:]
 
 
+def test_the_preempted_marker_is_written_by_the_nodes_first_rank_and_a_failed_write_is_one_warning(tmp_path, monkeypatch,
+                                                                                                     capsys):
+    """$CPT_PREEMPTED_MARKER (the launch scripts, the SLURM script): each node's first rank writes it on a preempted
+    stop, with or without --preempted-exit-code, and the ranks exit 0 (the script decides); a marker that cannot be
+    written (its folder gone) is one warning, never a traceback after the saved checkpoint: exit N with the option,
+    else 0."""
+    from cpt.commands.train import PREEMPTED_MARKER, _preempted_exit
+
+    marker = tmp_path / "preempted"
+    monkeypatch.setenv(PREEMPTED_MARKER, str(marker))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _preempted_exit(None) == 0 and not marker.exists()  # another rank of the node
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _preempted_exit(None) == 0 and marker.read_text() == "preempted\n"
+    monkeypatch.setenv(PREEMPTED_MARKER, str(tmp_path / "gone" / "preempted"))
+    assert _preempted_exit(75) == 75 and _preempted_exit(None) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("cpt train: warning: could not write $CPT_PREEMPTED_MARKER") for line in err)
+
+
 def test_preempted_exit_code(reference, tmp_path):
     """`--preempted-exit-code 75`: a stop on SIGTERM exits 75 after its checkpoint and PREEMPTED line (a k8s Job would
     count 0 as done), also with a second SIGTERM in the interpreter's teardown; the resumed run that finishes exits 0;

@@ -72,9 +72,14 @@ def _preempted_exit(code: int | None) -> int:
         ignore_signals_after_the_run()
     marker = os.environ.get(PREEMPTED_MARKER)
     if marker:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            return 0
+        try:
             Path(marker).write_text("preempted\n")
-        return 0
+            return 0
+        except OSError as e:  # (the checkpoint is saved: say so, never turn the stop into a traceback)
+            print_line(f"cpt train: warning: could not write ${PREEMPTED_MARKER} ({e}): the launch script cannot tell "
+                       "this preempted stop from a finished run", file=sys.stderr)
     return code or 0
 
 
