@@ -1,6 +1,7 @@
 """cpt: continual pre-training of large language models."""
 
 import logging as _logging
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -24,3 +25,15 @@ class _ImportNoise(_logging.Filter):
 
 _logging.getLogger("torch.utils._pytree").addFilter(_ImportNoise())
 _logging.getLogger("torchao").addFilter(_ImportNoise())
+
+
+def is_cpt_program() -> bool:
+    """Whether this process is the `cpt` program: `python -m cpt.cli ...` (its ``__main__`` is cpt/cli.py, and
+    ``cpt.cli`` itself may never be imported) or the `cpt` console script (whose ``main`` is ``cpt.cli.main``); not a
+    caller running training inside its own process (a notebook, the test suite), whose signal handlers cpt must not
+    take over for good."""
+    entry = _sys.modules.get("__main__")
+    if getattr(getattr(entry, "__spec__", None), "name", None) == "cpt.cli":
+        return True
+    cli = _sys.modules.get("cpt.cli")
+    return cli is not None and getattr(entry, "main", None) is getattr(cli, "main", False)

@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 
+from cpt import is_cpt_program
+
 COMMANDS: dict[str, str] = {
     "demo": "Run the offline demo: pre-train a tiny base model on corpus A, then continually pre-train on B with replay.",
     "prepare": "Tokenize raw text (jsonl/parquet/txt/datasets) into token shards with a manifest.",
@@ -55,14 +57,6 @@ class EarlyWarning:
 
     def __call__(self, signum, frame) -> None:  # noqa: ARG002
         self.received = True
-
-
-def is_cpt_program() -> bool:
-    """Whether this process is the `cpt` program (`cpt ...`, `python -m cpt.cli ...`), not a caller running
-    :func:`main` or training inside its own process (a notebook, the test suite), whose signal handlers cpt must not
-    take over for good."""
-    entry = sys.modules.get("__main__")
-    return getattr(entry, "main", None) is main or getattr(getattr(entry, "__spec__", None), "name", None) == "cpt.cli"
 
 
 def hold_usr1(command: str) -> None:

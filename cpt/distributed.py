@@ -15,7 +15,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 from datetime import timedelta
 from enum import Enum
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
+from cpt import is_cpt_program
 from cpt.rank_failure import lost_peer, remember_store
 
 
@@ -309,8 +309,7 @@ def ignore_signals_after_the_run() -> None:
     traceback, and srun then failed the job): a SLURM warning relayed late to one node's rank, after the other nodes'
     ranks had already made every rank stop, killed it there (seen in CI). Only when this process is the `cpt` program
     (`cpt ...`, `python -m cpt.cli ...`), not when a caller runs training inside its own process."""
-    cli = sys.modules.get("cpt.cli")  # (not imported: the `cpt` program has it loaded, a caller of train() may not)
-    if cli is None or not cli.is_cpt_program():
+    if not is_cpt_program():
         return
     for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
         if sig is not None:
