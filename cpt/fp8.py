@@ -235,12 +235,14 @@ def after_update(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def swapped_scales(model: nn.Module):
-    """Weights swapped in for a while (the EMA's evaluation): with the float8 all-gather, their scales are computed
-    on entry and the live weights' again on exit (:func:`after_update`); else nothing."""
-    after_update(model)
+def swapped_scales(model: nn.Module, swapped):
+    """``swapped``, a context that swaps other weights into ``model`` for a while (the EMA's evaluation), with the
+    float8 all-gather's scales to match (:func:`after_update`; else nothing more): computed once the other weights are
+    in, and for the live weights again once they are back (also after an error)."""
     try:
-        yield
+        with swapped:
+            after_update(model)
+            yield
     finally:
         after_update(model)
 

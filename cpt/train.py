@@ -441,7 +441,7 @@ def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, 
     if evaluator.samples is not None:
         metrics["samples"] = evaluator.samples.generate(model, step)
     if ema is not None and cfg.eval.ema:
-        with ema.swapped(acc.unwrap_model(model)), fp8.swapped_scales(model):  # (the EMA weights' fp8 scales)
+        with fp8.swapped_scales(model, ema.swapped(acc.unwrap_model(model))):  # (and their fp8 all-gather scales)
             metrics.update({f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc, evaluator.eos_id)
                             for h in evaluator.sets})
     return metrics

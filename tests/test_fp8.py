@@ -123,6 +123,31 @@ def test_fsdp2_float8_all_gather_is_opt_in_for_tensorwise_and_keeps_the_state_di
         load_config(base=cfg)
 
 
+def test_the_ema_evaluation_gets_the_scales_of_the_weights_swapped_in_and_the_live_ones_back(monkeypatch):
+    """fp8.swapped_scales(model, swapped): the float8 all-gather's scales are computed once the EMA weights are in and
+    again once the live weights are back, also when the evaluation fails. (It was a second context entered after the
+    swap, so it left first: the live weights' "restored" scales were computed from the EMA weights.)"""
+    import contextlib
+
+    weights, computed = ["live"], []
+    monkeypatch.setattr(fp8, "after_update", lambda model: computed.append(weights[0]))
+
+    @contextlib.contextmanager
+    def ema_swapped():
+        weights[0] = "ema"
+        try:
+            yield
+        finally:
+            weights[0] = "live"
+
+    with fp8.swapped_scales(nn.Linear(2, 2), ema_swapped()):
+        assert weights == ["ema"]
+    assert computed == ["ema", "live"]
+    with pytest.raises(RuntimeError), fp8.swapped_scales(nn.Linear(2, 2), ema_swapped()):
+        raise RuntimeError("an evaluation that fails")
+    assert computed == ["ema", "live", "ema", "live"] and weights == ["live"]
+
+
 def test_routers_and_sizes_not_multiples_of_16_stay_and_none_qualifying_is_refused():
     assert not fp8.qualifies(nn.Linear(32, 16), "model.layers.0.mlp.gate", None)  # a mixture of experts' router
     assert not fp8.qualifies(nn.Linear(32, 16), "model.layers.0.mlp.router", None)
