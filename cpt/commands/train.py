@@ -63,13 +63,9 @@ def _preempted_exit(code: int | None) -> int:
     node) each node's first rank writes it and the ranks exit 0: the script decides from the file (a rank's non-zero
     exit would make torchrun, or accelerate's 1-process launch, print a traceback and exit 1); the SLURM script
     requeues only a job whose ranks wrote it, not one whose run finished before the time-limit warning reached it.
-    Otherwise this process exits ``code`` (``--preempted-exit-code N``), or 0 without it. With a code, SIGTERM and
-    SIGUSR1 are ignored from here on, before the run's last line, as after a finished run: a second signal in the
-    interpreter's teardown has nothing left to save, and would turn N into 143."""
-    from cpt.distributed import ignore_signals_after_the_run
-
-    if code is not None:
-        ignore_signals_after_the_run()
+    Otherwise this process exits ``code`` (``--preempted-exit-code N``), or 0 without it. (SIGTERM and SIGUSR1 are
+    already ignored here, since the training loop's end (cpt.distributed.PreemptionFlag): a second signal in the
+    interpreter's teardown has nothing left to save, and would turn N into 143.)"""
     marker = os.environ.get(PREEMPTED_MARKER)
     if marker:
         if os.environ.get("LOCAL_RANK", "0") != "0":
