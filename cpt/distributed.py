@@ -162,14 +162,20 @@ def fit_micro_batch(global_batch: int, micro_batch: int, world_size: int) -> int
 def accelerator_for(cfg):
     """``with accelerator_for(cfg) as acc:`` :func:`build_accelerator`, and ``acc.end_training()`` on every exit path
     (trackers finished, the process group destroyed: ``cpt experiment`` trains many runs in one process), the group
-    itself kept until the run's models are gone (:func:`retire_process_group`)."""
+    itself kept until the run's models are gone (:func:`retire_process_group`). accelerate's process-wide state is
+    cleared at the end too, so the next run in this process may choose another ``train.precision`` (accelerate
+    refuses to change it once set) and, after a distributed run, sets up its process group again."""
     release_retired_groups()  # (an earlier run's, in this process)
     acc = build_accelerator(cfg)
     try:
         yield acc
     finally:
         retire_process_group()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         acc.end_training()
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=distributed)  # (PartialState: the destroyed group's)
 
 
 # Process groups of finished runs, kept alive until their models are collected (see retire_process_group).

@@ -242,3 +242,28 @@ def test_a_launch_asking_for_fsdp_or_deepspeed_that_got_ddp_says_so():
     assert launch_mismatch(acc("FSDP"), env) is None  # what was asked for
     assert launch_mismatch(acc("DEEPSPEED", 3), {"ACCELERATE_USE_DEEPSPEED": "true"}) is None
     assert launch_mismatch(acc("MULTI_GPU"), {}) is None  # a DDP launch
+
+
+def test_each_run_in_a_process_may_choose_its_own_precision():
+    """accelerate keeps its state process-wide and refuses a second Accelerator with another mixed precision
+    ("AcceleratorState has already been initialized"): a notebook, `cpt experiment`, or the GPU launcher test's
+    reference run (fp32 base model, then a bf16 run, the first GPU session's failure) could not train a bf16 run
+    after an fp32 one. accelerator_for clears that state when its run ends."""
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+
+    import cpt.distributed as d
+
+    def cfg(precision):
+        train = SimpleNamespace(global_batch_size=4, micro_batch_size=2, tf32=True, distributed_timeout_s=60,
+                                precision=precision)
+        return SimpleNamespace(train=train, optim=SimpleNamespace(grad_clip=1.0))
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # (an earlier test's, outside accelerator_for)
+    seen = []
+    for precision in ("fp32", "bf16", "fp32"):
+        with d.accelerator_for(cfg(precision)) as acc:
+            seen.append(acc.mixed_precision)
+    assert seen == ["no", "bf16", "no"]
+    assert not AcceleratorState._shared_state  # cleared for the next run

@@ -450,7 +450,7 @@ def test_a_rank_killed_on_node_2_ends_the_job_and_a_resubmission_resumes(tiny_cp
 
     run = tmp_path / "run"
     cfg = job_config(tiny_cpt_data, tiny_base, tmp_path, "run", checkpoint_every=3)
-    env = {**slurm.env(), "FAKE_SLURM_LOOPBACK_NODES": "1", "FAKE_SLURM_KILL_WAIT": "5"}
+    env = {**slurm.env(), "FAKE_SLURM_LOOPBACK_NODES": "1", "FAKE_SLURM_KILL_WAIT": "20"}
     sbatch = ["sbatch", "--nodes", "2", "--gpus-per-node=1", str(SCRIPT), str(cfg), "ddp"]
     job_id = subprocess.run(sbatch, cwd=slurm.submit_dir, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
     job = slurm.wait(job_id, until=lambda j: (run / "checkpoints" / "step_00000003").is_dir() and len(losses(run)) >= 5)
