@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks and benchmarks (docs/benchmarks.md records the results), in priority order, so that one
-# device call of under 10 minutes does what its time allows: the quick GPU tests (no host sync per step, prefetch,
-# profiling, Liger), the shipped launchers on the GPU, throughput against the transformers Trainer (llama-1b,
-# smollm2-360m; cpt at the larger micro batch its chunked loss allows, with the per-layer compile; a profiled 1B step
-# after the timed ones: where the time goes), then the whole-model compile and the rest. Every part has its own time
+# device call of under 10 minutes does what its time allows: the shipped launchers on the GPU, throughput against the
+# transformers Trainer at 1B (cpt at the larger micro batch its chunked loss allows: larger loss chunks, the default
+# with a profiled step after the timed ones, fp8), then the quick GPU tests (no host sync per step, prefetch,
+# profiling, Liger), the 360M pair, the per-layer compile and the rest. Every part has its own time
 # limit, and BUDGET (seconds, default 560) caps the whole: a part gets at most what is left and is skipped under 30 s.
 # Output: $OUT (default /tmp/cpt-gpu): results.tgz (every part's log and JSON, the profiled steps' kernel tables)
 # and the profiled steps' traces beside it (few files: a device call brings back at most 8).
@@ -33,39 +33,38 @@ part() {  # part NAME SECONDS COMMAND...   (SECONDS=0 skips the part)
   timeout "$secs" "$@" > "$R/$name.log" 2>&1; local rc=$?
   tail -n 8 "$R/$name.log"; echo "=== $name: exit $rc in $((SECONDS - t0))s"
 }
-# Limits from the H200 session of 2026-11-27 (a part's wall time: the Trainer at 1B 72 s, at 360M 41 s; cpt at 1B,
-# micro batch 8, 100 s, most of it torch.compile of the whole model; cpt at 360M and the profiled 1B step did not
-# finish in 110-120 s). Order: what no GPU session has measured yet comes first (the GPU tests, the shipped launchers
-# on a GPU, the per-layer compile with its kernel table), then the comparisons with the whole-model compile.
-# the GPU tests but the launchers' (about 40 s, plus the inductor compile of a tiny model for the FlashAttention
-# check): a broken GPU path shows here first
+# Limits from the H200 sessions (a part's wall time on 2026-11-28: the Trainer at 1B 54 s, at 360M 40 s; cpt at 1B,
+# micro batch 8, whole-model compile 106 s, per-layer 71 s (with the profiled step), per-layer fp8 93 s; cpt at 360M,
+# micro batch 16, whole 132 s, per-layer 56 s; the GPU tests 74 s). Order: what is still unverified or decides
+# issue 15 comes first: the shipped launchers on a GPU (failed on 2026-11-28 before launching, fixed since), then
+# the 1B comparison (1.47x the Trainer with the whole-model compile, target 1.5x) with the two changes most likely to
+# close it: larger loss chunks and fp8, each against the default in the same session.
+# the shipped launchers (scripts/launch.sh ddp|fsdp with NUM_GPUS=1): NCCL, bf16, FSDP2 sharded checkpoints
+part gpu_launchers ${T_LAUNCH:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k shipped_launcher
+# llama-1b: the Trainer at its micro batch 4 (52 GB); cpt at 8 (the chunked loss frees the memory), whole-model
+# compile (cpt's default), with 4,096-position loss chunks (a quarter of the fp32 lm_head-gradient passes, ~5% of
+# the step by the 2026-11-28 kernel table), then the default chunks with a profiled step after the timed ones
+# (--cpt-profile: the whole-compiled step's kernel table goes to $R/profile), then fp8 on the whole-compiled model
+part llama1b_trainer ${T_LLAMA_TR:-80} $bench --shapes llama-1b --frameworks trainer --json "$R/llama1b_trainer.json"
+part llama1b_mb8_chunk4k ${T_MB8C:-130} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set train.loss_chunk_tokens=4096 --json "$R/llama1b_mb8_chunk4k.json"
+part llama1b_mb8 ${T_MB8:-150} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 --json "$R/llama1b_mb8.json" \
+  --cpt-profile "$R/profile"
+part llama1b_mb8_fp8 ${T_FP8W:-200} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set train.fp8=tensorwise --json "$R/llama1b_mb8_fp8.json"
+# then (a second call on the warm machine): the GPU tests but the launchers' (all passed on 2026-11-28), the 360M
+# pair (2.00x on 2026-11-28), the per-layer compile's parts, and, when given a limit, the rest
 part gpu_tests ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not shipped_launcher" \
   tests/test_base_dtype.py::test_on_cuda_the_cast_frees_half_the_frozen_linears_and_training_is_bitwise_unchanged
-# the shipped launchers (scripts/launch.sh ddp|fsdp with NUM_GPUS=1): NCCL, bf16, FSDP2 sharded checkpoints
-part gpu_launchers ${T_LAUNCH:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k shipped_launcher
-# llama-1b: the Trainer at its micro batch 4 (52 GB), cpt at 8 (the chunked loss frees the memory) with
-# model.compile=regional (each decoder layer compiled once, the rest eager: a shorter start-up, cpt_first_step_s in
-# the JSON) and a profiled step after the timed ones (--cpt-profile: its kernel table goes to $R/profile)
-part llama1b_trainer ${T_LLAMA_TR:-80} $bench --shapes llama-1b --frameworks trainer --json "$R/llama1b_trainer.json"
-part llama1b_mb8_regional ${T_MB8R:-150} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
-  --cpt-set model.compile=regional --json "$R/llama1b_mb8_regional.json" --cpt-profile "$R/profile"
-# smollm2-360m: the Trainer at 8, cpt at 16 (hidden 960: small matmuls, larger batches amortise per-kernel overheads;
-# the chunked loss keeps it at 28 GB at 8 on an H100), regional compile (the whole model's took over 110 s to compile)
 part smollm2_trainer ${T_SMOL_TR:-60} $bench --shapes smollm2-360m --frameworks trainer --json "$R/smollm2_trainer.json"
-part smollm2_mb16_regional ${T_SMOL16R:-150} $bench --shapes smollm2-360m --frameworks cpt --micro-batch 16 \
-  --cpt-set model.compile=regional --json "$R/smollm2_mb16_regional.json"
-# FP8 training (train.fp8, torchao; its wheel in .whl/): llama-1b as llama1b_mb8_regional but with the Linear layers
-# in float8 (tensorwise); its tokens/s against llama1b_mb8_regional's is the speed-up (MFU stays over the bf16 peak)
-part llama1b_mb8_regional_fp8 ${T_FP8:-150} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
-  --cpt-set model.compile=regional --cpt-set train.fp8=tensorwise --json "$R/llama1b_mb8_regional_fp8.json"
-# then, time permitting (a second call on the warm machine): the whole-model compile at 1B and 360M (46.9% MFU at
-# 1B on the H200), larger loss chunks at 1B, Liger's layer kernels at 1B (5.7% slower than without on the H200,
-# 2026-11-27), the loss-only benchmark
-part llama1b_mb8 ${T_MB8:-120} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 --json "$R/llama1b_mb8.json"
 part smollm2_mb16 ${T_SMOL16:-180} $bench --shapes smollm2-360m --frameworks cpt --micro-batch 16 \
   --json "$R/smollm2_mb16.json"
-part llama1b_mb8_chunk4k ${T_MB8C:-0} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
-  --cpt-set model.compile=regional --cpt-set train.loss_chunk_tokens=4096 --json "$R/llama1b_mb8_chunk4k.json"
+part llama1b_mb8_regional ${T_MB8R:-0} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set model.compile=regional --json "$R/llama1b_mb8_regional.json"
+part smollm2_mb16_regional ${T_SMOL16R:-0} $bench --shapes smollm2-360m --frameworks cpt --micro-batch 16 \
+  --cpt-set model.compile=regional --json "$R/smollm2_mb16_regional.json"
+part llama1b_mb8_regional_fp8 ${T_FP8:-0} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set model.compile=regional --cpt-set train.fp8=tensorwise --json "$R/llama1b_mb8_regional_fp8.json"
 part smollm2_mb8 ${T_SMOL:-0} $bench --shapes smollm2-360m --frameworks cpt --json "$R/smollm2_mb8.json"
 part llama1b_mb8_liger ${T_LIGER:-0} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 --cpt-liger \
   --json "$R/llama1b_mb8_liger.json"
