@@ -68,7 +68,7 @@ def test_ema_warmup_and_trainable_only_and_fp32_shadow():
 
 def test_ema_of_zero3_placeholders_is_refused_with_the_settings_that_turn_it_off():
     """configs/full-cpt.yaml keeps an EMA; launched with scripts/launch.sh fsdp|zero3 it is refused (the 2-process
-    refusals: tests/test_train_distributed.py). The line names both settings to turn it off: with train.ema_decay
+    refusal under FSDP2, in one line: tests/test_train_distributed.py). The line names both settings to turn it off: with train.ema_decay
     alone unset, the config is refused again for eval.ema."""
     from cpt.distributed import LaunchError
 
