@@ -372,14 +372,16 @@ class PreemptionFlag:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[1] is not None and lost_peer(exc[1]):
+            # another rank died: the launcher is stopping the others (SIGTERM); this rank reports first, then exits
+            # (cpt/rank_failure.py), rather than being cut off on its way to the error handler. Ignored before the
+            # handlers are restored: a SIGTERM landing between the two (the default action) ended the rank silently
+            with contextlib.suppress(ValueError):  # (not the main thread)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                self.previous.pop(signal.SIGTERM, None)
         self.uninstall()
         if exc[1] is None and (self.stopped or self.last_run):  # nothing left to save (in the `cpt` program only)
             ignore_signals_after_the_run()
-        if exc[1] is not None and lost_peer(exc[1]):
-            # another rank died: the launcher is stopping the others (SIGTERM); this rank reports first, then exits
-            # (cpt/rank_failure.py), rather than being cut off on its way to the error handler
-            with contextlib.suppress(ValueError):  # (not the main thread)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def stopped_line(self, step: int) -> str:
         """The log line of a stop on the signal, after the checkpoint at ``step`` was saved."""

@@ -132,9 +132,16 @@ def test_a_rank_that_lost_another_is_not_cut_off_by_the_launchers_sigterm(monkey
         with pytest.raises(ValueError), PreemptionFlag():
             raise ValueError("another error")
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        # and never the default action in between (a SIGTERM landing there ended the rank silently: CI, the 2-node
+        # SLURM test's survivor): ignored first, then the other handlers restored
+        real, set_to = signal.signal, []
+        monkeypatch.setattr(signal, "signal", lambda sig, h: (set_to.append(h) if sig == signal.SIGTERM else None,
+                                                              real(sig, h))[1])
         with pytest.raises(RuntimeError), PreemptionFlag():
             raise RuntimeError(GLOO_LOST)
+        monkeypatch.setattr(signal, "signal", real)
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert set_to[1:] == [signal.SIG_IGN], set_to  # (set_to[0]: the flag's own handler, installed)
     finally:
         signal.signal(signal.SIGTERM, before)
 
