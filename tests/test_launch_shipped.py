@@ -196,9 +196,12 @@ def test_two_process_checkpoint_resumes_on_one(strategy, shipped, tiny_cpt_data,
     assert_hf_dir_reproduces_eval(out / "export", two, cfg, tiny_cpt_data, STEPS)
 
 
-@pytest.mark.parametrize("strategy", PORTABLE)
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_one_process_checkpoint_resumes_on_two(strategy, reference, tiny_cpt_data, tiny_base, tmp_path):
-    """Written by 1 process at step 3, resumed with the shipped 2-process launcher and --resume."""
+    """Written by 1 process at step 3, resumed with the shipped 2-process launcher and --resume: into FSDP2's shards
+    and ZeRO-3's partitions (a plain checkpoint into another backend). DDP (the same full-state load as on one process)
+    and ZeRO-2 (the same conversion as ZeRO-3's) are not launched here, for the CI budget; a 2-node DDP job requeued on
+    one node: tests/test_slurm.py."""
     cfg = branch_from(reference / "checkpoints" / f"step_{EVERY:08d}", make_cfg(tiny_cpt_data, tiny_base, reference),
                       tmp_path / "run")
     rc, log = run_shipped(strategy, write(cfg, tmp_path / "run.yaml"), "--resume")

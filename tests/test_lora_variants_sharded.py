@@ -69,10 +69,12 @@ def two(tiny_cpt_data, tiny_base, tmp_path_factory):
     return runs_once(tmp_path_factory, launched)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_dora_with_loraplus_on_two_processes_gives_the_one_process_run_and_exports(strategy, two, reference,
                                                                                    tiny_cpt_data, tiny_base):
-    """(ZeRO-3: DoRA reads each base weight in the layer's forward, gathered there like the base layer's own.)"""
+    """(ZeRO-3: DoRA reads each base weight in the layer's forward, gathered there like the base layer's own. DDP,
+    which all-reduces the adapters' gradients as any LoRA's, is not launched here for the CI budget: LoRA under DDP,
+    tests/test_train_distributed.py; DoRA's own training on one process, tests/test_lora_variants.py.)"""
     run = two(strategy)
     assert world_sizes(run) == {2}
     assert_close(losses(run), losses(reference("dora")))
