@@ -8,7 +8,7 @@ between world sizes and backends.
   explains), writes the periodic and final HF exports (ZeRO-3 and FSDP gather them without extra flags) and a
   tokenizer any transformers >= 4.56 loads.
 * Resume across world sizes: a 2-process checkpoint (DDP, FSDP2, ZeRO-2, ZeRO-3) resumes on 1 process, and a
-  1-process checkpoint resumes under each 2-process backend; steps 4..6 give the uninterrupted run's losses
+  1-process checkpoint resumes under FSDP2 and ZeRO-3 (into another backend's format); steps 4..6 give the uninterrupted run's losses
   (weights and Adam moments carried over: a reset optimizer moves the step-4 loss by ~1e-2).
 * `cpt export` turns every kind of checkpoint into an HF model that reproduces the logged held-out loss.
 """
