@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any
 
 import torch
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch import nn
 
@@ -173,8 +174,6 @@ def accelerator_for(cfg):
         retire_process_group()
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         acc.end_training()
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state(reset_partial_state=distributed)  # (PartialState: the destroyed group's)
 
 

@@ -42,7 +42,7 @@ part() {  # part NAME SECONDS COMMAND...   (SECONDS=0 skips the part)
 # the shipped launchers (scripts/launch.sh ddp|fsdp with NUM_GPUS=1): NCCL, bf16, FSDP2 sharded checkpoints
 part gpu_launchers ${T_LAUNCH:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k shipped_launcher
 # llama-1b: the Trainer at its micro batch 4 (52 GB); cpt at 8 (the chunked loss frees the memory), whole-model
-# compile (cpt's default), with 4,096-position loss chunks (a quarter of the fp32 lm_head-gradient passes, ~5% of
+# compile (the benchmark's default on CUDA; cpt's own config default is eager), with 4,096-position loss chunks (a quarter of the fp32 lm_head-gradient passes, ~5% of
 # the step by the 2026-11-28 kernel table), then the default chunks with a profiled step after the timed ones
 # (--cpt-profile: the whole-compiled step's kernel table goes to $R/profile), then fp8 on the whole-compiled model
 part llama1b_trainer ${T_LLAMA_TR:-80} $bench --shapes llama-1b --frameworks trainer --json "$R/llama1b_trainer.json"

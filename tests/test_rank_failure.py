@@ -135,8 +135,13 @@ def test_a_rank_that_lost_another_is_not_cut_off_by_the_launchers_sigterm(monkey
         # and never the default action in between (a SIGTERM landing there ended the rank silently: CI, the 2-node
         # SLURM test's survivor): ignored first, then the other handlers restored
         real, set_to = signal.signal, []
-        monkeypatch.setattr(signal, "signal", lambda sig, h: (set_to.append(h) if sig == signal.SIGTERM else None,
-                                                              real(sig, h))[1])
+
+        def recording(sig, handler):
+            if sig == signal.SIGTERM:
+                set_to.append(handler)
+            return real(sig, handler)
+
+        monkeypatch.setattr(signal, "signal", recording)
         with pytest.raises(RuntimeError), PreemptionFlag():
             raise RuntimeError(GLOO_LOST)
         monkeypatch.setattr(signal, "signal", real)
