@@ -1,9 +1,10 @@
 """The real `cpt train` under 2 CPU processes (`accelerate launch` with flags, gloo): DDP (full and LoRA), DeepSpeed ZeRO-2 (LoRA +
-EMA) and ZeRO-3 (full and LoRA; without --zero3_save_16bit_model) and FSDP2 (full; run on CPU through tests/fsdp_on_cpu.py; LoRA: tests/test_lora_sharded_checkpoints.py) give the per-step losses
-of a 1-process run of the same global batch; the ZeRO-3 and FSDP HF exports load and reproduce the last logged
-held-out loss; FSDP resumes exactly after SIGTERM (DDP: tests/test_slurm.py); a DDP LoRA run's adapter-only checkpoint resumes bitwise on
-DDP and under FSDP2; `cpt train` under a plain FSDP launch without GPUs
-is refused instead of silently training unsynchronised copies. (The shipped accelerate configs and launch scripts,
+EMA) and ZeRO-3 (LoRA with activation checkpointing; without --zero3_save_16bit_model; the full model: the shipped
+zero3 launch in tests/test_launch_shipped.py) and FSDP2 (full; run on CPU through tests/fsdp_on_cpu.py; LoRA:
+tests/test_lora_sharded_checkpoints.py) give the per-step losses of a 1-process run of the same global batch; the
+FSDP HF export loads and reproduces the last logged held-out loss, ZeRO-3's bf16 export holds the fp32 masters; FSDP
+resumes exactly after SIGTERM (DDP: tests/test_slurm.py); a DDP LoRA run's adapter-only checkpoint resumes under
+FSDP2; `cpt train` under a plain FSDP launch without GPUs is refused instead of silently training unsynchronised copies. (The shipped accelerate configs and launch scripts,
 ZeRO-2 with and without CPU offload among them: tests/test_launch_shipped.py.)
 
 Tolerances: everything is fp32 and the data of every step is the same whatever the world size (rank r takes
@@ -192,9 +193,9 @@ def test_ddp_with_reptile_matches_single_process(tiny_cpt_data, base, single, tm
 
 def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     """LoRA under DDP (only the adapters' gradients are all-reduced): 1-process losses, held-out losses and adapter.
-    Its checkpoint holds the adapter alone (not the frozen base); resumed on 2 processes from step 3 it gives the
-    uninterrupted run's losses bitwise, and under FSDP2 (the adapter loaded over the base FSDP2 built and sharded) the
-    same losses to 1e-5."""
+    Its checkpoint holds the adapter alone (not the frozen base); resumed from step 6 under FSDP2 (the adapter loaded
+    over the base FSDP2 built and sharded) it gives the uninterrupted run's losses to 1e-5. (Resumed on DDP it gave
+    them bitwise: that is the one-process load, tests/test_train_modes.py; one launch less for the CI budget.)"""
     from cpt.adapter_checkpoint import ADAPTER_STATE
 
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0)
@@ -209,14 +210,10 @@ def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     ckpt = out / "checkpoints" / "step_00000006"
     assert (ckpt / ADAPTER_STATE).is_file() and not (ckpt / "model.safetensors").exists()
     assert (ckpt / ADAPTER_STATE).stat().st_size < 0.5 * (base / "model.safetensors").stat().st_size
-    for mode in ("ddp", "fsdp_cpu"):  # the run as if killed after its step-6 checkpoint, resumed
-        again = tmp_path / mode
-        resume_copy(out, again, cfg, mode, 6)
-        assert world_sizes(again) == {2}
-        if mode == "ddp":
-            assert losses(again) == losses(out)  # same world size and backend: bitwise
-        else:
-            assert_close(losses(again), losses(out))
+    again = tmp_path / "fsdp"  # the run as if killed after its step-6 checkpoint, resumed under FSDP2
+    resume_copy(out, again, cfg, "fsdp_cpu", 6)
+    assert world_sizes(again) == {2}
+    assert_close(losses(again), losses(out))
 
 
 def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(tiny_cpt_data, base, tmp_path):
@@ -307,18 +304,9 @@ def test_zero2_lora_with_ema_matches_single_process(tiny_cpt_data, base, single,
     assert_same_adapter(out / "export-ema", ref / "export-ema")
 
 
-def test_zero3_matches_single_process_and_export_loads(tiny_cpt_data, base, single, tmp_path):
-    """The model is loaded partitioned (zero.Init); weight decay applies as in one process; the gathered HF export
-    reproduces the last logged held-out loss."""
-    cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", weight_decay=0.1)
-    rc, log = launch("zero3", write(cfg, tmp_path / "c.yaml"))
-    assert rc == 0, log[-5000:]
-    assert "chunked next-token loss" in log
-    out, ref = tmp_path / "run", single(weight_decay=0.1)
-    assert world_sizes(out) == {2}
-    assert_close(losses(out), losses(ref))
-    assert_close(evals(out), evals(ref))
-    assert_export_reproduces_eval(out, cfg, tiny_cpt_data)
+# ZeRO-3 (full model) against 1 process, its exports reproducing the held-out losses and its text samples: the shipped
+# zero3 launch in tests/test_launch_shipped.py (the flags-launched 12-step run here was the same check: one launch less
+# for the CI budget); weight decay on ZeRO-3's placeholders: test_zero3_placeholders_keep_weight_decay below.
 
 
 def test_zero3_bf16_export_holds_the_fp32_master_weights(tiny_cpt_data, base, tmp_path):
@@ -340,20 +328,6 @@ def test_zero3_bf16_export_holds_the_fp32_master_weights(tiny_cpt_data, base, tm
     assert exported.keys() == masters.keys()
     assert all(torch.equal(exported[k], masters[k]) for k in masters)
     assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in exported.values())  # (not bf16 values)
-
-
-def test_zero3_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    rc, log = launch("zero3", write(make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0), tmp_path / "c.yaml"))
-    assert rc == 0, log[-5000:]
-    out, ref = tmp_path / "run", single(lora=True, weight_decay=0.0)
-    assert world_sizes(out) == {2}
-    assert_close(losses(out), losses(ref))
-    assert_close(evals(out), evals(ref))
-    assert (out / "export" / "adapter_model.safetensors").is_file()
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out / "export"))
 
 
 def test_ema_of_sharded_weights_is_refused(tiny_cpt_data, base, tmp_path):
@@ -448,7 +422,12 @@ def test_zero3_placeholders_keep_weight_decay():
 
 def test_zero3_lora_with_activation_checkpointing_matches_single_process(tiny_cpt_data, base, single, tmp_path):
     """LoRA with model.gradient_checkpointing under ZeRO-3 (its parameters gathered again for the recompute; the frozen
-    embedding's output needs no gradient under the non-reentrant checkpoint): the 1-process losses without it."""
+    embedding's output needs no gradient under the non-reentrant checkpoint): the 1-process losses without it, and an
+    adapter export (gathered from the partitions) that peft loads over the base. (LoRA under ZeRO-3 without
+    checkpointing, with its adapter-only checkpoints: tests/test_lora_sharded_checkpoints.py.)"""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     cfg = make_cfg(tiny_cpt_data, base, tmp_path / "run", lora=True, weight_decay=0.0)
     cfg["model"]["gradient_checkpointing"] = True
     rc, log = launch("zero3", write(cfg, tmp_path / "c.yaml"))
@@ -457,3 +436,6 @@ def test_zero3_lora_with_activation_checkpointing_matches_single_process(tiny_cp
     assert world_sizes(out) == {2}
     assert_close(losses(out), losses(ref))
     assert_close(evals(out), evals(ref))
+    assert "chunked next-token loss" in log
+    assert (out / "export" / "adapter_model.safetensors").is_file()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out / "export"))
