@@ -55,11 +55,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     computed chunk by chunk in forward (the loss is a scalar, so backward only scales them)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, z_coef):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, z_coef, chunk_fn):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         loss, per_token, lse, grads = _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h, need_w,
-                                                         need_b, z_coef)
+                                                         need_b, z_coef, chunk_fn)
         ctx.grads = grads
         ctx.mark_non_differentiable(per_token, *([] if lse is None else [lse]))
         return loss, per_token, lse
@@ -69,12 +69,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
         scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731  (in place: no copy of grad_W)
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None
+
+
+def chunk_terms(logits: torch.Tensor, targets: torch.Tensor, inv_n: float, z_coef: float = 0.0):
+    """One chunk's (per-token losses, log-partitions, d(mean loss)/d logits) from its logits ``[c, V]`` (computed in
+    fp32; the gradient returned in the logits' dtype): what the loop in :func:`_chunked_linear_ce` does in place, as
+    one expression. Eager, its temporaries would cost more than the loop's in-place passes; under ``torch.compile``
+    it fuses into a few passes over the chunk, without the fp32 copy of the logits. :func:`compile_chunk_terms` has
+    the patched head use it where the model's repeated blocks are compiled (``model.compile: regional``), whose
+    lm_head and loss otherwise run eager (a whole compiled model traces the loop itself)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    per_token = lse - x.gather(1, targets[:, None]).squeeze(1)
+    probs = torch.exp(x - lse[:, None])
+    if z_coef:  # the z-loss adds 2 z lse softmax / n
+        probs = probs * (1.0 + 2.0 * z_coef * lse)[:, None]
+    onehot = torch.arange(x.size(1), device=x.device)[None, :] == targets[:, None]
+    grad = (probs - onehot.to(x.dtype)) * inv_n
+    return per_token, lse, grad.to(logits.dtype)
 
 
 @torch.no_grad()
 def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False, need_w=False, need_b=False,
-                       z_coef: float = 0.0):
+                       z_coef: float = 0.0, chunk_fn=None):
     n, device = hidden.size(0), hidden.device
     cd = _compute_dtype(weight)
     with torch.autocast(device.type, enabled=False):
@@ -89,6 +107,13 @@ def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
             h, t = hidden[s:e].to(cd), targets[s:e]
+            if chunk_fn is not None and (need_h or need_w or need_b):  # (compiled: chunk_terms)
+                per_token[s:e], lse, grad_logits = chunk_fn(F.linear(h, w, b), t, inv_n, z_coef)
+                if lse_all is not None:
+                    lse_all[s:e] = lse
+                _accumulate(grad_logits, h, w, s, e, grad_h, grad_w, grad_b, cd)
+                del grad_logits
+                continue
             logits = F.linear(h, w, b).float()  # [c, V] fp32, the only chunk-sized buffer: the rest is in place
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
@@ -106,16 +131,7 @@ def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False
             if lse_all is not None:
                 grad_logits.mul_(lse.mul(2.0 * z_coef).add_(1.0))
             grad_logits[torch.arange(e - s, device=device), t] -= inv_n
-            grad_logits = grad_logits.to(cd)
-            if need_h:
-                grad_h[s:e] = grad_logits @ w
-            if need_w:
-                if grad_w.dtype == cd:
-                    grad_w.addmm_(grad_logits.t(), h)
-                else:
-                    grad_w += grad_logits.t() @ h
-            if need_b:
-                grad_b += grad_logits.sum(0).to(grad_b.dtype)
+            _accumulate(grad_logits.to(cd), h, w, s, e, grad_h, grad_w, grad_b, cd)
             del logits, exp, grad_logits  # before the next chunk's logits are allocated
         loss = per_token.mean() if n else per_token.sum()
         if lse_all is not None and n:
@@ -123,15 +139,30 @@ def _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, need_h=False
     return loss, per_token, lse_all, (grad_h, grad_w, grad_b)
 
 
+def _accumulate(grad_logits, h, w, s, e, grad_h, grad_w, grad_b, cd) -> None:
+    """A chunk's share of the head's gradients from its ``grad_logits`` (compute dtype): rows ``s:e`` of ``grad_h``,
+    added to ``grad_w`` and ``grad_b``."""
+    if grad_h is not None:
+        grad_h[s:e] = grad_logits @ w
+    if grad_w is not None:
+        if grad_w.dtype == cd:
+            grad_w.addmm_(grad_logits.t(), h)
+        else:
+            grad_w += grad_logits.t() @ h
+    if grad_b is not None:
+        grad_b += grad_logits.sum(0).to(grad_b.dtype)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS, z_coef: float = 0.0
+                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS, z_coef: float = 0.0, chunk_fn=None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Mean cross-entropy (differentiable wrt ``hidden``, ``weight``, ``bias``), the per-token losses (detached,
     fp32) of the linear head ``hidden[N, H] -> [N, V]`` against ``targets[N]``, ``chunk_tokens`` positions at a time,
     and with ``z_coef`` > 0 the per-token log-partition (detached), the mean loss then including ``z_coef`` x
-    mean(logsumexp^2) (the z-loss). Without autograd (eval, ``torch.no_grad``) no gradient work is done."""
+    mean(logsumexp^2) (the z-loss). Without autograd (eval, ``torch.no_grad``) no gradient work is done.
+    ``chunk_fn``: :func:`chunk_terms` compiled, for the per-chunk softmax and gradient (:func:`compile_chunk_terms`)."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, z_coef)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, z_coef, chunk_fn)
     loss, per_token, lse, _ = _chunked_linear_ce(hidden, weight, bias, targets, chunk_tokens, z_coef=z_coef)
     return loss, per_token, lse
 
@@ -175,6 +206,7 @@ class _ChunkedHead:
         self.per_token: torch.Tensor | None = None
         self.z_coef = 0.0  # the z-loss's weight for the current call (head_targets)
         self.lse: torch.Tensor | None = None  # its per-token log-partition [B, L-1] when z_coef > 0
+        self.chunk_fn = None  # chunk_terms compiled (compile_chunk_terms), else the eager in-place loop
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs):
         if self.input_ids is None:  # not inside head_targets(): the ordinary head (generation, exports, lm-eval...)
@@ -188,7 +220,7 @@ class _ChunkedHead:
         targets = ids[:, 1:].reshape(-1)
         if self.linear:
             loss, per_token, lse = linear_cross_entropy(h, self.head.weight, self.head.bias, targets, self.chunk_tokens,
-                                                        self.z_coef)
+                                                        self.z_coef, self.chunk_fn)
         else:
             loss, per_token, lse = checkpointed_cross_entropy(self.original_forward, h, targets, self.chunk_tokens,
                                                               self.z_coef)
@@ -261,6 +293,16 @@ def install(model: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, sharded:
     head.forward = state.forward
     setattr(head, _MARK, state)
     return state
+
+
+def compile_chunk_terms(model: nn.Module, **compile_kwargs) -> bool:
+    """Have the chunked loss installed in ``model`` (a plain linear head) compute each chunk's softmax and gradient
+    with :func:`chunk_terms` under ``torch.compile(**compile_kwargs)``; returns whether it does."""
+    state = installed(model)
+    if state is None or not state.linear:
+        return False
+    state.chunk_fn = torch.compile(chunk_terms, **compile_kwargs)
+    return True
 
 
 def uninstall(model: nn.Module) -> None:

@@ -6,7 +6,8 @@ for a 16-layer 1.2B Llama on an H200 before the first step). Regional compile co
 (``nn.Module.compile``): dynamo traces one layer once and every other layer reuses that code (with
 ``inline_inbuilt_nn_modules``, the default in recent torch, a layer's parameters are graph inputs, not constants, so
 there is no recompile per layer); the embedding, the final norm and the output head (which the chunked loss patches)
-stay eager.
+stay eager, but for the chunked loss's per-chunk softmax and gradient (:func:`cpt.chunked_loss.chunk_terms`, a pure
+function of the chunk's logits: compiled, it reads them in a few fused passes instead of the eager loop's ten or so).
 
 In-place compile leaves the module tree as it is: the model keeps its class and its ``state_dict`` keys (no
 ``_orig_mod.`` prefix), so checkpoints and exports are the same with and without it; hooks added later (FSDP2's
@@ -40,6 +41,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cpt import chunked_loss
 from cpt.config import ConfigError
 
 CompileMode = bool | Literal["regional"]
@@ -100,9 +102,11 @@ def compile_model(model: nn.Module, mode: CompileMode, log=None, **compile_kwarg
     traceable_dora(model)
     for block in blocks:
         block.compile(**compile_kwargs)
+    loss = chunked_loss.compile_chunk_terms(model, **compile_kwargs)  # (the head itself stays eager)
     if log is not None:
         kinds = sorted({type(b).__name__ for b in blocks})
-        log(f"model.compile=regional: {len(blocks)} blocks ({', '.join(kinds)}) compiled in place, the rest eager")
+        log(f"model.compile=regional: {len(blocks)} blocks ({', '.join(kinds)}) compiled in place, the rest eager"
+            + (" but for the chunked loss's per-chunk softmax and gradient" if loss else ""))
     return model
 
 

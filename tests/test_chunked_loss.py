@@ -75,6 +75,54 @@ def test_linear_head_with_bias_and_leaf_hidden_states():
     torch.testing.assert_close(per_token_ng, ref.detach())
 
 
+@pytest.mark.parametrize("z_coef", [0.0, 1e-2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_terms_give_the_eager_loops_losses_and_gradients(z_coef, dtype):
+    """chunk_terms (the one-expression form model.compile=regional compiles) against the in-place eager loop: the
+    same losses, log-partitions and gradients, fp32 and bf16 (autocast's compute dtype), with the z-loss and a bias."""
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 53).to(dtype)
+    t = torch.randint(0, 53, (37,))
+    hd = h.to(dtype)
+    out = {}
+    for fn in (None, chunked_loss.chunk_terms):
+        loss, per_token, lse = chunked_loss.linear_cross_entropy(hd, head.weight, head.bias, t, 10, z_coef, fn)
+        out[fn] = (loss.detach(), per_token, lse, *torch.autograd.grad(loss, [h, head.weight, head.bias]))
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    for want, got in zip(out[None], out[chunked_loss.chunk_terms]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, **tol)
+    assert (out[None][2] is None) == (z_coef == 0)
+
+
+def test_regional_compile_compiles_the_chunk_terms_and_keeps_the_loss():
+    """model.compile=regional (aot_eager here) has the patched head compute each chunk through chunk_terms under
+    torch.compile: the eager run's loss, per-row losses and gradients; the head's state says so, the log too."""
+    from cpt.compiling import compile_model
+
+    model, ids = llama(), rows()
+    ref_loss, ref_rows, ref_grads = loss_and_grads(model, ids, EOS)
+    state = chunked_loss.install(model, 16)
+    assert state.chunk_fn is None
+    said = []
+    compile_model(model, "regional", said.append, backend="aot_eager")
+    assert state.chunk_fn is not None and "but for the chunked loss's per-chunk softmax and gradient" in said[0]
+    compiled, calls = state.chunk_fn, []
+    state.chunk_fn = lambda *a: calls.append(1) or compiled(*a)
+    loss, row_losses, grads = loss_and_grads(model, ids, EOS)
+    assert len(calls) == 5  # 69 positions in chunks of 16
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(row_losses, ref_rows, rtol=1e-6, atol=1e-6)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    calls.clear()
+    assert heldout_loss(model, ids, batch_size=3, eos_id=EOS) > 0
+    assert not calls  # evaluation keeps the eager loop (no gradient to compute)
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
 def test_lora_including_lm_head(targets):
     """LoRA on attention keeps the plain linear head; LoRA on lm_head runs the adapter per chunk (checkpointed)."""
