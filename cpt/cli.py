@@ -50,13 +50,32 @@ class EarlyWarning:
     replaces, takes it as its own: the run trains one step, saves a checkpoint and stops as preempted. A SLURM
     time-limit warning (or a preemption with PreemptParameters=send_user_signal) that came while the ranks were still
     starting (loading the model, the step-0 evaluation) used to end them by SIGUSR1's default action: no checkpoint, a
-    failed stop, the job not requeued."""
+    failed stop, the job not requeued.
+
+    A warning that came even earlier, before this handler replaced the ignored SIGUSR1 the rank inherits from
+    scripts/slurm_node.sh (the first fraction of a second of the process), was lost: the node script now also
+    creates the file ``$CPT_STOP_REQUESTED`` names before it signals the ranks, and its existence counts as a
+    received signal here."""
 
     def __init__(self) -> None:
-        self.received = False
+        self.got, self.taken = False, False
 
     def __call__(self, signum, frame) -> None:  # noqa: ARG002
-        self.received = True
+        self.got, self.taken = True, False
+
+    @property
+    def received(self) -> bool:
+        if self.got:
+            return True
+        path = os.environ.get(STOP_REQUESTED)
+        return not self.taken and bool(path) and os.path.exists(path)
+
+    @received.setter
+    def received(self, value: bool) -> None:  # (False: taken by the training loop, the file too)
+        self.got, self.taken = bool(value), not value
+
+
+STOP_REQUESTED = "CPT_STOP_REQUESTED"  # a file scripts/slurm_node.sh creates before it relays SIGUSR1 to the ranks
 
 
 def hold_usr1(command: str) -> None:

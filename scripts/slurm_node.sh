@@ -21,11 +21,16 @@ else
   trap 'rm -rf -- "$marker_dir"' EXIT
   export CPT_PREEMPTED_MARKER=$marker_dir/preempted
 fi
+# A rank in its first fraction of a second, before `cpt train` has replaced the ignored SIGUSR1, would lose the
+# signal: the relay first creates $CPT_STOP_REQUESTED, which `cpt train` counts as a received warning when its
+# training loop starts (cpt.cli.EarlyWarning).
+export CPT_STOP_REQUESTED=${CPT_PREEMPTED_MARKER%/*}/stop-requested
 ( trap '' USR1; exec accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@" ) &
 launcher=$!
 
 relay() {  # retried until a rank got it (the warning can come while the ranks are still being started)
   echo "[slurm_node ${SLURM_NODEID:-0}] SIGUSR1: telling the ranks to checkpoint and stop"
+  : > "$CPT_STOP_REQUESTED"
   until pkill -USR1 -P "$launcher"; do
     kill -0 "$launcher" 2>/dev/null || return
     sleep 1

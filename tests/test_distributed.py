@@ -151,6 +151,33 @@ def test_after_a_stop_or_the_last_run_a_late_signal_is_ignored_in_the_cpt_progra
     assert proc.returncode == -10 and "not reached" not in proc.stdout, (proc.returncode, proc.stderr[-2000:])
 
 
+def test_a_stop_requested_before_the_process_could_take_the_signal_is_taken_once(tmp_path, monkeypatch):
+    """scripts/slurm_node.sh creates $CPT_STOP_REQUESTED before it relays the time-limit warning: a rank in its first
+    fraction of a second still ignores SIGUSR1 (inherited from the node script), so the signal is lost, but the file
+    counts as a warning held during start-up (cpt.cli.EarlyWarning), taken by the training loop once."""
+    import signal
+
+    from cpt.cli import STOP_REQUESTED, EarlyWarning
+    from cpt.distributed import PreemptionFlag
+
+    requested = tmp_path / "stop-requested"
+    monkeypatch.setenv(STOP_REQUESTED, str(requested))
+    previous = signal.signal(signal.SIGUSR1, EarlyWarning())
+    try:
+        with PreemptionFlag() as stop:  # no file, no signal
+            assert not stop.early and not stop.requested(SimpleNamespace(num_processes=1))
+        requested.touch()  # the relay (its signal lost)
+        with PreemptionFlag() as stop:
+            assert stop.early and stop.requested(SimpleNamespace(num_processes=1))
+        with PreemptionFlag() as stop:  # taken: a later run in the process (`cpt experiment`) does not see it again
+            assert not stop.early and not stop.flag
+        signal.raise_signal(signal.SIGUSR1)  # a new warning, as a signal this time
+        with PreemptionFlag() as stop:
+            assert stop.early
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_preemption_check_cadence():
     """Every step on one process or on CPU; every train.preemption_check_every steps across GPU ranks (the same
     steps on every rank: off-cadence steps take no collective)."""

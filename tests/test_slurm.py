@@ -314,6 +314,27 @@ def test_a_warning_is_requeued_only_after_a_preempted_stop(tmp_path, slurm, stop
         assert "without recording a preempted stop (the run finished before the time-limit warning reached them): not requeueing" in log, log
 
 
+def test_a_warning_before_a_rank_holds_sigusr1_is_not_lost(tmp_path, slurm):
+    """A rank in its first fraction of a second still has the ignored SIGUSR1 it inherits from slurm_node.sh (which
+    shields torchrun's agent so): the relayed signal is lost there. The relay first creates $CPT_STOP_REQUESTED, which
+    the rank's training loop takes as a warning held during start-up (cpt.cli.EarlyWarning, cpt.distributed
+    .PreemptionFlag; here a stand-in rank that runs that code after the warning): it stops preempted and the job is
+    requeued. Before, the warning was lost: the run went on into its time limit. About 5 s."""
+    rank = ("import os, signal, time\n"
+            "assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # (inherited: the signal is lost)\n"
+            "open('READY', 'w')\n"
+            "time.sleep(3)  # the warning comes now, before cpt's handler exists\n"
+            "from cpt.cli import EarlyWarning\n"
+            "from cpt.distributed import PreemptionFlag\n"
+            "signal.signal(signal.SIGUSR1, EarlyWarning())  # cpt.cli.hold_usr1, then the training loop\n"
+            "with PreemptionFlag() as stop:\n"
+            "    if stop.early:\n"
+            "        open(os.environ['CPT_PREEMPTED_MARKER'], 'w').write('preempted')\n")
+    job_id, job, log = warned_stand_in_job(tmp_path, slurm, rank, "rc")
+    assert [(r["restart"], r["requeued"], r["rc"]) for r in job["runs"]] == [(0, True, 0), (1, False, 0)], log
+    assert "requeueing job" in log, log
+
+
 def test_slurm_job_without_periodic_checkpoints_is_warned(tiny_cpt_data, tmp_path):
     """checkpoint.every unset (the default) in a SLURM job: a node failure would restart it from step 0, so the
     start-up log says so; not outside SLURM, not with checkpoint.every set."""
