@@ -2,8 +2,11 @@
 being trained, so that what the numbers mean can be read (a new language's first coherent sentences, a domain's
 vocabulary appearing, the old skills' text degrading).
 
-Greedy decoding (no sampling: the same weights give the same text, so a resumed run writes what the uninterrupted one
-would have), each prompt on its own (no padding), at most ``max_new_tokens`` new tokens, stopped at EOS. Every process
+Greedy decoding by default (the same weights give the same text, so a resumed run writes what the uninterrupted one
+would have); with ``temperature`` > 0, sampling (temperature, then the ``top_p`` nucleus; no top-k), from a generator
+seeded by (``seed``, the step, the prompt's index) on a fork of the random state, so a resumed run writes the same
+text and training's random state is untouched. Each prompt on its own (no padding), at most ``max_new_tokens`` new
+tokens, stopped at EOS. Every process
 runs the generation: under FSDP2 and DeepSpeed ZeRO-3 each forward pass gathers the sharded weights collectively, so
 ``synced_gpus`` keeps the processes stepping together until the last one is done; the main process writes the rows.
 
@@ -14,6 +17,7 @@ completion, new token count; a resume drops the rows past its checkpoint, as met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -28,13 +32,15 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 class SampleGenerator:
-    """The run's prompts, encoded once, and their greedy continuations at a given step."""
+    """The run's prompts, encoded once, and their continuations at a given step (greedy or seeded samples)."""
 
-    def __init__(self, prompts: list[str], max_new_tokens: int, tokenizer: Any, acc: Any, context: int | None = None):
+    def __init__(self, prompts: list[str], max_new_tokens: int, tokenizer: Any, acc: Any, context: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         """``context``: the model's positions (``max_position_embeddings``); a prompt plus ``max_new_tokens`` must fit
         in it (past it a model's position embeddings run out, or its RoPE extrapolates: an error or garbage text at
-        every evaluation). Checked here, before training, and by ``cpt train --dry-run``."""
+        every evaluation). Checked here, before training, and by ``cpt train --dry-run``. ``temperature`` 0: greedy."""
         self.prompts, self.max_new_tokens, self.tokenizer, self.acc = list(prompts), int(max_new_tokens), tokenizer, acc
+        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
         self.ids = [torch.tensor([tokenizer(p)["input_ids"]], dtype=torch.long) for p in self.prompts]
         for i, (p, ids) in enumerate(zip(self.prompts, self.ids)):
             if ids.numel() == 0:
@@ -49,7 +55,26 @@ class SampleGenerator:
         """The run's generator (None without ``eval.samples``); ``model_config``: the model's, for its context."""
         s = cfg.eval.samples
         context = getattr(model_config, "max_position_embeddings", None)
-        return None if s is None else cls(s.prompts, s.max_new_tokens, tokenizer, acc, context)
+        if s is None:
+            return None
+        seed = cfg.run.seed if s.seed is None else s.seed
+        return cls(s.prompts, s.max_new_tokens, tokenizer, acc, context, s.temperature, s.top_p, seed)
+
+    def _decoding(self, device: torch.device, step: int, index: int):
+        """(generate's decoding arguments, the context to run it in): greedy; or sampling under a forked random state
+        seeded by (seed, step, prompt index), the same on every process."""
+        if not self.temperature:
+            return {"do_sample": False}, contextlib.nullcontext()
+        fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        seed = (self.seed * 1_000_003 + step * 1_009 + index) % 2**63
+
+        @contextlib.contextmanager
+        def seeded():
+            with fork:
+                torch.manual_seed(seed)
+                yield
+
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}, seeded()
 
     def generate(self, model: Any, step: int) -> list[dict[str, Any]]:
         """One row per prompt (the same on every process; call it on every process)."""
@@ -62,10 +87,12 @@ class SampleGenerator:
         rows = []
         try:
             with torch.no_grad():
-                for prompt, ids in zip(self.prompts, self.ids):
-                    out = net.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
-                                       max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=eos,
-                                       pad_token_id=eos if eos is not None else 0, synced_gpus=synced)
+                for i, (prompt, ids) in enumerate(zip(self.prompts, self.ids)):
+                    decoding, context = self._decoding(torch.device(device), step, i)
+                    with context:
+                        out = net.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                                           max_new_tokens=self.max_new_tokens, eos_token_id=eos,
+                                           pad_token_id=eos if eos is not None else 0, synced_gpus=synced, **decoding)
                     new = out[0, ids.size(1):].tolist()
                     if eos is not None and eos in new:
                         new = new[: new.index(eos)]

@@ -102,3 +102,45 @@ def test_a_prompt_past_the_models_context_is_one_error_at_the_dry_run_and_the_st
     with pytest.raises(ConfigError, match=r"eval.samples.prompts\[0\]"):
         run(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sampled_samples_are_seeded_by_step_and_prompt_and_leave_trainings_random_state_alone():
+    """eval.samples.temperature > 0: sampled continuations (top_p nucleus), the same for the same (seed, step, prompt)
+    (so a resumed run writes the uninterrupted one's rows: the greedy test above), another at another step or seed,
+    not the greedy text; the global random state (dropout, data order) is not touched."""
+    import torch
+
+    from conftest import tiny_llama, tiny_tokenizer
+    from cpt.samples import SampleGenerator
+
+    words = ["the cat sat on the mat", "a dog ran in the park", "def f(x): return x"] * 20
+    tok = tiny_tokenizer(words, 300, specials=("<eos>",))
+    model = tiny_llama(len(tok), hidden=32, max_position_embeddings=64, eos_token_id=tok.eos_token_id, training=False)
+    prompts = ["the cat", "def f"]
+
+    def texts(step, **kw):
+        gen = SampleGenerator(prompts, 16, tok, None, 64, **kw)
+        return [r["completion"] for r in gen.generate(model, step)]
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    sampled = texts(3, temperature=1.0, top_p=0.95, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # forked: training's random state is untouched
+    assert model.training is False
+    assert texts(3, temperature=1.0, top_p=0.95, seed=7) == sampled  # reproducible
+    assert texts(4, temperature=1.0, top_p=0.95, seed=7) != sampled  # another step
+    assert texts(3, temperature=1.0, top_p=0.95, seed=8) != sampled  # another seed
+    assert texts(3) != sampled and texts(3) == texts(4)  # greedy: no randomness (untrained model: near-uniform logits)
+    assert sampled[0] != sampled[1]
+
+
+def test_sampling_options_without_sampling_are_one_config_error(tiny_cpt_data, tmp_path):
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    cfg["eval"]["samples"] = {"prompts": ["x"], "temperature": 0.8, "top_p": 0.9, "seed": 3}
+    assert load_config(base=cfg).eval.samples.temperature == 0.8
+    cfg["eval"]["samples"] = {"prompts": ["x"], "top_p": 0.9}
+    with pytest.raises(ConfigError, match=r"eval.samples.*top_p: set for greedy samples \(temperature 0\)"):
+        load_config(base=cfg)
+    cfg["eval"]["samples"] = {"prompts": ["x"], "temperature": -1}
+    with pytest.raises(ConfigError, match="eval.samples.temperature"):
+        load_config(base=cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cpt.config.base import PathText, Strict
 
@@ -18,10 +18,23 @@ class LmEvalTask(Strict):
 
 
 class SamplesConfig(Strict):
-    """Text samples at each held-out evaluation (cpt/samples.py): each prompt continued greedily by the model."""
+    """Text samples at each held-out evaluation (cpt/samples.py): each prompt continued by the model, greedily
+    (``temperature`` 0, the default) or sampled at ``temperature`` from the ``top_p`` nucleus, seeded by ``seed``
+    (default: run.seed), the step and the prompt: a resumed run writes the uninterrupted one's text."""
 
     prompts: list[str] = Field(min_length=1)
     max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _sampling_options_need_sampling(self) -> "SamplesConfig":
+        if self.temperature == 0 and (self.top_p != 1.0 or self.seed is not None):
+            given = ", ".join(f for f in ("top_p", "seed") if getattr(self, f) != type(self).model_fields[f].default)
+            raise ValueError(f"{given}: set for greedy samples (temperature 0), where they do nothing; set "
+                             "eval.samples.temperature > 0 to sample")
+        return self
 
 
 class LmEvalConfig(Strict):
@@ -69,5 +82,5 @@ class EvalConfig(Strict):
     # also evaluate the EMA weights (train.ema_decay) on the held-out sets: ema/eval/<name>/loss
     ema: bool = False
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
-    # greedy continuations of fixed prompts at each held-out evaluation: samples.jsonl, a W&B table, the run's log
+    # continuations of fixed prompts (greedy or sampled) at each held-out evaluation: samples.jsonl, a W&B table, the log
     samples: SamplesConfig | None = None
