@@ -44,6 +44,9 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+STOP_REQUESTED = "CPT_STOP_REQUESTED"  # a file scripts/slurm_node.sh creates before it relays SIGUSR1 to the ranks
+
+
 class EarlyWarning:
     """The SIGUSR1 handler of `cpt train`/`cpt experiment` until the training loop installs its own: it records the
     signal (``received``), and the loop's handler (cpt.distributed.PreemptionFlag), finding it as the handler it
@@ -74,8 +77,6 @@ class EarlyWarning:
     def received(self, value: bool) -> None:  # (False: taken by the training loop, the file too)
         self.got, self.taken = bool(value), not value
 
-
-STOP_REQUESTED = "CPT_STOP_REQUESTED"  # a file scripts/slurm_node.sh creates before it relays SIGUSR1 to the ranks
 
 
 def hold_usr1(command: str) -> None:

@@ -60,21 +60,16 @@ class SampleGenerator:
         seed = cfg.run.seed if s.seed is None else s.seed
         return cls(s.prompts, s.max_new_tokens, tokenizer, acc, context, s.temperature, s.top_p, seed)
 
+    @contextlib.contextmanager
     def _decoding(self, device: torch.device, step: int, index: int):
-        """(generate's decoding arguments, the context to run it in): greedy; or sampling under a forked random state
-        seeded by (seed, step, prompt index), the same on every process."""
+        """generate's decoding arguments, while they apply: greedy; or sampling on a fork of the random state seeded
+        by (seed, step, prompt index), the same on every process."""
         if not self.temperature:
-            return {"do_sample": False}, contextlib.nullcontext()
-        fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        seed = (self.seed * 1_000_003 + step * 1_009 + index) % 2**63
-
-        @contextlib.contextmanager
-        def seeded():
-            with fork:
-                torch.manual_seed(seed)
-                yield
-
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}, seeded()
+            yield {"do_sample": False}
+            return
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed((self.seed * 1_000_003 + step * 1_009 + index) % 2**63)
+            yield {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
 
     def generate(self, model: Any, step: int) -> list[dict[str, Any]]:
         """One row per prompt (the same on every process; call it on every process)."""
@@ -88,8 +83,7 @@ class SampleGenerator:
         try:
             with torch.no_grad():
                 for i, (prompt, ids) in enumerate(zip(self.prompts, self.ids)):
-                    decoding, context = self._decoding(torch.device(device), step, i)
-                    with context:
+                    with self._decoding(torch.device(device), step, i) as decoding:
                         out = net.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
                                            max_new_tokens=self.max_new_tokens, eos_token_id=eos,
                                            pad_token_id=eos if eos is not None else 0, synced_gpus=synced, **decoding)
