@@ -30,6 +30,13 @@ through the stand-in sbatch/srun/scontrol of tests/fake_slurm.py: N times at a r
 
     PYTHONPATH=. python scripts/soak_faults.py --root /tmp/cpt-soak --seeds 1 2 3 --cycles 14 [--worlds 1] [--slurm-events 4]
 
+``--strategy fsdp|zero2|zero3`` starts the 2-process starts as the README launches them, `scripts/launch.sh CONFIG
+STRATEGY --resume` (FSDP2 on CPU through tests/fsdp_shim, DeepSpeed's CPU accelerator; collectives on gloo), and
+the 1-process starts as plain `cpt train`: each requeue may change the world size and so the checkpoint's layout
+(DCP shards, ZeRO partitions, a plain checkpoint), and the kills inside a save, the disk-full saves and the
+corruptions pick the files and points of the layout being written or read. Without EMA under fsdp and zero3 (an EMA
+of sharded weights is refused); the reference is then the uninterrupted 1-process run of that config.
+
 One line per start; every failure is printed with its seed, run and cycle and the start's log (exit 1 if any): the
 same seed gives the same faults and steps (the moments depend on the machine's speed). About 6-10 s per 1-process
 start and 10-20 s per 2-process start on 2 CPU cores. The one refusal that needs a person (every checkpoint left
@@ -56,11 +63,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's cpt (the starts get it through PYTHONPATH)
 VENV_BIN = Path(sys.executable).parent
-STEPS = (20, 20)  # two stages
+STEPS = (20, 20)  # two stages (--stage-steps)
 EVERY, KEEP = 3, 2
 
 
-def env_for(world: int) -> dict[str, str]:
+def env_for(world: int, strategy: str = "ddp") -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -68,15 +75,21 @@ def env_for(world: int) -> dict[str, str]:
     # id, refusing the resumed start with "run ID ... is in use"; every start of a batch job has its own)
     for k in ("CPT_FAULT_INJECT", "ACCELERATE_USE_CPU", "SLURM_JOB_ID", "SLURM_RESTART_COUNT", "WANDB_SERVICE"):
         env.pop(k, None)
-    if world == 2:
+    if world == 2 and strategy in ("ddp", "fsdp"):  # (not DeepSpeed: it would make it plain DDP)
         env["ACCELERATE_USE_CPU"] = "1"
+    if world == 2 and strategy == "fsdp":  # accelerate's real FSDP2 branch on CPU processes (tests/fsdp_on_cpu.py)
+        env.update(CPT_TEST_FSDP_ON_CPU="1", PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "fsdp_shim"), str(ROOT)]))
+    if world == 2 and strategy != "ddp":  # scripts/launch.sh's number of processes
+        env["NUM_GPUS"] = "2"
     return env
 
 
-def command(world: int, cfg: Path, resume: bool) -> list[str]:
+def command(world: int, cfg: Path, resume: bool, strategy: str = "ddp") -> list[str]:
     tail = ["-m", "cpt.cli", "train", str(cfg)] + (["--resume"] if resume else [])
     if world == 1:
         return [sys.executable, *tail]
+    if strategy != "ddp":  # as the README launches it
+        return [str(ROOT / "scripts" / "launch.sh"), str(cfg), strategy] + (["--resume"] if resume else [])
     return [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *tail]
 
@@ -92,7 +105,7 @@ def prepare_data(root: Path) -> None:
     demo_data(root, "tiny")
 
 
-def run_config(root: Path, out: Path) -> Path:
+def run_config(root: Path, out: Path, strategy: str = "ddp") -> Path:
     from cpt.demo import SCALES, cpt_config
 
     cfg = cpt_config(root, SCALES["tiny"])
@@ -107,6 +120,8 @@ def run_config(root: Path, out: Path) -> Path:
     cfg["eval"] = {**cfg["eval"], "every": 4, "dense_steps": 3, "dense_every": 1, "tokens_per_set": 2048, "ema": True}
     cfg["checkpoint"] = {"every": EVERY, "keep": KEEP, "async_save": True, "export_every": 10, "export_at_end": True}
     cfg["logging"] = {"plot": False, "wandb": {"enabled": True, "mode": "offline", "project": "soak"}}
+    if strategy in ("fsdp", "zero3"):  # an EMA of sharded weights is refused
+        cfg["train"]["ema_decay"], cfg["eval"]["ema"] = None, False
     path = out.parent / f"{out.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
@@ -180,10 +195,22 @@ def progress(log: Path) -> int:
     return int(found[-1]) if found else 0
 
 
+def sharded_files(strategy: str, rank: int) -> list[str]:
+    """The files (DCP folders for FSDP2) one rank writes in a 2-process save of ``strategy``, by the names the save
+    code's fault points use (cpt/sharded_save.py, cpt/zero_save.py)."""
+    if strategy == "fsdp":
+        return ["pytorch_model_fsdp_0", "optimizer_0"]
+    model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if strategy == "zero3" else "mp_rank_00_model_states.pt"
+    files = [f"pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]  # (fp32: no bf16_ prefix)
+    return files + [f"pytorch_model/{model}"] if strategy == "zero3" or rank == 0 else files
+
+
 class Cycle:
     def __init__(self, rng: random.Random, run: Path, cfg: Path, world: int, pre: str, during: str, enospc: bool,
-                 resume: bool, log: Path):
+                 resume: bool, log: Path, strategy: str = "ddp"):
         self.rng, self.run, self.cfg, self.world, self.resume, self.log = rng, run, cfg, world, resume, log
+        self.strategy = strategy
+        self.sharded = world == 2 and strategy in ("fsdp", "zero2", "zero3")  # this start writes a sharded layout
         self.pre, self.during, self.enospc = pre, during, enospc
         self.problems: list[str] = []
         self.notes: list[str] = []
@@ -195,6 +222,9 @@ class Cycle:
         if self.pre == "corrupt" and expect["from"] is not None:
             ckpt = self.run / "checkpoints" / f"step_{expect['from']:08d}"
             victim = self.rng.choice(["model.safetensors", "optimizer.bin", "trainer_state.json", "state.safetensors"])
+            if not (ckpt / "model.safetensors").is_file():  # a sharded layout: any file its checksums list
+                listed = json.loads((ckpt / "CHECKSUMS.json").read_text())["files"]
+                victim = self.rng.choice(sorted(f for f in listed if (ckpt / f).is_file() and (ckpt / f).stat().st_size))
             data = (ckpt / victim).read_bytes()
             if self.rng.random() < 0.5:
                 (ckpt / victim).write_bytes(data[: len(data) // 2])
@@ -221,7 +251,7 @@ class Cycle:
     def go(self) -> tuple[int, str]:
         """Start, inject the fault at a random moment, wait for the exit. Returns (rc, log)."""
         expect = self.before()
-        env = env_for(self.world)
+        env = env_for(self.world, self.strategy)
         start = expect["from"] or 0
         total = sum(STEPS)
         # a step in this segment (the last one: the end, its final save and export)
@@ -231,14 +261,26 @@ class Cycle:
         saves = [s for s in range(EVERY, total, EVERY) if s > start] + [total]
         if self.enospc:  # a disk-full failure of one save (the run goes on, retries at the next interval)
             s = self.rng.choice(saves)
-            points.append("enospc:" + self.rng.choice([f"optimizer.bin:partial@{s}", f"model.safetensors:partial@{s}",
-                                                        f"trainer_state.json:done@{s}"]))
+            if self.sharded:  # one rank's file of the backend's save
+                rank = self.rng.randrange(2)
+                points.append(f"enospc:{self.rng.choice(sharded_files(self.strategy, rank))}:rank{rank}@{s}")
+            else:
+                points.append("enospc:" + self.rng.choice([f"optimizer.bin:partial@{s}", f"model.safetensors:partial@{s}",
+                                                            f"trainer_state.json:done@{s}"]))
         if self.during == "kill_in_save":  # a kill inside a (background) save's write
             s = self.rng.choice(saves)
-            choices = [f"optimizer.bin:partial@{s}", f"model.safetensors:partial@{s}", f"save:checksums@{s}",
-                       f"state.safetensors:done@{s}", f"save:renamed@{s}", f"save:pruned@{s}", f"save:begin@{s}"]
-            if self.world == 2:
-                choices.append(f"random_states_1.pkl:done@{s}")
+            if self.sharded:  # one rank at the start of one of its backend files, or the main process's steps
+                rank = self.rng.randrange(2)
+                choices = [f"{f}:rank{rank}@{s}" for f in sharded_files(self.strategy, rank)]
+                choices += [f"save_state:rank{rank}@{s}", f"save:shards@{s}", f"save:checksums@{s}",
+                            f"state.safetensors:done@{s}", f"save:renamed@{s}", f"save:pruned@{s}", f"save:begin@{s}"]
+                if self.strategy != "fsdp":  # DeepSpeed's files are written by cpt/zero_save.py's hashing writer
+                    choices.append(f"{sharded_files(self.strategy, rank)[0]}:partial@{s}")
+            else:
+                choices = [f"optimizer.bin:partial@{s}", f"model.safetensors:partial@{s}", f"save:checksums@{s}",
+                           f"state.safetensors:done@{s}", f"save:renamed@{s}", f"save:pruned@{s}", f"save:begin@{s}"]
+                if self.world == 2:
+                    choices.append(f"random_states_1.pkl:done@{s}")
             points.append(self.rng.choice(choices))
         if points:
             env["CPT_FAULT_INJECT"] = ",".join(points)
@@ -246,7 +288,7 @@ class Cycle:
         expect["start"] = start
         t0 = time.time()
         with open(self.log, "w") as logf:
-            proc = subprocess.Popen(command(self.world, self.cfg, self.resume), cwd=self.run.parent, env=env,
+            proc = subprocess.Popen(command(self.world, self.cfg, self.resume, self.strategy), cwd=self.run.parent, env=env,
                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
             self.fired = False
             try:
@@ -432,16 +474,17 @@ def report_table(run: Path, out: Path) -> str:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def soak(root: Path, seed: int, cycles: int, ref: Path, worlds: list[int]) -> tuple[list[str], int]:
+def soak(root: Path, seed: int, cycles: int, ref: Path, worlds: list[int], strategy: str = "ddp") -> tuple[list[str], int]:
     """``cycles`` faulted starts of the run; whenever it has finished, it is checked against ``ref`` and a new run
     starts in a new directory (so every start interrupts a run in progress). Returns (failures, restarts)."""
     rng = random.Random(seed)
-    if (root / f"seed{seed}").exists():
-        shutil.rmtree(root / f"seed{seed}")
+    prefix = "" if strategy == "ddp" else f"{strategy}-"
+    if (root / f"{prefix}seed{seed}").exists():
+        shutil.rmtree(root / f"{prefix}seed{seed}")
     failures, restarts, i, n = [], 0, 0, 0
     while i < cycles:
-        run = root / f"seed{seed}" / f"run{n}"
-        cfg = run_config(root, run)
+        run = root / f"{prefix}seed{seed}" / f"run{n}"
+        cfg = run_config(root, run, strategy)
         used, closing = set(), 0
         while True:
             last = i >= cycles  # the closing starts: no fault, the run must finish
@@ -452,7 +495,8 @@ def soak(root: Path, seed: int, cycles: int, ref: Path, worlds: list[int]) -> tu
             if during in ("kill9_rank", "kill9_launcher") and world == 1:
                 during = "kill9"
             enospc = not last and rng.random() < 0.2
-            c = Cycle(rng, run, cfg, world, pre, during, enospc, True, root / f"seed{seed}" / f"run{n}-cycle{i:02d}.log")
+            c = Cycle(rng, run, cfg, world, pre, during, enospc, True, root / f"{prefix}seed{seed}" / f"run{n}-cycle{i:02d}.log",
+                      strategy)
             rc, text = c.go()
             used.add(world)
             restarts += 1
@@ -490,7 +534,7 @@ def soak(root: Path, seed: int, cycles: int, ref: Path, worlds: list[int]) -> tu
     return failures, restarts
 
 
-def slurm_soak(root: Path, seed: int, events: int, ref: Path) -> tuple[list[str], int]:
+def slurm_soak(root: Path, seed: int, events: int, ref: Path, strategy: str = "ddp") -> tuple[list[str], int]:
     """The same run as a SLURM job of the shipped scripts/slurm_multinode.sbatch (1 node x 2 CPU ranks, DDP) through the
     stand-in sbatch/srun/scontrol of tests/fake_slurm.py: ``events`` times, at a random step, either SLURM's time-limit
     warning (SIGUSR1 to the batch shell: checkpoint, `scontrol requeue`, the job starts again by itself) or a
@@ -499,7 +543,7 @@ def slurm_soak(root: Path, seed: int, events: int, ref: Path) -> tuple[list[str]
     import psutil
 
     rng = random.Random(1000 + seed)
-    top = root / f"slurm{seed}"
+    top = root / (f"slurm{seed}" if strategy == "ddp" else f"slurm-{strategy}{seed}")
     if top.exists():
         shutil.rmtree(top)
     run, bindir, state, submit = top / "run", top / "bin", top / "state", top / "submit"
@@ -509,8 +553,8 @@ def slurm_soak(root: Path, seed: int, events: int, ref: Path) -> tuple[list[str]
         exe = bindir / name
         exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_slurm.py"}" {name} "$@"\n')
         exe.chmod(0o755)
-    cfg = run_config(root, run)
-    env = dict(env_for(2), PATH=os.pathsep.join([str(bindir), str(VENV_BIN), os.environ["PATH"]]),
+    cfg = run_config(root, run, strategy)
+    env = dict(env_for(2, strategy), PATH=os.pathsep.join([str(bindir), str(VENV_BIN), os.environ["PATH"]]),
                FAKE_SLURM_DIR=str(state), CPT_HOME=str(ROOT), MASTER_PORT=str(20000 + rng.randrange(20000)))
     failures, restarts, total = [], 0, sum(STEPS)
 
@@ -523,7 +567,7 @@ def slurm_soak(root: Path, seed: int, events: int, ref: Path) -> tuple[list[str]
 
     for submission in range(events + 3):
         out = subprocess.run(["sbatch", "--gpus-per-node=2", str(ROOT / "scripts" / "slurm_multinode.sbatch"), str(cfg),
-                              "ddp"], cwd=submit, env=env, capture_output=True, text=True, check=True).stdout
+                              strategy], cwd=submit, env=env, capture_output=True, text=True, check=True).stdout
         job_id = out.split()[-1]
         t0 = time.time()
         starts_seen = 0  # an event only once a start newer than the last event's has printed a step
@@ -572,6 +616,7 @@ def slurm_soak(root: Path, seed: int, events: int, ref: Path) -> tuple[list[str]
 
 
 def main() -> int:
+    global STEPS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("/tmp/cpt-soak"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -579,25 +624,31 @@ def main() -> int:
     ap.add_argument("--slurm-events", type=int, default=0, help="per seed, also run the job through the shipped SLURM "
                     "script (fake sbatch/srun/scontrol) with this many warnings/kills")
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="numbers of processes to draw from")
+    ap.add_argument("--stage-steps", type=int, nargs=2, default=[20, 20], metavar=("A", "B"),
+                    help="the two stages' lengths (default 20 20; tests/test_soak_faults.py runs 8 8)")
+    ap.add_argument("--strategy", choices=["ddp", "fsdp", "zero2", "zero3"], default="ddp",
+                    help="how the 2-process starts (and the SLURM job) run: ddp (accelerate launch --multi_gpu, "
+                    "the default) or `scripts/launch.sh CONFIG STRATEGY`")
     args = ap.parse_args()
+    STEPS = tuple(args.stage_steps)
     root = args.root.absolute()
     root.mkdir(parents=True, exist_ok=True)
     prepare_data(root)
-    ref = root / "reference" / "run"
+    ref = root / (f"reference-{STEPS[0]}-{STEPS[1]}" + ("-no-ema" if args.strategy in ("fsdp", "zero3") else "")) / "run"
     if not (ref / "export" / "config.json").is_file():
         shutil.rmtree(ref.parent, ignore_errors=True)
-        cfg = run_config(root, ref)
+        cfg = run_config(root, ref, args.strategy)
         done = subprocess.run(command(1, cfg, False), cwd=ref.parent, env=env_for(1), capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stdout[-3000:], done.stderr[-3000:])
             return 2
     failures, restarts = [], 0
     for seed in args.seeds:
-        got, n = soak(root, seed, args.cycles, ref, args.worlds) if args.cycles else ([], 0)
+        got, n = soak(root, seed, args.cycles, ref, args.worlds, args.strategy) if args.cycles else ([], 0)
         failures += got
         restarts += n
         if args.slurm_events:
-            got, n = slurm_soak(root, seed, args.slurm_events, ref)
+            got, n = slurm_soak(root, seed, args.slurm_events, ref, args.strategy)
             failures += got
             restarts += n
     print(f"\n{restarts} restarts over seeds {args.seeds}; {len(failures)} failure(s)")

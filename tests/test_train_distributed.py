@@ -218,9 +218,11 @@ def test_ddp_lora_matches_single_process(tiny_cpt_data, base, single, tmp_path):
 
 def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(tiny_cpt_data, base, tmp_path):
     """model.freeze under DDP: the checkpoint holds the trainable parameters alone (the main process's fingerprint of
-    the frozen layer as built); resumed on 2 processes from step 3 it gives the uninterrupted run's losses bitwise;
-    resumed under FSDP2 the same losses (to 1e-5), writing the trainable parameters' shards alone, which export as
-    the DDP run's checkpoint does, and from which FSDP2 resumes bitwise."""
+    the frozen layer as built); resumed under FSDP2 from step 3 it gives the uninterrupted run's losses (to 1e-5),
+    writing the trainable parameters' shards alone, which export as the DDP run's checkpoint does, and from which
+    FSDP2 resumes bitwise. (For the CI budget, not launched here: DDP's own resume of it, the one-process load of
+    tests/test_train_modes.py; a --resume with another model.freeze refused before FSDP2's load, the check of
+    cpt.checkpoint that tests/test_user_errors.py runs on one process, on the same trainable layout.)"""
     import torch
     from safetensors.torch import load_file
 
@@ -240,9 +242,6 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     assert not (ckpt / "model.safetensors").exists() and read_base_record(ckpt)["kind"] == "freeze"
     saved = load_file(ckpt / ADAPTER_STATE)
     assert saved and not any(k.startswith("model.layers.0.") for k in saved)
-    again = tmp_path / "again"
-    resume_copy(out, again, cfg, "ddp", 3)
-    assert world_sizes(again) == {2} and losses(again) == losses(out)
 
     # under FSDP2 (the trained part loaded over the base FSDP2 built and sharded): the same losses, and its own
     # checkpoint holds the trainable parameters' shards alone; exported, the weights of the DDP run's
@@ -270,23 +269,6 @@ def test_ddp_freeze_checkpoint_leaves_the_frozen_layers_out_and_resumes_bitwise(
     log = resume_copy(fsdp, own, cfg, "fsdp_cpu", 6)
     assert "step_00000006" in log, log[-5000:]
     assert losses(own) == losses(fsdp)
-
-    # --resume --allow-config-change with another model.freeze under FSDP2: the optimizer state (sharded, loaded by
-    # FSDP's own code) is for other trainable parameters. Refused in one line before anything loads, as on one process
-    # and DDP (the trainable layout each checkpoint records: cpt/checkpoint.py); the checkpoints stay as they were
-    import shutil
-
-    changed = tmp_path / "changed"
-    shutil.copytree(fsdp / "checkpoints" / "step_00000006", changed / "checkpoints" / "step_00000006")
-    ckpts = changed / "checkpoints"
-    before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
-    path = write({**cfg, "run": {**cfg["run"], "output_dir": str(changed)}}, tmp_path / "changed.yaml")
-    rc, log = launch("fsdp_cpu", path, "--resume", "--allow-config-change", "--set", "model.freeze.layers=top_half")
-    assert rc != 0, log[-5000:]
-    errors = [line for line in log.splitlines() if "cpt train: error: " in line]
-    assert errors and "its optimizer state is for other trainable parameters" in errors[0], log[-5000:]
-    assert "model.layers.0." in errors[0] and not re.search(r"\[rank\d\]: Traceback", log), log[-5000:]
-    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
 
 
 # ZeRO-2 and ZeRO-2 with CPU offload against 1 process: tests/test_launch_shipped.py, through the shipped configs.
