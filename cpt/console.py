@@ -177,8 +177,10 @@ class RunOutput:
 
 
 def sample_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The run log's line per row: ``sample step 40: 'prompt' -> 'completion'`` (cut at 200 characters)."""
-    return [f"sample step {r['step']}: {r['prompt']!r} -> {_cut(r['completion'])!r}" for r in rows]
+    """The run log's line per row: ``sample step 40: 'prompt' -> 'completion'`` (cut at 200 characters);
+    ``sample step 40 (EMA): ...`` for the EMA weights' rows."""
+    return [f"sample step {r['step']}{' (EMA)' if r.get('weights') == 'ema' else ''}: {r['prompt']!r} -> "
+            f"{_cut(r['completion'])!r}" for r in rows]
 
 
 def _cut(text: str, most: int = 200) -> str:

@@ -136,7 +136,8 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
             "samples": None if cfg.eval.samples is None else {"prompts": len(cfg.eval.samples.prompts),
                                                               "max_new_tokens": cfg.eval.samples.max_new_tokens,
                                                               "temperature": cfg.eval.samples.temperature,
-                                                              "top_p": cfg.eval.samples.top_p},
+                                                              "top_p": cfg.eval.samples.top_p,
+                                                              "ema": bool(cfg.eval.ema and cfg.train.ema_decay)},
             "total": {"steps": plan.total_steps - first, "tokens": total, "flops": total * fpt},
             "max_epochs_warning": cfg.data.max_epochs_warning}
 
@@ -187,8 +188,9 @@ def format_run_plan(d: dict[str, Any], tokens_per_s: float | None = None) -> str
     if d.get("samples"):
         how = (f", sampled at temperature {d['samples']['temperature']:g}, top_p {d['samples']['top_p']:g}"
                if d["samples"].get("temperature") else "")
+        ema = ", also from the EMA weights" if d["samples"].get("ema") else ""
         lines.append(f"text samples at each evaluation: {d['samples']['prompts']} prompt(s), up to "
-                     f"{d['samples']['max_new_tokens']} new tokens each{how} (prompts checked)")
+                     f"{d['samples']['max_new_tokens']} new tokens each{how}{ema} (prompts checked)")
     t = d["total"]
     lines.append(f"total: {t['steps']:,} steps, {t['tokens']:,} training tokens, {t['flops']:.3g} FLOPs")
     if tokens_per_s:

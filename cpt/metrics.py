@@ -227,8 +227,9 @@ class MetricsLogger:
         if self.wandb_run is not None:
             import wandb
 
-            table = wandb.Table(columns=["step", "prompt", "completion"],
-                                data=[[r["step"], r["prompt"], r["completion"]] for r in read_samples(self.run_dir)])
+            table = wandb.Table(columns=["step", "weights", "prompt", "completion"],
+                                data=[[r["step"], r.get("weights", "live"), r["prompt"], r["completion"]]
+                                      for r in read_samples(self.run_dir)])
             self.wandb_run.log({"samples": table, "train/tokens": tokens})
 
     def _new_to_wandb(self, record: dict[str, Any]) -> bool:

@@ -209,20 +209,23 @@ def _benchmark_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _samples_table(run_dir: Path) -> str:
-    """eval.samples (samples.jsonl): each prompt's continuation at the run's first and last evaluation with samples."""
+    """eval.samples (samples.jsonl): each prompt's continuation at the run's first and last evaluation with samples,
+    and the EMA weights' at the last (eval.ema)."""
     rows = read_samples(run_dir)
     if not rows:
         return ""
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
-    text = {(r["step"], r["prompt"]): r["completion"] for r in rows}
+    text = {(r["step"], r.get("weights"), r["prompt"]): r["completion"] for r in rows}
+    ema = any(r.get("weights") == "ema" for r in rows)
 
-    def cell(step: int, prompt: str) -> str:
-        got = text.get((step, prompt))
+    def cell(step: int, prompt: str, weights: str | None = None) -> str:
+        got = text.get((step, weights, prompt))
         return "–" if got is None else f"<pre class='sample'>{html.escape(got)}</pre>"
 
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
-    return _table(["prompt (eval.samples)", f"step {first}", f"step {last}"],
-                  [[f"<pre class='sample'>{html.escape(p)}</pre>", cell(first, p), cell(last, p)] for p in prompts],
+    return _table(["prompt (eval.samples)", f"step {first}", f"step {last}", *([f"step {last}, EMA"] if ema else [])],
+                  [[f"<pre class='sample'>{html.escape(p)}</pre>", cell(first, p), cell(last, p),
+                    *([cell(last, p, "ema")] if ema else [])] for p in prompts],
                   "samples")
 
 

@@ -13,6 +13,8 @@ runs the generation: under FSDP2 and DeepSpeed ZeRO-3 each forward pass gathers 
 Where they go: ``samples.jsonl`` in the run directory (one JSON object per prompt and evaluation: step, prompt,
 completion, new token count; a resume drops the rows past its checkpoint, as metrics.jsonl), a W&B table ``samples``
 (all rows so far, logged again at each evaluation: W&B tables are immutable) and one line per prompt in the run's log.
+With ``eval.ema`` the EMA weights (``train.ema_decay``: what ``export-ema/`` holds) continue the prompts too, in rows
+marked ``"weights": "ema"``.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ class SampleGenerator:
             torch.manual_seed((self.seed * 1_000_003 + step * 1_009 + index) % 2**63)
             yield {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
 
-    def generate(self, model: Any, step: int) -> list[dict[str, Any]]:
-        """One row per prompt (the same on every process; call it on every process)."""
+    def generate(self, model: Any, step: int, weights: str | None = None) -> list[dict[str, Any]]:
+        """One row per prompt (the same on every process; call it on every process); ``weights`` ("ema": the model
+        holds the EMA weights) is added to each row."""
         net = self.acc.unwrap_model(model) if self.acc is not None else model
         device = self.acc.device if self.acc is not None else next(net.parameters()).device
         synced = self.acc is not None and self.acc.num_processes > 1 and shards_weights(self.acc)
@@ -91,7 +94,8 @@ class SampleGenerator:
                     if eos is not None and eos in new:
                         new = new[: new.index(eos)]
                     text = self.tokenizer.decode(new, skip_special_tokens=True)
-                    rows.append({"step": step, "prompt": prompt, "completion": text, "new_tokens": len(new)})
+                    rows.append({"step": step, "prompt": prompt, "completion": text, "new_tokens": len(new),
+                                 **({"weights": weights} if weights else {})})
         finally:
             net.train(was_training)
         return rows

@@ -436,7 +436,7 @@ def _after_update(acc, model, reptile, step: int) -> None:
 def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, step: int) -> dict[str, Any]:
     """The held-out sets' losses (forgetting, adaptation), and those of the EMA weights with eval.ema (without
     touching the evaluator's step-0/worst bookkeeping, which is about the live weights); with eval.samples, the live
-    weights' text samples under ``samples`` (RunOutput.eval writes them)."""
+    weights' text samples under ``samples`` (RunOutput.eval writes them), then, with eval.ema, the EMA weights'."""
     metrics: dict[str, Any] = dict(evaluator.evaluate(model, step))
     if evaluator.samples is not None:
         metrics["samples"] = evaluator.samples.generate(model, step)
@@ -444,6 +444,8 @@ def _heldout_eval(cfg: RunConfig, evaluator: HeldoutEvaluator, ema, acc, model, 
         with fp8.swapped_scales(model, ema.swapped(acc.unwrap_model(model))):  # (and their fp8 all-gather scales)
             metrics.update({f"ema/eval/{h.name}/loss": heldout_loss(model, h.tokens, cfg.eval.batch_size, acc, evaluator.eos_id)
                             for h in evaluator.sets})
+            if evaluator.samples is not None:
+                metrics["samples"] += evaluator.samples.generate(model, step, weights="ema")
     return metrics
 
 

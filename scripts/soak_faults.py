@@ -105,6 +105,28 @@ def prepare_data(root: Path) -> None:
     demo_data(root, "tiny")
 
 
+def base_model(root: Path) -> Path:
+    """A tiny base model (10 steps from scratch on 1 process, its HF export), built once: the sharded strategies' runs
+    continue it, as CPT does (a model built from model.arch under ZeRO-3's zero.Init starts from other weights than
+    the same seed gives on 1 process: docs/distributed.md)."""
+    from cpt.demo import SCALES, cpt_config
+
+    export = root / "base" / "run" / "export"
+    if not (export / "config.json").is_file():
+        shutil.rmtree(root / "base", ignore_errors=True)
+        cfg = cpt_config(root, SCALES["tiny"])
+        cfg["run"]["output_dir"] = str(export.parent)
+        cfg["train"].update(init_from=None, progress_bar=False)
+        cfg["stages"][0]["steps"], cfg["data"]["heldout"] = 10, []
+        cfg["eval"], cfg["checkpoint"], cfg["logging"] = {"at_start": False}, {"every": None}, {"plot": False}
+        path = root / "base" / "run.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg))
+        subprocess.run(command(1, path, False), cwd=path.parent, env=env_for(1), capture_output=True, text=True,
+                       check=True)
+    return export
+
+
 def run_config(root: Path, out: Path, strategy: str = "ddp") -> Path:
     from cpt.demo import SCALES, cpt_config
 
@@ -122,6 +144,8 @@ def run_config(root: Path, out: Path, strategy: str = "ddp") -> Path:
     cfg["logging"] = {"plot": False, "wandb": {"enabled": True, "mode": "offline", "project": "soak"}}
     if strategy in ("fsdp", "zero3"):  # an EMA of sharded weights is refused
         cfg["train"]["ema_decay"], cfg["eval"]["ema"] = None, False
+    if strategy != "ddp":  # from a base model (CPT), not model.arch
+        cfg["model"] = {"name_or_path": str(base_model(root))}
     path = out.parent / f"{out.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
@@ -634,7 +658,7 @@ def main() -> int:
     root = args.root.absolute()
     root.mkdir(parents=True, exist_ok=True)
     prepare_data(root)
-    ref = root / (f"reference-{STEPS[0]}-{STEPS[1]}" + ("-no-ema" if args.strategy in ("fsdp", "zero3") else "")) / "run"
+    ref = root / f"reference-{STEPS[0]}-{STEPS[1]}{'' if args.strategy == 'ddp' else '-' + args.strategy}" / "run"
     if not (ref / "export" / "config.json").is_file():
         shutil.rmtree(ref.parent, ignore_errors=True)
         cfg = run_config(root, ref, args.strategy)

@@ -225,6 +225,23 @@ def test_cpt_export_of_every_checkpoint_kind(strategy, shipped, reference, tiny_
     assert_hf_dir_reproduces_eval(tmp_path / "hf", run, make_cfg(tiny_cpt_data, tiny_base, run), tiny_cpt_data, STEPS)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2", "zero3"])
+def test_the_fault_soaks_file_names_are_those_a_sharded_save_writes(strategy, shipped):
+    """scripts/soak_faults.py --strategy (run by hand) kills a rank or fails its disk at the start of one of its
+    files, named as the save code's fault points name them (cpt/sharded_save.py, cpt/zero_save.py): a name that no
+    save writes would be a fault that never fires, silently. (No launch: the shipped runs' step-3 checkpoints.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("soak_faults", ROOT / "scripts" / "soak_faults.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    ckpt = shipped(strategy) / "checkpoints" / f"step_{EVERY:08d}"
+    written = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*")}
+    for rank in (0, 1):
+        names = soak.sharded_files(strategy, rank)
+        assert names and set(names) <= written, (strategy, rank, names, sorted(written))
+
+
 def test_zero3_preempted_resumes_on_one_process_and_exports(shipped, tiny_cpt_data, tiny_base, tmp_path):
     """The issue's acceptance run: `scripts/launch.sh run.yaml zero3` on 2 processes, SIGTERM to the ranks after
     their first checkpoint; `cpt train --resume` on 1 process finishes with the uninterrupted run's losses and an HF

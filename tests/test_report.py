@@ -137,7 +137,8 @@ def test_lines_that_are_not_records_and_an_out_that_is_a_file(tmp_path, capsys):
 
 
 def test_the_text_samples_first_and_last_per_prompt(tmp_path):
-    """eval.samples: the report shows each prompt's continuation at the first and the last evaluation (escaped)."""
+    """eval.samples: the report shows each prompt's continuation at the first and the last evaluation (escaped), and
+    the EMA weights' at the last in a column of its own."""
     write_run(tmp_path / "run", bump=0.5, tokens_per_step=100)
     with open(tmp_path / "run" / "samples.jsonl", "w") as f:
         for step in (0, 10, 20):
@@ -146,4 +147,12 @@ def test_the_text_samples_first_and_last_per_prompt(tmp_path):
     text = write_report([tmp_path / "run"]).read_text()
     for cell in ("step 0</th>", "step 20</th>", "&lt;ROMEO: at 0&gt;", "&lt;def f(x): at 20&gt;"):
         assert cell in text, cell
-    assert "at 10&gt;" not in text and "<ROMEO:" not in text
+    assert "at 10&gt;" not in text and "<ROMEO:" not in text and "EMA" not in text
+
+    # eval.ema: the EMA weights' rows (after each evaluation's live rows) are a column of their own, not the live text
+    with open(tmp_path / "run" / "samples.jsonl", "a") as f:
+        for p in ("ROMEO:", "def f(x):"):
+            f.write(json.dumps({"step": 20, "prompt": p, "completion": f"<{p} ema>", "new_tokens": 4, "weights": "ema"}) + "\n")
+    text = write_report([tmp_path / "run"]).read_text()
+    for cell in ("step 20, EMA</th>", "&lt;ROMEO: ema&gt;", "&lt;def f(x): at 20&gt;", "&lt;ROMEO: at 20&gt;"):
+        assert cell in text, cell

@@ -1,6 +1,7 @@
 """Text samples at each held-out evaluation (``eval.samples``, cpt/samples.py): a run writes each prompt's greedy
 continuation at every evaluation to samples.jsonl and its log; the last ones are what the exported model generates
-with plain transformers; a resume writes exactly the uninterrupted run's rows; the config's refusals."""
+with plain transformers (with eval.ema, also the EMA weights' and export-ema/'s); a resume writes exactly the
+uninterrupted run's rows; the config's refusals."""
 
 import shutil
 
@@ -65,6 +66,46 @@ def test_a_run_writes_its_samples_the_export_generates_them_and_a_resume_writes_
     shutil.rmtree(again / "export")
     run({**cfg, "run": {**cfg["run"], "output_dir": str(again)}}, resume=True)
     assert read_samples(again) == rows
+
+
+def test_with_eval_ema_the_ema_weights_continue_the_prompts_too(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """train.ema_decay + eval.ema: each evaluation's rows, then the EMA weights' rows ("weights": "ema", a log line
+    `sample step N (EMA): ...`); at step 0 the EMA is the start weights (the same text), at the end it is export-ema/,
+    whose greedy continuations they are; the dry run says so."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.cli import main
+
+    out = tmp_path / "run"
+    cfg = samples_config(tiny_cpt_data, tiny_base, out)
+    cfg["train"]["ema_decay"] = 0.5
+    cfg["eval"]["ema"] = True
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml"), "--dry-run"]) == 0
+    assert "up to 12 new tokens each, also from the EMA weights (prompts checked)" in capsys.readouterr().out
+    lines = run(cfg)
+    rows = read_samples(out)
+    assert [(r["step"], r.get("weights"), r["prompt"]) for r in rows] == [
+        (s, w, p) for s in (0, 3, 6) for w in (None, "ema") for p in PROMPTS]
+    live, ema = ([r for r in rows if r["step"] == s and r.get("weights") == w] for s, w in ((0, None), (0, "ema")))
+    assert [r["completion"] for r in live] == [r["completion"] for r in ema]
+    # later, other weights: other text (at step 3 here; greedy, deterministic)
+    assert [r["completion"] for r in rows if r.get("weights")] != [r["completion"] for r in rows if not r.get("weights")]
+    assert sum(line.startswith("sample step 6 (EMA): ") for line in lines) == 2, lines
+
+    tok = AutoTokenizer.from_pretrained(out / "export-ema")
+    models = {w: AutoModelForCausalLM.from_pretrained(out / d).eval() for w, d in ((None, "export"), ("ema", "export-ema"))}
+    assert not torch.equal(models[None].lm_head.weight, models["ema"].lm_head.weight)
+    for r in rows[-4:]:
+        ids = tok(r["prompt"], return_tensors="pt")
+        with torch.no_grad():
+            gen = models[r.get("weights")].generate(**ids, max_new_tokens=12, do_sample=False,
+                                                    pad_token_id=tok.eos_token_id)[0, ids["input_ids"].size(1):].tolist()
+        if tok.eos_token_id in gen:
+            gen = gen[: gen.index(tok.eos_token_id)]
+        assert tok.decode(gen, skip_special_tokens=True) == r["completion"], r
 
 
 def test_samples_without_a_held_out_set_or_prompts_are_one_config_error(tiny_cpt_data, tmp_path):

@@ -79,7 +79,8 @@ class EvalConfig(Strict):
     tokens_per_set: int = Field(262144, gt=0)
     sample_seed: int = 0
     batch_size: int = Field(8, gt=0)
-    # also evaluate the EMA weights (train.ema_decay) on the held-out sets: ema/eval/<name>/loss
+    # also evaluate the EMA weights (train.ema_decay) on the held-out sets: ema/eval/<name>/loss (and, with
+    # eval.samples, continue the prompts with them too: rows marked "weights": "ema")
     ema: bool = False
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     # continuations of fixed prompts (greedy or sampled) at each held-out evaluation: samples.jsonl, a W&B table, the log
