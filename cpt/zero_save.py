@@ -8,7 +8,9 @@ it copies each state dict into host buffers kept between saves (pinned on CUDA; 
 keeps on the CPU too, since training changes them in place) and writes nothing. So the files, their names and their
 contents are DeepSpeed's own, for every ZeRO stage, offload and LoRA's ``exclude_frozen_parameters``; DeepSpeed's load,
 cpt/consolidate.py and ``cpt export`` read them unchanged. The small files (``latest``, ``zero_to_fp32.py``,
-``random_states_<rank>.pkl``) are written during the save as before.
+``zero_to_torch.py``, ``random_states_<rank>.pkl``) are written during the save as before, then read back and hashed
+by the rank that wrote them (a few KB), so that CHECKSUMS.json holds a digest for every file of the checkpoint (they
+had their size alone: a flipped byte in a rank's RNG state went unnoticed; found by scripts/soak_faults.py).
 
 Why not one of DeepSpeed's engines: ``fast`` (DeepNVMe) needs the async_io op, which needs libaio (not on this machine,
 nor on the GPU machines) and only speeds up the writes, which stay in the save; ``decoupled`` sends each state dict to a
@@ -44,7 +46,7 @@ import torch
 from cpt import adapter_shards, sharded_save
 from cpt.checkpoint_files import reusable, staged_copy
 from cpt.distributed import Backend, backend
-from cpt.fileio import HashingFile, describe_io_error, fault_point, fsync_dir
+from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
 from cpt.host_memory import GiB, Guard, tensor_bytes
 
 log = logging.getLogger("cpt.checkpoint")
@@ -94,7 +96,17 @@ class AsyncZero:
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         if staging.error is not None:  # (after DeepSpeed's collectives: every rank got through them; agreed on next)
             raise staging.error
+        for rel in _small_files(acc):  # written by this rank in the save: hashed now (a few KB read back)
+            if (folder / rel).is_file():
+                staging.written[rel] = file_digest(folder / rel)
         return Writes(self, folder, step, staging.files, staging.written)
+
+
+def _small_files(acc) -> list[str]:
+    """The files of a DeepSpeed save that this rank writes itself, not through the checkpoint engine: its RNG state
+    (accelerate), and on the main process DeepSpeed's ``latest`` tag and its recovery scripts."""
+    own = [f"random_states_{acc.process_index}.pkl"]
+    return own + ["latest", "zero_to_fp32.py", "zero_to_torch.py"] if acc.is_main_process else own
 
 
 class _Staging:

@@ -246,7 +246,7 @@ class Cycle:
         if self.pre == "corrupt" and expect["from"] is not None:
             ckpt = self.run / "checkpoints" / f"step_{expect['from']:08d}"
             victim = self.rng.choice(["model.safetensors", "optimizer.bin", "trainer_state.json", "state.safetensors"])
-            if not (ckpt / "model.safetensors").is_file():  # a sharded layout: any file its checksums list
+            if not (ckpt / victim).is_file():  # a sharded layout, or no EMA state: any file its checksums list
                 listed = json.loads((ckpt / "CHECKSUMS.json").read_text())["files"]
                 victim = self.rng.choice(sorted(f for f in listed if (ckpt / f).is_file() and (ckpt / f).stat().st_size))
             data = (ckpt / victim).read_bytes()

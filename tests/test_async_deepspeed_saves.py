@@ -129,6 +129,10 @@ def test_background_zero3_saves_fail_on_every_rank_survive_a_kill_and_match_sync
     assert_same_checkpoint(ckpt, list_checkpoints(sync_run)[1])  # the synchronous run's step 4
     digests = json.loads((ckpt / "CHECKSUMS.json").read_text())["files"]
     assert all(digests[OPTIM.format(r)]["digest"] for r in (0, 1)), digests  # hashed as written, every rank's
+    # and every other file too (each rank's RNG state, DeepSpeed's `latest` and recovery scripts: their size alone
+    # before, so that a flipped byte went unnoticed; scripts/soak_faults.py --strategy zero3 found it)
+    assert {"random_states_0.pkl", "random_states_1.pkl", "latest", "zero_to_fp32.py"} <= set(digests), sorted(digests)
+    assert all(meta["digest"] for meta in digests.values()), {k for k, meta in digests.items() if not meta["digest"]}
 
     # resumed on a host with 1 MB available (a fake /proc/meminfo): every file is written in the save (cpt/host_memory.py)
     host = tmp_path / "host" / "proc"
