@@ -17,8 +17,10 @@ A save, on every rank:
 2. :meth:`Uploads.start`: ``dcp.async_save`` of the model and of the optimizer state, each in torch's writer thread
    and on its own gloo group (background collectives never share the training process group; a gloo group because
    DCP's plan and result exchange are CPU object collectives), with the copies of step 1 (no second staging).
-3. DCP's save exchanges the ranks' plans, writes each rank's shard files (fsynced), gathers every rank's write results
-   on the coordinator (rank 0), which writes ``.metadata`` only if no rank failed, then broadcasts the outcome: a
+3. DCP's save exchanges the ranks' plans, writes each rank's shard files (fsynced; then read back and hashed by that
+   rank, in the same background thread, with its RNG-state file's digest from step 1: the digests travel with the
+   write results), gathers every rank's write results on the coordinator (rank 0), which writes ``.metadata`` (and
+   hashes it) only if no rank failed, then broadcasts the outcome: a
    future completes (on every rank) only after every rank's files and the metadata are on disk, or fails on every
    rank with the failing ranks' errors (no rank waits for ever on another's failure). A rank that dies mid-write
    (``kill -9``, out of memory) closes its sockets: the others' DCP collectives fail at once and torchrun stops them
@@ -26,8 +28,9 @@ A save, on every rank:
    one, ``--resume`` exact); only a rank that hangs, or a node lost without closing its connections, leaves them
    waiting, up to the process group's timeout (``train.distributed_timeout_s``).
 4. The main process's commit thread (cpt/checkpoint.py's ``_Commit``) waits for both futures, then writes cpt's own
-   files, CHECKSUMS.json (shards by size) and renames ``.tmp-step_N`` into place; a kill before that leaves the
-   previous checkpoint the newest valid one.
+   files, CHECKSUMS.json (every file with its digest: a shard, a rank's RNG state or the metadata whose bytes changed
+   after the save fails verification, as cpt's own files do) and renames ``.tmp-step_N`` into place; a kill before
+   that leaves the previous checkpoint the newest valid one.
 
 Used when the run is FSDP2 with ``SHARDED_STATE_DICT``, one model and one optimizer and nothing registered that only
 ``accelerator.save_state`` knows how to save (custom objects, save hooks); otherwise saves stay synchronous (DeepSpeed's
@@ -46,7 +49,7 @@ import torch
 
 from cpt.adapter_shards import FSDP_MODEL, fsdp_model_state
 from cpt.distributed import Backend, backend
-from cpt.fileio import describe_io_error, fault_point
+from cpt.fileio import describe_io_error, fault_point, file_digest
 from cpt.host_memory import Guard, tensor_bytes
 
 log = logging.getLogger("cpt.checkpoint")
@@ -115,8 +118,10 @@ class AsyncShards:
                      "(torch.distributed.checkpoint.async_save); the loop waits only for their host copy")
         items += own
         save_accelerator_state(str(folder), [], [], acc._schedulers, acc._dataloaders, acc.process_index, acc.step, acc.scaler)
+        rng = f"random_states_{acc.process_index}.pkl"  # (a few KB: hashed here, its digest sent with the shards')
+        own_files = {rng: file_digest(folder / rng)} if (folder / rng).is_file() else {}
         staged = {kind: self._host_copy(kind, state) for kind, state in states.items()}
-        return Uploads(self, folder, step, staged)
+        return Uploads(self, folder, step, staged, own_files)
 
     def _host_copy(self, kind: str, state: dict) -> dict:
         """``state`` copied into this kind's host buffers (made on first use, again if its structure changed)."""
@@ -135,16 +140,26 @@ class Uploads:
     """One save's background DCP writes on this rank (the job of a rank other than the main process; the main
     process's commit waits for them first): ``start`` launches them, ``join`` waits and returns their error or None."""
 
-    def __init__(self, owner: AsyncShards, folder: Path, step: int, staged: dict):
+    def __init__(self, owner: AsyncShards, folder: Path, step: int, staged: dict, own_files: dict | None = None):
         self.owner, self.folder, self.step, self.staged = owner, folder, step, staged
+        self.own_files = own_files or {}  # this rank's other files of the save -> digest (sent with its model shards)
         self.futures: dict[str, Future] = {}
+        self.writers: dict = {}
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """On the main process (DCP's coordinator) once :meth:`wait` returned: every rank's shard files, RNG-state
+        files and the metadata, by their paths in the checkpoint, with their digests (elsewhere: empty)."""
+        return {path: digest for writer in self.writers.values() for path, digest in writer.digests.items()}
 
     def start(self, background: bool = True) -> None:
         import torch.distributed.checkpoint as dcp
 
         rank, (staged_cls, writer_cls) = self.owner.acc.process_index, _dcp_classes()
         for name, state in self.staged.items():
-            writer = writer_cls(str(self.folder / name), fault=f"{name}:rank{rank}@{self.step}", per_thread_copy_ahead=0)
+            writer = self.writers[name] = writer_cls(str(self.folder / name), fault=f"{name}:rank{rank}@{self.step}",
+                                                     per_thread_copy_ahead=0,
+                                                     others=self.own_files if name == FSDP_MODEL else None)
             try:
                 self.futures[name] = dcp.async_save(state, storage_writer=writer, process_group=self.owner.groups[name],
                                                     async_stager=staged_cls())
@@ -240,15 +255,35 @@ def _dcp_classes():
             pass
 
     class Writer(dcp.FileSystemWriter):
-        """DCP's file writer with the crash-test hook (cpt/fileio.py) at the start of this rank's writes: inside DCP's
-        error handling, so an injected disk-full error on one rank reaches every rank as DCP's failure."""
+        """DCP's file writer with the crash-test hook (cpt/fileio.py) at the start of this rank's writes (inside DCP's
+        error handling, so an injected disk-full error on one rank reaches every rank as DCP's failure), which hashes
+        the files it wrote once they are on disk and sends the digests (and ``others``: this rank's other files of the
+        save, e.g. its RNG state) with its write results to the coordinator; there, ``digests`` gathers every rank's
+        and the metadata's, by their paths in the checkpoint (``<folder name>/__0_0.distcp``)."""
 
-        def __init__(self, path: str, fault: str, **kwargs):
+        def __init__(self, path: str, fault: str, others: dict | None = None, **kwargs):
             super().__init__(path, **kwargs)
-            self.fault = fault
+            self.fault, self.others = fault, dict(others or {})
+            self.digests: dict[str, str] = {}
 
         def write_data(self, plan, planner):
             fault_point(self.fault)
-            return super().write_data(plan, planner)
+            results = super().write_data(plan, planner).wait()  # (DCP's file writer returns a completed future)
+            folder = Path(self.path)
+            files = sorted({r.storage_data.relative_path for r in results})
+            if results:  # (a frozen dataclass: the attribute is pickled with it into the coordinator's gather)
+                object.__setattr__(results[0], "cpt_digests", {
+                    **self.others, **{f"{folder.name}/{f}": file_digest(folder / f) for f in files}})
+            done = torch.futures.Future()  # (what DCP waits on: torch's future, not concurrent.futures')
+            done.set_result(results)
+            return done
+
+        def finish(self, metadata, results) -> None:
+            for rank_results in results:
+                for r in rank_results:
+                    self.digests.update(getattr(r, "cpt_digests", {}))
+            super().finish(metadata, results)
+            meta = Path(self._get_metadata_path())
+            self.digests[f"{Path(self.path).name}/{meta.name}"] = file_digest(meta)
 
     return AlreadyStaged, Writer

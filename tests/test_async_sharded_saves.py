@@ -17,6 +17,8 @@ preemption of a non-blocking FSDP2 run: tests/test_train_distributed.py.) Four l
 scripts/bench_checkpoint.py --fsdp: about two minutes on 2 loaded cores.
 """
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,7 @@ def files(ckpt: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
 
 
-def test_non_blocking_and_synchronous_saves_train_and_write_the_same(runs):
+def test_non_blocking_and_synchronous_saves_train_and_write_the_same(runs, tmp_path):
     import torch
 
     from cpt.checkpoint import list_checkpoints, verify_checkpoint
@@ -86,6 +88,21 @@ def test_non_blocking_and_synchronous_saves_train_and_write_the_same(runs):
         for r in (0, 1):
             ra, rs = (torch.load(c / f"random_states_{r}.pkl", weights_only=False) for c in (ckpt_a, ckpt_s))
             assert torch.equal(ra["torch_manual_seed"], rs["torch_manual_seed"]) and ra["step"] == rs["step"]
+        # every file with a digest, each rank's shards and RNG state and the metadata too (they had their size alone,
+        # so a same-size corruption went through verification: scripts/soak_faults.py's finding under ZeRO)
+        listed = json.loads((ckpt_a / "CHECKSUMS.json").read_text())["files"]
+        assert sorted(listed) == [f for f in files(ckpt_a) if f != "CHECKSUMS.json"]
+        assert all(meta["digest"] for meta in listed.values()), {k for k, meta in listed.items() if not meta["digest"]}
+
+    # a flipped byte in rank 1's optimizer shard (the same size): verification names it (a copy of the last checkpoint)
+    ckpt = tmp_path / "copy"
+    shutil.copytree(list_checkpoints(a)[-1], ckpt)
+    assert verify_checkpoint(ckpt) is None
+    shard = ckpt / "optimizer_0" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert verify_checkpoint(ckpt) == "optimizer_0/__1_0.distcp checksum mismatch (corrupt)"
 
 
 def test_a_failed_and_a_killed_background_write_keep_the_previous_checkpoint(runs, tiny_cpt_data, tiny_base, tmp_path):
