@@ -293,16 +293,17 @@ class Cycle:
                                                             f"trainer_state.json:done@{s}"]))
         if self.during == "kill_in_save":  # a kill inside a (background) save's write
             s = self.rng.choice(saves)
+            own = "state.safetensors" if self.strategy in ("ddp", "zero2") else "trainer_state.json"  # (no EMA state)
             if self.sharded:  # one rank at the start of one of its backend files, or the main process's steps
                 rank = self.rng.randrange(2)
                 choices = [f"{f}:rank{rank}@{s}" for f in sharded_files(self.strategy, rank)]
                 choices += [f"save_state:rank{rank}@{s}", f"save:shards@{s}", f"save:checksums@{s}",
-                            f"state.safetensors:done@{s}", f"save:renamed@{s}", f"save:pruned@{s}", f"save:begin@{s}"]
+                            f"{own}:done@{s}", f"save:renamed@{s}", f"save:pruned@{s}", f"save:begin@{s}"]
                 if self.strategy != "fsdp":  # DeepSpeed's files are written by cpt/zero_save.py's hashing writer
                     choices.append(f"{sharded_files(self.strategy, rank)[0]}:partial@{s}")
             else:
                 choices = [f"optimizer.bin:partial@{s}", f"model.safetensors:partial@{s}", f"save:checksums@{s}",
-                           f"state.safetensors:done@{s}", f"save:renamed@{s}", f"save:pruned@{s}", f"save:begin@{s}"]
+                           f"{own}:done@{s}", f"save:renamed@{s}", f"save:pruned@{s}", f"save:begin@{s}"]
                 if self.world == 2:
                     choices.append(f"random_states_1.pkl:done@{s}")
             points.append(self.rng.choice(choices))
