@@ -48,7 +48,7 @@ from cpt.checkpoint_dir import (CHECKSUMS, PREFIX, STATE_TENSORS, TMP_PREFIX, TR
                                  TRASH_PREFIX, UNUSABLE_PREFIX, CheckpointError, discard, latest_valid_checkpoint,
                                  list_checkpoints, remove_partial_saves, resolve_checkpoint, saved_step,
                                  saved_train_state, verify_checkpoint, write_checksums)
-from cpt.checkpoint_files import cpt_can_write, host_copy, host_snapshot, write_files
+from cpt.checkpoint_files import backend_file_digests, cpt_can_write, host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, fsync_dir
 from cpt.optim import group_settings, layout_difference, param_shapes, restore_group_settings, trainable_layout
 from cpt.state import StateError, Stateful, check_format, flatten, json_default, restore, state_dict_mismatch
@@ -159,21 +159,16 @@ class CheckpointManager:
                     digests = write_files(tmp, [(rng_name, "torch", rng)], step)
                 except OSError as e:
                     digests = {"error": f"rank {acc.process_index} ({socket.gethostname()}): {describe_io_error(e, tmp)}"}
-            if acc.num_processes > 1:
-                from accelerate.utils import gather_object
-
-                gathered = gather_object([digests])
-                failed = [d["error"] for d in gathered if "error" in d]
-                if failed:
-                    raise CheckpointError(f"a rank could not write its part: {failed[0]}")
-                digests = {k: v for d in gathered for k, v in d.items()}
+            digests = _gathered(acc, digests)
         elif self.shards is not None:  # FSDP2, DeepSpeed, non-blocking: staged here, written once all ranks agree
             uploads = self.shards.stage(tmp, step, items)  # (the fault point save_state:rank<r>@<step> in it)
             if uploads is None:  # no room for the host copy on some node (every rank): this save written now
                 self._background = False
                 items += adapter_shards.save_state_or_stop(acc, tmp, step)
+                digests = _gathered(acc, _read_back(acc, tmp))
         else:  # FSDP / DeepSpeed shards, on every rank, through collectives inside the backend's save (LoRA: no base)
             items += adapter_shards.save_state_or_stop(acc, tmp, step)
+            digests = _gathered(acc, _read_back(acc, tmp))
         if not acc.is_main_process:
             return uploads
         return _Commit(self, step, tmp, items + ema, digests, uploads)
@@ -325,6 +320,28 @@ def load_components(ckpt: Path, components: Mapping[str, Stateful]) -> None:
         restore(components, json.loads((ckpt / TRAINER_STATE).read_text()), tensors)
     except StateError as e:
         raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+
+
+def _read_back(acc, tmp: Path) -> dict[str, str]:
+    """This rank's share of a synchronous backend save's files, read back and hashed (cpt/checkpoint_files.py), or
+    the error that stopped it (reported by :func:`_gathered` on every rank)."""
+    try:
+        return backend_file_digests(acc, tmp)
+    except OSError as e:
+        return {"error": f"rank {acc.process_index} ({socket.gethostname()}): {describe_io_error(e, tmp)}"}
+
+
+def _gathered(acc, digests: dict[str, str]) -> dict[str, str]:
+    """Every rank's digests (collective), on every rank; a rank's error raised on every rank."""
+    gathered = [digests]
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([digests])
+    failed = [d["error"] for d in gathered if "error" in d]
+    if failed:
+        raise CheckpointError(f"a rank could not write its part: {failed[0]}")
+    return {k: v for d in gathered for k, v in d.items()}
 
 
 class _Commit:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 
 from cpt.adapter_checkpoint import adapter_items, without_base
 from cpt.distributed import Backend, backend
-from cpt.fileio import HashingFile, fault_point
+from cpt.fileio import HashingFile, fault_point, file_digest
 from cpt.host_memory import tensor_bytes
 
 
@@ -123,6 +124,27 @@ _SAFETENSORS_DTYPES = {
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+
+
+_RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$|zero_pp_rank_(\d+)_|random_states_(\d+)\.pkl$")
+
+
+def backend_file_digests(acc, folder: Path) -> dict[str, str]:
+    """After a synchronous FSDP or DeepSpeed save (accelerate's ``save_state``: the backend writes the files, nothing
+    hashes them as they are written): the digests of this rank's files of ``folder``, read back (DCP's ``__<r>_*.distcp``,
+    DeepSpeed's ``*zero_pp_rank_<r>_*``, ``random_states_<r>.pkl``), and on the main process of the files no rank
+    owns (``.metadata``, ``latest``, ZeRO-1/2's model states, DeepSpeed's recovery scripts). Every rank reads its own
+    share; the main process gathers them into CHECKSUMS.json."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = str(p.relative_to(folder))
+        m = _RANK_FILE.search(p.name)
+        owner = int(next(g for g in m.groups() if g is not None)) if m else 0
+        if owner == acc.process_index:
+            out[rel] = file_digest(p)
+    return out
 
 
 def write_safetensors(f: HashingFile, tensors: dict[str, torch.Tensor], chunk: int = 1 << 24) -> None:

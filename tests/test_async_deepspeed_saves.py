@@ -152,6 +152,8 @@ def test_background_zero3_saves_fail_on_every_rank_survive_a_kill_and_match_sync
 def test_a_zero3_model_freeze_checkpoint_holds_the_trained_part_and_exports_over_the_base(sync_run, tiny_base, tmp_path):
     """(No launch: the synchronous run's checkpoints.) Its last checkpoint holds no tensor of the frozen layer, model
     or optimizer; `cpt export` writes the trained part over the base as built."""
+    import json
+
     import torch
     from safetensors.torch import load_file
 
@@ -162,6 +164,9 @@ def test_a_zero3_model_freeze_checkpoint_holds_the_trained_part_and_exports_over
 
     ckpt = list_checkpoints(sync_run)[-1]
     assert read_base_record(ckpt)["kind"] == "freeze"
+    # a synchronous save's files, DeepSpeed's own, each read back and hashed by the rank that wrote it: all digested
+    listed = json.loads((ckpt / "CHECKSUMS.json").read_text())["files"]
+    assert {"random_states_1.pkl", "latest"} <= set(listed) and all(m["digest"] for m in listed.values()), listed
     trained, adam = read_model_state(ckpt), read_optimizer_state(ckpt)
     assert trained and not any(k.startswith("model.layers.0.") for k in trained), sorted(trained)
     assert adam.keys() <= trained.keys() and any(k.startswith("model.layers.1.") for k in adam)

@@ -90,9 +90,10 @@ def test_non_blocking_and_synchronous_saves_train_and_write_the_same(runs, tmp_p
             assert torch.equal(ra["torch_manual_seed"], rs["torch_manual_seed"]) and ra["step"] == rs["step"]
         # every file with a digest, each rank's shards and RNG state and the metadata too (they had their size alone,
         # so a same-size corruption went through verification: scripts/soak_faults.py's finding under ZeRO)
-        listed = json.loads((ckpt_a / "CHECKSUMS.json").read_text())["files"]
-        assert sorted(listed) == [f for f in files(ckpt_a) if f != "CHECKSUMS.json"]
-        assert all(meta["digest"] for meta in listed.values()), {k for k, meta in listed.items() if not meta["digest"]}
+        for ckpt in (ckpt_a, ckpt_s):  # (the synchronous save's files read back by the rank that wrote them)
+            listed = json.loads((ckpt / "CHECKSUMS.json").read_text())["files"]
+            assert sorted(listed) == [f for f in files(ckpt) if f != "CHECKSUMS.json"]
+            assert all(meta["digest"] for meta in listed.values()), (ckpt, {k for k, m in listed.items() if not m["digest"]})
 
     # a flipped byte in rank 1's optimizer shard (the same size): verification names it (a copy of the last checkpoint)
     ckpt = tmp_path / "copy"
