@@ -33,7 +33,9 @@ class CheckpointError(RuntimeError):
 def write_checksums(ckpt: Path, digests: dict[str, str] | None = None) -> None:
     """CHECKSUMS.json: every file's size, and its digest where it was hashed while written (``digests``).
 
-    Files written by others (accelerate/DeepSpeed/FSDP shards) are recorded by size; nothing is re-read.
+    ``digests`` holds every file the save wrote: cpt's own hashed as written, the backends' hashed by the rank that
+    wrote them (cpt/sharded_save.py, cpt/zero_save.py, cpt/checkpoint_files.py's ``backend_file_digests``); a file
+    it lacks is recorded by its size alone.
     """
     digests = digests or {}
     files = {}
