@@ -24,6 +24,7 @@ PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 UNUSABLE_PREFIX = "unusable-"
+HASH_THREADS = 8  # files read and hashed at a time when a checkpoint is verified
 
 
 class CheckpointError(RuntimeError):
@@ -81,8 +82,6 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         pool.shutdown(wait=True, cancel_futures=True)  # (a broken file: the files not yet read are not)
     return None
 
-
-HASH_THREADS = 8
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -129,17 +129,19 @@ _SAFETENSORS_DTYPES = {
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$|zero_pp_rank_(\d+)_|random_states_(\d+)\.pkl$")
 
 
-def backend_file_digests(acc, folder: Path) -> dict[str, str]:
-    """After a synchronous FSDP or DeepSpeed save (accelerate's ``save_state``: the backend writes the files, nothing
-    hashes them as they are written): the digests of this rank's files of ``folder``, read back (DCP's ``__<r>_*.distcp``,
-    DeepSpeed's ``*zero_pp_rank_<r>_*``, ``random_states_<r>.pkl``), and on the main process of the files no rank
-    owns (``.metadata``, ``latest``, ZeRO-1/2's model states, DeepSpeed's recovery scripts). Every rank reads its own
-    share; the main process gathers them into CHECKSUMS.json."""
+def backend_file_digests(acc, folder: Path, hashed=()) -> dict[str, str]:
+    """The digests of the files of ``folder`` that the backend or accelerate wrote for this rank, read back (nothing
+    hashed them as they were written): DCP's ``__<r>_*.distcp``, DeepSpeed's ``*zero_pp_rank_<r>_*``,
+    ``random_states_<r>.pkl``, and on the main process the files no rank owns (``.metadata``, ``latest``, ZeRO-1/2's
+    model states, DeepSpeed's recovery scripts); ``hashed``: paths (relative to ``folder``) already hashed, not read
+    again. After a synchronous FSDP or DeepSpeed save (every file), and in a non-blocking one's staging (the small
+    files written then: cpt/sharded_save.py, cpt/zero_save.py). Every rank reads its own share; the main process
+    gathers them into CHECKSUMS.json."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if not p.is_file():
-            continue
         rel = str(p.relative_to(folder))
+        if not p.is_file() or rel in hashed:
+            continue
         m = _RANK_FILE.search(p.name)
         owner = int(next(g for g in m.groups() if g is not None)) if m else 0
         if owner == acc.process_index:

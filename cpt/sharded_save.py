@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from cpt.adapter_shards import FSDP_MODEL, fsdp_model_state
+from cpt.checkpoint_files import backend_file_digests
 from cpt.distributed import Backend, backend
 from cpt.fileio import describe_io_error, fault_point, file_digest
 from cpt.host_memory import Guard, tensor_bytes
@@ -118,8 +119,7 @@ class AsyncShards:
                      "(torch.distributed.checkpoint.async_save); the loop waits only for their host copy")
         items += own
         save_accelerator_state(str(folder), [], [], acc._schedulers, acc._dataloaders, acc.process_index, acc.step, acc.scaler)
-        rng = f"random_states_{acc.process_index}.pkl"  # (a few KB: hashed here, its digest sent with the shards')
-        own_files = {rng: file_digest(folder / rng)} if (folder / rng).is_file() else {}
+        own_files = backend_file_digests(acc, folder)  # (its RNG state, a few KB: the digests go with its shards')
         staged = {kind: self._host_copy(kind, state) for kind, state in states.items()}
         return Uploads(self, folder, step, staged, own_files)
 

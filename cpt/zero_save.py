@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 
 from cpt import adapter_shards, sharded_save
-from cpt.checkpoint_files import reusable, staged_copy
+from cpt.checkpoint_files import backend_file_digests, reusable, staged_copy
 from cpt.distributed import Backend, backend
-from cpt.fileio import HashingFile, describe_io_error, fault_point, file_digest, fsync_dir
+from cpt.fileio import HashingFile, describe_io_error, fault_point, fsync_dir
 from cpt.host_memory import GiB, Guard, tensor_bytes
 
 log = logging.getLogger("cpt.checkpoint")
@@ -96,17 +96,10 @@ class AsyncZero:
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         if staging.error is not None:  # (after DeepSpeed's collectives: every rank got through them; agreed on next)
             raise staging.error
-        for rel in _small_files(acc):  # written by this rank in the save: hashed now (a few KB read back)
-            if (folder / rel).is_file():
-                staging.written[rel] = file_digest(folder / rel)
+        # the small files this rank wrote in the save (its RNG state; the main process's `latest` and recovery
+        # scripts): hashed now, a few KB read back
+        staging.written.update(backend_file_digests(acc, folder, hashed=staging.written))
         return Writes(self, folder, step, staging.files, staging.written)
-
-
-def _small_files(acc) -> list[str]:
-    """The files of a DeepSpeed save that this rank writes itself, not through the checkpoint engine: its RNG state
-    (accelerate), and on the main process DeepSpeed's ``latest`` tag and its recovery scripts."""
-    own = [f"random_states_{acc.process_index}.pkl"]
-    return own + ["latest", "zero_to_fp32.py", "zero_to_torch.py"] if acc.is_main_process else own
 
 
 class _Staging:
