@@ -52,11 +52,12 @@ def write_checksums(ckpt: Path, digests: dict[str, str] | None = None) -> None:
     os.replace(tmp, ckpt / CHECKSUMS)
 
 
-def verify_checkpoint(ckpt: Path) -> str | None:
+def verify_checkpoint(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it is not (the first broken file in
     CHECKSUMS.json's order). Every file's size first, then the digests: the whole checkpoint read once, up to
     :data:`HASH_THREADS` files at a time (a sharded checkpoint is many files, on storage that serves parallel reads
-    faster; reading releases the GIL)."""
+    faster; reading releases the GIL). ``part=(i, n)``: only reader ``i`` of ``n``'s share of the files
+    (:func:`reader_share`; the ranks of a run share the reading: cpt/resume.py's ``SharedCheck``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     manifest = ckpt / CHECKSUMS
@@ -66,13 +67,14 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as e:
         return f"{CHECKSUMS} unreadable: {e}"
-    for rel, meta in files.items():
-        p = ckpt / rel
+    mine = reader_share(files, *part)
+    for rel in mine:
+        p, meta = ckpt / rel, files[rel]
         if not p.is_file():
             return f"{rel} missing"
         if p.stat().st_size != meta["size"]:
             return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)"
-    hashed = [rel for rel, meta in files.items() if meta.get("digest")]
+    hashed = [rel for rel in mine if files[rel].get("digest")]
     pool = ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(hashed))))
     try:
         for rel, digest in zip(hashed, pool.map(lambda rel: file_digest(ckpt / rel), hashed)):
@@ -83,6 +85,33 @@ def verify_checkpoint(ckpt: Path) -> str | None:
     return None
 
 
+def reader_share(files: dict[str, dict], reader: int, readers: int) -> list[str]:
+    """The files (CHECKSUMS.json's entries) reader ``reader`` of ``readers`` checks, in CHECKSUMS.json's order: the
+    largest first, each to the reader with the fewest bytes so far (the lowest-numbered on a tie), so that every
+    reader reads about as much whatever the files' sizes; the same split on every reader. All of them for one."""
+    if readers == 1:
+        return list(files)
+    load, owner = [0] * readers, {}
+    for rel in sorted(files, key=lambda rel: (-int(files[rel]["size"]), rel)):
+        least = min(range(readers), key=lambda r: (load[r], r))
+        owner[rel] = least
+        load[least] += int(files[rel]["size"])
+    return [rel for rel in files if owner[rel] == reader]
+
+
+class LocalCheck:
+    """How :func:`latest_valid_checkpoint` and :func:`resolve_checkpoint` find and check checkpoints in one process:
+    list the folder, verify every file here, warn about a broken checkpoint. In a multi-process run every rank makes
+    the same calls with cpt/resume.py's ``SharedCheck``, which lists on the main process and shares the reading."""
+
+    warns = True
+
+    def listing(self, run_dir: str | os.PathLike) -> list[Path]:
+        return list_checkpoints(run_dir)
+
+    def verify(self, ckpt: Path) -> str | None:
+        return verify_checkpoint(ckpt)
+
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
@@ -92,14 +121,16 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def latest_valid_checkpoint(run_dir: str | os.PathLike, unusable: list[Path] | None = None) -> Path | None:
+def latest_valid_checkpoint(run_dir: str | os.PathLike, unusable: list[Path] | None = None,
+                            check: LocalCheck = LocalCheck()) -> Path | None:
     """The newest checkpoint that verifies; each broken one newer than it is reported once (a warning) and,
     when ``unusable`` is given, appended to it."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(ckpt)
+    for ckpt in reversed(check.listing(run_dir)):
+        problem = check.verify(ckpt)
         if problem is None:
             return ckpt
-        log.warning(f"checkpoint {ckpt} is not usable ({problem}); trying the previous one")
+        if check.warns:
+            log.warning(f"checkpoint {ckpt} is not usable ({problem}); trying the previous one")
         if unusable is not None:
             unusable.append(ckpt)
     return None
@@ -118,15 +149,15 @@ def discard(ckpt: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, check: LocalCheck = LocalCheck()) -> Path:
     """A checkpoint directory, or a run directory (its latest valid checkpoint)."""
     p = Path(path)
     if (p / TRAINER_STATE).is_file():
-        problem = verify_checkpoint(p)
+        problem = check.verify(p)
         if problem:
             raise CheckpointError(f"checkpoint {p} is not usable: {problem}")
         return p
-    ckpt = latest_valid_checkpoint(p)
+    ckpt = latest_valid_checkpoint(p, check=check)
     if ckpt is None:
         raise CheckpointError(f"no valid checkpoint found in {p}")
     return ckpt

@@ -16,7 +16,7 @@ from cpt import is_cpt_program
 COMMANDS: dict[str, str] = {
     "demo": "Run the offline demo: pre-train a tiny base model on corpus A, then continually pre-train on B with replay.",
     "prepare": "Tokenize raw text (jsonl/parquet/txt/datasets) into token shards with a manifest.",
-    "verify": "Re-check prepared token shards (every file's size and checksum) against their manifest.",
+    "verify": "Re-check prepared token shards against their manifest, or checkpoints against their checksums.",
     "train": "Train from a YAML run config (continual pre-training, LoRA, anneal branches, resume).",
     "schedule": "Print and plot the learning-rate plan of a config before training.",
     "eval": "Held-out loss and lm-eval tasks on a saved checkpoint or adapter.",

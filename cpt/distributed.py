@@ -95,6 +95,16 @@ def from_main_process(acc, value):
     return box[0]
 
 
+def from_every_rank(acc, value) -> list:
+    """Every rank's ``value`` (a picklable object), in rank order, on every rank: one collective with several
+    processes, ``[value]`` with one."""
+    if acc is None or acc.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
 def rank_and_world(acc) -> tuple[int, int]:
     """(rank, world size): of ``acc``; without one, of an initialised ``torch.distributed`` group, else (0, 1)."""
     if acc is not None:

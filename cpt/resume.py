@@ -2,8 +2,8 @@
 run's weights (``train.init_from``: an HF export, a cpt checkpoint or a run directory), or an anneal branch of a
 checkpoint (``train.init_from`` + ``train.anneal_steps``: the trunk's whole state, then a short decay).
 
-:func:`resolve_start` decides it before anything is loaded or written, on the main process where a decision must be
-shared (the resume checkpoint), and refuses what would silently go wrong: a fresh start into a directory that holds
+:func:`resolve_start` decides it before anything is loaded or written, the same on every rank (the main process lists
+the checkpoints, the ranks share reading and verifying them: :class:`SharedCheck`), and refuses what would silently go wrong: a fresh start into a directory that holds
 checkpoints, a ``--resume`` whose config changes the training trajectory.
 """
 
@@ -19,8 +19,9 @@ import yaml
 from cpt.adapter_checkpoint import STAGE_BASE_DIR
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
+from cpt.checkpoint_dir import LocalCheck, verify_checkpoint
 from cpt.config import RunConfig, load_config, trajectory_changes
-from cpt.distributed import from_main_process
+from cpt.distributed import from_every_rank, from_main_process, rank_and_world
 
 
 @dataclass
@@ -64,7 +65,7 @@ def resolve_start(cfg: RunConfig, resume: bool, allow_config_change: bool, acc, 
     start = Start(resume=find_resume_checkpoint(run_dir, acc, say) if resume else None)  # or from scratch, saying so
     start.requeued = resume and start.resume is None
     if start.resume is None:
-        start.init, start.init_hf = init_weights(cfg)  # (a checkpoint: the model its own run built, followed back)
+        start.init, start.init_hf = init_weights(cfg, SharedCheck(acc))  # (a checkpoint: the model its own run built, followed back)
         start.branch = start.init is not None and bool(cfg.train.anneal_steps)
     else:
         start.init_hf = base_model_dir(cfg, run_dir)  # the model built as at the first start (a LoRA checkpoint: its base)
@@ -100,23 +101,41 @@ def anneal_branch_start(cfg: RunConfig, init: Path | None) -> int:
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path | None:
-    """The checkpoint ``--resume`` continues from, chosen on the main process (one warning per broken
-    checkpoint) and shared with every rank. Broken checkpoints newer than it are set aside as
-    ``unusable-step_N`` so that neither pruning nor the fresh-run check mistakes them for real ones;
-    with none complete the run starts from scratch and says so."""
-    choice = None
+    """The checkpoint ``--resume`` continues from (collective: every rank calls it), the same on every rank: the main
+    process's listing, the reading shared (:class:`SharedCheck`; one warning per broken checkpoint). Broken
+    checkpoints newer than it are set aside as ``unusable-step_N`` so that neither pruning nor the fresh-run check
+    mistakes them for real ones; with none complete the run starts from scratch and says so."""
+    unusable: list[Path] = []
+    ckpt = latest_valid_checkpoint(run_dir, unusable, SharedCheck(acc))
     if acc.is_main_process:
-        unusable: list[Path] = []
-        ckpt = latest_valid_checkpoint(run_dir, unusable)
         for bad in unusable:
             os.replace(bad, set_aside_name(bad))
         if unusable:
             say(f"set aside {len(unusable)} unusable checkpoint(s) as {UNUSABLE_PREFIX}step_N in {Path(run_dir) / 'checkpoints'}")
         if ckpt is None:
             say(f"--resume: no complete checkpoint in {Path(run_dir) / 'checkpoints'}: starting from scratch")
-        choice = None if ckpt is None else str(ckpt)
-    choice = from_main_process(acc, choice)
-    return None if choice is None else Path(choice)
+    acc.wait_for_everyone()  # (set aside before any rank looks at the folder again)
+    return ckpt
+
+
+class SharedCheck(LocalCheck):
+    """Finding and checking checkpoints in a multi-process run (collective: every rank makes the same calls): the
+    main process lists the checkpoints (every rank then weighs the same ones, even while another run is adding to
+    that folder), each rank reads and hashes its share of a checkpoint's files (cpt.checkpoint_dir.reader_share: a
+    multi-node job reads a large checkpoint at the nodes' combined bandwidth, not one process's, and never once per
+    rank), and every rank gets the same verdict; only the main process warns."""
+
+    def __init__(self, acc):
+        self.acc, (self.rank, self.world) = acc, rank_and_world(acc)
+        self.warns = self.rank == 0
+
+    def listing(self, run_dir: str | os.PathLike) -> list[Path]:
+        listed = [str(p) for p in list_checkpoints(run_dir)] if self.rank == 0 else None
+        return [Path(p) for p in from_main_process(self.acc, listed)]
+
+    def verify(self, ckpt: Path) -> str | None:
+        found = from_every_rank(self.acc, verify_checkpoint(ckpt, part=(self.rank, self.world)))
+        return next((problem for problem in found if problem is not None), None)
 
 
 def set_aside_name(ckpt: Path) -> Path:
@@ -130,8 +149,9 @@ def set_aside_name(ckpt: Path) -> Path:
     return target
 
 
-def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
-    """(cpt checkpoint, HF export dir) for train.init_from; exactly one is set when init_from is."""
+def resolve_init(init_from: str | None, check: LocalCheck = LocalCheck()) -> tuple[Path | None, str | None]:
+    """(cpt checkpoint, HF export dir) for train.init_from; exactly one is set when init_from is. ``check``: how a
+    checkpoint is found and verified (:class:`SharedCheck` in a run, whose ranks all call this)."""
     if init_from is None:
         return None, None
     from cpt.model import require_safetensors  # an HF directory must hold safetensors weights: one clear line
@@ -141,7 +161,7 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, str | None]:
         require_safetensors(p, "train.init_from")
         return None, str(p)
     if (p / TRAINER_STATE).is_file() or (p / "checkpoints").is_dir():
-        return resolve_checkpoint(p), None
+        return resolve_checkpoint(p, check), None
     if (p / "export" / "config.json").is_file():
         require_safetensors(p / "export", "train.init_from")
         return None, str(p / "export")
@@ -193,10 +213,10 @@ def run_dir_around(path: str | os.PathLike) -> Path | None:
                  if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file()), None)
 
 
-def init_weights(cfg: RunConfig) -> tuple[Path | None, str | None]:
+def init_weights(cfg: RunConfig, check: LocalCheck = LocalCheck()) -> tuple[Path | None, str | None]:
     """(cpt checkpoint, HF model directory) a new run starts from: :func:`resolve_init`, and for a checkpoint the
     model its run was built from (:func:`base_model_dir`), which this run builds before loading the checkpoint."""
-    init, init_hf = resolve_init(cfg.train.init_from)
+    init, init_hf = resolve_init(cfg.train.init_from, check)
     return init, base_model_dir(cfg) if init is not None else init_hf
 
 

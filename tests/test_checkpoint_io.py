@@ -462,8 +462,56 @@ def test_a_step_broken_again_after_being_set_aside_is_set_aside_too(tmp_path):
     (root / "unusable-step_00000004").mkdir()  # the first broken save of step 4, set aside by an earlier --resume
     (root / "unusable-step_00000004" / "model.safetensors").write_bytes(b"y")
     said = []
-    acc = SimpleNamespace(is_main_process=True, num_processes=1)
+    acc = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, wait_for_everyone=lambda: None)
     assert find_resume_checkpoint(tmp_path / "run", acc, said.append) == root / "step_00000002"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "unusable-step_00000004", "unusable-step_00000004.2"]
     assert (root / "unusable-step_00000004" / "model.safetensors").read_bytes() == b"y"  # the earlier one kept as it was
     assert said == [f"set aside 1 unusable checkpoint(s) as unusable-step_N in {root}"]
+
+
+def test_the_ranks_share_the_reading_of_a_checkpoint(tmp_path, monkeypatch):
+    """A resume or a start from a cpt checkpoint verifies it by reading every file (its digest). That was the main
+    process alone (minutes for a large checkpoint on a single client's bandwidth) or, for train.init_from, every rank
+    (the whole checkpoint read once per rank). Now each of n ranks reads its share: together every file once, each
+    about as many bytes; a broken file is found by the rank whose share holds it (the verdicts are then gathered:
+    cpt.resume.SharedCheck, launched in tests/test_launch_shipped.py)."""
+    import cpt.checkpoint_dir as checkpoint_dir
+    from cpt.checkpoint import write_checksums
+    from cpt.checkpoint_dir import reader_share
+    from cpt.fileio import file_digest
+
+    ckpt = tmp_path / "step_00000004"
+    sizes = {"model.safetensors": 9000, "optimizer.bin": 18000, "random_states_0.pkl": 50, "random_states_1.pkl": 50,
+             "trainer_state.json": 300, "pytorch_model_fsdp_0/__0_0.distcp": 4000,
+             "pytorch_model_fsdp_0/__1_0.distcp": 4000, "pytorch_model_fsdp_0/.metadata": 700}
+    for rel, n in sizes.items():
+        (ckpt / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ckpt / rel).write_bytes(os.urandom(n))
+    write_checksums(ckpt, {rel: file_digest(ckpt / rel) for rel in sizes})
+    files = json.loads((ckpt / CHECKSUMS).read_text())["files"]
+    read = []
+    monkeypatch.setattr(checkpoint_dir, "file_digest", lambda p: read.append(p) or file_digest(p))
+    for readers in (1, 2, 3, 8):
+        shares = [reader_share(files, r, readers) for r in range(readers)]
+        assert sorted(f for share in shares for f in share) == sorted(sizes)  # every file once
+        loads = [sum(sizes[f] for f in share) for share in shares]
+        assert max(loads) - min(loads) <= max(sizes.values()), loads  # balanced by bytes
+        assert shares == [reader_share(files, r, readers) for r in range(readers)]  # the same split on every rank
+        for r, share in enumerate(shares):
+            read.clear()
+            assert verify_checkpoint(ckpt, part=(r, readers)) is None
+            assert sorted(str(p.relative_to(ckpt)) for p in read) == sorted(share)  # its share, and no other file
+    # a flipped byte (same size) in one file: found by its reader alone, and the whole check finds it
+    victim = "pytorch_model_fsdp_0/__1_0.distcp"
+    data = bytearray((ckpt / victim).read_bytes())
+    data[100] ^= 0xFF
+    (ckpt / victim).write_bytes(bytes(data))
+    found = [verify_checkpoint(ckpt, part=(r, 3)) for r in range(3)]
+    owner = next(r for r in range(3) if victim in reader_share(files, r, 3))
+    assert found[owner] == f"{victim} checksum mismatch (corrupt)"
+    assert [f for r, f in enumerate(found) if r != owner] == [None, None]
+    assert verify_checkpoint(ckpt) == f"{victim} checksum mismatch (corrupt)"
+    # a missing file: its reader says so
+    (ckpt / "random_states_1.pkl").unlink()
+    owner = next(r for r in range(3) if "random_states_1.pkl" in reader_share(files, r, 3))
+    assert verify_checkpoint(ckpt, part=(owner, 3)) == "random_states_1.pkl missing"

@@ -222,15 +222,26 @@ def test_kill_during_first_save_then_resume_from_the_command_line(tiny_cpt_data,
     assert losses(out) == ref
 
 
-def test_every_checkpoint_corrupt_resumes_from_scratch(tiny_cpt_data, tmp_path, uninterrupted):
-    """With no usable checkpoint, --resume says so, sets the broken one aside and starts over (not 'pass --resume')."""
+def test_every_checkpoint_corrupt_resumes_from_scratch(tiny_cpt_data, tmp_path, uninterrupted, capsys):
+    """With no usable checkpoint, --resume says so, sets the broken one aside and starts over (not 'pass --resume').
+    `cpt verify RUN_DIR` (or a checkpoint) makes the same check beforehand, e.g. after copying a run elsewhere."""
+    from cpt.cli import main
+
     ref, _ = uninterrupted
     out = tmp_path / "run"
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out)))
     assert forked_cli(["train", str(cfg_path)], tmp_path / "first.log") == 0
-    weights = list_checkpoints(out)[-1] / "model.safetensors"
+    ckpt = list_checkpoints(out)[-1]
+    assert main(["verify", str(out)]) == 0 and main(["verify", str(ckpt)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 2 and all(line.startswith(f"ok     {ckpt}: checkpoint, ") for line in said), said
+    weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
+    assert main(["verify", str(out)]) == 1
+    said = capsys.readouterr()
+    assert said.out.startswith(f"FAILED {ckpt}: model.safetensors has ") and "(truncated?)" in said.out, said
+    assert said.err.startswith("cpt verify: 1 of 1 folders have problems; re-copy a copied checkpoint"), said
     assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
     log = (tmp_path / "resumed.log").read_text()
     assert log.count("is not usable") == 1 and "set aside 1 unusable checkpoint" in log and "starting from scratch" in log

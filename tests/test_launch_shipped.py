@@ -199,14 +199,26 @@ def test_two_process_checkpoint_resumes_on_one(strategy, shipped, tiny_cpt_data,
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_one_process_checkpoint_resumes_on_two(strategy, reference, tiny_cpt_data, tiny_base, tmp_path):
     """Written by 1 process at step 3, resumed with the shipped 2-process launcher and --resume: into FSDP2's shards
-    and ZeRO-3's partitions (a plain checkpoint into another backend). DDP (the same full-state load as on one process)
-    and ZeRO-2 (the same conversion as ZeRO-3's) are not launched here, for the CI budget; a 2-node DDP job requeued on
-    one node: tests/test_slurm.py."""
+    and ZeRO-3's partitions (a plain checkpoint into another backend), past a newer checkpoint that rank 1 finds broken.
+    DDP (the same full-state load as on one process) and ZeRO-2 (the same conversion as ZeRO-3's) are not launched here,
+    for the CI budget; a 2-node DDP job requeued on one node: tests/test_slurm.py."""
+    from cpt.checkpoint_dir import CHECKSUMS, reader_share
+
     cfg = branch_from(reference / "checkpoints" / f"step_{EVERY:08d}", make_cfg(tiny_cpt_data, tiny_base, reference),
                       tmp_path / "run")
+    # and a newer checkpoint with a flipped byte in a file that rank 1 reads when the ranks verify it (their shares of
+    # the reading, cpt.resume.SharedCheck): the ranks agree that it is broken, set it aside and resume step 3
+    out, broken = tmp_path / "run", f"step_{STEPS:08d}"
+    shutil.copytree(reference / "checkpoints" / broken, out / "checkpoints" / broken)
+    files = json.loads((out / "checkpoints" / broken / CHECKSUMS).read_text())["files"]
+    victim = reader_share(files, 1, 2)[0]
+    data = bytearray((out / "checkpoints" / broken / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "checkpoints" / broken / victim).write_bytes(bytes(data))
     rc, log = run_shipped(strategy, write(cfg, tmp_path / "run.yaml"), "--resume")
     assert rc == 0 and "; written by 1 process, now 2: each process accumulates" in log, log[-5000:]
-    out = tmp_path / "run"
+    assert log.count(f"{broken} is not usable ({victim} checksum mismatch (corrupt))") == 1, log[-5000:]
+    assert (out / "checkpoints" / f"unusable-{broken}").is_dir()
     assert world_sizes(out) == {2}
     assert_close(losses(out), after(reference, EVERY))
     assert_close(evals(out), after(reference, EVERY, of=evals))

@@ -1,8 +1,11 @@
-"""`cpt verify DIR... | --config RUN.yaml`: re-read prepared token shards and check every file against its manifest.
+"""`cpt verify DIR... | --config RUN.yaml`: re-read prepared token shards and check every file against its manifest; or
+cpt checkpoints against their CHECKSUMS.json.
 
 `cpt prepare` checks what it writes; a training start only checks manifests and file sizes (its cost does not
 grow with the corpus). Run this after copying or uploading prepared data (local folders or fsspec URLs such as
 s3://, gs://, https://), or when a disk is suspect: every file's size and xxh3-64 checksum, every problem listed.
+A checkpoint (``RUN/checkpoints/step_N``) or a run directory (each of its checkpoints) is checked the way ``--resume``
+checks one before loading it: after copying checkpoints to another cluster, before deleting the originals.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import time
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt verify", description="Check prepared token shards (sizes and checksums) "
-                                "against their manifest.json; the held-out folder a manifest names is checked too.")
-    p.add_argument("dirs", nargs="*", metavar="DIR", help="prepared folders or fsspec URLs")
+                                "against their manifest.json; the held-out folder a manifest names is checked too. A cpt "
+                                "checkpoint, or a run directory (each of its checkpoints), is checked against its "
+                                "CHECKSUMS.json (every file's size and digest).")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="prepared folders or fsspec URLs; cpt checkpoints or run directories")
     p.add_argument("--config", metavar="RUN.yaml", help="also check every shard source and held-out set of this run config")
     return p
 
@@ -28,6 +33,34 @@ def _folders(args) -> list[str]:
         cfg = load_config(args.config)
         folders += [s.path for s in cfg.data.sources if s.type != "hf"] + [h.path for h in cfg.data.heldout]
     return list(dict.fromkeys(folders))
+
+
+def checkpoints_in(path: str) -> list | None:
+    """The cpt checkpoints ``path`` names (itself, or a run directory's ``checkpoints/step_N``), None for another folder."""
+    from pathlib import Path
+
+    from cpt.checkpoint_dir import CHECKSUMS, TRAINER_STATE, list_checkpoints
+
+    p = Path(path)
+    if "://" in path:
+        return None
+    if (p / CHECKSUMS).is_file() or (p / TRAINER_STATE).is_file():
+        return [p]
+    return list_checkpoints(p) if (p / "checkpoints").is_dir() else None
+
+
+def verify_checkpoint_dir(ckpt) -> tuple[list[str], str]:
+    """(problems, a one-line summary) for one cpt checkpoint: what ``--resume`` checks before it loads one."""
+    import json
+
+    from cpt.checkpoint_dir import CHECKSUMS, verify_checkpoint
+
+    problem = verify_checkpoint(ckpt)
+    if problem:
+        return [f"{ckpt}: {problem}"], ""
+    files = json.loads((ckpt / CHECKSUMS).read_text())["files"]
+    size = sum(int(meta["size"]) for meta in files.values())
+    return [], f"checkpoint, {len(files)} files, {size / 1e6:,.1f} MB"
 
 
 def verify_folder(path: str) -> tuple[list[str], str]:
@@ -64,17 +97,26 @@ def main(argv: list[str]) -> int:
         build_parser().print_usage(sys.stderr)
         print("cpt verify: give at least one DIR or --config", file=sys.stderr)
         return 2
-    bad = 0
+    bad, checked = [], 0
     for path in folders:
-        t0 = time.perf_counter()
-        problems, summary = verify_folder(path)
-        if problems:
-            bad += 1
-            for p in problems:
-                print(f"FAILED {p}")
-        else:
-            print(f"ok     {path}: {summary}, checked in {time.perf_counter() - t0:.1f} s")
+        ckpts = checkpoints_in(path)
+        if ckpts == []:
+            print(f"ok     {path}: a run directory with no checkpoint yet")
+        for item in [path] if ckpts is None else ckpts:
+            checked += 1
+            t0 = time.perf_counter()
+            problems, summary = verify_folder(item) if ckpts is None else verify_checkpoint_dir(item)
+            if problems:
+                bad.append("prepared" if ckpts is None else "checkpoint")
+                for p in problems:
+                    print(f"FAILED {p}")
+            else:
+                print(f"ok     {item}: {summary}, checked in {time.perf_counter() - t0:.1f} s")
     if bad:
-        print(f"cpt verify: {bad} of {len(folders)} folders have problems; re-run `cpt prepare` (or re-copy) for them",
-              file=sys.stderr)
+        advice = []
+        if "prepared" in bad:
+            advice.append("re-run `cpt prepare` (or re-copy) for the prepared folders")
+        if "checkpoint" in bad:
+            advice.append("re-copy a copied checkpoint; `--resume` skips a broken one and sets it aside")
+        print(f"cpt verify: {len(bad)} of {checked} folders have problems; {'; '.join(advice)}", file=sys.stderr)
     return 1 if bad else 0
