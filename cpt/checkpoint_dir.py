@@ -85,6 +85,12 @@ def verify_checkpoint(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None:
     return None
 
 
+def checkpoint_size(ckpt: Path) -> tuple[int, int]:
+    """(files, bytes) of a verified checkpoint, from its CHECKSUMS.json."""
+    files = json.loads((ckpt / CHECKSUMS).read_text())["files"]
+    return len(files), sum(int(meta["size"]) for meta in files.values())
+
+
 def reader_share(files: dict[str, dict], reader: int, readers: int) -> list[str]:
     """The files (CHECKSUMS.json's entries) reader ``reader`` of ``readers`` checks, in CHECKSUMS.json's order: the
     largest first, each to the reader with the fewest bytes so far (the lowest-numbered on a tie), so that every

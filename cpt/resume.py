@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import yaml
 from cpt.adapter_checkpoint import STAGE_BASE_DIR
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
-from cpt.checkpoint_dir import LocalCheck, verify_checkpoint
+from cpt.checkpoint_dir import LocalCheck, checkpoint_size, verify_checkpoint
 from cpt.config import RunConfig, load_config, trajectory_changes
 from cpt.distributed import from_every_rank, from_main_process, rank_and_world
 
@@ -106,8 +107,13 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path |
     checkpoints newer than it are set aside as ``unusable-step_N`` so that neither pruning nor the fresh-run check
     mistakes them for real ones; with none complete the run starts from scratch and says so."""
     unusable: list[Path] = []
-    ckpt = latest_valid_checkpoint(run_dir, unusable, SharedCheck(acc))
+    check = SharedCheck(acc)
+    ckpt = latest_valid_checkpoint(run_dir, unusable, check)
     if acc.is_main_process:
+        if ckpt is not None:  # (at scale the check is a read of the whole checkpoint: its time, in the log)
+            files, size = checkpoint_size(ckpt)
+            by = f", {check.world} processes sharing the reading" if check.world > 1 else ""
+            say(f"checkpoint {ckpt.name} verified: {files} files, {size / 1e9:,.2f} GB in {check.took[ckpt]:.1f} s{by}")
         for bad in unusable:
             os.replace(bad, set_aside_name(bad))
         if unusable:
@@ -128,13 +134,16 @@ class SharedCheck(LocalCheck):
     def __init__(self, acc):
         self.acc, (self.rank, self.world) = acc, rank_and_world(acc)
         self.warns = self.rank == 0
+        self.took: dict[Path, float] = {}  # seconds each verification took (the slowest rank's)
 
     def listing(self, run_dir: str | os.PathLike) -> list[Path]:
         listed = [str(p) for p in list_checkpoints(run_dir)] if self.rank == 0 else None
         return [Path(p) for p in from_main_process(self.acc, listed)]
 
     def verify(self, ckpt: Path) -> str | None:
+        t0 = time.perf_counter()
         found = from_every_rank(self.acc, verify_checkpoint(ckpt, part=(self.rank, self.world)))
+        self.took[ckpt] = time.perf_counter() - t0
         return next((problem for problem in found if problem is not None), None)
 
 

@@ -466,7 +466,8 @@ def test_a_step_broken_again_after_being_set_aside_is_set_aside_too(tmp_path):
     assert find_resume_checkpoint(tmp_path / "run", acc, said.append) == root / "step_00000002"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "unusable-step_00000004", "unusable-step_00000004.2"]
     assert (root / "unusable-step_00000004" / "model.safetensors").read_bytes() == b"y"  # the earlier one kept as it was
-    assert said == [f"set aside 1 unusable checkpoint(s) as unusable-step_N in {root}"]
+    assert said[1:] == [f"set aside 1 unusable checkpoint(s) as unusable-step_N in {root}"]
+    assert said[0].startswith("checkpoint step_00000002 verified: 1 files, 0.00 GB in ") and said[0].endswith(" s"), said
 
 
 def test_the_ranks_share_the_reading_of_a_checkpoint(tmp_path, monkeypatch):

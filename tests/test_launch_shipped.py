@@ -218,6 +218,8 @@ def test_one_process_checkpoint_resumes_on_two(strategy, reference, tiny_cpt_dat
     rc, log = run_shipped(strategy, write(cfg, tmp_path / "run.yaml"), "--resume")
     assert rc == 0 and "; written by 1 process, now 2: each process accumulates" in log, log[-5000:]
     assert log.count(f"{broken} is not usable ({victim} checksum mismatch (corrupt))") == 1, log[-5000:]
+    assert re.search(rf"checkpoint step_{EVERY:08d} verified: \d+ files, [\d.]+ GB in [\d.]+ s, 2 processes sharing the "
+                     "reading", log), log[-5000:]
     assert (out / "checkpoints" / f"unusable-{broken}").is_dir()
     assert world_sizes(out) == {2}
     assert_close(losses(out), after(reference, EVERY))

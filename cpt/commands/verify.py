@@ -51,16 +51,13 @@ def checkpoints_in(path: str) -> list | None:
 
 def verify_checkpoint_dir(ckpt) -> tuple[list[str], str]:
     """(problems, a one-line summary) for one cpt checkpoint: what ``--resume`` checks before it loads one."""
-    import json
-
-    from cpt.checkpoint_dir import CHECKSUMS, verify_checkpoint
+    from cpt.checkpoint_dir import checkpoint_size, verify_checkpoint
 
     problem = verify_checkpoint(ckpt)
     if problem:
         return [f"{ckpt}: {problem}"], ""
-    files = json.loads((ckpt / CHECKSUMS).read_text())["files"]
-    size = sum(int(meta["size"]) for meta in files.values())
-    return [], f"checkpoint, {len(files)} files, {size / 1e6:,.1f} MB"
+    files, size = checkpoint_size(ckpt)
+    return [], f"checkpoint, {files} files, {size / 1e6:,.1f} MB"
 
 
 def verify_folder(path: str) -> tuple[list[str], str]:
