@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cpt.compile_cache import compile_cache_note
 from cpt.config import RunConfig
 from cpt.console import preempted_line
 from cpt.distributed import any_rank
@@ -70,6 +71,8 @@ def _print_summary(cfg: RunConfig, run_dir: Path, stopped, step: int, total_step
 
         say("benchmarks (lm-eval; ± standard error):\n" + format_benchmark_table(bench.summary()))
     say(format_compute(compute, num_processes))
+    if cfg.model.compile and (note := compile_cache_note()) is not None:  # (model.compile_cache: a restart reuses it)
+        say(note)
     if cfg.logging.plot:
         from cpt.report import write_report  # (matplotlib)
 

@@ -31,6 +31,7 @@ from cpt import consolidate, fp8, lm_loss, optim, run_end
 from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.base_dtype import cast_frozen_base
 from cpt.checkpoint import TRAINER_STATE, CheckpointManager, wait_for_writers
+from cpt.compile_cache import use_compile_cache
 from cpt.compiling import compile_model
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
 from cpt.console import RunOutput
@@ -367,6 +368,8 @@ def _with_optimizer(cfg: RunConfig, model, new_token_ids, acc, say):
     use_chunked_loss(model, cfg.train.chunked_loss, cfg.train.loss_chunk_tokens, acc, say)  # no full logits, where supported
     cast_frozen_base(model, cfg, acc, say)  # LoRA: the frozen base's Linear weights in bf16/fp16 (cpt/base_dtype.py)
     refuse_unshardable(model, acc)  # (LoRA's tied new rows under FSDP)
+    if cfg.model.compile:  # compiled code kept in the run directory for its later starts (model.compile_cache)
+        use_compile_cache(cfg.model.compile_cache, cfg.run.output_dir, say)
     return compile_model(model, cfg.model.compile, say), optimizer  # model.compile: whole model or its repeated blocks
 
 

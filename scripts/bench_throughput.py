@@ -272,6 +272,7 @@ def cpt_config(settings: dict, data: dict, run_dir: Path) -> dict:
         "model": {
             "arch": dict(settings["arch"]), "tokenizer": data["tokenizer"],
             "attn_implementation": settings["attn_implementation"], "compile": settings["cpt_compile"],
+            "compile_cache": None,  # (torch's own, as when the earlier sessions' figures were taken)
             "liger_kernel": settings["cpt_liger"], "gradient_checkpointing": settings["gradient_checkpointing"],
         },
         "data": {"seq_len": settings["seq_len"], "sources": [{"name": "random", "path": data["shards"]}],

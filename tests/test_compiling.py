@@ -521,3 +521,79 @@ def test_whole_compile_keeps_the_mask_a_model_adds_to():
         compiled = causal_lm_loss(compile_model(build(), True, backend=_sdpa_calls(seen)), ids)[0]
     assert seen == [(True, False)] * 2
     assert torch.allclose(compiled, eager, atol=1e-6)
+
+
+# ------------------------------------------------------------------ model.compile_cache
+
+
+def test_the_compile_cache_folder(tmp_path, monkeypatch):
+    """model.compile_cache: "run" puts inductor's cache in the run directory, a path elsewhere, null leaves torch's
+    own; TORCHINDUCTOR_CACHE_DIR set by the user wins; a run after another in one process (cpt experiment) gets its
+    own folder, not the earlier run's; a folder whose file locks fail is not used (a warning)."""
+    import os
+
+    import cpt.compile_cache as cc
+
+    monkeypatch.delenv(cc.CACHE_ENV, raising=False)  # (restored after the test, whatever the code sets)
+    monkeypatch.setattr(cc, "_ours", None)
+    said: list[str] = []
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    assert cc.use_compile_cache("run", str(run_a), said.append) == run_a / "compile_cache"
+    assert os.environ[cc.CACHE_ENV] == str(run_a / "compile_cache") and (run_a / "compile_cache" / "locks").is_dir()
+    assert said[-1].startswith(f"compile cache: {run_a / 'compile_cache'} (model.compile_cache: later starts")
+    assert cc.use_compile_cache("run", str(run_b), said.append) == run_b / "compile_cache"  # not "the user's" a/
+    assert os.environ[cc.CACHE_ENV] == str(run_b / "compile_cache")
+    assert cc.use_compile_cache(str(tmp_path / "shared"), str(run_a), said.append) == tmp_path / "shared"
+    assert cc.use_compile_cache(None, str(run_a), said.append) is None and cc.CACHE_ENV not in os.environ
+    monkeypatch.setenv(cc.CACHE_ENV, str(tmp_path / "users"))
+    assert cc.use_compile_cache("run", str(run_a), said.append) == tmp_path / "users"
+    assert said[-1] == f"compile cache: {tmp_path / 'users'} (TORCHINDUCTOR_CACHE_DIR; model.compile_cache is not used)"
+    monkeypatch.delenv(cc.CACHE_ENV)
+
+    def no_locks(folder):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(cc, "_check_file_lock", no_locks)
+    assert cc.use_compile_cache("run", str(run_a), said.append) is None and cc.CACHE_ENV not in os.environ
+    assert said[-1].startswith(f"warning: model.compile_cache: {run_a / 'compile_cache'} cannot hold inductor's cache "
+                               "(OSError: [Errno 38] Function not implemented); compiling with torch's own")
+
+
+@pytest.mark.slow
+def test_a_resumed_start_loads_the_compiled_code_from_the_run_directory(tiny_cpt_data, tmp_path):
+    """A requeued job starts in a fresh process, often on a node whose /tmp is empty: it compiled the model again
+    (about a minute at 1B on an H200). With model.compile_cache (default "run") the resumed start, a new process
+    whose own inductor cache is empty (TORCHINDUCTOR_CACHE_DIR unset, HOME and TMPDIR new), loads every graph from
+    <run>/compile_cache and compiles none."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", eval={"at_start": False}, checkpoint={"every": 2},
+                          model={"compile": "regional"})
+    cfg["stages"][0]["steps"] = 4
+    cfg["data"]["heldout"] = []
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+
+    def start(name: str, *extra: str) -> str:
+        tmp = tmp_path / f"tmp-{name}"  # (each start: a node of its own, torch's default cache under its own /tmp)
+        tmp.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+        env.update(TMPDIR=str(tmp), HOME=str(tmp), OMP_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-m", "cpt.cli", "train", str(tmp_path / "run.yaml"), *extra],
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout
+
+    first = start("first")
+    assert f"compile cache: {tmp_path / 'run' / 'compile_cache'} (model.compile_cache" in first
+    [note] = [line for line in first.splitlines() if line.startswith("compile: ")]
+    compiled = int(note.split(" of ")[1].split()[0])
+    assert compiled > 0 and note == f"compile: 0 of {compiled} graphs loaded from the compile cache, {compiled} compiled"
+    _back_to_step_2(tmp_path / "run", tmp_path / "requeued")
+    shutil.rmtree(tmp_path / "run")
+    (tmp_path / "requeued").rename(tmp_path / "run")
+    resumed = start("resumed", "--resume")
+    assert f"compile: {compiled} of {compiled} graphs loaded from the compile cache, 0 compiled" in resumed, resumed[-3000:]

@@ -182,6 +182,10 @@ class ModelConfig(Strict):
     gradient_checkpointing_every: int = Field(1, ge=1)
     # torch.compile: true = the whole model, regional = each decoder layer (compiled once, reused), false = eager
     compile: bool | Literal["regional"] = False
+    # where torch.compile keeps its compiled code (inductor's cache; with model.compile): "run" = <run.output_dir>/
+    # compile_cache, so that a resumed or requeued start (on any node that sees the run directory) loads it instead of
+    # compiling again; a directory; null = torch's own (/tmp on each node). TORCHINDUCTOR_CACHE_DIR, when set, wins
+    compile_cache: PathText | None = "run"
     liger_kernel: bool = False  # Liger's Triton kernels for the layers (RMSNorm, RoPE, SwiGLU) on CUDA when installed
     lora: LoraConfig | None = None
     freeze: FreezeConfig | None = None

@@ -116,7 +116,7 @@ TRAJECTORY_FIELDS = ("run.seed", "model", "data.seq_len", "data.sources", "data.
                      "train.global_batch_size", "train.precision", "train.fp8", "train.anneal_steps", "train.anneal_shape",
                      "train.ema_decay", "train.reptile", "train.skip_spikes",
                      "train.router_aux_loss_coef", "train.z_loss")
-NOT_TRAJECTORY = {"attn_implementation", "compile", "liger_kernel", "gradient_checkpointing", "gradient_checkpointing_every",
+NOT_TRAJECTORY = {"attn_implementation", "compile", "compile_cache", "liger_kernel", "gradient_checkpointing", "gradient_checkpointing_every",
                   "base_in_compute_dtype", "fused", "name", "name_or_path", "tokenizer", "revision", "path",
                   "data_files", "add_tokens_file", "learn_from", "trust_remote_code"}
 
