@@ -21,8 +21,8 @@ def use_compile_cache(setting: str | None, output_dir: str, say) -> Path | None:
     """``model.compile_cache``: point inductor's cache (``TORCHINDUCTOR_CACHE_DIR``) at ``<output_dir>/compile_cache``
     (``"run"``) or another folder before the first compile, so that a later start of the run, on this node or another
     that sees the run directory, loads the compiled code (FX graphs, AOTAutograd's joint graphs, Triton kernels)
-    instead of compiling again: measured on CPU, a 4-layer Llama's first step 116 s cold, 5 s from the cache (whole
-    model), 18 s and 2.6 s regional. torch's keys include the graph, the torch/Triton versions and the device, so a
+    instead of compiling again: measured on CPU, a 16-layer tiny Llama's first step 40 s cold, 5.3 s from the cache
+    (whole model), 15.8 s and 3.1 s regional (docs/benchmarks.md). torch's keys include the graph, the torch/Triton versions and the device, so a
     shared folder serves mixed nodes and stale entries are not used. ``None`` (or ``TORCHINDUCTOR_CACHE_DIR`` set by
     the user): torch's own choice. A folder whose file locks do not work (inductor locks its entries; e.g. Lustre
     mounted without ``flock``) is not used, with a warning. Returns the folder used, or None."""

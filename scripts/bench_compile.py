@@ -10,7 +10,7 @@ the first layer and reused by the others). It measures compile time, not through
 says little about GPU speed (scripts/bench_throughput.py and scripts/gpu_session.sh measure that on a GPU).
 
     python scripts/bench_compile.py [--layers 16] [--hidden 64] [--seq-len 64] [--batch 2] [--steps 3]
-        [--device cpu|cuda] [--threads 1] [--backend inductor] [--modes eager,whole,regional]
+        [--device cpu|cuda] [--threads 1] [--backend inductor] [--modes eager,whole,regional] [--warm]
 
 Prints one JSON line: the settings, each mode's numbers, and ``first_step_ratio_whole_to_regional``.
 """
@@ -66,19 +66,24 @@ def measure(args: argparse.Namespace) -> dict:
         step()
         times.append(time.perf_counter() - t)
     return {"first_step_s": round(first, 3), "step_s": round(statistics.median(times), 5),
-            "graphs": counters["stats"]["unique_graphs"], "first_loss": round(first_loss, 5)}
+            "graphs": counters["stats"]["unique_graphs"], "first_loss": round(first_loss, 5),
+            "fxgraph_cache_hits": int(counters["inductor"]["fxgraph_cache_hit"])}
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict:
-    """``measure`` for ``mode`` in a fresh process with an empty inductor cache."""
+    """``measure`` for ``mode`` in a fresh process with an empty inductor cache; with ``--warm`` then again in another
+    fresh process over the cache the first one filled (a restart with ``model.compile_cache``): ``warm``."""
     with tempfile.TemporaryDirectory(prefix="bench-compile-") as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         argv = [sys.executable, __file__, "--_one", mode, *sys.argv[1:]]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        runs = []
+        for _ in range(2 if args.warm else 1):
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {**runs[0], **({"warm": runs[1]} if args.warm else {})}
 
 
 def main() -> None:
@@ -95,6 +100,9 @@ def main() -> None:
                         "0: torch's default)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
     p.add_argument("--modes", default="eager,whole,regional")
+    p.add_argument("--warm", action="store_true",
+                   help="also time each mode in a second fresh process over the cache the first filled (a restart "
+                        "with model.compile_cache): its numbers under 'warm'")
     p.add_argument("--_one", dest="mode", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads is None:
@@ -114,6 +122,10 @@ def main() -> None:
     if {"whole", "regional"} <= set(modes):
         whole, regional = report["modes"]["whole"], report["modes"]["regional"]
         report["first_step_ratio_whole_to_regional"] = round(whole["first_step_s"] / regional["first_step_s"], 2)
+    for m in modes if args.warm else []:
+        if m != "eager":
+            report[f"first_step_ratio_cold_to_warm_{m}"] = round(report["modes"][m]["first_step_s"] /
+                                                                  report["modes"][m]["warm"]["first_step_s"], 2)
     print(json.dumps(report))
 
 
