@@ -57,7 +57,11 @@ part llama1b_mb8_fp8 ${T_FP8W:-200} $bench --shapes llama-1b --frameworks cpt --
 # 2026-11-28; not yet run on a GPU), the GPU tests but the launchers' (all passed on 2026-11-28), the 360M pair
 # (2.00x on 2026-11-28), and, when given a limit, the rest
 part llama1b_mb8_regional ${T_MB8R:-100} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
-  --cpt-set model.compile=regional --json "$R/llama1b_mb8_regional.json"
+  --cpt-set model.compile=regional --cpt-set model.compile_cache=/tmp/cpt-ccache --json "$R/llama1b_mb8_regional.json"
+# the same again over the compile cache the part before filled (model.compile_cache: a requeued start): its
+# cpt_first_step_s against the part before's is the restart's saving on a GPU (on CPU: 5-8x less, docs/benchmarks.md)
+part llama1b_mb8_regional_warm ${T_MB8RW:-70} $bench --shapes llama-1b --frameworks cpt --micro-batch 8 \
+  --cpt-set model.compile=regional --cpt-set model.compile_cache=/tmp/cpt-ccache --json "$R/llama1b_mb8_regional_warm.json"
 part gpu_tests ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not shipped_launcher" \
   tests/test_base_dtype.py::test_on_cuda_the_cast_frees_half_the_frozen_linears_and_training_is_bitwise_unchanged
 part smollm2_trainer ${T_SMOL_TR:-60} $bench --shapes smollm2-360m --frameworks trainer --json "$R/smollm2_trainer.json"
