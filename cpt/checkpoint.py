@@ -43,7 +43,7 @@ from typing import Mapping
 from cpt import adapter_shards, host_memory, sharded_save, zero_save
 from cpt.adapter_checkpoint import AdapterCheckpointError, base_problem, is_adapter_layout, note_loaded_base
 from cpt.base_dtype import in_fp32
-from cpt.distributed import Backend, all_ranks_agree, backend
+from cpt.distributed import Backend, all_ranks_agree, backend, from_every_rank
 from cpt.checkpoint_dir import (CHECKSUMS, PREFIX, STATE_TENSORS, TMP_PREFIX, TRAINABLE, TRAINER_STATE,  # noqa: F401 (re-exported)
                                  TRASH_PREFIX, UNUSABLE_PREFIX, CheckpointError, discard, latest_valid_checkpoint,
                                  list_checkpoints, remove_partial_saves, resolve_checkpoint, saved_step,
@@ -333,11 +333,7 @@ def _read_back(acc, tmp: Path) -> dict[str, str]:
 
 def _gathered(acc, digests: dict[str, str]) -> dict[str, str]:
     """Every rank's digests (collective), on every rank; a rank's error raised on every rank."""
-    gathered = [digests]
-    if acc.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        gathered = gather_object([digests])
+    gathered = from_every_rank(acc, digests)
     failed = [d["error"] for d in gathered if "error" in d]
     if failed:
         raise CheckpointError(f"a rank could not write its part: {failed[0]}")

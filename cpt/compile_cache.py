@@ -15,6 +15,7 @@ from pathlib import Path
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's cache folder (its Triton kernels go under it unless TRITON_CACHE_DIR)
 _cache_counts: dict[str, int] | None = None  # the process's compile-cache counters when this run set its cache up
 _ours: str | None = None  # the folder use_compile_cache pointed TORCHINDUCTOR_CACHE_DIR at in this process
+COUNTERS = ("fxgraph_cache_hit", "fxgraph_cache_miss")  # torch._dynamo's counters of inductor's cache lookups
 
 
 def use_compile_cache(setting: str | None, output_dir: str, say) -> Path | None:
@@ -22,8 +23,8 @@ def use_compile_cache(setting: str | None, output_dir: str, say) -> Path | None:
     (``"run"``) or another folder before the first compile, so that a later start of the run, on this node or another
     that sees the run directory, loads the compiled code (FX graphs, AOTAutograd's joint graphs, Triton kernels)
     instead of compiling again: measured on CPU, a 16-layer tiny Llama's first step 40 s cold, 5.3 s from the cache
-    (whole model), 15.8 s and 3.1 s regional (docs/benchmarks.md). torch's keys include the graph, the torch/Triton versions and the device, so a
-    shared folder serves mixed nodes and stale entries are not used. ``None`` (or ``TORCHINDUCTOR_CACHE_DIR`` set by
+    (whole model), 15.8 s and 3.1 s regional (docs/benchmarks.md). torch's keys include the graph, the torch/Triton
+    versions and the device, so a shared folder serves mixed nodes and stale entries are not used. ``None`` (or ``TORCHINDUCTOR_CACHE_DIR`` set by
     the user): torch's own choice. A folder whose file locks do not work (inductor locks its entries; e.g. Lustre
     mounted without ``flock``) is not used, with a warning. Returns the folder used, or None."""
     global _cache_counts, _ours
@@ -65,7 +66,7 @@ def _check_file_lock(folder: Path) -> None:
 def _compile_cache_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
-    return {k: int(counters["inductor"][k]) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+    return {k: int(counters["inductor"][k]) for k in COUNTERS}
 
 
 def compile_cache_note() -> str | None:
@@ -74,7 +75,7 @@ def compile_cache_note() -> str | None:
     if _cache_counts is None:
         return None
     now = _compile_cache_counts()
-    hits, misses = (now[k] - _cache_counts[k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss"))
+    hits, misses = (now[k] - _cache_counts[k] for k in COUNTERS)
     if hits + misses == 0:
         return None
     return f"compile: {hits} of {hits + misses} graphs loaded from the compile cache, {misses} compiled"

@@ -106,13 +106,10 @@ class Guard:
         """Whether every node has room for what its ranks' staging adds (``need``: this rank's new bytes). Collective
         with several processes (one small gather: every rank saves); the same answer on every rank. ``error``: this
         rank failed before (it joins the gather all the same); raised here, on the others "another rank failed"."""
-        acc = self.acc
-        mine = (socket.gethostname(), need, *(available() if need else (None, "")), error is not None)
-        every = [mine]
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
+        from cpt.distributed import from_every_rank
 
-            every = gather_object([mine])
+        mine = (socket.gethostname(), need, *(available() if need else (None, "")), error is not None)
+        every = from_every_rank(self.acc, mine)
         if error is not None:
             raise error
         if any(failed for *_, failed in every):
@@ -126,7 +123,7 @@ class Guard:
         short = [(h, n, a, s) for h, (n, a, s) in sorted(nodes.items()) if n and a is not None and n > usable(a)]
         if short:
             host, n, avail, source = short[0]
-            self.say(acc.is_main_process, f"this save needs {n / GiB:.2f} GB more host memory on {host} (its ranks "
+            self.say(self.acc.is_main_process, f"this save needs {n / GiB:.2f} GB more host memory on {host} (its ranks "
                      f"together) and {avail / GiB:.2f} GB is available there ({source}), less a margin")
         return not short
 

@@ -3,8 +3,9 @@ run's weights (``train.init_from``: an HF export, a cpt checkpoint or a run dire
 checkpoint (``train.init_from`` + ``train.anneal_steps``: the trunk's whole state, then a short decay).
 
 :func:`resolve_start` decides it before anything is loaded or written, the same on every rank (the main process lists
-the checkpoints, the ranks share reading and verifying them: :class:`SharedCheck`), and refuses what would silently go wrong: a fresh start into a directory that holds
-checkpoints, a ``--resume`` whose config changes the training trajectory.
+the checkpoints, the ranks share reading and verifying them: :class:`SharedCheck`), and refuses what would silently
+go wrong: a fresh start into a directory that holds checkpoints, a ``--resume`` whose config changes the training
+trajectory.
 """
 
 from __future__ import annotations
