@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from cpt import is_cpt_program
-from cpt.rank_failure import lost_peer, remember_store
+from cpt.rank_failure import cancel_stacks, lost_peer, remember_store, stacks_if_still_running
 
 
 class LaunchError(RuntimeError):
@@ -339,16 +339,22 @@ class PreemptionFlag:
     signal (this rank's or another's), or any end with ``last_run`` (`cpt train`); the signals are then ignored
     (:func:`ignore_signals_after_the_run`). With several processes all ranks must stop at the same step, so the flag
     is combined over ranks every ``check_every`` steps (a collective and a host read); one process reads its own flag
-    every step for free."""
+    every step for free.
+
+    A signal also arms the stack dump of a rank still running ``stack_dump_s`` seconds later (``train.stop_stack_dump_s``,
+    :func:`cpt.rank_failure.stacks_if_still_running`): a hang on the way out is otherwise killed without a word. It
+    stays armed while the process is ending (the `cpt` program after a stop, ``last_run`` or a lost rank) and is
+    disarmed when the process goes on (another run of `cpt experiment`, a caller's code)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, check_every: int = 1, last_run: bool = False):
+    def __init__(self, check_every: int = 1, last_run: bool = False, stack_dump_s: float | None = None):
         self.flag = False
         self.stopped = False  # requested() said stop: on every rank, whichever rank got the signal
         self.early = False  # the signal came before install(), while the run was starting (cpt.cli.EarlyWarning)
         self.check_every = max(1, int(check_every))
         self.last_run = last_run
+        self.stack_dump_s = stack_dump_s
         self.previous: dict[int, Any] = {}
 
     @classmethod
@@ -356,10 +362,11 @@ class PreemptionFlag:
         """Checked every step on one process or on CPU (no device to wait for), else every
         ``train.preemption_check_every`` steps (each check is a collective plus a host read)."""
         one = acc.num_processes == 1 or acc.device.type == "cpu"
-        return cls(1 if one else cfg.train.preemption_check_every, last_run)
+        return cls(1 if one else cfg.train.preemption_check_every, last_run, cfg.train.stop_stack_dump_s)
 
     def _handler(self, signum, frame):  # noqa: ARG002
         self.flag = True
+        stacks_if_still_running(self.stack_dump_s, signal.Signals(signum).name)
 
     def install(self) -> None:
         for sig in self.SIGNALS:
@@ -370,6 +377,7 @@ class PreemptionFlag:
             if getattr(self.previous[sig], "received", False):  # cpt.cli.EarlyWarning: a signal during start-up
                 self.flag = self.early = True
                 self.previous[sig].received = False  # (taken: a later run must not see it again)
+                stacks_if_still_running(self.stack_dump_s, f"{signal.Signals(sig).name} (during start-up)")
 
     def uninstall(self) -> None:
         for sig, prev in self.previous.items():
@@ -381,7 +389,8 @@ class PreemptionFlag:
         return self
 
     def __exit__(self, *exc) -> None:
-        if exc[1] is not None and lost_peer(exc[1]):
+        lost = exc[1] is not None and lost_peer(exc[1])
+        if lost:
             # another rank died: the launcher is stopping the others (SIGTERM); this rank reports first, then exits
             # (cpt/rank_failure.py), rather than being cut off on its way to the error handler. Ignored before the
             # handlers are restored: a SIGTERM landing between the two (the default action) ended the rank silently
@@ -389,8 +398,11 @@ class PreemptionFlag:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 self.previous.pop(signal.SIGTERM, None)
         self.uninstall()
-        if exc[1] is None and (self.stopped or self.last_run):  # nothing left to save (in the `cpt` program only)
+        ending = exc[1] is None and (self.stopped or self.last_run)  # nothing left to save (the `cpt` program only)
+        if ending:
             ignore_signals_after_the_run()
+        if not (is_cpt_program() and (ending or lost)):  # the process goes on: no stack dump in its later work
+            cancel_stacks()
 
     def stopped_line(self, step: int) -> str:
         """The log line of a stop on the signal, after the checkpoint at ``step`` was saved."""

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 FAULT_ENV = "CPT_FAULT_INJECT"
@@ -17,7 +18,7 @@ FAULT_ENV = "CPT_FAULT_INJECT"
 
 def fault_point(name: str) -> None:
     """Test hook: SIGKILL this process when ``CPT_FAULT_INJECT`` (a point, or several separated by commas) names
-    ``name``; raise a disk-full OSError when it names ``enospc:<name>``.
+    ``name``; raise a disk-full OSError when it names ``enospc:<name>``; never return (a hang) for ``hang:<name>``.
 
     The save and export code names its file boundaries (``save:begin@8``, ``model.safetensors:partial@8``,
     ``save:renamed@8``, ``export:written``, one rank's ``save_state:rank1@8``...; see tests/test_crash_consistency.py),
@@ -31,6 +32,9 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif f"enospc:{name}" in points:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    elif f"hang:{name}" in points:
+        while True:
+            time.sleep(1)
 
 
 def new_hasher():

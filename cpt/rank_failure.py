@@ -16,6 +16,10 @@ failed checkpoint "connection closed"), before the launcher's summary. Now:
 
 The store is the default process group's, remembered when the run's Accelerator is built (:func:`remember_store`):
 by the time an error reaches the command, the run's process group has been destroyed.
+
+A rank that should be on its way out (a stop signal came, or another rank is gone) but hangs instead leaves nothing
+in the job's log before the scheduler's SIGKILL; :func:`stacks_if_still_running` has it write where each of its
+threads is (``train.stop_stack_dump_s``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -132,3 +138,59 @@ def leave(code: int = 1) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+_DUMP: list = []  # [why, seconds]: the armed stack dump of stacks_if_still_running(); empty when none
+
+
+def stacks_if_still_running(after_s: float | None, why: str) -> None:
+    """Have this process write the stacks of all its threads to stderr (the job's log) if it is still running
+    ``after_s`` seconds from now: a rank that got a stop signal or lost another rank should end within seconds, and
+    one that hangs instead (in a collective, a thread join, a C++ destructor) is otherwise SIGKILLed by the scheduler
+    without a word. Python's faulthandler does the dump from its own C thread, so it works while Python is blocked in
+    C++ with the GIL held; a line naming the cause (``why``, e.g. "SIGTERM") comes just before it when Python can
+    still run. The first call arms it (later ones keep that deadline); None: off. :func:`cancel_stacks` disarms it."""
+    if after_s is None or _DUMP:
+        return
+    import faulthandler
+
+    for stream in (sys.stderr, sys.__stderr__):  # (a caller's stderr without a file descriptor: the process's own)
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            continue
+        faulthandler.dump_traceback_later(after_s, repeat=False, file=stream, exit=False)
+        timer = threading.Timer(max(0.0, after_s - 0.2), _say_why, args=(stream, why, after_s))
+        timer.daemon = True
+        timer.start()
+        _DUMP[:] = [timer]
+        return
+
+
+def lost_peer_dump_s(stop_stack_dump_s: float | None) -> float | None:
+    """The stack-dump delay of a rank that lost another: it has nothing to save and should end within seconds (the
+    report wait, :data:`REPORT_WAIT_S`), so at most 20 s, within the 30 s that SLURM's KillWait and torchrun give
+    a rank after their SIGTERM by default."""
+    return None if stop_stack_dump_s is None else min(stop_stack_dump_s, LOST_PEER_DUMP_S)
+
+
+LOST_PEER_DUMP_S = 20.0
+
+
+def _say_why(stream, why: str, after_s: float) -> None:
+    who = rank_label() or f"process {os.getpid()}"
+    try:
+        stream.write(f"cpt: {who} still running {after_s:g} s after {why} (a hang? train.stop_stack_dump_s): the "
+                     "stacks of its threads follow (faulthandler's 'Timeout' block)\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def cancel_stacks() -> None:
+    """Disarm :func:`stacks_if_still_running` (the process goes on: another run of `cpt experiment`, a caller's code)."""
+    if _DUMP:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+        _DUMP.pop().cancel()

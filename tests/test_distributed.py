@@ -186,8 +186,9 @@ def test_preemption_check_cadence():
     def on(device_type, kind="MULTI_GPU", n=2):
         return SimpleNamespace(num_processes=n, device=SimpleNamespace(type=device_type), distributed_type=kind)
 
-    cfg = SimpleNamespace(train=SimpleNamespace(preemption_check_every=10))
+    cfg = SimpleNamespace(train=SimpleNamespace(preemption_check_every=10, stop_stack_dump_s=45.0))
     assert PreemptionFlag.for_run(cfg, on("cpu", "MULTI_CPU")).check_every == 1
+    assert PreemptionFlag.for_run(cfg, on("cpu", "MULTI_CPU")).stack_dump_s == 45.0  # (train.stop_stack_dump_s)
     assert PreemptionFlag.for_run(cfg, on("cuda", "NO", n=1)).check_every == 1
     stop = PreemptionFlag.for_run(cfg, on("cuda"))
     assert stop.check_every == 10

@@ -49,7 +49,8 @@ def run_rank(rank: int, error: BaseException, tmp_path, monkeypatch, capsys) -> 
     def train(*a, **k):
         raise error
 
-    cfg = SimpleNamespace(run=SimpleNamespace(output_dir=str(tmp_path / "run")), train=SimpleNamespace(distributed_timeout_s=1800))
+    cfg = SimpleNamespace(run=SimpleNamespace(output_dir=str(tmp_path / "run")),
+                          train=SimpleNamespace(distributed_timeout_s=1800, stop_stack_dump_s=None))
     runlog = RunLog()
     capsys.readouterr()
     rc = _train(cfg, SimpleNamespace(resume=False, allow_config_change=False), [], runlog, train)
@@ -206,3 +207,85 @@ def test_an_error_that_is_no_write_is_not_called_a_failed_write(tmp_path, monkey
                   OSError(errno.EDQUOT, "Disk quota exceeded", "/scratch/elsewhere")):
         rc, err, _ = run_rank(0, error, tmp_path, monkeypatch, capsys)
         assert rc == 1 and len(err) == 1 and err[0].startswith("cpt train: error: a write failed: "), err
+
+
+def stderr_of(code: str, **env) -> str:
+    """The stderr of ``code`` run by a fresh Python (the stack dump is process-wide: not in the test process)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def test_a_rank_still_running_after_a_stop_writes_where_its_threads_are():
+    """A rank that got a stop signal (or lost another rank) and is still running `train.stop_stack_dump_s` later
+    writes the stacks of its threads to stderr, after a line saying why; also when it is blocked in C with the GIL
+    held (faulthandler's own thread: the line then cannot come first, the stacks still do); nothing once disarmed."""
+    arm = "from cpt import rank_failure; rank_failure.stacks_if_still_running(0.5, 'SIGTERM')\n"
+    err = stderr_of(arm + "import time\ndef waiting_in_python():\n    time.sleep(2)\nwaiting_in_python()\n",
+                    WORLD_SIZE="2", RANK="1")
+    line = next(x for x in err.splitlines() if x.startswith("cpt: "))
+    assert line.startswith("cpt: rank 1 of 2 (") and "still running 0.5 s after SIGTERM" in line, err
+    assert "train.stop_stack_dump_s" in line
+    assert err.index(line) < err.index("Timeout (0:00:00.500000)!") < err.index("in waiting_in_python"), err
+    assert "(most recent call first)" in err
+    err = stderr_of(arm + "import ctypes\ndef blocked_in_c():\n    ctypes.PyDLL(None).sleep(2)\nblocked_in_c()\n")
+    assert err.index("Timeout (0:00:00.500000)!") < err.index("in blocked_in_c"), err
+    err = stderr_of(arm + "import time\nrank_failure.cancel_stacks()\ntime.sleep(1.5)\n")
+    assert err == "", err
+    err = stderr_of("from cpt import rank_failure; rank_failure.stacks_if_still_running(None, 'SIGTERM')\n"
+                    "import time\ntime.sleep(1)\n")
+    assert err == "", err
+
+
+def test_the_stop_signal_and_a_lost_rank_arm_the_stack_dump(store, tmp_path, monkeypatch, capsys):
+    """The training loop's preemption handler arms the dump when the signal comes (it stays armed while the `cpt`
+    program ends; in a process that goes on, e.g. another run of `cpt experiment`, it is disarmed at the loop's end),
+    and so does a rank whose collective broke because another rank is gone."""
+    import os
+    import signal
+
+    from cpt import distributed, rank_failure
+
+    monkeypatch.setattr(rank_failure, "REPORT_WAIT_S", 0.1)
+    armed = []
+    monkeypatch.setattr(rank_failure, "stacks_if_still_running", lambda s, why: armed.append((s, why)))
+    monkeypatch.setattr(distributed, "stacks_if_still_running", rank_failure.stacks_if_still_running)
+    with distributed.PreemptionFlag(stack_dump_s=30.0) as stop:
+        assert armed == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.flag and armed == [(30.0, "SIGTERM")]
+    cancelled = []
+    monkeypatch.setattr(distributed, "cancel_stacks", lambda: cancelled.append(1))
+    for program in (False, True):  # (the `cpt` program after a stop: the process ends, the dump stays armed)
+        monkeypatch.setattr(distributed, "is_cpt_program", lambda: program)
+        monkeypatch.setattr(distributed, "ignore_signals_after_the_run", lambda: None)
+        with distributed.PreemptionFlag(stack_dump_s=30.0) as stop:
+            stop.stopped = True
+        assert cancelled == [1], program
+    monkeypatch.setattr(distributed, "is_cpt_program", lambda: True)
+    with distributed.PreemptionFlag(stack_dump_s=30.0):  # an ordinary end of a run that is not the last: disarmed
+        pass
+    assert cancelled == [1, 1]
+    with pytest.raises(RuntimeError), distributed.PreemptionFlag(stack_dump_s=30.0):  # a lost rank: it leaves
+        raise RuntimeError(GLOO_LOST)
+    assert cancelled == [1, 1]
+
+    armed.clear()
+    from cpt.commands.train import _train
+
+    def train(*a, **k):
+        raise RuntimeError(GLOO_LOST)
+
+    cfg = SimpleNamespace(run=SimpleNamespace(output_dir=str(tmp_path / "run")),
+                          train=SimpleNamespace(distributed_timeout_s=1800, stop_stack_dump_s=12.5))
+    assert _train(cfg, SimpleNamespace(resume=False, allow_config_change=False), [], RunLog(), train) == 1
+    assert armed == [(12.5, "losing another rank")]
+    armed.clear()
+    cfg.train.stop_stack_dump_s = 60.0  # (a rank that lost another should end within seconds: at most 20 s)
+    assert _train(cfg, SimpleNamespace(resume=False, allow_config_change=False), [], RunLog(), train) == 1
+    assert armed == [(rank_failure.LOST_PEER_DUMP_S, "losing another rank")] and rank_failure.LOST_PEER_DUMP_S == 20

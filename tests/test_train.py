@@ -33,8 +33,8 @@ def write_cfg(path, cfg) -> Path:
     return path
 
 
-def cpt_train(*args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+def cpt_train(*args, env=None, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "cpt.cli", "train", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -197,6 +197,41 @@ def test_preempted_exit_code(reference, tmp_path):
     proc = cpt_train(path, "--preempted-exit-code", "75", "--resume")
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0 and (out / "export" / "model.safetensors").is_file(), log
+
+
+def test_a_run_that_hangs_after_sigterm_writes_where_it_waits(reference, tmp_path):
+    """A stop signal arms `train.stop_stack_dump_s`: a run still going that long after SIGTERM (here: its checkpoint
+    save hangs) writes the stacks of its threads to its log, after a line saying why, instead of waiting silently for
+    the scheduler's SIGKILL; the checkpoints already on disk stay as they were."""
+    cfg = json.loads(json.dumps(reference[0]))
+    out = tmp_path / "run"
+    cfg["run"]["output_dir"] = str(out)
+    cfg["checkpoint"]["every"] = 100  # only the preemption save, which hangs at its start
+    cfg["train"]["stop_stack_dump_s"] = 2
+    path = write_cfg(tmp_path / "c.yaml", cfg)
+    hangs = ",".join(f"hang:save:begin@{s}" for s in range(1, 17))
+    proc = cpt_train(path, env={"CPT_FAULT_INJECT": hangs})
+    wait_for(lambda: len(losses(out)) >= 3, proc)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "in <module>" in line and "in fault_point" in "".join(lines):  # (the main thread's stack, to its end)
+                break
+            assert time.time() - t0 < 60, "".join(lines)
+    finally:
+        proc.kill()
+        proc.communicate()
+    log = "".join(lines)
+    waited = time.time() - t0
+    header = next(x for x in lines if x.startswith("cpt: "))
+    assert "still running 2 s after SIGTERM" in header and waited >= 2, log
+    dump = log[log.index(header):]
+    assert "Timeout (0:00:02)!" in dump and "(most recent call first)" in dump, log
+    assert 'cpt/checkpoint.py", line' in dump and "in save" in dump, log  # the hanging save, named
+    assert latest_valid_checkpoint(out) is None and not list((out / "checkpoints").glob("step_*")), log
 
 
 def test_resume_after_kill9_is_exact(reference, tmp_path):

@@ -187,6 +187,8 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
     except Exception as e:
         if rank_failure.lost_peer(e):  # another rank is gone: it printed why and told this one, or it was killed
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (the launcher is stopping the ranks: say it first)
+            rank_failure.stacks_if_still_running(rank_failure.lost_peer_dump_s(cfg.train.stop_stack_dump_s),
+                                                 "losing another rank")  # (were it to hang on its way out)
             cause = rank_failure.reported(run)
             if cause is None and rank_failure.report(run, lost := rank_failure.lost_peer_line(e)) is None:  # one rank says so
                 print_line(f"cpt train: error: {rank_failure.rank_label()}: {lost}", file=sys.stderr)

@@ -103,6 +103,10 @@ class TrainConfig(Strict):
     # seconds a collective (gradient all-reduce, barrier) waits for the other ranks before the run fails instead of
     # hanging on a hung or lost rank; above the longest work one rank does alone (an export, a checkpoint write)
     distributed_timeout_s: int = Field(1800, gt=0)
+    # a rank still running this many seconds after a stop signal (SIGTERM, SIGUSR1), or after losing another rank
+    # (then 20 s at most), writes the stacks of its threads to stderr (the job's log): where a hang on the way out
+    # is, before the scheduler's SIGKILL (SLURM's KillWait, 30 s by default, after SIGTERM); None: off
+    stop_stack_dump_s: float | None = Field(60.0, gt=0)
     # TF32 tensor cores for fp32 matmuls on CUDA (what fp32 ops remain under bf16 autocast; all of them in fp32 runs)
     tf32: bool = True
     profile: ProfileConfig | None = None  # torch.profiler over a few steps (off by default)
