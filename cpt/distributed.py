@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from cpt import is_cpt_program
-from cpt.rank_failure import cancel_stacks, lost_peer, remember_store, stacks_if_still_running
+from cpt.rank_failure import SignalWatch, cancel_stacks, lost_peer, remember_store, stacks_if_still_running
 
 
 class LaunchError(RuntimeError):
@@ -355,6 +355,7 @@ class PreemptionFlag:
         self.check_every = max(1, int(check_every))
         self.last_run = last_run
         self.stack_dump_s = stack_dump_s
+        self.watch: SignalWatch | None = None  # arms the stack dump while the main thread is blocked in C++
         self.previous: dict[int, Any] = {}
 
     @classmethod
@@ -369,6 +370,8 @@ class PreemptionFlag:
         stacks_if_still_running(self.stack_dump_s, signal.Signals(signum).name)
 
     def install(self) -> None:
+        if self.stack_dump_s is not None and is_cpt_program():  # (a main thread cpt owns: see SignalWatch)
+            self.watch = SignalWatch(self.stack_dump_s, self.SIGNALS)
         for sig in self.SIGNALS:
             try:
                 self.previous[sig] = signal.signal(sig, self._handler)
@@ -383,6 +386,9 @@ class PreemptionFlag:
         for sig, prev in self.previous.items():
             signal.signal(sig, prev)
         self.previous.clear()
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
     def __enter__(self) -> "PreemptionFlag":
         self.install()

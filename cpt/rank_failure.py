@@ -19,13 +19,16 @@ by the time an error reaches the command, the run's process group has been destr
 
 A rank that should be on its way out (a stop signal came, or another rank is gone) but hangs instead leaves nothing
 in the job's log before the scheduler's SIGKILL; :func:`stacks_if_still_running` has it write where each of its
-threads is (``train.stop_stack_dump_s``).
+threads is (``train.stop_stack_dump_s``), armed by the signal even while the main thread is blocked in C++
+(:class:`SignalWatch`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import select
+import signal
 import socket
 import sys
 import threading
@@ -194,3 +197,64 @@ def cancel_stacks() -> None:
 
         faulthandler.cancel_dump_traceback_later()
         _DUMP.pop().cancel()
+
+
+class SignalWatch:
+    """Arms :func:`stacks_if_still_running` when one of ``signals`` reaches this process, also while its main thread
+    is blocked in C++ and never returns to Python, which runs a signal handler only between the main thread's
+    bytecodes: a collective that waits for a dead or stopped rank (a DDP backward whose gloo all-reduce never
+    completes, seen in the 2-node rank-kill test; an NCCL wait) is exactly the hang the dump is for. Python's C-level
+    handler writes the signal's number to the wakeup fd (``signal.set_wakeup_fd``), which this watch's thread waits
+    on; the GIL is free while the main thread waits in C++.
+
+    Only for a main thread that no one else watches this way (the wakeup fd is one per process: an asyncio loop in
+    the main thread has it); ``close()`` (from the main thread) gives it back."""
+
+    def __init__(self, after_s: float, signals=(signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM))):
+        self.after_s, self.signals = after_s, {int(s) for s in signals}
+        self.read, self.write = os.pipe()
+        os.set_blocking(self.read, False)
+        os.set_blocking(self.write, False)
+        try:
+            previous = signal.set_wakeup_fd(self.write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread
+            previous = None
+        if previous != -1:  # (another owner, or none allowed here: not taken)
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            self._close_pipe()
+            self.thread = None
+            return
+        self.thread = threading.Thread(target=self._watch, name="cpt-signal-watch", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            select.select([self.read], [], [])
+            try:
+                data = os.read(self.read, 64)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            for number in data:
+                if number == 0:  # close(): done
+                    return
+                if number in self.signals:
+                    stacks_if_still_running(self.after_s, signal.Signals(number).name)
+
+    def close(self) -> None:
+        if self.thread is None:
+            return
+        signal.set_wakeup_fd(-1)
+        os.write(self.write, b"\0")
+        self.thread.join(timeout=5)
+        self.thread = None
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        for fd in (self.read, self.write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -274,6 +274,10 @@ def test_the_stop_signal_and_a_lost_rank_arm_the_stack_dump(store, tmp_path, mon
     with pytest.raises(RuntimeError), distributed.PreemptionFlag(stack_dump_s=30.0):  # a lost rank: it leaves
         raise RuntimeError(GLOO_LOST)
     assert cancelled == [1, 1]
+    with distributed.PreemptionFlag(stack_dump_s=30.0) as stop:  # the `cpt` program: the watch for a blocked thread
+        assert stop.watch is not None and stop.watch.thread.is_alive()
+        assert signal.set_wakeup_fd(stop.watch.write) == stop.watch.write
+    assert stop.watch is None and signal.set_wakeup_fd(-1) == -1  # given back at the loop's end
 
     armed.clear()
     from cpt.commands.train import _train
@@ -289,3 +293,65 @@ def test_the_stop_signal_and_a_lost_rank_arm_the_stack_dump(store, tmp_path, mon
     cfg.train.stop_stack_dump_s = 60.0  # (a rank that lost another should end within seconds: at most 20 s)
     assert _train(cfg, SimpleNamespace(resume=False, allow_config_change=False), [], RunLog(), train) == 1
     assert armed == [(rank_failure.LOST_PEER_DUMP_S, "losing another rank")] and rank_failure.LOST_PEER_DUMP_S == 20
+
+
+def test_a_signal_arms_the_stack_dump_while_the_main_thread_is_blocked_in_cpp(tmp_path):
+    """Python runs a signal handler only when the main thread returns to the interpreter, which a collective waiting
+    for a dead or stopped rank never does (the 2-node rank-kill test's survivor, in DDP's backward); SignalWatch arms
+    the dump from its own thread, woken through the wakeup fd. Here the main thread waits on a torch future that
+    never completes (C++, the GIL released): the handler has not run, the stacks come all the same."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, signal, threading, torch\n"
+            "from cpt import rank_failure\n"
+            "got = []\n"
+            "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+            "watch = rank_failure.SignalWatch(0.5)\n"
+            "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
+            "def blocked_in_cpp():\n"
+            "    torch.futures.Future().wait()\n"
+            "blocked_in_cpp()\n")
+    err = tmp_path / "err"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=f)
+    try:
+        deadline = time.time() + 60
+        while "in <module>" not in err.read_text() and time.time() < deadline:
+            assert proc.poll() is None, err.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = err.read_text()
+    assert "still running 0.5 s after SIGTERM" in text and "Timeout (0:00:00.500000)!" in text, text
+    assert text.index("Timeout (") < text.index("in blocked_in_cpp"), text
+
+
+def test_the_signal_watch_is_given_back():
+    """close() gives the wakeup fd back and ends the thread, so a later signal arms nothing; a wakeup fd someone else
+    holds (an asyncio loop in the main thread) is left alone and no watch runs."""
+    import os
+    import signal
+
+    from cpt import rank_failure
+
+    assert signal.set_wakeup_fd(-1) == -1  # (nobody holds it in the test process)
+    watch = rank_failure.SignalWatch(30.0)
+    assert watch.thread is not None and watch.thread.is_alive()
+    assert signal.set_wakeup_fd(watch.write) == watch.write  # (ours)
+    thread = watch.thread
+    watch.close()
+    assert not thread.is_alive() and signal.set_wakeup_fd(-1) == -1
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w)
+    try:
+        other = rank_failure.SignalWatch(30.0)
+        assert other.thread is None and signal.set_wakeup_fd(w) == w  # (still theirs)
+        other.close()
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(r)
+        os.close(w)
