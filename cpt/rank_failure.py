@@ -143,7 +143,7 @@ def leave(code: int = 1) -> None:
     os._exit(code)
 
 
-_DUMP: list = []  # [why, seconds]: the armed stack dump of stacks_if_still_running(); empty when none
+_DUMP: list = []  # [the timer of its line]: the stack dump stacks_if_still_running() armed; empty when none
 
 
 def stacks_if_still_running(after_s: float | None, why: str) -> None:
@@ -210,7 +210,7 @@ class SignalWatch:
     Only for a main thread that no one else watches this way (the wakeup fd is one per process: an asyncio loop in
     the main thread has it); ``close()`` (from the main thread) gives it back."""
 
-    def __init__(self, after_s: float, signals=(signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM))):
+    def __init__(self, after_s: float, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.after_s, self.signals = after_s, {int(s) for s in signals}
         self.read, self.write = os.pipe()
         os.set_blocking(self.read, False)
