@@ -208,7 +208,8 @@ class SignalWatch:
     on; the GIL is free while the main thread waits in C++.
 
     Only for a main thread that no one else watches this way (the wakeup fd is one per process: an asyncio loop in
-    the main thread has it); ``close()`` (from the main thread) gives it back."""
+    the main thread has it); ``close()`` (from the main thread) gives it back. A forked child (a data worker) does
+    not keep it: its signals would arm this process's dump."""
 
     def __init__(self, after_s: float, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.after_s, self.signals = after_s, {int(s) for s in signals}
@@ -227,8 +228,11 @@ class SignalWatch:
             return
         self.thread = threading.Thread(target=self._watch, name="cpt-signal-watch", daemon=True)
         self.thread.start()
+        if not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_no_watch_in_child)
+            _FORK_HOOK.append(True)
 
-    def _watch(self) -> None:
+    def _watch(self) -> None:  # (the thread)
         while True:
             select.select([self.read], [], [])
             try:
@@ -258,3 +262,14 @@ class SignalWatch:
                 os.close(fd)
             except OSError:
                 pass
+
+
+_FORK_HOOK: list = []  # [True] once _no_watch_in_child is registered (os.register_at_fork cannot unregister)
+
+
+def _no_watch_in_child() -> None:
+    """In a forked child: no wakeup fd (the parent's watch pipe), so the child's signals do not reach the parent."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # (not the main thread)
+        pass

@@ -341,6 +341,11 @@ def test_the_signal_watch_is_given_back():
     watch = rank_failure.SignalWatch(30.0)
     assert watch.thread is not None and watch.thread.is_alive()
     assert signal.set_wakeup_fd(watch.write) == watch.write  # (ours)
+    pid = os.fork()  # a forked child (a data worker) does not write its signals into the parent's watch
+    if pid == 0:
+        os._exit(0 if signal.set_wakeup_fd(-1) == -1 else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert signal.set_wakeup_fd(watch.write) == watch.write  # (still the parent's)
     thread = watch.thread
     watch.close()
     assert not thread.is_alive() and signal.set_wakeup_fd(-1) == -1
