@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import socket
 import sys
@@ -213,8 +212,7 @@ class SignalWatch:
 
     def __init__(self, after_s: float, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.after_s, self.signals = after_s, {int(s) for s in signals}
-        self.read, self.write = os.pipe()
-        os.set_blocking(self.read, False)
+        self.read, self.write = os.pipe()  # (the thread blocks on reading; the handler's end must not block)
         os.set_blocking(self.write, False)
         try:
             previous = signal.set_wakeup_fd(self.write, warn_on_full_buffer=False)
@@ -233,13 +231,12 @@ class SignalWatch:
             _FORK_HOOK.append(True)
 
     def _watch(self) -> None:  # (the thread)
-        while True:
-            select.select([self.read], [], [])
+        while True:  # (no select(): a long-running process's descriptors pass FD_SETSIZE, 1024)
             try:
                 data = os.read(self.read, 64)
-            except BlockingIOError:
-                continue
             except OSError:
+                return
+            if not data:  # (the write end closed)
                 return
             for number in data:
                 if number == 0:  # close(): done

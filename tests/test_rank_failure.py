@@ -300,15 +300,21 @@ def test_a_signal_arms_the_stack_dump_while_the_main_thread_is_blocked_in_cpp(tm
     for a dead or stopped rank never does (the 2-node rank-kill test's survivor, in DDP's backward); SignalWatch arms
     the dump from its own thread, woken through the wakeup fd. Here the main thread waits on a torch future that
     never completes (C++, the GIL released): the handler has not run, the stacks come all the same."""
+    import resource
     import subprocess
     import sys
     import time
 
-    code = ("import os, signal, threading, torch\n"
+    code = ("import os, resource, signal, threading, torch\n"
             "from cpt import rank_failure\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"  # (a long-running process's descriptors
+            "if hard == resource.RLIM_INFINITY or hard >= 1200:\n"  # pass select()'s FD_SETSIZE, 1024: the watch's too)
+            "    resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))\n"
+            "    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]\n"
             "got = []\n"
             "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
             "watch = rank_failure.SignalWatch(0.5)\n"
+            "print('watch fd', watch.read, file=__import__('sys').stderr, flush=True)\n"
             "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
             "def blocked_in_cpp():\n"
             "    torch.futures.Future().wait()\n"
@@ -326,6 +332,9 @@ def test_a_signal_arms_the_stack_dump_while_the_main_thread_is_blocked_in_cpp(tm
         proc.wait()
     text = err.read_text()
     assert "still running 0.5 s after SIGTERM" in text and "Timeout (0:00:00.500000)!" in text, text
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= 1200:
+        assert int(text.split("watch fd ")[1].split()[0]) > 1024, text  # (the case select() could not wait on)
     assert text.index("Timeout (") < text.index("in blocked_in_cpp"), text
 
 
