@@ -36,6 +36,7 @@ from datetime import timedelta
 
 _STORE: list = []  # [the default process group's store], from remember_store()
 REPORT_WAIT_S = 2.0  # how long a rank that lost another waits for that rank's report (it may be on its way out)
+LOST_PEER_DUMP_S = 20.0  # the most a rank that lost another runs on before its stacks are dumped (lost_peer_dump_s)
 
 # a collective that broke because another process of the run is gone (its sockets closed, its communicator aborted)
 _LOST_PEER = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|NCCL communicator was aborted|"
@@ -174,9 +175,6 @@ def lost_peer_dump_s(stop_stack_dump_s: float | None) -> float | None:
     report wait, :data:`REPORT_WAIT_S`), so at most 20 s, within the 30 s that SLURM's KillWait and torchrun give
     a rank after their SIGTERM by default."""
     return None if stop_stack_dump_s is None else min(stop_stack_dump_s, LOST_PEER_DUMP_S)
-
-
-LOST_PEER_DUMP_S = 20.0
 
 
 def _say_why(stream, why: str, after_s: float) -> None:
