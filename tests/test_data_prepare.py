@@ -224,6 +224,10 @@ def test_truncated_zstd_is_an_error_and_frames_are_all_read(tmp_path, tokenizer)
     (tmp_path / "corrupt.jsonl.xz").write_bytes(bytes(xz))  # lzma's own error type escaped as a traceback
     with pytest.raises(PrepareError, match="corrupt.jsonl.xz: cannot read .*LZMAError"):
         prepare([str(tmp_path / "corrupt.jsonl.xz")], tokenizer, tmp_path / "out2")
+    gz = bytes.fromhex("1f8b0800000000000003") + b"\x07" + bytes(16)  # a valid header, then a bad deflate block type
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(gz)  # zlib's own error type escaped as a traceback
+    with pytest.raises(PrepareError, match=r"corrupt.jsonl.gz: cannot read \(error: .*invalid block type"):
+        prepare([str(tmp_path / "corrupt.jsonl.gz")], tokenizer, tmp_path / "out2")
     with pytest.raises(PrepareError, match="is a file, not a folder"):
         prepare([str(tmp_path / "two.jsonl.zst")], tokenizer, tmp_path / "two.jsonl.zst")
     with pytest.raises(PrepareError, match=r"cannot create the folder .*two.jsonl.zst/sub: Not a directory"):
@@ -584,6 +588,14 @@ def test_symlinked_folders_are_read_and_each_file_once(tmp_path, caplog):
         got = [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path / "corpus"), str(tmp_path / "corpus/b/d.jsonl")])]
     assert got == ["corpus/a/d.jsonl", "corpus/b/d.jsonl", "corpus/linked/e.jsonl"]
     assert "1 input file(s) named more than once are read once" in caplog.text
+    caplog.clear()
+    os.symlink(tmp_path / "corpus" / "b", tmp_path / "corpus" / "b_again")  # a folder reached twice: read once, said
+    with caplog.at_level("WARNING", logger="cpt.data"):
+        got = [os.path.relpath(p, tmp_path) for p in resolve_files([str(tmp_path / "corpus")])]
+    assert got == ["corpus/a/d.jsonl", "corpus/b/d.jsonl", "corpus/linked/e.jsonl"]
+    assert "2 folder(s) reached a second time through symbolic links are read once" in caplog.text  # (and the loop)
+    assert f"corpus/b_again (= {tmp_path}/corpus/b)" in caplog.text
+    os.unlink(tmp_path / "corpus" / "b_again")
     os.symlink(tmp_path / "gone.jsonl", tmp_path / "corpus" / "broken.jsonl")
     with pytest.raises(ReadError, match="corpus/broken.jsonl is a broken symbolic link"):
         resolve_files([str(tmp_path / "corpus")])

@@ -119,6 +119,10 @@ def test_hf_source_reads_a_save_to_disk_folder_and_a_local_file(tmp_path, tokeni
     (tmp_path / "a.txt").write_text(docs[0])
     with pytest.raises(HFSourceError, match="a.txt is a plain-text file: `cpt prepare` it"):
         HFTokenStream(SourceConfig(name="web", type="hf", path=str(tmp_path / "a.txt")), tokenizer, L)
+    prepare([str(path)], tokenizer, tmp_path / "prepared")  # a `cpt prepare` folder as a `type: hf` source: datasets
+    with pytest.raises(HFSourceError, match=r"prepared holds token shards written by `cpt prepare` .* `type: shards`"):
+        HFTokenStream(SourceConfig(name="web", type="hf", path=str(tmp_path / "prepared")), tokenizer, L)  # (it read
+        # manifest.json as data and failed at the first batch, after the model was built: a CastError)
 
 
 @pytest.mark.parametrize("streaming", [True, False])

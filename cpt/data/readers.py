@@ -30,6 +30,7 @@ import json
 import logging
 import lzma
 import os
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -138,10 +139,11 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
             raise ReadError(f"{item} holds token shards written by `cpt prepare` (manifest.json), not text: name the "
                             "raw files it was prepared from")
         elif os.path.isdir(item):
-            found = []
-            seen = {os.path.realpath(item)}
+            found, again = [], []
+            seen = {os.path.realpath(item): item}
             for dirpath, dirnames, filenames in os.walk(item, followlinks=True):  # symlinked folders are read too
-                dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _first_visit(os.path.join(dirpath, d), seen))
+                dirnames[:] = sorted(d for d in dirnames
+                                     if not _hidden(d) and _first_visit(os.path.join(dirpath, d), seen, again))
                 shards = [d for d in dirnames if _prepared_folder(os.path.join(dirpath, d))]
                 others = [os.path.join(dirpath, d) for d in shards  # `cpt prepare data/ --out data/tokens` beside
                           if not out or os.path.realpath(os.path.join(dirpath, d)) != os.path.realpath(out)]  # data/prepared/*
@@ -150,6 +152,9 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
                 dirnames[:] = [d for d in dirnames if d not in shards]
                 found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f) and _matches(os.path.join(dirpath, f), glob)]
             files += sorted(found)
+            if again and warn:
+                logger.warning("%d folder(s) reached a second time through symbolic links are read once: %s",
+                               len(again), ", ".join(sorted(again)[:5]) + (" ..." if len(again) > 5 else ""))
         elif os.path.isfile(item):
             files.append(item)
         elif os.path.islink(item):
@@ -194,12 +199,14 @@ def _prepared_folder(folder: str) -> bool:
         return False
 
 
-def _first_visit(folder: str, seen: set[str]) -> bool:
-    """False for a folder already walked (a symlink back up the tree, or two links to one folder)."""
+def _first_visit(folder: str, seen: dict[str, str], again: list[str]) -> bool:
+    """False for a folder already walked (a symlink back up the tree, or two links to one folder), then named in
+    ``again`` with the path it was read by; ``seen``: real path -> the path walked."""
     real = os.path.realpath(folder)
     if real in seen:
+        again.append(f"{folder} (= {seen[real]})")
         return False
-    seen.add(real)
+    seen[real] = folder
     return True
 
 
@@ -399,7 +406,8 @@ def read_file(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]:
             yield from _read_arrow(path, text_field, counts)
         else:
             yield from _read_text(path, counts)
-    except (OSError, EOFError, lzma.LZMAError) as e:  # corrupt or cut gzip/bz2/xz/zstd streams, unreadable files
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # corrupt or cut gzip/bz2/xz/zstd streams (zlib.error:
+        # damage inside a gzip stream's deflate blocks, "invalid block type"), unreadable files
         raise ReadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
@@ -427,6 +435,9 @@ def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, st
                              "path: text and data_files (one document per line)")
         return datasets.load_dataset(builder, data_files=path, split=split, streaming=streaming)
 
+    if os.path.isdir(path) and _prepared_folder(path):  # (datasets would read manifest.json as data: a CastError)
+        raise ValueError(f"{path} holds token shards written by `cpt prepare` (manifest.json), not a `datasets` "
+                         "dataset: read it as a source of `type: shards`")
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
