@@ -394,6 +394,25 @@ def test_http_server_without_range_support_is_an_error_not_wrong_data(prepared, 
         s.read(700, 10)
 
 
+def test_prepare_from_http_says_not_found_or_cannot_reach(tmp_path, tokenizer, http_server):
+    """A missing file on a server is "not found"; a server that cannot be reached said "not found" too (fsspec's http
+    exists() is False for both): it says so, with the connection's error."""
+    import socket
+
+    from cpt.data.readers import ReadError, resolve_files
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(5, seed=3)])
+    base, _ = http_server(tmp_path)
+    assert resolve_files([f"{base}/a.jsonl"]) == [f"{base}/a.jsonl"]
+    with pytest.raises(ReadError, match=r"^input not found: http://127.0.0.1:\d+/b.jsonl$"):
+        resolve_files([f"{base}/b.jsonl"])
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ReadError, match=rf"^cannot reach http://127.0.0.1:{port}/a.jsonl: ClientConnectorError"):
+        resolve_files([f"http://127.0.0.1:{port}/a.jsonl"])
+
+
 def test_remote_size_checks_use_one_listing(prepared, monkeypatch):
     """Opening a remote source checks every file's size from one directory listing, not one request per file."""
     from fsspec.implementations.memory import MemoryFileSystem
