@@ -106,6 +106,12 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig, new_token_ids: Iterable[in
     for n, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
     every_name = {n: aliases[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+    all_names = [n for names_of in aliases.values() for n in names_of]
+    for field, specs in (("train_only", cfg.train_only), ("patterns", cfg.patterns)):  # a typo froze nothing, silently
+        unmatched = [p for p in specs or [] if not any(re.search(p, n) for n in all_names)]
+        if unmatched:
+            raise ConfigError(f"model.freeze.{field}: no parameter of this {type(model).__name__} matches "
+                              f"{', '.join(unmatched)} (its names look like {all_names[len(all_names) // 2]})")
     selected: set[str] = set()
     if cfg.train_only:
         keep = [re.compile(p) for p in cfg.train_only]

@@ -80,7 +80,8 @@ class UpdateGuard:
         """Apply this step's update unless the loss or gradient is non-finite on any rank (or it is a spike).
 
         ``loss``: this rank's mean loss of the step (0-d tensor); ``grad_norm``: the global gradient norm
-        (0-d tensor, before clipping). ``step`` (0-based) is only used in messages."""
+        (0-d tensor, before clipping). ``step`` (0-based) is only used in messages, which name the update as every
+        other line does (1-based: "step 3" is the third update, metrics.jsonl's step 3)."""
         self.steps_done = step + 1
         loss_bad = ~torch.isfinite(loss)
         flags = torch.stack([loss_bad | ~torch.isfinite(grad_norm), loss_bad]).float()
@@ -116,16 +117,16 @@ class UpdateGuard:
         scale = self._scale_value() if self.scaler is not None and not spike else None
         self._end_scaler_step()
         if spike:
-            self.say(f"step {step}: loss or gradient-norm spike (grad norm {norm:.3g}), update skipped")
+            self.say(f"step {self.steps_done}: loss or gradient-norm spike (grad norm {norm:.3g}), update skipped")
             return Outcome(applied=False, spike=True)
         if scale is not None and not self._counts_as_nonfinite(flag_values):
             self.overflow_total += 1
-            self.say(f"step {step}: fp16 gradient overflow at loss scale {scale:g}, update skipped, scale lowered to "
+            self.say(f"step {self.steps_done}: fp16 gradient overflow at loss scale {scale:g}, update skipped, scale lowered to "
                      f"{self._scale_value():g}")
             return Outcome(applied=False)
         self.in_a_row += 1
         self.nonfinite_total += 1
-        self.say(f"step {step}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row)")
+        self.say(f"step {self.steps_done}: non-finite loss or gradient, update skipped ({self.in_a_row} in a row)")
         return Outcome(applied=False)
 
     @staticmethod

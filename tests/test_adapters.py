@@ -164,6 +164,14 @@ def test_freeze_range_and_patterns_and_train_only():
     assert t == _layer_params(model, 3) + model.lm_head.weight.numel()
     with pytest.raises(ValueError, match="nothing would be trained"):
         apply_freeze(tiny_model(), FreezeConfig(patterns=[".*"]))
+    # a pattern that matches no parameter (a typo) froze nothing, silently: full CPT instead of partial freezing
+    with pytest.raises(ValueError, match=r"^model.freeze.patterns: no parameter of this LlamaForCausalLM matches "
+                                         r"mlp\\.dwn_proj \(its names look like model\."):
+        apply_freeze(tiny_model(), FreezeConfig(patterns=[r"embed_tokens", r"mlp\.dwn_proj"]))
+    with pytest.raises(ValueError, match=r"^model.freeze.train_only: no parameter of this LlamaForCausalLM matches lm_haed "):
+        apply_freeze(tiny_model(), FreezeConfig(train_only=[r"layers\.3\.", "lm_haed"]))
+    lora = apply_lora(tiny_model(), LoraConfig(r=2))  # a pattern matching only frozen base weights is no typo
+    assert apply_freeze(lora, FreezeConfig(patterns=[r"base_layer"])) == []
 
 
 def test_freeze_names_of_a_tied_head_reach_the_shared_tensor():

@@ -309,8 +309,11 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_cpt_data, tmp_path, monkey
     cfg["data"]["heldout"] = []
     micro_per_step = cfg["train"]["global_batch_size"] // cfg["train"]["micro_batch_size"]
     _nan_after(monkeypatch, lambda n: (n - 1) // micro_per_step in (2, 3))  # steps 3 and 4 (1-based) are bad
-    result = train(load_config(base=cfg), echo=lambda *a: None)
+    lines = []
+    result = train(load_config(base=cfg), echo=lambda *a: lines.append(" ".join(map(str, a))))
     assert result.step == 8
+    skipped = [line for line in lines if "update skipped" in line]  # named as metrics.jsonl names them (said 2 and 3)
+    assert skipped == [f"step {n}: non-finite loss or gradient, update skipped ({k} in a row)" for k, n in ((1, 3), (2, 4))]
     recs = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     assert recs[-1]["train/nonfinite_skipped"] == 2
     # a log window whose every step was skipped has no training loss: null, not 0.0 (a loss never reached)
