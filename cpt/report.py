@@ -204,7 +204,7 @@ def _benchmark_table(rows: list[dict[str, Any]]) -> str:
         body.append([html.escape(f"{b['task']}/{b['metric']}"), b["tag"],
                      fmt_score(b["step0"], b["step0_stderr"]), fmt_score(b["final"], b["final_stderr"]),
                      f'<span class="{cls}">{kind} {fmt_score(b["change"], b["change_stderr"], signed=True)}</span>',
-                     f'{fmt_score(b["worst"])} (step {b["worst_step"]})', noise_label(b["noise"])])
+                     f'{fmt_score(b["worst"])} (step {b["worst_step"]})', html.escape(noise_label(b["noise"]))])
     return _table(["benchmark (lm-eval)", "tag", "step 0", "final", "change", "worst", "vs noise"], body, "bench")
 
 
@@ -274,7 +274,7 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
                                 [[html.escape(x["metric"]), _f(x["first"]), str(x["first_step"]), _f(x["final"]),
                                   str(x["final_step"])] for x in lm], "lmeval"))
         last = r.last
-        facts = [("steps", last.get("step")), ("tokens", last.get("train/tokens"))]
+        facts = [("steps", last.get("step")), ("tokens", last.get("train/tokens"))] if last.get("step") is not None else []
         _, tps, _ = r.series("perf/tokens_per_s")
         if tps:
             facts.append(("median tokens/s", sorted(tps)[len(tps) // 2]))
@@ -286,7 +286,7 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
             _, values, _ = r.series(key)
             if values:
                 facts.append((label, values[-1]))
-        parts.append("<p>" + "; ".join(f"{k}: {_fact(v)}" for k, v in facts) + "</p>")
+        parts.append("<p>" + ("; ".join(f"{k}: {_fact(v)}" for k, v in facts) or "no step logged yet") + "</p>")
         parts.append(_samples_table(r.path))
     titles = {"upstream": "Upstream loss", "downstream": "Downstream loss", "train_loss": "Training loss",
               "train_loss_by_source": "Training loss per source",

@@ -156,3 +156,19 @@ def test_the_text_samples_first_and_last_per_prompt(tmp_path):
     text = write_report([tmp_path / "run"]).read_text()
     for cell in ("step 20, EMA</th>", "&lt;ROMEO: ema&gt;", "&lt;def f(x): at 20&gt;", "&lt;ROMEO: at 20&gt;"):
         assert cell in text, cell
+
+
+def test_an_empty_log_and_the_benchmark_verdict_are_valid_html(tmp_path):
+    """A run with no record yet said "steps: None; tokens: None"; the benchmark table's verdict "noise (< 2 se)" was
+    written with a raw `<`."""
+    from cpt.report import _benchmark_table
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    assert report_main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.html").read_text()
+    assert "<p>no step logged yet</p>" in text and "None" not in text
+    row = {"task": "t", "metric": "acc", "tag": "upstream", "step0": 0.5, "step0_stderr": 0.01, "final": 0.49,
+           "final_stderr": 0.01, "change": 0.01, "change_stderr": 0.014, "worst": 0.49, "worst_step": 3, "noise": True}
+    table = _benchmark_table([row])
+    assert "<td>noise (&lt; 2 se)</td>" in table and "(< 2" not in table

@@ -368,6 +368,15 @@ def _pickle_only_model(tiny_base, folder: Path) -> Path:
     return folder
 
 
+def test_average_weights_that_are_not_numbers_are_a_usage_error(tiny_base, tmp_path, capsys):
+    """Was `cpt average: error: could not convert string to float: 'a'` (Python's message, exit 1)."""
+    with pytest.raises(SystemExit) as e:
+        main(["average", str(tmp_path / "avg"), str(tiny_base), str(tiny_base), "--weights=a,b"])
+    assert e.value.code == 2
+    assert "cpt average: error: argument --weights: 'a,b' is not a comma-separated list of numbers" in capsys.readouterr().err
+    assert not (tmp_path / "avg").exists()
+
+
 def test_pickle_checkpoints_are_refused(tiny_base, tmp_path, capsys):
     binary = _pickle_only_model(tiny_base, tmp_path / "bin")
     assert main(["average", str(tmp_path / "avg"), str(tiny_base), str(binary)]) == 1

@@ -10,9 +10,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt average", description=__doc__)
     p.add_argument("out", help="output directory")
     p.add_argument("checkpoints", nargs="+", help="two or more HF export (or adapter) directories, cpt checkpoints or run directories, with identical tensors")
-    p.add_argument("--weights", default=None, help="comma-separated weights, one per checkpoint (default: uniform)")
+    p.add_argument("--weights", default=None, type=_weights,
+                   help="comma-separated weights, one per checkpoint (default: uniform)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard the output above this size")
     return p
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers (e.g. 0.25,0.75)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from cpt.checkpoint import CheckpointError
 
     try:
-        weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+        weights = args.weights
         from cpt.export import check_export_target  # (first: a scratch export beside OUT is written before it is used)
 
         check_export_target(args.out, args.checkpoints, "one of the checkpoints being averaged (OUT comes first)")
