@@ -12,6 +12,7 @@ import signal
 import sys
 
 from cpt import is_cpt_program
+from cpt.stop_signals import StopSignal, StopWhileStarting, ignore_signals_after_the_run, preempted_code_in, stopped_while_starting
 
 COMMANDS: dict[str, str] = {
     "demo": "Run the offline demo: pre-train a tiny base model on corpus A, then continually pre-train on B with replay.",
@@ -82,7 +83,11 @@ class EarlyWarning:
 def hold_usr1(command: str) -> None:
     """SIGUSR1 for this process: held by :class:`EarlyWarning` for the training commands (in the `cpt` program); for
     the others back to its default action when a launcher started us with it ignored (scripts/slurm_node.sh shields
-    torchrun's agent that way, and the ranks inherit it): a warning must never be lost."""
+    torchrun's agent that way, and the ranks inherit it): a warning must never be lost. SIGTERM during `cpt train`'s
+    start raises :class:`StopSignal` (the start is abandoned: nothing trained in it, nothing to save); its default
+    action ended the rank silently, exit 143, and a preempted stop under ``--preempted-exit-code`` counted as a failure."""
+    if command == "train" and is_cpt_program() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, StopWhileStarting())
     if not hasattr(signal, "SIGUSR1"):
         return
     if command in ("train", "experiment") and is_cpt_program():
@@ -165,21 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     line_buffered_stdout()
     no_repeated_warnings()
+    stop_with_the_launcher()  # (first: its SIGTERM to a rank whose launcher is gone is the default action's)
     hold_usr1(name)
-    stop_with_the_launcher()
     no_library_bars_in_log_files()
     own_wandb_service()
     if name not in COMMANDS:
         print(f"cpt: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"cpt.commands.{name}")
     try:
+        module = importlib.import_module(f"cpt.commands.{name}")
         code = int(module.main(rest) or 0)
         if name == "train" and code == 0:  # (after an error the launcher's SIGTERM must still end a rank stuck in teardown)
-            from cpt.distributed import ignore_signals_after_the_run
-
-            ignore_signals_after_the_run()
+            ignore_signals_after_the_run()  # (cpt's own: no torch import after a start stopped inside torch's)
         return code
+    except StopSignal as e:  # SIGTERM while `cpt train` was imported (its main takes the later ones)
+        return stopped_while_starting(str(e), preempted_code_in(rest), rest, None)
     except BrokenPipeError:  # `cpt schedule CONFIG | head`: the reader is gone, which is no error (was a traceback)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)
         return 128 + signal.SIGPIPE  # what a process killed by SIGPIPE reports, as `cat`'s would

@@ -25,6 +25,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from cpt import is_cpt_program
+from cpt.stop_signals import ignore_signals_after_the_run  # (re-exported)
 from cpt.rank_failure import SignalWatch, cancel_stacks, lost_peer, remember_store, stacks_if_still_running
 
 
@@ -316,21 +317,6 @@ def unprotected_batch_job(cfg, env=None) -> str | None:
             "without the USR1 warning or a crash restarts this run from step 0; set checkpoint.every")
 
 
-def ignore_signals_after_the_run() -> None:
-    """Once a run has ended in the `cpt train` process (finished, or stopped with its checkpoint written), a preemption
-    signal has nothing left to save: ignore SIGTERM and SIGUSR1 for the rest of the process. The teardown after the
-    loop (the accelerator's end, W&B's finish, the interpreter's exit) takes seconds (3 s measured on 2 CPU cores), and
-    a scheduler's signal landing there ended a finished or preempted run with 143/138 (under torchrun: exit 1 and a
-    traceback, and srun then failed the job): a SLURM warning relayed late to one node's rank, after the other nodes'
-    ranks had already made every rank stop, killed it there (seen in CI). Only when this process is the `cpt` program
-    (`cpt ...`, `python -m cpt.cli ...`), not when a caller runs training inside its own process."""
-    if not is_cpt_program():
-        return
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
-
-
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 (cluster preemption) ask for a checkpoint and a clean exit at the end of a step.
 
@@ -377,6 +363,8 @@ class PreemptionFlag:
                 self.previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
                 continue
+            if getattr(self.previous[sig], "start_only", False):  # cpt.cli.StopWhileStarting: retired by the loop
+                self.previous[sig] = signal.SIG_DFL
             if getattr(self.previous[sig], "received", False):  # cpt.cli.EarlyWarning: a signal during start-up
                 self.flag = self.early = True
                 self.previous[sig].received = False  # (taken: a later run must not see it again)

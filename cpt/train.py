@@ -41,6 +41,7 @@ from cpt.distributed import Backend, PreemptionFlag, accelerator_for, backend, u
 from cpt.ema import EMA
 from cpt.evaluate import HeldoutEvaluator, heldout_loss, heldout_sets
 from cpt.export import export_hf
+from cpt.fileio import fault_point
 from cpt.lm_loss import LogWindow, SourceLoss, use_chunked_loss
 from cpt.metrics import MetricsLogger
 from cpt.model import build_model, check_attn_implementation, load_tokenizer, model_shape, prepare_model
@@ -345,6 +346,7 @@ def _preflight(cfg: RunConfig, start: Start, acc, say) -> None:
 def _model_for_run(cfg: RunConfig, init_hf: str | None, say, ckpt: Path | None = None):
     """(model, tokenizer, new token ids): built or loaded, then vocabulary extension, freezing, LoRA (``ckpt``: the
     checkpoint the weights will be loaded from, whose stored PiSSA/OLoRA factors rebuild the residual base)."""
+    fault_point("start:model")  # (tests: a stop signal while the run starts)
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, weights_from=init_hf)
     model, tokenizer, new_token_ids = prepare_model(cfg.model, model, tokenizer, log_fn=say, weights_from=init_hf,

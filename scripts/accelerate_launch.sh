@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `accelerate launch ARGS...` for scripts/launch.sh and scripts/launch_deepspeed.sh (which exec this).
 # Without `--preempted-exit-code N` among the `cpt train` options in ARGS: exec'd as it is.
-# With it, the launch exits N when its ranks stopped on SIGTERM/SIGUSR1 with their checkpoint saved (a k8s Job with
-# `restartPolicy: OnFailure` or a podFailurePolicy then starts it again; add --resume), 0 when the run finished and
-# the launcher's status after an error. The ranks still exit 0 on a preempted stop (a rank's non-zero exit makes
+# With it, the launch exits N when its ranks stopped on SIGTERM/SIGUSR1 with their checkpoint saved, or on a SIGTERM
+# sent to this script while they were starting (nothing to save) (a k8s Job with `restartPolicy: OnFailure` or a
+# podFailurePolicy then starts it again; add --resume), 0 when the run finished (also if the launcher, signalled
+# during the final export, exits 1) and the launcher's status after an error. The ranks still exit 0 on a preempted stop (a rank's non-zero exit makes
 # torchrun print a ChildFailedError traceback and exit 1): the node's first rank writes the file $CPT_PREEMPTED_MARKER
 # names, a fresh one per launch, and this script turns the launcher's status into N (torchrun's 1 too: a SIGTERM to the
 # whole process group signals it as well, and it then exits 1 although its ranks saved). It then runs the launcher in the
@@ -36,17 +37,38 @@ relay() {  # retried until a rank got it (the signal can come while the ranks ar
     sleep 1
   done
 }
-trap 'relay TERM' TERM
-trap 'relay USR1' USR1
+got=''  # the signal this script received, if any
+trap 'got=TERM; relay TERM' TERM
+trap 'got=USR1; relay USR1' USR1
 
 while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done  # (a trap interrupts `wait`)
 rc=0
 wait "$launcher" || rc=$?  # (its status, kept by bash)
-if [ -s "$CPT_PREEMPTED_MARKER" ]; then  # (written after every rank's checkpoint is saved)
-  # a SIGTERM to the whole process group reaches torchrun too: it exits 1 with a SignalException traceback of its
-  # own although its ranks saved and exited 0; the run is still a preempted stop to resume
-  [ "$rc" = 0 ] || echo "${0##*/}: the launcher exited $rc after its ranks' preempted stop (torchrun was signalled too)" >&2
-  echo "${0##*/}: the run was preempted (its checkpoint is saved): exit $code (--preempted-exit-code)" >&2
-  exit "$code"
-fi
+# the node's first rank's line: preempted (every rank's checkpoint saved), start-up (stopped by SIGTERM while starting:
+# nothing trained, nothing to save) or finished (the run ended)
+stopped=$(head -n 1 "$CPT_PREEMPTED_MARKER" 2>/dev/null || true)
+# a SIGTERM to the whole process group reaches torchrun too: it exits 1 with a SignalException traceback of its own
+# although its ranks saved (or finished) and exited 0
+case $stopped in
+  finished)
+    [ "$rc" = 0 ] || echo "${0##*/}: the launcher exited $rc after its ranks finished the run (it was signalled too): exit 0" >&2
+    exit 0 ;;
+  start-up)
+    # (without a signal here, the ranks' SIGTERM came from the launcher ending them after another rank failed)
+    if [ -n "$got" ]; then
+      echo "${0##*/}: the run was stopped while starting (nothing to save; --resume continues from its newest checkpoint): exit $code (--preempted-exit-code)" >&2
+      exit "$code"
+    fi ;;
+  '')
+    # (no line: the ranks did not answer this script's signal; under a second since they started, before `cpt` could
+    # install its handlers, the signal's default action ends them: nothing trained yet)
+    if [ -n "$got" ] && [ "$rc" != 0 ]; then
+      echo "${0##*/}: the ranks ended on the $got passed to them before they could answer it (still starting: nothing to save): exit $code (--preempted-exit-code)" >&2
+      exit "$code"
+    fi ;;
+  preempted)
+    [ "$rc" = 0 ] || echo "${0##*/}: the launcher exited $rc after its ranks' preempted stop (torchrun was signalled too)" >&2
+    echo "${0##*/}: the run was preempted (its checkpoint is saved): exit $code (--preempted-exit-code)" >&2
+    exit "$code" ;;
+esac
 exit "$rc"

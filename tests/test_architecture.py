@@ -25,7 +25,7 @@ LAYERS = (
     ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock", "cpt.runlog",
                            "cpt.state")),
     ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.adapter_init", "cpt.base_dtype", "cpt.quantized_base", "cpt.vocab",
-                                "cpt.distributed", "cpt.rank_failure", "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss", "cpt.compiling", "cpt.compile_cache", "cpt.fp8", "cpt.export",
+                                "cpt.distributed", "cpt.rank_failure", "cpt.stop_signals", "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss", "cpt.compiling", "cpt.compile_cache", "cpt.fp8", "cpt.export",
                                 "cpt.layer_options")),
     ("components", ("cpt.optim", "cpt.ema", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate", "cpt.samples",
                     "cpt.metrics", "cpt.throughput", "cpt.profiling", "cpt.checkpoint", "cpt.checkpoint_dir", "cpt.checkpoint_files", "cpt.host_memory", "cpt.adapter_checkpoint", "cpt.adapter_shards", "cpt.sharded_save", "cpt.zero_save", "cpt.resume", "cpt.consolidate", "cpt.checkpoint_export", "cpt.stage_base", "cpt.run_metrics", "cpt.report", "cpt.hub",

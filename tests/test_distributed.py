@@ -90,6 +90,30 @@ def test_preemption_flag_installs_and_restores_the_handlers():
             signal.signal(sig, handler)
 
 
+def test_the_start_up_sigterm_handler_is_retired_by_the_training_loop():
+    """`cpt train`'s start-up SIGTERM handler (cpt.stop_signals.StopWhileStarting) raises StopSignal; once the loop's
+    PreemptionFlag has taken over, it is not put back on the loop's way out (an error path): a SIGTERM there is what
+    it was before the change (the default action), not a "stopped while starting" line about a run that trained."""
+    import os
+    import signal
+
+    from cpt.distributed import PreemptionFlag
+    from cpt.stop_signals import StopSignal, StopWhileStarting
+
+    before = signal.signal(signal.SIGTERM, StopWhileStarting())
+    try:
+        with pytest.raises(StopSignal, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # (delivered at the next bytecode boundaries)
+                pass
+        with pytest.raises(RuntimeError, match="boom"):
+            with PreemptionFlag():
+                raise RuntimeError("boom")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_after_a_stop_or_the_last_run_a_late_signal_is_ignored_in_the_cpt_program(tmp_path):
     """In the `cpt` program, once the loop's flag is left cleanly after a stop (this rank's signal or, under several
     processes, another rank's) or after `cpt train`'s only run (``last_run``), SIGTERM/SIGUSR1 are ignored: the

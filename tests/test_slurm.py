@@ -296,13 +296,13 @@ def test_ranks_failing_after_the_time_limit_warning_are_not_requeued(tmp_path, s
 @pytest.mark.parametrize("stop", ["preempted", "finished"])
 def test_a_warning_is_requeued_only_after_a_preempted_stop(tmp_path, slurm, stop):
     """The ranks exit 0 both after a preempted stop (checkpoint saved) and after a finished run: the script requeues
-    only when the first node's first rank wrote the marker it names ($CPT_PREEMPTED_MARKER, as `cpt train` does on a
-    preempted stop). A warning that reaches the ranks after their last step used to requeue the finished run, whose
+    only when the first node's first rank wrote "preempted" in the marker it names ($CPT_PREEMPTED_MARKER, as `cpt
+    train` does on a preempted stop; "finished" at a run's end). A warning that reaches the ranks after their last step used to requeue the finished run, whose
     restart then refused "holds a finished run's export" and the job FAILED. Stand-in ranks; about 3 s each."""
     preempted = stop == "preempted"
     rank = ("import os, signal, time\n"  # gets the warning, then stops preempted or had already finished
             "def on_usr1(*_):\n"
-            + ("    open(os.environ['CPT_PREEMPTED_MARKER'], 'w').write('preempted')\n" if preempted else "    pass\n")
+            + f"    open(os.environ['CPT_PREEMPTED_MARKER'], 'w').write({stop + chr(10)!r})\n"  # (cpt train's line)
             + "    raise SystemExit(0)\n"
             "signal.signal(signal.SIGUSR1, on_usr1)\nopen('READY', 'w')\ntime.sleep(60)\n")
     job_id, job, log = warned_stand_in_job(tmp_path, slurm, rank, "rc")

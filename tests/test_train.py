@@ -200,6 +200,31 @@ def test_preempted_exit_code(reference, tmp_path):
     assert proc.returncode == 0 and (out / "export" / "model.safetensors").is_file(), log
 
 
+def test_sigterm_while_the_run_starts_is_a_stop_with_nothing_to_save(reference, tmp_path):
+    """SIGTERM before the training loop's handler (here while the model would load: a fault point holds the start
+    there) ended `cpt train` by the signal's default action: exit 143, not a word, the run lock left behind, and under
+    `--preempted-exit-code` a preemption during a long start counted as a failure. Now the start unwinds: one line,
+    the resume command, exit 75 (with the option), the lock released; the resumed run then trains as usual."""
+    path, out = preemption_saves_only(reference, tmp_path)
+    proc = cpt_train(path, "--preempted-exit-code", "75", env={"CPT_FAULT_INJECT": "hang:start:model"})
+    head = []
+    for line in proc.stdout:  # (printed just before the fault point)
+        head.append(line)
+        if line.startswith("stage 0 cpt-python mix:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    log = "".join(head) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, log
+    assert ("cpt train: stopped by SIGTERM while starting, before its first step: nothing to save (the run's newest "
+            "checkpoint, if any, is where --resume continues)") in log and "Traceback" not in log, log
+    assert log.rstrip().splitlines()[-1].endswith("--preempted-exit-code 75 --resume"), log
+    assert not (out / "run.lock").exists() and latest_valid_checkpoint(out) is None
+    proc = cpt_train(path, "--resume")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and (out / "export" / "model.safetensors").is_file(), log
+    assert losses(out) == reference[1]  # (a fresh start: the stopped one trained nothing)
+
+
 def test_a_run_that_hangs_after_sigterm_writes_where_it_waits(reference, tmp_path):
     """A stop signal arms `train.stop_stack_dump_s`: a run still going that long after SIGTERM (here: its checkpoint
     save hangs) writes the stacks of its threads to its log, after a line saying why, instead of waiting silently for

@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from cpt.stop_signals import PREEMPTED_MARKER, StopSignal, preempted_exit as _preempted_exit, stopped_while_starting  # noqa: F401
 from cpt.config import ConfigError, load_config
 from cpt.console import LOG_FORMAT, print_line
 
@@ -44,9 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PREEMPTED_MARKER = "CPT_PREEMPTED_MARKER"  # set by scripts/launch*.sh with --preempted-exit-code, and the SLURM script
-
-
 def _exit_code(text: str) -> int:
     try:
         code = int(text)
@@ -55,28 +53,6 @@ def _exit_code(text: str) -> int:
     if not 1 <= code <= 255:
         raise argparse.ArgumentTypeError(f"an exit code is 1..255, not {text!r}")
     return code
-
-
-def _preempted_exit(code: int | None) -> int:
-    """The exit status of a run stopped on a preemption signal, its checkpoint saved. Where ``$CPT_PREEMPTED_MARKER``
-    names a file (the shipped launch scripts with ``--preempted-exit-code``, and scripts/slurm_node.sh on the first
-    node) each node's first rank writes it and the ranks exit 0: the script decides from the file (a rank's non-zero
-    exit would make torchrun, or accelerate's 1-process launch, print a traceback and exit 1); the SLURM script
-    requeues only a job whose ranks wrote it, not one whose run finished before the time-limit warning reached it.
-    Otherwise this process exits ``code`` (``--preempted-exit-code N``), or 0 without it. (SIGTERM and SIGUSR1 are
-    already ignored here, since the training loop's end (cpt.distributed.PreemptionFlag): a second signal in the
-    interpreter's teardown has nothing left to save, and would turn N into 143.)"""
-    marker = os.environ.get(PREEMPTED_MARKER)
-    if marker:
-        if os.environ.get("LOCAL_RANK", "0") != "0":
-            return 0
-        try:
-            Path(marker).write_text("preempted\n")
-            return 0
-        except OSError as e:  # (the checkpoint is saved: say so, never turn the stop into a traceback)
-            print_line(f"cpt train: warning: could not write ${PREEMPTED_MARKER} ({e}): the launch script cannot tell "
-                       "this preempted stop from a finished run", file=sys.stderr)
-    return code or 0
 
 
 def run_errors() -> tuple[type[BaseException], ...]:
@@ -120,6 +96,14 @@ def _literal(path: str) -> str:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    started: dict[str, str] = {}  # the run directory, once the config is loaded
+    try:
+        return _main(args, argv, started)
+    except StopSignal as e:  # SIGTERM before the training loop's handler (cpt.StopWhileStarting)
+        return stopped_while_starting(str(e), args.preempted_exit_code, argv, started.get("run"))
+
+
+def _main(args, argv: list[str], started: dict[str, str]) -> int:
     overrides = list(args.overrides)
     if args.init_from:
         overrides.append(f"train.init_from={_literal(args.init_from)}")
@@ -137,6 +121,7 @@ def main(argv: list[str]) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print_line(f"cpt train: {e}", file=sys.stderr)
         return 2
+    started["run"] = str(cfg.run.output_dir)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for noisy in ("accelerate", "deepspeed", "torch.distributed", "lm_eval"):  # per-file save/load, per-evaluation chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -212,6 +197,8 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
     code = 0  # also after a preemption (without --preempted-exit-code): the checkpoint is saved and `--resume` continues
     if result.stopped_early == "preempted":
         code = _preempted_exit(args.preempted_exit_code)
+    else:  # finished: a launcher signalled during the final export exits 1 though its ranks finished (the script says 0)
+        _preempted_exit(None, "finished")
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
         from cpt.console import resume_command
 
