@@ -12,6 +12,10 @@ if [ "$stage" != 2 ] && [ "$stage" != 3 ]; then
 fi
 name=zero$stage
 if [ "${1:-}" = "offload" ]; then name=${name}_offload; shift; fi
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # (a misspelt offload was passed on to each rank's `cpt train`)
+  echo "scripts/launch_deepspeed.sh: after the ZeRO stage comes offload or a cpt train option (--...), not '$1' (usage: CONFIG.yaml [2|3] [offload] [cpt train options])" >&2
+  exit 2
+fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
 exec "$here/scripts/accelerate_launch.sh" --config_file "$here/configs/accelerate/$name.yaml" --num_processes "$ngpu" \

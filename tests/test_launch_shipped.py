@@ -73,6 +73,11 @@ def test_launchers_take_a_cpt_option_for_the_strategy_and_name_a_wrong_one(tmp_p
                                              + " ".join(sorted(SHIPPED)) + ")")
     rc, out, err = run("launch_deepspeed.sh", "4")
     assert rc == 2 and out == "" and err.startswith("scripts/launch_deepspeed.sh: the ZeRO stage is 2 or 3, not '4'")
+    rc, out, err = run("launch_deepspeed.sh", "3", "offlaod", "--resume")  # (was passed on to every rank's cpt train)
+    assert rc == 2 and out == "" and err.startswith("scripts/launch_deepspeed.sh: after the ZeRO stage comes offload or "
+                                                    "a cpt train option (--...), not 'offlaod'")
+    rc, out, _ = run("launch_deepspeed.sh", "3", "offload", "--resume")
+    assert rc == 0 and "deepspeed/zero3_offload.json" in out and out.endswith("train run.yaml --resume"), out
 
 
 def launch_shipped(strategy: str, cfg_path: Path, *extra: str):
