@@ -242,3 +242,18 @@ def test_path_flags_are_taken_as_written(tmp_path, monkeypatch):
     monkeypatch.setattr(train_command, "load_config", spy)
     assert main(["train", str(cfg), "--output-dir", "runs/a #2", "--from", "ckpt: v1"]) == 2
     assert seen[0].run.output_dir == "runs/a #2" and seen[0].train.init_from == "ckpt: v1"
+
+
+def test_cpt_verify_of_a_run_directory_without_checkpoints(tmp_path, capsys):
+    """A finished run that never saved a checkpoint (checkpoint.every unset, `cpt demo`'s runs) was taken for a
+    prepared folder: "FAILED ...: no manifest.json (not a prepared source; run cpt prepare ...)", exit 1."""
+    from cpt.cli import main
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "config.yaml").write_text("run: {name: x}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["verify", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"ok     {run}: a run directory with no checkpoint (none saved yet, or checkpoint.every unset)", out
+    assert main(["verify", str(tmp_path / "empty_dir_is_no_run")]) == 1  # (missing: a prepared folder's message stays)

@@ -46,7 +46,10 @@ def checkpoints_in(path: str) -> list | None:
         return None
     if (p / CHECKSUMS).is_file() or (p / TRAINER_STATE).is_file():
         return [p]
-    return list_checkpoints(p) if (p / "checkpoints").is_dir() else None
+    if (p / "checkpoints").is_dir():
+        return list_checkpoints(p)
+    run_dir = (p / "config.yaml").is_file() and any((p / f).exists() for f in ("metrics.jsonl", "train.log", "export"))
+    return [] if run_dir else None  # (a run without checkpoints: checkpoint.every unset; said "no manifest.json")
 
 
 def verify_checkpoint_dir(ckpt) -> tuple[list[str], str]:
@@ -98,7 +101,7 @@ def main(argv: list[str]) -> int:
     for path in folders:
         ckpts = checkpoints_in(path)
         if ckpts == []:
-            print(f"ok     {path}: a run directory with no checkpoint yet")
+            print(f"ok     {path}: a run directory with no checkpoint (none saved yet, or checkpoint.every unset)")
         for item in [path] if ckpts is None else ckpts:
             checked += 1
             t0 = time.perf_counter()
