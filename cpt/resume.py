@@ -395,16 +395,21 @@ def as_the_run_read_it(cfg: RunConfig, run_dir: str | os.PathLike | None) -> Run
 
 
 def world_change(ckpt: Path, acc, global_batch: int | None = None) -> str:
-    """What a resume on another number of processes changes: the gradient accumulation; the global batches and the
-    data stream stay the same unless the global batch itself was changed too (``global_batch``, the run's, against
-    the checkpoint's config: with --allow-config-change)."""
+    """What a resume on another number of processes, or with another ``train.micro_batch_size``, changes: the gradient
+    accumulation; the global batches and the data stream stay the same unless the global batch itself was changed
+    too (``global_batch``, the run's, against the checkpoint's config: with --allow-config-change)."""
     saved = json.loads((ckpt / TRAINER_STATE).read_text())
     world = (saved.get("data") or {}).get("world_size") or len((saved.get("log_window") or {}).get("ranks") or []) or None
-    if world is None or world == acc.num_processes:
-        return ""
     config = ckpt / "config.yaml"
-    before = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("global_batch_size") if config.is_file() else None
+    train = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}) if config.is_file() else {}
+    before, micro_before = train.get("global_batch_size"), train.get("micro_batch_size")
+    micro = global_batch // (acc.num_processes * acc.gradient_accumulation_steps) if global_batch else None
+    changes = [f"written by {world} process{'es' * (world > 1)}, now {acc.num_processes}"] if world not in (None, acc.num_processes) else []
+    if micro_before is not None and micro is not None and micro_before != micro:
+        changes.append(f"micro-batch {micro} sequences (it was {micro_before})")
+    if not changes:
+        return ""
     same = ("the global batch and the data stream are the same" if before in (None, global_batch) or global_batch is None
             else f"the global batch is {global_batch} sequences from here (it was {before})")
-    return (f"; written by {world} process{'es' * (world > 1)}, now {acc.num_processes}: each process accumulates "
-            f"{acc.gradient_accumulation_steps} micro-batch(es) per step, {same}")
+    return (f"; {', '.join(changes)}: each process accumulates {acc.gradient_accumulation_steps} micro-batch(es) per "
+            f"step, {same}")

@@ -236,3 +236,11 @@ def test_the_resumed_line_on_another_world_size_says_when_the_global_batch_chang
     assert world_change(tmp_path, acc, 8).endswith("the global batch and the data stream are the same")
     assert world_change(tmp_path, acc, 16).endswith("the global batch is 16 sequences from here (it was 8)")
     assert world_change(tmp_path, SimpleNamespace(num_processes=2, gradient_accumulation_steps=1), 16) == ""
+    # train.micro_batch_size changed, same world size: said too (README's resume table says so; it was not)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"global_batch_size": 8, "micro_batch_size": 2}}))
+    line = world_change(tmp_path, SimpleNamespace(num_processes=2, gradient_accumulation_steps=4), 8)
+    assert line == ("; micro-batch 1 sequences (it was 2): each process accumulates 4 micro-batch(es) per step, the "
+                    "global batch and the data stream are the same"), line
+    assert world_change(tmp_path, SimpleNamespace(num_processes=2, gradient_accumulation_steps=2), 8) == ""
+    assert "written by 2 processes, now 1, micro-batch 4 sequences (it was 2)" in world_change(
+        tmp_path, SimpleNamespace(num_processes=1, gradient_accumulation_steps=2), 8)
