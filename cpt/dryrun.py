@@ -12,7 +12,8 @@ tokenizer training uses. It then walks the mixer through every step, which is ex
 After that (:func:`check_run_dir`) it checks what the start of the run refuses about ``run.output_dir``: a file in
 its place or in its path, a folder that cannot be created, a fresh start (no ``--resume``) over an earlier run's
 checkpoints or finished export, and a ``--resume`` whose config changes the trajectory or ends before the newest
-checkpoint's step (a job must not wait in a queue to fail on these).
+checkpoint's step, or (with ``--allow-config-change`` too) does not fit its saved data position or trainable
+parameters (a job must not wait in a queue to fail on these).
 
 Nothing is written. Shard checksums are not verified here (that reads every byte); training verifies them.
 """
@@ -24,10 +25,13 @@ from typing import Any
 from cpt.config import RunConfig, format_mixes
 
 
-def check_run_dir(cfg: RunConfig, resume: bool = False, allow_config_change: bool = False) -> None:
+def check_run_dir(cfg: RunConfig, resume: bool = False, allow_config_change: bool = False,
+                  built: dict[str, Any] | None = None) -> None:
     """What the start of the run (cpt/train.py ``_locked``, cpt/resume.py ``resolve_start``) refuses about
     ``run.output_dir``, checked without writing: raises the same one-line errors. A ``--resume`` is checked against the
-    newest checkpoint, not verified here (training verifies it and falls back to an older one)."""
+    newest checkpoint, not verified here (training verifies it and falls back to an older one); with ``built``
+    (:func:`describe_run`'s result) also what cannot change under its saved state even with ``--allow-config-change``:
+    its data position (a source's data, ``data.seq_len``, ``run.seed``) and its trainable parameters."""
     import os
     from pathlib import Path
 
@@ -51,6 +55,42 @@ def check_run_dir(cfg: RunConfig, resume: bool = False, allow_config_change: boo
     if not allow_config_change:
         check_resume_config(newest[0], cfg)
     check_resume_within_plan(newest[0], cfg)
+    if built is not None:
+        _check_saved_state(newest[0], built)
+
+
+def _check_saved_state(ckpt, built: dict[str, Any]) -> None:
+    """The checkpoint's data position loaded into the dry run's data loader (the start's own check: a source's data,
+    ``data.seq_len``, ``run.seed``), and its trainable parameters (trainable.json) against the model the run builds:
+    the start refuses both, also with ``--allow-config-change``; the dry run passed them (exit 0) before."""
+    import json
+
+    from cpt.checkpoint import STATE_TENSORS, TRAINABLE, TRAINER_STATE, CheckpointError
+    from cpt.state import StateError, restore
+
+    doc = json.loads((ckpt / TRAINER_STATE).read_text()) if (ckpt / TRAINER_STATE).is_file() else {}
+    if "data" in doc:
+        tensors = {}
+        if (ckpt / STATE_TENSORS).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(ckpt / STATE_TENSORS), "pt") as f:  # (the data's own only: an EMA's are large)
+                tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("data.")}
+        try:
+            restore({"data": built["_data"]}, doc, tensors)
+        except StateError as e:
+            raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+    if (ckpt / TRAINABLE).is_file():
+        saved = {n: s for group in json.loads((ckpt / TRAINABLE).read_text()) for n, s in group}
+        now = built["_trainable"]
+        if saved != now:
+            diff = sorted(set(saved) ^ set(now))
+            first = (f"{diff[0]} {'only in the checkpoint' if diff[0] in saved else 'only in this run'}" if diff else
+                     next(f"{n}: {saved[n]} in the checkpoint, {now[n]} in this run" for n in saved if saved[n] != now[n]))
+            raise CheckpointError(
+                f"checkpoint {ckpt}: it trained other parameters than the model this run builds ({len(saved):,} vs "
+                f"{len(now):,}; first: {first}): model.lora and model.freeze must be the checkpoint's, even with "
+                "--allow-config-change (a new stage from it: train.init_from)")
 
 
 def describe_run(cfg: RunConfig) -> dict[str, Any]:
@@ -87,7 +127,8 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
 
         with torch.device("meta"):
             model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.model.vocab)
-    shape = model_shape(_with_adapters(model, cfg, new_ids))
+    adapted = _with_adapters(model, cfg, new_ids)
+    shape = model_shape(adapted)
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
     fpt = shape_flops_per_token(shape, L)
 
@@ -139,7 +180,9 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
                                                               "top_p": cfg.eval.samples.top_p,
                                                               "ema": bool(cfg.eval.ema and cfg.train.ema_decay)},
             "total": {"steps": plan.total_steps - first, "tokens": total, "flops": total * fpt},
-            "max_epochs_warning": cfg.data.max_epochs_warning}
+            "max_epochs_warning": cfg.data.max_epochs_warning,
+            # (for check_run_dir: what a resume's checkpoint state must fit; not part of the printed plan)
+            "_data": data, "_trainable": {n: list(p.shape) for n, p in adapted.named_parameters() if p.requires_grad}}
 
 
 def _with_adapters(model, cfg: RunConfig, new_ids: list[int]):

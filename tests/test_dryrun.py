@@ -149,3 +149,34 @@ def test_dry_run_refuses_what_the_start_refuses_about_the_run_directory(tiny_cpt
         out = capsys.readouterr()
         assert "total: " in out.out and out.err.startswith("cpt train: error: ") and line in out.err, (flags, out)
     assert not (tmp_path / "file" / "sub").exists() and sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dry_run_resume_with_allow_config_change_refuses_what_cannot_change(tiny_cpt_data, tiny_base, tmp_path, capsys,
+                                                                            lora):
+    """`--dry-run --resume --allow-config-change` checked nothing of the checkpoint's state and exited 0 for a
+    run.seed, a data.seq_len or a model.lora the start then refuses "even with --allow-config-change". Now the
+    checkpoint's data position is loaded into the plan's data loader and its trainable parameters compared with the
+    model the run builds; what may change (a longer stage) still passes."""
+    from cpt.train import train
+
+    run = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, run, checkpoint={"every": 2}, eval={"at_start": False})
+    cfg["train"]["init_from"] = str(tiny_base)
+    cfg["stages"][0]["steps"] = 4
+    cfg["data"]["heldout"] = []
+    if lora:
+        cfg["model"]["lora"] = {"r": 2, "alpha": 4}
+    train(load_config(base=cfg), echo=lambda *a, **k: None)
+    capsys.readouterr()  # (the model load's progress bar)
+    path = write(cfg, tmp_path / "c.yaml")
+    dry = ["train", str(path), "--dry-run", "--resume", "--allow-config-change"]
+    for change, line in ((["--set", "run.seed=7"], "its 'data' state does not fit this run: the data position of the "
+                                                  "checkpoint does not continue on this run's data: run.seed 1234 -> 7"),
+                         (["--set", "data.seq_len=32"], "data.seq_len 64 -> 32"),
+                         (["--set", "model.lora.r=4"] if lora else ["--set", "model.lora={r: 2, alpha: 4}"],
+                          "it trained other parameters than the model this run builds")):
+        assert main([*dry, *change]) == 1, change
+        out = capsys.readouterr()
+        assert "total: " in out.out and out.err.startswith("cpt train: error: checkpoint ") and line in out.err, (change, out)
+    assert main([*dry, "--set", "stages.0.steps=6"]) == 0, capsys.readouterr()

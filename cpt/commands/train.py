@@ -135,9 +135,11 @@ def _main(args, argv: list[str], started: dict[str, str]) -> int:
         from cpt.dryrun import check_run_dir, describe_run, format_run_plan
 
         try:
-            print(format_run_plan(describe_run(cfg), args.tokens_per_s))
+            built = describe_run(cfg)
+            print(format_run_plan(built, args.tokens_per_s))
             # (after the plan, which is worth seeing for a finished run too)
-            check_run_dir(cfg, resume=args.resume or cfg.checkpoint.resume, allow_config_change=args.allow_config_change)
+            check_run_dir(cfg, resume=args.resume or cfg.checkpoint.resume, allow_config_change=args.allow_config_change,
+                          built=built)
         except (ValueError, *run_errors()) as e:  # (run_errors: shards, model loading, checkpoints...)
             print_line(f"cpt train: error: {e}", file=sys.stderr)
             return 1
