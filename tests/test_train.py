@@ -161,7 +161,7 @@ def test_the_preempted_marker_is_written_by_the_nodes_first_rank_and_a_failed_wr
     stop, with or without --preempted-exit-code, and the ranks exit 0 (the script decides); a marker that cannot be
     written (its folder gone) is one warning, never a traceback after the saved checkpoint: exit N with the option,
     else 0."""
-    from cpt.commands.train import PREEMPTED_MARKER, _preempted_exit
+    from cpt.stop_signals import PREEMPTED_MARKER, preempted_exit as _preempted_exit
 
     marker = tmp_path / "preempted"
     monkeypatch.setenv(PREEMPTED_MARKER, str(marker))

@@ -11,9 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
-from cpt.stop_signals import PREEMPTED_MARKER, StopSignal, preempted_exit as _preempted_exit, stopped_while_starting  # noqa: F401
 from cpt.config import ConfigError, load_config
 from cpt.console import LOG_FORMAT, print_line
+from cpt.stop_signals import StopSignal, preempted_exit, stopped_while_starting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     started: dict[str, str] = {}  # the run directory, once the config is loaded
     try:
         return _main(args, argv, started)
-    except StopSignal as e:  # SIGTERM before the training loop's handler (cpt.StopWhileStarting)
+    except StopSignal as e:  # SIGTERM before the training loop's handler (cpt.stop_signals.StopWhileStarting)
         return stopped_while_starting(str(e), args.preempted_exit_code, argv, started.get("run"))
 
 
@@ -198,9 +198,9 @@ def _train(cfg, args, argv: list[str], runlog, train) -> int:
         raise
     code = 0  # also after a preemption (without --preempted-exit-code): the checkpoint is saved and `--resume` continues
     if result.stopped_early == "preempted":
-        code = _preempted_exit(args.preempted_exit_code)
+        code = preempted_exit(args.preempted_exit_code)
     else:  # finished: a launcher signalled during the final export exits 1 though its ranks finished (the script says 0)
-        _preempted_exit(None, "finished")
+        preempted_exit(None, "finished")
     if result.stopped_early == "preempted" and os.environ.get("RANK", "0") == "0":
         from cpt.console import resume_command
 
