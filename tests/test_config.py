@@ -225,6 +225,13 @@ def test_a_union_field_gets_one_problem_line(tmp_path):
         "invalid config (2 problems):",
         "  - model.lora.target_modules: Input should be a valid string or a valid list",
         "  - train.chunked_loss: Input should be a valid boolean, unable to interpret input or 'auto'"]
+    # a constrained member (Annotated[float, Field(ge=0)] | 'previous') is named by pydantic "constrained-float": it was
+    # a second line "stages.0.schedule.warmup_from.constrained-float: ..." under "2 problems"
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD), ["stages.0.schedule.warmup_from=-1"])
+    assert str(e.value).splitlines() == [
+        "invalid config (1 problem):",
+        "  - stages.0.schedule.warmup_from: Input should be greater than or equal to 0 or 'previous'"]
 
 
 def test_a_check_finding_several_problems_gives_one_line_and_count_each(tmp_path):

@@ -114,6 +114,14 @@ def test_errors_exit_2_with_the_field(tmp_path, capsys, args, stages, message):
     assert not (tmp_path / "run" / "schedule.png").exists()
 
 
+def test_anneal_steps_0_is_refused_as_such(tmp_path, capsys):
+    """`--anneal-steps 0` was taken for a missing option: "--anneal-from needs --anneal-steps N"."""
+    cfg = write_config(tmp_path, REWARM)
+    with pytest.raises(SystemExit) as e:
+        main(["schedule", str(cfg), "--no-plot", "--anneal-from", "50", "--anneal-steps", "0"])
+    assert e.value.code == 2 and "argument --anneal-steps: a number of steps > 0, not '0'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["rewarm_cosine", "wsd", "infinite"])
 def test_example_configs(name, tmp_path, capsys):
     path = ROOT / "configs" / "schedules" / f"{name}.yaml"

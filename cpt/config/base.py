@@ -242,7 +242,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 
 # how pydantic names the member of a union a value was tried against: str, list[str], literal['all'], ...
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|bytes|none|(list|dict|tuple|set|literal|function-[a-z]+)\[.*\])$")
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|bytes|none|constrained-[a-z]+|(list|dict|tuple|set|literal|function-[a-z]+)\[.*\])$")
 
 
 def _one_line(e: yaml.YAMLError) -> str:
