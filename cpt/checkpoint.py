@@ -177,6 +177,8 @@ class CheckpointManager:
         if error is None:
             self.failed_in_a_row, self.last_saved = 0, step
             return
+        if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: a stop, not a failed save
+            raise error
         self.failed_in_a_row += 1
         cause = str(error) if isinstance(error, (CheckpointError, sharded_save.ShardWriteError)) else describe_io_error(error, self.root)
         if self.acc.is_main_process:
@@ -386,6 +388,8 @@ class _Commit:
             if replaced.exists() and not final.exists():
                 with contextlib.suppress(OSError):
                     os.replace(replaced, final)  # the earlier save of this step stays
+            if not isinstance(e, Exception) and threading.current_thread() is threading.main_thread():
+                raise  # Ctrl-C in a synchronous save: the run stops (it was counted as a failed save, training went on)
             return
         shutil.rmtree(replaced, ignore_errors=True)
         try:

@@ -65,8 +65,11 @@ def verify_checkpoint(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None:
         return f"{CHECKSUMS} missing (incomplete save)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         return f"{CHECKSUMS} unreadable: {e}"
+    problem = _listing_problem(files)
+    if problem:  # (an edited or damaged listing: a KeyError traceback on every --resume, which never fell back)
+        return f"{CHECKSUMS} unreadable: {problem}"
     mine = reader_share(files, *part)
     for rel in mine:
         p, meta = ckpt / rel, files[rel]
@@ -82,6 +85,18 @@ def verify_checkpoint(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None:
                 return f"{rel} checksum mismatch (corrupt)"
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # (a broken file: the files not yet read are not)
+    return None
+
+
+def _listing_problem(files) -> str | None:
+    """What makes CHECKSUMS.json's ``files`` unusable: not a mapping of file -> {size, digest}, or empty (a save lists
+    every file it wrote: an empty listing verified as 0 files)."""
+    if not isinstance(files, dict) or not files:
+        return "'files' is not a mapping of the checkpoint's files" if not isinstance(files, dict) else "it lists no file"
+    for rel, meta in files.items():
+        if (not isinstance(meta, dict) or type(meta.get("size")) is not int
+                or not isinstance(meta.get("digest"), (str, type(None)))):
+            return f"the entry of {rel!r} is not {{size: int, digest: str}}: {meta!r}"[:300]
     return None
 
 

@@ -470,6 +470,38 @@ def test_a_step_broken_again_after_being_set_aside_is_set_aside_too(tmp_path):
     assert said[0].startswith("checkpoint step_00000002 verified: 1 files, 0.00 GB in ") and said[0].endswith(" s"), said
 
 
+def test_an_edited_checksums_listing_is_an_unusable_checkpoint_not_a_traceback(tmp_path):
+    """A CHECKSUMS.json that is JSON but not the listing a save writes (one key changed: "sizf"; an entry that is not
+    a mapping; no file at all) raised KeyError/TypeError in `cpt verify`, `--resume` and `cpt export`, every time (the
+    resume never fell back to the older checkpoint), or verified as 0 files. Now each is "CHECKSUMS.json unreadable",
+    which --resume sets aside like any broken checkpoint."""
+    from types import SimpleNamespace
+
+    from cpt.checkpoint import verify_checkpoint, write_checksums
+    from cpt.resume import find_resume_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (2, 4):
+        ckpt = root / f"step_{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(b"x" * 64)
+        write_checksums(ckpt)
+    newest = root / "step_00000004"
+    listing = newest / CHECKSUMS
+    good = listing.read_text()
+    for bad, said in ((good.replace('"size"', '"sizf"'), "the entry of 'model.safetensors' is not {size: int"),
+                      ('{"files": {"model.safetensors": 64}}', "the entry of 'model.safetensors' is not"),
+                      ('{"files": []}', "'files' is not a mapping"), ('{"files": {}}', "it lists no file"),
+                      ('[1, 2]', "unreadable")):
+        listing.write_text(bad)
+        problem = verify_checkpoint(newest)
+        assert problem is not None and problem.startswith(f"{CHECKSUMS} unreadable") and said in problem, (bad, problem)
+    listing.write_text(good.replace('"size"', '"sizf"'))
+    acc = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, wait_for_everyone=lambda: None)
+    assert find_resume_checkpoint(tmp_path / "run", acc, lambda *a: None) == root / "step_00000002"
+    assert (root / "unusable-step_00000004").is_dir()
+
+
 def test_the_ranks_share_the_reading_of_a_checkpoint(tmp_path, monkeypatch):
     """A resume or a start from a cpt checkpoint verifies it by reading every file (its digest). That was the main
     process alone (minutes for a large checkpoint on a single client's bandwidth) or, for train.init_from, every rank

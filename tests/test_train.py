@@ -614,3 +614,30 @@ def test_resume_with_a_changed_plan_says_so(reference, tmp_path):
     notes = changed_config_notes(run / "checkpoints" / "step_00000016", load_config(base=split))
     assert "warning: stage 1 ('two') now starts at step 10, before step 16 where the run resumes" in notes[-1], notes
     assert "(stages.1.reset_optimizer is not applied)" in notes[-1]
+
+
+def test_ctrl_c_during_a_synchronous_checkpoint_save_stops_the_run(tiny_cpt_data, tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) landing in a synchronous save was caught as a failed save ("checkpoint at step N
+    FAILED: KeyboardInterrupt ... retrying at the next interval") and the run trained on to its end, exit 0. Now the
+    run stops (`cpt` then says "interrupted", exit 130) with the half-written save removed and the previous
+    checkpoint intact."""
+    import cpt.checkpoint as checkpoint
+    from cpt.train import train
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2, "keep": 3, "async_save": False},
+                          eval={"at_start": False})
+    cfg["stages"][0]["steps"] = 8
+    cfg["data"]["heldout"] = []
+    real = checkpoint.write_checksums
+
+    def interrupted(tmp, digests):
+        if tmp.name.endswith(f"step_{4:08d}"):
+            raise KeyboardInterrupt
+        return real(tmp, digests)
+
+    monkeypatch.setattr(checkpoint, "write_checksums", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(base=cfg), echo=lambda *a, **k: None)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{2:08d}"]  # no .tmp-step_4, no step_4
+    assert max(losses(out)) == 4 and not (out / "export").exists()
