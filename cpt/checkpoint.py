@@ -70,11 +70,12 @@ class CheckpointManager:
     a CheckpointError rather than training on without a checkpoint. ``async_save``: call ``wait()`` before exiting."""
 
     def __init__(self, run_dir: str | os.PathLike, keep: int, accelerator, async_save: bool = False, max_failed_saves: int = 3,
-                 portable=None):
+                 portable=None, lock=None):
         """``portable``: what loads a checkpoint of another backend or world size, an object with
         ``needs_portable_load(ckpt, acc)`` and ``load_portable(acc, model, optimizer, ckpt)`` (the loop passes
-        :mod:`cpt.consolidate`, which builds on this module); None: accelerate's ``load_state`` only."""
-        self.portable = portable
+        :mod:`cpt.consolidate`, which builds on this module); None: accelerate's ``load_state`` only. ``lock``: the
+        run's :class:`cpt.runlock.RunLock` (the main process's), checked before each save (:meth:`save`)."""
+        self.portable, self.lock = portable, lock
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.acc = accelerator
@@ -98,6 +99,14 @@ class CheckpointManager:
         if step == self.last_saved:  # committed already (a run's end after a periodic save of its last step)
             return
         acc = self.acc
+        # the run directory removed (rm -rf) or taken over under the run: its metrics.jsonl, config.yaml and log went
+        # with it (written on into unlinked files), and a save would only recreate checkpoints/ beside another run
+        lost = self.lock.lost() if self.lock is not None and acc.is_main_process else None
+        if not all_ranks_agree(acc, lost is None):
+            raise CheckpointError(f"stopping before the checkpoint at step {step}: "
+                                  f"{lost or 'the main process lost the run lock'}; this run's metrics.jsonl and "
+                                  "train.log there may be gone. Restore the run directory (or use another one) and "
+                                  "--resume from its newest checkpoint")
         tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:08d}"
         error = None
         if acc.is_main_process:

@@ -151,6 +151,19 @@ class RunLock:
                 pass
         self.held = False
 
+    def lost(self) -> str | None:
+        """None while this process still holds its lock (or never took it); else why not: the file gone (the run
+        directory removed or emptied under the run) or naming another process (a run that took it over). An
+        unreadable file (a write in progress) counts as held."""
+        if not self.held:
+            return None
+        holder = self._read()
+        if holder == {}:
+            return f"{self.path} is gone: the run directory was removed or emptied while this run trained"
+        if holder is not None and (holder.get("pid"), holder.get("host")) != (self.me["pid"], self.me["host"]):
+            return f"{self.path} now names another run ({_describe(holder)}), which took it over"
+        return None
+
     def __enter__(self):
         self.acquire()
         return self

@@ -95,7 +95,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
     calls train() many times in one process). In the `cpt` program, after a stop on a signal or with ``last_run``
     (`cpt train`: the process ends with the run) SIGTERM and SIGUSR1 are ignored instead: nothing is left to save."""
     run_dir = Path(cfg.run.output_dir)
-    with _locked(run_dir, cfg.run.force_lock), contextlib.ExitStack() as cleanup:
+    with _locked(run_dir, cfg.run.force_lock) as lock, contextlib.ExitStack() as cleanup:
         # --- setup: the processes, where the run starts, model and data, optimizer, the start weights
         acc = cleanup.enter_context(accelerator_for(cfg))  # ends training (process group, trackers) on every exit path
         account = ComputeAccount(acc.num_processes)  # FLOPs, wall and device hours, carried across resumes
@@ -117,7 +117,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         bench = _benchmarks(cfg, acc, say)  # lm-eval tasks (eval.lm_eval), step-0 scores and forgetting; None without tasks
         model, optimizer = fp8.prepare(acc, *_with_optimizer(cfg, model, new_token_ids, acc, say))  # (acc.prepare)
         ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, acc, cfg.checkpoint.async_save, cfg.checkpoint.max_failed_saves,
-                                  portable=consolidate)  # (consolidate: resume on another backend or number of processes)
+                                  portable=consolidate, lock=lock)  # (consolidate: resume on another backend or world size)
         if start.init is not None and not start.branch:  # a new stage: weights (+ optimizer), not the data position
             _init_weights(cfg, ckpts, start.init, optimizer, data, say)
 
@@ -306,7 +306,8 @@ def _stop_on_nonfinite(guard: UpdateGuard, feed: Prefetcher, ckpts: CheckpointMa
 
 @contextlib.contextmanager
 def _locked(run_dir: Path, force_lock: bool):
-    """The run directory, locked by the main process for the run; removed again if the lock was all it got."""
+    """The run directory, locked by the main process for the run (yields the lock it holds, None on the other ranks);
+    removed again if the lock was all it got."""
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"run.output_dir {run_dir} is an existing file, not a directory: choose another --output-dir")
     created = not run_dir.exists()
@@ -317,7 +318,7 @@ def _locked(run_dir: Path, force_lock: bool):
         except RunLockError as e:
             raise TrainingError(str(e)) from None
     try:
-        yield run_dir
+        yield lock if lock.held else None
     finally:
         wait_for_writers()  # a background checkpoint write still running when an error ends the run
         lock.release()

@@ -641,3 +641,39 @@ def test_ctrl_c_during_a_synchronous_checkpoint_save_stops_the_run(tiny_cpt_data
         train(load_config(base=cfg), echo=lambda *a, **k: None)
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{2:08d}"]  # no .tmp-step_4, no step_4
     assert max(losses(out)) == 4 and not (out / "export").exists()
+
+
+def test_a_run_whose_directory_is_removed_stops_at_its_next_save(tiny_cpt_data, tmp_path):
+    """`rm -rf RUN_DIR` under a running job (or another run taking its lock over): the run trained on to the end,
+    exit 0, writing its metrics and log into unlinked files and recreating checkpoints/ and export/ around nothing;
+    the lock was gone too, so a second start was not refused. Now the next save finds the lock gone and stops with
+    one error naming it."""
+    from cpt.checkpoint import CheckpointError
+    from cpt.train import train
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 4}, eval={"at_start": False})
+    cfg["stages"][0]["steps"] = 12
+    cfg["data"]["heldout"] = []
+
+    def echo(*args, **kwargs):
+        if str(args[0]).startswith("step 6/") and out.exists():
+            shutil.rmtree(out)
+
+    with pytest.raises(CheckpointError, match=r"^stopping before the checkpoint at step 8: .*run.lock is gone: the run "
+                                              r"directory was removed or emptied while this run trained"):
+        train(load_config(base=cfg), echo=echo)
+    assert not out.exists()  # (nothing recreated: no checkpoints/ beside nothing)
+
+
+def test_the_run_lock_says_when_it_was_lost(tmp_path):
+    from cpt.runlock import RunLock
+
+    lock = RunLock(tmp_path)
+    assert lock.lost() is None  # (not taken: nothing to lose)
+    lock.acquire()
+    assert lock.lost() is None
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "start_time": 0}))
+    assert "now names another run (PID 1 on host elsewhere" in lock.lost()
+    (tmp_path / "run.lock").unlink()
+    assert "run.lock is gone" in lock.lost()
