@@ -80,10 +80,11 @@ class EarlyWarning:
 
 
 
-def hold_usr1(command: str) -> None:
-    """SIGUSR1 for this process: held by :class:`EarlyWarning` for the training commands (in the `cpt` program); for
-    the others back to its default action when a launcher started us with it ignored (scripts/slurm_node.sh shields
-    torchrun's agent that way, and the ranks inherit it): a warning must never be lost. SIGTERM during `cpt train`'s
+def hold_stop_signals(command: str) -> None:
+    """SIGUSR1 and SIGTERM for this process. SIGUSR1: held by :class:`EarlyWarning` for the training commands (in the
+    `cpt` program); for the others back to its default action when a launcher started us with it ignored
+    (scripts/slurm_node.sh shields torchrun's agent that way, and the ranks inherit it): a warning must never be
+    lost. SIGTERM during `cpt train`'s
     start raises :class:`StopSignal` (the start is abandoned: nothing trained in it, nothing to save); its default
     action ended the rank silently, exit 143, and a preempted stop under ``--preempted-exit-code`` counted as a failure."""
     if command == "train" and is_cpt_program() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     line_buffered_stdout()
     no_repeated_warnings()
     stop_with_the_launcher()  # (first: its SIGTERM to a rank whose launcher is gone is the default action's)
-    hold_usr1(name)
+    hold_stop_signals(name)
     no_library_bars_in_log_files()
     own_wandb_service()
     if name not in COMMANDS:

@@ -25,8 +25,8 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from cpt import is_cpt_program
-from cpt.stop_signals import ignore_signals_after_the_run  # (re-exported)
 from cpt.rank_failure import SignalWatch, cancel_stacks, lost_peer, remember_store, stacks_if_still_running
+from cpt.stop_signals import ignore_signals_after_the_run  # (re-exported)
 
 
 class LaunchError(RuntimeError):
@@ -363,7 +363,7 @@ class PreemptionFlag:
                 self.previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
                 continue
-            if getattr(self.previous[sig], "start_only", False):  # cpt.cli.StopWhileStarting: retired by the loop
+            if getattr(self.previous[sig], "start_only", False):  # cpt.stop_signals.StopWhileStarting: retired by the loop
                 self.previous[sig] = signal.SIG_DFL
             if getattr(self.previous[sig], "received", False):  # cpt.cli.EarlyWarning: a signal during start-up
                 self.flag = self.early = True

@@ -100,6 +100,15 @@ def stopped_while_starting(signame: str, preempted_exit_code: int | None, argv: 
     return preempted_exit(preempted_exit_code, "start-up")
 
 
+def exit_code(text: str) -> int | None:
+    """``text`` as the status of ``--preempted-exit-code`` (1..255), or None."""
+    try:
+        code = int(text)
+    except ValueError:
+        return None
+    return code if 1 <= code <= 255 else None
+
+
 def preempted_code_in(argv: list[str]) -> int | None:
     """``--preempted-exit-code N`` of `cpt train`'s arguments, read without its parser (a stop while `cpt` imported
     it); None when absent or not 1..255 (the parser refuses that, when there is one)."""
@@ -107,7 +116,7 @@ def preempted_code_in(argv: list[str]) -> int | None:
         value = argv[i + 1] if arg == "--preempted-exit-code" and i + 1 < len(argv) else (
             arg.split("=", 1)[1] if arg.startswith("--preempted-exit-code=") else None)
         if value is not None:
-            return int(value) if value.isdigit() and 1 <= int(value) <= 255 else None
+            return exit_code(value)
     return None
 
 

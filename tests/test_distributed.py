@@ -138,13 +138,13 @@ def test_after_a_stop_or_the_last_run_a_late_signal_is_ignored_in_the_cpt_progra
             os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM)
             print(label, "survived", flush=True)
             for sig in PreemptionFlag.SIGNALS: signal.signal(sig, signal.SIG_DFL)
-        from cpt.cli import hold_usr1
-        hold_usr1("train")  # `cpt train`: a warning while the run starts is held for the loop
+        from cpt.cli import hold_stop_signals
+        hold_stop_signals("train")  # `cpt train`: a warning while the run starts is held for the loop
         os.kill(os.getpid(), signal.SIGUSR1)
         with PreemptionFlag() as stop:
             assert stop.early and stop.requested(one)
         late("early-warning")
-        hold_usr1("train")
+        hold_stop_signals("train")
         os.kill(os.getpid(), signal.SIGUSR1)
         with PreemptionFlag() as stop:  # (a run of `cpt experiment` that ends without asking: the holder is back)
             assert stop.early

@@ -119,7 +119,7 @@ def test_anneal_steps_0_is_refused_as_such(tmp_path, capsys):
     cfg = write_config(tmp_path, REWARM)
     with pytest.raises(SystemExit) as e:
         main(["schedule", str(cfg), "--no-plot", "--anneal-from", "50", "--anneal-steps", "0"])
-    assert e.value.code == 2 and "argument --anneal-steps: a number of steps > 0, not '0'" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --anneal-steps: '0': give a whole number >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["rewarm_cosine", "wsd", "infinite"])

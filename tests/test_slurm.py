@@ -327,7 +327,7 @@ def test_a_warning_before_a_rank_holds_sigusr1_is_not_lost(tmp_path, slurm):
             "time.sleep(3)  # the warning comes now, before cpt's handler exists\n"
             "from cpt.cli import EarlyWarning\n"
             "from cpt.distributed import PreemptionFlag\n"
-            "signal.signal(signal.SIGUSR1, EarlyWarning())  # cpt.cli.hold_usr1, then the training loop\n"
+            "signal.signal(signal.SIGUSR1, EarlyWarning())  # cpt.cli.hold_stop_signals, then the training loop\n"
             "with PreemptionFlag() as stop:\n"
             "    if stop.early:\n"
             "        open(os.environ['CPT_PREEMPTED_MARKER'], 'w').write('preempted')\n")

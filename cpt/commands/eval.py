@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from cpt.commands import at_least  # (re-exported: cpt interpolate takes it from here)
+
 
 def parse_heldout(spec: str) -> tuple[str, str, str]:
     """``NAME=PATH:TAG`` -> (name, path, tag); PATH may itself hold ':' (URLs)."""
@@ -117,21 +119,6 @@ def _training_folders(heldouts: list[tuple[str, str, str]], run: dict[str, Any] 
     return [f"--heldout {name}: {path} is the folder of the run's training source {sources[same_folder(path)]!r}: its "
             "loss measures memorisation, not generalisation (use a held-out split, e.g. the heldout/ folder "
             "`cpt prepare --heldout-docs` writes)" for name, path, _ in heldouts if same_folder(path) in sources]
-
-
-def at_least(minimum: int):
-    """An argparse ``type``: a whole number >= ``minimum`` (``--batch-size 0`` was a traceback, ``--seq-len 0`` and
-    ``--max-length 0`` silently the default, ``--max-tokens -5`` a budget 5 tokens short of the whole file)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= {minimum}")
-        return value
-
-    return parse
 
 
 def add_heldout_sample_flags(parser: argparse.ArgumentParser, seq_len_else: str) -> None:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cpt.commands import at_least
 from cpt.schedules import DECAY_SHAPES, LRPlan, plan_for_run
 
 
@@ -107,16 +108,6 @@ def plot_plan(plan: LRPlan, path: str | Path, tokens_per_step: int, stage_names:
     return path
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:  # (0 was taken for "not given": "--anneal-from needs --anneal-steps N")
-        raise argparse.ArgumentTypeError(f"a number of steps > 0, not {text!r}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt schedule", description="Print and plot the learning-rate plan of a run config.")
     p.add_argument("config", help="YAML run config")
@@ -125,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default: <run.output_dir>/schedule.png)")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
     p.add_argument("--anneal-from", type=int, metavar="STEP", help="also show an anneal branch from this trunk step")
-    p.add_argument("--anneal-steps", type=_positive, metavar="N", help="length of the branch (default: train.anneal_steps)")
+    p.add_argument("--anneal-steps", type=at_least(1), metavar="N", help="length of the branch (default: train.anneal_steps)")
     p.add_argument("--anneal-shape", choices=DECAY_SHAPES, help="shape of the branch (default: train.anneal_shape)")
     return p
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cpt.config import ConfigError, load_config
 from cpt.console import LOG_FORMAT, print_line
-from cpt.stop_signals import StopSignal, preempted_exit, stopped_while_starting
+from cpt.stop_signals import StopSignal, exit_code, preempted_exit, stopped_while_starting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_code(text: str) -> int:
-    try:
-        code = int(text)
-    except ValueError:
-        code = -1
-    if not 1 <= code <= 255:
+    code = exit_code(text)
+    if code is None:
         raise argparse.ArgumentTypeError(f"an exit code is 1..255, not {text!r}")
     return code
 

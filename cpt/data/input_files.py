@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any, Iterable
 
-from cpt.data.shards import FORMAT_NAME, ShardError, filesystem, is_remote
+from cpt.data.shards import FORMAT_NAME, MANIFEST, ShardError, filesystem, is_remote
 
 logger = logging.getLogger("cpt.data")
 
@@ -64,7 +64,7 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
                 files.append(item)
         elif os.path.isdir(item) and (saved := saved_dataset_files(item)) is not None:
             files += [f for f in saved if _matches(f, glob)]
-        elif os.path.isdir(item) and _prepared_folder(item):
+        elif os.path.isdir(item) and prepared_folder(item):
             raise ReadError(f"{item} holds token shards written by `cpt prepare` (manifest.json), not text: name the "
                             "raw files it was prepared from")
         elif os.path.isdir(item):
@@ -73,7 +73,7 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
             for dirpath, dirnames, filenames in os.walk(item, followlinks=True):  # symlinked folders are read too
                 dirnames[:] = sorted(d for d in dirnames
                                      if not _hidden(d) and _first_visit(os.path.join(dirpath, d), seen, again))
-                shards = [d for d in dirnames if _prepared_folder(os.path.join(dirpath, d))]
+                shards = [d for d in dirnames if prepared_folder(os.path.join(dirpath, d))]
                 others = [os.path.join(dirpath, d) for d in shards  # `cpt prepare data/ --out data/tokens` beside
                           if not out or os.path.realpath(os.path.join(dirpath, d)) != os.path.realpath(out)]  # data/prepared/*
                 if others and warn:  # (their shards, read as text, were skipped or garbage documents)
@@ -130,10 +130,10 @@ def saved_dataset_files(folder: str) -> list[str] | None:
     return [os.path.join(folder, name) for name in names]
 
 
-def _prepared_folder(folder: str) -> bool:
+def prepared_folder(folder: str) -> bool:
     """A folder `cpt prepare` wrote: its manifest.json names the token-shard format."""
     try:
-        with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
             return json.load(f).get("format") == FORMAT_NAME
     except (OSError, ValueError, AttributeError):
         return False

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from cpt.data.compressed import open_binary
-from cpt.data.input_files import ReadError, _prepared_folder, resolve_files, saved_dataset_files  # (re-exported)
+from cpt.data.input_files import ReadError, prepared_folder, resolve_files, saved_dataset_files  # (re-exported)
 
 logger = logging.getLogger("cpt.data")
 
@@ -289,7 +289,7 @@ def load_hf_dataset(path: str, name: str | None, split: str, data_files: Any, st
                              "path: text and data_files (one document per line)")
         return datasets.load_dataset(builder, data_files=path, split=split, streaming=streaming)
 
-    if os.path.isdir(path) and _prepared_folder(path):  # (datasets would read manifest.json as data: a CastError)
+    if os.path.isdir(path) and prepared_folder(path):  # (datasets would read manifest.json as data: a CastError)
         raise ValueError(f"{path} holds token shards written by `cpt prepare` (manifest.json), not a `datasets` "
                          "dataset: read it as a source of `type: shards`")
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")):
