@@ -498,6 +498,33 @@ def test_a_shard_refused_by_rank_0_stops_every_rank_with_one_line(tiny_cpt_data,
     assert not re.search(r"\[rank\d\]: Traceback", log) and "Connection closed" not in log, log[-5000:]
 
 
+def test_sigterm_while_the_ranks_start_through_the_shipped_launcher(tiny_cpt_data, tiny_base, tmp_path):
+    """`scripts/launch.sh run.yaml --preempted-exit-code 75` on 2 processes, SIGTERM to the script (a pod's) while the
+    ranks are still starting (a fault point holds them at the model load): the ranks stop with one line and the launch
+    exits 75, no rank traceback; it exited 1 with torchrun's ChildFailedError, the ranks killed by the signal's default
+    action. Nothing trained, so no checkpoint and no lock left."""
+    cfg = two_process_config(tiny_cpt_data, tiny_base, tmp_path / "run", steps=20, eval_every=100, checkpoint={"every": 100})
+    cfg_path = write(cfg, tmp_path / "run.yaml")
+    env = {**rank_env(cpu=True), "NUM_GPUS": "2", "TMPDIR": str(tmp_path / "tmp"), "CPT_FAULT_INJECT": "hang:start:model"}
+    (tmp_path / "tmp").mkdir()
+    proc = start([str(ROOT / "scripts" / "launch.sh"), str(cfg_path), "--preempted-exit-code", "75"], tmp_path, env,
+                 new_session=True)
+    head = []
+    for line in proc.stdout:  # (the mix line comes just before the fault point, printed by rank 0)
+        head.append(line)
+        if " mix: " in line:
+            break
+    time.sleep(1)  # (rank 1 at the fault point too)
+    proc.send_signal(signal.SIGTERM)
+    rc, log = finish(proc, timeout=300)
+    log = "".join(head) + log
+    assert rc == 75, log[-5000:]
+    assert "cpt train: stopped by SIGTERM while starting, before its first step: nothing to save" in log, log[-5000:]
+    assert "accelerate_launch.sh: the run was stopped while starting" in log and "ChildFailedError" not in log, log[-5000:]
+    assert not re.search(r"\[rank\d\]: Traceback", log) and "Traceback" not in log, log[-5000:]
+    assert not (tmp_path / "run" / "run.lock").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("launcher,group", [(["launch.sh"], True), (["launch_deepspeed.sh", "2"], False)],
                          ids=["launch-group", "launch_deepspeed"])
 def test_preempted_exit_code_through_the_shipped_launcher(tiny_cpt_data, tiny_base, tmp_path, launcher, group):
