@@ -29,6 +29,7 @@ import torch
 
 from cpt.adapter_checkpoint import (ADAPTER_STATE, DEEPSPEED_TAG, FSDP_MODEL, AdapterCheckpointError, check_keys,
                                     is_adapter_layout, read_adapter_state)
+from cpt.adapter_shards import check_zero_pickles
 from cpt.checkpoint import CheckpointError
 from cpt.compiling import COMPILE_PREFIX, without_compile_prefix
 
@@ -115,23 +116,17 @@ def _dcp_read(path: Path) -> dict:
     return sd
 
 
-# the only non-tensor globals DeepSpeed's ZeRO checkpoint pickles may name
-DS_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                   "deepspeed.utils.tensor_fragment.fragment_address")
-
-
 def _ds_files(ckpt: Path) -> tuple[list[str], list[str]]:
-    """The ZeRO model-state and optimizer files, each checked to name no global beyond DS_SAFE_GLOBALS (DeepSpeed's
-    own readers, used below, unpickle with weights_only=False)."""
+    """The ZeRO model-state and optimizer files, each checked by :func:`cpt.adapter_shards.check_zero_pickles`
+    (DeepSpeed's own readers, used below, unpickle with weights_only=False)."""
     from deepspeed.utils.zero_to_fp32 import get_model_state_files, get_optim_files
-    from torch.serialization import get_unsafe_globals_in_checkpoint
 
     d = str(ckpt / DEEPSPEED_TAG)
     model_files, optim_files = get_model_state_files(d), get_optim_files(d)
-    for f in model_files + optim_files:
-        unsafe = set(get_unsafe_globals_in_checkpoint(f)) - set(DS_SAFE_GLOBALS)
-        if unsafe:
-            raise ConsolidateError(f"{f}: refusing to unpickle unexpected globals {sorted(unsafe)}")
+    try:
+        check_zero_pickles(model_files + optim_files)
+    except AdapterCheckpointError as e:
+        raise ConsolidateError(str(e)) from None
     return model_files, optim_files
 
 

@@ -177,6 +177,39 @@ def test_a_zero3_model_freeze_checkpoint_holds_the_trained_part_and_exports_over
     assert any(not torch.equal(x[k], base[k]) for k in trained if k in x and k in base)  # (it trained)
 
 
+def test_a_zero_file_that_names_another_global_is_refused_before_deepspeed_unpickles_it(sync_run, tmp_path):
+    """(No launch.) DeepSpeed's readers unpickle with weights_only=False: a ZeRO file whose pickle names a global
+    beyond DeepSpeed's own classes (here argparse.Namespace; a hostile one would name os.system) is refused, without
+    being unpickled, by the resume (cpt.adapter_shards.load_state, before accelerate's load_state is called) and by
+    cpt/consolidate.py (`cpt export`, a resume on another world size or backend); the run's own files pass."""
+    import argparse
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    from cpt.adapter_checkpoint import AdapterCheckpointError
+    from cpt.adapter_shards import load_state
+    from cpt.checkpoint import list_checkpoints
+    from cpt.consolidate import ConsolidateError, read_optimizer_state
+
+    loads = []
+    acc = SimpleNamespace(distributed_type="DEEPSPEED", load_state=lambda *a, **k: loads.append(a))
+    ckpt = shutil.copytree(list_checkpoints(sync_run)[-1], tmp_path / "checkpoint")
+    load_state(acc, ckpt)
+    assert len(loads) == 1  # the run's own files: handed to accelerate
+    read_optimizer_state(ckpt)
+    state = torch.load(ckpt / OPTIM.format(1), weights_only=False)
+    state["extra"] = argparse.Namespace(x=1)
+    torch.save(state, ckpt / OPTIM.format(1))
+    with pytest.raises(AdapterCheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt: refusing to unpickle "
+                                                     r"it: it names argparse.Namespace"):
+        load_state(acc, ckpt)
+    assert len(loads) == 1
+    with pytest.raises(ConsolidateError, match="refusing to unpickle it: it names argparse.Namespace"):
+        read_optimizer_state(ckpt)
+
+
 def test_bench_checkpoint_deepspeed(tmp_path):
     """scripts/bench_checkpoint.py --deepspeed as its docstring runs it (tiny shape, ZeRO-2 with the optimizer state
     offloaded to the CPU): both saves measured (the slowest rank's), the non-blocking save's files equal the
