@@ -37,11 +37,12 @@ import torch
 
 from cpt.adapter_init import ADAPTER_BASE, factors_items, mismatch_hint
 from cpt.adapters import adapter_keys, base_fingerprint, note_base
+from cpt.pickle_scan import DEEPSPEED_FOLDER
 
 log = logging.getLogger("cpt.checkpoint")
 
 ADAPTER_STATE = "adapter_state.safetensors"
-DEEPSPEED_TAG = "pytorch_model"  # accelerate's folder of DeepSpeed's files (its MODEL_NAME)
+DEEPSPEED_TAG = DEEPSPEED_FOLDER  # accelerate's folder of DeepSpeed's files (its MODEL_NAME)
 FSDP_MODEL = "pytorch_model_fsdp_0"  # accelerate's DCP folder of an FSDP model (FSDP_MODEL_NAME); its optimizer_0 beside
 STAGE_BASE_DIR = "base"  # RUN/base: a LoRA run's base written from a full model's cpt checkpoint (cpt/stage_base.py)
 STAGE_BASE_SOURCE = "cpt_base.json"  # in it: the checkpoint it was written from
@@ -112,9 +113,12 @@ def saved_keys(ckpt: str | Path, model) -> set[str]:
     elif (Path(ckpt) / DEEPSPEED_TAG).is_dir():
         saved = _deepspeed_saved_keys(Path(ckpt) / DEEPSPEED_TAG)
     else:
-        from torch.distributed.checkpoint import FileSystemReader
+        from cpt.pickle_scan import PickleCheckError, read_dcp_metadata
 
-        meta = FileSystemReader(str(Path(ckpt) / FSDP_MODEL)).read_metadata().state_dict_metadata
+        try:
+            meta = read_dcp_metadata(Path(ckpt) / FSDP_MODEL).state_dict_metadata
+        except PickleCheckError as e:
+            raise AdapterCheckpointError(str(e)) from None
         saved = {k[len("model."):] for k in meta if k.startswith("model.")}
     return _with_aliases(model, saved)
 

@@ -34,12 +34,12 @@ import logging
 import socket
 from pathlib import Path
 
-from cpt.adapter_checkpoint import (ADAPTER_STATE, DEEPSPEED_TAG, FSDP_MODEL, AdapterCheckpointError, base_items,
-                                    is_adapter_layout, models_from_adapter_state, refuse_other_keys_sharded, saved_keys,
-                                    without_base)
+from cpt.adapter_checkpoint import (ADAPTER_STATE, FSDP_MODEL, base_items, is_adapter_layout, models_from_adapter_state,
+                                    refuse_other_keys_sharded, saved_keys, without_base)
 from cpt.adapters import adapter_keys
 from cpt.distributed import Backend, backend
 from cpt.fileio import describe_io_error, fault_point
+from cpt.pickle_scan import check_checkpoint_pickles
 
 log = logging.getLogger("cpt.checkpoint")
 
@@ -93,31 +93,11 @@ def fsdp_model_state(acc) -> tuple[dict, list[tuple[str, str, str]]]:
     return _adapter_shards(model), base_items(model, len(adapter_keys(model)), getattr(model, "_cpt_base_fingerprint", None))
 
 
-# the only globals besides tensors that DeepSpeed's ZeRO checkpoint pickles name: DeepSpeed's own readers (its
-# load_checkpoint under accelerate's load_state, zero_to_fp32) unpickle them with weights_only=False, which can run
-# code, so a file naming any other is refused before they read it
-ZERO_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                     "deepspeed.utils.tensor_fragment.fragment_address")
-
-
-def check_zero_pickles(files) -> None:
-    """Raise :class:`AdapterCheckpointError` for the first of DeepSpeed's checkpoint ``files`` whose pickle names a
-    global beyond :data:`ZERO_SAFE_GLOBALS` (read without unpickling: torch's pickle scan)."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
-
-    for f in files:
-        unsafe = set(get_unsafe_globals_in_checkpoint(str(f))) - set(ZERO_SAFE_GLOBALS)
-        if unsafe:
-            raise AdapterCheckpointError(f"{f}: refusing to unpickle it: it names {', '.join(sorted(unsafe))}, "
-                                         "beyond the DeepSpeed classes a ZeRO checkpoint holds (a pickle can run code)")
-
-
 def load_state(acc, ckpt: Path) -> None:
     """accelerate's ``load_state`` of a checkpoint of this run's backend and world size (collective); a LoRA
-    checkpoint without its base (any layout) loads its adapter over the base the run built. DeepSpeed's files are
-    checked by :func:`check_zero_pickles` first."""
-    if backend(acc) is Backend.DEEPSPEED:
-        check_zero_pickles(sorted((ckpt / DEEPSPEED_TAG).glob("*.pt")))
+    checkpoint without its base (any layout) loads its adapter over the base the run built. The pickles DeepSpeed or
+    DCP would read unrestricted are checked first (:class:`cpt.pickle_scan.PickleCheckError`)."""
+    check_checkpoint_pickles(ckpt)
     if not is_adapter_layout(ckpt):
         acc.load_state(str(ckpt))
     elif (ckpt / ADAPTER_STATE).is_file():  # one process or DDP: cpt's adapter file

@@ -51,6 +51,7 @@ from cpt.checkpoint_dir import (CHECKSUMS, PREFIX, STATE_TENSORS, TMP_PREFIX, TR
 from cpt.checkpoint_files import backend_file_digests, cpt_can_write, host_copy, host_snapshot, write_files
 from cpt.fileio import describe_io_error, fault_point, fsync_dir
 from cpt.optim import group_settings, layout_difference, param_shapes, restore_group_settings, trainable_layout
+from cpt.pickle_scan import PickleCheckError
 from cpt.state import StateError, Stateful, check_format, flatten, json_default, restore, state_dict_mismatch
 
 log = logging.getLogger("cpt.checkpoint")
@@ -253,7 +254,7 @@ class CheckpointManager:
             names = _optimizer_param_names(self.acc)
             try:
                 adapter_shards.load_state(self.acc, ckpt)  # (a LoRA checkpoint: the adapter over the base as built)
-            except AdapterCheckpointError as e:
+            except (AdapterCheckpointError, PickleCheckError) as e:
                 raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
             except ValueError as e:  # torch's Optimizer.load_state_dict: other groups or group sizes
                 if "parameter group" not in str(e) or not any(names):

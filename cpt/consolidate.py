@@ -29,9 +29,9 @@ import torch
 
 from cpt.adapter_checkpoint import (ADAPTER_STATE, DEEPSPEED_TAG, FSDP_MODEL, AdapterCheckpointError, check_keys,
                                     is_adapter_layout, read_adapter_state)
-from cpt.adapter_shards import check_zero_pickles
 from cpt.checkpoint import CheckpointError
 from cpt.compiling import COMPILE_PREFIX, without_compile_prefix
+from cpt.pickle_scan import PickleCheckError, check_zero_pickles, read_dcp_metadata
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -106,18 +106,23 @@ def _compile_keyed_model(acc) -> bool:
 
 
 def _dcp_read(path: Path) -> dict:
-    """A whole DCP checkpoint directory as one nested dict of full tensors (no process group needed)."""
+    """A whole DCP checkpoint directory as one nested dict of full tensors (no process group needed); its pickles
+    checked first (:func:`cpt.pickle_scan.read_dcp_metadata`)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    try:
+        read_dcp_metadata(path)
+    except PickleCheckError as e:
+        raise ConsolidateError(str(e)) from None
     sd: dict = {}
     _load_state_dict(sd, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return sd
 
 
 def _ds_files(ckpt: Path) -> tuple[list[str], list[str]]:
-    """The ZeRO model-state and optimizer files, each checked by :func:`cpt.adapter_shards.check_zero_pickles`
+    """The ZeRO model-state and optimizer files, each checked by :func:`cpt.pickle_scan.check_zero_pickles`
     (DeepSpeed's own readers, used below, unpickle with weights_only=False)."""
     from deepspeed.utils.zero_to_fp32 import get_model_state_files, get_optim_files
 
@@ -125,7 +130,7 @@ def _ds_files(ckpt: Path) -> tuple[list[str], list[str]]:
     model_files, optim_files = get_model_state_files(d), get_optim_files(d)
     try:
         check_zero_pickles(model_files + optim_files)
-    except AdapterCheckpointError as e:
+    except PickleCheckError as e:
         raise ConsolidateError(str(e)) from None
     return model_files, optim_files
 

@@ -28,7 +28,7 @@ LAYERS = (
                                 "cpt.distributed", "cpt.rank_failure", "cpt.stop_signals", "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss", "cpt.compiling", "cpt.compile_cache", "cpt.fp8", "cpt.export",
                                 "cpt.layer_options")),
     ("components", ("cpt.optim", "cpt.ema", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate", "cpt.samples",
-                    "cpt.metrics", "cpt.throughput", "cpt.profiling", "cpt.checkpoint", "cpt.checkpoint_dir", "cpt.checkpoint_files", "cpt.host_memory", "cpt.adapter_checkpoint", "cpt.adapter_shards", "cpt.sharded_save", "cpt.zero_save", "cpt.resume", "cpt.consolidate", "cpt.checkpoint_export", "cpt.stage_base", "cpt.run_metrics", "cpt.report", "cpt.hub",
+                    "cpt.metrics", "cpt.throughput", "cpt.profiling", "cpt.checkpoint", "cpt.checkpoint_dir", "cpt.checkpoint_files", "cpt.pickle_scan", "cpt.host_memory", "cpt.adapter_checkpoint", "cpt.adapter_shards", "cpt.sharded_save", "cpt.zero_save", "cpt.resume", "cpt.consolidate", "cpt.checkpoint_export", "cpt.stage_base", "cpt.run_metrics", "cpt.report", "cpt.hub",
                     "eval_harness")),
     ("loop", ("cpt.train", "cpt.run_end", "cpt.dryrun")),
     ("commands", ("cpt.cli", "cpt.commands", "cpt.experiment", "cpt.demo")),

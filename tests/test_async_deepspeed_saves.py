@@ -181,17 +181,18 @@ def test_a_zero_file_that_names_another_global_is_refused_before_deepspeed_unpic
     """(No launch.) DeepSpeed's readers unpickle with weights_only=False: a ZeRO file whose pickle names a global
     beyond DeepSpeed's own classes (here argparse.Namespace; a hostile one would name os.system) is refused, without
     being unpickled, by the resume (cpt.adapter_shards.load_state, before accelerate's load_state is called) and by
-    cpt/consolidate.py (`cpt export`, a resume on another world size or backend); the run's own files pass."""
+    cpt/consolidate.py (`cpt export`, a resume on another world size or backend); the run's own files pass. (FSDP2's
+    DCP pickles: tests/test_pickle_scan.py.)"""
     import argparse
     import shutil
     from types import SimpleNamespace
 
     import torch
 
-    from cpt.adapter_checkpoint import AdapterCheckpointError
     from cpt.adapter_shards import load_state
     from cpt.checkpoint import list_checkpoints
     from cpt.consolidate import ConsolidateError, read_optimizer_state
+    from cpt.pickle_scan import PickleCheckError
 
     loads = []
     acc = SimpleNamespace(distributed_type="DEEPSPEED", load_state=lambda *a, **k: loads.append(a))
@@ -202,7 +203,7 @@ def test_a_zero_file_that_names_another_global_is_refused_before_deepspeed_unpic
     state = torch.load(ckpt / OPTIM.format(1), weights_only=False)
     state["extra"] = argparse.Namespace(x=1)
     torch.save(state, ckpt / OPTIM.format(1))
-    with pytest.raises(AdapterCheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt: refusing to unpickle "
+    with pytest.raises(PickleCheckError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt: refusing to unpickle "
                                                      r"it: it names argparse.Namespace"):
         load_state(acc, ckpt)
     assert len(loads) == 1
