@@ -88,3 +88,13 @@ def test_a_zero_file_naming_another_global_is_refused(tmp_path):
     torch.save({"optimizer_state_dict": {"x": argparse.Namespace()}}, zero / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(PickleCheckError, match="optim_states.pt: refusing to unpickle it: it names argparse.Namespace"):
         check_checkpoint_pickles(tmp_path / "ckpt")
+
+
+def test_cpt_export_and_portable_loads_read_dcp_folders_through_the_check(tmp_path):
+    """cpt/consolidate.py's DCP reader (cpt export, a resume on another world size or backend): the clean folder
+    reads; a stored value naming another global is a ConsolidateError (`cpt export`, `cpt train` print one line)."""
+    from cpt.consolidate import ConsolidateError, _dcp_read
+
+    assert torch.equal(_dcp_read(_dcp(tmp_path / "a"))["optimizer"]["state"]["w"]["exp_avg"], torch.ones(4))
+    with pytest.raises(ConsolidateError, match="refusing to unpickle it: it names argparse.Namespace"):
+        _dcp_read(_dcp(tmp_path / "b", extra={"extra": argparse.Namespace(x=1)}))
