@@ -7,24 +7,27 @@ __version__ = "0.1.0"
 
 
 class _ImportNoise(_logging.Filter):
-    """Drops two warnings logged when torchao is imported (the `fp8` extra; transformers imports it whenever it is
-    installed, so in every cpt process and on every rank) that say nothing to a cpt user: torch's deprecation notice
-    about torchao's ``register_constant`` of Enum classes, and, on a machine without CUDA, torchao's "Failed to load
-    .../_C*.so" for its CUDA kernels. Every other record of those loggers passes."""
+    """Drops warnings logged when torchao or DeepSpeed is imported (transformers and accelerate import them whenever
+    they are installed, so in every cpt process and on every rank, whatever the run uses) that say nothing to a cpt
+    user: torch's deprecation notice about torchao's ``register_constant`` of Enum classes, and, on a machine without
+    CUDA, torchao's "Failed to load .../_C*.so" for its CUDA kernels and "Detected no triton", and DeepSpeed's "Setting
+    accelerator to CPU. If you have GPU ...". Every other record of those loggers passes."""
 
     def filter(self, record: _logging.LogRecord) -> bool:
         message = str(record.msg)
         if record.name == "torch.utils._pytree":
             return "is an Enum subclass and is now natively supported" not in message
-        if message.startswith("Failed to load") and ".so" in message:
+        if ((message.startswith("Failed to load") and ".so" in message) or "Detected no triton" in message
+                or message.startswith("Setting accelerator to CPU")):
             import torch
 
             return torch.cuda.is_available()
         return True
 
 
-_logging.getLogger("torch.utils._pytree").addFilter(_ImportNoise())
-_logging.getLogger("torchao").addFilter(_ImportNoise())
+# (a logger's filters see only the records logged on it, not its children's)
+for _name in ("torch.utils._pytree", "torchao", "torchao.kernel.intmm", "DeepSpeed"):
+    _logging.getLogger(_name).addFilter(_ImportNoise())
 
 
 def is_cpt_program() -> bool:

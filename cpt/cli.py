@@ -12,7 +12,8 @@ import signal
 import sys
 
 from cpt import is_cpt_program
-from cpt.stop_signals import StopSignal, StopWhileStarting, ignore_signals_after_the_run, preempted_code_in, stopped_while_starting
+from cpt.stop_signals import (StopOutsideRuns, StopSignal, StopWhileStarting, experiment_stopped,
+                              ignore_signals_after_the_run, preempted_code_in, stopped_while_starting)
 
 COMMANDS: dict[str, str] = {
     "demo": "Run the offline demo: pre-train a tiny base model on corpus A, then continually pre-train on B with replay.",
@@ -85,10 +86,11 @@ def hold_stop_signals(command: str) -> None:
     `cpt` program); for the others back to its default action when a launcher started us with it ignored
     (scripts/slurm_node.sh shields torchrun's agent that way, and the ranks inherit it): a warning must never be
     lost. SIGTERM during `cpt train`'s
-    start raises :class:`StopSignal` (the start is abandoned: nothing trained in it, nothing to save); its default
-    action ended the rank silently, exit 143, and a preempted stop under ``--preempted-exit-code`` counted as a failure."""
-    if command == "train" and is_cpt_program() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, StopWhileStarting())
+    start raises :class:`StopSignal` (the start is abandoned: nothing trained in it, nothing to save), and so does one
+    outside `cpt experiment`'s training loops; its default action ended the rank silently, exit 143, and a preempted
+    stop under ``--preempted-exit-code`` counted as a failure."""
+    if command in ("train", "experiment") and is_cpt_program() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, StopWhileStarting() if command == "train" else StopOutsideRuns())
     if not hasattr(signal, "SIGUSR1"):
         return
     if command in ("train", "experiment") and is_cpt_program():
@@ -160,6 +162,8 @@ def no_repeated_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 2 and argv[0] == "help" and argv[1] in COMMANDS:  # `cpt help train`: as `cpt train --help`
+        argv = [argv[1], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -184,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train" and code == 0:  # (after an error the launcher's SIGTERM must still end a rank stuck in teardown)
             ignore_signals_after_the_run()  # (cpt's own: no torch import after a start stopped inside torch's)
         return code
-    except StopSignal as e:  # SIGTERM while `cpt train` was imported (its main takes the later ones)
+    except StopSignal as e:  # SIGTERM while `cpt train` was imported (its main takes the later ones), or in `cpt experiment`
+        if name == "experiment":
+            return experiment_stopped(str(e), preempted_code_in(rest))
         return stopped_while_starting(str(e), preempted_code_in(rest), rest, None)
     except BrokenPipeError:  # `cpt schedule CONFIG | head`: the reader is gone, which is no error (was a traceback)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush would raise again)

@@ -56,6 +56,31 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+def wandb_numbers(record: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a metrics.jsonl ``record`` as W&B gets them: a value that is NaN or ±inf in ``metrics`` (a
+    window of non-finite steps) stays NaN or ±inf there (W&B plots and summarises them as such; dropped, its summary
+    kept the last finite loss of a run that diverged), where metrics.jsonl writes ``null`` or ±1e308."""
+    out = {}
+    for k, v in record.items():
+        if k == "time":
+            continue
+        raw = _jsonable_number(metrics.get(k))
+        if isinstance(raw, float) and not math.isfinite(raw):
+            out[k] = raw
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
+def _jsonable_number(v: Any) -> Any:
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            return v.item()
+        except (ValueError, RuntimeError):
+            return None
+    return v
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl file (or of ``<run_dir>/metrics.jsonl``); a torn last line is skipped."""
     return list(iter_metrics(path))
@@ -215,8 +240,7 @@ class MetricsLogger:
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         self._append_line(json.dumps(record) + "\n")
         if self.wandb_run is not None and self._new_to_wandb(record):
-            data = {k: v for k, v in record.items() if k != "time" and (isinstance(v, (int, float)) and not isinstance(v, bool))}
-            self.wandb_run.log(data)
+            self.wandb_run.log(wandb_numbers(record, metrics))
 
     def log_samples(self, rows: list[dict[str, Any]], tokens: int) -> None:
         """Text samples of one evaluation (cpt/samples.py): appended to samples.jsonl; W&B gets the table ``samples``

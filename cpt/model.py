@@ -105,15 +105,37 @@ def model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_f
     return config
 
 
-def config_from_arch(arch: dict[str, Any], **defaults: Any):
+def config_from_arch(arch: dict[str, Any], field: str = "model.arch", **defaults: Any):
     """A transformers config from an architecture dict (``model.arch``, an experiment spec's ``model``:
     ``{model_type: llama, hidden_size: ..., ...}``; model_type defaults to llama); ``defaults`` fill the keys it
-    leaves out. The one builder of a model config from an architecture (the loop, `cpt experiment`, the benchmarks)."""
+    leaves out. The one builder of a model config from an architecture (the loop, `cpt experiment`, the benchmarks).
+
+    A key the config class does not know (``num_hiden_layers``: transformers keeps it as an unused attribute and
+    builds the default 32 layers), a value it refuses and an unknown ``model_type`` are one :class:`ModelLoadError`
+    naming ``field`` (a key transformers converts, such as a legacy ``rope_theta``, is known)."""
+    import difflib
+
+    from transformers import CONFIG_MAPPING
+
     kw = dict(arch)
     model_type = kw.pop("model_type", "llama")
+    if model_type not in CONFIG_MAPPING:
+        near = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        raise ModelLoadError(f"{field}.model_type: {model_type!r} is not a model type of transformers"
+                             + (f" (similar: {', '.join(near)})" if near else ""))
     for key, value in defaults.items():
         kw.setdefault(key, value)
-    return AutoConfig.for_model(model_type, **kw)
+    try:
+        config = AutoConfig.for_model(model_type, **kw)
+    except Exception as e:  # noqa: BLE001 - transformers' validators: ValueError, TypeError, StrictDataclass*Error
+        raise ModelLoadError(f"{field}: {' '.join(str(e).split())}") from None
+    known = AutoConfig.for_model(model_type).to_dict()
+    unknown = sorted(k for k in arch if k != "model_type" and k not in known and k in config.to_dict())
+    if unknown:
+        near = sorted({m for k in unknown for m in difflib.get_close_matches(k, list(known), n=2)})
+        raise ModelLoadError(f"{field}: {', '.join(unknown)}: not a field of {type(config).__name__} (transformers would "
+                             "keep it unused)" + (f"; similar fields: {', '.join(near)}" if near else ""))
+    return config
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None) -> PreTrainedModel:

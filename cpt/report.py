@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -277,10 +278,10 @@ def render_html(runs: list[RunData], plots: dict[str, Path]) -> str:
         facts = [("steps", last.get("step")), ("tokens", last.get("train/tokens"))] if last.get("step") is not None else []
         _, tps, _ = r.series("perf/tokens_per_s")
         if tps:
-            facts.append(("median tokens/s", sorted(tps)[len(tps) // 2]))
+            facts.append(("median tokens/s", statistics.median(tps)))
         _, mfu, _ = r.series("perf/mfu")
         if mfu:
-            facts.append(("median MFU", sorted(mfu)[len(mfu) // 2]))
+            facts.append(("median MFU", statistics.median(mfu)))
         for key, label in (("compute/flops", "training FLOPs"), ("compute/device_hours", "device-hours"),
                            ("compute/wall_hours", "wall hours")):
             _, values, _ = r.series(key)

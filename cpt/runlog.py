@@ -51,6 +51,11 @@ class RunLog:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.pending += [f"{stamp} {line}" for line in (text.splitlines() or [""])]
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.enabled or not self.pending:
+            return
         if not self.started:  # until this start has written config.yaml (atomically replaced: a new inode)
             now = _identity(self.path.parent / "config.yaml")
             self.started = now is not None and now != self.config_before
@@ -69,6 +74,7 @@ class RunLog:
 
     def __exit__(self, *exc: Any) -> None:
         logging.getLogger().removeHandler(self.handler)
+        self._flush()  # (a start that failed right after writing config.yaml, before another line: its lines)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

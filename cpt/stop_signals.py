@@ -51,6 +51,13 @@ class StopWhileStarting:
         raise StopSignal(signal.Signals(signum).name)
 
 
+class StopOutsideRuns(StopWhileStarting):
+    """`cpt experiment`'s SIGTERM handler outside its runs' training loops (data preparation, each run's start, between
+    runs): each loop's PreemptionFlag puts it back after the run (a SIGTERM there ended the grid silently, exit 143)."""
+
+    start_only = False
+
+
 def preempted_exit(code: int | None, what: str = "preempted") -> int:
     """The exit status of a run stopped on a preemption signal, its checkpoint saved. Where ``$CPT_PREEMPTED_MARKER``
     names a file (the shipped launch scripts with ``--preempted-exit-code``, and scripts/slurm_node.sh on the first
@@ -98,6 +105,16 @@ def stopped_while_starting(signame: str, preempted_exit_code: int | None, argv: 
         except Exception:  # noqa: BLE001 - an import the signal cut short: the line above says it all
             pass
     return preempted_exit(preempted_exit_code, "start-up")
+
+
+def experiment_stopped(signame: str, preempted_exit_code: int | None) -> int:
+    """`cpt experiment` stopped by SIGTERM outside a run's training loop (preparing its data, starting a run, between
+    runs; :class:`StopOutsideRuns`): nothing of the run in progress to save (finished runs and prepared data are kept:
+    their writes are atomic). One line, exit as a preempted stop."""
+    ignore_signals_after_the_run()
+    _line(f"cpt experiment: stopped by {signame} outside a run's training (preparing data, starting a run or between "
+          "runs): nothing to save; run the same command again to continue", file=sys.stderr)
+    return preempted_exit_code or 0
 
 
 def exit_code(text: str) -> int | None:

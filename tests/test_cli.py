@@ -14,6 +14,9 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for name in ("demo", "prepare", "train", "schedule", "eval", "report", "merge"):
         assert name in out and name in COMMANDS
+    with pytest.raises(SystemExit) as e:  # `cpt help train` is `cpt train --help` (it printed the list above)
+        main(["help", "schedule"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: cpt schedule")
 
 
 def test_console_script_runs():
@@ -126,6 +129,26 @@ def test_a_rank_whose_launcher_died_before_it_started_stops(tmp_path):
     if lines[0] != "1":
         pytest.skip(f"orphans are re-parented to a subreaper here (pid {lines[0]}), not to init")
     assert lines == ["1"], lines
+
+
+def test_run_log_writes_a_start_that_fails_right_after_config_yaml(tmp_path):
+    """A start that wrote config.yaml and then failed before saying another line (an exception out of the loop's first
+    step) left no train.log: its start-up lines stayed pending. They are written when the log closes; a start that
+    failed before config.yaml writes nothing."""
+    from cpt.runlog import RunLog
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(RuntimeError), RunLog(run, lambda *a: None, enabled=True) as log:
+        log.say("model: 0.2M parameters")
+        (run / "config.yaml").write_text("run: {}\n")
+        raise RuntimeError("the first step failed")
+    assert [line[21:] for line in (run / "train.log").read_text().splitlines()] == ["model: 0.2M parameters"]
+    other = tmp_path / "refused"
+    other.mkdir()
+    with RunLog(other, lambda *a: None, enabled=True) as log:
+        log.say("refused before config.yaml")
+    assert not (other / "train.log").exists()
 
 
 def test_train_keeps_its_log_in_the_run_directory(tiny_cpt_data, tmp_path, capsys):

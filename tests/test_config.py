@@ -1,5 +1,6 @@
 """Run config: YAML loading, --set overrides, one error naming every bad field, secrets never saved."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,61 @@ def test_a_folder_for_the_config_and_python_none_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"eval.every: Input should be a valid integer, .* \('None' is text in YAML: "
                                           r"write null for no value\)$"):
         load_config(write(tmp_path, GOOD), ["eval.every=None"])
+
+
+def test_an_override_changes_only_the_place_it_names_even_through_a_yaml_alias(tmp_path):
+    """A YAML alias (`schedule: *sched` in two stages, or a `<<:` merge's nested sections) loads as one shared node:
+    `--set stages.b.schedule.max_lr=...` changed stage a too (copy.deepcopy keeps sharing)."""
+    text = yaml.safe_dump({k: v for k, v in GOOD.items() if k != "stages"}) + """
+sched: &sched {type: cosine, max_lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 2}
+stages:
+  - {name: a, steps: 10, mix: &mix {a: 0.9, b: 0.1}, schedule: *sched}
+  - {name: b, steps: 10, mix: *mix, schedule: *sched}
+"""
+    p = tmp_path / "alias.yaml"
+    p.write_text(text.replace("sched: &sched", "x-sched: &sched"))
+    with pytest.raises(ConfigError, match="x-sched"):  # (an unknown top-level key still is one)
+        load_config(p)
+    raw = yaml.safe_load(text)
+    raw.pop("sched")
+    out = apply_overrides(raw, ["stages.b.schedule.max_lr=5e-3", "stages.0.mix.a=0.5"])
+    assert [s["schedule"]["max_lr"] for s in out["stages"]] == [1e-3, 5e-3]
+    assert [s["mix"]["a"] for s in out["stages"]] == [0.5, 0.9]
+    assert raw["stages"][0]["schedule"] is raw["stages"][1]["schedule"]  # (the input is left as it was)
+
+
+def test_an_override_value_that_is_not_yaml_is_an_error_saying_how_to_quote_it():
+    for item, said in (("stages.0.mix={a: 3, a: 1}", "duplicate key 'a'"), ("stages.0.mix={a: 3, b: 1", "flow mapping"),
+                       ("run.name=[oops", "flow sequence"), ("run.name=@x", "cannot start any token")):
+        with pytest.raises(ConfigError) as e:
+            apply_overrides(GOOD, [item])
+        assert str(e.value).startswith(f"override {item!r}: the value is not valid YAML (") and said in str(e.value)
+        assert str(e.value).endswith(f"""quote it: {item.split('=')[0]}='"{item.split('=', 1)[1]}"'""")
+    assert apply_overrides(GOOD, ['run.name="[oops"'])["run"]["name"] == "[oops"
+
+
+def test_stage_names_given_twice_are_an_error(tmp_path):
+    two = {**GOOD, "stages": [GOOD["stages"][0], {**GOOD["stages"][0], "steps": 4}]}
+    with pytest.raises(ConfigError, match=r"stages: duplicate names \['s1'\]"):
+        load_config(write(tmp_path, two))
+    with pytest.raises(ConfigError, match=r"'stages.s1.steps': 2 items of the list are named 's1': address one by its index \(0, 1\)"):
+        apply_overrides(two, ["stages.s1.steps=9"])
+    unnamed = [{k: v for k, v in GOOD["stages"][0].items() if k != "name"}] * 2  # (both "stage": as before)
+    assert [s.name for s in load_config(write(tmp_path, {**GOOD, "stages": unnamed})).stages] == ["stage", "stage"]
+
+
+@pytest.mark.parametrize("item, said", [
+    ("optim.betas=[0.9, 1.5]", "optim.betas.1: Input should be less than 1"),
+    ("optim.eps=-1", "optim.eps: Input should be greater than or equal to 0"),
+    ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),
+    ("run.seed=99999999999", "run.seed: Input should be less than or equal to 4294967295"),
+    ("eval.sample_seed=-3", "eval.sample_seed: Input should be greater than or equal to 0"),
+    ("data.seq_len=1", "data.seq_len: Input should be greater than or equal to 2"),
+    ("train.peak_flops=0", "train.peak_flops: Input should be greater than 0"),
+    ("run.output_dir=''", "run.output_dir: an empty path"),
+])
+def test_values_torch_or_numpy_would_refuse_at_start_are_config_errors(tmp_path, item, said):
+    """Each passed validation and --dry-run, then failed at start with a traceback (numpy's seed, AdamW's betas and
+    eps, the held-out evaluation's 2 positions) or logged nonsense (MFU -2.4e11%)."""
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(write(tmp_path, GOOD), [item])

@@ -108,3 +108,28 @@ def test_incomplete_rope_parameters_are_one_line(tiny_base):
     tok = load_tokenizer(model_cfg(tiny_base))
     with pytest.raises(ModelLoadError, match=r"^model.config_overrides.rope_parameters: Missing required keys .*'factor'"):
         build_model(model_cfg(tiny_base, config_overrides={"rope_parameters": {"rope_type": "linear"}}), tok)
+
+
+def test_model_arch_keys_and_values_are_checked_against_the_config_class():
+    """model.arch built a model from any keys: a misspelt one was kept unused (the default 32 layers built silently);
+    a value transformers refuses, and an unknown model_type, were tracebacks (the type: an 11,933-character line)."""
+    from cpt.model import ModelLoadError, config_from_arch
+
+    arch = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "vocab_size": 256}
+    assert config_from_arch(arch).num_hidden_layers == 2
+    assert config_from_arch({**arch, "rope_theta": 5e5}).rope_parameters["rope_theta"] == 5e5  # (converted: known)
+    bad = {k if k != "num_hidden_layers" else "num_hiden_layers": v for k, v in arch.items()}
+    with pytest.raises(ModelLoadError, match=r"^model.arch: num_hiden_layers: not a field of LlamaConfig .*; similar "
+                                             r"fields: num_hidden_layers$"):
+        config_from_arch(bad)
+    with pytest.raises(ModelLoadError, match=r"^model.arch: .*not a multiple of the number of attention heads \(5\)"):
+        config_from_arch({**arch, "num_attention_heads": 5})
+    with pytest.raises(ModelLoadError, match=r"^model.arch: .*hidden_size.*expected int, got str"):
+        config_from_arch({**arch, "hidden_size": "abc"})
+    with pytest.raises(ModelLoadError, match=r"^model.arch.model_type: 'lama' is not a model type of transformers "
+                                             r"\(similar: llama, .*\)$") as e:
+        config_from_arch({**arch, "model_type": "lama"})
+    assert len(str(e.value)) < 200
+    with pytest.raises(ModelLoadError, match=r"^model: hidden_sise"):  # (an experiment spec's `model`)
+        config_from_arch({**arch, "hidden_sise": 8}, field="model")

@@ -184,12 +184,15 @@ def test_schedules_in_the_runs(grid):
 # ---------------------------------------------------------------- skip, resume, refuse
 
 
-def test_rerun_skips_finished_runs(grid):
+def test_rerun_skips_finished_runs(grid, monkeypatch):
+    """The same folder under another spelling of its path (relative, ./x/: it was refused as "a tokenizer trained for
+    a different spec", the experiment's files name paths under it) is the same experiment."""
     out = grid["out"]
     before = _mtimes(out / "runs")
     echo = Echo()
     t0 = time.perf_counter()
-    run_experiment(TINY, out, echo=echo, overrides=SMALL)
+    monkeypatch.chdir(out.parent)
+    run_experiment(TINY, f"./{out.name}/", echo=echo, overrides=SMALL)
     seconds = time.perf_counter() - t0
     assert "0 trained, 0 resumed, 9 skipped" in echo.text
     assert _mtimes(out / "runs") == before  # no run directory touched
@@ -361,6 +364,45 @@ def test_cli_dry_run_writes_nothing(tmp_path, capsys):
     assert "total: " in text and not out.exists()
     assert main(["experiment", str(TINY), "--set", "nope=1", "--dry-run"]) == 2
     assert "unknown field" in capsys.readouterr().err
+
+
+def test_a_stop_outside_a_runs_training_is_one_line_and_the_preempted_exit_code(tmp_path, monkeypatch):
+    """SIGTERM while `cpt experiment` prepares data or starts a run (here: the first run's start, held by a fault
+    point) ended it silently, exit 143: now one line, the --preempted-exit-code status (the option was missing), the
+    run's lock released; a run preempted inside its training loop (checkpoint saved) exits with it too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "exp"
+    args = [sys.executable, "-m", "cpt.cli", "experiment", str(TINY), "--out", str(out), "--preempted-exit-code", "75",
+            *[x for item in SMALL for x in ("--set", item)]]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "CPT_FAULT_INJECT": "hang:start:model"})
+    head = []
+    for line in proc.stdout:
+        head.append(line)
+        if line.startswith("--- base:"):
+            break
+    time.sleep(2)  # (into the start: the fault point holds it)
+    proc.send_signal(signal.SIGTERM)
+    log = "".join(head) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, log
+    assert log.rstrip().splitlines()[-1] == ("cpt experiment: stopped by SIGTERM outside a run's training (preparing "
+                                             "data, starting a run or between runs): nothing to save; run the same "
+                                             "command again to continue"), log
+    assert "Traceback" not in log and not (out / "runs" / "base" / "run.lock").exists()
+
+    from cpt.commands import experiment as command
+    from cpt.experiment import ExperimentPreempted
+
+    def preempted(*a, **k):
+        raise ExperimentPreempted("base was preempted (checkpoint saved): run the same command again to resume")
+
+    monkeypatch.setattr("cpt.experiment.run_experiment", preempted)
+    assert command.main([str(TINY), "--preempted-exit-code", "75"]) == 75
+    assert command.main([str(TINY)]) == 0
 
 
 def test_one_dry_run_for_both_kinds_of_spec(tmp_path):

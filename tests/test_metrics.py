@@ -3,6 +3,7 @@ account (cpt/throughput.py)."""
 
 import glob
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -138,13 +139,24 @@ def test_wandb_offline_run_holds_the_metrics_config_and_x_axis(tmp_path, monkeyp
     lg = MetricsLogger(tmp_path, cfg)
     for s in range(4):
         lg.log({"train/tokens": 256 * s, "train/loss": 5.0 - s, "forgetting/old": 0.1 * s}, step=s)
+    # a window of non-finite steps: null / 1e308 in metrics.jsonl, NaN / inf in W&B (it dropped them: its summary kept
+    # the last finite loss of a run that diverged)
+    import torch
+
+    lg.log({"train/tokens": 1024, "train/loss": float("nan"), "train/grad_norm": torch.tensor(float("inf"))}, step=4)
     lg.close()
+    assert read_metrics(tmp_path)[-1] | {"time": 0} == {"step": 4, "time": 0, "train/tokens": 1024, "train/loss": None,
+                                                       "train/grad_norm": 1e308}
 
     records = finished_wandb_records(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     rows = [r for r in history_rows(records) if "train/loss" in r]
-    assert [(r["step"], r["train/tokens"], r["train/loss"]) for r in rows] == [
+    assert [(r["step"], r["train/tokens"], r["train/loss"]) for r in rows[:4]] == [
         (s, 256 * s, 5.0 - s) for s in range(4)
     ]
+    assert rows[4]["step"] == 4 and math.isnan(rows[4]["train/loss"]) and rows[4]["train/grad_norm"] == math.inf
+    final = {u.key or "/".join(u.nested_key): json.loads(u.value_json)
+             for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
+    assert math.isnan(final["train/loss"]), final  # (the run table's loss)
     assert rows[2]["forgetting/old"] == pytest.approx(0.2)
     metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
     assert any(m.glob_name == "*" and m.step_metric == "train/tokens" for m in metrics)

@@ -18,6 +18,8 @@ import argparse
 import logging
 import sys
 
+from cpt.commands.train import exit_code_arg
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt experiment", description=__doc__,
@@ -30,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train at most N runs in this call (finished runs do not count), then write the table")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (corpora, runs, steps, LRs, FLOPs, estimated time) and write nothing")
+    p.add_argument("--preempted-exit-code", type=exit_code_arg, metavar="N",
+                   help="exit N (1..255; 75, EX_TEMPFAIL, suggested) when SIGTERM/SIGUSR1 stopped a run with its "
+                        "checkpoint saved, not 0, so a scheduler that restarts failed jobs (a k8s Job) continues the grid")
     return p
 
 
@@ -40,7 +45,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(OncePerMessage("lm_eval"))  # its warnings once, not at every evaluation of every run
-    from cpt.experiment import ExperimentError, run_experiment
+    from cpt.experiment import ExperimentError, ExperimentPreempted, run_experiment
     from cpt.commands.train import run_errors
 
     if args.max_runs is not None and args.max_runs < 0:
@@ -48,6 +53,8 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         run_experiment(args.spec, args.out, overrides=args.overrides, max_runs=args.max_runs, dry_run=args.dry_run)
+    except ExperimentPreempted:  # (said with the results; a run's own line said where it stopped)
+        return args.preempted_exit_code or 0
     except ExperimentError as e:
         print(f"cpt experiment: {e}", file=sys.stderr)
         return 2

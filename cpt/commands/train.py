@@ -38,14 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the model, tokenizer and data, print tokens, epochs per source, LR and FLOPs; train nothing")
     p.add_argument("--tokens-per-s", type=float, metavar="N", help="with --dry-run: estimate the training time at N tokens/s")
-    p.add_argument("--preempted-exit-code", type=_exit_code, metavar="N",
+    p.add_argument("--preempted-exit-code", type=exit_code_arg, metavar="N",
                    help="exit N (1..255; 75, EX_TEMPFAIL, suggested) when SIGTERM/SIGUSR1 stopped the run with its "
                         "checkpoint saved, not 0, so a scheduler that restarts failed jobs (a k8s Job) resumes it; "
                         "under scripts/launch*.sh the launch exits N")
     return p
 
 
-def _exit_code(text: str) -> int:
+def exit_code_arg(text: str) -> int:
+    """``--preempted-exit-code``'s argument type (`cpt train`, `cpt experiment`)."""
     code = exit_code(text)
     if code is None:
         raise argparse.ArgumentTypeError(f"an exit code is 1..255, not {text!r}")
@@ -102,13 +103,13 @@ def main(argv: list[str]) -> int:
 
 def _main(args, argv: list[str], started: dict[str, str]) -> int:
     overrides = list(args.overrides)
-    if args.init_from:
+    if args.init_from is not None:  # (an empty value: the field's one-line error, not the config's path)
         overrides.append(f"train.init_from={_literal(args.init_from)}")
     if args.anneal is not None:  # (--anneal 0 was dropped: a plain run from --from instead of the branch asked for)
         overrides.append(f"train.anneal_steps={args.anneal}")
     if args.anneal_shape:
         overrides.append(f"train.anneal_shape={args.anneal_shape}")
-    if args.output_dir:
+    if args.output_dir is not None:  # (`--output-dir "$RUN_DIR"` with RUN_DIR empty used the config's, saying nothing)
         overrides.append(f"run.output_dir={_literal(args.output_dir)}")
     if args.force_lock:
         overrides.append("run.force_lock=true")

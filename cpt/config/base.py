@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cpt.redaction import URL_CREDENTIALS_HINT, url_credentials
 
@@ -59,6 +59,8 @@ def _path_text(value: str) -> str:
     folder, as in a shell (it made a folder named ``~`` in the working directory, while W&B, which expands it, wrote
     its files under the home folder); a ``$VAR`` left after :func:`expand_env` (which expands ``${VAR}`` only) is an
     error asking for the braces, not a folder named ``$SCRATCH``."""
+    if not value.strip():  # (`--set run.output_dir=${RUN_DIR}` with RUN_DIR empty wrote the run into the working folder)
+        raise ValueError("an empty path: give a path (or leave the field out)")
     if (m := _BARE_VAR.search(value)) is not None:
         raise ValueError(f"{value!r}: cpt expands ${{VAR}}, not ${m.group(1)}: write ${{{m.group(1)}}}")
     if (secret := url_credentials(value)) is not None:  # (the value itself is not repeated: it holds the secret)
@@ -69,6 +71,8 @@ def _path_text(value: str) -> str:
 
 # the type of every field naming a file, folder, hub id or URL (see _path_text)
 PathText = Annotated[str, AfterValidator(_path_text)]
+# a random seed: what numpy, random and torch take (a negative or > 2**32 - 1 seed was a ValueError at start)
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class ConfigError(ValueError):
@@ -102,17 +106,32 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader)
 
 
-def _parse_value(text: str) -> Any:
-    """Parse an override value as YAML (so 3e-4, true, [a, b], {x: 1} all work)."""
+def _parse_value(item: str, text: str) -> Any:
+    """Parse an override value as YAML (so 3e-4, true, [a, b], {x: 1} all work). A value that is not valid YAML (an
+    unclosed ``[``, a key given twice in ``{...}``) is an error naming the override: it was kept as text, so
+    ``{python: 3, python: 1}`` and ``{python: 3, shakespeare: 1`` reached the field as strings."""
     try:
         return load_yaml(text)
-    except yaml.YAMLError:
-        return text
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_one_line(e)}); if it is meant as "
+                          f"text, quote it: {item.split('=', 1)[0]}='\"{text}\"'") from None
+
+
+def unshared(data: Any) -> Any:
+    """A copy of a YAML tree in which no two places share a node: a YAML alias (``schedule: *sched`` in two stages)
+    loads as one object in both places, and ``copy.deepcopy`` keeps it shared, so ``--set stages.b.schedule.max_lr``
+    changed stage ``a`` too."""
+    if isinstance(data, dict):
+        return {k: unshared(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [unshared(v) for v in data]
+    return copy.deepcopy(data)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; list items are addressed by index (``stages.0.steps=10``)."""
-    data = copy.deepcopy(data)
+    """Apply ``a.b.c=value`` overrides; list items are addressed by index (``stages.0.steps=10``) or by name. Each
+    place of the result is its own (:func:`unshared`): an override changes the place it names only."""
+    data = unshared(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.global_batch_size=32")
@@ -133,9 +152,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {key!r}: {'.'.join(parts[: j + 1])} is not a section")
         last = parts[-1]
         if isinstance(node, list):
-            node[_index(last, node, key)] = _parse_value(value)
+            node[_index(last, node, key)] = _parse_value(item, value)
         else:
-            node[last] = _parse_value(value)
+            node[last] = _parse_value(item, value)
     return data
 
 
@@ -177,6 +196,9 @@ def _index(part: str, node: list, key: str) -> int:
         pass
     names = [str(x["name"]) for x in node if isinstance(x, dict) and "name" in x]
     if part in names and len(names) == len(node):
+        if names.count(part) > 1:
+            raise ConfigError(f"override {key!r}: {names.count(part)} items of the list are named {part!r}: address "
+                              f"one by its index ({', '.join(str(i) for i, n in enumerate(names) if n == part)})")
         return names.index(part)
     named = f" or a name ({', '.join(names)})" if names and len(names) == len(node) else ""
     raise ConfigError(f"override {key!r}: {part!r} is not an index into a list of {len(node)}{named}")

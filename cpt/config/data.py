@@ -74,7 +74,7 @@ class RemoteConfig(Strict):
 
 
 class DataConfig(Strict):
-    seq_len: int = Field(2048, gt=0)
+    seq_len: int = Field(2048, ge=2)  # (next-token targets need 2 positions)
     sources: list[SourceConfig] = Field(min_length=1)
     heldout: list[HeldoutConfig] = Field(default_factory=list)
     # warn when a source is seen more than this many epochs (repeated data hurts; see docs)

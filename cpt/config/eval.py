@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cpt.config.base import PathText, Strict
+from cpt.config.base import PathText, Seed, Strict
 
 
 class LmEvalTask(Strict):
@@ -26,7 +26,7 @@ class SamplesConfig(Strict):
     max_new_tokens: int = Field(48, gt=0)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _sampling_options_need_sampling(self) -> "SamplesConfig":
@@ -44,7 +44,7 @@ class LmEvalConfig(Strict):
     at_end: bool = True
     dense: bool = False  # also at the held-out dense points after each stage switch (eval.dense_steps/dense_every)
     limit: int | None = Field(None, gt=0)  # documents per task: a seeded subset, the same at every evaluation
-    seed: int | None = None  # of the subsets; default: run.seed
+    seed: Seed | None = None  # of the subsets; default: run.seed
     bootstrap_iters: int = Field(100, ge=2)  # stderrs: closed form for accuracies, a bootstrap for ratio metrics
     include_path: PathText | None = None  # folder of task YAMLs; default: eval_harness/tasks
     batch_size: int = Field(8, gt=0)
@@ -77,7 +77,7 @@ class EvalConfig(Strict):
     # per held-out set: a seeded sample of whole documents up to this many tokens (the whole set if it fits),
     # the same sample at every evaluation (cpt/data/loader.py sample_heldout)
     tokens_per_set: int = Field(262144, gt=0)
-    sample_seed: int = 0
+    sample_seed: Seed = 0
     batch_size: int = Field(8, gt=0)
     # also evaluate the EMA weights (train.ema_decay) on the held-out sets: ema/eval/<name>/loss (and, with
     # eval.samples, continue the prompts with them too: rows marked "weights": "ema")

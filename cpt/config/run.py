@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from cpt.config.base import (ConfigError, PathText, Strict, apply_overrides, expand_env,
+from cpt.config.base import (ConfigError, PathText, Seed, Strict, apply_overrides, expand_env,
                              format_validation_error, read_yaml_mapping)
 from cpt.config.data import DataConfig
 from cpt.config.eval import EvalConfig
@@ -25,7 +25,7 @@ from cpt.redaction import redact
 class RunSection(Strict):
     name: str = "run"
     output_dir: PathText = "runs/run"
-    seed: int = 1234
+    seed: Seed = 1234
     # take over output_dir's run.lock even if its holder may be alive (a shared filesystem where the
     # holder's PID cannot be checked from this host); `cpt train --force-lock`
     force_lock: bool = False
@@ -46,6 +46,9 @@ class RunConfig(Strict):
     def _cross_checks(self) -> "RunConfig":
         names = {s.name for s in self.data.sources}
         errors = []
+        named = [st.name for st in self.stages if "name" in st.model_fields_set]  # (unnamed stages are all "stage")
+        if dup := sorted({n for n in named if named.count(n) > 1}):
+            errors.append(f"stages: duplicate names {dup} (the logs and --set stages.<name>.<field> tell stages by name)")
         for i, st in enumerate(self.stages):
             unknown = sorted(set(st.mix) - names)
             if unknown:

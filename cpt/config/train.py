@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -12,8 +12,8 @@ from cpt.config.base import PathText, Strict
 
 class OptimConfig(Strict):
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: float = Field(1e-8, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     fused: bool | None = None  # None: fused AdamW when on CUDA
     decay_embeddings: bool = True  # apply weight decay to embedding matrices
@@ -97,7 +97,7 @@ class TrainConfig(Strict):
     # z-loss (PaLM, OLMo 2): this weight x mean(logsumexp(logits)^2) added to the training loss, keeping the softmax
     # normaliser near 0 (stability in bf16); 0: off. Logged as train/z_loss; train/loss stays the next-token loss
     z_loss: float = Field(0.0, ge=0)
-    peak_flops: float | None = None  # per-device peak bf16 FLOP/s for MFU (train.fp8 too); None: from the device name
+    peak_flops: float | None = Field(None, gt=0)  # per-device peak bf16 FLOP/s for MFU (train.fp8 too); None: from the device name
     # with several processes on GPUs: steps between the all-rank checks for a preemption signal (each costs a host sync)
     preemption_check_every: int = Field(10, gt=0)
     # seconds a collective (gradient all-reduce, barrier) waits for the other ranks before the run fails instead of

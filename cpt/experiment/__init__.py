@@ -31,7 +31,7 @@ started again. A run directory whose saved config differs from the one the spec 
 error, never silently reused. So a killed experiment is continued by running the same command again.
 """
 
-from cpt.experiment.runner import run_experiment
+from cpt.experiment.runner import ExperimentPreempted, run_experiment
 from cpt.experiment.spec import ExperimentError, ExperimentSpec, SequenceSpec, load_spec
 
-__all__ = ["ExperimentError", "ExperimentSpec", "SequenceSpec", "load_spec", "run_experiment"]
+__all__ = ["ExperimentError", "ExperimentPreempted", "ExperimentSpec", "SequenceSpec", "load_spec", "run_experiment"]

@@ -180,11 +180,19 @@ def build_tokenizer(spec: ExperimentSpec | SequenceSpec, files: dict[str, list[s
     if spec.tokenizer.path is not None:
         return AutoTokenizer.from_pretrained(spec.tokenizer.path), Path(spec.tokenizer.path)
     t = spec.tokenizer.train
-    key = json.dumps({"vocab_size": t.vocab_size, "sample_mb": t.sample_mb, "seed": spec.seed,
-                      "corpora": {k: _hash_key(0, "\n".join(v)) for k, v in sorted(files.items())}}, sort_keys=True)
+
+    def key_of(name) -> str:
+        return json.dumps({"vocab_size": t.vocab_size, "sample_mb": t.sample_mb, "seed": spec.seed,
+                           "corpora": {k: _hash_key(0, "\n".join(map(name, v))) for k, v in sorted(files.items())}},
+                          sort_keys=True)
+
+    # the corpus files by name, those cpt wrote under the experiment folder (the built-in corpora) relative to it: a
+    # folder moved or copied elsewhere keeps its tokenizer (an older folder's key, by absolute names, is accepted)
+    root = os.path.abspath(out_dir.parent)
+    key = key_of(lambda f: os.path.relpath(f, root) if os.path.abspath(f).startswith(root + os.sep) else f)
     key_file = out_dir / "experiment_tokenizer_key.json"
     if (out_dir / "tokenizer.json").is_file():
-        if key_file.is_file() and key_file.read_text() == key:
+        if key_file.is_file() and key_file.read_text() in (key, key_of(str)):
             return AutoTokenizer.from_pretrained(str(out_dir)), out_dir
         raise ExperimentError(
             f"{out_dir} holds a tokenizer trained for a different spec (corpora, vocab_size or sample): "

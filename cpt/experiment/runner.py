@@ -48,7 +48,8 @@ def run_experiment(spec_path_or_spec: str | os.PathLike | dict | ExperimentSpec 
                    out_dir: str | os.PathLike | None = None, echo: Callable = print, *,
                    overrides: list[str] | None = None, max_runs: int | None = None, dry_run: bool = False) -> Path:
     """Run (or continue) the experiment of a spec (the pair grid, or a dataset sequence when it lists ``corpora``) and
-    write ``<out>/results.md``, ``results.csv`` and the figures; return results.md.
+    write ``<out>/results.md``, ``results.csv`` and the figures; return results.md. A run stopped by SIGTERM/SIGUSR1
+    (its checkpoint saved) ends the call with :class:`ExperimentPreempted`, after the results of the finished runs.
 
     ``max_runs``: train at most this many runs in this call (skipped runs do not count), then write the
     results of what is finished and return; call again to continue. ``dry_run``: print the plan
@@ -56,7 +57,9 @@ def run_experiment(spec_path_or_spec: str | os.PathLike | dict | ExperimentSpec 
     """
     spec = load_spec(spec_path_or_spec, overrides)
     design = design_of(spec)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / "experiments" / spec.name
+    # absolute and normalised: `--out x`, `--out ./x/` and `--out /abs/x` are one experiment folder (its files record
+    # paths under it: a relative spelling was refused on the re-run as "a different spec")
+    out = Path(os.path.abspath(out_dir if out_dir is not None else Path("runs") / "experiments" / spec.name))
     if dry_run:
         return _dry_run(spec, design, out, echo)
     import torch
@@ -81,6 +84,7 @@ def _run(spec: ExperimentSpec | SequenceSpec, design: Design, out: Path, echo: C
     tokenizer, tok_dir, corpus_tokens = prepare_data(spec, out, echo)
     plans = design.plan(spec, out, tok_dir, out / "data", corpus_tokens)
     counts, stopped = run_all(plans, run_configs(plans), echo, max_runs)
+    preempted = stopped is not None and stopped.endswith(PREEMPTED_TAIL)
 
     fpt, shape = flops_per_token(spec, len(tokenizer))
     md, where = design.write_outputs(spec, plans, out, fpt, shape, corpus_tokens)
@@ -93,7 +97,17 @@ def _run(spec: ExperimentSpec | SequenceSpec, design: Design, out: Path, echo: C
     if stopped:
         echo(stopped)
     echo(where)
+    if preempted:  # (the results of what is finished are written: the caller says how the grid stopped)
+        raise ExperimentPreempted(stopped)
     return md
+
+
+PREEMPTED_TAIL = "was preempted (checkpoint saved): run the same command again to resume"
+
+
+class ExperimentPreempted(Exception):
+    """SIGTERM/SIGUSR1 stopped a run of the experiment with its checkpoint saved (the results of the finished runs are
+    written): `cpt experiment` exits 0, or ``--preempted-exit-code``'s N."""
 
 
 def run_all(plans: list[RunPlan], cfgs: dict, echo: Callable, max_runs: int | None) -> tuple[dict[str, int], str | None]:
@@ -105,7 +119,7 @@ def run_all(plans: list[RunPlan], cfgs: dict, echo: Callable, max_runs: int | No
             return counts, f"stopped after {max_runs} run(s) (max_runs): run the same command again to continue"
         status = run_one(plan, cfgs[plan.name], echo)
         if status == "preempted":
-            return counts, f"{plan.name} was preempted (checkpoint saved): run the same command again to resume"
+            return counts, f"{plan.name} {PREEMPTED_TAIL}"
         counts[status] += 1
         if status == "skipped":
             echo(f"--- {plan.name}: finished earlier, skipped")
@@ -151,7 +165,8 @@ def flops_per_token(spec: ExperimentSpec | SequenceSpec, vocab_size: int) -> tup
     from cpt.throughput import shape_flops_per_token
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config_from_arch({**model_arch(spec), "vocab_size": vocab_size}))
+        config = config_from_arch({**model_arch(spec), "vocab_size": vocab_size}, field="model")
+        model = AutoModelForCausalLM.from_config(config)
     shape = model_shape(model)
     return shape_flops_per_token(shape, spec.seq_len), shape
 
