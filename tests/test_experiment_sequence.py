@@ -179,6 +179,30 @@ def test_derived_and_noise_statements():
     assert "one seed" in compare([1.0], [2.0], "avg", "x", "y")
     mu, sd, n = mean_std([1.0, 2.0, 3.0])
     assert (mu, sd, n) == (2.0, 1.0, 3)
+    # Student's t beyond 10 degrees of freedom (a flat 2.2 was used: +8% at 30)
+    from cpt.experiment.matrix import t95
+
+    for df, exact in ((1, 12.706), (10, 2.228), (11, 2.201), (15, 2.131), (20, 2.086), (30, 2.042), (120, 1.980)):
+        assert t95(df) == pytest.approx(exact, abs=1e-3), df
+    a, b = [1.0 + 0.1 * (i % 3) for i in range(31)], [1.0] * 31
+    half = float(compare(a, b, "avg", "x", "y").split("± ")[1].split(" ")[0])
+    assert half == pytest.approx(2.042 * mean_std([x - y for x, y in zip(a, b)])[1] / 31 ** 0.5, abs=1e-4)
+
+
+def test_the_seeds_column_counts_the_seeds_behind_the_numbers(tmp_path):
+    """A seed whose runs are missing cells adds to none of the summary's numbers: the column said 2 for one seed's
+    values."""
+    from cpt.experiment.matrix import write_results
+
+    spec = load_spec(ROOT / "configs" / "experiments" / "sequence_cpu.yaml", ["seeds=[1, 2]"])
+    K = len(spec.corpora)
+    full = [[2.0 + 0.1 * k + 0.01 * j for j in range(K)] for k in range(K)]
+    part = [[2.0] + [None] * (K - 1)] + [[None] * K for _ in range(K - 1)]
+    shape = {"n_params": 1000, "n_params_non_embedding": 500, "n_layers": 2, "hidden": 8}
+    md = write_results(spec, {("rewarm_cosine", 1): full, ("rewarm_cosine", 2): part}, [], tmp_path, shape,
+                       {c.name: 100 for c in spec.corpora})
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| rewarm_cosine |"))
+    assert row.split(" | ")[1] == "1", row
 
 
 @pytest.mark.parametrize("path", [CPU_SPEC, GPU_SPEC])

@@ -521,7 +521,8 @@ def test_cpt_eval_too_short_held_out_file_and_bad_limit_are_one_line(tiny_base, 
     assert main(["eval", str(tiny_base), "--heldout", f"s={tmp_path / 'short.txt'}:upstream", "--seq-len", "32"]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt eval: error: held-out file ")
     assert "short.txt" in line and "fewer than one sequence of 32" in line
-    for flag, bad in (("--limit", "0"), ("--limit", "-3"), ("--limit", "2.5"), ("--limit", "x"),
+    # (--limit 1.0, meant as the whole, scored one document: lm-eval reads a limit >= 1 as a count)
+    for flag, bad in (("--limit", "0"), ("--limit", "-3"), ("--limit", "2.5"), ("--limit", "x"), ("--limit", "1.0"),
                       # --batch-size 0 and --seq-len 1 were tracebacks, --seq-len 0 and --max-length 0 silently the
                       # default, --max-tokens -5 a budget 5 tokens short of the file
                       ("--batch-size", "0"), ("--seq-len", "1"), ("--seq-len", "0"), ("--max-tokens", "-5"),

@@ -156,7 +156,8 @@ def apply_run_defaults(args, run: dict[str, Any] | None, lm_eval: bool, heldout:
     if run is not None and lm_eval and args.limit is None:  # the run's documents of the tasks it scored
         args.task_limits = {t: n for t, n in run["task_limits"].items() if n}
         if args.task_limits:
-            print("cpt eval: --limit per task as the run: " + ", ".join(f"{t} {n}" for t, n in args.task_limits.items()))
+            print("cpt eval: --limit per task as the run: " + ", ".join(f"{t} {n}" for t, n in args.task_limits.items())
+                  + " (documents at most: a task with fewer is scored on all of them)")
     for k, default in (("seed", 1234), ("bootstrap_iters", 1000), ("max_tokens", 262144), ("sample_seed", 0),
                        ("document_masking", False)):
         if hasattr(args, k) and getattr(args, k) is None:
@@ -334,6 +335,9 @@ def _limit(text: str) -> int | float:
         value = math.nan
     if 0 < value < 1:
         return value
+    if value == 1 and text.strip() != "1":  # (`1.0`, meant as the whole, was one document: lm-eval reads >= 1 as a count)
+        raise argparse.ArgumentTypeError(f"{text!r}: every document is the default (leave --limit out); one document "
+                                         "is --limit 1")
     if value >= 1 and value == int(value):
         return int(value)
     raise argparse.ArgumentTypeError(f"{text!r}: give a number of documents (1, 2, ...) or a fraction between 0 and 1")

@@ -197,10 +197,12 @@ def validate_stage_schedules(stages: Iterable[Any], anneal_steps: int | None = N
     if not errors and anneal_steps is not None:
         if not _has_constant_phase(pairs):
             types = ", ".join(cfg.type for _, cfg in pairs)
-            errors.append(
-                f"train.anneal_steps: no stage has a constant or stable phase to branch from (schedule types: {types}); "
-                f"use constant, wsd or infinite"
-            )
+            phased = [cfg.type for _, cfg in pairs if cfg.type in ("constant", "wsd", "infinite")]
+            why = (f"their {', '.join(sorted(set(phased)))} phases leave no constant step: the warmup, cooldown or "
+                   "decay fill the stage; make the stage longer or those phases shorter") if phased else \
+                "use constant, wsd or infinite"
+            errors.append(f"train.anneal_steps: no stage has a constant or stable phase to branch from (schedule "
+                          f"types: {types}): {why}")
     return errors
 
 

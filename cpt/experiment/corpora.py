@@ -195,8 +195,9 @@ def build_tokenizer(spec: ExperimentSpec | SequenceSpec, files: dict[str, list[s
         if key_file.is_file() and key_file.read_text() in (key, key_of(str)):
             return AutoTokenizer.from_pretrained(str(out_dir)), out_dir
         raise ExperimentError(
-            f"{out_dir} holds a tokenizer trained for a different spec (corpora, vocab_size or sample): "
-            "use another --out, or delete the experiment folder to start over")
+            f"{out_dir} holds a tokenizer trained for a different spec (corpora, vocab_size or sample), or the "
+            "experiment folder was moved or copied here (its runs name the paths where it was made): use another "
+            "--out, or delete the experiment folder to start over")
     from cpt.demo import train_tokenizer
 
     sample_dir = out_dir.parent / "tokenizer_sample"

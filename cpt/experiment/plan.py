@@ -50,17 +50,21 @@ def run_finished(run_dir: Path, total_steps: int) -> bool:
 
 
 def run_configs(plans: list[RunPlan]):
-    """Validate every run config up front: one error naming every bad run. Returns {run name: RunConfig}."""
+    """Validate every run config up front: one error naming every bad run (a problem several runs share, such as a
+    misspelt ``run_overrides`` field, once, naming them). Returns {run name: RunConfig}."""
     from cpt.config import ConfigError, validate
 
-    out, errors = {}, []
+    out, errors = {}, {}
     for p in plans:
         try:
             out[p.name] = validate(p.config)
         except ConfigError as e:
-            errors.append(f"run {p.name}: {e}")
+            errors.setdefault(str(e), []).append(p.name)
     if errors:
-        raise ExperimentError("\n".join(errors))
+        raise ExperimentError("\n".join(
+            f"{'every run' if len(names) == len(plans) > 1 else 'run' + ('s' if len(names) > 1 else '')}"
+            f"{'' if len(names) == len(plans) > 1 else ' ' + ', '.join(names)}: {message}"
+            for message, names in errors.items()))
     return out
 
 

@@ -78,6 +78,7 @@ def _run(spec: ExperimentSpec | SequenceSpec, design: Design, out: Path, echo: C
     from cpt.report import write_report
 
     t0 = time.perf_counter()
+    check_lm_eval_tasks(spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(redact_spec(spec.dump()), sort_keys=False))
     echo(f"experiment {spec.name}{design.headline(spec)} -> {out}")
@@ -126,9 +127,23 @@ def run_all(plans: list[RunPlan], cfgs: dict, echo: Callable, max_runs: int | No
     return counts, None
 
 
+def check_lm_eval_tasks(spec: ExperimentSpec | SequenceSpec) -> None:
+    """Every task of ``eval.lm_eval_tasks`` is known (bundled, or lm-eval's own), before any data is prepared (a
+    misspelt one passed --dry-run and failed at the first run's start, after the corpora were tokenized)."""
+    if not spec.eval.lm_eval_tasks:
+        return
+    from eval_harness.task_registry import UnknownTaskError, make_task_manager
+
+    try:
+        make_task_manager([t if isinstance(t, str) else t["name"] for t in spec.eval.lm_eval_tasks])
+    except UnknownTaskError as e:
+        raise ExperimentError(f"eval.lm_eval_tasks: {e}") from None
+
+
 def _dry_run(spec: ExperimentSpec | SequenceSpec, design: Design, out: Path, echo: Callable) -> Path:
     """The plan, from the real corpora and the spec: corpus sizes, the model, every run's steps, tokens and LRs (from
     the run's own LR plan), the total tokens and FLOPs, the time at ``assumed_tokens_per_s``. Writes nothing."""
+    check_lm_eval_tasks(spec)
     for c in spec.corpora:
         files, nbytes = resolve_corpus(c, None, spec.seed, echo)
         echo(f"corpus {c.name}: {len(files)} files, {nbytes / 1e6:.1f} MB")

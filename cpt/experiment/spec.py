@@ -121,6 +121,21 @@ class EvalSpec(Strict):
     lm_eval_tasks: list[str | dict[str, Any]] = Field(default_factory=list)
     lm_eval_limit: int | None = Field(None, gt=0)
 
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _tasks_as_a_run_takes_them(cls, v: list) -> list:
+        """Each item as ``eval.lm_eval.tasks`` takes it (a misspelt key was reported once per run, under the run
+        config's path); the names are checked by :func:`check_lm_eval_tasks`."""
+        from cpt.config.eval import LmEvalConfig
+
+        try:
+            LmEvalConfig(tasks=v)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"][1:])
+            raise ValueError(f"{where + ': ' if where else ''}{first['msg']}") from None
+        return v
+
 
 class WandbSpec(Strict):
     enabled: bool = False
