@@ -267,28 +267,37 @@ def _check_logits_untouched(lm: nn.Module, head_name: str) -> None:
         raise Unsupported(f"{type(lm).__name__}.forward changes its logits after {head_name} (scaling or soft-capping)")
 
 
+def check_supported(model: nn.Module, sharded: bool = False) -> nn.Module:
+    """``model``'s lm_head, when the chunked loss can replace its full logits; else :class:`Unsupported` saying why
+    (also on a meta-device model: `cpt train --dry-run`). ``sharded``: FSDP or ZeRO-3."""
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if head is None:
+        raise Unsupported(f"{type(lm).__name__} has no output embeddings (lm_head)")
+    if isinstance(getattr(head, _MARK, None), _ChunkedHead):
+        return head
+    head_name = next((n for n, m in lm.named_children() if m is head), None)
+    if head_name is None:
+        raise Unsupported(f"the output embeddings of {type(lm).__name__} are not a direct child module")
+    _check_logits_untouched(lm, head_name)
+    if type(head) is not nn.Linear and sharded:
+        raise Unsupported(f"lm_head is a {type(head).__name__} (adapter), which the chunked loss recomputes in backward; "
+                          "that needs the whole weight, which FSDP / ZeRO-3 do not keep")
+    return head
+
+
 def install(model: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, sharded: bool = False) -> _ChunkedHead:
     """Patch ``model``'s lm_head so that :func:`head_targets` makes it compute the chunked loss. Call it on the
     model before ``accelerator.prepare`` / ``torch.compile`` (or after: the wrappers are looked through).
     ``sharded``: FSDP or ZeRO-3, where only a plain linear head can be used. Raises :class:`Unsupported`."""
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    lm = unwrap_causal_lm(model)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if head is None:
-        raise Unsupported(f"{type(lm).__name__} has no output embeddings (lm_head)")
+    head = check_supported(model, sharded)
     if isinstance(getattr(head, _MARK, None), _ChunkedHead):
         state = getattr(head, _MARK)
         state.chunk_tokens = chunk_tokens
         return state
-    head_name = next((n for n, m in lm.named_children() if m is head), None)
-    if head_name is None:
-        raise Unsupported(f"the output embeddings of {type(lm).__name__} are not a direct child module")
-    _check_logits_untouched(lm, head_name)
     linear = type(head) is nn.Linear
-    if not linear and sharded:
-        raise Unsupported(f"lm_head is a {type(head).__name__} (adapter), which the chunked loss recomputes in backward; "
-                          "that needs the whole weight, which FSDP / ZeRO-3 do not keep")
     state = _ChunkedHead(head, chunk_tokens, linear)
     head.forward = state.forward
     setattr(head, _MARK, state)

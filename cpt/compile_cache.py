@@ -15,6 +15,7 @@ from pathlib import Path
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's cache folder (its Triton kernels go under it unless TRITON_CACHE_DIR)
 _cache_counts: dict[str, int] | None = None  # the process's compile-cache counters when this run set its cache up
 _ours: str | None = None  # the folder use_compile_cache pointed TORCHINDUCTOR_CACHE_DIR at in this process
+_was_empty = False  # whether that folder held no compiled code when this run set it up
 COUNTERS = ("fxgraph_cache_hit", "fxgraph_cache_miss")  # torch._dynamo's counters of inductor's cache lookups
 
 
@@ -27,8 +28,8 @@ def use_compile_cache(setting: str | None, output_dir: str, say) -> Path | None:
     versions and the device, so a shared folder serves mixed nodes and stale entries are not used. ``None`` (or ``TORCHINDUCTOR_CACHE_DIR`` set by
     the user): torch's own choice. A folder whose file locks do not work (inductor locks its entries; e.g. Lustre
     mounted without ``flock``) is not used, with a warning. Returns the folder used, or None."""
-    global _cache_counts, _ours
-    _cache_counts = _compile_cache_counts()
+    global _cache_counts, _ours, _was_empty
+    _cache_counts, _was_empty = _compile_cache_counts(), False
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     env = os.environ.get(CACHE_ENV)
@@ -47,6 +48,7 @@ def use_compile_cache(setting: str | None, output_dir: str, say) -> Path | None:
         say(f"warning: model.compile_cache: {folder} cannot hold inductor's cache ({type(e).__name__}: {e}); "
             "compiling with torch's own (per node, not kept across restarts)")
         return None
+    _was_empty = not any(p.is_file() for p in folder.rglob("*") if "locks" not in p.relative_to(folder).parts)
     os.environ[CACHE_ENV] = _ours = str(folder)
     say(f"compile cache: {folder} (model.compile_cache: later starts of this run load its compiled code)")
     return folder
@@ -71,11 +73,16 @@ def _compile_cache_counts() -> dict[str, int]:
 
 def compile_cache_note() -> str | None:
     """What this run's compiles took from the cache (once :func:`use_compile_cache` ran): ``compile: N of M graphs
-    loaded from the compile cache``; None when nothing was compiled."""
+    loaded from the compile cache``; None when nothing was compiled. Into a folder that was empty at the start, a
+    graph compiled twice in the start (gradient checkpointing's recompute, say) loads the second time from what the
+    start wrote: said as such (it read as a first start that found cached code)."""
     if _cache_counts is None:
         return None
     now = _compile_cache_counts()
     hits, misses = (now[k] - _cache_counts[k] for k in COUNTERS)
     if hits + misses == 0:
         return None
+    if _was_empty:
+        again = f" ({hits} repeat{'s' if hits != 1 else ''} of them loaded back)" if hits else ""
+        return f"compile: {misses} graphs compiled into the empty compile cache{again}"
     return f"compile: {hits} of {hits + misses} graphs loaded from the compile cache, {misses} compiled"

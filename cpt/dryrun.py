@@ -128,6 +128,10 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
         with torch.device("meta"):
             model, tokenizer, new_ids = extend_vocabulary(model, tokenizer, cfg.model.vocab)
     adapted = _with_adapters(model, cfg, new_ids)
+    if cfg.train.chunked_loss is True:  # the model computes its logits as the chunked loss needs, as at the start
+        from cpt.lm_loss import use_chunked_loss
+
+        use_chunked_loss(adapted, True, cfg.train.loss_chunk_tokens, log_fn=lambda *a: None)
     shape = model_shape(adapted)
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
     fpt = shape_flops_per_token(shape, L)

@@ -164,8 +164,8 @@ def use_chunked_loss(model, mode: bool | str, chunk_tokens: int, accelerator=Non
     try:
         chunked_loss.install(model, chunk_tokens, sharded=shards_weights(accelerator))
     except chunked_loss.Unsupported as e:
-        if mode is True:
-            raise RuntimeError(f"train.chunked_loss: true, but {e}") from None
+        if mode is True:  # (a RuntimeError: a traceback; `--dry-run` says the same, cpt/dryrun.py)
+            raise ConfigError(f"train.chunked_loss: true, but {e}: set it to auto (the full-logits loss here)") from None
         log_fn(f"train.chunked_loss: {e}; using the full-logits loss")
         return False
     log_fn(f"loss: chunked next-token loss, {chunk_tokens} positions per chunk (train.chunked_loss)")

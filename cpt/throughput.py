@@ -169,6 +169,8 @@ def shape_flops_per_token(shape: dict[str, int], seq_len: int) -> float:
 
 # bf16 dense peak FLOP/s per device (no sparsity), from the vendors' data sheets
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("h200 nvl", 835e12),  # (the NVL cards: 1,671 TFLOP/s with 2:4 sparsity, half that dense)
+    ("h100 nvl", 835e12),
     ("h200", 989e12),
     ("h100 pcie", 756e12),
     ("h100", 989e12),  # SXM / HBM3

@@ -204,7 +204,7 @@ def main() -> int:
     results = {"cpu": _cpu_name(), "cores": os.cpu_count()}
     if args.part in ("all", "prepare"):
         results["prepare"] = bench_prepare(work, tok, texts, repeats=1 if args.quick else args.repeats)
-        print(json.dumps(results["prepare"], indent=2), flush=True)
+        print("prepare:", json.dumps(results["prepare"]), file=sys.stderr, flush=True)  # (stdout: the one JSON line)
     if args.part in ("all", "stream"):
         # in a child process so that pinning to one core does not affect the prepare benchmark
         if args.part == "all":

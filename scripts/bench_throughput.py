@@ -352,7 +352,13 @@ def worker_main(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(settings["threads"])
     fn = run_trainer if args.worker == "trainer" else run_cpt
-    result = fn(settings, Path(spec["data_root"]), workdir)
+    from cpt.config import ConfigError
+
+    try:
+        result = fn(settings, Path(spec["data_root"]), workdir)
+    except ConfigError as e:  # (a bad --cpt-set: one line, not the worker's traceback)
+        print(f"bench_throughput.py: cpt's run config (--cpt-set): {e}", file=sys.stderr)
+        return 2
     result.update({"shape": settings["shape"], "framework": args.worker, "versions": versions()})
     Path(spec["result"]).write_text(json.dumps(result, indent=2))
     return 0

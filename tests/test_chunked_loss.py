@@ -166,7 +166,9 @@ def test_softcapped_logits_keep_the_full_logits_path():
     messages = []
     assert use_chunked_loss(model, "auto", 64, None, messages.append) is False
     assert chunked_loss.installed(model) is None and "changes its logits" in messages[0]
-    with pytest.raises(RuntimeError, match="train.chunked_loss: true"):
+    from cpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.chunked_loss: true, but .* soft-caps its logits"):  # (one line)
         use_chunked_loss(Gemma2ForCausalLM(model.config.__class__(**{**model.config.to_dict(), "final_logit_softcapping": 5.0})),
                          True, 64, None)
     assert use_chunked_loss(llama(), False, 64, None) is False

@@ -217,6 +217,8 @@ def test_a_union_field_gets_one_problem_line(tmp_path):
             load_config(write(tmp_path, GOOD), [f"train.profile.ranks={bad}"])
         assert str(e.value).splitlines()[0] == "invalid config (1 problem):"
         assert "train.profile.ranks: a list of process indices (e.g. [0, 3]) or 'all'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"train.profile.ranks: an empty list profiles no process"):  # (silently)
+        load_config(write(tmp_path, GOOD), ["train.profile.ranks=[]"])
     assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=all"]).train.profile.ranks == "all"
     assert load_config(write(tmp_path, GOOD), ["train.profile.ranks=[0, 1]"]).train.profile.ranks == [0, 1]
     # any union: one line naming the field, its types joined (pydantic gives one error per member it tried)

@@ -180,3 +180,19 @@ def test_dry_run_resume_with_allow_config_change_refuses_what_cannot_change(tiny
         out = capsys.readouterr()
         assert "total: " in out.out and out.err.startswith("cpt train: error: checkpoint ") and line in out.err, (change, out)
     assert main([*dry, "--set", "stages.0.steps=6"]) == 0, capsys.readouterr()
+
+
+def test_chunked_loss_true_on_a_model_it_cannot_serve_is_one_line_in_the_dry_run_too(tiny_cpt_data, tmp_path, capsys):
+    """`train.chunked_loss: true` on a model whose logits are soft-capped (Gemma 2) passed --dry-run and ended the start
+    in a RuntimeError traceback; now both say it in one line."""
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    cfg["model"]["arch"] = {"model_type": "gemma2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                            "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64}
+    cfg["train"]["chunked_loss"] = True
+    path = write(cfg, tmp_path / "c.yaml")
+    for extra in (["--dry-run"], []):
+        assert main(["train", str(path), *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("cpt train: error: train.chunked_loss: true, but "
+                                                        "Gemma2ForCausalLM soft-caps its logits"), err
+    assert not (tmp_path / "run").exists()

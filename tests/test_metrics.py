@@ -279,7 +279,8 @@ def test_mfu_on_known_numbers():
 
 
 @pytest.mark.parametrize("name,peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200 NVL", 835e12),
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 125e12), ("NVIDIA L4", 121e12),
     ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 4090", 165e12), ("cpu", None), ("Some NPU", None),
 ])

@@ -57,6 +57,8 @@ class ProfileConfig(Strict):
     def _ranks(cls, v):  # says what the field takes, with an example (the generic union line would not)
         if v != "all" and not isinstance(v, list):
             raise ValueError(f"a list of process indices (e.g. [0, 3]) or 'all', not {v!r}")
+        if v == []:  # (accepted: the run profiled nothing and said nothing)
+            raise ValueError("an empty list profiles no process: name some (e.g. [0]), or leave train.profile out")
         return v
 
 
