@@ -11,12 +11,16 @@ class _ImportNoise(_logging.Filter):
     they are installed, so in every cpt process and on every rank, whatever the run uses) that say nothing to a cpt
     user: torch's deprecation notice about torchao's ``register_constant`` of Enum classes, and, on a machine without
     CUDA, torchao's "Failed to load .../_C*.so" for its CUDA kernels and "Detected no triton", and DeepSpeed's "Setting
-    accelerator to CPU. If you have GPU ...". Every other record of those loggers passes."""
+    accelerator to CPU. If you have GPU ...", and bitsandbytes' "Failed to load CPU gemm_4bit_forward from
+    kernels-community" (peft imports bitsandbytes in every LoRA command: an optional kernel fetched from the hub,
+    which cpt never does). Every other record of those loggers passes."""
 
     def filter(self, record: _logging.LogRecord) -> bool:
         message = str(record.msg)
         if record.name == "torch.utils._pytree":
             return "is an Enum subclass and is now natively supported" not in message
+        if message.startswith("Failed to load CPU gemm_4bit_forward"):
+            return False
         if ((message.startswith("Failed to load") and ".so" in message) or "Detected no triton" in message
                 or message.startswith("Setting accelerator to CPU")):
             import torch
@@ -26,7 +30,7 @@ class _ImportNoise(_logging.Filter):
 
 
 # (a logger's filters see only the records logged on it, not its children's)
-for _name in ("torch.utils._pytree", "torchao", "torchao.kernel.intmm", "DeepSpeed"):
+for _name in ("torch.utils._pytree", "torchao", "torchao.kernel.intmm", "DeepSpeed", "bitsandbytes.backends.cpu.ops"):
     _logging.getLogger(_name).addFilter(_ImportNoise())
 
 

@@ -52,9 +52,10 @@ def write_checksums(ckpt: Path, digests: dict[str, str] | None = None) -> None:
     os.replace(tmp, ckpt / CHECKSUMS)
 
 
-def verify_checkpoint(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None:
+def verify_checkpoint(ckpt: Path, part: tuple[int, int] = (0, 1), every_problem: bool = False) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it is not (the first broken file in
-    CHECKSUMS.json's order). Every file's size first, then the digests: the whole checkpoint read once, up to
+    CHECKSUMS.json's order; ``every_problem``: every broken file, ``; ``-separated, as `cpt verify` lists them). Every
+    file's size first, then the digests: the whole checkpoint read once, up to
     :data:`HASH_THREADS` files at a time (a sharded checkpoint is many files, on storage that serves parallel reads
     faster; reading releases the GIL). ``part=(i, n)``: only reader ``i`` of ``n``'s share of the files
     (:func:`reader_share`; the ranks of a run share the reading: cpt/resume.py's ``SharedCheck``)."""
@@ -70,22 +71,27 @@ def verify_checkpoint(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None:
     problem = _listing_problem(files)
     if problem:  # (an edited or damaged listing: a KeyError traceback on every --resume, which never fell back)
         return f"{CHECKSUMS} unreadable: {problem}"
-    mine = reader_share(files, *part)
+    mine, problems = reader_share(files, *part), []
     for rel in mine:
         p, meta = ckpt / rel, files[rel]
         if not p.is_file():
-            return f"{rel} missing"
-        if p.stat().st_size != meta["size"]:
-            return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)"
-    hashed = [rel for rel in mine if files[rel].get("digest")]
+            problems.append(f"{rel} missing")
+        elif p.stat().st_size != meta["size"]:
+            problems.append(f"{rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)")
+        if problems and not every_problem:
+            return problems[0]
+    broken = {x.split(" ", 1)[0] for x in problems}
+    hashed = [rel for rel in mine if files[rel].get("digest") and rel not in broken]
     pool = ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(hashed))))
     try:
         for rel, digest in zip(hashed, pool.map(lambda rel: file_digest(ckpt / rel), hashed)):
             if digest != files[rel]["digest"]:
-                return f"{rel} checksum mismatch (corrupt)"
+                problems.append(f"{rel} checksum mismatch (corrupt)")
+                if not every_problem:
+                    break
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # (a broken file: the files not yet read are not)
-    return None
+    return "; ".join(problems) if problems else None
 
 
 def _listing_problem(files) -> str | None:

@@ -132,6 +132,9 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
         from cpt.lm_loss import use_chunked_loss
 
         use_chunked_loss(adapted, True, cfg.train.loss_chunk_tokens, log_fn=lambda *a: None)
+    from cpt.lm_loss import router_aux_coefficient
+
+    router_aux_coefficient(adapted, cfg.train.router_aux_loss_coef)  # a coefficient for a dense model: refused here too
     shape = model_shape(adapted)
     L, B = cfg.data.seq_len, cfg.train.global_batch_size
     fpt = shape_flops_per_token(shape, L)

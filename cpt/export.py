@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cpt.config.outputs import shard_size_bytes
 from cpt.fileio import fault_point, fsync_dir, readable_as_umask_allows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,7 +116,8 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
         if dtype is not None:
             state_dict = cast_state(model.state_dict() if state_dict is None else state_dict, dtype)
         state_dict = without_tied_copies(model, state_dict) if state_dict is not None else None
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
+                              max_shard_size=shard_size_bytes(max_shard_size))
         fault_point(f"export:weights:{out.name}")
         if dtype is not None:
             set_config_dtype(tmp, dtype)

@@ -124,12 +124,15 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = True
     again = f"push it again with `hf upload {repo_id} {folder.resolve()}{flags}`" + (
         f" (first set base_model_name_or_path in {ADAPTER_CONFIG} to the base's hub id: it names a local base by its "
         "path)" if adapter else "")
+    try:  # the card first, also offline: the `hf upload` the error suggests then publishes it (a full disk at the
+        if card is not None and not adapter and not (folder / CARD).exists():  # end of a run: a failed push, not run)
+            (folder / CARD).write_text(card)
+    except OSError as e:
+        raise HubPushError(f"push to {repo_id}: cannot write the model card into {folder} ({e}); {again}") from None
     if hub_offline():
         raise HubPushError(f"push to {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; the export is in "
                            f"{folder}: {again} where the hub is reachable")
-    try:  # (the card too: a full disk at the end of a finished run is a failed push, not a failed run)
-        if card is not None and not adapter and not (folder / CARD).exists():
-            (folder / CARD).write_text(card)
+    try:
         from huggingface_hub import HfApi
 
         api = HfApi()  # (its token: HF_TOKEN or the stored login; never passed through cpt)

@@ -129,13 +129,31 @@ def config_from_arch(arch: dict[str, Any], field: str = "model.arch", **defaults
         config = AutoConfig.for_model(model_type, **kw)
     except Exception as e:  # noqa: BLE001 - transformers' validators: ValueError, TypeError, StrictDataclass*Error
         raise ModelLoadError(f"{field}: {' '.join(str(e).split())}") from None
-    known = AutoConfig.for_model(model_type).to_dict()
+    known = set(AutoConfig.for_model(model_type).to_dict()) | _config_names_read(config)
     unknown = sorted(k for k in arch if k != "model_type" and k not in known and k in config.to_dict())
     if unknown:
         near = sorted({m for k in unknown for m in difflib.get_close_matches(k, list(known), n=2)})
         raise ModelLoadError(f"{field}: {', '.join(unknown)}: not a field of {type(config).__name__} (transformers would "
                              "keep it unused)" + (f"; similar fields: {', '.join(near)}" if near else ""))
     return config
+
+
+def _config_names_read(config) -> set[str]:
+    """The config attributes the model's code reads (``config.head_dim``, ``getattr(config, "head_dim", ...)``): some
+    are not fields of the config class (Qwen3-MoE's ``head_dim``), yet set the model's shape."""
+    import inspect
+    import re
+    import sys
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    try:
+        src = inspect.getsource(sys.modules[cls.__module__]) if cls is not None else ""
+    except (OSError, TypeError, KeyError):
+        src = ""
+    return set(re.findall(r"config\.(\w+)", src)) | set(
+        re.findall(r"getattr\(\s*(?:self\.)?config\s*,\s*[\'\"](\w+)[\'\"]", src))
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_from: str | None = None) -> PreTrainedModel:

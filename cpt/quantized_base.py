@@ -146,12 +146,15 @@ def prepare_for_training(model) -> None:
 
 
 def quantized_bytes(model) -> tuple[int, int]:
-    """(bytes of the quantized weights with their quantization constants, their size in fp32)."""
+    """(bytes of the quantized weights with their quantization constants, their size in fp32). Each weight once: peft's
+    LoRA layer shows its base layer's ``weight`` too (it was counted twice: the start line said 2x the memory)."""
     held = full = 0
+    seen: set[int] = set()
     for m in model.modules():
         w = getattr(m, "weight", None)
-        if w is None or not _quantized(w):
+        if w is None or not _quantized(w) or id(w) in seen:
             continue
+        seen.add(id(w))
         held += w.numel() * w.element_size()
         state = getattr(w, "quant_state", None)
         if state is not None:  # 4-bit: the shape before packing, absmax (double-quantized: its own constants)

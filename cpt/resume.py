@@ -227,6 +227,9 @@ def init_weights(cfg: RunConfig, check: LocalCheck = LocalCheck()) -> tuple[Path
     """(cpt checkpoint, HF model directory) a new run starts from: :func:`resolve_init`, and for a checkpoint the
     model its run was built from (:func:`base_model_dir`), which this run builds before loading the checkpoint."""
     init, init_hf = resolve_init(cfg.train.init_from, check)
+    if init is None and init_hf is not None and cfg.train.init_optimizer:  # (ignored: a fresh optimizer, not a word)
+        raise CheckpointError(f"train.init_optimizer: {init_hf} is an HF model, which holds no optimizer state: give "
+                              "train.init_from a cpt checkpoint or run directory, or set train.init_optimizer: false")
     return init, base_model_dir(cfg) if init is not None else init_hf
 
 
@@ -250,6 +253,15 @@ def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = Fals
         raise CheckpointError(
             f"{run_dir} holds a finished run's export ({export}) and no checkpoint to continue from: starting over "
             "would overwrite it; choose another run.output_dir, or move export/ away to train this run again"
+        )
+    periodic = sorted(p.name for p in (run_dir / "exports").glob("step_*") if p.is_dir())
+    # (a run killed without checkpoints, or with export_at_end: false: its exports were overwritten by another; a
+    # --resume with nothing to resume from is this run again, from its start, rewriting its own exports)
+    if periodic and not resume:
+        raise CheckpointError(
+            f"{run_dir} holds an earlier run's exports ({run_dir / 'exports'}: {', '.join(periodic[:3])}"
+            f"{', ...' if len(periodic) > 3 else ''}) and no checkpoint to continue from: starting over would overwrite "
+            "them; choose another run.output_dir, or move exports/ away to train this run again"
         )
 
 

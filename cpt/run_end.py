@@ -28,9 +28,11 @@ def redo_interrupted_export(cfg: RunConfig, start: Start, step: int, total_steps
 
 def periodic_export_dir(cfg: RunConfig, step: int, total_steps: int) -> Path | None:
     """``exports/step_N`` when step N gets a periodic HF export (``checkpoint.export_every``; the last step's is
-    ``export/``), else None."""
+    ``export/``, or with ``checkpoint.export_at_end: false`` a periodic one like the others: the final weights were
+    saved nowhere), else None."""
     every = cfg.checkpoint.export_every
-    if every and step % every == 0 and 0 < step < total_steps:
+    last = total_steps if not cfg.checkpoint.export_at_end else total_steps - 1
+    if every and step % every == 0 and 0 < step <= last:
         return Path(cfg.run.output_dir) / "exports" / f"step_{step:08d}"
     return None
 

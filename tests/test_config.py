@@ -390,6 +390,10 @@ def test_stage_names_given_twice_are_an_error(tmp_path):
     ("data.seq_len=1", "data.seq_len: Input should be greater than or equal to 2"),
     ("train.peak_flops=0", "train.peak_flops: Input should be greater than 0"),
     ("run.output_dir=''", "run.output_dir: an empty path"),
+    ("checkpoint.keep=true", "checkpoint.keep: true is not a number"),  # (pydantic took true as 1)
+    ("train.z_loss=.inf", "train.z_loss: Input should be a finite number"),  # (passed ge=0; every step non-finite)
+    ("train.router_aux_loss_coef=.nan", "train.router_aux_loss_coef: Input should be a finite number"),
+    ("checkpoint.max_shard_size=true", "checkpoint.max_shard_size: true is not a number"),
 ])
 def test_values_torch_or_numpy_would_refuse_at_start_are_config_errors(tmp_path, item, said):
     """Each passed validation and --dry-run, then failed at start with a traceback (numpy's seed, AdamW's betas and

@@ -133,3 +133,18 @@ def test_model_arch_keys_and_values_are_checked_against_the_config_class():
     assert len(str(e.value)) < 200
     with pytest.raises(ModelLoadError, match=r"^model: hidden_sise"):  # (an experiment spec's `model`)
         config_from_arch({**arch, "hidden_sise": 8}, field="model")
+
+
+def test_model_arch_takes_what_the_model_code_reads_beyond_the_config_fields():
+    """Qwen3-MoE's modeling reads `head_dim` (getattr with a default), which is not a field of Qwen3MoeConfig: the
+    check of model.arch keys refused it, so such a shape (head_dim != hidden / heads) could not be built."""
+    from transformers import AutoModelForCausalLM
+
+    from cpt.model import config_from_arch
+
+    config = config_from_arch({"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 1,
+                               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96,
+                               "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "vocab_size": 64})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)

@@ -236,11 +236,16 @@ def test_every_checkpoint_corrupt_resumes_from_scratch(tiny_cpt_data, tmp_path, 
     assert main(["verify", str(out)]) == 0 and main(["verify", str(ckpt)]) == 0
     said = capsys.readouterr().out.splitlines()
     assert len(said) == 2 and all(line.startswith(f"ok     {ckpt}: checkpoint, ") for line in said), said
+    assert main(["verify", str(out / "checkpoints")]) == 0  # (the folder itself: it said "no manifest.json")
+    assert capsys.readouterr().out.startswith(f"ok     {ckpt}: checkpoint, ")
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
+    (ckpt / "random_states_0.pkl").unlink()  # (two problems: both listed; it said the first alone)
     assert main(["verify", str(out)]) == 1
     said = capsys.readouterr()
-    assert said.out.startswith(f"FAILED {ckpt}: model.safetensors has ") and "(truncated?)" in said.out, said
+    failed = [line for line in said.out.splitlines() if line.startswith("FAILED ")]
+    assert len(failed) == 2 and any(line.startswith(f"FAILED {ckpt}: model.safetensors has ") and "(truncated?)" in line
+                                    for line in failed) and f"FAILED {ckpt}: random_states_0.pkl missing" in failed, said
     assert said.err.startswith("cpt verify: 1 of 1 folders have problems; re-copy a copied checkpoint"), said
     assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
     log = (tmp_path / "resumed.log").read_text()
@@ -248,3 +253,5 @@ def test_every_checkpoint_corrupt_resumes_from_scratch(tiny_cpt_data, tmp_path, 
     assert losses(out) == ref
     assert (out / "checkpoints" / f"unusable-step_{STEPS:08d}").is_dir()
     assert [p.name for p in list_checkpoints(out)] == [f"step_{STEPS:08d}"]
+    assert main(["verify", str(out)]) == 0  # the set-aside checkpoint is named (it said nothing of it)
+    assert f"note   {out / 'checkpoints' / f'unusable-step_{STEPS:08d}'}: set aside as broken" in capsys.readouterr().out

@@ -136,6 +136,7 @@ def test_dry_run_refuses_what_the_start_refuses_about_the_run_directory(tiny_cpt
     from cpt.config import save_config
 
     (tmp_path / "file").write_text("x")
+    (tmp_path / "killed" / "exports" / "step_00000003").mkdir(parents=True)  # (killed, no checkpoint: overwritten)
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step_00000004"
     ckpt.mkdir(parents=True)
@@ -143,6 +144,7 @@ def test_dry_run_refuses_what_the_start_refuses_about_the_run_directory(tiny_cpt
     path = write(tiny_run_config(tiny_cpt_data, run), tmp_path / "c.yaml")
     for flags, line in ((["--output-dir", str(tmp_path / "file" / "sub")], f"{tmp_path / 'file'} is a file"),
                         (["--output-dir", str(tiny_base.parent)], "holds a finished run's export"),
+                        (["--output-dir", str(tmp_path / "killed")], "holds an earlier run's exports ("),
                         ([], "already holds checkpoints: pass --resume"),
                         (["--resume"], "run.seed: 1 -> 1234")):
         assert main(["train", str(path), "--dry-run", *flags]) == 1, flags
@@ -184,7 +186,8 @@ def test_dry_run_resume_with_allow_config_change_refuses_what_cannot_change(tiny
 
 def test_chunked_loss_true_on_a_model_it_cannot_serve_is_one_line_in_the_dry_run_too(tiny_cpt_data, tmp_path, capsys):
     """`train.chunked_loss: true` on a model whose logits are soft-capped (Gemma 2) passed --dry-run and ended the start
-    in a RuntimeError traceback; now both say it in one line."""
+    in a RuntimeError traceback; now both say it in one line. So does a router-loss coefficient for a dense model (the
+    dry run passed it)."""
     cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
     cfg["model"]["arch"] = {"model_type": "gemma2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                             "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64}
@@ -196,3 +199,22 @@ def test_chunked_loss_true_on_a_model_it_cannot_serve_is_one_line_in_the_dry_run
         assert err.strip().splitlines()[-1].startswith("cpt train: error: train.chunked_loss: true, but "
                                                         "Gemma2ForCausalLM soft-caps its logits"), err
     assert not (tmp_path / "run").exists()
+    del cfg["model"]["arch"]["model_type"], cfg["model"]["arch"]["head_dim"], cfg["train"]["chunked_loss"]
+    cfg["train"]["router_aux_loss_coef"] = 0.01
+    assert main(["train", str(write(cfg, tmp_path / "dense.yaml")), "--dry-run"]) == 1
+    assert "cpt train: error: train.router_aux_loss_coef: 0.01 is set, but LlamaForCausalLM has no router" in \
+        capsys.readouterr().err
+
+
+def test_init_optimizer_without_a_checkpoint_to_take_it_from_is_refused(tiny_cpt_data, tiny_base, tmp_path, capsys):
+    """`train.init_optimizer: true` with no `train.init_from`, or with an HF model (no optimizer state), was accepted
+    and did nothing: the run started with a fresh optimizer without a word."""
+    from cpt.config import ConfigError
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run")
+    with pytest.raises(ConfigError, match="train.init_optimizer needs train.init_from"):
+        load_config(base=cfg, overrides=["train.init_optimizer=true"])
+    path = write(cfg, tmp_path / "c.yaml")
+    assert main(["train", str(path), "--dry-run", "--from", str(tiny_base), "--set", "train.init_optimizer=true"]) == 1
+    err = capsys.readouterr().err
+    assert f"cpt train: error: train.init_optimizer: {tiny_base} is an HF model, which holds no optimizer state" in err

@@ -379,6 +379,15 @@ def test_cpt_export_writes_bf16_shards_that_serving_loaders_read(run, tmp_path):
     assert next(model.parameters()).dtype == torch.bfloat16
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert torch.equal(model.lm_head.weight, full["model.embed_tokens.weight"].to(torch.bfloat16))
+    # binary units, as the docs offer them (huggingface_hub parses KB/MB/GB only: `2GiB` ended every export, a run's
+    # final one included, in a ValueError traceback): 100KiB = 102,400 bytes, shards a little larger than 100KB's
+    kib = tmp_path / "kib"
+    assert main([str(run), "--out", str(kib), "--dtype", "bf16", "--max-shard-size", "100KiB"]) == 0
+    assert 1 < len(list(kib.glob("*.safetensors"))) <= len(shards)
+    from cpt.config.outputs import shard_size_bytes
+
+    assert [shard_size_bytes(s) for s in ("5GB", "2GiB", "500MiB", "100KB", 123)] == [5 * 10 ** 9, 2 * 2 ** 30,
+                                                                                   500 * 2 ** 20, 100_000, 123]
 
 
 def test_run_exports_follow_checkpoint_export_dtype_and_max_shard_size(tiny_cpt_data, tmp_path):
@@ -534,3 +543,18 @@ def test_an_fp32_export_of_a_16_bit_base_says_so_once(tmp_path, tok, monkeypatch
     assert dtype_note(model, None) is None  # once per process (a run writes several exports)
     cfg = _model_cfg(name_or_path=str(tmp_path / "fp32"))
     assert dtype_note(build_model(cfg, load_tokenizer(cfg)), "fp32") is None
+
+
+def test_the_last_step_gets_its_periodic_export_when_there_is_no_final_one(tiny_cpt_data, tmp_path):
+    """`checkpoint.export_at_end: false` with `export_every` dividing the run: the last step's weights were exported
+    nowhere (its periodic export was left to `export/`, which the setting turns off)."""
+    from conftest import tiny_run_config
+    from cpt.config import load_config
+    from cpt.run_end import periodic_export_dir
+
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", checkpoint={"export_every": 3})
+    on = load_config(base=cfg)
+    off = load_config(base=cfg, overrides=["checkpoint.export_at_end=false"])
+    assert [s for s in range(1, 7) if periodic_export_dir(on, s, 6)] == [3]
+    assert [s for s in range(1, 7) if periodic_export_dir(off, s, 6)] == [3, 6]
+    assert periodic_export_dir(off, 6, 6).name == "step_00000006"

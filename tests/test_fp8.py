@@ -320,12 +320,13 @@ def test_torchao_installed_adds_no_lines_to_every_runs_log():
         return done.stderr + done.stdout  # (DeepSpeed's logger writes to stdout)
 
     noise = ("is an Enum subclass and is now natively supported", "Failed to load", "Detected no triton",
-             "Setting accelerator to CPU")
+             "Setting accelerator to CPU", "Failed to load CPU gemm_4bit_forward")
     # (DeepSpeed's line comes from whichever import first asks for the accelerator, when its logger is importable by
     # then: logged here as deepspeed/accelerator/real_accelerator.py logs it)
     imports = ("import torchao, torchao.kernel.intmm, transformers.quantizers.auto; from deepspeed.utils import logger; "
                "logger.warning('Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to "
-               "detect it.')")
+               "detect it.'); import logging as L; L.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load "
+               "CPU gemm_4bit_forward from kernels-community: x')")
     plain = stderr_of(f"import logging; logging.basicConfig(); {imports}")  # (a handler, as a cpt run has)
     # (what the filter is for: torchao 0.18 on torch 2.13, DeepSpeed on a machine without CUDA)
     assert all(n in plain for n in noise[1:]), plain[-2000:]

@@ -92,6 +92,23 @@ def test_a_run_pushes_its_final_export_with_a_model_card(tiny_cpt_data, tmp_path
     assert ": 4 steps" in card and "## Held-out loss (step 4)" in card
 
 
+def test_an_offline_push_writes_the_card_that_the_suggested_upload_publishes(tiny_cpt_data, tmp_path, hub, monkeypatch):
+    """HF_HUB_OFFLINE=1 (the usual compute node): the push is refused before it tries, and the line says to run `hf
+    upload` where the hub is reachable; the model card was written only when the push went ahead, so that upload
+    published the model without it (a network failure had it)."""
+    from cpt.train import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tiny_run_config(tiny_cpt_data, tmp_path / "run", checkpoint={"push_to_hub": "me/x"}, eval={"at_start": False})
+    cfg["stages"][0].update(steps=2, schedule={"type": "constant", "max_lr": 1e-3, "warmup_steps": 0})
+    echo = Echo()
+    result = train(load_config(base=cfg), echo=echo)
+    line = next(x for x in echo if "HF_HUB_OFFLINE is set" in x)
+    assert f"hf upload me/x {result.export_dir.resolve()}" in line and not hub.calls
+    card = (result.export_dir / "README.md").read_text()
+    assert card.startswith("---") and "cpt" in card
+
+
 def test_a_failed_push_keeps_the_export_and_says_how_to_push_again(tiny_cpt_data, tmp_path, hub, capsys):
     from cpt.cli import main
     from cpt.train import train

@@ -131,6 +131,9 @@ def test_qlora_checkpoint_holds_the_adapter_and_resumes_bitwise_on_the_requantiz
     base_weights = sum(t.numel() for t in load_file(tiny_base / "model.safetensors").values())
     trainable, total = (int(x.replace(",", "")) for x in re.search(r"trainable params: ([\d,]+) of ([\d,]+)", log).groups())
     assert total == base_weights + trainable  # 4-bit weights counted as weights, not as packed bytes
+    # the memory line counts each quantized weight once (peft's LoRA layer shows its base layer's weight too: 2x)
+    linear = sum(t.numel() for k, t in load_file(tiny_base / "model.safetensors").items() if k.endswith("proj.weight"))
+    assert f"instead of {linear * 4 / 2 ** 20:.1f} MiB in fp32" in log, log
     ckpt = out / "checkpoints" / "step_00000003"
     saved = load_file(ckpt / ADAPTER_STATE)
     assert saved and all(".lora_" in k for k in saved) and not any("base_layer" in k for k in saved)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,8 @@ def checkpoints_in(path: str) -> list | None:
         return [p]
     if (p / "checkpoints").is_dir():
         return list_checkpoints(p)
+    if p.name == "checkpoints" and p.is_dir() and (list_checkpoints(p.parent) or not any(p.iterdir())):
+        return list_checkpoints(p.parent)  # (RUN/checkpoints itself: it said "no manifest.json ... run cpt prepare")
     run_dir = (p / "config.yaml").is_file() and any((p / f).exists() for f in ("metrics.jsonl", "train.log", "export"))
     return [] if run_dir else None  # (a run without checkpoints: checkpoint.every unset; said "no manifest.json")
 
@@ -56,9 +59,9 @@ def verify_checkpoint_dir(ckpt) -> tuple[list[str], str]:
     """(problems, a one-line summary) for one cpt checkpoint: what ``--resume`` checks before it loads one."""
     from cpt.checkpoint_dir import checkpoint_size, verify_checkpoint
 
-    problem = verify_checkpoint(ckpt)
+    problem = verify_checkpoint(ckpt, every_problem=True)  # (every broken file: it listed the first alone)
     if problem:
-        return [f"{ckpt}: {problem}"], ""
+        return [f"{ckpt}: {p}" for p in problem.split("; ")], ""
     files, size = checkpoint_size(ckpt)
     return [], f"checkpoint, {files} files, {size / 1e6:,.1f} MB"
 
@@ -100,6 +103,12 @@ def main(argv: list[str]) -> int:
     bad, checked = [], 0
     for path in folders:
         ckpts = checkpoints_in(path)
+        if ckpts is not None:  # checkpoints an earlier --resume set aside as broken (unusable-step_N): said, not checked
+            from cpt.checkpoint_dir import UNUSABLE_PREFIX
+
+            folder = Path(path) if Path(path).name == "checkpoints" else Path(path) / "checkpoints"
+            for aside in sorted(folder.glob(f"{UNUSABLE_PREFIX}*")):
+                print(f"note   {aside}: set aside as broken by an earlier --resume (not checked; delete it when done)")
         if ckpts == []:
             print(f"ok     {path}: a run directory with no checkpoint (none saved yet, or checkpoint.every unset)")
         for item in [path] if ckpts is None else ckpts:

@@ -22,16 +22,33 @@ class Strict(BaseModel):
     YAML 1.1 reads ``2024_01`` as 202401, ``007`` as 7 and ``010`` as 8 (octal): quote those). A decimal number for
     a text field is an error: its text is not the one written (``1.10`` -> 1.1), so it must be quoted."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # (allow_inf_nan: `.inf` or `.nan` for a float setting, e.g. train.z_loss, passed every bound and ruined the run)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_decimal_as_text(cls, value: Any, info) -> Any:
         decimals = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, float)]
-        if decimals and _text_only(cls.model_fields[info.field_name].annotation):
+        annotation = cls.model_fields[info.field_name].annotation
+        if decimals and _text_only(annotation):
             raise ValueError(f"{decimals[0]!r} is a decimal number to YAML, not the text as written "
                              "(1.10 reads as 1.1): quote it")
+        if isinstance(value, bool) and _number_not_bool(annotation):  # (pydantic took true as 1: `keep: true` kept 1)
+            raise ValueError(f"{str(value).lower()} is not a number: give one")
         return value
+
+
+def _number_not_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a number (``int``, ``float | None``, ``str | int``, constrained) but not a bool."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _number_not_bool(args[0])
+    members = [a for a in args if a is not type(None)] if args and origin not in (list, dict, tuple, typing.Literal) \
+        else [annotation]
+    members = [typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a for a in members]
+    return any(a in (int, float) for a in members) and not any(a in (bool, typing.Any) for a in members)
 
 
 def _text_only(annotation: Any) -> bool:

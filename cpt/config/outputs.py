@@ -15,6 +15,17 @@ SHARD_SIZE = re.compile(r"^[1-9][0-9]*[KMG]i?B$")
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
 
+_UNITS = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
+
+
+def shard_size_bytes(size: str | int) -> int:
+    """A ``max_shard_size`` (checked by :data:`SHARD_SIZE`, or bytes) in bytes, as ``save_pretrained`` is given it:
+    huggingface_hub parses KB/MB/GB/TB only, so ``2GiB`` (which the docs offer) ended every export in a ValueError."""
+    if isinstance(size, int):
+        return size
+    return int(size[:-3 if size[-2] == "i" else -2]) * _UNITS[size[-3:] if size[-2] == "i" else size[-2:]]
+
+
 def check_hub_repo(repo_id: str) -> str:
     if not HUB_REPO.match(repo_id) or "--" in repo_id or ".." in repo_id:
         raise ValueError(f"{repo_id!r}: give a hub repository as NAME or ORG/NAME (letters, digits, '-', '_', '.')")
@@ -54,7 +65,7 @@ class CheckpointConfig(Strict):
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size(cls, v: str | int) -> str | int:
-        if isinstance(v, int) and v > 0 or isinstance(v, str) and SHARD_SIZE.match(v):
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0 or isinstance(v, str) and SHARD_SIZE.match(v):
             return v
         raise ValueError(f"{v!r}: give a size such as 5GB, 500MB or 2GiB (or a number of bytes)")
 

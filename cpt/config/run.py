@@ -67,6 +67,8 @@ class RunConfig(Strict):
             errors.append("eval.ema: evaluating the EMA needs train.ema_decay")
         if self.train.anneal_steps is not None and self.train.init_from is None:
             errors.append("train.anneal_steps needs train.init_from (the checkpoint to branch from)")
+        if self.train.init_optimizer and self.train.init_from is None:  # (accepted, and did nothing)
+            errors.append("train.init_optimizer needs train.init_from (the cpt checkpoint whose optimizer state to take)")
         if self.train.fp8 is not None and self.model.lora is not None:
             errors.append(f"train.fp8: {self.train.fp8} trains a full model's Linear layers in float8; not with "
                           "model.lora (LoRA/QLoRA): set train.fp8: null or drop model.lora")
