@@ -448,6 +448,9 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
         "num_embeddings": int(base.get_input_embeddings().weight.shape[0]),
         "new_rows": list(getattr(model, "_cpt_new_rows", [])),
         "base_model_name_or_path": model.peft_config[model.active_adapter].base_model_name_or_path,
+        # model.config_overrides as the base's config took them: a base loaded without them (a long-context run's
+        # RoPE and context) gave other losses, silently; cpt merge / cpt eval apply them (cpt.model.load_adapter_model)
+        "config_overrides": dict(getattr(base, "cpt_config_overrides", None) or {}),
     }
     (out / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2))
     return out

@@ -180,6 +180,8 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, weights_fr
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **common)
     weight = model.get_input_embeddings().weight
     check_vocab_fits(cfg, tokenizer, getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3: an empty placeholder
+    # what model.config_overrides made of the config (a LoRA adapter's export records it: cpt/adapters.py)
+    model.cpt_config_overrides = {k: getattr(config, k) for k in cfg.config_overrides}
     return model
 
 
@@ -250,10 +252,15 @@ def apply_config_overrides(config, overrides: dict[str, Any]) -> None:
                          + (f" (similar fields: {near})" if near else ""))
     old_context = getattr(config, "max_position_embeddings", None)
     for key, value in overrides.items():
+        if key in _SIZES and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelLoadError(f"model.config_overrides.{key}: {value!r}: give a whole number >= 1")
         if key == "rope_parameters":
             value = _rope_parameters(getattr(config, "rope_parameters", None), value, old_context,
                                      overrides.get("max_position_embeddings"))
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as e:  # noqa: BLE001 - transformers' validators (a StrictDataclass*Error traceback)
+            raise ModelLoadError(f"model.config_overrides.{key}: {' '.join(str(e).split())}") from None
     if "rope_parameters" in overrides and hasattr(config, "validate_rope"):
         try:
             config.validate_rope()
@@ -262,6 +269,9 @@ def apply_config_overrides(config, overrides: dict[str, Any]) -> None:
             raise ModelLoadError(f"model.config_overrides.rope_parameters: {said}") from None
 
 
+# sizes a config_overrides value must give as a whole number >= 1 (max_position_embeddings: -5 was exported as it was)
+_SIZES = ("max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "intermediate_size", "vocab_size", "head_dim")
 # RoPE types whose frequencies depend on the context the model was pre-trained with
 _ROPE_WITH_ORIGINAL_CONTEXT = ("yarn", "llama3", "longrope")
 
@@ -269,17 +279,24 @@ _ROPE_WITH_ORIGINAL_CONTEXT = ("yarn", "llama3", "longrope")
 def _rope_parameters(current, given, old_context: int | None, new_context: int | None):
     """``model.config_overrides.rope_parameters`` on top of the model's own: keys given without a ``rope_type``, or with
     the model's, update its parameters (``{rope_theta: 1e6}`` raises the base and keeps the rest); another
-    ``rope_type`` replaces them but for ``partial_rotary_factor`` (how much of each head rotates: Pythia, Phi's
-    architecture, not a scaling choice). A scaled type (yarn, llama3, longrope) whose ``original_max_position_embeddings`` is
+    ``rope_type`` replaces them but for ``rope_theta`` (the base frequency every type scales) and
+    ``partial_rotary_factor`` (how much of each head rotates: Pythia, Phi's architecture, not a scaling choice). A scaled type (yarn, llama3, longrope) whose ``original_max_position_embeddings`` is
     not given, next to a raised ``max_position_embeddings``, gets the model's own context there (transformers would
     take the raised one as the original and compute other frequencies)."""
     if not isinstance(given, dict):
         return given
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    known = sorted({"default", *ROPE_INIT_FUNCTIONS})
+    if "rope_type" in given and given["rope_type"] not in known:  # (a KeyError traceback)
+        raise ModelLoadError(f"model.config_overrides.rope_parameters.rope_type: {given['rope_type']!r} is not a RoPE "
+                             f"type of transformers ({', '.join(known)})")
     flat = isinstance(current, dict) and "rope_type" in current  # (not per layer type, as Gemma 3's)
     if flat and given.get("rope_type", current["rope_type"]) == current["rope_type"]:
         given = {**current, **given}
-    elif flat and "partial_rotary_factor" in current:
-        given = {"partial_rotary_factor": current["partial_rotary_factor"], **given}
+    elif flat:  # another type: the base frequency and the rotating share carry over (without rope_theta, yarn's
+        # frequencies were computed from None: a TypeError traceback)
+        given = {**{k: current[k] for k in ("rope_theta", "partial_rotary_factor") if k in current}, **given}
     if (given.get("rope_type") in _ROPE_WITH_ORIGINAL_CONTEXT and "original_max_position_embeddings" not in given
             and old_context and new_context and new_context != old_context):
         given = {**given, "original_max_position_embeddings": old_context}
@@ -348,17 +365,26 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
         raise FileNotFoundError(f"{adir} is not a peft adapter directory (no adapter_config.json)")
     acfg = read_adapter_config(adir)
     base = base or acfg.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{cfg_path} names no base model; pass base=... (cpt merge --base)")
+    sidecar = adir / ADAPTER_SIDECAR
+    recorded = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if not base:  # (a ValueError traceback from cpt merge and cpt eval)
+        raise ModelLoadError(
+            f"{cfg_path} names no base model: an adapter of a run whose base was built from model.arch has none on "
+            "disk; export the run merged from its checkpoint instead (cpt export RUN --out DIR)"
+            if sidecar.is_file() else f"{cfg_path} names no base model: give it (cpt merge --base)")
     require_adapter_safetensors(adir)
+    config = None
+    if recorded.get("config_overrides"):  # the base as the run trained it (long-context: its RoPE and context)
+        config = load_or_explain("base model", base, AutoConfig.from_pretrained, base, trust_remote_code=False)
+        for key, value in recorded["config_overrides"].items():
+            setattr(config, key, value)
     model = load_or_explain("base model", base, AutoModelForCausalLM.from_pretrained, base, dtype=dtype or "auto",
-                            trust_remote_code=False,
+                            trust_remote_code=False, **({"config": config} if config is not None else {}),
                             use_safetensors=require_safetensors(base, "base model"))  # (moved: one line)
     tok_src = adir if (adir / "tokenizer_config.json").is_file() else Path(base)
     tokenizer = load_or_explain("tokenizer", str(tok_src), AutoTokenizer.from_pretrained, str(tok_src),
                                 trust_remote_code=False)
-    sidecar = adir / ADAPTER_SIDECAR
-    n_rows = json.loads(sidecar.read_text())["num_embeddings"] if sidecar.is_file() else len(tokenizer)
+    n_rows = recorded.get("num_embeddings", len(tokenizer))
     if n_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n_rows, mean_resizing=False)
     try:

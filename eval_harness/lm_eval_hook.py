@@ -374,10 +374,9 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
     has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     if (path / "adapter_config.json").exists():
         base_name = base or read_adapter_config(path).get("base_model_name_or_path")
-        if not base_name:
-            raise ValueError(f"{path}: adapter_config.json names no base model; pass --base")
         # (as cpt merge loads it: the base's embedding resized to cpt_adapter.json's num_embeddings, a vocabulary
-        # extension's padded size; to len(tokenizer) the adapter's new rows did not fit: an IndexError in peft)
+        # extension's padded size; to len(tokenizer) the adapter's new rows did not fit: an IndexError in peft; its
+        # config_overrides applied; no base named: its one-line ModelLoadError, not a ValueError traceback)
         model, tokenizer = load_adapter_model(path, base=base_name, dtype=torch_dtype)
     elif (path / "config.json").exists():
         model = load_or_explain("model", str(path), AutoModelForCausalLM.from_pretrained, str(path),

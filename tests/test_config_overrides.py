@@ -148,3 +148,51 @@ def test_model_arch_takes_what_the_model_code_reads_beyond_the_config_fields():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)
+
+
+def test_a_lora_adapter_of_a_long_context_run_carries_its_overrides_to_merge_and_eval(tiny_base, tmp_path, capsys):
+    """A LoRA run with model.config_overrides (RoPE scaling, a longer context): its adapter export recorded nothing of
+    them, so `cpt merge`, `cpt eval` (and peft on the named base) rebuilt the base with its own RoPE and context and
+    gave other losses, silently. cpt_adapter.json records them; loading the adapter applies them."""
+    import json
+
+    from cpt.adapters import save_adapter
+    from cpt.model import load_adapter_model, merge_adapter, prepare_model
+
+    rope = {"rope_type": "yarn", "factor": 4.0}
+    cfg = model_cfg(tiny_base, config_overrides={"max_position_embeddings": 256, "rope_parameters": rope},
+                    lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    tok = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model, tok, _ = prepare_model(cfg, build_model(cfg, tok), tok, log_fn=lambda *a: None)
+    with torch.no_grad():  # (trained LoRA weights, so that the adapter changes the outputs)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    save_adapter(model, tmp_path / "adapter", tok)
+    recorded = json.loads((tmp_path / "adapter" / "cpt_adapter.json").read_text())["config_overrides"]
+    assert recorded["max_position_embeddings"] == 256 and recorded["rope_parameters"]["rope_type"] == "yarn"
+    assert recorded["rope_parameters"]["rope_theta"] == model.get_base_model().config.rope_parameters["rope_theta"]
+    loaded, _ = load_adapter_model(tmp_path / "adapter")
+    ids = torch.randint(0, len(tok), (1, 200))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    merged = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    config = json.loads((merged / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256 and config["rope_parameters"]["rope_type"] == "yarn"
+
+
+def test_bad_rope_and_size_overrides_are_one_line(tiny_base):
+    """Another rope_type without rope_theta (yarn's frequencies from None: a TypeError traceback), an unknown type (a
+    KeyError), a size that is not a positive whole number (-5 was exported; "abc" a validator's traceback)."""
+    cfg = model_cfg(tiny_base)
+    tok = load_tokenizer(cfg)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    built = build_model(model_cfg(tiny_base, config_overrides={"rope_parameters": yarn}), tok)
+    assert built.config.rope_parameters["rope_theta"] == build_model(cfg, tok).config.rope_parameters["rope_theta"]
+    for overrides, said in (({"rope_parameters": {"rope_type": "yarnn", "factor": 2.0}}, "rope_parameters.rope_type: 'yarnn' is not a RoPE type"),
+                            ({"max_position_embeddings": -5}, "max_position_embeddings: -5: give a whole number >= 1"),
+                            ({"max_position_embeddings": "abc"}, "max_position_embeddings: 'abc': give a whole number")):
+        with pytest.raises(ModelLoadError, match=f"^model.config_overrides.{said}"):
+            build_model(model_cfg(tiny_base, config_overrides=overrides), tok)
