@@ -453,6 +453,31 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
         "config_overrides": dict(getattr(base, "cpt_config_overrides", None) or {}),
     }
     (out / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    rows = frozen_new_rows(base, sidecar["new_rows"])
+    if rows:
+        from safetensors.torch import save_file
+
+        save_file(rows, str(out / NEW_ROWS_FILE))
+    return out
+
+
+NEW_ROWS_FILE = "cpt_new_rows.safetensors"
+
+
+def frozen_new_rows(base, ids: list[int]) -> dict[str, torch.Tensor]:
+    """The vocabulary extension's new rows (``ids``) of the base's frozen embedding and output head, as the run
+    initialised them (mean of subtokens): the adapter holds the rows it trains, but not these, which a model keeps
+    where they stay frozen (a tied head under ``modules_to_save: [embed_tokens]``: ``cpt merge`` left them at the
+    resize's random values, and the merged model's losses differed). Only whole, unsharded weights (one process, DDP);
+    ``{}`` otherwise or without new rows."""
+    out = {}
+    for key, module in (("input", base.get_input_embeddings()), ("output", base.get_output_embeddings())):
+        module = getattr(module, "original_module", module)  # peft's modules_to_save wrapper: the frozen original
+        module = getattr(module, "base_layer", module)  # a LoRA or trainable-tokens wrapper: its base layer
+        w = getattr(module, "weight", None)
+        if not ids or w is None or type(w.data) is not torch.Tensor or hasattr(w, "ds_id") or w.shape[0] <= max(ids):
+            continue
+        out[key] = w.detach()[ids].to("cpu", copy=True).contiguous()
     return out
 
 

@@ -387,6 +387,7 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
     n_rows = recorded.get("num_embeddings", len(tokenizer))
     if n_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n_rows, mean_resizing=False)
+    _set_new_rows(model, adir, recorded.get("new_rows") or [])
     try:
         peft_model = load_peft_adapter(model, adir)
     except RuntimeError as e:  # torch's load_state_dict: the adapter was trained on another model
@@ -397,6 +398,23 @@ def load_adapter_model(adapter_dir: str | Path, base: str | None = None, dtype: 
         raise ModelLoadError(f"adapter {adir} does not fit the base model {base} ({state_dict_mismatch(e)}): give the "
                              "base it was trained on (cpt merge --base)") from None
     return peft_model, tokenizer
+
+
+def _set_new_rows(model, adapter_dir: Path, ids: list[int]) -> None:
+    """The new rows the run's frozen embedding and head held (``cpt_new_rows.safetensors``), set on the resized base
+    before the adapter loads over it (its trained rows win)."""
+    from cpt.adapters import NEW_ROWS_FILE
+
+    path = adapter_dir / NEW_ROWS_FILE
+    if not path.is_file() or not ids:
+        return
+    from safetensors.torch import load_file
+
+    rows = load_file(str(path))
+    with torch.no_grad():
+        for key, module in (("input", model.get_input_embeddings()), ("output", model.get_output_embeddings())):
+            if key in rows and module is not None:
+                module.weight[ids] = rows[key].to(module.weight.dtype)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,

@@ -153,6 +153,33 @@ def test_with_lora_new_rows_are_trainable_and_survive_merge(tok, tmp_path):
     assert len(PreTrainedTokenizerFast.from_pretrained(merged_dir)) == len(new_tok)
 
 
+def test_a_tied_base_with_embed_tokens_in_modules_to_save_merges_with_its_frozen_heads_new_rows(tok, tmp_path):
+    """Vocabulary extension + LoRA with `modules_to_save: [embed_tokens]` on a tied base: the adapter holds the
+    trained embedding copy, and the head keeps the base's weight, whose new rows the run initialised (mean of
+    subtokens) and left frozen. They were stored nowhere: `cpt merge` left them at the resize's random values and the
+    merged model's losses differed (silently). The adapter export records them (cpt_new_rows.safetensors)."""
+    base_dir = tmp_path / "base"
+    tiny_model(len(tok), tied=True).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model, new_tok, ids = extend_vocabulary(model, tok, VocabConfig(learn_from="x", learn_tokens=6), texts=NEW)
+    pm = apply_lora(model, LoraConfig(r=2, modules_to_save=["embed_tokens"]), new_token_ids=ids)
+    with torch.no_grad():  # as if trained: the LoRA B factors and the embedding copy moved
+        for name, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    batch = torch.tensor([new_tok(NEW[0])["input_ids"][:40]])
+    assert max(batch[0]) >= len(tok)
+    pm.eval()
+    with torch.no_grad():
+        expected = pm(batch).logits
+    adapter = save_adapter(pm, tmp_path / "adapter", tokenizer=new_tok)
+    assert (adapter / "cpt_new_rows.safetensors").is_file()
+    merged = LlamaForCausalLM.from_pretrained(merge_adapter(adapter, tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def _quadratic_loss(w, target):
     return ((w - target) ** 2 * torch.arange(1, w.shape[0] + 1).unsqueeze(1)).sum()
 
