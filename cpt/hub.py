@@ -245,6 +245,14 @@ def add_push_arguments(p) -> None:
     p.add_argument("--hub-revision", metavar="BRANCH", default=None, help="with --push-to-hub: push to this branch")
 
 
+def push_flags_problem(args) -> str | None:
+    """``--public`` or ``--hub-revision`` without ``--push-to-hub`` (they did nothing, without a word)."""
+    given = [f for f, v in (("--public", args.public), ("--hub-revision", args.hub_revision)) if v]
+    if given and not args.push_to_hub:
+        return f"{' and '.join(given)} go with --push-to-hub REPO (nothing is pushed without it)"
+    return None
+
+
 def push_run_export(cfg, export_dir: Path, step: int, tokens: int, say) -> None:
     """``checkpoint.push_to_hub`` at the end of a run (main process): the final export with its model card. A failed
     push is one line (the export stays on disk, the run has succeeded): it does not fail a finished run."""

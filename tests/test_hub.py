@@ -248,3 +248,20 @@ def test_a_card_that_cannot_be_written_is_a_failed_push_not_a_failed_run(tmp_pat
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(HubPushError, match="No space left on device"):
         push_folder(folder, "me/x", card="card\n")
+
+
+def test_push_options_without_a_push_are_refused(tmp_path, capsys):
+    """`cpt export --public --hub-revision x` without --push-to-hub, and `checkpoint.hub_revision` without
+    `push_to_hub`, were accepted and did nothing; `cpt export --adapter --max-shard-size` ignored the size."""
+    from cpt.cli import main
+    from cpt.config import ConfigError
+
+    for command in (["export", str(tmp_path), "--out", str(tmp_path / "x")], ["merge", str(tmp_path), "--out", str(tmp_path / "x")]):
+        assert main([*command, "--public", "--hub-revision", "dev"]) == 2
+        assert "--public and --hub-revision go with --push-to-hub REPO" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x"), "--adapter", "--max-shard-size", "1GB"]) == 1
+    assert "--max-shard-size applies to full models" in capsys.readouterr().err
+    cfg = tiny_run_config(tmp_path, tmp_path / "run", checkpoint={"hub_revision": "dev"})
+    with pytest.raises(ConfigError, match="hub_revision: set with no push_to_hub"):
+        load_config(base=cfg)
+    assert not (tmp_path / "x").exists()

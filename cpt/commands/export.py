@@ -53,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpt export: --dtype {args.dtype} applies to full models; --adapter writes the peft adapter as peft "
               "does (fp32): drop --dtype, or drop --adapter for the merged model in that dtype", file=sys.stderr)
         return 1
-    from cpt.hub import HubPushError, card_for_checkpoint, check_push_target, push_folder
+    if args.adapter and args.max_shard_size is not None:  # (ignored: peft writes one adapter file)
+        print("cpt export: --max-shard-size applies to full models; --adapter writes the peft adapter as one file: "
+              "drop --max-shard-size, or drop --adapter for the merged model in shards", file=sys.stderr)
+        return 1
+    from cpt.hub import HubPushError, card_for_checkpoint, check_push_target, push_flags_problem, push_folder
+
+    if problem := push_flags_problem(args):
+        print(f"cpt export: {problem}", file=sys.stderr)
+        return 2
 
     if args.push_to_hub and (problem := check_push_target(args.push_to_hub)):  # (before the export's work)
         print(f"cpt export: {problem}", file=sys.stderr)

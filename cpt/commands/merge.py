@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cpt.export import ExportFolderError
-    from cpt.hub import HubPushError, card_for_export, check_push_target, push_folder
+    from cpt.hub import HubPushError, card_for_export, check_push_target, push_flags_problem, push_folder
     from cpt.model import ModelLoadError, merge_adapter
 
+    if problem := push_flags_problem(args):
+        print(f"cpt merge: error: {problem}", file=sys.stderr)
+        return 2
     if args.push_to_hub and (problem := check_push_target(args.push_to_hub)):  # (before the merge's work)
         print(f"cpt merge: error: {problem}", file=sys.stderr)
         return 1
