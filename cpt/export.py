@@ -108,8 +108,6 @@ def write_hf(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | No
     out = Path(out_dir)
     tmp = staging_dir(out)
     if hasattr(model, "peft_config"):  # LoRA: the adapter in peft format (+ tokenizer, embedding size)
-        from cpt.adapters import save_adapter
-
         save_adapter(model, tmp, tokenizer, state_dict=state_dict)
     else:
         dtype = export_dtype(dtype)
@@ -278,3 +276,73 @@ def without_tied_copies(model, state_dict: dict) -> dict:
     for name, param in model.named_parameters(remove_duplicate=False):
         (tied.add(name) if id(param) in first else first.setdefault(id(param), name))
     return {k: v for k, v in state_dict.items() if k not in tied}
+
+
+# ------------------------------------------------------------------------------------------ LoRA adapters
+
+
+def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+    """Save a LoRA run's adapter in peft format (``adapter_model.safetensors`` + ``adapter_config.json``),
+    the tokenizer, and ``cpt_adapter.json`` (embedding size, so that ``cpt merge`` can resize the base; the
+    config overrides and the base), and the frozen new rows (:func:`frozen_new_rows`).
+
+    ``state_dict``: pass the full (gathered) state dict under FSDP / ZeRO-3, e.g.
+    ``accelerator.get_state_dict(model)``; call on the main process only.
+    """
+    from cpt.adapter_init import as_plain_lora
+    from cpt.adapters import ADAPTER_SIDECAR
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # never let peft guess by looking the base model up on the hub (network); embeddings resized by a
+    # vocabulary extension are saved through trainable_token_indices / modules_to_save instead
+    pcfg = model.peft_config[model.active_adapter]
+    pcfg.base_model_name_or_path = portable_base_path(pcfg.base_model_name_or_path)
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
+    as_plain_lora(model, out)  # PiSSA/OLoRA: a plain LoRA of the original base (cpt/adapter_init.py)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    base = model.get_base_model()
+    sidecar = {
+        "num_embeddings": int(base.get_input_embeddings().weight.shape[0]),
+        "new_rows": list(getattr(model, "_cpt_new_rows", [])),
+        "base_model_name_or_path": model.peft_config[model.active_adapter].base_model_name_or_path,
+        # model.config_overrides as the base's config took them: a base loaded without them (a long-context run's
+        # RoPE and context) gave other losses, silently; cpt merge / cpt eval apply them (cpt.model.load_adapter_model)
+        "config_overrides": dict(getattr(base, "cpt_config_overrides", None) or {}),
+    }
+    (out / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    rows = frozen_new_rows(base, sidecar["new_rows"])
+    if rows:
+        from safetensors.torch import save_file
+
+        save_file(rows, str(out / NEW_ROWS_FILE))
+    return out
+
+
+NEW_ROWS_FILE = "cpt_new_rows.safetensors"
+
+
+def frozen_new_rows(base, ids: list[int]) -> dict[str, torch.Tensor]:
+    """The vocabulary extension's new rows (``ids``) of the base's frozen embedding and output head, as the run
+    initialised them (mean of subtokens): the adapter holds the rows it trains, but not these, which a model keeps
+    where they stay frozen (a tied head under ``modules_to_save: [embed_tokens]``: ``cpt merge`` left them at the
+    resize's random values, and the merged model's losses differed). Only whole, unsharded weights (one process, DDP);
+    ``{}`` otherwise or without new rows."""
+    out = {}
+    for key, module in (("input", base.get_input_embeddings()), ("output", base.get_output_embeddings())):
+        module = getattr(module, "original_module", module)  # peft's modules_to_save wrapper: the frozen original
+        module = getattr(module, "base_layer", module)  # a LoRA or trainable-tokens wrapper: its base layer
+        w = getattr(module, "weight", None)
+        if not ids or w is None or type(w.data) is not torch.Tensor or hasattr(w, "ds_id") or w.shape[0] <= max(ids):
+            continue
+        out[key] = w.detach()[ids].to("cpu", copy=True).contiguous()
+    return out
+
+
+def portable_base_path(base: str | None) -> str | None:
+    """A local base model directory as an absolute path (a relative one only works from the launch directory);
+    hub ids unchanged."""
+    if base and Path(base).is_dir():
+        return str(Path(base).resolve())
+    return base

@@ -24,8 +24,8 @@ from cpt.adapters import (
     describe_trainable,
     find_decoder_layers,
     layer_indices,
-    save_adapter,
 )
+from cpt.export import save_adapter
 from cpt.model import merge_adapter
 
 CORPUS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"] * 10

@@ -24,7 +24,7 @@ CONFIG_LAYER_DEPS = {"cpt.redaction"}
 LAYERS = (
     ("config and leaves", ("cpt", "cpt.config", "cpt.redaction", "cpt.fileio", "cpt.console", "cpt.runlock", "cpt.runlog",
                            "cpt.state")),
-    ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.adapters", "cpt.adapter_init", "cpt.base_dtype", "cpt.quantized_base", "cpt.vocab",
+    ("data, schedules, model", ("cpt.data", "cpt.schedules", "cpt.model", "cpt.model_config", "cpt.adapters", "cpt.adapter_init", "cpt.base_dtype", "cpt.quantized_base", "cpt.vocab",
                                 "cpt.distributed", "cpt.rank_failure", "cpt.stop_signals", "cpt.accelerator", "cpt.chunked_loss", "cpt.lm_loss", "cpt.compiling", "cpt.compile_cache", "cpt.fp8", "cpt.export",
                                 "cpt.layer_options")),
     ("components", ("cpt.optim", "cpt.ema", "cpt.averaging", "cpt.reptile", "cpt.spikes", "cpt.update_guard", "cpt.evaluate", "cpt.samples",

@@ -156,7 +156,7 @@ def test_a_lora_adapter_of_a_long_context_run_carries_its_overrides_to_merge_and
     gave other losses, silently. cpt_adapter.json records them; loading the adapter applies them."""
     import json
 
-    from cpt.adapters import save_adapter
+    from cpt.export import save_adapter
     from cpt.model import load_adapter_model, merge_adapter, prepare_model
 
     rope = {"rope_type": "yarn", "factor": 4.0}

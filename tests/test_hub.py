@@ -155,7 +155,8 @@ def test_push_to_hub_config_is_checked():
 def test_cpt_merge_pushes_the_merged_model(tiny_base, tmp_path, hub):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from cpt.adapters import apply_lora, save_adapter
+    from cpt.adapters import apply_lora
+    from cpt.export import save_adapter
     from cpt.cli import main
     from cpt.config import LoraConfig
 
@@ -176,7 +177,8 @@ def test_a_lora_adapter_is_pushed_without_its_local_base_path_and_with_cpts_card
 
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from cpt.adapters import apply_lora, save_adapter
+    from cpt.adapters import apply_lora
+    from cpt.export import save_adapter
     from cpt.config import LoraConfig
     from cpt.hub import model_card, push_folder
 

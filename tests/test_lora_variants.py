@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cpt.adapters import adapter_keys, apply_lora, save_adapter
+from cpt.adapters import adapter_keys, apply_lora
+from cpt.export import save_adapter
 from cpt.config import ConfigError, LoraConfig, load_config
 from cpt.model import merge_adapter
 from cpt.optim import param_groups

@@ -212,7 +212,8 @@ def test_lora_on_fused_experts_is_said_and_refused_by_adapter_averaging(tmp_path
     refusal now says why and what to do (merge each, average the merged models)."""
     import warnings
 
-    from cpt.adapters import apply_lora, save_adapter
+    from cpt.adapters import apply_lora
+    from cpt.export import save_adapter
     from cpt.averaging import average_checkpoints
     from cpt.config import LoraConfig
 

@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from conftest import tiny_llama
 from cpt.demo import byte_level_bpe
 
-from cpt.adapters import LoraConfig, apply_lora, new_row_ids, save_adapter
+from cpt.adapters import LoraConfig, apply_lora, new_row_ids
+from cpt.export import save_adapter
 from cpt.model import merge_adapter
 from cpt.vocab import NewRowsLR, VocabConfig, build_extended_tokenizer, extend_vocabulary, learn_new_tokens
 

@@ -60,7 +60,7 @@ class CheckpointConfig(Strict):
     def _pushed_export(self) -> "CheckpointConfig":
         if self.push_to_hub and not self.export_at_end:
             raise ValueError("push_to_hub: the final export is what is pushed; it needs export_at_end: true")
-        given = [f for f in ("hub_private", "hub_revision") if f in self.model_fields_set and getattr(self, f) is not None]
+        given = [f for f, on in (("hub_private: false", not self.hub_private), ("hub_revision", self.hub_revision)) if on]
         if given and not self.push_to_hub:  # (accepted, and nothing was pushed)
             raise ValueError(f"{', '.join(given)}: set with no push_to_hub (nothing is pushed without it)")
         return self
