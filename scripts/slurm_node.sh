@@ -17,7 +17,9 @@ set -u
 if [ "${SLURM_NODEID:-0}" = 0 ] && [ -n "${CPT_SLURM_PREEMPTED_MARKER:-}" ]; then
   export CPT_PREEMPTED_MARKER=$CPT_SLURM_PREEMPTED_MARKER
 else
-  marker_dir=$(mktemp -d "${TMPDIR:-/tmp}/cpt-node.XXXXXX")
+  # (checked: a TMPDIR missing on this node left marker_dir empty, and every job on the node shared /preempted and
+  # /stop-requested; a stale stop file stops every later start after one step)
+  marker_dir=$(mktemp -d "${TMPDIR:-/tmp}/cpt-node.XXXXXX") || { echo "slurm_node.sh: cannot create a folder in ${TMPDIR:-/tmp} (TMPDIR)" >&2; exit 2; }
   trap 'rm -rf -- "$marker_dir"' EXIT
   export CPT_PREEMPTED_MARKER=$marker_dir/preempted
 fi
@@ -28,20 +30,26 @@ export CPT_STOP_REQUESTED=${CPT_PREEMPTED_MARKER%/*}/stop-requested
 ( trap '' USR1; exec accelerate launch --machine_rank "${SLURM_NODEID:-0}" "$@" ) &
 launcher=$!
 
+signal_ranks() {  # the launcher's child processes; pkill, or /proc where procps is not installed (slim images: the
+  # warning never reached the ranks, which trained on into the time limit)
+  if command -v pkill >/dev/null; then pkill -USR1 -P "$launcher"; return; fi
+  local kids
+  kids=$(cat /proc/"$launcher"/task/*/children 2>/dev/null) || kids=''
+  [ -n "${kids// /}" ] && kill -USR1 $kids 2>/dev/null  # (word splitting wanted: one pid per word)
+}
 relay() {  # retried until a rank got it (the warning can come while the ranks are still being started)
   echo "[slurm_node ${SLURM_NODEID:-0}] SIGUSR1: telling the ranks to checkpoint and stop"
   : > "$CPT_STOP_REQUESTED"
-  until pkill -USR1 -P "$launcher"; do
+  until signal_ranks; do
     kill -0 "$launcher" 2>/dev/null || return
     sleep 1
   done
 }
 trap relay USR1
 
-wait "$launcher"
-rc=$?
-while kill -0 "$launcher" 2>/dev/null; do  # the trap interrupted `wait`: the ranks are still saving
-  wait "$launcher"
-  rc=$?
-done
+while kill -0 "$launcher" 2>/dev/null; do wait "$launcher" || true; done  # (the trap interrupts `wait`: ranks saving)
+rc=0
+# its status, kept by bash: a `wait` the trap interrupted returns 138 whatever the launcher did, and the relay's retries
+# can outlast the launcher (reaped meanwhile): a run that finished as the warning came was reported failed, exit 138
+wait "$launcher" || rc=$?
 exit "$rc"

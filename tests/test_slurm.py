@@ -517,3 +517,58 @@ def test_a_rank_killed_on_node_2_ends_the_job_and_a_resubmission_resumes(tiny_cp
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps)), steps
     assert (run / "export" / "config.json").is_file() and not list(run.glob("*.lock"))
+
+
+FAKE_ACCELERATE = '''#!{python}
+# a stand-in `accelerate launch`: its rank finishes at once (MODE=finish) or trains RUN s and stops preempted on
+# SIGUSR1 (MODE=train); then TEARDOWN s of the agent's shutdown
+import os, subprocess, sys, time
+if os.environ.get("MODE") == "finish":
+    rank = 'import os; open(os.environ["CPT_PREEMPTED_MARKER"], "w").write("finished\\\\n")'
+else:
+    rank = ('import os, signal, sys, time\\n'
+            'def stop(*_):\\n'
+            '    open(os.environ["CPT_PREEMPTED_MARKER"], "w").write("preempted\\\\n"); print("rank: PREEMPTED", flush=True); sys.exit(0)\\n'
+            'signal.signal(signal.SIGUSR1, stop)\\n'
+            'time.sleep(float(os.environ.get("RUN", "8")))\\n'
+            'print("rank: finished", flush=True)\\n')
+rc = subprocess.run([sys.executable, "-c", rank]).returncode
+time.sleep(float(os.environ.get("TEARDOWN", "0.2")))
+sys.exit(rc)
+'''
+
+
+def _node_script(tmp_path, env: dict, warn_after: float | None, tools: str | None = None) -> tuple[int, str]:
+    """scripts/slurm_node.sh with the stand-in launcher on PATH (``tools``: a folder of the only other commands)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "accelerate").write_text(FAKE_ACCELERATE.format(python=sys.executable))
+    (bin_dir / "accelerate").chmod(0o755)
+    path = f"{bin_dir}:{tools}" if tools else f"{bin_dir}:{os.environ['PATH']}"
+    proc = subprocess.Popen(["/bin/bash", str(ROOT / "scripts" / "slurm_node.sh"), "-m", "x"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PATH": path, "SLURM_NODEID": "1", **env})
+    if warn_after is not None:
+        time.sleep(warn_after)
+        proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=60)[0]
+    return proc.returncode, out
+
+
+def test_the_node_script_reports_the_launchers_status_and_relays_without_pkill(tmp_path):
+    """scripts/slurm_node.sh: (1) a warning as the run finishes, the launcher's teardown outlasting the relay's
+    retries: it exited 138 (the status of the `wait` the trap interrupted), so a finished job was reported FAILED;
+    (2) on a node without procps (slim images) `pkill` was not found and the warning never reached the ranks, which
+    trained on into the time limit; (3) a TMPDIR missing on the node left the marker folder empty (every job on the
+    node shared /preempted and /stop-requested). About 10 s."""
+    rc, out = _node_script(tmp_path, {"MODE": "finish", "TEARDOWN": "2"}, warn_after=1)
+    assert rc == 0, out
+    tools = tmp_path / "tools"  # what the script and the stand-in need, without pkill
+    tools.mkdir()
+    for name in ("bash", "cat", "sleep", "mktemp", "rm", "env", "head", "date"):
+        if (found := subprocess.run(["bash", "-c", f"command -v {name}"], capture_output=True, text=True).stdout.strip()):
+            (tools / name).symlink_to(found)
+    rc, out = _node_script(tmp_path, {"MODE": "train", "RUN": "8"}, warn_after=1.5, tools=str(tools))
+    assert rc == 0 and "rank: PREEMPTED" in out and "not found" not in out, out
+    rc, out = _node_script(tmp_path, {"MODE": "finish", "TMPDIR": str(tmp_path / "missing")}, warn_after=None)
+    assert rc == 2 and "slurm_node.sh: cannot create a folder in" in out, out
