@@ -66,12 +66,27 @@ def test_stages_and_ramps():
 def test_mix_weights_and_ramps_are_checked_by_the_config():
     from pydantic import ValidationError
 
-    for bad in (float("nan"), float("inf"), -0.1):  # nan and inf passed, then failed in the mixer with a traceback
-        with pytest.raises(ValidationError, match="finite and not negative"):
+    # nan and inf passed, then failed in the mixer with a traceback (now every float setting refuses them)
+    for bad, said in ((float("nan"), "finite number"), (float("inf"), "finite number"), (-0.1, "finite and not negative")):
+        with pytest.raises(ValidationError, match=said):
             stage(5, {"a": bad, "b": 1})
     for ramp, problem in (({"a": (0.5, 1.5)}, r"in \[0, 1\]"), ({"a": (0.5, 0.5), "b": (0.2, 0.6)}, "end sum to more")):
         with pytest.raises(ValidationError, match=problem):  # (were the mixer's tracebacks, after the model loaded)
             stage(5, {"a": 1, "b": 1}, ramp=ramp)
+    # every source ramped (or the others weighing 0): the shares must fill the batch at both ends (the mixer divided
+    # them by their sum at each step: a constant 0.2 became 0.40 ... 0.67, not linear, silently)
+    for mix in ({"a": 1, "b": 1}, {"a": 1, "b": 1, "c": 0}):
+        with pytest.raises(ValidationError, match=r"ramped shares must sum to 1 at the start and at the end \(they "
+                                                  r"sum to 0.5 and 0.3\)"):
+            stage(5, mix, ramp={"a": (0.2, 0.2), "b": (0.3, 0.1)})
+    st = stage(11, {"a": 1, "b": 1}, ramp={"a": (0.2, 0.6), "b": (0.8, 0.4)})  # (filling it: accepted)
+    plan = MixPlan([st], ["a", "b"])
+    assert [plan.shares(s) for s in (0, 10)] == [[Fraction(1, 5), Fraction(4, 5)], [Fraction(3, 5), Fraction(2, 5)]]
+    from cpt.config.stages import format_mixes
+
+    # the start-up line and --dry-run print what the ramp gives (they printed the mix weights: 50%, 50%)
+    ramped = stage(5, {"a": 3, "b": 1}, ramp={"b": (0.6, 0.05)})
+    assert format_mixes([ramped]) == ["stage 0 stage mix (first -> last step, mix_ramp): a 40.0% -> 95.0%, b 60.0% -> 5.0%"]
 
 
 def test_mixer_state_round_trip():
@@ -419,7 +434,11 @@ def test_heldout_sample_is_whole_documents_across_the_set(tmp_path, tokenizer):
     other = sample_heldout(h, tokenizer, L, budget, seed=1)
     assert not torch.equal(other.tokens, s.tokens)  # another seed, another sample
     whole = sample_heldout(h, tokenizer, L, None)
-    assert whole.whole and whole.docs == 60 and "the whole set" in whole.describe()
+    assert whole.whole and "the whole set" in whole.describe()
+    # documents with an evaluated token: the tail shorter than a row is dropped (a document there was counted)
+    evaluated = whole.tokens.numel()
+    assert whole.docs == int((starts[:-1] < evaluated).sum()) and (evaluated == shards.num_tokens or
+                                                                   "but its last" in whole.describe())
     assert f"of {shards.num_tokens:,} tokens, {s.docs} of 60 documents" in s.describe()
 
 

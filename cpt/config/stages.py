@@ -263,6 +263,27 @@ class StageConfig(Strict):
                 raise ValueError(f"the shares at the stage's {which} sum to more than 1: {v}")
         return v
 
+    @model_validator(mode="after")
+    def _ramps_fill_the_batch(self) -> "StageConfig":
+        """With no unramped source left to take the rest (every source ramped, or the others weighing 0), the ramped
+        shares must sum to 1 at both ends: the mixer divided them by their sum at each step, a ratio that is neither
+        the shares given nor linear (a constant 0.2 became 0.40 ... 0.67), without a word."""
+        if self.mix_ramp and sum(w for k, w in self.mix.items() if k not in self.mix_ramp) == 0:
+            ends = [sum(r[e] for r in self.mix_ramp.values()) for e in (0, 1)]
+            if any(abs(x - 1) > 1e-9 for x in ends):
+                raise ValueError(f"mix_ramp: no other source of the stage takes the rest of the batch, so the ramped "
+                                 f"shares must sum to 1 at the start and at the end (they sum to {ends[0]:g} and "
+                                 f"{ends[1]:g}); add a source with a weight in mix, or fix the shares")
+        return self
+
+    def shares_at(self, fraction: float) -> dict[str, float]:
+        """The shares ``fraction`` of the way through the stage (0: its first step, 1: its last), as the mixer takes
+        them: each ramped source's own, the others splitting the rest by their mix weights."""
+        ramped = {k: a + (b - a) * fraction for k, (a, b) in self.mix_ramp.items()}
+        rest, weights = 1 - sum(ramped.values()), {k: w for k, w in self.mix.items() if k not in ramped}
+        total = sum(weights.values())
+        return {k: ramped[k] if k in ramped else (rest * weights[k] / total if total else 0.0) for k in self.mix}
+
     @property
     def shares(self) -> dict[str, float]:
         """The mix normalised to sum to 1 (what the mixer uses)."""
@@ -276,6 +297,12 @@ def format_mixes(stages: list[StageConfig]) -> list[str]:
     for i, st in enumerate(stages):
         total = sum(st.mix.values())
         note = "" if abs(total - 1) < 1e-9 else f" (the weights given sum to {total:g}: normalised)"
+        if st.mix_ramp:  # (it printed the mix weights, which a ramped source's share does not follow)
+            first, last = st.shares_at(0.0), st.shares_at(1.0)
+            shares = ", ".join(f"{k} {first[k]:.1%} -> {last[k]:.1%}" if abs(first[k] - last[k]) > 1e-12
+                               else f"{k} {first[k]:.1%}" for k in st.mix)
+            lines.append(f"stage {i} {st.name} mix (first -> last step, mix_ramp): {shares}")
+            continue
         shares = ", ".join(f"{k} {v:.1%}" for k, v in st.shares.items())
         lines.append(f"stage {i} {st.name} mix: {shares}{note}")
     return lines

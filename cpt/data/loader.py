@@ -359,8 +359,10 @@ class HeldoutSample:
         return int(self.tokens.numel())
 
     def describe(self) -> str:
-        return (f"{self.num_tokens:,} of {self.total_tokens:,} tokens, {self.docs:,} of {self.total_docs:,} documents"
-                + (" (the whole set)" if self.whole else " (a seeded sample of whole documents)"))
+        left = self.total_tokens - self.num_tokens
+        how = (" (a seeded sample of whole documents)" if not self.whole else " (the whole set)" if not left else
+               f" (the whole set but its last {left:,} tokens, less than one row of the sequence length)")
+        return f"{self.num_tokens:,} of {self.total_tokens:,} tokens, {self.docs:,} of {self.total_docs:,} documents{how}"
 
 
 def same_folder(path: str) -> str:
@@ -422,7 +424,10 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
         raise ShardError(f"held-out set {cfg.name!r}: {e}") from None
     total = shards.num_tokens
     if limit is None or int(limit) >= total:
-        n, docs = total // seq_len, shards.num_documents
+        n = total // seq_len
+        # documents with at least one evaluated token (the tail shorter than a row is dropped: a last short document
+        # was counted, and the set said "the whole set", though none of it was evaluated)
+        docs = int(np.sum(shards.document_starts().astype(np.int64) < n * seq_len)) if n else 0
         flat = shards.read(0, n * seq_len) if n else None
     else:
         starts = np.append(shards.document_starts().astype(np.int64), total)
