@@ -342,6 +342,23 @@ def test_a_shard_replaced_on_the_store_during_a_run_stops_it(flaky, tokenizer, m
     assert "replaced during the run" in msg
 
 
+def test_a_store_whose_listing_gives_no_times_is_rechecked_by_size(flaky, tokenizer, monkeypatch):
+    """A store whose listing gives no modification times (http(s)://: fsspec's HTTP listing has none) was never listed
+    again during a run: a shard that changed size there was trained on without a word. Its sizes are rechecked."""
+    from cpt.data.loader import CPTDataLoader
+
+    _, url = flaky
+    monkeypatch.setattr(TokenShards, "newest_mtime", lambda self: None)  # (as an http listing: no times)
+    cfg, stages = data_config([{"name": "a", "path": url}], seq_len=8, remote={"recheck_s": 0}), [stage(6, {"a": 1.0})]
+    loader = CPTDataLoader(cfg, stages, tokenizer, 8, seed=0)
+    loader.batch(0)
+    fs, path = fsspec.filesystem("memory"), "/bucket/flaky/shard_00003.bin"
+    fs.pipe(path, fs.cat_file(path) + b"\0" * 64)
+    with pytest.raises(ShardError, match=r"^data source 'a' .*shard_00003.bin has \d+ bytes on the store now, the "
+                                         r"manifest expects \d+ \(replaced during the run\)"):
+        loader.batch(1)
+
+
 @pytest.mark.parametrize("command", ["eval", "interpolate"])
 def test_a_credential_in_a_heldout_url_on_the_command_line_is_refused(command, tmp_path, capsys):
     """`cpt eval --heldout NAME=URL:TAG` (and `cpt interpolate`'s) took a URL with a password or token as given, and

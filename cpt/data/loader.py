@@ -81,9 +81,10 @@ class CPTDataLoader:
                 logger.warning(msg)
         self.positions = [0] * len(self.sources)
         self.warned: set[str] = set()
-        # remote shard sources whose listing gave times (rank 0): listed again every data.remote.recheck_s in the run
-        self._store_seen = {j: (s.shards.newest_mtime(), time.monotonic()) for j, s in enumerate(self.streams)
-                            if isinstance(s, PackedStream) and s.shards._fs is not None and s.shards.newest_mtime()}
+        # remote shard sources (rank 0): listed again every data.remote.recheck_s in the run; sizes always, times where
+        # the listing gives them (an http(s) listing gives none: a shard that changed size there went unnoticed)
+        self._store_seen = {j: (s.shards.newest_mtime() or 0, time.monotonic()) for j, s in enumerate(self.streams)
+                            if isinstance(s, PackedStream) and s.shards._fs is not None}
         self._fingerprint: str | None = None
 
     def _open(self, src: Any, tokenizer: Any, tok_hash: str, verify: bool, check_sizes: bool) -> PackedStream | HFTokenStream:
