@@ -12,6 +12,7 @@ if [ ! -f "$here/configs/accelerate/$strategy.yaml" ]; then  # (accelerate's ans
   exit 2
 fi
 ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
+case $ngpu in ''|*[!0-9]*|0*) echo "scripts/launch.sh: NUM_GPUS must be a whole number >= 1, not '$ngpu'" >&2; exit 2 ;; esac  # (0: a torchrun traceback)
 ds=()  # the ZeRO configs name their DeepSpeed JSON relative to the repo root: pass it absolute
 [ -f "$here/configs/deepspeed/$strategy.json" ] && ds=(--deepspeed_config_file "$here/configs/deepspeed/$strategy.json")
 exec "$here/scripts/accelerate_launch.sh" --config_file "$here/configs/accelerate/$strategy.yaml" --num_processes "$ngpu" "${ds[@]}" \

@@ -18,6 +18,7 @@ if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # (a misspelt offload was passed o
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 ngpu=${NUM_GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
+case $ngpu in ''|*[!0-9]*|0*) echo "scripts/launch_deepspeed.sh: NUM_GPUS must be a whole number >= 1, not '$ngpu'" >&2; exit 2 ;; esac  # (0: a torchrun traceback)
 exec "$here/scripts/accelerate_launch.sh" --config_file "$here/configs/accelerate/$name.yaml" --num_processes "$ngpu" \
   --deepspeed_config_file "$here/configs/deepspeed/$name.json" \
   -m cpt.cli train "$config" "$@"

@@ -71,3 +71,13 @@ def test_the_launch_exit_status_follows_how_the_ranks_stopped(tmp_path, case):
     else:
         assert "accelerate_launch.sh:" not in out, out
     assert not list(tmp_path.glob("cpt-launch.*"))  # the marker's folder is removed
+
+
+def test_num_gpus_that_is_not_a_count_is_one_line():
+    """NUM_GPUS=0 (or a typo) ran `accelerate launch --num_processes 0`: a torchrun AssertionError traceback."""
+    for script, args in (("launch.sh", ["ddp"]), ("launch_deepspeed.sh", ["2"])):
+        for bad in ("0", "x", "-1"):
+            done = subprocess.run(["bash", str(ROOT / "scripts" / script), str(ROOT / "configs" / "full-cpt.yaml"), *args],
+                                  env={**os.environ, "NUM_GPUS": bad}, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2 and done.stderr.strip() == (
+                f"scripts/{script}: NUM_GPUS must be a whole number >= 1, not '{bad}'"), (script, bad, done.stderr)
