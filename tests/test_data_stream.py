@@ -224,6 +224,16 @@ def test_hf_stream_skips_bad_records_and_errors_when_nothing_is_usable(tmp_path,
         HFTokenStream(hf_source(path), tokenizer, 4).next_sequences(1)
     with pytest.raises(HFSourceError, match="load_dataset"):
         HFTokenStream(hf_source(tmp_path / "missing.jsonl"), tokenizer, 4)
+    # a misspelt text_field: given up after the first 1,000 records (it read the whole dataset first: hours for a hub
+    # corpus), naming the fields the records have
+    from cpt.data import hfstream
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"content": f"doc {i}", "id": i} for i in range(1500)])
+    s = HFTokenStream(hf_source(path), tokenizer, 4)
+    with pytest.raises(HFSourceError, match=r"no usable text in field 'text' \(the first 1,000 records have no field "
+                                            r"'text'\); its records have the fields content, id: set the source's text_field"):
+        s.next_sequences(1)
+    assert s.skipped["missing_field"] == hfstream._NO_FIELD_AFTER
 
 
 def test_hf_stream_broken_record_is_one_error_not_a_traceback(tmp_path, tokenizer):

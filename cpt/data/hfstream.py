@@ -61,6 +61,7 @@ class HFSourceError(ValueError):
 
 
 _REASON_WORDS = {"missing_field": "a missing (or null)", "not_text": "a non-string", "empty": "an empty"}
+_NO_FIELD_AFTER = 1000  # records without the text field, none with it, before the first pass is given up
 
 
 class HFTokenStream:
@@ -71,6 +72,7 @@ class HFTokenStream:
         self.cfg, self.seq_len, self.seed, self.batch_docs = cfg, seq_len, seed, batch_docs
         self.log_skips = log_skips  # warn at the first skipped record of each reason, and at an inexact resume (rank 0)
         self._logged: set[str] = set()
+        self._fields: list[str] = []  # a record's fields, when one lacked the text field (said in the error)
         self.name = cfg.name
         self._backend = backend_tokenizer(tokenizer)
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -161,6 +163,9 @@ class HFTokenStream:
             value = example.get(field)
             if value is None:
                 self.skipped["missing_field"] += 1
+                self._fields = self._fields or sorted(map(str, example))
+                if self._empty_epoch and self.epoch == 0 and self.skipped["missing_field"] >= _NO_FIELD_AFTER:
+                    self._next_epoch(reason=f"the first {_NO_FIELD_AFTER:,} records have no field {field!r}")
             elif not isinstance(value, str):
                 self.skipped["not_text"] += 1
             elif not value.strip():
@@ -187,11 +192,14 @@ class HFTokenStream:
                                "`skipped` in the data state)", self.name, self.cfg.path, _REASON_WORDS.get(reason, reason),
                                self.cfg.text_field)
 
-    def _next_epoch(self) -> None:
+    def _next_epoch(self, reason: str | None = None) -> None:
+        """The next pass over the dataset; an error when a pass (or, ``reason``, its first records) gave no text (a
+        misspelt text_field read the whole dataset first: hours for a hub corpus)."""
         if self._empty_epoch:
+            fields = f"; its records have the fields {', '.join(self._fields)}" if self._fields else ""
             raise HFSourceError(
-                f"source {self.name!r}: no usable text in field {self.cfg.text_field!r} ({dict(self.skipped)} skipped)"
-            )
+                f"source {self.name!r}: no usable text in field {self.cfg.text_field!r} "
+                f"({reason or f'{dict(self.skipped)} skipped'}){fields}: set the source's text_field")
         self.epoch += 1
         self._ds.set_epoch(self.epoch)
         self._ds.load_state_dict(self._fresh_state)
