@@ -77,7 +77,9 @@ def verify_checkpoint(ckpt: Path, part: tuple[int, int] = (0, 1), every_problem:
         if not p.is_file():
             problems.append(f"{rel} missing")
         elif p.stat().st_size != meta["size"]:
-            problems.append(f"{rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)")
+            got = p.stat().st_size
+            problems.append(f"{rel} has {got} bytes, expected {meta['size']} "
+                            f"({'truncated?' if got < meta['size'] else 'written to after the save?'})")
         if problems and not every_problem:
             return problems[0]
     broken = {x.split(" ", 1)[0] for x in problems}

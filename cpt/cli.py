@@ -162,7 +162,7 @@ def no_repeated_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 2 and argv[0] == "help" and argv[1] in COMMANDS:  # `cpt help train`: as `cpt train --help`
+    if len(argv) == 2 and argv[0] == "help":  # `cpt help train`: as `cpt train --help` (an unknown one: its error)
         argv = [argv[1], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

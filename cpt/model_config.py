@@ -114,6 +114,11 @@ def _rope_parameters(current, given, old_context: int | None, new_context: int |
     if "rope_type" in given and given["rope_type"] not in known:  # (a KeyError traceback)
         raise ModelLoadError(f"model.config_overrides.rope_parameters.rope_type: {given['rope_type']!r} is not a RoPE "
                              f"type of transformers ({', '.join(known)})")
+    factor = given.get("factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1):
+        # (transformers only logs it: a negative factor trained and was exported)
+        raise ModelLoadError(f"model.config_overrides.rope_parameters.factor: {factor!r}: give a number >= 1 (how many "
+                             "times the context grows)")
     flat = isinstance(current, dict) and "rope_type" in current  # (not per layer type, as Gemma 3's)
     if flat and given.get("rope_type", current["rope_type"]) == current["rope_type"]:
         given = {**current, **given}

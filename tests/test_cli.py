@@ -17,6 +17,7 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as e:  # `cpt help train` is `cpt train --help` (it printed the list above)
         main(["help", "schedule"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: cpt schedule")
+    assert main(["help", "tran"]) == 2 and "unknown command 'tran'" in capsys.readouterr().err  # (it printed the list, 0)
 
 
 def test_console_script_runs():

@@ -193,6 +193,8 @@ def test_bad_rope_and_size_overrides_are_one_line(tiny_base):
     assert built.config.rope_parameters["rope_theta"] == build_model(cfg, tok).config.rope_parameters["rope_theta"]
     for overrides, said in (({"rope_parameters": {"rope_type": "yarnn", "factor": 2.0}}, "rope_parameters.rope_type: 'yarnn' is not a RoPE type"),
                             ({"max_position_embeddings": -5}, "max_position_embeddings: -5: give a whole number >= 1"),
+                            ({"rope_parameters": {"rope_type": "linear", "factor": -4.0}},
+                             "rope_parameters.factor: -4.0: give a number >= 1"),  # (transformers only logged it)
                             ({"max_position_embeddings": "abc"}, "max_position_embeddings: 'abc': give a whole number")):
         with pytest.raises(ModelLoadError, match=f"^model.config_overrides.{said}"):
             build_model(model_cfg(tiny_base, config_overrides=overrides), tok)
