@@ -652,7 +652,8 @@ def test_a_run_whose_directory_is_removed_stops_at_its_next_save(tiny_cpt_data, 
     from cpt.train import train
 
     out = tmp_path / "run"
-    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 4}, eval={"at_start": False})
+    # (synchronous saves: step 4's background write could still be in the folder the test removes, a rmtree race)
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 4, "async_save": False}, eval={"at_start": False})
     cfg["stages"][0]["steps"] = 12
     cfg["data"]["heldout"] = []
 
