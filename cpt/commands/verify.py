@@ -38,8 +38,6 @@ def _folders(args) -> list[str]:
 
 def checkpoints_in(path: str) -> list | None:
     """The cpt checkpoints ``path`` names (itself, or a run directory's ``checkpoints/step_N``), None for another folder."""
-    from pathlib import Path
-
     from cpt.checkpoint_dir import CHECKSUMS, TRAINER_STATE, list_checkpoints
 
     p = Path(path)
