@@ -37,7 +37,7 @@ import torch
 
 from cpt.adapter_init import ADAPTER_BASE, factors_items, mismatch_hint
 from cpt.adapters import adapter_keys, base_fingerprint, note_base
-from cpt.pickle_scan import DEEPSPEED_FOLDER
+from cpt.pickle_scan import DEEPSPEED_FOLDER, zero_safe_classes
 
 log = logging.getLogger("cpt.checkpoint")
 
@@ -127,15 +127,11 @@ def _deepspeed_saved_keys(folder: Path) -> set[str]:
     """The parameters a DeepSpeed checkpoint holds (written with ``exclude_frozen_parameters``: the trainable ones): the
     names of its ZeRO partitions (``param_shapes``), from one rank's model states file (memory-mapped: its tensors are
     not read)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     files = sorted(folder.glob("*model_states.pt"))
     if not files:
         raise AdapterCheckpointError(f"{folder}: no DeepSpeed *model_states.pt file (an incomplete or damaged checkpoint)")
     first = files[0]
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+    with torch.serialization.safe_globals(zero_safe_classes()):
         state = torch.load(first, map_location="cpu", weights_only=True, mmap=True)
     return {name for group in state.get("param_shapes") or [] for name in group}
 

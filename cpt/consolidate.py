@@ -31,7 +31,7 @@ from cpt.adapter_checkpoint import (ADAPTER_STATE, DEEPSPEED_TAG, FSDP_MODEL, Ad
                                     is_adapter_layout, read_adapter_state)
 from cpt.checkpoint import CheckpointError
 from cpt.compiling import COMPILE_PREFIX, without_compile_prefix
-from cpt.pickle_scan import PickleCheckError, check_zero_pickles, read_dcp_metadata
+from cpt.pickle_scan import PickleCheckError, check_zero_pickles, read_dcp_metadata, zero_safe_classes
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -187,11 +187,7 @@ def _read_zero_optimizer_state(p: Path) -> dict[str, dict[str, torch.Tensor]]:
 
     model_files, optim_files = _ds_files(p)
     model_states = z.parse_model_states(model_files)
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+    with torch.serialization.safe_globals(zero_safe_classes()):
         shards = [torch.load(f, map_location="cpu", weights_only=True) for f in optim_files]
     osd = [s["optimizer_state_dict"] for s in shards]
     stage = osd[0]["zero_stage"]

@@ -37,6 +37,14 @@ _DCP_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("tor
               ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
 
 
+def zero_safe_classes() -> list:
+    """The classes of :data:`ZERO_SAFE_GLOBALS`, for ``torch.serialization.safe_globals`` where cpt reads a ZeRO file
+    itself with ``weights_only=True``."""
+    import importlib
+
+    return [getattr(importlib.import_module(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]) for name in ZERO_SAFE_GLOBALS]
+
+
 class PickleCheckError(RuntimeError):
     """A checkpoint file whose pickle names a global its reader would not need, or that cannot be scanned (the message
     names the file)."""
