@@ -141,6 +141,9 @@ def describe_run(cfg: RunConfig) -> dict[str, Any]:
 
     data_cfg = cfg.data.model_copy(update={"verify_checksums": False})
     data = CPTDataLoader(data_cfg, cfg.stages, tokenizer, B, cfg.run.seed)
+    for stream in data.streams:  # a streamed `hf` source gives text: its first records (a misspelt text_field)
+        if hasattr(stream, "check_text"):
+            stream.check_text()
     for h in cfg.data.heldout:  # each held-out set's tokenizer hash and length, as training checks them at start
         load_heldout(h, tokenizer, L, h.max_tokens or cfg.eval.tokens_per_set, verify=False, retry=cfg.data.remote)
     if cfg.eval.samples is not None:  # each prompt encodes to tokens and fits the context with its new tokens

@@ -562,6 +562,23 @@ def test_a_broken_hf_source_is_one_line(tiny_cpt_data, tmp_path, capsys):
         assert expected in line
 
 
+def test_dry_run_reads_an_hf_sources_first_records(tiny_cpt_data, tmp_path, capsys):
+    """A `type: hf` source whose records lack its text_field (misspelt, or another column name) passed `--dry-run`,
+    which does not read records, and failed at the first step: the dry run reads the first records as the first step
+    does (one line naming the fields the records have); a source with text passes and the plan is printed."""
+    (tmp_path / "web.jsonl").write_text("".join(json.dumps({"content": f"def f{i}(): return {i}", "id": i}) + "\n"
+                                                for i in range(50)))
+    cfg = small(tiny_cpt_data, tmp_path / "run")
+    cfg["data"]["sources"][0] = {"name": "python", "type": "hf", "path": "json", "data_files": str(tmp_path / "web.jsonl")}
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--dry-run"]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: source 'python': no usable text in field 'text' ")
+    assert "its records have the fields content, id: set the source's text_field" in line
+    cfg["data"]["sources"][0]["text_field"] = "content"
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml")), "--dry-run"]) == 0
+    assert "source python:" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_source_shorter_than_one_sequence_is_one_line(tiny_cpt_data, tmp_path, capsys):
     """A prepared source with fewer tokens than data.seq_len (a small replay sample) stopped `cpt train` with a
     ValueError traceback (--dry-run said it in one line)."""

@@ -102,6 +102,13 @@ class HFTokenStream:
         self.skipped: Counter = Counter()
         self._reset(epoch=0, ds_state=None, used=0)
 
+    def check_text(self) -> None:
+        """Read the first documents, as the first training step does, and start over (`cpt train --dry-run`): a
+        source whose first records have no usable text in ``text_field`` (a misspelt field) is one line before the
+        run starts, not at its first step."""
+        self._fill(self.seq_len)
+        self._reset(epoch=0, ds_state=None, used=0)
+
     # ------------------------------------------------------------ dataset
 
     def _load(self) -> Any:
