@@ -304,7 +304,7 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
         tokenizer.save_pretrained(out)
     base = model.get_base_model()
     sidecar = {
-        "num_embeddings": int(base.get_input_embeddings().weight.shape[0]),
+        "num_embeddings": embedding_rows(base.get_input_embeddings()),
         "new_rows": list(getattr(model, "_cpt_new_rows", [])),
         "base_model_name_or_path": model.peft_config[model.active_adapter].base_model_name_or_path,
         # model.config_overrides as the base's config took them: a base loaded without them (a long-context run's
@@ -312,7 +312,7 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
         "config_overrides": dict(getattr(base, "cpt_config_overrides", None) or {}),
     }
     (out / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2))
-    rows = frozen_new_rows(base, sidecar["new_rows"])
+    rows = frozen_new_rows(model, sidecar["new_rows"], state_dict)
     if rows:
         from safetensors.torch import save_file
 
@@ -323,20 +323,38 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
 NEW_ROWS_FILE = "cpt_new_rows.safetensors"
 
 
-def frozen_new_rows(base, ids: list[int]) -> dict[str, torch.Tensor]:
-    """The vocabulary extension's new rows (``ids``) of the base's frozen embedding and output head, as the run
-    initialised them (mean of subtokens): the adapter holds the rows it trains, but not these, which a model keeps
-    where they stay frozen (a tied head under ``modules_to_save: [embed_tokens]``: ``cpt merge`` left them at the
-    resize's random values, and the merged model's losses differed). Only whole, unsharded weights (one process, DDP);
-    ``{}`` otherwise or without new rows."""
-    out = {}
+def embedding_rows(embedding) -> int:
+    """The rows of an embedding (peft-wrapped or not) however it is held: ZeRO-3 leaves a ``[0]``-shaped placeholder
+    with the full shape in ``ds_shape`` (an in-run adapter export recorded 0 rows, and `cpt merge` resized the base
+    to 0); an FSDP2 DTensor's shape is the global one."""
+    module = getattr(embedding, "original_module", embedding)
+    w = getattr(module, "base_layer", module).weight
+    return int(getattr(w, "ds_shape", w.shape)[0])
+
+
+def frozen_new_rows(model, ids: list[int], state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The vocabulary extension's new rows (``ids``) of a peft ``model``'s frozen base embedding and output head, as
+    the run initialised them (mean of subtokens): the adapter holds the rows it trains, but not these, which a model
+    keeps where they stay frozen (a tied head under ``modules_to_save: [embed_tokens]``: ``cpt merge`` left them at
+    the resize's random values, and the merged model's losses differed). Read from ``state_dict`` (the gathered full
+    state under FSDP / ZeRO-3, whose modules hold shards or placeholders) where it holds the weight, else from the
+    module's whole weight (one process, DDP); ``{}`` without new rows."""
+    out: dict[str, torch.Tensor] = {}
+    if not ids:
+        return out
+    names = {id(m): n for n, m in model.named_modules()}
+    base = model.get_base_model()
     for key, module in (("input", base.get_input_embeddings()), ("output", base.get_output_embeddings())):
         module = getattr(module, "original_module", module)  # peft's modules_to_save wrapper: the frozen original
         module = getattr(module, "base_layer", module)  # a LoRA or trainable-tokens wrapper: its base layer
         w = getattr(module, "weight", None)
-        if not ids or w is None or type(w.data) is not torch.Tensor or hasattr(w, "ds_id") or w.shape[0] <= max(ids):
+        if w is None:
             continue
-        out[key] = w.detach()[ids].to("cpu", copy=True).contiguous()
+        weight = (state_dict or {}).get(f"{names[id(module)]}.weight") if id(module) in names else None
+        if weight is None and type(w.data) is torch.Tensor and not hasattr(w, "ds_id"):  # (a whole weight)
+            weight = w.detach()
+        if weight is not None and weight.shape[0] > max(ids):
+            out[key] = weight[ids].to("cpu", copy=True).contiguous()
     return out
 
 

@@ -1,5 +1,6 @@
 """Vocabulary extension: tokenizer extension, embedding resize and initialisation, LoRA, new-row LR (cpt/vocab.py)."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,11 +155,16 @@ def test_with_lora_new_rows_are_trainable_and_survive_merge(tok, tmp_path):
     assert len(PreTrainedTokenizerFast.from_pretrained(merged_dir)) == len(new_tok)
 
 
-def test_a_tied_base_with_embed_tokens_in_modules_to_save_merges_with_its_frozen_heads_new_rows(tok, tmp_path):
+@pytest.mark.parametrize("held", ["whole", "sharded"])
+def test_a_tied_base_with_embed_tokens_in_modules_to_save_merges_with_its_frozen_heads_new_rows(tok, tmp_path, held):
     """Vocabulary extension + LoRA with `modules_to_save: [embed_tokens]` on a tied base: the adapter holds the
     trained embedding copy, and the head keeps the base's weight, whose new rows the run initialised (mean of
     subtokens) and left frozen. They were stored nowhere: `cpt merge` left them at the resize's random values and the
-    merged model's losses differed (silently). The adapter export records them (cpt_new_rows.safetensors)."""
+    merged model's losses differed (silently). The adapter export records them (cpt_new_rows.safetensors).
+
+    ``sharded``: the export under ZeRO-3 / FSDP, whose modules hold placeholders or shards (here ZeRO-3's: a
+    ``[0]``-shaped weight with ``ds_id`` and ``ds_shape``) and whose gathered full state is handed to the export: the
+    rows come from that state (they were skipped), and the embedding size recorded is the full one (it was 0)."""
     base_dir = tmp_path / "base"
     tiny_model(len(tok), tied=True).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
@@ -174,8 +180,16 @@ def test_a_tied_base_with_embed_tokens_in_modules_to_save_merges_with_its_frozen
     pm.eval()
     with torch.no_grad():
         expected = pm(batch).logits
-    adapter = save_adapter(pm, tmp_path / "adapter", tokenizer=new_tok)
+    state = None
+    if held == "sharded":
+        state = {k: v.clone() for k, v in pm.state_dict().items()}
+        for module in (pm.get_base_model().get_input_embeddings().original_module,):
+            w = module.weight  # (the tied head's weight too)
+            w.ds_id, w.ds_shape = 0, w.shape
+            w.data = torch.empty(0)
+    adapter = save_adapter(pm, tmp_path / "adapter", tokenizer=new_tok, state_dict=state)
     assert (adapter / "cpt_new_rows.safetensors").is_file()
+    assert json.loads((adapter / "cpt_adapter.json").read_text())["num_embeddings"] == len(new_tok)
     merged = LlamaForCausalLM.from_pretrained(merge_adapter(adapter, tmp_path / "merged"), dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(batch).logits, expected, atol=1e-5, rtol=1e-5)
