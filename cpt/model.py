@@ -364,7 +364,7 @@ def _vocab_of(export: str | None) -> dict[str, int] | None:
     if export is None:
         return None
     try:
-        return AutoTokenizer.from_pretrained(export).get_vocab()
+        return AutoTokenizer.from_pretrained(export, trust_remote_code=False).get_vocab()
     except (OSError, ValueError):
         return None
 

@@ -380,9 +380,9 @@ def load_for_eval(checkpoint: str | Path, base: str | None = None, device: str |
         model, tokenizer = load_adapter_model(path, base=base_name, dtype=torch_dtype)
     elif (path / "config.json").exists():
         model = load_or_explain("model", str(path), AutoModelForCausalLM.from_pretrained, str(path),
-                                use_safetensors=require_safetensors(path), **kwargs)  # (a broken config.json: one line)
+                                use_safetensors=require_safetensors(path), trust_remote_code=False, **kwargs)  # (a broken config.json: one line)
         tok_src = str(path) if has_tokenizer else (base or str(path))
-        tokenizer = load_or_explain("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src)
+        tokenizer = load_or_explain("tokenizer", tok_src, AutoTokenizer.from_pretrained, tok_src, trust_remote_code=False)
     else:
         raise FileNotFoundError(f"{path}: neither an HF model directory (config.json) nor a LoRA adapter (adapter_config.json)")
     if device:

@@ -319,7 +319,7 @@ def _load_tokenizer(tokenizer: Any) -> Any:
     if name.startswith((os.sep, "./", "../")) and not os.path.exists(name):  # a path, not a hub id: say so
         raise PrepareError(f"tokenizer folder not found: {tokenizer} (--tokenizer takes a local folder or a hub id)")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as e:  # OSError for missing folders / offline hub, ValueError for bad files
         raise PrepareError(f"cannot load tokenizer {str(tokenizer)!r}: {' '.join(str(e).split())}") from None  # one line
     if not getattr(tok, "is_fast", False):

@@ -178,7 +178,7 @@ def build_tokenizer(spec: ExperimentSpec | SequenceSpec, files: dict[str, list[s
     from transformers import AutoTokenizer
 
     if spec.tokenizer.path is not None:
-        return AutoTokenizer.from_pretrained(spec.tokenizer.path), Path(spec.tokenizer.path)
+        return AutoTokenizer.from_pretrained(spec.tokenizer.path, trust_remote_code=False), Path(spec.tokenizer.path)
     t = spec.tokenizer.train
 
     def key_of(name) -> str:
@@ -193,7 +193,7 @@ def build_tokenizer(spec: ExperimentSpec | SequenceSpec, files: dict[str, list[s
     key_file = out_dir / "experiment_tokenizer_key.json"
     if (out_dir / "tokenizer.json").is_file():
         if key_file.is_file() and key_file.read_text() in (key, key_of(str)):
-            return AutoTokenizer.from_pretrained(str(out_dir)), out_dir
+            return AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False), out_dir
         raise ExperimentError(
             f"{out_dir} holds a tokenizer trained for a different spec (corpora, vocab_size or sample), or the "
             "experiment folder was moved or copied here (its runs name the paths where it was made): use another "
@@ -219,7 +219,7 @@ def build_tokenizer(spec: ExperimentSpec | SequenceSpec, files: dict[str, list[s
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(staging, out_dir)
     shutil.rmtree(sample_dir, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(str(out_dir)), out_dir
+    return AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False), out_dir
 
 
 def _text_field(spec: ExperimentSpec | SequenceSpec, corpus: str) -> str:

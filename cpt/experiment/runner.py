@@ -151,7 +151,7 @@ def _dry_run(spec: ExperimentSpec | SequenceSpec, design: Design, out: Path, ech
     if vocab is None:
         from transformers import AutoTokenizer
 
-        vocab = len(AutoTokenizer.from_pretrained(spec.tokenizer.path))
+        vocab = len(AutoTokenizer.from_pretrained(spec.tokenizer.path, trust_remote_code=False))
     plans = design.plan(spec, out, out / "tokenizer", out / "data")
     cfgs = run_configs(plans)
     fpt, shape = flops_per_token(spec, vocab)
@@ -181,7 +181,7 @@ def flops_per_token(spec: ExperimentSpec | SequenceSpec, vocab_size: int) -> tup
 
     with torch.device("meta"):
         config = config_from_arch({**model_arch(spec), "vocab_size": vocab_size}, field="model")
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     shape = model_shape(model)
     return shape_flops_per_token(shape, spec.seq_len), shape
 
