@@ -1,7 +1,8 @@
 """The pickles in a checkpoint that a library reads by full unpickling (which can run code), checked before it does.
 
 accelerate reads its own files (``optimizer.bin``, ``random_states_<rank>.pkl``, ...) with
-``torch.load(weights_only=True)``, and cpt's own files are safetensors and JSON. Two readers a checkpoint is handed to
+``torch.load(weights_only=True)`` (checked here too: :func:`check_accelerate_pickles`), and cpt's own files are
+safetensors and JSON. Two readers a checkpoint is handed to
 do not restrict what they unpickle:
 
 * DeepSpeed (its ``load_checkpoint`` under accelerate's ``load_state``, and ``zero_to_fp32``): ``torch.load(...,
@@ -66,6 +67,28 @@ def check_zero_pickles(files) -> None:
             _refuse(f, unsafe)
 
 
+# what accelerate's own weights_only loads allow beyond torch's (accelerate.utils.other.TORCH_SAFE_GLOBALS: the numpy
+# RNG state in random_states_<rank>.pkl)
+ACCELERATE_SAFE_GLOBALS = ("numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",
+                           "numpy.core.multiarray._reconstruct", "codecs.encode", "_codecs.encode",
+                           "numpy.dtypes.UInt32DType")
+
+
+def check_accelerate_pickles(ckpt: str | Path) -> None:
+    """accelerate's files in checkpoint ``ckpt`` (``optimizer.bin``, ``scheduler.bin``, ``random_states_<rank>.pkl``,
+    ``custom_checkpoint_<i>.pkl``, ...) name no global beyond what its loads allow. accelerate reads most of them with
+    ``weights_only=True``, which refuses such a file, but as a traceback from inside ``load_state`` (an
+    ``optimizer.bin``), or, for the random states, silently (logged at INFO level): the resume went on with another
+    RNG state. ``custom_checkpoint_*.pkl`` it unpickles unrestricted."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for f in sorted(p for p in Path(ckpt).iterdir() if p.suffix in (".bin", ".pkl", ".pt") and p.is_file()):
+        with _scanning(f):
+            unsafe = set(get_unsafe_globals_in_checkpoint(str(f))) - set(ACCELERATE_SAFE_GLOBALS)
+        if unsafe:
+            _refuse(f, unsafe)
+
+
 @contextlib.contextmanager
 def _scanning(f):
     """A file the scan cannot read (truncated, not a torch file) is refused as such: DeepSpeed or DCP would fail on it
@@ -122,8 +145,10 @@ def read_dcp_metadata(folder: str | Path):
 
 
 def check_checkpoint_pickles(ckpt: str | Path) -> None:
-    """Every pickle of checkpoint ``ckpt`` that DeepSpeed or DCP would unpickle unrestricted (see the module doc)."""
+    """Every pickle of checkpoint ``ckpt`` that DeepSpeed or DCP would unpickle unrestricted (see the module doc), and
+    accelerate's own (:func:`check_accelerate_pickles`)."""
     ckpt = Path(ckpt)
+    check_accelerate_pickles(ckpt)
     check_zero_pickles(sorted((ckpt / DEEPSPEED_FOLDER).glob("*.pt")))
     for meta in sorted(ckpt.glob(f"*/{DCP_METADATA}")):
         read_dcp_metadata(meta.parent)

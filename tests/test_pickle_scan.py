@@ -98,3 +98,36 @@ def test_cpt_export_and_portable_loads_read_dcp_folders_through_the_check(tmp_pa
     assert torch.equal(_dcp_read(_dcp(tmp_path / "a"))["optimizer"]["state"]["w"]["exp_avg"], torch.ones(4))
     with pytest.raises(ConsolidateError, match="refusing to unpickle it: it names argparse.Namespace"):
         _dcp_read(_dcp(tmp_path / "b", extra={"extra": argparse.Namespace(x=1)}))
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
+def test_accelerates_own_files_are_checked_before_a_resume(tiny_cpt_data, tmp_path, capsys, name):
+    """accelerate reads its files with weights_only=True, which refuses a hostile one, but a tampered
+    ``optimizer.bin`` (its CHECKSUMS.json rewritten to match) ended the resume in a traceback from inside
+    ``load_state``, and a tampered ``random_states_0.pkl`` was skipped silently (logged at INFO level): the resume went on
+    with another RNG state. Both are one line naming the file, before accelerate reads anything; the code never runs."""
+    import json
+    import os
+
+    import yaml
+
+    from conftest import tiny_run_config
+    from cpt.cli import main
+    from cpt.fileio import file_digest
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2}, eval={"at_start": False, "every": 100})
+    cfg["stages"][0]["steps"] = 4
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    marker = tmp_path / "ran"
+    for ckpt in (out / "checkpoints").iterdir():
+        torch.save({"state": _Hostile(marker)}, ckpt / name)
+        sums = json.loads((ckpt / "CHECKSUMS.json").read_text())
+        sums["files"] = {n: {"size": os.path.getsize(ckpt / n), "digest": file_digest(ckpt / n)} for n in sums["files"]}
+        (ckpt / "CHECKSUMS.json").write_text(json.dumps(sums))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "run.yaml"), "--resume", "--allow-config-change", "--set", "stages.0.steps=6"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{name}: refusing to unpickle it: it names builtins.exec" in err, err[-3000:]
+    assert not marker.exists()
