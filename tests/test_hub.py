@@ -136,7 +136,12 @@ def test_a_failed_push_keeps_the_export_and_says_how_to_push_again(tiny_cpt_data
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
     assert main(["export", str(out), "--out", str(tmp_path / "e2"), "--push-to-hub", "me/x/y"]) == 1
     assert "give a hub repository as NAME or ORG/NAME" in capsys.readouterr().err
-    assert not (tmp_path / "e2").exists()  # (both refused before the export's work)
+    # a URL with a password or token: refused without repeating it (stderr is a batch job's log file)
+    for url in ("https://bob:pw123SECRET@e.com/r", "https://hf_abcdefghijklmnopqrstuvwx@huggingface.co/me/x"):
+        assert main(["export", str(out), "--out", str(tmp_path / "e2"), "--push-to-hub", url]) == 1
+        err = capsys.readouterr().err
+        assert "a URL with credentials, not a hub repository" in err and "SECRET" not in err and "hf_abc" not in err
+    assert not (tmp_path / "e2").exists()  # (all refused before the export's work)
     assert not (hub.root / "me/x").exists()
 
 
@@ -147,6 +152,9 @@ def test_push_to_hub_config_is_checked():
             "stages": [{"steps": 1, "mix": {"a": 1}}]}
     with pytest.raises(ConfigError, match=r"checkpoint.push_to_hub: 'a b': give a hub repository"):
         load_config(base={**base, "checkpoint": {"push_to_hub": "a b"}})
+    with pytest.raises(ConfigError, match=r"checkpoint.push_to_hub: a URL with credentials") as e:  # (not repeated)
+        load_config(base={**base, "checkpoint": {"push_to_hub": "https://bob:pw123SECRET@e.com/r"}})
+    assert "SECRET" not in str(e.value)
     with pytest.raises(ConfigError, match="needs export_at_end: true"):
         load_config(base={**base, "checkpoint": {"push_to_hub": "me/x", "export_at_end": False}})
     assert load_config(base={**base, "checkpoint": {"push_to_hub": "org/name.v2"}}).checkpoint.hub_private

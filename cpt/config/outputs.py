@@ -27,6 +27,11 @@ def shard_size_bytes(size: str | int) -> int:
 
 
 def check_hub_repo(repo_id: str) -> str:
+    from cpt.redaction import url_credentials
+
+    if url_credentials(repo_id) is not None:  # (not repeated: the value holds a secret, and stderr is a job's log)
+        raise ValueError("a URL with credentials, not a hub repository: give it as NAME or ORG/NAME (the token through "
+                         "HF_TOKEN or `hf auth login`)")
     if not HUB_REPO.match(repo_id) or "--" in repo_id or ".." in repo_id:
         raise ValueError(f"{repo_id!r}: give a hub repository as NAME or ORG/NAME (letters, digits, '-', '_', '.')")
     return repo_id
