@@ -46,6 +46,9 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# the launcher, as this process saw it when it started (`python -m cpt.cli` imports this first); a rank whose parent
+# is pid 1 is not an orphan in a container, where the launcher is often the first process (it stopped at once)
+PARENT_AT_START = os.getppid()
 STOP_REQUESTED = "CPT_STOP_REQUESTED"  # a file scripts/slurm_node.sh creates before it relays SIGUSR1 to the ranks
 
 
@@ -104,17 +107,13 @@ def stop_with_the_launcher() -> None:
     which cpt's training loop answers like a preemption: checkpoint at the end of the step, exit. torchrun starts its
     ranks in sessions of their own, so a launcher killed with SIGKILL (`kill -9`, `timeout -s KILL`, a killed process
     group) otherwise left them training on, detached, holding the run lock."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    import ctypes
+    from cpt.stop_signals import signal_at_parent_exit
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the launcher died before the line above (re-parented to init): stop now, nothing to save
+    if os.getppid() != PARENT_AT_START:  # the launcher died already (re-parented): stop now, nothing to save
         print("cpt: the launcher of this rank has already exited; stopping", file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGTERM)
+    signal_at_parent_exit(signal.SIGTERM, PARENT_AT_START)
 
 
 def no_library_bars_in_log_files() -> None:

@@ -18,6 +18,24 @@ from cpt import is_cpt_program
 PREEMPTED_MARKER = "CPT_PREEMPTED_MARKER"  # set by scripts/launch*.sh with --preempted-exit-code, and the SLURM script
 
 
+def signal_at_parent_exit(sig: int, parent: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent exits (Linux ``PR_SET_PDEATHSIG``; False
+    elsewhere). ``parent``: the parent's pid as this process saw it at its start; if the parent is already gone (this
+    process re-parented since) the signal is sent now. (Not "re-parented to pid 1": in a container the launcher is
+    often pid 1 itself.)"""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
 def ignore_signals_after_the_run() -> None:
     """Once a run has ended in the `cpt train` process (finished, or stopped with its checkpoint written), a preemption
     signal has nothing left to save: ignore SIGTERM and SIGUSR1 for the rest of the process. The teardown after the

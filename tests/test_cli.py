@@ -1,5 +1,6 @@
 """The `cpt` command line: help lists every command, unknown commands fail, bad configs give one clear error."""
 
+import os
 import subprocess
 import sys
 
@@ -104,20 +105,23 @@ def test_cli_restores_an_ignored_sigusr1():
 def test_a_rank_whose_launcher_died_before_it_started_stops(tmp_path):
     """A torchrun rank asks for SIGTERM when its launcher dies (PR_SET_PDEATHSIG); a launcher that died before the rank
     got there would never send it, so a rank already re-parented to init stops at once instead of training on alone.
-    Here: the rank's parent exits before the rank calls `stop_with_the_launcher`."""
+    Here: the rank's parent exits before the rank calls `stop_with_the_launcher` (after `python -m cpt.cli` imported
+    cpt.cli, which notes the parent's pid)."""
     import os
     import textwrap
 
     report = tmp_path / "report"
     rank = textwrap.dedent(f"""
         import os, time
+        from cpt.cli import stop_with_the_launcher
+        open({str(tmp_path / "imported")!r}, "w")
         time.sleep(1.0)  # the parent has exited by now
         open({str(report)!r}, "w").write(str(os.getppid()) + "\\n")
-        from cpt.cli import stop_with_the_launcher
         stop_with_the_launcher()
         open({str(report)!r}, "a").write("survived\\n")
     """)
-    parent = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {rank!r}], start_new_session=True)"
+    parent = (f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {rank!r}], start_new_session=True)\n"
+              f"while not os.path.exists({str(tmp_path / 'imported')!r}): time.sleep(0.02)")
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "test"}
     subprocess.run([sys.executable, "-c", parent], env=env, check=True, timeout=60)
     import time
@@ -130,6 +134,17 @@ def test_a_rank_whose_launcher_died_before_it_started_stops(tmp_path):
     if lines[0] != "1":
         pytest.skip(f"orphans are re-parented to a subreaper here (pid {lines[0]}), not to init")
     assert lines == ["1"], lines
+
+
+def test_a_rank_whose_launcher_is_pid_1_trains(tmp_path):
+    """In a container the launcher is often the first process (pid 1): its ranks' parent is pid 1 from their start,
+    which the orphan check took for a launcher already gone: every rank stopped at once. (Here a stand-in rank whose
+    parent reads as pid 1 from its start.)"""
+    code = ("import os, signal\nos.getppid = lambda: 1\nfrom cpt.cli import stop_with_the_launcher\n"
+            "stop_with_the_launcher()\nprint('trained on')\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCHELASTIC_RUN_ID": "test"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "trained on" and "already exited" not in out.stderr, out
 
 
 def test_run_log_writes_a_start_that_fails_right_after_config_yaml(tmp_path):

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +62,7 @@ def test_all_formats_give_the_same_stream(tmp_path, tokenizer):
     paths = {
         "gz": write_jsonl(tmp_path / "a.jsonl.gz", recs, "gz"),
         "zst": write_jsonl(tmp_path / "a.jsonl.zst", recs, "zst"),
+        "zstd": write_jsonl(tmp_path / "a.jsonl.zstd", recs, "zst"),  # (read undecompressed: every record "non_utf8")
     }
     pq.write_table(pa.table({"text": docs, "n": list(range(60))}), tmp_path / "a.parquet", row_group_size=17)
     paths["parquet"] = tmp_path / "a.parquet"
@@ -113,8 +115,15 @@ def test_save_to_disk_folders_and_arrow_files(tmp_path, tokenizer):
     prepare([str(tmp_path / "dd" / "test")], tokenizer, tmp_path / "test_split")
     prepare([str(tmp_path / "dd")], tokenizer, tmp_path / "test_hf", hf=True, split="test")
     assert stream_of(tmp_path / "test_split") == stream_of(tmp_path / "test_hf") == expected_stream(tokenizer, docs[30:])
-    with pytest.raises(PrepareError, match=r"no column 'body' \(columns: \['text', 'n'\]\)"):
+    with pytest.raises(PrepareError, match=r"skipped missing_field: 40\); the records have the fields \['text', 'n'\]"):
         prepare([str(tmp_path / "saved")], tokenizer, tmp_path / "x", text_field="body")
+    # an arrow file without the column among other inputs: its rows skipped and counted, as a parquet file's (it
+    # stopped the whole job)
+    (tmp_path / "mixed").mkdir()
+    pyarrow.feather.write_feather(pa.table({"body": docs[:3]}), tmp_path / "mixed" / "other.arrow")
+    write_jsonl(tmp_path / "mixed" / "a.jsonl", [{"text": d} for d in docs])
+    m = prepare([str(tmp_path / "mixed")], tokenizer, tmp_path / "mixed_out")
+    assert stream_of(tmp_path / "mixed_out") == want and m["stats"]["skipped"]["missing_field"] == 3
     arrow = sorted((tmp_path / "saved").glob("*.arrow"))[0]
     (tmp_path / "cut.arrow").write_bytes(arrow.read_bytes()[:-100])
     with pytest.raises(PrepareError, match="cut.arrow: cannot read"):
@@ -403,6 +412,37 @@ def test_a_changed_remote_or_datasets_input_is_prepared_again(tokenizer, tmp_pat
     write_jsonl(src, [{"text": "the river bank holds water"}])
     os.utime(src, ns=(1, 1))  # (a new mtime even on a coarse clock)
     assert prepare(["json"], tokenizer, tmp_path / "hf", hf=True, data_files=[str(src)])["num_tokens"] > m1["num_tokens"]
+
+
+def test_a_remote_folder_is_read_as_a_local_one(tokenizer, tmp_path, caplog):
+    """An fsspec folder holding raw files next to a folder `cpt prepare` wrote (a bucket's usual layout): the prepared
+    folder's manifest and shards were read as text (garbage documents trained on, the rest skipped as malformed); a
+    prepared folder named itself was "prepared"; a pattern was "input not found". As for local paths: the prepared
+    folder left out with a warning, refused when named, patterns expanded."""
+    import fsspec
+
+    docs = make_docs(30, seed=3)
+    raw = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    prepare([str(raw)], tokenizer, tmp_path / "local")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/raw/a.jsonl", raw.read_bytes())
+    for f in (tmp_path / "local").iterdir():  # (a prepared folder beside the raw data)
+        if f.is_file():
+            fs.pipe(f"/bucket/raw/prepared/{f.name}", f.read_bytes())
+    try:
+        with caplog.at_level(logging.WARNING, logger="cpt.data"):
+            m = prepare(["memory://bucket/raw"], tokenizer, tmp_path / "remote")
+        assert "not reading memory:///bucket/raw/prepared: token shards" in caplog.text
+        assert stream_of(tmp_path / "remote") == stream_of(tmp_path / "local")
+        assert m["stats"]["documents_kept"] == 30 and not any(m["stats"]["skipped"].values())
+        with pytest.raises(PrepareError, match="holds token shards written by `cpt prepare`"):
+            prepare(["memory://bucket/raw/prepared"], tokenizer, tmp_path / "again")
+        prepare(["memory://bucket/raw/*.jsonl"], tokenizer, tmp_path / "pattern")
+        assert stream_of(tmp_path / "pattern") == stream_of(tmp_path / "local")
+        with pytest.raises(PrepareError, match="input pattern matched no files: memory://bucket/raw/\\*.parquet"):
+            prepare(["memory://bucket/raw/*.parquet"], tokenizer, tmp_path / "none")
+    finally:
+        fs.rm("/bucket", recursive=True)
 
 
 def test_interrupted_run_never_leaves_a_manifest_over_partial_shards(tmp_path, tokenizer, monkeypatch):
@@ -746,3 +786,50 @@ def test_progress_lines_in_a_batch_jobs_log(tmp_path, tokenizer, capsys):
     assert any(line.startswith("cpt prepare: 6 documents, ") and line.endswith(" min") for line in lines), lines
     assert main([*args, "--progress-every", "0", "--force", "--no-progress"]) == 0
     assert "cpt prepare: " not in capsys.readouterr().err
+
+
+def test_tokenizer_workers_end_with_cpt_prepare(tmp_path):
+    """`cpt prepare --num-proc N` killed with kill -9 (the OOM killer, a scheduler): its worker processes stayed,
+    re-parented and blocked on their queue, forever. They now end with it. (A stand-in `cpt prepare`: the encoding
+    pool over documents that stop coming after the first batch, so that the workers are up and idle.)"""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    code = ("import time\nfrom data_factories import make_tokenizer\nfrom cpt.data.encode import Encoder, encode_documents\n"
+            "import numpy as np\n"
+            "tok = make_tokenizer()\n"
+            "enc = Encoder(tok.backend_tokenizer, tok.eos_token_id, None, np.uint16, None, 'keep')\n"
+            "def docs():\n    yield from ['the river bank'] * 64\n    time.sleep(600)\n"
+            "with encode_documents(docs(), enc, num_proc=2, batch_docs=4) as batches:\n"
+            "    next(batches)\n    print('encoding', flush=True)\n    time.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        timer = threading.Timer(120, proc.kill)  # (a stand-in that never gets there fails the test, not CI's clock)
+        timer.start()
+        assert proc.stdout.readline().strip() == "encoding"
+        timer.cancel()
+        workers = [int(p) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                   for p in (t / "children").read_text().split()]
+        assert len(workers) >= 2, workers  # (the two workers, and the resource tracker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() and "zombie" not in
+                                         _proc_state(w) for w in workers):
+        time.sleep(0.1)
+    left = [w for w in workers if Path(f"/proc/{w}").exists() and "zombie" not in _proc_state(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"{len(left)} worker(s) still running after their cpt prepare was killed"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return "zombie"

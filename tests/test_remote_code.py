@@ -6,7 +6,6 @@ leaves ``trust_remote_code`` unset, and ran it after "y": `cpt eval` did)."""
 import builtins
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml

@@ -9,7 +9,7 @@ from typing import Any
 
 def _compression(path: str) -> str | None:
     lower = path.lower()
-    if lower.endswith(".zst"):
+    if lower.endswith((".zst", ".zstd")):  # (fsspec knows neither; a .zstd file was read as raw bytes: "non_utf8")
         return "zstd"
     import fsspec.utils
 

@@ -15,6 +15,7 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from itertools import chain
 from typing import Any, Iterator
 
 import numpy as np
+
+from cpt.stop_signals import signal_at_parent_exit
 
 
 def bos_by_convention(tokenizer: Any) -> int | None:
@@ -120,8 +123,10 @@ class Encoder:
 _WORKER_ENCODER: Encoder | None = None
 
 
-def _init_worker(tokenizer_json: str, args: tuple) -> None:
+def _init_worker(tokenizer_json: str, args: tuple, parent: int) -> None:
     global _WORKER_ENCODER
+    # a worker ends with `cpt prepare` (kill -9, the OOM killer): they stayed, blocked on their queue, forever
+    signal_at_parent_exit(signal.SIGTERM, parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process; the pool is the parallelism
     from tokenizers import Tokenizer
 
@@ -213,7 +218,7 @@ def encode_documents(docs: Iterator[str], encoder: Encoder, num_proc: int = 1, b
     # memory on a huge document)
     with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_init_worker,
-                                                initargs=(encoder.backend.to_str(), args)) as pool:
+                                                initargs=(encoder.backend.to_str(), args, os.getpid())) as pool:
         try:
             yield _ordered(pool, _worker_encode, batches, depth=2 * num_proc)
         except concurrent.futures.process.BrokenProcessPool:

@@ -49,19 +49,7 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
                 raise ReadError(f"input pattern matched no files: {item}")
             files += matched
         elif is_remote(item):
-            try:
-                fs, root = filesystem(item)
-            except ShardError as e:  # s3:// or gs:// without its extra: one line naming it
-                raise ReadError(str(e)) from None
-            protocol = item.split("://", 1)[0]
-            if not fs.exists(root):
-                raise ReadError(_missing(fs, root, item))
-            if fs.isdir(root):
-                found = sorted(p for p in fs.find(root) if not _hidden(p.rsplit("/", 1)[-1]))
-                found = [p for p in found if _matches(p, glob)]
-                files += [p if "://" in p else f"{protocol}://{p}" for p in found]
-            else:
-                files.append(item)
+            files += _remote_files(item, glob, warn)
         elif os.path.isdir(item) and (saved := saved_dataset_files(item)) is not None:
             files += [f for f in saved if _matches(f, glob)]
         elif os.path.isdir(item) and prepared_folder(item):
@@ -93,6 +81,48 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
     if not files:
         raise ReadError(f"no input files found in {list(inputs)}" + (f" matching {glob!r}" if glob else ""))
     return _read_once(files, warn)
+
+
+def _remote_files(item: str, glob: str | None, warn: bool) -> list[str]:
+    """The files an fsspec URL names, as for a local path: a pattern expanded (it was "input not found"), a folder
+    walked without the folders `cpt prepare` wrote (their manifest and shards were read as text: garbage documents
+    trained on), a prepared folder named itself refused."""
+    try:
+        fs, root = filesystem(item)
+    except ShardError as e:  # s3:// or gs:// without its extra: one line naming it
+        raise ReadError(str(e)) from None
+    protocol = item.split("://", 1)[0]
+
+    def url(p: str) -> str:
+        return p if "://" in p else f"{protocol}://{p}"
+
+    if any(c in root for c in "*?[") and not fs.exists(root):
+        matched = sorted(url(p) for p in fs.glob(root) if fs.isfile(p) and _matches(p, glob))
+        if not matched:
+            raise ReadError(f"input pattern matched no files: {item}")
+        return matched
+    if not fs.exists(root):
+        raise ReadError(_missing(fs, root, item))
+    if not fs.isdir(root):
+        return [item]
+    if _remote_prepared(fs, root):
+        raise ReadError(f"{item} holds token shards written by `cpt prepare` (manifest.json), not text: name the raw "
+                        "files it was prepared from")
+    found = sorted(p for p in fs.find(root) if not _hidden(p.rsplit("/", 1)[-1]))
+    shards = sorted({p.rsplit("/", 1)[0] for p in found if p.rsplit("/", 1)[-1] == MANIFEST
+                     and _remote_prepared(fs, p.rsplit("/", 1)[0])})
+    if shards and warn:
+        logger.warning("not reading %s: token shards written by `cpt prepare`, not text", ", ".join(map(url, shards)))
+    found = [p for p in found if not any(p.startswith(d + "/") for d in shards)]
+    return [url(p) for p in found if _matches(p, glob)]
+
+
+def _remote_prepared(fs: Any, folder: str) -> bool:
+    """:func:`prepared_folder` on an fsspec filesystem."""
+    try:
+        return json.loads(fs.cat_file(f"{folder.rstrip('/')}/{MANIFEST}")).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _missing(fs: Any, root: str, url: str) -> str:

@@ -218,12 +218,17 @@ def _read_arrow(path: str, text_field: str, counts: ReadCounts) -> Iterator[str]
             except pa.ArrowInvalid as e:
                 raise ReadError(f"{path}: not a readable Arrow IPC file ({e})") from None
         names = reader.schema.names
-        if text_field not in names:
-            raise ReadError(f"{path}: no column {text_field!r} (columns: {names}); name the text one with --text-field")
+        missing = text_field not in names  # (as for parquet: its rows skipped and counted, the run goes on)
+        if missing:
+            logger.warning("%s: no column %r (columns: %s); all rows skipped", path, text_field, names)
+            counts.fields_seen = counts.fields_seen or list(names)[:20]
         batches = iter(reader) if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches))
         try:
             for batch in batches:
-                yield from _column_texts(batch.column(names.index(text_field)), text_field, counts)
+                if missing:
+                    counts.skip("missing_field", batch.num_rows)
+                else:
+                    yield from _column_texts(batch.column(names.index(text_field)), text_field, counts)
         except pa.ArrowInvalid as e:  # a cut or damaged file
             raise ReadError(f"{path}: not a readable Arrow IPC file ({e})") from None
 
