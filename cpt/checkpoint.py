@@ -192,7 +192,9 @@ class CheckpointManager:
         self.failed_in_a_row += 1
         cause = str(error) if isinstance(error, (CheckpointError, sharded_save.ShardWriteError)) else describe_io_error(error, self.root)
         if self.acc.is_main_process:
-            log.error(f"checkpoint at step {step} FAILED: {cause}; the previous checkpoint is intact; "
+            kept = list_checkpoints(self.root.parent)
+            previous = f"the checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
+            log.error(f"checkpoint at step {step} FAILED: {cause}; {previous}; "
                       f"retrying at the next interval ({self.failed_in_a_row} of {self.max_failed_saves} failures in a row allowed)")
         if self.failed_in_a_row >= self.max_failed_saves:
             last = list_checkpoints(self.root.parent)

@@ -165,8 +165,34 @@ def latest_valid_checkpoint(run_dir: str | os.PathLike, unusable: list[Path] | N
     return None
 
 
+def interrupted_replaces(root: Path) -> list[Path]:
+    """The checkpoints a save of their own step was replacing when it was killed between its two renames
+    (``step_N`` -> ``.trash-step_N``, then ``.tmp-step_N`` -> ``step_N``): the earlier copy, committed and whole, lies
+    as ``.trash-step_N`` beside the new one's ``.tmp-step_N``, and no ``step_N`` is listed (a ``--resume`` went back to
+    an older checkpoint, or, with ``keep: 1``, started from scratch, and the next save deleted both). A prune's
+    ``.trash-`` (possibly half deleted) has no ``.tmp-`` of its step beside it."""
+    if not root.is_dir():
+        return []
+    return sorted(t for t in root.glob(TRASH_PREFIX + PREFIX + "*")
+                  if not (root / t.name[len(TRASH_PREFIX):]).exists()
+                  and (root / (TMP_PREFIX + t.name[len(TRASH_PREFIX):])).is_dir())
+
+
+def restore_interrupted_replaces(root: Path) -> list[Path]:
+    """Put each of :func:`interrupted_replaces` back as ``step_N`` (main process, before the checkpoints are listed);
+    returns the checkpoints restored."""
+    restored = []
+    for trash in interrupted_replaces(root):
+        final = root / trash.name[len(TRASH_PREFIX):]
+        os.replace(trash, final)
+        restored.append(final)
+    return restored
+
+
 def remove_partial_saves(root: Path) -> None:
-    """Remove what interrupted saves and prunes leave behind (``.tmp-*``, ``.trash-*``)."""
+    """Remove what interrupted saves and prunes leave behind (``.tmp-*``, ``.trash-*``), after putting back a
+    checkpoint an interrupted same-step save was replacing (:func:`restore_interrupted_replaces`)."""
+    restore_interrupted_replaces(root)
     for stale in [*root.glob(TMP_PREFIX + "*"), *root.glob(TRASH_PREFIX + "*")]:
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -21,7 +21,8 @@ import yaml
 from cpt.adapter_checkpoint import STAGE_BASE_DIR
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
-from cpt.checkpoint_dir import LocalCheck, checkpoint_size, verify_checkpoint
+from cpt.checkpoint_dir import (LocalCheck, checkpoint_size, interrupted_replaces, remove_partial_saves,
+                                restore_interrupted_replaces, verify_checkpoint)
 from cpt.config import RunConfig, load_config, trajectory_changes
 from cpt.distributed import from_every_rank, from_main_process, rank_and_world
 
@@ -109,6 +110,11 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path |
     mistakes them for real ones; with none complete the run starts from scratch and says so."""
     unusable: list[Path] = []
     check = SharedCheck(acc)
+    root = Path(run_dir) / "checkpoints"
+    if acc.is_main_process and root.is_dir():  # (before the main process lists them for every rank; the run is locked)
+        for restored in restore_interrupted_replaces(root):
+            say(f"restored {restored.name}: a save that was replacing it with a new copy of its step was interrupted")
+        remove_partial_saves(root)  # (a resume that saves nothing, at its last step, left them for good)
     ckpt = latest_valid_checkpoint(run_dir, unusable, check)
     if acc.is_main_process:
         if ckpt is not None:  # (at scale the check is a read of the whole checkpoint: its time, in the log)
@@ -237,7 +243,7 @@ def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = Fals
     """A fresh start must not mix with an earlier run's checkpoints, nor overwrite a finished run's export. Partial
     saves (.tmp-*) do not count: `--resume` with nothing complete to resume from (a first start, or a job killed
     during its first save) starts fresh. ``branch``: an anneal branch, which needs a directory of its own."""
-    if list_checkpoints(run_dir):
+    if list_checkpoints(run_dir) or interrupted_replaces(run_dir / "checkpoints"):
         if branch:  # typically the trunk's own directory (the config's run.output_dir)
             raise CheckpointError(f"{run_dir} already holds checkpoints (the trunk's?): an anneal branch writes to a run "
                                   "directory of its own: pass --output-dir DIR (a new directory for the branch)")

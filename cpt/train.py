@@ -285,6 +285,8 @@ def _restore(ckpts: CheckpointManager, start: Start, components: dict, model, sa
     trunk ran without starts at the branch point: resume.switched_on_in_branch)."""
     own_window, fresh = start.resume is not None, switched_on_in_branch(start, components)
     ckpts.load(start.state_from, {n: c for n, c in components.items() if (own_window or n != "log_window") and n not in fresh})
+    if start.resume is not None:  # this step's checkpoint is on disk: not written again (a resume at the run's last step,
+        ckpts.last_saved = components["train"].step  # after a kill in its final export, replaced it with a copy)
     for name in fresh:
         components[name].restart(ckpts.acc.unwrap_model(model))
         say(f"anneal branch: {SWITCHED_ON_IN_A_BRANCH[name]} starts at the branch point (the trunk ran without it)")

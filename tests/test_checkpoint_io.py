@@ -260,9 +260,16 @@ def test_failed_background_save_counts_and_policy_stops(trained, tmp_path, monke
     with caplog.at_level(logging.ERROR, "cpt.checkpoint"):
         ckpts.save(3, {}, "")  # ...reported here (1 of 2), and this one is written
     assert "checkpoint at step 2 FAILED: no space left on device (" in caplog.text and ckpts.failed_in_a_row == 1
+    assert "; the checkpoint step_00000001 is intact;" in caplog.text
     with pytest.raises(checkpoint_error()) as e:
         ckpts.wait()  # the end of training: step 3 failed too -> 2 in a row: stop
     assert "2 checkpoint saves in a row failed" in str(e.value) and "no space left on device" in str(e.value)
+    first = CheckpointManager(tmp_path / "first", keep=5, accelerator=acc, async_save=False)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, "cpt.checkpoint"):  # a run's first save: there is no previous one (it said
+        first.save(2, {}, "")  # "the previous checkpoint is intact")
+    assert "checkpoint at step 2 FAILED: no space left on device (" in caplog.text
+    assert "; no earlier checkpoint exists;" in caplog.text and "is intact" not in caplog.text
     assert "step_00000001" in str(e.value)  # names the checkpoint that is left
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000001"]
     assert verify_checkpoint(list_checkpoints(tmp_path / "run")[0]) is None

@@ -12,6 +12,7 @@ through a real `cpt train` subprocess with the environment variable, as a user w
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,33 +176,37 @@ def test_kill_during_a_periodic_export_after_its_checkpoint_redoes_the_export(ti
     AutoModelForCausalLM.from_pretrained(out / "exports" / export)
 
 
-def test_kill_while_a_resume_at_the_last_step_replaces_its_checkpoint(tiny_cpt_data, tmp_path, uninterrupted, monkeypatch):
-    """A run resumed at its last step (a SLURM job requeued by a warning that came during its final export) saves
-    that step again, replacing the checkpoint there. Killed while the old copy was deleted (a long rmtree for a big
-    checkpoint on a parallel filesystem), it used to keep no checkpoint at all with checkpoint.keep 1 (the old copy
-    was moved away and deleted before the new one was renamed into place): the next --resume started from scratch.
-    About 10 s."""
-    import cpt.checkpoint
-
+def test_a_resume_at_the_last_step_keeps_its_checkpoint_and_an_interrupted_replace_is_undone(tiny_cpt_data, tmp_path,
+                                                                                                 uninterrupted, capsys):
+    """A run resumed at its last step (a SLURM job requeued by a warning that came during its final export) saved that
+    step again, replacing the checkpoint there: a needless write of the whole state, and a kill between the replace's
+    two renames (`step_N` -> `.trash-step_N`, `.tmp-step_N` -> `step_N`) left no `step_N`: the next --resume went back
+    to an older checkpoint, or with checkpoint.keep 1 started from scratch (and its first save deleted both copies).
+    The resume now leaves its start checkpoint as it is, and a replace interrupted that way (made here by hand, as a
+    save of an already-saved step leaves it) is undone at the next start. About 10 s."""
     ref, _ = uninterrupted
     out, cfg_path = tmp_path / "run", tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(crash_config(tiny_cpt_data, out)))
     assert forked_cli(["train", str(cfg_path)], tmp_path / "first.log") == 0, (tmp_path / "first.log").read_text()
-    rmtree = cpt.checkpoint.shutil.rmtree
+    last = out / "checkpoints" / f"step_{STEPS:08d}"
+    before = {f.name: f.stat().st_ino for f in last.iterdir()}
+    assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "again.log") == 0, (tmp_path / "again.log").read_text()
+    assert {f.name: f.stat().st_ino for f in last.iterdir()} == before  # (the same files: not written again)
+    trash, tmp = last.with_name(f".trash-{last.name}"), last.with_name(f".tmp-{last.name}")
+    os.replace(last, trash)  # the replace, killed between its renames
+    shutil.copytree(trash, tmp)
+    prune = out / "checkpoints" / f".trash-step_{EVERY:08d}"  # and a prune's half-deleted copy, never restored
+    prune.mkdir()
+    from cpt.cli import main
 
-    def killed_while_deleting_the_old_copy(path, *args, **kwargs):
-        if Path(path).name == f".trash-step_{STEPS:08d}":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return rmtree(path, *args, **kwargs)
-
-    with monkeypatch.context() as m:  # (in the forked child only: the parent deletes nothing meanwhile)
-        m.setattr(cpt.checkpoint.shutil, "rmtree", killed_while_deleting_the_old_copy)
-        assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "killed.log") == -signal.SIGKILL
-    assert [p.name for p in list_checkpoints(out)] == [f"step_{STEPS:08d}"]
+    assert main(["verify", str(out)]) == 0  # (it said "a run directory with no checkpoint", and nothing else)
+    assert f"note   {trash}: a checkpoint a save of its own step was replacing" in capsys.readouterr().out
     assert forked_cli(["train", str(cfg_path), "--resume"], tmp_path / "resumed.log") == 0, (tmp_path / "resumed.log").read_text()
-    assert f"step_{STEPS:08d} at step {STEPS} " in (tmp_path / "resumed.log").read_text()
+    log = (tmp_path / "resumed.log").read_text()
+    assert f"restored step_{STEPS:08d}: a save that was replacing it" in log and f"step_{STEPS:08d} at step {STEPS} " in log, log
     assert losses(out) == ref
-    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]  # (the new copy and the prune's gone)
+    assert {f.name: f.stat().st_ino for f in last.iterdir()} == before  # the original copy
 
 
 def test_kill_during_first_save_then_resume_from_the_command_line(tiny_cpt_data, tmp_path, uninterrupted):

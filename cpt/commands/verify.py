@@ -107,6 +107,11 @@ def main(argv: list[str]) -> int:
             folder = Path(path) if Path(path).name == "checkpoints" else Path(path) / "checkpoints"
             for aside in sorted(folder.glob(f"{UNUSABLE_PREFIX}*")):
                 print(f"note   {aside}: set aside as broken by an earlier --resume (not checked; delete it when done)")
+            from cpt.checkpoint_dir import interrupted_replaces
+
+            for hidden in interrupted_replaces(folder):  # (it said "a run directory with no checkpoint")
+                print(f"note   {hidden}: a checkpoint a save of its own step was replacing when it was interrupted; "
+                      "the next --resume restores it (not checked)")
         if ckpts == []:
             print(f"ok     {path}: a run directory with no checkpoint (none saved yet, or checkpoint.every unset)")
         for item in [path] if ckpts is None else ckpts:
