@@ -100,14 +100,14 @@ def test_cpt_export_and_portable_loads_read_dcp_folders_through_the_check(tmp_pa
         _dcp_read(_dcp(tmp_path / "b", extra={"extra": argparse.Namespace(x=1)}))
 
 
-@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
-def test_accelerates_own_files_are_checked_before_a_resume(tiny_cpt_data, tmp_path, capsys, name):
+def test_accelerates_own_files_are_checked_before_a_resume(tiny_cpt_data, tmp_path, capsys):
     """accelerate reads its files with weights_only=True, which refuses a hostile one, but a tampered
     ``optimizer.bin`` (its CHECKSUMS.json rewritten to match) ended the resume in a traceback from inside
     ``load_state``, and a tampered ``random_states_0.pkl`` was skipped silently (logged at INFO level): the resume went on
     with another RNG state. Both are one line naming the file, before accelerate reads anything; the code never runs."""
     import json
     import os
+    import shutil
 
     import yaml
 
@@ -115,19 +115,26 @@ def test_accelerates_own_files_are_checked_before_a_resume(tiny_cpt_data, tmp_pa
     from cpt.cli import main
     from cpt.fileio import file_digest
 
-    out = tmp_path / "run"
-    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2}, eval={"at_start": False, "every": 100})
+    trained = tmp_path / "trained"
+    cfg = tiny_run_config(tiny_cpt_data, trained, checkpoint={"every": 2}, eval={"at_start": False, "every": 100})
     cfg["stages"][0]["steps"] = 4
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "run.yaml")]) == 0
     marker = tmp_path / "ran"
-    for ckpt in (out / "checkpoints").iterdir():
-        torch.save({"state": _Hostile(marker)}, ckpt / name)
-        sums = json.loads((ckpt / "CHECKSUMS.json").read_text())
-        sums["files"] = {n: {"size": os.path.getsize(ckpt / n), "digest": file_digest(ckpt / n)} for n in sums["files"]}
-        (ckpt / "CHECKSUMS.json").write_text(json.dumps(sums))
-    capsys.readouterr()
-    assert main(["train", str(tmp_path / "run.yaml"), "--resume", "--allow-config-change", "--set", "stages.0.steps=6"]) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and f"{name}: refusing to unpickle it: it names builtins.exec" in err, err[-3000:]
-    assert not marker.exists()
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        out = tmp_path / "run"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(trained, out)
+        cfg["run"]["output_dir"] = str(out)
+        (tmp_path / "copy.yaml").write_text(yaml.safe_dump(cfg))
+        for ckpt in (out / "checkpoints").iterdir():
+            torch.save({"state": _Hostile(marker)}, ckpt / name)
+            sums = json.loads((ckpt / "CHECKSUMS.json").read_text())
+            sums["files"] = {n: {"size": os.path.getsize(ckpt / n), "digest": file_digest(ckpt / n)} for n in sums["files"]}
+            (ckpt / "CHECKSUMS.json").write_text(json.dumps(sums))
+        capsys.readouterr()
+        assert main(["train", str(tmp_path / "copy.yaml"), "--resume", "--allow-config-change",
+                     "--set", "stages.0.steps=6"]) == 1, name
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"{name}: refusing to unpickle it: it names builtins.exec" in err, err[-3000:]
+        assert not marker.exists()
