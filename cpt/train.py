@@ -223,7 +223,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 ckpts.save(state.step, components, config_yaml)
             if cfg.checkpoint.export_at_end:
                 export_dir = run_end.export_final(cfg, model, tokenizer, ema, acc, logger)
-            if bench is not None and cfg.eval.lm_eval.at_end:
+            if bench is not None and cfg.eval.lm_eval.at_end and not _final_scores_logged(acc, run_dir, start, state.step):
                 out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
         ckpts.wait()  # the last (background) checkpoint write is on disk before the run reports its end
         summary, compute = evaluator.summary(), account.metrics(state.tokens, flops_per_token)
@@ -388,6 +388,22 @@ def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimize
     saved = json.loads((ckpt / TRAINER_STATE).read_text()).get("data") if (ckpt / TRAINER_STATE).is_file() else None
     for note in data.start_over_notes(saved) if isinstance(saved, dict) and data.rank == 0 else ():
         logging.getLogger("cpt.data").warning("train.init_from: %s", note)
+
+
+def _final_scores_logged(acc, run_dir: Path, start: Start, step: int) -> bool:
+    """A resume at the run's last step whose killed start had logged the final lm-eval scores already (the kill came
+    after them: in the final export's teardown, or a signal the finished run no longer answered): not evaluated again
+    (a second record of the step in metrics.jsonl). Collective: the main process reads, every rank gets its answer."""
+    from cpt.checkpoint import saved_step
+    from cpt.distributed import from_main_process
+    from cpt.metrics import iter_metrics
+
+    if start.resume is None or saved_step(start.resume) != step:
+        return False
+    path = run_dir / "metrics.jsonl"
+    logged = acc.is_main_process and path.is_file() and any(
+        r.get("step") == step and any(k.startswith("lm_eval/") for k in r) for r in iter_metrics(path))
+    return bool(from_main_process(acc, logged))
 
 
 def _metrics_logger(cfg: RunConfig, acc, resumed_at: int | None) -> MetricsLogger:

@@ -471,6 +471,11 @@ def test_an_anneal_branch_may_switch_on_ema_reptile_and_spikes_and_a_resume_lm_e
     assert float(state["ema.decay"]) == 0.5
     lm_evals = [r["step"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "lm_eval/cpt_arith_mc/acc" in r]
     assert lm_evals == [3, 4]
+    # resumed again at its last step (a job requeued after the run had finished: the signal came after its last stop
+    # check): the final scores, logged already, are not evaluated again (a second step-4 record)
+    train(load_config(base=branch), resume=True, echo=lambda *a: None)
+    lm_evals = [r["step"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "lm_eval/cpt_arith_mc/acc" in r]
+    assert lm_evals == [3, 4]
 
 
 def test_anneal_from_a_decaying_phase_is_rejected(tiny_cpt_data, tmp_path, reference):
