@@ -223,8 +223,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                 ckpts.save(state.step, components, config_yaml)
             if cfg.checkpoint.export_at_end:
                 export_dir = run_end.export_final(cfg, model, tokenizer, ema, acc, logger)
-            if bench is not None and cfg.eval.lm_eval.at_end and not _final_scores_logged(acc, run_dir, start, state.step):
-                out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
+            if bench is not None and cfg.eval.lm_eval.at_end:
+                _final_benchmarks(acc, run_dir, start, state, bench, model, tokenizer, out)
         ckpts.wait()  # the last (background) checkpoint write is on disk before the run reports its end
         summary, compute = evaluator.summary(), account.metrics(state.tokens, flops_per_token)
         logger.log({"train/tokens": state.tokens, **compute}, step=state.step)
@@ -390,20 +390,35 @@ def _init_weights(cfg: RunConfig, ckpts: CheckpointManager, ckpt: Path, optimize
         logging.getLogger("cpt.data").warning("train.init_from: %s", note)
 
 
-def _final_scores_logged(acc, run_dir: Path, start: Start, step: int) -> bool:
-    """A resume at the run's last step whose killed start had logged the final lm-eval scores already (the kill came
-    after them: in the final export's teardown, or a signal the finished run no longer answered): not evaluated again
-    (a second record of the step in metrics.jsonl). Collective: the main process reads, every rank gets its answer."""
+def _final_benchmarks(acc, run_dir: Path, start: Start, state: TrainState, bench, model, tokenizer, out) -> None:
+    """The final lm-eval scores (``eval.lm_eval.at_end``), logged. A resume at the run's last step whose killed start
+    had logged them already (the kill came after them: in the final export's teardown, or a signal the finished run no
+    longer answered) does not log them again (a second record of the step in metrics.jsonl): the tracker takes the
+    logged scores as its final ones (the run's benchmark table), or, for a metric it has no direction of (never scored
+    before in this run), scores them again without logging them."""
+    logged = _logged_final_scores(acc, run_dir, start, state.step)
+    if logged is None:
+        out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
+    elif not bench.replay(state.step, logged):
+        bench.evaluate(model, tokenizer, state.step)  # (the same scores as logged: evaluation is deterministic)
+
+
+def _logged_final_scores(acc, run_dir: Path, start: Start, step: int) -> dict | None:
+    """The lm-eval values metrics.jsonl holds at ``step`` when this start resumed there (None otherwise). Collective:
+    the main process reads, every rank gets its answer."""
     from cpt.checkpoint import saved_step
     from cpt.distributed import from_main_process
     from cpt.metrics import iter_metrics
 
     if start.resume is None or saved_step(start.resume) != step:
-        return False
+        return None
     path = run_dir / "metrics.jsonl"
-    logged = acc.is_main_process and path.is_file() and any(
-        r.get("step") == step and any(k.startswith("lm_eval/") for k in r) for r in iter_metrics(path))
-    return bool(from_main_process(acc, logged))
+    logged: dict = {}
+    if acc.is_main_process and path.is_file():
+        for r in iter_metrics(path):
+            if r.get("step") == step:
+                logged.update({k: v for k, v in r.items() if k.startswith("lm_eval/")})
+    return from_main_process(acc, logged) or None
 
 
 def _metrics_logger(cfg: RunConfig, acc, resumed_at: int | None) -> MetricsLogger:

@@ -231,6 +231,24 @@ class BenchmarkTracker:
                         f"; the summary keeps step {self.last[key][2]}'s" if key in self.last else "")
         return metrics
 
+    def replay(self, step: int, logged: dict[str, float]) -> bool:
+        """Take the ``lm_eval/*`` values a run logged at ``step`` as this tracker's evaluation of that step, without
+        evaluating (a resume at the last step, whose killed start had logged the final scores: the summary's "final"
+        was an older step's). False, nothing changed, when a scored metric's direction is not known (the tracker
+        never scored it: lm-eval gives the direction with the scores)."""
+        if not self.task_tags:
+            self._set_up()
+        higher: dict[str, dict[str, bool]] = {}
+        for key in logged:
+            task, _, name = key[len("lm_eval/"):].partition("/")
+            if not key.startswith("lm_eval/") or "_stderr" in name or task not in self.task_tags:
+                continue
+            if f"{task}/{name}" not in self.higher:
+                return False
+            higher.setdefault(task, {})[name.partition("@")[0]] = self.higher[f"{task}/{name}"]
+        self.record(step, logged, higher)
+        return True
+
     def start_line(self, step: int) -> str:
         """``lm-eval step 40: scoring cpt_python_next (200 documents), hellaswag (all 10,042 documents)``."""
         parts = []

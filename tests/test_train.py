@@ -465,17 +465,37 @@ def test_an_anneal_branch_may_switch_on_ema_reptile_and_spikes_and_a_resume_lm_e
     # tasks added on the resume (an evaluation setting) start there, that first score their reference (refused before)
     shutil.rmtree(tmp_path / "branch" / "checkpoints" / "step_00000004")
     branch["train"]["ema_decay"] = 0.5
-    branch["eval"] = {**branch["eval"], "at_start": True, "lm_eval": {"tasks": ["cpt_arith_mc"], "limit": 2, "batch_size": 8}}
+    branch["eval"] = {**branch["eval"], "at_start": True, "lm_eval": {"tasks": [{"name": "cpt_arith_mc", "tag": "upstream"}], "limit": 2,
+                                                                   "batch_size": 8}}
     train(load_config(base=branch), resume=True, allow_config_change=True, echo=lambda *a: None)
     state = load_file(tmp_path / "branch" / "checkpoints" / "step_00000004" / "state.safetensors")
     assert float(state["ema.decay"]) == 0.5
     lm_evals = [r["step"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "lm_eval/cpt_arith_mc/acc" in r]
     assert lm_evals == [3, 4]
     # resumed again at its last step (a job requeued after the run had finished: the signal came after its last stop
-    # check): the final scores, logged already, are not evaluated again (a second step-4 record)
-    train(load_config(base=branch), resume=True, echo=lambda *a: None)
-    lm_evals = [r["step"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "lm_eval/cpt_arith_mc/acc" in r]
-    assert lm_evals == [3, 4]
+    # check): the final scores, logged already, are not logged again (a second step-4 record), and the run's benchmark
+    # table has them as final (taken from the log: it had step 3's, the checkpoint's tracker being saved before them);
+    # without earlier scores in the run (no direction known), they are scored again, not logged
+    final = next(r for r in read_metrics(tmp_path / "branch" / "metrics.jsonl")
+                 if r["step"] == 4 and "lm_eval/cpt_arith_mc/acc" in r)["lm_eval/cpt_arith_mc/acc"]
+    for at_start in (True, False):
+        branch["eval"]["at_start"] = at_start
+        if not at_start:  # (a run whose only scores are the final ones: the tracker restored knows none)
+            ckpt = tmp_path / "branch" / "checkpoints" / "step_00000004" / "trainer_state.json"
+            doc = json.loads(ckpt.read_text())
+            doc["lm_eval"] = {}
+            ckpt.write_text(json.dumps(doc))
+            from cpt.checkpoint_dir import CHECKSUMS
+            from cpt.fileio import file_digest
+
+            sums = json.loads((ckpt.parent / CHECKSUMS).read_text())
+            sums["files"]["trainer_state.json"] = {"size": ckpt.stat().st_size, "digest": file_digest(ckpt)}
+            (ckpt.parent / CHECKSUMS).write_text(json.dumps(sums))
+        result = train(load_config(base=branch), resume=True, allow_config_change=True, echo=lambda *a: None)
+        lm_evals = [r["step"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "lm_eval/cpt_arith_mc/acc" in r]
+        assert lm_evals == [3, 4]
+        row = next(r for r in result.benchmarks if r["task"] == "cpt_arith_mc" and r["metric"] == "acc")
+        assert (row["final"], row["final_step"]) == (final, 4), (at_start, row)
 
 
 def test_anneal_from_a_decaying_phase_is_rejected(tiny_cpt_data, tmp_path, reference):
