@@ -39,6 +39,10 @@ def load_or_explain(what: str, name: str, loader, *args, **kwargs):
             raise ModelLoadError(f"{what} {name!r}: a peft adapter, not a model; merge it into its base first "
                                  f"(cpt merge {name} --out MERGED) and name MERGED") from None
         said = " ".join(str(e).split()) or type(e).__name__
+        if "trust_remote_code=True" in said:  # (transformers' advice names an argument no cpt command has)
+            raise ModelLoadError(f"{what} {name!r}: the folder names code of its own (auto_map), which cpt does not run "
+                                 "unless a run config sets model.trust_remote_code: true (cpt train); cpt eval, merge "
+                                 "and interpolate never run it") from None
         raise ModelLoadError(f"{what} {name!r}: transformers cannot load this folder ({said})") from None
 
 

@@ -70,5 +70,7 @@ def test_every_loading_command_refuses_a_folders_own_code(evil, tiny_cpt_data, t
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if "error" in line.lower()]
         assert errors and "Traceback" not in err, (name, err[-3000:])
+        assert "pass the argument" not in err, (name, err[-3000:])  # (transformers' advice: no cpt command has it)
+        assert ("model.trust_remote_code: true" if name != "prepare" else "which cpt prepare does not run") in err, err
         assert not marker.exists(), f"cpt {name} ran the folder's code"
     assert not (tmp_path / "prepared").exists()

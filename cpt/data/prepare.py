@@ -321,7 +321,10 @@ def _load_tokenizer(tokenizer: Any) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as e:  # OSError for missing folders / offline hub, ValueError for bad files
-        raise PrepareError(f"cannot load tokenizer {str(tokenizer)!r}: {' '.join(str(e).split())}") from None  # one line
+        said = " ".join(str(e).split())
+        if "trust_remote_code=True" in said:  # (transformers' advice names an argument cpt prepare does not have)
+            said = "it names code of its own (auto_map), which cpt prepare does not run"
+        raise PrepareError(f"cannot load tokenizer {str(tokenizer)!r}: {said}") from None  # one line
     if not getattr(tok, "is_fast", False):
         raise PrepareError(f"tokenizer {str(tokenizer)!r} has no fast (Rust) version; cpt prepare needs one")
     return tok
