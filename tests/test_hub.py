@@ -137,10 +137,12 @@ def test_a_failed_push_keeps_the_export_and_says_how_to_push_again(tiny_cpt_data
     assert main(["export", str(out), "--out", str(tmp_path / "e2"), "--push-to-hub", "me/x/y"]) == 1
     assert "give a hub repository as NAME or ORG/NAME" in capsys.readouterr().err
     # a URL with a password or token: refused without repeating it (stderr is a batch job's log file)
-    for url in ("https://bob:pw123SECRET@e.com/r", "https://hf_abcdefghijklmnopqrstuvwx@huggingface.co/me/x"):
+    for url in ("https://bob:pw123SECRET@e.com/r", "https://hf_abcdefghijklmnopqrstuvwx@huggingface.co/me/x",
+                "bob:pw123SECRET@huggingface.co/me/x", "me/x:hf_abcdefghijklmnopSECRET"):
         assert main(["export", str(out), "--out", str(tmp_path / "e2"), "--push-to-hub", url]) == 1
         err = capsys.readouterr().err
-        assert "a URL with credentials, not a hub repository" in err and "SECRET" not in err and "hf_abc" not in err
+        assert ("a URL with credentials, not a hub repository" in err or "the value (not repeated" in err) and \
+            "SECRET" not in err and "hf_abc" not in err, err
     assert not (tmp_path / "e2").exists()  # (all refused before the export's work)
     assert not (hub.root / "me/x").exists()
 

@@ -33,7 +33,9 @@ def check_hub_repo(repo_id: str) -> str:
         raise ValueError("a URL with credentials, not a hub repository: give it as NAME or ORG/NAME (the token through "
                          "HF_TOKEN or `hf auth login`)")
     if not HUB_REPO.match(repo_id) or "--" in repo_id or ".." in repo_id:
-        raise ValueError(f"{repo_id!r}: give a hub repository as NAME or ORG/NAME (letters, digits, '-', '_', '.')")
+        # (not repeated with ':' or '@' in it: `user:password@host/...`, `org/name:TOKEN` hold a credential)
+        shown = "the value (not repeated: it holds ':' or '@')" if re.search(r"[:@]", repo_id) else repr(repo_id)
+        raise ValueError(f"{shown}: give a hub repository as NAME or ORG/NAME (letters, digits, '-', '_', '.')")
     return repo_id
 
 
