@@ -439,6 +439,16 @@ def test_a_remote_folder_is_read_as_a_local_one(tokenizer, tmp_path, caplog):
             prepare(["memory://bucket/raw/prepared"], tokenizer, tmp_path / "again")
         prepare(["memory://bucket/raw/*.jsonl"], tokenizer, tmp_path / "pattern")
         assert stream_of(tmp_path / "pattern") == stream_of(tmp_path / "local")
+        caplog.clear()  # a recursive pattern leaves the prepared folder out too, here and on local disk
+        with caplog.at_level(logging.WARNING, logger="cpt.data"):
+            m = prepare(["memory://bucket/raw/**"], tokenizer, tmp_path / "recursive")
+        assert stream_of(tmp_path / "recursive") == stream_of(tmp_path / "local") and not any(m["stats"]["skipped"].values())
+        assert "not reading /bucket/raw/prepared: token shards" in caplog.text
+        (tmp_path / "tree").mkdir()
+        shutil.copy(raw, tmp_path / "tree" / "a.jsonl")
+        shutil.copytree(tmp_path / "local", tmp_path / "tree" / "sub" / "prepared")
+        m = prepare([str(tmp_path / "tree" / "**")], tokenizer, tmp_path / "local_recursive")
+        assert stream_of(tmp_path / "local_recursive") == stream_of(tmp_path / "local") and not any(m["stats"]["skipped"].values())
         with pytest.raises(PrepareError, match="input pattern matched no files: memory://bucket/raw/\\*.parquet"):
             prepare(["memory://bucket/raw/*.parquet"], tokenizer, tmp_path / "none")
     finally:

@@ -45,9 +45,7 @@ def resolve_files(inputs: Iterable[str], glob: str | None = None, warn: bool = T
         item = str(item)
         if not is_remote(item) and any(c in item for c in "*?[") and not os.path.exists(item):
             matched = sorted(p for p in globlib.glob(item, recursive=True) if os.path.isfile(p) and _matches(p, glob))
-            if not matched:
-                raise ReadError(f"input pattern matched no files: {item}")
-            files += matched
+            files += _outside_prepared(item, matched, prepared_folder, os.path.dirname, warn)
         elif is_remote(item):
             files += _remote_files(item, glob, warn)
         elif os.path.isdir(item) and (saved := saved_dataset_files(item)) is not None:
@@ -97,10 +95,10 @@ def _remote_files(item: str, glob: str | None, warn: bool) -> list[str]:
         return p if "://" in p else f"{protocol}://{p}"
 
     if any(c in root for c in "*?[") and not fs.exists(root):
-        matched = sorted(url(p) for p in fs.glob(root) if fs.isfile(p) and _matches(p, glob))
-        if not matched:
-            raise ReadError(f"input pattern matched no files: {item}")
-        return matched
+        matched = sorted(p for p in fs.glob(root) if fs.isfile(p) and _matches(p, glob))
+        kept = _outside_prepared(item, matched, lambda d: _remote_prepared(fs, d), lambda p: p.rsplit("/", 1)[0]
+                                 if "/" in p.strip("/") else "", warn)
+        return [url(p) for p in kept]
     if not fs.exists(root):
         raise ReadError(_missing(fs, root, item))
     if not fs.isdir(root):
@@ -115,6 +113,34 @@ def _remote_files(item: str, glob: str | None, warn: bool) -> list[str]:
         logger.warning("not reading %s: token shards written by `cpt prepare`, not text", ", ".join(map(url, shards)))
     found = [p for p in found if not any(p.startswith(d + "/") for d in shards)]
     return [url(p) for p in found if _matches(p, glob)]
+
+
+def _outside_prepared(pattern: str, matched: list[str], is_prepared, parent, warn: bool) -> list[str]:
+    """The files a pattern matched, but those inside a folder `cpt prepare` wrote (``data/**``: their manifest was read
+    as jsonl, their shards as text documents), left out with the folder walk's warning."""
+    known: dict[str, bool] = {}
+
+    def prepared_above(path: str) -> str | None:
+        folder = parent(path)
+        while folder and folder not in ("/", "."):
+            if folder not in known:
+                known[folder] = is_prepared(folder)
+            if known[folder]:
+                return folder
+            up = parent(folder)
+            if up == folder:
+                break
+            folder = up
+        return None
+
+    kept, left = [], set()
+    for p in matched:
+        (left.add(d) if (d := prepared_above(p)) is not None else kept.append(p))
+    if left and warn:
+        logger.warning("not reading %s: token shards written by `cpt prepare`, not text", ", ".join(sorted(left)))
+    if not kept:
+        raise ReadError(f"input pattern matched no files: {pattern}" + (" outside folders `cpt prepare` wrote" if left else ""))
+    return kept
 
 
 def _remote_prepared(fs: Any, folder: str) -> bool:
