@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         return 2
     bad, checked = [], 0
     for path in folders:
-        ckpts = checkpoints_in(path)
+        ckpts, hidden = checkpoints_in(path), []
         if ckpts is not None:  # checkpoints an earlier --resume set aside as broken (unusable-step_N): said, not checked
             from cpt.checkpoint_dir import UNUSABLE_PREFIX
 
@@ -109,10 +109,11 @@ def main(argv: list[str]) -> int:
                 print(f"note   {aside}: set aside as broken by an earlier --resume (not checked; delete it when done)")
             from cpt.checkpoint_dir import interrupted_replaces
 
-            for hidden in interrupted_replaces(folder):  # (it said "a run directory with no checkpoint")
-                print(f"note   {hidden}: a checkpoint a save of its own step was replacing when it was interrupted; "
+            hidden = interrupted_replaces(folder)
+            for trash in hidden:  # (it said "a run directory with no checkpoint")
+                print(f"note   {trash}: a checkpoint a save of its own step was replacing when it was interrupted; "
                       "the next --resume restores it (not checked)")
-        if ckpts == []:
+        if ckpts == [] and not hidden:
             print(f"ok     {path}: a run directory with no checkpoint (none saved yet, or checkpoint.every unset)")
         for item in [path] if ckpts is None else ckpts:
             checked += 1
