@@ -191,13 +191,12 @@ class CheckpointManager:
             raise error
         self.failed_in_a_row += 1
         cause = str(error) if isinstance(error, (CheckpointError, sharded_save.ShardWriteError)) else describe_io_error(error, self.root)
+        last = list_checkpoints(self.root.parent)
         if self.acc.is_main_process:
-            kept = list_checkpoints(self.root.parent)
-            previous = f"the checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
+            previous = f"the checkpoint {last[-1].name} is intact" if last else "no earlier checkpoint exists"
             log.error(f"checkpoint at step {step} FAILED: {cause}; {previous}; "
                       f"retrying at the next interval ({self.failed_in_a_row} of {self.max_failed_saves} failures in a row allowed)")
         if self.failed_in_a_row >= self.max_failed_saves:
-            last = list_checkpoints(self.root.parent)
             raise CheckpointError(
                 f"{self.failed_in_a_row} checkpoint saves in a row failed (the last at step {step}: {cause}); stopping rather "
                 f"than training on without a checkpoint. Newest checkpoint: {last[-1] if last else 'none'}. Fix the cause, "

@@ -189,12 +189,14 @@ def restore_interrupted_replaces(root: Path) -> list[Path]:
     return restored
 
 
-def remove_partial_saves(root: Path) -> None:
+def remove_partial_saves(root: Path) -> list[Path]:
     """Remove what interrupted saves and prunes leave behind (``.tmp-*``, ``.trash-*``), after putting back a
-    checkpoint an interrupted same-step save was replacing (:func:`restore_interrupted_replaces`)."""
-    restore_interrupted_replaces(root)
+    checkpoint an interrupted same-step save was replacing (:func:`restore_interrupted_replaces`); returns the
+    checkpoints put back."""
+    restored = restore_interrupted_replaces(root)
     for stale in [*root.glob(TMP_PREFIX + "*"), *root.glob(TRASH_PREFIX + "*")]:
         shutil.rmtree(stale, ignore_errors=True)
+    return restored
 
 
 def discard(ckpt: Path) -> None:

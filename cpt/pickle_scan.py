@@ -56,15 +56,20 @@ def _refuse(f, names) -> None:
                             "checkpoint of its kind holds (a pickle can run code)")
 
 
-def check_zero_pickles(files) -> None:
-    """Each of DeepSpeed's checkpoint ``files`` names no global beyond :data:`ZERO_SAFE_GLOBALS` (and weights_only's)."""
+def _check_torch_pickles(files, allowed) -> None:
+    """Each torch-saved file of ``files`` names no global beyond ``allowed`` (and what weights_only allows)."""
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
     for f in files:
         with _scanning(f):
-            unsafe = set(get_unsafe_globals_in_checkpoint(str(f))) - set(ZERO_SAFE_GLOBALS)
+            unsafe = set(get_unsafe_globals_in_checkpoint(str(f))) - set(allowed)
         if unsafe:
             _refuse(f, unsafe)
+
+
+def check_zero_pickles(files) -> None:
+    """Each of DeepSpeed's checkpoint ``files`` names no global beyond :data:`ZERO_SAFE_GLOBALS` (and weights_only's)."""
+    _check_torch_pickles(files, ZERO_SAFE_GLOBALS)
 
 
 # what accelerate's own weights_only loads allow beyond torch's (accelerate.utils.other.TORCH_SAFE_GLOBALS: the numpy
@@ -80,13 +85,8 @@ def check_accelerate_pickles(ckpt: str | Path) -> None:
     ``weights_only=True``, which refuses such a file, but as a traceback from inside ``load_state`` (an
     ``optimizer.bin``), or, for the random states, silently (logged at INFO level): the resume went on with another
     RNG state. ``custom_checkpoint_*.pkl`` it unpickles unrestricted."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
-
-    for f in sorted(p for p in Path(ckpt).iterdir() if p.suffix in (".bin", ".pkl", ".pt") and p.is_file()):
-        with _scanning(f):
-            unsafe = set(get_unsafe_globals_in_checkpoint(str(f))) - set(ACCELERATE_SAFE_GLOBALS)
-        if unsafe:
-            _refuse(f, unsafe)
+    files = sorted(p for p in Path(ckpt).iterdir() if p.suffix in (".bin", ".pkl", ".pt") and p.is_file())
+    _check_torch_pickles(files, ACCELERATE_SAFE_GLOBALS)
 
 
 @contextlib.contextmanager

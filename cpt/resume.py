@@ -21,8 +21,7 @@ import yaml
 from cpt.adapter_checkpoint import STAGE_BASE_DIR
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
                             resolve_checkpoint, saved_step, saved_train_state)
-from cpt.checkpoint_dir import (LocalCheck, checkpoint_size, interrupted_replaces, remove_partial_saves,
-                                restore_interrupted_replaces, verify_checkpoint)
+from cpt.checkpoint_dir import LocalCheck, checkpoint_size, interrupted_replaces, remove_partial_saves, verify_checkpoint
 from cpt.config import RunConfig, load_config, trajectory_changes
 from cpt.distributed import from_every_rank, from_main_process, rank_and_world
 
@@ -112,9 +111,9 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, acc, say=print) -> Path |
     check = SharedCheck(acc)
     root = Path(run_dir) / "checkpoints"
     if acc.is_main_process and root.is_dir():  # (before the main process lists them for every rank; the run is locked)
-        for restored in restore_interrupted_replaces(root):
+        # (cleaned here too: a resume that saves nothing, at its last step, left them for good)
+        for restored in remove_partial_saves(root):
             say(f"restored {restored.name}: a save that was replacing it with a new copy of its step was interrupted")
-        remove_partial_saves(root)  # (a resume that saves nothing, at its last step, left them for good)
     ckpt = latest_valid_checkpoint(run_dir, unusable, check)
     if acc.is_main_process:
         if ckpt is not None:  # (at scale the check is a read of the whole checkpoint: its time, in the log)
