@@ -66,7 +66,7 @@ def test_gpu_session_script_runs_its_parts_and_skips_those_set_to_zero(tmp_path)
     proc = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for part in ("llama1b_trainer", "llama1b_mb8", "smollm2_trainer", "smollm2_mb16", "llama1b_mb8_liger",
-                 "smollm2_mb8", "llama1b_mb8_chunk4k", "llama1b_mb8_regional", "llama1b_mb8_regional_warm", "smollm2_mb16_regional", "llama1b_mb8_regional_fp8", "llama1b_mb8_fp8", "bench_loss"):
+                 "smollm2_mb8", "llama1b_mb8_chunk8k", "llama1b_mb8_regional", "llama1b_mb8_regional_warm", "smollm2_mb16_regional", "llama1b_mb8_regional_fp8", "llama1b_mb8_fp8", "bench_loss"):
         assert f"=== {part}: skipped" in proc.stdout
     assert "=== gpu_tests: exit 0" in proc.stdout and "=== gpu_launchers: exit 0" in proc.stdout, proc.stdout
     with tarfile.open(out / "results.tgz") as tar:
