@@ -62,6 +62,20 @@ class ShardedSaveError(CheckpointError):
     at once (were it to join the ranks' agreement on skipping the save instead, every rank would wait for ever)."""
 
 
+ON_FAILURE = {  # CheckpointManager.save(on_failure=...): what follows a failed save, as its log line says
+    "retry": "retrying at the next interval",
+    "retry_at_end": "retrying once more at the run's end",
+    "stop": "not retried: the run stops here (preemption), and a resume starts from the newest checkpoint",
+    "raise": "",  # (a CheckpointError instead of the log line)
+}
+
+
+def on_failure_in_loop(preempted: bool, last_step: bool) -> str:
+    """What follows a failed save in the training loop (:meth:`CheckpointManager.save`'s ``on_failure``): on a
+    preemption the run stops anyway; at the run's last step its end tries once more; else the next interval does."""
+    return "stop" if preempted else "retry_at_end" if last_step else "retry"
+
+
 class CheckpointManager:
     """Saves and loads full resume state through accelerate (DDP, FSDP and DeepSpeed all supported).
 
@@ -86,6 +100,7 @@ class CheckpointManager:
         self.max_failed_saves = max_failed_saves
         self.failed_in_a_row, self.last_saved = 0, None  # (last_saved: the step of the last committed save, every rank)
         self._pending_step: int | None = None  # a save whose outcome is not known yet (every rank)
+        self._pending_on_failure = "retry"  # (its save's on_failure)
         self._job = None  # its writer (main process: _Commit; the other ranks: FSDP2's background shard writes, if any)
         self._staging: dict = {}  # host buffers of a background save, reused by the next one (allocated once)
         self._fits = host_memory.Guard(accelerator).fits if self.async_save else None  # (FSDP2, DeepSpeed: their own guards)
@@ -93,9 +108,14 @@ class CheckpointManager:
         self.trainable = trainable_layout(accelerator)  # this run's, before any load replaces the optimizer's groups
         self.settings = group_settings(accelerator)  # (put back after each load: restore_group_settings)
 
-    def save(self, step: int, components: Mapping[str, Stateful], config_yaml: str) -> None:
+    def save(self, step: int, components: Mapping[str, Stateful], config_yaml: str, on_failure: str = "retry") -> None:
         """Save on every rank (collective): the accelerate state and every registered component (cpt/state.py).
-        Blocks for the host copy; writes in the background with ``async_save``."""
+        Blocks for the host copy; writes in the background with ``async_save``. ``on_failure`` is what follows a
+        failed save (:data:`ON_FAILURE`): the next interval retries (``retry``), the run's end retries (``retry_at_end``:
+        the loop's save at the last step), the run stops anyway (``stop``: a preemption; the log says so), or no try
+        is left (``raise``: the run's final save, a CheckpointError)."""
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {sorted(ON_FAILURE)}, not {on_failure!r}")
         self.wait()  # one save at a time: the previous one must be on disk (and counted) first
         if step == self.last_saved:  # committed already (a run's end after a periodic save of its last step)
             return
@@ -130,13 +150,20 @@ class CheckpointManager:
         if not all_ranks_agree(acc, error is None):
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            self._record(step, error or CheckpointError("another rank failed while saving"))
+            self._record(step, error or CheckpointError("another rank failed while saving"), on_failure)
             return
-        self._pending_step, self._job = step, job
+        self._pending_step, self._pending_on_failure, self._job = step, on_failure, job
         if job is not None:
             job.start(background=self._background)
         if not self._background:
             self.wait()
+
+    def finish(self, step: int, stop=None, say=print) -> None:
+        """Wait for the last (background) write; after a stop (``stop``: the run's PreemptionFlag), log whether the
+        stop's checkpoint at ``step`` was written (a failed one was logged by the save)."""
+        self.wait()
+        if stop is not None:
+            say(stop.stopped_line(step, saved=self.last_saved == step))
 
     def wait(self) -> None:
         """Wait for the pending save (collective); report its outcome and apply the failure policy."""
@@ -146,7 +173,7 @@ class CheckpointManager:
         error, self._job = (self._job.join() if self._job is not None else None), None
         if not all_ranks_agree(self.acc, error is None):
             error = error or CheckpointError("the main process failed to write it")
-        self._record(step, error)
+        self._record(step, error, self._pending_on_failure)
 
     def _stage(self, step: int, tmp: Path, state_json: str, config_yaml: str, tensors):
         """Everything every rank must do before the commit; returns this rank's job (_Commit, FSDP2 shard writes or None)."""
@@ -183,7 +210,7 @@ class CheckpointManager:
             return uploads
         return _Commit(self, step, tmp, items + ema, digests, uploads)
 
-    def _record(self, step: int, error: BaseException | None) -> None:
+    def _record(self, step: int, error: BaseException | None, on_failure: str = "retry") -> None:
         if error is None:
             self.failed_in_a_row, self.last_saved = 0, step
             return
@@ -192,10 +219,15 @@ class CheckpointManager:
         self.failed_in_a_row += 1
         cause = str(error) if isinstance(error, (CheckpointError, sharded_save.ShardWriteError)) else describe_io_error(error, self.root)
         last = list_checkpoints(self.root.parent)
+        previous = f"the checkpoint {last[-1].name} is intact" if last else "no earlier checkpoint exists"
+        if on_failure == "raise":  # the run's last save: training on to a later try is not possible
+            raise CheckpointError(
+                f"the run's final checkpoint at step {step} FAILED: {cause}; {previous}. The run trained to its end "
+                f"but its last state is not saved: fix the cause, then --resume (it trains again from "
+                f"{last[-1].name if last else 'the start'})")
         if self.acc.is_main_process:
-            previous = f"the checkpoint {last[-1].name} is intact" if last else "no earlier checkpoint exists"
-            log.error(f"checkpoint at step {step} FAILED: {cause}; {previous}; "
-                      f"retrying at the next interval ({self.failed_in_a_row} of {self.max_failed_saves} failures in a row allowed)")
+            log.error(f"checkpoint at step {step} FAILED: {cause}; {previous}; {ON_FAILURE[on_failure]} "
+                      f"({self.failed_in_a_row} of {self.max_failed_saves} failures in a row allowed)")
         if self.failed_in_a_row >= self.max_failed_saves:
             raise CheckpointError(
                 f"{self.failed_in_a_row} checkpoint saves in a row failed (the last at step {step}: {cause}); stopping rather "

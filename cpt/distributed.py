@@ -398,9 +398,12 @@ class PreemptionFlag:
         if not (is_cpt_program() and (ending or lost)):  # the process goes on: no stack dump in its later work
             cancel_stacks()
 
-    def stopped_line(self, step: int) -> str:
-        """The log line of a stop on the signal, after the checkpoint at ``step`` was saved."""
+    def stopped_line(self, step: int, saved: bool = True) -> str:
+        """The log line of a stop on the signal, once the checkpoint at ``step`` was written (``saved``) or failed."""
         when = " during start-up" if self.early else ""
+        if not saved:  # (the failure and the intact checkpoint were logged by the save)
+            return (f"preemption signal received{when}: the checkpoint at step {step} FAILED (see the error above); "
+                    "exiting; a resume starts from the newest checkpoint")
         return f"preemption signal received{when}: checkpoint saved at step {step}; exiting cleanly"
 
     def requested(self, acc, step: int = 0) -> bool:

@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from cpt import consolidate, fp8, lm_loss, optim, run_end
 from cpt.adapters import refuse_unshardable, trainable_metrics
 from cpt.base_dtype import cast_frozen_base
-from cpt.checkpoint import TRAINER_STATE, CheckpointManager, wait_for_writers
+from cpt.checkpoint import TRAINER_STATE, CheckpointManager, on_failure_in_loop, wait_for_writers
 from cpt.compile_cache import use_compile_cache
 from cpt.compiling import compile_model
 from cpt.config import RunConfig, config_to_dict, format_mixes, save_config
@@ -203,15 +203,14 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
                     out.eval(state.step, state.tokens, _heldout_eval(cfg, evaluator, ema, acc, model, state.step))
                 if lm_eval_now:
                     out.eval(state.step, state.tokens, bench.evaluate(model, tokenizer, state.step))
-                if save_now:
-                    ckpts.save(state.step, components, config_yaml)
+                if save_now:  # (a failure: retried at the next interval, at the run's end, or not at all on a stop)
+                    ckpts.save(state.step, components, config_yaml, on_failure_in_loop(preempted, state.step == total_steps))
                 if export_now:
                     path = export_hf(model, tokenizer, export_now, acc, cfg.checkpoint)
                     logger.log_artifact(path, f"{cfg.run.name}-step{state.step}")  # when logging.wandb.log_exports_as_artifacts
                 clock.restart()
             if preempted:
                 stopped = "preempted"
-                say(stop.stopped_line(state.step))
                 break
 
         # --- teardown: final checkpoint, HF export, lm-eval, summary, plots
@@ -219,13 +218,13 @@ def train(cfg: RunConfig, *, resume: bool | None = None, allow_config_change: bo
         profiler.close(state.step)
         out.close_bar()
         if stopped is None:
-            if cfg.checkpoint.every:
-                ckpts.save(state.step, components, config_yaml)
+            if cfg.checkpoint.every:  # (a failed final save is a CheckpointError: no later try is left)
+                ckpts.save(state.step, components, config_yaml, "raise")
             if cfg.checkpoint.export_at_end:
                 export_dir = run_end.export_final(cfg, model, tokenizer, ema, acc, logger)
             if bench is not None and cfg.eval.lm_eval.at_end:
                 _final_benchmarks(acc, run_dir, start, state, bench, model, tokenizer, out)
-        ckpts.wait()  # the last (background) checkpoint write is on disk before the run reports its end
+        ckpts.finish(state.step, stop if stopped else None, say)  # the last write on disk before the run reports its end
         summary, compute = evaluator.summary(), account.metrics(state.tokens, flops_per_token)
         logger.log({"train/tokens": state.tokens, **compute}, step=state.step)
         logger.close()  # (the report reads metrics.jsonl)

@@ -668,6 +668,98 @@ def test_ctrl_c_during_a_synchronous_checkpoint_save_stops_the_run(tiny_cpt_data
     assert max(losses(out)) == 4 and not (out / "export").exists()
 
 
+def _failing_saves(monkeypatch, step: int, times: int):
+    """Make the checkpoint at ``step`` fail (disk full, in its commit) ``times`` times; returns the failure count."""
+    import errno
+
+    import cpt.checkpoint as checkpoint
+
+    real, failed = checkpoint.write_checksums, []
+
+    def full(tmp, digests):
+        if tmp.name.endswith(f"step_{step:08d}") and len(failed) < times:
+            failed.append(step)
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        return real(tmp, digests)
+
+    monkeypatch.setattr(checkpoint, "write_checksums", full)
+    return failed
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failed_save_at_the_last_step_is_retried_at_the_end_and_a_failed_final_save_is_an_error(
+        tiny_cpt_data, tmp_path, monkeypatch, caplog, async_save):
+    """The loop's save at the run's last step failing said "retrying at the next interval" (there is none), and when
+    the end's retry failed too the run ended as a success (exit 0) with its last state unsaved, mentioned only in two
+    such lines. Now the loop's failure says the run's end retries it, and a failed final save is a CheckpointError
+    naming the intact checkpoint a --resume trains again from (after the export, with a background save)."""
+    import logging
+
+    from cpt.checkpoint import CheckpointError
+    from cpt.train import train
+
+    caplog.set_level(logging.ERROR, logger="cpt.checkpoint")
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2, "keep": 3, "async_save": async_save},
+                          eval={"at_start": False})
+    cfg["stages"][0]["steps"] = 4
+    cfg["data"]["heldout"] = []
+    quiet = lambda *a, **k: None  # noqa: E731
+    if not async_save:  # a failure the end's retry gets past: the run ends with its final checkpoint
+        failed = _failing_saves(monkeypatch, 4, times=1)
+        assert train(load_config(base=cfg), echo=quiet).step == 4 and failed == [4]
+        assert [p.name for p in list_checkpoints(out)] == [f"step_{2:08d}", f"step_{4:08d}"]
+        assert "retrying once more at the run's end (1 of 3 failures in a row allowed)" in caplog.text, caplog.text
+        assert "next interval" not in caplog.text
+        shutil.rmtree(out)
+        caplog.clear()
+    failed = _failing_saves(monkeypatch, 4, times=2)
+    with pytest.raises(CheckpointError, match=r"^the run's final checkpoint at step 4 FAILED: no space left on device .*"
+                                              r"the checkpoint step_00000002 is intact\. The run trained to its end but its "
+                                              r"last state is not saved: fix the cause, then --resume \(it trains again "
+                                              r"from step_00000002\)"):
+        train(load_config(base=cfg), echo=quiet)
+    assert failed == [4, 4] and [p.name for p in list_checkpoints(out)] == [f"step_{2:08d}"]
+    assert caplog.text.count("FAILED") == 1 and "retrying once more at the run's end" in caplog.text, caplog.text
+    assert (out / "export" / "model.safetensors").is_file() == async_save  # (a background save fails after the export)
+    assert train(load_config(base=cfg), resume=True, echo=quiet).step == 4  # the disk has room again
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{2:08d}", f"step_{4:08d}"]
+
+
+def test_a_preemption_whose_checkpoint_fails_says_so(tiny_cpt_data, tmp_path, monkeypatch, caplog):
+    """A preemption's save failing was logged as "retrying at the next interval", and the stop line after it said
+    "checkpoint saved at step N; exiting cleanly". Now both say the save failed and that a resume starts from the
+    newest checkpoint (the run still stops as preempted)."""
+    import logging
+
+    from cpt.distributed import PreemptionFlag
+    from cpt.train import train
+
+    caplog.set_level(logging.ERROR, logger="cpt.checkpoint")
+    real = PreemptionFlag.requested
+    monkeypatch.setattr(PreemptionFlag, "requested", lambda self, acc, step=0: (setattr(self, "flag", self.flag or step == 3),
+                                                                                real(self, acc, step))[1])
+    for fail in (False, True):
+        out = tmp_path / f"run-{fail}"
+        cfg = tiny_run_config(tiny_cpt_data, out, checkpoint={"every": 2, "async_save": False}, eval={"at_start": False})
+        cfg["stages"][0]["steps"] = 6
+        cfg["data"]["heldout"] = []
+        failed = _failing_saves(monkeypatch, 3, times=1 if fail else 0)
+        lines = []
+        result = train(load_config(base=cfg), echo=lambda *a, **k: lines.append(str(a[0]) if a else ""))
+        assert result.stopped_early == "preempted" and result.step == 3 and failed == ([3] if fail else [])
+        stop_line = [line for line in lines if line.startswith("preemption signal received")]
+        if fail:
+            assert stop_line == ["preemption signal received: the checkpoint at step 3 FAILED (see the error above); "
+                                 "exiting; a resume starts from the newest checkpoint"], lines
+            assert ("the checkpoint step_00000002 is intact; not retried: the run stops here (preemption), and a resume "
+                    "starts from the newest checkpoint (1 of 3" in caplog.text), caplog.text
+            assert [p.name for p in list_checkpoints(out)] == [f"step_{2:08d}"]
+        else:
+            assert stop_line == ["preemption signal received: checkpoint saved at step 3; exiting cleanly"], lines
+            assert [p.name for p in list_checkpoints(out)] == [f"step_{2:08d}", f"step_{3:08d}"]
+
+
 def test_a_run_whose_directory_is_removed_stops_at_its_next_save(tiny_cpt_data, tmp_path):
     """`rm -rf RUN_DIR` under a running job (or another run taking its lock over): the run trained on to the end,
     exit 0, writing its metrics and log into unlinked files and recreating checkpoints/ and export/ around nothing;
