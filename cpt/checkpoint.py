@@ -65,7 +65,7 @@ class ShardedSaveError(CheckpointError):
 ON_FAILURE = {  # CheckpointManager.save(on_failure=...): what follows a failed save, as its log line says
     "retry": "retrying at the next interval",
     "retry_at_end": "retrying once more at the run's end",
-    "stop": "not retried: the run stops here (preemption), and a resume starts from the newest checkpoint",
+    "stop": "not retried: the run stops here, and a resume starts from the newest checkpoint",
     "raise": "",  # (a CheckpointError instead of the log line)
 }
 
@@ -112,7 +112,7 @@ class CheckpointManager:
         """Save on every rank (collective): the accelerate state and every registered component (cpt/state.py).
         Blocks for the host copy; writes in the background with ``async_save``. ``on_failure`` is what follows a
         failed save (:data:`ON_FAILURE`): the next interval retries (``retry``), the run's end retries (``retry_at_end``:
-        the loop's save at the last step), the run stops anyway (``stop``: a preemption; the log says so), or no try
+        the loop's save at the last step), the run stops anyway (``stop``: a preemption, too many non-finite steps), or no try
         is left (``raise``: the run's final save, a CheckpointError)."""
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure must be one of {sorted(ON_FAILURE)}, not {on_failure!r}")

@@ -298,7 +298,7 @@ def _stop_on_nonfinite(guard: UpdateGuard, feed: Prefetcher, ckpts: CheckpointMa
                        config_yaml: str) -> None:
     """Too many non-finite steps in a row: save (skipped updates never touched the weights) and stop."""
     feed.close()
-    ckpts.save(step, components, config_yaml)
+    ckpts.save(step, components, config_yaml, "stop")
     ckpts.wait()
     raise TrainingError(f"{guard.in_a_row} non-finite steps in a row at step {step}: stopping. The last good "
                         f"weights are in {ckpts.root} (skipped updates never touched them). Lower "

@@ -752,7 +752,7 @@ def test_a_preemption_whose_checkpoint_fails_says_so(tiny_cpt_data, tmp_path, mo
         if fail:
             assert stop_line == ["preemption signal received: the checkpoint at step 3 FAILED (see the error above); "
                                  "exiting; a resume starts from the newest checkpoint"], lines
-            assert ("the checkpoint step_00000002 is intact; not retried: the run stops here (preemption), and a resume "
+            assert ("the checkpoint step_00000002 is intact; not retried: the run stops here, and a resume "
                     "starts from the newest checkpoint (1 of 3" in caplog.text), caplog.text
             assert [p.name for p in list_checkpoints(out)] == [f"step_{2:08d}"]
         else:
