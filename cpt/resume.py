@@ -20,7 +20,7 @@ import yaml
 
 from cpt.adapter_checkpoint import STAGE_BASE_DIR
 from cpt.checkpoint import (TRAINER_STATE, UNUSABLE_PREFIX, CheckpointError, latest_valid_checkpoint, list_checkpoints,
-                            resolve_checkpoint, saved_step, saved_train_state)
+                            resolve_checkpoint, saved_train_state)
 from cpt.checkpoint_dir import LocalCheck, checkpoint_size, interrupted_replaces, remove_partial_saves, verify_checkpoint
 from cpt.config import RunConfig, load_config, trajectory_changes
 from cpt.distributed import from_every_rank, from_main_process, rank_and_world
@@ -94,7 +94,13 @@ def anneal_branch_start(cfg: RunConfig, init: Path | None) -> int:
     if init is None:
         raise CheckpointError(f"--anneal (train.anneal_steps) branches off a cpt checkpoint of the trunk: give it "
                               f"with --from CKPT (a checkpoint or run directory); {cfg.train.init_from} is an HF model")
-    step = saved_step(init)
+    saved = saved_train_state(init)
+    step = int(saved["step"])
+    if saved.get("anneal_from") is not None:  # its LR is already decaying: a new anneal would start it at the trunk's again
+        raise CheckpointError(
+            f"--anneal from {cfg.train.init_from} (step {step}): it is an anneal branch's checkpoint (branched off the "
+            f"trunk at step {saved['anneal_from']}), whose LR is already decaying: branch from a checkpoint of the trunk, "
+            "or continue that branch with --resume in its own directory")
     try:
         plan_for_run(cfg, anneal_from=step)
     except ValueError as e:
@@ -243,9 +249,10 @@ def check_fresh_run_dir(run_dir: Path, resume: bool = False, branch: bool = Fals
     saves (.tmp-*) do not count: `--resume` with nothing complete to resume from (a first start, or a job killed
     during its first save) starts fresh. ``branch``: an anneal branch, which needs a directory of its own."""
     if list_checkpoints(run_dir) or interrupted_replaces(run_dir / "checkpoints"):
-        if branch:  # typically the trunk's own directory (the config's run.output_dir)
-            raise CheckpointError(f"{run_dir} already holds checkpoints (the trunk's?): an anneal branch writes to a run "
-                                  "directory of its own: pass --output-dir DIR (a new directory for the branch)")
+        if branch:  # the trunk's own directory (the config's run.output_dir), or an earlier run's or branch's
+            raise CheckpointError(f"{run_dir} already holds checkpoints (another run's or branch's): an anneal branch "
+                                  "writes to a run directory of its own: give --output-dir a new directory for the branch "
+                                  "(or add --resume to continue a branch that was started there)")
         if resume:
             raise CheckpointError(f"{run_dir / 'checkpoints'} holds checkpoints but none is usable (see the warnings above): "
                                   "move them away to start over, or choose another run.output_dir")

@@ -194,8 +194,35 @@ def test_anneal_branch_into_the_trunks_directory_asks_for_its_own(trunk, capsys)
     before = snapshot(run)
     assert main(["train", str(path), "--from", str(run / "checkpoints" / "step_00000004"), "--anneal", "2"]) == 1
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
-    assert "an anneal branch writes to a run directory of its own: pass --output-dir" in line
+    assert "an anneal branch writes to a run directory of its own: give --output-dir a new directory" in line
     assert snapshot(run) == before
+
+
+def test_an_anneal_branch_of_an_anneal_branch_is_refused(trunk, tmp_path, capsys):
+    """`--from BRANCH/checkpoints/step_N --anneal M`: a checkpoint written during an anneal (its LR already decaying)
+    was taken as a trunk checkpoint: the new branch restarted the anneal from the trunk's constant LR (a model annealed
+    to min_lr pushed back up 3x, the log naming a constant LR it never had) and recorded the wrong branch point. Now
+    one line refuses it, the dry run too, naming the branch point; nothing is created. An earlier branch's directory
+    given as the new branch's --output-dir says to choose a new one or --resume there."""
+    path, run, _ = trunk
+    branch = tmp_path / "branch"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(path), "--from", str(run / "checkpoints" / "step_00000004"), "--anneal", "2",
+                     "--output-dir", str(branch)]) == 0
+    capsys.readouterr()
+    before = snapshot(branch)
+    for dry in ([], ["--dry-run"]):
+        assert main(["train", str(path), "--from", str(branch / "checkpoints" / "step_00000006"), "--anneal", "2",
+                     "--output-dir", str(tmp_path / "again"), *dry]) == 1
+        line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+        assert "(step 6): it is an anneal branch's checkpoint (branched off the trunk at step 4)" in line, line
+        assert "branch from a checkpoint of the trunk, or continue that branch with --resume" in line
+        assert not (tmp_path / "again").exists()
+    assert main(["train", str(path), "--from", str(run / "checkpoints" / "step_00000004"), "--anneal", "2",
+                 "--output-dir", str(branch)]) == 1
+    line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
+    assert "give --output-dir a new directory for the branch (or add --resume to continue a branch" in line, line
+    assert snapshot(branch) == before
 
 
 def test_resume_with_anneal_in_the_trunks_directory_is_one_line(trunk, capsys):
