@@ -94,9 +94,7 @@ def model_card(folder: Path, config: dict[str, Any] | None, run_dir: Path | None
     if stages:
         lines += ["", "## Data", "", "| stage | steps | mix |", "|---|---|---|"]
         for i, s in enumerate(stages):
-            mix = ", ".join(f"{name}{' (replay)' if name in replay else ''} {float(share):.3g}"
-                            for name, share in (s.get("mix") or {}).items())
-            lines.append(f"| {s.get('name') or i} | {s.get('steps')} | {mix} |")
+            lines.append(f"| {s.get('name') or i} | {s.get('steps')} | {_stage_mix(s, frozenset(replay))} |")
         if seq_len:
             lines.append(f"\nSequence length {seq_len}.")
     if run_dir is not None:
@@ -105,6 +103,19 @@ def model_card(folder: Path, config: dict[str, Any] | None, run_dir: Path | None
             lines += ["", f"## Held-out loss (step {at:,})", "", "| set | loss (nats/token) |", "|---|---|"]
             lines += [f"| {name} | {loss:.4f} |" for name, loss in sorted(losses.items())]
     return "\n".join(lines) + "\n"
+
+
+def _stage_mix(stage: dict, replay: frozenset[str]) -> str:
+    """A saved config's stage mix as trained: normalised shares, a mix_ramp's first -> last step
+    (cpt.config.stages.describe_shares); the weights as written if the stage does not validate (an older config)."""
+    from pydantic import ValidationError
+
+    from cpt.config.stages import StageConfig, describe_shares
+
+    try:
+        return describe_shares(StageConfig.model_validate(stage), replay)
+    except ValidationError:  # a card is still written for a config this version cannot read
+        return ", ".join(f"{name}{' (replay)' if name in replay else ''} {share}" for name, share in (stage.get("mix") or {}).items())
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = True, revision: str | None = None,

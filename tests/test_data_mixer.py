@@ -87,6 +87,10 @@ def test_mix_weights_and_ramps_are_checked_by_the_config():
     # the start-up line and --dry-run print what the ramp gives (they printed the mix weights: 50%, 50%)
     ramped = stage(5, {"a": 3, "b": 1}, ramp={"b": (0.6, 0.05)})
     assert format_mixes([ramped]) == ["stage 0 stage mix (first -> last step, mix_ramp): a 40.0% -> 95.0%, b 60.0% -> 5.0%"]
+    # a 1-step stage trains its first step's shares only (the mixer's t = 0): it printed "-> 95.0%", never trained
+    one = stage(1, {"a": 3, "b": 1}, ramp={"b": (0.6, 0.05)})
+    assert MixPlan([one], ["a", "b"]).shares(0) == [Fraction(2, 5), Fraction(3, 5)]
+    assert format_mixes([one]) == ["stage 0 stage mix: a 40.0%, b 60.0%"]
 
 
 def test_mixer_state_round_trip():

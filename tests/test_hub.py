@@ -74,7 +74,7 @@ def test_a_run_pushes_its_final_export_with_a_model_card(tiny_cpt_data, tmp_path
     assert (pushed / "model.safetensors").read_bytes() == (result.export_dir / "model.safetensors").read_bytes()
     card = (pushed / "README.md").read_text()
     steps = sum(s["steps"] for s in cfg["stages"])
-    assert card.splitlines()[7] == "# tiny-cpt" and "shakespeare (replay) 0.25" in card
+    assert card.splitlines()[7] == "# tiny-cpt" and "shakespeare (replay) 25.0%" in card
     assert "library_name: transformers" in card and f"{steps} steps" in card and f"{result.tokens:,} tokens" in card
     assert f"## Held-out loss (step {steps})" in card and "| python |" in card and "| shakespeare |" in card
     assert str(tmp_path) not in card and SECRET not in _published(pushed)  # no local path, no token
@@ -205,6 +205,23 @@ def test_a_lora_adapter_is_pushed_without_its_local_base_path_and_with_cpts_card
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_base.resolve())
     assert (pushed / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
     assert not list(tmp_path.glob("lora/.hub-*"))  # (the upload's staging copy is gone)
+
+
+def test_a_card_gives_each_stages_mix_as_trained(tmp_path):
+    """The card's data table printed the mix weights as written (`new 3, old (replay) 1`: weights summing to 4) and
+    left a mix_ramp out (a source ramped from 20% to 80% shown at its weight); it gives the normalised shares and the
+    ramp's first -> last step now, as the start-up log does; a stage this version cannot read keeps its weights."""
+    from cpt.hub import model_card
+
+    sched = {"type": "constant", "max_lr": 1e-3}
+    config = {"data": {"sources": [{"name": "old", "replay": True}]}, "stages": [
+        {"name": "a", "steps": 3, "mix": {"new": 3, "old": 1, "tiny": 0}, "schedule": sched},
+        {"name": "b", "steps": 3, "mix": {"new": 1, "tiny": 9}, "mix_ramp": {"tiny": [0.2, 0.8]}, "schedule": sched},
+        {"name": "c", "steps": 2, "mix": {"new": 1}, "schedule": sched, "no_such_field": 1}]}
+    card = model_card(tmp_path, config, None, 8, None)
+    assert "| a | 3 | new 75.0%, old (replay) 25.0%, tiny 0.0% |" in card, card
+    assert "| b | 3 | new 80.0% -> 20.0%, tiny 20.0% -> 80.0% |" in card, card
+    assert "| c | 2 | new 1 |" in card, card
 
 
 def test_a_card_names_a_local_base_without_its_path(tmp_path):

@@ -291,18 +291,24 @@ class StageConfig(Strict):
         return {k: v / total for k, v in self.mix.items()}
 
 
+def describe_shares(st: StageConfig, replay: frozenset[str] = frozenset()) -> str:
+    """A stage's shares as trained: normalised (``python 75.0%, ...``), a ``mix_ramp``'s first -> last step
+    (``tiny 20.0% -> 80.0%``; a 1-step stage trains its first step's shares only, as the mixer does); sources in
+    ``replay`` marked so."""
+    first = st.shares_at(0.0) if st.mix_ramp else st.shares
+    last = st.shares_at(1.0) if st.mix_ramp and st.steps > 1 else first
+    return ", ".join(f"{k}{' (replay)' if k in replay else ''} {first[k]:.1%}"
+                     + (f" -> {last[k]:.1%}" if abs(first[k] - last[k]) > 1e-12 else "") for k in st.mix)
+
+
 def format_mixes(stages: list[StageConfig]) -> list[str]:
     """One line per stage with its normalised shares, noting when the given weights did not sum to 1."""
     lines = []
     for i, st in enumerate(stages):
         total = sum(st.mix.values())
         note = "" if abs(total - 1) < 1e-9 else f" (the weights given sum to {total:g}: normalised)"
-        if st.mix_ramp:  # (it printed the mix weights, which a ramped source's share does not follow)
-            first, last = st.shares_at(0.0), st.shares_at(1.0)
-            shares = ", ".join(f"{k} {first[k]:.1%} -> {last[k]:.1%}" if abs(first[k] - last[k]) > 1e-12
-                               else f"{k} {first[k]:.1%}" for k in st.mix)
-            lines.append(f"stage {i} {st.name} mix (first -> last step, mix_ramp): {shares}")
-            continue
-        shares = ", ".join(f"{k} {v:.1%}" for k, v in st.shares.items())
-        lines.append(f"stage {i} {st.name} mix: {shares}{note}")
+        if st.mix_ramp and st.steps > 1:  # (it printed the mix weights, which a ramped source's share does not follow)
+            lines.append(f"stage {i} {st.name} mix (first -> last step, mix_ramp): {describe_shares(st)}")
+        else:  # (a 1-step stage's ramp: only its first step's shares are trained)
+            lines.append(f"stage {i} {st.name} mix: {describe_shares(st)}{'' if st.mix_ramp else note}")
     return lines
