@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -299,6 +300,7 @@ def save_adapter(model, out_dir: str | Path, tokenizer=None, state_dict: dict | 
     pcfg = model.peft_config[model.active_adapter]
     pcfg.base_model_name_or_path = portable_base_path(pcfg.base_model_name_or_path)
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
+    _card_base_paths(out / "README.md")
     as_plain_lora(model, out)  # PiSSA/OLoRA: a plain LoRA of the original base (cpt/adapter_init.py)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -356,6 +358,18 @@ def frozen_new_rows(model, ids: list[int], state_dict: dict | None = None) -> di
         if weight is not None and weight.shape[0] > max(ids):
             out[key] = weight[ids].to("cpu", copy=True).contiguous()
     return out
+
+
+def _card_base_paths(card: Path) -> None:
+    """peft's generated model card names the base as the run's model was loaded (``base_model: demo/base``, and the
+    tag ``base_model:adapter:demo/base``): a local base there as its absolute path too, as in adapter_config.json."""
+    if not card.is_file():
+        return
+    head, sep, rest = card.read_text().partition("\n---\n")  # (the YAML front matter, after the opening ---)
+    fixed = re.sub(r"^(base_model: |- base_model:adapter:)(.+)$",
+                   lambda m: m.group(1) + (portable_base_path(m.group(2).strip()) or m.group(2)), head, flags=re.M)
+    if sep and fixed != head:
+        card.write_text(fixed + sep + rest)
 
 
 def portable_base_path(base: str | None) -> str | None:

@@ -248,7 +248,8 @@ class MetricsLogger:
         if not self.is_main or not rows:
             return
         append_samples(self.run_dir, rows)
-        if self.wandb_run is not None:
+        # a resume re-doing an evaluation the earlier segment sent: not sent again (the next table holds every row)
+        if self.wandb_run is not None and (self._wandb_has is None or rows[0]["step"] > self._wandb_has[0]):
             import wandb
 
             table = wandb.Table(columns=["step", "weights", "prompt", "completion"],

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cpt.metrics import METRICS_FILE, iter_metrics
 
 
@@ -64,15 +66,44 @@ class RunData:
         return [by_step[s][0] for s in steps], [by_step[s][1] for s in steps], steps
 
     def stage_switches(self) -> list[float]:
-        """Tokens at which the ``stage`` index changes (found once: every plot draws them)."""
+        """Tokens at which a stage starts (found once: every plot draws them): from the run's config.yaml, its stages'
+        steps, at the tokens the log gives that step (between two records: interpolated, exact at a constant batch);
+        without a readable config, where the logged ``stage`` index changes, which is up to ``train.log_every`` - 1
+        steps after the switch (a training record is only every log_every steps) and misses a shorter stage."""
         if self._switches is None:
-            toks, stages, _ = self.series("stage")
-            self._switches = [toks[i] for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
+            starts, steps = _stage_starts(self.path), sorted(set(self.steps))
+            if starts is not None and steps:
+                self._switches = [self._tokens_at(s) for s in starts if steps[0] <= s < steps[-1]]
+            else:
+                toks, stages, _ = self.series("stage")
+                self._switches = [toks[i] for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
         return list(self._switches)
+
+    def _tokens_at(self, step: int) -> float:
+        """The tokens trained by ``step``: a record's, or interpolated between the nearest records around it."""
+        known = {}
+        for s, t in zip(self.steps, self.tokens):
+            known[s] = t
+        if step in known:
+            return known[step]
+        below, above = max(s for s in known if s < step), min(s for s in known if s > step)
+        return known[below] + (known[above] - known[below]) * (step - below) / (above - below)
 
     def sets(self, tag: str) -> list[str]:
         prefix = "forgetting/" if tag == "upstream" else "adaptation/"
         return sorted(k[len(prefix):] for k in self.keys if k.startswith(prefix))
+
+
+def _stage_starts(path: Path) -> list[int] | None:
+    """The steps at which the second and later stages start, from the config.yaml cpt saves beside metrics.jsonl;
+    None without one it can read."""
+    config = (path if path.is_dir() else path.parent) / "config.yaml"
+    try:
+        stages = yaml.safe_load(config.read_text())["stages"]
+        lengths = [int(stage["steps"]) for stage in stages]
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None
+    return [sum(lengths[:k]) for k in range(1, len(lengths))]
 
 
 def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunData:

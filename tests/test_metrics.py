@@ -353,6 +353,7 @@ def test_wandb_resume_after_a_kill_sends_no_step_twice_and_nothing_back_in_token
         lg.log(train_rec(s), step=s)
         if s in (2, 4):
             lg.log(eval_rec(s), step=s)
+            lg.log_samples([{"step": s, "prompt": "p", "completion": f"c{s}"}], 10 * s)
     lg.close()  # (killed after step 5's training record, before its evaluation)
     time.sleep(1.1)  # wandb names offline runs by the second they start
 
@@ -363,13 +364,17 @@ def test_wandb_resume_after_a_kill_sends_no_step_twice_and_nothing_back_in_token
         lg.log(train_rec(s), step=s)
         if s in (4, 5, 6):
             lg.log(eval_rec(s), step=s)
+            lg.log_samples([{"step": s, "prompt": "p", "completion": f"c{s}"}], 10 * s)
     lg.close()
 
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one W&B run id
     first, second = (history_rows(finished_wandb_records(str(r / "run-*.wandb"))) for r in runs)
     assert not any("data/mix/_type" in row for row in second)
-    rows = [row for row in first + second if "data/mix/_type" not in row]
+    # the samples table: step 4's re-done evaluation not sent again (it was, after a kill, before the resume); 6's is
+    assert [(row["train/tokens"], row["samples/nrows"]) for row in first + second if "samples/_type" in row] == [
+        (20, 1), (40, 2), (60, 4)]
+    rows = [row for row in first + second if "data/mix/_type" not in row and "samples/_type" not in row]
     keyed = [(row["step"], tuple(sorted(k for k in row if not k.startswith("_")))) for row in rows]
     assert len(keyed) == len(set(keyed)), keyed  # no step logged twice
     tokens = [row["train/tokens"] for row in rows]

@@ -187,6 +187,11 @@ def test_lora_adapter_records_an_absolute_base_and_loads_from_anywhere(lora_run,
     root, cfg = lora_run
     acfg = json.loads((root / "run" / "export" / "adapter_config.json").read_text())
     assert acfg["base_model_name_or_path"] == str((root / "base").resolve())
+    # peft's model card too (it named the base as loaded: `base_model: base`, the tag `base_model:adapter:base`)
+    card = (root / "run" / "export" / "README.md").read_text()
+    front = card.split("\n---\n")[0]
+    assert f"base_model: {(root / 'base').resolve()}\n" in front and f"- base_model:adapter:{(root / 'base').resolve()}\n" in front
+    assert "base_model: base\n" not in card and "# Model Card" in card  # (the rest of peft's card kept)
     monkeypatch.chdir(tmp_path)  # not the launch directory
     base = AutoModelForCausalLM.from_pretrained(acfg["base_model_name_or_path"])
     model = PeftModel.from_pretrained(base, str(root / "run" / "export"))

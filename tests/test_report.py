@@ -93,6 +93,30 @@ def test_stage_switches_and_missing_runs(tmp_path):
     assert page == tmp_path / "a" / "report" / "report.html" and page.exists()
 
 
+def test_a_stage_switch_is_drawn_where_the_stage_starts_not_where_it_is_first_logged(tmp_path):
+    """Stages of 8, 2 and 6 steps, 512 tokens a step, a training record every 5 steps (train.log_every) and dense
+    evaluations: the switch lines were drawn where the logged stage index changed (step 10: 2 steps late, the
+    stability gap's evaluations at steps 8 and 9 drawn before it) and the 2-step stage's start never; they are at the
+    stages' first tokens now (steps 8 and 10), read from the run's config.yaml. Without it: the logged changes."""
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stage_of = lambda step: 0 if step <= 8 else 1 if step <= 10 else 2  # noqa: E731 (a record's stage: its last update's)
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(0, 17):
+            if step % 5 == 0 or step == 16:
+                f.write(json.dumps({"step": step, "train/tokens": 512 * step, "stage": stage_of(step), "train/loss": 5.0}) + "\n")
+            if step in (0, 9, 10, 16):  # (step 8: interpolated between the records at 5 and 9)
+                f.write(json.dumps({"step": step, "train/tokens": 512 * step, "eval/old/loss": 3.0}) + "\n")
+    assert load_run(run).stage_switches() == [512.0 * 10, 512.0 * 15]  # (no config: where the index changed)
+    (run / "config.yaml").write_text(yaml.safe_dump({"stages": [{"name": "a", "steps": 8}, {"name": "b", "steps": 2},
+                                                                 {"name": "c", "steps": 6}]}))
+    assert load_run(run).stage_switches() == [512.0 * 8, 512.0 * 10]
+    (run / "config.yaml").write_text("stages: [unreadable")
+    assert load_run(run).stage_switches() == [512.0 * 10, 512.0 * 15]
+
+
 def test_a_report_rewritten_into_its_folder_leaves_no_plot_of_the_earlier_one(tmp_path, capsys):
     """Re-running `cpt report` into the same folder for runs without lm-eval (or per-source losses) removed nothing:
     the earlier lm_eval.png stayed beside the new plots and the command listed it as written."""
