@@ -476,3 +476,62 @@ def test_slow_stats_of_a_large_local_source_run_on_threads_with_the_same_results
     with pytest.raises(ShardError, match=f"shard file {names[150]} is missing"):
         TokenShards.open(out)
     assert seen == {"MainThread"}
+
+
+def test_a_shard_removed_or_cut_short_during_a_run_is_one_error_naming_it(prepared, tmp_path):
+    """Local shards are memory-mapped and the maps kept open: a file cut short under an open map made the next read
+    past its new end a SIGBUS (the run died with no message, its in-flight checkpoint lost); a shard not yet opened
+    and removed or cut short gave FileNotFoundError / "mmap length is greater than file size" tracebacks without the
+    source. Each is now one ShardError naming the file."""
+    out, expected = prepared
+    src = tmp_path / "copy"
+    shutil.copytree(out, src)
+    shards = TokenShards.open(src)
+    n = shards.num_tokens
+    assert np.array_equal(shards.read(0, n), expected)  # every shard mapped and kept open
+    with open(src / "shard_00001.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ShardError, match=r"shard_00001.bin: 10 bytes, but the manifest's [\d,]+ tokens need [\d,]+: the "
+                                         r"file was cut short during the run"):
+        shards.read_many(np.arange(0, n - 8, 8), 8)  # (it was a SIGBUS: the whole test process gone)
+    shutil.rmtree(src)
+    shutil.copytree(out, src)
+    shards = TokenShards.open(src)  # nothing mapped yet
+    os.remove(src / "shard_00002.bin")
+    with pytest.raises(ShardError, match=r"shard_00002.bin: No such file or directory: removed or moved during the run"):
+        shards.read(0, n)
+    shutil.copy(out / "shard_00002.bin", src / "shard_00002.bin")
+    with open(src / "shard_00003.bin", "r+b") as f:
+        f.truncate(4)
+    with pytest.raises(ShardError, match=r"shard_00003.bin: 4 bytes, but the manifest's"):
+        shards.read(0, n)
+
+
+def test_a_damaged_heldout_set_is_one_error_naming_the_set(prepared, tokenizer, tmp_path):
+    """A held-out set's token ids past the vocabulary (a corrupt file) stopped the step-0 evaluation with an embedding
+    IndexError (a CUDA device assert on a GPU) naming no file, and a damaged .idx with "tokens [0, N) out of range"
+    naming neither set nor file: each is one ShardError naming the set now (training sources already were)."""
+    from cpt.data.loader import sample_heldout
+    from cpt.data.sources import HeldoutConfig
+
+    out, _ = prepared
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    h = HeldoutConfig(name="h", path=str(bad), tag="upstream")
+    tokens = np.fromfile(bad / "shard_00001.bin", dtype=np.uint16)
+    tokens[3] = 40000  # (the tokenizer has far fewer ids; same size, so only checksums would see it)
+    tokens.tofile(bad / "shard_00001.bin")
+    for limit in (None, TokenShards.open(bad).num_tokens - 1):  # (a sample of nearly every document)
+        with pytest.raises(ShardError, match=r"held-out set 'h' \(.*bad\): token id 40000 is outside the tokenizer's "
+                                             r"vocabulary \([\d,]+ ids\): a file is corrupt; `cpt verify .*bad` names it"):
+            sample_heldout(h, tokenizer, 8, max_tokens=limit)  # (the whole set, a sample of documents)
+    shutil.copy(out / "shard_00001.bin", bad / "shard_00001.bin")
+    starts = np.fromfile(bad / "shard_00001.idx", dtype="<u8")
+    starts[1] = 99999999
+    starts.tofile(bad / "shard_00001.idx")
+    for limit in (None, 64):
+        with pytest.raises(ShardError, match=r"held-out set 'h': .*bad/shard_00001.idx is corrupt: document 1 starts at "
+                                             r"token [\d,]+, outside the set's"):
+            sample_heldout(h, tokenizer, 8, max_tokens=limit)
+    shutil.copy(out / "shard_00001.idx", bad / "shard_00001.idx")
+    assert sample_heldout(h, tokenizer, 8, max_tokens=64).num_tokens > 0

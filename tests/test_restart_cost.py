@@ -130,6 +130,22 @@ def test_cpt_verify_config_checks_every_source_and_heldout_set(tiny_cpt_data, tm
     assert main(["verify", "--config", str(path)]) == 1
     got = capsys.readouterr()
     assert f"FAILED {bad}: checksum mismatch for {shard.name}" in got.out and "1 of 4 folders" in got.err
+    # a broken held-out set that the config names too: one FAILED line, its intact source ok (it was reported twice
+    # and the source beside it counted as broken: "2 of 4 folders")
+    cfg["data"]["sources"][0]["path"] = str(tiny_cpt_data / "data" / "python")
+    held = next(h for h in cfg["data"]["heldout"] if h["path"].endswith("python/heldout"))
+    shutil.rmtree(bad)
+    shutil.copytree(tiny_cpt_data / "data" / "python", bad)
+    cfg["data"]["sources"][0]["path"], held["path"] = str(bad), str(bad / "heldout")
+    shard = next((bad / "heldout").glob("shard_*.bin"))
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["verify", "--config", str(path)]) == 1
+    got = capsys.readouterr()
+    assert got.out.count("FAILED") == 1 and f"FAILED {bad / 'heldout'}: checksum mismatch" in got.out, got.out
+    assert f"ok     {bad}: " in got.out and "1 of 4 folders" in got.err, got
     # a config with only `type: hf` sources and no held-out sets: nothing to check (it said "give at least one DIR
     # or --config" after --config was given)
     cfg["data"]["sources"] = [{"name": "python", "type": "hf", "path": "json", "data_files": "x.jsonl"}]

@@ -428,10 +428,10 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
         n = total // seq_len
         # documents with at least one evaluated token (the tail shorter than a row is dropped: a last short document
         # was counted, and the set said "the whole set", though none of it was evaluated)
-        docs = int(np.sum(shards.document_starts().astype(np.int64) < n * seq_len)) if n else 0
+        docs = int(np.sum(_document_starts(shards, cfg) < n * seq_len)) if n else 0
         flat = shards.read(0, n * seq_len) if n else None
     else:
-        starts = np.append(shards.document_starts().astype(np.int64), total)
+        starts = np.append(_document_starts(shards, cfg), total)
         lengths = np.diff(starts)
         order = np.random.default_rng([int(seed), 0x48454C44]).permutation(len(lengths))
         taken = np.cumsum(lengths[order])
@@ -450,7 +450,28 @@ def sample_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | Non
     if n == 0:
         raise ShardError(f"held-out set {cfg.name!r} ({cfg.path}) has {total} tokens, fewer than one sequence of {seq_len}")
     tokens = torch.from_numpy(np.ascontiguousarray(flat[: n * seq_len]).astype(np.int64).reshape(n, seq_len))
+    vocab = _vocab_size(tokenizer)  # (past it: an embedding IndexError, a CUDA device assert, naming no file)
+    if vocab is not None and int(tokens.max()) >= vocab:
+        raise ShardError(f"held-out set {cfg.name!r} ({cfg.path}): token id {int(tokens.max())} is outside the tokenizer's "
+                         f"vocabulary ({vocab:,} ids): a file is corrupt; `cpt verify {cfg.path}` names it")
     return HeldoutSample(tokens, docs, shards.num_documents, total, whole=limit is None or int(limit) >= total)
+
+
+def _document_starts(shards: TokenShards, cfg: Any) -> np.ndarray:
+    """The held-out set's document starts (its .idx files), checked: in order and inside the set (a damaged index
+    gave an IndexError naming neither the set nor the file)."""
+    starts = shards.document_starts().astype(np.int64)
+    bad = np.flatnonzero((starts < 0) | (starts >= shards.num_tokens) | np.append(False, np.diff(starts) < 0))
+    if len(bad):
+        doc, first = int(bad[0]), 0
+        for sh in shards.manifest["shards"]:  # the .idx file holding that document
+            if doc < first + int(sh["num_documents"]):
+                break
+            first += int(sh["num_documents"])
+        raise ShardError(f"held-out set {cfg.name!r}: {cfg.path}/{sh['docs_file']} is corrupt: document {doc - first} "
+                         f"starts at token {int(starts[doc]):,}, outside the set's "
+                         f"{shards.num_tokens:,} tokens or before the document ahead of it; `cpt verify {cfg.path}`")
+    return starts
 
 
 def load_heldout(cfg: Any, tokenizer: Any, seq_len: int, max_tokens: int | None = None, verify: bool = False,

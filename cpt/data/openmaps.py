@@ -1,14 +1,18 @@
 """The memory maps of local shard files that a process keeps open (:data:`OPEN_MAPS`, used by
 :class:`cpt.data.shards.TokenShards`): a bounded cache, least recently used dropped first, so the open files and
-mappings of a run do not grow with the number of shards it reads."""
+mappings of a run do not grow with the number of shards it reads; :func:`map_tokens` opens one, :func:`check_size`
+finds a file removed or cut short under a run (one ShardError naming it)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+
+from cpt.data.manifest import ShardError
 
 
 class OpenMaps:
@@ -48,3 +52,28 @@ def _open_maps_limit() -> int:
 
 
 OPEN_MAPS = OpenMaps(_open_maps_limit())
+
+
+def map_tokens(path: str, dtype: np.dtype, num_tokens: int) -> np.ndarray:
+    """A tokens file's memory map as a plain ndarray (slicing a ``np.memmap`` costs a Python-level hook)."""
+    if num_tokens == 0:
+        return np.zeros(0, dtype=dtype)
+    check_size(path, num_tokens, dtype.itemsize)  # (np.memmap of a short file: "mmap length is greater than file size")
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,)).view(np.ndarray)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path}: cannot be read ({e}); it was readable when the run started: changed since?") from None
+
+
+def check_size(path: str, num_tokens: int, itemsize: int) -> None:
+    """The tokens file still holds the manifest's tokens (one stat): removed or cut short during the run is one
+    ShardError naming it, not a traceback without the file, nor a SIGBUS (no message at all) in its open map."""
+    want = num_tokens * itemsize
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        raise ShardError(f"{path}: {e.strerror or e}: removed or moved during the run? (the manifest lists it with "
+                         f"{num_tokens:,} tokens)") from None
+    if size < want:
+        raise ShardError(f"{path}: {size:,} bytes, but the manifest's {num_tokens:,} tokens need {want:,}: the file was "
+                         "cut short during the run (a partial copy, a full disk?); restore it, then --resume")

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from cpt.data.manifest import ShardError, is_count, manifest_problem  # (ShardError: defined there, used from here)
-from cpt.data.openmaps import OPEN_MAPS
+from cpt.data.openmaps import OPEN_MAPS, check_size, map_tokens
 from cpt.data.remote import RangeReadError, listed_mtime_ns, read_ranges, retrying
 from cpt.data.tokenizer_identity import (backend_tokenizer, dtype_for_vocab, run_tokenizer_name,  # noqa: F401 (re-exported:
                                          tokenizer_fingerprint, tokenizer_name, vocab_size)  # the manifest records them)
@@ -380,23 +380,26 @@ class TokenShards:
         inside = offsets + length <= self._starts[shard + 1] - self._starts[shard]
         shard_ids = shard.tolist()
         arrays = {i: self._array(i) for i in set(shard_ids)}  # (one cache look-up per shard, not per row)
+        for i in arrays:  # a file cut short under an open map: reading past its new end is a SIGBUS (no message)
+            self._check_size(i)
         for row, i, off, whole in zip(dest.tolist(), shard_ids, offsets.tolist(), inside.tolist()):
             if whole:
                 out[row] = arrays[i][off : off + length]
             else:
                 for j, o, n, at in self._pieces(self._starts[i] + off, length):
+                    self._check_size(j)
                     out[row, at : at + n] = self._array(j)[o : o + n]
 
     def _array(self, i: int) -> np.ndarray:
-        """Shard ``i``'s memory map as a plain ndarray view (slicing a ``np.memmap`` costs a Python-level hook), from
-        the process's bounded cache of open maps (:class:`cpt.data.openmaps.OpenMaps`)."""
+        """Shard ``i``'s memory map (:func:`map_tokens`) from the process's bounded cache of open maps."""
         return OPEN_MAPS.get((self._uid, i), lambda: self._map(i))
 
     def _map(self, i: int) -> np.ndarray:
         sh = self._shards[i]
-        if sh.num_tokens == 0:
-            return np.zeros(0, dtype=self.dtype)
-        return np.memmap(self._file(sh.tokens_file), dtype=self.dtype, mode="r", shape=(sh.num_tokens,)).view(np.ndarray)
+        return map_tokens(self._file(sh.tokens_file), self.dtype, sh.num_tokens)
+
+    def _check_size(self, i: int) -> None:
+        check_size(self._file(self._shards[i].tokens_file), self._shards[i].num_tokens, self.dtype.itemsize)
 
     def _pieces(self, start: int, length: int) -> list[tuple[int, int, int, int]]:
         """(shard, offset in shard, count, offset in output) for the window [start, start+length)."""
