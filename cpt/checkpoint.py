@@ -225,10 +225,12 @@ class CheckpointManager:
                 f"the run's final checkpoint at step {step} FAILED: {cause}; {previous}. The run trained to its end "
                 f"but its last state is not saved: fix the cause, then --resume (it trains again from "
                 f"{last[-1].name if last else 'the start'})")
+        stops = self.failed_in_a_row >= self.max_failed_saves  # (then the error below says so, not a retry)
         if self.acc.is_main_process:
-            log.error(f"checkpoint at step {step} FAILED: {cause}; {previous}; {ON_FAILURE[on_failure]} "
+            log.error(f"checkpoint at step {step} FAILED: {cause}; {previous}; "
+                      f"{'no retry: the run stops' if stops else ON_FAILURE[on_failure]} "
                       f"({self.failed_in_a_row} of {self.max_failed_saves} failures in a row allowed)")
-        if self.failed_in_a_row >= self.max_failed_saves:
+        if stops:
             raise CheckpointError(
                 f"{self.failed_in_a_row} checkpoint saves in a row failed (the last at step {step}: {cause}); stopping rather "
                 f"than training on without a checkpoint. Newest checkpoint: {last[-1] if last else 'none'}. Fix the cause, "

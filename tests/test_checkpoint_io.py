@@ -261,9 +261,13 @@ def test_failed_background_save_counts_and_policy_stops(trained, tmp_path, monke
         ckpts.save(3, {}, "")  # ...reported here (1 of 2), and this one is written
     assert "checkpoint at step 2 FAILED: no space left on device (" in caplog.text and ckpts.failed_in_a_row == 1
     assert "; the checkpoint step_00000001 is intact;" in caplog.text
-    with pytest.raises(checkpoint_error()) as e:
+    assert "retrying at the next interval (1 of 2 failures in a row allowed)" in caplog.text
+    caplog.clear()
+    with pytest.raises(checkpoint_error()) as e, caplog.at_level(logging.ERROR, "cpt.checkpoint"):
         ckpts.wait()  # the end of training: step 3 failed too -> 2 in a row: stop
     assert "2 checkpoint saves in a row failed" in str(e.value) and "no space left on device" in str(e.value)
+    # the failure that reaches the limit says the run stops (it said "retrying at the next interval")
+    assert "no retry: the run stops (2 of 2 failures in a row allowed)" in caplog.text and "retrying" not in caplog.text
     first = CheckpointManager(tmp_path / "first", keep=5, accelerator=acc, async_save=False)
     caplog.clear()
     with caplog.at_level(logging.ERROR, "cpt.checkpoint"):  # a run's first save: there is no previous one (it said

@@ -223,6 +223,14 @@ def test_an_anneal_branch_of_an_anneal_branch_is_refused(trunk, tmp_path, capsys
     line = one_error_line(capsys.readouterr().err, "cpt train: error: ")
     assert "give --output-dir a new directory for the branch (or add --resume to continue a branch" in line, line
     assert snapshot(branch) == before
+    # --resume there with another --from: the branch continues from its own branch point, and a warning says that
+    # --from is not used (it continued silently)
+    assert main(["train", str(path), "--from", str(run / "checkpoints" / "step_00000002"), "--anneal", "2",
+                 "--output-dir", str(branch), "--resume"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert (f"warning: --resume continues the anneal branch in {branch}, started with --from "
+            f"{run / 'checkpoints' / 'step_00000004'} (branched at step 4); --from {run / 'checkpoints' / 'step_00000002'} "
+            "is not used") in out, out
 
 
 def test_resume_with_anneal_in_the_trunks_directory_is_one_line(trunk, capsys):
