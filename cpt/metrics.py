@@ -104,6 +104,24 @@ def iter_metrics(path: str | os.PathLike):
                 yield record
 
 
+def records_at(path: str | os.PathLike, step: int) -> list[dict[str, Any]]:
+    """The records of ``step`` in a metrics.jsonl whose last logged step is ``step`` or later, read from the end back to
+    the first line before it (cpt writes the lines in step order): a long run's whole log is not read."""
+    found = []
+    with open(path, "rb") as f:
+        for _, raw in _lines_backwards(f):
+            try:
+                record = json.loads(raw)
+                at = int(record.get("step", 0))
+            except (ValueError, AttributeError, TypeError):
+                continue  # a torn line, or not a record
+            if at < step:
+                break
+            if at == step:
+                found.append(record)
+    return found[::-1]
+
+
 def _lines_backwards(f: Any, block: int = 1 << 20):
     """(offset, bytes) of every line of the binary file ``f`` (without its newline), last line first."""
     end = pos = f.seek(0, os.SEEK_END)

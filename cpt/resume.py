@@ -284,12 +284,14 @@ def check_resume_is_a_branch(ckpt: Path, cfg: RunConfig) -> str | None:
     point. A trunk's checkpoint holds none: ``--resume --anneal N`` in the trunk's directory (with
     ``--allow-config-change``) annealed the trunk in place from its newest step, whatever ``--from`` said. Returns a
     warning when ``--from`` names another checkpoint than the one the branch was started from (it is not used)."""
+    from cpt.data.loader import same_folder
+
     anneal_from = saved_train_state(ckpt).get("anneal_from")
     if anneal_from is not None:
         started = ((yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("train") or {}).get("init_from") \
             if (ckpt / "config.yaml").is_file() else None
         given = cfg.train.init_from
-        if given and started and _same_path(given) != _same_path(started):
+        if given and started and same_folder(given) != same_folder(started):
             return (f"warning: --resume continues the anneal branch in {ckpt.parent.parent}, started with --from "
                     f"{started} (branched at step {anneal_from}); --from {given} is not used. To branch from it instead, "
                     "leave --resume out and give a new --output-dir")
@@ -298,10 +300,6 @@ def check_resume_is_a_branch(ckpt: Path, cfg: RunConfig) -> str | None:
         f"--resume with --anneal (train.anneal_steps): {ckpt} is a trunk checkpoint, not an anneal branch's: "
         f"--resume continues a branch in its own run directory. To branch off the trunk, leave --resume out: "
         f"cpt train CONFIG --from {ckpt} --anneal {cfg.train.anneal_steps} --output-dir NEW_DIR")
-
-
-def _same_path(path: str) -> str:
-    return path if "://" in path else os.path.realpath(path)
 
 
 def check_resume_config(ckpt: Path, cfg: RunConfig) -> None:

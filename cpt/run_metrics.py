@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from cpt.metrics import METRICS_FILE, iter_metrics
@@ -71,23 +72,16 @@ class RunData:
         without a readable config, where the logged ``stage`` index changes, which is up to ``train.log_every`` - 1
         steps after the switch (a training record is only every log_every steps) and misses a shorter stage."""
         if self._switches is None:
-            starts, steps = _stage_starts(self.path), sorted(set(self.steps))
-            if starts is not None and steps:
-                self._switches = [self._tokens_at(s) for s in starts if steps[0] <= s < steps[-1]]
+            starts = _stage_starts(self.path)
+            if starts is not None and self.steps:
+                tokens_at = dict(zip(self.steps, self.tokens))  # (a step logged twice: its last record's)
+                steps = sorted(tokens_at)
+                self._switches = [float(np.interp(s, steps, [tokens_at[k] for k in steps]))
+                                  for s in starts if steps[0] <= s < steps[-1]]
             else:
                 toks, stages, _ = self.series("stage")
                 self._switches = [toks[i] for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
         return list(self._switches)
-
-    def _tokens_at(self, step: int) -> float:
-        """The tokens trained by ``step``: a record's, or interpolated between the nearest records around it."""
-        known = {}
-        for s, t in zip(self.steps, self.tokens):
-            known[s] = t
-        if step in known:
-            return known[step]
-        below, above = max(s for s in known if s < step), min(s for s in known if s > step)
-        return known[below] + (known[above] - known[below]) * (step - below) / (above - below)
 
     def sets(self, tag: str) -> list[str]:
         prefix = "forgetting/" if tag == "upstream" else "adaptation/"

@@ -407,16 +407,15 @@ def _logged_final_scores(acc, run_dir: Path, start: Start, step: int) -> dict | 
     the main process reads, every rank gets its answer."""
     from cpt.checkpoint import saved_step
     from cpt.distributed import from_main_process
-    from cpt.metrics import iter_metrics
+    from cpt.metrics import records_at
 
     if start.resume is None or saved_step(start.resume) != step:
         return None
     path = run_dir / "metrics.jsonl"
     logged: dict = {}
-    if acc.is_main_process and path.is_file():
-        for r in iter_metrics(path):
-            if r.get("step") == step:
-                logged.update({k: v for k, v in r.items() if k.startswith("lm_eval/")})
+    if acc.is_main_process and path.is_file():  # (the log's last step: read from its end, not the whole file)
+        for r in records_at(path, step):
+            logged.update({k: v for k, v in r.items() if k.startswith("lm_eval/")})
     return from_main_process(acc, logged) or None
 
 

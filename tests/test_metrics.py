@@ -440,3 +440,17 @@ def test_samples_go_to_samples_jsonl_and_a_wandb_table_and_a_resume_drops_the_la
     assert [r["step"] for r in read_samples(tmp_path)] == [0, 0, 5, 5]
     MetricsLogger(tmp_path, make_cfg()).close()  # a fresh run in the same directory
     assert not (tmp_path / SAMPLES_FILE).exists() and (tmp_path / f"{SAMPLES_FILE}.1").exists()
+
+
+def test_records_at_reads_the_last_steps_records_from_the_end(tmp_path):
+    """metrics.records_at: the records of the log's last step, in file order, read back from the end only (a resume at
+    a run's last step looks its final scores up there; it read the whole file); torn and non-record lines skipped."""
+    from cpt.metrics import records_at
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "train/tokens": s, "k": i}) for i, s in enumerate([1, 2, 2, 3])]
+    path.write_text("\n".join([lines[0], "[1, 2]", lines[1], lines[2], lines[3], '{"step": 3, "lm_eval/a": 0.5}',
+                               '{"step": 3, "tor']) + "\n")
+    assert records_at(path, 3) == [{"step": 3, "train/tokens": 3, "k": 3}, {"step": 3, "lm_eval/a": 0.5}]
+    path.write_text("\n".join(lines[:3]) + "\n")
+    assert [r["k"] for r in records_at(path, 2)] == [1, 2] and records_at(path, 5) == []

@@ -11,7 +11,6 @@ checks one before loading it: after copying checkpoints to another cluster, befo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -65,14 +64,11 @@ def verify_checkpoint_dir(ckpt) -> tuple[list[str], str]:
     return [], f"checkpoint, {files} files, {size / 1e6:,.1f} MB"
 
 
-def _key(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def verify_folder(path: str, listed: frozenset[str] = frozenset()) -> tuple[list[str], str]:
     """(problems, a one-line summary) for a prepared folder and the held-out folder its manifest names, unless that
     one is among the folders ``listed`` for checking on its own line (``--config``'s held-out sets: each was reported
     twice, and the intact source beside it counted as broken)."""
+    from cpt.data.loader import same_folder
     from cpt.data.shards import ShardError, TokenShards, join
 
     try:
@@ -83,7 +79,7 @@ def verify_folder(path: str, listed: frozenset[str] = frozenset()) -> tuple[list
     n_bytes, n_files = shards.num_bytes, 2 * len(shards.manifest["shards"])
     held = shards.manifest.get("heldout")
     held = held.get("path") if isinstance(held, dict) else None
-    if held and _key(join(path, held)) not in listed:
+    if held and same_folder(join(path, held)) not in listed:
         sub, _ = verify_folder(join(path, held))
         problems += sub
     summary = f"{len(shards.manifest['shards'])} shards, {shards.num_tokens:,} tokens, {n_bytes / 1e6:,.1f} MB in {n_files} files"
@@ -105,6 +101,8 @@ def main(argv: list[str]) -> int:
         build_parser().print_usage(sys.stderr)
         print("cpt verify: give at least one DIR or --config", file=sys.stderr)
         return 2
+    from cpt.data.loader import same_folder
+
     bad, checked = [], 0
     for path in folders:
         ckpts, hidden = checkpoints_in(path), []
@@ -125,7 +123,7 @@ def main(argv: list[str]) -> int:
         for item in [path] if ckpts is None else ckpts:
             checked += 1
             t0 = time.perf_counter()
-            problems, summary = (verify_folder(item, frozenset(_key(f) for f in folders if f != item)) if ckpts is None
+            problems, summary = (verify_folder(item, frozenset(same_folder(f) for f in folders if f != item)) if ckpts is None
                                  else verify_checkpoint_dir(item))
             if problems:
                 bad.append("prepared" if ckpts is None else "checkpoint")
